@@ -1,0 +1,82 @@
+"""Bernstein polynomials B_{i,n}(t) = C(n, i) t^i (1 - t)^(n - i) (seed 000 eq. 1 and eq. 4).
+
+Vectorised over ``t`` (any shape), exact at t = 0 and t = 1 in value and gradient: powers are formed by
+repeated multiplication (no ``0 ** 0`` or ``log(0)``), so ``jax.grad`` is finite everywhere on [0, 1].
+"""
+
+from __future__ import annotations
+
+from math import comb
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["bernstein", "bernstein_derivative", "elevation_matrix", "check_unit_interval"]
+
+
+def _int_powers(x, n: int):
+    """[x^0, x^1, ..., x^n] stacked on a new last axis, by repeated multiplication (grad-safe at 0)."""
+    p = [jnp.ones_like(x)]
+    for _ in range(n):
+        p.append(p[-1] * x)
+    return jnp.stack(p, axis=-1)
+
+
+def bernstein(t, n: int):
+    """All n+1 basis values ``B_{i,n}(t)``, i = 0..n, on a new last axis: shape ``t.shape + (n + 1,)``.
+
+    Degree 0 is the constant 1 (a single control point). Raises for ``n < 0``.
+    """
+    if int(n) != n or n < 0:
+        raise ValueError(f"Bernstein degree must be a non-negative integer, got {n!r}")
+    n = int(n)
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        t = t.astype(jnp.float32)
+    coef = jnp.asarray([comb(n, i) for i in range(n + 1)], dtype=t.dtype)
+    tp = _int_powers(t, n)            # t^i
+    sp = _int_powers(1.0 - t, n)      # (1-t)^j
+    return coef * tp * sp[..., ::-1]  # C(n,i) t^i (1-t)^(n-i)
+
+
+def bernstein_derivative(t, n: int):
+    """d/dt of every ``B_{i,n}(t)``: ``n (B_{i-1,n-1}(t) - B_{i,n-1}(t))``, shape ``t.shape + (n + 1,)``."""
+    if int(n) != n or n < 0:
+        raise ValueError(f"Bernstein degree must be a non-negative integer, got {n!r}")
+    n = int(n)
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        t = t.astype(jnp.float32)
+    if n == 0:
+        return jnp.zeros(t.shape + (1,), t.dtype)
+    b = bernstein(t, n - 1)
+    zero = jnp.zeros(t.shape + (1,), t.dtype)
+    return n * (jnp.concatenate([zero, b], -1) - jnp.concatenate([b, zero], -1))
+
+
+def elevation_matrix(n: int, r: int = 1) -> np.ndarray:
+    """Matrix E (shape (n+r+1) x (n+1)) with B_n(t) @ P == B_{n+r}(t) @ (E @ P): degree elevation by r."""
+    if n < 0 or r < 0:
+        raise ValueError(f"degree and elevation must be >= 0, got n={n}, r={r}")
+    m = n + r
+    e = np.zeros((m + 1, n + 1))
+    for k in range(m + 1):
+        for i in range(max(0, k - r), min(n, k) + 1):
+            e[k, i] = comb(n, i) * comb(r, k - i) / comb(m, k)
+    return e
+
+
+def check_unit_interval(x, name: str = "t") -> np.ndarray:
+    """Host-side validation that every value of ``x`` lies in [0, 1]; returns it as a float array.
+
+    Raises a ``ValueError`` that names the parameter and the first offending value. Nothing is clipped.
+    """
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError(f"{name}: empty set of points")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: contains NaN or inf")
+    bad = (arr < 0.0) | (arr > 1.0)
+    if np.any(bad):
+        raise ValueError(f"{name} must lie in [0, 1]; got {arr[bad].flat[0]!r} ({int(bad.sum())} value(s) outside)")
+    return arr
