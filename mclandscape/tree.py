@@ -250,5 +250,5 @@ def tree_random_normal(key: jax.Array, like: PyTree, dtype=None) -> PyTree:
     """A standard-normal pytree shaped like ``like`` (one independent key per leaf)."""
     leaves, treedef = jax.tree_util.tree_flatten(like)
     keys = jax.random.split(key, max(len(leaves), 1))
-    out = [jax.random.normal(k, jnp.shape(x), dtype or jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    out = [jax.random.normal(k, jnp.shape(x), dtype or jnp.result_type(x)) for k, x in zip(keys, leaves, strict=False)]
     return jax.tree_util.tree_unflatten(treedef, out)

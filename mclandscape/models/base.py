@@ -18,7 +18,7 @@ PyTree = Any
 __all__ = ["Model", "from_flax"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Model:
     """Pure functions of one architecture.
 
@@ -29,6 +29,8 @@ class Model:
       BatchNorm running statistics after one update; ``None`` for models without BatchNorm.
     - ``spec``: the architecture name and constructor arguments (JSON-serialisable), enough to rebuild
       the model from a checkpoint's metadata.
+
+    Models compare and hash by identity, so compiled evaluators can be cached per model.
     """
 
     name: str

@@ -1,0 +1,167 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mclandscape import connectors as C
+from mclandscape import tree as T
+from mclandscape.evaluate import bn_momentum, evaluate_params, evaluate_points, recalibrate_bn, uv_grid
+from mclandscape.models.base import from_flax
+
+
+class TinyMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(16)(x))
+        return nn.Dense(3)(x)
+
+
+class TinyBN(nn.Module):
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Dense(6, name="dense0")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum, name="bn")(x)
+        return nn.Dense(3, name="head")(nn.relu(x))
+
+
+MLP = from_flax(TinyMLP(), "tiny_mlp")
+BN = from_flax(TinyBN(), "tiny_bn", has_batch_stats=True)
+
+
+def _data(n=70, d=5, seed=0):
+    r = np.random.default_rng(seed)
+    return r.normal(size=(n, d)).astype(np.float32), r.integers(0, 3, size=n).astype(np.int32)
+
+
+def _inits(model, k, x):
+    return [model.init(jax.random.key(i), jnp.asarray(x[:2]))["params"] for i in range(k)]
+
+
+def _reference(model, params_list, x, y, batch_stats=None):
+    out = []
+    for i, p in enumerate(params_list):
+        v = {"params": p} if batch_stats is None else {"params": p, "batch_stats": batch_stats[i]}
+        logits = np.asarray(model.apply(v, jnp.asarray(x)), np.float64)
+        lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+        loss = np.mean(lse - logits[np.arange(len(y)), y])
+        out.append((loss, np.mean(logits.argmax(1) == y)))
+    return np.array(out)
+
+
+def test_strategies_agree_with_reference_on_connector():
+    x, y = _data()
+    corners = _inits(MLP, 4, x)
+    surf = C.bezier_surface(*corners, 2, 2)
+    pts = uv_grid(4)
+    ref = _reference(MLP, T.tree_unstack(surf.points(pts)), x, y)
+    results = {}
+    for strategy, chunk in [("loop", None), ("map", 1), ("map", 5), ("vmap", 7), ("auto", None)]:
+        r = evaluate_points(MLP, surf, pts, (x, y), batch_size=32, strategy=strategy, chunk_size=chunk)
+        np.testing.assert_allclose(r.loss, ref[:, 0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(r.accuracy, ref[:, 1], atol=1e-6)
+        results[(strategy, chunk)] = r
+    assert results[("auto", None)].strategy in ("map", "vmap", "loop")
+
+
+def test_evaluate_params_probs_and_masks_partial_batch():
+    x, y = _data(n=53)
+    ps = _inits(MLP, 3, x)
+    r = evaluate_params(MLP, T.tree_stack(ps), (x, y), batch_size=20, return_probs=True)
+    assert r.probs.shape == (3, 53, 3)
+    for i, p in enumerate(ps):
+        ref = np.asarray(jax.nn.softmax(MLP.apply({"params": p}, jnp.asarray(x))))
+        np.testing.assert_allclose(r.probs[i], ref, atol=1e-5)
+    np.testing.assert_allclose(r.loss, _reference(MLP, ps, x, y)[:, 0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.99])
+def test_bn_recalibration_matches_numpy(momentum):
+    model = from_flax(TinyBN(momentum=momentum), "tiny_bn", has_batch_stats=True)
+    x, y = _data(n=96)
+    p = model.init(jax.random.key(0), jnp.asarray(x[:2]))["params"]
+    m = bn_momentum(model, p, x[:32])
+    np.testing.assert_allclose(float(m["bn"]["mean"]), momentum, atol=1e-5)
+    stats = recalibrate_bn(model, p, (x, y), batch_size=32, num_batches=3)
+    h = x.astype(np.float64) @ np.asarray(p["dense0"]["kernel"], np.float64) + np.asarray(p["dense0"]["bias"])
+    hb = h.reshape(3, 32, -1)
+    np.testing.assert_allclose(np.asarray(stats["bn"]["mean"]), hb.mean(1).mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats["bn"]["var"]), hb.var(1).mean(0), rtol=1e-3, atol=1e-5)
+
+
+def test_bn_recomputed_per_point():
+    x, y = _data(n=64)
+    corners = _inits(BN, 2, x)
+    curve = C.bezier_curve(corners[0], corners[1], 2)
+    ts = np.array([0.0, 0.3, 1.0])
+    r = evaluate_points(BN, curve, ts, (x, y), batch_size=64, bn_data=(x, y), bn_batch_size=32, bn_batches=2)
+    pts = T.tree_unstack(curve.points(ts))
+    stats = [recalibrate_bn(BN, p, (x, y), batch_size=32, num_batches=2) for p in pts]
+    ref = _reference(BN, pts, x, y, stats)
+    np.testing.assert_allclose(r.loss, ref[:, 0], rtol=1e-4)
+    # Stats from one point used for another would give a different loss: per-point recalibration matters.
+    wrong = _reference(BN, pts, x, y, [stats[0]] * 3)
+    assert abs(wrong[1, 0] - ref[1, 0]) > 1e-4
+    with pytest.raises(ValueError, match="bn_data"):
+        evaluate_points(BN, curve, ts, (x, y))
+
+
+def test_bad_inputs():
+    x, y = _data()
+    corners = _inits(MLP, 2, x)
+    curve = C.bezier_curve(corners[0], corners[1])
+    with pytest.raises(ValueError, match="t must lie"):
+        evaluate_points(MLP, curve, [0.5, 1.01], (x, y))
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_points(MLP, curve, [], (x, y))
+    with pytest.raises(ValueError, match="strategy"):
+        evaluate_points(MLP, curve, [0.5], (x, y), strategy="fast")
+    nan = curve.replace(control=jax.tree_util.tree_map(lambda a: a.at[(1,) * a.ndim].set(jnp.nan), curve.control))
+    with pytest.raises(ValueError, match="non-finite"):
+        evaluate_points(MLP, nan, [0.5], (x, y))
+    with pytest.raises(ValueError, match="leading"):
+        evaluate_params(MLP, {"a": jnp.zeros((2, 3)), "b": jnp.zeros((3, 3))}, (x, y))
+
+
+SHARDED = textwrap.dedent("""
+    import json, sys
+    import numpy as np, jax, jax.numpy as jnp
+    sys.path.insert(0, {tests!r})
+    from test_evaluate import MLP, BN, _data, _inits
+    from mclandscape import connectors as C
+    from mclandscape.evaluate import evaluate_points, uv_grid
+    assert len(jax.devices()) == 8, jax.devices()
+    x, y = _data()
+    s = C.bezier_surface(*_inits(MLP, 4, x), 2, 2)
+    pts = uv_grid(5)  # 25 points: not a multiple of 8, exercises padding
+    one = evaluate_points(MLP, s, pts, (x, y), devices=1, strategy="map")
+    many = evaluate_points(MLP, s, pts, (x, y), strategy="map", chunk_size=2)
+    vm = evaluate_points(MLP, s, pts, (x, y), strategy="vmap", chunk_size=2)
+    c = C.bezier_curve(*_inits(BN, 2, x)[:2])
+    b1 = evaluate_points(BN, c, np.linspace(0, 1, 11), (x, y), devices=1, bn_data=(x, y), bn_batch_size=35)
+    b8 = evaluate_points(BN, c, np.linspace(0, 1, 11), (x, y), bn_data=(x, y), bn_batch_size=35)
+    print(json.dumps(dict(d1=one.loss.tolist(), d8=many.loss.tolist(), v8=vm.loss.tolist(),
+                          a1=one.accuracy.tolist(), a8=many.accuracy.tolist(),
+                          b1=b1.loss.tolist(), b8=b8.loss.tolist())))
+""")
+
+
+def test_sharded_over_8_cpu_devices_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    code = SHARDED.format(tests=os.path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(r["d8"], r["d1"], rtol=1e-5)
+    np.testing.assert_allclose(r["v8"], r["d1"], rtol=1e-5)
+    np.testing.assert_allclose(r["a8"], r["a1"])
+    np.testing.assert_allclose(r["b8"], r["b1"], rtol=1e-5)
