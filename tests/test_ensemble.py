@@ -1,0 +1,214 @@
+"""Ensembles and their metrics (seed 004 Tables 1-3), checked against NumPy references."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mclandscape import ensemble as ens
+from mclandscape.models import get_model
+
+
+def _probs(rng, m, n, c):
+    logits = rng.normal(size=(m, n, c))
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    p = _probs(rng, 4, 50, 3)
+    y = rng.integers(0, 3, size=50)
+    return p, y
+
+
+def test_average_and_weighted_average_match_numpy(data):
+    p, _ = data
+    np.testing.assert_allclose(ens.average_probs(p), p.mean(0), rtol=1e-12)
+    w = np.array([1.0, 2.0, 0.0, 1.0])
+    np.testing.assert_allclose(ens.average_probs(p, w), np.einsum("m,mnc->nc", w / w.sum(), p), rtol=1e-12)
+
+
+def test_vote_majority_and_tie_break():
+    # 3 members, 2 examples, 3 classes
+    p = np.array([
+        [[0.6, 0.3, 0.1], [0.5, 0.4, 0.1]],
+        [[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]],
+        [[0.1, 0.1, 0.8], [0.2, 0.1, 0.7]],
+    ])
+    pred, frac = ens.vote(p)
+    assert pred[0] == 0  # two votes for class 0
+    # example 1: one vote each; mean probabilities (0.267, 0.333, 0.4) -> class 2
+    assert pred[1] == 2
+    np.testing.assert_allclose(frac[0], [2 / 3, 0, 1 / 3])
+    # the vote differs from averaging when a confident minority dominates the mean
+    q = np.array([[[0.51, 0.49]], [[0.51, 0.49]], [[0.0, 1.0]]])
+    assert ens.vote(q)[0][0] == 0
+    assert ens.average_probs(q).argmax(-1)[0] == 1
+
+
+def test_error_and_nll_match_numpy(data):
+    p, y = data
+    q = p.mean(0)
+    assert ens.test_error(q, y) == pytest.approx(np.mean(q.argmax(-1) != y))
+    assert ens.test_error(q.argmax(-1), y) == pytest.approx(np.mean(q.argmax(-1) != y))
+    assert ens.nll(q, y) == pytest.approx(-np.mean(np.log(q[np.arange(len(y)), y])), rel=1e-12)
+    zero = np.array([[1.0, 0.0]])
+    assert ens.nll(zero, np.array([1])) == np.inf
+
+
+def test_output_correlation_matches_numpy_corrcoef(data):
+    p, _ = data
+    r = np.corrcoef(p.reshape(p.shape[0], -1))
+    np.testing.assert_allclose(ens.pairwise_output_correlation(p), r, atol=1e-12)
+    ref = np.mean([r[i, j] for i, j in itertools.combinations(range(4), 2)])
+    assert ens.output_correlation(p) == pytest.approx(ref, abs=1e-12)
+    # identical members are perfectly correlated
+    assert ens.output_correlation(np.stack([p[0], p[0]])) == pytest.approx(1.0)
+
+
+def test_param_distance_matches_numpy_without_cancellation():
+    rng = np.random.default_rng(1)
+    base = {"w": rng.normal(size=(30, 20)) * 100.0, "b": rng.normal(size=(20,)) * 100.0}
+    members = [jax.tree_util.tree_map(lambda x: jnp.asarray(x + rng.normal(size=x.shape) * 1e-2, jnp.float32),
+                                      base) for _ in range(4)]
+    flat = np.stack([np.concatenate([np.asarray(m["b"], np.float64).ravel(),
+                                     np.asarray(m["w"], np.float64).ravel()]) for m in members])
+    ref = np.linalg.norm(flat[:, None] - flat[None], axis=-1)
+    np.testing.assert_allclose(ens.pairwise_param_distances(members), ref, rtol=1e-4, atol=1e-6)
+    assert ens.param_distance(members) == pytest.approx(ref[np.triu_indices(4, 1)].mean(), rel=1e-4)
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *members)
+    assert ens.param_distance(stacked) == pytest.approx(ens.param_distance(members), rel=1e-6)
+
+
+def test_ensemble_from_probs_reports_every_table_key(data):
+    p, y = data
+    rng = np.random.default_rng(2)
+    params = [{"w": jnp.asarray(rng.normal(size=(5,)), jnp.float32)} for _ in range(4)]
+    out = ens.ensemble_from_probs(p, y, params=params)
+    d = out.to_json()
+    for key in ("test_error", "nll", "output_correlation", "param_distance", "members"):
+        assert key in d
+    assert d["members"] == 4
+    assert d["test_error"] == pytest.approx(np.mean(p.mean(0).argmax(-1) != y))
+    assert d["param_distance"] == pytest.approx(ens.param_distance(params))
+    assert len(d["member_test_error"]) == 4
+    v = ens.ensemble_from_probs(p, y, method="vote")
+    assert v.nll is None and v.param_distance is None
+    single = ens.ensemble_from_probs(p[:1], y)
+    assert single.output_correlation is None and single.members == 1
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (np.ones((3, 4)), "shape"),
+    (-np.ones((2, 3, 2)), "negative"),
+    (np.full((2, 3, 2), 0.9), "sum to 1"),
+    (np.full((2, 3, 2), np.nan), "non-finite"),
+])
+def test_bad_probabilities_are_rejected(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        ens.ensemble_from_probs(bad, np.zeros(3, dtype=int))
+
+
+def test_bad_labels_methods_weights_and_single_member(data):
+    p, y = data
+    with pytest.raises(ValueError, match="labels must lie"):
+        ens.ensemble_from_probs(p, y + 3)
+    with pytest.raises(ValueError, match="shape"):
+        ens.ensemble_from_probs(p, y[:10])
+    with pytest.raises(ValueError, match="method"):
+        ens.ensemble_from_probs(p, y, method="median")
+    with pytest.raises(ValueError, match="weights"):
+        ens.average_probs(p, [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least 2 members"):
+        ens.output_correlation(p[:1])
+    with pytest.raises(ValueError, match="params hold 2 members"):
+        ens.ensemble_from_probs(p, y, params=[{"w": jnp.zeros(2)}, {"w": jnp.ones(2)}])
+
+
+def test_snapshot_cosine_schedule_values():
+    s = ens.snapshot_cosine_schedule(0.2, total_steps=100, num_cycles=4)
+    assert float(s(0)) == pytest.approx(0.2)
+    assert float(s(12.5)) == pytest.approx(0.1, rel=1e-5)
+    assert float(s(24)) == pytest.approx(0.1 * (np.cos(np.pi * 24 / 25) + 1), rel=1e-5)
+    assert float(s(25)) == pytest.approx(0.2)  # restart
+    assert ens.snapshot_steps(100, 4) == [25, 50, 75, 100]
+    with pytest.raises(ValueError, match="num_cycles"):
+        ens.snapshot_cosine_schedule(0.1, total_steps=3, num_cycles=4)
+
+
+def test_fge_schedule_matches_garipov_formula():
+    lr1, lr2, c = 0.05, 0.0005, 10
+    s = ens.fge_schedule(lr1, lr2, c)
+    for t in range(25):
+        i = t + 1
+        u = ((i - 1) % c + 1) / c
+        ref = (1 - 2 * u) * lr1 + 2 * u * lr2 if u <= 0.5 else (2 - 2 * u) * lr2 + (2 * u - 1) * lr1
+        assert float(s(t)) == pytest.approx(ref, rel=1e-5)
+    collect = ens.fge_collect_steps(c, 3)
+    assert collect == [5, 15, 25]
+    # the learning rate used by the step that completes a collected count is the cycle minimum lr2
+    assert all(float(s(k - 1)) == pytest.approx(lr2, rel=1e-5) for k in collect)
+    with pytest.raises(ValueError, match="even"):
+        ens.fge_schedule(lr1, lr2, 7)
+
+
+def _logreg():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(64, 4)), jnp.float32)
+    y = jnp.asarray((x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int32))
+
+    def loss_fn(p, batch, rng_key):
+        logits = batch[0] @ p["w"] + p["b"]
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
+
+    params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros((2,))}
+    return loss_fn, params, (lambda t: (x, y))
+
+
+def test_train_with_snapshots_collects_at_requested_steps():
+    loss_fn, params, batches = _logreg()
+    final, snaps = ens.train_with_snapshots(loss_fn, params, optax.sgd(0.5), batches, 20, [5, 20])
+    assert len(snaps) == 2
+    np.testing.assert_array_equal(np.asarray(snaps[1]["w"]), np.asarray(final["w"]))
+    assert loss_fn(snaps[1], batches(0), None) < loss_fn(snaps[0], batches(0), None) < loss_fn(params, batches(0),
+                                                                                               None)
+    with pytest.raises(ValueError, match="collect steps"):
+        ens.train_with_snapshots(loss_fn, params, optax.sgd(0.5), batches, 20, [21])
+
+
+def test_snapshot_and_fge_ensembles_produce_distinct_members():
+    loss_fn, params, batches = _logreg()
+    sse = ens.snapshot_ensemble(loss_fn, params, batches, lr0=0.5, total_steps=30, num_members=3)
+    assert len(sse) == 3
+    fge = ens.fge_ensemble(loss_fn, sse[-1], batches, lr1=0.5, lr2=0.05, cycle_steps=4, num_members=3)
+    assert len(fge) == 3
+    for members in (sse, fge):
+        d = ens.pairwise_param_distances(members)
+        assert np.all(d[np.triu_indices(3, 1)] > 0)
+    with pytest.raises(ValueError, match="distinct"):
+        ens.independent_ensemble(lambda s: params, [1, 1])
+    ind = ens.independent_ensemble(lambda s: {"w": jnp.full((2,), float(s))}, [1, 2, 3])
+    assert ens.param_distance(ind) == pytest.approx(np.mean([np.sqrt(2), 2 * np.sqrt(2), np.sqrt(2)]), rel=1e-6)
+
+
+def test_member_probs_of_a_model_match_softmax_of_apply():
+    model = get_model("mlp", widths=[8], num_classes=3)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(20, 5)).astype(np.float32)
+    y = rng.integers(0, 3, size=20).astype(np.int32)
+    members = [model.init(jax.random.key(s), jnp.asarray(x[:2]))["params"] for s in range(3)]
+    probs = ens.member_probs(model, members, (x, y), batch_size=8)
+    assert probs.shape == (3, 20, 3)
+    for m, p in enumerate(members):
+        ref = jax.nn.softmax(model.apply({"params": p}, jnp.asarray(x)), -1)
+        np.testing.assert_allclose(probs[m], np.asarray(ref), atol=1e-5)
+    out = ens.ensemble_from_params(model, members, (x, y))
+    assert out.test_error == pytest.approx(np.mean(probs.mean(0).argmax(-1) != y))
+    assert out.param_distance == pytest.approx(ens.param_distance(members), rel=1e-6)
