@@ -1,0 +1,546 @@
+"""Vertical deformation mappings (VDMs): deform the loss surface to change what the optimiser finds.
+
+Seed 003 ("Deforming the loss surface to affect the behaviour of the optimizer"). A VDM is a scalar map
+``δ`` applied to the loss value, ``ℓ̌ = δ(ℓ)``, that leaves the parameters alone (Definition 2) and is
+non-decreasing for ``ℓ >= 0``. Its gradient is ``∇δ(ℓ(p)) = δ'(ℓ) ∇ℓ(p)`` (section 3.1), so an optimiser run
+on ``δ∘ℓ`` is the original optimiser fed gradients scaled by the loss-dependent factor ``δ'(ℓ)``
+(Algorithm 1: ``g(k-1) <- ∇δ(ℓ(p)(k-1))``, then the optimiser's own increment ``Θ``).
+
+The VDMs of the seed:
+
+- :class:`AP` ``(a1, a2, a3, a4)``: ``δ(ℓ) = a1·arctan(a2·ℓ)^a3 + a4·ℓ`` (arctan-power);
+- :class:`LE` ``(e1, e2)``: ``δ(ℓ) = e1·ln(exp(ℓ) − e2)`` (log-exp), defined only where ``exp(ℓ) > e2``;
+- :class:`Squared`: ``δ(ℓ) = 0.5·ℓ²``, the counter-example of Fig. 5(a)/Table 1;
+- :class:`Identity`: ``δ(ℓ) = ℓ`` (the original optimiser);
+- :func:`custom_vdm`: any user-defined ``δ`` (derivative by autodiff unless given), validated to be
+  non-decreasing on a range of losses.
+
+Two ways to use one:
+
+- :func:`vdm_loss` wraps a loss function: ``jax.grad(vdm_loss(vdm, f))`` is ``δ'(f)·∇f``;
+- :func:`scale_by_vdm` is an Optax ``GradientTransformationExtraArgs`` that multiplies the incoming
+  gradient by ``δ'(ℓ)`` where ``ℓ`` arrives through Optax's extra-args interface
+  (``tx.update(grads, state, params, loss=value)``; :func:`optax.chain` forwards extra arguments to
+  every member). ``optax.chain(scale_by_vdm(LE(1, 0.9)), optax.sgd(lr, momentum=0.9, nesterov=True))``
+  therefore performs SGDM on ``δ∘ℓ`` step for step (Algorithm 1).
+
+Composition with other transforms. Put :func:`scale_by_vdm` *first* in the chain: it then acts on the raw
+gradient exactly as Algorithm 1 does, and the rest of the chain sees ``∇(δ∘ℓ)``. Transforms that add
+terms not coming from the loss after it (``optax.add_decayed_weights``) are not scaled, which matches a
+PyTorch training loop where the VDM wraps the criterion and weight decay lives in the optimiser. With an
+adaptive optimiser (Adam, RMSProp, ...) the chain still equals that optimiser on ``δ∘ℓ`` exactly, but those
+optimisers divide by a running RMS of the gradients, so a slowly varying scalar ``δ'(ℓ)`` is largely
+normalised away: only changes of ``δ'`` faster than the second-moment decay (``1/(1−β2)`` steps) change
+the steps. Placing the transform *after* the optimiser (``chain(adam(...), scale_by_vdm(vdm))``) is a
+different method, a loss-dependent learning rate, and not the seed's Algorithm 1.
+
+Domain. LE is undefined where ``exp(ℓ) <= e2`` (``ℓ <= ln e2``) and AP with a non-integer power needs
+``arctan(a2·ℓ) >= 0`` (``ℓ >= 0``). Every evaluation through :func:`vdm_loss` / :func:`scale_by_vdm` checks
+the loss: with a concrete value a ``ValueError`` is raised at once; inside ``jit`` a host callback raises
+the same ``ValueError`` (surfacing as a ``JaxRuntimeError`` that carries its message) instead of letting
+``NaN`` propagate. ``check_domain=False`` removes the check.
+
+Slips of the seed handled here (see also ``experiments/vdm.py``):
+
+- the positivity condition ``a1, a2, a3, a4 > 0`` of the AP family is contradicted by the seed's own
+  Table 2, which uses AP(1.5, 0.7, 1, 0); ``a4 = 0`` keeps ``δ' >= 0`` and is accepted (``a1, a2, a3 > 0``
+  are still required);
+- the proof of Theorem 1 writes ``∂²δ(ℓ)/∂pr∂ps = δ'(ℓ)·H_rs``; the exact Hessian is
+  ``δ'(ℓ)·H + δ''(ℓ)·∇ℓ∇ℓᵀ`` (see :func:`deformed_hessian_formula`); the seed's statement holds at
+  critical points (``∇ℓ = 0``) only.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import math
+import operator
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "VDM",
+    "AP",
+    "LE",
+    "Squared",
+    "Identity",
+    "CustomVDM",
+    "custom_vdm",
+    "check_monotone",
+    "check_loss_domain",
+    "vdm_loss",
+    "scale_by_vdm",
+    "ScaleByVDMState",
+    "deformed_hessian_formula",
+    "parse_vdm",
+    "TABLE1_VDMS",
+]
+
+Array = jax.Array
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _is_int(a: float) -> bool:
+    return float(a).is_integer()
+
+
+def _pow(x, a: float):
+    """``x**a``; an integral ``a`` uses ``lax.integer_pow`` (defined for negative ``x``)."""
+    if _is_int(a):
+        return jax.lax.integer_pow(x, int(a))
+    return jnp.power(x, a)
+
+
+class VDM:
+    """A vertical deformation mapping ``δ`` (seed 003 Definition 2) with ``δ``, ``δ'`` and ``δ''``.
+
+    Subclasses implement :meth:`value` and may override :meth:`derivative` (default: autodiff of
+    :meth:`value`) and :meth:`second_derivative` (default: autodiff of :meth:`derivative`). All three are
+    element-wise, accept scalars or arrays, and are jit/vmap/grad friendly. ``domain`` is ``(low,
+    inclusive)``: ``δ`` is defined for ``ℓ > low`` (``ℓ >= low`` when ``inclusive``).
+    """
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def domain(self) -> tuple[float, bool]:
+        return (-math.inf, True)
+
+    def value(self, loss):
+        raise NotImplementedError
+
+    def derivative(self, loss):
+        loss = jnp.asarray(loss)
+        return jax.grad(lambda l: jnp.sum(self.value(l)))(loss)
+
+    def second_derivative(self, loss):
+        loss = jnp.asarray(loss)
+        return jax.grad(lambda l: jnp.sum(self.derivative(l)))(loss)
+
+    def __call__(self, loss):
+        return self.value(loss)
+
+    def in_domain(self, loss):
+        """Boolean array: where ``δ`` is defined at ``loss`` (finite losses only)."""
+        low, inclusive = self.domain
+        loss = jnp.asarray(loss)
+        ok = jnp.isfinite(loss)
+        if low == -math.inf:
+            return ok
+        return ok & ((loss >= low) if inclusive else (loss > low))
+
+    def domain_message(self, bad_loss: float) -> str:
+        low, inclusive = self.domain
+        rel = ">=" if inclusive else ">"
+        return (f"{self.name} is undefined at loss {bad_loss!r}: it needs a finite loss {rel} {low!r}"
+                + self._domain_reason())
+
+    def _domain_reason(self) -> str:
+        return ""
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _check_pos(name: str, **values: float) -> None:
+    for k, v in values.items():
+        if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}: coefficient {k} must be a finite number > 0 (seed 003 section 3.1), "
+                             f"got {v!r}")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AP(VDM):
+    """Arctan-power VDM ``δ(ℓ) = a1·arctan(a2·ℓ)^a3 + a4·ℓ`` (seed 003 section 3.1).
+
+    ``δ'(ℓ) = a1·a3·a2·arctan(a2ℓ)^(a3−1) / (1 + (a2ℓ)²) + a4``: near ``ℓ = 0`` it is ``a4 + a1·a2`` for
+    ``a3 = 1`` (steeper low-loss region) and ``a4`` for ``a3 > 1``; for large ``ℓ`` it tends to ``a4``.
+
+    Requires ``a1, a2, a3 > 0`` and ``a4 >= 0``. The seed states ``a4 > 0`` but its own Table 2 uses
+    AP(1.5, 0.7, 1, 0); ``a4 = 0`` keeps ``δ' >= 0`` so it is accepted. With an integral ``a3`` ``δ`` is
+    defined for every loss; otherwise it needs ``ℓ >= 0`` (``ℓ > 0`` when ``a3 < 1``, where ``δ'(0)``
+    is infinite).
+    """
+
+    a1: float
+    a2: float
+    a3: float
+    a4: float
+
+    def __post_init__(self):
+        for k in ("a1", "a2", "a3", "a4"):
+            object.__setattr__(self, k, float(getattr(self, k)))
+        _check_pos("AP", a1=self.a1, a2=self.a2, a3=self.a3)
+        if not (math.isfinite(self.a4) and self.a4 >= 0):
+            raise ValueError(f"AP: coefficient a4 must be a finite number >= 0 (seed 003 section 3.1; a4 = 0 "
+                             f"as in Table 2's AP(1.5, 0.7, 1, 0)), got {self.a4!r}")
+
+    @property
+    def name(self) -> str:
+        return f"AP({_fmt(self.a1)}, {_fmt(self.a2)}, {_fmt(self.a3)}, {_fmt(self.a4)})"
+
+    @property
+    def domain(self) -> tuple[float, bool]:
+        if _is_int(self.a3):
+            return (-math.inf, True)
+        return (0.0, self.a3 >= 1.0)
+
+    def _domain_reason(self) -> str:
+        return f" (arctan(a2*loss)**{self.a3:g} needs a non-negative base for a non-integer power)"
+
+    def value(self, loss):
+        loss = jnp.asarray(loss)
+        return self.a1 * _pow(jnp.arctan(self.a2 * loss), self.a3) + self.a4 * loss
+
+    def derivative(self, loss):
+        loss = jnp.asarray(loss)
+        u = self.a2 * loss
+        return self.a1 * self.a3 * self.a2 * _pow(jnp.arctan(u), self.a3 - 1.0) / (1.0 + u * u) + self.a4
+
+
+@dataclasses.dataclass(frozen=True)
+class LE(VDM):
+    """Log-exp VDM ``δ(ℓ) = e1·ln(exp(ℓ) − e2)`` (seed 003 section 3.1), ``e1, e2 > 0``.
+
+    ``δ'(ℓ) = e1·exp(ℓ)/(exp(ℓ) − e2) = e1/(1 − e2·exp(−ℓ))``: ``e1`` for large losses, growing as the loss
+    falls (``e1/(1 − e2)`` at ``ℓ = 0``). Defined only for ``ℓ > ln(e2)``; for ``e2 >= 1`` that excludes
+    small non-negative losses, which the seed accepts "in some cases" (section 3.1). Computed as
+    ``e1·(ℓ + ln(−expm1(ln e2 − ℓ)))`` so large losses do not overflow ``exp``.
+    """
+
+    e1: float
+    e2: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "e1", float(self.e1))
+        object.__setattr__(self, "e2", float(self.e2))
+        _check_pos("LE", e1=self.e1, e2=self.e2)
+
+    @property
+    def name(self) -> str:
+        return f"LE({_fmt(self.e1)}, {_fmt(self.e2)})"
+
+    @property
+    def domain(self) -> tuple[float, bool]:
+        return (math.log(self.e2), False)
+
+    def _domain_reason(self) -> str:
+        return f" (exp(loss) must exceed e2 = {self.e2:g})"
+
+    def value(self, loss):
+        loss = jnp.asarray(loss)
+        return self.e1 * (loss + jnp.log(-jnp.expm1(math.log(self.e2) - loss)))
+
+    def derivative(self, loss):
+        loss = jnp.asarray(loss)
+        return self.e1 / (-jnp.expm1(math.log(self.e2) - loss))
+
+    def second_derivative(self, loss):
+        loss = jnp.asarray(loss)
+        q = jnp.exp(math.log(self.e2) - loss)
+        return -self.e1 * q / jnp.square(-jnp.expm1(math.log(self.e2) - loss))
+
+
+@dataclasses.dataclass(frozen=True)
+class Squared(VDM):
+    """The counter-example ``δ(ℓ) = 0.5·ℓ²`` of seed 003 (Table 1, Fig. 5(a)): ``δ' = ℓ`` makes the low-loss
+    region *flatter*, the opposite of AP and LE. Non-decreasing for ``ℓ >= 0`` only (Definition 2)."""
+
+    @property
+    def name(self) -> str:
+        return "0.5*l^2"
+
+    def value(self, loss):
+        loss = jnp.asarray(loss)
+        return 0.5 * loss * loss
+
+    def derivative(self, loss):
+        return jnp.asarray(loss)
+
+    def second_derivative(self, loss):
+        return jnp.ones_like(jnp.asarray(loss))
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity(VDM):
+    """``δ(ℓ) = ℓ``: the undeformed loss (the original optimiser)."""
+
+    @property
+    def name(self) -> str:
+        return "identity"
+
+    def value(self, loss):
+        return jnp.asarray(loss)
+
+    def derivative(self, loss):
+        return jnp.ones_like(jnp.asarray(loss))
+
+    def second_derivative(self, loss):
+        return jnp.zeros_like(jnp.asarray(loss))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CustomVDM(VDM):
+    """A user-defined VDM; build it with :func:`custom_vdm` (which validates monotonicity)."""
+
+    fn: Callable[[Array], Array]
+    fn_derivative: Callable[[Array], Array] | None = None
+    label: str = "custom"
+    low: float = -math.inf
+    low_inclusive: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    @property
+    def domain(self) -> tuple[float, bool]:
+        return (self.low, self.low_inclusive)
+
+    def value(self, loss):
+        return self.fn(jnp.asarray(loss))
+
+    def derivative(self, loss):
+        if self.fn_derivative is None:
+            return super().derivative(loss)
+        return self.fn_derivative(jnp.asarray(loss))
+
+
+def check_monotone(vdm: VDM, losses=None, *, atol: float = 0.0) -> None:
+    """Raise ``ValueError`` unless ``δ'(ℓ) >= -atol`` and ``δ`` is finite at every loss in ``losses``.
+
+    Definition 2 of seed 003 requires ``∂δ/∂ℓ >= 0`` for ``ℓ >= 0``; the default grid is 2001 losses in
+    ``[0, 20]`` restricted to the VDM's domain.
+    """
+    if losses is None:
+        losses = np.linspace(0.0, 20.0, 2001)
+    losses = np.asarray(losses, np.float64).ravel()
+    inside = np.asarray(vdm.in_domain(jnp.asarray(losses, jnp.float32)))
+    losses = losses[inside]
+    if losses.size == 0:
+        raise ValueError(f"{vdm.name}: no loss of the check grid lies in its domain {vdm.domain}")
+    l32 = jnp.asarray(losses, jnp.float32)
+    vals = np.asarray(vdm.value(l32))
+    der = np.asarray(vdm.derivative(l32))
+    bad = ~np.isfinite(vals)
+    if bad.any():
+        raise ValueError(f"{vdm.name}: delta is not finite at loss {losses[bad][0]:.6g}")
+    bad = ~np.isfinite(der)
+    if bad.any():
+        raise ValueError(f"{vdm.name}: delta' is not finite at loss {losses[bad][0]:.6g}")
+    neg = der < -atol
+    if neg.any():
+        i = int(np.argmax(neg))
+        raise ValueError(f"{vdm.name} is not a VDM: delta'({losses[i]:.6g}) = {der[i]:.6g} < 0, but seed 003 "
+                         "Definition 2 requires d(delta)/d(loss) >= 0 for loss >= 0")
+
+
+def custom_vdm(fn: Callable[[Array], Array], derivative: Callable[[Array], Array] | None = None, *,
+               name: str = "custom", domain_low: float = -math.inf, domain_inclusive: bool = True,
+               check_losses=None, derivative_rtol: float = 1e-3) -> CustomVDM:
+    """A user-defined VDM ``δ = fn``, validated before use.
+
+    ``fn`` (and ``derivative``, default autodiff of ``fn``) must be element-wise jnp functions. The VDM is
+    checked on ``check_losses`` (default 2001 points of ``[0, 20]`` inside the domain): ``δ`` finite and
+    ``δ' >= 0`` (Definition 2); a supplied ``derivative`` must agree with autodiff of ``fn`` (relative
+    tolerance ``derivative_rtol``). Failures raise ``ValueError`` naming the loss where they happen.
+    """
+    if not callable(fn):
+        raise ValueError("custom_vdm: fn must be callable")
+    if derivative is not None and not callable(derivative):
+        raise ValueError("custom_vdm: derivative must be callable or None")
+    vdm = CustomVDM(fn=fn, fn_derivative=derivative, label=name, low=float(domain_low),
+                    low_inclusive=bool(domain_inclusive))
+    check_monotone(vdm, check_losses)
+    if derivative is not None:
+        grid = np.asarray(check_losses if check_losses is not None else np.linspace(0.0, 20.0, 201), np.float32)
+        grid = grid[np.asarray(vdm.in_domain(jnp.asarray(grid)))]
+        auto = np.asarray(VDM.derivative(vdm, jnp.asarray(grid)))
+        given = np.asarray(vdm.derivative(jnp.asarray(grid)))
+        err = np.abs(auto - given) / np.maximum(1.0, np.abs(auto))
+        if np.any(err > derivative_rtol):
+            i = int(np.argmax(err))
+            raise ValueError(f"custom_vdm {name!r}: the given derivative {given[i]:.6g} differs from autodiff of "
+                             f"fn {auto[i]:.6g} at loss {grid[i]:.6g}")
+    return vdm
+
+
+def _raise_outside(vdm: VDM, loss) -> None:
+    loss = np.asarray(loss)
+    ok = np.asarray(vdm.in_domain(jnp.asarray(loss)))
+    if not np.all(ok):
+        bad = loss[~ok] if loss.ndim else loss
+        raise ValueError(vdm.domain_message(float(np.ravel(bad)[0])))
+
+
+def check_loss_domain(vdm: VDM, loss) -> None:
+    """Raise ``ValueError`` if ``δ`` is undefined at ``loss`` (e.g. LE with ``exp(ℓ) <= e2``).
+
+    With a concrete loss the error is raised here; with a traced one (inside ``jit``/``grad``/``vmap``) a
+    ``jax.debug.callback`` raises it when the computation runs (``JaxRuntimeError`` carrying the message).
+    A VDM defined for every loss adds nothing to the computation.
+    """
+    low, _ = vdm.domain
+    if low == -math.inf and not _is_tracer(loss):
+        loss_np = np.asarray(loss)
+        if not np.all(np.isfinite(loss_np)):
+            raise ValueError(f"{vdm.name}: the loss is not finite ({loss_np!r})")
+        return
+    if _is_tracer(loss):
+        jax.debug.callback(functools.partial(_raise_outside, vdm), loss)
+    else:
+        _raise_outside(vdm, loss)
+
+
+def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
+             check_domain: bool = True) -> Callable[..., Any]:
+    """The deformed loss ``δ∘loss_fn`` (seed 003 section 3.1).
+
+    ``jax.grad(vdm_loss(vdm, f))(p) = δ'(f(p))·∇f(p)``. With ``has_aux`` ``loss_fn`` returns ``(loss,
+    aux)`` and the wrapper returns ``(δ(loss), aux)``. For mini-batch training ``δ`` acts on the mini-batch
+    mean loss, as a criterion wrapper does in a PyTorch loop.
+    """
+    if not isinstance(vdm, VDM):
+        raise ValueError(f"vdm_loss: expected a VDM, got {type(vdm).__name__}")
+
+    @functools.wraps(loss_fn)
+    def wrapped(*args, **kwargs):
+        out = loss_fn(*args, **kwargs)
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise ValueError("vdm_loss(has_aux=True): loss_fn must return (loss, aux)")
+            loss, aux = out
+        else:
+            loss, aux = out, None
+        if jnp.ndim(loss) != 0:
+            raise ValueError(f"vdm_loss: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}")
+        if check_domain:
+            check_loss_domain(vdm, loss)
+        d = vdm.value(loss)
+        return (d, aux) if has_aux else d
+
+    return wrapped
+
+
+class ScaleByVDMState(NamedTuple):
+    """State of :func:`scale_by_vdm`: the last factor ``δ'(ℓ)`` and loss seen (for logging)."""
+
+    scale: Array
+    loss: Array
+
+
+def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
+                 check_domain: bool = True) -> optax.GradientTransformationExtraArgs:
+    """Optax transform multiplying the incoming gradient by ``δ'(ℓ)`` (seed 003 Algorithm 1).
+
+    The loss value arrives as an extra argument, ``tx.update(grads, state, params, loss=value)`` (the
+    keyword is ``loss_arg``; use ``loss_arg="value"`` to share the name with ``optax.polyak_sgd`` or
+    ``optax.contrib.reduce_on_plateau``). ``optax.chain`` forwards extra arguments to every member, so
+    ``optax.chain(scale_by_vdm(vdm), optax.sgd(lr, momentum=0.9, nesterov=True))`` updates exactly as SGDM
+    on ``δ∘ℓ``. See the module docstring for composition with weight decay and adaptive optimisers.
+    ``ℓ`` must be the loss at which ``grads`` were computed; a missing loss raises ``ValueError``.
+    """
+    if not isinstance(vdm, VDM):
+        raise ValueError(f"scale_by_vdm: expected a VDM, got {type(vdm).__name__}")
+
+    def init_fn(params):
+        del params
+        return ScaleByVDMState(scale=jnp.ones((), jnp.float32), loss=jnp.full((), jnp.nan, jnp.float32))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, state
+        if loss_arg not in extra_args:
+            raise ValueError(f"scale_by_vdm({vdm.name}) needs the loss value: call "
+                             f"update(grads, state, params, {loss_arg}=loss)")
+        loss = jnp.asarray(extra_args[loss_arg])
+        if loss.ndim != 0:
+            raise ValueError(f"scale_by_vdm: the loss must be a scalar, got shape {loss.shape}")
+        if check_domain:
+            check_loss_domain(vdm, loss)
+        scale = vdm.derivative(loss)
+        new = jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), updates)
+        return new, ScaleByVDMState(scale=scale.astype(jnp.float32), loss=loss.astype(jnp.float32))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def deformed_hessian_formula(vdm: VDM, loss, grad_vec, hessian):
+    """The exact Hessian of ``δ∘ℓ``: ``δ'(ℓ)·H + δ''(ℓ)·∇ℓ∇ℓᵀ`` (dense, flattened parameters).
+
+    Seed 003 Theorem 1 states ``Ȟ = δ'(ℓ)·H`` (hence ``λ(Ȟ) = δ'(ℓ)·λ(H)``); its proof drops the
+    ``δ''(ℓ)·∇ℓ∇ℓᵀ`` term, so the statement is exact only at critical points (``∇ℓ = 0``) or for affine
+    ``δ``. ``grad_vec`` is ``∇ℓ`` as a vector ``[d]`` and ``hessian`` is ``H`` ``[d, d]``.
+    """
+    g = jnp.asarray(grad_vec)
+    h = jnp.asarray(hessian)
+    if g.ndim != 1 or h.shape != (g.shape[0], g.shape[0]):
+        raise ValueError(f"deformed_hessian_formula: need grad [d] and hessian [d, d], got {g.shape} and {h.shape}")
+    return vdm.derivative(loss) * h + vdm.second_derivative(loss) * jnp.outer(g, g)
+
+
+# --- parsing "LE(1, 0.9)", "AP(18/pi, 1, 2, 1)", "square", "identity" ---------------------------------
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Pow: operator.pow}
+
+
+def _eval_number(node) -> float:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        return float(node.value)
+    if isinstance(node, ast.Name) and node.id == "pi":
+        return math.pi
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        v = _eval_number(node.operand)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_eval_number(node.left), _eval_number(node.right))
+    raise ValueError(f"not a number expression: {ast.dump(node)}")
+
+
+def parse_vdm(spec: str) -> VDM:
+    """A VDM from its seed notation: ``"LE(1, 0.9)"``, ``"AP(18/pi, 1, 2, 1)"``, ``"square"`` (``0.5*l^2``),
+    ``"identity"`` (also ``"none"``/``"original"``). Coefficients may use ``pi`` and ``+ - * / **``."""
+    s = spec.strip()
+    low = s.lower().replace(" ", "")
+    if low in ("identity", "none", "original"):
+        return Identity()
+    if low in ("square", "squared", "0.5*l^2", "0.5l^2", "0.5*l**2"):
+        return Squared()
+    try:
+        node = ast.parse(s, mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse VDM {spec!r}: {e.msg}") from None
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords):
+        raise ValueError(f"cannot parse VDM {spec!r}: expected AP(a1, a2, a3, a4), LE(e1, e2), square or identity")
+    args = [_eval_number(a) for a in node.args]
+    fam = node.func.id.upper()
+    if fam == "AP":
+        if len(args) != 4:
+            raise ValueError(f"AP takes 4 coefficients (a1, a2, a3, a4), got {len(args)} in {spec!r}")
+        return AP(*args)
+    if fam == "LE":
+        if len(args) != 2:
+            raise ValueError(f"LE takes 2 coefficients (e1, e2), got {len(args)} in {spec!r}")
+        return LE(*args)
+    raise ValueError(f"unknown VDM family {node.func.id!r} in {spec!r}; expected AP or LE")
+
+
+#: The deformations of seed 003 Table 1 (ResNet-20 on CIFAR-100), in the table's order.
+TABLE1_VDMS: tuple[str, ...] = ("square", "LE(1, 0.60)", "LE(1, 0.70)", "LE(1, 0.90)", "LE(1, 0.99)",
+                                "AP(5, 1, 2, 1)", "AP(18/pi, 1, 2, 1)", "AP(6, 1, 2, 1)", "AP(10, 1, 2, 1)")

@@ -1,0 +1,262 @@
+"""Vertical deformation mappings (seed 003): formulas, validation, loss wrapper, Optax transform, slips."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mclandscape.deform import (
+    AP,
+    LE,
+    TABLE1_VDMS,
+    Identity,
+    Squared,
+    check_monotone,
+    custom_vdm,
+    parse_vdm,
+    scale_by_vdm,
+    vdm_loss,
+)
+from mclandscape.simulated import (
+    FIG4_PRINTED_CONSTANT,
+    FIG7_SETTINGS,
+    fig1_loss,
+    fig1_negative_region,
+    fig4_loss,
+    fig4_minimum,
+    fig7_loss,
+    fig7_printed_vdm,
+    run_simulation,
+)
+
+LOSSES = np.array([0.05, 0.3, 1.0, 2.5, 7.0], np.float32)
+
+
+def _np_formula(vdm, l):
+    l = l.astype(np.float64)
+    if isinstance(vdm, AP):
+        return vdm.a1 * np.arctan(vdm.a2 * l) ** vdm.a3 + vdm.a4 * l
+    if isinstance(vdm, LE):
+        return vdm.e1 * np.log(np.exp(l) - vdm.e2)
+    if isinstance(vdm, Squared):
+        return 0.5 * l ** 2
+    return l
+
+
+ALL = [AP(10, 1, 1, 1), AP(18 / math.pi, 1, 2, 1), AP(1.5, 0.7, 1, 0), AP(2, 1, 0.5, 1), LE(1, 0.9),
+       LE(1, 0.6), LE(2, 0.3), Squared(), Identity()]
+
+
+@pytest.mark.parametrize("vdm", ALL, ids=lambda v: v.name)
+def test_value_and_derivatives_match_formula_and_autodiff(vdm):
+    l = jnp.asarray(LOSSES)
+    np.testing.assert_allclose(np.asarray(vdm(l)), _np_formula(vdm, LOSSES), rtol=2e-5, atol=1e-6)
+    d_auto = jax.vmap(jax.grad(lambda x: vdm.value(x)))(l)
+    np.testing.assert_allclose(np.asarray(vdm.derivative(l)), np.asarray(d_auto), rtol=1e-5, atol=1e-6)
+    d2_auto = jax.vmap(jax.grad(jax.grad(lambda x: vdm.value(x))))(l)
+    np.testing.assert_allclose(np.asarray(vdm.second_derivative(l)), np.asarray(d2_auto), rtol=1e-4, atol=1e-5)
+    check_monotone(vdm)  # every seed VDM is non-decreasing on [0, 20]
+
+
+def test_le_derivative_shape_and_large_losses():
+    le = LE(1, 0.9)
+    # e1 / (1 - e2) at l = 0, tends to e1 for large losses; no overflow at l = 200 (exp(200) is inf in f32)
+    np.testing.assert_allclose(float(le.derivative(0.0)), 10.0, rtol=1e-5)
+    assert abs(float(le.derivative(50.0)) - 1.0) < 1e-6
+    assert np.isfinite(float(le(200.0))) and abs(float(le(200.0)) - 200.0) < 1e-3
+
+
+def test_parameter_validation():
+    for bad in [(0, 1, 1, 1), (1, -1, 2, 1), (1, 1, 0, 1), (1, 1, 2, -0.1), (float("nan"), 1, 1, 1)]:
+        with pytest.raises(ValueError, match="AP"):
+            AP(*bad)
+    for bad in [(0, 0.9), (1, 0), (-1, 0.5), (1, -0.2)]:
+        with pytest.raises(ValueError, match="LE"):
+            LE(*bad)
+    # seed slip: Table 2 uses AP(1.5, 0.7, 1, 0) although section 3.1 demands a4 > 0 -> accepted
+    ap = AP(1.5, 0.7, 1, 0)
+    assert float(ap.derivative(100.0)) >= 0.0
+
+
+def test_le_domain_error_instead_of_nan():
+    le = LE(1, 1.9)  # defined only for loss > ln 1.9 = 0.642
+    assert np.isnan(float(le.value(0.3)))  # what an unchecked evaluation would give
+    f = vdm_loss(le, lambda p: jnp.sum(p ** 2))
+    with pytest.raises(ValueError, match=r"exp\(loss\) must exceed e2"):
+        f(jnp.array([0.3, 0.2]))
+    assert np.isfinite(float(f(jnp.array([1.0, 0.5]))))
+    with pytest.raises(ValueError, match="LE"):
+        jax.grad(f)(jnp.array([0.3, 0.2]))
+    # inside jit the check runs as a host callback and the error carries the same message
+    with pytest.raises(Exception, match="must exceed e2"):
+        jax.jit(jax.grad(f))(jnp.array([0.3, 0.2])).block_until_ready()
+    tx = scale_by_vdm(le)
+    with pytest.raises(ValueError, match="undefined"):
+        tx.update({"w": jnp.ones(2)}, tx.init(None), None, loss=jnp.float32(0.1))
+    # a non-integer AP power needs non-negative losses
+    with pytest.raises(ValueError, match="non-negative base"):
+        vdm_loss(AP(2, 1, 0.5, 1), lambda p: p)(jnp.float32(-0.5))
+
+
+def test_monotonicity_validation_of_custom_vdm():
+    with pytest.raises(ValueError, match="not a VDM"):
+        custom_vdm(lambda l: -l)
+    with pytest.raises(ValueError, match="not a VDM"):
+        custom_vdm(lambda l: jnp.sin(l))  # decreasing on (pi/2, 3pi/2)
+    with pytest.raises(ValueError, match="differs from autodiff"):
+        custom_vdm(lambda l: jnp.log1p(l), derivative=lambda l: 2.0 / (1.0 + l))
+    v = custom_vdm(lambda l: jnp.log1p(l), derivative=lambda l: 1.0 / (1.0 + l), name="log1p")
+    np.testing.assert_allclose(float(v.derivative(3.0)), 0.25, rtol=1e-6)
+    w = custom_vdm(lambda l: l + jnp.sqrt(l), domain_low=0.0, domain_inclusive=False, name="sqrt")
+    np.testing.assert_allclose(float(w.derivative(4.0)), 1.25, rtol=1e-5)
+    with pytest.raises(ValueError, match="sqrt is undefined"):
+        vdm_loss(w, lambda p: p)(jnp.float32(0.0))
+    with pytest.raises(ValueError, match="not a VDM"):
+        check_monotone(Squared(), np.linspace(-1.0, 1.0, 11))  # 0.5 l^2 decreases for l < 0
+
+
+class _TinyMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(jnp.tanh(nn.Dense(5)(x)))
+
+
+def _ce_problem():
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    y = jax.random.randint(jax.random.key(1), (32,), 0, 3)
+    m = _TinyMLP()
+    params = m.init(jax.random.key(2), x)["params"]
+
+    def loss_fn(p):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m.apply({"params": p}, x), y))
+
+    return params, loss_fn
+
+
+@pytest.mark.parametrize("vdm", [LE(1, 0.9), AP(18 / math.pi, 1, 2, 1), Squared(), AP(10, 1, 1, 1)],
+                         ids=lambda v: v.name)
+def test_wrapper_gradient_is_scaled_gradient(vdm):
+    params, loss_fn = _ce_problem()
+    l, g = jax.value_and_grad(loss_fn)(params)
+    gd = jax.grad(vdm_loss(vdm, loss_fn))(params)
+    s = float(vdm.derivative(l))
+    assert abs(s - 1.0) > 1e-2  # the deformation does something at this loss
+    for a, b in zip(jax.tree_util.tree_leaves(gd), jax.tree_util.tree_leaves(g), strict=True):
+        np.testing.assert_allclose(np.asarray(a), s * np.asarray(b), rtol=1e-5, atol=1e-7)
+    # has_aux passes the auxiliary output through
+    val, aux = vdm_loss(vdm, lambda p: (loss_fn(p), "aux"), has_aux=True)(params)
+    assert aux == "aux" and abs(float(val) - float(vdm(l))) < 1e-5
+
+
+def _run(tx, loss_fn, params, steps, deformed_loss=None):
+    """Train ``steps`` steps; with ``deformed_loss`` the gradient is of that loss and no extra arg is sent."""
+    state = tx.init(params)
+    traj = []
+
+    @jax.jit
+    def step(p, s):
+        if deformed_loss is None:
+            l, g = jax.value_and_grad(loss_fn)(p)
+            u, s = tx.update(g, s, p, loss=l)
+        else:
+            g = jax.grad(deformed_loss)(p)
+            u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for _ in range(steps):
+        params, state = step(params, state)
+        traj.append(params)
+    return traj
+
+
+@pytest.mark.parametrize("vdm", [LE(1, 0.9), AP(18 / math.pi, 1, 2, 1)], ids=lambda v: v.name)
+def test_optax_transform_equals_sgdm_on_deformed_loss_step_for_step(vdm):
+    params, loss_fn = _ce_problem()
+    sgdm = lambda: optax.sgd(0.05, momentum=0.9, nesterov=True)
+    ours = _run(optax.chain(scale_by_vdm(vdm), sgdm()), loss_fn, params, 25)
+    ref = _run(sgdm(), loss_fn, params, 25, deformed_loss=vdm_loss(vdm, loss_fn))
+    plain = _run(sgdm(), loss_fn, params, 25, deformed_loss=loss_fn)
+    for a, b in zip(ours, ref, strict=True):
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in
+               zip(jax.tree_util.tree_leaves(ours[-1]), jax.tree_util.tree_leaves(plain[-1]), strict=True))
+    assert diff > 1e-3  # and it is not plain SGDM
+
+
+def test_optax_transform_with_weight_decay_and_adam():
+    vdm = LE(1, 0.7)
+    params, loss_fn = _ce_problem()
+    # weight decay after the VDM is not scaled: SGD on delta(l) + wd/2 |p|^2, as a PyTorch loop does
+    tx = optax.chain(scale_by_vdm(vdm), optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
+    ours = _run(tx, loss_fn, params, 10)
+    ref_loss = lambda p: vdm_loss(vdm, loss_fn)(p) + 0.5 * 5e-4 * sum(
+        jnp.sum(x ** 2) for x in jax.tree_util.tree_leaves(p))
+    ref = _run(optax.sgd(0.05, momentum=0.9), loss_fn, params, 10, deformed_loss=ref_loss)
+    for x, y in zip(jax.tree_util.tree_leaves(ours[-1]), jax.tree_util.tree_leaves(ref[-1]), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    # Adam on delta(l) exactly
+    ours = _run(optax.chain(scale_by_vdm(vdm), optax.adam(1e-2)), loss_fn, params, 10)
+    ref = _run(optax.adam(1e-2), loss_fn, params, 10, deformed_loss=vdm_loss(vdm, loss_fn))
+    for x, y in zip(jax.tree_util.tree_leaves(ours[-1]), jax.tree_util.tree_leaves(ref[-1]), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_scale_by_vdm_state_and_errors():
+    tx = scale_by_vdm(LE(1, 0.9))
+    g = {"w": jnp.array([1.0, -2.0])}
+    u, s = tx.update(g, tx.init(g), None, loss=jnp.float32(0.0))
+    np.testing.assert_allclose(np.asarray(u["w"]), [10.0, -20.0], rtol=1e-5)
+    assert abs(float(s.scale) - 10.0) < 1e-4 and float(s.loss) == 0.0
+    with pytest.raises(ValueError, match="needs the loss value"):
+        tx.update(g, tx.init(g), None)
+    with pytest.raises(ValueError, match="scalar"):
+        tx.update(g, tx.init(g), None, loss=jnp.ones(3))
+    tv = scale_by_vdm(LE(1, 0.9), loss_arg="value")
+    u, _ = tv.update(g, tv.init(g), None, value=jnp.float32(0.0))
+    np.testing.assert_allclose(np.asarray(u["w"]), [10.0, -20.0], rtol=1e-5)
+    with pytest.raises(ValueError, match="expected a VDM"):
+        scale_by_vdm(lambda l: l)
+
+
+def test_parse_vdm_and_table1_list():
+    assert parse_vdm("LE(1, 0.9)") == LE(1, 0.9)
+    ap = parse_vdm("AP(18/pi, 1, 2, 1)")
+    assert isinstance(ap, AP) and abs(ap.a1 - 18 / math.pi) < 1e-12
+    assert isinstance(parse_vdm("square"), Squared) and isinstance(parse_vdm("identity"), Identity)
+    assert len({parse_vdm(s).name for s in TABLE1_VDMS}) == 9
+    for bad in ["XX(1)", "LE(1)", "AP(1,2,3)", "LE(1, os.system)", "LE(1,"]:
+        with pytest.raises(ValueError):
+            parse_vdm(bad)
+
+
+def test_seed_slip_figure7_printed_vdm_deforms_nothing():
+    printed = fig7_printed_vdm()
+    l = jnp.asarray(LOSSES)
+    np.testing.assert_allclose(np.asarray(printed(l)), LOSSES - 0.9, atol=1e-5)  # ln(exp(l - 0.9)) = l - 0.9
+    np.testing.assert_allclose(np.asarray(printed.derivative(l)), 1.0, atol=1e-6)
+    init = [[-6.0, 11.0]]
+    orig = run_simulation(fig7_loss, None, init, FIG7_SETTINGS)
+    pr = run_simulation(fig7_loss, printed, init, FIG7_SETTINGS)
+    le = run_simulation(fig7_loss, LE(1, 0.9), init, FIG7_SETTINGS)
+    np.testing.assert_allclose(pr["trajectories"], orig["trajectories"], atol=1e-5)  # identical dynamics
+    assert np.abs(le["ends"] - orig["ends"]).max() > 0.1  # the intended LE(1, 0.9) changes the path
+
+
+def test_seed_slips_figure4_constant_and_figure1_negative_loss():
+    m = fig4_minimum(grid=801)
+    assert m["min_loss_with_printed_constant"] < -1e-3  # printed constant leaves the minimum below 0
+    assert abs(m["constant_for_zero_minimum"] - FIG4_PRINTED_CONSTANT) > 1e-3
+    assert abs(float(fig4_loss(jnp.asarray(m["point"]), constant=m["constant_for_zero_minimum"]))) < 1e-5
+    # sin(x) read as sin(p1): the surface is symmetric in form, f(a, b) - f(b, a) only from the cross terms
+    p = jnp.array([0.7, -1.3])
+    sym = fig4_loss(p) - fig4_loss(p[::-1])
+    cross = 0.01 * (jnp.sin(10 * p[0]) * jnp.sin(6 * p[1]) - jnp.sin(10 * p[1]) * jnp.sin(6 * p[0]))
+    assert abs(float(sym - cross)) < 1e-6
+    r = fig1_negative_region(num=100001)
+    assert r["factor_min"] < 0 and -5.01 < r["negative_interval"][0] < r["negative_interval"][1] < -4.99
+    assert float(fig1_loss(jnp.array([r["factor_argmin"], 8.0]))) < 0  # loss dips below zero near p = -5
