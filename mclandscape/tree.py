@@ -44,6 +44,8 @@ __all__ = [
     "tree_combine",
     "tree_weighted_sum",
     "tree_gram",
+    "tree_row_dot",
+    "tree_row_scale",
     "tree_ravel",
     "tree_random_normal",
     "tree_where",
@@ -239,6 +241,26 @@ def tree_gram(stacked: PyTree):
 
     parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(gram, stacked))
     return sum(parts[1:], parts[0])
+
+
+def tree_row_dot(a: PyTree, b: PyTree):
+    """Row-wise inner products of two stacked trees: ``out[k] = <a[k], b[k]>``, shape ``[K]`` (float32+).
+
+    The per-member dot product of pivots, tangents or gradients stacked on a leading axis (one reduction per
+    leaf, no K x K Gram matrix).
+    """
+    def rd(x, y):
+        dt = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
+        return jnp.sum((x.astype(dt) * y.astype(dt)).reshape(x.shape[0], -1), axis=1)
+
+    parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(rd, a, b))
+    return sum(parts[1:], parts[0])
+
+
+def tree_row_scale(a: PyTree, s) -> PyTree:
+    """Scale member ``k`` of a stacked tree by ``s[k]`` (``s`` has shape ``[K]``)."""
+    s = jnp.asarray(s)
+    return jax.tree_util.tree_map(lambda x: (x * s.reshape((-1,) + (1,) * (x.ndim - 1))).astype(x.dtype), a)
 
 
 def tree_ravel(tree: PyTree):
