@@ -1,0 +1,923 @@
+"""TRUST-TECH with dynamic search paths (DSP-TT), seed 004.
+
+Starting from a local optimal solution (LOS) ``omega0`` (the *tier-0* solution), DSP-TT keeps several search
+directions ``d^(k)`` (pytrees shaped like the parameters). At each search step one direction, chosen at random
+among those still searching, is advanced (seed 004 Algorithm 1):
+
+1. *forward search step* (``Update(model, Delta_k, rho1)``): ``d <- d + rho1(i) * d / |d|``;
+2. *exit check* (``CheckExit``) on the mini-batch loss at ``omega0 + d`` — an exponential moving average of the
+   losses of that direction and a buffer of up/down states (:class:`ExitDetector`);
+3. if an exit point was found, a *local solver* (any Optax optimizer, :class:`LocalSolver`) converges from
+   ``omega0 + d`` to a tier-1 solution and the direction retires; otherwise
+4. *calibration step* (``Calibrate(model, rho2, Delta_k, batch)``): ``d <- d + rho2 * f(omega0 + d)`` with ``f``
+   the negative-gradient dynamics of seed 004 eq. 2 (an Optax gradient transformation, ``-grad`` by default).
+
+Only one direction enters the computation at a time (the step function takes a single direction), so memory
+stays near that of ordinary training plus the stored directions.
+
+The reading of seed 004 eq. 3
+-----------------------------
+Eq. 3 reads ``d_i = rho1(i) * d_{i-1} + rho2(i) * f(omega0 + d_i)`` with ``rho1(i) in (0, rho_max]`` growing
+from 0 by a fixed increment per iteration (0.001 in §5). Taken literally with ``rho1 < 1`` the first term
+*shrinks* the direction: at ``i = 1`` the direction is multiplied by 0.001, after which ``d`` sits at
+``omega0`` where ``f = 0`` and the search never leaves the tier-0 basin (shown in
+``tests/test_trusttech.py::test_literal_reading_never_escapes``). The text around eq. 3 — "an exploration
+step forward along the current direction", a *pace of search step* ``rho1`` that grows until an exit is found
+or ``rho_max`` is reached, exit distance highly correlated with ``rho1`` (§5.4) — describes a search moving
+outward with a growing step. :class:`RhoSchedule` therefore implements two outward readings and keeps the
+literal one only to demonstrate the slip:
+
+- ``"additive"`` (default): ``d_i = d_{i-1} + rho1(i) * d_{i-1}/|d_{i-1}| + rho2 * f(omega0 + d_i')`` — the
+  search advances a distance ``rho1(i)`` along the current (calibrated) direction, so the distance travelled
+  after ``i`` iterations is about ``increment * i^2 / 2`` independently of the scale of ``d_0``;
+- ``"growth"``: ``d_i = (1 + rho1(i)) * d_{i-1} + rho2 * f(omega0 + d_i')`` — a growth factor ``1 + rho1``;
+- ``"literal"``: ``d_i = rho1(i) * d_{i-1} + rho2 * f(omega0 + d_i')`` — eq. 3 as printed (never escapes).
+
+In all three ``f`` is evaluated explicitly at the point after the forward step, ``d_i' = `` forward-stepped
+``d_{i-1}`` (eq. 3 writes the implicit ``f(omega0 + d_i)``; Algorithm 1 evaluates it after ``Update``).
+``rho2`` is a constant fraction (0.1 in §5) of the tier-0 learning rate (:func:`rho2_from_lr`).
+
+Exit detection (§3.2.1): the losses of one direction are smoothed by an exponential moving average; each step
+pushes "up" or "down" (the sign of the EMA change) into a buffer of the last ``buffer_size`` states. The
+direction is *climbing* once the buffer holds at least ``vote`` ups (and the EMA has risen ``min_rise`` above
+its start), and an *exit* is declared when, while climbing, the buffer holds at least ``vote`` downs: the loss
+"decreases steadily", so the search path has crossed the stability boundary into a neighbouring stability
+region. The exit point is the point where the exit is declared (already inside the new region); the EMA peak
+before it (the estimate of the boundary crossing) is recorded too.
+
+Tier-by-tier search (:func:`tier_by_tier`): tier 1 from ``omega0``, tier 2 from the best tier-1 solution
+(§5.2). Every exit point and every solution found is checkpointed through :mod:`mclandscape.checkpoint`, and
+a search restarted with the same arguments and checkpoint directory resumes where it was killed, producing the
+same solutions as an uninterrupted run (the direction chosen and the mini-batch used at global step ``t`` are
+functions of ``(key, t)`` only).
+
+Exit-point verification (§5.1, Figure 3c, :func:`verify_exit`): points along the recorded search path near the
+exit are integrated by full-batch gradient descent with a small step; points before and after the exit
+converge to different optima.
+
+Losses are functions ``loss_fn(params, batch, rng) -> scalar``; :func:`model_loss_fn` builds one from a
+:class:`~mclandscape.models.base.Model` and :func:`dataset_batches` a resumable mini-batch stream.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .tree import (
+    PyTree,
+    check_finite,
+    check_same_structure,
+    tree_add,
+    tree_axpy,
+    tree_cosine,
+    tree_distance,
+    tree_dot,
+    tree_norm,
+    tree_random_normal,
+    tree_ravel,
+    tree_scale,
+    tree_stack,
+    tree_sub,
+)
+
+__all__ = [
+    "READINGS",
+    "RhoSchedule",
+    "rho2_from_lr",
+    "ExitDetector",
+    "DetectorState",
+    "LocalSolver",
+    "DSPConfig",
+    "ExitRecord",
+    "TierResult",
+    "VerificationResult",
+    "initial_directions",
+    "forward_step",
+    "dsp_step",
+    "local_solve",
+    "dsp_search",
+    "tier_by_tier",
+    "verify_exit",
+    "random_orthonormal_pair",
+    "project",
+    "model_loss_fn",
+    "dataset_batches",
+    "full_batch",
+    "exit_statistics",
+]
+
+READINGS = ("additive", "growth", "literal")
+
+LossFn = Callable[[PyTree, Any, jax.Array], jax.Array]
+
+NEGATIVE_GRADIENT = optax.scale(-1.0)  # f = -grad c (seed 004 eq. 2 with R = I)
+BatchFn = Callable[[int], Any]
+
+
+def _check_real(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a real number, got {value!r}") from e
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rho schedules (seed 004 eq. 3, §5 hyper-parameters)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RhoSchedule:
+    """Step-size schedules of seed 004 eq. 3.
+
+    ``rho1(i) = min(increment * i, rho_max)`` for the i-th iteration (``i >= 1``) of a direction: it grows from
+    0 by ``increment`` per iteration (0.001 in §5) and stops at ``rho_max``, so ``rho1(i) in (0, rho_max]``.
+    ``rho2`` is the constant calibration step (0.1x the tier-0 learning rate in §5, :func:`rho2_from_lr`);
+    ``rho2 = 0`` is the original TRUST-TECH search along a fixed direction. ``reading`` selects how the
+    forward step uses ``rho1`` (module docstring): ``"additive"`` (default), ``"growth"`` or ``"literal"``.
+    """
+
+    increment: float = 1e-3
+    rho_max: float = 1.0
+    rho2: float = 1e-2
+    reading: str = "additive"
+
+    def __post_init__(self):
+        inc = _check_real(self.increment, "RhoSchedule.increment (rho1 increase per iteration)")
+        rmax = _check_real(self.rho_max, "RhoSchedule.rho_max")
+        r2 = _check_real(self.rho2, "RhoSchedule.rho2 (calibration step)")
+        if inc <= 0:
+            raise ValueError(f"RhoSchedule.increment must be > 0 so that rho1 grows from 0, got {inc}")
+        if rmax <= 0:
+            raise ValueError(f"RhoSchedule.rho_max must be > 0 (rho1 lies in (0, rho_max]), got {rmax}")
+        if inc > rmax:
+            raise ValueError(f"RhoSchedule.increment ({inc}) exceeds rho_max ({rmax}): rho1 would start above "
+                             "its maximum")
+        if r2 < 0:
+            raise ValueError(f"RhoSchedule.rho2 must be >= 0 (a step size along f), got {r2}")
+        if self.reading not in READINGS:
+            raise ValueError(f"RhoSchedule.reading must be one of {READINGS}, got {self.reading!r}")
+
+    def rho1(self, i: int) -> float:
+        """``rho1(i) = min(increment * i, rho_max)`` for iteration ``i >= 1`` of a direction."""
+        if isinstance(i, bool) or int(i) != i or i < 1:
+            raise ValueError(f"rho1 is defined for iterations i >= 1 (integers), got {i!r}")
+        return float(min(self.increment * int(i), self.rho_max))
+
+    def rho2_at(self, i: int) -> float:
+        """Calibration step ``rho2(i)`` (constant)."""
+        if isinstance(i, bool) or int(i) != i or i < 1:
+            raise ValueError(f"rho2 is defined for iterations i >= 1 (integers), got {i!r}")
+        return float(self.rho2)
+
+
+def rho2_from_lr(tier0_lr: float, fraction: float = 0.1) -> float:
+    """``rho2 = fraction * tier0_lr`` (seed 004 §5: 0.1x the initial tier-0 learning rate)."""
+    lr = _check_real(tier0_lr, "tier0_lr")
+    fr = _check_real(fraction, "fraction")
+    if lr <= 0:
+        raise ValueError(f"tier0_lr must be > 0, got {lr}")
+    if fr <= 0:
+        raise ValueError(f"fraction must be > 0, got {fr}")
+    return lr * fr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exit detection (§3.2.1: moving average + up/down buffer)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorState:
+    """Host-side state of one direction's exit detector (JSON-serialisable)."""
+
+    count: int = 0
+    ema: float | None = None
+    base: float | None = None
+    peak: float | None = None
+    peak_iteration: int = 0
+    phase: str = "start"  # "start" -> "up" (climbing) -> "exit"
+    buffer: tuple[int, ...] = ()
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"buffer": list(self.buffer)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> DetectorState:
+        return cls(**(dict(d) | {"buffer": tuple(int(b) for b in d["buffer"])}))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitDetector:
+    """Exit-point detector on noisy (mini-batch) losses along one search path (seed 004 §3.2.1).
+
+    ``ema_decay`` beta: ``ema_i = beta * ema_{i-1} + (1 - beta) * loss_i`` (``ema_1 = loss_1``). Each iteration
+    pushes ``+1`` (EMA rose) or ``-1`` (EMA fell or stayed) into a buffer of the last ``buffer_size`` states.
+    Phase ``"start"`` becomes ``"up"`` when the full buffer holds at least ``vote * buffer_size`` ups and the
+    EMA is ``min_rise`` above its first value; phase ``"up"`` becomes ``"exit"`` when the full buffer holds at
+    least ``vote * buffer_size`` downs.
+    """
+
+    ema_decay: float = 0.9
+    buffer_size: int = 10
+    vote: float = 0.8
+    min_rise: float = 0.0
+
+    def __post_init__(self):
+        b = _check_real(self.ema_decay, "ExitDetector.ema_decay")
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"ExitDetector.ema_decay must be in [0, 1), got {b}")
+        if isinstance(self.buffer_size, bool) or int(self.buffer_size) != self.buffer_size or self.buffer_size < 1:
+            raise ValueError(f"ExitDetector.buffer_size must be an integer >= 1, got {self.buffer_size!r}")
+        v = _check_real(self.vote, "ExitDetector.vote")
+        if not 0.5 < v <= 1.0:
+            raise ValueError(f"ExitDetector.vote must be in (0.5, 1] (a majority of the buffer), got {v}")
+        if _check_real(self.min_rise, "ExitDetector.min_rise") < 0:
+            raise ValueError(f"ExitDetector.min_rise must be >= 0, got {self.min_rise}")
+
+    @property
+    def needed(self) -> int:
+        return int(math.ceil(self.vote * self.buffer_size - 1e-9))
+
+    def update(self, state: DetectorState, loss: float) -> tuple[DetectorState, bool]:
+        """Feed one loss; returns the new state and whether an exit was declared at this iteration."""
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise ValueError(f"non-finite loss {loss} on the search path (iteration {state.count + 1}); the "
+                             "search diverged - lower RhoSchedule.rho_max / increment or the calibration step")
+        count = state.count + 1
+        if state.ema is None:
+            return DetectorState(count=count, ema=loss, base=loss, peak=loss, peak_iteration=count,
+                                 phase="start", buffer=()), False
+        ema = self.ema_decay * state.ema + (1.0 - self.ema_decay) * loss
+        buffer = (state.buffer + (1 if ema > state.ema else -1,))[-self.buffer_size:]
+        peak, peak_it = state.peak, state.peak_iteration
+        if ema > peak:
+            peak, peak_it = ema, count
+        phase = state.phase
+        full = len(buffer) == self.buffer_size
+        exited = False
+        if phase == "start":
+            if full and buffer.count(1) >= self.needed and ema - state.base >= self.min_rise:
+                phase = "up"
+        elif phase == "up":
+            if full and buffer.count(-1) >= self.needed:
+                phase, exited = "exit", True
+        return DetectorState(count=count, ema=ema, base=state.base, peak=peak, peak_iteration=peak_it,
+                             phase=phase, buffer=buffer), exited
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configuration and records
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSolver:
+    """The local solver that converges from an exit point to a LOS: an Optax optimizer run for ``steps``
+    steps on ``batch_fn(t)`` (``None``: the search's batches), stopping early when the gradient norm on a
+    batch falls below ``grad_tol`` (meaningful with full batches; ``None`` disables it)."""
+
+    optimizer: optax.GradientTransformation
+    steps: int
+    batch_fn: BatchFn | None = None
+    grad_tol: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"LocalSolver.steps must be an integer >= 1, got {self.steps!r}")
+        if self.grad_tol is not None and _check_real(self.grad_tol, "LocalSolver.grad_tol") <= 0:
+            raise ValueError(f"LocalSolver.grad_tol must be > 0 or None, got {self.grad_tol}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DSPConfig:
+    """Settings of one tier of DSP-TT search.
+
+    ``num_directions``: search directions from the origin (5 in §5.2). ``init_norm``: Euclidean norm of the
+    random initial directions. ``max_steps``: total search steps over all directions;
+    ``max_iterations``: iterations of one direction before it is abandoned without exit (``None``: only
+    ``max_steps``). ``record_path``: keep the last ``record_path`` points of each path (for
+    :func:`verify_exit`; 0 keeps none). ``checkpoint_every``: also checkpoint the search state every that many
+    steps (0: only at exits and solutions).
+    """
+
+    num_directions: int = 5
+    rho: RhoSchedule = dataclasses.field(default_factory=RhoSchedule)
+    detector: ExitDetector = dataclasses.field(default_factory=ExitDetector)
+    init_norm: float = 1e-2
+    max_steps: int = 10_000
+    max_iterations: int | None = None
+    record_path: int = 0
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        for name in ("num_directions", "max_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"DSPConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.max_iterations is not None and (int(self.max_iterations) != self.max_iterations
+                                                or self.max_iterations < 1):
+            raise ValueError(f"DSPConfig.max_iterations must be an integer >= 1 or None, got {self.max_iterations!r}")
+        for name in ("record_path", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 0:
+                raise ValueError(f"DSPConfig.{name} must be an integer >= 0, got {v!r}")
+        if _check_real(self.init_norm, "DSPConfig.init_norm") <= 0:
+            raise ValueError(f"DSPConfig.init_norm must be > 0, got {self.init_norm}")
+        if not isinstance(self.rho, RhoSchedule):
+            raise ValueError(f"DSPConfig.rho must be a RhoSchedule, got {type(self.rho).__name__}")
+        if not isinstance(self.detector, ExitDetector):
+            raise ValueError(f"DSPConfig.detector must be an ExitDetector, got {type(self.detector).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitRecord:
+    """One exit point: direction ``direction`` exited at its iteration ``iteration`` (global search step
+    ``step``) with ``rho1`` and distance ``distance = |d|`` from the origin; ``peak_iteration`` is the EMA
+    peak (boundary-crossing estimate). After the local solver: ``solution_loss`` (last batch loss),
+    ``solver_steps``, ``solution_distance`` (from the origin) and ``exit_to_solution``."""
+
+    direction: int
+    step: int
+    iteration: int
+    rho1: float
+    distance: float
+    loss: float
+    ema: float
+    base_ema: float
+    peak_ema: float
+    peak_iteration: int
+    cosine_to_initial: float
+    solution_loss: float | None = None
+    solver_steps: int | None = None
+    solution_distance: float | None = None
+    exit_to_solution: float | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TierResult:
+    """Result of one tier of search from ``origin``: ``solutions[j]`` was reached from ``exits[j]``.
+
+    ``traces[k]`` holds the per-iteration record of direction ``k`` (``iteration``, ``step``, ``loss``,
+    ``ema``, ``rho1``, ``norm``); ``failed`` lists directions abandoned without exit; ``paths[k]`` the recorded
+    path window (list of ``(iteration, d)``) when ``record_path > 0``; ``steps`` the search steps used."""
+
+    origin: PyTree
+    solutions: list[PyTree]
+    exits: list[ExitRecord]
+    traces: list[dict]
+    failed: list[int]
+    steps: int
+    paths: list[list[tuple[int, PyTree]]] = dataclasses.field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# search directions and one step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _direction_key(key: jax.Array, k: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(key, 0x7D1), k)
+
+
+def initial_directions(key: jax.Array, origin: PyTree, num: int, norm: float = 1e-2) -> list[PyTree]:
+    """``num`` random (standard-normal) initial directions shaped like ``origin``, each scaled to ``norm``."""
+    if isinstance(num, bool) or int(num) != num or num < 1:
+        raise ValueError(f"number of directions must be an integer >= 1, got {num!r}")
+    if _check_real(norm, "norm") <= 0:
+        raise ValueError(f"direction norm must be > 0, got {norm}")
+    out = []
+    for k in range(int(num)):
+        d = tree_random_normal(_direction_key(key, k), origin)
+        out.append(tree_scale(d, norm / tree_norm(d)))
+    return out
+
+
+def _check_directions(directions: Sequence[PyTree], origin: PyTree) -> None:
+    if len(directions) == 0:
+        raise ValueError("no search directions given (need at least one)")
+    for k, d in enumerate(directions):
+        check_same_structure(origin, d, names=("origin", f"direction[{k}]"))
+        check_finite(d, f"direction[{k}]")
+        n = float(tree_norm(d))
+        if n == 0.0:
+            raise ValueError(f"direction[{k}] is the zero vector: a search direction needs a nonzero norm")
+
+
+def forward_step(direction: PyTree, rho1, reading: str = "additive") -> PyTree:
+    """The forward search step of one reading of seed 004 eq. 3 (module docstring)."""
+    if reading == "additive":
+        return tree_axpy(rho1 / tree_norm(direction), direction, direction)
+    if reading == "growth":
+        return tree_scale(direction, 1.0 + rho1)
+    if reading == "literal":
+        return tree_scale(direction, rho1)
+    raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
+
+
+def dsp_step(loss_fn: LossFn, calibration: optax.GradientTransformation, reading: str,
+             direction: PyTree, cal_state, origin: PyTree, batch, rng, rho1, rho2):
+    """One DSP iteration of one direction (Algorithm 1 lines 7, 8, 13; seed 004 eq. 3).
+
+    Returns ``(d_forward, d_calibrated, new_cal_state, loss)``: the direction after the forward step, after
+    the calibration ``d_forward + rho2 * f(origin + d_forward)`` with ``f = calibration(grad)``, the new
+    calibration state, and the mini-batch loss at ``origin + d_forward`` (used by the exit check).
+    """
+    fwd = forward_step(direction, rho1, reading)
+    point = tree_add(origin, fwd)
+    loss, grads = jax.value_and_grad(loss_fn)(point, batch, rng)
+    f, new_state = calibration.update(grads, cal_state, point)
+    cal = tree_axpy(rho2, f, fwd)
+    return fwd, cal, new_state, loss
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_step(loss_fn, calibration, reading):
+    def step(direction, cal_state, origin, batch, key, t, rho1, rho2):
+        rng = jax.random.fold_in(key, t)
+        return dsp_step(loss_fn, calibration, reading, direction, cal_state, origin, batch, rng, rho1, rho2)
+
+    return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_solver_step(loss_fn, optimizer):
+    def step(params, opt_state, batch, key, t):
+        rng = jax.random.fold_in(key, t)
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, tree_norm(grads)
+
+    return jax.jit(step)
+
+
+def local_solve(loss_fn: LossFn, params: PyTree, solver: LocalSolver, batch_fn: BatchFn, key: jax.Array
+                ) -> tuple[PyTree, dict]:
+    """Run the local solver from ``params`` (an exit point); returns ``(solution, info)`` with ``info``
+    holding ``steps``, the last batch ``loss`` and gradient norm ``grad_norm``."""
+    step = _compiled_solver_step(loss_fn, solver.optimizer)
+    batches = solver.batch_fn or batch_fn
+    opt_state = solver.optimizer.init(params)
+    loss = gnorm = float("nan")
+    t = 0
+    for t in range(1, solver.steps + 1):
+        params, opt_state, loss_a, g_a = step(params, opt_state, batches(t - 1), key, np.int32(t))
+        if solver.grad_tol is not None or t == solver.steps:
+            loss, gnorm = float(loss_a), float(g_a)
+            if not math.isfinite(loss):
+                raise ValueError(f"local solver diverged (loss {loss} at step {t}); lower its learning rate")
+            if solver.grad_tol is not None and gnorm < solver.grad_tol:
+                break
+    return params, {"steps": t, "loss": loss, "grad_norm": gnorm}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpointing of a search (resume)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _flatten_named(prefix: str, tree: PyTree, out: dict) -> None:
+    for j, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
+        out[f"{prefix}.{j}"] = np.asarray(leaf)
+
+
+def _unflatten_named(prefix: str, like: PyTree, flat: dict) -> PyTree:
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    new = []
+    for j, leaf in enumerate(leaves):
+        name = f"{prefix}.{j}"
+        if name not in flat:
+            raise ValueError(f"checkpoint is missing array {name!r}: it was written by a different search")
+        new.append(jnp.asarray(flat[name], dtype=jnp.result_type(leaf)).reshape(jnp.shape(leaf)))
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def _fingerprint(origin: PyTree, config: DSPConfig, tier: int) -> str:
+    leaves = jax.tree_util.tree_leaves(origin)
+    sums = [float(np.sum(np.asarray(x, dtype=np.float64))) for x in leaves]
+    return json.dumps({"tier": tier, "num_directions": config.num_directions,
+                       "rho": dataclasses.asdict(config.rho), "detector": dataclasses.asdict(config.detector),
+                       "shapes": [list(np.shape(x)) for x in leaves], "sums": [round(s, 6) for s in sums]},
+                      sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one tier of search (Algorithm 1)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def dsp_search(
+    loss_fn: LossFn,
+    origin: PyTree,
+    key: jax.Array,
+    *,
+    config: DSPConfig,
+    batch_fn: BatchFn,
+    solver: LocalSolver,
+    calibration: optax.GradientTransformation | None = None,
+    directions: Sequence[PyTree] | None = None,
+    checkpoint_dir: str | None = None,
+    tier: int = 1,
+    callback: Callable[[int, dict], None] | None = None,
+) -> TierResult:
+    """One tier of DSP-TT search from ``origin`` (seed 004 Algorithm 1 with eq. 3).
+
+    ``loss_fn(params, batch, rng)`` is the objective on a mini-batch ``batch_fn(t)`` (global step ``t``);
+    ``calibration`` is the dynamics ``f`` (an Optax gradient transformation returning the descent direction at
+    unit step, default ``optax.scale(-1.0)`` i.e. ``f = -grad``, seed 004 eq. 2 with ``R = I``);
+    ``directions`` overrides the ``config.num_directions`` random initial directions. With
+    ``checkpoint_dir`` the state is saved at every exit point, every solution and every
+    ``config.checkpoint_every`` steps, and an existing checkpoint there is resumed. ``callback(t, info)`` is
+    called after every search step (``info``: direction, iteration, loss, ema, rho1, norm, exited).
+    """
+    if not isinstance(config, DSPConfig):
+        raise ValueError(f"config must be a DSPConfig, got {type(config).__name__}")
+    if not isinstance(solver, LocalSolver):
+        raise ValueError(f"solver must be a LocalSolver, got {type(solver).__name__}")
+    check_finite(origin, "origin")
+    calibration = calibration if calibration is not None else NEGATIVE_GRADIENT
+    generated = directions is None
+    if generated:
+        dirs = initial_directions(key, origin, config.num_directions, config.init_norm)
+    else:
+        dirs = list(directions)
+        _check_directions(dirs, origin)
+    num = len(dirs)
+    rho, det = config.rho, config.detector
+    step_fn = _compiled_step(loss_fn, calibration, rho.reading)
+    cal_states = [calibration.init(tree_add(origin, d)) for d in dirs]
+    detectors = [DetectorState() for _ in range(num)]
+    active = [True] * num
+    traces = [{k: [] for k in ("iteration", "step", "loss", "ema", "rho1", "norm")} for _ in range(num)]
+    exits: list[ExitRecord] = []
+    solutions: list[PyTree] = []
+    failed: list[int] = []
+    paths = [collections.deque(maxlen=config.record_path) for _ in range(num)] if config.record_path else []
+    pending: dict | None = None  # exit found, solution not yet computed
+    t = 0
+    loss_key = jax.random.fold_in(key, 0x5EA)
+    solver_key = jax.random.fold_in(key, 0x501)
+    sel_seed = int(jax.random.randint(jax.random.fold_in(key, 0x5E1), (), 0, 2**31 - 1))
+    fingerprint = _fingerprint(origin, config, tier)
+
+    def save(kind: str):
+        if checkpoint_dir is None:
+            return
+        from . import checkpoint as ckpt
+
+        flat: dict = {}
+        for k in range(num):
+            _flatten_named(f"dir{k}", dirs[k], flat)
+            _flatten_named(f"cal{k}", cal_states[k], flat)
+        for j, s in enumerate(solutions):
+            _flatten_named(f"sol{j}", s, flat)
+        if pending is not None:
+            _flatten_named("pending", pending["point"], flat)
+        meta = {
+            "kind": kind, "fingerprint": fingerprint, "t": t, "active": active, "failed": failed,
+            "detectors": [d.to_json() for d in detectors], "traces": traces,
+            "exits": [e.to_json() for e in exits], "num_solutions": len(solutions),
+            "pending": None if pending is None else {k: v for k, v in pending.items() if k != "point"},
+        }
+        ckpt.save_checkpoint(checkpoint_dir, t, flat, meta)
+
+    if checkpoint_dir is not None:
+        from . import checkpoint as ckpt
+
+        if ckpt.latest_step(checkpoint_dir) is not None:
+            flat, meta = ckpt.restore_checkpoint(checkpoint_dir)
+            if meta.get("fingerprint") != fingerprint:
+                raise ValueError(f"checkpoint in {checkpoint_dir!r} belongs to a different search (origin, "
+                                 "tier or configuration differ); use a fresh directory")
+            dirs = [_unflatten_named(f"dir{k}", dirs[k], flat) for k in range(num)]
+            cal_states = [_unflatten_named(f"cal{k}", cal_states[k], flat) for k in range(num)]
+            solutions = [_unflatten_named(f"sol{j}", origin, flat) for j in range(meta["num_solutions"])]
+            t = int(meta["t"])
+            active = [bool(a) for a in meta["active"]]
+            failed = [int(f) for f in meta["failed"]]
+            detectors = [DetectorState.from_json(d) for d in meta["detectors"]]
+            traces = meta["traces"]
+            exits = [ExitRecord(**e) for e in meta["exits"]]
+            if meta["pending"] is not None:
+                pending = dict(meta["pending"]) | {"point": _unflatten_named("pending", origin, flat)}
+
+    def solve_pending():
+        nonlocal pending
+        rec = ExitRecord(**pending["record"])
+        sol, info = local_solve(loss_fn, pending["point"], solver, batch_fn,
+                                jax.random.fold_in(solver_key, rec.direction))
+        rec = dataclasses.replace(
+            rec, solution_loss=info["loss"], solver_steps=info["steps"],
+            solution_distance=float(tree_distance(sol, origin)),
+            exit_to_solution=float(tree_distance(sol, pending["point"])))
+        solutions.append(sol)
+        exits.append(rec)
+        pending = None
+        save("solution")
+
+    if pending is not None:
+        solve_pending()
+
+    while any(active) and t < config.max_steps:
+        idx = [k for k in range(num) if active[k]]
+        k = idx[int(np.random.default_rng([sel_seed, t]).integers(len(idx)))]
+        i = detectors[k].count + 1
+        rho1, rho2 = rho.rho1(i), rho.rho2_at(i)
+        fwd, cal, cstate, loss_a = step_fn(dirs[k], cal_states[k], origin, batch_fn(t), loss_key,
+                                           np.int32(t), np.float32(rho1), np.float32(rho2))
+        loss = float(loss_a)
+        state, exited = det.update(detectors[k], loss)
+        detectors[k] = state
+        norm = float(tree_norm(fwd))
+        tr = traces[k]
+        for name, v in (("iteration", i), ("step", t), ("loss", loss), ("ema", state.ema), ("rho1", rho1),
+                        ("norm", norm)):
+            tr[name].append(v)
+        if paths:
+            paths[k].append((i, fwd))
+        t += 1
+        if exited:
+            if generated:
+                d0 = initial_directions(key, origin, k + 1, config.init_norm)[k]
+            else:
+                d0 = directions[k]
+            record = ExitRecord(direction=k, step=t - 1, iteration=i, rho1=rho1, distance=norm, loss=loss,
+                                ema=state.ema, base_ema=state.base, peak_ema=state.peak,
+                                peak_iteration=state.peak_iteration,
+                                cosine_to_initial=float(tree_cosine(fwd, d0)))
+            active[k] = False
+            dirs[k] = fwd
+            pending = {"record": record.to_json(), "point": tree_add(origin, fwd)}
+            save("exit")
+            solve_pending()
+        else:
+            dirs[k], cal_states[k] = cal, cstate
+            if config.max_iterations is not None and i >= config.max_iterations:
+                active[k] = False
+                failed.append(k)
+            if config.checkpoint_every and t % config.checkpoint_every == 0:
+                save("periodic")
+        if callback is not None:
+            callback(t - 1, {"direction": k, "iteration": i, "loss": loss, "ema": state.ema, "rho1": rho1,
+                             "norm": norm, "exited": exited})
+    if any(active):
+        failed.extend(k for k in range(num) if active[k] and k not in failed)
+        active = [False] * num
+        save("end")
+    return TierResult(origin=origin, solutions=solutions, exits=exits, traces=traces, failed=sorted(failed),
+                      steps=t, paths=[list(p) for p in paths])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tier-by-tier search (§5.2)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tier_by_tier(
+    loss_fn: LossFn,
+    origin: PyTree,
+    key: jax.Array,
+    *,
+    config: DSPConfig,
+    batch_fn: BatchFn,
+    solver: LocalSolver,
+    score_fn: Callable[[PyTree], float],
+    tiers: int = 2,
+    calibration: optax.GradientTransformation | None = None,
+    checkpoint_dir: str | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> list[TierResult]:
+    """Tier-by-tier DSP-TT (seed 004 §5.2): tier 1 from ``origin``; tier ``n+1`` from the best tier-``n``
+    solution, the one with the lowest ``score_fn(params)`` (e.g. loss on the training or a validation set).
+    Each tier checkpoints into ``checkpoint_dir/tier<n>`` and resumes from there."""
+    if isinstance(tiers, bool) or int(tiers) != tiers or tiers < 1:
+        raise ValueError(f"tiers must be an integer >= 1, got {tiers!r}")
+    results: list[TierResult] = []
+    start = origin
+    for n in range(1, int(tiers) + 1):
+        sub = None if checkpoint_dir is None else f"{checkpoint_dir}/tier{n}"
+        res = dsp_search(loss_fn, start, jax.random.fold_in(key, n), config=config, batch_fn=batch_fn,
+                         solver=solver, calibration=calibration, checkpoint_dir=sub, tier=n, callback=callback)
+        results.append(res)
+        if n == tiers:
+            break
+        if not res.solutions:
+            raise ValueError(f"tier {n} found no exit point in {res.steps} steps, so tier {n + 1} has no "
+                             "origin; raise DSPConfig.max_steps or rho_max")
+        scores = [float(score_fn(s)) for s in res.solutions]
+        start = res.solutions[int(np.argmin(scores))]
+    return results
+
+
+def exit_statistics(result: TierResult) -> dict:
+    """Summary of a tier's exits (seed 004 §5.4 quantities): counts, iterations / rho1 / distance at exit."""
+    its = [e.iteration for e in result.exits]
+    out = {"directions": len(result.traces), "exits": len(result.exits), "failed": list(result.failed),
+           "search_steps": result.steps}
+    for name, vals in (("iterations", its), ("rho1", [e.rho1 for e in result.exits]),
+                       ("distance", [e.distance for e in result.exits]),
+                       ("solution_distance", [e.solution_distance for e in result.exits]),
+                       ("cosine_to_initial", [e.cosine_to_initial for e in result.exits])):
+        out[f"mean_{name}"] = float(np.mean(vals)) if vals else None
+    out["per_exit"] = [e.to_json() for e in result.exits]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exit-point verification (§5.1, Figure 3c)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationResult:
+    """Gradient-descent integration from points along a search path near its exit (seed 004 §5.1).
+
+    ``iterations[p]``: path iteration of start point ``p``; ``before[p]``: whether it precedes the exit
+    estimate ``exit_iteration``; ``finals``: stacked end points; ``trajectories``: stacked points every
+    ``record_every`` steps (leaves ``[P, T, ...]``); ``final_losses``; ``basin[p]``: 0 when point ``p``
+    converged to the optimum the origin converges to (within ``tol``), else 1 + index of a cluster of the
+    other end points."""
+
+    iterations: list[int]
+    before: list[bool]
+    exit_iteration: int
+    finals: PyTree
+    trajectories: PyTree
+    final_losses: np.ndarray
+    origin_final: PyTree
+    basin: list[int]
+
+    @property
+    def separates(self) -> bool:
+        """Every point before the exit converges to the origin's optimum and every point after it to another."""
+        return all((b == 0) == bf for b, bf in zip(self.basin, self.before, strict=True))
+
+
+def verify_exit(
+    loss_fn: Callable[[PyTree], jax.Array],
+    origin: PyTree,
+    path: Sequence[tuple[int, PyTree]],
+    exit_iteration: int,
+    *,
+    step_size: float = 0.01,
+    steps: int = 50_000,
+    record_every: int = 500,
+    num_points: int | None = None,
+    tol: float | None = None,
+) -> VerificationResult:
+    """Integrate full-batch gradient descent ``w <- w - step_size * grad loss(w)`` for ``steps`` steps from
+    points of a recorded search ``path`` (``(iteration, d)`` pairs, points ``origin + d``) and from the origin
+    (seed 004 §5.1: 50,000 steps of size 0.01). ``num_points`` evenly chooses that many path points.
+    ``tol`` (default 5% of the largest distance between end points and the origin's end point, at least
+    1e-6) decides which end points coincide with the origin's."""
+    if len(path) == 0:
+        raise ValueError("verify_exit needs a non-empty recorded path (DSPConfig.record_path > 0)")
+    if _check_real(step_size, "step_size") <= 0:
+        raise ValueError(f"step_size must be > 0, got {step_size}")
+    for name, v in (("steps", steps), ("record_every", record_every)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if steps % record_every:
+        raise ValueError(f"steps ({steps}) must be a multiple of record_every ({record_every})")
+    pts = list(path)
+    if num_points is not None:
+        if num_points < 1:
+            raise ValueError(f"num_points must be >= 1, got {num_points}")
+        sel = np.unique(np.linspace(0, len(pts) - 1, min(num_points, len(pts))).round().astype(int))
+        pts = [pts[j] for j in sel]
+    iterations = [int(i) for i, _ in pts]
+    starts = tree_stack([origin] + [tree_add(origin, d) for _, d in pts])
+    grad = jax.grad(loss_fn)
+
+    def integrate(w):
+        def inner(w, _):
+            return jax.tree_util.tree_map(lambda a, g: a - step_size * g, w, grad(w)), None
+
+        def outer(w, _):
+            w, _ = jax.lax.scan(inner, w, None, length=record_every)
+            return w, w
+
+        w, traj = jax.lax.scan(outer, w, None, length=steps // record_every)
+        return w, traj
+
+    finals, trajs = jax.jit(jax.vmap(integrate))(starts)
+    losses = np.asarray(jax.vmap(loss_fn)(finals), dtype=np.float64)
+    flat = np.asarray(jax.vmap(lambda w: tree_ravel(w)[0])(finals), dtype=np.float64)
+    d0 = np.linalg.norm(flat - flat[0], axis=1)
+    tol = float(tol) if tol is not None else max(0.05 * float(d0.max()), 1e-6)
+    basin: list[int] = []
+    centres: list[np.ndarray] = []
+    for p in range(1, flat.shape[0]):
+        if d0[p] <= tol:
+            basin.append(0)
+            continue
+        for c, cen in enumerate(centres):
+            if np.linalg.norm(flat[p] - cen) <= tol:
+                basin.append(c + 1)
+                break
+        else:
+            centres.append(flat[p])
+            basin.append(len(centres))
+    take = lambda tree, s: jax.tree_util.tree_map(lambda x: x[s], tree)  # noqa: E731
+    return VerificationResult(
+        iterations=iterations, before=[i < exit_iteration for i in iterations], exit_iteration=int(exit_iteration),
+        finals=take(finals, slice(1, None)), trajectories=take(trajs, slice(1, None)), final_losses=losses[1:],
+        origin_final=take(finals, 0), basin=basin)
+
+
+def random_orthonormal_pair(key: jax.Array, like: PyTree) -> tuple[PyTree, PyTree]:
+    """Two random orthonormal directions shaped like ``like`` (Gram-Schmidt of two normal draws)."""
+    k1, k2 = jax.random.split(key)
+    u = tree_random_normal(k1, like)
+    u = tree_scale(u, 1.0 / tree_norm(u))
+    v = tree_random_normal(k2, like)
+    v = tree_axpy(-tree_dot(u, v), u, v)
+    return u, tree_scale(v, 1.0 / tree_norm(v))
+
+
+def project(points: PyTree, origin: PyTree, basis: tuple[PyTree, PyTree], *, leading: int = 1) -> np.ndarray:
+    """Coordinates ``(<p - origin, u>, <p - origin, v>)`` of stacked points (``leading`` stacking axes)."""
+    u, v = basis
+
+    def one(p):
+        diff = tree_sub(p, origin)
+        return jnp.stack([tree_dot(diff, u), tree_dot(diff, v)])
+
+    fn = one
+    for _ in range(leading):
+        fn = jax.vmap(fn)
+    return np.asarray(fn(points))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models and data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def model_loss_fn(model, variables: PyTree, *, train: bool | None = None) -> LossFn:
+    """``loss_fn(params, (x, y), rng)``: mean cross-entropy of ``model`` with ``variables['params']`` replaced.
+
+    ``train`` (default: whether the model has BatchNorm) applies the model in train mode (batch statistics,
+    dropout with ``rngs={'dropout': rng}``)."""
+    from .losses import cross_entropy
+
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    train = model.has_batch_stats if train is None else bool(train)
+
+    def loss_fn(params, batch, rng):
+        x, y = batch[0], batch[1]
+        logits = model.apply(rest | {"params": params}, x, train=train,
+                             rngs={"dropout": rng} if train else None)
+        return jnp.mean(cross_entropy(logits, y))
+
+    return loss_fn
+
+
+def dataset_batches(ds, batch_size: int, *, seed: int = 0, augment: bool = False) -> BatchFn:
+    """A resumable mini-batch stream ``t -> (x, y)`` over epochs of ``ds`` (``mclandscape.data``
+    ``iterate_batches`` with ``drop_last=True``, reshuffled per epoch): batch ``t`` depends only on ``t``."""
+    from .data import iterate_batches
+
+    n = len(ds.y)
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} exceeds the dataset size {n}")
+    per_epoch = n // batch_size
+    cache: dict = {}
+
+    def batch_fn(t: int):
+        epoch, j = divmod(int(t), per_epoch)
+        if cache.get("epoch") != epoch:
+            cache["epoch"] = epoch
+            cache["batches"] = [(jnp.asarray(x), jnp.asarray(y)) for x, y in
+                                iterate_batches(ds, batch_size, seed=seed, epoch=epoch, shuffle=True,
+                                                augment=augment, drop_last=True)]
+        return cache["batches"][j]
+
+    batch_fn.steps_per_epoch = per_epoch  # type: ignore[attr-defined]
+    return batch_fn
+
+
+def full_batch(ds) -> BatchFn:
+    """The whole dataset as one batch at every step (full-gradient DSP-TT, seed 004 Figure 3a)."""
+    batch = (jnp.asarray(ds.x), jnp.asarray(ds.y))
+    return lambda t: batch

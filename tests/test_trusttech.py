@@ -1,0 +1,254 @@
+"""DSP-TT (seed 004): eq. 3 readings, exit detection, local solver, tiers, verification, resume."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mclandscape import trusttech as tt
+
+
+def two_wells(p):
+    """Minima (-1, 0) and (1, 0) separated by the ridge x = 0 (saddle (0, 0), value 1); isotropic Hessian
+    diag(8, 8) at both minima."""
+    x, y = p["x"], p["y"]
+    return (x**2 - 1) ** 2 + 4 * y**2
+
+
+def four_wells(p):
+    """Minima (+-1, +-1); neighbouring wells are separated by the ridges x = 0 and y = 0."""
+    return (p[0] ** 2 - 1) ** 2 + (p[1] ** 2 - 1) ** 2
+
+
+LOSS2 = lambda p, b, r: two_wells(p)  # noqa: E731
+LOSS4 = lambda p, b, r: four_wells(p)  # noqa: E731
+NO_BATCH = lambda t: None  # noqa: E731
+ORIGIN2 = {"x": jnp.array(-1.0), "y": jnp.array(0.0)}
+SOLVER = tt.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6)
+DET = tt.ExitDetector(ema_decay=0.5, buffer_size=3, vote=1.0)
+
+
+def _dir(x, y):
+    return {"x": jnp.array(x), "y": jnp.array(y)}
+
+
+def _config(reading="additive", **kw):
+    kw = {"num_directions": 1, "rho": tt.RhoSchedule(1e-3, 1.0, 0.01, reading), "detector": DET,
+          "max_steps": 600} | kw
+    return tt.DSPConfig(**kw)
+
+
+def test_search_exits_past_the_ridge_and_solver_reaches_the_other_minimum():
+    res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=80), batch_fn=NO_BATCH,
+                        solver=SOLVER, directions=[_dir(0.01, 0.003)])
+    assert len(res.exits) == 1 and len(res.solutions) == 1 and res.failed == []
+    e = res.exits[0]
+    exit_x = float(ORIGIN2["x"]) + float(res.paths[0][-1][1]["x"])
+    assert exit_x > 0.0, "the exit point lies past the ridge x = 0"
+    assert e.peak_ema > e.base_ema + 0.5 and e.ema < e.peak_ema  # the loss rose, then fell
+    assert e.peak_iteration < e.iteration
+    sol = res.solutions[0]
+    assert float(sol["x"]) == pytest.approx(1.0, abs=1e-4) and float(sol["y"]) == pytest.approx(0.0, abs=1e-4)
+    assert e.solution_distance == pytest.approx(2.0, abs=1e-3)
+    assert e.rho1 == pytest.approx(1e-3 * e.iteration)
+    trace = res.traces[0]
+    assert len(trace["loss"]) == e.iteration and max(trace["loss"]) > 0.9
+
+
+def test_literal_reading_never_escapes_while_outward_readings_do():
+    d0 = _dir(0.1, 0.03)
+    n0 = float(tt.tree_norm(d0))
+    lit = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config("literal", max_steps=1500),
+                        batch_fn=NO_BATCH, solver=SOLVER, directions=[d0])
+    assert lit.exits == [] and lit.failed == [0]
+    norms = lit.traces[0]["norm"]
+    assert max(norms) <= n0 and norms[-1] < 1e-3 * n0  # eq. 3 as printed shrinks d towards omega0
+    assert max(lit.traces[0]["loss"]) < 1e-3
+    for reading in ("additive", "growth"):
+        res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(reading, max_steps=1500),
+                            batch_fn=NO_BATCH, solver=SOLVER, directions=[d0])
+        assert len(res.exits) == 1, reading
+        assert float(res.solutions[0]["x"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_calibration_steers_the_direction():
+    # with rho2 = 0 (original TRUST-TECH, fixed direction) the path stays a straight ray
+    cfg = _config(rho=tt.RhoSchedule(1e-3, 1.0, 0.0), max_steps=40)
+    d0 = _dir(0.01, 0.01)
+    fixed = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
+                          directions=[d0])
+    assert fixed.exits == []
+    cfg = _config(max_steps=40, record_path=1)
+    res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
+                        directions=[d0])
+    d = res.paths[0][-1][1]
+    # the y component (pulled back by the calibration -rho2 grad) shrinks relative to x
+    assert float(d["y"]) / float(d["x"]) < 0.9
+
+
+def test_several_directions_find_distinct_optima():
+    origin = jnp.array([1.0, 1.0])
+    cfg = tt.DSPConfig(num_directions=6, rho=tt.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=2000)
+    res = tt.dsp_search(LOSS4, origin, jax.random.key(1), config=cfg, batch_fn=NO_BATCH, solver=SOLVER)
+    assert len(res.exits) + len(res.failed) == 6
+    sols = np.array([np.asarray(s) for s in res.solutions])
+    assert len(sols) >= 2
+    np.testing.assert_allclose(np.abs(sols), 1.0, atol=1e-3)  # every solution is one of the four minima
+    assert not np.any(np.all(np.isclose(sols, 1.0, atol=1e-3), axis=1)), "no solution is the origin"
+    distinct = {tuple(np.round(s).astype(int)) for s in sols}
+    assert len(distinct) >= 2
+
+
+def test_exit_detection_on_noisy_minibatch_losses():
+    rng = np.random.default_rng(0)
+    noise = jnp.asarray(rng.normal(scale=0.3, size=(2000, 2)), jnp.float32)
+
+    def loss(p, batch, r):  # a mini-batch objective: the true loss plus a random linear term
+        return two_wells(p) + batch[0] * p["x"] + batch[1] * p["y"]
+
+    solver = tt.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6, batch_fn=lambda t: jnp.zeros(2))
+
+    def search(det):
+        return tt.dsp_search(loss, ORIGIN2, jax.random.key(0), config=_config(detector=det, max_steps=1000),
+                             batch_fn=lambda t: noise[t], solver=solver, directions=[_dir(0.01, 0.0)])
+
+    for det in (tt.ExitDetector(), tt.ExitDetector(ema_decay=0.8, buffer_size=6, vote=0.8, min_rise=0.5)):
+        res = search(det)
+        assert len(res.exits) == 1
+        assert res.exits[0].distance > 1.0
+        assert float(res.solutions[0]["x"]) == pytest.approx(1.0, abs=1e-3)
+        raw = np.asarray(res.traces[0]["loss"])
+        assert np.sum(np.diff(raw) < 0) > 5, "the raw mini-batch losses are noisy, the EMA is what detects"
+    # a short buffer without min_rise is fooled by the noise near omega0 and falls back into its basin
+    fooled = search(tt.ExitDetector(ema_decay=0.8, buffer_size=6, vote=0.8))
+    assert fooled.exits[0].distance < 0.5
+    assert float(fooled.solutions[0]["x"]) == pytest.approx(-1.0, abs=1e-3)
+
+
+def test_detector_states():
+    det = tt.ExitDetector(ema_decay=0.0, buffer_size=3, vote=1.0)
+    s = tt.DetectorState()
+    seq = [0, 1, 2, 3, 4, 3.5, 3, 2.5, 2]
+    flags = []
+    for v in seq:
+        s, ex = det.update(s, v)
+        flags.append(ex)
+    assert flags.index(True) == 7  # three decreases after the climb
+    assert s.phase == "exit" and s.peak_iteration == 5 and s.peak == 4
+    # a flat start that only decreases never exits (no climb first)
+    s = tt.DetectorState()
+    for v in [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]:
+        s, ex = det.update(s, v)
+        assert not ex
+    assert s.phase == "start"
+    # min_rise: a small climb does not count
+    s = tt.DetectorState()
+    det2 = tt.ExitDetector(ema_decay=0.0, buffer_size=2, vote=1.0, min_rise=10.0)
+    for v in [0, 1, 2, 1, 0]:
+        s, ex = det2.update(s, v)
+        assert not ex
+    with pytest.raises(ValueError, match="non-finite loss"):
+        det.update(tt.DetectorState(), float("nan"))
+    # JSON round trip
+    assert tt.DetectorState.from_json(s.to_json()) == s
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"increment": 0.0}, "increment must be > 0"),
+    ({"increment": -1e-3}, "increment must be > 0"),
+    ({"rho_max": 0.0}, "rho_max must be > 0"),
+    ({"increment": 0.5, "rho_max": 0.1}, "exceeds rho_max"),
+    ({"rho2": -0.1}, "rho2 must be >= 0"),
+    ({"rho2": float("nan")}, "finite"),
+    ({"reading": "backwards"}, "reading"),
+])
+def test_bad_rho_schedules_raise(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        tt.RhoSchedule(**kwargs)
+
+
+def test_rho1_schedule_and_bad_iterations():
+    r = tt.RhoSchedule(increment=1e-3, rho_max=0.05)
+    assert r.rho1(1) == pytest.approx(1e-3)
+    assert r.rho1(30) == pytest.approx(0.03)
+    assert r.rho1(500) == pytest.approx(0.05)  # capped at rho_max
+    with pytest.raises(ValueError, match="i >= 1"):
+        r.rho1(0)
+    assert tt.rho2_from_lr(0.1) == pytest.approx(0.01)  # 0.1x the tier-0 learning rate (§5)
+    with pytest.raises(ValueError, match="tier0_lr"):
+        tt.rho2_from_lr(0.0)
+
+
+def test_bad_directions_and_configs_raise():
+    cfg = _config()
+    with pytest.raises(ValueError, match="zero vector"):
+        tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
+                      directions=[_dir(0.0, 0.0)])
+    with pytest.raises(ValueError, match="no search directions"):
+        tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
+                      directions=[])
+    with pytest.raises(ValueError, match="not in"):
+        tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
+                      directions=[{"x": jnp.array(1.0)}])
+    with pytest.raises(ValueError, match="vote"):
+        tt.ExitDetector(vote=0.5)
+    with pytest.raises(ValueError, match="ema_decay"):
+        tt.ExitDetector(ema_decay=1.0)
+    with pytest.raises(ValueError, match="num_directions"):
+        tt.DSPConfig(num_directions=0)
+    with pytest.raises(ValueError, match="steps"):
+        tt.LocalSolver(optax.sgd(0.1), steps=0)
+
+
+def test_random_initial_directions_have_the_requested_norm_and_differ():
+    dirs = tt.initial_directions(jax.random.key(3), {"a": jnp.zeros((4, 3)), "b": jnp.zeros(5)}, 3, norm=0.5)
+    norms = [float(tt.tree_norm(d)) for d in dirs]
+    np.testing.assert_allclose(norms, 0.5, rtol=1e-5)
+    assert float(tt.tree_cosine(dirs[0], dirs[1])) < 0.99
+
+
+def test_tier_by_tier_searches_from_the_best_tier1_solution():
+    origin = jnp.array([1.0, 1.0])
+    cfg = tt.DSPConfig(num_directions=4, rho=tt.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=1200)
+    scores = []
+
+    def score(p):  # prefer the tier-1 solution with the smallest x (an arbitrary, checkable choice)
+        scores.append(float(p[0]))
+        return float(p[0])
+
+    tiers = tt.tier_by_tier(LOSS4, origin, jax.random.key(2), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
+                            score_fn=score, tiers=2)
+    assert len(tiers) == 2 and len(tiers[0].solutions) >= 1
+    best = tiers[0].solutions[int(np.argmin(scores))]
+    np.testing.assert_allclose(np.asarray(tiers[1].origin), np.asarray(best))
+    assert len(tiers[1].solutions) >= 1
+    for s in tiers[1].solutions:
+        np.testing.assert_allclose(np.abs(np.asarray(s)), 1.0, atol=1e-3)
+        assert not np.allclose(np.asarray(s), np.asarray(best), atol=1e-3)
+    stats = tt.exit_statistics(tiers[0])
+    assert stats["exits"] == len(tiers[0].exits) and stats["mean_distance"] > 1.0
+
+
+def test_verification_points_before_and_after_the_exit_reach_different_optima():
+    res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=30), batch_fn=NO_BATCH,
+                        solver=SOLVER, directions=[_dir(0.01, 0.003)])
+    path = res.paths[0]
+    # the true boundary crossing of this path: the first recorded point with x > 0
+    cross = next(i for i, d in path if float(ORIGIN2["x"] + d["x"]) > 0)
+    out = tt.verify_exit(two_wells, ORIGIN2, path, cross, step_size=0.01, steps=2000, record_every=100,
+                         num_points=10)
+    assert any(out.before) and not all(out.before)
+    assert out.separates
+    finals_x = np.asarray(out.finals["x"])
+    np.testing.assert_allclose(finals_x[np.array(out.before)], -1.0, atol=1e-3)
+    np.testing.assert_allclose(finals_x[~np.array(out.before)], 1.0, atol=1e-3)
+    assert out.trajectories["x"].shape == (len(out.iterations), 20)
+    u, v = tt.random_orthonormal_pair(jax.random.key(0), ORIGIN2)
+    assert float(tt.tree_dot(u, v)) == pytest.approx(0.0, abs=1e-6)
+    xy = tt.project(out.trajectories, ORIGIN2, (u, v), leading=2)
+    assert xy.shape == (len(out.iterations), 20, 2)
+    with pytest.raises(ValueError, match="non-empty"):
+        tt.verify_exit(two_wells, ORIGIN2, [], 0)
