@@ -546,7 +546,8 @@ def dsp_search(
     ``directions`` overrides the ``config.num_directions`` random initial directions. With
     ``checkpoint_dir`` the state is saved at every exit point, every solution and every
     ``config.checkpoint_every`` steps, and an existing checkpoint there is resumed. ``callback(t, info)`` is
-    called after every search step (``info``: direction, iteration, loss, ema, rho1, norm, exited).
+    called after every search step (``info``: direction, iteration, loss, ema, rho1, norm, exited, and ``d``
+    the direction after the forward step, so ``origin + d`` is the point whose loss was checked).
     """
     if not isinstance(config, DSPConfig):
         raise ValueError(f"config must be a DSPConfig, got {type(config).__name__}")
@@ -677,7 +678,7 @@ def dsp_search(
                 save("periodic")
         if callback is not None:
             callback(t - 1, {"direction": k, "iteration": i, "loss": loss, "ema": state.ema, "rho1": rho1,
-                             "norm": norm, "exited": exited})
+                             "norm": norm, "exited": exited, "d": fwd})
     if any(active):
         failed.extend(k for k in range(num) if active[k] and k not in failed)
         active = [False] * num
@@ -751,7 +752,7 @@ class VerificationResult:
     """Gradient-descent integration from points along a search path near its exit (seed 004 §5.1).
 
     ``iterations[p]``: path iteration of start point ``p``; ``before[p]``: whether it precedes the exit
-    estimate ``exit_iteration``; ``finals``: stacked end points; ``trajectories``: stacked points every
+    estimate ``exit_iteration``; ``starts`` / ``finals``: stacked start / end points; ``trajectories``: stacked points every
     ``record_every`` steps (leaves ``[P, T, ...]``); ``final_losses``; ``basin[p]``: 0 when point ``p``
     converged to the optimum the origin converges to (within ``tol``), else 1 + index of a cluster of the
     other end points."""
@@ -759,6 +760,7 @@ class VerificationResult:
     iterations: list[int]
     before: list[bool]
     exit_iteration: int
+    starts: PyTree
     finals: PyTree
     trajectories: PyTree
     final_losses: np.ndarray
@@ -839,7 +841,7 @@ def verify_exit(
     take = lambda tree, s: jax.tree_util.tree_map(lambda x: x[s], tree)  # noqa: E731
     return VerificationResult(
         iterations=iterations, before=[i < exit_iteration for i in iterations], exit_iteration=int(exit_iteration),
-        finals=take(finals, slice(1, None)), trajectories=take(trajs, slice(1, None)), final_losses=losses[1:],
+        starts=take(starts, slice(1, None)), finals=take(finals, slice(1, None)), trajectories=take(trajs, slice(1, None)), final_losses=losses[1:],
         origin_final=take(finals, 0), basin=basin)
 
 

@@ -252,3 +252,22 @@ def test_verification_points_before_and_after_the_exit_reach_different_optima():
     assert xy.shape == (len(out.iterations), 20, 2)
     with pytest.raises(ValueError, match="non-empty"):
         tt.verify_exit(two_wells, ORIGIN2, [], 0)
+
+
+def test_plots_write_files(tmp_path):
+    from mclandscape import plots_trusttech as pt
+
+    res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=20), batch_fn=NO_BATCH,
+                        solver=SOLVER, directions=[_dir(0.01, 0.003)])
+    e = res.exits[0]
+    f1 = pt.plot_search_trace(res.traces[0], str(tmp_path / "trace.png"), exit=e,
+                              extra={"full loss": ([1, 10], [0.0, 0.1])})
+    out = tt.verify_exit(two_wells, ORIGIN2, res.paths[0], e.peak_iteration, steps=200, record_every=50)
+    basis = tt.random_orthonormal_pair(jax.random.key(1), ORIGIN2)
+    f2 = pt.plot_verification(out, ORIGIN2, basis, str(tmp_path / "verify.png"),
+                              exit_point=tt.tree_add(ORIGIN2, res.paths[0][-1][1]))
+    for f in (f1, f2):
+        with open(f, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="empty"):
+        pt.plot_search_trace({"iteration": [], "loss": [], "ema": []}, str(tmp_path / "x.png"))
