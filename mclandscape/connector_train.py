@@ -76,12 +76,16 @@ def simplex_sampler(num_vertices: int) -> Callable[[jax.Array, int], jax.Array]:
 
 def make_connector_loss(point_loss: Callable, connector: Connector, *, num_samples: int, sampler: Callable,
                         coefficients_fn: Callable | None = None, point_weights: Callable | None = None,
-                        l2: float = 0.0, trainable: np.ndarray | None = None, strategy: str | None = None):
+                        l2: float = 0.0, trainable: np.ndarray | None = None, strategy: str | None = None,
+                        point_l2: float = 0.0):
     """``loss(control, batch, key) -> (objective, per_point_losses)``: the mini-batch estimate of eq. 9.
 
     ``objective = (1/k) sum_i w_i L(phi(p_i); batch) + (l2/2) sum_{k trainable} |theta_k|^2`` where
     ``p_i ~ sampler``, ``w_i = point_weights(connector, p)`` (default 1) and ``phi(p) = sum_k c_k(p)
     theta_k`` with ``c = coefficients_fn(p)`` (default the connector's own coefficients).
+    ``point_l2`` adds ``(point_l2/2) |phi(p_i)|^2`` to every sampled point's loss: the weight decay of
+    Garipov et al.'s curve training (``l2_regularizer`` on the weights at the sampled t); the reported
+    per-point losses exclude it.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -99,11 +103,15 @@ def make_connector_loss(point_loss: Callable, connector: Connector, *, num_sampl
 
         def one(args):
             c, kk = args
-            return point_loss(tree_combine(c, control), batch, kk)
+            params = tree_combine(c, control)
+            task = point_loss(params, batch, kk)
+            reg = (0.5 * point_l2 * sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(params))
+                   if point_l2 else jnp.zeros((), task.dtype))
+            return task, reg
 
-        losses = jax.lax.map(one, (coefs, keys)) if strategy == "map" else jax.vmap(one)((coefs, keys))
+        losses, regs = jax.lax.map(one, (coefs, keys)) if strategy == "map" else jax.vmap(one)((coefs, keys))
         w = jnp.ones(num_samples) if point_weights is None else point_weights(connector.replace(control=control), pts)
-        obj = jnp.mean(w * losses)
+        obj = jnp.mean(w * (losses + regs))
         if l2:
             sq = sum(jnp.sum(mask.reshape((-1,) + (1,) * (x.ndim - 1)) * jnp.square(x))
                      for x in jax.tree_util.tree_leaves(control))
@@ -123,7 +131,8 @@ def fit_connector(connector: Connector, point_loss: Callable[[PyTree, Any, jax.A
                   l2: float = 0.0, point_weights: Callable | None = None, coefficients_fn: Callable | None = None,
                   strategy: str | None = None, seed: int = 0, checkpoint_dir=None, checkpoint_every: int = 1,
                   progress: bool = False, metadata: dict | None = None, start_opt_state=None,
-                  epoch_callback: Callable[[int, dict], None] | None = None) -> ConnectorTrainResult:
+                  epoch_callback: Callable[[int, dict], None] | None = None,
+                  point_l2: float = 0.0) -> ConnectorTrainResult:
     """Train the trainable control points of ``connector`` for ``epochs`` passes over ``batches(epoch)``.
 
     ``point_loss(params, batch, key)`` is the loss of one parameter point on one batch. See the module
@@ -133,6 +142,8 @@ def fit_connector(connector: Connector, point_loss: Callable[[PyTree, Any, jax.A
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}")
+    if point_l2 < 0:
+        raise ValueError(f"point_l2 must be >= 0, got {point_l2}")
     mask_np = np.asarray(connector.trainable if trainable is None else trainable, dtype=bool).reshape(-1)
     if mask_np.size != connector.num_control:
         raise ValueError(f"trainable mask has {mask_np.size} entries for {connector.num_control} control points")
@@ -141,7 +152,7 @@ def fit_connector(connector: Connector, point_loss: Callable[[PyTree, Any, jax.A
     sampler = sampler or uniform_sampler(connector.point_dim)
     loss = make_connector_loss(point_loss, connector, num_samples=num_samples, sampler=sampler,
                                coefficients_fn=coefficients_fn, point_weights=point_weights, l2=l2,
-                               trainable=mask_np, strategy=strategy)
+                               trainable=mask_np, strategy=strategy, point_l2=point_l2)
     mask = jnp.asarray(mask_np)
 
     @jax.jit
@@ -212,7 +223,7 @@ def train_connector(model: Model, connector: Connector, train, *, epochs: int,
                     coefficients_fn: Callable | None = None, loss_fn: Callable = cross_entropy, seed: int = 0,
                     augment: bool = False, strategy: str | None = None, checkpoint_dir=None,
                     checkpoint_every: int = 1, progress: bool = True, metadata: dict | None = None,
-                    epoch_callback: Callable | None = None) -> ConnectorTrainResult:
+                    epoch_callback: Callable | None = None, point_l2: float = 0.0) -> ConnectorTrainResult:
     """Train a connector between models of ``model`` on the dataset ``train`` (see :func:`fit_connector`).
 
     Every sampled point runs the model in train mode: dropout active (keys from ``seed``), BatchNorm on
@@ -242,4 +253,5 @@ def train_connector(model: Model, connector: Connector, train, *, epochs: int,
                          num_samples=num_samples, trainable=trainable, l2=l2, point_weights=point_weights,
                          coefficients_fn=coefficients_fn, strategy=strategy, seed=seed,
                          checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress,
-                         metadata={"model": model.spec, **(metadata or {})}, epoch_callback=epoch_callback)
+                         metadata={"model": model.spec, **(metadata or {})}, epoch_callback=epoch_callback,
+                         point_l2=point_l2)
