@@ -1,0 +1,349 @@
+"""Nudged Elastic Band (seed 001, Draxler et al.), AutoNEB and the band helpers."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mclandscape import neb as N
+from mclandscape.models.base import from_flax
+from mclandscape.tree import tree_row_dot, tree_row_scale, tree_stack
+
+# ---- Müller-Brown potential (Müller & Brown 1979) ------------------------------------------------------
+_A = jnp.array([-200.0, -100.0, -170.0, 15.0])
+_a = jnp.array([-1.0, -1.0, -6.5, 0.7])
+_b = jnp.array([0.0, 0.0, 11.0, 0.6])
+_c = jnp.array([-10.0, -10.0, -6.5, 0.7])
+_x0 = jnp.array([1.0, 0.0, -0.5, -1.0])
+_y0 = jnp.array([0.0, 0.5, 1.5, 1.0])
+
+MB_MIN_A = np.array([-0.55822, 1.44173])   # E = -146.700
+MB_MIN_B = np.array([0.62350, 0.02804])    # E = -108.167
+MB_MIN_C = np.array([-0.05001, 0.46669])   # E = -80.768 (intermediate minimum)
+MB_SADDLE_1 = np.array([-0.82200, 0.62431])  # E = -40.665, the highest saddle on the path A -> B
+MB_SADDLE_1_E = -40.665
+
+
+def muller_brown(p, batch=None):
+    dx, dy = p[0] - _x0, p[1] - _y0
+    return jnp.sum(_A * jnp.exp(_a * dx * dx + _b * dx * dy + _c * dy * dy))
+
+
+def _relaxed(p0):
+    """Polish a literature minimum by gradient descent (float32)."""
+    p = jnp.asarray(p0, jnp.float32)
+    g = jax.jit(jax.grad(muller_brown))
+    for _ in range(300):
+        p = p - 2e-4 * g(p)
+    return p
+
+
+START, END = _relaxed(MB_MIN_A), _relaxed(MB_MIN_B)
+
+
+def test_muller_brown_reference_points():
+    """The literature saddle is a stationary point with one negative curvature direction."""
+    g = np.asarray(jax.grad(muller_brown)(jnp.asarray(MB_SADDLE_1, jnp.float32)))
+    h = np.asarray(jax.hessian(muller_brown)(jnp.asarray(MB_SADDLE_1, jnp.float32)))
+    assert np.linalg.norm(g) < 0.1
+    ev = np.linalg.eigvalsh(h)
+    assert ev[0] < 0 < ev[1]
+    assert float(muller_brown(jnp.asarray(MB_SADDLE_1))) == pytest.approx(MB_SADDLE_1_E, abs=1e-2)
+    assert float(muller_brown(START)) == pytest.approx(-146.700, abs=1e-2)
+
+
+# ---- tree helpers added for bands ----------------------------------------------------------------------
+
+def test_tree_row_dot_and_scale():
+    r = np.random.default_rng(0)
+    a = {"w": jnp.asarray(r.normal(size=(4, 3, 2)), jnp.float32), "b": jnp.asarray(r.normal(size=(4,)), jnp.float32)}
+    b = {"w": jnp.asarray(r.normal(size=(4, 3, 2)), jnp.float32), "b": jnp.asarray(r.normal(size=(4,)), jnp.float32)}
+    want = (np.asarray(a["w"]).reshape(4, -1) * np.asarray(b["w"]).reshape(4, -1)).sum(1) + np.asarray(a["b"] * b["b"])
+    np.testing.assert_allclose(tree_row_dot(a, b), want, rtol=1e-5)
+    s = jnp.asarray([1.0, -2.0, 0.5, 3.0])
+    out = tree_row_scale(a, s)
+    np.testing.assert_allclose(out["w"][1], -2.0 * a["w"][1])
+    np.testing.assert_allclose(out["b"], s * a["b"])
+
+
+# ---- forces ---------------------------------------------------------------------------------------------
+
+def _random_band(n=7, seed=0):
+    r = np.random.default_rng(seed)
+    piv = {"k": jnp.asarray(r.normal(size=(n, 5, 3)), jnp.float32), "b": jnp.asarray(r.normal(size=(n, 4)), jnp.float32)}
+    grads = {"k": jnp.asarray(r.normal(size=(n - 2, 5, 3)), jnp.float32),
+             "b": jnp.asarray(r.normal(size=(n - 2, 4)), jnp.float32)}
+    e = jnp.asarray(r.normal(size=n), jnp.float32)
+    return piv, e, grads
+
+
+@pytest.mark.parametrize("climb", [-1, 3])
+def test_loss_force_is_perpendicular_to_tangent(climb):
+    """Seed 001: F_L^perp_i = -grad + (grad . tau) tau satisfies F^perp . tau = 0; F = F^perp + F^par."""
+    piv, e, g = _random_band()
+    f = N.neb_forces(piv, e, g, spring_constant=2.0, climbing_index=climb)
+    np.testing.assert_allclose(tree_row_dot(f.tangent, f.tangent), 1.0, rtol=1e-5)
+    dots = np.asarray(tree_row_dot(f.perpendicular, f.tangent))
+    assert np.all(np.abs(dots) < 1e-5 * np.asarray(f.perp_norm))
+    assert np.all(np.asarray(f.perp_norm) > 0.1)
+    # the parallel part lies along the tangent, the total is the sum
+    par = np.asarray(tree_row_dot(f.parallel, f.tangent))
+    np.testing.assert_allclose(np.abs(par), f.par_norm, rtol=1e-5)
+    tot = jax.tree_util.tree_map(lambda a, b: a + b, f.perpendicular, f.parallel)
+    np.testing.assert_allclose(f.total["k"], tot["k"], rtol=1e-6)
+    # spring: k (|d_next| - |d_prev|) on every non-climbing pivot; climbing image: +(grad . tau) tau
+    d = N.segment_lengths(piv)
+    spring = 2.0 * (d[1:] - d[:-1])
+    gt = np.asarray(tree_row_dot(g, f.tangent))
+    for i in range(5):
+        want = gt[i] if i + 1 == climb else spring[i]
+        assert par[i] == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+
+
+def test_improved_tangent_cases():
+    """Henkelman & Jonsson: uphill neighbour's segment when monotone; energy-weighted blend at extrema."""
+    piv = jnp.asarray([[0.0, 0.0], [1.0, 0.0], [1.0, 2.0]])  # d_prev = (1, 0), d_next = (0, 2)
+    up = N.improved_tangents(piv, jnp.asarray([0.0, 1.0, 3.0]))
+    np.testing.assert_allclose(up[0], [0.0, 1.0], atol=1e-6)       # tau+ normalised
+    down = N.improved_tangents(piv, jnp.asarray([3.0, 1.0, 0.0]))
+    np.testing.assert_allclose(down[0], [1.0, 0.0], atol=1e-6)     # tau- normalised
+    # maximum: E_{i+1} - E_i = -1, E_{i-1} - E_i = -3 -> E_{i+1} > E_{i-1}: tau = tau+ * 3 + tau- * 1
+    mx = N.improved_tangents(piv, jnp.asarray([2.0, 5.0, 4.0]))
+    want = np.array([0.0, 2.0]) * 3 + np.array([1.0, 0.0]) * 1
+    np.testing.assert_allclose(mx[0], want / np.linalg.norm(want), atol=1e-6)
+    mn = N.improved_tangents(piv, jnp.asarray([4.0, 0.0, 2.0]))  # minimum, E_{i+1} < E_{i-1}
+    want = np.array([0.0, 2.0]) * 2 + np.array([1.0, 0.0]) * 4
+    np.testing.assert_allclose(mn[0], want / np.linalg.norm(want), atol=1e-6)
+    flat = N.improved_tangents(piv, jnp.zeros(3))  # flat: bisector of the unit segments
+    np.testing.assert_allclose(flat[0], np.array([1.0, 1.0]) / np.sqrt(2), atol=1e-6)
+
+
+def _flat(p, batch=None):
+    return 0.0 * jnp.sum(p)
+
+
+def test_spring_step_is_the_slides_1d_update():
+    """One plain-SGD step on a flat loss: w_k <- w_k - eta k [(w_k - w_{k-1}) - (w_{k+1} - w_k)]."""
+    w = np.array([0.0, 0.1, 0.5, 0.6, 1.0], np.float32)
+    eta, k = 0.1, 2.0
+    cfg = N.NEBConfig(steps=1, spring_constant=k, learning_rate=eta, momentum=0.0, tol=0.0)
+    res = N.neb(_flat, jnp.asarray(0.0), jnp.asarray(1.0), init=jnp.asarray(w), config=cfg)
+    want = w.copy()
+    want[1:-1] = w[1:-1] - eta * k * ((w[1:-1] - w[:-2]) - (w[2:] - w[1:-1]))
+    np.testing.assert_allclose(res.pivots, want, atol=1e-6)
+
+
+def test_spring_equalises_spacing_in_1d():
+    """The slides' 1-D illustration: the elastic force moves a point towards its farther neighbour until
+    the spacing is equal."""
+    w = jnp.asarray([0.0, 0.05, 0.1, 0.7, 0.8, 1.0])
+    cfg = N.NEBConfig(steps=3000, spring_constant=1.0, learning_rate=0.2, momentum=0.5, tol=1e-5, check_every=1)
+    res = N.neb(_flat, jnp.asarray(0.0), jnp.asarray(1.0), init=w, config=cfg)
+    assert res.converged and res.steps < 3000
+    np.testing.assert_allclose(np.asarray(res.pivots), np.linspace(0, 1, 6), atol=1e-4)
+    assert float(res.pivots[0]) == 0.0 and float(res.pivots[-1]) == 1.0
+    assert res.history[0]["par_force"] > 0.1 > res.par_force
+
+
+# ---- Müller-Brown -----------------------------------------------------------------------------------------
+
+def _dense_polyline_distance(pivots, point, m=50):
+    p = np.asarray(pivots)
+    a = np.linspace(0, 1, m)[:, None, None]
+    pts = (p[:-1][None] * (1 - a) + p[1:][None] * a).reshape(-1, 2)
+    return np.min(np.linalg.norm(pts - point, axis=1))
+
+
+def test_muller_brown_band_passes_the_saddle():
+    """Plain NEB from the straight line relaxes onto the minimum-energy path through the saddle."""
+    cfg = N.NEBConfig(steps=6000, spring_constant=200.0, learning_rate=1e-4, momentum=0.9, tol=0.05)
+    res = N.neb(muller_brown, START, END, num_pivots=17, config=cfg)
+    piv = np.asarray(res.pivots)
+    assert _dense_polyline_distance(piv, MB_SADDLE_1) < 0.03
+    np.testing.assert_array_equal(piv[0], np.asarray(START))
+    np.testing.assert_array_equal(piv[-1], np.asarray(END))
+    # the band also visits the intermediate minimum C
+    assert np.min(np.linalg.norm(piv - MB_MIN_C, axis=1)) < 0.1
+    straight = np.asarray(jax.vmap(muller_brown)(N.straight_band(START, END, 17)))
+    assert straight.max() > 0 > res.losses.max()  # the straight line crosses a high ridge, the band does not
+
+
+def test_muller_brown_climbing_image_hits_saddle_energy():
+    cfg = N.NEBConfig(steps=4000, spring_constant=200.0, learning_rate=2e-4, momentum=0.9, tol=1e-2,
+                      climbing=True, climb_after=300)
+    res = N.neb(muller_brown, START, END, num_pivots=15, config=cfg)
+    assert res.converged
+    i = int(np.argmax(res.losses))
+    assert np.linalg.norm(np.asarray(res.pivots)[i] - MB_SADDLE_1) < 5e-3
+    assert float(res.losses[i]) == pytest.approx(MB_SADDLE_1_E, abs=0.02)
+
+
+def test_autoneb_muller_brown_refines_near_the_saddle():
+    """AutoNEB: equal first fill, then pivots inserted where the loss rises above the chord; final climbing."""
+    base = N.NEBConfig(steps=1500, spring_constant=200.0, learning_rate=1e-4, momentum=0.9, tol=0.05)
+    cycles = [base, base, base, N.NEBConfig(**{**base.__dict__, "climbing": True, "tol": 1e-2})]
+    res = N.auto_neb(muller_brown, START, END, cycles=cycles, initial_insert=3, insert_count=2)
+    counts = [c["num_pivots"] for c in res.cycles]
+    assert counts[0] == 5 and counts == sorted(counts) and counts[-1] > 5
+    assert sum(c["inserted"] for c in res.cycles[1:]) == counts[-1] - 5
+    assert res.dense_t.shape == res.dense_loss.shape == ((counts[-1] - 1) * 10 + 1,)
+    # the dense maximum approaches the saddle energy from above as the band is refined
+    assert res.cycles[0]["dense_max_loss"] > res.cycles[-1]["dense_max_loss"]
+    assert res.dense_loss.max() == pytest.approx(MB_SADDLE_1_E, abs=1.0)
+    assert _dense_polyline_distance(res.pivots, MB_SADDLE_1) < 0.03
+    assert res.spacing.shape == (counts[-1] - 1,) and np.isclose(res.spacing.mean(), 1.0)
+
+
+# ---- insertion ----------------------------------------------------------------------------------------------
+
+def test_insertion_highest_and_equal():
+    n, s = 4, 4
+    t = N.dense_ts(n, s)
+    assert t.shape == (16,) and t[0] == 0 and t[-1] == 1 and np.all(np.diff(t) > 0)
+    np.testing.assert_allclose(t[[0, 5, 10, 15]], [0, 1 / 3, 2 / 3, 1])
+    loss = np.zeros(16)
+    loss[7] = 1.0          # gap 1, alpha = 2/5 : a bump above the chord
+    loss[12] = 0.05        # gap 2: small bump, below the threshold after normalisation
+    loss[[0, 5, 10, 15]] = [0.0, 0.2, 0.1, 0.0]
+    fill = N.insertion_alphas(loss, n, s, count=2, method="highest", threshold=0.1)
+    assert fill[1] == [pytest.approx(0.4)] and fill[0] == [] and fill[2] == []
+    eq = N.insertion_alphas(None, n, s, count=2, method="equal")
+    assert eq == [[pytest.approx(1 / 3), pytest.approx(2 / 3)]] * 3
+    with pytest.raises(ValueError, match="insert method"):
+        N.insertion_alphas(loss, n, s, count=1, method="random")
+    with pytest.raises(ValueError, match="16 values|need"):
+        N.insertion_alphas(loss[:-1], n, s, count=1)
+
+
+def test_insert_pivots_copies_and_spacing():
+    piv = {"w": jnp.asarray([[0.0, 0.0], [1.0, 0.0], [1.0, 3.0]])}
+    new, w = N.insert_pivots(piv, [[0.25], []], spacing=[1.0, 1.0])
+    np.testing.assert_array_equal(new["w"][np.array([0, 2, 3])], piv["w"])
+    np.testing.assert_allclose(new["w"][1], [0.25, 0.0])
+    np.testing.assert_allclose(w, np.array([0.25, 0.75, 1.0]) * 3 / 2)
+    with pytest.raises(ValueError, match="increase strictly"):
+        N.insert_pivots(piv, [[0.5, 0.5], []])
+    with pytest.raises(ValueError, match="each of the 2 gaps"):
+        N.insert_pivots(piv, [[0.5]])
+
+
+def test_spacing_weights_hold_unequal_targets():
+    """With target weights (1, 3) on a flat loss the middle pivot settles at 1/4 of the segment."""
+    cfg = N.NEBConfig(steps=2000, spring_constant=1.0, learning_rate=0.2, momentum=0.5, tol=1e-6)
+    res = N.neb(_flat, jnp.asarray(0.0), jnp.asarray(1.0), init=jnp.asarray([0.0, 0.5, 1.0]),
+                spacing=np.array([1.0, 3.0]), config=cfg)
+    assert float(res.pivots[1]) == pytest.approx(0.25, abs=1e-4)
+
+
+# ---- bad inputs ------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors():
+    p = jnp.asarray([1.0, 2.0])
+    with pytest.raises(ValueError, match="identical"):
+        N.neb(muller_brown, p, p, num_pivots=5)
+    with pytest.raises(ValueError, match="N >= 3"):
+        N.neb(muller_brown, START, END, num_pivots=2)
+    with pytest.raises(ValueError, match="spring_constant"):
+        N.NEBConfig(spring_constant=-1.0)
+    with pytest.raises(ValueError, match="spring_constant"):
+        N.NEBConfig(spring_constant=float("inf"))
+    with pytest.raises(ValueError, match="steps"):
+        N.NEBConfig(steps=-3)
+    with pytest.raises(ValueError, match="strategy"):
+        N.NEBConfig(strategy="pmap")
+    with pytest.raises(ValueError, match="differs from end"):
+        N.neb(muller_brown, START, END, init=jnp.stack([START, START, START]))
+    with pytest.raises(ValueError, match="leaf|shape"):
+        N.neb(muller_brown, {"a": START}, {"b": END})
+    with pytest.raises(ValueError, match="non-finite"):
+        N.neb(muller_brown, START, jnp.asarray([np.nan, 0.0]))
+    with pytest.raises(ValueError, match="N >= 3"):
+        N.band_connector(jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match="eval_data"):
+        N.auto_neb(muller_brown, START, END, cycles=N.NEBConfig(steps=1), num_cycles=2, data=lambda s: None)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        N.neb(muller_brown, START, END, num_pivots=5, config=N.NEBConfig(steps=200, learning_rate=1.0))
+
+
+# ---- networks: vectorised pivots, mini-batches, BN ---------------------------------------------------------------
+
+class _TinyMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.tanh(nn.Dense(8)(x))
+        return nn.Dense(3)(x)
+
+
+class _TinyBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Dense(6)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(3)(nn.relu(x))
+
+
+def _toy_data(n=96, d=5, seed=0):
+    r = np.random.default_rng(seed)
+    x = r.normal(size=(n, d)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int32) + (x[:, 2] > 1).astype(np.int32)
+    return x, y
+
+
+def test_strategies_agree_on_minibatch_network_band():
+    model = from_flax(_TinyMLP(), "tiny")
+    x, y = _toy_data()
+    p0 = model.init(jax.random.key(0), x[:2])["params"]
+    p1 = model.init(jax.random.key(1), x[:2])["params"]
+    loss = N.model_loss(model, train=False)
+
+    def batches(step):
+        i = (step * 32) % 96
+        return jnp.asarray(x[i:i + 32]), jnp.asarray(y[i:i + 32])
+
+    out = {}
+    for strat in ("map", "vmap", "loop"):
+        cfg = N.NEBConfig(steps=6, spring_constant=0.5, learning_rate=0.05, strategy=strat, check_every=2)
+        out[strat] = N.neb(loss, p0, p1, num_pivots=5, data=batches, config=cfg)
+    for strat in ("vmap", "loop"):
+        for a, b in zip(jax.tree_util.tree_leaves(out["map"].pivots), jax.tree_util.tree_leaves(out[strat].pivots),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), out["map"].pivots,
+                                   N.straight_band(p0, p1, 5))
+    assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
+    assert len(out["map"].history) == 3 and out["map"].history[-1]["step"] == 6
+
+
+def test_model_neb_with_batchnorm_and_model_helpers():
+    from mclandscape.data import Dataset
+    from mclandscape.evaluate import evaluate_points
+
+    model = from_flax(_TinyBN(), "tiny_bn", has_batch_stats=True)
+    x, y = _toy_data()
+    ds = Dataset(x=x, y=y, num_classes=3, name="toy")
+    p0 = model.init(jax.random.key(0), x[:2])["params"]
+    p1 = model.init(jax.random.key(1), x[:2])["params"]
+    with pytest.raises(ValueError, match="BatchNorm"):
+        N.model_loss(model, train=False)
+    data = N.model_batches(ds, 32, seed=0)
+    xb, yb, _ = data(4)  # epoch 1, batch 1
+    assert xb.shape == (32, 5)
+    assert not np.array_equal(np.asarray(data(0)[0]), np.asarray(data(3)[0]))  # reshuffled next epoch
+    profile = N.model_profile(model, ds, bn_data=ds, bn_batches=2, bn_batch_size=32, batch_size=96)
+    cfg = N.NEBConfig(steps=4, spring_constant=0.1, learning_rate=0.05)
+    res = N.auto_neb(N.model_loss(model), p0, p1, cycles=[cfg, cfg], data=data, profile_fn=profile,
+                     initial_insert=2, insert_count=1, sub_pivots=3, insert_threshold=-1.0)
+    assert [c["num_pivots"] for c in res.cycles] == [4, 5]
+    direct = evaluate_points(model, res.band, res.dense_t, ds, batch_size=96, bn_data=ds, bn_batches=2,
+                             bn_batch_size=32)
+    np.testing.assert_allclose(res.dense_loss, direct.loss, rtol=1e-5)
+    assert np.all(np.isfinite(res.dense_loss))
+
+
+def test_band_connector_is_a_polychain_through_the_pivots():
+    piv = tree_stack([jnp.asarray([0.0, 0.0]), jnp.asarray([1.0, 1.0]), jnp.asarray([2.0, 0.0])])
+    conn = N.band_connector(piv)
+    assert conn.kind == "polychain" and conn.fixed == (True, False, True)
+    np.testing.assert_allclose(conn.point(0.5), [1.0, 1.0])
+    np.testing.assert_allclose(conn.point(0.25), [0.5, 0.5])
