@@ -1,0 +1,200 @@
+"""Curve mode connectivity (seed 001, Garipov et al.): training, path metrics, evaluation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mclandscape import connectors as K
+from mclandscape import curves as C
+from mclandscape.connector_train import make_connector_loss
+from mclandscape.data import Dataset
+from mclandscape.evaluate import evaluate_params, evaluate_points
+from mclandscape.models.base import from_flax
+from mclandscape.tree import tree_stack
+
+
+def double_well(p, batch=None):
+    """Two wells at (-1, 0) and (1, 0) on a ring valley; the straight line crosses the bump V(0, 0) = 1."""
+    x, y = p[0], p[1]
+    r2 = x * x + y * y
+    return (r2 - 1.0) ** 2 + 0.1 * y * y
+
+
+START, END = jnp.asarray([-1.0, 0.0]), jnp.asarray([1.0, 0.0])
+
+
+def _max_along(conn, f=double_well, n=401):
+    pts = conn.points(jnp.linspace(0.0, 1.0, n))
+    return float(jnp.max(jax.vmap(f)(pts)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: K.bezier_curve(START, END, 2, bends=[jnp.asarray([0.0, 0.05])]),
+    lambda: K.polychain(START, END, 3, bends=[jnp.asarray([-0.5, 0.05]), jnp.asarray([0.0, 0.05]),
+                                              jnp.asarray([0.5, 0.05])]),
+], ids=["bezier2", "polychain3"])
+def test_trained_curve_goes_around_the_double_well_barrier(make):
+    """Minimising the slides' l(theta) = int L(w_theta(t)) dt bends the curve around the central bump.
+
+    The bends start just off the straight line (on the line the y-gradient vanishes by symmetry)."""
+    conn = make()
+    line = C.line_connector(START, END)
+    assert _max_along(line) == pytest.approx(1.0, abs=1e-4)
+    res = C.fit_curve(double_well, conn, epochs=20, steps_per_epoch=50, optimizer=optax.sgd(0.02, momentum=0.9),
+                      num_samples=8, seed=0)
+    trained = res.connector
+    assert _max_along(trained) < 0.25 * _max_along(line)
+    np.testing.assert_array_equal(trained.control[0], START)
+    np.testing.assert_array_equal(trained.control[-1], END)
+    assert res.history[-1]["loss"] < 0.3 * res.history[0]["loss"]
+    # barrier along the trained curve, from 61 points (Garipov's evaluation grid)
+    ts = np.linspace(0, 1, 61)
+    vals = np.asarray(jax.vmap(double_well)(trained.points(ts)))
+    assert C.loss_barrier(ts, vals) < 0.25
+    assert C.curve_length(trained) > C.curve_length(line) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_point_weight_decay_is_garipovs_regulariser():
+    """point_l2: objective = L(w(t)) + (wd/2)|w(t)|^2 at the sampled t; 'bends' decays the bends instead."""
+    conn = K.bezier_curve(START, END, 2, bends=[jnp.asarray([0.3, 0.7])])
+    wd = 0.2
+    fixed_t = lambda key, k: jnp.full((k,), 0.25)
+    point = make_connector_loss(lambda p, b, k: double_well(p), conn, num_samples=2, sampler=fixed_t,
+                                point_l2=wd, strategy="map")
+    w = conn.point(0.25)
+    obj, losses = point(conn.control, None, jax.random.key(0))
+    assert float(obj) == pytest.approx(float(double_well(w) + 0.5 * wd * jnp.sum(w * w)), rel=1e-6)
+    np.testing.assert_allclose(losses, float(double_well(w)), rtol=1e-6)  # reported losses exclude it
+    bends = make_connector_loss(lambda p, b, k: double_well(p), conn, num_samples=2, sampler=fixed_t, l2=wd,
+                                strategy="map")
+    obj_b, _ = bends(conn.control, None, jax.random.key(0))
+    assert float(obj_b) == pytest.approx(float(double_well(w)) + 0.5 * wd * (0.3 ** 2 + 0.7 ** 2), rel=1e-6)
+    assert C._wd_args(wd, "point") == {"point_l2": wd, "l2": 0.0}
+    with pytest.raises(ValueError, match="weight_decay_on"):
+        C._wd_args(wd, "all")
+    with pytest.raises(ValueError, match="weight_decay"):
+        C._wd_args(-1.0, "point")
+
+
+def test_garipov_schedule():
+    s = C.garipov_schedule(0.1, epochs=10, steps_per_epoch=3)
+    lr = [float(s(e * 3)) for e in range(10)]
+    np.testing.assert_allclose(lr[:6], 0.1)                       # a <= 0.5
+    assert lr[7] == pytest.approx(0.1 * (1 - 0.2 / 0.4 * 0.99))  # a = 0.7
+    assert lr[9] == pytest.approx(0.001)                          # a > 0.9
+    assert float(s(3 * 7 + 2)) == lr[7]                           # constant within an epoch
+    with pytest.raises(ValueError):
+        C.garipov_schedule(0.1, 0, 3)
+
+
+def test_lengths_distances_and_stats():
+    a, b, c = jnp.asarray([0.0, 0.0]), jnp.asarray([3.0, 4.0]), jnp.asarray([6.0, 0.0])
+    chain = K.polychain(a, c, 1, bends=[b])
+    assert C.curve_length(chain) == pytest.approx(10.0, rel=1e-6)
+    assert C.curve_length(chain, num_points=3) == pytest.approx(10.0, rel=1e-6)
+    # quadratic Bézier (0,0)-(1,2)-(2,0): length from a fine numerical integral of |w'(t)|
+    bez = K.bezier_curve(a, jnp.asarray([2.0, 0.0]), 2, bends=[jnp.asarray([1.0, 2.0])])
+    t = np.linspace(0, 1, 200001)
+    speed = np.hypot(2.0 * np.ones_like(t), 4.0 * (1 - 2 * t))
+    want = np.trapezoid(speed, t)
+    assert C.curve_length(bez) == pytest.approx(want, rel=1e-5)
+    dl = C.point_distances(bez, [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(dl, [0.0, np.hypot(1, 1), np.hypot(1, 1)], rtol=1e-6)
+    # big offsets do not spoil the distances (Gram of centred control points)
+    far = K.polychain(a + 1e4, c + 1e4, 1, bends=[b + 1e4])
+    assert C.curve_length(far) == pytest.approx(10.0, rel=1e-4)
+    st = C.path_stats([1.0, 3.0, 3.0], [0.0, 1.0, 3.0])
+    assert st["int"] == pytest.approx((2.0 * 1 + 3.0 * 3) / 4) and st["max"] == 3 and st["mean"] == pytest.approx(7 / 3)
+    assert C.path_stats([2.0, 2.0], [0.0, 0.0])["int"] == 2.0
+    assert C.loss_barrier([0, 0.5, 1], [1.0, 3.0, 2.0]) == pytest.approx(1.5)
+    assert C.loss_barrier([0, 0.5, 1], [1.0, 0.0, 1.0]) == 0.0  # below the chord: no barrier
+    with pytest.raises(ValueError, match="start at 0"):
+        C.loss_barrier([0.1, 1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="same length"):
+        C.loss_barrier([0, 1], [1.0])
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="identical"):
+        C.fit_curve(double_well, K.bezier_curve(START, START, 2), epochs=1, optimizer=optax.sgd(0.1))
+    with pytest.raises(ValueError, match="curve kind"):
+        C.make_curve(START, END, "spline")
+    with pytest.raises(ValueError, match="curves"):
+        C.fit_curve(double_well, K.simplex([START, END, START + 1]), epochs=1, optimizer=optax.sgd(0.1))
+    with pytest.raises(ValueError, match="Bézier degree"):
+        C.make_curve(START, END, "bezier", degree=0)
+    with pytest.raises(ValueError, match="num_bends"):
+        C.make_curve(START, END, "polychain", num_bends=-1)
+    with pytest.raises(ValueError, match="curve"):
+        C.curve_length(K.simplex([START, END]))
+
+
+# ---- networks -------------------------------------------------------------------------------------------
+
+class _TinyMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(3)(nn.tanh(nn.Dense(8)(x)))
+
+
+class _TinyBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Dense(6)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(3)(nn.relu(x))
+
+
+def _toy(n, seed):
+    r = np.random.default_rng(seed)
+    x = r.normal(size=(n, 5)).astype(np.float32)
+    y = ((x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int32) + (x[:, 2] > 1).astype(np.int32)).astype(np.int32)
+    return Dataset(x=x, y=y, num_classes=3, name="toy")
+
+
+def test_train_and_evaluate_curve_on_a_network():
+    model = from_flax(_TinyMLP(), "tiny")
+    train, test = _toy(128, 0), _toy(64, 1)
+    p0 = model.init(jax.random.key(0), train.x[:2])["params"]
+    p1 = model.init(jax.random.key(1), train.x[:2])["params"]
+    with pytest.raises(ValueError, match="identical"):
+        C.train_curve(model, p0, p0, train, epochs=1)
+    with pytest.raises(ValueError, match="nothing to train"):
+        C.train_curve(model, p0, p1, train, degree=1, epochs=1)
+    res = C.train_curve(model, p0, p1, train, kind="polychain", num_bends=1, epochs=3, batch_size=32, lr=0.05,
+                        num_samples=2)
+    conn = res.connector
+    assert len(res.history) == 3 and conn.kind == "polychain"
+    for a, b in zip(jax.tree_util.tree_leaves(conn.control), jax.tree_util.tree_leaves(tree_stack([p0, p0, p1])),
+                    strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+    ev = C.evaluate_path(model, conn, train, test)
+    assert ev.ts.shape == (61,) and ev.train_loss.shape == (61,) and ev.test_acc.shape == (61,)
+    ends = evaluate_params(model, tree_stack([p0, p1]), test)
+    np.testing.assert_allclose(ev.test_loss[[0, -1]], ends.loss, rtol=1e-5)
+    assert ev.length == pytest.approx(C.curve_length(conn), rel=1e-6)
+    assert ev.dl.sum() == pytest.approx(ev.length, rel=1e-5)  # t = 0.5 (the bend) is on the 61-point grid
+    s = ev.summary()
+    for key in ("train_loss", "train_err", "test_loss", "test_err"):
+        assert set(s[key]) == {"start", "end", "min", "max", "mean", "int"}
+    assert s["test_loss_barrier"] == pytest.approx(ev.barrier("test_loss"))
+    assert s["test_acc_min"] == pytest.approx(ev.test_acc.min())
+    d = ev.to_dict()
+    assert len(d["t"]) == 61 and "summary" in d
+
+
+def test_evaluate_path_recalibrates_batchnorm():
+    model = from_flax(_TinyBN(), "tiny_bn", has_batch_stats=True)
+    train = _toy(128, 0)
+    p0 = model.init(jax.random.key(0), train.x[:2])["params"]
+    p1 = model.init(jax.random.key(1), train.x[:2])["params"]
+    conn = C.make_curve(p0, p1, "bezier", degree=2)
+    ev = C.evaluate_path(model, conn, train, num_points=5, bn_batch_size=64)
+    direct = evaluate_points(model, conn, np.linspace(0, 1, 5), train, bn_data=train, bn_batch_size=64)
+    plain = evaluate_points(model, conn, np.linspace(0, 1, 5), train, bn_data=train, bn_batch_size=128)
+    np.testing.assert_allclose(ev.train_loss, direct.loss, rtol=1e-5)
+    assert not np.allclose(ev.train_loss, plain.loss, rtol=1e-6)  # the statistics come from bn_data batches
+    assert ev.test_loss is None and "test_loss" not in ev.summary()
