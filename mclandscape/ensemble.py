@@ -421,16 +421,14 @@ def train_with_snapshots(loss_fn: Callable, params: PyTree, optimizer: optax.Gra
         raise ValueError(f"collect steps must lie in [1, {steps}], got {want}")
     key = key if key is not None else jax.random.key(0)
 
-    @jax.jit
-    def step(params, opt_state, batch, t):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, jax.random.fold_in(key, t))
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    from .train import make_train_step
+
+    step = make_train_step(lambda p, b, k: (loss_fn(p, b, k), None), optimizer)
 
     opt_state = optimizer.init(params)
     snaps = []
     for t in range(steps):
-        params, opt_state, loss = step(params, opt_state, batch_fn(t), np.int32(t))
+        params, opt_state, loss, _ = step(params, opt_state, batch_fn(t), jax.random.fold_in(key, t))
         if t + 1 in want:
             if not math.isfinite(float(loss)):
                 raise ValueError(f"training diverged (loss {float(loss)} at step {t + 1}); lower the learning rate")

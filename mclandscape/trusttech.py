@@ -229,13 +229,17 @@ class ExitDetector:
     pushes ``+1`` (EMA rose) or ``-1`` (EMA fell or stayed) into a buffer of the last ``buffer_size`` states.
     Phase ``"start"`` becomes ``"up"`` when the full buffer holds at least ``vote * buffer_size`` ups and the
     EMA is ``min_rise`` above its first value; phase ``"up"`` becomes ``"exit"`` when the full buffer holds at
-    least ``vote * buffer_size`` downs.
+    least ``vote * buffer_size`` downs and the EMA has fallen at least ``min_drop`` (a fraction of the rise
+    ``peak - base``) below its peak. ``min_rise`` and ``min_drop`` are this implementation's guards against
+    mini-batch noise (the seed names none; 0 disables them): a noisy plateau produces short runs of EMA
+    decreases, a crossing into a neighbouring stability region a sustained fall.
     """
 
     ema_decay: float = 0.9
     buffer_size: int = 10
     vote: float = 0.8
     min_rise: float = 0.0
+    min_drop: float = 0.0
 
     def __post_init__(self):
         b = _check_real(self.ema_decay, "ExitDetector.ema_decay")
@@ -248,6 +252,8 @@ class ExitDetector:
             raise ValueError(f"ExitDetector.vote must be in (0.5, 1] (a majority of the buffer), got {v}")
         if _check_real(self.min_rise, "ExitDetector.min_rise") < 0:
             raise ValueError(f"ExitDetector.min_rise must be >= 0, got {self.min_rise}")
+        if not 0.0 <= _check_real(self.min_drop, "ExitDetector.min_drop") < 1.0:
+            raise ValueError(f"ExitDetector.min_drop must be a fraction in [0, 1), got {self.min_drop}")
 
     @property
     def needed(self) -> int:
@@ -275,7 +281,8 @@ class ExitDetector:
             if full and buffer.count(1) >= self.needed and ema - state.base >= self.min_rise:
                 phase = "up"
         elif phase == "up":
-            if full and buffer.count(-1) >= self.needed:
+            fallen = peak - ema >= self.min_drop * (peak - state.base)
+            if full and buffer.count(-1) >= self.needed and fallen:
                 phase, exited = "exit", True
         return DetectorState(count=count, ema=ema, base=state.base, peak=peak, peak_iteration=peak_it,
                              phase=phase, buffer=buffer), exited
@@ -453,7 +460,9 @@ def dsp_step(loss_fn: LossFn, calibration: optax.GradientTransformation, reading
 def _compiled_step(loss_fn, calibration, reading):
     def step(direction, cal_state, origin, batch, key, t, rho1, rho2):
         rng = jax.random.fold_in(key, t)
-        return dsp_step(loss_fn, calibration, reading, direction, cal_state, origin, batch, rng, rho1, rho2)
+        fwd, cal, state, loss = dsp_step(loss_fn, calibration, reading, direction, cal_state, origin, batch, rng,
+                                         rho1, rho2)
+        return fwd, cal, state, jnp.stack([loss.astype(jnp.float32), tree_norm(fwd)])
 
     return jax.jit(step)
 
@@ -494,20 +503,14 @@ def local_solve(loss_fn: LossFn, params: PyTree, solver: LocalSolver, batch_fn: 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _flatten_named(prefix: str, tree: PyTree, out: dict) -> None:
-    for j, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
-        out[f"{prefix}.{j}"] = np.asarray(leaf)
+def _named(tree: PyTree) -> dict:
+    """``{"l0": leaf0, "l1": leaf1, ...}`` — a checkpoint-friendly flat view of any pytree."""
+    return {f"l{j}": jnp.asarray(x) for j, x in enumerate(jax.tree_util.tree_leaves(tree))}
 
 
-def _unflatten_named(prefix: str, like: PyTree, flat: dict) -> PyTree:
+def _from_named(like: PyTree, named: dict) -> PyTree:
     leaves, treedef = jax.tree_util.tree_flatten(like)
-    new = []
-    for j, leaf in enumerate(leaves):
-        name = f"{prefix}.{j}"
-        if name not in flat:
-            raise ValueError(f"checkpoint is missing array {name!r}: it was written by a different search")
-        new.append(jnp.asarray(flat[name], dtype=jnp.result_type(leaf)).reshape(jnp.shape(leaf)))
-    return jax.tree_util.tree_unflatten(treedef, new)
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(named[f"l{j}"]) for j in range(len(leaves))])
 
 
 def _fingerprint(origin: PyTree, config: DSPConfig, tier: int) -> str:
@@ -545,7 +548,10 @@ def dsp_search(
     unit step, default ``optax.scale(-1.0)`` i.e. ``f = -grad``, seed 004 eq. 2 with ``R = I``);
     ``directions`` overrides the ``config.num_directions`` random initial directions. With
     ``checkpoint_dir`` the state is saved at every exit point, every solution and every
-    ``config.checkpoint_every`` steps, and an existing checkpoint there is resumed. ``callback(t, info)`` is
+    ``config.checkpoint_every`` steps (only the latest state is kept: directions, calibration states, detector
+    states, traces, exits and every solution found), and an existing checkpoint there is resumed — a killed
+    search restarted with the same arguments ends with the same result as an uninterrupted one (recorded
+    ``paths`` restart empty). ``callback(t, info)`` is
     called after every search step (``info``: direction, iteration, loss, ema, rho1, norm, exited, and ``d``
     the direction after the forward step, so ``origin + d`` is the point whose loss was checked).
     """
@@ -579,38 +585,120 @@ def dsp_search(
     sel_seed = int(jax.random.randint(jax.random.fold_in(key, 0x5E1), (), 0, 2**31 - 1))
     fingerprint = _fingerprint(origin, config, tier)
 
-    def save(kind: str):
-        if checkpoint_dir is None:
-            return
-        from . import checkpoint as ckpt
-
-        flat: dict = {}
+    def state_tree() -> dict:
+        tree = {}
         for k in range(num):
-            _flatten_named(f"dir{k}", dirs[k], flat)
-            _flatten_named(f"cal{k}", cal_states[k], flat)
-        for j, s in enumerate(solutions):
-            _flatten_named(f"sol{j}", s, flat)
+            tree[f"dir{k}"] = _named(dirs[k])
+            if jax.tree_util.tree_leaves(cal_states[k]):
+                tree[f"cal{k}"] = _named(cal_states[k])
+        for j, sol in enumerate(solutions):
+            tree[f"sol{j}"] = _named(sol)
         if pending is not None:
-            _flatten_named("pending", pending["point"], flat)
+            tree["pending"] = _named(pending["point"])
+        return tree
+
+    store = None
+    if checkpoint_dir is not None:
+        from .checkpoint import CheckpointStore
+
+        store = CheckpointStore(checkpoint_dir, create=True)
+
+    def save(kind: str):
+        if store is None:
+            return
         meta = {
             "kind": kind, "fingerprint": fingerprint, "t": t, "active": active, "failed": failed,
             "detectors": [d.to_json() for d in detectors], "traces": traces,
             "exits": [e.to_json() for e in exits], "num_solutions": len(solutions),
             "pending": None if pending is None else {k: v for k, v in pending.items() if k != "point"},
         }
-        ckpt.save_checkpoint(checkpoint_dir, t, flat, meta)
+        store.save(t, state_tree(), meta, overwrite=True)
+        for old in store.all_steps():
+            if old != t:
+                store.delete(old)
 
-    if checkpoint_dir is not None:
-        from . import checkpoint as ckpt
+    def _search_loop() -> TierResult:
+        nonlocal pending, t, active
 
-        if ckpt.latest_step(checkpoint_dir) is not None:
-            flat, meta = ckpt.restore_checkpoint(checkpoint_dir)
+        def solve_pending():
+            nonlocal pending
+            rec = ExitRecord(**pending["record"])
+            sol, info = local_solve(loss_fn, pending["point"], solver, batch_fn,
+                                    jax.random.fold_in(solver_key, rec.direction))
+            rec = dataclasses.replace(
+                rec, solution_loss=info["loss"], solver_steps=info["steps"],
+                solution_distance=float(tree_distance(sol, origin)),
+                exit_to_solution=float(tree_distance(sol, pending["point"])))
+            solutions.append(sol)
+            exits.append(rec)
+            pending = None
+            save("solution")
+
+        if pending is not None:
+            solve_pending()
+
+        while any(active) and t < config.max_steps:
+            idx = [k for k in range(num) if active[k]]
+            k = idx[int(np.random.default_rng([sel_seed, t]).integers(len(idx)))]
+            i = detectors[k].count + 1
+            rho1, rho2 = rho.rho1(i), rho.rho2_at(i)
+            fwd, cal, cstate, scalars = step_fn(dirs[k], cal_states[k], origin, batch_fn(t), loss_key,
+                                                np.int32(t), np.float32(rho1), np.float32(rho2))
+            loss, norm = (float(v) for v in np.asarray(scalars))
+            state, exited = det.update(detectors[k], loss)
+            detectors[k] = state
+            tr = traces[k]
+            for name, v in (("iteration", i), ("step", t), ("loss", loss), ("ema", state.ema), ("rho1", rho1),
+                            ("norm", norm)):
+                tr[name].append(v)
+            if paths:
+                paths[k].append((i, fwd))
+            t += 1
+            if exited:
+                if generated:
+                    d0 = initial_directions(key, origin, k + 1, config.init_norm)[k]
+                else:
+                    d0 = directions[k]
+                record = ExitRecord(direction=k, step=t - 1, iteration=i, rho1=rho1, distance=norm, loss=loss,
+                                    ema=state.ema, base_ema=state.base, peak_ema=state.peak,
+                                    peak_iteration=state.peak_iteration,
+                                    cosine_to_initial=float(tree_cosine(fwd, d0)))
+                active[k] = False
+                dirs[k] = fwd
+                pending = {"record": record.to_json(), "point": tree_add(origin, fwd)}
+                save("exit")
+                solve_pending()
+            else:
+                dirs[k], cal_states[k] = cal, cstate
+                if config.max_iterations is not None and i >= config.max_iterations:
+                    active[k] = False
+                    failed.append(k)
+                if config.checkpoint_every and t % config.checkpoint_every == 0:
+                    save("periodic")
+            if callback is not None:
+                callback(t - 1, {"direction": k, "iteration": i, "loss": loss, "ema": state.ema, "rho1": rho1,
+                                 "norm": norm, "exited": exited, "d": fwd})
+        if any(active):
+            failed.extend(k for k in range(num) if active[k] and k not in failed)
+            active = [False] * num
+            save("end")
+        return TierResult(origin=origin, solutions=solutions, exits=exits, traces=traces, failed=sorted(failed),
+                          steps=t, paths=[list(p) for p in paths])
+
+    try:
+        if store is not None and store.latest_step() is not None:
+            meta = store.metadata()
             if meta.get("fingerprint") != fingerprint:
                 raise ValueError(f"checkpoint in {checkpoint_dir!r} belongs to a different search (origin, "
                                  "tier or configuration differ); use a fresh directory")
-            dirs = [_unflatten_named(f"dir{k}", dirs[k], flat) for k in range(num)]
-            cal_states = [_unflatten_named(f"cal{k}", cal_states[k], flat) for k in range(num)]
-            solutions = [_unflatten_named(f"sol{j}", origin, flat) for j in range(meta["num_solutions"])]
+            solutions = [origin] * int(meta["num_solutions"])
+            if meta["pending"] is not None:
+                pending = {"point": origin}
+            tree, _ = store.restore(target=state_tree())
+            dirs = [_from_named(dirs[k], tree[f"dir{k}"]) for k in range(num)]
+            cal_states = [_from_named(cal_states[k], tree[f"cal{k}"]) if f"cal{k}" in tree else cal_states[k]
+                          for k in range(num)]
+            solutions = [_from_named(origin, tree[f"sol{j}"]) for j in range(len(solutions))]
             t = int(meta["t"])
             active = [bool(a) for a in meta["active"]]
             failed = [int(f) for f in meta["failed"]]
@@ -618,73 +706,12 @@ def dsp_search(
             traces = meta["traces"]
             exits = [ExitRecord(**e) for e in meta["exits"]]
             if meta["pending"] is not None:
-                pending = dict(meta["pending"]) | {"point": _unflatten_named("pending", origin, flat)}
+                pending = dict(meta["pending"]) | {"point": _from_named(origin, tree["pending"])}
+        return _search_loop()
+    finally:
+        if store is not None:
+            store.close()
 
-    def solve_pending():
-        nonlocal pending
-        rec = ExitRecord(**pending["record"])
-        sol, info = local_solve(loss_fn, pending["point"], solver, batch_fn,
-                                jax.random.fold_in(solver_key, rec.direction))
-        rec = dataclasses.replace(
-            rec, solution_loss=info["loss"], solver_steps=info["steps"],
-            solution_distance=float(tree_distance(sol, origin)),
-            exit_to_solution=float(tree_distance(sol, pending["point"])))
-        solutions.append(sol)
-        exits.append(rec)
-        pending = None
-        save("solution")
-
-    if pending is not None:
-        solve_pending()
-
-    while any(active) and t < config.max_steps:
-        idx = [k for k in range(num) if active[k]]
-        k = idx[int(np.random.default_rng([sel_seed, t]).integers(len(idx)))]
-        i = detectors[k].count + 1
-        rho1, rho2 = rho.rho1(i), rho.rho2_at(i)
-        fwd, cal, cstate, loss_a = step_fn(dirs[k], cal_states[k], origin, batch_fn(t), loss_key,
-                                           np.int32(t), np.float32(rho1), np.float32(rho2))
-        loss = float(loss_a)
-        state, exited = det.update(detectors[k], loss)
-        detectors[k] = state
-        norm = float(tree_norm(fwd))
-        tr = traces[k]
-        for name, v in (("iteration", i), ("step", t), ("loss", loss), ("ema", state.ema), ("rho1", rho1),
-                        ("norm", norm)):
-            tr[name].append(v)
-        if paths:
-            paths[k].append((i, fwd))
-        t += 1
-        if exited:
-            if generated:
-                d0 = initial_directions(key, origin, k + 1, config.init_norm)[k]
-            else:
-                d0 = directions[k]
-            record = ExitRecord(direction=k, step=t - 1, iteration=i, rho1=rho1, distance=norm, loss=loss,
-                                ema=state.ema, base_ema=state.base, peak_ema=state.peak,
-                                peak_iteration=state.peak_iteration,
-                                cosine_to_initial=float(tree_cosine(fwd, d0)))
-            active[k] = False
-            dirs[k] = fwd
-            pending = {"record": record.to_json(), "point": tree_add(origin, fwd)}
-            save("exit")
-            solve_pending()
-        else:
-            dirs[k], cal_states[k] = cal, cstate
-            if config.max_iterations is not None and i >= config.max_iterations:
-                active[k] = False
-                failed.append(k)
-            if config.checkpoint_every and t % config.checkpoint_every == 0:
-                save("periodic")
-        if callback is not None:
-            callback(t - 1, {"direction": k, "iteration": i, "loss": loss, "ema": state.ema, "rho1": rho1,
-                             "norm": norm, "exited": exited, "d": fwd})
-    if any(active):
-        failed.extend(k for k in range(num) if active[k] and k not in failed)
-        active = [False] * num
-        save("end")
-    return TierResult(origin=origin, solutions=solutions, exits=exits, traces=traces, failed=sorted(failed),
-                      steps=t, paths=[list(p) for p in paths])
 
 
 # ---------------------------------------------------------------------------------------------------------

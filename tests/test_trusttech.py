@@ -271,3 +271,89 @@ def test_plots_write_files(tmp_path):
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="empty"):
         pt.plot_search_trace({"iteration": [], "loss": [], "ema": []}, str(tmp_path / "x.png"))
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_killed_search_resumes_to_the_same_result(tmp_path):
+    origin = jnp.array([1.0, 1.0])
+    cfg = tt.DSPConfig(num_directions=4, rho=tt.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=600,
+                       checkpoint_every=25)
+    kw = dict(config=cfg, batch_fn=NO_BATCH, solver=SOLVER)
+    ref = tt.dsp_search(LOSS4, origin, jax.random.key(5), checkpoint_dir=str(tmp_path / "ref"), **kw)
+    assert len(ref.exits) >= 2
+    first_exit = min(e.step for e in ref.exits)
+
+    def kill(t, info):
+        if t == first_exit + 30:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        tt.dsp_search(LOSS4, origin, jax.random.key(5), checkpoint_dir=str(tmp_path / "run"), callback=kill, **kw)
+    from mclandscape import checkpoint as ckpt
+
+    meta = ckpt.read_metadata(str(tmp_path / "run"))
+    assert meta["num_solutions"] >= 1 and 0 < meta["t"] <= first_exit + 31
+    assert ckpt.all_steps(str(tmp_path / "run")) == [meta["t"]]  # only the latest state is kept
+    resumed = tt.dsp_search(LOSS4, origin, jax.random.key(5), checkpoint_dir=str(tmp_path / "run"), **kw)
+    assert resumed.steps == ref.steps
+    assert [e.to_json() for e in resumed.exits] == [e.to_json() for e in ref.exits]
+    for a, b in zip(resumed.solutions, ref.solutions, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed.traces == ref.traces
+    # a different search refuses the directory
+    with pytest.raises(ValueError, match="different search"):
+        tt.dsp_search(LOSS4, origin + 0.5, jax.random.key(5), checkpoint_dir=str(tmp_path / "run"), **kw)
+
+
+def test_search_killed_during_the_local_solver_resumes_from_the_saved_exit(tmp_path):
+    calls = {"n": 0}
+
+    def failing_batches(t):
+        calls["n"] += 1
+        raise _Kill
+
+    bad = tt.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6, batch_fn=failing_batches)
+    kw = dict(config=_config(), batch_fn=NO_BATCH, directions=[_dir(0.01, 0.003)],
+              checkpoint_dir=str(tmp_path / "c"))
+    with pytest.raises(_Kill):
+        tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), solver=bad, **kw)
+    from mclandscape import checkpoint as ckpt
+
+    meta = ckpt.read_metadata(str(tmp_path / "c"))
+    assert meta["kind"] == "exit" and meta["pending"] is not None and meta["num_solutions"] == 0
+    res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), solver=SOLVER, **kw)
+    ref = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(), batch_fn=NO_BATCH, solver=SOLVER,
+                        directions=[_dir(0.01, 0.003)])
+    assert len(res.solutions) == 1 and res.exits[0].to_json() == ref.exits[0].to_json()
+    assert float(res.solutions[0]["x"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_model_search_on_digits_finds_a_tier1_solution(tmp_path):
+    from mclandscape.data import load_dataset
+    from mclandscape.models import get_model
+
+    ds = load_dataset("digits", "train").take(256)
+    model = get_model("mlp", widths=[16], num_classes=10)
+    variables = model.init(jax.random.key(0), jnp.asarray(ds.x[:2]))
+    loss_fn = tt.model_loss_fn(model, variables)
+    batches = tt.dataset_batches(ds, 64, seed=0)
+    assert batches.steps_per_epoch == 4
+    x0, _ = batches(0)
+    np.testing.assert_array_equal(np.asarray(batches(4)[0]).shape, x0.shape)
+    assert not np.array_equal(np.asarray(batches(0)[0]), np.asarray(batches(4)[0]))  # reshuffled per epoch
+    np.testing.assert_array_equal(np.asarray(batches(1)[0]), np.asarray(tt.dataset_batches(ds, 64, seed=0)(1)[0]))
+    train = tt.LocalSolver(optax.sgd(0.1, momentum=0.9), steps=300)
+    omega0, info = tt.local_solve(loss_fn, variables["params"], train, batches, jax.random.key(0))
+    assert info["loss"] < 0.3
+    cfg = tt.DSPConfig(num_directions=1, rho=tt.RhoSchedule(1e-3, 0.1, 0.01),
+                       detector=tt.ExitDetector(min_rise=0.2, min_drop=0.1), init_norm=1.0, max_steps=800)
+    res = tt.dsp_search(loss_fn, omega0, jax.random.key(1), config=cfg, batch_fn=batches,
+                        solver=tt.LocalSolver(optax.sgd(0.05, momentum=0.9), steps=150))
+    assert len(res.solutions) >= 1
+    for e, s in zip(res.exits, res.solutions, strict=True):
+        assert e.peak_ema > e.base_ema + 0.2 and e.ema <= e.peak_ema - 0.1 * (e.peak_ema - e.base_ema)
+        assert e.solution_loss < 0.5
+        assert float(tt.tree_distance(s, omega0)) > 1.0
