@@ -109,24 +109,28 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, batch: Any = None) -> PyTree
     return jax.jvp(jax.grad(f), (params,), (v,))[1]
 
 
+# one jitted HVP for every (loss_fn, shapes): loss functions are static (hashed by identity), so a stable
+# loss_fn (e.g. from model_loss_fn's cache) compiles once for all parameter points and batches of one shape
+_hvp_jit = jax.jit(hvp, static_argnums=(0,))
+
+
 def make_hvp(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None = None, *,
              weights: Sequence[float] | None = None) -> Callable[[PyTree], PyTree]:
     """``v -> H v`` for the dataset loss ``Σ_b w_b·loss_fn(params, batch_b)`` at fixed ``params``.
 
     ``w_b = n_b / N`` by default (the Hessian of the mean loss over all examples). Each batch is one call
-    of a jitted forward-over-reverse HVP; batches of one size share one compilation.
+    of a jitted forward-over-reverse HVP; batches of one size share one compilation, and so do later calls
+    with the same ``loss_fn`` object.
     """
     batch_list = _as_batches(batches)
     if batch_list is None:
-        f1 = jax.jit(lambda p, v: hvp(loss_fn, p, v))
-        return lambda v: f1(params, v)
+        return lambda v: _hvp_jit(loss_fn, params, v)
     w = _weights(batch_list, weights)
-    fb = jax.jit(lambda p, v, b: hvp(loss_fn, p, v, b))
 
     def matvec(v):
         out = None
         for wb, b in zip(w, batch_list, strict=True):
-            hv = fb(params, v, b)
+            hv = _hvp_jit(loss_fn, params, v, b)
             scaled = jax.tree_util.tree_map(functools.partial(jnp.multiply, wb), hv)
             out = scaled if out is None else jax.tree_util.tree_map(jnp.add, out, scaled)
         return out
@@ -306,6 +310,18 @@ def hessian_eigenvalues(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] 
     return np.linalg.eigvalsh(dense_hessian(loss_fn, params, batches, weights=weights, max_dim=max_dim))
 
 
+@functools.lru_cache(maxsize=32)
+def _model_loss_with_state(model: Model, loss: Callable) -> LossFn:
+    """``fn(params, (x, y, others))``: one stable function per (model, loss) so HVPs compile once."""
+
+    def fn(params, batch):
+        x, y, others = batch
+        logits = model.apply({"params": params, **others}, x, train=False)
+        return jnp.mean(loss(logits, y))
+
+    return fn
+
+
 def model_loss_fn(model: Model, variables: PyTree, *, loss: Callable = cross_entropy) -> LossFn:
     """``loss_fn(params, (x, y)) -> mean loss`` of ``model`` in evaluation mode.
 
@@ -313,11 +329,11 @@ def model_loss_fn(model: Model, variables: PyTree, *, loss: Callable = cross_ent
     Hessian is taken with respect to ``params`` at the model's stored statistics, as in inference.
     """
     others = {k: v for k, v in dict(variables).items() if k != "params"}
+    inner = _model_loss_with_state(model, loss)
 
     def loss_fn(params, batch):
         x, y = batch
-        logits = model.apply({"params": params, **others}, x, train=False)
-        return jnp.mean(loss(logits, y))
+        return inner(params, (x, y, others))
 
     return loss_fn
 
@@ -343,7 +359,8 @@ def top_hessian_eigenvalues(model: Model, variables: PyTree, data, *, key: jax.A
                             num_iter: int = 20, batch_size: int = 512, max_examples: int | None = None,
                             loss: Callable = cross_entropy) -> Eigs:
     """Top-``k`` Hessian eigenvalues of a model's mean loss on ``data`` (Lanczos, :func:`lanczos`)."""
-    fn = model_loss_fn(model, variables, loss=loss)
+    others = {k: v for k, v in dict(variables).items() if k != "params"}
     params = variables["params"]
-    mv = make_hvp(fn, params, dataset_batches(data, batch_size, max_examples=max_examples))
+    batches = [(x, y, others) for x, y in dataset_batches(data, batch_size, max_examples=max_examples)]
+    mv = make_hvp(_model_loss_with_state(model, loss), params, batches)
     return lanczos(mv, params, key=key, num_iter=num_iter, k=k)
