@@ -843,7 +843,7 @@ def grid_traversal(
         evals = 1
     else:
         m = getattr(evaluate, "dim", state.dim)
-        if dim is not None and dim != state.dim or m != state.dim:
+        if (dim is not None and dim != state.dim) or m != state.dim:
             raise ValueError(f"state is an m={state.dim} lattice but the evaluator is m={m if dim is None else dim}")
     m = state.dim
     codec = state.codec
