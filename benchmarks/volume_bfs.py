@@ -63,7 +63,7 @@ def iris_flat(seed: int = 0):
     params = run(params)
     minima = [jax.tree_util.tree_map(lambda a, i=i: a[i], params) for i in range(4)]
     flat = V.flat_from_minima(minima, basis="qr")
-    return flat, V.model_loss(model, train, {"params": minima[0]})
+    return flat, V.model_vector_loss(model, train, {"params": minima[0]})
 
 
 def throughput(args) -> list[dict]:

@@ -168,7 +168,7 @@ class Runner:
             self.results["iris_minima"] = {"seeds": seeds, "train_loss": losses.tolist(), "test_acc": accs,
                                            "train_time": time.perf_counter() - t}
             self.log(f"iris minima: train loss {np.round(losses, 4).tolist()} test acc {np.round(accs, 3).tolist()}")
-            loss = V.model_loss(model, train, {"params": params[0]})
+            loss = V.model_vector_loss(model, train, {"params": params[0]})
             self._iris = (model, train, params, loss)
         return self._iris
 
@@ -187,7 +187,7 @@ class Runner:
             flat = V.full_space_flat(params)
             if flat.ambient_dim != d:
                 raise RuntimeError(f"synthetic network has {flat.ambient_dim} parameters, expected {d}")
-            loss = V.model_loss(model, data, {"params": params}, loss="mse")
+            loss = V.model_vector_loss(model, data, {"params": params}, loss="mse")
             info[f"d{d}"] = {"train_loss": float(eps), "theta_star": np.asarray(flat.anchor).tolist()}
             sweeps[f"d = {d}"] = self.sweep(f"synthetic_d{d}", flat, loss, _floats(a.synthetic_steps),
                                             _floats(a.synthetic_multipliers), limit=a.synthetic_limit, key=d)

@@ -54,7 +54,7 @@ __all__ = [
     "flat_from_minima",
     "full_space_flat",
     "ParamLoss",
-    "model_loss",
+    "model_vector_loss",
     "LatticeLoss",
     "LatticeCodec",
     "VoxelStore",
@@ -325,7 +325,7 @@ class ParamLoss:
         return self.fn(jnp.asarray(theta), self.aux)
 
 
-def model_loss(model, data, variables: PyTree, *, loss: str | Callable = "cross_entropy") -> ParamLoss:
+def model_vector_loss(model, data, variables: PyTree, *, loss: str | Callable = "cross_entropy") -> ParamLoss:
     """Full-batch mean loss of ``model`` on ``data`` as a function of the flat parameter vector.
 
     ``variables`` gives the parameter structure (``variables['params']``, raveled in the same order as

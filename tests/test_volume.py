@@ -564,7 +564,7 @@ def test_model_loss_on_an_iris_flat_is_exact_and_bucket_invariant(iris_setup):
     model, data, minima = iris_setup
     params = [v["params"] for v in minima]
     flat = V.flat_from_minima(params[:3], anchor=1, basis="qr")
-    loss = V.model_loss(model, data, minima[1])
+    loss = V.model_vector_loss(model, data, minima[1])
     assert loss.dim == 4 * 8 + 8 + 8 * 3 + 3 == flat.ambient_dim
     # the origin is the anchor minimum: its loss is the model's loss
     direct = float(jnp.mean(cross_entropy(model.apply(minima[1], jnp.asarray(data.x)), jnp.asarray(data.y))))
@@ -591,7 +591,7 @@ def test_iris_3d_sweep_and_plots(iris_setup, tmp_path: Path):
 
     model, data, minima = iris_setup
     params = [v["params"] for v in minima]
-    loss = V.model_loss(model, data, minima[0])
+    loss = V.model_vector_loss(model, data, minima[0])
     sweeps = {}
     for kind in ("raw", "qr"):
         flat = V.flat_from_minima(params, basis=kind)
