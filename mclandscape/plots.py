@@ -75,17 +75,23 @@ def heatmap_pair(before, after, path: str | os.PathLike, *, label: str, title: s
 
 
 def surface_3d(grids: Sequence[np.ndarray], path: str | os.PathLike, *, titles: Sequence[str], zlabel: str = "loss",
-               cmap: str = "viridis") -> str:
-    """3-D views of one or more loss grids over (u, v) (seed 000 Figure 1: before / after)."""
+               cmap: str = "viridis", shared_z: bool = True) -> str:
+    """3-D views of one or more loss grids over (u, v) (seed 000 Figure 1: before / after); with ``shared_z``
+    all panels use one z range, so a drop in loss is visible as such."""
     grids = [_square(g, "grid") for g in grids]
     if len(titles) != len(grids):
         raise ValueError(f"{len(grids)} grids but {len(titles)} titles")
+    zlim = (min(float(g.min()) for g in grids), max(float(g.max()) for g in grids))
     fig = plt.figure(figsize=(5.5 * len(grids), 4.5))
     for k, (g, t) in enumerate(zip(grids, titles, strict=True)):
         ax = fig.add_subplot(1, len(grids), k + 1, projection="3d")
         ax_ = np.linspace(0, 1, g.shape[0])
         uu, vv = np.meshgrid(ax_, ax_, indexing="ij")
-        ax.plot_surface(uu, vv, g, cmap=cmap, edgecolor="k", linewidth=0.2)
+        if shared_z:
+            ax.plot_surface(uu, vv, g, cmap=cmap, edgecolor="k", linewidth=0.2, vmin=zlim[0], vmax=zlim[1])
+            ax.set_zlim(*zlim)
+        else:
+            ax.plot_surface(uu, vv, g, cmap=cmap, edgecolor="k", linewidth=0.2)
         ax.set_xlabel("u")
         ax.set_ylabel("v")
         ax.set_zlabel(zlabel)
@@ -114,7 +120,9 @@ def triangle_plot(points, values, path: str | os.PathLike, *, label: str = "test
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(0, -12 if y == 0 else 6), ha="center")
     ax.set_aspect("equal")
     ax.axis("off")
-    ax.set_title(title or "linear surface alpha1 theta1 + alpha2 theta2 + alpha3 theta3")
+    ax.set_xlim(-0.12, 1.12)
+    ax.set_ylim(-0.08, np.sqrt(3) / 2 + 0.08)
+    fig.suptitle(title or "linear surface a1 theta1 + a2 theta2 + a3 theta3", fontsize=10, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
