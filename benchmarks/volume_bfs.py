@@ -32,36 +32,15 @@ from mclandscape.data import load_dataset
 from mclandscape.models import get_model
 
 
-def iris_flat(seed: int = 0):
-    """Four Iris minima (short full-batch Adam runs, vmapped over seeds) and the 3-D QR flat through them."""
-    import optax
-
-    from mclandscape.losses import cross_entropy
+def iris_flat(seed: int = 0, epochs: int = 1000):
+    """Four Iris minima (``train_many``, full-batch Adam) and the 3-D QR flat through them."""
+    from mclandscape.train import TrainConfig, train_many
 
     train = load_dataset("iris", "train")
     model = get_model("mlp", widths=[8], num_classes=3)
-    x, y = jnp.asarray(train.x), jnp.asarray(train.y)
-    keys = jnp.stack([jax.random.key(seed * 10 + i) for i in range(4)])
-    params = jax.vmap(lambda k: model.init(k, x[:2])["params"])(keys)
-    opt = optax.adam(0.01)
-
-    def loss_fn(p):
-        return jnp.mean(cross_entropy(model.apply({"params": p}, x), y))
-
-    @jax.jit
-    def run(p):
-        s = jax.vmap(opt.init)(p)
-
-        def step(carry, _):
-            p, s = carry
-            g = jax.vmap(jax.grad(loss_fn))(p)
-            u, s = jax.vmap(opt.update)(g, s, p)
-            return (jax.tree_util.tree_map(lambda a, b: a + b, p, u), s), None
-
-        return jax.lax.scan(step, (p, s), None, length=1500)[0][0]
-
-    params = run(params)
-    minima = [jax.tree_util.tree_map(lambda a, i=i: a[i], params) for i in range(4)]
+    cfg = TrainConfig(epochs=epochs, batch_size=len(train), optimizer="adam", lr=0.01)
+    runs = train_many(model, train, None, cfg, seeds=[seed * 10 + i for i in range(4)], progress=False)
+    minima = [r.variables["params"] for r in runs]
     flat = V.flat_from_minima(minima, basis="qr")
     return flat, V.model_vector_loss(model, train, {"params": minima[0]})
 

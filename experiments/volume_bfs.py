@@ -4,8 +4,8 @@ Settings (``--settings``, comma-separated; all by default):
 
 - ``synthetic`` (§5.1, Figure 5.1): small non-linear networks with d = 2, 3, ... parameters (a chain
   ``x -> tanh(w_1 x) -> ... -> w_d ·`` = ``get_model("mlp", widths=[1]*(d-1), num_classes=1,
-  activation="tanh", use_bias=False)``) trained by full-batch Adam on ``load_dataset("synthetic",
-  task="regression", dim=1)``; the BFS runs in their full parameter space (no flat).
+  activation="tanh", use_bias=False)``) trained (``train_many``, full-batch Adam, MSE) on
+  ``load_dataset("synthetic", task="regression", dim=1)``; the BFS runs in their full parameter space.
 - ``iris2d`` / ``iris3d`` (§5.2, Figures 5.2-5.3): a 4-8-3 ReLU MLP on Iris (cross-entropy; the seed's
   "single output neuron" cannot carry a 3-class cross-entropy, so the output layer has 3 units), minima from
   different seeds, a 2-D flat through 3 minima and a 3-D flat through 4 minima (QR basis).
@@ -36,13 +36,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mclandscape import volume as V
 from mclandscape.data import load_dataset
 from mclandscape.losses import accuracy, cross_entropy, mse
 from mclandscape.models import get_model
 from mclandscape.plots_volume import plot_h_mean, plot_h_panels
+from mclandscape.train import TrainConfig, train_many
 
 ALL_SETTINGS = ("synthetic", "iris2d", "iris3d", "minima", "basis", "distance")
 
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(ALL_SETTINGS)}")
     p.add_argument("--seed", type=int, default=0, help="base seed (training inits, data, traversal RNG)")
     p.add_argument("--num-minima", type=int, default=5, help="Iris minima trained from different seeds (>= 4)")
-    p.add_argument("--train-steps", type=int, default=2000, help="full-batch Adam steps per network")
+    p.add_argument("--train-steps", type=int, default=2000, help="full-batch Adam epochs (= steps) per network")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     p.add_argument("--multipliers", default="1.5,2,3,5,8",
                    help="threshold multipliers n (c = n·eps), strictly increasing, >= 1")
@@ -97,31 +97,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def train_minima(model, data, loss_name: str, seeds, *, steps: int, lr: float):
-    """Full-batch Adam from several initialisations at once (vmapped over seeds). Returns params, losses."""
-    x, y = jnp.asarray(data.x), jnp.asarray(data.y)
+def train_minima(model, data, test, loss_name: str, seeds, *, steps: int, lr: float):
+    """Minima from different seeds: ``train_many`` with full-batch Adam for ``steps`` epochs (the datasets are
+    tiny). Returns the parameter pytrees and their full-batch training losses."""
+    cfg = TrainConfig(epochs=steps, batch_size=len(data), optimizer="adam", lr=lr, schedule="constant",
+                      loss=loss_name)
+    runs = train_many(model, data, test, cfg, seeds=[int(s) for s in seeds], progress=False)
     per_example = cross_entropy if loss_name == "cross_entropy" else mse
-    init = jax.vmap(lambda k: model.init(k, x[:2])["params"])(jnp.stack([jax.random.key(int(s)) for s in seeds]))
-    opt = optax.adam(lr)
-
-    def loss_fn(p):
-        return jnp.mean(per_example(model.apply({"params": p}, x), y))
-
-    @jax.jit
-    def run(params):
-        state = jax.vmap(opt.init)(params)
-
-        def step(carry, _):
-            p, s = carry
-            val, g = jax.vmap(jax.value_and_grad(loss_fn))(p)
-            upd, s = jax.vmap(opt.update)(g, s, p)
-            return (optax.apply_updates(p, upd), s), val
-
-        (params, _), _ = jax.lax.scan(step, (params, state), None, length=steps)
-        return params, jax.vmap(loss_fn)(params)
-
-    params, final = run(init)
-    return [jax.tree_util.tree_map(lambda a, i=i: a[i], params) for i in range(len(seeds))], np.asarray(final)
+    x, y = jnp.asarray(data.x), jnp.asarray(data.y)
+    params = [r.variables["params"] for r in runs]
+    final = [float(jnp.mean(per_example(model.apply({"params": p}, x), y))) for p in params]
+    return params, np.asarray(final)
 
 
 class Runner:
@@ -162,7 +148,8 @@ class Runner:
             model = get_model("mlp", widths=[8], num_classes=3)
             t = time.perf_counter()
             seeds = [a.seed * 100 + i for i in range(a.num_minima)]
-            params, losses = train_minima(model, train, "cross_entropy", seeds, steps=a.train_steps, lr=a.lr)
+            params, losses = train_minima(model, train, test, "cross_entropy", seeds, steps=a.train_steps,
+                                          lr=a.lr)
             xt, yt = jnp.asarray(test.x), jnp.asarray(test.y)
             accs = [float(accuracy(model.apply({"params": p}, xt), yt)) for p in params]
             self.results["iris_minima"] = {"seeds": seeds, "train_loss": losses.tolist(), "test_acc": accs,
@@ -183,7 +170,7 @@ class Runner:
             data = load_dataset("synthetic", "train", seed=a.seed, task="regression", dim=1, n_train=64,
                                 n_test=0, noise=a.synthetic_noise, hidden=a.synthetic_hidden)
             model = get_model("mlp", widths=[1] * (d - 1), num_classes=1, activation="tanh", use_bias=False)
-            (params,), (eps,) = train_minima(model, data, "mse", [a.seed], steps=a.train_steps, lr=a.lr)
+            (params,), (eps,) = train_minima(model, data, None, "mse", [a.seed], steps=a.train_steps, lr=a.lr)
             flat = V.full_space_flat(params)
             if flat.ambient_dim != d:
                 raise RuntimeError(f"synthetic network has {flat.ambient_dim} parameters, expected {d}")
