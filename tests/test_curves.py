@@ -198,3 +198,37 @@ def test_evaluate_path_recalibrates_batchnorm():
     np.testing.assert_allclose(ev.train_loss, direct.loss, rtol=1e-5)
     assert not np.allclose(ev.train_loss, plain.loss, rtol=1e-6)  # the statistics come from bn_data batches
     assert ev.test_loss is None and "test_loss" not in ev.summary()
+
+
+def test_plot_path_profiles(tmp_path):
+    from mclandscape.plots_paths import plot_path_profiles
+
+    ts = np.linspace(0, 1, 5)
+    p = {"ts": ts, "dl": np.r_[0, np.ones(4)], "train_loss": ts * (1 - ts), "train_acc": np.full(5, 0.9),
+         "test_loss": ts * (1 - ts) + 0.1, "test_acc": np.full(5, 0.8)}
+    out = plot_path_profiles({"line": p, "curve": {**p, "test_loss": None}}, tmp_path / "prof.png", x="length")
+    assert (tmp_path / "prof.png").stat().st_size > 1000 and out.endswith("prof.png")
+    with pytest.raises(ValueError, match="no paths"):
+        plot_path_profiles({}, tmp_path / "x.png")
+
+
+@pytest.mark.slow
+def test_experiment_smoke_writes_the_contract_keys(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "experiments.curves_neb", "--out", str(tmp_path), "--models", "mlp",
+           "--endpoint-epochs", "2", "--curve-epochs", "1", "--neb-steps", "3", "--neb-cycles", "2",
+           "--num-points", "5", "--sub-pivots", "2", "--train-eval-size", "300", "--no-muller-brown"]
+    subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=600)
+    res = json.loads((tmp_path / "results.json").read_text())
+    for key in ("line_barrier", "bezier_barrier", "polychain_barrier", "neb_barrier", "endpoint_acc",
+                "bezier_min_acc", "neb_min_acc"):
+        assert np.isfinite(res[key])
+    assert res["bezier_min_acc"] <= max(res["models"]["mlp"]["endpoint_accs"])
+    assert (tmp_path / "mlp_profiles.png").exists()
+    counts = [c["num_pivots"] for c in res["models"]["mlp"]["neb_cycles"]]
+    assert counts[0] == 5 and 5 <= counts[1] <= 7

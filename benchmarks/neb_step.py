@@ -1,0 +1,87 @@
+"""Seconds per NEB step: all pivots' gradients in one vectorised call vs one pivot at a time.
+
+For each model (digits 8×8: the 64-32-10 MLP and the small CNN of ``experiments/curves_neb``; add
+``--models vgg16,resnet20`` on a GPU with CIFAR-sized random inputs) and band size N, one JSON line per
+strategy of :func:`mclandscape.neb.make_neb_step`:
+
+- ``loop``: a Python loop over the N-2 inner pivots calling one jitted value-and-grad (Draxler's
+  ``torch_autoneb`` evaluates pivots one after another), then the jitted force/update;
+- ``map``: one jitted step with ``jax.lax.map`` over pivots;
+- ``vmap``: one jitted step with ``jax.vmap`` over pivots.
+
+Each line holds ``seconds_per_step`` (median of ``--repeats`` timings of ``--steps`` steps, compile excluded)
+and ``speedup_vs_loop``. Run: ``python benchmarks/neb_step.py [--models mlp,cnn] [--pivots 6,12]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mclandscape import neb as N
+from mclandscape.models import get_model
+
+MODELS = {
+    "mlp": ("mlp", {"widths": [32]}, (8, 8, 1)),
+    "cnn": ("simple_cnn", {"channels": [8, 16, 16], "hidden": 32, "dropout": 0.0}, (8, 8, 1)),
+    "cnn_wide": ("simple_cnn", {"dropout": 0.0}, (8, 8, 1)),  # zoo default channels 32-64-128, hidden 256
+    "vgg16": ("vgg16", {"dropout": 0.0}, (32, 32, 3)),
+    "resnet20": ("resnet20", {}, (32, 32, 3)),
+}
+
+
+def _time_steps(neb_step, pivots, batch, steps: int, repeats: int) -> float:
+    state = neb_step.init(pivots)
+    p = pivots
+    for _ in range(2):  # compile + warm-up
+        p, state, *_rest = neb_step.step(p, state, batch, False)
+    jax.block_until_ready(p)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            p, state, *_rest = neb_step.step(p, state, batch, False)
+        jax.block_until_ready(p)
+        times.append((time.perf_counter() - t0) / steps)
+    return float(np.median(times))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mlp,cnn", help=f"comma-separated, from {sorted(MODELS)}")
+    ap.add_argument("--pivots", default="6,12", help="band sizes N (comma-separated)")
+    ap.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
+    ap.add_argument("--steps", type=int, default=10, help="steps per timing")
+    ap.add_argument("--repeats", type=int, default=3, help="timings per configuration (median)")
+    ap.add_argument("--strategies", default="loop,map,vmap", help="strategies to time")
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(0)
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        arch, kw, shape = MODELS[name]
+        model = get_model(arch, num_classes=10, **kw)
+        x = jnp.asarray(rng.normal(size=(args.batch_size, *shape)).astype(np.float32))
+        y = jnp.asarray(rng.integers(0, 10, size=args.batch_size).astype(np.int32))
+        batch = (x, y, jax.random.key(0))
+        p0 = model.init(jax.random.key(0), x[:1])["params"]
+        p1 = model.init(jax.random.key(1), x[:1])["params"]
+        loss = N.model_loss(model)
+        for n in [int(v) for v in args.pivots.split(",") if v.strip()]:
+            pivots = N.straight_band(p0, p1, n)
+            timings = {}
+            for strat in [s.strip() for s in args.strategies.split(",") if s.strip()]:
+                cfg = N.NEBConfig(spring_constant=1.0, learning_rate=0.01, strategy=strat)
+                timings[strat] = _time_steps(N.make_neb_step(loss, cfg, n), pivots, batch, args.steps, args.repeats)
+            for strat, sec in timings.items():
+                print(json.dumps({"benchmark": "neb_step", "model": name, "num_pivots": n,
+                                  "batch_size": args.batch_size, "strategy": strat, "seconds_per_step": sec,
+                                  "speedup_vs_loop": (timings["loop"] / sec) if "loop" in timings else None,
+                                  "backend": jax.default_backend(), "devices": len(jax.devices())}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
