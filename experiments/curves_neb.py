@@ -202,7 +202,7 @@ def _run_model(args, name: str, train, test, out: Path, ckpt: Path | None) -> di
                       sub_pivots=args.sub_pivots)
     timings["neb_train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    paths["neb"] = C.evaluate_path(model, band.band, train_eval, test, ts=band.dense_t,
+    paths["neb"] = N.evaluate_band(model, band, train_eval, test, sub_pivots=args.sub_pivots,
                                    bn_data=ev_kw["bn_data"])
     timings["neb_eval"] = time.perf_counter() - t0
     rec["neb_cycles"] = band.cycles

@@ -100,6 +100,7 @@ __all__ = [
     "model_loss",
     "model_batches",
     "model_profile",
+    "evaluate_band",
 ]
 
 STRATEGIES = ("auto", "map", "vmap", "loop")
@@ -720,3 +721,19 @@ def model_profile(model, eval_data, *, bn_data=None, batch_size: int = 500, bn_b
         return np.asarray(m.loss)
 
     return profile
+
+
+def evaluate_band(model, band: Connector | NEBResult | AutoNEBResult, train, test=None, *, sub_pivots: int = 9,
+                  **kwargs):
+    """Loss and accuracy on the dense interpolation of a band: its pivots and ``sub_pivots`` points between
+    each pair (:func:`dense_ts`), BatchNorm recalibrated per point (``bn_data`` defaults to ``train``).
+
+    Returns a :class:`mclandscape.curves.PathEvaluation` (barrier, stats, length); ``kwargs`` go to
+    :func:`mclandscape.curves.evaluate_path`.
+    """
+    from .curves import evaluate_path
+
+    conn = band if isinstance(band, Connector) else band.band
+    if conn.kind != "polychain":
+        raise ValueError(f"a band is a polychain connector, got a {conn.kind!r} connector")
+    return evaluate_path(model, conn, train, test, ts=dense_ts(conn.num_control, sub_pivots), **kwargs)

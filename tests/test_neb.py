@@ -339,6 +339,9 @@ def test_model_neb_with_batchnorm_and_model_helpers():
                              bn_batch_size=32)
     np.testing.assert_allclose(res.dense_loss, direct.loss, rtol=1e-5)
     assert np.all(np.isfinite(res.dense_loss))
+    ev = N.evaluate_band(model, res, ds, sub_pivots=3, bn_batches=2, bn_batch_size=32, batch_size=96)
+    np.testing.assert_allclose(ev.train_loss, res.dense_loss, rtol=1e-5)
+    assert ev.barrier() >= 0.0 and ev.length == pytest.approx(float(jnp.sum(N.segment_lengths(res.pivots))), rel=1e-5)
 
 
 def test_band_connector_is_a_polychain_through_the_pivots():
