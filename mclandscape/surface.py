@@ -94,6 +94,9 @@ from .tree import PyTree, tree_gram, tree_path_names
 
 __all__ = [
     "PHASES",
+    "OBJECTIVES",
+    "AREA_ESTIMATORS",
+    "AREA_GRADIENTS",
     "phase_trainable",
     "phase_sampler",
     "curve_family_coefficients",
