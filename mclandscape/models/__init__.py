@@ -1,0 +1,148 @@
+"""The model zoo: Flax modules wrapped as pure :class:`Model` bundles.
+
+``get_model(name, **kwargs)`` builds any zoo architecture; ``model.spec`` records the architecture and
+*all* constructor arguments (defaults filled in) as JSON-serialisable data::
+
+    spec = {"arch": "vgg16_bn", "kwargs": {"num_classes": 10, "dropout": 0.5, "width": 512}}
+
+and ``get_model(spec)`` (or equivalently ``get_model(spec["arch"], **spec["kwargs"])``) rebuilds the same
+model, which is how :func:`mclandscape.checkpoint.load_model` restores a model from a checkpoint alone.
+
+| name | architecture | BatchNorm |
+|---|---|---|
+| ``mlp`` | ``widths`` hidden layers, ``activation``, ``num_classes`` outputs | no |
+| ``simple_cnn`` | seed 000 A.4: 3 × (conv3×3 pad 1, ReLU, max-pool 2), dropout, Dense 256, head | no |
+| ``convfc`` | Garipov et al. ConvFC: 3 × (conv5×5, ReLU, max-pool 3/2), Dense 1000-1000, head (2.42 M) | no |
+| ``vgg16`` / ``vgg16_bn`` | CIFAR VGG16 (Garipov et al.'s classifier) | ``vgg16_bn`` |
+| ``resnet18`` | CIFAR ResNet-18 (11.17 M) | yes |
+| ``resnet20`` | He et al. CIFAR ResNet-20, option-A shortcuts (0.27 M) | yes |
+| ``preresnet20`` | Garipov et al. PreResNet-20 | yes |
+| ``vit_small`` (alias ``vit``) | patch-4 ViT, width 192, depth 6, 3 heads | no |
+
+Every model takes ``num_classes`` and works on any input size: NHWC images (8×8×1 digits too — pools are
+skipped on maps smaller than their window) and, for ``mlp``, any ``[N, ...]`` input. Conv models name their
+first convolution ``stem`` (``variables['params']['stem']``), linear in its weights. Models with BatchNorm
+keep a ``batch_stats`` collection and have ``apply_with_stats``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from mclandscape.models.base import Model, from_flax
+from mclandscape.models.cnn import ConvFC, SimpleCNN
+from mclandscape.models.mlp import MLP
+from mclandscape.models.resnet import ResNet
+from mclandscape.models.vgg import VGG16
+from mclandscape.models.vit import ViT
+
+__all__ = ["Model", "from_flax", "get_model", "list_models", "model_from_spec", "MLP", "SimpleCNN",
+           "ConvFC", "VGG16", "ResNet", "ViT"]
+
+
+def _mlp(widths, num_classes, activation, use_bias, dropout):
+    return MLP(widths=tuple(int(w) for w in widths), num_classes=num_classes, activation=activation,
+               use_bias=use_bias, dropout=dropout)
+
+
+def _simple_cnn(num_classes, channels, hidden, dropout):
+    return SimpleCNN(num_classes=num_classes, channels=tuple(channels), hidden=hidden, dropout=dropout)
+
+
+def _convfc(num_classes, channels, hidden):
+    return ConvFC(num_classes=num_classes, channels=tuple(channels), hidden=tuple(hidden))
+
+
+def _vgg(bn):
+    def build(num_classes, dropout, width):
+        return VGG16(num_classes=num_classes, batch_norm=bn, dropout=dropout, width=width)
+    return build
+
+
+def _resnet18(num_classes):
+    return ResNet(num_classes=num_classes, stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), shortcut="B")
+
+
+def _resnet20(num_classes, shortcut):
+    return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16, 32, 64), shortcut=shortcut)
+
+
+def _preresnet20(num_classes):
+    return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16, 32, 64), preact=True)
+
+
+def _vit(num_classes, patch_size, dim, depth, heads, mlp_dim, dropout):
+    return ViT(num_classes=num_classes, patch_size=patch_size, dim=dim, depth=depth, heads=heads,
+               mlp_dim=mlp_dim, dropout=dropout)
+
+
+# name -> (builder, default kwargs, has_batch_stats)
+_REGISTRY: dict[str, tuple[Callable[..., Any], dict, bool]] = {
+    "mlp": (_mlp, {"widths": [128], "num_classes": 10, "activation": "relu", "use_bias": True,
+                   "dropout": 0.0}, False),
+    "simple_cnn": (_simple_cnn, {"num_classes": 10, "channels": [32, 64, 128], "hidden": 256,
+                                 "dropout": 0.25}, False),
+    "convfc": (_convfc, {"num_classes": 10, "channels": [32, 64, 128], "hidden": [1000, 1000]}, False),
+    "vgg16": (_vgg(False), {"num_classes": 10, "dropout": 0.5, "width": 512}, False),
+    "vgg16_bn": (_vgg(True), {"num_classes": 10, "dropout": 0.5, "width": 512}, True),
+    "resnet18": (_resnet18, {"num_classes": 10}, True),
+    "resnet20": (_resnet20, {"num_classes": 10, "shortcut": "A"}, True),
+    "preresnet20": (_preresnet20, {"num_classes": 10}, True),
+    "vit_small": (_vit, {"num_classes": 10, "patch_size": 4, "dim": 192, "depth": 6, "heads": 3,
+                         "mlp_dim": 384, "dropout": 0.0}, False),
+}
+_ALIASES = {"vit": "vit_small", "vgg16bn": "vgg16_bn", "preresnet": "preresnet20", "cnn": "simple_cnn"}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`get_model` (aliases excluded)."""
+    return sorted(_REGISTRY)
+
+
+def _canonical(value, where: str):
+    """JSON-friendly copy: tuples -> lists, NumPy scalars -> Python scalars; anything else is an error."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v, where) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / jax scalar
+        value = value.item()
+    if isinstance(value, int | float):
+        return value
+    raise ValueError(f"model argument {where}={value!r} is not JSON-serialisable")
+
+
+def get_model(name: str | Mapping, **kwargs) -> Model:
+    """Build a zoo model by name (``get_model("resnet20", num_classes=100)``) or from a spec dict
+    (``get_model(model.spec)``; extra ``kwargs`` override the spec's). Unknown names or arguments raise
+    ``ValueError``. See the module docstring for the architectures."""
+    if isinstance(name, Mapping):
+        spec = dict(name)
+        if "arch" not in spec:
+            raise ValueError(f"model spec {spec!r} has no 'arch' entry")
+        kwargs = {**dict(spec.get("kwargs", {})), **kwargs}
+        name = spec["arch"]
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string or a spec dict, got {name!r}")
+    arch = _ALIASES.get(name.lower(), name.lower())
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()} (aliases {sorted(_ALIASES)})")
+    builder, defaults, has_bn = _REGISTRY[arch]
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise ValueError(f"model {arch!r} got unknown argument(s) {unknown}; it takes {sorted(defaults)}")
+    args = copy.deepcopy(defaults)
+    args.update({k: _canonical(v, k) for k, v in kwargs.items()})
+    if not isinstance(args["num_classes"], int) or args["num_classes"] < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {args['num_classes']!r}")
+    module = builder(**args)
+    return from_flax(module, name=arch, spec={"arch": arch, "kwargs": args}, has_batch_stats=has_bn)
+
+
+def model_from_spec(spec: Mapping) -> Model:
+    """Rebuild a model from ``model.spec`` (e.g. read back from a checkpoint's JSON metadata)."""
+    return get_model(spec)

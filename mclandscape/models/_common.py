@@ -1,0 +1,54 @@
+"""Small helpers shared by the model zoo (activation lookup, size-adaptive pooling, initialisers)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+    "gelu": nn.gelu,
+    "elu": nn.elu,
+    "softplus": nn.softplus,
+    "leaky_relu": nn.leaky_relu,
+    "silu": nn.silu,
+    "identity": lambda x: x,
+}
+
+# He/Kaiming normal with fan-out, as in the CIFAR VGG/ResNet reference code (Garipov et al., torchvision).
+he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: str = "VALID") -> jax.Array:
+    """Max-pool over H, W; skipped when the feature map is already smaller than the window.
+
+    Shapes are static under ``jit``, so this decision is made once at trace time. It is what lets every zoo
+    model run on 8×8 digits as well as 32×32 CIFAR or 64×64 Tiny-ImageNet.
+    """
+    if x.shape[-3] < window or x.shape[-2] < window:
+        return x
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+
+
+def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+    """Standard Flax BatchNorm with PyTorch's defaults (momentum 0.1 in torch == 0.9 here, eps 1e-5)."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+def as_image(x: jax.Array) -> jax.Array:
+    """Accept NHWC images, or NHW (adds a channel axis)."""
+    if x.ndim == 3:
+        return x[..., None]
+    if x.ndim != 4:
+        raise ValueError(f"convolutional models expect NHWC images, got an input of shape {x.shape}")
+    return x

@@ -1,0 +1,108 @@
+"""CIFAR ResNets: ResNet-18 (He et al. 2016, CIFAR form of Liu's reference code), ResNet-20 and PreResNet-20.
+
+All use BatchNorm (``batch_stats`` collection) and 3×3 stems without max-pooling, the CIFAR convention, and
+end with global average pooling, so any input size (8×8 digits, 32×32 CIFAR, 64×64 Tiny-ImageNet) works.
+Convolutions have no bias (a BatchNorm follows) and He-normal fan-out init. The stem convolution is the
+submodule ``stem``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mclandscape.models._common import as_image, batch_norm, he_normal_fan_out
+
+
+def _conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+    pad = (kernel - 1) // 2
+    return nn.Conv(features, (kernel, kernel), strides=stride, padding=pad, use_bias=False,
+                   kernel_init=he_normal_fan_out, name=name)
+
+
+class BasicBlock(nn.Module):
+    """Post-activation basic block: conv-BN-ReLU-conv-BN (+ shortcut) - ReLU.
+
+    ``shortcut="B"``: a 1×1 strided conv + BN when the shape changes (ResNet-18); ``"A"``: parameter-free
+    subsampling with zero-padded channels (He et al.'s CIFAR ResNet-20).
+    """
+
+    features: int
+    stride: int = 1
+    shortcut: str = "B"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        out = _conv(self.features, 3, self.stride, name="conv1")(x)
+        out = nn.relu(batch_norm(train, name="bn1")(out))
+        out = _conv(self.features, 3, 1, name="conv2")(out)
+        out = batch_norm(train, name="bn2")(out)
+        residual = x
+        if self.stride != 1 or x.shape[-1] != self.features:
+            if self.shortcut == "A":
+                residual = x[:, :: self.stride, :: self.stride, :]
+                extra = self.features - x.shape[-1]
+                residual = jnp.pad(residual, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+            else:
+                residual = _conv(self.features, 1, self.stride, name="shortcut_conv")(x)
+                residual = batch_norm(train, name="shortcut_bn")(residual)
+        return nn.relu(out + residual)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016b), as in Garipov et al.'s PreResNet:
+    BN-ReLU-conv-BN-ReLU-conv + shortcut, the shortcut a 1×1 strided conv of the block input when the
+    shape changes."""
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        out = nn.relu(batch_norm(train, name="bn1")(x))
+        out = _conv(self.features, 3, self.stride, name="conv1")(out)
+        out = nn.relu(batch_norm(train, name="bn2")(out))
+        out = _conv(self.features, 3, 1, name="conv2")(out)
+        residual = x
+        if self.stride != 1 or x.shape[-1] != self.features:
+            residual = _conv(self.features, 1, self.stride, name="shortcut_conv")(x)
+        return out + residual
+
+
+class ResNet(nn.Module):
+    """Generic CIFAR ResNet: stem conv 3×3, stages of basic blocks, global average pool, linear head.
+
+    - ``resnet18``: ``stage_sizes=(2, 2, 2, 2)``, ``widths=(64, 128, 256, 512)``, post-activation blocks,
+      shortcut B (11 173 962 parameters for 10 classes).
+    - ``resnet20``: ``(3, 3, 3)``, ``(16, 32, 64)``, shortcut A (He et al.'s CIFAR net, 0.27 M).
+    - ``preresnet20``: ``(3, 3, 3)``, ``(16, 32, 64)``, ``preact=True``: pre-activation blocks and a final
+      BN-ReLU before pooling (Garipov et al.'s PreResNet-20).
+    """
+
+    num_classes: int = 10
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    widths: Sequence[int] = (64, 128, 256, 512)
+    preact: bool = False
+    shortcut: str = "B"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = as_image(x)
+        x = _conv(int(self.widths[0]), 3, 1, name="stem")(x)
+        if not self.preact:
+            x = nn.relu(batch_norm(train, name="stem_bn")(x))
+        for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
+            for b in range(int(n)):
+                stride = 2 if (s > 0 and b == 0) else 1
+                name = f"stage{s}_block{b}"
+                if self.preact:
+                    x = PreActBlock(int(w), stride, name=name)(x, train)
+                else:
+                    x = BasicBlock(int(w), stride, self.shortcut, name=name)(x, train)
+        if self.preact:
+            x = nn.relu(batch_norm(train, name="final_bn")(x))
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="head")(x)

@@ -1,0 +1,72 @@
+"""Shared, session-scoped fixtures (cheap to reuse, expensive to rebuild).
+
+Data
+- ``digits_train`` / ``digits_test``: scikit-learn digits, 8×8×1 images, 1437 / 360 examples, 10 classes.
+- ``iris_train`` / ``iris_test``: standardised iris features, 120 / 30 examples, 3 classes.
+
+Models and training (MLP 64-64-10 on digits: 4 810 parameters, about 97 % test accuracy)
+- ``digits_mlp``: the :class:`~mclandscape.models.Model` (``get_model("mlp", widths=[64], num_classes=10)``).
+- ``digits_config``: its :class:`~mclandscape.train.TrainConfig` (Adam 1e-3, batch 64, 20 epochs).
+- ``digits_corners``: four independently trained endpoints (seeds 0, 1, 2, 3) as a list of
+  :class:`~mclandscape.train.TrainResult`; ``[r.variables for r in digits_corners]`` are the corners of a
+  surface (seed 000 §4.2).
+- ``trained_mlp``: ``digits_corners[0]``.
+- ``digits_trajectory``: one run (seed 10) with snapshots kept at epochs 14, 16, 18, 20 — the
+  trajectory corners of seed 000 A.2 (``result.snapshots[epoch]``).
+
+Do not mutate fixture values (they are shared by every test of the session).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mclandscape.data import load_dataset
+from mclandscape.models import get_model
+from mclandscape.train import TrainConfig, train_many, train_model
+
+
+@pytest.fixture(scope="session")
+def digits_train():
+    return load_dataset("digits", "train")
+
+
+@pytest.fixture(scope="session")
+def digits_test():
+    return load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="session")
+def iris_train():
+    return load_dataset("iris", "train")
+
+
+@pytest.fixture(scope="session")
+def iris_test():
+    return load_dataset("iris", "test")
+
+
+@pytest.fixture(scope="session")
+def digits_mlp():
+    return get_model("mlp", widths=[64], num_classes=10)
+
+
+@pytest.fixture(scope="session")
+def digits_config():
+    return TrainConfig(epochs=20, batch_size=64, optimizer="adam", lr=1e-3)
+
+
+@pytest.fixture(scope="session")
+def digits_corners(digits_mlp, digits_train, digits_test, digits_config):
+    return train_many(digits_mlp, digits_train, digits_test, digits_config, seeds=(0, 1, 2, 3), progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_mlp(digits_corners):
+    return digits_corners[0]
+
+
+@pytest.fixture(scope="session")
+def digits_trajectory(digits_mlp, digits_train, digits_test, digits_config):
+    return train_model(digits_mlp, digits_train, digits_test, digits_config, seed=10,
+                       save_epochs=(14, 16, 18, 20), progress=False)
