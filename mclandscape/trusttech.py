@@ -21,7 +21,7 @@ Eq. 3 reads ``d_i = rho1(i) * d_{i-1} + rho2(i) * f(omega0 + d_i)`` with ``rho1(
 from 0 by a fixed increment per iteration (0.001 in §5). Taken literally with ``rho1 < 1`` the first term
 *shrinks* the direction: at ``i = 1`` the direction is multiplied by 0.001, after which ``d`` sits at
 ``omega0`` where ``f = 0`` and the search never leaves the tier-0 basin (shown in
-``tests/test_trusttech.py::test_literal_reading_never_escapes``). The text around eq. 3 — "an exploration
+``tests/test_trusttech.py::test_literal_reading_never_escapes_while_outward_readings_do``). The text around eq. 3 — "an exploration
 step forward along the current direction", a *pace of search step* ``rho1`` that grows until an exit is found
 or ``rho_max`` is reached, exit distance highly correlated with ``rho1`` (§5.4) — describes a search moving
 outward with a growing step. :class:`RhoSchedule` therefore implements two outward readings and keeps the
@@ -29,7 +29,10 @@ literal one only to demonstrate the slip:
 
 - ``"additive"`` (default): ``d_i = d_{i-1} + rho1(i) * d_{i-1}/|d_{i-1}| + rho2 * f(omega0 + d_i')`` — the
   search advances a distance ``rho1(i)`` along the current (calibrated) direction, so the distance travelled
-  after ``i`` iterations is about ``increment * i^2 / 2`` independently of the scale of ``d_0``;
+  after ``i`` iterations is about ``increment * i^2 / 2`` (then ``rho_max`` per iteration) independently of
+  the scale of ``d_0``. The step is in parameter units, so ``rho_max`` must suit the parameter scale: the
+  calibration can only hold the path in a valley while ``rho1 <~ rho2 * |grad|``, and with too large a
+  ``rho_max`` the path becomes a straight ray into high loss;
 - ``"growth"``: ``d_i = (1 + rho1(i)) * d_{i-1} + rho2 * f(omega0 + d_i')`` — a growth factor ``1 + rho1``;
 - ``"literal"``: ``d_i = rho1(i) * d_{i-1} + rho2 * f(omega0 + d_i')`` — eq. 3 as printed (never escapes).
 
@@ -40,10 +43,13 @@ In all three ``f`` is evaluated explicitly at the point after the forward step, 
 Exit detection (§3.2.1): the losses of one direction are smoothed by an exponential moving average; each step
 pushes "up" or "down" (the sign of the EMA change) into a buffer of the last ``buffer_size`` states. The
 direction is *climbing* once the buffer holds at least ``vote`` ups (and the EMA has risen ``min_rise`` above
-its start), and an *exit* is declared when, while climbing, the buffer holds at least ``vote`` downs: the loss
-"decreases steadily", so the search path has crossed the stability boundary into a neighbouring stability
-region. The exit point is the point where the exit is declared (already inside the new region); the EMA peak
-before it (the estimate of the boundary crossing) is recorded too.
+its start), and an *exit* is declared when, while climbing, the buffer holds at least ``vote`` downs (and the
+EMA has fallen ``min_drop`` of its rise below its peak): the loss "decreases steadily", so the search path has
+crossed the stability boundary into a neighbouring stability region. The exit point is the point where the
+exit is declared (already inside the new region); the EMA peak before it (the estimate of the boundary
+crossing) is recorded too. On mini-batch losses a detector can also fire on a noisy plateau; the guards
+``min_rise`` / ``min_drop`` (not in the seed) reduce that, and ``experiments/dsp_tt.py`` reports whether the
+full training loss really fell before each exit.
 
 Tier-by-tier search (:func:`tier_by_tier`): tier 1 from ``omega0``, tier 2 from the best tier-1 solution
 (§5.2). Every exit point and every solution found is checkpointed through :mod:`mclandscape.checkpoint`, and
@@ -52,8 +58,8 @@ same solutions as an uninterrupted run (the direction chosen and the mini-batch 
 functions of ``(key, t)`` only).
 
 Exit-point verification (§5.1, Figure 3c, :func:`verify_exit`): points along the recorded search path near the
-exit are integrated by full-batch gradient descent with a small step; points before and after the exit
-converge to different optima.
+exit are integrated by full-batch gradient descent with a small step; the seed reports that points before and
+after the exit converge to different optima, and :attr:`VerificationResult.separates` says whether they do.
 
 Losses are functions ``loss_fn(params, batch, rng) -> scalar``; :func:`model_loss_fn` builds one from a
 :class:`~mclandscape.models.base.Model` and :func:`dataset_batches` a resumable mini-batch stream.
@@ -394,6 +400,12 @@ class TierResult:
     failed: list[int]
     steps: int
     paths: list[list[tuple[int, PyTree]]] = dataclasses.field(default_factory=list)
+    exit_points: list[PyTree] = dataclasses.field(default_factory=list)
+
+    @property
+    def solver_steps(self) -> int:
+        """Local-solver steps spent on all solutions of this tier."""
+        return int(sum(e.solver_steps or 0 for e in self.exits))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -552,7 +564,7 @@ def dsp_search(
     states, traces, exits and every solution found), and an existing checkpoint there is resumed — a killed
     search restarted with the same arguments ends with the same result as an uninterrupted one (recorded
     ``paths`` restart empty). ``callback(t, info)`` is
-    called after every search step (``info``: direction, iteration, loss, ema, rho1, norm, exited, and ``d``
+    called after every search step (``info``: tier, direction, iteration, loss, ema, rho1, norm, exited, ``d``
     the direction after the forward step, so ``origin + d`` is the point whose loss was checked).
     """
     if not isinstance(config, DSPConfig):
@@ -677,13 +689,14 @@ def dsp_search(
                     save("periodic")
             if callback is not None:
                 callback(t - 1, {"direction": k, "iteration": i, "loss": loss, "ema": state.ema, "rho1": rho1,
-                                 "norm": norm, "exited": exited, "d": fwd})
+                                 "norm": norm, "exited": exited, "d": fwd, "tier": tier})
         if any(active):
             failed.extend(k for k in range(num) if active[k] and k not in failed)
             active = [False] * num
             save("end")
         return TierResult(origin=origin, solutions=solutions, exits=exits, traces=traces, failed=sorted(failed),
-                          steps=t, paths=[list(p) for p in paths])
+                          steps=t, paths=[list(p) for p in paths],
+                          exit_points=[tree_add(origin, dirs[e.direction]) for e in exits])
 
     try:
         if store is not None and store.latest_step() is not None:

@@ -48,6 +48,8 @@ def test_search_exits_past_the_ridge_and_solver_reaches_the_other_minimum():
     e = res.exits[0]
     exit_x = float(ORIGIN2["x"]) + float(res.paths[0][-1][1]["x"])
     assert exit_x > 0.0, "the exit point lies past the ridge x = 0"
+    assert float(res.exit_points[0]["x"]) == pytest.approx(exit_x)
+    assert res.solver_steps == e.solver_steps > 0
     assert e.peak_ema > e.base_ema + 0.5 and e.ema < e.peak_ema  # the loss rose, then fell
     assert e.peak_iteration < e.iteration
     sol = res.solutions[0]
@@ -301,6 +303,8 @@ def test_killed_search_resumes_to_the_same_result(tmp_path):
     assert resumed.steps == ref.steps
     assert [e.to_json() for e in resumed.exits] == [e.to_json() for e in ref.exits]
     for a, b in zip(resumed.solutions, ref.solutions, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(resumed.exit_points, ref.exit_points, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert resumed.traces == ref.traces
     # a different search refuses the directory

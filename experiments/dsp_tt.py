@@ -1,0 +1,507 @@
+"""Reproduce seed 004 (DSP-TT): tier-by-tier TRUST-TECH search with dynamic search paths, DSP-TT ensembles
+against independent / snapshot / fast-geometric ensembles, the search loss trace and the exit-point
+verification.
+
+Offline default: a small CNN on scikit-learn digits (8x8). Steps:
+
+1. tier-0: SGD (momentum 0.9, weight decay, cosine schedule) for ``--epochs`` epochs (train_model);
+2. DSP-TT (seed 004 Algorithm 1, eq. 3 in the "additive" reading, see :mod:`mclandscape.trusttech`):
+   ``--directions`` (5) search directions from tier-0, rho1 growing by ``--rho1-increment`` (0.001) per
+   iteration up to ``--rho-max``, rho2 = ``--rho2-fraction`` (0.1) x the tier-0 learning rate, exit detection
+   on mini-batch losses (EMA + up/down buffer); from each exit the local solver (the tier-0 recipe shortened
+   to ``--local-epochs``) converges to a tier-1 solution; tier 2 from the best tier-1 solution (lowest
+   training loss), §5.2;
+3. ensembles (probability averaging; voting reported alongside) in the layout of Table 1 (Baseline, Tier-1,
+   Tier-1-tune, Tier-0-1, Tier-0-1-2) and Tables 2-3 (Individual, Individual-Ens, SSE, FGE, DSP-TT-0-1,
+   DSP-TT-0-1-full-train) with test error, NLL, output correlation and parameter distance;
+4. the loss trace of a search path with its exit marked (Figure 3a/b), with the full training/test loss
+   evaluated along the path;
+5. exit-point verification (§5.1, Figure 3c): a one-hidden-layer MLP with 5 neurons on wine, full-batch
+   DSP-TT, gradient descent (``--verify-steps`` 50,000 steps of ``--verify-step`` 0.01) from points along the
+   search path near the exit, projected onto two random orthogonal directions.
+
+Budgets ("equal budget", Tables 2-3) are counted in epochs-equivalent gradient steps: DSP-TT-0-1 costs the
+tier-0 epochs plus its search steps and local-solver steps; that total ``B`` (rounded up) is the budget of
+Individual(1), SSE and FGE, and ``M x B`` that of Individual-Ens and DSP-TT-0-1-full-train (as in Table 3).
+FGE starts from the tier-0 model and spends the remaining ``B - epochs`` on its cycles.
+
+``--dataset cifar10|cifar100`` switches to the paper's settings (``--arch vgg16`` default, batch 128, lr 0.05,
+weight decay 5e-4, augmentation, budget 200 with 150 tier-0 epochs, 10-epoch local solves and fine-tuning);
+ResNet-164 and DenseNet-100 are not in the model zoo (use ``--arch preresnet20`` / ``resnet20`` / ``vgg16_bn``).
+Without the prepared TFDS files it stops at once with the data loader's message.
+
+Writes ``<out>/results.json``, ``search_trace.png``, ``verification.png`` and checkpoints under
+``<out>/checkpoints`` (a killed run resumes its tier-0 training and its searches).
+``python -m experiments.dsp_tt --help`` lists the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mclandscape import ensemble as ens
+from mclandscape import trusttech as tt
+from mclandscape.data import DatasetNotFoundError, load_dataset, num_batches
+from mclandscape.evaluate import evaluate_params
+from mclandscape.models import get_model
+from mclandscape.plots_trusttech import plot_search_trace, plot_verification
+from mclandscape.train import TrainConfig, make_optimizer, train_many, train_model
+from mclandscape.tree import tree_add, tree_distance, tree_size, tree_stack
+
+# Seed 004 tables (CIFAR), reported next to our numbers for orientation.
+PAPER = {
+    "table1_densenet100": {"Baseline": {"C10_err": 5.92, "C100_err": 24.15},
+                           "Tier-1": {"C10_err": 4.65, "C10_loss": 0.1622, "C100_err": 22.29, "C100_loss": 0.9014},
+                           "Tier-1-tune": {"C10_err": 4.64, "C10_loss": 0.1670, "C100_err": 22.29,
+                                           "C100_loss": 0.9206},
+                           "Tier-0-1": {"C10_err": 4.34, "C10_loss": 0.1433, "C100_err": 20.85, "C100_loss": 0.8323},
+                           "Tier-0-1-2": {"C10_err": 4.36, "C10_loss": 0.1396, "C100_err": 20.56,
+                                          "C100_loss": 0.8090}},
+    "table3_resnet164_c10": {"Individual(1;200)": {"err": 4.72},
+                             "Individual-Ens(6;1200)": {"err": 4.35, "dist": 42.19, "corr": 0.912},
+                             "SSE(6;200)": {"err": 4.67, "dist": 29.70, "corr": 0.917},
+                             "FGE(6;200)": {"err": 4.67, "dist": 12.70, "corr": 0.944},
+                             "DSP-TT-0-1(6;200)": {"err": 4.53, "dist": 39.41, "corr": 0.898},
+                             "DSP-TT-0-1-full-train(6;1200)": {"err": 3.99, "dist": 35.82, "corr": 0.929}},
+}
+
+CIFAR = ("cifar10", "cifar100")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.dsp_tt", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default="digits", help="digits | mnist1d | cifar10 | cifar100")
+    g.add_argument("--data-dir", default=None, help="TFDS data directory for CIFAR")
+    g.add_argument("--arch", default=None, help="model (default: small simple_cnn for digits, mlp for mnist1d, "
+                                                "vgg16 for CIFAR)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("tier-0 training (SGD, cosine schedule)")
+    g.add_argument("--epochs", type=int, default=None, help="tier-0 epochs (digits 30, CIFAR 150)")
+    g.add_argument("--batch-size", type=int, default=None, help="digits 64, CIFAR 128")
+    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g = p.add_argument_group("DSP-TT search (seed 004 §3.2, §5)")
+    g.add_argument("--directions", type=int, default=5, help="search directions per tier")
+    g.add_argument("--tiers", type=int, default=2, choices=(1, 2), help="1: tier-1 only; 2: also tier-2")
+    g.add_argument("--rho1-increment", type=float, default=1e-3, help="rho1 increase per iteration (§5)")
+    g.add_argument("--rho-max", type=float, default=0.05, help="cap of rho1 (forward step length)")
+    g.add_argument("--rho2-fraction", type=float, default=0.1, help="rho2 = fraction x tier-0 lr (§5)")
+    g.add_argument("--reading", default="additive", choices=tt.READINGS, help="reading of eq. 3")
+    g.add_argument("--init-norm", type=float, default=1.0, help="norm of the random initial directions")
+    g.add_argument("--ema-decay", type=float, default=0.9)
+    g.add_argument("--buffer", type=int, default=10, help="up/down buffer length")
+    g.add_argument("--vote", type=float, default=0.8, help="fraction of the buffer needed for a transition")
+    g.add_argument("--min-rise", type=float, default=0.2, help="EMA rise above its start before 'up' counts")
+    g.add_argument("--min-drop", type=float, default=0.1, help="EMA fall below the peak (fraction of the "
+                                                               "rise) required for an exit")
+    g.add_argument("--max-search-steps", type=int, default=6000, help="search steps per tier (all directions)")
+    g.add_argument("--local-epochs", type=int, default=None, help="local-solver epochs per solution "
+                                                                 "(digits 5, CIFAR 10)")
+    g.add_argument("--grad-clip", type=float, default=5.0, help="gradient clipping of the local solver "
+                                                              "(exit points can be far from any optimum)")
+    g.add_argument("--finetune-epochs", type=int, default=None, help="Tier-1-tune epochs (digits 5, CIFAR 10)")
+    g.add_argument("--trace-every", type=int, default=20, help="evaluate the full train/test loss along the "
+                                                               "search paths every that many iterations")
+    g = p.add_argument_group("baselines (Tables 2-3)")
+    g.add_argument("--members", type=int, default=6, help="members of SSE, FGE, Individual-Ens")
+    g.add_argument("--sse-lr", type=float, default=None, help="SSE initial lr (default 2 x --lr)")
+    g.add_argument("--fge-lr2-ratio", type=float, default=0.01, help="FGE lr2 = ratio x lr1 (lr1 = --lr)")
+    g.add_argument("--skip", nargs="*", default=[], choices=("individual-ens", "full-train", "sse", "fge",
+                                                            "verification", "tune"),
+                   help="rows / parts to skip")
+    g = p.add_argument_group("exit-point verification (§5.1, wine MLP with 5 hidden neurons)")
+    g.add_argument("--verify-steps", type=int, default=50_000, help="gradient-descent steps per point")
+    g.add_argument("--verify-step", type=float, default=0.01, help="gradient-descent step size")
+    g.add_argument("--verify-points", type=int, default=12, help="points sampled along the path")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="results/dsp_tt", help="output directory")
+    g.add_argument("--fresh", action="store_true", help="delete old checkpoints in <out> first")
+    args = p.parse_args(argv)
+    cifar = args.dataset.lower().replace("-", "") in CIFAR
+    if args.arch is None:
+        args.arch = "vgg16" if cifar else ("mlp" if args.dataset == "mnist1d" else "simple_cnn")
+    defaults = ({"epochs": 150, "batch_size": 128, "local_epochs": 10, "finetune_epochs": 10} if cifar else
+                {"epochs": 30, "batch_size": 64, "local_epochs": 5, "finetune_epochs": 5})
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.sse_lr is None:
+        args.sse_lr = 2 * args.lr
+    args.cifar = cifar
+    return args
+
+
+def build_model(args, num_classes: int):
+    if args.arch == "simple_cnn" and not args.cifar:
+        return get_model("simple_cnn", num_classes=num_classes, channels=[8, 16, 16], hidden=32, dropout=0.0)
+    if args.arch == "mlp" and not args.cifar:
+        return get_model("mlp", num_classes=num_classes, widths=[128, 128])
+    return get_model(args.arch, num_classes=num_classes)
+
+
+class Evaluator:
+    """Member probabilities on the test set (BatchNorm statistics recomputed on the training set)."""
+
+    def __init__(self, model, train, test):
+        self.model, self.train, self.test = model, train, test
+        self.bn = train if model.has_batch_stats else None
+
+    def probs(self, members) -> np.ndarray:
+        return ens.member_probs(self.model, members, self.test, batch_size=500, bn_data=self.bn)
+
+    def train_loss(self, params) -> float:
+        out = evaluate_params(self.model, tree_stack([params]), self.train, batch_size=500, bn_data=self.bn)
+        return float(out.loss[0])
+
+
+def row(metrics: ens.EnsembleMetrics, vote: ens.EnsembleMetrics | None, budget: float) -> dict:
+    d = metrics.to_json()
+    d["budget_epochs"] = round(float(budget), 2)
+    if vote is not None:
+        d["vote_test_error"] = vote.test_error
+    return d
+
+
+def ensemble_row(probs: np.ndarray, labels, params: list, budget: float) -> dict:
+    mean = ens.ensemble_from_probs(probs, labels, params=params)
+    vote = ens.ensemble_from_probs(probs, labels, method="vote") if len(params) > 1 else None
+    return row(mean, vote, budget)
+
+
+def search_recorder(model, variables, train, test, every: int):
+    """A DSP-TT callback evaluating the full train/test loss and error along every search path."""
+    x_tr, y_tr = jnp.asarray(train.x), jnp.asarray(train.y)
+    x_te, y_te = jnp.asarray(test.x), jnp.asarray(test.y)
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    train_mode = model.has_batch_stats
+
+    @jax.jit
+    def metrics(params):
+        out = []
+        for x, y in ((x_tr, y_tr), (x_te, y_te)):
+            logits = model.apply(rest | {"params": params}, x, train=train_mode)
+            out.append(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)))
+            out.append(jnp.mean(jnp.argmax(logits, -1) != y))
+        return jnp.stack(out)
+
+    records: dict = {}
+
+    def callback(t, info):
+        if info["iteration"] % every and not info["exited"]:
+            return
+        origin = callback.origin[info["tier"]]
+        m = np.asarray(metrics(tree_add(origin, info["d"])))
+        rec = records.setdefault((info["tier"], info["direction"]), {k: [] for k in (
+            "iteration", "train_loss", "train_error", "test_loss", "test_error")})
+        rec["iteration"].append(int(info["iteration"]))
+        for k, v in zip(("train_loss", "train_error", "test_loss", "test_error"), m, strict=True):
+            rec[k].append(float(v))
+
+    callback.origin = {}
+    callback.records = records
+    return callback
+
+
+def full_loss_check(records: dict, tier: int, result: tt.TierResult) -> list[dict]:
+    """Did the *full* training loss along each exiting path fall before the detected exit (a mini-batch
+    detector can fire on noise)? Compares the full loss at the exit with its maximum along the path (sampled
+    every ``--trace-every`` iterations)."""
+    out = []
+    for e in result.exits:
+        rec = records.get((tier, e.direction))
+        if not rec or len(rec["train_loss"]) < 2:
+            continue
+        peak = max(rec["train_loss"][:-1])
+        at_exit = rec["train_loss"][-1]
+        out.append({"direction": e.direction, "full_train_loss_peak": peak, "full_train_loss_at_exit": at_exit,
+                    "fell": bool(at_exit < peak)})
+    return out
+
+
+def run_verification(args, out_dir: str) -> dict:
+    """§5.1: full-batch DSP-TT on a 1-hidden-layer (5 neurons) MLP on wine, then gradient descent from path
+    points around the exit, projected onto two random orthogonal directions (Figure 3c)."""
+    train = load_dataset("wine", "train")
+    model = get_model("mlp", widths=[5], num_classes=train.num_classes)
+    key = jax.random.key(args.seed)
+    variables = model.init(key, jnp.asarray(train.x[:2]))
+    loss_fn = tt.model_loss_fn(model, variables)
+    fb = tt.full_batch(train)
+    lr = 0.1
+    omega0, info0 = tt.local_solve(loss_fn, variables["params"], tt.LocalSolver(optax.sgd(lr, momentum=0.9), 3000),
+                                   fb, key)
+    cfg = tt.DSPConfig(num_directions=args.directions,
+                       rho=tt.RhoSchedule(1e-3, 0.05, tt.rho2_from_lr(lr, args.rho2_fraction)),
+                       detector=tt.ExitDetector(ema_decay=0.5, buffer_size=3, vote=1.0, min_rise=0.05,
+                                                min_drop=0.3),
+                       init_norm=0.1, max_steps=20_000, record_path=3000)
+    res = tt.dsp_search(loss_fn, omega0, jax.random.fold_in(key, 1), config=cfg, batch_fn=fb,
+                        solver=tt.LocalSolver(optax.sgd(lr, momentum=0.9), 3000))
+    out = {"num_params": tree_size(omega0), "tier0_loss": info0["loss"], "exits": len(res.exits),
+           "search_steps": res.steps, "settings": {"rho1_increment": 1e-3, "rho_max": 0.05,
+                                                    "rho2": cfg.rho.rho2, "full_batch": True,
+                                                    "step_size": args.verify_step, "steps": args.verify_steps}}
+    if not res.exits:
+        out["note"] = "no exit point found in the search budget"
+        return out
+    e = res.exits[0]
+    path = res.paths[e.direction]
+    # points from half-way to the EMA peak up to the exit point; the exit estimate is the loss peak
+    first = max(1, e.peak_iteration // 2)
+    window = [(i, d) for i, d in path if i >= first]
+    full = lambda q: loss_fn(q, fb(0), None)  # noqa: E731
+    record_every = max(args.verify_steps // 100, 1)
+    steps = (args.verify_steps // record_every) * record_every
+    ver = tt.verify_exit(full, omega0, window, e.peak_iteration, step_size=args.verify_step, steps=steps,
+                         record_every=record_every, num_points=args.verify_points)
+    basis = tt.random_orthonormal_pair(jax.random.fold_in(key, 2), omega0)
+    plot_verification(ver, omega0, basis, os.path.join(out_dir, "verification.png"),
+                      exit_point=res.exit_points[0],
+                      title=f"Exit-point verification (wine MLP, {tree_size(omega0)} parameters)")
+    plot_search_trace(res.traces[e.direction], os.path.join(out_dir, "verification_trace.png"), exit=e,
+                      title="Full-batch DSP-TT on wine (Figure 3a)")
+    member = lambda tree, p: jax.tree_util.tree_map(lambda x: x[p], tree)  # noqa: E731
+    moved = [float(tree_distance(member(ver.starts, p), member(ver.finals, p))) for p in range(len(ver.iterations))]
+    to_origin = [float(tree_distance(member(ver.finals, p), ver.origin_final)) for p in range(len(ver.iterations))]
+    out.update({
+        "exit": e.to_json(), "path_iterations": ver.iterations, "before_exit": ver.before,
+        "exit_iteration_estimate": ver.exit_iteration, "final_losses": [float(v) for v in ver.final_losses],
+        "basin": ver.basin, "separates": ver.separates, "distance_moved": moved,
+        "final_distance_to_tier0_optimum": to_origin,
+        "trace_loss": res.traces[e.direction]["loss"],
+    })
+    return out
+
+
+def fmt(v, pct=False):
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return f"{100 * v:.2f}" if pct else f"{v:.4f}"
+
+
+def print_tables(results: dict) -> None:
+    print("\nTable 1 layout (test error %, NLL):")
+    print(f"{'method':<14}{'members':>8}{'err %':>9}{'vote %':>9}{'NLL':>9}")
+    for name, r in results["table1"].items():
+        print(f"{name:<14}{r['members']:>8}{fmt(r['test_error'], True):>9}{fmt(r.get('vote_test_error'), True):>9}"
+              f"{fmt(r['nll']):>9}")
+    print("\nTables 2-3 layout:")
+    print(f"{'method (members; budget epochs)':<38}{'err %':>8}{'NLL':>8}{'param dist':>12}{'out corr':>10}")
+    for name, r in results["table2_3"].items():
+        print(f"{name:<38}{fmt(r['test_error'], True):>8}{fmt(r['nll']):>8}{fmt(r['param_distance']):>12}"
+              f"{fmt(r['output_correlation']):>10}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_root = os.path.join(args.out, "checkpoints")
+    if args.fresh and os.path.isdir(ckpt_root):
+        shutil.rmtree(ckpt_root)
+    t_start = time.time()
+    timing: dict = {}
+    try:
+        train = load_dataset(args.dataset, "train", data_dir=args.data_dir)
+        test = load_dataset(args.dataset, "test", data_dir=args.data_dir)
+    except DatasetNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    model = build_model(args, train.num_classes)
+    evaluator = Evaluator(model, train, test)
+    y_test = np.asarray(test.y)
+    spe = num_batches(len(train), args.batch_size)
+    base = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                       weight_decay=args.weight_decay, schedule="cosine", augment=args.cifar, seed=args.seed)
+
+    # 1. tier-0 ---------------------------------------------------------------------------------------
+    t0 = time.time()
+    r0 = train_model(model, train, test, base, checkpoint_dir=os.path.join(ckpt_root, "tier0"), progress=False)
+    variables0 = r0.variables
+    omega0 = variables0["params"]
+    timing["tier0_s"] = time.time() - t0
+    print(f"tier-0: {args.arch} ({tree_size(omega0)} parameters) {args.epochs} epochs, "
+          f"test acc {r0.final['test_acc']:.4f} [{timing['tier0_s']:.0f}s]", flush=True)
+
+    # 2. DSP-TT tier 1 and tier 2 ----------------------------------------------------------------------
+    loss_fn = tt.model_loss_fn(model, variables0)
+    batches = tt.dataset_batches(train, args.batch_size, seed=args.seed + 1000, augment=args.cifar)
+    local_cfg = base.replace(epochs=args.local_epochs, grad_clip=args.grad_clip)
+    solver = tt.LocalSolver(make_optimizer(local_cfg, batches.steps_per_epoch),
+                            args.local_epochs * batches.steps_per_epoch)
+    dsp = tt.DSPConfig(
+        num_directions=args.directions,
+        rho=tt.RhoSchedule(args.rho1_increment, args.rho_max, tt.rho2_from_lr(args.lr, args.rho2_fraction),
+                           args.reading),
+        detector=tt.ExitDetector(ema_decay=args.ema_decay, buffer_size=args.buffer, vote=args.vote,
+                                 min_rise=args.min_rise, min_drop=args.min_drop),
+        init_norm=args.init_norm, max_steps=args.max_search_steps)
+    recorder = search_recorder(model, variables0, train, test, args.trace_every)
+    recorder.origin[1] = omega0
+    key = jax.random.key(args.seed)
+    t0 = time.time()
+    tiers: list[tt.TierResult] = []
+    tier1 = tt.dsp_search(loss_fn, omega0, jax.random.fold_in(key, 1), config=dsp, batch_fn=batches,
+                          solver=solver, checkpoint_dir=os.path.join(ckpt_root, "dsp_tier1"), tier=1,
+                          callback=recorder)
+    tiers.append(tier1)
+    timing["tier1_s"] = time.time() - t0
+    print(f"tier-1: {len(tier1.exits)} exits / {args.directions} directions in {tier1.steps} search steps "
+          f"[{timing['tier1_s']:.0f}s]", flush=True)
+    if not tier1.solutions:
+        raise SystemExit("no tier-1 exit point was found; raise --max-search-steps or --rho-max")
+    scores = [evaluator.train_loss(s) for s in tier1.solutions]
+    best = int(np.argmin(scores))
+    if args.tiers >= 2:
+        t0 = time.time()
+        recorder.origin[2] = tier1.solutions[best]
+        tier2 = tt.dsp_search(loss_fn, tier1.solutions[best], jax.random.fold_in(key, 2), config=dsp,
+                              batch_fn=batches, solver=solver, checkpoint_dir=os.path.join(ckpt_root, "dsp_tier2"),
+                              tier=2, callback=recorder)
+        tiers.append(tier2)
+        timing["tier2_s"] = time.time() - t0
+        print(f"tier-2 (from tier-1 #{best}): {len(tier2.exits)} exits in {tier2.steps} search steps "
+              f"[{timing['tier2_s']:.0f}s]", flush=True)
+    cost = [(t.steps + t.solver_steps) / spe for t in tiers]
+    budget = int(math.ceil(args.epochs + cost[0]))
+    budget_info = {"steps_per_epoch": spe, "tier0_epochs": args.epochs, "tier1_search_steps": tiers[0].steps,
+                   "tier1_solver_steps": tiers[0].solver_steps, "tier1_cost_epochs": cost[0],
+                   "B_epochs": budget}
+    if len(tiers) > 1:
+        budget_info.update({"tier2_search_steps": tiers[1].steps, "tier2_solver_steps": tiers[1].solver_steps,
+                            "tier2_cost_epochs": cost[1]})
+
+    # trace figure: the first direction that exited in tier 1
+    e_first = min(tier1.exits, key=lambda e: e.step)
+    rec = recorder.records.get((1, e_first.direction))
+    extra = None
+    if rec:
+        extra = {"full train loss": (rec["iteration"], rec["train_loss"]),
+                 "test loss": (rec["iteration"], rec["test_loss"])}
+    figures = [plot_search_trace(tier1.traces[e_first.direction], os.path.join(args.out, "search_trace.png"),
+                                 exit=e_first, extra=extra,
+                                 title=f"DSP-TT search on {args.dataset} (tier 1, direction {e_first.direction})")]
+
+    # 3. ensembles ------------------------------------------------------------------------------------
+    t0 = time.time()
+    p0 = evaluator.probs([omega0])
+    p1 = evaluator.probs(tier1.solutions)
+    table1 = {"Baseline": ensemble_row(p0, y_test, [omega0], args.epochs),
+              "Tier-1": ensemble_row(p1, y_test, tier1.solutions, args.epochs + cost[0])}
+    if "tune" not in args.skip:
+        tune_cfg = base.replace(epochs=args.finetune_epochs, lr=0.1 * args.lr)
+        tuned = [train_model(model, train, None, tune_cfg, init_variables=variables0 | {"params": s},
+                             progress=False).params for s in tier1.solutions]
+        table1["Tier-1-tune"] = ensemble_row(evaluator.probs(tuned), y_test, tuned,
+                                             args.epochs + cost[0] + len(tuned) * args.finetune_epochs)
+    members01 = [omega0] + tier1.solutions
+    p01 = np.concatenate([p0, p1])
+    table1["Tier-0-1"] = ensemble_row(p01, y_test, members01, budget)
+    if len(tiers) > 1 and tiers[1].solutions:
+        members012 = members01 + tiers[1].solutions
+        p012 = np.concatenate([p01, evaluator.probs(tiers[1].solutions)])
+        table1["Tier-0-1-2"] = ensemble_row(p012, y_test, members012, args.epochs + sum(cost))
+    timing["table1_s"] = time.time() - t0
+    print(f"Table 1 rows done [{timing['table1_s']:.0f}s]", flush=True)
+
+    t0 = time.time()
+    m = args.members
+    full_cfg = base.replace(epochs=budget)
+    individual = train_model(model, train, None, full_cfg, progress=False)
+    table23 = {f"Individual(1;{budget})": ensemble_row(evaluator.probs([individual.params]), y_test,
+                                                      [individual.params], budget)}
+    if "individual-ens" not in args.skip:
+        others = train_many(model, train, None, full_cfg, seeds=[args.seed + 1 + i for i in range(m - 1)],
+                            progress=False)
+        ind = [individual.params] + [r.params for r in others]
+        table23[f"Individual-Ens({m};{m * budget})"] = ensemble_row(evaluator.probs(ind), y_test, ind, m * budget)
+    bspe = batches.steps_per_epoch
+    if "sse" not in args.skip:
+        init = model.init(jax.random.key(args.seed), jnp.asarray(train.x[:1]))
+        sse_loss = tt.model_loss_fn(model, init)
+        sse = ens.snapshot_ensemble(sse_loss, init["params"], batches, lr0=args.sse_lr, total_steps=budget * bspe,
+                                    num_members=m, momentum=args.momentum, weight_decay=args.weight_decay,
+                                    key=jax.random.fold_in(key, 3))
+        table23[f"SSE({m};{budget})"] = ensemble_row(evaluator.probs(sse), y_test, sse, budget)
+    if "fge" not in args.skip:
+        cycle = max(2, 2 * ((budget - args.epochs) * bspe // (2 * m)))
+        fge = ens.fge_ensemble(loss_fn, omega0, batches, lr1=args.lr, lr2=args.lr * args.fge_lr2_ratio,
+                               cycle_steps=cycle, num_members=m, momentum=args.momentum,
+                               weight_decay=args.weight_decay, key=jax.random.fold_in(key, 4))
+        table23[f"FGE({m};{budget})"] = ensemble_row(evaluator.probs(fge), y_test, fge, budget)
+    table23[f"DSP-TT-0-1({len(members01)};{budget})"] = table1["Tier-0-1"]
+    table4 = {"tier0_test_error": table1["Baseline"]["test_error"],
+              "tier1_test_error": table1["Tier-1"]["member_test_error"]}
+    if "full-train" not in args.skip:
+        full1 = [train_model(model, train, None, full_cfg.replace(grad_clip=args.grad_clip),
+                             init_variables=variables0 | {"params": x},
+                             progress=False).params for x in tier1.exit_points]
+        members_ft = [individual.params] + full1
+        r_ft = ensemble_row(evaluator.probs(members_ft), y_test, members_ft, len(members_ft) * budget)
+        table23[f"DSP-TT-0-1-full-train({len(members_ft)};{len(members_ft) * budget})"] = r_ft
+        table4.update({"individual_full_budget_test_error": r_ft["member_test_error"][0],
+                       "tier1_full_train_test_error": r_ft["member_test_error"][1:]})
+    timing["table23_s"] = time.time() - t0
+    print(f"Tables 2-3 rows done [{timing['table23_s']:.0f}s]", flush=True)
+
+    # 4. verification -----------------------------------------------------------------------------------
+    verification = None
+    if "verification" not in args.skip:
+        t0 = time.time()
+        verification = run_verification(args, args.out)
+        timing["verification_s"] = time.time() - t0
+        if os.path.exists(os.path.join(args.out, "verification.png")):
+            figures += [os.path.join(args.out, "verification.png"),
+                        os.path.join(args.out, "verification_trace.png")]
+        print(f"verification: exits {verification['exits']}, separates {verification.get('separates')} "
+              f"[{timing['verification_s']:.0f}s]", flush=True)
+
+    timing["total_s"] = time.time() - t_start
+    methods = {**table1, **table23}
+    exit_stats = {}
+    for n, t in enumerate(tiers, start=1):
+        st = tt.exit_statistics(t)
+        st["full_loss_check"] = full_loss_check(recorder.records, n, t)
+        st["confirmed_by_full_train_loss"] = sum(c["fell"] for c in st["full_loss_check"])
+        exit_stats[f"tier{n}"] = st
+    results = {
+        "config": {k: v for k, v in vars(args).items()},
+        "model": {"arch": args.arch, "spec": model.spec, "num_params": tree_size(omega0)},
+        "tier0": r0.final,
+        "budget": budget_info,
+        "best_tier1": {"index": best, "train_losses": scores},
+        "table1": table1,
+        "table2_3": table23,
+        "table4": table4,
+        "methods": methods,
+        "exit_statistics": exit_stats,
+        "search_path_metrics": {f"tier{k[0]}_dir{k[1]}": v for k, v in recorder.records.items()},
+        "verification": verification,
+        "paper": PAPER,
+        "figures": figures,
+        "timing": timing,
+    }
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    print_tables(results)
+    print(f"\nwrote {os.path.join(args.out, 'results.json')} [{timing['total_s']:.0f}s]")
+    return results
+
+
+if __name__ == "__main__":
+    main()
