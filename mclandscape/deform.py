@@ -393,7 +393,8 @@ def check_loss_domain(vdm: VDM, loss) -> None:
     """Raise ``ValueError`` if ``δ`` is undefined at ``loss`` (e.g. LE with ``exp(ℓ) <= e2``).
 
     With a concrete loss the error is raised here; with a traced one (inside ``jit``/``grad``/``vmap``) a
-    ``jax.debug.callback`` raises it when the computation runs (``JaxRuntimeError`` carrying the message).
+    ordered ``jax.debug.callback`` raises it when the computation runs (``JaxRuntimeError`` carrying the
+    message).
     A VDM defined for every loss adds nothing to the computation.
     """
     low, _ = vdm.domain
@@ -403,7 +404,9 @@ def check_loss_domain(vdm: VDM, loss) -> None:
             raise ValueError(f"{vdm.name}: the loss is not finite ({loss_np!r})")
         return
     if _is_tracer(loss):
-        jax.debug.callback(functools.partial(_raise_outside, vdm), loss)
+        # ordered=True: an unordered host callback can deadlock JAX's asynchronous CPU dispatch when the
+        # jitted step is called in a tight loop (seen here with jax 0.10; cf. jax-ml/jax#25861)
+        jax.debug.callback(functools.partial(_raise_outside, vdm), loss, ordered=True)
     else:
         _raise_outside(vdm, loss)
 
