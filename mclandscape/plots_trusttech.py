@@ -51,10 +51,15 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
                       exit_point: PyTree | None = None, title: str = "Exit-point verification") -> str:
     """Seed 004 Figure 3c: gradient-descent trajectories from path points before (red) and after (blue) the
     exit, projected onto the two orthonormal directions ``basis`` around ``origin``; circles mark starts,
-    stars end points, ``X`` the exit point and a square the tier-0 solution. Writes ``path``."""
+    stars end points (labelled with the optimum they reached: :attr:`VerificationResult.function_basin` when
+    measured, else :attr:`VerificationResult.basin`; 0 is the origin's optimum), ``X`` the exit point and a
+    square the tier-0 solution. Writes ``path``."""
     traj = project(result.trajectories, origin, basis, leading=2)  # [P, T, 2]
     starts = project(result.starts, origin, basis, leading=1)  # [P, 2]
     finals = project(result.finals, origin, basis, leading=1)
+    labels = result.function_basin if result.function_basin is not None else result.basin
+    space = "function" if result.function_basin is not None else "parameter"
+    scale = max(float(np.ptp(traj[..., 0])), float(np.ptp(traj[..., 1])), 1e-12)
     fig, ax = plt.subplots(figsize=(5.6, 5.0))
     ax.plot(starts[:, 0], starts[:, 1], color="0.4", lw=0.8, ls="--", label="search path")
     seen = set()
@@ -68,10 +73,16 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
         seen.add(label)
         ax.plot(starts[p, 0], starts[p, 1], "o", color=color, ms=4)
         ax.plot(finals[p, 0], finals[p, 1], "*", color=color, ms=11, mec="k", mew=0.5)
+        if not any(labels[q] == labels[p] and np.linalg.norm(finals[q] - finals[p]) < 1e-3 * scale
+                   for q in range(p)):
+            ax.annotate(str(labels[p]), (finals[p, 0], finals[p, 1]), textcoords="offset points", xytext=(5, 5),
+                        fontsize=8)
     ax.plot(0.0, 0.0, "s", color="k", ms=7, label="tier-0 solution")
     if exit_point is not None:
         ex = project(jax.tree_util.tree_map(lambda x: x[None], exit_point), origin, basis, leading=1)[0]
         ax.plot(ex[0], ex[1], "X", color="k", ms=12, label="exit point")
+    ax.text(0.01, 0.01, f"star labels: optimum reached ({space} space; 0 = the origin's)", transform=ax.transAxes,
+            fontsize=7, color="0.3")
     ax.set_xlabel("random direction 1")
     ax.set_ylabel("random direction 2")
     ax.set_title(title)

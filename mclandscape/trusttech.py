@@ -59,7 +59,35 @@ functions of ``(key, t)`` only).
 
 Exit-point verification (§5.1, Figure 3c, :func:`verify_exit`): points along the recorded search path near the
 exit are integrated by full-batch gradient descent with a small step; the seed reports that points before and
-after the exit converge to different optima, and :attr:`VerificationResult.separates` says whether they do.
+after the exit converge to different optima. Which optimum each point reaches is *measured*
+(:meth:`VerificationResult.separation`): gradient norms at the end points (the flows can stop once all are
+below ``grad_tol``), clusters of end points by parameter distance and — since a network's hidden-unit
+permutations and sign flips map an optimum to other parameters computing the same function — by distance
+between the networks' outputs, within-side spreads against the distance between the two sides, and the
+measured crossing of the origin's stability boundary along the path compared with the exit estimate.
+
+What this shows on the seed's wine MLP (one hidden layer of 5 units; ``experiments/dsp_tt.py``, seed 0):
+
+- With softmax cross-entropy the verification cannot succeed: the scikit-learn wine training set is
+  separable, the loss has its infimum at infinity, and gradient descent from a path point never settles:
+  after 50,000 steps of 0.01 the twelve end points had moved 2-5 parameter units, lay 6-21 units from the
+  origin's end point and no two of them coincided — there is no optimum to converge to. The experiment therefore uses squared error on one-hot targets plus ``1e-3 / 2 * |w|^2`` with
+  ``tanh`` units (finite, isolated minima; ReLU would add a continuous rescaling symmetry) for the search,
+  the local solver and the flows alike. Stronger L2 (``3e-3``, ``1e-2``) makes the quadratic bowl dominate:
+  with ``rho_max`` from 0.005 to 0.05 no direction exited within 10,000 search steps.
+- The seed's integration (50,000 steps of 0.01, time 500) does not converge on that objective: its flattest
+  curvature at the tier-0 optimum is ``4e-4``, and the end-point gradient norms stay at ``3e-3 .. 8e-3``.
+  Steps of 0.1 (stable: the largest curvature there is 4.9) until every gradient norm is below ``1e-5``
+  (about 120,000 steps) converge; steps of 0.05 for the same time give the same clusters and end points.
+- The path leaves the tier-0 optimum's stability region *in function space* between two sampled points
+  85-133 iterations after the EMA peak that the detector takes as the exit estimate (and before the
+  detector fires): points up to the crossing converge to the tier-0 function, points after it all to one
+  other optimum (higher loss, different outputs). Before the crossing the path already passes through the
+  stability regions of several *symmetric copies* of the tier-0 optimum — distinct parameters, identical
+  outputs — so in parameter space the points before the exit do not reach a single optimum, and the seed's
+  literal claim (every point before the loss peak to one optimum, every point after it to another) does not
+  hold: two points just past the peak still return to (copies of) the tier-0 optimum. The loss peak along a
+  calibrated path is an estimate of the boundary crossing, not the crossing itself.
 
 Losses are functions ``loss_fn(params, batch, rng) -> scalar``; :func:`model_loss_fn` builds one from a
 :class:`~mclandscape.models.base.Model` and :func:`dataset_batches` a resumable mini-batch stream.
@@ -787,15 +815,59 @@ def exit_statistics(result: TierResult) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _leader_clusters(dist: np.ndarray, tol: float) -> list[int]:
+    """Greedy clustering of points ``0..n-1`` given their distance matrix: point 0 founds cluster 0, every
+    later point joins the first cluster whose founder lies within ``tol``, else founds a new cluster."""
+    founders: list[int] = [0]
+    labels = [0]
+    for p in range(1, dist.shape[0]):
+        for c, f in enumerate(founders):
+            if dist[p, f] <= tol:
+                labels.append(c)
+                break
+        else:
+            founders.append(p)
+            labels.append(len(founders) - 1)
+    return labels
+
+
+def _pairwise(rows: np.ndarray, rms: bool = False) -> np.ndarray:
+    """Euclidean (or root-mean-square, ``rms``) distances between the rows of ``rows``, one row at a time so
+    that memory stays at one copy of ``rows``."""
+    out = np.empty((rows.shape[0], rows.shape[0]))
+    for p in range(rows.shape[0]):
+        sq = np.sum((rows - rows[p]) ** 2, axis=1)
+        out[p] = np.sqrt(sq / rows.shape[1] if rms else sq)
+    return out
+
+
+def _max_pairwise(dist: np.ndarray, idx: list[int]) -> float:
+    if len(idx) < 2:
+        return 0.0
+    return float(dist[np.ix_(idx, idx)].max())
+
+
 @dataclasses.dataclass(frozen=True)
 class VerificationResult:
     """Gradient-descent integration from points along a search path near its exit (seed 004 §5.1).
 
-    ``iterations[p]``: path iteration of start point ``p``; ``before[p]``: whether it precedes the exit
-    estimate ``exit_iteration``; ``starts`` / ``finals``: stacked start / end points; ``trajectories``: stacked points every
-    ``record_every`` steps (leaves ``[P, T, ...]``); ``final_losses``; ``basin[p]``: 0 when point ``p``
-    converged to the optimum the origin converges to (within ``tol``), else 1 + index of a cluster of the
-    other end points."""
+    Per start point ``p`` (in path order): ``iterations[p]`` (its path iteration), ``before[p]`` (whether it
+    precedes the exit estimate ``exit_iteration``), ``start_losses[p]``, ``final_losses[p]`` and
+    ``grad_norms[p]`` (loss and gradient norm at the end point); ``starts`` / ``finals`` hold the stacked start
+    and end points, ``trajectories`` the points every ``record_every`` steps (leaves ``[P, T, ...]``,
+    ``T = steps_run / record_every``). The origin is integrated too: ``origin_final``, ``origin_loss``,
+    ``origin_grad_norm``.
+
+    *Which optimum each end point reached* is measured, not read off a plot: ``distances`` is the
+    ``[P + 1, P + 1]`` matrix of Euclidean parameter distances between end points (index 0: the origin's end
+    point, index ``p + 1``: start point ``p``), and ``basin[p]`` the cluster of end point ``p`` when end points
+    closer than ``tol`` are the same optimum (cluster 0: the origin's optimum; others numbered in path
+    order). Networks have symmetries (permuting hidden units, flipping the sign of a ``tanh`` unit) that map
+    an optimum to distinct parameters computing the same function; with ``outputs_fn`` the same is done in
+    function space — ``function_distances`` (RMS difference of the outputs) and ``function_basin`` with
+    ``function_tol`` — so a symmetric copy of the origin's optimum is recognised as such. An end point counts
+    as converged when its gradient norm is at most ``grad_tol`` (:attr:`converged`).
+    """
 
     iterations: list[int]
     before: list[bool]
@@ -803,14 +875,112 @@ class VerificationResult:
     starts: PyTree
     finals: PyTree
     trajectories: PyTree
+    start_losses: np.ndarray
     final_losses: np.ndarray
+    grad_norms: np.ndarray
     origin_final: PyTree
+    origin_loss: float
+    origin_grad_norm: float
+    distances: np.ndarray
+    tol: float
     basin: list[int]
+    step_size: float
+    steps_run: int
+    grad_tol: float | None = None
+    function_distances: np.ndarray | None = None
+    function_tol: float | None = None
+    function_basin: list[int] | None = None
+
+    @property
+    def converged(self) -> list[bool] | None:
+        """``grad_norms[p] <= grad_tol`` per end point (``None`` without ``grad_tol``)."""
+        if self.grad_tol is None:
+            return None
+        return [bool(g <= self.grad_tol) for g in self.grad_norms]
+
+    def _space(self, space: str) -> tuple[list[int], np.ndarray]:
+        if space == "param":
+            return self.basin, self.distances[1:, 1:]
+        if space == "function":
+            if self.function_basin is None:
+                raise ValueError("function-space separation needs verify_exit(..., outputs_fn=...)")
+            return self.function_basin, self.function_distances[1:, 1:]
+        raise ValueError(f"space must be 'param' or 'function', got {space!r}")
+
+    def separation(self, space: str = "param") -> dict:
+        """Measured separation of the end points of the points before and after the exit estimate.
+
+        ``before_clusters`` / ``after_clusters``: the optima (cluster labels, 0 = the origin's) reached from
+        each side; ``before_spread`` / ``after_spread``: the largest distance between two end points of one
+        side; ``between``: the smallest distance between an end point of one side and one of the other;
+        ``ratio = between / max(spreads)`` (``inf`` when both spreads are 0); ``separates``: the seed's claim —
+        all points before the exit reach one optimum and all points after it another; ``disjoint``: no
+        optimum is reached from both sides; ``leaves_origin``: the points before reach the origin's optimum
+        and none after does. ``transitions``: consecutive sampled iterations ``(i_p, i_{p+1})`` whose end
+        points differ; ``boundary``: the last transition out of the origin's cluster (the measured crossing of
+        the origin's stability boundary, ``None`` if the points never leave it or never start in it), with
+        ``boundary_offset`` = its midpoint minus ``exit_iteration``, ``separates_at_boundary``: all points
+        up to it reach the origin's optimum and all points after it one other optimum, and
+        ``boundary_groups``: spreads, ``between`` and ``ratio`` as above for the two sides of that measured
+        crossing (``None`` without one). ``space``:
+        ``"param"`` (``basin``, ``distances``) or ``"function"`` (``function_basin``,
+        ``function_distances``)."""
+        labels, dist = self._space(space)
+        b = [p for p, bf in enumerate(self.before) if bf]
+        a = [p for p, bf in enumerate(self.before) if not bf]
+        lb, la = sorted({labels[p] for p in b}), sorted({labels[p] for p in a})
+        sb, sa = _max_pairwise(dist, b), _max_pairwise(dist, a)
+        between = float(dist[np.ix_(b, a)].min()) if b and a else None
+        spread = max(sb, sa)
+        ratio = None if between is None else (float("inf") if spread == 0 else between / spread)
+        its = self.iterations
+        transitions = [(its[p], its[p + 1]) for p in range(len(its) - 1) if labels[p] != labels[p + 1]]
+        boundary = offset = groups = None
+        at_boundary = False
+        outs = [p for p in range(len(its) - 1) if labels[p] == 0 and labels[p + 1] != 0]
+        if outs:
+            p = outs[-1]
+            boundary = (its[p], its[p + 1])
+            offset = 0.5 * (its[p] + its[p + 1]) - self.exit_iteration
+            at_boundary = all(lab == 0 for lab in labels[:p + 1]) and len(set(labels[p + 1:])) == 1
+            gb, ga = list(range(p + 1)), list(range(p + 1, len(its)))
+            s_b, s_a = _max_pairwise(dist, gb), _max_pairwise(dist, ga)
+            btw = float(dist[np.ix_(gb, ga)].min())
+            groups = {"before_spread": s_b, "after_spread": s_a, "between": btw,
+                      "ratio": float("inf") if max(s_b, s_a) == 0 else btw / max(s_b, s_a)}
+        return {
+            "space": space, "before_clusters": lb, "after_clusters": la,
+            "before_spread": sb, "after_spread": sa, "between": between, "ratio": ratio,
+            "separates": bool(len(lb) == 1 and len(la) == 1 and lb != la),
+            "disjoint": bool(b and a and not set(lb) & set(la)),
+            "leaves_origin": bool(b and a and lb == [0] and 0 not in la),
+            "transitions": transitions, "boundary": boundary, "boundary_offset": offset,
+            "separates_at_boundary": bool(at_boundary), "boundary_groups": groups,
+        }
 
     @property
     def separates(self) -> bool:
-        """Every point before the exit converges to the origin's optimum and every point after it to another."""
-        return all((b == 0) == bf for b, bf in zip(self.basin, self.before, strict=True))
+        """The seed's claim in parameter space: every point before the exit converges to one optimum and
+        every point after it to another (:meth:`separation`)."""
+        return self.separation("param")["separates"]
+
+    def summary(self) -> dict:
+        """JSON-serialisable numbers of the verification (per-point values and both separations)."""
+        out = {
+            "iterations": list(self.iterations), "before_exit": list(self.before),
+            "exit_iteration": self.exit_iteration, "step_size": self.step_size, "steps_run": self.steps_run,
+            "grad_tol": self.grad_tol, "start_losses": [float(v) for v in self.start_losses],
+            "final_losses": [float(v) for v in self.final_losses],
+            "grad_norms": [float(v) for v in self.grad_norms], "converged": self.converged,
+            "origin_loss": self.origin_loss, "origin_grad_norm": self.origin_grad_norm,
+            "distance_to_origin_optimum": [float(v) for v in self.distances[0, 1:]],
+            "tol": self.tol, "basin": list(self.basin), "separation_param": self.separation("param"),
+        }
+        if self.function_basin is not None:
+            out.update({"function_tol": self.function_tol, "function_basin": list(self.function_basin),
+                        "function_distance_to_origin_optimum": [float(v) for v in self.function_distances[0, 1:]],
+                        "separation_function": self.separation("function")})
+        return out
 
 
 def verify_exit(
@@ -824,12 +994,23 @@ def verify_exit(
     record_every: int = 500,
     num_points: int | None = None,
     tol: float | None = None,
+    grad_tol: float | None = None,
+    outputs_fn: Callable[[PyTree], jax.Array] | None = None,
+    function_tol: float | None = None,
 ) -> VerificationResult:
-    """Integrate full-batch gradient descent ``w <- w - step_size * grad loss(w)`` for ``steps`` steps from
-    points of a recorded search ``path`` (``(iteration, d)`` pairs, points ``origin + d``) and from the origin
-    (seed 004 §5.1: 50,000 steps of size 0.01). ``num_points`` evenly chooses that many path points.
-    ``tol`` (default 5% of the largest distance between end points and the origin's end point, at least
-    1e-6) decides which end points coincide with the origin's."""
+    """Integrate full-batch gradient descent ``w <- w - step_size * grad loss(w)`` from points of a recorded
+    search ``path`` (``(iteration, d)`` pairs, points ``origin + d``) and from the origin, and measure which
+    optimum each reaches (seed 004 §5.1, Figure 3c: 50,000 steps of size 0.01, the defaults).
+
+    ``num_points`` evenly chooses that many path points. The integration runs in chunks of ``record_every``
+    steps (one trajectory point each) for at most ``steps`` steps; with ``grad_tol`` it stops as soon as every
+    gradient norm is at most ``grad_tol`` — convergence is judged by the gradient norm, so a step count that
+    suffices on one objective is not silently trusted on another. End points closer than ``tol`` (default:
+    5% of the largest distance between end points, at least ``1e-3 * max(1, |origin end point|)``) are one
+    optimum. ``outputs_fn(params) -> array`` (e.g. the network's outputs on the training inputs) adds the
+    function-space comparison: RMS output differences, clustered with ``function_tol`` (default: 5% of the
+    largest, at least ``1e-3 * max(1, RMS of the origin end point's outputs)``). See
+    :class:`VerificationResult` for the reported numbers."""
     if len(path) == 0:
         raise ValueError("verify_exit needs a non-empty recorded path (DSPConfig.record_path > 0)")
     if _check_real(step_size, "step_size") <= 0:
@@ -839,6 +1020,11 @@ def verify_exit(
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if steps % record_every:
         raise ValueError(f"steps ({steps}) must be a multiple of record_every ({record_every})")
+    if grad_tol is not None and _check_real(grad_tol, "grad_tol") <= 0:
+        raise ValueError(f"grad_tol must be > 0 or None, got {grad_tol}")
+    for name, v in (("tol", tol), ("function_tol", function_tol)):
+        if v is not None and _check_real(v, name) <= 0:
+            raise ValueError(f"{name} must be > 0 or None, got {v}")
     pts = list(path)
     if num_points is not None:
         if num_points < 1:
@@ -847,42 +1033,58 @@ def verify_exit(
         pts = [pts[j] for j in sel]
     iterations = [int(i) for i, _ in pts]
     starts = tree_stack([origin] + [tree_add(origin, d) for _, d in pts])
-    grad = jax.grad(loss_fn)
+    value_and_grad = jax.value_and_grad(loss_fn)
 
-    def integrate(w):
-        def inner(w, _):
-            return jax.tree_util.tree_map(lambda a, g: a - step_size * g, w, grad(w)), None
+    @jax.jit
+    def chunk(ws):
+        def one(w):
+            def step(w, _):
+                return jax.tree_util.tree_map(lambda a, g: a - step_size * g, w, jax.grad(loss_fn)(w)), None
 
-        def outer(w, _):
-            w, _ = jax.lax.scan(inner, w, None, length=record_every)
-            return w, w
+            w, _ = jax.lax.scan(step, w, None, length=record_every)
+            return w
 
-        w, traj = jax.lax.scan(outer, w, None, length=steps // record_every)
-        return w, traj
+        return jax.vmap(one)(ws)
 
-    finals, trajs = jax.jit(jax.vmap(integrate))(starts)
-    losses = np.asarray(jax.vmap(loss_fn)(finals), dtype=np.float64)
-    flat = np.asarray(jax.vmap(lambda w: tree_ravel(w)[0])(finals), dtype=np.float64)
-    d0 = np.linalg.norm(flat - flat[0], axis=1)
-    tol = float(tol) if tol is not None else max(0.05 * float(d0.max()), 1e-6)
-    basin: list[int] = []
-    centres: list[np.ndarray] = []
-    for p in range(1, flat.shape[0]):
-        if d0[p] <= tol:
-            basin.append(0)
-            continue
-        for c, cen in enumerate(centres):
-            if np.linalg.norm(flat[p] - cen) <= tol:
-                basin.append(c + 1)
+    @jax.jit
+    def measure(ws):
+        loss, g = jax.vmap(value_and_grad)(ws)
+        return loss, jax.vmap(tree_norm)(g)
+
+    start_losses, _ = measure(starts)
+    ws, snapshots, steps_run = starts, [], 0
+    while steps_run < steps:
+        ws = chunk(ws)
+        steps_run += record_every
+        snapshots.append(ws)
+        if grad_tol is not None:
+            _, gn = measure(ws)
+            if float(jnp.max(gn)) <= grad_tol:
                 break
-        else:
-            centres.append(flat[p])
-            basin.append(len(centres))
+    losses, gnorms = (np.asarray(v, dtype=np.float64) for v in measure(ws))
+    trajs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs, axis=1), *snapshots)
+    flat = np.asarray(jax.vmap(lambda w: tree_ravel(w)[0])(ws), dtype=np.float64)
+    dist = _pairwise(flat)
+    if tol is None:
+        tol = max(0.05 * float(dist.max()), 1e-3 * max(1.0, float(np.linalg.norm(flat[0]))))
+    basin = _leader_clusters(dist, float(tol))[1:]
+    fdist = ftol = fbasin = None
+    if outputs_fn is not None:
+        outs = np.asarray(jax.vmap(outputs_fn)(ws), dtype=np.float64).reshape(flat.shape[0], -1)
+        fdist = _pairwise(outs, rms=True)
+        ftol = function_tol
+        if ftol is None:
+            ftol = max(0.05 * float(fdist.max()), 1e-3 * max(1.0, float(np.sqrt(np.mean(outs[0] ** 2)))))
+        fbasin = _leader_clusters(fdist, float(ftol))[1:]
     take = lambda tree, s: jax.tree_util.tree_map(lambda x: x[s], tree)  # noqa: E731
     return VerificationResult(
         iterations=iterations, before=[i < exit_iteration for i in iterations], exit_iteration=int(exit_iteration),
-        starts=take(starts, slice(1, None)), finals=take(finals, slice(1, None)), trajectories=take(trajs, slice(1, None)), final_losses=losses[1:],
-        origin_final=take(finals, 0), basin=basin)
+        starts=take(starts, slice(1, None)), finals=take(ws, slice(1, None)),
+        trajectories=take(trajs, slice(1, None)), start_losses=np.asarray(start_losses, dtype=np.float64)[1:],
+        final_losses=losses[1:], grad_norms=gnorms[1:], origin_final=take(ws, 0), origin_loss=float(losses[0]),
+        origin_grad_norm=float(gnorms[0]), distances=dist, tol=float(tol), basin=basin, step_size=float(step_size),
+        steps_run=steps_run, grad_tol=None if grad_tol is None else float(grad_tol), function_distances=fdist,
+        function_tol=None if ftol is None else float(ftol), function_basin=fbasin)
 
 
 def random_orthonormal_pair(key: jax.Array, like: PyTree) -> tuple[PyTree, PyTree]:
@@ -914,13 +1116,23 @@ def project(points: PyTree, origin: PyTree, basis: tuple[PyTree, PyTree], *, lea
 # ---------------------------------------------------------------------------------------------------------
 
 
-def model_loss_fn(model, variables: PyTree, *, train: bool | None = None) -> LossFn:
-    """``loss_fn(params, (x, y), rng)``: mean cross-entropy of ``model`` with ``variables['params']`` replaced.
+def model_loss_fn(model, variables: PyTree, *, train: bool | None = None, loss: str = "cross_entropy",
+                  l2: float = 0.0) -> LossFn:
+    """``loss_fn(params, (x, y), rng)``: the mean loss of ``model`` with ``variables['params']`` replaced.
 
-    ``train`` (default: whether the model has BatchNorm) applies the model in train mode (batch statistics,
-    dropout with ``rngs={'dropout': rng}``)."""
+    ``loss``: ``"cross_entropy"`` (softmax cross-entropy with integer labels) or ``"mse_onehot"`` (squared error
+    of the outputs against one-hot targets, summed over classes and averaged over examples — a loss with
+    finite minima on separable data, where cross-entropy's infimum lies at infinity). ``l2`` adds
+    ``l2 / 2 * |params|^2`` (which also makes the minima isolated and finite). ``train`` (default: whether the
+    model has BatchNorm) applies the model in train mode (batch statistics, dropout with
+    ``rngs={'dropout': rng}``)."""
     from .losses import cross_entropy
 
+    if loss not in ("cross_entropy", "mse_onehot"):
+        raise ValueError(f"loss must be 'cross_entropy' or 'mse_onehot', got {loss!r}")
+    l2 = _check_real(l2, "l2")
+    if l2 < 0:
+        raise ValueError(f"l2 must be >= 0, got {l2}")
     rest = {k: v for k, v in variables.items() if k != "params"}
     train = model.has_batch_stats if train is None else bool(train)
 
@@ -928,7 +1140,14 @@ def model_loss_fn(model, variables: PyTree, *, train: bool | None = None) -> Los
         x, y = batch[0], batch[1]
         logits = model.apply(rest | {"params": params}, x, train=train,
                              rngs={"dropout": rng} if train else None)
-        return jnp.mean(cross_entropy(logits, y))
+        if loss == "cross_entropy":
+            value = jnp.mean(cross_entropy(logits, y))
+        else:
+            onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
+            value = jnp.mean(jnp.sum((logits - onehot) ** 2, axis=-1))
+        if l2:
+            value = value + 0.5 * l2 * tree_dot(params, params)
+        return value
 
     return loss_fn
 

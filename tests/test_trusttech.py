@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,20 +242,102 @@ def test_verification_points_before_and_after_the_exit_reach_different_optima():
     path = res.paths[0]
     # the true boundary crossing of this path: the first recorded point with x > 0
     cross = next(i for i, d in path if float(ORIGIN2["x"] + d["x"]) > 0)
-    out = tt.verify_exit(two_wells, ORIGIN2, path, cross, step_size=0.01, steps=2000, record_every=100,
-                         num_points=10)
+    out = tt.verify_exit(two_wells, ORIGIN2, path, cross, step_size=0.01, steps=4000, record_every=100,
+                         num_points=10, grad_tol=1e-5)
     assert any(out.before) and not all(out.before)
     assert out.separates
     finals_x = np.asarray(out.finals["x"])
     np.testing.assert_allclose(finals_x[np.array(out.before)], -1.0, atol=1e-3)
     np.testing.assert_allclose(finals_x[~np.array(out.before)], 1.0, atol=1e-3)
-    assert out.trajectories["x"].shape == (len(out.iterations), 20)
+    # convergence is judged by the gradient norm: the flows stop early, every end point below grad_tol
+    assert out.steps_run < 4000 and out.steps_run % 100 == 0 and all(out.converged)
+    assert out.origin_grad_norm <= 1e-5 and np.all(out.grad_norms <= 1e-5)
+    np.testing.assert_allclose(out.final_losses, 0.0, atol=1e-8)
+    assert np.all(out.start_losses > 0.0)
+    sep = out.separation("param")
+    assert sep["before_clusters"] == [0] and sep["after_clusters"] == [1]
+    assert sep["leaves_origin"] and sep["disjoint"] and sep["separates_at_boundary"]
+    assert sep["before_spread"] < 1e-3 and sep["after_spread"] < 1e-3
+    assert sep["between"] == pytest.approx(2.0, abs=1e-3) and sep["ratio"] > 1e3
+    last_before = max(i for i, b in zip(out.iterations, out.before, strict=True) if b)
+    assert sep["transitions"] == [(last_before, min(i for i in out.iterations if i >= cross))]
+    assert sep["boundary"] == sep["transitions"][0] and -10 < sep["boundary_offset"] < 0
+    assert sep["boundary_groups"]["between"] == pytest.approx(2.0, abs=1e-3)
+    assert max(sep["boundary_groups"]["before_spread"], sep["boundary_groups"]["after_spread"]) < 1e-3
+    np.testing.assert_allclose(out.summary()["distance_to_origin_optimum"],
+                               np.where(out.before, 0.0, 2.0), atol=1e-3)
+    n_snap = out.steps_run // 100
+    assert out.trajectories["x"].shape == (len(out.iterations), n_snap)
     u, v = tt.random_orthonormal_pair(jax.random.key(0), ORIGIN2)
     assert float(tt.tree_dot(u, v)) == pytest.approx(0.0, abs=1e-6)
     xy = tt.project(out.trajectories, ORIGIN2, (u, v), leading=2)
-    assert xy.shape == (len(out.iterations), 20, 2)
+    assert xy.shape == (len(out.iterations), n_snap, 2)
     with pytest.raises(ValueError, match="non-empty"):
         tt.verify_exit(two_wells, ORIGIN2, [], 0)
+    with pytest.raises(ValueError, match="grad_tol"):
+        tt.verify_exit(two_wells, ORIGIN2, path, cross, grad_tol=0.0)
+    with pytest.raises(ValueError, match="outputs_fn"):
+        out.separation("function")
+    with pytest.raises(ValueError, match="space"):
+        out.separation("weights")
+
+
+X_SYM = jnp.linspace(-2.0, 2.0, 9)
+
+
+def sign_symmetric(p):
+    """A one-unit "network" ``a * tanh(b x)`` fitted to ``tanh(x)`` with an L2 term: ``(a, b)`` and ``(-a, -b)``
+    compute the same function, so its two minima near (1, 1) and (-1, -1) are one optimum in function space;
+    the saddle (0, 0) separates their stability regions."""
+    return jnp.mean((p["a"] * jnp.tanh(p["b"] * X_SYM) - jnp.tanh(X_SYM)) ** 2) + 0.005 * (p["a"] ** 2 + p["b"] ** 2)
+
+
+def test_verification_tells_symmetric_copies_from_different_functions():
+    origin = {"a": jnp.array(1.0), "b": jnp.array(1.0)}
+    # a path from one minimum through the saddle towards its sign-flipped copy (iterations 1..10, crossing
+    # between 5 and 6)
+    path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
+            for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
+    out = tt.verify_exit(sign_symmetric, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
+                         grad_tol=1e-6, outputs_fn=lambda p: p["a"] * jnp.tanh(p["b"] * X_SYM))
+    assert all(out.converged)
+    a_star = float(out.origin_final["a"])
+    assert 0.8 < a_star < 1.2 and 0.8 < float(out.origin_final["b"]) < 1.2
+    np.testing.assert_allclose(np.asarray(out.finals["a"]), np.where(out.before, a_star, -a_star), atol=1e-4)
+    par, fun = out.separation("param"), out.separation("function")
+    assert out.separates and par["leaves_origin"] and par["boundary"] == (5, 6) and par["boundary_offset"] == -0.5
+    assert par["between"] > 1.5 and par["ratio"] > 1e3
+    # ... but the two optima are one function: nothing separates in function space
+    assert out.function_basin == [0] * 10
+    assert not fun["separates"] and not fun["disjoint"] and fun["boundary"] is None
+    assert fun["boundary_groups"] is None and par["boundary_groups"]["ratio"] > 1e3
+    assert fun["between"] < 1e-4
+    summary = out.summary()
+    assert summary["separation_function"] == fun and len(summary["function_distance_to_origin_optimum"]) == 10
+    json.dumps(summary)
+
+
+def test_model_loss_fn_squared_error_and_l2_match_numpy():
+    from mclandscape.models import get_model
+
+    model = get_model("mlp", widths=[4], num_classes=3, activation="tanh")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, size=7), jnp.int32)
+    variables = model.init(jax.random.key(0), x)
+    params = variables["params"]
+    out = np.asarray(model.apply(variables, x), np.float64)
+    sq = float(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in jax.tree_util.tree_leaves(params)))
+    mse = np.mean(np.sum((out - np.eye(3)[np.asarray(y)]) ** 2, axis=1))
+    logp = out - np.log(np.sum(np.exp(out), axis=1, keepdims=True))
+    ce = -np.mean(logp[np.arange(7), np.asarray(y)])
+    f = tt.model_loss_fn(model, variables, loss="mse_onehot", l2=0.1)
+    assert float(f(params, (x, y), None)) == pytest.approx(mse + 0.05 * sq, rel=1e-5)
+    assert float(tt.model_loss_fn(model, variables)(params, (x, y), None)) == pytest.approx(ce, rel=1e-5)
+    with pytest.raises(ValueError, match="loss must be"):
+        tt.model_loss_fn(model, variables, loss="hinge")
+    with pytest.raises(ValueError, match="l2 must be >= 0"):
+        tt.model_loss_fn(model, variables, l2=-1.0)
 
 
 def test_plots_write_files(tmp_path):
