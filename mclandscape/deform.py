@@ -35,10 +35,16 @@ the steps. Placing the transform *after* the optimiser (``chain(adam(...), scale
 different method, a loss-dependent learning rate, and not the seed's Algorithm 1.
 
 Domain. LE is undefined where ``exp(ℓ) <= e2`` (``ℓ <= ln e2``) and AP with a non-integer power needs
-``arctan(a2·ℓ) >= 0`` (``ℓ >= 0``). Every evaluation through :func:`vdm_loss` / :func:`scale_by_vdm` checks
-the loss: with a concrete value a ``ValueError`` is raised at once; inside ``jit`` a host callback raises
-the same ``ValueError`` (surfacing as a ``JaxRuntimeError`` that carries its message) instead of letting
-``NaN`` propagate. ``check_domain=False`` removes the check.
+``arctan(a2·ℓ) >= 0`` (``ℓ >= 0``). A concrete loss outside the domain raises ``ValueError`` at once (both
+wrappers). Inside ``jit`` a Python exception cannot be raised from the computation without a host
+callback, and host callbacks proved unsafe here (an unordered one deadlocked JAX's asynchronous CPU
+dispatch in a training loop, cf. jax-ml/jax#25861; an ordered one keeps its error on JAX's effects token,
+so every later computation with ordered effects in the process re-raises it). So
+:func:`scale_by_vdm` by default (``check_domain="skip"``) never lets ``NaN`` in: a step whose loss is
+outside the domain gets a zero update and is counted in :class:`ScaleByVDMState`, and
+:func:`check_vdm_state` (call it on the optimiser state, e.g. once per epoch) raises ``ValueError`` naming
+the loss. ``check_domain="callback"`` raises from inside the computation instead (ordered callback, with
+the caveat above); ``"off"`` disables the check.
 
 Slips of the seed handled here (see also ``experiments/vdm.py``):
 
@@ -61,6 +67,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -78,6 +85,7 @@ __all__ = [
     "vdm_loss",
     "scale_by_vdm",
     "ScaleByVDMState",
+    "check_vdm_state",
     "deformed_hessian_formula",
     "parse_vdm",
     "TABLE1_VDMS",
@@ -86,8 +94,14 @@ __all__ = [
 Array = jax.Array
 
 
-def _is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+def _concrete(x):
+    """The concrete value of ``x`` (also under eager ``jax.grad``), or ``None`` inside ``jit``/``vmap``."""
+    if not isinstance(x, jax.core.Tracer):
+        return x
+    try:
+        return jax.extend.core.concrete_or_error(None, x)
+    except jax.errors.ConcretizationTypeError:
+        return None
 
 
 def _is_int(a: float) -> bool:
@@ -381,46 +395,59 @@ def custom_vdm(fn: Callable[[Array], Array], derivative: Callable[[Array], Array
     return vdm
 
 
+def _outside_domain(vdm: VDM, loss) -> np.ndarray:
+    """Host-side mask of losses at or below the VDM's domain bound (NaN is not flagged: a NaN loss is a
+    divergence of training, not a domain violation, and propagates as it would without a VDM)."""
+    loss = np.asarray(loss, np.float64)
+    low, inclusive = vdm.domain
+    return ~np.isnan(loss) & ~((loss >= low) if inclusive else (loss > low))
+
+
 def _raise_outside(vdm: VDM, loss) -> None:
-    loss = np.asarray(loss)
-    ok = np.asarray(vdm.in_domain(jnp.asarray(loss)))
-    if not np.all(ok):
-        bad = loss[~ok] if loss.ndim else loss
-        raise ValueError(vdm.domain_message(float(np.ravel(bad)[0])))
+    bad = _outside_domain(vdm, loss)
+    if np.any(bad):
+        raise ValueError(vdm.domain_message(float(np.ravel(np.asarray(loss))[np.ravel(bad)][0])))
 
 
-def check_loss_domain(vdm: VDM, loss) -> None:
+def check_loss_domain(vdm: VDM, loss, *, traced: str = "callback") -> None:
     """Raise ``ValueError`` if ``δ`` is undefined at ``loss`` (e.g. LE with ``exp(ℓ) <= e2``).
 
-    With a concrete loss the error is raised here; with a traced one (inside ``jit``/``grad``/``vmap``) a
-    ordered ``jax.debug.callback`` raises it when the computation runs (``JaxRuntimeError`` carrying the
-    message).
-    A VDM defined for every loss adds nothing to the computation.
+    With a concrete loss the error is raised here. With a traced one (inside ``jit``/``grad``/``vmap``)
+    ``traced="callback"`` adds an *ordered* ``jax.debug.callback`` that raises it when the computation
+    runs (a ``JaxRuntimeError`` carrying the message; see the module docstring for its caveat) and
+    ``traced="off"`` does nothing. VDMs defined for every loss (identity, 0.5·ℓ², AP with an integral power)
+    add nothing; NaN losses (divergence) are not flagged.
     """
     low, _ = vdm.domain
-    if low == -math.inf and not _is_tracer(loss):
-        loss_np = np.asarray(loss)
-        if not np.all(np.isfinite(loss_np)):
-            raise ValueError(f"{vdm.name}: the loss is not finite ({loss_np!r})")
+    if low == -math.inf:
         return
-    if _is_tracer(loss):
-        # ordered=True: an unordered host callback can deadlock JAX's asynchronous CPU dispatch when the
-        # jitted step is called in a tight loop (seen here with jax 0.10; cf. jax-ml/jax#25861)
+    value = _concrete(loss)
+    if value is not None:
+        _raise_outside(vdm, value)
+    elif traced == "callback":
         jax.debug.callback(functools.partial(_raise_outside, vdm), loss, ordered=True)
-    else:
-        _raise_outside(vdm, loss)
+
+
+_LOSS_CHECKS = ("eager", "callback", "off")
 
 
 def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
-             check_domain: bool = True) -> Callable[..., Any]:
+             check_domain: str = "eager") -> Callable[..., Any]:
     """The deformed loss ``δ∘loss_fn`` (seed 003 section 3.1).
 
     ``jax.grad(vdm_loss(vdm, f))(p) = δ'(f(p))·∇f(p)``. With ``has_aux`` ``loss_fn`` returns ``(loss,
     aux)`` and the wrapper returns ``(δ(loss), aux)``. For mini-batch training ``δ`` acts on the mini-batch
     mean loss, as a criterion wrapper does in a PyTorch loop.
+
+    ``check_domain``: ``"eager"`` raises ``ValueError`` for a concrete loss outside the VDM's domain
+    (under ``jit`` such a loss gives ``NaN``; train with :func:`scale_by_vdm`, which never does);
+    ``"callback"`` also raises from inside ``jit`` through an ordered host callback (see the module
+    docstring); ``"off"`` checks nothing.
     """
     if not isinstance(vdm, VDM):
         raise ValueError(f"vdm_loss: expected a VDM, got {type(vdm).__name__}")
+    if check_domain not in _LOSS_CHECKS:
+        raise ValueError(f"vdm_loss: check_domain must be one of {_LOSS_CHECKS}, got {check_domain!r}")
 
     @functools.wraps(loss_fn)
     def wrapped(*args, **kwargs):
@@ -433,8 +460,8 @@ def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
             loss, aux = out, None
         if jnp.ndim(loss) != 0:
             raise ValueError(f"vdm_loss: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}")
-        if check_domain:
-            check_loss_domain(vdm, loss)
+        if check_domain != "off":
+            check_loss_domain(vdm, loss, traced="callback" if check_domain == "callback" else "off")
         d = vdm.value(loss)
         return (d, aux) if has_aux else d
 
@@ -442,14 +469,20 @@ def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
 
 
 class ScaleByVDMState(NamedTuple):
-    """State of :func:`scale_by_vdm`: the last factor ``δ'(ℓ)`` and loss seen (for logging)."""
+    """State of :func:`scale_by_vdm`: the last factor ``δ'(ℓ)`` and loss (for logging), the number of
+    steps whose loss was outside the VDM's domain (skipped with a zero update) and the first such loss."""
 
     scale: Array
     loss: Array
+    num_invalid: Array
+    invalid_loss: Array
+
+
+_STEP_CHECKS = ("skip", "callback", "off")
 
 
 def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
-                 check_domain: bool = True) -> optax.GradientTransformationExtraArgs:
+                 check_domain: str = "skip") -> optax.GradientTransformationExtraArgs:
     """Optax transform multiplying the incoming gradient by ``δ'(ℓ)`` (seed 003 Algorithm 1).
 
     The loss value arrives as an extra argument, ``tx.update(grads, state, params, loss=value)`` (the
@@ -458,29 +491,61 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
     ``optax.chain(scale_by_vdm(vdm), optax.sgd(lr, momentum=0.9, nesterov=True))`` updates exactly as SGDM
     on ``δ∘ℓ``. See the module docstring for composition with weight decay and adaptive optimisers.
     ``ℓ`` must be the loss at which ``grads`` were computed; a missing loss raises ``ValueError``.
+
+    ``check_domain`` (a loss outside the VDM's domain, e.g. ``ℓ <= ln e2`` for LE): a concrete loss always
+    raises ``ValueError``; a traced one is handled by ``"skip"`` (default: zero update for that step, counted
+    in the state, raised by :func:`check_vdm_state`), ``"callback"`` (raise from inside the computation via
+    an ordered host callback) or ``"off"`` (no check; ``NaN`` may result).
     """
     if not isinstance(vdm, VDM):
         raise ValueError(f"scale_by_vdm: expected a VDM, got {type(vdm).__name__}")
+    if check_domain not in _STEP_CHECKS:
+        raise ValueError(f"scale_by_vdm: check_domain must be one of {_STEP_CHECKS}, got {check_domain!r}")
+    low, inclusive = vdm.domain
 
     def init_fn(params):
         del params
-        return ScaleByVDMState(scale=jnp.ones((), jnp.float32), loss=jnp.full((), jnp.nan, jnp.float32))
+        return ScaleByVDMState(scale=jnp.ones((), jnp.float32), loss=jnp.full((), jnp.nan, jnp.float32),
+                               num_invalid=jnp.zeros((), jnp.int32),
+                               invalid_loss=jnp.full((), jnp.nan, jnp.float32))
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, state
+        del params
         if loss_arg not in extra_args:
             raise ValueError(f"scale_by_vdm({vdm.name}) needs the loss value: call "
                              f"update(grads, state, params, {loss_arg}=loss)")
         loss = jnp.asarray(extra_args[loss_arg])
         if loss.ndim != 0:
             raise ValueError(f"scale_by_vdm: the loss must be a scalar, got shape {loss.shape}")
-        if check_domain:
-            check_loss_domain(vdm, loss)
+        if check_domain != "off":
+            check_loss_domain(vdm, loss, traced="callback" if check_domain == "callback" else "off")
         scale = vdm.derivative(loss)
+        num_invalid, invalid_loss = state.num_invalid, state.invalid_loss
+        if check_domain == "skip" and low != -math.inf:
+            bad = ~jnp.isnan(loss) & ~((loss >= low) if inclusive else (loss > low))
+            scale = jnp.where(bad, jnp.zeros_like(scale), scale)
+            invalid_loss = jnp.where(bad & (num_invalid == 0), loss.astype(jnp.float32), invalid_loss)
+            num_invalid = num_invalid + bad.astype(jnp.int32)
         new = jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), updates)
-        return new, ScaleByVDMState(scale=scale.astype(jnp.float32), loss=loss.astype(jnp.float32))
+        return new, ScaleByVDMState(scale=scale.astype(jnp.float32), loss=loss.astype(jnp.float32),
+                                    num_invalid=num_invalid, invalid_loss=invalid_loss)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def check_vdm_state(opt_state, vdm: VDM | None = None) -> None:
+    """Raise ``ValueError`` if any :func:`scale_by_vdm` inside ``opt_state`` skipped a step because the loss
+    was outside its VDM's domain (host-side; reads the state's counters). ``vdm`` only names it in the
+    message. Works on batched (vmapped) states too."""
+    found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByVDMState))
+             if isinstance(x, ScaleByVDMState)]
+    for st in found:
+        n = np.asarray(st.num_invalid)
+        if np.any(n > 0):
+            first = np.asarray(st.invalid_loss)[n > 0] if n.ndim else np.asarray(st.invalid_loss)
+            what = vdm.domain_message(float(np.ravel(first)[0])) if vdm is not None else (
+                f"the VDM is undefined at loss {float(np.ravel(first)[0])!r}")
+            raise ValueError(f"{what}; {int(n.sum())} step(s) were skipped (zero update) by scale_by_vdm")
 
 
 def deformed_hessian_formula(vdm: VDM, loss, grad_vec, hessian):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .deform import VDM, Identity, custom_vdm, scale_by_vdm
+from .deform import VDM, Identity, check_vdm_state, custom_vdm, scale_by_vdm
 
 FIG4_PRINTED_CONSTANT = 0.426931992284953
 
@@ -167,11 +167,12 @@ def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSetti
             p = optax.apply_updates(p, u)
             return (p, s), p
 
-        (_, _), ps = jax.lax.scan(step, (p0, tx.init(p0)), None, length=settings.steps)
+        (_, state), ps = jax.lax.scan(step, (p0, tx.init(p0)), None, length=settings.steps)
         traj = jnp.concatenate([p0[None], ps])
-        return traj, jax.vmap(loss_fn)(traj)
+        return traj, jax.vmap(loss_fn)(traj), state
 
-    traj, losses = jax.jit(jax.vmap(one))(inits)
+    traj, losses, states = jax.jit(jax.vmap(one))(inits)
+    check_vdm_state(states, vdm)
     ends = traj[:, -1]
     eig = jax.jit(jax.vmap(lambda p: jnp.linalg.eigvalsh(jax.hessian(loss_fn)(p))))(ends)
     return {"trajectories": np.asarray(traj), "losses": np.asarray(losses), "ends": np.asarray(ends),

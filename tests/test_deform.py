@@ -1,6 +1,8 @@
 """Vertical deformation mappings (seed 003): formulas, validation, loss wrapper, Optax transform, slips."""
 
 import math
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -16,6 +18,7 @@ from mclandscape.deform import (
     Identity,
     Squared,
     check_monotone,
+    check_vdm_state,
     custom_vdm,
     parse_vdm,
     scale_by_vdm,
@@ -89,17 +92,66 @@ def test_le_domain_error_instead_of_nan():
     with pytest.raises(ValueError, match=r"exp\(loss\) must exceed e2"):
         f(jnp.array([0.3, 0.2]))
     assert np.isfinite(float(f(jnp.array([1.0, 0.5]))))
-    with pytest.raises(ValueError, match="LE"):
+    with pytest.raises(ValueError, match="LE"):  # eager grad: the loss is still concrete
         jax.grad(f)(jnp.array([0.3, 0.2]))
-    # inside jit the check runs as a host callback and the error carries the same message
-    with pytest.raises(Exception, match="must exceed e2"):
-        jax.jit(jax.grad(f))(jnp.array([0.3, 0.2])).block_until_ready()
     tx = scale_by_vdm(le)
     with pytest.raises(ValueError, match="undefined"):
         tx.update({"w": jnp.ones(2)}, tx.init(None), None, loss=jnp.float32(0.1))
     # a non-integer AP power needs non-negative losses
     with pytest.raises(ValueError, match="non-negative base"):
         vdm_loss(AP(2, 1, 0.5, 1), lambda p: p)(jnp.float32(-0.5))
+    # NaN (divergence) is not a domain error, and VDMs defined everywhere check nothing
+    assert np.isnan(float(vdm_loss(le, lambda p: p)(jnp.float32(np.nan))))
+    with pytest.raises(ValueError, match="check_domain"):
+        scale_by_vdm(le, check_domain="raise")
+
+
+def test_jitted_training_skips_steps_outside_the_domain_and_reports_them():
+    """Inside jit a loss below ln(e2) gives a zero update (no NaN enters the parameters) and
+    check_vdm_state raises naming the loss."""
+    le = LE(1, 1.9)
+    loss_fn = lambda p: jnp.sum(p ** 2) + 0.5  # reaches 0.5 < ln 1.9 near p = 0
+    tx = optax.chain(scale_by_vdm(le), optax.sgd(0.05))
+
+    @jax.jit
+    def step(p, s):
+        l, g = jax.value_and_grad(loss_fn)(p)
+        u, s = tx.update(g, s, p, loss=l)
+        return optax.apply_updates(p, u), s
+
+    p, s = jnp.array([1.0, -0.5]), tx.init(jnp.zeros(2))
+    for _ in range(40):
+        p, s = step(p, s)
+    assert np.all(np.isfinite(np.asarray(p)))
+    assert float(loss_fn(p)) <= math.log(1.9) + 0.05  # it stopped right after crossing the boundary
+    assert int(s[0].num_invalid) > 0 and float(s[0].invalid_loss) <= math.log(1.9)
+    frozen = p
+    p, s = step(p, s)
+    np.testing.assert_array_equal(np.asarray(p), np.asarray(frozen))  # skipped: zero update
+    with pytest.raises(ValueError, match=r"LE\(1, 1.9\) is undefined at loss .* skipped"):
+        check_vdm_state(s, le)
+    check_vdm_state(tx.init(jnp.zeros(2)))  # a clean state passes
+    # vmapped (batched) states are checked too
+    sb = jax.vmap(lambda q: step(q, tx.init(q))[1])(jnp.array([[0.0, 0.0], [2.0, 2.0]]))
+    with pytest.raises(ValueError, match="skipped"):
+        check_vdm_state(sb)
+
+
+def test_callback_mode_raises_inside_jit_in_a_subprocess():
+    """check_domain="callback" raises from inside a jitted computation (run in a separate process because
+    JAX keeps an ordered callback's error on its effects token for the rest of the process)."""
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from mclandscape.deform import LE, vdm_loss\n"
+        "f = jax.jit(jax.grad(vdm_loss(LE(1, 1.9), lambda p: jnp.sum(p ** 2), check_domain='callback')))\n"
+        "print(float(f(jnp.array([1.0, 0.5]))[0]))\n"
+        "try:\n"
+        "    f(jnp.array([0.3, 0.2])).block_until_ready()\n"
+        "except Exception as e:\n"
+        "    print('RAISED', 'must exceed e2' in str(e))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RAISED True" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
 def test_monotonicity_validation_of_custom_vdm():
@@ -211,7 +263,7 @@ def test_scale_by_vdm_state_and_errors():
     g = {"w": jnp.array([1.0, -2.0])}
     u, s = tx.update(g, tx.init(g), None, loss=jnp.float32(0.0))
     np.testing.assert_allclose(np.asarray(u["w"]), [10.0, -20.0], rtol=1e-5)
-    assert abs(float(s.scale) - 10.0) < 1e-4 and float(s.loss) == 0.0
+    assert abs(float(s.scale) - 10.0) < 1e-4 and float(s.loss) == 0.0 and int(s.num_invalid) == 0
     with pytest.raises(ValueError, match="needs the loss value"):
         tx.update(g, tx.init(g), None)
     with pytest.raises(ValueError, match="scalar"):
