@@ -71,14 +71,15 @@ def _draw_trajectories(ax, trajectories: Mapping[str, object] | None):
         for j, tr in enumerate(_traj_list(t)):
             ax.plot(tr[:, 0], tr[:, 1], "-", color=c, lw=1.0, alpha=0.9, label=name if j == 0 else None)
             ax.plot(tr[0, 0], tr[0, 1], "o", color=c, ms=4)
-            ax.plot(tr[-1, 0], tr[-1, 1], "*", color=c, ms=10, mec="k", mew=0.5)
+            ax.plot(tr[-1, 0], tr[-1, 1], "*sD^"[i % 4], color=c, ms=10 if i % 4 == 0 else 6, mec="k", mew=0.5)
     ax.legend(loc="best", fontsize=7)
 
 
 def contour_plot(path: str, xs, ys, Z, *, title: str = "", xlabel: str = "alpha", ylabel: str = "beta",
                  levels: int = 30, log: bool = False, trajectories: Mapping[str, object] | None = None,
                  points: Mapping[str, Sequence[float]] | None = None) -> str:
-    """Filled contour of ``Z`` with optional optimiser trajectories (start ``o``, end ``*``) and marked
+    """Filled contour of ``Z`` with optional optimiser trajectories (start ``o``; end ``*``, ``s``, ``D``, ``^``
+    for the 1st-4th series) and marked
     points (e.g. the trained model at the origin of a Li et al. plane)."""
     xs, ys, Z = _grid(xs, ys, Z)
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
