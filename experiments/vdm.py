@@ -45,7 +45,18 @@ import optax
 
 from mclandscape.curvature import top_hessian_eigenvalues
 from mclandscape.data import DatasetNotFoundError, iterate_batches, load_dataset, num_batches
-from mclandscape.deform import AP, LE, TABLE1_VDMS, VDM, Identity, check_vdm_state, parse_vdm, scale_by_vdm
+from mclandscape.deform import (
+    AP,
+    LE,
+    TABLE1_VDMS,
+    VDM,
+    Identity,
+    check_vdm_state,
+    deformed_hessian_formula,
+    parse_vdm,
+    scale_by_vdm,
+    vdm_loss,
+)
 from mclandscape.directions import loss_curve, loss_plane, random_direction, random_directions
 from mclandscape.models import get_model
 from mclandscape.plots_landscape import (
@@ -106,6 +117,24 @@ def _grid(fn, lo1, hi1, lo2, hi2, n=161):
     xs, ys = np.linspace(lo1, hi1, n), np.linspace(lo2, hi2, n)
     P = np.stack(np.meshgrid(xs, ys, indexing="ij"), -1).astype(np.float32)
     return xs, ys, np.asarray(jax.jit(fn)(jnp.asarray(P)))
+
+
+def theorem1_check(loss_fn, vdm: VDM, points: dict) -> dict:
+    """Seed 003 Theorem 1 on a 2-D surface: eigenvalues of the exact Hessian of ``δ∘ℓ`` next to the seed's
+    ``δ'(ℓ)·λ(H)`` and to the full formula ``δ'H + δ''∇ℓ∇ℓᵀ`` (the term the seed's proof drops)."""
+    out = {"vdm": vdm.name}
+    deformed = vdm_loss(vdm, loss_fn)
+    for name, p in points.items():
+        p = jnp.asarray(p, jnp.float32)
+        l, g, H = loss_fn(p), jax.grad(loss_fn)(p), jax.hessian(loss_fn)(p)
+        exact = np.linalg.eigvalsh(np.asarray(jax.hessian(deformed)(p), np.float64))
+        out[name] = {"point": [_f(v) for v in p], "loss": _f(l), "grad_norm": _f(jnp.linalg.norm(g)),
+                     "eig_exact_deformed": exact.tolist(),
+                     "eig_seed_claim_dprime_times_H": (float(vdm.derivative(l)) * np.linalg.eigvalsh(
+                         np.asarray(H, np.float64))).tolist(),
+                     "eig_full_formula": np.linalg.eigvalsh(np.asarray(
+                         deformed_hessian_formula(vdm, l, g, H), np.float64)).tolist()}
+    return out
 
 
 def run_simulations(out: str, rounds: int, seed: int) -> dict:
@@ -181,6 +210,8 @@ def run_simulations(out: str, rounds: int, seed: int) -> dict:
                                                                atol=1e-5)),
         "paper": {"original_final_loss": 0.005, "deformed_final_loss": 1.19e-5},
     }
+    res["theorem1"] = theorem1_check(fig7_loss, LE(1, 0.9), {"start (-6, 11)": init[0],
+                                                            "LE(1, 0.9) end point": le7["ends"][0]})
     xs, ys, Z = _grid(fig7_loss, -8, 4, 5, 13)
     trajectory_panels(os.path.join(out, "fig7_trajectories.png"), xs, ys, Z,
                       {"original GDM": {"GDM": o7["trajectories"][0]},
