@@ -40,8 +40,9 @@ wrappers). Inside ``jit`` a Python exception cannot be raised from the computati
 callback, and host callbacks proved unsafe here (an unordered one deadlocked JAX's asynchronous CPU
 dispatch in a training loop, cf. jax-ml/jax#25861; an ordered one keeps its error on JAX's effects token,
 so every later computation with ordered effects in the process re-raises it). So
-:func:`scale_by_vdm` by default (``check_domain="skip"``) never lets ``NaN`` in: a step whose loss is
-outside the domain gets a zero update and is counted in :class:`ScaleByVDMState`, and
+:func:`scale_by_vdm` by default (``check_domain="skip"``) never lets ``NaN`` in: at a step whose loss is
+outside the domain it outputs zeros instead of the scaled gradient (a momentum or adaptive optimiser after
+it may still move on its state), the step is counted in :class:`ScaleByVDMState`, and
 :func:`check_vdm_state` (call it on the optimiser state, e.g. once per epoch) raises ``ValueError`` naming
 the loss. ``check_domain="callback"`` raises from inside the computation instead (ordered callback, with
 the caveat above); ``"off"`` disables the check.
@@ -493,8 +494,8 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
     ``ℓ`` must be the loss at which ``grads`` were computed; a missing loss raises ``ValueError``.
 
     ``check_domain`` (a loss outside the VDM's domain, e.g. ``ℓ <= ln e2`` for LE): a concrete loss always
-    raises ``ValueError``; a traced one is handled by ``"skip"`` (default: zero update for that step, counted
-    in the state, raised by :func:`check_vdm_state`), ``"callback"`` (raise from inside the computation via
+    raises ``ValueError``; a traced one is handled by ``"skip"`` (default: zeros instead of the gradient at
+    that step, counted in the state, raised by :func:`check_vdm_state`), ``"callback"`` (raise from inside the computation via
     an ordered host callback) or ``"off"`` (no check; ``NaN`` may result).
     """
     if not isinstance(vdm, VDM):
@@ -545,7 +546,7 @@ def check_vdm_state(opt_state, vdm: VDM | None = None) -> None:
             first = np.asarray(st.invalid_loss)[n > 0] if n.ndim else np.asarray(st.invalid_loss)
             what = vdm.domain_message(float(np.ravel(first)[0])) if vdm is not None else (
                 f"the VDM is undefined at loss {float(np.ravel(first)[0])!r}")
-            raise ValueError(f"{what}; {int(n.sum())} step(s) were skipped (zero update) by scale_by_vdm")
+            raise ValueError(f"{what}; scale_by_vdm skipped {int(n.sum())} step(s) (their gradient was zeroed)")
 
 
 def deformed_hessian_formula(vdm: VDM, loss, grad_vec, hessian):
