@@ -20,6 +20,25 @@ Strategies (``strategy=``):
   ``lax.map`` took ~0.26 ms/point against ~0.67 ms/point for a full vmap), and ``"map"`` with a chunk
   bounded by memory (``chunk_bytes``) on GPU/TPU. ``benchmarks/surface_sampling.py`` measures the choice.
 
+First layer (``stem=``; models that expose ``model.stem``, a
+:class:`~mclandscape.models.base.StemSpec` — every zoo conv model does; other models always take ``"off"``):
+
+- ``"off"``: ``model.apply`` as is;
+- ``"split"``: the stem convolution and the body applied separately, with the stem's input channels
+  zero-padded to a multiple of ``stem_channels`` (identical results: zero channels meet zero kernel rows).
+  On this CPU (XLA's YNNPACK convolutions) a 5×5 3→32 convolution of 128 CIFAR images took ~30 ms with 3
+  input channels and ~10 ms with 4 (8 was slower than 4), see ``benchmarks/convfc_curve.py``;
+- ``"factor"`` (connectors only): the stem runs once per *control point* on each data batch, as one
+  convolution with the K kernels stacked along the output channels, and each point combines the K
+  outputs with its coefficients: ``conv(x, sum_k c_k K_k) + sum_k c_k b_k = sum_k c_k (conv(x, K_k) +
+  b_k)`` holds for any coefficients (it is linear in the stem's parameters), so K convolutions replace P.
+  The K outputs of a group of data batches are staged once (at most ``stem_bytes``) and shared by all P
+  points;
+- ``"auto"``: see :func:`auto_stem`.
+
+``compute_dtype`` (e.g. ``"bfloat16"``) casts each point's parameters and the inputs before the forward
+pass (mixed precision for GPUs); losses, accuracies and BatchNorm statistics are accumulated in float32.
+
 With several devices, points are sharded over a 1-D mesh with ``jax.shard_map`` (data and control points
 replicated); results equal the single-device ones.
 
@@ -56,22 +75,31 @@ __all__ = [
     "stage_batches",
     "uv_grid",
     "auto_strategy",
+    "auto_stem",
+    "stem_control_features",
+    "combine_stem_features",
+    "pad_stem_input",
     "STRATEGIES",
+    "STEM_MODES",
 ]
 
 STRATEGIES = ("auto", "loop", "map", "vmap")
+STEM_MODES = ("auto", "off", "split", "factor")
 
 
 @dataclasses.dataclass(frozen=True)
 class PointMetrics:
     """Per-point results: ``loss[P]`` (mean task loss), ``accuracy[P]`` (NaN for non-integer targets) and
-    optionally ``probs[P, N, C]`` (softmax outputs per example)."""
+    optionally ``probs[P, N, C]`` (softmax outputs per example); the strategy, chunk, first-layer mode and
+    padded stem input channels (``None``: not padded) that were used."""
 
     loss: np.ndarray
     accuracy: np.ndarray
     probs: np.ndarray | None = None
     strategy: str = ""
     chunk_size: int = 1
+    stem: str = "off"
+    stem_channels: int | None = None
 
 
 def uv_grid(steps: int = 11) -> np.ndarray:
@@ -155,13 +183,14 @@ def bn_momentum(model: Model, params: PyTree, x: np.ndarray) -> PyTree:
     return jax.tree_util.tree_map(mom, s0, s1)
 
 
-def _bn_stats_fn(model: Model, zeros: PyTree, momentum: PyTree):
+def _bn_stats_fn(model: Model, zeros: PyTree, momentum: PyTree, apply_with_stats: Callable | None = None):
     """Pure function params, bn_x[nb, B, ...] -> exact average batch statistics over the nb batches."""
+    apply_with_stats = apply_with_stats or model.apply_with_stats
 
     def stats(params, bn_x):
         def body(acc, xb):
-            _, s0 = model.apply_with_stats({"params": params, "batch_stats": zeros}, xb, rngs=_BN_RNG)
-            b = jax.tree_util.tree_map(lambda s, m: s / (1.0 - m), s0, momentum)
+            _, s0 = apply_with_stats({"params": params, "batch_stats": zeros}, xb, rngs=_BN_RNG)
+            b = jax.tree_util.tree_map(lambda s, m: s.astype(jnp.float32) / (1.0 - m), s0, momentum)
             return jax.tree_util.tree_map(jnp.add, acc, b), None
 
         acc, _ = jax.lax.scan(body, zeros, bn_x)
@@ -208,22 +237,165 @@ def auto_strategy(num_points: int, param_bytes: int, *, backend: str | None = No
     return "map", chunk
 
 
-def _per_point_fn(model, loss_fn, with_probs, has_bn, make_params):
+# ---- the first layer ------------------------------------------------------------------------------------
+
+def _stem_cin(model: Model, params_example: PyTree) -> int:
+    kernel = params_example[model.stem.name]["kernel"]
+    return int(np.shape(kernel)[-2])
+
+
+def _padded_channels(cin: int, multiple: int | None) -> int:
+    if not multiple or multiple <= 1:
+        return cin
+    return -(-cin // multiple) * multiple
+
+
+def auto_stem(model: Model, kind: str, num_points: int, num_control: int, cin: int, *,
+              backend: str | None = None) -> tuple[str, int | None]:
+    """The default ``(stem mode, stem_channels)`` (see the module docstring).
+
+    Measured on the 2-core CPU (``benchmarks/convfc_curve.py``): padding a 3-channel stem input to 4
+    channels cut XLA's first-layer time ~3×; running the stem per control point (``"factor"``) pays when
+    there are more points than control points. On GPU/TPU the compiler already pads convolutions for its
+    matrix units, so no padding is added (unmeasured here: no GPU was available).
+    """
+    backend = backend or jax.default_backend()
+    if model.stem is None:
+        return "off", None
+    channels = 4 if (backend == "cpu" and model.stem.pad_channels_ok and cin % 4) else None
+    if kind == "connector" and num_points > num_control:
+        return "factor", channels
+    return ("split", channels) if channels else ("off", None)
+
+
+def pad_stem_input(kernel: jax.Array, x: jax.Array, channels: int) -> tuple[jax.Array, jax.Array]:
+    """Zero-pad the stem kernel's input-channel axis (``-2``) and ``x``'s channel axis (``-1``) to
+    ``channels``; the convolution is unchanged (the extra channels meet zero kernel rows)."""
+    cin = kernel.shape[-2]
+    if x.shape[-1] != cin:
+        raise ValueError(f"stem kernel takes {cin} input channels but the input has {x.shape[-1]}")
+    if channels < cin:
+        raise ValueError(f"cannot pad {cin} stem input channels down to {channels}")
+    if channels == cin:
+        return kernel, x
+    kpad = [(0, 0)] * kernel.ndim
+    kpad[-2] = (0, channels - cin)
+    xpad = [(0, 0)] * x.ndim
+    xpad[-1] = (0, channels - cin)
+    return jnp.pad(kernel, kpad), jnp.pad(x, xpad)
+
+
+def _pad_kernel(kernel, channels):
+    cin = kernel.shape[-2]
+    if channels is None or channels == cin:
+        return kernel
+    pad = [(0, 0)] * kernel.ndim
+    pad[-2] = (0, channels - cin)
+    return jnp.pad(kernel, pad)
+
+
+def stem_control_features(model: Model, control: PyTree, x: jax.Array, *, channels: int | None = None,
+                          dtype=None) -> jax.Array:
+    """The stem's output for each of K control points, ``[B, ..., K, Cout]``, in one convolution.
+
+    ``control`` holds the stacked parameters (leaves ``[K, ...]``); ``x`` is already prepared
+    (``model.stem.prepare``) and, when ``channels`` is given, zero-padded to that many channels. The K
+    kernels are stacked along the output channels, so XLA runs one convolution with ``K * Cout`` outputs.
+    """
+    stem = model.stem
+    sp = control[stem.name]
+    k = sp["kernel"]
+    if dtype is not None:
+        k = k.astype(dtype)
+    num_k, cout = k.shape[0], k.shape[-1]
+    k = _pad_kernel(k, channels)
+    kern = jnp.moveaxis(k, 0, -2).reshape(k.shape[1:-1] + (num_k * cout,))
+    b = sp.get("bias") if stem.use_bias else None
+    bias = None if b is None else b.astype(kern.dtype).reshape(num_k * cout)
+    h = stem.apply(kern, bias, x if dtype is None else x.astype(dtype))
+    return h.reshape(h.shape[:-1] + (num_k, cout))
+
+
+def combine_stem_features(coefficients: jax.Array, features: jax.Array) -> jax.Array:
+    """``sum_k c_k features[..., k, :]``: one point's stem output from the control points' outputs.
+
+    Exact for any coefficients (also derivative coefficients that do not sum to 1), since each control
+    point's output includes its own bias. Accumulated in float32 and returned in ``features.dtype``.
+    """
+    num_k = features.shape[-2]
+    c = coefficients.astype(jnp.float32)
+    out = c[0] * features[..., 0, :].astype(jnp.float32)
+    for k in range(1, num_k):
+        out = out + c[k] * features[..., k, :].astype(jnp.float32)
+    return out.astype(features.dtype)
+
+
+def _split_applies(model: Model, mode: str, channels: int | None):
+    """(apply, apply_with_stats) on staged inputs for the "off" and "split" modes."""
+    if mode == "off":
+        return model.apply, model.apply_with_stats
+    stem = model.stem
+
+    def h_of(params, x):
+        sp = params[stem.name]
+        k = _pad_kernel(sp["kernel"], channels)
+        return stem.apply(k, sp.get("bias") if stem.use_bias else None, x)
+
+    def apply(variables, x, train=False, rngs=None):
+        return stem.body_apply(variables, h_of(variables["params"], x), train=train, rngs=rngs)
+
+    def apply_with_stats(variables, x, rngs=None):
+        return stem.body_apply_with_stats(variables, h_of(variables["params"], x), rngs=rngs)
+
+    return apply, (apply_with_stats if stem.body_apply_with_stats is not None else None)
+
+
+def _prepare_input(model: Model, mode: str, channels: int | None, x) -> np.ndarray:
+    """Host-side input preparation for the stem paths: ``stem.prepare`` and channel zero-padding."""
+    if mode == "off":
+        return x
+    x = np.asarray(model.stem.prepare(jnp.asarray(x)))
+    if channels is not None and channels != x.shape[-1]:
+        x = np.concatenate([x, np.zeros(x.shape[:-1] + (channels - x.shape[-1],), x.dtype)], axis=-1)
+    return x
+
+
+def _cast(tree, dtype):
+    if dtype is None:
+        return tree
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+# ---- per-point evaluation ---------------------------------------------------------------------------------
+
+def _batch_sums(loss_fn, with_probs, logits, yb, mb):
+    logits = logits.astype(jnp.float32)
+    lsum = jnp.sum(loss_fn(logits, yb) * mb)
+    if jnp.issubdtype(yb.dtype, jnp.integer):
+        csum = jnp.sum(_correct(logits, yb) * mb)
+    else:
+        csum = jnp.asarray(jnp.nan, jnp.float32)
+    out = jax.nn.softmax(logits, axis=-1) if with_probs else None
+    return lsum, csum, out
+
+
+def _per_point_fn(model, loss_fn, with_probs, has_bn, make_params, apply=None, apply_with_stats=None,
+                  dtype=None):
+    apply = apply or model.apply
+    apply_with_stats = apply_with_stats or model.apply_with_stats
+
     def per_point(desc, shared, xs, ys, ms, bn_x, zeros, mom):
-        params = make_params(desc, shared)
+        params = _cast(make_params(desc, shared), dtype)
         variables = {"params": params}
         if has_bn:
-            variables["batch_stats"] = _bn_stats_fn(model, zeros, mom)(params, bn_x)
+            bx = bn_x if dtype is None else bn_x.astype(dtype)
+            variables["batch_stats"] = _bn_stats_fn(model, zeros, mom, apply_with_stats)(params, bx)
 
         def body(carry, batch):
             xb, yb, mb = batch
-            logits = model.apply(variables, xb, train=False)
-            lsum = jnp.sum(loss_fn(logits, yb) * mb)
-            if jnp.issubdtype(yb.dtype, jnp.integer):
-                csum = jnp.sum(_correct(logits, yb) * mb)
-            else:
-                csum = jnp.asarray(jnp.nan, jnp.float32)
-            out = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) if with_probs else None
+            if dtype is not None:
+                xb = xb.astype(dtype)
+            lsum, csum, out = _batch_sums(loss_fn, with_probs, apply(variables, xb, train=False), yb, mb)
             return (carry[0] + lsum, carry[1] + csum), out
 
         (lsum, csum), probs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
@@ -242,47 +414,198 @@ def _make_params_connector(desc, shared):
     return tree_combine(desc, shared)
 
 
+def _point_map(strategy, chunk):
+    def run(f, xs):
+        if strategy == "vmap" and chunk <= 1:
+            return jax.vmap(f)(xs)
+        return jax.lax.map(f, xs, batch_size=chunk if chunk > 1 else None)
+    return run
+
+
+def _factor_fn(model, loss_fn, with_probs, has_bn, strategy, chunk, channels, dtype):
+    """run(coefs[P, K], control, xs[ng, gb, B, ...], ys, ms, bn_x[nbg, gbb, B, ...], bn_m[nbg, gbb], zeros,
+    mom) for the stem-factorised path: per group of batches the stem runs once per control point, then
+    every point combines those outputs and runs the body on them."""
+    stem = model.stem
+    pmap = _point_map(strategy, chunk)
+
+    def feats(control, xg):
+        flat = xg.reshape((-1,) + xg.shape[2:])
+        s = stem_control_features(model, control, flat, channels=channels, dtype=dtype)
+        return s.reshape(xg.shape[:2] + s.shape[1:])
+
+    def run(coefs, control, xs, ys, ms, bn_x, bn_m, zeros, mom):
+        num_p = coefs.shape[0]
+        f32 = jnp.float32
+
+        def params_of(c):
+            return _cast(tree_combine(c, control), dtype)
+
+        stats = None
+        if has_bn:
+            def bn_group(acc, g):
+                xg, mg = g
+                sg = feats(control, xg)
+
+                def one(c):
+                    params = params_of(c)
+
+                    def body(a, batch):
+                        sb, valid = batch
+                        _, s0 = stem.body_apply_with_stats({"params": params, "batch_stats": zeros},
+                                                           combine_stem_features(c, sb), rngs=_BN_RNG)
+                        b = jax.tree_util.tree_map(lambda s, m: valid * s.astype(f32) / (1.0 - m), s0, mom)
+                        return jax.tree_util.tree_map(jnp.add, a, b), None
+
+                    a, _ = jax.lax.scan(body, zeros, (sg, mg))
+                    return a
+
+                return jax.tree_util.tree_map(jnp.add, acc, pmap(one, coefs)), None
+
+            acc0 = jax.tree_util.tree_map(lambda z: jnp.zeros((num_p,) + z.shape, f32), zeros)
+            stats, _ = jax.lax.scan(bn_group, acc0, (bn_x, bn_m))
+            stats = jax.tree_util.tree_map(lambda a: a / jnp.sum(bn_m), stats)
+
+        def group(carry, g):
+            xg, yg, mg = g
+            sg = feats(control, xg)
+
+            def one(args):
+                c, st = args
+                variables = {"params": params_of(c)}
+                if has_bn:
+                    variables["batch_stats"] = st
+
+                def body(acc, batch):
+                    sb, yb, mb = batch
+                    logits = stem.body_apply(variables, combine_stem_features(c, sb), train=False)
+                    lsum, csum, out = _batch_sums(loss_fn, with_probs, logits, yb, mb)
+                    return (acc[0] + lsum, acc[1] + csum), out
+
+                (l, cs), probs = jax.lax.scan(body, (jnp.zeros((), f32), jnp.zeros((), f32)), (sg, yg, mg))
+                return l, cs, probs
+
+            l, cs, probs = pmap(one, (coefs, stats))
+            return (carry[0] + l, carry[1] + cs), probs
+
+        (lsum, csum), probs = jax.lax.scan(group, (jnp.zeros((num_p,), f32), jnp.zeros((num_p,), f32)),
+                                           (xs, ys, ms))
+        n = jnp.sum(ms)
+        if with_probs:  # [ng, P, gb, B, C] -> [P, ng * gb, B, C]
+            probs = jnp.moveaxis(probs, 1, 0)
+            probs = probs.reshape((num_p, -1) + probs.shape[3:])
+        return lsum / n, csum / n, probs
+
+    return run
+
+
+def _dtype_key(dtype):
+    return None if dtype is None else jnp.dtype(dtype).name
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled(model, loss_fn, with_probs, has_bn, kind, strategy, chunk, ndev):
-    make_params = _make_params_connector if kind == "connector" else _make_params_stacked
-    per_point = _per_point_fn(model, loss_fn, with_probs, has_bn, make_params)
+def _compiled(model, loss_fn, with_probs, has_bn, kind, strategy, chunk, ndev, stem_mode="off", channels=None,
+              dtype=None):
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    if stem_mode == "factor":
+        run = _factor_fn(model, loss_fn, with_probs, has_bn, strategy, chunk, channels, dtype)
+        nargs = 9
+    else:
+        make_params = _make_params_connector if kind == "connector" else _make_params_stacked
+        apply, apply_ws = _split_applies(model, stem_mode, channels)
+        per_point = _per_point_fn(model, loss_fn, with_probs, has_bn, make_params, apply, apply_ws, dtype)
+        nargs = 8
 
-    def run(descs, shared, xs, ys, ms, bn_x, zeros, mom):
-        f = lambda d: per_point(d, shared, xs, ys, ms, bn_x, zeros, mom)
-        if strategy == "map":
-            return jax.lax.map(f, descs, batch_size=chunk if chunk > 1 else None)
-        if strategy == "vmap":
-            return jax.vmap(f)(descs)
-        raise ValueError(strategy)
+        def run(descs, shared, xs, ys, ms, bn_x, zeros, mom):
+            f = lambda d: per_point(d, shared, xs, ys, ms, bn_x, zeros, mom)
+            if strategy == "map":
+                return jax.lax.map(f, descs, batch_size=chunk if chunk > 1 else None)
+            if strategy == "vmap":
+                return jax.vmap(f)(descs)
+            raise ValueError(strategy)
 
-    if strategy == "loop":
-        return jax.jit(lambda d, *a: per_point(d, *a))
+        if strategy == "loop":
+            return jax.jit(lambda d, *a: per_point(d, *a))
     if ndev > 1:
         mesh = Mesh(np.asarray(jax.devices()[:ndev]), ("p",))
-        run = jax.shard_map(run, mesh=mesh, in_specs=(P("p"), P(), P(), P(), P(), P(), P(), P()),
+        run = jax.shard_map(run, mesh=mesh, in_specs=(P("p"),) + (P(),) * (nargs - 1),
                             out_specs=P("p"), check_vma=False)
     return jax.jit(run)
 
 
+def _group_size(num_batches: int, batch_bytes: int, budget: int) -> int:
+    """The largest divisor of ``num_batches`` whose staged stem outputs fit in ``budget`` bytes (>= 1)."""
+    best = 1
+    for g in range(1, num_batches + 1):
+        if num_batches % g == 0 and g * batch_bytes <= budget:
+            best = g
+    return best
+
+
 def _evaluate(model: Model, kind: str, descs: PyTree, shared: PyTree, params_example: PyTree, data, *,
               batch_size: int, strategy: str, chunk_size: int | None, bn_data, bn_batches: int | None,
-              bn_batch_size: int, return_probs: bool, loss_fn: Callable, devices: int | None) -> PointMetrics:
+              bn_batch_size: int, return_probs: bool, loss_fn: Callable, devices: int | None,
+              stem: str = "off", stem_channels: int | None = None, compute_dtype=None,
+              stem_bytes: int = 1 << 29) -> PointMetrics:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if stem not in STEM_MODES:
+        raise ValueError(f"unknown stem mode {stem!r}; expected one of {STEM_MODES}")
     x, y = _xy(data)
     num_points = int(jax.tree_util.tree_leaves(descs)[0].shape[0])
     if num_points == 0:
         raise ValueError("empty set of points: give at least one point")
-    xs, ys, ms = stage_batches(x, y, batch_size)
+    dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype!r}")
+
+    # First-layer mode and stem input channels.
+    channels = None
+    if stem != "off" or stem_channels is not None:
+        if model.stem is None:
+            if stem in ("split", "factor") or stem_channels is not None:
+                raise ValueError(f"stem={stem!r}/stem_channels need a model with a stem (model.stem); "
+                                 f"{model.name} has none")
+            stem = "off"
+        else:
+            cin = _stem_cin(model, params_example)
+            if stem == "auto":
+                num_control = int(jax.tree_util.tree_leaves(shared)[0].shape[0]) if kind == "connector" else 0
+                stem, channels = auto_stem(model, kind, num_points, num_control, cin)
+            if stem_channels is not None:
+                if stem_channels < 1:
+                    raise ValueError(f"stem_channels must be >= 1, got {stem_channels}")
+                if not model.stem.pad_channels_ok:
+                    raise ValueError(f"the stem of {model.name} does not allow channel padding")
+                channels = _padded_channels(cin, stem_channels)
+                if stem == "off":
+                    stem = "split"
+            if channels is not None and channels == cin:
+                channels = None
+    else:
+        stem = "off"
+    if stem == "factor" and kind != "connector":
+        raise ValueError("stem='factor' needs a connector (evaluate_points): stacked parameters have no "
+                         "control points to share the first layer")
+    if stem == "factor" and strategy == "loop":
+        raise ValueError("stem='factor' evaluates all points in one compiled call, not in a Python loop; use strategy 'map', "
+                         "'vmap' or 'auto'")
+
+    xp = _prepare_input(model, stem, channels, x)
+    xs, ys, ms = stage_batches(xp, y, batch_size)
     has_bn = model.has_batch_stats
     if has_bn:
         if bn_data is None:
             raise ValueError(f"model {model.name} has BatchNorm: pass bn_data (training data) so each point's "
                              "statistics are recomputed before it is evaluated")
         bx_all = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else _xy(bn_data)[0]
-        bn_x = _bn_batches(bx_all, bn_batch_size, bn_batches)
-        zeros = _zeros_stats(model, params_example, bn_x[0][:1])
-        mom = bn_momentum(model, params_example, bn_x[0])
+        bn_raw = _bn_batches(bx_all, bn_batch_size, bn_batches)
+        zeros = _zeros_stats(model, params_example, bn_raw[0][:1])
+        mom = bn_momentum(model, params_example, bn_raw[0])
+        bn_x = bn_raw
+        if stem != "off":
+            flat = _prepare_input(model, stem, channels, np.asarray(bn_raw).reshape((-1,) + bn_raw.shape[2:]))
+            bn_x = jnp.asarray(flat.reshape(bn_raw.shape[:2] + flat.shape[1:]))
     else:
         bn_x, zeros, mom = jnp.zeros((0,)), {}, {}
     param_bytes = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(params_example))
@@ -297,9 +620,13 @@ def _evaluate(model: Model, kind: str, descs: PyTree, shared: PyTree, params_exa
         raise ValueError(f"devices={devices} but {len(jax.devices())} are available")
     if strategy == "loop":
         ndev = 1
-    args = (shared, xs, ys, ms, bn_x, zeros, mom)
-    fn = _compiled(model, loss_fn, bool(return_probs), has_bn, kind, strategy, chunk, ndev)
+    fn = _compiled(model, loss_fn, bool(return_probs), has_bn, kind, strategy, chunk, ndev, stem, channels,
+                   _dtype_key(dtype))
 
+    if stem == "factor":
+        args = _factor_args(model, shared, xs, ys, ms, bn_x, has_bn, channels, dtype, stem_bytes, zeros, mom)
+    else:
+        args = (shared, xs, ys, ms, bn_x, zeros, mom)
     if strategy == "loop":
         outs = [fn(jax.tree_util.tree_map(lambda a, i=i: a[i], descs), *args) for i in range(num_points)]
         loss = np.asarray([o[0] for o in outs])
@@ -308,7 +635,7 @@ def _evaluate(model: Model, kind: str, descs: PyTree, shared: PyTree, params_exa
     else:
         # Pad the point set so every call has a fixed shape: to a multiple of the chunk for the
         # Python-chunked vmap, and of the device count when sharded.
-        step = chunk * ndev if strategy == "vmap" else ndev
+        step = chunk * ndev if (strategy == "vmap" and stem != "factor") else ndev
         total = -(-num_points // step) * step
         padded = jax.tree_util.tree_map(
             lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], total - num_points, axis=0)]) if total > num_points
@@ -316,7 +643,7 @@ def _evaluate(model: Model, kind: str, descs: PyTree, shared: PyTree, params_exa
         if ndev > 1:
             mesh = Mesh(np.asarray(jax.devices()[:ndev]), ("p",))
             padded = jax.device_put(padded, NamedSharding(mesh, P("p")))
-        if strategy == "vmap":
+        if strategy == "vmap" and stem != "factor":
             pieces = [fn(jax.tree_util.tree_map(lambda a, s=s: a[s:s + step], padded), *args)
                       for s in range(0, total, step)]
             res = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *pieces)
@@ -327,18 +654,45 @@ def _evaluate(model: Model, kind: str, descs: PyTree, shared: PyTree, params_exa
         probs = np.asarray(res[2])[:num_points] if return_probs else None
     if probs is not None:
         probs = probs.reshape((num_points, -1) + probs.shape[3:])[:, : x.shape[0]]
-    return PointMetrics(loss=loss, accuracy=acc, probs=probs, strategy=strategy, chunk_size=chunk)
+    return PointMetrics(loss=loss, accuracy=acc, probs=probs, strategy=strategy, chunk_size=chunk, stem=stem,
+                        stem_channels=channels)
+
+
+def _factor_args(model, control, xs, ys, ms, bn_x, has_bn, channels, dtype, stem_bytes, zeros, mom):
+    """Regroup the staged batches into ``[groups, batches per group, B, ...]`` for the factorised path."""
+    if stem_bytes < 1:
+        raise ValueError(f"stem_bytes must be >= 1, got {stem_bytes}")
+    out = jax.eval_shape(lambda c, xb: stem_control_features(model, c, xb, channels=channels, dtype=dtype),
+                         control, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype))
+    batch_bytes = int(np.prod(out.shape)) * jnp.dtype(out.dtype).itemsize
+
+    def regroup(a, nb):
+        g = _group_size(nb, batch_bytes, stem_bytes)
+        return a.reshape((nb // g, g) + a.shape[1:])
+
+    nb = xs.shape[0]
+    xs, ys, ms = regroup(xs, nb), regroup(ys, nb), regroup(ms, nb)
+    if has_bn:
+        nbb = bn_x.shape[0]
+        bn_x = regroup(bn_x, nbb)
+        bn_m = jnp.ones(bn_x.shape[:2], jnp.float32)
+    else:
+        bn_x, bn_m = jnp.zeros((0, 0)), jnp.zeros((0, 0))
+    return (control, xs, ys, ms, bn_x, bn_m, zeros, mom)
 
 
 def evaluate_params(model: Model, stacked_params: PyTree, data, *, batch_size: int = 500,
                     strategy: str = "auto", chunk_size: int | None = None, bn_data=None,
                     bn_batches: int | None = None, bn_batch_size: int = 128, return_probs: bool = False,
                     loss_fn: Callable = cross_entropy, devices: int | None = None,
-                    check: bool = True) -> PointMetrics:
+                    check: bool = True, stem: str = "auto", stem_channels: int | None = None,
+                    compute_dtype=None) -> PointMetrics:
     """Mean loss and accuracy on ``data`` of P parameter sets stacked on a leading axis.
 
     ``stacked_params`` holds the ``params`` collection only (use :func:`mclandscape.tree.tree_stack`);
     BatchNorm statistics are recomputed per point from ``bn_data`` (see the module docstring).
+    ``stem`` is ``"auto"``, ``"off"`` or ``"split"`` (``"factor"`` needs a connector); ``stem_channels`` pads
+    the stem input channels to a multiple; ``compute_dtype`` casts parameters and inputs (e.g. bfloat16).
     """
     leaves = jax.tree_util.tree_leaves(stacked_params)
     if not leaves:
@@ -351,18 +705,22 @@ def evaluate_params(model: Model, stacked_params: PyTree, data, *, batch_size: i
     example = jax.tree_util.tree_map(lambda a: a[0], stacked_params)
     return _evaluate(model, "stacked", stacked_params, None, example, data, batch_size=batch_size,
                      strategy=strategy, chunk_size=chunk_size, bn_data=bn_data, bn_batches=bn_batches,
-                     bn_batch_size=bn_batch_size, return_probs=return_probs, loss_fn=loss_fn, devices=devices)
+                     bn_batch_size=bn_batch_size, return_probs=return_probs, loss_fn=loss_fn, devices=devices,
+                     stem=stem, stem_channels=stem_channels, compute_dtype=compute_dtype)
 
 
 def evaluate_points(model: Model, connector: Connector, points, data, *, batch_size: int = 500,
                     strategy: str = "auto", chunk_size: int | None = None, bn_data=None,
                     bn_batches: int | None = None, bn_batch_size: int = 128, return_probs: bool = False,
                     loss_fn: Callable = cross_entropy, devices: int | None = None,
-                    check: bool = True) -> PointMetrics:
+                    check: bool = True, stem: str = "auto", stem_channels: int | None = None,
+                    compute_dtype=None, stem_bytes: int = 1 << 29) -> PointMetrics:
     """Mean loss and accuracy on ``data`` at P points of a connector (t values, (u, v) pairs or alphas).
 
     Points are validated (in [0, 1], barycentric sums 1; nothing is clipped). Each point's parameters
     ``phi(p) = sum_k c_k(p) theta_k`` (seed 000 eq. 6) are formed inside the mapped computation.
+    ``stem`` (``"auto"``, ``"off"``, ``"split"``, ``"factor"``), ``stem_channels``, ``stem_bytes`` (memory for
+    the staged per-control-point stem outputs) and ``compute_dtype``: see the module docstring.
     """
     pts = connector.validate_points(points)
     if check:
@@ -371,6 +729,5 @@ def evaluate_points(model: Model, connector: Connector, points, data, *, batch_s
     example = jax.tree_util.tree_map(lambda a: a[0], connector.control)
     return _evaluate(model, "connector", coef, connector.control, example, data, batch_size=batch_size,
                      strategy=strategy, chunk_size=chunk_size, bn_data=bn_data, bn_batches=bn_batches,
-                     bn_batch_size=bn_batch_size, return_probs=return_probs, loss_fn=loss_fn, devices=devices)
-
-
+                     bn_batch_size=bn_batch_size, return_probs=return_probs, loss_fn=loss_fn, devices=devices,
+                     stem=stem, stem_channels=stem_channels, compute_dtype=compute_dtype, stem_bytes=stem_bytes)

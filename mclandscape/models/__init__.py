@@ -21,8 +21,10 @@ model, which is how :func:`mclandscape.checkpoint.load_model` restores a model f
 
 Every model takes ``num_classes`` and works on any input size: NHWC images (8×8×1 digits too — pools are
 skipped on maps smaller than their window) and, for ``mlp``, any ``[N, ...]`` input. Conv models name their
-first convolution ``stem`` (``variables['params']['stem']``), linear in its weights. Models with BatchNorm
-keep a ``batch_stats`` collection and have ``apply_with_stats``.
+first convolution ``stem`` (``variables['params']['stem']``), linear in its weights, and expose it as
+``model.stem`` (a :class:`~mclandscape.models.base.StemSpec`: the stem convolution and the body that runs on
+its output), which lets the engines compute the first layer once per control point (issue 9). Models with
+BatchNorm keep a ``batch_stats`` collection and have ``apply_with_stats``.
 """
 
 from __future__ import annotations
@@ -31,14 +33,15 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mclandscape.models.base import Model, from_flax
+from mclandscape.models._common import as_image
+from mclandscape.models.base import Model, StemSpec, conv_stem, flax_stem, from_flax
 from mclandscape.models.cnn import ConvFC, SimpleCNN
 from mclandscape.models.mlp import MLP
 from mclandscape.models.resnet import ResNet
 from mclandscape.models.vgg import VGG16
 from mclandscape.models.vit import ViT
 
-__all__ = ["Model", "from_flax", "get_model", "list_models", "model_from_spec", "MLP", "SimpleCNN",
+__all__ = ["Model", "StemSpec", "from_flax", "get_model", "list_models", "model_from_spec", "MLP", "SimpleCNN",
            "ConvFC", "VGG16", "ResNet", "ViT"]
 
 
@@ -140,7 +143,28 @@ def get_model(name: str | Mapping, **kwargs) -> Model:
     if not isinstance(args["num_classes"], int) or args["num_classes"] < 1:
         raise ValueError(f"num_classes must be a positive integer, got {args['num_classes']!r}")
     module = builder(**args)
-    return from_flax(module, name=arch, spec={"arch": arch, "kwargs": args}, has_batch_stats=has_bn)
+    stem = _stem(arch, module, args, has_bn)
+    return from_flax(module, name=arch, spec={"arch": arch, "kwargs": args}, has_batch_stats=has_bn, stem=stem)
+
+
+def _stem(arch: str, module, args: dict, has_bn: bool) -> StemSpec | None:
+    """The stem (first convolution) of a zoo conv model; ``None`` for the MLP."""
+    if arch == "mlp":
+        return None
+    if arch == "vit_small":
+        p = int(args["patch_size"])
+
+        def prepare(x):
+            x = as_image(x)
+            if x.shape[1] < p or x.shape[2] < p:
+                raise ValueError(f"ViT patch_size {p} is larger than the {x.shape[1]}×{x.shape[2]} input")
+            return x
+
+        return flax_stem(module, "stem", conv_stem((p, p), "VALID"), prepare=prepare)
+    pad = 2 if arch == "convfc" else 1
+    use_bias = not arch.startswith(("resnet", "preresnet"))
+    return flax_stem(module, "stem", conv_stem((1, 1), ((pad, pad), (pad, pad))), has_batch_stats=has_bn,
+                     use_bias=use_bias, prepare=as_image)
 
 
 def model_from_spec(spec: Mapping) -> Model:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,11 +36,78 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: str = "VALID") -> 
 
     Shapes are static under ``jit``, so this decision is made once at trace time. It is what lets every zoo
     model run on 8×8 digits as well as 32×32 CIFAR or 64×64 Tiny-ImageNet.
+
+    On CPU, ``"VALID"`` pooling of NHWC maps uses :func:`max_pool_strided` (same values; the same gradient,
+    routed to the first maximum of each window); elsewhere ``flax.linen.max_pool``.
     """
     if x.shape[-3] < window or x.shape[-2] < window:
         return x
+    if padding == "VALID" and x.ndim == 4:
+        return jax.lax.platform_dependent(
+            x, cpu=lambda v: max_pool_strided(v, window, stride),
+            default=lambda v: nn.max_pool(v, (window, window), strides=(stride, stride), padding=padding))
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
 
+
+def _window(x, i, j, stride, ho, wo):
+    return jax.lax.slice(x, (0, i, j, 0), (x.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1,
+                                           x.shape[3]), (1, stride, stride, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool_strided(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """``"VALID"`` max-pooling of NHWC ``x`` as the maximum of ``window²`` strided slices.
+
+    Values equal ``flax.linen.max_pool``'s exactly. The gradient goes to the first maximum of each window in
+    row-major order (as XLA's select-and-scatter and PyTorch do): the forward pass of a differentiated
+    call records that window offset (int8), and the backward pass scatters with strided pads, which XLA
+    fuses into one loop. On the 2-core CPU this gradient took ~14 ms against ~120 ms for the reduce-window
+    gradient (128×32×32×32 map, 3×3/2 window; issue 9).
+    """
+    ho = (x.shape[1] - window) // stride + 1
+    wo = (x.shape[2] - window) // stride + 1
+    out = None
+    for i in range(window):
+        for j in range(window):
+            v = _window(x, i, j, stride, ho, wo)
+            out = v if out is None else jnp.maximum(out, v)
+    return out
+
+
+def _max_pool_fwd(x, window, stride):
+    if window * window > 127:
+        raise ValueError(f"max_pool_strided supports windows of at most 11×11, got {window}×{window}")
+    ho = (x.shape[1] - window) // stride + 1
+    wo = (x.shape[2] - window) // stride + 1
+    out, idx = None, None
+    for i in range(window):
+        for j in range(window):
+            v = _window(x, i, j, stride, ho, wo)
+            if out is None:
+                out, idx = v, jnp.zeros(v.shape, jnp.int8)
+            else:
+                idx = jnp.where(v > out, jnp.int8(i * window + j), idx)  # strict: the first maximum wins
+                out = jnp.maximum(out, v)
+    return out, (idx, x.shape)
+
+
+def _max_pool_bwd(window, stride, res, g):
+    idx, shape = res
+    h, w = shape[1], shape[2]
+    ho, wo = g.shape[1], g.shape[2]
+    zero = jnp.zeros((), g.dtype)
+    dx = None
+    for i in range(window):
+        for j in range(window):
+            part = jnp.where(idx == i * window + j, g, zero)
+            cfg = [(0, 0, 0), (i, h - (i + stride * (ho - 1) + 1), stride - 1),
+                   (j, w - (j + stride * (wo - 1) + 1), stride - 1), (0, 0, 0)]
+            v = jax.lax.pad(part, zero, cfg)
+            dx = v if dx is None else dx + v
+    return (dx,)
+
+
+max_pool_strided.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
     """Standard Flax BatchNorm with PyTorch's defaults (momentum 0.1 in torch == 0.9 here, eps 1e-5)."""

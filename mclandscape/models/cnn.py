@@ -25,10 +25,13 @@ class SimpleCNN(nn.Module):
     dropout: float = 0.25
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = as_image(x)
+    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
+        """Logits; with ``from_stem=True`` ``x`` is the stem's output (conv + bias) and the stem is skipped."""
+        if not from_stem:
+            x = as_image(x)
         for i, c in enumerate(self.channels):
-            x = nn.Conv(int(c), (3, 3), padding=1, name="stem" if i == 0 else f"conv{i}")(x)
+            if i > 0 or not from_stem:
+                x = nn.Conv(int(c), (3, 3), padding=1, name="stem" if i == 0 else f"conv{i}")(x)
             x = nn.relu(x)
             x = max_pool(x, 2, 2)
         if self.dropout > 0:
@@ -51,10 +54,13 @@ class ConvFC(nn.Module):
     hidden: Sequence[int] = (1000, 1000)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = as_image(x)
+    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
+        """Logits; with ``from_stem=True`` ``x`` is the stem's output (conv + bias) and the stem is skipped."""
+        if not from_stem:
+            x = as_image(x)
         for i, c in enumerate(self.channels):
-            x = nn.Conv(int(c), (5, 5), padding=2, name="stem" if i == 0 else f"conv{i}")(x)
+            if i > 0 or not from_stem:
+                x = nn.Conv(int(c), (5, 5), padding=2, name="stem" if i == 0 else f"conv{i}")(x)
             x = nn.relu(x)
             x = max_pool(x, 3, 2)
         x = x.reshape((x.shape[0], -1))

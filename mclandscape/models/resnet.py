@@ -89,9 +89,11 @@ class ResNet(nn.Module):
     shortcut: str = "B"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = as_image(x)
-        x = _conv(int(self.widths[0]), 3, 1, name="stem")(x)
+    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
+        """Logits; with ``from_stem=True`` ``x`` is the stem convolution's output and the stem is skipped."""
+        if not from_stem:
+            x = as_image(x)
+            x = _conv(int(self.widths[0]), 3, 1, name="stem")(x)
         if not self.preact:
             x = nn.relu(batch_norm(train, name="stem_bn")(x))
         for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
