@@ -5,8 +5,10 @@ max-pool; dense 1152→1000→1000→10; 2 422 634 parameters; 26.17 M MAC per 3
 ``VGG16`` (``--arch vgg16``), synthetic CIFAR-shaped data with a fixed seed, and prints one JSON line per case:
 
 - ``curve_eval``: seconds per point of a quadratic Bézier curve over ``--n`` images (batch ``--batch``) for
-  each evaluation path (``stem`` mode / strategy), the library's default (``stem="auto"``,
-  ``strategy="auto"``), its GFLOP/s, and, if PyTorch is importable, the same per-point time of a plain
+  each evaluation path (label ``stem mode/strategy+chunk``; ``[ynn]``: compiled with XLA's default CPU
+  options, which send convolutions to YNNPACK, instead of the engines' default options), the library's
+  default (``stem="auto"``, ``strategy="auto"``), its GFLOP/s, and, if PyTorch is importable, the same
+  per-point time of a plain
   PyTorch forward (weights combined, then the network, as Garipov's code does) and the speed ratio
   (goal: >= 1.2 on CPU);
 - ``surface_eval`` (ConvFC only): the same for the 11×11 grid of a 3×3-control-point Bézier surface;
@@ -15,9 +17,10 @@ max-pool; dense 1152→1000→1000→10; 2 422 634 parameters; 26.17 M MAC per 3
   (t-sample × example), against one PyTorch step with one t (goal: ratio >= 1);
 - ``bf16_eval``: loss/accuracy difference of ``compute_dtype="bfloat16"`` evaluation (and its CPU time,
   for information: the bf16 goal is about GPUs);
-- ``xla_cpu_paths``: how many convolutions XLA's CPU backend hands to YNNPACK (``__ynn_fusion``; XLA's
-  successor of its XNNPACK path) or oneDNN (``__onednn_fusion``), and how many stay plain XLA
-  convolutions, in the compiled evaluation and training step.
+- ``xla_cpu_paths``: how many library fusions XLA's CPU backend forms (``__ynn_fusion``: YNNPACK, XLA's
+  successor of its XNNPACK path; ``__xnn_fusion``; ``__onednn_fusion``) and how many convolutions it runs
+  itself (Eigen), in the compiled forward pass (with XLA's default options and with the engines'), the
+  default training gradient and a ``lax.map`` training gradient.
 
 PyTorch is optional (never a dependency of mclandscape). Each timing is the minimum over ``--repeats``; the
 1-minute load average is printed next to each line (other processes on the machine slow both sides,
@@ -62,17 +65,20 @@ try:  # optional reference
 except ImportError:  # pragma: no cover - depends on the environment
     torch = None
 
-EVAL_PATHS = {  # label -> evaluate_points keywords
+EVAL_PATHS = {  # label -> evaluate_points keywords; "[ynn]": XLA's default CPU options (YNNPACK convolutions)
+    "off/map1[ynn]": dict(stem="off", strategy="map", chunk_size=1, compiler_options=None),
+    "split4/map1[ynn]": dict(stem="split", stem_channels=4, strategy="map", chunk_size=1, compiler_options=None),
+    "factor/map1[ynn]": dict(stem="factor", strategy="map", chunk_size=1, compiler_options=None),
     "off/map1": dict(stem="off", strategy="map", chunk_size=1),
     "off/map16": dict(stem="off", strategy="map", chunk_size=16),
     "off/loop": dict(stem="off", strategy="loop"),
     "split4/map1": dict(stem="split", stem_channels=4, strategy="map", chunk_size=1),
     "factor/map1": dict(stem="factor", strategy="map", chunk_size=1),
     "factor4/map1": dict(stem="factor", stem_channels=4, strategy="map", chunk_size=1),
-    "off/vmap16": dict(stem="off", strategy="vmap", chunk_size=16),
 }
-TRAIN_PATHS = {"off": ("off", None), "split4": ("split", 4), "factor": ("factor", None),
-               "factor4": ("factor", 4)}
+TRAIN_PATHS = {"off[ynn]": ("off", None, None), "split4[ynn]": ("split", 4, None), "off": ("off", None, "auto"),
+               "split4": ("split", 4, "auto"), "factor": ("factor", None, "auto"),
+               "factor4": ("factor", 4, "auto")}
 
 
 def load() -> float:
@@ -238,7 +244,7 @@ def xla_paths(compiled_text: str) -> dict:
     return {"ynn_fusions": compiled_text.count('"__ynn_fusion"'),
             "xnn_fusions": compiled_text.count('"__xnn_fusion"'),
             "onednn_fusions": compiled_text.count('"__onednn_fusion"'),
-            "plain_convolutions_outside_ynn": plain}
+            "xla_own_convolutions": plain}
 
 
 # ---- cases ---------------------------------------------------------------------------------------------------
@@ -253,9 +259,9 @@ def main() -> None:
     ap.add_argument("--eval-paths", default=None,
                     help="comma-separated labels from " + ",".join(EVAL_PATHS) + " (auto is always run)")
     ap.add_argument("--surface-steps", type=int, default=None, help="surface grid steps per axis (0: skip)")
-    ap.add_argument("--surface-paths", default="off/map1,split4/map1")
+    ap.add_argument("--surface-paths", default="off/map1[ynn],off/map1")
     ap.add_argument("--train-samples", default="1,4", help="k values (t samples per batch)")
-    ap.add_argument("--train-paths", default="off,split4,factor4")
+    ap.add_argument("--train-paths", default="off[ynn],split4[ynn],off,factor")
     ap.add_argument("--train-steps", type=int, default=3, help="steps per timed repetition")
     ap.add_argument("--torch-points", type=int, default=3, help="points timed in PyTorch (per-point cost)")
     ap.add_argument("--no-torch", action="store_true")
@@ -268,8 +274,8 @@ def main() -> None:
     n_img = args.n or (500 if vgg else 1000)
     surface_steps = (0 if vgg else 11) if args.surface_steps is None else args.surface_steps
     eval_paths = (args.eval_paths.split(",") if args.eval_paths else
-                  (["off/map1", "split4/map1", "factor/map1"] if vgg else
-                   ["off/map1", "off/map16", "off/loop", "split4/map1", "factor/map1", "factor4/map1"]))
+                  (["off/map1[ynn]", "off/map1", "factor/map1"] if vgg else
+                   ["off/map1[ynn]", "split4/map1[ynn]", "off/map1", "off/map16", "off/loop", "factor/map1"]))
     skip = set(filter(None, args.skip.split(",")))
     use_torch = torch is not None and not args.no_torch
     if use_torch and args.threads:
@@ -362,13 +368,13 @@ def main() -> None:
                                     xt[: args.batch], torch.tensor(y[: args.batch].astype(np.int64)), wd)
         for k in (int(v) for v in args.train_samples.split(",")):
             fns = {}
-            auto = resolve_train_stem(model, curve, "auto", None, k)
+            auto = resolve_train_stem(model, curve, "auto", None, k) + ("auto",)
             for label in [p for p in args.train_paths.split(",") if p] + ["auto"]:
-                st, ch = auto if label == "auto" else TRAIN_PATHS[label]
+                st, ch, options = auto if label == "auto" else TRAIN_PATHS[label]
                 pl, bf = model_point_loss(model, stem=st, stem_channels=ch)
                 loss = make_connector_loss(pl, curve, num_samples=k, sampler=uniform_sampler(1), point_l2=wd,
                                            batch_features=bf)
-                step = make_connector_step(loss, opt, curve.trainable)
+                step = make_connector_step(loss, opt, curve.trainable, compiler_options=options)
                 state = [curve.control, opt.init(curve.control), 0]
 
                 def run(step=step, state=state):
@@ -415,17 +421,23 @@ def main() -> None:
     # ---- which XLA CPU library paths are taken ----
     if "xla" not in skip:
         xb, yb = jnp.asarray(x[: args.batch]), jnp.asarray(y[: args.batch])
-        fwd = jax.jit(lambda p, v: model.apply({"params": p}, v)).lower(ctrl[0], xb).compile().as_text()
+        from mclandscape.evaluate import default_compiler_options
+
+        opts = default_compiler_options()
+        fwd_ynn = jax.jit(lambda p, v: model.apply({"params": p}, v)).lower(ctrl[0], xb).compile().as_text()
+        fwd = jax.jit(lambda p, v: model.apply({"params": p}, v), compiler_options=opts).lower(
+            ctrl[0], xb).compile().as_text() if opts else fwd_ynn
         st, ch = resolve_train_stem(model, curve, "auto", None, 1)
         pl, bf = model_point_loss(model, stem=st, stem_channels=ch)
         loss = make_connector_loss(pl, curve, num_samples=1, sampler=uniform_sampler(1), batch_features=bf)
-        grad_txt = jax.jit(jax.grad(lambda c: loss(c, (xb, yb), jax.random.key(0))[0])).lower(
-            curve.control).compile().as_text()
+        grad_txt = jax.jit(jax.grad(lambda c: loss(c, (xb, yb), jax.random.key(0))[0]),
+                           **({"compiler_options": opts} if opts else {})).lower(curve.control).compile().as_text()
         pl_off, _ = model_point_loss(model, stem="off")
         lmap = make_connector_loss(pl_off, curve, num_samples=1, sampler=uniform_sampler(1), strategy="map")
         map_txt = jax.jit(jax.grad(lambda c: lmap(c, (xb, yb), jax.random.key(0))[0])).lower(
             curve.control).compile().as_text()
         print(json.dumps({**base, "case": "xla_cpu_paths",
+                          "default_compiler_options": opts, "forward_xla_defaults": xla_paths(fwd_ynn),
                           "forward": xla_paths(fwd), "train_grad_default": xla_paths(grad_txt),
                           "train_grad_lax_map": xla_paths(map_txt)}), flush=True)
 

@@ -33,6 +33,7 @@ derived from ``(seed, epoch, step)``, ends exactly where an uninterrupted run wo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -158,13 +159,20 @@ def _masked(tree, mask):
     return jax.tree_util.tree_map(lambda x: x * mask.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), tree)
 
 
-def make_connector_step(loss: Callable, optimizer: optax.GradientTransformation, trainable) -> Callable:
+def make_connector_step(loss: Callable, optimizer: optax.GradientTransformation, trainable, *,
+                        compiler_options="auto") -> Callable:
     """The jitted update ``step(control, opt_state, batch, key) -> (control, opt_state, objective,
     mean_point_loss)`` of :func:`fit_connector` for a ``loss`` from :func:`make_connector_loss`: gradients of
-    fixed control points are zeroed and those points restored bit-for-bit after the update."""
-    mask = jnp.asarray(np.asarray(trainable, dtype=bool).reshape(-1))
+    fixed control points are zeroed and those points restored bit-for-bit after the update.
+    ``compiler_options``: ``"auto"``, ``None`` or a dict, as in :mod:`mclandscape.evaluate` (on CPU, XLA's
+    own convolutions instead of YNNPACK's: a ConvFC gradient took 152 ms against 204 ms)."""
+    from .evaluate import resolve_compiler_options
 
-    @jax.jit
+    mask = jnp.asarray(np.asarray(trainable, dtype=bool).reshape(-1))
+    options = resolve_compiler_options(compiler_options)
+    jit = functools.partial(jax.jit, compiler_options=options) if options else jax.jit
+
+    @jit
     def step(control, opt_state, batch, key):
         (obj, losses), grads = jax.value_and_grad(loss, has_aux=True)(control, batch, key)
         grads = _masked(grads, mask)
@@ -178,20 +186,21 @@ def make_connector_step(loss: Callable, optimizer: optax.GradientTransformation,
 
 
 def auto_train_stem(model: Model, num_samples: int, num_control: int, cin: int, *,
-                    backend: str | None = None) -> tuple[str, int | None]:
+                    backend: str | None = None, ynn: bool = False) -> tuple[str, int | None]:
     """The default ``(stem mode, stem_channels)`` for connector training (see the module docstring).
 
-    On the 2-core CPU a 3-channel first layer padded to 4 channels ran ~3× faster (ConvFC step 290 ms
-    against 337 ms per sample). The per-control-point stem (``"factor"``) did not pay in training: its
-    stacked convolution costs about K single ones and each sampled point still needs its own kernel
-    gradient; with k = 4 and 8 samples it ran within 1 % of ``"split"`` (``benchmarks/convfc_curve.py``), so
-    it is never chosen automatically. Elsewhere the model is used as is (XLA pads GPU convolutions itself;
-    unmeasured here: no GPU was available).
+    On the 2-core CPU, with convolutions on YNNPACK (``ynn=True``), a 3-channel first layer padded to 4
+    channels made a ConvFC step ~15 % faster; with XLA's own convolutions (the engines' default there) it
+    made no difference, so the model runs as is. The per-control-point stem (``"factor"``) did not pay in
+    training: its stacked convolution costs about K single ones and each sampled point still needs its own
+    kernel gradient; with k = 4 and 8 samples it ran within 1 % of ``"split"``
+    (``benchmarks/convfc_curve.py``), so it is never chosen automatically. On GPU the model is used as is
+    (XLA pads GPU convolutions itself; unmeasured here: no GPU was available).
     """
     backend = backend or jax.default_backend()
     if model.stem is None or backend != "cpu":
         return "off", None
-    channels = 4 if (model.stem.pad_channels_ok and cin % 4) else None
+    channels = 4 if (ynn and model.stem.pad_channels_ok and cin % 4) else None
     return ("split", channels) if channels else ("off", None)
 
 
@@ -314,7 +323,8 @@ def fit_connector(connector: Connector, point_loss: Callable[[PyTree, Any, jax.A
                   strategy: str | None = None, seed: int = 0, checkpoint_dir=None, checkpoint_every: int = 1,
                   progress: bool = False, metadata: dict | None = None, start_opt_state=None,
                   epoch_callback: Callable[[int, dict], None] | None = None,
-                  point_l2: float = 0.0, batch_features: Callable | None = None) -> ConnectorTrainResult:
+                  point_l2: float = 0.0, batch_features: Callable | None = None,
+                  compiler_options="auto") -> ConnectorTrainResult:
     """Train the trainable control points of ``connector`` for ``epochs`` passes over ``batches(epoch)``.
 
     ``point_loss(params, batch, key)`` is the loss of one parameter point on one batch (with
@@ -337,7 +347,7 @@ def fit_connector(connector: Connector, point_loss: Callable[[PyTree, Any, jax.A
                                coefficients_fn=coefficients_fn, point_weights=point_weights, l2=l2,
                                trainable=mask_np, strategy=strategy, point_l2=point_l2,
                                batch_features=batch_features)
-    step = make_connector_step(loss, optimizer, mask_np)
+    step = make_connector_step(loss, optimizer, mask_np, compiler_options=compiler_options)
 
     control = connector.control
     opt_state = optimizer.init(control) if start_opt_state is None else start_opt_state
@@ -398,7 +408,8 @@ def train_connector(model: Model, connector: Connector, train, *, epochs: int,
                     augment: bool = False, strategy: str | None = None, checkpoint_dir=None,
                     checkpoint_every: int = 1, progress: bool = True, metadata: dict | None = None,
                     epoch_callback: Callable | None = None, point_l2: float = 0.0, stem: str = "auto",
-                    stem_channels: int | None = None, compute_dtype=None) -> ConnectorTrainResult:
+                    stem_channels: int | None = None, compute_dtype=None,
+                    compiler_options="auto") -> ConnectorTrainResult:
     """Train a connector between models of ``model`` on the dataset ``train`` (see :func:`fit_connector`).
 
     Every sampled point runs the model in train mode: dropout active (keys from ``seed``), BatchNorm on
@@ -406,7 +417,8 @@ def train_connector(model: Model, connector: Connector, train, *, epochs: int,
     :func:`mclandscape.data.iterate_batches` (shuffled per epoch from ``seed``, full batches only).
     ``stem`` (``"auto"``, ``"off"``, ``"split"``, ``"factor"``) and ``stem_channels`` (pad the stem's input
     channels to a multiple) choose the first-layer path (module docstring); ``compute_dtype`` (e.g.
-    ``"bfloat16"``) casts parameters and inputs of the forward pass.
+    ``"bfloat16"``) casts parameters and inputs of the forward pass; ``compiler_options`` as in
+    :func:`make_connector_step`.
     """
     from .data import iterate_batches
 
@@ -416,7 +428,7 @@ def train_connector(model: Model, connector: Connector, train, *, epochs: int,
         shapes = jax.eval_shape(model.init, jax.random.key(0), x0)
         extra = {"batch_stats": jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                                        shapes["batch_stats"])}
-    stem, channels = resolve_train_stem(model, connector, stem, stem_channels, num_samples)
+    stem, channels = resolve_train_stem(model, connector, stem, stem_channels, num_samples, compiler_options)
     point_loss, batch_features = model_point_loss(model, loss_fn=loss_fn, stem=stem, stem_channels=channels,
                                                   compute_dtype=compute_dtype, extra_variables=extra)
 
@@ -430,13 +442,15 @@ def train_connector(model: Model, connector: Connector, train, *, epochs: int,
                          coefficients_fn=coefficients_fn, strategy=strategy, seed=seed,
                          checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress,
                          metadata={"model": model.spec, **(metadata or {})}, epoch_callback=epoch_callback,
-                         point_l2=point_l2, batch_features=batch_features)
+                         point_l2=point_l2, batch_features=batch_features, compiler_options=compiler_options)
 
 
 def resolve_train_stem(model: Model, connector: Connector, stem: str = "auto", stem_channels: int | None = None,
-                       num_samples: int = 1) -> tuple[str, int | None]:
+                       num_samples: int = 1, compiler_options="auto") -> tuple[str, int | None]:
     """``(mode, padded stem input channels or None)`` for training ``connector`` of ``model``: ``"auto"``
     follows :func:`auto_train_stem`; ``stem_channels`` pads to that multiple (and implies ``"split"``)."""
+    from .evaluate import resolve_compiler_options, ynn_convolutions
+
     if stem not in TRAIN_STEM_MODES:
         raise ValueError(f"unknown stem mode {stem!r}; expected one of {TRAIN_STEM_MODES}")
     if model.stem is None:
@@ -447,7 +461,8 @@ def resolve_train_stem(model: Model, connector: Connector, stem: str = "auto", s
     cin = int(np.shape(connector.control[model.stem.name]["kernel"])[-2])
     channels = None
     if stem == "auto":
-        stem, channels = auto_train_stem(model, num_samples, connector.num_control, cin)
+        stem, channels = auto_train_stem(model, num_samples, connector.num_control, cin,
+                                         ynn=ynn_convolutions(resolve_compiler_options(compiler_options)))
     if stem_channels is not None:
         if stem_channels < 1:
             raise ValueError(f"stem_channels must be >= 1, got {stem_channels}")

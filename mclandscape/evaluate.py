@@ -15,10 +15,11 @@ Strategies (``strategy=``):
 - ``"map"``: one jitted ``jax.lax.map`` over points with ``batch_size=chunk_size`` (chunk 1 is an XLA
   loop; chunk c vmaps c points at a time);
 - ``"vmap"``: ``jax.vmap`` over chunks of ``chunk_size`` points, chunks looped in Python;
-- ``"auto"``: ``"map"`` with chunk 1 on CPU (measured: per-point ``vmap`` gives each point its own
-  convolution kernels and was 2-35x slower on this CPU; for a 64-128-128-10 MLP on 360 digits
-  ``lax.map`` took ~0.26 ms/point against ~0.67 ms/point for a full vmap), and ``"map"`` with a chunk
-  bounded by memory (``chunk_bytes``) on GPU/TPU. ``benchmarks/surface_sampling.py`` measures the choice.
+- ``"auto"``: on CPU ``"map"`` with chunk 1 for models with convolutions (per-point ``vmap`` gives each
+  point its own convolution kernels and was 2-35x slower on this CPU) and chunk 16 for models without
+  (a 64-128-128-10 MLP on 360 digits: 0.23 ms/point against 0.28 with chunk 1), see :func:`auto_strategy`;
+  ``"map"`` with a chunk bounded by memory (``chunk_bytes``) on GPU/TPU. ``benchmarks/surface_sampling.py``
+  and ``benchmarks/convfc_curve.py`` measure the choice.
 
 First layer (``stem=``; models that expose ``model.stem``, a
 :class:`~mclandscape.models.base.StemSpec` — every zoo conv model does; other models always take ``"off"``):
@@ -26,8 +27,9 @@ First layer (``stem=``; models that expose ``model.stem``, a
 - ``"off"``: ``model.apply`` as is;
 - ``"split"``: the stem convolution and the body applied separately, with the stem's input channels
   zero-padded to a multiple of ``stem_channels`` (identical results: zero channels meet zero kernel rows).
-  On this CPU (XLA's YNNPACK convolutions) a 5×5 3→32 convolution of 128 CIFAR images took ~30 ms with 3
-  input channels and ~10 ms with 4 (8 was slower than 4), see ``benchmarks/convfc_curve.py``;
+  With XLA's YNNPACK convolutions (``compiler_options=None`` on CPU) a 5×5 3→32 convolution of 128 CIFAR
+  images took ~30 ms with 3 input channels and ~10 ms with 4 (8 was slower than 4); with XLA's own
+  convolutions (the default here) ~10 ms either way, see ``benchmarks/convfc_curve.py``;
 - ``"factor"`` (connectors only): the stem runs once per *control point* on each data batch, as one
   convolution with the K kernels stacked along the output channels, and each point combines the K
   outputs with its coefficients: ``conv(x, sum_k c_k K_k) + sum_k c_k b_k = sum_k c_k (conv(x, K_k) +
@@ -35,6 +37,13 @@ First layer (``stem=``; models that expose ``model.stem``, a
   The K outputs of a group of data batches are staged once (at most ``stem_bytes``) and shared by all P
   points;
 - ``"auto"``: see :func:`auto_stem`.
+
+Compiler options (``compiler_options=``, per compiled function, never global): ``"auto"`` (default) takes
+:func:`default_compiler_options`, which on CPU keeps convolutions out of XLA's YNNPACK library path
+(``xla_cpu_experimental_ynn_fusion_type`` = dots and reductions only, i.e. XLA's default minus
+convolutions): on the 2-core CPU XLA's own (Eigen) convolutions ran a ConvFC forward pass in 44 ms against
+77 ms, and its gradient in 152 ms against 204 ms (batch 128, issue 9). ``None`` compiles with XLA's
+defaults; a dict is passed to ``jax.jit(..., compiler_options=...)`` as is.
 
 ``compute_dtype`` (e.g. ``"bfloat16"``) casts each point's parameters and the inputs before the forward
 pass (mixed precision for GPUs); losses, accuracies and BatchNorm statistics are accumulated in float32.
@@ -77,6 +86,9 @@ __all__ = [
     "auto_strategy",
     "auto_stem",
     "stem_control_features",
+    "default_compiler_options",
+    "resolve_compiler_options",
+    "CPU_COMPILER_OPTIONS",
     "combine_stem_features",
     "pad_stem_input",
     "STRATEGIES",
@@ -200,7 +212,7 @@ def _bn_stats_fn(model: Model, zeros: PyTree, momentum: PyTree, apply_with_stats
 
 
 def recalibrate_bn(model: Model, params: PyTree, bn_data, *, batch_size: int = 128,
-                   num_batches: int | None = None) -> PyTree:
+                   num_batches: int | None = None, compiler_options="auto") -> PyTree:
     """BatchNorm statistics of one parameter point, averaged exactly over ``num_batches`` full batches.
 
     ``bn_data`` is a Dataset or ``(x, y)`` (or an ``x`` array); batches are taken in order. Garipov's
@@ -212,7 +224,9 @@ def recalibrate_bn(model: Model, params: PyTree, bn_data, *, batch_size: int = 1
     bx = _bn_batches(x, batch_size, num_batches)
     mom = bn_momentum(model, params, bx[0])
     zeros = _zeros_stats(model, params, bx[0][:1])
-    return jax.jit(_bn_stats_fn(model, zeros, mom))(params, bx)
+    options = resolve_compiler_options(compiler_options)
+    jit = functools.partial(jax.jit, compiler_options=options) if options else jax.jit
+    return jit(_bn_stats_fn(model, zeros, mom))(params, bx)
 
 
 def _bn_batches(x, batch_size: int, num_batches: int | None):
@@ -227,12 +241,62 @@ def _bn_batches(x, batch_size: int, num_batches: int | None):
     return bx
 
 
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.lru_cache(maxsize=8)
+def _options_accepted(items: tuple) -> bool:
+    """Whether this jaxlib accepts the compiler options (probed once on a tiny function)."""
+    try:
+        jax.jit(lambda v: v + 1, compiler_options=dict(items)).lower(jnp.zeros(2)).compile()
+        return True
+    except Exception:  # an XLA without the option: fall back to its defaults
+        return False
+
+
+def default_compiler_options(backend: str | None = None) -> dict | None:
+    """The per-function XLA options the engines use with ``compiler_options="auto"`` (module docstring):
+    :data:`CPU_COMPILER_OPTIONS` on CPU when this XLA knows the option, else ``None`` (XLA's defaults)."""
+    backend = backend or jax.default_backend()
+    if backend == "cpu" and _options_accepted(tuple(sorted(CPU_COMPILER_OPTIONS.items()))):
+        return dict(CPU_COMPILER_OPTIONS)
+    return None
+
+
+def resolve_compiler_options(compiler_options) -> dict | None:
+    """``"auto"`` -> :func:`default_compiler_options`; ``None`` or a dict are returned as they are."""
+    if isinstance(compiler_options, str):
+        if compiler_options != "auto":
+            raise ValueError(f"compiler_options must be 'auto', None or a dict, got {compiler_options!r}")
+        return default_compiler_options()
+    if compiler_options is not None and not isinstance(compiler_options, dict):
+        raise ValueError(f"compiler_options must be 'auto', None or a dict, got {compiler_options!r}")
+    return None if compiler_options is None else dict(compiler_options)
+
+
+def ynn_convolutions(compiler_options: dict | None, backend: str | None = None) -> bool:
+    """Whether XLA's CPU backend sends convolutions to YNNPACK under these options."""
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return False
+    v = (compiler_options or {}).get("xla_cpu_experimental_ynn_fusion_type")
+    return v is None or "CONVOLUTION" in str(v).upper()
+
+
 def auto_strategy(num_points: int, param_bytes: int, *, backend: str | None = None,
-                  chunk_bytes: int = 1 << 30) -> tuple[str, int]:
-    """The default ``(strategy, chunk_size)`` for a backend (see the module docstring)."""
+                  chunk_bytes: int = 1 << 30, has_conv: bool = True) -> tuple[str, int]:
+    """The default ``(strategy, chunk_size)`` for a backend (see the module docstring).
+
+    CPU, measured on a quiet moment (digits, 3×3-control surface, 121 points, interleaved repeats): a
+    64-128-128-10 MLP ran at 0.231 ms/point with ``map`` chunk 16 against 0.279 with chunk 1 (equal at 16
+    points), so models without convolutions take chunk ``min(16, P)``; the simple CNN ran at 4.10 ms/point
+    with chunk 1 against 4.61 with chunk 16 (batched points give each point its own kernels), so
+    convolutional models keep chunk 1.
+    """
     backend = backend or jax.default_backend()
     if backend == "cpu":
-        return "map", 1
+        return ("map", 1) if has_conv else ("map", int(max(1, min(16, num_points))))
     chunk = int(max(1, min(num_points, 64, chunk_bytes // max(param_bytes, 1))))
     return "map", chunk
 
@@ -251,19 +315,26 @@ def _padded_channels(cin: int, multiple: int | None) -> int:
 
 
 def auto_stem(model: Model, kind: str, num_points: int, num_control: int, cin: int, *,
-              backend: str | None = None) -> tuple[str, int | None]:
+              backend: str | None = None, ynn: bool = False, stem_macs: int | None = None) -> tuple[str, int | None]:
     """The default ``(stem mode, stem_channels)`` (see the module docstring).
 
-    Measured on the 2-core CPU (``benchmarks/convfc_curve.py``): padding a 3-channel stem input to 4
-    channels cut XLA's first-layer time ~3×; running the stem per control point (``"factor"``) pays when
-    there are more points than control points. On GPU/TPU the compiler already pads convolutions for its
-    matrix units, so no padding is added (unmeasured here: no GPU was available).
+    Measured on the 2-core CPU (``benchmarks/convfc_curve.py``, ConvFC, batch 128): running the stem per
+    control point (``"factor"``) pays when there are more points than control points (body on combined
+    stem outputs 37 ms against 44 ms for the whole network per batch; the stacked stem, 28 ms, is shared by
+    all points). Combining costs K multiply-adds per stem output element, read from memory, against
+    ``stem_macs`` (kernel height × width × input channels, default taken as large) for the stem itself: on
+    8×8 digits a 3×3 1-channel stem (9) with 9 control points lost (5.3 against 4.1 ms/point), so
+    ``"factor"`` needs ``stem_macs >= 4 K`` (ConvFC's 5×5×3 = 75). Padding a 3-channel stem input to 4
+    channels only pays when convolutions go to YNNPACK
+    (``ynn=True``: 30 ms -> 10 ms); XLA's own convolutions, the default here, take ~10 ms either way. On
+    GPU/TPU the compiler pads convolutions for its matrix units itself (unmeasured: no GPU was available).
     """
     backend = backend or jax.default_backend()
     if model.stem is None:
         return "off", None
-    channels = 4 if (backend == "cpu" and model.stem.pad_channels_ok and cin % 4) else None
-    if kind == "connector" and num_points > num_control:
+    channels = 4 if (backend == "cpu" and ynn and model.stem.pad_channels_ok and cin % 4) else None
+    stem_macs = 1 << 30 if stem_macs is None else stem_macs
+    if kind == "connector" and num_points > num_control and stem_macs >= 4 * num_control:
         return "factor", channels
     return ("split", channels) if channels else ("off", None)
 
@@ -377,6 +448,27 @@ def _batch_sums(loss_fn, with_probs, logits, yb, mb):
         csum = jnp.asarray(jnp.nan, jnp.float32)
     out = jax.nn.softmax(logits, axis=-1) if with_probs else None
     return lsum, csum, out
+
+
+def _has_conv(model: Model, params_example: PyTree, x_shape, x_dtype, stem_mode: str) -> bool:
+    """Whether one forward pass of ``model`` contains a convolution (traced abstractly, no compute)."""
+    if model.stem is not None:
+        return True
+    leaves, treedef = jax.tree_util.tree_flatten(params_example)
+    sig = tuple((tuple(np.shape(a)), str(np.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype))
+                for a in leaves)
+    return _has_conv_cached(model, treedef, sig, tuple(x_shape), str(np.dtype(x_dtype)))
+
+
+@functools.lru_cache(maxsize=64)
+def _has_conv_cached(model, treedef, sig, x_shape, x_dtype) -> bool:
+    params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in sig])
+    x = jax.ShapeDtypeStruct((1,) + x_shape, x_dtype)
+    try:
+        jaxpr = jax.make_jaxpr(lambda p, v: model.apply({"params": p}, v))(params, x)
+    except Exception:  # e.g. a model that needs batch statistics: assume convolutions (the safe choice)
+        return True
+    return "conv_general_dilated" in str(jaxpr)
 
 
 def _per_point_fn(model, loss_fn, with_probs, has_bn, make_params, apply=None, apply_with_stats=None,
@@ -505,8 +597,9 @@ def _dtype_key(dtype):
 
 @functools.lru_cache(maxsize=64)
 def _compiled(model, loss_fn, with_probs, has_bn, kind, strategy, chunk, ndev, stem_mode="off", channels=None,
-              dtype=None):
+              dtype=None, options=None):
     dtype = None if dtype is None else jnp.dtype(dtype)
+    jit = functools.partial(jax.jit, compiler_options=dict(options)) if options else jax.jit
     if stem_mode == "factor":
         run = _factor_fn(model, loss_fn, with_probs, has_bn, strategy, chunk, channels, dtype)
         nargs = 9
@@ -525,12 +618,12 @@ def _compiled(model, loss_fn, with_probs, has_bn, kind, strategy, chunk, ndev, s
             raise ValueError(strategy)
 
         if strategy == "loop":
-            return jax.jit(lambda d, *a: per_point(d, *a))
+            return jit(lambda d, *a: per_point(d, *a))
     if ndev > 1:
         mesh = Mesh(np.asarray(jax.devices()[:ndev]), ("p",))
         run = jax.shard_map(run, mesh=mesh, in_specs=(P("p"),) + (P(),) * (nargs - 1),
                             out_specs=P("p"), check_vma=False)
-    return jax.jit(run)
+    return jit(run)
 
 
 def _group_size(num_batches: int, batch_bytes: int, budget: int) -> int:
@@ -546,7 +639,7 @@ def _evaluate(model: Model, kind: str, descs: PyTree, shared: PyTree, params_exa
               batch_size: int, strategy: str, chunk_size: int | None, bn_data, bn_batches: int | None,
               bn_batch_size: int, return_probs: bool, loss_fn: Callable, devices: int | None,
               stem: str = "off", stem_channels: int | None = None, compute_dtype=None,
-              stem_bytes: int = 1 << 29) -> PointMetrics:
+              stem_bytes: int = 1 << 29, compiler_options="auto") -> PointMetrics:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     if stem not in STEM_MODES:
@@ -559,6 +652,7 @@ def _evaluate(model: Model, kind: str, descs: PyTree, shared: PyTree, params_exa
     if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype!r}")
 
+    options = resolve_compiler_options(compiler_options)
     # First-layer mode and stem input channels.
     channels = None
     if stem != "off" or stem_channels is not None:
@@ -571,7 +665,11 @@ def _evaluate(model: Model, kind: str, descs: PyTree, shared: PyTree, params_exa
             cin = _stem_cin(model, params_example)
             if stem == "auto":
                 num_control = int(jax.tree_util.tree_leaves(shared)[0].shape[0]) if kind == "connector" else 0
-                stem, channels = auto_stem(model, kind, num_points, num_control, cin)
+                kshape = np.shape(params_example[model.stem.name]["kernel"])
+                stem, channels = auto_stem(model, kind, num_points, num_control, cin,
+                                           ynn=ynn_convolutions(options), stem_macs=int(np.prod(kshape[:-1])))
+                if stem == "factor" and strategy == "loop":  # the Python loop runs points one by one
+                    stem = "split" if channels else "off"
             if stem_channels is not None:
                 if stem_channels < 1:
                     raise ValueError(f"stem_channels must be >= 1, got {stem_channels}")
@@ -610,7 +708,9 @@ def _evaluate(model: Model, kind: str, descs: PyTree, shared: PyTree, params_exa
         bn_x, zeros, mom = jnp.zeros((0,)), {}, {}
     param_bytes = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(params_example))
     if strategy == "auto":
-        strategy, auto_chunk = auto_strategy(num_points, param_bytes)
+        strategy, auto_chunk = auto_strategy(num_points, param_bytes,
+                                             has_conv=_has_conv(model, params_example, xp.shape[1:], xp.dtype,
+                                                                stem))
         chunk_size = chunk_size or auto_chunk
     chunk = int(chunk_size or (1 if strategy == "map" else min(num_points, 16)))
     if chunk < 1:
@@ -621,7 +721,7 @@ def _evaluate(model: Model, kind: str, descs: PyTree, shared: PyTree, params_exa
     if strategy == "loop":
         ndev = 1
     fn = _compiled(model, loss_fn, bool(return_probs), has_bn, kind, strategy, chunk, ndev, stem, channels,
-                   _dtype_key(dtype))
+                   _dtype_key(dtype), tuple(sorted(options.items())) if options else None)
 
     if stem == "factor":
         args = _factor_args(model, shared, xs, ys, ms, bn_x, has_bn, channels, dtype, stem_bytes, zeros, mom)
@@ -686,13 +786,14 @@ def evaluate_params(model: Model, stacked_params: PyTree, data, *, batch_size: i
                     bn_batches: int | None = None, bn_batch_size: int = 128, return_probs: bool = False,
                     loss_fn: Callable = cross_entropy, devices: int | None = None,
                     check: bool = True, stem: str = "auto", stem_channels: int | None = None,
-                    compute_dtype=None) -> PointMetrics:
+                    compute_dtype=None, compiler_options="auto") -> PointMetrics:
     """Mean loss and accuracy on ``data`` of P parameter sets stacked on a leading axis.
 
     ``stacked_params`` holds the ``params`` collection only (use :func:`mclandscape.tree.tree_stack`);
     BatchNorm statistics are recomputed per point from ``bn_data`` (see the module docstring).
     ``stem`` is ``"auto"``, ``"off"`` or ``"split"`` (``"factor"`` needs a connector); ``stem_channels`` pads
-    the stem input channels to a multiple; ``compute_dtype`` casts parameters and inputs (e.g. bfloat16).
+    the stem input channels to a multiple; ``compute_dtype`` casts parameters and inputs (e.g. bfloat16);
+    ``compiler_options``: see the module docstring.
     """
     leaves = jax.tree_util.tree_leaves(stacked_params)
     if not leaves:
@@ -706,7 +807,8 @@ def evaluate_params(model: Model, stacked_params: PyTree, data, *, batch_size: i
     return _evaluate(model, "stacked", stacked_params, None, example, data, batch_size=batch_size,
                      strategy=strategy, chunk_size=chunk_size, bn_data=bn_data, bn_batches=bn_batches,
                      bn_batch_size=bn_batch_size, return_probs=return_probs, loss_fn=loss_fn, devices=devices,
-                     stem=stem, stem_channels=stem_channels, compute_dtype=compute_dtype)
+                     stem=stem, stem_channels=stem_channels, compute_dtype=compute_dtype,
+                     compiler_options=compiler_options)
 
 
 def evaluate_points(model: Model, connector: Connector, points, data, *, batch_size: int = 500,
@@ -714,13 +816,14 @@ def evaluate_points(model: Model, connector: Connector, points, data, *, batch_s
                     bn_batches: int | None = None, bn_batch_size: int = 128, return_probs: bool = False,
                     loss_fn: Callable = cross_entropy, devices: int | None = None,
                     check: bool = True, stem: str = "auto", stem_channels: int | None = None,
-                    compute_dtype=None, stem_bytes: int = 1 << 29) -> PointMetrics:
+                    compute_dtype=None, stem_bytes: int = 1 << 29, compiler_options="auto") -> PointMetrics:
     """Mean loss and accuracy on ``data`` at P points of a connector (t values, (u, v) pairs or alphas).
 
     Points are validated (in [0, 1], barycentric sums 1; nothing is clipped). Each point's parameters
     ``phi(p) = sum_k c_k(p) theta_k`` (seed 000 eq. 6) are formed inside the mapped computation.
     ``stem`` (``"auto"``, ``"off"``, ``"split"``, ``"factor"``), ``stem_channels``, ``stem_bytes`` (memory for
-    the staged per-control-point stem outputs) and ``compute_dtype``: see the module docstring.
+    the staged per-control-point stem outputs), ``compute_dtype`` and ``compiler_options``: see the module
+    docstring.
     """
     pts = connector.validate_points(points)
     if check:
@@ -730,4 +833,5 @@ def evaluate_points(model: Model, connector: Connector, points, data, *, batch_s
     return _evaluate(model, "connector", coef, connector.control, example, data, batch_size=batch_size,
                      strategy=strategy, chunk_size=chunk_size, bn_data=bn_data, bn_batches=bn_batches,
                      bn_batch_size=bn_batch_size, return_probs=return_probs, loss_fn=loss_fn, devices=devices,
-                     stem=stem, stem_channels=stem_channels, compute_dtype=compute_dtype, stem_bytes=stem_bytes)
+                     stem=stem, stem_channels=stem_channels, compute_dtype=compute_dtype, stem_bytes=stem_bytes,
+                     compiler_options=compiler_options)

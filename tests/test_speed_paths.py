@@ -20,15 +20,20 @@ from mclandscape.connector_train import (
 )
 from mclandscape.data import Dataset
 from mclandscape.evaluate import (
+    CPU_COMPILER_OPTIONS,
     auto_stem,
+    auto_strategy,
     combine_stem_features,
+    default_compiler_options,
     evaluate_params,
     evaluate_points,
     pad_stem_input,
+    resolve_compiler_options,
     stem_control_features,
+    ynn_convolutions,
 )
 from mclandscape.models import get_model
-from mclandscape.models._common import max_pool, max_pool_strided
+from mclandscape.models._common import max_pool, max_pool_strided, small_map_conv
 from mclandscape.models.base import conv_stem, flax_stem, from_flax
 from mclandscape.tree import tree_stack
 
@@ -162,20 +167,41 @@ def test_factor_path_recalibrates_batchnorm_per_point():
 
 
 def test_strategy_and_stem_choice():
-    assert auto_stem(CNN, "connector", 21, 3, 3, backend="cpu") == ("factor", 4)
-    assert auto_stem(CNN, "connector", 2, 3, 3, backend="cpu") == ("split", 4)
-    assert auto_stem(CNN, "stacked", 21, 0, 3, backend="cpu") == ("split", 4)
-    assert auto_stem(CNN, "stacked", 21, 0, 4, backend="cpu") == ("off", None)
+    # XLA's own CPU convolutions (the default options): no padding; factor when P > K and the stem costs
+    # at least 4K multiply-adds per output element.
+    assert auto_stem(CNN, "connector", 21, 3, 3, backend="cpu", stem_macs=27) == ("factor", None)
+    assert auto_stem(CNN, "connector", 121, 9, 1, backend="cpu", stem_macs=9) == ("off", None)
+    assert auto_stem(CNN, "connector", 2, 3, 3, backend="cpu") == ("off", None)
+    assert auto_stem(CNN, "stacked", 21, 0, 3, backend="cpu") == ("off", None)
+    # convolutions on YNNPACK: pad 3 input channels to 4
+    assert auto_stem(CNN, "connector", 21, 3, 3, backend="cpu", ynn=True) == ("factor", 4)
+    assert auto_stem(CNN, "stacked", 21, 0, 3, backend="cpu", ynn=True) == ("split", 4)
+    assert auto_stem(CNN, "stacked", 21, 0, 4, backend="cpu", ynn=True) == ("off", None)
     assert auto_stem(get_model("mlp"), "connector", 21, 3, 3, backend="cpu") == ("off", None)
-    assert auto_stem(CNN, "connector", 21, 3, 3, backend="gpu") == ("factor", None)
-    assert auto_train_stem(CNN, 1, 3, 3, backend="cpu") == ("split", 4)
-    assert auto_train_stem(CNN, 8, 3, 3, backend="cpu") == ("split", 4)
-    assert auto_train_stem(CNN, 8, 3, 4, backend="cpu") == ("off", None)
+    assert auto_stem(CNN, "connector", 21, 3, 3, backend="gpu", ynn=True) == ("factor", None)
+    assert auto_train_stem(CNN, 1, 3, 3, backend="cpu") == ("off", None)
+    assert auto_train_stem(CNN, 1, 3, 3, backend="cpu", ynn=True) == ("split", 4)
+    assert auto_train_stem(CNN, 8, 3, 3, backend="cpu", ynn=True) == ("split", 4)
+    assert auto_train_stem(CNN, 8, 3, 4, backend="cpu", ynn=True) == ("off", None)
     assert auto_train_stem(CNN, 8, 3, 3, backend="gpu") == ("off", None)
+    assert auto_strategy(121, 10, backend="cpu", has_conv=True) == ("map", 1)
+    assert auto_strategy(121, 10, backend="cpu", has_conv=False) == ("map", 16)
+    assert auto_strategy(5, 10, backend="cpu", has_conv=False) == ("map", 5)
+    if jax.default_backend() == "cpu":
+        opts = default_compiler_options()
+        assert opts is None or "CONVOLUTION" not in str(opts).upper()
+        assert ynn_convolutions(None) and not ynn_convolutions(CPU_COMPILER_OPTIONS)
+    with pytest.raises(ValueError, match="compiler_options"):
+        resolve_compiler_options("fast")
     curve = _curve(CNN)
     r = evaluate_points(CNN, curve, np.linspace(0, 1, 5), (X, Y), batch_size=20)
     if jax.default_backend() == "cpu":
-        assert (r.strategy, r.chunk_size, r.stem, r.stem_channels) == ("map", 1, "factor", 4)
+        assert (r.strategy, r.chunk_size, r.stem, r.stem_channels) == ("map", 1, "factor", None)
+    mlp = get_model("mlp", widths=[4])
+    mc = C.bezier_curve(*[mlp.init(jax.random.key(i), X[:2])["params"] for i in range(2)])
+    r = evaluate_points(mlp, mc, np.linspace(0, 1, 20), (X, Y), batch_size=40)
+    if jax.default_backend() == "cpu":
+        assert (r.strategy, r.chunk_size, r.stem) == ("map", 16, "off")
     stacked = tree_stack([curve.point(0.5)] * 2)
     r = evaluate_params(CNN, stacked, (X, Y), batch_size=20)
     assert r.stem in ("split", "off")
@@ -189,6 +215,7 @@ def test_strategy_and_stem_choice():
     with pytest.raises(ValueError, match="loop"):
         evaluate_points(CNN, curve, [0.5], (X, Y), stem="factor", strategy="loop")
     assert resolve_train_stem(CNN, curve, "off", 8, 1) == ("split", 8)
+    assert resolve_train_stem(CNN, curve, "auto", None, 1, compiler_options=None) == ("split", 4)
     with pytest.raises(ValueError, match="stem mode"):
         resolve_train_stem(CNN, curve, "fast")
 
@@ -257,8 +284,8 @@ def test_strided_max_pool_matches_flax_values_and_gradients(window, stride, shap
     np.testing.assert_array_equal(np.asarray(max_pool_strided(x, window, stride)), np.asarray(ref(x)))
     w = jnp.asarray(RNG.normal(size=ref(x).shape).astype(np.float32))
     for f in (lambda v: v, jax.nn.relu, lambda v: jnp.round(v)):  # relu and round create ties
-        ga = jax.grad(lambda v: jnp.sum(ref(f(v)) * w))(x * 1.7)
-        gb = jax.grad(lambda v: jnp.sum(max_pool_strided(f(v), window, stride) * w))(x * 1.7)
+        ga = jax.grad(lambda v, f=f: jnp.sum(ref(f(v)) * w))(x * 1.7)
+        gb = jax.grad(lambda v, f=f: jnp.sum(max_pool_strided(f(v), window, stride) * w))(x * 1.7)
         np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), rtol=1e-6, atol=1e-6)
 
 
@@ -271,3 +298,24 @@ def test_bfloat16_evaluation_is_close():
     assert np.any(a.loss != b.loss)  # it really ran in bfloat16
     with pytest.raises(ValueError, match="floating"):
         evaluate_points(CNN, curve, ts, (X, Y), compute_dtype="int32")
+
+
+@pytest.mark.parametrize("shape, kernel, padding", [((3, 2, 2, 5), (3, 3, 5, 7), [(1, 1), (1, 1)]),
+                                                    ((3, 2, 3, 5), (3, 3, 5, 7), "SAME"),
+                                                    ((2, 3, 3, 4), (5, 5, 4, 6), [(2, 2), (2, 2)]),
+                                                    ((2, 8, 8, 4), (3, 3, 4, 6), [(1, 1), (1, 1)])])
+def test_small_map_conv_matches_lax(shape, kernel, padding):
+    x = jnp.asarray(RNG.normal(size=shape).astype(np.float32))
+    w = jnp.asarray(RNG.normal(size=kernel).astype(np.float32))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    ref = jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn)
+    out = small_map_conv(x, w, (1, 1), padding, dimension_numbers=dn)
+    assert out.shape == ref.shape
+    _close(out, ref, 1e-5)
+    g = jnp.asarray(RNG.normal(size=ref.shape).astype(np.float32))
+    da = jax.grad(lambda a, b: jnp.sum(small_map_conv(a, b, (1, 1), padding, dimension_numbers=dn) * g),
+                  argnums=(0, 1))(x, w)
+    db = jax.grad(lambda a, b: jnp.sum(jax.lax.conv_general_dilated(a, b, (1, 1), padding,
+                                                                     dimension_numbers=dn) * g), argnums=(0, 1))(x, w)
+    for p, q in zip(da, db, strict=True):
+        _close(p, q, 1e-4)

@@ -24,6 +24,35 @@ ACTIVATIONS = {
 he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                   preferred_element_type=None):
+    """``jax.lax.conv_general_dilated``, computed as an im2col matrix product when the feature map is
+    smaller than the kernel (the ``conv_general_dilated`` of the zoo's ``nn.Conv`` layers).
+
+    XLA's CPU backend rewrites such convolutions (e.g. VGG16's 3×3 convolutions on 2×2 maps, or a CNN's
+    last layers on 8×8 digits) into a form it runs ~75× slower than the equivalent matmul: 1.07 s against
+    14 ms for 128 maps of 2×2×512 (issue 9). Same result up to float rounding; any other convolution (and
+    any stride, dilation, grouping or layout other than NHWC/HWIO) goes to ``lax.conv_general_dilated``.
+    """
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    plain = (lhs.ndim != 4 or dimension_numbers not in (None, nhwc) or feature_group_count != 1
+             or batch_group_count != 1 or tuple(window_strides) != (1, 1)
+             or any(d != 1 for d in (lhs_dilation or (1, 1))) or any(d != 1 for d in (rhs_dilation or (1, 1))))
+    kh, kw = rhs.shape[0], rhs.shape[1]
+    if plain or (lhs.shape[1] >= kh and lhs.shape[2] >= kw):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, batch_group_count,
+                                            precision=precision, preferred_element_type=preferred_element_type)
+    pads = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding) if isinstance(padding, str) \
+        else [tuple(p) for p in padding]
+    xp = jnp.pad(lhs, [(0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)])
+    ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    cols = jnp.concatenate([xp[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.matmul(cols, rhs.reshape(kh * kw * rhs.shape[2], rhs.shape[3]), precision=precision,
+                      preferred_element_type=preferred_element_type)
+
+
 def activation(name: str):
     try:
         return ACTIVATIONS[name]

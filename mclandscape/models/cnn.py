@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from mclandscape.models._common import as_image, max_pool
+from mclandscape.models._common import as_image, max_pool, small_map_conv
 
 
 class SimpleCNN(nn.Module):
@@ -31,7 +31,7 @@ class SimpleCNN(nn.Module):
             x = as_image(x)
         for i, c in enumerate(self.channels):
             if i > 0 or not from_stem:
-                x = nn.Conv(int(c), (3, 3), padding=1, name="stem" if i == 0 else f"conv{i}")(x)
+                x = nn.Conv(int(c), (3, 3), padding=1, conv_general_dilated=small_map_conv, name="stem" if i == 0 else f"conv{i}")(x)
             x = nn.relu(x)
             x = max_pool(x, 2, 2)
         if self.dropout > 0:
@@ -60,7 +60,7 @@ class ConvFC(nn.Module):
             x = as_image(x)
         for i, c in enumerate(self.channels):
             if i > 0 or not from_stem:
-                x = nn.Conv(int(c), (5, 5), padding=2, name="stem" if i == 0 else f"conv{i}")(x)
+                x = nn.Conv(int(c), (5, 5), padding=2, conv_general_dilated=small_map_conv, name="stem" if i == 0 else f"conv{i}")(x)
             x = nn.relu(x)
             x = max_pool(x, 3, 2)
         x = x.reshape((x.shape[0], -1))

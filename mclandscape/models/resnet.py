@@ -14,13 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mclandscape.models._common import as_image, batch_norm, he_normal_fan_out
+from mclandscape.models._common import as_image, batch_norm, he_normal_fan_out, small_map_conv
 
 
 def _conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
     pad = (kernel - 1) // 2
     return nn.Conv(features, (kernel, kernel), strides=stride, padding=pad, use_bias=False,
-                   kernel_init=he_normal_fan_out, name=name)
+                   kernel_init=he_normal_fan_out, conv_general_dilated=small_map_conv, name=name)
 
 
 class BasicBlock(nn.Module):

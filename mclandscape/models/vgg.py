@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from mclandscape.models._common import as_image, batch_norm, he_normal_fan_out, max_pool
+from mclandscape.models._common import as_image, batch_norm, he_normal_fan_out, max_pool, small_map_conv
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -38,7 +38,8 @@ class VGG16(nn.Module):
                 continue
             name = "stem" if i == 0 else f"conv{i}"
             if i > 0 or not from_stem:
-                x = nn.Conv(int(v), (3, 3), padding=1, kernel_init=he_normal_fan_out, name=name)(x)
+                x = nn.Conv(int(v), (3, 3), padding=1, kernel_init=he_normal_fan_out,
+                            conv_general_dilated=small_map_conv, name=name)(x)
             if self.batch_norm:
                 x = batch_norm(train, name=f"{name}_bn")(x)
             x = nn.relu(x)
