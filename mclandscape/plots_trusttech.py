@@ -52,13 +52,18 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
     """Seed 004 Figure 3c: gradient-descent trajectories from path points before (red) and after (blue) the
     exit, projected onto the two orthonormal directions ``basis`` around ``origin``; circles mark starts,
     stars end points (labelled with the optimum they reached: :attr:`VerificationResult.function_basin` when
-    measured, else :attr:`VerificationResult.basin`; 0 is the origin's optimum), ``X`` the exit point and a
+    measured, else :attr:`VerificationResult.basin`; :attr:`VerificationResult.symmetry_basin` first when
+    measured; 0 is the origin's optimum), ``X`` the exit point and a
     square the tier-0 solution. Writes ``path``."""
     traj = project(result.trajectories, origin, basis, leading=2)  # [P, T, 2]
     starts = project(result.starts, origin, basis, leading=1)  # [P, 2]
     finals = project(result.finals, origin, basis, leading=1)
-    labels = result.function_basin if result.function_basin is not None else result.basin
-    space = "function" if result.function_basin is not None else "parameter"
+    if result.symmetry_basin is not None:
+        labels, space = result.symmetry_basin, "modulo symmetries"
+    elif result.function_basin is not None:
+        labels, space = result.function_basin, "function space"
+    else:
+        labels, space = result.basin, "parameter space"
     scale = max(float(np.ptp(traj[..., 0])), float(np.ptp(traj[..., 1])), 1e-12)
     fig, ax = plt.subplots(figsize=(5.6, 5.0))
     ax.plot(starts[:, 0], starts[:, 1], color="0.4", lw=0.8, ls="--", label="search path")
@@ -81,7 +86,7 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
     if exit_point is not None:
         ex = project(jax.tree_util.tree_map(lambda x: x[None], exit_point), origin, basis, leading=1)[0]
         ax.plot(ex[0], ex[1], "X", color="k", ms=12, label="exit point")
-    ax.text(0.01, 0.01, f"star labels: optimum reached ({space} space; 0 = the origin's)", transform=ax.transAxes,
+    ax.text(0.01, 0.01, f"star labels: optimum reached ({space}; 0 = the origin's)", transform=ax.transAxes,
             fontsize=7, color="0.3")
     ax.set_xlabel("random direction 1")
     ax.set_ylabel("random direction 2")

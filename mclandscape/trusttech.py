@@ -147,6 +147,7 @@ __all__ = [
     "dsp_search",
     "tier_by_tier",
     "verify_exit",
+    "mlp_symmetry_distance",
     "random_orthonormal_pair",
     "project",
     "model_loss_fn",
@@ -894,6 +895,14 @@ class VerificationResult:
     function_distances: np.ndarray | None = None
     function_tol: float | None = None
     function_basin: list[int] | None = None
+    flow_remaining: np.ndarray | None = None
+    flow_grad_norms: np.ndarray | None = None
+    polish_moves: np.ndarray | None = None
+    polish_iterations: np.ndarray | None = None
+    polish_tol: float | None = None
+    symmetry_distances: np.ndarray | None = None
+    symmetry_tol: float | None = None
+    symmetry_basin: list[int] | None = None
 
     @property
     def converged(self) -> list[bool] | None:
@@ -902,6 +911,35 @@ class VerificationResult:
             return None
         return [bool(g <= self.grad_tol) for g in self.grad_norms]
 
+    @property
+    def settled(self) -> list[bool]:
+        """Whether each end point has really stopped, judged by the gradient norm *and* by the distance the
+        integration still had to go, so that a loose ``grad_tol`` on a flat valley is not taken for
+        convergence.
+
+        Without a polish: ``grad_norms[p] <= grad_tol`` (when given) and ``flow_remaining[p] <= tol`` — the
+        geometric-series estimate ``m r / (1 - r)`` of the distance the gradient-descent flow still travels,
+        from the movements ``m_prev``, ``m`` over two further probe chunks of ``record_every`` steps run from the
+        end points and discarded (``r = m / m_prev``; ``inf`` when ``r >= 1``). With the L-BFGS polish: the polish reached ``polish_tol`` (its end points
+        are then fixed points up to float precision, whatever the flow left undone — ``polish_moves`` says how
+        much that was)."""
+        if self.polish_tol is not None:
+            return [bool(g <= self.polish_tol) for g in self.grad_norms]
+        rem = self.flow_remaining if self.flow_remaining is not None else np.full(len(self.iterations), np.inf)
+        ok = [bool(r <= self.tol) for r in rem]
+        if self.grad_tol is not None:
+            ok = [o and bool(g <= self.grad_tol) for o, g in zip(ok, self.grad_norms, strict=True)]
+        return ok
+
+    @property
+    def flow_settled(self) -> list[bool]:
+        """Whether the gradient-descent flow alone had settled (before any polish): its gradient norm at most
+        ``grad_tol`` (when given) and its remaining-distance estimate ``flow_remaining`` at most ``tol``."""
+        rem = self.flow_remaining if self.flow_remaining is not None else np.full(len(self.iterations), np.inf)
+        gn = self.flow_grad_norms if self.flow_grad_norms is not None else self.grad_norms
+        return [bool(r <= self.tol and (self.grad_tol is None or g <= self.grad_tol))
+                for r, g in zip(rem, gn, strict=True)]
+
     def _space(self, space: str) -> tuple[list[int], np.ndarray]:
         if space == "param":
             return self.basin, self.distances[1:, 1:]
@@ -909,10 +947,16 @@ class VerificationResult:
             if self.function_basin is None:
                 raise ValueError("function-space separation needs verify_exit(..., outputs_fn=...)")
             return self.function_basin, self.function_distances[1:, 1:]
-        raise ValueError(f"space must be 'param' or 'function', got {space!r}")
+        if space == "symmetry":
+            if self.symmetry_basin is None:
+                raise ValueError("symmetry-space separation needs verify_exit(..., symmetry_distance=...)")
+            return self.symmetry_basin, self.symmetry_distances[1:, 1:]
+        raise ValueError(f"space must be 'param', 'function' or 'symmetry', got {space!r}")
 
-    def separation(self, space: str = "param") -> dict:
-        """Measured separation of the end points of the points before and after the exit estimate.
+    def separation(self, space: str = "param", at: int | None = None) -> dict:
+        """Measured separation of the end points of the points before and after the exit estimate
+        (``at``: another split iteration instead of ``exit_iteration``, e.g. the iteration where the detector
+        fired; points with iteration ``< at`` are "before").
 
         ``before_clusters`` / ``after_clusters``: the optima (cluster labels, 0 = the origin's) reached from
         each side; ``before_spread`` / ``after_spread``: the largest distance between two end points of one
@@ -926,12 +970,17 @@ class VerificationResult:
         ``boundary_offset`` = its midpoint minus ``exit_iteration``, ``separates_at_boundary``: all points
         up to it reach the origin's optimum and all points after it one other optimum, and
         ``boundary_groups``: spreads, ``between`` and ``ratio`` as above for the two sides of that measured
-        crossing (``None`` without one). ``space``:
-        ``"param"`` (``basin``, ``distances``) or ``"function"`` (``function_basin``,
-        ``function_distances``)."""
+        crossing (``None`` without one). ``num_optima``: distinct optima reached from all points;
+        ``two_optima``: exactly two, the origin's reached up to the measured crossing and the other after it;
+        ``all_settled``: every end point :attr:`settled` (otherwise the clusters may split one unfinished
+        flow into several "optima"). ``space``: ``"param"`` (``basin``, ``distances``), ``"function"``
+        (``function_basin``, ``function_distances``) or ``"symmetry"`` (``symmetry_basin``,
+        ``symmetry_distances``: parameter distance modulo the network's symmetries)."""
         labels, dist = self._space(space)
-        b = [p for p, bf in enumerate(self.before) if bf]
-        a = [p for p, bf in enumerate(self.before) if not bf]
+        split = self.exit_iteration if at is None else int(at)
+        before = [i < split for i in self.iterations]
+        b = [p for p, bf in enumerate(before) if bf]
+        a = [p for p, bf in enumerate(before) if not bf]
         lb, la = sorted({labels[p] for p in b}), sorted({labels[p] for p in a})
         sb, sa = _max_pairwise(dist, b), _max_pairwise(dist, a)
         between = float(dist[np.ix_(b, a)].min()) if b and a else None
@@ -945,7 +994,7 @@ class VerificationResult:
         if outs:
             p = outs[-1]
             boundary = (its[p], its[p + 1])
-            offset = 0.5 * (its[p] + its[p + 1]) - self.exit_iteration
+            offset = 0.5 * (its[p] + its[p + 1]) - split
             at_boundary = all(lab == 0 for lab in labels[:p + 1]) and len(set(labels[p + 1:])) == 1
             gb, ga = list(range(p + 1)), list(range(p + 1, len(its)))
             s_b, s_a = _max_pairwise(dist, gb), _max_pairwise(dist, ga)
@@ -960,6 +1009,8 @@ class VerificationResult:
             "leaves_origin": bool(b and a and lb == [0] and 0 not in la),
             "transitions": transitions, "boundary": boundary, "boundary_offset": offset,
             "separates_at_boundary": bool(at_boundary), "boundary_groups": groups,
+            "split_iteration": split, "num_optima": len(set(labels)),
+            "two_optima": bool(at_boundary and len(set(labels)) == 2), "all_settled": all(self.settled),
         }
 
     @property
@@ -984,6 +1035,16 @@ class VerificationResult:
             out.update({"function_tol": self.function_tol, "function_basin": list(self.function_basin),
                         "function_distance_to_origin_optimum": [float(v) for v in self.function_distances[0, 1:]],
                         "separation_function": self.separation("function")})
+        if self.symmetry_basin is not None:
+            out.update({"symmetry_tol": self.symmetry_tol, "symmetry_basin": list(self.symmetry_basin),
+                        "symmetry_distance_to_origin_optimum": [float(v) for v in self.symmetry_distances[0, 1:]],
+                        "separation_symmetry": self.separation("symmetry")})
+        fl = lambda xs: None if xs is None else [float(v) for v in xs]  # noqa: E731
+        out.update({"settled": self.settled, "flow_settled": self.flow_settled,
+                    "flow_remaining": fl(self.flow_remaining), "flow_grad_norms": fl(self.flow_grad_norms),
+                    "polish_tol": self.polish_tol, "polish_moves": fl(self.polish_moves),
+                    "polish_iterations": None if self.polish_iterations is None
+                    else [int(v) for v in self.polish_iterations]})
         return out
 
 
@@ -1001,6 +1062,10 @@ def verify_exit(
     grad_tol: float | None = None,
     outputs_fn: Callable[[PyTree], jax.Array] | None = None,
     function_tol: float | None = None,
+    polish_steps: int = 0,
+    polish_tol: float = 1e-6,
+    symmetry_distance: Callable[[PyTree, PyTree], float] | None = None,
+    symmetry_tol: float | None = None,
 ) -> VerificationResult:
     """Integrate full-batch gradient descent ``w <- w - step_size * grad loss(w)`` from points of a recorded
     search ``path`` (``(iteration, d)`` pairs, points ``origin + d``) and from the origin, and measure which
@@ -1013,8 +1078,19 @@ def verify_exit(
     optimum. ``outputs_fn(params) -> array`` (e.g. the network's outputs on the training inputs) adds the
     function-space comparison: RMS output differences, clustered with ``function_tol``. The default
     tolerances are 1% of how far the start points lie from the origin's end point (largest parameter distance,
-    resp. largest RMS output difference), a scale that does not shrink when all end points coincide. See
-    :class:`VerificationResult` for the reported numbers."""
+    resp. largest RMS output difference), a scale that does not shrink when all end points coincide.
+
+    Convergence is also judged by the end points stopping to move (:attr:`VerificationResult.settled`): the
+    movements over two further probe chunks (run from the end points and discarded) give a geometric-series
+    estimate of the distance the flow still has to go (``flow_remaining``), which exposes a ``grad_tol`` that is too loose for a flat valley. ``polish_steps``
+    > 0 finishes every flow with at most that many L-BFGS iterations (``optax.lbfgs`` with its zoom line
+    search, a second-order polish of a point already inside a basin: it does not decide the basin, the flow
+    does) until the gradient norm is at most ``polish_tol``; ``polish_moves`` records how far each end point
+    moved during the polish. ``symmetry_distance(p, q) -> float`` (e.g. :func:`mlp_symmetry_distance`) adds the
+    comparison modulo the network's symmetries (``symmetry_distances``, ``symmetry_basin`` clustered with
+    ``symmetry_tol``, default 1% of the largest such distance of a start point from the origin's end point):
+    it tells a symmetric copy of an optimum (distance 0) from a different point of a flat valley computing
+    nearly the same function. See :class:`VerificationResult` for the reported numbers."""
     if len(path) == 0:
         raise ValueError("verify_exit needs a non-empty recorded path (DSPConfig.record_path > 0)")
     if _check_real(step_size, "step_size") <= 0:
@@ -1026,9 +1102,13 @@ def verify_exit(
         raise ValueError(f"steps ({steps}) must be a multiple of record_every ({record_every})")
     if grad_tol is not None and _check_real(grad_tol, "grad_tol") <= 0:
         raise ValueError(f"grad_tol must be > 0 or None, got {grad_tol}")
-    for name, v in (("tol", tol), ("function_tol", function_tol)):
+    for name, v in (("tol", tol), ("function_tol", function_tol), ("symmetry_tol", symmetry_tol)):
         if v is not None and _check_real(v, name) <= 0:
             raise ValueError(f"{name} must be > 0 or None, got {v}")
+    if isinstance(polish_steps, bool) or int(polish_steps) != polish_steps or polish_steps < 0:
+        raise ValueError(f"polish_steps must be an integer >= 0, got {polish_steps!r}")
+    if _check_real(polish_tol, "polish_tol") <= 0:
+        raise ValueError(f"polish_tol must be > 0, got {polish_tol}")
     pts = list(path)
     if num_points is not None:
         if num_points < 1:
@@ -1065,14 +1145,47 @@ def verify_exit(
             _, gn = measure(ws)
             if float(jnp.max(gn)) <= grad_tol:
                 break
+    ravel = jax.vmap(lambda w: tree_ravel(w)[0])
+    # how far would the flow still go? Two further probe chunks (not kept) measure the movements m_prev, m of
+    # the slowest surviving mode; geometric-series estimate m r / (1 - r), r = m / m_prev
+    probe1 = chunk(ws)
+    hist = [np.asarray(ravel(w), dtype=np.float64) for w in (ws, probe1, chunk(probe1))]
+    m_prev = np.linalg.norm(hist[1] - hist[0], axis=1)
+    m = np.linalg.norm(hist[2] - hist[1], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(m_prev > 0, m / m_prev, np.where(m > 0, np.inf, 0.0))
+        flow_remaining = np.where(r < 1.0, m * r / (1.0 - r), np.inf)
+    flow_remaining = np.where(m == 0.0, 0.0, flow_remaining)
+    flow_gnorms = np.asarray(measure(ws)[1], dtype=np.float64)
+    polish_moves = polish_its = None
+    if polish_steps:
+        flow_end = hist[0]
+        ws, polish_its = _lbfgs_polish(loss_fn, ws, int(polish_steps), float(polish_tol))
+        polish_its = np.asarray(polish_its)
+        polish_moves = np.linalg.norm(np.asarray(ravel(ws), dtype=np.float64) - flow_end, axis=1)
     losses, gnorms = (np.asarray(v, dtype=np.float64) for v in measure(ws))
     trajs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs, axis=1), *snapshots)
-    flat = np.asarray(jax.vmap(lambda w: tree_ravel(w)[0])(ws), dtype=np.float64)
+    flat = np.asarray(ravel(ws), dtype=np.float64)
     dist = _pairwise(flat)
-    flat_starts = np.asarray(jax.vmap(lambda w: tree_ravel(w)[0])(starts), dtype=np.float64)
+    flat_starts = np.asarray(ravel(starts), dtype=np.float64)
     if tol is None:
         tol = max(1e-2 * float(np.linalg.norm(flat_starts[1:] - flat[0], axis=1).max()), 1e-6)
     basin = _leader_clusters(dist, float(tol))[1:]
+    sdist = stol = sbasin = None
+    if symmetry_distance is not None:
+        host = jax.device_get(ws)
+        one = lambda tree, j: jax.tree_util.tree_map(lambda x: np.asarray(x[j]), tree)  # noqa: E731
+        ends = [one(host, j) for j in range(flat.shape[0])]
+        sdist = np.zeros((len(ends), len(ends)))
+        for j in range(len(ends)):
+            for k in range(j + 1, len(ends)):
+                sdist[j, k] = sdist[k, j] = float(symmetry_distance(ends[j], ends[k]))
+        stol = symmetry_tol
+        if stol is None:
+            host_starts = jax.device_get(starts)
+            far = max(float(symmetry_distance(one(host_starts, j), ends[0])) for j in range(1, len(ends)))
+            stol = max(1e-2 * far, 1e-6)
+        sbasin = _leader_clusters(sdist, float(stol))[1:]
     fdist = ftol = fbasin = None
     if outputs_fn is not None:
         outs = np.asarray(jax.vmap(outputs_fn)(ws), dtype=np.float64).reshape(flat.shape[0], -1)
@@ -1090,7 +1203,67 @@ def verify_exit(
         final_losses=losses[1:], grad_norms=gnorms[1:], origin_final=take(ws, 0), origin_loss=float(losses[0]),
         origin_grad_norm=float(gnorms[0]), distances=dist, tol=float(tol), basin=basin, step_size=float(step_size),
         steps_run=steps_run, grad_tol=None if grad_tol is None else float(grad_tol), function_distances=fdist,
-        function_tol=None if ftol is None else float(ftol), function_basin=fbasin)
+        function_tol=None if ftol is None else float(ftol), function_basin=fbasin,
+        flow_remaining=flow_remaining[1:], flow_grad_norms=flow_gnorms[1:],
+        polish_moves=None if polish_moves is None else polish_moves[1:],
+        polish_iterations=None if polish_its is None else polish_its[1:],
+        polish_tol=float(polish_tol) if polish_steps else None, symmetry_distances=sdist,
+        symmetry_tol=None if stol is None else float(stol), symmetry_basin=sbasin)
+
+
+def _lbfgs_polish(loss_fn: Callable[[PyTree], jax.Array], ws: PyTree, max_iter: int, tol: float
+                  ) -> tuple[PyTree, jax.Array]:
+    """L-BFGS (``optax.lbfgs``, zoom line search) from each stacked point of ``ws`` until its gradient norm is
+    at most ``tol`` or ``max_iter`` iterations; returns the points and the iterations used per point."""
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss_fn)
+
+    def one(w):
+        def cond(c):
+            _, _, k, gn = c
+            return (k < max_iter) & (gn > tol)
+
+        def body(c):
+            w, st, k, _ = c
+            v, g = value_and_grad(w, state=st)
+            u, st = opt.update(g, st, w, value=v, grad=g, value_fn=loss_fn)
+            w = optax.apply_updates(w, u)
+            return w, st, k + 1, tree_norm(jax.grad(loss_fn)(w))
+
+        g0 = tree_norm(jax.grad(loss_fn)(w))
+        w, _, k, _ = jax.lax.while_loop(cond, body, (w, opt.init(w), jnp.asarray(0), g0))
+        return w, k
+
+    return jax.jit(jax.vmap(one))(ws)
+
+
+def mlp_symmetry_distance(p: PyTree, q: PyTree, *, odd: bool = True) -> float:
+    """Euclidean distance between two one-hidden-layer MLPs modulo their symmetries: the minimum of
+    ``|p - T(q)|`` over the permutations ``T`` of the hidden units and, with ``odd`` (an odd activation such as
+    ``tanh``, for which ``(w_in, b, w_out) -> (-w_in, -b, -w_out)`` leaves the function unchanged), the sign
+    flips of single units. ``p``, ``q``: Flax MLP parameters ``{"Dense_0": {"kernel", "bias"}, "Dense_1":
+    {"kernel", "bias"}}`` (:class:`mclandscape.models.mlp.MLP` with ``widths=[h]``). Exact: the cost decomposes
+    into per-unit-pair costs (the sign chosen per pair), minimised over permutations by the Hungarian
+    algorithm (``scipy.optimize.linear_sum_assignment``)."""
+    from scipy.optimize import linear_sum_assignment
+
+    def units(t):
+        if not isinstance(t, dict) or set(t) != {"Dense_0", "Dense_1"}:
+            raise ValueError("mlp_symmetry_distance needs one-hidden-layer MLP parameters with the layers "
+                             f"'Dense_0' and 'Dense_1', got {sorted(t) if isinstance(t, dict) else type(t)}")
+        k0, b0 = np.asarray(t["Dense_0"]["kernel"], np.float64), np.asarray(t["Dense_0"]["bias"], np.float64)
+        k1, b1 = np.asarray(t["Dense_1"]["kernel"], np.float64), np.asarray(t["Dense_1"]["bias"], np.float64)
+        return np.concatenate([k0.T, b0[:, None], k1], axis=1), b1
+
+    up, bp = units(p)
+    uq, bq = units(q)
+    if up.shape != uq.shape or bp.shape != bq.shape:
+        raise ValueError(f"the two MLPs differ in shape: {up.shape} vs {uq.shape}")
+    cost = ((up[:, None, :] - uq[None, :, :]) ** 2).sum(-1)
+    if odd:
+        cost = np.minimum(cost, ((up[:, None, :] + uq[None, :, :]) ** 2).sum(-1))
+    rows, cols = linear_sum_assignment(cost)
+    return float(np.sqrt(max(cost[rows, cols].sum() + ((bp - bq) ** 2).sum(), 0.0)))
 
 
 def random_orthonormal_pair(key: jax.Array, like: PyTree) -> tuple[PyTree, PyTree]:

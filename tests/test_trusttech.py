@@ -317,6 +317,104 @@ def test_verification_tells_symmetric_copies_from_different_functions():
     json.dumps(summary)
 
 
+def flat_valley(p):
+    """Two minima (+-1, 0) separated by the ridge x = 0, with a very flat valley floor in y (curvature 2e-3):
+    a gradient-norm criterion of 1e-2 is met long before gradient descent has moved along y."""
+    return (p["x"] ** 2 - 1) ** 2 + 1e-3 * p["y"] ** 2
+
+
+def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
+    path = [(k + 1, {"x": jnp.array(x + 1.0), "y": jnp.array(y)})
+            for k, (x, y) in enumerate(zip(np.linspace(-0.8, 0.8, 8), np.linspace(0.3, 1.0, 8), strict=True))]
+    origin = {"x": jnp.array(-1.0), "y": jnp.array(0.0)}
+    loose = tt.verify_exit(flat_valley, origin, path, 5, step_size=0.01, steps=20_000, record_every=200,
+                           grad_tol=1e-2)
+    # the gradient criterion holds (it stops the flows early) but the points are still crawling along y
+    assert all(loose.converged) and loose.steps_run < 2000
+    assert not any(loose.settled) and not any(loose.flow_settled)
+    y_end = np.asarray(loose.finals["y"])
+    assert np.all(y_end > 0.25)
+    # remaining-distance estimate: the flow still has about |y| to travel along the valley
+    np.testing.assert_allclose(loose.flow_remaining, y_end, rtol=0.1)
+    sep = loose.separation("param")
+    assert sep["num_optima"] > 2 and not sep["two_optima"] and not sep["all_settled"]
+    polished = tt.verify_exit(flat_valley, origin, path, 5, step_size=0.01, steps=20_000, record_every=200,
+                              grad_tol=1e-2, polish_steps=200, polish_tol=1e-6)
+    assert all(polished.settled) and not any(polished.flow_settled)
+    assert np.all(polished.grad_norms <= 1e-6) and np.all(polished.polish_iterations >= 1)
+    np.testing.assert_allclose(np.asarray(polished.finals["y"]), 0.0, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(polished.finals["x"]), np.where(polished.before, -1.0, 1.0), atol=1e-4)
+    np.testing.assert_allclose(polished.polish_moves, y_end, atol=2e-3)
+    sep = polished.separation("param")
+    assert sep["num_optima"] == 2 and sep["two_optima"] and sep["all_settled"] and sep["separates"]
+    assert sep["boundary"] == (4, 5)
+    # the seed's claim tested at a misplaced split: the "after" side reaches both optima
+    late = polished.separation("param", at=7)
+    assert late["split_iteration"] == 7 and not late["separates"] and late["after_clusters"] == [1]
+    assert late["before_clusters"] == [0, 1] and late["boundary"] == (4, 5) and late["boundary_offset"] == -2.5
+    assert late["two_optima"]
+    summary = polished.summary()
+    assert summary["settled"] == [True] * 8 and len(summary["polish_moves"]) == 8
+    json.dumps(summary)
+    with pytest.raises(ValueError, match="polish_steps"):
+        tt.verify_exit(flat_valley, origin, path, 5, polish_steps=-1)
+    with pytest.raises(ValueError, match="polish_tol"):
+        tt.verify_exit(flat_valley, origin, path, 5, polish_tol=0.0)
+
+
+def _sign_sym_distance(p, q):
+    a = np.array([float(p["a"]), float(p["b"])])
+    b = np.array([float(q["a"]), float(q["b"])])
+    return float(min(np.linalg.norm(a - b), np.linalg.norm(a + b)))
+
+
+def test_verification_modulo_symmetries_identifies_copies():
+    origin = {"a": jnp.array(1.0), "b": jnp.array(1.0)}
+    path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
+            for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
+    out = tt.verify_exit(sign_symmetric, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
+                         grad_tol=1e-6, symmetry_distance=_sign_sym_distance, polish_steps=50)
+    assert out.symmetry_basin == [0] * 10 and out.basin == [0] * 5 + [1] * 5
+    assert float(np.max(out.symmetry_distances)) < 1e-4 and out.symmetry_tol > 1e-3
+    sym = out.separation("symmetry")
+    assert sym["num_optima"] == 1 and not sym["separates"] and sym["boundary"] is None
+    assert out.summary()["separation_symmetry"] == sym
+    with pytest.raises(ValueError, match="symmetry_distance"):
+        tt.verify_exit(two_wells, ORIGIN2, [(1, _dir(0.1, 0.0))], 1, steps=10, record_every=10
+                       ).separation("symmetry")
+
+
+def test_mlp_symmetry_distance_is_invariant_and_matches_brute_force():
+    import itertools
+
+    from mclandscape.models import get_model
+
+    model = get_model("mlp", widths=[3], num_classes=2, activation="tanh")
+    x = jax.random.normal(jax.random.key(0), (7, 4))
+    p = model.init(jax.random.key(1), x)["params"]
+    q = model.init(jax.random.key(2), x)["params"]
+    perm, signs = np.array([2, 0, 1]), np.array([1.0, -1.0, -1.0])
+
+    def transform(t, perm, signs):
+        return {"Dense_0": {"kernel": t["Dense_0"]["kernel"][:, perm] * signs, "bias": t["Dense_0"]["bias"][perm] * signs},
+                "Dense_1": {"kernel": t["Dense_1"]["kernel"][perm] * signs[:, None], "bias": t["Dense_1"]["bias"]}}
+
+    pt_ = transform(p, perm, signs)
+    np.testing.assert_allclose(model.apply({"params": pt_}, x), model.apply({"params": p}, x), atol=1e-6)
+    assert tt.mlp_symmetry_distance(p, pt_) == pytest.approx(0.0, abs=1e-6)
+    assert float(tt.tree_distance(p, pt_)) > 0.1
+    # without the sign symmetry (a non-odd activation) only permutations count
+    assert tt.mlp_symmetry_distance(p, transform(p, perm, np.ones(3)), odd=False) == pytest.approx(0.0, abs=1e-6)
+    assert tt.mlp_symmetry_distance(p, pt_, odd=False) > 0.1
+    brute = min(float(tt.tree_distance(p, transform(q, np.array(pm), np.array(sg))))
+                for pm in itertools.permutations(range(3)) for sg in itertools.product([1.0, -1.0], repeat=3))
+    assert tt.mlp_symmetry_distance(p, q) == pytest.approx(brute, rel=1e-5)
+    with pytest.raises(ValueError, match="one-hidden-layer"):
+        tt.mlp_symmetry_distance({"w": np.zeros(2)}, q)
+    with pytest.raises(ValueError, match="shape"):
+        tt.mlp_symmetry_distance(p, model.init(jax.random.key(1), x[:, :3])["params"])
+
+
 def test_model_loss_fn_squared_error_and_l2_match_numpy():
     from mclandscape.models import get_model
 
