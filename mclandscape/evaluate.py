@@ -88,6 +88,7 @@ __all__ = [
     "stem_control_features",
     "default_compiler_options",
     "resolve_compiler_options",
+    "ynn_convolutions",
     "CPU_COMPILER_OPTIONS",
     "combine_stem_features",
     "pad_stem_input",
@@ -318,14 +319,14 @@ def auto_stem(model: Model, kind: str, num_points: int, num_control: int, cin: i
               backend: str | None = None, ynn: bool = False, stem_macs: int | None = None) -> tuple[str, int | None]:
     """The default ``(stem mode, stem_channels)`` (see the module docstring).
 
-    Measured on the 2-core CPU (``benchmarks/convfc_curve.py``, ConvFC, batch 128): running the stem per
-    control point (``"factor"``) pays when there are more points than control points (body on combined
-    stem outputs 37 ms against 44 ms for the whole network per batch; the stacked stem, 28 ms, is shared by
-    all points). Combining costs K multiply-adds per stem output element, read from memory, against
-    ``stem_macs`` (kernel height × width × input channels, default taken as large) for the stem itself: on
-    8×8 digits a 3×3 1-channel stem (9) with 9 control points lost (5.3 against 4.1 ms/point), so
-    ``"factor"`` needs ``stem_macs >= 4 K`` (ConvFC's 5×5×3 = 75). Padding a 3-channel stem input to 4
-    channels only pays when convolutions go to YNNPACK
+    Measured on the 2-core CPU (``benchmarks/convfc_curve.py``, batch 128, 1000 images): combining the
+    control points' stem outputs costs K multiply-adds per output element, read from memory, against
+    ``stem_macs`` (kernel height × width × input channels) for the stem itself. ConvFC (5×5×3 = 75) on a
+    quadratic curve (K = 3, 21 points) ran at 0.325 s/point with ``"factor"`` against 0.342 without; on the
+    3×3-control surface (K = 9, 121 points) at 0.449 against 0.364; a 3×3 1-channel digits stem (9) with
+    K = 9 lost too (5.3 against 4.1 ms/point). Hence ``"factor"`` needs more points than control points
+    and ``stem_macs >= 16 K``. Padding a 3-channel stem input to 4 channels only pays when convolutions go to
+    YNNPACK
     (``ynn=True``: 30 ms -> 10 ms); XLA's own convolutions, the default here, take ~10 ms either way. On
     GPU/TPU the compiler pads convolutions for its matrix units itself (unmeasured: no GPU was available).
     """
@@ -333,8 +334,8 @@ def auto_stem(model: Model, kind: str, num_points: int, num_control: int, cin: i
     if model.stem is None:
         return "off", None
     channels = 4 if (backend == "cpu" and ynn and model.stem.pad_channels_ok and cin % 4) else None
-    stem_macs = 1 << 30 if stem_macs is None else stem_macs
-    if kind == "connector" and num_points > num_control and stem_macs >= 4 * num_control:
+    stem_macs = 1 << 30 if stem_macs is None else stem_macs  # unknown: assume a costly stem
+    if kind == "connector" and num_points > num_control and stem_macs >= 16 * num_control:
         return "factor", channels
     return ("split", channels) if channels else ("off", None)
 

@@ -168,8 +168,10 @@ def test_factor_path_recalibrates_batchnorm_per_point():
 
 def test_strategy_and_stem_choice():
     # XLA's own CPU convolutions (the default options): no padding; factor when P > K and the stem costs
-    # at least 4K multiply-adds per output element.
-    assert auto_stem(CNN, "connector", 21, 3, 3, backend="cpu", stem_macs=27) == ("factor", None)
+    # at least 16 K multiply-adds per output element.
+    assert auto_stem(CNN, "connector", 21, 3, 3, backend="cpu", stem_macs=75) == ("factor", None)
+    assert auto_stem(CNN, "connector", 121, 9, 3, backend="cpu", stem_macs=75) == ("off", None)
+    assert auto_stem(CNN, "connector", 21, 3, 3, backend="cpu", stem_macs=27) == ("off", None)
     assert auto_stem(CNN, "connector", 121, 9, 1, backend="cpu", stem_macs=9) == ("off", None)
     assert auto_stem(CNN, "connector", 2, 3, 3, backend="cpu") == ("off", None)
     assert auto_stem(CNN, "stacked", 21, 0, 3, backend="cpu") == ("off", None)
@@ -193,10 +195,13 @@ def test_strategy_and_stem_choice():
         assert ynn_convolutions(None) and not ynn_convolutions(CPU_COMPILER_OPTIONS)
     with pytest.raises(ValueError, match="compiler_options"):
         resolve_compiler_options("fast")
+    r = evaluate_points(CONVFC, _curve(CONVFC), np.linspace(0, 1, 5), (X, Y), batch_size=20)
+    if jax.default_backend() == "cpu":  # 5x5x3 stem, K = 3 < 5 points
+        assert (r.strategy, r.chunk_size, r.stem, r.stem_channels) == ("map", 1, "factor", None)
     curve = _curve(CNN)
     r = evaluate_points(CNN, curve, np.linspace(0, 1, 5), (X, Y), batch_size=20)
-    if jax.default_backend() == "cpu":
-        assert (r.strategy, r.chunk_size, r.stem, r.stem_channels) == ("map", 1, "factor", None)
+    if jax.default_backend() == "cpu":  # 3x3x3 stem: combining 3 outputs does not pay
+        assert (r.strategy, r.chunk_size, r.stem, r.stem_channels) == ("map", 1, "off", None)
     mlp = get_model("mlp", widths=[4])
     mc = C.bezier_curve(*[mlp.init(jax.random.key(i), X[:2])["params"] for i in range(2)])
     r = evaluate_points(mlp, mc, np.linspace(0, 1, 20), (X, Y), batch_size=40)
