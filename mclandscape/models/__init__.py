@@ -17,6 +17,8 @@ model, which is how :func:`mclandscape.checkpoint.load_model` restores a model f
 | ``resnet18`` | CIFAR ResNet-18 (11.17 M) | yes |
 | ``resnet20`` | He et al. CIFAR ResNet-20, option-A shortcuts (0.27 M) | yes |
 | ``preresnet20`` | Garipov et al. PreResNet-20 | yes |
+| ``preresnet164`` (alias ``resnet164``) | He et al. 2016b pre-activation bottleneck ResNet, as Garipov et al.'s PreResNet-164: ``depth`` 164 = 9·18 + 2, three stages of 18 blocks (1.70 M) | yes |
+| ``densenet100`` (aliases ``densenet_bc100``, ``densenet``) | Huang et al. DenseNet-BC, ``depth`` 100, ``growth_rate`` 12, ``compression`` 0.5 (0.77 M) | yes |
 | ``vit_small`` (alias ``vit``) | patch-4 ViT, width 192, depth 6, 3 heads | no |
 
 Every model takes ``num_classes`` and works on any input size: NHWC images (8×8×1 digits too — pools are
@@ -36,13 +38,14 @@ from typing import Any
 from mclandscape.models._common import as_image
 from mclandscape.models.base import Model, StemSpec, conv_stem, flax_stem, from_flax
 from mclandscape.models.cnn import ConvFC, SimpleCNN
+from mclandscape.models.densenet import DenseNet, check_densenet_args
 from mclandscape.models.mlp import MLP
-from mclandscape.models.resnet import ResNet
+from mclandscape.models.resnet import ResNet, preresnet_bottleneck_blocks
 from mclandscape.models.vgg import VGG16
 from mclandscape.models.vit import ViT
 
-__all__ = ["Model", "StemSpec", "from_flax", "get_model", "list_models", "model_from_spec", "MLP", "SimpleCNN",
-           "ConvFC", "VGG16", "ResNet", "ViT"]
+__all__ = ["Model", "StemSpec", "from_flax", "get_model", "list_models", "model_from_spec", "canonical_name",
+           "MLP", "SimpleCNN", "ConvFC", "VGG16", "ResNet", "DenseNet", "ViT"]
 
 
 def _mlp(widths, num_classes, activation, use_bias, dropout):
@@ -76,6 +79,16 @@ def _preresnet20(num_classes):
     return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16, 32, 64), preact=True)
 
 
+def _preresnet164(num_classes, depth):
+    n = preresnet_bottleneck_blocks(depth)
+    return ResNet(num_classes=num_classes, stage_sizes=(n, n, n), widths=(16, 32, 64), preact=True, bottleneck=True)
+
+
+def _densenet(num_classes, depth, growth_rate, compression):
+    check_densenet_args(depth, growth_rate, compression)
+    return DenseNet(num_classes=num_classes, depth=depth, growth_rate=growth_rate, compression=compression)
+
+
 def _vit(num_classes, patch_size, dim, depth, heads, mlp_dim, dropout):
     return ViT(num_classes=num_classes, patch_size=patch_size, dim=dim, depth=depth, heads=heads,
                mlp_dim=mlp_dim, dropout=dropout)
@@ -93,15 +106,29 @@ _REGISTRY: dict[str, tuple[Callable[..., Any], dict, bool]] = {
     "resnet18": (_resnet18, {"num_classes": 10}, True),
     "resnet20": (_resnet20, {"num_classes": 10, "shortcut": "A"}, True),
     "preresnet20": (_preresnet20, {"num_classes": 10}, True),
+    "preresnet164": (_preresnet164, {"num_classes": 10, "depth": 164}, True),
+    "densenet100": (_densenet, {"num_classes": 10, "depth": 100, "growth_rate": 12, "compression": 0.5}, True),
     "vit_small": (_vit, {"num_classes": 10, "patch_size": 4, "dim": 192, "depth": 6, "heads": 3,
                          "mlp_dim": 384, "dropout": 0.0}, False),
 }
-_ALIASES = {"vit": "vit_small", "vgg16bn": "vgg16_bn", "preresnet": "preresnet20", "cnn": "simple_cnn"}
+_ALIASES = {"vit": "vit_small", "vgg16bn": "vgg16_bn", "preresnet": "preresnet20", "cnn": "simple_cnn",
+            "resnet164": "preresnet164", "densenet_bc100": "densenet100", "densenet": "densenet100"}
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`get_model` (aliases excluded)."""
     return sorted(_REGISTRY)
+
+
+def canonical_name(name: str) -> str:
+    """The registry name of a zoo architecture or alias (``"resnet164"`` -> ``"preresnet164"``); ``ValueError``
+    for an unknown name."""
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string, got {name!r}")
+    arch = _ALIASES.get(name.lower(), name.lower())
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()} (aliases {sorted(_ALIASES)})")
+    return arch
 
 
 def _canonical(value, where: str):
@@ -131,9 +158,7 @@ def get_model(name: str | Mapping, **kwargs) -> Model:
         name = spec["arch"]
     if not isinstance(name, str):
         raise ValueError(f"model name must be a string or a spec dict, got {name!r}")
-    arch = _ALIASES.get(name.lower(), name.lower())
-    if arch not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {list_models()} (aliases {sorted(_ALIASES)})")
+    arch = canonical_name(name)
     builder, defaults, has_bn = _REGISTRY[arch]
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
@@ -162,7 +187,7 @@ def _stem(arch: str, module, args: dict, has_bn: bool) -> StemSpec | None:
 
         return flax_stem(module, "stem", conv_stem((p, p), "VALID"), prepare=prepare)
     pad = 2 if arch == "convfc" else 1
-    use_bias = not arch.startswith(("resnet", "preresnet"))
+    use_bias = not arch.startswith(("resnet", "preresnet", "densenet"))
     return flax_stem(module, "stem", conv_stem((1, 1), ((pad, pad), (pad, pad))), has_batch_stats=has_bn,
                      use_bias=use_bias, prepare=as_image)
 

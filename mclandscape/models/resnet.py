@@ -1,4 +1,5 @@
-"""CIFAR ResNets: ResNet-18 (He et al. 2016, CIFAR form of Liu's reference code), ResNet-20 and PreResNet-20.
+"""CIFAR ResNets: ResNet-18 (He et al. 2016, CIFAR form of Liu's reference code), ResNet-20, PreResNet-20 and
+PreResNet-164 (He et al. 2016b, pre-activation bottleneck blocks; seed 004's ResNet-164).
 
 All use BatchNorm (``batch_stats`` collection) and 3×3 stems without max-pooling, the CIFAR convention, and
 end with global average pooling, so any input size (8×8 digits, 32×32 CIFAR, 64×64 Tiny-ImageNet) works.
@@ -72,6 +73,39 @@ class PreActBlock(nn.Module):
         return out + residual
 
 
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck block (He et al. 2016b), as in Garipov et al.'s PreResNet-164:
+    BN-ReLU-conv1×1(``features``)-BN-ReLU-conv3×3(``features``, ``stride``)-BN-ReLU-conv1×1(``4·features``)
+    + shortcut; the shortcut is a 1×1 strided conv of the block *input* (no BatchNorm) when the stride or the
+    channel count (``4·features``) changes, the identity otherwise. Output channels: ``expansion·features``."""
+
+    features: int
+    stride: int = 1
+    expansion: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        out_features = self.expansion * self.features
+        out = nn.relu(batch_norm(train, name="bn1")(x))
+        out = _conv(self.features, 1, 1, name="conv1")(out)
+        out = nn.relu(batch_norm(train, name="bn2")(out))
+        out = _conv(self.features, 3, self.stride, name="conv2")(out)
+        out = nn.relu(batch_norm(train, name="bn3")(out))
+        out = _conv(out_features, 1, 1, name="conv3")(out)
+        residual = x
+        if self.stride != 1 or x.shape[-1] != out_features:
+            residual = _conv(out_features, 1, self.stride, name="shortcut_conv")(x)
+        return out + residual
+
+
+def preresnet_bottleneck_blocks(depth: int) -> int:
+    """Blocks per stage of a three-stage pre-activation bottleneck ResNet of ``depth`` layers: ``(depth -
+    2) / 9`` (three convolutions per block, plus the stem and the head), e.g. 18 for ResNet-164."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 11 or (depth - 2) % 9:
+        raise ValueError(f"bottleneck PreResNet depth must be an integer 9n + 2 >= 11 (e.g. 164), got depth={depth!r}")
+    return (depth - 2) // 9
+
+
 class ResNet(nn.Module):
     """Generic CIFAR ResNet: stem conv 3×3, stages of basic blocks, global average pool, linear head.
 
@@ -80,6 +114,12 @@ class ResNet(nn.Module):
     - ``resnet20``: ``(3, 3, 3)``, ``(16, 32, 64)``, shortcut A (He et al.'s CIFAR net, 0.27 M).
     - ``preresnet20``: ``(3, 3, 3)``, ``(16, 32, 64)``, ``preact=True``: pre-activation blocks and a final
       BN-ReLU before pooling (Garipov et al.'s PreResNet-20).
+    - ``preresnet164``: ``(18, 18, 18)``, ``(16, 32, 64)``, ``preact=True, bottleneck=True``: pre-activation
+      bottleneck blocks (:class:`PreActBottleneck`, outputs 64/128/256 channels), final BN-ReLU (Garipov et
+      al.'s PreResNet-164, 1 703 258 parameters for 10 classes; the paper's 1.7 M).
+
+    With ``bottleneck=True`` the ``widths`` are the bottleneck widths; the blocks output four times as many
+    channels. Bottleneck blocks exist in the pre-activation form only.
     """
 
     num_classes: int = 10
@@ -87,10 +127,14 @@ class ResNet(nn.Module):
     widths: Sequence[int] = (64, 128, 256, 512)
     preact: bool = False
     shortcut: str = "B"
+    bottleneck: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
         """Logits; with ``from_stem=True`` ``x`` is the stem convolution's output and the stem is skipped."""
+        if self.bottleneck and not self.preact:
+            raise ValueError("ResNet(bottleneck=True) needs preact=True: bottleneck blocks are implemented in the "
+                             "pre-activation form (PreResNet-164) only")
         if not from_stem:
             x = as_image(x)
             x = _conv(int(self.widths[0]), 3, 1, name="stem")(x)
@@ -100,7 +144,9 @@ class ResNet(nn.Module):
             for b in range(int(n)):
                 stride = 2 if (s > 0 and b == 0) else 1
                 name = f"stage{s}_block{b}"
-                if self.preact:
+                if self.bottleneck:
+                    x = PreActBottleneck(int(w), stride, name=name)(x, train)
+                elif self.preact:
                     x = PreActBlock(int(w), stride, name=name)(x, train)
                 else:
                     x = BasicBlock(int(w), stride, self.shortcut, name=name)(x, train)
