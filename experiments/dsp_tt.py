@@ -29,10 +29,15 @@ tier-0 epochs plus its search steps and local-solver steps; that total ``B`` (ro
 Individual(1), SSE and FGE, and ``M x B`` that of Individual-Ens and DSP-TT-0-1-full-train (as in Table 3).
 FGE starts from the tier-0 model and spends the remaining ``B - epochs`` on its cycles.
 
-``--dataset cifar10|cifar100`` switches to the paper's settings (``--arch vgg16`` default, batch 128, lr 0.05,
-weight decay 5e-4, augmentation, budget 200 with 150 tier-0 epochs, 10-epoch local solves and fine-tuning);
-ResNet-164 and DenseNet-100 are not in the model zoo (use ``--arch preresnet20`` / ``resnet20`` / ``vgg16_bn``).
-Without the prepared TFDS files it stops at once with the data loader's message.
+``--dataset cifar10|cifar100`` switches to the paper's settings (seed 004 §5, :data:`CIFAR_SETTINGS`), with
+augmentation and 10-epoch local solves and fine-tuning: ``--arch vgg16`` (default) / ``vgg16_bn`` and
+``preresnet164`` (ResNet-164) follow Garipov et al. (budget 200 epochs: 150 tier-0 + 50 for one search tier,
+batch 128; VGG16 lr 0.05, weight decay 5e-4; PreResNet-164 lr 0.1, weight decay 3e-4; cosine schedule in
+place of Garipov's piecewise-linear one); ``densenet100`` (DenseNet-BC-100, k = 12) follows Huang et al.
+(budget 300: 250 tier-0 + 50, batch 64, SGD lr 0.1 with Nesterov momentum 0.9, weight decay 1e-4, learning
+rate /10 at 50% and 75% of each training run). Other zoo models get the VGG16 settings. Flags given on the
+command line override these defaults. Without the prepared TFDS files it stops at once with the data
+loader's message.
 
 Writes ``<out>/results.json``, ``search_trace.png``, ``verification.png`` and checkpoints under
 ``<out>/checkpoints`` (a killed run resumes its tier-0 training and its searches).
@@ -60,7 +65,7 @@ from mclandscape import ensemble as ens
 from mclandscape import trusttech as tt
 from mclandscape.data import DatasetNotFoundError, load_dataset, num_batches
 from mclandscape.evaluate import evaluate_params
-from mclandscape.models import get_model
+from mclandscape.models import canonical_name, get_model
 from mclandscape.plots_trusttech import plot_search_trace, plot_verification
 from mclandscape.train import TrainConfig, make_optimizer, train_many, train_model
 from mclandscape.tree import tree_add, tree_distance, tree_size, tree_stack
@@ -84,6 +89,25 @@ PAPER = {
 
 CIFAR = ("cifar10", "cifar100")
 
+# Seed 004 §5 "Hyperparameters" for CIFAR, per architecture: the tier-0 epochs are the budget less the 50
+# epochs given to one tier of DSP-TT search (DenseNet 300 = 250 + 50, ResNet/VGG 200 = 150 + 50). DenseNet as
+# Huang et al. (2017): batch 64, SGD lr 0.1, Nesterov momentum 0.9, weight decay 1e-4, lr / 10 at 50% and 75%.
+# VGG and ResNet as Garipov et al. (2018): batch 128; VGG16 lr 0.05, wd 5e-4; PreResNet-164 lr 0.1, wd 3e-4
+# (their piecewise-linear decay is replaced by the cosine schedule used throughout this experiment).
+_GARIPOV_VGG = {"epochs": 150, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4, "nesterov": False,
+                "schedule": "cosine"}
+CIFAR_SETTINGS = {
+    "vgg16": _GARIPOV_VGG,
+    "vgg16_bn": _GARIPOV_VGG,
+    "preresnet164": {"epochs": 150, "batch_size": 128, "lr": 0.1, "weight_decay": 3e-4, "nesterov": False,
+                     "schedule": "cosine"},
+    "densenet100": {"epochs": 250, "batch_size": 64, "lr": 0.1, "weight_decay": 1e-4, "nesterov": True,
+                    "schedule": "step"},
+}
+OFFLINE_SETTINGS = {"epochs": 30, "batch_size": 64, "lr": 0.05, "weight_decay": 5e-4, "nesterov": False,
+                    "schedule": "cosine"}
+STEP_FRACTIONS = (0.5, 0.75)  # Huang et al.: lr / 10 at 50% and 75% of the epochs
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -99,14 +123,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dataset", default="digits", help="digits | mnist1d | cifar10 | cifar100")
     g.add_argument("--data-dir", default=None, help="TFDS data directory for CIFAR")
     g.add_argument("--arch", default=None, help="model (default: small simple_cnn for digits, mlp for mnist1d, "
-                                                "vgg16 for CIFAR)")
+                                                "vgg16 for CIFAR; the paper's: vgg16, preresnet164, densenet100)")
     g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("tier-0 training (SGD, cosine schedule)")
-    g.add_argument("--epochs", type=int, default=None, help="tier-0 epochs (digits 30, CIFAR 150)")
-    g.add_argument("--batch-size", type=int, default=None, help="digits 64, CIFAR 128")
-    g.add_argument("--lr", type=float, default=0.05)
+    g = p.add_argument_group("tier-0 training (SGD; defaults per data set and, on CIFAR, per architecture)")
+    g.add_argument("--epochs", type=int, default=None, help="tier-0 epochs (digits 30, CIFAR 150, CIFAR "
+                                                            "densenet100 250)")
+    g.add_argument("--batch-size", type=int, default=None, help="digits 64, CIFAR 128, CIFAR densenet100 64")
+    g.add_argument("--lr", type=float, default=None, help="tier-0 learning rate (0.05; CIFAR preresnet164 and "
+                                                          "densenet100 0.1)")
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="Nesterov momentum (default on for CIFAR densenet100 only)")
+    g.add_argument("--weight-decay", type=float, default=None, help="5e-4; CIFAR preresnet164 3e-4, densenet100 "
+                                                                    "1e-4")
+    g.add_argument("--schedule", default=None, choices=("cosine", "step"),
+                   help="learning-rate schedule of every SGD run (tier-0, local solver, fine-tuning, full "
+                        "training): cosine to 0, or step (x0.1 at 50%% and 75%% of that run's epochs); default "
+                        "step for CIFAR densenet100, cosine otherwise")
     g = p.add_argument_group("DSP-TT search (seed 004 §3.2, §5)")
     g.add_argument("--directions", type=int, default=5, help="search directions per tier")
     g.add_argument("--tiers", type=int, default=2, choices=(1, 2), help="1: tier-1 only; 2: also tier-2")
@@ -167,9 +200,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     cifar = args.dataset.lower().replace("-", "") in CIFAR
     if args.arch is None:
         args.arch = "vgg16" if cifar else ("mlp" if args.dataset == "mnist1d" else "simple_cnn")
-    defaults = ({"epochs": 150, "batch_size": 128, "local_epochs": 10, "finetune_epochs": 10} if cifar else
-                {"epochs": 30, "batch_size": 64, "local_epochs": 5, "finetune_epochs": 5})
-    for k, v in defaults.items():
+    try:
+        arch = canonical_name(args.arch)
+    except ValueError as e:
+        p.error(str(e))
+    settings = CIFAR_SETTINGS.get(arch, _GARIPOV_VGG) if cifar else OFFLINE_SETTINGS
+    defaults = {**settings, **({"local_epochs": 10, "finetune_epochs": 10} if cifar else
+                               {"local_epochs": 5, "finetune_epochs": 5})}
+    for k, v in defaults.items():  # explicit command-line flags win
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.sse_lr is None:
@@ -179,11 +217,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(args, num_classes: int):
+    """The experiment's model: a small CNN / MLP offline, otherwise the zoo model ``--arch`` at its defaults
+    (``preresnet164``: depth 164; ``densenet100``: DenseNet-BC, depth 100, growth rate 12, compression 0.5)."""
     if args.arch == "simple_cnn" and not args.cifar:
         return get_model("simple_cnn", num_classes=num_classes, channels=[8, 16, 16], hidden=32, dropout=0.0)
     if args.arch == "mlp" and not args.cifar:
         return get_model("mlp", num_classes=num_classes, widths=[128, 128])
     return get_model(args.arch, num_classes=num_classes)
+
+
+def step_milestones(epochs: int) -> tuple[int, ...]:
+    """Epochs at which the ``step`` schedule divides the learning rate by 10: 50% and 75% of ``epochs``
+    (Huang et al.'s 150 and 225 of 300), rounded down; none for runs shorter than 2 epochs."""
+    return tuple(sorted({int(f * epochs) for f in STEP_FRACTIONS} - {0}))
+
+
+def train_config(args, epochs: int, **changes) -> TrainConfig:
+    """The SGD recipe of every training run of the experiment (tier-0, local solver, fine-tuning, full
+    training) over ``epochs`` epochs; ``changes`` override fields (e.g. ``lr``, ``grad_clip``). The ``step``
+    schedule's milestones scale with ``epochs``."""
+    milestones = step_milestones(epochs) if args.schedule == "step" else ()
+    cfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                      nesterov=bool(args.nesterov), weight_decay=args.weight_decay, schedule=args.schedule,
+                      milestones=milestones, augment=args.cifar, seed=args.seed)
+    return cfg.replace(**changes)
 
 
 class Evaluator:
@@ -523,8 +580,7 @@ def main(argv=None) -> dict:
     evaluator = Evaluator(model, train, test)
     y_test = np.asarray(test.y)
     spe = num_batches(len(train), args.batch_size)
-    base = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                       weight_decay=args.weight_decay, schedule="cosine", augment=args.cifar, seed=args.seed)
+    base = train_config(args, args.epochs)
 
     # 1. tier-0 ---------------------------------------------------------------------------------------
     t0 = time.time()
@@ -538,7 +594,7 @@ def main(argv=None) -> dict:
     # 2. DSP-TT tier 1 and tier 2 ----------------------------------------------------------------------
     loss_fn = tt.model_loss_fn(model, variables0)
     batches = tt.dataset_batches(train, args.batch_size, seed=args.seed + 1000, augment=args.cifar)
-    local_cfg = base.replace(epochs=args.local_epochs, grad_clip=args.grad_clip)
+    local_cfg = train_config(args, args.local_epochs, grad_clip=args.grad_clip)
     solver = tt.LocalSolver(make_optimizer(local_cfg, batches.steps_per_epoch),
                             args.local_epochs * batches.steps_per_epoch)
     dsp = tt.DSPConfig(
@@ -601,7 +657,7 @@ def main(argv=None) -> dict:
     table1 = {"Baseline": ensemble_row(p0, y_test, [omega0], args.epochs),
               "Tier-1": ensemble_row(p1, y_test, tier1.solutions, args.epochs + cost[0])}
     if "tune" not in args.skip:
-        tune_cfg = base.replace(epochs=args.finetune_epochs, lr=0.1 * args.lr)
+        tune_cfg = train_config(args, args.finetune_epochs, lr=0.1 * args.lr)
         tuned = [train_model(model, train, None, tune_cfg, init_variables=variables0 | {"params": s},
                              progress=False).params for s in tier1.solutions]
         table1["Tier-1-tune"] = ensemble_row(evaluator.probs(tuned), y_test, tuned,
@@ -618,7 +674,7 @@ def main(argv=None) -> dict:
 
     t0 = time.time()
     m = args.members
-    full_cfg = base.replace(epochs=budget)
+    full_cfg = train_config(args, budget)
     individual = train_model(model, train, None, full_cfg, progress=False)
     table23 = {f"Individual(1;{budget})": ensemble_row(evaluator.probs([individual.params]), y_test,
                                                       [individual.params], budget)}
