@@ -41,13 +41,13 @@ from .directions import loss_curve, loss_plane, random_direction, random_directi
 from .ensemble import ensemble_from_params, ensemble_from_probs, member_probs
 from .evaluate import PointMetrics, evaluate_params, evaluate_points, recalibrate_bn, uv_grid
 from .losses import accuracy, cross_entropy
-from .models import Model, from_flax, get_model
+from .models import Model, canonical_name, from_flax, get_model, list_models
 from .neb import NEBConfig, auto_neb, evaluate_band
 from .neb import neb as nudged_elastic_band
 from .surface import evaluate_triangle, merge_best, surface_ensembles, surface_grid, train_surface
-from .train import TrainConfig, train_many, train_model
+from .train import TrainConfig, batch_stream, params_loss, train_many, train_model
 from .tree import TreeMismatchError, check_same_structure
-from .trusttech import DSPConfig, dsp_search, tier_by_tier, verify_exit
+from .trusttech import DSPConfig, VerificationResult, dsp_search, mlp_symmetry_distance, tier_by_tier, verify_exit
 from .volume import flat_from_minima, full_space_flat, grid_traversal, h_sweep
 
 __version__ = "0.1.0"
@@ -62,7 +62,8 @@ __all__ = [
     "bilinear_surface", "polychain", "simplex", "TreeMismatchError", "check_same_structure",
     "accuracy", "cross_entropy",
     # engines
-    "Model", "from_flax", "get_model", "Dataset", "load_dataset", "iterate_batches", "TrainConfig",
+    "Model", "from_flax", "get_model", "list_models", "canonical_name", "params_loss", "batch_stream",
+    "Dataset", "load_dataset", "iterate_batches", "TrainConfig",
     "train_model", "train_many", "save_checkpoint", "restore_checkpoint", "latest_step", "load_model",
     "PointMetrics", "evaluate_params", "evaluate_points", "recalibrate_bn", "uv_grid",
     "ConnectorTrainResult", "fit_connector", "train_connector",
@@ -74,6 +75,6 @@ __all__ = [
     "AP", "LE", "Squared", "Identity", "custom_vdm", "vdm_loss", "scale_by_vdm",
     "hvp", "lanczos", "power_iteration", "hutchinson_trace", "dense_hessian",
     "random_direction", "random_directions", "loss_curve", "loss_plane",
-    "DSPConfig", "dsp_search", "tier_by_tier", "verify_exit",
+    "DSPConfig", "dsp_search", "tier_by_tier", "verify_exit", "VerificationResult", "mlp_symmetry_distance",
     "ensemble_from_probs", "ensemble_from_params", "member_probs",
 ]

@@ -33,6 +33,7 @@ import numpy as np
 
 from .losses import cross_entropy
 from .models.base import Model
+from .train import params_loss
 from .tree import PyTree, tree_ravel, tree_size
 
 __all__ = [
@@ -323,19 +324,13 @@ def _model_loss_with_state(model: Model, loss: Callable) -> LossFn:
 
 
 def model_loss_fn(model: Model, variables: PyTree, *, loss: Callable = cross_entropy) -> LossFn:
-    """``loss_fn(params, (x, y)) -> mean loss`` of ``model`` in evaluation mode.
+    """``loss_fn(params, (x, y)) -> mean loss`` of ``model`` in evaluation mode
+    (:func:`mclandscape.train.params_loss` with ``train=False``).
 
     Non-parameter collections of ``variables`` (BatchNorm running statistics) are held fixed: the
     Hessian is taken with respect to ``params`` at the model's stored statistics, as in inference.
     """
-    others = {k: v for k, v in dict(variables).items() if k != "params"}
-    inner = _model_loss_with_state(model, loss)
-
-    def loss_fn(params, batch):
-        x, y = batch
-        return inner(params, (x, y, others))
-
-    return loss_fn
+    return params_loss(model, variables, loss=loss, train=False)
 
 
 def dataset_batches(data, batch_size: int, *, max_examples: int | None = None) -> list[tuple[jax.Array, jax.Array]]:

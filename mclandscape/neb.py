@@ -66,6 +66,7 @@ import optax
 
 from .connectors import Connector, from_control, polychain
 from .losses import cross_entropy
+from .train import batch_stream, params_loss
 from .tree import (
     PyTree,
     check_finite,
@@ -650,63 +651,24 @@ def auto_neb(loss_fn: Callable[[PyTree, Any], jax.Array], start: PyTree, end: Py
 # ---- networks as NEB losses ---------------------------------------------------------------------------
 
 def model_loss(model, *, loss_fn: Callable = cross_entropy, train: bool = True) -> Callable[[PyTree, Any], jax.Array]:
-    """``loss(params, batch)`` of a :class:`~mclandscape.models.base.Model` for :func:`neb`.
+    """``loss(params, batch)`` of a :class:`~mclandscape.models.base.Model` for :func:`neb`
+    (:func:`mclandscape.train.params_loss` with the per-example ``loss_fn``).
 
     ``batch`` is ``(x, y)`` or ``(x, y, key)`` (``key`` drives dropout). With ``train=True`` the network
     runs in train mode like a training step (BatchNorm on batch statistics, dropout when a key is given);
     with ``train=False`` in inference mode (models with BatchNorm then need train mode or recalibrated
     statistics, so ``train=False`` is refused for them).
     """
-    extra: dict = {}
     if model.has_batch_stats and not train:
         raise ValueError(f"model {model.name} has BatchNorm: NEB gradients use train mode (batch statistics); "
                          "pass train=True")
-
-    def loss(params, batch):
-        x, y = batch[0], batch[1]
-        key = batch[2] if len(batch) > 2 else None
-        variables = {"params": params}
-        if model.has_batch_stats:
-            if "batch_stats" not in extra:
-                shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])
-                extra["batch_stats"] = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
-                                                              shapes["batch_stats"])
-            variables["batch_stats"] = extra["batch_stats"]
-        rngs = {"dropout": key} if (train and key is not None) else None
-        logits = model.apply(variables, x, train=train, rngs=rngs)
-        return jnp.mean(loss_fn(logits, y))
-
-    return loss
+    return params_loss(model, None, loss=loss_fn, train=train)
 
 
 def model_batches(train_data, batch_size: int, *, seed: int = 0, augment: bool = False) -> Callable[[int], tuple]:
-    """``step -> (x, y, key)``: shuffled mini-batches (epoch after epoch) with a dropout key per step.
-
-    Steps must be requested in increasing order (as :func:`neb` does); a step out of order restarts its
-    epoch's iterator. Uses :func:`mclandscape.data.iterate_batches` with ``drop_last=True``.
-    """
-    from .data import iterate_batches
-
-    n = int(np.shape(train_data.x)[0])
-    per_epoch = n // batch_size
-    if per_epoch < 1:
-        raise ValueError(f"batch_size {batch_size} exceeds the {n} training examples")
-    state: dict = {"epoch": None, "it": None, "pos": 0}
-    base = jax.random.key(seed)
-
-    def get(step: int):
-        epoch, i = divmod(int(step), per_epoch)
-        if state["epoch"] != epoch or state["pos"] > i:
-            state.update(epoch=epoch, it=iterate_batches(train_data, batch_size, seed=seed, epoch=epoch, shuffle=True,
-                                                         augment=augment, drop_last=True), pos=0)
-        while True:
-            x, y = next(state["it"])
-            state["pos"] += 1
-            if state["pos"] - 1 == i:
-                break
-        return jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(base, step)
-
-    return get
+    """``step -> (x, y, key)``: shuffled mini-batches (epoch after epoch) with a dropout key per step
+    (:func:`mclandscape.train.batch_stream` with ``keys=True``; batch ``step`` depends only on ``step``)."""
+    return batch_stream(train_data, batch_size, seed=seed, augment=augment, keys=True)
 
 
 def model_profile(model, eval_data, *, bn_data=None, batch_size: int = 500, bn_batches: int | None = None,

@@ -53,6 +53,8 @@ __all__ = [
     "mse",
     "accuracy",
     "loss_function",
+    "params_loss",
+    "batch_stream",
     "make_schedule",
     "make_optimizer",
     "make_train_step",
@@ -82,6 +84,102 @@ def loss_function(name: str, label_smoothing: float = 0.0) -> Callable[[jax.Arra
     if name == "mse":
         return mse
     raise ValueError(f"unknown loss {name!r}; choose 'cross_entropy' or 'mse'")
+
+
+def _mse_onehot(out: jax.Array, y: jax.Array) -> jax.Array:
+    onehot = jax.nn.one_hot(y, out.shape[-1], dtype=out.dtype)
+    return jnp.sum((out - onehot) ** 2, axis=-1)
+
+
+def params_loss(model: Model, variables: PyTree | None = None, *, loss: str | Callable = "cross_entropy",
+                train: bool | None = None, l2: float = 0.0) -> Callable[[PyTree, tuple], jax.Array]:
+    """``loss(params, batch) -> mean loss`` of ``model`` as a function of its parameters alone: the one
+    "network on a batch" objective that the methods (Hessians, NEB, DSP-TT) differentiate.
+
+    ``batch`` is ``(x, y)`` or ``(x, y, key)``; ``key`` drives dropout in train mode. ``loss`` is
+    ``"cross_entropy"``, ``"mse"`` (squared error against targets of the outputs' shape), ``"mse_onehot"``
+    (squared error of the outputs against one-hot integer labels, summed over classes: finite minima on
+    separable data, where cross-entropy's infimum is at infinity) or a per-example ``(outputs, y) -> [N]``.
+    ``l2`` adds ``l2 / 2 * |params|^2``.
+
+    ``train`` (default: whether the model has BatchNorm) runs the network as a training step does
+    (BatchNorm on batch statistics, dropout when a key is given); ``train=False`` is inference, which needs
+    the running statistics of a BatchNorm model in ``variables`` (``ValueError`` otherwise). The other
+    collections of ``variables`` (``batch_stats``) are held fixed, never updated.
+    """
+    if isinstance(loss, str):
+        per_example = {"cross_entropy": cross_entropy, "mse": mse, "mse_onehot": _mse_onehot}.get(loss)
+        if per_example is None:
+            raise ValueError(f"loss must be 'cross_entropy', 'mse', 'mse_onehot' or a callable, got {loss!r}")
+    elif callable(loss):
+        per_example = loss
+    else:
+        raise ValueError(f"loss must be a string or a callable, got {loss!r}")
+    if isinstance(l2, bool) or not isinstance(l2, int | float) or not math.isfinite(l2) or l2 < 0:
+        raise ValueError(f"l2 must be >= 0 and finite, got {l2!r}")
+    if variables is not None and not hasattr(variables, "items"):
+        raise ValueError("variables must be a dict of collections (e.g. {'params': ..., 'batch_stats': ...})")
+    rest = {k: v for k, v in dict(variables or {}).items() if k != "params"}
+    train = model.has_batch_stats if train is None else bool(train)
+    if model.has_batch_stats and "batch_stats" not in rest:
+        if not train:
+            raise ValueError(f"model {model.name} has BatchNorm: inference mode (train=False) needs its running "
+                             "statistics in variables['batch_stats'], or use train=True (batch statistics)")
+        lazy: dict = {}
+    else:
+        lazy = None
+
+    def fn(params, batch):
+        if len(batch) not in (2, 3):
+            raise ValueError(f"batch must be (x, y) or (x, y, key), got a sequence of {len(batch)}")
+        x, y = batch[0], batch[1]
+        key = batch[2] if len(batch) == 3 else None
+        fixed = rest
+        if lazy is not None:  # train mode ignores the running statistics, but Flax needs the collection
+            if "batch_stats" not in lazy:
+                shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])
+                lazy["batch_stats"] = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
+                                                             shapes["batch_stats"])
+            fixed = rest | lazy
+        rngs = {"dropout": key} if (train and key is not None) else None
+        out = model.apply(fixed | {"params": params}, x, train=train, rngs=rngs)
+        value = jnp.mean(per_example(out, y))
+        if l2:
+            value = value + 0.5 * l2 * sum(jnp.vdot(a, a) for a in jax.tree_util.tree_leaves(params))
+        return value
+
+    return fn
+
+
+def batch_stream(ds: Dataset, batch_size: int, *, seed: int = 0, augment: bool = False,
+                 keys: bool = False) -> Callable[[int], tuple]:
+    """A resumable mini-batch stream ``t -> (x, y)`` (``(x, y, key)`` with ``keys=True``, the dropout key
+    ``fold_in(key(seed), t)``): epoch after epoch of :func:`mclandscape.data.iterate_batches` with
+    ``drop_last=True``, reshuffled per epoch. Batch ``t`` depends only on ``(seed, t)``, so a search resumed
+    at step ``t`` sees the batches an uninterrupted one would (the current epoch is cached on the host)."""
+    n = int(np.shape(ds.y)[0])
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} exceeds the dataset size {n}")
+    per_epoch = n // int(batch_size)
+    cache: dict = {}
+    base = jax.random.key(seed)
+
+    def get(t: int):
+        if int(t) < 0:
+            raise ValueError(f"batch index must be >= 0, got {t}")
+        epoch, j = divmod(int(t), per_epoch)
+        if cache.get("epoch") != epoch:
+            cache["epoch"] = epoch
+            cache["batches"] = [(jnp.asarray(x), jnp.asarray(y)) for x, y in
+                                iterate_batches(ds, int(batch_size), seed=seed, epoch=epoch, shuffle=True,
+                                                augment=augment, drop_last=True)]
+        x, y = cache["batches"][j]
+        return (x, y, jax.random.fold_in(base, int(t))) if keys else (x, y)
+
+    get.steps_per_epoch = per_epoch  # type: ignore[attr-defined]
+    return get
 
 
 # ----------------------------------------------------------------------------------------------------------

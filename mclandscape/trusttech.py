@@ -77,21 +77,25 @@ What this shows on the seed's wine MLP (one hidden layer of 5 units; ``experimen
   with ``rho_max`` from 0.005 to 0.05 no direction exited within 10,000 search steps.
 - The seed's integration (50,000 steps of 0.01, time 500) does not converge on that objective: its flattest
   curvature at the tier-0 optimum is ``4e-4``, and the end-point gradient norms stay at ``3e-3 .. 8e-3``.
-  Steps of 0.1 (stable: the largest curvature there is 4.9) until every gradient norm is below ``1e-5``
-  (about 120,000 steps) converge; steps of 0.05 for the same time give the same clusters and end points.
-- The path leaves the tier-0 optimum's stability region *in function space* between two sampled points
-  85-133 iterations after the EMA peak that the detector takes as the exit estimate (and before the
-  detector fires): points up to the crossing converge to the tier-0 function, points after it all to one
-  other optimum (higher loss, different outputs). Before the crossing the path already passes through the
-  stability regions of several *symmetric copies* of the tier-0 optimum — distinct parameters, identical
-  outputs — so in parameter space the points before the exit do not reach a single optimum, and the seed's
-  literal claim (every point before the loss peak to one optimum, every point after it to another) does not
-  hold: two points just past the peak still return to (copies of) the tier-0 optimum. The loss peak along a
-  calibrated path is an estimate of the boundary crossing, not the crossing itself.
-- This is one search, not a general law: with seed 1 none of the 5 directions exited in 10,000 steps, and
-  with seed 2 the one exit found led nowhere new — the flows from both sides of it ended near the tier-0
-  function (RMS output differences below 0.008, losses 0.00871-0.00878, gradient norms still up to 2e-4
-  after 150,000 steps of 0.1).
+  A gradient-norm criterion alone (``|grad| <= 1e-5``) is not convergence either: flows that met it were
+  still moving (an L-BFGS polish moved them by up to 3 parameter units on seed 2). :func:`verify_exit`
+  therefore integrates with steps of 0.1, finishes each flow with an L-BFGS polish (``polish_steps``) and
+  reports each end point as *settled* only when its gradient is small and it has stopped moving.
+- Apparent "different optima" in parameter space were symmetric copies: modulo the permutations and sign
+  flips of the 5 ``tanh`` units (:func:`mlp_symmetry_distance`, exact by assignment) every settled end point
+  before the exit lies at distance 0.0000 from the tier-0 optimum, and the symmetry-aware and function-space
+  clusterings agree; raw parameter clustering never separates.
+- Seeds 0-4 (``--verify-seeds``): seeds 1 and 4 find no exit (the loss keeps rising along all 5 directions;
+  neither a smaller ``rho_max`` nor 25,000 search steps changed that). Seed 0: the path leaves the tier-0
+  region at iteration 942/943 (located to one iteration by bisection with flows, the classical TRUST-TECH
+  refinement), 102.5 iterations after the EMA peak (840) and before the detector fires (1118); at that
+  measured crossing the points reach exactly two optima (losses 0.0087087 and 0.0166303), but at the EMA
+  peak the split fails (two points past the peak still return to tier-0). Seed 2: every flow on both sides
+  of its exit returns to the tier-0 optimum (that exit leads nowhere new). Seed 3: the path passes through
+  another optimum's region (loss 0.0125258) at iteration 585/586, 388 iterations *before* the EMA peak, and
+  re-enters a copy of tier-0 before the detector fires. So the seed's claim holds at the measured crossing on
+  1 of the 3 seeds with an exit and at the detector's estimate on none: the loss peak along a calibrated
+  path is an estimate of the boundary crossing, not the crossing itself.
 
 Losses are functions ``loss_fn(params, batch, rng) -> scalar``; :func:`model_loss_fn` builds one from a
 :class:`~mclandscape.models.base.Model` and :func:`dataset_batches` a resumable mini-batch stream.
@@ -1297,7 +1301,8 @@ def project(points: PyTree, origin: PyTree, basis: tuple[PyTree, PyTree], *, lea
 
 def model_loss_fn(model, variables: PyTree, *, train: bool | None = None, loss: str = "cross_entropy",
                   l2: float = 0.0) -> LossFn:
-    """``loss_fn(params, (x, y), rng)``: the mean loss of ``model`` with ``variables['params']`` replaced.
+    """``loss_fn(params, (x, y), rng)``: the mean loss of ``model`` with ``variables['params']`` replaced
+    (:func:`mclandscape.train.params_loss`, with ``rng`` as the dropout key).
 
     ``loss``: ``"cross_entropy"`` (softmax cross-entropy with integer labels) or ``"mse_onehot"`` (squared error
     of the outputs against one-hot targets, summed over classes and averaged over examples — a loss with
@@ -1305,56 +1310,24 @@ def model_loss_fn(model, variables: PyTree, *, train: bool | None = None, loss: 
     ``l2 / 2 * |params|^2`` (which also makes the minima isolated and finite). ``train`` (default: whether the
     model has BatchNorm) applies the model in train mode (batch statistics, dropout with
     ``rngs={'dropout': rng}``)."""
-    from .losses import cross_entropy
+    from .train import params_loss
 
     if loss not in ("cross_entropy", "mse_onehot"):
         raise ValueError(f"loss must be 'cross_entropy' or 'mse_onehot', got {loss!r}")
-    l2 = _check_real(l2, "l2")
-    if l2 < 0:
-        raise ValueError(f"l2 must be >= 0, got {l2}")
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    train = model.has_batch_stats if train is None else bool(train)
+    inner = params_loss(model, variables, loss=loss, train=train, l2=_check_real(l2, "l2"))
 
     def loss_fn(params, batch, rng):
-        x, y = batch[0], batch[1]
-        logits = model.apply(rest | {"params": params}, x, train=train,
-                             rngs={"dropout": rng} if train else None)
-        if loss == "cross_entropy":
-            value = jnp.mean(cross_entropy(logits, y))
-        else:
-            onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
-            value = jnp.mean(jnp.sum((logits - onehot) ** 2, axis=-1))
-        if l2:
-            value = value + 0.5 * l2 * tree_dot(params, params)
-        return value
+        return inner(params, (batch[0], batch[1], rng))
 
     return loss_fn
 
 
 def dataset_batches(ds, batch_size: int, *, seed: int = 0, augment: bool = False) -> BatchFn:
-    """A resumable mini-batch stream ``t -> (x, y)`` over epochs of ``ds`` (``mclandscape.data``
+    """A resumable mini-batch stream ``t -> (x, y)`` over epochs of ``ds`` (:func:`mclandscape.train.batch_stream`:
     ``iterate_batches`` with ``drop_last=True``, reshuffled per epoch): batch ``t`` depends only on ``t``."""
-    from .data import iterate_batches
+    from .train import batch_stream
 
-    n = len(ds.y)
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if batch_size > n:
-        raise ValueError(f"batch_size {batch_size} exceeds the dataset size {n}")
-    per_epoch = n // batch_size
-    cache: dict = {}
-
-    def batch_fn(t: int):
-        epoch, j = divmod(int(t), per_epoch)
-        if cache.get("epoch") != epoch:
-            cache["epoch"] = epoch
-            cache["batches"] = [(jnp.asarray(x), jnp.asarray(y)) for x, y in
-                                iterate_batches(ds, batch_size, seed=seed, epoch=epoch, shuffle=True,
-                                                augment=augment, drop_last=True)]
-        return cache["batches"][j]
-
-    batch_fn.steps_per_epoch = per_epoch  # type: ignore[attr-defined]
-    return batch_fn
+    return batch_stream(ds, batch_size, seed=seed, augment=augment)
 
 
 def full_batch(ds) -> BatchFn:
