@@ -448,6 +448,11 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     if plot_name is not None:
         plot_verification(ver, omega0, basis, os.path.join(out_dir, plot_name), exit_point=exit_point,
                           title=f"Exit-point verification (wine MLP, seed {seed})")
+        if crossing is not None and any(i < crossing[1] for i in ver.iterations) and \
+                any(i >= crossing[1] for i in ver.iterations):  # the same flows, split at the measured crossing
+            plot_verification(ver, omega0, basis, os.path.join(out_dir, plot_name.replace(".png", "_crossing.png")),
+                              exit_point=exit_point, split_at=crossing[1],
+                              title=f"Split at the measured crossing (wine MLP, seed {seed})")
         plot_search_trace(res.traces[e.direction], os.path.join(out_dir, plot_name.replace(".png", "_trace.png")),
                           exit=e, title=f"Full-batch DSP-TT on wine, seed {seed} (Figure 3a)")
     sol = res.solutions[res.exits.index(e)]

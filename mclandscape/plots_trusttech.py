@@ -48,13 +48,25 @@ def plot_search_trace(trace: dict, path: str, *, exit: ExitRecord | None = None,
 
 
 def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[PyTree, PyTree], path: str, *,
-                      exit_point: PyTree | None = None, title: str = "Exit-point verification") -> str:
+                      exit_point: PyTree | None = None, title: str = "Exit-point verification",
+                      split_at: int | None = None) -> str:
     """Seed 004 Figure 3c: gradient-descent trajectories from path points before (red) and after (blue) the
     exit, projected onto the two orthonormal directions ``basis`` around ``origin``; circles mark starts,
     stars end points (labelled with the optimum they reached: :attr:`VerificationResult.function_basin` when
     measured, else :attr:`VerificationResult.basin`; :attr:`VerificationResult.symmetry_basin` first when
     measured; 0 is the origin's optimum), ``X`` the exit point and a
-    square the tier-0 solution. Writes ``path``."""
+    square the tier-0 solution. "Before" is :attr:`VerificationResult.before` (the exit estimate), or, with
+    ``split_at``, path iterations ``< split_at`` (e.g. the measured crossing of the origin's stability
+    boundary), which must leave sampled points on both sides. Writes ``path``."""
+    its = list(result.iterations)
+    if split_at is None:
+        before_flags, names = list(result.before), ("before exit", "after exit")
+    else:
+        if not any(i < split_at for i in its) or not any(i >= split_at for i in its):
+            raise ValueError(f"split_at={split_at} leaves no sampled point on one side (iterations "
+                             f"{its[0]}..{its[-1]})")
+        before_flags = [i < split_at for i in its]
+        names = (f"before iteration {split_at}", f"from iteration {split_at}")
     traj = project(result.trajectories, origin, basis, leading=2)  # [P, T, 2]
     starts = project(result.starts, origin, basis, leading=1)  # [P, 2]
     finals = project(result.finals, origin, basis, leading=1)
@@ -69,9 +81,9 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
     ax.plot(starts[:, 0], starts[:, 1], color="0.4", lw=0.8, ls="--", label="search path")
     seen = set()
     for p in range(traj.shape[0]):
-        before = result.before[p]
+        before = before_flags[p]
         color = "C3" if before else "C0"
-        label = "before exit" if before else "after exit"
+        label = names[0] if before else names[1]
         xs = np.concatenate([starts[p, :1], traj[p, :, 0]])
         ys = np.concatenate([starts[p, 1:], traj[p, :, 1]])
         ax.plot(xs, ys, color=color, lw=0.9, alpha=0.8, label=None if label in seen else label)

@@ -450,9 +450,14 @@ def test_plots_write_files(tmp_path):
     basis = tt.random_orthonormal_pair(jax.random.key(1), ORIGIN2)
     f2 = pt.plot_verification(out, ORIGIN2, basis, str(tmp_path / "verify.png"),
                               exit_point=tt.tree_add(ORIGIN2, res.paths[0][-1][1]))
-    for f in (f1, f2):
+    its = out.iterations
+    mid = its[len(its) // 2]
+    f3 = pt.plot_verification(out, ORIGIN2, basis, str(tmp_path / "verify_split.png"), split_at=mid)
+    for f in (f1, f2, f3):
         with open(f, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="split_at"):
+        pt.plot_verification(out, ORIGIN2, basis, str(tmp_path / "bad.png"), split_at=its[-1] + 1)
     with pytest.raises(ValueError, match="empty"):
         pt.plot_search_trace({"iteration": [], "loss": [], "ema": []}, str(tmp_path / "x.png"))
 
