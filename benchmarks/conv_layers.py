@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import best_time
 
 from mclandscape.evaluate import resolve_compiler_options
 
@@ -38,15 +38,7 @@ DENSE = {"fc1": (1152, 1000), "fc2": (1000, 1000)}
 
 
 def timed_ms(fn, repeats: int, inner: int = 3) -> float:
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - t) / inner)
-    return round(best * 1e3, 2)
+    return round(best_time(fn, repeats, inner) * 1e3, 2)
 
 
 def conv(x, w, pad):

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import best_time
 
 from mclandscape import bezier_curve, bezier_surface, evaluate_points
 from mclandscape.bernstein import bernstein
@@ -83,16 +84,6 @@ TRAIN_PATHS = {"off[ynn]": ("off", None, None), "split4[ynn]": ("split", 4, None
 
 def load() -> float:
     return float(open("/proc/loadavg").read().split()[0]) if os.path.exists("/proc/loadavg") else float("nan")
-
-
-def timed_min(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def interleaved_min(fns: dict, repeats: int) -> dict:
@@ -407,8 +398,8 @@ def main() -> None:
         ts5 = np.linspace(0, 1, 5)
         f32 = evaluate_points(model, curve, ts5, (x, y), batch_size=args.batch)
         b16 = evaluate_points(model, curve, ts5, (x, y), batch_size=args.batch, compute_dtype="bfloat16")
-        t32 = timed_min(lambda: evaluate_points(model, curve, ts5, (x, y), batch_size=args.batch), 1) / 5
-        t16 = timed_min(lambda: evaluate_points(model, curve, ts5, (x, y), batch_size=args.batch,
+        t32 = best_time(lambda: evaluate_points(model, curve, ts5, (x, y), batch_size=args.batch), 1) / 5
+        t16 = best_time(lambda: evaluate_points(model, curve, ts5, (x, y), batch_size=args.batch,
                                                 compute_dtype="bfloat16"), 1) / 5
         print(json.dumps({**base, "case": "bf16_eval", "points": 5, "n": n_img,
                           "max_abs_loss_diff": float(np.max(np.abs(f32.loss - b16.loss))),

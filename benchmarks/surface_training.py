@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
+from timing import best_time
 
 from mclandscape.connector_train import make_connector_loss, uniform_sampler
 from mclandscape.connectors import bezier_surface
@@ -36,16 +36,6 @@ MODELS = {
     "mlp": dict(name="mlp", widths=(128, 128), num_classes=10),
     "simple_cnn": dict(name="simple_cnn", num_classes=10),
 }
-
-
-def _timed(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def bench(model_name: str, ks: list[int], batch_size: int, repeats: int) -> list[dict]:
@@ -82,7 +72,7 @@ def bench(model_name: str, ks: list[int], batch_size: int, repeats: int) -> list
                 (_, _), g = jax.value_and_grad(loss, has_aux=True)(control, (x, y), key)
                 return update(control, state, g)
 
-            times[f"vectorised_{strategy}"] = _timed(
+            times[f"vectorised_{strategy}"] = best_time(
                 lambda step=step: jax.block_until_ready(step(surf.control, opt_state, jax.random.key(0))), repeats)
 
         one = make_connector_loss(point_loss, surf, num_samples=1, sampler=uniform_sampler(2))
@@ -98,7 +88,7 @@ def bench(model_name: str, ks: list[int], batch_size: int, repeats: int) -> list
             acc = jax.tree_util.tree_map(lambda a: a / k, acc)
             return jax.block_until_ready(upd(surf.control, opt_state, acc))
 
-        times["one_at_a_time"] = _timed(loop_step, repeats)
+        times["one_at_a_time"] = best_time(loop_step, repeats)
         best_vec = min(v for w, v in times.items() if w.startswith("vectorised"))
         default = "vectorised_" + ("unroll" if jax.default_backend() == "cpu" else "vmap")
         for way, sec in times.items():

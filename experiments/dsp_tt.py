@@ -68,7 +68,7 @@ from mclandscape.evaluate import evaluate_params
 from mclandscape.models import canonical_name, get_model
 from mclandscape.plots_trusttech import plot_search_trace, plot_verification
 from mclandscape.train import TrainConfig, make_optimizer, train_many, train_model
-from mclandscape.tree import tree_add, tree_distance, tree_size, tree_stack
+from mclandscape.tree import tree_add, tree_distance, tree_index, tree_size, tree_stack
 
 # Seed 004 tables (CIFAR), reported next to our numbers for orientation.
 PAPER = {
@@ -456,30 +456,25 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
         plot_search_trace(res.traces[e.direction], os.path.join(out_dir, plot_name.replace(".png", "_trace.png")),
                           exit=e, title=f"Full-batch DSP-TT on wine, seed {seed} (Figure 3a)")
     sol = res.solutions[res.exits.index(e)]
-    member = lambda tree, p: jax.tree_util.tree_map(lambda v: v[p], tree)  # noqa: E731
     out.update({
         "exit": e.to_json(), "verification": ver.summary(), "scan": scan.summary(),
         "separates": ver.separates, "separates_functionally": sep_est["function"]["separates"],
         "separates_modulo_symmetry": sep_est["symmetry"]["separates"],
-        "distance_to_tier1_solution": [float(tree_distance(member(ver.finals, p), sol))
+        "distance_to_tier1_solution": [float(tree_distance(tree_index(ver.finals, p), sol))
                                        for p in range(len(ver.iterations))],
         "tier1_solution_loss": float(full(sol)),
         "trace_loss": res.traces[e.direction]["loss"],
     })
     fsep = sep_est["function"]
     if fsep["boundary"] is not None:  # the parameter-space picture of the two sides of the measured crossing
-        lo, hi = fsep["boundary"]
-        b = [p for p, i in enumerate(ver.iterations) if i <= lo]
-        a = [p for p, i in enumerate(ver.iterations) if i >= hi]
-        dist = ver.distances[1:, 1:]
-        pair_max = lambda idx: float(dist[np.ix_(idx, idx)].max()) if len(idx) > 1 else 0.0  # noqa: E731
+        hi = fsep["boundary"][1]  # consecutive sampled iterations: "< hi" is "<= lo"
+        psep = ver.separation("param", at=hi)
         out["param_space_at_function_boundary"] = {
-            "before_param_clusters": sorted({ver.basin[p] for p in b}),
-            "after_param_clusters": sorted({ver.basin[p] for p in a}),
-            "before_spread": pair_max(b), "after_spread": pair_max(a),
-            "between": float(dist[np.ix_(b, a)].min()),
-            "before_final_losses": [float(ver.final_losses[p]) for p in b],
-            "after_final_losses": [float(ver.final_losses[p]) for p in a]}
+            "before_param_clusters": psep["before_clusters"], "after_param_clusters": psep["after_clusters"],
+            "before_spread": psep["before_spread"], "after_spread": psep["after_spread"],
+            "between": psep["between"],
+            "before_final_losses": [float(v) for v, i in zip(ver.final_losses, ver.iterations, strict=True) if i < hi],
+            "after_final_losses": [float(v) for v, i in zip(ver.final_losses, ver.iterations, strict=True) if i >= hi]}
     if paper_check:
         paper = tt.verify_exit(full, omega0, window, e.peak_iteration, step_size=0.01, steps=50_000,
                                record_every=500, num_points=args.verify_points, outputs_fn=outputs)

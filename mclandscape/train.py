@@ -43,6 +43,7 @@ from mclandscape.checkpoint import CheckpointStore
 from mclandscape.data import Dataset, iterate_batches, num_batches
 from mclandscape.losses import accuracy, cross_entropy, mse
 from mclandscape.models.base import Model
+from mclandscape.tree import tree_dot
 
 PyTree = Any
 
@@ -145,7 +146,7 @@ def params_loss(model: Model, variables: PyTree | None = None, *, loss: str | Ca
         out = model.apply(fixed | {"params": params}, x, train=train, rngs=rngs)
         value = jnp.mean(per_example(out, y))
         if l2:
-            value = value + 0.5 * l2 * sum(jnp.vdot(a, a) for a in jax.tree_util.tree_leaves(params))
+            value = value + 0.5 * l2 * tree_dot(params, params)
         return value
 
     return fn

@@ -125,12 +125,14 @@ from .tree import (
     tree_cosine,
     tree_distance,
     tree_dot,
+    tree_index,
     tree_norm,
     tree_random_normal,
     tree_ravel,
     tree_scale,
     tree_stack,
     tree_sub,
+    tree_unstack,
 )
 
 __all__ = [
@@ -856,6 +858,16 @@ def _max_pairwise(dist: np.ndarray, idx: list[int]) -> float:
     return float(dist[np.ix_(idx, idx)].max())
 
 
+def _two_sides(dist: np.ndarray, b: list[int], a: list[int]) -> dict:
+    """Spreads of two groups of end points, the smallest distance between them and ``ratio = between /
+    max(spreads)`` (``inf`` when both spreads are 0; ``between`` and ``ratio`` ``None`` if a group is empty)."""
+    sb, sa = _max_pairwise(dist, b), _max_pairwise(dist, a)
+    between = float(dist[np.ix_(b, a)].min()) if b and a else None
+    spread = max(sb, sa)
+    ratio = None if between is None else (float("inf") if spread == 0 else between / spread)
+    return {"before_spread": sb, "after_spread": sa, "between": between, "ratio": ratio}
+
+
 @dataclasses.dataclass(frozen=True)
 class VerificationResult:
     """Gradient-descent integration from points along a search path near its exit (seed 004 §5.1).
@@ -986,10 +998,7 @@ class VerificationResult:
         b = [p for p, bf in enumerate(before) if bf]
         a = [p for p, bf in enumerate(before) if not bf]
         lb, la = sorted({labels[p] for p in b}), sorted({labels[p] for p in a})
-        sb, sa = _max_pairwise(dist, b), _max_pairwise(dist, a)
-        between = float(dist[np.ix_(b, a)].min()) if b and a else None
-        spread = max(sb, sa)
-        ratio = None if between is None else (float("inf") if spread == 0 else between / spread)
+        sides = _two_sides(dist, b, a)
         its = self.iterations
         transitions = [(its[p], its[p + 1]) for p in range(len(its) - 1) if labels[p] != labels[p + 1]]
         boundary = offset = groups = None
@@ -1000,14 +1009,9 @@ class VerificationResult:
             boundary = (its[p], its[p + 1])
             offset = 0.5 * (its[p] + its[p + 1]) - split
             at_boundary = all(lab == 0 for lab in labels[:p + 1]) and len(set(labels[p + 1:])) == 1
-            gb, ga = list(range(p + 1)), list(range(p + 1, len(its)))
-            s_b, s_a = _max_pairwise(dist, gb), _max_pairwise(dist, ga)
-            btw = float(dist[np.ix_(gb, ga)].min())
-            groups = {"before_spread": s_b, "after_spread": s_a, "between": btw,
-                      "ratio": float("inf") if max(s_b, s_a) == 0 else btw / max(s_b, s_a)}
+            groups = _two_sides(dist, list(range(p + 1)), list(range(p + 1, len(its))))
         return {
-            "space": space, "before_clusters": lb, "after_clusters": la,
-            "before_spread": sb, "after_spread": sa, "between": between, "ratio": ratio,
+            "space": space, "before_clusters": lb, "after_clusters": la, **sides,
             "separates": bool(len(lb) == 1 and len(la) == 1 and lb != la),
             "disjoint": bool(b and a and not set(lb) & set(la)),
             "leaves_origin": bool(b and a and lb == [0] and 0 not in la),
@@ -1177,17 +1181,15 @@ def verify_exit(
     basin = _leader_clusters(dist, float(tol))[1:]
     sdist = stol = sbasin = None
     if symmetry_distance is not None:
-        host = jax.device_get(ws)
-        one = lambda tree, j: jax.tree_util.tree_map(lambda x: np.asarray(x[j]), tree)  # noqa: E731
-        ends = [one(host, j) for j in range(flat.shape[0])]
+        ends = tree_unstack(jax.device_get(ws))
         sdist = np.zeros((len(ends), len(ends)))
         for j in range(len(ends)):
             for k in range(j + 1, len(ends)):
                 sdist[j, k] = sdist[k, j] = float(symmetry_distance(ends[j], ends[k]))
         stol = symmetry_tol
         if stol is None:
-            host_starts = jax.device_get(starts)
-            far = max(float(symmetry_distance(one(host_starts, j), ends[0])) for j in range(1, len(ends)))
+            host_starts = tree_unstack(jax.device_get(starts))
+            far = max(float(symmetry_distance(host_starts[j], ends[0])) for j in range(1, len(ends)))
             stol = max(1e-2 * far, 1e-6)
         sbasin = _leader_clusters(sdist, float(stol))[1:]
     fdist = ftol = fbasin = None
@@ -1199,7 +1201,7 @@ def verify_exit(
             outs0 = np.asarray(jax.vmap(outputs_fn)(starts), dtype=np.float64).reshape(flat.shape[0], -1)
             ftol = max(1e-2 * float(np.sqrt(np.mean((outs0[1:] - outs[0]) ** 2, axis=1)).max()), 1e-9)
         fbasin = _leader_clusters(fdist, float(ftol))[1:]
-    take = lambda tree, s: jax.tree_util.tree_map(lambda x: x[s], tree)  # noqa: E731
+    take = tree_index
     return VerificationResult(
         iterations=iterations, before=[i < exit_iteration for i in iterations], exit_iteration=int(exit_iteration),
         starts=take(starts, slice(1, None)), finals=take(ws, slice(1, None)),

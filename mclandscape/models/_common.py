@@ -24,6 +24,14 @@ ACTIVATIONS = {
 he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def bias_free_conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+    """Square ``kernel`` convolution with "same" padding, no bias (a BatchNorm follows) and He-normal fan-out
+    init, through :func:`small_map_conv`: the convolutions of the zoo's ResNets and DenseNets."""
+    pad = (kernel - 1) // 2
+    return nn.Conv(features, (kernel, kernel), strides=stride, padding=pad, use_bias=False,
+                   kernel_init=he_normal_fan_out, conv_general_dilated=small_map_conv, name=name)
+
+
 def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                    dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                    preferred_element_type=None):

@@ -23,15 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mclandscape.models._common import as_image, batch_norm, he_normal_fan_out, small_map_conv
+from mclandscape.models._common import as_image, batch_norm
+from mclandscape.models._common import bias_free_conv as _conv
 
 __all__ = ["DenseNet", "avg_pool", "densenet_layers", "transition_channels"]
-
-
-def _conv(features: int, kernel: int, name: str | None = None) -> nn.Conv:
-    pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), strides=1, padding=pad, use_bias=False,
-                   kernel_init=he_normal_fan_out, conv_general_dilated=small_map_conv, name=name)
 
 
 def densenet_layers(depth: int) -> int:

@@ -15,13 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mclandscape.models._common import as_image, batch_norm, he_normal_fan_out, small_map_conv
-
-
-def _conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
-    pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), strides=stride, padding=pad, use_bias=False,
-                   kernel_init=he_normal_fan_out, conv_general_dilated=small_map_conv, name=name)
+from mclandscape.models._common import as_image, batch_norm
+from mclandscape.models._common import bias_free_conv as _conv
 
 
 class BasicBlock(nn.Module):
