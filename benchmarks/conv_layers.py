@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from timing import best_time
 
-from mclandscape.evaluate import resolve_compiler_options
+from mclandscape.engine.evaluate import resolve_compiler_options
 
 try:  # optional reference
     import torch

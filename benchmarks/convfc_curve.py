@@ -50,15 +50,15 @@ import optax
 from timing import best_time
 
 from mclandscape import bezier_curve, bezier_surface, evaluate_points
-from mclandscape.bernstein import bernstein
-from mclandscape.connector_train import (
+from mclandscape.core.bernstein import bernstein
+from mclandscape.engine.connector_train import (
     make_connector_loss,
     make_connector_step,
     model_point_loss,
     resolve_train_stem,
     uniform_sampler,
 )
-from mclandscape.models import get_model
+from mclandscape.engine.models import get_model
 
 try:  # optional reference
     import torch
@@ -151,7 +151,7 @@ def torch_layers(arch: str, params) -> list:
         for name in ("fc1", "head"):
             out.append(("fc", np.asarray(params[name]["kernel"]).T, np.asarray(params[name]["bias"])))
     else:
-        from mclandscape.models.vgg import VGG16_CFG
+        from mclandscape.engine.models.vgg import VGG16_CFG
 
         i = 0
         for v in VGG16_CFG:
@@ -412,7 +412,7 @@ def main() -> None:
     # ---- which XLA CPU library paths are taken ----
     if "xla" not in skip:
         xb, yb = jnp.asarray(x[: args.batch]), jnp.asarray(y[: args.batch])
-        from mclandscape.evaluate import default_compiler_options
+        from mclandscape.engine.evaluate import default_compiler_options
 
         opts = default_compiler_options()
         fwd_ynn = jax.jit(lambda p, v: model.apply({"params": p}, v)).lower(ctrl[0], xb).compile().as_text()

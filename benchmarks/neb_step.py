@@ -2,7 +2,7 @@
 
 For each model (digits 8×8: the 64-32-10 MLP and the small CNN of ``experiments/curves_neb``; add
 ``--models vgg16,resnet20`` on a GPU with CIFAR-sized random inputs) and band size N, one JSON line per
-strategy of :func:`mclandscape.neb.make_neb_step`:
+strategy of :func:`mclandscape.methods.neb.make_neb_step`:
 
 - ``loop``: a Python loop over the N-2 inner pivots calling one jitted value-and-grad (Draxler's
   ``torch_autoneb`` evaluates pivots one after another), then the jitted force/update;
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mclandscape import neb as N
-from mclandscape.models import get_model
+from mclandscape.engine.models import get_model
+from mclandscape.methods import neb as N
 
 MODELS = {
     "mlp": ("mlp", {"widths": [32]}, (8, 8, 1)),

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mclandscape import bezier_surface, evaluate_points
-from mclandscape.data import load_dataset
-from mclandscape.models import get_model
+from mclandscape.engine.data import load_dataset
+from mclandscape.engine.models import get_model
 
 MODELS = {
     "mlp": dict(name="mlp", widths=(128, 128), num_classes=10),  # 64-128-128-10 on digits

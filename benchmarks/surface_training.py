@@ -4,7 +4,7 @@ For each model and k in {1, 8, 80} (the paper samples 80 points per batch) it ti
 of a 3x3-control surface on a batch of digits — k points formed from the control points, k forward and
 backward passes, one SGD update of the trainable control points — three ways:
 
-- ``vectorised``: the connector trainer's loss (:func:`mclandscape.connector_train.make_connector_loss`) with
+- ``vectorised``: the connector trainer's loss (:func:`mclandscape.engine.connector_train.make_connector_loss`) with
   all k points in one jitted step, ``strategy="unroll"`` (the k points written out one after another: the
   trainer's CPU default), ``"map"`` (``jax.lax.map``) and ``"vmap"`` (the default elsewhere);
 - ``one_at_a_time``: one jitted single-point value-and-gradient called k times from Python, gradients summed
@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import optax
 from timing import best_time
 
-from mclandscape.connector_train import make_connector_loss, uniform_sampler
-from mclandscape.connectors import bezier_surface
-from mclandscape.data import load_dataset
-from mclandscape.losses import cross_entropy
-from mclandscape.models import get_model
+from mclandscape.core.connectors import bezier_surface
+from mclandscape.core.losses import cross_entropy
+from mclandscape.engine.connector_train import make_connector_loss, uniform_sampler
+from mclandscape.engine.data import load_dataset
+from mclandscape.engine.models import get_model
 
 MODELS = {
     "mlp": dict(name="mlp", widths=(128, 128), num_classes=10),

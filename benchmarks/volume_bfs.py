@@ -27,14 +27,14 @@ import tracemalloc
 import jax
 import jax.numpy as jnp
 
-from mclandscape import volume as V
-from mclandscape.data import load_dataset
-from mclandscape.models import get_model
+from mclandscape.engine.data import load_dataset
+from mclandscape.engine.models import get_model
+from mclandscape.methods import volume as V
 
 
 def iris_flat(seed: int = 0, epochs: int = 1000):
     """Four Iris minima (``train_many``, full-batch Adam) and the 3-D QR flat through them."""
-    from mclandscape.train import TrainConfig, train_many
+    from mclandscape.engine.train import TrainConfig, train_many
 
     train = load_dataset("iris", "train")
     model = get_model("mlp", widths=[8], num_classes=3)

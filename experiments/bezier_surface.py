@@ -2,7 +2,7 @@
 
 Steps (each writes its part of ``<out>/results.json``; figures are PNGs in ``<out>``):
 
-1. Four corner models trained independently (seeds ``seed .. seed+3``, :func:`mclandscape.train.train_many`);
+1. Four corner models trained independently (seeds ``seed .. seed+3``, :func:`mclandscape.engine.train.train_many`);
    seed ``seed``'s run also keeps snapshots at ``--trajectory-epochs`` (A.2/A.3 trajectory corners).
 2. §4.1 / Figure 3: the linear triangle ``alpha1 theta1 + alpha2 theta2 + alpha3 theta3`` of three corners
    (step ``1/(triangle_steps-1)``), test accuracy and loss; ``triangle.png``.
@@ -51,12 +51,12 @@ import time
 import jax
 import numpy as np
 
-from mclandscape import plots
-from mclandscape import surface as S
-from mclandscape.connectors import bezier_surface
-from mclandscape.data import DatasetNotFoundError, load_dataset
-from mclandscape.models import get_model
-from mclandscape.train import TrainConfig, train_many
+from mclandscape.core.connectors import bezier_surface
+from mclandscape.engine.data import DatasetNotFoundError, load_dataset
+from mclandscape.engine.models import get_model
+from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.methods import surface as S
+from mclandscape.plots import surface as plots
 
 # The paper's figures (fractions), for the README table next to ours.
 PAPER = {

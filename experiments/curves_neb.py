@@ -42,13 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mclandscape import curves as C
-from mclandscape import neb as N
-from mclandscape.data import load_dataset
-from mclandscape.models import get_model
-from mclandscape.plots_paths import plot_band_2d, plot_path_profiles
-from mclandscape.train import TrainConfig, train_many
-from mclandscape.tree import tree_distance
+from mclandscape.core.tree import tree_distance
+from mclandscape.engine.data import load_dataset
+from mclandscape.engine.models import get_model
+from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.methods import curves as C
+from mclandscape.methods import neb as N
+from mclandscape.plots.paths import plot_band_2d, plot_path_profiles
 
 # Per dataset and model: architecture, endpoint training, curve training, NEB settings.
 PRESETS: dict[str, dict[str, dict]] = {

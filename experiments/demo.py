@@ -21,10 +21,11 @@ import time
 
 import numpy as np
 
-from mclandscape import bilinear_surface, evaluate_points, plots, uv_grid
-from mclandscape.data import load_dataset
-from mclandscape.models import get_model
-from mclandscape.train import TrainConfig, train_many
+from mclandscape import bilinear_surface, evaluate_points, uv_grid
+from mclandscape.engine.data import load_dataset
+from mclandscape.engine.models import get_model
+from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.plots import surface as plots
 
 HEADLINE = ("avg_corner_acc", "avg_surface_acc_before", "avg_surface_acc_after", "merge_acc", "best_surface_acc",
             "corner_ensemble_acc", "surface_ensemble_acc", "avg_surface_loss_before", "avg_surface_loss_after",

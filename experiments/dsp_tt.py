@@ -5,7 +5,7 @@ verification.
 Offline default: a small CNN on scikit-learn digits (8x8). Steps:
 
 1. tier-0: SGD (momentum 0.9, weight decay, cosine schedule) for ``--epochs`` epochs (train_model);
-2. DSP-TT (seed 004 Algorithm 1, eq. 3 in the "additive" reading, see :mod:`mclandscape.trusttech`):
+2. DSP-TT (seed 004 Algorithm 1, eq. 3 in the "additive" reading, see :mod:`mclandscape.methods.trusttech`):
    ``--directions`` (5) search directions from tier-0, rho1 growing by ``--rho1-increment`` (0.001) per
    iteration up to ``--rho-max``, rho2 = ``--rho2-fraction`` (0.1) x the tier-0 learning rate, exit detection
    on mini-batch losses (EMA + up/down buffer); from each exit the local solver (the tier-0 recipe shortened
@@ -22,7 +22,7 @@ Offline default: a small CNN on scikit-learn digits (8x8). Steps:
    is below ``--verify-grad-tol`` 1e-5, at most ``--verify-steps``; the seed's 50,000 steps of 0.01 do not
    converge on this objective and are reported alongside) from points along the search path around the
    exit, the optimum each reaches measured in parameter and function space, and the projection onto two
-   random orthogonal directions (see :mod:`mclandscape.trusttech` for the measured findings).
+   random orthogonal directions (see :mod:`mclandscape.methods.trusttech` for the measured findings).
 
 Budgets ("equal budget", Tables 2-3) are counted in epochs-equivalent gradient steps: DSP-TT-0-1 costs the
 tier-0 epochs plus its search steps and local-solver steps; that total ``B`` (rounded up) is the budget of
@@ -61,14 +61,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mclandscape import ensemble as ens
-from mclandscape import trusttech as tt
-from mclandscape.data import DatasetNotFoundError, load_dataset, num_batches
-from mclandscape.evaluate import evaluate_params
-from mclandscape.models import canonical_name, get_model
-from mclandscape.plots_trusttech import plot_search_trace, plot_verification
-from mclandscape.train import TrainConfig, make_optimizer, train_many, train_model
-from mclandscape.tree import tree_add, tree_distance, tree_index, tree_size, tree_stack
+from mclandscape.core.tree import tree_add, tree_distance, tree_index, tree_size, tree_stack
+from mclandscape.engine.data import DatasetNotFoundError, load_dataset, num_batches
+from mclandscape.engine.evaluate import evaluate_params
+from mclandscape.engine.models import canonical_name, get_model
+from mclandscape.engine.train import TrainConfig, make_optimizer, train_many, train_model
+from mclandscape.methods import ensemble as ens
+from mclandscape.methods import trusttech as tt
+from mclandscape.plots.trusttech import plot_search_trace, plot_verification
 
 # Seed 004 tables (CIFAR), reported next to our numbers for orientation.
 PAPER = {
@@ -500,9 +500,9 @@ def run_verification(args, out_dir: str) -> dict:
     Per seed with an exit: every flow is gradient descent (``--verify-step``, at most ``--verify-steps``, until
     all gradient norms are below ``--verify-grad-tol``) finished by an L-BFGS polish (``--verify-polish``
     iterations, to ``--verify-polish-tol``), and convergence is also judged by the end points stopping to move
-    (:attr:`mclandscape.trusttech.VerificationResult.settled`). Which optimum each end point reached is measured
+    (:attr:`mclandscape.methods.trusttech.VerificationResult.settled`). Which optimum each end point reached is measured
     in parameter space, in function space and modulo the network's symmetries
-    (:func:`mclandscape.trusttech.mlp_symmetry_distance`: permutations and sign flips of the ``tanh`` units).
+    (:func:`mclandscape.methods.trusttech.mlp_symmetry_distance`: permutations and sign flips of the ``tanh`` units).
     Three sets of flows: a *scan* of the whole path (``--verify-scan-points`` points from iteration 1 to the
     detected exit: the sequence of optima along it); the seed's *window* (``--verify-points`` points from 0.7 x
     the EMA peak to the detected exit: Figure 3c, the seed's claim tested at the EMA-peak exit estimate); and a

@@ -2,7 +2,7 @@
 classifier study with Hessian eigenvalues and Li et al. loss curves.
 
 Part 1, simulations (supplement section C, exact functions/optimisers/learning rates/initial points; see
-:mod:`mclandscape.simulated` for the slips of the printed formulas):
+:mod:`mclandscape.methods.simulated` for the slips of the printed formulas):
 
 - Figure 1: GDM (lr 0.02, momentum 0.9, 400 steps) from (−9.5, −10), original vs AP(10, 1, 1, 1);
 - Figure 4: GD (lr 0.2, ×0.1 at steps 150 and 225, 300 steps) from ``--sim-rounds`` random points of
@@ -43,9 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mclandscape.curvature import top_hessian_eigenvalues
-from mclandscape.data import DatasetNotFoundError, iterate_batches, load_dataset, num_batches
-from mclandscape.deform import (
+from mclandscape.engine.data import DatasetNotFoundError, iterate_batches, load_dataset, num_batches
+from mclandscape.engine.models import get_model
+from mclandscape.engine.train import TrainConfig, cross_entropy, make_optimizer
+from mclandscape.methods.curvature import top_hessian_eigenvalues
+from mclandscape.methods.deform import (
     AP,
     LE,
     TABLE1_VDMS,
@@ -57,16 +59,8 @@ from mclandscape.deform import (
     scale_by_vdm,
     vdm_loss,
 )
-from mclandscape.directions import loss_curve, loss_plane, random_direction, random_directions
-from mclandscape.models import get_model
-from mclandscape.plots_landscape import (
-    contour_plot,
-    eigenvalue_plot,
-    loss_curves_plot,
-    surface_plot,
-    trajectory_panels,
-)
-from mclandscape.simulated import (
+from mclandscape.methods.directions import loss_curve, loss_plane, random_direction, random_directions
+from mclandscape.methods.simulated import (
     FIG1_SETTINGS,
     FIG4_PRINTED_CONSTANT,
     FIG4_SETTINGS,
@@ -79,7 +73,13 @@ from mclandscape.simulated import (
     fig7_printed_vdm,
     run_simulation,
 )
-from mclandscape.train import TrainConfig, cross_entropy, make_optimizer
+from mclandscape.plots.landscape import (
+    contour_plot,
+    eigenvalue_plot,
+    loss_curves_plot,
+    surface_plot,
+    trajectory_panels,
+)
 
 # Seed 003 Table 1 (ResNet-20, CIFAR-100, top-1 %), for side-by-side reporting.
 PAPER_TABLE1 = {

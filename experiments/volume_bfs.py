@@ -37,12 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mclandscape import volume as V
-from mclandscape.data import load_dataset
-from mclandscape.losses import accuracy, cross_entropy, mse
-from mclandscape.models import get_model
-from mclandscape.plots_volume import plot_h_mean, plot_h_panels
-from mclandscape.train import TrainConfig, train_many
+from mclandscape.core.losses import accuracy, cross_entropy, mse
+from mclandscape.engine.data import load_dataset
+from mclandscape.engine.models import get_model
+from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.methods import volume as V
+from mclandscape.plots.volume import plot_h_mean, plot_h_panels
 
 ALL_SETTINGS = ("synthetic", "iris2d", "iris3d", "minima", "basis", "distance")
 

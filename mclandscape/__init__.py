@@ -1,62 +1,61 @@
 """mclandscape: the geometry of neural-network loss landscapes in JAX.
 
-Layers (never importing upwards): core (``tree``, ``bernstein``, ``connectors``, ``losses``) -> engines
-(``models``, ``data``, ``train``, ``checkpoint``, ``evaluate``, ``connector_train``) -> methods (``surface``,
-``curves``, ``neb``, ``volume``, ``deform``, ``curvature``, ``directions``, ``trusttech``, ``ensemble``) ->
-``experiments/``. Every submodule is importable as ``mclandscape.<name>``; the names most scripts need
-are re-exported here.
+Layers, each a subpackage that never imports from a layer above it:
+
+- ``mclandscape.core``: pytree algebra (``tree``), Bernstein polynomials, connectors, losses;
+- ``mclandscape.engine``: models, data, the evaluator, the training loop, checkpoints;
+- ``mclandscape.methods``: surfaces, curves, NEB, volumes, deformations, curvature, directions, TRUST-TECH,
+  ensembles;
+- ``mclandscape.plots``: matplotlib figures (imported on first use of ``mclandscape.plots``).
+
+The names most scripts need are re-exported here.
 """
 
-from . import (
-    bernstein,
-    checkpoint,
-    connector_train,
-    connectors,
-    curvature,
-    curves,
-    data,
-    deform,
-    directions,
-    ensemble,
-    evaluate,
-    losses,
-    models,
-    neb,
-    surface,
-    train,
-    tree,
-    trusttech,
-    volume,
+
+from mclandscape import core, engine, methods
+from mclandscape.core.bernstein import bernstein as bernstein_basis
+from mclandscape.core.bernstein import bernstein_derivative
+from mclandscape.core.connectors import Connector, bezier_curve, bezier_surface, bilinear_surface, polychain, simplex
+from mclandscape.core.losses import accuracy, cross_entropy
+from mclandscape.core.tree import TreeMismatchError, check_same_structure
+from mclandscape.engine.checkpoint import latest_step, load_model, restore_checkpoint, save_checkpoint
+from mclandscape.engine.connector_train import ConnectorTrainResult, fit_connector, train_connector
+from mclandscape.engine.data import Dataset, iterate_batches, load_dataset
+from mclandscape.engine.evaluate import PointMetrics, evaluate_params, evaluate_points, recalibrate_bn, uv_grid
+from mclandscape.engine.models import Model, canonical_name, from_flax, get_model, list_models
+from mclandscape.engine.train import TrainConfig, batch_stream, params_loss, train_many, train_model
+from mclandscape.methods.curvature import dense_hessian, hutchinson_trace, hvp, lanczos, power_iteration
+from mclandscape.methods.curves import curve_length, evaluate_curve, evaluate_path, loss_barrier, train_curve
+from mclandscape.methods.deform import AP, LE, Identity, Squared, custom_vdm, scale_by_vdm, vdm_loss
+from mclandscape.methods.directions import loss_curve, loss_plane, random_direction, random_directions
+from mclandscape.methods.ensemble import ensemble_from_params, ensemble_from_probs, member_probs
+from mclandscape.methods.neb import NEBConfig, auto_neb, evaluate_band
+from mclandscape.methods.neb import neb as nudged_elastic_band
+from mclandscape.methods.surface import evaluate_triangle, merge_best, surface_ensembles, surface_grid, train_surface
+from mclandscape.methods.trusttech import (
+    DSPConfig,
+    VerificationResult,
+    dsp_search,
+    mlp_symmetry_distance,
+    tier_by_tier,
+    verify_exit,
 )
-from .bernstein import bernstein as bernstein_basis
-from .bernstein import bernstein_derivative
-from .checkpoint import latest_step, load_model, restore_checkpoint, save_checkpoint
-from .connector_train import ConnectorTrainResult, fit_connector, train_connector
-from .connectors import Connector, bezier_curve, bezier_surface, bilinear_surface, polychain, simplex
-from .curvature import dense_hessian, hutchinson_trace, hvp, lanczos, power_iteration
-from .curves import curve_length, evaluate_curve, evaluate_path, loss_barrier, train_curve
-from .data import Dataset, iterate_batches, load_dataset
-from .deform import AP, LE, Identity, Squared, custom_vdm, scale_by_vdm, vdm_loss
-from .directions import loss_curve, loss_plane, random_direction, random_directions
-from .ensemble import ensemble_from_params, ensemble_from_probs, member_probs
-from .evaluate import PointMetrics, evaluate_params, evaluate_points, recalibrate_bn, uv_grid
-from .losses import accuracy, cross_entropy
-from .models import Model, canonical_name, from_flax, get_model, list_models
-from .neb import NEBConfig, auto_neb, evaluate_band
-from .neb import neb as nudged_elastic_band
-from .surface import evaluate_triangle, merge_best, surface_ensembles, surface_grid, train_surface
-from .train import TrainConfig, batch_stream, params_loss, train_many, train_model
-from .tree import TreeMismatchError, check_same_structure
-from .trusttech import DSPConfig, VerificationResult, dsp_search, mlp_symmetry_distance, tier_by_tier, verify_exit
-from .volume import flat_from_minima, full_space_flat, grid_traversal, h_sweep
+from mclandscape.methods.volume import flat_from_minima, full_space_flat, grid_traversal, h_sweep
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # matplotlib is imported only when plots are asked for
+    if name == "plots":
+        import importlib
+
+        return importlib.import_module("mclandscape.plots")
+    raise AttributeError(f"module 'mclandscape' has no attribute {name!r}")
+
 __all__ = [
-    # submodules
-    "bernstein", "checkpoint", "connector_train", "connectors", "curvature", "curves", "data", "deform",
-    "directions", "ensemble", "evaluate", "losses", "models", "neb", "surface", "train", "tree", "trusttech",
-    "volume",
+    # subpackages
+    "core", "engine", "methods", "plots",
     # core
     "bernstein_basis", "bernstein_derivative", "Connector", "bezier_curve", "bezier_surface",
     "bilinear_surface", "polychain", "simplex", "TreeMismatchError", "check_same_structure",

@@ -5,10 +5,10 @@ Data
 - ``iris_train`` / ``iris_test``: standardised iris features, 120 / 30 examples, 3 classes.
 
 Models and training (MLP 64-64-10 on digits: 4 810 parameters, about 97 % test accuracy)
-- ``digits_mlp``: the :class:`~mclandscape.models.Model` (``get_model("mlp", widths=[64], num_classes=10)``).
-- ``digits_config``: its :class:`~mclandscape.train.TrainConfig` (Adam 1e-3, batch 64, 20 epochs).
+- ``digits_mlp``: the :class:`~mclandscape.engine.models.Model` (``get_model("mlp", widths=[64], num_classes=10)``).
+- ``digits_config``: its :class:`~mclandscape.engine.train.TrainConfig` (Adam 1e-3, batch 64, 20 epochs).
 - ``digits_corners``: four independently trained endpoints (seeds 0, 1, 2, 3) as a list of
-  :class:`~mclandscape.train.TrainResult`; ``[r.variables for r in digits_corners]`` are the corners of a
+  :class:`~mclandscape.engine.train.TrainResult`; ``[r.variables for r in digits_corners]`` are the corners of a
   surface (seed 000 §4.2).
 - ``trained_mlp``: ``digits_corners[0]``.
 - ``digits_trajectory``: one run (seed 10) with snapshots kept at epochs 14, 16, 18, 20 — the
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import pytest
 
-from mclandscape.data import load_dataset
-from mclandscape.models import get_model
-from mclandscape.train import TrainConfig, train_many, train_model
+from mclandscape.engine.data import load_dataset
+from mclandscape.engine.models import get_model
+from mclandscape.engine.train import TrainConfig, train_many, train_model
 
 
 @pytest.fixture(scope="session")

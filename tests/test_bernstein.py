@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mclandscape.bernstein import bernstein, bernstein_derivative, check_unit_interval, elevation_matrix
+from mclandscape.core.bernstein import bernstein, bernstein_derivative, check_unit_interval, elevation_matrix
 
 
 @pytest.mark.parametrize("n", range(1, 7))

@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from mclandscape.checkpoint import (
+from mclandscape.core.tree import TreeMismatchError
+from mclandscape.engine.checkpoint import (
     CheckpointError,
     CheckpointStore,
     all_steps,
@@ -23,8 +24,7 @@ from mclandscape.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from mclandscape.models import get_model
-from mclandscape.tree import TreeMismatchError
+from mclandscape.engine.models import get_model
 
 # orbax leaves an asyncio callback behind when a damaged checkpoint fails to load; harmless
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -147,7 +147,7 @@ def test_corrupt_checkpoints_raise_clear_errors(tmp_path, state, damage):
 def test_silent_bit_flip_is_caught_by_the_crc(tmp_path, monkeypatch, state):
     """Damage that the storage layer cannot see (a changed value) fails the CRC-32 check."""
     save_checkpoint(tmp_path, 1, state, {})
-    import mclandscape.checkpoint as ck
+    import mclandscape.engine.checkpoint as ck
 
     real = ck._crc
     calls = {"n": 0}

@@ -4,8 +4,8 @@ import numpy as np
 import optax
 import pytest
 
-from mclandscape import connectors as C
-from mclandscape.connector_train import fit_connector, make_connector_loss, uniform_sampler
+from mclandscape.core import connectors as C
+from mclandscape.engine.connector_train import fit_connector, make_connector_loss, uniform_sampler
 
 
 def double_well(p):

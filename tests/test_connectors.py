@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mclandscape import connectors as C
-from mclandscape import tree as T
-from mclandscape.bernstein import bernstein
+from mclandscape.core import connectors as C
+from mclandscape.core import tree as T
+from mclandscape.core.bernstein import bernstein
 
 
 def _model(seed):

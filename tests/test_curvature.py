@@ -8,7 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from mclandscape.curvature import (
+from mclandscape.core.tree import tree_ravel
+from mclandscape.engine.models import get_model
+from mclandscape.methods.curvature import (
     dataset_batches,
     dense_hessian,
     hessian_eigenvalues,
@@ -20,9 +22,7 @@ from mclandscape.curvature import (
     power_iteration,
     top_hessian_eigenvalues,
 )
-from mclandscape.deform import AP, LE, Squared, deformed_hessian_formula, vdm_loss
-from mclandscape.models import get_model
-from mclandscape.tree import tree_ravel
+from mclandscape.methods.deform import AP, LE, Squared, deformed_hessian_formula, vdm_loss
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import numpy as np
 import optax
 import pytest
 
-from mclandscape import connectors as K
-from mclandscape import curves as C
-from mclandscape.connector_train import make_connector_loss
-from mclandscape.data import Dataset
-from mclandscape.evaluate import evaluate_params, evaluate_points
-from mclandscape.models.base import from_flax
-from mclandscape.tree import tree_stack
+from mclandscape.core import connectors as K
+from mclandscape.core.tree import tree_stack
+from mclandscape.engine.connector_train import make_connector_loss
+from mclandscape.engine.data import Dataset
+from mclandscape.engine.evaluate import evaluate_params, evaluate_points
+from mclandscape.engine.models.base import from_flax
+from mclandscape.methods import curves as C
 
 
 def double_well(p, batch=None):
@@ -201,7 +201,7 @@ def test_evaluate_path_recalibrates_batchnorm():
 
 
 def test_plot_path_profiles(tmp_path):
-    from mclandscape.plots_paths import plot_path_profiles
+    from mclandscape.plots.paths import plot_path_profiles
 
     ts = np.linspace(0, 1, 5)
     p = {"ts": ts, "dl": np.r_[0, np.ones(4)], "train_loss": ts * (1 - ts), "train_acc": np.full(5, 0.9),

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from mclandscape import tfds_local
-from mclandscape.data import (
+from mclandscape.engine import tfds_local
+from mclandscape.engine.data import (
     Dataset,
     DatasetNotFoundError,
     augment_batch,
@@ -67,7 +67,7 @@ def test_mnist1d_leaves_global_random_state_alone():
     np.random.seed(7)
     random.seed(7)
     expected_np, expected_py = np.random.get_state()[1].copy(), random.getstate()
-    from mclandscape.data import _mnist1d_raw
+    from mclandscape.engine.data import _mnist1d_raw
 
     _mnist1d_raw()
     np.testing.assert_array_equal(np.random.get_state()[1], expected_np)
@@ -193,7 +193,7 @@ def test_missing_tfds_dataset_fails_fast_with_instructions(name, tmp_path, monke
     msg = str(err.value)
     builder, version = tfds_local.tfds_name_and_version(name)
     assert str(tmp_path / builder / version) in msg
-    assert "python -m mclandscape.tfds_local prepare" in msg and name in msg
+    assert "python -m mclandscape.engine.tfds_local prepare" in msg and name in msg
     assert isinstance(err.value, FileNotFoundError)
 
 
@@ -257,7 +257,7 @@ def test_cifar10_prepared_offline_is_read_through_tfds(tmp_path):
     train = load_dataset("cifar10", "train", data_dir=tmp_path / "tfds")
     assert train.x.shape == (15, 32, 32, 3)
     raw = load_dataset("cifar10", "train", data_dir=tmp_path / "tfds", normalize=False)
-    from mclandscape.data import IMAGE_STATS
+    from mclandscape.engine.data import IMAGE_STATS
 
     mean, std = IMAGE_STATS["cifar10"]
     np.testing.assert_allclose(train.x, (raw.x - np.asarray(mean)) / np.asarray(std), rtol=1e-5, atol=1e-5)

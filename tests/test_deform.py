@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from mclandscape.deform import (
+from mclandscape.methods.deform import (
     AP,
     LE,
     TABLE1_VDMS,
@@ -24,7 +24,7 @@ from mclandscape.deform import (
     scale_by_vdm,
     vdm_loss,
 )
-from mclandscape.simulated import (
+from mclandscape.methods.simulated import (
     FIG4_PRINTED_CONSTANT,
     FIG7_SETTINGS,
     fig1_loss,
@@ -142,7 +142,7 @@ def test_callback_mode_raises_inside_jit_in_a_subprocess():
     JAX keeps an ordered callback's error on its effects token for the rest of the process)."""
     code = (
         "import jax, jax.numpy as jnp\n"
-        "from mclandscape.deform import LE, vdm_loss\n"
+        "from mclandscape.methods.deform import LE, vdm_loss\n"
         "f = jax.jit(jax.grad(vdm_loss(LE(1, 1.9), lambda p: jnp.sum(p ** 2), check_domain='callback')))\n"
         "print(float(f(jnp.array([1.0, 0.5]))[0]))\n"
         "try:\n"

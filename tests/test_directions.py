@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mclandscape.directions import (
+from mclandscape.core.tree import TreeMismatchError, tree_norm, tree_stack
+from mclandscape.engine.evaluate import evaluate_params
+from mclandscape.engine.models import get_model
+from mclandscape.methods.directions import (
     filter_norms,
     grid_losses,
     grid_params,
@@ -18,16 +21,13 @@ from mclandscape.directions import (
     random_directions,
     target_direction,
 )
-from mclandscape.evaluate import evaluate_params
-from mclandscape.models import get_model
-from mclandscape.plots_landscape import (
+from mclandscape.plots.landscape import (
     contour_plot,
     eigenvalue_plot,
     loss_curves_plot,
     surface_plot,
     trajectory_panels,
 )
-from mclandscape.tree import TreeMismatchError, tree_norm, tree_stack
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from mclandscape import ensemble as ens
-from mclandscape.models import get_model
+from mclandscape.engine.models import get_model
+from mclandscape.methods import ensemble as ens
 
 
 def _probs(rng, m, n, c):

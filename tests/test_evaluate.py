@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mclandscape import connectors as C
-from mclandscape import tree as T
-from mclandscape.evaluate import bn_momentum, evaluate_params, evaluate_points, recalibrate_bn, uv_grid
-from mclandscape.models.base import from_flax
+from mclandscape.core import connectors as C
+from mclandscape.core import tree as T
+from mclandscape.engine.evaluate import bn_momentum, evaluate_params, evaluate_points, recalibrate_bn, uv_grid
+from mclandscape.engine.models.base import from_flax
 
 
 class TinyMLP(nn.Module):
@@ -137,8 +137,8 @@ SHARDED = textwrap.dedent("""
     import numpy as np, jax, jax.numpy as jnp
     sys.path.insert(0, {tests!r})
     from test_evaluate import MLP, BN, _data, _inits
-    from mclandscape import connectors as C
-    from mclandscape.evaluate import evaluate_points, uv_grid
+    from mclandscape.core import connectors as C
+    from mclandscape.engine.evaluate import evaluate_points, uv_grid
     assert len(jax.devices()) == 8, jax.devices()
     x, y = _data()
     s = C.bezier_surface(*_inits(MLP, 4, x), 2, 2)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mclandscape.models import Model, get_model, list_models
-from mclandscape.tree import tree_size
+from mclandscape.core.tree import tree_size
+from mclandscape.engine.models import Model, get_model, list_models
 
 # ---------------------------------------------------------------------------------------------------------
 # independent parameter arithmetic

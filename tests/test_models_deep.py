@@ -18,13 +18,13 @@ import numpy as np
 import optax
 import pytest
 
-from mclandscape import connectors as C
-from mclandscape.evaluate import evaluate_points
-from mclandscape.models import canonical_name, get_model
-from mclandscape.models.densenet import avg_pool
-from mclandscape.models.resnet import ResNet
-from mclandscape.train import TrainConfig, make_schedule
-from mclandscape.tree import tree_size
+from mclandscape.core import connectors as C
+from mclandscape.core.tree import tree_size
+from mclandscape.engine.evaluate import evaluate_points
+from mclandscape.engine.models import canonical_name, get_model
+from mclandscape.engine.models.densenet import avg_pool
+from mclandscape.engine.models.resnet import ResNet
+from mclandscape.engine.train import TrainConfig, make_schedule
 
 # ---------------------------------------------------------------------------------------------------------
 # independent parameter arithmetic (bias-free convolutions, BatchNorm scale + bias, linear head with bias)
@@ -331,7 +331,7 @@ def test_optax_nesterov_is_what_train_config_builds():
     """``nesterov=True`` reaches optax.sgd (already the first Nesterov update, -lr (1 + mu) g, differs from
     heavy-ball's -lr g)."""
     from experiments.dsp_tt import parse_args, train_config
-    from mclandscape.train import make_optimizer
+    from mclandscape.engine.train import make_optimizer
 
     d = parse_args(["--dataset", "cifar10", "--arch", "densenet100", "--weight-decay", "0"])
     params = {"w": jnp.ones(3)}

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mclandscape import neb as N
-from mclandscape.models.base import from_flax
-from mclandscape.tree import tree_row_dot, tree_row_scale, tree_stack
+from mclandscape.core.tree import tree_row_dot, tree_row_scale, tree_stack
+from mclandscape.engine.models.base import from_flax
+from mclandscape.methods import neb as N
 
 # ---- Müller-Brown potential (Müller & Brown 1979) ------------------------------------------------------
 _A = jnp.array([-200.0, -100.0, -170.0, 15.0])
@@ -316,8 +316,8 @@ def test_strategies_agree_on_minibatch_network_band():
 
 
 def test_model_neb_with_batchnorm_and_model_helpers():
-    from mclandscape.data import Dataset
-    from mclandscape.evaluate import evaluate_points
+    from mclandscape.engine.data import Dataset
+    from mclandscape.engine.evaluate import evaluate_points
 
     model = from_flax(_TinyBN(), "tiny_bn", has_batch_stats=True)
     x, y = _toy_data()

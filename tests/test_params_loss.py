@@ -1,4 +1,4 @@
-"""The engine's shared "network on a batch" objective and mini-batch stream (mclandscape.train.params_loss,
+"""The engine's shared "network on a batch" objective and mini-batch stream (mclandscape.engine.train.params_loss,
 batch_stream) that NEB, curvature and DSP-TT differentiate."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mclandscape.data import Dataset, iterate_batches
-from mclandscape.models import from_flax, get_model
-from mclandscape.train import batch_stream, params_loss
+from mclandscape.engine.data import Dataset, iterate_batches
+from mclandscape.engine.models import from_flax, get_model
+from mclandscape.engine.train import batch_stream, params_loss
 
 
 class _DropBN(nn.Module):

@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from mclandscape import connectors as C
-from mclandscape.connector_train import (
+from mclandscape.core import connectors as C
+from mclandscape.core.tree import tree_stack
+from mclandscape.engine.connector_train import (
     auto_train_stem,
     fit_connector,
     make_connector_loss,
@@ -18,8 +19,8 @@ from mclandscape.connector_train import (
     train_connector,
     uniform_sampler,
 )
-from mclandscape.data import Dataset
-from mclandscape.evaluate import (
+from mclandscape.engine.data import Dataset
+from mclandscape.engine.evaluate import (
     CPU_COMPILER_OPTIONS,
     auto_stem,
     auto_strategy,
@@ -32,10 +33,9 @@ from mclandscape.evaluate import (
     stem_control_features,
     ynn_convolutions,
 )
-from mclandscape.models import get_model
-from mclandscape.models._common import max_pool, max_pool_strided, small_map_conv
-from mclandscape.models.base import conv_stem, flax_stem, from_flax
-from mclandscape.tree import tree_stack
+from mclandscape.engine.models import get_model
+from mclandscape.engine.models._common import max_pool, max_pool_strided, small_map_conv
+from mclandscape.engine.models.base import conv_stem, flax_stem, from_flax
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(40, 8, 8, 3)).astype(np.float32)

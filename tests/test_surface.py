@@ -10,14 +10,14 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from mclandscape import connectors as C
-from mclandscape import surface as S
-from mclandscape import tree as T
-from mclandscape.bernstein import bernstein
-from mclandscape.data import Dataset, load_dataset
-from mclandscape.evaluate import uv_grid
-from mclandscape.models import get_model
-from mclandscape.models.base import from_flax
+from mclandscape.core import connectors as C
+from mclandscape.core import tree as T
+from mclandscape.core.bernstein import bernstein
+from mclandscape.engine.data import Dataset, load_dataset
+from mclandscape.engine.evaluate import uv_grid
+from mclandscape.engine.models import get_model
+from mclandscape.engine.models.base import from_flax
+from mclandscape.methods import surface as S
 
 MLP = get_model("mlp", widths=[16], num_classes=10)
 
@@ -367,7 +367,7 @@ def test_linear_surfaces(digits, corners):
 
 
 def test_plots_write_pngs(tmp_path):
-    from mclandscape import plots
+    from mclandscape.plots import surface as plots
 
     g = np.random.default_rng(0).uniform(size=(5, 5))
     paths = [plots.heatmap_pair(g, g / 2, tmp_path / "hm.png", label="loss"),

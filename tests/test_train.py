@@ -9,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from mclandscape.checkpoint import all_steps, load_model, read_metadata
-from mclandscape.data import load_dataset
-from mclandscape.models import from_flax, get_model
-from mclandscape.train import (
+from mclandscape.engine.checkpoint import all_steps, load_model, read_metadata
+from mclandscape.engine.data import load_dataset
+from mclandscape.engine.models import from_flax, get_model
+from mclandscape.engine.train import (
     TrainConfig,
     evaluate_model,
     loss_function,
@@ -311,9 +311,9 @@ def test_explicit_key_and_init_variables(small_setup):
 
 KILLED_RUN = """
 import os, signal
-from mclandscape.data import load_dataset
-from mclandscape.models import get_model
-from mclandscape.train import TrainConfig, train_model
+from mclandscape.engine.data import load_dataset
+from mclandscape.engine.models import get_model
+from mclandscape.engine.train import TrainConfig, train_model
 train = load_dataset("digits", "train").take(400)
 test = load_dataset("digits", "test").take(100)
 cfg = TrainConfig(epochs=6, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True,

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mclandscape import tree as T
+from mclandscape.core import tree as T
 
 
 def _model(seed, scale=1.0):

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from mclandscape import trusttech as tt
+from mclandscape.methods import trusttech as tt
 
 
 def two_wells(p):
@@ -387,7 +387,7 @@ def test_verification_modulo_symmetries_identifies_copies():
 def test_mlp_symmetry_distance_is_invariant_and_matches_brute_force():
     import itertools
 
-    from mclandscape.models import get_model
+    from mclandscape.engine.models import get_model
 
     model = get_model("mlp", widths=[3], num_classes=2, activation="tanh")
     x = jax.random.normal(jax.random.key(0), (7, 4))
@@ -416,7 +416,7 @@ def test_mlp_symmetry_distance_is_invariant_and_matches_brute_force():
 
 
 def test_model_loss_fn_squared_error_and_l2_match_numpy():
-    from mclandscape.models import get_model
+    from mclandscape.engine.models import get_model
 
     model = get_model("mlp", widths=[4], num_classes=3, activation="tanh")
     rng = np.random.default_rng(0)
@@ -439,7 +439,7 @@ def test_model_loss_fn_squared_error_and_l2_match_numpy():
 
 
 def test_plots_write_files(tmp_path):
-    from mclandscape import plots_trusttech as pt
+    from mclandscape.plots import trusttech as pt
 
     res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=20), batch_fn=NO_BATCH,
                         solver=SOLVER, directions=[_dir(0.01, 0.003)])
@@ -481,7 +481,7 @@ def test_killed_search_resumes_to_the_same_result(tmp_path):
 
     with pytest.raises(_Kill):
         tt.dsp_search(LOSS4, origin, jax.random.key(5), checkpoint_dir=str(tmp_path / "run"), callback=kill, **kw)
-    from mclandscape import checkpoint as ckpt
+    from mclandscape.engine import checkpoint as ckpt
 
     meta = ckpt.read_metadata(str(tmp_path / "run"))
     assert meta["num_solutions"] >= 1 and 0 < meta["t"] <= first_exit + 31
@@ -511,7 +511,7 @@ def test_search_killed_during_the_local_solver_resumes_from_the_saved_exit(tmp_p
               checkpoint_dir=str(tmp_path / "c"))
     with pytest.raises(_Kill):
         tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), solver=bad, **kw)
-    from mclandscape import checkpoint as ckpt
+    from mclandscape.engine import checkpoint as ckpt
 
     meta = ckpt.read_metadata(str(tmp_path / "c"))
     assert meta["kind"] == "exit" and meta["pending"] is not None and meta["num_solutions"] == 0
@@ -523,8 +523,8 @@ def test_search_killed_during_the_local_solver_resumes_from_the_saved_exit(tmp_p
 
 
 def test_model_search_on_digits_finds_a_tier1_solution(tmp_path):
-    from mclandscape.data import load_dataset
-    from mclandscape.models import get_model
+    from mclandscape.engine.data import load_dataset
+    from mclandscape.engine.models import get_model
 
     ds = load_dataset("digits", "train").take(256)
     model = get_model("mlp", widths=[16], num_classes=10)

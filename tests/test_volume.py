@@ -1,4 +1,4 @@
-"""Tests for mclandscape.volume (seed 002: flats, voxel lattice, Algorithm 3, H_c(s), log-linear fit)."""
+"""Tests for mclandscape.methods.volume (seed 002: flats, voxel lattice, Algorithm 3, H_c(s), log-linear fit)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mclandscape import volume as V
-from mclandscape.tree import TreeMismatchError
+from mclandscape.core.tree import TreeMismatchError
+from mclandscape.methods import volume as V
 
 # ---------------------------------------------------------------------------------------------------------
 # Analytic landscapes
@@ -543,7 +543,7 @@ def test_sweep_without_continuation_matches_but_costs_more():
 def iris_setup():
     from sklearn.datasets import load_iris
 
-    from mclandscape.models import get_model
+    from mclandscape.engine.models import get_model
 
     x, y = load_iris(return_X_y=True)
     x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
@@ -559,7 +559,7 @@ def iris_setup():
 
 
 def test_model_loss_on_an_iris_flat_is_exact_and_bucket_invariant(iris_setup):
-    from mclandscape.losses import cross_entropy
+    from mclandscape.core.losses import cross_entropy
 
     model, data, minima = iris_setup
     params = [v["params"] for v in minima]
@@ -587,7 +587,7 @@ def test_model_loss_on_an_iris_flat_is_exact_and_bucket_invariant(iris_setup):
 
 
 def test_iris_3d_sweep_and_plots(iris_setup, tmp_path: Path):
-    from mclandscape.plots_volume import plot_h_mean, plot_h_panels
+    from mclandscape.plots.volume import plot_h_mean, plot_h_panels
 
     model, data, minima = iris_setup
     params = [v["params"] for v in minima]
@@ -610,7 +610,7 @@ def test_iris_3d_sweep_and_plots(iris_setup, tmp_path: Path):
 def test_sharded_evaluation_matches_single_device(tmp_path: Path):
     code = textwrap.dedent("""
         import json, numpy as np, jax, jax.numpy as jnp
-        from mclandscape import volume as V
+        from mclandscape.methods import volume as V
         assert jax.device_count() == 2
         A = jnp.array([[1.0, 0.3], [0.3, 2.0]], jnp.float32)
         flat = V.full_space_flat(jnp.zeros(2, jnp.float32))

@@ -1,0 +1,1 @@
+"""The engine layer: models, data, the evaluator, the training loop and checkpoints."""

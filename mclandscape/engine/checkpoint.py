@@ -1,0 +1,327 @@
+"""Checkpoints with orbax-checkpoint: any pytree of arrays plus a small JSON metadata record.
+
+Layout of a checkpoint directory (one orbax ``CheckpointManager`` directory, one sub-directory per step)::
+
+    DIR/<step>/state/      the pytree (orbax StandardSave: tensorstore/OCDBT arrays, no pickle)
+    DIR/<step>/metadata/   the caller's JSON metadata (architecture spec, dataset, seed, epoch, metrics, ...)
+    DIR/<step>/integrity/  JSON: every leaf's path, shape, dtype and CRC-32, written by mclandscape
+
+The integrity record lets :func:`restore_checkpoint` (1) compare a checkpoint with a ``target`` before
+reading any array, so restoring into a different architecture raises a :class:`TreeMismatchError` that
+names the first differing leaf, and (2) detect truncated or garbled files: anything orbax cannot read, or
+any leaf whose CRC-32 differs, raises :class:`CheckpointError`. Missing directories or steps raise
+``FileNotFoundError``.
+
+The training loop (:mod:`mclandscape.engine.train`) stores ``state = {"variables": ..., "opt_state": ...}`` with
+metadata ``{"model": model.spec, "dataset": ..., "seed": ..., "epoch": ..., "metrics": ..., ...}``;
+:func:`load_model` rebuilds the model and its variables from such a directory alone.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mclandscape.core.tree import TreeMismatchError, check_same_structure
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointStore",
+    "save_checkpoint",
+    "restore_checkpoint",
+    "read_metadata",
+    "latest_step",
+    "all_steps",
+    "delete_checkpoint",
+    "load_model",
+    "TreeMismatchError",
+]
+
+FORMAT = "mclandscape.engine.checkpoint/1"
+_ITEMS = ("state", "metadata", "integrity")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but cannot be used: corrupt, truncated, or not written by mclandscape."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _flat(tree) -> dict[str, Any]:
+    """``{"variables/params/Dense_0/kernel": leaf, ...}``: container-agnostic leaf paths (a namedtuple
+    field, a dict key and a list index all become path components), so a tree restored without a target
+    (where orbax turns tuples into lists and namedtuples into dicts) has the same paths as the original."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path) or "<root>": x for path, x in leaves}
+
+
+def _crc(x) -> int:
+    arr = np.ascontiguousarray(np.asarray(x))
+    return zlib.crc32(arr.tobytes()) & 0xFFFFFFFF
+
+
+def _integrity(state) -> dict:
+    leaves = {}
+    for path, x in _flat(state).items():
+        arr = np.asarray(x)
+        leaves[path] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "crc32": _crc(arr)}
+    return {"format": FORMAT, "leaves": leaves}
+
+
+def _jsonable(obj, where: str = "metadata"):
+    """A JSON-ready copy of ``obj`` (NumPy/JAX scalars and small arrays become Python values; NaN and inf
+    are kept, written as ``NaN`` / ``Infinity`` as Python's json does). Anything else that JSON cannot hold
+    raises ``ValueError`` naming where it is."""
+    if obj is None or isinstance(obj, bool | str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: key {k!r} is not a string")
+            out[k] = _jsonable(v, f"{where}.{k}")
+        return out
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic | np.ndarray | jax.Array):
+        arr = np.asarray(obj)
+        if arr.size > 10000:
+            raise ValueError(f"{where}: an array of {arr.size} values does not belong in JSON metadata")
+        return _jsonable(arr.tolist(), where)
+    raise ValueError(f"{where}: {type(obj).__name__} value {obj!r} is not JSON-serialisable")
+
+
+def _as_path(directory) -> Path:
+    return Path(os.fspath(directory)).expanduser().absolute()
+
+
+class CheckpointStore:
+    """An open checkpoint directory (one orbax ``CheckpointManager``); reuse it to save many steps.
+
+    Synchronous saves (a save has finished, atomically, when :meth:`save` returns); orbax writes each step
+    into a temporary directory and renames it, so a process killed mid-save leaves no half checkpoint.
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, create: bool = True):
+        self.directory = _as_path(directory)
+        if not create and not self.directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=create,
+                                               cleanup_tmp_directories=create)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+    # -- context manager
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._mngr.close()
+
+    # -- queries
+    def all_steps(self) -> list[int]:
+        self._mngr.reload()
+        return sorted(int(s) for s in self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def _resolve(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if int(step) not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: "
+                                    f"{steps}")
+        return int(step)
+
+    # -- save / delete
+    def save(self, step: int, state, metadata: Mapping | None = None, *, overwrite: bool = False) -> Path:
+        """Save ``state`` (a pytree of arrays / scalars) and ``metadata`` (JSON) as ``step``."""
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
+        step = int(step)
+        meta = _jsonable(dict(metadata or {}))
+        leaves = jax.tree_util.tree_leaves(state)
+        for path, x in _flat(state).items():
+            if not isinstance(x, np.ndarray | np.generic | jax.Array | int | float | bool):
+                raise ValueError(f"state leaf {path} is a {type(x).__name__}; checkpoints hold arrays only")
+            if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+                raise ValueError(f"state leaf {path} is a typed PRNG key; store jax.random.key_data(key)")
+        if not leaves:
+            raise ValueError("refusing to save an empty state pytree")
+        if step in self.all_steps():
+            if not overwrite:
+                raise ValueError(f"{self.directory} already holds step {step} (pass overwrite=True)")
+            self._mngr.delete(step)
+        integrity = _integrity(state)
+        # force=True: orbax would otherwise silently skip any step not above the latest one.
+        saved = self._mngr.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            metadata=ocp.args.JsonSave(meta),
+            integrity=ocp.args.JsonSave(integrity),
+        ))
+        self._mngr.wait_until_finished()
+        if not saved or step not in self.all_steps():
+            raise CheckpointError(f"orbax did not write step {step} to {self.directory}")
+        return self.directory / str(step)
+
+    def delete(self, step: int) -> None:
+        self._mngr.delete(self._resolve(int(step)))
+
+    # -- restore
+    def _read_json(self, step: int, item: str) -> dict:
+        args = ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+        try:
+            out = self._mngr.restore(step, args=args)[item]
+        except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
+            raise CheckpointError(f"checkpoint {self.directory / str(step)}: the {item} record is missing or "
+                                  f"corrupt ({type(e).__name__}: {e})") from e
+        if not isinstance(out, dict):
+            raise CheckpointError(f"checkpoint {self.directory / str(step)}: the {item} record is not a JSON "
+                                  f"object")
+        return out
+
+    def metadata(self, step: int | None = None) -> dict:
+        return self._read_json(self._resolve(step), "metadata")
+
+    def restore(self, step: int | None = None, target=None) -> tuple[Any, dict]:
+        """``(state, metadata)`` of ``step`` (default: the latest).
+
+        With ``target`` (a pytree of arrays or ``jax.ShapeDtypeStruct`` shaped like the saved state) the
+        state comes back with the target's containers (e.g. optax namedtuples) and a structure, shape or
+        dtype mismatch raises :class:`TreeMismatchError` naming the leaf; without, it comes back as
+        nested dicts/lists of arrays.
+        """
+        step = self._resolve(step)
+        where = self.directory / str(step)
+        integrity = self._read_json(step, "integrity")
+        if integrity.get("format") != FORMAT or not isinstance(integrity.get("leaves"), dict):
+            raise CheckpointError(f"checkpoint {where} was not written by mclandscape.engine.checkpoint "
+                                  f"(integrity format {integrity.get('format')!r})")
+        records = integrity["leaves"]
+        metadata = self._read_json(step, "metadata")
+        if target is not None:
+            saved = {p: jax.ShapeDtypeStruct(tuple(r["shape"]), np.dtype(r["dtype"])) for p, r in records.items()}
+            wanted = {p: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for p, x in _flat(target).items()}
+            try:
+                check_same_structure(saved, wanted, names=("the checkpoint", "the target"))
+            except TreeMismatchError as e:
+                arch = metadata.get("model", {}).get("arch") if isinstance(metadata.get("model"), dict) else None
+                hint = f" (the checkpoint holds a {arch!r} model)" if arch else ""
+                raise TreeMismatchError(f"cannot restore {where} into the target{hint}: {e}") from e
+            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+            restore_args = ocp.args.StandardRestore(abstract)
+        else:
+            restore_args = ocp.args.StandardRestore()
+        try:
+            state = self._mngr.restore(step, args=ocp.args.Composite(state=restore_args))["state"]
+        except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types on damaged files
+            raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {type(e).__name__}: {e}") from e
+        got = _flat(state)
+        if set(got) != set(records):
+            missing = sorted(set(records) - set(got)) or sorted(set(got) - set(records))
+            raise CheckpointError(f"checkpoint {where} is corrupt: its arrays do not match its integrity "
+                                  f"record (e.g. leaf {missing[0]})")
+        for path, rec in records.items():
+            if _crc(got[path]) != rec["crc32"]:
+                raise CheckpointError(f"checkpoint {where} is corrupt: leaf {path} fails its CRC-32 check")
+        return state, metadata
+
+
+# ----------------------------------------------------------------------------------------------------------
+# functional API
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, state, metadata: Mapping | None = None, *,
+                    overwrite: bool = False) -> Path:
+    """Save ``state`` (any pytree of arrays: model variables, optimizer state, ...) as step ``step`` of
+    ``directory`` with a JSON ``metadata`` record. Returns the step directory."""
+    with CheckpointStore(directory, create=True) as store:
+        return store.save(step, state, metadata, overwrite=overwrite)
+
+
+def restore_checkpoint(directory: str | os.PathLike, step: int | None = None, target=None) -> tuple[Any, dict]:
+    """``(state, metadata)`` of ``step`` (default: the latest) of ``directory``.
+
+    ``target``: a pytree shaped like the saved state (arrays or ``ShapeDtypeStruct``); mismatches raise
+    :class:`TreeMismatchError` naming the leaf. A missing directory or step raises ``FileNotFoundError``;
+    damaged files raise :class:`CheckpointError`."""
+    with CheckpointStore(directory, create=False) as store:
+        return store.restore(step, target)
+
+
+def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict:
+    """The JSON metadata of ``step`` (default: the latest) without reading any array."""
+    with CheckpointStore(directory, create=False) as store:
+        return store.metadata(step)
+
+
+def all_steps(directory: str | os.PathLike) -> list[int]:
+    """Saved steps in ascending order (``[]`` when the directory does not exist)."""
+    if not _as_path(directory).is_dir():
+        return []
+    with CheckpointStore(directory, create=False) as store:
+        return store.all_steps()
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The largest saved step, or ``None`` when there is none (or no directory)."""
+    steps = all_steps(directory)
+    return steps[-1] if steps else None
+
+
+def delete_checkpoint(directory: str | os.PathLike, step: int) -> None:
+    with CheckpointStore(directory, create=False) as store:
+        store.delete(step)
+
+
+def load_model(directory: str | os.PathLike, step: int | None = None):
+    """Rebuild ``(model, variables, metadata)`` from a checkpoint directory alone.
+
+    The metadata must hold the model spec under ``"model"`` (as :func:`mclandscape.engine.train.train_model`
+    writes it); the state is either ``{"variables": ..., ...}`` or the variables themselves. When the
+    metadata records ``"input_shape"`` the variables are checked against a fresh ``model.init``.
+    """
+    from mclandscape.engine.models import get_model
+
+    state, metadata = restore_checkpoint(directory, step)
+    spec = metadata.get("model")
+    if not isinstance(spec, dict) or "arch" not in spec:
+        raise CheckpointError(f"checkpoint {directory} records no model spec (metadata['model']); "
+                              f"use restore_checkpoint and build the model yourself")
+    model = get_model(spec)
+    variables = state.get("variables", state) if isinstance(state, dict) else state
+    variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    if metadata.get("input_shape") is not None:
+        x = jax.ShapeDtypeStruct((1, *metadata["input_shape"]), jnp.float32)
+        expected = jax.eval_shape(model.init, jax.random.key(0), x)
+        check_same_structure(expected, variables, names=(f"a fresh {model.name}", "the checkpoint"))
+    return model, variables, metadata

@@ -1,0 +1,431 @@
+"""Datasets in memory as NumPy arrays, one entry point, deterministic batches.
+
+``load_dataset(name, split)`` returns a :class:`Dataset` (``x`` float32 — NHWC images or ``[N, F]``
+features — and ``y`` int32 labels). ``iterate_batches`` yields shuffled (and optionally augmented) NumPy
+batches that depend only on ``(seed, epoch)``.
+
+| name | source | x (per example) | classes | train / test |
+|---|---|---|---|---|
+| ``digits`` | scikit-learn | 8×8×1 image in [0, 1] | 10 | 1437 / 360 |
+| ``iris`` | scikit-learn | 4 features | 3 | 120 / 30 |
+| ``wine`` | scikit-learn | 13 features | 3 | 142 / 36 |
+| ``breast_cancer`` | scikit-learn | 30 features | 2 | 455 / 114 |
+| ``mnist1d`` | ``mnist1d`` package (generated procedurally, seed 42) | 40-sample signal | 10 | 4000 / 1000 |
+| ``synthetic`` | seeded teacher network (seed 002 §5.1) | ``dim`` features | ``num_classes`` | ``n_train`` / ``n_test`` |
+| ``cifar10`` | TFDS ``cifar10`` (array_record, prepared offline) | 32×32×3 | 10 | 50000 / 10000 |
+| ``cifar100`` | TFDS ``cifar100`` | 32×32×3 | 100 | 50000 / 10000 |
+| ``tiny_imagenet`` | local TFDS builder from the manually provided archive | 64×64×3 | 200 | 100000 / 10000 (val) |
+
+Splits of the scikit-learn sets are a fixed stratified 80/20 split (``random_state=0``), the same in every
+process. With ``normalize=True`` tabular features are standardised with the training split's mean and
+standard deviation, digits are standardised with the training pixel mean/std, CIFAR and Tiny-ImageNet
+use the usual per-channel constants, and MNIST-1D (already standardised by its generator) is unchanged.
+
+CIFAR and Tiny-ImageNet are read through ``tfds.data_source`` (array_record; no TensorFlow needed). They
+are never downloaded: TFDS's own download hangs for minutes offline, so mclandscape first checks that the
+prepared files exist under ``data_dir`` (default ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``) and
+otherwise raises :class:`DatasetNotFoundError` at once, saying where the files must be and how to prepare
+them (``python -m mclandscape.engine.tfds_local prepare ...``, see :mod:`mclandscape.engine.tfds_local`).
+
+The offline sets can also be read through their local TFDS builders (``source="tfds"``, built into
+``data_dir`` on first use), which gives exactly the same arrays as the default in-memory path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "Dataset",
+    "DatasetNotFoundError",
+    "load_dataset",
+    "iterate_batches",
+    "num_batches",
+    "augment_batch",
+    "list_datasets",
+    "resolve_data_dir",
+    "IMAGE_STATS",
+]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset that must be prepared on disk (CIFAR, Tiny-ImageNet) is not there."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A labelled dataset held in memory.
+
+    ``x``: float32, ``[N, H, W, C]`` for images or ``[N, F]`` for features. ``y``: int32 ``[N]`` class
+    labels (for ``synthetic`` regression: float32 ``[N, targets]`` with ``num_classes == 0``).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    name: str
+
+    def __post_init__(self):
+        if len(self.x) != len(self.y):
+            raise ValueError(f"dataset {self.name!r}: {len(self.x)} inputs but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example (``x.shape[1:]``)."""
+        return tuple(int(s) for s in self.x.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.ndim == 4
+
+    def subset(self, indices) -> Dataset:
+        """The examples at ``indices`` (an index array, a boolean mask or a slice)."""
+        return Dataset(self.x[indices], self.y[indices], self.num_classes, self.name)
+
+    def take(self, n: int) -> Dataset:
+        """The first ``n`` examples."""
+        return self.subset(slice(0, int(n)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registry
+
+_SKLEARN = {"digits", "iris", "wine", "breast_cancer"}
+_OFFLINE = _SKLEARN | {"mnist1d"}
+_TFDS_IMAGE = {"cifar10", "cifar100", "tiny_imagenet"}
+
+# Per-channel (mean, std) of the training images in [0, 1].
+IMAGE_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+}
+_NUM_CLASSES = {"digits": 10, "iris": 3, "wine": 3, "breast_cancer": 2, "mnist1d": 10,
+                "cifar10": 10, "cifar100": 100, "tiny_imagenet": 200}
+# mclandscape split -> TFDS split
+_TFDS_SPLITS = {"cifar10": {"train": "train", "test": "test"},
+                "cifar100": {"train": "train", "test": "test"},
+                "tiny_imagenet": {"train": "train", "test": "validation"}}
+
+
+def list_datasets() -> list[str]:
+    return sorted(_OFFLINE | _TFDS_IMAGE | {"synthetic"})
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets`` (TFDS's own default)."""
+    if data_dir is None:
+        data_dir = os.environ.get("TFDS_DATA_DIR") or os.path.join("~", "tensorflow_datasets")
+    return Path(data_dir).expanduser()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# offline sources (raw, un-normalised)
+
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _cached(key, make):
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    value = make()
+    with _CACHE_LOCK:
+        _CACHE.setdefault(key, value)
+        return _CACHE[key]
+
+
+def _sklearn_raw(name: str):
+    from sklearn import datasets as skd
+    from sklearn.model_selection import train_test_split
+
+    loader = {"digits": skd.load_digits, "iris": skd.load_iris, "wine": skd.load_wine,
+              "breast_cancer": skd.load_breast_cancer}[name]
+    bunch = loader()
+    if name == "digits":
+        x = (bunch.images.astype(np.float32) / 16.0)[..., None]  # [N, 8, 8, 1] in [0, 1]
+    else:
+        x = bunch.data.astype(np.float32)
+    y = bunch.target.astype(np.int32)
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=0.2, random_state=0, stratify=y)
+    tr, te = np.sort(tr), np.sort(te)
+    return x[tr], y[tr], x[te], y[te]
+
+
+def _mnist1d_raw():
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    # make_dataset seeds NumPy's and Python's global generators: keep the caller's global state intact.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return (d["x"].astype(np.float32), d["y"].astype(np.int32),
+            d["x_test"].astype(np.float32), d["y_test"].astype(np.int32))
+
+
+def offline_raw(name: str):
+    """``(x_train, y_train, x_test, y_test)`` of an offline dataset before normalisation (cached)."""
+    if name in _SKLEARN:
+        return _cached(("raw", name), lambda: _sklearn_raw(name))
+    if name == "mnist1d":
+        return _cached(("raw", name), _mnist1d_raw)
+    raise ValueError(f"{name!r} is not an offline dataset ({sorted(_OFFLINE)})")
+
+
+def _synthetic(split: str, seed: int, *, n_train: int = 256, n_test: int = 256, dim: int = 2,
+               num_classes: int = 2, task: str = "classification", hidden: int = 16, noise: float = 0.0,
+               targets: int = 1) -> Dataset:
+    """Seeded data from a random teacher network (seed 002 §5.1: small non-linear nets on random data).
+
+    ``x ~ N(0, I_dim)``; teacher ``f(x) = tanh(x W1 + b1) W2`` with Gaussian weights (``hidden`` units).
+    Classification: ``y = argmax(f(x) - mean f + noise * Gumbel)`` over ``num_classes`` outputs. Regression
+    (``task="regression"``): ``y = f(x) + noise * N(0, 1)``, float32 ``[N, targets]``, ``num_classes=0``.
+    Train and test come from one draw of ``n_train + n_test`` points, so they share the teacher.
+    """
+    if task not in ("classification", "regression"):
+        raise ValueError(f"synthetic task must be 'classification' or 'regression', got {task!r}")
+    if dim < 1 or n_train < 1 or n_test < 0 or hidden < 1:
+        raise ValueError("synthetic needs dim >= 1, n_train >= 1, n_test >= 0, hidden >= 1")
+    out = num_classes if task == "classification" else targets
+    if out < 1 or (task == "classification" and num_classes < 2):
+        raise ValueError(f"synthetic {task} needs at least {2 if task == 'classification' else 1} outputs")
+    rng = np.random.default_rng([int(seed), 2002])
+    n = n_train + n_test
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    w1 = rng.standard_normal((dim, hidden)) / np.sqrt(dim)
+    b1 = 0.5 * rng.standard_normal(hidden)
+    w2 = rng.standard_normal((hidden, out)) / np.sqrt(hidden)
+    f = np.tanh(x @ w1 + b1) @ w2
+    if task == "classification":
+        f = f - f.mean(axis=0)  # centre the teacher's logits so that no class is (nearly) empty
+        y = np.argmax(f + noise * rng.gumbel(size=f.shape), axis=1).astype(np.int32)
+        k = int(num_classes)
+    else:
+        y = (f + noise * rng.standard_normal(f.shape)).astype(np.float32)
+        k = 0
+    sl = slice(0, n_train) if split == "train" else slice(n_train, n)
+    return Dataset(x[sl], y[sl], k, "synthetic")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TFDS sources
+
+
+def _prepared_files(name: str, split: str, root: Path):
+    """(version_dir, expected file pattern, array_record files, other-format files) under ``root``."""
+    from mclandscape.engine import tfds_local
+
+    builder_name, version = tfds_local.tfds_name_and_version(name)
+    vdir = root / builder_name / version
+    prefix = f"{builder_name}-{split}."
+    files = sorted(vdir.glob(f"{prefix}array_record-*")) if vdir.is_dir() else []
+    others = sorted(p for p in vdir.glob(f"{prefix}*") if "array_record" not in p.name) if vdir.is_dir() else []
+    return vdir, f"{prefix}array_record-*", files, others
+
+
+def _check_prepared(name: str, split: str, root: Path) -> None:
+    """Fail in milliseconds, before TFDS is asked for anything, when the prepared files are missing."""
+    from mclandscape.engine import tfds_local
+
+    tfds_split = _TFDS_SPLITS[name][split] if name in _TFDS_SPLITS else split
+    vdir, pattern, files, others = _prepared_files(name, tfds_split, root)
+    if files and (vdir / "dataset_info.json").is_file():
+        return
+    if others:
+        problem = (f"{vdir} holds {others[0].name} in a format tfds.data_source cannot read; it needs "
+                   f"array_record files")
+    else:
+        problem = f"expected {vdir / 'dataset_info.json'} and {vdir / pattern}"
+    raise DatasetNotFoundError(
+        f"dataset {name!r} is not prepared under {root} ({problem}).\n"
+        f"mclandscape reads it offline with tfds.data_source and never downloads it (TFDS's own download "
+        f"hangs for minutes without network).\n{tfds_local.preparation_instructions(name, root)}\n"
+        f"Then pass data_dir={str(root)!r} (or set TFDS_DATA_DIR)."
+    )
+
+
+def _tfds_read(builder_name: str, split: str, root: Path, image_key: str, label_key: str = "label",
+               chunk: int = 2048):
+    """Decode a whole prepared split into NumPy arrays through ``tfds.data_source`` (no TensorFlow)."""
+    import tensorflow_datasets as tfds
+
+    from mclandscape.engine import tfds_local  # noqa: F401  (registers the local builders)
+
+    builder = tfds.builder(builder_name, data_dir=str(root))
+    source = builder.as_data_source(split=split)
+    n = len(source)
+    xs, ys, idx = [], [], []
+    for start in range(0, n, chunk):
+        recs = source.__getitems__(list(range(start, min(n, start + chunk))))
+        xs.append(np.stack([np.asarray(r[image_key]) for r in recs]))
+        ys.append(np.asarray([r[label_key] for r in recs]))
+        if "index" in recs[0]:
+            idx.append(np.asarray([r["index"] for r in recs]))
+    x = np.concatenate(xs) if xs else np.zeros((0,), np.float32)
+    y = np.concatenate(ys).astype(np.int32) if ys else np.zeros((0,), np.int32)
+    if idx:  # local builders store each example's original position: restore the generation order
+        order = np.argsort(np.concatenate(idx), kind="stable")
+        x, y = x[order], y[order]
+    return x, y
+
+
+def _tfds_image_raw(name: str, split: str, root: Path):
+    _check_prepared(name, split, root)
+    from mclandscape.engine import tfds_local
+
+    builder_name, _ = tfds_local.tfds_name_and_version(name)
+    tfds_split = _TFDS_SPLITS[name][split]
+    return _cached(("tfds", name, tfds_split, str(root.resolve())),
+                   lambda: _tfds_read(builder_name, tfds_split, root, "image"))
+
+
+def _offline_via_tfds(name: str, split: str, root: Path):
+    """Raw arrays of an offline dataset read back through its local TFDS builder (built when absent)."""
+    from mclandscape.engine import tfds_local
+
+    tfds_local.prepare_offline(name, root)
+    builder_name, _ = tfds_local.tfds_name_and_version(name)
+    return _tfds_read(builder_name, split, root, "x")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike | None = None, seed: int = 0,
+                 normalize: bool = True, source: str = "auto", limit: int | None = None,
+                 **options) -> Dataset:
+    """Load ``split`` ("train" or "test") of dataset ``name`` into memory (see the module table).
+
+    - ``data_dir``: TFDS data directory (CIFAR, Tiny-ImageNet, and offline sets with ``source="tfds"``);
+      default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+    - ``seed``: only used by ``synthetic`` (the other datasets have fixed splits; shuffling is
+      :func:`iterate_batches`'s job).
+    - ``normalize``: standardise (see the module docstring); normalisation statistics always come from the
+      training split, so train and test are transformed identically.
+    - ``source``: ``"auto"`` (in-memory generators for offline sets, TFDS for image sets) or ``"tfds"``
+      (offline sets through their local TFDS builder).
+    - ``limit``: keep only the first ``limit`` examples (quick experiments).
+    - ``options``: ``synthetic`` keywords (``n_train, n_test, dim, num_classes, task, hidden, noise,
+      targets``).
+
+    Missing CIFAR / Tiny-ImageNet files raise :class:`DatasetNotFoundError` immediately (no network).
+    """
+    key = name.lower().replace("-", "_")
+    key = {"cifar_10": "cifar10", "cifar_100": "cifar100", "tinyimagenet": "tiny_imagenet",
+           "mnist_1d": "mnist1d", "breastcancer": "breast_cancer"}.get(key, key)
+    if key not in list_datasets():
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list_datasets()}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if source not in ("auto", "tfds"):
+        raise ValueError(f"source must be 'auto' or 'tfds', got {source!r}")
+    if options and key != "synthetic":
+        raise ValueError(f"dataset {key!r} takes no extra options, got {sorted(options)}")
+
+    if key == "synthetic":
+        if source == "tfds":
+            raise ValueError("the synthetic dataset is generated from its arguments; it has no TFDS builder")
+        ds = _synthetic(split, seed, **options)
+    elif key in _OFFLINE:
+        if source == "tfds":
+            root = resolve_data_dir(data_dir)
+            xtr, ytr, _, _ = offline_raw(key)  # training statistics for normalisation
+            x, y = _offline_via_tfds(key, split, root)
+        else:
+            xtr, ytr, xte, yte = offline_raw(key)
+            x, y = (xtr, ytr) if split == "train" else (xte, yte)
+        x = np.array(x, dtype=np.float32, copy=True)
+        if normalize and key != "mnist1d":
+            if key == "digits":
+                mean, std = xtr.mean(), xtr.std()
+            else:
+                mean, std = xtr.mean(axis=0), xtr.std(axis=0)
+                std = np.where(std > 0, std, 1.0)
+            x = ((x - mean) / std).astype(np.float32)
+        ds = Dataset(x, np.asarray(y, np.int32), _NUM_CLASSES[key], key)
+    else:
+        root = resolve_data_dir(data_dir)
+        x8, y = _tfds_image_raw(key, split, root)
+        if limit is not None:
+            x8, y = x8[:limit], y[:limit]
+        x = x8.astype(np.float32) / 255.0
+        if normalize:
+            mean, std = IMAGE_STATS[key]
+            x -= np.asarray(mean, np.float32)
+            x /= np.asarray(std, np.float32)
+        ds = Dataset(x, np.asarray(y, np.int32), _NUM_CLASSES[key], key)
+    if limit is not None:
+        ds = ds.take(limit)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batches
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Number of batches :func:`iterate_batches` yields for ``n`` examples."""
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def augment_batch(x: np.ndarray, rng: np.random.Generator, *, pad: int = 4, flip: bool = True) -> np.ndarray:
+    """Standard CIFAR augmentation of an NHWC batch: random crop after zero-padding ``pad`` pixels on each
+    side, and a random horizontal flip with probability 1/2. Zeros are padded in the (normalised) input
+    space. Vectorised; draws from ``rng`` only."""
+    if x.ndim != 4:
+        raise ValueError(f"augmentation needs NHWC images, got a batch of shape {x.shape}")
+    n, h, w, _ = x.shape
+    out = x
+    if pad > 0:
+        padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        oy = rng.integers(0, 2 * pad + 1, size=n)
+        ox = rng.integers(0, 2 * pad + 1, size=n)
+        rows = oy[:, None] + np.arange(h)[None, :]  # [n, h]
+        cols = ox[:, None] + np.arange(w)[None, :]  # [n, w]
+        out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if flip:
+        mask = rng.random(n) < 0.5
+        out = np.where(mask[:, None, None, None], out[:, :, ::-1, :], out)
+    return np.ascontiguousarray(out, dtype=x.dtype)
+
+
+def iterate_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int = 0, shuffle: bool = True,
+                    augment: bool = False, drop_last: bool = False, pad: int = 4) -> Iterator[tuple]:
+    """Yield ``(x, y)`` NumPy batches of ``ds``; the order and the augmentation depend only on
+    ``(seed, epoch)``, so a resumed run sees exactly the batches an uninterrupted one would.
+
+    ``augment=True`` applies :func:`augment_batch` (random crop with padding ``pad`` + horizontal flip;
+    images only). The last smaller batch is kept unless ``drop_last``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if augment and not ds.is_image:
+        raise ValueError(f"augmentation applies to images; dataset {ds.name!r} has inputs of shape "
+                         f"{ds.input_shape}")
+    n = len(ds)
+    order = np.random.default_rng([int(seed), int(epoch), 0]).permutation(n) if shuffle else np.arange(n)
+    aug_rng = np.random.default_rng([int(seed), int(epoch), 1])
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if drop_last and len(idx) < batch_size:
+            break
+        x = ds.x[idx]
+        if augment:
+            x = augment_batch(x, aug_rng, pad=pad)
+        yield x, ds.y[idx]

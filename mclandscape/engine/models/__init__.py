@@ -1,0 +1,197 @@
+"""The model zoo: Flax modules wrapped as pure :class:`Model` bundles.
+
+``get_model(name, **kwargs)`` builds any zoo architecture; ``model.spec`` records the architecture and
+*all* constructor arguments (defaults filled in) as JSON-serialisable data::
+
+    spec = {"arch": "vgg16_bn", "kwargs": {"num_classes": 10, "dropout": 0.5, "width": 512}}
+
+and ``get_model(spec)`` (or equivalently ``get_model(spec["arch"], **spec["kwargs"])``) rebuilds the same
+model, which is how :func:`mclandscape.engine.checkpoint.load_model` restores a model from a checkpoint alone.
+
+| name | architecture | BatchNorm |
+|---|---|---|
+| ``mlp`` | ``widths`` hidden layers, ``activation``, ``num_classes`` outputs | no |
+| ``simple_cnn`` | seed 000 A.4: 3 × (conv3×3 pad 1, ReLU, max-pool 2), dropout, Dense 256, head | no |
+| ``convfc`` | Garipov et al. ConvFC: 3 × (conv5×5, ReLU, max-pool 3/2), Dense 1000-1000, head (2.42 M) | no |
+| ``vgg16`` / ``vgg16_bn`` | CIFAR VGG16 (Garipov et al.'s classifier) | ``vgg16_bn`` |
+| ``resnet18`` | CIFAR ResNet-18 (11.17 M) | yes |
+| ``resnet20`` | He et al. CIFAR ResNet-20, option-A shortcuts (0.27 M) | yes |
+| ``preresnet20`` | Garipov et al. PreResNet-20 | yes |
+| ``preresnet164`` (alias ``resnet164``) | He et al. 2016b pre-activation bottleneck ResNet, as Garipov et al.'s PreResNet-164: ``depth`` 164 = 9·18 + 2, three stages of 18 blocks (1.70 M) | yes |
+| ``densenet100`` (aliases ``densenet_bc100``, ``densenet``) | Huang et al. DenseNet-BC, ``depth`` 100, ``growth_rate`` 12, ``compression`` 0.5 (0.77 M) | yes |
+| ``vit_small`` (alias ``vit``) | patch-4 ViT, width 192, depth 6, 3 heads | no |
+
+Every model takes ``num_classes`` and works on any input size: NHWC images (8×8×1 digits too — pools are
+skipped on maps smaller than their window) and, for ``mlp``, any ``[N, ...]`` input. Conv models name their
+first convolution ``stem`` (``variables['params']['stem']``), linear in its weights, and expose it as
+``model.stem`` (a :class:`~mclandscape.engine.models.base.StemSpec`: the stem convolution and the body that runs on
+its output), which lets the engines compute the first layer once per control point (issue 9). Models with
+BatchNorm keep a ``batch_stats`` collection and have ``apply_with_stats``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from mclandscape.engine.models._common import as_image
+from mclandscape.engine.models.base import Model, StemSpec, conv_stem, flax_stem, from_flax
+from mclandscape.engine.models.cnn import ConvFC, SimpleCNN
+from mclandscape.engine.models.densenet import DenseNet, check_densenet_args
+from mclandscape.engine.models.mlp import MLP
+from mclandscape.engine.models.resnet import ResNet, preresnet_bottleneck_blocks
+from mclandscape.engine.models.vgg import VGG16
+from mclandscape.engine.models.vit import ViT
+
+__all__ = ["Model", "StemSpec", "from_flax", "get_model", "list_models", "model_from_spec", "canonical_name",
+           "MLP", "SimpleCNN", "ConvFC", "VGG16", "ResNet", "DenseNet", "ViT"]
+
+
+def _mlp(widths, num_classes, activation, use_bias, dropout):
+    return MLP(widths=tuple(int(w) for w in widths), num_classes=num_classes, activation=activation,
+               use_bias=use_bias, dropout=dropout)
+
+
+def _simple_cnn(num_classes, channels, hidden, dropout):
+    return SimpleCNN(num_classes=num_classes, channels=tuple(channels), hidden=hidden, dropout=dropout)
+
+
+def _convfc(num_classes, channels, hidden):
+    return ConvFC(num_classes=num_classes, channels=tuple(channels), hidden=tuple(hidden))
+
+
+def _vgg(bn):
+    def build(num_classes, dropout, width):
+        return VGG16(num_classes=num_classes, batch_norm=bn, dropout=dropout, width=width)
+    return build
+
+
+def _resnet18(num_classes):
+    return ResNet(num_classes=num_classes, stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), shortcut="B")
+
+
+def _resnet20(num_classes, shortcut):
+    return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16, 32, 64), shortcut=shortcut)
+
+
+def _preresnet20(num_classes):
+    return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16, 32, 64), preact=True)
+
+
+def _preresnet164(num_classes, depth):
+    n = preresnet_bottleneck_blocks(depth)
+    return ResNet(num_classes=num_classes, stage_sizes=(n, n, n), widths=(16, 32, 64), preact=True, bottleneck=True)
+
+
+def _densenet(num_classes, depth, growth_rate, compression):
+    check_densenet_args(depth, growth_rate, compression)
+    return DenseNet(num_classes=num_classes, depth=depth, growth_rate=growth_rate, compression=compression)
+
+
+def _vit(num_classes, patch_size, dim, depth, heads, mlp_dim, dropout):
+    return ViT(num_classes=num_classes, patch_size=patch_size, dim=dim, depth=depth, heads=heads,
+               mlp_dim=mlp_dim, dropout=dropout)
+
+
+# name -> (builder, default kwargs, has_batch_stats)
+_REGISTRY: dict[str, tuple[Callable[..., Any], dict, bool]] = {
+    "mlp": (_mlp, {"widths": [128], "num_classes": 10, "activation": "relu", "use_bias": True,
+                   "dropout": 0.0}, False),
+    "simple_cnn": (_simple_cnn, {"num_classes": 10, "channels": [32, 64, 128], "hidden": 256,
+                                 "dropout": 0.25}, False),
+    "convfc": (_convfc, {"num_classes": 10, "channels": [32, 64, 128], "hidden": [1000, 1000]}, False),
+    "vgg16": (_vgg(False), {"num_classes": 10, "dropout": 0.5, "width": 512}, False),
+    "vgg16_bn": (_vgg(True), {"num_classes": 10, "dropout": 0.5, "width": 512}, True),
+    "resnet18": (_resnet18, {"num_classes": 10}, True),
+    "resnet20": (_resnet20, {"num_classes": 10, "shortcut": "A"}, True),
+    "preresnet20": (_preresnet20, {"num_classes": 10}, True),
+    "preresnet164": (_preresnet164, {"num_classes": 10, "depth": 164}, True),
+    "densenet100": (_densenet, {"num_classes": 10, "depth": 100, "growth_rate": 12, "compression": 0.5}, True),
+    "vit_small": (_vit, {"num_classes": 10, "patch_size": 4, "dim": 192, "depth": 6, "heads": 3,
+                         "mlp_dim": 384, "dropout": 0.0}, False),
+}
+_ALIASES = {"vit": "vit_small", "vgg16bn": "vgg16_bn", "preresnet": "preresnet20", "cnn": "simple_cnn",
+            "resnet164": "preresnet164", "densenet_bc100": "densenet100", "densenet": "densenet100"}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`get_model` (aliases excluded)."""
+    return sorted(_REGISTRY)
+
+
+def canonical_name(name: str) -> str:
+    """The registry name of a zoo architecture or alias (``"resnet164"`` -> ``"preresnet164"``); ``ValueError``
+    for an unknown name."""
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string, got {name!r}")
+    arch = _ALIASES.get(name.lower(), name.lower())
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()} (aliases {sorted(_ALIASES)})")
+    return arch
+
+
+def _canonical(value, where: str):
+    """JSON-friendly copy: tuples -> lists, NumPy scalars -> Python scalars; anything else is an error."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v, where) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / jax scalar
+        value = value.item()
+    if isinstance(value, int | float):
+        return value
+    raise ValueError(f"model argument {where}={value!r} is not JSON-serialisable")
+
+
+def get_model(name: str | Mapping, **kwargs) -> Model:
+    """Build a zoo model by name (``get_model("resnet20", num_classes=100)``) or from a spec dict
+    (``get_model(model.spec)``; extra ``kwargs`` override the spec's). Unknown names or arguments raise
+    ``ValueError``. See the module docstring for the architectures."""
+    if isinstance(name, Mapping):
+        spec = dict(name)
+        if "arch" not in spec:
+            raise ValueError(f"model spec {spec!r} has no 'arch' entry")
+        kwargs = {**dict(spec.get("kwargs", {})), **kwargs}
+        name = spec["arch"]
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string or a spec dict, got {name!r}")
+    arch = canonical_name(name)
+    builder, defaults, has_bn = _REGISTRY[arch]
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise ValueError(f"model {arch!r} got unknown argument(s) {unknown}; it takes {sorted(defaults)}")
+    args = copy.deepcopy(defaults)
+    args.update({k: _canonical(v, k) for k, v in kwargs.items()})
+    if not isinstance(args["num_classes"], int) or args["num_classes"] < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {args['num_classes']!r}")
+    module = builder(**args)
+    stem = _stem(arch, module, args, has_bn)
+    return from_flax(module, name=arch, spec={"arch": arch, "kwargs": args}, has_batch_stats=has_bn, stem=stem)
+
+
+def _stem(arch: str, module, args: dict, has_bn: bool) -> StemSpec | None:
+    """The stem (first convolution) of a zoo conv model; ``None`` for the MLP."""
+    if arch == "mlp":
+        return None
+    if arch == "vit_small":
+        p = int(args["patch_size"])
+
+        def prepare(x):
+            x = as_image(x)
+            if x.shape[1] < p or x.shape[2] < p:
+                raise ValueError(f"ViT patch_size {p} is larger than the {x.shape[1]}×{x.shape[2]} input")
+            return x
+
+        return flax_stem(module, "stem", conv_stem((p, p), "VALID"), prepare=prepare)
+    pad = 2 if arch == "convfc" else 1
+    use_bias = not arch.startswith(("resnet", "preresnet", "densenet"))
+    return flax_stem(module, "stem", conv_stem((1, 1), ((pad, pad), (pad, pad))), has_batch_stats=has_bn,
+                     use_bias=use_bias, prepare=as_image)
+
+
+def model_from_spec(spec: Mapping) -> Model:
+    """Rebuild a model from ``model.spec`` (e.g. read back from a checkpoint's JSON metadata)."""
+    return get_model(spec)

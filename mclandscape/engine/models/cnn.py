@@ -1,0 +1,69 @@
+"""Small convolutional networks: the seed's simple CNN and Garipov et al.'s ConvFC."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+from mclandscape.engine.models._common import as_image, max_pool, small_map_conv
+
+
+class SimpleCNN(nn.Module):
+    """The simple CNN of seed 000 appendix A.4 (surfaces with 3×3…5×5 control points, Table 4).
+
+    Three 3×3 convolutions with padding 1, each followed by ReLU and 2×2 max-pooling, dropout after the
+    convolutional part, a 256-unit hidden dense layer and a linear classifier. The seed fixes the kernel
+    size, padding, pooling and hidden width; channel widths default to (32, 64, 128) and dropout to 0.25.
+    The first convolution is the submodule ``stem``.
+    """
+
+    num_classes: int = 10
+    channels: Sequence[int] = (32, 64, 128)
+    hidden: int = 256
+    dropout: float = 0.25
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
+        """Logits; with ``from_stem=True`` ``x`` is the stem's output (conv + bias) and the stem is skipped."""
+        if not from_stem:
+            x = as_image(x)
+        for i, c in enumerate(self.channels):
+            if i > 0 or not from_stem:
+                x = nn.Conv(int(c), (3, 3), padding=1, conv_general_dilated=small_map_conv, name="stem" if i == 0 else f"conv{i}")(x)
+            x = nn.relu(x)
+            x = max_pool(x, 2, 2)
+        if self.dropout > 0:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(self.hidden, name="fc")(x))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class ConvFC(nn.Module):
+    """Garipov et al. (2018) ConvFC: the curve-finding paper's small CIFAR network.
+
+    conv 5×5 (pad 2) 3→32, 32→64, 64→128, each ReLU + 3×3 stride-2 max-pool; dense 1152→1000→1000→classes
+    with ReLU. 2 422 634 parameters for 32×32×3 input and 10 classes. Pools are skipped on maps smaller than
+    3×3 so small inputs work. The first convolution is ``stem``.
+    """
+
+    num_classes: int = 10
+    channels: Sequence[int] = (32, 64, 128)
+    hidden: Sequence[int] = (1000, 1000)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
+        """Logits; with ``from_stem=True`` ``x`` is the stem's output (conv + bias) and the stem is skipped."""
+        if not from_stem:
+            x = as_image(x)
+        for i, c in enumerate(self.channels):
+            if i > 0 or not from_stem:
+                x = nn.Conv(int(c), (5, 5), padding=2, conv_general_dilated=small_map_conv, name="stem" if i == 0 else f"conv{i}")(x)
+            x = nn.relu(x)
+            x = max_pool(x, 3, 2)
+        x = x.reshape((x.shape[0], -1))
+        for i, h in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(int(h), name=f"fc{i}")(x))
+        return nn.Dense(self.num_classes, name="head")(x)

@@ -1,0 +1,52 @@
+"""VGG16 for CIFAR-sized inputs, with and without BatchNorm (Garipov et al.'s curve-finding variant)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from mclandscape.engine.models._common import as_image, batch_norm, he_normal_fan_out, max_pool, small_map_conv
+
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16(nn.Module):
+    """VGG16 (13 conv 3×3 + 3 dense): the default architecture of seed 000 (CIFAR-10/100, Tiny-ImageNet).
+
+    Convolutions as in Simonyan & Zisserman with 2×2 max-pools; the classifier follows the CIFAR variant
+    used for mode connectivity (Garipov et al.): dropout, Dense(512), ReLU, dropout, Dense(512), ReLU,
+    Dense(classes). ``batch_norm=True`` inserts BatchNorm after every convolution (``vgg16_bn``).
+    Conv weights use He-normal (fan-out) init and zero bias. Pools are skipped on 1×1 maps so 8×8 inputs
+    work; the classifier's input width follows from the input size (512 for 32×32).
+    The first convolution is ``stem``.
+    """
+
+    num_classes: int = 10
+    batch_norm: bool = False
+    dropout: float = 0.5
+    width: int = 512
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
+        """Logits; with ``from_stem=True`` ``x`` is the stem's output (conv + bias) and the stem is skipped."""
+        if not from_stem:
+            x = as_image(x)
+        i = 0
+        for v in VGG16_CFG:
+            if v == "M":
+                x = max_pool(x, 2, 2)
+                continue
+            name = "stem" if i == 0 else f"conv{i}"
+            if i > 0 or not from_stem:
+                x = nn.Conv(int(v), (3, 3), padding=1, kernel_init=he_normal_fan_out,
+                            conv_general_dilated=small_map_conv, name=name)(x)
+            if self.batch_norm:
+                x = batch_norm(train, name=f"{name}_bn")(x)
+            x = nn.relu(x)
+            i += 1
+        x = x.reshape((x.shape[0], -1))
+        for j in range(2):
+            if self.dropout > 0:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = nn.relu(nn.Dense(self.width, name=f"fc{j}")(x))
+        return nn.Dense(self.num_classes, name="head")(x)

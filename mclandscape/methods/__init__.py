@@ -1,0 +1,1 @@
+"""The methods layer: the loss-landscape methods built on the engine."""

@@ -1,0 +1,225 @@
+"""Li et al. (2018) loss-landscape views: normalised random directions, 1-D loss curves and 2-D loss planes.
+
+Seed 003 section 4.1 / Fig. 5 draws loss curves ``f(α) = L(θ* + α d)`` around the minima found with and
+without a VDM, with ``d`` a random Gaussian direction rescaled by *filter normalisation* (Li et al. 2018,
+"Visualizing the loss landscape of neural nets"): every filter ``d_{i,j}`` of the direction is rescaled to
+the norm of the corresponding filter of the model, ``d_{i,j} <- d_{i,j} / |d_{i,j}| · |θ_{i,j}|``, which
+removes the scale invariance of ReLU networks so curves of different models are comparable.
+
+Conventions in Flax layouts. A *filter* is one output unit: the slice at a fixed index of the **last**
+axis of a kernel (``Conv`` ``[h, w, in, out]``, ``Dense`` ``[in, out]``; PyTorch's first axis). Leaves with
+``ndim <= 1`` (biases, BatchNorm scale/bias) are treated by ``bias_bn``:
+
+- ``"zero"``: their direction is 0, they do not move (Li et al.'s ``ignore='biasbn'``);
+- ``"copy"``: their direction equals the parameter itself (Li et al.'s default when not ignored);
+- ``"normalize"``: normalised like any other leaf (each scalar is a filter of its own).
+
+Normalisations (``norm``): ``"filter"`` (per filter, above), ``"layer"`` (per leaf: ``d <- d/|d|·|θ|``),
+``"weight"`` (element-wise ``d <- d ⊙ θ``), ``"unit"`` (the whole direction scaled to norm 1) and
+``"none"``. Only the ``params`` collection moves; BatchNorm running statistics stay as trained (with
+:func:`loss_curve`/:func:`loss_plane` they are recomputed per point when ``bn_data`` is given, see
+:func:`mclandscape.engine.evaluate.evaluate_params`).
+
+Grid evaluation is vectorised: :func:`loss_curve` and :func:`loss_plane` build all grid points as one
+stacked parameter tree and evaluate it with :func:`mclandscape.engine.evaluate.evaluate_params`; for pure loss
+functions :func:`grid_losses` maps a jitted loss over the grid (``lax.map`` in chunks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mclandscape.core.tree import PyTree, check_same_structure, tree_norm, tree_random_normal, tree_scale, tree_sub
+from mclandscape.engine.evaluate import evaluate_params
+from mclandscape.engine.models.base import Model
+
+__all__ = [
+    "NORMS",
+    "BIAS_BN",
+    "normalize_direction",
+    "random_direction",
+    "random_directions",
+    "target_direction",
+    "filter_norms",
+    "grid_params",
+    "grid_losses",
+    "Landscape",
+    "loss_curve",
+    "loss_plane",
+]
+
+NORMS = ("filter", "layer", "weight", "unit", "none")
+BIAS_BN = ("zero", "copy", "normalize")
+
+
+def filter_norms(leaf) -> jax.Array:
+    """Norm of every filter of a leaf (slices along the last axis): shape ``[out]``; a scalar leaf is
+    one filter (shape ``[1]``), and a vector leaf has one filter per entry."""
+    x = jnp.asarray(leaf)
+    if x.ndim == 0:
+        return jnp.abs(x)[None]
+    if x.ndim == 1:
+        return jnp.abs(x)
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 1))))
+
+
+def _normalize_leaf(d, w, norm: str, bias_bn: str, eps: float):
+    if d.shape != w.shape:
+        raise ValueError(f"direction leaf shape {d.shape} differs from parameter shape {w.shape}")
+    if d.ndim <= 1:
+        if bias_bn == "zero":
+            return jnp.zeros_like(d)
+        if bias_bn == "copy":
+            return w.astype(d.dtype)
+    if norm == "filter":
+        if d.ndim <= 1:
+            return (jnp.sign(d) * jnp.abs(w)).astype(d.dtype)
+        axes = tuple(range(d.ndim - 1))
+        dn = jnp.sqrt(jnp.sum(jnp.square(d), axis=axes, keepdims=True))
+        wn = jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True))
+        return (d * (wn / (dn + eps))).astype(d.dtype)
+    if norm == "layer":
+        return (d * (jnp.linalg.norm(w.ravel()) / (jnp.linalg.norm(d.ravel()) + eps))).astype(d.dtype)
+    if norm == "weight":
+        return (d * w).astype(d.dtype)
+    return d
+
+
+def normalize_direction(direction: PyTree, params: PyTree, *, norm: str = "filter", bias_bn: str = "zero",
+                        eps: float = 1e-10) -> PyTree:
+    """Rescale ``direction`` against ``params`` (Li et al. 2018 filter/layer/weight normalisation).
+
+    See the module docstring for ``norm`` and ``bias_bn``. ``eps`` guards zero-norm filters (as Li et al.'s
+    ``1e-10``). The two trees must have the same structure and shapes.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+    if bias_bn not in BIAS_BN:
+        raise ValueError(f"unknown bias_bn option {bias_bn!r}; expected one of {BIAS_BN}")
+    check_same_structure(direction, params, names=("direction", "params"), check_dtype=False)
+    if norm in ("filter", "layer", "weight"):
+        return jax.tree_util.tree_map(lambda d, w: _normalize_leaf(d, w, norm, bias_bn, eps), direction, params)
+    out = jax.tree_util.tree_map(lambda d, w: _normalize_leaf(d, w, "none", bias_bn, eps), direction, params)
+    if norm == "unit":
+        n = tree_norm(out)
+        if float(n) == 0.0:
+            raise ValueError("normalize_direction(norm='unit'): the direction is zero")
+        out = tree_scale(out, 1.0 / n)
+    return out
+
+
+def random_direction(key: jax.Array, params: PyTree, *, norm: str = "filter", bias_bn: str = "zero") -> PyTree:
+    """A Gaussian direction shaped like ``params``, normalised by :func:`normalize_direction`."""
+    d = tree_random_normal(key, params)
+    return normalize_direction(d, params, norm=norm, bias_bn=bias_bn)
+
+
+def random_directions(key: jax.Array, params: PyTree, num: int = 2, *, norm: str = "filter",
+                      bias_bn: str = "zero") -> list[PyTree]:
+    """``num`` independent normalised random directions (Li et al. use two for a 2-D plane; in high
+    dimension they are nearly orthogonal)."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    return [random_direction(k, params, norm=norm, bias_bn=bias_bn) for k in jax.random.split(key, num)]
+
+
+def target_direction(params: PyTree, other: PyTree) -> PyTree:
+    """The direction ``other − params`` (α = 1 reaches ``other``): Li et al.'s interpolation direction."""
+    check_same_structure(params, other, names=("params", "other"))
+    return tree_sub(other, params)
+
+
+def grid_params(params: PyTree, directions: Sequence[PyTree], coords) -> PyTree:
+    """Stacked parameters ``θ + Σ_i coords[p, i]·d_i`` for P grid points ``coords[P, k]`` (k directions)."""
+    dirs = list(directions)
+    if not dirs:
+        raise ValueError("grid_params needs at least one direction")
+    c = jnp.asarray(coords, jnp.float32)
+    if c.ndim == 1:
+        c = c[:, None]
+    if c.ndim != 2 or c.shape[1] != len(dirs):
+        raise ValueError(f"coords must be [P, {len(dirs)}] for {len(dirs)} direction(s), got shape {c.shape}")
+    for i, d in enumerate(dirs):
+        check_same_structure(params, d, names=("params", f"direction[{i}]"), check_dtype=False)
+    stacked_dirs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *dirs)
+
+    def build(w, sd):
+        delta = jnp.tensordot(c, sd.astype(jnp.float32), axes=[[1], [0]])
+        return (w[None].astype(jnp.float32) + delta).astype(w.dtype)
+
+    return jax.tree_util.tree_map(build, params, stacked_dirs)
+
+
+def grid_losses(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, directions: Sequence[PyTree], coords, *,
+                chunk_size: int | None = None) -> np.ndarray:
+    """``loss_fn(θ + Σ_i coords[p, i]·d_i)`` for every grid point, one jitted ``lax.map`` (``chunk_size``
+    points vmapped at a time) over the grid. ``loss_fn`` is a pure function of the parameters."""
+    dirs = list(directions)
+    c = jnp.asarray(coords, jnp.float32)
+    if c.ndim == 1:
+        c = c[:, None]
+    if c.ndim != 2 or c.shape[1] != len(dirs):
+        raise ValueError(f"coords must be [P, {len(dirs)}] for {len(dirs)} direction(s), got shape {c.shape}")
+    for i, d in enumerate(dirs):
+        check_same_structure(params, d, names=("params", f"direction[{i}]"), check_dtype=False)
+
+    @jax.jit
+    def run(p, ds, cs):
+        def one(ci):
+            q = jax.tree_util.tree_map(
+                lambda w, *dl: (w + sum(ci[i] * dl[i] for i in range(len(dl)))).astype(w.dtype), p, *ds)
+            return loss_fn(q)
+
+        return jax.lax.map(one, cs, batch_size=chunk_size)
+
+    return np.asarray(run(params, dirs, c))
+
+
+@dataclasses.dataclass(frozen=True)
+class Landscape:
+    """Loss/accuracy on a grid: ``alphas[A]`` (and ``betas[B]`` for planes); ``loss``/``accuracy`` are
+    ``[A]`` for curves and ``[A, B]`` (alpha major) for planes."""
+
+    alphas: np.ndarray
+    betas: np.ndarray | None
+    loss: np.ndarray
+    accuracy: np.ndarray
+
+
+def _check_axis(a, name: str) -> np.ndarray:
+    a = np.asarray(a, np.float64).ravel()
+    if a.size < 2:
+        raise ValueError(f"{name} needs at least 2 values, got {a.size}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} holds non-finite values")
+    return a
+
+
+def loss_curve(model: Model, params: PyTree, direction: PyTree, alphas, data, **eval_kwargs) -> Landscape:
+    """1-D loss curve ``L(θ + α d)`` over ``alphas`` (seed 003 Fig. 5), evaluated for all α at once with
+    :func:`mclandscape.engine.evaluate.evaluate_params` (``eval_kwargs``: ``batch_size``, ``strategy``,
+    ``chunk_size``, ``bn_data`` for BatchNorm models, ...)."""
+    a = _check_axis(alphas, "alphas")
+    stacked = grid_params(params, [direction], a[:, None])
+    m = evaluate_params(model, stacked, data, **eval_kwargs)
+    return Landscape(alphas=a, betas=None, loss=np.asarray(m.loss), accuracy=np.asarray(m.accuracy))
+
+
+def loss_plane(model: Model, params: PyTree, d1: PyTree, d2: PyTree, alphas, betas, data,
+               **eval_kwargs) -> Landscape:
+    """2-D loss surface ``L(θ + α d1 + β d2)`` on the grid ``alphas × betas`` (Li et al. 2018), all points
+    evaluated in one call of :func:`mclandscape.engine.evaluate.evaluate_params`."""
+    a = _check_axis(alphas, "alphas")
+    b = _check_axis(betas, "betas")
+    aa, bb = np.meshgrid(a, b, indexing="ij")
+    coords = np.stack([aa.ravel(), bb.ravel()], axis=1)
+    stacked = grid_params(params, [d1, d2], coords)
+    m = evaluate_params(model, stacked, data, **eval_kwargs)
+    shape = (a.size, b.size)
+    return Landscape(alphas=a, betas=b, loss=np.asarray(m.loss).reshape(shape),
+                     accuracy=np.asarray(m.accuracy).reshape(shape))

@@ -1,0 +1,475 @@
+"""Ensembles of networks and the metrics of their quality and diversity — the library's one implementation.
+
+Used by DSP-TT (seed 004 §4-5: Tier-1, Tier-0-1, Tier-0-1-2 ensembles, Tables 1-3) and by Bézier-surface
+ensembling (seed 000: ensembles of grid points of a surface). Everything starts from the *stacked member
+output probabilities* ``probs[M, N, C]`` (M members, N examples, C classes), which any caller can produce
+(:func:`member_probs` does it for parameter sets of a :class:`~mclandscape.engine.models.base.Model` through
+:func:`mclandscape.engine.evaluate.evaluate_params`).
+
+Combination rules (seed 004 §4: "averaging ... or voting"):
+
+- ``"mean"``: the ensemble's probabilities are the (optionally weighted) mean of the members'
+  probabilities; its prediction the arg-max;
+- ``"vote"``: each member votes for its arg-max class; the ensemble predicts the class with most votes, ties
+  broken by the larger mean probability (then the lower class index). A vote has no probabilities, so its
+  NLL is reported as ``None``.
+
+Metrics (seed 004 Tables 1-3):
+
+- ``test_error``: fraction of misclassified examples, in ``[0, 1]`` (tables print it in percent);
+- ``nll``: mean negative log-likelihood ``-mean_n log p_n[y_n]`` of the ensemble probabilities (Table 1's
+  "loss"); a zero probability of the true class gives ``inf``;
+- ``output_correlation``: mean over member pairs of the Pearson correlation coefficient between their
+  output probability vectors, each member's ``[N, C]`` outputs flattened to one vector (Huang et al. 2017a,
+  as used in Tables 2-3);
+- ``param_distance``: mean over member pairs of the Euclidean distance between their parameter vectors
+  (Garipov et al. 2018, Table 3).
+
+Baselines at equal budget (Tables 2-3): :func:`independent_ensemble` (members trained from different
+random initialisations), :func:`snapshot_ensemble` (Huang et al. 2017a: one run with a cyclic cosine learning
+rate, a snapshot at the end of each cycle) and :func:`fge_ensemble` (Garipov et al. 2018: from a trained
+model, a cyclic piecewise-linear learning rate between ``lr1`` and ``lr2``, a member at each cycle's minimum).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mclandscape.core.tree import PyTree, check_same_structure, tree_gram, tree_stack
+
+__all__ = [
+    "METHODS",
+    "EnsembleMetrics",
+    "average_probs",
+    "vote",
+    "ensemble_probs",
+    "test_error",
+    "nll",
+    "pairwise_output_correlation",
+    "output_correlation",
+    "pairwise_param_distances",
+    "param_distance",
+    "ensemble_from_probs",
+    "member_probs",
+    "ensemble_from_params",
+    "snapshot_cosine_schedule",
+    "fge_schedule",
+    "snapshot_steps",
+    "fge_collect_steps",
+    "train_with_snapshots",
+    "snapshot_ensemble",
+    "fge_ensemble",
+    "independent_ensemble",
+]
+
+METHODS = ("mean", "vote")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_probs(probs, name: str = "probs") -> np.ndarray:
+    p = np.asarray(probs)
+    if p.ndim != 3:
+        raise ValueError(f"{name} must have shape [M members, N examples, C classes], got shape {p.shape}")
+    m, n, c = p.shape
+    if m < 1 or n < 1 or c < 2:
+        raise ValueError(f"{name} needs at least 1 member, 1 example and 2 classes, got shape {p.shape}")
+    if not np.issubdtype(p.dtype, np.floating):
+        raise ValueError(f"{name} must hold floating-point probabilities, got dtype {p.dtype}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"{name} holds non-finite values")
+    if np.any(p < 0):
+        raise ValueError(f"{name} holds negative probabilities (min {p.min():.3g}); pass softmax outputs, "
+                         "not logits")
+    sums = p.astype(np.float64).sum(-1)
+    if np.max(np.abs(sums - 1.0)) > 1e-3:
+        raise ValueError(f"{name} rows must sum to 1 over classes (max deviation {np.max(np.abs(sums - 1)):.3g}); "
+                         "pass softmax outputs, not logits")
+    return p
+
+
+def _check_labels(labels, n: int, c: int) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"labels must have shape [{n}] to match the probabilities, got {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= c):
+        raise ValueError(f"labels must lie in [0, {c}), got range [{y.min()}, {y.max()}]")
+    return y
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"ensemble method must be one of {METHODS}, got {method!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# combining members
+# ---------------------------------------------------------------------------------------------------------
+
+
+def average_probs(probs, weights: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
+    """Ensemble probabilities ``sum_m w_m probs[m] / sum_m w_m`` (uniform weights by default): ``[N, C]``."""
+    p = _check_probs(probs).astype(np.float64)
+    if weights is None:
+        return p.mean(0)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (p.shape[0],):
+        raise ValueError(f"weights must have shape [{p.shape[0]}] (one per member), got {w.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {w}")
+    return np.tensordot(w / w.sum(), p, axes=1)
+
+
+def vote(probs) -> tuple[np.ndarray, np.ndarray]:
+    """Majority vote of the members' arg-max classes: ``(predictions[N], vote_fractions[N, C])``.
+
+    Ties are broken by the larger mean probability, then by the lower class index."""
+    p = _check_probs(probs)
+    m, n, c = p.shape
+    member_pred = p.argmax(-1)  # [M, N]
+    counts = np.zeros((n, c), dtype=np.int64)
+    for row in member_pred:
+        counts[np.arange(n), row] += 1
+    mean = p.astype(np.float64).mean(0)
+    top = counts == counts.max(-1, keepdims=True)
+    pred = np.where(top, mean, -np.inf).argmax(-1)
+    return pred, counts / m
+
+
+def ensemble_probs(probs, method: str = "mean", weights=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(predictions[N], probabilities[N, C] or None)`` of the ensemble under ``method`` (``"mean"`` or
+    ``"vote"``; a vote has no probabilities)."""
+    _check_method(method)
+    if method == "mean":
+        q = average_probs(probs, weights)
+        return q.argmax(-1), q
+    if weights is not None:
+        raise ValueError("weights are only supported for method='mean'")
+    return vote(probs)[0], None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_error(predictions_or_probs, labels) -> float:
+    """Fraction of misclassified examples; takes predictions ``[N]`` or probabilities ``[N, C]``."""
+    a = np.asarray(predictions_or_probs)
+    if a.ndim == 2:
+        pred = a.argmax(-1)
+    elif a.ndim == 1:
+        pred = a
+        if not np.issubdtype(pred.dtype, np.integer):
+            raise ValueError(f"predictions must be integer classes, got dtype {pred.dtype}")
+    else:
+        raise ValueError(f"test_error takes predictions [N] or probabilities [N, C], got shape {a.shape}")
+    y = np.asarray(labels)
+    if y.shape != pred.shape:
+        raise ValueError(f"labels shape {y.shape} does not match predictions shape {pred.shape}")
+    if y.size == 0:
+        raise ValueError("test_error of an empty set is undefined")
+    return float(np.mean(pred != y))
+
+
+test_error.__test__ = False  # keep pytest from collecting it as a test when imported into a test module
+
+
+def nll(probs, labels) -> float:
+    """Mean negative log-likelihood ``-mean_n log probs[n, y_n]`` (``inf`` if a true class has probability 0)."""
+    q = np.asarray(probs, dtype=np.float64)
+    if q.ndim != 2:
+        raise ValueError(f"nll takes probabilities [N, C], got shape {q.shape}")
+    _check_probs(q[None])
+    y = _check_labels(labels, q.shape[0], q.shape[1])
+    py = q[np.arange(q.shape[0]), y]
+    with np.errstate(divide="ignore"):
+        return float(-np.mean(np.log(py)))
+
+
+def pairwise_output_correlation(probs) -> np.ndarray:
+    """``[M, M]`` Pearson correlation between the members' flattened ``[N*C]`` output probabilities."""
+    p = _check_probs(probs).astype(np.float64)
+    m = p.shape[0]
+    if m < 2:
+        raise ValueError("output correlation needs at least 2 members")
+    flat = p.reshape(m, -1)
+    centred = flat - flat.mean(1, keepdims=True)
+    sd = np.sqrt((centred**2).sum(1))
+    if np.any(sd == 0):
+        k = int(np.argmin(sd))
+        raise ValueError(f"member {k} has constant outputs, so its Pearson correlation is undefined")
+    return (centred @ centred.T) / np.outer(sd, sd)
+
+
+def output_correlation(probs) -> float:
+    """Mean pairwise Pearson correlation of member outputs (seed 004 Tables 2-3, "Output Correlation")."""
+    r = pairwise_output_correlation(probs)
+    iu = np.triu_indices(r.shape[0], 1)
+    return float(r[iu].mean())
+
+
+def _as_stacked(members) -> PyTree:
+    if isinstance(members, list | tuple):
+        if len(members) == 0:
+            raise ValueError("no members given")
+        return tree_stack(list(members), names=[f"member[{i}]" for i in range(len(members))])
+    leaves = jax.tree_util.tree_leaves(members)
+    if not leaves:
+        raise ValueError("members hold no arrays")
+    sizes = {int(np.shape(a)[0]) if np.ndim(a) else -1 for a in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(f"stacked members need one common leading axis, got sizes {sorted(sizes)}")
+    return members
+
+
+def pairwise_param_distances(members) -> np.ndarray:
+    """``[M, M]`` Euclidean distances between members (a list of parameter pytrees or one stacked pytree).
+
+    Computed from the Gram matrix of the members centred on their mean (exact up to float32 rounding of the
+    centred products, no cancellation of the large uncentred norms)."""
+    stacked = _as_stacked(members)
+    m = int(np.shape(jax.tree_util.tree_leaves(stacked)[0])[0])
+    mean = jax.tree_util.tree_map(lambda x: jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), 0),
+                                  stacked)
+    centred = jax.tree_util.tree_map(lambda x, mu: x - mu[None], stacked, mean)
+    g = np.asarray(tree_gram(centred), dtype=np.float64)
+    d2 = np.diag(g)[:, None] + np.diag(g)[None, :] - 2.0 * g
+    d2[np.arange(m), np.arange(m)] = 0.0
+    # rounding can leave tiny negative squares for (near-)identical members; they are distance 0
+    return np.sqrt(np.maximum(d2, 0.0))
+
+
+def param_distance(members) -> float:
+    """Mean pairwise Euclidean parameter distance (seed 004 Table 3, "Parameter Distance")."""
+    d = pairwise_param_distances(members)
+    if d.shape[0] < 2:
+        raise ValueError("parameter distance needs at least 2 members")
+    return float(d[np.triu_indices(d.shape[0], 1)].mean())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one ensemble, all metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleMetrics:
+    """Metrics of one ensemble (seed 004 Tables 1-3). ``output_correlation`` / ``param_distance`` are
+    ``None`` for a single member (or when no parameters were given); ``nll`` is ``None`` for a vote."""
+
+    method: str
+    members: int
+    test_error: float
+    nll: float | None
+    output_correlation: float | None
+    param_distance: float | None
+    member_test_error: list[float]
+    member_nll: list[float]
+
+    def to_json(self) -> dict:
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+            return v
+
+        return {k: ([clean(x) for x in v] if isinstance(v, list) else clean(v))
+                for k, v in dataclasses.asdict(self).items()}
+
+
+def ensemble_from_probs(probs, labels, *, method: str = "mean", weights=None, params=None) -> EnsembleMetrics:
+    """All ensemble metrics from stacked member probabilities ``probs[M, N, C]`` and ``labels[N]``.
+
+    ``params`` (a list of member parameter pytrees or one stacked pytree, in the order of ``probs``) adds the
+    mean pairwise parameter distance."""
+    _check_method(method)
+    p = _check_probs(probs)
+    y = _check_labels(labels, p.shape[1], p.shape[2])
+    pred, q = ensemble_probs(p, method, weights)
+    m = p.shape[0]
+    dist = None
+    if params is not None:
+        stacked = _as_stacked(params)
+        pm = int(np.shape(jax.tree_util.tree_leaves(stacked)[0])[0])
+        if pm != m:
+            raise ValueError(f"params hold {pm} members but probs hold {m}")
+        dist = param_distance(stacked) if m > 1 else None
+    return EnsembleMetrics(
+        method=method, members=m, test_error=test_error(pred, y), nll=None if q is None else nll(q, y),
+        output_correlation=output_correlation(p) if m > 1 else None, param_distance=dist,
+        member_test_error=[test_error(p[i], y) for i in range(m)],
+        member_nll=[nll(p[i], y) for i in range(m)])
+
+
+def member_probs(model, members, data, *, batch_size: int = 500, bn_data=None, **kwargs) -> np.ndarray:
+    """Output probabilities ``[M, N, C]`` of ``members`` (list of ``params`` pytrees or a stacked pytree) of
+    ``model`` on ``data`` (a Dataset or ``(x, y)``), via :func:`mclandscape.engine.evaluate.evaluate_params`."""
+    from mclandscape.engine.evaluate import evaluate_params
+
+    stacked = _as_stacked(members)
+    out = evaluate_params(model, stacked, data, batch_size=batch_size, bn_data=bn_data, return_probs=True,
+                          **kwargs)
+    return np.asarray(out.probs)
+
+
+def ensemble_from_params(model, members, data, *, method: str = "mean", batch_size: int = 500, bn_data=None,
+                         weights=None) -> EnsembleMetrics:
+    """Ensemble metrics of parameter sets ``members`` of ``model`` on ``data`` (Dataset or ``(x, y)``)."""
+    stacked = _as_stacked(members)
+    probs = member_probs(model, stacked, data, batch_size=batch_size, bn_data=bn_data)
+    y = data.y if hasattr(data, "y") else data[1]
+    return ensemble_from_probs(probs, np.asarray(y), method=method, weights=weights, params=stacked)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# baselines: learning-rate schedules
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_pos_int(v, name: str) -> int:
+    if isinstance(v, bool) or int(v) != v or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return int(v)
+
+
+def _check_pos(v, name: str) -> float:
+    f = float(v)
+    if not math.isfinite(f) or f <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    return f
+
+
+def snapshot_cosine_schedule(lr0: float, total_steps: int, num_cycles: int) -> Callable[[Any], Any]:
+    """Cyclic cosine annealing of snapshot ensembles (Huang et al. 2017a, eq. 2):
+    ``lr(t) = lr0 / 2 * (cos(pi * mod(t, L) / L) + 1)`` with cycle length ``L = ceil(total_steps / num_cycles)``
+    (``t`` counted from 0), restarting at ``lr0`` at the start of every cycle."""
+    lr0 = _check_pos(lr0, "lr0")
+    total = _check_pos_int(total_steps, "total_steps")
+    cycles = _check_pos_int(num_cycles, "num_cycles")
+    if cycles > total:
+        raise ValueError(f"num_cycles ({cycles}) exceeds total_steps ({total})")
+    length = math.ceil(total / cycles)
+
+    def schedule(t):
+        return lr0 / 2.0 * (jnp.cos(jnp.pi * jnp.mod(t, length) / length) + 1.0)
+
+    return schedule
+
+
+def snapshot_steps(total_steps: int, num_cycles: int) -> list[int]:
+    """The number of completed steps after which snapshot ensembles take their members (the end of each
+    cosine cycle; the last one at ``total_steps``)."""
+    total = _check_pos_int(total_steps, "total_steps")
+    cycles = _check_pos_int(num_cycles, "num_cycles")
+    length = math.ceil(total / cycles)
+    return sorted({min(length * (c + 1), total) for c in range(cycles)})
+
+
+def fge_schedule(lr1: float, lr2: float, cycle_steps: int) -> Callable[[Any], Any]:
+    """Garipov et al. (2018) FGE cycle: with ``s(i) = (mod(i - 1, c) + 1) / c`` for step ``i >= 1``,
+    ``lr = (1 - 2s) lr1 + 2s lr2`` for ``s <= 1/2`` and ``(2 - 2s) lr2 + (2s - 1) lr1`` otherwise: from ``lr1``
+    down to ``lr2`` at mid-cycle and back. The optax step count ``t`` (from 0) is step ``i = t + 1``."""
+    lr1 = _check_pos(lr1, "lr1")
+    lr2 = _check_pos(lr2, "lr2")
+    c = _check_pos_int(cycle_steps, "cycle_steps")
+    if c < 2 or c % 2:
+        raise ValueError(f"cycle_steps must be an even integer >= 2 (members are taken at mid-cycle), got {c}")
+
+    def schedule(t):
+        s = (jnp.mod(t, c) + 1) / c
+        return jnp.where(s <= 0.5, (1 - 2 * s) * lr1 + 2 * s * lr2, (2 - 2 * s) * lr2 + (2 * s - 1) * lr1)
+
+    return schedule
+
+
+def fge_collect_steps(cycle_steps: int, num_members: int) -> list[int]:
+    """Completed step counts at which FGE takes members: mid-cycle, where the learning rate is ``lr2``."""
+    c = _check_pos_int(cycle_steps, "cycle_steps")
+    m = _check_pos_int(num_members, "num_members")
+    return [k * c + c // 2 for k in range(m)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# baselines: training with snapshots
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train_with_snapshots(loss_fn: Callable, params: PyTree, optimizer: optax.GradientTransformation,
+                         batch_fn: Callable[[int], Any], steps: int, collect: Sequence[int], *,
+                         key: jax.Array | None = None) -> tuple[PyTree, list[PyTree]]:
+    """Run ``optimizer`` for ``steps`` steps of ``loss_fn(params, batch_fn(t), rng)`` from ``params`` and
+    return ``(final_params, snapshots)`` with a copy of the parameters after each completed step count in
+    ``collect`` (each in ``[1, steps]``)."""
+    steps = _check_pos_int(steps, "steps")
+    want = sorted({int(c) for c in collect})
+    if not want:
+        raise ValueError("collect is empty: give the step counts at which to take members")
+    if want[0] < 1 or want[-1] > steps:
+        raise ValueError(f"collect steps must lie in [1, {steps}], got {want}")
+    key = key if key is not None else jax.random.key(0)
+
+    from mclandscape.engine.train import make_train_step
+
+    step = make_train_step(lambda p, b, k: (loss_fn(p, b, k), None), optimizer)
+
+    opt_state = optimizer.init(params)
+    snaps = []
+    for t in range(steps):
+        params, opt_state, loss, _ = step(params, opt_state, batch_fn(t), jax.random.fold_in(key, t))
+        if t + 1 in want:
+            if not math.isfinite(float(loss)):
+                raise ValueError(f"training diverged (loss {float(loss)} at step {t + 1}); lower the learning rate")
+            snaps.append(jax.tree_util.tree_map(jnp.copy, params))
+    return params, snaps
+
+
+def snapshot_ensemble(loss_fn: Callable, init_params: PyTree, batch_fn: Callable[[int], Any], *, lr0: float,
+                      total_steps: int, num_members: int, momentum: float = 0.9, weight_decay: float = 0.0,
+                      key: jax.Array | None = None) -> list[PyTree]:
+    """Snapshot ensemble (Huang et al. 2017a): SGD (``momentum``, L2 ``weight_decay`` added to the gradient)
+    with :func:`snapshot_cosine_schedule` over ``total_steps`` — the whole budget — and a member at the end of
+    each of ``num_members`` cycles."""
+    sched = snapshot_cosine_schedule(lr0, total_steps, num_members)
+    opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(sched, momentum=momentum or None))
+    _, snaps = train_with_snapshots(loss_fn, init_params, opt, batch_fn, total_steps,
+                                    snapshot_steps(total_steps, num_members), key=key)
+    return snaps
+
+
+def fge_ensemble(loss_fn: Callable, trained_params: PyTree, batch_fn: Callable[[int], Any], *, lr1: float,
+                 lr2: float, cycle_steps: int, num_members: int, momentum: float = 0.9,
+                 weight_decay: float = 0.0, key: jax.Array | None = None) -> list[PyTree]:
+    """Fast geometric ensembling (Garipov et al. 2018): from ``trained_params``, SGD with
+    :func:`fge_schedule` for ``num_members`` cycles of ``cycle_steps``, a member at every mid-cycle."""
+    sched = fge_schedule(lr1, lr2, cycle_steps)
+    opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(sched, momentum=momentum or None))
+    collect = fge_collect_steps(cycle_steps, num_members)
+    _, snaps = train_with_snapshots(loss_fn, trained_params, opt, batch_fn, collect[-1], collect, key=key)
+    return snaps
+
+
+def independent_ensemble(train_one: Callable[[int], PyTree], seeds: Sequence[int]) -> list[PyTree]:
+    """Independently trained members: ``train_one(seed)`` for each seed (different random initialisations
+    and data orders, the full budget each — Table 3's Individual-Ens)."""
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("independent_ensemble needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+    members = [train_one(int(s)) for s in seeds]
+    for i in range(1, len(members)):
+        check_same_structure(members[0], members[i], names=("member[0]", f"member[{i}]"))
+    return members

@@ -1,0 +1,769 @@
+"""Bézier-surface mode connectivity (seed 000): training, evaluating and using n x m Bézier surfaces.
+
+A surface is a :class:`~mclandscape.core.connectors.Connector` of kind ``"surface"`` with an ``(n+1) x (m+1)``
+control grid ``theta_ij`` (flat index ``k = i (m+1) + j``; ``i`` runs along ``u``), its four corners fixed
+(four trained networks) and the other control points initialised bilinearly
+(:func:`mclandscape.core.connectors.bezier_surface`, Algorithm 2 lines 1-6). Its points are
+
+    phi(u, v) = sum_i sum_j B_{i,n}(u) B_{j,m}(v) theta_ij                                   (eq. 6)
+
+Training (:func:`train_surface`) follows the three-phase "outer-to-inner" schedule of Algorithms 1 and 2,
+each phase minimising the mini-batch estimate of a uniform-average loss over ``k`` sampled points
+(eq. 9-10), all ``k`` points evaluated on the same batch in one vectorised step and one optimizer update per
+batch, through :func:`mclandscape.engine.connector_train.train_connector`:
+
+- **Phase 1** (E1 epochs; Alg. 1 lines 2-4, Alg. 2 lines 8-16): the two edge curves ``u = 0`` and ``u = 1``,
+  ``phi(0, v) = sum_j B_{j,m}(v) theta_0j`` and ``phi(1, v) = sum_j B_{j,m}(v) theta_nj``. Points
+  ``(u, v)`` with ``u`` alternating over {0, 1} (random start) and ``v ~ U[0, 1]`` (Alg. 2 line 14 sums both
+  edges at each sampled ``v``; Alg. 1 line 3 writes "sample u" where the edges vary ``v``). Trainable:
+  ``theta_0j`` and ``theta_nj`` for ``0 < j < m`` — the only control points these curves depend on, corners
+  excluded (§4.2 "Phase 1").
+- **Phase 2** (E2 epochs; Alg. 1 lines 5-7, Alg. 2 lines 17-26): the family of u-direction curves
+  ``C_j(u) = sum_i B_{i,n}(u) theta_ij`` for every fixed ``j = 0..m`` — the inner sums of eq. 5, Bézier
+  curves in ``u`` from ``theta_0j`` to ``theta_nj``. For ``0 < j < m`` they are *not* curves on the surface
+  (``phi(u, v) = sum_j B_{j,m}(v) C_j(u)``), so their points are given as pairs ``(u, j)`` (``j`` stored as a
+  float) with their own coefficients (:func:`curve_family_coefficients`). ``u ~ U[0, 1]``; ``j`` runs over
+  ``0..m`` stratified (random start, then cyclic), so each batch covers all curves once ``k >= m+1`` as in
+  Alg. 2 lines 20-24. Trainable: ``theta_ij`` for ``0 < i < n`` and all ``j`` — the inner control points of
+  each curve; the curve end points ``theta_0j``, ``theta_nj`` were shaped in phase 1 and stay fixed.
+  **Seed slip**: Alg. 2 line 25 repeats line 15's "for each learnable theta_ij, i in {0, n}"; taken
+  literally phase 2 would move only the phase-1 points, leave every inner curve control point (including
+  the inner points ``theta_i0``, ``theta_im`` of the edges v = 0 and v = 1) untrained until phase 3, and
+  contradict §4.2's "optimize the control points along the curves". We implement the evident intent
+  ``i in {1, ..., n-1}`` (``tests/test_surface.py::test_phase_masks_and_line25_slip`` shows the slip).
+  Also Alg. 1 line 7 writes ``j in {0, ..., n-1}`` and Alg. 2 line 21 mixes indices
+  (``theta_0n B_{n,m}``); the curve family above is what both describe.
+- **Phase 3** (E3 epochs; Alg. 1 lines 8-10, Alg. 2 lines 27-34): the whole surface, ``(u, v) ~ U[0, 1]^2``;
+  trainable: every non-corner control point.
+
+Every phase evaluates exactly ``k`` points per batch (so steps cost the same in every phase). Control points
+a phase does not train stay bit-identical (the trainer's mask), and the corners never move. Each phase has
+its own optimizer state and learning-rate schedule, and its own checkpoint directory
+(``checkpoint_dir/phase{1,2,3}``): calling :func:`train_surface` again with the same ``checkpoint_dir``
+skips finished phases (restoring their result) and resumes the interrupted one after its last saved epoch.
+
+Beyond the paper: the area-weighted objective of eq. 7-8 made exact (``objective="area"``, phase 3). The
+tangents ``phi_u = sum_k a_k(u, v) theta_k`` and ``phi_v = sum_k b_k(u, v) theta_k`` are fixed linear
+combinations of the control points (derivative coefficients ``a``, ``b``), so with the Gram matrix
+``G = Theta Theta^T`` of the control points (centred on their mean: ``a`` and ``b`` sum to zero, so centring
+changes nothing but the rounding) the area element of the parameter-space surface is
+
+    |phi_u x phi_v| = sqrt(|phi_u|^2 |phi_v|^2 - (phi_u . phi_v)^2)
+                    = sqrt((a^T G a)(b^T G b) - (a^T G b)^2)                                 (eq. 8 numerator)
+
+at a cost of one K x K Gram matrix per step, for any parameter dimension. ``q_uv`` (eq. 8) divides it by the
+surface area ``Z`` (Gauss-Legendre quadrature of the same formula). Two estimators of eq. 7:
+
+- ``area_estimator="importance"``: uniform samples weighted by ``w = |phi_u x phi_v| / Z`` (unbiased:
+  ``E_U[w L] = E_q[L]``);
+- ``area_estimator="sample"``: samples drawn from a piecewise-constant approximation ``p`` of ``q_uv``
+  (the area element at the centres of ``cells x cells`` cells, mixed with ``proposal_mix`` of the uniform
+  density so ``p > 0`` everywhere), rebuilt from the current surface every ``proposal_refresh`` epochs,
+  with the exact correction ``w = q_uv / p`` (close to 1), so the estimate stays unbiased.
+
+``area_gradient="full"`` differentiates through ``q_uv`` (the exact gradient of eq. 7, including how moving
+control points redistributes area); ``"fixed"`` treats the weights as constants at the current surface.
+
+Evaluation and use of a surface: :func:`surface_grid` (train loss / test accuracy over the 11 x 11 grid of
+step 0.1 with BatchNorm statistics recomputed per point, Figures 4-5), :func:`subset_approximation`
+(appendix B), :func:`merge_best` (model merging, Table 1), :func:`surface_ensembles` (Table 3, through
+:mod:`mclandscape.methods.ensemble`), linear surfaces without training (:func:`triangle_points` /
+:func:`evaluate_triangle` for §4.1 and Figure 3; the untrained bilinear surface; :func:`trajectory_surface`
+for A.2/A.3), and layer-specific optimisation (:func:`layer_mask`, :func:`masked_optimizer`; A.6, Table 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mclandscape.core.bernstein import bernstein
+from mclandscape.core.connectors import Connector, bezier_surface, simplex
+from mclandscape.core.tree import PyTree, tree_gram, tree_path_names
+from mclandscape.engine.evaluate import evaluate_points, uv_grid
+from mclandscape.engine.models.base import Model
+
+__all__ = [
+    "PHASES",
+    "OBJECTIVES",
+    "AREA_ESTIMATORS",
+    "AREA_GRADIENTS",
+    "phase_trainable",
+    "phase_sampler",
+    "curve_family_coefficients",
+    "control_gram",
+    "area_element",
+    "surface_area",
+    "area_density",
+    "area_weights",
+    "area_proposal",
+    "layer_mask",
+    "masked_optimizer",
+    "SurfaceTrainResult",
+    "train_surface",
+    "SurfaceGrid",
+    "surface_grid",
+    "extrema",
+    "subset_approximation",
+    "merge_best",
+    "corner_indices",
+    "surface_ensembles",
+    "triangle_points",
+    "TriangleResult",
+    "evaluate_triangle",
+    "trajectory_surface",
+]
+
+PHASES = (1, 2, 3)
+OBJECTIVES = ("uniform", "area")
+AREA_ESTIMATORS = ("importance", "sample")
+AREA_GRADIENTS = ("full", "fixed")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# phases: masks, samplers, the phase-2 curve family
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _grid_shape(shape: Sequence[int]) -> tuple[int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2 or shape[0] < 2 or shape[1] < 2:
+        raise ValueError(f"a surface control grid needs shape (n+1, m+1) with n, m >= 1, got {shape}")
+    return shape
+
+
+def _check_phase(phase) -> int:
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    return int(phase)
+
+
+def phase_trainable(shape: Sequence[int], phase: int) -> np.ndarray:
+    """Boolean mask ``[(n+1)(m+1)]`` of the control points phase ``phase`` trains (see the module docstring).
+
+    Phase 1: ``theta_0j``, ``theta_nj`` with ``0 < j < m``; phase 2: ``theta_ij`` with ``0 < i < n``, all
+    ``j`` (Alg. 2 line 25 read as ``i in {1..n-1}``); phase 3: all but the four corners. Phases 1 and 2 are
+    disjoint and together cover every non-corner point. Combine with a connector's own mask by ``&``.
+    """
+    n1, m1 = _grid_shape(shape)
+    phase = _check_phase(phase)
+    n, m = n1 - 1, m1 - 1
+    t = np.zeros((n1, m1), dtype=bool)
+    if phase == 1:
+        t[[0, n], 1:m] = True
+    elif phase == 2:
+        t[1:n, :] = True
+    else:
+        t[:, :] = True
+        t[0, 0] = t[0, m] = t[n, 0] = t[n, m] = False
+    return t.reshape(-1)
+
+
+def phase_sampler(shape: Sequence[int], phase: int) -> Callable[[jax.Array, int], jax.Array]:
+    """``sampler(key, k) -> points [k, 2]`` of phase ``phase`` (jittable).
+
+    Phase 1: ``(u, v)`` with ``u`` alternating over {0, 1} from a random start and ``v ~ U[0, 1]``.
+    Phase 2: ``(u, j)`` with ``u ~ U[0, 1]`` and curve index ``j`` cycling over ``0..m`` from a random start
+    (use with :func:`curve_family_coefficients`). Phase 3: ``(u, v) ~ U[0, 1]^2``.
+    """
+    n1, m1 = _grid_shape(shape)
+    phase = _check_phase(phase)
+
+    def stratified(key, k, count):
+        ko, kv = jax.random.split(key)
+        off = jax.random.randint(ko, (), 0, count)
+        idx = (off + jnp.arange(k)) % count
+        return idx.astype(jnp.float32), jax.random.uniform(kv, (k,))
+
+    if phase == 1:
+        def sample1(key, k):
+            u, v = stratified(key, k, 2)
+            return jnp.stack([u, v], axis=1)
+        return sample1
+    if phase == 2:
+        def sample2(key, k):
+            j, u = stratified(key, k, m1)
+            return jnp.stack([u, j], axis=1)
+        return sample2
+
+    def sample3(key, k):
+        return jax.random.uniform(key, (k, 2))
+    return sample3
+
+
+def curve_family_coefficients(shape: Sequence[int]) -> Callable[[jax.Array], jax.Array]:
+    """Coefficients ``[P, K]`` of the phase-2 curves ``C_j(u) = sum_i B_{i,n}(u) theta_ij`` at points ``(u, j)``.
+
+    Row ``p`` holds ``B_{i,n}(u_p)`` at index ``i (m+1) + j_p`` and zeros elsewhere (``j`` is rounded to the
+    nearest integer; it must lie in ``0..m``, which :func:`phase_sampler` guarantees).
+    """
+    n1, m1 = _grid_shape(shape)
+
+    def coef(points):
+        pts = jnp.asarray(points, jnp.float32).reshape(-1, 2)
+        bu = bernstein(pts[:, 0], n1 - 1)
+        oh = jax.nn.one_hot(jnp.round(pts[:, 1]).astype(jnp.int32), m1, dtype=bu.dtype)
+        return (bu[:, :, None] * oh[:, None, :]).reshape(pts.shape[0], n1 * m1)
+
+    return coef
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the exact area element (eq. 7-8)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_surface(connector: Connector) -> None:
+    if not isinstance(connector, Connector) or connector.kind != "surface":
+        kind = getattr(connector, "kind", type(connector).__name__)
+        raise ValueError(f"expected a Bézier surface connector (kind 'surface'), got {kind!r}")
+
+
+def _control_gram(connector: Connector) -> jax.Array:
+    def centre(x):
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        return x - jnp.mean(x, axis=0, keepdims=True)
+
+    return tree_gram(jax.tree_util.tree_map(centre, connector.control))
+
+
+def control_gram(connector: Connector) -> jax.Array:
+    """Gram matrix ``[K, K]`` of the control points centred on their mean (float32 or wider; jittable).
+
+    Derivative coefficients sum to zero, so ``a^T G a`` equals the uncentred value; centring avoids the
+    cancellation of large parameter norms.
+    """
+    _check_surface(connector)
+    return _control_gram_jit(connector)
+
+
+def _safe_sqrt(x):
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def _area_from_gram(connector: Connector, points, gram) -> jax.Array:
+    du, dv = connector.derivative_coefficients(points)
+    g = gram.astype(jnp.promote_types(gram.dtype, du.dtype))
+    hi = jax.lax.Precision.HIGHEST
+    gu = jnp.matmul(du.astype(g.dtype), g, precision=hi)
+    gv = jnp.matmul(dv.astype(g.dtype), g, precision=hi)
+    uu = jnp.sum(gu * du, axis=-1)
+    vv = jnp.sum(gv * dv, axis=-1)
+    uv = jnp.sum(gu * dv, axis=-1)
+    return _safe_sqrt(uu * vv - uv * uv)
+
+
+_control_gram_jit = jax.jit(_control_gram)
+_area_jit = jax.jit(_area_from_gram)
+
+
+def area_element(connector: Connector, points, *, gram=None) -> jax.Array:
+    """``|phi_u x phi_v|`` at points ``[P, 2]`` (eq. 8 numerator), exact, from the Gram matrix (jittable).
+
+    ``gram`` defaults to :func:`control_gram` of ``connector``; pass it to reuse one matrix for many calls.
+    """
+    _check_surface(connector)
+    gram = _control_gram_jit(connector) if gram is None else gram
+    return _area_jit(connector, jnp.asarray(points).reshape(-1, 2), gram)
+
+
+def _gauss_legendre_grid(q: int) -> tuple[np.ndarray, np.ndarray]:
+    if int(q) != q or q < 1:
+        raise ValueError(f"quadrature order must be an integer >= 1, got {q!r}")
+    x, w = np.polynomial.legendre.leggauss(int(q))
+    x, w = (x + 1.0) / 2.0, w / 2.0
+    uu, vv = np.meshgrid(x, x, indexing="ij")
+    return np.stack([uu.ravel(), vv.ravel()], 1).astype(np.float32), np.outer(w, w).ravel().astype(np.float32)
+
+
+def surface_area(connector: Connector, *, quadrature: int = 24, gram=None) -> jax.Array:
+    """``Z = int_0^1 int_0^1 |phi_u x phi_v| du dv`` (eq. 8 normaliser) by ``quadrature``^2-point Gauss-Legendre."""
+    _check_surface(connector)
+    pts, w = _gauss_legendre_grid(quadrature)
+    gram = _control_gram_jit(connector) if gram is None else gram
+    return jnp.sum(jnp.asarray(w) * _area_jit(connector, jnp.asarray(pts), gram))
+
+
+def area_density(connector: Connector, points, *, quadrature: int = 24) -> jax.Array:
+    """``q_uv(u, v)`` of eq. 8 at points ``[P, 2]``: area element over the surface area."""
+    gram = _control_gram_jit(connector)
+    z = surface_area(connector, quadrature=quadrature, gram=gram)
+    if not np.isfinite(float(z)) or float(z) <= 0:
+        raise ValueError(f"the surface has area {float(z)!r}: q_uv is undefined for a degenerate surface")
+    return area_element(connector, points, gram=gram) / z
+
+
+def area_weights(*, quadrature: int = 24, gradient: str = "full",
+                 proposal: Callable[[jax.Array], jax.Array] | None = None) -> Callable:
+    """``point_weights(connector, points) -> w[k]`` for the trainer: ``w = q_uv(points) / p(points)``.
+
+    ``p`` is the sampling density (``None``: uniform, ``p = 1``; importance weights). With ``gradient="full"``
+    the weights are differentiated (exact gradient of eq. 7); ``"fixed"`` stops their gradient.
+    """
+    if gradient not in AREA_GRADIENTS:
+        raise ValueError(f"area gradient must be one of {AREA_GRADIENTS}, got {gradient!r}")
+    pts_q, w_q = _gauss_legendre_grid(quadrature)
+
+    def weights(connector, points):
+        gram = _control_gram(connector)
+        pts = jnp.asarray(points).reshape(-1, 2)
+        z = jnp.sum(jnp.asarray(w_q) * _area_from_gram(connector, jnp.asarray(pts_q), gram))
+        w = _area_from_gram(connector, pts, gram) / z
+        if proposal is not None:
+            w = w / proposal(pts)
+        return jax.lax.stop_gradient(w) if gradient == "fixed" else w
+
+    return weights
+
+
+def area_proposal(connector: Connector, *, cells: int = 32, mix: float = 0.1
+                  ) -> tuple[Callable[[jax.Array, int], jax.Array], Callable[[jax.Array], jax.Array]]:
+    """A piecewise-constant approximation ``p`` of ``q_uv`` of the current surface: ``(sampler, density)``.
+
+    Cell masses are the area element at the centres of ``cells x cells`` cells, normalised, mixed with
+    ``mix`` of the uniform distribution (``0 < mix <= 1`` keeps ``p > 0`` everywhere). ``sampler(key, k)``
+    draws a cell by its mass and a uniform point inside it; ``density(points)`` is ``p`` at the points.
+    """
+    _check_surface(connector)
+    if int(cells) != cells or cells < 1:
+        raise ValueError(f"cells must be an integer >= 1, got {cells!r}")
+    if not 0.0 < mix <= 1.0:
+        raise ValueError(f"mix must lie in (0, 1] so the proposal covers the whole square, got {mix!r}")
+    c = int(cells)
+    mid = (np.arange(c) + 0.5) / c
+    uu, vv = np.meshgrid(mid, mid, indexing="ij")
+    a = np.asarray(area_element(connector, np.stack([uu.ravel(), vv.ravel()], 1).astype(np.float32)), np.float64)
+    if not np.all(np.isfinite(a)):
+        raise ValueError("the area element is not finite on the surface (non-finite control points?)")
+    total = a.sum()
+    mass = (1 - mix) * a / total + mix / c**2 if total > 0 else np.full(c * c, 1.0 / c**2)
+    mass = mass / mass.sum()
+    logm = jnp.asarray(np.log(mass), jnp.float32)
+    dens = jnp.asarray(mass * c * c, jnp.float32)
+
+    def sampler(key, k):
+        kc, kj = jax.random.split(key)
+        idx = jax.random.categorical(kc, logm, shape=(k,))
+        jit = jax.random.uniform(kj, (k, 2))
+        cell = jnp.stack([idx // c, idx % c], axis=1).astype(jnp.float32)
+        return (cell + jit) / c
+
+    def density(points):
+        pts = jnp.asarray(points).reshape(-1, 2)
+        ij = jnp.clip(jnp.floor(pts * c).astype(jnp.int32), 0, c - 1)
+        return dens[ij[:, 0] * c + ij[:, 1]]
+
+    return sampler, density
+
+
+# ---------------------------------------------------------------------------------------------------------
+# layer-specific optimisation (A.6, Table 4)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def layer_mask(params: PyTree, pattern: str) -> PyTree:
+    """Pytree of Python bools shaped like ``params``: True where the leaf path matches the regex ``pattern``.
+
+    Paths read like ``['conv2']['kernel']`` (:func:`mclandscape.core.tree.tree_path_names`); ``re.search`` is
+    used, so ``"conv2|fc|head"`` selects the last convolution and the dense layers of ``simple_cnn``.
+    A pattern matching no leaf raises ``ValueError`` listing the paths.
+    """
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"invalid layer pattern {pattern!r}: {e}") from e
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    paths = tree_path_names(params)
+    flags = [bool(rx.search(p)) for p in paths]
+    if not any(flags):
+        raise ValueError(f"layer pattern {pattern!r} matches no parameter; paths are {paths}")
+    return jax.tree_util.tree_unflatten(treedef, flags)
+
+
+def masked_optimizer(optimizer: optax.GradientTransformation, mask: PyTree) -> optax.GradientTransformation:
+    """``optimizer`` on leaves where ``mask`` is True, zero updates elsewhere (frozen leaves stay bit-identical).
+
+    ``optax.masked`` alone would pass the raw gradient through on unmasked leaves; this uses
+    ``optax.multi_transform`` with ``optax.set_to_zero`` instead.
+    """
+    labels = jax.tree_util.tree_map(lambda f: "train" if f else "freeze", mask)
+    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training (Algorithms 1 and 2)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SurfaceTrainResult:
+    """The trained surface, per-phase epoch histories (``{"epoch", "objective", "loss", "seconds"}``), the wall
+    time of each phase in seconds (summed over the epochs, including resumed runs), and the control-point
+    indices each phase trained."""
+
+    connector: Connector
+    history: dict[int, list[dict]]
+    wall_time: dict[int, float]
+    trained: dict[int, list[int]]
+    skipped: dict[int, str]
+
+
+def _default_optimizer(lr: float, momentum: float, schedule: str, steps: int) -> optax.GradientTransformation:
+    if schedule == "cosine":
+        lr_s = optax.cosine_decay_schedule(lr, max(steps, 1))
+    elif schedule == "constant":
+        lr_s = lr
+    else:
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    return optax.sgd(lr_s, momentum=momentum or None)
+
+
+def _restore_control(ckdir: str, connector: Connector, optimizer) -> tuple[Connector, int]:
+    from mclandscape.engine import checkpoint as ckpt
+
+    last = ckpt.latest_step(ckdir)
+    if last is None:
+        return connector, 0
+    target = {"control": connector.control, "opt_state": optimizer.init(connector.control)}
+    state, meta = ckpt.restore_checkpoint(ckdir, last, target=target)
+    return connector.replace(control=state["control"]), int(meta["epoch"]) + 1
+
+
+def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[int] = (2, 2, 6),
+                  num_samples: int = 8, batch_size: int = 128,
+                  optimizer: optax.GradientTransformation | Callable[[int, int], optax.GradientTransformation]
+                  | None = None, lr: float = 0.05, momentum: float = 0.9, schedule: str = "cosine",
+                  l2: float = 0.0, objective: str = "uniform", area_estimator: str = "importance",
+                  area_gradient: str = "full", area_quadrature: int = 24, proposal_cells: int = 32,
+                  proposal_mix: float = 0.1, proposal_refresh: int = 1, layers: str | None = None,
+                  seed: int = 0, strategy: str | None = None, augment: bool = False,
+                  checkpoint_dir: str | os.PathLike | None = None, progress: bool = False,
+                  epoch_callback: Callable[[int, int, dict], None] | None = None) -> SurfaceTrainResult:
+    """Train a Bézier surface with the three-phase outer-to-inner schedule (Algorithms 1-2, eq. 9-10).
+
+    ``epochs = (E1, E2, E3)``; a phase with 0 epochs, or with no trainable control point for this grid
+    (phase 1 when m = 1, phase 2 when n = 1), is skipped and reported in ``skipped``. ``num_samples`` is
+    ``k``, the points evaluated together per batch (the paper uses 80). ``optimizer``: an optax
+    transformation (a fresh state per phase), a callable ``(phase, steps_in_phase) -> transformation``, or
+    ``None`` for SGD(``lr``, ``momentum``) with a per-phase ``schedule`` ("cosine" or "constant"). ``l2``
+    is the trainer's L2 penalty on trainable control points.
+
+    ``objective``: "uniform" (eq. 9) or "area" (eq. 7-8 in phase 3; see the module docstring for
+    ``area_estimator``, ``area_gradient``, ``area_quadrature``, ``proposal_cells``, ``proposal_mix``,
+    ``proposal_refresh``; phases 1-2 train curves and use eq. 9 for both objectives).
+
+    ``layers``: a regex on parameter paths (:func:`layer_mask`); only matching leaves are trained, the
+    others keep their bilinear initialisation (A.6, Table 4).
+
+    ``checkpoint_dir``: per-phase checkpoints (``phase1``, ``phase2``, ``phase3``) at every epoch end; a
+    second call with the same directory (and the same arguments) resumes. ``epoch_callback(phase, epoch,
+    record)`` is called after every epoch.
+    """
+    from mclandscape.engine.connector_train import train_connector
+
+    _check_surface(surface)
+    shape = _grid_shape(surface.shape)
+    e = [int(x) for x in epochs]
+    if len(e) != 3 or any(x < 0 for x in e) or any(x != y for x, y in zip(e, epochs, strict=True)):
+        raise ValueError(f"epochs must be three non-negative integers (E1, E2, E3), got {epochs!r}")
+    if int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples (k) must be an integer >= 1, got {num_samples!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if area_estimator not in AREA_ESTIMATORS:
+        raise ValueError(f"area_estimator must be one of {AREA_ESTIMATORS}, got {area_estimator!r}")
+    if area_gradient not in AREA_GRADIENTS:
+        raise ValueError(f"area_gradient must be one of {AREA_GRADIENTS}, got {area_gradient!r}")
+    if int(proposal_refresh) != proposal_refresh or proposal_refresh < 1:
+        raise ValueError(f"proposal_refresh must be an integer >= 1 (epochs), got {proposal_refresh!r}")
+    n_train = int(np.shape(train.x)[0])
+    steps_per_epoch = n_train // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {batch_size} is larger than the training set ({n_train} examples)")
+    lmask = layer_mask(jax.tree_util.tree_map(lambda a: a[0], surface.control), layers) if layers else None
+
+    def make_opt(phase: int) -> optax.GradientTransformation:
+        steps = steps_per_epoch * e[phase - 1]
+        if optimizer is None:
+            opt = _default_optimizer(lr, momentum, schedule, steps)
+        elif isinstance(optimizer, optax.GradientTransformation):
+            opt = optimizer
+        elif callable(optimizer):
+            opt = optimizer(phase, steps)
+        else:
+            raise ValueError(f"optimizer must be an optax GradientTransformation, a callable or None, got {optimizer!r}")
+        return masked_optimizer(opt, lmask) if lmask is not None else opt
+
+    conn = surface
+    history: dict[int, list[dict]] = {}
+    wall: dict[int, float] = {}
+    trained: dict[int, list[int]] = {}
+    skipped: dict[int, str] = {}
+    tmp = None
+    try:
+        for phase in PHASES:
+            mask = phase_trainable(shape, phase) & surface.trainable
+            if e[phase - 1] == 0:
+                skipped[phase] = "0 epochs"
+                continue
+            if not mask.any():
+                skipped[phase] = f"no trainable control point in phase {phase} for a {shape[0]}x{shape[1]} grid"
+                continue
+            trained[phase] = [int(i) for i in np.flatnonzero(mask)]
+            opt = make_opt(phase)
+            ckdir = None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir), f"phase{phase}")
+            sampler = phase_sampler(shape, phase)
+            coef = curve_family_coefficients(shape) if phase == 2 else None
+            weights = None
+            if objective == "area" and phase == 3 and area_estimator == "importance":
+                weights = area_weights(quadrature=area_quadrature, gradient=area_gradient)
+            last_t = [time.perf_counter()]
+
+            def callback(epoch, rec, _phase=phase, _last=last_t):
+                now = time.perf_counter()
+                rec["seconds"] = now - _last[0]
+                _last[0] = now
+                if epoch_callback is not None:
+                    epoch_callback(_phase, epoch, rec)
+
+            common = dict(epochs=e[phase - 1], optimizer=opt, batch_size=batch_size, num_samples=int(num_samples),
+                          trainable=mask, l2=l2, seed=seed + 7919 * phase, augment=augment, strategy=strategy,
+                          progress=progress, metadata={"phase": phase, "objective": objective},
+                          epoch_callback=callback)
+            if objective == "area" and phase == 3 and area_estimator == "sample":
+                if ckdir is None:
+                    tmp = tempfile.TemporaryDirectory(prefix="mcl_surface_")
+                    ckdir = tmp.name
+                conn, done = _restore_control(ckdir, conn, opt)
+                res = None
+                while res is None or done < e[2]:
+                    end = min(e[2], done + int(proposal_refresh))
+                    prop_sampler, dens = area_proposal(conn, cells=proposal_cells, mix=proposal_mix)
+                    w = area_weights(quadrature=area_quadrature, gradient=area_gradient, proposal=dens)
+                    last_t[0] = time.perf_counter()
+                    res = train_connector(model, conn, train, **{**common, "epochs": end}, sampler=prop_sampler,
+                                          point_weights=w, checkpoint_dir=ckdir)
+                    conn, done = res.connector, end
+            else:
+                res = train_connector(model, conn, train, **common, sampler=sampler, coefficients_fn=coef,
+                                      point_weights=weights, checkpoint_dir=ckdir)
+                conn = res.connector
+            history[phase] = list(res.history)
+            wall[phase] = float(sum(r.get("seconds", 0.0) for r in res.history))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return SurfaceTrainResult(connector=conn, history=history, wall_time=wall, trained=trained, skipped=skipped)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation: grids, appendix-B subsets, merging, ensembling
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _xy(data) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(data, "x") and hasattr(data, "y"):
+        return np.asarray(data.x), np.asarray(data.y)
+    if isinstance(data, tuple | list) and len(data) == 2:
+        return np.asarray(data[0]), np.asarray(data[1])
+    raise ValueError("data must be a Dataset (with .x and .y) or an (x, y) tuple of arrays")
+
+
+@dataclasses.dataclass(frozen=True)
+class SurfaceGrid:
+    """Metrics over the ``steps x steps`` (u, v) grid; arrays ``[steps, steps]`` indexed ``[i_u, i_v]``.
+
+    ``train_loss``/``train_acc`` on the training data, ``test_loss``/``test_acc`` on the test data (model in
+    evaluation mode, BatchNorm statistics recomputed per point from the training data). ``test_probs``
+    (``[steps*steps, N, C]``, u-major) when requested, for ensembling.
+    """
+
+    steps: int
+    points: np.ndarray
+    train_loss: np.ndarray
+    train_acc: np.ndarray
+    test_loss: np.ndarray
+    test_acc: np.ndarray
+    test_probs: np.ndarray | None = None
+
+    @property
+    def axis(self) -> np.ndarray:
+        return np.linspace(0.0, 1.0, self.steps)
+
+    def corner_values(self, name: str) -> np.ndarray:
+        """The metric ``name`` at the corners (0,0), (0,1), (1,0), (1,1): the four corner models."""
+        a = getattr(self, name)
+        s = self.steps - 1
+        return np.asarray([a[0, 0], a[0, s], a[s, 0], a[s, s]])
+
+
+def surface_grid(model: Model, connector: Connector, train, test, *, steps: int = 11, batch_size: int = 500,
+                 bn_batches: int | None = None, bn_batch_size: int = 128, return_probs: bool = False,
+                 strategy: str = "auto", chunk_size: int | None = None, train_eval=None) -> SurfaceGrid:
+    """Train loss/accuracy and test loss/accuracy over the ``steps x steps`` grid (default step 0.1, 11 x 11;
+    Figures 4-5) through :func:`mclandscape.engine.evaluate.evaluate_points`.
+
+    ``train_eval`` (default ``train``) is the data for the train-loss grid (appendix B: a few batches);
+    BatchNorm statistics always come from ``train`` (``bn_batches`` full batches of ``bn_batch_size``,
+    default all), once per point.
+    """
+    _check_surface(connector)
+    pts = uv_grid(steps)
+    bn = train if model.has_batch_stats else None
+    kw = dict(batch_size=batch_size, strategy=strategy, chunk_size=chunk_size, bn_data=bn, bn_batches=bn_batches,
+              bn_batch_size=bn_batch_size)
+    tr = evaluate_points(model, connector, pts, train if train_eval is None else train_eval, **kw)
+    te = evaluate_points(model, connector, pts, test, return_probs=return_probs, **kw)
+    s = (steps, steps)
+    return SurfaceGrid(steps=steps, points=pts, train_loss=tr.loss.reshape(s), train_acc=tr.accuracy.reshape(s),
+                       test_loss=te.loss.reshape(s), test_acc=te.accuracy.reshape(s), test_probs=te.probs)
+
+
+def extrema(values: np.ndarray) -> dict:
+    """Positions ``(u, v)`` of the minimum ("valley") and maximum ("peak") of a ``[S, S]`` grid (appendix B)."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 2:
+        raise ValueError(f"expected a square [S, S] grid with S >= 2, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("grid holds non-finite values")
+    ax = np.linspace(0.0, 1.0, a.shape[0])
+
+    def pos(flat):
+        i, j = np.unravel_index(flat, a.shape)
+        return [round(float(ax[i]), 6), round(float(ax[j]), 6)]
+
+    return {"valley": pos(np.argmin(a)), "peak": pos(np.argmax(a)),
+            "min": float(a.min()), "max": float(a.max())}
+
+
+def subset_approximation(model: Model, connector: Connector, train, test, *, full: SurfaceGrid | None = None,
+                         steps: int = 11, train_batches: int = 4, batch_size: int = 128, test_size: int | None = None,
+                         seed: int = 0, bn_batches: int | None = None, bn_batch_size: int = 128,
+                         strategy: str = "auto") -> dict:
+    """Appendix B: the train-loss grid from ``train_batches`` random batches of ``batch_size`` (B.1) and the
+    test-accuracy grid from a random test subset of ``test_size`` examples (default a quarter; B.2),
+    compared with the full-data grids: valley and peak positions of both, the largest absolute difference
+    and the correlation over the grid.
+    """
+    xtr, ytr = _xy(train)
+    xte, yte = _xy(test)
+    if train_batches < 1:
+        raise ValueError(f"train_batches must be >= 1, got {train_batches}")
+    ntr = min(len(ytr), train_batches * batch_size)
+    nte = max(1, len(yte) // 4) if test_size is None else int(test_size)
+    if not 1 <= nte <= len(yte):
+        raise ValueError(f"test_size must lie in [1, {len(yte)}], got {test_size}")
+    rng = np.random.default_rng(seed)
+    itr = rng.permutation(len(ytr))[:ntr]
+    ite = rng.permutation(len(yte))[:nte]
+    if full is None:
+        full = surface_grid(model, connector, train, test, steps=steps, bn_batches=bn_batches,
+                            bn_batch_size=bn_batch_size, strategy=strategy)
+    sub = surface_grid(model, connector, train, (xte[ite], yte[ite]), steps=full.steps, bn_batches=bn_batches,
+                       bn_batch_size=bn_batch_size, strategy=strategy, train_eval=(xtr[itr], ytr[itr]))
+
+    def compare(a, b):
+        fa, fb = extrema(a), extrema(b)
+        corr = float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else None
+        return {"full": fa, "subset": fb, "valley_same": fa["valley"] == fb["valley"],
+                "peak_same": fa["peak"] == fb["peak"], "max_abs_diff": float(np.max(np.abs(a - b))),
+                "correlation": corr}
+
+    return {"train_examples": int(ntr), "test_examples": int(nte),
+            "train_loss": compare(full.train_loss, sub.train_loss),
+            "test_acc": compare(full.test_acc, sub.test_acc),
+            "subset_grid": {"train_loss": sub.train_loss.tolist(), "test_acc": sub.test_acc.tolist()}}
+
+
+def merge_best(grid: SurfaceGrid) -> dict:
+    """Model merging (§4.3, Table 1): the grid point of least *train* loss (no test peeking) and its test
+    accuracy; the point of best test accuracy is reported separately, for comparison with Table 1."""
+    ax = grid.axis
+    i, j = np.unravel_index(int(np.argmin(grid.train_loss)), grid.train_loss.shape)
+    bi, bj = np.unravel_index(int(np.argmax(grid.test_acc)), grid.test_acc.shape)
+    return {"by": "train_loss", "u": float(ax[i]), "v": float(ax[j]), "train_loss": float(grid.train_loss[i, j]),
+            "test_acc": float(grid.test_acc[i, j]), "test_loss": float(grid.test_loss[i, j]),
+            "best_test_acc": float(grid.test_acc[bi, bj]), "best_test_u": float(ax[bi]), "best_test_v": float(ax[bj])}
+
+
+def corner_indices(steps: int) -> list[int]:
+    """Flat indices (u-major) of the grid points (0,0), (0,1), (1,0), (1,1) of :func:`uv_grid`."""
+    s = int(steps)
+    return [0, s - 1, (s - 1) * s, s * s - 1]
+
+
+def surface_ensembles(grid: SurfaceGrid, labels, *, method: str = "mean") -> dict:
+    """Output ensembling (§4.3, Table 3): all grid models (step 0.1 by default) against the four corners.
+
+    Uses :func:`mclandscape.methods.ensemble.ensemble_from_probs` on the grid's ``test_probs`` (evaluate the grid
+    with ``return_probs=True``). Returns ``{"corner": EnsembleMetrics, "surface": EnsembleMetrics}``.
+    """
+    from mclandscape.methods.ensemble import ensemble_from_probs
+
+    if grid.test_probs is None:
+        raise ValueError("the grid holds no output probabilities: evaluate it with return_probs=True")
+    probs = np.asarray(grid.test_probs)
+    y = np.asarray(labels)
+    return {"corner": ensemble_from_probs(probs[corner_indices(grid.steps)], y, method=method),
+            "surface": ensemble_from_probs(probs, y, method=method)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# linear surfaces (§4.1, Figure 3; A.2, A.3)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def triangle_points(steps: int = 11) -> np.ndarray:
+    """Barycentric grid ``[steps (steps+1) / 2, 3]`` of ``(alpha1, alpha2, alpha3)`` in multiples of
+    ``1/(steps-1)`` summing to 1 (§4.1; default step 0.1)."""
+    if int(steps) != steps or steps < 2:
+        raise ValueError(f"a triangle grid needs steps >= 2, got {steps!r}")
+    s = int(steps) - 1
+    pts = [(a, b, s - a - b) for a in range(s + 1) for b in range(s + 1 - a)]
+    return np.asarray(pts, dtype=np.float64) / s
+
+
+@dataclasses.dataclass(frozen=True)
+class TriangleResult:
+    """Loss and accuracy at the barycentric ``points [P, 3]`` of the three-model linear surface."""
+
+    points: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray
+
+
+def evaluate_triangle(model: Model, models: Sequence[PyTree], data, *, steps: int = 11, bn_data=None,
+                      batch_size: int = 500, bn_batches: int | None = None, bn_batch_size: int = 128,
+                      strategy: str = "auto") -> TriangleResult:
+    """The linear surface ``phi = alpha1 theta1 + alpha2 theta2 + alpha3 theta3`` (§4.1, Figure 3) on ``data``."""
+    models = list(models)
+    if len(models) != 3:
+        raise ValueError(f"the triangle of §4.1 takes exactly 3 models, got {len(models)}")
+    if model.has_batch_stats and bn_data is None:
+        raise ValueError(f"model {model.name} has BatchNorm: pass bn_data (training data)")
+    pts = triangle_points(steps)
+    r = evaluate_points(model, simplex(models), pts.astype(np.float32), data, batch_size=batch_size,
+                        strategy=strategy, bn_data=bn_data, bn_batches=bn_batches, bn_batch_size=bn_batch_size)
+    return TriangleResult(points=pts, loss=r.loss, accuracy=r.accuracy)
+
+
+def trajectory_surface(snapshots: Sequence[PyTree], n: int = 2, m: int = 2) -> Connector:
+    """A.2/A.3: the linear Bézier surface whose corners are four snapshots of *one* training trajectory.
+
+    ``snapshots = (theta_00, theta_0m, theta_n0, theta_nm)`` (e.g. epochs 220, 200, 180, 160 in the seed),
+    interior control points bilinear, so every point is a convex combination of the four snapshots.
+    """
+    snaps = list(snapshots)
+    if len(snaps) != 4:
+        raise ValueError(f"a trajectory surface takes 4 snapshots (the corners), got {len(snaps)}")
+    return bezier_surface(*snaps, n=n, m=m)

@@ -1,0 +1,1338 @@
+"""TRUST-TECH with dynamic search paths (DSP-TT), seed 004.
+
+Starting from a local optimal solution (LOS) ``omega0`` (the *tier-0* solution), DSP-TT keeps several search
+directions ``d^(k)`` (pytrees shaped like the parameters). At each search step one direction, chosen at random
+among those still searching, is advanced (seed 004 Algorithm 1):
+
+1. *forward search step* (``Update(model, Delta_k, rho1)``): ``d <- d + rho1(i) * d / |d|``;
+2. *exit check* (``CheckExit``) on the mini-batch loss at ``omega0 + d`` — an exponential moving average of the
+   losses of that direction and a buffer of up/down states (:class:`ExitDetector`);
+3. if an exit point was found, a *local solver* (any Optax optimizer, :class:`LocalSolver`) converges from
+   ``omega0 + d`` to a tier-1 solution and the direction retires; otherwise
+4. *calibration step* (``Calibrate(model, rho2, Delta_k, batch)``): ``d <- d + rho2 * f(omega0 + d)`` with ``f``
+   the negative-gradient dynamics of seed 004 eq. 2 (an Optax gradient transformation, ``-grad`` by default).
+
+Only one direction enters the computation at a time (the step function takes a single direction), so memory
+stays near that of ordinary training plus the stored directions.
+
+The reading of seed 004 eq. 3
+-----------------------------
+Eq. 3 reads ``d_i = rho1(i) * d_{i-1} + rho2(i) * f(omega0 + d_i)`` with ``rho1(i) in (0, rho_max]`` growing
+from 0 by a fixed increment per iteration (0.001 in §5). Taken literally with ``rho1 < 1`` the first term
+*shrinks* the direction: at ``i = 1`` the direction is multiplied by 0.001, after which ``d`` sits at
+``omega0`` where ``f = 0`` and the search never leaves the tier-0 basin (shown in
+``tests/test_trusttech.py::test_literal_reading_never_escapes_while_outward_readings_do``). The text around eq. 3 — "an exploration
+step forward along the current direction", a *pace of search step* ``rho1`` that grows until an exit is found
+or ``rho_max`` is reached, exit distance highly correlated with ``rho1`` (§5.4) — describes a search moving
+outward with a growing step. :class:`RhoSchedule` therefore implements two outward readings and keeps the
+literal one only to demonstrate the slip:
+
+- ``"additive"`` (default): ``d_i = d_{i-1} + rho1(i) * d_{i-1}/|d_{i-1}| + rho2 * f(omega0 + d_i')`` — the
+  search advances a distance ``rho1(i)`` along the current (calibrated) direction, so the distance travelled
+  after ``i`` iterations is about ``increment * i^2 / 2`` (then ``rho_max`` per iteration) independently of
+  the scale of ``d_0``. The step is in parameter units, so ``rho_max`` must suit the parameter scale: the
+  calibration can only hold the path in a valley while ``rho1 <~ rho2 * |grad|``, and with too large a
+  ``rho_max`` the path becomes a straight ray into high loss;
+- ``"growth"``: ``d_i = (1 + rho1(i)) * d_{i-1} + rho2 * f(omega0 + d_i')`` — a growth factor ``1 + rho1``;
+- ``"literal"``: ``d_i = rho1(i) * d_{i-1} + rho2 * f(omega0 + d_i')`` — eq. 3 as printed (never escapes).
+
+In all three ``f`` is evaluated explicitly at the point after the forward step, ``d_i' = `` forward-stepped
+``d_{i-1}`` (eq. 3 writes the implicit ``f(omega0 + d_i)``; Algorithm 1 evaluates it after ``Update``).
+``rho2`` is a constant fraction (0.1 in §5) of the tier-0 learning rate (:func:`rho2_from_lr`).
+
+Exit detection (§3.2.1): the losses of one direction are smoothed by an exponential moving average; each step
+pushes "up" or "down" (the sign of the EMA change) into a buffer of the last ``buffer_size`` states. The
+direction is *climbing* once the buffer holds at least ``vote`` ups (and the EMA has risen ``min_rise`` above
+its start), and an *exit* is declared when, while climbing, the buffer holds at least ``vote`` downs (and the
+EMA has fallen ``min_drop`` of its rise below its peak): the loss "decreases steadily", so the search path has
+crossed the stability boundary into a neighbouring stability region. The exit point is the point where the
+exit is declared (already inside the new region); the EMA peak before it (the estimate of the boundary
+crossing) is recorded too. On mini-batch losses a detector can also fire on a noisy plateau; the guards
+``min_rise`` / ``min_drop`` (not in the seed) reduce that, and ``experiments/dsp_tt.py`` reports whether the
+full training loss really fell before each exit.
+
+Tier-by-tier search (:func:`tier_by_tier`): tier 1 from ``omega0``, tier 2 from the best tier-1 solution
+(§5.2). Every exit point and every solution found is checkpointed through :mod:`mclandscape.engine.checkpoint`, and
+a search restarted with the same arguments and checkpoint directory resumes where it was killed, producing the
+same solutions as an uninterrupted run (the direction chosen and the mini-batch used at global step ``t`` are
+functions of ``(key, t)`` only).
+
+Exit-point verification (§5.1, Figure 3c, :func:`verify_exit`): points along the recorded search path near the
+exit are integrated by full-batch gradient descent with a small step; the seed reports that points before and
+after the exit converge to different optima. Which optimum each point reaches is *measured*
+(:meth:`VerificationResult.separation`): gradient norms at the end points (the flows can stop once all are
+below ``grad_tol``), clusters of end points by parameter distance and — since a network's hidden-unit
+permutations and sign flips map an optimum to other parameters computing the same function — by distance
+between the networks' outputs, within-side spreads against the distance between the two sides, and the
+measured crossing of the origin's stability boundary along the path compared with the exit estimate.
+
+What this shows on the seed's wine MLP (one hidden layer of 5 units; ``experiments/dsp_tt.py``, seed 0):
+
+- With softmax cross-entropy the verification cannot succeed: the scikit-learn wine training set is
+  separable, the loss has its infimum at infinity, and gradient descent from a path point never settles:
+  after 50,000 steps of 0.01 the twelve end points had moved 2-5 parameter units, lay 6-21 units from the
+  origin's end point and no two of them coincided — there is no optimum to converge to. The experiment therefore uses squared error on one-hot targets plus ``1e-3 / 2 * |w|^2`` with
+  ``tanh`` units (finite, isolated minima; ReLU would add a continuous rescaling symmetry) for the search,
+  the local solver and the flows alike. Stronger L2 (``3e-3``, ``1e-2``) makes the quadratic bowl dominate:
+  with ``rho_max`` from 0.005 to 0.05 no direction exited within 10,000 search steps.
+- The seed's integration (50,000 steps of 0.01, time 500) does not converge on that objective: its flattest
+  curvature at the tier-0 optimum is ``4e-4``, and the end-point gradient norms stay at ``3e-3 .. 8e-3``.
+  A gradient-norm criterion alone (``|grad| <= 1e-5``) is not convergence either: flows that met it were
+  still moving (an L-BFGS polish moved them by up to 3 parameter units on seed 2). :func:`verify_exit`
+  therefore integrates with steps of 0.1, finishes each flow with an L-BFGS polish (``polish_steps``) and
+  reports each end point as *settled* only when its gradient is small and it has stopped moving.
+- Apparent "different optima" in parameter space were symmetric copies: modulo the permutations and sign
+  flips of the 5 ``tanh`` units (:func:`mlp_symmetry_distance`, exact by assignment) every settled end point
+  before the exit lies at distance 0.0000 from the tier-0 optimum, and the symmetry-aware and function-space
+  clusterings agree; raw parameter clustering never separates.
+- Seeds 0-4 (``--verify-seeds``): seeds 1 and 4 find no exit (the loss keeps rising along all 5 directions;
+  neither a smaller ``rho_max`` nor 25,000 search steps changed that). Seed 0: the path leaves the tier-0
+  region at iteration 942/943 (located to one iteration by bisection with flows, the classical TRUST-TECH
+  refinement), 102.5 iterations after the EMA peak (840) and before the detector fires (1118); at that
+  measured crossing the points reach exactly two optima (losses 0.0087087 and 0.0166303), but at the EMA
+  peak the split fails (two points past the peak still return to tier-0). Seed 2: every flow on both sides
+  of its exit returns to the tier-0 optimum (that exit leads nowhere new). Seed 3: the path passes through
+  another optimum's region (loss 0.0125258) at iteration 585/586, 388 iterations *before* the EMA peak, and
+  re-enters a copy of tier-0 before the detector fires. So the seed's claim holds at the measured crossing on
+  1 of the 3 seeds with an exit and at the detector's estimate on none: the loss peak along a calibrated
+  path is an estimate of the boundary crossing, not the crossing itself.
+
+Losses are functions ``loss_fn(params, batch, rng) -> scalar``; :func:`model_loss_fn` builds one from a
+:class:`~mclandscape.engine.models.base.Model` and :func:`dataset_batches` a resumable mini-batch stream.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mclandscape.core.tree import (
+    PyTree,
+    check_finite,
+    check_same_structure,
+    tree_add,
+    tree_axpy,
+    tree_cosine,
+    tree_distance,
+    tree_dot,
+    tree_index,
+    tree_norm,
+    tree_random_normal,
+    tree_ravel,
+    tree_scale,
+    tree_stack,
+    tree_sub,
+    tree_unstack,
+)
+
+__all__ = [
+    "READINGS",
+    "RhoSchedule",
+    "rho2_from_lr",
+    "ExitDetector",
+    "DetectorState",
+    "LocalSolver",
+    "DSPConfig",
+    "ExitRecord",
+    "TierResult",
+    "VerificationResult",
+    "initial_directions",
+    "forward_step",
+    "dsp_step",
+    "local_solve",
+    "dsp_search",
+    "tier_by_tier",
+    "verify_exit",
+    "mlp_symmetry_distance",
+    "random_orthonormal_pair",
+    "project",
+    "model_loss_fn",
+    "dataset_batches",
+    "full_batch",
+    "exit_statistics",
+]
+
+READINGS = ("additive", "growth", "literal")
+
+LossFn = Callable[[PyTree, Any, jax.Array], jax.Array]
+
+NEGATIVE_GRADIENT = optax.scale(-1.0)  # f = -grad c (seed 004 eq. 2 with R = I)
+BatchFn = Callable[[int], Any]
+
+
+def _check_real(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a real number, got {value!r}") from e
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rho schedules (seed 004 eq. 3, §5 hyper-parameters)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RhoSchedule:
+    """Step-size schedules of seed 004 eq. 3.
+
+    ``rho1(i) = min(increment * i, rho_max)`` for the i-th iteration (``i >= 1``) of a direction: it grows from
+    0 by ``increment`` per iteration (0.001 in §5) and stops at ``rho_max``, so ``rho1(i) in (0, rho_max]``.
+    ``rho2`` is the constant calibration step (0.1x the tier-0 learning rate in §5, :func:`rho2_from_lr`);
+    ``rho2 = 0`` is the original TRUST-TECH search along a fixed direction. ``reading`` selects how the
+    forward step uses ``rho1`` (module docstring): ``"additive"`` (default), ``"growth"`` or ``"literal"``.
+    """
+
+    increment: float = 1e-3
+    rho_max: float = 1.0
+    rho2: float = 1e-2
+    reading: str = "additive"
+
+    def __post_init__(self):
+        inc = _check_real(self.increment, "RhoSchedule.increment (rho1 increase per iteration)")
+        rmax = _check_real(self.rho_max, "RhoSchedule.rho_max")
+        r2 = _check_real(self.rho2, "RhoSchedule.rho2 (calibration step)")
+        if inc <= 0:
+            raise ValueError(f"RhoSchedule.increment must be > 0 so that rho1 grows from 0, got {inc}")
+        if rmax <= 0:
+            raise ValueError(f"RhoSchedule.rho_max must be > 0 (rho1 lies in (0, rho_max]), got {rmax}")
+        if inc > rmax:
+            raise ValueError(f"RhoSchedule.increment ({inc}) exceeds rho_max ({rmax}): rho1 would start above "
+                             "its maximum")
+        if r2 < 0:
+            raise ValueError(f"RhoSchedule.rho2 must be >= 0 (a step size along f), got {r2}")
+        if self.reading not in READINGS:
+            raise ValueError(f"RhoSchedule.reading must be one of {READINGS}, got {self.reading!r}")
+
+    def rho1(self, i: int) -> float:
+        """``rho1(i) = min(increment * i, rho_max)`` for iteration ``i >= 1`` of a direction."""
+        if isinstance(i, bool) or int(i) != i or i < 1:
+            raise ValueError(f"rho1 is defined for iterations i >= 1 (integers), got {i!r}")
+        return float(min(self.increment * int(i), self.rho_max))
+
+    def rho2_at(self, i: int) -> float:
+        """Calibration step ``rho2(i)`` (constant)."""
+        if isinstance(i, bool) or int(i) != i or i < 1:
+            raise ValueError(f"rho2 is defined for iterations i >= 1 (integers), got {i!r}")
+        return float(self.rho2)
+
+
+def rho2_from_lr(tier0_lr: float, fraction: float = 0.1) -> float:
+    """``rho2 = fraction * tier0_lr`` (seed 004 §5: 0.1x the initial tier-0 learning rate)."""
+    lr = _check_real(tier0_lr, "tier0_lr")
+    fr = _check_real(fraction, "fraction")
+    if lr <= 0:
+        raise ValueError(f"tier0_lr must be > 0, got {lr}")
+    if fr <= 0:
+        raise ValueError(f"fraction must be > 0, got {fr}")
+    return lr * fr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exit detection (§3.2.1: moving average + up/down buffer)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorState:
+    """Host-side state of one direction's exit detector (JSON-serialisable)."""
+
+    count: int = 0
+    ema: float | None = None
+    base: float | None = None
+    peak: float | None = None
+    peak_iteration: int = 0
+    phase: str = "start"  # "start" -> "up" (climbing) -> "exit"
+    buffer: tuple[int, ...] = ()
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"buffer": list(self.buffer)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> DetectorState:
+        return cls(**(dict(d) | {"buffer": tuple(int(b) for b in d["buffer"])}))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitDetector:
+    """Exit-point detector on noisy (mini-batch) losses along one search path (seed 004 §3.2.1).
+
+    ``ema_decay`` beta: ``ema_i = beta * ema_{i-1} + (1 - beta) * loss_i`` (``ema_1 = loss_1``). Each iteration
+    pushes ``+1`` (EMA rose) or ``-1`` (EMA fell or stayed) into a buffer of the last ``buffer_size`` states.
+    Phase ``"start"`` becomes ``"up"`` when the full buffer holds at least ``vote * buffer_size`` ups and the
+    EMA is ``min_rise`` above its first value; phase ``"up"`` becomes ``"exit"`` when the full buffer holds at
+    least ``vote * buffer_size`` downs and the EMA has fallen at least ``min_drop`` (a fraction of the rise
+    ``peak - base``) below its peak. ``min_rise`` and ``min_drop`` are this implementation's guards against
+    mini-batch noise (the seed names none; 0 disables them): a noisy plateau produces short runs of EMA
+    decreases, a crossing into a neighbouring stability region a sustained fall.
+    """
+
+    ema_decay: float = 0.9
+    buffer_size: int = 10
+    vote: float = 0.8
+    min_rise: float = 0.0
+    min_drop: float = 0.0
+
+    def __post_init__(self):
+        b = _check_real(self.ema_decay, "ExitDetector.ema_decay")
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"ExitDetector.ema_decay must be in [0, 1), got {b}")
+        if isinstance(self.buffer_size, bool) or int(self.buffer_size) != self.buffer_size or self.buffer_size < 1:
+            raise ValueError(f"ExitDetector.buffer_size must be an integer >= 1, got {self.buffer_size!r}")
+        v = _check_real(self.vote, "ExitDetector.vote")
+        if not 0.5 < v <= 1.0:
+            raise ValueError(f"ExitDetector.vote must be in (0.5, 1] (a majority of the buffer), got {v}")
+        if _check_real(self.min_rise, "ExitDetector.min_rise") < 0:
+            raise ValueError(f"ExitDetector.min_rise must be >= 0, got {self.min_rise}")
+        if not 0.0 <= _check_real(self.min_drop, "ExitDetector.min_drop") < 1.0:
+            raise ValueError(f"ExitDetector.min_drop must be a fraction in [0, 1), got {self.min_drop}")
+
+    @property
+    def needed(self) -> int:
+        return int(math.ceil(self.vote * self.buffer_size - 1e-9))
+
+    def update(self, state: DetectorState, loss: float) -> tuple[DetectorState, bool]:
+        """Feed one loss; returns the new state and whether an exit was declared at this iteration."""
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise ValueError(f"non-finite loss {loss} on the search path (iteration {state.count + 1}); the "
+                             "search diverged - lower RhoSchedule.rho_max / increment or the calibration step")
+        count = state.count + 1
+        if state.ema is None:
+            return DetectorState(count=count, ema=loss, base=loss, peak=loss, peak_iteration=count,
+                                 phase="start", buffer=()), False
+        ema = self.ema_decay * state.ema + (1.0 - self.ema_decay) * loss
+        buffer = (state.buffer + (1 if ema > state.ema else -1,))[-self.buffer_size:]
+        peak, peak_it = state.peak, state.peak_iteration
+        if ema > peak:
+            peak, peak_it = ema, count
+        phase = state.phase
+        full = len(buffer) == self.buffer_size
+        exited = False
+        if phase == "start":
+            if full and buffer.count(1) >= self.needed and ema - state.base >= self.min_rise:
+                phase = "up"
+        elif phase == "up":
+            fallen = peak - ema >= self.min_drop * (peak - state.base)
+            if full and buffer.count(-1) >= self.needed and fallen:
+                phase, exited = "exit", True
+        return DetectorState(count=count, ema=ema, base=state.base, peak=peak, peak_iteration=peak_it,
+                             phase=phase, buffer=buffer), exited
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configuration and records
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSolver:
+    """The local solver that converges from an exit point to a LOS: an Optax optimizer run for ``steps``
+    steps on ``batch_fn(t)`` (``None``: the search's batches), stopping early when the gradient norm on a
+    batch falls below ``grad_tol`` (meaningful with full batches; ``None`` disables it)."""
+
+    optimizer: optax.GradientTransformation
+    steps: int
+    batch_fn: BatchFn | None = None
+    grad_tol: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"LocalSolver.steps must be an integer >= 1, got {self.steps!r}")
+        if self.grad_tol is not None and _check_real(self.grad_tol, "LocalSolver.grad_tol") <= 0:
+            raise ValueError(f"LocalSolver.grad_tol must be > 0 or None, got {self.grad_tol}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DSPConfig:
+    """Settings of one tier of DSP-TT search.
+
+    ``num_directions``: search directions from the origin (5 in §5.2). ``init_norm``: Euclidean norm of the
+    random initial directions. ``max_steps``: total search steps over all directions;
+    ``max_iterations``: iterations of one direction before it is abandoned without exit (``None``: only
+    ``max_steps``). ``record_path``: keep the last ``record_path`` points of each path (for
+    :func:`verify_exit`; 0 keeps none). ``checkpoint_every``: also checkpoint the search state every that many
+    steps (0: only at exits and solutions).
+    """
+
+    num_directions: int = 5
+    rho: RhoSchedule = dataclasses.field(default_factory=RhoSchedule)
+    detector: ExitDetector = dataclasses.field(default_factory=ExitDetector)
+    init_norm: float = 1e-2
+    max_steps: int = 10_000
+    max_iterations: int | None = None
+    record_path: int = 0
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        for name in ("num_directions", "max_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"DSPConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.max_iterations is not None and (int(self.max_iterations) != self.max_iterations
+                                                or self.max_iterations < 1):
+            raise ValueError(f"DSPConfig.max_iterations must be an integer >= 1 or None, got {self.max_iterations!r}")
+        for name in ("record_path", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 0:
+                raise ValueError(f"DSPConfig.{name} must be an integer >= 0, got {v!r}")
+        if _check_real(self.init_norm, "DSPConfig.init_norm") <= 0:
+            raise ValueError(f"DSPConfig.init_norm must be > 0, got {self.init_norm}")
+        if not isinstance(self.rho, RhoSchedule):
+            raise ValueError(f"DSPConfig.rho must be a RhoSchedule, got {type(self.rho).__name__}")
+        if not isinstance(self.detector, ExitDetector):
+            raise ValueError(f"DSPConfig.detector must be an ExitDetector, got {type(self.detector).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitRecord:
+    """One exit point: direction ``direction`` exited at its iteration ``iteration`` (global search step
+    ``step``) with ``rho1`` and distance ``distance = |d|`` from the origin; ``peak_iteration`` is the EMA
+    peak (boundary-crossing estimate). After the local solver: ``solution_loss`` (last batch loss),
+    ``solver_steps``, ``solution_distance`` (from the origin) and ``exit_to_solution``."""
+
+    direction: int
+    step: int
+    iteration: int
+    rho1: float
+    distance: float
+    loss: float
+    ema: float
+    base_ema: float
+    peak_ema: float
+    peak_iteration: int
+    cosine_to_initial: float
+    solution_loss: float | None = None
+    solver_steps: int | None = None
+    solution_distance: float | None = None
+    exit_to_solution: float | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TierResult:
+    """Result of one tier of search from ``origin``: ``solutions[j]`` was reached from ``exits[j]``.
+
+    ``traces[k]`` holds the per-iteration record of direction ``k`` (``iteration``, ``step``, ``loss``,
+    ``ema``, ``rho1``, ``norm``); ``failed`` lists directions abandoned without exit; ``paths[k]`` the recorded
+    path window (list of ``(iteration, d)``) when ``record_path > 0``; ``steps`` the search steps used."""
+
+    origin: PyTree
+    solutions: list[PyTree]
+    exits: list[ExitRecord]
+    traces: list[dict]
+    failed: list[int]
+    steps: int
+    paths: list[list[tuple[int, PyTree]]] = dataclasses.field(default_factory=list)
+    exit_points: list[PyTree] = dataclasses.field(default_factory=list)
+
+    @property
+    def solver_steps(self) -> int:
+        """Local-solver steps spent on all solutions of this tier."""
+        return int(sum(e.solver_steps or 0 for e in self.exits))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# search directions and one step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _direction_key(key: jax.Array, k: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(key, 0x7D1), k)
+
+
+def initial_directions(key: jax.Array, origin: PyTree, num: int, norm: float = 1e-2) -> list[PyTree]:
+    """``num`` random (standard-normal) initial directions shaped like ``origin``, each scaled to ``norm``."""
+    if isinstance(num, bool) or int(num) != num or num < 1:
+        raise ValueError(f"number of directions must be an integer >= 1, got {num!r}")
+    if _check_real(norm, "norm") <= 0:
+        raise ValueError(f"direction norm must be > 0, got {norm}")
+    out = []
+    for k in range(int(num)):
+        d = tree_random_normal(_direction_key(key, k), origin)
+        out.append(tree_scale(d, norm / tree_norm(d)))
+    return out
+
+
+def _check_directions(directions: Sequence[PyTree], origin: PyTree) -> None:
+    if len(directions) == 0:
+        raise ValueError("no search directions given (need at least one)")
+    for k, d in enumerate(directions):
+        check_same_structure(origin, d, names=("origin", f"direction[{k}]"))
+        check_finite(d, f"direction[{k}]")
+        n = float(tree_norm(d))
+        if n == 0.0:
+            raise ValueError(f"direction[{k}] is the zero vector: a search direction needs a nonzero norm")
+
+
+def forward_step(direction: PyTree, rho1, reading: str = "additive") -> PyTree:
+    """The forward search step of one reading of seed 004 eq. 3 (module docstring)."""
+    if reading == "additive":
+        return tree_axpy(rho1 / tree_norm(direction), direction, direction)
+    if reading == "growth":
+        return tree_scale(direction, 1.0 + rho1)
+    if reading == "literal":
+        return tree_scale(direction, rho1)
+    raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
+
+
+def dsp_step(loss_fn: LossFn, calibration: optax.GradientTransformation, reading: str,
+             direction: PyTree, cal_state, origin: PyTree, batch, rng, rho1, rho2):
+    """One DSP iteration of one direction (Algorithm 1 lines 7, 8, 13; seed 004 eq. 3).
+
+    Returns ``(d_forward, d_calibrated, new_cal_state, loss)``: the direction after the forward step, after
+    the calibration ``d_forward + rho2 * f(origin + d_forward)`` with ``f = calibration(grad)``, the new
+    calibration state, and the mini-batch loss at ``origin + d_forward`` (used by the exit check).
+    """
+    fwd = forward_step(direction, rho1, reading)
+    point = tree_add(origin, fwd)
+    loss, grads = jax.value_and_grad(loss_fn)(point, batch, rng)
+    f, new_state = calibration.update(grads, cal_state, point)
+    cal = tree_axpy(rho2, f, fwd)
+    return fwd, cal, new_state, loss
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_step(loss_fn, calibration, reading):
+    def step(direction, cal_state, origin, batch, key, t, rho1, rho2):
+        rng = jax.random.fold_in(key, t)
+        fwd, cal, state, loss = dsp_step(loss_fn, calibration, reading, direction, cal_state, origin, batch, rng,
+                                         rho1, rho2)
+        return fwd, cal, state, jnp.stack([loss.astype(jnp.float32), tree_norm(fwd)])
+
+    return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_solver_step(loss_fn, optimizer):
+    def step(params, opt_state, batch, key, t):
+        rng = jax.random.fold_in(key, t)
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, tree_norm(grads)
+
+    return jax.jit(step)
+
+
+def local_solve(loss_fn: LossFn, params: PyTree, solver: LocalSolver, batch_fn: BatchFn, key: jax.Array
+                ) -> tuple[PyTree, dict]:
+    """Run the local solver from ``params`` (an exit point); returns ``(solution, info)`` with ``info``
+    holding ``steps``, the last batch ``loss`` and gradient norm ``grad_norm``."""
+    step = _compiled_solver_step(loss_fn, solver.optimizer)
+    batches = solver.batch_fn or batch_fn
+    opt_state = solver.optimizer.init(params)
+    loss = gnorm = float("nan")
+    t = 0
+    for t in range(1, solver.steps + 1):
+        params, opt_state, loss_a, g_a = step(params, opt_state, batches(t - 1), key, np.int32(t))
+        if solver.grad_tol is not None or t == solver.steps:
+            loss, gnorm = float(loss_a), float(g_a)
+            if not math.isfinite(loss):
+                raise ValueError(f"local solver diverged (loss {loss} at step {t}); lower its learning rate")
+            if solver.grad_tol is not None and gnorm < solver.grad_tol:
+                break
+    return params, {"steps": t, "loss": loss, "grad_norm": gnorm}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpointing of a search (resume)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _named(tree: PyTree) -> dict:
+    """``{"l0": leaf0, "l1": leaf1, ...}`` — a checkpoint-friendly flat view of any pytree."""
+    return {f"l{j}": jnp.asarray(x) for j, x in enumerate(jax.tree_util.tree_leaves(tree))}
+
+
+def _from_named(like: PyTree, named: dict) -> PyTree:
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(named[f"l{j}"]) for j in range(len(leaves))])
+
+
+def _fingerprint(origin: PyTree, config: DSPConfig, tier: int) -> str:
+    leaves = jax.tree_util.tree_leaves(origin)
+    sums = [float(np.sum(np.asarray(x, dtype=np.float64))) for x in leaves]
+    return json.dumps({"tier": tier, "num_directions": config.num_directions,
+                       "rho": dataclasses.asdict(config.rho), "detector": dataclasses.asdict(config.detector),
+                       "shapes": [list(np.shape(x)) for x in leaves], "sums": [round(s, 6) for s in sums]},
+                      sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one tier of search (Algorithm 1)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def dsp_search(
+    loss_fn: LossFn,
+    origin: PyTree,
+    key: jax.Array,
+    *,
+    config: DSPConfig,
+    batch_fn: BatchFn,
+    solver: LocalSolver,
+    calibration: optax.GradientTransformation | None = None,
+    directions: Sequence[PyTree] | None = None,
+    checkpoint_dir: str | None = None,
+    tier: int = 1,
+    callback: Callable[[int, dict], None] | None = None,
+) -> TierResult:
+    """One tier of DSP-TT search from ``origin`` (seed 004 Algorithm 1 with eq. 3).
+
+    ``loss_fn(params, batch, rng)`` is the objective on a mini-batch ``batch_fn(t)`` (global step ``t``);
+    ``calibration`` is the dynamics ``f`` (an Optax gradient transformation returning the descent direction at
+    unit step, default ``optax.scale(-1.0)`` i.e. ``f = -grad``, seed 004 eq. 2 with ``R = I``);
+    ``directions`` overrides the ``config.num_directions`` random initial directions. With
+    ``checkpoint_dir`` the state is saved at every exit point, every solution and every
+    ``config.checkpoint_every`` steps (only the latest state is kept: directions, calibration states, detector
+    states, traces, exits and every solution found), and an existing checkpoint there is resumed — a killed
+    search restarted with the same arguments ends with the same result as an uninterrupted one (recorded
+    ``paths`` restart empty). ``callback(t, info)`` is
+    called after every search step (``info``: tier, direction, iteration, loss, ema, rho1, norm, exited, ``d``
+    the direction after the forward step, so ``origin + d`` is the point whose loss was checked).
+    """
+    if not isinstance(config, DSPConfig):
+        raise ValueError(f"config must be a DSPConfig, got {type(config).__name__}")
+    if not isinstance(solver, LocalSolver):
+        raise ValueError(f"solver must be a LocalSolver, got {type(solver).__name__}")
+    check_finite(origin, "origin")
+    calibration = calibration if calibration is not None else NEGATIVE_GRADIENT
+    generated = directions is None
+    if generated:
+        dirs = initial_directions(key, origin, config.num_directions, config.init_norm)
+    else:
+        dirs = list(directions)
+        _check_directions(dirs, origin)
+    num = len(dirs)
+    rho, det = config.rho, config.detector
+    step_fn = _compiled_step(loss_fn, calibration, rho.reading)
+    cal_states = [calibration.init(tree_add(origin, d)) for d in dirs]
+    detectors = [DetectorState() for _ in range(num)]
+    active = [True] * num
+    traces = [{k: [] for k in ("iteration", "step", "loss", "ema", "rho1", "norm")} for _ in range(num)]
+    exits: list[ExitRecord] = []
+    solutions: list[PyTree] = []
+    failed: list[int] = []
+    paths = [collections.deque(maxlen=config.record_path) for _ in range(num)] if config.record_path else []
+    pending: dict | None = None  # exit found, solution not yet computed
+    t = 0
+    loss_key = jax.random.fold_in(key, 0x5EA)
+    solver_key = jax.random.fold_in(key, 0x501)
+    sel_seed = int(jax.random.randint(jax.random.fold_in(key, 0x5E1), (), 0, 2**31 - 1))
+    fingerprint = _fingerprint(origin, config, tier)
+
+    def state_tree() -> dict:
+        tree = {}
+        for k in range(num):
+            tree[f"dir{k}"] = _named(dirs[k])
+            if jax.tree_util.tree_leaves(cal_states[k]):
+                tree[f"cal{k}"] = _named(cal_states[k])
+        for j, sol in enumerate(solutions):
+            tree[f"sol{j}"] = _named(sol)
+        if pending is not None:
+            tree["pending"] = _named(pending["point"])
+        return tree
+
+    store = None
+    if checkpoint_dir is not None:
+        from mclandscape.engine.checkpoint import CheckpointStore
+
+        store = CheckpointStore(checkpoint_dir, create=True)
+
+    def save(kind: str):
+        if store is None:
+            return
+        meta = {
+            "kind": kind, "fingerprint": fingerprint, "t": t, "active": active, "failed": failed,
+            "detectors": [d.to_json() for d in detectors], "traces": traces,
+            "exits": [e.to_json() for e in exits], "num_solutions": len(solutions),
+            "pending": None if pending is None else {k: v for k, v in pending.items() if k != "point"},
+        }
+        store.save(t, state_tree(), meta, overwrite=True)
+        for old in store.all_steps():
+            if old != t:
+                store.delete(old)
+
+    def _search_loop() -> TierResult:
+        nonlocal pending, t, active
+
+        def solve_pending():
+            nonlocal pending
+            rec = ExitRecord(**pending["record"])
+            sol, info = local_solve(loss_fn, pending["point"], solver, batch_fn,
+                                    jax.random.fold_in(solver_key, rec.direction))
+            rec = dataclasses.replace(
+                rec, solution_loss=info["loss"], solver_steps=info["steps"],
+                solution_distance=float(tree_distance(sol, origin)),
+                exit_to_solution=float(tree_distance(sol, pending["point"])))
+            solutions.append(sol)
+            exits.append(rec)
+            pending = None
+            save("solution")
+
+        if pending is not None:
+            solve_pending()
+
+        while any(active) and t < config.max_steps:
+            idx = [k for k in range(num) if active[k]]
+            k = idx[int(np.random.default_rng([sel_seed, t]).integers(len(idx)))]
+            i = detectors[k].count + 1
+            rho1, rho2 = rho.rho1(i), rho.rho2_at(i)
+            fwd, cal, cstate, scalars = step_fn(dirs[k], cal_states[k], origin, batch_fn(t), loss_key,
+                                                np.int32(t), np.float32(rho1), np.float32(rho2))
+            loss, norm = (float(v) for v in np.asarray(scalars))
+            state, exited = det.update(detectors[k], loss)
+            detectors[k] = state
+            tr = traces[k]
+            for name, v in (("iteration", i), ("step", t), ("loss", loss), ("ema", state.ema), ("rho1", rho1),
+                            ("norm", norm)):
+                tr[name].append(v)
+            if paths:
+                paths[k].append((i, fwd))
+            t += 1
+            if exited:
+                if generated:
+                    d0 = initial_directions(key, origin, k + 1, config.init_norm)[k]
+                else:
+                    d0 = directions[k]
+                record = ExitRecord(direction=k, step=t - 1, iteration=i, rho1=rho1, distance=norm, loss=loss,
+                                    ema=state.ema, base_ema=state.base, peak_ema=state.peak,
+                                    peak_iteration=state.peak_iteration,
+                                    cosine_to_initial=float(tree_cosine(fwd, d0)))
+                active[k] = False
+                dirs[k] = fwd
+                pending = {"record": record.to_json(), "point": tree_add(origin, fwd)}
+                save("exit")
+                solve_pending()
+            else:
+                dirs[k], cal_states[k] = cal, cstate
+                if config.max_iterations is not None and i >= config.max_iterations:
+                    active[k] = False
+                    failed.append(k)
+                if config.checkpoint_every and t % config.checkpoint_every == 0:
+                    save("periodic")
+            if callback is not None:
+                callback(t - 1, {"direction": k, "iteration": i, "loss": loss, "ema": state.ema, "rho1": rho1,
+                                 "norm": norm, "exited": exited, "d": fwd, "tier": tier})
+        if any(active):
+            failed.extend(k for k in range(num) if active[k] and k not in failed)
+            active = [False] * num
+            save("end")
+        return TierResult(origin=origin, solutions=solutions, exits=exits, traces=traces, failed=sorted(failed),
+                          steps=t, paths=[list(p) for p in paths],
+                          exit_points=[tree_add(origin, dirs[e.direction]) for e in exits])
+
+    try:
+        if store is not None and store.latest_step() is not None:
+            meta = store.metadata()
+            if meta.get("fingerprint") != fingerprint:
+                raise ValueError(f"checkpoint in {checkpoint_dir!r} belongs to a different search (origin, "
+                                 "tier or configuration differ); use a fresh directory")
+            solutions = [origin] * int(meta["num_solutions"])
+            if meta["pending"] is not None:
+                pending = {"point": origin}
+            tree, _ = store.restore(target=state_tree())
+            dirs = [_from_named(dirs[k], tree[f"dir{k}"]) for k in range(num)]
+            cal_states = [_from_named(cal_states[k], tree[f"cal{k}"]) if f"cal{k}" in tree else cal_states[k]
+                          for k in range(num)]
+            solutions = [_from_named(origin, tree[f"sol{j}"]) for j in range(len(solutions))]
+            t = int(meta["t"])
+            active = [bool(a) for a in meta["active"]]
+            failed = [int(f) for f in meta["failed"]]
+            detectors = [DetectorState.from_json(d) for d in meta["detectors"]]
+            traces = meta["traces"]
+            exits = [ExitRecord(**e) for e in meta["exits"]]
+            if meta["pending"] is not None:
+                pending = dict(meta["pending"]) | {"point": _from_named(origin, tree["pending"])}
+        return _search_loop()
+    finally:
+        if store is not None:
+            store.close()
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tier-by-tier search (§5.2)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tier_by_tier(
+    loss_fn: LossFn,
+    origin: PyTree,
+    key: jax.Array,
+    *,
+    config: DSPConfig,
+    batch_fn: BatchFn,
+    solver: LocalSolver,
+    score_fn: Callable[[PyTree], float],
+    tiers: int = 2,
+    calibration: optax.GradientTransformation | None = None,
+    checkpoint_dir: str | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> list[TierResult]:
+    """Tier-by-tier DSP-TT (seed 004 §5.2): tier 1 from ``origin``; tier ``n+1`` from the best tier-``n``
+    solution, the one with the lowest ``score_fn(params)`` (e.g. loss on the training or a validation set).
+    Each tier checkpoints into ``checkpoint_dir/tier<n>`` and resumes from there."""
+    if isinstance(tiers, bool) or int(tiers) != tiers or tiers < 1:
+        raise ValueError(f"tiers must be an integer >= 1, got {tiers!r}")
+    results: list[TierResult] = []
+    start = origin
+    for n in range(1, int(tiers) + 1):
+        sub = None if checkpoint_dir is None else f"{checkpoint_dir}/tier{n}"
+        res = dsp_search(loss_fn, start, jax.random.fold_in(key, n), config=config, batch_fn=batch_fn,
+                         solver=solver, calibration=calibration, checkpoint_dir=sub, tier=n, callback=callback)
+        results.append(res)
+        if n == tiers:
+            break
+        if not res.solutions:
+            raise ValueError(f"tier {n} found no exit point in {res.steps} steps, so tier {n + 1} has no "
+                             "origin; raise DSPConfig.max_steps or rho_max")
+        scores = [float(score_fn(s)) for s in res.solutions]
+        start = res.solutions[int(np.argmin(scores))]
+    return results
+
+
+def exit_statistics(result: TierResult) -> dict:
+    """Summary of a tier's exits (seed 004 §5.4 quantities): counts, iterations / rho1 / distance at exit."""
+    its = [e.iteration for e in result.exits]
+    out = {"directions": len(result.traces), "exits": len(result.exits), "failed": list(result.failed),
+           "search_steps": result.steps}
+    for name, vals in (("iterations", its), ("rho1", [e.rho1 for e in result.exits]),
+                       ("distance", [e.distance for e in result.exits]),
+                       ("solution_distance", [e.solution_distance for e in result.exits]),
+                       ("cosine_to_initial", [e.cosine_to_initial for e in result.exits])):
+        out[f"mean_{name}"] = float(np.mean(vals)) if vals else None
+    out["per_exit"] = [e.to_json() for e in result.exits]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exit-point verification (§5.1, Figure 3c)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _leader_clusters(dist: np.ndarray, tol: float) -> list[int]:
+    """Greedy clustering of points ``0..n-1`` given their distance matrix: point 0 founds cluster 0, every
+    later point joins the first cluster whose founder lies within ``tol``, else founds a new cluster."""
+    founders: list[int] = [0]
+    labels = [0]
+    for p in range(1, dist.shape[0]):
+        for c, f in enumerate(founders):
+            if dist[p, f] <= tol:
+                labels.append(c)
+                break
+        else:
+            founders.append(p)
+            labels.append(len(founders) - 1)
+    return labels
+
+
+def _pairwise(rows: np.ndarray, rms: bool = False) -> np.ndarray:
+    """Euclidean (or root-mean-square, ``rms``) distances between the rows of ``rows``, one row at a time so
+    that memory stays at one copy of ``rows``."""
+    out = np.empty((rows.shape[0], rows.shape[0]))
+    for p in range(rows.shape[0]):
+        sq = np.sum((rows - rows[p]) ** 2, axis=1)
+        out[p] = np.sqrt(sq / rows.shape[1] if rms else sq)
+    return out
+
+
+def _max_pairwise(dist: np.ndarray, idx: list[int]) -> float:
+    if len(idx) < 2:
+        return 0.0
+    return float(dist[np.ix_(idx, idx)].max())
+
+
+def _two_sides(dist: np.ndarray, b: list[int], a: list[int]) -> dict:
+    """Spreads of two groups of end points, the smallest distance between them and ``ratio = between /
+    max(spreads)`` (``inf`` when both spreads are 0; ``between`` and ``ratio`` ``None`` if a group is empty)."""
+    sb, sa = _max_pairwise(dist, b), _max_pairwise(dist, a)
+    between = float(dist[np.ix_(b, a)].min()) if b and a else None
+    spread = max(sb, sa)
+    ratio = None if between is None else (float("inf") if spread == 0 else between / spread)
+    return {"before_spread": sb, "after_spread": sa, "between": between, "ratio": ratio}
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationResult:
+    """Gradient-descent integration from points along a search path near its exit (seed 004 §5.1).
+
+    Per start point ``p`` (in path order): ``iterations[p]`` (its path iteration), ``before[p]`` (whether it
+    precedes the exit estimate ``exit_iteration``), ``start_losses[p]``, ``final_losses[p]`` and
+    ``grad_norms[p]`` (loss and gradient norm at the end point); ``starts`` / ``finals`` hold the stacked start
+    and end points, ``trajectories`` the points every ``record_every`` steps (leaves ``[P, T, ...]``,
+    ``T = steps_run / record_every``). The origin is integrated too: ``origin_final``, ``origin_loss``,
+    ``origin_grad_norm``.
+
+    *Which optimum each end point reached* is measured, not read off a plot: ``distances`` is the
+    ``[P + 1, P + 1]`` matrix of Euclidean parameter distances between end points (index 0: the origin's end
+    point, index ``p + 1``: start point ``p``), and ``basin[p]`` the cluster of end point ``p`` when end points
+    closer than ``tol`` are the same optimum (cluster 0: the origin's optimum; others numbered in path
+    order). Networks have symmetries (permuting hidden units, flipping the sign of a ``tanh`` unit) that map
+    an optimum to distinct parameters computing the same function; with ``outputs_fn`` the same is done in
+    function space — ``function_distances`` (RMS difference of the outputs) and ``function_basin`` with
+    ``function_tol`` — so a symmetric copy of the origin's optimum is recognised as such. An end point counts
+    as converged when its gradient norm is at most ``grad_tol`` (:attr:`converged`).
+    """
+
+    iterations: list[int]
+    before: list[bool]
+    exit_iteration: int
+    starts: PyTree
+    finals: PyTree
+    trajectories: PyTree
+    start_losses: np.ndarray
+    final_losses: np.ndarray
+    grad_norms: np.ndarray
+    origin_final: PyTree
+    origin_loss: float
+    origin_grad_norm: float
+    distances: np.ndarray
+    tol: float
+    basin: list[int]
+    step_size: float
+    steps_run: int
+    grad_tol: float | None = None
+    function_distances: np.ndarray | None = None
+    function_tol: float | None = None
+    function_basin: list[int] | None = None
+    flow_remaining: np.ndarray | None = None
+    flow_grad_norms: np.ndarray | None = None
+    polish_moves: np.ndarray | None = None
+    polish_iterations: np.ndarray | None = None
+    polish_tol: float | None = None
+    symmetry_distances: np.ndarray | None = None
+    symmetry_tol: float | None = None
+    symmetry_basin: list[int] | None = None
+
+    @property
+    def converged(self) -> list[bool] | None:
+        """``grad_norms[p] <= grad_tol`` per end point (``None`` without ``grad_tol``)."""
+        if self.grad_tol is None:
+            return None
+        return [bool(g <= self.grad_tol) for g in self.grad_norms]
+
+    @property
+    def settled(self) -> list[bool]:
+        """Whether each end point has really stopped, judged by the gradient norm *and* by the distance the
+        integration still had to go, so that a loose ``grad_tol`` on a flat valley is not taken for
+        convergence.
+
+        Without a polish: ``grad_norms[p] <= grad_tol`` (when given) and ``flow_remaining[p] <= tol`` — the
+        geometric-series estimate ``m r / (1 - r)`` of the distance the gradient-descent flow still travels,
+        from the movements ``m_prev``, ``m`` over two further probe chunks of ``record_every`` steps run from the
+        end points and discarded (``r = m / m_prev``; ``inf`` when ``r >= 1``). With the L-BFGS polish: the polish reached ``polish_tol`` (its end points
+        are then fixed points up to float precision, whatever the flow left undone — ``polish_moves`` says how
+        much that was)."""
+        if self.polish_tol is not None:
+            return [bool(g <= self.polish_tol) for g in self.grad_norms]
+        rem = self.flow_remaining if self.flow_remaining is not None else np.full(len(self.iterations), np.inf)
+        ok = [bool(r <= self.tol) for r in rem]
+        if self.grad_tol is not None:
+            ok = [o and bool(g <= self.grad_tol) for o, g in zip(ok, self.grad_norms, strict=True)]
+        return ok
+
+    @property
+    def flow_settled(self) -> list[bool]:
+        """Whether the gradient-descent flow alone had settled (before any polish): its gradient norm at most
+        ``grad_tol`` (when given) and its remaining-distance estimate ``flow_remaining`` at most ``tol``."""
+        rem = self.flow_remaining if self.flow_remaining is not None else np.full(len(self.iterations), np.inf)
+        gn = self.flow_grad_norms if self.flow_grad_norms is not None else self.grad_norms
+        return [bool(r <= self.tol and (self.grad_tol is None or g <= self.grad_tol))
+                for r, g in zip(rem, gn, strict=True)]
+
+    def _space(self, space: str) -> tuple[list[int], np.ndarray]:
+        if space == "param":
+            return self.basin, self.distances[1:, 1:]
+        if space == "function":
+            if self.function_basin is None:
+                raise ValueError("function-space separation needs verify_exit(..., outputs_fn=...)")
+            return self.function_basin, self.function_distances[1:, 1:]
+        if space == "symmetry":
+            if self.symmetry_basin is None:
+                raise ValueError("symmetry-space separation needs verify_exit(..., symmetry_distance=...)")
+            return self.symmetry_basin, self.symmetry_distances[1:, 1:]
+        raise ValueError(f"space must be 'param', 'function' or 'symmetry', got {space!r}")
+
+    def separation(self, space: str = "param", at: int | None = None) -> dict:
+        """Measured separation of the end points of the points before and after the exit estimate
+        (``at``: another split iteration instead of ``exit_iteration``, e.g. the iteration where the detector
+        fired; points with iteration ``< at`` are "before").
+
+        ``before_clusters`` / ``after_clusters``: the optima (cluster labels, 0 = the origin's) reached from
+        each side; ``before_spread`` / ``after_spread``: the largest distance between two end points of one
+        side; ``between``: the smallest distance between an end point of one side and one of the other;
+        ``ratio = between / max(spreads)`` (``inf`` when both spreads are 0); ``separates``: the seed's claim —
+        all points before the exit reach one optimum and all points after it another; ``disjoint``: no
+        optimum is reached from both sides; ``leaves_origin``: the points before reach the origin's optimum
+        and none after does. ``transitions``: consecutive sampled iterations ``(i_p, i_{p+1})`` whose end
+        points differ; ``boundary``: the last transition out of the origin's cluster (the measured crossing of
+        the origin's stability boundary, ``None`` if the points never leave it or never start in it), with
+        ``boundary_offset`` = its midpoint minus ``exit_iteration``, ``separates_at_boundary``: all points
+        up to it reach the origin's optimum and all points after it one other optimum, and
+        ``boundary_groups``: spreads, ``between`` and ``ratio`` as above for the two sides of that measured
+        crossing (``None`` without one). ``num_optima``: distinct optima reached from all points;
+        ``two_optima``: exactly two, the origin's reached up to the measured crossing and the other after it;
+        ``all_settled``: every end point :attr:`settled` (otherwise the clusters may split one unfinished
+        flow into several "optima"). ``space``: ``"param"`` (``basin``, ``distances``), ``"function"``
+        (``function_basin``, ``function_distances``) or ``"symmetry"`` (``symmetry_basin``,
+        ``symmetry_distances``: parameter distance modulo the network's symmetries)."""
+        labels, dist = self._space(space)
+        split = self.exit_iteration if at is None else int(at)
+        before = [i < split for i in self.iterations]
+        b = [p for p, bf in enumerate(before) if bf]
+        a = [p for p, bf in enumerate(before) if not bf]
+        lb, la = sorted({labels[p] for p in b}), sorted({labels[p] for p in a})
+        sides = _two_sides(dist, b, a)
+        its = self.iterations
+        transitions = [(its[p], its[p + 1]) for p in range(len(its) - 1) if labels[p] != labels[p + 1]]
+        boundary = offset = groups = None
+        at_boundary = False
+        outs = [p for p in range(len(its) - 1) if labels[p] == 0 and labels[p + 1] != 0]
+        if outs:
+            p = outs[-1]
+            boundary = (its[p], its[p + 1])
+            offset = 0.5 * (its[p] + its[p + 1]) - split
+            at_boundary = all(lab == 0 for lab in labels[:p + 1]) and len(set(labels[p + 1:])) == 1
+            groups = _two_sides(dist, list(range(p + 1)), list(range(p + 1, len(its))))
+        return {
+            "space": space, "before_clusters": lb, "after_clusters": la, **sides,
+            "separates": bool(len(lb) == 1 and len(la) == 1 and lb != la),
+            "disjoint": bool(b and a and not set(lb) & set(la)),
+            "leaves_origin": bool(b and a and lb == [0] and 0 not in la),
+            "transitions": transitions, "boundary": boundary, "boundary_offset": offset,
+            "separates_at_boundary": bool(at_boundary), "boundary_groups": groups,
+            "split_iteration": split, "num_optima": len(set(labels)),
+            "two_optima": bool(at_boundary and len(set(labels)) == 2), "all_settled": all(self.settled),
+        }
+
+    @property
+    def separates(self) -> bool:
+        """The seed's claim in parameter space: every point before the exit converges to one optimum and
+        every point after it to another (:meth:`separation`)."""
+        return self.separation("param")["separates"]
+
+    def summary(self) -> dict:
+        """JSON-serialisable numbers of the verification (per-point values and both separations)."""
+        out = {
+            "iterations": list(self.iterations), "before_exit": list(self.before),
+            "exit_iteration": self.exit_iteration, "step_size": self.step_size, "steps_run": self.steps_run,
+            "grad_tol": self.grad_tol, "start_losses": [float(v) for v in self.start_losses],
+            "final_losses": [float(v) for v in self.final_losses],
+            "grad_norms": [float(v) for v in self.grad_norms], "converged": self.converged,
+            "origin_loss": self.origin_loss, "origin_grad_norm": self.origin_grad_norm,
+            "distance_to_origin_optimum": [float(v) for v in self.distances[0, 1:]],
+            "tol": self.tol, "basin": list(self.basin), "separation_param": self.separation("param"),
+        }
+        if self.function_basin is not None:
+            out.update({"function_tol": self.function_tol, "function_basin": list(self.function_basin),
+                        "function_distance_to_origin_optimum": [float(v) for v in self.function_distances[0, 1:]],
+                        "separation_function": self.separation("function")})
+        if self.symmetry_basin is not None:
+            out.update({"symmetry_tol": self.symmetry_tol, "symmetry_basin": list(self.symmetry_basin),
+                        "symmetry_distance_to_origin_optimum": [float(v) for v in self.symmetry_distances[0, 1:]],
+                        "separation_symmetry": self.separation("symmetry")})
+        fl = lambda xs: None if xs is None else [float(v) for v in xs]  # noqa: E731
+        out.update({"settled": self.settled, "flow_settled": self.flow_settled,
+                    "flow_remaining": fl(self.flow_remaining), "flow_grad_norms": fl(self.flow_grad_norms),
+                    "polish_tol": self.polish_tol, "polish_moves": fl(self.polish_moves),
+                    "polish_iterations": None if self.polish_iterations is None
+                    else [int(v) for v in self.polish_iterations]})
+        return out
+
+
+def verify_exit(
+    loss_fn: Callable[[PyTree], jax.Array],
+    origin: PyTree,
+    path: Sequence[tuple[int, PyTree]],
+    exit_iteration: int,
+    *,
+    step_size: float = 0.01,
+    steps: int = 50_000,
+    record_every: int = 500,
+    num_points: int | None = None,
+    tol: float | None = None,
+    grad_tol: float | None = None,
+    outputs_fn: Callable[[PyTree], jax.Array] | None = None,
+    function_tol: float | None = None,
+    polish_steps: int = 0,
+    polish_tol: float = 1e-6,
+    symmetry_distance: Callable[[PyTree, PyTree], float] | None = None,
+    symmetry_tol: float | None = None,
+) -> VerificationResult:
+    """Integrate full-batch gradient descent ``w <- w - step_size * grad loss(w)`` from points of a recorded
+    search ``path`` (``(iteration, d)`` pairs, points ``origin + d``) and from the origin, and measure which
+    optimum each reaches (seed 004 §5.1, Figure 3c: 50,000 steps of size 0.01, the defaults).
+
+    ``num_points`` evenly chooses that many path points. The integration runs in chunks of ``record_every``
+    steps (one trajectory point each) for at most ``steps`` steps; with ``grad_tol`` it stops as soon as every
+    gradient norm is at most ``grad_tol`` — convergence is judged by the gradient norm, so a step count that
+    suffices on one objective is not silently trusted on another. End points closer than ``tol`` are one
+    optimum. ``outputs_fn(params) -> array`` (e.g. the network's outputs on the training inputs) adds the
+    function-space comparison: RMS output differences, clustered with ``function_tol``. The default
+    tolerances are 1% of how far the start points lie from the origin's end point (largest parameter distance,
+    resp. largest RMS output difference), a scale that does not shrink when all end points coincide.
+
+    Convergence is also judged by the end points stopping to move (:attr:`VerificationResult.settled`): the
+    movements over two further probe chunks (run from the end points and discarded) give a geometric-series
+    estimate of the distance the flow still has to go (``flow_remaining``), which exposes a ``grad_tol`` that is too loose for a flat valley. ``polish_steps``
+    > 0 finishes every flow with at most that many L-BFGS iterations (``optax.lbfgs`` with its zoom line
+    search, a second-order polish of a point already inside a basin: it does not decide the basin, the flow
+    does) until the gradient norm is at most ``polish_tol``; ``polish_moves`` records how far each end point
+    moved during the polish. ``symmetry_distance(p, q) -> float`` (e.g. :func:`mlp_symmetry_distance`) adds the
+    comparison modulo the network's symmetries (``symmetry_distances``, ``symmetry_basin`` clustered with
+    ``symmetry_tol``, default 1% of the largest such distance of a start point from the origin's end point):
+    it tells a symmetric copy of an optimum (distance 0) from a different point of a flat valley computing
+    nearly the same function. See :class:`VerificationResult` for the reported numbers."""
+    if len(path) == 0:
+        raise ValueError("verify_exit needs a non-empty recorded path (DSPConfig.record_path > 0)")
+    if _check_real(step_size, "step_size") <= 0:
+        raise ValueError(f"step_size must be > 0, got {step_size}")
+    for name, v in (("steps", steps), ("record_every", record_every)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if steps % record_every:
+        raise ValueError(f"steps ({steps}) must be a multiple of record_every ({record_every})")
+    if grad_tol is not None and _check_real(grad_tol, "grad_tol") <= 0:
+        raise ValueError(f"grad_tol must be > 0 or None, got {grad_tol}")
+    for name, v in (("tol", tol), ("function_tol", function_tol), ("symmetry_tol", symmetry_tol)):
+        if v is not None and _check_real(v, name) <= 0:
+            raise ValueError(f"{name} must be > 0 or None, got {v}")
+    if isinstance(polish_steps, bool) or int(polish_steps) != polish_steps or polish_steps < 0:
+        raise ValueError(f"polish_steps must be an integer >= 0, got {polish_steps!r}")
+    if _check_real(polish_tol, "polish_tol") <= 0:
+        raise ValueError(f"polish_tol must be > 0, got {polish_tol}")
+    pts = list(path)
+    if num_points is not None:
+        if num_points < 1:
+            raise ValueError(f"num_points must be >= 1, got {num_points}")
+        sel = np.unique(np.linspace(0, len(pts) - 1, min(num_points, len(pts))).round().astype(int))
+        pts = [pts[j] for j in sel]
+    iterations = [int(i) for i, _ in pts]
+    starts = tree_stack([origin] + [tree_add(origin, d) for _, d in pts])
+    value_and_grad = jax.value_and_grad(loss_fn)
+
+    @jax.jit
+    def chunk(ws):
+        def one(w):
+            def step(w, _):
+                return jax.tree_util.tree_map(lambda a, g: a - step_size * g, w, jax.grad(loss_fn)(w)), None
+
+            w, _ = jax.lax.scan(step, w, None, length=record_every)
+            return w
+
+        return jax.vmap(one)(ws)
+
+    @jax.jit
+    def measure(ws):
+        loss, g = jax.vmap(value_and_grad)(ws)
+        return loss, jax.vmap(tree_norm)(g)
+
+    start_losses, _ = measure(starts)
+    ws, snapshots, steps_run = starts, [], 0
+    while steps_run < steps:
+        ws = chunk(ws)
+        steps_run += record_every
+        snapshots.append(ws)
+        if grad_tol is not None:
+            _, gn = measure(ws)
+            if float(jnp.max(gn)) <= grad_tol:
+                break
+    ravel = jax.vmap(lambda w: tree_ravel(w)[0])
+    # how far would the flow still go? Two further probe chunks (not kept) measure the movements m_prev, m of
+    # the slowest surviving mode; geometric-series estimate m r / (1 - r), r = m / m_prev
+    probe1 = chunk(ws)
+    hist = [np.asarray(ravel(w), dtype=np.float64) for w in (ws, probe1, chunk(probe1))]
+    m_prev = np.linalg.norm(hist[1] - hist[0], axis=1)
+    m = np.linalg.norm(hist[2] - hist[1], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(m_prev > 0, m / m_prev, np.where(m > 0, np.inf, 0.0))
+        flow_remaining = np.where(r < 1.0, m * r / (1.0 - r), np.inf)
+    flow_remaining = np.where(m == 0.0, 0.0, flow_remaining)
+    flow_gnorms = np.asarray(measure(ws)[1], dtype=np.float64)
+    polish_moves = polish_its = None
+    if polish_steps:
+        flow_end = hist[0]
+        ws, polish_its = _lbfgs_polish(loss_fn, ws, int(polish_steps), float(polish_tol))
+        polish_its = np.asarray(polish_its)
+        polish_moves = np.linalg.norm(np.asarray(ravel(ws), dtype=np.float64) - flow_end, axis=1)
+    losses, gnorms = (np.asarray(v, dtype=np.float64) for v in measure(ws))
+    trajs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs, axis=1), *snapshots)
+    flat = np.asarray(ravel(ws), dtype=np.float64)
+    dist = _pairwise(flat)
+    flat_starts = np.asarray(ravel(starts), dtype=np.float64)
+    if tol is None:
+        tol = max(1e-2 * float(np.linalg.norm(flat_starts[1:] - flat[0], axis=1).max()), 1e-6)
+    basin = _leader_clusters(dist, float(tol))[1:]
+    sdist = stol = sbasin = None
+    if symmetry_distance is not None:
+        ends = tree_unstack(jax.device_get(ws))
+        sdist = np.zeros((len(ends), len(ends)))
+        for j in range(len(ends)):
+            for k in range(j + 1, len(ends)):
+                sdist[j, k] = sdist[k, j] = float(symmetry_distance(ends[j], ends[k]))
+        stol = symmetry_tol
+        if stol is None:
+            host_starts = tree_unstack(jax.device_get(starts))
+            far = max(float(symmetry_distance(host_starts[j], ends[0])) for j in range(1, len(ends)))
+            stol = max(1e-2 * far, 1e-6)
+        sbasin = _leader_clusters(sdist, float(stol))[1:]
+    fdist = ftol = fbasin = None
+    if outputs_fn is not None:
+        outs = np.asarray(jax.vmap(outputs_fn)(ws), dtype=np.float64).reshape(flat.shape[0], -1)
+        fdist = _pairwise(outs, rms=True)
+        ftol = function_tol
+        if ftol is None:
+            outs0 = np.asarray(jax.vmap(outputs_fn)(starts), dtype=np.float64).reshape(flat.shape[0], -1)
+            ftol = max(1e-2 * float(np.sqrt(np.mean((outs0[1:] - outs[0]) ** 2, axis=1)).max()), 1e-9)
+        fbasin = _leader_clusters(fdist, float(ftol))[1:]
+    take = tree_index
+    return VerificationResult(
+        iterations=iterations, before=[i < exit_iteration for i in iterations], exit_iteration=int(exit_iteration),
+        starts=take(starts, slice(1, None)), finals=take(ws, slice(1, None)),
+        trajectories=take(trajs, slice(1, None)), start_losses=np.asarray(start_losses, dtype=np.float64)[1:],
+        final_losses=losses[1:], grad_norms=gnorms[1:], origin_final=take(ws, 0), origin_loss=float(losses[0]),
+        origin_grad_norm=float(gnorms[0]), distances=dist, tol=float(tol), basin=basin, step_size=float(step_size),
+        steps_run=steps_run, grad_tol=None if grad_tol is None else float(grad_tol), function_distances=fdist,
+        function_tol=None if ftol is None else float(ftol), function_basin=fbasin,
+        flow_remaining=flow_remaining[1:], flow_grad_norms=flow_gnorms[1:],
+        polish_moves=None if polish_moves is None else polish_moves[1:],
+        polish_iterations=None if polish_its is None else polish_its[1:],
+        polish_tol=float(polish_tol) if polish_steps else None, symmetry_distances=sdist,
+        symmetry_tol=None if stol is None else float(stol), symmetry_basin=sbasin)
+
+
+def _lbfgs_polish(loss_fn: Callable[[PyTree], jax.Array], ws: PyTree, max_iter: int, tol: float
+                  ) -> tuple[PyTree, jax.Array]:
+    """L-BFGS (``optax.lbfgs``, zoom line search) from each stacked point of ``ws`` until its gradient norm is
+    at most ``tol`` or ``max_iter`` iterations; returns the points and the iterations used per point."""
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss_fn)
+
+    def one(w):
+        def cond(c):
+            _, _, k, gn = c
+            return (k < max_iter) & (gn > tol)
+
+        def body(c):
+            w, st, k, _ = c
+            v, g = value_and_grad(w, state=st)
+            u, st = opt.update(g, st, w, value=v, grad=g, value_fn=loss_fn)
+            w = optax.apply_updates(w, u)
+            return w, st, k + 1, tree_norm(jax.grad(loss_fn)(w))
+
+        g0 = tree_norm(jax.grad(loss_fn)(w))
+        w, _, k, _ = jax.lax.while_loop(cond, body, (w, opt.init(w), jnp.asarray(0), g0))
+        return w, k
+
+    return jax.jit(jax.vmap(one))(ws)
+
+
+def mlp_symmetry_distance(p: PyTree, q: PyTree, *, odd: bool = True) -> float:
+    """Euclidean distance between two one-hidden-layer MLPs modulo their symmetries: the minimum of
+    ``|p - T(q)|`` over the permutations ``T`` of the hidden units and, with ``odd`` (an odd activation such as
+    ``tanh``, for which ``(w_in, b, w_out) -> (-w_in, -b, -w_out)`` leaves the function unchanged), the sign
+    flips of single units. ``p``, ``q``: Flax MLP parameters ``{"Dense_0": {"kernel", "bias"}, "Dense_1":
+    {"kernel", "bias"}}`` (:class:`mclandscape.engine.models.mlp.MLP` with ``widths=[h]``). Exact: the cost decomposes
+    into per-unit-pair costs (the sign chosen per pair), minimised over permutations by the Hungarian
+    algorithm (``scipy.optimize.linear_sum_assignment``)."""
+    from scipy.optimize import linear_sum_assignment
+
+    def units(t):
+        if not isinstance(t, dict) or set(t) != {"Dense_0", "Dense_1"}:
+            raise ValueError("mlp_symmetry_distance needs one-hidden-layer MLP parameters with the layers "
+                             f"'Dense_0' and 'Dense_1', got {sorted(t) if isinstance(t, dict) else type(t)}")
+        k0, b0 = np.asarray(t["Dense_0"]["kernel"], np.float64), np.asarray(t["Dense_0"]["bias"], np.float64)
+        k1, b1 = np.asarray(t["Dense_1"]["kernel"], np.float64), np.asarray(t["Dense_1"]["bias"], np.float64)
+        return np.concatenate([k0.T, b0[:, None], k1], axis=1), b1
+
+    up, bp = units(p)
+    uq, bq = units(q)
+    if up.shape != uq.shape or bp.shape != bq.shape:
+        raise ValueError(f"the two MLPs differ in shape: {up.shape} vs {uq.shape}")
+    cost = ((up[:, None, :] - uq[None, :, :]) ** 2).sum(-1)
+    if odd:
+        cost = np.minimum(cost, ((up[:, None, :] + uq[None, :, :]) ** 2).sum(-1))
+    rows, cols = linear_sum_assignment(cost)
+    return float(np.sqrt(max(cost[rows, cols].sum() + ((bp - bq) ** 2).sum(), 0.0)))
+
+
+def random_orthonormal_pair(key: jax.Array, like: PyTree) -> tuple[PyTree, PyTree]:
+    """Two random orthonormal directions shaped like ``like`` (Gram-Schmidt of two normal draws)."""
+    k1, k2 = jax.random.split(key)
+    u = tree_random_normal(k1, like)
+    u = tree_scale(u, 1.0 / tree_norm(u))
+    v = tree_random_normal(k2, like)
+    v = tree_axpy(-tree_dot(u, v), u, v)
+    return u, tree_scale(v, 1.0 / tree_norm(v))
+
+
+def project(points: PyTree, origin: PyTree, basis: tuple[PyTree, PyTree], *, leading: int = 1) -> np.ndarray:
+    """Coordinates ``(<p - origin, u>, <p - origin, v>)`` of stacked points (``leading`` stacking axes)."""
+    u, v = basis
+
+    def one(p):
+        diff = tree_sub(p, origin)
+        return jnp.stack([tree_dot(diff, u), tree_dot(diff, v)])
+
+    fn = one
+    for _ in range(leading):
+        fn = jax.vmap(fn)
+    return np.asarray(fn(points))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models and data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def model_loss_fn(model, variables: PyTree, *, train: bool | None = None, loss: str = "cross_entropy",
+                  l2: float = 0.0) -> LossFn:
+    """``loss_fn(params, (x, y), rng)``: the mean loss of ``model`` with ``variables['params']`` replaced
+    (:func:`mclandscape.engine.train.params_loss`, with ``rng`` as the dropout key).
+
+    ``loss``: ``"cross_entropy"`` (softmax cross-entropy with integer labels) or ``"mse_onehot"`` (squared error
+    of the outputs against one-hot targets, summed over classes and averaged over examples — a loss with
+    finite minima on separable data, where cross-entropy's infimum lies at infinity). ``l2`` adds
+    ``l2 / 2 * |params|^2`` (which also makes the minima isolated and finite). ``train`` (default: whether the
+    model has BatchNorm) applies the model in train mode (batch statistics, dropout with
+    ``rngs={'dropout': rng}``)."""
+    from mclandscape.engine.train import params_loss
+
+    if loss not in ("cross_entropy", "mse_onehot"):
+        raise ValueError(f"loss must be 'cross_entropy' or 'mse_onehot', got {loss!r}")
+    inner = params_loss(model, variables, loss=loss, train=train, l2=_check_real(l2, "l2"))
+
+    def loss_fn(params, batch, rng):
+        return inner(params, (batch[0], batch[1], rng))
+
+    return loss_fn
+
+
+def dataset_batches(ds, batch_size: int, *, seed: int = 0, augment: bool = False) -> BatchFn:
+    """A resumable mini-batch stream ``t -> (x, y)`` over epochs of ``ds`` (:func:`mclandscape.engine.train.batch_stream`:
+    ``iterate_batches`` with ``drop_last=True``, reshuffled per epoch): batch ``t`` depends only on ``t``."""
+    from mclandscape.engine.train import batch_stream
+
+    return batch_stream(ds, batch_size, seed=seed, augment=augment)
+
+
+def full_batch(ds) -> BatchFn:
+    """The whole dataset as one batch at every step (full-gradient DSP-TT, seed 004 Figure 3a)."""
+    batch = (jnp.asarray(ds.x), jnp.asarray(ds.y))
+    return lambda t: batch

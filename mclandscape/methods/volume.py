@@ -1,0 +1,1107 @@
+"""Volumetric exploration of low-loss regions: flats, voxel lattices, the modified BFS and H_c(s).
+
+Implements seed 002 ("Volumetric investigation into neural network loss landscapes"):
+
+- **Flats** (§4.2.1-4.2.2): from m+1 minima θ_0..θ_m the directions b_i = θ_i − θ_anchor span an m-dimensional
+  affine subspace anchored at a chosen minimum, with either the raw basis B = [b_1..b_m] or its QR
+  orthonormalisation Q (§2.5, §4.2.1). :func:`full_space_flat` explores the whole parameter space of a
+  low-dimensional network (§5.1, "B = None" in Algorithm 3). :attr:`Flat.raw_angles_deg` are the angles
+  between the raw basis vectors (§6.3).
+- **Lattice** (§4.1, §4.3.1): an integer coordinate a ∈ Z^m maps to θ(a) = θ* + s·B·a, computed from the
+  integers every time (:meth:`Flat.point`, :class:`LatticeLoss`), so a voxel always gets bit-identical
+  parameters and the traversal never compares floating-point positions.
+- **Traversal** (Algorithm 3, §4.3.3): :func:`grid_traversal` — threshold c = n·ε with ε = f(θ*) (§4.3.2),
+  visited set, FIFO queue, future queue, dropout, random dequeue after ``sampling_switch_iter``, step
+  limit. Many frontier voxels are expanded per wave and all their new neighbours are evaluated in one
+  vectorised (and, with several devices, sharded) call; with ``dropout = 0`` the waves reproduce the
+  one-at-a-time FIFO algorithm exactly (same accepted voxels, same queues, same number of evaluations,
+  even when the step limit cuts the run short).
+- **Heuristic** (§4.3.4): H_c(s) = number of *accepted* voxels (f ≤ c) reached from the origin;
+  :func:`h_sweep` computes it for a grid of step widths s and multipliers n, continuing each larger
+  threshold from the future queue of the previous one; :func:`fit_log_linear` fits log H = log A + B·c
+  with the correlation coefficient R (§6.1).
+
+Deviations from the seed's text (each a slip; the evident intent is implemented and tested):
+
+- Algorithm 3 returns ``0`` when ``iterations = limit``; here the partial result is returned flagged
+  ``truncated=True``, and only when work was actually left (the seed's test also fires when the queue
+  empties exactly at the limit).
+- Algorithm 3's ``visited`` set also holds rejected voxels; H_c(s) counts accepted voxels only.
+- Continuing with ``queue = future_queue`` (as Algorithm 3's inputs suggest) would expand voxels that were
+  never checked against the new threshold; here the future queue is re-checked against the new c from the
+  stored losses (no re-evaluation), and voxels still above c stay in the future queue.
+- §4.3.3 defines R_c(s) = {a | f(θ* + B a s) ≤ c}, the whole sublevel set; the BFS (and H_c(s)) only
+  reaches its connected component that contains the origin (a separate low basin is excluded).
+- §4.1 writes a ∈ Z^d; inside a flat the lattice is Z^m (Z^d only for the full space).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mclandscape.core.tree import PyTree, check_same_structure, tree_ravel
+
+__all__ = [
+    "Flat",
+    "flat_from_minima",
+    "full_space_flat",
+    "ParamLoss",
+    "model_vector_loss",
+    "LatticeLoss",
+    "LatticeCodec",
+    "VoxelStore",
+    "KeyQueue",
+    "TraversalState",
+    "TraversalResult",
+    "grid_traversal",
+    "HSweep",
+    "h_sweep",
+    "LogLinearFit",
+    "fit_log_linear",
+    "mean_log_h",
+    "neighbour_offsets",
+]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Flats (seed 002 §4.2)
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Flat:
+    """An m-dimensional affine subspace θ* + span(B) of parameter space (seed 002 §4.2).
+
+    - ``anchor``: θ* as a flat vector ``[d]`` (exactly the anchor minimum's parameters).
+    - ``basis``: ``[d, m]`` columns (raw differences b_i or their QR orthonormalisation Q), or ``None`` for the
+      full parameter space (m = d, B = I).
+    - ``kind``: ``"qr"``, ``"raw"`` or ``"full"``.
+    - ``unravel``: flat vector -> parameter pytree.
+    - ``raw_angles_deg``: ``[m, m]`` angles between the raw basis vectors b_i (§6.3), ``None`` for ``full``.
+    - ``raw_norms``: lengths |b_i|.
+    - ``minima_coords``: ``[m+1, m]`` coordinates of every minimum in the flat at step 1 (θ_j = θ* + B c_j);
+      divide by s for lattice coordinates (the anchor is the origin).
+    - ``cell_factor``: sqrt(det BᵀB), the m-volume of a unit lattice cell (1 for ``qr`` and ``full``), so a
+      voxel of step s has volume ``cell_factor · s^m``.
+    """
+
+    anchor: jax.Array
+    basis: jax.Array | None
+    kind: str
+    unravel: Callable[[jax.Array], PyTree]
+    raw_angles_deg: np.ndarray | None
+    raw_norms: np.ndarray | None
+    minima_coords: np.ndarray | None
+    cell_factor: float
+    anchor_index: int = 0
+
+    @property
+    def dim(self) -> int:
+        """m, the dimension of the lattice."""
+        return int(self.anchor.shape[0]) if self.basis is None else int(self.basis.shape[1])
+
+    @property
+    def ambient_dim(self) -> int:
+        """d, the number of parameters."""
+        return int(self.anchor.shape[0])
+
+    def cell_volume(self, step: float) -> float:
+        """m-volume of one voxel, ``cell_factor · s^m``."""
+        _check_step(step)
+        return float(self.cell_factor * step ** self.dim)
+
+    def point(self, coords, step: float) -> jax.Array:
+        """θ(a) = θ* + s·B·a for integer coordinates ``coords`` ``[..., m]`` (seed 002 §4.2.2)."""
+        _check_step(step)
+        a = np.asarray(coords)
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"lattice coordinates must be integers, got dtype {a.dtype}")
+        if a.shape[-1:] != (self.dim,):
+            raise ValueError(f"lattice coordinates need a last axis of size m={self.dim}, got shape {a.shape}")
+        flat = a.reshape(-1, self.dim)
+        out = _lattice_points(self.anchor, self.basis, jnp.asarray(step, self.anchor.dtype),
+                              jnp.asarray(flat, jnp.int32))
+        return out.reshape(a.shape[:-1] + (self.ambient_dim,))
+
+    def params(self, coords, step: float) -> PyTree:
+        """θ(a) as a parameter pytree (one voxel, ``coords`` of shape ``[m]``)."""
+        a = np.asarray(coords)
+        if a.shape != (self.dim,):
+            raise ValueError(f"params() takes one voxel of shape ({self.dim},), got {a.shape}")
+        return self.unravel(self.point(a, step))
+
+    def describe(self) -> dict:
+        """JSON-serialisable summary (kind, m, d, angles, norms, minima coordinates, cell factor)."""
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "ambient_dim": self.ambient_dim,
+            "anchor_index": self.anchor_index,
+            "cell_factor": self.cell_factor,
+            "raw_angles_deg": None if self.raw_angles_deg is None else self.raw_angles_deg.tolist(),
+            "raw_norms": None if self.raw_norms is None else self.raw_norms.tolist(),
+            "minima_coords": None if self.minima_coords is None else self.minima_coords.tolist(),
+        }
+
+
+def _lattice_points(anchor: jax.Array, basis: jax.Array | None, step: jax.Array, coords: jax.Array):
+    """θ* + s·B·a for a batch ``coords [K, m]`` of integer coordinates.
+
+    The sum over the m basis vectors is an unrolled chain of element-wise multiply-adds (no matrix product),
+    so every voxel's parameters are the same bits whatever the batch (bucket) size it is evaluated in.
+    """
+    coef = coords.astype(anchor.dtype) * step
+    if basis is None:
+        return anchor[None, :] + coef
+    delta = coef[:, 0:1] * basis[None, :, 0]
+    for i in range(1, basis.shape[1]):
+        delta = delta + coef[:, i:i + 1] * basis[None, :, i]
+    return anchor[None, :] + delta
+
+
+def _ravel_minima(minima: Sequence[PyTree]):
+    minima = list(minima)
+    for i in range(1, len(minima)):
+        check_same_structure(minima[0], minima[i], names=("minima[0]", f"minima[{i}]"))
+    vecs = []
+    for i, p in enumerate(minima):
+        v, unravel = tree_ravel(p)
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            raise ValueError(f"minima[{i}] has non-floating parameters (dtype {v.dtype})")
+        if not bool(jnp.all(jnp.isfinite(v))):
+            raise ValueError(f"minima[{i}] holds non-finite parameters")
+        vecs.append((v, unravel))
+    return vecs
+
+
+def flat_from_minima(
+    minima: Sequence[PyTree],
+    *,
+    anchor: int = 0,
+    basis: str = "qr",
+    rtol: float = 1e-4,
+) -> Flat:
+    """The flat through m+1 minima (seed 002 §4.2.1): b_i = θ_i − θ_anchor, raw or QR-orthonormalised.
+
+    ``minima`` are same-structured parameter pytrees (at least two). ``anchor`` picks θ* (the origin of the
+    lattice); the other minima give the directions in their order. ``basis="qr"`` orthonormalises
+    B = [b_1..b_m] by a tall-skinny Householder QR in float64 on the host (``d × m``; d can be millions),
+    with signs chosen so diag(R) > 0 (q_1 points along b_1); ``basis="raw"`` keeps B itself (§5.4).
+
+    Raises ``ValueError`` for fewer than two minima, an anchor out of range, or linearly dependent minima
+    (some b_i has a component orthogonal to b_1..b_{i-1} below ``rtol·|b_i|``, including b_i = 0).
+    """
+    minima = list(minima)
+    if len(minima) < 2:
+        raise ValueError(f"a flat needs at least two minima (m+1 >= 2 for an m-dimensional flat), got {len(minima)}")
+    if basis not in ("qr", "raw"):
+        raise ValueError(f"basis must be 'qr' or 'raw', got {basis!r}")
+    if not isinstance(anchor, int | np.integer) or not 0 <= anchor < len(minima):
+        raise ValueError(f"anchor must be an index into the {len(minima)} minima, got {anchor!r}")
+    if not rtol > 0:
+        raise ValueError(f"rtol must be positive, got {rtol}")
+    vecs = _ravel_minima(minima)
+    theta0, unravel = vecs[anchor]
+    dtype = theta0.dtype
+    order = [i for i in range(len(minima)) if i != anchor]
+    t0 = np.asarray(theta0, np.float64)
+    b = np.stack([np.asarray(vecs[i][0], np.float64) - t0 for i in order], axis=1)  # [d, m], exact differences
+    d, m = b.shape
+    if m > d:
+        raise ValueError(f"{m + 1} minima are linearly dependent in a {d}-dimensional parameter space "
+                         f"(at most {d + 1} minima span a flat)")
+    norms = np.linalg.norm(b, axis=0)
+    for j, i in enumerate(order):
+        if norms[j] == 0:
+            raise ValueError(f"minima[{i}] equals the anchor minima[{anchor}]: b = 0 spans no direction")
+    q, r = np.linalg.qr(b, mode="reduced")
+    sign = np.where(np.diag(r) < 0, -1.0, 1.0)
+    q = q * sign[None, :]
+    r = r * sign[:, None]
+    rel = np.abs(np.diag(r)) / norms
+    for j, i in enumerate(order):
+        if rel[j] < rtol:
+            raise ValueError(
+                f"minima are linearly dependent: b = minima[{i}] - minima[{anchor}] lies in the span of the "
+                f"previous directions up to a relative residual {rel[j]:.3g} < rtol={rtol:g}")
+    gram = b.T @ b
+    cos = gram / np.outer(norms, norms)
+    angles = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    np.fill_diagonal(angles, 0.0)
+    if basis == "qr":
+        used = q
+        coords_dirs = r  # b_j = Q r_j
+        cell = 1.0
+    else:
+        used = b
+        coords_dirs = np.eye(m)
+        cell = float(np.prod(np.abs(np.diag(r))))  # sqrt(det BᵀB)
+    minima_coords = np.zeros((len(minima), m))
+    for j, i in enumerate(order):
+        minima_coords[i] = coords_dirs[:, j]
+    return Flat(
+        anchor=theta0,
+        basis=jnp.asarray(used, dtype),
+        kind=basis,
+        unravel=unravel,
+        raw_angles_deg=angles,
+        raw_norms=norms,
+        minima_coords=minima_coords,
+        cell_factor=cell,
+        anchor_index=int(anchor),
+    )
+
+
+def full_space_flat(theta_star: PyTree) -> Flat:
+    """The whole parameter space around θ* (m = d, B = I; Algorithm 3 with ``B = None``, seed 002 §5.1)."""
+    (v, unravel), = _ravel_minima([theta_star])
+    return Flat(anchor=v, basis=None, kind="full", unravel=unravel, raw_angles_deg=None, raw_norms=None,
+                minima_coords=None, cell_factor=1.0, anchor_index=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Losses on the lattice
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ParamLoss:
+    """A scalar loss f(θ) of a flat parameter vector θ ∈ R^d: ``fn(theta, aux) -> scalar``.
+
+    ``aux`` (data, fixed variables) is passed to the compiled function as an argument, so one ``ParamLoss``
+    compiles once per bucket size and is reused across flats, anchors and step widths. ``dim`` (optional) is
+    checked against the flat's d.
+
+    Batches of voxels are evaluated as a ``lax.map`` over chunks of ``chunk`` voxels, each chunk vectorised
+    with ``vmap``. Every voxel is therefore computed by the same fixed-shape kernel whatever the batch size,
+    so its loss is bit-identical in any bucket (a plain ``vmap`` over the whole batch is not: XLA picks
+    shape-dependent kernels, which changes the last bits for small batches). θ for a chunk is built inside
+    the loop, so memory stays at ``chunk × d`` floats even when d is in the millions.
+    """
+
+    fn: Callable[[jax.Array, Any], jax.Array]
+    aux: Any = None
+    dim: int | None = None
+    chunk: int = 16
+    _batched: Callable = dataclasses.field(init=False, repr=False)
+    _sharded: dict = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.chunk, int | np.integer) or self.chunk < 1:
+            raise ValueError(f"chunk must be a positive integer, got {self.chunk!r}")
+        object.__setattr__(self, "_batched", jax.jit(self._local))
+        object.__setattr__(self, "_sharded", {})
+
+    def _local(self, anchor, basis, step, coords, aux):
+        fn, b = self.fn, int(self.chunk)
+
+        def one_chunk(cc):
+            thetas = _lattice_points(anchor, basis, step, cc)
+            return jax.vmap(lambda t: fn(t, aux))(thetas)
+
+        k, m = coords.shape
+        return jax.lax.map(one_chunk, coords.reshape(k // b, b, m)).reshape(k)
+
+    def sharded(self, devices: Sequence) -> Callable:
+        """The batched evaluator split over ``devices`` along the voxel axis (``shard_map``)."""
+        key = tuple(devices)
+        if key not in self._sharded:
+            mesh = jax.sharding.Mesh(np.array(devices), ("v",))
+            rep, part = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec("v")
+            fn = jax.shard_map(self._local, mesh=mesh, in_specs=(rep, rep, rep, part, rep), out_specs=part,
+                               check_vma=False)
+            self._sharded[key] = (jax.jit(fn), jax.sharding.NamedSharding(mesh, part))
+        return self._sharded[key]
+
+    def __call__(self, theta) -> jax.Array:
+        return self.fn(jnp.asarray(theta), self.aux)
+
+
+def model_vector_loss(model, data, variables: PyTree, *, loss: str | Callable = "cross_entropy") -> ParamLoss:
+    """Full-batch mean loss of ``model`` on ``data`` as a function of the flat parameter vector.
+
+    ``variables`` gives the parameter structure (``variables['params']``, raveled in the same order as
+    :func:`flat_from_minima`) and any fixed collections (``batch_stats``), which stay at their values.
+    ``data`` is a :class:`mclandscape.engine.data.Dataset` (or any object with ``x`` and ``y``) small enough for one
+    batch (Iris, synthetic sets; seed 002 §5.1-5.2). ``loss`` is ``"cross_entropy"``, ``"mse"`` or a
+    per-example callable ``(outputs, targets) -> [N]``.
+    """
+    from mclandscape.core import losses as _losses
+
+    if not isinstance(variables, dict) or "params" not in variables:
+        raise ValueError("variables must be a dict with a 'params' entry")
+    if isinstance(loss, str):
+        if loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"loss must be 'cross_entropy', 'mse' or a callable, got {loss!r}")
+        per_example = getattr(_losses, loss)
+    elif callable(loss):
+        per_example = loss
+    else:
+        raise ValueError(f"loss must be a string or a callable, got {loss!r}")
+    vec, unravel = tree_ravel(variables["params"])
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    x = jnp.asarray(np.asarray(data.x))
+    y = jnp.asarray(np.asarray(data.y))
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"data has {x.shape[0]} inputs and {y.shape[0]} targets")
+
+    def fn(theta, aux):
+        xx, yy, fixed = aux
+        out = model.apply({"params": unravel(theta), **fixed}, xx, train=False)
+        return jnp.mean(per_example(out, yy))
+
+    return ParamLoss(fn=fn, aux=(x, y, rest), dim=int(vec.shape[0]))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatticeLoss:
+    """f(θ* + s·B·a) for batches of integer voxels a: the evaluator used by :func:`grid_traversal`.
+
+    Calls take ``coords [K, m]`` (integers) and return float32 losses ``[K]``. Batches are cut into pieces
+    of at most ``max_batch`` voxels, each padded to a power-of-two bucket that is a multiple of the loss's
+    ``chunk`` (times the device count when sharded), so only a handful of shapes are ever compiled and every
+    voxel's loss is the same bits in any bucket. With several devices (``shard=None`` means "when more than
+    one") each bucket is split over them along the voxel axis.
+    """
+
+    flat: Flat
+    step: float
+    loss: ParamLoss
+    max_batch: int = 4096
+    shard: bool | None = None
+
+    def __post_init__(self):
+        _check_step(self.step)
+        if not isinstance(self.loss, ParamLoss):
+            raise ValueError(f"loss must be a ParamLoss, got {type(self.loss).__name__}")
+        if self.loss.dim is not None and self.loss.dim != self.flat.ambient_dim:
+            raise ValueError(f"loss is defined on {self.loss.dim} parameters but the flat lives in "
+                             f"{self.flat.ambient_dim}")
+        if not isinstance(self.max_batch, int | np.integer) or self.max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+
+    @property
+    def dim(self) -> int:
+        return self.flat.dim
+
+    def bucket(self, k: int, ndev: int = 1) -> int:
+        """Padded size used for ``k`` voxels (power of two, a multiple of ``chunk · ndev``)."""
+        unit = int(self.loss.chunk) * ndev
+        b = 1 << max(0, math.ceil(math.log2(max(k, 1))))
+        return -(-b // unit) * unit
+
+    def __call__(self, coords) -> np.ndarray:
+        a = np.asarray(coords)
+        if a.ndim != 2 or a.shape[1] != self.dim:
+            raise ValueError(f"coords must have shape [K, {self.dim}], got {a.shape}")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"lattice coordinates must be integers, got dtype {a.dtype}")
+        if a.size and np.abs(a).max() > np.iinfo(np.int32).max:
+            raise ValueError("lattice coordinates exceed the int32 range")
+        devices = jax.devices()
+        shard = len(devices) > 1 if self.shard is None else bool(self.shard)
+        ndev = len(devices) if shard else 1
+        if ndev > 1:
+            call, sharding = self.loss.sharded(devices)
+        else:
+            call, sharding = self.loss._batched, None
+        dtype = self.flat.anchor.dtype
+        step = jnp.asarray(self.step, dtype)
+        out = np.empty(a.shape[0], np.float32)
+        for lo in range(0, a.shape[0], self.max_batch):
+            piece = a[lo:lo + self.max_batch]
+            k = piece.shape[0]
+            padded = np.zeros((self.bucket(k, ndev), self.dim), np.int32)
+            padded[:k] = piece
+            dev = jax.device_put(padded, sharding) if sharding is not None else jnp.asarray(padded)
+            vals = call(self.flat.anchor, self.flat.basis, step, dev, self.loss.aux)
+            out[lo:lo + k] = np.asarray(vals, np.float32)[:k]
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Compact integer storage
+# --------------------------------------------------------------------------------------------------------
+
+
+class LatticeCodec:
+    """Packs integer coordinates ``[K, m]`` into non-negative int64 keys (⌊63/m⌋ bits per axis).
+
+    Coordinates must lie in ``[-2^(b-1), 2^(b-1) - 1]`` with b = ⌊63/m⌋ (b ≥ 4, so m ≤ 15); anything outside
+    raises ``ValueError`` (never wrapped or clipped).
+    """
+
+    def __init__(self, dim: int):
+        if not isinstance(dim, int | np.integer) or dim < 1:
+            raise ValueError(f"lattice dimension must be a positive integer, got {dim!r}")
+        bits = 63 // int(dim)
+        if bits < 4:
+            raise ValueError(f"lattice dimension m={dim} is too large for packed int64 voxel keys (max 15)")
+        self.dim = int(dim)
+        self.bits = bits
+        self.offset = 1 << (bits - 1)
+        self.mask = (1 << bits) - 1
+        self.shifts = np.arange(self.dim, dtype=np.int64) * bits
+
+    @property
+    def max_coord(self) -> int:
+        return self.offset - 1
+
+    def pack(self, coords) -> np.ndarray:
+        a = np.asarray(coords, np.int64)
+        if a.ndim != 2 or a.shape[1] != self.dim:
+            raise ValueError(f"coords must have shape [K, {self.dim}], got {a.shape}")
+        if a.size and (a.min() < -self.offset or a.max() > self.offset - 1):
+            raise ValueError(
+                f"a voxel coordinate left the packable range [{-self.offset}, {self.offset - 1}] of an "
+                f"m={self.dim} lattice; bound the traversal with `limit` or `radius`, or use a larger step")
+        return np.bitwise_or.reduce((a + self.offset) << self.shifts[None, :], axis=1)
+
+    def unpack(self, keys) -> np.ndarray:
+        k = np.asarray(keys, np.int64).reshape(-1)
+        return ((k[:, None] >> self.shifts[None, :]) & self.mask) - self.offset
+
+
+_EMPTY = np.int64(-1)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+class VoxelStore:
+    """Visited voxels and their losses: an open-addressing hash table of int64 keys with float32 values.
+
+    Vectorised over batches of keys (linear probing, multiplicative hashing, load ≤ 1/2): 12 bytes per slot,
+    i.e. 24-48 bytes per visited voxel, so 10^7 voxels take a few hundred MiB.
+    """
+
+    max_load = 0.5
+
+    def __init__(self, capacity: int = 1024):
+        self._alloc(max(16, 1 << math.ceil(math.log2(max(capacity, 1)))))
+
+    def _alloc(self, cap: int):
+        self._keys = np.full(cap, _EMPTY, np.int64)
+        self._vals = np.zeros(cap, np.float32)
+        self._size = 0
+        self._mask = np.int64(cap - 1)
+        self._shift = np.uint64(64 - int(math.log2(cap)))
+
+    @property
+    def capacity(self) -> int:
+        return int(self._keys.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._keys.nbytes + self._vals.nbytes)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _hash(self, keys: np.ndarray) -> np.ndarray:
+        return ((keys.astype(np.uint64) * _GOLDEN) >> self._shift).astype(np.int64)
+
+    def _probe(self, keys: np.ndarray):
+        """Slot of each key, or of the empty slot that ends its probe sequence; and whether it was found."""
+        n = keys.shape[0]
+        out = np.empty(n, np.int64)
+        found = np.zeros(n, bool)
+        idx = np.arange(n)
+        kk = keys
+        s = self._hash(keys)
+        while idx.size:
+            tk = self._keys[s]
+            hit = tk == kk
+            done = hit | (tk == _EMPTY)
+            out[idx[done]] = s[done]
+            found[idx[hit]] = True
+            keep = ~done
+            idx, kk, s = idx[keep], kk[keep], (s[keep] + 1) & self._mask
+        return out, found
+
+    def contains(self, keys) -> np.ndarray:
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        return self._probe(keys)[1]
+
+    def get(self, keys) -> np.ndarray:
+        """Stored losses of ``keys`` (all must be present)."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        slots, found = self._probe(keys)
+        if not found.all():
+            raise KeyError(f"{int((~found).sum())} voxel key(s) are not in the store")
+        return self._vals[slots]
+
+    def insert(self, keys, values) -> None:
+        """Add new distinct keys with their values (a key already present raises ``ValueError``)."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        values = np.asarray(values, np.float32).reshape(-1)
+        if keys.shape != values.shape:
+            raise ValueError(f"{keys.shape[0]} keys but {values.shape[0]} values")
+        if keys.size == 0:
+            return
+        if keys.min() < 0:
+            raise ValueError("voxel keys must be non-negative")
+        if (self._size + keys.size) > self.max_load * self.capacity:
+            self._grow(self._size + keys.size)
+        if self._probe(keys)[1].any():
+            raise ValueError("insert() got a key that is already stored")
+        self._place(keys, values)
+
+    def _place(self, keys, values):
+        idx = np.arange(keys.shape[0])
+        s = self._hash(keys)
+        while idx.size:
+            free = np.flatnonzero(self._keys[s] == _EMPTY)
+            placed = np.zeros(idx.size, bool)
+            if free.size:
+                _, first = np.unique(s[free], return_index=True)
+                win = free[first]
+                self._keys[s[win]] = keys[idx[win]]
+                self._vals[s[win]] = values[idx[win]]
+                placed[win] = True
+            keep = ~placed
+            idx, s = idx[keep], (s[keep] + 1) & self._mask
+        self._size += keys.shape[0]
+
+    def _grow(self, need: int):
+        old_k, old_v = self.items()
+        cap = self.capacity
+        while need > self.max_load * cap:
+            cap *= 2
+        self._alloc(cap)
+        self._place(old_k, old_v)
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values) of all stored voxels, in slot order."""
+        used = self._keys != _EMPTY
+        return self._keys[used], self._vals[used]
+
+    def copy(self) -> VoxelStore:
+        new = VoxelStore.__new__(VoxelStore)
+        new._keys, new._vals = self._keys.copy(), self._vals.copy()
+        new._size, new._mask, new._shift = self._size, self._mask, self._shift
+        return new
+
+
+class KeyQueue:
+    """A growable int64 queue: FIFO pops from the front, uniform random pops, appends at the back."""
+
+    def __init__(self, capacity: int = 256):
+        self._buf = np.empty(max(16, int(capacity)), np.int64)
+        self._head = 0
+        self._tail = 0
+
+    def __len__(self) -> int:
+        return self._tail - self._head
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._buf.nbytes)
+
+    def push(self, keys) -> None:
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        n = keys.size
+        if n == 0:
+            return
+        if self._tail + n > self._buf.shape[0]:
+            live = len(self)
+            cap = self._buf.shape[0]
+            while live + n > cap // 2 and live + n > cap - cap // 4:
+                cap *= 2
+            buf = np.empty(cap, np.int64) if cap != self._buf.shape[0] else self._buf
+            buf[:live] = self._buf[self._head:self._tail]
+            self._buf, self._head, self._tail = buf, 0, live
+        self._buf[self._tail:self._tail + n] = keys
+        self._tail += n
+
+    def pop_front(self, k: int) -> np.ndarray:
+        k = min(int(k), len(self))
+        out = self._buf[self._head:self._head + k].copy()
+        self._head += k
+        if self._head == self._tail:
+            self._head = self._tail = 0
+        return out
+
+    def pop_random(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Pop ``k`` keys one after another, each uniformly from what is left (swap with the last)."""
+        k = min(int(k), len(self))
+        out = np.empty(k, np.int64)
+        buf = self._buf
+        for j in range(k):
+            i = self._head + int(rng.integers(self._tail - self._head))
+            out[j] = buf[i]
+            self._tail -= 1
+            buf[i] = buf[self._tail]
+        if self._head == self._tail:
+            self._head = self._tail = 0
+        return out
+
+    def take_all(self) -> np.ndarray:
+        return self.pop_front(len(self))
+
+    def to_array(self) -> np.ndarray:
+        return self._buf[self._head:self._tail].copy()
+
+    def copy(self) -> KeyQueue:
+        new = KeyQueue(len(self) + 16)
+        new.push(self.to_array())
+        return new
+
+
+# --------------------------------------------------------------------------------------------------------
+# The modified BFS (Algorithm 3)
+# --------------------------------------------------------------------------------------------------------
+
+
+class TraversalState:
+    """The memory of Algorithm 3 between calls: visited voxels with their losses, queue and future queue.
+
+    A voxel is *accepted* when its loss is ≤ the current threshold c; every visited voxel was evaluated once
+    and its loss kept, so accepted = {visited voxels with loss ≤ c} and the future queue holds exactly the
+    visited voxels above c. :func:`grid_traversal` updates the state in place; use :meth:`copy` to keep one.
+    """
+
+    def __init__(self, dim: int, epsilon: float):
+        self.codec = LatticeCodec(dim)
+        self.store = VoxelStore()
+        self.queue = KeyQueue()
+        self.future = KeyQueue()
+        self.epsilon = float(epsilon)
+        self.threshold = -math.inf
+        self.accepted = 0
+        self.evaluations = 0
+
+    @property
+    def dim(self) -> int:
+        return self.codec.dim
+
+    @property
+    def visited(self) -> int:
+        return len(self.store)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the NumPy buffers (hash table, queue, future queue)."""
+        return self.store.nbytes + self.queue.nbytes + self.future.nbytes
+
+    def copy(self) -> TraversalState:
+        new = TraversalState.__new__(TraversalState)
+        new.codec = self.codec
+        new.store, new.queue, new.future = self.store.copy(), self.queue.copy(), self.future.copy()
+        new.epsilon, new.threshold = self.epsilon, self.threshold
+        new.accepted, new.evaluations = self.accepted, self.evaluations
+        return new
+
+    def accepted_keys(self) -> np.ndarray:
+        """Sorted keys of the accepted voxels (loss ≤ current threshold)."""
+        k, v = self.store.items()
+        return np.sort(k[v.astype(np.float64) <= self.threshold])
+
+    def accepted_coords(self) -> np.ndarray:
+        """``[H, m]`` integer coordinates of the accepted voxels (sorted by key)."""
+        return self.codec.unpack(self.accepted_keys())
+
+    def visited_items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(coords ``[V, m]``, losses ``[V]``) of every visited voxel, sorted by key."""
+        k, v = self.store.items()
+        order = np.argsort(k)
+        return self.codec.unpack(k[order]), v[order]
+
+
+@dataclasses.dataclass(frozen=True)
+class TraversalResult:
+    """Outcome of one :func:`grid_traversal` call.
+
+    ``H`` is H_c(s) (accepted voxels, origin included; seed 002 §4.3.4); ``iterations`` the dequeued voxels;
+    ``evaluations`` the losses computed in this call (a continuation only evaluates new voxels);
+    ``truncated`` is True when the step limit stopped the run with voxels still queued (the seed returns 0);
+    ``dropped`` counts neighbours skipped by dropout, ``out_of_bounds`` neighbours outside ``radius``.
+    """
+
+    n: float
+    threshold: float
+    epsilon: float
+    H: int
+    iterations: int
+    evaluations: int
+    visited: int
+    queue_size: int
+    future_size: int
+    truncated: bool
+    dropped: int
+    out_of_bounds: int
+    wall_time: float
+    state: TraversalState = dataclasses.field(repr=False, compare=False)
+
+    def summary(self) -> dict:
+        """Every field but the state, as plain Python values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "state"}
+
+
+def neighbour_offsets(dim: int) -> np.ndarray:
+    """The 2m lattice neighbours of Algorithm 3 in the order +e_1, −e_1, +e_2, −e_2, ... (``[2m, m]``)."""
+    eye = np.eye(dim, dtype=np.int64)
+    return np.stack([eye, -eye], axis=1).reshape(2 * dim, dim)
+
+
+def _numpy_rng(key) -> np.random.Generator:
+    if isinstance(key, np.random.Generator):
+        return key
+    if isinstance(key, int | np.integer):
+        return np.random.default_rng(int(key))
+    try:
+        data = np.asarray(jax.random.key_data(key)) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
+            else np.asarray(key)
+    except (AttributeError, TypeError) as err:
+        raise ValueError(f"key must be an int, a NumPy Generator or a JAX PRNG key, got {key!r}") from err
+    return np.random.default_rng(data.astype(np.uint32).ravel().tolist())
+
+
+def _check_step(step) -> None:
+    if not isinstance(step, int | float | np.integer | np.floating) or not math.isfinite(step) or step <= 0:
+        raise ValueError(f"step width s must be a positive finite number, got {step!r}")
+
+
+def _check_multiplier(n) -> float:
+    if not isinstance(n, int | float | np.integer | np.floating) or not math.isfinite(n) or n < 1:
+        raise ValueError(f"threshold multiplier n must be a finite number >= 1 (c = n·ε ≥ ε), got {n!r}")
+    return float(n)
+
+
+def grid_traversal(
+    evaluate: Callable[[np.ndarray], np.ndarray],
+    n: float,
+    *,
+    state: TraversalState | None = None,
+    dim: int | None = None,
+    dropout: float = 0.0,
+    limit: int | None = None,
+    sampling_switch_iter: int | None = None,
+    batch_size: int = 1024,
+    radius: int | None = None,
+    key: Any = 0,
+) -> TraversalResult:
+    """Algorithm 3 of seed 002 (modified BFS for grid traversal), batched.
+
+    ``evaluate(coords [K, m]) -> losses [K]`` is usually a :class:`LatticeLoss`. Without ``state`` the run
+    starts at the origin: ε = f(θ*) (must be positive), visited = queue = {0}. With the ``state`` of an
+    earlier run at a smaller threshold it continues: the future queue is re-checked against the new
+    c = n·ε from the stored losses (nothing is re-evaluated), the voxels now below c join the queue, and the
+    traversal goes on (thresholds may not decrease).
+
+    Each iteration dequeues a voxel (FIFO; uniformly at random once the iteration index exceeds
+    ``sampling_switch_iter``), and each neighbour a ± e_i not yet visited is — unless skipped with
+    probability ``dropout`` (only after the switch) — evaluated, marked visited, and appended to the queue if
+    f ≤ c, else to the future queue. ``limit`` bounds the iterations of this call.
+
+    Batching: up to ``batch_size`` voxels are dequeued per wave and the new neighbours of the whole wave are
+    evaluated together, in the order the one-at-a-time algorithm would meet them. In FIFO order the voxels of
+    a wave are all dequeued before any neighbour they add, so the result is exactly that of
+    ``batch_size=1`` (the literal algorithm) when ``dropout = 0``. Waves never straddle the switch. After
+    the switch a wave pops ``batch_size`` random voxels at once, and with ``dropout > 0`` each distinct new
+    neighbour of a wave gets one skip draw.
+
+    ``radius`` (optional) restricts the lattice to max_i |a_i| ≤ radius; neighbours outside are counted in
+    ``out_of_bounds``. ``key`` (int, NumPy Generator or JAX key) seeds the dropout and random dequeues.
+    """
+    n = _check_multiplier(n)
+    if not isinstance(dropout, int | float | np.floating) or not 0.0 <= float(dropout) <= 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+    if limit is not None and (not isinstance(limit, int | np.integer) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    if sampling_switch_iter is not None and (not isinstance(sampling_switch_iter, int | np.integer)
+                                             or sampling_switch_iter < 0):
+        raise ValueError(f"sampling_switch_iter must be a non-negative integer or None, got {sampling_switch_iter!r}")
+    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if radius is not None and (not isinstance(radius, int | np.integer) or radius < 1):
+        raise ValueError(f"radius must be a positive integer or None, got {radius!r}")
+    rng = _numpy_rng(key)
+    t_start = time.perf_counter()
+    evals = 0
+
+    if state is None:
+        m = dim if dim is not None else getattr(evaluate, "dim", None)
+        if m is None:
+            raise ValueError("pass dim= (the lattice dimension m) when evaluate has no .dim")
+        origin = np.zeros((1, int(m)), np.int64)
+        eps = float(np.asarray(evaluate(origin), np.float32).reshape(-1)[0])
+        if not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"the loss at the anchor ε = f(θ*) = {eps!r} must be positive and finite for the "
+                             f"threshold c = n·ε (seed 002 §4.3.2)")
+        state = TraversalState(int(m), eps)
+        okey = state.codec.pack(origin)
+        state.store.insert(okey, np.float32([eps]))
+        state.queue.push(okey)
+        state.accepted = 1
+        evals = 1
+    else:
+        m = getattr(evaluate, "dim", state.dim)
+        if (dim is not None and dim != state.dim) or m != state.dim:
+            raise ValueError(f"state is an m={state.dim} lattice but the evaluator is m={m if dim is None else dim}")
+    m = state.dim
+    codec = state.codec
+    c = n * state.epsilon
+    if c < state.threshold:
+        raise ValueError(f"thresholds must not decrease when continuing: c = {c:g} < previous {state.threshold:g}")
+
+    # Re-check the future queue against the new threshold from the stored losses.
+    if len(state.future):
+        fk = state.future.take_all()
+        ok = state.store.get(fk).astype(np.float64) <= c
+        state.queue.push(fk[ok])
+        state.future.push(fk[~ok])
+        state.accepted += int(ok.sum())
+    state.threshold = c
+
+    offsets = neighbour_offsets(m)
+    it = dropped = oob = 0
+    while len(state.queue) and (limit is None or it < limit):
+        random_phase = sampling_switch_iter is not None and it > sampling_switch_iter
+        k = min(batch_size, len(state.queue))
+        if limit is not None:
+            k = min(k, limit - it)
+        if sampling_switch_iter is not None and not random_phase:
+            k = min(k, sampling_switch_iter + 1 - it)
+        keys = state.queue.pop_random(k, rng) if random_phase else state.queue.pop_front(k)
+        nb = (codec.unpack(keys)[:, None, :] + offsets[None, :, :]).reshape(-1, m)
+        if radius is not None:
+            inside = np.all(np.abs(nb) <= radius, axis=1)
+            oob += int((~inside).sum())
+            nb = nb[inside]
+        nk = codec.pack(nb)
+        new = ~state.store.contains(nk)
+        nk, nb = nk[new], nb[new]
+        if nk.size:
+            _, first = np.unique(nk, return_index=True)
+            first.sort()
+            nk, nb = nk[first], nb[first]
+        if random_phase and dropout > 0 and nk.size:
+            skip = rng.random(nk.size) < dropout
+            dropped += int(skip.sum())
+            nk, nb = nk[~skip], nb[~skip]
+        if nk.size:
+            losses = np.asarray(evaluate(nb), np.float32).reshape(-1)
+            if losses.shape[0] != nk.shape[0]:
+                raise ValueError(f"evaluate returned {losses.shape[0]} losses for {nk.shape[0]} voxels")
+            evals += nk.size
+            state.store.insert(nk, losses)
+            ok = losses.astype(np.float64) <= c
+            state.queue.push(nk[ok])
+            state.future.push(nk[~ok])
+            state.accepted += int(ok.sum())
+        it += k
+    state.evaluations += evals
+    return TraversalResult(
+        n=n, threshold=c, epsilon=state.epsilon, H=state.accepted, iterations=it, evaluations=evals,
+        visited=state.visited, queue_size=len(state.queue), future_size=len(state.future),
+        truncated=len(state.queue) > 0, dropped=dropped, out_of_bounds=oob,
+        wall_time=time.perf_counter() - t_start, state=state,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# H_c(s) sweeps and the log-linear fit (§4.3.4, §6.1)
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LogLinearFit:
+    """log H = log A + B·c fitted by least squares; R is the correlation coefficient of (c, log H) (§6.1).
+
+    R is NaN when log H is constant (the correlation is undefined)."""
+
+    A: float
+    B: float
+    R: float
+    num_points: int
+
+    @property
+    def log_A(self) -> float:
+        return math.log(self.A)
+
+    def predict(self, c) -> np.ndarray:
+        """H ≈ A·exp(B·c)."""
+        return self.A * np.exp(self.B * np.asarray(c, np.float64))
+
+    def to_dict(self) -> dict:
+        return {"A": self.A, "B": self.B, "R": None if math.isnan(self.R) else self.R, "num_points": self.num_points}
+
+
+def fit_log_linear(c, H) -> LogLinearFit:
+    """Fit H_c(s) ≈ A·e^{B·c} (seed 002 §6.1) to thresholds ``c`` and counts ``H`` (natural log)."""
+    c = np.asarray(c, np.float64).reshape(-1)
+    H = np.asarray(H, np.float64).reshape(-1)
+    if c.shape != H.shape:
+        raise ValueError(f"{c.size} thresholds but {H.size} counts")
+    if c.size < 2:
+        raise ValueError(f"a log-linear fit needs at least two points, got {c.size}")
+    if not np.all(np.isfinite(c)) or not np.all(np.isfinite(H)):
+        raise ValueError("thresholds and counts must be finite")
+    if np.any(H <= 0):
+        raise ValueError("H_c(s) must be positive to take its logarithm")
+    if np.ptp(c) == 0:
+        raise ValueError("all thresholds are equal; the slope B is undefined")
+    y = np.log(H)
+    dc, dy = c - c.mean(), y - y.mean()
+    B = float(np.dot(dc, dy) / np.dot(dc, dc))
+    logA = float(y.mean() - B * c.mean())
+    R = float("nan") if np.ptp(y) == 0 else float(np.dot(dc, dy) / math.sqrt(np.dot(dc, dc) * np.dot(dy, dy)))
+    return LogLinearFit(A=float(math.exp(logA)), B=float(B), R=R, num_points=int(c.size))
+
+
+@dataclasses.dataclass(frozen=True)
+class HSweep:
+    """H_c(s) over step widths ``steps [S]`` and multipliers ``multipliers [N]`` (thresholds c = n·ε).
+
+    Tables are ``[S, N]``: ``H`` (accepted voxels), ``evaluations`` (losses computed by that call),
+    ``visited`` (cumulative), ``truncated``, ``wall_time`` (seconds per call).
+    """
+
+    steps: np.ndarray
+    multipliers: np.ndarray
+    epsilon: float
+    H: np.ndarray
+    evaluations: np.ndarray
+    visited: np.ndarray
+    truncated: np.ndarray
+    wall_time: np.ndarray
+    dim: int
+    cell_factor: float
+    flat: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return self.multipliers * self.epsilon
+
+    def volume(self) -> np.ndarray:
+        """H·cell_factor·s^m: the voxel estimate of the m-volume of the explored component (§6.4)."""
+        return self.H * self.cell_factor * self.steps[:, None] ** self.dim
+
+    def fit(self, *, include_truncated: bool = False) -> dict:
+        """Per-step fits and the pooled fit over all steps (§6.1); truncated runs are left out unless asked.
+
+        Returns ``{"per_step": [LogLinearFit | None], "pooled": LogLinearFit | None}`` (None where fewer
+        than two usable points with distinct thresholds remain).
+        """
+        c = self.thresholds
+        per, cs, hs = [], [], []
+        for i in range(len(self.steps)):
+            use = self.H[i] > 0
+            if not include_truncated:
+                use &= ~self.truncated[i]
+            per.append(fit_log_linear(c[use], self.H[i, use]) if use.sum() >= 2 and np.ptp(c[use]) > 0
+                       else None)
+            cs.append(c[use])
+            hs.append(self.H[i, use])
+        cc, hh = np.concatenate(cs), np.concatenate(hs)
+        pooled = fit_log_linear(cc, hh) if cc.size >= 2 and np.ptp(cc) > 0 else None
+        return {"per_step": per, "pooled": pooled}
+
+    def to_dict(self) -> dict:
+        fits = self.fit()
+        return {
+            "steps": self.steps.tolist(),
+            "multipliers": self.multipliers.tolist(),
+            "epsilon": self.epsilon,
+            "thresholds": self.thresholds.tolist(),
+            "H": self.H.tolist(),
+            "volume": self.volume().tolist(),
+            "evaluations": self.evaluations.tolist(),
+            "visited": self.visited.tolist(),
+            "truncated": self.truncated.tolist(),
+            "wall_time": self.wall_time.tolist(),
+            "dim": self.dim,
+            "cell_factor": self.cell_factor,
+            "flat": self.flat,
+            "fit_per_step": [None if f is None else f.to_dict() for f in fits["per_step"]],
+            "fit_pooled": None if fits["pooled"] is None else fits["pooled"].to_dict(),
+        }
+
+
+def h_sweep(
+    flat: Flat,
+    loss: ParamLoss,
+    steps: Sequence[float],
+    multipliers: Sequence[float],
+    *,
+    limit: int | None = None,
+    dropout: float = 0.0,
+    sampling_switch_iter: int | None = None,
+    batch_size: int = 1024,
+    max_batch: int = 4096,
+    radius: int | None = None,
+    key: Any = 0,
+    continue_future_queue: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> HSweep:
+    """H_c(s) for every step width s and threshold c = n·ε (seed 002 §4.3.4, Figures 5.1-5.6).
+
+    For each s the multipliers (strictly increasing, ≥ 1) are run in order, each continuing from the state of
+    the previous one (future queue re-checked, no voxel evaluated twice); ``continue_future_queue=False``
+    restarts from the origin for every threshold instead. ``limit`` applies to each call. The random stream
+    of call (i, j) is derived from ``key`` and (i, j).
+    """
+    steps = np.asarray([float(s) for s in steps], np.float64)
+    mult = np.asarray([_check_multiplier(x) for x in multipliers], np.float64)
+    if steps.size == 0 or mult.size == 0:
+        raise ValueError("need at least one step width and one multiplier")
+    for s in steps:
+        _check_step(float(s))
+    if np.any(np.diff(mult) <= 0):
+        raise ValueError(f"multipliers must be strictly increasing, got {mult.tolist()}")
+    base = _numpy_rng(key).integers(2 ** 63)
+    S, N = steps.size, mult.size
+    H = np.zeros((S, N), np.int64)
+    ev = np.zeros((S, N), np.int64)
+    vis = np.zeros((S, N), np.int64)
+    trunc = np.zeros((S, N), bool)
+    wall = np.zeros((S, N), np.float64)
+    eps = None
+    for i, s in enumerate(steps):
+        evaluator = LatticeLoss(flat, float(s), loss, max_batch=max_batch)
+        state = None
+        for j, nn in enumerate(mult):
+            res = grid_traversal(evaluator, float(nn), state=state if continue_future_queue else None,
+                                 dropout=dropout, limit=limit, sampling_switch_iter=sampling_switch_iter,
+                                 batch_size=batch_size, radius=radius,
+                                 key=np.random.default_rng([int(base), i, j]))
+            state = res.state
+            H[i, j], ev[i, j], vis[i, j], trunc[i, j], wall[i, j] = (
+                res.H, res.evaluations, res.visited, res.truncated, res.wall_time)
+            eps = res.epsilon
+            if progress is not None:
+                progress(f"s={s:g} n={nn:g} c={res.threshold:.4g}: H={res.H} evals={res.evaluations} "
+                         f"visited={res.visited} truncated={res.truncated} {res.wall_time:.2f}s")
+    return HSweep(steps=steps, multipliers=mult, epsilon=float(eps), H=H, evaluations=ev, visited=vis,
+                  truncated=trunc, wall_time=wall, dim=flat.dim, cell_factor=flat.cell_factor,
+                  flat=flat.describe())
+
+
+def mean_log_h(sweeps: Sequence[HSweep]) -> dict:
+    """Average log H_c(s) over sweeps from different minima on a common (steps, multipliers) grid (§5.5).
+
+    Returns ``{"steps", "multipliers", "mean_c" [N], "mean_log_H" [S, N], "std_log_H" [S, N],
+    "any_truncated" [S, N]}``; the thresholds differ between minima (c = n·ε_i), so the mean c is reported.
+    """
+    sweeps = list(sweeps)
+    if not sweeps:
+        raise ValueError("mean_log_h needs at least one sweep")
+    for k, sw in enumerate(sweeps[1:], 1):
+        if not (np.array_equal(sw.steps, sweeps[0].steps) and np.array_equal(sw.multipliers, sweeps[0].multipliers)):
+            raise ValueError(f"sweep {k} has a different (steps, multipliers) grid than sweep 0")
+    logs = np.stack([np.log(np.maximum(sw.H, 1)) for sw in sweeps])
+    return {
+        "steps": sweeps[0].steps.tolist(),
+        "multipliers": sweeps[0].multipliers.tolist(),
+        "mean_c": np.mean([sw.thresholds for sw in sweeps], axis=0).tolist(),
+        "mean_log_H": logs.mean(0).tolist(),
+        "std_log_H": logs.std(0).tolist(),
+        "any_truncated": np.any([sw.truncated for sw in sweeps], axis=0).tolist(),
+    }
