@@ -17,13 +17,28 @@ from mclandscape.core.bernstein import bernstein as bernstein_basis
 from mclandscape.core.bernstein import bernstein_derivative
 from mclandscape.core.connectors import Connector, bezier_curve, bezier_surface, bilinear_surface, polychain, simplex
 from mclandscape.core.losses import accuracy, cross_entropy
+from mclandscape.core.objective import Objective, function_objective, make_objective
 from mclandscape.core.tree import TreeMismatchError, check_same_structure
 from mclandscape.engine.checkpoint import latest_step, load_model, restore_checkpoint, save_checkpoint
-from mclandscape.engine.connector_train import ConnectorTrainResult, fit_connector, train_connector
-from mclandscape.engine.data import Dataset, iterate_batches, load_dataset
-from mclandscape.engine.evaluate import PointMetrics, evaluate_params, evaluate_points, recalibrate_bn, uv_grid
+from mclandscape.engine.connector_train import ConnectorObjective, ConnectorTrainResult, train_connector
+from mclandscape.engine.data import BatchStream, Dataset, batch_stream, iterate_batches, load_dataset
+from mclandscape.engine.evaluate import (
+    PointMetrics,
+    Points,
+    connector_points,
+    evaluate,
+    evaluate_model,
+    evaluate_params,
+    evaluate_points,
+    map_points,
+    plane_points,
+    recalibrate_bn,
+    stacked_points,
+    uv_grid,
+)
+from mclandscape.engine.loop import LoopConfig, NonFiniteError, ResumeMismatchError, TrainState, make_step, run
 from mclandscape.engine.models import Model, canonical_name, from_flax, get_model, list_models
-from mclandscape.engine.train import TrainConfig, batch_stream, params_loss, train_many, train_model
+from mclandscape.engine.train import TrainConfig, TrainResult, train_many, train_model
 from mclandscape.methods.curvature import dense_hessian, hutchinson_trace, hvp, lanczos, power_iteration
 from mclandscape.methods.curves import curve_length, evaluate_curve, evaluate_path, loss_barrier, train_curve
 from mclandscape.methods.deform import AP, LE, Identity, Squared, custom_vdm, scale_by_vdm, vdm_loss
@@ -59,13 +74,16 @@ __all__ = [
     # core
     "bernstein_basis", "bernstein_derivative", "Connector", "bezier_curve", "bezier_surface",
     "bilinear_surface", "polychain", "simplex", "TreeMismatchError", "check_same_structure",
-    "accuracy", "cross_entropy",
+    "accuracy", "cross_entropy", "Objective", "make_objective", "function_objective",
     # engines
-    "Model", "from_flax", "get_model", "list_models", "canonical_name", "params_loss", "batch_stream",
-    "Dataset", "load_dataset", "iterate_batches", "TrainConfig",
-    "train_model", "train_many", "save_checkpoint", "restore_checkpoint", "latest_step", "load_model",
-    "PointMetrics", "evaluate_params", "evaluate_points", "recalibrate_bn", "uv_grid",
-    "ConnectorTrainResult", "fit_connector", "train_connector",
+    "Model", "from_flax", "get_model", "list_models", "canonical_name",
+    "Dataset", "BatchStream", "batch_stream", "load_dataset", "iterate_batches",
+    "TrainState", "make_step", "run", "LoopConfig", "NonFiniteError", "ResumeMismatchError",
+    "TrainConfig", "TrainResult", "train_model", "train_many",
+    "save_checkpoint", "restore_checkpoint", "latest_step", "load_model",
+    "Points", "connector_points", "stacked_points", "plane_points", "map_points", "evaluate",
+    "PointMetrics", "evaluate_params", "evaluate_points", "evaluate_model", "recalibrate_bn", "uv_grid",
+    "ConnectorObjective", "ConnectorTrainResult", "train_connector",
     # methods
     "train_surface", "surface_grid", "merge_best", "surface_ensembles", "evaluate_triangle",
     "train_curve", "evaluate_curve", "evaluate_path", "loss_barrier", "curve_length",

@@ -8,8 +8,9 @@ import optax
 import pytest
 
 from mclandscape.core import connectors as K
+from mclandscape.core.objective import function_objective
 from mclandscape.core.tree import tree_stack
-from mclandscape.engine.connector_train import make_connector_loss
+from mclandscape.engine.connector_train import ConnectorObjective
 from mclandscape.engine.data import Dataset
 from mclandscape.engine.evaluate import evaluate_params, evaluate_points
 from mclandscape.engine.models.base import from_flax
@@ -62,15 +63,13 @@ def test_point_weight_decay_is_garipovs_regulariser():
     conn = K.bezier_curve(START, END, 2, bends=[jnp.asarray([0.3, 0.7])])
     wd = 0.2
     fixed_t = lambda key, k: jnp.full((k,), 0.25)
-    point = make_connector_loss(lambda p, b, k: double_well(p), conn, num_samples=2, sampler=fixed_t,
-                                point_l2=wd, strategy="map")
+    common = dict(point=function_objective(double_well), template=conn.replace(control=None), sampler=fixed_t,
+                  mask=jnp.asarray(conn.trainable), num_samples=2, strategy="map")
     w = conn.point(0.25)
-    obj, losses = point(conn.control, None, jax.random.key(0))
+    obj, aux = ConnectorObjective(**common, point_l2=wd)(conn.control, None, jax.random.key(0))
     assert float(obj) == pytest.approx(float(double_well(w) + 0.5 * wd * jnp.sum(w * w)), rel=1e-6)
-    np.testing.assert_allclose(losses, float(double_well(w)), rtol=1e-6)  # reported losses exclude it
-    bends = make_connector_loss(lambda p, b, k: double_well(p), conn, num_samples=2, sampler=fixed_t, l2=wd,
-                                strategy="map")
-    obj_b, _ = bends(conn.control, None, jax.random.key(0))
+    np.testing.assert_allclose(aux["point_losses"], float(double_well(w)), rtol=1e-6)  # reported losses exclude it
+    obj_b, _ = ConnectorObjective(**common, l2=wd)(conn.control, None, jax.random.key(0))
     assert float(obj_b) == pytest.approx(float(double_well(w)) + 0.5 * wd * (0.3 ** 2 + 0.7 ** 2), rel=1e-6)
     assert C._wd_args(wd, "point") == {"point_l2": wd, "l2": 0.0}
     with pytest.raises(ValueError, match="weight_decay_on"):

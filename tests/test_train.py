@@ -9,19 +9,14 @@ import numpy as np
 import optax
 import pytest
 
+from mclandscape.core.losses import get_loss
+from mclandscape.core.objective import function_objective
 from mclandscape.engine.checkpoint import all_steps, load_model, read_metadata
 from mclandscape.engine.data import load_dataset
+from mclandscape.engine.evaluate import evaluate_model
+from mclandscape.engine.loop import make_step
 from mclandscape.engine.models import from_flax, get_model
-from mclandscape.engine.train import (
-    TrainConfig,
-    evaluate_model,
-    loss_function,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
-    train_many,
-    train_model,
-)
+from mclandscape.engine.train import TrainConfig, make_optimizer, make_schedule, train_many, train_model
 
 
 def assert_trees_equal(a, b):
@@ -80,14 +75,14 @@ def test_evaluate_model_matches_history(trained_mlp, digits_mlp, digits_test):
 def test_losses():
     logits = jnp.asarray([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
     labels = jnp.asarray([0, 2])
-    ce = loss_function("cross_entropy")(logits, labels)
+    ce = get_loss("cross_entropy")(logits, labels)
     manual = -jax.nn.log_softmax(logits)[jnp.arange(2), labels]
     np.testing.assert_allclose(ce, manual, rtol=1e-6)
-    smooth = loss_function("cross_entropy", 0.1)(logits, labels)
+    smooth = get_loss("cross_entropy", label_smoothing=0.1)(logits, labels)
     assert smooth.shape == (2,) and not np.allclose(smooth, ce)
-    np.testing.assert_allclose(loss_function("mse")(jnp.ones((3, 1)), jnp.zeros(3)), 1.0)
+    np.testing.assert_allclose(get_loss("mse")(jnp.ones((3, 1)), jnp.zeros(3)), 1.0)
     with pytest.raises(ValueError):
-        loss_function("hinge")
+        get_loss("hinge")
 
 
 def test_schedules():
@@ -133,20 +128,19 @@ def test_config_round_trips_through_dict():
         TrainConfig.from_dict({"epochz": 3})
 
 
-def test_make_train_step_on_any_pytree():
+def test_make_step_on_any_pytree():
     target = {"a": jnp.asarray([1.0, 2.0]), "b": jnp.asarray(3.0)}
 
-    def loss_fn(p, batch, key):
+    def loss_fn(p, batch):
         diff = jax.tree_util.tree_map(lambda x, t: jnp.sum((x - t) ** 2), p, batch)
-        return sum(jax.tree_util.tree_leaves(diff)), None
+        return sum(jax.tree_util.tree_leaves(diff))
 
-    step = make_train_step(loss_fn, optax.sgd(0.25))
-    p = jax.tree_util.tree_map(jnp.zeros_like, target)
-    st = optax.sgd(0.25).init(p)
+    step = make_step(function_objective(loss_fn), optax.sgd(0.25))
+    state = step.init(jax.tree_util.tree_map(jnp.zeros_like, target))
     for _ in range(30):
-        p, st, loss, _ = step(p, st, target, jax.random.key(0))
-    np.testing.assert_allclose(p["a"], target["a"], atol=1e-5)
-    assert float(loss) < 1e-8
+        state, metrics = step(state, target, jax.random.key(0))
+    np.testing.assert_allclose(state.params["a"], target["a"], atol=1e-5)
+    assert float(metrics["loss"]) < 1e-8 and int(state.step) == 30
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,7 +230,7 @@ def test_resuming_a_different_run_is_refused(small_setup, tmp_path):
     with pytest.raises(ValueError, match="model"):
         train_model(other, train, test, cfg.replace(epochs=2), seed=5, checkpoint_dir=tmp_path, progress=False)
     fresh = train_model(model, train, test, cfg.replace(epochs=1, lr=0.1), seed=5, checkpoint_dir=tmp_path,
-                        resume=False, progress=False)
+                        overwrite=True, progress=False)
     assert fresh.resumed_from is None
 
 

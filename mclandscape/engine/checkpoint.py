@@ -303,22 +303,32 @@ def delete_checkpoint(directory: str | os.PathLike, step: int) -> None:
         store.delete(step)
 
 
-def load_model(directory: str | os.PathLike, step: int | None = None):
-    """Rebuild ``(model, variables, metadata)`` from a checkpoint directory alone.
+def load_model(directory: str | os.PathLike, step: int | None = None, *, model=None):
+    """Rebuild ``(model, variables, metadata)`` from a checkpoint directory.
 
     The metadata must hold the model spec under ``"model"`` (as :func:`mclandscape.engine.train.train_model`
-    writes it); the state is either ``{"variables": ..., ...}`` or the variables themselves. When the
-    metadata records ``"input_shape"`` the variables are checked against a fresh ``model.init``.
+    writes it) unless ``model`` is given (a model built by ``from_flax`` or by hand, which the zoo cannot
+    rebuild from a spec). The state is the training loop's (``{"params", "model_state", ...}``), an older
+    ``{"variables": ...}`` or the variables themselves. When the metadata records ``"input_shape"`` the
+    variables are checked against a fresh ``model.init``.
     """
     from mclandscape.engine.models import get_model
 
     state, metadata = restore_checkpoint(directory, step)
-    spec = metadata.get("model")
-    if not isinstance(spec, dict) or "arch" not in spec:
-        raise CheckpointError(f"checkpoint {directory} records no model spec (metadata['model']); "
-                              f"use restore_checkpoint and build the model yourself")
-    model = get_model(spec)
-    variables = state.get("variables", state) if isinstance(state, dict) else state
+    if model is None:
+        spec = metadata.get("model")
+        if not isinstance(spec, dict) or "arch" not in spec:
+            raise CheckpointError(f"checkpoint {directory} records no model spec (metadata['model']); pass model= "
+                                  "or use restore_checkpoint and build the model yourself")
+        try:
+            model = get_model(spec)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {directory} holds a model the zoo cannot rebuild ({e}); pass the "
+                                  "model you trained as model=") from e
+    if isinstance(state, dict) and "params" in state and "nonfinite" in state:  # the training loop's state
+        variables = {**dict(state.get("model_state") or {}), "params": state["params"]}
+    else:
+        variables = state.get("variables", state) if isinstance(state, dict) else state
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
     if metadata.get("input_shape") is not None:
         x = jax.ShapeDtypeStruct((1, *metadata["input_shape"]), jnp.float32)

@@ -34,16 +34,23 @@ The offline sets can also be read through their local TFDS builders (``source="t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+
+from mclandscape.core.tree import tree_digest
 
 __all__ = [
     "Dataset",
+    "BatchStream",
+    "batch_stream",
+    "data_digest",
     "DatasetNotFoundError",
     "load_dataset",
     "iterate_batches",
@@ -405,27 +412,102 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator, *, pad: int = 4, flip
     return np.ascontiguousarray(out, dtype=x.dtype)
 
 
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    return np.random.default_rng([int(seed), int(epoch), 0]).permutation(n) if shuffle else np.arange(n)
+
+
+def _take_batch(ds: Dataset, order: np.ndarray, j: int, batch_size: int, *, seed: int, epoch: int,
+                augment: bool, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = order[j * batch_size:(j + 1) * batch_size]
+    x = ds.x[idx]
+    if augment:  # each batch has its own stream, so batch j needs no draws of batches 0..j-1
+        x = augment_batch(x, np.random.default_rng([int(seed), int(epoch), 1, int(j)]), pad=pad)
+    return x, ds.y[idx]
+
+
 def iterate_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int = 0, shuffle: bool = True,
                     augment: bool = False, drop_last: bool = False, pad: int = 4) -> Iterator[tuple]:
     """Yield ``(x, y)`` NumPy batches of ``ds``; the order and the augmentation depend only on
-    ``(seed, epoch)``, so a resumed run sees exactly the batches an uninterrupted one would.
+    ``(seed, epoch)`` (and each batch's augmentation on its index too), so a resumed run sees exactly the
+    batches an uninterrupted one would.
 
     ``augment=True`` applies :func:`augment_batch` (random crop with padding ``pad`` + horizontal flip;
     images only). The last smaller batch is kept unless ``drop_last``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if augment and not ds.is_image:
         raise ValueError(f"augmentation applies to images; dataset {ds.name!r} has inputs of shape "
                          f"{ds.input_shape}")
     n = len(ds)
-    order = np.random.default_rng([int(seed), int(epoch), 0]).permutation(n) if shuffle else np.arange(n)
-    aug_rng = np.random.default_rng([int(seed), int(epoch), 1])
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        if drop_last and len(idx) < batch_size:
-            break
-        x = ds.x[idx]
-        if augment:
-            x = augment_batch(x, aug_rng, pad=pad)
-        yield x, ds.y[idx]
+    order = _epoch_order(n, seed, epoch, shuffle)
+    for j in range(num_batches(n, batch_size, drop_last)):
+        yield _take_batch(ds, order, j, batch_size, seed=seed, epoch=epoch, augment=augment, pad=pad)
+
+
+def data_digest(ds) -> str:
+    """A digest of a dataset's inputs and targets (what a checkpoint's fingerprint records of the data)."""
+    return tree_digest((np.asarray(ds.x), np.asarray(ds.y)))
+
+
+class BatchStream:
+    """A random-access mini-batch stream ``t -> batch`` over epochs of :func:`iterate_batches`.
+
+    Batch ``t`` is batch ``t mod steps_per_epoch`` of epoch ``t // steps_per_epoch`` (shuffled per epoch
+    from ``seed``), so it depends only on ``(seed, t)`` and a resumed run needs no replay. Batches are
+    ``(x, y)`` device arrays; with ``drop_last=False`` the last batch of an epoch is smaller, or, with
+    ``pad=True``, padded to the full size and returned as ``(x, y, weights)`` with zero weights on the
+    padding (then every batch is ``(x, y, weights)``, one compiled shape).
+
+    Example:
+        >>> import numpy as np
+        >>> ds = Dataset(np.arange(10.0).reshape(10, 1), np.arange(10), 10, "toy")
+        >>> stream = BatchStream(ds, 4, seed=0, drop_last=False, pad=True)
+        >>> stream.steps_per_epoch, [b[2].tolist() for b in (stream(2),)]
+        (3, [[1.0, 1.0, 0.0, 0.0]])
+    """
+
+    def __init__(self, ds: Dataset, batch_size: int, *, seed: int = 0, augment: bool = False,
+                 drop_last: bool = True, pad: bool = False):
+        n = len(ds)
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if batch_size > n and drop_last:
+            raise ValueError(f"batch_size {batch_size} exceeds the dataset size {n}")
+        if augment and not ds.is_image:
+            raise ValueError(f"augmentation applies to images; dataset {ds.name!r} has inputs of shape "
+                             f"{ds.input_shape}")
+        self.data, self.batch_size, self.seed = ds, int(batch_size), int(seed)
+        self.augment, self.drop_last, self.pad = bool(augment), bool(drop_last), bool(pad)
+        self.steps_per_epoch = num_batches(n, self.batch_size, self.drop_last)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"dataset {ds.name!r} is empty")
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return data_digest(self.data)
+
+    def __call__(self, t: int):
+        if isinstance(t, bool) or int(t) != t or t < 0:
+            raise ValueError(f"batch index must be an integer >= 0, got {t!r}")
+        epoch, j = divmod(int(t), self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:  # the permutation of the current epoch only
+            self._epoch = (epoch, _epoch_order(len(self.data), self.seed, epoch, True))
+        x, y = _take_batch(self.data, self._epoch[1], j, self.batch_size, seed=self.seed, epoch=epoch,
+                           augment=self.augment, pad=4)
+        if not self.pad:
+            return jnp.asarray(x), jnp.asarray(y)
+        m = len(x)
+        w = np.zeros(self.batch_size, np.float32)
+        w[:m] = 1.0
+        if m < self.batch_size:
+            x = np.concatenate([x, np.zeros((self.batch_size - m, *x.shape[1:]), x.dtype)])
+            y = np.concatenate([y, np.zeros((self.batch_size - m, *y.shape[1:]), y.dtype)])
+        return jnp.asarray(x), jnp.asarray(y), jnp.asarray(w)
+
+
+def batch_stream(ds: Dataset, batch_size: int, *, seed: int = 0, augment: bool = False, drop_last: bool = True,
+                 pad: bool = False) -> BatchStream:
+    """A :class:`BatchStream` (full batches only by default)."""
+    return BatchStream(ds, batch_size, seed=seed, augment=augment, drop_last=drop_last, pad=pad)

@@ -1,60 +1,42 @@
-"""The point-evaluation engine: loss, accuracy and output probabilities of many parameter points.
+"""The one evaluator: loss, accuracy and output probabilities of many parameter points.
 
-Two entry points share one engine:
+Every family of points mclandscape evaluates is *coefficient rows times a stack of trees*
+(:class:`Points`): point ``p`` is ``sum_k rows[p, k] * stack[k]``.
 
-- :func:`evaluate_params` takes P parameter pytrees stacked on a leading axis (band pivots, ensemble
-  members, lattice voxels);
-- :func:`evaluate_points` takes a :class:`~mclandscape.core.connectors.Connector` and P points on it; each
-  point's parameters are formed inside the mapped computation from one coefficient row
-  (``sum_k c_k theta_k``, seed 000 eq. 6), so at most ``chunk_size`` parameter copies per device exist at
-  any time, never all P.
+- connectors: Bernstein (or hat, or barycentric) rows over the control points (:func:`connector_points`);
+- lines and planes of directions: rows ``[1, alpha, beta]`` over ``[theta, d1, d2]`` (:func:`plane_points`);
+- flats of a volume: rows ``[1, s a_1, ..., s a_m]`` over ``[theta*, b_1, ..., b_m]``;
+- NEB pivots, ensemble members, any stacked parameters: identity rows, stored as integer indices so that
+  point ``p`` is ``stack[rows[p]]`` at no K-fold cost (:func:`stacked_points`).
 
-Strategies (``strategy=``):
+Each point's parameters are formed *inside* the mapped computation, so at most a chunk of parameter copies
+per device exists at any time, however many points there are. :func:`map_points` maps any per-point
+function (an analytic potential, a loss on a fixed batch); :func:`evaluate` maps the model metrics
+(mean loss and accuracy over a dataset, optionally softmax outputs) with BatchNorm statistics recomputed
+per point; :func:`evaluate_points` and :func:`evaluate_params` are its two common front doors.
 
-- ``"loop"``: a Python loop over points calling one jitted single-point function;
-- ``"map"``: one jitted ``jax.lax.map`` over points with ``batch_size=chunk_size`` (chunk 1 is an XLA
-  loop; chunk c vmaps c points at a time);
-- ``"vmap"``: ``jax.vmap`` over chunks of ``chunk_size`` points, chunks looped in Python;
-- ``"auto"``: on CPU ``"map"`` with chunk 1 for models with convolutions (per-point ``vmap`` gives each
-  point its own convolution kernels and was 2-35x slower on this CPU) and chunk 16 for models without
-  (a 64-128-128-10 MLP on 360 digits: 0.23 ms/point against 0.28 with chunk 1), see :func:`auto_strategy`;
-  ``"map"`` with a chunk bounded by memory (``chunk_bytes``) on GPU/TPU. ``benchmarks/surface_sampling.py``
-  and ``benchmarks/convfc_curve.py`` measure the choice.
-
-First layer (``stem=``; models that expose ``model.stem``, a
-:class:`~mclandscape.engine.models.base.StemSpec` — every zoo conv model does; other models always take ``"off"``):
-
-- ``"off"``: ``model.apply`` as is;
-- ``"split"``: the stem convolution and the body applied separately, with the stem's input channels
-  zero-padded to a multiple of ``stem_channels`` (identical results: zero channels meet zero kernel rows).
-  With XLA's YNNPACK convolutions (``compiler_options=None`` on CPU) a 5×5 3→32 convolution of 128 CIFAR
-  images took ~30 ms with 3 input channels and ~10 ms with 4 (8 was slower than 4); with XLA's own
-  convolutions (the default here) ~10 ms either way, see ``benchmarks/convfc_curve.py``;
-- ``"factor"`` (connectors only): the stem runs once per *control point* on each data batch, as one
-  convolution with the K kernels stacked along the output channels, and each point combines the K
-  outputs with its coefficients: ``conv(x, sum_k c_k K_k) + sum_k c_k b_k = sum_k c_k (conv(x, K_k) +
-  b_k)`` holds for any coefficients (it is linear in the stem's parameters), so K convolutions replace P.
-  The K outputs of a group of data batches are staged once (at most ``stem_bytes``) and shared by all P
-  points;
-- ``"auto"``: see :func:`auto_stem`.
-
-Compiler options (``compiler_options=``, per compiled function, never global): ``"auto"`` (default) takes
-:func:`default_compiler_options`, which on CPU keeps convolutions out of XLA's YNNPACK library path
-(``xla_cpu_experimental_ynn_fusion_type`` = dots and reductions only, i.e. XLA's default minus
-convolutions): on the 2-core CPU XLA's own (Eigen) convolutions ran a ConvFC forward pass in 44 ms against
-77 ms, and its gradient in 152 ms against 204 ms (batch 128, issue 9). ``None`` compiles with XLA's
-defaults; a dict is passed to ``jax.jit(..., compiler_options=...)`` as is.
-
-``compute_dtype`` (e.g. ``"bfloat16"``) casts each point's parameters and the inputs before the forward
-pass (mixed precision for GPUs); losses, accuracies and BatchNorm statistics are accumulated in float32.
-
-With several devices, points are sharded over a 1-D mesh with ``jax.shard_map`` (data and control points
-replicated); results equal the single-device ones.
+Strategies (``strategy=``): ``"map"`` (``jax.lax.map`` with ``batch_size=chunk``: chunk 1 is an XLA loop,
+chunk c vmaps c points at a time), ``"vmap"`` (all points at once), ``"loop"`` (a Python loop calling the
+same compiled function once per point: the one-at-a-time baseline) and ``"auto"``
+(:func:`mclandscape.engine.cpu.default_strategy`). With several devices (``devices=``, default all) the
+points are sharded over a 1-D mesh with ``jax.shard_map``; the data and the stack are replicated, and the
+results equal the single-device ones.
 
 BatchNorm (models with ``apply_with_stats``): before a point is evaluated its running statistics are
 recomputed on ``bn_data`` as the exact average of the per-batch statistics over ``bn_batches`` full
 batches, as Garipov et al.'s ``update_bn`` does (with equal batch sizes, the example-weighted average).
-This runs inside the same mapped computation, batched over points.
+This runs inside the same mapped computation, batched over points. Models without BatchNorm, or a call
+with ``variables=`` holding the statistics, use them as they are.
+
+First layer (``stem=``): ``"auto"`` lets :mod:`mclandscape.engine.cpu` decide whether to factorise the
+first convolution over the control points (exact for any coefficients), ``"factor"`` forces it (for rows
+over a stack, i.e. not for identity rows) and ``"off"`` never does. ``compute_dtype`` (e.g. ``"bfloat16"``)
+casts each point's parameters and the inputs (mixed precision for accelerators); losses, accuracies and
+BatchNorm statistics are accumulated in float32 or wider.
+
+Compilation: the mapped computation is one module-level ``jax.jit`` whose static arguments are the model
+(hashed by identity), the loss and the strategy, so a second call with the same model and shapes compiles
+nothing.
 """
 
 from __future__ import annotations
@@ -66,60 +48,253 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from flax import struct
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mclandscape.core.connectors import Connector
-from mclandscape.core.losses import correct as _correct
 from mclandscape.core.losses import cross_entropy
-from mclandscape.core.tree import PyTree, check_finite, tree_combine
+from mclandscape.core.objective import correct_count
+from mclandscape.core.tree import PyTree, check_finite, check_same_structure, tree_combine, tree_index, tree_stack
+from mclandscape.engine import cpu
 from mclandscape.engine.models.base import Model
 
 __all__ = [
+    "Points",
+    "connector_points",
+    "stacked_points",
+    "plane_points",
     "PointMetrics",
-    "evaluate_params",
+    "map_points",
+    "evaluate",
     "evaluate_points",
+    "evaluate_params",
+    "evaluate_model",
     "recalibrate_bn",
     "bn_momentum",
     "stage_batches",
     "uv_grid",
-    "auto_strategy",
-    "auto_stem",
-    "stem_control_features",
-    "default_compiler_options",
-    "resolve_compiler_options",
-    "ynn_convolutions",
-    "CPU_COMPILER_OPTIONS",
-    "combine_stem_features",
-    "pad_stem_input",
     "STRATEGIES",
     "STEM_MODES",
 ]
 
 STRATEGIES = ("auto", "loop", "map", "vmap")
-STEM_MODES = ("auto", "off", "split", "factor")
+STEM_MODES = ("auto", "off", "factor")
+_AXIS = "points"
 
 
-@dataclasses.dataclass(frozen=True)
-class PointMetrics:
-    """Per-point results: ``loss[P]`` (mean task loss), ``accuracy[P]`` (NaN for non-integer targets) and
-    optionally ``probs[P, N, C]`` (softmax outputs per example); the strategy, chunk, first-layer mode and
-    padded stem input channels (``None``: not padded) that were used."""
+# ---- families of points ---------------------------------------------------------------------------------
 
-    loss: np.ndarray
-    accuracy: np.ndarray
-    probs: np.ndarray | None = None
-    strategy: str = ""
-    chunk_size: int = 1
-    stem: str = "off"
-    stem_channels: int | None = None
+@struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
+class Points:
+    """P points, each a combination of the K trees of ``stack`` (leaves ``[K, ...]``).
 
+    ``rows`` is ``[P, K]`` (point ``p`` is ``sum_k rows[p, k] * stack[k]``) or an integer vector ``[P]``
+    (identity rows: point ``p`` is ``stack[rows[p]]``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> pts = plane_points({"w": jnp.zeros(2)}, {"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 1.0])},
+        ...                    [0.0, 1.0], [2.0])
+        >>> pts.num_points, pts.point(1)["w"].tolist()
+        (2, [1.0, 2.0])
+    """
+
+    rows: jax.Array
+    stack: PyTree
+
+    @property
+    def num_points(self) -> int:
+        return int(jnp.shape(self.rows)[0])
+
+    @property
+    def num_stacked(self) -> int:
+        return int(jnp.shape(jax.tree_util.tree_leaves(self.stack)[0])[0])
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the rows are identity rows stored as indices."""
+        return jnp.issubdtype(jnp.result_type(self.rows), jnp.integer)
+
+    def form(self, row) -> PyTree:
+        """The parameters of one point from its row (traceable)."""
+        if self.indexed:
+            return tree_index(self.stack, row)
+        return tree_combine(row, self.stack)
+
+    def point(self, p: int) -> PyTree:
+        """The parameters of point ``p``."""
+        return self.form(self.rows[p])
+
+    def example(self) -> PyTree:
+        """One stacked tree (shapes and dtypes of a point)."""
+        return tree_index(self.stack, 0)
+
+
+def _check_stack(stack: PyTree, name: str) -> int:
+    leaves = jax.tree_util.tree_leaves(stack)
+    if not leaves:
+        raise ValueError(f"{name} holds no arrays")
+    sizes = {int(np.shape(a)[0]) if np.ndim(a) else -1 for a in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(f"every leaf of {name} needs the same leading axis, got sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def connector_points(connector: Connector, points) -> Points:
+    """The points ``points`` (t values, (u, v) pairs or alphas; validated, never clipped) of a connector."""
+    pts = connector.validate_points(points)
+    dtype = jnp.promote_types(jnp.float32, jnp.result_type(*jax.tree_util.tree_leaves(connector.control)))
+    return Points(rows=connector.coefficients(jnp.asarray(pts, dtype)), stack=connector.control)
+
+
+def stacked_points(stacked: PyTree) -> Points:
+    """P parameter trees stacked on a leading axis (:func:`mclandscape.core.tree.tree_stack`), as points."""
+    p = _check_stack(stacked, "stacked_params")
+    return Points(rows=jnp.arange(p, dtype=jnp.int32), stack=stacked)
+
+
+def plane_points(origin: PyTree, d1: PyTree, d2: PyTree | None, alphas, betas=None) -> Points:
+    """``origin + alpha d1 + beta d2`` on the grid ``alphas x betas`` (alpha major), or the line
+    ``origin + alpha d1`` when ``d2`` is ``None``: rows ``[1, alpha, beta]`` over ``[origin, d1, d2]``."""
+    a = np.asarray(alphas, np.float64).reshape(-1)
+    if d2 is None:
+        check_same_structure(origin, d1, names=("params", "direction"))
+        rows = np.stack([np.ones_like(a), a], axis=1)
+        stack = tree_stack([origin, d1], names=["params", "direction"])
+    else:
+        b = np.asarray(betas, np.float64).reshape(-1)
+        aa, bb = np.meshgrid(a, b, indexing="ij")
+        rows = np.stack([np.ones(aa.size), aa.ravel(), bb.ravel()], axis=1)
+        stack = tree_stack([origin, d1, d2], names=["params", "d1", "d2"])
+    dtype = jnp.promote_types(jnp.float32, jnp.result_type(*jax.tree_util.tree_leaves(stack)))
+    return Points(rows=jnp.asarray(rows, dtype), stack=stack)
+
+
+# ---- the mapped computation -----------------------------------------------------------------------------
+
+def _map_over(fn: Callable, xs, strategy: str, chunk: int):
+    if strategy == "vmap":
+        return jax.vmap(fn)(xs)
+    return jax.lax.map(fn, xs, batch_size=chunk if chunk > 1 else None)
+
+
+def _varying(tree, mesh):
+    """Mark scan carries as varying over the points axis inside ``shard_map`` (``check_vma``)."""
+    if mesh is None:
+        return tree
+    return jax.tree_util.tree_map(lambda a: jax.lax.pcast(a, _AXIS, to="varying"), tree)
+
+
+def _shard(fn: Callable, mesh, num_args: int):
+    """``fn(rows, *replicated)`` sharded over the points axis of ``mesh`` (identity without a mesh)."""
+    if mesh is None:
+        return fn
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(_AXIS),) + (P(),) * num_args, out_specs=P(_AXIS))
+
+
+def _map_points_impl(fn, strategy, chunk, mesh, points: Points, args):
+    def run(rows, stack, args):
+        pts = Points(rows=rows, stack=stack)
+        return _map_over(lambda r: fn(pts.form(r), *args), rows, strategy, chunk)
+
+    return _shard(run, mesh, 2)(points.rows, points.stack, args)
+
+
+_map_points_jit = cpu.tuned_jit(_map_points_impl, static_argnames=("fn", "strategy", "chunk", "mesh"))
+
+
+def _mesh(devices: int | None):
+    avail = jax.devices()
+    n = len(avail) if devices is None else int(devices)
+    if not 1 <= n <= len(avail):
+        raise ValueError(f"devices={devices} but {len(avail)} are available")
+    if n == 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(avail[:n]), (_AXIS,))
+
+
+def _pad_rows(rows: jax.Array, multiple: int) -> jax.Array:
+    """Pad the rows to a multiple of ``multiple`` by repeating the last one (results are cut back)."""
+    p = int(rows.shape[0])
+    total = -(-p // multiple) * multiple
+    if total == p:
+        return rows
+    return jnp.concatenate([rows, jnp.repeat(rows[-1:], total - p, axis=0)])
+
+
+def _resolve(strategy: str, chunk_size: int | None, num_points: int, param_bytes: int, has_conv: bool):
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if strategy == "auto":
+        strategy, auto_chunk = cpu.default_strategy(num_points, param_bytes, has_conv=has_conv)
+        return strategy, int(chunk_size or auto_chunk)
+    if strategy == "vmap":
+        return strategy, num_points
+    return strategy, int(chunk_size or 1)
+
+
+def _param_bytes(tree) -> int:
+    return int(sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree)))
+
+
+def _run_mapped(jitted, points: Points, static: dict, args, strategy: str, chunk: int, devices: int | None):
+    """Call a mapped computation over all points (padding them to fixed shapes) and cut the results back."""
+    p = points.num_points
+    if strategy == "loop":
+        outs = [jitted(**static, strategy="map", chunk=1, mesh=None,
+                       points=points.replace(rows=points.rows[i:i + 1]), args=args) for i in range(p)]
+        return jax.tree_util.tree_map(lambda *a: np.concatenate([np.asarray(x) for x in a]), *outs)
+    mesh = _mesh(devices)
+    ndev = 1 if mesh is None else mesh.size
+    rows = _pad_rows(points.rows, (chunk if strategy == "map" else 1) * ndev)
+    if mesh is not None:
+        rows = jax.device_put(rows, NamedSharding(mesh, P(_AXIS)))
+    out = jitted(**static, strategy=strategy, chunk=chunk if strategy == "map" else int(rows.shape[0]), mesh=mesh,
+                 points=points.replace(rows=rows), args=args)
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[:p], out)
+
+
+def map_points(fn: Callable, points: Points, *args, strategy: str = "map", chunk_size: int | None = None,
+               devices: int | None = None):
+    """``fn(params, *args)`` at every point, mapped and (over several devices) sharded.
+
+    Args:
+      fn: a per-point function of the point's parameters; it must be hashable (a module-level function or a
+        frozen dataclass), since it is a static argument of the compiled map.
+      points: the :class:`Points`.
+      *args: replicated arguments (e.g. a batch).
+      strategy: ``"map"``, ``"vmap"`` or ``"loop"`` (see the module docstring); ``"auto"`` means ``"map"``.
+      chunk_size: points per vectorised chunk of ``"map"`` (default 1).
+      devices: how many devices to shard the points over (default all).
+
+    Returns:
+      The outputs stacked over the points, as NumPy arrays.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> pts = stacked_points({"w": jnp.arange(6.0).reshape(3, 2)})
+        >>> map_points(_sum_w, pts).tolist()
+        [1.0, 5.0, 9.0]
+    """
+    strategy = "map" if strategy == "auto" else strategy
+    strategy, chunk = _resolve(strategy, chunk_size, points.num_points, 0, False)
+    return _run_mapped(_map_points_jit, points, {"fn": fn}, tuple(args), strategy, chunk, devices)
+
+
+def _sum_w(params):  # used by the doctest of map_points
+    return jnp.sum(params["w"])
+
+
+# ---- data staging ---------------------------------------------------------------------------------------
 
 def uv_grid(steps: int = 11) -> np.ndarray:
     """The (u, v) grid ``[steps*steps, 2]`` with spacing ``1/(steps-1)``, u major (default step 0.1)."""
-    if steps < 2:
-        raise ValueError(f"a grid needs at least 2 steps per axis, got {steps}")
-    g = np.linspace(0.0, 1.0, steps)
+    if isinstance(steps, bool) or int(steps) != steps or steps < 2:
+        raise ValueError(f"a grid needs an integer number of steps >= 2 per axis, got {steps!r}")
+    g = np.linspace(0.0, 1.0, int(steps))
     uu, vv = np.meshgrid(g, g, indexing="ij")
     return np.stack([uu.ravel(), vv.ravel()], axis=1)
 
@@ -138,15 +313,13 @@ def stage_batches(x: np.ndarray, y: np.ndarray | None, batch_size: int, *, drop_
     The last partial batch is zero-padded and masked out (or dropped with ``drop_last``). Staged once,
     these arrays are shared by every point.
     """
-    n = int(x.shape[0])
+    n = int(np.shape(x)[0])
     if n == 0:
         raise ValueError("empty dataset")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    bs = min(batch_size, n)
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    bs = min(int(batch_size), n)
     nb = n // bs if drop_last else -(-n // bs)
-    if nb == 0:
-        raise ValueError(f"no full batch of {bs} examples in {n}")
     total = nb * bs
     keep = min(n, total)
     pad = total - keep
@@ -162,17 +335,55 @@ def stage_batches(x: np.ndarray, y: np.ndarray | None, batch_size: int, *, drop_
     return prep(x), (prep(y) if y is not None else None), jnp.asarray(mask.reshape(nb, bs))
 
 
-def _zeros_stats(model: Model, params: PyTree, x_example) -> PyTree:
+def _bn_batches(x, batch_size: int, num_batches: int | None):
+    bx, _, _ = stage_batches(np.asarray(x), None, batch_size, drop_last=True)
+    if num_batches is not None:
+        if isinstance(num_batches, bool) or int(num_batches) != num_batches or num_batches < 1:
+            raise ValueError(f"bn_batches must be an integer >= 1, got {num_batches!r}")
+        if num_batches > bx.shape[0]:
+            raise ValueError(f"bn_batches={num_batches} but bn_data has only {bx.shape[0]} full batches "
+                             f"of {bx.shape[1]}")
+        bx = bx[:num_batches]
+    return bx
+
+
+def _group_size(num_batches: int, batch_bytes: int, budget: int) -> int:
+    """The largest divisor of ``num_batches`` whose staged first-layer outputs fit in ``budget`` bytes."""
+    best = 1
+    for g in range(1, num_batches + 1):
+        if num_batches % g == 0 and g * batch_bytes <= budget:
+            best = g
+    return best
+
+
+def _regroup(a, g: int):
+    return a.reshape((a.shape[0] // g, g) + a.shape[1:])
+
+
+# ---- BatchNorm ------------------------------------------------------------------------------------------
+
+def _bn_rngs():
+    # BatchNorm passes run in train mode, where a model with dropout asks for a key; its value is irrelevant
+    # to the statistics of the layers before the dropout (every zoo model's)
+    return {"dropout": jax.random.key(0)}
+
+
+def _zeros_stats(model: Model, x_example) -> PyTree:
     shapes = jax.eval_shape(model.init, jax.random.key(0), x_example)
     if "batch_stats" not in shapes:
         raise ValueError(f"model {model.name} has apply_with_stats but its variables hold no 'batch_stats'")
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["batch_stats"])
 
 
-_BN_RNG = {"dropout": jax.random.key(0)}
+@functools.partial(jax.jit, static_argnums=0)
+def _bn_probe(model: Model, params, zeros, x):
+    ones = jax.tree_util.tree_map(jnp.ones_like, zeros)
+    _, s0 = model.apply_with_stats({"params": params, "batch_stats": zeros}, x, rngs=_bn_rngs())
+    _, s1 = model.apply_with_stats({"params": params, "batch_stats": ones}, x, rngs=_bn_rngs())
+    return jax.tree_util.tree_map(jnp.subtract, s1, s0)
 
 
-def bn_momentum(model: Model, params: PyTree, x: np.ndarray) -> PyTree:
+def bn_momentum(model: Model, params: PyTree, x) -> PyTree:
     """Recover each BatchNorm layer's running-average momentum from two calls on one batch.
 
     A Flax BatchNorm update is ``r' = m r + (1 - m) b`` with the batch statistic ``b``. Starting from
@@ -180,40 +391,322 @@ def bn_momentum(model: Model, params: PyTree, x: np.ndarray) -> PyTree:
     makes the exact recalibration work for any Flax model with standard BatchNorm, whatever momentum.
     """
     x = jnp.asarray(x)
-    zeros = _zeros_stats(model, params, x[:1])
-    ones = jax.tree_util.tree_map(jnp.ones_like, zeros)
-    _, s0 = model.apply_with_stats({"params": params, "batch_stats": zeros}, x, rngs=_BN_RNG)
-    _, s1 = model.apply_with_stats({"params": params, "batch_stats": ones}, x, rngs=_BN_RNG)
+    diff = _bn_probe(model, params, _zeros_stats(model, x[:1]), x)
 
-    def mom(a, b):
-        m = np.asarray(b - a, np.float64)
+    def mom(m):
+        m = np.asarray(m, np.float64)
         mm = float(np.mean(m))
         if not np.allclose(m, mm, atol=1e-4) or not 0.0 <= mm < 1.0 - 1e-6:
             raise ValueError("BatchNorm running statistics are not a momentum average r' = m r + (1-m) b "
                              f"with one m per layer in [0, 1) (found m in [{m.min():.4g}, {m.max():.4g}])")
         return jnp.asarray(mm, jnp.float32)
 
-    return jax.tree_util.tree_map(mom, s0, s1)
+    return jax.tree_util.tree_map(mom, diff)
 
 
-def _bn_stats_fn(model: Model, zeros: PyTree, momentum: PyTree, apply_with_stats: Callable | None = None):
-    """Pure function params, bn_x[nb, B, ...] -> exact average batch statistics over the nb batches."""
-    apply_with_stats = apply_with_stats or model.apply_with_stats
+# ---- model metrics ---------------------------------------------------------------------------------------
 
-    def stats(params, bn_x):
-        def body(acc, xb):
-            _, s0 = apply_with_stats({"params": params, "batch_stats": zeros}, xb, rngs=_BN_RNG)
-            b = jax.tree_util.tree_map(lambda s, m: s.astype(jnp.float32) / (1.0 - m), s0, momentum)
-            return jax.tree_util.tree_map(jnp.add, acc, b), None
+@dataclasses.dataclass(frozen=True)
+class _Metric:
+    """The static description of what is computed per point (a static argument: hashes by value, the
+    model and the loss by identity)."""
 
-        acc, _ = jax.lax.scan(body, zeros, bn_x)
-        return jax.tree_util.tree_map(lambda a: a / bn_x.shape[0], acc)
+    model: Model
+    loss_fn: Callable
+    with_probs: bool
+    recompute_bn: bool
+    dtype: str | None
+    factor: cpu.FirstConv | None
 
-    return stats
+
+def _cast(tree, dtype):
+    if dtype is None:
+        return tree
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _with_zero_stats(model: Model, fixed: dict, zeros) -> dict:
+    rest = dict(fixed)
+    if model.has_batch_stats and "batch_stats" not in rest:
+        rest["batch_stats"] = zeros
+    return rest
+
+
+def _first_layer(model: Model, factor: cpu.FirstConv, rest: dict, stack: PyTree, x, dtype):
+    """The first convolution of every stacked tree on ``x`` (``[B, ..., K, Cout]``), one convolution with the
+    kernels stacked along the output channels. The model runs once (on the first tree) to find the layer
+    and its input as the model prepares it; the rest of that pass is dead code, removed by XLA."""
+    x = x if dtype is None else x.astype(dtype)
+    enter, cap = cpu.capture_first_conv()
+    with enter:
+        model.apply({**rest, "params": _cast(tree_index(stack, 0), dtype)}, x, train=False)
+    conv = factor.params(_cast(stack, dtype))
+    return cpu.stacked_first_conv(cap.module, conv["kernel"], conv.get("bias"), cap.input)
+
+
+def _evaluate_impl(metric: _Metric, strategy: str, chunk: int, mesh, points: Points, args):
+    """Per batch group: the first layer of every stacked tree (when factorised), then every point's BatchNorm
+    statistics and loss sums over the group's batches (see the module docstring)."""
+    xs, ys, ms, bn_x, zeros, mom, fixed = args
+    model = metric.model
+    dtype = None if metric.dtype is None else jnp.dtype(metric.dtype)
+    acc_dtype = jnp.promote_types(jnp.float32, jnp.result_type(*jax.tree_util.tree_leaves(points.stack)))
+
+    def run(rows, stack, xs, ys, ms, bn_x, zeros, mom, fixed):
+        pts = Points(rows=rows, stack=stack)
+        num_p = rows.shape[0]
+
+        def features(xg):
+            """``[gb, B, ..., K, Cout]``: the first convolution of every stacked tree on a group of batches."""
+            if metric.factor is None:
+                return None
+            h = _first_layer(model, metric.factor, _with_zero_stats(model, fixed, zeros), stack,
+                             xg.reshape((-1,) + xg.shape[2:]), dtype)
+            return h.reshape(xg.shape[:2] + h.shape[1:])
+
+        def forward(params, variables_rest, xb, row, feats_b, with_stats: bool):
+            variables = {**variables_rest, "params": params}
+            xb = xb if dtype is None else xb.astype(dtype)
+            if feats_b is None:
+                if with_stats:
+                    return model.apply_with_stats(variables, xb, rngs=_bn_rngs())
+                return model.apply(variables, xb, train=False)
+            replace = cpu.replace_first_conv(lambda _m, _x: cpu.combine_features(row, feats_b))
+            with replace:
+                if with_stats:
+                    return model.apply_with_stats(variables, xb, rngs=_bn_rngs())
+                return model.apply(variables, xb, train=False)
+
+        # BatchNorm statistics of every point: exact average of per-batch statistics over the BN batches.
+        stats = None
+        if metric.recompute_bn:
+            def bn_group(acc, xg):
+                feats = features(xg)
+
+                def one(row):
+                    params = _cast(pts.form(row), dtype)
+
+                    def body(a, i):
+                        fb = None if feats is None else feats[i]
+                        _, s0 = forward(params, {**fixed, "batch_stats": zeros}, xg[i], row, fb, True)
+                        b = jax.tree_util.tree_map(lambda s, m: s.astype(acc_dtype) / (1.0 - m), s0, mom)
+                        return jax.tree_util.tree_map(jnp.add, a, b), None
+
+                    init = _varying(jax.tree_util.tree_map(lambda z: jnp.zeros(z.shape, acc_dtype), zeros), mesh)
+                    a, _ = jax.lax.scan(body, init, jnp.arange(xg.shape[0]))
+                    return a
+
+                return jax.tree_util.tree_map(jnp.add, acc, _map_over(one, rows, strategy, chunk)), None
+
+            acc0 = _varying(jax.tree_util.tree_map(lambda z: jnp.zeros((num_p,) + z.shape, acc_dtype), zeros), mesh)
+            stats, _ = jax.lax.scan(bn_group, acc0, bn_x)
+            nbn = bn_x.shape[0] * bn_x.shape[1]
+            stats = jax.tree_util.tree_map(lambda a, z: (a / nbn).astype(z.dtype), stats, zeros)
+
+        def group(carry, g):
+            xg, yg, mg = g
+            feats = features(xg)
+
+            def one(args_p):
+                row, st = args_p
+                params = _cast(pts.form(row), dtype)
+                rest = dict(fixed) if st is None else {**fixed, "batch_stats": st}
+
+                def body(acc, i):
+                    fb = None if feats is None else feats[i]
+                    logits = forward(params, rest, xg[i], row, fb, False).astype(acc_dtype)
+                    yb, mb = yg[i], mg[i].astype(acc_dtype)
+                    lsum = jnp.sum(metric.loss_fn(logits, yb) * mb)
+                    csum = correct_count(logits, yb, mb)
+                    out = jax.nn.softmax(logits, axis=-1) if metric.with_probs else None
+                    return (acc[0] + lsum, acc[1] + csum), out
+
+                init = _varying((jnp.zeros((), acc_dtype), jnp.zeros((), acc_dtype)), mesh)
+                (l, c), probs = jax.lax.scan(body, init, jnp.arange(xg.shape[0]))
+                return l, c, probs
+
+            l, c, probs = _map_over(one, (rows, stats), strategy, chunk)
+            return (carry[0] + l, carry[1] + c), probs
+
+        init = _varying((jnp.zeros((num_p,), acc_dtype), jnp.zeros((num_p,), acc_dtype)), mesh)
+        (lsum, csum), probs = jax.lax.scan(group, init, (xs, ys, ms))
+        n = jnp.sum(ms)
+        if metric.with_probs:  # [ng, P, gb, B, C] -> [P, ng * gb * B, C]
+            probs = jnp.moveaxis(probs, 1, 0)
+            probs = probs.reshape((num_p, -1) + probs.shape[4:])
+        return lsum / n, csum / n, probs
+
+    return _shard(run, mesh, 8)(points.rows, points.stack, xs, ys, ms, bn_x, zeros, mom, fixed)
+
+
+_evaluate_jit = cpu.tuned_jit(_evaluate_impl, static_argnames=("metric", "strategy", "chunk", "mesh"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PointMetrics:
+    """Per-point results: ``loss[P]`` (mean task loss), ``accuracy[P]`` (NaN unless the targets are integer
+    class labels) and optionally ``probs[P, N, C]`` (softmax outputs per example); the strategy, chunk and
+    first-layer mode that were used."""
+
+    loss: np.ndarray
+    accuracy: np.ndarray
+    probs: np.ndarray | None = None
+    strategy: str = ""
+    chunk_size: int = 1
+    stem: str = "off"
+
+
+def _has_conv(params) -> bool:
+    # a convolution kernel has a spatial window: rank >= 3 (a dense kernel is a matrix)
+    return any(np.ndim(a) >= 3 for path, a in jax.tree_util.tree_flatten_with_path(params)[0]
+               if str(getattr(path[-1], "key", "")) == "kernel")
+
+
+def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None,
+             bn_batches: int | None = None, bn_batch_size: int = 128, variables: PyTree | None = None,
+             return_probs: bool = False, loss_fn: Callable = cross_entropy, strategy: str = "auto",
+             chunk_size: int | None = None, devices: int | None = None, stem: str = "auto", compute_dtype=None,
+             stem_bytes: int = 1 << 29, check: bool = True) -> PointMetrics:
+    """Mean loss and accuracy on ``data`` at every point of ``points`` (see the module docstring).
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      points: the :class:`Points` (their stack holds the ``params`` collection only).
+      data: a Dataset or ``(x, y)``; evaluated in batches of ``batch_size`` (a partial last batch is masked).
+      bn_data: training data for the BatchNorm statistics of each point (models with BatchNorm, unless
+        ``variables`` holds them); ``bn_batches`` full batches of ``bn_batch_size`` (default all).
+      variables: other collections shared by every point (e.g. ``{"batch_stats": ...}`` of a trained model).
+      return_probs: also return the softmax outputs ``[P, N, C]``.
+      loss_fn: per-example loss ``(logits, y) -> [N]``.
+      strategy, chunk_size, devices, stem, compute_dtype: see the module docstring; ``stem_bytes`` bounds the
+        memory of the staged first-layer outputs of the factorised path.
+      check: refuse non-finite parameters.
+
+    Returns:
+      :class:`PointMetrics`.
+    """
+    if not isinstance(points, Points):
+        raise ValueError(f"points must be Points (see connector_points / stacked_points), got {type(points).__name__}")
+    if stem not in STEM_MODES:
+        raise ValueError(f"unknown stem mode {stem!r}; expected one of {STEM_MODES}")
+    num_points = points.num_points
+    if num_points == 0:
+        raise ValueError("empty set of points: give at least one point")
+    if check:
+        check_finite(points.stack, "the parameters")
+    dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype!r}")
+    x, y = _xy(data)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"data has {x.shape[0]} inputs but {y.shape[0]} targets")
+    fixed = {k: v for k, v in dict(variables or {}).items() if k != "params"}
+    example = points.example()
+    recompute = model.has_batch_stats and "batch_stats" not in fixed
+    xs, ys, ms = stage_batches(x, y, batch_size)
+    if recompute:
+        if bn_data is None:
+            raise ValueError(f"model {model.name} has BatchNorm: pass bn_data (training data) so each point's "
+                             "statistics are recomputed before it is evaluated, or variables={'batch_stats': ...}")
+        bx = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else _xy(bn_data)[0]
+        bn_x = _bn_batches(bx, bn_batch_size, bn_batches)
+        zeros = _zeros_stats(model, bn_x[0][:1])
+        mom = bn_momentum(model, example, bn_x[0])
+    else:
+        bn_x, zeros, mom = jnp.zeros((0, 1, 1), jnp.float32), {}, {}
+    strategy, chunk = _resolve(strategy, chunk_size, num_points, _param_bytes(example), _has_conv(example))
+
+    factor = None
+    if stem != "off" and not points.indexed and (stem == "factor" or _has_conv(example)):
+        rest = _with_zero_stats(model, fixed, zeros)
+        conv = cpu.first_conv(lambda v, xx: model.apply({**rest, **v}, xx, train=False), {"params": example},
+                              jnp.asarray(x[:1]))
+        if stem == "factor":
+            if conv is None:
+                raise ValueError(f"stem='factor' needs a Flax model whose first convolution is fed by the input "
+                                 f"alone; {model.name} has none")
+            factor = conv
+        elif cpu.use_factorisation(conv, num_points, points.num_stacked):
+            factor = conv
+    elif stem == "factor":
+        raise ValueError("stem='factor' needs rows over a stack (a connector, a plane): identity rows (stacked "
+                         "parameters) have no control points to share the first layer")
+    if factor is not None and strategy == "loop":
+        factor = None if stem == "auto" else factor
+
+    if factor is not None:  # stage the first-layer outputs of groups of batches, at most stem_bytes at a time
+        if stem_bytes < 1:
+            raise ValueError(f"stem_bytes must be >= 1, got {stem_bytes}")
+        out = jax.eval_shape(lambda xb: _first_layer(model, factor, _with_zero_stats(model, fixed, zeros),
+                                                     points.stack, xb, dtype), xs[0])
+        batch_bytes = int(np.prod(out.shape)) * jnp.dtype(out.dtype).itemsize
+        xs_g, ys_g, ms_g = (_regroup(a, _group_size(xs.shape[0], batch_bytes, stem_bytes)) for a in (xs, ys, ms))
+        bn_g = _regroup(bn_x, _group_size(bn_x.shape[0], batch_bytes, stem_bytes)) if recompute else bn_x[None]
+    else:
+        xs_g, ys_g, ms_g = xs[None], ys[None], ms[None]
+        bn_g = bn_x[None]
+    metric = _Metric(model=model, loss_fn=loss_fn, with_probs=bool(return_probs), recompute_bn=recompute,
+                     dtype=None if dtype is None else dtype.name, factor=factor)
+    args = (xs_g, ys_g, ms_g, bn_g, zeros, mom, fixed)
+    loss, acc, probs = _run_mapped(_evaluate_jit, points, {"metric": metric}, args, strategy, chunk, devices)
+    if return_probs:
+        probs = np.asarray(probs)[:, : x.shape[0]]
+    else:
+        probs = None
+    return PointMetrics(loss=np.asarray(loss), accuracy=np.asarray(acc), probs=probs, strategy=strategy,
+                        chunk_size=chunk, stem="factor" if factor is not None else "off")
+
+
+def evaluate_points(model: Model, connector: Connector, points, data, **kwargs) -> PointMetrics:
+    """Mean loss and accuracy on ``data`` at P points of a connector (t values, (u, v) pairs or alphas).
+
+    Points are validated (in [0, 1], barycentric sums 1; nothing is clipped). Each point's parameters
+    ``phi(p) = sum_k c_k(p) theta_k`` are formed inside the mapped computation. ``kwargs``: see
+    :func:`evaluate`.
+    """
+    if kwargs.get("check", True):
+        check_finite(connector.control, "connector control points")
+    return evaluate(model, connector_points(connector, points), data, **{**kwargs, "check": False})
+
+
+def evaluate_params(model: Model, stacked_params: PyTree, data, **kwargs) -> PointMetrics:
+    """Mean loss and accuracy on ``data`` of P parameter sets stacked on a leading axis.
+
+    ``stacked_params`` holds the ``params`` collection only (use :func:`mclandscape.core.tree.tree_stack`);
+    ``kwargs``: see :func:`evaluate`.
+    """
+    return evaluate(model, stacked_points(stacked_params), data, **kwargs)
+
+
+def evaluate_model(model: Model, variables: PyTree, data, *, batch_size: int = 1000,
+                   loss_fn: Callable = cross_entropy) -> dict:
+    """``{"loss", "acc"}`` of one model in evaluation mode with its own variables (running BatchNorm
+    statistics, no dropout); ``acc`` is NaN unless the targets are class labels."""
+    if not hasattr(variables, "items") or "params" not in variables:
+        raise ValueError("variables must be a dict with a 'params' collection")
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], variables["params"])
+    m = evaluate(model, stacked_points(params), data, batch_size=batch_size, variables=variables,
+                 loss_fn=loss_fn, strategy="map", chunk_size=1, devices=1, stem="off")
+    return {"loss": float(m.loss[0]), "acc": float(m.accuracy[0])}
+
+
+def _recalibrate_impl(model: Model, params, bn_x, zeros, mom):
+    def body(acc, xb):
+        _, s0 = model.apply_with_stats({"params": params, "batch_stats": zeros}, xb, rngs=_bn_rngs())
+        b = jax.tree_util.tree_map(lambda s, m: s.astype(jnp.promote_types(s.dtype, jnp.float32)) / (1.0 - m),
+                                   s0, mom)
+        return jax.tree_util.tree_map(jnp.add, acc, b), None
+
+    init = jax.tree_util.tree_map(lambda z: jnp.zeros(z.shape, jnp.promote_types(z.dtype, jnp.float32)), zeros)
+    acc, _ = jax.lax.scan(body, init, bn_x)
+    return jax.tree_util.tree_map(lambda a, z: (a / bn_x.shape[0]).astype(z.dtype), acc, zeros)
+
+
+_recalibrate_jit = cpu.tuned_jit(_recalibrate_impl, static_argnums=0)
 
 
 def recalibrate_bn(model: Model, params: PyTree, bn_data, *, batch_size: int = 128,
-                   num_batches: int | None = None, compiler_options="auto") -> PyTree:
+                   num_batches: int | None = None) -> PyTree:
     """BatchNorm statistics of one parameter point, averaged exactly over ``num_batches`` full batches.
 
     ``bn_data`` is a Dataset or ``(x, y)`` (or an ``x`` array); batches are taken in order. Garipov's
@@ -223,616 +716,4 @@ def recalibrate_bn(model: Model, params: PyTree, bn_data, *, batch_size: int = 1
         raise ValueError(f"model {model.name} has no BatchNorm statistics to recalibrate")
     x = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else _xy(bn_data)[0]
     bx = _bn_batches(x, batch_size, num_batches)
-    mom = bn_momentum(model, params, bx[0])
-    zeros = _zeros_stats(model, params, bx[0][:1])
-    options = resolve_compiler_options(compiler_options)
-    jit = functools.partial(jax.jit, compiler_options=options) if options else jax.jit
-    return jit(_bn_stats_fn(model, zeros, mom))(params, bx)
-
-
-def _bn_batches(x, batch_size: int, num_batches: int | None):
-    bx, _, _ = stage_batches(np.asarray(x), None, batch_size, drop_last=True)
-    if num_batches is not None:
-        if num_batches < 1:
-            raise ValueError(f"bn_batches must be >= 1, got {num_batches}")
-        if num_batches > bx.shape[0]:
-            raise ValueError(f"bn_batches={num_batches} but bn_data has only {bx.shape[0]} full batches "
-                             f"of {bx.shape[1]}")
-        bx = bx[:num_batches]
-    return bx
-
-
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-@functools.lru_cache(maxsize=8)
-def _options_accepted(items: tuple) -> bool:
-    """Whether this jaxlib accepts the compiler options (probed once on a tiny function)."""
-    try:
-        jax.jit(lambda v: v + 1, compiler_options=dict(items)).lower(jnp.zeros(2)).compile()
-        return True
-    except Exception:  # an XLA without the option: fall back to its defaults
-        return False
-
-
-def default_compiler_options(backend: str | None = None) -> dict | None:
-    """The per-function XLA options the engines use with ``compiler_options="auto"`` (module docstring):
-    :data:`CPU_COMPILER_OPTIONS` on CPU when this XLA knows the option, else ``None`` (XLA's defaults)."""
-    backend = backend or jax.default_backend()
-    if backend == "cpu" and _options_accepted(tuple(sorted(CPU_COMPILER_OPTIONS.items()))):
-        return dict(CPU_COMPILER_OPTIONS)
-    return None
-
-
-def resolve_compiler_options(compiler_options) -> dict | None:
-    """``"auto"`` -> :func:`default_compiler_options`; ``None`` or a dict are returned as they are."""
-    if isinstance(compiler_options, str):
-        if compiler_options != "auto":
-            raise ValueError(f"compiler_options must be 'auto', None or a dict, got {compiler_options!r}")
-        return default_compiler_options()
-    if compiler_options is not None and not isinstance(compiler_options, dict):
-        raise ValueError(f"compiler_options must be 'auto', None or a dict, got {compiler_options!r}")
-    return None if compiler_options is None else dict(compiler_options)
-
-
-def ynn_convolutions(compiler_options: dict | None, backend: str | None = None) -> bool:
-    """Whether XLA's CPU backend sends convolutions to YNNPACK under these options."""
-    backend = backend or jax.default_backend()
-    if backend != "cpu":
-        return False
-    v = (compiler_options or {}).get("xla_cpu_experimental_ynn_fusion_type")
-    return v is None or "CONVOLUTION" in str(v).upper()
-
-
-def auto_strategy(num_points: int, param_bytes: int, *, backend: str | None = None,
-                  chunk_bytes: int = 1 << 30, has_conv: bool = True) -> tuple[str, int]:
-    """The default ``(strategy, chunk_size)`` for a backend (see the module docstring).
-
-    CPU, measured on a quiet moment (digits, 3×3-control surface, 121 points, interleaved repeats): a
-    64-128-128-10 MLP ran at 0.231 ms/point with ``map`` chunk 16 against 0.279 with chunk 1 (equal at 16
-    points), so models without convolutions take chunk ``min(16, P)``; the simple CNN ran at 4.10 ms/point
-    with chunk 1 against 4.61 with chunk 16 (batched points give each point its own kernels), so
-    convolutional models keep chunk 1.
-    """
-    backend = backend or jax.default_backend()
-    if backend == "cpu":
-        return ("map", 1) if has_conv else ("map", int(max(1, min(16, num_points))))
-    chunk = int(max(1, min(num_points, 64, chunk_bytes // max(param_bytes, 1))))
-    return "map", chunk
-
-
-# ---- the first layer ------------------------------------------------------------------------------------
-
-def _stem_cin(model: Model, params_example: PyTree) -> int:
-    kernel = params_example[model.stem.name]["kernel"]
-    return int(np.shape(kernel)[-2])
-
-
-def _padded_channels(cin: int, multiple: int | None) -> int:
-    if not multiple or multiple <= 1:
-        return cin
-    return -(-cin // multiple) * multiple
-
-
-def auto_stem(model: Model, kind: str, num_points: int, num_control: int, cin: int, *,
-              backend: str | None = None, ynn: bool = False, stem_macs: int | None = None) -> tuple[str, int | None]:
-    """The default ``(stem mode, stem_channels)`` (see the module docstring).
-
-    Measured on the 2-core CPU (``benchmarks/convfc_curve.py``, batch 128, 1000 images): combining the
-    control points' stem outputs costs K multiply-adds per output element, read from memory, against
-    ``stem_macs`` (kernel height × width × input channels) for the stem itself. ConvFC (5×5×3 = 75) on a
-    quadratic curve (K = 3, 21 points) ran at 0.325 s/point with ``"factor"`` against 0.342 without; on the
-    3×3-control surface (K = 9, 121 points) at 0.449 against 0.364; a 3×3 1-channel digits stem (9) with
-    K = 9 lost too (5.3 against 4.1 ms/point). Hence ``"factor"`` needs more points than control points
-    and ``stem_macs >= 16 K``. Padding a 3-channel stem input to 4 channels only pays when convolutions go to
-    YNNPACK
-    (``ynn=True``: 30 ms -> 10 ms); XLA's own convolutions, the default here, take ~10 ms either way. On
-    GPU/TPU the compiler pads convolutions for its matrix units itself (unmeasured: no GPU was available).
-    """
-    backend = backend or jax.default_backend()
-    if model.stem is None:
-        return "off", None
-    channels = 4 if (backend == "cpu" and ynn and model.stem.pad_channels_ok and cin % 4) else None
-    stem_macs = 1 << 30 if stem_macs is None else stem_macs  # unknown: assume a costly stem
-    if kind == "connector" and num_points > num_control and stem_macs >= 16 * num_control:
-        return "factor", channels
-    return ("split", channels) if channels else ("off", None)
-
-
-def pad_stem_input(kernel: jax.Array, x: jax.Array, channels: int) -> tuple[jax.Array, jax.Array]:
-    """Zero-pad the stem kernel's input-channel axis (``-2``) and ``x``'s channel axis (``-1``) to
-    ``channels``; the convolution is unchanged (the extra channels meet zero kernel rows)."""
-    cin = kernel.shape[-2]
-    if x.shape[-1] != cin:
-        raise ValueError(f"stem kernel takes {cin} input channels but the input has {x.shape[-1]}")
-    if channels < cin:
-        raise ValueError(f"cannot pad {cin} stem input channels down to {channels}")
-    if channels == cin:
-        return kernel, x
-    kpad = [(0, 0)] * kernel.ndim
-    kpad[-2] = (0, channels - cin)
-    xpad = [(0, 0)] * x.ndim
-    xpad[-1] = (0, channels - cin)
-    return jnp.pad(kernel, kpad), jnp.pad(x, xpad)
-
-
-def _pad_kernel(kernel, channels):
-    cin = kernel.shape[-2]
-    if channels is None or channels == cin:
-        return kernel
-    pad = [(0, 0)] * kernel.ndim
-    pad[-2] = (0, channels - cin)
-    return jnp.pad(kernel, pad)
-
-
-def stem_control_features(model: Model, control: PyTree, x: jax.Array, *, channels: int | None = None,
-                          dtype=None) -> jax.Array:
-    """The stem's output for each of K control points, ``[B, ..., K, Cout]``, in one convolution.
-
-    ``control`` holds the stacked parameters (leaves ``[K, ...]``); ``x`` is already prepared
-    (``model.stem.prepare``) and, when ``channels`` is given, zero-padded to that many channels. The K
-    kernels are stacked along the output channels, so XLA runs one convolution with ``K * Cout`` outputs.
-    """
-    stem = model.stem
-    sp = control[stem.name]
-    k = sp["kernel"]
-    if dtype is not None:
-        k = k.astype(dtype)
-    num_k, cout = k.shape[0], k.shape[-1]
-    k = _pad_kernel(k, channels)
-    kern = jnp.moveaxis(k, 0, -2).reshape(k.shape[1:-1] + (num_k * cout,))
-    b = sp.get("bias") if stem.use_bias else None
-    bias = None if b is None else b.astype(kern.dtype).reshape(num_k * cout)
-    h = stem.apply(kern, bias, x if dtype is None else x.astype(dtype))
-    return h.reshape(h.shape[:-1] + (num_k, cout))
-
-
-def combine_stem_features(coefficients: jax.Array, features: jax.Array) -> jax.Array:
-    """``sum_k c_k features[..., k, :]``: one point's stem output from the control points' outputs.
-
-    Exact for any coefficients (also derivative coefficients that do not sum to 1), since each control
-    point's output includes its own bias. Accumulated in float32 and returned in ``features.dtype``.
-    """
-    num_k = features.shape[-2]
-    c = coefficients.astype(jnp.float32)
-    out = c[0] * features[..., 0, :].astype(jnp.float32)
-    for k in range(1, num_k):
-        out = out + c[k] * features[..., k, :].astype(jnp.float32)
-    return out.astype(features.dtype)
-
-
-def _split_applies(model: Model, mode: str, channels: int | None):
-    """(apply, apply_with_stats) on staged inputs for the "off" and "split" modes."""
-    if mode == "off":
-        return model.apply, model.apply_with_stats
-    stem = model.stem
-
-    def h_of(params, x):
-        sp = params[stem.name]
-        k = _pad_kernel(sp["kernel"], channels)
-        return stem.apply(k, sp.get("bias") if stem.use_bias else None, x)
-
-    def apply(variables, x, train=False, rngs=None):
-        return stem.body_apply(variables, h_of(variables["params"], x), train=train, rngs=rngs)
-
-    def apply_with_stats(variables, x, rngs=None):
-        return stem.body_apply_with_stats(variables, h_of(variables["params"], x), rngs=rngs)
-
-    return apply, (apply_with_stats if stem.body_apply_with_stats is not None else None)
-
-
-def _prepare_input(model: Model, mode: str, channels: int | None, x) -> np.ndarray:
-    """Host-side input preparation for the stem paths: ``stem.prepare`` and channel zero-padding."""
-    if mode == "off":
-        return x
-    x = np.asarray(model.stem.prepare(jnp.asarray(x)))
-    if channels is not None and channels != x.shape[-1]:
-        x = np.concatenate([x, np.zeros(x.shape[:-1] + (channels - x.shape[-1],), x.dtype)], axis=-1)
-    return x
-
-
-def _cast(tree, dtype):
-    if dtype is None:
-        return tree
-    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
-# ---- per-point evaluation ---------------------------------------------------------------------------------
-
-def _batch_sums(loss_fn, with_probs, logits, yb, mb):
-    logits = logits.astype(jnp.float32)
-    lsum = jnp.sum(loss_fn(logits, yb) * mb)
-    if jnp.issubdtype(yb.dtype, jnp.integer):
-        csum = jnp.sum(_correct(logits, yb) * mb)
-    else:
-        csum = jnp.asarray(jnp.nan, jnp.float32)
-    out = jax.nn.softmax(logits, axis=-1) if with_probs else None
-    return lsum, csum, out
-
-
-def _has_conv(model: Model, params_example: PyTree, x_shape, x_dtype, stem_mode: str) -> bool:
-    """Whether one forward pass of ``model`` contains a convolution (traced abstractly, no compute)."""
-    if model.stem is not None:
-        return True
-    leaves, treedef = jax.tree_util.tree_flatten(params_example)
-    sig = tuple((tuple(np.shape(a)), str(np.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype))
-                for a in leaves)
-    return _has_conv_cached(model, treedef, sig, tuple(x_shape), str(np.dtype(x_dtype)))
-
-
-@functools.lru_cache(maxsize=64)
-def _has_conv_cached(model, treedef, sig, x_shape, x_dtype) -> bool:
-    params = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in sig])
-    x = jax.ShapeDtypeStruct((1,) + x_shape, x_dtype)
-    try:
-        jaxpr = jax.make_jaxpr(lambda p, v: model.apply({"params": p}, v))(params, x)
-    except Exception:  # e.g. a model that needs batch statistics: assume convolutions (the safe choice)
-        return True
-    return "conv_general_dilated" in str(jaxpr)
-
-
-def _per_point_fn(model, loss_fn, with_probs, has_bn, make_params, apply=None, apply_with_stats=None,
-                  dtype=None):
-    apply = apply or model.apply
-    apply_with_stats = apply_with_stats or model.apply_with_stats
-
-    def per_point(desc, shared, xs, ys, ms, bn_x, zeros, mom):
-        params = _cast(make_params(desc, shared), dtype)
-        variables = {"params": params}
-        if has_bn:
-            bx = bn_x if dtype is None else bn_x.astype(dtype)
-            variables["batch_stats"] = _bn_stats_fn(model, zeros, mom, apply_with_stats)(params, bx)
-
-        def body(carry, batch):
-            xb, yb, mb = batch
-            if dtype is not None:
-                xb = xb.astype(dtype)
-            lsum, csum, out = _batch_sums(loss_fn, with_probs, apply(variables, xb, train=False), yb, mb)
-            return (carry[0] + lsum, carry[1] + csum), out
-
-        (lsum, csum), probs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-                                           (xs, ys, ms))
-        n = jnp.sum(ms)
-        return lsum / n, csum / n, probs
-
-    return per_point
-
-
-def _make_params_stacked(desc, shared):
-    return desc
-
-
-def _make_params_connector(desc, shared):
-    return tree_combine(desc, shared)
-
-
-def _point_map(strategy, chunk):
-    def run(f, xs):
-        if strategy == "vmap" and chunk <= 1:
-            return jax.vmap(f)(xs)
-        return jax.lax.map(f, xs, batch_size=chunk if chunk > 1 else None)
-    return run
-
-
-def _factor_fn(model, loss_fn, with_probs, has_bn, strategy, chunk, channels, dtype):
-    """run(coefs[P, K], control, xs[ng, gb, B, ...], ys, ms, bn_x[nbg, gbb, B, ...], bn_m[nbg, gbb], zeros,
-    mom) for the stem-factorised path: per group of batches the stem runs once per control point, then
-    every point combines those outputs and runs the body on them."""
-    stem = model.stem
-    pmap = _point_map(strategy, chunk)
-
-    def feats(control, xg):
-        flat = xg.reshape((-1,) + xg.shape[2:])
-        s = stem_control_features(model, control, flat, channels=channels, dtype=dtype)
-        return s.reshape(xg.shape[:2] + s.shape[1:])
-
-    def run(coefs, control, xs, ys, ms, bn_x, bn_m, zeros, mom):
-        num_p = coefs.shape[0]
-        f32 = jnp.float32
-
-        def params_of(c):
-            return _cast(tree_combine(c, control), dtype)
-
-        stats = None
-        if has_bn:
-            def bn_group(acc, g):
-                xg, mg = g
-                sg = feats(control, xg)
-
-                def one(c):
-                    params = params_of(c)
-
-                    def body(a, batch):
-                        sb, valid = batch
-                        _, s0 = stem.body_apply_with_stats({"params": params, "batch_stats": zeros},
-                                                           combine_stem_features(c, sb), rngs=_BN_RNG)
-                        b = jax.tree_util.tree_map(lambda s, m: valid * s.astype(f32) / (1.0 - m), s0, mom)
-                        return jax.tree_util.tree_map(jnp.add, a, b), None
-
-                    a, _ = jax.lax.scan(body, zeros, (sg, mg))
-                    return a
-
-                return jax.tree_util.tree_map(jnp.add, acc, pmap(one, coefs)), None
-
-            acc0 = jax.tree_util.tree_map(lambda z: jnp.zeros((num_p,) + z.shape, f32), zeros)
-            stats, _ = jax.lax.scan(bn_group, acc0, (bn_x, bn_m))
-            stats = jax.tree_util.tree_map(lambda a: a / jnp.sum(bn_m), stats)
-
-        def group(carry, g):
-            xg, yg, mg = g
-            sg = feats(control, xg)
-
-            def one(args):
-                c, st = args
-                variables = {"params": params_of(c)}
-                if has_bn:
-                    variables["batch_stats"] = st
-
-                def body(acc, batch):
-                    sb, yb, mb = batch
-                    logits = stem.body_apply(variables, combine_stem_features(c, sb), train=False)
-                    lsum, csum, out = _batch_sums(loss_fn, with_probs, logits, yb, mb)
-                    return (acc[0] + lsum, acc[1] + csum), out
-
-                (l, cs), probs = jax.lax.scan(body, (jnp.zeros((), f32), jnp.zeros((), f32)), (sg, yg, mg))
-                return l, cs, probs
-
-            l, cs, probs = pmap(one, (coefs, stats))
-            return (carry[0] + l, carry[1] + cs), probs
-
-        (lsum, csum), probs = jax.lax.scan(group, (jnp.zeros((num_p,), f32), jnp.zeros((num_p,), f32)),
-                                           (xs, ys, ms))
-        n = jnp.sum(ms)
-        if with_probs:  # [ng, P, gb, B, C] -> [P, ng * gb, B, C]
-            probs = jnp.moveaxis(probs, 1, 0)
-            probs = probs.reshape((num_p, -1) + probs.shape[3:])
-        return lsum / n, csum / n, probs
-
-    return run
-
-
-def _dtype_key(dtype):
-    return None if dtype is None else jnp.dtype(dtype).name
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled(model, loss_fn, with_probs, has_bn, kind, strategy, chunk, ndev, stem_mode="off", channels=None,
-              dtype=None, options=None):
-    dtype = None if dtype is None else jnp.dtype(dtype)
-    jit = functools.partial(jax.jit, compiler_options=dict(options)) if options else jax.jit
-    if stem_mode == "factor":
-        run = _factor_fn(model, loss_fn, with_probs, has_bn, strategy, chunk, channels, dtype)
-        nargs = 9
-    else:
-        make_params = _make_params_connector if kind == "connector" else _make_params_stacked
-        apply, apply_ws = _split_applies(model, stem_mode, channels)
-        per_point = _per_point_fn(model, loss_fn, with_probs, has_bn, make_params, apply, apply_ws, dtype)
-        nargs = 8
-
-        def run(descs, shared, xs, ys, ms, bn_x, zeros, mom):
-            f = lambda d: per_point(d, shared, xs, ys, ms, bn_x, zeros, mom)
-            if strategy == "map":
-                return jax.lax.map(f, descs, batch_size=chunk if chunk > 1 else None)
-            if strategy == "vmap":
-                return jax.vmap(f)(descs)
-            raise ValueError(strategy)
-
-        if strategy == "loop":
-            return jit(lambda d, *a: per_point(d, *a))
-    if ndev > 1:
-        mesh = Mesh(np.asarray(jax.devices()[:ndev]), ("p",))
-        run = jax.shard_map(run, mesh=mesh, in_specs=(P("p"),) + (P(),) * (nargs - 1),
-                            out_specs=P("p"), check_vma=False)
-    return jit(run)
-
-
-def _group_size(num_batches: int, batch_bytes: int, budget: int) -> int:
-    """The largest divisor of ``num_batches`` whose staged stem outputs fit in ``budget`` bytes (>= 1)."""
-    best = 1
-    for g in range(1, num_batches + 1):
-        if num_batches % g == 0 and g * batch_bytes <= budget:
-            best = g
-    return best
-
-
-def _evaluate(model: Model, kind: str, descs: PyTree, shared: PyTree, params_example: PyTree, data, *,
-              batch_size: int, strategy: str, chunk_size: int | None, bn_data, bn_batches: int | None,
-              bn_batch_size: int, return_probs: bool, loss_fn: Callable, devices: int | None,
-              stem: str = "off", stem_channels: int | None = None, compute_dtype=None,
-              stem_bytes: int = 1 << 29, compiler_options="auto") -> PointMetrics:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    if stem not in STEM_MODES:
-        raise ValueError(f"unknown stem mode {stem!r}; expected one of {STEM_MODES}")
-    x, y = _xy(data)
-    num_points = int(jax.tree_util.tree_leaves(descs)[0].shape[0])
-    if num_points == 0:
-        raise ValueError("empty set of points: give at least one point")
-    dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
-    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype!r}")
-
-    options = resolve_compiler_options(compiler_options)
-    # First-layer mode and stem input channels.
-    channels = None
-    if stem != "off" or stem_channels is not None:
-        if model.stem is None:
-            if stem in ("split", "factor") or stem_channels is not None:
-                raise ValueError(f"stem={stem!r}/stem_channels need a model with a stem (model.stem); "
-                                 f"{model.name} has none")
-            stem = "off"
-        else:
-            cin = _stem_cin(model, params_example)
-            if stem == "auto":
-                num_control = int(jax.tree_util.tree_leaves(shared)[0].shape[0]) if kind == "connector" else 0
-                kshape = np.shape(params_example[model.stem.name]["kernel"])
-                stem, channels = auto_stem(model, kind, num_points, num_control, cin,
-                                           ynn=ynn_convolutions(options), stem_macs=int(np.prod(kshape[:-1])))
-                if stem == "factor" and strategy == "loop":  # the Python loop runs points one by one
-                    stem = "split" if channels else "off"
-            if stem_channels is not None:
-                if stem_channels < 1:
-                    raise ValueError(f"stem_channels must be >= 1, got {stem_channels}")
-                if not model.stem.pad_channels_ok:
-                    raise ValueError(f"the stem of {model.name} does not allow channel padding")
-                channels = _padded_channels(cin, stem_channels)
-                if stem == "off":
-                    stem = "split"
-            if channels is not None and channels == cin:
-                channels = None
-    else:
-        stem = "off"
-    if stem == "factor" and kind != "connector":
-        raise ValueError("stem='factor' needs a connector (evaluate_points): stacked parameters have no "
-                         "control points to share the first layer")
-    if stem == "factor" and strategy == "loop":
-        raise ValueError("stem='factor' evaluates all points in one compiled call, not in a Python loop; use strategy 'map', "
-                         "'vmap' or 'auto'")
-
-    xp = _prepare_input(model, stem, channels, x)
-    xs, ys, ms = stage_batches(xp, y, batch_size)
-    has_bn = model.has_batch_stats
-    if has_bn:
-        if bn_data is None:
-            raise ValueError(f"model {model.name} has BatchNorm: pass bn_data (training data) so each point's "
-                             "statistics are recomputed before it is evaluated")
-        bx_all = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else _xy(bn_data)[0]
-        bn_raw = _bn_batches(bx_all, bn_batch_size, bn_batches)
-        zeros = _zeros_stats(model, params_example, bn_raw[0][:1])
-        mom = bn_momentum(model, params_example, bn_raw[0])
-        bn_x = bn_raw
-        if stem != "off":
-            flat = _prepare_input(model, stem, channels, np.asarray(bn_raw).reshape((-1,) + bn_raw.shape[2:]))
-            bn_x = jnp.asarray(flat.reshape(bn_raw.shape[:2] + flat.shape[1:]))
-    else:
-        bn_x, zeros, mom = jnp.zeros((0,)), {}, {}
-    param_bytes = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(params_example))
-    if strategy == "auto":
-        strategy, auto_chunk = auto_strategy(num_points, param_bytes,
-                                             has_conv=_has_conv(model, params_example, xp.shape[1:], xp.dtype,
-                                                                stem))
-        chunk_size = chunk_size or auto_chunk
-    chunk = int(chunk_size or (1 if strategy == "map" else min(num_points, 16)))
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    ndev = len(jax.devices()) if devices is None else int(devices)
-    if not 1 <= ndev <= len(jax.devices()):
-        raise ValueError(f"devices={devices} but {len(jax.devices())} are available")
-    if strategy == "loop":
-        ndev = 1
-    fn = _compiled(model, loss_fn, bool(return_probs), has_bn, kind, strategy, chunk, ndev, stem, channels,
-                   _dtype_key(dtype), tuple(sorted(options.items())) if options else None)
-
-    if stem == "factor":
-        args = _factor_args(model, shared, xs, ys, ms, bn_x, has_bn, channels, dtype, stem_bytes, zeros, mom)
-    else:
-        args = (shared, xs, ys, ms, bn_x, zeros, mom)
-    if strategy == "loop":
-        outs = [fn(jax.tree_util.tree_map(lambda a, i=i: a[i], descs), *args) for i in range(num_points)]
-        loss = np.asarray([o[0] for o in outs])
-        acc = np.asarray([o[1] for o in outs])
-        probs = np.stack([np.asarray(o[2]) for o in outs]) if return_probs else None
-    else:
-        # Pad the point set so every call has a fixed shape: to a multiple of the chunk for the
-        # Python-chunked vmap, and of the device count when sharded.
-        step = chunk * ndev if (strategy == "vmap" and stem != "factor") else ndev
-        total = -(-num_points // step) * step
-        padded = jax.tree_util.tree_map(
-            lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], total - num_points, axis=0)]) if total > num_points
-            else a, descs)
-        if ndev > 1:
-            mesh = Mesh(np.asarray(jax.devices()[:ndev]), ("p",))
-            padded = jax.device_put(padded, NamedSharding(mesh, P("p")))
-        if strategy == "vmap" and stem != "factor":
-            pieces = [fn(jax.tree_util.tree_map(lambda a, s=s: a[s:s + step], padded), *args)
-                      for s in range(0, total, step)]
-            res = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *pieces)
-        else:
-            res = fn(padded, *args)
-        loss = np.asarray(res[0])[:num_points]
-        acc = np.asarray(res[1])[:num_points]
-        probs = np.asarray(res[2])[:num_points] if return_probs else None
-    if probs is not None:
-        probs = probs.reshape((num_points, -1) + probs.shape[3:])[:, : x.shape[0]]
-    return PointMetrics(loss=loss, accuracy=acc, probs=probs, strategy=strategy, chunk_size=chunk, stem=stem,
-                        stem_channels=channels)
-
-
-def _factor_args(model, control, xs, ys, ms, bn_x, has_bn, channels, dtype, stem_bytes, zeros, mom):
-    """Regroup the staged batches into ``[groups, batches per group, B, ...]`` for the factorised path."""
-    if stem_bytes < 1:
-        raise ValueError(f"stem_bytes must be >= 1, got {stem_bytes}")
-    out = jax.eval_shape(lambda c, xb: stem_control_features(model, c, xb, channels=channels, dtype=dtype),
-                         control, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype))
-    batch_bytes = int(np.prod(out.shape)) * jnp.dtype(out.dtype).itemsize
-
-    def regroup(a, nb):
-        g = _group_size(nb, batch_bytes, stem_bytes)
-        return a.reshape((nb // g, g) + a.shape[1:])
-
-    nb = xs.shape[0]
-    xs, ys, ms = regroup(xs, nb), regroup(ys, nb), regroup(ms, nb)
-    if has_bn:
-        nbb = bn_x.shape[0]
-        bn_x = regroup(bn_x, nbb)
-        bn_m = jnp.ones(bn_x.shape[:2], jnp.float32)
-    else:
-        bn_x, bn_m = jnp.zeros((0, 0)), jnp.zeros((0, 0))
-    return (control, xs, ys, ms, bn_x, bn_m, zeros, mom)
-
-
-def evaluate_params(model: Model, stacked_params: PyTree, data, *, batch_size: int = 500,
-                    strategy: str = "auto", chunk_size: int | None = None, bn_data=None,
-                    bn_batches: int | None = None, bn_batch_size: int = 128, return_probs: bool = False,
-                    loss_fn: Callable = cross_entropy, devices: int | None = None,
-                    check: bool = True, stem: str = "auto", stem_channels: int | None = None,
-                    compute_dtype=None, compiler_options="auto") -> PointMetrics:
-    """Mean loss and accuracy on ``data`` of P parameter sets stacked on a leading axis.
-
-    ``stacked_params`` holds the ``params`` collection only (use :func:`mclandscape.core.tree.tree_stack`);
-    BatchNorm statistics are recomputed per point from ``bn_data`` (see the module docstring).
-    ``stem`` is ``"auto"``, ``"off"`` or ``"split"`` (``"factor"`` needs a connector); ``stem_channels`` pads
-    the stem input channels to a multiple; ``compute_dtype`` casts parameters and inputs (e.g. bfloat16);
-    ``compiler_options``: see the module docstring.
-    """
-    leaves = jax.tree_util.tree_leaves(stacked_params)
-    if not leaves:
-        raise ValueError("stacked_params holds no arrays")
-    p = {int(np.shape(a)[0]) if np.ndim(a) else -1 for a in leaves}
-    if len(p) != 1 or -1 in p:
-        raise ValueError(f"every leaf of stacked_params needs the same leading (points) axis, got sizes {sorted(p)}")
-    if check:
-        check_finite(stacked_params, "stacked_params")
-    example = jax.tree_util.tree_map(lambda a: a[0], stacked_params)
-    return _evaluate(model, "stacked", stacked_params, None, example, data, batch_size=batch_size,
-                     strategy=strategy, chunk_size=chunk_size, bn_data=bn_data, bn_batches=bn_batches,
-                     bn_batch_size=bn_batch_size, return_probs=return_probs, loss_fn=loss_fn, devices=devices,
-                     stem=stem, stem_channels=stem_channels, compute_dtype=compute_dtype,
-                     compiler_options=compiler_options)
-
-
-def evaluate_points(model: Model, connector: Connector, points, data, *, batch_size: int = 500,
-                    strategy: str = "auto", chunk_size: int | None = None, bn_data=None,
-                    bn_batches: int | None = None, bn_batch_size: int = 128, return_probs: bool = False,
-                    loss_fn: Callable = cross_entropy, devices: int | None = None,
-                    check: bool = True, stem: str = "auto", stem_channels: int | None = None,
-                    compute_dtype=None, stem_bytes: int = 1 << 29, compiler_options="auto") -> PointMetrics:
-    """Mean loss and accuracy on ``data`` at P points of a connector (t values, (u, v) pairs or alphas).
-
-    Points are validated (in [0, 1], barycentric sums 1; nothing is clipped). Each point's parameters
-    ``phi(p) = sum_k c_k(p) theta_k`` (seed 000 eq. 6) are formed inside the mapped computation.
-    ``stem`` (``"auto"``, ``"off"``, ``"split"``, ``"factor"``), ``stem_channels``, ``stem_bytes`` (memory for
-    the staged per-control-point stem outputs), ``compute_dtype`` and ``compiler_options``: see the module
-    docstring.
-    """
-    pts = connector.validate_points(points)
-    if check:
-        check_finite(connector.control, "connector control points")
-    coef = connector.coefficients(jnp.asarray(pts, jnp.float32))
-    example = jax.tree_util.tree_map(lambda a: a[0], connector.control)
-    return _evaluate(model, "connector", coef, connector.control, example, data, batch_size=batch_size,
-                     strategy=strategy, chunk_size=chunk_size, bn_data=bn_data, bn_batches=bn_batches,
-                     bn_batch_size=bn_batch_size, return_probs=return_probs, loss_fn=loss_fn, devices=devices,
-                     stem=stem, stem_channels=stem_channels, compute_dtype=compute_dtype, stem_bytes=stem_bytes,
-                     compiler_options=compiler_options)
+    return _recalibrate_jit(model, params, bx, _zeros_stats(model, bx[0][:1]), bn_momentum(model, params, bx[0]))

@@ -32,6 +32,7 @@ is materialised.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -42,8 +43,10 @@ import optax
 
 from mclandscape.core.connectors import Connector, bezier_curve, polychain
 from mclandscape.core.losses import cross_entropy
-from mclandscape.core.tree import PyTree, tree_distance, tree_gram
-from mclandscape.engine.connector_train import ConnectorTrainResult, fit_connector, train_connector, uniform_sampler
+from mclandscape.core.objective import function_objective
+from mclandscape.core.tree import PyTree, check_same_structure, tree_distance, tree_gram
+from mclandscape.engine.connector_train import ConnectorTrainResult, train_connector, uniform_sampler
+from mclandscape.engine.loop import LoopConfig
 
 __all__ = [
     "CURVE_KINDS",
@@ -103,8 +106,12 @@ def garipov_schedule(base_lr: float, epochs: int, steps_per_epoch: int) -> optax
     return schedule
 
 
+@functools.lru_cache(maxsize=64)
 def curve_optimizer(lr: float, epochs: int, steps_per_epoch: int, *, momentum: float = 0.9) -> optax.GradientTransformation:
-    """SGD with momentum on :func:`garipov_schedule` (weight decay lives in the objective, as in the reference)."""
+    """SGD with momentum on :func:`garipov_schedule` (weight decay lives in the objective, as in the reference).
+
+    The same arguments give the same transform object, so a second run reuses the compiled step.
+    """
     return optax.sgd(garipov_schedule(lr, epochs, steps_per_epoch), momentum=momentum or None)
 
 
@@ -122,33 +129,39 @@ def train_curve(model, start: PyTree, end: PyTree, train, *, kind: str = "bezier
                 num_bends: int = 1, init: Connector | None = None, epochs: int = 30, batch_size: int = 128,
                 lr: float = 0.015, momentum: float = 0.9, optimizer: optax.GradientTransformation | None = None,
                 weight_decay: float = 5e-4, weight_decay_on: str = "point", num_samples: int = 1, seed: int = 0,
-                augment: bool = False, strategy: str | None = None, checkpoint_dir=None, progress: bool = False,
-                loss_fn: Callable = cross_entropy) -> ConnectorTrainResult:
+                augment: bool = False, strategy: str | None = None, checkpoint_dir=None,
+                progress: bool | None = None, loss_fn: Callable = cross_entropy) -> ConnectorTrainResult:
     """Train a Bézier curve / polygonal chain between the ``params`` of two models of ``model`` on ``train``.
 
     The inner control points start on the straight segment (or at ``init``); the ends stay fixed
     bit-for-bit. Objective: the slides' expected loss over ``t ~ U(0, 1)`` with ``num_samples`` t values
     per batch, plus the weight decay (see the module docstring). ``optimizer`` defaults to
     :func:`curve_optimizer` (``lr`` 0.015 and ``weight_decay`` 5e-4 are the reference's VGG16 settings).
+    With ``checkpoint_dir`` a second call resumes the same run (same ends, data and settings) and refuses a
+    different one.
     """
     if kind not in CURVE_KINDS:
         raise ValueError(f"unknown curve kind {kind!r}; expected one of {CURVE_KINDS}")
+    check_same_structure(start, end, names=("start", "end"))
     _check_distinct(start, end)
     conn = init if init is not None else make_curve(start, end, kind, degree=degree, num_bends=num_bends)
     if conn.kind != kind:
         raise ValueError(f"init is a {conn.kind!r} connector but kind={kind!r}")
     if conn.num_control < 3:
         raise ValueError("a curve with no inner control point (degree 1 / 0 bends) has nothing to train")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     steps_per_epoch = len(train) // batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(train)} training examples")
-    opt = optimizer or curve_optimizer(lr, max(epochs, 1), steps_per_epoch, momentum=momentum)
-    return train_connector(model, conn, train, epochs=epochs, optimizer=opt, batch_size=batch_size,
+    opt = optimizer or curve_optimizer(float(lr), max(int(epochs), 1), steps_per_epoch, momentum=float(momentum))
+    hyper = {"curve": kind, "optimizer": "default" if optimizer is None else "custom", "lr": float(lr),
+             "momentum": float(momentum), "weight_decay": float(weight_decay), "weight_decay_on": weight_decay_on}
+    return train_connector(model, conn, train, epochs=epochs, tx=opt, batch_size=batch_size,
                            sampler=uniform_sampler(1), num_samples=num_samples, seed=seed, augment=augment,
-                           strategy=strategy, checkpoint_dir=checkpoint_dir, progress=progress, loss_fn=loss_fn,
-                           metadata={"curve": kind, "weight_decay": weight_decay,
-                                     "weight_decay_on": weight_decay_on},
-                           **_wd_args(weight_decay, weight_decay_on))
+                           strategy=strategy, loss_fn=loss_fn, hyper=hyper,
+                           loop=LoopConfig(checkpoint_dir=checkpoint_dir, progress=progress, desc=f"train {kind}"),
+                           metadata={"curve": kind}, **_wd_args(weight_decay, weight_decay_on))
 
 
 def fit_curve(loss_fn: Callable[[PyTree, Any], jax.Array], connector: Connector, *, epochs: int,
@@ -157,26 +170,19 @@ def fit_curve(loss_fn: Callable[[PyTree, Any], jax.Array], connector: Connector,
               strategy: str | None = None) -> ConnectorTrainResult:
     """Train a curve for any ``loss_fn(params, batch) -> scalar`` (e.g. a 2-D potential).
 
-    ``data`` is ``None``, a fixed batch, or a callable ``step -> batch``; every epoch runs
-    ``steps_per_epoch`` optimizer steps of :func:`mclandscape.engine.connector_train.fit_connector`.
+    ``data`` is ``None``, a fixed batch, or a callable ``step -> batch``; every epoch runs ``steps_per_epoch``
+    optimizer steps of :func:`mclandscape.engine.connector_train.train_connector`.
     """
     if connector.kind not in CURVE_KINDS:
         raise ValueError(f"fit_curve trains curves ({CURVE_KINDS}), got a {connector.kind!r} connector")
-    if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    if isinstance(steps_per_epoch, bool) or int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
     _check_distinct(jax.tree_util.tree_map(lambda x: x[0], connector.control),
                     jax.tree_util.tree_map(lambda x: x[-1], connector.control))
-
-    def point_loss(params, batch, key):
-        return loss_fn(params, batch)
-
-    def batches(epoch):
-        for i in range(steps_per_epoch):
-            yield data(epoch * steps_per_epoch + i) if callable(data) else data
-
-    return fit_connector(connector, point_loss, batches, epochs=epochs, optimizer=optimizer,
-                         sampler=uniform_sampler(1), num_samples=num_samples, seed=seed, strategy=strategy,
-                         **_wd_args(weight_decay, weight_decay_on))
+    return train_connector(function_objective(loss_fn), connector, data, epochs=epochs, tx=optimizer,
+                           batch_size=None, steps_per_epoch=int(steps_per_epoch), sampler=uniform_sampler(1),
+                           num_samples=num_samples, seed=seed, strategy=strategy,
+                           loop=LoopConfig(progress=False), **_wd_args(weight_decay, weight_decay_on))
 
 
 # ---- geometry along a path -----------------------------------------------------------------------------

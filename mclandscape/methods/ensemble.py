@@ -43,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mclandscape.core.objective import function_objective
 from mclandscape.core.tree import PyTree, check_same_structure, tree_gram, tree_stack
+from mclandscape.engine.loop import LoopConfig, make_step, run
 
 __all__ = [
     "METHODS",
@@ -420,20 +422,17 @@ def train_with_snapshots(loss_fn: Callable, params: PyTree, optimizer: optax.Gra
     if want[0] < 1 or want[-1] > steps:
         raise ValueError(f"collect steps must lie in [1, {steps}], got {want}")
     key = key if key is not None else jax.random.key(0)
+    step = make_step(function_objective(loss_fn, takes_key=True), optimizer)
+    snaps: dict[int, PyTree] = {}
 
-    from mclandscape.engine.train import make_train_step
+    def collect_member(t, state, history):
+        if t in want:
+            snaps[t] = jax.tree_util.tree_map(jnp.copy, state.params)
 
-    step = make_train_step(lambda p, b, k: (loss_fn(p, b, k), None), optimizer)
-
-    opt_state = optimizer.init(params)
-    snaps = []
-    for t in range(steps):
-        params, opt_state, loss, _ = step(params, opt_state, batch_fn(t), jax.random.fold_in(key, t))
-        if t + 1 in want:
-            if not math.isfinite(float(loss)):
-                raise ValueError(f"training diverged (loss {float(loss)} at step {t + 1}); lower the learning rate")
-            snaps.append(jax.tree_util.tree_map(jnp.copy, params))
-    return params, snaps
+    # one "epoch" per step, so every step count in ``collect`` is an epoch end of the loop
+    res = run(step, step.init(params), batch_fn, epochs=steps, steps_per_epoch=1, key=key,
+              config=LoopConfig(progress=False), callbacks=[collect_member])
+    return res.state.params, [snaps[t] for t in want]
 
 
 def snapshot_ensemble(loss_fn: Callable, init_params: PyTree, batch_fn: Callable[[int], Any], *, lr0: float,

@@ -77,7 +77,8 @@ from mclandscape.core.tree import (
     tree_row_scale,
     tree_stack,
 )
-from mclandscape.engine.train import batch_stream, params_loss
+from mclandscape.engine.train import legacy_batch_stream as batch_stream
+from mclandscape.engine.train import params_loss
 
 __all__ = [
     "NEBConfig",

@@ -75,21 +75,24 @@ for A.2/A.3), and layer-specific optimisation (:func:`layer_mask`, :func:`masked
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
 from mclandscape.core.bernstein import bernstein
 from mclandscape.core.connectors import Connector, bezier_surface, simplex
 from mclandscape.core.tree import PyTree, tree_gram, tree_path_names
+from mclandscape.engine.connector_train import checkpointed_connector, train_connector
 from mclandscape.engine.evaluate import evaluate_points, uv_grid
+from mclandscape.engine.loop import LoopConfig
 from mclandscape.engine.models.base import Model
 
 __all__ = [
@@ -168,53 +171,61 @@ def phase_trainable(shape: Sequence[int], phase: int) -> np.ndarray:
     return t.reshape(-1)
 
 
-def phase_sampler(shape: Sequence[int], phase: int) -> Callable[[jax.Array, int], jax.Array]:
+@struct.dataclass
+class PhaseSampler:
+    """``sampler(key, k) -> points [k, 2]`` of one training phase (see :func:`phase_sampler`)."""
+
+    shape: tuple[int, int] = struct.field(pytree_node=False)
+    phase: int = struct.field(pytree_node=False)
+
+    @staticmethod
+    def _stratified(key, k, count):
+        ko, kv = jax.random.split(key)
+        off = jax.random.randint(ko, (), 0, count)
+        idx = (off + jnp.arange(k)) % count
+        return idx.astype(jnp.float32), jax.random.uniform(kv, (k,))
+
+    def __call__(self, key, k):
+        if self.phase == 1:
+            u, v = self._stratified(key, k, 2)
+            return jnp.stack([u, v], axis=1)
+        if self.phase == 2:
+            j, u = self._stratified(key, k, self.shape[1])
+            return jnp.stack([u, j], axis=1)
+        return jax.random.uniform(key, (k, 2))
+
+
+def phase_sampler(shape: Sequence[int], phase: int) -> PhaseSampler:
     """``sampler(key, k) -> points [k, 2]`` of phase ``phase`` (jittable).
 
     Phase 1: ``(u, v)`` with ``u`` alternating over {0, 1} from a random start and ``v ~ U[0, 1]``.
     Phase 2: ``(u, j)`` with ``u ~ U[0, 1]`` and curve index ``j`` cycling over ``0..m`` from a random start
     (use with :func:`curve_family_coefficients`). Phase 3: ``(u, v) ~ U[0, 1]^2``.
     """
-    n1, m1 = _grid_shape(shape)
-    phase = _check_phase(phase)
-
-    def stratified(key, k, count):
-        ko, kv = jax.random.split(key)
-        off = jax.random.randint(ko, (), 0, count)
-        idx = (off + jnp.arange(k)) % count
-        return idx.astype(jnp.float32), jax.random.uniform(kv, (k,))
-
-    if phase == 1:
-        def sample1(key, k):
-            u, v = stratified(key, k, 2)
-            return jnp.stack([u, v], axis=1)
-        return sample1
-    if phase == 2:
-        def sample2(key, k):
-            j, u = stratified(key, k, m1)
-            return jnp.stack([u, j], axis=1)
-        return sample2
-
-    def sample3(key, k):
-        return jax.random.uniform(key, (k, 2))
-    return sample3
+    return PhaseSampler(_grid_shape(shape), _check_phase(phase))
 
 
-def curve_family_coefficients(shape: Sequence[int]) -> Callable[[jax.Array], jax.Array]:
-    """Coefficients ``[P, K]`` of the phase-2 curves ``C_j(u) = sum_i B_{i,n}(u) theta_ij`` at points ``(u, j)``.
+@struct.dataclass
+class CurveFamilyCoefficients:
+    """Coefficients ``[P, K]`` of the phase-2 curves at points ``(u, j)`` (see :func:`curve_family_coefficients`)."""
 
-    Row ``p`` holds ``B_{i,n}(u_p)`` at index ``i (m+1) + j_p`` and zeros elsewhere (``j`` is rounded to the
-    nearest integer; it must lie in ``0..m``, which :func:`phase_sampler` guarantees).
-    """
-    n1, m1 = _grid_shape(shape)
+    shape: tuple[int, int] = struct.field(pytree_node=False)
 
-    def coef(points):
+    def __call__(self, points):
+        n1, m1 = self.shape
         pts = jnp.asarray(points, jnp.float32).reshape(-1, 2)
         bu = bernstein(pts[:, 0], n1 - 1)
         oh = jax.nn.one_hot(jnp.round(pts[:, 1]).astype(jnp.int32), m1, dtype=bu.dtype)
         return (bu[:, :, None] * oh[:, None, :]).reshape(pts.shape[0], n1 * m1)
 
-    return coef
+
+def curve_family_coefficients(shape: Sequence[int]) -> CurveFamilyCoefficients:
+    """Coefficients ``[P, K]`` of the phase-2 curves ``C_j(u) = sum_i B_{i,n}(u) theta_ij`` at points ``(u, j)``.
+
+    Row ``p`` holds ``B_{i,n}(u_p)`` at index ``i (m+1) + j_p`` and zeros elsewhere (``j`` is rounded to the
+    nearest integer; it must lie in ``0..m``, which :func:`phase_sampler` guarantees).
+    """
+    return CurveFamilyCoefficients(_grid_shape(shape))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,8 +314,57 @@ def area_density(connector: Connector, points, *, quadrature: int = 24) -> jax.A
     return area_element(connector, points, gram=gram) / z
 
 
+@struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
+class ProposalDensity:
+    """``p(points)``: the piecewise-constant density of an :func:`area_proposal` (``cells x cells`` cells)."""
+
+    density: jax.Array
+    cells: int = struct.field(pytree_node=False)
+
+    def __call__(self, points):
+        c = self.cells
+        pts = jnp.asarray(points).reshape(-1, 2)
+        ij = jnp.clip(jnp.floor(pts * c).astype(jnp.int32), 0, c - 1)
+        return self.density[ij[:, 0] * c + ij[:, 1]]
+
+
+@struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
+class ProposalSampler:
+    """``sampler(key, k)``: a cell drawn by its mass, then a uniform point inside it (:func:`area_proposal`)."""
+
+    log_mass: jax.Array
+    cells: int = struct.field(pytree_node=False)
+
+    def __call__(self, key, k):
+        c = self.cells
+        kc, kj = jax.random.split(key)
+        idx = jax.random.categorical(kc, self.log_mass, shape=(k,))
+        jit = jax.random.uniform(kj, (k, 2))
+        cell = jnp.stack([idx // c, idx % c], axis=1).astype(jnp.float32)
+        return (cell + jit) / c
+
+
+@struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
+class AreaWeights:
+    """``point_weights(connector, points) -> w[k]``: ``w = q_uv(points) / p(points)`` (see :func:`area_weights`)."""
+
+    nodes: jax.Array
+    node_weights: jax.Array
+    gradient: str = struct.field(pytree_node=False)
+    proposal: ProposalDensity | None = None
+
+    def __call__(self, connector, points):
+        gram = _control_gram(connector)
+        pts = jnp.asarray(points).reshape(-1, 2)
+        z = jnp.sum(self.node_weights * _area_from_gram(connector, self.nodes, gram))
+        w = _area_from_gram(connector, pts, gram) / z
+        if self.proposal is not None:
+            w = w / self.proposal(pts)
+        return jax.lax.stop_gradient(w) if self.gradient == "fixed" else w
+
+
 def area_weights(*, quadrature: int = 24, gradient: str = "full",
-                 proposal: Callable[[jax.Array], jax.Array] | None = None) -> Callable:
+                 proposal: ProposalDensity | None = None) -> AreaWeights:
     """``point_weights(connector, points) -> w[k]`` for the trainer: ``w = q_uv(points) / p(points)``.
 
     ``p`` is the sampling density (``None``: uniform, ``p = 1``; importance weights). With ``gradient="full"``
@@ -313,21 +373,11 @@ def area_weights(*, quadrature: int = 24, gradient: str = "full",
     if gradient not in AREA_GRADIENTS:
         raise ValueError(f"area gradient must be one of {AREA_GRADIENTS}, got {gradient!r}")
     pts_q, w_q = _gauss_legendre_grid(quadrature)
-
-    def weights(connector, points):
-        gram = _control_gram(connector)
-        pts = jnp.asarray(points).reshape(-1, 2)
-        z = jnp.sum(jnp.asarray(w_q) * _area_from_gram(connector, jnp.asarray(pts_q), gram))
-        w = _area_from_gram(connector, pts, gram) / z
-        if proposal is not None:
-            w = w / proposal(pts)
-        return jax.lax.stop_gradient(w) if gradient == "fixed" else w
-
-    return weights
+    return AreaWeights(nodes=jnp.asarray(pts_q), node_weights=jnp.asarray(w_q), gradient=gradient, proposal=proposal)
 
 
 def area_proposal(connector: Connector, *, cells: int = 32, mix: float = 0.1
-                  ) -> tuple[Callable[[jax.Array, int], jax.Array], Callable[[jax.Array], jax.Array]]:
+                  ) -> tuple[ProposalSampler, ProposalDensity]:
     """A piecewise-constant approximation ``p`` of ``q_uv`` of the current surface: ``(sampler, density)``.
 
     Cell masses are the area element at the centres of ``cells x cells`` cells, normalised, mixed with
@@ -348,22 +398,8 @@ def area_proposal(connector: Connector, *, cells: int = 32, mix: float = 0.1
     total = a.sum()
     mass = (1 - mix) * a / total + mix / c**2 if total > 0 else np.full(c * c, 1.0 / c**2)
     mass = mass / mass.sum()
-    logm = jnp.asarray(np.log(mass), jnp.float32)
-    dens = jnp.asarray(mass * c * c, jnp.float32)
-
-    def sampler(key, k):
-        kc, kj = jax.random.split(key)
-        idx = jax.random.categorical(kc, logm, shape=(k,))
-        jit = jax.random.uniform(kj, (k, 2))
-        cell = jnp.stack([idx // c, idx % c], axis=1).astype(jnp.float32)
-        return (cell + jit) / c
-
-    def density(points):
-        pts = jnp.asarray(points).reshape(-1, 2)
-        ij = jnp.clip(jnp.floor(pts * c).astype(jnp.int32), 0, c - 1)
-        return dens[ij[:, 0] * c + ij[:, 1]]
-
-    return sampler, density
+    return (ProposalSampler(log_mass=jnp.asarray(np.log(mass), jnp.float32), cells=c),
+            ProposalDensity(density=jnp.asarray(mass * c * c, jnp.float32), cells=c))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -418,7 +454,9 @@ class SurfaceTrainResult:
     skipped: dict[int, str]
 
 
+@functools.lru_cache(maxsize=64)
 def _default_optimizer(lr: float, momentum: float, schedule: str, steps: int) -> optax.GradientTransformation:
+    # cached by value: a second train_surface with the same settings reuses the compiled steps
     if schedule == "cosine":
         lr_s = optax.cosine_decay_schedule(lr, max(steps, 1))
     elif schedule == "constant":
@@ -428,15 +466,9 @@ def _default_optimizer(lr: float, momentum: float, schedule: str, steps: int) ->
     return optax.sgd(lr_s, momentum=momentum or None)
 
 
-def _restore_control(ckdir: str, connector: Connector, optimizer) -> tuple[Connector, int]:
-    from mclandscape.engine import checkpoint as ckpt
-
-    last = ckpt.latest_step(ckdir)
-    if last is None:
-        return connector, 0
-    target = {"control": connector.control, "opt_state": optimizer.init(connector.control)}
-    state, meta = ckpt.restore_checkpoint(ckdir, last, target=target)
-    return connector.replace(control=state["control"]), int(meta["epoch"]) + 1
+@functools.lru_cache(maxsize=64)
+def _masked_cached(opt: optax.GradientTransformation, treedef, flags: tuple) -> optax.GradientTransformation:
+    return masked_optimizer(opt, jax.tree_util.tree_unflatten(treedef, list(flags)))
 
 
 def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[int] = (2, 2, 6),
@@ -447,7 +479,7 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
                   area_gradient: str = "full", area_quadrature: int = 24, proposal_cells: int = 32,
                   proposal_mix: float = 0.1, proposal_refresh: int = 1, layers: str | None = None,
                   seed: int = 0, strategy: str | None = None, augment: bool = False,
-                  checkpoint_dir: str | os.PathLike | None = None, progress: bool = False,
+                  checkpoint_dir: str | os.PathLike | None = None, progress: bool | None = None,
                   epoch_callback: Callable[[int, int, dict], None] | None = None) -> SurfaceTrainResult:
     """Train a Bézier surface with the three-phase outer-to-inner schedule (Algorithms 1-2, eq. 9-10).
 
@@ -466,11 +498,10 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
     others keep their bilinear initialisation (A.6, Table 4).
 
     ``checkpoint_dir``: per-phase checkpoints (``phase1``, ``phase2``, ``phase3``) at every epoch end; a
-    second call with the same directory (and the same arguments) resumes. ``epoch_callback(phase, epoch,
-    record)`` is called after every epoch.
+    second call with the same directory and the same run (surface, data, model and every argument above)
+    resumes, a different run is refused. ``epoch_callback(phase, epoch, record)`` is called after every epoch
+    (``epoch`` counts from 1 within the phase).
     """
-    from mclandscape.engine.connector_train import train_connector
-
     _check_surface(surface)
     shape = _grid_shape(surface.shape)
     e = [int(x) for x in epochs]
@@ -495,14 +526,17 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
     def make_opt(phase: int) -> optax.GradientTransformation:
         steps = steps_per_epoch * e[phase - 1]
         if optimizer is None:
-            opt = _default_optimizer(lr, momentum, schedule, steps)
+            opt = _default_optimizer(float(lr), float(momentum), schedule, steps)
         elif isinstance(optimizer, optax.GradientTransformation):
             opt = optimizer
         elif callable(optimizer):
             opt = optimizer(phase, steps)
         else:
             raise ValueError(f"optimizer must be an optax GradientTransformation, a callable or None, got {optimizer!r}")
-        return masked_optimizer(opt, lmask) if lmask is not None else opt
+        if lmask is None:
+            return opt
+        flags, treedef = jax.tree_util.tree_flatten(lmask)
+        return _masked_cached(opt, treedef, tuple(flags))
 
     conn = surface
     history: dict[int, list[dict]] = {}
@@ -522,41 +556,47 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
             trained[phase] = [int(i) for i in np.flatnonzero(mask)]
             opt = make_opt(phase)
             ckdir = None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir), f"phase{phase}")
-            sampler = phase_sampler(shape, phase)
-            coef = curve_family_coefficients(shape) if phase == 2 else None
-            weights = None
-            if objective == "area" and phase == 3 and area_estimator == "importance":
-                weights = area_weights(quadrature=area_quadrature, gradient=area_gradient)
-            last_t = [time.perf_counter()]
-
-            def callback(epoch, rec, _phase=phase, _last=last_t):
-                now = time.perf_counter()
-                rec["seconds"] = now - _last[0]
-                _last[0] = now
-                if epoch_callback is not None:
-                    epoch_callback(_phase, epoch, rec)
-
-            common = dict(epochs=e[phase - 1], optimizer=opt, batch_size=batch_size, num_samples=int(num_samples),
-                          trainable=mask, l2=l2, seed=seed + 7919 * phase, augment=augment, strategy=strategy,
-                          progress=progress, metadata={"phase": phase, "objective": objective},
-                          epoch_callback=callback)
-            if objective == "area" and phase == 3 and area_estimator == "sample":
+            sample = objective == "area" and phase == 3 and area_estimator == "sample"
+            hyper = {"phase": phase, "phase_epochs": e, "epochs": e[phase - 1], "objective": objective,
+                     "optimizer": "default" if optimizer is None else "custom", "lr": float(lr),
+                     "momentum": float(momentum), "schedule": schedule, "layers": layers}
+            if objective == "area" and phase == 3:
+                hyper.update(area_estimator=area_estimator, area_gradient=area_gradient,
+                             area_quadrature=int(area_quadrature))
+                if sample:
+                    hyper.update(proposal_cells=int(proposal_cells), proposal_mix=float(proposal_mix),
+                                 proposal_refresh=int(proposal_refresh))
+            callbacks = []
+            if epoch_callback is not None:
+                callbacks.append(lambda epoch, st, hist, _phase=phase: epoch_callback(_phase, epoch, dict(hist[-1])))
+            common = dict(tx=opt, batch_size=batch_size, num_samples=int(num_samples), trainable=mask, l2=l2,
+                          seed=seed + 7919 * phase, augment=augment, strategy=strategy, callbacks=callbacks,
+                          hyper=hyper, metadata={"phase": phase, "objective": objective})
+            if sample:
+                # The proposal follows the surface: rebuilt every proposal_refresh epochs from the current control
+                # points. Checkpoints fall on those boundaries, so a resumed run rebuilds the same proposals.
                 if ckdir is None:
                     tmp = tempfile.TemporaryDirectory(prefix="mcl_surface_")
                     ckdir = tmp.name
-                conn, done = _restore_control(ckdir, conn, opt)
+                start = conn
+                conn, done = checkpointed_connector(conn, opt, ckdir)
                 res = None
                 while res is None or done < e[2]:
                     end = min(e[2], done + int(proposal_refresh))
                     prop_sampler, dens = area_proposal(conn, cells=proposal_cells, mix=proposal_mix)
                     w = area_weights(quadrature=area_quadrature, gradient=area_gradient, proposal=dens)
-                    last_t[0] = time.perf_counter()
-                    res = train_connector(model, conn, train, **{**common, "epochs": end}, sampler=prop_sampler,
-                                          point_weights=w, checkpoint_dir=ckdir)
+                    loop = LoopConfig(checkpoint_dir=ckdir, checkpoint_every=int(proposal_refresh), progress=progress,
+                                      desc=f"surface phase {phase}")
+                    res = train_connector(model, conn, train, epochs=end, sampler=prop_sampler, point_weights=w,
+                                          loop=loop, run_start=start, **common)
                     conn, done = res.connector, end
             else:
-                res = train_connector(model, conn, train, **common, sampler=sampler, coefficients_fn=coef,
-                                      point_weights=weights, checkpoint_dir=ckdir)
+                loop = LoopConfig(checkpoint_dir=ckdir, progress=progress, desc=f"surface phase {phase}")
+                res = train_connector(model, conn, train, epochs=e[phase - 1], sampler=phase_sampler(shape, phase),
+                                      coefficients=curve_family_coefficients(shape) if phase == 2 else None,
+                                      point_weights=(area_weights(quadrature=area_quadrature, gradient=area_gradient)
+                                                     if objective == "area" and phase == 3 else None),
+                                      loop=loop, **common)
                 conn = res.connector
             history[phase] = list(res.history)
             wall[phase] = float(sum(r.get("seconds", 0.0) for r in res.history))

@@ -1327,7 +1327,7 @@ def model_loss_fn(model, variables: PyTree, *, train: bool | None = None, loss: 
 def dataset_batches(ds, batch_size: int, *, seed: int = 0, augment: bool = False) -> BatchFn:
     """A resumable mini-batch stream ``t -> (x, y)`` over epochs of ``ds`` (:func:`mclandscape.engine.train.batch_stream`:
     ``iterate_batches`` with ``drop_last=True``, reshuffled per epoch): batch ``t`` depends only on ``t``."""
-    from mclandscape.engine.train import batch_stream
+    from mclandscape.engine.train import legacy_batch_stream as batch_stream
 
     return batch_stream(ds, batch_size, seed=seed, augment=augment)
 

@@ -23,10 +23,9 @@ model, which is how :func:`mclandscape.engine.checkpoint.load_model` restores a 
 
 Every model takes ``num_classes`` and works on any input size: NHWC images (8×8×1 digits too — pools are
 skipped on maps smaller than their window) and, for ``mlp``, any ``[N, ...]`` input. Conv models name their
-first convolution ``stem`` (``variables['params']['stem']``), linear in its weights, and expose it as
-``model.stem`` (a :class:`~mclandscape.engine.models.base.StemSpec`: the stem convolution and the body that runs on
-its output), which lets the engines compute the first layer once per control point (issue 9). Models with
-BatchNorm keep a ``batch_stats`` collection and have ``apply_with_stats``.
+first convolution ``stem`` (``variables['params']['stem']``). Models with BatchNorm keep a ``batch_stats``
+collection and have ``apply_with_stats``. The modules are plain Flax; the evaluator's first-layer
+factorisation (:mod:`mclandscape.engine.cpu`) works on them from outside, as on any Flax model.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mclandscape.engine.models._common import as_image
-from mclandscape.engine.models.base import Model, StemSpec, conv_stem, flax_stem, from_flax
+from mclandscape.engine.models.base import Model, from_flax
 from mclandscape.engine.models.cnn import ConvFC, SimpleCNN
 from mclandscape.engine.models.densenet import DenseNet, check_densenet_args
 from mclandscape.engine.models.mlp import MLP
@@ -44,7 +42,7 @@ from mclandscape.engine.models.resnet import ResNet, preresnet_bottleneck_blocks
 from mclandscape.engine.models.vgg import VGG16
 from mclandscape.engine.models.vit import ViT
 
-__all__ = ["Model", "StemSpec", "from_flax", "get_model", "list_models", "model_from_spec", "canonical_name",
+__all__ = ["Model", "from_flax", "get_model", "list_models", "model_from_spec", "canonical_name",
            "MLP", "SimpleCNN", "ConvFC", "VGG16", "ResNet", "DenseNet", "ViT"]
 
 
@@ -167,29 +165,7 @@ def get_model(name: str | Mapping, **kwargs) -> Model:
     args.update({k: _canonical(v, k) for k, v in kwargs.items()})
     if not isinstance(args["num_classes"], int) or args["num_classes"] < 1:
         raise ValueError(f"num_classes must be a positive integer, got {args['num_classes']!r}")
-    module = builder(**args)
-    stem = _stem(arch, module, args, has_bn)
-    return from_flax(module, name=arch, spec={"arch": arch, "kwargs": args}, has_batch_stats=has_bn, stem=stem)
-
-
-def _stem(arch: str, module, args: dict, has_bn: bool) -> StemSpec | None:
-    """The stem (first convolution) of a zoo conv model; ``None`` for the MLP."""
-    if arch == "mlp":
-        return None
-    if arch == "vit_small":
-        p = int(args["patch_size"])
-
-        def prepare(x):
-            x = as_image(x)
-            if x.shape[1] < p or x.shape[2] < p:
-                raise ValueError(f"ViT patch_size {p} is larger than the {x.shape[1]}×{x.shape[2]} input")
-            return x
-
-        return flax_stem(module, "stem", conv_stem((p, p), "VALID"), prepare=prepare)
-    pad = 2 if arch == "convfc" else 1
-    use_bias = not arch.startswith(("resnet", "preresnet", "densenet"))
-    return flax_stem(module, "stem", conv_stem((1, 1), ((pad, pad), (pad, pad))), has_batch_stats=has_bn,
-                     use_bias=use_bias, prepare=as_image)
+    return from_flax(builder(**args), name=arch, spec={"arch": arch, "kwargs": args}, has_batch_stats=has_bn)
 
 
 def model_from_spec(spec: Mapping) -> Model:

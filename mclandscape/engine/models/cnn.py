@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from mclandscape.engine.models._common import as_image, max_pool, small_map_conv
+from mclandscape.engine import cpu
+from mclandscape.engine.models._common import as_image, max_pool
 
 
 class SimpleCNN(nn.Module):
@@ -25,13 +26,11 @@ class SimpleCNN(nn.Module):
     dropout: float = 0.25
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
-        """Logits; with ``from_stem=True`` ``x`` is the stem's output (conv + bias) and the stem is skipped."""
-        if not from_stem:
-            x = as_image(x)
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = as_image(x)
         for i, c in enumerate(self.channels):
-            if i > 0 or not from_stem:
-                x = nn.Conv(int(c), (3, 3), padding=1, conv_general_dilated=small_map_conv, name="stem" if i == 0 else f"conv{i}")(x)
+            x = nn.Conv(int(c), (3, 3), padding=1, conv_general_dilated=cpu.small_map_conv,
+                        name="stem" if i == 0 else f"conv{i}")(x)
             x = nn.relu(x)
             x = max_pool(x, 2, 2)
         if self.dropout > 0:
@@ -54,13 +53,11 @@ class ConvFC(nn.Module):
     hidden: Sequence[int] = (1000, 1000)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
-        """Logits; with ``from_stem=True`` ``x`` is the stem's output (conv + bias) and the stem is skipped."""
-        if not from_stem:
-            x = as_image(x)
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = as_image(x)
         for i, c in enumerate(self.channels):
-            if i > 0 or not from_stem:
-                x = nn.Conv(int(c), (5, 5), padding=2, conv_general_dilated=small_map_conv, name="stem" if i == 0 else f"conv{i}")(x)
+            x = nn.Conv(int(c), (5, 5), padding=2, conv_general_dilated=cpu.small_map_conv,
+                        name="stem" if i == 0 else f"conv{i}")(x)
             x = nn.relu(x)
             x = max_pool(x, 3, 2)
         x = x.reshape((x.shape[0], -1))

@@ -103,13 +103,10 @@ class DenseNet(nn.Module):
     compression: float = 0.5
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
-        """Logits; with ``from_stem=True`` ``x`` is the stem convolution's output and the stem is skipped."""
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_densenet_args(self.depth, self.growth_rate, self.compression)
         layers = densenet_layers(self.depth)
-        if not from_stem:
-            x = as_image(x)
-            x = _conv(2 * self.growth_rate, 3, name="stem")(x)
+        x = _conv(2 * self.growth_rate, 3, name="stem")(as_image(x))
         for blk in range(3):
             for i in range(layers):
                 x = DenseLayer(self.growth_rate, name=f"block{blk}_layer{i}")(x, train)

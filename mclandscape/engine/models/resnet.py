@@ -125,14 +125,11 @@ class ResNet(nn.Module):
     bottleneck: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
-        """Logits; with ``from_stem=True`` ``x`` is the stem convolution's output and the stem is skipped."""
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.bottleneck and not self.preact:
             raise ValueError("ResNet(bottleneck=True) needs preact=True: bottleneck blocks are implemented in the "
                              "pre-activation form (PreResNet-164) only")
-        if not from_stem:
-            x = as_image(x)
-            x = _conv(int(self.widths[0]), 3, 1, name="stem")(x)
+        x = _conv(int(self.widths[0]), 3, 1, name="stem")(as_image(x))
         if not self.preact:
             x = nn.relu(batch_norm(train, name="stem_bn")(x))
         for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):

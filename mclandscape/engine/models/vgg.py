@@ -5,7 +5,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from mclandscape.engine.models._common import as_image, batch_norm, he_normal_fan_out, max_pool, small_map_conv
+from mclandscape.engine import cpu
+from mclandscape.engine.models._common import as_image, batch_norm, he_normal_fan_out, max_pool
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -27,19 +28,16 @@ class VGG16(nn.Module):
     width: int = 512
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
-        """Logits; with ``from_stem=True`` ``x`` is the stem's output (conv + bias) and the stem is skipped."""
-        if not from_stem:
-            x = as_image(x)
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = as_image(x)
         i = 0
         for v in VGG16_CFG:
             if v == "M":
                 x = max_pool(x, 2, 2)
                 continue
             name = "stem" if i == 0 else f"conv{i}"
-            if i > 0 or not from_stem:
-                x = nn.Conv(int(v), (3, 3), padding=1, kernel_init=he_normal_fan_out,
-                            conv_general_dilated=small_map_conv, name=name)(x)
+            x = nn.Conv(int(v), (3, 3), padding=1, kernel_init=he_normal_fan_out,
+                        conv_general_dilated=cpu.small_map_conv, name=name)(x)
             if self.batch_norm:
                 x = batch_norm(train, name=f"{name}_bn")(x)
             x = nn.relu(x)

@@ -52,14 +52,12 @@ class ViT(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, from_stem: bool = False) -> jax.Array:
-        """Logits; with ``from_stem=True`` ``x`` is the patch embedding's output and it is skipped."""
-        if not from_stem:
-            x = as_image(x)
-            p = self.patch_size
-            if x.shape[1] < p or x.shape[2] < p:
-                raise ValueError(f"ViT patch_size {p} is larger than the {x.shape[1]}×{x.shape[2]} input")
-            x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", name="stem")(x)
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = as_image(x)
+        p = self.patch_size
+        if x.shape[1] < p or x.shape[2] < p:
+            raise ValueError(f"ViT patch_size {p} is larger than the {x.shape[1]}×{x.shape[2]} input")
+        x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", name="stem")(x)
         n, h, w, d = x.shape
         x = x.reshape((n, h * w, d))
         cls = self.param("cls_token", nn.initializers.zeros, (1, 1, d))

@@ -1,0 +1,181 @@
+"""The one objective: ``objective(params, batch, key) -> (loss, aux)``.
+
+Every trainer and method of mclandscape differentiates a function of this shape: endpoint training,
+curves and surfaces (through :class:`mclandscape.engine.connector_train.ConnectorObjective`, itself an
+objective of the control points), NEB bands, curvature, DSP-TT searches, volumes and ensembles.
+:func:`make_objective` builds it from a model and a loss:
+
+- ``params``: the ``"params"`` collection of the model's variables;
+- ``batch``: ``(x, y)`` or ``(x, y, weights)``; ``weights`` (``[N]``, e.g. a 0/1 padding mask) weight the
+  examples of the mean;
+- ``key``: drives dropout in train mode (``None``: no dropout);
+- ``loss``: the weighted mean task loss plus ``l2 / 2 * |params|^2``;
+- ``aux``: ``{"loss": task loss (no L2), "correct": weighted count of correct arg-max predictions (NaN
+  unless ``y`` are integer class labels), "count": sum of the weights}`` and, for a model with BatchNorm in
+  train mode, ``"batch_stats"``: the running statistics after this batch (Flax's update of the
+  statistics held in :attr:`Objective.state`).
+
+An :class:`Objective` is a pytree: its configuration (model, loss, L2, mode) is static and hashes by
+value (the model by identity), the fixed variable collections (``state``, e.g. BatchNorm statistics) are
+data. Jitted steps take it as an ordinary argument, so a second run with the same model and loss compiles
+nothing, and new statistics never force a recompile.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from mclandscape.engine.models import get_model
+    >>> model = get_model("mlp", widths=[8], num_classes=3)
+    >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> obj = make_objective(model, "cross_entropy", l2=1e-4)
+    >>> loss, aux = obj(params, (x, y), None)
+    >>> bool(loss > aux["loss"]), float(aux["count"])
+    (True, 4.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from mclandscape.core.losses import get_loss
+from mclandscape.core.tree import PyTree, tree_dot
+
+__all__ = ["Objective", "make_objective", "function_objective", "split_batch", "correct_count"]
+
+
+def correct_count(outputs: jax.Array, y: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted count of arg-max predictions equal to integer labels ``y``; NaN when ``y`` are not class
+    labels (float targets, or targets shaped like the outputs)."""
+    if not jnp.issubdtype(jnp.result_type(y), jnp.integer) or jnp.ndim(outputs) != jnp.ndim(y) + 1:
+        return jnp.full((), jnp.nan, weights.dtype)
+    return jnp.sum((jnp.argmax(outputs, -1) == y).astype(weights.dtype) * weights)
+
+
+def split_batch(batch) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(x, y, weights or None)`` of a batch ``(x, y)`` or ``(x, y, weights)``; ``ValueError`` otherwise."""
+    if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
+        kind = f"a sequence of {len(batch)}" if isinstance(batch, tuple | list) else type(batch).__name__
+        raise ValueError(f"a batch is (x, y) or (x, y, weights), got {kind}")
+    x, y = batch[0], batch[1]
+    if jnp.shape(x)[:1] != jnp.shape(y)[:1]:
+        raise ValueError(f"batch inputs and targets disagree in size: x {jnp.shape(x)}, y {jnp.shape(y)}")
+    w = batch[2] if len(batch) == 3 else None
+    if w is not None and jnp.shape(w) != jnp.shape(y)[:1]:
+        raise ValueError(f"batch weights need shape {jnp.shape(y)[:1]}, got {jnp.shape(w)}")
+    return x, y, w
+
+
+@struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
+class Objective:
+    """``objective(params, batch, key) -> (loss, aux)`` of a model (see the module docstring).
+
+    Build it with :func:`make_objective`; :meth:`with_state` swaps the fixed collections (e.g. the
+    BatchNorm statistics a training step carries) without changing what compiles.
+    """
+
+    model: Any = struct.field(pytree_node=False)
+    per_example: Callable = struct.field(pytree_node=False)
+    l2: float = struct.field(pytree_node=False, default=0.0)
+    train: bool = struct.field(pytree_node=False, default=True)
+    state: PyTree = None
+
+    def with_state(self, state: PyTree) -> Objective:
+        """The same objective with other fixed collections (``{"batch_stats": ...}`` or ``None``)."""
+        return self.replace(state=state)
+
+    def _collections(self, params, x):
+        rest = dict(self.state or {})
+        if self.model.has_batch_stats and "batch_stats" not in rest:
+            # train mode ignores the running statistics, but Flax's BatchNorm needs the collection to exist
+            shapes = jax.eval_shape(self.model.init, jax.random.key(0), x[:1])
+            rest["batch_stats"] = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                         shapes["batch_stats"])
+        return {**rest, "params": params}
+
+    def outputs(self, params, x, key=None):
+        """``(outputs, new_batch_stats or None)`` of the network on ``x`` in this objective's mode."""
+        variables = self._collections(params, x)
+        rngs = {"dropout": key} if (self.train and key is not None) else None
+        if self.train and self.model.has_batch_stats:
+            return self.model.apply_with_stats(variables, x, rngs=rngs)
+        return self.model.apply(variables, x, train=self.train, rngs=rngs), None
+
+    def __call__(self, params, batch, key=None):
+        x, y, w = split_batch(batch)
+        out, stats = self.outputs(params, x, key)
+        out = out.astype(jnp.promote_types(out.dtype, jnp.float32))
+        per = self.per_example(out, y)
+        if per.shape != jnp.shape(y)[:1]:
+            raise ValueError(f"the per-example loss returned shape {per.shape} for {jnp.shape(y)[0]} examples")
+        w = jnp.ones_like(per) if w is None else w.astype(per.dtype)
+        count = jnp.sum(w)
+        task = jnp.sum(per * w) / jnp.maximum(count, jnp.finfo(per.dtype).tiny)
+        correct = correct_count(out, y, w)
+        value = task + 0.5 * self.l2 * tree_dot(params, params) if self.l2 else task
+        aux = {"loss": task, "correct": correct, "count": count}
+        if stats is not None:
+            aux["batch_stats"] = stats
+        return value, aux
+
+
+def make_objective(model, loss: str | Callable = "cross_entropy", *, l2: float = 0.0, train: bool | None = None,
+                   variables: PyTree | None = None, label_smoothing: float = 0.0) -> Objective:
+    """The objective of ``model`` with a task ``loss``.
+
+    Args:
+      model: a :class:`mclandscape.engine.models.Model` (``apply``, ``apply_with_stats``, ``has_batch_stats``).
+      loss: ``"cross_entropy"``, ``"mse"`` (squared error against targets of the outputs' shape),
+        ``"mse_onehot"`` (squared error against one-hot integer labels: finite minima on separable data) or
+        a per-example callable ``(outputs, y) -> [N]``.
+      l2: adds ``l2 / 2 * |params|^2`` (``>= 0``).
+      train: run the network as a training step does (BatchNorm on batch statistics, dropout when a key is
+        given); default: whether the model has BatchNorm. ``train=False`` is inference and needs the running
+        statistics of a BatchNorm model in ``variables``.
+      variables: the model's variables; every collection but ``"params"`` is held fixed (the objective's
+        ``state``).
+      label_smoothing: for ``"cross_entropy"``, the smoothing of the one-hot targets.
+
+    Returns:
+      An :class:`Objective`.
+    """
+    per_example = get_loss(loss, label_smoothing=label_smoothing)
+    if isinstance(l2, bool) or not isinstance(l2, int | float) or not math.isfinite(l2) or l2 < 0:
+        raise ValueError(f"l2 must be >= 0 and finite, got {l2!r}")
+    if variables is not None and not hasattr(variables, "items"):
+        raise ValueError("variables must be a dict of collections (e.g. {'params': ..., 'batch_stats': ...})")
+    state = {k: v for k, v in dict(variables or {}).items() if k != "params"} or None
+    train = model.has_batch_stats if train is None else bool(train)
+    if model.has_batch_stats and not train and not (state and "batch_stats" in state):
+        raise ValueError(f"model {model.name} has BatchNorm: inference mode (train=False) needs its running "
+                         "statistics in variables['batch_stats'], or use train=True (batch statistics)")
+    return Objective(model=model, per_example=per_example, l2=float(l2), train=train, state=state)
+
+
+@struct.dataclass
+class _FunctionObjective:
+    fn: Callable = struct.field(pytree_node=False)
+    takes_key: bool = struct.field(pytree_node=False, default=False)
+
+    def __call__(self, params, batch, key=None):
+        return (self.fn(params, batch, key) if self.takes_key else self.fn(params, batch)), {}
+
+
+def function_objective(fn: Callable[..., jax.Array], *, takes_key: bool = False) -> Callable:
+    """Adapt ``fn(params, batch) -> scalar`` (an analytic potential, a hand-written loss; with
+    ``takes_key=True`` ``fn(params, batch, key)``) to the objective protocol ``(params, batch, key) ->
+    (loss, {})``. The result hashes by ``fn``: reuse one ``fn`` to reuse compiled steps.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> obj = function_objective(lambda p, batch: jnp.sum(p["w"] ** 2))
+        >>> float(obj({"w": jnp.ones(3)}, None, None)[0])
+        3.0
+    """
+    if not callable(fn):
+        raise ValueError(f"fn must be callable, got {fn!r}")
+    return _FunctionObjective(fn, bool(takes_key))

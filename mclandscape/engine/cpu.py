@@ -1,0 +1,344 @@
+"""CPU choices: the one place where the engine adapts itself to XLA's CPU backend.
+
+Nothing here changes a result beyond float rounding; every choice is tested equal to the plain path
+(``tests/test_cpu.py``). The evaluator and the training step consult this module; models, objectives and
+methods never do.
+
+- **Compiler options.** On CPU the engine's jitted functions are compiled with :data:`COMPILER_OPTIONS`,
+  which keep convolutions out of XLA's YNNPACK library path (XLA's default minus convolutions): on the
+  2-core CPU XLA's own convolutions ran a ConvFC forward pass (batch 128) in 44 ms against 77 ms and its
+  gradient in 152 ms against 204 ms. :func:`tuned_jit` picks that compilation on CPU and the plain one
+  elsewhere, at call time (so importing mclandscape starts no backend).
+- **How to map over points** (:func:`default_strategy`).
+- **First-layer factorisation** (:func:`first_conv`, :func:`use_factorisation`): a convolution is linear in
+  its kernel and bias, so for any coefficients ``conv(x, sum_k c_k K_k) + sum_k c_k b_k = sum_k c_k
+  (conv(x, K_k) + b_k)``. When the first convolution of a model is fed by the input alone, the evaluator
+  runs it once per *control point* (one convolution with the K kernels stacked along the output channels)
+  and lets every point combine those outputs, instead of running it once per point. It is applied from
+  outside the model by intercepting that convolution's call (``flax.linen.intercept_methods``), so it works
+  for any Flax linen model, a user's included.
+- **Kernels for XLA's CPU backend** used by the zoo's layers: :func:`small_map_conv` (im2col for maps
+  smaller than the kernel) and :func:`max_pool_strided` (a max-pool with a cheap gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "COMPILER_OPTIONS",
+    "tuned_jit",
+    "compiler_options_accepted",
+    "default_strategy",
+    "FirstConv",
+    "first_conv",
+    "use_factorisation",
+    "stacked_first_conv",
+    "combine_features",
+    "replace_first_conv",
+    "small_map_conv",
+    "max_pool_strided",
+]
+
+COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def compiler_options_accepted() -> bool:
+    """Whether this jaxlib's CPU compiler accepts :data:`COMPILER_OPTIONS` (probed once on a tiny function;
+    an older or newer jaxlib without the option gets XLA's defaults)."""
+    try:
+        jax.jit(lambda v: v + 1, compiler_options=COMPILER_OPTIONS).lower(jnp.zeros(2)).compile()
+        return True
+    except Exception:  # noqa: BLE001 - any rejection means: compile with the defaults
+        return False
+
+
+class tuned_jit:  # noqa: N801 - used like jax.jit
+    """``jax.jit(fun, **kwargs)``, compiled with :data:`COMPILER_OPTIONS` when the default backend is CPU.
+
+    Both variants are ordinary ``jax.jit`` objects made once (define a ``tuned_jit`` at module level), so
+    their compilation caches are JAX's own; the choice between them is made at call time.
+    """
+
+    def __init__(self, fun: Callable, **jit_kwargs):
+        functools.update_wrapper(self, fun)
+        self._plain = jax.jit(fun, **jit_kwargs)
+        self._tuned = jax.jit(fun, compiler_options=COMPILER_OPTIONS, **jit_kwargs)
+
+    def _pick(self):
+        if jax.default_backend() == "cpu" and compiler_options_accepted():
+            return self._tuned
+        return self._plain
+
+    def __call__(self, *args, **kwargs):
+        return self._pick()(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._pick().lower(*args, **kwargs)
+
+
+def default_strategy(num_points: int, param_bytes: int, *, has_conv: bool, backend: str | None = None,
+                     chunk_bytes: int = 1 << 30) -> tuple[str, int]:
+    """``(strategy, chunk)`` for mapping a per-point function over ``num_points`` points.
+
+    CPU, measured on a quiet moment (digits, 3×3-control surface, 121 points): a 64-128-128-10 MLP ran at
+    0.231 ms/point with ``lax.map`` chunks of 16 (vmapped inside) against 0.279 with one point at a time,
+    so models without convolutions take chunks of ``min(16, P)``; the simple CNN ran at 4.10 ms/point one
+    at a time against 4.61 with chunks of 16 (vmapped points give every point its own kernels, which XLA's
+    CPU convolutions run slowly), so convolutional models go one point at a time. Elsewhere chunks as large
+    as ``chunk_bytes`` of parameter copies allow (at most 64).
+    """
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        return ("map", 1) if has_conv else ("map", int(max(1, min(16, num_points))))
+    return "map", int(max(1, min(num_points, 64, chunk_bytes // max(param_bytes, 1))))
+
+
+# ---- first-layer factorisation --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FirstConv:
+    """The first convolution of a model: its parameter path, kernel shape and whether it has a bias."""
+
+    path: tuple[str, ...]
+    kernel_shape: tuple[int, ...]
+    use_bias: bool
+
+    @property
+    def macs_per_output(self) -> int:
+        """Multiply-adds per output element (kernel height × width × input channels)."""
+        return int(np.prod(self.kernel_shape[:-1]))
+
+    def params(self, tree):
+        """The subtree of ``tree`` (e.g. stacked control points) holding this convolution's parameters."""
+        for name in self.path:
+            tree = tree[name]
+        return tree
+
+
+class _Capture:
+    """Interceptor recording the first ``nn.Conv`` call (module and input) without changing anything."""
+
+    def __init__(self):
+        self.module = None
+        self.input = None
+
+    def __call__(self, next_fun, args, kwargs, context):
+        if (self.module is None and isinstance(context.module, nn.Conv) and context.method_name == "__call__"
+                and args):
+            self.module, self.input = context.module, args[0]
+        return next_fun(*args, **kwargs)
+
+
+def _depends(jaxpr, invars) -> bool:
+    """Whether any output of ``jaxpr`` depends on the given input variables (forward data flow)."""
+    tainted = set(id(v) for v in invars)
+    for eqn in jaxpr.eqns:
+        if any(id(v) in tainted for v in eqn.invars if hasattr(v, "aval") and not hasattr(v, "val")):
+            tainted.update(id(v) for v in eqn.outvars)
+    return any(id(v) in tainted for v in jaxpr.outvars)
+
+
+def first_conv(apply: Callable, params, x) -> FirstConv | None:
+    """The first convolution of ``apply(variables, x)`` if it is a Flax ``nn.Conv`` whose input depends on
+    ``x`` alone (not on the parameters), else ``None``. Traced abstractly (no computation)."""
+    found: dict = {}
+
+    def conv_input(p):
+        cap = _Capture()
+        with nn.intercept_methods(cap):
+            apply(p, x)
+        if cap.module is None:
+            return jnp.zeros(())
+        found["module"] = cap.module
+        return cap.input
+
+    try:
+        closed = jax.make_jaxpr(conv_input)(params)
+    except Exception:  # noqa: BLE001 - a model we cannot trace this way is simply not factorised
+        return None
+    module = found.get("module")
+    if module is None or _depends(closed.jaxpr, closed.jaxpr.invars):
+        return None
+    path = tuple(module.path)
+    leaf = params.get("params", params) if isinstance(params, dict) else params
+    try:
+        for name in path:
+            leaf = leaf[name]
+        kernel = leaf["kernel"]
+    except (KeyError, TypeError):
+        return None
+    return FirstConv(path=path, kernel_shape=tuple(int(s) for s in np.shape(kernel)), use_bias="bias" in leaf)
+
+
+def use_factorisation(conv: FirstConv | None, num_points: int, num_control: int, *,
+                      backend: str | None = None) -> bool:
+    """Whether the evaluator should factorise the first convolution over ``num_control`` control points.
+
+    Measured on the 2-core CPU (``benchmarks/convfc_curve.py``, batch 128, 1000 images): combining the K
+    outputs costs K multiply-adds per output element, read from memory, against the convolution's own
+    kernel height × width × input channels. ConvFC (5×5×3 = 75) on a quadratic curve (K = 3, 21 points) ran
+    at 0.325 s/point factorised against 0.342 not; on a 3×3-control surface (K = 9, 121 points) at 0.449
+    against 0.364, and a 3×3 one-channel digits convolution (9) with K = 9 lost too (5.3 against 4.1
+    ms/point). Hence: more points than control points and at least 16 K multiply-adds per output. Not on
+    other backends (unmeasured: no accelerator was available when this was tuned).
+    """
+    backend = backend or jax.default_backend()
+    if conv is None or backend != "cpu":
+        return False
+    return num_points > num_control and conv.macs_per_output >= 16 * num_control
+
+
+def stacked_first_conv(module: nn.Conv, kernel: jax.Array, bias: jax.Array | None, x: jax.Array) -> jax.Array:
+    """The convolution ``module`` with K kernels ``[K, ..., Cin, Cout]`` (and biases ``[K, Cout]``) on ``x``,
+    run as one convolution with ``K * Cout`` output channels; returns ``[..., K, Cout]``."""
+    num_k, cout = kernel.shape[0], kernel.shape[-1]
+    stacked = jnp.moveaxis(kernel, 0, -2).reshape(kernel.shape[1:-1] + (num_k * cout,))
+    wide = module.clone(parent=None, features=num_k * cout)
+    variables = {"kernel": stacked}
+    if bias is not None:
+        variables["bias"] = bias.reshape(num_k * cout)
+    h = wide.apply({"params": variables}, x)
+    return h.reshape(h.shape[:-1] + (num_k, cout))
+
+
+def combine_features(coefficients: jax.Array, features: jax.Array) -> jax.Array:
+    """``sum_k c_k features[..., k, :]``: one point's first-layer output from the control points' outputs.
+
+    Exact for any coefficients (each control point's output includes its own bias). Accumulated in float32
+    (or the features' wider dtype) and returned in ``features.dtype``.
+    """
+    acc = jnp.promote_types(features.dtype, jnp.float32)
+    c = coefficients.astype(acc)
+    out = c[0] * features[..., 0, :].astype(acc)
+    for k in range(1, features.shape[-2]):
+        out = out + c[k] * features[..., k, :].astype(acc)
+    return out.astype(features.dtype)
+
+
+class _Replace:
+    """Interceptor returning ``fn(module, x)`` for the first ``nn.Conv`` call instead of running it."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.done = False
+
+    def __call__(self, next_fun, args, kwargs, context):
+        if not self.done and isinstance(context.module, nn.Conv) and context.method_name == "__call__" and args:
+            self.done = True
+            return self.fn(context.module, args[0])
+        return next_fun(*args, **kwargs)
+
+
+def replace_first_conv(fn: Callable[[nn.Conv, jax.Array], jax.Array]):
+    """A context manager under which the first ``nn.Conv`` call of each Flax ``apply`` returns
+    ``fn(module, x)`` (enter it around exactly one ``apply``)."""
+    return nn.intercept_methods(_Replace(fn))
+
+
+def capture_first_conv():
+    """``(context manager, capture)``: under the context manager the first ``nn.Conv`` call is recorded in
+    ``capture.module`` / ``capture.input`` and runs as usual."""
+    cap = _Capture()
+    return nn.intercept_methods(cap), cap
+
+
+# ---- kernels for XLA's CPU backend ----------------------------------------------------------------------
+
+def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                   preferred_element_type=None):
+    """``jax.lax.conv_general_dilated``, computed as an im2col matrix product when the feature map is
+    smaller than the kernel (the ``conv_general_dilated`` of the zoo's ``nn.Conv`` layers).
+
+    XLA's CPU backend rewrites such convolutions (e.g. VGG16's 3×3 convolutions on 2×2 maps, or a CNN's
+    last layers on 8×8 digits) into a form it ran ~75× slower than the equivalent matrix product: 1.07 s
+    against 14 ms for 128 maps of 2×2×512. Same result up to float rounding; any other convolution (and any
+    stride, dilation, grouping or layout other than NHWC/HWIO) goes to ``lax.conv_general_dilated``.
+    """
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    plain = (lhs.ndim != 4 or dimension_numbers not in (None, nhwc) or feature_group_count != 1
+             or batch_group_count != 1 or tuple(window_strides) != (1, 1)
+             or any(d != 1 for d in (lhs_dilation or (1, 1))) or any(d != 1 for d in (rhs_dilation or (1, 1))))
+    kh, kw = rhs.shape[0], rhs.shape[1]
+    if plain or (lhs.shape[1] >= kh and lhs.shape[2] >= kw):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, batch_group_count,
+                                            precision=precision, preferred_element_type=preferred_element_type)
+    pads = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding) if isinstance(padding, str) \
+        else [tuple(p) for p in padding]
+    xp = jnp.pad(lhs, [(0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)])
+    ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    cols = jnp.concatenate([xp[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.matmul(cols, rhs.reshape(kh * kw * rhs.shape[2], rhs.shape[3]), precision=precision,
+                      preferred_element_type=preferred_element_type)
+
+
+def _window(x, i, j, stride, ho, wo):
+    return jax.lax.slice(x, (0, i, j, 0), (x.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1,
+                                           x.shape[3]), (1, stride, stride, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool_strided(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """``"VALID"`` max-pooling of NHWC ``x`` as the maximum of ``window²`` strided slices.
+
+    Values equal ``flax.linen.max_pool``'s exactly. The gradient goes to the first maximum of each window in
+    row-major order (as XLA's select-and-scatter and PyTorch do): the forward pass of a differentiated
+    call records that window offset (int8), and the backward pass scatters with strided pads, which XLA
+    fuses into one loop. On the 2-core CPU this gradient took ~14 ms against ~120 ms for the reduce-window
+    gradient (128×32×32×32 map, 3×3/2 window; issue 9).
+    """
+    ho = (x.shape[1] - window) // stride + 1
+    wo = (x.shape[2] - window) // stride + 1
+    out = None
+    for i in range(window):
+        for j in range(window):
+            v = _window(x, i, j, stride, ho, wo)
+            out = v if out is None else jnp.maximum(out, v)
+    return out
+
+
+def _max_pool_fwd(x, window, stride):
+    if window * window > 127:
+        raise ValueError(f"max_pool_strided supports windows of at most 11×11, got {window}×{window}")
+    ho = (x.shape[1] - window) // stride + 1
+    wo = (x.shape[2] - window) // stride + 1
+    out, idx = None, None
+    for i in range(window):
+        for j in range(window):
+            v = _window(x, i, j, stride, ho, wo)
+            if out is None:
+                out, idx = v, jnp.zeros(v.shape, jnp.int8)
+            else:
+                idx = jnp.where(v > out, jnp.int8(i * window + j), idx)  # strict: the first maximum wins
+                out = jnp.maximum(out, v)
+    return out, (idx, x.shape)
+
+
+def _max_pool_bwd(window, stride, res, g):
+    idx, shape = res
+    h, w = shape[1], shape[2]
+    ho, wo = g.shape[1], g.shape[2]
+    zero = jnp.zeros((), g.dtype)
+    dx = None
+    for i in range(window):
+        for j in range(window):
+            part = jnp.where(idx == i * window + j, g, zero)
+            cfg = [(0, 0, 0), (i, h - (i + stride * (ho - 1) + 1), stride - 1),
+                   (j, w - (j + stride * (wo - 1) + 1), stride - 1), (0, 0, 0)]
+            v = jax.lax.pad(part, zero, cfg)
+            dx = v if dx is None else dx + v
+    return (dx,)
+
+
+max_pool_strided.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -1,0 +1,468 @@
+"""The one training loop: ``make_step(objective, tx)`` and :func:`run`.
+
+Every trainer of mclandscape — endpoints (:func:`mclandscape.engine.train.train_model`), curves and surfaces
+(:func:`mclandscape.engine.connector_train.train_connector`), NEB bands, DSP-TT local solves and snapshot
+ensembles — is an objective, an Optax transform and a batch stream handed to these two functions.
+
+**The step.** :func:`make_step` turns ``objective(params, batch, key) -> (loss, aux)`` and any Optax
+``GradientTransformation`` into ``step(state, batch, key) -> (state, metrics)`` over a :class:`TrainState`.
+A transform with Optax's extra-args interface (``GradientTransformationExtraArgs``) receives the loss value
+as the extra argument ``loss``, so a :func:`mclandscape.methods.deform.scale_by_vdm` chain needs nothing
+special. ``trainable`` (a pytree of
+booleans, or boolean arrays broadcastable against the leaves) freezes the rest: their gradients are zeroed
+and their values restored bit for bit after the update (weight decay or momentum cannot move them). For
+an objective whose ``aux`` holds ``"batch_stats"`` (a BatchNorm model in train mode) the step carries the
+updated statistics in ``state.model_state``. The step is one module-level ``jax.jit``; the objective is an
+ordinary (pytree) argument and the transform a static one, so repeated runs compile once.
+
+**Non-finite guard.** A step whose loss or gradient is not finite applies no update (the state stays
+finite) and records the step and the first non-finite gradient leaf in ``state.nonfinite``; the loop
+checks it at every epoch end, before anything is written, and raises :class:`NonFiniteError` naming both.
+Metrics stay on the device between epoch ends.
+
+**The loop.** :func:`run` runs ``epochs × steps_per_epoch`` steps over a random-access batch stream
+``batches(t) -> batch`` (so resuming needs no replay), with the key of step ``t`` ``fold_in(key, t)``:
+nothing depends on how many steps ran in this process, so a killed and resumed run ends bit-identical to an
+uninterrupted one. Per epoch: one history record (the step metrics ``objective``, ``loss`` — the task loss
+when the objective reports one in ``aux`` — and ``acc`` averaged over the epoch's examples, plus whatever
+``on_epoch`` adds), the callbacks, a checkpoint every
+``checkpoint_every`` epochs (:class:`LoopConfig`), progress through tqdm (quiet when not on a terminal).
+
+**Checkpoints and the resume contract.** A checkpoint holds the state and, in its metadata, the run's
+``fingerprint`` (model spec, hyper-parameters and a digest of the fixed inputs, chosen by the trainer) and
+its history. Rotation keeps the last ``keep`` epochs plus the ``milestones``. Resuming from a directory
+whose fingerprint differs raises :class:`ResumeMismatchError` naming the directory and every difference
+(``overwrite=True`` deletes the old steps and starts afresh). A latest step that cannot be read falls back
+to the newest readable one, with a warning naming both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from tqdm.auto import tqdm
+
+from mclandscape.core.tree import PyTree, tree_path_names
+from mclandscape.engine import cpu
+from mclandscape.engine.checkpoint import CheckpointError, CheckpointStore
+
+__all__ = [
+    "TrainState",
+    "Step",
+    "make_step",
+    "LoopConfig",
+    "RunResult",
+    "run",
+    "NonFiniteError",
+    "ResumeMismatchError",
+    "fingerprint_diff",
+    "restore_state",
+    "init_state",
+]
+
+FORMAT = "mclandscape.loop/1"
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient (raised with the step and the first bad leaf)."""
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint directory holds a different run than the one asked for."""
+
+
+@struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
+class TrainState:
+    """What a training step carries: the parameters, the optimizer state, the number of steps taken, the
+    fixed collections a BatchNorm model updates (``model_state``) and the non-finite record
+    ``nonfinite = [step, leaf, loss_bad]`` (``-1`` everywhere while every step was finite)."""
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    model_state: PyTree = None
+    nonfinite: jax.Array = None
+
+
+def init_state(params: PyTree, tx: optax.GradientTransformation, model_state: PyTree | None = None) -> TrainState:
+    """The :class:`TrainState` before the first step of ``tx`` from ``params`` (copied: the caller's arrays stay
+    valid when a step donates its buffers)."""
+    params = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      model_state=model_state, nonfinite=jnp.full((3,), -1, jnp.int32))
+
+
+def _split_static(tree) -> tuple[Any, tuple]:
+    """``(static, arrays)``: the tree definition and non-array leaves (hashable) and the array leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    is_arr = tuple(isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex) and
+                   not isinstance(x, bool) for x in leaves)
+    static = (treedef, is_arr, tuple(None if a else x for a, x in zip(is_arr, leaves, strict=True)))
+    return static, tuple(x for a, x in zip(is_arr, leaves, strict=True) if a)
+
+
+def _merge_static(static, arrays):
+    treedef, is_arr, others = static
+    it = iter(arrays)
+    return jax.tree_util.tree_unflatten(treedef, [next(it) if a else o for a, o in zip(is_arr, others, strict=True)])
+
+
+def _mask_like(trainable, params):
+    """Boolean masks shaped to broadcast against every leaf of ``params`` (``None``: all trainable)."""
+    if trainable is None:
+        return None
+    return jax.tree_util.tree_map(lambda m, p: jnp.broadcast_to(jnp.asarray(m, bool).reshape(
+        jnp.shape(m) + (1,) * (jnp.ndim(p) - jnp.ndim(m))), jnp.shape(p)) if jnp.ndim(m) else jnp.asarray(m, bool),
+        trainable, params)
+
+
+def _step_impl(objective_static, tx, objective_arrays, trainable, state: TrainState, batch, key):
+    objective = _merge_static(objective_static, objective_arrays)
+    if state.model_state is not None and hasattr(objective, "with_state"):
+        objective = objective.with_state(state.model_state)
+    (value, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch, key)
+    mask = _mask_like(trainable, state.params)
+    if mask is not None:
+        grads = jax.tree_util.tree_map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads, mask)
+    leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)] or [jnp.array(True)])
+    loss_ok = jnp.isfinite(value)
+    ok = loss_ok & jnp.all(leaf_ok)
+    if isinstance(tx, optax.GradientTransformationExtraArgs):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=value)
+    else:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if mask is not None:
+        params = jax.tree_util.tree_map(lambda new, old, m: jnp.where(m, new, old), params, state.params, mask)
+    model_state = state.model_state
+    if isinstance(aux, Mapping) and "batch_stats" in aux and model_state is not None:
+        model_state = {**model_state, "batch_stats": aux["batch_stats"]}
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    first_bad = jnp.argmin(leaf_ok).astype(jnp.int32)
+    record = jnp.stack([state.step.astype(jnp.int32), jnp.where(jnp.all(leaf_ok), -1, first_bad),
+                        (~loss_ok).astype(jnp.int32)])
+    nonfinite = jnp.where((state.nonfinite[0] < 0) & ~ok, record, state.nonfinite)
+    new = TrainState(step=state.step + 1, params=keep(params, state.params),
+                     opt_state=keep(opt_state, state.opt_state),
+                     model_state=None if model_state is None else keep(model_state, state.model_state),
+                     nonfinite=nonfinite)
+    metrics = {"objective": value, "loss": value}
+    if isinstance(aux, Mapping):
+        metrics.update({k: v for k, v in aux.items() if k not in ("batch_stats", "correct") and jnp.ndim(v) == 0})
+        if "correct" in aux and "count" in aux:
+            metrics["acc"] = aux["correct"] / jnp.maximum(aux["count"], 1)
+    return new, metrics
+
+
+_step_jit = cpu.tuned_jit(_step_impl, static_argnames=("objective_static", "tx"))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Step:
+    """``step(state, batch, key) -> (state, metrics)`` for one objective and transform (:func:`make_step`)."""
+
+    objective: Callable
+    tx: optax.GradientTransformation
+    trainable: PyTree | None = None
+
+    def init(self, params: PyTree, model_state: PyTree | None = None) -> TrainState:
+        """The state before the first step (:func:`init_state`)."""
+        return init_state(params, self.tx, model_state)
+
+    def __call__(self, state: TrainState, batch, key) -> tuple[TrainState, dict]:
+        static, arrays = _split_static(self.objective)
+        return _step_jit(objective_static=static, tx=self.tx, objective_arrays=arrays, trainable=self.trainable,
+                         state=state, batch=batch, key=key)
+
+
+def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainable: PyTree | None = None) -> Step:
+    """One gradient step of ``objective`` with the Optax transform ``tx`` (see the module docstring).
+
+    Args:
+      objective: ``objective(params, batch, key) -> (loss, aux)``.
+      tx: any ``optax.GradientTransformation`` (extra arguments are passed as ``loss=``).
+      trainable: ``None`` (everything trains) or a pytree shaped like the parameters whose leaves are booleans
+        or boolean arrays broadcastable from the left (e.g. ``[K]`` for control points ``[K, ...]``).
+
+    Returns:
+      A :class:`Step`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from mclandscape.core.objective import function_objective
+        >>> step = make_step(function_objective(lambda p, b: jnp.sum((p["w"] - b) ** 2)), optax.sgd(0.25))
+        >>> state = step.init({"w": jnp.zeros(2)})
+        >>> state, metrics = step(state, jnp.ones(2), jax.random.key(0))
+        >>> state.params["w"].tolist(), float(metrics["loss"])
+        ([0.5, 0.5], 2.0)
+    """
+    if not callable(objective):
+        raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
+    if not isinstance(tx, optax.GradientTransformation):
+        raise ValueError(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
+    return Step(objective=objective, tx=tx, trainable=trainable)
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How a run is driven (not what it computes, which the fingerprint describes).
+
+    - ``checkpoint_dir``: where checkpoints go (``None``: no checkpoints, no resume);
+    - ``checkpoint_every``: epochs between checkpoints (the last epoch is always saved);
+    - ``keep``: how many of the latest checkpoints stay (>= 1); ``milestones``: epochs kept forever;
+    - ``overwrite``: delete an existing run in ``checkpoint_dir`` instead of resuming it;
+    - ``progress``: a tqdm bar (``None``: only when stderr is a terminal); ``desc``: its label.
+    """
+
+    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_every: int = 1
+    keep: int = 1
+    milestones: tuple[int, ...] = ()
+    overwrite: bool = False
+    progress: bool | None = None
+    desc: str = "train"
+
+    def __post_init__(self):
+        object.__setattr__(self, "milestones", tuple(sorted({int(m) for m in self.milestones})))
+        for name in ("checkpoint_every", "keep"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if any(m < 0 for m in self.milestones):
+            raise ValueError(f"milestones must be epochs >= 0, got {self.milestones}")
+
+
+@dataclasses.dataclass
+class RunResult:
+    """The final :class:`TrainState`, one history record per epoch, and the epoch the run resumed from
+    (``None`` for a fresh run)."""
+
+    state: TrainState
+    history: list[dict]
+    resumed_from: int | None = None
+
+    @property
+    def params(self) -> PyTree:
+        return self.state.params
+
+
+def fingerprint_diff(old: Any, new: Any, where: str = "") -> list[str]:
+    """Where two JSON-like fingerprints differ: ``["hyper.lr: checkpoint 0.1 vs now 0.5", ...]``."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += fingerprint_diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{where}.{k}" if where else str(k))
+        return out
+    if isinstance(old, list | tuple) and isinstance(new, list | tuple) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            out += fingerprint_diff(a, b, f"{where}[{i}]")
+        return out
+    same = old == new or (isinstance(old, float) and isinstance(new, float) and math.isnan(old) and math.isnan(new))
+    return [] if same else [f"{where or '<root>'}: checkpoint {old!r} vs now {new!r}"]
+
+
+def _jsonify(obj):
+    """Tuples become lists (what a JSON round trip does), so fingerprints compare as stored."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonify(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonify(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _state_tree(state: TrainState) -> dict:
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "nonfinite": state.nonfinite}
+    if state.model_state is not None:
+        tree["model_state"] = state.model_state
+    return tree
+
+
+def _from_tree(tree: dict) -> TrainState:
+    return TrainState(step=jnp.asarray(tree["step"]), params=tree["params"], opt_state=tree["opt_state"],
+                      model_state=tree.get("model_state"), nonfinite=jnp.asarray(tree["nonfinite"]))
+
+
+def _restore_latest(store: CheckpointStore, target, fingerprint, directory, max_epoch: int):
+    """``(state, metadata, epoch)`` of the newest readable step ``<= max_epoch`` (``None`` when there is none)."""
+    steps = store.all_steps()
+    later = [s for s in steps if s > max_epoch]
+    steps = [s for s in steps if s <= max_epoch]
+    if later and not steps:
+        raise ResumeMismatchError(f"cannot resume from {directory}: it holds epochs {later} but the run asks for "
+                                  f"{max_epoch}; use another checkpoint_dir, or overwrite=True to start afresh")
+    failed = []
+    for s in reversed(steps):
+        try:
+            meta = store.metadata(s)
+        except CheckpointError as e:
+            failed.append((s, e))
+            continue
+        if meta.get("format") != FORMAT:
+            raise ResumeMismatchError(f"cannot resume from {directory}: step {s} was not written by the "
+                                      f"training loop (format {meta.get('format')!r}); use another checkpoint_dir "
+                                      "or overwrite=True")
+        if fingerprint is not None:
+            diff = fingerprint_diff(meta.get("fingerprint"), fingerprint)
+            if diff:
+                raise ResumeMismatchError(f"cannot resume from {directory}: it holds a different run ("
+                                          + "; ".join(diff) + "). Use another checkpoint_dir, or overwrite=True "
+                                          "to start afresh.")
+        try:
+            tree, meta = store.restore(s, target=target)
+        except CheckpointError as e:
+            failed.append((s, e))
+            continue
+        if failed:
+            warnings.warn(f"checkpoint step {failed[0][0]} in {directory} is unreadable ({failed[0][1]}); "
+                          f"resuming from step {s} instead", stacklevel=3)
+        return _from_tree(tree), meta, s
+    if failed:
+        raise CheckpointError(f"no readable checkpoint in {directory}: steps {[s for s, _ in failed]} are all "
+                              f"unreadable (first error: {failed[0][1]})")
+    return None
+
+
+def _target(state: TrainState):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), _state_tree(state))
+
+
+def restore_state(directory: str | os.PathLike, epoch: int, like: TrainState) -> TrainState:
+    """The state saved at ``epoch`` in ``directory`` (e.g. a milestone), shaped like ``like``."""
+    with CheckpointStore(directory, create=False) as store:
+        tree, _ = store.restore(int(epoch), target=_target(like))
+    return _from_tree(tree)
+
+
+def _check_finite_state(state: TrainState, names: list[str], epoch: int, steps_per_epoch: int) -> None:
+    rec = np.asarray(state.nonfinite)
+    if rec[0] < 0:
+        return
+    step, leaf, loss_bad = int(rec[0]), int(rec[1]), bool(rec[2])
+    e, i = divmod(step, steps_per_epoch)
+    what = "the loss is not finite" if loss_bad else "the gradient is not finite"
+    where = f"; first non-finite gradient leaf: {names[leaf]}" if 0 <= leaf < len(names) else ""
+    raise NonFiniteError(f"training stopped: {what} at step {step} (epoch {e + 1}, batch {i}){where}. "
+                         "Nothing after the last finite step was applied or saved; lower the learning rate, or "
+                         "check the inputs and labels.")
+
+
+def _progress_enabled(progress: bool | None) -> bool:
+    if progress is None:
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return bool(progress)
+
+
+def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs: int, steps_per_epoch: int,
+        key: jax.Array, config: LoopConfig = LoopConfig(), fingerprint: Mapping | None = None,
+        callbacks: Sequence[Callable[[int, TrainState, list], None]] = (),
+        on_epoch: Callable[[int, TrainState, dict], dict] | None = None, metadata: Mapping | None = None) -> RunResult:
+    """Run ``epochs`` epochs of ``steps_per_epoch`` steps (see the module docstring).
+
+    Args:
+      step: a :class:`Step`.
+      state: the initial state (``step.init(params)``); replaced by the checkpoint's when resuming.
+      batches: ``t -> batch`` for the global step ``t`` (random access).
+      epochs, steps_per_epoch: the length of the run.
+      key: the base key; step ``t`` gets ``fold_in(key, t)``.
+      config: a :class:`LoopConfig` (checkpoints, rotation, resume, progress).
+      fingerprint: JSON-like description of the run, stored with every checkpoint and compared on resume
+        (``None``: no comparison).
+      callbacks: ``callback(epoch, state, history)`` after each epoch (1-based) and its checkpoint; raising from
+        one stops the run.
+      on_epoch: ``on_epoch(epoch, state, metrics) -> record``: the epoch's history record from the averaged step
+        metrics (``objective``, ``loss``, ``acc`` when reported, ``seconds``), e.g. adding test metrics. Default:
+        the metrics themselves with ``epoch``.
+      metadata: extra JSON written with every checkpoint (the latest record goes in as ``metrics``).
+
+    Returns:
+      A :class:`RunResult`.
+    """
+    for name, v in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+        if isinstance(v, bool) or int(v) != v or v < (0 if name == "epochs" else 1):
+            raise ValueError(f"{name} must be an integer >= {0 if name == 'epochs' else 1}, got {v!r}")
+    epochs, spe = int(epochs), int(steps_per_epoch)
+    fingerprint = None if fingerprint is None else _jsonify(dict(fingerprint))
+    names = tree_path_names(state.params)
+    history: list[dict] = []
+    start = 0
+    resumed_from = None
+    store = None
+    if config.checkpoint_dir is not None:
+        store = CheckpointStore(config.checkpoint_dir, create=True)
+
+    def save(e1: int) -> None:
+        meta = {**dict(metadata or {}), "format": FORMAT, "fingerprint": fingerprint, "epoch": e1,
+                "metrics": history[-1] if history else {}, "history": history}
+        store.save(e1, _state_tree(state), meta, overwrite=True)
+        _rotate(store, config)
+
+    try:
+        if store is not None:
+            if config.overwrite:
+                for s in store.all_steps():
+                    store.delete(s)
+            restored = _restore_latest(store, _target(state), fingerprint, config.checkpoint_dir, epochs)
+            if restored is not None:
+                state, meta, start = restored
+                history = [dict(h) for h in meta.get("history", [])][:start]
+                resumed_from = start
+            elif 0 in config.milestones:
+                save(0)
+        bar = tqdm(total=epochs, initial=start, disable=not _progress_enabled(config.progress), leave=False,
+                   desc=config.desc, unit="epoch", dynamic_ncols=True)
+        try:
+            for epoch in range(start, epochs):
+                t0 = time.perf_counter()
+                sums, weight = None, None
+                for i in range(spe):
+                    t = epoch * spe + i
+                    state, metrics = step(state, batches(t), jax.random.fold_in(key, t))
+                    w = metrics.pop("count", None)  # examples in the batch: epoch means are example means
+                    w = jnp.ones(()) if w is None else w
+                    contrib = {k: v * w for k, v in metrics.items()}
+                    sums = contrib if sums is None else jax.tree_util.tree_map(jnp.add, sums, contrib)
+                    weight = w if weight is None else weight + w
+                _check_finite_state(state, names, epoch, spe)
+                e1 = epoch + 1
+                total = float(weight)
+                raw = {**{k: float(v) / total for k, v in sums.items()}, "seconds": time.perf_counter() - t0}
+                record = {"epoch": e1, **(on_epoch(e1, state, raw) if on_epoch is not None else raw)}
+                history.append(record)
+                if store is not None and (e1 % config.checkpoint_every == 0 or e1 == epochs or
+                                          e1 in config.milestones):
+                    save(e1)
+                bar.update(1)
+                shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "train_loss", "test_acc")}
+                bar.set_postfix(**shown)
+                for cb in callbacks:
+                    cb(e1, state, history)
+        finally:
+            bar.close()
+    finally:
+        if store is not None:
+            store.close()
+    return RunResult(state=state, history=history, resumed_from=resumed_from)
+
+
+def _rotate(store: CheckpointStore, config: LoopConfig) -> None:
+    steps = store.all_steps()
+    rolling = [s for s in steps if s not in config.milestones]
+    for s in rolling[:-config.keep]:
+        store.delete(s)

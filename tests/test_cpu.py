@@ -1,0 +1,232 @@
+"""CPU choices (mclandscape.engine.cpu): the first-layer factorisation applied from outside any Flax model,
+the strided max-pool, im2col for small maps and bf16 give the numbers of the plain paths, and the automatic
+choices are the documented ones."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mclandscape.core import connectors as C
+from mclandscape.core.tree import tree_stack
+from mclandscape.engine import cpu
+from mclandscape.engine.cpu import max_pool_strided, small_map_conv
+from mclandscape.engine.evaluate import evaluate_params, evaluate_points
+from mclandscape.engine.models import get_model
+from mclandscape.engine.models._common import max_pool
+from mclandscape.engine.models.base import from_flax
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(40, 8, 8, 3)).astype(np.float32)
+Y = RNG.integers(0, 10, size=40).astype(np.int32)
+CNN = get_model("simple_cnn", dropout=0.0)
+CONVFC = get_model("convfc", channels=[8, 8, 8], hidden=[16])
+
+
+class TinyConvBN(nn.Module):
+    """A user's model: a bias-free first convolution, BatchNorm, nothing that mclandscape knows about."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(6, (3, 3), padding=1, use_bias=False, name="first")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
+        x = max_pool(nn.relu(x), 3, 2)
+        x = nn.relu(nn.Conv(8, (3, 3), padding=1, name="conv1")(x))
+        return nn.Dense(10, name="head")(x.reshape(x.shape[0], -1))
+
+
+class ScaledInput(nn.Module):
+    """The first convolution's input depends on a parameter: the factorisation must not apply."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        s = self.param("scale", nn.initializers.ones, (1,))
+        x = nn.Conv(4, (3, 3), name="conv")(x * s)
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+TINY = from_flax(TinyConvBN(), "tiny_conv_bn", has_batch_stats=True)
+
+
+def _curve(model, degree=2, seed=0):
+    ps = [model.init(jax.random.key(seed + i), jnp.asarray(X[:2]))["params"] for i in range(degree + 1)]
+    return C.bezier_curve(ps[0], ps[-1], degree, bends=ps[1:-1])
+
+
+def _close(a, b, tol=2e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name, kwargs, path", [("convfc", {"channels": [8, 8, 8], "hidden": [16]}, ("stem",)),
+                                                ("simple_cnn", {}, ("stem",)), ("vgg16_bn", {"width": 16}, ("stem",)),
+                                                ("resnet20", {}, ("stem",)),
+                                                ("vit_small", {"patch_size": 2, "dim": 16, "depth": 1, "heads": 2,
+                                                               "mlp_dim": 16}, ("stem",))])
+def test_first_conv_is_found_in_every_zoo_conv_model(name, kwargs, path):
+    model = get_model(name, **kwargs)
+    v = model.init(jax.random.key(0), jnp.asarray(X[:2]))
+    conv = cpu.first_conv(lambda p, x: model.apply({**v, **p}, x), {"params": v["params"]}, jnp.asarray(X[:2]))
+    assert conv is not None and conv.path == path
+    assert conv.kernel_shape == tuple(np.shape(v["params"]["stem"]["kernel"]))
+
+
+def test_first_conv_is_not_found_where_it_does_not_apply():
+    mlp = get_model("mlp", widths=[4])
+    v = mlp.init(jax.random.key(0), X[:2])
+    assert cpu.first_conv(lambda p, x: mlp.apply(p, x), v, jnp.asarray(X[:2])) is None
+    scaled = from_flax(ScaledInput(), "scaled")
+    v = scaled.init(jax.random.key(0), X[:2])
+    assert cpu.first_conv(lambda p, x: scaled.apply(p, x), v, jnp.asarray(X[:2])) is None
+    curve = _curve(scaled, 1)
+    with pytest.raises(ValueError, match="first convolution"):
+        evaluate_points(scaled, curve, [0.5], (X, Y), stem="factor")
+    r = evaluate_points(scaled, curve, np.linspace(0, 1, 5), (X, Y), stem="auto")
+    assert r.stem == "off"
+
+
+def test_factorised_first_layer_is_exact_for_any_coefficients():
+    model = CONVFC
+    ps = [model.init(jax.random.key(i), jnp.asarray(X[:2]))["params"] for i in range(3)]
+    stack = tree_stack(ps)
+    x = jnp.asarray(X[:5])
+    enter, cap = cpu.capture_first_conv()
+    with enter:
+        model.apply({"params": ps[0]}, x)
+    feats = cpu.stacked_first_conv(cap.module, stack["stem"]["kernel"], stack["stem"]["bias"], cap.input)
+    c = jnp.asarray([0.7, -1.3, 2.1])  # derivative coefficients need not sum to 1
+    direct = jax.lax.conv_general_dilated(x, jnp.tensordot(c, stack["stem"]["kernel"], 1), (1, 1), [(2, 2), (2, 2)],
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC")) + c @ stack["stem"]["bias"]
+    _close(cpu.combine_features(c, feats), direct, 1e-4)
+
+
+@pytest.mark.parametrize("model", [CNN, CONVFC], ids=["simple_cnn", "convfc"])
+def test_evaluation_paths_agree(model):
+    curve = _curve(model)
+    ts = np.linspace(0, 1, 7)
+    ref = evaluate_points(model, curve, ts, (X, Y), batch_size=16, stem="off", return_probs=True)
+    variants = [dict(stem="factor", stem_bytes=1), dict(stem="auto"), dict(stem="off", strategy="loop")]
+    if model is CNN:
+        variants += [dict(stem="factor"), dict(stem="factor", strategy="map", chunk_size=3),
+                     dict(stem="factor", strategy="vmap"), dict(stem="off", strategy="vmap")]
+    for kw in variants:
+        r = evaluate_points(model, curve, ts, (X, Y), batch_size=16, return_probs=True, **kw)
+        _close(r.loss, ref.loss)
+        np.testing.assert_array_equal(r.accuracy, ref.accuracy)
+        assert r.probs.shape == (7, 40, 10)
+        _close(r.probs, ref.probs)
+    # A 3x3-control surface on a grid: 9 first layers instead of 16.
+    ps = [model.init(jax.random.key(i), jnp.asarray(X[:2]))["params"] for i in range(4)]
+    surf = C.bezier_surface(*ps, 2, 2)
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 4), np.linspace(0, 1, 4), indexing="ij"), -1).reshape(-1, 2)
+    a = evaluate_points(model, surf, grid, (X, Y), batch_size=40, stem="off")
+    b = evaluate_points(model, surf, grid, (X, Y), batch_size=40, stem="factor")
+    _close(a.loss, b.loss)
+
+
+def test_factor_path_recalibrates_batchnorm_per_point_for_a_user_model():
+    curve = _curve(TINY)
+    ts = np.array([0.0, 0.4, 0.7, 1.0])
+    kw = dict(batch_size=16, bn_data=(X, Y), bn_batch_size=10)
+    ref = evaluate_points(TINY, curve, ts, (X, Y), stem="off", **kw)
+    for extra in (dict(stem="factor", stem_bytes=1), dict(stem="factor", bn_batches=2)):
+        r = evaluate_points(TINY, curve, ts, (X, Y), **kw, **extra)
+        assert r.stem == "factor"
+        if "bn_batches" in extra:
+            ref2 = evaluate_points(TINY, curve, ts, (X, Y), stem="off", bn_batches=2, **kw)
+            _close(r.loss, ref2.loss, 1e-4)
+            assert np.max(np.abs(ref2.loss - ref.loss)) > 1e-6  # fewer BN batches matter
+        else:
+            _close(r.loss, ref.loss, 1e-4)
+            np.testing.assert_array_equal(r.accuracy, ref.accuracy)
+
+
+def test_strategy_and_factorisation_choice():
+    # Factorise when P > K and the first layer costs at least 16 K multiply-adds per output element.
+    convfc = cpu.FirstConv(("stem",), (5, 5, 3, 32), True)
+    small = cpu.FirstConv(("stem",), (3, 3, 3, 32), True)
+    digits = cpu.FirstConv(("stem",), (3, 3, 1, 32), True)
+    assert cpu.use_factorisation(convfc, 21, 3, backend="cpu")
+    assert not cpu.use_factorisation(convfc, 121, 9, backend="cpu")
+    assert not cpu.use_factorisation(small, 21, 3, backend="cpu")
+    assert not cpu.use_factorisation(digits, 121, 9, backend="cpu")
+    assert not cpu.use_factorisation(convfc, 2, 3, backend="cpu")
+    assert not cpu.use_factorisation(None, 21, 3, backend="cpu")
+    assert not cpu.use_factorisation(convfc, 21, 3, backend="gpu")
+    assert cpu.default_strategy(121, 10, backend="cpu", has_conv=True) == ("map", 1)
+    assert cpu.default_strategy(121, 10, backend="cpu", has_conv=False) == ("map", 16)
+    assert cpu.default_strategy(5, 10, backend="cpu", has_conv=False) == ("map", 5)
+    assert cpu.default_strategy(121, 1 << 28, backend="gpu", has_conv=True) == ("map", 4)
+    if jax.default_backend() == "cpu":
+        assert "CONVOLUTION" not in str(cpu.COMPILER_OPTIONS).upper()
+    r = evaluate_points(CONVFC, _curve(CONVFC), np.linspace(0, 1, 5), (X, Y), batch_size=20)
+    if jax.default_backend() == "cpu":  # 5x5x3 first layer, K = 3 < 5 points
+        assert (r.strategy, r.chunk_size, r.stem) == ("map", 1, "factor")
+    curve = _curve(CNN)
+    r = evaluate_points(CNN, curve, np.linspace(0, 1, 5), (X, Y), batch_size=20)
+    if jax.default_backend() == "cpu":  # 3x3x3 first layer: combining 3 outputs does not pay
+        assert (r.strategy, r.chunk_size, r.stem) == ("map", 1, "off")
+    mlp = get_model("mlp", widths=[4])
+    mc = C.bezier_curve(*[mlp.init(jax.random.key(i), X[:2])["params"] for i in range(2)])
+    r = evaluate_points(mlp, mc, np.linspace(0, 1, 20), (X, Y), batch_size=40)
+    if jax.default_backend() == "cpu":
+        assert (r.strategy, r.chunk_size, r.stem) == ("map", 16, "off")
+    stacked = tree_stack([curve.point(0.5)] * 2)
+    assert evaluate_params(CNN, stacked, (X, Y), batch_size=20).stem == "off"
+    with pytest.raises(ValueError, match="identity rows"):
+        evaluate_params(CNN, stacked, (X, Y), stem="factor")
+    with pytest.raises(ValueError, match="first convolution"):
+        evaluate_points(mlp, mc, [0.5], (X, Y), stem="factor")
+    with pytest.raises(ValueError, match="stem mode"):
+        evaluate_points(CNN, curve, [0.5], (X, Y), stem="fast")
+
+
+def test_tuned_jit_compiles_with_the_cpu_options_on_cpu():
+    f = cpu.tuned_jit(lambda v: v * 2)
+    np.testing.assert_array_equal(np.asarray(f(jnp.ones(3))), 2 * np.ones(3))
+    if jax.default_backend() == "cpu" and cpu.compiler_options_accepted():
+        assert f._pick() is f._tuned
+
+
+@pytest.mark.parametrize("window, stride, shape", [(3, 2, (2, 9, 9, 3)), (2, 2, (2, 8, 8, 3)), (3, 1, (1, 6, 7, 2))])
+def test_strided_max_pool_matches_flax_values_and_gradients(window, stride, shape):
+    x = jnp.asarray(RNG.normal(size=shape).astype(np.float32))
+    ref = lambda v: nn.max_pool(v, (window, window), strides=(stride, stride), padding="VALID")
+    np.testing.assert_array_equal(np.asarray(max_pool_strided(x, window, stride)), np.asarray(ref(x)))
+    w = jnp.asarray(RNG.normal(size=ref(x).shape).astype(np.float32))
+    for f in (lambda v: v, jax.nn.relu, lambda v: jnp.round(v)):  # relu and round create ties
+        ga = jax.grad(lambda v, f=f: jnp.sum(ref(f(v)) * w))(x * 1.7)
+        gb = jax.grad(lambda v, f=f: jnp.sum(max_pool_strided(f(v), window, stride) * w))(x * 1.7)
+        np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_evaluation_is_close():
+    curve = _curve(CNN)
+    ts = np.linspace(0, 1, 3)
+    a = evaluate_points(CNN, curve, ts, (X, Y), batch_size=20)
+    b = evaluate_points(CNN, curve, ts, (X, Y), batch_size=20, compute_dtype="bfloat16")
+    assert np.all(np.abs(a.loss - b.loss) < 0.05 * np.abs(a.loss) + 1e-3)
+    assert np.any(a.loss != b.loss)  # it really ran in bfloat16
+    with pytest.raises(ValueError, match="floating"):
+        evaluate_points(CNN, curve, ts, (X, Y), compute_dtype="int32")
+
+
+@pytest.mark.parametrize("shape, kernel, padding", [((3, 2, 2, 5), (3, 3, 5, 7), [(1, 1), (1, 1)]),
+                                                    ((3, 2, 3, 5), (3, 3, 5, 7), "SAME"),
+                                                    ((2, 3, 3, 4), (5, 5, 4, 6), [(2, 2), (2, 2)]),
+                                                    ((2, 8, 8, 4), (3, 3, 4, 6), [(1, 1), (1, 1)])])
+def test_small_map_conv_matches_lax(shape, kernel, padding):
+    x = jnp.asarray(RNG.normal(size=shape).astype(np.float32))
+    w = jnp.asarray(RNG.normal(size=kernel).astype(np.float32))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    ref = jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn)
+    out = small_map_conv(x, w, (1, 1), padding, dimension_numbers=dn)
+    assert out.shape == ref.shape
+    _close(out, ref, 1e-5)
+    g = jnp.asarray(RNG.normal(size=ref.shape).astype(np.float32))
+    da = jax.grad(lambda a, b: jnp.sum(small_map_conv(a, b, (1, 1), padding, dimension_numbers=dn) * g),
+                  argnums=(0, 1))(x, w)
+    db = jax.grad(lambda a, b: jnp.sum(jax.lax.conv_general_dilated(a, b, (1, 1), padding,
+                                                                     dimension_numbers=dn) * g), argnums=(0, 1))(x, w)
+    for p, q in zip(da, db, strict=True):
+        _close(p, q, 1e-4)
