@@ -217,3 +217,23 @@ def test_a_second_call_compiles_nothing(digits_mlp, digits_corners, digits_train
     curve()
     assert _compiles(curve) == 0
     assert _compiles(lambda: grid()) == 0 and shutil is not None
+
+
+def test_stop_run_ends_early_and_max_metrics_take_the_maximum():
+    def obj(p, b, key):
+        return jnp.sum((p["w"] - b) ** 2), {"max_gap": jnp.max(jnp.abs(p["w"] - b))}
+
+    from mclandscape.engine.loop import StopRun
+
+    step = make_step(obj, optax.sgd(0.1))
+    seen = []
+
+    def stop_at_3(epoch, state, history):
+        seen.append(history[-1]["max_gap"])
+        if epoch == 3:
+            raise StopRun
+
+    res = run(step, step.init({"w": jnp.zeros(2)}), lambda t: jnp.ones(2) * (1 + t % 2), epochs=10, steps_per_epoch=2,
+              key=jax.random.key(0), callbacks=[stop_at_3])
+    assert res.stopped == 3 and len(res.history) == 3 and int(res.state.step) == 6
+    assert seen[0] == pytest.approx(2.0 - 0.2 * 1.0)  # max over the epoch's two steps, not their mean

@@ -24,8 +24,9 @@ Metrics stay on the device between epoch ends.
 ``batches(t) -> batch`` (so resuming needs no replay), with the key of step ``t`` ``fold_in(key, t)``:
 nothing depends on how many steps ran in this process, so a killed and resumed run ends bit-identical to an
 uninterrupted one. Per epoch: one history record (the step metrics ``objective``, ``loss`` — the task loss
-when the objective reports one in ``aux`` — and ``acc`` averaged over the epoch's examples, plus whatever
-``on_epoch`` adds), the callbacks, a checkpoint every
+when the objective reports one in ``aux`` — ``acc`` and any other scalar of ``aux`` averaged over the epoch's
+examples; a scalar named ``max_*`` is the maximum over the epoch's steps instead; plus whatever ``on_epoch``
+adds), the callbacks, a checkpoint every
 ``checkpoint_every`` epochs (:class:`LoopConfig`), progress through tqdm (quiet when not on a terminal).
 
 **Checkpoints and the resume contract.** A checkpoint holds the state and, in its metadata, the run's
@@ -67,6 +68,7 @@ __all__ = [
     "run",
     "NonFiniteError",
     "ResumeMismatchError",
+    "StopRun",
     "fingerprint_diff",
     "restore_state",
     "init_state",
@@ -81,6 +83,11 @@ class NonFiniteError(FloatingPointError):
 
 class ResumeMismatchError(ValueError):
     """A checkpoint directory holds a different run than the one asked for."""
+
+
+class StopRun(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a callback to end a run after the current epoch (e.g. converged); the run returns normally
+    with ``RunResult.stopped`` set to that epoch. Its checkpoint, if any, has already been written."""
 
 
 @struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
@@ -248,12 +255,13 @@ class LoopConfig:
 
 @dataclasses.dataclass
 class RunResult:
-    """The final :class:`TrainState`, one history record per epoch, and the epoch the run resumed from
-    (``None`` for a fresh run)."""
+    """The final :class:`TrainState`, one history record per epoch, the epoch the run resumed from (``None``
+    for a fresh run) and the epoch a callback stopped it at (``None``: it ran to the end)."""
 
     state: TrainState
     history: list[dict]
     resumed_from: int | None = None
+    stopped: int | None = None
 
     @property
     def params(self) -> PyTree:
@@ -384,8 +392,8 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
       config: a :class:`LoopConfig` (checkpoints, rotation, resume, progress).
       fingerprint: JSON-like description of the run, stored with every checkpoint and compared on resume
         (``None``: no comparison).
-      callbacks: ``callback(epoch, state, history)`` after each epoch (1-based) and its checkpoint; raising from
-        one stops the run.
+      callbacks: ``callback(epoch, state, history)`` after each epoch (1-based) and its checkpoint; raising
+        :class:`StopRun` ends the run there (e.g. converged), any other exception propagates.
       on_epoch: ``on_epoch(epoch, state, metrics) -> record``: the epoch's history record from the averaged step
         metrics (``objective``, ``loss``, ``acc`` when reported, ``seconds``), e.g. adding test metrics. Default:
         the metrics themselves with ``epoch``.
@@ -402,7 +410,7 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
     names = tree_path_names(state.params)
     history: list[dict] = []
     start = 0
-    resumed_from = None
+    resumed_from = stopped = None
     store = None
     if config.checkpoint_dir is not None:
         store = CheckpointStore(config.checkpoint_dir, create=True)
@@ -436,13 +444,15 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
                     state, metrics = step(state, batches(t), jax.random.fold_in(key, t))
                     w = metrics.pop("count", None)  # examples in the batch: epoch means are example means
                     w = jnp.ones(()) if w is None else w
-                    contrib = {k: v * w for k, v in metrics.items()}
-                    sums = contrib if sums is None else jax.tree_util.tree_map(jnp.add, sums, contrib)
+                    contrib = {k: (v if k.startswith("max_") else v * w) for k, v in metrics.items()}
+                    sums = contrib if sums is None else {k: (jnp.maximum(sums[k], v) if k.startswith("max_") else
+                                                             sums[k] + v) for k, v in contrib.items()}
                     weight = w if weight is None else weight + w
                 _check_finite_state(state, names, epoch, spe)
                 e1 = epoch + 1
                 total = float(weight)
-                raw = {**{k: float(v) / total for k, v in sums.items()}, "seconds": time.perf_counter() - t0}
+                raw = {**{k: float(v) if k.startswith("max_") else float(v) / total for k, v in sums.items()},
+                       "seconds": time.perf_counter() - t0}
                 record = {"epoch": e1, **(on_epoch(e1, state, raw) if on_epoch is not None else raw)}
                 history.append(record)
                 if store is not None and (e1 % config.checkpoint_every == 0 or e1 == epochs or
@@ -451,14 +461,18 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
                 bar.update(1)
                 shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "train_loss", "test_acc")}
                 bar.set_postfix(**shown)
-                for cb in callbacks:
-                    cb(e1, state, history)
+                try:
+                    for cb in callbacks:
+                        cb(e1, state, history)
+                except StopRun:
+                    stopped = e1
+                    break
         finally:
             bar.close()
     finally:
         if store is not None:
             store.close()
-    return RunResult(state=state, history=history, resumed_from=resumed_from)
+    return RunResult(state=state, history=history, resumed_from=resumed_from, stopped=stopped)
 
 
 def _rotate(store: CheckpointStore, config: LoopConfig) -> None:
