@@ -24,7 +24,8 @@ Metrics stay on the device between epoch ends.
 ``batches(t) -> batch`` (so resuming needs no replay), with the key of step ``t`` ``fold_in(key, t)``:
 nothing depends on how many steps ran in this process, so a killed and resumed run ends bit-identical to an
 uninterrupted one. Per epoch: one history record (the step metrics ``objective``, ``loss`` — the task loss
-when the objective reports one in ``aux`` — ``acc`` and any other scalar of ``aux`` averaged over the epoch's
+when the objective reports one in ``aux`` — ``grad_norm`` (of the trainable entries), ``acc`` and any other
+scalar of ``aux`` averaged over the epoch's
 examples; a scalar named ``max_*`` is the maximum over the epoch's steps instead; plus whatever ``on_epoch``
 adds), the callbacks, a checkpoint every
 ``checkpoint_every`` epochs (:class:`LoopConfig`), progress through tqdm (quiet when not on a terminal).
@@ -165,7 +166,7 @@ def _step_impl(objective_static, tx, objective_arrays, trainable, state: TrainSt
                      opt_state=keep(opt_state, state.opt_state),
                      model_state=None if model_state is None else keep(model_state, state.model_state),
                      nonfinite=nonfinite)
-    metrics = {"objective": value, "loss": value}
+    metrics = {"objective": value, "loss": value, "grad_norm": optax.global_norm(grads)}
     if isinstance(aux, Mapping):
         metrics.update({k: v for k, v in aux.items() if k not in ("batch_stats", "correct") and jnp.ndim(v) == 0})
         if "correct" in aux and "count" in aux:
