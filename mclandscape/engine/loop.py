@@ -166,7 +166,7 @@ def _step_impl(objective_static, tx, objective_arrays, trainable, state: TrainSt
                      opt_state=keep(opt_state, state.opt_state),
                      model_state=None if model_state is None else keep(model_state, state.model_state),
                      nonfinite=nonfinite)
-    metrics = {"objective": value, "loss": value, "grad_norm": optax.global_norm(grads)}
+    metrics = {"objective": value, "loss": value, "grad_norm": optax.tree.norm(grads)}
     if isinstance(aux, Mapping):
         metrics.update({k: v for k, v in aux.items() if k not in ("batch_stats", "correct") and jnp.ndim(v) == 0})
         if "correct" in aux and "count" in aux:
