@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from mclandscape.plots._figure import color_cycle, new_figure, subplots
 
 __all__ = ["contour_plot", "trajectory_panels", "surface_plot", "loss_curves_plot", "eigenvalue_plot"]
 
@@ -35,7 +33,6 @@ def _save(fig, path: str) -> str:
     if d:
         os.makedirs(d, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -65,7 +62,7 @@ def _traj_list(t) -> list[np.ndarray]:
 def _draw_trajectories(ax, trajectories: Mapping[str, object] | None):
     if not trajectories:
         return
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = color_cycle()
     for i, (name, t) in enumerate(trajectories.items()):
         c = ["tab:red", "tab:orange", "white", "tab:pink"][i % 4] if i < 4 else colors[i % len(colors)]
         for j, tr in enumerate(_traj_list(t)):
@@ -82,7 +79,7 @@ def contour_plot(path: str, xs, ys, Z, *, title: str = "", xlabel: str = "alpha"
     for the 1st-4th series) and marked
     points (e.g. the trained model at the origin of a Li et al. plane)."""
     xs, ys, Z = _grid(xs, ys, Z)
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    fig, ax = subplots(figsize=(5.2, 4.4))
     cs, label = _contour_on(ax, xs, ys, Z, levels=levels, log=log, title=title)
     fig.colorbar(cs, ax=ax, label=label)
     _draw_trajectories(ax, trajectories)
@@ -102,7 +99,7 @@ def trajectory_panels(path: str, xs, ys, Z, panels: Mapping[str, Mapping[str, ob
     if not panels:
         raise ValueError("trajectory_panels needs at least one panel")
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
+    fig, axes = subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
     for ax, (title, trajs) in zip(axes[0], panels.items(), strict=True):
         cs, label = _contour_on(ax, xs, ys, Z, levels=levels, log=log, title=title)
         _draw_trajectories(ax, trajs)
@@ -116,7 +113,7 @@ def surface_plot(path: str, xs, ys, Z, *, title: str = "", xlabel: str = "alpha"
                  zlabel: str = "loss", log: bool = False, trajectory=None) -> str:
     """3-D surface view of ``Z`` (optionally with one trajectory lifted onto the surface)."""
     xs, ys, Z = _grid(xs, ys, Z)
-    fig = plt.figure(figsize=(6, 4.8))
+    fig = new_figure(figsize=(6, 4.8))
     ax = fig.add_subplot(111, projection="3d")
     data = np.log10(Z - min(0.0, Z.min()) + 1e-12) if log else Z
     X, Y = np.meshgrid(xs, ys, indexing="ij")
@@ -149,7 +146,7 @@ def loss_curves_plot(path: str, curves: Mapping[str, tuple[object, object]], *, 
             raise ValueError(f"curve {name!r}: {a.size} alphas but {l.size} losses")
         items.append((name, a, l))
     if layout == "overlay":
-        fig, ax = plt.subplots(figsize=(5.5, 4))
+        fig, ax = subplots(figsize=(5.5, 4))
         for name, a, l in items:
             ax.plot(a, l, label=name)
         ax.legend(fontsize=7)
@@ -158,7 +155,7 @@ def loss_curves_plot(path: str, curves: Mapping[str, tuple[object, object]], *, 
         n = len(items)
         cols = min(ncols, n)
         rows = -(-n // cols)
-        fig, grid = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+        fig, grid = subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
         axes = list(grid.ravel())
         for ax, (name, a, l) in zip(axes, items, strict=False):
             ax.plot(a, l, "b-")
@@ -181,7 +178,7 @@ def eigenvalue_plot(path: str, eigenvalues: Mapping[str, object], *, title: str 
     the largest and smallest eigenvalue of each round (``[N, k]`` arrays, ascending per row)."""
     if not eigenvalues:
         raise ValueError("eigenvalue_plot needs at least one method")
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = subplots(figsize=(6.4, 4))
     for i, (name, ev) in enumerate(eigenvalues.items()):
         ev = np.asarray(ev, np.float64)
         if ev.ndim != 2:

@@ -12,11 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from mclandscape.plots._figure import color_cycle, subplots
 
 __all__ = ["plot_path_profiles", "plot_band_2d"]
 
@@ -48,8 +46,8 @@ def plot_path_profiles(paths: Mapping[str, object], path: str | os.PathLike, *, 
         raise ValueError("no paths to plot")
     if x not in ("t", "length"):
         raise ValueError(f"x must be 't' or 'length', got {x!r}")
-    fig, (ax_l, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (ax_l, ax_e) = subplots(1, 2, figsize=(11, 4.2))
+    colours = color_cycle()
     for i, (name, p) in enumerate(paths.items()):
         col = colours[i % len(colours)]
         xs = _xaxis(p, x)
@@ -73,7 +71,6 @@ def plot_path_profiles(paths: Mapping[str, object], path: str | os.PathLike, *, 
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return os.fspath(path)
 
 
@@ -87,7 +84,7 @@ def plot_band_2d(potential, bands: Mapping[str, np.ndarray], path: str | os.Path
     zz = np.asarray(potential(np.stack([xx, yy], -1)), np.float64)
     if vmax is not None:
         zz = np.minimum(zz, vmax)
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = subplots(figsize=(6, 5))
     cs = ax.contourf(xx, yy, zz, levels=levels, cmap="viridis")
     fig.colorbar(cs, ax=ax)
     for name, pts in bands.items():
@@ -101,5 +98,4 @@ def plot_band_2d(potential, bands: Mapping[str, np.ndarray], path: str | os.Path
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return os.fspath(path)

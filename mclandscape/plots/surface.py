@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib
+import matplotlib.tri as mtri
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.tri as mtri  # noqa: E402
-import numpy as np  # noqa: E402
+from mclandscape.plots._figure import new_figure, subplots
 
 __all__ = ["heatmap_pair", "heatmap", "surface_3d", "triangle_plot", "subset_comparison"]
 
@@ -40,17 +38,16 @@ def _draw(ax, a, title: str, label: str, cmap: str, vmin=None, vmax=None, annota
         for i in range(s):
             for j in range(s):
                 ax.text(g[i], g[j], f"{a[i, j]:.2f}", ha="center", va="center", fontsize=5, color="w")
-    plt.colorbar(im, ax=ax, label=label, shrink=0.8)
+    ax.figure.colorbar(im, ax=ax, label=label, shrink=0.8)
 
 
 def heatmap(values, path: str | os.PathLike, *, title: str = "", label: str = "", cmap: str = "viridis") -> str:
     """One (u, v) heat-map of a grid (corners marked)."""
     a = _square(values, "values")
-    fig, ax = plt.subplots(figsize=(5, 4.3))
+    fig, ax = subplots(figsize=(5, 4.3))
     _draw(ax, a, title, label, cmap)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return os.fspath(path)
 
 
@@ -63,14 +60,13 @@ def heatmap_pair(before, after, path: str | os.PathLike, *, label: str, title: s
     vmin = vmax = None
     if shared_scale:
         vmin, vmax = float(min(b.min(), a.min())), float(max(b.max(), a.max()))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
+    fig, axes = subplots(1, 2, figsize=(10, 4.3))
     _draw(axes[0], b, "before training", label, cmap, vmin, vmax)
     _draw(axes[1], a, "after training", label, cmap, vmin, vmax)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return os.fspath(path)
 
 
@@ -82,7 +78,7 @@ def surface_3d(grids: Sequence[np.ndarray], path: str | os.PathLike, *, titles: 
     if len(titles) != len(grids):
         raise ValueError(f"{len(grids)} grids but {len(titles)} titles")
     zlim = (min(float(g.min()) for g in grids), max(float(g.max()) for g in grids))
-    fig = plt.figure(figsize=(5.5 * len(grids), 4.5))
+    fig = new_figure(figsize=(5.5 * len(grids), 4.5))
     for k, (g, t) in enumerate(zip(grids, titles, strict=True)):
         ax = fig.add_subplot(1, len(grids), k + 1, projection="3d")
         ax_ = np.linspace(0, 1, g.shape[0])
@@ -98,7 +94,6 @@ def surface_3d(grids: Sequence[np.ndarray], path: str | os.PathLike, *, titles: 
         ax.set_title(t)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return os.fspath(path)
 
 
@@ -111,11 +106,11 @@ def triangle_plot(points, values, path: str | os.PathLike, *, label: str = "test
         raise ValueError(f"need points [P, 3] and values [P], got {p.shape} and {v.shape}")
     verts = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
     xy = p @ verts
-    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    fig, ax = subplots(figsize=(5.5, 4.8))
     tri = mtri.Triangulation(xy[:, 0], xy[:, 1])
     tc = ax.tricontourf(tri, v, levels=20, cmap=cmap)
     ax.scatter(xy[:, 0], xy[:, 1], c=v, cmap=cmap, edgecolors="k", linewidths=0.3, s=18)
-    plt.colorbar(tc, ax=ax, label=label)
+    ax.figure.colorbar(tc, ax=ax, label=label)
     for (x, y), n in zip(verts, names, strict=True):
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(0, -12 if y == 0 else 6), ha="center")
     ax.set_aspect("equal")
@@ -125,14 +120,13 @@ def triangle_plot(points, values, path: str | os.PathLike, *, label: str = "test
     fig.suptitle(title or "linear surface a1 theta1 + a2 theta2 + a3 theta3", fontsize=10, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return os.fspath(path)
 
 
 def subset_comparison(full, subset, path: str | os.PathLike, *, label: str, title: str = "") -> str:
     """Full-data and subset grids side by side with valley (v) and peak (^) marked (seed 000 Figure 9)."""
     f, s = _square(full, "full"), _square(subset, "subset")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
+    fig, axes = subplots(1, 2, figsize=(10, 4.3))
     g = np.linspace(0, 1, f.shape[0])
     for ax, a, t in ((axes[0], s, "subset"), (axes[1], f, "full data")):
         _draw(ax, a, t, label, "viridis", annotate=False)
@@ -144,5 +138,4 @@ def subset_comparison(full, subset, path: str | os.PathLike, *, label: str, titl
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return os.fspath(path)

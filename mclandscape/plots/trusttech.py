@@ -6,14 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mclandscape.core.tree import PyTree  # noqa: E402
-from mclandscape.methods.trusttech import ExitRecord, VerificationResult, project  # noqa: E402
+from mclandscape.core.tree import PyTree
+from mclandscape.methods.trusttech import ExitRecord, VerificationResult, project
+from mclandscape.plots._figure import subplots
 
 __all__ = ["plot_search_trace", "plot_verification"]
 
@@ -28,7 +25,7 @@ def plot_search_trace(trace: dict, path: str, *, exit: ExitRecord | None = None,
     it = np.asarray(trace["iteration"])
     if it.size == 0:
         raise ValueError("the trace is empty: the direction was never advanced")
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = subplots(figsize=(6.4, 4.0))
     ax.plot(it, trace["loss"], color="0.7", lw=0.8, label="mini-batch loss")
     ax.plot(it, trace["ema"], color="C0", lw=1.8, label="moving average")
     for k, (label, (xs, ys)) in enumerate((extra or {}).items()):
@@ -43,7 +40,6 @@ def plot_search_trace(trace: dict, path: str, *, exit: ExitRecord | None = None,
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return path
 
 
@@ -77,7 +73,7 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
     else:
         labels, space = result.basin, "parameter space"
     scale = max(float(np.ptp(traj[..., 0])), float(np.ptp(traj[..., 1])), 1e-12)
-    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    fig, ax = subplots(figsize=(5.6, 5.0))
     ax.plot(starts[:, 0], starts[:, 1], color="0.4", lw=0.8, ls="--", label="search path")
     seen = set()
     for p in range(traj.shape[0]):
@@ -106,6 +102,5 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return path
 

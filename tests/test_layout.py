@@ -1,0 +1,68 @@
+"""The package's shape: layers never import upwards, and importing does no work (no JAX backend started,
+matplotlib's backend left alone)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "mclandscape"
+LAYERS = ["core", "engine", "methods", "plots"]  # each may import only from the layers before it
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: relative import; the package uses absolute imports")
+    return out
+
+
+def test_every_module_sits_in_a_layer():
+    stray = [p.name for p in PKG.glob("*.py") if p.name != "__init__.py"]
+    assert stray == [], f"modules outside the layers: {stray}"
+    assert sorted(p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()) == sorted(LAYERS)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_no_layer_imports_from_a_layer_above_it(layer):
+    above = LAYERS[LAYERS.index(layer) + 1:]
+    if layer == "plots":
+        above = []
+    bad = []
+    for path in sorted((PKG / layer).rglob("*.py")):
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] == "mclandscape" and len(parts) > 1 and parts[1] in above:
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+            if parts[0] == "mclandscape" and len(parts) == 1:
+                bad.append(f"{path.relative_to(ROOT)} imports the top-level package")
+    assert not bad, "\n".join(bad)
+
+
+def test_import_starts_no_backend_and_leaves_matplotlib_alone():
+    code = (
+        "import matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "import mclandscape, mclandscape.plots\n"
+        "import mclandscape.methods.volume, mclandscape.methods.trusttech, mclandscape.methods.deform\n"
+        "from jax._src import xla_bridge\n"
+        "assert not xla_bridge._backends, f'a JAX backend was initialised at import: {list(xla_bridge._backends)}'\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+        "assert callable(mclandscape.plots.heatmap)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
