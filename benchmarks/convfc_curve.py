@@ -5,22 +5,22 @@ max-pool; dense 1152→1000→1000→10; 2 422 634 parameters; 26.17 M MAC per 3
 ``VGG16`` (``--arch vgg16``), synthetic CIFAR-shaped data with a fixed seed, and prints one JSON line per case:
 
 - ``curve_eval``: seconds per point of a quadratic Bézier curve over ``--n`` images (batch ``--batch``) for
-  each evaluation path (label ``stem mode/strategy+chunk``; ``[ynn]``: compiled with XLA's default CPU
-  options, which send convolutions to YNNPACK, instead of the engines' default options), the library's
-  default (``stem="auto"``, ``strategy="auto"``), its GFLOP/s, and, if PyTorch is importable, the same
-  per-point time of a plain
+  each evaluation path (label ``first layer/strategy+chunk``: ``factor`` computes the first convolution once
+  per control point, :mod:`mclandscape.engine.cpu`), the library's default (``stem="auto"``,
+  ``strategy="auto"``), its GFLOP/s, and, if PyTorch is importable, the same per-point time of a plain
   PyTorch forward (weights combined, then the network, as Garipov's code does) and the speed ratio
   (goal: >= 1.2 on CPU);
 - ``surface_eval`` (ConvFC only): the same for the 11×11 grid of a 3×3-control-point Bézier surface;
-- ``train_step``: one curve-training step (batch ``--batch``, k sampled t per batch, SGD with momentum,
-  Garipov's weight decay on the sampled point) for each first-layer path and the default, and per
-  (t-sample × example), against one PyTorch step with one t (goal: ratio >= 1);
+- ``train_step``: one curve-training step of the engine (``make_step`` over a ``ConnectorObjective``; batch
+  ``--batch``, k sampled t per batch, SGD with momentum, Garipov's weight decay on the sampled point) for
+  each way of evaluating the k points and the default, and per (t-sample × example), against one PyTorch
+  step with one t (goal: ratio >= 1);
 - ``bf16_eval``: loss/accuracy difference of ``compute_dtype="bfloat16"`` evaluation (and its CPU time,
   for information: the bf16 goal is about GPUs);
 - ``xla_cpu_paths``: how many library fusions XLA's CPU backend forms (``__ynn_fusion``: YNNPACK, XLA's
   successor of its XNNPACK path; ``__xnn_fusion``; ``__onednn_fusion``) and how many convolutions it runs
-  itself (Eigen), in the compiled forward pass (with XLA's default options and with the engines'), the
-  default training gradient and a ``lax.map`` training gradient.
+  itself (Eigen), in the compiled forward pass with XLA's default options and with the engine's
+  (:data:`mclandscape.engine.cpu.COMPILER_OPTIONS`), and in the engine's training gradient.
 
 PyTorch is optional (never a dependency of mclandscape). Each timing is the minimum over ``--repeats``; the
 1-minute load average is printed next to each line (other processes on the machine slow both sides,
@@ -51,13 +51,10 @@ from timing import best_time
 
 from mclandscape import bezier_curve, bezier_surface, evaluate_points
 from mclandscape.core.bernstein import bernstein
-from mclandscape.engine.connector_train import (
-    make_connector_loss,
-    make_connector_step,
-    model_point_loss,
-    resolve_train_stem,
-    uniform_sampler,
-)
+from mclandscape.core.objective import make_objective
+from mclandscape.engine import cpu
+from mclandscape.engine.connector_train import ConnectorObjective, uniform_sampler
+from mclandscape.engine.loop import make_step
 from mclandscape.engine.models import get_model
 
 try:  # optional reference
@@ -66,20 +63,13 @@ try:  # optional reference
 except ImportError:  # pragma: no cover - depends on the environment
     torch = None
 
-EVAL_PATHS = {  # label -> evaluate_points keywords; "[ynn]": XLA's default CPU options (YNNPACK convolutions)
-    "off/map1[ynn]": dict(stem="off", strategy="map", chunk_size=1, compiler_options=None),
-    "split4/map1[ynn]": dict(stem="split", stem_channels=4, strategy="map", chunk_size=1, compiler_options=None),
-    "factor/map1[ynn]": dict(stem="factor", strategy="map", chunk_size=1, compiler_options=None),
+EVAL_PATHS = {  # label -> evaluate_points keywords
     "off/map1": dict(stem="off", strategy="map", chunk_size=1),
     "off/map16": dict(stem="off", strategy="map", chunk_size=16),
     "off/loop": dict(stem="off", strategy="loop"),
-    "split4/map1": dict(stem="split", stem_channels=4, strategy="map", chunk_size=1),
     "factor/map1": dict(stem="factor", strategy="map", chunk_size=1),
-    "factor4/map1": dict(stem="factor", stem_channels=4, strategy="map", chunk_size=1),
 }
-TRAIN_PATHS = {"off[ynn]": ("off", None, None), "split4[ynn]": ("split", 4, None), "off": ("off", None, "auto"),
-               "split4": ("split", 4, "auto"), "factor": ("factor", None, "auto"),
-               "factor4": ("factor", 4, "auto")}
+TRAIN_PATHS = ("unroll", "map", "vmap")  # how the k sampled points of a training step are evaluated
 
 
 def load() -> float:
@@ -250,9 +240,9 @@ def main() -> None:
     ap.add_argument("--eval-paths", default=None,
                     help="comma-separated labels from " + ",".join(EVAL_PATHS) + " (auto is always run)")
     ap.add_argument("--surface-steps", type=int, default=None, help="surface grid steps per axis (0: skip)")
-    ap.add_argument("--surface-paths", default="off/map1[ynn],off/map1")
+    ap.add_argument("--surface-paths", default="off/map1,factor/map1")
     ap.add_argument("--train-samples", default="1,4", help="k values (t samples per batch)")
-    ap.add_argument("--train-paths", default="off[ynn],split4[ynn],off,factor")
+    ap.add_argument("--train-paths", default="unroll", help="comma-separated from " + ",".join(TRAIN_PATHS))
     ap.add_argument("--train-steps", type=int, default=3, help="steps per timed repetition")
     ap.add_argument("--torch-points", type=int, default=3, help="points timed in PyTorch (per-point cost)")
     ap.add_argument("--no-torch", action="store_true")
@@ -265,8 +255,7 @@ def main() -> None:
     n_img = args.n or (500 if vgg else 1000)
     surface_steps = (0 if vgg else 11) if args.surface_steps is None else args.surface_steps
     eval_paths = (args.eval_paths.split(",") if args.eval_paths else
-                  (["off/map1[ynn]", "off/map1", "factor/map1"] if vgg else
-                   ["off/map1[ynn]", "split4/map1[ynn]", "off/map1", "off/map16", "off/loop", "factor/map1"]))
+                  (["off/map1", "factor/map1"] if vgg else ["off/map1", "off/map16", "off/loop", "factor/map1"]))
     skip = set(filter(None, args.skip.split(",")))
     use_torch = torch is not None and not args.no_torch
     if use_torch and args.threads:
@@ -307,7 +296,7 @@ def main() -> None:
             fn = lambda kw=kw: evaluate_points(model, connector, pts, (x, y), batch_size=args.batch, **kw)
             res = fn()
             if label == "auto":
-                label = f"auto->{res.stem}{res.stem_channels or ''}/{res.strategy}{res.chunk_size}"
+                label = f"auto->{res.stem}/{res.strategy}{res.chunk_size}"
             fns[label] = fn
         if use_torch:
             for i, c in enumerate(torch_coefs):
@@ -357,24 +346,26 @@ def main() -> None:
         if use_torch:
             tstep = make_torch_step(args.arch, [torch_layers(args.arch, p) for p in ctrl], curve.fixed,
                                     xt[: args.batch], torch.tensor(y[: args.batch].astype(np.int64)), wd)
+        point = make_objective(model, "cross_entropy", train=True)
+        default = "unroll" if jax.default_backend() == "cpu" else "vmap"
         for k in (int(v) for v in args.train_samples.split(",")):
             fns = {}
-            auto = resolve_train_stem(model, curve, "auto", None, k) + ("auto",)
             for label in [p for p in args.train_paths.split(",") if p] + ["auto"]:
-                st, ch, options = auto if label == "auto" else TRAIN_PATHS[label]
-                pl, bf = model_point_loss(model, stem=st, stem_channels=ch)
-                loss = make_connector_loss(pl, curve, num_samples=k, sampler=uniform_sampler(1), point_l2=wd,
-                                           batch_features=bf)
-                step = make_connector_step(loss, opt, curve.trainable, compiler_options=options)
-                state = [curve.control, opt.init(curve.control), 0]
+                strategy = default if label == "auto" else label
+                obj = ConnectorObjective(point=point, template=curve.replace(control=None),
+                                         sampler=uniform_sampler(1), mask=jnp.asarray(curve.trainable),
+                                         num_samples=k, point_l2=wd, strategy=strategy)
+                step = make_step(obj, opt, trainable=jax.tree_util.tree_map(lambda _: jnp.asarray(curve.trainable),
+                                                                             curve.control))
+                state = [step.init(curve.control), 0]
 
                 def run(step=step, state=state):
                     for _ in range(args.train_steps):
-                        c, o, obj, _ = step(state[0], state[1], (xb, yb), jax.random.key(state[2]))
-                        state[0], state[1], state[2] = c, o, state[2] + 1
-                    jax.block_until_ready(obj)
+                        st, m = step(state[0], (xb, yb), jax.random.key(state[1]))
+                        state[0], state[1] = st, state[1] + 1
+                    jax.block_until_ready(m["loss"])
 
-                fns[label if label != "auto" else f"auto->{st}{ch or ''}"] = run
+                fns[label if label != "auto" else f"auto->{strategy}"] = run
             if tstep is not None:
                 fns["torch"] = lambda: [tstep() for _ in range(args.train_steps)]
             load0 = load()
@@ -412,25 +403,19 @@ def main() -> None:
     # ---- which XLA CPU library paths are taken ----
     if "xla" not in skip:
         xb, yb = jnp.asarray(x[: args.batch]), jnp.asarray(y[: args.batch])
-        from mclandscape.engine.evaluate import default_compiler_options
-
-        opts = default_compiler_options()
+        opts = cpu.COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
         fwd_ynn = jax.jit(lambda p, v: model.apply({"params": p}, v)).lower(ctrl[0], xb).compile().as_text()
         fwd = jax.jit(lambda p, v: model.apply({"params": p}, v), compiler_options=opts).lower(
             ctrl[0], xb).compile().as_text() if opts else fwd_ynn
-        st, ch = resolve_train_stem(model, curve, "auto", None, 1)
-        pl, bf = model_point_loss(model, stem=st, stem_channels=ch)
-        loss = make_connector_loss(pl, curve, num_samples=1, sampler=uniform_sampler(1), batch_features=bf)
-        grad_txt = jax.jit(jax.grad(lambda c: loss(c, (xb, yb), jax.random.key(0))[0]),
+        obj = ConnectorObjective(point=make_objective(model, "cross_entropy", train=True),
+                                 template=curve.replace(control=None), sampler=uniform_sampler(1),
+                                 mask=jnp.asarray(curve.trainable), num_samples=1,
+                                 strategy="unroll" if jax.default_backend() == "cpu" else "vmap")
+        grad_txt = jax.jit(jax.grad(lambda c: obj(c, (xb, yb), jax.random.key(0))[0]),
                            **({"compiler_options": opts} if opts else {})).lower(curve.control).compile().as_text()
-        pl_off, _ = model_point_loss(model, stem="off")
-        lmap = make_connector_loss(pl_off, curve, num_samples=1, sampler=uniform_sampler(1), strategy="map")
-        map_txt = jax.jit(jax.grad(lambda c: lmap(c, (xb, yb), jax.random.key(0))[0])).lower(
-            curve.control).compile().as_text()
         print(json.dumps({**base, "case": "xla_cpu_paths",
-                          "default_compiler_options": opts, "forward_xla_defaults": xla_paths(fwd_ynn),
-                          "forward": xla_paths(fwd), "train_grad_default": xla_paths(grad_txt),
-                          "train_grad_lax_map": xla_paths(map_txt)}), flush=True)
+                          "engine_compiler_options": opts, "forward_xla_defaults": xla_paths(fwd_ynn),
+                          "forward": xla_paths(fwd), "train_grad_default": xla_paths(grad_txt)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ For each model and k in {1, 8, 80} (the paper samples 80 points per batch) it ti
 of a 3x3-control surface on a batch of digits — k points formed from the control points, k forward and
 backward passes, one SGD update of the trainable control points — three ways:
 
-- ``vectorised``: the connector trainer's loss (:func:`mclandscape.engine.connector_train.make_connector_loss`) with
-  all k points in one jitted step, ``strategy="unroll"`` (the k points written out one after another: the
-  trainer's CPU default), ``"map"`` (``jax.lax.map``) and ``"vmap"`` (the default elsewhere);
+- ``vectorised``: the engine's step (:func:`mclandscape.engine.loop.make_step`) over the connector objective
+  (:class:`mclandscape.engine.connector_train.ConnectorObjective`) with all k points in one jitted step,
+  ``strategy="unroll"`` (the k points written out one after another: the trainer's CPU default), ``"map"``
+  (``jax.lax.map``) and ``"vmap"`` (the default elsewhere);
 - ``one_at_a_time``: one jitted single-point value-and-gradient called k times from Python, gradients summed
   on the host side of the loop, then one update (a loop over samples as in Algorithm 2's pseudo-code).
 
@@ -27,9 +28,10 @@ import optax
 from timing import best_time
 
 from mclandscape.core.connectors import bezier_surface
-from mclandscape.core.losses import cross_entropy
-from mclandscape.engine.connector_train import make_connector_loss, uniform_sampler
+from mclandscape.core.objective import make_objective
+from mclandscape.engine.connector_train import ConnectorObjective, uniform_sampler
 from mclandscape.engine.data import load_dataset
+from mclandscape.engine.loop import make_step
 from mclandscape.engine.models import get_model
 
 MODELS = {
@@ -48,38 +50,34 @@ def bench(model_name: str, ks: list[int], batch_size: int, repeats: int) -> list
     surf = bezier_surface(*corners, 2, 2)
     mask = jnp.asarray(surf.trainable)
     opt = optax.sgd(0.01, momentum=0.9)
-    opt_state = opt.init(surf.control)
+    point = make_objective(model, "cross_entropy", train=True)
+    trainable = jax.tree_util.tree_map(lambda _: mask, surf.control)
 
-    def point_loss(params, batch, key):
-        xb, yb = batch
-        return jnp.mean(cross_entropy(model.apply({"params": params}, xb, train=True, rngs={"dropout": key}), yb))
-
-    def masked(g):
-        return jax.tree_util.tree_map(lambda a: a * mask.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype), g)
-
-    def update(control, state, grads):
-        u, state = opt.update(masked(grads), state, control)
-        return optax.apply_updates(control, u), state
+    def objective(k, strategy):
+        return ConnectorObjective(point=point, template=surf.replace(control=None), sampler=uniform_sampler(2),
+                                  mask=mask, num_samples=k, strategy=strategy)
 
     rows = []
     for k in ks:
         times = {}
         for strategy in ("unroll", "map", "vmap"):
-            loss = make_connector_loss(point_loss, surf, num_samples=k, sampler=uniform_sampler(2), strategy=strategy)
-
-            @jax.jit
-            def step(control, state, key, loss=loss):
-                (_, _), g = jax.value_and_grad(loss, has_aux=True)(control, (x, y), key)
-                return update(control, state, g)
-
+            step = make_step(objective(k, strategy), opt, trainable=trainable)
+            state = step.init(surf.control)
             times[f"vectorised_{strategy}"] = best_time(
-                lambda step=step: jax.block_until_ready(step(surf.control, opt_state, jax.random.key(0))), repeats)
+                lambda step=step, state=state: jax.block_until_ready(step(state, (x, y), jax.random.key(0))[0]),
+                repeats)
 
-        one = make_connector_loss(point_loss, surf, num_samples=1, sampler=uniform_sampler(2))
+        one = objective(1, "unroll")
         grad1 = jax.jit(lambda c, key, one=one: jax.grad(lambda cc: one(cc, (x, y), key)[0])(c))
-        upd = jax.jit(update)
+        opt_state = opt.init(surf.control)
 
-        def loop_step(k=k, grad1=grad1, upd=upd):
+        @jax.jit
+        def upd(control, state, grads):
+            g = jax.tree_util.tree_map(lambda a: a * mask.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype), grads)
+            u, state = opt.update(g, state, control)
+            return optax.apply_updates(control, u), state
+
+        def loop_step(k=k, grad1=grad1, upd=upd, opt_state=opt_state):
             keys = jax.random.split(jax.random.key(0), k)
             acc = None
             for i in range(k):
