@@ -1,4 +1,5 @@
-"""Voxel BFS (seed 002 Algorithm 3): throughput of batched vs one-at-a-time evaluation, and memory per voxel.
+"""Voxel BFS (Algorithm 3 of N. Schager, "Volumetric investigation into neural network loss landscapes"):
+throughput of batched vs one-at-a-time evaluation, and memory per voxel.
 
 Prints one JSON line per configuration:
 
@@ -7,6 +8,7 @@ Prints one JSON line per configuration:
   ``per_voxel`` (one call per dequeued voxel for its 2m neighbours) and ``batched`` (waves of
   ``--batch-size`` frontier voxels, up to ``--max-batch`` voxels per call); each line has the speed-up over
   one-at-a-time. The same flat, step and threshold are used; compilation is excluded (warm-up run first).
+  Every mode evaluates through the one evaluator (``map_points``); one-at-a-time uses chunks of one voxel.
 - ``memory``: a traversal of a 3-D quadratic bowl sized to reach ``--visited`` visited voxels (10^6 by
   default): peak traced memory (``tracemalloc``; NumPy buffers are traced), the state's own bytes
   (hash table + queues) per visited voxel, the growth of the process's max RSS, and — for comparison — the
@@ -18,6 +20,7 @@ Prints one JSON line per configuration:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import resource
@@ -53,7 +56,7 @@ def throughput(args) -> list[dict]:
         ("batched", dict(batch_size=args.batch_size), args.max_batch, args.limit_batched),
     ]
     # the literal algorithm evaluates one voxel per call: no chunk padding either
-    single = V.ParamLoss(loss.fn, loss.aux, dim=loss.dim, chunk=1)
+    single = dataclasses.replace(loss, chunk=1)
     rows = []
     for name, kw, max_batch, limit in configs:
         ev = V.LatticeLoss(flat, args.step, single if max_batch == 1 else loss, max_batch=max_batch)
@@ -71,6 +74,10 @@ def throughput(args) -> list[dict]:
     return rows
 
 
+def _sphere(theta, eps):
+    return jnp.sum(theta * theta) + eps
+
+
 def memory(args) -> dict:
     target = args.visited
     eps, step = 1.0, 0.01
@@ -78,7 +85,7 @@ def memory(args) -> dict:
     R = (target / (4 / 3 * math.pi)) ** (1 / 3) * 0.985
     n = 1 + (R * step) ** 2 / eps
     flat = V.full_space_flat(jnp.zeros(3, jnp.float32))
-    loss = V.ParamLoss(lambda t, _: jnp.sum(t * t) + eps, dim=3)
+    loss = V.ParamLoss(_sphere, aux=jnp.float32(eps), dim=3)
     ev = V.LatticeLoss(flat, step, loss, max_batch=args.max_batch)
     V.grid_traversal(ev, 1 + (10 * step) ** 2 / eps)  # compile the buckets outside the measurement
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

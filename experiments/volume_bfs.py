@@ -1,4 +1,8 @@
-"""Volumetric exploration of low-loss regions (seed 002 §5.1-5.5): H_c(s) curves and their log-linear fits.
+"""Volumetric exploration of low-loss regions: H_c(s) curves and their log-linear fits.
+
+Reproduces §5.1-5.5 of N. Schager, "Volumetric investigation into neural network loss landscapes"
+(Bachelor's thesis, Universität Kassel, 2025) with :mod:`mclandscape.methods.volume`; every voxel's loss is
+computed by the one evaluator (:func:`mclandscape.engine.evaluate.map_points`).
 
 Settings (``--settings``, comma-separated; all by default):
 
@@ -6,12 +10,12 @@ Settings (``--settings``, comma-separated; all by default):
   ``x -> tanh(w_1 x) -> ... -> w_d ·`` = ``get_model("mlp", widths=[1]*(d-1), num_classes=1,
   activation="tanh", use_bias=False)``) trained (``train_many``, full-batch Adam, MSE) on
   ``load_dataset("synthetic", task="regression", dim=1)``; the BFS runs in their full parameter space.
-- ``iris2d`` / ``iris3d`` (§5.2, Figures 5.2-5.3): a 4-8-3 ReLU MLP on Iris (cross-entropy; the seed's
+- ``iris2d`` / ``iris3d`` (§5.2, Figures 5.2-5.3): a 4-8-3 ReLU MLP on Iris (cross-entropy; the thesis's
   "single output neuron" cannot carry a 3-class cross-entropy, so the output layer has 3 units), minima from
   different seeds, a 2-D flat through 3 minima and a 3-D flat through 4 minima (QR basis).
 - ``minima`` (§5.3, Figure 5.4): the same 2-D flat anchored at each of its three minima.
 - ``basis`` (§5.4, Figure 5.5): raw vs QR basis at the same anchor, with the angle between the raw basis
-  vectors (§6.3). The seed does not say how it scaled the raw basis, so two raw runs are made: with the QR
+  vectors (§6.3). The thesis does not say how it scaled the raw basis, so two raw runs are made: with the QR
   steps unchanged (``basis_raw``: a lattice step moves s·|b_i|, far longer than s, so H is much lower) and
   with steps ``s / mean|b_i|`` (``basis_raw_rescaled``: steps of the same mean length as the QR run, so only
   the skew differs). ``volume`` = H·cell volume puts all three on the same scale.
@@ -37,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mclandscape.core.losses import accuracy, cross_entropy, mse
+from mclandscape.core.losses import accuracy, get_loss
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig, train_many
@@ -103,7 +107,7 @@ def train_minima(model, data, test, loss_name: str, seeds, *, steps: int, lr: fl
     cfg = TrainConfig(epochs=steps, batch_size=len(data), optimizer="adam", lr=lr, schedule="constant",
                       loss=loss_name)
     runs = train_many(model, data, test, cfg, seeds=[int(s) for s in seeds], progress=False)
-    per_example = cross_entropy if loss_name == "cross_entropy" else mse
+    per_example = get_loss(loss_name)
     x, y = jnp.asarray(data.x), jnp.asarray(data.y)
     params = [r.variables["params"] for r in runs]
     final = [float(jnp.mean(per_example(model.apply({"params": p}, x), y))) for p in params]
@@ -219,7 +223,7 @@ class Runner:
         self.results["settings"]["basis_raw_rescaled"]["raw_step_scale"] = scale
         self.results["basis_angle_deg"] = angle
         self.results["basis_volume_ratio_raw_rescaled_over_qr"] = (sw_raw.volume() / sw_qr.volume()).tolist()
-        self.log(f"angle between the raw basis vectors: {angle:.2f} deg (seed 002 §6.3 reports 53.78); "
+        self.log(f"angle between the raw basis vectors: {angle:.2f} deg (the thesis, §6.3, reports 53.78); "
                  f"mean |b_i| = {scale:.3g}")
         path = self.out / "fig5_5_basis.png"
         plot_h_panels({f"raw basis, same s (angle {angle:.1f}°)": sw_lit,

@@ -1,8 +1,10 @@
-"""Tests for mclandscape.methods.volume (seed 002: flats, voxel lattice, Algorithm 3, H_c(s), log-linear fit)."""
+"""Tests for mclandscape.methods.volume (N. Schager, "Volumetric investigation into neural network loss
+landscapes": flats, voxel lattice, Algorithm 3, H_c(s), log-linear fit)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -51,19 +53,54 @@ class CountingNumpyLattice:
         return self.fn(coords.astype(np.float32) * self.step)
 
 
+def quadratic(theta, aux):
+    """f(θ) = θᵀAθ + ε: a module-level (hashable) loss for ParamLoss, with ``aux = (A, ε)``."""
+    A, eps = aux
+    return theta @ A @ theta + eps
+
+
 def bowl_loss(A, eps):
     A = jnp.asarray(A, jnp.float32)
-    return V.ParamLoss(lambda t, _: t @ A @ t + eps, dim=A.shape[0])
+    return V.ParamLoss(quadratic, aux=(A, jnp.float32(eps)), dim=A.shape[0])
+
+
+def table_loss(theta, table):
+    """A 1-D lookup table: the loss of voxel a (θ = a at θ* = 0, s = 1) is ``table[a + len(table) // 2]``."""
+    return table[jnp.round(theta[0]).astype(jnp.int32) + table.shape[0] // 2]
+
+
+class _CountCompiles(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record):
+        if "Compiling" in record.getMessage():
+            self.count += 1
+
+
+def _compiles(fn) -> int:
+    """How many XLA compilations ``fn()`` triggers (``jax.log_compiles``)."""
+    handler = _CountCompiles()
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            fn()
+    finally:
+        logger.removeHandler(handler)
+    return handler.count
 
 
 def algorithm3_literal(f, m, n, limit=None):
-    """A literal transcription of seed 002 Algorithm 3 (FIFO, no dropout), one voxel at a time.
+    """A literal transcription of Algorithm 3 (FIFO, no dropout), one voxel at a time.
 
-    Returns the partial result instead of 0 at the limit, and the accepted voxels separately from ``visited``.
+    Returns the partial result instead of 0 at the limit, and the accepted voxels separately from ``visited``;
+    losses and the threshold c = n·ε are compared in the losses' dtype (float32).
     """
     origin = (0,) * m
-    eps = float(f(np.zeros((1, m), np.int64))[0])
-    c = n * eps
+    eps = np.float32(f(np.zeros((1, m), np.int64))[0])
+    c = np.float32(n * float(eps))
     queue = deque([origin])
     visited = {origin}
     accepted = {origin}
@@ -78,7 +115,7 @@ def algorithm3_literal(f, m, n, limit=None):
                 nb = tuple(nb)
                 if nb in visited:
                     continue
-                loss = float(f(np.array([nb], np.int64))[0])
+                loss = np.float32(f(np.array([nb], np.int64))[0])
                 evals += 1
                 if loss <= c:
                     queue.append(nb)
@@ -186,7 +223,7 @@ def test_two_basin_bfs_equals_brute_force_component(t, merged):
     if merged:
         assert mask.sum() == comp.sum() and near_second.any()
     else:
-        # seed 002 §4.3.3 defines R_c(s) as the whole sublevel set; the BFS (and H) only reaches the
+        # the thesis (§4.3.3) defines R_c(s) as the whole sublevel set; the BFS (and H) only reaches the
         # component of the origin — the other basin is excluded
         assert mask.sum() > comp.sum() and not near_second.any()
 
@@ -238,6 +275,44 @@ def test_continuation_at_the_same_threshold_evaluates_nothing():
     before = ev.count
     r2 = V.grid_traversal(ev, 10.0, state=r1.state)
     assert ev.count == before and r2.evaluations == 0 and r2.H == r1.H
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_losses_and_threshold_compare_in_one_dtype(x64):
+    """c = n·ε and the losses are compared in the losses' dtype: a voxel whose loss is exactly c is accepted,
+    fresh or re-checked from the future queue, and the next representable loss above c is rejected."""
+    with jax.enable_x64(x64):
+        dtype = np.float64 if x64 else np.float32
+        eps, n = dtype(0.1), 3.0
+        c = dtype(n * float(eps))  # the threshold, rounded once to the loss dtype
+        above = np.nextafter(c, dtype(np.inf))
+        # comparing float32 losses with the float64 product n·ε, or float64 losses rounded to float32, would
+        # reject the voxels whose loss is exactly c
+        if x64:
+            assert np.float32(c) > c
+        else:
+            assert float(c) > n * float(eps)
+        # voxels a = -3..3 of a 1-D lattice at θ* = 0, s = 1
+        table = np.array([10.0, above, c, eps, c, above, 10.0], dtype)
+        flat = V.full_space_flat(jnp.zeros(1, dtype))
+        ev = V.LatticeLoss(flat, 1.0, V.ParamLoss(table_loss, aux=jnp.asarray(table), dim=1))
+        assert ev(np.array([[1], [2]])).dtype == dtype
+        res = V.grid_traversal(ev, n)
+        st = res.state
+        assert st.dtype == dtype and st.store.items()[1].dtype == dtype
+        assert res.threshold == float(c) and res.epsilon == float(eps)
+        assert as_tuples(st.accepted_coords()) == [(-1,), (0,), (1,)] and res.H == 3
+        assert sorted(as_tuples(st.codec.unpack(st.future.to_array()))) == [(-2,), (2,)]
+        # below c first: the voxels at c wait in the future queue and are accepted on the re-check
+        low = V.grid_traversal(ev, 2.0)
+        assert low.H == 1 and low.future_size == 2
+        cont = V.grid_traversal(ev, n, state=low.state)
+        assert cont.H == 3 and cont.evaluations == 2 and cont.threshold == float(c)
+        assert np.array_equal(cont.state.accepted_keys(), st.accepted_keys())
+        # the sweep reports the thresholds it compared with
+        sweep = V.h_sweep(flat, ev.loss, [1.0], [2.0, n])
+        assert sweep.loss_dtype == np.dtype(dtype).name and sweep.thresholds[-1] == float(c)
+        assert sweep.H.tolist() == [[1, 3]]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -380,6 +455,34 @@ def test_flat_qr_basis_and_minima_coordinates():
     json.dumps(flat.describe())
 
 
+def _theta(params):
+    return params
+
+
+def test_a_batch_of_voxels_is_rows_over_the_anchor_and_basis():
+    """Voxels are Points of the one evaluator: rows [1, s·a_1..s·a_m] over the stack [θ*, b_1..b_m]."""
+    from mclandscape.engine.evaluate import Points, map_points
+
+    minima = _random_minima(4, 20)
+    coords = np.array([[0, 0, 0], [2, -1, 5], [-7, 3, 1]])
+    for flat in (V.flat_from_minima(minima, anchor=2), V.flat_from_minima(minima, basis="raw"),
+                 V.full_space_flat(minima[0])):
+        m, d = flat.dim, flat.ambient_dim
+        a = coords if m == 3 else np.random.default_rng(0).integers(-5, 5, size=(3, d))
+        a[0] = 0
+        pts = flat.lattice_points(a, 0.1)
+        assert isinstance(pts, Points) and pts.num_points == 3 and pts.num_stacked == m + 1
+        np.testing.assert_array_equal(np.asarray(pts.rows), np.concatenate(
+            [np.ones((3, 1), np.float32), a.astype(np.float32) * np.float32(0.1)], axis=1))
+        basis = np.eye(d, dtype=np.float32) if flat.basis is None else np.asarray(flat.basis).T
+        np.testing.assert_array_equal(np.asarray(flat.stack), np.concatenate([np.asarray(flat.anchor)[None], basis]))
+        got = map_points(_theta, pts, chunk_size=2)
+        assert np.array_equal(got[0], np.asarray(flat.anchor))  # the origin is θ* exactly
+        want = np.asarray(flat.anchor, np.float64) + 0.1 * a @ basis.astype(np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(flat.point(a, 0.1)), got, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_inputs_raise_clear_errors():
     minima = _random_minima(3, 10)
     with pytest.raises(ValueError, match="at least two minima"):
@@ -426,10 +529,42 @@ def test_bad_inputs_raise_clear_errors():
         V.LatticeCodec(16)
     with pytest.raises(ValueError, match="packable range"):
         V.LatticeCodec(3).pack(np.array([[2 ** 20, 0, 0]]))
+    with pytest.raises(ValueError, match="chunk"):
+        V.ParamLoss(quadratic, chunk=0)
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, t, aux):
+            return jnp.sum(t)
+
+    with pytest.raises(ValueError, match="hashable"):
+        V.ParamLoss(Unhashable())
+    with pytest.raises(ValueError, match="devices"):
+        V.LatticeLoss(flat, 0.1, loss, devices=jax.device_count() + 1)
+    with pytest.raises(ValueError, match="max_batch"):
+        V.LatticeLoss(flat, 0.1, loss, max_batch=0)
+    with pytest.raises(ValueError, match="one floating scalar per voxel"):
+        V.LatticeLoss(flat, 0.1, V.ParamLoss(_theta_pair, dim=10))(np.zeros((2, 2), np.int64))
+    with pytest.raises(ValueError, match=r"shape \[K, 2\]"):
+        ev(np.zeros((2, 3), np.int64))
+    with pytest.raises(ValueError, match="integers"):
+        ev(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"2 losses for 1 voxel\(s\)"):
+        V.grid_traversal(lambda a: np.ones(2, np.float32), 2.0, dim=1)
+    with pytest.raises(ValueError, match="cannot hold it exactly"):
+        ev(np.array([[2 ** 24 + 1, 0]]))
+    assert ev(np.array([[2 ** 24, 0]])).shape == (1,)
+    with pytest.raises(ValueError, match="floating dtype"):
+        V.VoxelStore(dtype=np.int32)
     with pytest.raises(ValueError, match="two points"):
         V.fit_log_linear([1.0], [3.0])
     with pytest.raises(ValueError, match="positive"):
         V.fit_log_linear([1.0, 2.0], [3.0, 0.0])
+
+
+def _theta_pair(theta, aux):
+    return theta[:2]
 
 
 def test_radius_bounds_the_lattice():
@@ -586,6 +721,63 @@ def test_model_loss_on_an_iris_flat_is_exact_and_bucket_invariant(iris_setup):
     np.testing.assert_allclose(big(coords[7:8])[0], want, rtol=1e-5)
 
 
+def test_iris_voxel_losses_agree_with_the_model_path(iris_setup):
+    """The raveled-vector loss on a flat equals the one evaluator's model path on the same voxels."""
+    from mclandscape.core.tree import tree_stack
+    from mclandscape.engine.evaluate import Points, evaluate
+
+    model, data, minima = iris_setup
+    params = [v["params"] for v in minima]
+    flat = V.flat_from_minima(params[:3], basis="raw")
+    coords = np.random.default_rng(2).integers(-10, 10, size=(20, 2))
+    got = V.LatticeLoss(flat, 0.1, V.model_vector_loss(model, data, minima[0]))(coords)
+    stack = tree_stack([flat.unravel(v) for v in flat.stack])
+    want = evaluate(model, Points(rows=jnp.asarray(flat.lattice_rows(coords, 0.1)), stack=stack),
+                    (data.x, data.y), batch_size=len(data.x), strategy="map", chunk_size=4).loss
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # "mse_onehot" comes from the one loss registry
+    sq = V.LatticeLoss(flat, 0.1, V.model_vector_loss(model, (data.x, data.y), minima[0], loss="mse_onehot"))
+    assert sq(coords[:3]).shape == (3,) and np.all(sq(coords[:3]) > 0)
+
+
+def test_model_vector_loss_bad_inputs(iris_setup):
+    model, data, minima = iris_setup
+    with pytest.raises(ValueError, match="'params'"):
+        V.model_vector_loss(model, data, {"batch_stats": {}})
+    with pytest.raises(ValueError, match="unknown loss"):
+        V.model_vector_loss(model, data, minima[0], loss="hinge")
+    with pytest.raises(ValueError, match="targets"):
+        V.model_vector_loss(model, (data.x, data.y[:10]), minima[0])
+    with pytest.raises(ValueError, match="Dataset"):
+        V.model_vector_loss(model, data.x, minima[0])
+
+
+def test_a_second_traversal_or_sweep_compiles_nothing(iris_setup):
+    """The evaluator is one module-level jit: new flats, step widths, evaluators and losses with the same
+    function and shapes reuse what the first run compiled."""
+    A = np.array([[1.0, 0.3], [0.3, 2.0]])
+
+    def sweep():
+        flat = V.full_space_flat(jnp.zeros(2, jnp.float32))
+        return V.h_sweep(flat, bowl_loss(A, 0.1), [0.2, 0.1], [2.0, 6.0], batch_size=64, max_batch=256)
+
+    first = sweep()
+    assert _compiles(sweep) == 0
+    assert np.array_equal(sweep().H, first.H)
+
+    model, data, minima = iris_setup
+    params = [v["params"] for v in minima]
+
+    def traverse():
+        flat = V.flat_from_minima(params[:3], basis="qr")
+        loss = V.model_vector_loss(model, data, minima[0])  # a new loss object, hashed by value
+        return V.grid_traversal(V.LatticeLoss(flat, 0.2, loss, max_batch=128), 1.3, limit=300)
+
+    a = traverse()
+    assert _compiles(traverse) == 0
+    assert traverse().H == a.H
+
+
 def test_iris_3d_sweep_and_plots(iris_setup, tmp_path: Path):
     from mclandscape.plots.volume import plot_h_mean, plot_h_panels
 
@@ -616,10 +808,13 @@ def test_sharded_evaluation_matches_single_device(tmp_path: Path):
         flat = V.full_space_flat(jnp.zeros(2, jnp.float32))
         loss = V.ParamLoss(lambda t, _: t @ A @ t + 0.1, dim=2, chunk=3)
         res = {}
-        for shard in (False, True):
-            r = V.grid_traversal(V.LatticeLoss(flat, 0.05, loss, shard=shard), 11.0)
+        for devices in (1, 2):
+            ev = V.LatticeLoss(flat, 0.05, loss, devices=devices)
+            assert ev.num_devices == devices and ev.bucket(5) == (9 if devices == 1 else 12)
+            r = V.grid_traversal(ev, 11.0)
             k, v = r.state.visited_items()
-            res[str(shard)] = [r.H, k.tolist(), v.tolist()]
+            res[str(devices)] = [r.H, k.tolist(), v.tolist()]
+        assert V.LatticeLoss(flat, 0.05, loss).num_devices == 2  # default: all devices
         print(json.dumps(res))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -627,7 +822,7 @@ def test_sharded_evaluation_matches_single_device(tmp_path: Path):
                          cwd=str(Path(__file__).resolve().parents[1]))
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["True"] == res["False"] and res["True"][0] > 500
+    assert res["2"] == res["1"] and res["2"][0] > 500
 
 
 def test_experiment_writes_results_json_for_every_setting(tmp_path: Path):

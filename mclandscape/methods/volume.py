@@ -1,6 +1,7 @@
 """Volumetric exploration of low-loss regions: flats, voxel lattices, the modified BFS and H_c(s).
 
-Implements seed 002 ("Volumetric investigation into neural network loss landscapes"):
+Implements N. Schager, "Volumetric investigation into neural network loss landscapes" (Bachelor's thesis,
+Universität Kassel, 2025); section numbers below refer to it.
 
 - **Flats** (§4.2.1-4.2.2): from m+1 minima θ_0..θ_m the directions b_i = θ_i − θ_anchor span an m-dimensional
   affine subspace anchored at a chosen minimum, with either the raw basis B = [b_1..b_m] or its QR
@@ -8,23 +9,31 @@ Implements seed 002 ("Volumetric investigation into neural network loss landscap
   low-dimensional network (§5.1, "B = None" in Algorithm 3). :attr:`Flat.raw_angles_deg` are the angles
   between the raw basis vectors (§6.3).
 - **Lattice** (§4.1, §4.3.1): an integer coordinate a ∈ Z^m maps to θ(a) = θ* + s·B·a, computed from the
-  integers every time (:meth:`Flat.point`, :class:`LatticeLoss`), so a voxel always gets bit-identical
-  parameters and the traversal never compares floating-point positions.
+  integers every time, so the traversal never compares floating-point positions. A batch of voxels is a
+  family of points of the one evaluator (:mod:`mclandscape.engine.evaluate`): coefficient rows
+  ``[1, s·a_1, ..., s·a_m]`` over the stack ``[θ*, b_1, ..., b_m]`` (:meth:`Flat.lattice_points`; for the
+  full space the stack is ``[θ*, e_1, ..., e_d]``). :class:`LatticeLoss` evaluates them with
+  :func:`~mclandscape.engine.evaluate.map_points`, which forms each voxel's parameters inside its mapped,
+  fixed-shape chunks (and shards the voxels over devices), so a voxel's loss is the same bits in any batch.
+- **Losses** (:class:`ParamLoss`): any hashable ``fn(theta, aux)`` of the raveled parameter vector (an
+  analytic landscape), or :func:`model_vector_loss`, the model's objective
+  (:func:`mclandscape.core.objective.make_objective`, inference mode) on a full batch.
 - **Traversal** (Algorithm 3, §4.3.3): :func:`grid_traversal` — threshold c = n·ε with ε = f(θ*) (§4.3.2),
   visited set, FIFO queue, future queue, dropout, random dequeue after ``sampling_switch_iter``, step
   limit. Many frontier voxels are expanded per wave and all their new neighbours are evaluated in one
   vectorised (and, with several devices, sharded) call; with ``dropout = 0`` the waves reproduce the
   one-at-a-time FIFO algorithm exactly (same accepted voxels, same queues, same number of evaluations,
-  even when the step limit cuts the run short).
+  even when the step limit cuts the run short). Losses, ε and c are held and compared in one dtype, the
+  dtype of the losses (float32, or float64 with ``jax_enable_x64``).
 - **Heuristic** (§4.3.4): H_c(s) = number of *accepted* voxels (f ≤ c) reached from the origin;
   :func:`h_sweep` computes it for a grid of step widths s and multipliers n, continuing each larger
   threshold from the future queue of the previous one; :func:`fit_log_linear` fits log H = log A + B·c
   with the correlation coefficient R (§6.1).
 
-Deviations from the seed's text (each a slip; the evident intent is implemented and tested):
+Deviations from the thesis's text (each a slip; the evident intent is implemented and tested):
 
 - Algorithm 3 returns ``0`` when ``iterations = limit``; here the partial result is returned flagged
-  ``truncated=True``, and only when work was actually left (the seed's test also fires when the queue
+  ``truncated=True``, and only when work was actually left (the thesis's test also fires when the queue
   empties exactly at the limit).
 - Algorithm 3's ``visited`` set also holds rejected voxels; H_c(s) counts accepted voxels only.
 - Continuing with ``queue = future_queue`` (as Algorithm 3's inputs suggest) would expand voxels that were
@@ -38,6 +47,7 @@ Deviations from the seed's text (each a slip; the evident intent is implemented 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +57,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mclandscape.core.tree import PyTree, check_same_structure, tree_ravel
+from mclandscape.core.objective import make_objective
+from mclandscape.core.tree import PyTree, check_same_structure, tree_combine, tree_ravel
+from mclandscape.engine.evaluate import Points, map_points
 
 __all__ = [
     "Flat",
@@ -72,25 +84,27 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------------
-# Flats (seed 002 §4.2)
+# Flats (§4.2)
 # --------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Flat:
-    """An m-dimensional affine subspace θ* + span(B) of parameter space (seed 002 §4.2).
+    """An m-dimensional affine subspace θ* + span(B) of parameter space (§4.2).
 
-    - ``anchor``: θ* as a flat vector ``[d]`` (exactly the anchor minimum's parameters).
-    - ``basis``: ``[d, m]`` columns (raw differences b_i or their QR orthonormalisation Q), or ``None`` for the
-      full parameter space (m = d, B = I).
-    - ``kind``: ``"qr"``, ``"raw"`` or ``"full"``.
-    - ``unravel``: flat vector -> parameter pytree.
-    - ``raw_angles_deg``: ``[m, m]`` angles between the raw basis vectors b_i (§6.3), ``None`` for ``full``.
-    - ``raw_norms``: lengths |b_i|.
-    - ``minima_coords``: ``[m+1, m]`` coordinates of every minimum in the flat at step 1 (θ_j = θ* + B c_j);
-      divide by s for lattice coordinates (the anchor is the origin).
-    - ``cell_factor``: sqrt(det BᵀB), the m-volume of a unit lattice cell (1 for ``qr`` and ``full``), so a
-      voxel of step s has volume ``cell_factor · s^m``.
+    Attributes:
+      anchor: θ* as a flat vector ``[d]`` (exactly the anchor minimum's parameters).
+      basis: ``[d, m]`` columns (raw differences b_i or their QR orthonormalisation Q), or ``None`` for the
+        full parameter space (m = d, B = I).
+      kind: ``"qr"``, ``"raw"`` or ``"full"``.
+      unravel: flat vector -> parameter pytree.
+      raw_angles_deg: ``[m, m]`` angles between the raw basis vectors b_i (§6.3), ``None`` for ``full``.
+      raw_norms: lengths |b_i|.
+      minima_coords: ``[m+1, m]`` coordinates of every minimum in the flat at step 1 (θ_j = θ* + B c_j);
+        divide by s for lattice coordinates (the anchor is the origin).
+      cell_factor: sqrt(det BᵀB), the m-volume of a unit lattice cell (1 for ``qr`` and ``full``), so a
+        voxel of step s has volume ``cell_factor · s^m``.
+      anchor_index: which of the minima is θ*.
     """
 
     anchor: jax.Array
@@ -113,22 +127,65 @@ class Flat:
         """d, the number of parameters."""
         return int(self.anchor.shape[0])
 
+    @functools.cached_property
+    def stack(self) -> jax.Array:
+        """``[m+1, d]``: θ*, then the basis vectors b_1..b_m (e_1..e_d for the full space), the stack the
+        lattice rows combine (a one-leaf tree of :class:`~mclandscape.engine.evaluate.Points`)."""
+        dtype = self.anchor.dtype
+        dirs = jnp.eye(self.ambient_dim, dtype=dtype) if self.basis is None else jnp.asarray(self.basis, dtype).T
+        return jnp.concatenate([self.anchor[None, :], dirs], axis=0)
+
     def cell_volume(self, step: float) -> float:
         """m-volume of one voxel, ``cell_factor · s^m``."""
         _check_step(step)
         return float(self.cell_factor * step ** self.dim)
 
-    def point(self, coords, step: float) -> jax.Array:
-        """θ(a) = θ* + s·B·a for integer coordinates ``coords`` ``[..., m]`` (seed 002 §4.2.2)."""
+    def lattice_rows(self, coords, step: float) -> np.ndarray:
+        """The coefficient rows ``[K, m+1]`` = ``[1, s·a_1, ..., s·a_m]`` of integer voxels ``coords [K, m]``.
+
+        Args:
+          coords: integer lattice coordinates, shape ``[K, m]``.
+          step: the step width s > 0.
+
+        Returns:
+          NumPy rows in the anchor's dtype (s·a_i is rounded once, the same bits for a voxel every time).
+
+        Raises:
+          ValueError: non-integer coordinates, a wrong shape, or a coordinate too large for the anchor's dtype
+            to hold exactly (beyond 2^24 in float32), where two voxels could share one row.
+        """
         _check_step(step)
+        a = _check_coords(coords, self.dim)
+        dtype = np.dtype(self.anchor.dtype)
+        exact = 2 ** (int(jnp.finfo(dtype).nmant) + 1)
+        if a.size and max(-int(a.min()), int(a.max())) > exact:
+            raise ValueError(f"a lattice coordinate exceeds {exact}, beyond which {dtype} cannot hold it exactly; "
+                             "use a larger step or bound the traversal with `limit` or `radius`")
+        rows = np.empty((a.shape[0], self.dim + 1), dtype)
+        rows[:, 0] = 1
+        rows[:, 1:] = a.astype(dtype) * dtype.type(step)
+        return rows
+
+    def lattice_points(self, coords, step: float) -> Points:
+        """The voxels ``coords [K, m]`` at step width s as :class:`~mclandscape.engine.evaluate.Points`:
+        rows :meth:`lattice_rows` over :attr:`stack`; each point is the raveled vector θ(a) = θ* + s·B·a."""
+        return Points(rows=jnp.asarray(self.lattice_rows(coords, step)), stack=self.stack)
+
+    def point(self, coords, step: float) -> jax.Array:
+        """θ(a) = θ* + s·B·a for integer coordinates ``coords`` ``[..., m]`` (§4.2.2).
+
+        Args:
+          coords: integers whose last axis has size m.
+          step: the step width s > 0.
+
+        Returns:
+          ``[..., d]`` parameter vectors (the origin is θ* exactly).
+        """
         a = np.asarray(coords)
-        if not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"lattice coordinates must be integers, got dtype {a.dtype}")
-        if a.shape[-1:] != (self.dim,):
+        if a.ndim == 0 or a.shape[-1] != self.dim:
             raise ValueError(f"lattice coordinates need a last axis of size m={self.dim}, got shape {a.shape}")
-        flat = a.reshape(-1, self.dim)
-        out = _lattice_points(self.anchor, self.basis, jnp.asarray(step, self.anchor.dtype),
-                              jnp.asarray(flat, jnp.int32))
+        rows = self.lattice_rows(a.reshape(-1, self.dim), step)
+        out = tree_combine(jnp.asarray(rows), self.stack)
         return out.reshape(a.shape[:-1] + (self.ambient_dim,))
 
     def params(self, coords, step: float) -> PyTree:
@@ -152,19 +209,13 @@ class Flat:
         }
 
 
-def _lattice_points(anchor: jax.Array, basis: jax.Array | None, step: jax.Array, coords: jax.Array):
-    """θ* + s·B·a for a batch ``coords [K, m]`` of integer coordinates.
-
-    The sum over the m basis vectors is an unrolled chain of element-wise multiply-adds (no matrix product),
-    so every voxel's parameters are the same bits whatever the batch (bucket) size it is evaluated in.
-    """
-    coef = coords.astype(anchor.dtype) * step
-    if basis is None:
-        return anchor[None, :] + coef
-    delta = coef[:, 0:1] * basis[None, :, 0]
-    for i in range(1, basis.shape[1]):
-        delta = delta + coef[:, i:i + 1] * basis[None, :, i]
-    return anchor[None, :] + delta
+def _check_coords(coords, dim: int) -> np.ndarray:
+    a = np.asarray(coords)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"lattice coordinates must be integers, got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[1] != dim:
+        raise ValueError(f"coords must have shape [K, {dim}] (K voxels of an m={dim} lattice), got {a.shape}")
+    return a
 
 
 def _ravel_minima(minima: Sequence[PyTree]):
@@ -189,15 +240,22 @@ def flat_from_minima(
     basis: str = "qr",
     rtol: float = 1e-4,
 ) -> Flat:
-    """The flat through m+1 minima (seed 002 §4.2.1): b_i = θ_i − θ_anchor, raw or QR-orthonormalised.
+    """The flat through m+1 minima (§4.2.1): b_i = θ_i − θ_anchor, raw or QR-orthonormalised.
 
-    ``minima`` are same-structured parameter pytrees (at least two). ``anchor`` picks θ* (the origin of the
-    lattice); the other minima give the directions in their order. ``basis="qr"`` orthonormalises
-    B = [b_1..b_m] by a tall-skinny Householder QR in float64 on the host (``d × m``; d can be millions),
-    with signs chosen so diag(R) > 0 (q_1 points along b_1); ``basis="raw"`` keeps B itself (§5.4).
+    Args:
+      minima: same-structured parameter pytrees (at least two).
+      anchor: index of θ* (the origin of the lattice); the other minima give the directions in their order.
+      basis: ``"qr"`` orthonormalises B = [b_1..b_m] by a tall-skinny Householder QR in float64 on the host
+        (``d × m``; d can be millions), with signs chosen so diag(R) > 0 (q_1 points along b_1); ``"raw"``
+        keeps B itself (§5.4).
+      rtol: relative tolerance of the linear-independence check.
 
-    Raises ``ValueError`` for fewer than two minima, an anchor out of range, or linearly dependent minima
-    (some b_i has a component orthogonal to b_1..b_{i-1} below ``rtol·|b_i|``, including b_i = 0).
+    Returns:
+      The :class:`Flat`.
+
+    Raises:
+      ValueError: fewer than two minima, an anchor out of range, an unknown basis, or linearly dependent
+        minima (some b_i has a component orthogonal to b_1..b_{i-1} below ``rtol·|b_i|``, including b_i = 0).
     """
     minima = list(minima)
     if len(minima) < 2:
@@ -261,7 +319,14 @@ def flat_from_minima(
 
 
 def full_space_flat(theta_star: PyTree) -> Flat:
-    """The whole parameter space around θ* (m = d, B = I; Algorithm 3 with ``B = None``, seed 002 §5.1)."""
+    """The whole parameter space around θ* (m = d, B = I; Algorithm 3 with ``B = None``, §5.1).
+
+    Args:
+      theta_star: the minimum (a parameter pytree of floating, finite arrays).
+
+    Returns:
+      The :class:`Flat` with ``basis=None``.
+    """
     (v, unravel), = _ravel_minima([theta_star])
     return Flat(anchor=v, basis=None, kind="full", unravel=unravel, raw_angles_deg=None, raw_norms=None,
                 minima_coords=None, cell_factor=1.0, anchor_index=0)
@@ -274,157 +339,218 @@ def full_space_flat(theta_star: PyTree) -> Flat:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ParamLoss:
-    """A scalar loss f(θ) of a flat parameter vector θ ∈ R^d: ``fn(theta, aux) -> scalar``.
+    """A scalar loss f(θ) of a raveled parameter vector θ ∈ R^d: ``fn(theta, aux) -> scalar``.
 
-    ``aux`` (data, fixed variables) is passed to the compiled function as an argument, so one ``ParamLoss``
-    compiles once per bucket size and is reused across flats, anchors and step widths. ``dim`` (optional) is
-    checked against the flat's d.
+    ``fn`` is a static argument of the one evaluator's compiled map
+    (:func:`~mclandscape.engine.evaluate.map_points`), so it must be hashable: a module-level function, or a
+    frozen dataclass (hashed by value). ``aux`` (data, fixed variables) is an ordinary argument, so the same
+    ``fn`` compiles once per bucket size and is reused across flats, anchors, step widths and new ``aux``
+    values of the same shapes.
 
-    Batches of voxels are evaluated as a ``lax.map`` over chunks of ``chunk`` voxels, each chunk vectorised
-    with ``vmap``. Every voxel is therefore computed by the same fixed-shape kernel whatever the batch size,
-    so its loss is bit-identical in any bucket (a plain ``vmap`` over the whole batch is not: XLA picks
-    shape-dependent kernels, which changes the last bits for small batches). θ for a chunk is built inside
-    the loop, so memory stays at ``chunk × d`` floats even when d is in the millions.
+    Attributes:
+      fn: ``fn(theta [d], aux) -> scalar``.
+      aux: any pytree of arrays passed to ``fn`` (``None`` for none).
+      dim: d, checked against the flat's number of parameters (optional).
+      chunk: voxels per vectorised chunk of the evaluator's ``lax.map``. Every voxel is computed by the
+        same fixed-shape kernel whatever the batch size, so its loss is bit-identical in any bucket (a plain
+        ``vmap`` over the whole batch is not: XLA picks shape-dependent kernels). θ is formed chunk by
+        chunk, so memory stays at ``chunk × d`` floats even when d is in the millions.
     """
 
     fn: Callable[[jax.Array, Any], jax.Array]
     aux: Any = None
     dim: int | None = None
     chunk: int = 16
-    _batched: Callable = dataclasses.field(init=False, repr=False)
-    _sharded: dict = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
-        if not isinstance(self.chunk, int | np.integer) or self.chunk < 1:
+        if not callable(self.fn):
+            raise ValueError(f"fn must be callable fn(theta, aux) -> scalar, got {self.fn!r}")
+        try:
+            hash(self.fn)
+        except TypeError as err:
+            raise ValueError(f"fn must be hashable (a module-level function or a frozen dataclass): it is a "
+                             f"static argument of the compiled evaluator; got {type(self.fn).__name__}") from err
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int | np.integer) or self.chunk < 1:
             raise ValueError(f"chunk must be a positive integer, got {self.chunk!r}")
-        object.__setattr__(self, "_batched", jax.jit(self._local))
-        object.__setattr__(self, "_sharded", {})
-
-    def _local(self, anchor, basis, step, coords, aux):
-        fn, b = self.fn, int(self.chunk)
-
-        def one_chunk(cc):
-            thetas = _lattice_points(anchor, basis, step, cc)
-            return jax.vmap(lambda t: fn(t, aux))(thetas)
-
-        k, m = coords.shape
-        return jax.lax.map(one_chunk, coords.reshape(k // b, b, m)).reshape(k)
-
-    def sharded(self, devices: Sequence) -> Callable:
-        """The batched evaluator split over ``devices`` along the voxel axis (``shard_map``)."""
-        key = tuple(devices)
-        if key not in self._sharded:
-            mesh = jax.sharding.Mesh(np.array(devices), ("v",))
-            rep, part = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec("v")
-            fn = jax.shard_map(self._local, mesh=mesh, in_specs=(rep, rep, rep, part, rep), out_specs=part,
-                               check_vma=False)
-            self._sharded[key] = (jax.jit(fn), jax.sharding.NamedSharding(mesh, part))
-        return self._sharded[key]
+        if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int | np.integer)
+                                     or self.dim < 1):
+            raise ValueError(f"dim must be a positive integer or None, got {self.dim!r}")
 
     def __call__(self, theta) -> jax.Array:
+        """f(θ) of one parameter vector (not compiled; for checks)."""
         return self.fn(jnp.asarray(theta), self.aux)
 
 
-def model_vector_loss(model, data, variables: PyTree, *, loss: str | Callable = "cross_entropy") -> ParamLoss:
-    """Full-batch mean loss of ``model`` on ``data`` as a function of the flat parameter vector.
+@dataclasses.dataclass(frozen=True)
+class _Unravel:
+    """Flat vector -> parameter tree, as ``jax.flatten_util.ravel_pytree`` orders the leaves; hashable by
+    value (tree structure, shapes, dtypes), so losses built for the same architecture share compiled code."""
 
-    ``variables`` gives the parameter structure (``variables['params']``, raveled in the same order as
-    :func:`flat_from_minima`) and any fixed collections (``batch_stats``), which stay at their values.
-    ``data`` is a :class:`mclandscape.engine.data.Dataset` (or any object with ``x`` and ``y``) small enough for one
-    batch (Iris, synthetic sets; seed 002 §5.1-5.2). ``loss`` is ``"cross_entropy"``, ``"mse"`` or a
-    per-example callable ``(outputs, targets) -> [N]``.
-    """
-    from mclandscape.core import losses as _losses
+    treedef: Any
+    shapes: tuple
+    dtypes: tuple
 
-    if not isinstance(variables, dict) or "params" not in variables:
-        raise ValueError("variables must be a dict with a 'params' entry")
-    if isinstance(loss, str):
-        if loss not in ("cross_entropy", "mse"):
-            raise ValueError(f"loss must be 'cross_entropy', 'mse' or a callable, got {loss!r}")
-        per_example = getattr(_losses, loss)
-    elif callable(loss):
-        per_example = loss
+    @classmethod
+    def of(cls, tree: PyTree) -> _Unravel:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        return cls(treedef, tuple(tuple(int(s) for s in np.shape(a)) for a in leaves),
+                   tuple(jnp.result_type(a).name for a in leaves))
+
+    def __call__(self, vec: jax.Array) -> PyTree:
+        out, offset = [], 0
+        for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
+            size = math.prod(shape)
+            out.append(vec[offset:offset + size].reshape(shape).astype(dtype))
+            offset += size
+        return jax.tree_util.tree_unflatten(self.treedef, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ObjectiveOfVector:
+    """``fn(theta, (objective, batch))``: the objective's value at the parameters ``unravel(theta)``."""
+
+    unravel: _Unravel
+
+    def __call__(self, theta, aux):
+        objective, batch = aux
+        value, _ = objective(self.unravel(theta), batch, None)
+        return value
+
+
+def _data_xy(data) -> tuple[jax.Array, jax.Array]:
+    if hasattr(data, "x") and hasattr(data, "y"):
+        x, y = data.x, data.y
+    elif isinstance(data, tuple | list) and len(data) == 2:
+        x, y = data
     else:
-        raise ValueError(f"loss must be a string or a callable, got {loss!r}")
-    vec, unravel = tree_ravel(variables["params"])
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    x = jnp.asarray(np.asarray(data.x))
-    y = jnp.asarray(np.asarray(data.y))
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"data has {x.shape[0]} inputs and {y.shape[0]} targets")
+        raise ValueError(f"data must be a Dataset (with .x and .y) or an (x, y) pair, got {type(data).__name__}")
+    x, y = jnp.asarray(np.asarray(x)), jnp.asarray(np.asarray(y))
+    if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"data needs as many targets as inputs (at least one): x {x.shape}, y {y.shape}")
+    return x, y
 
-    def fn(theta, aux):
-        xx, yy, fixed = aux
-        out = model.apply({"params": unravel(theta), **fixed}, xx, train=False)
-        return jnp.mean(per_example(out, yy))
 
-    return ParamLoss(fn=fn, aux=(x, y, rest), dim=int(vec.shape[0]))
+def model_vector_loss(model, data, variables: PyTree, *, loss: str | Callable = "cross_entropy",
+                      chunk: int = 16) -> ParamLoss:
+    """Full-batch mean loss of ``model`` on ``data`` as a function of the raveled parameter vector.
+
+    The loss is the model's objective (:func:`mclandscape.core.objective.make_objective` with the one loss
+    registry :func:`mclandscape.core.losses.get_loss`) in inference mode, with every collection of
+    ``variables`` but ``params`` (e.g. a BatchNorm model's running statistics) held fixed.
+
+    Args:
+      model: a :class:`mclandscape.engine.models.Model`.
+      data: a :class:`mclandscape.engine.data.Dataset` (or any object with ``x`` and ``y``, or an ``(x, y)``
+        pair) small enough for one batch (Iris, synthetic sets; §5.1-5.2).
+      variables: the model's variables: ``variables['params']`` gives the parameter structure (raveled in the
+        order of :func:`flat_from_minima`), the other collections stay at their values.
+      loss: ``"cross_entropy"``, ``"mse"``, ``"mse_onehot"`` or a per-example callable
+        ``(outputs, targets) -> [N]``.
+      chunk: see :class:`ParamLoss`.
+
+    Returns:
+      A :class:`ParamLoss` with ``dim`` = the number of parameters. Its ``fn`` hashes by the parameter
+      structure, its objective and data are ``aux``, so a second loss for the same model and shapes reuses
+      the compiled evaluator.
+
+    Raises:
+      ValueError: variables without ``params``, an unknown loss, mismatched data, or a BatchNorm model
+        without running statistics in ``variables``.
+    """
+    if not hasattr(variables, "items") or "params" not in variables:
+        raise ValueError("variables must be a dict of collections with a 'params' entry")
+    x, y = _data_xy(data)
+    objective = make_objective(model, loss, train=False, variables=variables)
+    vec, _ = tree_ravel(variables["params"])
+    return ParamLoss(fn=_ObjectiveOfVector(_Unravel.of(variables["params"])), aux=(objective, (x, y)),
+                     dim=int(vec.shape[0]), chunk=chunk)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LatticeLoss:
     """f(θ* + s·B·a) for batches of integer voxels a: the evaluator used by :func:`grid_traversal`.
 
-    Calls take ``coords [K, m]`` (integers) and return float32 losses ``[K]``. Batches are cut into pieces
-    of at most ``max_batch`` voxels, each padded to a power-of-two bucket that is a multiple of the loss's
-    ``chunk`` (times the device count when sharded), so only a handful of shapes are ever compiled and every
-    voxel's loss is the same bits in any bucket. With several devices (``shard=None`` means "when more than
-    one") each bucket is split over them along the voxel axis.
+    Calls take ``coords [K, m]`` (integers) and return the losses ``[K]`` (float32, or float64 for a float64
+    loss). Batches are cut into pieces of at most ``max_batch`` voxels, each padded (with the origin) to a
+    power-of-two bucket that is a multiple of the loss's ``chunk`` times the device count, so only a handful
+    of shapes are ever compiled; each piece is :meth:`Flat.lattice_points` evaluated by
+    :func:`~mclandscape.engine.evaluate.map_points` (``lax.map`` over chunks, sharded over devices), so
+    every voxel's loss is the same bits in any bucket and on any number of devices.
+
+    Attributes:
+      flat: the :class:`Flat`.
+      step: the step width s > 0.
+      loss: the :class:`ParamLoss`.
+      max_batch: most voxels per evaluator call.
+      devices: how many devices to shard the voxels over (default all).
     """
 
     flat: Flat
     step: float
     loss: ParamLoss
     max_batch: int = 4096
-    shard: bool | None = None
+    devices: int | None = None
 
     def __post_init__(self):
         _check_step(self.step)
+        if not isinstance(self.flat, Flat):
+            raise ValueError(f"flat must be a Flat, got {type(self.flat).__name__}")
         if not isinstance(self.loss, ParamLoss):
             raise ValueError(f"loss must be a ParamLoss, got {type(self.loss).__name__}")
         if self.loss.dim is not None and self.loss.dim != self.flat.ambient_dim:
             raise ValueError(f"loss is defined on {self.loss.dim} parameters but the flat lives in "
                              f"{self.flat.ambient_dim}")
-        if not isinstance(self.max_batch, int | np.integer) or self.max_batch < 1:
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int | np.integer) or self.max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        avail = jax.device_count()
+        if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int | np.integer)
+                                         or not 1 <= self.devices <= avail):
+            raise ValueError(f"devices must be None or an integer in [1, {avail}], got {self.devices!r}")
 
     @property
     def dim(self) -> int:
+        """m, the lattice dimension."""
         return self.flat.dim
 
-    def bucket(self, k: int, ndev: int = 1) -> int:
-        """Padded size used for ``k`` voxels (power of two, a multiple of ``chunk · ndev``)."""
-        unit = int(self.loss.chunk) * ndev
+    @property
+    def num_devices(self) -> int:
+        """Devices the voxels are sharded over."""
+        return jax.device_count() if self.devices is None else int(self.devices)
+
+    def bucket(self, k: int, ndev: int | None = None) -> int:
+        """Padded size used for ``k`` voxels (a power of two, rounded up to a multiple of ``chunk · ndev``)."""
+        unit = int(self.loss.chunk) * (self.num_devices if ndev is None else int(ndev))
         b = 1 << max(0, math.ceil(math.log2(max(k, 1))))
         return -(-b // unit) * unit
 
     def __call__(self, coords) -> np.ndarray:
-        a = np.asarray(coords)
-        if a.ndim != 2 or a.shape[1] != self.dim:
-            raise ValueError(f"coords must have shape [K, {self.dim}], got {a.shape}")
-        if not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"lattice coordinates must be integers, got dtype {a.dtype}")
-        if a.size and np.abs(a).max() > np.iinfo(np.int32).max:
-            raise ValueError("lattice coordinates exceed the int32 range")
-        devices = jax.devices()
-        shard = len(devices) > 1 if self.shard is None else bool(self.shard)
-        ndev = len(devices) if shard else 1
-        if ndev > 1:
-            call, sharding = self.loss.sharded(devices)
-        else:
-            call, sharding = self.loss._batched, None
-        dtype = self.flat.anchor.dtype
-        step = jnp.asarray(self.step, dtype)
-        out = np.empty(a.shape[0], np.float32)
+        """The losses of the voxels ``coords``.
+
+        Args:
+          coords: integer lattice coordinates ``[K, m]``.
+
+        Returns:
+          ``[K]`` losses as NumPy values in the loss's dtype (float32, or float64 for a float64 loss).
+        """
+        a = _check_coords(coords, self.dim)
+        ndev = self.num_devices
+        stack = self.flat.stack
+        outs = []
         for lo in range(0, a.shape[0], self.max_batch):
             piece = a[lo:lo + self.max_batch]
             k = piece.shape[0]
-            padded = np.zeros((self.bucket(k, ndev), self.dim), np.int32)
+            padded = np.zeros((self.bucket(k, ndev), self.dim), a.dtype)
             padded[:k] = piece
-            dev = jax.device_put(padded, sharding) if sharding is not None else jnp.asarray(padded)
-            vals = call(self.flat.anchor, self.flat.basis, step, dev, self.loss.aux)
-            out[lo:lo + k] = np.asarray(vals, np.float32)[:k]
-        return out
+            rows = self.flat.lattice_rows(padded, self.step)
+            vals = map_points(self.loss.fn, Points(rows=rows, stack=stack), self.loss.aux, strategy="map",
+                              chunk_size=int(self.loss.chunk), devices=ndev)
+            if vals.shape != (rows.shape[0],) or not np.issubdtype(vals.dtype, np.floating):
+                raise ValueError(f"the loss must return one floating scalar per voxel; got {vals.dtype} values "
+                                 f"of shape {vals.shape[1:]} per voxel")
+            outs.append(vals[:k])
+        if not outs:
+            return np.zeros(0, np.float32)
+        return np.concatenate(outs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -437,6 +563,9 @@ class LatticeCodec:
 
     Coordinates must lie in ``[-2^(b-1), 2^(b-1) - 1]`` with b = ⌊63/m⌋ (b ≥ 4, so m ≤ 15); anything outside
     raises ``ValueError`` (never wrapped or clipped).
+
+    Args:
+      dim: the lattice dimension m (1..15).
     """
 
     def __init__(self, dim: int):
@@ -456,6 +585,7 @@ class LatticeCodec:
         return self.offset - 1
 
     def pack(self, coords) -> np.ndarray:
+        """Keys ``[K]`` (int64, non-negative) of integer coordinates ``[K, m]``."""
         a = np.asarray(coords, np.int64)
         if a.ndim != 2 or a.shape[1] != self.dim:
             raise ValueError(f"coords must have shape [K, {self.dim}], got {a.shape}")
@@ -466,6 +596,7 @@ class LatticeCodec:
         return np.bitwise_or.reduce((a + self.offset) << self.shifts[None, :], axis=1)
 
     def unpack(self, keys) -> np.ndarray:
+        """Coordinates ``[K, m]`` of keys ``[K]`` (the inverse of :meth:`pack`)."""
         k = np.asarray(keys, np.int64).reshape(-1)
         return ((k[:, None] >> self.shifts[None, :]) & self.mask) - self.offset
 
@@ -475,20 +606,29 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 class VoxelStore:
-    """Visited voxels and their losses: an open-addressing hash table of int64 keys with float32 values.
+    """Visited voxels and their losses: an open-addressing hash table of int64 keys with floating values.
 
-    Vectorised over batches of keys (linear probing, multiplicative hashing, load ≤ 1/2): 12 bytes per slot,
-    i.e. 24-48 bytes per visited voxel, so 10^7 voxels take a few hundred MiB.
+    Vectorised over batches of keys (linear probing, multiplicative hashing, load ≤ 1/2): 12 bytes per slot
+    with float32 values (16 with float64), i.e. 24-48 bytes per visited voxel, so 10^7 voxels take a few
+    hundred MiB.
+
+    Args:
+      capacity: initial number of slots (rounded up to a power of two; the table grows as needed).
+      dtype: the dtype of the stored losses (values are stored exactly in it).
     """
 
     max_load = 0.5
 
-    def __init__(self, capacity: int = 1024):
+    def __init__(self, capacity: int = 1024, dtype=np.float32):
+        dtype = np.dtype(dtype)
+        if not np.issubdtype(dtype, np.floating):
+            raise ValueError(f"the stored losses need a floating dtype, got {dtype}")
+        self.dtype = dtype
         self._alloc(max(16, 1 << math.ceil(math.log2(max(capacity, 1)))))
 
     def _alloc(self, cap: int):
         self._keys = np.full(cap, _EMPTY, np.int64)
-        self._vals = np.zeros(cap, np.float32)
+        self._vals = np.zeros(cap, self.dtype)
         self._size = 0
         self._mask = np.int64(cap - 1)
         self._shift = np.uint64(64 - int(math.log2(cap)))
@@ -540,7 +680,7 @@ class VoxelStore:
     def insert(self, keys, values) -> None:
         """Add new distinct keys with their values (a key already present raises ``ValueError``)."""
         keys = np.asarray(keys, np.int64).reshape(-1)
-        values = np.asarray(values, np.float32).reshape(-1)
+        values = np.asarray(values, self.dtype).reshape(-1)
         if keys.shape != values.shape:
             raise ValueError(f"{keys.shape[0]} keys but {values.shape[0]} values")
         if keys.size == 0:
@@ -584,6 +724,7 @@ class VoxelStore:
 
     def copy(self) -> VoxelStore:
         new = VoxelStore.__new__(VoxelStore)
+        new.dtype = self.dtype
         new._keys, new._vals = self._keys.copy(), self._vals.copy()
         new._size, new._mask, new._shift = self._size, self._mask, self._shift
         return new
@@ -665,17 +806,35 @@ class TraversalState:
     A voxel is *accepted* when its loss is ≤ the current threshold c; every visited voxel was evaluated once
     and its loss kept, so accepted = {visited voxels with loss ≤ c} and the future queue holds exactly the
     visited voxels above c. :func:`grid_traversal` updates the state in place; use :meth:`copy` to keep one.
+
+    Losses, ε and every threshold are held in one dtype (``dtype``: that of the losses at the origin,
+    float32 or float64), and every comparison ``f ≤ c`` is made in it, so a voxel whose loss equals c is
+    accepted whether it is met fresh or re-checked from the store.
+
+    Args:
+      dim: the lattice dimension m.
+      epsilon: ε = f(θ*), the loss at the origin (rounded to ``dtype``).
+      dtype: the floating dtype of the losses.
     """
 
-    def __init__(self, dim: int, epsilon: float):
+    def __init__(self, dim: int, epsilon: float, dtype=np.float32):
         self.codec = LatticeCodec(dim)
-        self.store = VoxelStore()
+        self.store = VoxelStore(dtype=dtype)
         self.queue = KeyQueue()
         self.future = KeyQueue()
-        self.epsilon = float(epsilon)
-        self.threshold = -math.inf
+        self.epsilon = float(self.store.dtype.type(epsilon))  # held exactly as the losses are
+        self.threshold = self.store.dtype.type(-np.inf)
         self.accepted = 0
         self.evaluations = 0
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the losses, ε and the thresholds."""
+        return self.store.dtype
+
+    def threshold_for(self, n: float):
+        """c = n·ε in the loss dtype (the product rounded once)."""
+        return _threshold(n, self.epsilon, self.dtype)
 
     @property
     def dim(self) -> int:
@@ -701,7 +860,7 @@ class TraversalState:
     def accepted_keys(self) -> np.ndarray:
         """Sorted keys of the accepted voxels (loss ≤ current threshold)."""
         k, v = self.store.items()
-        return np.sort(k[v.astype(np.float64) <= self.threshold])
+        return np.sort(k[v <= self.threshold])
 
     def accepted_coords(self) -> np.ndarray:
         """``[H, m]`` integer coordinates of the accepted voxels (sorted by key)."""
@@ -718,9 +877,9 @@ class TraversalState:
 class TraversalResult:
     """Outcome of one :func:`grid_traversal` call.
 
-    ``H`` is H_c(s) (accepted voxels, origin included; seed 002 §4.3.4); ``iterations`` the dequeued voxels;
+    ``H`` is H_c(s) (accepted voxels, origin included; §4.3.4); ``iterations`` the dequeued voxels;
     ``evaluations`` the losses computed in this call (a continuation only evaluates new voxels);
-    ``truncated`` is True when the step limit stopped the run with voxels still queued (the seed returns 0);
+    ``truncated`` is True when the step limit stopped the run with voxels still queued (the thesis returns 0);
     ``dropped`` counts neighbours skipped by dropout, ``out_of_bounds`` neighbours outside ``radius``.
     """
 
@@ -768,6 +927,25 @@ def _check_step(step) -> None:
         raise ValueError(f"step width s must be a positive finite number, got {step!r}")
 
 
+def _threshold(n: float, epsilon: float, dtype):
+    """c = n·ε computed in float64 and rounded once to the loss dtype (the dtype every comparison uses)."""
+    return np.dtype(dtype).type(float(n) * float(epsilon))
+
+
+def _as_losses(values, k: int, dtype=None) -> np.ndarray:
+    """An evaluator's output as ``[k]`` losses in ``dtype`` (default: its own floating dtype, at least
+    float32)."""
+    vals = np.asarray(values)
+    if not (np.issubdtype(vals.dtype, np.floating) or np.issubdtype(vals.dtype, np.integer)):
+        raise ValueError(f"evaluate returned {vals.dtype} values; losses must be real numbers")
+    vals = vals.reshape(-1)
+    if vals.shape[0] != k:
+        raise ValueError(f"evaluate returned {vals.shape[0]} losses for {k} voxel(s)")
+    if dtype is None:
+        dtype = np.result_type(vals.dtype, np.float32) if np.issubdtype(vals.dtype, np.floating) else np.float32
+    return vals.astype(dtype, copy=False)
+
+
 def _check_multiplier(n) -> float:
     if not isinstance(n, int | float | np.integer | np.floating) or not math.isfinite(n) or n < 1:
         raise ValueError(f"threshold multiplier n must be a finite number >= 1 (c = n·ε ≥ ε), got {n!r}")
@@ -787,13 +965,14 @@ def grid_traversal(
     radius: int | None = None,
     key: Any = 0,
 ) -> TraversalResult:
-    """Algorithm 3 of seed 002 (modified BFS for grid traversal), batched.
+    """Algorithm 3 of the thesis (modified BFS for grid traversal, §4.3.3), batched.
 
-    ``evaluate(coords [K, m]) -> losses [K]`` is usually a :class:`LatticeLoss`. Without ``state`` the run
-    starts at the origin: ε = f(θ*) (must be positive), visited = queue = {0}. With the ``state`` of an
-    earlier run at a smaller threshold it continues: the future queue is re-checked against the new
-    c = n·ε from the stored losses (nothing is re-evaluated), the voxels now below c join the queue, and the
-    traversal goes on (thresholds may not decrease).
+    Without ``state`` the run starts at the origin: ε = f(θ*) (must be positive), visited = queue = {0}.
+    With the ``state`` of an earlier run at a smaller threshold it continues: the future queue is re-checked
+    against the new c = n·ε from the stored losses (nothing is re-evaluated), the voxels now below c join
+    the queue, and the traversal goes on (thresholds may not decrease). Losses, ε and c are compared in one
+    dtype, the dtype of the losses at the origin (float32, or float64 for a float64 loss); c = n·ε is
+    rounded once to it, and a voxel with f = c exactly is accepted.
 
     Each iteration dequeues a voxel (FIFO; uniformly at random once the iteration index exceeds
     ``sampling_switch_iter``), and each neighbour a ± e_i not yet visited is — unless skipped with
@@ -807,8 +986,25 @@ def grid_traversal(
     the switch a wave pops ``batch_size`` random voxels at once, and with ``dropout > 0`` each distinct new
     neighbour of a wave gets one skip draw.
 
-    ``radius`` (optional) restricts the lattice to max_i |a_i| ≤ radius; neighbours outside are counted in
-    ``out_of_bounds``. ``key`` (int, NumPy Generator or JAX key) seeds the dropout and random dequeues.
+    Args:
+      evaluate: ``evaluate(coords [K, m] integers) -> losses [K]``, usually a :class:`LatticeLoss`.
+      n: the threshold multiplier (c = n·ε, n ≥ 1).
+      state: the :class:`TraversalState` of an earlier call to continue (updated in place).
+      dim: the lattice dimension m, when ``evaluate`` has no ``dim`` attribute.
+      dropout: probability of skipping a new neighbour (after the switch only).
+      limit: most iterations (dequeued voxels) of this call.
+      sampling_switch_iter: iteration index after which voxels are dequeued at random.
+      batch_size: most voxels dequeued per wave.
+      radius: restricts the lattice to max_i |a_i| ≤ radius; neighbours outside are counted in
+        ``out_of_bounds``.
+      key: int, NumPy Generator or JAX key seeding the dropout and random dequeues.
+
+    Returns:
+      A :class:`TraversalResult` (its ``state`` continues the traversal).
+
+    Raises:
+      ValueError: bad arguments, a non-positive or non-finite ε, a decreasing threshold, a state of another
+        lattice dimension, or an evaluator returning the wrong number of losses.
     """
     n = _check_multiplier(n)
     if not isinstance(dropout, int | float | np.floating) or not 0.0 <= float(dropout) <= 1.0:
@@ -831,13 +1027,14 @@ def grid_traversal(
         if m is None:
             raise ValueError("pass dim= (the lattice dimension m) when evaluate has no .dim")
         origin = np.zeros((1, int(m)), np.int64)
-        eps = float(np.asarray(evaluate(origin), np.float32).reshape(-1)[0])
+        eps0 = _as_losses(evaluate(origin), 1)
+        eps = float(eps0[0])
         if not math.isfinite(eps) or eps <= 0:
             raise ValueError(f"the loss at the anchor ε = f(θ*) = {eps!r} must be positive and finite for the "
-                             f"threshold c = n·ε (seed 002 §4.3.2)")
-        state = TraversalState(int(m), eps)
+                             f"threshold c = n·ε (§4.3.2)")
+        state = TraversalState(int(m), eps, dtype=eps0.dtype)
         okey = state.codec.pack(origin)
-        state.store.insert(okey, np.float32([eps]))
+        state.store.insert(okey, eps0)
         state.queue.push(okey)
         state.accepted = 1
         evals = 1
@@ -847,14 +1044,15 @@ def grid_traversal(
             raise ValueError(f"state is an m={state.dim} lattice but the evaluator is m={m if dim is None else dim}")
     m = state.dim
     codec = state.codec
-    c = n * state.epsilon
+    c = state.threshold_for(n)
     if c < state.threshold:
-        raise ValueError(f"thresholds must not decrease when continuing: c = {c:g} < previous {state.threshold:g}")
+        raise ValueError(f"thresholds must not decrease when continuing: c = {float(c):g} < previous "
+                         f"{float(state.threshold):g}")
 
-    # Re-check the future queue against the new threshold from the stored losses.
+    # Re-check the future queue against the new threshold from the stored losses (same dtype as c).
     if len(state.future):
         fk = state.future.take_all()
-        ok = state.store.get(fk).astype(np.float64) <= c
+        ok = state.store.get(fk) <= c
         state.queue.push(fk[ok])
         state.future.push(fk[~ok])
         state.accepted += int(ok.sum())
@@ -887,19 +1085,17 @@ def grid_traversal(
             dropped += int(skip.sum())
             nk, nb = nk[~skip], nb[~skip]
         if nk.size:
-            losses = np.asarray(evaluate(nb), np.float32).reshape(-1)
-            if losses.shape[0] != nk.shape[0]:
-                raise ValueError(f"evaluate returned {losses.shape[0]} losses for {nk.shape[0]} voxels")
+            losses = _as_losses(evaluate(nb), nk.shape[0], state.dtype)
             evals += nk.size
             state.store.insert(nk, losses)
-            ok = losses.astype(np.float64) <= c
+            ok = losses <= c
             state.queue.push(nk[ok])
             state.future.push(nk[~ok])
             state.accepted += int(ok.sum())
         it += k
     state.evaluations += evals
     return TraversalResult(
-        n=n, threshold=c, epsilon=state.epsilon, H=state.accepted, iterations=it, evaluations=evals,
+        n=n, threshold=float(c), epsilon=state.epsilon, H=state.accepted, iterations=it, evaluations=evals,
         visited=state.visited, queue_size=len(state.queue), future_size=len(state.future),
         truncated=len(state.queue) > 0, dropped=dropped, out_of_bounds=oob,
         wall_time=time.perf_counter() - t_start, state=state,
@@ -935,7 +1131,18 @@ class LogLinearFit:
 
 
 def fit_log_linear(c, H) -> LogLinearFit:
-    """Fit H_c(s) ≈ A·e^{B·c} (seed 002 §6.1) to thresholds ``c`` and counts ``H`` (natural log)."""
+    """Fit H_c(s) ≈ A·e^{B·c} (§6.1) to thresholds ``c`` and counts ``H`` (natural log).
+
+    Args:
+      c: thresholds ``[N]``.
+      H: positive counts ``[N]``.
+
+    Returns:
+      The :class:`LogLinearFit`.
+
+    Raises:
+      ValueError: fewer than two points, mismatched lengths, non-finite values, H ≤ 0 or equal thresholds.
+    """
     c = np.asarray(c, np.float64).reshape(-1)
     H = np.asarray(H, np.float64).reshape(-1)
     if c.shape != H.shape:
@@ -961,7 +1168,8 @@ class HSweep:
     """H_c(s) over step widths ``steps [S]`` and multipliers ``multipliers [N]`` (thresholds c = n·ε).
 
     Tables are ``[S, N]``: ``H`` (accepted voxels), ``evaluations`` (losses computed by that call),
-    ``visited`` (cumulative), ``truncated``, ``wall_time`` (seconds per call).
+    ``visited`` (cumulative), ``truncated``, ``wall_time`` (seconds per call). ``loss_dtype`` is the dtype
+    the losses and thresholds were compared in.
     """
 
     steps: np.ndarray
@@ -975,10 +1183,12 @@ class HSweep:
     dim: int
     cell_factor: float
     flat: dict = dataclasses.field(default_factory=dict)
+    loss_dtype: str = "float32"
 
     @property
     def thresholds(self) -> np.ndarray:
-        return self.multipliers * self.epsilon
+        """``[N]`` thresholds c = n·ε exactly as the traversal compared them (rounded to ``loss_dtype``)."""
+        return np.asarray([_threshold(n, self.epsilon, self.loss_dtype) for n in self.multipliers], np.float64)
 
     def volume(self) -> np.ndarray:
         """H·cell_factor·s^m: the voxel estimate of the m-volume of the explored component (§6.4)."""
@@ -1019,6 +1229,7 @@ class HSweep:
             "wall_time": self.wall_time.tolist(),
             "dim": self.dim,
             "cell_factor": self.cell_factor,
+            "loss_dtype": self.loss_dtype,
             "flat": self.flat,
             "fit_per_step": [None if f is None else f.to_dict() for f in fits["per_step"]],
             "fit_pooled": None if fits["pooled"] is None else fits["pooled"].to_dict(),
@@ -1040,13 +1251,29 @@ def h_sweep(
     key: Any = 0,
     continue_future_queue: bool = True,
     progress: Callable[[str], None] | None = None,
+    devices: int | None = None,
 ) -> HSweep:
-    """H_c(s) for every step width s and threshold c = n·ε (seed 002 §4.3.4, Figures 5.1-5.6).
+    """H_c(s) for every step width s and threshold c = n·ε (§4.3.4, Figures 5.1-5.6).
 
-    For each s the multipliers (strictly increasing, ≥ 1) are run in order, each continuing from the state of
-    the previous one (future queue re-checked, no voxel evaluated twice); ``continue_future_queue=False``
-    restarts from the origin for every threshold instead. ``limit`` applies to each call. The random stream
-    of call (i, j) is derived from ``key`` and (i, j).
+    For each s the multipliers are run in order, each continuing from the state of the previous one (future
+    queue re-checked, no voxel evaluated twice). Every step width reuses the same compiled evaluator (the
+    step only enters the lattice rows), so a sweep compiles one function per bucket size.
+
+    Args:
+      flat: the :class:`Flat`.
+      loss: the :class:`ParamLoss`.
+      steps: step widths s > 0.
+      multipliers: threshold multipliers n, strictly increasing, ≥ 1.
+      limit, dropout, sampling_switch_iter, batch_size, radius: see :func:`grid_traversal` (``limit``
+        applies to each call).
+      max_batch: most voxels per evaluator call (:class:`LatticeLoss`).
+      key: seeds the random streams; that of call (i, j) is derived from ``key`` and (i, j).
+      continue_future_queue: ``False`` restarts from the origin for every threshold instead.
+      progress: called with one line per (s, n).
+      devices: how many devices to shard the voxels over (default all).
+
+    Returns:
+      The :class:`HSweep`.
     """
     steps = np.asarray([float(s) for s in steps], np.float64)
     mult = np.asarray([_check_multiplier(x) for x in multipliers], np.float64)
@@ -1063,9 +1290,9 @@ def h_sweep(
     vis = np.zeros((S, N), np.int64)
     trunc = np.zeros((S, N), bool)
     wall = np.zeros((S, N), np.float64)
-    eps = None
+    eps = dtype = None
     for i, s in enumerate(steps):
-        evaluator = LatticeLoss(flat, float(s), loss, max_batch=max_batch)
+        evaluator = LatticeLoss(flat, float(s), loss, max_batch=max_batch, devices=devices)
         state = None
         for j, nn in enumerate(mult):
             res = grid_traversal(evaluator, float(nn), state=state if continue_future_queue else None,
@@ -1075,13 +1302,13 @@ def h_sweep(
             state = res.state
             H[i, j], ev[i, j], vis[i, j], trunc[i, j], wall[i, j] = (
                 res.H, res.evaluations, res.visited, res.truncated, res.wall_time)
-            eps = res.epsilon
+            eps, dtype = res.epsilon, res.state.dtype.name
             if progress is not None:
                 progress(f"s={s:g} n={nn:g} c={res.threshold:.4g}: H={res.H} evals={res.evaluations} "
                          f"visited={res.visited} truncated={res.truncated} {res.wall_time:.2f}s")
     return HSweep(steps=steps, multipliers=mult, epsilon=float(eps), H=H, evaluations=ev, visited=vis,
                   truncated=trunc, wall_time=wall, dim=flat.dim, cell_factor=flat.cell_factor,
-                  flat=flat.describe())
+                  flat=flat.describe(), loss_dtype=dtype)
 
 
 def mean_log_h(sweeps: Sequence[HSweep]) -> dict:
