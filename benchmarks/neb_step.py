@@ -2,15 +2,19 @@
 
 For each model (digits 8×8: the 64-32-10 MLP and the small CNN of ``experiments/curves_neb``; add
 ``--models vgg16,resnet20`` on a GPU with CIFAR-sized random inputs) and band size N, one JSON line per
-strategy of :func:`mclandscape.methods.neb.make_neb_step`:
+strategy of :func:`mclandscape.methods.neb.make_neb_step` (the engine step of a
+:class:`~mclandscape.methods.neb.BandObjective`, the same call :func:`~mclandscape.methods.neb.neb` makes):
 
-- ``loop``: a Python loop over the N-2 inner pivots calling one jitted value-and-grad (Draxler's
-  ``torch_autoneb`` evaluates pivots one after another), then the jitted force/update;
-- ``map``: one jitted step with ``jax.lax.map`` over pivots;
-- ``vmap``: one jitted step with ``jax.vmap`` over pivots.
+- ``loop``: the one-pivot-at-a-time baseline (:class:`~mclandscape.methods.neb.LoopedNEBStep`): a Python loop
+  over the pivots calling one compiled value-and-grad each (Draxler et al.'s ``torch_autoneb`` evaluates
+  pivots one after another), then the compiled force/update step;
+- ``map``: one compiled step with ``jax.lax.map`` over pivots;
+- ``vmap``: one compiled step with ``jax.vmap`` over pivots (``"auto"``);
+- ``unroll``: one compiled step with the pivots written out one after another.
 
-Each line holds ``seconds_per_step`` (median of ``--repeats`` timings of ``--steps`` steps, compile excluded)
-and ``speedup_vs_loop``. Run: ``python benchmarks/neb_step.py [--models mlp,cnn] [--pivots 6,12]``.
+Each line holds ``seconds_per_step`` (median of ``--repeats`` timings of ``--steps`` steps, compile excluded;
+the step alone, without :func:`mclandscape.engine.loop.run`'s per-step bookkeeping) and ``speedup_vs_loop``.
+Run: ``python benchmarks/neb_step.py [--models mlp,cnn] [--pivots 6,12]``.
 """
 
 from __future__ import annotations
@@ -35,18 +39,18 @@ MODELS = {
 }
 
 
-def _time_steps(neb_step, pivots, batch, steps: int, repeats: int) -> float:
-    state = neb_step.init(pivots)
-    p = pivots
+def _time_steps(step, pivots, batch, steps: int, repeats: int) -> float:
+    state = step.init(pivots)
+    key = jax.random.key(0)
     for _ in range(2):  # compile + warm-up
-        p, state, *_rest = neb_step.step(p, state, batch, False)
-    jax.block_until_ready(p)
+        state, _ = step(state, batch, key)
+    jax.block_until_ready(state.params)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            p, state, *_rest = neb_step.step(p, state, batch, False)
-        jax.block_until_ready(p)
+            state, _ = step(state, batch, key)
+        jax.block_until_ready(state.params)
         times.append((time.perf_counter() - t0) / steps)
     return float(np.median(times))
 
@@ -58,7 +62,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
     ap.add_argument("--steps", type=int, default=10, help="steps per timing")
     ap.add_argument("--repeats", type=int, default=3, help="timings per configuration (median)")
-    ap.add_argument("--strategies", default="loop,map,vmap", help="strategies to time")
+    ap.add_argument("--strategies", default="loop,map,vmap,unroll", help="strategies to time")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -66,7 +70,7 @@ def main(argv=None) -> None:
         model = get_model(arch, num_classes=10, **kw)
         x = jnp.asarray(rng.normal(size=(args.batch_size, *shape)).astype(np.float32))
         y = jnp.asarray(rng.integers(0, 10, size=args.batch_size).astype(np.int32))
-        batch = (x, y, jax.random.key(0))
+        batch = N.NEBBatch(data=(x, y), climb=jnp.asarray(False))
         p0 = model.init(jax.random.key(0), x[:1])["params"]
         p1 = model.init(jax.random.key(1), x[:1])["params"]
         loss = N.model_loss(model)
@@ -75,7 +79,8 @@ def main(argv=None) -> None:
             timings = {}
             for strat in [s.strip() for s in args.strategies.split(",") if s.strip()]:
                 cfg = N.NEBConfig(spring_constant=1.0, learning_rate=0.01, strategy=strat)
-                timings[strat] = _time_steps(N.make_neb_step(loss, cfg, n), pivots, batch, args.steps, args.repeats)
+                timings[strat] = _time_steps(N.make_neb_step(loss, cfg, pivots), pivots, batch, args.steps,
+                                             args.repeats)
             for strat, sec in timings.items():
                 print(json.dumps({"benchmark": "neb_step", "model": name, "num_pivots": n,
                                   "batch_size": args.batch_size, "strategy": strat, "seconds_per_step": sec,

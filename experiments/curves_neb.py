@@ -6,8 +6,11 @@ For every model two endpoints are trained from different seeds, then four paths 
 - ``bezier``: a quadratic Bézier curve (``--bezier-degree``) trained on the expected loss over t ~ U(0, 1)
   (Garipov et al.: weight decay on w(t), SGD + momentum, their learning-rate schedule);
 - ``polychain``: a polygonal chain with ``--num-bends`` bends, trained the same way;
-- ``neb``: AutoNEB (Draxler et al.): a band of 5 pivots relaxed under the NEB forces, then cycles that insert
-  pivots where the loss between neighbours rises most above the chord; the last cycle uses the climbing image.
+- ``neb``: AutoNEB (Draxler et al. 2018): a band of 5 pivots relaxed under the NEB forces (the band is an
+  objective of the stacked pivots trained by the engine's one step and loop, on shuffled mini-batches that
+  continue across cycles, the network in train mode with dropout keys from ``--seed``), then cycles that
+  insert pivots where the loss between neighbours rises most above the chord; the last cycle uses the
+  climbing image.
 
 Every path is evaluated on the same points as the references use (61 evenly spaced t for the line and the
 curves; the band's pivots and 9 points between each pair for NEB) with BatchNorm statistics recomputed on the
@@ -199,7 +202,7 @@ def _run_model(args, name: str, train, test, out: Path, ckpt: Path | None) -> di
     band = N.auto_neb(N.model_loss(model), p0, p1, cycles=cycles,
                       data=N.model_batches(train, ns["batch_size"], seed=args.seed), profile_fn=profile,
                       initial_insert=args.initial_pivots, insert_count=args.insert_count,
-                      sub_pivots=args.sub_pivots)
+                      sub_pivots=args.sub_pivots, seed=args.seed, progress=args.progress)
     timings["neb_train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     paths["neb"] = N.evaluate_band(model, band, train_eval, test, sub_pivots=args.sub_pivots,

@@ -1,12 +1,18 @@
-"""Nudged Elastic Band (seed 001, Draxler et al.), AutoNEB and the band helpers."""
+"""Nudged Elastic Band (seed 001, Draxler et al. 2018), AutoNEB and the band helpers; the band as an objective
+on the engine's one step and loop (negated-force gradient, frozen ends, stopping, step offsets, compiling
+once)."""
+
+import logging
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from mclandscape.core.tree import tree_row_dot, tree_row_scale, tree_stack
+from mclandscape.core.objective import Objective, function_objective, make_objective
+from mclandscape.core.tree import tree_index, tree_row_dot, tree_row_scale, tree_stack
 from mclandscape.engine.models.base import from_flax
 from mclandscape.methods import neb as N
 
@@ -302,10 +308,10 @@ def test_strategies_agree_on_minibatch_network_band():
         return jnp.asarray(x[i:i + 32]), jnp.asarray(y[i:i + 32])
 
     out = {}
-    for strat in ("map", "vmap", "loop"):
+    for strat in ("map", "vmap", "unroll", "loop"):
         cfg = N.NEBConfig(steps=6, spring_constant=0.5, learning_rate=0.05, strategy=strat, check_every=2)
         out[strat] = N.neb(loss, p0, p1, num_pivots=5, data=batches, config=cfg)
-    for strat in ("vmap", "loop"):
+    for strat in ("vmap", "unroll", "loop"):
         for a, b in zip(jax.tree_util.tree_leaves(out["map"].pivots), jax.tree_util.tree_leaves(out[strat].pivots),
                         strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -327,7 +333,7 @@ def test_model_neb_with_batchnorm_and_model_helpers():
     with pytest.raises(ValueError, match="BatchNorm"):
         N.model_loss(model, train=False)
     data = N.model_batches(ds, 32, seed=0)
-    xb, yb, _ = data(4)  # epoch 1, batch 1
+    xb, yb = data(4)  # epoch 1, batch 1
     assert xb.shape == (32, 5)
     assert not np.array_equal(np.asarray(data(0)[0]), np.asarray(data(3)[0]))  # reshuffled next epoch
     profile = N.model_profile(model, ds, bn_data=ds, bn_batches=2, bn_batch_size=32, batch_size=96)
@@ -350,3 +356,172 @@ def test_band_connector_is_a_polychain_through_the_pivots():
     assert conn.kind == "polychain" and conn.fixed == (True, False, True)
     np.testing.assert_allclose(conn.point(0.5), [1.0, 1.0])
     np.testing.assert_allclose(conn.point(0.25), [0.5, 0.5])
+
+
+# ---- the band on the engine: objective, mask, stopping, step offsets, compiling once -------------------------
+
+def _wavy(p, batch=None):
+    return jnp.sum(jnp.sin(p["k"]) * p["k"]) + jnp.sum(p["b"] ** 2) * jnp.cos(jnp.sum(p["k"]))
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "map", "unroll"])
+@pytest.mark.parametrize("climb", [False, True])
+def test_band_objective_value_is_the_total_loss_and_its_gradient_the_negated_force(strategy, climb):
+    piv, _, _ = _random_band(n=6, seed=3)
+    band = N.BandObjective(point=function_objective(_wavy), spacing=jnp.asarray([1.0, 2.0, 1.0, 0.5, 0.5]),
+                           spring_constant=jnp.asarray(1.5), strategy=strategy)
+    (value, aux), grad = jax.value_and_grad(band, has_aux=True)(piv, N.NEBBatch(None, jnp.asarray(climb)), None)
+    e = jnp.stack([_wavy(tree_index(piv, i)) for i in range(6)])
+    g = tree_stack([jax.grad(_wavy)(tree_index(piv, i)) for i in range(1, 5)])
+    f = N.neb_forces(piv, e, g, 1.5, spacing=band.spacing, climbing_index=1 + int(jnp.argmax(e[1:-1])) if climb else -1)
+    assert float(value) == pytest.approx(float(jnp.sum(e)), rel=1e-5)
+    np.testing.assert_allclose(aux["pivot_losses"], e, rtol=1e-5)
+    assert float(aux["max_perp_force"]) == pytest.approx(float(jnp.max(f.perp_norm)), rel=1e-4)
+    assert float(aux["max_par_force"]) == pytest.approx(float(jnp.max(f.par_norm)), rel=1e-4)
+    for name in ("k", "b"):
+        np.testing.assert_array_equal(grad[name][0], 0.0)
+        np.testing.assert_array_equal(grad[name][-1], 0.0)
+        np.testing.assert_allclose(grad[name][1:-1], -f.total[name], rtol=1e-4, atol=1e-5)
+
+
+def test_ends_stay_fixed_bit_for_bit_under_weight_decay():
+    """The step's trainable mask: AdamW's decay and moments never touch the end pivots."""
+    cfg = N.NEBConfig(steps=20, spring_constant=200.0, optimizer=optax.adamw(1e-3, weight_decay=0.5), tol=0.0)
+    res = N.neb(muller_brown, START, END, num_pivots=6, config=cfg)
+    np.testing.assert_array_equal(np.asarray(res.pivots[0]), np.asarray(START))
+    np.testing.assert_array_equal(np.asarray(res.pivots[-1]), np.asarray(END))
+    assert float(jnp.max(jnp.abs(res.pivots[1:-1] - N.straight_band(START, END, 6)[1:-1]))) > 1e-4
+    # the reported losses are those of the returned band
+    np.testing.assert_allclose(res.losses, jax.vmap(muller_brown)(res.pivots), rtol=1e-5)
+
+
+def test_history_has_one_record_per_check_and_a_shorter_last_one():
+    cfg = N.NEBConfig(steps=7, spring_constant=1.0, learning_rate=0.1, momentum=0.0, tol=0.0, check_every=3)
+    res = N.neb(_flat, jnp.asarray(0.0), jnp.asarray(1.0), init=jnp.asarray([0.0, 0.1, 0.2, 1.0]), config=cfg)
+    assert res.steps == 7 and not res.converged
+    assert [h["step"] for h in res.history] == [3, 6, 7]
+    assert set(res.history[0]) >= {"step", "max_loss", "mean_loss", "perp_force", "par_force", "force_norm"}
+    assert res.par_force == res.history[-1]["par_force"]
+    # perp/par forces of a record are the maxima over its steps: the spring force decays, so the first is largest
+    assert res.history[0]["par_force"] > res.history[1]["par_force"] > res.history[2]["par_force"]
+
+
+@pytest.mark.parametrize("climbing, stop_at", [(False, 10), (True, 60)])
+def test_stopping_waits_for_a_whole_check_with_the_climbing_image_on(climbing, stop_at):
+    """A loose tol is met at the first check, but with the climbing image from step 50 the first check whose
+    steps all had it on ends at step 60."""
+    cfg = N.NEBConfig(steps=200, spring_constant=1.0, learning_rate=0.1, tol=10.0, check_every=10,
+                      climbing=climbing, climb_after=50)
+    res = N.neb(_flat, jnp.asarray(0.0), jnp.asarray(1.0), num_pivots=5, config=cfg)
+    assert res.converged and res.steps == stop_at and res.history[-1]["step"] == stop_at
+
+
+def test_minibatch_steps_continue_across_autoneb_cycles():
+    asked = []
+
+    def data(t):
+        asked.append(int(t))
+        return jnp.asarray(0.01 * t)
+
+    def tilted(p, b):
+        return jnp.sum((p - b) ** 2 * jnp.asarray([1.0, 3.0]))
+
+    cycles = [N.NEBConfig(steps=4, tol=0.0, check_every=2), N.NEBConfig(steps=3, tol=0.0, check_every=2)]
+    res = N.auto_neb(tilted, jnp.asarray([0.0, 0.0]), jnp.asarray([1.0, 1.0]), cycles=cycles, data=data,
+                     eval_data=jnp.asarray(0.0), initial_insert=1, insert_count=1, insert_method="equal")
+    assert [c["steps"] for c in res.cycles] == [4, 3]
+    assert sorted(set(asked)) == list(range(7))  # cycle 2 reads batches 4, 5, 6
+    assert asked[:4] == [0, 1, 2, 3]
+
+
+def test_band_profile_runs_through_the_evaluator():
+    band = N.band_connector(N.straight_band(START, END, 5))
+    ts = N.dense_ts(5, 3)
+    want = jax.vmap(muller_brown)(band.points(jnp.asarray(ts, jnp.float32)))
+    for kw in ({}, {"strategy": "vmap"}, {"chunk_size": 4}):
+        np.testing.assert_allclose(N.band_profile(muller_brown, None, **kw)(band, ts), want, rtol=1e-5, atol=1e-4)
+
+
+def test_pivot_objective_accepts_functions_objectives_and_models():
+    model = from_flax(_TinyMLP(), "tiny")
+    obj = make_objective(model, "cross_entropy", train=False)
+    assert N.pivot_objective(obj) is obj
+    fobj = function_objective(muller_brown)
+    assert N.pivot_objective(fobj) is fobj
+    assert isinstance(N.pivot_objective(model), Objective)
+    wrapped = N.pivot_objective(muller_brown)
+    assert float(wrapped(START, None, None)[0]) == pytest.approx(float(muller_brown(START)))
+    with pytest.raises(ValueError, match="callable"):
+        N.pivot_objective(3.0)
+
+
+class _CountCompiles(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record):
+        if "Compiling" in record.getMessage():
+            self.count += 1
+
+
+def _compiles(fn) -> int:
+    handler = _CountCompiles()
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            fn()
+    finally:
+        logger.removeHandler(handler)
+    return handler.count
+
+
+def test_a_second_neb_call_compiles_nothing():
+    cfg = N.NEBConfig(steps=25, spring_constant=200.0, learning_rate=1e-4, tol=0.0, climbing=True, climb_after=10)
+    first = lambda: N.neb(muller_brown, START, END, num_pivots=7, config=cfg)  # noqa: E731
+    first()
+    assert _compiles(first) == 0
+    other_k = N.NEBConfig(**{**cfg.__dict__, "spring_constant": 50.0, "tol": 1e-3, "check_every": 5})
+    assert _compiles(lambda: N.neb(muller_brown, START, END, num_pivots=7, config=other_k)) == 0
+    auto = lambda: N.auto_neb(muller_brown, START, END, cycles=[cfg, cfg], initial_insert=2,  # noqa: E731
+                              insert_count=1, sub_pivots=3)
+    auto()
+    assert _compiles(auto) == 0
+
+    model = from_flax(_TinyMLP(), "tiny")
+    x, y = _toy_data()
+    p0, p1 = (model.init(jax.random.key(s), x[:2])["params"] for s in (0, 1))
+    from mclandscape.engine.data import Dataset
+
+    ds = Dataset(x=x, y=y, num_classes=3, name="toy")
+    net = lambda: N.neb(N.model_loss(model), p0, p1, num_pivots=4, data=N.model_batches(ds, 32),  # noqa: E731
+                        config=N.NEBConfig(steps=4, learning_rate=0.05, check_every=2, tol=0.0))
+    net()
+    assert _compiles(net) == 0
+
+
+class _TinyDropout(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Dropout(0.5, deterministic=not train)(nn.tanh(nn.Dense(8)(x)))
+        return nn.Dense(3)(x)
+
+
+def test_dropout_keys_come_from_the_seed():
+    """In train mode every step draws dropout from fold_in(key(seed), ...): a seed reproduces its band."""
+    model = from_flax(_TinyDropout(), "tiny_dropout")
+    x, y = _toy_data()
+    p0, p1 = (model.init(jax.random.key(s), x[:2])["params"] for s in (0, 1))
+    cfg = N.NEBConfig(steps=3, spring_constant=0.5, learning_rate=0.05, tol=0.0)
+    run = lambda seed: N.neb(N.model_loss(model), p0, p1, num_pivots=4, data=(jnp.asarray(x), jnp.asarray(y)),  # noqa: E731
+                             config=cfg, seed=seed).pivots
+    a, b, c = run(0), run(0), run(1)
+    for la, lb in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(la, lb)
+    assert any(not np.array_equal(la, lc) for la, lc in zip(jax.tree_util.tree_leaves(a),
+                                                            jax.tree_util.tree_leaves(c), strict=True))
+    deterministic = N.model_loss(model, train=False)  # inference mode: no dropout, the seed is irrelevant
+    d0 = N.neb(deterministic, p0, p1, num_pivots=4, data=(jnp.asarray(x), jnp.asarray(y)), config=cfg, seed=0)
+    d1 = N.neb(deterministic, p0, p1, num_pivots=4, data=(jnp.asarray(x), jnp.asarray(y)), config=cfg, seed=1)
+    np.testing.assert_array_equal(d0.losses, d1.losses)

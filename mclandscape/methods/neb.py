@@ -1,4 +1,4 @@
-"""Nudged Elastic Band (Draxler et al., seed 001) and AutoNEB between two points of parameter space.
+"""Nudged Elastic Band (Draxler et al. 2018, seed 001) and AutoNEB between two points of parameter space.
 
 A band is ``N`` pivots ``w_0 .. w_{N-1}`` stacked on a leading axis (every leaf ``[N, ...]``); the end pivots
 ``w_0 = start`` and ``w_{N-1} = end`` stay fixed, and the band *is* a polygonal chain through the pivots:
@@ -17,7 +17,7 @@ Forces on an inner pivot ``i`` (seed 001, "NEB force decomposition"):
   negated total force is handed to an optax optimizer as the gradient, so plain SGD is exactly that rule
   and momentum is the usual accelerated variant (Draxler et al. use SGD with momentum).
 
-The tangent ``tau_i`` is the improved estimate of Henkelman & Jonsson (J. Chem. Phys. 113, 9978, 2000):
+The tangent ``tau_i`` is the improved estimate of Henkelman & Jonsson (2000, J. Chem. Phys. 113, 9978):
 the segment towards the higher-loss neighbour (``tau+ = w_{i+1} - w_i`` when ``L_{i+1} > L_i > L_{i-1}``,
 ``tau- = w_i - w_{i-1}`` when ``L_{i+1} < L_i < L_{i-1}``) and, at a loss extremum, the blend
 ``tau+ dV_max + tau- dV_min`` (if ``L_{i+1} > L_{i-1}``, else the weights swap) with ``dV_max/min`` the
@@ -26,35 +26,86 @@ sides (``dV_max = 0``) the bisector of the two unit segment vectors is used.
 
 Climbing image (Henkelman, Uberuaga & Jonsson 2000), optional: the highest inner pivot gets no spring and
 the reversed parallel loss force, ``F = -grad L + 2 (grad L . tau) tau``, so it climbs to the saddle along
-the band while relaxing perpendicular to it.
+the band while relaxing perpendicular to it. It switches on after ``climb_after`` steps of a run: every
+batch carries a climbing flag (:class:`NEBBatch`), so the step compiles once for both phases.
 
-Stopping: the slides stop when both ``F_L^perp`` and ``F_E^par`` vanish; here when the largest norm of each
-over the inner pivots falls below ``tol`` (checked every ``check_every`` steps), or after ``steps``.
+**On the engine.** The band is an objective of the stacked pivots (:class:`BandObjective`,
+``objective(pivots, batch, key) -> (loss, aux)``): its value is the total of the pivot losses and its
+gradient, defined with ``jax.custom_vjp``, is the negated NEB force on the inner pivots and zero on the
+ends, so each pivot costs one forward and one backward pass and the relaxation is one
+:func:`mclandscape.engine.loop.make_step` (any Optax transform, the ends frozen bit for bit by the step's
+trainable mask, the non-finite guard) driven by :func:`mclandscape.engine.loop.run`. Batches are
+``t -> batch`` for the global step ``t`` (AutoNEB's cycles continue one step count, so mini-batch NEB
+walks through the data epoch after epoch); the key of step ``t`` of a run starting at global step ``s`` is
+``fold_in(fold_in(key(seed), s), t)`` and drives dropout of an :class:`~mclandscape.core.objective.Objective`
+(every pivot of a step sees the same batch and the same key).
 
-All inner pivots' losses and gradients are computed in one vectorised call: ``jax.vmap`` over pivots
-(strategy ``"auto"``) or ``jax.lax.map`` (``"map"``, one pivot's activations in memory at a time);
-``"loop"`` is the one-pivot-at-a-time baseline. ``benchmarks/neb_step.py`` measured on the 2-core CPU
-(noisy, shared machine), digits 8x8, batch 64, 8 pivots: small CNN (8-16-16) loop 41 ms, map 22 ms,
-vmap 17 ms per step; zoo ``simple_cnn`` (32-64-128) loop 368 ms, map 1343 ms, vmap 199 ms; 64-32-10 MLP
-with 12 pivots loop 11.3 ms, map 0.93 ms, vmap 0.86 ms. Unlike forward-only evaluation (where
-:mod:`mclandscape.engine.evaluate` found ``lax.map`` faster on CPU), for gradients ``vmap`` was never slower, so
-``"auto"`` means ``vmap`` on every backend. Gradients are mini-batch gradients when ``data`` is a callable
-``step -> batch``.
+Stopping: the slides stop when both ``F_L^perp`` and ``F_E^par`` vanish. One loop epoch is ``check_every``
+steps; the objective reports ``max_perp_force`` / ``max_par_force`` (largest norm over the inner pivots),
+so the epoch record holds their maximum over the epoch's steps, and a callback stops the run (``StopRun``)
+once both are below ``tol`` over a whole epoch in which the climbing image (if any) was on throughout. This
+is stricter than checking the last step of the window only, as earlier versions did. A run of ``steps``
+not divisible by ``check_every`` ends with one shorter epoch (a second call of ``run`` on the same state).
+``NEBResult.losses`` are the pivot losses of the returned band on the last step's batch and key (earlier
+versions reported those before the last update).
 
-AutoNEB (Draxler et al.; their ``torch_autoneb``): cycles of NEB runs; before each cycle pivots are inserted,
-evenly (``"equal"``: ``count`` new pivots in every gap) or where the loss between neighbours rises most above
-the linear interpolation of their losses (``"highest"``: on ``sub_pivots`` points per gap the score
-``L(alpha) - ((1 - alpha) L_a + alpha L_b)``, normalised by the range of the pivot losses; the ``count`` gaps
-with the largest score above ``threshold`` each get one pivot at their arg-max). As in Draxler's fill, the
-band keeps *target spacing* weights ``omega_j`` (relative segment lengths, mean 1): an inserted pivot splits
-its gap's weight by ``alpha``, and the spring generalises to
-``k (|w_{i+1} - w_i| / omega_i - |w_i - w_{i-1}| / omega_{i-1}) tau_i``, which is the slides' spring for equal
-weights; so a pivot inserted near a barrier stays there instead of being pushed back to equal spacing.
+Pivot strategies (``NEBConfig.strategy``), all inside the one compiled step except ``"loop"``: ``"vmap"``
+(``jax.vmap`` over pivots), ``"map"`` (``jax.lax.map``: one pivot's activations in memory at a time),
+``"unroll"`` (the pivots written out one after another in the step, as
+:mod:`mclandscape.engine.connector_train` does on CPU) and ``"loop"``, the one-pivot-at-a-time baseline
+(Draxler et al.'s ``torch_autoneb`` evaluates pivots one after another): a Python loop calling one
+compiled value-and-gradient per pivot, then the same engine step on the precomputed losses and gradients
+(:class:`LoopedNEBStep`). ``benchmarks/neb_step.py`` on the 2-core CPU (shared and loaded: load average
+7-9, so only the ratios within one run mean much), digits-sized inputs, batch 64, milliseconds per step:
+
+=====================================  ======  =====  =====  ======
+model, pivots                          loop    map    vmap   unroll
+=====================================  ======  =====  =====  ======
+64-32-10 MLP, 8                        64.0    4.3    3.2    4.8
+64-32-10 MLP, 12                       --      --     4.0    6.6
+small CNN (8-16-16), 8                 132.6   62.1   40.5   26.2
+zoo ``simple_cnn`` (32-64-128), 8      --      --     320    132
+zoo ``simple_cnn`` (32-64-128), 12     --      --     432    391
+=====================================  ======  =====  =====  ======
+
+(the pre-engine implementation, timed interleaved in the same run: MLP loop 57.3, map 4.1, vmap 5.4; small
+CNN loop 118.9, map 56.2, vmap 32.8: the engine step costs the same). As for curve training, XLA's CPU
+convolutions run the differentiated per-pivot kernels of ``vmap`` slowly, so ``"auto"`` means ``"unroll"``
+on CPU for pivots holding a convolution kernel (a ``kernel`` leaf of rank >= 3) and ``"vmap"`` otherwise and
+on every other backend. Gradients are mini-batch gradients when ``data`` is a callable ``step -> batch``.
+Per step, :func:`mclandscape.engine.loop.run` adds its bookkeeping (the step key, the epoch sums) to the
+step itself: for the tiny Müller-Brown bands that is most of the time.
+
+AutoNEB (Draxler et al. 2018; their ``torch_autoneb``): cycles of NEB runs; before each cycle pivots are
+inserted, evenly (``"equal"``: ``count`` new pivots in every gap) or where the loss between neighbours rises
+most above the linear interpolation of their losses (``"highest"``: on ``sub_pivots`` points per gap the
+score ``L(alpha) - ((1 - alpha) L_a + alpha L_b)``, normalised by the range of the pivot losses; the
+``count`` gaps with the largest score above ``threshold`` each get one pivot at their arg-max). As in
+Draxler's fill, the band keeps *target spacing* weights ``omega_j`` (relative segment lengths, mean 1): an
+inserted pivot splits its gap's weight by ``alpha``, and the spring generalises to
+``k (|w_{i+1} - w_i| / omega_i - |w_i - w_{i-1}| / omega_{i-1}) tau_i``, which is the slides' spring for
+equal weights; so a pivot inserted near a barrier stays there instead of being pushed back to equal
+spacing. The dense profile that places new pivots runs through the one evaluator
+(:func:`mclandscape.engine.evaluate.map_points`), so at most a chunk of parameter copies exists.
+
+Losses: a plain ``loss(params, batch) -> scalar`` (an analytic potential; wrapped with
+:func:`mclandscape.core.objective.function_objective`), an
+:class:`~mclandscape.core.objective.Objective` (:func:`model_loss`, :func:`~mclandscape.core.objective.make_objective`;
+called with the step's key) or a :class:`~mclandscape.engine.models.Model` (its :func:`model_loss`).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> cfg = NEBConfig(steps=200, spring_constant=1.0, learning_rate=0.1, tol=1e-4)
+    >>> res = neb(lambda p, batch: jnp.sum(p ** 2) * 0.0, jnp.array([0.0]), jnp.array([1.0]), num_pivots=3,
+    ...           init=jnp.array([[0.0], [0.2], [1.0]]), config=cfg)
+    >>> round(float(res.pivots[1, 0]), 3), res.converged
+    (0.5, True)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -63,9 +114,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
 from mclandscape.core.connectors import Connector, from_control, polychain
 from mclandscape.core.losses import cross_entropy
+from mclandscape.core.objective import Objective, function_objective, make_objective
 from mclandscape.core.tree import (
     PyTree,
     check_finite,
@@ -77,16 +130,21 @@ from mclandscape.core.tree import (
     tree_row_scale,
     tree_stack,
 )
-from mclandscape.engine.train import legacy_batch_stream as batch_stream
-from mclandscape.engine.train import params_loss
+from mclandscape.engine import cpu
+from mclandscape.engine.data import batch_stream
+from mclandscape.engine.evaluate import connector_points, map_points, stacked_points
+from mclandscape.engine.loop import LoopConfig, NonFiniteError, Step, StopRun, TrainState, make_step, run
 
 __all__ = [
     "NEBConfig",
     "NEBForces",
     "NEBResult",
     "AutoNEBResult",
-    "NEBStep",
+    "NEBBatch",
+    "BandObjective",
+    "LoopedNEBStep",
     "make_neb_step",
+    "pivot_objective",
     "STRATEGIES",
     "segment_lengths",
     "improved_tangents",
@@ -105,16 +163,29 @@ __all__ = [
     "evaluate_band",
 ]
 
-STRATEGIES = ("auto", "map", "vmap", "loop")
+STRATEGIES = ("auto", "map", "vmap", "unroll", "loop")
+
+
+@functools.lru_cache(maxsize=64)
+def _sgd(learning_rate: float, momentum: float) -> optax.GradientTransformation:
+    """``optax.sgd``; the same arguments give the same transform object, so a second run compiles nothing."""
+    return optax.sgd(learning_rate, momentum=momentum or None)
 
 
 @dataclasses.dataclass(frozen=True)
 class NEBConfig:
     """Hyper-parameters of one NEB run.
 
-    ``spring_constant`` is the slides' ``k`` (>= 0, finite); ``optimizer`` defaults to
-    ``optax.sgd(learning_rate, momentum)``; ``climbing`` switches on the climbing image after ``climb_after``
-    steps; ``strategy`` chooses how the pivots' gradients are computed (see the module docstring).
+    Args:
+      steps: optimizer steps (>= 0).
+      spring_constant: the slides' ``k`` (>= 0, finite).
+      learning_rate, momentum: of the default optimizer ``optax.sgd(learning_rate, momentum)``.
+      optimizer: any Optax transform instead (reuse one object to reuse the compiled step).
+      tol: the run stops once the largest perpendicular and parallel force norms stay below ``tol`` for
+        ``check_every`` steps (see the module docstring).
+      climbing, climb_after: the climbing image, switched on after ``climb_after`` steps of the run.
+      check_every: steps per loop epoch (one history record and one stopping check each).
+      strategy: how the pivots' losses and gradients are computed (``STRATEGIES``; module docstring).
     """
 
     steps: int = 1000
@@ -142,15 +213,18 @@ class NEBConfig:
             raise ValueError(f"tol must be >= 0, got {self.tol!r}")
         if self.climb_after < 0:
             raise ValueError(f"climb_after must be >= 0, got {self.climb_after!r}")
-        if self.check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {self.check_every!r}")
+        if int(self.check_every) != self.check_every or self.check_every < 1:
+            raise ValueError(f"check_every must be an integer >= 1, got {self.check_every!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        if self.optimizer is not None and not isinstance(self.optimizer, optax.GradientTransformation):
+            raise ValueError(f"optimizer must be an optax GradientTransformation, got {type(self.optimizer).__name__}")
 
     def make_optimizer(self) -> optax.GradientTransformation:
+        """``optimizer``, or the (cached) ``optax.sgd(learning_rate, momentum)``."""
         if self.optimizer is not None:
             return self.optimizer
-        return optax.sgd(self.learning_rate, momentum=self.momentum or None)
+        return _sgd(float(self.learning_rate), float(self.momentum))
 
 
 class NEBForces(NamedTuple):
@@ -168,8 +242,13 @@ class NEBForces(NamedTuple):
 class NEBResult:
     """Outcome of :func:`neb`: the band as a polychain connector and the run's record.
 
-    ``losses`` are the pivot losses on the last step's batch; ``perp_force`` / ``par_force`` the largest
-    force norms over inner pivots at the last check; ``history`` one dict per check.
+    ``losses`` are the pivot losses of the returned band on the last step's batch (NaN after 0 steps);
+    ``steps`` the steps taken; ``converged`` whether the stopping rule ended the run; ``perp_force`` /
+    ``par_force`` the largest force norms over inner pivots and over the last record's steps; ``history``
+    one record per ``check_every`` steps: ``step`` (global, counted across AutoNEB cycles), ``max_loss``
+    (highest pivot loss seen in those steps), ``mean_loss`` (mean pivot loss, averaged over them),
+    ``perp_force``, ``par_force`` (their maxima), ``force_norm`` (mean norm of the total NEB force on the
+    band) and ``seconds``.
     """
 
     band: Connector
@@ -427,144 +506,367 @@ def insert_pivots(pivots: PyTree, fill: Sequence[Sequence[float]], spacing=None)
     return new, nw * (nw.size / nw.sum())
 
 
-def band_profile(loss_fn: Callable[[PyTree, Any], jax.Array], batch) -> Callable[[Connector, np.ndarray], np.ndarray]:
-    """A profile function ``(connector, ts) -> losses`` evaluating ``loss_fn(params, batch)`` at every point."""
-    f = jax.jit(jax.vmap(loss_fn, in_axes=(0, None)))
+
+# ---- losses of single pivots ---------------------------------------------------------------------------
+
+def _zero_loss(params, batch):
+    return 0.0
+
+
+_FUNCTION_OBJECTIVE = type(function_objective(_zero_loss))
+
+
+def pivot_objective(loss) -> Callable:
+    """The objective ``(params, batch, key) -> (loss, aux)`` of one pivot for ``loss``.
+
+    Args:
+      loss: an :class:`~mclandscape.core.objective.Objective` (:func:`model_loss`,
+        :func:`~mclandscape.core.objective.make_objective`) or a
+        :func:`~mclandscape.core.objective.function_objective`, used as it is; a
+        :class:`~mclandscape.engine.models.Model` (its :func:`model_loss`: cross-entropy in train mode); or
+        any other callable ``loss(params, batch) -> scalar`` (an analytic potential), wrapped with
+        ``function_objective``. To pass another objective of the protocol, wrap it as
+        ``function_objective(lambda p, b, k: obj(p, b, k)[0], takes_key=True)``.
+
+    Returns:
+      The objective. It hashes by the wrapped function (or model): reuse one ``loss`` to reuse compiled steps.
+    """
+    if isinstance(loss, Objective | _FUNCTION_OBJECTIVE):
+        return loss
+    if hasattr(loss, "apply") and hasattr(loss, "init") and hasattr(loss, "has_batch_stats"):
+        return model_loss(loss)
+    if not callable(loss):
+        raise ValueError(f"loss must be a callable loss(params, batch) -> scalar, an Objective or a Model, "
+                         f"got {type(loss).__name__}")
+    return function_objective(loss)
+
+
+def _point_loss(params, point, batch, key):
+    return point(params, batch, key)[0]
+
+
+def _point_value_and_grad(point, params, batch, key):
+    return jax.value_and_grad(_point_loss)(params, point, batch, key)
+
+
+_point_loss_jit = cpu.tuned_jit(lambda point, params, batch, key: _point_loss(params, point, batch, key))
+_point_value_and_grad_jit = cpu.tuned_jit(_point_value_and_grad)
+
+
+def band_profile(loss, batch, *, strategy: str = "map", chunk_size: int | None = None,
+                 devices: int | None = None) -> Callable[[Connector, np.ndarray], np.ndarray]:
+    """A profile function ``(connector, ts) -> losses``: the pivot loss on ``batch`` at every point.
+
+    The points run through the one evaluator (:func:`mclandscape.engine.evaluate.map_points` over
+    :func:`mclandscape.engine.evaluate.connector_points`): each point's parameters are formed inside the
+    mapped computation, so at most ``chunk_size`` parameter copies exist at a time.
+
+    Args:
+      loss: see :func:`pivot_objective` (an objective is evaluated without a key: no dropout).
+      batch: the fixed batch (``None`` for a potential).
+      strategy, chunk_size, devices: of :func:`~mclandscape.engine.evaluate.map_points`.
+
+    Returns:
+      ``profile(connector, ts) -> np.ndarray`` of the losses at ``ts``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> profile = band_profile(lambda p, b: jnp.sum(p), None)
+        >>> profile(band_connector(jnp.array([0.0, 2.0, 0.0])), [0.0, 0.25, 0.5]).tolist()
+        [0.0, 1.0, 2.0]
+    """
+    point = pivot_objective(loss)
 
     def profile(connector: Connector, ts) -> np.ndarray:
-        return np.asarray(f(connector.points(jnp.asarray(ts, jnp.float32)), batch))
+        return np.asarray(map_points(_point_loss, connector_points(connector, ts), point, batch, None,
+                                     strategy=strategy, chunk_size=chunk_size, devices=devices))
 
     return profile
 
 
+# ---- the band as an objective -----------------------------------------------------------------------------
+
+class NEBBatch(NamedTuple):
+    """A batch of a NEB step: the pivots' batch (``None``, a fixed pytree or a mini-batch) and whether the
+    climbing image is on (a boolean scalar array: both phases share one compiled step)."""
+
+    data: Any
+    climb: jax.Array
+
+
+def _energies_grads(point, strategy: str, pivots: PyTree, data, key):
+    """Losses of all N pivots ``[N]`` and loss gradients of the inner ones (stacked ``[N-2, ...]``)."""
+    n = int(jax.tree_util.tree_leaves(pivots)[0].shape[0])
+    vg = lambda p: _point_value_and_grad(point, p, data, key)  # noqa: E731
+    value = lambda p: _point_loss(p, point, data, key)  # noqa: E731
+    if strategy == "unroll":
+        outs = [vg(tree_index(pivots, i)) for i in range(1, n - 1)]
+        e_in, g = jnp.stack([o[0] for o in outs]), tree_stack([o[1] for o in outs])
+        e_end = jnp.stack([value(tree_index(pivots, 0)), value(tree_index(pivots, n - 1))])
+    else:
+        inner = _rows(pivots, slice(1, -1))
+        ends = jax.tree_util.tree_map(lambda x: jnp.stack([x[0], x[-1]]), pivots)
+        e_in, g = jax.lax.map(vg, inner) if strategy == "map" else jax.vmap(vg)(inner)
+        e_end = jax.vmap(value)(ends)
+    e = jnp.concatenate([e_end[:1], e_in, e_end[1:]])
+    return e.astype(jnp.promote_types(e.dtype, jnp.float32)), g
+
+
+def _band_eval(band: BandObjective, pivots: PyTree, batch: NEBBatch, key):
+    """``(value, aux, -F)``: the band's value and aux, and the negated NEB force on all N pivots."""
+    if band.strategy == "given":
+        e, g = batch.data
+    else:
+        e, g = _energies_grads(band.point, band.strategy, pivots, batch.data, key)
+    ci = jnp.where(batch.climb, 1 + jnp.argmax(e[1:-1]), -1)
+    f = neb_forces(pivots, e, g, band.spring_constant, spacing=band.spacing, climbing_index=ci)
+    neg = jax.tree_util.tree_map(
+        lambda t: jnp.concatenate([jnp.zeros_like(t[:1]), -t, jnp.zeros_like(t[:1])]), f.total)
+    aux = {"loss": jnp.mean(e), "max_loss": jnp.max(e), "max_perp_force": jnp.max(f.perp_norm),
+           "max_par_force": jnp.max(f.par_norm), "pivot_losses": e, "count": jnp.ones((), e.dtype)}
+    return jnp.sum(e), aux, neg
+
+
+@jax.custom_vjp
+def _band_loss(band, pivots, batch, key):
+    value, aux, _ = _band_eval(band, pivots, batch, key)
+    return value, aux
+
+
+def _band_loss_fwd(band, pivots, batch, key):
+    value, aux, neg = _band_eval(band, pivots, batch, key)
+    return (value, aux), neg
+
+
+def _band_loss_bwd(neg, cotangents):
+    g_value = cotangents[0]
+    return None, jax.tree_util.tree_map(lambda n: (g_value * n).astype(n.dtype), neg), None, None
+
+
+_band_loss.defvjp(_band_loss_fwd, _band_loss_bwd)
+
+
+@struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
+class BandObjective:
+    """``objective(pivots, batch, key) -> (loss, aux)`` of a band: the engine's view of NEB.
+
+    ``pivots`` are the N stacked pivots, ``batch`` a :class:`NEBBatch`. The value is the total of the N
+    pivot losses on ``batch.data`` (the point objective called with ``key``); its gradient (a
+    ``jax.custom_vjp``) is *not* the gradient of that total but the negated NEB force of
+    :func:`neb_forces` on the inner pivots (climbing image on the highest inner pivot when ``batch.climb``)
+    and zero on the two ends. So a gradient step is the NEB update, every pivot costs one forward and one
+    backward pass, and :func:`mclandscape.engine.loop.make_step` runs it with any Optax transform.
+
+    ``aux``: ``loss`` (mean pivot loss), ``max_loss`` (highest pivot loss), ``max_perp_force`` /
+    ``max_par_force`` (largest force norms over the inner pivots; the loop's epoch record keeps their
+    maxima over the epoch), ``pivot_losses`` (``[N]``) and ``count`` (1: one band per step, so the loop's
+    epoch means are means over steps).
+
+    Fields: ``point`` the pivot objective (:func:`pivot_objective`; ``None`` for ``strategy="given"``, where
+    ``batch.data`` holds the precomputed ``(losses [N], inner gradients [N-2, ...])``), ``spacing`` the
+    target segment weights ``[N-1]``, ``spring_constant`` (a scalar array, so another ``k`` compiles
+    nothing) and the static ``strategy`` (``"vmap"``, ``"map"``, ``"unroll"`` or ``"given"``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from mclandscape.core.objective import function_objective
+        >>> band = BandObjective(point=function_objective(lambda p, b: jnp.sum(p ** 2)),
+        ...                      spacing=jnp.ones(2), spring_constant=jnp.asarray(0.0))
+        >>> piv, batch = jnp.array([[-1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), NEBBatch(None, jnp.asarray(False))
+        >>> (value, aux), grad = jax.value_and_grad(band, has_aux=True)(piv, batch, None)
+        >>> float(value), (grad + 0.0).tolist()  # -F: the middle pivot's gradient across the band; ends 0
+        (3.0, [[0.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    """
+
+    point: Callable | None
+    spacing: jax.Array
+    spring_constant: jax.Array
+    strategy: str = struct.field(pytree_node=False, default="vmap")
+
+    def __call__(self, pivots, batch: NEBBatch, key=None):
+        return _band_loss(self, pivots, batch, key)
+
+
+def _has_conv(pivots: PyTree) -> bool:
+    # a convolution kernel has a spatial window: rank >= 3 per pivot (a dense kernel is a matrix)
+    return any(np.ndim(a) >= 4 for path, a in jax.tree_util.tree_flatten_with_path(pivots)[0]
+               if path and str(getattr(path[-1], "key", "")) == "kernel")
+
+
+def _resolve_strategy(strategy: str, pivots: PyTree) -> str:
+    """The pivot strategy; ``"auto"``: ``"unroll"`` on CPU for convolutional pivots, else ``"vmap"``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if strategy == "auto":
+        return "unroll" if jax.default_backend() == "cpu" and _has_conv(pivots) else "vmap"
+    return strategy
+
+
+def _num_pivots(pivots: PyTree) -> int:
+    leaves = jax.tree_util.tree_leaves(pivots)
+    if not leaves or np.ndim(leaves[0]) < 1:
+        raise ValueError("pivots must be stacked trees with a leading pivot axis")
+    return int(np.shape(leaves[0])[0])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoopedNEBStep:
+    """The one-pivot-at-a-time baseline with the interface of an engine step:
+    ``step(state, NEBBatch, key) -> (state, metrics)``.
+
+    A Python loop calls one compiled value-and-gradient per inner pivot and one compiled loss per end (as
+    Draxler et al.'s ``torch_autoneb`` evaluates pivots one after another), then ``update``, the engine step
+    of a ``strategy="given"`` :class:`BandObjective` on those precomputed losses and gradients: the same
+    forces, optimizer, mask and non-finite guard as the vectorised strategies.
+    """
+
+    point: Callable
+    update: Step
+
+    def init(self, params: PyTree) -> TrainState:
+        return self.update.init(params)
+
+    def __call__(self, state: TrainState, batch: NEBBatch, key) -> tuple[TrainState, dict]:
+        piv = state.params
+        n = _num_pivots(piv)
+        outs = [_point_value_and_grad_jit(self.point, tree_index(piv, i), batch.data, key) for i in range(1, n - 1)]
+        ends = [_point_loss_jit(self.point, tree_index(piv, i), batch.data, key) for i in (0, n - 1)]
+        e = jnp.stack([ends[0], *[o[0] for o in outs], ends[1]])
+        e = e.astype(jnp.promote_types(e.dtype, jnp.float32))
+        return self.update(state, NEBBatch((e, tree_stack([o[1] for o in outs])), batch.climb), key)
+
+
+def make_neb_step(loss, config: NEBConfig, pivots: PyTree, spacing=None) -> Step | LoopedNEBStep:
+    """The NEB update of a band shaped like ``pivots``, as an engine step.
+
+    Args:
+      loss: the pivot loss (:func:`pivot_objective`).
+      config: a :class:`NEBConfig` (spring constant, optimizer, strategy).
+      pivots: the stacked pivots ``[N, ...]`` (N >= 3), or a tree of ``jax.ShapeDtypeStruct`` like them:
+        only their structure and N are used.
+      spacing: target segment weights ``[N-1]`` (default equal).
+
+    Returns:
+      ``make_step(BandObjective(...), config.make_optimizer(), trainable=inner pivots)``: ``step.init(pivots)``
+      and ``step(state, NEBBatch(data, climb), key) -> (state, metrics)`` (one module-level jit: a second
+      band of the same shapes and loss compiles nothing); for ``strategy="loop"`` the
+      :class:`LoopedNEBStep` baseline with the same interface.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> piv = jnp.array([0.0, 0.1, 1.0])  # three scalar pivots on a flat loss: only the spring acts
+        >>> step = make_neb_step(lambda p, b: 0.0 * p, NEBConfig(learning_rate=0.5, momentum=0.0), piv)
+        >>> state, metrics = step(step.init(piv), NEBBatch(None, jnp.asarray(False)), jax.random.key(0))
+        >>> [round(v, 3) for v in state.params.tolist()], round(float(metrics["max_par_force"]), 3)
+        ([0.0, 0.5, 1.0], 0.8)
+    """
+    n = _num_pivots(pivots)
+    if n < 3:
+        raise ValueError(f"a band needs N >= 3 pivots, got N={n}")
+    strategy = _resolve_strategy(config.strategy, pivots)
+    point = pivot_objective(loss)
+    spacing_arr = _normalised_spacing(spacing, n - 1)
+    k = jnp.asarray(float(config.spring_constant), jnp.float32)
+    mask = jnp.asarray([False] + [True] * (n - 2) + [False])
+    trainable = jax.tree_util.tree_map(lambda _: mask, pivots)
+    tx = config.make_optimizer()
+    if strategy == "loop":
+        band = BandObjective(point=None, spacing=spacing_arr, spring_constant=k, strategy="given")
+        return LoopedNEBStep(point=point, update=make_step(band, tx, trainable=trainable))
+    band = BandObjective(point=point, spacing=spacing_arr, spring_constant=k, strategy=strategy)
+    return make_step(band, tx, trainable=trainable)
+
+
 # ---- the NEB run --------------------------------------------------------------------------------------
-
-def _resolve_strategy(strategy: str) -> str:
-    return "vmap" if strategy == "auto" else strategy
-
 
 def _batch_at(data, step: int):
     return data(step) if callable(data) else data
 
 
-class NEBStep(NamedTuple):
-    """``init(pivots) -> opt_state`` and the step
-    ``step(pivots, opt_state, batch, climb) -> (pivots, opt_state, max_perp_force, max_par_force, losses)``."""
-
-    init: Callable
-    step: Callable
-    strategy: str
-
-
-def make_neb_step(loss_fn: Callable[[PyTree, Any], jax.Array], config: NEBConfig, num_pivots: int,
-                  spacing=None) -> NEBStep:
-    """The NEB update for a band of ``num_pivots`` pivots (jitted; ``"loop"`` jits the per-pivot pieces).
-
-    One step: losses of all N pivots and gradients of the N-2 inner ones on ``batch`` (one vectorised call
-    for ``"map"`` / ``"vmap"``, a Python loop over pivots for ``"loop"``), the forces of
-    :func:`neb_forces` (climbing image on the highest inner pivot when ``climb``), and one optimizer update
-    with the negated force; the end pivots are restored exactly.
-    """
-    n = int(num_pivots)
-    if n < 3:
-        raise ValueError(f"a band needs N >= 3 pivots, got N={n}")
-    strategy = _resolve_strategy(config.strategy)
-    opt = config.make_optimizer()
-    k = float(config.spring_constant)
+def _relax(point, pivots: PyTree, spacing, config: NEBConfig, data, *, step_offset: int, key: jax.Array,
+           progress: bool) -> NEBResult:
+    """One NEB run on the engine loop (see the module docstring)."""
+    n = _num_pivots(pivots)
     spacing_arr = _normalised_spacing(spacing, n - 1)
-    vg = jax.value_and_grad(loss_fn)
-
-    def energies_grads(piv, batch):
-        inner = _rows(piv, slice(1, -1))
-        ends = jax.tree_util.tree_map(lambda x: jnp.stack([x[0], x[-1]]), piv)
-        if strategy == "map":
-            e_in, g = jax.lax.map(lambda p: vg(p, batch), inner)
-        else:
-            e_in, g = jax.vmap(vg, in_axes=(0, None))(inner, batch)
-        e_end = jax.vmap(loss_fn, in_axes=(0, None))(ends, batch)
-        e = jnp.concatenate([e_end[:1], e_in, e_end[1:]]).astype(jnp.float32)
-        return e, g
-
-    def update(piv, opt_state, e, g, climb):
-        ci = jnp.where(climb, 1 + jnp.argmax(e[1:-1]), -1)
-        f = neb_forces(piv, e, g, k, spacing=spacing_arr, climbing_index=ci)
-        neg = jax.tree_util.tree_map(
-            lambda t: jnp.concatenate([jnp.zeros_like(t[:1]), -t, jnp.zeros_like(t[:1])]), f.total)
-        updates, opt_state = opt.update(neg, opt_state, piv)
-        new = optax.apply_updates(piv, updates)
-        new = jax.tree_util.tree_map(lambda a, b: a.at[0].set(b[0]).at[-1].set(b[-1]), new, piv)
-        return new, opt_state, jnp.max(f.perp_norm), jnp.max(f.par_norm)
-
-    if strategy == "loop":
-        vg1 = jax.jit(vg)
-        l1 = jax.jit(loss_fn)
-        upd = jax.jit(update)
-
-        def step(piv, opt_state, batch, climb):
-            outs = [vg1(tree_index(piv, i), batch) for i in range(1, n - 1)]
-            e_in = jnp.stack([o[0] for o in outs])
-            g = tree_stack([o[1] for o in outs])
-            e = jnp.concatenate([jnp.stack([l1(tree_index(piv, 0), batch)]), e_in,
-                                 jnp.stack([l1(tree_index(piv, n - 1), batch)])]).astype(jnp.float32)
-            return (*upd(piv, opt_state, e, g, jnp.asarray(climb)), e)
-    else:
-        @jax.jit
-        def _step(piv, opt_state, batch, climb):
-            e, g = energies_grads(piv, batch)
-            return (*update(piv, opt_state, e, g, climb), e)
-
-        def step(piv, opt_state, batch, climb):
-            return _step(piv, opt_state, batch, jnp.asarray(climb))
-
-    return NEBStep(init=opt.init, step=step, strategy=strategy)
-
-
-def _run_band(loss_fn, pivots: PyTree, spacing: np.ndarray | None, config: NEBConfig, data,
-              step_offset: int = 0) -> NEBResult:
-    n = int(jax.tree_util.tree_leaves(pivots)[0].shape[0])
-    spacing_arr = _normalised_spacing(spacing, n - 1)
-    neb_step = make_neb_step(loss_fn, config, n, spacing)
-    step = neb_step.step
-    opt_state = neb_step.init(pivots)
+    step = make_neb_step(point, config, pivots, spacing)
+    state = step.init(pivots)
+    climbing, after, tol, ce = bool(config.climbing), int(config.climb_after), float(config.tol), int(config.check_every)
+    on, off = jnp.asarray(True), jnp.asarray(False)
+    full, rest = divmod(int(config.steps), ce)
+    segments = ([(0, full, ce)] if full else []) + ([(full * ce, 1, rest)] if rest else [])
     history: list[dict] = []
     converged = False
-    perp = par = float("nan")
-    e = None
-    done = 0
-    for s in range(config.steps):
-        climb = bool(config.climbing) and s >= config.climb_after
-        batch = _batch_at(data, step_offset + s)
-        pivots, opt_state, perp_j, par_j, e = step(pivots, opt_state, batch, climb)
-        done = s + 1
-        if done % config.check_every == 0 or done == config.steps:
-            perp, par = float(perp_j), float(par_j)
-            ev = np.asarray(e)
-            if not (np.isfinite(perp) and np.isfinite(par) and np.all(np.isfinite(ev))):
-                raise FloatingPointError(f"NEB diverged at step {step_offset + s} (force {perp}, {par}); "
-                                         "lower the learning rate or the spring constant")
-            history.append({"step": step_offset + done, "max_loss": float(ev.max()), "mean_loss": float(ev.mean()),
-                            "perp_force": perp, "par_force": par})
-            # Stop once both force components vanish (the slides' criterion), but never before the
-            # climbing image has been switched on.
-            if perp < config.tol and par < config.tol and (not config.climbing or s >= config.climb_after):
-                converged = True
-                break
-    if e is None:
-        e = np.full(n, np.nan)
-    return NEBResult(band=band_connector(pivots), losses=np.asarray(e), steps=done, converged=converged,
-                     perp_force=perp, par_force=par,
+    seg_keys = {}
+    for s0, epochs, spe in segments:
+        seg_keys[s0] = jax.random.fold_in(key, step_offset + s0)
+
+        def batches(t, s0=s0):
+            s = s0 + int(t)
+            return NEBBatch(_batch_at(data, step_offset + s), on if climbing and s >= after else off)
+
+        def record(e1, st, raw, s0=s0, spe=spe):
+            return {"step": step_offset + s0 + e1 * spe, "max_loss": raw["max_loss"], "mean_loss": raw["loss"],
+                    "perp_force": raw["max_perp_force"], "par_force": raw["max_par_force"],
+                    "force_norm": raw["grad_norm"], "seconds": raw["seconds"]}
+
+        def stop(e1, st, hist, s0=s0, spe=spe):
+            # the slides' criterion over the whole epoch, never before the climbing image is on throughout
+            r = hist[-1]
+            if r["perp_force"] < tol and r["par_force"] < tol and (not climbing or s0 + (e1 - 1) * spe >= after):
+                raise StopRun
+
+        try:
+            res = run(step, state, batches, epochs=epochs, steps_per_epoch=spe, key=seg_keys[s0],
+                      config=LoopConfig(progress=progress, desc=f"NEB ({n} pivots)"), callbacks=(stop,),
+                      on_epoch=record)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"NEB diverged in the run from global step {step_offset + s0}: {e} (lower the "
+                                 "learning rate or the spring constant)") from e
+        state = res.state
+        history += [{k: v for k, v in h.items() if k != "epoch"} for h in res.history]
+        if res.stopped is not None:
+            converged = True
+            break
+    done = int(state.step)
+    if done:
+        last = done - 1
+        s0 = max(s for s in seg_keys if s <= last)
+        k_last = jax.random.fold_in(seg_keys[s0], last - s0)
+        losses = map_points(_point_loss, stacked_points(state.params), point, _batch_at(data, step_offset + last),
+                            k_last)
+    else:
+        losses = np.full(n, np.nan)
+    perp = history[-1]["perp_force"] if history else float("nan")
+    par = history[-1]["par_force"] if history else float("nan")
+    return NEBResult(band=band_connector(state.params), losses=np.asarray(losses, np.float64), steps=done,
+                     converged=converged, perp_force=perp, par_force=par,
                      spacing=np.asarray(spacing_arr, np.float64), history=history)
 
 
-def neb(loss_fn: Callable[[PyTree, Any], jax.Array], start: PyTree, end: PyTree, *, num_pivots: int = 10,
-        config: NEBConfig | None = None, data=None, init: PyTree | Connector | None = None,
-        spacing=None) -> NEBResult:
+def neb(loss, start: PyTree, end: PyTree, *, num_pivots: int = 10, config: NEBConfig | None = None, data=None,
+        init: PyTree | Connector | None = None, spacing=None, seed: int = 0, progress: bool = False) -> NEBResult:
     """Relax a band of ``num_pivots`` pivots between ``start`` and ``end`` under the NEB forces.
 
-    ``loss_fn(params, batch) -> scalar`` is any differentiable loss of a parameter pytree (an analytic
-    potential, or :func:`model_loss` for a network); ``data`` is the batch: ``None``, a fixed pytree, or a
-    callable ``step -> batch`` (mini-batches). The band starts on the straight segment unless ``init`` (a
-    band connector or stacked pivots whose ends equal ``start`` and ``end``) is given.
+    Args:
+      loss: the pivot loss (:func:`pivot_objective`): ``loss(params, batch) -> scalar`` (an analytic
+        potential, a hand-written loss), an :class:`~mclandscape.core.objective.Objective` such as
+        :func:`model_loss` (called with the step's key: dropout), or a model.
+      start, end: the fixed end points (same structure, finite, distinct).
+      num_pivots: N (>= 3) when the band starts on the straight segment.
+      config: a :class:`NEBConfig`.
+      data: the batch: ``None``, a fixed pytree, or a callable ``step -> batch`` (mini-batches, e.g.
+        :func:`model_batches`).
+      init: a band connector or stacked pivots whose ends equal ``start`` and ``end`` (default: the straight
+        segment).
+      spacing: target segment weights ``[N-1]`` (default equal).
+      seed: the base key of the step keys (dropout).
+      progress: a progress bar per run.
+
+    Returns:
+      A :class:`NEBResult`.
+
+    Raises:
+      NonFiniteError: (a ``FloatingPointError``) the band diverged; no update after the last finite step.
     """
     config = config or NEBConfig()
     _check_ends(start, end)
@@ -573,30 +875,47 @@ def neb(loss_fn: Callable[[PyTree, Any], jax.Array], start: PyTree, end: PyTree,
     else:
         pivots = init.control if isinstance(init, Connector) else init
         check_same_structure(start, pivots, names=("start", "init"), leading_b=1)
-        n = int(jax.tree_util.tree_leaves(pivots)[0].shape[0])
+        n = _num_pivots(pivots)
         if n < 3:
             raise ValueError(f"init needs N >= 3 pivots, got N={n}")
         for name, ref, i in (("start", start, 0), ("end", end, n - 1)):
             if float(tree_distance(tree_index(pivots, i), ref)) != 0.0:
                 raise ValueError(f"init pivot {i} differs from {name}: the band's end pivots are fixed")
-    n = int(jax.tree_util.tree_leaves(pivots)[0].shape[0])
+    n = _num_pivots(pivots)
     if spacing is not None and np.shape(spacing) != (n - 1,):
         raise ValueError(f"spacing needs {n - 1} weights for {n} pivots, got shape {np.shape(spacing)}")
-    return _run_band(loss_fn, pivots, spacing, config, data)
+    return _relax(pivot_objective(loss), pivots, spacing, config, data, step_offset=0, key=jax.random.key(seed),
+                  progress=progress)
 
 
-def auto_neb(loss_fn: Callable[[PyTree, Any], jax.Array], start: PyTree, end: PyTree, *,
-             cycles: NEBConfig | Sequence[NEBConfig], num_cycles: int | None = None, data=None,
+def auto_neb(loss, start: PyTree, end: PyTree, *, cycles: NEBConfig | Sequence[NEBConfig],
+             num_cycles: int | None = None, data=None,
              profile_fn: Callable[[Connector, np.ndarray], np.ndarray] | None = None, eval_data=None,
              initial_insert: int = 3, insert_count: int = 2, insert_method: str = "highest",
-             sub_pivots: int = 9, insert_threshold: float = 0.1) -> AutoNEBResult:
-    """AutoNEB: NEB cycles with pivot insertion between cycles (see the module docstring).
+             sub_pivots: int = 9, insert_threshold: float = 0.1, seed: int = 0,
+             progress: bool = False) -> AutoNEBResult:
+    """AutoNEB (Draxler et al. 2018): NEB cycles with pivot insertion between cycles (module docstring).
 
     Cycle 1 starts from ``start``, ``end`` and ``initial_insert`` evenly inserted pivots (Draxler's first
-    cycle: "equal", 3); every later cycle first inserts ``insert_count`` pivots by ``insert_method``.
-    ``cycles`` is one :class:`NEBConfig` per cycle (or one config repeated ``num_cycles`` times).
-    ``profile_fn(connector, ts) -> losses`` evaluates the band for the "highest" insertion and the final
-    dense profile; by default ``loss_fn`` on ``eval_data`` (or on ``data`` when that is a fixed batch).
+    cycle: "equal", 3); every later cycle first inserts ``insert_count`` pivots by ``insert_method``. The
+    cycles continue one global step count: cycle ``c`` reads batches ``data(t)`` from where cycle ``c - 1``
+    stopped.
+
+    Args:
+      loss: the pivot loss (:func:`pivot_objective`).
+      start, end: the fixed end points.
+      cycles: one :class:`NEBConfig` per cycle, or one config repeated ``num_cycles`` times.
+      data: ``None``, a fixed batch or a callable ``step -> batch``.
+      profile_fn: ``profile_fn(connector, ts) -> losses`` for the "highest" insertion and the final dense
+        profile; default :func:`band_profile` of ``loss`` on ``eval_data`` (or on ``data`` when that is a fixed
+        batch). For a network use :func:`model_profile`.
+      initial_insert, insert_count, insert_method, sub_pivots, insert_threshold: the insertion (module
+        docstring, :func:`insertion_alphas`).
+      seed, progress: as for :func:`neb`.
+
+    Returns:
+      An :class:`AutoNEBResult`; ``cycles`` holds per cycle ``cycle``, ``num_pivots``, ``inserted``, ``steps``,
+      ``converged``, ``perp_force``, ``par_force``, ``climbing``, ``max_pivot_loss`` and ``dense_max_loss``.
     """
     if isinstance(cycles, NEBConfig):
         if num_cycles is None or num_cycles < 1:
@@ -612,22 +931,24 @@ def auto_neb(loss_fn: Callable[[PyTree, Any], jax.Array], start: PyTree, end: Py
     if insert_method not in ("equal", "highest"):
         raise ValueError(f"unknown insert method {insert_method!r}; expected 'equal' or 'highest'")
     _check_ends(start, end)
+    point = pivot_objective(loss)
     if profile_fn is None:
         batch = eval_data if eval_data is not None else (None if callable(data) else data)
         if batch is None and callable(data):
             raise ValueError("data is a mini-batch callable: pass eval_data (a fixed batch) or a profile_fn "
                              "for the dense evaluation that places new pivots")
-        profile_fn = band_profile(loss_fn, batch)
+        profile_fn = band_profile(point, batch)
 
     pivots, spacing = insert_pivots(tree_stack([start, end], names=["start", "end"]),
                                     [list(np.linspace(0, 1, initial_insert + 2)[1:-1])])
     records: list[dict] = []
     step_offset = 0
+    key = jax.random.key(seed)
     dense_t = dense_loss = None
     for c, cfg in enumerate(cycles):
-        inserted: list[list[float]] = [[] for _ in range(int(jax.tree_util.tree_leaves(pivots)[0].shape[0]) - 1)]
+        inserted: list[list[float]] = [[] for _ in range(_num_pivots(pivots) - 1)]
         if c > 0:
-            n = int(jax.tree_util.tree_leaves(pivots)[0].shape[0])
+            n = _num_pivots(pivots)
             if insert_method == "equal":
                 inserted = insertion_alphas(None, n, sub_pivots, count=insert_count, method="equal")
             else:
@@ -635,7 +956,7 @@ def auto_neb(loss_fn: Callable[[PyTree, Any], jax.Array], start: PyTree, end: Py
                                             threshold=insert_threshold)
             if any(inserted):
                 pivots, spacing = insert_pivots(pivots, inserted, spacing)
-        res = _run_band(loss_fn, pivots, spacing, cfg, data, step_offset)
+        res = _relax(point, pivots, spacing, cfg, data, step_offset=step_offset, key=key, progress=progress)
         step_offset += res.steps
         pivots = res.pivots
         n = res.num_pivots
@@ -651,25 +972,34 @@ def auto_neb(loss_fn: Callable[[PyTree, Any], jax.Array], start: PyTree, end: Py
 
 # ---- networks as NEB losses ---------------------------------------------------------------------------
 
-def model_loss(model, *, loss_fn: Callable = cross_entropy, train: bool = True) -> Callable[[PyTree, Any], jax.Array]:
-    """``loss(params, batch)`` of a :class:`~mclandscape.engine.models.base.Model` for :func:`neb`
-    (:func:`mclandscape.engine.train.params_loss` with the per-example ``loss_fn``).
+def model_loss(model, *, loss_fn: str | Callable = cross_entropy, train: bool = True, l2: float = 0.0) -> Objective:
+    """The pivot objective of a :class:`~mclandscape.engine.models.Model` for :func:`neb`:
+    :func:`~mclandscape.core.objective.make_objective` ``(model, loss_fn, l2=l2, train=train)``.
 
-    ``batch`` is ``(x, y)`` or ``(x, y, key)`` (``key`` drives dropout). With ``train=True`` the network
-    runs in train mode like a training step (BatchNorm on batch statistics, dropout when a key is given);
-    with ``train=False`` in inference mode (models with BatchNorm then need train mode or recalibrated
-    statistics, so ``train=False`` is refused for them).
+    Args:
+      model: the model.
+      loss_fn: the per-example loss (a name or a callable ``(outputs, y) -> [B]``).
+      train: run the network as a training step does (BatchNorm on batch statistics, dropout with the NEB
+        step's key); ``train=False`` is inference mode, refused for models with BatchNorm (NEB has no
+        running statistics: use train mode, then evaluate with recalibrated statistics,
+        :func:`model_profile`).
+      l2: ``l2 / 2 * |params|^2`` added to every pivot's loss.
+
+    Returns:
+      An :class:`~mclandscape.core.objective.Objective` ``(params, (x, y) or (x, y, weights), key) -> (loss,
+      aux)``; two calls with the same arguments compile the same steps.
     """
     if model.has_batch_stats and not train:
         raise ValueError(f"model {model.name} has BatchNorm: NEB gradients use train mode (batch statistics); "
                          "pass train=True")
-    return params_loss(model, None, loss=loss_fn, train=train)
+    return make_objective(model, loss_fn, l2=l2, train=train)
 
 
-def model_batches(train_data, batch_size: int, *, seed: int = 0, augment: bool = False) -> Callable[[int], tuple]:
-    """``step -> (x, y, key)``: shuffled mini-batches (epoch after epoch) with a dropout key per step
-    (:func:`mclandscape.engine.train.batch_stream` with ``keys=True``; batch ``step`` depends only on ``step``)."""
-    return batch_stream(train_data, batch_size, seed=seed, augment=augment, keys=True)
+def model_batches(train_data, batch_size: int, *, seed: int = 0, augment: bool = False):
+    """``step -> (x, y)``: shuffled full mini-batches, epoch after epoch
+    (:func:`mclandscape.engine.data.batch_stream`; batch ``step`` depends only on ``seed`` and ``step``).
+    Dropout keys come from the NEB run (``neb(..., seed=)``), no longer from the batches."""
+    return batch_stream(train_data, batch_size, seed=seed, augment=augment)
 
 
 def model_profile(model, eval_data, *, bn_data=None, batch_size: int = 500, bn_batches: int | None = None,
