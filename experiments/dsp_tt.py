@@ -340,19 +340,19 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     model = get_model("mlp", widths=[5], num_classes=train.num_classes, activation=args.verify_activation)
     key = jax.random.key(seed)
     variables = model.init(key, x[:2])
-    loss_fn = tt.model_loss_fn(model, variables, loss=args.verify_loss, l2=args.verify_l2)
+    objective = tt.model_loss_fn(model, variables, loss=args.verify_loss, l2=args.verify_l2)
     fb = tt.full_batch(train)
     lr = 0.05
-    omega0, _ = tt.local_solve(loss_fn, variables["params"], tt.LocalSolver(optax.adam(1e-2), 5000), fb, key)
+    omega0, _ = tt.local_solve(objective, variables["params"], tt.LocalSolver(optax.adam(1e-2), 5000), fb, key)
     solver = tt.LocalSolver(optax.sgd(lr), 50_000, grad_tol=1e-5)
-    omega0, info0 = tt.local_solve(loss_fn, omega0, solver, fb, key)
+    omega0, info0 = tt.local_solve(objective, omega0, solver, fb, key)
     cfg = tt.DSPConfig(num_directions=args.directions,
                        rho=tt.RhoSchedule(args.rho1_increment, args.verify_rho_max,
                                           tt.rho2_from_lr(lr, args.rho2_fraction)),
                        detector=tt.ExitDetector(ema_decay=0.5, buffer_size=3, vote=1.0, min_rise=0.05,
                                                 min_drop=0.1),
                        init_norm=0.1, max_steps=args.verify_search_steps, record_path=args.verify_search_steps)
-    res = tt.dsp_search(loss_fn, omega0, jax.random.fold_in(key, 1), config=cfg, batch_fn=fb, solver=solver)
+    res = tt.dsp_search(objective, omega0, jax.random.fold_in(key, 1), config=cfg, batch_fn=fb, solver=solver)
     odd = args.verify_activation == "tanh"
     settings = {"model": f"mlp 13-5-3 ({args.verify_activation})", "loss": args.verify_loss,
                 "l2": args.verify_l2, "tier0_solver": "adam(1e-2) x 5000 then sgd(0.05) to |grad| <= 1e-5",
@@ -377,22 +377,23 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
         return out
     e = min(res.exits, key=lambda r: r.step)
     path = res.paths[e.direction]
-    full = lambda q: loss_fn(q, fb(0), None)  # noqa: E731
+    full = lambda q: float(objective(q, fb(0), None)[0])  # noqa: E731 - the full-batch objective's value
     outputs = lambda q: model.apply({"params": q}, x)  # noqa: E731
     sym = functools.partial(tt.mlp_symmetry_distance, odd=odd)
     record_every = max(args.verify_steps // 100, 1)
     steps = (args.verify_steps // record_every) * record_every
-    flows = dict(step_size=args.verify_step, steps=steps, record_every=record_every, grad_tol=args.verify_grad_tol,
+    flows = dict(batch=fb(0), step_size=args.verify_step, steps=steps, record_every=record_every,
+                 grad_tol=args.verify_grad_tol,
                  outputs_fn=outputs, polish_steps=args.verify_polish, polish_tol=args.verify_polish_tol,
                  symmetry_distance=sym)
     # (1) scan of the whole path: the sequence of optima (modulo symmetries) the path's points flow to
     scan_path = [(i, d) for i, d in path if i <= e.iteration]
-    scan = tt.verify_exit(full, omega0, scan_path, e.peak_iteration, num_points=args.verify_scan_points, **flows)
+    scan = tt.verify_exit(objective, omega0, scan_path, e.peak_iteration, num_points=args.verify_scan_points, **flows)
     tols = dict(tol=scan.tol, function_tol=scan.function_tol, symmetry_tol=scan.symmetry_tol)
     # (2) the seed's Figure 3c: points from 0.7 x the EMA peak to the detected exit
     first = max(1, int(round(0.7 * e.peak_iteration)))
     window = [(i, d) for i, d in path if first <= i <= e.iteration]
-    ver = tt.verify_exit(full, omega0, window, e.peak_iteration, num_points=args.verify_points, **flows, **tols)
+    ver = tt.verify_exit(objective, omega0, window, e.peak_iteration, num_points=args.verify_points, **flows, **tols)
     # (3) classical TRUST-TECH exit-point refinement: k-section of the first bracket in which the flow from the
     # path stops returning to the origin's optimum (modulo symmetries)
     at_origin = lambda v: [bool(s <= scan.symmetry_tol) for s in v.symmetry_distances[0, 1:]]  # noqa: E731
@@ -402,7 +403,7 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     while crossing is not None and crossing[1] - crossing[0] > 1:
         lo, hi = crossing
         inner = [(i, d) for i, d in path if lo < i < hi]
-        probe = tt.verify_exit(full, omega0, inner, e.peak_iteration, num_points=args.verify_points, **flows,
+        probe = tt.verify_exit(objective, omega0, inner, e.peak_iteration, num_points=args.verify_points, **flows,
                                **tols)
         rounds += 1
         flags = at_origin(probe)
@@ -462,7 +463,7 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
         "separates_modulo_symmetry": sep_est["symmetry"]["separates"],
         "distance_to_tier1_solution": [float(tree_distance(tree_index(ver.finals, p), sol))
                                        for p in range(len(ver.iterations))],
-        "tier1_solution_loss": float(full(sol)),
+        "tier1_solution_loss": full(sol),
         "trace_loss": res.traces[e.direction]["loss"],
     })
     fsep = sep_est["function"]
@@ -476,8 +477,8 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
             "before_final_losses": [float(v) for v, i in zip(ver.final_losses, ver.iterations, strict=True) if i < hi],
             "after_final_losses": [float(v) for v, i in zip(ver.final_losses, ver.iterations, strict=True) if i >= hi]}
     if paper_check:
-        paper = tt.verify_exit(full, omega0, window, e.peak_iteration, step_size=0.01, steps=50_000,
-                               record_every=500, num_points=args.verify_points, outputs_fn=outputs)
+        paper = tt.verify_exit(objective, omega0, window, e.peak_iteration, batch=fb(0), step_size=0.01,
+                               steps=50_000, record_every=500, num_points=args.verify_points, outputs_fn=outputs)
         out["paper_integration"] = {
             "step_size": 0.01, "steps": 50_000, "grad_norms": [float(g) for g in paper.grad_norms],
             "final_losses": [float(v) for v in paper.final_losses],
@@ -592,7 +593,7 @@ def main(argv=None) -> dict:
           f"test acc {r0.final['test_acc']:.4f} [{timing['tier0_s']:.0f}s]", flush=True)
 
     # 2. DSP-TT tier 1 and tier 2 ----------------------------------------------------------------------
-    loss_fn = tt.model_loss_fn(model, variables0)
+    objective = tt.model_loss_fn(model, variables0)  # objective(params, batch, key) -> (loss, aux)
     batches = tt.dataset_batches(train, args.batch_size, seed=args.seed + 1000, augment=args.cifar)
     local_cfg = train_config(args, args.local_epochs, grad_clip=args.grad_clip)
     solver = tt.LocalSolver(make_optimizer(local_cfg, batches.steps_per_epoch),
@@ -609,7 +610,7 @@ def main(argv=None) -> dict:
     key = jax.random.key(args.seed)
     t0 = time.time()
     tiers: list[tt.TierResult] = []
-    tier1 = tt.dsp_search(loss_fn, omega0, jax.random.fold_in(key, 1), config=dsp, batch_fn=batches,
+    tier1 = tt.dsp_search(objective, omega0, jax.random.fold_in(key, 1), config=dsp, batch_fn=batches,
                           solver=solver, checkpoint_dir=os.path.join(ckpt_root, "dsp_tier1"), tier=1,
                           callback=recorder)
     tiers.append(tier1)
@@ -623,7 +624,7 @@ def main(argv=None) -> dict:
     if args.tiers >= 2:
         t0 = time.time()
         recorder.origin[2] = tier1.solutions[best]
-        tier2 = tt.dsp_search(loss_fn, tier1.solutions[best], jax.random.fold_in(key, 2), config=dsp,
+        tier2 = tt.dsp_search(objective, tier1.solutions[best], jax.random.fold_in(key, 2), config=dsp,
                               batch_fn=batches, solver=solver, checkpoint_dir=os.path.join(ckpt_root, "dsp_tier2"),
                               tier=2, callback=recorder)
         tiers.append(tier2)
@@ -686,14 +687,14 @@ def main(argv=None) -> dict:
     bspe = batches.steps_per_epoch
     if "sse" not in args.skip:
         init = model.init(jax.random.key(args.seed), jnp.asarray(train.x[:1]))
-        sse_loss = tt.model_loss_fn(model, init)
-        sse = ens.snapshot_ensemble(sse_loss, init["params"], batches, lr0=args.sse_lr, total_steps=budget * bspe,
+        sse_objective = tt.model_loss_fn(model, init)
+        sse = ens.snapshot_ensemble(sse_objective, init["params"], batches, lr0=args.sse_lr, total_steps=budget * bspe,
                                     num_members=m, momentum=args.momentum, weight_decay=args.weight_decay,
                                     key=jax.random.fold_in(key, 3))
         table23[f"SSE({m};{budget})"] = ensemble_row(evaluator.probs(sse), y_test, sse, budget)
     if "fge" not in args.skip:
         cycle = max(2, 2 * ((budget - args.epochs) * bspe // (2 * m)))
-        fge = ens.fge_ensemble(loss_fn, omega0, batches, lr1=args.lr, lr2=args.lr * args.fge_lr2_ratio,
+        fge = ens.fge_ensemble(objective, omega0, batches, lr1=args.lr, lr2=args.lr * args.fge_lr2_ratio,
                                cycle_steps=cycle, num_members=m, momentum=args.momentum,
                                weight_decay=args.weight_decay, key=jax.random.fold_in(key, 4))
         table23[f"FGE({m};{budget})"] = ensemble_row(evaluator.probs(fge), y_test, fge, budget)

@@ -10,6 +10,8 @@ import numpy as np
 import optax
 import pytest
 
+from mclandscape.core.objective import function_objective
+from mclandscape.engine.loop import NonFiniteError
 from mclandscape.engine.models import get_model
 from mclandscape.methods import ensemble as ens
 
@@ -164,30 +166,44 @@ def _logreg():
     x = jnp.asarray(rng.normal(size=(64, 4)), jnp.float32)
     y = jnp.asarray((x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int32))
 
-    def loss_fn(p, batch, rng_key):
+    def objective(p, batch, rng_key):  # the objective protocol: (params, batch, key) -> (loss, aux)
         logits = batch[0] @ p["w"] + p["b"]
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1])), {}
 
     params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros((2,))}
-    return loss_fn, params, (lambda t: (x, y))
+    return objective, params, (lambda t: (x, y))
 
 
 def test_train_with_snapshots_collects_at_requested_steps():
-    loss_fn, params, batches = _logreg()
-    final, snaps = ens.train_with_snapshots(loss_fn, params, optax.sgd(0.5), batches, 20, [5, 20])
+    objective, params, batches = _logreg()
+    final, snaps = ens.train_with_snapshots(objective, params, optax.sgd(0.5), batches, 20, [5, 20])
     assert len(snaps) == 2
     np.testing.assert_array_equal(np.asarray(snaps[1]["w"]), np.asarray(final["w"]))
-    assert loss_fn(snaps[1], batches(0), None) < loss_fn(snaps[0], batches(0), None) < loss_fn(params, batches(0),
-                                                                                               None)
+    loss = lambda p: float(objective(p, batches(0), None)[0])  # noqa: E731
+    assert loss(snaps[1]) < loss(snaps[0]) < loss(params)
     with pytest.raises(ValueError, match="collect steps"):
-        ens.train_with_snapshots(loss_fn, params, optax.sgd(0.5), batches, 20, [21])
+        ens.train_with_snapshots(objective, params, optax.sgd(0.5), batches, 20, [21])
+    with pytest.raises(ValueError, match=r"must return \(loss, aux\).*got an array.*function_objective"):
+        ens.train_with_snapshots(lambda p, b, k: objective(p, b, k)[0], params, optax.sgd(0.5), batches, 20, [5])
+
+
+def test_diverging_snapshot_and_fge_runs_raise_instead_of_returning_nans():
+    # 50 |w - 1|^2 with lr 1: w - 1 is multiplied by -99 per step and overflows float32 within ~20 steps
+    objective = function_objective(lambda p, b: 50.0 * jnp.sum((p["w"] - 1.0) ** 2))
+    params = {"w": jnp.zeros(3)}
+    with pytest.raises(NonFiniteError, match="not finite at step"):
+        ens.snapshot_ensemble(objective, params, lambda t: None, lr0=1.0, total_steps=60, num_members=3,
+                              momentum=0.0)
+    with pytest.raises(NonFiniteError):
+        ens.fge_ensemble(objective, params, lambda t: None, lr1=1.0, lr2=0.5, cycle_steps=40, num_members=2,
+                         momentum=0.0)
 
 
 def test_snapshot_and_fge_ensembles_produce_distinct_members():
-    loss_fn, params, batches = _logreg()
-    sse = ens.snapshot_ensemble(loss_fn, params, batches, lr0=0.5, total_steps=30, num_members=3)
+    objective, params, batches = _logreg()
+    sse = ens.snapshot_ensemble(objective, params, batches, lr0=0.5, total_steps=30, num_members=3)
     assert len(sse) == 3
-    fge = ens.fge_ensemble(loss_fn, sse[-1], batches, lr1=0.5, lr2=0.05, cycle_steps=4, num_members=3)
+    fge = ens.fge_ensemble(objective, sse[-1], batches, lr1=0.5, lr2=0.05, cycle_steps=4, num_members=3)
     assert len(fge) == 3
     for members in (sse, fge):
         d = ens.pairwise_param_distances(members)

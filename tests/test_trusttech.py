@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,8 @@ import numpy as np
 import optax
 import pytest
 
+from mclandscape.core.objective import function_objective
+from mclandscape.engine.loop import NonFiniteError
 from mclandscape.methods import trusttech as tt
 
 
@@ -25,8 +29,9 @@ def four_wells(p):
     return (p[0] ** 2 - 1) ** 2 + (p[1] ** 2 - 1) ** 2
 
 
-LOSS2 = lambda p, b, r: two_wells(p)  # noqa: E731
-LOSS4 = lambda p, b, r: four_wells(p)  # noqa: E731
+# the objective protocol objective(params, batch, key) -> (loss, aux) of the analytic potentials
+LOSS2 = function_objective(lambda p, b: two_wells(p))
+LOSS4 = function_objective(lambda p, b: four_wells(p))
 NO_BATCH = lambda t: None  # noqa: E731
 ORIGIN2 = {"x": jnp.array(-1.0), "y": jnp.array(0.0)}
 SOLVER = tt.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6)
@@ -60,6 +65,86 @@ def test_search_exits_past_the_ridge_and_solver_reaches_the_other_minimum():
     assert e.rho1 == pytest.approx(1e-3 * e.iteration)
     trace = res.traces[0]
     assert len(trace["loss"]) == e.iteration and max(trace["loss"]) > 0.9
+
+
+class _CountCompiles(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record):
+        if "Compiling" in record.getMessage():
+            self.count += 1
+
+
+def _compiles(fn) -> int:
+    handler = _CountCompiles()
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            fn()
+    finally:
+        logger.removeHandler(handler)
+    return handler.count
+
+
+def test_a_second_search_with_the_same_objective_compiles_nothing():
+    kw = dict(config=_config(), batch_fn=NO_BATCH, solver=SOLVER)
+    first = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), directions=[_dir(0.01, 0.003)], **kw)
+    assert len(first.exits) == 1 and first.exits[0].solver_steps > 0  # search steps and local-solver steps ran
+    out = {}
+
+    def again():  # another origin and direction of the same shapes: only traced values change
+        out["res"] = tt.dsp_search(LOSS2, {"x": jnp.array(-1.01), "y": jnp.array(0.0)}, jax.random.key(1),
+                                   directions=[_dir(0.012, 0.002)], **kw)
+
+    assert _compiles(again) == 0
+    assert len(out["res"].exits) == 1 and float(out["res"].solutions[0]["x"]) == pytest.approx(1.0, abs=1e-4)
+    # ... while another objective function does compile (the counter counts)
+    other = function_objective(lambda p, b: two_wells(p) + 0.0)
+    assert _compiles(lambda: tt.dsp_search(other, ORIGIN2, jax.random.key(0), config=_config(max_steps=3),
+                                           batch_fn=NO_BATCH, solver=SOLVER, directions=[_dir(0.01, 0.003)])) > 0
+
+
+def test_local_solve_checks_grad_tol_after_every_step():
+    # 0.5 |w|^2 with sgd(0.5): w_t = 0.5^t w_0, so the gradient norm of step t (at the parameters before its
+    # update) is 0.5^(t - 1) |w_0|; with |w_0| = 1 and grad_tol 0.01 the first step below it is step 8
+    def obj(p, batch, key):
+        task = 0.5 * jnp.sum(p["w"] ** 2)
+        return task + 1.0, {"loss": task}
+
+    w0 = {"w": jnp.array([0.6, 0.8])}
+    sol, info = tt.local_solve(obj, w0, tt.LocalSolver(optax.sgd(0.5), steps=100, grad_tol=0.01), NO_BATCH,
+                               jax.random.key(0))
+    assert info["steps"] == 8
+    assert info["grad_norm"] == pytest.approx(0.5**7, rel=1e-5)
+    assert info["task_loss"] == pytest.approx(0.5 * 0.25**7, rel=1e-5)  # the task loss aux["loss"] of step 8
+    assert info["loss"] == pytest.approx(1.0 + 0.5 * 0.25**7, rel=1e-6)  # the objective's value (minimised)
+    np.testing.assert_allclose(np.asarray(sol["w"]), np.asarray(w0["w"]) * 0.5**8, rtol=1e-6)  # update applied
+    _, info = tt.local_solve(obj, w0, tt.LocalSolver(optax.sgd(0.5), steps=5), NO_BATCH, jax.random.key(0))
+    assert info["steps"] == 5 and info["grad_norm"] == pytest.approx(0.5**4, rel=1e-5)  # no grad_tol: all steps
+    # a diverging solver raises the engine's NonFiniteError instead of returning NaNs
+    with pytest.raises(NonFiniteError, match="local solver diverged"):
+        tt.local_solve(obj, w0, tt.LocalSolver(optax.sgd(3.0), steps=500), NO_BATCH, jax.random.key(0))
+
+
+def test_losses_off_the_objective_protocol_are_refused():
+    scalar = lambda p, b, r: two_wells(p)  # noqa: E731 - the old loss_fn(params, batch, rng) -> scalar
+    with pytest.raises(ValueError, match=r"must return \(loss, aux\).*function_objective"):
+        tt.dsp_search(scalar, ORIGIN2, jax.random.key(0), config=_config(), batch_fn=NO_BATCH, solver=SOLVER,
+                      directions=[_dir(0.01, 0.003)])
+    with pytest.raises(ValueError, match=r"must return \(loss, aux\)"):
+        tt.local_solve(scalar, ORIGIN2, SOLVER, NO_BATCH, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"must return \(loss, aux\)"):
+        tt.verify_exit(lambda p, b, k: two_wells(p), ORIGIN2, [(1, _dir(0.1, 0.0))], 1, steps=10, record_every=10)
+    with pytest.raises(ValueError, match="scalar"):
+        tt.local_solve(lambda p, b, k: (jnp.stack([p["x"], p["y"]]), {}), ORIGIN2, SOLVER, NO_BATCH,
+                       jax.random.key(0))
+    with pytest.raises(ValueError, match="solver must be a LocalSolver"):
+        tt.local_solve(LOSS2, ORIGIN2, optax.sgd(0.1), NO_BATCH, jax.random.key(0))
+    with pytest.raises(ValueError, match="objective must be callable"):
+        tt.dsp_search(None, ORIGIN2, jax.random.key(0), config=_config(), batch_fn=NO_BATCH, solver=SOLVER)
 
 
 def test_literal_reading_never_escapes_while_outward_readings_do():
@@ -110,8 +195,8 @@ def test_exit_detection_on_noisy_minibatch_losses():
     rng = np.random.default_rng(0)
     noise = jnp.asarray(rng.normal(scale=0.3, size=(2000, 2)), jnp.float32)
 
-    def loss(p, batch, r):  # a mini-batch objective: the true loss plus a random linear term
-        return two_wells(p) + batch[0] * p["x"] + batch[1] * p["y"]
+    # a mini-batch objective: the true loss plus a random linear term
+    loss = function_objective(lambda p, batch: two_wells(p) + batch[0] * p["x"] + batch[1] * p["y"])
 
     solver = tt.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6, batch_fn=lambda t: jnp.zeros(2))
 
@@ -242,7 +327,7 @@ def test_verification_points_before_and_after_the_exit_reach_different_optima():
     path = res.paths[0]
     # the true boundary crossing of this path: the first recorded point with x > 0
     cross = next(i for i, d in path if float(ORIGIN2["x"] + d["x"]) > 0)
-    out = tt.verify_exit(two_wells, ORIGIN2, path, cross, step_size=0.01, steps=4000, record_every=100,
+    out = tt.verify_exit(LOSS2, ORIGIN2, path, cross, step_size=0.01, steps=4000, record_every=100,
                          num_points=10, grad_tol=1e-5)
     assert any(out.before) and not all(out.before)
     assert out.separates
@@ -273,9 +358,9 @@ def test_verification_points_before_and_after_the_exit_reach_different_optima():
     xy = tt.project(out.trajectories, ORIGIN2, (u, v), leading=2)
     assert xy.shape == (len(out.iterations), n_snap, 2)
     with pytest.raises(ValueError, match="non-empty"):
-        tt.verify_exit(two_wells, ORIGIN2, [], 0)
+        tt.verify_exit(LOSS2, ORIGIN2, [], 0)
     with pytest.raises(ValueError, match="grad_tol"):
-        tt.verify_exit(two_wells, ORIGIN2, path, cross, grad_tol=0.0)
+        tt.verify_exit(LOSS2, ORIGIN2, path, cross, grad_tol=0.0)
     with pytest.raises(ValueError, match="outputs_fn"):
         out.separation("function")
     with pytest.raises(ValueError, match="space"):
@@ -292,13 +377,16 @@ def sign_symmetric(p):
     return jnp.mean((p["a"] * jnp.tanh(p["b"] * X_SYM) - jnp.tanh(X_SYM)) ** 2) + 0.005 * (p["a"] ** 2 + p["b"] ** 2)
 
 
+SIGN_SYM = function_objective(lambda p, b: sign_symmetric(p))
+
+
 def test_verification_tells_symmetric_copies_from_different_functions():
     origin = {"a": jnp.array(1.0), "b": jnp.array(1.0)}
     # a path from one minimum through the saddle towards its sign-flipped copy (iterations 1..10, crossing
     # between 5 and 6)
     path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
             for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
-    out = tt.verify_exit(sign_symmetric, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
+    out = tt.verify_exit(SIGN_SYM, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
                          grad_tol=1e-6, outputs_fn=lambda p: p["a"] * jnp.tanh(p["b"] * X_SYM))
     assert all(out.converged)
     a_star = float(out.origin_final["a"])
@@ -323,11 +411,14 @@ def flat_valley(p):
     return (p["x"] ** 2 - 1) ** 2 + 1e-3 * p["y"] ** 2
 
 
+FLAT = function_objective(lambda p, b: flat_valley(p))
+
+
 def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
     path = [(k + 1, {"x": jnp.array(x + 1.0), "y": jnp.array(y)})
             for k, (x, y) in enumerate(zip(np.linspace(-0.8, 0.8, 8), np.linspace(0.3, 1.0, 8), strict=True))]
     origin = {"x": jnp.array(-1.0), "y": jnp.array(0.0)}
-    loose = tt.verify_exit(flat_valley, origin, path, 5, step_size=0.01, steps=20_000, record_every=200,
+    loose = tt.verify_exit(FLAT, origin, path, 5, step_size=0.01, steps=20_000, record_every=200,
                            grad_tol=1e-2)
     # the gradient criterion holds (it stops the flows early) but the points are still crawling along y
     assert all(loose.converged) and loose.steps_run < 2000
@@ -338,7 +429,7 @@ def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
     np.testing.assert_allclose(loose.flow_remaining, y_end, rtol=0.1)
     sep = loose.separation("param")
     assert sep["num_optima"] > 2 and not sep["two_optima"] and not sep["all_settled"]
-    polished = tt.verify_exit(flat_valley, origin, path, 5, step_size=0.01, steps=20_000, record_every=200,
+    polished = tt.verify_exit(FLAT, origin, path, 5, step_size=0.01, steps=20_000, record_every=200,
                               grad_tol=1e-2, polish_steps=200, polish_tol=1e-6)
     assert all(polished.settled) and not any(polished.flow_settled)
     assert np.all(polished.grad_norms <= 1e-6) and np.all(polished.polish_iterations >= 1)
@@ -357,9 +448,9 @@ def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
     assert summary["settled"] == [True] * 8 and len(summary["polish_moves"]) == 8
     json.dumps(summary)
     with pytest.raises(ValueError, match="polish_steps"):
-        tt.verify_exit(flat_valley, origin, path, 5, polish_steps=-1)
+        tt.verify_exit(FLAT, origin, path, 5, polish_steps=-1)
     with pytest.raises(ValueError, match="polish_tol"):
-        tt.verify_exit(flat_valley, origin, path, 5, polish_tol=0.0)
+        tt.verify_exit(FLAT, origin, path, 5, polish_tol=0.0)
 
 
 def _sign_sym_distance(p, q):
@@ -372,7 +463,7 @@ def test_verification_modulo_symmetries_identifies_copies():
     origin = {"a": jnp.array(1.0), "b": jnp.array(1.0)}
     path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
             for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
-    out = tt.verify_exit(sign_symmetric, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
+    out = tt.verify_exit(SIGN_SYM, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
                          grad_tol=1e-6, symmetry_distance=_sign_sym_distance, polish_steps=50)
     assert out.symmetry_basin == [0] * 10 and out.basin == [0] * 5 + [1] * 5
     assert float(np.max(out.symmetry_distances)) < 1e-4 and out.symmetry_tol > 1e-3
@@ -380,7 +471,7 @@ def test_verification_modulo_symmetries_identifies_copies():
     assert sym["num_optima"] == 1 and not sym["separates"] and sym["boundary"] is None
     assert out.summary()["separation_symmetry"] == sym
     with pytest.raises(ValueError, match="symmetry_distance"):
-        tt.verify_exit(two_wells, ORIGIN2, [(1, _dir(0.1, 0.0))], 1, steps=10, record_every=10
+        tt.verify_exit(LOSS2, ORIGIN2, [(1, _dir(0.1, 0.0))], 1, steps=10, record_every=10
                        ).separation("symmetry")
 
 
@@ -430,8 +521,10 @@ def test_model_loss_fn_squared_error_and_l2_match_numpy():
     logp = out - np.log(np.sum(np.exp(out), axis=1, keepdims=True))
     ce = -np.mean(logp[np.arange(7), np.asarray(y)])
     f = tt.model_loss_fn(model, variables, loss="mse_onehot", l2=0.1)
-    assert float(f(params, (x, y), None)) == pytest.approx(mse + 0.05 * sq, rel=1e-5)
-    assert float(tt.model_loss_fn(model, variables)(params, (x, y), None)) == pytest.approx(ce, rel=1e-5)
+    value, aux = f(params, (x, y), None)
+    assert float(value) == pytest.approx(mse + 0.05 * sq, rel=1e-5)
+    assert float(aux["loss"]) == pytest.approx(mse, rel=1e-5)  # the task loss, without the L2 term
+    assert float(tt.model_loss_fn(model, variables)(params, (x, y), None)[0]) == pytest.approx(ce, rel=1e-5)
     with pytest.raises(ValueError, match="loss must be"):
         tt.model_loss_fn(model, variables, loss="hinge")
     with pytest.raises(ValueError, match="l2 must be >= 0"):
@@ -446,7 +539,7 @@ def test_plots_write_files(tmp_path):
     e = res.exits[0]
     f1 = pt.plot_search_trace(res.traces[0], str(tmp_path / "trace.png"), exit=e,
                               extra={"full loss": ([1, 10], [0.0, 0.1])})
-    out = tt.verify_exit(two_wells, ORIGIN2, res.paths[0], e.peak_iteration, steps=200, record_every=50)
+    out = tt.verify_exit(LOSS2, ORIGIN2, res.paths[0], e.peak_iteration, steps=200, record_every=50)
     basis = tt.random_orthonormal_pair(jax.random.key(1), ORIGIN2)
     f2 = pt.plot_verification(out, ORIGIN2, basis, str(tmp_path / "verify.png"),
                               exit_point=tt.tree_add(ORIGIN2, res.paths[0][-1][1]))
@@ -538,7 +631,7 @@ def test_model_search_on_digits_finds_a_tier1_solution(tmp_path):
     np.testing.assert_array_equal(np.asarray(batches(1)[0]), np.asarray(tt.dataset_batches(ds, 64, seed=0)(1)[0]))
     train = tt.LocalSolver(optax.sgd(0.1, momentum=0.9), steps=300)
     omega0, info = tt.local_solve(loss_fn, variables["params"], train, batches, jax.random.key(0))
-    assert info["loss"] < 0.3
+    assert info["loss"] < 0.3 and info["steps"] == 300
     cfg = tt.DSPConfig(num_directions=1, rho=tt.RhoSchedule(1e-3, 0.1, 0.01),
                        detector=tt.ExitDetector(min_rise=0.2, min_drop=0.1), init_norm=1.0, max_steps=800)
     res = tt.dsp_search(loss_fn, omega0, jax.random.key(1), config=cfg, batch_fn=batches,
@@ -548,3 +641,10 @@ def test_model_search_on_digits_finds_a_tier1_solution(tmp_path):
         assert e.peak_ema > e.base_ema + 0.2 and e.ema <= e.peak_ema - 0.1 * (e.peak_ema - e.base_ema)
         assert e.solution_loss < 0.5
         assert float(tt.tree_distance(s, omega0)) > 1.0
+    # a new objective of the same model and loss, another origin: the search and solver steps are reused
+    short = tt.DSPConfig(num_directions=1, rho=cfg.rho, detector=cfg.detector, init_norm=1.0, max_steps=20)
+    fresh = tt.model_loss_fn(model, variables)
+    assert _compiles(lambda: (tt.dsp_search(fresh, res.solutions[0], jax.random.key(2), config=short,
+                                            batch_fn=batches, solver=train),
+                              tt.local_solve(fresh, omega0, dataclasses.replace(train, steps=3), batches,
+                                             jax.random.key(3)))) == 0

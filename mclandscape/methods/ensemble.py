@@ -29,6 +29,10 @@ Baselines at equal budget (Tables 2-3): :func:`independent_ensemble` (members tr
 random initialisations), :func:`snapshot_ensemble` (Huang et al. 2017a: one run with a cyclic cosine learning
 rate, a snapshot at the end of each cycle) and :func:`fge_ensemble` (Garipov et al. 2018: from a trained
 model, a cyclic piecewise-linear learning rate between ``lr1`` and ``lr2``, a member at each cycle's minimum).
+Both train on the engine (:func:`train_with_snapshots`: :func:`mclandscape.engine.loop.make_step` and
+:func:`mclandscape.engine.loop.run`) an objective of the one protocol ``objective(params, batch, key) -> (loss,
+aux)`` (:mod:`mclandscape.core.objective`, e.g. :func:`~mclandscape.core.objective.make_objective` of a model);
+a run whose loss or gradient becomes non-finite raises :class:`~mclandscape.engine.loop.NonFiniteError`.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mclandscape.core.objective import function_objective
+from mclandscape.core.objective import check_objective
 from mclandscape.core.tree import PyTree, check_same_structure, tree_gram, tree_stack
+from mclandscape.engine.evaluate import evaluate_params
 from mclandscape.engine.loop import LoopConfig, make_step, run
 
 __all__ = [
@@ -318,9 +323,9 @@ def ensemble_from_probs(probs, labels, *, method: str = "mean", weights=None, pa
 
 def member_probs(model, members, data, *, batch_size: int = 500, bn_data=None, **kwargs) -> np.ndarray:
     """Output probabilities ``[M, N, C]`` of ``members`` (list of ``params`` pytrees or a stacked pytree) of
-    ``model`` on ``data`` (a Dataset or ``(x, y)``), via :func:`mclandscape.engine.evaluate.evaluate_params`."""
-    from mclandscape.engine.evaluate import evaluate_params
-
+    ``model`` on ``data`` (a Dataset or ``(x, y)``), via the one evaluator
+    :func:`mclandscape.engine.evaluate.evaluate_params` (BatchNorm statistics recomputed per member on
+    ``bn_data``; ``kwargs``: see :func:`mclandscape.engine.evaluate.evaluate`)."""
     stacked = _as_stacked(members)
     out = evaluate_params(model, stacked, data, batch_size=batch_size, bn_data=bn_data, return_probs=True,
                           **kwargs)
@@ -409,20 +414,39 @@ def fge_collect_steps(cycle_steps: int, num_members: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def train_with_snapshots(loss_fn: Callable, params: PyTree, optimizer: optax.GradientTransformation,
+def train_with_snapshots(objective: Callable, params: PyTree, optimizer: optax.GradientTransformation,
                          batch_fn: Callable[[int], Any], steps: int, collect: Sequence[int], *,
                          key: jax.Array | None = None) -> tuple[PyTree, list[PyTree]]:
-    """Run ``optimizer`` for ``steps`` steps of ``loss_fn(params, batch_fn(t), rng)`` from ``params`` and
-    return ``(final_params, snapshots)`` with a copy of the parameters after each completed step count in
-    ``collect`` (each in ``[1, steps]``)."""
+    """Train with snapshots on the engine's loop: :func:`~mclandscape.engine.loop.make_step` of ``objective``
+    and ``optimizer``, run by :func:`~mclandscape.engine.loop.run` one step per loop epoch (so that every step
+    count in ``collect`` is an epoch end, where a callback copies the parameters).
+
+    Args:
+      objective: ``objective(params, batch, key) -> (loss, aux)``.
+      params: the initial parameters.
+      optimizer: any Optax ``GradientTransformation``.
+      batch_fn: ``t -> batch`` for step ``t`` (from 0).
+      steps: the steps to run (``>= 1``).
+      collect: completed step counts (each in ``[1, steps]``) after which a member is taken.
+      key: the base key (step ``t`` gets ``fold_in(key, t)``); default ``jax.random.key(0)``.
+
+    Returns:
+      ``(final_params, snapshots)``, one snapshot per distinct count of ``collect`` in increasing order.
+
+    Raises:
+      NonFiniteError: the loss or a gradient became non-finite (e.g. the learning rate is too large).
+    """
     steps = _check_pos_int(steps, "steps")
     want = sorted({int(c) for c in collect})
     if not want:
         raise ValueError("collect is empty: give the step counts at which to take members")
     if want[0] < 1 or want[-1] > steps:
         raise ValueError(f"collect steps must lie in [1, {steps}], got {want}")
+    if not callable(batch_fn):
+        raise ValueError(f"batch_fn must be a callable t -> batch, got {batch_fn!r}")
     key = key if key is not None else jax.random.key(0)
-    step = make_step(function_objective(loss_fn, takes_key=True), optimizer)
+    check_objective(objective, params, batch_fn(0), key)
+    step = make_step(objective, optimizer)
     snaps: dict[int, PyTree] = {}
 
     def collect_member(t, state, history):
@@ -435,28 +459,38 @@ def train_with_snapshots(loss_fn: Callable, params: PyTree, optimizer: optax.Gra
     return res.state.params, [snaps[t] for t in want]
 
 
-def snapshot_ensemble(loss_fn: Callable, init_params: PyTree, batch_fn: Callable[[int], Any], *, lr0: float,
+def snapshot_ensemble(objective: Callable, init_params: PyTree, batch_fn: Callable[[int], Any], *, lr0: float,
                       total_steps: int, num_members: int, momentum: float = 0.9, weight_decay: float = 0.0,
                       key: jax.Array | None = None) -> list[PyTree]:
     """Snapshot ensemble (Huang et al. 2017a): SGD (``momentum``, L2 ``weight_decay`` added to the gradient)
     with :func:`snapshot_cosine_schedule` over ``total_steps`` — the whole budget — and a member at the end of
-    each of ``num_members`` cycles."""
+    each of ``num_members`` cycles (:func:`train_with_snapshots` of ``objective(params, batch, key) -> (loss,
+    aux)`` from ``init_params`` on ``batch_fn``).
+
+    Returns:
+      The ``num_members`` snapshots, in training order.
+    """
     sched = snapshot_cosine_schedule(lr0, total_steps, num_members)
     opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(sched, momentum=momentum or None))
-    _, snaps = train_with_snapshots(loss_fn, init_params, opt, batch_fn, total_steps,
+    _, snaps = train_with_snapshots(objective, init_params, opt, batch_fn, total_steps,
                                     snapshot_steps(total_steps, num_members), key=key)
     return snaps
 
 
-def fge_ensemble(loss_fn: Callable, trained_params: PyTree, batch_fn: Callable[[int], Any], *, lr1: float,
+def fge_ensemble(objective: Callable, trained_params: PyTree, batch_fn: Callable[[int], Any], *, lr1: float,
                  lr2: float, cycle_steps: int, num_members: int, momentum: float = 0.9,
                  weight_decay: float = 0.0, key: jax.Array | None = None) -> list[PyTree]:
     """Fast geometric ensembling (Garipov et al. 2018): from ``trained_params``, SGD with
-    :func:`fge_schedule` for ``num_members`` cycles of ``cycle_steps``, a member at every mid-cycle."""
+    :func:`fge_schedule` for ``num_members`` cycles of ``cycle_steps``, a member at every mid-cycle
+    (:func:`train_with_snapshots` of ``objective(params, batch, key) -> (loss, aux)`` on ``batch_fn``).
+
+    Returns:
+      The ``num_members`` members, in training order.
+    """
     sched = fge_schedule(lr1, lr2, cycle_steps)
     opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(sched, momentum=momentum or None))
     collect = fge_collect_steps(cycle_steps, num_members)
-    _, snaps = train_with_snapshots(loss_fn, trained_params, opt, batch_fn, collect[-1], collect, key=key)
+    _, snaps = train_with_snapshots(objective, trained_params, opt, batch_fn, collect[-1], collect, key=key)
     return snaps
 
 

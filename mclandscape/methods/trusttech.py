@@ -97,8 +97,27 @@ What this shows on the seed's wine MLP (one hidden layer of 5 units; ``experimen
   1 of the 3 seeds with an exit and at the detector's estimate on none: the loss peak along a calibrated
   path is an estimate of the boundary crossing, not the crossing itself.
 
-Losses are functions ``loss_fn(params, batch, rng) -> scalar``; :func:`model_loss_fn` builds one from a
-:class:`~mclandscape.engine.models.base.Model` and :func:`dataset_batches` a resumable mini-batch stream.
+The engine under the search
+---------------------------
+Every loss here is the library's one objective protocol ``objective(params, batch, key) -> (loss, aux)``
+(:mod:`mclandscape.core.objective`): :func:`model_loss_fn` is :func:`~mclandscape.core.objective.make_objective`
+of a :class:`~mclandscape.engine.models.base.Model`, an analytic potential is wrapped by
+:func:`~mclandscape.core.objective.function_objective`. The search and the exit check use the objective's value
+``loss`` (what is differentiated, L2 included); ``aux`` is ignored. Batches come from any random-access
+stream ``t -> batch`` (:func:`dataset_batches` is :func:`mclandscape.engine.data.batch_stream`).
+
+- The search (:func:`dsp_search`) keeps its own driver — one direction per step, a host-side exit check
+  after every step — around one module-level jitted step (:func:`dsp_step`) whose static arguments are the
+  objective's configuration (model, loss, L2, mode: hashed by value, the model by identity), the
+  calibration transform and the reading; ``rho1``, ``rho2``, the step index and the objective's fixed arrays
+  are traced. A second search with the same objective (or a new one from the same model and loss) and the
+  same shapes compiles nothing.
+- The local solver (:func:`local_solve`) is the engine's training loop: :func:`mclandscape.engine.loop.make_step`
+  with the solver's Optax transform and :func:`mclandscape.engine.loop.run`, one step per loop epoch, so that
+  the gradient-norm criterion ``grad_tol`` is checked after *every* step on that step's gradient norm (taken
+  at the parameters before its update; the run ends after the first step that meets it, its update
+  applied). A non-finite loss or gradient raises the engine's
+  :class:`~mclandscape.engine.loop.NonFiniteError` (nothing non-finite is applied).
 """
 
 from __future__ import annotations
@@ -116,6 +135,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mclandscape.core.losses import LOSSES
+from mclandscape.core.objective import call_objective, check_objective, make_objective
 from mclandscape.core.tree import (
     PyTree,
     check_finite,
@@ -134,6 +155,10 @@ from mclandscape.core.tree import (
     tree_sub,
     tree_unstack,
 )
+from mclandscape.engine import cpu
+from mclandscape.engine.checkpoint import CheckpointStore
+from mclandscape.engine.data import BatchStream, batch_stream
+from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, make_step, merge_static, run, split_static
 
 __all__ = [
     "READINGS",
@@ -164,7 +189,7 @@ __all__ = [
 
 READINGS = ("additive", "growth", "literal")
 
-LossFn = Callable[[PyTree, Any, jax.Array], jax.Array]
+Objective = Callable[[PyTree, Any, jax.Array | None], tuple[jax.Array, Any]]  # (params, batch, key) -> (loss, aux)
 
 NEGATIVE_GRADIENT = optax.scale(-1.0)  # f = -grad c (seed 004 eq. 2 with R = I)
 BatchFn = Callable[[int], Any]
@@ -340,9 +365,16 @@ class ExitDetector:
 
 @dataclasses.dataclass(frozen=True)
 class LocalSolver:
-    """The local solver that converges from an exit point to a LOS: an Optax optimizer run for ``steps``
-    steps on ``batch_fn(t)`` (``None``: the search's batches), stopping early when the gradient norm on a
-    batch falls below ``grad_tol`` (meaningful with full batches; ``None`` disables it)."""
+    """The local solver that converges from an exit point to a LOS (:func:`local_solve`).
+
+    Attributes:
+      optimizer: any Optax ``GradientTransformation`` (e.g. the tier-0 recipe shortened).
+      steps: the most steps it runs (``>= 1``).
+      batch_fn: its batches ``t -> batch`` (``None``: the search's batches).
+      grad_tol: stop after the first step whose gradient norm (on its batch, at the parameters before the
+        update) is below ``grad_tol`` — checked after every step; meaningful with full batches. ``None``: run
+        all ``steps``.
+    """
 
     optimizer: optax.GradientTransformation
     steps: int
@@ -491,62 +523,103 @@ def forward_step(direction: PyTree, rho1, reading: str = "additive") -> PyTree:
     raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
 
 
-def dsp_step(loss_fn: LossFn, calibration: optax.GradientTransformation, reading: str,
+def dsp_step(objective: Objective, calibration: optax.GradientTransformation, reading: str,
              direction: PyTree, cal_state, origin: PyTree, batch, rng, rho1, rho2):
     """One DSP iteration of one direction (Algorithm 1 lines 7, 8, 13; seed 004 eq. 3).
 
-    Returns ``(d_forward, d_calibrated, new_cal_state, loss)``: the direction after the forward step, after
-    the calibration ``d_forward + rho2 * f(origin + d_forward)`` with ``f = calibration(grad)``, the new
-    calibration state, and the mini-batch loss at ``origin + d_forward`` (used by the exit check).
+    Args:
+      objective: ``objective(params, batch, key) -> (loss, aux)``.
+      calibration: the dynamics ``f`` as an Optax gradient transformation (``f = calibration(grad)``).
+      reading: the reading of eq. 3 (:data:`READINGS`).
+      direction, cal_state: the direction ``d`` and its calibration state.
+      origin: the tier's origin ``omega0``.
+      batch, rng: the batch and the key passed to the objective.
+      rho1, rho2: the forward and calibration steps of this iteration.
+
+    Returns:
+      ``(d_forward, d_calibrated, new_cal_state, loss)``: the direction after the forward step, after the
+      calibration ``d_forward + rho2 * f(origin + d_forward)``, the new calibration state, and the objective's
+      value at ``origin + d_forward`` on ``batch`` (used by the exit check).
     """
     fwd = forward_step(direction, rho1, reading)
     point = tree_add(origin, fwd)
-    loss, grads = jax.value_and_grad(loss_fn)(point, batch, rng)
+    (loss, _), grads = jax.value_and_grad(functools.partial(call_objective, objective), has_aux=True)(
+        point, batch, rng)
     f, new_state = calibration.update(grads, cal_state, point)
     cal = tree_axpy(rho2, f, fwd)
     return fwd, cal, new_state, loss
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled_step(loss_fn, calibration, reading):
-    def step(direction, cal_state, origin, batch, key, t, rho1, rho2):
-        rng = jax.random.fold_in(key, t)
-        fwd, cal, state, loss = dsp_step(loss_fn, calibration, reading, direction, cal_state, origin, batch, rng,
-                                         rho1, rho2)
-        return fwd, cal, state, jnp.stack([loss.astype(jnp.float32), tree_norm(fwd)])
-
-    return jax.jit(step)
+def _search_step_impl(objective_static, calibration, reading, objective_arrays, direction, cal_state, origin,
+                      batch, key, t, rho1, rho2):
+    objective = merge_static(objective_static, objective_arrays)
+    fwd, cal, state, loss = dsp_step(objective, calibration, reading, direction, cal_state, origin, batch,
+                                     jax.random.fold_in(key, t), rho1, rho2)
+    return fwd, cal, state, jnp.stack([loss.astype(jnp.float32), tree_norm(fwd).astype(jnp.float32)])
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled_solver_step(loss_fn, optimizer):
-    def step(params, opt_state, batch, key, t):
-        rng = jax.random.fold_in(key, t)
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, tree_norm(grads)
-
-    return jax.jit(step)
+# one module-level jit: the objective's configuration, the calibration and the reading are static (hashable),
+# the objective's arrays, the direction, the step index and rho1 / rho2 are traced
+_search_step_jit = cpu.tuned_jit(_search_step_impl, static_argnames=("objective_static", "calibration", "reading"))
 
 
-def local_solve(loss_fn: LossFn, params: PyTree, solver: LocalSolver, batch_fn: BatchFn, key: jax.Array
+def _search_step(objective, calibration, reading, direction, cal_state, origin, batch, key, t, rho1, rho2):
+    static, arrays = split_static(objective)
+    return _search_step_jit(objective_static=static, calibration=calibration, reading=reading,
+                            objective_arrays=arrays, direction=direction, cal_state=cal_state, origin=origin,
+                            batch=batch, key=key, t=t, rho1=rho1, rho2=rho2)
+
+
+def local_solve(objective: Objective, params: PyTree, solver: LocalSolver, batch_fn: BatchFn, key: jax.Array
                 ) -> tuple[PyTree, dict]:
-    """Run the local solver from ``params`` (an exit point); returns ``(solution, info)`` with ``info``
-    holding ``steps``, the last batch ``loss`` and gradient norm ``grad_norm``."""
-    step = _compiled_solver_step(loss_fn, solver.optimizer)
+    """Run the local solver from ``params`` (an exit point) on the engine's loop.
+
+    :func:`~mclandscape.engine.loop.make_step` of ``objective`` and ``solver.optimizer``, run by
+    :func:`~mclandscape.engine.loop.run` for at most ``solver.steps`` steps over ``solver.batch_fn or
+    batch_fn`` (batch ``t`` at step ``t``, dropout key ``fold_in(key, t)``), one step per loop epoch: with
+    ``solver.grad_tol`` a callback ends the run (``StopRun``) after the first step whose gradient norm is below
+    it.
+
+    Args:
+      objective: ``objective(params, batch, key) -> (loss, aux)``.
+      params: the starting point.
+      solver: a :class:`LocalSolver`.
+      batch_fn: the batches when ``solver.batch_fn`` is ``None``.
+      key: the base key of the steps.
+
+    Returns:
+      ``(solution, info)``; ``info``: ``steps`` (steps run), ``loss`` (the objective's value on the last
+      step's batch, at the parameters before its update), ``task_loss`` (the task loss the objective reports
+      in ``aux["loss"]``, without L2; equal to ``loss`` when it reports none) and ``grad_norm`` (of that step).
+
+    Raises:
+      NonFiniteError: the loss or the gradient became non-finite (the solver diverged).
+    """
+    if not isinstance(solver, LocalSolver):
+        raise ValueError(f"solver must be a LocalSolver, got {type(solver).__name__}")
     batches = solver.batch_fn or batch_fn
-    opt_state = solver.optimizer.init(params)
-    loss = gnorm = float("nan")
-    t = 0
-    for t in range(1, solver.steps + 1):
-        params, opt_state, loss_a, g_a = step(params, opt_state, batches(t - 1), key, np.int32(t))
-        if solver.grad_tol is not None or t == solver.steps:
-            loss, gnorm = float(loss_a), float(g_a)
-            if not math.isfinite(loss):
-                raise ValueError(f"local solver diverged (loss {loss} at step {t}); lower its learning rate")
-            if solver.grad_tol is not None and gnorm < solver.grad_tol:
-                break
-    return params, {"steps": t, "loss": loss, "grad_norm": gnorm}
+    if not callable(batches):
+        raise ValueError(f"batch_fn must be a callable t -> batch, got {batches!r}")
+    check_objective(objective, params, batches(0), key)
+    step = make_step(objective, solver.optimizer)
+    tol = solver.grad_tol
+
+    def converged(epoch, state, history):
+        if tol is not None and history[-1]["grad_norm"] < tol:
+            raise StopRun
+
+    def record(epoch, state, raw):  # the few numbers kept per step
+        return {"loss": raw["objective"], "task_loss": raw.get("loss", raw["objective"]),
+                "grad_norm": raw["grad_norm"]}
+
+    try:
+        res = run(step, step.init(params), batches, epochs=solver.steps, steps_per_epoch=1, key=key,
+                  config=LoopConfig(progress=False, desc="local solve"), callbacks=[converged], on_epoch=record)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"the local solver diverged ({e}); lower its learning rate") from e
+    last = res.history[-1]
+    return res.params, {"steps": len(res.history), "loss": last["loss"], "task_loss": last["task_loss"],
+                        "grad_norm": last["grad_norm"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -579,7 +652,7 @@ def _fingerprint(origin: PyTree, config: DSPConfig, tier: int) -> str:
 
 
 def dsp_search(
-    loss_fn: LossFn,
+    objective: Objective,
     origin: PyTree,
     key: jax.Array,
     *,
@@ -594,24 +667,45 @@ def dsp_search(
 ) -> TierResult:
     """One tier of DSP-TT search from ``origin`` (seed 004 Algorithm 1 with eq. 3).
 
-    ``loss_fn(params, batch, rng)`` is the objective on a mini-batch ``batch_fn(t)`` (global step ``t``);
-    ``calibration`` is the dynamics ``f`` (an Optax gradient transformation returning the descent direction at
-    unit step, default ``optax.scale(-1.0)`` i.e. ``f = -grad``, seed 004 eq. 2 with ``R = I``);
-    ``directions`` overrides the ``config.num_directions`` random initial directions. With
-    ``checkpoint_dir`` the state is saved at every exit point, every solution and every
+    With ``checkpoint_dir`` the state is saved at every exit point, every solution and every
     ``config.checkpoint_every`` steps (only the latest state is kept: directions, calibration states, detector
     states, traces, exits and every solution found), and an existing checkpoint there is resumed — a killed
     search restarted with the same arguments ends with the same result as an uninterrupted one (recorded
-    ``paths`` restart empty). ``callback(t, info)`` is
-    called after every search step (``info``: tier, direction, iteration, loss, ema, rho1, norm, exited, ``d``
-    the direction after the forward step, so ``origin + d`` is the point whose loss was checked).
+    ``paths`` restart empty).
+
+    Args:
+      objective: ``objective(params, batch, key) -> (loss, aux)`` (:mod:`mclandscape.core.objective`); its
+        value on the mini-batch ``batch_fn(t)`` of global step ``t`` (key ``fold_in(key', t)``) is what the
+        exit detector sees and the calibration differentiates.
+      origin: the tier-0 (or tier-n) solution ``omega0``.
+      key: drives the random initial directions, the choice of direction per step and the objective's keys.
+      config: a :class:`DSPConfig`.
+      batch_fn: the search's batches ``t -> batch`` (random access: resuming replays nothing).
+      solver: the :class:`LocalSolver` run from every exit point (:func:`local_solve`).
+      calibration: the dynamics ``f`` (an Optax gradient transformation returning the descent direction at
+        unit step), default ``optax.scale(-1.0)`` i.e. ``f = -grad`` (seed 004 eq. 2 with ``R = I``).
+      directions: overrides the ``config.num_directions`` random initial directions.
+      checkpoint_dir: where the search checkpoints and resumes (``None``: no checkpoints).
+      tier: the tier number (recorded, and part of the checkpoint's fingerprint).
+      callback: ``callback(t, info)`` after every search step (``info``: tier, direction, iteration, loss,
+        ema, rho1, norm, exited, ``d`` the direction after the forward step, so ``origin + d`` is the point
+        whose loss was checked).
+
+    Returns:
+      A :class:`TierResult`.
     """
     if not isinstance(config, DSPConfig):
         raise ValueError(f"config must be a DSPConfig, got {type(config).__name__}")
     if not isinstance(solver, LocalSolver):
         raise ValueError(f"solver must be a LocalSolver, got {type(solver).__name__}")
+    if not callable(objective):
+        raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
+    if not callable(batch_fn):
+        raise ValueError(f"batch_fn must be a callable t -> batch, got {batch_fn!r}")
     check_finite(origin, "origin")
     calibration = calibration if calibration is not None else NEGATIVE_GRADIENT
+    if not isinstance(calibration, optax.GradientTransformation):
+        raise ValueError(f"calibration must be an optax GradientTransformation, got {type(calibration).__name__}")
     generated = directions is None
     if generated:
         dirs = initial_directions(key, origin, config.num_directions, config.init_norm)
@@ -620,7 +714,6 @@ def dsp_search(
         _check_directions(dirs, origin)
     num = len(dirs)
     rho, det = config.rho, config.detector
-    step_fn = _compiled_step(loss_fn, calibration, rho.reading)
     cal_states = [calibration.init(tree_add(origin, d)) for d in dirs]
     detectors = [DetectorState() for _ in range(num)]
     active = [True] * num
@@ -650,8 +743,6 @@ def dsp_search(
 
     store = None
     if checkpoint_dir is not None:
-        from mclandscape.engine.checkpoint import CheckpointStore
-
         store = CheckpointStore(checkpoint_dir, create=True)
 
     def save(kind: str):
@@ -674,7 +765,7 @@ def dsp_search(
         def solve_pending():
             nonlocal pending
             rec = ExitRecord(**pending["record"])
-            sol, info = local_solve(loss_fn, pending["point"], solver, batch_fn,
+            sol, info = local_solve(objective, pending["point"], solver, batch_fn,
                                     jax.random.fold_in(solver_key, rec.direction))
             rec = dataclasses.replace(
                 rec, solution_loss=info["loss"], solver_steps=info["steps"],
@@ -693,8 +784,9 @@ def dsp_search(
             k = idx[int(np.random.default_rng([sel_seed, t]).integers(len(idx)))]
             i = detectors[k].count + 1
             rho1, rho2 = rho.rho1(i), rho.rho2_at(i)
-            fwd, cal, cstate, scalars = step_fn(dirs[k], cal_states[k], origin, batch_fn(t), loss_key,
-                                                np.int32(t), np.float32(rho1), np.float32(rho2))
+            fwd, cal, cstate, scalars = _search_step(objective, calibration, rho.reading, dirs[k], cal_states[k],
+                                                     origin, batch_fn(t), loss_key, np.int32(t), np.float32(rho1),
+                                                     np.float32(rho2))
             loss, norm = (float(v) for v in np.asarray(scalars))
             state, exited = det.update(detectors[k], loss)
             detectors[k] = state
@@ -772,7 +864,7 @@ def dsp_search(
 
 
 def tier_by_tier(
-    loss_fn: LossFn,
+    objective: Objective,
     origin: PyTree,
     key: jax.Array,
     *,
@@ -787,14 +879,20 @@ def tier_by_tier(
 ) -> list[TierResult]:
     """Tier-by-tier DSP-TT (seed 004 §5.2): tier 1 from ``origin``; tier ``n+1`` from the best tier-``n``
     solution, the one with the lowest ``score_fn(params)`` (e.g. loss on the training or a validation set).
-    Each tier checkpoints into ``checkpoint_dir/tier<n>`` and resumes from there."""
+    Each tier is a :func:`dsp_search` (same ``objective``, ``config``, ``batch_fn``, ``solver``,
+    ``calibration``, ``callback``; key ``fold_in(key, n)``) that checkpoints into ``checkpoint_dir/tier<n>`` and
+    resumes from there.
+
+    Returns:
+      One :class:`TierResult` per tier.
+    """
     if isinstance(tiers, bool) or int(tiers) != tiers or tiers < 1:
         raise ValueError(f"tiers must be an integer >= 1, got {tiers!r}")
     results: list[TierResult] = []
     start = origin
     for n in range(1, int(tiers) + 1):
         sub = None if checkpoint_dir is None else f"{checkpoint_dir}/tier{n}"
-        res = dsp_search(loss_fn, start, jax.random.fold_in(key, n), config=config, batch_fn=batch_fn,
+        res = dsp_search(objective, start, jax.random.fold_in(key, n), config=config, batch_fn=batch_fn,
                          solver=solver, calibration=calibration, checkpoint_dir=sub, tier=n, callback=callback)
         results.append(res)
         if n == tiers:
@@ -1057,11 +1155,12 @@ class VerificationResult:
 
 
 def verify_exit(
-    loss_fn: Callable[[PyTree], jax.Array],
+    objective: Objective,
     origin: PyTree,
     path: Sequence[tuple[int, PyTree]],
     exit_iteration: int,
     *,
+    batch: Any = None,
     step_size: float = 0.01,
     steps: int = 50_000,
     record_every: int = 500,
@@ -1078,6 +1177,10 @@ def verify_exit(
     """Integrate full-batch gradient descent ``w <- w - step_size * grad loss(w)`` from points of a recorded
     search ``path`` (``(iteration, d)`` pairs, points ``origin + d``) and from the origin, and measure which
     optimum each reaches (seed 004 §5.1, Figure 3c: 50,000 steps of size 0.01, the defaults).
+
+    ``loss(w)`` is the value of ``objective(w, batch, None)`` (the objective protocol ``(params, batch, key)
+    -> (loss, aux)``; ``batch`` is fixed, e.g. the whole training set, and no key is passed: the flows are
+    deterministic).
 
     ``num_points`` evenly chooses that many path points. The integration runs in chunks of ``record_every``
     steps (one trajectory point each) for at most ``steps`` steps; with ``grad_tol`` it stops as soon as every
@@ -1125,6 +1228,12 @@ def verify_exit(
         pts = [pts[j] for j in sel]
     iterations = [int(i) for i, _ in pts]
     starts = tree_stack([origin] + [tree_add(origin, d) for _, d in pts])
+    if not callable(objective):
+        raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
+
+    def loss_fn(w):
+        return call_objective(objective, w, batch, None)[0]
+
     value_and_grad = jax.value_and_grad(loss_fn)
 
     @jax.jit
@@ -1301,38 +1410,56 @@ def project(points: PyTree, origin: PyTree, basis: tuple[PyTree, PyTree], *, lea
 # ---------------------------------------------------------------------------------------------------------
 
 
-def model_loss_fn(model, variables: PyTree, *, train: bool | None = None, loss: str = "cross_entropy",
-                  l2: float = 0.0) -> LossFn:
-    """``loss_fn(params, (x, y), rng)``: the mean loss of ``model`` with ``variables['params']`` replaced
-    (:func:`mclandscape.engine.train.params_loss`, with ``rng`` as the dropout key).
+def model_loss_fn(model, variables: PyTree, *, train: bool | None = None, loss: str | Callable = "cross_entropy",
+                  l2: float = 0.0) -> Objective:
+    """The objective ``objective(params, (x, y), key) -> (loss, aux)`` of ``model`` with its other variable
+    collections held fixed: :func:`mclandscape.core.objective.make_objective` (``key`` is the dropout key).
 
-    ``loss``: ``"cross_entropy"`` (softmax cross-entropy with integer labels) or ``"mse_onehot"`` (squared error
-    of the outputs against one-hot targets, summed over classes and averaged over examples — a loss with
-    finite minima on separable data, where cross-entropy's infimum lies at infinity). ``l2`` adds
-    ``l2 / 2 * |params|^2`` (which also makes the minima isolated and finite). ``train`` (default: whether the
-    model has BatchNorm) applies the model in train mode (batch statistics, dropout with
-    ``rngs={'dropout': rng}``)."""
-    from mclandscape.engine.train import params_loss
+    Args:
+      model: a :class:`~mclandscape.engine.models.base.Model`.
+      variables: the model's variables; every collection but ``"params"`` is held fixed.
+      train: apply the model in train mode (batch statistics, dropout with ``key``); default: whether the
+        model has BatchNorm.
+      loss: ``"cross_entropy"`` (softmax cross-entropy with integer labels), ``"mse_onehot"`` (squared error of
+        the outputs against one-hot targets, summed over classes and averaged over examples — a loss with
+        finite minima on separable data, where cross-entropy's infimum lies at infinity), ``"mse"`` or a
+        per-example callable ``(outputs, y) -> [N]``.
+      l2: adds ``l2 / 2 * |params|^2`` to the value (which also makes the minima isolated and finite);
+        ``aux["loss"]`` is the task loss without it.
 
-    if loss not in ("cross_entropy", "mse_onehot"):
-        raise ValueError(f"loss must be 'cross_entropy' or 'mse_onehot', got {loss!r}")
-    inner = params_loss(model, variables, loss=loss, train=train, l2=_check_real(l2, "l2"))
+    Returns:
+      An :class:`~mclandscape.core.objective.Objective` (a pytree: a new one from the same model and loss
+      reuses the compiled search and solver steps).
+    """
+    if isinstance(loss, str) and loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)} or a per-example callable, got {loss!r}")
+    if not isinstance(loss, str) and not callable(loss):
+        raise ValueError(f"loss must be a name or a per-example callable (outputs, y) -> [N], got {loss!r}")
+    return make_objective(model, loss, l2=_check_real(l2, "l2"), train=train, variables=variables)
 
-    def loss_fn(params, batch, rng):
-        return inner(params, (batch[0], batch[1], rng))
 
-    return loss_fn
-
-
-def dataset_batches(ds, batch_size: int, *, seed: int = 0, augment: bool = False) -> BatchFn:
-    """A resumable mini-batch stream ``t -> (x, y)`` over epochs of ``ds`` (:func:`mclandscape.engine.train.batch_stream`:
-    ``iterate_batches`` with ``drop_last=True``, reshuffled per epoch): batch ``t`` depends only on ``t``."""
-    from mclandscape.engine.train import legacy_batch_stream as batch_stream
-
-    return batch_stream(ds, batch_size, seed=seed, augment=augment)
+def dataset_batches(ds, batch_size: int, *, seed: int = 0, augment: bool = False) -> BatchStream:
+    """A resumable mini-batch stream ``t -> (x, y)`` over epochs of ``ds``:
+    :func:`mclandscape.engine.data.batch_stream` (full batches only, reshuffled per epoch from ``seed``), so
+    batch ``t`` depends only on ``(seed, t)``; ``.steps_per_epoch`` is the number of batches per epoch."""
+    return batch_stream(ds, batch_size, seed=seed, augment=augment, drop_last=True)
 
 
 def full_batch(ds) -> BatchFn:
-    """The whole dataset as one batch at every step (full-gradient DSP-TT, seed 004 Figure 3a)."""
+    """The whole dataset ``(x, y)`` as one batch at every step (full-gradient DSP-TT, seed 004 Figure 3a);
+    ``.steps_per_epoch`` is 1.
+
+    The batch is the dataset in its stored order, one constant pair of device arrays (not a
+    :func:`~mclandscape.engine.data.batch_stream` of one batch per epoch, which would reshuffle — and copy —
+    the whole set at every step and change the order of the loss's reduction from step to step)."""
+    if not hasattr(ds, "x") or not hasattr(ds, "y"):
+        raise ValueError(f"full_batch needs a Dataset (with .x and .y), got {type(ds).__name__}")
+    if len(ds.x) == 0:
+        raise ValueError("full_batch of an empty dataset")
     batch = (jnp.asarray(ds.x), jnp.asarray(ds.y))
-    return lambda t: batch
+
+    def get(t: int):
+        return batch
+
+    get.steps_per_epoch = 1  # type: ignore[attr-defined]
+    return get
