@@ -21,9 +21,12 @@ al. filter-normalised 1-D loss curves (Fig. 5) and 2-D planes around the seed-0 
 the seed's Table 4 settings (250 epochs, batch 128, lr 0.1, milestones, weight decay, augmentation, 5
 seeds); without the prepared TFDS files it stops at once with the data loader's message.
 
-Training with a VDM is ``optax.chain(scale_by_vdm(vdm), make_optimizer(config, steps_per_epoch))`` with the
-mini-batch loss passed as the ``loss=`` extra argument (Algorithm 1); weight decay is not scaled by ``δ'``
-(as in a PyTorch loop where the VDM wraps the criterion).
+Training with a VDM is the engine's ``train_model(..., tx=optax.chain(scale_by_vdm(vdm),
+make_optimizer(config, steps_per_epoch)))``: the training step passes the mini-batch loss to the transform as
+the ``loss=`` extra argument (Algorithm 1); weight decay is not scaled by ``δ'`` (as in a PyTorch loop where
+the VDM wraps the criterion); a loss outside the VDM's domain stops the run after its epoch with
+:func:`~mclandscape.methods.deform.check_vdm_state`'s message. The 2-D simulations stay vectorised over their
+starts (:func:`mclandscape.methods.simulated.run_simulation` says why).
 
 Writes ``<out>/results.json`` and PNG figures. ``python -m experiments.vdm --help`` lists the options.
 """
@@ -43,9 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mclandscape.engine.data import DatasetNotFoundError, iterate_batches, load_dataset, num_batches
+from mclandscape.engine.data import DatasetNotFoundError, load_dataset, num_batches
+from mclandscape.engine.evaluate import evaluate_model
+from mclandscape.engine.loop import NonFiniteError
 from mclandscape.engine.models import get_model
-from mclandscape.engine.train import TrainConfig, cross_entropy, make_optimizer
+from mclandscape.engine.train import TrainConfig, make_optimizer, train_model
 from mclandscape.methods.curvature import top_hessian_eigenvalues
 from mclandscape.methods.deform import (
     AP,
@@ -224,93 +229,35 @@ def run_simulations(out: str, rounds: int, seed: int) -> dict:
 # classifier study
 
 
-@functools.lru_cache(maxsize=8)
-def _model_fns(model):
-    """Jitted ``(loss, grads, new_batch_stats)`` of the mean cross-entropy and an eval step, one per model
-    (shared by every method, so only the cheap update below is compiled per VDM)."""
-    has_bs = model.has_batch_stats
-
-    def grad_fn(params, stats, x, y, key):
-        def lf(p):
-            if has_bs:
-                out, new_stats = model.apply_with_stats({"params": p, "batch_stats": stats}, x,
-                                                        rngs={"dropout": key})
-            else:
-                out, new_stats = model.apply({"params": p}, x, train=True, rngs={"dropout": key}), stats
-            return jnp.mean(cross_entropy(out, y)), new_stats
-
-        (loss, new_stats), g = jax.value_and_grad(lf, has_aux=True)(params)
-        return loss, g, new_stats
-
-    def evaluate(variables, x, y, mask):
-        out = model.apply(variables, x, train=False)
-        return (jnp.sum(jnp.where(mask, cross_entropy(out, y), 0.0)),
-                jnp.sum(jnp.where(mask, jnp.argmax(out, -1) == y, False)))
-
-    return jax.jit(grad_fn), jax.jit(evaluate)
-
-
 @functools.lru_cache(maxsize=64)
-def _update_fn(config: TrainConfig, vdm: VDM, steps_per_epoch: int):
-    """``chain(scale_by_vdm(vdm), make_optimizer(config))`` and its jitted update with the mini-batch loss as
-    the ``loss=`` extra argument (seed 003 Algorithm 1) and a traced learning-rate multiplier.
-
-    optax's SGD update is ``-lr·(momentum trace)`` with a trace independent of ``lr``, so multiplying the
-    final update by ``m`` is exactly SGD with learning rate ``m·lr``: all Table 1 learning-rate multiples
-    share one compilation.
-    """
-    tx = optax.chain(scale_by_vdm(vdm), make_optimizer(config, steps_per_epoch))
-
-    def update(params, grads, opt_state, loss, lr_scale):
-        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
-        updates = jax.tree_util.tree_map(lambda u: lr_scale * u, updates)
-        return optax.apply_updates(params, updates), opt_state
-
-    return tx, jax.jit(update)
+def _vdm_tx(config: TrainConfig, vdm: VDM, steps_per_epoch: int) -> optax.GradientTransformation:
+    """``chain(scale_by_vdm(vdm), make_optimizer(config))`` (seed 003 Algorithm 1): one object per (config, VDM),
+    so every seed of a method shares one compiled training step (the step takes the transform as a static
+    argument)."""
+    return optax.chain(scale_by_vdm(vdm), make_optimizer(config, steps_per_epoch))
 
 
-def _evaluate(eval_fn, variables, ds, batch_size: int = 500) -> dict:
-    n = len(ds)
-    bs = min(batch_size, n)
-    ls = cs = 0.0
-    for i in range(0, n, bs):
-        x, y = ds.x[i:i + bs], ds.y[i:i + bs]
-        m = len(x)
-        mask = np.arange(bs) < m
-        if m < bs:  # pad so one compiled shape serves the whole set
-            x = np.concatenate([x, np.repeat(x[:1], bs - m, 0)])
-            y = np.concatenate([y, np.repeat(y[:1], bs - m, 0)])
-        l, c = eval_fn(variables, x, y, mask)
-        ls += float(l)
-        cs += float(c)
-    return {"loss": ls / n, "acc": cs / n}
+def _check_domain(vdm: VDM):
+    """A ``train_model`` callback: after each epoch, a loss that left the VDM's domain stops the run with
+    :func:`check_vdm_state`'s message (the transform masked those steps; it never raises inside a step)."""
+    return lambda epoch, result: check_vdm_state(result.opt_state, vdm)
 
 
 def train_with_vdm(model, train, test, config: TrainConfig, vdm: VDM, *, seed: int,
                    lr_scale: float = 1.0) -> dict:
-    """SGDM (``make_optimizer(config)``, learning rate ``lr_scale·config.lr``) on ``δ∘ℓ`` via
-    ``chain(scale_by_vdm(vdm), ...)``; returns the final variables and train/test metrics. Initialisation
-    and batch order depend on ``seed`` only (the same for every method)."""
-    spe = num_batches(len(train), config.batch_size, config.drop_last)
-    grad_fn, evaluate = _model_fns(model)
-    tx, update = _update_fn(config, vdm, spe)
-    init_key, drop_key = jax.random.split(jax.random.key(seed))
-    variables = dict(model.init(init_key, jnp.asarray(train.x[:1])))
-    params, stats = variables["params"], variables.get("batch_stats")
-    opt_state = tx.init(params)
-    scale = jnp.float32(lr_scale)
-    for epoch in range(config.epochs):
-        ekey = jax.random.fold_in(drop_key, epoch)
-        for i, (x, y) in enumerate(iterate_batches(train, config.batch_size, seed=seed, epoch=epoch,
-                                                   augment=config.augment, drop_last=config.drop_last)):
-            loss, g, stats = grad_fn(params, stats, x, y, jax.random.fold_in(ekey, i))
-            params, opt_state = update(params, g, opt_state, loss, scale)
-        check_vdm_state(opt_state, vdm)  # a loss outside the VDM's domain stops the run with its message
-    variables = {"params": params, **({"batch_stats": stats} if model.has_batch_stats else {})}
-    tr = _evaluate(evaluate, variables, train)
-    te = _evaluate(evaluate, variables, test)
-    return {"variables": variables, "train_loss": tr["loss"], "train_acc": tr["acc"], "test_loss": te["loss"],
-            "test_acc": te["acc"]}
+    """SGDM (``make_optimizer(config)`` at learning rate ``lr_scale·config.lr``) on ``δ∘ℓ``: the engine's
+    :func:`~mclandscape.engine.train.train_model` with ``tx=chain(scale_by_vdm(vdm), ...)``, which receives the
+    mini-batch loss as the extra argument ``loss``. Initialisation and batch order depend on ``seed`` only (the
+    same for every method). Returns the final variables, the training-set metrics of the final model in
+    evaluation mode and the test metrics after the last epoch."""
+    cfg = config if lr_scale == 1.0 else config.replace(lr=config.lr * lr_scale)
+    spe = num_batches(len(train), cfg.batch_size, cfg.drop_last)  # train_model's steps per epoch
+    res = train_model(model, train, test, cfg, seed=seed, tx=_vdm_tx(cfg, vdm, spe), progress=False,
+                      callback=_check_domain(vdm))
+    tr = evaluate_model(model, res.variables, train, batch_size=cfg.eval_batch_size)
+    te = res.final
+    return {"variables": res.variables, "train_loss": tr["loss"], "train_acc": tr["acc"],
+            "test_loss": te["test_loss"], "test_acc": te["test_acc"]}
 
 
 def _default_model_kwargs(arch: str, dataset: str, num_classes: int) -> dict:
@@ -344,6 +291,8 @@ def run_classifier(args, train, test, out: str) -> dict:
             try:
                 r = train_with_vdm(model, train, test, base, vdm, seed=s, lr_scale=mult)
                 err = None
+            except NonFiniteError:  # the engine stops a run whose loss or gradient is not finite
+                r, err = None, "diverged (non-finite loss)"
             except Exception as e:  # a VDM undefined at a reached loss (e.g. LE with e2 >= 1) is reported
                 r, err = None, f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}"
             if r is not None and not math.isfinite(r["train_loss"]):

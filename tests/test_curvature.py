@@ -1,5 +1,7 @@
-"""Curvature tools (HVP, Lanczos, power iteration, Hutchinson, dense Hessian) and seed 003 Theorem 1."""
+"""Curvature tools (HVP, Lanczos, power iteration, Hutchinson, dense Hessian) on the one objective, compiling
+once, in float32 and float64, and seed 003 Theorem 1."""
 
+import logging
 import math
 
 import jax
@@ -8,9 +10,11 @@ import numpy as np
 import optax
 import pytest
 
+from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import tree_ravel
 from mclandscape.engine.models import get_model
 from mclandscape.methods.curvature import (
+    HVP,
     dataset_batches,
     dense_hessian,
     hessian_eigenvalues,
@@ -18,7 +22,6 @@ from mclandscape.methods.curvature import (
     hvp,
     lanczos,
     make_hvp,
-    model_loss_fn,
     power_iteration,
     top_hessian_eigenvalues,
 )
@@ -27,18 +30,20 @@ from mclandscape.methods.deform import AP, LE, Squared, deformed_hessian_formula
 
 @pytest.fixture(scope="module")
 def ce_problem():
-    """A 4-6-3 tanh MLP (51 parameters) with cross-entropy on 32 random examples, after a few SGD steps."""
+    """A 4-6-3 tanh MLP (51 parameters) with cross-entropy on 32 random examples, after a few SGD steps.
+
+    ``loss_fn`` is the model's objective in inference mode, ``(params, batch) -> (loss, aux)``."""
     model = get_model("mlp", widths=[6], num_classes=3, activation="tanh")
     x = jax.random.normal(jax.random.key(0), (32, 4))
     y = jax.random.randint(jax.random.key(1), (32,), 0, 3)
     variables = model.init(jax.random.key(2), x)
-    loss_fn = model_loss_fn(model, variables)
+    loss_fn = make_objective(model, "cross_entropy", train=False, variables=variables)
     params = variables["params"]
     params0 = jax.tree_util.tree_map(lambda a: 3.0 * a, params)  # a steep, non-critical point
     opt = optax.sgd(0.5)
     st = opt.init(params)
     for _ in range(30):
-        g = jax.grad(loss_fn)(params, (x, y))
+        g = jax.grad(lambda p: loss_fn(p, (x, y))[0])(params)
         u, st = opt.update(g, st)
         params = optax.apply_updates(params, u)
     H = dense_hessian(loss_fn, params, [(x, y)])
@@ -48,12 +53,17 @@ def ce_problem():
 def test_dense_hessian_and_hvp(ce_problem):
     _, loss_fn, params, batch, H, _ = ce_problem
     flat, unravel = tree_ravel(params)
-    H_ref = np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat), np.float64)
+    H_ref = np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), batch)[0])(flat), np.float64)
     np.testing.assert_allclose(H, H_ref, atol=1e-5)
     assert np.allclose(H, H.T)
     v = jax.random.normal(jax.random.key(3), flat.shape)
     hv, _ = tree_ravel(hvp(loss_fn, params, unravel(v), batch))
     np.testing.assert_allclose(np.asarray(hv), H @ np.asarray(v, np.float64), rtol=1e-4, atol=1e-5)
+    # a plain scalar loss function gives the same Hessian as the objective
+    scalar = lambda p, b: loss_fn(p, b)[0]
+    np.testing.assert_allclose(dense_hessian(scalar, params, [batch]), H, atol=1e-6)
+    hv2, _ = tree_ravel(hvp(function_objective(scalar), params, unravel(v), batch))
+    np.testing.assert_allclose(np.asarray(hv2), np.asarray(hv), rtol=1e-6, atol=1e-7)
 
 
 def test_dataset_hvp_over_unequal_batches_equals_full_batch(ce_problem):
@@ -67,6 +77,17 @@ def test_dataset_hvp_over_unequal_batches_equals_full_batch(ce_problem):
     np.testing.assert_allclose(dense_hessian(loss_fn, params, batches), H, atol=1e-5)
     with pytest.raises(ValueError, match="weights"):
         make_hvp(loss_fn, params, batches, weights=[1.0])
+    with pytest.raises(ValueError, match="needs batches"):
+        make_hvp(loss_fn, params)  # an objective without batches
+    with pytest.raises(ValueError, match="wrap a single"):
+        make_hvp(loss_fn, params, (x, y))
+    with pytest.raises(ValueError, match="empty"):
+        make_hvp(loss_fn, params, [])
+    mv = make_hvp(loss_fn, params, batches)
+    assert isinstance(mv, HVP) and mv.dim == flat.size
+    np.testing.assert_allclose(mv.flat(np.asarray(v, np.float64)), np.asarray(hv), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="flat vector"):
+        mv.flat(np.zeros(3))
 
 
 def test_lanczos_equals_dense_spectrum(ce_problem):
@@ -122,6 +143,85 @@ def test_top_hessian_eigenvalues_of_a_model(ce_problem):
     res = top_hessian_eigenvalues(model, {"params": params}, (np.asarray(x), np.asarray(y)),
                                   key=jax.random.key(1), k=1, num_iter=30, batch_size=10)
     np.testing.assert_allclose(res.values[0], np.linalg.eigvalsh(H)[-1], rtol=1e-3)
+    with pytest.raises(ValueError, match="params"):
+        top_hessian_eigenvalues(model, params, (np.asarray(x), np.asarray(y)), key=jax.random.key(1))
+    with pytest.raises(ValueError, match="batch_size"):
+        dataset_batches((np.asarray(x), np.asarray(y)), 0)
+
+
+class _CountCompiles(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record):
+        if "Compiling" in record.getMessage():
+            self.count += 1
+
+
+def _compiles(fn) -> int:
+    handler = _CountCompiles()
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            fn()
+    finally:
+        logger.removeHandler(handler)
+    return handler.count
+
+
+def test_a_second_call_compiles_nothing(ce_problem):
+    """HVPs, Lanczos, power iteration, Hutchinson and the dense Hessian compile once: a second call, through a
+    new make_objective and new batches of the same shapes, compiles nothing (the old model_loss_fn path
+    compiled its HVP again on every call)."""
+    model, _, params, (x, y), _, _ = ce_problem
+    data = (np.asarray(x), np.asarray(y))
+
+    def curvature():
+        top_hessian_eigenvalues(model, {"params": params}, data, key=jax.random.key(1), k=1, num_iter=8,
+                                batch_size=10)  # batches of 10, 10, 10 and 2
+        obj = make_objective(model, "cross_entropy", train=False, variables={"params": params})
+        mv = make_hvp(obj, params, dataset_batches(data, 16))
+        lanczos(mv, params, key=jax.random.key(2), num_iter=6, k=2, return_vectors=True)
+        power_iteration(mv, params, key=jax.random.key(3), k=2, num_iter=5)
+        hutchinson_trace(mv, params, key=jax.random.key(4), num_samples=3)
+        dense_hessian(obj, params, dataset_batches(data, 16))
+
+    curvature()
+    assert _compiles(curvature) == 0
+
+
+def test_power_iteration_and_lanczos_in_float64():
+    """With float64 parameters the flat products are float64 device arrays; power iteration with deflation
+    (k >= 2) updates them in place, which failed on a read-only view before."""
+    with jax.enable_x64(True):
+        a = np.diag(np.arange(1.0, 7.0)) + 0.1 * np.ones((6, 6))
+        ev = np.linalg.eigvalsh(a)
+        quad = lambda p: 0.5 * p["w"] @ jnp.asarray(a) @ p["w"]
+        params = {"w": jnp.zeros(6, jnp.float64)}
+        mv = make_hvp(quad, params)
+        for matvec in (mv, lambda v: {"w": jnp.asarray(a) @ v["w"]}):  # the HVP and a plain tree matvec
+            res = power_iteration(matvec, params, key=jax.random.key(0), k=3, num_iter=2000, tol=1e-14)
+            np.testing.assert_allclose(res.values, ev[::-1][:3], rtol=1e-8)
+            assert res.vectors[0]["w"].dtype == jnp.float64
+        full = lanczos(mv, params, key=jax.random.key(1), num_iter=6, k=6, return_vectors=True)
+        np.testing.assert_allclose(full.values, ev[::-1], rtol=1e-10)
+        np.testing.assert_allclose(dense_hessian(quad, params), a, atol=1e-12)
+        tr = hutchinson_trace(mv, params, key=jax.random.key(2), num_samples=4)
+        assert np.isfinite(tr.mean)
+        # a model objective with float64 parameters
+        model = get_model("mlp", widths=[4], num_classes=3, activation="tanh")
+        x = jax.random.normal(jax.random.key(0), (16, 3), jnp.float64)
+        y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
+        p64 = jax.tree_util.tree_map(lambda t: t.astype(jnp.float64), model.init(jax.random.key(2), x)["params"])
+        obj = make_objective(model, "cross_entropy", train=False)
+        H = dense_hessian(obj, p64, [(x, y)])
+        top = np.linalg.eigvalsh(H)
+        top = top[np.argsort(-np.abs(top))][:2]
+        res = power_iteration(make_hvp(obj, p64, [(x, y)]), p64, key=jax.random.key(3), k=2, num_iter=3000,
+                              tol=1e-13)
+        np.testing.assert_allclose(res.values, top, rtol=1e-5)
 
 
 # --- seed 003 Theorem 1 -------------------------------------------------------------------------------
@@ -179,7 +279,7 @@ def test_theorem1_exact_formula_away_from_critical_points(ce_problem, vdm):
     proof drops the second term, which is visible here."""
     _, loss_fn, _, batch, _, params0 = ce_problem
     flat, unravel = tree_ravel(params0)
-    lf = lambda f: loss_fn(unravel(f), batch)
+    lf = lambda f: loss_fn(unravel(f), batch)[0]
     l, g = float(lf(flat)), np.asarray(jax.grad(lf)(flat), np.float64)
     H = dense_hessian(lf, flat)
     assert np.linalg.norm(g) > 0.1

@@ -94,9 +94,12 @@ def test_le_domain_error_instead_of_nan():
     assert np.isfinite(float(f(jnp.array([1.0, 0.5]))))
     with pytest.raises(ValueError, match="LE"):  # eager grad: the loss is still concrete
         jax.grad(f)(jnp.array([0.3, 0.2]))
-    tx = scale_by_vdm(le)
+    tx = scale_by_vdm(le)  # the transform masks the step (eagerly as under jit) and check_vdm_state raises
+    u, st = tx.update({"w": jnp.ones(2)}, tx.init(None), None, loss=jnp.float32(0.1))
+    np.testing.assert_array_equal(np.asarray(u["w"]), [0.0, 0.0])
+    assert int(st.num_invalid) == 1 and int(st.invalid_step) == 0
     with pytest.raises(ValueError, match="undefined"):
-        tx.update({"w": jnp.ones(2)}, tx.init(None), None, loss=jnp.float32(0.1))
+        check_vdm_state(st, le)
     # a non-integer AP power needs non-negative losses
     with pytest.raises(ValueError, match="non-negative base"):
         vdm_loss(AP(2, 1, 0.5, 1), lambda p: p)(jnp.float32(-0.5))
@@ -104,6 +107,30 @@ def test_le_domain_error_instead_of_nan():
     assert np.isnan(float(vdm_loss(le, lambda p: p)(jnp.float32(np.nan))))
     with pytest.raises(ValueError, match="check_domain"):
         scale_by_vdm(le, check_domain="raise")
+    with pytest.raises(ValueError, match="25861"):  # no host callback inside a training step
+        scale_by_vdm(le, check_domain="callback")
+
+
+def test_scale_by_vdm_is_the_same_eagerly_and_under_jit():
+    """In and out of the domain, and at a NaN loss, the eager and jitted updates and states are identical."""
+    le = LE(1, 1.9)
+    tx = optax.chain(scale_by_vdm(le), optax.sgd(0.1, momentum=0.9))
+    g = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+    jitted = jax.jit(lambda g, s, l: tx.update(g, s, None, loss=l))
+    se = sj = tx.init(g)
+    for loss in (2.0, 0.3, 1.5, float("nan"), 0.1):  # 0.3 and 0.1 lie below ln 1.9 = 0.642
+        ue, se = tx.update(g, se, None, loss=jnp.float32(loss))
+        uj, sj = jitted(g, sj, jnp.float32(loss))
+        for a, b in zip(jax.tree_util.tree_leaves((ue, se)), jax.tree_util.tree_leaves((uj, sj)), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    vdm_state = se[0]
+    assert int(vdm_state.steps) == 5 and int(vdm_state.num_invalid) == 2
+    assert int(vdm_state.invalid_step) == 1 and abs(float(vdm_state.invalid_loss) - 0.3) < 1e-6
+    with pytest.raises(ValueError, match=r"skipped 2 of 5 step\(s\), the first at step 1"):
+        check_vdm_state(se, le)
+    off = scale_by_vdm(le, check_domain="off")  # no check: the raw (negative) factor goes through
+    u, s = off.update(g, off.init(g), None, loss=jnp.float32(0.3))
+    assert float(u["w"][0]) < 0 and int(s.num_invalid) == 0
 
 
 def test_jitted_training_skips_steps_outside_the_domain_and_reports_them():
@@ -128,13 +155,43 @@ def test_jitted_training_skips_steps_outside_the_domain_and_reports_them():
     frozen = p
     p, s = step(p, s)
     np.testing.assert_array_equal(np.asarray(p), np.asarray(frozen))  # skipped: zero update
+    assert int(s[0].steps) == 41 and 0 <= int(s[0].invalid_step) < 41
     with pytest.raises(ValueError, match=r"LE\(1, 1.9\) is undefined at loss .* skipped"):
         check_vdm_state(s, le)
     check_vdm_state(tx.init(jnp.zeros(2)))  # a clean state passes
     # vmapped (batched) states are checked too
     sb = jax.vmap(lambda q: step(q, tx.init(q))[1])(jnp.array([[0.0, 0.0], [2.0, 2.0]]))
-    with pytest.raises(ValueError, match="skipped"):
+    with pytest.raises(ValueError, match="skipped 1 of 2 step.*over 1 of 2 batched states"):
         check_vdm_state(sb)
+
+
+def test_engine_step_passes_the_loss_to_the_vdm_and_reports_the_domain():
+    """make_step hands the objective's loss to scale_by_vdm (extra argument loss=): SGDM + VDM equals SGDM on
+    the deformed objective step for step, and a run that leaves LE's domain is reported by check_vdm_state."""
+    from mclandscape.core.objective import function_objective
+    from mclandscape.engine.loop import make_step, run
+
+    params, loss_fn = _ce_problem()
+    vdm = LE(1, 0.9)
+    sgdm = optax.sgd(0.05, momentum=0.9, nesterov=True)
+    ours = make_step(function_objective(lambda p, b: loss_fn(p)), optax.chain(scale_by_vdm(vdm), sgdm))
+    ref = make_step(function_objective(lambda p, b: vdm_loss(vdm, loss_fn)(p)), sgdm)
+    so, sr = ours.init(params), ref.init(params)
+    for t in range(10):
+        so, mo = ours(so, None, jax.random.key(t))
+        sr, _ = ref(sr, None, jax.random.key(t))
+        for a, b in zip(jax.tree_util.tree_leaves(so.params), jax.tree_util.tree_leaves(sr.params), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert abs(float(so.opt_state[0].scale) - float(vdm.derivative(mo["loss"]))) < 1e-5 * float(so.opt_state[0].scale)
+    # LE(1, 1.9) is undefined below ln 1.9; the quadratic reaches 0.5 < 0.642
+    le = LE(1, 1.9)
+    step = make_step(function_objective(lambda p, b: jnp.sum(p["w"] ** 2) + 0.5), optax.chain(scale_by_vdm(le),
+                                                                                             optax.sgd(0.05)))
+    res = run(step, step.init({"w": jnp.array([1.0, -0.5])}), lambda t: None, epochs=4, steps_per_epoch=10,
+              key=jax.random.key(0))
+    assert np.all(np.isfinite(np.asarray(res.params["w"])))
+    with pytest.raises(ValueError, match=r"LE\(1, 1.9\) is undefined at loss .* skipped"):
+        check_vdm_state(res.state.opt_state, le)
 
 
 def test_callback_mode_raises_inside_jit_in_a_subprocess():

@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mclandscape.core.tree import TreeMismatchError, tree_norm, tree_stack
+from mclandscape.core.tree import TreeMismatchError, tree_add, tree_norm, tree_stack
 from mclandscape.engine.evaluate import evaluate_params
 from mclandscape.engine.models import get_model
+from mclandscape.methods import directions as D
 from mclandscape.methods.directions import (
+    direction_points,
     filter_norms,
     grid_losses,
-    grid_params,
     loss_curve,
     loss_plane,
     normalize_direction,
@@ -88,41 +89,65 @@ def test_layer_weight_unit_and_none_normalisations(cnn):
     assert not np.allclose(np.asarray(d1["head"]["kernel"]), np.asarray(d2["head"]["kernel"]))
 
 
-def test_grid_params_and_pure_function_grid():
+def test_direction_points_and_pure_function_grid():
     params = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(0.5)}
     d1 = {"w": jnp.array([1.0, 0.0]), "b": jnp.array(0.0)}
     d2 = {"w": jnp.array([0.0, 1.0]), "b": jnp.array(1.0)}
     coords = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, -2.0]])
-    st = grid_params(params, [d1, d2], coords)
+    pts = direction_points(params, [d1, d2], coords)
+    assert pts.num_points == 3 and pts.num_stacked == 3  # rows [1, c1, c2] over [theta, d1, d2]: no grid copies
+    st = tree_stack([pts.point(i) for i in range(3)])
     assert st["w"].shape == (3, 2) and st["b"].shape == (3,)
     np.testing.assert_allclose(np.asarray(st["w"]), [[1, 2], [2, 2], [1.5, 0]])
     np.testing.assert_allclose(np.asarray(st["b"]), [0.5, 0.5, -1.5])
     f = lambda p: jnp.sum(p["w"] ** 2) + p["b"] ** 2
-    vals = grid_losses(f, params, [d1, d2], coords, chunk_size=2)
     expect = [float(f(jax.tree_util.tree_map(lambda a, i=i: a[i], st))) for i in range(3)]
-    np.testing.assert_allclose(vals, expect, rtol=1e-6)
+    for chunk in (None, 2):
+        np.testing.assert_allclose(grid_losses(f, params, [d1, d2], coords, chunk_size=chunk), expect, rtol=1e-6)
+    np.testing.assert_allclose(grid_losses(f, params, [d1], [0.0, 1.0]), [5.25, 8.25], rtol=1e-6)  # one direction
     with pytest.raises(ValueError, match="coords"):
-        grid_params(params, [d1, d2], np.zeros((3, 3)))
+        direction_points(params, [d1, d2], np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="coords"):
+        grid_losses(f, params, [d1], np.array([np.nan]))
+    with pytest.raises(ValueError, match="at least one direction"):
+        direction_points(params, [], np.zeros((3, 0)))
+    with pytest.raises(TreeMismatchError):
+        direction_points(params, [{"w": jnp.ones(2)}], [1.0])
     t = target_direction(params, {"w": jnp.array([3.0, 3.0]), "b": jnp.array(0.0)})
     np.testing.assert_allclose(np.asarray(t["w"]), [2.0, 1.0])
 
 
-def test_loss_curve_and_plane_through_evaluate_params(cnn, tmp_path):
+def test_loss_curve_and_plane_through_the_evaluator(cnn, tmp_path, monkeypatch):
     model, params, data = cnn
     d1, d2 = random_directions(jax.random.key(6), params, 2)
     alphas = np.linspace(-1.0, 1.0, 5)
+    seen = []  # what reaches the evaluator: the stack of 2 (curve) or 3 (plane) trees, never the grid's copies
+    real = D.evaluate
+    monkeypatch.setattr(D, "evaluate", lambda model, points, data, **kw: seen.append(points) or real(
+        model, points, data, **kw))
     curve = loss_curve(model, params, d1, alphas, data, batch_size=16)
     centre = evaluate_params(model, tree_stack([params]), data, batch_size=16)
     np.testing.assert_allclose(curve.loss[2], centre.loss[0], rtol=1e-5)
-    edge = evaluate_params(model, grid_params(params, [d1], np.array([[1.0]])), data, batch_size=16)
+    edge = evaluate_params(model, tree_stack([tree_add(params, d1)]), data, batch_size=16)
     np.testing.assert_allclose(curve.loss[-1], edge.loss[0], rtol=1e-5)
-    plane = loss_plane(model, params, d1, d2, alphas, np.linspace(-0.5, 0.5, 3), data, batch_size=16)
+    betas = np.linspace(-0.5, 0.5, 3)
+    plane = loss_plane(model, params, d1, d2, alphas, betas, data, batch_size=16)
     assert plane.loss.shape == (5, 3) and plane.accuracy.shape == (5, 3)
     np.testing.assert_allclose(plane.loss[2, 1], centre.loss[0], rtol=1e-5)
     np.testing.assert_allclose(plane.loss[:, 1], curve.loss, rtol=1e-5)  # beta = 0 row is the curve
     assert np.all(np.isfinite(plane.loss))
+    assert [p.num_stacked for p in seen] == [2, 3] and [p.num_points for p in seen] == [5, 15]
+    # every point equals the evaluation of its explicitly built parameters (the old stacked-grid path)
+    explicit = tree_stack([direction_points(params, [d1, d2], [[a, b]]).point(0) for a in alphas for b in betas])
+    ref = evaluate_params(model, explicit, data, batch_size=16)
+    np.testing.assert_allclose(plane.loss.ravel(), ref.loss, rtol=1e-5)
+    np.testing.assert_allclose(plane.accuracy.ravel(), ref.accuracy)
     with pytest.raises(ValueError, match="alphas"):
         loss_curve(model, params, d1, [0.0], data)
+    with pytest.raises(ValueError, match="betas"):
+        loss_plane(model, params, d1, d2, alphas, [0.0, np.inf], data)
+    with pytest.raises(TreeMismatchError):
+        loss_plane(model, params, d1, {"a": jnp.ones(2)}, alphas, betas, data)
     # plots of these results
     out = str(tmp_path)
     files = [

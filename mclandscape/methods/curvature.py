@@ -1,44 +1,56 @@
 """Curvature of a loss at a parameter point: Hessian-vector products, top eigenvalues, trace, full spectrum.
 
-Used to check seed 003's claims about flatness (Theorem 1: a VDM scales the Hessian spectrum by
+Used to check seed 003's (Chen, Jin, Du, Li and Liu 2020) claims about flatness (Theorem 1: a VDM scales the Hessian spectrum by
 ``δ'(ℓ)`` at critical points; Fig. 4: eigenvalues of the Hessian at the end points of the optimiser).
 
-The loss is a pure function ``loss_fn(params, batch) -> scalar`` (mean over the batch) evaluated over a
-dataset given as a sequence of batches; the dataset loss is the example-weighted mean of the batch losses,
-``L = Σ_b (n_b / N)·loss_fn(params, batch_b)``, so every quantity here (HVP, dense Hessian) is the exact one
-of the full-dataset mean loss, whatever the batch sizes. ``batches=None`` means ``loss_fn(params)``.
+**The loss.** Every function here differentiates the one objective of :mod:`mclandscape.core.objective`:
+``objective(params, batch) -> (loss, aux)`` (e.g. :func:`~mclandscape.core.objective.make_objective` with
+``train=False``; it is called without a key, so there is no dropout), or a plain scalar function
+``loss_fn(params, batch) -> loss``; with ``batches=None`` a function of the parameters alone,
+``loss_fn(params)``. The dataset loss over a sequence of batches is the example-weighted mean of the batch
+losses, ``L = Σ_b (n_b / N)·loss(params, batch_b)``, so every quantity here (HVP, dense Hessian) is the exact
+one of the full-dataset mean loss, whatever the batch sizes.
 
-- :func:`make_hvp` / :func:`hvp`: ``v -> H v`` by forward-over-reverse differentiation
-  (``jax.jvp`` of ``jax.grad``), one jitted call per batch, without forming ``H``;
-- :func:`lanczos`: extreme eigenvalues (and vectors) by Lanczos with full re-orthogonalisation
+- :func:`make_hvp` / :func:`hvp`: ``v -> H v`` by forward-over-reverse differentiation (``jax.jvp`` of
+  ``jax.grad``; Pearlmutter 1994, "Fast exact multiplication by the Hessian"), one jitted call per batch,
+  without forming ``H``;
+- :func:`lanczos`: extreme eigenvalues (and vectors) by Lanczos (1950) with full re-orthogonalisation
   (float64 on the host, one HVP per iteration);
 - :func:`power_iteration`: top-k eigenvalues by magnitude, power iteration with deflation;
-- :func:`hutchinson_trace`: ``tr(H) ≈ mean(vᵀHv)`` over Rademacher or Gaussian probes;
+- :func:`hutchinson_trace`: ``tr(H) ≈ mean(vᵀHv)`` over Rademacher or Gaussian probes (Hutchinson 1990);
 - :func:`dense_hessian` / :func:`hessian_eigenvalues`: the full ``d×d`` Hessian and its spectrum
   (``eigvalsh``) for small models;
-- :func:`model_loss_fn` / :func:`dataset_batches`: the cross-entropy of a :class:`~mclandscape.engine.models.Model`
-  as a ``loss_fn`` and a Dataset as batches.
+- :func:`top_hessian_eigenvalues` / :func:`dataset_batches`: the top eigenvalues of a
+  :class:`~mclandscape.engine.models.Model`'s loss on a dataset (its :func:`make_objective` in inference
+  mode) and a Dataset as batches.
+
+**Compilation.** The HVP and the dense Hessian are module-level ``jax.jit`` functions. An objective that is
+a pytree (:class:`~mclandscape.core.objective.Objective`: static configuration hashed by value, the model
+by identity; fixed collections such as BatchNorm statistics as data) is an ordinary argument, and any other
+callable (a plain function) a static one hashed by identity. A second call with the same model and shapes
+compiles nothing, even through a new ``make_objective``; batches of one shape share one compilation. Lanczos,
+power iteration and Hutchinson run on the host in float64 and compile nothing of their own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
-from mclandscape.core.losses import cross_entropy
+from mclandscape.core.objective import Objective, make_objective
 from mclandscape.core.tree import PyTree, tree_ravel, tree_size
 from mclandscape.engine.models.base import Model
-from mclandscape.engine.train import params_loss
 
 __all__ = [
     "Eigs",
     "TraceEstimate",
+    "HVP",
     "hvp",
     "make_hvp",
     "lanczos",
@@ -46,12 +58,11 @@ __all__ = [
     "hutchinson_trace",
     "dense_hessian",
     "hessian_eigenvalues",
-    "model_loss_fn",
     "dataset_batches",
     "top_hessian_eigenvalues",
 ]
 
-LossFn = Callable[..., jax.Array]
+LossFn = Callable[..., Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +88,62 @@ class TraceEstimate:
     samples: np.ndarray
 
 
+# ---- the loss as a jit argument ---------------------------------------------------------------------------
+
+def _split_fn(fn: LossFn) -> tuple[Any, tuple]:
+    """``(static, arrays)`` of a loss: a pytree whose leaves are all arrays (an :class:`Objective`) travels as
+    its tree definition (static, hashed by value) and its arrays (data); any other callable is static whole."""
+    if not callable(fn):
+        raise ValueError(f"the loss must be an objective (params, batch) -> (loss, aux) or a function "
+                         f"(params[, batch]) -> scalar, got {type(fn).__name__}")
+    leaves, treedef = jax.tree_util.tree_flatten(fn)
+    if all(isinstance(a, jax.Array | np.ndarray) for a in leaves):
+        return ("tree", treedef), tuple(leaves)
+    return ("callable", fn), ()  # tagged: a tree definition is never compared with a function
+
+
+def _merge_fn(static, arrays) -> LossFn:
+    kind, what = static
+    return what if kind == "callable" else jax.tree_util.tree_unflatten(what, list(arrays))
+
+
+def _value(fn: LossFn, params: PyTree, batch) -> jax.Array:
+    """The scalar loss of ``fn`` at ``params`` (``fn(params)`` when ``batch`` is ``None``); an objective's
+    ``(loss, aux)`` gives its loss."""
+    out = fn(params) if batch is None else fn(params, batch)
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise ValueError(f"an objective returns (loss, aux), got a tuple of {len(out)}")
+        out = out[0]
+    if jnp.ndim(out) != 0:
+        raise ValueError(f"the loss must be a scalar, got shape {jnp.shape(out)}")
+    return out
+
+
+def _hvp_impl(fn_static, fn_arrays, params, v, batch):
+    fn = _merge_fn(fn_static, fn_arrays)
+    return jax.jvp(jax.grad(lambda p: _value(fn, p, batch)), (params,), (v,))[1]
+
+
+def _flat_hvp_impl(fn_static, fn_arrays, params, x, batch):
+    flat, unravel = ravel_pytree(params)
+    hv = _hvp_impl(fn_static, fn_arrays, params, unravel(x.astype(flat.dtype)), batch)
+    return ravel_pytree(hv)[0]
+
+
+def _hessian_impl(fn_static, fn_arrays, params, batch):
+    fn = _merge_fn(fn_static, fn_arrays)
+    flat, unravel = ravel_pytree(params)
+    return jax.hessian(lambda x: _value(fn, unravel(x), batch))(flat)
+
+
+_hvp_jit = jax.jit(_hvp_impl, static_argnums=0)
+_flat_hvp_jit = jax.jit(_flat_hvp_impl, static_argnums=0)
+_hessian_jit = jax.jit(_hessian_impl, static_argnums=0)
+
+
+# ---- batches ---------------------------------------------------------------------------------------------
+
 def _batch_size(batch) -> int:
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
@@ -89,15 +156,24 @@ def _weights(batches, weights) -> list[float]:
         w = [float(x) for x in weights]
         if len(w) != len(batches):
             raise ValueError(f"{len(w)} weights for {len(batches)} batches")
+        if not all(np.isfinite(w)):
+            raise ValueError(f"weights must be finite, got {w}")
         return w
     sizes = [_batch_size(b) for b in batches]
     total = float(sum(sizes))
+    if total == 0:
+        raise ValueError("the batches hold no examples")
     return [s / total for s in sizes]
 
 
-def _as_batches(batches) -> list | None:
+def _as_batches(fn: LossFn, batches) -> list | None:
     if batches is None:
+        if isinstance(fn, Objective):
+            raise ValueError("an objective needs batches: pass batches=[(x, y), ...] (batches=None means a "
+                             "function of the parameters alone, loss_fn(params))")
         return None
+    if isinstance(batches, tuple) and len(batches) in (2, 3) and all(hasattr(b, "shape") for b in batches):
+        raise ValueError("batches is a sequence of batches: wrap a single (x, y) batch in a list, [(x, y)]")
     b = list(batches)
     if not b:
         raise ValueError("batches is empty: give at least one batch (or None for loss_fn(params))")
@@ -105,63 +181,117 @@ def _as_batches(batches) -> list | None:
 
 
 def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, batch: Any = None) -> PyTree:
-    """``H v`` of ``loss_fn(params[, batch])`` by forward-over-reverse (``jvp`` of ``grad``)."""
-    f = (lambda p: loss_fn(p)) if batch is None else (lambda p: loss_fn(p, batch))
-    return jax.jvp(jax.grad(f), (params,), (v,))[1]
+    """``H v`` of the loss at ``params`` on one batch, by forward-over-reverse (``jvp`` of ``grad``).
+
+    Args:
+      loss_fn: an objective ``(params, batch) -> (loss, aux)`` or a scalar ``loss_fn(params, batch)``
+        (``loss_fn(params)`` when ``batch`` is ``None``), see the module docstring.
+      params: the point.
+      v: a tree shaped like ``params``.
+      batch: the batch (``None``: ``loss_fn(params)``).
+
+    Returns:
+      ``H v`` as a tree shaped like ``params``.
+    """
+    static, arrays = _split_fn(loss_fn)
+    return _hvp_jit(static, arrays, params, v, batch)
 
 
-# one jitted HVP for every (loss_fn, shapes): loss functions are static (hashed by identity), so a stable
-# loss_fn (e.g. from model_loss_fn's cache) compiles once for all parameter points and batches of one shape
-_hvp_jit = jax.jit(hvp, static_argnums=(0,))
+class HVP:
+    """``v -> H v`` of a dataset loss at a fixed point (built by :func:`make_hvp`).
+
+    Calling it maps parameter trees to trees; :meth:`flat` maps flat float64 vectors (``tree_ravel`` order)
+    to flat float64 vectors, the form :func:`lanczos`, :func:`power_iteration` and :func:`hutchinson_trace`
+    use (no tree round trip per product).
+    """
+
+    def __init__(self, loss_fn: LossFn, params: PyTree, batches: list | None, weights: list[float] | None):
+        self._static, self._arrays = _split_fn(loss_fn)
+        self.params = params
+        self._batches = [None] if batches is None else batches
+        self._weights = [1.0] if weights is None else weights
+        flat, self._unravel = tree_ravel(params)
+        self.dim = int(flat.size)
+        self.dtype = np.dtype(flat.dtype)
+
+    def flat(self, x) -> np.ndarray:
+        """``H x`` for a flat vector ``x`` ``[d]``, as a new (writable) float64 NumPy array."""
+        x = np.asarray(x)
+        if x.shape != (self.dim,):
+            raise ValueError(f"expected a flat vector of shape ({self.dim},), got {x.shape}")
+        x = jnp.asarray(x.astype(self.dtype))
+        out = np.zeros(self.dim, np.float64)
+        for wb, b in zip(self._weights, self._batches, strict=True):
+            out += wb * np.asarray(_flat_hvp_jit(self._static, self._arrays, self.params, x, b), np.float64)
+        return out
+
+    def __call__(self, v: PyTree) -> PyTree:
+        flat, _ = tree_ravel(v)
+        return self._unravel(jnp.asarray(self.flat(np.asarray(flat)).astype(self.dtype)))
 
 
 def make_hvp(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None = None, *,
-             weights: Sequence[float] | None = None) -> Callable[[PyTree], PyTree]:
-    """``v -> H v`` for the dataset loss ``Σ_b w_b·loss_fn(params, batch_b)`` at fixed ``params``.
+             weights: Sequence[float] | None = None) -> HVP:
+    """``v -> H v`` for the dataset loss ``Σ_b w_b·loss(params, batch_b)`` at fixed ``params``.
 
-    ``w_b = n_b / N`` by default (the Hessian of the mean loss over all examples). Each batch is one call
-    of a jitted forward-over-reverse HVP; batches of one size share one compilation, and so do later calls
-    with the same ``loss_fn`` object.
+    Args:
+      loss_fn: an objective ``(params, batch) -> (loss, aux)`` (e.g. ``make_objective(model, train=False,
+        variables=...)``) or a scalar ``loss_fn(params, batch)``; with ``batches=None``, ``loss_fn(params)``.
+      params: the point at which the Hessian is taken.
+      batches: a sequence of batches (e.g. :func:`dataset_batches`), or ``None``.
+      weights: per-batch weights ``w_b`` (default ``n_b / N``: the Hessian of the mean loss over all examples).
+
+    Returns:
+      An :class:`HVP`: each product is one jitted forward-over-reverse HVP per batch; batches of one shape
+      share one compilation, and so do later calls with the same objective configuration.
     """
-    batch_list = _as_batches(batches)
-    if batch_list is None:
-        return lambda v: _hvp_jit(loss_fn, params, v)
-    w = _weights(batch_list, weights)
-
-    def matvec(v):
-        out = None
-        for wb, b in zip(w, batch_list, strict=True):
-            hv = _hvp_jit(loss_fn, params, v, b)
-            scaled = jax.tree_util.tree_map(functools.partial(jnp.multiply, wb), hv)
-            out = scaled if out is None else jax.tree_util.tree_map(jnp.add, out, scaled)
-        return out
-
-    return matvec
+    batch_list = _as_batches(loss_fn, batches)
+    w = None if batch_list is None else _weights(batch_list, weights)
+    if batch_list is None and weights is not None:
+        raise ValueError("weights need batches")
+    return HVP(loss_fn, params, batch_list, w)
 
 
 def _flat_matvec(matvec, like):
+    """``(mv, unravel, d, dtype)``: ``mv`` maps a flat float64 vector to a new float64 array."""
     flat, unravel = tree_ravel(like)
-    dtype = flat.dtype
+    dtype = np.dtype(flat.dtype)
+    if isinstance(matvec, HVP):
+        if matvec.dim != flat.size:
+            raise ValueError(f"the HVP acts on {matvec.dim} parameters but like has {flat.size}")
+        return matvec.flat, unravel, int(flat.size), dtype
 
     def mv(x: np.ndarray) -> np.ndarray:
-        y, _ = tree_ravel(matvec(unravel(jnp.asarray(x, dtype))))
-        return np.asarray(y, np.float64)
+        y, _ = tree_ravel(matvec(unravel(jnp.asarray(np.asarray(x).astype(dtype)))))
+        return np.array(y, np.float64)  # a copy: np.asarray of a float64 device array is a read-only view
 
-    return mv, unravel, int(flat.size)
+    return mv, unravel, int(flat.size), dtype
 
 
 def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array, num_iter: int = 30,
             k: int = 1, which: str = "largest", return_vectors: bool = False) -> Eigs:
-    """Extreme eigenvalues of the symmetric operator ``matvec`` (e.g. from :func:`make_hvp`) by Lanczos.
+    """Extreme eigenvalues of the symmetric operator ``matvec`` by Lanczos (1950).
 
     ``num_iter`` Lanczos steps (at most the dimension ``d``) with full re-orthogonalisation in float64 on
-    the host; the ``k`` Ritz values at the requested end (``which="largest"`` algebraic, ``"smallest"`` or
-    ``"magnitude"``) are returned in decreasing order. With ``num_iter >= d`` the result is the exact
-    spectrum's end (to round-off). The starting vector is Gaussian from ``key``.
+    the host; with ``num_iter >= d`` the result is the exact spectrum's end (to round-off).
+
+    Args:
+      matvec: ``v -> H v`` on parameter trees, e.g. an :class:`HVP` from :func:`make_hvp` (whose flat form is
+        used directly).
+      like: a tree shaped like the parameters.
+      key: the Gaussian starting vector.
+      num_iter: Lanczos steps.
+      k: how many Ritz values to return (``1 <= k <= min(num_iter, d)``).
+      which: ``"largest"`` (algebraic), ``"smallest"`` or ``"magnitude"``.
+      return_vectors: also return the unit Ritz vectors as trees.
+
+    Returns:
+      :class:`Eigs`: the ``k`` Ritz values at the requested end in decreasing order, their residual estimates
+      ``|β_m s_m|`` from the recurrence and the number of products.
     """
     if which not in ("largest", "smallest", "magnitude"):
         raise ValueError(f"which must be 'largest', 'smallest' or 'magnitude', got {which!r}")
-    mv, unravel, d = _flat_matvec(matvec, like)
+    mv, unravel, d, dtype = _flat_matvec(matvec, like)
     if num_iter < 1:
         raise ValueError(f"num_iter must be >= 1, got {num_iter}")
     m = min(num_iter, d)
@@ -205,7 +335,7 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array,
     vectors = None
     if return_vectors:
         vecs = Q[:n_used].T @ evecs[:, order]
-        vectors = [unravel(jnp.asarray(vecs[:, i] / np.linalg.norm(vecs[:, i]), jnp.float32)) for i in range(k)]
+        vectors = [unravel(jnp.asarray((vecs[:, i] / np.linalg.norm(vecs[:, i])).astype(dtype))) for i in range(k)]
     return Eigs(values=values, vectors=vectors, residuals=residuals, num_matvecs=nmv)
 
 
@@ -215,13 +345,22 @@ def power_iteration(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: ja
 
     Each pair iterates ``u <- (H − Σ_j λ_j u_j u_jᵀ) u / |·|`` until the Rayleigh quotient changes by less
     than ``tol·|λ|`` (or ``num_iter`` steps). Slower than :func:`lanczos` when eigenvalues cluster; kept as
-    the simple, memory-light reference.
+    the simple, memory-light reference. Works in float64 on the host whatever the parameters' dtype.
+
+    Args:
+      matvec, like, key: as for :func:`lanczos`.
+      k: how many pairs (``1 <= k <= d``).
+      num_iter: the most products per pair.
+      tol: relative change of the Rayleigh quotient that ends a pair.
+
+    Returns:
+      :class:`Eigs` with the vectors and the exact residuals ``|H u − λ u|``.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if num_iter < 1:
         raise ValueError(f"num_iter must be >= 1, got {num_iter}")
-    mv, unravel, d = _flat_matvec(matvec, like)
+    mv, unravel, d, dtype = _flat_matvec(matvec, like)
     if k > d:
         raise ValueError(f"k={k} exceeds the dimension {d}")
     vals, vecs, res = [], [], []
@@ -259,21 +398,27 @@ def power_iteration(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: ja
         res.append(float(np.linalg.norm(w - lam * u)))
         vals.append(lam)
         vecs.append(u)
-    return Eigs(values=np.asarray(vals), vectors=[unravel(jnp.asarray(v, jnp.float32)) for v in vecs],
+    return Eigs(values=np.asarray(vals), vectors=[unravel(jnp.asarray(v.astype(dtype))) for v in vecs],
                 residuals=np.asarray(res), num_matvecs=nmv)
 
 
 def hutchinson_trace(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array,
                      num_samples: int = 100, distribution: str = "rademacher") -> TraceEstimate:
-    """Hutchinson's estimator ``tr(H) ≈ (1/S) Σ_s v_sᵀ H v_s`` with ``E[v vᵀ] = I``.
+    """Hutchinson's (1990) estimator ``tr(H) ≈ (1/S) Σ_s v_sᵀ H v_s`` with ``E[v vᵀ] = I``.
 
-    ``distribution`` ``"rademacher"`` (±1 entries, the lower-variance choice) or ``"gaussian"``.
+    Args:
+      matvec, like, key: as for :func:`lanczos`.
+      num_samples: probes ``S`` (>= 1; the standard error needs >= 2).
+      distribution: ``"rademacher"`` (±1 entries, the lower-variance choice) or ``"gaussian"``.
+
+    Returns:
+      :class:`TraceEstimate`.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
-    mv, _, d = _flat_matvec(matvec, like)
+    mv, _, d, _ = _flat_matvec(matvec, like)
     samples = np.zeros(num_samples)
     for s, kk in enumerate(jax.random.split(key, num_samples)):
         if distribution == "rademacher":
@@ -287,75 +432,93 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: j
 
 def dense_hessian(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None = None, *,
                   weights: Sequence[float] | None = None, max_dim: int = 4096) -> np.ndarray:
-    """The full Hessian ``[d, d]`` (float64 NumPy) of the dataset loss, parameters flattened in
-    ``tree_ravel`` order. Refuses ``d > max_dim`` (``d²`` memory); use :func:`lanczos` there."""
+    """The full Hessian of the dataset loss (parameters flattened in ``tree_ravel`` order).
+
+    Args:
+      loss_fn: an objective or a scalar loss (see :func:`make_hvp`).
+      params: the point.
+      batches, weights: as for :func:`make_hvp`.
+      max_dim: refuse more parameters than this (the matrix takes ``d²`` memory; use :func:`lanczos`).
+
+    Returns:
+      The symmetrised ``[d, d]`` Hessian as float64 NumPy.
+    """
     d = tree_size(params)
     if d > max_dim:
         raise ValueError(f"dense_hessian: {d} parameters exceed max_dim={max_dim} (a {d}x{d} matrix); "
                          "raise max_dim or use lanczos/power_iteration")
-    flat, unravel = tree_ravel(params)
-    batch_list = _as_batches(batches)
+    batch_list = _as_batches(loss_fn, batches)
+    static, arrays = _split_fn(loss_fn)
     if batch_list is None:
-        h = jax.jit(jax.hessian(lambda x: loss_fn(unravel(x))))(flat)
-        H = np.asarray(h, np.float64)
+        H = np.array(_hessian_jit(static, arrays, params, None), np.float64)
     else:
         w = _weights(batch_list, weights)
-        hf = jax.jit(jax.hessian(lambda x, b: loss_fn(unravel(x), b)))
-        H = sum(wb * np.asarray(hf(flat, b), np.float64) for wb, b in zip(w, batch_list, strict=True))
+        H = np.zeros((d, d))
+        for wb, b in zip(w, batch_list, strict=True):
+            H += wb * np.asarray(_hessian_jit(static, arrays, params, b), np.float64)
     return 0.5 * (H + H.T)
 
 
 def hessian_eigenvalues(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None = None, *,
                         weights: Sequence[float] | None = None, max_dim: int = 4096) -> np.ndarray:
-    """The full Hessian spectrum in ascending order (``numpy.linalg.eigvalsh`` of :func:`dense_hessian`)."""
+    """The full Hessian spectrum in ascending order (``numpy.linalg.eigvalsh`` of :func:`dense_hessian`; same
+    arguments)."""
     return np.linalg.eigvalsh(dense_hessian(loss_fn, params, batches, weights=weights, max_dim=max_dim))
 
 
-@functools.lru_cache(maxsize=32)
-def _model_loss_with_state(model: Model, loss: Callable) -> LossFn:
-    """``fn(params, (x, y, others))``: one stable function per (model, loss) so HVPs compile once."""
-
-    def fn(params, batch):
-        x, y, others = batch
-        logits = model.apply({"params": params, **others}, x, train=False)
-        return jnp.mean(loss(logits, y))
-
-    return fn
-
-
-def model_loss_fn(model: Model, variables: PyTree, *, loss: Callable = cross_entropy) -> LossFn:
-    """``loss_fn(params, (x, y)) -> mean loss`` of ``model`` in evaluation mode
-    (:func:`mclandscape.engine.train.params_loss` with ``train=False``).
-
-    Non-parameter collections of ``variables`` (BatchNorm running statistics) are held fixed: the
-    Hessian is taken with respect to ``params`` at the model's stored statistics, as in inference.
-    """
-    return params_loss(model, variables, loss=loss, train=False)
-
-
 def dataset_batches(data, batch_size: int, *, max_examples: int | None = None) -> list[tuple[jax.Array, jax.Array]]:
-    """A Dataset (``.x``, ``.y``) or ``(x, y)`` as a list of device batches in order (last one partial)."""
+    """A Dataset as device batches in order.
+
+    Args:
+      data: a Dataset (``.x``, ``.y``) or an ``(x, y)`` tuple.
+      batch_size: examples per batch (the last one may be partial).
+      max_examples: use only the first ``max_examples`` examples.
+
+    Returns:
+      A list of ``(x, y)`` device arrays.
+    """
     if hasattr(data, "x") and hasattr(data, "y"):
         x, y = np.asarray(data.x), np.asarray(data.y)
     elif isinstance(data, tuple | list) and len(data) == 2:
         x, y = np.asarray(data[0]), np.asarray(data[1])
     else:
         raise ValueError("data must be a Dataset (with .x and .y) or an (x, y) tuple")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 (or None for all), got {max_examples!r}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"data has {x.shape[0]} inputs but {y.shape[0]} targets")
     n = x.shape[0] if max_examples is None else min(x.shape[0], int(max_examples))
     if n == 0:
         raise ValueError("empty dataset")
-    return [(jnp.asarray(x[i:i + batch_size]), jnp.asarray(y[i:i + batch_size]))
-            for i in range(0, n, batch_size)]
+    bs = int(batch_size)
+    return [(jnp.asarray(x[i:min(i + bs, n)]), jnp.asarray(y[i:min(i + bs, n)])) for i in range(0, n, bs)]
 
 
 def top_hessian_eigenvalues(model: Model, variables: PyTree, data, *, key: jax.Array, k: int = 1,
                             num_iter: int = 20, batch_size: int = 512, max_examples: int | None = None,
-                            loss: Callable = cross_entropy) -> Eigs:
-    """Top-``k`` Hessian eigenvalues of a model's mean loss on ``data`` (Lanczos, :func:`lanczos`)."""
-    others = {k: v for k, v in dict(variables).items() if k != "params"}
+                            loss: str | Callable = "cross_entropy") -> Eigs:
+    """Top-``k`` Hessian eigenvalues of a model's mean loss on ``data`` by :func:`lanczos`.
+
+    The loss is ``make_objective(model, loss, train=False, variables=variables)``: inference mode, the
+    non-parameter collections of ``variables`` (BatchNorm running statistics) held fixed, so the Hessian is
+    taken with respect to ``params`` as the model predicts.
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      variables: its variables (``{"params": ..., ["batch_stats": ...]}``).
+      data: a Dataset or ``(x, y)``; evaluated in batches of ``batch_size``, the first ``max_examples``.
+      key: the Lanczos starting vector.
+      k, num_iter: eigenvalues wanted and Lanczos steps.
+      loss: a loss name or per-example callable (see :func:`~mclandscape.core.objective.make_objective`).
+
+    Returns:
+      :class:`Eigs` (values in decreasing order, no vectors).
+    """
+    if not hasattr(variables, "items") or "params" not in variables:
+        raise ValueError("variables must be a dict of collections with 'params'")
+    objective = make_objective(model, loss, train=False, variables=variables)
     params = variables["params"]
-    batches = [(x, y, others) for x, y in dataset_batches(data, batch_size, max_examples=max_examples)]
-    mv = make_hvp(_model_loss_with_state(model, loss), params, batches)
+    mv = make_hvp(objective, params, dataset_batches(data, batch_size, max_examples=max_examples))
     return lanczos(mv, params, key=key, num_iter=num_iter, k=k)

@@ -1,10 +1,11 @@
 """Vertical deformation mappings (VDMs): deform the loss surface to change what the optimiser finds.
 
-Seed 003 ("Deforming the loss surface to affect the behaviour of the optimizer"). A VDM is a scalar map
-``δ`` applied to the loss value, ``ℓ̌ = δ(ℓ)``, that leaves the parameters alone (Definition 2) and is
-non-decreasing for ``ℓ >= 0``. Its gradient is ``∇δ(ℓ(p)) = δ'(ℓ) ∇ℓ(p)`` (section 3.1), so an optimiser run
-on ``δ∘ℓ`` is the original optimiser fed gradients scaled by the loss-dependent factor ``δ'(ℓ)``
-(Algorithm 1: ``g(k-1) <- ∇δ(ℓ(p)(k-1))``, then the optimiser's own increment ``Θ``).
+Seed 003: Chen, Jin, Du, Li and Liu (2020), "Deforming the loss surface to affect the behaviour of the
+optimizer" (arXiv:2009.08274). A VDM is a scalar map ``δ`` applied to the loss value, ``ℓ̌ = δ(ℓ)``, that
+leaves the parameters alone (Definition 2) and is non-decreasing for ``ℓ >= 0``. Its gradient is
+``∇δ(ℓ(p)) = δ'(ℓ) ∇ℓ(p)`` (section 3.1), so an optimiser run on ``δ∘ℓ`` is the original optimiser fed
+gradients scaled by the loss-dependent factor ``δ'(ℓ)`` (Algorithm 1: ``g(k-1) <- ∇δ(ℓ(p)(k-1))``, then
+the optimiser's own increment ``Θ``).
 
 The VDMs of the seed:
 
@@ -35,17 +36,17 @@ the steps. Placing the transform *after* the optimiser (``chain(adam(...), scale
 different method, a loss-dependent learning rate, and not the seed's Algorithm 1.
 
 Domain. LE is undefined where ``exp(ℓ) <= e2`` (``ℓ <= ln e2``) and AP with a non-integer power needs
-``arctan(a2·ℓ) >= 0`` (``ℓ >= 0``). A concrete loss outside the domain raises ``ValueError`` at once (both
-wrappers). Inside ``jit`` a Python exception cannot be raised from the computation without a host
-callback, and host callbacks proved unsafe here (an unordered one deadlocked JAX's asynchronous CPU
-dispatch in a training loop, cf. jax-ml/jax#25861; an ordered one keeps its error on JAX's effects token,
-so every later computation with ordered effects in the process re-raises it). So
-:func:`scale_by_vdm` by default (``check_domain="skip"``) never lets ``NaN`` in: at a step whose loss is
-outside the domain it outputs zeros instead of the scaled gradient (a momentum or adaptive optimiser after
-it may still move on its state), the step is counted in :class:`ScaleByVDMState`, and
-:func:`check_vdm_state` (call it on the optimiser state, e.g. once per epoch) raises ``ValueError`` naming
-the loss. ``check_domain="callback"`` raises from inside the computation instead (ordered callback, with
-the caveat above); ``"off"`` disables the check.
+``arctan(a2·ℓ) >= 0`` (``ℓ >= 0``). :func:`vdm_loss` raises ``ValueError`` for a concrete loss outside the
+domain. :func:`scale_by_vdm` behaves the same eagerly and under ``jit``/``vmap``: at a step whose loss is
+outside the domain it outputs zeros instead of the scaled gradient (no ``NaN`` enters the parameters; a
+momentum or adaptive optimiser after it may still move on its state), counts the step in
+:class:`ScaleByVDMState` with the first such loss and step, and :func:`check_vdm_state` (call it on the
+optimiser state, e.g. once per epoch: ``train_model(..., callback=...)``) raises ``ValueError`` naming the
+VDM, the loss and the steps. It never raises from inside a step: a host callback raising from inside a
+jitted training step hung JAX's asynchronous CPU runtime (an unordered one deadlocked, cf.
+jax-ml/jax#25861; an ordered one keeps its error on JAX's effects token, so every later computation with
+ordered effects in the process re-raises it). Only :func:`vdm_loss` offers such a callback
+(``check_domain="callback"``), for one-off evaluations.
 
 Slips of the seed handled here (see also ``experiments/vdm.py``):
 
@@ -470,45 +471,60 @@ def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
 
 
 class ScaleByVDMState(NamedTuple):
-    """State of :func:`scale_by_vdm`: the last factor ``δ'(ℓ)`` and loss (for logging), the number of
-    steps whose loss was outside the VDM's domain (skipped with a zero update) and the first such loss."""
+    """State of :func:`scale_by_vdm`: the last factor ``δ'(ℓ)`` and loss (for logging), the number of updates
+    seen (``steps``), the number of steps whose loss was outside the VDM's domain (masked: a zero update) and
+    the first such loss and its step (``-1`` while there is none)."""
 
     scale: Array
     loss: Array
+    steps: Array
     num_invalid: Array
     invalid_loss: Array
+    invalid_step: Array
 
 
-_STEP_CHECKS = ("skip", "callback", "off")
+_STEP_CHECKS = ("skip", "off")
 
 
 def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
                  check_domain: str = "skip") -> optax.GradientTransformationExtraArgs:
     """Optax transform multiplying the incoming gradient by ``δ'(ℓ)`` (seed 003 Algorithm 1).
 
-    The loss value arrives as an extra argument, ``tx.update(grads, state, params, loss=value)`` (the
-    keyword is ``loss_arg``; use ``loss_arg="value"`` to share the name with ``optax.polyak_sgd`` or
-    ``optax.contrib.reduce_on_plateau``). ``optax.chain`` forwards extra arguments to every member, so
-    ``optax.chain(scale_by_vdm(vdm), optax.sgd(lr, momentum=0.9, nesterov=True))`` updates exactly as SGDM
-    on ``δ∘ℓ``. See the module docstring for composition with weight decay and adaptive optimisers.
-    ``ℓ`` must be the loss at which ``grads`` were computed; a missing loss raises ``ValueError``.
+    ``optax.chain`` forwards extra arguments to every member, so ``optax.chain(scale_by_vdm(vdm),
+    optax.sgd(lr, momentum=0.9, nesterov=True))`` updates exactly as SGDM on ``δ∘ℓ``; the engine's
+    :func:`~mclandscape.engine.loop.make_step` and :func:`~mclandscape.engine.train.train_model` pass the
+    loss as ``loss=``. See the module docstring for composition with weight decay and adaptive optimisers.
 
-    ``check_domain`` (a loss outside the VDM's domain, e.g. ``ℓ <= ln e2`` for LE): a concrete loss always
-    raises ``ValueError``; a traced one is handled by ``"skip"`` (default: zeros instead of the gradient at
-    that step, counted in the state, raised by :func:`check_vdm_state`), ``"callback"`` (raise from inside the computation via
-    an ordered host callback) or ``"off"`` (no check; ``NaN`` may result).
+    Args:
+      vdm: the :class:`VDM`.
+      loss_arg: the extra-argument name of the loss, ``tx.update(grads, state, params, loss=value)``; use
+        ``"value"`` to share it with ``optax.polyak_sgd`` or ``optax.contrib.reduce_on_plateau``. ``ℓ`` must
+        be the loss at which ``grads`` were computed.
+      check_domain: ``"skip"`` (default): a loss outside the VDM's domain (e.g. ``ℓ <= ln e2`` for LE) gives a
+        zero update, counted in the state and raised by :func:`check_vdm_state`, the same eagerly and under
+        ``jit``; ``"off"``: no check (``NaN`` may result). A NaN loss (divergence) is not a domain error.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByVDMState`. A missing or
+      non-scalar loss raises ``ValueError``.
     """
     if not isinstance(vdm, VDM):
         raise ValueError(f"scale_by_vdm: expected a VDM, got {type(vdm).__name__}")
+    if check_domain == "callback":
+        raise ValueError("scale_by_vdm: check_domain='callback' is not offered: a host callback raising from "
+                         "inside a training step hung JAX's CPU runtime (jax-ml/jax#25861). The default 'skip' "
+                         "masks such steps and check_vdm_state raises on the host.")
     if check_domain not in _STEP_CHECKS:
         raise ValueError(f"scale_by_vdm: check_domain must be one of {_STEP_CHECKS}, got {check_domain!r}")
     low, inclusive = vdm.domain
+    masked = check_domain == "skip" and low != -math.inf
 
     def init_fn(params):
         del params
         return ScaleByVDMState(scale=jnp.ones((), jnp.float32), loss=jnp.full((), jnp.nan, jnp.float32),
-                               num_invalid=jnp.zeros((), jnp.int32),
-                               invalid_loss=jnp.full((), jnp.nan, jnp.float32))
+                               steps=jnp.zeros((), jnp.int32), num_invalid=jnp.zeros((), jnp.int32),
+                               invalid_loss=jnp.full((), jnp.nan, jnp.float32),
+                               invalid_step=jnp.full((), -1, jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
@@ -518,35 +534,55 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
         loss = jnp.asarray(extra_args[loss_arg])
         if loss.ndim != 0:
             raise ValueError(f"scale_by_vdm: the loss must be a scalar, got shape {loss.shape}")
-        if check_domain != "off":
-            check_loss_domain(vdm, loss, traced="callback" if check_domain == "callback" else "off")
         scale = vdm.derivative(loss)
-        num_invalid, invalid_loss = state.num_invalid, state.invalid_loss
-        if check_domain == "skip" and low != -math.inf:
+        num_invalid, invalid_loss, invalid_step = state.num_invalid, state.invalid_loss, state.invalid_step
+        if masked:
             bad = ~jnp.isnan(loss) & ~((loss >= low) if inclusive else (loss > low))
-            scale = jnp.where(bad, jnp.zeros_like(scale), scale)
-            invalid_loss = jnp.where(bad & (num_invalid == 0), loss.astype(jnp.float32), invalid_loss)
+            first = bad & (num_invalid == 0)
+            invalid_loss = jnp.where(first, loss.astype(jnp.float32), invalid_loss)
+            invalid_step = jnp.where(first, state.steps, invalid_step)
             num_invalid = num_invalid + bad.astype(jnp.int32)
-        new = jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), updates)
+            scale = jnp.where(bad, jnp.zeros_like(scale), scale)
+            new = jax.tree_util.tree_map(lambda g: jnp.where(bad, jnp.zeros_like(g), g * scale).astype(g.dtype),
+                                         updates)
+        else:
+            new = jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), updates)
         return new, ScaleByVDMState(scale=scale.astype(jnp.float32), loss=loss.astype(jnp.float32),
-                                    num_invalid=num_invalid, invalid_loss=invalid_loss)
+                                    steps=state.steps + 1, num_invalid=num_invalid, invalid_loss=invalid_loss,
+                                    invalid_step=invalid_step)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def check_vdm_state(opt_state, vdm: VDM | None = None) -> None:
-    """Raise ``ValueError`` if any :func:`scale_by_vdm` inside ``opt_state`` skipped a step because the loss
-    was outside its VDM's domain (host-side; reads the state's counters). ``vdm`` only names it in the
-    message. Works on batched (vmapped) states too."""
+    """Raise ``ValueError`` if a :func:`scale_by_vdm` inside ``opt_state`` masked a step whose loss was outside
+    its VDM's domain.
+
+    Args:
+      opt_state: an optimiser state holding one or more :class:`ScaleByVDMState` (e.g. of an ``optax.chain``;
+        batched, vmapped states too).
+      vdm: names the VDM and its domain in the message (optional).
+
+    Raises:
+      ValueError: naming the VDM and its domain, the first loss outside it, at which step, and how many steps
+        were masked (host-side: it reads the state's counters, so it never runs inside a computation).
+    """
     found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByVDMState))
              if isinstance(x, ScaleByVDMState)]
     for st in found:
         n = np.asarray(st.num_invalid)
-        if np.any(n > 0):
-            first = np.asarray(st.invalid_loss)[n > 0] if n.ndim else np.asarray(st.invalid_loss)
-            what = vdm.domain_message(float(np.ravel(first)[0])) if vdm is not None else (
-                f"the VDM is undefined at loss {float(np.ravel(first)[0])!r}")
-            raise ValueError(f"{what}; scale_by_vdm skipped {int(n.sum())} step(s) (their gradient was zeroed)")
+        if not np.any(n > 0):
+            continue
+        hit = n > 0
+        loss = np.ravel(np.asarray(st.invalid_loss)[hit] if n.ndim else np.asarray(st.invalid_loss))[0]
+        step = np.ravel(np.asarray(st.invalid_step)[hit] if n.ndim else np.asarray(st.invalid_step))[0]
+        steps = np.asarray(st.steps)
+        what = vdm.domain_message(float(loss)) if vdm is not None else (
+            f"the VDM is undefined at loss {float(loss)!r}")
+        batched = f" over {int(hit.sum())} of {n.size} batched states" if n.ndim else ""
+        raise ValueError(f"{what}; scale_by_vdm skipped {int(n.sum())} of {int(steps.sum())} step(s){batched}, the "
+                         f"first at step {int(step)} (their update was zeroed: the loss left the VDM's domain, "
+                         "e.g. LE(e1, e2) with e2 >= 1 below ln e2; choose a VDM defined there)")
 
 
 def deformed_hessian_formula(vdm: VDM, loss, grad_vec, hessian):

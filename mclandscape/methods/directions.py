@@ -20,9 +20,16 @@ Normalisations (``norm``): ``"filter"`` (per filter, above), ``"layer"`` (per le
 :func:`loss_curve`/:func:`loss_plane` they are recomputed per point when ``bn_data`` is given, see
 :func:`mclandscape.engine.evaluate.evaluate_params`).
 
-Grid evaluation is vectorised: :func:`loss_curve` and :func:`loss_plane` build all grid points as one
-stacked parameter tree and evaluate it with :func:`mclandscape.engine.evaluate.evaluate_params`; for pure loss
-functions :func:`grid_losses` maps a jitted loss over the grid (``lax.map`` in chunks).
+Grid evaluation goes through the one evaluator (:mod:`mclandscape.engine.evaluate`): a line or plane is
+:func:`~mclandscape.engine.evaluate.plane_points`, rows ``[1, α, β]`` over the stack ``[θ, d1, d2]``, and any
+set of coordinates over k directions is :func:`direction_points` (rows ``[1, c_1, ..., c_k]`` over ``[θ, d_1,
+..., d_k]``). Each point's parameters are formed inside the mapped computation, so memory holds the stack
+(k + 1 trees) and at most a chunk of parameter copies, whatever the grid size (a 51×51 plane of VGG16 would
+otherwise be 2,601 copies, ~158 GB; ``benchmarks/loss_plane_memory.py`` measures it).
+:func:`loss_curve` and :func:`loss_plane` evaluate the model with
+:func:`~mclandscape.engine.evaluate.evaluate` (first-layer factorisation, BatchNorm recomputed per point
+from ``bn_data``); :func:`grid_losses` maps a pure loss function with
+:func:`~mclandscape.engine.evaluate.map_points`.
 """
 
 from __future__ import annotations
@@ -34,8 +41,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mclandscape.core.tree import PyTree, check_same_structure, tree_norm, tree_random_normal, tree_scale, tree_sub
-from mclandscape.engine.evaluate import evaluate_params
+from mclandscape.core.tree import (
+    PyTree,
+    check_same_structure,
+    tree_norm,
+    tree_random_normal,
+    tree_scale,
+    tree_stack,
+    tree_sub,
+)
+from mclandscape.engine.evaluate import Points, evaluate, map_points, plane_points
 from mclandscape.engine.models.base import Model
 
 __all__ = [
@@ -46,7 +61,7 @@ __all__ = [
     "random_directions",
     "target_direction",
     "filter_norms",
-    "grid_params",
+    "direction_points",
     "grid_losses",
     "Landscape",
     "loss_curve",
@@ -134,50 +149,65 @@ def target_direction(params: PyTree, other: PyTree) -> PyTree:
     return tree_sub(other, params)
 
 
-def grid_params(params: PyTree, directions: Sequence[PyTree], coords) -> PyTree:
-    """Stacked parameters ``θ + Σ_i coords[p, i]·d_i`` for P grid points ``coords[P, k]`` (k directions)."""
-    dirs = list(directions)
-    if not dirs:
-        raise ValueError("grid_params needs at least one direction")
-    c = jnp.asarray(coords, jnp.float32)
+def _as_dtype_of(direction: PyTree, params: PyTree) -> PyTree:
+    """The direction in the parameters' dtypes (the points are cast to them anyway)."""
+    return jax.tree_util.tree_map(lambda d, w: jnp.asarray(d).astype(jnp.result_type(w)), direction, params)
+
+
+def _check_coords(coords, k: int) -> np.ndarray:
+    c = np.asarray(coords, np.float64)
     if c.ndim == 1:
         c = c[:, None]
-    if c.ndim != 2 or c.shape[1] != len(dirs):
-        raise ValueError(f"coords must be [P, {len(dirs)}] for {len(dirs)} direction(s), got shape {c.shape}")
+    if c.ndim != 2 or c.shape[1] != k or c.shape[0] == 0:
+        raise ValueError(f"coords must be [P, {k}] (P >= 1) for {k} direction(s), got shape {c.shape}")
+    if not np.all(np.isfinite(c)):
+        raise ValueError("coords hold non-finite values")
+    return c
+
+
+def direction_points(params: PyTree, directions: Sequence[PyTree], coords) -> Points:
+    """The points ``θ + Σ_i coords[p, i]·d_i`` as :class:`~mclandscape.engine.evaluate.Points`.
+
+    Args:
+      params: the centre ``θ``.
+      directions: k direction trees shaped like ``params`` (cast to its dtypes).
+      coords: ``[P, k]`` coordinates (``[P]`` for one direction).
+
+    Returns:
+      Points with rows ``[1, c_1, ..., c_k]`` over the stack ``[θ, d_1, ..., d_k]``: only the k + 1 trees are
+      held, each point is formed where it is evaluated.
+    """
+    dirs = list(directions)
+    if not dirs:
+        raise ValueError("direction_points needs at least one direction")
+    c = _check_coords(coords, len(dirs))
     for i, d in enumerate(dirs):
         check_same_structure(params, d, names=("params", f"direction[{i}]"), check_dtype=False)
-    stacked_dirs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *dirs)
-
-    def build(w, sd):
-        delta = jnp.tensordot(c, sd.astype(jnp.float32), axes=[[1], [0]])
-        return (w[None].astype(jnp.float32) + delta).astype(w.dtype)
-
-    return jax.tree_util.tree_map(build, params, stacked_dirs)
+    dirs = [_as_dtype_of(d, params) for d in dirs]
+    stack = tree_stack([params, *dirs], names=["params"] + [f"direction[{i}]" for i in range(len(dirs))])
+    dtype = jnp.promote_types(jnp.float32, jnp.result_type(*jax.tree_util.tree_leaves(stack)))
+    rows = np.concatenate([np.ones((c.shape[0], 1)), c], axis=1)
+    return Points(rows=jnp.asarray(rows, dtype), stack=stack)
 
 
 def grid_losses(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, directions: Sequence[PyTree], coords, *,
-                chunk_size: int | None = None) -> np.ndarray:
-    """``loss_fn(θ + Σ_i coords[p, i]·d_i)`` for every grid point, one jitted ``lax.map`` (``chunk_size``
-    points vmapped at a time) over the grid. ``loss_fn`` is a pure function of the parameters."""
-    dirs = list(directions)
-    c = jnp.asarray(coords, jnp.float32)
-    if c.ndim == 1:
-        c = c[:, None]
-    if c.ndim != 2 or c.shape[1] != len(dirs):
-        raise ValueError(f"coords must be [P, {len(dirs)}] for {len(dirs)} direction(s), got shape {c.shape}")
-    for i, d in enumerate(dirs):
-        check_same_structure(params, d, names=("params", f"direction[{i}]"), check_dtype=False)
+                chunk_size: int | None = None, strategy: str = "map", devices: int | None = None) -> np.ndarray:
+    """``loss_fn(θ + Σ_i coords[p, i]·d_i)`` at every point, through
+    :func:`~mclandscape.engine.evaluate.map_points`.
 
-    @jax.jit
-    def run(p, ds, cs):
-        def one(ci):
-            q = jax.tree_util.tree_map(
-                lambda w, *dl: (w + sum(ci[i] * dl[i] for i in range(len(dl)))).astype(w.dtype), p, *ds)
-            return loss_fn(q)
+    Args:
+      loss_fn: a pure function of the parameters (hashable: a module-level function or a frozen dataclass
+        compiles once; a new lambda compiles again).
+      params, directions, coords: see :func:`direction_points`.
+      chunk_size: points vectorised at a time (default 1); ``strategy``, ``devices``: see ``map_points``.
 
-        return jax.lax.map(one, cs, batch_size=chunk_size)
-
-    return np.asarray(run(params, dirs, c))
+    Returns:
+      ``[P]`` NumPy values.
+    """
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be a function of the parameters, got {type(loss_fn).__name__}")
+    pts = direction_points(params, directions, coords)
+    return np.asarray(map_points(loss_fn, pts, strategy=strategy, chunk_size=chunk_size, devices=devices))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,25 +231,49 @@ def _check_axis(a, name: str) -> np.ndarray:
 
 
 def loss_curve(model: Model, params: PyTree, direction: PyTree, alphas, data, **eval_kwargs) -> Landscape:
-    """1-D loss curve ``L(θ + α d)`` over ``alphas`` (seed 003 Fig. 5), evaluated for all α at once with
-    :func:`mclandscape.engine.evaluate.evaluate_params` (``eval_kwargs``: ``batch_size``, ``strategy``,
-    ``chunk_size``, ``bn_data`` for BatchNorm models, ...)."""
+    """1-D loss curve ``L(θ + α d)`` over ``alphas`` (seed 003 Fig. 5).
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      params: the centre ``θ`` (the ``params`` collection).
+      direction: ``d``, shaped like ``params`` (e.g. :func:`random_direction`).
+      alphas: at least 2 finite values.
+      data: a Dataset or ``(x, y)``.
+      **eval_kwargs: for :func:`mclandscape.engine.evaluate.evaluate`: ``batch_size``, ``strategy``,
+        ``chunk_size``, ``bn_data`` (BatchNorm models: statistics recomputed per point), ``variables``,
+        ``stem``, ``compute_dtype``, ...
+
+    Returns:
+      A :class:`Landscape` with ``loss``/``accuracy`` ``[A]``. Memory does not grow with the number of points
+      (rows ``[1, α]`` over ``[θ, d]``, formed point by point).
+    """
     a = _check_axis(alphas, "alphas")
-    stacked = grid_params(params, [direction], a[:, None])
-    m = evaluate_params(model, stacked, data, **eval_kwargs)
+    check_same_structure(params, direction, names=("params", "direction"), check_dtype=False)
+    pts = plane_points(params, _as_dtype_of(direction, params), None, a)
+    m = evaluate(model, pts, data, **eval_kwargs)
     return Landscape(alphas=a, betas=None, loss=np.asarray(m.loss), accuracy=np.asarray(m.accuracy))
 
 
 def loss_plane(model: Model, params: PyTree, d1: PyTree, d2: PyTree, alphas, betas, data,
                **eval_kwargs) -> Landscape:
-    """2-D loss surface ``L(θ + α d1 + β d2)`` on the grid ``alphas × betas`` (Li et al. 2018), all points
-    evaluated in one call of :func:`mclandscape.engine.evaluate.evaluate_params`."""
+    """2-D loss surface ``L(θ + α d1 + β d2)`` on the grid ``alphas × betas`` (Li et al. 2018).
+
+    Args:
+      model, params, data, eval_kwargs: as for :func:`loss_curve`.
+      d1, d2: the two directions (e.g. :func:`random_directions`).
+      alphas, betas: at least 2 finite values each.
+
+    Returns:
+      A :class:`Landscape` with ``loss``/``accuracy`` ``[A, B]`` (alpha major). The grid is
+      :func:`~mclandscape.engine.evaluate.plane_points` (rows ``[1, α, β]`` over ``[θ, d1, d2]``), evaluated
+      by the one evaluator: memory holds three trees and a chunk of points, whatever the grid size.
+    """
     a = _check_axis(alphas, "alphas")
     b = _check_axis(betas, "betas")
-    aa, bb = np.meshgrid(a, b, indexing="ij")
-    coords = np.stack([aa.ravel(), bb.ravel()], axis=1)
-    stacked = grid_params(params, [d1, d2], coords)
-    m = evaluate_params(model, stacked, data, **eval_kwargs)
+    for name, d in (("d1", d1), ("d2", d2)):
+        check_same_structure(params, d, names=("params", name), check_dtype=False)
+    pts = plane_points(params, _as_dtype_of(d1, params), _as_dtype_of(d2, params), a, b)
+    m = evaluate(model, pts, data, **eval_kwargs)
     shape = (a.size, b.size)
     return Landscape(alphas=a, betas=b, loss=np.asarray(m.loss).reshape(shape),
                      accuracy=np.asarray(m.accuracy).reshape(shape))

@@ -1,5 +1,8 @@
 """The simulated 2-D loss surfaces of seed 003's supplement (section C) and GD/GDM runs on them.
 
+Seed 003: Chen, Jin, Du, Li and Liu (2020), "Deforming the loss surface to affect the behaviour of the
+optimizer" (arXiv:2009.08274).
+
 Each surface is a pure function of ``p = [..., 2]`` (``p[..., 0] = p1``, ``p[..., 1] = p2``). The formulas
 are the supplement's, character for character where they make sense; the slips are handled openly:
 
@@ -152,9 +155,31 @@ def make_sim_optimizer(vdm: VDM, s: SimSettings) -> optax.GradientTransformation
 
 
 def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSettings) -> dict:
-    """Run the optimiser from every initial point ``inits[N, 2]`` (vmapped) and return trajectories
-    ``[N, steps+1, 2]``, losses along them (original surface) ``[N, steps+1]``, end points, and the Hessian
-    eigenvalues of the *original* surface at the end points ``[N, 2]`` (ascending)."""
+    """GD/GDM on ``δ∘ℓ`` from every initial point at once (seed 003 supplement section C).
+
+    Not a training loop of the engine (:func:`mclandscape.engine.loop.make_step` / ``run``): it is a
+    vectorised simulation, one ``jax.lax.scan`` over the steps ``vmap``-ed over N starts, every trajectory
+    with its own loss and hence its own VDM factor ``δ'(ℓ_i)``. The engine's step takes one scalar loss per
+    step (a sum over starts would give every start the factor of the summed loss) and dispatches one step
+    per Python iteration (100 random starts × 300 steps would be 30,000 dispatches instead of one call). The
+    optimiser is the same ``chain(scale_by_vdm(vdm), sgd)`` the engine runs (:func:`make_sim_optimizer`).
+
+    Args:
+      loss_fn: a surface ``p[..., 2] -> loss`` (e.g. :func:`fig7_loss`).
+      vdm: the VDM (``None``: the original optimiser).
+      inits: initial points ``[N, 2]`` (or one ``[2]``).
+      settings: the :class:`SimSettings`.
+
+    Returns:
+      ``{"trajectories": [N, steps+1, 2], "losses": [N, steps+1]`` (original surface), ``"ends": [N, 2],
+      "final_loss": [N], "eigenvalues": [N, 2]`` (of the *original* surface's Hessian at the end points,
+      ascending), ``"vdm"``: its name``}``. A start whose loss left the VDM's domain raises ``ValueError``
+      (:func:`~mclandscape.methods.deform.check_vdm_state`).
+    """
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be a surface p[..., 2] -> loss, got {type(loss_fn).__name__}")
+    if not isinstance(settings, SimSettings):
+        raise ValueError(f"settings must be a SimSettings, got {type(settings).__name__}")
     vdm = vdm or Identity()
     tx = make_sim_optimizer(vdm, settings)
     inits = jnp.asarray(inits, jnp.float32).reshape(-1, 2)
