@@ -51,6 +51,7 @@ import time
 import jax
 import numpy as np
 
+from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core.connectors import bezier_surface
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset
 from mclandscape.engine.models import get_model
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoint-dir", default=None, help="directory for corner and surface checkpoints; a rerun resumes")
     a("--progress", action="store_true", help="show progress bars")
     a("--out", default="results/bezier_surface", help="output directory (results.json + PNGs)")
+    add_distributed_args(p)
     return p
 
 
@@ -209,6 +211,7 @@ def _area_mean(conn, grid: S.SurfaceGrid) -> float:
 def run(args) -> dict:
     """Run the experiment for parsed arguments (see :func:`build_parser`); returns the results dict."""
     args = _resolve(args)
+    main_process = setup(args)  # before any JAX work
     t_start = time.time()
     train = load_dataset(args.dataset, "train", data_dir=args.data_dir)
     test = load_dataset(args.dataset, "test", data_dir=args.data_dir)
@@ -216,8 +219,7 @@ def run(args) -> dict:
         train = train.take(args.limit_train)
     if args.limit_test:
         test = test.take(args.limit_test)
-    out = args.out
-    os.makedirs(out, exist_ok=True)
+    out = output_dir(args.out, main_process)
     kw = {"num_classes": train.num_classes}
     if args.arch == "mlp":
         kw["widths"] = [int(w) for w in str(args.widths).split(",") if w]

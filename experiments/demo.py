@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape import bilinear_surface, evaluate_points, uv_grid
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.models import get_model
@@ -39,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=int, default=20, help="epochs per corner model")
     ap.add_argument("--grid", type=int, default=11, help="grid points per axis (11 = step 0.1)")
     ap.add_argument("--skip-bezier", action="store_true", help="stop after the bilinear surface")
+    add_distributed_args(ap)
     return ap
 
 
 def run(args) -> dict:
-    os.makedirs(args.out, exist_ok=True)
+    args = argparse.Namespace(**vars(args))
+    args.out = output_dir(args.out, setup(args))
     t0 = time.perf_counter()
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     model = get_model("mlp", widths=[64], num_classes=10)

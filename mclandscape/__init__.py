@@ -19,6 +19,7 @@ from mclandscape.core.connectors import Connector, bezier_curve, bezier_surface,
 from mclandscape.core.losses import accuracy, cross_entropy
 from mclandscape.core.objective import Objective, function_objective, make_objective
 from mclandscape.core.tree import TreeMismatchError, check_same_structure
+from mclandscape.engine import distributed
 from mclandscape.engine.checkpoint import latest_step, load_model, restore_checkpoint, save_checkpoint
 from mclandscape.engine.connector_train import ConnectorObjective, ConnectorTrainResult, train_connector
 from mclandscape.engine.data import BatchStream, Dataset, batch_stream, iterate_batches, load_dataset
@@ -30,6 +31,7 @@ from mclandscape.engine.evaluate import (
     evaluate_model,
     evaluate_params,
     evaluate_points,
+    evaluation_memory,
     map_points,
     plane_points,
     recalibrate_bn,
@@ -70,7 +72,7 @@ def __getattr__(name: str):
 
 __all__ = [
     # subpackages
-    "core", "engine", "methods", "plots",
+    "core", "engine", "methods", "plots", "distributed",
     # core
     "bernstein_basis", "bernstein_derivative", "Connector", "bezier_curve", "bezier_surface",
     "bilinear_surface", "polychain", "simplex", "TreeMismatchError", "check_same_structure",
@@ -81,7 +83,7 @@ __all__ = [
     "TrainState", "make_step", "run", "LoopConfig", "NonFiniteError", "ResumeMismatchError",
     "TrainConfig", "TrainResult", "train_model", "train_many",
     "save_checkpoint", "restore_checkpoint", "latest_step", "load_model",
-    "Points", "connector_points", "stacked_points", "plane_points", "map_points", "evaluate",
+    "Points", "connector_points", "stacked_points", "plane_points", "map_points", "evaluate", "evaluation_memory",
     "PointMetrics", "evaluate_params", "evaluate_points", "evaluate_model", "recalibrate_bn", "uv_grid",
     "ConnectorObjective", "ConnectorTrainResult", "train_connector",
     # methods

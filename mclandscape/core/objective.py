@@ -45,7 +45,8 @@ from flax import struct
 from mclandscape.core.losses import get_loss
 from mclandscape.core.tree import PyTree, tree_dot
 
-__all__ = ["Objective", "make_objective", "function_objective", "split_batch", "correct_count"]
+__all__ = ["Objective", "make_objective", "function_objective", "call_objective", "check_objective",
+           "split_batch", "correct_count"]
 
 
 def correct_count(outputs: jax.Array, y: jax.Array, weights: jax.Array) -> jax.Array:
@@ -179,3 +180,32 @@ def function_objective(fn: Callable[..., jax.Array], *, takes_key: bool = False)
     if not callable(fn):
         raise ValueError(f"fn must be callable, got {fn!r}")
     return _FunctionObjective(fn, bool(takes_key))
+
+
+def call_objective(objective: Callable, params: PyTree, batch, key) -> tuple[jax.Array, Any]:
+    """``(loss, aux)`` of ``objective(params, batch, key)``, with a clear error when it does not follow the
+    objective protocol (e.g. an old-style ``loss_fn(params, batch) -> scalar``). Traceable.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> call_objective(lambda p, b, k: jnp.sum(p), jnp.ones(2), None, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: the objective must return (loss, aux) ...
+    """
+    out = objective(params, batch, key)
+    if not isinstance(out, tuple) or len(out) != 2:
+        got = f"an array of shape {jnp.shape(out)}" if hasattr(out, "shape") else type(out).__name__
+        raise ValueError("the objective must return (loss, aux) (the protocol objective(params, batch, key) -> "
+                         f"(loss, aux)), got {got}; wrap a scalar loss fn(params, batch) with "
+                         "mclandscape.core.objective.function_objective")
+    if jnp.shape(out[0]) != ():
+        raise ValueError(f"the objective's loss must be a scalar, got shape {jnp.shape(out[0])}")
+    return out[0], out[1]
+
+
+def check_objective(objective: Callable, params: PyTree, batch, key) -> None:
+    """Trace ``objective`` once (abstractly, no compilation) to check the protocol before a run."""
+    if not callable(objective):
+        raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
+    jax.eval_shape(lambda p, b, k: call_objective(objective, p, b, k), params, batch, key)

@@ -32,12 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mclandscape.core.connectors import Connector
 from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import PyTree, check_finite, tree_combine, tree_digest, tree_dot
 from mclandscape.engine.data import Dataset, batch_stream, data_digest
+from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.loop import LoopConfig, make_step, run
 
 __all__ = [
@@ -114,12 +117,17 @@ class ConnectorObjective:
     l2: float = struct.field(pytree_node=False, default=0.0)
     point_l2: float = struct.field(pytree_node=False, default=0.0)
     strategy: str = struct.field(pytree_node=False, default="unroll")
+    mesh: jax.sharding.Mesh | None = struct.field(pytree_node=False, default=None)
 
     def __call__(self, control, batch, key):
         ks, kd = jax.random.split(key)
         pts = self.sampler(ks, self.num_samples)
         coefs = (self.coefficients or self.template.coefficients)(pts)
         keys = jax.random.split(kd, self.num_samples)
+        if self.mesh is not None and self.mesh.shape.get("points", 1) > 1:
+            # the k points split over the mesh's points axis (the vmapped axis below)
+            split = NamedSharding(self.mesh, P("points"))
+            coefs, keys = jax.lax.with_sharding_constraint((coefs, keys), split)
 
         def one(args):
             c, kk = args
@@ -190,7 +198,8 @@ def train_connector(objective, connector: Connector, data, *, epochs: int, tx: o
                     coefficients: Callable | None = None, loss_fn: Callable = cross_entropy, seed: int = 0,
                     augment: bool = False, strategy: str | None = None, loop: LoopConfig | None = None,
                     callbacks: Sequence[Callable] = (), hyper: Mapping | None = None,
-                    metadata: Mapping | None = None, run_start: Connector | None = None) -> ConnectorTrainResult:
+                    metadata: Mapping | None = None, run_start: Connector | None = None,
+                    devices: int | None = None) -> ConnectorTrainResult:
     """Train the trainable control points of ``connector`` for ``epochs`` epochs.
 
     Args:
@@ -212,6 +221,10 @@ def train_connector(objective, connector: Connector, data, *, epochs: int, tx: o
       callbacks: ``callback(epoch, state, record)`` after every epoch.
       hyper: hyper-parameters that built ``tx`` (learning rate, schedule, ...), recorded in the fingerprint.
       metadata: extra JSON stored with the checkpoints.
+      devices: how many devices to train on (default all of the job's, across processes): the ``k`` points
+        and the batch are split over a ``("points", "data")`` mesh
+        (:func:`mclandscape.engine.distributed.training_mesh`; with a points split the points are vmapped);
+        the result equals one device's to float rounding.
       run_start: when this call continues a run in segments (the same ``checkpoint_dir``, a larger ``epochs``,
         e.g. with a sampler rebuilt between segments), the connector the run started from; the fingerprint
         records it instead of ``connector``.
@@ -253,10 +266,16 @@ def train_connector(objective, connector: Connector, data, *, epochs: int, tx: o
     batches, spe, digest = _stream(data, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
                                    augment=augment)
     sampler = sampler or uniform_sampler(connector.point_dim)
+    first = batches(0)
+    lead = np.shape(jax.tree_util.tree_leaves(first)[0])[0] if jax.tree_util.tree_leaves(first) and np.ndim(
+        jax.tree_util.tree_leaves(first)[0]) else 1
+    mesh = training_mesh(int(lead), int(num_samples), devices=devices)
+    if mesh is not None and mesh.shape["points"] > 1:
+        strategy = "vmap"  # the points are split over devices along the vmapped axis
     obj = ConnectorObjective(point=point, template=connector.replace(control=None), sampler=sampler,
                              mask=jnp.asarray(mask), num_samples=int(num_samples), coefficients=coefficients,
-                             point_weights=point_weights, l2=l2, point_l2=point_l2, strategy=strategy)
-    step = make_step(obj, tx, trainable=_control_mask(connector, mask))
+                             point_weights=point_weights, l2=l2, point_l2=point_l2, strategy=strategy, mesh=mesh)
+    step = make_step(obj, tx, trainable=_control_mask(connector, mask), mesh=mesh)
     fingerprint = {
         "trainer": "connector",
         "kind": connector.kind, "shape": list(connector.shape), "trainable": mask.tolist(),

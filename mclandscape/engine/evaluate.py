@@ -20,7 +20,8 @@ chunk c vmaps c points at a time), ``"vmap"`` (all points at once), ``"loop"`` (
 same compiled function once per point: the one-at-a-time baseline) and ``"auto"``
 (:func:`mclandscape.engine.cpu.default_strategy`). With several devices (``devices=``, default all) the
 points are sharded over a 1-D mesh with ``jax.shard_map``; the data and the stack are replicated, and the
-results equal the single-device ones.
+results equal the single-device ones. In a multi-process job (:mod:`mclandscape.engine.distributed`) the
+mesh spans the devices of every process and every process gets all the results.
 
 BatchNorm (models with ``apply_with_stats``): before a point is evaluated its running statistics are
 recomputed on ``bn_data`` as the exact average of the per-batch statistics over ``bn_batches`` full
@@ -57,6 +58,7 @@ from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import correct_count
 from mclandscape.core.tree import PyTree, check_finite, check_same_structure, tree_combine, tree_index, tree_stack
 from mclandscape.engine import cpu
+from mclandscape.engine.distributed import to_host
 from mclandscape.engine.models.base import Model
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
     "PointMetrics",
     "map_points",
     "evaluate",
+    "evaluation_memory",
     "evaluate_points",
     "evaluate_params",
     "evaluate_model",
@@ -240,9 +243,23 @@ def _param_bytes(tree) -> int:
     return int(sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree)))
 
 
-def _run_mapped(jitted, points: Points, static: dict, args, strategy: str, chunk: int, devices: int | None):
-    """Call a mapped computation over all points (padding them to fixed shapes) and cut the results back."""
+def _run_mapped(jitted, points: Points, static: dict, args, strategy: str, chunk: int, devices: int | None,
+                analyze: bool = False):
+    """Call a mapped computation over all points (padding them to fixed shapes) and cut the results back; with
+    ``analyze`` compile it only and return its per-device memory statistics."""
     p = points.num_points
+    if analyze:
+        if strategy == "loop":
+            static, points, strategy, chunk, devices = static, points.replace(rows=points.rows[:1]), "map", 1, 1
+        mesh = _mesh(devices)
+        ndev = 1 if mesh is None else mesh.size
+        rows = _pad_rows(points.rows, (chunk if strategy == "map" else 1) * ndev)
+        if mesh is not None:
+            rows = jax.device_put(rows, NamedSharding(mesh, P(_AXIS)))
+        lowered = jitted.lower(**static, strategy=strategy,
+                               chunk=chunk if strategy == "map" else int(rows.shape[0]), mesh=mesh,
+                               points=points.replace(rows=rows), args=args)
+        return lowered.compile().memory_analysis()
     if strategy == "loop":
         outs = [jitted(**static, strategy="map", chunk=1, mesh=None,
                        points=points.replace(rows=points.rows[i:i + 1]), args=args) for i in range(p)]
@@ -254,7 +271,8 @@ def _run_mapped(jitted, points: Points, static: dict, args, strategy: str, chunk
         rows = jax.device_put(rows, NamedSharding(mesh, P(_AXIS)))
     out = jitted(**static, strategy=strategy, chunk=chunk if strategy == "map" else int(rows.shape[0]), mesh=mesh,
                  points=points.replace(rows=rows), args=args)
-    return jax.tree_util.tree_map(lambda a: np.asarray(a)[:p], out)
+    # sharded over the points axis: in a multi-process job each process holds its devices' points only
+    return jax.tree_util.tree_map(lambda a: to_host(a)[:p], out)
 
 
 def map_points(fn: Callable, points: Points, *args, strategy: str = "map", chunk_size: int | None = None,
@@ -562,29 +580,12 @@ def _has_conv(params) -> bool:
                if str(getattr(path[-1], "key", "")) == "kernel")
 
 
-def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None,
+def _evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None,
              bn_batches: int | None = None, bn_batch_size: int = 128, variables: PyTree | None = None,
              return_probs: bool = False, loss_fn: Callable = cross_entropy, strategy: str = "auto",
              chunk_size: int | None = None, devices: int | None = None, stem: str = "auto", compute_dtype=None,
-             stem_bytes: int = 1 << 29, check: bool = True) -> PointMetrics:
-    """Mean loss and accuracy on ``data`` at every point of ``points`` (see the module docstring).
-
-    Args:
-      model: the :class:`~mclandscape.engine.models.Model`.
-      points: the :class:`Points` (their stack holds the ``params`` collection only).
-      data: a Dataset or ``(x, y)``; evaluated in batches of ``batch_size`` (a partial last batch is masked).
-      bn_data: training data for the BatchNorm statistics of each point (models with BatchNorm, unless
-        ``variables`` holds them); ``bn_batches`` full batches of ``bn_batch_size`` (default all).
-      variables: other collections shared by every point (e.g. ``{"batch_stats": ...}`` of a trained model).
-      return_probs: also return the softmax outputs ``[P, N, C]``.
-      loss_fn: per-example loss ``(logits, y) -> [N]``.
-      strategy, chunk_size, devices, stem, compute_dtype: see the module docstring; ``stem_bytes`` bounds the
-        memory of the staged first-layer outputs of the factorised path.
-      check: refuse non-finite parameters.
-
-    Returns:
-      :class:`PointMetrics`.
-    """
+             stem_bytes: int = 1 << 29, check: bool = True, analyze: bool = False):
+    """:func:`evaluate` (``analyze=False``) or :func:`evaluation_memory` (``analyze=True``)."""
     if not isinstance(points, Points):
         raise ValueError(f"points must be Points (see connector_points / stacked_points), got {type(points).__name__}")
     if stem not in STEM_MODES:
@@ -648,6 +649,13 @@ def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_da
     metric = _Metric(model=model, loss_fn=loss_fn, with_probs=bool(return_probs), recompute_bn=recompute,
                      dtype=None if dtype is None else dtype.name, factor=factor)
     args = (xs_g, ys_g, ms_g, bn_g, zeros, mom, fixed)
+    if analyze:
+        stats = _run_mapped(_evaluate_jit, points, {"metric": metric}, args, strategy, chunk, devices, analyze=True)
+        return {"argument_bytes": int(stats.argument_size_in_bytes), "output_bytes": int(stats.output_size_in_bytes),
+                "temp_bytes": int(stats.temp_size_in_bytes), "alias_bytes": int(stats.alias_size_in_bytes),
+                "peak_bytes": int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+                                  + stats.temp_size_in_bytes - stats.alias_size_in_bytes),
+                "strategy": strategy, "chunk_size": chunk, "stem": "factor" if factor is not None else "off"}
     loss, acc, probs = _run_mapped(_evaluate_jit, points, {"metric": metric}, args, strategy, chunk, devices)
     if return_probs:
         probs = np.asarray(probs)[:, : x.shape[0]]
@@ -655,6 +663,54 @@ def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_da
         probs = None
     return PointMetrics(loss=np.asarray(loss), accuracy=np.asarray(acc), probs=probs, strategy=strategy,
                         chunk_size=chunk, stem="factor" if factor is not None else "off")
+
+
+def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None,
+             bn_batches: int | None = None, bn_batch_size: int = 128, variables: PyTree | None = None,
+             return_probs: bool = False, loss_fn: Callable = cross_entropy, strategy: str = "auto",
+             chunk_size: int | None = None, devices: int | None = None, stem: str = "auto", compute_dtype=None,
+             stem_bytes: int = 1 << 29, check: bool = True) -> PointMetrics:
+    """Mean loss and accuracy on ``data`` at every point of ``points`` (see the module docstring).
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      points: the :class:`Points` (their stack holds the ``params`` collection only).
+      data: a Dataset or ``(x, y)``; evaluated in batches of ``batch_size`` (a partial last batch is masked).
+      bn_data: training data for the BatchNorm statistics of each point (models with BatchNorm, unless
+        ``variables`` holds them); ``bn_batches`` full batches of ``bn_batch_size`` (default all).
+      variables: other collections shared by every point (e.g. ``{"batch_stats": ...}`` of a trained model).
+      return_probs: also return the softmax outputs ``[P, N, C]``.
+      loss_fn: per-example loss ``(logits, y) -> [N]``.
+      strategy, chunk_size, devices, stem, compute_dtype: see the module docstring; ``stem_bytes`` bounds the
+        memory of the staged first-layer outputs of the factorised path.
+      check: refuse non-finite parameters.
+
+    Returns:
+      :class:`PointMetrics`.
+    """
+    return _evaluate(model, points, data, batch_size=batch_size, bn_data=bn_data, bn_batches=bn_batches,
+                     bn_batch_size=bn_batch_size, variables=variables, return_probs=return_probs, loss_fn=loss_fn,
+                     strategy=strategy, chunk_size=chunk_size, devices=devices, stem=stem,
+                     compute_dtype=compute_dtype, stem_bytes=stem_bytes, check=check)
+
+
+def evaluation_memory(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None,
+             bn_batches: int | None = None, bn_batch_size: int = 128, variables: PyTree | None = None,
+             return_probs: bool = False, loss_fn: Callable = cross_entropy, strategy: str = "auto",
+             chunk_size: int | None = None, devices: int | None = None, stem: str = "auto", compute_dtype=None,
+             stem_bytes: int = 1 << 29, check: bool = True) -> dict:
+    """Compile :func:`evaluate`'s computation for these arguments without running it, and return its memory
+    per device from XLA's analysis: ``argument_bytes``, ``output_bytes``, ``temp_bytes``, ``alias_bytes`` and
+    ``peak_bytes`` (their total, less aliasing), with the ``strategy``, ``chunk_size`` and ``stem`` chosen.
+
+    What grows with the number of points is only the rows and the per-point outputs: at most a chunk of
+    parameter copies exists at any time (``benchmarks/scaling.py`` and ``benchmarks/loss_plane_memory.py``
+    measure it).
+    """
+    return _evaluate(model, points, data, batch_size=batch_size, bn_data=bn_data, bn_batches=bn_batches,
+                     bn_batch_size=bn_batch_size, variables=variables, return_probs=return_probs, loss_fn=loss_fn,
+                     strategy=strategy, chunk_size=chunk_size, devices=devices, stem=stem,
+                     compute_dtype=compute_dtype, stem_bytes=stem_bytes, check=check, analyze=True)
 
 
 def evaluate_points(model: Model, connector: Connector, points, data, **kwargs) -> PointMetrics:

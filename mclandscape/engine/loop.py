@@ -54,10 +54,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from mclandscape.core.objective import call_objective
 from mclandscape.core.tree import PyTree, tree_path_names
-from mclandscape.engine import cpu
+from mclandscape.engine import cpu, distributed
 from mclandscape.engine.checkpoint import CheckpointError, CheckpointStore
 
 __all__ = [
@@ -73,6 +76,8 @@ __all__ = [
     "fingerprint_diff",
     "restore_state",
     "init_state",
+    "split_static",
+    "merge_static",
 ]
 
 FORMAT = "mclandscape.loop/1"
@@ -112,8 +117,9 @@ def init_state(params: PyTree, tx: optax.GradientTransformation, model_state: Py
                       model_state=model_state, nonfinite=jnp.full((3,), -1, jnp.int32))
 
 
-def _split_static(tree) -> tuple[Any, tuple]:
-    """``(static, arrays)``: the tree definition and non-array leaves (hashable) and the array leaves."""
+def split_static(tree) -> tuple[Any, tuple]:
+    """``(static, arrays)``: the tree definition and non-array leaves (hashable, a static jit argument) and the
+    array leaves (traced), the way a jitted function takes an objective; :func:`merge_static` inverts it."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     is_arr = tuple(isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex) and
                    not isinstance(x, bool) for x in leaves)
@@ -121,7 +127,7 @@ def _split_static(tree) -> tuple[Any, tuple]:
     return static, tuple(x for a, x in zip(is_arr, leaves, strict=True) if a)
 
 
-def _merge_static(static, arrays):
+def merge_static(static, arrays):
     treedef, is_arr, others = static
     it = iter(arrays)
     return jax.tree_util.tree_unflatten(treedef, [next(it) if a else o for a, o in zip(is_arr, others, strict=True)])
@@ -136,11 +142,12 @@ def _mask_like(trainable, params):
         trainable, params)
 
 
-def _step_impl(objective_static, tx, objective_arrays, trainable, state: TrainState, batch, key):
-    objective = _merge_static(objective_static, objective_arrays)
+def _step_impl(objective_static, tx, mesh, objective_arrays, trainable, state: TrainState, batch, key):
+    objective = merge_static(objective_static, objective_arrays)
     if state.model_state is not None and hasattr(objective, "with_state"):
         objective = objective.with_state(state.model_state)
-    (value, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch, key)
+    (value, aux), grads = jax.value_and_grad(lambda p, b, k: call_objective(objective, p, b, k),
+                                             has_aux=True)(state.params, batch, key)
     mask = _mask_like(trainable, state.params)
     if mask is not None:
         grads = jax.tree_util.tree_map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads, mask)
@@ -171,10 +178,44 @@ def _step_impl(objective_static, tx, objective_arrays, trainable, state: TrainSt
         metrics.update({k: v for k, v in aux.items() if k not in ("batch_stats", "correct") and jnp.ndim(v) == 0})
         if "correct" in aux and "count" in aux:
             metrics["acc"] = aux["correct"] / jnp.maximum(aux["count"], 1)
+    if mesh is not None:  # one update, the same on every device: the state stays replicated
+        rep = NamedSharding(mesh, P())
+        new, metrics = jax.lax.with_sharding_constraint((new, metrics), rep)
     return new, metrics
 
 
-_step_jit = cpu.tuned_jit(_step_impl, static_argnames=("objective_static", "tx"))
+_step_jit = cpu.tuned_jit(_step_impl, static_argnames=("objective_static", "tx", "mesh"))
+
+
+def _accumulate(sums: dict, metrics: dict) -> dict:
+    """Epoch sums of the step metrics, weighted by the batch's example count (``max_*``: running maxima)."""
+    metrics = dict(metrics)
+    w = metrics.pop("count", None)
+    w = jnp.ones((), jnp.float32) if w is None else w.astype(jnp.float32)
+    out = {k: (jnp.maximum(sums[k], v) if k.startswith("max_") else sums[k] + v * w) for k, v in metrics.items()}
+    out["__weight__"] = sums["__weight__"] + w
+    return out
+
+
+def _zero_sums(metrics: Mapping) -> dict:
+    zeros = {k: (jnp.full((), -jnp.inf, jnp.float32) if k.startswith("max_") else jnp.zeros((), jnp.float32))
+             for k in metrics if k != "count"}
+    zeros["__weight__"] = jnp.zeros((), jnp.float32)
+    return zeros
+
+
+_accumulate_jit = jax.jit(_accumulate)
+
+
+def _loop_step_impl(objective_static, tx, mesh, objective_arrays, trainable, state, batch, key, t, sums):
+    # the loop's step: the key of step t, the step, and the epoch sums in one compiled call, so a step of a
+    # small problem costs one dispatch instead of one per metric
+    new, metrics = _step_impl(objective_static, tx, mesh, objective_arrays, trainable, state, batch,
+                              jax.random.fold_in(key, t))
+    return new, _accumulate(sums, metrics)
+
+
+_loop_step_jit = cpu.tuned_jit(_loop_step_impl, static_argnames=("objective_static", "tx", "mesh"))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -184,18 +225,59 @@ class Step:
     objective: Callable
     tx: optax.GradientTransformation
     trainable: PyTree | None = None
+    mesh: jax.sharding.Mesh | None = None
+    data_axis: str = "data"
 
     def init(self, params: PyTree, model_state: PyTree | None = None) -> TrainState:
         """The state before the first step (:func:`init_state`)."""
         return init_state(params, self.tx, model_state)
 
+    def place(self, batch):
+        """The batch as global arrays: split along its first axis over the mesh's data axis where that axis
+        divides it, replicated otherwise (e.g. a smaller last batch)."""
+        n = self.mesh.shape[self.data_axis] if self.data_axis in self.mesh.axis_names else 1
+        split, rep = NamedSharding(self.mesh, P(self.data_axis)), NamedSharding(self.mesh, P())
+        return jax.tree_util.tree_map(
+            lambda a: distributed.put(a, split if n > 1 and jnp.ndim(a) and jnp.shape(a)[0] % n == 0 else rep), batch)
+
+    def _arguments(self, state, batch, key) -> dict:
+        static, arrays = split_static(self.objective)
+        trainable = self.trainable
+        if self.mesh is not None:
+            state, arrays, trainable, key = distributed.put((state, arrays, trainable, key),
+                                                            NamedSharding(self.mesh, P()))
+            batch = self.place(batch)
+        return dict(objective_static=static, tx=self.tx, mesh=self.mesh, objective_arrays=arrays,
+                    trainable=trainable, state=state, batch=batch, key=key)
+
     def __call__(self, state: TrainState, batch, key) -> tuple[TrainState, dict]:
-        static, arrays = _split_static(self.objective)
-        return _step_jit(objective_static=static, tx=self.tx, objective_arrays=arrays, trainable=self.trainable,
-                         state=state, batch=batch, key=key)
+        return _step_jit(**self._arguments(state, batch, key))
+
+    def zero_sums(self, state: TrainState, batch, key) -> dict:
+        """Zeros shaped like the epoch sums :meth:`step_and_sum` accumulates (traced abstractly)."""
+        args = self._arguments(state, batch, key)
+        static = {k: args.pop(k) for k in ("objective_static", "tx", "mesh")}
+        return _zero_sums(jax.eval_shape(lambda dynamic: _step_impl(**static, **dynamic)[1], args))
+
+    def step_and_sum(self, state: TrainState, batch, key, t: int, sums: dict) -> tuple[TrainState, dict]:
+        """One step with the key ``fold_in(key, t)``, its metrics added to the epoch ``sums`` (the loop's path)."""
+        args = self._arguments(state, batch, key)
+        if self.mesh is not None:
+            sums = distributed.put(sums, NamedSharding(self.mesh, P()))
+        return _loop_step_jit(**args, t=np.int32(t), sums=sums)
+
+    def memory(self, state: TrainState, batch, key) -> dict:
+        """The compiled step's memory per device from XLA's analysis (compiles, does not run):
+        ``argument_bytes``, ``output_bytes``, ``temp_bytes``, ``alias_bytes`` and their total ``peak_bytes``."""
+        m = _step_jit.lower(**self._arguments(state, batch, key)).compile().memory_analysis()
+        return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
+                "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
+                "peak_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                                  - m.alias_size_in_bytes)}
 
 
-def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainable: PyTree | None = None) -> Step:
+def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainable: PyTree | None = None,
+              mesh: jax.sharding.Mesh | None = None, data_axis: str = "data") -> Step:
     """One gradient step of ``objective`` with the Optax transform ``tx`` (see the module docstring).
 
     Args:
@@ -203,6 +285,9 @@ def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainabl
       tx: any ``optax.GradientTransformation`` (extra arguments are passed as ``loss=``).
       trainable: ``None`` (everything trains) or a pytree shaped like the parameters whose leaves are booleans
         or boolean arrays broadcastable from the left (e.g. ``[K]`` for control points ``[K, ...]``).
+      mesh: train on the devices of this mesh (:func:`mclandscape.engine.distributed.training_mesh`; across
+        processes in a multi-process job): each batch is split over its ``data_axis``, the state is
+        replicated, XLA reduces the gradients across the devices, and every device applies the same update.
 
     Returns:
       A :class:`Step`.
@@ -220,7 +305,9 @@ def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainabl
         raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
     if not isinstance(tx, optax.GradientTransformation):
         raise ValueError(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
-    return Step(objective=objective, tx=tx, trainable=trainable)
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    return Step(objective=objective, tx=tx, trainable=trainable, mesh=mesh, data_axis=data_axis)
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
@@ -437,22 +524,26 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
         bar = tqdm(total=epochs, initial=start, disable=not _progress_enabled(config.progress), leave=False,
                    desc=config.desc, unit="epoch", dynamic_ncols=True)
         try:
+            zeros = None
             for epoch in range(start, epochs):
                 t0 = time.perf_counter()
-                sums, weight = None, None
+                sums = None
                 for i in range(spe):
                     t = epoch * spe + i
-                    state, metrics = step(state, batches(t), jax.random.fold_in(key, t))
-                    w = metrics.pop("count", None)  # examples in the batch: epoch means are example means
-                    w = jnp.ones(()) if w is None else w
-                    contrib = {k: (v if k.startswith("max_") else v * w) for k, v in metrics.items()}
-                    sums = contrib if sums is None else {k: (jnp.maximum(sums[k], v) if k.startswith("max_") else
-                                                             sums[k] + v) for k, v in contrib.items()}
-                    weight = w if weight is None else weight + w
+                    batch = batches(t)
+                    if not hasattr(step, "step_and_sum"):  # any other step(state, batch, key) callable
+                        state, metrics = step(state, batch, jax.random.fold_in(key, t))
+                        sums = _accumulate_jit(_zero_sums(metrics) if sums is None else sums, metrics)
+                        continue
+                    if sums is None:
+                        zeros = step.zero_sums(state, batch, key) if zeros is None else zeros
+                        sums = zeros
+                    state, sums = step.step_and_sum(state, batch, key, t, sums)
                 _check_finite_state(state, names, epoch, spe)
                 e1 = epoch + 1
-                total = float(weight)
-                raw = {**{k: float(v) if k.startswith("max_") else float(v) / total for k, v in sums.items()},
+                host = {k: float(v) for k, v in jax.device_get(sums).items()}
+                total = host.pop("__weight__")  # examples in the epoch: epoch means are example means
+                raw = {**{k: v if k.startswith("max_") else v / total for k, v in host.items()},
                        "seconds": time.perf_counter() - t0}
                 record = {"epoch": e1, **(on_epoch(e1, state, raw) if on_epoch is not None else raw)}
                 history.append(record)
@@ -473,7 +564,7 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
     finally:
         if store is not None:
             store.close()
-    return RunResult(state=state, history=history, resumed_from=resumed_from, stopped=stopped)
+    return RunResult(state=distributed.local(state), history=history, resumed_from=resumed_from, stopped=stopped)
 
 
 def _rotate(store: CheckpointStore, config: LoopConfig) -> None:

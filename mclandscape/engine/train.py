@@ -39,6 +39,7 @@ from mclandscape.core.losses import LOSSES, cross_entropy
 from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import PyTree, check_finite, check_same_structure, tree_digest
 from mclandscape.engine.data import Dataset, batch_stream, data_digest
+from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.evaluate import evaluate_model
 from mclandscape.engine.loop import LoopConfig, make_step, restore_state, run
 from mclandscape.engine.models.base import Model
@@ -251,7 +252,7 @@ def train_model(model: Model, train: Dataset, test: Dataset | None, config: Trai
                 checkpoint_dir: str | os.PathLike | None = None, save_epochs: Sequence[int] = (),
                 checkpoint_every: int = 1, keep: int = 1, progress: bool | None = None,
                 callback: Callable[[int, TrainResult], None] | None = None, overwrite: bool = False,
-                init_variables: PyTree | None = None) -> TrainResult:
+                init_variables: PyTree | None = None, devices: int | None = None) -> TrainResult:
     """Train ``model`` on ``train`` for ``config.epochs`` epochs, evaluating on ``test`` after each.
 
     Args:
@@ -271,6 +272,9 @@ def train_model(model: Model, train: Dataset, test: Dataset | None, config: Trai
       callback: ``callback(epoch, result)`` after each epoch (after its checkpoint); raising from it stops
         training.
       init_variables: start from these variables instead of ``model.init``.
+      devices: how many devices to train on (default all of the job's, across processes): each batch is split
+        over them (:func:`mclandscape.engine.distributed.training_mesh`); the result equals one device's to
+        float rounding.
 
     Returns:
       A :class:`TrainResult`. A non-finite loss or gradient stops training with
@@ -315,7 +319,7 @@ def train_model(model: Model, train: Dataset, test: Dataset | None, config: Trai
     tx_given = tx is not None
     tx = tx if tx_given else make_optimizer(config, spe)
     objective = make_objective(model, config.loss, train=True, label_smoothing=config.label_smoothing)
-    step = make_step(objective, tx)
+    step = make_step(objective, tx, mesh=training_mesh(config.batch_size, devices=devices))
     rest = {k: v for k, v in variables.items() if k != "params"}
     state = step.init(variables["params"], rest or None)
     save_epochs = sorted({int(e) for e in save_epochs})
@@ -365,8 +369,8 @@ def train_model(model: Model, train: Dataset, test: Dataset | None, config: Trai
 
 def train_many(model: Model, train: Dataset, test: Dataset | None, config: TrainConfig, seeds: Sequence[int], *,
                checkpoint_dir: str | os.PathLike | None = None, save_epochs: Sequence[int] = (),
-               checkpoint_every: int = 1, progress: bool | None = None,
-               overwrite: bool = False) -> list[TrainResult]:
+               checkpoint_every: int = 1, progress: bool | None = None, overwrite: bool = False,
+               devices: int | None = None) -> list[TrainResult]:
     """Independent runs of :func:`train_model`, one per seed (e.g. the four corners of a surface).
 
     The jitted step is compiled once and shared. With ``checkpoint_dir`` each run checkpoints (and resumes) in
@@ -379,35 +383,4 @@ def train_many(model: Model, train: Dataset, test: Dataset | None, config: Train
                         checkpoint_dir=None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir),
                                                                                         f"seed_{s}"),
                         save_epochs=save_epochs, checkpoint_every=checkpoint_every, progress=progress,
-                        overwrite=overwrite) for s in seeds]
-
-
-# ---- transitional: the methods not yet on make_objective use these two (removed once they are) ----------
-
-def params_loss(model: Model, variables: PyTree | None = None, *, loss="cross_entropy", train: bool | None = None,
-                l2: float = 0.0) -> Callable:
-    """``loss(params, batch) -> scalar``: :func:`mclandscape.core.objective.make_objective` without the aux,
-    with an optional dropout key as the batch's third element."""
-    obj = make_objective(model, loss, l2=l2, train=train, variables=variables)
-
-    def fn(params, batch):
-        if len(batch) not in (2, 3):
-            raise ValueError(f"batch must be (x, y) or (x, y, key), got a sequence of {len(batch)}")
-        return obj(params, tuple(batch[:2]), batch[2] if len(batch) == 3 else None)[0]
-
-    return fn
-
-
-def legacy_batch_stream(ds: Dataset, batch_size: int, *, seed: int = 0, augment: bool = False,
-                        keys: bool = False) -> Callable[[int], tuple]:
-    """``t -> (x, y)`` or ``(x, y, fold_in(key(seed), t))``: :func:`mclandscape.engine.data.batch_stream` with
-    an optional dropout key per step."""
-    stream = batch_stream(ds, batch_size, seed=seed, augment=augment)
-    base = jax.random.key(seed)
-
-    def get(t: int):
-        x, y = stream(t)
-        return (x, y, jax.random.fold_in(base, int(t))) if keys else (x, y)
-
-    get.steps_per_epoch = stream.steps_per_epoch  # type: ignore[attr-defined]
-    return get
+                        overwrite=overwrite, devices=devices) for s in seeds]

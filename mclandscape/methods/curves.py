@@ -130,7 +130,8 @@ def train_curve(model, start: PyTree, end: PyTree, train, *, kind: str = "bezier
                 lr: float = 0.015, momentum: float = 0.9, optimizer: optax.GradientTransformation | None = None,
                 weight_decay: float = 5e-4, weight_decay_on: str = "point", num_samples: int = 1, seed: int = 0,
                 augment: bool = False, strategy: str | None = None, checkpoint_dir=None,
-                progress: bool | None = None, loss_fn: Callable = cross_entropy) -> ConnectorTrainResult:
+                progress: bool | None = None, loss_fn: Callable = cross_entropy,
+                devices: int | None = None) -> ConnectorTrainResult:
     """Train a Bézier curve / polygonal chain between the ``params`` of two models of ``model`` on ``train``.
 
     The inner control points start on the straight segment (or at ``init``); the ends stay fixed
@@ -138,7 +139,7 @@ def train_curve(model, start: PyTree, end: PyTree, train, *, kind: str = "bezier
     per batch, plus the weight decay (see the module docstring). ``optimizer`` defaults to
     :func:`curve_optimizer` (``lr`` 0.015 and ``weight_decay`` 5e-4 are the reference's VGG16 settings).
     With ``checkpoint_dir`` a second call resumes the same run (same ends, data and settings) and refuses a
-    different one.
+    different one. ``devices``: see :func:`mclandscape.engine.connector_train.train_connector`.
     """
     if kind not in CURVE_KINDS:
         raise ValueError(f"unknown curve kind {kind!r}; expected one of {CURVE_KINDS}")
@@ -161,7 +162,7 @@ def train_curve(model, start: PyTree, end: PyTree, train, *, kind: str = "bezier
                            sampler=uniform_sampler(1), num_samples=num_samples, seed=seed, augment=augment,
                            strategy=strategy, loss_fn=loss_fn, hyper=hyper,
                            loop=LoopConfig(checkpoint_dir=checkpoint_dir, progress=progress, desc=f"train {kind}"),
-                           metadata={"curve": kind}, **_wd_args(weight_decay, weight_decay_on))
+                           metadata={"curve": kind}, devices=devices, **_wd_args(weight_decay, weight_decay_on))
 
 
 def fit_curve(loss_fn: Callable[[PyTree, Any], jax.Array], connector: Connector, *, epochs: int,

@@ -480,7 +480,8 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
                   proposal_mix: float = 0.1, proposal_refresh: int = 1, layers: str | None = None,
                   seed: int = 0, strategy: str | None = None, augment: bool = False,
                   checkpoint_dir: str | os.PathLike | None = None, progress: bool | None = None,
-                  epoch_callback: Callable[[int, int, dict], None] | None = None) -> SurfaceTrainResult:
+                  epoch_callback: Callable[[int, int, dict], None] | None = None,
+                  devices: int | None = None) -> SurfaceTrainResult:
     """Train a Bézier surface with the three-phase outer-to-inner schedule (Algorithms 1-2, eq. 9-10).
 
     ``epochs = (E1, E2, E3)``; a phase with 0 epochs, or with no trainable control point for this grid
@@ -500,7 +501,9 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
     ``checkpoint_dir``: per-phase checkpoints (``phase1``, ``phase2``, ``phase3``) at every epoch end; a
     second call with the same directory and the same run (surface, data, model and every argument above)
     resumes, a different run is refused. ``epoch_callback(phase, epoch, record)`` is called after every epoch
-    (``epoch`` counts from 1 within the phase).
+    (``epoch`` counts from 1 within the phase). ``devices``: how many devices each step runs on (default all
+    of the job's; the k points and the batch split over them, see
+    :func:`mclandscape.engine.connector_train.train_connector`).
     """
     _check_surface(surface)
     shape = _grid_shape(surface.shape)
@@ -571,7 +574,7 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
                 callbacks.append(lambda epoch, st, hist, _phase=phase: epoch_callback(_phase, epoch, dict(hist[-1])))
             common = dict(tx=opt, batch_size=batch_size, num_samples=int(num_samples), trainable=mask, l2=l2,
                           seed=seed + 7919 * phase, augment=augment, strategy=strategy, callbacks=callbacks,
-                          hyper=hyper, metadata={"phase": phase, "objective": objective})
+                          hyper=hyper, metadata={"phase": phase, "objective": objective}, devices=devices)
             if sample:
                 # The proposal follows the surface: rebuilt every proposal_refresh epochs from the current control
                 # points. Checkpoints fall on those boundaries, so a resumed run rebuilds the same proposals.

@@ -1,0 +1,210 @@
+"""Several devices and several processes, through JAX's own multi-controller runtime.
+
+One program runs as N processes (one per host, or several on one machine for testing); each sees every
+device of the job (``jax.devices()``) and drives its own (``jax.local_devices()``). :func:`initialize` is a
+thin wrapper over ``jax.distributed.initialize`` that on CPU selects the gloo collectives, so the same
+program runs as N processes on one machine and on a GPU cluster. The engine's meshes span all devices of
+all processes (:func:`mesh`); inputs become global arrays (:func:`replicate`, :func:`shard`), and what a
+method returns to its caller is a host value, equal on every process (:func:`to_host`).
+
+Launching (every process runs the same command):
+
+- one machine, N processes: ``python -m experiments.X --distributed --coordinator 127.0.0.1:PORT
+  --num-processes N --process-id I`` for I = 0..N-1 (or call :func:`initialize` with those arguments);
+- a SLURM GPU cluster: ``srun python -m experiments.X --distributed`` — ``jax.distributed.initialize``
+  reads the coordinator, the process count and the process id from SLURM's environment.
+
+A process that dies makes the others fail within ``heartbeat_timeout_seconds`` with JAX's "another task
+died" error instead of hanging; restarting every process resumes from the last checkpoint.
+
+Example (one process: nothing to start, every helper is the identity or a plain device put):
+    >>> import numpy as np
+    >>> process_count(), is_main_process()
+    (1, True)
+    >>> to_host(replicate(np.arange(3.0))).tolist()
+    [0.0, 1.0, 2.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mclandscape.core.tree import PyTree
+
+__all__ = [
+    "initialize",
+    "process_count",
+    "process_index",
+    "is_main_process",
+    "mesh",
+    "training_mesh",
+    "put",
+    "replicate",
+    "shard",
+    "to_host",
+    "local",
+    "sync",
+]
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, local_devices: int | None = None,
+               heartbeat_timeout_seconds: int = 100, initialization_timeout: int = 300) -> None:
+    """Join (or start) a multi-process JAX job; call it before any other JAX work.
+
+    Args:
+      coordinator_address: ``"host:port"`` of process 0's coordinator; ``None`` lets JAX detect the cluster
+        (SLURM, Open MPI, Kubernetes, TPU pods) from the environment.
+      num_processes, process_id: the job's size and this process's index (``None``: detected).
+      local_devices: CPU only: how many host devices this process exposes (``jax_num_cpu_devices``), to test
+        a multi-device, multi-process layout on one machine.
+      heartbeat_timeout_seconds: how long the job waits for a silent process before failing every process.
+      initialization_timeout: how long to wait for all processes to connect.
+
+    On CPU the collectives are gloo's (``jax_cpu_collectives_implementation``); other backends use their
+    own (NCCL on GPU). Raises ``ValueError`` for inconsistent arguments.
+    """
+    if (num_processes is None) != (process_id is None):
+        raise ValueError("give both num_processes and process_id, or neither (to detect them from the cluster)")
+    if num_processes is not None and not 0 <= int(process_id) < int(num_processes):
+        raise ValueError(f"process_id must lie in [0, {num_processes}), got {process_id}")
+    if local_devices is not None:
+        if int(local_devices) < 1:
+            raise ValueError(f"local_devices must be >= 1, got {local_devices}")
+        jax.config.update("jax_num_cpu_devices", int(local_devices))
+    # on CPU, collectives between processes need an implementation (JAX's default is gloo in recent versions;
+    # an explicit choice such as "mpi" is kept); harmless where the CPU is not the backend
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, heartbeat_timeout_seconds=int(heartbeat_timeout_seconds),
+                               initialization_timeout=int(initialization_timeout))
+
+
+def process_count() -> int:
+    """Number of processes in the job (1 without :func:`initialize`)."""
+    return jax.process_count()
+
+
+def process_index() -> int:
+    """This process's index in the job."""
+    return jax.process_index()
+
+
+def is_main_process() -> bool:
+    """Whether this is process 0, the one that writes results and plots."""
+    return jax.process_index() == 0
+
+
+def mesh(shape: Sequence[int] | None = None, axes: Sequence[str] = ("points",), *,
+         devices: int | None = None) -> jax.sharding.Mesh:
+    """A mesh over the first ``devices`` devices of the job (default all, across every process).
+
+    ``shape`` defaults to all devices on the first axis (and 1 on the others).
+    """
+    avail = jax.devices()
+    n = len(avail) if devices is None else int(devices)
+    if not 1 <= n <= len(avail):
+        raise ValueError(f"devices={devices} but the job has {len(avail)}")
+    axes = tuple(axes)
+    shape = (n,) + (1,) * (len(axes) - 1) if shape is None else tuple(int(s) for s in shape)
+    if len(shape) != len(axes) or int(np.prod(shape)) != n:
+        raise ValueError(f"a mesh of shape {shape} over axes {axes} needs {int(np.prod(shape))} devices, "
+                         f"have {n}")
+    return jax.sharding.Mesh(np.asarray(avail[:n]).reshape(shape), axes)
+
+
+def training_mesh(batch_size: int, num_points: int = 1, *, devices: int | None = None) -> jax.sharding.Mesh | None:
+    """The ``("points", "data")`` mesh a training step uses, or ``None`` for one device.
+
+    With ``n`` devices (default all of the job's): the ``num_points`` points a step evaluates (a connector's
+    k samples) are split over ``p = gcd(n, num_points)`` devices and each batch over ``gcd(n / p, batch_size)``,
+    so every device holds a whole number of points and examples. Points come first: each point is a whole
+    forward and backward pass, while splitting a batch adds a gradient reduction per point (on CPU with
+    forced host devices neither is faster; the split matters on accelerators).
+
+    Example:
+        >>> training_mesh(64, devices=1) is None
+        True
+    """
+    avail = len(jax.devices())
+    n = avail if devices is None else int(devices)
+    if not 1 <= n <= avail:
+        raise ValueError(f"devices={devices} but the job has {avail}")
+    for name, v in (("batch_size", batch_size), ("num_points", num_points)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    points = int(np.gcd(n, int(num_points)))
+    data = int(np.gcd(n // points, int(batch_size)))
+    if points * data == 1:
+        return None
+    return mesh((points, data), ("points", "data"), devices=points * data)
+
+
+def put(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
+    """Every leaf placed with ``sharding``, from host values or local arrays that every process holds in full
+    (each process contributes the pieces on its own devices; arrays already placed so are returned as they
+    are). PRNG key arrays are placed through their key data."""
+
+    def one(a):
+        if isinstance(a, jax.Array) and a.sharding == sharding:
+            return a
+        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(a)), impl=jax.random.key_impl(a))
+        if jax.process_count() == 1:
+            return jax.device_put(a, sharding)
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:  # a global array laid out otherwise
+            return jax.device_put(a, sharding)
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def replicate(tree: PyTree, m: jax.sharding.Mesh | None = None) -> PyTree:
+    """Every leaf as a global array replicated over ``m`` (default: all devices)."""
+    return put(tree, NamedSharding(m or mesh(), P()))
+
+
+def shard(tree: PyTree, m: jax.sharding.Mesh, axis: str | Sequence[str]) -> PyTree:
+    """Every leaf split along its first axis over the mesh axis (or axes) ``axis``, from host values that
+    every process holds in full (each process contributes the slices of its own devices)."""
+    return put(tree, NamedSharding(m, P(axis)))
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """Every leaf as a NumPy array holding the whole value, on every process (gathered across processes when
+    a process holds only part of it)."""
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(a)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def local(tree: PyTree) -> PyTree:
+    """Replicated global arrays as this process's own copy (arrays on its first local device), so that what
+    a method returns can be used like any single-process value; other leaves are returned as they are."""
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            if not a.is_fully_replicated:
+                raise ValueError("local() takes replicated arrays; gather a sharded one with to_host()")
+            return a.addressable_data(0)
+        return a
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def sync(name: str) -> None:
+    """Wait until every process reaches the barrier ``name`` (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,109 @@
+"""One process of the multi-process tests (tests/test_distributed.py); also runnable alone as the reference.
+
+    python tests/distributed_job.py OUT_DIR [--coordinator HOST:PORT --num-processes N --process-id I]
+        [--local-devices D] [--jobs train,curve,surface,grid,bfs] [--checkpoint-dir DIR] [--die-after-epoch E]
+
+Writes OUT_DIR/result_<process>.npz with every job's outputs (host values, equal on every process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: int = 3) -> dict:
+    """Every job's outputs as host arrays (the same on every process of a job)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import mclandscape as mcl
+
+    jobs = set(jobs)
+    out: dict[str, np.ndarray] = {"devices": np.asarray(len(jax.devices()))}
+    train = mcl.load_dataset("digits", "train").take(512)
+    test = mcl.load_dataset("digits", "test")
+    model = mcl.get_model("mlp", widths=[16], num_classes=10)
+    cfg = mcl.TrainConfig(epochs=train_epochs, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9)
+
+    def leaves(prefix, tree):
+        for i, a in enumerate(jax.tree_util.tree_leaves(tree)):
+            out[f"{prefix}_{i}"] = np.asarray(a)
+
+    def die(epoch, result):
+        if die_after_epoch is not None and epoch == die_after_epoch and jax.process_index() == 1:
+            os._exit(17)  # a killed process: no clean-up, no goodbye to the others
+
+    if "train" in jobs:
+        res = mcl.train_model(model, train, test, cfg, seed=0, checkpoint_dir=checkpoint_dir, progress=False,
+                              callback=die)
+        leaves("train", res.params)
+        out["train_history"] = np.asarray([[h["train_loss"], h["test_acc"]] for h in res.history])
+        out["train_resumed_from"] = np.asarray(-1 if res.resumed_from is None else res.resumed_from)
+    corners = [model.init(jax.random.key(i), jnp.asarray(train.x[:1]))["params"] for i in range(4)]
+    if "curve" in jobs:
+        res = mcl.train_curve(model, corners[0], corners[1], train, epochs=1, batch_size=64, num_samples=4,
+                              strategy="vmap", progress=False)
+        leaves("curve", res.connector.control)
+    if "surface" in jobs:
+        surf = mcl.bezier_surface(*corners, n=2, m=2)
+        res = mcl.train_surface(model, surf, train.take(256), epochs=(1, 1, 1), num_samples=4, batch_size=64,
+                                strategy="vmap")
+        leaves("surface", res.connector.control)
+    if "grid" in jobs:
+        m = mcl.evaluate_points(model, mcl.bilinear_surface(*corners), mcl.uv_grid(11), test)
+        out["grid_loss"], out["grid_acc"] = m.loss, m.accuracy
+    if "bfs" in jobs:
+        from mclandscape.methods import volume as V
+
+        iris = mcl.load_dataset("iris", "train")
+        net = mcl.get_model("mlp", widths=[8], num_classes=3)
+        minima = [net.init(jax.random.key(i), jnp.asarray(iris.x[:1])) for i in range(3)]
+        flat = V.flat_from_minima([m["params"] for m in minima])
+        loss = V.model_vector_loss(net, iris, minima[0])
+        res = V.grid_traversal(V.LatticeLoss(flat, 0.05, loss), 1.5, limit=200)
+        out["bfs_H"] = np.asarray(res.H)
+        out["bfs_visited"] = np.asarray(res.visited)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--coordinator", default=None)
+    ap.add_argument("--num-processes", type=int, default=None)
+    ap.add_argument("--process-id", type=int, default=None)
+    ap.add_argument("--local-devices", type=int, default=None)
+    ap.add_argument("--jobs", default="train,curve,surface,grid,bfs")
+    ap.add_argument("--checkpoint-dir", default=None)
+    ap.add_argument("--die-after-epoch", type=int, default=None)
+    ap.add_argument("--train-epochs", type=int, default=3)
+    args = ap.parse_args()
+
+    from mclandscape.engine import distributed
+
+    if args.coordinator:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               local_devices=args.local_devices, heartbeat_timeout_seconds=10)
+    elif args.local_devices:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.local_devices)
+
+    import jax
+    import numpy as np
+
+    out = run_jobs(args.jobs.split(","), checkpoint_dir=args.checkpoint_dir, die_after_epoch=args.die_after_epoch,
+                   train_epochs=args.train_epochs)
+    if jax.process_index() == 0 or args.coordinator:
+        os.makedirs(args.out, exist_ok=True)
+        np.savez(os.path.join(args.out, f"result_{jax.process_index()}.npz"), **out)
+    distributed.sync("done")
+
+
+if __name__ == "__main__":
+    main()
