@@ -41,6 +41,16 @@ from mclandscape.engine.evaluate import (
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, ResumeMismatchError, TrainState, make_step, run
 from mclandscape.engine.models import Model, canonical_name, from_flax, get_model, list_models
 from mclandscape.engine.train import TrainConfig, TrainResult, train_many, train_model
+from mclandscape.methods.alignment import (
+    Permutation,
+    PermutationSpec,
+    activation_matching,
+    align,
+    apply_permutation,
+    distance_modulo_permutation,
+    permutation_spec,
+    weight_matching,
+)
 from mclandscape.methods.curvature import dense_hessian, hutchinson_trace, hvp, lanczos, power_iteration
 from mclandscape.methods.curves import curve_length, evaluate_curve, evaluate_path, loss_barrier, train_curve
 from mclandscape.methods.deform import AP, LE, Identity, Squared, custom_vdm, scale_by_vdm, vdm_loss
@@ -96,4 +106,6 @@ __all__ = [
     "random_direction", "random_directions", "loss_curve", "loss_plane",
     "DSPConfig", "dsp_search", "tier_by_tier", "verify_exit", "VerificationResult", "mlp_symmetry_distance",
     "ensemble_from_probs", "ensemble_from_params", "member_probs",
+    "PermutationSpec", "Permutation", "permutation_spec", "weight_matching", "activation_matching",
+    "apply_permutation", "align", "distance_modulo_permutation",
 ]

@@ -235,7 +235,7 @@ def test_training_lowers_mean_surface_loss_and_resumes(digits, corners, tmp_path
     class Stop(Exception):
         pass
 
-    def stop(phase, epoch, rec):
+    def stop(phase, epoch, rec, connector):
         if phase == 3 and epoch == 1:
             raise Stop
 
@@ -379,3 +379,22 @@ def test_plots_write_pngs(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="square"):
         plots.heatmap_pair(g[:3], g, tmp_path / "x.png", label="l")
+
+
+def test_epoch_callback_sees_the_surface_and_can_stop_training(digits, corners):
+    from mclandscape.engine.loop import StopRun
+
+    train, _ = digits
+    surf = C.bezier_surface(*corners, n=2, m=2)
+    seen = []
+
+    def cb(phase, epoch, record, connector):
+        seen.append((phase, epoch))
+        assert connector.kind == "surface" and connector.shape == (3, 3) and "loss" in record
+        if phase == 2:
+            raise StopRun
+
+    res = S.train_surface(MLP, surf, train.take(256), epochs=(1, 2, 1), num_samples=2, batch_size=64,
+                          epoch_callback=cb)
+    assert seen == [(1, 1), (2, 1)] and len(res.history[2]) == 1 and 3 not in res.history
+    assert "stopped" in res.skipped[3]

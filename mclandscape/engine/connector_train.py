@@ -159,12 +159,14 @@ class ConnectorObjective:
 @dataclasses.dataclass(frozen=True)
 class ConnectorTrainResult:
     """The trained connector, the optimizer state, one history record per epoch (``epoch`` from 1,
-    ``objective``, ``loss``, ``seconds``) and the epoch the run resumed from (``None``: a fresh run)."""
+    ``objective``, ``loss``, ``grad_norm``, ``seconds``), the epoch the run resumed from (``None``: a fresh
+    run) and the epoch a callback stopped it at (``None``: it ran to the end)."""
 
     connector: Connector
     opt_state: Any
     history: list[dict]
     resumed_from: int | None = None
+    stopped: int | None = None
 
 
 def _default_strategy() -> str:
@@ -294,7 +296,7 @@ def train_connector(objective, connector: Connector, data, *, epochs: int, tx: o
               metadata={"kind": connector.kind, "shape": list(connector.shape), **dict(metadata or {})})
     history = [{k: v for k, v in h.items() if k != "acc"} for h in res.history]
     return ConnectorTrainResult(connector=connector.replace(control=res.state.params), opt_state=res.state.opt_state,
-                                history=history, resumed_from=res.resumed_from)
+                                history=history, resumed_from=res.resumed_from, stopped=res.stopped)
 
 
 def _describe(obj) -> str | None:

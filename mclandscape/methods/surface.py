@@ -480,7 +480,7 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
                   proposal_mix: float = 0.1, proposal_refresh: int = 1, layers: str | None = None,
                   seed: int = 0, strategy: str | None = None, augment: bool = False,
                   checkpoint_dir: str | os.PathLike | None = None, progress: bool | None = None,
-                  epoch_callback: Callable[[int, int, dict], None] | None = None,
+                  epoch_callback: Callable[[int, int, dict, Connector], None] | None = None,
                   devices: int | None = None) -> SurfaceTrainResult:
     """Train a Bézier surface with the three-phase outer-to-inner schedule (Algorithms 1-2, eq. 9-10).
 
@@ -500,8 +500,10 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
 
     ``checkpoint_dir``: per-phase checkpoints (``phase1``, ``phase2``, ``phase3``) at every epoch end; a
     second call with the same directory and the same run (surface, data, model and every argument above)
-    resumes, a different run is refused. ``epoch_callback(phase, epoch, record)`` is called after every epoch
-    (``epoch`` counts from 1 within the phase). ``devices``: how many devices each step runs on (default all
+    resumes, a different run is refused. ``epoch_callback(phase, epoch, record, connector)`` is called after
+    every epoch (``epoch`` counts from 1 within the phase; ``connector`` is the surface after it); raising
+    :class:`~mclandscape.engine.loop.StopRun` from it ends the training there (the later phases are reported in
+    ``skipped``), e.g. once the surface reaches a target. ``devices``: how many devices each step runs on (default all
     of the job's; the k points and the batch split over them, see
     :func:`mclandscape.engine.connector_train.train_connector`).
     """
@@ -571,7 +573,8 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
                                  proposal_refresh=int(proposal_refresh))
             callbacks = []
             if epoch_callback is not None:
-                callbacks.append(lambda epoch, st, hist, _phase=phase: epoch_callback(_phase, epoch, dict(hist[-1])))
+                callbacks.append(lambda epoch, st, hist, _phase=phase, _conn=conn: epoch_callback(
+                    _phase, epoch, dict(hist[-1]), _conn.replace(control=st.params)))
             common = dict(tx=opt, batch_size=batch_size, num_samples=int(num_samples), trainable=mask, l2=l2,
                           seed=seed + 7919 * phase, augment=augment, strategy=strategy, callbacks=callbacks,
                           hyper=hyper, metadata={"phase": phase, "objective": objective}, devices=devices)
@@ -593,6 +596,8 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
                     res = train_connector(model, conn, train, epochs=end, sampler=prop_sampler, point_weights=w,
                                           loop=loop, run_start=start, **common)
                     conn, done = res.connector, end
+                    if res.stopped is not None:
+                        break
             else:
                 loop = LoopConfig(checkpoint_dir=ckdir, progress=progress, desc=f"surface phase {phase}")
                 res = train_connector(model, conn, train, epochs=e[phase - 1], sampler=phase_sampler(shape, phase),
@@ -603,6 +608,10 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
                 conn = res.connector
             history[phase] = list(res.history)
             wall[phase] = float(sum(r.get("seconds", 0.0) for r in res.history))
+            if res.stopped is not None:
+                for later in PHASES[phase:]:
+                    skipped[later] = f"stopped by epoch_callback after phase {phase}, epoch {res.stopped}"
+                break
     finally:
         if tmp is not None:
             tmp.cleanup()
