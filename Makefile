@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.demo --out results/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
