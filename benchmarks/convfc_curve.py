@@ -325,7 +325,7 @@ def main() -> None:
     # ---- surface evaluation ----
     if surface_steps and "surface" not in skip:
         corners = [model.init(jax.random.key(10 + i), jnp.asarray(x[:2]))["params"] for i in range(4)]
-        surf = bezier_surface(*corners, 2, 2)
+        surf = bezier_surface(*corners, n=2, m=2)
         g = np.linspace(0, 1, surface_steps)
         uv = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
         sl = cs = None

@@ -1,4 +1,4 @@
-"""Cost of one Bézier-surface training step (seed 000 eq. 9-10) against the number k of (u, v) samples.
+"""Cost of one Bézier-surface training step (Bézier-surface paper, eq. 9-10) against the number k of (u, v) samples.
 
 For each model and k in {1, 8, 80} (the paper samples 80 points per batch) it times one full training step
 of a 3x3-control surface on a batch of digits — k points formed from the control points, k forward and
@@ -47,7 +47,7 @@ def bench(model_name: str, ks: list[int], batch_size: int, repeats: int) -> list
     x = jnp.asarray(train.x[:batch_size])
     y = jnp.asarray(train.y[:batch_size])
     corners = [model.init(jax.random.key(i), x[:2])["params"] for i in range(4)]
-    surf = bezier_surface(*corners, 2, 2)
+    surf = bezier_surface(*corners, n=2, m=2)
     mask = jnp.asarray(surf.trainable)
     opt = optax.sgd(0.01, momentum=0.9)
     point = make_objective(model, "cross_entropy", train=True)

@@ -1,6 +1,6 @@
 """Permutation alignment before connecting: aligned linear paths and surfaces (beyond the papers).
 
-The Bézier-surface paper (seed 000 §4.1, Figure 3) finds the linear surfaces between independently trained
+The Bézier-surface paper (Anonymous, 2024, §4.1, Figure 3) finds the linear surfaces between independently trained
 networks poor and trains a nonlinear surface instead; its related work cites weight-permutation alignment
 (Entezari et al. 2022; Ainsworth, Hayase & Srinivasa 2023, "Git Re-Basin") as what makes *linear* mode
 connectivity appear between independent networks. This experiment aligns the corners first
@@ -33,9 +33,8 @@ Offline default (digits, MLP 64-64-10 and the simple CNN, 4 seeds, width sweep 4
 cores. CIFAR settings (``--dataset cifar10``; needs the prepared TFDS files, else it stops at once with the
 data loader's message): VGG16 and ResNet-20 (option-A shortcuts) corners trained 200 epochs with SGD 0.05,
 momentum 0.9, weight decay 5e-4, cosine schedule and augmentation (Ainsworth et al.'s VGG16/ResNet-20
-recipe up to the optimizer), surfaces 5,5,16 epochs with k = 80 and lr 0.015 (seed 000 Table 4), and the width
-sweep over the simple CNN's channels x1, x4 — the zoo's ResNet-20 has no width multiplier, so Ainsworth et
-al.'s ResNet-20 x1 / x4 comparison is not available as such; BatchNorm statistics of every evaluated point
+recipe up to the optimizer), surfaces 5,5,16 epochs with k = 80 and lr 0.015 (Bézier-surface paper, Table 4),
+and the width sweep over ResNet-20 x1 and x4 (``get_model("resnet20", width=4)``, as Ainsworth et al.); BatchNorm statistics of every evaluated point
 from 20 training batches (the grid is evaluated after every surface epoch). Every default can be overridden.
 
     python -m experiments.alignment                                  # offline default
@@ -56,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.launch import add_distributed_args, output_dir, setup
+from mclandscape import plots
 from mclandscape.core.connectors import bezier_surface, bilinear_surface
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset
 from mclandscape.engine.evaluate import evaluate_points, uv_grid
@@ -73,7 +74,7 @@ DEFAULTS = {
                     batch_size=128, phase_epochs="2,2,16", num_samples=16, lr=0.2, sweep_arch="mlp",
                     sweep_widths="4,8,16,32,64,128,256", sweep_epochs=None, bn_batches=None),
     "image": dict(archs="vgg16,resnet20", corner_epochs=200, corner_lr=0.05, corner_wd=5e-4, augment=True,
-                  batch_size=128, phase_epochs="5,5,16", num_samples=80, lr=0.015, sweep_arch="simple_cnn",
+                  batch_size=128, phase_epochs="5,5,16", num_samples=80, lr=0.015, sweep_arch="resnet20",
                   sweep_widths="1,4", sweep_epochs=None, bn_batches=20),
 }
 
@@ -115,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
       "phase; offline 0.2, image 0.015)")
     a("--full-budget", action="store_true", help="train every surface for the whole budget instead of stopping "
       "once the target is reached (the epochs to target are the same; the curve continues)")
-    a("--sweep-arch", default=None, choices=("mlp", "simple_cnn"), help="width sweep model: mlp (hidden widths "
-      "w-w, offline) or simple_cnn (channels x w, image)")
+    a("--sweep-arch", default=None, choices=("mlp", "simple_cnn", "resnet20"), help="width sweep model: mlp "
+      "(hidden widths w-w, offline), simple_cnn or resnet20 (channels x w; image: resnet20 x1, x4)")
     a("--sweep-widths", default=None, help="comma-separated widths (mlp) or multipliers (simple_cnn); 'none' "
       "skips the sweep (offline 4,...,256; image 1,4)")
     a("--sweep-epochs", type=int, default=None, help="corner epochs in the sweep (default --corner-epochs)")
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
       "point (models with BatchNorm; offline default all, image 20: the surface grid is evaluated every epoch)")
     a("--progress", action="store_true", help="show progress bars")
     a("--out", default="results/alignment", help="output directory (results.json + PNGs)")
+    add_distributed_args(p)
     return p
 
 
@@ -160,11 +162,14 @@ def _model(arch: str, num_classes: int, widths: tuple | None, multiplier: int | 
     if arch == "simple_cnn" and multiplier is not None:
         kw["channels"] = [32 * multiplier, 64 * multiplier, 128 * multiplier]
         kw["hidden"] = 256 * multiplier
+    if arch == "resnet20" and multiplier is not None:
+        kw["width"] = multiplier
     return get_model(arch, **kw)
 
 
 def build_model(arch: str, num_classes: int, *, widths=None, multiplier: int | None = None):
-    """The zoo model of ``arch``; ``widths`` for the mlp, ``multiplier`` scales the simple CNN's channels.
+    """The zoo model of ``arch``; ``widths`` for the mlp, ``multiplier`` scales the simple CNN's or ResNet-20's
+    channels.
     The same arguments give the same :class:`~mclandscape.engine.models.Model` (models hash by identity, so the
     width sweep reuses the compiled functions of the headline run)."""
     widths = tuple(int(w) for w in widths) if arch == "mlp" else None
@@ -247,7 +252,7 @@ def train_surface_tracked(model, surface, train, test, *, epochs, num_samples: i
                           bn_batches: int | None = None, augment: bool = False, stop_at_target: bool = True,
                           progress: bool = False, strategy: str | None = None):
     """:func:`mclandscape.methods.surface.train_surface` (uniform objective, its default optimizer), with the
-    mean test accuracy over the ``grid_steps``-grid measured after every epoch through its ``epoch_callback``.
+    mean test accuracy over the ``grid_steps``-grid measured after every epoch through its ``callback``.
 
     Returns ``(connector, curve, epochs_to_target)``: ``curve`` lists ``{"phase", "epoch", "total_epochs",
     "mean_acc"}`` from the untrained surface (total 0) on; ``epochs_to_target`` is the first total epoch whose
@@ -268,10 +273,11 @@ def train_surface_tracked(model, surface, train, test, *, epochs, num_samples: i
     if reached is not None and stop_at_target:
         return surface, curve, reached
 
-    def track(phase, epoch, record, connector):
+    def track(epoch, result):
         nonlocal reached
+        phase = result.phase
         total = curve[-1]["total_epochs"] + 1
-        acc = mean_acc(connector)
+        acc = mean_acc(result.connector)
         curve.append({"phase": phase, "epoch": epoch, "total_epochs": total, "mean_acc": acc})
         if target is not None and reached is None and acc >= target:
             reached = total
@@ -280,48 +286,31 @@ def train_surface_tracked(model, surface, train, test, *, epochs, num_samples: i
 
     res = S.train_surface(model, surface, train, epochs=tuple(int(e) for e in epochs), num_samples=int(num_samples),
                           batch_size=batch_size, lr=float(lr), seed=seed, augment=augment, strategy=strategy,
-                          progress=progress, epoch_callback=track)
+                          progress=progress, callback=track)
     return res.connector, curve, reached
 
 
 # ---- figures -------------------------------------------------------------------------------------------
 
 
-def _figure(figsize):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize)
-
-
 def plot_bilinear(raw: S.SurfaceGrid, aligned: S.SurfaceGrid, path: str, title: str) -> str:
     """Raw vs aligned bilinear surfaces: test accuracy (top) and train loss (bottom), one colour scale per row."""
-    fig = _figure((10, 8.4))
-    axes = fig.subplots(2, 2)
+    fig, axes = plots.subplots(2, 2, figsize=(10, 8.4))
     for row, (name, label, cmap) in enumerate((("test_acc", "test accuracy", "viridis"),
                                                ("train_loss", "train loss", "magma"))):
         a, b = getattr(raw, name), getattr(aligned, name)
-        vmin, vmax = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
-        for col, (g, which) in enumerate(((a, "raw"), (b, "aligned"))):
-            ax = axes[row, col]
-            s = g.shape[0]
-            h = 0.5 / (s - 1)
-            im = ax.imshow(g.T, origin="lower", extent=(-h, 1 + h, -h, 1 + h), cmap=cmap, vmin=vmin, vmax=vmax)
-            ax.plot([0, 0, 1, 1], [0, 1, 0, 1], "k^", ms=6)
-            ax.set_xlabel("u")
-            ax.set_ylabel("v")
-            ax.set_title(f"{which}: {label} (mean {g.mean():.3f}, min {g.min():.3f})" if name == "test_acc"
-                         else f"{which}: {label} (mean {g.mean():.3f}, max {g.max():.3f})", fontsize=9)
-            fig.colorbar(im, ax=ax, shrink=0.8)
+        stat, fn = ("min", np.min) if name == "test_acc" else ("max", np.max)
+        plots.heatmap_pair(a, b, ax=axes[row], label=label, cmap=cmap, shared_scale=True,
+                           titles=[f"{which}: {label} (mean {g.mean():.3f}, {stat} {fn(g):.3f})"
+                                   for g, which in ((a, "raw"), (b, "aligned"))])
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return plots.save(fig, path)
 
 
 def plot_lines(raw: list, aligned: list, path: str, title: str) -> str:
     """Train loss and test accuracy along the straight lines corner 0 -> k, raw (dashed) vs aligned (solid)."""
-    fig = _figure((11, 4.2))
-    ax_l, ax_a = fig.subplots(1, 2)
+    fig, (ax_l, ax_a) = plots.subplots(1, 2, figsize=(11, 4.2))
     colours = ["C0", "C1", "C2", "C3", "C4"]
     for k, (r, a) in enumerate(zip(raw, aligned, strict=True), start=1):
         c = colours[(k - 1) % len(colours)]
@@ -337,13 +326,11 @@ def plot_lines(raw: list, aligned: list, path: str, title: str) -> str:
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return plots.save(fig, path)
 
 
 def plot_training(raw: list, aligned: list, target: float, path: str, title: str) -> str:
-    fig = _figure((6.4, 4.2))
-    ax = fig.subplots()
+    fig, ax = plots.subplots(figsize=(6.4, 4.2))
     for curve, name, style in ((raw, "raw corners", "--o"), (aligned, "aligned corners", "-o")):
         ax.plot([c["total_epochs"] for c in curve], [c["mean_acc"] for c in curve], style, ms=3, label=name)
     ax.axhline(target, color="k", lw=0.8, label="target (corners' mean - 0.01)")
@@ -353,14 +340,12 @@ def plot_training(raw: list, aligned: list, target: float, path: str, title: str
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return plots.save(fig, path)
 
 
 def plot_sweep(sweep: dict, path: str) -> str:
     w = sweep["widths"]
-    fig = _figure((11, 4.2))
-    ax_b, ax_s = fig.subplots(1, 2)
+    fig, (ax_b, ax_s) = plots.subplots(1, 2, figsize=(11, 4.2))
     ax_b.plot(w, sweep["linear_barrier_raw"], "--o", label="raw")
     ax_b.plot(w, sweep["linear_barrier_aligned"], "-o", label="aligned")
     ax_b.set_ylabel("linear train-loss barrier (mean of 3 pairs)")
@@ -375,8 +360,7 @@ def plot_sweep(sweep: dict, path: str) -> str:
         ax.legend(fontsize=8)
     fig.suptitle(f"width sweep ({sweep['arch']}, {sweep['dataset']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return plots.save(fig, path)
 
 
 # ---- the experiment ------------------------------------------------------------------------------------
@@ -504,6 +488,7 @@ def width_sweep(train, test, args, log) -> dict:
 def run(args) -> dict:
     """Run the experiment for parsed arguments (see :func:`build_parser`); returns the results dict."""
     args = _resolve(args)
+    args.out = output_dir(args.out, setup(args))  # joins a multi-process job first; files from process 0 only
     t_start = time.time()
     log = lambda msg: print(f"[alignment {time.time() - t_start:7.1f}s] {msg}", flush=True)  # noqa: E731
     train = load_dataset(args.dataset, "train", data_dir=args.data_dir)
@@ -512,7 +497,6 @@ def run(args) -> dict:
         train = train.take(args.limit_train)
     if args.limit_test:
         test = test.take(args.limit_test)
-    os.makedirs(args.out, exist_ok=True)
     _CORNERS.clear()
     results: dict = {
         "dataset": train.name, "archs": args.arch_list, "headline_model": args.arch_list[0], "method": args.method,

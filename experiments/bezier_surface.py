@@ -1,4 +1,4 @@
-"""Bézier-surface mode connectivity end to end (seed 000, Tables 1-4, Figures 1, 3-6, 8, 9).
+"""Bézier-surface mode connectivity end to end (Anonymous, 2024, "Revisiting mode connectivity in neural networks with Bézier surface": Tables 1-4, Figures 1, 3-6, 8, 9).
 
 Steps (each writes its part of ``<out>/results.json``; figures are PNGs in ``<out>``):
 
@@ -52,12 +52,12 @@ import jax
 import numpy as np
 
 from experiments.launch import add_distributed_args, output_dir, setup
+from mclandscape import plots
 from mclandscape.core.connectors import bezier_surface
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig, train_many
 from mclandscape.methods import surface as S
-from mclandscape.plots import surface as plots
 
 # The paper's figures (fractions), for the README table next to ours.
 PAPER = {
@@ -253,8 +253,9 @@ def run(args) -> dict:
     tri = S.evaluate_triangle(model, corners[:3], test, steps=args.triangle_steps,
                               bn_data=train if model.has_batch_stats else None, batch_size=args.eval_batch_size,
                               bn_batches=args.bn_batches, bn_batch_size=args.batch_size)
-    plots.triangle_plot(tri.points, tri.accuracy, os.path.join(out, "triangle.png"),
-                        title="§4.1: linear surface of three independently trained models (test accuracy)")
+    plots.save(plots.triangle_plot(tri.points, tri.accuracy, label="test accuracy",
+                                   title="test accuracy on the linear surface of three independently trained "
+                                         "models"), os.path.join(out, "triangle.png"))
     timing["triangle_s"] = time.time() - t
     vertices = [int(np.flatnonzero(np.isclose(tri.points[:, k], 1.0))[0]) for k in range(3)]
     results["linear_triangle"] = {"avg_acc": float(tri.accuracy.mean()), "min_acc": float(tri.accuracy.min()),
@@ -288,7 +289,7 @@ def run(args) -> dict:
     for obj in args.objective_list:
         t = time.time()
         res = S.train_surface(model, surf, train, epochs=args.epochs, num_samples=args.num_samples,
-                              batch_size=args.batch_size, lr=args.lr, l2=args.l2, objective=obj,
+                              batch_size=args.batch_size, lr=args.lr, weight_decay=args.l2, weight_decay_on="control", objective=obj,
                               area_estimator=args.area_estimator, area_gradient=args.area_gradient,
                               seed=args.seed, augment=args.augment, checkpoint_dir=ck(f"surface_{obj}"),
                               progress=args.progress)
@@ -334,12 +335,16 @@ def run(args) -> dict:
                                  train_batches=args.subset_train_batches, batch_size=args.batch_size,
                                  test_size=args.subset_test_size, seed=args.seed, bn_batches=args.bn_batches,
                                  bn_batch_size=args.batch_size)
-    plots.subset_comparison(after0.train_loss, np.asarray(sub["subset_grid"]["train_loss"]),
-                            os.path.join(out, "subset_train_loss.png"), label="train loss",
-                            title=f"B.1: train loss from {sub['train_examples']} examples vs all")
-    plots.subset_comparison(after0.test_acc, np.asarray(sub["subset_grid"]["test_acc"]),
-                            os.path.join(out, "subset_test_acc.png"), label="test accuracy",
-                            title=f"B.2: test accuracy from {sub['test_examples']} examples vs all")
+    plots.save(plots.subset_comparison(after0.train_loss, np.asarray(sub["subset_grid"]["train_loss"]),
+                                       label="train loss",
+                                       title=f"train loss over the trained surface: {sub['train_examples']} "
+                                             "training examples vs all"),
+               os.path.join(out, "subset_train_loss.png"))
+    plots.save(plots.subset_comparison(after0.test_acc, np.asarray(sub["subset_grid"]["test_acc"]),
+                                       label="test accuracy",
+                                       title=f"test accuracy over the trained surface: {sub['test_examples']} "
+                                             "test examples vs all"),
+               os.path.join(out, "subset_test_acc.png"))
     sub.pop("subset_grid")
     results["subset_approximation"] = sub
     timing["subset_s"] = time.time() - t
@@ -348,7 +353,7 @@ def run(args) -> dict:
     if args.layer_pattern:
         t = time.time()
         res_l = S.train_surface(model, surf, train, epochs=args.epochs, num_samples=args.num_samples,
-                                batch_size=args.batch_size, lr=args.lr, l2=args.l2, objective=first,
+                                batch_size=args.batch_size, lr=args.lr, weight_decay=args.l2, weight_decay_on="control", objective=first,
                                 area_estimator=args.area_estimator, area_gradient=args.area_gradient,
                                 seed=args.seed, augment=args.augment, layers=args.layer_pattern,
                                 checkpoint_dir=ck(f"surface_{first}_layers"), progress=args.progress)
@@ -377,23 +382,30 @@ def run(args) -> dict:
         results["linear_trajectory"] = {"epochs": args.trajectory, **_summary(grid_t),
                                         "corner_acc": grid_t.corner_values("test_acc").tolist(),
                                         "merge": S.merge_best(grid_t), "grid": _grid_json(grid_t)}
-        plots.heatmap_pair(grid_t.train_loss, grid_t.test_acc, os.path.join(out, "trajectory_surface.png"),
-                           label="train loss | test accuracy",
-                           title=f"A.2/A.3: linear surface of one trajectory, epochs {args.trajectory}")
+        # two different metrics side by side (each on its own scale), not a before/after pair
+        fig, axes = plots.subplots(1, 2, figsize=(10, 4.3))
+        plots.heatmap(grid_t.train_loss, ax=axes[0], label="train loss", title="train loss")
+        plots.heatmap(grid_t.test_acc, ax=axes[1], label="test accuracy", title="test accuracy")
+        fig.suptitle(f"linear surface whose corners are epochs {args.trajectory} of one training run")
+        plots.save(fig, os.path.join(out, "trajectory_surface.png"))
         timing["trajectory_s"] = time.time() - t
         log(f"trajectory surface: avg acc {grid_t.test_acc.mean():.4f}")
 
     # figures --------------------------------------------------------------------------------------------
-    plots.heatmap_pair(before.train_loss, after0.train_loss, os.path.join(out, "loss_before_after.png"),
-                       label="train loss", title=f"Figure 4: train loss on the surface ({first} objective)")
-    plots.heatmap_pair(before.test_acc, after0.test_acc, os.path.join(out, "acc_before_after.png"),
-                       label="test accuracy", title=f"Figure 5: test accuracy on the surface ({first} objective)")
-    plots.surface_3d([before.train_loss, after0.train_loss], os.path.join(out, "surface_3d.png"),
-                     titles=["before training", "after training"], zlabel="train loss")
+    plots.save(plots.heatmap_pair(before.train_loss, after0.train_loss, label="train loss",
+                                  title=f"train loss over the surface (u, v), before and after training "
+                                        f"({first} objective)"), os.path.join(out, "loss_before_after.png"))
+    plots.save(plots.heatmap_pair(before.test_acc, after0.test_acc, label="test accuracy",
+                                  title=f"test accuracy over the surface (u, v), before and after training "
+                                        f"({first} objective)"), os.path.join(out, "acc_before_after.png"))
+    plots.save(plots.surface_3d([before.train_loss, after0.train_loss], titles=["before training", "after training"],
+                                zlabel="train loss", title=f"train loss over the surface (u, v) ({first} objective)"),
+               os.path.join(out, "surface_3d.png"))
     for obj, (_, g) in trained.items():
         if obj != first:
-            plots.heatmap_pair(before.test_acc, g.test_acc, os.path.join(out, f"acc_before_after_{obj}.png"),
-                               label="test accuracy", title=f"test accuracy on the surface ({obj} objective)")
+            plots.save(plots.heatmap_pair(before.test_acc, g.test_acc, label="test accuracy",
+                                          title=f"test accuracy over the surface (u, v), before and after training "
+                                                f"({obj} objective)"), os.path.join(out, f"acc_before_after_{obj}.png"))
     results["timing_s"] = {k: round(v, 2) for k, v in timing.items()}
     results["wall_time_s"] = round(time.time() - t_start, 1)
     results["paper"] = PAPER

@@ -1,4 +1,4 @@
-"""Curves and nudged elastic bands between two independently trained models (seed 001).
+"""Curves and nudged elastic bands between two independently trained models (Garipov et al., 2018; Draxler et al., 2018).
 
 For every model two endpoints are trained from different seeds, then four paths between them are compared:
 
@@ -45,13 +45,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.launch import add_distributed_args, output_dir, setup
+from mclandscape.core import connectors as K
 from mclandscape.core.tree import tree_distance
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig, train_many
 from mclandscape.methods import curves as C
 from mclandscape.methods import neb as N
-from mclandscape.plots.paths import plot_band_2d, plot_path_profiles
+from mclandscape.methods.potentials import MULLER_BROWN_SADDLES, muller_brown
+from mclandscape.plots import plot_band_2d, plot_path_profiles, save
 
 # Per dataset and model: architecture, endpoint training, curve training, NEB settings.
 PRESETS: dict[str, dict[str, dict]] = {
@@ -126,6 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", default=None, help="checkpoint folder (default: <out>/ckpt for CIFAR, none for digits)")
     p.add_argument("--no-muller-brown", action="store_true", help="skip the Müller-Brown NEB demonstration")
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    add_distributed_args(p)
     return p.parse_args(argv)
 
 
@@ -180,12 +184,13 @@ def _run_model(args, name: str, train, test, out: Path, ckpt: Path | None) -> di
     timings["line_eval"] = time.perf_counter() - t0
 
     cs = s["curve"]
-    for kind, kw in (("bezier", {"degree": args.bezier_degree}), ("polychain", {"num_bends": args.num_bends})):
+    for kind, make in (("bezier", lambda: K.bezier_curve(p0, p1, args.bezier_degree)),
+                       ("polychain", lambda: K.polychain(p0, p1, args.num_bends))):
         t0 = time.perf_counter()
-        res = C.train_curve(model, p0, p1, train, kind=kind, epochs=cs["epochs"], batch_size=cs["batch_size"],
+        res = C.train_curve(model, make(), train, epochs=cs["epochs"], batch_size=cs["batch_size"],
                             lr=cs["lr"], weight_decay=cs["weight_decay"], num_samples=args.num_samples,
                             seed=args.seed, augment=bool(s["train"].get("augment", False)), progress=args.progress,
-                            checkpoint_dir=None if ckpt is None else ckpt / f"{name}_{kind}", **kw)
+                            checkpoint_dir=None if ckpt is None else ckpt / f"{name}_{kind}")
         timings[f"{kind}_train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         paths[kind] = C.evaluate_path(model, res.connector, train_eval, test, **ev_kw)
@@ -220,26 +225,15 @@ def _run_model(args, name: str, train, test, out: Path, ckpt: Path | None) -> di
     rec["endpoint_accs"] = accs
     rec["endpoint_acc"] = float(np.mean(accs))
     rec["timings_s"] = timings
-    png = plot_path_profiles(paths, out / f"{name}_profiles.png",
-                             title=f"{args.dataset} {name}: paths between two independently trained models")
+    png = save(plot_path_profiles(paths, title=f"loss and error along four paths between two independently trained "
+                                               f"{name} models ({args.dataset})"), out / f"{name}_profiles.png")
     rec["figure"] = Path(png).name
     return rec
 
 
 def _muller_brown_demo(out: Path) -> dict:
     """NEB and climbing-image NEB on the Müller-Brown potential (known minima and saddle)."""
-    A = jnp.array([-200.0, -100.0, -170.0, 15.0])
-    a = jnp.array([-1.0, -1.0, -6.5, 0.7])
-    b = jnp.array([0.0, 0.0, 11.0, 0.6])
-    c = jnp.array([-10.0, -10.0, -6.5, 0.7])
-    x0 = jnp.array([1.0, 0.0, -0.5, -1.0])
-    y0 = jnp.array([0.0, 0.5, 1.5, 1.0])
-
-    def mb(p, batch=None):
-        p = jnp.asarray(p)
-        dx, dy = p[..., 0, None] - x0, p[..., 1, None] - y0
-        return jnp.sum(A * jnp.exp(a * dx * dx + b * dx * dy + c * dy * dy), axis=-1)
-
+    mb = muller_brown  # f(p, batch=None) on points [..., 2]
     g = jax.jit(jax.grad(mb))
     ends = []
     for p in ([-0.558, 1.442], [0.623, 0.028]):
@@ -247,7 +241,7 @@ def _muller_brown_demo(out: Path) -> dict:
         for _ in range(300):
             p = p - 2e-4 * g(p)
         ends.append(p)
-    saddle = np.array([-0.82200, 0.62431])
+    saddle = np.array(MULLER_BROWN_SADDLES["AC"].point)
     t0 = time.perf_counter()
     plain = N.neb(mb, *ends, num_pivots=15,
                   config=N.NEBConfig(steps=3000, spring_constant=200.0, learning_rate=1e-4, tol=1e-2))
@@ -257,10 +251,11 @@ def _muller_brown_demo(out: Path) -> dict:
     wall = time.perf_counter() - t0
     i = int(np.argmax(ci.losses))
     straight = np.asarray(N.straight_band(*ends, 15))
-    png = plot_band_2d(lambda xy: mb(xy), {"straight line": straight, "NEB": np.asarray(plain.pivots),
-                                           "CI-NEB": np.asarray(ci.pivots)},
-                       out / "muller_brown.png", vmax=50.0, markers={"saddle": saddle},
-                       title="NEB on the Müller-Brown potential")
+    png = save(plot_band_2d(lambda xy: mb(xy), {"straight line": straight, "NEB": np.asarray(plain.pivots),
+                                                "CI-NEB": np.asarray(ci.pivots)},
+                            vmax=50.0, markers={"saddle": saddle},
+                            title="NEB and climbing-image NEB bands on the Müller-Brown potential"),
+               out / "muller_brown.png")
     return {"saddle": saddle.tolist(), "saddle_energy": float(mb(jnp.asarray(saddle))),
             "ci_highest_pivot": np.asarray(ci.pivots)[i].tolist(), "ci_highest_energy": float(ci.losses[i]),
             "ci_saddle_distance": float(np.linalg.norm(np.asarray(ci.pivots)[i] - saddle)),
@@ -271,8 +266,7 @@ def _muller_brown_demo(out: Path) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the experiment; returns the results dict (also written to ``<out>/results.json``)."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(output_dir(args.out, setup(args)))  # joins a multi-process job first; files from process 0 only
     models = [m.strip() for m in (args.models or DEFAULT_MODELS[args.dataset]).split(",") if m.strip()]
     if not models:
         raise ValueError("no models given")

@@ -1,7 +1,7 @@
 """`make demo`: the main job on the offline default (sklearn digits, 2 CPU cores, a few minutes).
 
 1. Train four MLPs on digits with different seeds (the corners of a surface).
-2. Build the bilinear four-corner surface (seed 000 appendix A.2) and evaluate it on the 11 x 11 (u, v)
+2. Build the bilinear four-corner surface (Bézier-surface paper, appendix A.2) and evaluate it on the 11 x 11 (u, v)
    grid: train loss and test accuracy at every point.
 3. Print a short table (corner accuracies, surface mean / min / max accuracy) and write
    ``<out>/results.json`` with PNG heat-maps of loss and accuracy over (u, v).
@@ -22,11 +22,10 @@ import time
 import numpy as np
 
 from experiments.launch import add_distributed_args, output_dir, setup
-from mclandscape import bilinear_surface, evaluate_points, uv_grid
+from mclandscape import bilinear_surface, evaluate_points, plots, uv_grid
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig, train_many
-from mclandscape.plots import surface as plots
 
 HEADLINE = ("avg_corner_acc", "avg_surface_acc_before", "avg_surface_acc_after", "merge_acc", "best_surface_acc",
             "corner_ensemble_acc", "surface_ensemble_acc", "avg_surface_loss_before", "avg_surface_loss_after",
@@ -78,10 +77,12 @@ def run(args) -> dict:
         "wall_time_s": {"train_corners": round(t_train, 2), "evaluate_grid": round(t_eval, 2)},
         "evaluation_strategy": f"{te.strategy}/{te.chunk_size}",
     }
-    plots.heatmap(loss_grid, os.path.join(args.out, "bilinear_train_loss.png"),
-                  title="bilinear surface: train loss", label="train loss", cmap="viridis_r")
-    plots.heatmap(acc_grid, os.path.join(args.out, "bilinear_test_acc.png"),
-                  title="bilinear surface: test accuracy", label="test accuracy")
+    plots.save(plots.heatmap(loss_grid, label="train loss", cmap="viridis_r",
+                             title="train loss over the bilinear surface of four digits MLPs"),
+               os.path.join(args.out, "bilinear_train_loss.png"))
+    plots.save(plots.heatmap(acc_grid, label="test accuracy",
+                             title="test accuracy over the bilinear surface of four digits MLPs"),
+               os.path.join(args.out, "bilinear_test_acc.png"))
     print("\nmclandscape demo: four digits MLPs and their bilinear surface (11 x 11 grid)")
     print(f"  corner test accuracies   : {', '.join(f'{a:.4f}' for a in corner_acc)}")
     b = res["bilinear_surface"]

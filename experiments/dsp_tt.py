@@ -1,11 +1,12 @@
-"""Reproduce seed 004 (DSP-TT): tier-by-tier TRUST-TECH search with dynamic search paths, DSP-TT ensembles
-against independent / snapshot / fast-geometric ensembles, the search loss trace and the exit-point
-verification.
+"""Reproduce the DSP-TT paper (Anonymous, 2020, 'Constructing multiple high-quality deep neural networks: a
+TRUST-TECH based approach', ICLR 2021 submission): tier-by-tier TRUST-TECH search with dynamic search paths,
+DSP-TT ensembles against independent / snapshot / fast-geometric ensembles, the search loss trace and the
+exit-point verification.
 
 Offline default: a small CNN on scikit-learn digits (8x8). Steps:
 
 1. tier-0: SGD (momentum 0.9, weight decay, cosine schedule) for ``--epochs`` epochs (train_model);
-2. DSP-TT (seed 004 Algorithm 1, eq. 3 in the "additive" reading, see :mod:`mclandscape.methods.trusttech`):
+2. DSP-TT (the paper's Algorithm 1, eq. 3 in the "additive" reading, see :mod:`mclandscape.methods.trusttech`):
    ``--directions`` (5) search directions from tier-0, rho1 growing by ``--rho1-increment`` (0.001) per
    iteration up to ``--rho-max``, rho2 = ``--rho2-fraction`` (0.1) x the tier-0 learning rate, exit detection
    on mini-batch losses (EMA + up/down buffer); from each exit the local solver (the tier-0 recipe shortened
@@ -19,17 +20,19 @@ Offline default: a small CNN on scikit-learn digits (8x8). Steps:
 5. exit-point verification (§5.1, Figure 3c): a one-hidden-layer MLP with 5 ``tanh`` neurons on wine (squared
    error on one-hot targets + ``--verify-l2`` 1e-3 L2: cross-entropy has no finite optimum on the separable
    wine data), full-batch DSP-TT, gradient descent (steps of ``--verify-step`` 0.1 until every gradient norm
-   is below ``--verify-grad-tol`` 1e-5, at most ``--verify-steps``; the seed's 50,000 steps of 0.01 do not
-   converge on this objective and are reported alongside) from points along the search path around the
-   exit, the optimum each reaches measured in parameter and function space, and the projection onto two
-   random orthogonal directions (see :mod:`mclandscape.methods.trusttech` for the measured findings).
+   is below ``--verify-grad-tol`` 1e-5, at most ``--verify-steps``, then an L-BFGS polish; the paper's 50,000
+   steps of 0.01 do not converge on this objective and are reported alongside) from points along the search
+   path around the exit (:func:`mclandscape.methods.verification.verify_exit`), the optimum each reaches
+   measured in parameter space, in function space and modulo the hidden units' permutations and sign flips
+   (:func:`mclandscape.methods.alignment.distance_modulo_permutation`), and the projection onto two random
+   orthogonal directions (findings below).
 
 Budgets ("equal budget", Tables 2-3) are counted in epochs-equivalent gradient steps: DSP-TT-0-1 costs the
 tier-0 epochs plus its search steps and local-solver steps; that total ``B`` (rounded up) is the budget of
 Individual(1), SSE and FGE, and ``M x B`` that of Individual-Ens and DSP-TT-0-1-full-train (as in Table 3).
 FGE starts from the tier-0 model and spends the remaining ``B - epochs`` on its cycles.
 
-``--dataset cifar10|cifar100`` switches to the paper's settings (seed 004 §5, :data:`CIFAR_SETTINGS`), with
+``--dataset cifar10|cifar100`` switches to the paper's settings (the paper's §5, :data:`CIFAR_SETTINGS`), with
 augmentation and 10-epoch local solves and fine-tuning: ``--arch vgg16`` (default) / ``vgg16_bn`` and
 ``preresnet164`` (ResNet-164) follow Garipov et al. (budget 200 epochs: 150 tier-0 + 50 for one search tier,
 batch 128; VGG16 lr 0.05, weight decay 5e-4; PreResNet-164 lr 0.1, weight decay 3e-4; cosine schedule in
@@ -38,6 +41,39 @@ place of Garipov's piecewise-linear one); ``densenet100`` (DenseNet-BC-100, k = 
 rate /10 at 50% and 75% of each training run). Other zoo models get the VGG16 settings. Flags given on the
 command line override these defaults. Without the prepared TFDS files it stops at once with the data
 loader's message.
+
+What the verification found on the wine MLP (one hidden layer of 5 ``tanh`` units; full settings, seed 0
+unless stated; these are results of this experiment, not properties of the method):
+
+- With softmax cross-entropy the verification cannot succeed: the scikit-learn wine training set is
+  separable, the loss has its infimum at infinity, and gradient descent from a path point never settles:
+  after 50,000 steps of 0.01 the twelve end points had moved 2-5 parameter units, lay 6-21 units from the
+  origin's end point and no two of them coincided — there is no optimum to converge to. Hence squared error on
+  one-hot targets plus ``1e-3 / 2 * |w|^2`` with ``tanh`` units (finite, isolated minima; ReLU would add a
+  continuous rescaling symmetry) for the search, the local solver and the flows alike. Stronger L2 (``3e-3``,
+  ``1e-2``) makes the quadratic bowl dominate: with ``rho_max`` from 0.005 to 0.05 no direction exited within
+  10,000 search steps.
+- The paper's integration (50,000 steps of 0.01, time 500) does not converge on that objective: its flattest
+  curvature at the tier-0 optimum is ``4e-4``, and the end-point gradient norms stay at ``3e-3 .. 8e-3``. A
+  gradient-norm criterion alone (``|grad| <= 1e-5``) is not convergence either: flows that met it were still
+  moving (an L-BFGS polish moved them by up to 3 parameter units on seed 2). Hence steps of 0.1, an L-BFGS
+  polish (``--verify-polish``) and end points counted as *settled* only when their gradient is small and they
+  have stopped moving.
+- Apparent "different optima" in parameter space were symmetric copies: modulo the permutations and sign
+  flips of the 5 ``tanh`` units every settled end point before the exit lies at distance 0.0000 from the
+  tier-0 optimum, and the symmetry-aware and function-space clusterings agree; raw parameter clustering never
+  separates.
+- Seeds 0-4 (``--verify-seeds``): seeds 1 and 4 find no exit (the loss keeps rising along all 5 directions;
+  neither a smaller ``rho_max`` nor 25,000 search steps changed that). Seed 0: the path leaves the tier-0
+  region at iteration 942/943 (located to one iteration by bisection with flows, the classical TRUST-TECH
+  refinement), 102.5 iterations after the EMA peak (840) and before the detector fires (1118); at that
+  measured crossing the points reach exactly two optima (losses 0.0087087 and 0.0166303), but at the EMA peak
+  the split fails (two points past the peak still return to tier-0). Seed 2: every flow on both sides of its
+  exit returns to the tier-0 optimum (that exit leads nowhere new). Seed 3: the path passes through another
+  optimum's region (loss 0.0125258) at iteration 585/586, 388 iterations *before* the EMA peak, and re-enters
+  a copy of tier-0 before the detector fires. So the paper's claim holds at the measured crossing on 1 of the
+  3 seeds with an exit and at the detector's estimate on none: the loss peak along a calibrated path is an
+  estimate of the boundary crossing, not the crossing itself.
 
 Writes ``<out>/results.json``, ``search_trace.png``, ``verification.png`` and checkpoints under
 ``<out>/checkpoints`` (a killed run resumes its tier-0 training and its searches).
@@ -61,6 +97,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core.tree import tree_add, tree_distance, tree_index, tree_size, tree_stack
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset, num_batches
 from mclandscape.engine.evaluate import evaluate_params
@@ -68,9 +105,11 @@ from mclandscape.engine.models import canonical_name, get_model
 from mclandscape.engine.train import TrainConfig, make_optimizer, train_many, train_model
 from mclandscape.methods import ensemble as ens
 from mclandscape.methods import trusttech as tt
+from mclandscape.methods.alignment import distance_modulo_permutation, permutation_spec
+from mclandscape.plots._figure import save
 from mclandscape.plots.trusttech import plot_search_trace, plot_verification
 
-# Seed 004 tables (CIFAR), reported next to our numbers for orientation.
+# The DSP-TT paper's tables (CIFAR), reported next to our numbers for orientation.
 PAPER = {
     "table1_densenet100": {"Baseline": {"C10_err": 5.92, "C100_err": 24.15},
                            "Tier-1": {"C10_err": 4.65, "C10_loss": 0.1622, "C100_err": 22.29, "C100_loss": 0.9014},
@@ -89,7 +128,7 @@ PAPER = {
 
 CIFAR = ("cifar10", "cifar100")
 
-# Seed 004 §5 "Hyperparameters" for CIFAR, per architecture: the tier-0 epochs are the budget less the 50
+# The DSP-TT paper's §5 "Hyperparameters" for CIFAR, per architecture: the tier-0 epochs are the budget less the 50
 # epochs given to one tier of DSP-TT search (DenseNet 300 = 250 + 50, ResNet/VGG 200 = 150 + 50). DenseNet as
 # Huang et al. (2017): batch 64, SGD lr 0.1, Nesterov momentum 0.9, weight decay 1e-4, lr / 10 at 50% and 75%.
 # VGG and ResNet as Garipov et al. (2018): batch 128; VGG16 lr 0.05, wd 5e-4; PreResNet-164 lr 0.1, wd 3e-4
@@ -140,7 +179,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learning-rate schedule of every SGD run (tier-0, local solver, fine-tuning, full "
                         "training): cosine to 0, or step (x0.1 at 50%% and 75%% of that run's epochs); default "
                         "step for CIFAR densenet100, cosine otherwise")
-    g = p.add_argument_group("DSP-TT search (seed 004 §3.2, §5)")
+    g = p.add_argument_group("DSP-TT search (the paper's §3.2, §5)")
     g.add_argument("--directions", type=int, default=5, help="search directions per tier")
     g.add_argument("--tiers", type=int, default=2, choices=(1, 2), help="1: tier-1 only; 2: also tier-2")
     g.add_argument("--rho1-increment", type=float, default=1e-3, help="rho1 increase per iteration (§5)")
@@ -180,8 +219,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated seeds of the verification (each: tier-0, search, flows); the first "
                         "keeps the single-seed keys of results.json, all are summarised under 'per_seed'")
     g.add_argument("--verify-steps", type=int, default=50_000,
-                   help="maximum gradient-descent steps per point before the polish (the seed: 50,000)")
-    g.add_argument("--verify-step", type=float, default=0.1, help="gradient-descent step size (the seed: 0.01)")
+                   help="maximum gradient-descent steps per point before the polish (the paper: 50,000)")
+    g.add_argument("--verify-step", type=float, default=0.1, help="gradient-descent step size (the paper: 0.01)")
     g.add_argument("--verify-grad-tol", type=float, default=1e-5,
                    help="stop the flows once every gradient norm is below this")
     g.add_argument("--verify-points", type=int, default=12,
@@ -192,10 +231,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="L-BFGS iterations finishing every flow (0: gradient descent only)")
     g.add_argument("--verify-polish-tol", type=float, default=1e-6, help="gradient norm ending the polish")
     g.add_argument("--verify-paper-check", action=argparse.BooleanOptionalAction, default=True,
-                   help="also integrate with the seed's 50,000 steps of 0.01 and report how far that converges")
+                   help="also integrate with the paper's 50,000 steps of 0.01 and report how far that converges")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="results/dsp_tt", help="output directory")
     g.add_argument("--fresh", action="store_true", help="delete old checkpoints in <out> first")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     cifar = args.dataset.lower().replace("-", "") in CIFAR
     if args.arch is None:
@@ -379,24 +419,26 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     path = res.paths[e.direction]
     full = lambda q: float(objective(q, fb(0), None)[0])  # noqa: E731 - the full-batch objective's value
     outputs = lambda q: model.apply({"params": q}, x)  # noqa: E731
-    sym = functools.partial(tt.mlp_symmetry_distance, odd=odd)
+    # distance modulo the hidden units' permutations (and sign flips: tanh is odd), over the model's spec
+    sym = functools.partial(distance_modulo_permutation, permutation_spec(model), sign_flips=odd)
     record_every = max(args.verify_steps // 100, 1)
     steps = (args.verify_steps // record_every) * record_every
     flows = dict(batch=fb(0), step_size=args.verify_step, steps=steps, record_every=record_every,
                  grad_tol=args.verify_grad_tol,
-                 outputs_fn=outputs, polish_steps=args.verify_polish, polish_tol=args.verify_polish_tol,
-                 symmetry_distance=sym)
+                 polish_steps=args.verify_polish, polish_tol=args.verify_polish_tol,
+                 distances={"function": tt.output_distance(outputs), "symmetry": sym})
     # (1) scan of the whole path: the sequence of optima (modulo symmetries) the path's points flow to
     scan_path = [(i, d) for i, d in path if i <= e.iteration]
     scan = tt.verify_exit(objective, omega0, scan_path, e.peak_iteration, num_points=args.verify_scan_points, **flows)
-    tols = dict(tol=scan.tol, function_tol=scan.function_tol, symmetry_tol=scan.symmetry_tol)
-    # (2) the seed's Figure 3c: points from 0.7 x the EMA peak to the detected exit
+    tols = dict(tols={s: scan.clusters(s).tol for s in ("param", "function", "symmetry")})
+    # (2) the paper's Figure 3c: points from 0.7 x the EMA peak to the detected exit
     first = max(1, int(round(0.7 * e.peak_iteration)))
     window = [(i, d) for i, d in path if first <= i <= e.iteration]
     ver = tt.verify_exit(objective, omega0, window, e.peak_iteration, num_points=args.verify_points, **flows, **tols)
     # (3) classical TRUST-TECH exit-point refinement: k-section of the first bracket in which the flow from the
     # path stops returning to the origin's optimum (modulo symmetries)
-    at_origin = lambda v: [bool(s <= scan.symmetry_tol) for s in v.symmetry_distances[0, 1:]]  # noqa: E731
+    sym_tol = scan.clusters("symmetry").tol
+    at_origin = lambda v: [bool(s <= sym_tol) for s in v.clusters("symmetry").to_origin]  # noqa: E731
     bracket = _first_departure(scan.iterations, at_origin(scan))
     rounds = 0
     crossing = bracket
@@ -414,13 +456,14 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     sep_est = {s: ver.separation(s) for s in ("param", "symmetry", "function")}
     summary.update({
         "direction": e.direction, "ema_peak": e.peak_iteration, "detected_exit": e.iteration,
-        "scan_iterations": scan.iterations, "scan_optima_symmetry": scan.symmetry_basin,
-        "scan_optima_function": scan.function_basin, "scan_final_losses": [float(v) for v in scan.final_losses],
+        "scan_iterations": scan.iterations, "scan_optima_symmetry": scan.clusters("symmetry").labels,
+        "scan_optima_function": scan.clusters("function").labels,
+        "scan_final_losses": [float(v) for v in scan.final_losses],
         "scan_settled": all(scan.settled), "window_settled": all(ver.settled),
         "flow_alone_settled": int(sum(ver.flow_settled) + sum(scan.flow_settled)),
         "flow_points": len(ver.iterations) + len(scan.iterations),
-        "max_polish_move": float(max(np.max(ver.polish_moves), np.max(scan.polish_moves)))
-        if ver.polish_moves is not None else None,
+        "max_polish_move": float(max(np.max(ver.diagnostics.polish_moves), np.max(scan.diagnostics.polish_moves)))
+        if ver.diagnostics.polish_moves is not None else None,
         "crossing": list(crossing) if crossing is not None else None, "refinement_rounds": rounds,
         "at_estimate": {s: {"separates": v["separates"], "num_optima": v["num_optima"],
                             "before_clusters": v["before_clusters"], "after_clusters": v["after_clusters"]}
@@ -447,15 +490,19 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     basis = tt.random_orthonormal_pair(jax.random.fold_in(key, 2), omega0)
     exit_point = res.exit_points[res.exits.index(e)]
     if plot_name is not None:
-        plot_verification(ver, omega0, basis, os.path.join(out_dir, plot_name), exit_point=exit_point,
-                          title=f"Exit-point verification (wine MLP, seed {seed})")
+        save(plot_verification(ver, omega0, basis, exit_point=exit_point, space="symmetry",
+                               title=f"gradient-descent flows from path points, split at the EMA peak "
+                                     f"(wine MLP, seed {seed})"),
+             os.path.join(out_dir, plot_name))
         if crossing is not None and any(i < crossing[1] for i in ver.iterations) and \
                 any(i >= crossing[1] for i in ver.iterations):  # the same flows, split at the measured crossing
-            plot_verification(ver, omega0, basis, os.path.join(out_dir, plot_name.replace(".png", "_crossing.png")),
-                              exit_point=exit_point, split_at=crossing[1],
-                              title=f"Split at the measured crossing (wine MLP, seed {seed})")
-        plot_search_trace(res.traces[e.direction], os.path.join(out_dir, plot_name.replace(".png", "_trace.png")),
-                          exit=e, title=f"Full-batch DSP-TT on wine, seed {seed} (Figure 3a)")
+            save(plot_verification(ver, omega0, basis, exit_point=exit_point, split_at=crossing[1], space="symmetry",
+                                   title=f"the same flows, split at the measured boundary crossing "
+                                         f"(wine MLP, seed {seed})"),
+                 os.path.join(out_dir, plot_name.replace(".png", "_crossing.png")))
+        save(plot_search_trace(res.traces[e.direction], exit=e,
+                               title=f"full-batch loss along the DSP-TT search path (wine MLP, seed {seed})"),
+             os.path.join(out_dir, plot_name.replace(".png", "_trace.png")))
     sol = res.solutions[res.exits.index(e)]
     out.update({
         "exit": e.to_json(), "verification": ver.summary(), "scan": scan.summary(),
@@ -478,7 +525,8 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
             "after_final_losses": [float(v) for v, i in zip(ver.final_losses, ver.iterations, strict=True) if i >= hi]}
     if paper_check:
         paper = tt.verify_exit(objective, omega0, window, e.peak_iteration, batch=fb(0), step_size=0.01,
-                               steps=50_000, record_every=500, num_points=args.verify_points, outputs_fn=outputs)
+                               steps=50_000, record_every=500, num_points=args.verify_points,
+                               distances={"function": tt.output_distance(outputs)})
         out["paper_integration"] = {
             "step_size": 0.01, "steps": 50_000, "grad_norms": [float(g) for g in paper.grad_norms],
             "final_losses": [float(v) for v in paper.final_losses],
@@ -494,7 +542,7 @@ def run_verification(args, out_dir: str) -> dict:
     error against one-hot targets) plus ``--verify-l2 / 2 * |w|^2`` with ``tanh`` hidden units: on the
     (separable) scikit-learn wine data the softmax cross-entropy has its infimum at infinity, so gradient
     descent from any point drifts outward without settling and "which optimum" is undefined; the squared error
-    plus a small L2 term has finite minima. The seed's "61 parameters" is not the 13-5-3 network here (88
+    plus a small L2 term has finite minima. The paper's "61 parameters" is not the 13-5-3 network here (88
     parameters); 61 fits a 10-5-1 MLP with biases (or 11-5-1 without hidden biases), i.e. a one-output
     regression such as UCI wine-quality, which is not among the offline data sets.
 
@@ -503,10 +551,11 @@ def run_verification(args, out_dir: str) -> dict:
     iterations, to ``--verify-polish-tol``), and convergence is also judged by the end points stopping to move
     (:attr:`mclandscape.methods.trusttech.VerificationResult.settled`). Which optimum each end point reached is measured
     in parameter space, in function space and modulo the network's symmetries
-    (:func:`mclandscape.methods.trusttech.mlp_symmetry_distance`: permutations and sign flips of the ``tanh`` units).
+    (:func:`mclandscape.methods.alignment.distance_modulo_permutation` over the model's permutation spec:
+    permutations and sign flips of the ``tanh`` units).
     Three sets of flows: a *scan* of the whole path (``--verify-scan-points`` points from iteration 1 to the
-    detected exit: the sequence of optima along it); the seed's *window* (``--verify-points`` points from 0.7 x
-    the EMA peak to the detected exit: Figure 3c, the seed's claim tested at the EMA-peak exit estimate); and a
+    detected exit: the sequence of optima along it); the paper's *window* (``--verify-points`` points from 0.7 x
+    the EMA peak to the detected exit: Figure 3c, the paper's claim tested at the EMA-peak exit estimate); and a
     k-section *refinement* (classical TRUST-TECH exit-point location) of the first bracket of the scan in which
     the flows stop returning to the origin's optimum, to one iteration: the measured crossing of the origin's
     stability boundary (modulo symmetries), reported with its offset from the EMA peak and the detected exit,
@@ -565,10 +614,13 @@ def print_tables(results: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    main_process = setup(args)  # joins a multi-process job (--distributed) before any JAX work
+    # every process of a job writes its checkpoint shards to the same directory; results and figures
+    # come from process 0 only (the others write to a scratch directory)
     ckpt_root = os.path.join(args.out, "checkpoints")
-    if args.fresh and os.path.isdir(ckpt_root):
+    if args.fresh and main_process and os.path.isdir(ckpt_root):
         shutil.rmtree(ckpt_root)
+    args.out = output_dir(args.out, main_process)
     t_start = time.time()
     timing: dict = {}
     try:
@@ -647,9 +699,10 @@ def main(argv=None) -> dict:
     if rec:
         extra = {"full train loss": (rec["iteration"], rec["train_loss"]),
                  "test loss": (rec["iteration"], rec["test_loss"])}
-    figures = [plot_search_trace(tier1.traces[e_first.direction], os.path.join(args.out, "search_trace.png"),
-                                 exit=e_first, extra=extra,
-                                 title=f"DSP-TT search on {args.dataset} (tier 1, direction {e_first.direction})")]
+    figures = [save(plot_search_trace(tier1.traces[e_first.direction], exit=e_first, extra=extra,
+                                      title=f"loss along the tier-1 DSP-TT search path of direction "
+                                            f"{e_first.direction} ({args.dataset})"),
+                    os.path.join(args.out, "search_trace.png"))]
 
     # 3. ensembles ------------------------------------------------------------------------------------
     t0 = time.time()

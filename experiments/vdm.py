@@ -1,8 +1,9 @@
-"""Reproduce seed 003 (vertical deformation mappings): the supplement's 2-D simulations and a Table-1-style
-classifier study with Hessian eigenvalues and Li et al. loss curves.
+"""Reproduce Chen et al., 2021, "Deforming the loss surface to affect the behaviour of the optimizer" (vertical
+deformation mappings): the supplement's 2-D simulations and a Table-1-style classifier study with Hessian
+eigenvalues and Li et al. loss curves.
 
 Part 1, simulations (supplement section C, exact functions/optimisers/learning rates/initial points; see
-:mod:`mclandscape.methods.simulated` for the slips of the printed formulas):
+:mod:`experiments.vdm_presets` for the slips of the printed formulas, :mod:`mclandscape.methods.potentials` for the surfaces):
 
 - Figure 1: GDM (lr 0.02, momentum 0.9, 400 steps) from (−9.5, −10), original vs AP(10, 1, 1, 1);
 - Figure 4: GD (lr 0.2, ×0.1 at steps 150 and 225, 300 steps) from ``--sim-rounds`` random points of
@@ -26,7 +27,7 @@ make_optimizer(config, steps_per_epoch)))``: the training step passes the mini-b
 the ``loss=`` extra argument (Algorithm 1); weight decay is not scaled by ``δ'`` (as in a PyTorch loop where
 the VDM wraps the criterion); a loss outside the VDM's domain stops the run after its epoch with
 :func:`~mclandscape.methods.deform.check_vdm_state`'s message. The 2-D simulations stay vectorised over their
-starts (:func:`mclandscape.methods.simulated.run_simulation` says why).
+starts (:mod:`experiments.vdm_presets` says why).
 
 Writes ``<out>/results.json`` and PNG figures. ``python -m experiments.vdm --help`` lists the options.
 """
@@ -46,6 +47,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.launch import add_distributed_args, output_dir, setup
+from experiments.vdm_presets import (
+    FIG1_SETTINGS,
+    FIG4_SETTINGS,
+    FIG7_SETTINGS,
+    TABLE1_VDMS,
+    fig1_negative_region,
+    fig4_minimum,
+    fig7_printed_vdm,
+    parse_vdm,
+)
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset, num_batches
 from mclandscape.engine.evaluate import evaluate_model
 from mclandscape.engine.loop import NonFiniteError
@@ -55,33 +67,25 @@ from mclandscape.methods.curvature import top_hessian_eigenvalues
 from mclandscape.methods.deform import (
     AP,
     LE,
-    TABLE1_VDMS,
     VDM,
     Identity,
     check_vdm_state,
     deformed_hessian_formula,
-    parse_vdm,
     scale_by_vdm,
     vdm_loss,
 )
 from mclandscape.methods.directions import loss_curve, loss_plane, random_direction, random_directions
-from mclandscape.methods.simulated import (
-    FIG1_SETTINGS,
-    FIG4_PRINTED_CONSTANT,
-    FIG4_SETTINGS,
-    FIG7_SETTINGS,
-    fig1_loss,
-    fig1_negative_region,
-    fig4_loss,
-    fig4_minimum,
-    fig7_loss,
-    fig7_printed_vdm,
-    run_simulation,
-)
-from mclandscape.plots.landscape import (
+from mclandscape.methods.potentials import VDM_FIGURE4_CONSTANT as FIG4_PRINTED_CONSTANT
+from mclandscape.methods.potentials import vdm_figure1 as fig1_loss
+from mclandscape.methods.potentials import vdm_figure4 as fig4_loss
+from mclandscape.methods.potentials import vdm_figure7 as fig7_loss
+from mclandscape.methods.simulated import run_simulation
+from mclandscape.plots import (
     contour_plot,
     eigenvalue_plot,
     loss_curves_plot,
+    save,
+    shared_range,
     surface_plot,
     trajectory_panels,
 )
@@ -160,11 +164,13 @@ def run_simulations(out: str, rounds: int, seed: int) -> dict:
         "slip_negative_loss": neg,
     }
     xs, ys, Z = _grid(fig1_loss, -11, 7, -11, 7)
-    trajectory_panels(os.path.join(out, "fig1_trajectories.png"), xs, ys, Z,
-                      {"original GDM": {"GDM": orig["trajectories"][0]},
-                       "GDM + AP(10, 1, 1, 1)": {"GDM+AP": ap["trajectories"][0]}}, log=True)
-    surface_plot(os.path.join(out, "fig1_surface.png"), xs, ys, Z, title="Figure 1 surface", xlabel="p1",
-                 ylabel="p2", trajectory=(orig["trajectories"][0], orig["losses"][0]))
+    save(trajectory_panels(xs, ys, Z, {"original GDM": {"GDM": orig["trajectories"][0]},
+                                       "GDM + AP(10, 1, 1, 1)": {"GDM+AP": ap["trajectories"][0]}}, log=True,
+                           title="GDM from (-9.5, -10) on the 2-D test surface: original vs AP(10, 1, 1, 1) loss"),
+         os.path.join(out, "fig1_trajectories.png"))
+    save(surface_plot(xs, ys, Z, xlabel="p1", ylabel="p2", trajectory=(orig["trajectories"][0], orig["losses"][0]),
+                      title="2-D test surface with the original GDM trajectory"),
+         os.path.join(out, "fig1_surface.png"))
 
     # ---- Figure 4
     inits = np.asarray(jax.random.uniform(jax.random.key(seed), (rounds, 2), minval=-10.0, maxval=10.0))
@@ -193,13 +199,15 @@ def run_simulations(out: str, rounds: int, seed: int) -> dict:
                       "original_final_loss": o4["final_loss"].tolist(),
                       "deformed_final_loss": d4["final_loss"].tolist()},
     }
-    eigenvalue_plot(os.path.join(out, "fig4_eigenvalues.png"),
-                    {"GD": o4["eigenvalues"], "GD + LE(1, 0.99)": d4["eigenvalues"]},
-                    title="Figure 4(a): Hessian eigenvalues at the end points (original surface)")
+    save(eigenvalue_plot({"GD": o4["eigenvalues"], "GD + LE(1, 0.99)": d4["eigenvalues"]},
+                         ylabel="Hessian eigenvalue (original surface)",
+                         title=f"Hessian eigenvalues of the original surface at the end points of {rounds} GD runs"),
+         os.path.join(out, "fig4_eigenvalues.png"))
     xs, ys, Z = _grid(fig4_loss, -10, 10, -10, 10, n=241)
-    contour_plot(os.path.join(out, "fig4_landscape.png"), xs, ys, Z, title="Figure 4(b) surface + end points",
-                 xlabel="p1", ylabel="p2",
-                 trajectories={"GD": o4["trajectories"][:, -1:, :], "GD+LE": d4["trajectories"][:, -1:, :]})
+    save(contour_plot(xs, ys, Z, xlabel="p1", ylabel="p2",
+                      title=f"end points of {rounds} GD runs: original vs LE(1, 0.99) loss",
+                      trajectories={"GD": o4["trajectories"][:, -1:, :], "GD+LE": d4["trajectories"][:, -1:, :]}),
+         os.path.join(out, "fig4_landscape.png"))
 
     # ---- Figure 7
     init = [[-6.0, 11.0]]
@@ -218,10 +226,11 @@ def run_simulations(out: str, rounds: int, seed: int) -> dict:
     res["theorem1"] = theorem1_check(fig7_loss, LE(1, 0.9), {"start (-6, 11)": init[0],
                                                             "LE(1, 0.9) end point": le7["ends"][0]})
     xs, ys, Z = _grid(fig7_loss, -8, 4, 5, 13)
-    trajectory_panels(os.path.join(out, "fig7_trajectories.png"), xs, ys, Z,
-                      {"original GDM": {"GDM": o7["trajectories"][0]},
-                       "GDM + LE(1, 0.9)": {"GDM+LE": le7["trajectories"][0]},
-                       "printed ln(exp(l-0.9))": {"GDM+printed": pr7["trajectories"][0]}}, log=True)
+    save(trajectory_panels(xs, ys, Z, {"original GDM": {"GDM": o7["trajectories"][0]},
+                                       "GDM + LE(1, 0.9)": {"GDM+LE": le7["trajectories"][0]},
+                                       "printed ln(exp(l-0.9))": {"GDM+printed": pr7["trajectories"][0]}}, log=True,
+                           title="GDM from (-6, 11): original vs LE(1, 0.9) vs the printed deformation"),
+         os.path.join(out, "fig7_trajectories.png"))
     return res
 
 
@@ -231,7 +240,7 @@ def run_simulations(out: str, rounds: int, seed: int) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _vdm_tx(config: TrainConfig, vdm: VDM, steps_per_epoch: int) -> optax.GradientTransformation:
-    """``chain(scale_by_vdm(vdm), make_optimizer(config))`` (seed 003 Algorithm 1): one object per (config, VDM),
+    """``chain(scale_by_vdm(vdm), make_optimizer(config))`` (Chen et al., 2021, Algorithm 1): one object per (config, VDM),
     so every seed of a method shares one compiled training step (the step takes the transform as a static
     argument)."""
     return optax.chain(scale_by_vdm(vdm), make_optimizer(config, steps_per_epoch))
@@ -331,9 +340,10 @@ def run_classifier(args, train, test, out: str) -> dict:
         c = loss_curve(model, v["params"], d, alphas, ev_data, batch_size=500, **bn)
         curves[name] = {"alphas": alphas.tolist(), "train_loss": c.loss.tolist(), "train_acc": c.accuracy.tolist()}
     if curves:
-        loss_curves_plot(os.path.join(out, "fig5_loss_curves.png"),
-                         {k: (v["alphas"], v["train_loss"]) for k, v in curves.items()},
-                         title=f"Filter-normalised 1-D loss curves ({arch} on {args.dataset}, seed 0)")
+        save(loss_curves_plot({k: (v["alphas"], v["train_loss"]) for k, v in curves.items()}, ylabel="train loss",
+                              title=f"train loss along a filter-normalised random direction around each method's "
+                                    f"trained model ({arch} on {args.dataset}, seed 0)"),
+             os.path.join(out, "fig5_loss_curves.png"))
     planes = {}
     if args.plane_steps and finals:
         pick = [m for m in [f"{1.0:g}η", args.plane_vdm] if m in finals]
@@ -343,9 +353,14 @@ def run_classifier(args, train, test, out: str) -> dict:
             d1, d2 = random_directions(jax.random.key(8), v["params"], 2)
             pl = loss_plane(model, v["params"], d1, d2, g, g, ev_data, batch_size=500, **bn)
             planes[name] = {"alphas": g.tolist(), "loss": pl.loss.tolist()}
+        # the planes of the compared methods share one colour scale
+        lo, hi = shared_range(*[p["loss"] for p in planes.values()]) if planes else (None, None)
+        for name, pl in planes.items():
             tag = name.replace(" ", "").replace(",", "_").replace("(", "_").replace(")", "")
-            contour_plot(os.path.join(out, f"plane_{tag}.png"), g, g, pl.loss, title=f"{name}: 2-D loss plane",
-                         log=True, points={"trained": (0.0, 0.0)})
+            save(contour_plot(g, g, np.asarray(pl["loss"]), log=True, vmin=lo, vmax=hi, zlabel="train loss",
+                              points={"trained": (0.0, 0.0)},
+                              title=f"train loss on a random plane around the model trained with {name}"),
+                 os.path.join(out, f"plane_{tag}.png"))
     by = {row["method"]: row for row in table}
     lr_rows = [row for row in table if row["vdm"] == "identity"]
     vdm_rows = [row for row in table if row["vdm"] != "identity"]
@@ -429,13 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "landscape point (0: all)")
     p.add_argument("--landscape-examples", type=int, default=None,
                    help="training examples used for curves and planes (default all)")
+    add_distributed_args(p)
     return p
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     _resolve_defaults(args)
-    out = args.out
+    main_process = setup(args)  # joins a multi-process job (before any JAX work); files from process 0 only
     train = test = None
     if not args.skip_classifier:  # load first so missing data fails fast
         try:
@@ -443,7 +459,7 @@ def main(argv=None) -> dict:
             test = load_dataset(args.dataset, "test", data_dir=args.data_dir)
         except DatasetNotFoundError as e:
             sys.exit(f"experiments.vdm: {e}")
-    os.makedirs(out, exist_ok=True)
+    out = output_dir(args.out, main_process)
     t0 = time.time()
     results: dict = {"seed": "003 (vertical deformation mappings)", "backend": jax.default_backend()}
     if not args.skip_sims:

@@ -41,12 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core.losses import accuracy, get_loss
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig, train_many
 from mclandscape.methods import volume as V
-from mclandscape.plots.volume import plot_h_mean, plot_h_panels
+from mclandscape.plots import plot_h_mean, plot_h_panels, save
 
 ALL_SETTINGS = ("synthetic", "iris2d", "iris3d", "minima", "basis", "distance")
 
@@ -91,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="iteration after which voxels are dequeued at random and dropout applies")
     p.add_argument("--batch-size", type=int, default=1024, help="frontier voxels expanded per wave")
     p.add_argument("--max-batch", type=int, default=4096, help="voxels per evaluation call")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     bad = sorted(set(args.settings) - set(ALL_SETTINGS))
@@ -117,8 +119,7 @@ def train_minima(model, data, test, loss_name: str, seeds, *, steps: int, lr: fl
 class Runner:
     def __init__(self, args):
         self.args = args
-        self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = Path(output_dir(args.out, setup(args)))  # joins a multi-process job; files from process 0 only
         self.results: dict = {"config": {k: v for k, v in vars(args).items()}, "settings": {}, "figures": []}
         self.mult = _floats(args.multipliers)
         self._iris = None
@@ -184,7 +185,7 @@ class Runner:
                                             _floats(a.synthetic_multipliers), limit=a.synthetic_limit, key=d)
         self.results["synthetic_minima"] = info
         path = self.out / "fig5_1_synthetic.png"
-        plot_h_panels(sweeps, suptitle="H_c(s), synthetic networks, full parameter space (Fig. 5.1)", path=path)
+        save(plot_h_panels(sweeps, title="accepted voxels H_c(s), synthetic networks, full parameter space"), path)
         self.figure(path.name)
 
     def iris_flat(self, dim: int):
@@ -194,7 +195,8 @@ class Runner:
         steps = _floats(a.steps_2d if dim == 2 else a.steps_3d)
         sw = self.sweep(f"iris_{dim}d_qr", flat, loss, steps, self.mult, key=10 + dim)
         path = self.out / f"fig5_{dim}_iris_{dim}d.png"
-        plot_h_panels({f"Iris 4-8-3, {dim}-D flat (QR)": sw}, path=path)
+        save(plot_h_panels({f"Iris 4-8-3, {dim}-D flat (QR)": sw},
+                           title=f"accepted voxels H_c(s) on a {dim}-D flat through {dim + 1} Iris minima"), path)
         self.figure(path.name)
 
     def minima(self):
@@ -206,7 +208,8 @@ class Runner:
             sweeps[f"anchor = minimum {anchor}"] = self.sweep(f"minima_anchor{anchor}", flat, loss,
                                                               [a.minima_step], self.mult, key=20 + anchor)
         path = self.out / "fig5_4_minima.png"
-        plot_h_panels(sweeps, suptitle="different starting minima, same 2-D flat (Fig. 5.4)", path=path)
+        save(plot_h_panels(sweeps, title="accepted voxels H_c(s) from different starting minima, same 2-D flat"),
+             path)
         self.figure(path.name)
 
     def basis(self):
@@ -226,10 +229,10 @@ class Runner:
         self.log(f"angle between the raw basis vectors: {angle:.2f} deg (the thesis, §6.3, reports 53.78); "
                  f"mean |b_i| = {scale:.3g}")
         path = self.out / "fig5_5_basis.png"
-        plot_h_panels({f"raw basis, same s (angle {angle:.1f}°)": sw_lit,
-                       f"raw basis, steps s/{scale:.3g}": sw_raw,
-                       "orthogonal (QR) basis": sw_qr},
-                      suptitle="non-orthogonal vs orthogonal basis (Fig. 5.5)", path=path)
+        save(plot_h_panels({f"raw basis, same s (angle {angle:.1f}°)": sw_lit,
+                            f"raw basis, steps s/{scale:.3g}": sw_raw,
+                            "orthogonal (QR) basis": sw_qr},
+                           title="accepted voxels H_c(s): non-orthogonal vs orthogonal basis of one 2-D flat"), path)
         self.figure(path.name)
 
     def distance(self):
@@ -251,8 +254,8 @@ class Runner:
         summary["fit_of_mean_per_step"] = fits
         self.results["settings"]["distance_mean"] = summary
         path = self.out / "fig5_6_distance.png"
-        plot_h_mean(summary, title=f"mean over {k} minima, large c, coarse s (Fig. 5.6); x = truncated",
-                    path=path)
+        save(plot_h_mean(summary, title=f"log H_c(s) averaged over {k} starting minima, large c, coarse s "
+                                        "(x: truncated)"), path)
         self.figure(path.name)
 
     def run(self):

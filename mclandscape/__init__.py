@@ -4,8 +4,8 @@ Layers, each a subpackage that never imports from a layer above it:
 
 - ``mclandscape.core``: pytree algebra (``tree``), Bernstein polynomials, connectors, losses;
 - ``mclandscape.engine``: models, data, the evaluator, the training loop, checkpoints;
-- ``mclandscape.methods``: surfaces, curves, NEB, volumes, deformations, curvature, directions, TRUST-TECH,
-  ensembles;
+- ``mclandscape.methods``: surfaces, curves, NEB, volumes, deformations, curvature, directions, TRUST-TECH
+  search and verification, ensembles, permutation alignment, 2-D test potentials;
 - ``mclandscape.plots``: matplotlib figures (imported on first use of ``mclandscape.plots``).
 
 The names most scripts need are re-exported here.
@@ -39,8 +39,9 @@ from mclandscape.engine.evaluate import (
     uv_grid,
 )
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, ResumeMismatchError, TrainState, make_step, run
-from mclandscape.engine.models import Model, canonical_name, from_flax, get_model, list_models
+from mclandscape.engine.models import Model, canonical_name, from_flax, from_nnx, get_model, list_models
 from mclandscape.engine.train import TrainConfig, TrainResult, train_many, train_model
+from mclandscape.methods import potentials, verification
 from mclandscape.methods.alignment import (
     Permutation,
     PermutationSpec,
@@ -59,14 +60,8 @@ from mclandscape.methods.ensemble import ensemble_from_params, ensemble_from_pro
 from mclandscape.methods.neb import NEBConfig, auto_neb, evaluate_band
 from mclandscape.methods.neb import neb as nudged_elastic_band
 from mclandscape.methods.surface import evaluate_triangle, merge_best, surface_ensembles, surface_grid, train_surface
-from mclandscape.methods.trusttech import (
-    DSPConfig,
-    VerificationResult,
-    dsp_search,
-    mlp_symmetry_distance,
-    tier_by_tier,
-    verify_exit,
-)
+from mclandscape.methods.trusttech import DSPConfig, dsp_search, tier_by_tier
+from mclandscape.methods.verification import VerificationResult, output_distance, verify_exit
 from mclandscape.methods.volume import flat_from_minima, full_space_flat, grid_traversal, h_sweep
 
 __version__ = "0.1.0"
@@ -82,13 +77,13 @@ def __getattr__(name: str):
 
 __all__ = [
     # subpackages
-    "core", "engine", "methods", "plots", "distributed",
+    "core", "engine", "methods", "plots", "distributed", "potentials", "verification",
     # core
     "bernstein_basis", "bernstein_derivative", "Connector", "bezier_curve", "bezier_surface",
     "bilinear_surface", "polychain", "simplex", "TreeMismatchError", "check_same_structure",
     "accuracy", "cross_entropy", "Objective", "make_objective", "function_objective",
     # engines
-    "Model", "from_flax", "get_model", "list_models", "canonical_name",
+    "Model", "from_flax", "from_nnx", "get_model", "list_models", "canonical_name",
     "Dataset", "BatchStream", "batch_stream", "load_dataset", "iterate_batches",
     "TrainState", "make_step", "run", "LoopConfig", "NonFiniteError", "ResumeMismatchError",
     "TrainConfig", "TrainResult", "train_model", "train_many",
@@ -104,7 +99,7 @@ __all__ = [
     "AP", "LE", "Squared", "Identity", "custom_vdm", "vdm_loss", "scale_by_vdm",
     "hvp", "lanczos", "power_iteration", "hutchinson_trace", "dense_hessian",
     "random_direction", "random_directions", "loss_curve", "loss_plane",
-    "DSPConfig", "dsp_search", "tier_by_tier", "verify_exit", "VerificationResult", "mlp_symmetry_distance",
+    "DSPConfig", "dsp_search", "tier_by_tier", "verify_exit", "VerificationResult", "output_distance",
     "ensemble_from_probs", "ensemble_from_params", "member_probs",
     "PermutationSpec", "Permutation", "permutation_spec", "weight_matching", "activation_matching",
     "apply_permutation", "align", "distance_modulo_permutation",

@@ -9,10 +9,10 @@ Models and training (MLP 64-64-10 on digits: 4 810 parameters, about 97 % test a
 - ``digits_config``: its :class:`~mclandscape.engine.train.TrainConfig` (Adam 1e-3, batch 64, 20 epochs).
 - ``digits_corners``: four independently trained endpoints (seeds 0, 1, 2, 3) as a list of
   :class:`~mclandscape.engine.train.TrainResult`; ``[r.variables for r in digits_corners]`` are the corners of a
-  surface (seed 000 §4.2).
+  surface (Bézier-surface paper, §4.2).
 - ``trained_mlp``: ``digits_corners[0]``.
 - ``digits_trajectory``: one run (seed 10) with snapshots kept at epochs 14, 16, 18, 20 — the
-  trajectory corners of seed 000 A.2 (``result.snapshots[epoch]``).
+  trajectory corners of the Bézier-surface paper's appendix A.2 (``result.snapshots[epoch]``).
 
 Do not mutate fixture values (they are shared by every test of the session).
 """

@@ -46,7 +46,7 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         out["train_resumed_from"] = np.asarray(-1 if res.resumed_from is None else res.resumed_from)
     corners = [model.init(jax.random.key(i), jnp.asarray(train.x[:1]))["params"] for i in range(4)]
     if "curve" in jobs:
-        res = mcl.train_curve(model, corners[0], corners[1], train, epochs=1, batch_size=64, num_samples=4,
+        res = mcl.train_curve(model, mcl.bezier_curve(corners[0], corners[1]), train, epochs=1, batch_size=64, num_samples=4,
                               strategy="vmap", progress=False)
         leaves("curve", res.connector.control)
     if "surface" in jobs:
@@ -54,9 +54,13 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         res = mcl.train_surface(model, surf, train.take(256), epochs=(1, 1, 1), num_samples=4, batch_size=64,
                                 strategy="vmap")
         leaves("surface", res.connector.control)
+        trained_surface = res.connector
     if "grid" in jobs:
         m = mcl.evaluate_points(model, mcl.bilinear_surface(*corners), mcl.uv_grid(11), test)
         out["grid_loss"], out["grid_acc"] = m.loss, m.accuracy
+        if "surface" in jobs:  # parameters fresh from training live on this process's devices
+            m = mcl.evaluate_points(model, trained_surface, mcl.uv_grid(3), test)
+            out["trained_grid_loss"] = m.loss
     if "bfs" in jobs:
         from mclandscape.methods import volume as V
 

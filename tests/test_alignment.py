@@ -275,8 +275,6 @@ def test_alignment_of_independently_trained_networks(digits_corners, digits_mlp,
 
 
 def test_distance_modulo_permutation_and_sign_flips():
-    from mclandscape.methods.trusttech import mlp_symmetry_distance
-
     relu = zoo("mlp", (("widths", (16, 8)),))
     spec = A.permutation_spec(relu)
     p = random_variables(relu, 0, (1, 5))["params"]
@@ -288,12 +286,30 @@ def test_distance_modulo_permutation_and_sign_flips():
     q = A.apply_permutation(tspec, A.random_permutation(tspec, p, jax.random.key(1), sign_flips=True), p)
     assert A.distance_modulo_permutation(tspec, p, q, sign_flips=True) == pytest.approx(0.0, abs=1e-6)
     assert A.distance_modulo_permutation(tspec, p, q) > 0.1
-    # one hidden layer: exact, the same as the DSP-TT verification's mlp_symmetry_distance
+    # one hidden layer: exact, the minimum over all 6! orders of the hidden units (and, per unit, its sign)
     for seed in range(3):
         a, b = random_variables(tanh, 10 + seed, (1, 3))["params"], random_variables(tanh, 20 + seed, (1, 3))["params"]
         for odd in (True, False):
-            want = mlp_symmetry_distance(a, b, odd=odd)
+            want = _brute_force_one_hidden_layer(a, b, odd)
             assert A.distance_modulo_permutation(tspec, a, b, sign_flips=odd) == pytest.approx(want, rel=1e-5)
+
+
+def _brute_force_one_hidden_layer(a, b, odd: bool) -> float:
+    import itertools
+
+    def units(p):  # one row per hidden unit: its input weights, bias and output weights
+        p = jax.tree_util.tree_map(np.asarray, p)
+        return np.concatenate([p["Dense_0"]["kernel"].T, p["Dense_0"]["bias"][:, None], p["Dense_1"]["kernel"]], 1)
+
+    ua, ub = units(a), units(b)
+    fixed = float(np.sum((np.asarray(a["Dense_1"]["bias"]) - np.asarray(b["Dense_1"]["bias"])) ** 2))
+    best = np.inf
+    for order in itertools.permutations(range(len(ua))):
+        d = np.sum((ua - ub[list(order)]) ** 2, 1)
+        if odd:
+            d = np.minimum(d, np.sum((ua + ub[list(order)]) ** 2, 1))
+        best = min(best, float(d.sum()))
+    return float(np.sqrt(best + fixed))
 
 
 def test_permutation_is_a_mapping_with_an_inverse():

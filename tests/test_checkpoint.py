@@ -6,6 +6,7 @@ import pickle
 import shutil
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +25,7 @@ from mclandscape.engine.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from mclandscape.engine.models import get_model
+from mclandscape.engine.models import from_flax, get_model
 
 # orbax leaves an asyncio callback behind when a damaged checkpoint fails to load; harmless
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -201,3 +202,46 @@ def test_invalid_inputs_are_rejected(tmp_path, bad_state, bad_meta, match):
         save_checkpoint(tmp_path, 0, bad_state, bad_meta)
     with pytest.raises(ValueError, match="non-negative"):
         save_checkpoint(tmp_path, -1, {"w": jnp.ones(2)})
+
+
+class _UserNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(6)(x.reshape(x.shape[0], -1))
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(10)(nn.relu(x))
+
+
+class _OtherNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_load_model_with_a_user_model_checks_its_spec(tmp_path, digits_test):
+    """A from_flax model (no zoo spec) is restored when passed as model=, and only into a matching spec."""
+    user = from_flax(_UserNet(), name="MLP")  # its name alone would match the zoo's "mlp"
+    x = jnp.asarray(digits_test.x[:20])
+    variables = user.init(jax.random.key(0), x)
+    save_checkpoint(tmp_path, 1, {"variables": variables}, {"model": user.spec, "input_shape": [8, 8, 1]})
+    with pytest.raises(CheckpointError, match="user model.*model="):
+        load_model(tmp_path)
+    model, restored, meta = load_model(tmp_path, model=user)
+    assert model is user and meta["model"] == {"arch": "MLP"}
+    assert_trees_equal(restored, variables)
+    np.testing.assert_array_equal(model.apply(restored, x), user.apply(variables, x))
+    with pytest.raises(CheckpointError, match=r"spec \{'arch': 'MLP'\} but model= 'mlp' has spec"):
+        load_model(tmp_path, model=get_model("mlp", widths=[6], num_classes=10))
+    # a matching spec but another architecture still fails on the variables, naming the leaf
+    other = from_flax(_OtherNet(), name="MLP")
+    with pytest.raises(TreeMismatchError, match="BatchNorm_0"):
+        load_model(tmp_path, model=other)
+
+
+def test_load_model_checks_a_zoo_spec_against_the_model(tmp_path, trained_mlp):
+    meta = {"model": trained_mlp.model.spec, "input_shape": [8, 8, 1]}
+    save_checkpoint(tmp_path, 1, {"variables": trained_mlp.variables}, meta)
+    model, _, _ = load_model(tmp_path, model=get_model("mlp", widths=[64], num_classes=10))
+    assert model.spec == trained_mlp.model.spec
+    with pytest.raises(CheckpointError, match="'tanh'"):
+        load_model(tmp_path, model=get_model("mlp", widths=[64], num_classes=10, activation="tanh"))

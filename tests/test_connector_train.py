@@ -6,7 +6,13 @@ import pytest
 
 from mclandscape.core import connectors as C
 from mclandscape.core.objective import function_objective
-from mclandscape.engine.connector_train import ConnectorObjective, train_connector, uniform_sampler
+from mclandscape.engine.connector_train import (
+    ConnectorObjective,
+    check_batch_size,
+    check_connector,
+    train_connector,
+    uniform_sampler,
+)
 
 
 def double_well(p, batch=None):
@@ -89,3 +95,37 @@ def test_bad_inputs():
         train_connector(WELL, curve, lambda t: None, epochs=1, tx=optax.sgd(0.1), batch_size=None)
     with pytest.raises(ValueError, match="objective must be"):
         train_connector(3, curve, None, **kw)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        train_connector(WELL, curve, None, epochs=1, tx=optax.sgd(0.1), steps_per_epoch=1, batch_size=0)
+
+
+def test_shared_argument_checks():
+    curve = _curve(2)
+    assert check_connector(curve, ("bezier",), "f") is curve
+    with pytest.raises(TypeError, match=r"f\(model, connector, train.*build it with B"):
+        check_connector({"xy": jnp.zeros(2)}, ("bezier",), "f", build="B")
+    with pytest.raises(TypeError, match="more positional arguments"):
+        check_connector(curve, ("bezier",), "f", (1,))
+    with pytest.raises(ValueError, match="'bezier' connector"):
+        check_connector(curve, ("surface",), "f")
+    assert check_batch_size(np.int64(8), 8) == 8
+    for bad in (0, -4, 2.5, True, None):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            check_batch_size(bad, 8)
+    with pytest.raises(ValueError, match="larger than the training set"):
+        check_batch_size(9, 8)
+
+
+def test_float64_control_points_give_a_float64_objective():
+    """Under jax_enable_x64 the sampled coefficients follow the control points (float32 stays float32)."""
+    with jax.enable_x64(True):
+        for dtype in (jnp.float64, jnp.float32):
+            c = C.bezier_curve({"xy": jnp.array([-1.0, 0.0], dtype)}, {"xy": jnp.array([1.0, 0.0], dtype)}, 2)
+            obj = ConnectorObjective(point=WELL, template=c.replace(control=None), sampler=uniform_sampler(1),
+                                     mask=jnp.asarray(c.trainable), num_samples=3, l2=0.1)
+            value, aux = obj(c.control, None, jax.random.key(0))
+            assert value.dtype == dtype and aux["point_losses"].dtype == dtype
+        res = train_connector(WELL, c.replace(control=jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                                                             c.control)),
+                              None, epochs=1, tx=optax.sgd(0.01), steps_per_epoch=2, batch_size=None)
+        assert res.connector.control["xy"].dtype == jnp.float64

@@ -63,7 +63,7 @@ def test_seed_a3_coefficients_reduce_to_bilinear_and_slips():
     np.testing.assert_allclose(c00 + c02 + c20 + c22, 1.0, atol=1e-6)
     # The connector's bilinear coefficients agree with the seed's C_ij.
     w = C.bilinear_coefficients(2, 2)  # control weights of (c00, c0m, cn0, cnm)
-    coef = np.asarray(C.bezier_surface(*CORNERS, 2, 2).coefficients(jnp.asarray(np.stack([u, v], 1), jnp.float32)))
+    coef = np.asarray(C.bezier_surface(*CORNERS, n=2, m=2).coefficients(jnp.asarray(np.stack([u, v], 1), jnp.float32)))
     np.testing.assert_allclose(coef @ w, np.stack([c00, c02, c20, c22], 1), atol=1e-5)
     # Printed symmetry relations: two hold, two do not (seed slip).
     a3 = lambda uu, vv: dict(zip(["00", "02", "20", "22"], _seed_a3_coefficients(uu, vv), strict=True))
@@ -105,7 +105,7 @@ def test_polychain_is_piecewise_linear():
 
 
 def test_derivatives_match_finite_differences():
-    s = C.bezier_surface(*CORNERS, 3, 2)
+    s = C.bezier_surface(*CORNERS, n=3, m=2)
     rng = np.random.default_rng(1)
     ctrl = jax.tree_util.tree_map(lambda x: x + jnp.asarray(rng.normal(size=x.shape), jnp.float32), s.control)
     s = s.replace(control=ctrl)
@@ -151,3 +151,60 @@ def test_bad_inputs_raise_clear_errors():
         C.bezier_curve(CORNERS[0], CORNERS[1]).validate_points([-0.1])
     with pytest.raises(ValueError, match="at least 2"):
         C.simplex([CORNERS[0]])
+
+
+def test_bezier_and_bilinear_surfaces_share_one_corner_naming():
+    """Both take (c00, c01, c10, c11), named by (u, v); bezier_surface's degrees are keyword-only."""
+    named = dict(c00=CORNERS[0], c01=CORNERS[1], c10=CORNERS[2], c11=CORNERS[3])
+    b = C.bezier_surface(**named, n=1, m=1)
+    lin = C.bilinear_surface(**named)
+    for uv, corner in zip([(0, 0), (0, 1), (1, 0), (1, 1)], CORNERS, strict=True):
+        for s in (b, lin, C.bezier_surface(**named, n=3, m=2)):
+            np.testing.assert_array_equal(_vec(s.point(jnp.asarray(uv, jnp.float32))), _vec(corner))
+    with pytest.raises(TypeError, match="positional"):
+        C.bezier_surface(CORNERS[0], CORNERS[1], CORNERS[0], CORNERS[1], CORNERS[0])  # a 5th model, not n
+    with pytest.raises(TypeError, match="surface degree n must be an integer"):
+        C.bezier_surface(*CORNERS, n=CORNERS[0])
+    with pytest.raises(TypeError, match="Bézier degree must be an integer"):
+        C.bezier_curve(CORNERS[0], CORNERS[1], CORNERS[2])  # bends go in bends=[...]
+
+
+def test_points_outside_the_unit_interval_need_extrapolate():
+    a, b = {"w": jnp.asarray([0.0, 0.0])}, {"w": jnp.asarray([2.0, 0.0])}
+    line = C.bezier_curve(a, b, 1)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]; got 1.5"):
+        line.point(1.5)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        line.points(jnp.asarray([0.0, -0.5]))
+    assert line.point(1.5, extrapolate=True)["w"].tolist() == [3.0, 0.0]
+    assert line.validate_points([-0.5, 2.0], extrapolate=True).tolist() == [-0.5, 2.0]
+    # a chain continues its end segments linearly (not the hat functions, which fall to 0 outside [0, 1])
+    chain = C.polychain(a, b, 1, bends=[{"w": jnp.asarray([1.0, 1.0])}])
+    np.testing.assert_allclose(chain.point(1.5, extrapolate=True)["w"], [3.0, -1.0], atol=1e-6)
+    np.testing.assert_allclose(chain.point(-0.5, extrapolate=True)["w"], [-1.0, -1.0], atol=1e-6)
+    np.testing.assert_allclose(chain.point(0.25)["w"], [0.5, 0.5], atol=1e-6)
+    s = C.bezier_surface(*CORNERS, n=2, m=2)
+    with pytest.raises(ValueError, match=r"v must lie in \[0, 1\]"):
+        s.point(jnp.asarray([0.5, 1.2]))
+    assert s.validate_points([[0.5, 1.2]], extrapolate=True).shape == (1, 2)
+    simplex = C.simplex(CORNERS[:3])
+    with pytest.raises(ValueError, match="sum to 1"):  # extrapolation keeps the weights affine
+        simplex.validate_points([[1.5, 0.0, 0.0]], extrapolate=True)
+    assert simplex.validate_points([[1.5, -0.5, 0.0]], extrapolate=True).shape == (1, 3)
+
+
+def test_surface_points_must_be_pairs():
+    """A 1-D array for a surface used to be read as one (u, v) point or silently reshaped."""
+    s = C.bezier_surface(*CORNERS, n=2, m=2)
+    for bad in ([0.2, 0.5], np.linspace(0, 1, 6), np.zeros((3, 3))):
+        with pytest.raises(ValueError, match=r"shape \[P, 2\]"):
+            s.validate_points(bad)
+    with pytest.raises(ValueError, match=r"shape \[P, 2\]"):
+        s.coefficients(jnp.linspace(0, 1, 6))
+    with pytest.raises(ValueError, match=r"one point of shape \(2,\)"):
+        s.point(jnp.asarray([[0.1, 0.2], [0.3, 0.4]]))
+    with pytest.raises(ValueError, match="NaN"):
+        s.validate_points([[0.1, np.nan]])
+    assert s.validate_points([[0.2, 0.5]]).shape == (1, 2)
+    with pytest.raises(ValueError, match="outside"):
+        s.control_point((3, 0))

@@ -118,7 +118,7 @@ def test_evaluation_paths_agree(model):
         _close(r.probs, ref.probs)
     # A 3x3-control surface on a grid: 9 first layers instead of 16.
     ps = [model.init(jax.random.key(i), jnp.asarray(X[:2]))["params"] for i in range(4)]
-    surf = C.bezier_surface(*ps, 2, 2)
+    surf = C.bezier_surface(*ps, n=2, m=2)
     grid = np.stack(np.meshgrid(np.linspace(0, 1, 4), np.linspace(0, 1, 4), indexing="ij"), -1).reshape(-1, 2)
     a = evaluate_points(model, surf, grid, (X, Y), batch_size=40, stem="off")
     b = evaluate_points(model, surf, grid, (X, Y), batch_size=40, stem="factor")

@@ -1,5 +1,6 @@
 """Curvature tools (HVP, Lanczos, power iteration, Hutchinson, dense Hessian) on the one objective, compiling
-once, in float32 and float64, and seed 003 Theorem 1."""
+once, in float32 and float64, and Theorem 1 of Chen et al., 2021 ('Deforming the loss surface to affect the
+behaviour of the optimizer', AAAI)."""
 
 import logging
 import math
@@ -224,7 +225,7 @@ def test_power_iteration_and_lanczos_in_float64():
         np.testing.assert_allclose(res.values, top, rtol=1e-5)
 
 
-# --- seed 003 Theorem 1 -------------------------------------------------------------------------------
+# --- Chen et al. 2021, Theorem 1 -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def critical_point():
@@ -275,7 +276,7 @@ def test_theorem1_spectrum_scales_at_critical_point(critical_point, vdm):
 
 @pytest.mark.parametrize("vdm", [LE(1, 0.9), AP(18 / math.pi, 1, 2, 1), Squared()], ids=lambda v: v.name)
 def test_theorem1_exact_formula_away_from_critical_points(ce_problem, vdm):
-    """Away from a critical point the Hessian of delta(l) is delta' H + delta'' grad grad^T; the seed's
+    """Away from a critical point the Hessian of delta(l) is delta' H + delta'' grad grad^T; the paper's
     proof drops the second term, which is visible here."""
     _, loss_fn, _, batch, _, params0 = ce_problem
     flat, unravel = tree_ravel(params0)

@@ -1,4 +1,4 @@
-"""Curve mode connectivity (seed 001, Garipov et al.): training, path metrics, evaluation."""
+"""Curve mode connectivity (Garipov et al., 2018): training, path metrics, evaluation."""
 
 import flax.linen as nn
 import jax
@@ -9,8 +9,8 @@ import pytest
 
 from mclandscape.core import connectors as K
 from mclandscape.core.objective import function_objective
-from mclandscape.core.tree import tree_stack
-from mclandscape.engine.connector_train import ConnectorObjective
+from mclandscape.core.tree import TreeMismatchError, tree_stack
+from mclandscape.engine.connector_train import ConnectorObjective, weight_decay_args
 from mclandscape.engine.data import Dataset
 from mclandscape.engine.evaluate import evaluate_params, evaluate_points
 from mclandscape.engine.models.base import from_flax
@@ -71,11 +71,12 @@ def test_point_weight_decay_is_garipovs_regulariser():
     np.testing.assert_allclose(aux["point_losses"], float(double_well(w)), rtol=1e-6)  # reported losses exclude it
     obj_b, _ = ConnectorObjective(**common, l2=wd)(conn.control, None, jax.random.key(0))
     assert float(obj_b) == pytest.approx(float(double_well(w)) + 0.5 * wd * (0.3 ** 2 + 0.7 ** 2), rel=1e-6)
-    assert C._wd_args(wd, "point") == {"point_l2": wd, "l2": 0.0}
+    assert weight_decay_args(wd, "point") == {"point_l2": wd, "l2": 0.0}
+    assert weight_decay_args(wd, "control") == {"point_l2": 0.0, "l2": wd}
     with pytest.raises(ValueError, match="weight_decay_on"):
-        C._wd_args(wd, "all")
+        weight_decay_args(wd, "all")
     with pytest.raises(ValueError, match="weight_decay"):
-        C._wd_args(-1.0, "point")
+        weight_decay_args(-1.0, "point")
 
 
 def test_garipov_schedule():
@@ -160,11 +161,15 @@ def test_train_and_evaluate_curve_on_a_network():
     p0 = model.init(jax.random.key(0), train.x[:2])["params"]
     p1 = model.init(jax.random.key(1), train.x[:2])["params"]
     with pytest.raises(ValueError, match="identical"):
-        C.train_curve(model, p0, p0, train, epochs=1)
+        C.train_curve(model, K.bezier_curve(p0, p0), train, epochs=1)
     with pytest.raises(ValueError, match="nothing to train"):
-        C.train_curve(model, p0, p1, train, degree=1, epochs=1)
-    res = C.train_curve(model, p0, p1, train, kind="polychain", num_bends=1, epochs=3, batch_size=32, lr=0.05,
-                        num_samples=2)
+        C.train_curve(model, K.bezier_curve(p0, p1, degree=1), train, epochs=1)
+    seen = []
+    res = C.train_curve(model, K.polychain(p0, p1, num_bends=1), train, epochs=3, batch_size=32, lr=0.05,
+                        num_samples=2, callback=lambda epoch, r: seen.append((epoch, len(r.history),
+                                                                              r.connector.kind)))
+    assert seen == [(1, 1, "polychain"), (2, 2, "polychain"), (3, 3, "polychain")]
+    assert [r["epoch"] for r in res.history] == [1, 2, 3]  # epochs from 1, as in train_model and train_surface
     conn = res.connector
     assert len(res.history) == 3 and conn.kind == "polychain"
     for a, b in zip(jax.tree_util.tree_leaves(conn.control), jax.tree_util.tree_leaves(tree_stack([p0, p0, p1])),
@@ -185,6 +190,35 @@ def test_train_and_evaluate_curve_on_a_network():
     assert len(d["t"]) == 61 and "summary" in d
 
 
+def test_train_curve_refuses_bad_input_with_clear_errors():
+    model = from_flax(_TinyMLP(), "tiny")
+    train = _toy(64, 0)
+    p0 = model.init(jax.random.key(0), train.x[:2])["params"]
+    p1 = model.init(jax.random.key(1), train.x[:2])["params"]
+    curve = K.bezier_curve(p0, p1)
+    with pytest.raises(TypeError, match=r"bezier_curve\(start, end"):  # the old (model, start, end, train) call
+        C.train_curve(model, p0, p1, train, epochs=1)
+    with pytest.raises(TypeError, match="Connector"):
+        C.train_curve(model, p0, train, epochs=1)
+    with pytest.raises(ValueError, match="surface"):
+        C.train_curve(model, K.bilinear_surface(p0, p1, p0, p1), train, epochs=1)
+    with pytest.raises(TypeError, match="Dataset"):
+        C.train_curve(model, curve, (train.x, train.y), epochs=1)
+    # end points of different widths: TreeMismatchError naming the leaf, at construction
+    wide = {**p1, "Dense_0": {"kernel": jnp.zeros((5, 16)), "bias": jnp.zeros(16)}}  # 16 hidden units, not 8
+    with pytest.raises(TreeMismatchError, match="Dense_0"):
+        K.bezier_curve(p0, wide)
+    with pytest.raises(TreeMismatchError, match="Dense_0"):
+        K.polychain(p0, wide)
+    for bad in (0, -4):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            C.train_curve(model, curve, train, epochs=1, batch_size=bad)
+    with pytest.raises(ValueError, match="larger than the training set"):
+        C.train_curve(model, curve, train, epochs=1, batch_size=65)
+    with pytest.raises(ValueError, match="weight_decay_on"):
+        C.train_curve(model, curve, train, epochs=1, batch_size=32, weight_decay_on="bends")
+
+
 def test_evaluate_path_recalibrates_batchnorm():
     model = from_flax(_TinyBN(), "tiny_bn", has_batch_stats=True)
     train = _toy(128, 0)
@@ -200,15 +234,15 @@ def test_evaluate_path_recalibrates_batchnorm():
 
 
 def test_plot_path_profiles(tmp_path):
-    from mclandscape.plots.paths import plot_path_profiles
+    from mclandscape.plots import plot_path_profiles, save
 
     ts = np.linspace(0, 1, 5)
     p = {"ts": ts, "dl": np.r_[0, np.ones(4)], "train_loss": ts * (1 - ts), "train_acc": np.full(5, 0.9),
          "test_loss": ts * (1 - ts) + 0.1, "test_acc": np.full(5, 0.8)}
-    out = plot_path_profiles({"line": p, "curve": {**p, "test_loss": None}}, tmp_path / "prof.png", x="length")
+    out = save(plot_path_profiles({"line": p, "curve": {**p, "test_loss": None}}, x="length"), tmp_path / "prof.png")
     assert (tmp_path / "prof.png").stat().st_size > 1000 and out.endswith("prof.png")
     with pytest.raises(ValueError, match="no paths"):
-        plot_path_profiles({}, tmp_path / "x.png")
+        plot_path_profiles({})
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Vertical deformation mappings (seed 003): formulas, validation, loss wrapper, Optax transform, slips."""
+"""Vertical deformation mappings (Chen et al., 2021): formulas, validation, loss wrapper, Optax transform, the
+paper's presets (experiments/vdm_presets.py) and the slips of its printed formulas."""
 
 import math
 import subprocess
@@ -11,30 +12,30 @@ import numpy as np
 import optax
 import pytest
 
+from experiments.vdm_presets import (
+    FIG7_SETTINGS,
+    TABLE1_VDMS,
+    fig1_negative_region,
+    fig4_minimum,
+    fig7_printed_vdm,
+    parse_vdm,
+)
 from mclandscape.methods.deform import (
     AP,
     LE,
-    TABLE1_VDMS,
     Identity,
     Squared,
     check_monotone,
     check_vdm_state,
     custom_vdm,
-    parse_vdm,
     scale_by_vdm,
     vdm_loss,
 )
-from mclandscape.methods.simulated import (
-    FIG4_PRINTED_CONSTANT,
-    FIG7_SETTINGS,
-    fig1_loss,
-    fig1_negative_region,
-    fig4_loss,
-    fig4_minimum,
-    fig7_loss,
-    fig7_printed_vdm,
-    run_simulation,
-)
+from mclandscape.methods.potentials import VDM_FIGURE4_CONSTANT as FIG4_PRINTED_CONSTANT
+from mclandscape.methods.potentials import vdm_figure1 as fig1_loss
+from mclandscape.methods.potentials import vdm_figure4 as fig4_loss
+from mclandscape.methods.potentials import vdm_figure7 as fig7_loss
+from mclandscape.methods.simulated import run_simulation
 
 LOSSES = np.array([0.05, 0.3, 1.0, 2.5, 7.0], np.float32)
 
@@ -62,7 +63,7 @@ def test_value_and_derivatives_match_formula_and_autodiff(vdm):
     np.testing.assert_allclose(np.asarray(vdm.derivative(l)), np.asarray(d_auto), rtol=1e-5, atol=1e-6)
     d2_auto = jax.vmap(jax.grad(jax.grad(lambda x: vdm.value(x))))(l)
     np.testing.assert_allclose(np.asarray(vdm.second_derivative(l)), np.asarray(d2_auto), rtol=1e-4, atol=1e-5)
-    check_monotone(vdm)  # every seed VDM is non-decreasing on [0, 20]
+    check_monotone(vdm)  # every VDM of the paper is non-decreasing on [0, 20]
 
 
 def test_le_derivative_shape_and_large_losses():
@@ -80,7 +81,7 @@ def test_parameter_validation():
     for bad in [(0, 0.9), (1, 0), (-1, 0.5), (1, -0.2)]:
         with pytest.raises(ValueError, match="LE"):
             LE(*bad)
-    # seed slip: Table 2 uses AP(1.5, 0.7, 1, 0) although section 3.1 demands a4 > 0 -> accepted
+    # slip of the paper: Table 2 uses AP(1.5, 0.7, 1, 0) although section 3.1 demands a4 > 0 -> accepted
     ap = AP(1.5, 0.7, 1, 0)
     assert float(ap.derivative(100.0)) >= 0.0
 
@@ -343,7 +344,7 @@ def test_parse_vdm_and_table1_list():
             parse_vdm(bad)
 
 
-def test_seed_slip_figure7_printed_vdm_deforms_nothing():
+def test_paper_slip_figure7_printed_vdm_deforms_nothing():
     printed = fig7_printed_vdm()
     l = jnp.asarray(LOSSES)
     np.testing.assert_allclose(np.asarray(printed(l)), LOSSES - 0.9, atol=1e-5)  # ln(exp(l - 0.9)) = l - 0.9
@@ -356,7 +357,7 @@ def test_seed_slip_figure7_printed_vdm_deforms_nothing():
     assert np.abs(le["ends"] - orig["ends"]).max() > 0.1  # the intended LE(1, 0.9) changes the path
 
 
-def test_seed_slips_figure4_constant_and_figure1_negative_loss():
+def test_paper_slips_figure4_constant_and_figure1_negative_loss():
     m = fig4_minimum(grid=801)
     assert m["min_loss_with_printed_constant"] < -1e-3  # printed constant leaves the minimum below 0
     assert abs(m["constant_for_zero_minimum"] - FIG4_PRINTED_CONSTANT) > 1e-3

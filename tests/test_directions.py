@@ -1,4 +1,4 @@
-"""Li et al. (2018) normalised directions, loss curves/planes (seed 003 Fig. 5) and the landscape plots."""
+"""Li et al. (2018) normalised directions, loss curves/planes (Chen et al. 2021, Fig. 5) and the landscape plots."""
 
 import os
 
@@ -22,10 +22,11 @@ from mclandscape.methods.directions import (
     random_directions,
     target_direction,
 )
-from mclandscape.plots.landscape import (
+from mclandscape.plots import (
     contour_plot,
     eigenvalue_plot,
     loss_curves_plot,
+    save,
     surface_plot,
     trajectory_panels,
 )
@@ -151,24 +152,25 @@ def test_loss_curve_and_plane_through_the_evaluator(cnn, tmp_path, monkeypatch):
     # plots of these results
     out = str(tmp_path)
     files = [
-        contour_plot(os.path.join(out, "c.png"), plane.alphas, plane.betas, plane.loss, title="plane",
-                     points={"theta*": (0.0, 0.0)}),
-        surface_plot(os.path.join(out, "s.png"), plane.alphas, plane.betas, plane.loss, log=True),
-        loss_curves_plot(os.path.join(out, "l.png"), {"a": (curve.alphas, curve.loss),
-                                                        "b": (curve.alphas, 2 * curve.loss)}),
+        save(contour_plot(plane.alphas, plane.betas, plane.loss, title="plane", points={"theta*": (0.0, 0.0)}),
+             os.path.join(out, "c.png")),
+        save(surface_plot(plane.alphas, plane.betas, plane.loss, log=True), os.path.join(out, "s.png")),
+        save(loss_curves_plot({"a": (curve.alphas, curve.loss), "b": (curve.alphas, 2 * curve.loss)}),
+             os.path.join(out, "l.png")),
     ]
     for f in files:
         assert os.path.getsize(f) > 1000
     with pytest.raises(ValueError, match="Z must be"):
-        contour_plot(os.path.join(out, "bad.png"), alphas, [0.0, 1.0], plane.loss)
+        contour_plot(alphas, [0.0, 1.0], plane.loss)
 
 
 def test_trajectory_and_eigenvalue_plots(tmp_path):
     xs = np.linspace(-2, 2, 21)
     Z = xs[:, None] ** 2 + 2 * xs[None, :] ** 2
     tr = np.stack([np.linspace(-1.5, 0, 10), np.linspace(1.5, 0, 10)], axis=1)
-    f1 = trajectory_panels(str(tmp_path / "t.png"), xs, xs, Z, {"original": {"GD": tr}, "deformed": {"GD": tr[None]}})
-    f2 = eigenvalue_plot(str(tmp_path / "e.png"), {"GD": np.random.default_rng(0).random((20, 2))})
+    f1 = save(trajectory_panels(xs, xs, Z, {"original": {"GD": tr}, "deformed": {"GD": tr[None]}}),
+              tmp_path / "t.png")
+    f2 = save(eigenvalue_plot({"GD": np.random.default_rng(0).random((20, 2))}), tmp_path / "e.png")
     assert os.path.getsize(f1) > 1000 and os.path.getsize(f2) > 1000
     with pytest.raises(ValueError, match="trajectory"):
-        trajectory_panels(str(tmp_path / "x.png"), xs, xs, Z, {"a": {"GD": np.zeros((3, 3))}})
+        trajectory_panels(xs, xs, Z, {"a": {"GD": np.zeros((3, 3))}})

@@ -1,4 +1,4 @@
-"""Ensembles and their metrics (seed 004 Tables 1-3), checked against NumPy references."""
+"""Ensembles and their metrics (DSP-TT paper, Tables 1-3), checked against NumPy references."""
 
 from __future__ import annotations
 

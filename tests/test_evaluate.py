@@ -61,7 +61,7 @@ def _reference(model, params_list, x, y, batch_stats=None):
 def test_strategies_agree_with_reference_on_connector():
     x, y = _data()
     corners = _inits(MLP, 4, x)
-    surf = C.bezier_surface(*corners, 2, 2)
+    surf = C.bezier_surface(*corners, n=2, m=2)
     pts = uv_grid(4)
     ref = _reference(MLP, T.tree_unstack(surf.points(pts)), x, y)
     results = {}
@@ -130,6 +130,36 @@ def test_bad_inputs():
         evaluate_points(MLP, nan, [0.5], (x, y))
     with pytest.raises(ValueError, match="leading"):
         evaluate_params(MLP, {"a": jnp.zeros((2, 3)), "b": jnp.zeros((3, 3))}, (x, y))
+    surf = C.bilinear_surface(*_inits(MLP, 4, x))
+    with pytest.raises(ValueError, match=r"shape \[P, 2\]"):  # not read as one (u, v) point
+        evaluate_points(MLP, surf, [0.0, 1.0], (x, y))
+    with pytest.raises(ValueError, match=r"u must lie in \[0, 1\]"):
+        evaluate_points(MLP, surf, [[-0.1, 0.5]], (x, y))
+
+
+def test_extrapolation_only_when_asked():
+    x, y = _data()
+    curve = C.bezier_curve(*_inits(MLP, 2, x), 1)
+    with pytest.raises(ValueError, match="t must lie"):
+        evaluate_points(MLP, curve, [1.5], (x, y))
+    r = evaluate_points(MLP, curve, [-0.5, 1.5], (x, y), extrapolate=True)
+    ref = _reference(MLP, [curve.point(t, extrapolate=True) for t in (-0.5, 1.5)], x, y)
+    np.testing.assert_allclose(r.loss, ref[:, 0], rtol=1e-5)
+
+
+def test_float64_points_and_batchnorm_statistics_stay_float64():
+    x, y = _data(n=64)
+    with jax.enable_x64(True):
+        c64 = [jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), p) for p in _inits(BN, 2, x)]
+        curve = C.bezier_curve(*c64, 2)
+        assert jax.tree_util.tree_leaves(bn_momentum(BN, c64[0], jnp.asarray(x[:32])))[0].dtype == jnp.float64
+        r = evaluate_points(BN, curve, [0.0, 0.4, 1.0], (x, y), bn_data=(x, y), bn_batch_size=32)
+        assert r.loss.dtype == np.float64 and r.accuracy.dtype == np.float64
+        # the exact per-point recalibration in float64 matches a float64 reference to ~1e-12, not float32's 1e-6
+        stats = recalibrate_bn(BN, curve.point(0.4), (x, y), batch_size=32)
+        assert jax.tree_util.tree_leaves(stats)[0].dtype == jnp.float64
+        ref = _reference(BN, [curve.point(0.4)], x, y, [stats])
+        np.testing.assert_allclose(r.loss[1], ref[0, 0], rtol=1e-10)
 
 
 SHARDED = textwrap.dedent("""
@@ -141,7 +171,7 @@ SHARDED = textwrap.dedent("""
     from mclandscape.engine.evaluate import evaluate_points, uv_grid
     assert len(jax.devices()) == 8, jax.devices()
     x, y = _data()
-    s = C.bezier_surface(*_inits(MLP, 4, x), 2, 2)
+    s = C.bezier_surface(*_inits(MLP, 4, x), n=2, m=2)
     pts = uv_grid(5)  # 25 points: not a multiple of 8, exercises padding
     one = evaluate_points(MLP, s, pts, (x, y), devices=1, strategy="map")
     many = evaluate_points(MLP, s, pts, (x, y), strategy="map", chunk_size=2)

@@ -158,12 +158,12 @@ def test_connector_resume_refuses_other_ends_settings_and_epochs(digits_mlp, dig
     small = digits_train.take(256)
     pa, pb, pc = (r.params for r in digits_corners[:3])
     kw = dict(epochs=1, batch_size=64, progress=False)
-    first = train_curve(digits_mlp, pa, pb, small, checkpoint_dir=tmp_path / "c", **kw)
+    first = train_curve(digits_mlp, C.bezier_curve(pa, pb), small, checkpoint_dir=tmp_path / "c", **kw)
     with pytest.raises(ResumeMismatchError, match="inputs.control"):
-        train_curve(digits_mlp, pa, pc, small, checkpoint_dir=tmp_path / "c", **kw)
+        train_curve(digits_mlp, C.bezier_curve(pa, pc), small, checkpoint_dir=tmp_path / "c", **kw)
     with pytest.raises(ResumeMismatchError, match="hyper.lr"):
-        train_curve(digits_mlp, pa, pb, small, checkpoint_dir=tmp_path / "c", lr=0.5, **kw)
-    again = train_curve(digits_mlp, pa, pb, small, checkpoint_dir=tmp_path / "c", **kw)
+        train_curve(digits_mlp, C.bezier_curve(pa, pb), small, checkpoint_dir=tmp_path / "c", lr=0.5, **kw)
+    again = train_curve(digits_mlp, C.bezier_curve(pa, pb), small, checkpoint_dir=tmp_path / "c", **kw)
     assert again.resumed_from == 1
     for a, b in zip(jax.tree_util.tree_leaves(again.connector.control),
                     jax.tree_util.tree_leaves(first.connector.control), strict=True):
@@ -212,7 +212,7 @@ def test_a_second_call_compiles_nothing(digits_mlp, digits_corners, digits_train
     grid = lambda: evaluate_points(digits_mlp, surf, uv_grid(5), digits_test)  # noqa: E731
     grid()
     assert _compiles(grid) == 0
-    curve = lambda: train_curve(digits_mlp, digits_corners[0].params, digits_corners[1].params, small,  # noqa: E731
+    curve = lambda: train_curve(digits_mlp, C.bezier_curve(digits_corners[0].params, digits_corners[1].params), small,  # noqa: E731
                                 epochs=1, batch_size=64, progress=False)
     curve()
     assert _compiles(curve) == 0

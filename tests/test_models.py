@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mclandscape.core.tree import tree_size
-from mclandscape.engine.models import Model, get_model, list_models
+from mclandscape.engine.models import Model, from_flax, get_model, list_models
 
 # ---------------------------------------------------------------------------------------------------------
 # independent parameter arithmetic
@@ -88,7 +89,7 @@ def abstract_variables(model: Model, shape):
     return jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
-DEEP = {"preresnet164", "densenet100"}  # seed 004's CIFAR nets, tested in tests/test_models_deep.py
+DEEP = {"preresnet164", "densenet100"}  # the DSP-TT paper's CIFAR nets, tested in tests/test_models_deep.py
 
 
 def test_registry_lists_every_architecture():
@@ -254,3 +255,80 @@ def test_mlp_accepts_flat_and_image_inputs():
 def test_bad_model_arguments_raise_value_error(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# from_flax: BatchNorm detected from the initialised variables
+
+
+class _UserBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(8)(x.reshape(x.shape[0], -1))
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(3)(nn.relu(x))
+
+
+class _UserPlain(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_from_flax_detects_batchnorm_from_the_initialised_variables():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5)), jnp.float32)
+    model = from_flax(_UserBN())
+    with pytest.raises(ValueError, match="does not know yet whether it has BatchNorm"):
+        bool(model.has_batch_stats)
+    variables = model.init(jax.random.key(0), x)
+    assert model.has_batch_stats and set(variables) == {"params", "batch_stats"}
+    logits, stats = model.apply_with_stats(variables, x)
+    assert logits.shape == (4, 3) and not np.allclose(stats["BatchNorm_0"]["mean"], 0.0)
+    # train mode makes batch_stats mutable itself (formerly Flax's ModifyScopeVariableError)
+    np.testing.assert_allclose(model.apply(variables, x, train=True), logits, rtol=1e-6)
+    plain = from_flax(_UserPlain())
+    jax.eval_shape(plain.init, jax.random.key(0), x)  # an abstract init is enough to learn it
+    assert not plain.has_batch_stats
+    # an explicit (wrong) has_batch_stats=False no longer crashes train mode either
+    declared = from_flax(_UserBN(), has_batch_stats=False)
+    assert not declared.has_batch_stats and declared.apply_with_stats is None
+    np.testing.assert_allclose(declared.apply(variables, x, train=True), logits, rtol=1e-6)
+    with pytest.raises(TypeError, match="has_batch_stats"):
+        from_flax(_UserBN(), has_batch_stats="yes")
+
+
+def test_from_flax_batchnorm_model_trains_without_declaring_it(digits_train):
+    from mclandscape.engine.data import Dataset
+    from mclandscape.engine.train import TrainConfig, train_model
+
+    small = Dataset(digits_train.x[:128], digits_train.y[:128], 10, "small")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.Dense(16)(x.reshape(x.shape[0], -1))
+            x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+            return nn.Dense(10)(x)
+
+    model = from_flax(Net())
+    res = train_model(model, small, None, TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-2),
+                      progress=False)
+    assert model.has_batch_stats
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    assert not np.allclose(res.variables["batch_stats"]["BatchNorm_0"]["mean"], 0.0)
+
+
+def test_resnet20_width_multiplies_every_stage():
+    import jax
+    import jax.numpy as jnp
+
+    def size(model):
+        v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+        return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(v["params"]))
+
+    base, wide = get_model("resnet20"), get_model("resnet20", width=4)
+    assert wide.spec["kwargs"]["width"] == 4 and base.spec["kwargs"]["width"] == 1
+    # convolutions dominate: ~width^2 as many parameters
+    assert 14 * size(base) < size(wide) < 16.5 * size(base)
+    with pytest.raises(ValueError, match="width"):
+        get_model("resnet20", width=0)

@@ -102,7 +102,7 @@ def test_hand_counts_and_paper_sizes():
     assert preresnet_bottleneck_count() == 432 + 4704 + 17 * 4544 + 23808 + 17 * 17792 + 94720 + 17 * 70400 \
         + 512 + 2570 == 1_703_258
     assert densenet_bc_count() == 648 + 175680 + 23760 + 242880 + 45600 + 276480 + 684 + 3430 == 769_162
-    assert abs(preresnet_bottleneck_count() - 1.7e6) < 0.01e6  # seed 004: "ResNet-164 (1.7M)"
+    assert abs(preresnet_bottleneck_count() - 1.7e6) < 0.01e6  # the DSP-TT paper: "ResNet-164 (1.7M)"
     assert round(densenet_bc_count() / 1e6, 2) == 0.77  # DenseNet-BC (k = 12), depth 100: Huang et al.'s 0.8 M
 
 
@@ -269,7 +269,7 @@ def test_post_activation_bottleneck_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# experiments/dsp_tt.py: the paper's CIFAR settings (seed 004 §5), no training
+# experiments/dsp_tt.py: the DSP-TT paper's CIFAR settings (§5), no training
 
 
 def test_dsp_tt_cifar_settings_per_architecture():

@@ -1,6 +1,6 @@
-"""Nudged Elastic Band (seed 001, Draxler et al. 2018), AutoNEB and the band helpers; the band as an objective
-on the engine's one step and loop (negated-force gradient, frozen ends, stopping, step offsets, compiling
-once)."""
+"""Nudged Elastic Band (Draxler et al., 2018, 'Essentially no barriers in neural network energy landscape'),
+AutoNEB and the band helpers; the band as an objective on the engine's one step and loop (negated-force
+gradient, frozen ends, stopping, step offsets, compiling once)."""
 
 import logging
 
@@ -443,7 +443,7 @@ def test_band_profile_runs_through_the_evaluator():
 
 
 def test_pivot_objective_accepts_functions_objectives_and_models():
-    model = from_flax(_TinyMLP(), "tiny")
+    model = from_flax(_TinyMLP(), "tiny", has_batch_stats=False)  # not initialised: say there is no BatchNorm
     obj = make_objective(model, "cross_entropy", train=False)
     assert N.pivot_objective(obj) is obj
     fobj = function_objective(muller_brown)

@@ -1,4 +1,4 @@
-"""Bézier-surface mode connectivity (seed 000): phases, area element, training, grids, ensembles, linear surfaces."""
+"""Bézier-surface mode connectivity (Bézier-surface paper, Anonymous, 2024): phases, area, training, grids."""
 
 import math
 
@@ -134,7 +134,7 @@ def test_area_element_against_brute_force():
         for dims in [(2, 1), (4, 3)]:
             corner = [{"a": jnp.asarray(rng.normal(size=dims[0])), "b": jnp.asarray(rng.normal(size=(dims[1],)))}
                       for _ in range(4)]
-            conn = C.bezier_surface(*corner, 2, 3)
+            conn = C.bezier_surface(*corner, n=2, m=3)
             conn = conn.replace(control=jax.tree_util.tree_map(
                 lambda x: x + 0.4 * jnp.asarray(rng.normal(size=x.shape)), conn.control))
             pts = rng.uniform(size=(6, 2))
@@ -154,7 +154,7 @@ def test_area_element_against_brute_force():
     # a planar unit square (bilinear corners, any degree) has area element 1 everywhere; q_uv = 1
     sq = [{"p": jnp.asarray(c, jnp.float32)} for c in ([0, 0, 5], [0, 1, 5], [1, 0, 5], [1, 1, 5])]
     for n, m in [(1, 1), (2, 2), (3, 4)]:
-        conn = C.bezier_surface(*sq, n, m)
+        conn = C.bezier_surface(*sq, n=n, m=m)
         np.testing.assert_allclose(np.asarray(S.area_element(conn, uv_grid(4))), 1.0, rtol=1e-5)
         np.testing.assert_allclose(float(S.surface_area(conn)), 1.0, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(S.area_density(conn, [[0.2, 0.9]])), 1.0, rtol=1e-5)
@@ -163,7 +163,7 @@ def test_area_element_against_brute_force():
 def test_area_weights_and_proposal_are_unbiased():
     rng = np.random.default_rng(2)
     corner = [{"a": jnp.asarray(rng.normal(size=5), jnp.float32)} for _ in range(4)]
-    conn = C.bezier_surface(*corner, 2, 2)
+    conn = C.bezier_surface(*corner, n=2, m=2)
     conn = conn.replace(control=jax.tree_util.tree_map(
         lambda x: x + jnp.asarray(rng.normal(size=x.shape), jnp.float32), conn.control))
     f = lambda p: jnp.sin(3 * p[:, 0]) + p[:, 1] ** 2  # a test "loss"
@@ -195,7 +195,7 @@ def test_area_weights_and_proposal_are_unbiased():
 def test_each_phase_moves_exactly_its_points_and_layers(digits, corners):
     train, _ = digits
     small = Dataset(train.x[:256], train.y[:256], 10, "digits256")
-    surf = C.bezier_surface(*corners, 2, 3)  # 3 x 4 control points
+    surf = C.bezier_surface(*corners, n=2, m=3)  # 3 x 4 control points
     for phase in S.PHASES:
         ep = [0, 0, 0]
         ep[phase - 1] = 1
@@ -221,7 +221,7 @@ def test_each_phase_moves_exactly_its_points_and_layers(digits, corners):
 
 def test_training_lowers_mean_surface_loss_and_resumes(digits, corners, tmp_path):
     train, test = digits
-    surf = C.bezier_surface(*corners, 2, 2)
+    surf = C.bezier_surface(*corners, n=2, m=2)
     kw = dict(epochs=(1, 1, 2), num_samples=4, batch_size=128, lr=0.05)
     before = S.surface_grid(MLP, surf, train, test, steps=5)
     res = S.train_surface(MLP, surf, train, **kw, checkpoint_dir=tmp_path / "a")
@@ -235,12 +235,12 @@ def test_training_lowers_mean_surface_loss_and_resumes(digits, corners, tmp_path
     class Stop(Exception):
         pass
 
-    def stop(phase, epoch, rec, connector):
-        if phase == 3 and epoch == 1:
+    def stop(epoch, result):
+        if result.phase == 3 and epoch == 1:
             raise Stop
 
     with pytest.raises(Stop):
-        S.train_surface(MLP, surf, train, **kw, checkpoint_dir=tmp_path / "b", epoch_callback=stop)
+        S.train_surface(MLP, surf, train, **kw, checkpoint_dir=tmp_path / "b", callback=stop)
     resumed = S.train_surface(MLP, surf, train, **kw, checkpoint_dir=tmp_path / "b")
     for a, b in zip(jax.tree_util.tree_leaves(res.connector.control),
                     jax.tree_util.tree_leaves(resumed.connector.control), strict=True):
@@ -255,7 +255,7 @@ def test_training_lowers_mean_surface_loss_and_resumes(digits, corners, tmp_path
 def test_area_objective_trains(digits, corners, estimator):
     train, _ = digits
     small = Dataset(train.x[:128], train.y[:128], 10, "digits128")
-    surf = C.bezier_surface(*corners, 2, 2)
+    surf = C.bezier_surface(*corners, n=2, m=2)
     res = S.train_surface(MLP, surf, small, epochs=(0, 0, 2), num_samples=3, batch_size=64, objective="area",
                           area_estimator=estimator, proposal_cells=8)
     assert len(res.history[3]) == 2 and all(np.isfinite(r["objective"]) for r in res.history[3])
@@ -280,7 +280,7 @@ def test_grid_recalibrates_bn_per_point(digits):
     te = Dataset(test.x[:100], test.y[:100], 10, "te")
     bn = from_flax(TinyBN(), "tiny_bn", has_batch_stats=True)
     cs = [bn.init(jax.random.key(i), jnp.asarray(tr.x[:2]))["params"] for i in range(4)]
-    surf = C.bezier_surface(*cs, 2, 2)
+    surf = C.bezier_surface(*cs, n=2, m=2)
     grid = S.surface_grid(bn, surf, tr, te, steps=3, bn_batch_size=64)
     pts = uv_grid(3)
     params = T.tree_unstack(surf.points(pts))
@@ -304,7 +304,7 @@ def test_grid_recalibrates_bn_per_point(digits):
 
 def test_ensembles_merge_and_extrema_against_numpy(digits, corners):
     train, test = digits
-    surf = C.bezier_surface(*corners, 2, 2)
+    surf = C.bezier_surface(*corners, n=2, m=2)
     grid = S.surface_grid(MLP, surf, train, test, steps=4, return_probs=True)
     assert grid.test_probs.shape == (16, len(test), 10)
     ens = S.surface_ensembles(grid, test.y)
@@ -333,7 +333,7 @@ def test_ensembles_merge_and_extrema_against_numpy(digits, corners):
 
 def test_subset_approximation_reports_positions(digits, corners):
     train, test = digits
-    surf = C.bezier_surface(*corners, 2, 2)
+    surf = C.bezier_surface(*corners, n=2, m=2)
     full = S.surface_grid(MLP, surf, train, test, steps=3)
     r = S.subset_approximation(MLP, surf, train, test, full=full, train_batches=2, batch_size=64, test_size=90)
     assert r["train_examples"] == 128 and r["test_examples"] == 90
@@ -367,34 +367,97 @@ def test_linear_surfaces(digits, corners):
 
 
 def test_plots_write_pngs(tmp_path):
+    from mclandscape.plots import save
     from mclandscape.plots import surface as plots
 
     g = np.random.default_rng(0).uniform(size=(5, 5))
-    paths = [plots.heatmap_pair(g, g / 2, tmp_path / "hm.png", label="loss"),
-             plots.surface_3d([g, g / 2], tmp_path / "s3.png", titles=["a", "b"]),
-             plots.triangle_plot(S.triangle_points(5), np.arange(15.0), tmp_path / "tri.png"),
-             plots.subset_comparison(g, g + 0.1, tmp_path / "sub.png", label="acc")]
+    paths = [save(plots.heatmap_pair(g, g / 2, label="loss"), tmp_path / "hm.png"),
+             save(plots.surface_3d([g, g / 2], titles=["a", "b"]), tmp_path / "s3.png"),
+             save(plots.triangle_plot(S.triangle_points(5), np.arange(15.0)), tmp_path / "tri.png"),
+             save(plots.subset_comparison(g, g + 0.1, label="acc"), tmp_path / "sub.png")]
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="square"):
-        plots.heatmap_pair(g[:3], g, tmp_path / "x.png", label="l")
+        plots.heatmap_pair(g[:3], g, label="l")
 
 
-def test_epoch_callback_sees_the_surface_and_can_stop_training(digits, corners):
+def test_callback_sees_the_surface_and_can_stop_training(digits, corners):
     from mclandscape.engine.loop import StopRun
 
     train, _ = digits
     surf = C.bezier_surface(*corners, n=2, m=2)
     seen = []
 
-    def cb(phase, epoch, record, connector):
-        seen.append((phase, epoch))
-        assert connector.kind == "surface" and connector.shape == (3, 3) and "loss" in record
-        if phase == 2:
+    def cb(epoch, result):
+        seen.append((result.phase, epoch))
+        record = result.history[result.phase][-1]
+        assert record["epoch"] == epoch and "loss" in record  # epochs from 1 within the phase, as in history
+        assert result.connector.kind == "surface" and result.connector.shape == (3, 3)
+        if result.phase == 2:
             raise StopRun
 
     res = S.train_surface(MLP, surf, train.take(256), epochs=(1, 2, 1), num_samples=2, batch_size=64,
-                          epoch_callback=cb)
+                          callback=cb)
     assert seen == [(1, 1), (2, 1)] and len(res.history[2]) == 1 and 3 not in res.history
+    assert "stopped by the callback" in res.skipped[3]
     assert "stopped" in res.skipped[3]
+
+
+def test_train_surface_refuses_bad_input_with_clear_errors(digits, corners):
+    train, _ = digits
+    small = train.take(64)
+    surf = C.bezier_surface(*corners, n=2, m=2)
+    with pytest.raises(TypeError, match=r"bezier_surface\(c00, c01, c10, c11"):  # corners instead of a surface
+        S.train_surface(MLP, *corners, small)
+    with pytest.raises(ValueError, match="surface"):
+        S.train_surface(MLP, C.bezier_curve(corners[0], corners[1]), small)
+    with pytest.raises(TypeError, match="Dataset"):
+        S.train_surface(MLP, surf, (small.x, small.y))
+    for bad in (0, -4):  # used to be a ZeroDivisionError and 'larger than the training set'
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            S.train_surface(MLP, surf, small, epochs=(0, 0, 1), batch_size=bad)
+    with pytest.raises(ValueError, match=r"batch_size 65 is larger than the training set \(64 examples\)"):
+        S.train_surface(MLP, surf, small, epochs=(0, 0, 1), batch_size=65)
+    with pytest.raises(ValueError, match="epochs"):
+        S.train_surface(MLP, surf, small, epochs=(0, 0, 1.5))
+    with pytest.raises(ValueError, match=r"shape \[P, 2\]"):  # a 1-D array is not reshaped into pairs
+        S.area_element(surf, jnp.asarray([0.1, 0.2, 0.3, 0.4]))
+
+
+def _bilinear_area_f64(cs, q):
+    """The bilinear surface's area by the same Gauss-Legendre rule, in NumPy float64."""
+    c00, c01, c10, c11 = (np.asarray(ravel_pytree(c)[0], np.float64) for c in cs)
+    x, w = np.polynomial.legendre.leggauss(q)
+    x, w = (x + 1) / 2, w / 2
+    total = 0.0
+    for u, wu in zip(x, w, strict=True):
+        for v, wv in zip(x, w, strict=True):
+            pu = (1 - v) * (c10 - c00) + v * (c11 - c01)
+            pv = (1 - u) * (c01 - c00) + u * (c11 - c10)
+            total += wu * wv * np.sqrt(max((pu @ pu) * (pv @ pv) - (pu @ pv) ** 2, 0.0))
+    return total
+
+
+def test_float64_surface_area_training_and_grid_stay_float64():
+    """Under jax_enable_x64 a float64 surface keeps float64 quadrature nodes, samples, losses and metrics."""
+    small, few = load_dataset("iris", "train"), load_dataset("iris", "test")
+    tiny = get_model("mlp", widths=[4], num_classes=3)
+    with jax.enable_x64(True):
+        cs = [jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64),
+                                     tiny.init(jax.random.key(s), small.x[:1])["params"]) for s in range(4)]
+        surf = C.bezier_surface(*cs, n=2, m=2)
+        z = S.surface_area(surf, quadrature=8)
+        assert z.dtype == jnp.float64
+        # float32 nodes and weights (the old rule) are off by ~1e-8 relative; float64 agrees to rounding
+        assert float(z) == pytest.approx(_bilinear_area_f64(cs, 8), rel=1e-11)
+        pts = jnp.asarray([[0.25, 0.5], [0.9, 0.1]])
+        assert S.area_element(surf, pts).dtype == jnp.float64
+        assert S.area_weights(quadrature=8)(surf, pts).dtype == jnp.float64
+        assert S.phase_sampler(surf.shape, 1)(jax.random.key(0), 4).dtype == jnp.float64
+        res = S.train_surface(tiny, surf, small, epochs=(0, 0, 1), num_samples=2, batch_size=60, objective="area",
+                              area_quadrature=8, progress=False)
+        assert {a.dtype for a in jax.tree_util.tree_leaves(res.connector.control)} == {np.dtype("float64")}
+        assert np.isfinite(res.history[3][0]["loss"])
+        grid = S.surface_grid(tiny, res.connector, small, few, steps=2)
+        assert grid.train_loss.dtype == np.float64 and grid.test_acc.dtype == np.float64

@@ -1,4 +1,5 @@
-"""DSP-TT (seed 004): eq. 3 readings, exit detection, local solver, tiers, verification, resume."""
+"""DSP-TT (the DSP-TT paper, Anonymous, 2020): eq. 3 readings, exit detection, local solver, tiers, exit-point
+verification, resume, float64."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import optax
 import pytest
 
 from mclandscape.core.objective import function_objective
+from mclandscape.core.tree import tree_add, tree_cosine, tree_distance, tree_dot, tree_norm
 from mclandscape.engine.loop import NonFiniteError
 from mclandscape.methods import trusttech as tt
 
@@ -149,7 +151,7 @@ def test_losses_off_the_objective_protocol_are_refused():
 
 def test_literal_reading_never_escapes_while_outward_readings_do():
     d0 = _dir(0.1, 0.03)
-    n0 = float(tt.tree_norm(d0))
+    n0 = float(tree_norm(d0))
     lit = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config("literal", max_steps=1500),
                         batch_fn=NO_BATCH, solver=SOLVER, directions=[d0])
     assert lit.exits == [] and lit.failed == [0]
@@ -294,9 +296,9 @@ def test_bad_directions_and_configs_raise():
 
 def test_random_initial_directions_have_the_requested_norm_and_differ():
     dirs = tt.initial_directions(jax.random.key(3), {"a": jnp.zeros((4, 3)), "b": jnp.zeros(5)}, 3, norm=0.5)
-    norms = [float(tt.tree_norm(d)) for d in dirs]
+    norms = [float(tree_norm(d)) for d in dirs]
     np.testing.assert_allclose(norms, 0.5, rtol=1e-5)
-    assert float(tt.tree_cosine(dirs[0], dirs[1])) < 0.99
+    assert float(tree_cosine(dirs[0], dirs[1])) < 0.99
 
 
 def test_tier_by_tier_searches_from_the_best_tier1_solution():
@@ -354,14 +356,14 @@ def test_verification_points_before_and_after_the_exit_reach_different_optima():
     n_snap = out.steps_run // 100
     assert out.trajectories["x"].shape == (len(out.iterations), n_snap)
     u, v = tt.random_orthonormal_pair(jax.random.key(0), ORIGIN2)
-    assert float(tt.tree_dot(u, v)) == pytest.approx(0.0, abs=1e-6)
+    assert float(tree_dot(u, v)) == pytest.approx(0.0, abs=1e-6)
     xy = tt.project(out.trajectories, ORIGIN2, (u, v), leading=2)
     assert xy.shape == (len(out.iterations), n_snap, 2)
     with pytest.raises(ValueError, match="non-empty"):
         tt.verify_exit(LOSS2, ORIGIN2, [], 0)
     with pytest.raises(ValueError, match="grad_tol"):
         tt.verify_exit(LOSS2, ORIGIN2, path, cross, grad_tol=0.0)
-    with pytest.raises(ValueError, match="outputs_fn"):
+    with pytest.raises(ValueError, match="function"):
         out.separation("function")
     with pytest.raises(ValueError, match="space"):
         out.separation("weights")
@@ -387,7 +389,7 @@ def test_verification_tells_symmetric_copies_from_different_functions():
     path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
             for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
     out = tt.verify_exit(SIGN_SYM, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
-                         grad_tol=1e-6, outputs_fn=lambda p: p["a"] * jnp.tanh(p["b"] * X_SYM))
+                         grad_tol=1e-6, distances={"function": tt.output_distance(lambda p: p["a"] * jnp.tanh(p["b"] * X_SYM))})
     assert all(out.converged)
     a_star = float(out.origin_final["a"])
     assert 0.8 < a_star < 1.2 and 0.8 < float(out.origin_final["b"]) < 1.2
@@ -396,7 +398,7 @@ def test_verification_tells_symmetric_copies_from_different_functions():
     assert out.separates and par["leaves_origin"] and par["boundary"] == (5, 6) and par["boundary_offset"] == -0.5
     assert par["between"] > 1.5 and par["ratio"] > 1e3
     # ... but the two optima are one function: nothing separates in function space
-    assert out.function_basin == [0] * 10
+    assert out.clusters("function").labels == [0] * 10
     assert not fun["separates"] and not fun["disjoint"] and fun["boundary"] is None
     assert fun["boundary_groups"] is None and par["boundary_groups"]["ratio"] > 1e3
     assert fun["between"] < 1e-4
@@ -426,16 +428,16 @@ def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
     y_end = np.asarray(loose.finals["y"])
     assert np.all(y_end > 0.25)
     # remaining-distance estimate: the flow still has about |y| to travel along the valley
-    np.testing.assert_allclose(loose.flow_remaining, y_end, rtol=0.1)
+    np.testing.assert_allclose(loose.diagnostics.remaining, y_end, rtol=0.1)
     sep = loose.separation("param")
     assert sep["num_optima"] > 2 and not sep["two_optima"] and not sep["all_settled"]
     polished = tt.verify_exit(FLAT, origin, path, 5, step_size=0.01, steps=20_000, record_every=200,
                               grad_tol=1e-2, polish_steps=200, polish_tol=1e-6)
     assert all(polished.settled) and not any(polished.flow_settled)
-    assert np.all(polished.grad_norms <= 1e-6) and np.all(polished.polish_iterations >= 1)
+    assert np.all(polished.grad_norms <= 1e-6) and np.all(polished.diagnostics.polish_iterations >= 1)
     np.testing.assert_allclose(np.asarray(polished.finals["y"]), 0.0, atol=1e-3)
     np.testing.assert_allclose(np.asarray(polished.finals["x"]), np.where(polished.before, -1.0, 1.0), atol=1e-4)
-    np.testing.assert_allclose(polished.polish_moves, y_end, atol=2e-3)
+    np.testing.assert_allclose(polished.diagnostics.polish_moves, y_end, atol=2e-3)
     sep = polished.separation("param")
     assert sep["num_optima"] == 2 and sep["two_optima"] and sep["all_settled"] and sep["separates"]
     assert sep["boundary"] == (4, 5)
@@ -464,23 +466,32 @@ def test_verification_modulo_symmetries_identifies_copies():
     path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
             for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
     out = tt.verify_exit(SIGN_SYM, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
-                         grad_tol=1e-6, symmetry_distance=_sign_sym_distance, polish_steps=50)
-    assert out.symmetry_basin == [0] * 10 and out.basin == [0] * 5 + [1] * 5
-    assert float(np.max(out.symmetry_distances)) < 1e-4 and out.symmetry_tol > 1e-3
+                         grad_tol=1e-6, distances={"symmetry": _sign_sym_distance}, polish_steps=50)
+    sym_clusters = out.clusters("symmetry")
+    assert sym_clusters.labels == [0] * 10 and out.basin == [0] * 5 + [1] * 5
+    assert float(np.max(sym_clusters.distances)) < 1e-4 and sym_clusters.tol > 1e-3
     sym = out.separation("symmetry")
     assert sym["num_optima"] == 1 and not sym["separates"] and sym["boundary"] is None
     assert out.summary()["separation_symmetry"] == sym
-    with pytest.raises(ValueError, match="symmetry_distance"):
+    with pytest.raises(ValueError, match="symmetry"):
         tt.verify_exit(LOSS2, ORIGIN2, [(1, _dir(0.1, 0.0))], 1, steps=10, record_every=10
                        ).separation("symmetry")
 
 
-def test_mlp_symmetry_distance_is_invariant_and_matches_brute_force():
+def test_symmetry_distance_of_the_verification_is_exact_for_a_tanh_mlp():
+    """The verification's distance modulo symmetries (alignment.distance_modulo_permutation over the model's
+    PermutationSpec, sign flips for tanh) is 0 for a permuted and sign-flipped copy and equals the brute-force
+    minimum over all permutations and sign flips of the hidden units."""
+    import functools
     import itertools
 
     from mclandscape.engine.models import get_model
+    from mclandscape.methods.alignment import distance_modulo_permutation, permutation_spec
 
     model = get_model("mlp", widths=[3], num_classes=2, activation="tanh")
+    spec = permutation_spec(model)
+    sym = functools.partial(distance_modulo_permutation, spec, sign_flips=True)
+    perms_only = functools.partial(distance_modulo_permutation, spec)
     x = jax.random.normal(jax.random.key(0), (7, 4))
     p = model.init(jax.random.key(1), x)["params"]
     q = model.init(jax.random.key(2), x)["params"]
@@ -492,18 +503,14 @@ def test_mlp_symmetry_distance_is_invariant_and_matches_brute_force():
 
     pt_ = transform(p, perm, signs)
     np.testing.assert_allclose(model.apply({"params": pt_}, x), model.apply({"params": p}, x), atol=1e-6)
-    assert tt.mlp_symmetry_distance(p, pt_) == pytest.approx(0.0, abs=1e-6)
-    assert float(tt.tree_distance(p, pt_)) > 0.1
+    assert sym(p, pt_) == pytest.approx(0.0, abs=1e-6)
+    assert float(tree_distance(p, pt_)) > 0.1
     # without the sign symmetry (a non-odd activation) only permutations count
-    assert tt.mlp_symmetry_distance(p, transform(p, perm, np.ones(3)), odd=False) == pytest.approx(0.0, abs=1e-6)
-    assert tt.mlp_symmetry_distance(p, pt_, odd=False) > 0.1
-    brute = min(float(tt.tree_distance(p, transform(q, np.array(pm), np.array(sg))))
+    assert perms_only(p, transform(p, perm, np.ones(3))) == pytest.approx(0.0, abs=1e-6)
+    assert perms_only(p, pt_) > 0.1
+    brute = min(float(tree_distance(p, transform(q, np.array(pm), np.array(sg))))
                 for pm in itertools.permutations(range(3)) for sg in itertools.product([1.0, -1.0], repeat=3))
-    assert tt.mlp_symmetry_distance(p, q) == pytest.approx(brute, rel=1e-5)
-    with pytest.raises(ValueError, match="one-hidden-layer"):
-        tt.mlp_symmetry_distance({"w": np.zeros(2)}, q)
-    with pytest.raises(ValueError, match="shape"):
-        tt.mlp_symmetry_distance(p, model.init(jax.random.key(1), x[:, :3])["params"])
+    assert sym(p, q) == pytest.approx(brute, rel=1e-5)
 
 
 def test_model_loss_fn_squared_error_and_l2_match_numpy():
@@ -531,28 +538,36 @@ def test_model_loss_fn_squared_error_and_l2_match_numpy():
         tt.model_loss_fn(model, variables, l2=-1.0)
 
 
-def test_plots_write_files(tmp_path):
+def test_plots_return_figures_draw_into_given_axes_and_save(tmp_path):
     from mclandscape.plots import trusttech as pt
+    from mclandscape.plots._figure import new_figure, save
 
     res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=20), batch_fn=NO_BATCH,
                         solver=SOLVER, directions=[_dir(0.01, 0.003)])
     e = res.exits[0]
-    f1 = pt.plot_search_trace(res.traces[0], str(tmp_path / "trace.png"), exit=e,
-                              extra={"full loss": ([1, 10], [0.0, 0.1])})
+    f1 = pt.plot_search_trace(res.traces[0], exit=e, extra={"full loss": ([1, 10], [0.0, 0.1])})
     out = tt.verify_exit(LOSS2, ORIGIN2, res.paths[0], e.peak_iteration, steps=200, record_every=50)
     basis = tt.random_orthonormal_pair(jax.random.key(1), ORIGIN2)
-    f2 = pt.plot_verification(out, ORIGIN2, basis, str(tmp_path / "verify.png"),
-                              exit_point=tt.tree_add(ORIGIN2, res.paths[0][-1][1]))
+    f2 = pt.plot_verification(out, ORIGIN2, basis, exit_point=tree_add(ORIGIN2, res.paths[0][-1][1]))
     its = out.iterations
     mid = its[len(its) // 2]
-    f3 = pt.plot_verification(out, ORIGIN2, basis, str(tmp_path / "verify_split.png"), split_at=mid)
-    for f in (f1, f2, f3):
-        with open(f, "rb") as fh:
+    host = new_figure((8.0, 4.0))
+    axes = host.subplots(1, 2)
+    f3 = pt.plot_verification(out, ORIGIN2, basis, split_at=mid, ax=axes[1], title="split at the midpoint")
+    assert f3 is host and axes[1].get_title() == "split at the midpoint" and len(axes[1].lines) > 0
+    assert not axes[0].lines  # only the given axes were drawn into
+    assert pt.plot_search_trace(res.traces[0], ax=axes[0]) is host and len(axes[0].lines) >= 2
+    assert f1.axes[0].get_title() == "loss along a DSP-TT search path"
+    for name, f in (("trace", f1), ("verify", f2), ("split", f3)):
+        path = save(f, tmp_path / f"{name}.png")
+        with open(path, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="split_at"):
-        pt.plot_verification(out, ORIGIN2, basis, str(tmp_path / "bad.png"), split_at=its[-1] + 1)
+        pt.plot_verification(out, ORIGIN2, basis, split_at=its[-1] + 1)
+    with pytest.raises(ValueError, match="space must be one of"):
+        pt.plot_verification(out, ORIGIN2, basis, space="symmetry")
     with pytest.raises(ValueError, match="empty"):
-        pt.plot_search_trace({"iteration": [], "loss": [], "ema": []}, str(tmp_path / "x.png"))
+        pt.plot_search_trace({"iteration": [], "loss": [], "ema": []})
 
 
 class _Kill(Exception):
@@ -564,7 +579,7 @@ def test_killed_search_resumes_to_the_same_result(tmp_path):
     cfg = tt.DSPConfig(num_directions=4, rho=tt.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=600,
                        checkpoint_every=25)
     kw = dict(config=cfg, batch_fn=NO_BATCH, solver=SOLVER)
-    ref = tt.dsp_search(LOSS4, origin, jax.random.key(5), checkpoint_dir=str(tmp_path / "ref"), **kw)
+    ref = tt.dsp_search(LOSS4, origin, jax.random.key(5), **kw)  # uninterrupted, no checkpoints at all
     assert len(ref.exits) >= 2
     first_exit = min(e.step for e in ref.exits)
 
@@ -640,7 +655,7 @@ def test_model_search_on_digits_finds_a_tier1_solution(tmp_path):
     for e, s in zip(res.exits, res.solutions, strict=True):
         assert e.peak_ema > e.base_ema + 0.2 and e.ema <= e.peak_ema - 0.1 * (e.peak_ema - e.base_ema)
         assert e.solution_loss < 0.5
-        assert float(tt.tree_distance(s, omega0)) > 1.0
+        assert float(tree_distance(s, omega0)) > 1.0
     # a new objective of the same model and loss, another origin: the search and solver steps are reused
     short = tt.DSPConfig(num_directions=1, rho=cfg.rho, detector=cfg.detector, init_norm=1.0, max_steps=20)
     fresh = tt.model_loss_fn(model, variables)
@@ -648,3 +663,30 @@ def test_model_search_on_digits_finds_a_tier1_solution(tmp_path):
                                             batch_fn=batches, solver=train),
                               tt.local_solve(fresh, omega0, dataclasses.replace(train, steps=3), batches,
                                              jax.random.key(3)))) == 0
+
+
+def test_float64_parameters_keep_float64_through_search_solver_and_verification():
+    """With jax_enable_x64, float64 parameters give float64 directions, exit points, solutions, flows and
+    losses: the losses the exit detector sees are the float64 objective values (float32 rounding would move
+    them by ~1e-8 relative)."""
+    with jax.enable_x64(True):
+        origin = {"x": jnp.array(-1.0, jnp.float64), "y": jnp.array(0.0, jnp.float64)}
+        seen = []
+
+        def record(t, info):
+            seen.append((info["loss"], info["d"]))
+
+        res = tt.dsp_search(LOSS2, origin, jax.random.key(0), config=_config(record_path=10), batch_fn=NO_BATCH,
+                            solver=SOLVER, directions=[{"x": jnp.array(0.01, jnp.float64),
+                                                        "y": jnp.array(0.003, jnp.float64)}], callback=record)
+        assert len(res.exits) == 1
+        for tree in (res.solutions[0], res.exit_points[0], res.paths[0][-1][1], seen[-1][1]):
+            assert {str(x.dtype) for x in jax.tree_util.tree_leaves(tree)} == {"float64"}
+        for loss, d in seen[::25]:
+            want = float(two_wells(tree_add(origin, d)))
+            assert loss == pytest.approx(want, rel=1e-13, abs=1e-300)  # the float64 value, not a float32 one
+        assert any(float(np.float32(loss)) != loss for loss, _ in seen)  # values float32 cannot represent
+        out = tt.verify_exit(LOSS2, origin, res.paths[0], res.exits[0].iteration, step_size=0.05, steps=400,
+                             record_every=100)
+        assert {str(x.dtype) for x in jax.tree_util.tree_leaves((out.finals, out.trajectories))} == {"float64"}
+        assert out.final_losses.dtype == np.float64 and np.all(out.final_losses < 1e-12)

@@ -779,7 +779,7 @@ def test_a_second_traversal_or_sweep_compiles_nothing(iris_setup):
 
 
 def test_iris_3d_sweep_and_plots(iris_setup, tmp_path: Path):
-    from mclandscape.plots.volume import plot_h_mean, plot_h_panels
+    from mclandscape.plots import plot_h_mean, plot_h_panels, save
 
     model, data, minima = iris_setup
     params = [v["params"] for v in minima]
@@ -792,10 +792,10 @@ def test_iris_3d_sweep_and_plots(iris_setup, tmp_path: Path):
     # raw and QR flats share the anchor, so ε and the thresholds agree
     assert sweeps["raw"].epsilon == sweeps["qr"].epsilon
     path = tmp_path / "fig.png"
-    plot_h_panels(sweeps, suptitle="test", path=path)
+    save(plot_h_panels(sweeps, title="test"), path)
     assert path.stat().st_size > 5000
     p2 = tmp_path / "mean.png"
-    plot_h_mean(V.mean_log_h([sweeps["raw"], sweeps["qr"]]), path=p2)
+    save(plot_h_mean(V.mean_log_h([sweeps["raw"], sweeps["qr"]])), p2)
     assert p2.stat().st_size > 5000
 
 

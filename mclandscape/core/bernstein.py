@@ -1,7 +1,9 @@
-"""Bernstein polynomials B_{i,n}(t) = C(n, i) t^i (1 - t)^(n - i) (seed 000 eq. 1 and eq. 4).
+"""Bernstein polynomials B_{i,n}(t) = C(n, i) t^i (1 - t)^(n - i), the basis of Bézier curves and surfaces.
 
-Vectorised over ``t`` (any shape), exact at t = 0 and t = 1 in value and gradient: powers are formed by
-repeated multiplication (no ``0 ** 0`` or ``log(0)``), so ``jax.grad`` is finite everywhere on [0, 1].
+As in eq. 1 (curves) and eq. 4 (surfaces) of the Bézier-surface paper (Anonymous, 2024, "Revisiting mode
+connectivity in neural networks with Bézier surface"). Vectorised over ``t`` (any shape), exact at t = 0 and
+t = 1 in value and gradient: powers are formed by repeated multiplication (no ``0 ** 0`` or ``log(0)``), so
+``jax.grad`` is finite everywhere on [0, 1].
 """
 
 from __future__ import annotations
@@ -23,9 +25,20 @@ def _int_powers(x, n: int):
 
 
 def bernstein(t, n: int):
-    """All n+1 basis values ``B_{i,n}(t)``, i = 0..n, on a new last axis: shape ``t.shape + (n + 1,)``.
+    """All n+1 Bernstein basis values ``B_{i,n}(t)``, i = 0..n (Bézier-surface paper, eq. 1 and eq. 4).
 
-    Degree 0 is the constant 1 (a single control point). Raises for ``n < 0``.
+    Args:
+      t: the parameter values, any shape (integers are promoted to float32). Not validated: use
+        :func:`check_unit_interval` for user input.
+      n: the degree, a non-negative integer; degree 0 is the constant 1 (a single control point).
+
+    Returns:
+      An array of shape ``t.shape + (n + 1,)``; the values along the last axis sum to 1.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> bernstein(jnp.array([0.0, 0.5]), 2).tolist()
+        [[1.0, 0.0, 0.0], [0.25, 0.5, 0.25]]
     """
     if int(n) != n or n < 0:
         raise ValueError(f"Bernstein degree must be a non-negative integer, got {n!r}")
@@ -40,7 +53,20 @@ def bernstein(t, n: int):
 
 
 def bernstein_derivative(t, n: int):
-    """d/dt of every ``B_{i,n}(t)``: ``n (B_{i-1,n-1}(t) - B_{i,n-1}(t))``, shape ``t.shape + (n + 1,)``."""
+    """d/dt of every ``B_{i,n}(t)``: ``n (B_{i-1,n-1}(t) - B_{i,n-1}(t))`` (the tangent of a Bézier curve).
+
+    Args:
+      t: the parameter values, any shape.
+      n: the degree, a non-negative integer.
+
+    Returns:
+      An array of shape ``t.shape + (n + 1,)``; the values along the last axis sum to 0.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> bernstein_derivative(jnp.array(0.5), 2).tolist()
+        [-1.0, 0.0, 1.0]
+    """
     if int(n) != n or n < 0:
         raise ValueError(f"Bernstein degree must be a non-negative integer, got {n!r}")
     n = int(n)
@@ -55,7 +81,19 @@ def bernstein_derivative(t, n: int):
 
 
 def elevation_matrix(n: int, r: int = 1) -> np.ndarray:
-    """Matrix E (shape (n+r+1) x (n+1)) with B_n(t) @ P == B_{n+r}(t) @ (E @ P): degree elevation by r."""
+    """The degree-elevation matrix: ``B_n(t) @ P == B_{n+r}(t) @ (E @ P)`` for any control points ``P``.
+
+    Args:
+      n: the current degree (``>= 0``).
+      r: how many degrees to add (``>= 0``).
+
+    Returns:
+      A NumPy array ``E`` of shape ``(n + r + 1, n + 1)``.
+
+    Example:
+        >>> elevation_matrix(1).tolist()
+        [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    """
     if n < 0 or r < 0:
         raise ValueError(f"degree and elevation must be >= 0, got n={n}, r={r}")
     m = n + r
@@ -67,9 +105,23 @@ def elevation_matrix(n: int, r: int = 1) -> np.ndarray:
 
 
 def check_unit_interval(x, name: str = "t") -> np.ndarray:
-    """Host-side validation that every value of ``x`` lies in [0, 1]; returns it as a float array.
+    """Host-side validation that every value of ``x`` lies in [0, 1]; nothing is clipped.
 
-    Raises a ``ValueError`` that names the parameter and the first offending value. Nothing is clipped.
+    Args:
+      x: the values (any shape, non-empty).
+      name: the parameter's name in the error message.
+
+    Returns:
+      ``x`` as a float64 NumPy array. Raises a ``ValueError`` that names the parameter and the first offending
+      value (or an empty, NaN or inf input).
+
+    Example:
+        >>> check_unit_interval([0.0, 0.5, 1.0]).tolist()
+        [0.0, 0.5, 1.0]
+        >>> check_unit_interval([0.5, 1.5], "t")
+        Traceback (most recent call last):
+        ...
+        ValueError: t must lie in [0, 1]; got 1.5 (1 value(s) outside)
     """
     arr = np.asarray(x, dtype=np.float64)
     if arr.size == 0:
@@ -78,5 +130,6 @@ def check_unit_interval(x, name: str = "t") -> np.ndarray:
         raise ValueError(f"{name}: contains NaN or inf")
     bad = (arr < 0.0) | (arr > 1.0)
     if np.any(bad):
-        raise ValueError(f"{name} must lie in [0, 1]; got {arr[bad].flat[0]!r} ({int(bad.sum())} value(s) outside)")
+        first = float(arr[bad].flat[0])
+        raise ValueError(f"{name} must lie in [0, 1]; got {first!r} ({int(bad.sum())} value(s) outside)")
     return arr

@@ -7,19 +7,26 @@ its control points: a point is ``phi(p) = sum_k c_k(p) * theta_k`` with coeffici
 :meth:`Connector.coefficients`, so a point never requires copying weights into a model object, and many
 points are formed together with one ``einsum`` per leaf (:func:`mclandscape.core.tree.tree_combine`).
 
+References: the Bézier-surface paper (Anonymous, 2024, "Revisiting mode connectivity in neural networks with
+Bézier surface"); Garipov et al., 2018 ("Loss surfaces, mode connectivity, and fast ensembling of DNNs").
+
 Kinds and their coefficients:
 
-- ``"bezier"`` (shape ``(n+1,)``): Bézier curve of degree n, ``c_i(t) = B_{i,n}(t)`` (seed 000 eq. 1-2;
-  Garipov et al., seed 001). Points are ``t`` values, shape ``[P]``.
-- ``"polychain"`` (shape ``(B+2,)``): polygonal chain through ``B`` bends at ``t = k/(B+1)`` (Garipov's
-  PolyChain, seed 001); ``c_k(t)`` are the piecewise-linear hat functions.
-- ``"surface"`` (shape ``(n+1, m+1)``): tensor-product Bézier surface (seed 000 eq. 3-6),
+- ``"bezier"`` (shape ``(n+1,)``): Bézier curve of degree n, ``c_i(t) = B_{i,n}(t)`` (Bézier-surface paper,
+  eq. 1-2; Garipov et al.'s Bézier curve). Points are ``t`` values, shape ``[P]``.
+- ``"polychain"`` (shape ``(B+2,)``): polygonal chain through ``B`` bends at ``t = k/(B+1)`` (Garipov et al.'s
+  PolyChain); ``c_k(t)`` are the piecewise-linear hat functions.
+- ``"surface"`` (shape ``(n+1, m+1)``): tensor-product Bézier surface (Bézier-surface paper, eq. 3-6),
   ``c_{ij}(u, v) = B_{i,n}(u) B_{j,m}(v)``, control index ``k = i (m+1) + j``; ``i`` runs along ``u``.
   Points are ``(u, v)`` pairs, shape ``[P, 2]``. Degree (1, 1) is the bilinear four-corner surface
-  (seed 000 appendix A.2).
+  (appendix A.2). Corners are named by their ``(u, v)``: ``c00, c01, c10, c11``.
 - ``"simplex"`` (shape ``(K,)``): barycentric combinations ``sum_k alpha_k theta_k`` with
-  ``alpha_k >= 0``, ``sum alpha = 1`` (seed 000 §4.1: three models, ``alpha1 + alpha2 + alpha3 = 1``).
-  Points are ``alpha`` vectors, shape ``[P, K]``.
+  ``alpha_k >= 0``, ``sum alpha = 1`` (Bézier-surface paper, §4.1: three models, ``alpha1 + alpha2 + alpha3
+  = 1``). Points are ``alpha`` vectors, shape ``[P, K]``.
+
+Points given by a user are checked (:meth:`Connector.validate_points`): values outside [0, 1] raise unless
+``extrapolate=True`` asks for the curve or surface continued beyond its ends (polynomials continue, a chain
+continues its end segments). :meth:`Connector.coefficients` is the unchecked, jittable core.
 """
 
 from __future__ import annotations
@@ -49,9 +56,21 @@ _KINDS = ("bezier", "polychain", "surface", "simplex")
 
 
 def _hat(t, n_nodes: int):
-    """Piecewise-linear hat functions on nodes k/(n_nodes-1): shape t.shape + (n_nodes,)."""
+    """Piecewise-linear hat functions on nodes k/(n_nodes-1): shape t.shape + (n_nodes,).
+
+    Outside [0, 1] (only reached with ``extrapolate=True``) the first and last segments continue linearly,
+    so an extrapolated chain point lies on the line through the end segment (the hats alone would fall to 0).
+    """
     s = t[..., None] * (n_nodes - 1) - jnp.arange(n_nodes, dtype=t.dtype)
-    return jnp.maximum(0.0, 1.0 - jnp.abs(s))
+    hat = jnp.maximum(0.0, 1.0 - jnp.abs(s))
+    if n_nodes < 2:
+        return hat
+    seg = jnp.clip(jnp.floor(t * (n_nodes - 1)), 0, n_nodes - 2).astype(jnp.int32)
+    loc = (t * (n_nodes - 1) - seg)[..., None]
+    ext = (1.0 - loc) * jax.nn.one_hot(seg, n_nodes, dtype=t.dtype) + loc * jax.nn.one_hot(seg + 1, n_nodes,
+                                                                                         dtype=t.dtype)
+    outside = ((t < 0) | (t > 1))[..., None]
+    return jnp.where(outside, ext, hat)
 
 
 def _hat_derivative(t, n_nodes: int):
@@ -61,9 +80,29 @@ def _hat_derivative(t, n_nodes: int):
     return d
 
 
+def _is_traced(x) -> bool:
+    return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(x))
+
+
 @struct.dataclass
 class Connector:
-    """Control points ``control`` (leaves ``[K, ...]``) of a linear connector, plus static metadata."""
+    """Control points ``control`` (leaves ``[K, ...]``) of a linear connector, plus static metadata.
+
+    Build one with :func:`bezier_curve`, :func:`polychain`, :func:`bezier_surface`, :func:`bilinear_surface`,
+    :func:`simplex` or :func:`from_control`. A point is ``phi(p) = sum_k c_k(p) theta_k``.
+
+    Attributes:
+      control: the control points stacked on a leading axis of size ``K = prod(shape)``.
+      kind: ``"bezier"``, ``"polychain"``, ``"surface"`` or ``"simplex"`` (static).
+      shape: the control-grid shape, ``(K,)`` or ``(n+1, m+1)`` (static).
+      fixed: ``K`` booleans, True where training must not move the control point (static).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> curve = bezier_curve({"w": jnp.array([0.0, 0.0])}, {"w": jnp.array([2.0, 0.0])}, degree=2)
+        >>> curve.kind, curve.shape, curve.fixed, curve.point(0.5)["w"].tolist()
+        ('bezier', (3,), (True, False, True), [1.0, 0.0])
+    """
 
     control: PyTree
     kind: str = struct.field(pytree_node=False)
@@ -73,6 +112,7 @@ class Connector:
     # ---- sizes -------------------------------------------------------------------------------
     @property
     def num_control(self) -> int:
+        """The number ``K`` of control points."""
         return int(np.prod(self.shape))
 
     @property
@@ -91,22 +131,69 @@ class Connector:
         return ~np.asarray(self.fixed, dtype=bool)
 
     def with_fixed(self, fixed: Sequence[bool] | np.ndarray) -> Connector:
-        """Same control points with another fixed mask (length K, or the grid shape)."""
+        """The same control points with another fixed mask.
+
+        Args:
+          fixed: ``K`` booleans (or an array of the grid shape), True where the control point stays put.
+
+        Returns:
+          A new :class:`Connector`.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> c = bezier_curve({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, degree=2)
+            >>> c.with_fixed([True, True, True]).trainable.tolist()
+            [False, False, False]
+        """
         f = np.asarray(fixed, dtype=bool).reshape(-1)
         if f.size != self.num_control:
             raise ValueError(f"fixed mask has {f.size} entries for {self.num_control} control points")
         return self.replace(fixed=tuple(bool(x) for x in f))
 
     def control_point(self, index) -> PyTree:
-        """One control point by flat index ``k`` or, for surfaces, by ``(i, j)``."""
-        k = int(np.ravel_multi_index(index, self.shape)) if isinstance(index, tuple) else int(index)
+        """One control point by flat index ``k`` or, for surfaces, by grid index ``(i, j)``.
+
+        Args:
+          index: an integer ``k`` in ``[0, K)`` or a tuple ``(i, j)`` of the control grid.
+
+        Returns:
+          The control point's pytree.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> s = bilinear_surface(*[{"w": jnp.array([float(i)])} for i in range(4)])
+            >>> s.control_point((1, 0))["w"].tolist()
+            [2.0]
+        """
+        if isinstance(index, tuple):
+            if len(index) != len(self.shape) or not all(0 <= int(i) < s for i, s in zip(index, self.shape,
+                                                                                          strict=False)):
+                raise ValueError(f"control index {index} outside a {self.shape} control grid")
+            k = int(np.ravel_multi_index(index, self.shape))
+        else:
+            k = int(index)
         if not 0 <= k < self.num_control:
             raise ValueError(f"control index {index} outside a {self.shape} control grid")
         return tree_index(self.control, k)
 
     # ---- coefficients ------------------------------------------------------------------------
     def coefficients(self, points) -> jax.Array:
-        """Coefficient matrix ``[P, K]`` of the points (jittable; see :meth:`validate_points`)."""
+        """Coefficient matrix ``[P, K]`` of the points (jittable: the values are not checked).
+
+        Args:
+          points: ``[P]`` t values (curves; ``[P, 1]`` too), ``[P, 2]`` (u, v) pairs (surfaces) or ``[P, K]``
+            barycentric weights (simplices). Use :meth:`validate_points` on user input first.
+
+        Returns:
+          ``c[P, K]`` with ``phi(p) = sum_k c[p, k] theta_k`` (Bernstein products, hat functions or the
+          weights themselves), in the points' floating dtype.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> c = bezier_curve({"w": jnp.zeros(1)}, {"w": jnp.ones(1)}, degree=2)
+            >>> c.coefficients(jnp.array([0.0, 0.5])).tolist()
+            [[1.0, 0.0, 0.0], [0.25, 0.5, 0.25]]
+        """
         pts = self._as_points(points)
         if self.kind == "bezier":
             return bernstein(pts, self.shape[0] - 1)
@@ -119,10 +206,22 @@ class Connector:
         return pts  # simplex: the barycentric coordinates are the coefficients
 
     def derivative_coefficients(self, points) -> tuple[jax.Array, ...]:
-        """Coefficients of the partial derivatives of ``phi``: ``(d/dt,)`` or ``(d/du, d/dv)``, each [P, K].
+        """Coefficients of the partial derivatives of ``phi``: ``(d/dt,)`` or ``(d/du, d/dv)``, each ``[P, K]``.
 
         For surfaces these give ``phi_u`` and ``phi_v``, the tangent vectors whose cross-product norm is
-        the area element of seed 000 eq. 8.
+        the area element (Bézier-surface paper, eq. 8). Jittable; the points are not checked.
+
+        Args:
+          points: as for :meth:`coefficients` (not simplices: they have no single parameterisation).
+
+        Returns:
+          A tuple of ``[P, K]`` arrays, one per parameter axis.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> c = bezier_curve({"w": jnp.zeros(1)}, {"w": jnp.ones(1)}, degree=1)
+            >>> c.derivative_coefficients(jnp.array([0.3]))[0].tolist()
+            [[-1.0, 1.0]]
         """
         pts = self._as_points(points)
         if self.kind == "bezier":
@@ -139,58 +238,148 @@ class Connector:
         raise ValueError("a simplex has no single parameterisation to differentiate; use the coefficients")
 
     # ---- points ------------------------------------------------------------------------------
-    def point(self, p) -> PyTree:
-        """The parameters at one point (``t``, ``(u, v)`` or ``alpha``) (seed 000 eq. 6)."""
+    def _one(self, p, extrapolate: bool):
+        """One point as a ``[1]`` / ``[1, d]`` array, checked when it is concrete."""
         pts = jnp.asarray(p)
-        single = pts.reshape(1, -1) if self.point_dim > 1 else pts.reshape(1)
-        return tree_index(tree_combine(self.coefficients(single), self.control), 0)
+        want = () if self.point_dim == 1 else (self.point_dim,)
+        if self.point_dim == 1 and pts.shape == (1,):
+            pts = pts.reshape(())
+        if pts.shape != want:
+            what = "a scalar t" if self.point_dim == 1 else f"one point of shape ({self.point_dim},)"
+            raise ValueError(f"a {self.kind} point is {what}, got shape {pts.shape}; use points() for several")
+        if not _is_traced(pts):
+            self.validate_points(np.asarray(pts).reshape((1,) + want), extrapolate=extrapolate)
+        return pts.reshape((1,) + want)
 
-    def points(self, ps) -> PyTree:
-        """Parameters at P points, stacked on a leading axis (materialises P parameter copies)."""
+    def point(self, p, *, extrapolate: bool = False) -> PyTree:
+        """The parameters at one point ``t``, ``(u, v)`` or ``alpha`` (Bézier-surface paper, eq. 6).
+
+        Args:
+          p: a scalar ``t`` (curves), a pair ``(u, v)`` (surfaces) or ``K`` barycentric weights (simplices).
+          extrapolate: allow ``t``, ``u``, ``v`` (or weights) outside [0, 1]; otherwise such a point raises
+            ``ValueError`` (checked for concrete values; under ``jit`` the point is not checked).
+
+        Returns:
+          A pytree shaped like one control point.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> line = bezier_curve({"w": jnp.array([0.0])}, {"w": jnp.array([2.0])}, degree=1)
+            >>> line.point(0.25)["w"].tolist(), line.point(1.5, extrapolate=True)["w"].tolist()
+            ([0.5], [3.0])
+        """
+        return tree_index(tree_combine(self.coefficients(self._one(p, extrapolate)), self.control), 0)
+
+    def points(self, ps, *, extrapolate: bool = False) -> PyTree:
+        """Parameters at P points, stacked on a leading axis (materialises P parameter copies).
+
+        Args:
+          ps: ``[P]`` t values, ``[P, 2]`` (u, v) pairs or ``[P, K]`` weights (see :meth:`validate_points`).
+          extrapolate: allow values outside [0, 1] (see :meth:`point`; under ``jit`` nothing is checked).
+
+        Returns:
+          A pytree with leaves ``[P, ...]``.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> line = bezier_curve({"w": jnp.array([0.0])}, {"w": jnp.array([2.0])}, degree=1)
+            >>> line.points(jnp.array([0.0, 0.5, 1.0]))["w"].tolist()
+            [[0.0], [1.0], [2.0]]
+        """
+        if not _is_traced(ps):
+            self.validate_points(np.asarray(ps), extrapolate=extrapolate)
         return tree_combine(self.coefficients(ps), self.control)
 
-    def derivatives(self, p) -> tuple[PyTree, ...]:
-        """Tangent vectors at one point: ``(phi_t,)`` or ``(phi_u, phi_v)`` as pytrees."""
-        pts = jnp.asarray(p).reshape(1, -1) if self.point_dim > 1 else jnp.asarray(p).reshape(1)
+    def derivatives(self, p, *, extrapolate: bool = False) -> tuple[PyTree, ...]:
+        """Tangent vectors at one point: ``(phi_t,)`` or ``(phi_u, phi_v)`` as pytrees.
+
+        Args:
+          p: one point, as for :meth:`point`.
+          extrapolate: as for :meth:`point`.
+
+        Returns:
+          A tuple of pytrees shaped like one control point.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> line = bezier_curve({"w": jnp.array([0.0])}, {"w": jnp.array([2.0])}, degree=1)
+            >>> line.derivatives(0.3)[0]["w"].tolist()
+            [2.0]
+        """
+        pts = self._one(p, extrapolate)
         return tuple(tree_index(tree_combine(c, self.control), 0) for c in self.derivative_coefficients(pts))
 
     # ---- validation --------------------------------------------------------------------------
-    def validate_points(self, points, *, atol: float = 1e-6) -> np.ndarray:
-        """Host-side check of a point set; returns it as ``[P]`` or ``[P, d]`` float array or raises.
+    def validate_points(self, points, *, atol: float = 1e-6, extrapolate: bool = False) -> np.ndarray:
+        """Host-side check of a point set; returns it as a ``[P]`` or ``[P, d]`` float64 array or raises.
 
-        ``t``, ``u``, ``v`` must lie in [0, 1]; barycentric points must be non-negative and sum to 1
-        (within ``atol``). Nothing is clipped.
+        Args:
+          points: ``[P]`` t values (curves; ``[P, 1]`` is accepted), ``[P, 2]`` (u, v) pairs (surfaces) or
+            ``[P, K]`` barycentric weights (simplices). A single surface point is ``[[u, v]]``.
+          atol: tolerance of the barycentric sum-to-1 check.
+          extrapolate: accept values outside [0, 1] (an extension of the curve or surface beyond its ends;
+            barycentric weights must still sum to 1). Nothing is ever clipped.
+
+        Returns:
+          The points as a float64 NumPy array.
+
+        Raises:
+          ValueError: an empty, non-finite or wrongly shaped point set, a value outside [0, 1] (unless
+            ``extrapolate``), or barycentric weights that do not sum to 1.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> s = bilinear_surface(*[{"w": jnp.zeros(1)}] * 4)
+            >>> s.validate_points([[0.0, 0.5], [1.0, 1.0]]).shape
+            (2, 2)
         """
         arr = np.asarray(points, dtype=np.float64)
         if arr.size == 0:
             raise ValueError("empty set of points: give at least one point")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("points contain NaN or inf")
+
+        def in_unit(a, name):
+            return a if extrapolate else check_unit_interval(a, name)
+
         if self.kind in ("bezier", "polychain"):
             if arr.ndim > 1 and arr.shape[-1] == 1:
                 arr = arr[..., 0]
             if arr.ndim != 1:
                 raise ValueError(f"curve points must be a 1-D array of t values, got shape {arr.shape}")
-            return check_unit_interval(arr, "t")
-        if arr.ndim == 1 and arr.shape[0] == self.point_dim:
-            arr = arr[None]
+            return in_unit(arr, "t")
         if arr.ndim != 2 or arr.shape[1] != self.point_dim:
-            raise ValueError(f"{self.kind} points must have shape [P, {self.point_dim}], got {arr.shape}")
+            coords = "(u, v)" if self.kind == "surface" else f"{self.point_dim} barycentric weights"
+            raise ValueError(f"{self.kind} points must have shape [P, {self.point_dim}] (one row {coords} per "
+                             f"point), got shape {arr.shape}; a single point is [[...]] or use point()")
         if self.kind == "surface":
-            check_unit_interval(arr[:, 0], "u")
-            check_unit_interval(arr[:, 1], "v")
+            in_unit(arr[:, 0], "u")
+            in_unit(arr[:, 1], "v")
             return arr
-        check_unit_interval(arr, "alpha")
+        in_unit(arr, "alpha")
         s = arr.sum(axis=1)
         if np.any(np.abs(s - 1.0) > atol):
             raise ValueError(f"barycentric weights must sum to 1; got a sum of {s[np.argmax(np.abs(s - 1))]!r}")
         return arr
 
+    def _float_dtype(self):
+        leaves = jax.tree_util.tree_leaves(self.control) if self.control is not None else []
+        dt = jnp.result_type(*leaves) if leaves else jnp.float32
+        return jnp.promote_types(jnp.float32, dt) if jnp.issubdtype(dt, jnp.floating) else jnp.float32
+
     def _as_points(self, points):
         pts = jnp.asarray(points)
         if not jnp.issubdtype(pts.dtype, jnp.floating):
-            pts = pts.astype(jnp.float32)
+            pts = pts.astype(self._float_dtype())
         if self.point_dim == 1:
+            if pts.ndim == 2 and pts.shape[1] == 1:
+                pts = pts[:, 0]
+            if pts.ndim > 1:
+                raise ValueError(f"curve points must be a 1-D array of t values, got shape {pts.shape}")
             return pts.reshape(-1)
-        return pts.reshape(-1, self.point_dim)
+        if pts.ndim != 2 or pts.shape[1] != self.point_dim:
+            raise ValueError(f"{self.kind} points must have shape [P, {self.point_dim}], got shape {pts.shape}")
+        return pts
 
 
 # ---- constructors -------------------------------------------------------------------------------
@@ -202,8 +391,34 @@ def _check_models(models: Sequence[PyTree], names: Sequence[str]) -> None:
         check_finite(m, n)
 
 
+def _check_int(name: str, value, minimum: int, what: str) -> int:
+    """An integer argument >= ``minimum`` (TypeError for a non-integer, ValueError for a small one)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        if not (isinstance(value, float | np.floating) and float(value).is_integer()):
+            raise TypeError(f"{name} must be an integer ({what}), got {type(value).__name__} {value!r:.60}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} ({what}), got {value!r}")
+    return int(value)
+
+
 def from_control(control: PyTree, kind: str, shape: Sequence[int], fixed: Sequence[bool] | None = None) -> Connector:
-    """Build a connector from already stacked control points ``[K, ...]`` (K = prod(shape))."""
+    """A connector from already stacked control points ``[K, ...]`` (``K = prod(shape)``).
+
+    Args:
+      control: the control points, every leaf with a leading axis of size ``K``.
+      kind: ``"bezier"``, ``"polychain"``, ``"surface"`` or ``"simplex"``.
+      shape: the control-grid shape (``(K,)``, or ``(n+1, m+1)`` for a surface).
+      fixed: ``K`` booleans, True where training must not move the point (default: none fixed).
+
+    Returns:
+      A :class:`Connector`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> c = from_control({"w": jnp.arange(3.0)[:, None]}, "bezier", (3,))
+        >>> c.point(0.5)["w"].tolist(), c.fixed
+        ([1.0], (False, False, False))
+    """
     if kind not in _KINDS:
         raise ValueError(f"unknown connector kind {kind!r}; expected one of {_KINDS}")
     shape = tuple(int(s) for s in shape)
@@ -224,23 +439,40 @@ def from_control(control: PyTree, kind: str, shape: Sequence[int], fixed: Sequen
     return Connector(control=control, kind=kind, shape=shape, fixed=fixed)
 
 
+def _segment(start: PyTree, end: PyTree, fractions) -> list[PyTree]:
+    """Points ``(1 - a) start + a end`` for the given fractions (the straight-line initialisation)."""
+    stacked = tree_stack([start, end])
+    return [tree_combine(jnp.asarray([1 - a, a]), stacked) for a in fractions]
+
+
 def bezier_curve(start: PyTree, end: PyTree, degree: int = 2, *, bends: Sequence[PyTree] | None = None) -> Connector:
-    """Bézier curve of ``degree`` >= 1 from ``start`` (t = 0) to ``end`` (t = 1) (seed 000 eq. 1-2).
+    """Bézier curve of ``degree`` >= 1 from ``start`` (t = 0) to ``end`` (t = 1) (Bézier-surface paper, eq. 1-2).
 
     The ``degree - 1`` inner control points are ``bends`` if given, else placed evenly on the straight
-    segment (``theta_i = (1 - i/n) start + (i/n) end``), the initialisation of Garipov et al. End points
-    are fixed.
+    segment (``theta_i = (1 - i/n) start + (i/n) end``), the initialisation of Garipov et al. (2018). The
+    end points are fixed.
+
+    Args:
+      start, end: the end models (pytrees of the same structure, shapes and dtypes).
+      degree: the polynomial degree ``n``; ``n + 1`` control points (Garipov's ``num_bends=3`` is degree 2).
+      bends: the ``n - 1`` inner control points (default: on the straight segment).
+
+    Returns:
+      A :class:`Connector` of kind ``"bezier"`` and shape ``(n + 1,)``.
+
+    Raises:
+      TreeMismatchError: the models differ in structure, shape or dtype (the message names the leaf).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> c = bezier_curve({"w": jnp.array([0.0, 0.0])}, {"w": jnp.array([2.0, 2.0])}, degree=2)
+        >>> c.control["w"].tolist(), c.fixed
+        ([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]], (True, False, True))
     """
-    if int(degree) != degree or degree < 1:
-        raise ValueError(f"Bézier degree must be an integer >= 1, got {degree!r}")
-    n = int(degree)
+    n = _check_int("Bézier degree", degree, 1, "n + 1 control points")
+    _check_models([start, end], ["start", "end"])
     if bends is None:
-        inner = []
-        if n > 1:
-            _check_models([start, end], ["start", "end"])
-            w = np.linspace(0.0, 1.0, n + 1)[1:-1]
-            stacked = tree_stack([start, end])
-            inner = [tree_combine(jnp.asarray([1 - a, a]), stacked) for a in w]
+        inner = _segment(start, end, np.linspace(0.0, 1.0, n + 1)[1:-1])
     else:
         inner = list(bends)
         if len(inner) != n - 1:
@@ -253,18 +485,29 @@ def bezier_curve(start: PyTree, end: PyTree, degree: int = 2, *, bends: Sequence
 
 
 def polychain(start: PyTree, end: PyTree, num_bends: int = 1, *, bends: Sequence[PyTree] | None = None) -> Connector:
-    """Polygonal chain with ``num_bends`` >= 0 bends at ``t = k/(num_bends+1)`` (Garipov's PolyChain).
+    """Polygonal chain with ``num_bends`` >= 0 bends at ``t = k/(num_bends+1)`` (Garipov et al., 2018, PolyChain).
 
-    Bends start evenly on the straight segment unless given; end points are fixed.
+    Args:
+      start, end: the end models (same structure, shapes and dtypes).
+      num_bends: the number ``B`` of bends; ``B + 2`` control points.
+      bends: the ``B`` bends (default: evenly on the straight segment).
+
+    Returns:
+      A :class:`Connector` of kind ``"polychain"`` and shape ``(B + 2,)``, end points fixed.
+
+    Raises:
+      TreeMismatchError: the models differ in structure, shape or dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> c = polychain({"w": jnp.array([0.0])}, {"w": jnp.array([2.0])}, 1, bends=[{"w": jnp.array([4.0])}])
+        >>> c.point(0.25)["w"].tolist(), c.point(0.5)["w"].tolist()
+        ([2.0], [4.0])
     """
-    if int(num_bends) != num_bends or num_bends < 0:
-        raise ValueError(f"num_bends must be a non-negative integer, got {num_bends!r}")
-    b = int(num_bends)
+    b = _check_int("num_bends", num_bends, 0, "the bends of the chain")
+    _check_models([start, end], ["start", "end"])
     if bends is None:
-        _check_models([start, end], ["start", "end"])
-        w = np.linspace(0.0, 1.0, b + 2)[1:-1]
-        stacked = tree_stack([start, end])
-        inner = [tree_combine(jnp.asarray([1 - a, a]), stacked) for a in w]
+        inner = _segment(start, end, np.linspace(0.0, 1.0, b + 2)[1:-1])
     else:
         inner = list(bends)
         if len(inner) != b:
@@ -276,10 +519,20 @@ def polychain(start: PyTree, end: PyTree, num_bends: int = 1, *, bends: Sequence
 
 
 def bilinear_coefficients(n: int, m: int) -> np.ndarray:
-    """Weights ``[(n+1)(m+1), 4]`` of the corners (c00, c0m, cn0, cnm) in the bilinear initialisation.
+    """Weights ``[(n+1)(m+1), 4]`` of the corners ``(c00, c01, c10, c11)`` in the bilinear initialisation.
 
-    Seed 000 Algorithm 2 lines 1-6 / appendix A.2: ``theta_ij = (1-t)(1-s) theta_00 + t(1-s) theta_n0 +
-    (1-t)s theta_0m + ts theta_nm`` with ``t = i/n``, ``s = j/m``. (Degree-0 directions use t = 0.)
+    Bézier-surface paper, Algorithm 2 lines 1-6 and appendix A.2: ``theta_ij = (1-t)(1-s) c00 + (1-t)s c01 +
+    t(1-s) c10 + ts c11`` with ``t = i/n``, ``s = j/m``. (Degree-0 directions use t = 0.)
+
+    Args:
+      n, m: the surface degrees along u and v.
+
+    Returns:
+      A float64 array; row ``i (m+1) + j`` holds the four weights of control point ``theta_ij``.
+
+    Example:
+        >>> bilinear_coefficients(2, 1)[2].tolist()  # theta_10: halfway between c00 and c10
+        [0.5, 0.0, 0.5, 0.0]
     """
     t = np.arange(n + 1) / max(n, 1)
     s = np.arange(m + 1) / max(m, 1)
@@ -288,20 +541,36 @@ def bilinear_coefficients(n: int, m: int) -> np.ndarray:
     return w.reshape(-1, 4)
 
 
-def bezier_surface(c00: PyTree, c0m: PyTree, cn0: PyTree, cnm: PyTree, n: int = 2, m: int = 2) -> Connector:
-    """Tensor-product Bézier surface with an (n+1) x (m+1) control grid (seed 000 eq. 3-6).
+def bezier_surface(c00: PyTree, c01: PyTree, c10: PyTree, c11: PyTree, *, n: int = 2, m: int = 2) -> Connector:
+    """Tensor-product Bézier surface with an ``(n+1) x (m+1)`` control grid (Bézier-surface paper, eq. 3-6).
 
-    Corners: ``phi(0,0) = c00``, ``phi(0,1) = c0m``, ``phi(1,0) = cn0``, ``phi(1,1) = cnm`` exactly; they
-    are fixed. Interior and edge control points are initialised bilinearly (Algorithm 2, lines 1-6), so
-    the untrained surface equals the bilinear surface of the four corners at every (u, v): degree
-    elevation of a bilinear patch places its control points at the bilinear values of (i/n, j/m).
+    Corners are named by their ``(u, v)``: ``phi(0,0) = c00``, ``phi(0,1) = c01``, ``phi(1,0) = c10``,
+    ``phi(1,1) = c11`` exactly (the same order as :func:`bilinear_surface`); they are fixed. Interior and edge
+    control points are initialised bilinearly (Algorithm 2, lines 1-6), so the untrained surface equals the
+    bilinear surface of the four corners at every (u, v): degree elevation of a bilinear patch places its
+    control points at the bilinear values of (i/n, j/m).
+
+    Args:
+      c00, c01, c10, c11: the corner models (same structure, shapes and dtypes).
+      n, m: the degrees along u and v (keyword-only), each >= 1.
+
+    Returns:
+      A :class:`Connector` of kind ``"surface"`` and shape ``(n + 1, m + 1)``; control index ``i (m+1) + j``.
+
+    Raises:
+      TreeMismatchError: the corners differ in structure, shape or dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> corners = [{"w": jnp.array([float(i)])} for i in range(4)]
+        >>> s = bezier_surface(*corners, n=2, m=2)
+        >>> s.shape, s.point(jnp.array([1.0, 0.0]))["w"].tolist(), s.point(jnp.array([0.5, 0.5]))["w"].tolist()
+        ((3, 3), [2.0], [1.5])
     """
-    for name, d in (("n", n), ("m", m)):
-        if int(d) != d or d < 1:
-            raise ValueError(f"surface degree {name} must be an integer >= 1 (>= 2 control points), got {d!r}")
-    n, m = int(n), int(m)
-    corners = [c00, c0m, cn0, cnm]
-    _check_models(corners, ["c00", "c0m", "cn0", "cnm"])
+    n = _check_int("surface degree n", n, 1, ">= 2 control points along u")
+    m = _check_int("surface degree m", m, 1, ">= 2 control points along v")
+    corners = [c00, c01, c10, c11]
+    _check_models(corners, ["c00", "c01", "c10", "c11"])
     w = bilinear_coefficients(n, m)
     control = tree_combine(jnp.asarray(w), tree_stack(corners))
     # Corners exactly equal to the given models (no rounding from the weighted sum).
@@ -316,18 +585,44 @@ def bezier_surface(c00: PyTree, c0m: PyTree, cn0: PyTree, cnm: PyTree, n: int = 
 def bilinear_surface(c00: PyTree, c01: PyTree, c10: PyTree, c11: PyTree) -> Connector:
     """The four-corner bilinear surface ``(1-u)(1-v) c00 + (1-u)v c01 + u(1-v) c10 + uv c11``.
 
-    Seed 000 appendix A.2/A.3. For n = m = 2 the seed writes it through coefficients C_00 ... C_22; those
-    reduce to the bilinear weights above (see ``tests/test_connectors.py``).
+    The degree-(1, 1) :func:`bezier_surface` (Bézier-surface paper, appendix A.2/A.3; the paper writes the
+    n = m = 2 case through coefficients C_00 ... C_22, which reduce to these bilinear weights, see
+    ``tests/test_connectors.py``). Corners as in :func:`bezier_surface`.
+
+    Args:
+      c00, c01, c10, c11: the models at ``(u, v) = (0, 0), (0, 1), (1, 0), (1, 1)``.
+
+    Returns:
+      A :class:`Connector` of kind ``"surface"`` and shape ``(2, 2)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> s = bilinear_surface(*[{"w": jnp.array([float(i)])} for i in range(4)])
+        >>> s.point(jnp.array([0.5, 0.5]))["w"].tolist()
+        [1.5]
     """
     return bezier_surface(c00, c01, c10, c11, n=1, m=1)
 
 
 def simplex(models: Sequence[PyTree], *, fixed: bool = True) -> Connector:
-    """Barycentric combinations of K >= 2 models (seed 000 §4.1, Figure 3 uses K = 3)."""
+    """Barycentric combinations ``sum_k alpha_k theta_k`` of K >= 2 models (Bézier-surface paper, §4.1).
+
+    Args:
+      models: the K vertex models (same structure, shapes and dtypes); §4.1 and Figure 3 use K = 3.
+      fixed: whether the vertices are fixed for training.
+
+    Returns:
+      A :class:`Connector` of kind ``"simplex"``; its points are ``[P, K]`` weights summing to 1.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> s = simplex([{"w": jnp.array([0.0])}, {"w": jnp.array([3.0])}, {"w": jnp.array([6.0])}])
+        >>> s.point(jnp.array([0.5, 0.25, 0.25]))["w"].tolist()
+        [2.25]
+    """
     models = list(models)
     if len(models) < 2:
         raise ValueError(f"a simplex needs at least 2 models, got {len(models)}")
     names = [f"model[{i}]" for i in range(len(models))]
     _check_models(models, names)
     return from_control(tree_stack(models, names=names), "simplex", (len(models),), [fixed] * len(models))
-

@@ -24,22 +24,74 @@ __all__ = ["cross_entropy", "accuracy", "correct", "mse", "mse_onehot", "get_los
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example softmax cross-entropy with integer labels, shape ``logits.shape[:-1]``."""
+    """Per-example softmax cross-entropy with integer labels.
+
+    Args:
+      logits: ``[..., C]`` unnormalised scores.
+      labels: ``[...]`` integer classes in ``[0, C)``.
+
+    Returns:
+      The losses, shape ``logits.shape[:-1]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> [round(float(v), 4) for v in cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))]
+        [1.3863, 1.3863]
+    """
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
 
 
 def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example 1.0 where the arg-max class equals the label."""
+    """Per-example 1.0 where the arg-max class equals the label, else 0.0.
+
+    Args:
+      logits: ``[..., C]`` scores (or probabilities).
+      labels: ``[...]`` integer classes.
+
+    Returns:
+      A float32 array of shape ``labels.shape``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> correct(jnp.array([[2.0, 0.0], [0.0, 2.0]]), jnp.array([0, 0])).tolist()
+        [1.0, 0.0]
+    """
     return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean classification accuracy."""
+    """Mean classification accuracy: the fraction of examples whose arg-max class is the label.
+
+    Args:
+      logits: ``[N, C]`` scores (or probabilities).
+      labels: ``[N]`` integer classes.
+
+    Returns:
+      A scalar float32 array in ``[0, 1]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(accuracy(jnp.array([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]]), jnp.array([0, 1, 1])))
+        0.6666666865348816
+    """
     return jnp.mean(correct(logits, labels))
 
 
 def mse(outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-example squared error summed over output dimensions (regression)."""
+    """Per-example squared error summed over output dimensions (regression).
+
+    Args:
+      outputs: ``[N, ...]`` network outputs.
+      targets: ``[N, ...]`` targets with as many entries per example.
+
+    Returns:
+      ``[N]`` sums of squared differences.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mse(jnp.array([[1.0, 2.0], [0.0, 0.0]]), jnp.array([[0.0, 0.0], [0.0, 3.0]])).tolist()
+        [5.0, 9.0]
+    """
     diff = outputs.reshape(outputs.shape[0], -1) - targets.reshape(targets.shape[0], -1)
     return jnp.sum(diff * diff, axis=-1)
 
@@ -48,6 +100,18 @@ def mse_onehot(outputs: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example squared error of the outputs against one-hot integer labels, summed over classes.
 
     Unlike cross-entropy it has finite minima on separable data (cross-entropy's infimum is at infinity).
+
+    Args:
+      outputs: ``[N, C]`` network outputs.
+      labels: ``[N]`` integer classes.
+
+    Returns:
+      ``[N]`` squared errors.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mse_onehot(jnp.array([[1.0, 0.0], [1.0, 1.0]]), jnp.array([0, 1])).tolist()
+        [0.0, 1.0]
     """
     onehot = jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype)
     return jnp.sum((outputs - onehot) ** 2, axis=-1)
@@ -66,8 +130,24 @@ LOSSES: dict[str, Callable] = {"cross_entropy": cross_entropy, "mse": mse, "mse_
 
 
 def get_loss(loss: str | Callable, *, label_smoothing: float = 0.0) -> Callable:
-    """The per-example loss named ``loss`` (``"cross_entropy"``, ``"mse"``, ``"mse_onehot"``), or ``loss``
-    itself when it is callable. ``label_smoothing`` (in ``[0, 1)``) smooths cross-entropy's targets."""
+    """Resolve a per-example loss ``(outputs, targets) -> [N]`` from a name or a callable.
+
+    Args:
+      loss: ``"cross_entropy"``, ``"mse"``, ``"mse_onehot"`` (the keys of :data:`LOSSES`), or a callable returned
+        as it is.
+      label_smoothing: in ``[0, 1)``; smooths cross-entropy's one-hot targets (only with ``"cross_entropy"``).
+
+    Returns:
+      The per-example loss function. Raises ``ValueError`` for an unknown name or a smoothing it cannot apply.
+
+    Example:
+        >>> get_loss("mse_onehot") is mse_onehot
+        True
+        >>> get_loss("mse", label_smoothing=0.1)
+        Traceback (most recent call last):
+        ...
+        ValueError: label_smoothing applies to cross_entropy, not 'mse'
+    """
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
     if isinstance(loss, str):

@@ -50,15 +50,46 @@ __all__ = ["Objective", "make_objective", "function_objective", "call_objective"
 
 
 def correct_count(outputs: jax.Array, y: jax.Array, weights: jax.Array) -> jax.Array:
-    """Weighted count of arg-max predictions equal to integer labels ``y``; NaN when ``y`` are not class
-    labels (float targets, or targets shaped like the outputs)."""
+    """Weighted count of arg-max predictions equal to integer labels ``y``.
+
+    Args:
+      outputs: ``[N, C]`` network outputs.
+      y: ``[N]`` targets.
+      weights: ``[N]`` example weights (e.g. a 0/1 padding mask).
+
+    Returns:
+      A scalar; NaN when ``y`` are not class labels (float targets, or targets shaped like the outputs).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> out = jnp.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+        >>> float(correct_count(out, jnp.array([0, 1, 1]), jnp.array([1.0, 1.0, 0.0])))
+        2.0
+    """
     if not jnp.issubdtype(jnp.result_type(y), jnp.integer) or jnp.ndim(outputs) != jnp.ndim(y) + 1:
         return jnp.full((), jnp.nan, weights.dtype)
     return jnp.sum((jnp.argmax(outputs, -1) == y).astype(weights.dtype) * weights)
 
 
 def split_batch(batch) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """``(x, y, weights or None)`` of a batch ``(x, y)`` or ``(x, y, weights)``; ``ValueError`` otherwise."""
+    """Unpack a batch ``(x, y)`` or ``(x, y, weights)`` and check that its parts agree in size.
+
+    Args:
+      batch: a tuple or list of 2 or 3 arrays with a common first axis.
+
+    Returns:
+      ``(x, y, weights or None)``. Raises ``ValueError`` for any other batch.
+
+    Example:
+        >>> import numpy as np
+        >>> x, y, w = split_batch((np.zeros((4, 2)), np.zeros(4, int)))
+        >>> x.shape, w is None
+        ((4, 2), True)
+        >>> split_batch((np.zeros((4, 2)), np.zeros(3)))
+        Traceback (most recent call last):
+        ...
+        ValueError: batch inputs and targets disagree in size: x (4, 2), y (3,)
+    """
     if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
         kind = f"a sequence of {len(batch)}" if isinstance(batch, tuple | list) else type(batch).__name__
         raise ValueError(f"a batch is (x, y) or (x, y, weights), got {kind}")
@@ -75,8 +106,23 @@ def split_batch(batch) -> tuple[jax.Array, jax.Array, jax.Array | None]:
 class Objective:
     """``objective(params, batch, key) -> (loss, aux)`` of a model (see the module docstring).
 
-    Build it with :func:`make_objective`; :meth:`with_state` swaps the fixed collections (e.g. the
-    BatchNorm statistics a training step carries) without changing what compiles.
+    Build it with :func:`make_objective`; :meth:`with_state` swaps the fixed collections (e.g. the BatchNorm
+    statistics a training step carries) without changing what compiles.
+
+    Attributes:
+      model: the :class:`~mclandscape.engine.models.Model` (static, hashed by identity).
+      per_example: the per-example loss ``(outputs, y) -> [N]`` (static).
+      l2: the coefficient of ``l2 / 2 * |params|^2`` (static).
+      train: training mode (BatchNorm on batch statistics, dropout with a key) or inference (static).
+      state: the fixed variable collections (data), e.g. ``{"batch_stats": ...}``, or ``None``.
+
+    Example:
+        >>> from mclandscape.engine.models import get_model
+        >>> obj = make_objective(get_model("mlp", widths=[4], num_classes=3), l2=1e-4)
+        >>> isinstance(obj, Objective), obj.train, obj.l2, obj.state is None  # no BatchNorm: inference mode
+        (True, False, 0.0001, True)
+        >>> obj.with_state({"batch_stats": {}}).state
+        {'batch_stats': {}}
     """
 
     model: Any = struct.field(pytree_node=False)
@@ -86,7 +132,14 @@ class Objective:
     state: PyTree = None
 
     def with_state(self, state: PyTree) -> Objective:
-        """The same objective with other fixed collections (``{"batch_stats": ...}`` or ``None``)."""
+        """The same objective with other fixed collections (``{"batch_stats": ...}`` or ``None``).
+
+        Args:
+          state: the new fixed collections.
+
+        Returns:
+          An :class:`Objective` with the same static configuration (so it compiles nothing new).
+        """
         return self.replace(state=state)
 
     def _collections(self, params, x):
@@ -99,7 +152,16 @@ class Objective:
         return {**rest, "params": params}
 
     def outputs(self, params, x, key=None):
-        """``(outputs, new_batch_stats or None)`` of the network on ``x`` in this objective's mode."""
+        """The network's outputs on ``x`` in this objective's mode.
+
+        Args:
+          params: the ``"params"`` collection.
+          x: a batch of inputs.
+          key: the dropout key (train mode only; ``None``: no dropout).
+
+        Returns:
+          ``(outputs, new_batch_stats or None)``; the statistics are returned for a BatchNorm model in train mode.
+        """
         variables = self._collections(params, x)
         rngs = {"dropout": key} if (self.train and key is not None) else None
         if self.train and self.model.has_batch_stats:
@@ -126,7 +188,7 @@ class Objective:
 
 def make_objective(model, loss: str | Callable = "cross_entropy", *, l2: float = 0.0, train: bool | None = None,
                    variables: PyTree | None = None, label_smoothing: float = 0.0) -> Objective:
-    """The objective of ``model`` with a task ``loss``.
+    """The objective ``(params, batch, key) -> (loss, aux)`` of ``model`` with a task ``loss``.
 
     Args:
       model: a :class:`mclandscape.engine.models.Model` (``apply``, ``apply_with_stats``, ``has_batch_stats``).
@@ -142,7 +204,18 @@ def make_objective(model, loss: str | Callable = "cross_entropy", *, l2: float =
       label_smoothing: for ``"cross_entropy"``, the smoothing of the one-hot targets.
 
     Returns:
-      An :class:`Objective`.
+      An :class:`Objective`. Raises ``ValueError`` for an unknown loss, a negative or non-finite ``l2``, or
+      inference mode of a BatchNorm model without its statistics.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from mclandscape.engine.models import get_model
+        >>> model = get_model("mlp", widths=[4], num_classes=3)
+        >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
+        >>> params = model.init(jax.random.key(0), x)["params"]
+        >>> loss, aux = make_objective(model, "mse_onehot", l2=0.1)(params, (x, y), None)
+        >>> bool(loss > aux["loss"]), sorted(aux)
+        (True, ['correct', 'count', 'loss'])
     """
     per_example = get_loss(loss, label_smoothing=label_smoothing)
     if isinstance(l2, bool) or not isinstance(l2, int | float) or not math.isfinite(l2) or l2 < 0:
@@ -167,9 +240,17 @@ class _FunctionObjective:
 
 
 def function_objective(fn: Callable[..., jax.Array], *, takes_key: bool = False) -> Callable:
-    """Adapt ``fn(params, batch) -> scalar`` (an analytic potential, a hand-written loss; with
-    ``takes_key=True`` ``fn(params, batch, key)``) to the objective protocol ``(params, batch, key) ->
-    (loss, {})``. The result hashes by ``fn``: reuse one ``fn`` to reuse compiled steps.
+    """Adapt a scalar function of the parameters to the objective protocol ``(params, batch, key) -> (loss, {})``.
+
+    For analytic potentials and hand-written losses. The result hashes by ``fn``: reuse one ``fn`` to reuse
+    compiled steps.
+
+    Args:
+      fn: ``fn(params, batch) -> scalar`` (with ``takes_key=True``: ``fn(params, batch, key)``).
+      takes_key: whether ``fn`` takes the step's PRNG key.
+
+    Returns:
+      The objective, a callable pytree with no array leaves.
 
     Example:
         >>> import jax.numpy as jnp
@@ -183,11 +264,20 @@ def function_objective(fn: Callable[..., jax.Array], *, takes_key: bool = False)
 
 
 def call_objective(objective: Callable, params: PyTree, batch, key) -> tuple[jax.Array, Any]:
-    """``(loss, aux)`` of ``objective(params, batch, key)``, with a clear error when it does not follow the
-    objective protocol (e.g. an old-style ``loss_fn(params, batch) -> scalar``). Traceable.
+    """Call ``objective(params, batch, key)`` and check that it follows the objective protocol. Traceable.
+
+    Args:
+      objective: the objective.
+      params, batch, key: its arguments.
+
+    Returns:
+      ``(loss, aux)``. Raises ``ValueError`` with a clear message when the result is not a pair with a scalar
+      loss (e.g. an old-style ``loss_fn(params, batch) -> scalar``).
 
     Example:
         >>> import jax.numpy as jnp
+        >>> call_objective(lambda p, b, k: (jnp.sum(p), {}), jnp.ones(2), None, None)[0].tolist()
+        2.0
         >>> call_objective(lambda p, b, k: jnp.sum(p), jnp.ones(2), None, None)
         Traceback (most recent call last):
         ...
@@ -205,7 +295,23 @@ def call_objective(objective: Callable, params: PyTree, batch, key) -> tuple[jax
 
 
 def check_objective(objective: Callable, params: PyTree, batch, key) -> None:
-    """Trace ``objective`` once (abstractly, no compilation) to check the protocol before a run."""
+    """Trace ``objective`` once (abstractly, no compilation) to check the protocol before a run.
+
+    Args:
+      objective: the objective.
+      params, batch, key: example arguments (only their shapes and dtypes matter).
+
+    Returns:
+      ``None``; raises ``ValueError`` as :func:`call_objective` does, before any compilation.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_objective(lambda p, b, k: (jnp.sum(p * b), {}), jnp.ones(2), jnp.ones(2), None)
+        >>> check_objective(lambda p, b, k: (p * b, {}), jnp.ones(2), jnp.ones(2), None)
+        Traceback (most recent call last):
+        ...
+        ValueError: the objective's loss must be a scalar, got shape (2,)...
+    """
     if not callable(objective):
         raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
     jax.eval_shape(lambda p, b, k: call_objective(objective, p, b, k), params, batch, key)

@@ -6,7 +6,9 @@ states, stacked control points with a leading axis).
 
 Stacked trees: a "stacked" tree has one extra leading axis on every leaf (control points of a connector,
 pivots of a band, members of an ensemble). :func:`tree_stack` / :func:`tree_unstack` convert, and
-:func:`tree_combine` forms weighted sums ``sum_k w[..., k] * tree[k]`` with one ``einsum`` per leaf.
+:func:`tree_combine` forms weighted sums ``sum_k w[..., k] * tree[k]`` with one contraction per leaf: the
+point ``sum_ij B_i(u) B_j(v) theta_ij`` of a Bézier surface (Anonymous, 2024, "Revisiting mode connectivity in
+neural networks with Bézier surface", eq. 6) is one such sum.
 """
 
 from __future__ import annotations
@@ -57,7 +59,15 @@ __all__ = [
 
 
 class TreeMismatchError(ValueError):
-    """Two pytrees that should describe the same model do not (structure, shape or dtype)."""
+    """Two pytrees that should describe the same model do not (structure, shape or dtype).
+
+    A ``ValueError``, so callers that validate input can catch either. The message names the first leaf that
+    differs.
+
+    Example:
+        >>> issubclass(TreeMismatchError, ValueError)
+        True
+    """
 
 
 def _path_str(path) -> str:
@@ -65,7 +75,19 @@ def _path_str(path) -> str:
 
 
 def tree_path_names(tree: PyTree) -> list[str]:
-    """Readable path (``['params']['Dense_0']['kernel']``) of every leaf, in leaf order."""
+    """Readable path (``['params']['Dense_0']['kernel']``) of every leaf, in leaf order.
+
+    Args:
+      tree: any pytree.
+
+    Returns:
+      A list of strings, one per leaf (``"<root>"`` for a bare array).
+
+    Example:
+        >>> import numpy as np
+        >>> tree_path_names({"b": np.zeros(2), "w": {"k": np.ones(3)}})
+        ["['b']", "['w']['k']"]
+    """
     return [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
@@ -80,8 +102,23 @@ def check_same_structure(
 ) -> None:
     """Raise :class:`TreeMismatchError` naming the first leaf where ``a`` and ``b`` differ.
 
-    ``leading_a`` / ``leading_b`` skip that many leading (stacking) axes of each tree's leaves before
-    comparing shapes, so a stacked control-point tree can be checked against a single model.
+    Args:
+      a, b: the two pytrees.
+      names: how ``a`` and ``b`` are called in the message.
+      check_dtype: also compare the leaves' dtypes.
+      leading_a, leading_b: skip that many leading (stacking) axes of each tree's leaves before comparing
+        shapes, so a stacked control-point tree can be checked against a single model.
+
+    Returns:
+      ``None``; raises :class:`TreeMismatchError` on a difference of paths, container types, shapes or dtypes.
+
+    Example:
+        >>> import numpy as np
+        >>> check_same_structure({"w": np.zeros((3, 2))}, {"w": np.zeros(2)}, leading_a=1)  # passes
+        >>> check_same_structure({"w": np.zeros(2)}, {"w": np.zeros(3)}, names=("start", "end"))
+        Traceback (most recent call last):
+        ...
+        mclandscape.core.tree.TreeMismatchError: leaf ['w']: shape (2,) in start but (3,) in end
     """
     na, nb = names
     fa = jax.tree_util.tree_flatten_with_path(a)[0]
@@ -113,7 +150,23 @@ def check_same_structure(
 
 
 def check_finite(tree: PyTree, name: str = "parameters") -> None:
-    """Raise ``ValueError`` naming the first leaf that holds NaN or inf (host-side check, not jittable)."""
+    """Raise ``ValueError`` naming the first leaf that holds NaN or inf (host-side check, not jittable).
+
+    Args:
+      tree: a pytree of arrays.
+      name: what the tree is called in the message.
+
+    Returns:
+      ``None`` when every floating-point leaf is finite.
+
+    Example:
+        >>> import numpy as np
+        >>> check_finite({"w": np.ones(2)})
+        >>> check_finite({"w": np.array([1.0, np.nan])}, "start")
+        Traceback (most recent call last):
+        ...
+        ValueError: start: leaf ['w'] holds 1 non-finite value(s) (NaN or inf)
+    """
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         arr = np.asarray(x)
         if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
@@ -122,41 +175,162 @@ def check_finite(tree: PyTree, name: str = "parameters") -> None:
 
 
 def tree_add(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-wise sum ``a + b`` of two same-structured pytrees.
+
+    Args:
+      a, b: pytrees of arrays with the same structure.
+
+    Returns:
+      A pytree like ``a``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_add({"w": jnp.ones(2)}, {"w": jnp.ones(2)})["w"].tolist()
+        [2.0, 2.0]
+    """
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-wise difference ``a - b`` of two same-structured pytrees.
+
+    Args:
+      a, b: pytrees of arrays with the same structure.
+
+    Returns:
+      A pytree like ``a``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_sub({"w": jnp.ones(2)}, {"w": jnp.array([0.5, 2.0])})["w"].tolist()
+        [0.5, -1.0]
+    """
     return jax.tree_util.tree_map(jnp.subtract, a, b)
 
 
 def tree_scale(a: PyTree, s) -> PyTree:
+    """Every leaf multiplied by the scalar (or broadcastable array) ``s``.
+
+    Args:
+      a: a pytree of arrays.
+      s: the factor.
+
+    Returns:
+      A pytree like ``a``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_scale({"w": jnp.array([1.0, -2.0])}, 3.0)["w"].tolist()
+        [3.0, -6.0]
+    """
     return jax.tree_util.tree_map(lambda x: x * s, a)
 
 
 def tree_axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
-    """``alpha * x + y``."""
+    """``alpha * x + y`` leaf by leaf (BLAS's axpy).
+
+    Args:
+      alpha: a scalar.
+      x, y: same-structured pytrees.
+
+    Returns:
+      A pytree like ``x``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_axpy(2.0, {"w": jnp.ones(2)}, {"w": jnp.array([0.0, 1.0])})["w"].tolist()
+        [2.0, 3.0]
+    """
     return jax.tree_util.tree_map(lambda xi, yi: alpha * xi + yi, x, y)
 
 
 def tree_lerp(a: PyTree, b: PyTree, t) -> PyTree:
-    """``(1 - t) a + t b``."""
+    """Linear interpolation ``(1 - t) a + t b`` of two pytrees (the segment between two models).
+
+    Args:
+      a, b: same-structured pytrees.
+      t: the interpolation weight (``0`` gives ``a``, ``1`` gives ``b``).
+
+    Returns:
+      A pytree like ``a``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_lerp({"w": jnp.zeros(2)}, {"w": jnp.array([2.0, 4.0])}, 0.25)["w"].tolist()
+        [0.5, 1.0]
+    """
     return jax.tree_util.tree_map(lambda x, y: x + t * (y - x), a, b)
 
 
 def tree_zeros_like(a: PyTree) -> PyTree:
+    """A pytree of zeros shaped and typed like ``a``.
+
+    Args:
+      a: a pytree of arrays.
+
+    Returns:
+      A pytree like ``a`` holding zeros.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_zeros_like({"w": jnp.ones(3)})["w"].tolist()
+        [0.0, 0.0, 0.0]
+    """
     return jax.tree_util.tree_map(jnp.zeros_like, a)
 
 
 def tree_where(cond, a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-wise ``jnp.where(cond, a, b)``: choose between two pytrees (e.g. keep the old state after a bad step).
+
+    Args:
+      cond: a boolean scalar or array broadcastable against every leaf.
+      a, b: same-structured pytrees.
+
+    Returns:
+      A pytree like ``a``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_where(jnp.array(False), {"w": jnp.ones(2)}, {"w": jnp.zeros(2)})["w"].tolist()
+        [0.0, 0.0]
+    """
     return jax.tree_util.tree_map(lambda x, y: jnp.where(cond, x, y), a, b)
 
 
 def tree_cast(a: PyTree, dtype) -> PyTree:
+    """The floating-point leaves of ``a`` cast to ``dtype``; integer and boolean leaves are left as they are.
+
+    Args:
+      a: a pytree of arrays.
+      dtype: the target floating-point dtype (e.g. ``jnp.bfloat16``).
+
+    Returns:
+      A pytree like ``a``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> out = tree_cast({"w": jnp.ones(2), "step": jnp.zeros((), jnp.int32)}, jnp.bfloat16)
+        >>> str(out["w"].dtype), str(out["step"].dtype)
+        ('bfloat16', 'int32')
+    """
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, a)
 
 
 def tree_dot(a: PyTree, b: PyTree):
-    """Euclidean inner product of two pytrees seen as vectors (accumulated in float32 or wider)."""
+    """Euclidean inner product of two pytrees seen as vectors (accumulated in float32 or wider).
+
+    Args:
+      a, b: same-structured pytrees.
+
+    Returns:
+      A scalar ``jax.Array``: ``sum over leaves of vdot(a_leaf, b_leaf)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(tree_dot({"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)},
+        ...                {"w": jnp.array([4.0, 5.0]), "b": jnp.array(1.0)}))
+        17.0
+    """
     parts = jax.tree_util.tree_map(lambda x, y: jnp.vdot(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
                                                          y.astype(jnp.promote_types(y.dtype, jnp.float32))),
                                    a, b)
@@ -164,30 +338,109 @@ def tree_dot(a: PyTree, b: PyTree):
 
 
 def tree_sq_norm(a: PyTree):
+    """Squared Euclidean norm ``<a, a>`` of a pytree.
+
+    Args:
+      a: a pytree of arrays.
+
+    Returns:
+      A scalar ``jax.Array`` (float32 or wider).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(tree_sq_norm({"w": jnp.array([3.0, 4.0])}))
+        25.0
+    """
     return tree_dot(a, a)
 
 
 def tree_norm(a: PyTree):
+    """Euclidean norm ``|a|`` of a pytree seen as one vector.
+
+    Args:
+      a: a pytree of arrays.
+
+    Returns:
+      A scalar ``jax.Array`` (float32 or wider).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(tree_norm({"w": jnp.array([3.0]), "b": jnp.array([4.0])}))
+        5.0
+    """
     return jnp.sqrt(tree_sq_norm(a))
 
 
 def tree_distance(a: PyTree, b: PyTree):
-    """Euclidean distance ``|a - b|``."""
+    """Euclidean distance ``|a - b|`` between two pytrees (e.g. two trained models).
+
+    Args:
+      a, b: same-structured pytrees.
+
+    Returns:
+      A scalar ``jax.Array``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(tree_distance({"w": jnp.array([1.0, 1.0])}, {"w": jnp.array([4.0, 5.0])}))
+        5.0
+    """
     return tree_norm(tree_sub(a, b))
 
 
 def tree_cosine(a: PyTree, b: PyTree, eps: float = 1e-30):
-    """Cosine of the angle between two pytrees."""
+    """Cosine of the angle between two pytrees seen as vectors.
+
+    Args:
+      a, b: same-structured pytrees.
+      eps: lower bound of the product of norms (a zero tree gives cosine 0, not NaN).
+
+    Returns:
+      A scalar ``jax.Array`` in ``[-1, 1]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(tree_cosine({"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 2.0])}))
+        0.0
+        >>> round(float(tree_cosine({"w": jnp.array([1.0, 1.0])}, {"w": jnp.array([2.0, 2.0])})), 6)
+        1.0
+    """
     return tree_dot(a, b) / jnp.maximum(tree_norm(a) * tree_norm(b), eps)
 
 
 def tree_size(a: PyTree) -> int:
-    """Number of scalars in the tree (the dimension d of parameter space)."""
+    """Number of scalars in the tree (the dimension d of parameter space).
+
+    Args:
+      a: a pytree of arrays.
+
+    Returns:
+      An ``int``.
+
+    Example:
+        >>> import numpy as np
+        >>> tree_size({"kernel": np.zeros((4, 3)), "bias": np.zeros(3)})
+        15
+    """
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(a)))
 
 
 def tree_stack(trees: Sequence[PyTree], *, names: Sequence[str] | None = None) -> PyTree:
-    """Stack K same-structured trees along a new leading axis; mismatches raise a named error."""
+    """Stack K same-structured trees along a new leading axis.
+
+    Args:
+      trees: the K trees (at least one).
+      names: what each tree is called in a mismatch message (default ``tree[i]``).
+
+    Returns:
+      One tree whose leaves have shape ``[K, *leaf.shape]``. Raises :class:`TreeMismatchError` naming the leaf
+      where two trees differ.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_stack([{"w": jnp.zeros(2)}, {"w": jnp.ones(2)}])["w"].shape
+        (2, 2)
+    """
     trees = list(trees)
     if not trees:
         raise ValueError("tree_stack needs at least one tree")
@@ -198,7 +451,19 @@ def tree_stack(trees: Sequence[PyTree], *, names: Sequence[str] | None = None) -
 
 
 def tree_unstack(stacked: PyTree) -> list[PyTree]:
-    """Inverse of :func:`tree_stack`."""
+    """Inverse of :func:`tree_stack`: the list of the K members of a stacked tree.
+
+    Args:
+      stacked: a tree whose leaves share the leading axis K.
+
+    Returns:
+      A list of K trees (empty for a tree without leaves).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> [m["w"].tolist() for m in tree_unstack({"w": jnp.array([[1.0], [2.0]])})]
+        [[1.0], [2.0]]
+    """
     leaves, treedef = jax.tree_util.tree_flatten(stacked)
     if not leaves:
         return []
@@ -207,15 +472,42 @@ def tree_unstack(stacked: PyTree) -> list[PyTree]:
 
 
 def tree_index(stacked: PyTree, i) -> PyTree:
-    """Member ``i`` of a stacked tree (``i`` may be traced)."""
+    """Member ``i`` of a stacked tree (``i`` may be traced).
+
+    Args:
+      stacked: a stacked tree (leaves ``[K, ...]``).
+      i: an integer index, or an index array.
+
+    Returns:
+      The tree ``stacked[i]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_index({"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, 1)["w"].tolist()
+        [3.0, 4.0]
+    """
     return jax.tree_util.tree_map(lambda x: x[i], stacked)
 
 
 def tree_combine(weights, stacked: PyTree, *, precision=jax.lax.Precision.HIGHEST) -> PyTree:
     """Weighted combination ``sum_k weights[..., k] * stacked[k]`` of a stacked tree.
 
-    ``weights`` has shape ``[..., K]``; each leaf ``[K, *s]`` becomes ``[..., *s]``. This is the
-    Bernstein-weighted point of a connector (seed 000 eq. 6) and works for any batch of points.
+    This is the Bernstein-weighted point of a connector (Bézier-surface paper, eq. 6: the coefficient row of a
+    point times the stacked control points) and works for any batch of points.
+
+    Args:
+      weights: ``[..., K]`` coefficients; leading axes are a batch of points.
+      stacked: a stacked tree with leaves ``[K, *s]``.
+      precision: the contraction's ``jax.lax.Precision`` (default highest: exact float32 sums).
+
+    Returns:
+      A tree with leaves ``[..., *s]`` in the leaves' dtypes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> stacked = {"w": jnp.array([[0.0, 0.0], [2.0, 4.0]])}
+        >>> tree_combine(jnp.array([[0.5, 0.5], [0.0, 1.0]]), stacked)["w"].tolist()
+        [[1.0, 2.0], [2.0, 4.0]]
     """
     weights = jnp.asarray(weights)
 
@@ -227,7 +519,20 @@ def tree_combine(weights, stacked: PyTree, *, precision=jax.lax.Precision.HIGHES
 
 
 def tree_weighted_sum(weights: Sequence[float] | jax.Array, trees: Sequence[PyTree]) -> PyTree:
-    """``sum_k weights[k] * trees[k]`` for a list of same-structured trees."""
+    """``sum_k weights[k] * trees[k]`` for a list of same-structured trees.
+
+    Args:
+      weights: K weights (or ``[..., K]`` for a batch of sums).
+      trees: the K trees.
+
+    Returns:
+      A tree like ``trees[0]`` (with the batch axes of ``weights`` in front).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_weighted_sum([0.25, 0.75], [{"w": jnp.zeros(1)}, {"w": jnp.ones(1)}])["w"].tolist()
+        [0.75]
+    """
     trees = list(trees)
     weights = jnp.asarray(weights)
     if weights.shape[-1] != len(trees):
@@ -236,7 +541,19 @@ def tree_weighted_sum(weights: Sequence[float] | jax.Array, trees: Sequence[PyTr
 
 
 def tree_gram(stacked: PyTree):
-    """Gram matrix ``G[k, l] = <stacked[k], stacked[l]>`` of a stacked tree (K x K, float32+)."""
+    """Gram matrix ``G[k, l] = <stacked[k], stacked[l]>`` of a stacked tree (K x K, float32+).
+
+    Args:
+      stacked: a stacked tree (leaves ``[K, ...]``).
+
+    Returns:
+      A ``[K, K]`` ``jax.Array``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_gram({"w": jnp.array([[1.0, 0.0], [1.0, 2.0]])}).tolist()
+        [[1.0, 1.0], [1.0, 5.0]]
+    """
     def gram(x):
         x2 = x.reshape(x.shape[0], -1).astype(jnp.promote_types(x.dtype, jnp.float32))
         return jnp.matmul(x2, x2.T, precision=jax.lax.Precision.HIGHEST)
@@ -250,6 +567,17 @@ def tree_row_dot(a: PyTree, b: PyTree):
 
     The per-member dot product of pivots, tangents or gradients stacked on a leading axis (one reduction per
     leaf, no K x K Gram matrix).
+
+    Args:
+      a, b: stacked trees of the same structure (leaves ``[K, ...]``).
+
+    Returns:
+      A ``[K]`` ``jax.Array``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_row_dot({"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, {"w": jnp.ones((2, 2))}).tolist()
+        [3.0, 7.0]
     """
     def rd(x, y):
         dt = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
@@ -260,18 +588,59 @@ def tree_row_dot(a: PyTree, b: PyTree):
 
 
 def tree_row_scale(a: PyTree, s) -> PyTree:
-    """Scale member ``k`` of a stacked tree by ``s[k]`` (``s`` has shape ``[K]``)."""
+    """Scale member ``k`` of a stacked tree by ``s[k]``.
+
+    Args:
+      a: a stacked tree (leaves ``[K, ...]``).
+      s: ``[K]`` factors.
+
+    Returns:
+      A tree like ``a`` (same dtypes).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree_row_scale({"w": jnp.ones((2, 2))}, jnp.array([2.0, -1.0]))["w"].tolist()
+        [[2.0, 2.0], [-1.0, -1.0]]
+    """
     s = jnp.asarray(s)
     return jax.tree_util.tree_map(lambda x: (x * s.reshape((-1,) + (1,) * (x.ndim - 1))).astype(x.dtype), a)
 
 
 def tree_ravel(tree: PyTree):
-    """Flatten a pytree to one vector; returns ``(vector, unravel)`` (``jax.flatten_util.ravel_pytree``)."""
+    """Flatten a pytree to one vector (``jax.flatten_util.ravel_pytree``).
+
+    Args:
+      tree: a pytree of arrays.
+
+    Returns:
+      ``(vector, unravel)``: the concatenated leaves and the function that maps such a vector back to a tree.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> vec, unravel = tree_ravel({"a": jnp.ones(2), "b": jnp.zeros(1)})
+        >>> vec.tolist(), unravel(vec)["a"].shape
+        ([1.0, 1.0, 0.0], (2,))
+    """
     return ravel_pytree(tree)
 
 
 def tree_random_normal(key: jax.Array, like: PyTree, dtype=None) -> PyTree:
-    """A standard-normal pytree shaped like ``like`` (one independent key per leaf)."""
+    """A standard-normal pytree shaped like ``like`` (one independent key per leaf).
+
+    Args:
+      key: a PRNG key.
+      like: the pytree whose structure, shapes and (default) dtypes the sample takes.
+      dtype: override the leaves' dtype.
+
+    Returns:
+      A pytree like ``like`` of independent N(0, 1) samples.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> d = tree_random_normal(jax.random.key(0), {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)})
+        >>> d["w"].shape, bool(jnp.all(d["w"] != 0))
+        ((2, 3), True)
+    """
     leaves, treedef = jax.tree_util.tree_flatten(like)
     keys = jax.random.split(key, max(len(leaves), 1))
     out = [jax.random.normal(k, jnp.shape(x), dtype or jnp.result_type(x)) for k, x in zip(keys, leaves, strict=False)]
@@ -284,6 +653,12 @@ def tree_digest(tree: PyTree) -> str:
     Two trees get the same digest exactly when they hold the same arrays in the same structure: what a
     checkpoint records of a run's fixed inputs (endpoints, corners, initial parameters, data), so that a
     resume with other inputs is refused.
+
+    Args:
+      tree: a pytree of arrays (device arrays are copied to the host).
+
+    Returns:
+      A 64-character hexadecimal string.
 
     Example:
         >>> import numpy as np

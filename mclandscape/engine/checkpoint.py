@@ -19,6 +19,7 @@ metadata ``{"model": model.spec, "dataset": ..., "seed": ..., "epoch": ..., "met
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from collections.abc import Mapping
@@ -303,28 +304,59 @@ def delete_checkpoint(directory: str | os.PathLike, step: int) -> None:
         store.delete(step)
 
 
+def _spec_json(spec) -> Any:
+    """``spec`` as JSON would read it back (tuples become lists), for comparing a model with a checkpoint."""
+    return json.loads(json.dumps(_jsonable(spec, "model spec"), sort_keys=True))
+
+
 def load_model(directory: str | os.PathLike, step: int | None = None, *, model=None):
     """Rebuild ``(model, variables, metadata)`` from a checkpoint directory.
 
-    The metadata must hold the model spec under ``"model"`` (as :func:`mclandscape.engine.train.train_model`
-    writes it) unless ``model`` is given (a model built by ``from_flax`` or by hand, which the zoo cannot
-    rebuild from a spec). The state is the training loop's (``{"params", "model_state", ...}``), an older
-    ``{"variables": ...}`` or the variables themselves. When the metadata records ``"input_shape"`` the
-    variables are checked against a fresh ``model.init``.
+    Args:
+      directory: a checkpoint directory (as :func:`mclandscape.engine.train.train_model` writes it).
+      step: the step to read (default: the latest).
+      model: the :class:`~mclandscape.engine.models.Model` the checkpoint was written with. Needed for a model
+        the zoo cannot rebuild from its spec (one built by ``from_flax``, ``from_nnx`` or by hand; such specs
+        hold no ``"kwargs"``); without it the zoo model of ``metadata["model"]`` is rebuilt. When the metadata
+        records a spec, ``model.spec`` must equal it, else :class:`CheckpointError` names both.
+
+    Returns:
+      ``(model, variables, metadata)``. The state may be the training loop's (``{"params", "model_state",
+      ...}``), an older ``{"variables": ...}`` or the variables themselves. When the metadata records
+      ``"input_shape"`` the variables are checked against a fresh ``model.init`` (a
+      :class:`~mclandscape.core.tree.TreeMismatchError` names the first differing leaf).
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp
+        >>> from mclandscape.engine.models import get_model
+        >>> net = get_model("mlp", widths=[4], num_classes=3)
+        >>> v = net.init(jax.random.key(0), jnp.ones((1, 5)))
+        >>> d = tempfile.mkdtemp()
+        >>> _ = save_checkpoint(d, 1, {"variables": v}, {"model": net.spec, "input_shape": [5]})
+        >>> model, variables, meta = load_model(d)
+        >>> kernel = variables["params"]["Dense_0"]["kernel"]
+        >>> model.spec == net.spec, bool(jnp.all(kernel == v["params"]["Dense_0"]["kernel"]))
+        (True, True)
     """
     from mclandscape.engine.models import get_model
 
     state, metadata = restore_checkpoint(directory, step)
+    spec = metadata.get("model")
     if model is None:
-        spec = metadata.get("model")
         if not isinstance(spec, dict) or "arch" not in spec:
             raise CheckpointError(f"checkpoint {directory} records no model spec (metadata['model']); pass model= "
                                   "or use restore_checkpoint and build the model yourself")
+        if "kwargs" not in spec:  # from_flax / from_nnx / hand-written: a name alone could match a zoo model
+            raise CheckpointError(f"checkpoint {directory} holds a user model ({spec!r} is not a zoo spec: it has no "
+                                  "'kwargs'); pass the model you trained as model=")
         try:
             model = get_model(spec)
         except ValueError as e:
             raise CheckpointError(f"checkpoint {directory} holds a model the zoo cannot rebuild ({e}); pass the "
                                   "model you trained as model=") from e
+    elif spec is not None and _spec_json(spec) != _spec_json(getattr(model, "spec", None)):
+        raise CheckpointError(f"checkpoint {directory} was written by a model with spec {spec!r} but model= "
+                              f"{getattr(model, 'name', model)!r} has spec {getattr(model, 'spec', None)!r}")
     if isinstance(state, dict) and "params" in state and "nonfinite" in state:  # the training loop's state
         variables = {**dict(state.get("model_state") or {}), "params": state["params"]}
     else:

@@ -1,12 +1,14 @@
 """Training a connector: minimise the expected loss over the points of a curve, chain or surface.
 
-The objective is the uniform-average loss over the connector (Garipov et al. 2018's ``l(theta) = int
-L(w_theta(t)) dt``; eq. 9 of Ren et al. 2024 for surfaces), estimated per mini-batch by ``k`` points drawn
-by a sampler; its gradient is the unbiased estimate of their eq. 10. :class:`ConnectorObjective` is that
-estimate as an objective of the control points, ``objective(control, batch, key) -> (loss, aux)``, so it
-trains with the engine's one step and loop (:mod:`mclandscape.engine.loop`): all ``k`` points are
-evaluated on the same batch and one optimizer update follows per batch. Only the trainable control points
-move (the step's mask restores the others bit for bit).
+The objective is the uniform-average loss over the connector, ``l(theta) = int L(w_theta(t)) dt`` for
+curves (Garipov et al., 2018, "Loss surfaces, mode connectivity, and fast ensembling of DNNs") and eq. 9 of
+the Bézier-surface paper (Anonymous, 2024, "Revisiting mode connectivity in neural networks with Bézier
+surface") for surfaces, estimated per mini-batch by ``k`` points drawn by a sampler; its gradient is the
+unbiased estimate of that paper's eq. 10. :class:`ConnectorObjective` is that estimate as an objective of
+the control points, ``objective(control, batch, key) -> (loss, aux)``, so it trains with the engine's one
+step and loop (:mod:`mclandscape.engine.loop`): all ``k`` points are evaluated on the same batch and one
+optimizer update follows per batch. Only the trainable control points move (the step's mask restores the
+others bit for bit).
 
 How the ``k`` points are evaluated (``strategy``): ``"unroll"`` (the CPU default: the k points written out
 one after another), ``"map"`` (``jax.lax.map``) or ``"vmap"`` (the default elsewhere). On CPU, XLA runs
@@ -52,10 +54,99 @@ __all__ = [
     "simplex_sampler",
     "train_connector",
     "checkpointed_connector",
+    "check_connector",
+    "check_batch_size",
+    "weight_decay_args",
     "STRATEGIES",
+    "WEIGHT_DECAY_ON",
 ]
 
 STRATEGIES = ("unroll", "map", "vmap")
+WEIGHT_DECAY_ON = ("point", "control")
+
+
+def check_connector(connector, kinds: Sequence[str], fn: str, extra: tuple = (), *, build: str = "") -> Connector:
+    """``connector`` if it is a :class:`Connector` of one of ``kinds``; a ``TypeError`` that says what to do if not.
+
+    The model-level trainers take ``(model, connector, train, ...)``; ``extra`` holds any further positional
+    arguments, the sign of the old ``(model, start, end, train)`` call.
+
+    Args:
+      connector: the value passed as the connector.
+      kinds: the accepted connector kinds.
+      fn: the caller's name, for the message.
+      extra: the caller's surplus positional arguments (must be empty).
+      build: how to build the connector, for the message (e.g. ``"mcl.bezier_curve(start, end, degree=2)"``).
+
+    Returns:
+      The connector.
+
+    Raises:
+      TypeError: ``connector`` is not a Connector, or there are surplus positional arguments.
+      ValueError: the connector is of another kind.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from mclandscape.core.connectors import bezier_curve
+        >>> check_connector(bezier_curve({"w": jnp.zeros(1)}, {"w": jnp.ones(1)}), ("bezier",), "f").kind
+        'bezier'
+    """
+    hint = f"; build it with {build}" if build else ""
+    if extra or not isinstance(connector, Connector):
+        got = "more positional arguments" if extra else f"a {type(connector).__name__}"
+        raise TypeError(f"{fn}(model, connector, train, *, ...) takes a {' or '.join(kinds)} Connector as its "
+                        f"second argument and keyword options after train, got {got}{hint} and pass it in place "
+                        f"of the end points")
+    if connector.kind not in kinds:
+        raise ValueError(f"{fn} trains {' or '.join(kinds)} connectors, got a {connector.kind!r} connector")
+    return connector
+
+
+def check_batch_size(batch_size, num_examples: int) -> int:
+    """``batch_size`` as an int in ``[1, num_examples]``, or a ``ValueError`` naming the problem.
+
+    Args:
+      batch_size: the requested batch size.
+      num_examples: the size of the training set.
+
+    Returns:
+      ``int(batch_size)``.
+
+    Example:
+        >>> check_batch_size(32, 120)
+        32
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if batch_size > num_examples:
+        raise ValueError(f"batch_size {batch_size} is larger than the training set ({num_examples} examples)")
+    return int(batch_size)
+
+
+def weight_decay_args(weight_decay: float, weight_decay_on: str) -> dict:
+    """The trainer's ``point_l2`` / ``l2`` for a weight decay ``wd`` and where it applies.
+
+    ``"point"``: ``(wd/2) |phi(p)|^2`` at every sampled point (Garipov et al., 2018: the L2 regulariser on the
+    curve's weights); ``"control"``: ``(wd/2) sum |theta_k|^2`` over the trainable control points.
+
+    Args:
+      weight_decay: ``wd >= 0``.
+      weight_decay_on: ``"point"`` or ``"control"``.
+
+    Returns:
+      ``{"point_l2": ..., "l2": ...}`` for :func:`train_connector`.
+
+    Example:
+        >>> weight_decay_args(5e-4, "point")
+        {'point_l2': 0.0005, 'l2': 0.0}
+    """
+    wd = _check_nonneg("weight_decay", weight_decay)
+    if weight_decay_on == "point":
+        return {"point_l2": wd, "l2": 0.0}
+    if weight_decay_on == "control":
+        return {"point_l2": 0.0, "l2": wd}
+    raise ValueError(f"weight_decay_on must be 'point' (|phi(p)|^2 at the sampled points) or 'control' (the "
+                     f"trainable control points), got {weight_decay_on!r}")
 
 
 @struct.dataclass
@@ -123,6 +214,9 @@ class ConnectorObjective:
         ks, kd = jax.random.split(key)
         pts = self.sampler(ks, self.num_samples)
         coefs = (self.coefficients or self.template.coefficients)(pts)
+        cdt = jnp.result_type(*jax.tree_util.tree_leaves(control))
+        if jnp.issubdtype(cdt, jnp.floating):  # points in the parameters' precision (float64 under x64)
+            coefs = coefs.astype(cdt)
         keys = jax.random.split(kd, self.num_samples)
         if self.mesh is not None and self.mesh.shape.get("points", 1) > 1:
             # the k points split over the mesh's points axis (the vmapped axis below)
@@ -220,7 +314,8 @@ def train_connector(objective, connector: Connector, data, *, epochs: int, tx: o
       seed: the sampling, dropout and batch-order seed.
       strategy: how the ``k`` points are evaluated (module docstring).
       loop: checkpoints, rotation, resume and progress (:class:`~mclandscape.engine.loop.LoopConfig`).
-      callbacks: ``callback(epoch, state, record)`` after every epoch.
+      callbacks: ``callback(epoch, state, history)`` after every epoch (``epoch`` from 1, as in the history);
+        raising :class:`~mclandscape.engine.loop.StopRun` ends the run there.
       hyper: hyper-parameters that built ``tx`` (learning rate, schedule, ...), recorded in the fingerprint.
       metadata: extra JSON stored with the checkpoints.
       devices: how many devices to train on (default all of the job's, across processes): the ``k`` points

@@ -53,8 +53,17 @@ COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 
 @functools.cache
 def compiler_options_accepted() -> bool:
-    """Whether this jaxlib's CPU compiler accepts :data:`COMPILER_OPTIONS` (probed once on a tiny function;
-    an older or newer jaxlib without the option gets XLA's defaults)."""
+    """Whether this jaxlib's CPU compiler accepts :data:`COMPILER_OPTIONS`.
+
+    Probed once on a tiny function and cached; an older or newer jaxlib without the option gets XLA's defaults.
+
+    Returns:
+      A ``bool``.
+
+    Example:
+        >>> isinstance(compiler_options_accepted(), bool)
+        True
+    """
     try:
         jax.jit(lambda v: v + 1, compiler_options=COMPILER_OPTIONS).lower(jnp.zeros(2)).compile()
         return True
@@ -63,10 +72,21 @@ def compiler_options_accepted() -> bool:
 
 
 class tuned_jit:  # noqa: N801 - used like jax.jit
-    """``jax.jit(fun, **kwargs)``, compiled with :data:`COMPILER_OPTIONS` when the default backend is CPU.
+    """``jax.jit(fun, **jit_kwargs)``, compiled with :data:`COMPILER_OPTIONS` when the default backend is CPU.
 
     Both variants are ordinary ``jax.jit`` objects made once (define a ``tuned_jit`` at module level), so
-    their compilation caches are JAX's own; the choice between them is made at call time.
+    their compilation caches are JAX's own; the choice between them is made at call time, so importing a
+    module that defines one starts no backend.
+
+    Args:
+      fun: the function to compile.
+      **jit_kwargs: passed to ``jax.jit`` (e.g. ``static_argnames``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> double = tuned_jit(lambda x, n: x * n, static_argnames=("n",))
+        >>> double(jnp.ones(2), n=2).tolist()
+        [2.0, 2.0]
     """
 
     def __init__(self, fun: Callable, **jit_kwargs):
@@ -96,6 +116,24 @@ def default_strategy(num_points: int, param_bytes: int, *, has_conv: bool, backe
     at a time against 4.61 with chunks of 16 (vmapped points give every point its own kernels, which XLA's
     CPU convolutions run slowly), so convolutional models go one point at a time. Elsewhere chunks as large
     as ``chunk_bytes`` of parameter copies allow (at most 64).
+
+    Args:
+      num_points: how many points are evaluated.
+      param_bytes: the bytes of one point's parameters.
+      has_conv: whether the model has convolutions.
+      backend: ``"cpu"``, ``"gpu"``, ... (default: JAX's default backend).
+      chunk_bytes: the memory budget of one chunk of parameter copies off CPU.
+
+    Returns:
+      ``("map", chunk)``: ``lax.map`` over chunks of ``chunk`` points, vmapped inside a chunk.
+
+    Example:
+        >>> default_strategy(121, 20_000, has_conv=False, backend="cpu")
+        ('map', 16)
+        >>> default_strategy(121, 20_000, has_conv=True, backend="cpu")
+        ('map', 1)
+        >>> default_strategy(121, 2**28, has_conv=True, backend="gpu")
+        ('map', 4)
     """
     backend = backend or jax.default_backend()
     if backend == "cpu":
@@ -107,7 +145,17 @@ def default_strategy(num_points: int, param_bytes: int, *, has_conv: bool, backe
 
 @dataclasses.dataclass(frozen=True)
 class FirstConv:
-    """The first convolution of a model: its parameter path, kernel shape and whether it has a bias."""
+    """The first convolution of a model, as :func:`first_conv` finds it.
+
+    Attributes:
+      path: the module path of the convolution in the parameter tree (e.g. ``("Conv_0",)``).
+      kernel_shape: its kernel's shape ``(h, w, in, out)``.
+      use_bias: whether it has a bias.
+
+    Example:
+        >>> FirstConv(path=("Conv_0",), kernel_shape=(5, 5, 3, 32), use_bias=True).macs_per_output
+        75
+    """
 
     path: tuple[str, ...]
     kernel_shape: tuple[int, ...]
@@ -119,7 +167,14 @@ class FirstConv:
         return int(np.prod(self.kernel_shape[:-1]))
 
     def params(self, tree):
-        """The subtree of ``tree`` (e.g. stacked control points) holding this convolution's parameters."""
+        """The subtree of ``tree`` (e.g. stacked control points) holding this convolution's parameters.
+
+        Args:
+          tree: a parameter tree (or a stacked one) of the model.
+
+        Returns:
+          The ``{"kernel": ..., "bias": ...}`` subtree at :attr:`path`.
+        """
         for name in self.path:
             tree = tree[name]
         return tree
@@ -149,8 +204,30 @@ def _depends(jaxpr, invars) -> bool:
 
 
 def first_conv(apply: Callable, params, x) -> FirstConv | None:
-    """The first convolution of ``apply(variables, x)`` if it is a Flax ``nn.Conv`` whose input depends on
-    ``x`` alone (not on the parameters), else ``None``. Traced abstractly (no computation)."""
+    """The first convolution of ``apply(variables, x)``, if it is a Flax ``nn.Conv`` fed by ``x`` alone.
+
+    Traced abstractly (no computation). A convolution whose input depends on the parameters (e.g. after a
+    normalisation layer with learned scale) is not "first" in this sense.
+
+    Args:
+      apply: the model's ``apply(variables, x)``.
+      params: its variables (``{"params": ...}``) or parameter tree.
+      x: an input batch.
+
+    Returns:
+      A :class:`FirstConv`, or ``None`` when there is no such convolution (or the model cannot be traced so).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> class Net(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         return nn.Dense(2)(nn.Conv(4, (3, 3))(x).reshape(x.shape[0], -1))
+        >>> x = jnp.ones((1, 6, 6, 1))
+        >>> variables = jax.eval_shape(Net().init, jax.random.key(0), x)  # shapes suffice
+        >>> first_conv(Net().apply, variables, x)
+        FirstConv(path=('Conv_0',), kernel_shape=(3, 3, 1, 4), use_bias=True)
+    """
     found: dict = {}
 
     def conv_input(p):
@@ -191,6 +268,20 @@ def use_factorisation(conv: FirstConv | None, num_points: int, num_control: int,
     against 0.364, and a 3×3 one-channel digits convolution (9) with K = 9 lost too (5.3 against 4.1
     ms/point). Hence: more points than control points and at least 16 K multiply-adds per output. Not on
     other backends (unmeasured: no accelerator was available when this was tuned).
+
+    Args:
+      conv: the model's :class:`FirstConv` (``None``: no factorisation).
+      num_points: points to evaluate.
+      num_control: control points K.
+      backend: default: JAX's default backend.
+
+    Returns:
+      A ``bool``.
+
+    Example:
+        >>> conv = FirstConv(path=("Conv_0",), kernel_shape=(5, 5, 3, 32), use_bias=True)
+        >>> use_factorisation(conv, 21, 3, backend="cpu"), use_factorisation(conv, 121, 9, backend="cpu")
+        (True, False)
     """
     backend = backend or jax.default_backend()
     if conv is None or backend != "cpu":
@@ -199,8 +290,26 @@ def use_factorisation(conv: FirstConv | None, num_points: int, num_control: int,
 
 
 def stacked_first_conv(module: nn.Conv, kernel: jax.Array, bias: jax.Array | None, x: jax.Array) -> jax.Array:
-    """The convolution ``module`` with K kernels ``[K, ..., Cin, Cout]`` (and biases ``[K, Cout]``) on ``x``,
-    run as one convolution with ``K * Cout`` output channels; returns ``[..., K, Cout]``."""
+    """The convolution ``module`` with K kernels, run as one convolution with ``K * Cout`` output channels.
+
+    Args:
+      module: the ``nn.Conv`` (its configuration: window, strides, padding).
+      kernel: ``[K, h, w, Cin, Cout]`` stacked kernels.
+      bias: ``[K, Cout]`` stacked biases, or ``None``.
+      x: the input batch.
+
+    Returns:
+      ``[..., K, Cout]``: every control point's convolution output.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> conv, x = nn.Conv(2, (3, 3)), jnp.linspace(0.0, 1.0, 16).reshape(1, 4, 4, 1)
+        >>> kernels, biases = jnp.linspace(-1.0, 1.0, 54).reshape(3, 3, 3, 1, 2), jnp.ones((3, 2))
+        >>> out = stacked_first_conv(conv, kernels, biases, x)
+        >>> one = conv.apply({"params": {"kernel": kernels[1], "bias": biases[1]}}, x)
+        >>> out.shape, bool(jnp.allclose(out[..., 1, :], one, atol=1e-5))
+        ((1, 4, 4, 3, 2), True)
+    """
     num_k, cout = kernel.shape[0], kernel.shape[-1]
     stacked = jnp.moveaxis(kernel, 0, -2).reshape(kernel.shape[1:-1] + (num_k * cout,))
     wide = module.clone(parent=None, features=num_k * cout)
@@ -215,7 +324,19 @@ def combine_features(coefficients: jax.Array, features: jax.Array) -> jax.Array:
     """``sum_k c_k features[..., k, :]``: one point's first-layer output from the control points' outputs.
 
     Exact for any coefficients (each control point's output includes its own bias). Accumulated in float32
-    (or the features' wider dtype) and returned in ``features.dtype``.
+    (or the features' wider dtype).
+
+    Args:
+      coefficients: ``[K]`` coefficients of the point.
+      features: ``[..., K, C]`` outputs of :func:`stacked_first_conv`.
+
+    Returns:
+      ``[..., C]`` in ``features.dtype``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> combine_features(jnp.array([0.5, 0.5]), jnp.array([[[0.0, 2.0], [2.0, 4.0]]])).tolist()
+        [[1.0, 3.0]]
     """
     acc = jnp.promote_types(features.dtype, jnp.float32)
     c = coefficients.astype(acc)
@@ -240,8 +361,25 @@ class _Replace:
 
 
 def replace_first_conv(fn: Callable[[nn.Conv, jax.Array], jax.Array]):
-    """A context manager under which the first ``nn.Conv`` call of each Flax ``apply`` returns
-    ``fn(module, x)`` (enter it around exactly one ``apply``)."""
+    """A context manager under which the first ``nn.Conv`` call of each Flax ``apply`` returns ``fn(module, x)``.
+
+    Enter it around exactly one ``apply``.
+
+    Args:
+      fn: ``fn(module, x) -> output`` replacing that convolution's call.
+
+    Returns:
+      The context manager (``flax.linen.intercept_methods``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> conv, x = nn.Conv(2, (3, 3)), jnp.ones((1, 4, 4, 1))
+        >>> variables = conv.init(jax.random.key(0), x)
+        >>> with replace_first_conv(lambda module, x: jnp.zeros(x.shape[:-1] + (module.features,))):
+        ...     out = conv.apply(variables, x)
+        >>> out.shape, float(jnp.abs(out).max())
+        ((1, 4, 4, 2), 0.0)
+    """
     return nn.intercept_methods(_Replace(fn))
 
 
@@ -257,13 +395,31 @@ def capture_first_conv():
 def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                    dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                    preferred_element_type=None):
-    """``jax.lax.conv_general_dilated``, computed as an im2col matrix product when the feature map is
-    smaller than the kernel (the ``conv_general_dilated`` of the zoo's ``nn.Conv`` layers).
+    """``jax.lax.conv_general_dilated``, as an im2col matrix product when the feature map is smaller than the kernel.
 
-    XLA's CPU backend rewrites such convolutions (e.g. VGG16's 3×3 convolutions on 2×2 maps, or a CNN's
-    last layers on 8×8 digits) into a form it ran ~75× slower than the equivalent matrix product: 1.07 s
-    against 14 ms for 128 maps of 2×2×512. Same result up to float rounding; any other convolution (and any
-    stride, dilation, grouping or layout other than NHWC/HWIO) goes to ``lax.conv_general_dilated``.
+    The ``conv_general_dilated`` of the zoo's ``nn.Conv`` layers. XLA's CPU backend rewrites such convolutions
+    (e.g. VGG16's 3×3 convolutions on 2×2 maps, or a CNN's last layers on 8×8 digits) into a form it ran ~75×
+    slower than the equivalent matrix product: 1.07 s against 14 ms for 128 maps of 2×2×512. Same result up to
+    float rounding; any other convolution (and any stride, dilation, grouping or layout other than NHWC/HWIO)
+    goes to ``lax.conv_general_dilated``.
+
+    Args:
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+        batch_group_count, precision, preferred_element_type: as for ``jax.lax.conv_general_dilated``.
+
+    Returns:
+      The convolution's output.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> x = jnp.linspace(-1.0, 1.0, 24).reshape(2, 2, 2, 3)  # 2x2 maps, 3x3 kernel: the im2col path
+        >>> k = jnp.linspace(-1.0, 1.0, 108).reshape(3, 3, 3, 4)
+        >>> dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+        >>> both = jax.jit(lambda x, k: (small_map_conv(x, k, (1, 1), "SAME", dimension_numbers=dn),
+        ...                              jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)))
+        >>> out, ref = both(x, k)
+        >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-4))
+        ((2, 2, 2, 4), True)
     """
     nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     plain = (lhs.ndim != 4 or dimension_numbers not in (None, nhwc) or feature_group_count != 1
@@ -296,7 +452,21 @@ def max_pool_strided(x: jax.Array, window: int, stride: int) -> jax.Array:
     row-major order (as XLA's select-and-scatter and PyTorch do): the forward pass of a differentiated
     call records that window offset (int8), and the backward pass scatters with strided pads, which XLA
     fuses into one loop. On the 2-core CPU this gradient took ~14 ms against ~120 ms for the reduce-window
-    gradient (128×32×32×32 map, 3×3/2 window; issue 9).
+    gradient (128×32×32×32 map, 3×3/2 window).
+
+    Args:
+      x: ``[N, H, W, C]`` feature maps.
+      window: the square window's side (at most 11 when differentiated).
+      stride: the stride in both directions.
+
+    Returns:
+      ``[N, (H - window) // stride + 1, (W - window) // stride + 1, C]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+        >>> max_pool_strided(x, 2, 2)[0, :, :, 0].tolist()
+        [[5.0, 7.0], [13.0, 15.0]]
     """
     ho = (x.shape[1] - window) // stride + 1
     wo = (x.shape[2] - window) // stride + 1

@@ -11,7 +11,7 @@ batches that depend only on ``(seed, epoch)``.
 | ``wine`` | scikit-learn | 13 features | 3 | 142 / 36 |
 | ``breast_cancer`` | scikit-learn | 30 features | 2 | 455 / 114 |
 | ``mnist1d`` | ``mnist1d`` package (generated procedurally, seed 42) | 40-sample signal | 10 | 4000 / 1000 |
-| ``synthetic`` | seeded teacher network (seed 002 §5.1) | ``dim`` features | ``num_classes`` | ``n_train`` / ``n_test`` |
+| ``synthetic`` | seeded teacher network (Schager, 2025, §5.1) | ``dim`` features | ``num_classes`` | ``n_train`` / ``n_test`` |
 | ``cifar10`` | TFDS ``cifar10`` (array_record, prepared offline) | 32×32×3 | 10 | 50000 / 10000 |
 | ``cifar100`` | TFDS ``cifar100`` | 32×32×3 | 100 | 50000 / 10000 |
 | ``tiny_imagenet`` | local TFDS builder from the manually provided archive | 64×64×3 | 200 | 100000 / 10000 (val) |
@@ -100,8 +100,28 @@ class Dataset:
         return Dataset(self.x[indices], self.y[indices], self.num_classes, self.name)
 
     def take(self, n: int) -> Dataset:
-        """The first ``n`` examples."""
-        return self.subset(slice(0, int(n)))
+        """The first ``n`` examples (all of them when ``n >= len(self)``).
+
+        Args:
+          n: an integer >= 1.
+
+        Returns:
+          A :class:`Dataset`.
+
+        Example:
+            >>> import numpy as np
+            >>> ds = Dataset(np.zeros((5, 2), np.float32), np.arange(5, dtype=np.int32), 5, "toy")
+            >>> len(ds.take(3))
+            3
+        """
+        return self.subset(slice(0, _check_limit(n, "n")))
+
+
+def _check_limit(n, name: str) -> int:
+    """A count of examples: an integer >= 1 (a negative one would silently drop examples from the end)."""
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (a number of examples), got {n!r}")
+    return int(n)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,7 +217,7 @@ def offline_raw(name: str):
 def _synthetic(split: str, seed: int, *, n_train: int = 256, n_test: int = 256, dim: int = 2,
                num_classes: int = 2, task: str = "classification", hidden: int = 16, noise: float = 0.0,
                targets: int = 1) -> Dataset:
-    """Seeded data from a random teacher network (seed 002 §5.1: small non-linear nets on random data).
+    """Seeded data from a random teacher network (Schager, 2025, "Volumetric investigation into neural network loss landscapes", §5.1: small non-linear nets on random data).
 
     ``x ~ N(0, I_dim)``; teacher ``f(x) = tanh(x W1 + b1) W2`` with Gaussian weights (``hidden`` units).
     Classification: ``y = argmax(f(x) - mean f + noise * Gumbel)`` over ``num_classes`` outputs. Regression
@@ -344,6 +364,8 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
         raise ValueError(f"source must be 'auto' or 'tfds', got {source!r}")
     if options and key != "synthetic":
         raise ValueError(f"dataset {key!r} takes no extra options, got {sorted(options)}")
+    if limit is not None:
+        limit = _check_limit(limit, "limit")
 
     if key == "synthetic":
         if source == "tfds":

@@ -58,17 +58,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                heartbeat_timeout_seconds: int = 100, initialization_timeout: int = 300) -> None:
     """Join (or start) a multi-process JAX job; call it before any other JAX work.
 
+    On CPU the collectives are gloo's (``jax_cpu_collectives_implementation``); other backends use their own
+    (NCCL on GPU).
+
     Args:
       coordinator_address: ``"host:port"`` of process 0's coordinator; ``None`` lets JAX detect the cluster
         (SLURM, Open MPI, Kubernetes, TPU pods) from the environment.
-      num_processes, process_id: the job's size and this process's index (``None``: detected).
+      num_processes: the job's size (``None``: detected).
+      process_id: this process's index in ``[0, num_processes)`` (``None``: detected).
       local_devices: CPU only: how many host devices this process exposes (``jax_num_cpu_devices``), to test
         a multi-device, multi-process layout on one machine.
       heartbeat_timeout_seconds: how long the job waits for a silent process before failing every process.
       initialization_timeout: how long to wait for all processes to connect.
 
-    On CPU the collectives are gloo's (``jax_cpu_collectives_implementation``); other backends use their
-    own (NCCL on GPU). Raises ``ValueError`` for inconsistent arguments.
+    Returns:
+      ``None``. Raises ``ValueError`` for inconsistent arguments (checked before anything is started).
+
+    Example:
+        >>> initialize("127.0.0.1:1234", num_processes=2, process_id=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: process_id must lie in [0, 2), got 2
     """
     if (num_processes is None) != (process_id is None):
         raise ValueError("give both num_processes and process_id, or neither (to detect them from the cluster)")
@@ -88,17 +98,41 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def process_count() -> int:
-    """Number of processes in the job (1 without :func:`initialize`)."""
+    """Number of processes in the job (1 without :func:`initialize`).
+
+    Returns:
+      An ``int``.
+
+    Example:
+        >>> process_count()
+        1
+    """
     return jax.process_count()
 
 
 def process_index() -> int:
-    """This process's index in the job."""
+    """This process's index in the job (0 without :func:`initialize`).
+
+    Returns:
+      An ``int`` in ``[0, process_count())``.
+
+    Example:
+        >>> process_index()
+        0
+    """
     return jax.process_index()
 
 
 def is_main_process() -> bool:
-    """Whether this is process 0, the one that writes results and plots."""
+    """Whether this is process 0, the one that writes results and plots.
+
+    Returns:
+      A ``bool``.
+
+    Example:
+        >>> is_main_process()
+        True
+    """
     return jax.process_index() == 0
 
 
@@ -106,7 +140,18 @@ def mesh(shape: Sequence[int] | None = None, axes: Sequence[str] = ("points",), 
          devices: int | None = None) -> jax.sharding.Mesh:
     """A mesh over the first ``devices`` devices of the job (default all, across every process).
 
-    ``shape`` defaults to all devices on the first axis (and 1 on the others).
+    Args:
+      shape: the mesh shape (default: all devices on the first axis, 1 on the others).
+      axes: the axis names.
+      devices: how many of the job's devices to use (default all).
+
+    Returns:
+      A ``jax.sharding.Mesh``. Raises ``ValueError`` when the shape does not use exactly that many devices.
+
+    Example:
+        >>> m = mesh(devices=1)
+        >>> m.axis_names, m.devices.shape
+        (('points',), (1,))
     """
     avail = jax.devices()
     n = len(avail) if devices is None else int(devices)
@@ -129,6 +174,14 @@ def training_mesh(batch_size: int, num_points: int = 1, *, devices: int | None =
     forward and backward pass, while splitting a batch adds a gradient reduction per point (on CPU with
     forced host devices neither is faster; the split matters on accelerators).
 
+    Args:
+      batch_size: examples per batch (``>= 1``).
+      num_points: points evaluated per step (``>= 1``).
+      devices: how many of the job's devices to consider (default all).
+
+    Returns:
+      A ``jax.sharding.Mesh``, or ``None`` when the layout uses a single device.
+
     Example:
         >>> training_mesh(64, devices=1) is None
         True
@@ -148,9 +201,26 @@ def training_mesh(batch_size: int, num_points: int = 1, *, devices: int | None =
 
 
 def put(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
-    """Every leaf placed with ``sharding``, from host values or local arrays that every process holds in full
-    (each process contributes the pieces on its own devices; arrays already placed so are returned as they
-    are). PRNG key arrays are placed through their key data."""
+    """Every leaf of ``tree`` placed with ``sharding``.
+
+    Takes host values or local arrays that every process holds in full (each process contributes the pieces
+    on its own devices); arrays already placed so are returned as they are, and PRNG key arrays are placed
+    through their key data.
+
+    Args:
+      tree: a pytree of host or device arrays.
+      sharding: the target ``jax.sharding.Sharding``.
+
+    Returns:
+      A pytree of global ``jax.Array`` s.
+
+    Example:
+        >>> import numpy as np
+        >>> from jax.sharding import NamedSharding, PartitionSpec
+        >>> out = put({"w": np.ones(2)}, NamedSharding(mesh(devices=1), PartitionSpec()))
+        >>> out["w"].tolist()
+        [1.0, 1.0]
+    """
 
     def one(a):
         if isinstance(a, jax.Array) and a.sharding == sharding:
@@ -168,19 +238,59 @@ def put(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
 
 
 def replicate(tree: PyTree, m: jax.sharding.Mesh | None = None) -> PyTree:
-    """Every leaf as a global array replicated over ``m`` (default: all devices)."""
+    """Every leaf as a global array replicated over the mesh ``m``.
+
+    Args:
+      tree: a pytree of host values every process holds in full.
+      m: the mesh (default: all devices of the job).
+
+    Returns:
+      A pytree of replicated global ``jax.Array`` s.
+
+    Example:
+        >>> import numpy as np
+        >>> replicate(np.arange(3.0)).sharding.is_fully_replicated
+        True
+    """
     return put(tree, NamedSharding(m or mesh(), P()))
 
 
 def shard(tree: PyTree, m: jax.sharding.Mesh, axis: str | Sequence[str]) -> PyTree:
-    """Every leaf split along its first axis over the mesh axis (or axes) ``axis``, from host values that
-    every process holds in full (each process contributes the slices of its own devices)."""
+    """Every leaf split along its first axis over the mesh axis (or axes) ``axis``.
+
+    Args:
+      tree: a pytree of host values every process holds in full (each process contributes the slices of its own
+        devices).
+      m: the mesh.
+      axis: the mesh axis name, or a sequence of names.
+
+    Returns:
+      A pytree of global ``jax.Array`` s.
+
+    Example:
+        >>> import numpy as np
+        >>> shard(np.arange(4.0), mesh(devices=1), "points").shape
+        (4,)
+    """
     return put(tree, NamedSharding(m, P(axis)))
 
 
 def to_host(tree: PyTree) -> PyTree:
-    """Every leaf as a NumPy array holding the whole value, on every process (gathered across processes when
-    a process holds only part of it)."""
+    """Every leaf as a NumPy array holding the whole value, on every process.
+
+    Gathered across processes when a process holds only part of it.
+
+    Args:
+      tree: a pytree of arrays (global, local or host).
+
+    Returns:
+      A pytree of NumPy arrays.
+
+    Example:
+        >>> import numpy as np
+        >>> type(to_host({"w": replicate(np.ones(2))})["w"]).__name__
+        'ndarray'
+    """
 
     def one(a):
         if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
@@ -191,8 +301,23 @@ def to_host(tree: PyTree) -> PyTree:
 
 
 def local(tree: PyTree) -> PyTree:
-    """Replicated global arrays as this process's own copy (arrays on its first local device), so that what
-    a method returns can be used like any single-process value; other leaves are returned as they are."""
+    """Replicated global arrays as this process's own copy (arrays on its first local device).
+
+    So that what a method returns can be used like any single-process value; other leaves are returned as they
+    are.
+
+    Args:
+      tree: a pytree whose global arrays are replicated.
+
+    Returns:
+      The pytree with process-local arrays. Raises ``ValueError`` for a sharded (not replicated) global array:
+      gather it with :func:`to_host`.
+
+    Example:
+        >>> import numpy as np
+        >>> local({"w": replicate(np.ones(2)), "n": 3})["n"]
+        3
+    """
 
     def one(a):
         if isinstance(a, jax.Array) and not a.is_fully_addressable:
@@ -205,6 +330,16 @@ def local(tree: PyTree) -> PyTree:
 
 
 def sync(name: str) -> None:
-    """Wait until every process reaches the barrier ``name`` (a no-op with one process)."""
+    """Wait until every process reaches the barrier ``name`` (a no-op with one process).
+
+    Args:
+      name: the barrier's name; every process must use the same one.
+
+    Returns:
+      ``None``.
+
+    Example:
+        >>> sync("after-training")
+    """
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)

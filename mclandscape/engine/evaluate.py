@@ -58,7 +58,7 @@ from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import correct_count
 from mclandscape.core.tree import PyTree, check_finite, check_same_structure, tree_combine, tree_index, tree_stack
 from mclandscape.engine import cpu
-from mclandscape.engine.distributed import to_host
+from mclandscape.engine.distributed import replicate, to_host
 from mclandscape.engine.models.base import Model
 
 __all__ = [
@@ -144,22 +144,66 @@ def _check_stack(stack: PyTree, name: str) -> int:
     return sizes.pop()
 
 
-def connector_points(connector: Connector, points) -> Points:
-    """The points ``points`` (t values, (u, v) pairs or alphas; validated, never clipped) of a connector."""
-    pts = connector.validate_points(points)
+def connector_points(connector: Connector, points, *, extrapolate: bool = False) -> Points:
+    """The points of a connector as :class:`Points` (coefficient rows over its control points).
+
+    Args:
+      connector: a :class:`~mclandscape.core.connectors.Connector`.
+      points: ``[P]`` t values, ``[P, 2]`` (u, v) pairs or ``[P, K]`` barycentric weights (validated by
+        :meth:`~mclandscape.core.connectors.Connector.validate_points`, never clipped).
+      extrapolate: accept values outside [0, 1] (the connector continued beyond its ends).
+
+    Returns:
+      :class:`Points` with rows in the control points' floating precision (float32 or wider).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from mclandscape.core.connectors import bezier_curve
+        >>> pts = connector_points(bezier_curve({"w": jnp.zeros(1)}, {"w": jnp.ones(1)}, 1), [0.0, 0.25])
+        >>> pts.num_points, pts.point(1)["w"].tolist()
+        (2, [0.25])
+    """
+    pts = connector.validate_points(points, extrapolate=extrapolate)
     dtype = jnp.promote_types(jnp.float32, jnp.result_type(*jax.tree_util.tree_leaves(connector.control)))
     return Points(rows=connector.coefficients(jnp.asarray(pts, dtype)), stack=connector.control)
 
 
 def stacked_points(stacked: PyTree) -> Points:
-    """P parameter trees stacked on a leading axis (:func:`mclandscape.core.tree.tree_stack`), as points."""
+    """P parameter trees stacked on a leading axis (:func:`mclandscape.core.tree.tree_stack`), as points.
+
+    Args:
+      stacked: a tree whose leaves share a leading axis of size P.
+
+    Returns:
+      :class:`Points` with identity rows (stored as indices: no K-fold cost).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> pts = stacked_points({"w": jnp.arange(6.0).reshape(3, 2)})
+        >>> pts.indexed, pts.point(2)["w"].tolist()
+        (True, [4.0, 5.0])
+    """
     p = _check_stack(stacked, "stacked_params")
     return Points(rows=jnp.arange(p, dtype=jnp.int32), stack=stacked)
 
 
 def plane_points(origin: PyTree, d1: PyTree, d2: PyTree | None, alphas, betas=None) -> Points:
-    """``origin + alpha d1 + beta d2`` on the grid ``alphas x betas`` (alpha major), or the line
-    ``origin + alpha d1`` when ``d2`` is ``None``: rows ``[1, alpha, beta]`` over ``[origin, d1, d2]``."""
+    """``origin + alpha d1 + beta d2`` on the grid ``alphas x betas`` (alpha major), or the line ``origin + alpha d1``.
+
+    Args:
+      origin: the centre parameters.
+      d1, d2: the directions (``d2=None``: a line).
+      alphas, betas: the coefficients along ``d1`` and ``d2``.
+
+    Returns:
+      :class:`Points` with rows ``[1, alpha(, beta)]`` over the stack ``[origin, d1(, d2)]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> line = plane_points({"w": jnp.zeros(1)}, {"w": jnp.ones(1)}, None, [0.0, 2.0])
+        >>> line.point(1)["w"].tolist()
+        [2.0]
+    """
     a = np.asarray(alphas, np.float64).reshape(-1)
     if d2 is None:
         check_same_structure(origin, d1, names=("params", "direction"))
@@ -269,6 +313,10 @@ def _run_mapped(jitted, points: Points, static: dict, args, strategy: str, chunk
     rows = _pad_rows(points.rows, (chunk if strategy == "map" else 1) * ndev)
     if mesh is not None:
         rows = jax.device_put(rows, NamedSharding(mesh, P(_AXIS)))
+        if jax.process_count() > 1:
+            # the stack and the data may be arrays on this process's devices only (e.g. parameters fresh from
+            # training): make them global, replicated over the job's mesh, next to the sharded rows
+            points, args = points.replace(stack=replicate(points.stack, mesh)), replicate(args, mesh)
     out = jitted(**static, strategy=strategy, chunk=chunk if strategy == "map" else int(rows.shape[0]), mesh=mesh,
                  points=points.replace(rows=rows), args=args)
     # sharded over the points axis: in a multi-process job each process holds its devices' points only
@@ -386,11 +434,21 @@ def _bn_rngs():
     return {"dropout": jax.random.key(0)}
 
 
-def _zeros_stats(model: Model, x_example) -> PyTree:
+def _zeros_stats(model: Model, x_example, like: PyTree | None = None) -> PyTree:
+    """Zero BatchNorm statistics; with ``like`` (the parameters) in their precision, so float64 parameters get
+    float64 statistics (Flax initialises them in float32 whatever the parameters)."""
     shapes = jax.eval_shape(model.init, jax.random.key(0), x_example)
     if "batch_stats" not in shapes:
         raise ValueError(f"model {model.name} has apply_with_stats but its variables hold no 'batch_stats'")
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["batch_stats"])
+    leaves = jax.tree_util.tree_leaves(like) if like is not None else []
+    wide = jnp.result_type(*leaves) if leaves else jnp.float32
+    wide = wide if jnp.issubdtype(wide, jnp.floating) else jnp.float32
+
+    def zeros(sd):
+        dt = jnp.promote_types(sd.dtype, wide) if jnp.issubdtype(sd.dtype, jnp.floating) else sd.dtype
+        return jnp.zeros(sd.shape, dt)
+
+    return jax.tree_util.tree_map(zeros, shapes["batch_stats"])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -409,15 +467,17 @@ def bn_momentum(model: Model, params: PyTree, x) -> PyTree:
     makes the exact recalibration work for any Flax model with standard BatchNorm, whatever momentum.
     """
     x = jnp.asarray(x)
-    diff = _bn_probe(model, params, _zeros_stats(model, x[:1]), x)
+    diff = _bn_probe(model, params, _zeros_stats(model, x[:1], params), x)
 
     def mom(m):
+        dt = jnp.promote_types(jnp.float32, m.dtype)
         m = np.asarray(m, np.float64)
         mm = float(np.mean(m))
         if not np.allclose(m, mm, atol=1e-4) or not 0.0 <= mm < 1.0 - 1e-6:
             raise ValueError("BatchNorm running statistics are not a momentum average r' = m r + (1-m) b "
                              f"with one m per layer in [0, 1) (found m in [{m.min():.4g}, {m.max():.4g}])")
-        return jnp.asarray(mm, jnp.float32)
+        # in the statistics' precision (float64 under x64): a float32 0.9 would bias float64 statistics
+        return jnp.asarray(mm, dt)
 
     return jax.tree_util.tree_map(mom, diff)
 
@@ -611,7 +671,7 @@ def _evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_d
                              "statistics are recomputed before it is evaluated, or variables={'batch_stats': ...}")
         bx = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else _xy(bn_data)[0]
         bn_x = _bn_batches(bx, bn_batch_size, bn_batches)
-        zeros = _zeros_stats(model, bn_x[0][:1])
+        zeros = _zeros_stats(model, bn_x[0][:1], example)
         mom = bn_momentum(model, example, bn_x[0])
     else:
         bn_x, zeros, mom = jnp.zeros((0, 1, 1), jnp.float32), {}, {}
@@ -713,16 +773,41 @@ def evaluation_memory(model: Model, points: Points, data, *, batch_size: int = 5
                      compute_dtype=compute_dtype, stem_bytes=stem_bytes, check=check, analyze=True)
 
 
-def evaluate_points(model: Model, connector: Connector, points, data, **kwargs) -> PointMetrics:
+def evaluate_points(model: Model, connector: Connector, points, data, *, extrapolate: bool = False,
+                    **kwargs) -> PointMetrics:
     """Mean loss and accuracy on ``data`` at P points of a connector (t values, (u, v) pairs or alphas).
 
-    Points are validated (in [0, 1], barycentric sums 1; nothing is clipped). Each point's parameters
-    ``phi(p) = sum_k c_k(p) theta_k`` are formed inside the mapped computation. ``kwargs``: see
-    :func:`evaluate`.
+    Each point's parameters ``phi(p) = sum_k c_k(p) theta_k`` are formed inside the mapped computation.
+    BatchNorm statistics come from ``bn_data``, which must be given for a model with BatchNorm (this function
+    sees one data set; :func:`mclandscape.methods.curves.evaluate_curve` and
+    :func:`mclandscape.methods.surface.surface_grid` default it to their ``train``).
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      connector: the :class:`~mclandscape.core.connectors.Connector`.
+      points: ``[P]`` t values, ``[P, 2]`` (u, v) pairs or ``[P, K]`` weights; validated (in [0, 1],
+        barycentric sums 1; nothing is clipped).
+      data: a Dataset or ``(x, y)``.
+      extrapolate: accept points outside [0, 1].
+      **kwargs: see :func:`evaluate` (``batch_size``, ``bn_data``, ``strategy``, ...).
+
+    Returns:
+      :class:`PointMetrics` (``loss`` and ``accuracy`` ``[P]`` in the parameters' precision or float32).
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> data = mcl.load_dataset("iris", "test")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> p0, p1 = (model.init(jax.random.key(s), data.x[:1])["params"] for s in (0, 1))
+        >>> m = evaluate_points(model, mcl.bezier_curve(p0, p1, degree=1), [0.0, 0.5, 1.0], data)
+        >>> m.loss.shape, bool(((m.accuracy >= 0) & (m.accuracy <= 1)).all())
+        ((3,), True)
     """
     if kwargs.get("check", True):
         check_finite(connector.control, "connector control points")
-    return evaluate(model, connector_points(connector, points), data, **{**kwargs, "check": False})
+    return evaluate(model, connector_points(connector, points, extrapolate=extrapolate), data,
+                    **{**kwargs, "check": False})
 
 
 def evaluate_params(model: Model, stacked_params: PyTree, data, **kwargs) -> PointMetrics:
@@ -772,4 +857,5 @@ def recalibrate_bn(model: Model, params: PyTree, bn_data, *, batch_size: int = 1
         raise ValueError(f"model {model.name} has no BatchNorm statistics to recalibrate")
     x = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else _xy(bn_data)[0]
     bx = _bn_batches(x, batch_size, num_batches)
-    return _recalibrate_jit(model, params, bx, _zeros_stats(model, bx[0][:1]), bn_momentum(model, params, bx[0]))
+    return _recalibrate_jit(model, params, bx, _zeros_stats(model, bx[0][:1], params),
+                           bn_momentum(model, params, bx[0]))

@@ -84,23 +84,73 @@ FORMAT = "mclandscape.loop/1"
 
 
 class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite loss or gradient (raised with the step and the first bad leaf)."""
+    """Training produced a non-finite loss or gradient (raised with the step and the first bad leaf).
+
+    A ``FloatingPointError``. :func:`run` raises it at the end of the epoch in which the first non-finite step
+    happened, before anything of that epoch is saved; the offending step itself applied no update.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from mclandscape.core.objective import function_objective
+        >>> step = make_step(function_objective(lambda p, b: jnp.sum(jnp.log(p["w"]))), optax.sgd(0.1))
+        >>> run(step, step.init({"w": -jnp.ones(1)}), lambda t: None, epochs=1, steps_per_epoch=1,
+        ...     key=jax.random.key(0))
+        Traceback (most recent call last):
+        ...
+        mclandscape.engine.loop.NonFiniteError: training stopped: the loss is not finite at step 0 (epoch 1, batch 0)...
+    """
 
 
 class ResumeMismatchError(ValueError):
-    """A checkpoint directory holds a different run than the one asked for."""
+    """A checkpoint directory holds a different run than the one asked for (a ``ValueError``).
+
+    Raised by :func:`run` when the stored fingerprint differs from the new one; the message names the directory
+    and every difference (see the example of :func:`run`).
+
+    Example:
+        >>> issubclass(ResumeMismatchError, ValueError)
+        True
+    """
 
 
 class StopRun(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Raised by a callback to end a run after the current epoch (e.g. converged); the run returns normally
-    with ``RunResult.stopped`` set to that epoch. Its checkpoint, if any, has already been written."""
+    """Raised by a callback to end a run after the current epoch (e.g. converged).
+
+    The run returns normally with ``RunResult.stopped`` set to that epoch; its checkpoint, if any, has already
+    been written.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from mclandscape.core.objective import function_objective
+        >>> step = make_step(function_objective(lambda p, b: jnp.sum(p["w"] ** 2)), optax.sgd(0.1))
+        >>> def stop_early(epoch, state, history):
+        ...     if history[-1]["loss"] < 0.5:
+        ...         raise StopRun
+        >>> res = run(step, step.init({"w": jnp.ones(1)}), lambda t: None, epochs=10, steps_per_epoch=1,
+        ...           key=jax.random.key(0), callbacks=[stop_early])
+        >>> res.stopped, len(res.history)
+        (3, 3)
+    """
 
 
 @struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
 class TrainState:
-    """What a training step carries: the parameters, the optimizer state, the number of steps taken, the
-    fixed collections a BatchNorm model updates (``model_state``) and the non-finite record
-    ``nonfinite = [step, leaf, loss_bad]`` (``-1`` everywhere while every step was finite)."""
+    """What a training step carries from one step to the next (a pytree).
+
+    Attributes:
+      step: the number of steps taken (int32 scalar).
+      params: the parameters being trained.
+      opt_state: the Optax state.
+      model_state: the fixed collections a BatchNorm model updates (``{"batch_stats": ...}``) or ``None``.
+      nonfinite: ``[step, leaf, loss_bad]`` of the first non-finite step (``-1`` everywhere while every step was
+        finite).
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> state = init_state({"w": jnp.zeros(2)}, optax.sgd(0.1))
+        >>> int(state.step), state.nonfinite.tolist()
+        (0, [-1, -1, -1])
+    """
 
     step: jax.Array
     params: PyTree
@@ -110,16 +160,43 @@ class TrainState:
 
 
 def init_state(params: PyTree, tx: optax.GradientTransformation, model_state: PyTree | None = None) -> TrainState:
-    """The :class:`TrainState` before the first step of ``tx`` from ``params`` (copied: the caller's arrays stay
-    valid when a step donates its buffers)."""
+    """The :class:`TrainState` before the first step of ``tx`` from ``params``.
+
+    Args:
+      params: the initial parameters (copied: the caller's arrays stay valid when a step donates its buffers).
+      tx: the Optax transform whose state is initialised.
+      model_state: the fixed collections a BatchNorm model updates, or ``None``.
+
+    Returns:
+      A :class:`TrainState` at step 0.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> state = init_state({"w": jnp.ones(3)}, optax.adam(1e-3))
+        >>> int(state.step), state.params["w"].shape
+        (0, (3,))
+    """
     params = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       model_state=model_state, nonfinite=jnp.full((3,), -1, jnp.int32))
 
 
 def split_static(tree) -> tuple[Any, tuple]:
-    """``(static, arrays)``: the tree definition and non-array leaves (hashable, a static jit argument) and the
-    array leaves (traced), the way a jitted function takes an objective; :func:`merge_static` inverts it."""
+    """Split a pytree into a hashable static part and its array leaves (the way a jitted step takes an objective).
+
+    Args:
+      tree: any pytree (e.g. an :class:`~mclandscape.core.objective.Objective`).
+
+    Returns:
+      ``(static, arrays)``: the tree definition and non-array leaves (hashable, a static jit argument) and the
+      tuple of array leaves (traced). :func:`merge_static` inverts it.
+
+    Example:
+        >>> import numpy as np
+        >>> static, arrays = split_static({"a": np.ones(2), "name": "mlp"})
+        >>> len(arrays), merge_static(static, arrays)["name"]
+        (1, 'mlp')
+    """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     is_arr = tuple(isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex) and
                    not isinstance(x, bool) for x in leaves)
@@ -128,6 +205,21 @@ def split_static(tree) -> tuple[Any, tuple]:
 
 
 def merge_static(static, arrays):
+    """Inverse of :func:`split_static`: rebuild the tree from its static part and its array leaves.
+
+    Args:
+      static: the first value :func:`split_static` returned.
+      arrays: the array leaves, in order (possibly traced).
+
+    Returns:
+      The pytree.
+
+    Example:
+        >>> import numpy as np
+        >>> static, arrays = split_static({"a": np.ones(2), "name": "mlp"})
+        >>> merge_static(static, (np.zeros(2),))["a"].tolist()
+        [0.0, 0.0]
+    """
     treedef, is_arr, others = static
     it = iter(arrays)
     return jax.tree_util.tree_unflatten(treedef, [next(it) if a else o for a, o in zip(is_arr, others, strict=True)])
@@ -220,7 +312,24 @@ _loop_step_jit = cpu.tuned_jit(_loop_step_impl, static_argnames=("objective_stat
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Step:
-    """``step(state, batch, key) -> (state, metrics)`` for one objective and transform (:func:`make_step`)."""
+    """``step(state, batch, key) -> (state, metrics)`` for one objective and transform (made by :func:`make_step`).
+
+    Attributes:
+      objective: ``objective(params, batch, key) -> (loss, aux)``.
+      tx: the Optax transform.
+      trainable: the trainable mask, or ``None``.
+      mesh: the device mesh the step runs on, or ``None`` (one device).
+      data_axis: the mesh axis a batch is split over.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from mclandscape.core.objective import function_objective
+        >>> step = make_step(function_objective(lambda p, b: jnp.sum(p["w"] ** 2)), optax.sgd(0.5),
+        ...                  trainable={"w": jnp.array([True, False])})
+        >>> state, _ = step(step.init({"w": jnp.ones(2)}), None, jax.random.key(0))
+        >>> state.params["w"].tolist()
+        [0.0, 1.0]
+    """
 
     objective: Callable
     tx: optax.GradientTransformation
@@ -229,12 +338,27 @@ class Step:
     data_axis: str = "data"
 
     def init(self, params: PyTree, model_state: PyTree | None = None) -> TrainState:
-        """The state before the first step (:func:`init_state`)."""
+        """The state before the first step (:func:`init_state` with this step's transform).
+
+        Args:
+          params: the initial parameters.
+          model_state: the fixed collections a BatchNorm model updates, or ``None``.
+
+        Returns:
+          A :class:`TrainState`.
+        """
         return init_state(params, self.tx, model_state)
 
     def place(self, batch):
-        """The batch as global arrays: split along its first axis over the mesh's data axis where that axis
-        divides it, replicated otherwise (e.g. a smaller last batch)."""
+        """The batch as global arrays on this step's mesh.
+
+        Args:
+          batch: a pytree of host or device arrays.
+
+        Returns:
+          The batch split along its first axis over the mesh's data axis where that axis divides it, replicated
+          otherwise (e.g. a smaller last batch).
+        """
         n = self.mesh.shape[self.data_axis] if self.data_axis in self.mesh.axis_names else 1
         split, rep = NamedSharding(self.mesh, P(self.data_axis)), NamedSharding(self.mesh, P())
         return jax.tree_util.tree_map(
@@ -254,21 +378,46 @@ class Step:
         return _step_jit(**self._arguments(state, batch, key))
 
     def zero_sums(self, state: TrainState, batch, key) -> dict:
-        """Zeros shaped like the epoch sums :meth:`step_and_sum` accumulates (traced abstractly)."""
+        """Zeros shaped like the epoch sums :meth:`step_and_sum` accumulates (traced abstractly, nothing runs).
+
+        Args:
+          state, batch, key: arguments of one step.
+
+        Returns:
+          A dict of float32 zeros (``-inf`` for ``max_*`` metrics) with the key ``"__weight__"``.
+        """
         args = self._arguments(state, batch, key)
         static = {k: args.pop(k) for k in ("objective_static", "tx", "mesh")}
         return _zero_sums(jax.eval_shape(lambda dynamic: _step_impl(**static, **dynamic)[1], args))
 
     def step_and_sum(self, state: TrainState, batch, key, t: int, sums: dict) -> tuple[TrainState, dict]:
-        """One step with the key ``fold_in(key, t)``, its metrics added to the epoch ``sums`` (the loop's path)."""
+        """One step with the key ``fold_in(key, t)``, its metrics added to the epoch ``sums`` (the loop's path).
+
+        Args:
+          state: the current :class:`TrainState`.
+          batch: the batch of step ``t``.
+          key: the run's base key.
+          t: the global step number.
+          sums: the epoch sums so far (from :meth:`zero_sums`).
+
+        Returns:
+          ``(new_state, new_sums)``, in one compiled call.
+        """
         args = self._arguments(state, batch, key)
         if self.mesh is not None:
             sums = distributed.put(sums, NamedSharding(self.mesh, P()))
         return _loop_step_jit(**args, t=np.int32(t), sums=sums)
 
     def memory(self, state: TrainState, batch, key) -> dict:
-        """The compiled step's memory per device from XLA's analysis (compiles, does not run):
-        ``argument_bytes``, ``output_bytes``, ``temp_bytes``, ``alias_bytes`` and their total ``peak_bytes``."""
+        """The compiled step's memory per device from XLA's analysis (compiles, does not run).
+
+        Args:
+          state, batch, key: arguments of one step.
+
+        Returns:
+          A dict of ``argument_bytes``, ``output_bytes``, ``temp_bytes``, ``alias_bytes`` and their total
+          ``peak_bytes``.
+        """
         m = _step_jit.lower(**self._arguments(state, batch, key)).compile().memory_analysis()
         return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
                 "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
@@ -288,9 +437,11 @@ def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainabl
       mesh: train on the devices of this mesh (:func:`mclandscape.engine.distributed.training_mesh`; across
         processes in a multi-process job): each batch is split over its ``data_axis``, the state is
         replicated, XLA reduces the gradients across the devices, and every device applies the same update.
+      data_axis: the name of the mesh axis a batch is split over.
 
     Returns:
-      A :class:`Step`.
+      A :class:`Step`. Raises ``ValueError`` when ``objective`` is not callable, ``tx`` is not an Optax
+      transform or ``mesh`` is not a ``jax.sharding.Mesh``.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -316,11 +467,22 @@ def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainabl
 class LoopConfig:
     """How a run is driven (not what it computes, which the fingerprint describes).
 
-    - ``checkpoint_dir``: where checkpoints go (``None``: no checkpoints, no resume);
-    - ``checkpoint_every``: epochs between checkpoints (the last epoch is always saved);
-    - ``keep``: how many of the latest checkpoints stay (>= 1); ``milestones``: epochs kept forever;
-    - ``overwrite``: delete an existing run in ``checkpoint_dir`` instead of resuming it;
-    - ``progress``: a tqdm bar (``None``: only when stderr is a terminal); ``desc``: its label.
+    Attributes:
+      checkpoint_dir: where checkpoints go (``None``: no checkpoints, no resume).
+      checkpoint_every: epochs between checkpoints (the last epoch is always saved).
+      keep: how many of the latest checkpoints stay (``>= 1``).
+      milestones: epochs whose checkpoints are kept forever (``0``: the initial state).
+      overwrite: delete an existing run in ``checkpoint_dir`` instead of resuming it.
+      progress: a tqdm bar (``None``: only when stderr is a terminal).
+      desc: the bar's label.
+
+    Example:
+        >>> LoopConfig(checkpoint_every=5, milestones=(10, 0, 10)).milestones
+        (0, 10)
+        >>> LoopConfig(keep=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: keep must be an integer >= 1, got 0
     """
 
     checkpoint_dir: str | os.PathLike | None = None
@@ -343,8 +505,24 @@ class LoopConfig:
 
 @dataclasses.dataclass
 class RunResult:
-    """The final :class:`TrainState`, one history record per epoch, the epoch the run resumed from (``None``
-    for a fresh run) and the epoch a callback stopped it at (``None``: it ran to the end)."""
+    """What :func:`run` returns.
+
+    Attributes:
+      state: the final :class:`TrainState` (``params`` is a shortcut to ``state.params``).
+      history: one record per epoch (``epoch``, the averaged step metrics, ``seconds``, whatever ``on_epoch``
+        adds), including the epochs before a resume.
+      resumed_from: the epoch the run resumed from (``None`` for a fresh run).
+      stopped: the epoch a callback stopped it at with :class:`StopRun` (``None``: it ran to the end).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from mclandscape.core.objective import function_objective
+        >>> step = make_step(function_objective(lambda p, b: jnp.sum(p["w"] ** 2)), optax.sgd(0.25))
+        >>> res = run(step, step.init({"w": jnp.ones(1)}), lambda t: None, epochs=2, steps_per_epoch=1,
+        ...           key=jax.random.key(0))
+        >>> res.params["w"].tolist(), [h["epoch"] for h in res.history], res.resumed_from, res.stopped
+        ([0.25], [1, 2], None, None)
+    """
 
     state: TrainState
     history: list[dict]
@@ -357,7 +535,20 @@ class RunResult:
 
 
 def fingerprint_diff(old: Any, new: Any, where: str = "") -> list[str]:
-    """Where two JSON-like fingerprints differ: ``["hyper.lr: checkpoint 0.1 vs now 0.5", ...]``."""
+    """Where two JSON-like fingerprints differ, one readable line per difference.
+
+    Args:
+      old: the fingerprint stored in a checkpoint.
+      new: the fingerprint of the run asked for.
+      where: the path prefix of the lines (used by the recursion).
+
+    Returns:
+      A list of strings (empty when they agree; NaN equals NaN).
+
+    Example:
+        >>> fingerprint_diff({"hyper": {"lr": 0.1}, "epochs": 5}, {"hyper": {"lr": 0.5}, "epochs": 5})
+        ['hyper.lr: checkpoint 0.1 vs now 0.5']
+    """
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         out = []
         for k in sorted(set(old) | set(new), key=str):
@@ -440,7 +631,27 @@ def _target(state: TrainState):
 
 
 def restore_state(directory: str | os.PathLike, epoch: int, like: TrainState) -> TrainState:
-    """The state saved at ``epoch`` in ``directory`` (e.g. a milestone), shaped like ``like``."""
+    """The state saved at ``epoch`` in a run's checkpoint directory (e.g. a milestone kept by :class:`LoopConfig`).
+
+    Args:
+      directory: the run's ``checkpoint_dir``.
+      epoch: the saved epoch to read.
+      like: a :class:`TrainState` of the same structure (e.g. ``step.init(params)``), for shapes and dtypes.
+
+    Returns:
+      The :class:`TrainState` of that epoch.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, tempfile
+        >>> from mclandscape.core.objective import function_objective
+        >>> step = make_step(function_objective(lambda p, b: jnp.sum(p["w"] ** 2)), optax.sgd(0.25))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = run(step, step.init({"w": jnp.ones(1)}), lambda t: None, epochs=2, steps_per_epoch=1,
+        ...             key=jax.random.key(0), config=LoopConfig(checkpoint_dir=d, milestones=(1,)))
+        ...     first = restore_state(d, 1, step.init({"w": jnp.ones(1)}))
+        >>> int(first.step), first.params["w"].tolist()
+        (1, [0.5])
+    """
     with CheckpointStore(directory, create=False) as store:
         tree, _ = store.restore(int(epoch), target=_target(like))
     return _from_tree(tree)
@@ -469,13 +680,14 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
         key: jax.Array, config: LoopConfig = LoopConfig(), fingerprint: Mapping | None = None,
         callbacks: Sequence[Callable[[int, TrainState, list], None]] = (),
         on_epoch: Callable[[int, TrainState, dict], dict] | None = None, metadata: Mapping | None = None) -> RunResult:
-    """Run ``epochs`` epochs of ``steps_per_epoch`` steps (see the module docstring).
+    """Run ``epochs`` epochs of ``steps_per_epoch`` steps, with checkpoints and resume (see the module docstring).
 
     Args:
-      step: a :class:`Step`.
+      step: a :class:`Step` (or any ``step(state, batch, key) -> (state, metrics)`` callable).
       state: the initial state (``step.init(params)``); replaced by the checkpoint's when resuming.
       batches: ``t -> batch`` for the global step ``t`` (random access).
-      epochs, steps_per_epoch: the length of the run.
+      epochs: the number of epochs (``>= 0``).
+      steps_per_epoch: steps per epoch (``>= 1``).
       key: the base key; step ``t`` gets ``fold_in(key, t)``.
       config: a :class:`LoopConfig` (checkpoints, rotation, resume, progress).
       fingerprint: JSON-like description of the run, stored with every checkpoint and compared on resume
@@ -488,7 +700,28 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
       metadata: extra JSON written with every checkpoint (the latest record goes in as ``metrics``).
 
     Returns:
-      A :class:`RunResult`.
+      A :class:`RunResult`. Raises :class:`NonFiniteError` for a non-finite step and
+      :class:`ResumeMismatchError` when ``config.checkpoint_dir`` holds a run with another fingerprint.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, tempfile
+        >>> from mclandscape.core.objective import function_objective
+        >>> step = make_step(function_objective(lambda p, b: jnp.sum((p["w"] - b) ** 2)), optax.sgd(0.1))
+        >>> go = lambda epochs, d, lr: run(step, step.init({"w": jnp.zeros(2)}), lambda t: jnp.ones(2),
+        ...                                epochs=epochs, steps_per_epoch=2, key=jax.random.key(0),
+        ...                                config=LoopConfig(checkpoint_dir=d), fingerprint={"lr": lr})
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     first = go(3, d, 0.1)
+        ...     longer = go(4, d, 0.1)          # resumes at epoch 3, runs one more
+        ...     try:
+        ...         go(4, d, 0.5)
+        ...     except ResumeMismatchError as e:
+        ...         print(str(e).split("(")[1].split(")")[0])
+        lr: checkpoint 0.1 vs now 0.5
+        >>> [round(h["loss"], 4) for h in first.history]
+        [1.64, 0.6717, 0.2751]
+        >>> longer.resumed_from, len(longer.history)
+        (3, 4)
     """
     for name, v in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
         if isinstance(v, bool) or int(v) != v or v < (0 if name == "epochs" else 1):

@@ -57,7 +57,18 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
 def tfds_name_and_version(name: str) -> tuple[str, str]:
-    """TFDS builder name and version directory that hold mclandscape dataset ``name``."""
+    """TFDS builder name and version directory that hold mclandscape dataset ``name``.
+
+    Args:
+      name: an mclandscape dataset name (a key of :data:`TFDS_VERSIONS`).
+
+    Returns:
+      ``(builder_name, version)``. Raises ``ValueError`` naming the known datasets for any other name.
+
+    Example:
+        >>> tfds_name_and_version("cifar10"), tfds_name_and_version("digits")
+        (('cifar10', '3.0.2'), ('mcl_digits', '1.0.0'))
+    """
     try:
         return TFDS_VERSIONS[name]
     except KeyError:
@@ -65,7 +76,20 @@ def tfds_name_and_version(name: str) -> tuple[str, str]:
 
 
 def preparation_instructions(name: str, data_dir: str | os.PathLike) -> str:
-    """Human-readable steps that put dataset ``name`` where :func:`mclandscape.engine.data.load_dataset` reads it."""
+    """Human-readable steps that put dataset ``name`` where :func:`mclandscape.engine.data.load_dataset` reads it.
+
+    Args:
+      name: an mclandscape dataset name with a TFDS builder.
+      data_dir: the TFDS data directory the steps write to.
+
+    Returns:
+      The instructions (the text of the error a missing dataset raises). Raises ``ValueError`` for a name
+      without preparation steps.
+
+    Example:
+        >>> preparation_instructions("iris", "/data/tfds")
+        'Build it with: python -m mclandscape.engine.tfds_local prepare iris --data-dir /data/tfds'
+    """
     d = str(data_dir)
     if name in ("cifar10", "cifar100"):
         archive = CIFAR_URLS[name].rsplit("/", 1)[1]
@@ -168,7 +192,21 @@ _OFFLINE_CLASSES = {c.DATASET: c for c in (MclDigits, MclIris, MclWine, MclBreas
 
 def prepare_offline(name: str, data_dir: str | os.PathLike) -> Path:
     """Build the local TFDS dataset of offline dataset ``name`` under ``data_dir`` (no-op when present).
-    Returns the version directory."""
+
+    Args:
+      name: ``"digits"``, ``"iris"``, ``"wine"``, ``"breast_cancer"`` or ``"mnist1d"`` (generated from the
+        installed scikit-learn / mnist1d packages, no network).
+      data_dir: the TFDS data directory.
+
+    Returns:
+      The version directory (e.g. ``data_dir/mcl_iris/1.0.0``). Raises ``ValueError`` for another name.
+
+    Example:
+        >>> prepare_offline("mnist", "/tmp/tfds")
+        Traceback (most recent call last):
+        ...
+        ValueError: 'mnist' is not an offline dataset; choose one of ['breast_cancer', 'digits', 'iris', 'mnist1d', 'wine']
+    """
     if name not in _OFFLINE_CLASSES:
         raise ValueError(f"{name!r} is not an offline dataset; choose one of {sorted(_OFFLINE_CLASSES)}")
     builder = _OFFLINE_CLASSES[name](data_dir=str(data_dir), file_format="array_record")
@@ -266,9 +304,25 @@ def _cifar_builder_class(name: str):
 
 
 def prepare_cifar(name: str, archive: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
-    """Write TFDS's ``cifar10``/``cifar100`` (version 3.0.2, array_record) under ``data_dir`` from the
-    binary archive (``cifar-10-binary.tar.gz`` / ``cifar-100-binary.tar.gz``, or its extracted folder).
-    Returns the version directory."""
+    """Write TFDS's ``cifar10`` / ``cifar100`` (version 3.0.2, array_record) from the binary archive, offline.
+
+    Args:
+      name: ``"cifar10"`` or ``"cifar100"``.
+      archive: ``cifar-10-binary.tar.gz`` / ``cifar-100-binary.tar.gz``, or its extracted folder.
+      data_dir: the TFDS data directory.
+
+    Returns:
+      The version directory. Raises ``ValueError`` for another name and ``FileNotFoundError`` naming the
+      archive when it is missing or is not the expected archive.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     prepare_cifar("cifar10", f"{d}/cifar-10-binary.tar.gz", d)
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: CIFAR archive .../cifar-10-binary.tar.gz does not exist
+    """
     if name not in _CIFAR_LAYOUT:
         raise ValueError(f"prepare_cifar handles 'cifar10' and 'cifar100', not {name!r}")
     cls = _cifar_builder_class(name)
@@ -332,9 +386,15 @@ def _rgb_image_bytes(raw: bytes) -> bytes:
 
 
 class TinyImagenet(_NoCodePath, tfds.core.GeneratorBasedBuilder):
-    """Tiny-ImageNet (Le & Yang 2015): 200 classes of 64×64 RGB images, 500 train and 50 validation
-    images per class. Labels index the sorted WordNet ids. mclandscape's "test" split is ``validation``
-    (the official test images carry no labels)."""
+    """Tiny-ImageNet (Le & Yang 2015): 200 classes of 64×64 RGB images, 500 train and 50 validation images each.
+
+    Labels index the sorted WordNet ids. mclandscape's "test" split is ``validation`` (the official test
+    images carry no labels). Build it with :func:`prepare_tiny_imagenet`.
+
+    Example:
+        >>> TinyImagenet.name, str(TinyImagenet.VERSION)
+        ('tiny_imagenet', '1.0.0')
+    """
 
     VERSION = tfds.core.Version("1.0.0")
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -385,8 +445,24 @@ class TinyImagenet(_NoCodePath, tfds.core.GeneratorBasedBuilder):
 
 
 def prepare_tiny_imagenet(manual_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
-    """Build ``tiny_imagenet`` (array_record) under ``data_dir`` from ``manual_dir`` holding
-    ``tiny-imagenet-200.zip`` or the extracted ``tiny-imagenet-200/``. Returns the version directory."""
+    """Build ``tiny_imagenet`` (array_record) under ``data_dir`` from the manually downloaded archive.
+
+    Args:
+      manual_dir: a folder holding ``tiny-imagenet-200.zip`` or the extracted ``tiny-imagenet-200/``.
+      data_dir: the TFDS data directory.
+
+    Returns:
+      The version directory. Raises ``FileNotFoundError`` saying what was expected (and where to download
+      it) when ``manual_dir`` holds neither.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     prepare_tiny_imagenet(d, d)
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: Tiny-ImageNet not found in ...: expected tiny-imagenet-200.zip or the folder ...
+    """
     builder = TinyImagenet(data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), **_CONFIG))

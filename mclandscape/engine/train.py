@@ -5,7 +5,7 @@ The corners of every connector in mclandscape are trained here::
     cfg = TrainConfig(epochs=200, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9,
                       weight_decay=5e-4, schedule="cosine", augment=True)
     res = train_model(model, train, test, cfg, seed=0, checkpoint_dir="runs/vgg_s0",
-                      save_epochs=(160, 180, 200))          # trajectory corners (Ren et al. 2024, A.2)
+                      save_epochs=(160, 180, 200))          # trajectory corners (Bézier-surface paper, A.2)
     corners = train_many(model, train, test, cfg, seeds=(0, 1, 2, 3))   # four independent corners
 
 :func:`train_model` is :func:`mclandscape.core.objective.make_objective` (train mode: BatchNorm on batch

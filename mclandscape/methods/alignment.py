@@ -4,7 +4,7 @@ Hidden units can be reordered, together with the weights that read them, without
 network computes. Two networks trained from different seeds therefore land in different permutation copies
 of their basins, and the straight line between them crosses a loss barrier that largely disappears once one
 network's units are permuted to match the other's (Entezari, Sedghi, Saukh & Neyshabur 2022; Ainsworth,
-Hayase & Srinivasa 2023, "Git Re-Basin"). The Bézier-surface paper (seed 000 §4.1, Figure 3) finds linear
+Hayase & Srinivasa 2023, "Git Re-Basin"). The Bézier-surface paper (Anonymous, 2024, §4.1, Figure 3) finds linear
 surfaces between independent networks poor and trains a nonlinear one instead; this module supplies the
 alignment step that the paper's related work points to, so that *aligned* linear paths and surfaces can be
 measured and used as the starting point of curve and surface training.
@@ -889,8 +889,8 @@ def distance_modulo_permutation(spec: PermutationSpec, a: PyTree, b: PyTree, *, 
     ``|a - P(b)|_2`` for the :func:`weight_matching` permutation ``P`` (with ``sign_flips``, also the sign
     flips of the spec's odd groups, e.g. ``tanh`` units). ``0`` for a permuted (and sign-flipped) copy.
 
-    Exact for one permuted group (a one-hidden-layer MLP: one assignment solves it, as
-    ``mclandscape.methods.trusttech.mlp_symmetry_distance`` does for that case); for deeper networks the
+    Exact for one permuted group (a one-hidden-layer MLP: one assignment
+    solves it); for deeper networks the
     coordinate descent gives an upper bound on the true minimum. Only the ``params`` collection counts.
     ``functools.partial(distance_modulo_permutation, spec, sign_flips=True)`` is a ``(p, q) -> float``
     symmetry distance.

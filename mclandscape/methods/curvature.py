@@ -1,7 +1,9 @@
 """Curvature of a loss at a parameter point: Hessian-vector products, top eigenvalues, trace, full spectrum.
 
-Used to check seed 003's (Chen, Jin, Du, Li and Liu 2020) claims about flatness (Theorem 1: a VDM scales the Hessian spectrum by
-``δ'(ℓ)`` at critical points; Fig. 4: eigenvalues of the Hessian at the end points of the optimiser).
+Used to check the flatness claims of Chen, Jin, Du, Li and Liu, 2021 ("Deforming the loss surface to affect
+the behaviour of the optimizer", AAAI; the VDM paper): Theorem 1 (a vertical deformation mapping scales the
+Hessian spectrum by ``δ'(ℓ)`` at critical points) and Fig. 4 (Hessian eigenvalues at the optimiser's end
+points).
 
 **The loss.** Every function here differentiates the one objective of :mod:`mclandscape.core.objective`:
 ``objective(params, batch) -> (loss, aux)`` (e.g. :func:`~mclandscape.core.objective.make_objective` with
@@ -30,6 +32,11 @@ by identity; fixed collections such as BatchNorm statistics as data) is an ordin
 callable (a plain function) a static one hashed by identity. A second call with the same model and shapes
 compiles nothing, even through a new ``make_objective``; batches of one shape share one compilation. Lanczos,
 power iteration and Hutchinson run on the host in float64 and compile nothing of their own.
+
+**Precision.** Products and Hessians are computed in the parameters' dtype and accumulated in float64 on the
+host. With ``jax_enable_x64`` and float64 parameters everything is float64: the HVP, the dense Hessian, the
+random start and probe vectors (drawn in float64) and the returned eigenvectors; with float32 parameters
+the draws are float32, as without x64.
 """
 
 from __future__ import annotations
@@ -69,8 +76,18 @@ LossFn = Callable[..., Any]
 class Eigs:
     """Eigenpairs sorted by decreasing eigenvalue (``power_iteration``: decreasing magnitude).
 
-    ``values[k]``; ``vectors`` a list of k unit-norm parameter pytrees (or ``None``); ``residuals[k]`` the
-    norms ``|H u − λ u|`` (estimates from the Lanczos recurrence for :func:`lanczos`); ``num_matvecs``.
+    Attributes:
+      values: ``[k]`` float64 eigenvalues.
+      vectors: a list of k unit-norm parameter pytrees in the parameters' dtype, or ``None``.
+      residuals: ``[k]`` norms ``|H u − λ u|`` (estimates from the recurrence for :func:`lanczos`).
+      num_matvecs: the number of operator products used.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> mv = make_hvp(lambda p: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * p ** 2), jnp.zeros(2))
+        >>> eigs = lanczos(mv, jnp.zeros(2), key=jax.random.key(0), num_iter=2, k=1)
+        >>> round(float(eigs.values[0]), 4), eigs.num_matvecs
+        (4.0, 2)
     """
 
     values: np.ndarray
@@ -81,7 +98,20 @@ class Eigs:
 
 @dataclasses.dataclass(frozen=True)
 class TraceEstimate:
-    """Hutchinson estimate of ``tr(H)``: ``mean`` and its standard error over ``samples``."""
+    """Hutchinson estimate of ``tr(H)``.
+
+    Attributes:
+      mean: the estimate ``(1/S) Σ_s v_sᵀ H v_s``.
+      stderr: its standard error (NaN for one probe).
+      samples: ``[S]`` float64 values ``v_sᵀ H v_s``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> mv = make_hvp(lambda p: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * p ** 2), jnp.zeros(2))
+        >>> est = hutchinson_trace(mv, jnp.zeros(2), key=jax.random.key(0), num_samples=2)
+        >>> est.mean, est.stderr  # Rademacher probes of a diagonal H are exact
+        (5.0, 0.0)
+    """
 
     mean: float
     stderr: float
@@ -191,7 +221,13 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, batch: Any = None) -> PyTree
       batch: the batch (``None``: ``loss_fn(params)``).
 
     Returns:
-      ``H v`` as a tree shaped like ``params``.
+      ``H v`` as a tree shaped like ``params`` (in its dtype: float64 for float64 parameters).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 2.0, 3.0]) * p ** 2)  # H = diag(1, 2, 3)
+        >>> hvp(loss, jnp.zeros(3), jnp.ones(3)).tolist()
+        [1.0, 2.0, 3.0]
     """
     static, arrays = _split_fn(loss_fn)
     return _hvp_jit(static, arrays, params, v, batch)
@@ -203,6 +239,22 @@ class HVP:
     Calling it maps parameter trees to trees; :meth:`flat` maps flat float64 vectors (``tree_ravel`` order)
     to flat float64 vectors, the form :func:`lanczos`, :func:`power_iteration` and :func:`hutchinson_trace`
     use (no tree round trip per product).
+
+    Args:
+      loss_fn: an objective or a scalar loss (see :func:`make_hvp`).
+      params: the point at which the Hessian is taken.
+      batches: a list of batches, or ``None`` for ``loss_fn(params)``.
+      weights: one weight per batch (``None`` with ``batches=None``).
+
+    Attributes:
+      dim: the number of parameters ``d``.
+      dtype: the parameters' (flattened) dtype, in which the products are computed.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mv = HVP(lambda p: 0.5 * jnp.sum(jnp.array([1.0, 2.0]) * p ** 2), jnp.zeros(2), None, None)
+        >>> mv(jnp.ones(2)).tolist(), mv.flat([1.0, -1.0]).tolist()
+        ([1.0, 2.0], [1.0, -2.0])
     """
 
     def __init__(self, loss_fn: LossFn, params: PyTree, batches: list | None, weights: list[float] | None):
@@ -215,7 +267,14 @@ class HVP:
         self.dtype = np.dtype(flat.dtype)
 
     def flat(self, x) -> np.ndarray:
-        """``H x`` for a flat vector ``x`` ``[d]``, as a new (writable) float64 NumPy array."""
+        """``H x`` for a flat vector ``x`` ``[d]`` (``tree_ravel`` order).
+
+        Args:
+          x: ``[d]`` values (cast to the parameters' dtype for the product).
+
+        Returns:
+          ``H x`` as a new (writable) float64 NumPy array, the batches' products summed with their weights.
+        """
         x = np.asarray(x)
         if x.shape != (self.dim,):
             raise ValueError(f"expected a flat vector of shape ({self.dim},), got {x.shape}")
@@ -226,6 +285,7 @@ class HVP:
         return out
 
     def __call__(self, v: PyTree) -> PyTree:
+        """``H v`` of a tree ``v`` shaped like the parameters, as a tree in their dtype."""
         flat, _ = tree_ravel(v)
         return self._unravel(jnp.asarray(self.flat(np.asarray(flat)).astype(self.dtype)))
 
@@ -244,6 +304,14 @@ def make_hvp(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None = No
     Returns:
       An :class:`HVP`: each product is one jitted forward-over-reverse HVP per batch; batches of one shape
       share one compilation, and so do later calls with the same objective configuration.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> def loss(w, batch):  # the mean of 0.5 (w x)^2 over a batch of scalars x
+        ...     return 0.5 * jnp.mean((w * batch) ** 2)
+        >>> mv = make_hvp(loss, jnp.ones(()), [jnp.array([1.0, 3.0]), jnp.array([2.0])])
+        >>> round(float(mv(jnp.ones(()))), 4)  # the mean of x^2 over all three examples: (1 + 9 + 4) / 3
+        4.6667
     """
     batch_list = _as_batches(loss_fn, batches)
     w = None if batch_list is None else _weights(batch_list, weights)
@@ -268,6 +336,12 @@ def _flat_matvec(matvec, like):
     return mv, unravel, int(flat.size), dtype
 
 
+def _draw_dtype(dtype: np.dtype):
+    """The dtype of the random start and probe vectors: float64 for float64 parameters (which exist only with
+    ``jax_enable_x64``), else float32, so the vectors carry the parameters' precision."""
+    return jnp.float64 if np.dtype(dtype) == np.float64 else jnp.float32
+
+
 def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array, num_iter: int = 30,
             k: int = 1, which: str = "largest", return_vectors: bool = False) -> Eigs:
     """Extreme eigenvalues of the symmetric operator ``matvec`` by Lanczos (1950).
@@ -287,7 +361,16 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array,
 
     Returns:
       :class:`Eigs`: the ``k`` Ritz values at the requested end in decreasing order, their residual estimates
-      ``|β_m s_m|`` from the recurrence and the number of products.
+      ``|β_m s_m|`` from the recurrence and the number of products. The start vector is a Gaussian draw from
+      ``key`` in float64 for float64 parameters (else float32).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([-1.0, 2.0, 3.0]) * p ** 2)
+        >>> eigs = lanczos(make_hvp(loss, jnp.zeros(3)), jnp.zeros(3), key=jax.random.key(0), num_iter=3, k=2,
+        ...                which="magnitude")
+        >>> [round(float(v), 4) for v in eigs.values]
+        [3.0, 2.0]
     """
     if which not in ("largest", "smallest", "magnitude"):
         raise ValueError(f"which must be 'largest', 'smallest' or 'magnitude', got {which!r}")
@@ -297,7 +380,7 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array,
     m = min(num_iter, d)
     if not 1 <= k <= m:
         raise ValueError(f"k={k} must be between 1 and the number of Lanczos steps {m} (num_iter={num_iter}, d={d})")
-    q = np.asarray(jax.random.normal(key, (d,), jnp.float32), np.float64)
+    q = np.array(jax.random.normal(key, (d,), _draw_dtype(dtype)), np.float64)
     q /= np.linalg.norm(q)
     Q = np.zeros((m, d))
     alpha, beta = np.zeros(m), np.zeros(m)
@@ -348,13 +431,23 @@ def power_iteration(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: ja
     the simple, memory-light reference. Works in float64 on the host whatever the parameters' dtype.
 
     Args:
-      matvec, like, key: as for :func:`lanczos`.
+      matvec: ``v -> H v`` on parameter trees (an :class:`HVP` or any symmetric tree map).
+      like: a tree shaped like the parameters.
+      key: the Gaussian starting vectors (float64 draws for float64 parameters).
       k: how many pairs (``1 <= k <= d``).
       num_iter: the most products per pair.
       tol: relative change of the Rayleigh quotient that ends a pair.
 
     Returns:
-      :class:`Eigs` with the vectors and the exact residuals ``|H u − λ u|``.
+      :class:`Eigs` with the vectors (in the parameters' dtype) and the exact residuals ``|H u − λ u|``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> h = jnp.array([1.0, -4.0, 2.0])
+        >>> eigs = power_iteration(lambda v: h * v, jnp.zeros(3), key=jax.random.key(0), k=2, num_iter=200,
+        ...                        tol=1e-9)
+        >>> [round(float(v), 3) for v in eigs.values]  # by magnitude
+        [-4.0, 2.0]
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -367,7 +460,7 @@ def power_iteration(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: ja
     nmv = 0
     keys = jax.random.split(key, k)
     for i in range(k):
-        u = np.asarray(jax.random.normal(keys[i], (d,), jnp.float32), np.float64)
+        u = np.array(jax.random.normal(keys[i], (d,), _draw_dtype(dtype)), np.float64)  # writable: deflated below
         for vj in vecs:
             u -= (vj @ u) * vj
         u /= np.linalg.norm(u)
@@ -407,24 +500,34 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: j
     """Hutchinson's (1990) estimator ``tr(H) ≈ (1/S) Σ_s v_sᵀ H v_s`` with ``E[v vᵀ] = I``.
 
     Args:
-      matvec, like, key: as for :func:`lanczos`.
+      matvec: ``v -> H v`` on parameter trees (an :class:`HVP` or any symmetric tree map).
+      like: a tree shaped like the parameters.
+      key: the probes.
       num_samples: probes ``S`` (>= 1; the standard error needs >= 2).
-      distribution: ``"rademacher"`` (±1 entries, the lower-variance choice) or ``"gaussian"``.
+      distribution: ``"rademacher"`` (±1 entries, the lower-variance choice) or ``"gaussian"`` (float64 draws
+        for float64 parameters).
 
     Returns:
       :class:`TraceEstimate`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> h = jnp.array([[2.0, 1.0], [1.0, 3.0]])
+        >>> est = hutchinson_trace(lambda v: h @ v, jnp.zeros(2), key=jax.random.key(1), num_samples=4)
+        >>> bool(abs(est.mean - 5.0) <= 2.0), est.samples.shape  # each probe gives 5 ± 2
+        (True, (4,))
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
-    mv, _, d, _ = _flat_matvec(matvec, like)
+    mv, _, d, dtype = _flat_matvec(matvec, like)
     samples = np.zeros(num_samples)
     for s, kk in enumerate(jax.random.split(key, num_samples)):
-        if distribution == "rademacher":
+        if distribution == "rademacher":  # ±1: exact in any dtype
             v = np.asarray(jax.random.rademacher(kk, (d,), jnp.float32), np.float64)
         else:
-            v = np.asarray(jax.random.normal(kk, (d,), jnp.float32), np.float64)
+            v = np.asarray(jax.random.normal(kk, (d,), _draw_dtype(dtype)), np.float64)
         samples[s] = v @ mv(v)
     stderr = float(samples.std(ddof=1) / np.sqrt(num_samples)) if num_samples > 1 else float("nan")
     return TraceEstimate(mean=float(samples.mean()), stderr=stderr, samples=samples)
@@ -441,7 +544,12 @@ def dense_hessian(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None
       max_dim: refuse more parameters than this (the matrix takes ``d²`` memory; use :func:`lanczos`).
 
     Returns:
-      The symmetrised ``[d, d]`` Hessian as float64 NumPy.
+      The symmetrised ``[d, d]`` Hessian as float64 NumPy (computed in the parameters' dtype).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> dense_hessian(lambda p: p[0] ** 2 * p[1], jnp.array([1.0, 2.0])).tolist()
+        [[4.0, 2.0], [2.0, 0.0]]
     """
     d = tree_size(params)
     if d > max_dim:
@@ -461,8 +569,22 @@ def dense_hessian(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None
 
 def hessian_eigenvalues(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None = None, *,
                         weights: Sequence[float] | None = None, max_dim: int = 4096) -> np.ndarray:
-    """The full Hessian spectrum in ascending order (``numpy.linalg.eigvalsh`` of :func:`dense_hessian`; same
-    arguments)."""
+    """The full Hessian spectrum in ascending order: ``numpy.linalg.eigvalsh`` of :func:`dense_hessian`.
+
+    Args:
+      loss_fn: an objective or a scalar loss (see :func:`make_hvp`).
+      params: the point.
+      batches, weights: as for :func:`make_hvp`.
+      max_dim: as for :func:`dense_hessian`.
+
+    Returns:
+      ``[d]`` float64 eigenvalues, ascending.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> hessian_eigenvalues(lambda p: p[0] ** 2 - 3.0 * p[1] ** 2, jnp.zeros(2)).tolist()
+        [-6.0, 2.0]
+    """
     return np.linalg.eigvalsh(dense_hessian(loss_fn, params, batches, weights=weights, max_dim=max_dim))
 
 
@@ -476,6 +598,12 @@ def dataset_batches(data, batch_size: int, *, max_examples: int | None = None) -
 
     Returns:
       A list of ``(x, y)`` device arrays.
+
+    Example:
+        >>> import numpy as np
+        >>> batches = dataset_batches((np.zeros((5, 2)), np.arange(5)), 2)
+        >>> [b[1].tolist() for b in batches]
+        [[0, 1], [2, 3], [4]]
     """
     if hasattr(data, "x") and hasattr(data, "y"):
         x, y = np.asarray(data.x), np.asarray(data.y)
@@ -511,10 +639,21 @@ def top_hessian_eigenvalues(model: Model, variables: PyTree, data, *, key: jax.A
       data: a Dataset or ``(x, y)``; evaluated in batches of ``batch_size``, the first ``max_examples``.
       key: the Lanczos starting vector.
       k, num_iter: eigenvalues wanted and Lanczos steps.
+      batch_size, max_examples: as for :func:`dataset_batches`.
       loss: a loss name or per-example callable (see :func:`~mclandscape.core.objective.make_objective`).
 
     Returns:
       :class:`Eigs` (values in decreasing order, no vectors).
+
+    Example:
+        >>> import jax, numpy as np
+        >>> from mclandscape.engine.models import get_model
+        >>> model = get_model("mlp", widths=[2], num_classes=2)
+        >>> x, y = np.ones((4, 2), np.float32), np.array([0, 1, 0, 1])
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> eigs = top_hessian_eigenvalues(model, variables, (x, y), key=jax.random.key(1), k=2, num_iter=4)
+        >>> eigs.values.shape, bool(eigs.values[0] >= eigs.values[1])
+        ((2,), True)
     """
     if not hasattr(variables, "items") or "params" not in variables:
         raise ValueError("variables must be a dict of collections with 'params'")

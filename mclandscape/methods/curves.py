@@ -1,9 +1,12 @@
-"""Curve mode connectivity (Garipov et al., seed 001): train a low-loss curve between two models, evaluate it.
+"""Curve mode connectivity: train a low-loss curve between two models, evaluate it.
 
-Curves are :class:`~mclandscape.core.connectors.Connector` objects with fixed end points: a Bézier curve of any
-degree (``w(t) = (1-t)^2 w_1 + 2t(1-t) theta + t^2 w_2`` for the slides' quadratic case) or a polygonal
-chain with any number of bends (the slides' one-bend chain ``2(t theta + (0.5-t) w_1)`` on ``[0, 0.5]``,
-``2((t-0.5) w_2 + (1-t) theta)`` on ``[0.5, 1]``). Training minimises the slides' average loss along the curve
+Garipov et al., 2018 ("Loss surfaces, mode connectivity, and fast ensembling of DNNs"). Curves are
+:class:`~mclandscape.core.connectors.Connector` objects with fixed end points: a Bézier curve of any degree
+(``w(t) = (1-t)^2 w_1 + 2t(1-t) theta + t^2 w_2`` in the quadratic case, ``mcl.bezier_curve``) or a polygonal
+chain with any number of bends (the one-bend chain ``2(t theta + (0.5-t) w_1)`` on ``[0, 0.5]``,
+``2((t-0.5) w_2 + (1-t) theta)`` on ``[0.5, 1]``, ``mcl.polychain``). Training (:func:`train_curve`, called
+like :func:`mclandscape.methods.surface.train_surface` as ``(model, connector, train, *, ...)``) minimises
+the average loss along the curve
 
     l(theta) = int_0^1 L(w_theta(t)) dt,        theta <- theta - eta grad l(theta),
 
@@ -13,7 +16,7 @@ trainer (:mod:`mclandscape.engine.connector_train`). Conventions of Garipov's re
 
 - the L2 regulariser is ``(wd/2) |w(t)|^2`` *at the sampled point* (their ``l2_regularizer`` on the curve
   weights), which reaches only the bends because the ends are fixed (``weight_decay_on="point"``);
-  ``weight_decay_on="bends"`` instead decays the bends directly, ``(wd/2) sum_bends |theta|^2``;
+  ``weight_decay_on="control"`` instead decays the bends directly, ``(wd/2) sum_bends |theta|^2``;
 - SGD with momentum 0.9 and their learning-rate schedule (:func:`garipov_schedule`: constant for the first
   half of training, linear decay to 1 % at 90 %, then 1 %), one t per batch (``num_samples=1``);
 - evaluation at 61 evenly spaced t with BatchNorm statistics recomputed at every point on the training
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -44,8 +48,16 @@ import optax
 from mclandscape.core.connectors import Connector, bezier_curve, polychain
 from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import function_objective
-from mclandscape.core.tree import PyTree, check_same_structure, tree_distance, tree_gram
-from mclandscape.engine.connector_train import ConnectorTrainResult, train_connector, uniform_sampler
+from mclandscape.core.tree import PyTree, tree_distance, tree_gram
+from mclandscape.engine.connector_train import (
+    ConnectorTrainResult,
+    check_batch_size,
+    check_connector,
+    train_connector,
+    uniform_sampler,
+    weight_decay_args,
+)
+from mclandscape.engine.data import Dataset
 from mclandscape.engine.loop import LoopConfig
 
 __all__ = [
@@ -73,11 +85,28 @@ def _check_distinct(start: PyTree, end: PyTree) -> None:
         raise ValueError("start and end are identical points: there is no curve to train between them")
 
 
-def make_curve(start: PyTree, end: PyTree, kind: str = "bezier", *, degree: int = 2, num_bends: int = 1) -> Connector:
-    """A curve with fixed ends, inner control points on the straight segment (Garipov's ``init_linear``).
+def _ends(connector: Connector) -> tuple[PyTree, PyTree]:
+    return (jax.tree_util.tree_map(lambda x: x[0], connector.control),
+            jax.tree_util.tree_map(lambda x: x[-1], connector.control))
 
-    ``kind="bezier"``: Bézier curve of ``degree`` >= 1 (Garipov's ``num_bends`` counts control points, so
-    their default 3 is ``degree=2``); ``kind="polychain"``: chain with ``num_bends`` >= 0 bends.
+
+def make_curve(start: PyTree, end: PyTree, kind: str = "bezier", *, degree: int = 2, num_bends: int = 1) -> Connector:
+    """A curve with fixed ends and inner control points on the straight segment (Garipov's ``init_linear``).
+
+    Args:
+      start, end: the end models.
+      kind: ``"bezier"`` (:func:`~mclandscape.core.connectors.bezier_curve` of ``degree``; Garipov's
+        ``num_bends`` counts control points, so their default 3 is ``degree=2``) or ``"polychain"``
+        (:func:`~mclandscape.core.connectors.polychain` with ``num_bends`` bends).
+      degree, num_bends: see ``kind``.
+
+    Returns:
+      The :class:`~mclandscape.core.connectors.Connector`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> make_curve({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, "polychain", num_bends=2).shape
+        (4,)
     """
     if kind == "bezier":
         return bezier_curve(start, end, degree=degree)
@@ -87,13 +116,41 @@ def make_curve(start: PyTree, end: PyTree, kind: str = "bezier", *, degree: int 
 
 
 def line_connector(start: PyTree, end: PyTree) -> Connector:
-    """The straight segment ``(1 - t) start + t end`` as a degree-1 Bézier curve."""
+    """The straight segment ``(1 - t) start + t end`` as a degree-1 Bézier curve.
+
+    Args:
+      start, end: the end models.
+
+    Returns:
+      A :class:`~mclandscape.core.connectors.Connector` of kind ``"bezier"`` with 2 control points.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> line_connector({"w": jnp.array([0.0])}, {"w": jnp.array([4.0])}).point(0.25)["w"].tolist()
+        [1.0]
+    """
     return bezier_curve(start, end, degree=1)
 
 
 def garipov_schedule(base_lr: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
-    """Garipov et al.'s learning rate per step: with ``a = epoch / epochs``, ``base_lr`` for ``a <= 0.5``,
-    ``base_lr (1 - 0.99 (a - 0.5) / 0.4)`` for ``a <= 0.9``, else ``0.01 base_lr`` (set once per epoch)."""
+    """Garipov et al.'s learning rate per step.
+
+    With ``a = epoch / epochs``: ``base_lr`` for ``a <= 0.5``, ``base_lr (1 - 0.99 (a - 0.5) / 0.4)`` for
+    ``a <= 0.9``, else ``0.01 base_lr`` (constant within an epoch).
+
+    Args:
+      base_lr: the initial learning rate (> 0).
+      epochs: the length of training in epochs (>= 1).
+      steps_per_epoch: optimizer steps per epoch (>= 1).
+
+    Returns:
+      An optax schedule ``step -> learning rate``.
+
+    Example:
+        >>> s = garipov_schedule(0.1, epochs=10, steps_per_epoch=2)
+        >>> [round(float(s(e * 2)), 4) for e in (0, 7, 9)]
+        [0.1, 0.0505, 0.001]
+    """
     if base_lr <= 0 or epochs < 1 or steps_per_epoch < 1:
         raise ValueError(f"need base_lr > 0, epochs >= 1, steps_per_epoch >= 1; got {base_lr}, {epochs}, "
                          f"{steps_per_epoch}")
@@ -111,79 +168,167 @@ def curve_optimizer(lr: float, epochs: int, steps_per_epoch: int, *, momentum: f
     """SGD with momentum on :func:`garipov_schedule` (weight decay lives in the objective, as in the reference).
 
     The same arguments give the same transform object, so a second run reuses the compiled step.
+
+    Args:
+      lr: the base learning rate.
+      epochs, steps_per_epoch: the length of training (for the schedule).
+      momentum: heavy-ball momentum (0: plain SGD).
+
+    Returns:
+      An optax transformation.
+
+    Example:
+        >>> curve_optimizer(0.015, 30, 10) is curve_optimizer(0.015, 30, 10)
+        True
     """
     return optax.sgd(garipov_schedule(lr, epochs, steps_per_epoch), momentum=momentum or None)
 
 
 def _wd_args(weight_decay: float, weight_decay_on: str) -> dict:
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if weight_decay_on == "point":
-        return {"point_l2": float(weight_decay), "l2": 0.0}
-    if weight_decay_on == "bends":
-        return {"point_l2": 0.0, "l2": float(weight_decay)}
-    raise ValueError(f"weight_decay_on must be 'point' (Garipov: |w(t)|^2) or 'bends', got {weight_decay_on!r}")
+    return weight_decay_args(weight_decay, weight_decay_on)
 
 
-def train_curve(model, start: PyTree, end: PyTree, train, *, kind: str = "bezier", degree: int = 2,
-                num_bends: int = 1, init: Connector | None = None, epochs: int = 30, batch_size: int = 128,
+def _check_dataset(train, fn: str) -> None:
+    if not isinstance(train, Dataset):
+        raise TypeError(f"{fn}: train must be a Dataset (mcl.load_dataset(...) or mcl.Dataset(x, y, ...)), got "
+                        f"{type(train).__name__}")
+
+
+def _epoch_callback(callback: Callable | None, connector: Connector) -> list:
+    """The loop callback that calls ``callback(epoch, result)`` with the result as of that epoch."""
+    if callback is None:
+        return []
+
+    def cb(epoch, st, history):
+        callback(epoch, ConnectorTrainResult(connector=connector.replace(control=st.params), opt_state=st.opt_state,
+                                             history=[{k: v for k, v in h.items() if k != "acc"} for h in history]))
+
+    return [cb]
+
+
+def train_curve(model, curve: Connector, train, *extra, epochs: int = 30, batch_size: int = 128,
                 lr: float = 0.015, momentum: float = 0.9, optimizer: optax.GradientTransformation | None = None,
-                weight_decay: float = 5e-4, weight_decay_on: str = "point", num_samples: int = 1, seed: int = 0,
-                augment: bool = False, strategy: str | None = None, checkpoint_dir=None,
-                progress: bool | None = None, loss_fn: Callable = cross_entropy,
+                weight_decay: float = 5e-4, weight_decay_on: str = "point", num_samples: int = 1,
+                loss_fn: Callable = cross_entropy, seed: int = 0, augment: bool = False, strategy: str | None = None,
+                checkpoint_dir: str | os.PathLike | None = None, keep: int = 1, overwrite: bool = False,
+                progress: bool | None = None, callback: Callable[[int, ConnectorTrainResult], None] | None = None,
                 devices: int | None = None) -> ConnectorTrainResult:
-    """Train a Bézier curve / polygonal chain between the ``params`` of two models of ``model`` on ``train``.
+    """Train the bends of a Bézier curve or polygonal chain of ``model`` on ``train`` (Garipov et al., 2018).
 
-    The inner control points start on the straight segment (or at ``init``); the ends stay fixed
-    bit-for-bit. Objective: the slides' expected loss over ``t ~ U(0, 1)`` with ``num_samples`` t values
-    per batch, plus the weight decay (see the module docstring). ``optimizer`` defaults to
-    :func:`curve_optimizer` (``lr`` 0.015 and ``weight_decay`` 5e-4 are the reference's VGG16 settings).
-    With ``checkpoint_dir`` a second call resumes the same run (same ends, data and settings) and refuses a
-    different one. ``devices``: see :func:`mclandscape.engine.connector_train.train_connector`.
+    The objective is the expected loss over ``t ~ U(0, 1)``, ``num_samples`` t values per batch, plus the
+    weight decay (module docstring); the ends stay fixed bit for bit. Same calling convention as
+    :func:`mclandscape.methods.surface.train_surface`: ``(model, connector, train, *, ...)``.
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model` (trained in train mode: dropout on, BatchNorm on
+        batch statistics).
+      curve: the curve, e.g. ``mcl.bezier_curve(start, end, degree=2)`` or ``mcl.polychain(start, end,
+        num_bends=1)`` (inner points on the straight segment, Garipov's ``init_linear``), or a curve trained
+        before.
+      train: the training :class:`~mclandscape.engine.data.Dataset` (shuffled full batches each epoch).
+      epochs: epochs to train.
+      batch_size: examples per batch, in ``[1, len(train)]``.
+      lr, momentum: the default optimizer's base learning rate and momentum (:func:`curve_optimizer`; 0.015
+        and weight decay 5e-4 are the reference's VGG16 settings).
+      optimizer: any optax transformation instead of the default.
+      weight_decay, weight_decay_on: ``(wd/2) |w(t)|^2`` at the sampled point (``"point"``, Garipov's) or on the
+        trainable control points (``"control"``).
+      num_samples: ``k``, the t values evaluated per batch.
+      loss_fn: per-example loss ``(logits, y) -> [N]``.
+      seed: batch order, t samples and dropout.
+      augment: random crops and flips of image batches.
+      strategy: how the ``k`` points are evaluated (:mod:`mclandscape.engine.connector_train`).
+      checkpoint_dir, keep, overwrite: checkpoints after every epoch (the last ``keep`` stay); a second call
+        with the same directory resumes the same run (same curve, data and settings) and refuses another;
+        ``overwrite=True`` starts afresh.
+      progress: a progress bar (``None``: when stderr is a terminal).
+      callback: ``callback(epoch, result)`` after every epoch (``epoch`` from 1, as in the history; ``result``
+        a :class:`ConnectorTrainResult` as of that epoch); raising
+        :class:`~mclandscape.engine.loop.StopRun` ends training there.
+      devices: how many devices to train on (see :func:`mclandscape.engine.connector_train.train_connector`).
+
+    Returns:
+      A :class:`ConnectorTrainResult` (``history``: one record per epoch, ``epoch`` from 1).
+
+    Raises:
+      TypeError: ``curve`` is not a Connector (e.g. the two end points were passed), or ``train`` is not a
+        Dataset.
+      ValueError: a bad option, identical ends, or a curve with nothing to train.
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> train = mcl.load_dataset("iris", "train")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> p0, p1 = (model.init(jax.random.key(s), train.x[:1])["params"] for s in (0, 1))
+        >>> res = train_curve(model, mcl.bezier_curve(p0, p1, degree=2), train, epochs=2, batch_size=60,
+        ...                   progress=False)
+        >>> [r["epoch"] for r in res.history], res.connector.shape
+        ([1, 2], (3,))
     """
-    if kind not in CURVE_KINDS:
-        raise ValueError(f"unknown curve kind {kind!r}; expected one of {CURVE_KINDS}")
-    check_same_structure(start, end, names=("start", "end"))
-    _check_distinct(start, end)
-    conn = init if init is not None else make_curve(start, end, kind, degree=degree, num_bends=num_bends)
-    if conn.kind != kind:
-        raise ValueError(f"init is a {conn.kind!r} connector but kind={kind!r}")
-    if conn.num_control < 3:
-        raise ValueError("a curve with no inner control point (degree 1 / 0 bends) has nothing to train")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    curve = check_connector(curve, CURVE_KINDS, "train_curve", extra,
+                            build="mcl.bezier_curve(start, end, degree=2) or mcl.polychain(start, end, num_bends=1)")
+    _check_dataset(train, "train_curve")
+    _check_distinct(*_ends(curve))
+    if not curve.trainable.any() or curve.num_control < 3:
+        raise ValueError("a curve with no trainable inner control point (degree 1 / 0 bends) has nothing to train")
+    batch_size = check_batch_size(batch_size, len(train))
+    wd = weight_decay_args(weight_decay, weight_decay_on)
+    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 0:
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
     steps_per_epoch = len(train) // batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(train)} training examples")
     opt = optimizer or curve_optimizer(float(lr), max(int(epochs), 1), steps_per_epoch, momentum=float(momentum))
-    hyper = {"curve": kind, "optimizer": "default" if optimizer is None else "custom", "lr": float(lr),
+    hyper = {"curve": curve.kind, "optimizer": "default" if optimizer is None else "custom", "lr": float(lr),
              "momentum": float(momentum), "weight_decay": float(weight_decay), "weight_decay_on": weight_decay_on}
-    return train_connector(model, conn, train, epochs=epochs, tx=opt, batch_size=batch_size,
+    loop = LoopConfig(checkpoint_dir=checkpoint_dir, keep=keep, overwrite=overwrite, progress=progress,
+                      desc=f"train {curve.kind}")
+    return train_connector(model, curve, train, epochs=epochs, tx=opt, batch_size=batch_size,
                            sampler=uniform_sampler(1), num_samples=num_samples, seed=seed, augment=augment,
-                           strategy=strategy, loss_fn=loss_fn, hyper=hyper,
-                           loop=LoopConfig(checkpoint_dir=checkpoint_dir, progress=progress, desc=f"train {kind}"),
-                           metadata={"curve": kind}, devices=devices, **_wd_args(weight_decay, weight_decay_on))
+                           strategy=strategy, loss_fn=loss_fn, hyper=hyper, loop=loop,
+                           callbacks=_epoch_callback(callback, curve), metadata={"curve": curve.kind},
+                           devices=devices, **wd)
 
 
 def fit_curve(loss_fn: Callable[[PyTree, Any], jax.Array], connector: Connector, *, epochs: int,
               steps_per_epoch: int = 1, data=None, optimizer: optax.GradientTransformation,
               num_samples: int = 1, weight_decay: float = 0.0, weight_decay_on: str = "point", seed: int = 0,
-              strategy: str | None = None) -> ConnectorTrainResult:
+              strategy: str | None = None, progress: bool | None = None,
+              callback: Callable[[int, ConnectorTrainResult], None] | None = None) -> ConnectorTrainResult:
     """Train a curve for any ``loss_fn(params, batch) -> scalar`` (e.g. a 2-D potential).
 
-    ``data`` is ``None``, a fixed batch, or a callable ``step -> batch``; every epoch runs ``steps_per_epoch``
-    optimizer steps of :func:`mclandscape.engine.connector_train.train_connector`.
+    Args:
+      loss_fn: the loss of one parameter point on a batch.
+      connector: the curve (its ends fixed).
+      epochs: epochs of ``steps_per_epoch`` optimizer steps each.
+      steps_per_epoch: steps per epoch (>= 1).
+      data: ``None``, a fixed batch, or a callable ``step -> batch``.
+      optimizer: the optax transformation.
+      num_samples, weight_decay, weight_decay_on, seed, strategy, progress, callback: as for :func:`train_curve`.
+
+    Returns:
+      A :class:`ConnectorTrainResult`.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from mclandscape.core.connectors import bezier_curve
+        >>> bowl = lambda p, batch: jnp.sum(p ** 2)
+        >>> c = bezier_curve(jnp.array([-1.0, 1.0]), jnp.array([1.0, 1.0]), degree=2)
+        >>> res = fit_curve(bowl, c, epochs=20, steps_per_epoch=5, optimizer=optax.sgd(0.1), num_samples=4)
+        >>> bool(res.connector.control[1, 1] < 0.5)   # the bend moved towards the bowl's bottom
+        True
     """
-    if connector.kind not in CURVE_KINDS:
-        raise ValueError(f"fit_curve trains curves ({CURVE_KINDS}), got a {connector.kind!r} connector")
+    if not isinstance(connector, Connector) or connector.kind not in CURVE_KINDS:
+        got = connector.kind if isinstance(connector, Connector) else type(connector).__name__
+        raise ValueError(f"fit_curve trains curves ({CURVE_KINDS}), got a {got!r} connector")
     if isinstance(steps_per_epoch, bool) or int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
-    _check_distinct(jax.tree_util.tree_map(lambda x: x[0], connector.control),
-                    jax.tree_util.tree_map(lambda x: x[-1], connector.control))
+    _check_distinct(*_ends(connector))
     return train_connector(function_objective(loss_fn), connector, data, epochs=epochs, tx=optimizer,
                            batch_size=None, steps_per_epoch=int(steps_per_epoch), sampler=uniform_sampler(1),
                            num_samples=num_samples, seed=seed, strategy=strategy,
-                           loop=LoopConfig(progress=False), **_wd_args(weight_decay, weight_decay_on))
+                           callbacks=_epoch_callback(callback, connector),
+                           loop=LoopConfig(progress=progress, desc=f"fit {connector.kind}"),
+                           **weight_decay_args(weight_decay, weight_decay_on))
 
 
 # ---- geometry along a path -----------------------------------------------------------------------------
@@ -200,9 +345,22 @@ def point_distances(connector: Connector, ts) -> np.ndarray:
 
     Uses ``|sum_k a_k theta_k|^2 = a^T G a`` with the coefficient differences ``a`` (which sum to zero, so
     the Gram matrix of the control points relative to the first one gives the same value, well conditioned).
+
+    Args:
+      connector: a curve.
+      ts: ``[P]`` t values in [0, 1].
+
+    Returns:
+      A float64 array ``[P]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> line = line_connector(jnp.array([0.0, 0.0]), jnp.array([3.0, 4.0]))
+        >>> point_distances(line, [0.0, 0.5, 1.0]).round(4).tolist()
+        [0.0, 2.5, 2.5]
     """
     pts = connector.validate_points(ts)
-    c = np.asarray(connector.coefficients(jnp.asarray(pts, jnp.float32)), np.float64)
+    c = np.asarray(connector.coefficients(jnp.asarray(pts, connector._float_dtype())), np.float64)
     a = c[1:] - c[:-1]
     g = _centred_gram(connector)
     sq = np.einsum("pk,kl,pl->p", a, g, a)
@@ -212,9 +370,21 @@ def point_distances(connector: Connector, ts) -> np.ndarray:
 def curve_length(connector: Connector, num_points: int | None = None) -> float:
     """Length of a curve in parameter space.
 
-    Polygonal chains: exactly ``sum_k |theta_{k+1} - theta_k|`` (unless ``num_points`` asks for a polyline);
-    Bézier curves: the polyline through ``num_points`` evenly spaced t (default 2001; the error falls as
-    ``1/num_points^2``).
+    Args:
+      connector: a curve.
+      num_points: polygonal chains: exactly ``sum_k |theta_{k+1} - theta_k|`` when ``None``, else the polyline
+        through ``num_points`` evenly spaced t; Bézier curves: that polyline, default 2001 points (the error
+        falls as ``1/num_points^2``).
+
+    Returns:
+      The length as a float.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from mclandscape.core.connectors import polychain
+        >>> chain = polychain(jnp.array([0.0, 0.0]), jnp.array([6.0, 0.0]), 1, bends=[jnp.array([3.0, 4.0])])
+        >>> round(curve_length(chain), 4)
+        10.0
     """
     if connector.kind not in CURVE_KINDS:
         raise ValueError(f"curve_length needs a curve, got a {connector.kind!r} connector")
@@ -236,6 +406,17 @@ def path_stats(values, dl) -> dict:
 
     ``int = sum_j (v_{j-1} + v_j)/2 dl_j / sum_j dl_j`` (trapezoid in arc length, Garipov's ``stats``); for a
     path of zero length it falls back to the mean.
+
+    Args:
+      values: ``[P]`` values at the points of the path (P >= 2).
+      dl: ``[P]`` distances from the previous point (``dl[0] = 0``; :func:`point_distances`).
+
+    Returns:
+      A dict of floats.
+
+    Example:
+        >>> path_stats([1.0, 3.0, 3.0], [0.0, 1.0, 3.0])["int"]
+        2.75
     """
     v = np.asarray(values, np.float64)
     d = np.asarray(dl, np.float64)
@@ -253,6 +434,17 @@ def loss_barrier(ts, losses) -> float:
     For the straight line this is the usual linear-interpolation barrier; for a curve or a band ``t`` is its
     own path parameter. The ends contribute 0, so the barrier is >= 0, and 0 when the path never rises above
     the chord (e.g. a curve through a region of lower loss than both ends).
+
+    Args:
+      ts: ``[P]`` path parameters from 0 to 1.
+      losses: ``[P]`` finite losses at ``ts``.
+
+    Returns:
+      The barrier as a float.
+
+    Example:
+        >>> loss_barrier([0.0, 0.5, 1.0], [1.0, 3.0, 2.0])
+        1.5
     """
     t = np.asarray(ts, np.float64).reshape(-1)
     v = np.asarray(losses, np.float64).reshape(-1)
@@ -282,15 +474,18 @@ class PathEvaluation:
     length: float
 
     def barrier(self, series: str = "train_loss") -> float:
+        """:func:`loss_barrier` of ``series`` (``"train_loss"`` or ``"test_loss"``)."""
         return loss_barrier(self.ts, getattr(self, series))
 
     def series(self) -> dict[str, np.ndarray]:
+        """The loss and error (in %) series by name."""
         out = {"train_loss": self.train_loss, "train_err": 100.0 * (1.0 - self.train_acc)}
         if self.test_loss is not None:
             out.update(test_loss=self.test_loss, test_err=100.0 * (1.0 - self.test_acc))
         return out
 
     def summary(self) -> dict:
+        """:func:`path_stats` of every series, the length, the barriers and the minimum accuracies."""
         s = {name: path_stats(v, self.dl) for name, v in self.series().items()}
         s["length"] = self.length
         s["train_loss_barrier"] = self.barrier("train_loss")
@@ -301,6 +496,7 @@ class PathEvaluation:
         return s
 
     def to_dict(self) -> dict:
+        """A JSON-ready dict of the series and the summary."""
         d = {"t": self.ts.tolist(), "dl": self.dl.tolist(), "length": self.length,
              "train_loss": self.train_loss.tolist(), "train_acc": self.train_acc.tolist()}
         if self.test_loss is not None:
@@ -310,29 +506,56 @@ class PathEvaluation:
 
 
 def evaluate_path(model, connector: Connector, train, test=None, *, ts=None, num_points: int = 61,
-                  bn_data=None, bn_batches: int | None = None, bn_batch_size: int = 128, batch_size: int = 500,
-                  strategy: str = "auto", loss_fn: Callable = cross_entropy) -> PathEvaluation:
-    """Evaluate a curve (or a band's polychain) at ``ts`` (default ``num_points`` = 61 evenly spaced t).
+                  batch_size: int = 500, bn_data=None, bn_batches: int | None = None, bn_batch_size: int = 128,
+                  strategy: str = "auto", chunk_size: int | None = None, loss_fn: Callable = cross_entropy,
+                  devices: int | None = None) -> PathEvaluation:
+    """Train and test loss/accuracy along a curve (or a band's polychain) at ``ts``.
 
-    Train and test loss/accuracy via :func:`mclandscape.engine.evaluate.evaluate_points`; models with BatchNorm
-    get their statistics recomputed at every point on ``bn_data`` (default: ``train``), Garipov's
-    ``update_bn``. ``ts`` must increase from 0 to 1.
+    Through :func:`mclandscape.engine.evaluate.evaluate_points`. BatchNorm statistics, as in
+    :func:`mclandscape.methods.surface.surface_grid`, are recomputed at every point on ``bn_data``, which
+    defaults to ``train`` (Garipov's ``update_bn``); models without BatchNorm ignore it.
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      connector: a curve.
+      train: the training data (the train series, and the default ``bn_data``).
+      test: the test data (``None``: no test series).
+      ts: the t values, strictly increasing from 0 to 1 (default ``num_points`` evenly spaced, Garipov's 61).
+      num_points: see ``ts``.
+      batch_size: evaluation batch size.
+      bn_data, bn_batches, bn_batch_size: the BatchNorm data (default ``train``), how many full batches of
+        ``bn_batch_size`` (default all).
+      strategy, chunk_size, devices: see :func:`mclandscape.engine.evaluate.evaluate`.
+      loss_fn: per-example loss.
+
+    Returns:
+      A :class:`PathEvaluation`.
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> train = mcl.load_dataset("iris", "train")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> p0, p1 = (model.init(jax.random.key(s), train.x[:1])["params"] for s in (0, 1))
+        >>> ev = evaluate_path(model, line_connector(p0, p1), train, num_points=5)
+        >>> ev.train_loss.shape, ev.test_loss is None, bool(ev.barrier() >= 0)
+        ((5,), True, True)
     """
     from mclandscape.engine.evaluate import evaluate_points
 
-    if connector.kind not in CURVE_KINDS:
-        raise ValueError(f"evaluate_path needs a curve or band, got a {connector.kind!r} connector")
+    if not isinstance(connector, Connector) or connector.kind not in CURVE_KINDS:
+        got = connector.kind if isinstance(connector, Connector) else type(connector).__name__
+        raise ValueError(f"evaluate_path needs a curve or band, got a {got!r} connector")
     if ts is None:
-        if num_points < 2:
-            raise ValueError(f"num_points must be >= 2, got {num_points}")
-        ts = np.linspace(0.0, 1.0, num_points)
+        if isinstance(num_points, bool) or int(num_points) != num_points or num_points < 2:
+            raise ValueError(f"num_points must be an integer >= 2, got {num_points!r}")
+        ts = np.linspace(0.0, 1.0, int(num_points))
     ts = connector.validate_points(ts)
     if ts.size < 2 or np.any(np.diff(ts) <= 0) or ts[0] != 0.0 or ts[-1] != 1.0:
         raise ValueError("ts must increase strictly from 0 to 1")
-    if model.has_batch_stats and bn_data is None:
-        bn_data = train
-    kw = dict(batch_size=batch_size, strategy=strategy, bn_data=bn_data, bn_batches=bn_batches,
-              bn_batch_size=bn_batch_size, loss_fn=loss_fn)
+    kw = dict(batch_size=batch_size, strategy=strategy, chunk_size=chunk_size, devices=devices,
+              bn_data=train if bn_data is None else bn_data, bn_batches=bn_batches, bn_batch_size=bn_batch_size,
+              loss_fn=loss_fn)
     tr = evaluate_points(model, connector, ts, train, **kw)
     te = evaluate_points(model, connector, ts, test, **kw) if test is not None else None
     dl = point_distances(connector, ts)
@@ -343,5 +566,21 @@ def evaluate_path(model, connector: Connector, train, test=None, *, ts=None, num
 
 
 def evaluate_curve(model, connector: Connector, train, test=None, **kwargs) -> PathEvaluation:
-    """Alias of :func:`evaluate_path` with Garipov's 61 evaluation points by default."""
+    """Alias of :func:`evaluate_path` (Garipov's 61 evaluation points by default; BatchNorm data from ``train``).
+
+    Args:
+      model, connector, train, test, **kwargs: see :func:`evaluate_path`.
+
+    Returns:
+      A :class:`PathEvaluation`.
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> train = mcl.load_dataset("iris", "train")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> p0, p1 = (model.init(jax.random.key(s), train.x[:1])["params"] for s in (0, 1))
+        >>> evaluate_curve(model, line_connector(p0, p1), train, num_points=3).ts.tolist()
+        [0.0, 0.5, 1.0]
+    """
     return evaluate_path(model, connector, train, test, **kwargs)

@@ -1,13 +1,13 @@
 """Vertical deformation mappings (VDMs): deform the loss surface to change what the optimiser finds.
 
-Seed 003: Chen, Jin, Du, Li and Liu (2020), "Deforming the loss surface to affect the behaviour of the
-optimizer" (arXiv:2009.08274). A VDM is a scalar map ``δ`` applied to the loss value, ``ℓ̌ = δ(ℓ)``, that
+Chen, Jin, Du, Li and Liu, 2021 ('Deforming the loss surface to affect the behaviour of the optimizer', AAAI;
+arXiv:2009.08274), "the VDM paper" below. A VDM is a scalar map ``δ`` applied to the loss value, ``ℓ̌ = δ(ℓ)``, that
 leaves the parameters alone (Definition 2) and is non-decreasing for ``ℓ >= 0``. Its gradient is
 ``∇δ(ℓ(p)) = δ'(ℓ) ∇ℓ(p)`` (section 3.1), so an optimiser run on ``δ∘ℓ`` is the original optimiser fed
 gradients scaled by the loss-dependent factor ``δ'(ℓ)`` (Algorithm 1: ``g(k-1) <- ∇δ(ℓ(p)(k-1))``, then
 the optimiser's own increment ``Θ``).
 
-The VDMs of the seed:
+The VDMs of the paper:
 
 - :class:`AP` ``(a1, a2, a3, a4)``: ``δ(ℓ) = a1·arctan(a2·ℓ)^a3 + a4·ℓ`` (arctan-power);
 - :class:`LE` ``(e1, e2)``: ``δ(ℓ) = e1·ln(exp(ℓ) − e2)`` (log-exp), defined only where ``exp(ℓ) > e2``;
@@ -33,7 +33,7 @@ adaptive optimiser (Adam, RMSProp, ...) the chain still equals that optimiser on
 optimisers divide by a running RMS of the gradients, so a slowly varying scalar ``δ'(ℓ)`` is largely
 normalised away: only changes of ``δ'`` faster than the second-moment decay (``1/(1−β2)`` steps) change
 the steps. Placing the transform *after* the optimiser (``chain(adam(...), scale_by_vdm(vdm))``) is a
-different method, a loss-dependent learning rate, and not the seed's Algorithm 1.
+different method, a loss-dependent learning rate, and not the paper's Algorithm 1.
 
 Domain. LE is undefined where ``exp(ℓ) <= e2`` (``ℓ <= ln e2``) and AP with a non-integer power needs
 ``arctan(a2·ℓ) >= 0`` (``ℓ >= 0``). :func:`vdm_loss` raises ``ValueError`` for a concrete loss outside the
@@ -48,23 +48,21 @@ jax-ml/jax#25861; an ordered one keeps its error on JAX's effects token, so ever
 ordered effects in the process re-raises it). Only :func:`vdm_loss` offers such a callback
 (``check_domain="callback"``), for one-off evaluations.
 
-Slips of the seed handled here (see also ``experiments/vdm.py``):
+Slips of the paper handled here (the paper's presets and figure checks live in ``experiments/vdm_presets.py``):
 
-- the positivity condition ``a1, a2, a3, a4 > 0`` of the AP family is contradicted by the seed's own
+- the positivity condition ``a1, a2, a3, a4 > 0`` of the AP family is contradicted by the paper's own
   Table 2, which uses AP(1.5, 0.7, 1, 0); ``a4 = 0`` keeps ``δ' >= 0`` and is accepted (``a1, a2, a3 > 0``
   are still required);
 - the proof of Theorem 1 writes ``∂²δ(ℓ)/∂pr∂ps = δ'(ℓ)·H_rs``; the exact Hessian is
-  ``δ'(ℓ)·H + δ''(ℓ)·∇ℓ∇ℓᵀ`` (see :func:`deformed_hessian_formula`); the seed's statement holds at
+  ``δ'(ℓ)·H + δ''(ℓ)·∇ℓ∇ℓᵀ`` (see :func:`deformed_hessian_formula`); the paper's statement holds at
   critical points (``∇ℓ = 0``) only.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import math
-import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -89,8 +87,6 @@ __all__ = [
     "ScaleByVDMState",
     "check_vdm_state",
     "deformed_hessian_formula",
-    "parse_vdm",
-    "TABLE1_VDMS",
 ]
 
 Array = jax.Array
@@ -118,7 +114,7 @@ def _pow(x, a: float):
 
 
 class VDM:
-    """A vertical deformation mapping ``δ`` (seed 003 Definition 2) with ``δ``, ``δ'`` and ``δ''``.
+    """A vertical deformation mapping ``δ`` (VDM paper, Definition 2) with ``δ``, ``δ'`` and ``δ''``.
 
     Subclasses implement :meth:`value` and may override :meth:`derivative` (default: autodiff of
     :meth:`value`) and :meth:`second_derivative` (default: autodiff of :meth:`derivative`). All three are
@@ -173,7 +169,7 @@ class VDM:
 def _check_pos(name: str, **values: float) -> None:
     for k, v in values.items():
         if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{name}: coefficient {k} must be a finite number > 0 (seed 003 section 3.1), "
+            raise ValueError(f"{name}: coefficient {k} must be a finite number > 0 (VDM paper, section 3.1), "
                              f"got {v!r}")
 
 
@@ -183,15 +179,20 @@ def _fmt(x: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class AP(VDM):
-    """Arctan-power VDM ``δ(ℓ) = a1·arctan(a2·ℓ)^a3 + a4·ℓ`` (seed 003 section 3.1).
+    """Arctan-power VDM ``δ(ℓ) = a1·arctan(a2·ℓ)^a3 + a4·ℓ`` (VDM paper, section 3.1).
 
     ``δ'(ℓ) = a1·a3·a2·arctan(a2ℓ)^(a3−1) / (1 + (a2ℓ)²) + a4``: near ``ℓ = 0`` it is ``a4 + a1·a2`` for
     ``a3 = 1`` (steeper low-loss region) and ``a4`` for ``a3 > 1``; for large ``ℓ`` it tends to ``a4``.
 
-    Requires ``a1, a2, a3 > 0`` and ``a4 >= 0``. The seed states ``a4 > 0`` but its own Table 2 uses
+    Requires ``a1, a2, a3 > 0`` and ``a4 >= 0``. The paper states ``a4 > 0`` but its own Table 2 uses
     AP(1.5, 0.7, 1, 0); ``a4 = 0`` keeps ``δ' >= 0`` so it is accepted. With an integral ``a3`` ``δ`` is
     defined for every loss; otherwise it needs ``ℓ >= 0`` (``ℓ > 0`` when ``a3 < 1``, where ``δ'(0)``
     is infinite).
+
+    Example:
+      >>> vdm = AP(10, 1, 1, 1)
+      >>> vdm.name, round(float(vdm.derivative(0.0)), 4)  # a4 + a1 a2 at loss 0: a steeper low-loss region
+      ('AP(10, 1, 1, 1)', 11.0)
     """
 
     a1: float
@@ -204,7 +205,7 @@ class AP(VDM):
             object.__setattr__(self, k, float(getattr(self, k)))
         _check_pos("AP", a1=self.a1, a2=self.a2, a3=self.a3)
         if not (math.isfinite(self.a4) and self.a4 >= 0):
-            raise ValueError(f"AP: coefficient a4 must be a finite number >= 0 (seed 003 section 3.1; a4 = 0 "
+            raise ValueError(f"AP: coefficient a4 must be a finite number >= 0 (VDM paper, section 3.1; a4 = 0 "
                              f"as in Table 2's AP(1.5, 0.7, 1, 0)), got {self.a4!r}")
 
     @property
@@ -232,12 +233,16 @@ class AP(VDM):
 
 @dataclasses.dataclass(frozen=True)
 class LE(VDM):
-    """Log-exp VDM ``δ(ℓ) = e1·ln(exp(ℓ) − e2)`` (seed 003 section 3.1), ``e1, e2 > 0``.
+    """Log-exp VDM ``δ(ℓ) = e1·ln(exp(ℓ) − e2)`` (VDM paper, section 3.1), ``e1, e2 > 0``.
 
     ``δ'(ℓ) = e1·exp(ℓ)/(exp(ℓ) − e2) = e1/(1 − e2·exp(−ℓ))``: ``e1`` for large losses, growing as the loss
     falls (``e1/(1 − e2)`` at ``ℓ = 0``). Defined only for ``ℓ > ln(e2)``; for ``e2 >= 1`` that excludes
-    small non-negative losses, which the seed accepts "in some cases" (section 3.1). Computed as
+    small non-negative losses, which the paper accepts "in some cases" (section 3.1). Computed as
     ``e1·(ℓ + ln(−expm1(ln e2 − ℓ)))`` so large losses do not overflow ``exp``.
+
+    Example:
+      >>> round(float(LE(1, 0.9).derivative(0.0)), 4)  # e1 / (1 - e2)
+      10.0
     """
 
     e1: float
@@ -275,7 +280,7 @@ class LE(VDM):
 
 @dataclasses.dataclass(frozen=True)
 class Squared(VDM):
-    """The counter-example ``δ(ℓ) = 0.5·ℓ²`` of seed 003 (Table 1, Fig. 5(a)): ``δ' = ℓ`` makes the low-loss
+    """The counter-example ``δ(ℓ) = 0.5·ℓ²`` of the VDM paper (Table 1, Fig. 5(a)): ``δ' = ℓ`` makes the low-loss
     region *flatter*, the opposite of AP and LE. Non-decreasing for ``ℓ >= 0`` only (Definition 2)."""
 
     @property
@@ -339,21 +344,37 @@ class CustomVDM(VDM):
 
 
 def check_monotone(vdm: VDM, losses=None, *, atol: float = 0.0) -> None:
-    """Raise ``ValueError`` unless ``δ'(ℓ) >= -atol`` and ``δ`` is finite at every loss in ``losses``.
+    """Check that a VDM is non-decreasing and finite on a grid of losses (VDM paper, Definition 2).
 
-    Definition 2 of seed 003 requires ``∂δ/∂ℓ >= 0`` for ``ℓ >= 0``; the default grid is 2001 losses in
+    Args:
+      vdm: the :class:`VDM`.
+      losses: the losses to check (default below); those outside the VDM's domain are skipped.
+      atol: tolerated negative derivative (rounding).
+
+    Raises:
+      ValueError: ``δ`` or ``δ'`` is not finite, or ``δ'(ℓ) < -atol``, at a loss of the grid (named).
+
+    Example:
+      >>> check_monotone(LE(1, 0.9))  # passes silently
+      >>> check_monotone(Squared(), [-1.0, 0.0, 1.0])
+      Traceback (most recent call last):
+      ...
+      ValueError: 0.5*l^2 is not a VDM: delta'(-1) = -1 < 0, ...
+
+    Definition 2 of the VDM paper requires ``∂δ/∂ℓ >= 0`` for ``ℓ >= 0``; the default grid is 2001 losses in
     ``[0, 20]`` restricted to the VDM's domain.
     """
     if losses is None:
         losses = np.linspace(0.0, 20.0, 2001)
     losses = np.asarray(losses, np.float64).ravel()
-    inside = np.asarray(vdm.in_domain(jnp.asarray(losses, jnp.float32)))
+    dtype = jnp.result_type(float)  # the default float type: float64 under jax_enable_x64
+    inside = np.asarray(vdm.in_domain(jnp.asarray(losses, dtype)))
     losses = losses[inside]
     if losses.size == 0:
         raise ValueError(f"{vdm.name}: no loss of the check grid lies in its domain {vdm.domain}")
-    l32 = jnp.asarray(losses, jnp.float32)
-    vals = np.asarray(vdm.value(l32))
-    der = np.asarray(vdm.derivative(l32))
+    grid = jnp.asarray(losses, dtype)
+    vals = np.asarray(vdm.value(grid))
+    der = np.asarray(vdm.derivative(grid))
     bad = ~np.isfinite(vals)
     if bad.any():
         raise ValueError(f"{vdm.name}: delta is not finite at loss {losses[bad][0]:.6g}")
@@ -363,7 +384,7 @@ def check_monotone(vdm: VDM, losses=None, *, atol: float = 0.0) -> None:
     neg = der < -atol
     if neg.any():
         i = int(np.argmax(neg))
-        raise ValueError(f"{vdm.name} is not a VDM: delta'({losses[i]:.6g}) = {der[i]:.6g} < 0, but seed 003 "
+        raise ValueError(f"{vdm.name} is not a VDM: delta'({losses[i]:.6g}) = {der[i]:.6g} < 0, but the VDM paper's "
                          "Definition 2 requires d(delta)/d(loss) >= 0 for loss >= 0")
 
 
@@ -376,6 +397,22 @@ def custom_vdm(fn: Callable[[Array], Array], derivative: Callable[[Array], Array
     checked on ``check_losses`` (default 2001 points of ``[0, 20]`` inside the domain): ``δ`` finite and
     ``δ' >= 0`` (Definition 2); a supplied ``derivative`` must agree with autodiff of ``fn`` (relative
     tolerance ``derivative_rtol``). Failures raise ``ValueError`` naming the loss where they happen.
+
+    Args:
+      fn: ``δ``, an element-wise jnp function of the loss.
+      derivative: ``δ'`` (default: autodiff of ``fn``).
+      name: the VDM's name.
+      domain_low, domain_inclusive: ``δ`` is defined for ``ℓ > domain_low`` (``>=`` when inclusive).
+      check_losses: the validation grid.
+      derivative_rtol: tolerance of the check of a given ``derivative`` against autodiff.
+
+    Returns:
+      A :class:`CustomVDM`.
+
+    Example:
+      >>> v = custom_vdm(lambda l: jnp.log1p(l), name="log1p")
+      >>> v.name, round(float(v.derivative(3.0)), 4)
+      ('log1p', 0.25)
     """
     if not callable(fn):
         raise ValueError("custom_vdm: fn must be callable")
@@ -385,7 +422,8 @@ def custom_vdm(fn: Callable[[Array], Array], derivative: Callable[[Array], Array
                     low_inclusive=bool(domain_inclusive))
     check_monotone(vdm, check_losses)
     if derivative is not None:
-        grid = np.asarray(check_losses if check_losses is not None else np.linspace(0.0, 20.0, 201), np.float32)
+        grid = np.asarray(check_losses if check_losses is not None else np.linspace(0.0, 20.0, 201),
+                          jnp.result_type(float))
         grid = grid[np.asarray(vdm.in_domain(jnp.asarray(grid)))]
         auto = np.asarray(VDM.derivative(vdm, jnp.asarray(grid)))
         given = np.asarray(vdm.derivative(jnp.asarray(grid)))
@@ -435,7 +473,7 @@ _LOSS_CHECKS = ("eager", "callback", "off")
 
 def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
              check_domain: str = "eager") -> Callable[..., Any]:
-    """The deformed loss ``δ∘loss_fn`` (seed 003 section 3.1).
+    """The deformed loss ``δ∘loss_fn`` (VDM paper, section 3.1).
 
     ``jax.grad(vdm_loss(vdm, f))(p) = δ'(f(p))·∇f(p)``. With ``has_aux`` ``loss_fn`` returns ``(loss,
     aux)`` and the wrapper returns ``(δ(loss), aux)``. For mini-batch training ``δ`` acts on the mini-batch
@@ -488,7 +526,7 @@ _STEP_CHECKS = ("skip", "off")
 
 def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
                  check_domain: str = "skip") -> optax.GradientTransformationExtraArgs:
-    """Optax transform multiplying the incoming gradient by ``δ'(ℓ)`` (seed 003 Algorithm 1).
+    """Optax transform multiplying the incoming gradient by ``δ'(ℓ)`` (VDM paper, Algorithm 1).
 
     ``optax.chain`` forwards extra arguments to every member, so ``optax.chain(scale_by_vdm(vdm),
     optax.sgd(lr, momentum=0.9, nesterov=True))`` updates exactly as SGDM on ``δ∘ℓ``; the engine's
@@ -505,8 +543,14 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
         ``jit``; ``"off"``: no check (``NaN`` may result). A NaN loss (divergence) is not a domain error.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByVDMState`. A missing or
-      non-scalar loss raises ``ValueError``.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByVDMState` (its logged factor and
+      losses in the parameters' dtype). A missing or non-scalar loss raises ``ValueError``.
+
+    Example:
+      >>> tx = scale_by_vdm(LE(1, 0.9))
+      >>> u, state = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), None, loss=jnp.float32(0.0))
+      >>> [round(float(x), 4) for x in u], round(float(state.scale), 4)  # the gradient times delta'(0) = 10
+      ([10.0, 10.0], 10.0)
     """
     if not isinstance(vdm, VDM):
         raise ValueError(f"scale_by_vdm: expected a VDM, got {type(vdm).__name__}")
@@ -520,10 +564,12 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
     masked = check_domain == "skip" and low != -math.inf
 
     def init_fn(params):
-        del params
-        return ScaleByVDMState(scale=jnp.ones((), jnp.float32), loss=jnp.full((), jnp.nan, jnp.float32),
+        # the logged factor and losses follow the parameters' dtype (float64 under jax_enable_x64)
+        floats = [x for x in jax.tree_util.tree_leaves(params) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+        dt = jnp.result_type(*floats) if floats else jnp.result_type(float)
+        return ScaleByVDMState(scale=jnp.ones((), dt), loss=jnp.full((), jnp.nan, dt),
                                steps=jnp.zeros((), jnp.int32), num_invalid=jnp.zeros((), jnp.int32),
-                               invalid_loss=jnp.full((), jnp.nan, jnp.float32),
+                               invalid_loss=jnp.full((), jnp.nan, dt),
                                invalid_step=jnp.full((), -1, jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -539,7 +585,7 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
         if masked:
             bad = ~jnp.isnan(loss) & ~((loss >= low) if inclusive else (loss > low))
             first = bad & (num_invalid == 0)
-            invalid_loss = jnp.where(first, loss.astype(jnp.float32), invalid_loss)
+            invalid_loss = jnp.where(first, loss.astype(invalid_loss.dtype), invalid_loss)
             invalid_step = jnp.where(first, state.steps, invalid_step)
             num_invalid = num_invalid + bad.astype(jnp.int32)
             scale = jnp.where(bad, jnp.zeros_like(scale), scale)
@@ -547,7 +593,8 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
                                          updates)
         else:
             new = jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), updates)
-        return new, ScaleByVDMState(scale=scale.astype(jnp.float32), loss=loss.astype(jnp.float32),
+        dt = state.scale.dtype  # the state keeps its dtype (a scan carry must not change type)
+        return new, ScaleByVDMState(scale=scale.astype(dt), loss=loss.astype(dt),
                                     steps=state.steps + 1, num_invalid=num_invalid, invalid_loss=invalid_loss,
                                     invalid_step=invalid_step)
 
@@ -588,7 +635,7 @@ def check_vdm_state(opt_state, vdm: VDM | None = None) -> None:
 def deformed_hessian_formula(vdm: VDM, loss, grad_vec, hessian):
     """The exact Hessian of ``δ∘ℓ``: ``δ'(ℓ)·H + δ''(ℓ)·∇ℓ∇ℓᵀ`` (dense, flattened parameters).
 
-    Seed 003 Theorem 1 states ``Ȟ = δ'(ℓ)·H`` (hence ``λ(Ȟ) = δ'(ℓ)·λ(H)``); its proof drops the
+    The VDM paper's Theorem 1 states ``Ȟ = δ'(ℓ)·H`` (hence ``λ(Ȟ) = δ'(ℓ)·λ(H)``); its proof drops the
     ``δ''(ℓ)·∇ℓ∇ℓᵀ`` term, so the statement is exact only at critical points (``∇ℓ = 0``) or for affine
     ``δ``. ``grad_vec`` is ``∇ℓ`` as a vector ``[d]`` and ``hessian`` is ``H`` ``[d, d]``.
     """
@@ -597,55 +644,3 @@ def deformed_hessian_formula(vdm: VDM, loss, grad_vec, hessian):
     if g.ndim != 1 or h.shape != (g.shape[0], g.shape[0]):
         raise ValueError(f"deformed_hessian_formula: need grad [d] and hessian [d, d], got {g.shape} and {h.shape}")
     return vdm.derivative(loss) * h + vdm.second_derivative(loss) * jnp.outer(g, g)
-
-
-# --- parsing "LE(1, 0.9)", "AP(18/pi, 1, 2, 1)", "square", "identity" ---------------------------------
-
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.Pow: operator.pow}
-
-
-def _eval_number(node) -> float:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-        return float(node.value)
-    if isinstance(node, ast.Name) and node.id == "pi":
-        return math.pi
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        v = _eval_number(node.operand)
-        return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        return _BINOPS[type(node.op)](_eval_number(node.left), _eval_number(node.right))
-    raise ValueError(f"not a number expression: {ast.dump(node)}")
-
-
-def parse_vdm(spec: str) -> VDM:
-    """A VDM from its seed notation: ``"LE(1, 0.9)"``, ``"AP(18/pi, 1, 2, 1)"``, ``"square"`` (``0.5*l^2``),
-    ``"identity"`` (also ``"none"``/``"original"``). Coefficients may use ``pi`` and ``+ - * / **``."""
-    s = spec.strip()
-    low = s.lower().replace(" ", "")
-    if low in ("identity", "none", "original"):
-        return Identity()
-    if low in ("square", "squared", "0.5*l^2", "0.5l^2", "0.5*l**2"):
-        return Squared()
-    try:
-        node = ast.parse(s, mode="eval").body
-    except SyntaxError as e:
-        raise ValueError(f"cannot parse VDM {spec!r}: {e.msg}") from None
-    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords):
-        raise ValueError(f"cannot parse VDM {spec!r}: expected AP(a1, a2, a3, a4), LE(e1, e2), square or identity")
-    args = [_eval_number(a) for a in node.args]
-    fam = node.func.id.upper()
-    if fam == "AP":
-        if len(args) != 4:
-            raise ValueError(f"AP takes 4 coefficients (a1, a2, a3, a4), got {len(args)} in {spec!r}")
-        return AP(*args)
-    if fam == "LE":
-        if len(args) != 2:
-            raise ValueError(f"LE takes 2 coefficients (e1, e2), got {len(args)} in {spec!r}")
-        return LE(*args)
-    raise ValueError(f"unknown VDM family {node.func.id!r} in {spec!r}; expected AP or LE")
-
-
-#: The deformations of seed 003 Table 1 (ResNet-20 on CIFAR-100), in the table's order.
-TABLE1_VDMS: tuple[str, ...] = ("square", "LE(1, 0.60)", "LE(1, 0.70)", "LE(1, 0.90)", "LE(1, 0.99)",
-                                "AP(5, 1, 2, 1)", "AP(18/pi, 1, 2, 1)", "AP(6, 1, 2, 1)", "AP(10, 1, 2, 1)")

@@ -1,8 +1,9 @@
 """Li et al. (2018) loss-landscape views: normalised random directions, 1-D loss curves and 2-D loss planes.
 
-Seed 003 section 4.1 / Fig. 5 draws loss curves ``f(α) = L(θ* + α d)`` around the minima found with and
-without a VDM, with ``d`` a random Gaussian direction rescaled by *filter normalisation* (Li et al. 2018,
-"Visualizing the loss landscape of neural nets"): every filter ``d_{i,j}`` of the direction is rescaled to
+Chen et al. (2021, "Deforming the loss surface to affect the behaviour of the optimizer", AAAI), §4.1 and
+Fig. 5, draw loss curves ``f(α) = L(θ* + α d)`` around the minima found with and without a vertical
+deformation mapping (VDM), with ``d`` a random Gaussian direction rescaled by *filter normalisation* (Li et
+al. 2018, "Visualizing the loss landscape of neural nets"): every filter ``d_{i,j}`` of the direction is rescaled to
 the norm of the corresponding filter of the model, ``d_{i,j} <- d_{i,j} / |d_{i,j}| · |θ_{i,j}|``, which
 removes the scale invariance of ReLU networks so curves of different models are comparable.
 
@@ -73,8 +74,19 @@ BIAS_BN = ("zero", "copy", "normalize")
 
 
 def filter_norms(leaf) -> jax.Array:
-    """Norm of every filter of a leaf (slices along the last axis): shape ``[out]``; a scalar leaf is
-    one filter (shape ``[1]``), and a vector leaf has one filter per entry."""
+    """Norm of every filter of a leaf: the slices along its last (output) axis.
+
+    Args:
+      leaf: a parameter array; a scalar is one filter, a vector has one filter per entry.
+
+    Returns:
+      ``[out]`` norms (``[1]`` for a scalar).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> filter_norms(jnp.array([[3.0, 0.0], [4.0, 1.0]])).tolist()
+        [5.0, 1.0]
+    """
     x = jnp.asarray(leaf)
     if x.ndim == 0:
         return jnp.abs(x)[None]
@@ -107,10 +119,26 @@ def _normalize_leaf(d, w, norm: str, bias_bn: str, eps: float):
 
 def normalize_direction(direction: PyTree, params: PyTree, *, norm: str = "filter", bias_bn: str = "zero",
                         eps: float = 1e-10) -> PyTree:
-    """Rescale ``direction`` against ``params`` (Li et al. 2018 filter/layer/weight normalisation).
+    """Rescale ``direction`` against ``params`` (Li et al. 2018 filter, layer or weight normalisation).
 
-    See the module docstring for ``norm`` and ``bias_bn``. ``eps`` guards zero-norm filters (as Li et al.'s
-    ``1e-10``). The two trees must have the same structure and shapes.
+    Args:
+      direction: a pytree shaped like ``params``.
+      params: the centre ``θ`` (same structure and shapes).
+      norm: ``"filter"``, ``"layer"``, ``"weight"``, ``"unit"`` or ``"none"`` (see the module docstring).
+      bias_bn: how leaves with ``ndim <= 1`` are treated: ``"zero"``, ``"copy"`` or ``"normalize"``.
+      eps: guards zero-norm filters (as Li et al.'s ``1e-10``).
+
+    Returns:
+      The normalised direction. Raises ``ValueError`` for an unknown option, a zero direction with
+      ``norm="unit"``, or trees that do not match.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> params = {"kernel": jnp.array([[3.0, 0.0], [4.0, 1.0]]), "bias": jnp.ones(2)}
+        >>> d = {"kernel": jnp.array([[1.0, 0.0], [0.0, 2.0]]), "bias": jnp.array([5.0, 5.0])}
+        >>> out = normalize_direction(d, params)  # every filter (column) gets the norm of params' filter
+        >>> out["kernel"].tolist(), out["bias"].tolist()
+        ([[5.0, 0.0], [0.0, 1.0]], [0.0, 0.0])
     """
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
@@ -129,22 +157,71 @@ def normalize_direction(direction: PyTree, params: PyTree, *, norm: str = "filte
 
 
 def random_direction(key: jax.Array, params: PyTree, *, norm: str = "filter", bias_bn: str = "zero") -> PyTree:
-    """A Gaussian direction shaped like ``params``, normalised by :func:`normalize_direction`."""
+    """A Gaussian direction shaped like ``params``, normalised by :func:`normalize_direction`.
+
+    Args:
+      key: a PRNG key.
+      params: the centre ``θ``.
+      norm, bias_bn: see :func:`normalize_direction`.
+
+    Returns:
+      A pytree like ``params``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> params = {"kernel": jnp.array([[3.0, 0.0], [4.0, 1.0]]), "bias": jnp.ones(2)}
+        >>> d = random_direction(jax.random.key(0), params)
+        >>> bool(jnp.allclose(filter_norms(d["kernel"]), filter_norms(params["kernel"]))), d["bias"].tolist()
+        (True, [0.0, 0.0])
+    """
     d = tree_random_normal(key, params)
     return normalize_direction(d, params, norm=norm, bias_bn=bias_bn)
 
 
 def random_directions(key: jax.Array, params: PyTree, num: int = 2, *, norm: str = "filter",
                       bias_bn: str = "zero") -> list[PyTree]:
-    """``num`` independent normalised random directions (Li et al. use two for a 2-D plane; in high
-    dimension they are nearly orthogonal)."""
+    """``num`` independent normalised random directions (two span Li et al.'s 2-D plane).
+
+    In high dimension independent Gaussian directions are nearly orthogonal.
+
+    Args:
+      key: a PRNG key (split into ``num``).
+      params: the centre ``θ``.
+      num: how many directions (``>= 1``).
+      norm, bias_bn: see :func:`normalize_direction`.
+
+    Returns:
+      A list of ``num`` pytrees like ``params``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> params = {"kernel": jnp.array([[3.0, 0.0], [4.0, 1.0]]), "bias": jnp.ones(2)}
+        >>> d1, d2 = random_directions(jax.random.key(0), params, 2)
+        >>> bool(jnp.allclose(filter_norms(d2["kernel"]), filter_norms(params["kernel"])))
+        True
+        >>> bool(jnp.any(d1["kernel"] != d2["kernel"]))
+        True
+    """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     return [random_direction(k, params, norm=norm, bias_bn=bias_bn) for k in jax.random.split(key, num)]
 
 
 def target_direction(params: PyTree, other: PyTree) -> PyTree:
-    """The direction ``other − params`` (α = 1 reaches ``other``): Li et al.'s interpolation direction."""
+    """The direction ``other − params``, so that α = 1 reaches ``other`` (Li et al.'s interpolation direction).
+
+    Args:
+      params: the centre ``θ``.
+      other: a second model of the same structure.
+
+    Returns:
+      A pytree like ``params``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> target_direction({"w": jnp.ones(2)}, {"w": jnp.array([3.0, 0.0])})["w"].tolist()
+        [2.0, -1.0]
+    """
     check_same_structure(params, other, names=("params", "other"))
     return tree_sub(other, params)
 
@@ -171,11 +248,17 @@ def direction_points(params: PyTree, directions: Sequence[PyTree], coords) -> Po
     Args:
       params: the centre ``θ``.
       directions: k direction trees shaped like ``params`` (cast to its dtypes).
-      coords: ``[P, k]`` coordinates (``[P]`` for one direction).
+      coords: ``[P, k]`` coordinates (``[P]`` for one direction), finite.
 
     Returns:
       Points with rows ``[1, c_1, ..., c_k]`` over the stack ``[θ, d_1, ..., d_k]``: only the k + 1 trees are
       held, each point is formed where it is evaluated.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> pts = direction_points({"w": jnp.zeros(2)}, [{"w": jnp.ones(2)}], [-1.0, 0.0, 1.0])
+        >>> pts.rows.tolist(), pts.stack["w"].shape
+        ([[1.0, -1.0], [1.0, 0.0], [1.0, 1.0]], (2, 2))
     """
     dirs = list(directions)
     if not dirs:
@@ -192,17 +275,24 @@ def direction_points(params: PyTree, directions: Sequence[PyTree], coords) -> Po
 
 def grid_losses(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, directions: Sequence[PyTree], coords, *,
                 chunk_size: int | None = None, strategy: str = "map", devices: int | None = None) -> np.ndarray:
-    """``loss_fn(θ + Σ_i coords[p, i]·d_i)`` at every point, through
-    :func:`~mclandscape.engine.evaluate.map_points`.
+    """``loss_fn(θ + Σ_i coords[p, i]·d_i)`` at every point, through :func:`~mclandscape.engine.evaluate.map_points`.
 
     Args:
       loss_fn: a pure function of the parameters (hashable: a module-level function or a frozen dataclass
         compiles once; a new lambda compiles again).
       params, directions, coords: see :func:`direction_points`.
-      chunk_size: points vectorised at a time (default 1); ``strategy``, ``devices``: see ``map_points``.
+      chunk_size: points vectorised at a time (default 1).
+      strategy, devices: see :func:`~mclandscape.engine.evaluate.map_points`.
 
     Returns:
       ``[P]`` NumPy values.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> sq_norm = lambda p: jnp.sum(p["w"] ** 2)
+        >>> grid_losses(sq_norm, {"w": jnp.array([1.0, 0.0])}, [{"w": jnp.array([1.0, 0.0])}],
+        ...             [-1.0, 0.0, 1.0]).tolist()
+        [0.0, 1.0, 4.0]
     """
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be a function of the parameters, got {type(loss_fn).__name__}")
@@ -212,8 +302,21 @@ def grid_losses(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, directio
 
 @dataclasses.dataclass(frozen=True)
 class Landscape:
-    """Loss/accuracy on a grid: ``alphas[A]`` (and ``betas[B]`` for planes); ``loss``/``accuracy`` are
-    ``[A]`` for curves and ``[A, B]`` (alpha major) for planes."""
+    """Loss and accuracy on a line or a plane of parameter space (returned by :func:`loss_curve`, :func:`loss_plane`).
+
+    Attributes:
+      alphas: ``[A]`` coordinates along the first direction.
+      betas: ``[B]`` coordinates along the second direction (``None`` for a curve).
+      loss: ``[A]`` for a curve, ``[A, B]`` (alpha major) for a plane.
+      accuracy: shaped like ``loss``.
+
+    Example:
+        >>> import numpy as np
+        >>> view = Landscape(alphas=np.array([-1.0, 1.0]), betas=None, loss=np.array([0.5, 0.7]),
+        ...                  accuracy=np.array([0.9, 0.8]))
+        >>> float(view.alphas[np.argmin(view.loss)])
+        -1.0
+    """
 
     alphas: np.ndarray
     betas: np.ndarray | None
@@ -231,7 +334,7 @@ def _check_axis(a, name: str) -> np.ndarray:
 
 
 def loss_curve(model: Model, params: PyTree, direction: PyTree, alphas, data, **eval_kwargs) -> Landscape:
-    """1-D loss curve ``L(θ + α d)`` over ``alphas`` (seed 003 Fig. 5).
+    """1-D loss curve ``L(θ + α d)`` over ``alphas`` (Chen et al. 2021, §4.1 and Fig. 5).
 
     Args:
       model: the :class:`~mclandscape.engine.models.Model`.
@@ -246,6 +349,18 @@ def loss_curve(model: Model, params: PyTree, direction: PyTree, alphas, data, **
     Returns:
       A :class:`Landscape` with ``loss``/``accuracy`` ``[A]``. Memory does not grow with the number of points
       (rows ``[1, α]`` over ``[θ, d]``, formed point by point).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from mclandscape.engine.models import get_model
+        >>> model = get_model("mlp", widths=(4,), num_classes=3)
+        >>> x, y = jax.random.normal(jax.random.key(0), (16, 5)), jnp.arange(16) % 3
+        >>> params = model.init(jax.random.key(1), x)["params"]
+        >>> from mclandscape.core.losses import cross_entropy
+        >>> curve = loss_curve(model, params, random_direction(jax.random.key(2), params), [-1.0, 0.0, 1.0], (x, y))
+        >>> at_centre = cross_entropy(model.apply({"params": params}, x), y).mean()
+        >>> curve.loss.shape, bool(abs(curve.loss[1] - at_centre) < 1e-5)
+        ((3,), True)
     """
     a = _check_axis(alphas, "alphas")
     check_same_structure(params, direction, names=("params", "direction"), check_dtype=False)
@@ -267,6 +382,17 @@ def loss_plane(model: Model, params: PyTree, d1: PyTree, d2: PyTree, alphas, bet
       A :class:`Landscape` with ``loss``/``accuracy`` ``[A, B]`` (alpha major). The grid is
       :func:`~mclandscape.engine.evaluate.plane_points` (rows ``[1, α, β]`` over ``[θ, d1, d2]``), evaluated
       by the one evaluator: memory holds three trees and a chunk of points, whatever the grid size.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from mclandscape.engine.models import get_model
+        >>> model = get_model("mlp", widths=(4,), num_classes=3)
+        >>> x, y = jax.random.normal(jax.random.key(0), (16, 5)), jnp.arange(16) % 3
+        >>> params = model.init(jax.random.key(1), x)["params"]
+        >>> d1, d2 = random_directions(jax.random.key(2), params)
+        >>> plane = loss_plane(model, params, d1, d2, [-0.5, 0.5], [-0.5, 0.0, 0.5], (x, y))
+        >>> plane.loss.shape, plane.accuracy.shape, bool((plane.accuracy >= 0).all())
+        ((2, 3), (2, 3), True)
     """
     a = _check_axis(alphas, "alphas")
     b = _check_axis(betas, "betas")

@@ -1,12 +1,14 @@
 """Ensembles of networks and the metrics of their quality and diversity — the library's one implementation.
 
-Used by DSP-TT (seed 004 §4-5: Tier-1, Tier-0-1, Tier-0-1-2 ensembles, Tables 1-3) and by Bézier-surface
-ensembling (seed 000: ensembles of grid points of a surface). Everything starts from the *stacked member
-output probabilities* ``probs[M, N, C]`` (M members, N examples, C classes), which any caller can produce
-(:func:`member_probs` does it for parameter sets of a :class:`~mclandscape.engine.models.base.Model` through
-:func:`mclandscape.engine.evaluate.evaluate_params`).
+Used by DSP-TT (the DSP-TT paper: Anonymous, 2020, "Constructing multiple high-quality deep neural networks: a
+TRUST-TECH based approach", ICLR 2021 submission, §4-5: Tier-1, Tier-0-1, Tier-0-1-2 ensembles, Tables 1-3)
+and by Bézier-surface ensembling (the Bézier-surface paper: Anonymous, 2024, "Revisiting mode connectivity in
+neural networks with Bézier surface": ensembles of grid points of a surface). Everything starts from the
+*stacked member output probabilities* ``probs[M, N, C]`` (M members, N examples, C classes), which any caller
+can produce (:func:`member_probs` does it for parameter sets of a :class:`~mclandscape.engine.models.base.Model`
+through :func:`mclandscape.engine.evaluate.evaluate_params`).
 
-Combination rules (seed 004 §4: "averaging ... or voting"):
+Combination rules (DSP-TT paper, §4: "averaging ... or voting"):
 
 - ``"mean"``: the ensemble's probabilities are the (optionally weighted) mean of the members'
   probabilities; its prediction the arg-max;
@@ -14,7 +16,7 @@ Combination rules (seed 004 §4: "averaging ... or voting"):
   broken by the larger mean probability (then the lower class index). A vote has no probabilities, so its
   NLL is reported as ``None``.
 
-Metrics (seed 004 Tables 1-3):
+Metrics (DSP-TT paper, Tables 1-3):
 
 - ``test_error``: fraction of misclassified examples, in ``[0, 1]`` (tables print it in percent);
 - ``nll``: mean negative log-likelihood ``-mean_n log p_n[y_n]`` of the ensemble probabilities (Table 1's
@@ -128,7 +130,23 @@ def _check_method(method: str) -> None:
 
 
 def average_probs(probs, weights: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
-    """Ensemble probabilities ``sum_m w_m probs[m] / sum_m w_m`` (uniform weights by default): ``[N, C]``."""
+    """Ensemble probabilities ``sum_m w_m probs[m] / sum_m w_m`` (uniform weights by default).
+
+    Args:
+      probs: ``[M, N, C]`` member probabilities (rows sum to 1).
+      weights: ``[M]`` non-negative member weights, not all zero (``None``: uniform).
+
+    Returns:
+      ``[N, C]`` float64 probabilities.
+
+    Example:
+        >>> import numpy as np
+        >>> probs = np.array([[[0.9, 0.1], [0.4, 0.6]], [[0.6, 0.4], [0.2, 0.8]]])  # [M=2, N=2, C=2]
+        >>> average_probs(probs).round(3).tolist()
+        [[0.75, 0.25], [0.3, 0.7]]
+        >>> average_probs(probs, weights=[3, 1]).round(3).tolist()
+        [[0.825, 0.175], [0.35, 0.65]]
+    """
     p = _check_probs(probs).astype(np.float64)
     if weights is None:
         return p.mean(0)
@@ -141,9 +159,23 @@ def average_probs(probs, weights: Sequence[float] | np.ndarray | None = None) ->
 
 
 def vote(probs) -> tuple[np.ndarray, np.ndarray]:
-    """Majority vote of the members' arg-max classes: ``(predictions[N], vote_fractions[N, C])``.
+    """Majority vote of the members' arg-max classes.
 
-    Ties are broken by the larger mean probability, then by the lower class index."""
+    Ties are broken by the larger mean probability, then by the lower class index.
+
+    Args:
+      probs: ``[M, N, C]`` member probabilities.
+
+    Returns:
+      ``(predictions[N], vote_fractions[N, C])``.
+
+    Example:
+        >>> import numpy as np
+        >>> probs = np.array([[[0.9, 0.1], [0.4, 0.6]], [[0.6, 0.4], [0.2, 0.8]]])  # [M=2, N=2, C=2]
+        >>> pred, fractions = vote(probs)
+        >>> pred.tolist(), fractions.tolist()
+        ([0, 1], [[1.0, 0.0], [0.0, 1.0]])
+    """
     p = _check_probs(probs)
     m, n, c = p.shape
     member_pred = p.argmax(-1)  # [M, N]
@@ -157,8 +189,23 @@ def vote(probs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ensemble_probs(probs, method: str = "mean", weights=None) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(predictions[N], probabilities[N, C] or None)`` of the ensemble under ``method`` (``"mean"`` or
-    ``"vote"``; a vote has no probabilities)."""
+    """The ensemble's predictions and probabilities under a combination rule.
+
+    Args:
+      probs: ``[M, N, C]`` member probabilities.
+      method: ``"mean"`` (average the probabilities) or ``"vote"`` (majority vote).
+      weights: ``[M]`` member weights (``"mean"`` only).
+
+    Returns:
+      ``(predictions[N], probabilities[N, C] or None)``; a vote has no probabilities.
+
+    Example:
+        >>> import numpy as np
+        >>> probs = np.array([[[0.9, 0.1], [0.4, 0.6]], [[0.6, 0.4], [0.2, 0.8]]])  # [M=2, N=2, C=2]
+        >>> pred, q = ensemble_probs(probs, "vote")
+        >>> pred.tolist(), q is None
+        ([0, 1], True)
+    """
     _check_method(method)
     if method == "mean":
         q = average_probs(probs, weights)
@@ -174,7 +221,20 @@ def ensemble_probs(probs, method: str = "mean", weights=None) -> tuple[np.ndarra
 
 
 def test_error(predictions_or_probs, labels) -> float:
-    """Fraction of misclassified examples; takes predictions ``[N]`` or probabilities ``[N, C]``."""
+    """Fraction of misclassified examples, in ``[0, 1]``.
+
+    Args:
+      predictions_or_probs: integer predictions ``[N]`` or probabilities ``[N, C]`` (their arg-max is taken).
+      labels: ``[N]`` integer classes.
+
+    Returns:
+      A ``float``.
+
+    Example:
+        >>> import numpy as np
+        >>> test_error(np.array([0, 1, 1]), np.array([0, 0, 1])), test_error(np.array([[0.7, 0.3]]), np.array([0]))
+        (0.3333333333333333, 0.0)
+    """
     a = np.asarray(predictions_or_probs)
     if a.ndim == 2:
         pred = a.argmax(-1)
@@ -196,7 +256,20 @@ test_error.__test__ = False  # keep pytest from collecting it as a test when imp
 
 
 def nll(probs, labels) -> float:
-    """Mean negative log-likelihood ``-mean_n log probs[n, y_n]`` (``inf`` if a true class has probability 0)."""
+    """Mean negative log-likelihood ``-mean_n log probs[n, y_n]`` (the DSP-TT paper's Table 1 "loss").
+
+    Args:
+      probs: ``[N, C]`` probabilities (rows sum to 1).
+      labels: ``[N]`` integer classes.
+
+    Returns:
+      A ``float``; ``inf`` if a true class has probability 0.
+
+    Example:
+        >>> import numpy as np
+        >>> round(nll(np.array([[0.75, 0.25], [0.3, 0.7]]), np.array([0, 0])), 4)
+        0.7458
+    """
     q = np.asarray(probs, dtype=np.float64)
     if q.ndim != 2:
         raise ValueError(f"nll takes probabilities [N, C], got shape {q.shape}")
@@ -204,11 +277,25 @@ def nll(probs, labels) -> float:
     y = _check_labels(labels, q.shape[0], q.shape[1])
     py = q[np.arange(q.shape[0]), y]
     with np.errstate(divide="ignore"):
-        return float(-np.mean(np.log(py)))
+        return float(-np.mean(np.log(py))) + 0.0  # + 0.0: a perfect fit is 0.0, not -0.0
 
 
 def pairwise_output_correlation(probs) -> np.ndarray:
-    """``[M, M]`` Pearson correlation between the members' flattened ``[N*C]`` output probabilities."""
+    """``[M, M]`` Pearson correlation between the members' flattened ``[N*C]`` output probabilities.
+
+    Args:
+      probs: ``[M, N, C]`` member probabilities, at least 2 members.
+
+    Returns:
+      An ``[M, M]`` float64 array with ones on the diagonal. Raises ``ValueError`` for a member with constant
+      outputs (its correlation is undefined).
+
+    Example:
+        >>> import numpy as np
+        >>> probs = np.array([[[0.9, 0.1], [0.4, 0.6]], [[0.6, 0.4], [0.2, 0.8]]])  # [M=2, N=2, C=2]
+        >>> pairwise_output_correlation(probs).round(4).tolist()
+        [[1.0, 0.5369], [0.5369, 1.0]]
+    """
     p = _check_probs(probs).astype(np.float64)
     m = p.shape[0]
     if m < 2:
@@ -223,7 +310,20 @@ def pairwise_output_correlation(probs) -> np.ndarray:
 
 
 def output_correlation(probs) -> float:
-    """Mean pairwise Pearson correlation of member outputs (seed 004 Tables 2-3, "Output Correlation")."""
+    """Mean pairwise Pearson correlation of member outputs (DSP-TT paper, Tables 2-3, "Output Correlation").
+
+    Args:
+      probs: ``[M, N, C]`` member probabilities, at least 2 members.
+
+    Returns:
+      A ``float`` in ``[-1, 1]``: the mean of :func:`pairwise_output_correlation` over distinct pairs.
+
+    Example:
+        >>> import numpy as np
+        >>> probs = np.array([[[0.9, 0.1], [0.4, 0.6]], [[0.6, 0.4], [0.2, 0.8]]])  # [M=2, N=2, C=2]
+        >>> round(output_correlation(probs), 4)
+        0.5369
+    """
     r = pairwise_output_correlation(probs)
     iu = np.triu_indices(r.shape[0], 1)
     return float(r[iu].mean())
@@ -244,10 +344,23 @@ def _as_stacked(members) -> PyTree:
 
 
 def pairwise_param_distances(members) -> np.ndarray:
-    """``[M, M]`` Euclidean distances between members (a list of parameter pytrees or one stacked pytree).
+    """``[M, M]`` Euclidean distances between members' parameter vectors.
 
     Computed from the Gram matrix of the members centred on their mean (exact up to float32 rounding of the
-    centred products, no cancellation of the large uncentred norms)."""
+    centred products, no cancellation of the large uncentred norms).
+
+    Args:
+      members: a list of same-structured parameter pytrees, or one stacked pytree (leaves ``[M, ...]``).
+
+    Returns:
+      An ``[M, M]`` float64 array with zeros on the diagonal.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> members = [{"w": jnp.zeros(2)}, {"w": jnp.array([3.0, 4.0])}]
+        >>> pairwise_param_distances(members).round(4).tolist()
+        [[0.0, 5.0], [5.0, 0.0]]
+    """
     stacked = _as_stacked(members)
     m = int(np.shape(jax.tree_util.tree_leaves(stacked)[0])[0])
     mean = jax.tree_util.tree_map(lambda x: jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), 0),
@@ -261,7 +374,20 @@ def pairwise_param_distances(members) -> np.ndarray:
 
 
 def param_distance(members) -> float:
-    """Mean pairwise Euclidean parameter distance (seed 004 Table 3, "Parameter Distance")."""
+    """Mean pairwise Euclidean parameter distance (DSP-TT paper, Table 3, "Parameter Distance").
+
+    Args:
+      members: a list of at least 2 parameter pytrees, or one stacked pytree.
+
+    Returns:
+      A ``float``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> members = [{"w": jnp.zeros(2)}, {"w": jnp.array([3.0, 4.0])}, {"w": jnp.array([0.0, 4.0])}]
+        >>> round(param_distance(members), 4)
+        4.0
+    """
     d = pairwise_param_distances(members)
     if d.shape[0] < 2:
         raise ValueError("parameter distance needs at least 2 members")
@@ -275,8 +401,23 @@ def param_distance(members) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class EnsembleMetrics:
-    """Metrics of one ensemble (seed 004 Tables 1-3). ``output_correlation`` / ``param_distance`` are
-    ``None`` for a single member (or when no parameters were given); ``nll`` is ``None`` for a vote."""
+    """Metrics of one ensemble (DSP-TT paper, Tables 1-3), as :func:`ensemble_from_probs` computes them.
+
+    Attributes:
+      method: the combination rule, ``"mean"`` or ``"vote"``.
+      members: the number of members M.
+      test_error: the ensemble's error rate in ``[0, 1]``.
+      nll: the ensemble's mean negative log-likelihood (``None`` for a vote).
+      output_correlation: mean pairwise output correlation (``None`` for a single member).
+      param_distance: mean pairwise parameter distance (``None`` for one member or without parameters).
+      member_test_error, member_nll: each member's own error and NLL.
+
+    Example:
+        >>> import numpy as np
+        >>> m = ensemble_from_probs(np.array([[[0.0, 1.0]], [[1.0, 0.0]]]), np.array([0]))
+        >>> m.to_json()["member_nll"]
+        ['inf', 0.0]
+    """
 
     method: str
     members: int
@@ -288,6 +429,11 @@ class EnsembleMetrics:
     member_nll: list[float]
 
     def to_json(self) -> dict:
+        """The metrics as a JSON-ready dict (infinities as ``"inf"`` / ``"-inf"``, NaN as ``None``).
+
+        Returns:
+          A dict of the fields.
+        """
         def clean(v):
             if isinstance(v, float) and not math.isfinite(v):
                 return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
@@ -298,10 +444,26 @@ class EnsembleMetrics:
 
 
 def ensemble_from_probs(probs, labels, *, method: str = "mean", weights=None, params=None) -> EnsembleMetrics:
-    """All ensemble metrics from stacked member probabilities ``probs[M, N, C]`` and ``labels[N]``.
+    """All ensemble metrics from stacked member probabilities.
 
-    ``params`` (a list of member parameter pytrees or one stacked pytree, in the order of ``probs``) adds the
-    mean pairwise parameter distance."""
+    Args:
+      probs: ``[M, N, C]`` member probabilities.
+      labels: ``[N]`` integer classes.
+      method: ``"mean"`` or ``"vote"``.
+      weights: ``[M]`` member weights (``"mean"`` only).
+      params: the members' parameters (a list of pytrees or one stacked pytree, in the order of ``probs``);
+        adds the mean pairwise parameter distance.
+
+    Returns:
+      An :class:`EnsembleMetrics`.
+
+    Example:
+        >>> import numpy as np
+        >>> probs = np.array([[[0.9, 0.1], [0.4, 0.6]], [[0.6, 0.4], [0.2, 0.8]]])  # [M=2, N=2, C=2]
+        >>> m = ensemble_from_probs(probs, np.array([0, 0]))
+        >>> m.members, m.test_error, round(m.nll, 4), round(m.output_correlation, 4), m.param_distance
+        (2, 0.5, 0.7458, 0.5369, None)
+    """
     _check_method(method)
     p = _check_probs(probs)
     y = _check_labels(labels, p.shape[1], p.shape[2])
@@ -322,10 +484,29 @@ def ensemble_from_probs(probs, labels, *, method: str = "mean", weights=None, pa
 
 
 def member_probs(model, members, data, *, batch_size: int = 500, bn_data=None, **kwargs) -> np.ndarray:
-    """Output probabilities ``[M, N, C]`` of ``members`` (list of ``params`` pytrees or a stacked pytree) of
-    ``model`` on ``data`` (a Dataset or ``(x, y)``), via the one evaluator
-    :func:`mclandscape.engine.evaluate.evaluate_params` (BatchNorm statistics recomputed per member on
-    ``bn_data``; ``kwargs``: see :func:`mclandscape.engine.evaluate.evaluate`)."""
+    """Output probabilities of parameter sets of ``model`` on ``data``, through the one evaluator.
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.base.Model`.
+      members: a list of ``params`` pytrees, or one stacked pytree.
+      data: a Dataset or ``(x, y)``.
+      batch_size: examples per evaluation batch.
+      bn_data: data on which BatchNorm statistics are recomputed per member (BatchNorm models).
+      **kwargs: for :func:`mclandscape.engine.evaluate.evaluate_params` (e.g. ``strategy``, ``chunk_size``).
+
+    Returns:
+      ``[M, N, C]`` NumPy probabilities.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> from mclandscape.engine.models import get_model
+        >>> model = get_model("mlp", widths=(4,), num_classes=3)
+        >>> x, y = jax.random.normal(jax.random.key(0), (8, 5)), jnp.arange(8) % 3
+        >>> members = [model.init(jax.random.key(s), x)["params"] for s in (1, 2)]
+        >>> probs = member_probs(model, members, (x, y))
+        >>> probs.shape, bool(np.allclose(probs.sum(-1), 1, atol=1e-5))
+        ((2, 8, 3), True)
+    """
     stacked = _as_stacked(members)
     out = evaluate_params(model, stacked, data, batch_size=batch_size, bn_data=bn_data, return_probs=True,
                           **kwargs)
@@ -334,7 +515,32 @@ def member_probs(model, members, data, *, batch_size: int = 500, bn_data=None, *
 
 def ensemble_from_params(model, members, data, *, method: str = "mean", batch_size: int = 500, bn_data=None,
                          weights=None) -> EnsembleMetrics:
-    """Ensemble metrics of parameter sets ``members`` of ``model`` on ``data`` (Dataset or ``(x, y)``)."""
+    """Ensemble metrics of parameter sets ``members`` of ``model`` on ``data``.
+
+    :func:`member_probs`, then :func:`ensemble_from_probs` with the parameter distances of ``members``.
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.base.Model`.
+      members: a list of ``params`` pytrees, or one stacked pytree.
+      data: a Dataset or ``(x, y)``.
+      method: ``"mean"`` or ``"vote"``.
+      batch_size: examples per evaluation batch.
+      bn_data: data on which BatchNorm statistics are recomputed per member.
+      weights: ``[M]`` member weights (``"mean"`` only).
+
+    Returns:
+      An :class:`EnsembleMetrics`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from mclandscape.engine.models import get_model
+        >>> model = get_model("mlp", widths=(4,), num_classes=3)
+        >>> x, y = jax.random.normal(jax.random.key(0), (8, 5)), jnp.arange(8) % 3
+        >>> members = [model.init(jax.random.key(s), x)["params"] for s in (1, 2)]
+        >>> m = ensemble_from_params(model, members, (x, y))
+        >>> m.members, 0.0 <= m.test_error <= 1.0, m.param_distance > 0
+        (2, True, True)
+    """
     stacked = _as_stacked(members)
     probs = member_probs(model, stacked, data, batch_size=batch_size, bn_data=bn_data)
     y = data.y if hasattr(data, "y") else data[1]
@@ -360,9 +566,24 @@ def _check_pos(v, name: str) -> float:
 
 
 def snapshot_cosine_schedule(lr0: float, total_steps: int, num_cycles: int) -> Callable[[Any], Any]:
-    """Cyclic cosine annealing of snapshot ensembles (Huang et al. 2017a, eq. 2):
+    """Cyclic cosine annealing of snapshot ensembles (Huang et al. 2017a, eq. 2).
+
     ``lr(t) = lr0 / 2 * (cos(pi * mod(t, L) / L) + 1)`` with cycle length ``L = ceil(total_steps / num_cycles)``
-    (``t`` counted from 0), restarting at ``lr0`` at the start of every cycle."""
+    (``t`` counted from 0), restarting at ``lr0`` at the start of every cycle.
+
+    Args:
+      lr0: the learning rate at the start of each cycle (``> 0``).
+      total_steps: the whole budget in steps.
+      num_cycles: the number of cycles (``<= total_steps``).
+
+    Returns:
+      An Optax schedule ``t -> lr``.
+
+    Example:
+        >>> lr = snapshot_cosine_schedule(0.1, total_steps=100, num_cycles=4)
+        >>> [round(float(lr(t)), 4) for t in (0, 12, 24, 25)]
+        [0.1, 0.0531, 0.0004, 0.1]
+    """
     lr0 = _check_pos(lr0, "lr0")
     total = _check_pos_int(total_steps, "total_steps")
     cycles = _check_pos_int(num_cycles, "num_cycles")
@@ -377,8 +598,21 @@ def snapshot_cosine_schedule(lr0: float, total_steps: int, num_cycles: int) -> C
 
 
 def snapshot_steps(total_steps: int, num_cycles: int) -> list[int]:
-    """The number of completed steps after which snapshot ensembles take their members (the end of each
-    cosine cycle; the last one at ``total_steps``)."""
+    """The completed step counts after which snapshot ensembles take their members.
+
+    The end of each cosine cycle of :func:`snapshot_cosine_schedule`; the last one at ``total_steps``.
+
+    Args:
+      total_steps: the whole budget in steps.
+      num_cycles: the number of cycles.
+
+    Returns:
+      A sorted list of step counts.
+
+    Example:
+        >>> snapshot_steps(100, 4), snapshot_steps(10, 3)
+        ([25, 50, 75, 100], [4, 8, 10])
+    """
     total = _check_pos_int(total_steps, "total_steps")
     cycles = _check_pos_int(num_cycles, "num_cycles")
     length = math.ceil(total / cycles)
@@ -386,9 +620,24 @@ def snapshot_steps(total_steps: int, num_cycles: int) -> list[int]:
 
 
 def fge_schedule(lr1: float, lr2: float, cycle_steps: int) -> Callable[[Any], Any]:
-    """Garipov et al. (2018) FGE cycle: with ``s(i) = (mod(i - 1, c) + 1) / c`` for step ``i >= 1``,
-    ``lr = (1 - 2s) lr1 + 2s lr2`` for ``s <= 1/2`` and ``(2 - 2s) lr2 + (2s - 1) lr1`` otherwise: from ``lr1``
-    down to ``lr2`` at mid-cycle and back. The optax step count ``t`` (from 0) is step ``i = t + 1``."""
+    """Garipov et al. (2018) FGE cycle: from ``lr1`` down to ``lr2`` at mid-cycle and back.
+
+    With ``s(i) = (mod(i - 1, c) + 1) / c`` for step ``i >= 1``, ``lr = (1 - 2s) lr1 + 2s lr2`` for ``s <= 1/2``
+    and ``(2 - 2s) lr2 + (2s - 1) lr1`` otherwise. The optax step count ``t`` (from 0) is step ``i = t + 1``.
+
+    Args:
+      lr1: the learning rate at the ends of a cycle (``> 0``).
+      lr2: the learning rate at mid-cycle (``> 0``).
+      cycle_steps: the cycle length ``c``, even and ``>= 2``.
+
+    Returns:
+      An Optax schedule ``t -> lr``.
+
+    Example:
+        >>> lr = fge_schedule(0.05, 0.01, cycle_steps=4)
+        >>> [round(float(lr(t)), 4) for t in range(5)]
+        [0.03, 0.01, 0.03, 0.05, 0.03]
+    """
     lr1 = _check_pos(lr1, "lr1")
     lr2 = _check_pos(lr2, "lr2")
     c = _check_pos_int(cycle_steps, "cycle_steps")
@@ -403,7 +652,19 @@ def fge_schedule(lr1: float, lr2: float, cycle_steps: int) -> Callable[[Any], An
 
 
 def fge_collect_steps(cycle_steps: int, num_members: int) -> list[int]:
-    """Completed step counts at which FGE takes members: mid-cycle, where the learning rate is ``lr2``."""
+    """Completed step counts at which FGE takes members: mid-cycle, where the learning rate is ``lr2``.
+
+    Args:
+      cycle_steps: the cycle length.
+      num_members: how many members.
+
+    Returns:
+      A list of ``num_members`` step counts.
+
+    Example:
+        >>> fge_collect_steps(4, 3)
+        [2, 6, 10]
+    """
     c = _check_pos_int(cycle_steps, "cycle_steps")
     m = _check_pos_int(num_members, "num_members")
     return [k * c + c // 2 for k in range(m)]
@@ -417,9 +678,11 @@ def fge_collect_steps(cycle_steps: int, num_members: int) -> list[int]:
 def train_with_snapshots(objective: Callable, params: PyTree, optimizer: optax.GradientTransformation,
                          batch_fn: Callable[[int], Any], steps: int, collect: Sequence[int], *,
                          key: jax.Array | None = None) -> tuple[PyTree, list[PyTree]]:
-    """Train with snapshots on the engine's loop: :func:`~mclandscape.engine.loop.make_step` of ``objective``
-    and ``optimizer``, run by :func:`~mclandscape.engine.loop.run` one step per loop epoch (so that every step
-    count in ``collect`` is an epoch end, where a callback copies the parameters).
+    """Train on the engine's loop and copy the parameters after chosen step counts.
+
+    :func:`~mclandscape.engine.loop.make_step` of ``objective`` and ``optimizer``, run by
+    :func:`~mclandscape.engine.loop.run` one step per loop epoch (so that every step count in ``collect`` is an
+    epoch end, where a callback copies the parameters).
 
     Args:
       objective: ``objective(params, batch, key) -> (loss, aux)``.
@@ -435,6 +698,16 @@ def train_with_snapshots(objective: Callable, params: PyTree, optimizer: optax.G
 
     Raises:
       NonFiniteError: the loss or a gradient became non-finite (e.g. the learning rate is too large).
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from mclandscape.core.objective import function_objective
+        >>> objective = function_objective(lambda p, b: jnp.sum((p["w"] - b) ** 2))
+        >>> batches = lambda t: jnp.ones(2)  # minimum at w = 1
+        >>> final, snaps = train_with_snapshots(objective, {"w": jnp.zeros(2)}, optax.sgd(0.25), batches,
+        ...                                     steps=2, collect=[1, 2])
+        >>> [s["w"].tolist() for s in snaps], final["w"].tolist()
+        ([[0.5, 0.5], [0.75, 0.75]], [0.75, 0.75])
     """
     steps = _check_pos_int(steps, "steps")
     want = sorted({int(c) for c in collect})
@@ -462,13 +735,35 @@ def train_with_snapshots(objective: Callable, params: PyTree, optimizer: optax.G
 def snapshot_ensemble(objective: Callable, init_params: PyTree, batch_fn: Callable[[int], Any], *, lr0: float,
                       total_steps: int, num_members: int, momentum: float = 0.9, weight_decay: float = 0.0,
                       key: jax.Array | None = None) -> list[PyTree]:
-    """Snapshot ensemble (Huang et al. 2017a): SGD (``momentum``, L2 ``weight_decay`` added to the gradient)
-    with :func:`snapshot_cosine_schedule` over ``total_steps`` — the whole budget — and a member at the end of
-    each of ``num_members`` cycles (:func:`train_with_snapshots` of ``objective(params, batch, key) -> (loss,
-    aux)`` from ``init_params`` on ``batch_fn``).
+    """Snapshot ensemble (Huang et al. 2017a): one run with a cyclic cosine learning rate, a member per cycle.
+
+    SGD (``momentum``, L2 ``weight_decay`` added to the gradient) with :func:`snapshot_cosine_schedule` over
+    ``total_steps`` — the whole budget — and a member at the end of each of ``num_members`` cycles
+    (:func:`train_with_snapshots`).
+
+    Args:
+      objective: ``objective(params, batch, key) -> (loss, aux)``.
+      init_params: the initial parameters.
+      batch_fn: ``t -> batch``.
+      lr0: the learning rate at the start of each cycle.
+      total_steps: the whole budget in steps.
+      num_members: the number of cycles and members.
+      momentum: SGD momentum (``0``: none).
+      weight_decay: L2 coefficient added to the gradient.
+      key: the base key (default ``jax.random.key(0)``).
 
     Returns:
       The ``num_members`` snapshots, in training order.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from mclandscape.core.objective import function_objective
+        >>> objective = function_objective(lambda p, b: jnp.sum((p["w"] - b) ** 2))
+        >>> batches = lambda t: jnp.ones(2)  # minimum at w = 1
+        >>> snaps = snapshot_ensemble(objective, {"w": jnp.zeros(2)}, batches, lr0=0.2, total_steps=6,
+        ...                           num_members=2, momentum=0.0)
+        >>> len(snaps), [round(float(s["w"][0]), 3) for s in snaps]
+        (2, [0.622, 0.857])
     """
     sched = snapshot_cosine_schedule(lr0, total_steps, num_members)
     opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(sched, momentum=momentum or None))
@@ -480,12 +775,34 @@ def snapshot_ensemble(objective: Callable, init_params: PyTree, batch_fn: Callab
 def fge_ensemble(objective: Callable, trained_params: PyTree, batch_fn: Callable[[int], Any], *, lr1: float,
                  lr2: float, cycle_steps: int, num_members: int, momentum: float = 0.9,
                  weight_decay: float = 0.0, key: jax.Array | None = None) -> list[PyTree]:
-    """Fast geometric ensembling (Garipov et al. 2018): from ``trained_params``, SGD with
-    :func:`fge_schedule` for ``num_members`` cycles of ``cycle_steps``, a member at every mid-cycle
-    (:func:`train_with_snapshots` of ``objective(params, batch, key) -> (loss, aux)`` on ``batch_fn``).
+    """Fast geometric ensembling (Garipov et al. 2018): from a trained model, a member at every mid-cycle.
+
+    From ``trained_params``, SGD with :func:`fge_schedule` for ``num_members`` cycles of ``cycle_steps``
+    (:func:`train_with_snapshots`).
+
+    Args:
+      objective: ``objective(params, batch, key) -> (loss, aux)``.
+      trained_params: the trained model's parameters.
+      batch_fn: ``t -> batch``.
+      lr1, lr2: the learning rates at the ends and at the middle of a cycle.
+      cycle_steps: the cycle length (even).
+      num_members: the number of members.
+      momentum: SGD momentum (``0``: none).
+      weight_decay: L2 coefficient added to the gradient.
+      key: the base key (default ``jax.random.key(0)``).
 
     Returns:
       The ``num_members`` members, in training order.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from mclandscape.core.objective import function_objective
+        >>> objective = function_objective(lambda p, b: jnp.sum((p["w"] - b) ** 2))
+        >>> batches = lambda t: jnp.ones(2)  # minimum at w = 1
+        >>> members = fge_ensemble(objective, {"w": jnp.ones(2)}, batches, lr1=0.05, lr2=0.01, cycle_steps=2,
+        ...                        num_members=3)
+        >>> len(members), all(bool(jnp.allclose(m["w"], 1.0)) for m in members)  # started at the minimum
+        (3, True)
     """
     sched = fge_schedule(lr1, lr2, cycle_steps)
     opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(sched, momentum=momentum or None))
@@ -495,8 +812,25 @@ def fge_ensemble(objective: Callable, trained_params: PyTree, batch_fn: Callable
 
 
 def independent_ensemble(train_one: Callable[[int], PyTree], seeds: Sequence[int]) -> list[PyTree]:
-    """Independently trained members: ``train_one(seed)`` for each seed (different random initialisations
-    and data orders, the full budget each — Table 3's Individual-Ens)."""
+    """Independently trained members: ``train_one(seed)`` for each seed.
+
+    Different random initialisations and data orders, the full budget each (the DSP-TT paper's Table 3
+    "Individual-Ens").
+
+    Args:
+      train_one: ``seed -> params`` (any trainer).
+      seeds: distinct integer seeds.
+
+    Returns:
+      The members, in the order of ``seeds``. Raises ``ValueError`` for no or repeated seeds and
+      :class:`~mclandscape.core.tree.TreeMismatchError` when the members differ in structure.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> members = independent_ensemble(lambda s: {"w": jnp.full(2, float(s))}, [0, 1, 2])
+        >>> [float(m["w"][0]) for m in members]
+        [0.0, 1.0, 2.0]
+    """
     seeds = list(seeds)
     if not seeds:
         raise ValueError("independent_ensemble needs at least one seed")

@@ -1,4 +1,8 @@
-"""Nudged Elastic Band (Draxler et al. 2018, seed 001) and AutoNEB between two points of parameter space.
+"""Nudged Elastic Band and AutoNEB between two points of parameter space.
+
+Implements the NEB and AutoNEB of Draxler, Veschgini, Salmhofer and Hamprecht, 2018 ("Essentially no
+barriers in neural network energy landscape", ICML). The curves of Garipov et al., 2018 ("Loss surfaces,
+mode connectivity, and fast ensembling of DNNs") are in :mod:`mclandscape.methods.curves`.
 
 A band is ``N`` pivots ``w_0 .. w_{N-1}`` stacked on a leading axis (every leaf ``[N, ...]``); the end pivots
 ``w_0 = start`` and ``w_{N-1} = end`` stay fixed, and the band *is* a polygonal chain through the pivots:
@@ -6,14 +10,14 @@ A band is ``N`` pivots ``w_0 .. w_{N-1}`` stacked on a leading axis (every leaf 
 (pivot ``i`` at ``t = i/(N-1)``), so the dense interpolation between pivots is evaluated with
 :func:`mclandscape.engine.evaluate.evaluate_points` like any other curve.
 
-Forces on an inner pivot ``i`` (seed 001, "NEB force decomposition"):
+Forces on an inner pivot ``i`` (Draxler et al. 2018, the NEB force decomposition):
 
 - loss force, perpendicular part: ``F_L^perp_i = -grad L(w_i) + (grad L(w_i) . tau_i) tau_i``, so
   ``F_L^perp_i . tau_i = 0``;
 - spring force, parallel part: ``F_E^par_i = k (|w_{i+1} - w_i| - |w_i - w_{i-1}|) tau_i``, the projection
-  of the elastic potential ``V_E = (k/2) sum |w_{i+1} - w_i|^2`` that equalises the spacing (the slides' 1-D
-  illustration ``w_k <- w_k - eta k [(w_k - w_{k-1}) - (w_{k+1} - w_k)]``);
-- update ``w_i <- w_i + eta (F_L^perp_i + F_E^par_i)`` (the slides' "Summary of the process"); here the
+  of the elastic potential ``V_E = (k/2) sum |w_{i+1} - w_i|^2`` that equalises the spacing (in 1-D:
+  ``w_k <- w_k - eta k [(w_k - w_{k-1}) - (w_{k+1} - w_k)]``);
+- update ``w_i <- w_i + eta (F_L^perp_i + F_E^par_i)`` until both forces vanish; here the
   negated total force is handed to an optax optimizer as the gradient, so plain SGD is exactly that rule
   and momentum is the usual accelerated variant (Draxler et al. use SGD with momentum).
 
@@ -40,7 +44,7 @@ walks through the data epoch after epoch); the key of step ``t`` of a run starti
 ``fold_in(fold_in(key(seed), s), t)`` and drives dropout of an :class:`~mclandscape.core.objective.Objective`
 (every pivot of a step sees the same batch and the same key).
 
-Stopping: the slides stop when both ``F_L^perp`` and ``F_E^par`` vanish. One loop epoch is ``check_every``
+Stopping: NEB stops when both ``F_L^perp`` and ``F_E^par`` vanish. One loop epoch is ``check_every``
 steps; the objective reports ``max_perp_force`` / ``max_par_force`` (largest norm over the inner pivots),
 so the epoch record holds their maximum over the epoch's steps, and a callback stops the run (``StopRun``)
 once both are below ``tol`` over a whole epoch in which the climbing image (if any) was on throughout. This
@@ -83,10 +87,15 @@ score ``L(alpha) - ((1 - alpha) L_a + alpha L_b)``, normalised by the range of t
 ``count`` gaps with the largest score above ``threshold`` each get one pivot at their arg-max). As in
 Draxler's fill, the band keeps *target spacing* weights ``omega_j`` (relative segment lengths, mean 1): an
 inserted pivot splits its gap's weight by ``alpha``, and the spring generalises to
-``k (|w_{i+1} - w_i| / omega_i - |w_i - w_{i-1}| / omega_{i-1}) tau_i``, which is the slides' spring for
+``k (|w_{i+1} - w_i| / omega_i - |w_i - w_{i-1}| / omega_{i-1}) tau_i``, which is the plain spring for
 equal weights; so a pivot inserted near a barrier stays there instead of being pushed back to equal
 spacing. The dense profile that places new pivots runs through the one evaluator
 (:func:`mclandscape.engine.evaluate.map_points`), so at most a chunk of parameter copies exists.
+
+Precision: the band computes in its pivots' dtype. With ``jax_enable_x64`` and float64 end points the pivots,
+the pivot losses and gradients (of a loss that computes in its parameters' dtype), tangents, forces, the
+spacing weights, the spring constant, the weights of inserted pivots and the dense profile are all float64;
+float32 pivots keep everything in float32, as without x64.
 
 Losses: a plain ``loss(params, batch) -> scalar`` (an analytic potential; wrapped with
 :func:`mclandscape.core.objective.function_objective`), an
@@ -178,7 +187,7 @@ class NEBConfig:
 
     Args:
       steps: optimizer steps (>= 0).
-      spring_constant: the slides' ``k`` (>= 0, finite).
+      spring_constant: the spring's ``k`` (>= 0, finite).
       learning_rate, momentum: of the default optimizer ``optax.sgd(learning_rate, momentum)``.
       optimizer: any Optax transform instead (reuse one object to reuse the compiled step).
       tol: the run stops once the largest perpendicular and parallel force norms stay below ``tol`` for
@@ -186,6 +195,11 @@ class NEBConfig:
       climbing, climb_after: the climbing image, switched on after ``climb_after`` steps of the run.
       check_every: steps per loop epoch (one history record and one stopping check each).
       strategy: how the pivots' losses and gradients are computed (``STRATEGIES``; module docstring).
+
+    Example:
+        >>> cfg = NEBConfig(steps=100, spring_constant=0.5, climbing=True, climb_after=50)
+        >>> cfg.check_every, cfg.make_optimizer() is NEBConfig(steps=5).make_optimizer()  # one cached SGD
+        (10, True)
     """
 
     steps: int = 1000
@@ -221,14 +235,19 @@ class NEBConfig:
             raise ValueError(f"optimizer must be an optax GradientTransformation, got {type(self.optimizer).__name__}")
 
     def make_optimizer(self) -> optax.GradientTransformation:
-        """``optimizer``, or the (cached) ``optax.sgd(learning_rate, momentum)``."""
+        """The run's Optax transform.
+
+        Returns:
+          ``optimizer``, or the (cached) ``optax.sgd(learning_rate, momentum)``.
+        """
         if self.optimizer is not None:
             return self.optimizer
         return _sgd(float(self.learning_rate), float(self.momentum))
 
 
 class NEBForces(NamedTuple):
-    """Forces on the inner pivots (stacked trees ``[N-2, ...]``) and their norms ``[N-2]``."""
+    """Forces on the inner pivots (stacked trees ``[N-2, ...]``) and their norms ``[N-2]``, from
+    :func:`neb_forces` (whose example shows them)."""
 
     total: PyTree          # F_L^perp + F_E^par (climbing image: -grad + 2 (grad . tau) tau)
     perpendicular: PyTree  # F_L^perp = -grad + (grad . tau) tau
@@ -248,7 +267,8 @@ class NEBResult:
     one record per ``check_every`` steps: ``step`` (global, counted across AutoNEB cycles), ``max_loss``
     (highest pivot loss seen in those steps), ``mean_loss`` (mean pivot loss, averaged over them),
     ``perp_force``, ``par_force`` (their maxima), ``force_norm`` (mean norm of the total NEB force on the
-    band) and ``seconds``.
+    band) and ``seconds``. ``spacing`` are the target segment weights ``[N-1]`` (mean 1) the run used.
+    :func:`neb`'s example shows one.
     """
 
     band: Connector
@@ -262,16 +282,23 @@ class NEBResult:
 
     @property
     def pivots(self) -> PyTree:
+        """The stacked pivots ``[N, ...]``."""
         return self.band.control
 
     @property
     def num_pivots(self) -> int:
+        """N."""
         return self.band.num_control
 
 
 @dataclasses.dataclass(frozen=True)
 class AutoNEBResult:
-    """Outcome of :func:`auto_neb`: final band, per-cycle records and the final dense profile."""
+    """Outcome of :func:`auto_neb`: final band, per-cycle records and the final dense profile.
+
+    ``band`` is the final polychain, ``spacing`` its target segment weights, ``cycles`` one record per cycle
+    (see :func:`auto_neb`), ``dense_t`` / ``dense_loss`` the final band's profile on :func:`dense_ts`
+    (float64). :func:`auto_neb`'s example shows one.
+    """
 
     band: Connector
     spacing: np.ndarray
@@ -281,10 +308,12 @@ class AutoNEBResult:
 
     @property
     def pivots(self) -> PyTree:
+        """The stacked pivots ``[N, ...]``."""
         return self.band.control
 
     @property
     def num_pivots(self) -> int:
+        """N."""
         return self.band.num_control
 
 
@@ -300,7 +329,19 @@ def _diffs(pivots: PyTree) -> PyTree:
 
 
 def segment_lengths(pivots: PyTree) -> jax.Array:
-    """``|w_{j+1} - w_j|`` for j = 0..N-2, shape ``[N-1]``."""
+    """The lengths of a band's segments.
+
+    Args:
+      pivots: stacked pivots ``[N, ...]``.
+
+    Returns:
+      ``|w_{j+1} - w_j|`` for j = 0..N-2, shape ``[N-1]`` (in the pivots' dtype, float32 at least).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> segment_lengths(jnp.array([[0.0, 0.0], [3.0, 4.0], [3.0, 5.0]])).tolist()
+        [5.0, 1.0]
+    """
     d = _diffs(pivots)
     return jnp.sqrt(tree_row_dot(d, d))
 
@@ -313,7 +354,20 @@ def _normalise_rows(tree: PyTree, eps: float = 1e-30) -> PyTree:
 def improved_tangents(pivots: PyTree, energies) -> PyTree:
     """Unit tangents ``tau_i`` of the inner pivots i = 1..N-2 (stacked ``[N-2, ...]``).
 
-    Henkelman & Jonsson's improved tangent (see the module docstring); ``energies`` are the N pivot losses.
+    Henkelman & Jonsson's improved tangent (see the module docstring). Jittable.
+
+    Args:
+      pivots: stacked pivots ``[N, ...]``.
+      energies: the N pivot losses.
+
+    Returns:
+      The unit tangents as a stacked tree ``[N-2, ...]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> piv = jnp.array([[0.0, 0.0], [1.0, 0.0], [1.0, 2.0]])
+        >>> improved_tangents(piv, jnp.array([0.0, 1.0, 2.0])).tolist()  # rising: towards the next pivot
+        [[0.0, 1.0]]
     """
     e = jnp.asarray(energies)
     d = _diffs(pivots)
@@ -340,10 +394,18 @@ def improved_tangents(pivots: PyTree, energies) -> PyTree:
     return _normalise_rows(tau)
 
 
-def _normalised_spacing(spacing, n_segments: int):
+def _band_dtype(pivots: PyTree):
+    """The floating dtype the band computes in: its pivots' (float32 at least; float64 pivots, which exist
+    only with ``jax_enable_x64``, keep spacing weights, spring constant and insertion weights in float64)."""
+    leaves = jax.tree_util.tree_leaves(pivots)
+    return jnp.promote_types(jnp.float32, jnp.result_type(*[jnp.dtype(a.dtype) for a in leaves]))
+
+
+def _normalised_spacing(spacing, n_segments: int, dtype=jnp.float32):
+    """Target segment weights ``[n_segments]`` with mean 1, in ``dtype`` (the band's)."""
     if spacing is None:
-        return jnp.ones((n_segments,), jnp.float32)
-    w = jnp.asarray(spacing, jnp.float32)
+        return jnp.ones((n_segments,), dtype)
+    w = jnp.asarray(spacing, dtype)
     return w * (n_segments / jnp.sum(w))
 
 
@@ -351,16 +413,35 @@ def neb_forces(pivots: PyTree, energies, grads: PyTree, spring_constant: float, 
                climbing_index=-1) -> NEBForces:
     """NEB forces on the inner pivots from the N pivot losses and the inner pivots' loss gradients.
 
-    ``grads`` is stacked ``[N-2, ...]`` (pivots 1..N-2). ``spacing`` are optional target segment weights
-    ``[N-1]`` (default equal: the slides' spring); ``climbing_index`` the pivot index (1..N-2) of the
-    climbing image, or -1 for none. Jittable.
+    Jittable; computed in the pivots' dtype (float64 under ``jax_enable_x64`` for float64 pivots, spacing
+    weights included).
+
+    Args:
+      pivots: stacked pivots ``[N, ...]``.
+      energies: the N pivot losses.
+      grads: the loss gradients of the inner pivots 1..N-2, stacked ``[N-2, ...]``.
+      spring_constant: the spring's ``k``.
+      spacing: optional target segment weights ``[N-1]`` (default equal: the plain spring).
+      climbing_index: the pivot index (1..N-2) of the climbing image, or -1 for none.
+
+    Returns:
+      :class:`NEBForces`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> piv = jnp.array([[0.0, 0.0], [0.4, 1.0], [1.0, 0.0]])
+        >>> f = neb_forces(piv, jnp.array([0.0, 1.0, 0.0]), jnp.array([[0.0, 2.0]]), 1.0)
+        >>> f.tangent.tolist(), f.perpendicular.tolist()  # a loss maximum: the blend of both segments
+        ([[1.0, 0.0]], [[0.0, -2.0]])
+        >>> round(float(f.par_norm[0]), 4)  # k (|w_2 - w_1| - |w_1 - w_0|)
+        0.0892
     """
     tau = improved_tangents(pivots, energies)
     gt = tree_row_dot(grads, tau)
     along = tree_row_scale(tau, gt)
     perp = jax.tree_util.tree_map(lambda g, a: a - g, grads, along)  # -grad + (grad . tau) tau
     lengths = segment_lengths(pivots)
-    w = _normalised_spacing(spacing, lengths.shape[0])
+    w = _normalised_spacing(spacing, lengths.shape[0], lengths.dtype)
     rel = lengths / w
     spring = spring_constant * (rel[1:] - rel[:-1])
     idx = jnp.arange(1, lengths.shape[0])
@@ -375,7 +456,19 @@ def neb_forces(pivots: PyTree, energies, grads: PyTree, spring_constant: float, 
 # ---- bands as connectors -----------------------------------------------------------------------------
 
 def band_connector(pivots: PyTree) -> Connector:
-    """The polygonal chain through stacked pivots ``[N, ...]`` (pivot i at t = i/(N-1); ends fixed)."""
+    """The polygonal chain through stacked pivots.
+
+    Args:
+      pivots: stacked pivots ``[N, ...]`` (N >= 3).
+
+    Returns:
+      A ``"polychain"`` :class:`~mclandscape.core.connectors.Connector`: pivot i at t = i/(N-1), ends fixed.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> band_connector(jnp.array([0.0, 1.0, 4.0])).points([0.25, 0.75]).tolist()
+        [0.5, 2.5]
+    """
     leaves = jax.tree_util.tree_leaves(pivots)
     if not leaves:
         raise ValueError("pivots hold no arrays")
@@ -394,7 +487,20 @@ def _check_ends(start: PyTree, end: PyTree) -> None:
 
 
 def straight_band(start: PyTree, end: PyTree, num_pivots: int) -> PyTree:
-    """``num_pivots`` pivots evenly on the straight segment (stacked), ends exactly ``start`` and ``end``."""
+    """Pivots evenly on the straight segment from ``start`` to ``end``.
+
+    Args:
+      start, end: the end points (same structure, finite, distinct).
+      num_pivots: N >= 3.
+
+    Returns:
+      Stacked pivots ``[N, ...]`` whose ends are exactly ``start`` and ``end``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> straight_band(jnp.array([0.0]), jnp.array([1.0]), 5)[:, 0].tolist()
+        [0.0, 0.25, 0.5, 0.75, 1.0]
+    """
     if int(num_pivots) != num_pivots or num_pivots < 3:
         raise ValueError(f"num_pivots must be an integer N >= 3 (two fixed ends and at least one free pivot), "
                          f"got {num_pivots!r}")
@@ -405,8 +511,16 @@ def straight_band(start: PyTree, end: PyTree, num_pivots: int) -> PyTree:
 def dense_ts(num_pivots: int, sub_pivots: int = 9) -> np.ndarray:
     """Path parameters of the pivots and ``sub_pivots`` evenly spaced points in every gap (increasing).
 
-    With N pivots: ``(N-1)(sub_pivots+1) + 1`` values; pivot i sits at ``t = i/(N-1)`` (Draxler's dense
-    evaluation uses ``sub_pivots = 9``).
+    Args:
+      num_pivots: N >= 2.
+      sub_pivots: points strictly inside every gap (Draxler's dense evaluation uses 9).
+
+    Returns:
+      ``(N-1)(sub_pivots+1) + 1`` float64 values; pivot i sits at ``t = i/(N-1)``.
+
+    Example:
+        >>> dense_ts(3, 1).tolist()
+        [0.0, 0.25, 0.5, 0.75, 1.0]
     """
     if num_pivots < 2:
         raise ValueError(f"num_pivots must be >= 2, got {num_pivots}")
@@ -426,6 +540,23 @@ def insertion_alphas(dense_loss, num_pivots: int, sub_pivots: int, *, count: int
     :func:`dense_ts` (``num_pivots``, ``sub_pivots``), the score ``L(alpha) - ((1 - alpha) L_a + alpha L_b)``
     divided by the range of the pivot losses; the ``count`` gaps with the largest maximal score above
     ``threshold`` each get one pivot at its arg-max (Draxler's AutoNEB "highest" fill).
+
+    Args:
+      dense_loss: the losses on :func:`dense_ts` (``None`` for ``"equal"``).
+      num_pivots: N.
+      sub_pivots: the points per gap in ``dense_loss``.
+      count: pivots per gap (``"equal"``) or gaps to fill (``"highest"``).
+      method: ``"equal"`` or ``"highest"``.
+      threshold: the least normalised score that gets a pivot (``"highest"``).
+
+    Returns:
+      ``N-1`` lists of positions, one per gap.
+
+    Example:
+        >>> insertion_alphas(None, 3, 1, count=1, method="equal")
+        [[0.5], [0.5]]
+        >>> insertion_alphas([0.0, 5.0, 0.0, 0.0, 1.0], 3, 1, count=1)  # a bump inside the first gap
+        [[0.5], []]
     """
     if count < 0:
         raise ValueError(f"insert count must be >= 0, got {count}")
@@ -465,8 +596,21 @@ def insertion_alphas(dense_loss, num_pivots: int, sub_pivots: int, *, count: int
 def insert_pivots(pivots: PyTree, fill: Sequence[Sequence[float]], spacing=None) -> tuple[PyTree, np.ndarray]:
     """Insert pivots on the segments: ``fill[g]`` lists increasing positions in (0, 1) inside gap g.
 
-    Returns the new stacked pivots (old pivots copied exactly) and the new target spacing weights (each
-    gap's weight split by the inserted positions, as Draxler's ``fill_chain``), normalised to mean 1.
+    Args:
+      pivots: stacked pivots ``[N, ...]``.
+      fill: ``N-1`` lists of positions (:func:`insertion_alphas`).
+      spacing: the current target weights ``[N-1]`` (default equal).
+
+    Returns:
+      The new stacked pivots (old pivots copied exactly; new ones ``(1 - a) w_g + a w_{g+1}`` with ``a`` in
+      the pivots' dtype) and the new target spacing weights (each gap's weight split by the inserted
+      positions, as Draxler's ``fill_chain``), normalised to mean 1.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> new, w = insert_pivots(jnp.array([0.0, 1.0, 3.0]), [[0.5], []])
+        >>> new.tolist(), w.tolist()
+        ([0.0, 0.5, 1.0, 3.0], [0.75, 0.75, 1.5])
     """
     n = int(jax.tree_util.tree_leaves(pivots)[0].shape[0])
     if len(fill) != n - 1:
@@ -497,7 +641,7 @@ def insert_pivots(pivots: PyTree, fill: Sequence[Sequence[float]], spacing=None)
     if m.shape[0] == n:
         new = pivots
     else:
-        new = tree_combine(jnp.asarray(m, jnp.float32), pivots)
+        new = tree_combine(jnp.asarray(m, _band_dtype(pivots)), pivots)  # alpha in the pivots' precision
         # Existing pivots are copied bit-for-bit.
         old_idx = np.flatnonzero((m == 1.0).sum(1) == 1)
         src = np.argmax(m[old_idx], axis=1)
@@ -530,10 +674,18 @@ def pivot_objective(loss) -> Callable:
 
     Returns:
       The objective. It hashes by the wrapped function (or model): reuse one ``loss`` to reuse compiled steps.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> obj = pivot_objective(lambda p, batch: jnp.sum(p ** 2))
+        >>> float(obj(jnp.array([1.0, 2.0]), None, None)[0])
+        5.0
     """
     if isinstance(loss, Objective | _FUNCTION_OBJECTIVE):
         return loss
-    if hasattr(loss, "apply") and hasattr(loss, "init") and hasattr(loss, "has_batch_stats"):
+    # a Model; has_batch_stats is looked up on the class, not evaluated (a model that has not seen an input
+    # yet raises on it)
+    if hasattr(loss, "apply") and hasattr(loss, "init") and hasattr(type(loss), "has_batch_stats"):
         return model_loss(loss)
     if not callable(loss):
         raise ValueError(f"loss must be a callable loss(params, batch) -> scalar, an Objective or a Model, "
@@ -587,8 +739,17 @@ def band_profile(loss, batch, *, strategy: str = "map", chunk_size: int | None =
 # ---- the band as an objective -----------------------------------------------------------------------------
 
 class NEBBatch(NamedTuple):
-    """A batch of a NEB step: the pivots' batch (``None``, a fixed pytree or a mini-batch) and whether the
-    climbing image is on (a boolean scalar array: both phases share one compiled step)."""
+    """A batch of a NEB step.
+
+    Attributes:
+      data: the pivots' batch (``None``, a fixed pytree or a mini-batch).
+      climb: whether the climbing image is on (a boolean scalar array: both phases share one compiled step).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> NEBBatch(None, jnp.asarray(True)).climb.dtype.name
+        'bool'
+    """
 
     data: Any
     climb: jax.Array
@@ -718,15 +879,30 @@ class LoopedNEBStep:
     Draxler et al.'s ``torch_autoneb`` evaluates pivots one after another), then ``update``, the engine step
     of a ``strategy="given"`` :class:`BandObjective` on those precomputed losses and gradients: the same
     forces, optimizer, mask and non-finite guard as the vectorised strategies.
+
+    Attributes:
+      point: the pivot objective.
+      update: the engine step on precomputed losses and gradients.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> piv = jnp.array([0.0, 0.1, 1.0])
+        >>> step = make_neb_step(lambda p, b: 0.0 * p, NEBConfig(learning_rate=0.5, momentum=0.0, strategy="loop"),
+        ...                      piv)
+        >>> state, _ = step(step.init(piv), NEBBatch(None, jnp.asarray(False)), jax.random.key(0))
+        >>> type(step).__name__, [round(v, 3) for v in state.params.tolist()]
+        ('LoopedNEBStep', [0.0, 0.5, 1.0])
     """
 
     point: Callable
     update: Step
 
     def init(self, params: PyTree) -> TrainState:
+        """The optimizer state of a band (``update.init``)."""
         return self.update.init(params)
 
     def __call__(self, state: TrainState, batch: NEBBatch, key) -> tuple[TrainState, dict]:
+        """One NEB update: ``(new state, metrics)`` as for an engine step."""
         piv = state.params
         n = _num_pivots(piv)
         outs = [_point_value_and_grad_jit(self.point, tree_index(piv, i), batch.data, key) for i in range(1, n - 1)]
@@ -765,8 +941,9 @@ def make_neb_step(loss, config: NEBConfig, pivots: PyTree, spacing=None) -> Step
         raise ValueError(f"a band needs N >= 3 pivots, got N={n}")
     strategy = _resolve_strategy(config.strategy, pivots)
     point = pivot_objective(loss)
-    spacing_arr = _normalised_spacing(spacing, n - 1)
-    k = jnp.asarray(float(config.spring_constant), jnp.float32)
+    dtype = _band_dtype(pivots)
+    spacing_arr = _normalised_spacing(spacing, n - 1, dtype)
+    k = jnp.asarray(float(config.spring_constant), dtype)
     mask = jnp.asarray([False] + [True] * (n - 2) + [False])
     trainable = jax.tree_util.tree_map(lambda _: mask, pivots)
     tx = config.make_optimizer()
@@ -787,7 +964,7 @@ def _relax(point, pivots: PyTree, spacing, config: NEBConfig, data, *, step_offs
            progress: bool) -> NEBResult:
     """One NEB run on the engine loop (see the module docstring)."""
     n = _num_pivots(pivots)
-    spacing_arr = _normalised_spacing(spacing, n - 1)
+    spacing_arr = _normalised_spacing(spacing, n - 1, _band_dtype(pivots))
     step = make_neb_step(point, config, pivots, spacing)
     state = step.init(pivots)
     climbing, after, tol, ce = bool(config.climbing), int(config.climb_after), float(config.tol), int(config.check_every)
@@ -810,7 +987,7 @@ def _relax(point, pivots: PyTree, spacing, config: NEBConfig, data, *, step_offs
                     "force_norm": raw["grad_norm"], "seconds": raw["seconds"]}
 
         def stop(e1, st, hist, s0=s0, spe=spe):
-            # the slides' criterion over the whole epoch, never before the climbing image is on throughout
+            # the stopping criterion (both forces below tol) over the whole epoch, never before the climbing image is on throughout
             r = hist[-1]
             if r["perp_force"] < tol and r["par_force"] < tol and (not climbing or s0 + (e1 - 1) * spe >= after):
                 raise StopRun
@@ -867,6 +1044,14 @@ def neb(loss, start: PyTree, end: PyTree, *, num_pivots: int = 10, config: NEBCo
 
     Raises:
       NonFiniteError: (a ``FloatingPointError``) the band diverged; no update after the last finite step.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> bump = lambda p, batch: jnp.exp(-4.0 * (p[0] ** 2 + (p[1] + 0.2) ** 2))  # a hill below the segment
+        >>> res = neb(bump, jnp.array([-1.0, 0.0]), jnp.array([1.0, 0.0]), num_pivots=5,
+        ...           config=NEBConfig(steps=200, learning_rate=0.05))
+        >>> bool(res.losses.max() < 0.5 * float(bump(jnp.zeros(2), None))), bool(res.pivots[2, 1] > 0.1)
+        (True, True)
     """
     config = config or NEBConfig()
     _check_ends(start, end)
@@ -916,6 +1101,13 @@ def auto_neb(loss, start: PyTree, end: PyTree, *, cycles: NEBConfig | Sequence[N
     Returns:
       An :class:`AutoNEBResult`; ``cycles`` holds per cycle ``cycle``, ``num_pivots``, ``inserted``, ``steps``,
       ``converged``, ``perp_force``, ``par_force``, ``climbing``, ``max_pivot_loss`` and ``dense_max_loss``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> flat = lambda p, batch: 0.0 * jnp.sum(p)
+        >>> res = auto_neb(flat, jnp.array([0.0]), jnp.array([1.0]), cycles=[NEBConfig(steps=10)], sub_pivots=1)
+        >>> [c["num_pivots"] for c in res.cycles], res.dense_t.shape  # the ends and 3 evenly inserted pivots
+        ([5], (9,))
     """
     if isinstance(cycles, NEBConfig):
         if num_cycles is None or num_cycles < 1:
@@ -988,24 +1180,77 @@ def model_loss(model, *, loss_fn: str | Callable = cross_entropy, train: bool = 
     Returns:
       An :class:`~mclandscape.core.objective.Objective` ``(params, (x, y) or (x, y, weights), key) -> (loss,
       aux)``; two calls with the same arguments compile the same steps.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> from mclandscape.engine.models import get_model
+        >>> model = get_model("mlp", widths=[2], num_classes=2)
+        >>> x, y = np.ones((4, 2), np.float32), np.array([0, 1, 0, 1])
+        >>> params = model.init(jax.random.key(0), x)["params"]
+        >>> loss, aux = model_loss(model)(params, (x, y), jax.random.key(1))
+        >>> loss.shape, bool(loss > 0)
+        ((), True)
     """
-    if model.has_batch_stats and not train:
+    if not train and model.has_batch_stats:
         raise ValueError(f"model {model.name} has BatchNorm: NEB gradients use train mode (batch statistics); "
                          "pass train=True")
     return make_objective(model, loss_fn, l2=l2, train=train)
 
 
 def model_batches(train_data, batch_size: int, *, seed: int = 0, augment: bool = False):
-    """``step -> (x, y)``: shuffled full mini-batches, epoch after epoch
-    (:func:`mclandscape.engine.data.batch_stream`; batch ``step`` depends only on ``seed`` and ``step``).
-    Dropout keys come from the NEB run (``neb(..., seed=)``), no longer from the batches."""
+    """``step -> (x, y)``: shuffled full mini-batches, epoch after epoch.
+
+    Through :func:`mclandscape.engine.data.batch_stream`: batch ``step`` depends only on ``seed`` and
+    ``step``. Dropout keys come from the NEB run (``neb(..., seed=)``), not from the batches.
+
+    Args:
+      train_data: a :class:`~mclandscape.engine.data.Dataset`.
+      batch_size: examples per batch.
+      seed: the shuffling seed.
+      augment: apply the dataset's training augmentation.
+
+    Returns:
+      A callable ``step -> (x, y)`` (the ``data`` argument of :func:`neb` / :func:`auto_neb`).
+
+    Example:
+        >>> import numpy as np
+        >>> from mclandscape.engine.data import Dataset
+        >>> ds = Dataset(np.arange(12, dtype=np.float32).reshape(6, 2), np.arange(6, dtype=np.int32), 6, "toy")
+        >>> batches = model_batches(ds, 4)
+        >>> x, y = batches(0)
+        >>> x.shape, len(set(y.tolist()) | set(batches(1)[1].tolist())) >= 4  # epoch 1 reshuffled
+        ((4, 2), True)
+    """
     return batch_stream(train_data, batch_size, seed=seed, augment=augment)
 
 
 def model_profile(model, eval_data, *, bn_data=None, batch_size: int = 500, bn_batches: int | None = None,
                   bn_batch_size: int = 128, loss_fn: Callable = cross_entropy) -> Callable[[Connector, np.ndarray], np.ndarray]:
-    """A profile function ``(connector, ts) -> losses`` on ``eval_data`` via
-    :func:`mclandscape.engine.evaluate.evaluate_points` (BatchNorm recalibrated per point from ``bn_data``)."""
+    """A profile function ``(connector, ts) -> losses`` of a network band on ``eval_data``.
+
+    Through :func:`mclandscape.engine.evaluate.evaluate_points`, BatchNorm recalibrated per point from
+    ``bn_data``; pass it as ``auto_neb(..., profile_fn=)``.
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      eval_data: a Dataset or ``(x, y)`` the losses are measured on.
+      bn_data, bn_batches, bn_batch_size: the BatchNorm recalibration data (for models with BatchNorm).
+      batch_size: evaluation batch size.
+      loss_fn: the per-example loss.
+
+    Returns:
+      ``profile(connector, ts) -> np.ndarray`` of the mean losses at ``ts``.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> from mclandscape.engine.models import get_model
+        >>> model = get_model("mlp", widths=[2], num_classes=2)
+        >>> x, y = np.ones((4, 2), np.float32), np.array([0, 1, 0, 1])
+        >>> p0, p1 = (model.init(jax.random.key(s), x)["params"] for s in (0, 1))
+        >>> band = band_connector(straight_band(p0, p1, 3))
+        >>> model_profile(model, (x, y))(band, [0.0, 0.5, 1.0]).shape
+        (3,)
+    """
     from mclandscape.engine.evaluate import evaluate_points
 
     def profile(connector: Connector, ts) -> np.ndarray:
@@ -1021,8 +1266,26 @@ def evaluate_band(model, band: Connector | NEBResult | AutoNEBResult, train, tes
     """Loss and accuracy on the dense interpolation of a band: its pivots and ``sub_pivots`` points between
     each pair (:func:`dense_ts`), BatchNorm recalibrated per point (``bn_data`` defaults to ``train``).
 
-    Returns a :class:`mclandscape.methods.curves.PathEvaluation` (barrier, stats, length); ``kwargs`` go to
-    :func:`mclandscape.methods.curves.evaluate_path`.
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      band: a band connector, :class:`NEBResult` or :class:`AutoNEBResult`.
+      train: the training data (and the default ``bn_data``).
+      test: the test data (``None``: no test series).
+      sub_pivots: points per gap (:func:`dense_ts`).
+      **kwargs: passed to :func:`mclandscape.methods.curves.evaluate_path` (``batch_size``, ``bn_data``, ...).
+
+    Returns:
+      A :class:`mclandscape.methods.curves.PathEvaluation` (barrier, stats, length).
+
+    Example:
+        >>> import jax, numpy as np
+        >>> from mclandscape.engine.models import get_model
+        >>> model = get_model("mlp", widths=[2], num_classes=2)
+        >>> x, y = np.ones((4, 2), np.float32), np.array([0, 1, 0, 1])
+        >>> p0, p1 = (model.init(jax.random.key(s), x)["params"] for s in (0, 1))
+        >>> ev = evaluate_band(model, band_connector(straight_band(p0, p1, 3)), (x, y), sub_pivots=1)
+        >>> len(ev.ts)
+        5
     """
     from mclandscape.methods.curves import evaluate_path
 

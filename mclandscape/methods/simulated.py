@@ -1,23 +1,12 @@
-"""The simulated 2-D loss surfaces of seed 003's supplement (section C) and GD/GDM runs on them.
+"""Gradient descent (with or without momentum) on a 2-D surface, with a vertical deformation mapping, from many
+starts at once: the simulations of Chen et al., 2021 ('Deforming the loss surface to affect the behaviour of the
+optimizer', AAAI), supplement section C.
 
-Seed 003: Chen, Jin, Du, Li and Liu (2020), "Deforming the loss surface to affect the behaviour of the
-optimizer" (arXiv:2009.08274).
-
-Each surface is a pure function of ``p = [..., 2]`` (``p[..., 0] = p1``, ``p[..., 1] = p2``). The formulas
-are the supplement's, character for character where they make sense; the slips are handled openly:
-
-- Figure 1: ``ℓ = (0.2(0.01(p1+0.5)² + 1.32 arctan(0.5p1−2)² + arctan(10(p1+5))²) − 0.5232) ×
-  ((0.02(p2+0.5)² + 2.64 arctan(0.5p2−2)² + 2 arctan(10(p2+5))²) − 5.232)``. Its second factor is 10× the
-  first's form, so ``ℓ = 10·f(p1)·f(p2)``; ``f`` dips slightly below 0 near ``p = −5`` (min ≈ −5.7e-5 on
-  ``(−5.0008, −4.9975)``), so the loss is slightly negative on thin strips there.
-  :func:`fig1_negative_region` measures it. Implemented as printed.
-- Figure 4: printed ``0.132(ln(sin(4.7 sin(x)) + 1.2) + ln(sin(4.7 sin(p2)) + 1.2)) + 0.01 sin(10p1) sin(6p2)
-  + 0.001p1² + 0.001p2² + 0.426931992284953``; ``x`` is evidently ``p1`` (the surface is symmetric in form
-  and has no ``x``), and the constant does not make the global minimum exactly 0 (it is ≈ −0.0035,
-  :func:`fig4_minimum`). The default uses the printed constant; ``constant=`` selects another.
-- Figure 7: ``ℓ = 0.12 g1(p1) g2(p2)`` as printed; the VDM is printed as ``δ(ℓ) = ln(exp(ℓ − 0.9))`` which
-  equals ``ℓ − 0.9`` and deforms nothing (``δ' ≡ 1``); the evident intent is LE(1, 0.9) =
-  ``ln(exp(ℓ) − 0.9)``. Both are run (:func:`fig7_printed_vdm`).
+The optimiser is the paper's Algorithm 1, ``optax.chain(scale_by_vdm(vdm), optax.sgd(lr, momentum))``
+(:func:`make_sim_optimizer`), run by :func:`run_simulation` on any surface ``p[..., 2] -> loss`` (the paper's
+surfaces are :func:`mclandscape.methods.potentials.vdm_figure1`, ``vdm_figure4`` and ``vdm_figure7``; the
+paper's optimiser settings are presets of ``experiments/vdm_presets.py``). The computation follows the dtype
+of the initial points (float64 under ``jax_enable_x64``).
 """
 
 from __future__ import annotations
@@ -30,132 +19,58 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mclandscape.methods.deform import VDM, Identity, check_vdm_state, custom_vdm, scale_by_vdm
+from mclandscape.methods.deform import VDM, Identity, check_vdm_state, scale_by_vdm
 
-FIG4_PRINTED_CONSTANT = 0.426931992284953
-
-
-def _split(p):
-    p = jnp.asarray(p)
-    if p.shape[-1] != 2:
-        raise ValueError(f"the simulated surfaces take points [..., 2], got shape {p.shape}")
-    return p[..., 0], p[..., 1]
-
-
-def fig1_factor(p):
-    """``f(p) = 0.2(0.01(p+0.5)² + 1.32 arctan(0.5p−2)² + arctan(10(p+5))²) − 0.5232`` (Figure 1's p1 factor)."""
-    return 0.2 * (0.01 * (p + 0.5) ** 2 + 1.32 * jnp.arctan(0.5 * p - 2) ** 2 + jnp.arctan(10 * (p + 5)) ** 2) - 0.5232
-
-
-def fig1_loss(p):
-    """Seed 003 Figure 1 surface, exactly as printed in supplement section C."""
-    p1, p2 = _split(p)
-    first = 0.2 * (0.01 * (p1 + 0.5) ** 2 + 1.32 * jnp.arctan(0.5 * p1 - 2) ** 2
-                   + jnp.arctan(10 * (p1 + 5)) ** 2) - 0.5232
-    second = (0.02 * (p2 + 0.5) ** 2 + 2.64 * jnp.arctan(0.5 * p2 - 2) ** 2
-              + 2 * jnp.arctan(10 * (p2 + 5)) ** 2) - 5.232
-    return first * second
-
-
-def fig4_loss(p, constant: float = FIG4_PRINTED_CONSTANT):
-    """Seed 003 Figure 4 surface with ``sin(x)`` read as ``sin(p1)``; ``constant`` defaults to the printed one."""
-    p1, p2 = _split(p)
-    return (0.132 * (jnp.log(jnp.sin(4.7 * jnp.sin(p1)) + 1.2) + jnp.log(jnp.sin(4.7 * jnp.sin(p2)) + 1.2))
-            + 0.01 * (jnp.sin(10 * p1) * jnp.sin(6 * p2)) + 0.001 * p1 ** 2 + 0.001 * p2 ** 2 + constant)
-
-
-def fig7_loss(p):
-    """Seed 003 Figure 7 surface, exactly as printed."""
-    p1, p2 = _split(p)
-    g1 = ((0.1 * p1) ** 2 + jnp.cos(p1) + jnp.sin(3 * p1) / 3 + jnp.cos(5 * p1) / 5 + jnp.sin(7 * p1) / 7
-          + 1.331)
-    g2 = ((0.158 * p2) ** 2 + jnp.cos(p2) + jnp.sin(3 * p2) / 3 + jnp.cos(5 * p2) / 5 + jnp.sin(7 * p2) / 7
-          + 1.25)
-    return 0.12 * g1 * g2
-
-
-def fig7_printed_vdm() -> VDM:
-    """The Figure 7 VDM exactly as printed, ``δ(ℓ) = ln(exp(ℓ − 0.9))`` (= ``ℓ − 0.9``, ``δ' ≡ 1``)."""
-    return custom_vdm(lambda l: jnp.log(jnp.exp(l - 0.9)), name="ln(exp(l-0.9)) [as printed]",
-                      check_losses=np.linspace(0.0, 20.0, 401))
-
-
-def _min_refine(fn, p0: np.ndarray, iters: int = 60) -> tuple[np.ndarray, float]:
-    """Refine a grid minimum by Newton steps (JAX gradient and Hessian), keeping only steps that lower ``fn``."""
-    p = np.asarray(p0, np.float64)
-    f = lambda q: float(fn(jnp.asarray(q, jnp.float32)))
-    g = jax.jit(jax.grad(fn))
-    h = jax.jit(jax.hessian(fn))
-    for _ in range(iters):
-        gv = np.asarray(g(jnp.asarray(p, jnp.float32)), np.float64)
-        hv = np.asarray(h(jnp.asarray(p, jnp.float32)), np.float64)
-        try:
-            step = np.linalg.solve(hv, gv)
-        except np.linalg.LinAlgError:
-            break
-        if not np.all(np.isfinite(step)) or np.linalg.norm(step) > 0.1:
-            break
-        q = p - step
-        if f(q) > f(p):
-            break
-        p = q
-    return p, f(p)
-
-
-def fig4_minimum(grid: int = 2001, box: float = 10.0) -> dict:
-    """Global minimum of the Figure 4 surface (printed constant) on ``[−box, box]²``: dense grid + Newton.
-
-    Returns the point, the minimum value, and the constant that would make the minimum exactly 0.
-    """
-    g = jnp.linspace(-box, box, grid)
-    vals = jax.jit(lambda a: jax.vmap(lambda x: fig4_loss(jnp.stack([jnp.full_like(g, x), g], -1)))(a))(g)
-    vals = np.asarray(vals)
-    i, j = np.unravel_index(np.argmin(vals), vals.shape)
-    p, v = _min_refine(fig4_loss, np.array([float(g[i]), float(g[j])]))
-    v = min(v, float(vals[i, j]))
-    return {"point": [float(p[0]), float(p[1])], "min_loss_with_printed_constant": v,
-            "printed_constant": FIG4_PRINTED_CONSTANT, "constant_for_zero_minimum": FIG4_PRINTED_CONSTANT - v}
-
-
-def fig1_negative_region(num: int = 400001, box: float = 12.0) -> dict:
-    """Where Figure 1's factor ``f`` is negative (so ``ℓ = 10 f(p1) f(p2)`` can be < 0) and how low ``ℓ``
-    gets on ``[−box, box]²``. ``f`` is evaluated in float64 NumPy on a fine 1-D grid (the surface is a product
-    of two 1-D factors)."""
-    x = np.linspace(-box, box, num)
-    f = (0.2 * (0.01 * (x + 0.5) ** 2 + 1.32 * np.arctan(0.5 * x - 2) ** 2 + np.arctan(10 * (x + 5)) ** 2)
-         - 0.5232)
-    neg = x[f < 0]
-    fmin, fmax = float(f.min()), float(f.max())
-    # l = 10 f(p1) f(p2): most negative = 10 * fmin * fmax (one factor at its min, the other at its max)
-    return {"factor_min": fmin, "factor_argmin": float(x[np.argmin(f)]),
-            "negative_interval": [float(neg.min()), float(neg.max())] if neg.size else None,
-            "min_loss_in_box": 10.0 * fmin * fmax if fmin < 0 else 10.0 * fmin ** 2,
-            "box": box}
+__all__ = ["SimSettings", "make_sim_optimizer", "run_simulation"]
 
 
 @dataclasses.dataclass(frozen=True)
 class SimSettings:
-    """One supplement simulation: optimiser (GD or GDM), learning rate (or schedule), momentum, steps."""
+    """One simulation's optimiser: GD (``momentum=None``) or GD with momentum, its learning rate, optionally
+    decayed by the factors ``boundaries = {step: factor}`` (a piecewise-constant schedule), and its steps.
+
+    Example:
+      >>> SimSettings(lr=0.2, momentum=None, steps=300, boundaries={150: 0.1}).steps
+      300
+    """
 
     lr: float
     momentum: float | None
     steps: int
     boundaries: dict | None = None  # {step: factor} for step decay
 
-
-FIG1_SETTINGS = SimSettings(lr=0.02, momentum=0.9, steps=400)
-FIG4_SETTINGS = SimSettings(lr=0.2, momentum=None, steps=300, boundaries={150: 0.1, 225: 0.1})
-FIG7_SETTINGS = SimSettings(lr=0.02, momentum=0.9, steps=100)
+    def __post_init__(self):
+        if not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise ValueError(f"SimSettings.lr must be a number > 0, got {self.lr!r}")
+        if self.momentum is not None and not (isinstance(self.momentum, int | float) and 0 <= self.momentum < 1):
+            raise ValueError(f"SimSettings.momentum must be None or in [0, 1), got {self.momentum!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"SimSettings.steps must be an integer >= 1, got {self.steps!r}")
 
 
 def make_sim_optimizer(vdm: VDM, s: SimSettings) -> optax.GradientTransformationExtraArgs:
-    """``chain(scale_by_vdm(vdm), sgd)`` — GD/GDM on ``δ∘ℓ`` (seed 003 Algorithm 1)."""
+    """GD/GDM on the deformed loss: ``chain(scale_by_vdm(vdm), sgd)`` (Chen et al., 2021, Algorithm 1).
+
+    Args:
+      vdm: the :class:`~mclandscape.methods.deform.VDM`.
+      s: the :class:`SimSettings`.
+
+    Returns:
+      An Optax transformation whose ``update`` needs the loss as ``loss=``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tx = make_sim_optimizer(Identity(), SimSettings(lr=0.1, momentum=None, steps=1))
+      >>> u, _ = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), jnp.zeros(2), loss=jnp.float32(1.0))
+      >>> [round(float(v), 6) for v in u]
+      [-0.1, -0.1]
+    """
     lr = optax.piecewise_constant_schedule(s.lr, s.boundaries) if s.boundaries else s.lr
     return optax.chain(scale_by_vdm(vdm), optax.sgd(lr, momentum=s.momentum))
 
 
 def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSettings) -> dict:
-    """GD/GDM on ``δ∘ℓ`` from every initial point at once (seed 003 supplement section C).
+    """GD/GDM on the deformed loss from every initial point at once (Chen et al., 2021, supplement section C).
 
     Not a training loop of the engine (:func:`mclandscape.engine.loop.make_step` / ``run``): it is a
     vectorised simulation, one ``jax.lax.scan`` over the steps ``vmap``-ed over N starts, every trajectory
@@ -163,9 +78,11 @@ def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSetti
     step (a sum over starts would give every start the factor of the summed loss) and dispatches one step
     per Python iteration (100 random starts × 300 steps would be 30,000 dispatches instead of one call). The
     optimiser is the same ``chain(scale_by_vdm(vdm), sgd)`` the engine runs (:func:`make_sim_optimizer`).
+    Everything is computed in the dtype of ``inits`` (float64 under ``jax_enable_x64``; integers become the
+    default float type).
 
     Args:
-      loss_fn: a surface ``p[..., 2] -> loss`` (e.g. :func:`fig7_loss`).
+      loss_fn: a surface ``p[..., 2] -> loss`` (e.g. :func:`mclandscape.methods.potentials.vdm_figure7`).
       vdm: the VDM (``None``: the original optimiser).
       inits: initial points ``[N, 2]`` (or one ``[2]``).
       settings: the :class:`SimSettings`.
@@ -175,6 +92,12 @@ def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSetti
       "final_loss": [N], "eigenvalues": [N, 2]`` (of the *original* surface's Hessian at the end points,
       ascending), ``"vdm"``: its name``}``. A start whose loss left the VDM's domain raises ``ValueError``
       (:func:`~mclandscape.methods.deform.check_vdm_state`).
+
+    Example:
+      >>> from mclandscape.methods.potentials import double_well
+      >>> out = run_simulation(double_well, None, [[-0.5, 0.3], [0.4, -0.2]], SimSettings(0.05, 0.9, 200))
+      >>> out["trajectories"].shape, [round(float(x), 3) for x in out["ends"][:, 0]]
+      ((2, 201, 2), [-1.0, 1.0])
     """
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be a surface p[..., 2] -> loss, got {type(loss_fn).__name__}")
@@ -182,7 +105,12 @@ def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSetti
         raise ValueError(f"settings must be a SimSettings, got {type(settings).__name__}")
     vdm = vdm or Identity()
     tx = make_sim_optimizer(vdm, settings)
-    inits = jnp.asarray(inits, jnp.float32).reshape(-1, 2)
+    inits = jnp.asarray(inits)
+    if not jnp.issubdtype(inits.dtype, jnp.floating):
+        inits = inits.astype(jnp.result_type(float))
+    if inits.ndim not in (1, 2) or inits.shape[-1] != 2:
+        raise ValueError(f"inits must be points [N, 2] (or one [2]), got shape {inits.shape}")
+    inits = inits.reshape(-1, 2)
 
     def one(p0):
         def step(carry, _):

@@ -1,4 +1,7 @@
-"""Bézier-surface mode connectivity (seed 000): training, evaluating and using n x m Bézier surfaces.
+"""Bézier-surface mode connectivity: training, evaluating and using n x m Bézier surfaces.
+
+The Bézier-surface paper (Anonymous, 2024, "Revisiting mode connectivity in neural networks with Bézier
+surface"); equation, algorithm and appendix numbers below are that paper's.
 
 A surface is a :class:`~mclandscape.core.connectors.Connector` of kind ``"surface"`` with an ``(n+1) x (m+1)``
 control grid ``theta_ij`` (flat index ``k = i (m+1) + j``; ``i`` runs along ``u``), its four corners fixed
@@ -26,7 +29,7 @@ batch, through :func:`mclandscape.engine.connector_train.train_connector`:
   ``0..m`` stratified (random start, then cyclic), so each batch covers all curves once ``k >= m+1`` as in
   Alg. 2 lines 20-24. Trainable: ``theta_ij`` for ``0 < i < n`` and all ``j`` — the inner control points of
   each curve; the curve end points ``theta_0j``, ``theta_nj`` were shaped in phase 1 and stay fixed.
-  **Seed slip**: Alg. 2 line 25 repeats line 15's "for each learnable theta_ij, i in {0, n}"; taken
+  **A slip in the paper**: Alg. 2 line 25 repeats line 15's "for each learnable theta_ij, i in {0, n}"; taken
   literally phase 2 would move only the phase-1 points, leave every inner curve control point (including
   the inner points ``theta_i0``, ``theta_im`` of the edges v = 0 and v = 1) untrained until phase 3, and
   contradict §4.2's "optimize the control points along the curves". We implement the evident intent
@@ -89,8 +92,16 @@ from flax import struct
 
 from mclandscape.core.bernstein import bernstein
 from mclandscape.core.connectors import Connector, bezier_surface, simplex
+from mclandscape.core.losses import cross_entropy
 from mclandscape.core.tree import PyTree, tree_gram, tree_path_names
-from mclandscape.engine.connector_train import checkpointed_connector, train_connector
+from mclandscape.engine.connector_train import (
+    check_batch_size,
+    check_connector,
+    checkpointed_connector,
+    train_connector,
+    weight_decay_args,
+)
+from mclandscape.engine.data import Dataset
 from mclandscape.engine.evaluate import evaluate_points, uv_grid
 from mclandscape.engine.loop import LoopConfig
 from mclandscape.engine.models.base import Model
@@ -183,7 +194,8 @@ class PhaseSampler:
         ko, kv = jax.random.split(key)
         off = jax.random.randint(ko, (), 0, count)
         idx = (off + jnp.arange(k)) % count
-        return idx.astype(jnp.float32), jax.random.uniform(kv, (k,))
+        v = jax.random.uniform(kv, (k,))  # the default float: float64 under jax_enable_x64
+        return idx.astype(v.dtype), v
 
     def __call__(self, key, k):
         if self.phase == 1:
@@ -213,7 +225,7 @@ class CurveFamilyCoefficients:
 
     def __call__(self, points):
         n1, m1 = self.shape
-        pts = jnp.asarray(points, jnp.float32).reshape(-1, 2)
+        pts = _uv_points(points)
         bu = bernstein(pts[:, 0], n1 - 1)
         oh = jax.nn.one_hot(jnp.round(pts[:, 1]).astype(jnp.int32), m1, dtype=bu.dtype)
         return (bu[:, :, None] * oh[:, None, :]).reshape(pts.shape[0], n1 * m1)
@@ -231,6 +243,14 @@ def curve_family_coefficients(shape: Sequence[int]) -> CurveFamilyCoefficients:
 # ---------------------------------------------------------------------------------------------------------
 # the exact area element (eq. 7-8)
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _uv_points(points) -> jax.Array:
+    """``points`` as a floating ``[P, 2]`` array (ValueError for another shape; nothing is reshaped silently)."""
+    pts = jnp.asarray(points)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"surface points must have shape [P, 2] (one row (u, v) per point), got shape {pts.shape}")
+    return pts if jnp.issubdtype(pts.dtype, jnp.floating) else pts.astype(jnp.float32)
 
 
 def _check_surface(connector: Connector) -> None:
@@ -285,7 +305,7 @@ def area_element(connector: Connector, points, *, gram=None) -> jax.Array:
     """
     _check_surface(connector)
     gram = _control_gram_jit(connector) if gram is None else gram
-    return _area_jit(connector, jnp.asarray(points).reshape(-1, 2), gram)
+    return _area_jit(connector, _uv_points(points).astype(gram.dtype), gram)
 
 
 def _gauss_legendre_grid(q: int) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +314,8 @@ def _gauss_legendre_grid(q: int) -> tuple[np.ndarray, np.ndarray]:
     x, w = np.polynomial.legendre.leggauss(int(q))
     x, w = (x + 1.0) / 2.0, w / 2.0
     uu, vv = np.meshgrid(x, x, indexing="ij")
-    return np.stack([uu.ravel(), vv.ravel()], 1).astype(np.float32), np.outer(w, w).ravel().astype(np.float32)
+    # float64 on the host: each use casts them to the control points' precision
+    return np.stack([uu.ravel(), vv.ravel()], 1), np.outer(w, w).ravel()
 
 
 def surface_area(connector: Connector, *, quadrature: int = 24, gram=None) -> jax.Array:
@@ -302,7 +323,7 @@ def surface_area(connector: Connector, *, quadrature: int = 24, gram=None) -> ja
     _check_surface(connector)
     pts, w = _gauss_legendre_grid(quadrature)
     gram = _control_gram_jit(connector) if gram is None else gram
-    return jnp.sum(jnp.asarray(w) * _area_jit(connector, jnp.asarray(pts), gram))
+    return jnp.sum(jnp.asarray(w, gram.dtype) * _area_jit(connector, jnp.asarray(pts, gram.dtype), gram))
 
 
 def area_density(connector: Connector, points, *, quadrature: int = 24) -> jax.Array:
@@ -323,7 +344,7 @@ class ProposalDensity:
 
     def __call__(self, points):
         c = self.cells
-        pts = jnp.asarray(points).reshape(-1, 2)
+        pts = _uv_points(points)
         ij = jnp.clip(jnp.floor(pts * c).astype(jnp.int32), 0, c - 1)
         return self.density[ij[:, 0] * c + ij[:, 1]]
 
@@ -340,7 +361,7 @@ class ProposalSampler:
         kc, kj = jax.random.split(key)
         idx = jax.random.categorical(kc, self.log_mass, shape=(k,))
         jit = jax.random.uniform(kj, (k, 2))
-        cell = jnp.stack([idx // c, idx % c], axis=1).astype(jnp.float32)
+        cell = jnp.stack([idx // c, idx % c], axis=1).astype(jit.dtype)
         return (cell + jit) / c
 
 
@@ -355,8 +376,9 @@ class AreaWeights:
 
     def __call__(self, connector, points):
         gram = _control_gram(connector)
-        pts = jnp.asarray(points).reshape(-1, 2)
-        z = jnp.sum(self.node_weights * _area_from_gram(connector, self.nodes, gram))
+        pts = _uv_points(points).astype(gram.dtype)
+        z = jnp.sum(self.node_weights.astype(gram.dtype) * _area_from_gram(connector, self.nodes.astype(gram.dtype),
+                                                                            gram))
         w = _area_from_gram(connector, pts, gram) / z
         if self.proposal is not None:
             w = w / self.proposal(pts)
@@ -392,14 +414,15 @@ def area_proposal(connector: Connector, *, cells: int = 32, mix: float = 0.1
     c = int(cells)
     mid = (np.arange(c) + 0.5) / c
     uu, vv = np.meshgrid(mid, mid, indexing="ij")
-    a = np.asarray(area_element(connector, np.stack([uu.ravel(), vv.ravel()], 1).astype(np.float32)), np.float64)
+    a = np.asarray(area_element(connector, np.stack([uu.ravel(), vv.ravel()], 1)), np.float64)
     if not np.all(np.isfinite(a)):
         raise ValueError("the area element is not finite on the surface (non-finite control points?)")
     total = a.sum()
     mass = (1 - mix) * a / total + mix / c**2 if total > 0 else np.full(c * c, 1.0 / c**2)
     mass = mass / mass.sum()
-    return (ProposalSampler(log_mass=jnp.asarray(np.log(mass), jnp.float32), cells=c),
-            ProposalDensity(density=jnp.asarray(mass * c * c, jnp.float32), cells=c))
+    dt = connector._float_dtype()
+    return (ProposalSampler(log_mass=jnp.asarray(np.log(mass), dt), cells=c),
+            ProposalDensity(density=jnp.asarray(mass * c * c, dt), cells=c))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -443,15 +466,28 @@ def masked_optimizer(optimizer: optax.GradientTransformation, mask: PyTree) -> o
 
 @dataclasses.dataclass(frozen=True)
 class SurfaceTrainResult:
-    """The trained surface, per-phase epoch histories (``{"epoch", "objective", "loss", "seconds"}``), the wall
-    time of each phase in seconds (summed over the epochs, including resumed runs), and the control-point
-    indices each phase trained."""
+    """Outcome of :func:`train_surface`.
+
+    Attributes:
+      connector: the trained surface.
+      history: per phase, one record per epoch (``{"epoch", "objective", "loss", "grad_norm", "seconds"}``,
+        ``epoch`` from 1 within the phase).
+      wall_time: per phase, seconds (summed over the epochs, including resumed runs).
+      trained: per phase, the control-point indices it trained.
+      skipped: per skipped phase, why.
+    """
 
     connector: Connector
     history: dict[int, list[dict]]
     wall_time: dict[int, float]
     trained: dict[int, list[int]]
     skipped: dict[int, str]
+
+    @property
+    def phase(self) -> int | None:
+        """The phase of the newest history record (``None`` before any epoch)."""
+        done = [p for p, h in self.history.items() if h]
+        return max(done) if done else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -471,48 +507,95 @@ def _masked_cached(opt: optax.GradientTransformation, treedef, flags: tuple) -> 
     return masked_optimizer(opt, jax.tree_util.tree_unflatten(treedef, list(flags)))
 
 
-def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[int] = (2, 2, 6),
-                  num_samples: int = 8, batch_size: int = 128,
+def _clean(history) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "acc"} for h in history]
+
+
+def train_surface(model: Model, surface: Connector, train, *extra, epochs: Sequence[int] = (2, 2, 6),
+                  batch_size: int = 128, lr: float = 0.05, momentum: float = 0.9,
                   optimizer: optax.GradientTransformation | Callable[[int, int], optax.GradientTransformation]
-                  | None = None, lr: float = 0.05, momentum: float = 0.9, schedule: str = "cosine",
-                  l2: float = 0.0, objective: str = "uniform", area_estimator: str = "importance",
+                  | None = None, schedule: str = "cosine", weight_decay: float = 0.0,
+                  weight_decay_on: str = "control", num_samples: int = 8, loss_fn: Callable = cross_entropy,
+                  seed: int = 0, augment: bool = False, strategy: str | None = None,
+                  checkpoint_dir: str | os.PathLike | None = None, keep: int = 1, overwrite: bool = False,
+                  progress: bool | None = None, callback: Callable[[int, SurfaceTrainResult], None] | None = None,
+                  devices: int | None = None, objective: str = "uniform", area_estimator: str = "importance",
                   area_gradient: str = "full", area_quadrature: int = 24, proposal_cells: int = 32,
-                  proposal_mix: float = 0.1, proposal_refresh: int = 1, layers: str | None = None,
-                  seed: int = 0, strategy: str | None = None, augment: bool = False,
-                  checkpoint_dir: str | os.PathLike | None = None, progress: bool | None = None,
-                  epoch_callback: Callable[[int, int, dict, Connector], None] | None = None,
-                  devices: int | None = None) -> SurfaceTrainResult:
-    """Train a Bézier surface with the three-phase outer-to-inner schedule (Algorithms 1-2, eq. 9-10).
+                  proposal_mix: float = 0.1, proposal_refresh: int = 1, layers: str | None = None
+                  ) -> SurfaceTrainResult:
+    """Train a Bézier surface with the three-phase outer-to-inner schedule (Bézier-surface paper, Alg. 1-2, eq. 9-10).
 
-    ``epochs = (E1, E2, E3)``; a phase with 0 epochs, or with no trainable control point for this grid
-    (phase 1 when m = 1, phase 2 when n = 1), is skipped and reported in ``skipped``. ``num_samples`` is
-    ``k``, the points evaluated together per batch (the paper uses 80). ``optimizer``: an optax
-    transformation (a fresh state per phase), a callable ``(phase, steps_in_phase) -> transformation``, or
-    ``None`` for SGD(``lr``, ``momentum``) with a per-phase ``schedule`` ("cosine" or "constant"). ``l2``
-    is the trainer's L2 penalty on trainable control points.
+    Same calling convention and shared keywords as :func:`mclandscape.methods.curves.train_curve`:
+    ``(model, connector, train, *, ...)``.
 
-    ``objective``: "uniform" (eq. 9) or "area" (eq. 7-8 in phase 3; see the module docstring for
-    ``area_estimator``, ``area_gradient``, ``area_quadrature``, ``proposal_cells``, ``proposal_mix``,
-    ``proposal_refresh``; phases 1-2 train curves and use eq. 9 for both objectives).
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model` (trained in train mode).
+      surface: the surface, e.g. ``mcl.bezier_surface(c00, c01, c10, c11, n=2, m=2)`` (corners fixed,
+        other control points bilinear), or a surface trained before.
+      train: the training :class:`~mclandscape.engine.data.Dataset`.
+      epochs: ``(E1, E2, E3)``; a phase with 0 epochs, or with no trainable control point for this grid
+        (phase 1 when m = 1, phase 2 when n = 1), is skipped and reported in ``skipped``.
+      batch_size: examples per batch, in ``[1, len(train)]``.
+      lr, momentum, schedule: the default optimizer, SGD(``lr``, ``momentum``) with a per-phase ``schedule``
+        (``"cosine"`` or ``"constant"``).
+      optimizer: an optax transformation (a fresh state per phase), a callable ``(phase, steps_in_phase) ->
+        transformation``, or ``None`` for the default.
+      weight_decay, weight_decay_on: ``(wd/2) sum |theta_k|^2`` over the trainable control points
+        (``"control"``) or ``(wd/2) |phi(u, v)|^2`` at the sampled points (``"point"``).
+      num_samples: ``k``, the points evaluated together per batch (the paper uses 80).
+      loss_fn: per-example loss ``(logits, y) -> [N]``.
+      seed: batch order, point samples and dropout (each phase derives its own).
+      augment: random crops and flips of image batches.
+      strategy: how the ``k`` points are evaluated (:mod:`mclandscape.engine.connector_train`).
+      checkpoint_dir, keep, overwrite: per-phase checkpoints (``phase1``, ``phase2``, ``phase3``) at every epoch
+        end (the last ``keep`` stay); a second call with the same directory and the same run (surface, data,
+        model and every argument) skips finished phases and resumes, a different run is refused;
+        ``overwrite=True`` starts afresh.
+      progress: a progress bar per phase (``None``: when stderr is a terminal).
+      callback: ``callback(epoch, result)`` after every epoch: ``epoch`` from 1 within the phase (as in
+        ``history``), ``result`` a :class:`SurfaceTrainResult` as of that epoch (``result.phase`` is the
+        phase). Raising :class:`~mclandscape.engine.loop.StopRun` ends training there; the later phases are
+        reported in ``skipped``.
+      devices: how many devices each step runs on (see :func:`mclandscape.engine.connector_train.train_connector`).
+      objective: ``"uniform"`` (eq. 9) or ``"area"`` (eq. 7-8 in phase 3; phases 1-2 train curves and use
+        eq. 9 for both); ``area_estimator``, ``area_gradient``, ``area_quadrature``, ``proposal_cells``,
+        ``proposal_mix``, ``proposal_refresh``: see the module docstring.
+      layers: a regex on parameter paths (:func:`layer_mask`); only matching leaves are trained, the others
+        keep their bilinear initialisation (appendix A.6, Table 4).
 
-    ``layers``: a regex on parameter paths (:func:`layer_mask`); only matching leaves are trained, the
-    others keep their bilinear initialisation (A.6, Table 4).
+    Returns:
+      A :class:`SurfaceTrainResult`.
 
-    ``checkpoint_dir``: per-phase checkpoints (``phase1``, ``phase2``, ``phase3``) at every epoch end; a
-    second call with the same directory and the same run (surface, data, model and every argument above)
-    resumes, a different run is refused. ``epoch_callback(phase, epoch, record, connector)`` is called after
-    every epoch (``epoch`` counts from 1 within the phase; ``connector`` is the surface after it); raising
-    :class:`~mclandscape.engine.loop.StopRun` from it ends the training there (the later phases are reported in
-    ``skipped``), e.g. once the surface reaches a target. ``devices``: how many devices each step runs on (default all
-    of the job's; the k points and the batch split over them, see
-    :func:`mclandscape.engine.connector_train.train_connector`).
+    Raises:
+      TypeError: ``surface`` is not a Connector (e.g. four corners were passed), or ``train`` is not a Dataset.
+      ValueError: a bad option.
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> train = mcl.load_dataset("iris", "train")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> corners = [model.init(jax.random.key(s), train.x[:1])["params"] for s in range(4)]
+        >>> res = train_surface(model, mcl.bezier_surface(*corners, n=2, m=2), train, epochs=(1, 0, 1),
+        ...                     num_samples=2, batch_size=60, progress=False)
+        >>> sorted(res.history), res.skipped, [r["epoch"] for r in res.history[3]]
+        ([1, 3], {2: '0 epochs'}, [1])
     """
-    _check_surface(surface)
+    surface = check_connector(surface, ("surface",), "train_surface", extra,
+                              build="mcl.bezier_surface(c00, c01, c10, c11, n=2, m=2)")
+    if not isinstance(train, Dataset):
+        raise TypeError(f"train_surface: train must be a Dataset (mcl.load_dataset(...) or mcl.Dataset(x, y, ...)), "
+                        f"got {type(train).__name__}")
     shape = _grid_shape(surface.shape)
-    e = [int(x) for x in epochs]
-    if len(e) != 3 or any(x < 0 for x in e) or any(x != y for x, y in zip(e, epochs, strict=True)):
+    try:
+        e = [int(x) for x in epochs]
+        ok = len(e) == 3 and all(x >= 0 for x in e) and all(x == y and not isinstance(y, bool)
+                                                            for x, y in zip(e, epochs, strict=True))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"epochs must be three non-negative integers (E1, E2, E3), got {epochs!r}")
-    if int(num_samples) != num_samples or num_samples < 1:
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
         raise ValueError(f"num_samples (k) must be an integer >= 1, got {num_samples!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -520,12 +603,11 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
         raise ValueError(f"area_estimator must be one of {AREA_ESTIMATORS}, got {area_estimator!r}")
     if area_gradient not in AREA_GRADIENTS:
         raise ValueError(f"area_gradient must be one of {AREA_GRADIENTS}, got {area_gradient!r}")
-    if int(proposal_refresh) != proposal_refresh or proposal_refresh < 1:
+    if isinstance(proposal_refresh, bool) or int(proposal_refresh) != proposal_refresh or proposal_refresh < 1:
         raise ValueError(f"proposal_refresh must be an integer >= 1 (epochs), got {proposal_refresh!r}")
-    n_train = int(np.shape(train.x)[0])
-    steps_per_epoch = n_train // batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {batch_size} is larger than the training set ({n_train} examples)")
+    batch_size = check_batch_size(batch_size, len(train))
+    wd = weight_decay_args(weight_decay, weight_decay_on)
+    steps_per_epoch = len(train) // batch_size
     lmask = layer_mask(jax.tree_util.tree_map(lambda a: a[0], surface.control), layers) if layers else None
 
     def make_opt(phase: int) -> optax.GradientTransformation:
@@ -564,7 +646,8 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
             sample = objective == "area" and phase == 3 and area_estimator == "sample"
             hyper = {"phase": phase, "phase_epochs": e, "epochs": e[phase - 1], "objective": objective,
                      "optimizer": "default" if optimizer is None else "custom", "lr": float(lr),
-                     "momentum": float(momentum), "schedule": schedule, "layers": layers}
+                     "momentum": float(momentum), "schedule": schedule, "layers": layers,
+                     "weight_decay_on": weight_decay_on}
             if objective == "area" and phase == 3:
                 hyper.update(area_estimator=area_estimator, area_gradient=area_gradient,
                              area_quadrature=int(area_quadrature))
@@ -572,12 +655,18 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
                     hyper.update(proposal_cells=int(proposal_cells), proposal_mix=float(proposal_mix),
                                  proposal_refresh=int(proposal_refresh))
             callbacks = []
-            if epoch_callback is not None:
-                callbacks.append(lambda epoch, st, hist, _phase=phase, _conn=conn: epoch_callback(
-                    _phase, epoch, dict(hist[-1]), _conn.replace(control=st.params)))
-            common = dict(tx=opt, batch_size=batch_size, num_samples=int(num_samples), trainable=mask, l2=l2,
+            if callback is not None:
+                def cb(epoch, st, hist, _phase=phase, _conn=conn):
+                    callback(epoch, SurfaceTrainResult(
+                        connector=_conn.replace(control=st.params), history={**history, _phase: _clean(hist)},
+                        wall_time={**wall, _phase: float(sum(r.get("seconds", 0.0) for r in hist))},
+                        trained=dict(trained), skipped=dict(skipped)))
+
+                callbacks.append(cb)
+            common = dict(tx=opt, batch_size=batch_size, num_samples=int(num_samples), trainable=mask,
                           seed=seed + 7919 * phase, augment=augment, strategy=strategy, callbacks=callbacks,
-                          hyper=hyper, metadata={"phase": phase, "objective": objective}, devices=devices)
+                          loss_fn=loss_fn, hyper=hyper, metadata={"phase": phase, "objective": objective},
+                          devices=devices, **wd)
             if sample:
                 # The proposal follows the surface: rebuilt every proposal_refresh epochs from the current control
                 # points. Checkpoints fall on those boundaries, so a resumed run rebuilds the same proposals.
@@ -585,13 +674,14 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
                     tmp = tempfile.TemporaryDirectory(prefix="mcl_surface_")
                     ckdir = tmp.name
                 start = conn
-                conn, done = checkpointed_connector(conn, opt, ckdir)
+                conn, done = (conn, 0) if overwrite else checkpointed_connector(conn, opt, ckdir)
                 res = None
                 while res is None or done < e[2]:
                     end = min(e[2], done + int(proposal_refresh))
                     prop_sampler, dens = area_proposal(conn, cells=proposal_cells, mix=proposal_mix)
                     w = area_weights(quadrature=area_quadrature, gradient=area_gradient, proposal=dens)
-                    loop = LoopConfig(checkpoint_dir=ckdir, checkpoint_every=int(proposal_refresh), progress=progress,
+                    loop = LoopConfig(checkpoint_dir=ckdir, checkpoint_every=int(proposal_refresh), keep=keep,
+                                      overwrite=overwrite and res is None, progress=progress,
                                       desc=f"surface phase {phase}")
                     res = train_connector(model, conn, train, epochs=end, sampler=prop_sampler, point_weights=w,
                                           loop=loop, run_start=start, **common)
@@ -599,7 +689,8 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
                     if res.stopped is not None:
                         break
             else:
-                loop = LoopConfig(checkpoint_dir=ckdir, progress=progress, desc=f"surface phase {phase}")
+                loop = LoopConfig(checkpoint_dir=ckdir, keep=keep, overwrite=overwrite, progress=progress,
+                                  desc=f"surface phase {phase}")
                 res = train_connector(model, conn, train, epochs=e[phase - 1], sampler=phase_sampler(shape, phase),
                                       coefficients=curve_family_coefficients(shape) if phase == 2 else None,
                                       point_weights=(area_weights(quadrature=area_quadrature, gradient=area_gradient)
@@ -610,7 +701,7 @@ def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[i
             wall[phase] = float(sum(r.get("seconds", 0.0) for r in res.history))
             if res.stopped is not None:
                 for later in PHASES[phase:]:
-                    skipped[later] = f"stopped by epoch_callback after phase {phase}, epoch {res.stopped}"
+                    skipped[later] = f"stopped by the callback after phase {phase}, epoch {res.stopped}"
                 break
     finally:
         if tmp is not None:
@@ -660,20 +751,46 @@ class SurfaceGrid:
 
 
 def surface_grid(model: Model, connector: Connector, train, test, *, steps: int = 11, batch_size: int = 500,
-                 bn_batches: int | None = None, bn_batch_size: int = 128, return_probs: bool = False,
-                 strategy: str = "auto", chunk_size: int | None = None, train_eval=None) -> SurfaceGrid:
-    """Train loss/accuracy and test loss/accuracy over the ``steps x steps`` grid (default step 0.1, 11 x 11;
-    Figures 4-5) through :func:`mclandscape.engine.evaluate.evaluate_points`.
+                 bn_data=None, bn_batches: int | None = None, bn_batch_size: int = 128, return_probs: bool = False,
+                 strategy: str = "auto", chunk_size: int | None = None, loss_fn: Callable = cross_entropy,
+                 devices: int | None = None, train_eval=None) -> SurfaceGrid:
+    """Train and test loss/accuracy over the ``steps x steps`` (u, v) grid (Bézier-surface paper, Figures 4-5).
 
-    ``train_eval`` (default ``train``) is the data for the train-loss grid (appendix B: a few batches);
-    BatchNorm statistics always come from ``train`` (``bn_batches`` full batches of ``bn_batch_size``,
-    default all), once per point.
+    Through :func:`mclandscape.engine.evaluate.evaluate_points` (default step 0.1, 11 x 11). BatchNorm
+    statistics, as in :func:`mclandscape.methods.curves.evaluate_curve`, are recomputed at every point on
+    ``bn_data``, which defaults to ``train``; models without BatchNorm ignore it.
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      connector: a surface.
+      train: the training data (the default ``bn_data`` and, unless ``train_eval``, the train-loss grid).
+      test: the test data.
+      steps: grid points per axis (>= 2).
+      batch_size: evaluation batch size.
+      bn_data, bn_batches, bn_batch_size: the BatchNorm data (default ``train``), how many full batches of
+        ``bn_batch_size`` (default all).
+      return_probs: keep the test softmax outputs (for :func:`surface_ensembles`).
+      strategy, chunk_size, devices: see :func:`mclandscape.engine.evaluate.evaluate`.
+      loss_fn: per-example loss.
+      train_eval: data for the train-loss grid instead of ``train`` (appendix B: a few batches).
+
+    Returns:
+      A :class:`SurfaceGrid`.
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> train, test = mcl.load_dataset("iris", "train"), mcl.load_dataset("iris", "test")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> corners = [model.init(jax.random.key(s), train.x[:1])["params"] for s in range(4)]
+        >>> g = surface_grid(model, mcl.bilinear_surface(*corners), train, test, steps=3)
+        >>> g.train_loss.shape, g.corner_values("test_acc").shape
+        ((3, 3), (4,))
     """
     _check_surface(connector)
     pts = uv_grid(steps)
-    bn = train if model.has_batch_stats else None
-    kw = dict(batch_size=batch_size, strategy=strategy, chunk_size=chunk_size, bn_data=bn, bn_batches=bn_batches,
-              bn_batch_size=bn_batch_size)
+    kw = dict(batch_size=batch_size, strategy=strategy, chunk_size=chunk_size, devices=devices, loss_fn=loss_fn,
+              bn_data=train if bn_data is None else bn_data, bn_batches=bn_batches, bn_batch_size=bn_batch_size)
     tr = evaluate_points(model, connector, pts, train if train_eval is None else train_eval, **kw)
     te = evaluate_points(model, connector, pts, test, return_probs=return_probs, **kw)
     s = (steps, steps)
@@ -700,7 +817,7 @@ def extrema(values: np.ndarray) -> dict:
 
 def subset_approximation(model: Model, connector: Connector, train, test, *, full: SurfaceGrid | None = None,
                          steps: int = 11, train_batches: int = 4, batch_size: int = 128, test_size: int | None = None,
-                         seed: int = 0, bn_batches: int | None = None, bn_batch_size: int = 128,
+                         seed: int = 0, bn_data=None, bn_batches: int | None = None, bn_batch_size: int = 128,
                          strategy: str = "auto") -> dict:
     """Appendix B: the train-loss grid from ``train_batches`` random batches of ``batch_size`` (B.1) and the
     test-accuracy grid from a random test subset of ``test_size`` examples (default a quarter; B.2),
@@ -719,10 +836,11 @@ def subset_approximation(model: Model, connector: Connector, train, test, *, ful
     itr = rng.permutation(len(ytr))[:ntr]
     ite = rng.permutation(len(yte))[:nte]
     if full is None:
-        full = surface_grid(model, connector, train, test, steps=steps, bn_batches=bn_batches,
+        full = surface_grid(model, connector, train, test, steps=steps, bn_data=bn_data, bn_batches=bn_batches,
                             bn_batch_size=bn_batch_size, strategy=strategy)
-    sub = surface_grid(model, connector, train, (xte[ite], yte[ite]), steps=full.steps, bn_batches=bn_batches,
-                       bn_batch_size=bn_batch_size, strategy=strategy, train_eval=(xtr[itr], ytr[itr]))
+    sub = surface_grid(model, connector, train, (xte[ite], yte[ite]), steps=full.steps, bn_data=bn_data,
+                       bn_batches=bn_batches, bn_batch_size=bn_batch_size, strategy=strategy,
+                       train_eval=(xtr[itr], ytr[itr]))
 
     def compare(a, b):
         fa, fb = extrema(a), extrema(b)
@@ -812,7 +930,7 @@ def evaluate_triangle(model: Model, models: Sequence[PyTree], data, *, steps: in
 def trajectory_surface(snapshots: Sequence[PyTree], n: int = 2, m: int = 2) -> Connector:
     """A.2/A.3: the linear Bézier surface whose corners are four snapshots of *one* training trajectory.
 
-    ``snapshots = (theta_00, theta_0m, theta_n0, theta_nm)`` (e.g. epochs 220, 200, 180, 160 in the seed),
+    ``snapshots = (theta_00, theta_0m, theta_n0, theta_nm)`` (e.g. epochs 220, 200, 180, 160 in the paper),
     interior control points bilinear, so every point is a convex combination of the four snapshots.
     """
     snaps = list(snapshots)

@@ -1,8 +1,10 @@
-"""TRUST-TECH with dynamic search paths (DSP-TT), seed 004.
+"""TRUST-TECH with dynamic search paths (DSP-TT): multiple local optimal solutions from one.
 
-Starting from a local optimal solution (LOS) ``omega0`` (the *tier-0* solution), DSP-TT keeps several search
-directions ``d^(k)`` (pytrees shaped like the parameters). At each search step one direction, chosen at random
-among those still searching, is advanced (seed 004 Algorithm 1):
+The method of the DSP-TT paper (Anonymous, 2020, 'Constructing multiple high-quality deep neural networks: a
+TRUST-TECH based approach', ICLR 2021 submission). Starting from a local optimal solution (LOS) ``omega0`` (the
+*tier-0* solution), DSP-TT keeps several search directions ``d^(k)`` (pytrees shaped like the parameters). At
+each search step one direction, chosen at random among those still searching, is advanced (DSP-TT paper,
+Algorithm 1):
 
 1. *forward search step* (``Update(model, Delta_k, rho1)``): ``d <- d + rho1(i) * d / |d|``;
 2. *exit check* (``CheckExit``) on the mini-batch loss at ``omega0 + d`` — an exponential moving average of the
@@ -10,22 +12,23 @@ among those still searching, is advanced (seed 004 Algorithm 1):
 3. if an exit point was found, a *local solver* (any Optax optimizer, :class:`LocalSolver`) converges from
    ``omega0 + d`` to a tier-1 solution and the direction retires; otherwise
 4. *calibration step* (``Calibrate(model, rho2, Delta_k, batch)``): ``d <- d + rho2 * f(omega0 + d)`` with ``f``
-   the negative-gradient dynamics of seed 004 eq. 2 (an Optax gradient transformation, ``-grad`` by default).
+   the negative-gradient dynamics of the paper's eq. 2 (an Optax gradient transformation, ``-grad`` by
+   default).
 
 Only one direction enters the computation at a time (the step function takes a single direction), so memory
-stays near that of ordinary training plus the stored directions.
+stays near that of ordinary training plus the stored directions. Everything is computed in the parameters'
+dtype (float64 parameters under ``jax_enable_x64`` give float64 steps, losses and ``rho``).
 
-The reading of seed 004 eq. 3
------------------------------
+The reading of eq. 3
+--------------------
 Eq. 3 reads ``d_i = rho1(i) * d_{i-1} + rho2(i) * f(omega0 + d_i)`` with ``rho1(i) in (0, rho_max]`` growing
 from 0 by a fixed increment per iteration (0.001 in §5). Taken literally with ``rho1 < 1`` the first term
 *shrinks* the direction: at ``i = 1`` the direction is multiplied by 0.001, after which ``d`` sits at
-``omega0`` where ``f = 0`` and the search never leaves the tier-0 basin (shown in
-``tests/test_trusttech.py::test_literal_reading_never_escapes_while_outward_readings_do``). The text around eq. 3 — "an exploration
-step forward along the current direction", a *pace of search step* ``rho1`` that grows until an exit is found
-or ``rho_max`` is reached, exit distance highly correlated with ``rho1`` (§5.4) — describes a search moving
-outward with a growing step. :class:`RhoSchedule` therefore implements two outward readings and keeps the
-literal one only to demonstrate the slip:
+``omega0`` where ``f = 0`` and the search never leaves the tier-0 basin. The text around eq. 3 — "an
+exploration step forward along the current direction", a *pace of search step* ``rho1`` that grows until an
+exit is found or ``rho_max`` is reached, exit distance highly correlated with ``rho1`` (§5.4) — describes a
+search moving outward with a growing step. :class:`RhoSchedule` therefore implements two outward readings and
+keeps the literal one to show the difference:
 
 - ``"additive"`` (default): ``d_i = d_{i-1} + rho1(i) * d_{i-1}/|d_{i-1}| + rho2 * f(omega0 + d_i')`` — the
   search advances a distance ``rho1(i)`` along the current (calibrated) direction, so the distance travelled
@@ -40,62 +43,27 @@ In all three ``f`` is evaluated explicitly at the point after the forward step, 
 ``d_{i-1}`` (eq. 3 writes the implicit ``f(omega0 + d_i)``; Algorithm 1 evaluates it after ``Update``).
 ``rho2`` is a constant fraction (0.1 in §5) of the tier-0 learning rate (:func:`rho2_from_lr`).
 
-Exit detection (§3.2.1): the losses of one direction are smoothed by an exponential moving average; each step
-pushes "up" or "down" (the sign of the EMA change) into a buffer of the last ``buffer_size`` states. The
-direction is *climbing* once the buffer holds at least ``vote`` ups (and the EMA has risen ``min_rise`` above
-its start), and an *exit* is declared when, while climbing, the buffer holds at least ``vote`` downs (and the
-EMA has fallen ``min_drop`` of its rise below its peak): the loss "decreases steadily", so the search path has
-crossed the stability boundary into a neighbouring stability region. The exit point is the point where the
-exit is declared (already inside the new region); the EMA peak before it (the estimate of the boundary
-crossing) is recorded too. On mini-batch losses a detector can also fire on a noisy plateau; the guards
-``min_rise`` / ``min_drop`` (not in the seed) reduce that, and ``experiments/dsp_tt.py`` reports whether the
-full training loss really fell before each exit.
+Exit detection (§3.2.1)
+-----------------------
+The losses of one direction are smoothed by an exponential moving average; each step pushes "up" or "down"
+(the sign of the EMA change) into a buffer of the last ``buffer_size`` states. The direction is *climbing* once
+the buffer holds at least ``vote`` ups (and the EMA has risen ``min_rise`` above its start), and an *exit* is
+declared when, while climbing, the buffer holds at least ``vote`` downs (and the EMA has fallen ``min_drop`` of
+its rise below its peak): the loss "decreases steadily", so the search path has crossed the stability boundary
+into a neighbouring stability region. The exit point is the point where the exit is declared (already inside
+the new region); the EMA peak before it (an estimate of the boundary crossing) is recorded too. On mini-batch
+losses a detector can also fire on a noisy plateau; the guards ``min_rise`` / ``min_drop`` (not in the paper)
+reduce that.
 
-Tier-by-tier search (:func:`tier_by_tier`): tier 1 from ``omega0``, tier 2 from the best tier-1 solution
-(§5.2). Every exit point and every solution found is checkpointed through :mod:`mclandscape.engine.checkpoint`, and
-a search restarted with the same arguments and checkpoint directory resumes where it was killed, producing the
-same solutions as an uninterrupted run (the direction chosen and the mini-batch used at global step ``t`` are
-functions of ``(key, t)`` only).
-
-Exit-point verification (§5.1, Figure 3c, :func:`verify_exit`): points along the recorded search path near the
-exit are integrated by full-batch gradient descent with a small step; the seed reports that points before and
-after the exit converge to different optima. Which optimum each point reaches is *measured*
-(:meth:`VerificationResult.separation`): gradient norms at the end points (the flows can stop once all are
-below ``grad_tol``), clusters of end points by parameter distance and — since a network's hidden-unit
-permutations and sign flips map an optimum to other parameters computing the same function — by distance
-between the networks' outputs, within-side spreads against the distance between the two sides, and the
-measured crossing of the origin's stability boundary along the path compared with the exit estimate.
-
-What this shows on the seed's wine MLP (one hidden layer of 5 units; ``experiments/dsp_tt.py``, seed 0):
-
-- With softmax cross-entropy the verification cannot succeed: the scikit-learn wine training set is
-  separable, the loss has its infimum at infinity, and gradient descent from a path point never settles:
-  after 50,000 steps of 0.01 the twelve end points had moved 2-5 parameter units, lay 6-21 units from the
-  origin's end point and no two of them coincided — there is no optimum to converge to. The experiment therefore uses squared error on one-hot targets plus ``1e-3 / 2 * |w|^2`` with
-  ``tanh`` units (finite, isolated minima; ReLU would add a continuous rescaling symmetry) for the search,
-  the local solver and the flows alike. Stronger L2 (``3e-3``, ``1e-2``) makes the quadratic bowl dominate:
-  with ``rho_max`` from 0.005 to 0.05 no direction exited within 10,000 search steps.
-- The seed's integration (50,000 steps of 0.01, time 500) does not converge on that objective: its flattest
-  curvature at the tier-0 optimum is ``4e-4``, and the end-point gradient norms stay at ``3e-3 .. 8e-3``.
-  A gradient-norm criterion alone (``|grad| <= 1e-5``) is not convergence either: flows that met it were
-  still moving (an L-BFGS polish moved them by up to 3 parameter units on seed 2). :func:`verify_exit`
-  therefore integrates with steps of 0.1, finishes each flow with an L-BFGS polish (``polish_steps``) and
-  reports each end point as *settled* only when its gradient is small and it has stopped moving.
-- Apparent "different optima" in parameter space were symmetric copies: modulo the permutations and sign
-  flips of the 5 ``tanh`` units (:func:`mlp_symmetry_distance`, exact by assignment) every settled end point
-  before the exit lies at distance 0.0000 from the tier-0 optimum, and the symmetry-aware and function-space
-  clusterings agree; raw parameter clustering never separates.
-- Seeds 0-4 (``--verify-seeds``): seeds 1 and 4 find no exit (the loss keeps rising along all 5 directions;
-  neither a smaller ``rho_max`` nor 25,000 search steps changed that). Seed 0: the path leaves the tier-0
-  region at iteration 942/943 (located to one iteration by bisection with flows, the classical TRUST-TECH
-  refinement), 102.5 iterations after the EMA peak (840) and before the detector fires (1118); at that
-  measured crossing the points reach exactly two optima (losses 0.0087087 and 0.0166303), but at the EMA
-  peak the split fails (two points past the peak still return to tier-0). Seed 2: every flow on both sides
-  of its exit returns to the tier-0 optimum (that exit leads nowhere new). Seed 3: the path passes through
-  another optimum's region (loss 0.0125258) at iteration 585/586, 388 iterations *before* the EMA peak, and
-  re-enters a copy of tier-0 before the detector fires. So the seed's claim holds at the measured crossing on
-  1 of the 3 seeds with an exit and at the detector's estimate on none: the loss peak along a calibrated
-  path is an estimate of the boundary crossing, not the crossing itself.
+Tier-by-tier search and verification
+------------------------------------
+:func:`tier_by_tier`: tier 1 from ``omega0``, tier 2 from the best tier-1 solution (§5.2). Every exit point and
+every solution found is checkpointed through :mod:`mclandscape.engine.checkpoint`, and a search restarted with
+the same arguments and checkpoint directory resumes where it was killed, producing the same solutions as an
+uninterrupted run (the direction chosen and the mini-batch used at global step ``t`` are functions of ``(key,
+t)`` only). Whether an exit point really separates two optima (§5.1, Figure 3c) is measured by
+:func:`~mclandscape.methods.verification.verify_exit` (:mod:`mclandscape.methods.verification`, re-exported
+here).
 
 The engine under the search
 ---------------------------
@@ -145,20 +113,24 @@ from mclandscape.core.tree import (
     tree_axpy,
     tree_cosine,
     tree_distance,
-    tree_dot,
-    tree_index,
     tree_norm,
     tree_random_normal,
-    tree_ravel,
     tree_scale,
-    tree_stack,
-    tree_sub,
-    tree_unstack,
 )
 from mclandscape.engine import cpu
 from mclandscape.engine.checkpoint import CheckpointStore
 from mclandscape.engine.data import BatchStream, batch_stream
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, make_step, merge_static, run, split_static
+from mclandscape.methods.verification import (
+    EndPointClusters,
+    FlowDiagnostics,
+    FlowSettings,
+    VerificationResult,
+    output_distance,
+    project,
+    random_orthonormal_pair,
+    verify_exit,
+)
 
 __all__ = [
     "READINGS",
@@ -170,28 +142,32 @@ __all__ = [
     "DSPConfig",
     "ExitRecord",
     "TierResult",
-    "VerificationResult",
     "initial_directions",
     "forward_step",
     "dsp_step",
     "local_solve",
     "dsp_search",
     "tier_by_tier",
-    "verify_exit",
-    "mlp_symmetry_distance",
-    "random_orthonormal_pair",
-    "project",
+    "exit_statistics",
     "model_loss_fn",
     "dataset_batches",
     "full_batch",
-    "exit_statistics",
+    # exit-point verification (mclandscape.methods.verification)
+    "verify_exit",
+    "VerificationResult",
+    "EndPointClusters",
+    "FlowSettings",
+    "FlowDiagnostics",
+    "output_distance",
+    "random_orthonormal_pair",
+    "project",
 ]
 
 READINGS = ("additive", "growth", "literal")
 
 Objective = Callable[[PyTree, Any, jax.Array | None], tuple[jax.Array, Any]]  # (params, batch, key) -> (loss, aux)
 
-NEGATIVE_GRADIENT = optax.scale(-1.0)  # f = -grad c (seed 004 eq. 2 with R = I)
+NEGATIVE_GRADIENT = optax.scale(-1.0)  # f = -grad c (DSP-TT paper, eq. 2 with R = I)
 BatchFn = Callable[[int], Any]
 
 
@@ -206,19 +182,24 @@ def _check_real(value, name: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# rho schedules (seed 004 eq. 3, §5 hyper-parameters)
+# rho schedules (DSP-TT paper, eq. 3, §5 hyper-parameters)
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class RhoSchedule:
-    """Step-size schedules of seed 004 eq. 3.
+    """Step-size schedules of the DSP-TT paper, eq. 3.
 
     ``rho1(i) = min(increment * i, rho_max)`` for the i-th iteration (``i >= 1``) of a direction: it grows from
     0 by ``increment`` per iteration (0.001 in §5) and stops at ``rho_max``, so ``rho1(i) in (0, rho_max]``.
     ``rho2`` is the constant calibration step (0.1x the tier-0 learning rate in §5, :func:`rho2_from_lr`);
     ``rho2 = 0`` is the original TRUST-TECH search along a fixed direction. ``reading`` selects how the
     forward step uses ``rho1`` (module docstring): ``"additive"`` (default), ``"growth"`` or ``"literal"``.
+
+    Example:
+      >>> r = RhoSchedule(increment=1e-3, rho_max=0.05)
+      >>> r.rho1(1), r.rho1(30), r.rho1(500)
+      (0.001, 0.03, 0.05)
     """
 
     increment: float = 1e-3
@@ -256,7 +237,19 @@ class RhoSchedule:
 
 
 def rho2_from_lr(tier0_lr: float, fraction: float = 0.1) -> float:
-    """``rho2 = fraction * tier0_lr`` (seed 004 §5: 0.1x the initial tier-0 learning rate)."""
+    """The calibration step ``rho2 = fraction * tier0_lr`` (DSP-TT paper, §5: 0.1x the tier-0 learning rate).
+
+    Args:
+      tier0_lr: the initial learning rate of the tier-0 training (``> 0``).
+      fraction: the fraction (``> 0``).
+
+    Returns:
+      ``rho2``.
+
+    Example:
+      >>> round(rho2_from_lr(0.05), 6)
+      0.005
+    """
     lr = _check_real(tier0_lr, "tier0_lr")
     fr = _check_real(fraction, "fraction")
     if lr <= 0:
@@ -293,7 +286,7 @@ class DetectorState:
 
 @dataclasses.dataclass(frozen=True)
 class ExitDetector:
-    """Exit-point detector on noisy (mini-batch) losses along one search path (seed 004 §3.2.1).
+    """Exit-point detector on noisy (mini-batch) losses along one search path (DSP-TT paper, §3.2.1).
 
     ``ema_decay`` beta: ``ema_i = beta * ema_{i-1} + (1 - beta) * loss_i`` (``ema_1 = loss_1``). Each iteration
     pushes ``+1`` (EMA rose) or ``-1`` (EMA fell or stayed) into a buffer of the last ``buffer_size`` states.
@@ -301,8 +294,16 @@ class ExitDetector:
     EMA is ``min_rise`` above its first value; phase ``"up"`` becomes ``"exit"`` when the full buffer holds at
     least ``vote * buffer_size`` downs and the EMA has fallen at least ``min_drop`` (a fraction of the rise
     ``peak - base``) below its peak. ``min_rise`` and ``min_drop`` are this implementation's guards against
-    mini-batch noise (the seed names none; 0 disables them): a noisy plateau produces short runs of EMA
+    mini-batch noise (the paper names none; 0 disables them): a noisy plateau produces short runs of EMA
     decreases, a crossing into a neighbouring stability region a sustained fall.
+
+    Example:
+      >>> det, state, fired = ExitDetector(ema_decay=0.0, buffer_size=3, vote=1.0), DetectorState(), []
+      >>> for loss in [0, 1, 2, 3, 4, 3.5, 3, 2.5, 2]:  # a climb, then a steady fall
+      ...     state, exited = det.update(state, loss)
+      ...     fired.append(exited)
+      >>> fired.index(True) + 1, state.peak_iteration  # the exit at iteration 8, the EMA peak at 5
+      (8, 5)
     """
 
     ema_decay: float = 0.9
@@ -484,12 +485,33 @@ class TierResult:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _float_dtype(tree: PyTree):
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    return np.dtype(jnp.result_type(*leaves)) if leaves else np.dtype(jnp.result_type(float))
+
+
 def _direction_key(key: jax.Array, k: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(key, 0x7D1), k)
 
 
 def initial_directions(key: jax.Array, origin: PyTree, num: int, norm: float = 1e-2) -> list[PyTree]:
-    """``num`` random (standard-normal) initial directions shaped like ``origin``, each scaled to ``norm``."""
+    """``num`` random (standard-normal) initial directions shaped like ``origin``, each scaled to ``norm``.
+
+    Args:
+      key: a PRNG key (direction ``k`` depends on ``(key, k)`` only).
+      origin: the pytree whose structure, shapes and dtypes the directions take.
+      num: how many.
+      norm: their Euclidean norm.
+
+    Returns:
+      A list of ``num`` pytrees.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> dirs = initial_directions(jax.random.key(0), {"w": jnp.zeros(4)}, 2, norm=0.5)
+      >>> [round(float(tree_norm(d)), 4) for d in dirs]
+      [0.5, 0.5]
+    """
     if isinstance(num, bool) or int(num) != num or num < 1:
         raise ValueError(f"number of directions must be an integer >= 1, got {num!r}")
     if _check_real(norm, "norm") <= 0:
@@ -513,7 +535,22 @@ def _check_directions(directions: Sequence[PyTree], origin: PyTree) -> None:
 
 
 def forward_step(direction: PyTree, rho1, reading: str = "additive") -> PyTree:
-    """The forward search step of one reading of seed 004 eq. 3 (module docstring)."""
+    """The forward search step of one reading of the DSP-TT paper's eq. 3 (module docstring).
+
+    Args:
+      direction: the current direction ``d``.
+      rho1: the forward step of this iteration.
+      reading: ``"additive"`` (``d + rho1 d / |d|``), ``"growth"`` (``(1 + rho1) d``) or ``"literal"``
+        (``rho1 d``).
+
+    Returns:
+      The direction after the forward step.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> [float(x) for x in forward_step(jnp.array([3.0, 4.0]), 0.5)]  # half a unit further along d
+      [3.299999952316284, 4.400000095367432]
+    """
     if reading == "additive":
         return tree_axpy(rho1 / tree_norm(direction), direction, direction)
     if reading == "growth":
@@ -525,7 +562,7 @@ def forward_step(direction: PyTree, rho1, reading: str = "additive") -> PyTree:
 
 def dsp_step(objective: Objective, calibration: optax.GradientTransformation, reading: str,
              direction: PyTree, cal_state, origin: PyTree, batch, rng, rho1, rho2):
-    """One DSP iteration of one direction (Algorithm 1 lines 7, 8, 13; seed 004 eq. 3).
+    """One DSP iteration of one direction (DSP-TT paper, Algorithm 1 lines 7, 8, 13; eq. 3).
 
     Args:
       objective: ``objective(params, batch, key) -> (loss, aux)``.
@@ -555,7 +592,8 @@ def _search_step_impl(objective_static, calibration, reading, objective_arrays, 
     objective = merge_static(objective_static, objective_arrays)
     fwd, cal, state, loss = dsp_step(objective, calibration, reading, direction, cal_state, origin, batch,
                                      jax.random.fold_in(key, t), rho1, rho2)
-    return fwd, cal, state, jnp.stack([loss.astype(jnp.float32), tree_norm(fwd).astype(jnp.float32)])
+    # loss and |d| in their own (promoted) dtype: float64 parameters keep float64 losses for the exit check
+    return fwd, cal, state, jnp.stack([loss, tree_norm(fwd)])
 
 
 # one module-level jit: the objective's configuration, the calibration and the reading are static (hashable),
@@ -665,7 +703,7 @@ def dsp_search(
     tier: int = 1,
     callback: Callable[[int, dict], None] | None = None,
 ) -> TierResult:
-    """One tier of DSP-TT search from ``origin`` (seed 004 Algorithm 1 with eq. 3).
+    """One tier of DSP-TT search from ``origin`` (DSP-TT paper, Algorithm 1 with eq. 3).
 
     With ``checkpoint_dir`` the state is saved at every exit point, every solution and every
     ``config.checkpoint_every`` steps (only the latest state is kept: directions, calibration states, detector
@@ -683,7 +721,7 @@ def dsp_search(
       batch_fn: the search's batches ``t -> batch`` (random access: resuming replays nothing).
       solver: the :class:`LocalSolver` run from every exit point (:func:`local_solve`).
       calibration: the dynamics ``f`` (an Optax gradient transformation returning the descent direction at
-        unit step), default ``optax.scale(-1.0)`` i.e. ``f = -grad`` (seed 004 eq. 2 with ``R = I``).
+        unit step), default ``optax.scale(-1.0)`` i.e. ``f = -grad`` (DSP-TT paper, eq. 2 with ``R = I``).
       directions: overrides the ``config.num_directions`` random initial directions.
       checkpoint_dir: where the search checkpoints and resumes (``None``: no checkpoints).
       tier: the tier number (recorded, and part of the checkpoint's fingerprint).
@@ -693,6 +731,18 @@ def dsp_search(
 
     Returns:
       A :class:`TierResult`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from mclandscape.core.objective import function_objective
+      >>> from mclandscape.methods.potentials import double_well
+      >>> cfg = DSPConfig(num_directions=1, rho=RhoSchedule(2e-2, 1.0, 0.01), detector=ExitDetector(0.5, 3, 1.0),
+      ...                 max_steps=100)
+      >>> res = dsp_search(function_objective(double_well), jnp.array([-1.0, 0.0]), jax.random.key(0), config=cfg,
+      ...                  batch_fn=lambda t: None, solver=LocalSolver(optax.sgd(0.1), 100, grad_tol=1e-4),
+      ...                  directions=[jnp.array([0.1, 0.02])])
+      >>> len(res.exits), [round(float(x), 3) for x in res.solutions[0]]  # from (-1, 0) to the other well
+      (1, [1.0, 0.0])
     """
     if not isinstance(config, DSPConfig):
         raise ValueError(f"config must be a DSPConfig, got {type(config).__name__}")
@@ -728,6 +778,7 @@ def dsp_search(
     solver_key = jax.random.fold_in(key, 0x501)
     sel_seed = int(jax.random.randint(jax.random.fold_in(key, 0x5E1), (), 0, 2**31 - 1))
     fingerprint = _fingerprint(origin, config, tier)
+    dtype = _float_dtype(origin)  # rho1 and rho2 enter the step in the parameters' dtype
 
     def state_tree() -> dict:
         tree = {}
@@ -785,8 +836,8 @@ def dsp_search(
             i = detectors[k].count + 1
             rho1, rho2 = rho.rho1(i), rho.rho2_at(i)
             fwd, cal, cstate, scalars = _search_step(objective, calibration, rho.reading, dirs[k], cal_states[k],
-                                                     origin, batch_fn(t), loss_key, np.int32(t), np.float32(rho1),
-                                                     np.float32(rho2))
+                                                     origin, batch_fn(t), loss_key, np.int32(t),
+                                                     np.asarray(rho1, dtype), np.asarray(rho2, dtype))
             loss, norm = (float(v) for v in np.asarray(scalars))
             state, exited = det.update(detectors[k], loss)
             detectors[k] = state
@@ -877,7 +928,7 @@ def tier_by_tier(
     checkpoint_dir: str | None = None,
     callback: Callable[[int, dict], None] | None = None,
 ) -> list[TierResult]:
-    """Tier-by-tier DSP-TT (seed 004 §5.2): tier 1 from ``origin``; tier ``n+1`` from the best tier-``n``
+    """Tier-by-tier DSP-TT (DSP-TT paper, §5.2): tier 1 from ``origin``; tier ``n+1`` from the best tier-``n``
     solution, the one with the lowest ``score_fn(params)`` (e.g. loss on the training or a validation set).
     Each tier is a :func:`dsp_search` (same ``objective``, ``config``, ``batch_fn``, ``solver``,
     ``calibration``, ``callback``; key ``fold_in(key, n)``) that checkpoints into ``checkpoint_dir/tier<n>`` and
@@ -885,6 +936,18 @@ def tier_by_tier(
 
     Returns:
       One :class:`TierResult` per tier.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from mclandscape.core.objective import function_objective
+      >>> from mclandscape.methods.potentials import double_well
+      >>> cfg = DSPConfig(num_directions=2, rho=RhoSchedule(2e-2, 0.1, 0.01), detector=ExitDetector(0.5, 3, 1.0),
+      ...                 init_norm=0.1, max_steps=200)
+      >>> tiers = tier_by_tier(function_objective(double_well), jnp.array([-1.0]), jax.random.key(0), config=cfg,
+      ...                      batch_fn=lambda t: None, solver=LocalSolver(optax.sgd(0.05), 200),
+      ...                      score_fn=lambda p: -float(p[0]), tiers=2)  # tier 2 from the solution of largest x
+      >>> len(tiers), [round(float(x), 2) for x in tiers[1].origin]
+      (2, [1.0])
     """
     if isinstance(tiers, bool) or int(tiers) != tiers or tiers < 1:
         raise ValueError(f"tiers must be an integer >= 1, got {tiers!r}")
@@ -906,7 +969,7 @@ def tier_by_tier(
 
 
 def exit_statistics(result: TierResult) -> dict:
-    """Summary of a tier's exits (seed 004 §5.4 quantities): counts, iterations / rho1 / distance at exit."""
+    """Summary of a tier's exits (DSP-TT paper, §5.4 quantities): counts, iterations / rho1 / distance at exit."""
     its = [e.iteration for e in result.exits]
     out = {"directions": len(result.traces), "exits": len(result.exits), "failed": list(result.failed),
            "search_steps": result.steps}
@@ -917,492 +980,6 @@ def exit_statistics(result: TierResult) -> dict:
         out[f"mean_{name}"] = float(np.mean(vals)) if vals else None
     out["per_exit"] = [e.to_json() for e in result.exits]
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# exit-point verification (§5.1, Figure 3c)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _leader_clusters(dist: np.ndarray, tol: float) -> list[int]:
-    """Greedy clustering of points ``0..n-1`` given their distance matrix: point 0 founds cluster 0, every
-    later point joins the first cluster whose founder lies within ``tol``, else founds a new cluster."""
-    founders: list[int] = [0]
-    labels = [0]
-    for p in range(1, dist.shape[0]):
-        for c, f in enumerate(founders):
-            if dist[p, f] <= tol:
-                labels.append(c)
-                break
-        else:
-            founders.append(p)
-            labels.append(len(founders) - 1)
-    return labels
-
-
-def _pairwise(rows: np.ndarray, rms: bool = False) -> np.ndarray:
-    """Euclidean (or root-mean-square, ``rms``) distances between the rows of ``rows``, one row at a time so
-    that memory stays at one copy of ``rows``."""
-    out = np.empty((rows.shape[0], rows.shape[0]))
-    for p in range(rows.shape[0]):
-        sq = np.sum((rows - rows[p]) ** 2, axis=1)
-        out[p] = np.sqrt(sq / rows.shape[1] if rms else sq)
-    return out
-
-
-def _max_pairwise(dist: np.ndarray, idx: list[int]) -> float:
-    if len(idx) < 2:
-        return 0.0
-    return float(dist[np.ix_(idx, idx)].max())
-
-
-def _two_sides(dist: np.ndarray, b: list[int], a: list[int]) -> dict:
-    """Spreads of two groups of end points, the smallest distance between them and ``ratio = between /
-    max(spreads)`` (``inf`` when both spreads are 0; ``between`` and ``ratio`` ``None`` if a group is empty)."""
-    sb, sa = _max_pairwise(dist, b), _max_pairwise(dist, a)
-    between = float(dist[np.ix_(b, a)].min()) if b and a else None
-    spread = max(sb, sa)
-    ratio = None if between is None else (float("inf") if spread == 0 else between / spread)
-    return {"before_spread": sb, "after_spread": sa, "between": between, "ratio": ratio}
-
-
-@dataclasses.dataclass(frozen=True)
-class VerificationResult:
-    """Gradient-descent integration from points along a search path near its exit (seed 004 §5.1).
-
-    Per start point ``p`` (in path order): ``iterations[p]`` (its path iteration), ``before[p]`` (whether it
-    precedes the exit estimate ``exit_iteration``), ``start_losses[p]``, ``final_losses[p]`` and
-    ``grad_norms[p]`` (loss and gradient norm at the end point); ``starts`` / ``finals`` hold the stacked start
-    and end points, ``trajectories`` the points every ``record_every`` steps (leaves ``[P, T, ...]``,
-    ``T = steps_run / record_every``). The origin is integrated too: ``origin_final``, ``origin_loss``,
-    ``origin_grad_norm``.
-
-    *Which optimum each end point reached* is measured, not read off a plot: ``distances`` is the
-    ``[P + 1, P + 1]`` matrix of Euclidean parameter distances between end points (index 0: the origin's end
-    point, index ``p + 1``: start point ``p``), and ``basin[p]`` the cluster of end point ``p`` when end points
-    closer than ``tol`` are the same optimum (cluster 0: the origin's optimum; others numbered in path
-    order). Networks have symmetries (permuting hidden units, flipping the sign of a ``tanh`` unit) that map
-    an optimum to distinct parameters computing the same function; with ``outputs_fn`` the same is done in
-    function space — ``function_distances`` (RMS difference of the outputs) and ``function_basin`` with
-    ``function_tol`` — so a symmetric copy of the origin's optimum is recognised as such. An end point counts
-    as converged when its gradient norm is at most ``grad_tol`` (:attr:`converged`).
-    """
-
-    iterations: list[int]
-    before: list[bool]
-    exit_iteration: int
-    starts: PyTree
-    finals: PyTree
-    trajectories: PyTree
-    start_losses: np.ndarray
-    final_losses: np.ndarray
-    grad_norms: np.ndarray
-    origin_final: PyTree
-    origin_loss: float
-    origin_grad_norm: float
-    distances: np.ndarray
-    tol: float
-    basin: list[int]
-    step_size: float
-    steps_run: int
-    grad_tol: float | None = None
-    function_distances: np.ndarray | None = None
-    function_tol: float | None = None
-    function_basin: list[int] | None = None
-    flow_remaining: np.ndarray | None = None
-    flow_grad_norms: np.ndarray | None = None
-    polish_moves: np.ndarray | None = None
-    polish_iterations: np.ndarray | None = None
-    polish_tol: float | None = None
-    symmetry_distances: np.ndarray | None = None
-    symmetry_tol: float | None = None
-    symmetry_basin: list[int] | None = None
-
-    @property
-    def converged(self) -> list[bool] | None:
-        """``grad_norms[p] <= grad_tol`` per end point (``None`` without ``grad_tol``)."""
-        if self.grad_tol is None:
-            return None
-        return [bool(g <= self.grad_tol) for g in self.grad_norms]
-
-    @property
-    def settled(self) -> list[bool]:
-        """Whether each end point has really stopped, judged by the gradient norm *and* by the distance the
-        integration still had to go, so that a loose ``grad_tol`` on a flat valley is not taken for
-        convergence.
-
-        Without a polish: ``grad_norms[p] <= grad_tol`` (when given) and ``flow_remaining[p] <= tol`` — the
-        geometric-series estimate ``m r / (1 - r)`` of the distance the gradient-descent flow still travels,
-        from the movements ``m_prev``, ``m`` over two further probe chunks of ``record_every`` steps run from the
-        end points and discarded (``r = m / m_prev``; ``inf`` when ``r >= 1``). With the L-BFGS polish: the polish reached ``polish_tol`` (its end points
-        are then fixed points up to float precision, whatever the flow left undone — ``polish_moves`` says how
-        much that was)."""
-        if self.polish_tol is not None:
-            return [bool(g <= self.polish_tol) for g in self.grad_norms]
-        rem = self.flow_remaining if self.flow_remaining is not None else np.full(len(self.iterations), np.inf)
-        ok = [bool(r <= self.tol) for r in rem]
-        if self.grad_tol is not None:
-            ok = [o and bool(g <= self.grad_tol) for o, g in zip(ok, self.grad_norms, strict=True)]
-        return ok
-
-    @property
-    def flow_settled(self) -> list[bool]:
-        """Whether the gradient-descent flow alone had settled (before any polish): its gradient norm at most
-        ``grad_tol`` (when given) and its remaining-distance estimate ``flow_remaining`` at most ``tol``."""
-        rem = self.flow_remaining if self.flow_remaining is not None else np.full(len(self.iterations), np.inf)
-        gn = self.flow_grad_norms if self.flow_grad_norms is not None else self.grad_norms
-        return [bool(r <= self.tol and (self.grad_tol is None or g <= self.grad_tol))
-                for r, g in zip(rem, gn, strict=True)]
-
-    def _space(self, space: str) -> tuple[list[int], np.ndarray]:
-        if space == "param":
-            return self.basin, self.distances[1:, 1:]
-        if space == "function":
-            if self.function_basin is None:
-                raise ValueError("function-space separation needs verify_exit(..., outputs_fn=...)")
-            return self.function_basin, self.function_distances[1:, 1:]
-        if space == "symmetry":
-            if self.symmetry_basin is None:
-                raise ValueError("symmetry-space separation needs verify_exit(..., symmetry_distance=...)")
-            return self.symmetry_basin, self.symmetry_distances[1:, 1:]
-        raise ValueError(f"space must be 'param', 'function' or 'symmetry', got {space!r}")
-
-    def separation(self, space: str = "param", at: int | None = None) -> dict:
-        """Measured separation of the end points of the points before and after the exit estimate
-        (``at``: another split iteration instead of ``exit_iteration``, e.g. the iteration where the detector
-        fired; points with iteration ``< at`` are "before").
-
-        ``before_clusters`` / ``after_clusters``: the optima (cluster labels, 0 = the origin's) reached from
-        each side; ``before_spread`` / ``after_spread``: the largest distance between two end points of one
-        side; ``between``: the smallest distance between an end point of one side and one of the other;
-        ``ratio = between / max(spreads)`` (``inf`` when both spreads are 0); ``separates``: the seed's claim —
-        all points before the exit reach one optimum and all points after it another; ``disjoint``: no
-        optimum is reached from both sides; ``leaves_origin``: the points before reach the origin's optimum
-        and none after does. ``transitions``: consecutive sampled iterations ``(i_p, i_{p+1})`` whose end
-        points differ; ``boundary``: the last transition out of the origin's cluster (the measured crossing of
-        the origin's stability boundary, ``None`` if the points never leave it or never start in it), with
-        ``boundary_offset`` = its midpoint minus ``exit_iteration``, ``separates_at_boundary``: all points
-        up to it reach the origin's optimum and all points after it one other optimum, and
-        ``boundary_groups``: spreads, ``between`` and ``ratio`` as above for the two sides of that measured
-        crossing (``None`` without one). ``num_optima``: distinct optima reached from all points;
-        ``two_optima``: exactly two, the origin's reached up to the measured crossing and the other after it;
-        ``all_settled``: every end point :attr:`settled` (otherwise the clusters may split one unfinished
-        flow into several "optima"). ``space``: ``"param"`` (``basin``, ``distances``), ``"function"``
-        (``function_basin``, ``function_distances``) or ``"symmetry"`` (``symmetry_basin``,
-        ``symmetry_distances``: parameter distance modulo the network's symmetries)."""
-        labels, dist = self._space(space)
-        split = self.exit_iteration if at is None else int(at)
-        before = [i < split for i in self.iterations]
-        b = [p for p, bf in enumerate(before) if bf]
-        a = [p for p, bf in enumerate(before) if not bf]
-        lb, la = sorted({labels[p] for p in b}), sorted({labels[p] for p in a})
-        sides = _two_sides(dist, b, a)
-        its = self.iterations
-        transitions = [(its[p], its[p + 1]) for p in range(len(its) - 1) if labels[p] != labels[p + 1]]
-        boundary = offset = groups = None
-        at_boundary = False
-        outs = [p for p in range(len(its) - 1) if labels[p] == 0 and labels[p + 1] != 0]
-        if outs:
-            p = outs[-1]
-            boundary = (its[p], its[p + 1])
-            offset = 0.5 * (its[p] + its[p + 1]) - split
-            at_boundary = all(lab == 0 for lab in labels[:p + 1]) and len(set(labels[p + 1:])) == 1
-            groups = _two_sides(dist, list(range(p + 1)), list(range(p + 1, len(its))))
-        return {
-            "space": space, "before_clusters": lb, "after_clusters": la, **sides,
-            "separates": bool(len(lb) == 1 and len(la) == 1 and lb != la),
-            "disjoint": bool(b and a and not set(lb) & set(la)),
-            "leaves_origin": bool(b and a and lb == [0] and 0 not in la),
-            "transitions": transitions, "boundary": boundary, "boundary_offset": offset,
-            "separates_at_boundary": bool(at_boundary), "boundary_groups": groups,
-            "split_iteration": split, "num_optima": len(set(labels)),
-            "two_optima": bool(at_boundary and len(set(labels)) == 2), "all_settled": all(self.settled),
-        }
-
-    @property
-    def separates(self) -> bool:
-        """The seed's claim in parameter space: every point before the exit converges to one optimum and
-        every point after it to another (:meth:`separation`)."""
-        return self.separation("param")["separates"]
-
-    def summary(self) -> dict:
-        """JSON-serialisable numbers of the verification (per-point values and both separations)."""
-        out = {
-            "iterations": list(self.iterations), "before_exit": list(self.before),
-            "exit_iteration": self.exit_iteration, "step_size": self.step_size, "steps_run": self.steps_run,
-            "grad_tol": self.grad_tol, "start_losses": [float(v) for v in self.start_losses],
-            "final_losses": [float(v) for v in self.final_losses],
-            "grad_norms": [float(v) for v in self.grad_norms], "converged": self.converged,
-            "origin_loss": self.origin_loss, "origin_grad_norm": self.origin_grad_norm,
-            "distance_to_origin_optimum": [float(v) for v in self.distances[0, 1:]],
-            "tol": self.tol, "basin": list(self.basin), "separation_param": self.separation("param"),
-        }
-        if self.function_basin is not None:
-            out.update({"function_tol": self.function_tol, "function_basin": list(self.function_basin),
-                        "function_distance_to_origin_optimum": [float(v) for v in self.function_distances[0, 1:]],
-                        "separation_function": self.separation("function")})
-        if self.symmetry_basin is not None:
-            out.update({"symmetry_tol": self.symmetry_tol, "symmetry_basin": list(self.symmetry_basin),
-                        "symmetry_distance_to_origin_optimum": [float(v) for v in self.symmetry_distances[0, 1:]],
-                        "separation_symmetry": self.separation("symmetry")})
-        fl = lambda xs: None if xs is None else [float(v) for v in xs]  # noqa: E731
-        out.update({"settled": self.settled, "flow_settled": self.flow_settled,
-                    "flow_remaining": fl(self.flow_remaining), "flow_grad_norms": fl(self.flow_grad_norms),
-                    "polish_tol": self.polish_tol, "polish_moves": fl(self.polish_moves),
-                    "polish_iterations": None if self.polish_iterations is None
-                    else [int(v) for v in self.polish_iterations]})
-        return out
-
-
-def verify_exit(
-    objective: Objective,
-    origin: PyTree,
-    path: Sequence[tuple[int, PyTree]],
-    exit_iteration: int,
-    *,
-    batch: Any = None,
-    step_size: float = 0.01,
-    steps: int = 50_000,
-    record_every: int = 500,
-    num_points: int | None = None,
-    tol: float | None = None,
-    grad_tol: float | None = None,
-    outputs_fn: Callable[[PyTree], jax.Array] | None = None,
-    function_tol: float | None = None,
-    polish_steps: int = 0,
-    polish_tol: float = 1e-6,
-    symmetry_distance: Callable[[PyTree, PyTree], float] | None = None,
-    symmetry_tol: float | None = None,
-) -> VerificationResult:
-    """Integrate full-batch gradient descent ``w <- w - step_size * grad loss(w)`` from points of a recorded
-    search ``path`` (``(iteration, d)`` pairs, points ``origin + d``) and from the origin, and measure which
-    optimum each reaches (seed 004 §5.1, Figure 3c: 50,000 steps of size 0.01, the defaults).
-
-    ``loss(w)`` is the value of ``objective(w, batch, None)`` (the objective protocol ``(params, batch, key)
-    -> (loss, aux)``; ``batch`` is fixed, e.g. the whole training set, and no key is passed: the flows are
-    deterministic).
-
-    ``num_points`` evenly chooses that many path points. The integration runs in chunks of ``record_every``
-    steps (one trajectory point each) for at most ``steps`` steps; with ``grad_tol`` it stops as soon as every
-    gradient norm is at most ``grad_tol`` — convergence is judged by the gradient norm, so a step count that
-    suffices on one objective is not silently trusted on another. End points closer than ``tol`` are one
-    optimum. ``outputs_fn(params) -> array`` (e.g. the network's outputs on the training inputs) adds the
-    function-space comparison: RMS output differences, clustered with ``function_tol``. The default
-    tolerances are 1% of how far the start points lie from the origin's end point (largest parameter distance,
-    resp. largest RMS output difference), a scale that does not shrink when all end points coincide.
-
-    Convergence is also judged by the end points stopping to move (:attr:`VerificationResult.settled`): the
-    movements over two further probe chunks (run from the end points and discarded) give a geometric-series
-    estimate of the distance the flow still has to go (``flow_remaining``), which exposes a ``grad_tol`` that is too loose for a flat valley. ``polish_steps``
-    > 0 finishes every flow with at most that many L-BFGS iterations (``optax.lbfgs`` with its zoom line
-    search, a second-order polish of a point already inside a basin: it does not decide the basin, the flow
-    does) until the gradient norm is at most ``polish_tol``; ``polish_moves`` records how far each end point
-    moved during the polish. ``symmetry_distance(p, q) -> float`` (e.g. :func:`mlp_symmetry_distance`) adds the
-    comparison modulo the network's symmetries (``symmetry_distances``, ``symmetry_basin`` clustered with
-    ``symmetry_tol``, default 1% of the largest such distance of a start point from the origin's end point):
-    it tells a symmetric copy of an optimum (distance 0) from a different point of a flat valley computing
-    nearly the same function. See :class:`VerificationResult` for the reported numbers."""
-    if len(path) == 0:
-        raise ValueError("verify_exit needs a non-empty recorded path (DSPConfig.record_path > 0)")
-    if _check_real(step_size, "step_size") <= 0:
-        raise ValueError(f"step_size must be > 0, got {step_size}")
-    for name, v in (("steps", steps), ("record_every", record_every)):
-        if isinstance(v, bool) or int(v) != v or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if steps % record_every:
-        raise ValueError(f"steps ({steps}) must be a multiple of record_every ({record_every})")
-    if grad_tol is not None and _check_real(grad_tol, "grad_tol") <= 0:
-        raise ValueError(f"grad_tol must be > 0 or None, got {grad_tol}")
-    for name, v in (("tol", tol), ("function_tol", function_tol), ("symmetry_tol", symmetry_tol)):
-        if v is not None and _check_real(v, name) <= 0:
-            raise ValueError(f"{name} must be > 0 or None, got {v}")
-    if isinstance(polish_steps, bool) or int(polish_steps) != polish_steps or polish_steps < 0:
-        raise ValueError(f"polish_steps must be an integer >= 0, got {polish_steps!r}")
-    if _check_real(polish_tol, "polish_tol") <= 0:
-        raise ValueError(f"polish_tol must be > 0, got {polish_tol}")
-    pts = list(path)
-    if num_points is not None:
-        if num_points < 1:
-            raise ValueError(f"num_points must be >= 1, got {num_points}")
-        sel = np.unique(np.linspace(0, len(pts) - 1, min(num_points, len(pts))).round().astype(int))
-        pts = [pts[j] for j in sel]
-    iterations = [int(i) for i, _ in pts]
-    starts = tree_stack([origin] + [tree_add(origin, d) for _, d in pts])
-    if not callable(objective):
-        raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
-
-    def loss_fn(w):
-        return call_objective(objective, w, batch, None)[0]
-
-    value_and_grad = jax.value_and_grad(loss_fn)
-
-    @jax.jit
-    def chunk(ws):
-        def one(w):
-            def step(w, _):
-                return jax.tree_util.tree_map(lambda a, g: a - step_size * g, w, jax.grad(loss_fn)(w)), None
-
-            w, _ = jax.lax.scan(step, w, None, length=record_every)
-            return w
-
-        return jax.vmap(one)(ws)
-
-    @jax.jit
-    def measure(ws):
-        loss, g = jax.vmap(value_and_grad)(ws)
-        return loss, jax.vmap(tree_norm)(g)
-
-    start_losses, _ = measure(starts)
-    ws, snapshots, steps_run = starts, [], 0
-    while steps_run < steps:
-        ws = chunk(ws)
-        steps_run += record_every
-        snapshots.append(ws)
-        if grad_tol is not None:
-            _, gn = measure(ws)
-            if float(jnp.max(gn)) <= grad_tol:
-                break
-    ravel = jax.vmap(lambda w: tree_ravel(w)[0])
-    # how far would the flow still go? Two further probe chunks (not kept) measure the movements m_prev, m of
-    # the slowest surviving mode; geometric-series estimate m r / (1 - r), r = m / m_prev
-    probe1 = chunk(ws)
-    hist = [np.asarray(ravel(w), dtype=np.float64) for w in (ws, probe1, chunk(probe1))]
-    m_prev = np.linalg.norm(hist[1] - hist[0], axis=1)
-    m = np.linalg.norm(hist[2] - hist[1], axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(m_prev > 0, m / m_prev, np.where(m > 0, np.inf, 0.0))
-        flow_remaining = np.where(r < 1.0, m * r / (1.0 - r), np.inf)
-    flow_remaining = np.where(m == 0.0, 0.0, flow_remaining)
-    flow_gnorms = np.asarray(measure(ws)[1], dtype=np.float64)
-    polish_moves = polish_its = None
-    if polish_steps:
-        flow_end = hist[0]
-        ws, polish_its = _lbfgs_polish(loss_fn, ws, int(polish_steps), float(polish_tol))
-        polish_its = np.asarray(polish_its)
-        polish_moves = np.linalg.norm(np.asarray(ravel(ws), dtype=np.float64) - flow_end, axis=1)
-    losses, gnorms = (np.asarray(v, dtype=np.float64) for v in measure(ws))
-    trajs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs, axis=1), *snapshots)
-    flat = np.asarray(ravel(ws), dtype=np.float64)
-    dist = _pairwise(flat)
-    flat_starts = np.asarray(ravel(starts), dtype=np.float64)
-    if tol is None:
-        tol = max(1e-2 * float(np.linalg.norm(flat_starts[1:] - flat[0], axis=1).max()), 1e-6)
-    basin = _leader_clusters(dist, float(tol))[1:]
-    sdist = stol = sbasin = None
-    if symmetry_distance is not None:
-        ends = tree_unstack(jax.device_get(ws))
-        sdist = np.zeros((len(ends), len(ends)))
-        for j in range(len(ends)):
-            for k in range(j + 1, len(ends)):
-                sdist[j, k] = sdist[k, j] = float(symmetry_distance(ends[j], ends[k]))
-        stol = symmetry_tol
-        if stol is None:
-            host_starts = tree_unstack(jax.device_get(starts))
-            far = max(float(symmetry_distance(host_starts[j], ends[0])) for j in range(1, len(ends)))
-            stol = max(1e-2 * far, 1e-6)
-        sbasin = _leader_clusters(sdist, float(stol))[1:]
-    fdist = ftol = fbasin = None
-    if outputs_fn is not None:
-        outs = np.asarray(jax.vmap(outputs_fn)(ws), dtype=np.float64).reshape(flat.shape[0], -1)
-        fdist = _pairwise(outs, rms=True)
-        ftol = function_tol
-        if ftol is None:
-            outs0 = np.asarray(jax.vmap(outputs_fn)(starts), dtype=np.float64).reshape(flat.shape[0], -1)
-            ftol = max(1e-2 * float(np.sqrt(np.mean((outs0[1:] - outs[0]) ** 2, axis=1)).max()), 1e-9)
-        fbasin = _leader_clusters(fdist, float(ftol))[1:]
-    take = tree_index
-    return VerificationResult(
-        iterations=iterations, before=[i < exit_iteration for i in iterations], exit_iteration=int(exit_iteration),
-        starts=take(starts, slice(1, None)), finals=take(ws, slice(1, None)),
-        trajectories=take(trajs, slice(1, None)), start_losses=np.asarray(start_losses, dtype=np.float64)[1:],
-        final_losses=losses[1:], grad_norms=gnorms[1:], origin_final=take(ws, 0), origin_loss=float(losses[0]),
-        origin_grad_norm=float(gnorms[0]), distances=dist, tol=float(tol), basin=basin, step_size=float(step_size),
-        steps_run=steps_run, grad_tol=None if grad_tol is None else float(grad_tol), function_distances=fdist,
-        function_tol=None if ftol is None else float(ftol), function_basin=fbasin,
-        flow_remaining=flow_remaining[1:], flow_grad_norms=flow_gnorms[1:],
-        polish_moves=None if polish_moves is None else polish_moves[1:],
-        polish_iterations=None if polish_its is None else polish_its[1:],
-        polish_tol=float(polish_tol) if polish_steps else None, symmetry_distances=sdist,
-        symmetry_tol=None if stol is None else float(stol), symmetry_basin=sbasin)
-
-
-def _lbfgs_polish(loss_fn: Callable[[PyTree], jax.Array], ws: PyTree, max_iter: int, tol: float
-                  ) -> tuple[PyTree, jax.Array]:
-    """L-BFGS (``optax.lbfgs``, zoom line search) from each stacked point of ``ws`` until its gradient norm is
-    at most ``tol`` or ``max_iter`` iterations; returns the points and the iterations used per point."""
-    opt = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss_fn)
-
-    def one(w):
-        def cond(c):
-            _, _, k, gn = c
-            return (k < max_iter) & (gn > tol)
-
-        def body(c):
-            w, st, k, _ = c
-            v, g = value_and_grad(w, state=st)
-            u, st = opt.update(g, st, w, value=v, grad=g, value_fn=loss_fn)
-            w = optax.apply_updates(w, u)
-            return w, st, k + 1, tree_norm(jax.grad(loss_fn)(w))
-
-        g0 = tree_norm(jax.grad(loss_fn)(w))
-        w, _, k, _ = jax.lax.while_loop(cond, body, (w, opt.init(w), jnp.asarray(0), g0))
-        return w, k
-
-    return jax.jit(jax.vmap(one))(ws)
-
-
-def mlp_symmetry_distance(p: PyTree, q: PyTree, *, odd: bool = True) -> float:
-    """Euclidean distance between two one-hidden-layer MLPs modulo their symmetries: the minimum of
-    ``|p - T(q)|`` over the permutations ``T`` of the hidden units and, with ``odd`` (an odd activation such as
-    ``tanh``, for which ``(w_in, b, w_out) -> (-w_in, -b, -w_out)`` leaves the function unchanged), the sign
-    flips of single units. ``p``, ``q``: Flax MLP parameters ``{"Dense_0": {"kernel", "bias"}, "Dense_1":
-    {"kernel", "bias"}}`` (:class:`mclandscape.engine.models.mlp.MLP` with ``widths=[h]``). Exact: the cost decomposes
-    into per-unit-pair costs (the sign chosen per pair), minimised over permutations by the Hungarian
-    algorithm (``scipy.optimize.linear_sum_assignment``)."""
-    from scipy.optimize import linear_sum_assignment
-
-    def units(t):
-        if not isinstance(t, dict) or set(t) != {"Dense_0", "Dense_1"}:
-            raise ValueError("mlp_symmetry_distance needs one-hidden-layer MLP parameters with the layers "
-                             f"'Dense_0' and 'Dense_1', got {sorted(t) if isinstance(t, dict) else type(t)}")
-        k0, b0 = np.asarray(t["Dense_0"]["kernel"], np.float64), np.asarray(t["Dense_0"]["bias"], np.float64)
-        k1, b1 = np.asarray(t["Dense_1"]["kernel"], np.float64), np.asarray(t["Dense_1"]["bias"], np.float64)
-        return np.concatenate([k0.T, b0[:, None], k1], axis=1), b1
-
-    up, bp = units(p)
-    uq, bq = units(q)
-    if up.shape != uq.shape or bp.shape != bq.shape:
-        raise ValueError(f"the two MLPs differ in shape: {up.shape} vs {uq.shape}")
-    cost = ((up[:, None, :] - uq[None, :, :]) ** 2).sum(-1)
-    if odd:
-        cost = np.minimum(cost, ((up[:, None, :] + uq[None, :, :]) ** 2).sum(-1))
-    rows, cols = linear_sum_assignment(cost)
-    return float(np.sqrt(max(cost[rows, cols].sum() + ((bp - bq) ** 2).sum(), 0.0)))
-
-
-def random_orthonormal_pair(key: jax.Array, like: PyTree) -> tuple[PyTree, PyTree]:
-    """Two random orthonormal directions shaped like ``like`` (Gram-Schmidt of two normal draws)."""
-    k1, k2 = jax.random.split(key)
-    u = tree_random_normal(k1, like)
-    u = tree_scale(u, 1.0 / tree_norm(u))
-    v = tree_random_normal(k2, like)
-    v = tree_axpy(-tree_dot(u, v), u, v)
-    return u, tree_scale(v, 1.0 / tree_norm(v))
-
-
-def project(points: PyTree, origin: PyTree, basis: tuple[PyTree, PyTree], *, leading: int = 1) -> np.ndarray:
-    """Coordinates ``(<p - origin, u>, <p - origin, v>)`` of stacked points (``leading`` stacking axes)."""
-    u, v = basis
-
-    def one(p):
-        diff = tree_sub(p, origin)
-        return jnp.stack([tree_dot(diff, u), tree_dot(diff, v)])
-
-    fn = one
-    for _ in range(leading):
-        fn = jax.vmap(fn)
-    return np.asarray(fn(points))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1446,7 +1023,7 @@ def dataset_batches(ds, batch_size: int, *, seed: int = 0, augment: bool = False
 
 
 def full_batch(ds) -> BatchFn:
-    """The whole dataset ``(x, y)`` as one batch at every step (full-gradient DSP-TT, seed 004 Figure 3a);
+    """The whole dataset ``(x, y)`` as one batch at every step (full-gradient DSP-TT, DSP-TT paper, Figure 3a);
     ``.steps_per_epoch`` is 1.
 
     The batch is the dataset in its stored order, one constant pair of device arrays (not a

@@ -105,6 +105,12 @@ class Flat:
       cell_factor: sqrt(det BᵀB), the m-volume of a unit lattice cell (1 for ``qr`` and ``full``), so a
         voxel of step s has volume ``cell_factor · s^m``.
       anchor_index: which of the minima is θ*.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> flat = flat_from_minima([jnp.zeros(3), jnp.array([2.0, 0.0, 0.0]), jnp.array([0.0, 0.0, 1.0])])
+        >>> flat.dim, flat.ambient_dim, flat.point([[1, 2]], 0.5).tolist()
+        (2, 3, [[0.5, 0.0, 1.0]])
     """
 
     anchor: jax.Array
@@ -136,7 +142,14 @@ class Flat:
         return jnp.concatenate([self.anchor[None, :], dirs], axis=0)
 
     def cell_volume(self, step: float) -> float:
-        """m-volume of one voxel, ``cell_factor · s^m``."""
+        """m-volume of one voxel, ``cell_factor · s^m``.
+
+        Args:
+          step: the step width s > 0.
+
+        Returns:
+          The volume as a Python float.
+        """
         _check_step(step)
         return float(self.cell_factor * step ** self.dim)
 
@@ -167,8 +180,15 @@ class Flat:
         return rows
 
     def lattice_points(self, coords, step: float) -> Points:
-        """The voxels ``coords [K, m]`` at step width s as :class:`~mclandscape.engine.evaluate.Points`:
-        rows :meth:`lattice_rows` over :attr:`stack`; each point is the raveled vector θ(a) = θ* + s·B·a."""
+        """The voxels ``coords [K, m]`` at step width s as :class:`~mclandscape.engine.evaluate.Points`.
+
+        Args:
+          coords: integer lattice coordinates ``[K, m]``.
+          step: the step width s > 0.
+
+        Returns:
+          Rows :meth:`lattice_rows` over :attr:`stack`; each point is the raveled vector θ(a) = θ* + s·B·a.
+        """
         return Points(rows=jnp.asarray(self.lattice_rows(coords, step)), stack=self.stack)
 
     def point(self, coords, step: float) -> jax.Array:
@@ -189,7 +209,15 @@ class Flat:
         return out.reshape(a.shape[:-1] + (self.ambient_dim,))
 
     def params(self, coords, step: float) -> PyTree:
-        """θ(a) as a parameter pytree (one voxel, ``coords`` of shape ``[m]``)."""
+        """θ(a) as a parameter pytree.
+
+        Args:
+          coords: one voxel, integers of shape ``[m]``.
+          step: the step width s > 0.
+
+        Returns:
+          The parameters, structured like the minima.
+        """
         a = np.asarray(coords)
         if a.shape != (self.dim,):
             raise ValueError(f"params() takes one voxel of shape ({self.dim},), got {a.shape}")
@@ -256,6 +284,15 @@ def flat_from_minima(
     Raises:
       ValueError: fewer than two minima, an anchor out of range, an unknown basis, or linearly dependent
         minima (some b_i has a component orthogonal to b_1..b_{i-1} below ``rtol·|b_i|``, including b_i = 0).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> minima = [{"w": jnp.zeros(2)}, {"w": jnp.array([3.0, 0.0])}, {"w": jnp.array([1.0, 1.0])}]
+        >>> qr = flat_from_minima(minima)
+        >>> qr.minima_coords.round(3).tolist(), round(float(qr.raw_angles_deg[0, 1]), 1)
+        ([[0.0, 0.0], [3.0, 0.0], [1.0, 1.0]], 45.0)
+        >>> flat_from_minima(minima, basis="raw").cell_factor  # |det [b_1 b_2]|
+        3.0
     """
     minima = list(minima)
     if len(minima) < 2:
@@ -326,6 +363,12 @@ def full_space_flat(theta_star: PyTree) -> Flat:
 
     Returns:
       The :class:`Flat` with ``basis=None``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> flat = full_space_flat({"b": jnp.array([1.0]), "w": jnp.array([0.0, 2.0])})
+        >>> flat.kind, flat.dim, flat.params([0, 1, -1], 0.5)["w"].tolist()  # raveled order: b, w
+        ('full', 3, [0.5, 1.5])
     """
     (v, unravel), = _ravel_minima([theta_star])
     return Flat(anchor=v, basis=None, kind="full", unravel=unravel, raw_angles_deg=None, raw_norms=None,
@@ -355,6 +398,12 @@ class ParamLoss:
         same fixed-shape kernel whatever the batch size, so its loss is bit-identical in any bucket (a plain
         ``vmap`` over the whole batch is not: XLA picks shape-dependent kernels). θ is formed chunk by
         chunk, so memory stays at ``chunk × d`` floats even when d is in the millions.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> loss = ParamLoss(lambda theta, aux: jnp.sum((theta - aux) ** 2), aux=jnp.ones(2), dim=2)
+        >>> float(loss(jnp.array([1.0, 3.0])))
+        4.0
     """
 
     fn: Callable[[jax.Array, Any], jax.Array]
@@ -377,7 +426,7 @@ class ParamLoss:
             raise ValueError(f"dim must be a positive integer or None, got {self.dim!r}")
 
     def __call__(self, theta) -> jax.Array:
-        """f(θ) of one parameter vector (not compiled; for checks)."""
+        """f(θ) of one parameter vector ``[d]`` (not compiled; for checks), a scalar array."""
         return self.fn(jnp.asarray(theta), self.aux)
 
 
@@ -456,6 +505,15 @@ def model_vector_loss(model, data, variables: PyTree, *, loss: str | Callable = 
     Raises:
       ValueError: variables without ``params``, an unknown loss, mismatched data, or a BatchNorm model
         without running statistics in ``variables``.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> from mclandscape.engine.models import get_model
+        >>> model = get_model("mlp", widths=[2], num_classes=2)
+        >>> x, y = np.ones((4, 2), np.float32), np.array([0, 1, 0, 1])
+        >>> loss = model_vector_loss(model, (x, y), model.init(jax.random.key(0), x))
+        >>> loss.dim  # (2·2 + 2) + (2·2 + 2) parameters
+        12
     """
     if not hasattr(variables, "items") or "params" not in variables:
         raise ValueError("variables must be a dict of collections with a 'params' entry")
@@ -483,6 +541,12 @@ class LatticeLoss:
       loss: the :class:`ParamLoss`.
       max_batch: most voxels per evaluator call.
       devices: how many devices to shard the voxels over (default all).
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> ev = LatticeLoss(full_space_flat(jnp.zeros(2)), 0.5, ParamLoss(lambda t, aux: 1.0 + jnp.sum(t ** 2)))
+        >>> ev(np.array([[0, 0], [1, -2]])).tolist(), ev.bucket(3)
+        ([1.0, 2.25], 16)
     """
 
     flat: Flat
@@ -518,7 +582,15 @@ class LatticeLoss:
         return jax.device_count() if self.devices is None else int(self.devices)
 
     def bucket(self, k: int, ndev: int | None = None) -> int:
-        """Padded size used for ``k`` voxels (a power of two, rounded up to a multiple of ``chunk · ndev``)."""
+        """Padded size used for ``k`` voxels.
+
+        Args:
+          k: the number of voxels.
+          ndev: the device count (default :attr:`num_devices`).
+
+        Returns:
+          A power of two ≥ ``k``, rounded up to a multiple of ``chunk · ndev``.
+        """
         unit = int(self.loss.chunk) * (self.num_devices if ndev is None else int(ndev))
         b = 1 << max(0, math.ceil(math.log2(max(k, 1))))
         return -(-b // unit) * unit
@@ -530,7 +602,8 @@ class LatticeLoss:
           coords: integer lattice coordinates ``[K, m]``.
 
         Returns:
-          ``[K]`` losses as NumPy values in the loss's dtype (float32, or float64 for a float64 loss).
+          ``[K]`` losses as NumPy values in the loss's dtype (float32, or float64 for a float64 loss; also for
+          ``K = 0``).
         """
         a = _check_coords(coords, self.dim)
         ndev = self.num_devices
@@ -548,8 +621,9 @@ class LatticeLoss:
                 raise ValueError(f"the loss must return one floating scalar per voxel; got {vals.dtype} values "
                                  f"of shape {vals.shape[1:]} per voxel")
             outs.append(vals[:k])
-        if not outs:
-            return np.zeros(0, np.float32)
+        if not outs:  # no voxels: the dtype the loss would return (traced, nothing compiled or run)
+            point = jax.ShapeDtypeStruct((self.flat.ambient_dim,), jnp.promote_types(jnp.float32, stack.dtype))
+            return np.zeros(0, jax.eval_shape(self.loss.fn, point, self.loss.aux).dtype)
         return np.concatenate(outs)
 
 
@@ -566,6 +640,13 @@ class LatticeCodec:
 
     Args:
       dim: the lattice dimension m (1..15).
+
+    Example:
+        >>> import numpy as np
+        >>> codec = LatticeCodec(2)
+        >>> keys = codec.pack(np.array([[0, 0], [-3, 5]]))
+        >>> codec.bits, codec.unpack(keys).tolist()
+        (31, [[0, 0], [-3, 5]])
     """
 
     def __init__(self, dim: int):
@@ -585,7 +666,14 @@ class LatticeCodec:
         return self.offset - 1
 
     def pack(self, coords) -> np.ndarray:
-        """Keys ``[K]`` (int64, non-negative) of integer coordinates ``[K, m]``."""
+        """Keys of integer coordinates.
+
+        Args:
+          coords: ``[K, m]`` integers inside the packable range.
+
+        Returns:
+          ``[K]`` non-negative int64 keys.
+        """
         a = np.asarray(coords, np.int64)
         if a.ndim != 2 or a.shape[1] != self.dim:
             raise ValueError(f"coords must have shape [K, {self.dim}], got {a.shape}")
@@ -596,7 +684,14 @@ class LatticeCodec:
         return np.bitwise_or.reduce((a + self.offset) << self.shifts[None, :], axis=1)
 
     def unpack(self, keys) -> np.ndarray:
-        """Coordinates ``[K, m]`` of keys ``[K]`` (the inverse of :meth:`pack`)."""
+        """The inverse of :meth:`pack`.
+
+        Args:
+          keys: ``[K]`` keys.
+
+        Returns:
+          ``[K, m]`` int64 coordinates.
+        """
         k = np.asarray(keys, np.int64).reshape(-1)
         return ((k[:, None] >> self.shifts[None, :]) & self.mask) - self.offset
 
@@ -615,6 +710,13 @@ class VoxelStore:
     Args:
       capacity: initial number of slots (rounded up to a power of two; the table grows as needed).
       dtype: the dtype of the stored losses (values are stored exactly in it).
+
+    Example:
+        >>> import numpy as np
+        >>> store = VoxelStore(dtype=np.float64)
+        >>> store.insert([7, 3], [0.5, 0.25])
+        >>> len(store), store.contains([3, 4]).tolist(), store.get([7]).tolist()
+        (2, [True, False], [0.5])
     """
 
     max_load = 0.5
@@ -666,6 +768,7 @@ class VoxelStore:
         return out, found
 
     def contains(self, keys) -> np.ndarray:
+        """``[K]`` booleans: which of ``keys`` are stored."""
         keys = np.asarray(keys, np.int64).reshape(-1)
         return self._probe(keys)[1]
 
@@ -731,7 +834,17 @@ class VoxelStore:
 
 
 class KeyQueue:
-    """A growable int64 queue: FIFO pops from the front, uniform random pops, appends at the back."""
+    """A growable int64 queue: FIFO pops from the front, uniform random pops, appends at the back.
+
+    Args:
+      capacity: initial buffer size (it grows as needed).
+
+    Example:
+        >>> q = KeyQueue()
+        >>> q.push([4, 5, 6])
+        >>> q.pop_front(2).tolist(), len(q)
+        ([4, 5], 1)
+    """
 
     def __init__(self, capacity: int = 256):
         self._buf = np.empty(max(16, int(capacity)), np.int64)
@@ -746,6 +859,7 @@ class KeyQueue:
         return int(self._buf.nbytes)
 
     def push(self, keys) -> None:
+        """Append ``keys`` (int64) at the back."""
         keys = np.asarray(keys, np.int64).reshape(-1)
         n = keys.size
         if n == 0:
@@ -762,6 +876,7 @@ class KeyQueue:
         self._tail += n
 
     def pop_front(self, k: int) -> np.ndarray:
+        """Remove and return the first ``k`` keys (fewer if the queue is shorter)."""
         k = min(int(k), len(self))
         out = self._buf[self._head:self._head + k].copy()
         self._head += k
@@ -784,9 +899,11 @@ class KeyQueue:
         return out
 
     def take_all(self) -> np.ndarray:
+        """Remove and return every key in order."""
         return self.pop_front(len(self))
 
     def to_array(self) -> np.ndarray:
+        """A copy of the queued keys in order (the queue is unchanged)."""
         return self._buf[self._head:self._tail].copy()
 
     def copy(self) -> KeyQueue:
@@ -815,6 +932,12 @@ class TraversalState:
       dim: the lattice dimension m.
       epsilon: ε = f(θ*), the loss at the origin (rounded to ``dtype``).
       dtype: the floating dtype of the losses.
+
+    Example:
+        >>> import numpy as np
+        >>> st = TraversalState(2, 0.1, dtype=np.float32)
+        >>> st.epsilon == float(np.float32(0.1)), bool(st.threshold_for(3.0) == np.float32(3 * st.epsilon))
+        (True, True)
     """
 
     def __init__(self, dim: int, epsilon: float, dtype=np.float32):
@@ -833,7 +956,14 @@ class TraversalState:
         return self.store.dtype
 
     def threshold_for(self, n: float):
-        """c = n·ε in the loss dtype (the product rounded once)."""
+        """The threshold for multiplier ``n``.
+
+        Args:
+          n: the multiplier (c = n·ε).
+
+        Returns:
+          c as a NumPy scalar of :attr:`dtype` (the float64 product rounded once).
+        """
         return _threshold(n, self.epsilon, self.dtype)
 
     @property
@@ -881,6 +1011,13 @@ class TraversalResult:
     ``evaluations`` the losses computed in this call (a continuation only evaluates new voxels);
     ``truncated`` is True when the step limit stopped the run with voxels still queued (the thesis returns 0);
     ``dropped`` counts neighbours skipped by dropout, ``out_of_bounds`` neighbours outside ``radius``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> ev = LatticeLoss(full_space_flat(jnp.zeros(1)), 1.0, ParamLoss(lambda t, aux: 1.0 + jnp.sum(t ** 2)))
+        >>> res = grid_traversal(ev, 2.0)  # c = 2: the voxels -1, 0, 1 (losses 2, 1, 2)
+        >>> res.H, res.evaluations, res.future_size, res.truncated
+        (3, 5, 2, False)
     """
 
     n: float
@@ -899,12 +1036,23 @@ class TraversalResult:
     state: TraversalState = dataclasses.field(repr=False, compare=False)
 
     def summary(self) -> dict:
-        """Every field but the state, as plain Python values."""
+        """Every field but the state, as a dict of plain Python values (JSON-serialisable)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "state"}
 
 
 def neighbour_offsets(dim: int) -> np.ndarray:
-    """The 2m lattice neighbours of Algorithm 3 in the order +e_1, −e_1, +e_2, −e_2, ... (``[2m, m]``)."""
+    """The 2m lattice neighbours of Algorithm 3 in the order +e_1, −e_1, +e_2, −e_2, ...
+
+    Args:
+      dim: the lattice dimension m.
+
+    Returns:
+      ``[2m, m]`` int64 offsets.
+
+    Example:
+        >>> neighbour_offsets(2).tolist()
+        [[1, 0], [-1, 0], [0, 1], [0, -1]]
+    """
     eye = np.eye(dim, dtype=np.int64)
     return np.stack([eye, -eye], axis=1).reshape(2 * dim, dim)
 
@@ -1001,6 +1149,14 @@ def grid_traversal(
 
     Returns:
       A :class:`TraversalResult` (its ``state`` continues the traversal).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> ev = LatticeLoss(full_space_flat(jnp.zeros(2)), 0.5, ParamLoss(lambda t, aux: 1.0 + jnp.sum(t ** 2)))
+        >>> first = grid_traversal(ev, 1.3)  # the disc |a|² ≤ 1.2: the origin and its 4 neighbours
+        >>> more = grid_traversal(ev, 2.0, state=first.state)  # |a|² ≤ 4; only new voxels are evaluated
+        >>> first.H, first.evaluations, more.H, more.evaluations
+        (5, 13, 13, 12)
 
     Raises:
       ValueError: bad arguments, a non-positive or non-finite ε, a decreasing threshold, a state of another
@@ -1111,7 +1267,13 @@ def grid_traversal(
 class LogLinearFit:
     """log H = log A + B·c fitted by least squares; R is the correlation coefficient of (c, log H) (§6.1).
 
-    R is NaN when log H is constant (the correlation is undefined)."""
+    R is NaN when log H is constant (the correlation is undefined).
+
+    Example:
+        >>> fit = LogLinearFit(A=2.0, B=1.0, R=1.0, num_points=3)
+        >>> fit.predict([0.0]).tolist(), fit.to_dict()["A"]
+        ([2.0], 2.0)
+    """
 
     A: float
     B: float
@@ -1123,7 +1285,7 @@ class LogLinearFit:
         return math.log(self.A)
 
     def predict(self, c) -> np.ndarray:
-        """H ≈ A·exp(B·c)."""
+        """H ≈ A·exp(B·c) at thresholds ``c`` (float64 array)."""
         return self.A * np.exp(self.B * np.asarray(c, np.float64))
 
     def to_dict(self) -> dict:
@@ -1142,6 +1304,12 @@ def fit_log_linear(c, H) -> LogLinearFit:
 
     Raises:
       ValueError: fewer than two points, mismatched lengths, non-finite values, H ≤ 0 or equal thresholds.
+
+    Example:
+        >>> import numpy as np
+        >>> fit = fit_log_linear([1.0, 2.0, 3.0], 5.0 * np.exp(0.7 * np.array([1.0, 2.0, 3.0])))
+        >>> round(fit.A, 6), round(fit.B, 6), round(fit.R, 6)
+        (5.0, 0.7, 1.0)
     """
     c = np.asarray(c, np.float64).reshape(-1)
     H = np.asarray(H, np.float64).reshape(-1)
@@ -1170,6 +1338,13 @@ class HSweep:
     Tables are ``[S, N]``: ``H`` (accepted voxels), ``evaluations`` (losses computed by that call),
     ``visited`` (cumulative), ``truncated``, ``wall_time`` (seconds per call). ``loss_dtype`` is the dtype
     the losses and thresholds were compared in.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> loss = ParamLoss(lambda t, aux: 1.0 + jnp.sum(t ** 2))
+        >>> sweep = h_sweep(full_space_flat(jnp.zeros(1)), loss, [0.5, 1.0], [2.0, 5.0])
+        >>> sweep.H.tolist(), sweep.thresholds.tolist(), sweep.volume().tolist()
+        ([[5, 9], [3, 5]], [2.0, 5.0], [[2.5, 4.5], [3.0, 5.0]])
     """
 
     steps: np.ndarray
@@ -1274,6 +1449,13 @@ def h_sweep(
 
     Returns:
       The :class:`HSweep`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> loss = ParamLoss(lambda t, aux: 1.0 + jnp.sum(t ** 2))
+        >>> sweep = h_sweep(full_space_flat(jnp.zeros(2)), loss, [0.5], [1.3, 2.0, 3.0])
+        >>> sweep.H.tolist(), round(sweep.fit()["pooled"].B, 3)  # lattice points with |a|² ≤ 1.2, 4, 8
+        ([[5, 13, 25]], 0.927)
     """
     steps = np.asarray([float(s) for s in steps], np.float64)
     mult = np.asarray([_check_multiplier(x) for x in multipliers], np.float64)
@@ -1314,8 +1496,20 @@ def h_sweep(
 def mean_log_h(sweeps: Sequence[HSweep]) -> dict:
     """Average log H_c(s) over sweeps from different minima on a common (steps, multipliers) grid (§5.5).
 
-    Returns ``{"steps", "multipliers", "mean_c" [N], "mean_log_H" [S, N], "std_log_H" [S, N],
-    "any_truncated" [S, N]}``; the thresholds differ between minima (c = n·ε_i), so the mean c is reported.
+    Args:
+      sweeps: :class:`HSweep` results on one (steps, multipliers) grid.
+
+    Returns:
+      ``{"steps", "multipliers", "mean_c" [N], "mean_log_H" [S, N], "std_log_H" [S, N], "any_truncated"
+      [S, N]}`` as lists; the thresholds differ between minima (c = n·ε_i), so the mean c is reported.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> loss = ParamLoss(lambda t, aux: 1.0 + jnp.sum(t ** 2))
+        >>> sweeps = [h_sweep(full_space_flat(jnp.full(1, a)), loss, [0.5], [2.0]) for a in (0.0, 1.0)]
+        >>> out = mean_log_h(sweeps)  # ε = 1 and 2, so c = 2 and 4
+        >>> [s.H.tolist() for s in sweeps], out["mean_c"]
+        ([[[5]], [[7]]], [3.0])
     """
     sweeps = list(sweeps)
     if not sweeps:

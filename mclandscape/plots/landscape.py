@@ -1,18 +1,27 @@
-"""Figures of loss landscapes (Li et al. 2018 views, seed 003 Figs. 1, 4, 5, 7).
+"""Figures of loss landscapes: contours and 3-D views of planes, optimiser trajectories, 1-D loss curves
+and Hessian eigenvalues at end points.
 
-Matplotlib with the Agg backend (no display); every function writes one PNG and returns its path. Grids
-``Z[A, B]`` are indexed ``[i_alpha, i_beta]`` over ``xs[A]`` (horizontal axis) and ``ys[B]`` (vertical).
-Trajectories are ``[T, 2]`` arrays (or ``[N, T, 2]`` for N runs) in the same coordinates.
+The views of Li et al. (2018, "Visualizing the loss landscape of neural nets") and the figures of Chen et al.
+(2021, "Deforming the loss surface to affect the behaviour of the optimizer", AAAI): trajectories on the
+original and the deformed surface (their Figs. 1 and 7), eigenvalues at the end points (Fig. 4), loss
+curves around minima (Fig. 5).
+
+Grids ``Z[A, B]`` are indexed ``[i_alpha, i_beta]`` over ``xs[A]`` (horizontal axis) and ``ys[B]``
+(vertical). Trajectories are ``[T, 2]`` arrays (or ``[N, T, 2]`` for N runs) in the same coordinates.
+Every function follows the package's convention (:mod:`mclandscape.plots._figure`): ``ax=None`` makes a
+new figure, a given ``Axes`` (a sequence of them for several panels) is drawn into, the ``Figure`` is
+returned and :func:`~mclandscape.plots.save` writes it.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-from mclandscape.plots._figure import color_cycle, new_figure, subplots
+from mclandscape.plots._figure import color_cycle, figure_and_axes, figure_and_panels, shared_range
 
 __all__ = ["contour_plot", "trajectory_panels", "surface_plot", "loss_curves_plot", "eigenvalue_plot"]
 
@@ -28,26 +37,34 @@ def _grid(xs, ys, Z) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xs, ys, Z
 
 
-def _save(fig, path: str) -> str:
-    d = os.path.dirname(path)
-    if d:
-        os.makedirs(d, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+def _log_shift(vmin: float) -> float:
+    """What ``log10`` needs added to make every value positive (0 when they already are)."""
+    return 0.0 if vmin > 0 else -vmin + 1e-12
 
 
-def _contour_on(ax, xs, ys, Z, *, levels: int, log: bool, title: str, cmap: str = "viridis"):
-    data = Z.T
-    if log:
-        shift = 0.0 if np.nanmin(data) > 0 else -np.nanmin(data) + 1e-12
-        data = np.log10(data + shift + 1e-12)
-        label = "log10(loss)" if shift == 0.0 else f"log10(loss + {shift:.2g})"
-    else:
-        label = "loss"
-    cs = ax.contourf(xs, ys, data, levels=levels, cmap=cmap)
+def _scaled(data: np.ndarray, log: bool, shift: float) -> np.ndarray:
+    return np.log10(data + shift + 1e-12) if log else data
+
+
+def _zlabel(zlabel: str, log: bool, shift: float) -> str:
+    if not log:
+        return zlabel
+    return f"log10({zlabel})" if shift == 0.0 else f"log10({zlabel} + {shift:.2g})"
+
+
+def _levels(lo: float, hi: float, levels: int) -> np.ndarray:
+    if not hi > lo:
+        hi = lo + 1e-12
+    return np.linspace(lo, hi, levels + 1)
+
+
+def _contour_on(ax: Axes, xs, ys, Z, *, levels: np.ndarray, log: bool, shift: float, title: str,
+                cmap: str = "viridis"):
+    data = _scaled(Z.T, log, shift)
+    cs = ax.contourf(xs, ys, data, levels=levels, cmap=cmap, extend="both")
     ax.contour(xs, ys, data, levels=levels, colors="k", linewidths=0.3, alpha=0.5)
-    ax.set_title(title)
-    return cs, label
+    ax.set_title(title, fontsize=10)
+    return cs
 
 
 def _traj_list(t) -> list[np.ndarray]:
@@ -59,7 +76,7 @@ def _traj_list(t) -> list[np.ndarray]:
     raise ValueError(f"a trajectory must be [T, 2] or [N, T, 2], got shape {t.shape}")
 
 
-def _draw_trajectories(ax, trajectories: Mapping[str, object] | None):
+def _draw_trajectories(ax: Axes, trajectories: Mapping[str, object] | None):
     if not trajectories:
         return
     colors = color_cycle()
@@ -72,69 +89,188 @@ def _draw_trajectories(ax, trajectories: Mapping[str, object] | None):
     ax.legend(loc="best", fontsize=7)
 
 
-def contour_plot(path: str, xs, ys, Z, *, title: str = "", xlabel: str = "alpha", ylabel: str = "beta",
-                 levels: int = 30, log: bool = False, trajectories: Mapping[str, object] | None = None,
-                 points: Mapping[str, Sequence[float]] | None = None) -> str:
-    """Filled contour of ``Z`` with optional optimiser trajectories (start ``o``; end ``*``, ``s``, ``D``, ``^``
-    for the 1st-4th series) and marked
-    points (e.g. the trained model at the origin of a Li et al. plane)."""
+def contour_plot(xs, ys, Z, *, ax: Axes | None = None, title: str | None = None, xlabel: str = "alpha",
+                 ylabel: str = "beta", zlabel: str = "loss", levels: int = 30, log: bool = False,
+                 vmin: float | None = None, vmax: float | None = None,
+                 trajectories: Mapping[str, object] | None = None,
+                 points: Mapping[str, Sequence[float]] | None = None, colorbar: bool = True) -> Figure:
+    """Filled contour of a grid with optional optimiser trajectories and marked points.
+
+    Trajectories start at ``o`` and end at ``*``, ``s``, ``D``, ``^`` for the 1st-4th series; points are
+    ``+`` with their name (e.g. the trained model at the origin of a Li et al. plane).
+
+    Args:
+      xs: ``[A]`` horizontal coordinates.
+      ys: ``[B]`` vertical coordinates.
+      Z: ``[A, B]`` values, ``Z[i, j]`` at ``(xs[i], ys[j])``.
+      ax: axes to draw into; ``None`` makes a new figure.
+      title: default ``"<zlabel> over the plane (<xlabel>, <ylabel>)"``.
+      xlabel: horizontal axis label.
+      ylabel: vertical axis label.
+      zlabel: what ``Z`` holds (colour-bar label).
+      levels: number of contour bands.
+      log: contour ``log10(Z)`` (shifted to positive values when needed).
+      vmin: lower end of the colour scale, in ``Z``'s units (default ``Z``'s minimum); pass the same
+        ``vmin``/``vmax`` to the figures of a pair (see :func:`~mclandscape.plots.shared_range`).
+      vmax: upper end of the colour scale (default ``Z``'s maximum).
+      trajectories: ``name -> [T, 2]`` or ``[N, T, 2]`` paths drawn over the contours.
+      points: ``name -> (x, y)`` marked points.
+      colorbar: draw a colour bar.
+
+    Returns:
+      The figure drawn into.
+
+    Example:
+      >>> import numpy as np
+      >>> from mclandscape.plots import contour_plot
+      >>> xs = np.linspace(-1, 1, 5)
+      >>> fig = contour_plot(xs, xs, np.add.outer(xs ** 2, xs ** 2), points={"minimum": (0, 0)})
+      >>> len(fig.axes), fig.axes[0].get_title()
+      (2, 'loss over the plane (alpha, beta)')
+    """
     xs, ys, Z = _grid(xs, ys, Z)
-    fig, ax = subplots(figsize=(5.2, 4.4))
-    cs, label = _contour_on(ax, xs, ys, Z, levels=levels, log=log, title=title)
-    fig.colorbar(cs, ax=ax, label=label)
+    lo, hi = shared_range(Z)
+    lo, hi = lo if vmin is None else float(vmin), hi if vmax is None else float(vmax)
+    shift = _log_shift(lo) if log else 0.0
+    fig, ax = figure_and_axes(ax, figsize=(5.2, 4.4), name="contour_plot")
+    cs = _contour_on(ax, xs, ys, Z, levels=_levels(*_scaled(np.array([lo, hi]), log, shift), levels), log=log,
+                     shift=shift, title=f"{zlabel} over the plane ({xlabel}, {ylabel})" if title is None else title)
+    if colorbar:
+        fig.colorbar(cs, ax=ax, label=_zlabel(zlabel, log, shift))
     _draw_trajectories(ax, trajectories)
     for name, p in (points or {}).items():
         ax.plot([p[0]], [p[1]], "k+", ms=10, mew=2)
         ax.annotate(name, (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    return _save(fig, path)
+    return fig
 
 
-def trajectory_panels(path: str, xs, ys, Z, panels: Mapping[str, Mapping[str, object]], *, log: bool = False,
-                      levels: int = 30, xlabel: str = "p1", ylabel: str = "p2") -> str:
-    """Side-by-side contours of one surface, each panel with its own trajectories (original vs deformed,
-    seed 003 Figs. 1 and 7)."""
+def trajectory_panels(xs, ys, Z, panels: Mapping[str, Mapping[str, object]], *,
+                      ax: Sequence[Axes] | None = None, title: str | None = None, log: bool = False,
+                      levels: int = 30, xlabel: str = "p1", ylabel: str = "p2", zlabel: str = "loss") -> Figure:
+    """Side-by-side contours of one surface on one colour scale, each panel with its own trajectories
+    (optimiser on the original vs the deformed loss: Chen et al. 2021, Figs. 1 and 7).
+
+    Args:
+      xs: ``[A]`` horizontal coordinates.
+      ys: ``[B]`` vertical coordinates.
+      Z: ``[A, B]`` values of the (original) surface drawn under every panel.
+      panels: ``panel title -> {series name -> [T, 2] or [N, T, 2] trajectories}``.
+      ax: one axes per panel; ``None`` makes a new figure.
+      title: figure title; default ``"optimiser trajectories over <zlabel>"``.
+      log: contour ``log10(Z)``.
+      levels: number of contour bands.
+      xlabel: horizontal axis label.
+      ylabel: vertical axis label.
+      zlabel: what ``Z`` holds.
+
+    Returns:
+      The figure drawn into.
+
+    Example:
+      >>> import numpy as np
+      >>> from mclandscape.plots import trajectory_panels
+      >>> xs = np.linspace(-1, 1, 5)
+      >>> tr = np.stack([np.linspace(-1, 0, 4), np.linspace(1, 0, 4)], axis=1)
+      >>> fig = trajectory_panels(xs, xs, np.add.outer(xs ** 2, xs ** 2), {"original": {"GD": tr},
+      ...                                                                  "deformed": {"GD": tr}})
+      >>> len(fig.axes)  # two panels and one shared colour bar
+      3
+    """
     xs, ys, Z = _grid(xs, ys, Z)
     if not panels:
         raise ValueError("trajectory_panels needs at least one panel")
     n = len(panels)
-    fig, axes = subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
-    for ax, (title, trajs) in zip(axes[0], panels.items(), strict=True):
-        cs, label = _contour_on(ax, xs, ys, Z, levels=levels, log=log, title=title)
-        _draw_trajectories(ax, trajs)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-    fig.colorbar(cs, ax=list(axes[0]), label=label)
-    return _save(fig, path)
+    fig, axes, made = figure_and_panels(ax, n, figsize=(4.6 * n, 4.2), name="trajectory_panels")
+    lo, hi = shared_range(Z)
+    shift = _log_shift(lo) if log else 0.0
+    lev = _levels(*_scaled(np.array([lo, hi]), log, shift), levels)  # the same bands in every panel
+    for p, (name, trajs) in zip(axes, panels.items(), strict=True):
+        cs = _contour_on(p, xs, ys, Z, levels=lev, log=log, shift=shift, title=name)
+        _draw_trajectories(p, trajs)
+        p.set_xlabel(xlabel)
+        p.set_ylabel(ylabel)
+    fig.colorbar(cs, ax=list(axes), label=_zlabel(zlabel, log, shift))
+    fig.suptitle(f"optimiser trajectories over {zlabel}" if title is None else title)
+    return fig
 
 
-def surface_plot(path: str, xs, ys, Z, *, title: str = "", xlabel: str = "alpha", ylabel: str = "beta",
-                 zlabel: str = "loss", log: bool = False, trajectory=None) -> str:
-    """3-D surface view of ``Z`` (optionally with one trajectory lifted onto the surface)."""
+def surface_plot(xs, ys, Z, *, ax: Axes | None = None, title: str | None = None, xlabel: str = "alpha",
+                 ylabel: str = "beta", zlabel: str = "loss", log: bool = False, trajectory=None,
+                 cmap: str = "viridis") -> Figure:
+    """3-D surface view of a grid, optionally with one trajectory lifted onto the surface.
+
+    Args:
+      xs: ``[A]`` coordinates along the first axis.
+      ys: ``[B]`` coordinates along the second axis.
+      Z: ``[A, B]`` values.
+      ax: 3-D axes to draw into (``fig.add_subplot(projection="3d")``); ``None`` makes a new figure.
+      title: default ``"<zlabel> surface over (<xlabel>, <ylabel>)"``.
+      xlabel: first axis label.
+      ylabel: second axis label.
+      zlabel: what ``Z`` holds.
+      log: plot ``log10(Z)``.
+      trajectory: ``(points [T, 2], values [T])`` drawn on the surface, or ``None``.
+      cmap: matplotlib colormap name.
+
+    Returns:
+      The figure drawn into.
+
+    Example:
+      >>> import numpy as np
+      >>> from mclandscape.plots import surface_plot
+      >>> xs = np.linspace(-1, 1, 5)
+      >>> fig = surface_plot(xs, xs, np.add.outer(xs ** 2, xs ** 2))
+      >>> fig.axes[0].name, fig.axes[0].get_title()
+      ('3d', 'loss surface over (alpha, beta)')
+    """
     xs, ys, Z = _grid(xs, ys, Z)
-    fig = new_figure(figsize=(6, 4.8))
-    ax = fig.add_subplot(111, projection="3d")
-    data = np.log10(Z - min(0.0, Z.min()) + 1e-12) if log else Z
+    fig, ax = figure_and_axes(ax, figsize=(6, 4.8), name="surface_plot", projection="3d")
+    shift = _log_shift(float(np.nanmin(Z))) if log else 0.0
     X, Y = np.meshgrid(xs, ys, indexing="ij")
-    ax.plot_surface(X, Y, data, cmap="viridis", linewidth=0, antialiased=True, alpha=0.9)
+    ax.plot_surface(X, Y, _scaled(Z, log, shift), cmap=cmap, linewidth=0, antialiased=True, alpha=0.9)
     if trajectory is not None:
         tr, tz = trajectory
         tr = np.asarray(tr, np.float64)
-        tz = np.asarray(tz, np.float64)
-        tz = np.log10(tz - min(0.0, Z.min()) + 1e-12) if log else tz
-        ax.plot(tr[:, 0], tr[:, 1], tz, "r-", lw=1.5)
+        tz = np.asarray(tz, np.float64).ravel()
+        if tr.ndim != 2 or tr.shape[1] != 2 or tz.shape != (tr.shape[0],):
+            raise ValueError(f"trajectory must be (points [T, 2], values [T]), got {tr.shape} and {tz.shape}")
+        ax.plot(tr[:, 0], tr[:, 1], _scaled(tz, log, shift), "r-", lw=1.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_zlabel(f"log10({zlabel})" if log else zlabel)
-    ax.set_title(title)
-    return _save(fig, path)
+    ax.set_zlabel(_zlabel(zlabel, log, shift))
+    ax.set_title(f"{zlabel} surface over ({xlabel}, {ylabel})" if title is None else title)
+    return fig
 
 
-def loss_curves_plot(path: str, curves: Mapping[str, tuple[object, object]], *, title: str = "",
-                     layout: str = "grid", ncols: int = 4, ylabel: str = "loss", log: bool = False) -> str:
-    """1-D loss curves ``name -> (alphas, loss)`` around minima (seed 003 Fig. 5: one panel per VDM), in
-    one axes (``layout="overlay"``) or one panel each with a shared y-axis (``"grid"``)."""
+def loss_curves_plot(curves: Mapping[str, tuple[object, object]], *, ax: Axes | Sequence[Axes] | None = None,
+                     title: str | None = None, layout: str = "grid", ncols: int = 4, xlabel: str = "alpha",
+                     ylabel: str = "loss", log: bool = False) -> Figure:
+    """1-D loss curves ``name -> (alphas, loss)`` around minima (Chen et al. 2021, Fig. 5: one panel per
+    deformation), in one axes (``layout="overlay"``) or one panel each with a shared y-axis (``"grid"``).
+
+    Args:
+      curves: ``name -> (alphas [K], values [K])``.
+      ax: ``"overlay"``: one axes; ``"grid"``: one axes per curve; ``None`` makes a new figure.
+      title: figure title; default ``"<ylabel> along 1-D directions"``.
+      layout: ``"grid"`` or ``"overlay"``.
+      ncols: panels per row of the grid layout.
+      xlabel: horizontal axis label.
+      ylabel: vertical axis label.
+      log: logarithmic y-axis.
+
+    Returns:
+      The figure drawn into.
+
+    Example:
+      >>> import numpy as np
+      >>> from mclandscape.plots import loss_curves_plot
+      >>> a = np.linspace(-1, 1, 5)
+      >>> fig = loss_curves_plot({"SGD": (a, a ** 2), "LE": (a, a ** 2 / 2)})
+      >>> len(fig.axes), fig.axes[0].get_shared_y_axes().joined(fig.axes[0], fig.axes[1])
+      (2, True)
+    """
     if not curves:
         raise ValueError("loss_curves_plot needs at least one curve")
     if layout not in ("grid", "overlay"):
@@ -146,39 +282,58 @@ def loss_curves_plot(path: str, curves: Mapping[str, tuple[object, object]], *, 
             raise ValueError(f"curve {name!r}: {a.size} alphas but {l.size} losses")
         items.append((name, a, l))
     if layout == "overlay":
-        fig, ax = subplots(figsize=(5.5, 4))
+        fig, p = figure_and_axes(ax, figsize=(5.5, 4), name="loss_curves_plot(layout='overlay')")
         for name, a, l in items:
-            ax.plot(a, l, label=name)
-        ax.legend(fontsize=7)
-        axes = [ax]
+            p.plot(a, l, label=name)
+        p.legend(fontsize=7)
+        axes, made = [p], ax is None
     else:
         n = len(items)
         cols = min(ncols, n)
         rows = -(-n // cols)
-        fig, grid = subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
-        axes = list(grid.ravel())
-        for ax, (name, a, l) in zip(axes, items, strict=False):
-            ax.plot(a, l, "b-")
-            ax.set_title(name, fontsize=9)
-        for ax in axes[n:]:
-            ax.axis("off")
-    for ax in axes:
+        fig, axes, made = figure_and_panels(ax, n, figsize=(3.2 * cols, 2.6 * rows), nrows=rows,
+                                            name="loss_curves_plot(layout='grid')")
+        if made:  # given axes keep the sharing their caller chose
+            for p in axes[1:]:
+                p.sharey(axes[0])
+        for p, (name, a, l) in zip(axes, items, strict=True):
+            p.plot(a, l, "b-")
+            p.set_title(name, fontsize=9)
+    for p in axes:
         if log:
-            ax.set_yscale("log")
-        ax.set_xlabel("alpha")
-        ax.set_ylabel(ylabel)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+            p.set_yscale("log")
+        p.set_xlabel(xlabel)
+        p.set_ylabel(ylabel)
+    fig.suptitle(f"{ylabel} along 1-D directions" if title is None else title)
+    if made:
+        fig.tight_layout()
+    return fig
 
 
-def eigenvalue_plot(path: str, eigenvalues: Mapping[str, object], *, title: str = "") -> str:
-    """Hessian eigenvalues at the end points of repeated runs (seed 003 Fig. 4(a)): for every method,
-    the largest and smallest eigenvalue of each round (``[N, k]`` arrays, ascending per row)."""
+def eigenvalue_plot(eigenvalues: Mapping[str, object], *, ax: Axes | None = None, title: str | None = None,
+                    ylabel: str = "Hessian eigenvalue") -> Figure:
+    """Largest and smallest Hessian eigenvalue at the end point of every round of repeated runs, per method
+    (Chen et al. 2021, Fig. 4(a)).
+
+    Args:
+      eigenvalues: ``method -> [N, k]`` eigenvalues per round, ascending within a row.
+      ax: axes to draw into; ``None`` makes a new figure.
+      title: default ``"largest and smallest Hessian eigenvalue at the end points"``.
+      ylabel: vertical axis label (e.g. which surface's Hessian).
+
+    Returns:
+      The figure drawn into.
+
+    Example:
+      >>> import numpy as np
+      >>> from mclandscape.plots import eigenvalue_plot
+      >>> fig = eigenvalue_plot({"GD": np.array([[0.1, 2.0], [0.2, 3.0]])})
+      >>> len(fig.axes[0].lines)  # largest and smallest
+      2
+    """
     if not eigenvalues:
         raise ValueError("eigenvalue_plot needs at least one method")
-    fig, ax = subplots(figsize=(6.4, 4))
+    fig, ax = figure_and_axes(ax, figsize=(6.4, 4), name="eigenvalue_plot")
     for i, (name, ev) in enumerate(eigenvalues.items()):
         ev = np.asarray(ev, np.float64)
         if ev.ndim != 2:
@@ -189,8 +344,7 @@ def eigenvalue_plot(path: str, eigenvalues: Mapping[str, object], *, title: str 
         ax.plot(r, ev[:, 0], "x", color=c, ms=3, label=f"{name}: smallest")
     ax.set_yscale("symlog", linthresh=1e-2)
     ax.set_xlabel("round")
-    ax.set_ylabel("Hessian eigenvalue (original surface)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
+    ax.set_title("largest and smallest Hessian eigenvalue at the end points" if title is None else title)
+    return fig

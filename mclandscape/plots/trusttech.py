@@ -1,5 +1,10 @@
-"""Figures of DSP-TT searches (seed 004 Figure 3): the loss along a search path with its exit point, and the
-exit-point verification projected onto two random orthogonal directions. Matplotlib with the Agg backend."""
+"""Figures of DSP-TT searches (the DSP-TT paper, Anonymous, 2020, 'Constructing multiple high-quality deep neural
+networks: a TRUST-TECH based approach', ICLR 2021 submission, Figure 3): the loss along a search path with its
+exit point, and the exit-point verification flows projected onto two random orthogonal directions.
+
+Every function draws into ``ax`` when given (and returns ``ax.figure``), else into a new Agg figure, and
+returns the ``Figure``; save it with :func:`mclandscape.plots._figure.save`.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,52 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from matplotlib.figure import Figure
 
 from mclandscape.core.tree import PyTree
-from mclandscape.methods.trusttech import ExitRecord, VerificationResult, project
-from mclandscape.plots._figure import subplots
+from mclandscape.methods.trusttech import ExitRecord
+from mclandscape.methods.verification import VerificationResult, project
+from mclandscape.plots._figure import new_figure
 
 __all__ = ["plot_search_trace", "plot_verification"]
 
 
-def plot_search_trace(trace: dict, path: str, *, exit: ExitRecord | None = None,
-                      extra: dict[str, tuple[Sequence[int], Sequence[float]]] | None = None,
-                      title: str = "DSP-TT search", ylabel: str = "loss") -> str:
-    """Loss along one search path (seed 004 Figure 3a/b): mini-batch losses, their moving average, the EMA
-    peak (boundary-crossing estimate) and the exit point where the detector fired. ``trace`` is one entry of
-    :attr:`TierResult.traces`; ``extra`` maps labels to ``(iterations, values)`` curves (e.g. the full
-    training and test loss evaluated along the path). Writes ``path`` and returns it."""
+def _axes(ax, figsize):
+    if ax is not None:
+        return ax.figure, ax
+    fig = new_figure(figsize)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def plot_search_trace(trace: dict, *, exit: ExitRecord | None = None,
+                      extra: dict[str, tuple[Sequence[int], Sequence[float]]] | None = None, ax=None,
+                      title: str = "loss along a DSP-TT search path", ylabel: str = "loss") -> Figure:
+    """The loss along one search path (DSP-TT paper, Figure 3a/b).
+
+    Mini-batch losses, their moving average, the EMA peak (the boundary-crossing estimate) and the exit point
+    where the detector fired.
+
+    Args:
+      trace: one entry of :attr:`mclandscape.methods.trusttech.TierResult.traces` (``iteration``, ``loss``,
+        ``ema``).
+      exit: the direction's :class:`~mclandscape.methods.trusttech.ExitRecord` (marks the EMA peak and the exit).
+      extra: more curves ``{label: (iterations, values)}`` (e.g. the full training and test loss along the path).
+      ax: draw into these axes (default: a new figure).
+      title: the axes title.
+      ylabel: the y-axis label.
+
+    Returns:
+      The ``Figure``.
+
+    Example:
+      >>> fig = plot_search_trace({"iteration": [1, 2, 3], "loss": [0.1, 0.5, 0.2], "ema": [0.1, 0.3, 0.25]})
+      >>> len(fig.axes), fig.axes[0].get_title()
+      (1, 'loss along a DSP-TT search path')
+    """
     it = np.asarray(trace["iteration"])
     if it.size == 0:
         raise ValueError("the trace is empty: the direction was never advanced")
-    fig, ax = subplots(figsize=(6.4, 4.0))
+    fig, ax = _axes(ax, (6.4, 4.0))
     ax.plot(it, trace["loss"], color="0.7", lw=0.8, label="mini-batch loss")
     ax.plot(it, trace["ema"], color="C0", lw=1.8, label="moving average")
     for k, (label, (xs, ys)) in enumerate((extra or {}).items()):
@@ -39,21 +71,46 @@ def plot_search_trace(trace: dict, path: str, *, exit: ExitRecord | None = None,
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    return path
+    return fig
 
 
-def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[PyTree, PyTree], path: str, *,
-                      exit_point: PyTree | None = None, title: str = "Exit-point verification",
-                      split_at: int | None = None) -> str:
-    """Seed 004 Figure 3c: gradient-descent trajectories from path points before (red) and after (blue) the
-    exit, projected onto the two orthonormal directions ``basis`` around ``origin``; circles mark starts,
-    stars end points (labelled with the optimum they reached: :attr:`VerificationResult.function_basin` when
-    measured, else :attr:`VerificationResult.basin`; :attr:`VerificationResult.symmetry_basin` first when
-    measured; 0 is the origin's optimum), ``X`` the exit point and a
-    square the tier-0 solution. "Before" is :attr:`VerificationResult.before` (the exit estimate), or, with
-    ``split_at``, path iterations ``< split_at`` (e.g. the measured crossing of the origin's stability
-    boundary), which must leave sampled points on both sides. Writes ``path``."""
+def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[PyTree, PyTree], *,
+                      exit_point: PyTree | None = None, split_at: int | None = None, space: str | None = None,
+                      ax=None, title: str = "gradient-descent flows from points along the search path") -> Figure:
+    """The exit-point verification (DSP-TT paper, Figure 3c): flows from path points before (red) and after (blue)
+    the exit, projected onto two orthonormal directions around ``origin``.
+
+    Circles mark start points, stars end points (labelled with the optimum they reached in ``space``; 0 is the
+    origin's optimum), ``X`` the exit point and a square the tier-0 solution.
+
+    Args:
+      result: a :class:`~mclandscape.methods.verification.VerificationResult`.
+      origin: the search's origin (the projection's centre).
+      basis: two orthonormal directions ``(u, v)``
+        (:func:`~mclandscape.methods.verification.random_orthonormal_pair`).
+      exit_point: marks the exit point.
+      split_at: "before" means path iterations ``< split_at`` (e.g. the measured crossing of the origin's
+        stability boundary) instead of :attr:`VerificationResult.before`; it must leave sampled points on both
+        sides.
+      space: the clustering whose labels annotate the end points (default: the last space measured, e.g. the one
+        modulo symmetries, else ``"param"``).
+      ax: draw into these axes (default: a new figure).
+      title: the axes title.
+
+    Returns:
+      The ``Figure``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from mclandscape.core.objective import function_objective
+      >>> from mclandscape.methods.potentials import double_well
+      >>> from mclandscape.methods.verification import random_orthonormal_pair, verify_exit
+      >>> o = jnp.array([-1.0, 0.0])
+      >>> res = verify_exit(function_objective(double_well), o, [(i, jnp.array([0.5 * i, 0.1])) for i in (1, 3)],
+      ...                   2, step_size=0.05, steps=100, record_every=50)
+      >>> len(plot_verification(res, o, random_orthonormal_pair(jax.random.key(0), o)).axes)
+      1
+    """
     its = list(result.iterations)
     if split_at is None:
         before_flags, names = list(result.before), ("before exit", "after exit")
@@ -63,17 +120,13 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
                              f"{its[0]}..{its[-1]})")
         before_flags = [i < split_at for i in its]
         names = (f"before iteration {split_at}", f"from iteration {split_at}")
+    space = list(result.spaces)[-1] if space is None else space
+    labels = result.clusters(space).labels
     traj = project(result.trajectories, origin, basis, leading=2)  # [P, T, 2]
     starts = project(result.starts, origin, basis, leading=1)  # [P, 2]
     finals = project(result.finals, origin, basis, leading=1)
-    if result.symmetry_basin is not None:
-        labels, space = result.symmetry_basin, "modulo symmetries"
-    elif result.function_basin is not None:
-        labels, space = result.function_basin, "function space"
-    else:
-        labels, space = result.basin, "parameter space"
     scale = max(float(np.ptp(traj[..., 0])), float(np.ptp(traj[..., 1])), 1e-12)
-    fig, ax = subplots(figsize=(5.6, 5.0))
+    fig, ax = _axes(ax, (5.6, 5.0))
     ax.plot(starts[:, 0], starts[:, 1], color="0.4", lw=0.8, ls="--", label="search path")
     seen = set()
     for p in range(traj.shape[0]):
@@ -94,13 +147,11 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
     if exit_point is not None:
         ex = project(jax.tree_util.tree_map(lambda x: x[None], exit_point), origin, basis, leading=1)[0]
         ax.plot(ex[0], ex[1], "X", color="k", ms=12, label="exit point")
-    ax.text(0.01, 0.01, f"star labels: optimum reached ({space}; 0 = the origin's)", transform=ax.transAxes,
+    ax.text(0.01, 0.01, f"star labels: optimum reached ({space} space; 0 = the origin's)", transform=ax.transAxes,
             fontsize=7, color="0.3")
     ax.set_xlabel("random direction 1")
     ax.set_ylabel("random direction 2")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    return path
-
+    return fig

@@ -8,14 +8,19 @@
 and ``get_model(spec)`` (or equivalently ``get_model(spec["arch"], **spec["kwargs"])``) rebuilds the same
 model, which is how :func:`mclandscape.engine.checkpoint.load_model` restores a model from a checkpoint alone.
 
+The architectures are those of the Bézier-surface paper (Anonymous, 2024, 'Revisiting mode connectivity in neural
+networks with Bézier surface'), of Garipov et al., 2018 ('Loss surfaces, mode connectivity, and fast ensembling of
+DNNs') and of the DSP-TT paper (Anonymous, 2020, 'Constructing multiple high-quality deep neural networks: a
+TRUST-TECH based approach', ICLR 2021 submission).
+
 | name | architecture | BatchNorm |
 |---|---|---|
 | ``mlp`` | ``widths`` hidden layers, ``activation``, ``num_classes`` outputs | no |
-| ``simple_cnn`` | seed 000 A.4: 3 × (conv3×3 pad 1, ReLU, max-pool 2), dropout, Dense 256, head | no |
+| ``simple_cnn`` | the Bézier-surface paper's simple CNN (appendix A.4): 3 × (conv3×3 pad 1, ReLU, max-pool 2), dropout, Dense 256, head | no |
 | ``convfc`` | Garipov et al. ConvFC: 3 × (conv5×5, ReLU, max-pool 3/2), Dense 1000-1000, head (2.42 M) | no |
 | ``vgg16`` / ``vgg16_bn`` | CIFAR VGG16 (Garipov et al.'s classifier) | ``vgg16_bn`` |
 | ``resnet18`` | CIFAR ResNet-18 (11.17 M) | yes |
-| ``resnet20`` | He et al. CIFAR ResNet-20, option-A shortcuts (0.27 M) | yes |
+| ``resnet20`` | He et al. CIFAR ResNet-20, option-A shortcuts (0.27 M); ``width`` multiplies the channels | yes |
 | ``preresnet20`` | Garipov et al. PreResNet-20 | yes |
 | ``preresnet164`` (alias ``resnet164``) | He et al. 2016b pre-activation bottleneck ResNet, as Garipov et al.'s PreResNet-164: ``depth`` 164 = 9·18 + 2, three stages of 18 blocks (1.70 M) | yes |
 | ``densenet100`` (aliases ``densenet_bc100``, ``densenet``) | Huang et al. DenseNet-BC, ``depth`` 100, ``growth_rate`` 12, ``compression`` 0.5 (0.77 M) | yes |
@@ -25,7 +30,10 @@ Every model takes ``num_classes`` and works on any input size: NHWC images (8×8
 skipped on maps smaller than their window) and, for ``mlp``, any ``[N, ...]`` input. Conv models name their
 first convolution ``stem`` (``variables['params']['stem']``). Models with BatchNorm keep a ``batch_stats``
 collection and have ``apply_with_stats``. The modules are plain Flax; the evaluator's first-layer
-factorisation (:mod:`mclandscape.engine.cpu`) works on them from outside, as on any Flax model.
+factorisation (:mod:`mclandscape.engine.cpu`) works on them from outside, as on any Flax linen model.
+
+User models: :func:`from_flax` wraps a Flax linen module, :func:`from_nnx` a Flax NNX module factory; both record
+``{"arch": name}`` as their spec, so checkpoints of them are restored with ``load_model(directory, model=model)``.
 """
 
 from __future__ import annotations
@@ -38,11 +46,12 @@ from mclandscape.engine.models.base import Model, from_flax
 from mclandscape.engine.models.cnn import ConvFC, SimpleCNN
 from mclandscape.engine.models.densenet import DenseNet, check_densenet_args
 from mclandscape.engine.models.mlp import MLP
+from mclandscape.engine.models.nnx import from_nnx
 from mclandscape.engine.models.resnet import ResNet, preresnet_bottleneck_blocks
 from mclandscape.engine.models.vgg import VGG16
 from mclandscape.engine.models.vit import ViT
 
-__all__ = ["Model", "from_flax", "get_model", "list_models", "model_from_spec", "canonical_name",
+__all__ = ["Model", "from_flax", "from_nnx", "get_model", "list_models", "model_from_spec", "canonical_name",
            "MLP", "SimpleCNN", "ConvFC", "VGG16", "ResNet", "DenseNet", "ViT"]
 
 
@@ -69,8 +78,12 @@ def _resnet18(num_classes):
     return ResNet(num_classes=num_classes, stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), shortcut="B")
 
 
-def _resnet20(num_classes, shortcut):
-    return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16, 32, 64), shortcut=shortcut)
+def _resnet20(num_classes, shortcut, width):
+    # ``width`` multiplies every stage's channels (Ainsworth et al.'s ResNet-20 x1 ... x32 width sweep)
+    if int(width) < 1:
+        raise ValueError(f"resnet20 width multiplier must be a positive integer, got {width!r}")
+    w = int(width)
+    return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16 * w, 32 * w, 64 * w), shortcut=shortcut)
 
 
 def _preresnet20(num_classes):
@@ -102,7 +115,7 @@ _REGISTRY: dict[str, tuple[Callable[..., Any], dict, bool]] = {
     "vgg16": (_vgg(False), {"num_classes": 10, "dropout": 0.5, "width": 512}, False),
     "vgg16_bn": (_vgg(True), {"num_classes": 10, "dropout": 0.5, "width": 512}, True),
     "resnet18": (_resnet18, {"num_classes": 10}, True),
-    "resnet20": (_resnet20, {"num_classes": 10, "shortcut": "A"}, True),
+    "resnet20": (_resnet20, {"num_classes": 10, "shortcut": "A", "width": 1}, True),
     "preresnet20": (_preresnet20, {"num_classes": 10}, True),
     "preresnet164": (_preresnet164, {"num_classes": 10, "depth": 164}, True),
     "densenet100": (_densenet, {"num_classes": 10, "depth": 100, "growth_rate": 12, "compression": 0.5}, True),

@@ -1,4 +1,6 @@
-"""Small convolutional networks: the seed's simple CNN and Garipov et al.'s ConvFC."""
+"""Small convolutional networks: the simple CNN of the Bézier-surface paper (Anonymous, 2024, 'Revisiting mode
+connectivity in neural networks with Bézier surface') and the ConvFC of Garipov et al., 2018 ('Loss surfaces, mode
+connectivity, and fast ensembling of DNNs')."""
 
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ from mclandscape.engine.models._common import as_image, max_pool
 
 
 class SimpleCNN(nn.Module):
-    """The simple CNN of seed 000 appendix A.4 (surfaces with 3×3…5×5 control points, Table 4).
+    """The simple CNN of the Bézier-surface paper, appendix A.4 (surfaces with 3×3…5×5 control points, Table 4).
 
     Three 3×3 convolutions with padding 1, each followed by ReLU and 2×2 max-pooling, dropout after the
-    convolutional part, a 256-unit hidden dense layer and a linear classifier. The seed fixes the kernel
+    convolutional part, a 256-unit hidden dense layer and a linear classifier. The paper fixes the kernel
     size, padding, pooling and hidden width; channel widths default to (32, 64, 128) and dropout to 0.25.
     The first convolution is the submodule ``stem``.
     """

@@ -1,4 +1,5 @@
-"""DenseNet-BC for CIFAR (Huang et al. 2017), seed 004's DenseNet-100 (k = 12).
+"""DenseNet-BC for CIFAR (Huang et al. 2017): the DenseNet-100 (k = 12) of the DSP-TT paper (Anonymous, 2020,
+'Constructing multiple high-quality deep neural networks: a TRUST-TECH based approach', ICLR 2021 submission).
 
 Layout of Huang et al.'s CIFAR code (``densenet.lua`` / the PyTorch ports) with bottleneck layers and
 compression (the "BC" variant):

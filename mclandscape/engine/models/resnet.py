@@ -1,5 +1,6 @@
 """CIFAR ResNets: ResNet-18 (He et al. 2016, CIFAR form of Liu's reference code), ResNet-20, PreResNet-20 and
-PreResNet-164 (He et al. 2016b, pre-activation bottleneck blocks; seed 004's ResNet-164).
+PreResNet-164 (He et al. 2016b, pre-activation bottleneck blocks; the ResNet-164 of the DSP-TT paper, Anonymous,
+2020, 'Constructing multiple high-quality deep neural networks: a TRUST-TECH based approach', ICLR 2021 submission).
 
 All use BatchNorm (``batch_stats`` collection) and 3×3 stems without max-pooling, the CIFAR convention, and
 end with global average pooling, so any input size (8×8 digits, 32×32 CIFAR, 64×64 Tiny-ImageNet) works.

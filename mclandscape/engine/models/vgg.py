@@ -1,4 +1,9 @@
-"""VGG16 for CIFAR-sized inputs, with and without BatchNorm (Garipov et al.'s curve-finding variant)."""
+"""VGG16 for CIFAR-sized inputs, with and without BatchNorm (Garipov et al.'s curve-finding variant).
+
+The default architecture of the Bézier-surface paper (Anonymous, 2024, 'Revisiting mode connectivity in neural
+networks with Bézier surface'); the classifier is that of Garipov et al., 2018 ('Loss surfaces, mode connectivity,
+and fast ensembling of DNNs').
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
 
 
 class VGG16(nn.Module):
-    """VGG16 (13 conv 3×3 + 3 dense): the default architecture of seed 000 (CIFAR-10/100, Tiny-ImageNet).
+    """VGG16 (13 conv 3×3 + 3 dense): the Bézier-surface paper's default architecture (CIFAR-10/100, Tiny-ImageNet).
 
     Convolutions as in Simonyan & Zisserman with 2×2 max-pools; the classifier follows the CIFAR variant
     used for mode connectivity (Garipov et al.): dropout, Dense(512), ReLU, dropout, Dense(512), ReLU,

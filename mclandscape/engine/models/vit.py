@@ -1,4 +1,5 @@
-"""A small Vision Transformer (Dosovitskiy et al. 2021) for CIFAR-sized inputs (seed 000 Table 1, "ViT")."""
+"""A small Vision Transformer (Dosovitskiy et al. 2021) for CIFAR-sized inputs: the "ViT" of Table 1 of the
+Bézier-surface paper (Anonymous, 2024, 'Revisiting mode connectivity in neural networks with Bézier surface')."""
 
 from __future__ import annotations
 
