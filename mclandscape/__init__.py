@@ -38,7 +38,16 @@ from mclandscape.engine.evaluate import (
     stacked_points,
     uv_grid,
 )
-from mclandscape.engine.loop import LoopConfig, NonFiniteError, ResumeMismatchError, TrainState, make_step, run
+from mclandscape.engine.loop import (
+    LoopConfig,
+    NonFiniteError,
+    ResumeMismatchError,
+    RunResult,
+    StopRun,
+    TrainState,
+    make_step,
+    run,
+)
 from mclandscape.engine.models import Model, canonical_name, from_flax, from_nnx, get_model, list_models
 from mclandscape.engine.train import TrainConfig, TrainResult, train_many, train_model
 from mclandscape.methods import potentials, verification
@@ -85,7 +94,7 @@ __all__ = [
     # engines
     "Model", "from_flax", "from_nnx", "get_model", "list_models", "canonical_name",
     "Dataset", "BatchStream", "batch_stream", "load_dataset", "iterate_batches",
-    "TrainState", "make_step", "run", "LoopConfig", "NonFiniteError", "ResumeMismatchError",
+    "TrainState", "make_step", "run", "LoopConfig", "NonFiniteError", "ResumeMismatchError", "StopRun", "RunResult",
     "TrainConfig", "TrainResult", "train_model", "train_many",
     "save_checkpoint", "restore_checkpoint", "latest_step", "load_model",
     "Points", "connector_points", "stacked_points", "plane_points", "map_points", "evaluate", "evaluation_memory",
