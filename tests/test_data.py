@@ -107,6 +107,16 @@ def test_dataset_helpers():
         Dataset(np.zeros((3, 2), np.float32), np.zeros(2, np.int32), 2, "bad")
 
 
+@pytest.mark.parametrize("limit", [-5, 0, 2.5, True])
+def test_limit_must_be_a_positive_count(limit):
+    """A negative limit used to keep all but the last examples (slice(0, -5)) without a word."""
+    with pytest.raises(ValueError, match="limit must be an integer >= 1"):
+        load_dataset("iris", "train", limit=limit)
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        load_dataset("iris", "train").take(limit)
+    assert len(load_dataset("iris", "train", limit=np.int64(7))) == 7
+
+
 # ---------------------------------------------------------------------------------------------------------
 # batches
 

@@ -170,14 +170,39 @@ class SimplexSampler:
 
 
 def uniform_sampler(point_dim: int) -> UniformSampler:
-    """Points uniform on [0, 1] or [0, 1]^d (see :class:`UniformSampler`)."""
+    """Points uniform on [0, 1] or [0, 1]^d (see :class:`UniformSampler`).
+
+    Args:
+      point_dim: 1 (t values ``[k]``) or d (points ``[k, d]``).
+
+    Returns:
+      A :class:`UniformSampler`, ``sampler(key, k) -> points``.
+
+    Example:
+        >>> import jax
+        >>> uniform_sampler(2)(jax.random.key(0), 5).shape
+        (5, 2)
+    """
     if isinstance(point_dim, bool) or int(point_dim) != point_dim or point_dim < 1:
         raise ValueError(f"point_dim must be an integer >= 1, got {point_dim!r}")
     return UniformSampler(int(point_dim))
 
 
 def simplex_sampler(num_vertices: int) -> SimplexSampler:
-    """Points uniform on the simplex (see :class:`SimplexSampler`)."""
+    """Points uniform on the simplex (Dirichlet(1, ..., 1); see :class:`SimplexSampler`).
+
+    Args:
+      num_vertices: K >= 2.
+
+    Returns:
+      A :class:`SimplexSampler`, ``sampler(key, k) -> [k, K]`` barycentric weights.
+
+    Example:
+        >>> import jax
+        >>> w = simplex_sampler(3)(jax.random.key(0), 4)
+        >>> w.shape, bool(abs(w.sum(1) - 1).max() < 1e-5)
+        ((4, 3), True)
+    """
     if isinstance(num_vertices, bool) or int(num_vertices) != num_vertices or num_vertices < 2:
         raise ValueError(f"a simplex needs an integer number of vertices >= 2, got {num_vertices!r}")
     return SimplexSampler(int(num_vertices))
@@ -327,7 +352,17 @@ def train_connector(objective, connector: Connector, data, *, epochs: int, tx: o
         records it instead of ``connector``.
 
     Returns:
-      A :class:`ConnectorTrainResult`.
+      A :class:`ConnectorTrainResult` (``history``: one record per epoch, ``epoch`` from 1).
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from mclandscape.core.connectors import bezier_curve
+        >>> bowl = lambda p, batch, key: (jnp.sum(p["w"] ** 2), {})
+        >>> c = bezier_curve({"w": jnp.array([-1.0, 1.0])}, {"w": jnp.array([1.0, 1.0])}, 2)
+        >>> res = train_connector(bowl, c, None, epochs=2, tx=optax.sgd(0.1), batch_size=None, steps_per_epoch=5,
+        ...                       num_samples=4, loop=LoopConfig(progress=False))
+        >>> [r["epoch"] for r in res.history], bool(res.connector.control["w"][1, 1] < 1.0)
+        ([1, 2], True)
     """
     if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 0:
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
@@ -414,9 +449,25 @@ def _control_mask(connector: Connector, mask: np.ndarray) -> PyTree:
 
 def checkpointed_connector(connector: Connector, tx: optax.GradientTransformation,
                            checkpoint_dir) -> tuple[Connector, int]:
-    """``(connector, epoch)``: the connector as saved by the newest checkpoint of a :func:`train_connector`
-    run in ``checkpoint_dir`` (``(connector, 0)`` when there is none). Whether that run matches is checked
-    when training resumes."""
+    """The connector as saved by the newest checkpoint of a :func:`train_connector` run in ``checkpoint_dir``.
+
+    Whether that run matches is checked when training resumes.
+
+    Args:
+      connector: the run's connector (the template of the restored control points).
+      tx: the run's optax transformation (the template of the optimizer state).
+      checkpoint_dir: the run's directory.
+
+    Returns:
+      ``(connector, epoch)``; ``(connector, 0)`` when there is no checkpoint.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, optax
+        >>> from mclandscape.core.connectors import bezier_curve
+        >>> c = bezier_curve({"w": jnp.zeros(1)}, {"w": jnp.ones(1)}, 2)
+        >>> checkpointed_connector(c, optax.sgd(0.1), tempfile.mkdtemp())[1]
+        0
+    """
     from mclandscape.engine.checkpoint import latest_step
     from mclandscape.engine.loop import init_state, restore_state
 

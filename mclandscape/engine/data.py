@@ -72,6 +72,12 @@ class Dataset:
 
     ``x``: float32, ``[N, H, W, C]`` for images or ``[N, F]`` for features. ``y``: int32 ``[N]`` class
     labels (for ``synthetic`` regression: float32 ``[N, targets]`` with ``num_classes == 0``).
+
+    Example:
+        >>> import numpy as np
+        >>> ds = Dataset(np.zeros((6, 3), np.float32), np.arange(6, dtype=np.int32) % 2, 2, "toy")
+        >>> len(ds), ds.input_shape, len(ds.subset(ds.y == 1))
+        (6, (3,), 3)
     """
 
     x: np.ndarray
@@ -146,11 +152,31 @@ _TFDS_SPLITS = {"cifar10": {"train": "train", "test": "test"},
 
 
 def list_datasets() -> list[str]:
+    """The names :func:`load_dataset` accepts.
+
+    Returns:
+      A sorted list of names.
+
+    Example:
+        >>> "digits" in list_datasets() and "cifar10" in list_datasets()
+        True
+    """
     return sorted(_OFFLINE | _TFDS_IMAGE | {"synthetic"})
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets`` (TFDS's own default)."""
+    """``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets`` (TFDS's own default).
+
+    Args:
+      data_dir: an explicit directory, or ``None``.
+
+    Returns:
+      The directory as an expanded ``Path``.
+
+    Example:
+        >>> str(resolve_data_dir("/data/tfds"))
+        '/data/tfds'
+    """
     if data_dir is None:
         data_dir = os.environ.get("TFDS_DATA_DIR") or os.path.join("~", "tensorflow_datasets")
     return Path(data_dir).expanduser()
@@ -339,19 +365,31 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
                  **options) -> Dataset:
     """Load ``split`` ("train" or "test") of dataset ``name`` into memory (see the module table).
 
-    - ``data_dir``: TFDS data directory (CIFAR, Tiny-ImageNet, and offline sets with ``source="tfds"``);
-      default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
-    - ``seed``: only used by ``synthetic`` (the other datasets have fixed splits; shuffling is
-      :func:`iterate_batches`'s job).
-    - ``normalize``: standardise (see the module docstring); normalisation statistics always come from the
-      training split, so train and test are transformed identically.
-    - ``source``: ``"auto"`` (in-memory generators for offline sets, TFDS for image sets) or ``"tfds"``
-      (offline sets through their local TFDS builder).
-    - ``limit``: keep only the first ``limit`` examples (quick experiments).
-    - ``options``: ``synthetic`` keywords (``n_train, n_test, dim, num_classes, task, hidden, noise,
-      targets``).
+    Args:
+      name: a dataset of :func:`list_datasets` (``"cifar-10"``, ``"mnist_1d"`` and similar spellings work).
+      split: ``"train"`` or ``"test"``.
+      data_dir: TFDS data directory (CIFAR, Tiny-ImageNet, and offline sets with ``source="tfds"``); default
+        ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+      seed: only used by ``synthetic`` (the other datasets have fixed splits; shuffling is
+        :func:`iterate_batches`'s job).
+      normalize: standardise (see the module docstring); the statistics always come from the training split,
+        so train and test are transformed identically.
+      source: ``"auto"`` (in-memory generators for offline sets, TFDS for image sets) or ``"tfds"`` (offline
+        sets through their local TFDS builder).
+      limit: keep only the first ``limit`` examples, an integer >= 1 (quick experiments).
+      **options: ``synthetic`` keywords (``n_train, n_test, dim, num_classes, task, hidden, noise, targets``).
 
-    Missing CIFAR / Tiny-ImageNet files raise :class:`DatasetNotFoundError` immediately (no network).
+    Returns:
+      A :class:`Dataset`.
+
+    Raises:
+      ValueError: an unknown name, split, source or option, or a bad ``limit``.
+      DatasetNotFoundError: CIFAR / Tiny-ImageNet files are missing (raised at once, no network).
+
+    Example:
+        >>> ds = load_dataset("iris", "train", limit=10)
+        >>> len(ds), ds.input_shape, ds.num_classes, ds.x.dtype.name
+        (10, (4,), 3, 'float32')
     """
     key = name.lower().replace("-", "_")
     key = {"cifar_10": "cifar10", "cifar_100": "cifar100", "tinyimagenet": "tiny_imagenet",
@@ -409,14 +447,43 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
-    """Number of batches :func:`iterate_batches` yields for ``n`` examples."""
+    """Number of batches :func:`iterate_batches` yields for ``n`` examples.
+
+    Args:
+      n: the number of examples.
+      batch_size: examples per batch.
+      drop_last: whether the last partial batch is dropped.
+
+    Returns:
+      The count.
+
+    Example:
+        >>> num_batches(10, 4), num_batches(10, 4, drop_last=True)
+        (3, 2)
+    """
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
 def augment_batch(x: np.ndarray, rng: np.random.Generator, *, pad: int = 4, flip: bool = True) -> np.ndarray:
-    """Standard CIFAR augmentation of an NHWC batch: random crop after zero-padding ``pad`` pixels on each
-    side, and a random horizontal flip with probability 1/2. Zeros are padded in the (normalised) input
-    space. Vectorised; draws from ``rng`` only."""
+    """Standard CIFAR augmentation of an NHWC batch: random crop after zero-padding, random horizontal flip.
+
+    Zeros are padded in the (normalised) input space. Vectorised; draws from ``rng`` only.
+
+    Args:
+      x: images ``[N, H, W, C]``.
+      rng: a NumPy generator.
+      pad: pixels of zero padding on each side before the crop.
+      flip: flip horizontally with probability 1/2.
+
+    Returns:
+      The augmented batch, same shape and dtype.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.ones((2, 8, 8, 1), np.float32)
+        >>> augment_batch(x, np.random.default_rng(0), pad=2).shape
+        (2, 8, 8, 1)
+    """
     if x.ndim != 4:
         raise ValueError(f"augmentation needs NHWC images, got a batch of shape {x.shape}")
     n, h, w, _ = x.shape
@@ -449,12 +516,27 @@ def _take_batch(ds: Dataset, order: np.ndarray, j: int, batch_size: int, *, seed
 
 def iterate_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int = 0, shuffle: bool = True,
                     augment: bool = False, drop_last: bool = False, pad: int = 4) -> Iterator[tuple]:
-    """Yield ``(x, y)`` NumPy batches of ``ds``; the order and the augmentation depend only on
-    ``(seed, epoch)`` (and each batch's augmentation on its index too), so a resumed run sees exactly the
-    batches an uninterrupted one would.
+    """Yield ``(x, y)`` NumPy batches of ``ds``, deterministic in ``(seed, epoch)``.
 
-    ``augment=True`` applies :func:`augment_batch` (random crop with padding ``pad`` + horizontal flip;
-    images only). The last smaller batch is kept unless ``drop_last``.
+    The order and the augmentation depend only on ``(seed, epoch)`` (and each batch's augmentation on its
+    index too), so a resumed run sees exactly the batches an uninterrupted one would.
+
+    Args:
+      ds: the :class:`Dataset`.
+      batch_size: examples per batch (>= 1).
+      seed, epoch: the shuffle and augmentation stream.
+      shuffle: shuffle the examples.
+      augment: :func:`augment_batch` (random crop with padding ``pad`` + horizontal flip; images only).
+      drop_last: drop the last smaller batch.
+      pad: the crop padding.
+
+    Returns:
+      An iterator of ``(x, y)`` batches.
+
+    Example:
+        >>> ds = load_dataset("iris", "test")
+        >>> [len(y) for _, y in iterate_batches(ds, 12, seed=0)]
+        [12, 12, 6]
     """
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -468,7 +550,19 @@ def iterate_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int = 0, 
 
 
 def data_digest(ds) -> str:
-    """A digest of a dataset's inputs and targets (what a checkpoint's fingerprint records of the data)."""
+    """A digest of a dataset's inputs and targets (what a checkpoint's fingerprint records of the data).
+
+    Args:
+      ds: anything with ``.x`` and ``.y``.
+
+    Returns:
+      A hex string.
+
+    Example:
+        >>> ds = load_dataset("iris", "test")
+        >>> data_digest(ds) == data_digest(ds.take(len(ds))), data_digest(ds) == data_digest(ds.take(5))
+        (True, False)
+    """
     return tree_digest((np.asarray(ds.x), np.asarray(ds.y)))
 
 
@@ -531,5 +625,22 @@ class BatchStream:
 
 def batch_stream(ds: Dataset, batch_size: int, *, seed: int = 0, augment: bool = False, drop_last: bool = True,
                  pad: bool = False) -> BatchStream:
-    """A :class:`BatchStream` (full batches only by default)."""
+    """A :class:`BatchStream` (full batches only by default).
+
+    Args:
+      ds: the :class:`Dataset`.
+      batch_size: examples per batch.
+      seed: the shuffle and augmentation seed.
+      augment: random crops and flips (images only).
+      drop_last: only full batches.
+      pad: pad a partial last batch and return ``(x, y, weights)``.
+
+    Returns:
+      A :class:`BatchStream`, ``t -> batch``.
+
+    Example:
+        >>> stream = batch_stream(load_dataset("iris", "train"), 50)
+        >>> stream.steps_per_epoch, stream(0)[0].shape
+        (2, (50, 4))
+    """
     return BatchStream(ds, batch_size, seed=seed, augment=augment, drop_last=drop_last, pad=pad)

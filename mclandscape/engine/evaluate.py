@@ -357,7 +357,18 @@ def _sum_w(params):  # used by the doctest of map_points
 # ---- data staging ---------------------------------------------------------------------------------------
 
 def uv_grid(steps: int = 11) -> np.ndarray:
-    """The (u, v) grid ``[steps*steps, 2]`` with spacing ``1/(steps-1)``, u major (default step 0.1)."""
+    """The (u, v) grid ``[steps*steps, 2]`` with spacing ``1/(steps-1)``, u major (default step 0.1).
+
+    Args:
+      steps: points per axis (>= 2).
+
+    Returns:
+      A float64 array.
+
+    Example:
+        >>> uv_grid(2).tolist()
+        [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    """
     if isinstance(steps, bool) or int(steps) != steps or steps < 2:
         raise ValueError(f"a grid needs an integer number of steps >= 2 per axis, got {steps!r}")
     g = np.linspace(0.0, 1.0, int(steps))
@@ -378,6 +389,21 @@ def stage_batches(x: np.ndarray, y: np.ndarray | None, batch_size: int, *, drop_
 
     The last partial batch is zero-padded and masked out (or dropped with ``drop_last``). Staged once,
     these arrays are shared by every point.
+
+    Args:
+      x: inputs ``[N, ...]``.
+      y: targets ``[N, ...]`` or ``None``.
+      batch_size: examples per batch (capped at N).
+      drop_last: drop the partial last batch instead of padding it.
+
+    Returns:
+      ``(xs, ys, mask)`` with ``mask`` ``[num_batches, batch_size]`` (1 for real examples).
+
+    Example:
+        >>> import numpy as np
+        >>> xs, ys, mask = stage_batches(np.zeros((5, 2)), np.arange(5), 2)
+        >>> xs.shape, mask.tolist()
+        ((3, 2, 2), [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
     """
     n = int(np.shape(x)[0])
     if n == 0:
@@ -465,6 +491,27 @@ def bn_momentum(model: Model, params: PyTree, x) -> PyTree:
     A Flax BatchNorm update is ``r' = m r + (1 - m) b`` with the batch statistic ``b``. Starting from
     ``r = 0`` gives ``(1 - m) b``; from ``r = 1`` gives ``m + (1 - m) b``; their difference is ``m``. This
     makes the exact recalibration work for any Flax model with standard BatchNorm, whatever momentum.
+
+    Args:
+      model: a model with BatchNorm.
+      params: its ``params``.
+      x: one input batch.
+
+    Returns:
+      A tree shaped like the ``batch_stats`` with one momentum per statistic (in the parameters' precision).
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from mclandscape.engine.models.base import from_flax
+        >>> class Net(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x, train=False):
+        ...         return nn.BatchNorm(use_running_average=not train, momentum=0.9)(nn.Dense(2)(x))
+        >>> model = from_flax(Net(), "bn_doc", has_batch_stats=True)
+        >>> x = jnp.arange(12.0).reshape(6, 2)
+        >>> mom = bn_momentum(model, model.init(jax.random.key(0), x)["params"], x)
+        >>> round(float(mom["BatchNorm_0"]["mean"]), 4)
+        0.9
     """
     x = jnp.asarray(x)
     diff = _bn_probe(model, params, _zeros_stats(model, x[:1], params), x)
@@ -736,17 +783,29 @@ def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_da
       model: the :class:`~mclandscape.engine.models.Model`.
       points: the :class:`Points` (their stack holds the ``params`` collection only).
       data: a Dataset or ``(x, y)``; evaluated in batches of ``batch_size`` (a partial last batch is masked).
+      batch_size: examples per evaluation batch.
       bn_data: training data for the BatchNorm statistics of each point (models with BatchNorm, unless
         ``variables`` holds them); ``bn_batches`` full batches of ``bn_batch_size`` (default all).
+      bn_batches, bn_batch_size: see ``bn_data``.
       variables: other collections shared by every point (e.g. ``{"batch_stats": ...}`` of a trained model).
       return_probs: also return the softmax outputs ``[P, N, C]``.
       loss_fn: per-example loss ``(logits, y) -> [N]``.
-      strategy, chunk_size, devices, stem, compute_dtype: see the module docstring; ``stem_bytes`` bounds the
-        memory of the staged first-layer outputs of the factorised path.
+      strategy, chunk_size, devices, stem, compute_dtype: see the module docstring.
+      stem_bytes: bounds the memory of the staged first-layer outputs of the factorised path.
       check: refuse non-finite parameters.
 
     Returns:
-      :class:`PointMetrics`.
+      :class:`PointMetrics`; losses and accuracies in the parameters' precision (at least float32).
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> data = mcl.load_dataset("iris", "test")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> p = model.init(jax.random.key(0), data.x[:1])["params"]
+        >>> m = evaluate(model, plane_points(p, p, None, [0.0, 1.0]), data)   # p and 2 p
+        >>> m.loss.shape, m.accuracy.shape
+        ((2,), (2,))
     """
     return _evaluate(model, points, data, batch_size=batch_size, bn_data=bn_data, bn_batches=bn_batches,
                      bn_batch_size=bn_batch_size, variables=variables, return_probs=return_probs, loss_fn=loss_fn,
@@ -759,13 +818,29 @@ def evaluation_memory(model: Model, points: Points, data, *, batch_size: int = 5
              return_probs: bool = False, loss_fn: Callable = cross_entropy, strategy: str = "auto",
              chunk_size: int | None = None, devices: int | None = None, stem: str = "auto", compute_dtype=None,
              stem_bytes: int = 1 << 29, check: bool = True) -> dict:
-    """Compile :func:`evaluate`'s computation for these arguments without running it, and return its memory
-    per device from XLA's analysis: ``argument_bytes``, ``output_bytes``, ``temp_bytes``, ``alias_bytes`` and
-    ``peak_bytes`` (their total, less aliasing), with the ``strategy``, ``chunk_size`` and ``stem`` chosen.
+    """Compile :func:`evaluate`'s computation for these arguments without running it; its memory per device.
 
+    From XLA's analysis: ``argument_bytes``, ``output_bytes``, ``temp_bytes``, ``alias_bytes`` and
+    ``peak_bytes`` (their total, less aliasing), with the ``strategy``, ``chunk_size`` and ``stem`` chosen.
     What grows with the number of points is only the rows and the per-point outputs: at most a chunk of
     parameter copies exists at any time (``benchmarks/scaling.py`` and ``benchmarks/loss_plane_memory.py``
     measure it).
+
+    Args:
+      model, points, data, **options: as for :func:`evaluate`.
+
+    Returns:
+      A dict of byte counts and the chosen strategy.
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> data = mcl.load_dataset("iris", "test")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> p = model.init(jax.random.key(0), data.x[:1])["params"]
+        >>> mem = evaluation_memory(model, plane_points(p, p, None, [0.0, 1.0]), data, strategy="map")
+        >>> mem["peak_bytes"] > 0, mem["strategy"]
+        (True, 'map')
     """
     return _evaluate(model, points, data, batch_size=batch_size, bn_data=bn_data, bn_batches=bn_batches,
                      bn_batch_size=bn_batch_size, variables=variables, return_probs=return_probs, loss_fn=loss_fn,
@@ -813,16 +888,53 @@ def evaluate_points(model: Model, connector: Connector, points, data, *, extrapo
 def evaluate_params(model: Model, stacked_params: PyTree, data, **kwargs) -> PointMetrics:
     """Mean loss and accuracy on ``data`` of P parameter sets stacked on a leading axis.
 
-    ``stacked_params`` holds the ``params`` collection only (use :func:`mclandscape.core.tree.tree_stack`);
-    ``kwargs``: see :func:`evaluate`.
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      stacked_params: the ``params`` collections stacked on a leading axis
+        (:func:`mclandscape.core.tree.tree_stack`).
+      data: a Dataset or ``(x, y)``.
+      **kwargs: see :func:`evaluate`.
+
+    Returns:
+      :class:`PointMetrics`.
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> data = mcl.load_dataset("iris", "test")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> ps = [model.init(jax.random.key(s), data.x[:1])["params"] for s in range(3)]
+        >>> evaluate_params(model, tree_stack(ps), data).loss.shape
+        (3,)
     """
     return evaluate(model, stacked_points(stacked_params), data, **kwargs)
 
 
 def evaluate_model(model: Model, variables: PyTree, data, *, batch_size: int = 1000,
                    loss_fn: Callable = cross_entropy) -> dict:
-    """``{"loss", "acc"}`` of one model in evaluation mode with its own variables (running BatchNorm
-    statistics, no dropout); ``acc`` is NaN unless the targets are class labels."""
+    """``{"loss", "acc"}`` of one model in evaluation mode with its own variables.
+
+    Running BatchNorm statistics as stored, no dropout; ``acc`` is NaN unless the targets are class labels.
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      variables: a dict of collections with ``"params"``.
+      data: a Dataset or ``(x, y)``.
+      batch_size: examples per evaluation batch.
+      loss_fn: per-example loss.
+
+    Returns:
+      ``{"loss": float, "acc": float}``.
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> data = mcl.load_dataset("iris", "test")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> r = evaluate_model(model, model.init(jax.random.key(0), data.x[:1]), data)
+        >>> sorted(r), 0.0 <= r["acc"] <= 1.0
+        (['acc', 'loss'], True)
+    """
     if not hasattr(variables, "items") or "params" not in variables:
         raise ValueError("variables must be a dict with a 'params' collection")
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], variables["params"])
@@ -850,8 +962,31 @@ def recalibrate_bn(model: Model, params: PyTree, bn_data, *, batch_size: int = 1
                    num_batches: int | None = None) -> PyTree:
     """BatchNorm statistics of one parameter point, averaged exactly over ``num_batches`` full batches.
 
-    ``bn_data`` is a Dataset or ``(x, y)`` (or an ``x`` array); batches are taken in order. Garipov's
-    ``update_bn`` computes the same cumulative average (of per-batch means and biased variances).
+    Garipov et al.'s ``update_bn`` computes the same cumulative average (of per-batch means and biased
+    variances). Batches are taken in order.
+
+    Args:
+      model: a model with BatchNorm.
+      params: the point's ``params``.
+      bn_data: a Dataset, ``(x, y)`` or an ``x`` array.
+      batch_size: examples per batch.
+      num_batches: full batches to average (default all).
+
+    Returns:
+      The ``batch_stats`` tree, in the parameters' precision (float64 for float64 parameters).
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from mclandscape.engine.models.base import from_flax
+        >>> class Net(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x, train=False):
+        ...         return nn.BatchNorm(use_running_average=not train)(x)
+        >>> model = from_flax(Net(), "bn_doc2", has_batch_stats=True)
+        >>> x = jnp.arange(8.0).reshape(4, 2)
+        >>> stats = recalibrate_bn(model, model.init(jax.random.key(0), x)["params"], x, batch_size=4)
+        >>> stats["BatchNorm_0"]["mean"].round(4).tolist()
+        [3.0, 4.0]
     """
     if not model.has_batch_stats:
         raise ValueError(f"model {model.name} has no BatchNorm statistics to recalibrate")

@@ -69,6 +69,11 @@ class TrainConfig:
       or ``"mse_onehot"``.
 
     :meth:`tx` is the Optax transform the config describes; :func:`train_model` also takes any other.
+
+    Example:
+        >>> cfg = TrainConfig(epochs=2, optimizer="adam", lr=1e-3)
+        >>> cfg.replace(lr=0.1).lr, TrainConfig.from_dict(cfg.to_dict()) == cfg
+        (0.1, True)
     """
 
     epochs: int = 10
@@ -129,7 +134,21 @@ class TrainConfig:
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
-    """The learning-rate schedule of ``config`` as a function of the optimizer step."""
+    """The learning-rate schedule of ``config`` as a function of the optimizer step.
+
+    Args:
+      config: the :class:`TrainConfig` (``lr``, ``schedule``, ``milestones``, ``gamma``, ``warmup_epochs``,
+        ``final_lr_fraction``, ``epochs``).
+      steps_per_epoch: optimizer steps per epoch.
+
+    Returns:
+      An optax schedule ``step -> learning rate``.
+
+    Example:
+        >>> s = make_schedule(TrainConfig(epochs=4, lr=0.1, schedule="step", milestones=(2,)), 10)
+        >>> round(float(s(0)), 4), round(float(s(25)), 4)
+        (0.1, 0.01)
+    """
     spe = max(int(steps_per_epoch), 1)
     total = max(config.epochs * spe, 1)
     warm = config.warmup_epochs * spe
@@ -369,12 +388,28 @@ def train_model(model: Model, train: Dataset, test: Dataset | None, config: Trai
 
 def train_many(model: Model, train: Dataset, test: Dataset | None, config: TrainConfig, seeds: Sequence[int], *,
                checkpoint_dir: str | os.PathLike | None = None, save_epochs: Sequence[int] = (),
-               checkpoint_every: int = 1, progress: bool | None = None, overwrite: bool = False,
+               checkpoint_every: int = 1, keep: int = 1, progress: bool | None = None, overwrite: bool = False,
                devices: int | None = None) -> list[TrainResult]:
     """Independent runs of :func:`train_model`, one per seed (e.g. the four corners of a surface).
 
-    The jitted step is compiled once and shared. With ``checkpoint_dir`` each run checkpoints (and resumes) in
-    ``checkpoint_dir/seed_<seed>``.
+    The jitted step is compiled once and shared.
+
+    Args:
+      model, train, test, config: as for :func:`train_model`.
+      seeds: distinct seeds, one run each.
+      checkpoint_dir: each run checkpoints (and resumes) in ``checkpoint_dir/seed_<seed>``.
+      save_epochs, checkpoint_every, keep, progress, overwrite, devices: as for :func:`train_model`.
+
+    Returns:
+      One :class:`TrainResult` per seed.
+
+    Example:
+        >>> from mclandscape.engine.data import load_dataset
+        >>> from mclandscape.engine.models import get_model
+        >>> runs = train_many(get_model("mlp", widths=[4], num_classes=3), load_dataset("iris", "train"), None,
+        ...                   TrainConfig(epochs=1, batch_size=60), seeds=(0, 1), progress=False)
+        >>> [r.seed for r in runs], [r.epoch for r in runs]
+        ([0, 1], [1, 1])
     """
     seeds = [int(s) for s in seeds]
     if len(set(seeds)) != len(seeds):
@@ -382,5 +417,5 @@ def train_many(model: Model, train: Dataset, test: Dataset | None, config: Train
     return [train_model(model, train, test, config, seed=s,
                         checkpoint_dir=None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir),
                                                                                         f"seed_{s}"),
-                        save_epochs=save_epochs, checkpoint_every=checkpoint_every, progress=progress,
+                        save_epochs=save_epochs, checkpoint_every=checkpoint_every, keep=keep, progress=progress,
                         overwrite=overwrite, devices=devices) for s in seeds]

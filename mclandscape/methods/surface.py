@@ -167,6 +167,19 @@ def phase_trainable(shape: Sequence[int], phase: int) -> np.ndarray:
     Phase 1: ``theta_0j``, ``theta_nj`` with ``0 < j < m``; phase 2: ``theta_ij`` with ``0 < i < n``, all
     ``j`` (Alg. 2 line 25 read as ``i in {1..n-1}``); phase 3: all but the four corners. Phases 1 and 2 are
     disjoint and together cover every non-corner point. Combine with a connector's own mask by ``&``.
+
+    Args:
+      shape: the control grid ``(n+1, m+1)``, n, m >= 1.
+      phase: 1, 2 or 3.
+
+    Returns:
+      A boolean NumPy array, u-major (index ``i (m+1) + j``).
+
+    Example:
+        >>> phase_trainable((3, 3), 1).reshape(3, 3).astype(int).tolist()
+        [[0, 1, 0], [0, 0, 0], [0, 1, 0]]
+        >>> phase_trainable((3, 3), 2).reshape(3, 3).astype(int).tolist()
+        [[0, 0, 0], [1, 1, 1], [0, 0, 0]]
     """
     n1, m1 = _grid_shape(shape)
     phase = _check_phase(phase)
@@ -213,6 +226,19 @@ def phase_sampler(shape: Sequence[int], phase: int) -> PhaseSampler:
     Phase 1: ``(u, v)`` with ``u`` alternating over {0, 1} from a random start and ``v ~ U[0, 1]``.
     Phase 2: ``(u, j)`` with ``u ~ U[0, 1]`` and curve index ``j`` cycling over ``0..m`` from a random start
     (use with :func:`curve_family_coefficients`). Phase 3: ``(u, v) ~ U[0, 1]^2``.
+
+    Args:
+      shape: the control grid ``(n+1, m+1)``.
+      phase: 1, 2 or 3.
+
+    Returns:
+      A :class:`PhaseSampler` (points in the default float dtype: float64 under ``jax_enable_x64``).
+
+    Example:
+        >>> import jax
+        >>> pts = phase_sampler((3, 3), 1)(jax.random.key(0), 4)
+        >>> pts.shape, sorted(set(pts[:, 0].tolist()))
+        ((4, 2), [0.0, 1.0])
     """
     return PhaseSampler(_grid_shape(shape), _check_phase(phase))
 
@@ -236,6 +262,18 @@ def curve_family_coefficients(shape: Sequence[int]) -> CurveFamilyCoefficients:
 
     Row ``p`` holds ``B_{i,n}(u_p)`` at index ``i (m+1) + j_p`` and zeros elsewhere (``j`` is rounded to the
     nearest integer; it must lie in ``0..m``, which :func:`phase_sampler` guarantees).
+
+    Args:
+      shape: the control grid ``(n+1, m+1)``.
+
+    Returns:
+      A :class:`CurveFamilyCoefficients`, ``coefficients(points [P, 2]) -> [P, K]`` (jittable).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> c = curve_family_coefficients((2, 2))(jnp.array([[0.25, 1.0]]))
+        >>> c.tolist()  # the curve j = 1 from theta_01 to theta_11 at u = 0.25
+        [[0.0, 0.75, 0.0, 0.25]]
     """
     return CurveFamilyCoefficients(_grid_shape(shape))
 
@@ -272,6 +310,19 @@ def control_gram(connector: Connector) -> jax.Array:
 
     Derivative coefficients sum to zero, so ``a^T G a`` equals the uncentred value; centring avoids the
     cancellation of large parameter norms.
+
+    Args:
+      connector: a surface.
+
+    Returns:
+      ``G[k, l] = <theta_k - mean, theta_l - mean>`` in the control points' precision (at least float32).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from mclandscape.core.connectors import bilinear_surface
+        >>> sq = bilinear_surface(*[{"w": jnp.array(c)} for c in ([0., 0.], [0., 1.], [1., 0.], [1., 1.])])
+        >>> control_gram(sq).shape
+        (4, 4)
     """
     _check_surface(connector)
     return _control_gram_jit(connector)
@@ -301,7 +352,20 @@ _area_jit = jax.jit(_area_from_gram)
 def area_element(connector: Connector, points, *, gram=None) -> jax.Array:
     """``|phi_u x phi_v|`` at points ``[P, 2]`` (eq. 8 numerator), exact, from the Gram matrix (jittable).
 
-    ``gram`` defaults to :func:`control_gram` of ``connector``; pass it to reuse one matrix for many calls.
+    Args:
+      connector: a surface.
+      points: ``[P, 2]`` (u, v) pairs (a 1-D array raises: nothing is reshaped).
+      gram: :func:`control_gram` of ``connector`` (default: computed); pass it to reuse one matrix.
+
+    Returns:
+      ``[P]`` area elements in the Gram matrix's precision.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from mclandscape.core.connectors import bilinear_surface
+        >>> sq = bilinear_surface(*[{"w": jnp.array(c)} for c in ([0., 0.], [0., 1.], [1., 0.], [1., 1.])])
+        >>> area_element(sq, jnp.array([[0.2, 0.7], [0.5, 0.5]])).round(6).tolist()  # the unit square
+        [1.0, 1.0]
     """
     _check_surface(connector)
     gram = _control_gram_jit(connector) if gram is None else gram
@@ -319,7 +383,26 @@ def _gauss_legendre_grid(q: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def surface_area(connector: Connector, *, quadrature: int = 24, gram=None) -> jax.Array:
-    """``Z = int_0^1 int_0^1 |phi_u x phi_v| du dv`` (eq. 8 normaliser) by ``quadrature``^2-point Gauss-Legendre."""
+    """``Z = int_0^1 int_0^1 |phi_u x phi_v| du dv`` (eq. 8 normaliser) by ``quadrature``^2-point Gauss-Legendre.
+
+    The nodes and weights are float64 on the host and cast to the control points' precision, so a float64
+    surface (``jax_enable_x64``) gets a float64 area.
+
+    Args:
+      connector: a surface.
+      quadrature: Gauss-Legendre points per axis (>= 1).
+      gram: :func:`control_gram` of ``connector`` (default: computed).
+
+    Returns:
+      A scalar array.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from mclandscape.core.connectors import bilinear_surface
+        >>> half = bilinear_surface(*[{"w": jnp.array(c)} for c in ([0., 0.], [0., 0.5], [1., 0.], [1., 0.5])])
+        >>> round(float(surface_area(half, quadrature=4)), 6)
+        0.5
+    """
     _check_surface(connector)
     pts, w = _gauss_legendre_grid(quadrature)
     gram = _control_gram_jit(connector) if gram is None else gram
@@ -327,7 +410,23 @@ def surface_area(connector: Connector, *, quadrature: int = 24, gram=None) -> ja
 
 
 def area_density(connector: Connector, points, *, quadrature: int = 24) -> jax.Array:
-    """``q_uv(u, v)`` of eq. 8 at points ``[P, 2]``: area element over the surface area."""
+    """``q_uv(u, v)`` of eq. 8 at points ``[P, 2]``: area element over the surface area.
+
+    Args:
+      connector: a surface of positive area.
+      points: ``[P, 2]`` (u, v) pairs.
+      quadrature: Gauss-Legendre points per axis for the area.
+
+    Returns:
+      ``[P]`` densities (they integrate to 1 over the unit square).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from mclandscape.core.connectors import bilinear_surface
+        >>> half = bilinear_surface(*[{"w": jnp.array(c)} for c in ([0., 0.], [0., 0.5], [1., 0.], [1., 0.5])])
+        >>> area_density(half, jnp.array([[0.3, 0.3]]), quadrature=4).round(6).tolist()
+        [1.0]
+    """
     gram = _control_gram_jit(connector)
     z = surface_area(connector, quadrature=quadrature, gram=gram)
     if not np.isfinite(float(z)) or float(z) <= 0:
@@ -391,6 +490,21 @@ def area_weights(*, quadrature: int = 24, gradient: str = "full",
 
     ``p`` is the sampling density (``None``: uniform, ``p = 1``; importance weights). With ``gradient="full"``
     the weights are differentiated (exact gradient of eq. 7); ``"fixed"`` stops their gradient.
+
+    Args:
+      quadrature: Gauss-Legendre points per axis for the area ``Z``.
+      gradient: ``"full"`` or ``"fixed"``.
+      proposal: the density of :func:`area_proposal` the points are drawn from (``None``: uniform).
+
+    Returns:
+      An :class:`AreaWeights` (the weights follow the control points' precision).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from mclandscape.core.connectors import bilinear_surface
+        >>> sq = bilinear_surface(*[{"w": jnp.array(c)} for c in ([0., 0.], [0., 1.], [1., 0.], [1., 1.])])
+        >>> area_weights(quadrature=4)(sq, jnp.array([[0.1, 0.9]])).round(6).tolist()
+        [1.0]
     """
     if gradient not in AREA_GRADIENTS:
         raise ValueError(f"area gradient must be one of {AREA_GRADIENTS}, got {gradient!r}")
@@ -405,6 +519,22 @@ def area_proposal(connector: Connector, *, cells: int = 32, mix: float = 0.1
     Cell masses are the area element at the centres of ``cells x cells`` cells, normalised, mixed with
     ``mix`` of the uniform distribution (``0 < mix <= 1`` keeps ``p > 0`` everywhere). ``sampler(key, k)``
     draws a cell by its mass and a uniform point inside it; ``density(points)`` is ``p`` at the points.
+
+    Args:
+      connector: a surface.
+      cells: cells per axis (>= 1).
+      mix: the uniform share, in (0, 1].
+
+    Returns:
+      ``(ProposalSampler, ProposalDensity)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from mclandscape.core.connectors import bilinear_surface
+        >>> sq = bilinear_surface(*[{"w": jnp.array(c)} for c in ([0., 0.], [0., 1.], [1., 0.], [1., 1.])])
+        >>> sampler, density = area_proposal(sq, cells=4)
+        >>> sampler(jax.random.key(0), 3).shape, density(jnp.array([[0.5, 0.5]])).round(6).tolist()
+        ((3, 2), [1.0])
     """
     _check_surface(connector)
     if int(cells) != cells or cells < 1:
@@ -435,7 +565,21 @@ def layer_mask(params: PyTree, pattern: str) -> PyTree:
 
     Paths read like ``['conv2']['kernel']`` (:func:`mclandscape.core.tree.tree_path_names`); ``re.search`` is
     used, so ``"conv2|fc|head"`` selects the last convolution and the dense layers of ``simple_cnn``.
-    A pattern matching no leaf raises ``ValueError`` listing the paths.
+
+    Args:
+      params: one parameter pytree.
+      pattern: a regular expression.
+
+    Returns:
+      A pytree of bools.
+
+    Raises:
+      ValueError: an invalid pattern, or one matching no parameter (the message lists the paths).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> layer_mask({"body": {"kernel": jnp.zeros(2)}, "head": {"kernel": jnp.zeros(2)}}, "head")
+        {'body': {'kernel': False}, 'head': {'kernel': True}}
     """
     try:
         rx = re.compile(pattern)
@@ -454,6 +598,21 @@ def masked_optimizer(optimizer: optax.GradientTransformation, mask: PyTree) -> o
 
     ``optax.masked`` alone would pass the raw gradient through on unmasked leaves; this uses
     ``optax.multi_transform`` with ``optax.set_to_zero`` instead.
+
+    Args:
+      optimizer: the optax transformation for the trained leaves.
+      mask: a pytree of bools (e.g. :func:`layer_mask`).
+
+    Returns:
+      An optax transformation.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> p = {"a": jnp.ones(1), "b": jnp.ones(1)}
+        >>> tx = masked_optimizer(optax.sgd(1.0), {"a": True, "b": False})
+        >>> u, _ = tx.update({"a": jnp.ones(1), "b": jnp.ones(1)}, tx.init(p), p)
+        >>> u["a"].tolist(), u["b"].tolist()
+        ([-1.0], [0.0])
     """
     labels = jax.tree_util.tree_map(lambda f: "train" if f else "freeze", mask)
     return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
@@ -799,7 +958,19 @@ def surface_grid(model: Model, connector: Connector, train, test, *, steps: int 
 
 
 def extrema(values: np.ndarray) -> dict:
-    """Positions ``(u, v)`` of the minimum ("valley") and maximum ("peak") of a ``[S, S]`` grid (appendix B)."""
+    """Positions ``(u, v)`` of the minimum ("valley") and maximum ("peak") of a ``[S, S]`` grid (appendix B).
+
+    Args:
+      values: a square grid ``[S, S]`` of finite values, indexed ``[i_u, i_v]`` on :func:`uv_grid`'s axes.
+
+    Returns:
+      ``{"valley": [u, v], "peak": [u, v], "min": ..., "max": ...}``.
+
+    Example:
+        >>> import numpy as np
+        >>> extrema(np.array([[3.0, 1.0], [2.0, 5.0]]))
+        {'valley': [0.0, 1.0], 'peak': [1.0, 1.0], 'min': 1.0, 'max': 5.0}
+    """
     a = np.asarray(values, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 2:
         raise ValueError(f"expected a square [S, S] grid with S >= 2, got shape {a.shape}")
@@ -819,10 +990,36 @@ def subset_approximation(model: Model, connector: Connector, train, test, *, ful
                          steps: int = 11, train_batches: int = 4, batch_size: int = 128, test_size: int | None = None,
                          seed: int = 0, bn_data=None, bn_batches: int | None = None, bn_batch_size: int = 128,
                          strategy: str = "auto") -> dict:
-    """Appendix B: the train-loss grid from ``train_batches`` random batches of ``batch_size`` (B.1) and the
-    test-accuracy grid from a random test subset of ``test_size`` examples (default a quarter; B.2),
-    compared with the full-data grids: valley and peak positions of both, the largest absolute difference
-    and the correlation over the grid.
+    """Appendix B: the grids from data subsets compared with the full-data grids.
+
+    The train-loss grid from ``train_batches`` random batches of ``batch_size`` (B.1) and the test-accuracy
+    grid from a random test subset of ``test_size`` examples (default a quarter; B.2): valley and peak
+    positions of both, the largest absolute difference and the correlation over the grid.
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      connector: a surface.
+      train, test: the data (``train`` also gives the BatchNorm data unless ``bn_data``).
+      full: the full-data :class:`SurfaceGrid` (default: computed).
+      steps: grid points per axis.
+      train_batches, batch_size: the train subset.
+      test_size: the test subset size (default a quarter).
+      seed: the subsets' seed.
+      bn_data, bn_batches, bn_batch_size, strategy: as for :func:`surface_grid`.
+
+    Returns:
+      A JSON-ready dict.
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> train, test = mcl.load_dataset("iris", "train"), mcl.load_dataset("iris", "test")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> cs = [model.init(jax.random.key(s), train.x[:1])["params"] for s in range(4)]
+        >>> r = subset_approximation(model, mcl.bilinear_surface(*cs), train, test, steps=3, train_batches=1,
+        ...                          batch_size=32)
+        >>> r["train_examples"], r["test_examples"], sorted(r["train_loss"]["full"])
+        (32, 7, ['max', 'min', 'peak', 'valley'])
     """
     xtr, ytr = _xy(train)
     xte, yte = _xy(test)
@@ -856,8 +1053,25 @@ def subset_approximation(model: Model, connector: Connector, train, test, *, ful
 
 
 def merge_best(grid: SurfaceGrid) -> dict:
-    """Model merging (§4.3, Table 1): the grid point of least *train* loss (no test peeking) and its test
-    accuracy; the point of best test accuracy is reported separately, for comparison with Table 1."""
+    """Model merging (§4.3, Table 1): the grid point of least *train* loss (no test peeking) and its test accuracy.
+
+    The point of best test accuracy is reported separately, for comparison with Table 1.
+
+    Args:
+      grid: a :class:`SurfaceGrid`.
+
+    Returns:
+      A dict with ``u``, ``v``, ``train_loss``, ``test_acc``, ``test_loss`` and ``best_test_*``.
+
+    Example:
+        >>> import numpy as np
+        >>> z = np.zeros((2, 2))
+        >>> g = SurfaceGrid(2, np.zeros((4, 2)), np.array([[1.0, 0.5], [2.0, 3.0]]), z, z, np.array([[0.1, 0.8],
+        ...                 [0.9, 0.2]]))
+        >>> m = merge_best(g)
+        >>> (m["u"], m["v"], m["test_acc"]), (m["best_test_u"], m["best_test_v"])
+        ((0.0, 1.0, 0.8), (1.0, 0.0))
+    """
     ax = grid.axis
     i, j = np.unravel_index(int(np.argmin(grid.train_loss)), grid.train_loss.shape)
     bi, bj = np.unravel_index(int(np.argmax(grid.test_acc)), grid.test_acc.shape)
@@ -867,7 +1081,18 @@ def merge_best(grid: SurfaceGrid) -> dict:
 
 
 def corner_indices(steps: int) -> list[int]:
-    """Flat indices (u-major) of the grid points (0,0), (0,1), (1,0), (1,1) of :func:`uv_grid`."""
+    """Flat indices (u-major) of the grid points (0,0), (0,1), (1,0), (1,1) of :func:`uv_grid`.
+
+    Args:
+      steps: grid points per axis.
+
+    Returns:
+      Four indices, in the corner order ``c00, c01, c10, c11``.
+
+    Example:
+        >>> corner_indices(11)
+        [0, 10, 110, 120]
+    """
     s = int(steps)
     return [0, s - 1, (s - 1) * s, s * s - 1]
 
@@ -876,7 +1101,25 @@ def surface_ensembles(grid: SurfaceGrid, labels, *, method: str = "mean") -> dic
     """Output ensembling (§4.3, Table 3): all grid models (step 0.1 by default) against the four corners.
 
     Uses :func:`mclandscape.methods.ensemble.ensemble_from_probs` on the grid's ``test_probs`` (evaluate the grid
-    with ``return_probs=True``). Returns ``{"corner": EnsembleMetrics, "surface": EnsembleMetrics}``.
+    with ``return_probs=True``).
+
+    Args:
+      grid: a :class:`SurfaceGrid` with ``test_probs``.
+      labels: the test labels ``[N]``.
+      method: how member outputs are combined (see ``ensemble_from_probs``).
+
+    Returns:
+      ``{"corner": EnsembleMetrics, "surface": EnsembleMetrics}``.
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> train, test = mcl.load_dataset("iris", "train"), mcl.load_dataset("iris", "test")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> cs = [model.init(jax.random.key(s), train.x[:1])["params"] for s in range(4)]
+        >>> g = surface_grid(model, mcl.bilinear_surface(*cs), train, test, steps=3, return_probs=True)
+        >>> sorted(surface_ensembles(g, test.y))
+        ['corner', 'surface']
     """
     from mclandscape.methods.ensemble import ensemble_from_probs
 
@@ -894,8 +1137,18 @@ def surface_ensembles(grid: SurfaceGrid, labels, *, method: str = "mean") -> dic
 
 
 def triangle_points(steps: int = 11) -> np.ndarray:
-    """Barycentric grid ``[steps (steps+1) / 2, 3]`` of ``(alpha1, alpha2, alpha3)`` in multiples of
-    ``1/(steps-1)`` summing to 1 (§4.1; default step 0.1)."""
+    """Barycentric grid ``[steps (steps+1) / 2, 3]`` of ``(alpha1, alpha2, alpha3)`` summing to 1 (§4.1).
+
+    Args:
+      steps: points per edge (>= 2); the spacing is ``1/(steps-1)`` (default step 0.1).
+
+    Returns:
+      A float64 array.
+
+    Example:
+        >>> triangle_points(3).tolist()
+        [[0.0, 0.0, 1.0], [0.0, 0.5, 0.5], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]
+    """
     if int(steps) != steps or steps < 2:
         raise ValueError(f"a triangle grid needs steps >= 2, got {steps!r}")
     s = int(steps) - 1
@@ -915,23 +1168,58 @@ class TriangleResult:
 def evaluate_triangle(model: Model, models: Sequence[PyTree], data, *, steps: int = 11, bn_data=None,
                       batch_size: int = 500, bn_batches: int | None = None, bn_batch_size: int = 128,
                       strategy: str = "auto") -> TriangleResult:
-    """The linear surface ``phi = alpha1 theta1 + alpha2 theta2 + alpha3 theta3`` (§4.1, Figure 3) on ``data``."""
+    """The linear surface ``phi = alpha1 theta1 + alpha2 theta2 + alpha3 theta3`` (§4.1, Figure 3) on ``data``.
+
+    BatchNorm data as in :func:`mclandscape.engine.evaluate.evaluate_points` (this function sees one data set):
+    ``bn_data`` must be given for a model with BatchNorm.
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model`.
+      models: the three parameter pytrees.
+      data: the data to evaluate on.
+      steps: points per edge of :func:`triangle_points`.
+      bn_data, batch_size, bn_batches, bn_batch_size, strategy: see :func:`mclandscape.engine.evaluate.evaluate`.
+
+    Returns:
+      A :class:`TriangleResult`.
+
+    Example:
+        >>> import jax
+        >>> import mclandscape as mcl
+        >>> data = mcl.load_dataset("iris", "test")
+        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
+        >>> cs = [model.init(jax.random.key(s), data.x[:1])["params"] for s in range(3)]
+        >>> evaluate_triangle(model, cs, data, steps=3).loss.shape
+        (6,)
+    """
     models = list(models)
     if len(models) != 3:
         raise ValueError(f"the triangle of §4.1 takes exactly 3 models, got {len(models)}")
     if model.has_batch_stats and bn_data is None:
         raise ValueError(f"model {model.name} has BatchNorm: pass bn_data (training data)")
     pts = triangle_points(steps)
-    r = evaluate_points(model, simplex(models), pts.astype(np.float32), data, batch_size=batch_size,
+    r = evaluate_points(model, simplex(models), pts, data, batch_size=batch_size,
                         strategy=strategy, bn_data=bn_data, bn_batches=bn_batches, bn_batch_size=bn_batch_size)
     return TriangleResult(points=pts, loss=r.loss, accuracy=r.accuracy)
 
 
-def trajectory_surface(snapshots: Sequence[PyTree], n: int = 2, m: int = 2) -> Connector:
+def trajectory_surface(snapshots: Sequence[PyTree], *, n: int = 2, m: int = 2) -> Connector:
     """A.2/A.3: the linear Bézier surface whose corners are four snapshots of *one* training trajectory.
 
-    ``snapshots = (theta_00, theta_0m, theta_n0, theta_nm)`` (e.g. epochs 220, 200, 180, 160 in the paper),
-    interior control points bilinear, so every point is a convex combination of the four snapshots.
+    Interior control points are bilinear, so every point is a convex combination of the four snapshots.
+
+    Args:
+      snapshots: ``(theta_00, theta_01, theta_10, theta_11)`` (e.g. epochs 220, 200, 180, 160 in the paper).
+      n, m: the degrees (keyword-only).
+
+    Returns:
+      A :class:`~mclandscape.core.connectors.Connector` of kind ``"surface"``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> snaps = [{"w": jnp.array([float(e)])} for e in (220, 200, 180, 160)]
+        >>> trajectory_surface(snaps, n=2, m=2).point(jnp.array([0.5, 0.5]))["w"].tolist()
+        [190.0]
     """
     snaps = list(snapshots)
     if len(snaps) != 4:
