@@ -126,6 +126,7 @@ from mclandscape.methods.verification import (
     FlowDiagnostics,
     FlowSettings,
     VerificationResult,
+    _check_real,
     output_distance,
     project,
     random_orthonormal_pair,
@@ -169,16 +170,6 @@ Objective = Callable[[PyTree, Any, jax.Array | None], tuple[jax.Array, Any]]  # 
 
 NEGATIVE_GRADIENT = optax.scale(-1.0)  # f = -grad c (DSP-TT paper, eq. 2 with R = I)
 BatchFn = Callable[[int], Any]
-
-
-def _check_real(value, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a real number, got {value!r}") from e
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return v
 
 
 # ---------------------------------------------------------------------------------------------------------
