@@ -330,7 +330,7 @@ def search_recorder(model, variables, train, test, every: int):
 
     records: dict = {}
 
-    def callback(t, info):
+    def callback(count, info):  # count: search steps done (1-based); unused, the record is per direction
         if info["iteration"] % every and not info["exited"]:
             return
         origin = callback.origin[info["tier"]]
@@ -383,16 +383,21 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     objective = tt.model_loss_fn(model, variables, loss=args.verify_loss, l2=args.verify_l2)
     fb = tt.full_batch(train)
     lr = 0.05
-    omega0, _ = tt.local_solve(objective, variables["params"], tt.LocalSolver(optax.adam(1e-2), 5000), fb, key)
+    # one device: a 13-5-3 MLP on 124 examples gains nothing from a split batch, and the flows of
+    # verify_exit below run on one device too (the same numbers whatever the job's device count)
+    one = dict(progress=False, devices=1)
+    omega0, _ = tt.local_solve(objective, variables["params"], tt.LocalSolver(optax.adam(1e-2), 5000), fb, key,
+                               **one)
     solver = tt.LocalSolver(optax.sgd(lr), 50_000, grad_tol=1e-5)
-    omega0, info0 = tt.local_solve(objective, omega0, solver, fb, key)
+    omega0, info0 = tt.local_solve(objective, omega0, solver, fb, key, **one)
     cfg = tt.DSPConfig(num_directions=args.directions,
                        rho=tt.RhoSchedule(args.rho1_increment, args.verify_rho_max,
                                           tt.rho2_from_lr(lr, args.rho2_fraction)),
                        detector=tt.ExitDetector(ema_decay=0.5, buffer_size=3, vote=1.0, min_rise=0.05,
                                                 min_drop=0.1),
                        init_norm=0.1, max_steps=args.verify_search_steps, record_path=args.verify_search_steps)
-    res = tt.dsp_search(objective, omega0, jax.random.fold_in(key, 1), config=cfg, batch_fn=fb, solver=solver)
+    res = tt.dsp_search(objective, omega0, jax.random.fold_in(key, 1), config=cfg, batch_fn=fb, solver=solver,
+                        **one)
     odd = args.verify_activation == "tanh"
     settings = {"model": f"mlp 13-5-3 ({args.verify_activation})", "loss": args.verify_loss,
                 "l2": args.verify_l2, "tier0_solver": "adam(1e-2) x 5000 then sgd(0.05) to |grad| <= 1e-5",
@@ -664,7 +669,7 @@ def main(argv=None) -> dict:
     tiers: list[tt.TierResult] = []
     tier1 = tt.dsp_search(objective, omega0, jax.random.fold_in(key, 1), config=dsp, batch_fn=batches,
                           solver=solver, checkpoint_dir=os.path.join(ckpt_root, "dsp_tier1"), tier=1,
-                          callback=recorder)
+                          callback=recorder, progress=False)
     tiers.append(tier1)
     timing["tier1_s"] = time.time() - t0
     print(f"tier-1: {len(tier1.exits)} exits / {args.directions} directions in {tier1.steps} search steps "
@@ -678,7 +683,7 @@ def main(argv=None) -> dict:
         recorder.origin[2] = tier1.solutions[best]
         tier2 = tt.dsp_search(objective, tier1.solutions[best], jax.random.fold_in(key, 2), config=dsp,
                               batch_fn=batches, solver=solver, checkpoint_dir=os.path.join(ckpt_root, "dsp_tier2"),
-                              tier=2, callback=recorder)
+                              tier=2, callback=recorder, progress=False)
         tiers.append(tier2)
         timing["tier2_s"] = time.time() - t0
         print(f"tier-2 (from tier-1 #{best}): {len(tier2.exits)} exits in {tier2.steps} search steps "

@@ -323,6 +323,116 @@ def test_tier_by_tier_searches_from_the_best_tier1_solution():
     assert stats["exits"] == len(tiers[0].exits) and stats["mean_distance"] > 1.0
 
 
+def test_progress_defaults_to_none_and_reaches_the_search_bar_and_the_local_solves(monkeypatch):
+    import inspect
+    import sys
+
+    for fn in (tt.dsp_search, tt.tier_by_tier, tt.local_solve):
+        params = inspect.signature(fn).parameters
+        assert params["progress"].default is None and params["devices"].default is None, fn.__name__
+    bars, solves = [], []
+    real_tqdm, real_run = tt.tqdm, tt.run
+
+    def tqdm_spy(*args, **kw):
+        bars.append((kw["desc"], kw["disable"], kw["total"]))
+        return real_tqdm(*args, **kw)
+
+    def run_spy(*args, **kw):
+        solves.append(kw["config"].progress)
+        return real_run(*args, **kw)
+
+    monkeypatch.setattr(tt, "tqdm", tqdm_spy)
+    monkeypatch.setattr(tt, "run", run_spy)
+    kw = dict(config=_config(), batch_fn=NO_BATCH, solver=SOLVER, directions=[_dir(0.01, 0.003)])
+    for progress in (None, False, True):
+        bars.clear()
+        solves.clear()
+        res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), progress=progress, **kw)
+        assert len(res.exits) == 1
+        shown = sys.stderr.isatty() if progress is None else progress  # None: a bar only on a terminal
+        assert bars == [("DSP-TT tier 1", not shown, 600)]
+        assert solves == [progress]  # the local solve (the engine's loop) gets the same setting
+    solves.clear()
+    tt.local_solve(LOSS2, ORIGIN2, SOLVER, NO_BATCH, jax.random.key(0))
+    assert solves == [None]  # no longer hard-coded to False
+    # tier_by_tier hands progress and devices to every tier's search
+    seen = []
+    real_search = tt.dsp_search
+
+    def search_spy(*args, **kw):
+        seen.append((kw["tier"], kw["progress"], kw["devices"]))
+        return real_search(*args, **kw)
+
+    monkeypatch.setattr(tt, "dsp_search", search_spy)
+    tt.tier_by_tier(LOSS2, ORIGIN2, jax.random.key(0), config=_config(num_directions=2), batch_fn=NO_BATCH,
+                    solver=SOLVER, score_fn=lambda p: float(p["x"]), tiers=2, progress=False, devices=1)
+    assert seen == [(1, False, 1), (2, False, 1)]
+
+
+def test_callback_counts_search_steps_from_one():
+    origin = jnp.array([1.0, 1.0])
+    cfg = tt.DSPConfig(num_directions=2, rho=tt.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=1200)
+    calls = []
+    res = tt.dsp_search(LOSS4, origin, jax.random.key(1), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
+                        callback=lambda count, info: calls.append((count, info)))
+    counts = [c for c, _ in calls]
+    assert counts[0] == 1 and counts[-1] == res.steps and counts == list(range(1, res.steps + 1))
+    assert [info["step"] for _, info in calls] == [c - 1 for c in counts]  # the 0-based global step index
+    exited = [info for _, info in calls if info["exited"]]
+    assert len(res.exits) >= 1 and [i["step"] for i in exited] == [e.step for e in res.exits]
+    assert [(i["direction"], i["iteration"]) for i in exited] == [(e.direction, e.iteration) for e in res.exits]
+    for k, trace in enumerate(res.traces):  # the traces number the steps as info["step"] does
+        assert trace["step"] == [info["step"] for _, info in calls if info["direction"] == k]
+    # tier_by_tier: the count restarts at 1 in every tier
+    per_tier: dict = {}
+    tiers = tt.tier_by_tier(LOSS4, origin, jax.random.key(1), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
+                            score_fn=lambda p: float(p[0]), tiers=2,
+                            callback=lambda count, info: per_tier.setdefault(info["tier"], []).append(count))
+    assert [per_tier[n] for n in (1, 2)] == [list(range(1, t.steps + 1)) for t in tiers]
+
+
+def test_devices_one_equals_the_default_on_one_device():
+    assert jax.device_count() == 1  # the tests run on one device: the default is the single-device path
+    noise = jnp.asarray(np.random.default_rng(0).normal(scale=0.3, size=(2000, 2)), jnp.float32)
+    loss = function_objective(lambda p, batch: two_wells(p) + batch[0] * p["x"] + batch[1] * p["y"])
+    solver = tt.LocalSolver(optax.sgd(0.05), steps=300, batch_fn=lambda t: jnp.zeros(2))
+    kw = dict(config=_config(max_steps=1000), batch_fn=lambda t: noise[t], solver=solver,
+              directions=[_dir(0.01, 0.0)])
+    ref = tt.dsp_search(loss, ORIGIN2, jax.random.key(0), **kw)
+    one = tt.dsp_search(loss, ORIGIN2, jax.random.key(0), devices=1, **kw)
+    assert len(ref.exits) == 1 and one.steps == ref.steps and one.traces == ref.traces
+    assert [e.to_json() for e in one.exits] == [e.to_json() for e in ref.exits]
+    for a, b in zip(one.solutions + one.exit_points, ref.solutions + ref.exit_points, strict=True):
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    s1, i1 = tt.local_solve(loss, ORIGIN2, solver, None, jax.random.key(0), devices=1)
+    s0, i0 = tt.local_solve(loss, ORIGIN2, solver, None, jax.random.key(0))
+    assert i1 == i0 and float(s1["x"]) == float(s0["x"]) and float(s1["y"]) == float(s0["y"])
+
+
+@pytest.mark.parametrize("devices", [0, -1, 2, 1.5, "1", True])
+def test_bad_devices_raise_a_clear_error(devices):
+    n = jax.device_count()
+    devices = n + 1 if devices == 2 else devices  # more devices than the job has
+    calls = []
+
+    def batches(t):
+        calls.append(t)
+        return None
+
+    kw = dict(config=_config(), batch_fn=batches, solver=SOLVER, devices=devices)
+    with pytest.raises(ValueError, match="devices"):
+        tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), **kw)
+    with pytest.raises(ValueError, match="devices"):
+        tt.tier_by_tier(LOSS2, ORIGIN2, jax.random.key(0), score_fn=float, **kw)
+    with pytest.raises(ValueError, match="devices"):
+        tt.local_solve(LOSS2, ORIGIN2, SOLVER, batches, jax.random.key(0), devices=devices)
+    assert calls == []  # refused before any batch was drawn
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > n:
+        with pytest.raises(ValueError, match=f"devices={devices} but the job has {n} device"):
+            tt.local_solve(LOSS2, ORIGIN2, SOLVER, batches, jax.random.key(0), devices=devices)
+
+
 def test_verification_points_before_and_after_the_exit_reach_different_optima():
     res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=30), batch_fn=NO_BATCH,
                         solver=SOLVER, directions=[_dir(0.01, 0.003)])
@@ -583,8 +693,8 @@ def test_killed_search_resumes_to_the_same_result(tmp_path):
     assert len(ref.exits) >= 2
     first_exit = min(e.step for e in ref.exits)
 
-    def kill(t, info):
-        if t == first_exit + 30:
+    def kill(count, info):  # count: steps done (1-based); info["step"]: the 0-based index of the step just done
+        if info["step"] == first_exit + 30:
             raise _Kill
 
     with pytest.raises(_Kill):

@@ -86,6 +86,14 @@ stream ``t -> batch`` (:func:`dataset_batches` is :func:`mclandscape.engine.data
   at the parameters before its update; the run ends after the first step that meets it, its update
   applied). A non-finite loss or gradient raises the engine's
   :class:`~mclandscape.engine.loop.NonFiniteError` (nothing non-finite is applied).
+- Devices and processes: ``devices`` (default all of the job's, across the processes of a ``jax.distributed``
+  job; ``1``: one device) puts the search step and the local solves on the engine's data-parallel mesh
+  (:func:`~mclandscape.engine.distributed.training_mesh`, as :func:`~mclandscape.engine.train.train_model`):
+  batches split over the ``data`` axis, everything else replicated. Values brought to the host go through
+  :func:`~mclandscape.engine.distributed.to_host`, returned trees through
+  :func:`~mclandscape.engine.distributed.local`, so the results are equal on every process.
+- Progress and callbacks follow the engine's trainers: ``progress=None`` shows a tqdm bar only when stderr is
+  a terminal, and the search's callback gets the 1-based count of search steps done.
 """
 
 from __future__ import annotations
@@ -102,6 +110,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
 from mclandscape.core.losses import LOSSES
 from mclandscape.core.objective import call_objective, check_objective, make_objective
@@ -117,10 +128,20 @@ from mclandscape.core.tree import (
     tree_random_normal,
     tree_scale,
 )
-from mclandscape.engine import cpu
+from mclandscape.engine import cpu, distributed
 from mclandscape.engine.checkpoint import CheckpointStore
 from mclandscape.engine.data import BatchStream, batch_stream
-from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, make_step, merge_static, run, split_static
+from mclandscape.engine.distributed import training_mesh
+from mclandscape.engine.loop import (
+    LoopConfig,
+    NonFiniteError,
+    StopRun,
+    _progress_enabled,
+    make_step,
+    merge_static,
+    run,
+    split_static,
+)
 from mclandscape.methods.verification import (
     EndPointClusters,
     FlowDiagnostics,
@@ -578,36 +599,90 @@ def dsp_step(objective: Objective, calibration: optax.GradientTransformation, re
     return fwd, cal, new_state, loss
 
 
-def _search_step_impl(objective_static, calibration, reading, objective_arrays, direction, cal_state, origin,
-                      batch, key, t, rho1, rho2):
+def _search_step_impl(objective_static, calibration, reading, mesh, objective_arrays, direction, cal_state,
+                      origin, batch, key, t, rho1, rho2):
     objective = merge_static(objective_static, objective_arrays)
     fwd, cal, state, loss = dsp_step(objective, calibration, reading, direction, cal_state, origin, batch,
                                      jax.random.fold_in(key, t), rho1, rho2)
     # loss and |d| in their own (promoted) dtype: float64 parameters keep float64 losses for the exit check
-    return fwd, cal, state, jnp.stack([loss, tree_norm(fwd)])
+    out = fwd, cal, state, jnp.stack([loss, tree_norm(fwd)])
+    if mesh is not None:  # the batch was split over the mesh's data axis: one result, the same on every device
+        out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P()))
+    return out
 
 
-# one module-level jit: the objective's configuration, the calibration and the reading are static (hashable),
-# the objective's arrays, the direction, the step index and rho1 / rho2 are traced
-_search_step_jit = cpu.tuned_jit(_search_step_impl, static_argnames=("objective_static", "calibration", "reading"))
+# one module-level jit: the objective's configuration, the calibration, the reading and the mesh are static
+# (hashable), the objective's arrays, the direction, the step index and rho1 / rho2 are traced
+_search_step_jit = cpu.tuned_jit(_search_step_impl,
+                                 static_argnames=("objective_static", "calibration", "reading", "mesh"))
 
 
-def _search_step(objective, calibration, reading, direction, cal_state, origin, batch, key, t, rho1, rho2):
+def _search_step(objective, calibration, reading, direction, cal_state, origin, batch, key, t, rho1, rho2,
+                 mesh=None):
     static, arrays = split_static(objective)
-    return _search_step_jit(objective_static=static, calibration=calibration, reading=reading,
+    if mesh is not None:  # the engine's data-parallel layout (Step.place): batch split, everything else replicated
+        arrays, direction, cal_state, origin, key, t, rho1, rho2 = distributed.put(
+            (arrays, direction, cal_state, origin, key, t, rho1, rho2), NamedSharding(mesh, P()))
+        batch = make_step(objective, NEGATIVE_GRADIENT, mesh=mesh).place(batch)
+    return _search_step_jit(objective_static=static, calibration=calibration, reading=reading, mesh=mesh,
                             objective_arrays=arrays, direction=direction, cal_state=cal_state, origin=origin,
                             batch=batch, key=key, t=t, rho1=rho1, rho2=rho2)
 
 
-def local_solve(objective: Objective, params: PyTree, solver: LocalSolver, batch_fn: BatchFn, key: jax.Array
-                ) -> tuple[PyTree, dict]:
+# ---------------------------------------------------------------------------------------------------------
+# devices (the engine's data-parallel training mesh)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_devices(devices) -> int | None:
+    """``devices`` validated: ``None`` (all of the job's devices) or an integer in ``[1, jax.device_count()]``."""
+    if devices is None:
+        return None
+    if isinstance(devices, bool) or not isinstance(devices, int | np.integer):
+        raise ValueError(f"devices must be None (all devices of the job) or an integer >= 1, got {devices!r}")
+    available = jax.device_count()
+    if not 1 <= int(devices) <= available:
+        raise ValueError(f"devices={int(devices)} but the job has {available} device(s) (jax.device_count()); "
+                         f"give 1..{available}, or None for all of them")
+    return int(devices)
+
+
+def _batch_mesh(batch, devices: int | None) -> jax.sharding.Mesh | None:
+    """The engine's training mesh (:func:`~mclandscape.engine.distributed.training_mesh`) for batches like
+    ``batch``: its size is the leading dimension of the batch's first leaf; ``None`` (one device) for one device
+    or a batch without an array leading it (``None``, scalars, non-array leaves)."""
+    devices = _check_devices(devices)
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves or not isinstance(leaves[0], jax.Array | np.ndarray) or np.ndim(leaves[0]) == 0:
+        return None
+    size = int(np.shape(leaves[0])[0])
+    return training_mesh(size, devices=devices) if size >= 1 else None
+
+
+def _replicator(mesh: jax.sharding.Mesh | None) -> Callable[[PyTree], PyTree]:
+    """``tree -> tree`` replicated over ``mesh`` (global arrays across processes); the identity without a mesh."""
+    if mesh is None:
+        return lambda tree: tree
+    rep = NamedSharding(mesh, P())
+    return lambda tree: distributed.put(tree, rep)
+
+
+def local_solve(objective: Objective, params: PyTree, solver: LocalSolver, batch_fn: BatchFn, key: jax.Array, *,
+                progress: bool | None = None, devices: int | None = None) -> tuple[PyTree, dict]:
     """Run the local solver from ``params`` (an exit point) on the engine's loop.
 
     :func:`~mclandscape.engine.loop.make_step` of ``objective`` and ``solver.optimizer``, run by
     :func:`~mclandscape.engine.loop.run` for at most ``solver.steps`` steps over ``solver.batch_fn or
-    batch_fn`` (batch ``t`` at step ``t``, dropout key ``fold_in(key, t)``), one step per loop epoch: with
-    ``solver.grad_tol`` a callback ends the run (``StopRun``) after the first step whose gradient norm is below
-    it.
+    batch_fn`` (batch ``t`` at step ``t``, dropout key ``fold_in(key, t)``). Each step is one loop *epoch*
+    (``steps_per_epoch=1``) on purpose: the loop looks at its callbacks only at epoch ends, and the stopping
+    test of ``solver.grad_tol`` is per step — a callback ends the run (``StopRun``) after the first step whose
+    gradient norm is below it. So the history, the progress bar and ``info["steps"]`` count steps.
+
+    With several devices the steps run data-parallel as :func:`mclandscape.engine.train.train_model`'s do:
+    ``make_step(..., mesh=training_mesh(batch_size, devices=devices))``, each batch split over the mesh's
+    ``data`` axis (``batch_size`` the leading dimension of the first leaf of batch 0), the state replicated, one
+    update the same on every device; the result equals one device's up to the order of the gradient's
+    reduction. Batches without an array leading them (``None``, scalars) run on one device.
 
     Args:
       objective: ``objective(params, batch, key) -> (loss, aux)``.
@@ -615,22 +690,38 @@ def local_solve(objective: Objective, params: PyTree, solver: LocalSolver, batch
       solver: a :class:`LocalSolver`.
       batch_fn: the batches when ``solver.batch_fn`` is ``None``.
       key: the base key of the steps.
+      progress: a tqdm bar over the steps (``None``: only when stderr is a terminal, as every trainer).
+      devices: how many of the job's devices to train on (default all, across processes; ``1``: one device).
 
     Returns:
-      ``(solution, info)``; ``info``: ``steps`` (steps run), ``loss`` (the objective's value on the last
-      step's batch, at the parameters before its update), ``task_loss`` (the task loss the objective reports
-      in ``aux["loss"]``, without L2; equal to ``loss`` when it reports none) and ``grad_norm`` (of that step).
+      ``(solution, info)``: ``solution`` a process-local value (replicated arrays on this process's devices, as
+      :func:`~mclandscape.engine.loop.run` returns them); ``info``: ``steps`` (steps run), ``loss`` (the
+      objective's value on the last step's batch, at the parameters before its update), ``task_loss`` (the
+      task loss the objective reports in ``aux["loss"]``, without L2; equal to ``loss`` when it reports none)
+      and ``grad_norm`` (of that step).
 
     Raises:
       NonFiniteError: the loss or the gradient became non-finite (the solver diverged).
+      ValueError: a bad ``solver``, ``batch_fn`` or ``devices``, or an objective off the protocol.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from mclandscape.core.objective import function_objective
+      >>> obj = function_objective(lambda p, b: 0.5 * jnp.sum(p ** 2))  # gradient norm halves every step
+      >>> sol, info = local_solve(obj, jnp.array([0.6, 0.8]), LocalSolver(optax.sgd(0.5), 100, grad_tol=0.01),
+      ...                         lambda t: None, jax.random.key(0), progress=False)
+      >>> info["steps"], [round(float(x), 5) for x in sol]  # stopped after step 8: 0.5**7 < 0.01
+      (8, [0.00234, 0.00313])
     """
     if not isinstance(solver, LocalSolver):
         raise ValueError(f"solver must be a LocalSolver, got {type(solver).__name__}")
     batches = solver.batch_fn or batch_fn
     if not callable(batches):
         raise ValueError(f"batch_fn must be a callable t -> batch, got {batches!r}")
-    check_objective(objective, params, batches(0), key)
-    step = make_step(objective, solver.optimizer)
+    _check_devices(devices)
+    first = batches(0)
+    check_objective(objective, params, first, key)
+    step = make_step(objective, solver.optimizer, mesh=_batch_mesh(first, devices))
     tol = solver.grad_tol
 
     def converged(epoch, state, history):
@@ -643,7 +734,7 @@ def local_solve(objective: Objective, params: PyTree, solver: LocalSolver, batch
 
     try:
         res = run(step, step.init(params), batches, epochs=solver.steps, steps_per_epoch=1, key=key,
-                  config=LoopConfig(progress=False, desc="local solve"), callbacks=[converged], on_epoch=record)
+                  config=LoopConfig(progress=progress, desc="local solve"), callbacks=[converged], on_epoch=record)
     except NonFiniteError as e:
         raise NonFiniteError(f"the local solver diverged ({e}); lower its learning rate") from e
     last = res.history[-1]
@@ -693,6 +784,8 @@ def dsp_search(
     checkpoint_dir: str | None = None,
     tier: int = 1,
     callback: Callable[[int, dict], None] | None = None,
+    progress: bool | None = None,
+    devices: int | None = None,
 ) -> TierResult:
     """One tier of DSP-TT search from ``origin`` (DSP-TT paper, Algorithm 1 with eq. 3).
 
@@ -701,6 +794,17 @@ def dsp_search(
     states, traces, exits and every solution found), and an existing checkpoint there is resumed — a killed
     search restarted with the same arguments ends with the same result as an uninterrupted one (recorded
     ``paths`` restart empty).
+
+    With several devices (``devices``, default all of the job's, across processes) the search step and the
+    local solves run data-parallel on the engine's training mesh
+    (:func:`~mclandscape.engine.distributed.training_mesh` of the batch size, the leading dimension of the
+    first leaf of ``batch_fn(0)``; the local solves take theirs from their own batches): each batch is split
+    over the mesh's ``data`` axis, the direction, the origin and the calibration state are replicated, and
+    every device computes the same step. The numbers equal one device's up to the order of the loss and
+    gradient reductions; ``devices=1``, or batches without an array leading them (``None``, scalars), keep
+    the single-device path. Everything returned (solutions, exit points, paths, the callback's ``d``) is a
+    process-local value (:func:`mclandscape.engine.distributed.local`) and every number a host value, equal on
+    every process of a multi-process job.
 
     Args:
       objective: ``objective(params, batch, key) -> (loss, aux)`` (:mod:`mclandscape.core.objective`); its
@@ -716,9 +820,16 @@ def dsp_search(
       directions: overrides the ``config.num_directions`` random initial directions.
       checkpoint_dir: where the search checkpoints and resumes (``None``: no checkpoints).
       tier: the tier number (recorded, and part of the checkpoint's fingerprint).
-      callback: ``callback(t, info)`` after every search step (``info``: tier, direction, iteration, loss,
-        ema, rho1, norm, exited, ``d`` the direction after the forward step, so ``origin + d`` is the point
-        whose loss was checked).
+      callback: ``callback(count, info)`` after every search step, ``count`` the number of search steps done
+        (1-based, counting the steps before a resume: the first call gets 1, the last ``result.steps``), as
+        every trainer's callback counts. ``info``: ``step`` (the 0-based global index of the step just done,
+        ``count - 1``, the numbering of ``ExitRecord.step`` and of the traces), tier, direction, iteration (of
+        that direction), loss, ema, rho1, norm, exited, ``d`` (the direction after the forward step, so
+        ``origin + d`` is the point whose loss was checked). It runs after the exit's local solve, if any.
+      progress: a tqdm bar over the search steps, passed on to the local solves (``None``: only when stderr is
+        a terminal, as every trainer).
+      devices: how many of the job's devices the search step and the local solves use (default all, across
+        processes; ``1``: one device).
 
     Returns:
       A :class:`TierResult`.
@@ -743,6 +854,7 @@ def dsp_search(
         raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
     if not callable(batch_fn):
         raise ValueError(f"batch_fn must be a callable t -> batch, got {batch_fn!r}")
+    _check_devices(devices)
     check_finite(origin, "origin")
     calibration = calibration if calibration is not None else NEGATIVE_GRADIENT
     if not isinstance(calibration, optax.GradientTransformation):
@@ -756,6 +868,12 @@ def dsp_search(
     num = len(dirs)
     rho, det = config.rho, config.detector
     cal_states = [calibration.init(tree_add(origin, d)) for d in dirs]
+    # with a mesh, the search's own arrays live on it (global, replicated) between steps; what leaves the
+    # search (callback, result, local solves) is made process-local with distributed.local
+    mesh = _batch_mesh(batch_fn(0), devices)
+    place = _replicator(mesh)
+    origin_p = place(origin)
+    dirs, cal_states = [place(d) for d in dirs], [place(c) for c in cal_states]
     detectors = [DetectorState() for _ in range(num)]
     active = [True] * num
     traces = [{k: [] for k in ("iteration", "step", "loss", "ema", "rho1", "norm")} for _ in range(num)]
@@ -778,9 +896,9 @@ def dsp_search(
             if jax.tree_util.tree_leaves(cal_states[k]):
                 tree[f"cal{k}"] = _named(cal_states[k])
         for j, sol in enumerate(solutions):
-            tree[f"sol{j}"] = _named(sol)
+            tree[f"sol{j}"] = _named(place(sol))
         if pending is not None:
-            tree["pending"] = _named(pending["point"])
+            tree["pending"] = _named(place(pending["point"]))
         return tree
 
     store = None
@@ -801,18 +919,23 @@ def dsp_search(
             if old != t:
                 store.delete(old)
 
-    def _search_loop() -> TierResult:
+    def host_float(x) -> float:  # a (possibly global) scalar as a host float, equal on every process
+        return float(distributed.to_host(x))
+
+    def _search_loop(bar) -> TierResult:
         nonlocal pending, t, active
 
         def solve_pending():
             nonlocal pending
             rec = ExitRecord(**pending["record"])
             sol, info = local_solve(objective, pending["point"], solver, batch_fn,
-                                    jax.random.fold_in(solver_key, rec.direction))
+                                    jax.random.fold_in(solver_key, rec.direction), progress=progress,
+                                    devices=devices)
+            sol_p = place(sol)
             rec = dataclasses.replace(
                 rec, solution_loss=info["loss"], solver_steps=info["steps"],
-                solution_distance=float(tree_distance(sol, origin)),
-                exit_to_solution=float(tree_distance(sol, pending["point"])))
+                solution_distance=host_float(tree_distance(sol_p, origin_p)),
+                exit_to_solution=host_float(tree_distance(sol_p, place(pending["point"]))))
             solutions.append(sol)
             exits.append(rec)
             pending = None
@@ -827,9 +950,10 @@ def dsp_search(
             i = detectors[k].count + 1
             rho1, rho2 = rho.rho1(i), rho.rho2_at(i)
             fwd, cal, cstate, scalars = _search_step(objective, calibration, rho.reading, dirs[k], cal_states[k],
-                                                     origin, batch_fn(t), loss_key, np.int32(t),
-                                                     np.asarray(rho1, dtype), np.asarray(rho2, dtype))
-            loss, norm = (float(v) for v in np.asarray(scalars))
+                                                     origin_p, batch_fn(t), loss_key, np.int32(t),
+                                                     np.asarray(rho1, dtype), np.asarray(rho2, dtype), mesh=mesh)
+            loss, norm = (float(v) for v in distributed.to_host(scalars))
+            fwd_local = distributed.local(fwd)
             state, exited = det.update(detectors[k], loss)
             detectors[k] = state
             tr = traces[k]
@@ -837,7 +961,7 @@ def dsp_search(
                             ("norm", norm)):
                 tr[name].append(v)
             if paths:
-                paths[k].append((i, fwd))
+                paths[k].append((i, fwd_local))
             t += 1
             if exited:
                 if generated:
@@ -847,10 +971,10 @@ def dsp_search(
                 record = ExitRecord(direction=k, step=t - 1, iteration=i, rho1=rho1, distance=norm, loss=loss,
                                     ema=state.ema, base_ema=state.base, peak_ema=state.peak,
                                     peak_iteration=state.peak_iteration,
-                                    cosine_to_initial=float(tree_cosine(fwd, d0)))
+                                    cosine_to_initial=host_float(tree_cosine(fwd, place(d0))))
                 active[k] = False
                 dirs[k] = fwd
-                pending = {"record": record.to_json(), "point": tree_add(origin, fwd)}
+                pending = {"record": record.to_json(), "point": distributed.local(tree_add(origin_p, fwd))}
                 save("exit")
                 solve_pending()
             else:
@@ -860,16 +984,18 @@ def dsp_search(
                     failed.append(k)
                 if config.checkpoint_every and t % config.checkpoint_every == 0:
                     save("periodic")
-            if callback is not None:
-                callback(t - 1, {"direction": k, "iteration": i, "loss": loss, "ema": state.ema, "rho1": rho1,
-                                 "norm": norm, "exited": exited, "d": fwd, "tier": tier})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", exits=len(exits), active=sum(active))
+            if callback is not None:  # the count of steps done (1-based); info["step"] the 0-based index
+                callback(t, {"step": t - 1, "direction": k, "iteration": i, "loss": loss, "ema": state.ema,
+                             "rho1": rho1, "norm": norm, "exited": exited, "d": fwd_local, "tier": tier})
         if any(active):
             failed.extend(k for k in range(num) if active[k] and k not in failed)
             active = [False] * num
             save("end")
         return TierResult(origin=origin, solutions=solutions, exits=exits, traces=traces, failed=sorted(failed),
                           steps=t, paths=[list(p) for p in paths],
-                          exit_points=[tree_add(origin, dirs[e.direction]) for e in exits])
+                          exit_points=[distributed.local(tree_add(origin_p, dirs[e.direction])) for e in exits])
 
     try:
         if store is not None and store.latest_step() is not None:
@@ -881,10 +1007,10 @@ def dsp_search(
             if meta["pending"] is not None:
                 pending = {"point": origin}
             tree, _ = store.restore(target=state_tree())
-            dirs = [_from_named(dirs[k], tree[f"dir{k}"]) for k in range(num)]
-            cal_states = [_from_named(cal_states[k], tree[f"cal{k}"]) if f"cal{k}" in tree else cal_states[k]
-                          for k in range(num)]
-            solutions = [_from_named(origin, tree[f"sol{j}"]) for j in range(len(solutions))]
+            dirs = [place(_from_named(dirs[k], tree[f"dir{k}"])) for k in range(num)]
+            cal_states = [place(_from_named(cal_states[k], tree[f"cal{k}"])) if f"cal{k}" in tree
+                          else cal_states[k] for k in range(num)]
+            solutions = [distributed.local(_from_named(origin, tree[f"sol{j}"])) for j in range(len(solutions))]
             t = int(meta["t"])
             active = [bool(a) for a in meta["active"]]
             failed = [int(f) for f in meta["failed"]]
@@ -892,8 +1018,13 @@ def dsp_search(
             traces = meta["traces"]
             exits = [ExitRecord(**e) for e in meta["exits"]]
             if meta["pending"] is not None:
-                pending = dict(meta["pending"]) | {"point": _from_named(origin, tree["pending"])}
-        return _search_loop()
+                pending = dict(meta["pending"]) | {"point": distributed.local(_from_named(origin, tree["pending"]))}
+        bar = tqdm(total=config.max_steps, initial=t, disable=not _progress_enabled(progress), leave=False,
+                   desc=f"DSP-TT tier {tier}", unit="step", dynamic_ncols=True)
+        try:
+            return _search_loop(bar)
+        finally:
+            bar.close()
     finally:
         if store is not None:
             store.close()
@@ -918,12 +1049,33 @@ def tier_by_tier(
     calibration: optax.GradientTransformation | None = None,
     checkpoint_dir: str | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    progress: bool | None = None,
+    devices: int | None = None,
 ) -> list[TierResult]:
     """Tier-by-tier DSP-TT (DSP-TT paper, §5.2): tier 1 from ``origin``; tier ``n+1`` from the best tier-``n``
     solution, the one with the lowest ``score_fn(params)`` (e.g. loss on the training or a validation set).
+
     Each tier is a :func:`dsp_search` (same ``objective``, ``config``, ``batch_fn``, ``solver``,
-    ``calibration``, ``callback``; key ``fold_in(key, n)``) that checkpoints into ``checkpoint_dir/tier<n>`` and
-    resumes from there.
+    ``calibration``, ``callback``, ``progress``, ``devices``; key ``fold_in(key, n)``) that checkpoints into
+    ``checkpoint_dir/tier<n>`` and resumes from there.
+
+    Args:
+      objective: ``objective(params, batch, key) -> (loss, aux)``.
+      origin: the tier-0 solution.
+      key: the base key (tier ``n`` searches with ``fold_in(key, n)``).
+      config: the :class:`DSPConfig` of every tier.
+      batch_fn: the search's batches ``t -> batch``.
+      solver: the :class:`LocalSolver` of every exit point.
+      score_fn: ``score_fn(params) -> float``; the lowest-scoring solution of a tier is the next tier's origin
+        (its value is brought to the host with ``float``).
+      tiers: how many tiers (``>= 1``).
+      calibration: the dynamics ``f`` (default ``-grad``), as for :func:`dsp_search`.
+      checkpoint_dir: the root of the tiers' checkpoint directories (``None``: no checkpoints).
+      callback: ``callback(count, info)`` after every search step of every tier; ``count`` is 1-based within
+        a tier's search and ``info["tier"]`` names the tier (:func:`dsp_search`).
+      progress: a tqdm bar over each tier's search steps and its local solves (``None``: only when stderr is a
+        terminal).
+      devices: how many of the job's devices to run on (default all, across processes; ``1``: one device).
 
     Returns:
       One :class:`TierResult` per tier.
@@ -942,12 +1094,14 @@ def tier_by_tier(
     """
     if isinstance(tiers, bool) or int(tiers) != tiers or tiers < 1:
         raise ValueError(f"tiers must be an integer >= 1, got {tiers!r}")
+    _check_devices(devices)
     results: list[TierResult] = []
     start = origin
     for n in range(1, int(tiers) + 1):
         sub = None if checkpoint_dir is None else f"{checkpoint_dir}/tier{n}"
         res = dsp_search(objective, start, jax.random.fold_in(key, n), config=config, batch_fn=batch_fn,
-                         solver=solver, calibration=calibration, checkpoint_dir=sub, tier=n, callback=callback)
+                         solver=solver, calibration=calibration, checkpoint_dir=sub, tier=n, callback=callback,
+                         progress=progress, devices=devices)
         results.append(res)
         if n == tiers:
             break
