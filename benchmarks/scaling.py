@@ -4,7 +4,9 @@ Each device count runs in a fresh process (forced host devices on CPU:
 ``--xla_force_host_platform_device_count``; on a GPU machine ``--real`` uses its real devices, up to the count).
 Per count it prints one JSON line per case with seconds per step (or per grid), points per second, the ratio
 to one device, the peak memory per device of the compiled computation (XLA's memory analysis: arguments,
-outputs and temporaries), and the largest difference from the one-device result. A last case compiles (does
+outputs and temporaries), and the largest difference from the one-device result. The NEB case times one
+band step (10 pivots, so 8 inner ones, batch 128) on every ``points × data`` layout of the devices, so the
+split ``training_mesh`` chooses (points first) can be compared with the others. A last case compiles (does
 not run) the 11×11 grid of a VGG16 3×3-control surface on CIFAR-shaped data and reports its peak memory per
 device for each count.
 
@@ -25,6 +27,11 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def neb_layouts(n: int, inner: int = 8) -> list[tuple[int, int]]:
+    """Every ``(points, data)`` split of ``n`` devices whose points axis divides the inner pivots."""
+    return [(p, n // p) for p in range(1, n + 1) if n % p == 0 and inner % p == 0]
+
+
 def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
     import jax
     import jax.numpy as jnp
@@ -33,10 +40,12 @@ def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
     from timing import best_time
 
     import mclandscape as mcl
+    from mclandscape.engine import distributed
     from mclandscape.engine.connector_train import ConnectorObjective, _control_mask
     from mclandscape.engine.distributed import training_mesh
     from mclandscape.engine.evaluate import connector_points, evaluation_memory
     from mclandscape.engine.loop import make_step
+    from mclandscape.methods import neb as N
     from mclandscape.methods.surface import phase_sampler
 
     train = mcl.load_dataset("digits", "train")
@@ -60,6 +69,24 @@ def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
     out["train"] = {"seconds_per_step": sec, "points_per_s": k / sec, "mesh": dict(mesh.shape) if mesh else None,
                     "memory": step.memory(state, batch, key), "loss": float(metrics["loss"]),
                     "control": [np.asarray(a).ravel()[:64].tolist() for a in jax.tree_util.tree_leaves(new.params)]}
+
+    # one NEB band step (10 pivots: 8 inner) on every points x data layout of the n devices
+    piv = N.straight_band(corners[0], corners[1], 10)
+    cfg = N.NEBConfig(learning_rate=0.01, strategy="vmap")
+    nb = N.NEBBatch(batch, jnp.asarray(False))
+    chosen = training_mesh(128, 8, devices=n)
+    out["neb"] = []
+    for p, d in neb_layouts(n):
+        m = None if n == 1 else distributed.mesh((p, d), ("points", "data"), devices=n)
+        nstep = N.make_neb_step(N.model_loss(model), cfg, piv, mesh=m)
+        nstate = nstep.init(piv)
+        sec = best_time(lambda nstep=nstep, nstate=nstate: nstep(nstate, nb, key)[1]["loss"], repeats)
+        new_piv = nstep(nstate, nb, key)[0].params
+        out["neb"].append({"points": p, "data": d, "seconds_per_step": sec,
+                           "chosen": chosen is None and n == 1 or chosen is not None and
+                           dict(chosen.shape) == {"points": p, "data": d},
+                           "memory": nstep.memory(nstate, nb, key),
+                           "pivots": [np.asarray(a).ravel()[:64].tolist() for a in jax.tree_util.tree_leaves(new_piv)]})
 
     # the 11x11 grid (121 points) on the test set
     pts = mcl.uv_grid(11)
@@ -124,6 +151,16 @@ def main() -> None:
                           "ratio_to_first": round(one["grid"]["seconds"] / r["grid"]["seconds"], 3),
                           "peak_bytes_per_device": r["grid"]["memory"]["peak_bytes"],
                           "max_abs_diff_vs_first": diff_g}), flush=True)
+        for lay in r["neb"]:
+            diff_n = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                         for a, b in zip(lay["pivots"], one["neb"][0]["pivots"], strict=True))
+            print(json.dumps({"bench": "scaling", "case": "neb_band_step", "model": args.model, "pivots": 10,
+                              "devices": n, "points": lay["points"], "data": lay["data"],
+                              "chosen_by_training_mesh": lay["chosen"],
+                              "seconds_per_step": round(lay["seconds_per_step"], 4),
+                              "ratio_to_first": round(one["neb"][0]["seconds_per_step"] / lay["seconds_per_step"], 3),
+                              "peak_bytes_per_device": lay["memory"]["peak_bytes"],
+                              "max_abs_diff_vs_first": diff_n}), flush=True)
         if "vgg16_grid_memory" in r:
             m = r["vgg16_grid_memory"]
             print(json.dumps({"bench": "scaling", "case": "vgg16_grid_11x11_memory", "devices": n,

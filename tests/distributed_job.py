@@ -15,6 +15,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+TT_STEPS = 150  # search steps of the "tt" job (the exit detector's decisions are discrete: none is asked for)
+
+
 def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: int = 3) -> dict:
     """Every job's outputs as host arrays (the same on every process of a job)."""
     import jax
@@ -61,6 +64,39 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         if "surface" in jobs:  # parameters fresh from training live on this process's devices
             m = mcl.evaluate_points(model, trained_surface, mcl.uv_grid(3), test)
             out["trained_grid_loss"] = m.loss
+    if "neb" in jobs:  # the inner pivots split over the devices' "points" axis, the batch over "data"
+        from mclandscape.methods import neb as N
+
+        res = N.neb(N.model_loss(model), corners[0], corners[1], num_pivots=6, data=N.model_batches(train, 64),
+                    config=N.NEBConfig(steps=12, check_every=4, learning_rate=0.05, tol=0.0), progress=False)
+        leaves("neb", res.pivots)
+        out["neb_losses"] = np.asarray(res.losses)
+        out["neb_history"] = np.asarray([[h["epoch"], h["mean_loss"], h["perp_force"]] for h in res.history])
+    if "tt" in jobs:  # DSP-TT: local solves and search steps with the batch split over the devices
+        import optax
+
+        from mclandscape.methods import trusttech as tt
+
+        small = train.take(256)
+        variables = model.init(jax.random.key(0), jnp.asarray(small.x[:2]))
+        objective = tt.model_loss_fn(model, variables)
+        batches = tt.dataset_batches(small, 64, seed=0)
+        omega0, _ = tt.local_solve(objective, variables["params"], tt.LocalSolver(optax.sgd(0.1, momentum=0.9),
+                                                                                   100), batches, jax.random.key(0),
+                                   progress=False)
+        cfg = tt.DSPConfig(num_directions=1, rho=tt.RhoSchedule(1e-3, 0.1, 0.01),
+                           detector=tt.ExitDetector(min_rise=0.2, min_drop=0.1), init_norm=1.0, max_steps=TT_STEPS,
+                           record_path=1)
+        res = tt.dsp_search(objective, omega0, jax.random.key(1), config=cfg, batch_fn=batches,
+                            solver=tt.LocalSolver(optax.sgd(0.05, momentum=0.9), steps=50), progress=False)
+        leaves("tt_origin", omega0)
+        out["tt_trace"] = np.asarray(res.traces[0]["loss"])
+        # the local solve from the search's last point, as an exit point's would run
+        last = jax.tree_util.tree_map(lambda a, d: a + d, omega0, res.paths[0][-1][1])
+        sol, info = tt.local_solve(objective, last, tt.LocalSolver(optax.sgd(0.05, momentum=0.9), 50), batches,
+                                   jax.random.key(2), progress=False)
+        leaves("tt_solution", sol)
+        out["tt_solution_loss"] = np.asarray(info["loss"])
     if "bfs" in jobs:
         from mclandscape.methods import volume as V
 

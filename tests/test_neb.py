@@ -400,6 +400,7 @@ def test_history_has_one_record_per_check_and_a_shorter_last_one():
     res = N.neb(_flat, jnp.asarray(0.0), jnp.asarray(1.0), init=jnp.asarray([0.0, 0.1, 0.2, 1.0]), config=cfg)
     assert res.steps == 7 and not res.converged
     assert [h["step"] for h in res.history] == [3, 6, 7]
+    assert [h["epoch"] for h in res.history] == [1, 2, 3]  # numbered from 1 like every trainer's epochs
     assert set(res.history[0]) >= {"step", "max_loss", "mean_loss", "perp_force", "par_force", "force_norm"}
     assert res.par_force == res.history[-1]["par_force"]
     # perp/par forces of a record are the maxima over its steps: the spring force decays, so the first is largest
@@ -525,3 +526,46 @@ def test_dropout_keys_come_from_the_seed():
     d0 = N.neb(deterministic, p0, p1, num_pivots=4, data=(jnp.asarray(x), jnp.asarray(y)), config=cfg, seed=0)
     d1 = N.neb(deterministic, p0, p1, num_pivots=4, data=(jnp.asarray(x), jnp.asarray(y)), config=cfg, seed=1)
     np.testing.assert_array_equal(d0.losses, d1.losses)
+
+
+def test_progress_defaults_like_every_trainer_and_reaches_the_loop(monkeypatch):
+    import inspect
+
+    from mclandscape.engine.loop import run as loop_run
+    from mclandscape.engine.train import train_model
+
+    want = inspect.signature(train_model).parameters["progress"].default
+    assert want is None
+    for fn in (N.neb, N.auto_neb):
+        assert inspect.signature(fn).parameters["progress"].default is want
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["config"].progress)
+        return loop_run(*args, **kwargs)
+
+    monkeypatch.setattr(N, "run", spy)
+    cfg = N.NEBConfig(steps=4, check_every=2, tol=0.0)
+    N.neb(_flat, jnp.asarray(0.0), jnp.asarray(1.0), num_pivots=3, config=cfg)
+    N.neb(_flat, jnp.asarray(0.0), jnp.asarray(1.0), num_pivots=3, config=cfg, progress=True)
+    assert seen == [None, True]
+
+
+def test_band_step_on_a_mesh_checks_its_layout_and_equals_one_device():
+    from mclandscape.engine import distributed
+
+    piv = N.straight_band(jnp.asarray(MB_MIN_A, jnp.float32), jnp.asarray(MB_MIN_B, jnp.float32), 6)
+    mesh = distributed.mesh((1, 1), ("points", "data"))
+    with pytest.raises(ValueError, match="one-device baseline"):
+        N.make_neb_step(muller_brown, N.NEBConfig(strategy="loop"), piv, mesh=mesh)
+    with pytest.raises(ValueError, match="'points' axis"):
+        N.make_neb_step(muller_brown, N.NEBConfig(), piv, mesh=distributed.mesh(axes=("data",)))
+    cfg = N.NEBConfig(steps=20, learning_rate=1e-4, check_every=5, tol=0.0, strategy="vmap")
+    on_mesh = N.make_neb_step(muller_brown, cfg, piv, mesh=mesh)
+    plain = N.make_neb_step(muller_brown, cfg, piv)
+    batch = N.NEBBatch(None, jnp.asarray(False))
+    a, _ = on_mesh(on_mesh.init(piv), batch, jax.random.key(0))
+    b, _ = plain(plain.init(piv), batch, jax.random.key(0))
+    np.testing.assert_allclose(a.params, b.params, rtol=1e-6)
+    with pytest.raises(ValueError, match="devices"):
+        N.neb(muller_brown, piv[0], piv[-1], num_pivots=4, config=cfg, devices=len(jax.devices()) + 1)

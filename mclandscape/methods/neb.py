@@ -124,6 +124,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mclandscape.core.connectors import Connector, from_control, polychain
 from mclandscape.core.losses import cross_entropy
@@ -141,6 +143,7 @@ from mclandscape.core.tree import (
 )
 from mclandscape.engine import cpu
 from mclandscape.engine.data import batch_stream
+from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.evaluate import connector_points, map_points, stacked_points
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, Step, StopRun, TrainState, make_step, run
 
@@ -264,7 +267,8 @@ class NEBResult:
     ``losses`` are the pivot losses of the returned band on the last step's batch (NaN after 0 steps);
     ``steps`` the steps taken; ``converged`` whether the stopping rule ended the run; ``perp_force`` /
     ``par_force`` the largest force norms over inner pivots and over the last record's steps; ``history``
-    one record per ``check_every`` steps: ``step`` (global, counted across AutoNEB cycles), ``max_loss``
+    one record per loop epoch of ``check_every`` steps: ``epoch`` (from 1, as in every trainer; a shorter
+    last epoch is numbered on), ``step`` (global, counted across AutoNEB cycles), ``max_loss``
     (highest pivot loss seen in those steps), ``mean_loss`` (mean pivot loss, averaged over them),
     ``perp_force``, ``par_force`` (their maxima), ``force_norm`` (mean norm of the total NEB force on the
     band) and ``seconds``. ``spacing`` are the target segment weights ``[N-1]`` (mean 1) the run used.
@@ -755,8 +759,11 @@ class NEBBatch(NamedTuple):
     climb: jax.Array
 
 
-def _energies_grads(point, strategy: str, pivots: PyTree, data, key):
-    """Losses of all N pivots ``[N]`` and loss gradients of the inner ones (stacked ``[N-2, ...]``)."""
+def _energies_grads(point, strategy: str, pivots: PyTree, data, key, mesh=None):
+    """Losses of all N pivots ``[N]`` and loss gradients of the inner ones (stacked ``[N-2, ...]``).
+
+    With a ``mesh`` whose ``"points"`` axis has several devices (``strategy="vmap"``), the inner pivots are
+    split over that axis: each device computes whole pivots."""
     n = int(jax.tree_util.tree_leaves(pivots)[0].shape[0])
     vg = lambda p: _point_value_and_grad(point, p, data, key)  # noqa: E731
     value = lambda p: _point_loss(p, point, data, key)  # noqa: E731
@@ -766,6 +773,8 @@ def _energies_grads(point, strategy: str, pivots: PyTree, data, key):
         e_end = jnp.stack([value(tree_index(pivots, 0)), value(tree_index(pivots, n - 1))])
     else:
         inner = _rows(pivots, slice(1, -1))
+        if mesh is not None and mesh.shape.get("points", 1) > 1:
+            inner = jax.lax.with_sharding_constraint(inner, NamedSharding(mesh, P("points")))
         ends = jax.tree_util.tree_map(lambda x: jnp.stack([x[0], x[-1]]), pivots)
         e_in, g = jax.lax.map(vg, inner) if strategy == "map" else jax.vmap(vg)(inner)
         e_end = jax.vmap(value)(ends)
@@ -778,7 +787,7 @@ def _band_eval(band: BandObjective, pivots: PyTree, batch: NEBBatch, key):
     if band.strategy == "given":
         e, g = batch.data
     else:
-        e, g = _energies_grads(band.point, band.strategy, pivots, batch.data, key)
+        e, g = _energies_grads(band.point, band.strategy, pivots, batch.data, key, band.mesh)
     ci = jnp.where(batch.climb, 1 + jnp.argmax(e[1:-1]), -1)
     f = neb_forces(pivots, e, g, band.spring_constant, spacing=band.spacing, climbing_index=ci)
     neg = jax.tree_util.tree_map(
@@ -826,7 +835,9 @@ class BandObjective:
     Fields: ``point`` the pivot objective (:func:`pivot_objective`; ``None`` for ``strategy="given"``, where
     ``batch.data`` holds the precomputed ``(losses [N], inner gradients [N-2, ...])``), ``spacing`` the
     target segment weights ``[N-1]``, ``spring_constant`` (a scalar array, so another ``k`` compiles
-    nothing) and the static ``strategy`` (``"vmap"``, ``"map"``, ``"unroll"`` or ``"given"``).
+    nothing), the static ``strategy`` (``"vmap"``, ``"map"``, ``"unroll"`` or ``"given"``) and the static
+    ``mesh`` (``None``, or the ``("points", "data")`` mesh of :func:`make_neb_step`: with ``strategy="vmap"``
+    the inner pivots are split over its ``"points"`` axis).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -843,6 +854,7 @@ class BandObjective:
     spacing: jax.Array
     spring_constant: jax.Array
     strategy: str = struct.field(pytree_node=False, default="vmap")
+    mesh: jax.sharding.Mesh | None = struct.field(pytree_node=False, default=None)
 
     def __call__(self, pivots, batch: NEBBatch, key=None):
         return _band_loss(self, pivots, batch, key)
@@ -912,7 +924,8 @@ class LoopedNEBStep:
         return self.update(state, NEBBatch((e, tree_stack([o[1] for o in outs])), batch.climb), key)
 
 
-def make_neb_step(loss, config: NEBConfig, pivots: PyTree, spacing=None) -> Step | LoopedNEBStep:
+def make_neb_step(loss, config: NEBConfig, pivots: PyTree, spacing=None, *,
+                  mesh: jax.sharding.Mesh | None = None) -> Step | LoopedNEBStep:
     """The NEB update of a band shaped like ``pivots``, as an engine step.
 
     Args:
@@ -921,12 +934,17 @@ def make_neb_step(loss, config: NEBConfig, pivots: PyTree, spacing=None) -> Step
       pivots: the stacked pivots ``[N, ...]`` (N >= 3), or a tree of ``jax.ShapeDtypeStruct`` like them:
         only their structure and N are used.
       spacing: target segment weights ``[N-1]`` (default equal).
+      mesh: run the step on this ``("points", "data")`` mesh
+        (:func:`mclandscape.engine.distributed.training_mesh` of the batch size and the ``N - 2`` inner
+        pivots; across processes in a multi-process job): the inner pivots are split over ``"points"`` (the
+        strategy is then ``"vmap"``, the split axis), each batch over ``"data"``, the band replicated, one
+        update. ``None``: one device. Not with ``strategy="loop"`` (the one-device baseline).
 
     Returns:
-      ``make_step(BandObjective(...), config.make_optimizer(), trainable=inner pivots)``: ``step.init(pivots)``
-      and ``step(state, NEBBatch(data, climb), key) -> (state, metrics)`` (one module-level jit: a second
-      band of the same shapes and loss compiles nothing); for ``strategy="loop"`` the
-      :class:`LoopedNEBStep` baseline with the same interface.
+      ``make_step(BandObjective(...), config.make_optimizer(), trainable=inner pivots, mesh=mesh)``:
+      ``step.init(pivots)`` and ``step(state, NEBBatch(data, climb), key) -> (state, metrics)`` (one
+      module-level jit: a second band of the same shapes and loss compiles nothing); for
+      ``strategy="loop"`` the :class:`LoopedNEBStep` baseline with the same interface.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -940,6 +958,14 @@ def make_neb_step(loss, config: NEBConfig, pivots: PyTree, spacing=None) -> Step
     if n < 3:
         raise ValueError(f"a band needs N >= 3 pivots, got N={n}")
     strategy = _resolve_strategy(config.strategy, pivots)
+    if mesh is not None:
+        if strategy == "loop":
+            raise ValueError("strategy='loop' is the one-device baseline: pass mesh=None (devices=1)")
+        if "points" not in mesh.axis_names or (n - 2) % mesh.shape["points"]:
+            raise ValueError(f"the mesh's 'points' axis must divide the {n - 2} inner pivots, got mesh shape "
+                             f"{dict(mesh.shape)}")
+        if mesh.shape["points"] > 1:
+            strategy = "vmap"  # the inner pivots are split over devices along the vmapped axis
     point = pivot_objective(loss)
     dtype = _band_dtype(pivots)
     spacing_arr = _normalised_spacing(spacing, n - 1, dtype)
@@ -950,8 +976,8 @@ def make_neb_step(loss, config: NEBConfig, pivots: PyTree, spacing=None) -> Step
     if strategy == "loop":
         band = BandObjective(point=None, spacing=spacing_arr, spring_constant=k, strategy="given")
         return LoopedNEBStep(point=point, update=make_step(band, tx, trainable=trainable))
-    band = BandObjective(point=point, spacing=spacing_arr, spring_constant=k, strategy=strategy)
-    return make_step(band, tx, trainable=trainable)
+    band = BandObjective(point=point, spacing=spacing_arr, spring_constant=k, strategy=strategy, mesh=mesh)
+    return make_step(band, tx, trainable=trainable, mesh=mesh)
 
 
 # ---- the NEB run --------------------------------------------------------------------------------------
@@ -960,12 +986,23 @@ def _batch_at(data, step: int):
     return data(step) if callable(data) else data
 
 
+def _band_mesh(config: NEBConfig, pivots: PyTree, data, step_offset: int, devices: int | None):
+    """The ``("points", "data")`` mesh of a band's step (``None``: one device), from its first batch's size."""
+    if devices == 1 or (devices is None and len(jax.devices()) == 1) or \
+            _resolve_strategy(config.strategy, pivots) == "loop":
+        return None  # (reads no batch: a batch callable sees the steps in order on one device)
+    leaves = jax.tree_util.tree_leaves(_batch_at(data, step_offset))
+    lead = int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 1
+    return training_mesh(lead, _num_pivots(pivots) - 2, devices=devices)
+
+
 def _relax(point, pivots: PyTree, spacing, config: NEBConfig, data, *, step_offset: int, key: jax.Array,
-           progress: bool) -> NEBResult:
+           progress: bool | None, devices: int | None = None) -> NEBResult:
     """One NEB run on the engine loop (see the module docstring)."""
     n = _num_pivots(pivots)
     spacing_arr = _normalised_spacing(spacing, n - 1, _band_dtype(pivots))
-    step = make_neb_step(point, config, pivots, spacing)
+    step = make_neb_step(point, config, pivots, spacing,
+                         mesh=_band_mesh(config, pivots, data, step_offset, devices))
     state = step.init(pivots)
     climbing, after, tol, ce = bool(config.climbing), int(config.climb_after), float(config.tol), int(config.check_every)
     on, off = jnp.asarray(True), jnp.asarray(False)
@@ -982,7 +1019,8 @@ def _relax(point, pivots: PyTree, spacing, config: NEBConfig, data, *, step_offs
             return NEBBatch(_batch_at(data, step_offset + s), on if climbing and s >= after else off)
 
         def record(e1, st, raw, s0=s0, spe=spe):
-            return {"step": step_offset + s0 + e1 * spe, "max_loss": raw["max_loss"], "mean_loss": raw["loss"],
+            return {"epoch": s0 // ce + e1, "step": step_offset + s0 + e1 * spe, "max_loss": raw["max_loss"],
+                    "mean_loss": raw["loss"],
                     "perp_force": raw["max_perp_force"], "par_force": raw["max_par_force"],
                     "force_norm": raw["grad_norm"], "seconds": raw["seconds"]}
 
@@ -1000,7 +1038,7 @@ def _relax(point, pivots: PyTree, spacing, config: NEBConfig, data, *, step_offs
             raise NonFiniteError(f"NEB diverged in the run from global step {step_offset + s0}: {e} (lower the "
                                  "learning rate or the spring constant)") from e
         state = res.state
-        history += [{k: v for k, v in h.items() if k != "epoch"} for h in res.history]
+        history += res.history
         if res.stopped is not None:
             converged = True
             break
@@ -1021,7 +1059,8 @@ def _relax(point, pivots: PyTree, spacing, config: NEBConfig, data, *, step_offs
 
 
 def neb(loss, start: PyTree, end: PyTree, *, num_pivots: int = 10, config: NEBConfig | None = None, data=None,
-        init: PyTree | Connector | None = None, spacing=None, seed: int = 0, progress: bool = False) -> NEBResult:
+        init: PyTree | Connector | None = None, spacing=None, seed: int = 0, progress: bool | None = None,
+        devices: int | None = None) -> NEBResult:
     """Relax a band of ``num_pivots`` pivots between ``start`` and ``end`` under the NEB forces.
 
     Args:
@@ -1037,7 +1076,10 @@ def neb(loss, start: PyTree, end: PyTree, *, num_pivots: int = 10, config: NEBCo
         segment).
       spacing: target segment weights ``[N-1]`` (default equal).
       seed: the base key of the step keys (dropout).
-      progress: a progress bar per run.
+      progress: a progress bar per run (``None``: when stderr is a terminal).
+      devices: how many of the job's devices the band's step runs on (default all, across processes; ``1``:
+        one device): the inner pivots are split over ``gcd(devices, N - 2)`` of them and each batch over the
+        rest (:func:`make_neb_step`'s ``mesh``); the band equals one device's to float rounding.
 
     Returns:
       A :class:`NEBResult`.
@@ -1070,7 +1112,7 @@ def neb(loss, start: PyTree, end: PyTree, *, num_pivots: int = 10, config: NEBCo
     if spacing is not None and np.shape(spacing) != (n - 1,):
         raise ValueError(f"spacing needs {n - 1} weights for {n} pivots, got shape {np.shape(spacing)}")
     return _relax(pivot_objective(loss), pivots, spacing, config, data, step_offset=0, key=jax.random.key(seed),
-                  progress=progress)
+                  progress=progress, devices=devices)
 
 
 def auto_neb(loss, start: PyTree, end: PyTree, *, cycles: NEBConfig | Sequence[NEBConfig],
@@ -1078,7 +1120,7 @@ def auto_neb(loss, start: PyTree, end: PyTree, *, cycles: NEBConfig | Sequence[N
              profile_fn: Callable[[Connector, np.ndarray], np.ndarray] | None = None, eval_data=None,
              initial_insert: int = 3, insert_count: int = 2, insert_method: str = "highest",
              sub_pivots: int = 9, insert_threshold: float = 0.1, seed: int = 0,
-             progress: bool = False) -> AutoNEBResult:
+             progress: bool | None = None, devices: int | None = None) -> AutoNEBResult:
     """AutoNEB (Draxler et al. 2018): NEB cycles with pivot insertion between cycles (module docstring).
 
     Cycle 1 starts from ``start``, ``end`` and ``initial_insert`` evenly inserted pivots (Draxler's first
@@ -1096,7 +1138,7 @@ def auto_neb(loss, start: PyTree, end: PyTree, *, cycles: NEBConfig | Sequence[N
         batch). For a network use :func:`model_profile`.
       initial_insert, insert_count, insert_method, sub_pivots, insert_threshold: the insertion (module
         docstring, :func:`insertion_alphas`).
-      seed, progress: as for :func:`neb`.
+      seed, progress, devices: as for :func:`neb`.
 
     Returns:
       An :class:`AutoNEBResult`; ``cycles`` holds per cycle ``cycle``, ``num_pivots``, ``inserted``, ``steps``,
@@ -1148,7 +1190,8 @@ def auto_neb(loss, start: PyTree, end: PyTree, *, cycles: NEBConfig | Sequence[N
                                             threshold=insert_threshold)
             if any(inserted):
                 pivots, spacing = insert_pivots(pivots, inserted, spacing)
-        res = _relax(point, pivots, spacing, cfg, data, step_offset=step_offset, key=key, progress=progress)
+        res = _relax(point, pivots, spacing, cfg, data, step_offset=step_offset, key=key, progress=progress,
+                     devices=devices)
         step_offset += res.steps
         pivots = res.pivots
         n = res.num_pivots
