@@ -228,3 +228,51 @@ def test_member_probs_of_a_model_match_softmax_of_apply():
     out = ens.ensemble_from_params(model, members, (x, y))
     assert out.test_error == pytest.approx(np.mean(probs.mean(0).argmax(-1) != y))
     assert out.param_distance == pytest.approx(ens.param_distance(members), rel=1e-6)
+
+
+class _Epochs:
+    """A batch function that knows its epoch length, like engine.data.BatchStream."""
+
+    def __init__(self, fn, steps_per_epoch):
+        self.fn, self.steps_per_epoch = fn, steps_per_epoch
+
+    def __call__(self, t):
+        return self.fn(t)
+
+
+def test_snapshots_train_in_real_epochs_with_the_same_members_as_one_step_epochs():
+    from mclandscape.engine.loop import LoopConfig, StopRun, make_step, run
+
+    objective, params, fixed = _logreg()
+    x, y = fixed(0)
+    batches = _Epochs(lambda t: (x[(t % 4) * 16:(t % 4 + 1) * 16], y[(t % 4) * 16:(t % 4 + 1) * 16]), 4)
+    tx, key, collect = optax.sgd(0.5, momentum=0.9), jax.random.key(1), [3, 6, 10]
+    # the reference: the loop with one step per epoch, members copied at those epoch ends
+    step, ref = make_step(objective, tx), {}
+    res = run(step, step.init(params), batches, epochs=10, steps_per_epoch=1, key=key, config=LoopConfig(),
+              callbacks=[lambda e, st, h: ref.__setitem__(e, st.params) if e in collect else None])
+    epochs = []
+    final, snaps = ens.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key,
+                                            callback=lambda e, r: epochs.append((e, len(r[1]))))
+    assert epochs == [(1, 1), (2, 2), (3, 3)]  # 4 + 4 + 2 steps; members after steps 3, 6 (mid-epoch) and 10
+    for got, want in zip(snaps, [ref[c] for c in collect], strict=True):
+        np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want["w"]))
+    np.testing.assert_array_equal(np.asarray(final["w"]), np.asarray(res.params["w"]))
+    one = ens.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key, steps_per_epoch=1)[1]
+    np.testing.assert_array_equal(np.asarray(one[1]["w"]), np.asarray(snaps[1]["w"]))
+
+    def stop_after_first(epoch, result):
+        raise StopRun
+
+    _, early = ens.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key,
+                                        callback=stop_after_first)
+    assert len(early) == 1  # only the member of step 3 was taken in epoch 1
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        ens.train_with_snapshots(objective, params, tx, batches, 10, collect, steps_per_epoch=0)
+
+
+def test_ensemble_trainers_default_progress_like_every_trainer():
+    import inspect
+
+    for fn in (ens.train_with_snapshots, ens.snapshot_ensemble, ens.fge_ensemble):
+        assert inspect.signature(fn).parameters["progress"].default is None

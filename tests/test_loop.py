@@ -237,3 +237,36 @@ def test_stop_run_ends_early_and_max_metrics_take_the_maximum():
               key=jax.random.key(0), callbacks=[stop_at_3])
     assert res.stopped == 3 and len(res.history) == 3 and int(res.state.step) == 6
     assert seen[0] == pytest.approx(2.0 - 0.2 * 1.0)  # max over the epoch's two steps, not their mean
+
+
+def test_max_steps_ends_inside_the_last_epoch_and_resumes_bit_identical(tmp_path):
+    step = make_step(QUAD, optax.sgd(0.1, momentum=0.9))
+    batches = lambda t: jnp.full(3, 1.0 + t % 3)  # noqa: E731
+    seen = []
+
+    def go(epochs, d=None, **kw):
+        return run(step, step.init({"w": jnp.zeros(3)}), batches, epochs=epochs, steps_per_epoch=3,
+                   key=jax.random.key(0), max_steps=8, config=LoopConfig(checkpoint_dir=d), **kw)
+
+    res = go(3, step_callbacks=[lambda t, st: seen.append((t, int(st.step)))])
+    assert int(res.state.step) == 8 and seen == [(t, t) for t in range(1, 9)]
+    assert [h["epoch"] for h in res.history] == [1, 2, 3]
+    # the last record averages its two steps (batches 6 and 7: targets 1 and 2)
+    by_hand = make_step(QUAD, optax.sgd(0.1, momentum=0.9))
+    state, losses = by_hand.init({"w": jnp.zeros(3)}), []
+    for t in range(8):
+        state, m = by_hand(state, batches(t), jax.random.fold_in(jax.random.key(0), t))
+        losses.append(float(m["loss"]))
+    np.testing.assert_array_equal(np.asarray(res.params["w"]), np.asarray(state.params["w"]))
+    assert res.history[-1]["loss"] == pytest.approx(np.mean(losses[6:]), rel=1e-6)
+    # killed after epoch 2 (a shorter run of the same fingerprint-free loop), then resumed
+    d = tmp_path / "ck"
+    run(step, step.init({"w": jnp.zeros(3)}), batches, epochs=2, steps_per_epoch=3, key=jax.random.key(0),
+        config=LoopConfig(checkpoint_dir=d))
+    again = go(3, d)
+    assert again.resumed_from == 2
+    np.testing.assert_array_equal(np.asarray(again.params["w"]), np.asarray(res.params["w"]))
+    for bad in (6, 10, 2.5, True):
+        with pytest.raises(ValueError, match="max_steps"):
+            run(step, step.init({"w": jnp.zeros(3)}), batches, epochs=3, steps_per_epoch=3,
+                key=jax.random.key(0), max_steps=bad)

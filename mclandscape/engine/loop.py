@@ -23,7 +23,8 @@ Metrics stay on the device between epoch ends.
 **The loop.** :func:`run` runs ``epochs × steps_per_epoch`` steps over a random-access batch stream
 ``batches(t) -> batch`` (so resuming needs no replay), with the key of step ``t`` ``fold_in(key, t)``:
 nothing depends on how many steps ran in this process, so a killed and resumed run ends bit-identical to an
-uninterrupted one. Per epoch: one history record (the step metrics ``objective``, ``loss`` — the task loss
+uninterrupted one. ``max_steps`` ends a run inside its last epoch (a shorter last epoch, for budgets counted
+in steps); ``step_callbacks`` see the state after every step (e.g. to keep a snapshot mid-epoch). Per epoch: one history record (the step metrics ``objective``, ``loss`` — the task loss
 when the objective reports one in ``aux`` — ``grad_norm`` (of the trainable entries), ``acc`` and any other
 scalar of ``aux`` averaged over the epoch's
 examples; a scalar named ``max_*`` is the maximum over the epoch's steps instead; plus whatever ``on_epoch``
@@ -679,7 +680,9 @@ def _progress_enabled(progress: bool | None) -> bool:
 def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs: int, steps_per_epoch: int,
         key: jax.Array, config: LoopConfig = LoopConfig(), fingerprint: Mapping | None = None,
         callbacks: Sequence[Callable[[int, TrainState, list], None]] = (),
-        on_epoch: Callable[[int, TrainState, dict], dict] | None = None, metadata: Mapping | None = None) -> RunResult:
+        on_epoch: Callable[[int, TrainState, dict], dict] | None = None, metadata: Mapping | None = None,
+        max_steps: int | None = None, step_callbacks: Sequence[Callable[[int, TrainState], None]] = ()
+        ) -> RunResult:
     """Run ``epochs`` epochs of ``steps_per_epoch`` steps, with checkpoints and resume (see the module docstring).
 
     Args:
@@ -698,6 +701,12 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
         metrics (``objective``, ``loss``, ``acc`` when reported, ``seconds``), e.g. adding test metrics. Default:
         the metrics themselves with ``epoch``.
       metadata: extra JSON written with every checkpoint (the latest record goes in as ``metrics``).
+      max_steps: stop after this many steps in all (default ``epochs * steps_per_epoch``); the last epoch is
+        then shorter and its record averages the steps it ran. It must lie in
+        ``((epochs - 1) * steps_per_epoch, epochs * steps_per_epoch]``.
+      step_callbacks: ``callback(steps_done, state)`` on the host after every step (``steps_done`` from 1,
+        global across a resume), e.g. to copy the parameters mid-epoch; nothing waits for the device unless
+        the callback reads a value.
 
     Returns:
       A :class:`RunResult`. Raises :class:`NonFiniteError` for a non-finite step and
@@ -727,6 +736,13 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
         if isinstance(v, bool) or int(v) != v or v < (0 if name == "epochs" else 1):
             raise ValueError(f"{name} must be an integer >= {0 if name == 'epochs' else 1}, got {v!r}")
     epochs, spe = int(epochs), int(steps_per_epoch)
+    last_step = epochs * spe  # steps run in all (exclusive end of t)
+    if max_steps is not None:
+        if isinstance(max_steps, bool) or int(max_steps) != max_steps or \
+                not (epochs - 1) * spe < int(max_steps) <= last_step:
+            raise ValueError(f"max_steps must be an integer in ({(epochs - 1) * spe}, {last_step}] for {epochs} "
+                             f"epochs of {spe} steps, got {max_steps!r}")
+        last_step = int(max_steps)
     fingerprint = None if fingerprint is None else _jsonify(dict(fingerprint))
     names = tree_path_names(state.params)
     history: list[dict] = []
@@ -761,17 +777,18 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
             for epoch in range(start, epochs):
                 t0 = time.perf_counter()
                 sums = None
-                for i in range(spe):
-                    t = epoch * spe + i
+                for t in range(epoch * spe, min((epoch + 1) * spe, last_step)):
                     batch = batches(t)
                     if not hasattr(step, "step_and_sum"):  # any other step(state, batch, key) callable
                         state, metrics = step(state, batch, jax.random.fold_in(key, t))
                         sums = _accumulate_jit(_zero_sums(metrics) if sums is None else sums, metrics)
-                        continue
-                    if sums is None:
-                        zeros = step.zero_sums(state, batch, key) if zeros is None else zeros
-                        sums = zeros
-                    state, sums = step.step_and_sum(state, batch, key, t, sums)
+                    else:
+                        if sums is None:
+                            zeros = step.zero_sums(state, batch, key) if zeros is None else zeros
+                            sums = zeros
+                        state, sums = step.step_and_sum(state, batch, key, t, sums)
+                    for cb in step_callbacks:
+                        cb(t + 1, state)
                 _check_finite_state(state, names, epoch, spe)
                 e1 = epoch + 1
                 host = {k: float(v) for k, v in jax.device_get(sums).items()}

@@ -675,14 +675,25 @@ def fge_collect_steps(cycle_steps: int, num_members: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _steps_per_epoch(batch_fn, steps_per_epoch) -> int:
+    if steps_per_epoch is None:
+        steps_per_epoch = getattr(batch_fn, "steps_per_epoch", 1)
+    return _check_pos_int(steps_per_epoch, "steps_per_epoch")
+
+
 def train_with_snapshots(objective: Callable, params: PyTree, optimizer: optax.GradientTransformation,
                          batch_fn: Callable[[int], Any], steps: int, collect: Sequence[int], *,
-                         key: jax.Array | None = None) -> tuple[PyTree, list[PyTree]]:
+                         key: jax.Array | None = None, steps_per_epoch: int | None = None,
+                         progress: bool | None = None,
+                         callback: Callable[[int, tuple[PyTree, list[PyTree]]], None] | None = None
+                         ) -> tuple[PyTree, list[PyTree]]:
     """Train on the engine's loop and copy the parameters after chosen step counts.
 
     :func:`~mclandscape.engine.loop.make_step` of ``objective`` and ``optimizer``, run by
-    :func:`~mclandscape.engine.loop.run` one step per loop epoch (so that every step count in ``collect`` is an
-    epoch end, where a callback copies the parameters).
+    :func:`~mclandscape.engine.loop.run` for exactly ``steps`` steps in epochs of ``steps_per_epoch`` steps
+    (the last one shorter when they do not divide ``steps``); a step callback copies the parameters after each
+    count in ``collect``, inside an epoch or at its end. Step ``t`` reads ``batch_fn(t)`` with the key
+    ``fold_in(key, t)`` whatever the epoch length, so the members do not depend on ``steps_per_epoch``.
 
     Args:
       objective: ``objective(params, batch, key) -> (loss, aux)``.
@@ -692,9 +703,17 @@ def train_with_snapshots(objective: Callable, params: PyTree, optimizer: optax.G
       steps: the steps to run (``>= 1``).
       collect: completed step counts (each in ``[1, steps]``) after which a member is taken.
       key: the base key (step ``t`` gets ``fold_in(key, t)``); default ``jax.random.key(0)``.
+      steps_per_epoch: steps per epoch (default ``batch_fn.steps_per_epoch`` when the batch function has one,
+        as :class:`~mclandscape.engine.data.BatchStream` does: epochs are passes over the data, numbered from
+        1 as in every trainer; a plain callable without it: one step per epoch).
+      progress: a progress bar over the epochs (``None``: when stderr is a terminal).
+      callback: ``callback(epoch, (params, members))`` after each epoch with the parameters and the members
+        taken so far; raising :class:`~mclandscape.engine.loop.StopRun` from it ends training there, and the
+        function returns the members taken until then.
 
     Returns:
-      ``(final_params, snapshots)``, one snapshot per distinct count of ``collect`` in increasing order.
+      ``(final_params, snapshots)``, one snapshot per distinct count of ``collect`` in increasing order (fewer
+      when a callback stopped the run early).
 
     Raises:
       NonFiniteError: the loss or a gradient became non-finite (e.g. the learning rate is too large).
@@ -717,24 +736,29 @@ def train_with_snapshots(objective: Callable, params: PyTree, optimizer: optax.G
         raise ValueError(f"collect steps must lie in [1, {steps}], got {want}")
     if not callable(batch_fn):
         raise ValueError(f"batch_fn must be a callable t -> batch, got {batch_fn!r}")
+    spe = _steps_per_epoch(batch_fn, steps_per_epoch)
     key = key if key is not None else jax.random.key(0)
     check_objective(objective, params, batch_fn(0), key)
     step = make_step(objective, optimizer)
     snaps: dict[int, PyTree] = {}
+    wanted = set(want)
 
-    def collect_member(t, state, history):
-        if t in want:
+    def collect_member(t, state):
+        if t in wanted:
             snaps[t] = jax.tree_util.tree_map(jnp.copy, state.params)
 
-    # one "epoch" per step, so every step count in ``collect`` is an epoch end of the loop
-    res = run(step, step.init(params), batch_fn, epochs=steps, steps_per_epoch=1, key=key,
-              config=LoopConfig(progress=False), callbacks=[collect_member])
-    return res.state.params, [snaps[t] for t in want]
+    callbacks = [] if callback is None else [
+        lambda epoch, state, history: callback(epoch, (state.params, [snaps[t] for t in want if t in snaps]))]
+    res = run(step, step.init(params), batch_fn, epochs=-(-steps // spe), steps_per_epoch=spe, key=key,
+              config=LoopConfig(progress=progress, desc="snapshots"), callbacks=callbacks, max_steps=steps,
+              step_callbacks=[collect_member])
+    return res.state.params, [snaps[t] for t in want if t in snaps]
 
 
 def snapshot_ensemble(objective: Callable, init_params: PyTree, batch_fn: Callable[[int], Any], *, lr0: float,
                       total_steps: int, num_members: int, momentum: float = 0.9, weight_decay: float = 0.0,
-                      key: jax.Array | None = None) -> list[PyTree]:
+                      key: jax.Array | None = None, steps_per_epoch: int | None = None,
+                      progress: bool | None = None, callback: Callable | None = None) -> list[PyTree]:
     """Snapshot ensemble (Huang et al. 2017a): one run with a cyclic cosine learning rate, a member per cycle.
 
     SGD (``momentum``, L2 ``weight_decay`` added to the gradient) with :func:`snapshot_cosine_schedule` over
@@ -751,6 +775,7 @@ def snapshot_ensemble(objective: Callable, init_params: PyTree, batch_fn: Callab
       momentum: SGD momentum (``0``: none).
       weight_decay: L2 coefficient added to the gradient.
       key: the base key (default ``jax.random.key(0)``).
+      steps_per_epoch, progress, callback: as for :func:`train_with_snapshots`.
 
     Returns:
       The ``num_members`` snapshots, in training order.
@@ -768,13 +793,15 @@ def snapshot_ensemble(objective: Callable, init_params: PyTree, batch_fn: Callab
     sched = snapshot_cosine_schedule(lr0, total_steps, num_members)
     opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(sched, momentum=momentum or None))
     _, snaps = train_with_snapshots(objective, init_params, opt, batch_fn, total_steps,
-                                    snapshot_steps(total_steps, num_members), key=key)
+                                    snapshot_steps(total_steps, num_members), key=key,
+                                    steps_per_epoch=steps_per_epoch, progress=progress, callback=callback)
     return snaps
 
 
 def fge_ensemble(objective: Callable, trained_params: PyTree, batch_fn: Callable[[int], Any], *, lr1: float,
                  lr2: float, cycle_steps: int, num_members: int, momentum: float = 0.9,
-                 weight_decay: float = 0.0, key: jax.Array | None = None) -> list[PyTree]:
+                 weight_decay: float = 0.0, key: jax.Array | None = None, steps_per_epoch: int | None = None,
+                 progress: bool | None = None, callback: Callable | None = None) -> list[PyTree]:
     """Fast geometric ensembling (Garipov et al. 2018): from a trained model, a member at every mid-cycle.
 
     From ``trained_params``, SGD with :func:`fge_schedule` for ``num_members`` cycles of ``cycle_steps``
@@ -790,6 +817,7 @@ def fge_ensemble(objective: Callable, trained_params: PyTree, batch_fn: Callable
       momentum: SGD momentum (``0``: none).
       weight_decay: L2 coefficient added to the gradient.
       key: the base key (default ``jax.random.key(0)``).
+      steps_per_epoch, progress, callback: as for :func:`train_with_snapshots`.
 
     Returns:
       The ``num_members`` members, in training order.
@@ -807,7 +835,8 @@ def fge_ensemble(objective: Callable, trained_params: PyTree, batch_fn: Callable
     sched = fge_schedule(lr1, lr2, cycle_steps)
     opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(sched, momentum=momentum or None))
     collect = fge_collect_steps(cycle_steps, num_members)
-    _, snaps = train_with_snapshots(objective, trained_params, opt, batch_fn, collect[-1], collect, key=key)
+    _, snaps = train_with_snapshots(objective, trained_params, opt, batch_fn, collect[-1], collect, key=key,
+                                    steps_per_epoch=steps_per_epoch, progress=progress, callback=callback)
     return snaps
 
 
