@@ -276,3 +276,83 @@ def test_ensemble_trainers_default_progress_like_every_trainer():
 
     for fn in (ens.train_with_snapshots, ens.snapshot_ensemble, ens.fge_ensemble):
         assert inspect.signature(fn).parameters["progress"].default is None
+
+
+def _by_hand(objective, params, tx, batches, key, collect):
+    """The reference: one step at a time, batch t and key fold_in(key, t), the parameters after each count."""
+    from mclandscape.engine.loop import make_step
+
+    step = make_step(objective, tx)
+    state, out = step.init(params), {}
+    for t in range(max(collect)):
+        state, _ = step(state, batches(t), jax.random.fold_in(key, t))
+        if t + 1 in collect:
+            out[t + 1] = state.params
+    return [out[c] for c in sorted(collect)]
+
+
+def _noisy_logreg():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(40, 4)), jnp.float32)
+    y = jnp.asarray((x[:, 0] - x[:, 2] > 0).astype(np.int32))
+
+    def objective(p, batch, key):  # uses its key, so a wrong fold_in(key, t) would show
+        logits = batch[0] @ (p["w"] + 0.01 * jax.random.normal(key, p["w"].shape)) + p["b"]
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1])), {}
+
+    batches = _Epochs(lambda t: (x[(t % 4) * 10:(t % 4 + 1) * 10], y[(t % 4) * 10:(t % 4 + 1) * 10]), 4)
+    return objective, {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}, batches
+
+
+def _assert_members_equal(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+@pytest.mark.parametrize("spe", [1, 3, None])  # None: the batch function's own 4 steps per epoch
+def test_snapshot_and_fge_members_are_bit_identical_to_one_step_at_a_time(spe):
+    objective, params, batches = _noisy_logreg()
+    # snapshot: 11 steps, members after 4, 8 (inside epochs of 3 or 4) and 11 (a short last epoch)
+    key, epochs = jax.random.key(4), []
+    sse = ens.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=11, num_members=3, key=key,
+                                steps_per_epoch=spe, callback=lambda e, r: epochs.append((e, len(r[1]))))
+    tx = optax.chain(optax.add_decayed_weights(0.0), optax.sgd(ens.snapshot_cosine_schedule(0.3, 11, 3),
+                                                               momentum=0.9))
+    assert ens.snapshot_steps(11, 3) == [4, 8, 11]
+    _assert_members_equal(sse, _by_hand(objective, params, tx, batches, key, [4, 8, 11]))
+    n = {1: 1, 3: 3, None: 4}[spe]
+    assert [e for e, _ in epochs] == list(range(1, -(-11 // n) + 1))
+    assert [m for _, m in epochs] == [sum(c <= min(e * n, 11) for c in (4, 8, 11)) for e, _ in epochs]
+    # FGE from the last snapshot: 10 steps, members after 2, 6 and 10
+    key = jax.random.key(5)
+    fge = ens.fge_ensemble(objective, sse[-1], batches, lr1=0.3, lr2=0.03, cycle_steps=4, num_members=3, key=key,
+                           steps_per_epoch=spe, momentum=0.5, weight_decay=1e-3)
+    tx = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(ens.fge_schedule(0.3, 0.03, 4), momentum=0.5))
+    _assert_members_equal(fge, _by_hand(objective, sse[-1], tx, batches, key, [2, 6, 10]))
+
+
+def test_ensemble_callbacks_stop_training_and_plain_batch_functions_have_one_step_epochs():
+    from mclandscape.engine.loop import StopRun
+
+    objective, params, batches = _noisy_logreg()
+    plain = lambda t: batches(t)  # noqa: E731 - no steps_per_epoch attribute: one step per epoch
+    seen = []
+    _, snaps = ens.train_with_snapshots(objective, params, optax.sgd(0.3), plain, 5, [2, 5],
+                                        callback=lambda e, r: seen.append(e))
+    assert seen == [1, 2, 3, 4, 5] and len(snaps) == 2
+
+    def stop_at_2(epoch, result):
+        params_now, members = result
+        assert jax.tree_util.tree_structure(params_now) == jax.tree_util.tree_structure(params)
+        if epoch == 2:
+            raise StopRun
+
+    sse = ens.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=12, num_members=3,
+                                callback=stop_at_2)  # epochs of 4: members after 4 and 8 only
+    full = ens.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=12, num_members=3)
+    _assert_members_equal(sse, full[:2])
+    fge = ens.fge_ensemble(objective, params, batches, lr1=0.3, lr2=0.03, cycle_steps=4, num_members=3,
+                           steps_per_epoch=3, callback=stop_at_2)  # 6 steps: members after 2 and 6
+    assert len(fge) == 2

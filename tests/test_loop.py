@@ -270,3 +270,50 @@ def test_max_steps_ends_inside_the_last_epoch_and_resumes_bit_identical(tmp_path
         with pytest.raises(ValueError, match="max_steps"):
             run(step, step.init({"w": jnp.zeros(3)}), batches, epochs=3, steps_per_epoch=3,
                 key=jax.random.key(0), max_steps=bad)
+
+
+def test_max_steps_checkpoints_resume_only_with_the_step_counts_that_wrote_them(tmp_path):
+    from mclandscape.engine.loop import StopRun
+
+    step = make_step(QUAD, optax.sgd(0.1, momentum=0.9))
+    batches = lambda t: jnp.full(3, 1.0 + t % 3)  # noqa: E731
+
+    def go(d, epochs=3, max_steps=8, **kw):
+        return run(step, step.init({"w": jnp.zeros(3)}), batches, epochs=epochs, steps_per_epoch=3,
+                   key=jax.random.key(0), max_steps=max_steps, config=LoopConfig(checkpoint_dir=d), **kw)
+
+    whole = go(tmp_path / "whole")
+
+    def killed(epoch, state, history):  # the same run, stopped after epoch 2 as a killed process would be
+        if epoch == 2:
+            raise StopRun
+
+    d = tmp_path / "ck"
+    assert go(d, callbacks=[killed]).stopped == 2
+    steps = []
+    again = go(d, step_callbacks=[lambda n, st: steps.append(n)])
+    assert again.resumed_from == 2 and steps == [7, 8]  # the step count is global across the resume
+    np.testing.assert_array_equal(np.asarray(again.params["w"]), np.asarray(whole.params["w"]))
+    assert [h["epoch"] for h in again.history] == [1, 2, 3]
+    assert again.history[-1]["loss"] == whole.history[-1]["loss"]
+    assert go(d).resumed_from == 3 and all_steps(d) == [3]  # the short last epoch is a checkpoint like any other
+    # epoch 3 of that directory ended after 8 steps: another max_steps (or epoch length) would continue wrongly
+    with pytest.raises(ResumeMismatchError, match=r"epoch 3 ended after 8 steps.*after 9"):
+        go(d, max_steps=None)
+    with pytest.raises(ResumeMismatchError, match=r"epoch 3 ended after 8 steps.*after 9"):
+        go(d, epochs=4, max_steps=None)
+    with pytest.raises(ValueError, match=r"max_steps must be an integer in \(6, 9\]"):
+        go(d, max_steps=0)
+
+
+def test_max_steps_and_step_callbacks_with_a_plain_step_callable():
+    inner = make_step(QUAD, optax.sgd(0.1))
+    plain = lambda state, batch, key: inner(state, batch, key)  # noqa: E731 - no step_and_sum: the other path
+    seen = []
+    res = run(plain, inner.init({"w": jnp.zeros(3)}), lambda t: jnp.full(3, float(t)), epochs=2, steps_per_epoch=4,
+              max_steps=5, key=jax.random.key(0), step_callbacks=[lambda n, st: seen.append(n)])
+    fast = run(inner, inner.init({"w": jnp.zeros(3)}), lambda t: jnp.full(3, float(t)), epochs=2,
+               steps_per_epoch=4, max_steps=5, key=jax.random.key(0))
+    assert seen == [1, 2, 3, 4, 5] and int(res.state.step) == 5 and len(res.history) == 2
+    np.testing.assert_allclose(np.asarray(res.params["w"]), np.asarray(fast.params["w"]), rtol=1e-6)
+    assert res.history[-1]["loss"] == pytest.approx(fast.history[-1]["loss"], rel=1e-6)

@@ -24,11 +24,12 @@ Metrics stay on the device between epoch ends.
 ``batches(t) -> batch`` (so resuming needs no replay), with the key of step ``t`` ``fold_in(key, t)``:
 nothing depends on how many steps ran in this process, so a killed and resumed run ends bit-identical to an
 uninterrupted one. ``max_steps`` ends a run inside its last epoch (a shorter last epoch, for budgets counted
-in steps); ``step_callbacks`` see the state after every step (e.g. to keep a snapshot mid-epoch). Per epoch: one history record (the step metrics ``objective``, ``loss`` — the task loss
-when the objective reports one in ``aux`` — ``grad_norm`` (of the trainable entries), ``acc`` and any other
-scalar of ``aux`` averaged over the epoch's
-examples; a scalar named ``max_*`` is the maximum over the epoch's steps instead; plus whatever ``on_epoch``
-adds), the callbacks, a checkpoint every
+in steps); ``step_callbacks`` see ``(steps completed, state)`` on the host after every step, without waiting
+for the device unless they read a value (e.g. to keep a snapshot mid-epoch). Per epoch: one history record
+(the step metrics ``objective``, ``loss`` — the task loss when the objective reports one in ``aux`` —
+``grad_norm`` (of the trainable entries), ``acc`` and any other scalar of ``aux`` averaged over the epoch's
+examples, over the steps it ran for a last epoch shortened by ``max_steps``; a scalar named ``max_*`` is the
+maximum over the epoch's steps instead; plus whatever ``on_epoch`` adds), the callbacks, a checkpoint every
 ``checkpoint_every`` epochs (:class:`LoopConfig`), progress through tqdm (quiet when not on a terminal).
 
 **Checkpoints and the resume contract.** A checkpoint holds the state and, in its metadata, the run's
@@ -36,7 +37,19 @@ adds), the callbacks, a checkpoint every
 its history. Rotation keeps the last ``keep`` epochs plus the ``milestones``. Resuming from a directory
 whose fingerprint differs raises :class:`ResumeMismatchError` naming the directory and every difference
 (``overwrite=True`` deletes the old steps and starts afresh). A latest step that cannot be read falls back
-to the newest readable one, with a warning naming both.
+to the newest readable one, with a warning naming both. Every checkpoint records the steps run until its epoch,
+so resuming it with another ``max_steps`` or ``steps_per_epoch`` (which would continue from the wrong step)
+raises :class:`ResumeMismatchError` too.
+
+Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from mclandscape.core.objective import function_objective
+    >>> step = make_step(function_objective(lambda p, b: jnp.sum(p["w"] ** 2)), optax.sgd(0.25))
+    >>> seen = []
+    >>> res = run(step, step.init({"w": jnp.ones(1)}), lambda t: None, epochs=3, steps_per_epoch=2,
+    ...           max_steps=5, key=jax.random.key(0), step_callbacks=[lambda n, state: seen.append(n)])
+    >>> seen, int(res.state.step), [h["epoch"] for h in res.history]
+    ([1, 2, 3, 4, 5], 5, [1, 2, 3])
 """
 
 from __future__ import annotations
@@ -683,7 +696,9 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
         on_epoch: Callable[[int, TrainState, dict], dict] | None = None, metadata: Mapping | None = None,
         max_steps: int | None = None, step_callbacks: Sequence[Callable[[int, TrainState], None]] = ()
         ) -> RunResult:
-    """Run ``epochs`` epochs of ``steps_per_epoch`` steps, with checkpoints and resume (see the module docstring).
+    """Run ``epochs`` epochs of ``steps_per_epoch`` steps (``max_steps`` in all), with checkpoints and resume.
+
+    See the module docstring.
 
     Args:
       step: a :class:`Step` (or any ``step(state, batch, key) -> (state, metrics)`` callable).
@@ -703,14 +718,17 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
       metadata: extra JSON written with every checkpoint (the latest record goes in as ``metrics``).
       max_steps: stop after this many steps in all (default ``epochs * steps_per_epoch``); the last epoch is
         then shorter and its record averages the steps it ran. It must lie in
-        ``((epochs - 1) * steps_per_epoch, epochs * steps_per_epoch]``.
+        ``((epochs - 1) * steps_per_epoch, epochs * steps_per_epoch]`` (else ``ValueError``). A checkpoint written
+        at the end of that shorter epoch resumes like any other.
       step_callbacks: ``callback(steps_done, state)`` on the host after every step (``steps_done`` from 1,
         global across a resume), e.g. to copy the parameters mid-epoch; nothing waits for the device unless
-        the callback reads a value.
+        the callback reads a value. Any exception it raises propagates (to end a run early, raise
+        :class:`StopRun` from ``callbacks``, at an epoch end).
 
     Returns:
       A :class:`RunResult`. Raises :class:`NonFiniteError` for a non-finite step and
-      :class:`ResumeMismatchError` when ``config.checkpoint_dir`` holds a run with another fingerprint.
+      :class:`ResumeMismatchError` when ``config.checkpoint_dir`` holds a run with another fingerprint (or whose
+      epoch ends fall on other step counts: another ``steps_per_epoch`` or ``max_steps``).
 
     Example:
         >>> import jax, jax.numpy as jnp, optax, tempfile
@@ -731,6 +749,14 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
         [1.64, 0.6717, 0.2751]
         >>> longer.resumed_from, len(longer.history)
         (3, 4)
+
+        ``max_steps`` (a shorter last epoch) and ``step_callbacks`` (after every step):
+
+        >>> done = []
+        >>> res = run(step, step.init({"w": jnp.zeros(2)}), lambda t: jnp.ones(2), epochs=2, steps_per_epoch=3,
+        ...           max_steps=4, key=jax.random.key(0), step_callbacks=[lambda n, state: done.append(n)])
+        >>> done, int(res.state.step), len(res.history)
+        ([1, 2, 3, 4], 4, 2)
     """
     for name, v in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
         if isinstance(v, bool) or int(v) != v or v < (0 if name == "epochs" else 1):
@@ -754,7 +780,8 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
 
     def save(e1: int) -> None:
         meta = {**dict(metadata or {}), "format": FORMAT, "fingerprint": fingerprint, "epoch": e1,
-                "metrics": history[-1] if history else {}, "history": history}
+                "loop_steps": min(e1 * spe, last_step), "metrics": history[-1] if history else {},
+                "history": history}
         store.save(e1, _state_tree(state), meta, overwrite=True)
         _rotate(store, config)
 
@@ -766,6 +793,13 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
             restored = _restore_latest(store, _target(state), fingerprint, config.checkpoint_dir, epochs)
             if restored is not None:
                 state, meta, start = restored
+                ran, expected = meta.get("loop_steps"), min(start * spe, last_step)
+                if ran is not None and ran != expected:  # checkpoints of older versions do not record it
+                    raise ResumeMismatchError(
+                        f"cannot resume from {config.checkpoint_dir}: its epoch {start} ended after {ran} steps but "
+                        f"this run's epoch {start} ends after {expected} (steps_per_epoch={spe}, max_steps="
+                        f"{max_steps}); use the settings that wrote it, another checkpoint_dir, or overwrite=True "
+                        "to start afresh.")
                 history = [dict(h) for h in meta.get("history", [])][:start]
                 resumed_from = start
             elif 0 in config.milestones:

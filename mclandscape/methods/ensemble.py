@@ -34,7 +34,12 @@ model, a cyclic piecewise-linear learning rate between ``lr1`` and ``lr2``, a me
 Both train on the engine (:func:`train_with_snapshots`: :func:`mclandscape.engine.loop.make_step` and
 :func:`mclandscape.engine.loop.run`) an objective of the one protocol ``objective(params, batch, key) -> (loss,
 aux)`` (:mod:`mclandscape.core.objective`, e.g. :func:`~mclandscape.core.objective.make_objective` of a model);
-a run whose loss or gradient becomes non-finite raises :class:`~mclandscape.engine.loop.NonFiniteError`.
+a run whose loss or gradient becomes non-finite raises :class:`~mclandscape.engine.loop.NonFiniteError`. Like
+every trainer, they number epochs from 1 as passes over the data (``steps_per_epoch``, by default the batch
+stream's own, e.g. :class:`~mclandscape.engine.data.BatchStream`), show a tqdm bar when stderr is a terminal
+(``progress=None``) and call ``callback(epoch, (params, members_so_far))`` after each epoch (raising
+:class:`~mclandscape.engine.loop.StopRun` ends training); members are taken after their step counts whether or
+not those end an epoch, so the epoch length changes nothing but the numbering.
 """
 
 from __future__ import annotations
@@ -727,6 +732,15 @@ def train_with_snapshots(objective: Callable, params: PyTree, optimizer: optax.G
         ...                                     steps=2, collect=[1, 2])
         >>> [s["w"].tolist() for s in snaps], final["w"].tolist()
         ([[0.5, 0.5], [0.75, 0.75]], [0.75, 0.75])
+
+        Epochs of 2 steps (numbered from 1, the last one shorter), a member in the middle of epoch 2:
+
+        >>> seen = []
+        >>> final, snaps = train_with_snapshots(objective, {"w": jnp.zeros(2)}, optax.sgd(0.25), batches,
+        ...                                     steps=5, collect=[3, 5], steps_per_epoch=2,
+        ...                                     callback=lambda epoch, res: seen.append((epoch, len(res[1]))))
+        >>> seen
+        [(1, 0), (2, 1), (3, 2)]
     """
     steps = _check_pos_int(steps, "steps")
     want = sorted({int(c) for c in collect})
@@ -778,7 +792,7 @@ def snapshot_ensemble(objective: Callable, init_params: PyTree, batch_fn: Callab
       steps_per_epoch, progress, callback: as for :func:`train_with_snapshots`.
 
     Returns:
-      The ``num_members`` snapshots, in training order.
+      The ``num_members`` snapshots, in training order (fewer when ``callback`` stopped training early).
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -820,7 +834,7 @@ def fge_ensemble(objective: Callable, trained_params: PyTree, batch_fn: Callable
       steps_per_epoch, progress, callback: as for :func:`train_with_snapshots`.
 
     Returns:
-      The ``num_members`` members, in training order.
+      The ``num_members`` members, in training order (fewer when ``callback`` stopped training early).
 
     Example:
         >>> import jax.numpy as jnp, optax
