@@ -47,6 +47,12 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         leaves("train", res.params)
         out["train_history"] = np.asarray([[h["train_loss"], h["test_acc"]] for h in res.history])
         out["train_resumed_from"] = np.asarray(-1 if res.resumed_from is None else res.resumed_from)
+    if "many" in jobs:  # four seeds in one vmapped step, the seeds split over the devices' "points" axis
+        runs = mcl.train_many(model, train, test, cfg.replace(epochs=2), seeds=(0, 1, 2, 3), strategy="vmap",
+                              progress=False)
+        for r in runs:
+            leaves(f"many{r.seed}", r.params)
+        out["many_history"] = np.asarray([[h["train_loss"], h["test_acc"]] for r in runs for h in r.history])
     corners = [model.init(jax.random.key(i), jnp.asarray(train.x[:1]))["params"] for i in range(4)]
     if "curve" in jobs:
         res = mcl.train_curve(model, mcl.bezier_curve(corners[0], corners[1]), train, epochs=1, batch_size=64, num_samples=4,

@@ -15,7 +15,7 @@ import pytest
 
 JOB = Path(__file__).with_name("distributed_job.py")
 ROOT = JOB.parents[1]
-JOBS = "train,curve,surface,grid,bfs,neb,tt"
+JOBS = "train,many,curve,surface,grid,bfs,neb,tt"
 
 
 def _free_port() -> int:

@@ -339,3 +339,68 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(small_setup, unin
     assert resumed.resumed_from == 4
     assert_trees_equal(resumed.variables, uninterrupted.variables)
     assert_histories_equal(resumed.history, uninterrupted.history)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train_many: every seed in one vmapped step
+
+
+def _assert_runs_close(vm, seq, rtol=1e-5):
+    for a, b in zip(vm, seq, strict=True):
+        assert a.seed == b.seed and a.epoch == b.epoch
+        for x, y in zip(jax.tree_util.tree_leaves(a.variables), jax.tree_util.tree_leaves(b.variables), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol * float(np.abs(y).max()))
+        assert [h.keys() for h in a.history] == [h.keys() for h in b.history]
+        for ha, hb in zip(a.history, b.history, strict=True):
+            for k in ha:
+                np.testing.assert_allclose(ha[k], hb[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+class DenseBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(16, use_bias=False)(x.reshape((x.shape[0], -1)))
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.Dropout(0.2, deterministic=not train)(nn.relu(x))
+        return nn.Dense(10)(x)
+
+
+def test_train_many_vmap_equals_one_run_per_seed(small_setup):
+    model, train, test, cfg = small_setup
+    cfg = cfg.replace(epochs=2, grad_clip=0.5)  # clipping by the global norm acts per seed
+    mlp = get_model("mlp", widths=[16], num_classes=10, dropout=0.3)
+    _assert_runs_close(train_many(mlp, train, test, cfg, seeds=(3, 1, 2), strategy="vmap", progress=False),
+                       train_many(mlp, train, test, cfg, seeds=(3, 1, 2), strategy="sequential", progress=False))
+    bn = from_flax(DenseBN(), name="dense_bn")  # BatchNorm statistics per seed, dropout keys per seed
+    vm = train_many(bn, train, None, cfg, seeds=(0, 1), strategy="vmap", progress=False)
+    _assert_runs_close(vm, train_many(bn, train, None, cfg, seeds=(0, 1), strategy="sequential", progress=False))
+    assert "batch_stats" in vm[0].variables
+    with pytest.raises(ValueError, match="unknown strategy"):
+        train_many(mlp, train, test, cfg, seeds=(0, 1), strategy="pmap")
+    from mclandscape.engine.train import _many_strategy
+
+    on_cpu = jax.default_backend() == "cpu"  # measured slower vmapped on CPU (benchmarks/train_many.py)
+    assert _many_strategy("auto", [0, 1], None) == ("sequential" if on_cpu else "vmap")
+    assert _many_strategy("auto", [0, 1], "ckpt") == "sequential"  # one directory per seed
+    assert _many_strategy("auto", [0], None) == "sequential"
+    assert _many_strategy("vmap", [0, 1], "ckpt") == "vmap"
+
+
+def test_train_many_vmap_checkpoints_the_stack_and_resumes_bit_identical(small_setup, tmp_path):
+    model, train, test, cfg = small_setup
+    whole = train_many(model, train, test, cfg.replace(epochs=3), seeds=(1, 2), strategy="vmap", progress=False,
+                       save_epochs=(0, 1))
+    first = train_many(model, train, test, cfg.replace(epochs=1), seeds=(1, 2), strategy="vmap", progress=False,
+                       checkpoint_dir=tmp_path, save_epochs=(0, 1))
+    assert all_steps(tmp_path / "vmap_seeds_1_2") == [0, 1] and first[0].resumed_from is None
+    again = train_many(model, train, test, cfg.replace(epochs=3), seeds=(1, 2), strategy="vmap", progress=False,
+                       checkpoint_dir=tmp_path, save_epochs=(0, 1))
+    assert again[0].resumed_from == 1
+    for a, b in zip(again, whole, strict=True):
+        assert_trees_equal(a.variables, b.variables)
+        assert_histories_equal(a.history, b.history)
+        assert sorted(a.snapshots) == [0, 1]
+        assert_trees_equal(a.snapshots[1], b.snapshots[1])
+    with pytest.raises(ValueError, match="different run"):
+        train_many(model, train, test, cfg.replace(epochs=3, lr=0.5), seeds=(1, 2), strategy="vmap",
+                   progress=False, checkpoint_dir=tmp_path)
