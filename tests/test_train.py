@@ -342,18 +342,7 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(small_setup, unin
 
 
 # ---------------------------------------------------------------------------------------------------------
-# train_many: every seed in one vmapped step
-
-
-def _assert_runs_close(vm, seq, rtol=1e-5):
-    for a, b in zip(vm, seq, strict=True):
-        assert a.seed == b.seed and a.epoch == b.epoch
-        for x, y in zip(jax.tree_util.tree_leaves(a.variables), jax.tree_util.tree_leaves(b.variables), strict=True):
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol * float(np.abs(y).max()))
-        assert [h.keys() for h in a.history] == [h.keys() for h in b.history]
-        for ha, hb in zip(a.history, b.history, strict=True):
-            for k in ha:
-                np.testing.assert_allclose(ha[k], hb[k], rtol=1e-4, atol=1e-5, err_msg=k)
+# train_many: every seed in one compiled step ("vmap", "unroll") against one run per seed ("sequential")
 
 
 class DenseBN(nn.Module):
@@ -365,42 +354,99 @@ class DenseBN(nn.Module):
         return nn.Dense(10)(x)
 
 
-def test_train_many_vmap_equals_one_run_per_seed(small_setup):
-    model, train, test, cfg = small_setup
-    cfg = cfg.replace(epochs=2, grad_clip=0.5)  # clipping by the global norm acts per seed
+def _assert_runs_close(stacked, sequential, rtol=1e-5):
+    assert [r.seed for r in stacked] == [r.seed for r in sequential]
+    for a, b in zip(stacked, sequential, strict=True):
+        assert a.epoch == b.epoch and sorted(a.snapshots) == sorted(b.snapshots)
+        for x, y in zip(jax.tree_util.tree_leaves((a.variables, a.opt_state, a.snapshots)),
+                        jax.tree_util.tree_leaves((b.variables, b.opt_state, b.snapshots)), strict=True):
+            assert np.shape(x) == np.shape(y)
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                                       atol=rtol * max(float(np.abs(np.asarray(y)).max()), 1e-6))
+        assert [list(h) for h in a.history] == [list(h) for h in b.history]
+        for ha, hb in zip(a.history, b.history, strict=True):
+            for k in ha:
+                np.testing.assert_allclose(ha[k], hb[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def many_setup():
+    train = load_dataset("digits", "train").take(384)  # 6 batches of 64
+    test = load_dataset("digits", "test").take(100)
     mlp = get_model("mlp", widths=[16], num_classes=10, dropout=0.3)
-    _assert_runs_close(train_many(mlp, train, test, cfg, seeds=(3, 1, 2), strategy="vmap", progress=False),
-                       train_many(mlp, train, test, cfg, seeds=(3, 1, 2), strategy="sequential", progress=False))
+    # the step schedule halves the lr after epoch 1; clipping by the global norm is active (per seed)
+    cfg = TrainConfig(epochs=2, batch_size=64, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True,
+                      weight_decay=1e-4, schedule="step", milestones=(1,), gamma=0.5, grad_clip=0.2)
+    seeds = (3, 1)
+    vm = train_many(mlp, train, test, cfg, seeds=seeds, strategy="vmap", progress=False, save_epochs=(0, 1))
+    return mlp, train, test, cfg, seeds, vm
+
+
+def test_train_many_vmap_equals_one_run_per_seed(many_setup):
+    mlp, train, test, cfg, seeds, vm = many_setup
+    seq = train_many(mlp, train, test, cfg, seeds=seeds, strategy="sequential", progress=False, save_epochs=(0, 1))
+    _assert_runs_close(vm, seq)
+    assert [h["lr"] for h in vm[0].history] == pytest.approx([0.1, 0.05])
+    assert vm[0].checkpoint_dir is None and vm[0].resumed_from is None
+    assert not np.allclose(vm[0].params["Dense_0"]["kernel"], vm[1].params["Dense_0"]["kernel"])
+
+
+def test_train_many_batchnorm_dropout_stacked_equals_sequential(many_setup):
+    _, train, _, cfg, _, _ = many_setup
     bn = from_flax(DenseBN(), name="dense_bn")  # BatchNorm statistics per seed, dropout keys per seed
-    vm = train_many(bn, train, None, cfg, seeds=(0, 1), strategy="vmap", progress=False)
-    _assert_runs_close(vm, train_many(bn, train, None, cfg, seeds=(0, 1), strategy="sequential", progress=False))
-    assert "batch_stats" in vm[0].variables
-    with pytest.raises(ValueError, match="unknown strategy"):
-        train_many(mlp, train, test, cfg, seeds=(0, 1), strategy="pmap")
-    from mclandscape.engine.train import _many_strategy
-
-    on_cpu = jax.default_backend() == "cpu"  # measured slower vmapped on CPU (benchmarks/train_many.py)
-    assert _many_strategy("auto", [0, 1], None) == ("sequential" if on_cpu else "vmap")
-    assert _many_strategy("auto", [0, 1], "ckpt") == "sequential"  # one directory per seed
-    assert _many_strategy("auto", [0], None) == "sequential"
-    assert _many_strategy("vmap", [0, 1], "ckpt") == "vmap"
+    seq = train_many(bn, train, None, cfg, seeds=(0, 1), strategy="sequential", progress=False)
+    for how in ("vmap", "unroll"):
+        runs = train_many(bn, train, None, cfg, seeds=(0, 1), strategy=how, progress=False)
+        assert "batch_stats" in runs[0].variables
+        _assert_runs_close(runs, seq)
 
 
-def test_train_many_vmap_checkpoints_the_stack_and_resumes_bit_identical(small_setup, tmp_path):
-    model, train, test, cfg = small_setup
-    whole = train_many(model, train, test, cfg.replace(epochs=3), seeds=(1, 2), strategy="vmap", progress=False,
-                       save_epochs=(0, 1))
-    first = train_many(model, train, test, cfg.replace(epochs=1), seeds=(1, 2), strategy="vmap", progress=False,
-                       checkpoint_dir=tmp_path, save_epochs=(0, 1))
-    assert all_steps(tmp_path / "vmap_seeds_1_2") == [0, 1] and first[0].resumed_from is None
-    again = train_many(model, train, test, cfg.replace(epochs=3), seeds=(1, 2), strategy="vmap", progress=False,
-                       checkpoint_dir=tmp_path, save_epochs=(0, 1))
-    assert again[0].resumed_from == 1
-    for a, b in zip(again, whole, strict=True):
+def test_train_many_stacked_checkpoint_resumes_bit_identical(many_setup, tmp_path):
+    from mclandscape.engine.checkpoint import CheckpointStore
+    from mclandscape.engine.loop import ResumeMismatchError
+
+    mlp, train, test, cfg, seeds, vm = many_setup
+    go = lambda **kw: train_many(mlp, train, test, cfg, seeds=seeds, strategy="vmap", progress=False,  # noqa: E731
+                                 checkpoint_dir=tmp_path, save_epochs=(0, 1), **kw)
+    first = go(keep=3)
+    cdir = tmp_path / "vmap_seeds_3_1"
+    assert all_steps(cdir) == [0, 1, 2] and first[0].checkpoint_dir == str(cdir)
+    meta = read_metadata(cdir)
+    assert meta["seeds"] == [3, 1] and meta["stacked"]["strategy"] == "vmap"
+    for a, b in zip(first, vm, strict=True):  # checkpointing changes nothing
         assert_trees_equal(a.variables, b.variables)
         assert_histories_equal(a.history, b.history)
+    with CheckpointStore(cdir) as store:  # as if killed during epoch 2
+        store.delete(2)
+    again = go()
+    assert again[0].resumed_from == 1
+    for a, b in zip(again, vm, strict=True):
+        assert_trees_equal((a.variables, a.opt_state), (b.variables, b.opt_state))
+        assert_histories_equal(a.history, b.history)
         assert sorted(a.snapshots) == [0, 1]
-        assert_trees_equal(a.snapshots[1], b.snapshots[1])
-    with pytest.raises(ValueError, match="different run"):
-        train_many(model, train, test, cfg.replace(epochs=3, lr=0.5), seeds=(1, 2), strategy="vmap",
-                   progress=False, checkpoint_dir=tmp_path)
+        assert_trees_equal(a.snapshots, b.snapshots)
+    with pytest.raises(ResumeMismatchError, match="different run"):
+        train_many(mlp, train, test, cfg.replace(lr=0.5), seeds=seeds, strategy="vmap", progress=False,
+                   checkpoint_dir=tmp_path)
+
+
+def test_train_many_strategy_choice_and_errors(many_setup):
+    from mclandscape.engine.train import MANY_STRATEGIES, _many_strategy
+
+    mlp, train, test, cfg, _, _ = many_setup
+    with pytest.raises(ValueError, match="unknown strategy 'pmap'"):
+        train_many(mlp, train, test, cfg, seeds=(0, 1), strategy="pmap")
+    with pytest.raises(ValueError, match="distinct"):
+        train_many(mlp, train, test, cfg, seeds=(0, 0), strategy="vmap")
+    with pytest.raises(ValueError, match="at least one seed"):
+        train_many(mlp, train, test, cfg, seeds=(), strategy="vmap")
+    assert MANY_STRATEGIES == ("auto", "sequential", "vmap", "unroll")
+    cnn = get_model("simple_cnn", num_classes=10)
+    long = cfg.replace(epochs=1000)  # 6 steps per epoch: 6000 dispatches saved for two seeds
+    assert _many_strategy("auto", mlp, train, long, [0, 1], None) == "vmap"
+    assert _many_strategy("auto", mlp, train, cfg, [0, 1], None) == "sequential"  # too short to pay its compile
+    assert _many_strategy("auto", cnn, train, long, [0, 1], None) == ("sequential" if jax.default_backend() == "cpu"
+                                                                      else "vmap")
+    assert _many_strategy("auto", mlp, train, long, [0, 1], "ckpt") == "sequential"  # one directory per seed
+    assert _many_strategy("auto", mlp, train, long, [0], None) == "sequential"
+    assert _many_strategy("unroll", cnn, train, cfg, [0, 1], "ckpt") == "unroll"

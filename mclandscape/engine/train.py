@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from mclandscape.core.losses import LOSSES, cross_entropy
 from mclandscape.core.objective import call_objective, make_objective
 from mclandscape.core.tree import PyTree, check_finite, check_same_structure, tree_digest, tree_index, tree_stack
-from mclandscape.engine.data import Dataset, batch_stream, data_digest
+from mclandscape.engine.data import Dataset, batch_stream, data_digest, num_batches
 from mclandscape.engine.distributed import local, training_mesh
 from mclandscape.engine.evaluate import evaluate_model
 from mclandscape.engine.loop import LoopConfig, make_step, restore_state, run
@@ -400,18 +400,25 @@ def _has_conv(model: Model, train: Dataset) -> bool:
     return any(len(a.shape) >= 4 for a in jax.tree_util.tree_leaves(shapes.get("params", shapes)))
 
 
+# ``"auto"`` stacks the seeds when the dispatches it saves, (seeds - 1) per step, are at least this many: the
+# stacked step takes longer to compile, which the saved dispatches must pay back (benchmarks/train_many.py
+# measures both; see train_many's docstring)
+AUTO_STACK_MIN_SAVED_STEPS = 5000
+
+
 def _many_strategy(strategy: str, model: Model, train: Dataset, config: TrainConfig, seeds: list[int],
                    checkpoint_dir) -> str:
-    """The way :func:`train_many` trains (``"auto"`` resolved; the rule is in its docstring)."""
+    """The way :func:`train_many` trains, ``"auto"`` resolved by the rule in its docstring."""
     if strategy not in MANY_STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {MANY_STRATEGIES}")
     if strategy != "auto":
         return strategy
     if len(seeds) == 1 or checkpoint_dir is not None:
         return "sequential"  # one directory per seed, each a run load_model reads
-    if jax.default_backend() != "cpu":
-        return "vmap"
-    return "unroll" if _has_conv(model, train) else "vmap"
+    if jax.default_backend() == "cpu" and _has_conv(model, train):
+        return "sequential"  # vmapped convolutions run as slow grouped ones; unrolled ones gained nothing
+    saved = (len(seeds) - 1) * config.epochs * num_batches(len(train), config.batch_size, config.drop_last)
+    return "vmap" if saved >= AUTO_STACK_MIN_SAVED_STEPS else "sequential"
 
 
 @functools.lru_cache(maxsize=64)
@@ -446,8 +453,9 @@ class MembersObjective:
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> from mclandscape.core.objective import function_objective
-        >>> inner = function_objective(lambda p, b: jnp.sum((p["w"] - b[0]) ** 2))
+        >>> def inner(p, b, key):  # one member: (loss, aux with the task loss and the example count)
+        ...     loss = jnp.sum((p["w"] - b[0]) ** 2)
+        ...     return loss, {"loss": loss, "count": jnp.asarray(1.0)}
         >>> obj = MembersObjective(inner=inner, keys=jax.random.split(jax.random.key(0), 2))
         >>> data = (jnp.array([[1.0, 2.0]]), jnp.ones((1, 2)), jnp.ones((1, 2)))   # [B=1, S=2]
         >>> loss, aux = obj({"w": jnp.zeros(2)}, (data, 0), None)
@@ -605,13 +613,18 @@ def train_many(model: Model, train: Dataset, test: Dataset | None, config: Train
       another inside the compiled step (XLA's CPU backend runs vmapped convolutions, one kernel per seed, as
       slow grouped convolutions); with a ``"points"`` split over several devices the seeds are vmapped.
       Checkpoints in ``checkpoint_dir/unroll_seeds_...``.
-    - ``"auto"``: ``"sequential"`` for one seed or with a ``checkpoint_dir`` (per-seed directories, as before
-      ``strategy`` existed); otherwise ``"vmap"`` off CPU, and on CPU ``"vmap"`` for models without
-      convolutions and ``"unroll"`` for convolutional ones. The rule comes from ``benchmarks/train_many.py``
-      (seconds per epoch of 4 seeds, sequential against stacked, for an MLP and the simple CNN on digits, 1 to
-      8 forced host devices): on the 2-core CPU it was measured on, one dispatch per step for all seeds was
-      faster than one per seed for both, vmapped for the MLP, and the CNN's vmapped (grouped) convolutions
-      lost to the sequential runs while unrolled ones did not. Rerun it on other hardware.
+    - ``"auto"``: ``"sequential"`` for one seed, with a ``checkpoint_dir`` (per-seed directories, as before
+      ``strategy`` existed) and, on CPU, for convolutional models; otherwise ``"vmap"`` when the dispatches it
+      saves, ``(len(seeds) - 1) * epochs * steps_per_epoch``, reach ``AUTO_STACK_MIN_SAVED_STEPS`` (5000),
+      else ``"sequential"``. The rule and its constant come from ``benchmarks/train_many.py`` (4 seeds of an
+      MLP and of the simple CNN on digits, 1 to 8 forced host devices), measured on the 2-core CPU this project
+      is developed on: there the stacked MLP ran an epoch in roughly 0.55-0.7 of the sequential time at every
+      device count, but its step took about 2 s longer to compile, which the saved dispatches (0.4-1.6 ms per
+      seed and step) paid back after roughly 1 400-5 000 of them (4 seeds of the tests' digits MLP broke even,
+      compilation included, at about 5 000); the CNN's vmapped (grouped) convolutions were 1.5-4x slower and
+      unrolled ones no faster. Off CPU the rule is not measured (it applies the same count to every model);
+      rerun the benchmark there (``--real``). Below the count, ``"sequential"`` also keeps every seed
+      bit-identical to ``train_model(seed=s)``.
 
     "To float rounding" holds per step; over many steps of a ReLU network a rounding difference can move a
     seed's trajectory, as a 1e-7 relative change of its initialisation does (the benchmark reports both).
