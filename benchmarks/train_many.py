@@ -1,25 +1,31 @@
-"""``train_many``: the seeds one after another (``"sequential"``) against all in one vmapped step (``"vmap"``).
+"""``train_many``: the seeds one after another (``"sequential"``) against all in one compiled step.
 
 For each model (default: an MLP and the simple CNN of the zoo on sklearn digits, 1437 training images, batch 64,
 SGD with momentum, 4 seeds) and each device count (forced host devices on CPU, one fresh process per count:
 ``--xla_force_host_platform_device_count``; ``--real`` uses the machine's own devices, up to the count) it
-prints one JSON line with
+prints one JSON line with, for ``<how>`` in ``sequential``, ``vmap`` and ``unroll`` (the last only where the
+seeds are not split over devices: split, it runs vmapped),
 
-- ``sequential_s_per_epoch`` / ``vmap_s_per_epoch``: seconds per epoch of all seeds together, the minimum over
-  ``--repeats`` timed calls after a warm-up call with the same configuration (so nothing compiles in them);
-  no test set, so what is timed is the training loop alone;
-- ``ratio_vmap_over_sequential`` (< 1: vmap is faster) and the strategy ``"auto"`` picks for the shape;
-- ``max_rel_diff_step``: the largest relative difference (``max|a - b| / max|b|`` per leaf) between the two
-  ways' parameters after the first epoch, per seed, and ``max_rel_diff``: the same after the last epoch. Both
-  ways compute each seed's own update; over many steps of a ReLU network a rounding difference can move a
-  seed's trajectory (a 1e-7 relative perturbation of one seed's initialisation does the same), which
-  ``max_rel_diff`` shows and ``max_rel_diff_step`` does not.
+- ``<how>_s_per_epoch``: seconds per epoch of all seeds together, the minimum over ``--repeats`` timed calls
+  after a first call with the same configuration (so nothing compiles in them); no test set, so what is timed
+  is the training loop alone;
+- ``<how>_first_call_s`` and ``<how>_compile_s``: that first call, and the seconds JAX spent in it tracing,
+  lowering and compiling (``jax.monitoring``);
+- ``ratio_<how>_over_sequential`` (< 1: stacking is faster), ``<how>_extra_compile_s`` and
+  ``<how>_saved_ms_per_seed_step`` (what ``train_many(strategy="auto")`` weighs: the stacked step's extra
+  compilation against the time saved per seed and step), and the strategy ``"auto"`` picks for the shape
+  (for this short run);
+- ``<how>_max_rel_diff_epoch1`` / ``<how>_max_rel_diff``: the largest relative difference
+  (``max|a - b| / max|b|`` per leaf) from the sequential parameters after the first and the last epoch (per
+  seed in ``<how>_max_rel_diff_per_seed``). Every way computes each seed's own update; over many steps of a
+  ReLU network a rounding difference can move a seed's trajectory (a 1e-7 relative change of one seed's
+  initialisation does the same: with ``--epochs 2`` one simple-CNN seed of four ends about 0.1 apart).
 
 On a 2-core CPU, forced host devices share the same two cores, so more devices show the cost of the split,
-not a speed-up.
+not a speed-up. The default run takes a few minutes there.
 
-    python benchmarks/train_many.py [--devices 1,2,4,8] [--models mlp,simple_cnn] [--seeds 4] [--epochs 2]
-                                    [--repeats 1] [--real]
+    python benchmarks/train_many.py [--devices 1,4] [--models mlp,simple_cnn] [--seeds 4] [--epochs 1]
+                                    [--repeats 3] [--real]
 """
 
 from __future__ import annotations

@@ -607,7 +607,8 @@ def train_many(model: Model, train: Dataset, test: Dataset | None, config: Train
       whole number of seeds each) and each batch over ``"data"``, across the processes of a multi-process job.
       One checkpoint directory ``checkpoint_dir/vmap_seeds_<s0>_<s1>...`` holds the stacked run (a
       fingerprint of every seed's run; resumed bit-identically; its metadata's ``"stacked"`` says so, and
-      :func:`~mclandscape.engine.checkpoint.load_model` returns the stacked variables). ``save_epochs``
+      :func:`~mclandscape.engine.checkpoint.load_model` refuses it, naming the stacked leaf: read it with
+      :func:`~mclandscape.engine.checkpoint.restore_checkpoint` and index the seed axis). ``save_epochs``
       snapshots are kept per seed. A non-finite step of any seed stops all of them.
     - ``"unroll"``: as ``"vmap"`` but the seeds' forward and backward passes are written out one after
       another inside the compiled step (XLA's CPU backend runs vmapped convolutions, one kernel per seed, as
@@ -619,10 +620,11 @@ def train_many(model: Model, train: Dataset, test: Dataset | None, config: Train
       else ``"sequential"``. The rule and its constant come from ``benchmarks/train_many.py`` (4 seeds of an
       MLP and of the simple CNN on digits, 1 to 8 forced host devices), measured on the 2-core CPU this project
       is developed on: there the stacked MLP ran an epoch in roughly 0.55-0.7 of the sequential time at every
-      device count, but its step took about 2 s longer to compile, which the saved dispatches (0.4-1.6 ms per
-      seed and step) paid back after roughly 1 400-5 000 of them (4 seeds of the tests' digits MLP broke even,
-      compilation included, at about 5 000); the CNN's vmapped (grouped) convolutions were 1.5-4x slower and
-      unrolled ones no faster. Off CPU the rule is not measured (it applies the same count to every model);
+      device count, but its step took about 2 s longer to compile, which the saved dispatches (0.4-3 ms per
+      seed and step, depending on the model and on the machine's load) paid back after roughly 800-5 000 of
+      them (4 seeds of the tests' digits MLP broke even, compilation included, at about 5 000); the CNN's
+      vmapped (grouped) convolutions were 1.1-4x slower and unrolled ones at most about 10 % faster, with
+      4 s more compilation. Off CPU the rule is not measured (it applies the same count to every model);
       rerun the benchmark there (``--real``). Below the count, ``"sequential"`` also keeps every seed
       bit-identical to ``train_model(seed=s)``.
 
@@ -647,8 +649,8 @@ def train_many(model: Model, train: Dataset, test: Dataset | None, config: Train
         >>> cfg = TrainConfig(epochs=2, batch_size=60)
         >>> runs = train_many(net, iris, None, cfg, seeds=(0, 1), strategy="vmap", progress=False)
         >>> one = train_model(net, iris, None, cfg, seed=1, progress=False)
-        >>> [r.seed for r in runs], [r.epoch for r in runs]
-        ([0, 1], [2, 2])
+        >>> [r.seed for r in runs], [r.epoch for r in runs], sorted(runs[1].final)
+        ([0, 1], [2, 2], ['epoch', 'lr', 'test_acc', 'test_loss', 'train_acc', 'train_loss'])
         >>> bool(abs(runs[1].final["train_loss"] - one.final["train_loss"]) < 1e-5)
         True
     """
