@@ -34,6 +34,7 @@ import numpy as np
 
 __all__ = [
     "COMPILER_OPTIONS",
+    "has_conv",
     "tuned_jit",
     "compiler_options_accepted",
     "default_strategy",
@@ -201,6 +202,28 @@ def _depends(jaxpr, invars) -> bool:
         if any(id(v) in tainted for v in eqn.invars if hasattr(v, "aval") and not hasattr(v, "val")):
             tainted.update(id(v) for v in eqn.outvars)
     return any(id(v) in tainted for v in jaxpr.outvars)
+
+
+def has_conv(params, stacked: int = 0) -> bool:
+    """Whether ``params`` hold a convolution kernel: a ``kernel`` leaf of rank >= 3 (a dense kernel is a matrix).
+
+    The CPU choices that treat convolutions apart (XLA's CPU backend runs vmapped, i.e. grouped, convolutions
+    slowly) all ask this one question.
+
+    Args:
+      params: a parameter tree (arrays or ``jax.ShapeDtypeStruct`` s).
+      stacked: leading stack axes every leaf carries (1 for the stacked pivots of a NEB band).
+
+    Returns:
+      ``True`` when some ``kernel`` leaf has rank ``>= 3 + stacked``.
+
+    Example:
+        >>> import numpy as np
+        >>> has_conv({"Conv_0": {"kernel": np.zeros((3, 3, 1, 4))}}), has_conv({"Dense_0": {"kernel": np.zeros((4, 2))}})
+        (True, False)
+    """
+    return any(np.ndim(a) >= 3 + stacked for path, a in jax.tree_util.tree_flatten_with_path(params)[0]
+               if path and str(getattr(path[-1], "key", "")) == "kernel")
 
 
 def first_conv(apply: Callable, params, x) -> FirstConv | None:

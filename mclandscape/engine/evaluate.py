@@ -681,12 +681,6 @@ class PointMetrics:
     stem: str = "off"
 
 
-def _has_conv(params) -> bool:
-    # a convolution kernel has a spatial window: rank >= 3 (a dense kernel is a matrix)
-    return any(np.ndim(a) >= 3 for path, a in jax.tree_util.tree_flatten_with_path(params)[0]
-               if str(getattr(path[-1], "key", "")) == "kernel")
-
-
 def _evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None,
              bn_batches: int | None = None, bn_batch_size: int = 128, variables: PyTree | None = None,
              return_probs: bool = False, loss_fn: Callable = cross_entropy, strategy: str = "auto",
@@ -722,10 +716,10 @@ def _evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_d
         mom = bn_momentum(model, example, bn_x[0])
     else:
         bn_x, zeros, mom = jnp.zeros((0, 1, 1), jnp.float32), {}, {}
-    strategy, chunk = _resolve(strategy, chunk_size, num_points, _param_bytes(example), _has_conv(example))
+    strategy, chunk = _resolve(strategy, chunk_size, num_points, _param_bytes(example), cpu.has_conv(example))
 
     factor = None
-    if stem != "off" and not points.indexed and (stem == "factor" or _has_conv(example)):
+    if stem != "off" and not points.indexed and (stem == "factor" or cpu.has_conv(example)):
         rest = _with_zero_stats(model, fixed, zeros)
         conv = cpu.first_conv(lambda v, xx: model.apply({**rest, **v}, xx, train=False), {"params": example},
                               jnp.asarray(x[:1]))

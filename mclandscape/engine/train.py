@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 from mclandscape.core.losses import LOSSES, cross_entropy
 from mclandscape.core.objective import call_objective, make_objective
 from mclandscape.core.tree import PyTree, check_finite, check_same_structure, tree_digest, tree_index, tree_stack
+from mclandscape.engine import cpu
 from mclandscape.engine.data import Dataset, batch_stream, data_digest, num_batches
 from mclandscape.engine.distributed import local, training_mesh
 from mclandscape.engine.evaluate import evaluate_model
@@ -394,10 +395,9 @@ def train_model(model: Model, train: Dataset, test: Dataset | None, config: Trai
 
 
 def _has_conv(model: Model, train: Dataset) -> bool:
-    # a convolution kernel has a spatial window: a parameter of rank >= 4 (a dense kernel is a matrix)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *train.input_shape),
                                                                                  train.x.dtype))
-    return any(len(a.shape) >= 4 for a in jax.tree_util.tree_leaves(shapes.get("params", shapes)))
+    return cpu.has_conv(shapes.get("params", shapes))
 
 
 # ``"auto"`` stacks the seeds when the dispatches it saves, (seeds - 1) per step, are at least this many: the
@@ -617,16 +617,12 @@ def train_many(model: Model, train: Dataset, test: Dataset | None, config: Train
     - ``"auto"``: ``"sequential"`` for one seed, with a ``checkpoint_dir`` (per-seed directories, as before
       ``strategy`` existed) and, on CPU, for convolutional models; otherwise ``"vmap"`` when the dispatches it
       saves, ``(len(seeds) - 1) * epochs * steps_per_epoch``, reach ``AUTO_STACK_MIN_SAVED_STEPS`` (5000),
-      else ``"sequential"``. The rule and its constant come from ``benchmarks/train_many.py`` (4 seeds of an
-      MLP and of the simple CNN on digits, 1 to 8 forced host devices), measured on the 2-core CPU this project
-      is developed on: there the stacked MLP ran an epoch in roughly 0.55-0.7 of the sequential time at every
-      device count, but its step took about 2 s longer to compile, which the saved dispatches (0.4-3 ms per
-      seed and step, depending on the model and on the machine's load) paid back after roughly 800-5 000 of
-      them (4 seeds of the tests' digits MLP broke even, compilation included, at about 5 000); the CNN's
-      vmapped (grouped) convolutions were 1.1-4x slower and unrolled ones at most about 10 % faster, with
-      4 s more compilation. Off CPU the rule is not measured (it applies the same count to every model);
-      rerun the benchmark there (``--real``). Below the count, ``"sequential"`` also keeps every seed
-      bit-identical to ``train_model(seed=s)``.
+      else ``"sequential"``. Why: the stacked step saves a dispatch per seed and step but compiles longer, and
+      on CPU a vmapped convolution becomes a slow grouped one; ``benchmarks/train_many.py`` measures the
+      epoch time, the compile time and the dispatches saved (the constant was set from its runs on a 2-core
+      CPU, where the figures moved with the machine's load; off CPU the rule is not measured: rerun it with
+      ``--real``). Below the count, ``"sequential"`` also keeps every seed bit-identical to
+      ``train_model(seed=s)``.
 
     "To float rounding" holds per step; over many steps of a ReLU network a rounding difference can move a
     seed's trajectory, as a 1e-7 relative change of its initialisation does (the benchmark reports both).

@@ -860,18 +860,12 @@ class BandObjective:
         return _band_loss(self, pivots, batch, key)
 
 
-def _has_conv(pivots: PyTree) -> bool:
-    # a convolution kernel has a spatial window: rank >= 3 per pivot (a dense kernel is a matrix)
-    return any(np.ndim(a) >= 4 for path, a in jax.tree_util.tree_flatten_with_path(pivots)[0]
-               if path and str(getattr(path[-1], "key", "")) == "kernel")
-
-
 def _resolve_strategy(strategy: str, pivots: PyTree) -> str:
     """The pivot strategy; ``"auto"``: ``"unroll"`` on CPU for convolutional pivots, else ``"vmap"``."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     if strategy == "auto":
-        return "unroll" if jax.default_backend() == "cpu" and _has_conv(pivots) else "vmap"
+        return "unroll" if jax.default_backend() == "cpu" and cpu.has_conv(pivots, stacked=1) else "vmap"
     return strategy
 
 

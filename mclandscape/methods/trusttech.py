@@ -135,6 +135,7 @@ from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.loop import (
     LoopConfig,
     NonFiniteError,
+    Step,
     StopRun,
     _progress_enabled,
     make_step,
@@ -618,12 +619,14 @@ _search_step_jit = cpu.tuned_jit(_search_step_impl,
 
 
 def _search_step(objective, calibration, reading, direction, cal_state, origin, batch, key, t, rho1, rho2,
-                 mesh=None):
+                 layout: Step | None = None):
+    # layout: an engine step on the data-parallel mesh, made once per search, whose place() splits the batch
     static, arrays = split_static(objective)
+    mesh = None if layout is None else layout.mesh
     if mesh is not None:  # the engine's data-parallel layout (Step.place): batch split, everything else replicated
         arrays, direction, cal_state, origin, key, t, rho1, rho2 = distributed.put(
             (arrays, direction, cal_state, origin, key, t, rho1, rho2), NamedSharding(mesh, P()))
-        batch = make_step(objective, NEGATIVE_GRADIENT, mesh=mesh).place(batch)
+        batch = layout.place(batch)
     return _search_step_jit(objective_static=static, calibration=calibration, reading=reading, mesh=mesh,
                             objective_arrays=arrays, direction=direction, cal_state=cal_state, origin=origin,
                             batch=batch, key=key, t=t, rho1=rho1, rho2=rho2)
@@ -871,6 +874,7 @@ def dsp_search(
     # with a mesh, the search's own arrays live on it (global, replicated) between steps; what leaves the
     # search (callback, result, local solves) is made process-local with distributed.local
     mesh = _batch_mesh(batch_fn(0), devices)
+    layout = None if mesh is None else make_step(objective, NEGATIVE_GRADIENT, mesh=mesh)
     place = _replicator(mesh)
     origin_p = place(origin)
     dirs, cal_states = [place(d) for d in dirs], [place(c) for c in cal_states]
@@ -951,7 +955,7 @@ def dsp_search(
             rho1, rho2 = rho.rho1(i), rho.rho2_at(i)
             fwd, cal, cstate, scalars = _search_step(objective, calibration, rho.reading, dirs[k], cal_states[k],
                                                      origin_p, batch_fn(t), loss_key, np.int32(t),
-                                                     np.asarray(rho1, dtype), np.asarray(rho2, dtype), mesh=mesh)
+                                                     np.asarray(rho1, dtype), np.asarray(rho2, dtype), layout=layout)
             loss, norm = (float(v) for v in distributed.to_host(scalars))
             fwd_local = distributed.local(fwd)
             state, exited = det.update(detectors[k], loss)
