@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 
 from mclandscape.core.objective import call_objective
 from mclandscape.core.tree import PyTree, tree_path_names
-from mclandscape.engine import cpu, distributed
+from mclandscape.engine import cpu, distributed, optim
 from mclandscape.engine.checkpoint import CheckpointError, CheckpointStore
 
 __all__ = [
@@ -260,7 +260,7 @@ def _step_impl(objective_static, tx, mesh, objective_arrays, trainable, state: T
     leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)] or [jnp.array(True)])
     loss_ok = jnp.isfinite(value)
     ok = loss_ok & jnp.all(leaf_ok)
-    if isinstance(tx, optax.GradientTransformationExtraArgs):
+    if isinstance(optim.unwrap(tx), optax.GradientTransformationExtraArgs):
         updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=value)
     else:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -445,7 +445,8 @@ def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainabl
 
     Args:
       objective: ``objective(params, batch, key) -> (loss, aux)``.
-      tx: any ``optax.GradientTransformation`` (extra arguments are passed as ``loss=``).
+      tx: any ``optax.GradientTransformation`` (extra arguments are passed as ``loss=``), or one named by value
+        (:func:`mclandscape.engine.optim.transform`: equal settings share the compiled step).
       trainable: ``None`` (everything trains) or a pytree shaped like the parameters whose leaves are booleans
         or boolean arrays broadcastable from the left (e.g. ``[K]`` for control points ``[K, ...]``).
       mesh: train on the devices of this mesh (:func:`mclandscape.engine.distributed.training_mesh`; across
@@ -468,8 +469,8 @@ def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainabl
     """
     if not callable(objective):
         raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
-    if not isinstance(tx, optax.GradientTransformation):
-        raise ValueError(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
+    if not isinstance(optim.unwrap(tx), optax.GradientTransformation):
+        raise ValueError(f"tx must be an optax GradientTransformation (or optim.transform), got {type(tx).__name__}")
     if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     return Step(objective=objective, tx=tx, trainable=trainable, mesh=mesh, data_axis=data_axis)
