@@ -14,16 +14,49 @@ Models and training (MLP 64-64-10 on digits: 4 810 parameters, about 97 % test a
 - ``digits_trajectory``: one run (seed 10) with snapshots kept at epochs 14, 16, 18, 20 — the
   trajectory corners of the Bézier-surface paper's appendix A.2 (``result.snapshots[epoch]``).
 
+Compilation
+- ``count_compiles``: ``with count_compiles() as seen: ...`` lists the XLA compilations inside the block.
+
 Do not mutate fixture values (they are shared by every test of the session).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
+import jax
 import pytest
 
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig, train_many, train_model
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    seen: list[str] = []
+
+    class _Handler(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            if msg.startswith("Finished XLA compilation"):
+                seen.append(msg)
+
+    handler, logger = _Handler(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.fixture
+def count_compiles():
+    """``with count_compiles() as seen:`` collects the names of the XLA compilations inside the block
+    (``jax.log_compiles``), e.g. to assert that a second call with equal inputs compiles nothing."""
+    return _count_compiles
 
 
 @pytest.fixture(scope="session")

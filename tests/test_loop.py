@@ -317,3 +317,25 @@ def test_max_steps_and_step_callbacks_with_a_plain_step_callable():
     assert seen == [1, 2, 3, 4, 5] and int(res.state.step) == 5 and len(res.history) == 2
     np.testing.assert_allclose(np.asarray(res.params["w"]), np.asarray(fast.params["w"]), rtol=1e-6)
     assert res.history[-1]["loss"] == pytest.approx(fast.history[-1]["loss"], rel=1e-6)
+
+
+def _square(p, b):
+    return jnp.sum(p["w"] ** 2)
+
+
+def test_equal_transforms_share_the_compiled_step(count_compiles):
+    from mclandscape.engine.optim import transform
+
+    def build():
+        return make_step(function_objective(_square), transform(optax.sgd, 0.25))
+
+    step = build()
+    step(step.init({"w": jnp.ones(2)}), None, jax.random.key(0))
+    with count_compiles() as seen:
+        step = build()
+        state, _ = step(step.init({"w": jnp.ones(2)}), None, jax.random.key(0))
+    assert seen == [] and state.params["w"].tolist() == [0.5, 0.5]
+    with count_compiles() as seen:  # another learning rate is another program
+        step = make_step(function_objective(_square), transform(optax.sgd, 0.5))
+        step(step.init({"w": jnp.ones(2)}), None, jax.random.key(0))
+    assert any("_step_impl" in s for s in seen)
