@@ -5,9 +5,10 @@ For each model (digits 8×8: the 64-32-10 MLP and the small CNN of ``experiments
 strategy of :func:`mclandscape.methods.neb.make_neb_step` (the engine step of a
 :class:`~mclandscape.methods.neb.BandObjective`, the same call :func:`~mclandscape.methods.neb.neb` makes):
 
-- ``loop``: the one-pivot-at-a-time baseline (:class:`~mclandscape.methods.neb.LoopedNEBStep`): a Python loop
-  over the pivots calling one compiled value-and-grad each (Draxler et al.'s ``torch_autoneb`` evaluates
-  pivots one after another), then the compiled force/update step;
+- ``loop``: the one-pivot-at-a-time baseline (:class:`LoopedNEBStep`, here): a Python loop over the pivots
+  calling one compiled value-and-grad each (Draxler et al.'s ``torch_autoneb`` evaluates pivots one after
+  another), then one compiled step of the same forces (:func:`~mclandscape.methods.neb_forces.neb_forces`)
+  and the same Optax update with the ends held fixed;
 - ``map``: one compiled step with ``jax.lax.map`` over pivots;
 - ``vmap``: one compiled step with ``jax.vmap`` over pivots (``"auto"``);
 - ``unroll``: one compiled step with the pivots written out one after another.
@@ -20,15 +21,23 @@ Run: ``python benchmarks/neb_step.py [--models mlp,cnn] [--pivots 6,12]``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from mclandscape.core.objective import make_objective
+from mclandscape.core.tree import tree_index, tree_stack
 from mclandscape.engine.models import get_model
+from mclandscape.engine.optim import unwrap
 from mclandscape.methods import neb as N
+from mclandscape.methods.neb_forces import neb_forces, straight_band
 
 MODELS = {
     "mlp": ("mlp", {"widths": [32]}, (8, 8, 1)),
@@ -39,18 +48,55 @@ MODELS = {
 }
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _pivot_value_and_grad(objective, params, batch, key):
+    return jax.value_and_grad(lambda p: objective(p, batch, key)[0])(params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _looped_update(tx, pivots, opt_state, e, g, climb, spring_constant):
+    ci = jnp.where(climb, 1 + jnp.argmax(e[1:-1]), -1)
+    f = neb_forces(pivots, e, g, spring_constant, climbing_index=ci)
+    neg = jax.tree_util.tree_map(lambda t: jnp.concatenate([jnp.zeros_like(t[:1]), -t, jnp.zeros_like(t[:1])]),
+                                 f.total)
+    updates, opt_state = tx.update(neg, opt_state, pivots)
+    new = optax.apply_updates(pivots, updates)
+    new = jax.tree_util.tree_map(lambda a, p: a.at[0].set(p[0]).at[-1].set(p[-1]), new, pivots)  # ends fixed
+    return new, opt_state
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoopedNEBStep:
+    """The one-pivot-at-a-time reference: ``init(pivots)`` and ``step(state, NEBBatch, key) -> (state, None)``."""
+
+    objective: Callable
+    config: N.NEBConfig
+
+    def init(self, pivots):
+        return pivots, unwrap(self.config.make_optimizer()).init(pivots)
+
+    def __call__(self, state, batch, key):
+        pivots, opt_state = state
+        n = jax.tree_util.tree_leaves(pivots)[0].shape[0]
+        outs = [_pivot_value_and_grad(self.objective, tree_index(pivots, i), batch.data, key) for i in range(n)]
+        e = jnp.stack([o[0] for o in outs])
+        g = tree_stack([o[1] for o in outs[1:-1]])
+        return _looped_update(self.config.make_optimizer(), pivots, opt_state, e, g, batch.climb,
+                              jnp.asarray(self.config.spring_constant, e.dtype)), None
+
+
 def _time_steps(step, pivots, batch, steps: int, repeats: int) -> float:
     state = step.init(pivots)
     key = jax.random.key(0)
     for _ in range(2):  # compile + warm-up
         state, _ = step(state, batch, key)
-    jax.block_until_ready(state.params)
+    jax.block_until_ready(state)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
             state, _ = step(state, batch, key)
-        jax.block_until_ready(state.params)
+        jax.block_until_ready(state)
         times.append((time.perf_counter() - t0) / steps)
     return float(np.median(times))
 
@@ -73,14 +119,14 @@ def main(argv=None) -> None:
         batch = N.NEBBatch(data=(x, y), climb=jnp.asarray(False))
         p0 = model.init(jax.random.key(0), x[:1])["params"]
         p1 = model.init(jax.random.key(1), x[:1])["params"]
-        loss = N.model_loss(model)
+        objective = make_objective(model, train=True)
         for n in [int(v) for v in args.pivots.split(",") if v.strip()]:
-            pivots = N.straight_band(p0, p1, n)
+            pivots = straight_band(p0, p1, n)
             timings = {}
             for strat in [s.strip() for s in args.strategies.split(",") if s.strip()]:
-                cfg = N.NEBConfig(spring_constant=1.0, learning_rate=0.01, strategy=strat)
-                timings[strat] = _time_steps(N.make_neb_step(loss, cfg, pivots), pivots, batch, args.steps,
-                                             args.repeats)
+                cfg = N.NEBConfig(spring_constant=1.0, learning_rate=0.01, strategy="auto" if strat == "loop" else strat)
+                step = LoopedNEBStep(objective, cfg) if strat == "loop" else N.make_neb_step(objective, cfg, pivots)
+                timings[strat] = _time_steps(step, pivots, batch, args.steps, args.repeats)
             for strat, sec in timings.items():
                 print(json.dumps({"benchmark": "neb_step", "model": name, "num_pivots": n,
                                   "batch_size": args.batch_size, "strategy": strat, "seconds_per_step": sec,

@@ -46,6 +46,7 @@ def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
     from mclandscape.engine.evaluate import connector_points, evaluation_memory
     from mclandscape.engine.loop import make_step
     from mclandscape.methods import neb as N
+    from mclandscape.methods.neb_forces import straight_band
     from mclandscape.methods.surface import phase_sampler
 
     train = mcl.load_dataset("digits", "train")
@@ -71,14 +72,14 @@ def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
                     "control": [np.asarray(a).ravel()[:64].tolist() for a in jax.tree_util.tree_leaves(new.params)]}
 
     # one NEB band step (10 pivots: 8 inner) on every points x data layout of the n devices
-    piv = N.straight_band(corners[0], corners[1], 10)
+    piv = straight_band(corners[0], corners[1], 10)
     cfg = N.NEBConfig(learning_rate=0.01, strategy="vmap")
     nb = N.NEBBatch(batch, jnp.asarray(False))
     chosen = training_mesh(128, 8, devices=n)
     out["neb"] = []
     for p, d in neb_layouts(n):
         m = None if n == 1 else distributed.mesh((p, d), ("points", "data"), devices=n)
-        nstep = N.make_neb_step(N.model_loss(model), cfg, piv, mesh=m)
+        nstep = N.make_neb_step(mcl.make_objective(model, train=True), cfg, piv, mesh=m)
         nstate = nstep.init(piv)
         sec = best_time(lambda nstep=nstep, nstate=nstate: nstep(nstate, nb, key)[1]["loss"], repeats)
         new_piv = nstep(nstate, nb, key)[0].params

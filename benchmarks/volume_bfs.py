@@ -20,7 +20,6 @@ Prints one JSON line per configuration:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import resource
@@ -30,9 +29,12 @@ import tracemalloc
 import jax
 import jax.numpy as jnp
 
+from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.models import get_model
-from mclandscape.methods import volume as V
+from mclandscape.methods import flats as VF
+from mclandscape.methods import lattice as VL
+from mclandscape.methods import traversal as VT
 
 
 def iris_flat(seed: int = 0, epochs: int = 1000):
@@ -44,25 +46,25 @@ def iris_flat(seed: int = 0, epochs: int = 1000):
     cfg = TrainConfig(epochs=epochs, batch_size=len(train), optimizer="adam", lr=0.01)
     runs = train_many(model, train, None, cfg, seeds=[seed * 10 + i for i in range(4)], progress=False)
     minima = [r.variables["params"] for r in runs]
-    flat = V.flat_from_minima(minima, basis="qr")
-    return flat, V.model_vector_loss(model, train, {"params": minima[0]})
+    flat = VF.flat_from_minima(minima, basis="qr")
+    return flat, make_objective(model, train=False), (train.x, train.y)
 
 
 def throughput(args) -> list[dict]:
-    flat, loss = iris_flat(args.seed)
+    flat, objective, batch = iris_flat(args.seed)
     configs = [
         ("one_at_a_time", dict(batch_size=1), 1, args.limit_single),
         ("per_voxel", dict(batch_size=1), args.max_batch, args.limit_single),
         ("batched", dict(batch_size=args.batch_size), args.max_batch, args.limit_batched),
     ]
-    # the literal algorithm evaluates one voxel per call: no chunk padding either
-    single = dataclasses.replace(loss, chunk=1)
     rows = []
     for name, kw, max_batch, limit in configs:
-        ev = V.LatticeLoss(flat, args.step, single if max_batch == 1 else loss, max_batch=max_batch)
-        V.grid_traversal(ev, args.n, limit=limit, **kw)  # warm-up: compiles every bucket this run uses
+        # the literal algorithm evaluates one voxel per call: no chunk padding either
+        ev = VL.LatticeLoss(flat, args.step, objective, batch, chunk=1 if max_batch == 1 else 16, max_batch=max_batch)
+        config = VT.TraversalConfig(limit=limit, **kw)
+        VT.grid_traversal(ev, args.n, config=config)  # warm-up: compiles every bucket this run uses
         t = time.perf_counter()
-        res = V.grid_traversal(ev, args.n, limit=limit, **kw)
+        res = VT.grid_traversal(ev, args.n, config=config)
         dt = time.perf_counter() - t
         rows.append({"bench": "throughput", "mode": name, "flat": "iris_4-8-3_3d_qr", "step": args.step,
                      "n": args.n, "limit": limit, "batch_size": kw["batch_size"], "max_batch": max_batch,
@@ -84,14 +86,13 @@ def memory(args) -> dict:
     # visited ≈ accepted ball of radius R voxels plus its boundary shell; pick R for ~target visited voxels
     R = (target / (4 / 3 * math.pi)) ** (1 / 3) * 0.985
     n = 1 + (R * step) ** 2 / eps
-    flat = V.full_space_flat(jnp.zeros(3, jnp.float32))
-    loss = V.ParamLoss(_sphere, aux=jnp.float32(eps), dim=3)
-    ev = V.LatticeLoss(flat, step, loss, max_batch=args.max_batch)
-    V.grid_traversal(ev, 1 + (10 * step) ** 2 / eps)  # compile the buckets outside the measurement
+    flat = VF.full_space_flat(jnp.zeros(3, jnp.float32))
+    ev = VL.LatticeLoss(flat, step, function_objective(_sphere), jnp.float32(eps), max_batch=args.max_batch)
+    VT.grid_traversal(ev, 1 + (10 * step) ** 2 / eps)  # compile the buckets outside the measurement
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
     t = time.perf_counter()
-    res = V.grid_traversal(ev, n, batch_size=args.batch_size)
+    res = VT.grid_traversal(ev, n, config=VT.TraversalConfig(batch_size=args.batch_size))
     dt = time.perf_counter() - t
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

@@ -47,12 +47,16 @@ import numpy as np
 
 from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core import connectors as K
+from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import tree_distance
-from mclandscape.engine.data import load_dataset
+from mclandscape.engine.data import batch_stream, load_dataset
+from mclandscape.engine.evaluate import connector_points, evaluate
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.methods import autoneb as A
 from mclandscape.methods import curves as C
 from mclandscape.methods import neb as N
+from mclandscape.methods.neb_forces import straight_band
 from mclandscape.methods.potentials import MULLER_BROWN_SADDLES, muller_brown
 from mclandscape.plots import plot_band_2d, plot_path_profiles, save
 
@@ -203,14 +207,16 @@ def _run_model(args, name: str, train, test, out: Path, ckpt: Path | None) -> di
                        tol=1e-3, check_every=25)
     cycles = [base] * max(ns["cycles"] - 1, 0)
     cycles.append(N.NEBConfig(**{**base.__dict__, "climbing": not args.no_climbing}))
-    profile = N.model_profile(model, train_eval, bn_data=train if model.has_batch_stats else None)
-    band = N.auto_neb(N.model_loss(model), p0, p1, cycles=cycles,
-                      data=N.model_batches(train, ns["batch_size"], seed=args.seed), profile_fn=profile,
+    def profile(band, ts):  # the dense train losses that place new pivots, BatchNorm recalibrated per point
+        return evaluate(model, connector_points(band, ts), train_eval, bn_data=ev_kw["bn_data"]).loss
+
+    band = A.auto_neb(make_objective(model, train=True), p0, p1, cycles=cycles,
+                      data=batch_stream(train, ns["batch_size"], seed=args.seed), profile_fn=profile,
                       initial_insert=args.initial_pivots, insert_count=args.insert_count,
                       sub_pivots=args.sub_pivots, seed=args.seed, progress=args.progress)
     timings["neb_train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    paths["neb"] = N.evaluate_band(model, band, train_eval, test, sub_pivots=args.sub_pivots,
+    paths["neb"] = A.evaluate_band(model, band, train_eval, test, sub_pivots=args.sub_pivots,
                                    bn_data=ev_kw["bn_data"])
     timings["neb_eval"] = time.perf_counter() - t0
     rec["neb_cycles"] = band.cycles
@@ -234,6 +240,7 @@ def _run_model(args, name: str, train, test, out: Path, ckpt: Path | None) -> di
 def _muller_brown_demo(out: Path) -> dict:
     """NEB and climbing-image NEB on the Müller-Brown potential (known minima and saddle)."""
     mb = muller_brown  # f(p, batch=None) on points [..., 2]
+    objective = function_objective(mb)
     g = jax.jit(jax.grad(mb))
     ends = []
     for p in ([-0.558, 1.442], [0.623, 0.028]):
@@ -243,14 +250,14 @@ def _muller_brown_demo(out: Path) -> dict:
         ends.append(p)
     saddle = np.array(MULLER_BROWN_SADDLES["AC"].point)
     t0 = time.perf_counter()
-    plain = N.neb(mb, *ends, num_pivots=15,
+    plain = N.neb(objective, *ends, num_pivots=15,
                   config=N.NEBConfig(steps=3000, spring_constant=200.0, learning_rate=1e-4, tol=1e-2))
-    ci = N.neb(mb, *ends, num_pivots=15,
+    ci = N.neb(objective, *ends, num_pivots=15,
                config=N.NEBConfig(steps=4000, spring_constant=200.0, learning_rate=2e-4, tol=1e-2, climbing=True,
                                   climb_after=300))
     wall = time.perf_counter() - t0
     i = int(np.argmax(ci.losses))
-    straight = np.asarray(N.straight_band(*ends, 15))
+    straight = np.asarray(straight_band(*ends, 15))
     png = save(plot_band_2d(lambda xy: mb(xy), {"straight line": straight, "NEB": np.asarray(plain.pivots),
                                                 "CI-NEB": np.asarray(ci.pivots)},
                             vmax=50.0, markers={"saddle": saddle},

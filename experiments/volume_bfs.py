@@ -43,9 +43,12 @@ import numpy as np
 
 from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core.losses import accuracy, get_loss
+from mclandscape.core.objective import make_objective
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.methods import flats as VF
+from mclandscape.methods import traversal as VT
 from mclandscape.methods import volume as V
 from mclandscape.plots import plot_h_mean, plot_h_panels, save
 
@@ -128,9 +131,12 @@ class Runner:
         print(msg, flush=True)
 
     def sweep(self, name, flat, loss, steps, mult, *, limit=None, key=0):
+        """H_c(s) of ``loss = (objective, full batch)`` on ``flat``."""
         t = time.perf_counter()
-        sw = V.h_sweep(flat, loss, steps, mult, limit=limit or self.args.limit, dropout=self.args.dropout,
-                       sampling_switch_iter=self.args.sampling_switch_iter, batch_size=self.args.batch_size,
+        config = VT.TraversalConfig(limit=limit or self.args.limit, dropout=self.args.dropout,
+                                    sampling_switch_iter=self.args.sampling_switch_iter,
+                                    batch_size=self.args.batch_size)
+        sw = V.h_sweep(flat, loss[0], steps, mult, batch=loss[1], config=config,
                        max_batch=self.args.max_batch, key=self.args.seed * 1000 + key,
                        progress=lambda m: self.log(f"  [{name}] {m}"))
         d = sw.to_dict()
@@ -160,7 +166,7 @@ class Runner:
             self.results["iris_minima"] = {"seeds": seeds, "train_loss": losses.tolist(), "test_acc": accs,
                                            "train_time": time.perf_counter() - t}
             self.log(f"iris minima: train loss {np.round(losses, 4).tolist()} test acc {np.round(accs, 3).tolist()}")
-            loss = V.model_vector_loss(model, train, {"params": params[0]})
+            loss = (make_objective(model, train=False), (train.x, train.y))
             self._iris = (model, train, params, loss)
         return self._iris
 
@@ -176,10 +182,10 @@ class Runner:
                                 n_test=0, noise=a.synthetic_noise, hidden=a.synthetic_hidden)
             model = get_model("mlp", widths=[1] * (d - 1), num_classes=1, activation="tanh", use_bias=False)
             (params,), (eps,) = train_minima(model, data, None, "mse", [a.seed], steps=a.train_steps, lr=a.lr)
-            flat = V.full_space_flat(params)
+            flat = VF.full_space_flat(params)
             if flat.ambient_dim != d:
                 raise RuntimeError(f"synthetic network has {flat.ambient_dim} parameters, expected {d}")
-            loss = V.model_vector_loss(model, data, {"params": params}, loss="mse")
+            loss = (make_objective(model, "mse", train=False), (data.x, data.y))
             info[f"d{d}"] = {"train_loss": float(eps), "theta_star": np.asarray(flat.anchor).tolist()}
             sweeps[f"d = {d}"] = self.sweep(f"synthetic_d{d}", flat, loss, _floats(a.synthetic_steps),
                                             _floats(a.synthetic_multipliers), limit=a.synthetic_limit, key=d)
@@ -191,7 +197,7 @@ class Runner:
     def iris_flat(self, dim: int):
         a = self.args
         model, train, params, loss = self.iris()
-        flat = V.flat_from_minima(params[:dim + 1], anchor=0, basis="qr")
+        flat = VF.flat_from_minima(params[:dim + 1], anchor=0, basis="qr")
         steps = _floats(a.steps_2d if dim == 2 else a.steps_3d)
         sw = self.sweep(f"iris_{dim}d_qr", flat, loss, steps, self.mult, key=10 + dim)
         path = self.out / f"fig5_{dim}_iris_{dim}d.png"
@@ -204,7 +210,7 @@ class Runner:
         model, train, params, loss = self.iris()
         sweeps = {}
         for anchor in range(3):
-            flat = V.flat_from_minima(params[:3], anchor=anchor, basis="qr")
+            flat = VF.flat_from_minima(params[:3], anchor=anchor, basis="qr")
             sweeps[f"anchor = minimum {anchor}"] = self.sweep(f"minima_anchor{anchor}", flat, loss,
                                                               [a.minima_step], self.mult, key=20 + anchor)
         path = self.out / "fig5_4_minima.png"
@@ -216,8 +222,8 @@ class Runner:
         a = self.args
         model, train, params, loss = self.iris()
         steps = _floats(a.steps_2d)
-        raw = V.flat_from_minima(params[:3], anchor=0, basis="raw")
-        qr = V.flat_from_minima(params[:3], anchor=0, basis="qr")
+        raw = VF.flat_from_minima(params[:3], anchor=0, basis="raw")
+        qr = VF.flat_from_minima(params[:3], anchor=0, basis="qr")
         scale = float(np.mean(raw.raw_norms))
         sw_lit = self.sweep("basis_raw", raw, loss, steps, self.mult, key=30)
         sw_raw = self.sweep("basis_raw_rescaled", raw, loss, [s / scale for s in steps], self.mult, key=31)
@@ -242,7 +248,7 @@ class Runner:
         sweeps = []
         for anchor in range(k):
             members = [params[anchor], params[(anchor + 1) % k], params[(anchor + 2) % k]]
-            flat = V.flat_from_minima(members, anchor=0, basis="qr")
+            flat = VF.flat_from_minima(members, anchor=0, basis="qr")
             sweeps.append(self.sweep(f"distance_anchor{anchor}", flat, loss, _floats(a.distance_steps),
                                      _floats(a.distance_multipliers), limit=a.distance_limit, key=40 + anchor))
         summary = V.mean_log_h(sweeps)

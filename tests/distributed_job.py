@@ -73,7 +73,8 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
     if "neb" in jobs:  # the inner pivots split over the devices' "points" axis, the batch over "data"
         from mclandscape.methods import neb as N
 
-        res = N.neb(N.model_loss(model), corners[0], corners[1], num_pivots=6, data=N.model_batches(train, 64),
+        res = N.neb(mcl.make_objective(model, train=True), corners[0], corners[1], num_pivots=6,
+                    data=mcl.batch_stream(train, 64),
                     config=N.NEBConfig(steps=12, check_every=4, learning_rate=0.05, tol=0.0), progress=False)
         leaves("neb", res.pivots)
         out["neb_losses"] = np.asarray(res.losses)
@@ -104,14 +105,17 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         leaves("tt_solution", sol)
         out["tt_solution_loss"] = np.asarray(info["loss"])
     if "bfs" in jobs:
-        from mclandscape.methods import volume as V
+        from mclandscape.methods import flats as VF
+        from mclandscape.methods import lattice as VL
+        from mclandscape.methods import traversal as VT
 
         iris = mcl.load_dataset("iris", "train")
         net = mcl.get_model("mlp", widths=[8], num_classes=3)
         minima = [net.init(jax.random.key(i), jnp.asarray(iris.x[:1])) for i in range(3)]
-        flat = V.flat_from_minima([m["params"] for m in minima])
-        loss = V.model_vector_loss(net, iris, minima[0])
-        res = V.grid_traversal(V.LatticeLoss(flat, 0.05, loss), 1.5, limit=200)
+        flat = VF.flat_from_minima([m["params"] for m in minima])
+        loss = mcl.make_objective(net, train=False, variables=minima[0])
+        res = VT.grid_traversal(VL.LatticeLoss(flat, 0.05, loss, (iris.x, iris.y)), 1.5,
+                                config=VT.TraversalConfig(limit=200))
         out["bfs_H"] = np.asarray(res.H)
         out["bfs_visited"] = np.asarray(res.visited)
     return out

@@ -11,11 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mclandscape.core.objective import make_objective
+from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import tree_ravel
+from mclandscape.engine.evaluate import connector_points, map_points
 from mclandscape.engine.models import get_model
+from mclandscape.methods import autoneb as AN
+from mclandscape.methods import flats as VF
+from mclandscape.methods import lattice as VL
 from mclandscape.methods import neb as N
-from mclandscape.methods import volume as V
+from mclandscape.methods import neb_forces as F
+from mclandscape.methods import traversal as VT
 from mclandscape.methods.curvature import (
     dense_hessian,
     hutchinson_trace,
@@ -40,14 +45,14 @@ def test_neb_spacing_spring_constant_and_forces_in_float64():
         w = _normalised(SPACING[:2])
         # a 1-D band whose segment lengths are exactly proportional to the weights: the spring is at rest
         piv = jnp.asarray([[0.0], [w[0] / w.sum()], [1.0]])
-        f = N.neb_forces(piv, jnp.zeros(3), jnp.zeros((1, 1)), 1.0, spacing=SPACING[:2])
+        f = F.neb_forces(piv, jnp.zeros(3), jnp.zeros((1, 1)), 1.0, spacing=SPACING[:2])
         assert f.par_norm.dtype == jnp.float64 and f.total.dtype == jnp.float64
         assert float(f.par_norm[0]) < 1e-14  # float32 weights leave ~1e-8
 
         # one plain SGD step of the engine step: x1 <- x1 + lr k (|d1|/w1 - |d0|/w0) on a flat loss
         k, lr, x1 = 0.1, 1.0, 0.3  # k = 0.1 is not a float32 number
         piv = jnp.asarray([[0.0], [x1], [1.0]])
-        step = N.make_neb_step(lambda p, b: 0.0 * jnp.sum(p), N.NEBConfig(spring_constant=k, learning_rate=lr,
+        step = N.make_neb_step(function_objective(lambda p, b: 0.0 * jnp.sum(p)), N.NEBConfig(spring_constant=k, learning_rate=lr,
                                                                           momentum=0.0), piv, SPACING[:2])
         state, metrics = step(step.init(piv), N.NEBBatch(None, jnp.asarray(False)), jax.random.key(0))
         want = x1 + lr * k * ((1.0 - x1) / w[1] - x1 / w[0])
@@ -60,7 +65,7 @@ def test_inserted_pivots_in_float64():
     with jax.enable_x64(True):
         a, b = np.array([0.1, -2.3]), np.array([1.7, 0.4])
         piv = jnp.asarray(np.stack([a, 0.5 * (a + b), b]))
-        new, w = N.insert_pivots(piv, [[1.0 / 3.0], []])
+        new, w = AN.insert_pivots(piv, [[1.0 / 3.0], []])
         assert new.dtype == jnp.float64
         np.testing.assert_array_equal(np.asarray(new)[[0, 2, 3]], np.asarray(piv))  # old pivots copied exactly
         np.testing.assert_allclose(np.asarray(new)[1], (2 * a + 0.5 * (a + b)) / 3, rtol=0, atol=1e-15)
@@ -79,7 +84,7 @@ def test_neb_relaxes_to_float64_precision():
         start, end = jnp.asarray([-1.0, 1.0]), jnp.asarray([1.0, 1.0])
         cfg = N.NEBConfig(steps=3000, spring_constant=0.7, learning_rate=0.05, momentum=0.5, tol=1e-11,
                           check_every=50)
-        res = N.neb(valley, start, end, num_pivots=5, spacing=SPACING, config=cfg)
+        res = N.neb(function_objective(valley), start, end, num_pivots=5, spacing=SPACING, config=cfg)
         assert res.converged and res.pivots.dtype == jnp.float64 and res.perp_force < 1e-11
         p = np.asarray(res.pivots)
         assert np.abs(p[1:-1, 1] - p[1:-1, 0] ** 2).max() < 1e-9  # on the floor
@@ -89,7 +94,7 @@ def test_neb_relaxes_to_float64_precision():
         assert res.losses.max() < 1e-18
         # the dense profile through the evaluator, against float64 NumPy on the same polygon
         ts = np.array([0.1, 0.3, 0.55, 0.8])
-        prof = N.band_profile(valley, None)(res.band, ts)
+        prof = map_points(valley, connector_points(res.band, ts))
         pos = ts * (len(p) - 1)
         i = np.minimum(pos.astype(int), len(p) - 2)
         pts = p[i] + (pos - i)[:, None] * (p[i + 1] - p[i])
@@ -118,9 +123,9 @@ def test_voxel_at_the_threshold_is_accepted_on_host_and_device(x64, dtype):
         if dtype == np.float32:  # c is rounded: the float64 product n·ε would reject the voxels at c
             assert float(c) > n * float(eps)
         table = np.array([10.0, above, c, eps, c, above, 10.0], dtype)  # voxels a = -3..3
-        flat = V.full_space_flat(jnp.zeros(1, dtype))
-        ev = V.LatticeLoss(flat, 1.0, V.ParamLoss(table_loss, aux=jnp.asarray(table), dim=1))
-        res = V.grid_traversal(ev, n)
+        flat = VF.full_space_flat(jnp.zeros(1, dtype))
+        ev = VL.LatticeLoss(flat, 1.0, function_objective(table_loss), jnp.asarray(table))
+        res = VT.grid_traversal(ev, n)
         st = res.state
         assert st.dtype == dtype and res.epsilon == float(eps) and res.threshold == float(c)
         coords, losses = st.visited_items()
@@ -132,7 +137,7 @@ def test_voxel_at_the_threshold_is_accepted_on_host_and_device(x64, dtype):
                      losses <= res.threshold):
             assert {int(a) for a in coords[mask, 0]} == accepted
         # the same voxels from the future queue, re-checked against c from the stored losses
-        cont = V.grid_traversal(ev, n, state=V.grid_traversal(ev, 2.0).state)
+        cont = VT.grid_traversal(ev, n, state=VT.grid_traversal(ev, 2.0).state)
         assert np.array_equal(cont.state.accepted_keys(), st.accepted_keys()) and cont.evaluations == 2
 
 
@@ -149,9 +154,8 @@ def test_voxel_losses_and_epsilon_in_float64():
         r = np.random.default_rng(0)
         x, y = r.normal(size=(20, 2)), r.normal(size=20)
         minima = [jnp.asarray(r.normal(size=3)) for _ in range(3)]
-        flat = V.flat_from_minima(minima, basis="raw")
-        loss = V.ParamLoss(_vector_mse, aux=(jnp.asarray(x), jnp.asarray(y)), dim=3)
-        ev = V.LatticeLoss(flat, 0.05, loss)
+        flat = VF.flat_from_minima(minima, basis="raw")
+        ev = VL.LatticeLoss(flat, 0.05, function_objective(_vector_mse), (jnp.asarray(x), jnp.asarray(y)))
         coords = np.array([[0, 0], [1, -2], [3, 1]])
         got = ev(coords)
         assert got.dtype == np.float64 and ev(np.zeros((0, 2), np.int64)).dtype == np.float64
@@ -159,21 +163,21 @@ def test_voxel_losses_and_epsilon_in_float64():
         theta = m[0] + 0.05 * coords @ (m[1:] - m[0])
         want = np.mean((theta[:, :2] @ x.T + theta[:, 2:] - y) ** 2, axis=1) + 1e-3
         np.testing.assert_allclose(got, want, rtol=1e-13)
-        res = V.grid_traversal(ev, 1.0001, limit=50)
+        res = VT.grid_traversal(ev, 1.0001, config=VT.TraversalConfig(limit=50))
         assert res.state.dtype == np.float64 and res.epsilon == float(got[0])  # ε = f(θ*) held exactly
         assert res.threshold == 1.0001 * res.epsilon and res.H > 1
 
 
-def test_model_vector_loss_in_float64():
+def test_model_objective_on_a_lattice_in_float64():
     with jax.enable_x64(True):
         model = get_model("mlp", widths=[3], num_classes=2, activation="tanh")
         x = jax.random.normal(jax.random.key(0), (12, 2), jnp.float64)
         y = jax.random.randint(jax.random.key(1), (12,), 0, 2)
         v = model.init(jax.random.key(2), x)
         p64 = jax.tree_util.tree_map(lambda t: t.astype(jnp.float64), v["params"])
-        loss = V.model_vector_loss(model, (x, y), {"params": p64})
-        flat = V.full_space_flat(p64)
-        got = V.LatticeLoss(flat, 1e-3, loss)(np.array([[0] * flat.dim, [1] + [0] * (flat.dim - 1)]))
+        loss = make_objective(model, train=False)
+        flat = VF.full_space_flat(p64)
+        got = VL.LatticeLoss(flat, 1e-3, loss, (x, y))(np.array([[0] * flat.dim, [1] + [0] * (flat.dim - 1)]))
         obj = make_objective(model, "cross_entropy", train=False)
         vec, unravel = tree_ravel(p64)
         want = [float(obj(unravel(vec + d), (x, y))[0]) for d in (0.0, jnp.eye(flat.dim)[0] * 1e-3)]

@@ -4,7 +4,6 @@ landscapes": flats, voxel lattice, Algorithm 3, H_c(s), log-linear fit)."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import subprocess
@@ -19,7 +18,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import TreeMismatchError
+from mclandscape.methods import flats as VF
+from mclandscape.methods import lattice as VL
+from mclandscape.methods import traversal as VT
 from mclandscape.methods import volume as V
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,42 +57,26 @@ class CountingNumpyLattice:
 
 
 def quadratic(theta, aux):
-    """f(θ) = θᵀAθ + ε: a module-level (hashable) loss for ParamLoss, with ``aux = (A, ε)``."""
+    """f(θ) = θᵀAθ + ε: a module-level (hashable) loss with the batch ``aux = (A, ε)``."""
     A, eps = aux
     return theta @ A @ theta + eps
 
 
-def bowl_loss(A, eps):
-    A = jnp.asarray(A, jnp.float32)
-    return V.ParamLoss(quadratic, aux=(A, jnp.float32(eps)), dim=A.shape[0])
+BOWL = function_objective(quadratic)
+
+
+def bowl_batch(A, eps):
+    return jnp.asarray(A, jnp.float32), jnp.float32(eps)
+
+
+def _sq(p):
+    """|θ|² of a parameter tree."""
+    return sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(p))
 
 
 def table_loss(theta, table):
     """A 1-D lookup table: the loss of voxel a (θ = a at θ* = 0, s = 1) is ``table[a + len(table) // 2]``."""
     return table[jnp.round(theta[0]).astype(jnp.int32) + table.shape[0] // 2]
-
-
-class _CountCompiles(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record):
-        if "Compiling" in record.getMessage():
-            self.count += 1
-
-
-def _compiles(fn) -> int:
-    """How many XLA compilations ``fn()`` triggers (``jax.log_compiles``)."""
-    handler = _CountCompiles()
-    logger = logging.getLogger("jax")
-    logger.addHandler(handler)
-    try:
-        with jax.log_compiles():
-            fn()
-    finally:
-        logger.removeHandler(handler)
-    return handler.count
 
 
 def algorithm3_literal(f, m, n, limit=None):
@@ -149,10 +136,10 @@ def ellipsoid_volume(A, t):
 ])
 def test_bowl_h_times_sm_approaches_ellipsoid_volume(A, eps, steps, tol):
     m = A.shape[0]
-    flat = V.full_space_flat(jnp.zeros(m, jnp.float32))
+    flat = VF.full_space_flat(jnp.zeros(m, jnp.float32))
     ts = [0.25, 1.0]  # c − ε
     mults = [1 + t / eps for t in ts]
-    sweep = V.h_sweep(flat, bowl_loss(A, eps), steps, mults, batch_size=256)
+    sweep = V.h_sweep(flat, BOWL, steps, mults, batch=bowl_batch(A, eps), config=VT.TraversalConfig(batch_size=256))
     assert not sweep.truncated.any()
     vol = sweep.volume()
     for j, t in enumerate(ts):
@@ -174,19 +161,19 @@ def test_raw_and_qr_flats_measure_the_same_area():
     th0 = {"w": jnp.zeros(d, jnp.float32)}
     th1 = {"w": jnp.array([1.0, 0.0, 0.0, 0.0, 0.0], jnp.float32)}
     th2 = {"w": jnp.array([0.5, 0.8660254, 0.0, 0.0, 0.0], jnp.float32) * 1.5}  # 60° to b_1, length 1.5
-    loss = V.ParamLoss(lambda t, _: jnp.sum(t * t) + eps, dim=d)
+    loss = function_objective(lambda t, _: jnp.sum(t["w"] * t["w"]) + eps)
     t = 1.0
     n = 1 + t / eps
     areas = {}
     for kind in ("raw", "qr"):
-        flat = V.flat_from_minima([th0, th1, th2], basis=kind)
+        flat = VF.flat_from_minima([th0, th1, th2], basis=kind)
         np.testing.assert_allclose(flat.raw_angles_deg[0, 1], 60.0, atol=1e-4)
         s = 0.02
-        res = V.grid_traversal(V.LatticeLoss(flat, s, loss), n)
+        res = VT.grid_traversal(VL.LatticeLoss(flat, s, loss), n)
         areas[kind] = res.H * flat.cell_volume(s)
         assert abs(areas[kind] / (math.pi * t) - 1) < 0.01, (kind, areas[kind])
     # the skewed lattice needs fewer voxels for the same area: cell factor sin(60°)·1·1.5
-    flat_raw = V.flat_from_minima([th0, th1, th2], basis="raw")
+    flat_raw = VF.flat_from_minima([th0, th1, th2], basis="raw")
     np.testing.assert_allclose(flat_raw.cell_factor, 1.5 * math.sin(math.radians(60)), rtol=1e-6)
 
 
@@ -211,7 +198,7 @@ def test_two_basin_bfs_equals_brute_force_component(t, merged):
     s, half = 0.1, 60
     n = (EPS + t) / EPS
     ev = CountingNumpyLattice(two_basin_np, s, 2)
-    res = V.grid_traversal(ev, n, batch_size=64)
+    res = VT.grid_traversal(ev, n, config=VT.TraversalConfig(batch_size=64))
     mask, comp, grid = brute_force_components(s, res.threshold, half)
     acc = res.state.accepted_coords()
     assert np.abs(acc).max() < half  # the bounding grid holds the component
@@ -238,14 +225,14 @@ def test_continuation_equals_fresh_run_and_evaluates_only_new_voxels(batch_size)
     s = 0.1
     n1, n2 = (EPS + 1.5) / EPS, (EPS + 3.0) / EPS  # the second threshold merges the two basins
     ev_fresh = CountingNumpyLattice(two_basin_np, s, 2)
-    fresh = V.grid_traversal(ev_fresh, n2, batch_size=batch_size)
+    fresh = VT.grid_traversal(ev_fresh, n2, config=VT.TraversalConfig(batch_size=batch_size))
 
     ev = CountingNumpyLattice(two_basin_np, s, 2)
-    first = V.grid_traversal(ev, n1, batch_size=batch_size)
+    first = VT.grid_traversal(ev, n1, config=VT.TraversalConfig(batch_size=batch_size))
     kept = first.state.copy()
     visited_before = first.visited
     count_before = ev.count
-    cont = V.grid_traversal(ev, n2, state=first.state, batch_size=batch_size)
+    cont = VT.grid_traversal(ev, n2, state=first.state, config=VT.TraversalConfig(batch_size=batch_size))
 
     assert cont.H == fresh.H > first.H
     assert np.array_equal(cont.state.accepted_keys(), fresh.state.accepted_keys())
@@ -257,7 +244,7 @@ def test_continuation_equals_fresh_run_and_evaluates_only_new_voxels(batch_size)
     assert first.evaluations + cont.evaluations == ev_fresh.count == fresh.evaluations
     # the snapshot taken before continuing is untouched
     assert kept.visited == visited_before and kept.accepted == first.H
-    again = V.grid_traversal(CountingNumpyLattice(two_basin_np, s, 2), n1, batch_size=batch_size)
+    again = VT.grid_traversal(CountingNumpyLattice(two_basin_np, s, 2), n1, config=VT.TraversalConfig(batch_size=batch_size))
     assert np.array_equal(kept.accepted_keys(), again.state.accepted_keys())
     assert np.array_equal(kept.future.to_array(), again.state.future.to_array())
     # the future queue holds exactly the visited voxels above the threshold, and H is the count below it
@@ -271,9 +258,9 @@ def test_continuation_equals_fresh_run_and_evaluates_only_new_voxels(batch_size)
 
 def test_continuation_at_the_same_threshold_evaluates_nothing():
     ev = CountingNumpyLattice(two_basin_np, 0.2, 2)
-    r1 = V.grid_traversal(ev, 10.0)
+    r1 = VT.grid_traversal(ev, 10.0)
     before = ev.count
-    r2 = V.grid_traversal(ev, 10.0, state=r1.state)
+    r2 = VT.grid_traversal(ev, 10.0, state=r1.state)
     assert ev.count == before and r2.evaluations == 0 and r2.H == r1.H
 
 
@@ -294,23 +281,23 @@ def test_losses_and_threshold_compare_in_one_dtype(x64):
             assert float(c) > n * float(eps)
         # voxels a = -3..3 of a 1-D lattice at θ* = 0, s = 1
         table = np.array([10.0, above, c, eps, c, above, 10.0], dtype)
-        flat = V.full_space_flat(jnp.zeros(1, dtype))
-        ev = V.LatticeLoss(flat, 1.0, V.ParamLoss(table_loss, aux=jnp.asarray(table), dim=1))
+        flat = VF.full_space_flat(jnp.zeros(1, dtype))
+        ev = VL.LatticeLoss(flat, 1.0, function_objective(table_loss), jnp.asarray(table))
         assert ev(np.array([[1], [2]])).dtype == dtype
-        res = V.grid_traversal(ev, n)
+        res = VT.grid_traversal(ev, n)
         st = res.state
         assert st.dtype == dtype and st.store.items()[1].dtype == dtype
         assert res.threshold == float(c) and res.epsilon == float(eps)
         assert as_tuples(st.accepted_coords()) == [(-1,), (0,), (1,)] and res.H == 3
         assert sorted(as_tuples(st.codec.unpack(st.future.to_array()))) == [(-2,), (2,)]
         # below c first: the voxels at c wait in the future queue and are accepted on the re-check
-        low = V.grid_traversal(ev, 2.0)
+        low = VT.grid_traversal(ev, 2.0)
         assert low.H == 1 and low.future_size == 2
-        cont = V.grid_traversal(ev, n, state=low.state)
+        cont = VT.grid_traversal(ev, n, state=low.state)
         assert cont.H == 3 and cont.evaluations == 2 and cont.threshold == float(c)
         assert np.array_equal(cont.state.accepted_keys(), st.accepted_keys())
         # the sweep reports the thresholds it compared with
-        sweep = V.h_sweep(flat, ev.loss, [1.0], [2.0, n])
+        sweep = V.h_sweep(flat, ev.objective, [1.0], [2.0, n], batch=ev.batch)
         assert sweep.loss_dtype == np.dtype(dtype).name and sweep.thresholds[-1] == float(c)
         assert sweep.H.tolist() == [[1, 3]]
 
@@ -333,7 +320,7 @@ def test_batched_waves_equal_literal_algorithm3(fn, dim, step, n, limit):
     ref = algorithm3_literal(CountingNumpyLattice(fn, step, dim), dim, n, limit=limit)
     for bs in (1, 3, 64, 100000):
         ev = CountingNumpyLattice(fn, step, dim)
-        res = V.grid_traversal(ev, n, batch_size=bs, limit=limit)
+        res = VT.grid_traversal(ev, n, config=VT.TraversalConfig(batch_size=bs, limit=limit))
         st = res.state
         assert set(as_tuples(st.accepted_coords())) == ref["accepted"], bs
         assert set(as_tuples(st.visited_items()[0])) == ref["visited"], bs
@@ -348,9 +335,9 @@ def test_batched_waves_equal_literal_algorithm3(fn, dim, step, n, limit):
 
 def test_step_limit_returns_partial_result_flagged_truncated():
     ev = CountingNumpyLattice(two_basin_np, 0.1, 2)
-    res = V.grid_traversal(ev, 16.0, limit=5)
+    res = VT.grid_traversal(ev, 16.0, config=VT.TraversalConfig(limit=5))
     assert res.truncated and res.iterations == 5 and res.queue_size > 0
-    assert 1 < res.H < V.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 16.0).H
+    assert 1 < res.H < VT.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 16.0).H
 
 
 def test_queue_emptying_exactly_at_the_limit_is_not_truncated():
@@ -360,20 +347,20 @@ def test_queue_emptying_exactly_at_the_limit_is_not_truncated():
     """
     step = 0.1
     n = (EPS + 1.5 * step ** 2) / EPS
-    full = V.grid_traversal(CountingNumpyLattice(two_basin_np, step, 2), n)
+    full = VT.grid_traversal(CountingNumpyLattice(two_basin_np, step, 2), n)
     assert full.H == 5 and full.iterations == 5
-    at_limit = V.grid_traversal(CountingNumpyLattice(two_basin_np, step, 2), n, limit=5)
+    at_limit = VT.grid_traversal(CountingNumpyLattice(two_basin_np, step, 2), n, config=VT.TraversalConfig(limit=5))
     assert at_limit.iterations == 5 and not at_limit.truncated and at_limit.H == 5
-    short = V.grid_traversal(CountingNumpyLattice(two_basin_np, step, 2), n, limit=4)
+    short = VT.grid_traversal(CountingNumpyLattice(two_basin_np, step, 2), n, config=VT.TraversalConfig(limit=4))
     assert short.truncated and short.H == 5  # all accepted already, one still queued
 
 
 def test_truncated_run_completes_on_continuation():
     ev = CountingNumpyLattice(two_basin_np, 0.1, 2)
-    part = V.grid_traversal(ev, 16.0, limit=20)
+    part = VT.grid_traversal(ev, 16.0, config=VT.TraversalConfig(limit=20))
     assert part.truncated
-    done = V.grid_traversal(ev, 16.0, state=part.state)
-    fresh = V.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 16.0)
+    done = VT.grid_traversal(ev, 16.0, state=part.state)
+    fresh = VT.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 16.0)
     assert not done.truncated and done.H == fresh.H
     assert np.array_equal(done.state.accepted_keys(), fresh.state.accepted_keys())
 
@@ -386,25 +373,23 @@ def test_truncated_run_completes_on_continuation():
 def test_dropout_after_switch_only():
     # switch = 0: iteration 0 (the origin) is FIFO without dropout, every later neighbour is dropped
     ev = CountingNumpyLattice(aniso3_np, 0.2, 3)
-    res = V.grid_traversal(ev, 6.0, dropout=1.0, sampling_switch_iter=0, batch_size=8)
+    res = VT.grid_traversal(ev, 6.0, config=VT.TraversalConfig(dropout=1.0, sampling_switch_iter=0, batch_size=8))
     assert res.visited == 1 + 2 * 3 and res.dropped > 0 and res.queue_size == 0
     # no dropout before the switch: a late switch gives the plain BFS
-    plain = V.grid_traversal(CountingNumpyLattice(aniso3_np, 0.2, 3), 6.0)
-    late = V.grid_traversal(CountingNumpyLattice(aniso3_np, 0.2, 3), 6.0, dropout=1.0,
-                            sampling_switch_iter=10 ** 9)
+    plain = VT.grid_traversal(CountingNumpyLattice(aniso3_np, 0.2, 3), 6.0)
+    late = VT.grid_traversal(CountingNumpyLattice(aniso3_np, 0.2, 3), 6.0, config=VT.TraversalConfig(dropout=1.0, sampling_switch_iter=10 ** 9))
     assert late.H == plain.H and late.dropped == 0
 
 
 def test_random_dequeue_reaches_the_same_component_and_dropout_is_reproducible():
-    plain = V.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 31.0)
+    plain = VT.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 31.0)
     for bs in (1, 32):
-        rnd = V.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 31.0, sampling_switch_iter=10,
-                               batch_size=bs, key=3)
+        rnd = VT.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 31.0, key=3, config=VT.TraversalConfig(sampling_switch_iter=10, batch_size=bs))
         assert np.array_equal(rnd.state.accepted_keys(), plain.state.accepted_keys())
-    kw = dict(dropout=0.6, sampling_switch_iter=5, batch_size=16)
-    a = V.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 31.0, key=jax.random.key(1), **kw)
-    b = V.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 31.0, key=jax.random.key(1), **kw)
-    c = V.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 31.0, key=jax.random.key(2), **kw)
+    kw = dict(config=VT.TraversalConfig(dropout=0.6, sampling_switch_iter=5, batch_size=16))
+    a = VT.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 31.0, key=jax.random.key(1), **kw)
+    b = VT.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 31.0, key=jax.random.key(1), **kw)
+    c = VT.grid_traversal(CountingNumpyLattice(two_basin_np, 0.1, 2), 31.0, key=jax.random.key(2), **kw)
     assert np.array_equal(a.state.accepted_keys(), b.state.accepted_keys()) and a.dropped == b.dropped
     assert a.dropped > 0 and a.H <= plain.H
     assert not np.array_equal(a.state.accepted_keys(), c.state.accepted_keys()) or a.dropped != c.dropped
@@ -427,8 +412,8 @@ def _random_minima(k, d, seed=0):
 def test_flat_qr_basis_and_minima_coordinates():
     minima = _random_minima(4, 20)
     for anchor in (0, 2):
-        qr = V.flat_from_minima(minima, anchor=anchor, basis="qr")
-        raw = V.flat_from_minima(minima, anchor=anchor, basis="raw")
+        qr = VF.flat_from_minima(minima, anchor=anchor, basis="qr")
+        raw = VF.flat_from_minima(minima, anchor=anchor, basis="raw")
         assert qr.dim == raw.dim == 3 and qr.ambient_dim == 20
         Q = np.asarray(qr.basis, np.float64)
         np.testing.assert_allclose(Q.T @ Q, np.eye(3), atol=1e-6)
@@ -444,7 +429,7 @@ def test_flat_qr_basis_and_minima_coordinates():
             np.asarray(raw.basis, np.float64).T @ np.asarray(raw.basis, np.float64))), rtol=1e-5)
         assert raw.raw_angles_deg.shape == (3, 3) and np.all(raw.raw_angles_deg[~np.eye(3, dtype=bool)] > 0)
     # the anchor itself is the origin, exactly
-    flat = V.flat_from_minima(minima, anchor=1)
+    flat = VF.flat_from_minima(minima, anchor=1)
     p = flat.params(np.zeros(3, np.int64), 0.37)
     assert np.array_equal(np.asarray(p["a"]), np.asarray(minima[1]["a"]))
     # θ(a) = θ* + s·B·a
@@ -465,8 +450,8 @@ def test_a_batch_of_voxels_is_rows_over_the_anchor_and_basis():
 
     minima = _random_minima(4, 20)
     coords = np.array([[0, 0, 0], [2, -1, 5], [-7, 3, 1]])
-    for flat in (V.flat_from_minima(minima, anchor=2), V.flat_from_minima(minima, basis="raw"),
-                 V.full_space_flat(minima[0])):
+    for flat in (VF.flat_from_minima(minima, anchor=2), VF.flat_from_minima(minima, basis="raw"),
+                 VF.full_space_flat(minima[0])):
         m, d = flat.dim, flat.ambient_dim
         a = coords if m == 3 else np.random.default_rng(0).integers(-5, 5, size=(3, d))
         a[0] = 0
@@ -486,51 +471,51 @@ def test_a_batch_of_voxels_is_rows_over_the_anchor_and_basis():
 def test_bad_inputs_raise_clear_errors():
     minima = _random_minima(3, 10)
     with pytest.raises(ValueError, match="at least two minima"):
-        V.flat_from_minima(minima[:1])
+        VF.flat_from_minima(minima[:1])
     dep = [minima[0], minima[1], jax.tree_util.tree_map(lambda a, b: a + 2 * (b - a), minima[0], minima[1])]
     with pytest.raises(ValueError, match="linearly dependent"):
-        V.flat_from_minima(dep)
+        VF.flat_from_minima(dep)
     with pytest.raises(ValueError, match="equals the anchor"):
-        V.flat_from_minima([minima[0], minima[0]])
+        VF.flat_from_minima([minima[0], minima[0]])
     with pytest.raises(ValueError, match="linearly dependent"):
-        V.flat_from_minima(_random_minima(6, 4))  # 5 directions in R^4
+        VF.flat_from_minima(_random_minima(6, 4))  # 5 directions in R^4
     with pytest.raises(TreeMismatchError):
-        V.flat_from_minima([minima[0], {"a": minima[1]["a"]}])
+        VF.flat_from_minima([minima[0], {"a": minima[1]["a"]}])
     with pytest.raises(ValueError, match="basis"):
-        V.flat_from_minima(minima, basis="gram")
-    flat = V.flat_from_minima(minima)
-    loss = V.ParamLoss(lambda t, _: jnp.sum(t * t) + 1.0, dim=10)
+        VF.flat_from_minima(minima, basis="gram")
+    flat = VF.flat_from_minima(minima)
+    loss = function_objective(lambda t, _: _sq(t) + 1.0)
     for s in (0.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="step width"):
-            V.LatticeLoss(flat, s, loss)
+            VL.LatticeLoss(flat, s, loss)
         with pytest.raises(ValueError, match="step width"):
             V.h_sweep(flat, loss, [s], [2.0])
-    with pytest.raises(ValueError, match="7 parameters"):
-        V.LatticeLoss(flat, 0.1, V.ParamLoss(lambda t, _: jnp.sum(t), dim=7))
-    ev = V.LatticeLoss(flat, 0.1, loss)
+    with pytest.raises(ValueError, match="function_objective"):  # a plain function is not an objective
+        VL.LatticeLoss(flat, 0.1, lambda t, _: _sq(t))
+    ev = VL.LatticeLoss(flat, 0.1, loss)
     for n in (0.5, 0, -2, float("inf")):
         with pytest.raises(ValueError, match="multiplier"):
-            V.grid_traversal(ev, n)
+            VT.grid_traversal(ev, n)
     with pytest.raises(ValueError, match="dropout"):
-        V.grid_traversal(ev, 2.0, dropout=1.5)
+        VT.grid_traversal(ev, 2.0, config=VT.TraversalConfig(dropout=1.5))
     with pytest.raises(ValueError, match="limit"):
-        V.grid_traversal(ev, 2.0, limit=0)
+        VT.grid_traversal(ev, 2.0, config=VT.TraversalConfig(limit=0))
     with pytest.raises(ValueError, match="strictly increasing"):
         V.h_sweep(flat, loss, [0.1], [3.0, 2.0])
-    r = V.grid_traversal(ev, 2.0, limit=3)
+    r = VT.grid_traversal(ev, 2.0, config=VT.TraversalConfig(limit=3))
     with pytest.raises(ValueError, match="must not decrease"):
-        V.grid_traversal(ev, 1.5, state=r.state)
-    zero = V.LatticeLoss(flat, 0.1, V.ParamLoss(lambda t, _: 0.0 * jnp.sum(t), dim=10))
+        VT.grid_traversal(ev, 1.5, state=r.state)
+    zero = VL.LatticeLoss(flat, 0.1, function_objective(lambda t, _: 0.0 * _sq(t)))
     with pytest.raises(ValueError, match="positive"):
-        V.grid_traversal(zero, 2.0)
+        VT.grid_traversal(zero, 2.0)
     with pytest.raises(ValueError, match="integers"):
         flat.point(np.array([[0.5, 1.0]]), 0.1)
     with pytest.raises(ValueError, match="too large"):
-        V.LatticeCodec(16)
+        VL.LatticeCodec(16)
     with pytest.raises(ValueError, match="packable range"):
-        V.LatticeCodec(3).pack(np.array([[2 ** 20, 0, 0]]))
+        VL.LatticeCodec(3).pack(np.array([[2 ** 20, 0, 0]]))
     with pytest.raises(ValueError, match="chunk"):
-        V.ParamLoss(quadratic, chunk=0)
+        VL.LatticeLoss(flat, 0.1, loss, chunk=0)
 
     class Unhashable:
         __hash__ = None
@@ -539,24 +524,24 @@ def test_bad_inputs_raise_clear_errors():
             return jnp.sum(t)
 
     with pytest.raises(ValueError, match="hashable"):
-        V.ParamLoss(Unhashable())
+        VL.LatticeLoss(flat, 0.1, function_objective(Unhashable()))
     with pytest.raises(ValueError, match="devices"):
-        V.LatticeLoss(flat, 0.1, loss, devices=jax.device_count() + 1)
+        VL.LatticeLoss(flat, 0.1, loss, devices=jax.device_count() + 1)
     with pytest.raises(ValueError, match="max_batch"):
-        V.LatticeLoss(flat, 0.1, loss, max_batch=0)
+        VL.LatticeLoss(flat, 0.1, loss, max_batch=0)
     with pytest.raises(ValueError, match="one floating scalar per voxel"):
-        V.LatticeLoss(flat, 0.1, V.ParamLoss(_theta_pair, dim=10))(np.zeros((2, 2), np.int64))
+        VL.LatticeLoss(flat, 0.1, function_objective(_theta_pair))(np.zeros((2, 2), np.int64))
     with pytest.raises(ValueError, match=r"shape \[K, 2\]"):
         ev(np.zeros((2, 3), np.int64))
     with pytest.raises(ValueError, match="integers"):
         ev(np.zeros((2, 2)))
     with pytest.raises(ValueError, match=r"2 losses for 1 voxel\(s\)"):
-        V.grid_traversal(lambda a: np.ones(2, np.float32), 2.0, dim=1)
+        VT.grid_traversal(lambda a: np.ones(2, np.float32), 2.0, dim=1)
     with pytest.raises(ValueError, match="cannot hold it exactly"):
         ev(np.array([[2 ** 24 + 1, 0]]))
     assert ev(np.array([[2 ** 24, 0]])).shape == (1,)
     with pytest.raises(ValueError, match="floating dtype"):
-        V.VoxelStore(dtype=np.int32)
+        VL.VoxelStore(dtype=np.int32)
     with pytest.raises(ValueError, match="two points"):
         V.fit_log_linear([1.0], [3.0])
     with pytest.raises(ValueError, match="positive"):
@@ -564,13 +549,13 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def _theta_pair(theta, aux):
-    return theta[:2]
+    return theta["b"][:2]
 
 
 def test_radius_bounds_the_lattice():
     # the flat valley of f = ε + θ_2² along θ_1 is unbounded; radius keeps the traversal finite
     valley = lambda th: (np.float32(0.1) + th[..., 1] ** 2).astype(np.float32)  # noqa: E731
-    res = V.grid_traversal(CountingNumpyLattice(valley, 0.1, 2), 2.0, radius=10)
+    res = VT.grid_traversal(CountingNumpyLattice(valley, 0.1, 2), 2.0, config=VT.TraversalConfig(radius=10))
     assert not res.truncated and res.out_of_bounds > 0
     assert res.H == 21 * 7  # |a_1| <= 10 and (0.1·a_2)² <= ε = 0.1: a_2 in -3..3
 
@@ -582,7 +567,7 @@ def test_radius_bounds_the_lattice():
 
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 15])
 def test_codec_roundtrip(m):
-    codec = V.LatticeCodec(m)
+    codec = VL.LatticeCodec(m)
     rng = np.random.default_rng(m)
     a = rng.integers(-codec.offset, codec.offset, size=(500, m))
     a[0] = -codec.offset
@@ -595,7 +580,7 @@ def test_codec_roundtrip(m):
 
 def test_voxel_store_matches_a_python_dict():
     rng = np.random.default_rng(0)
-    store = V.VoxelStore(capacity=16)
+    store = VL.VoxelStore(capacity=16)
     ref = {}
     for _ in range(30):
         keys = np.unique(rng.integers(0, 5000, size=200))
@@ -615,7 +600,7 @@ def test_voxel_store_matches_a_python_dict():
 
 
 def test_key_queue_fifo_and_random_pops():
-    q = V.KeyQueue(capacity=4)
+    q = VL.KeyQueue(capacity=4)
     for i in range(10):
         q.push(np.arange(i * 5, i * 5 + 5))
         assert np.array_equal(q.pop_front(2), np.arange(i * 5 - 3 * i, i * 5 - 3 * i + 2))
@@ -645,8 +630,8 @@ def test_fit_log_linear_recovers_exponential_growth():
 
 
 def test_sweep_fits_pooled_and_json():
-    flat = V.full_space_flat(jnp.zeros(2, jnp.float32))
-    sweep = V.h_sweep(flat, bowl_loss(np.eye(2), 0.1), [0.2, 0.1], [2.0, 4.0, 8.0, 16.0])
+    flat = VF.full_space_flat(jnp.zeros(2, jnp.float32))
+    sweep = V.h_sweep(flat, BOWL, [0.2, 0.1], [2.0, 4.0, 8.0, 16.0], batch=bowl_batch(np.eye(2), 0.1))
     fits = sweep.fit()
     assert len(fits["per_step"]) == 2 and all(f is not None and f.B > 0 for f in fits["per_step"])
     assert fits["pooled"].num_points == 8
@@ -661,10 +646,10 @@ def test_sweep_fits_pooled_and_json():
 
 
 def test_sweep_without_continuation_matches_but_costs_more():
-    flat = V.full_space_flat(jnp.zeros(2, jnp.float32))
-    loss = bowl_loss(np.eye(2), 0.1)
-    a = V.h_sweep(flat, loss, [0.1], [2.0, 6.0, 11.0])
-    b = V.h_sweep(flat, loss, [0.1], [2.0, 6.0, 11.0], continue_future_queue=False)
+    flat = VF.full_space_flat(jnp.zeros(2, jnp.float32))
+    eye = bowl_batch(np.eye(2), 0.1)
+    a = V.h_sweep(flat, BOWL, [0.1], [2.0, 6.0, 11.0], batch=eye)
+    b = V.h_sweep(flat, BOWL, [0.1], [2.0, 6.0, 11.0], batch=eye, continue_future_queue=False)
     assert np.array_equal(a.H, b.H)
     assert a.evaluations.sum() < b.evaluations.sum()
 
@@ -698,13 +683,13 @@ def test_model_loss_on_an_iris_flat_is_exact_and_bucket_invariant(iris_setup):
 
     model, data, minima = iris_setup
     params = [v["params"] for v in minima]
-    flat = V.flat_from_minima(params[:3], anchor=1, basis="qr")
-    loss = V.model_vector_loss(model, data, minima[1])
-    assert loss.dim == 4 * 8 + 8 + 8 * 3 + 3 == flat.ambient_dim
+    flat = VF.flat_from_minima(params[:3], anchor=1, basis="qr")
+    loss, batch = make_objective(model, train=False, variables=minima[1]), (data.x, data.y)
+    assert flat.ambient_dim == 4 * 8 + 8 + 8 * 3 + 3
     # the origin is the anchor minimum: its loss is the model's loss
     direct = float(jnp.mean(cross_entropy(model.apply(minima[1], jnp.asarray(data.x)), jnp.asarray(data.y))))
-    small = V.LatticeLoss(flat, 0.05, loss, max_batch=16)
-    big = V.LatticeLoss(flat, 0.05, loss, max_batch=4096)
+    small = VL.LatticeLoss(flat, 0.05, loss, batch, max_batch=16)
+    big = VL.LatticeLoss(flat, 0.05, loss, batch, max_batch=4096)
     np.testing.assert_allclose(small(np.zeros((1, 2), np.int64))[0], direct, rtol=1e-6)
     # a voxel gets bit-identical parameters and losses whatever bucket or position it is evaluated in
     coords = np.random.default_rng(0).integers(-30, 30, size=(300, 2))
@@ -722,60 +707,53 @@ def test_model_loss_on_an_iris_flat_is_exact_and_bucket_invariant(iris_setup):
 
 
 def test_iris_voxel_losses_agree_with_the_model_path(iris_setup):
-    """The raveled-vector loss on a flat equals the one evaluator's model path on the same voxels."""
+    """The objective on a flat's voxels equals the one evaluator's model path on the same voxels."""
     from mclandscape.core.tree import tree_stack
     from mclandscape.engine.evaluate import Points, evaluate
 
     model, data, minima = iris_setup
     params = [v["params"] for v in minima]
-    flat = V.flat_from_minima(params[:3], basis="raw")
+    flat = VF.flat_from_minima(params[:3], basis="raw")
     coords = np.random.default_rng(2).integers(-10, 10, size=(20, 2))
-    got = V.LatticeLoss(flat, 0.1, V.model_vector_loss(model, data, minima[0]))(coords)
+    got = VL.LatticeLoss(flat, 0.1, make_objective(model, train=False, variables=minima[0]), (data.x, data.y))(coords)
     stack = tree_stack([flat.unravel(v) for v in flat.stack])
     want = evaluate(model, Points(rows=jnp.asarray(flat.lattice_rows(coords, 0.1)), stack=stack),
                     (data.x, data.y), batch_size=len(data.x), strategy="map", chunk_size=4).loss
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # "mse_onehot" comes from the one loss registry
-    sq = V.LatticeLoss(flat, 0.1, V.model_vector_loss(model, (data.x, data.y), minima[0], loss="mse_onehot"))
+    sq = VL.LatticeLoss(flat, 0.1, make_objective(model, "mse_onehot", train=False), (data.x, data.y))
     assert sq(coords[:3]).shape == (3,) and np.all(sq(coords[:3]) > 0)
 
 
-def test_model_vector_loss_bad_inputs(iris_setup):
-    model, data, minima = iris_setup
-    with pytest.raises(ValueError, match="'params'"):
-        V.model_vector_loss(model, data, {"batch_stats": {}})
-    with pytest.raises(ValueError, match="unknown loss"):
-        V.model_vector_loss(model, data, minima[0], loss="hinge")
-    with pytest.raises(ValueError, match="targets"):
-        V.model_vector_loss(model, (data.x, data.y[:10]), minima[0])
-    with pytest.raises(ValueError, match="Dataset"):
-        V.model_vector_loss(model, data.x, minima[0])
-
-
-def test_a_second_traversal_or_sweep_compiles_nothing(iris_setup):
+def test_a_second_traversal_or_sweep_compiles_nothing(iris_setup, count_compiles):
     """The evaluator is one module-level jit: new flats, step widths, evaluators and losses with the same
     function and shapes reuse what the first run compiled."""
     A = np.array([[1.0, 0.3], [0.3, 2.0]])
 
     def sweep():
-        flat = V.full_space_flat(jnp.zeros(2, jnp.float32))
-        return V.h_sweep(flat, bowl_loss(A, 0.1), [0.2, 0.1], [2.0, 6.0], batch_size=64, max_batch=256)
+        flat = VF.full_space_flat(jnp.zeros(2, jnp.float32))
+        return V.h_sweep(flat, BOWL, [0.2, 0.1], [2.0, 6.0], batch=bowl_batch(A, 0.1), max_batch=256,
+                         config=VT.TraversalConfig(batch_size=64))
 
     first = sweep()
-    assert _compiles(sweep) == 0
-    assert np.array_equal(sweep().H, first.H)
+    with count_compiles() as seen:
+        again = sweep()
+    assert seen == [] and np.array_equal(again.H, first.H)
 
     model, data, minima = iris_setup
     params = [v["params"] for v in minima]
 
     def traverse():
-        flat = V.flat_from_minima(params[:3], basis="qr")
-        loss = V.model_vector_loss(model, data, minima[0])  # a new loss object, hashed by value
-        return V.grid_traversal(V.LatticeLoss(flat, 0.2, loss, max_batch=128), 1.3, limit=300)
+        flat = VF.flat_from_minima(params[:3], basis="qr")
+        # TODO(issue 21): rebuild the model by name with get_model here once zoo models compare by value
+        loss = make_objective(model, train=False, variables=minima[0])  # a new objective of the same structure
+        return VT.grid_traversal(VL.LatticeLoss(flat, 0.2, loss, (data.x, data.y), max_batch=128), 1.3,
+                                 config=VT.TraversalConfig(limit=300))
 
     a = traverse()
-    assert _compiles(traverse) == 0
-    assert traverse().H == a.H
+    with count_compiles() as seen:
+        b = traverse()
+    assert seen == [] and b.H == a.H
 
 
 def test_iris_3d_sweep_and_plots(iris_setup, tmp_path: Path):
@@ -783,11 +761,12 @@ def test_iris_3d_sweep_and_plots(iris_setup, tmp_path: Path):
 
     model, data, minima = iris_setup
     params = [v["params"] for v in minima]
-    loss = V.model_vector_loss(model, data, minima[0])
+    loss = make_objective(model, train=False, variables=minima[0])
     sweeps = {}
     for kind in ("raw", "qr"):
-        flat = V.flat_from_minima(params, basis=kind)
-        sweeps[kind] = V.h_sweep(flat, loss, [0.4, 0.2], [1.05, 1.1, 1.2], limit=2000, max_batch=256)
+        flat = VF.flat_from_minima(params, basis=kind)
+        sweeps[kind] = V.h_sweep(flat, loss, [0.4, 0.2], [1.05, 1.1, 1.2], batch=(data.x, data.y), max_batch=256,
+                                 config=VT.TraversalConfig(limit=2000))
         assert sweeps[kind].H[:, -1].min() > 1 and np.all(np.diff(sweeps[kind].H, axis=1) >= 0)
     # raw and QR flats share the anchor, so ε and the thresholds agree
     assert sweeps["raw"].epsilon == sweeps["qr"].epsilon
@@ -802,19 +781,23 @@ def test_iris_3d_sweep_and_plots(iris_setup, tmp_path: Path):
 def test_sharded_evaluation_matches_single_device(tmp_path: Path):
     code = textwrap.dedent("""
         import json, numpy as np, jax, jax.numpy as jnp
+        from mclandscape.methods import flats as VF
+        from mclandscape.methods import lattice as VL
+        from mclandscape.methods import traversal as VT
         from mclandscape.methods import volume as V
         assert jax.device_count() == 2
         A = jnp.array([[1.0, 0.3], [0.3, 2.0]], jnp.float32)
-        flat = V.full_space_flat(jnp.zeros(2, jnp.float32))
-        loss = V.ParamLoss(lambda t, _: t @ A @ t + 0.1, dim=2, chunk=3)
+        flat = VF.full_space_flat(jnp.zeros(2, jnp.float32))
+        from mclandscape.core.objective import function_objective
+        loss = function_objective(lambda t, _: t @ A @ t + 0.1)
         res = {}
         for devices in (1, 2):
-            ev = V.LatticeLoss(flat, 0.05, loss, devices=devices)
+            ev = VL.LatticeLoss(flat, 0.05, loss, chunk=3, devices=devices)
             assert ev.num_devices == devices and ev.bucket(5) == (9 if devices == 1 else 12)
-            r = V.grid_traversal(ev, 11.0)
+            r = VT.grid_traversal(ev, 11.0)
             k, v = r.state.visited_items()
             res[str(devices)] = [r.H, k.tolist(), v.tolist()]
-        assert V.LatticeLoss(flat, 0.05, loss).num_devices == 2  # default: all devices
+        assert VL.LatticeLoss(flat, 0.05, loss, chunk=3).num_devices == 2  # default: all devices
         print(json.dumps(res))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
