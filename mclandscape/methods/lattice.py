@@ -107,11 +107,6 @@ class LatticeLoss:
             raise ValueError(f"objective must be an objective (params, batch, key) -> (loss, aux) of the engine "
                              f"(make_objective, or function_objective(fn) for a scalar fn(params, batch)), got "
                              f"{self.objective!r}")
-        try:
-            hash(jax.tree_util.tree_structure(self.objective))
-        except TypeError as err:
-            raise ValueError(f"objective must be hashable (a module-level function, a frozen dataclass or an "
-                             f"engine objective): the compiled map is keyed on it; got {self.objective!r}") from err
         for name in ("chunk", "max_batch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
