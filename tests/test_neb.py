@@ -194,7 +194,8 @@ def test_muller_brown_climbing_image_hits_saddle_energy():
 def test_autoneb_muller_brown_refines_near_the_saddle():
     """AutoNEB: equal first fill, then pivots inserted where the loss rises above the chord; final climbing."""
     base = N.NEBConfig(steps=1500, spring_constant=200.0, learning_rate=1e-4, momentum=0.9, tol=0.05)
-    cycles = [base, base, base, N.NEBConfig(**{**base.__dict__, "climbing": True, "tol": 1e-2})]
+    first = N.NEBConfig(**{**base.__dict__, "steps": 300})  # 5 pivots never meet tol: 300 steps show the shape
+    cycles = [first, base, base, N.NEBConfig(**{**base.__dict__, "climbing": True, "tol": 1e-2})]
     res = A.auto_neb(MB, START, END, cycles=cycles, initial_insert=3, insert_count=2)
     counts = [c["num_pivots"] for c in res.cycles]
     assert counts[0] == 5 and counts == sorted(counts) and counts[-1] > 5
