@@ -316,12 +316,6 @@ class Permutation(Mapping):
         same = all(np.array_equal(p, np.arange(p.size)) for p in self.indices.values())
         return same and (self.signs is None or all(np.all(s > 0) for s in self.signs.values()))
 
-    def to_json(self) -> dict:
-        d = {"indices": {g: p.tolist() for g, p in self.indices.items()}}
-        if self.signs is not None:
-            d["signs"] = {g: s.astype(int).tolist() for g, s in self.signs.items()}
-        return d
-
 
 def _rng(key) -> np.random.Generator:
     """NumPy's generator seeded by a JAX PRNG key's data (explicit keys, no XLA computation to compile)."""
