@@ -7,16 +7,16 @@ tests compile one forward pass per architecture."""
 
 from __future__ import annotations
 
-import doctest
 import functools
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mclandscape.engine.models import get_model
+from mclandscape.engine.models import from_flax, get_model
 from mclandscape.methods import alignment as A
 
 X = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
@@ -326,9 +326,46 @@ def test_permutation_is_a_mapping_with_an_inverse():
     assert A.Permutation({"h": [0, 1]}).is_identity() and not p.is_identity()
 
 
-def test_module_examples():
-    result = doctest.testmod(A, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 10
+class _Residual(nn.Module):  # a skip connection: two layers read the same hidden units
+    @nn.compact
+    def __call__(self, x, train=False):
+        h = nn.relu(nn.Dense(6)(x))
+        return nn.Dense(3)(h + nn.relu(nn.Dense(6)(h)))
+
+
+class _Mixing(nn.Module):  # a chain of Dense layers, but a cumulative sum mixes the hidden units
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(3)(jnp.cumsum(nn.relu(nn.Dense(6)(x)), axis=-1))
+
+
+def test_a_user_model_is_never_given_a_zoo_spec_by_its_name():
+    """A wrapped Flax module whose spec names a zoo architecture without its arguments gets no zoo spec; a
+    chain of Dense layers is derived (and checked on the function), anything else is refused with its leaves."""
+    res = from_flax(_Residual(), name="mlp", spec={"arch": "mlp"})
+    v = res.init(jax.random.key(0), jnp.zeros((1, 4)))
+    with pytest.raises(ValueError, match="not a zoo model.*pass its variables"):
+        A.permutation_spec(res)
+    with pytest.raises(ValueError, match=r"(?s)cannot be derived.*no single order.*params/Dense_2/kernel \(6, 6\)"):
+        A.permutation_spec(res, v)
+    with pytest.raises(ValueError, match=r"(?s)not a Dense layer.*params/bn/scale"):
+        A.permutation_spec(res, {"params": {**v["params"], "bn": {"scale": jnp.ones(6)}}})
+    mix = from_flax(_Mixing(), name="MLP")
+    with pytest.raises(ValueError, match=r"(?s)changes its outputs.*params/Dense_0/kernel \(6, 3\)"):
+        A.permutation_spec(mix, mix.init(jax.random.key(0), jnp.zeros((1, 4))))
+    plain = zoo("mlp", (("widths", (7, 5)),))
+    user = from_flax(plain_module(plain), name="MLP")  # the zoo's module, wrapped by a user: no kwargs in its spec
+    pv = random_variables(plain, 0, (1, 3))
+    spec = A.permutation_spec(user, pv)
+    assert spec.axes == A.permutation_spec(plain).axes
+    b = A.apply_permutation(spec, A.random_permutation(spec, pv, jax.random.key(1)), pv)
+    assert same_leaves(A.align(user, pv, b), pv)
+
+
+def plain_module(model):
+    from mclandscape.engine.models.mlp import MLP
+
+    return MLP(**{k: v for k, v in model.spec["kwargs"].items()})
 
 
 # ---- the experiment --------------------------------------------------------------------------------------

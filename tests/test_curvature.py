@@ -2,7 +2,6 @@
 once, in float32 and float64, and Theorem 1 of Chen et al., 2021 ('Deforming the loss surface to affect the
 behaviour of the optimizer', AAAI)."""
 
-import logging
 import math
 
 import jax
@@ -13,10 +12,10 @@ import pytest
 
 from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import tree_ravel
+from mclandscape.engine.data import Dataset, batch_stream
 from mclandscape.engine.models import get_model
 from mclandscape.methods.curvature import (
     HVP,
-    dataset_batches,
     dense_hessian,
     hessian_eigenvalues,
     hutchinson_trace,
@@ -47,7 +46,7 @@ def ce_problem():
         g = jax.grad(lambda p: loss_fn(p, (x, y))[0])(params)
         u, st = opt.update(g, st)
         params = optax.apply_updates(params, u)
-    H = dense_hessian(loss_fn, params, [(x, y)])
+    H = dense_hessian(loss_fn, params, (x, y))
     return model, loss_fn, params, (x, y), H, params0
 
 
@@ -62,29 +61,29 @@ def test_dense_hessian_and_hvp(ce_problem):
     np.testing.assert_allclose(np.asarray(hv), H @ np.asarray(v, np.float64), rtol=1e-4, atol=1e-5)
     # a plain scalar loss function gives the same Hessian as the objective
     scalar = lambda p, b: loss_fn(p, b)[0]
-    np.testing.assert_allclose(dense_hessian(scalar, params, [batch]), H, atol=1e-6)
+    np.testing.assert_allclose(dense_hessian(function_objective(scalar), params, batch), H, atol=1e-6)
     hv2, _ = tree_ravel(hvp(function_objective(scalar), params, unravel(v), batch))
     np.testing.assert_allclose(np.asarray(hv2), np.asarray(hv), rtol=1e-6, atol=1e-7)
 
 
+def _stream(x, y, batch_size):
+    return batch_stream(Dataset(np.asarray(x), np.asarray(y), 3, "toy"), batch_size, drop_last=False, pad=True)
+
+
 def test_dataset_hvp_over_unequal_batches_equals_full_batch(ce_problem):
     _, loss_fn, params, (x, y), H, _ = ce_problem
-    batches = dataset_batches((np.asarray(x), np.asarray(y)), 13)  # 13 + 13 + 6 examples
-    assert [b[0].shape[0] for b in batches] == [13, 13, 6]
+    stream = _stream(x, y, 13)  # 13 + 13 + 6 examples (the last batch padded)
+    assert [float(np.sum(stream(t)[2])) for t in range(stream.steps_per_epoch)] == [13, 13, 6]
     flat, unravel = tree_ravel(params)
     v = jax.random.normal(jax.random.key(4), flat.shape)
-    hv, _ = tree_ravel(make_hvp(loss_fn, params, batches)(unravel(v)))
+    hv, _ = tree_ravel(make_hvp(loss_fn, params, stream)(unravel(v)))
     np.testing.assert_allclose(np.asarray(hv), H @ np.asarray(v, np.float64), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dense_hessian(loss_fn, params, batches), H, atol=1e-5)
-    with pytest.raises(ValueError, match="weights"):
-        make_hvp(loss_fn, params, batches, weights=[1.0])
-    with pytest.raises(ValueError, match="needs batches"):
-        make_hvp(loss_fn, params)  # an objective without batches
-    with pytest.raises(ValueError, match="wrap a single"):
-        make_hvp(loss_fn, params, (x, y))
-    with pytest.raises(ValueError, match="empty"):
-        make_hvp(loss_fn, params, [])
-    mv = make_hvp(loss_fn, params, batches)
+    np.testing.assert_allclose(dense_hessian(loss_fn, params, stream), H, atol=1e-5)
+    with pytest.raises(ValueError, match="function_objective"):  # the old scalar protocol
+        make_hvp(lambda p, b, k: jnp.sum(p["Dense_0"]["kernel"] ** 2), params, (x, y))(unravel(v))
+    with pytest.raises(ValueError, match="objective must be callable"):
+        make_hvp(None, params, (x, y))
+    mv = make_hvp(loss_fn, params, stream)
     assert isinstance(mv, HVP) and mv.dim == flat.size
     np.testing.assert_allclose(mv.flat(np.asarray(v, np.float64)), np.asarray(hv), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="flat vector"):
@@ -95,7 +94,7 @@ def test_lanczos_equals_dense_spectrum(ce_problem):
     _, loss_fn, params, batch, H, _ = ce_problem
     ev = np.linalg.eigvalsh(H)
     d = H.shape[0]
-    mv = make_hvp(loss_fn, params, [batch])
+    mv = make_hvp(loss_fn, params, batch)
     full = lanczos(mv, params, key=jax.random.key(5), num_iter=d, k=5, return_vectors=True)
     np.testing.assert_allclose(full.values, ev[::-1][:5], rtol=1e-4, atol=1e-5)
     for lam, u in zip(full.values, full.vectors, strict=True):  # the Ritz vectors are eigenvectors
@@ -106,7 +105,7 @@ def test_lanczos_equals_dense_spectrum(ce_problem):
     assert few.num_matvecs == 25
     low = lanczos(mv, params, key=jax.random.key(7), num_iter=d, k=1, which="smallest")
     np.testing.assert_allclose(low.values[0], ev[0], atol=1e-5)
-    np.testing.assert_allclose(hessian_eigenvalues(loss_fn, params, [batch]), ev, atol=1e-10)
+    np.testing.assert_allclose(hessian_eigenvalues(loss_fn, params, batch), ev, atol=1e-10)
     with pytest.raises(ValueError, match="k="):
         lanczos(mv, params, key=jax.random.key(0), num_iter=3, k=4)
 
@@ -115,7 +114,7 @@ def test_power_iteration_with_deflation(ce_problem):
     _, loss_fn, params, batch, H, _ = ce_problem
     ev = np.linalg.eigvalsh(H)
     top = ev[np.argsort(-np.abs(ev))][:2]
-    res = power_iteration(make_hvp(loss_fn, params, [batch]), params, key=jax.random.key(8), k=2,
+    res = power_iteration(make_hvp(loss_fn, params, batch), params, key=jax.random.key(8), k=2,
                           num_iter=500, tol=1e-9)
     np.testing.assert_allclose(res.values, top, rtol=2e-3)
     assert len(res.vectors) == 2
@@ -123,7 +122,7 @@ def test_power_iteration_with_deflation(ce_problem):
 
 def test_hutchinson_trace(ce_problem):
     _, loss_fn, params, batch, H, _ = ce_problem
-    mv = make_hvp(loss_fn, params, [batch])
+    mv = make_hvp(loss_fn, params, batch)
     tr = float(np.trace(H))
     for dist in ("rademacher", "gaussian"):
         est = hutchinson_trace(mv, params, key=jax.random.key(9), num_samples=300, distribution=dist)
@@ -136,7 +135,7 @@ def test_hutchinson_trace(ce_problem):
 def test_dense_hessian_refuses_large_models(ce_problem):
     _, loss_fn, params, batch, _, _ = ce_problem
     with pytest.raises(ValueError, match="max_dim"):
-        dense_hessian(loss_fn, params, [batch], max_dim=10)
+        dense_hessian(loss_fn, params, batch, max_dim=10)
 
 
 def test_top_hessian_eigenvalues_of_a_model(ce_problem):
@@ -147,32 +146,11 @@ def test_top_hessian_eigenvalues_of_a_model(ce_problem):
     with pytest.raises(ValueError, match="params"):
         top_hessian_eigenvalues(model, params, (np.asarray(x), np.asarray(y)), key=jax.random.key(1))
     with pytest.raises(ValueError, match="batch_size"):
-        dataset_batches((np.asarray(x), np.asarray(y)), 0)
+        top_hessian_eigenvalues(model, {"params": params}, (np.asarray(x), np.asarray(y)), key=jax.random.key(1),
+                                batch_size=0)
 
 
-class _CountCompiles(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record):
-        if "Compiling" in record.getMessage():
-            self.count += 1
-
-
-def _compiles(fn) -> int:
-    handler = _CountCompiles()
-    logger = logging.getLogger("jax")
-    logger.addHandler(handler)
-    try:
-        with jax.log_compiles():
-            fn()
-    finally:
-        logger.removeHandler(handler)
-    return handler.count
-
-
-def test_a_second_call_compiles_nothing(ce_problem):
+def test_a_second_call_compiles_nothing(ce_problem, count_compiles):
     """HVPs, Lanczos, power iteration, Hutchinson and the dense Hessian compile once: a second call, through a
     new make_objective and new batches of the same shapes, compiles nothing (the old model_loss_fn path
     compiled its HVP again on every call)."""
@@ -181,16 +159,18 @@ def test_a_second_call_compiles_nothing(ce_problem):
 
     def curvature():
         top_hessian_eigenvalues(model, {"params": params}, data, key=jax.random.key(1), k=1, num_iter=8,
-                                batch_size=10)  # batches of 10, 10, 10 and 2
+                                batch_size=10)  # batches of 10, 10, 10 and 2 (padded)
         obj = make_objective(model, "cross_entropy", train=False, variables={"params": params})
-        mv = make_hvp(obj, params, dataset_batches(data, 16))
+        mv = make_hvp(obj, params, _stream(*data, 16))
         lanczos(mv, params, key=jax.random.key(2), num_iter=6, k=2, return_vectors=True)
         power_iteration(mv, params, key=jax.random.key(3), k=2, num_iter=5)
         hutchinson_trace(mv, params, key=jax.random.key(4), num_samples=3)
-        dense_hessian(obj, params, dataset_batches(data, 16))
+        dense_hessian(obj, params, _stream(*data, 16))
 
     curvature()
-    assert _compiles(curvature) == 0
+    with count_compiles() as seen:
+        curvature()
+    assert seen == []
 
 
 def test_power_iteration_and_lanczos_in_float64():
@@ -199,7 +179,7 @@ def test_power_iteration_and_lanczos_in_float64():
     with jax.enable_x64(True):
         a = np.diag(np.arange(1.0, 7.0)) + 0.1 * np.ones((6, 6))
         ev = np.linalg.eigvalsh(a)
-        quad = lambda p: 0.5 * p["w"] @ jnp.asarray(a) @ p["w"]
+        quad = function_objective(lambda p, b: 0.5 * p["w"] @ jnp.asarray(a) @ p["w"])
         params = {"w": jnp.zeros(6, jnp.float64)}
         mv = make_hvp(quad, params)
         for matvec in (mv, lambda v: {"w": jnp.asarray(a) @ v["w"]}):  # the HVP and a plain tree matvec
@@ -217,12 +197,17 @@ def test_power_iteration_and_lanczos_in_float64():
         y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
         p64 = jax.tree_util.tree_map(lambda t: t.astype(jnp.float64), model.init(jax.random.key(2), x)["params"])
         obj = make_objective(model, "cross_entropy", train=False)
-        H = dense_hessian(obj, p64, [(x, y)])
+        H = dense_hessian(obj, p64, (x, y))
         top = np.linalg.eigvalsh(H)
         top = top[np.argsort(-np.abs(top))][:2]
-        res = power_iteration(make_hvp(obj, p64, [(x, y)]), p64, key=jax.random.key(3), k=2, num_iter=3000,
+        res = power_iteration(make_hvp(obj, p64, (x, y)), p64, key=jax.random.key(3), k=2, num_iter=3000,
                               tol=1e-13)
         np.testing.assert_allclose(res.values, top, rtol=1e-5)
+
+
+def _scalar(f):
+    """A scalar function of the parameters as an objective."""
+    return function_objective(lambda p, batch: f(p))
 
 
 # --- Chen et al. 2021, Theorem 1 -----------------------------------------------------------------------
@@ -267,8 +252,8 @@ def test_theorem1_spectrum_scales_at_critical_point(critical_point, vdm):
     assert np.linalg.norm(g) < 1e-5, "not a critical point"
     l = float(loss(f))
     assert l > 1e-3  # a non-trivial loss, so delta'(l) differs from the identity's
-    ev = np.linalg.eigvalsh(dense_hessian(loss, f))
-    ev_def = np.linalg.eigvalsh(dense_hessian(vdm_loss(vdm, loss), f))
+    ev = np.linalg.eigvalsh(dense_hessian(_scalar(loss), f))
+    ev_def = np.linalg.eigvalsh(dense_hessian(_scalar(vdm_loss(vdm, loss)), f))
     scale = float(vdm.derivative(l))
     assert abs(scale - 1.0) > 0.05
     np.testing.assert_allclose(ev_def, scale * ev, rtol=1e-3, atol=1e-4 * np.abs(ev).max() * scale)
@@ -282,9 +267,9 @@ def test_theorem1_exact_formula_away_from_critical_points(ce_problem, vdm):
     flat, unravel = tree_ravel(params0)
     lf = lambda f: loss_fn(unravel(f), batch)[0]
     l, g = float(lf(flat)), np.asarray(jax.grad(lf)(flat), np.float64)
-    H = dense_hessian(lf, flat)
+    H = dense_hessian(_scalar(lf), flat)
     assert np.linalg.norm(g) > 0.1
-    H_def = dense_hessian(vdm_loss(vdm, lf), flat)
+    H_def = dense_hessian(_scalar(vdm_loss(vdm, lf)), flat)
     exact = np.asarray(deformed_hessian_formula(vdm, l, jnp.asarray(g, jnp.float32), jnp.asarray(H, jnp.float32)))
     np.testing.assert_allclose(H_def, exact, atol=1e-4 * np.abs(H_def).max())
     seed_claim = float(vdm.derivative(l)) * H

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from mclandscape.core.tree import TreeMismatchError, tree_add, tree_norm, tree_stack
-from mclandscape.engine.evaluate import evaluate_params
+from mclandscape.engine.evaluate import evaluate_params, map_points
 from mclandscape.engine.models import get_model
 from mclandscape.methods import directions as D
 from mclandscape.methods.directions import (
     direction_points,
     filter_norms,
-    grid_losses,
     loss_curve,
     loss_plane,
     normalize_direction,
@@ -104,12 +103,14 @@ def test_direction_points_and_pure_function_grid():
     f = lambda p: jnp.sum(p["w"] ** 2) + p["b"] ** 2
     expect = [float(f(jax.tree_util.tree_map(lambda a, i=i: a[i], st))) for i in range(3)]
     for chunk in (None, 2):
-        np.testing.assert_allclose(grid_losses(f, params, [d1, d2], coords, chunk_size=chunk), expect, rtol=1e-6)
-    np.testing.assert_allclose(grid_losses(f, params, [d1], [0.0, 1.0]), [5.25, 8.25], rtol=1e-6)  # one direction
+        np.testing.assert_allclose(map_points(f, direction_points(params, [d1, d2], coords), chunk_size=chunk), expect,
+                                   rtol=1e-6)
+    np.testing.assert_allclose(map_points(f, direction_points(params, [d1], [0.0, 1.0])), [5.25, 8.25],  # one direction
+                               rtol=1e-6)
     with pytest.raises(ValueError, match="coords"):
         direction_points(params, [d1, d2], np.zeros((3, 3)))
     with pytest.raises(ValueError, match="coords"):
-        grid_losses(f, params, [d1], np.array([np.nan]))
+        direction_points(params, [d1], np.array([np.nan]))
     with pytest.raises(ValueError, match="at least one direction"):
         direction_points(params, [], np.zeros((3, 0)))
     with pytest.raises(TreeMismatchError):
@@ -162,6 +163,22 @@ def test_loss_curve_and_plane_through_the_evaluator(cnn, tmp_path, monkeypatch):
         assert os.path.getsize(f) > 1000
     with pytest.raises(ValueError, match="Z must be"):
         contour_plot(alphas, [0.0, 1.0], plane.loss)
+
+
+def test_a_second_curve_and_plane_compile_nothing(cnn, count_compiles):
+    """loss_curve and loss_plane are views on the one evaluator: equal calls (new directions of the same
+    shapes, new coordinates of the same count) reuse its compiled map."""
+    model, params, data = cnn
+
+    def views(seed):
+        d1, d2 = random_directions(jax.random.key(seed), params, 2)
+        return (loss_curve(model, params, d1, np.linspace(-1.0, 1.0, 3) * seed, data, batch_size=16),
+                loss_plane(model, params, d1, d2, [-0.5, 0.5], [0.0, 0.5 * seed], data, batch_size=16))
+
+    views(1)
+    with count_compiles() as seen:
+        curve, plane = views(2)
+    assert seen == [] and curve.loss.shape == (3,) and plane.loss.shape == (2, 2)
 
 
 def test_trajectory_and_eigenvalue_plots(tmp_path):

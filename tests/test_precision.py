@@ -190,8 +190,8 @@ def test_model_objective_on_a_lattice_in_float64():
 A = np.array([[2.1, 0.3, -0.7, 0.1], [0.3, 1.3, 0.2, 0.0], [-0.7, 0.2, -0.9, 0.4], [0.1, 0.0, 0.4, 0.55]])
 
 
-def _quad(p):
-    return 0.5 * p["w"] @ jnp.asarray(A) @ p["w"] + 0.1 * jnp.sum(p["w"] ** 3)
+def _quad(p, batch=None, key=None):  # an objective of the parameters alone
+    return 0.5 * p["w"] @ jnp.asarray(A) @ p["w"] + 0.1 * jnp.sum(p["w"] ** 3), {}
 
 
 def _hess_at(w):

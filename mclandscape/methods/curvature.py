@@ -5,13 +5,14 @@ the behaviour of the optimizer", AAAI; the VDM paper): Theorem 1 (a vertical def
 Hessian spectrum by ``δ'(ℓ)`` at critical points) and Fig. 4 (Hessian eigenvalues at the optimiser's end
 points).
 
-**The loss.** Every function here differentiates the one objective of :mod:`mclandscape.core.objective`:
-``objective(params, batch) -> (loss, aux)`` (e.g. :func:`~mclandscape.core.objective.make_objective` with
-``train=False``; it is called without a key, so there is no dropout), or a plain scalar function
-``loss_fn(params, batch) -> loss``; with ``batches=None`` a function of the parameters alone,
-``loss_fn(params)``. The dataset loss over a sequence of batches is the example-weighted mean of the batch
-losses, ``L = Σ_b (n_b / N)·loss(params, batch_b)``, so every quantity here (HVP, dense Hessian) is the exact
-one of the full-dataset mean loss, whatever the batch sizes.
+**The loss.** Every function here differentiates the engine's objective ``objective(params, batch, key) ->
+(loss, aux)`` (:mod:`mclandscape.core.objective`: :func:`~mclandscape.core.objective.make_objective` with
+``train=False``, or a scalar function wrapped by :func:`~mclandscape.core.objective.function_objective`),
+called with ``key`` (default ``None``: no dropout). ``data`` is a fixed batch (``None`` for an objective of
+the parameters alone) or a :func:`~mclandscape.engine.data.batch_stream`, whose epoch is the dataset: the
+loss is then the example-weighted mean of its batch losses, ``L = Σ_b (n_b / N)·loss(params, batch_b)``
+(``n_b`` the batch's weights summed, with ``pad=True``), so every quantity here (HVP, dense Hessian) is the
+exact one of the full-dataset mean loss, whatever the batch sizes.
 
 - :func:`make_hvp` / :func:`hvp`: ``v -> H v`` by forward-over-reverse differentiation (``jax.jvp`` of
   ``jax.grad``; Pearlmutter 1994, "Fast exact multiplication by the Hessian"), one jitted call per batch,
@@ -22,14 +23,13 @@ one of the full-dataset mean loss, whatever the batch sizes.
 - :func:`hutchinson_trace`: ``tr(H) ≈ mean(vᵀHv)`` over Rademacher or Gaussian probes (Hutchinson 1990);
 - :func:`dense_hessian` / :func:`hessian_eigenvalues`: the full ``d×d`` Hessian and its spectrum
   (``eigvalsh``) for small models;
-- :func:`top_hessian_eigenvalues` / :func:`dataset_batches`: the top eigenvalues of a
-  :class:`~mclandscape.engine.models.Model`'s loss on a dataset (its :func:`make_objective` in inference
-  mode) and a Dataset as batches.
+- :func:`top_hessian_eigenvalues`: the top eigenvalues of a :class:`~mclandscape.engine.models.Model`'s
+  loss on a dataset (its :func:`make_objective` in inference mode).
 
 **Compilation.** The HVP and the dense Hessian are module-level ``jax.jit`` functions. An objective that is
 a pytree (:class:`~mclandscape.core.objective.Objective`: static configuration hashed by value, the model
 by identity; fixed collections such as BatchNorm statistics as data) is an ordinary argument, and any other
-callable (a plain function) a static one hashed by identity. A second call with the same model and shapes
+callable a static one hashed by identity. A second call with the same model and shapes
 compiles nothing, even through a new ``make_objective``; batches of one shape share one compilation. Lanczos,
 power iteration and Hutchinson run on the host in float64 and compile nothing of their own.
 
@@ -42,7 +42,7 @@ the draws are float32, as without x64.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -50,8 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from mclandscape.core.objective import Objective, make_objective
+from mclandscape.core.objective import call_objective, make_objective
 from mclandscape.core.tree import PyTree, tree_ravel, tree_size
+from mclandscape.engine.data import BatchStream, Dataset, batch_stream
 from mclandscape.engine.models.base import Model
 
 __all__ = [
@@ -65,12 +66,8 @@ __all__ = [
     "hutchinson_trace",
     "dense_hessian",
     "hessian_eigenvalues",
-    "dataset_batches",
     "top_hessian_eigenvalues",
 ]
-
-LossFn = Callable[..., Any]
-
 
 @dataclasses.dataclass(frozen=True)
 class Eigs:
@@ -84,7 +81,8 @@ class Eigs:
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> mv = make_hvp(lambda p: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * p ** 2), jnp.zeros(2))
+        >>> from mclandscape.core.objective import function_objective
+        >>> mv = make_hvp(function_objective(lambda p, b: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * p ** 2)), jnp.zeros(2))
         >>> eigs = lanczos(mv, jnp.zeros(2), key=jax.random.key(0), num_iter=2, k=1)
         >>> round(float(eigs.values[0]), 4), eigs.num_matvecs
         (4.0, 2)
@@ -107,7 +105,8 @@ class TraceEstimate:
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> mv = make_hvp(lambda p: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * p ** 2), jnp.zeros(2))
+        >>> from mclandscape.core.objective import function_objective
+        >>> mv = make_hvp(function_objective(lambda p, b: 0.5 * jnp.sum(jnp.array([1.0, 4.0]) * p ** 2)), jnp.zeros(2))
         >>> est = hutchinson_trace(mv, jnp.zeros(2), key=jax.random.key(0), num_samples=2)
         >>> est.mean, est.stderr  # Rademacher probes of a diagonal H are exact
         (5.0, 0.0)
@@ -118,53 +117,41 @@ class TraceEstimate:
     samples: np.ndarray
 
 
-# ---- the loss as a jit argument ---------------------------------------------------------------------------
+# ---- the objective as a jit argument -----------------------------------------------------------------------
 
-def _split_fn(fn: LossFn) -> tuple[Any, tuple]:
-    """``(static, arrays)`` of a loss: a pytree whose leaves are all arrays (an :class:`Objective`) travels as
-    its tree definition (static, hashed by value) and its arrays (data); any other callable is static whole."""
-    if not callable(fn):
-        raise ValueError(f"the loss must be an objective (params, batch) -> (loss, aux) or a function "
-                         f"(params[, batch]) -> scalar, got {type(fn).__name__}")
-    leaves, treedef = jax.tree_util.tree_flatten(fn)
+def _split_fn(objective: Callable) -> tuple[Any, tuple]:
+    """``(static, arrays)`` of an objective: a pytree whose leaves are all arrays (an :class:`Objective`)
+    travels as its tree definition (static, hashed by value) and its arrays (data); any other callable is
+    static whole."""
+    if not callable(objective):
+        raise ValueError(f"the objective must be callable (params, batch, key) -> (loss, aux), got "
+                         f"{type(objective).__name__}")
+    leaves, treedef = jax.tree_util.tree_flatten(objective)
     if all(isinstance(a, jax.Array | np.ndarray) for a in leaves):
         return ("tree", treedef), tuple(leaves)
-    return ("callable", fn), ()  # tagged: a tree definition is never compared with a function
+    return ("callable", objective), ()  # tagged: a tree definition is never compared with a function
 
 
-def _merge_fn(static, arrays) -> LossFn:
+def _merge_fn(static, arrays) -> Callable:
     kind, what = static
     return what if kind == "callable" else jax.tree_util.tree_unflatten(what, list(arrays))
 
 
-def _value(fn: LossFn, params: PyTree, batch) -> jax.Array:
-    """The scalar loss of ``fn`` at ``params`` (``fn(params)`` when ``batch`` is ``None``); an objective's
-    ``(loss, aux)`` gives its loss."""
-    out = fn(params) if batch is None else fn(params, batch)
-    if isinstance(out, tuple):
-        if len(out) != 2:
-            raise ValueError(f"an objective returns (loss, aux), got a tuple of {len(out)}")
-        out = out[0]
-    if jnp.ndim(out) != 0:
-        raise ValueError(f"the loss must be a scalar, got shape {jnp.shape(out)}")
-    return out
-
-
-def _hvp_impl(fn_static, fn_arrays, params, v, batch):
+def _hvp_impl(fn_static, fn_arrays, params, v, batch, key):
     fn = _merge_fn(fn_static, fn_arrays)
-    return jax.jvp(jax.grad(lambda p: _value(fn, p, batch)), (params,), (v,))[1]
+    return jax.jvp(jax.grad(lambda p: call_objective(fn, p, batch, key)[0]), (params,), (v,))[1]
 
 
-def _flat_hvp_impl(fn_static, fn_arrays, params, x, batch):
+def _flat_hvp_impl(fn_static, fn_arrays, params, x, batch, key):
     flat, unravel = ravel_pytree(params)
-    hv = _hvp_impl(fn_static, fn_arrays, params, unravel(x.astype(flat.dtype)), batch)
+    hv = _hvp_impl(fn_static, fn_arrays, params, unravel(x.astype(flat.dtype)), batch, key)
     return ravel_pytree(hv)[0]
 
 
-def _hessian_impl(fn_static, fn_arrays, params, batch):
+def _hessian_impl(fn_static, fn_arrays, params, batch, key):
     fn = _merge_fn(fn_static, fn_arrays)
     flat, unravel = ravel_pytree(params)
-    return jax.hessian(lambda x: _value(fn, unravel(x), batch))(flat)
+    return jax.hessian(lambda x: call_objective(fn, unravel(x), batch, key)[0])(flat)
 
 
 _hvp_jit = jax.jit(_hvp_impl, static_argnums=0)
@@ -172,65 +159,39 @@ _flat_hvp_jit = jax.jit(_flat_hvp_impl, static_argnums=0)
 _hessian_jit = jax.jit(_hessian_impl, static_argnums=0)
 
 
-# ---- batches ---------------------------------------------------------------------------------------------
+# ---- data: a fixed batch or one epoch of a stream -------------------------------------------------------------
 
-def _batch_size(batch) -> int:
-    leaves = jax.tree_util.tree_leaves(batch)
-    if not leaves:
-        raise ValueError("a batch holds no arrays")
-    return int(np.shape(leaves[0])[0])
-
-
-def _weights(batches, weights) -> list[float]:
-    if weights is not None:
-        w = [float(x) for x in weights]
-        if len(w) != len(batches):
-            raise ValueError(f"{len(w)} weights for {len(batches)} batches")
-        if not all(np.isfinite(w)):
-            raise ValueError(f"weights must be finite, got {w}")
-        return w
-    sizes = [_batch_size(b) for b in batches]
-    total = float(sum(sizes))
-    if total == 0:
-        raise ValueError("the batches hold no examples")
-    return [s / total for s in sizes]
+def _batches(data) -> tuple[list, list[float]]:
+    """The batches of ``data`` and their weights ``n_b / N`` (a fixed batch: itself, weight 1)."""
+    if not isinstance(data, BatchStream):
+        return [data], [1.0]
+    batches = [data(t) for t in range(data.steps_per_epoch)]
+    sizes = [float(np.sum(b[2])) if len(b) == 3 else float(np.shape(b[0])[0]) for b in batches]
+    return batches, [n / sum(sizes) for n in sizes]
 
 
-def _as_batches(fn: LossFn, batches) -> list | None:
-    if batches is None:
-        if isinstance(fn, Objective):
-            raise ValueError("an objective needs batches: pass batches=[(x, y), ...] (batches=None means a "
-                             "function of the parameters alone, loss_fn(params))")
-        return None
-    if isinstance(batches, tuple) and len(batches) in (2, 3) and all(hasattr(b, "shape") for b in batches):
-        raise ValueError("batches is a sequence of batches: wrap a single (x, y) batch in a list, [(x, y)]")
-    b = list(batches)
-    if not b:
-        raise ValueError("batches is empty: give at least one batch (or None for loss_fn(params))")
-    return b
-
-
-def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, batch: Any = None) -> PyTree:
-    """``H v`` of the loss at ``params`` on one batch, by forward-over-reverse (``jvp`` of ``grad``).
+def hvp(objective: Callable, params: PyTree, v: PyTree, batch: Any = None, *, key: jax.Array | None = None) -> PyTree:
+    """``H v`` of the objective's loss at ``params`` on one batch, by forward-over-reverse (``jvp`` of ``grad``).
 
     Args:
-      loss_fn: an objective ``(params, batch) -> (loss, aux)`` or a scalar ``loss_fn(params, batch)``
-        (``loss_fn(params)`` when ``batch`` is ``None``), see the module docstring.
+      objective: ``(params, batch, key) -> (loss, aux)``, see the module docstring.
       params: the point.
       v: a tree shaped like ``params``.
-      batch: the batch (``None``: ``loss_fn(params)``).
+      batch: the batch (``None`` for an objective of the parameters alone).
+      key: the objective's key (``None``: no dropout).
 
     Returns:
       ``H v`` as a tree shaped like ``params`` (in its dtype: float64 for float64 parameters).
 
     Example:
         >>> import jax.numpy as jnp
-        >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 2.0, 3.0]) * p ** 2)  # H = diag(1, 2, 3)
-        >>> hvp(loss, jnp.zeros(3), jnp.ones(3)).tolist()
+        >>> from mclandscape.core.objective import function_objective
+        >>> obj = function_objective(lambda p, b: 0.5 * jnp.sum(jnp.array([1.0, 2.0, 3.0]) * p ** 2))
+        >>> hvp(obj, jnp.zeros(3), jnp.ones(3)).tolist()  # H = diag(1, 2, 3)
         [1.0, 2.0, 3.0]
     """
-    static, arrays = _split_fn(loss_fn)
-    return _hvp_jit(static, arrays, params, v, batch)
+    static, arrays = _split_fn(objective)
+    return _hvp_jit(static, arrays, params, v, batch, key)
 
 
 class HVP:
@@ -241,10 +202,10 @@ class HVP:
     use (no tree round trip per product).
 
     Args:
-      loss_fn: an objective or a scalar loss (see :func:`make_hvp`).
+      objective: ``(params, batch, key) -> (loss, aux)``.
       params: the point at which the Hessian is taken.
-      batches: a list of batches, or ``None`` for ``loss_fn(params)``.
-      weights: one weight per batch (``None`` with ``batches=None``).
+      data: a fixed batch (``None``: the objective of the parameters alone) or a batch stream (one epoch).
+      key: the objective's key (``None``: no dropout).
 
     Attributes:
       dim: the number of parameters ``d``.
@@ -252,16 +213,16 @@ class HVP:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> mv = HVP(lambda p: 0.5 * jnp.sum(jnp.array([1.0, 2.0]) * p ** 2), jnp.zeros(2), None, None)
+        >>> from mclandscape.core.objective import function_objective
+        >>> mv = HVP(function_objective(lambda p, b: 0.5 * jnp.sum(jnp.array([1.0, 2.0]) * p ** 2)), jnp.zeros(2))
         >>> mv(jnp.ones(2)).tolist(), mv.flat([1.0, -1.0]).tolist()
         ([1.0, 2.0], [1.0, -2.0])
     """
 
-    def __init__(self, loss_fn: LossFn, params: PyTree, batches: list | None, weights: list[float] | None):
-        self._static, self._arrays = _split_fn(loss_fn)
-        self.params = params
-        self._batches = [None] if batches is None else batches
-        self._weights = [1.0] if weights is None else weights
+    def __init__(self, objective: Callable, params: PyTree, data: Any = None, *, key: jax.Array | None = None):
+        self._static, self._arrays = _split_fn(objective)
+        self.params, self.key = params, key
+        self._batches, self._weights = _batches(data)
         flat, self._unravel = tree_ravel(params)
         self.dim = int(flat.size)
         self.dtype = np.dtype(flat.dtype)
@@ -281,7 +242,7 @@ class HVP:
         x = jnp.asarray(x.astype(self.dtype))
         out = np.zeros(self.dim, np.float64)
         for wb, b in zip(self._weights, self._batches, strict=True):
-            out += wb * np.asarray(_flat_hvp_jit(self._static, self._arrays, self.params, x, b), np.float64)
+            out += wb * np.asarray(_flat_hvp_jit(self._static, self._arrays, self.params, x, b, self.key), np.float64)
         return out
 
     def __call__(self, v: PyTree) -> PyTree:
@@ -290,34 +251,33 @@ class HVP:
         return self._unravel(jnp.asarray(self.flat(np.asarray(flat)).astype(self.dtype)))
 
 
-def make_hvp(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None = None, *,
-             weights: Sequence[float] | None = None) -> HVP:
-    """``v -> H v`` for the dataset loss ``Σ_b w_b·loss(params, batch_b)`` at fixed ``params``.
+def make_hvp(objective: Callable, params: PyTree, data: Any = None, *, key: jax.Array | None = None) -> HVP:
+    """``v -> H v`` of the objective's loss on ``data`` at fixed ``params``.
 
     Args:
-      loss_fn: an objective ``(params, batch) -> (loss, aux)`` (e.g. ``make_objective(model, train=False,
-        variables=...)``) or a scalar ``loss_fn(params, batch)``; with ``batches=None``, ``loss_fn(params)``.
+      objective: ``(params, batch, key) -> (loss, aux)`` (e.g. ``make_objective(model, train=False,
+        variables=...)``).
       params: the point at which the Hessian is taken.
-      batches: a sequence of batches (e.g. :func:`dataset_batches`), or ``None``.
-      weights: per-batch weights ``w_b`` (default ``n_b / N``: the Hessian of the mean loss over all examples).
+      data: a fixed batch, ``None`` (an objective of the parameters alone) or a
+        :func:`~mclandscape.engine.data.batch_stream` (one epoch, each batch weighted by its examples:
+        the Hessian of the mean loss over all of them).
+      key: the objective's key (``None``: no dropout).
 
     Returns:
       An :class:`HVP`: each product is one jitted forward-over-reverse HVP per batch; batches of one shape
       share one compilation, and so do later calls with the same objective configuration.
 
     Example:
-        >>> import jax.numpy as jnp
-        >>> def loss(w, batch):  # the mean of 0.5 (w x)^2 over a batch of scalars x
-        ...     return 0.5 * jnp.mean((w * batch) ** 2)
-        >>> mv = make_hvp(loss, jnp.ones(()), [jnp.array([1.0, 3.0]), jnp.array([2.0])])
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.engine.data import Dataset, batch_stream
+        >>> obj = function_objective(lambda w, b: 0.5 * jnp.sum(b[2] * (w * b[0][:, 0]) ** 2) / jnp.sum(b[2]))
+        >>> ds = Dataset(np.array([[1.0], [3.0], [2.0]], np.float32), np.zeros(3, np.int32), 1, "toy")
+        >>> mv = make_hvp(obj, jnp.ones(()), batch_stream(ds, 2, drop_last=False, pad=True))
         >>> round(float(mv(jnp.ones(()))), 4)  # the mean of x^2 over all three examples: (1 + 9 + 4) / 3
         4.6667
     """
-    batch_list = _as_batches(loss_fn, batches)
-    w = None if batch_list is None else _weights(batch_list, weights)
-    if batch_list is None and weights is not None:
-        raise ValueError("weights need batches")
-    return HVP(loss_fn, params, batch_list, w)
+    return HVP(objective, params, data, key=key)
 
 
 def _flat_matvec(matvec, like):
@@ -366,7 +326,8 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array,
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([-1.0, 2.0, 3.0]) * p ** 2)
+        >>> from mclandscape.core.objective import function_objective
+        >>> loss = function_objective(lambda p, b: 0.5 * jnp.sum(jnp.array([-1.0, 2.0, 3.0]) * p ** 2))
         >>> eigs = lanczos(make_hvp(loss, jnp.zeros(3)), jnp.zeros(3), key=jax.random.key(0), num_iter=3, k=2,
         ...                which="magnitude")
         >>> [round(float(v), 4) for v in eigs.values]
@@ -533,14 +494,14 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: j
     return TraceEstimate(mean=float(samples.mean()), stderr=stderr, samples=samples)
 
 
-def dense_hessian(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None = None, *,
-                  weights: Sequence[float] | None = None, max_dim: int = 4096) -> np.ndarray:
-    """The full Hessian of the dataset loss (parameters flattened in ``tree_ravel`` order).
+def dense_hessian(objective: Callable, params: PyTree, data: Any = None, *, key: jax.Array | None = None,
+                  max_dim: int = 4096) -> np.ndarray:
+    """The full Hessian of the objective's loss on ``data`` (parameters flattened in ``tree_ravel`` order).
 
     Args:
-      loss_fn: an objective or a scalar loss (see :func:`make_hvp`).
+      objective: ``(params, batch, key) -> (loss, aux)`` (see the module docstring).
       params: the point.
-      batches, weights: as for :func:`make_hvp`.
+      data, key: as for :func:`make_hvp`.
       max_dim: refuse more parameters than this (the matrix takes ``d²`` memory; use :func:`lanczos`).
 
     Returns:
@@ -548,33 +509,29 @@ def dense_hessian(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None
 
     Example:
         >>> import jax.numpy as jnp
-        >>> dense_hessian(lambda p: p[0] ** 2 * p[1], jnp.array([1.0, 2.0])).tolist()
+        >>> from mclandscape.core.objective import function_objective
+        >>> dense_hessian(function_objective(lambda p, b: p[0] ** 2 * p[1]), jnp.array([1.0, 2.0])).tolist()
         [[4.0, 2.0], [2.0, 0.0]]
     """
     d = tree_size(params)
     if d > max_dim:
         raise ValueError(f"dense_hessian: {d} parameters exceed max_dim={max_dim} (a {d}x{d} matrix); "
                          "raise max_dim or use lanczos/power_iteration")
-    batch_list = _as_batches(loss_fn, batches)
-    static, arrays = _split_fn(loss_fn)
-    if batch_list is None:
-        H = np.array(_hessian_jit(static, arrays, params, None), np.float64)
-    else:
-        w = _weights(batch_list, weights)
-        H = np.zeros((d, d))
-        for wb, b in zip(w, batch_list, strict=True):
-            H += wb * np.asarray(_hessian_jit(static, arrays, params, b), np.float64)
+    static, arrays = _split_fn(objective)
+    H = np.zeros((d, d))
+    for wb, b in zip(*_batches(data)[::-1], strict=True):
+        H += wb * np.asarray(_hessian_jit(static, arrays, params, b, key), np.float64)
     return 0.5 * (H + H.T)
 
 
-def hessian_eigenvalues(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] | None = None, *,
-                        weights: Sequence[float] | None = None, max_dim: int = 4096) -> np.ndarray:
+def hessian_eigenvalues(objective: Callable, params: PyTree, data: Any = None, *, key: jax.Array | None = None,
+                        max_dim: int = 4096) -> np.ndarray:
     """The full Hessian spectrum in ascending order: ``numpy.linalg.eigvalsh`` of :func:`dense_hessian`.
 
     Args:
-      loss_fn: an objective or a scalar loss (see :func:`make_hvp`).
+      objective: ``(params, batch, key) -> (loss, aux)``.
       params: the point.
-      batches, weights: as for :func:`make_hvp`.
+      data, key: as for :func:`make_hvp`.
       max_dim: as for :func:`dense_hessian`.
 
     Returns:
@@ -582,46 +539,12 @@ def hessian_eigenvalues(loss_fn: LossFn, params: PyTree, batches: Sequence[Any] 
 
     Example:
         >>> import jax.numpy as jnp
-        >>> hessian_eigenvalues(lambda p: p[0] ** 2 - 3.0 * p[1] ** 2, jnp.zeros(2)).tolist()
+        >>> from mclandscape.core.objective import function_objective
+        >>> obj = function_objective(lambda p, b: p[0] ** 2 - 3.0 * p[1] ** 2)
+        >>> hessian_eigenvalues(obj, jnp.zeros(2)).tolist()
         [-6.0, 2.0]
     """
-    return np.linalg.eigvalsh(dense_hessian(loss_fn, params, batches, weights=weights, max_dim=max_dim))
-
-
-def dataset_batches(data, batch_size: int, *, max_examples: int | None = None) -> list[tuple[jax.Array, jax.Array]]:
-    """A Dataset as device batches in order.
-
-    Args:
-      data: a Dataset (``.x``, ``.y``) or an ``(x, y)`` tuple.
-      batch_size: examples per batch (the last one may be partial).
-      max_examples: use only the first ``max_examples`` examples.
-
-    Returns:
-      A list of ``(x, y)`` device arrays.
-
-    Example:
-        >>> import numpy as np
-        >>> batches = dataset_batches((np.zeros((5, 2)), np.arange(5)), 2)
-        >>> [b[1].tolist() for b in batches]
-        [[0, 1], [2, 3], [4]]
-    """
-    if hasattr(data, "x") and hasattr(data, "y"):
-        x, y = np.asarray(data.x), np.asarray(data.y)
-    elif isinstance(data, tuple | list) and len(data) == 2:
-        x, y = np.asarray(data[0]), np.asarray(data[1])
-    else:
-        raise ValueError("data must be a Dataset (with .x and .y) or an (x, y) tuple")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1 (or None for all), got {max_examples!r}")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"data has {x.shape[0]} inputs but {y.shape[0]} targets")
-    n = x.shape[0] if max_examples is None else min(x.shape[0], int(max_examples))
-    if n == 0:
-        raise ValueError("empty dataset")
-    bs = int(batch_size)
-    return [(jnp.asarray(x[i:min(i + bs, n)]), jnp.asarray(y[i:min(i + bs, n)])) for i in range(0, n, bs)]
+    return np.linalg.eigvalsh(dense_hessian(objective, params, data, key=key, max_dim=max_dim))
 
 
 def top_hessian_eigenvalues(model: Model, variables: PyTree, data, *, key: jax.Array, k: int = 1,
@@ -631,15 +554,17 @@ def top_hessian_eigenvalues(model: Model, variables: PyTree, data, *, key: jax.A
 
     The loss is ``make_objective(model, loss, train=False, variables=variables)``: inference mode, the
     non-parameter collections of ``variables`` (BatchNorm running statistics) held fixed, so the Hessian is
-    taken with respect to ``params`` as the model predicts.
+    taken with respect to ``params`` as the model predicts. The data are one epoch of
+    ``batch_stream(data, batch_size, drop_last=False, pad=True)``: every example, one compiled batch shape.
 
     Args:
       model: the :class:`~mclandscape.engine.models.Model`.
       variables: its variables (``{"params": ..., ["batch_stats": ...]}``).
-      data: a Dataset or ``(x, y)``; evaluated in batches of ``batch_size``, the first ``max_examples``.
+      data: a :class:`~mclandscape.engine.data.Dataset` or ``(x, y)``; the first ``max_examples`` (default all).
       key: the Lanczos starting vector.
       k, num_iter: eigenvalues wanted and Lanczos steps.
-      batch_size, max_examples: as for :func:`dataset_batches`.
+      batch_size: examples per batch.
+      max_examples: use only the first ``max_examples`` examples.
       loss: a loss name or per-example callable (see :func:`~mclandscape.core.objective.make_objective`).
 
     Returns:
@@ -657,7 +582,13 @@ def top_hessian_eigenvalues(model: Model, variables: PyTree, data, *, key: jax.A
     """
     if not hasattr(variables, "items") or "params" not in variables:
         raise ValueError("variables must be a dict of collections with 'params'")
+    if not isinstance(data, Dataset):
+        if not (isinstance(data, tuple | list) and len(data) == 2):
+            raise ValueError(f"data must be a Dataset or an (x, y) tuple, got {type(data).__name__}")
+        data = Dataset(np.asarray(data[0]), np.asarray(data[1]), 0, "data")
+    if max_examples is not None:
+        data = data.take(max_examples)
     objective = make_objective(model, loss, train=False, variables=variables)
     params = variables["params"]
-    mv = make_hvp(objective, params, dataset_batches(data, batch_size, max_examples=max_examples))
+    mv = make_hvp(objective, params, batch_stream(data, batch_size, drop_last=False, pad=True))
     return lanczos(mv, params, key=key, num_iter=num_iter, k=k)

@@ -42,20 +42,13 @@ outside the domain it outputs zeros instead of the scaled gradient (no ``NaN`` e
 momentum or adaptive optimiser after it may still move on its state), counts the step in
 :class:`ScaleByVDMState` with the first such loss and step, and :func:`check_vdm_state` (call it on the
 optimiser state, e.g. once per epoch: ``train_model(..., callback=...)``) raises ``ValueError`` naming the
-VDM, the loss and the steps. It never raises from inside a step: a host callback raising from inside a
-jitted training step hung JAX's asynchronous CPU runtime (an unordered one deadlocked, cf.
-jax-ml/jax#25861; an ordered one keeps its error on JAX's effects token, so every later computation with
-ordered effects in the process re-raises it). Only :func:`vdm_loss` offers such a callback
+VDM, the loss and the steps. It never raises from inside a step (a host callback raising inside a jitted
+step can hang JAX's CPU runtime, cf. jax-ml/jax#25861); only :func:`vdm_loss` offers such a callback
 (``check_domain="callback"``), for one-off evaluations.
 
-Slips of the paper handled here (the paper's presets and figure checks live in ``experiments/vdm_presets.py``):
-
-- the positivity condition ``a1, a2, a3, a4 > 0`` of the AP family is contradicted by the paper's own
-  Table 2, which uses AP(1.5, 0.7, 1, 0); ``a4 = 0`` keeps ``δ' >= 0`` and is accepted (``a1, a2, a3 > 0``
-  are still required);
-- the proof of Theorem 1 writes ``∂²δ(ℓ)/∂pr∂ps = δ'(ℓ)·H_rs``; the exact Hessian is
-  ``δ'(ℓ)·H + δ''(ℓ)·∇ℓ∇ℓᵀ`` (see :func:`deformed_hessian_formula`); the paper's statement holds at
-  critical points (``∇ℓ = 0``) only.
+Slips of the paper handled here (its presets and figure checks live in ``experiments/vdm_presets.py``): AP
+accepts ``a4 = 0`` (Table 2 contradicts the stated ``a4 > 0``, see :class:`AP`), and Theorem 1 holds at
+critical points only (its proof drops ``δ''(ℓ)·∇ℓ∇ℓᵀ``, see :func:`deformed_hessian_formula`).
 """
 
 from __future__ import annotations
@@ -72,22 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = [
-    "VDM",
-    "AP",
-    "LE",
-    "Squared",
-    "Identity",
-    "CustomVDM",
-    "custom_vdm",
-    "check_monotone",
-    "check_loss_domain",
-    "vdm_loss",
-    "scale_by_vdm",
-    "ScaleByVDMState",
-    "check_vdm_state",
-    "deformed_hessian_formula",
-]
+__all__ = ["VDM", "AP", "LE", "Squared", "Identity", "CustomVDM", "custom_vdm", "check_monotone", "check_loss_domain",
+           "vdm_loss", "scale_by_vdm", "ScaleByVDMState", "check_vdm_state", "deformed_hessian_formula"]
 
 Array = jax.Array
 
@@ -102,13 +81,9 @@ def _concrete(x):
         return None
 
 
-def _is_int(a: float) -> bool:
-    return float(a).is_integer()
-
-
 def _pow(x, a: float):
     """``x**a``; an integral ``a`` uses ``lax.integer_pow`` (defined for negative ``x``)."""
-    if _is_int(a):
+    if float(a).is_integer():
         return jax.lax.integer_pow(x, int(a))
     return jnp.power(x, a)
 
@@ -146,12 +121,8 @@ class VDM:
 
     def in_domain(self, loss):
         """Boolean array: where ``δ`` is defined at ``loss`` (finite losses only)."""
-        low, inclusive = self.domain
         loss = jnp.asarray(loss)
-        ok = jnp.isfinite(loss)
-        if low == -math.inf:
-            return ok
-        return ok & ((loss >= low) if inclusive else (loss > low))
+        return jnp.isfinite(loss) & ~_outside_domain(self, loss, jnp)
 
     def domain_message(self, bad_loss: float) -> str:
         low, inclusive = self.domain
@@ -169,12 +140,7 @@ class VDM:
 def _check_pos(name: str, **values: float) -> None:
     for k, v in values.items():
         if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{name}: coefficient {k} must be a finite number > 0 (VDM paper, section 3.1), "
-                             f"got {v!r}")
-
-
-def _fmt(x: float) -> str:
-    return f"{x:g}"
+            raise ValueError(f"{name}: coefficient {k} must be a finite number > 0 (VDM paper, section 3.1), got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,11 +176,11 @@ class AP(VDM):
 
     @property
     def name(self) -> str:
-        return f"AP({_fmt(self.a1)}, {_fmt(self.a2)}, {_fmt(self.a3)}, {_fmt(self.a4)})"
+        return f"AP({self.a1:g}, {self.a2:g}, {self.a3:g}, {self.a4:g})"
 
     @property
     def domain(self) -> tuple[float, bool]:
-        if _is_int(self.a3):
+        if self.a3.is_integer():
             return (-math.inf, True)
         return (0.0, self.a3 >= 1.0)
 
@@ -249,13 +215,13 @@ class LE(VDM):
     e2: float
 
     def __post_init__(self):
-        object.__setattr__(self, "e1", float(self.e1))
-        object.__setattr__(self, "e2", float(self.e2))
+        for k in ("e1", "e2"):
+            object.__setattr__(self, k, float(getattr(self, k)))
         _check_pos("LE", e1=self.e1, e2=self.e2)
 
     @property
     def name(self) -> str:
-        return f"LE({_fmt(self.e1)}, {_fmt(self.e2)})"
+        return f"LE({self.e1:g}, {self.e2:g})"
 
     @property
     def domain(self) -> tuple[float, bool]:
@@ -288,8 +254,7 @@ class Squared(VDM):
         return "0.5*l^2"
 
     def value(self, loss):
-        loss = jnp.asarray(loss)
-        return 0.5 * loss * loss
+        return 0.5 * jnp.square(loss)
 
     def derivative(self, loss):
         return jnp.asarray(loss)
@@ -375,12 +340,9 @@ def check_monotone(vdm: VDM, losses=None, *, atol: float = 0.0) -> None:
     grid = jnp.asarray(losses, dtype)
     vals = np.asarray(vdm.value(grid))
     der = np.asarray(vdm.derivative(grid))
-    bad = ~np.isfinite(vals)
-    if bad.any():
-        raise ValueError(f"{vdm.name}: delta is not finite at loss {losses[bad][0]:.6g}")
-    bad = ~np.isfinite(der)
-    if bad.any():
-        raise ValueError(f"{vdm.name}: delta' is not finite at loss {losses[bad][0]:.6g}")
+    for what, v in (("delta", vals), ("delta'", der)):
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"{vdm.name}: {what} is not finite at loss {losses[~np.isfinite(v)][0]:.6g}")
     neg = der < -atol
     if neg.any():
         i = int(np.argmax(neg))
@@ -435,15 +397,16 @@ def custom_vdm(fn: Callable[[Array], Array], derivative: Callable[[Array], Array
     return vdm
 
 
-def _outside_domain(vdm: VDM, loss) -> np.ndarray:
-    """Host-side mask of losses at or below the VDM's domain bound (NaN is not flagged: a NaN loss is a
-    divergence of training, not a domain violation, and propagates as it would without a VDM)."""
-    loss = np.asarray(loss, np.float64)
+def _outside_domain(vdm: VDM, loss, xp=np):
+    """Mask of losses at or below the VDM's domain bound, on the host (``xp=np``) or traced (``xp=jnp``). NaN
+    is not flagged: a NaN loss is a divergence of training, not a domain violation, and propagates as it
+    would without a VDM."""
     low, inclusive = vdm.domain
-    return ~np.isnan(loss) & ~((loss >= low) if inclusive else (loss > low))
+    return ~xp.isnan(loss) & ~((loss >= low) if inclusive else (loss > low))
 
 
 def _raise_outside(vdm: VDM, loss) -> None:
+    loss = np.asarray(loss, np.float64)
     bad = _outside_domain(vdm, loss)
     if np.any(bad):
         raise ValueError(vdm.domain_message(float(np.ravel(np.asarray(loss))[np.ravel(bad)][0])))
@@ -492,12 +455,9 @@ def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
     @functools.wraps(loss_fn)
     def wrapped(*args, **kwargs):
         out = loss_fn(*args, **kwargs)
-        if has_aux:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise ValueError("vdm_loss(has_aux=True): loss_fn must return (loss, aux)")
-            loss, aux = out
-        else:
-            loss, aux = out, None
+        if has_aux and not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError("vdm_loss(has_aux=True): loss_fn must return (loss, aux)")
+        loss, aux = out if has_aux else (out, None)
         if jnp.ndim(loss) != 0:
             raise ValueError(f"vdm_loss: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}")
         if check_domain != "off":
@@ -554,26 +514,21 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
     """
     if not isinstance(vdm, VDM):
         raise ValueError(f"scale_by_vdm: expected a VDM, got {type(vdm).__name__}")
-    if check_domain == "callback":
-        raise ValueError("scale_by_vdm: check_domain='callback' is not offered: a host callback raising from "
-                         "inside a training step hung JAX's CPU runtime (jax-ml/jax#25861). The default 'skip' "
-                         "masks such steps and check_vdm_state raises on the host.")
-    if check_domain not in _STEP_CHECKS:
-        raise ValueError(f"scale_by_vdm: check_domain must be one of {_STEP_CHECKS}, got {check_domain!r}")
-    low, inclusive = vdm.domain
-    masked = check_domain == "skip" and low != -math.inf
+    if check_domain not in _STEP_CHECKS:  # no "callback": raising inside a step can hang JAX (jax-ml/jax#25861)
+        raise ValueError(f"scale_by_vdm: check_domain must be one of {_STEP_CHECKS} ('skip' masks such steps and "
+                         f"check_vdm_state raises on the host; a host callback raising inside a training step can "
+                         f"hang JAX's CPU runtime, jax-ml/jax#25861), got {check_domain!r}")
+    masked = check_domain == "skip" and vdm.domain[0] != -math.inf
 
     def init_fn(params):
         # the logged factor and losses follow the parameters' dtype (float64 under jax_enable_x64)
         floats = [x for x in jax.tree_util.tree_leaves(params) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
         dt = jnp.result_type(*floats) if floats else jnp.result_type(float)
-        return ScaleByVDMState(scale=jnp.ones((), dt), loss=jnp.full((), jnp.nan, dt),
-                               steps=jnp.zeros((), jnp.int32), num_invalid=jnp.zeros((), jnp.int32),
-                               invalid_loss=jnp.full((), jnp.nan, dt),
+        zero, nan = jnp.zeros((), jnp.int32), jnp.full((), jnp.nan, dt)
+        return ScaleByVDMState(scale=jnp.ones((), dt), loss=nan, steps=zero, num_invalid=zero, invalid_loss=nan,
                                invalid_step=jnp.full((), -1, jnp.int32))
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params
+    def update_fn(updates, state, params=None, **extra_args):  # noqa: ARG001 (optax's signature)
         if loss_arg not in extra_args:
             raise ValueError(f"scale_by_vdm({vdm.name}) needs the loss value: call "
                              f"update(grads, state, params, {loss_arg}=loss)")
@@ -583,7 +538,7 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
         scale = vdm.derivative(loss)
         num_invalid, invalid_loss, invalid_step = state.num_invalid, state.invalid_loss, state.invalid_step
         if masked:
-            bad = ~jnp.isnan(loss) & ~((loss >= low) if inclusive else (loss > low))
+            bad = _outside_domain(vdm, loss, jnp)
             first = bad & (num_invalid == 0)
             invalid_loss = jnp.where(first, loss.astype(invalid_loss.dtype), invalid_loss)
             invalid_step = jnp.where(first, state.steps, invalid_step)
@@ -620,9 +575,8 @@ def check_vdm_state(opt_state, vdm: VDM | None = None) -> None:
         n = np.asarray(st.num_invalid)
         if not np.any(n > 0):
             continue
-        hit = n > 0
-        loss = np.ravel(np.asarray(st.invalid_loss)[hit] if n.ndim else np.asarray(st.invalid_loss))[0]
-        step = np.ravel(np.asarray(st.invalid_step)[hit] if n.ndim else np.asarray(st.invalid_step))[0]
+        hit = np.ravel(n > 0)
+        loss, step = (np.ravel(np.asarray(a))[hit][0] for a in (st.invalid_loss, st.invalid_step))
         steps = np.asarray(st.steps)
         what = vdm.domain_message(float(loss)) if vdm is not None else (
             f"the VDM is undefined at loss {float(loss)!r}")
@@ -639,8 +593,7 @@ def deformed_hessian_formula(vdm: VDM, loss, grad_vec, hessian):
     ``δ''(ℓ)·∇ℓ∇ℓᵀ`` term, so the statement is exact only at critical points (``∇ℓ = 0``) or for affine
     ``δ``. ``grad_vec`` is ``∇ℓ`` as a vector ``[d]`` and ``hessian`` is ``H`` ``[d, d]``.
     """
-    g = jnp.asarray(grad_vec)
-    h = jnp.asarray(hessian)
+    g, h = jnp.asarray(grad_vec), jnp.asarray(hessian)
     if g.ndim != 1 or h.shape != (g.shape[0], g.shape[0]):
         raise ValueError(f"deformed_hessian_formula: need grad [d] and hessian [d, d], got {g.shape} and {h.shape}")
     return vdm.derivative(loss) * h + vdm.second_derivative(loss) * jnp.outer(g, g)

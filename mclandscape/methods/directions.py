@@ -29,14 +29,14 @@ set of coordinates over k directions is :func:`direction_points` (rows ``[1, c_1
 otherwise be 2,601 copies, ~158 GB; ``benchmarks/loss_plane_memory.py`` measures it).
 :func:`loss_curve` and :func:`loss_plane` evaluate the model with
 :func:`~mclandscape.engine.evaluate.evaluate` (first-layer factorisation, BatchNorm recomputed per point
-from ``bn_data``); :func:`grid_losses` maps a pure loss function with
+from ``bn_data``); a pure function of the parameters maps over :func:`direction_points` with
 :func:`~mclandscape.engine.evaluate.map_points`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ from mclandscape.core.tree import (
     tree_stack,
     tree_sub,
 )
-from mclandscape.engine.evaluate import Points, evaluate, map_points, plane_points
+from mclandscape.engine.evaluate import Points, evaluate, plane_points
 from mclandscape.engine.models.base import Model
 
 __all__ = [
@@ -63,7 +63,6 @@ __all__ = [
     "target_direction",
     "filter_norms",
     "direction_points",
-    "grid_losses",
     "Landscape",
     "loss_curve",
     "loss_plane",
@@ -273,33 +272,6 @@ def direction_points(params: PyTree, directions: Sequence[PyTree], coords) -> Po
     return Points(rows=jnp.asarray(rows, dtype), stack=stack)
 
 
-def grid_losses(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, directions: Sequence[PyTree], coords, *,
-                chunk_size: int | None = None, strategy: str = "map", devices: int | None = None) -> np.ndarray:
-    """``loss_fn(θ + Σ_i coords[p, i]·d_i)`` at every point, through :func:`~mclandscape.engine.evaluate.map_points`.
-
-    Args:
-      loss_fn: a pure function of the parameters (hashable: a module-level function or a frozen dataclass
-        compiles once; a new lambda compiles again).
-      params, directions, coords: see :func:`direction_points`.
-      chunk_size: points vectorised at a time (default 1).
-      strategy, devices: see :func:`~mclandscape.engine.evaluate.map_points`.
-
-    Returns:
-      ``[P]`` NumPy values.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> sq_norm = lambda p: jnp.sum(p["w"] ** 2)
-        >>> grid_losses(sq_norm, {"w": jnp.array([1.0, 0.0])}, [{"w": jnp.array([1.0, 0.0])}],
-        ...             [-1.0, 0.0, 1.0]).tolist()
-        [0.0, 1.0, 4.0]
-    """
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn must be a function of the parameters, got {type(loss_fn).__name__}")
-    pts = direction_points(params, directions, coords)
-    return np.asarray(map_points(loss_fn, pts, strategy=strategy, chunk_size=chunk_size, devices=devices))
-
-
 @dataclasses.dataclass(frozen=True)
 class Landscape:
     """Loss and accuracy on a line or a plane of parameter space (returned by :func:`loss_curve`, :func:`loss_plane`).
@@ -362,11 +334,20 @@ def loss_curve(model: Model, params: PyTree, direction: PyTree, alphas, data, **
         >>> curve.loss.shape, bool(abs(curve.loss[1] - at_centre) < 1e-5)
         ((3,), True)
     """
-    a = _check_axis(alphas, "alphas")
-    check_same_structure(params, direction, names=("params", "direction"), check_dtype=False)
-    pts = plane_points(params, _as_dtype_of(direction, params), None, a)
+    return _view(model, params, [direction], [alphas], data, eval_kwargs)
+
+
+def _view(model: Model, params: PyTree, dirs: list, axes: list, data, eval_kwargs: dict) -> Landscape:
+    """:func:`~mclandscape.engine.evaluate.evaluate` on the line or plane of ``dirs`` over ``axes``."""
+    axes = [_check_axis(x, name) for x, name in zip(axes, ("alphas", "betas"), strict=False)]
+    for name, d in zip(("direction", "d2") if len(dirs) == 1 else ("d1", "d2"), dirs, strict=False):
+        check_same_structure(params, d, names=("params", name), check_dtype=False)
+    dirs = [_as_dtype_of(d, params) for d in dirs]
+    pts = plane_points(params, dirs[0], dirs[1] if len(dirs) > 1 else None, *axes)
     m = evaluate(model, pts, data, **eval_kwargs)
-    return Landscape(alphas=a, betas=None, loss=np.asarray(m.loss), accuracy=np.asarray(m.accuracy))
+    shape = tuple(x.size for x in axes)
+    return Landscape(alphas=axes[0], betas=axes[1] if len(axes) > 1 else None,
+                     loss=np.asarray(m.loss).reshape(shape), accuracy=np.asarray(m.accuracy).reshape(shape))
 
 
 def loss_plane(model: Model, params: PyTree, d1: PyTree, d2: PyTree, alphas, betas, data,
@@ -394,12 +375,4 @@ def loss_plane(model: Model, params: PyTree, d1: PyTree, d2: PyTree, alphas, bet
         >>> plane.loss.shape, plane.accuracy.shape, bool((plane.accuracy >= 0).all())
         ((2, 3), (2, 3), True)
     """
-    a = _check_axis(alphas, "alphas")
-    b = _check_axis(betas, "betas")
-    for name, d in (("d1", d1), ("d2", d2)):
-        check_same_structure(params, d, names=("params", name), check_dtype=False)
-    pts = plane_points(params, _as_dtype_of(d1, params), _as_dtype_of(d2, params), a, b)
-    m = evaluate(model, pts, data, **eval_kwargs)
-    shape = (a.size, b.size)
-    return Landscape(alphas=a, betas=b, loss=np.asarray(m.loss).reshape(shape),
-                     accuracy=np.asarray(m.accuracy).reshape(shape))
+    return _view(model, params, [d1, d2], [alphas, betas], data, eval_kwargs)

@@ -1,0 +1,418 @@
+"""Matching two networks up to permutation: weight matching (Ainsworth, Hayase & Srinivasa 2023, §3.2),
+activation matching (Entezari et al. 2022; Ainsworth et al. 2023, §3.1), :func:`align` and
+:func:`distance_modulo_permutation`. See :mod:`mclandscape.methods.alignment`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mclandscape.core.tree import tree_stack
+from mclandscape.engine.evaluate import map_points, stacked_points
+from mclandscape.methods.alignment.spec import (
+    _NO_ODD,
+    Axis,
+    Permutation,
+    PermutationSpec,
+    _check_perm,
+    _Flat,
+    _is_variables,
+    _permute_leaf,
+    _rng,
+    _validated,
+    apply_permutation,
+)
+from mclandscape.methods.alignment.zoo import permutation_spec
+
+PyTree = Any
+METHODS = ("weight", "activation")
+
+# ---------------------------------------------------------------------------------------------------------
+# weight matching (Ainsworth, Hayase & Srinivasa 2023, §3.2)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _block(x: np.ndarray, axis: int, a: Axis, group: str, sizes) -> np.ndarray:
+    """The group's units of ``x`` along ``axis`` as rows ``[n, -1]`` (its block of a concatenation; every
+    repetition of a tiled axis)."""
+    x = np.moveaxis(x, axis, 0)
+    off = sum(sizes[g] for g in a.perms[:a.perms.index(group)])
+    n, total = sizes[group], sum(sizes[g] for g in a.perms)
+    if a.tiled:
+        x = x.reshape((x.shape[0] // total, total) + x.shape[1:])[:, off:off + n]
+        return np.moveaxis(x, 1, 0).reshape(n, -1)
+    return x[off:off + n].reshape(n, -1)
+
+
+def _params_leaves(flat: _Flat) -> dict[str, np.ndarray]:
+    """The ``params`` leaves on the host, float32 (float64 if given): the assignment costs are products of
+    these, summed in float64."""
+    def host(v):
+        v = np.asarray(v)
+        return v if v.dtype == np.float64 else v.astype(np.float32)
+
+    return {p: host(v) for p, v in flat.leaves.items() if p.startswith("params/")}
+
+
+
+def _solve(cost: np.ndarray) -> np.ndarray:
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost, maximize=True)
+    out = np.empty(cost.shape[0], np.int64)
+    out[rows] = cols
+    return out
+
+
+def _coordinate_descent(spec, ref, oth, sizes, idx, signs, *, free, flip, max_iter, key):
+    """Git Re-Basin's coordinate descent over the ``free`` groups (the others stay at ``idx``)."""
+    bindings = {g: [(p, i, a) for p, i, a in spec.bindings(g) if p in ref] for g in free}
+    order = [g for g in spec.groups if g in free and bindings[g]]
+    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if not order:
+        return 0, True
+    rng = None if key is None else _rng(key)
+    ref_blocks = {(p, i, g): _block(ref[p], i, a, g, sizes) for g in order for p, i, a in bindings[g]}
+    sweeps, converged = 0, False
+    while sweeps < int(max_iter):
+        sweeps += 1
+        seq = order if rng is None else [order[j] for j in rng.permutation(len(order))]
+        progress = False
+        for g in seq:
+            n = sizes[g]
+            cost = np.zeros((n, n))
+            for p, i, a in bindings[g]:
+                b = _permute_leaf(oth[p], spec.axes[p], sizes, idx, signs, skip=i)
+                cost += (ref_blocks[p, i, g] @ _block(b, i, a, g, sizes).T).astype(np.float64)
+            rows = np.arange(n)
+            gain = np.abs(cost) if g in flip else cost
+            new_idx = _solve(gain)
+            old = float(np.sum((signs[g] if g in flip else 1.0) * cost[rows, idx[g]]))
+            new = float(np.sum(gain[rows, new_idx]))
+            if new > old + 1e-12 * max(1.0, abs(old)):
+                idx[g] = new_idx
+                if g in flip:
+                    signs[g] = np.where(cost[rows, new_idx] < 0, -1.0, 1.0)
+                progress = True
+        if not progress:
+            converged = True
+            break
+    return sweeps, converged
+
+
+def weight_matching(spec: PermutationSpec, reference_params: PyTree, params: PyTree, *, max_iter: int = 100,
+                    key: jax.Array | None = None, sign_flips: bool = False,
+                    init: Permutation | Mapping[str, Any] | None = None) -> Permutation:
+    """The permutation of ``params`` that best matches ``reference_params`` weight by weight (Ainsworth,
+    Hayase & Srinivasa 2023, Algorithm 1): coordinate descent over the groups, one linear assignment
+    (``scipy.optimize.linear_sum_assignment``) per group with the others fixed, until a sweep improves none
+    or ``max_iter`` sweeps. Maximises ``<reference, P(params)>``, i.e. minimises ``|reference - P(params)|``.
+
+    Args:
+      spec: the :class:`PermutationSpec` (:func:`permutation_spec` for zoo models).
+      reference_params, params: two networks of the architecture (params trees or variables dicts; only
+        the ``params`` collection is matched, BatchNorm statistics follow through :func:`apply_permutation`).
+      max_iter: the most sweeps over the groups.
+      key: a PRNG key for the order of the groups in each sweep (Git Re-Basin draws it at random; here
+        NumPy's generator seeded by the key's data, so nothing is compiled); ``None`` uses the spec's order
+        every sweep. A fixed key (or ``None``) gives a fixed result.
+      sign_flips: also flip the signs of units of the spec's ``odd`` groups (cost ``|C_ij|``).
+      init: the starting permutation (default the identity).
+
+    Returns:
+      A :class:`Permutation`; ``apply_permutation(spec, perm, params)`` is ``params`` aligned to the reference.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> spec = PermutationSpec({"params/w1": (None, "h"), "params/w2": ("h", None)})
+        >>> ref = {"w1": np.array([[1., 2., 3.]]), "w2": np.array([[1.], [2.], [3.]])}
+        >>> shuffled = apply_permutation(spec, {"h": np.array([1, 2, 0])}, ref)
+        >>> perm = weight_matching(spec, ref, shuffled, key=jax.random.key(0))
+        >>> apply_permutation(spec, perm, shuffled)["w1"].tolist()
+        [[1.0, 2.0, 3.0]]
+    """
+    ref_flat, sizes = _validated(spec, reference_params, "reference_params")
+    oth_flat, sizes_b = _validated(spec, params, "params")
+    if sizes != sizes_b:
+        diff = {g: (sizes[g], sizes_b.get(g)) for g in sizes if sizes[g] != sizes_b.get(g)}
+        raise ValueError(f"the two networks differ in group sizes (reference, params): {diff}")
+    ref, oth = _params_leaves(ref_flat), _params_leaves(oth_flat)
+    for p in ref:
+        if ref[p].shape != oth[p].shape:
+            raise ValueError(f"{p} has shape {ref[p].shape} in reference_params but {oth[p].shape} in params")
+    if sign_flips and not spec.odd:
+        raise ValueError(_NO_ODD)
+    flip = set(spec.odd) if sign_flips else set()
+    if init is None:
+        idx, signs = {g: np.arange(n) for g, n in sizes.items()}, None
+    else:
+        idx, signs = _check_perm(spec, init, sizes)
+    signs = dict(signs or {})
+    for g in flip:
+        if g in sizes:
+            signs.setdefault(g, np.ones(sizes[g]))
+    it, conv = _coordinate_descent(spec, ref, oth, sizes, idx, signs, free=set(sizes), flip=flip,
+                                   max_iter=max_iter, key=key)
+    return Permutation(idx, signs or None, iterations=it, converged=conv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# activation matching (Entezari et al. 2022; Ainsworth et al. 2023, §3.1)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _carriers(spec: PermutationSpec) -> dict[str, Axis]:
+    """Module path -> the groups along its output's last axis: a module whose ``kernel`` (else ``scale``, else
+    ``bias``) has a permuted, untiled last axis outputs those units last (Dense, Conv, DenseGeneral,
+    BatchNorm, LayerNorm)."""
+    out: dict[str, tuple[int, Axis]] = {}
+    rank = {"kernel": 0, "scale": 1, "bias": 2}
+    for p, entries in spec.axes.items():
+        col, _, rest = p.partition("/")
+        module, _, leaf = rest.rpartition("/")
+        if col != "params" or leaf not in rank or not entries or entries[-1] is None or entries[-1].tiled:
+            continue
+        if module not in out or rank[leaf] < out[module][0]:
+            out[module] = (rank[leaf], entries[-1])
+    return {m: a for m, (_, a) in out.items()}
+
+
+def _as_model_variables(model, tree, name: str) -> dict:
+    if _is_variables(tree):
+        return dict(tree)
+    if getattr(model, "has_batch_stats", False):
+        raise ValueError(f"{name}: model {model.name} has BatchNorm, so activation matching needs its full "
+                         f"variables (params and batch_stats), not params alone")
+    return {"params": tree}
+
+
+def _inputs(data) -> np.ndarray:
+    if hasattr(data, "x"):
+        return np.asarray(data.x)
+    if isinstance(data, tuple | list) and len(data) == 2:
+        return np.asarray(data[0])
+    if isinstance(data, np.ndarray | jax.Array):
+        return np.asarray(data)
+    raise ValueError("data must be a Dataset, an (x, y) tuple or an array of inputs")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Capture:
+    """``variables -> {module path: output}`` of the modules in ``wanted`` (read by intercepting the Flax
+    modules' calls), a hashable per-point function for :func:`~mclandscape.engine.evaluate.map_points`."""
+
+    model: Any
+    wanted: frozenset[str]
+
+    def __call__(self, variables, x):
+        import flax.linen as nn
+
+        store = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__":
+                path = "/".join(str(s) for s in context.module.path)
+                if path in self.wanted and isinstance(out, jax.Array):
+                    store[path] = out
+            return out
+
+        with nn.intercept_methods(interceptor):
+            self.model.apply(variables, x)
+        return store
+
+
+def _activation_moments(model, carriers, ref_vars, oth_vars, x, batch_size: int) -> dict[str, list]:
+    """Per carrying module: the count, sums, sums of squares and cross products of the two networks'
+    outputs over examples and positions (float64 on the host), both networks mapped as one pair of points."""
+    fn = _Capture(model, frozenset(carriers))
+    pair = stacked_points(tree_stack([ref_vars, oth_vars]))
+    moments: dict[str, list] = {}
+    for s in range(0, len(x), batch_size):
+        out = map_points(fn, pair, jnp.asarray(x[s:s + batch_size]))
+        for m, both in out.items():
+            a = np.asarray(both[0], np.float64)
+            a = a.reshape(-1, a.shape[-1])
+            b = np.asarray(both[1], np.float64).reshape(-1, a.shape[-1])
+            acc = moments.setdefault(m, [0, 0.0, 0.0, 0.0, 0.0, 0.0])
+            acc[0] += a.shape[0]
+            acc[1] = acc[1] + a.sum(0)
+            acc[2] = acc[2] + b.sum(0)
+            acc[3] = acc[3] + (a * a).sum(0)
+            acc[4] = acc[4] + (b * b).sum(0)
+            acc[5] = acc[5] + a.T @ b
+    if not moments:
+        raise ValueError(f"no layer output was captured from model {getattr(model, 'name', model)!r}: activation "
+                         f"matching intercepts Flax modules named like the spec's leaves (use method='weight' "
+                         f"for other models)")
+    return moments
+
+
+def _correlation_costs(moments, carriers, sizes) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Per group: the Pearson correlations of its units summed over the modules carrying it; and the groups
+    some module carries."""
+    cost = {g: np.zeros((n, n)) for g, n in sizes.items()}
+    carried = set()
+    for m, (cnt, sa, sb, saa, sbb, sab) in moments.items():
+        ax = carriers[m]
+        if sa.shape[0] != sum(sizes[g] for g in ax.perms):
+            raise ValueError(f"the output of {m} has {sa.shape[0]} units on its last axis but the spec binds "
+                             f"{list(ax.perms)} there")
+        ma, mb = sa / cnt, sb / cnt
+        sda = np.sqrt(np.maximum(saa / cnt - ma**2, 0.0))
+        sdb = np.sqrt(np.maximum(sbb / cnt - mb**2, 0.0))
+        corr = (sab / cnt - np.outer(ma, mb)) / (np.outer(sda, sdb) + 1e-12)
+        off = 0
+        for g in ax.perms:
+            n = sizes[g]
+            cost[g] += corr[off:off + n, off:off + n]
+            carried.add(g)
+            off += n
+    return cost, carried
+
+
+def activation_matching(model, spec: PermutationSpec, reference: PyTree, other: PyTree, data, *,
+                        batch_size: int = 256, num_examples: int | None = None, sign_flips: bool = False,
+                        fill: str = "weight", key: jax.Array | None = None, max_iter: int = 100) -> Permutation:
+    """The permutation of ``other`` whose hidden activations best correlate with ``reference``'s on ``data``
+    (Entezari et al. 2022; Ainsworth, Hayase & Srinivasa 2023 §3.1).
+
+    Every layer whose output carries a group on its last axis (a ``Dense``/``Conv`` kernel, a norm's
+    ``scale`` bound there by the spec) is read while the model runs in evaluation mode, by intercepting the
+    Flax modules' calls; for each group the Pearson correlations ``corr(a_i^ref, a_j^other)`` over examples
+    and positions are summed over its layers (and blocks of concatenations), and one linear assignment per
+    group maximises the total. Groups that no layer output carries (a ViT's attention-head axis) are solved
+    afterwards by :func:`weight_matching` with the others fixed (``fill="weight"``) or left alone
+    (``fill="identity"``).
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model` (a Flax model: its layers are intercepted).
+      spec: its :class:`PermutationSpec`.
+      reference, other: variables (or params, for a model without BatchNorm).
+      data: a Dataset, an ``(x, y)`` tuple or an input array; the first ``num_examples`` (default all).
+      batch_size: examples per forward pass.
+      sign_flips: for the spec's odd groups, match ``|corr|`` and flip the sign of negatively correlated units.
+      fill, key, max_iter: the weight-matching step for uncarried groups.
+
+    Returns:
+      A :class:`Permutation`.
+    """
+    if fill not in ("weight", "identity"):
+        raise ValueError(f"fill must be 'weight' or 'identity', got {fill!r}")
+    ref_vars = _as_model_variables(model, reference, "reference")
+    oth_vars = _as_model_variables(model, other, "other")
+    ref_flat, sizes = _validated(spec, ref_vars, "reference")
+    oth_flat, sizes_b = _validated(spec, oth_vars, "other")
+    if sizes != sizes_b:
+        raise ValueError(f"the two networks differ in group sizes: {sizes} vs {sizes_b}")
+    if sign_flips and not spec.odd:
+        raise ValueError(_NO_ODD)
+    x = _inputs(data)
+    if num_examples is not None:
+        x = x[:int(num_examples)]
+    if len(x) == 0:
+        raise ValueError("activation matching needs at least one example")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    carriers = _carriers(spec)
+    moments = _activation_moments(model, carriers, ref_vars, oth_vars, x, int(batch_size))
+    cost, carried = _correlation_costs(moments, carriers, sizes)
+    flip = set(spec.odd) if sign_flips else set()
+    idx = {g: np.arange(n) for g, n in sizes.items()}
+    signs = {g: np.ones(sizes[g]) for g in flip if g in sizes}
+    for g in carried:
+        gain = np.abs(cost[g]) if g in flip else cost[g]
+        idx[g] = _solve(gain)
+        if g in flip:
+            signs[g] = np.where(cost[g][np.arange(sizes[g]), idx[g]] < 0, -1.0, 1.0)
+    rest = set(sizes) - carried
+    it, conv = 0, True
+    if rest and fill == "weight":
+        it, conv = _coordinate_descent(spec, _params_leaves(ref_flat), _params_leaves(oth_flat), sizes, idx, signs,
+                                       free=rest, flip=flip, max_iter=max_iter, key=key)
+    return Permutation(idx, signs or None, iterations=it, converged=conv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# align, distance
+# ---------------------------------------------------------------------------------------------------------
+
+
+def align(model, reference: PyTree, other: PyTree, *, method: str = "weight", data=None,
+          spec: PermutationSpec | None = None, key: jax.Array | None = None, max_iter: int = 100,
+          sign_flips: bool = False, batch_size: int = 256, num_examples: int | None = None,
+          return_permutation: bool = False):
+    """``other`` permuted to match ``reference``: parameters and BatchNorm statistics, computing the same
+    function as before.
+
+    Args:
+      model: the :class:`~mclandscape.engine.models.Model` (its spec comes from :func:`permutation_spec`
+        unless ``spec`` is given).
+      reference, other: params trees or variables dicts of two networks (``other`` is returned in its form).
+      method: ``"weight"`` (:func:`weight_matching`, no data) or ``"activation"``
+        (:func:`activation_matching` on ``data``, the first ``num_examples``).
+      spec, key, max_iter, sign_flips, batch_size: passed on.
+      return_permutation: also return the :class:`Permutation`.
+
+    Returns:
+      The aligned ``other`` (and the permutation with ``return_permutation``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from mclandscape.engine.models import get_model
+        >>> from mclandscape.methods.alignment import apply_permutation, permutation_spec, random_permutation
+        >>> model = get_model("mlp", widths=[8], num_classes=3)
+        >>> a = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+        >>> spec = permutation_spec(model)
+        >>> b = apply_permutation(spec, random_permutation(spec, a, jax.random.key(1)), a)
+        >>> bool(jnp.allclose(align(model, a, b)["params"]["Dense_0"]["kernel"], a["params"]["Dense_0"]["kernel"]))
+        True
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    spec = permutation_spec(model, reference) if spec is None else spec
+    if method == "weight":
+        perm = weight_matching(spec, reference, other, max_iter=max_iter, key=key, sign_flips=sign_flips)
+    else:
+        if data is None:
+            raise ValueError("method='activation' needs data (inputs on which to correlate the activations)")
+        perm = activation_matching(model, spec, reference, other, data, batch_size=batch_size,
+                                   num_examples=num_examples, sign_flips=sign_flips, key=key, max_iter=max_iter)
+    out = apply_permutation(spec, perm, other)
+    return (out, perm) if return_permutation else out
+
+
+def distance_modulo_permutation(spec: PermutationSpec, a: PyTree, b: PyTree, *, sign_flips: bool = False,
+                                key: jax.Array | None = None, max_iter: int = 100) -> float:
+    """Euclidean distance between the parameters of two networks modulo the spec's symmetries:
+    ``|a - P(b)|_2`` for the :func:`weight_matching` permutation ``P`` (with ``sign_flips``, also the sign
+    flips of the spec's odd groups, e.g. ``tanh`` units). ``0`` for a permuted (and sign-flipped) copy.
+
+    Exact for one permuted group (a one-hidden-layer MLP: one assignment
+    solves it); for deeper networks the
+    coordinate descent gives an upper bound on the true minimum. Only the ``params`` collection counts.
+    ``functools.partial(distance_modulo_permutation, spec, sign_flips=True)`` is a ``(p, q) -> float``
+    symmetry distance.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from mclandscape.engine.models import get_model
+        >>> from mclandscape.methods.alignment import apply_permutation, permutation_spec, random_permutation
+        >>> model = get_model("mlp", widths=[6], num_classes=2, activation="tanh")
+        >>> p = model.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+        >>> spec = permutation_spec(model)
+        >>> q = apply_permutation(spec, random_permutation(spec, p, jax.random.key(1), sign_flips=True), p)
+        >>> round(distance_modulo_permutation(spec, p, q, sign_flips=True), 6)
+        0.0
+    """
+    perm = weight_matching(spec, a, b, max_iter=max_iter, key=key, sign_flips=sign_flips)
+    fa, fb = _Flat.of(a, "a"), _Flat.of(apply_permutation(spec, perm, b), "b")
+    sq = sum(float(np.sum((np.asarray(fa.leaves[p], np.float64) - np.asarray(x, np.float64)) ** 2))
+             for p, x in fb.leaves.items() if p.startswith("params/"))
+    return float(np.sqrt(sq))
