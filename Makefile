@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint venv clean
+.PHONY: demo test bench gpu-bench lint venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
+
+# the GPU figures (benchmarks/gpu.py): with the machine's own JAX, Flax, Optax, Orbax (and PyTorch, if any);
+# no virtual environment, no install
+GPU_PY ?= python3
+gpu-bench:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/gpu.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mclandscape tests experiments benchmarks

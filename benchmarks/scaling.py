@@ -32,7 +32,10 @@ def neb_layouts(n: int, inner: int = 8) -> list[tuple[int, int]]:
     return [(p, n // p) for p in range(1, n + 1) if n % p == 0 and inner % p == 0]
 
 
-def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
+def surface_train_step(model, surf, batch, k: int, n: int, repeats: int) -> dict:
+    """One surface-training step (phase 3: every control point trained, k points per batch) on the first ``n``
+    devices: seconds per step (best of ``repeats``), points per second, the ``points x data`` mesh, XLA's
+    memory figures, the loss and the first 64 values of every updated control leaf (to compare layouts)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -40,14 +43,37 @@ def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
     from timing import best_time
 
     import mclandscape as mcl
-    from mclandscape.engine import distributed
     from mclandscape.engine.connector_train import ConnectorObjective, _control_mask
     from mclandscape.engine.distributed import training_mesh
-    from mclandscape.engine.evaluate import connector_points, evaluation_memory
     from mclandscape.engine.loop import make_step
+    from mclandscape.methods.surface import phase_sampler
+
+    mesh = training_mesh(int(batch[0].shape[0]), k, devices=n)
+    obj = ConnectorObjective(point=mcl.make_objective(model, "cross_entropy", train=True),
+                             template=surf.replace(control=None), sampler=phase_sampler((3, 3), 3),
+                             mask=jnp.asarray(surf.trainable), num_samples=k, strategy="vmap", mesh=mesh)
+    step = make_step(obj, optax.sgd(0.01, momentum=0.9), trainable=_control_mask(surf, surf.trainable), mesh=mesh)
+    state = step.init(surf.control)
+    key = jax.random.key(0)
+    sec = best_time(lambda: step(state, batch, key)[1]["loss"], repeats)
+    new, metrics = step(state, batch, key)
+    return {"seconds_per_step": sec, "points_per_s": k / sec, "mesh": dict(mesh.shape) if mesh else None,
+            "memory": step.memory(state, batch, key), "loss": float(metrics["loss"]),
+            "control": [np.asarray(a).ravel()[:64].tolist() for a in jax.tree_util.tree_leaves(new.params)]}
+
+
+def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from timing import best_time
+
+    import mclandscape as mcl
+    from mclandscape.engine import distributed
+    from mclandscape.engine.distributed import training_mesh
+    from mclandscape.engine.evaluate import connector_points, evaluation_memory
     from mclandscape.methods import neb as N
     from mclandscape.methods.neb_forces import straight_band
-    from mclandscape.methods.surface import phase_sampler
 
     train = mcl.load_dataset("digits", "train")
     test = mcl.load_dataset("digits", "test")
@@ -58,18 +84,8 @@ def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
 
     # one surface-training step (phase 3, k points per batch of 128)
     batch = (jnp.asarray(train.x[:128]), jnp.asarray(train.y[:128]))
-    mesh = training_mesh(128, k, devices=n)
-    obj = ConnectorObjective(point=mcl.make_objective(model, "cross_entropy", train=True),
-                             template=surf.replace(control=None), sampler=phase_sampler((3, 3), 3),
-                             mask=jnp.asarray(surf.trainable), num_samples=k, strategy="vmap", mesh=mesh)
-    step = make_step(obj, optax.sgd(0.01, momentum=0.9), trainable=_control_mask(surf, surf.trainable), mesh=mesh)
-    state = step.init(surf.control)
     key = jax.random.key(0)
-    sec = best_time(lambda: step(state, batch, key)[1]["loss"], repeats)
-    new, metrics = step(state, batch, key)
-    out["train"] = {"seconds_per_step": sec, "points_per_s": k / sec, "mesh": dict(mesh.shape) if mesh else None,
-                    "memory": step.memory(state, batch, key), "loss": float(metrics["loss"]),
-                    "control": [np.asarray(a).ravel()[:64].tolist() for a in jax.tree_util.tree_leaves(new.params)]}
+    out["train"] = surface_train_step(model, surf, batch, k, n, repeats)
 
     # one NEB band step (10 pivots: 8 inner) on every points x data layout of the n devices
     piv = straight_band(corners[0], corners[1], 10)

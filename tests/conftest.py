@@ -14,8 +14,12 @@ Models and training (MLP 64-64-10 on digits: 4 810 parameters, about 97 % test a
 - ``digits_trajectory``: one run (seed 10) with snapshots kept at epochs 14, 16, 18, 20 — the
   trajectory corners of the Bézier-surface paper's appendix A.2 (``result.snapshots[epoch]``).
 
-Compilation
+Compilation and subprocesses
 - ``count_compiles``: ``with count_compiles() as seen: ...`` lists the XLA compilations inside the block.
+- ``subprocess_env``: the environment for a Python subprocess of a test: this checkout first on
+  ``PYTHONPATH``, no inherited ``XLA_FLAGS``, and JAX's persistent compilation cache in one directory of the
+  session, so that a program compiled by one subprocess (a killed run) is loaded, not compiled, by the next
+  (its restart).
 
 Do not mutate fixture values (they are shared by every test of the session).
 """
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from pathlib import Path
 
 import jax
 import pytest
@@ -57,6 +63,17 @@ def count_compiles():
     """``with count_compiles() as seen:`` collects the names of the XLA compilations inside the block
     (``jax.log_compiles``), e.g. to assert that a second call with equal inputs compiles nothing."""
     return _count_compiles
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(tmp_path_factory) -> dict:
+    """``subprocess.run(..., env=subprocess_env)``: this checkout's package, JAX's persistent compilation cache
+    shared by the session's subprocesses (every compilation is cached: no minimum time or size)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    env.pop("XLA_FLAGS", None)
+    return env
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""One process of the multi-process tests (tests/test_distributed.py); also runnable alone as the reference.
+"""One process of the multi-device, multi-process test (tests/test_distributed.py); also runnable alone.
 
     python tests/distributed_job.py OUT_DIR [--coordinator HOST:PORT --num-processes N --process-id I]
-        [--local-devices D] [--jobs train,curve,surface,grid,bfs] [--checkpoint-dir DIR] [--die-after-epoch E]
+        [--local-devices D] [--jobs train,many,curve,surface,grid,eval,bfs,neb,tt] [--checkpoint-dir DIR]
+        [--die-after-epoch E]
 
 Writes OUT_DIR/result_<process>.npz with every job's outputs (host values, equal on every process).
 """
@@ -13,6 +14,18 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402  (importing starts no JAX backend: the process may still join a job)
+
+
+class TinyBN(nn.Module):
+    """A BatchNorm network small enough to recalibrate 11 points in a test."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Dense(6, name="dense0")(x.reshape(x.shape[0], -1))
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
+        return nn.Dense(10, name="head")(nn.relu(x))
 
 
 TT_STEPS = 150  # search steps of the "tt" job (the exit detector's decisions are discrete: none is asked for)
@@ -70,6 +83,17 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         if "surface" in jobs:  # parameters fresh from training live on this process's devices
             m = mcl.evaluate_points(model, trained_surface, mcl.uv_grid(3), test)
             out["trained_grid_loss"] = m.loss
+    if "eval" in jobs:  # map chunks and vmap over 25 points (padded to the devices), BatchNorm per point
+        surface = mcl.bezier_surface(*corners, n=2, m=2)
+        for strategy in ("map", "vmap"):
+            m = mcl.evaluate_points(model, surface, mcl.uv_grid(5), test, strategy=strategy, chunk_size=2)
+            out[f"eval_{strategy}_loss"], out[f"eval_{strategy}_acc"] = m.loss, m.accuracy
+        bn = mcl.from_flax(TinyBN(), "tiny_bn", has_batch_stats=True)
+        small = train.take(70)
+        ends = [bn.init(jax.random.key(i), jnp.asarray(small.x[:2]))["params"] for i in range(2)]
+        m = mcl.evaluate_points(bn, mcl.bezier_curve(*ends), np.linspace(0, 1, 11), small, bn_data=small,
+                                bn_batch_size=35)
+        out["eval_bn_loss"], out["eval_bn_acc"] = m.loss, m.accuracy
     if "neb" in jobs:  # the inner pivots split over the devices' "points" axis, the batch over "data"
         from mclandscape.methods import neb as N
 
@@ -128,7 +152,7 @@ def main() -> None:
     ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--process-id", type=int, default=None)
     ap.add_argument("--local-devices", type=int, default=None)
-    ap.add_argument("--jobs", default="train,curve,surface,grid,bfs")
+    ap.add_argument("--jobs", default="train,many,curve,surface,grid,eval,bfs,neb,tt")
     ap.add_argument("--checkpoint-dir", default=None)
     ap.add_argument("--die-after-epoch", type=int, default=None)
     ap.add_argument("--train-epochs", type=int, default=3)

@@ -1,5 +1,5 @@
 """The package's shape: layers never import upwards, and importing does no work (no JAX backend started,
-matplotlib's backend left alone)."""
+matplotlib's backend left alone; figures drawn and saved register nothing with pyplot)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ def test_no_layer_imports_from_a_layer_above_it(layer):
     assert not bad, "\n".join(bad)
 
 
-def test_import_starts_no_backend_and_leaves_matplotlib_alone():
+def test_import_starts_no_backend_and_plots_leave_matplotlib_alone(tmp_path):
+    # one subprocess for both contracts: importing does no device work, and drawing (then saving) figures
+    # registers nothing with pyplot and keeps the caller's matplotlib backend
     code = (
         "import matplotlib\n"
         "matplotlib.use('svg')\n"
@@ -61,8 +63,17 @@ def test_import_starts_no_backend_and_leaves_matplotlib_alone():
         "from jax._src import xla_bridge\n"
         "assert not xla_bridge._backends, f'a JAX backend was initialised at import: {list(xla_bridge._backends)}'\n"
         "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
-        "assert callable(mclandscape.plots.heatmap)\n"
+        "import numpy as np\n"
+        "from matplotlib import _pylab_helpers\n"
+        "from mclandscape import plots\n"
+        "g = np.linspace(0, 1, 9).reshape(3, 3)\n"
+        "figs = [plots.heatmap_pair(g, g / 2, label='l'), plots.surface_3d([g, g]),\n"
+        "        plots.contour_plot(np.arange(3.0), np.arange(3.0), g)]\n"
+        f"[plots.save(f, {str(tmp_path)!r} + f'/f{{i}}.png') for i, f in enumerate(figs)]\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+        "assert _pylab_helpers.Gcf.get_num_fig_managers() == 0\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.png", "f1.png", "f2.png"]
