@@ -49,8 +49,9 @@ from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core import connectors as K
 from mclandscape.core.tree import tree_distance
 from mclandscape.engine.data import load_dataset
+from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
-from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import curves as C
 from mclandscape.methods import neb as N
 from mclandscape.methods.potentials import MULLER_BROWN_SADDLES, muller_brown

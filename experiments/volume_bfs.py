@@ -44,8 +44,9 @@ import numpy as np
 from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core.losses import accuracy, get_loss
 from mclandscape.engine.data import load_dataset
+from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
-from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import volume as V
 from mclandscape.plots import plot_h_mean, plot_h_panels, save
 

@@ -46,7 +46,7 @@ from mclandscape.core.losses import get_loss
 from mclandscape.core.tree import PyTree, tree_dot
 
 __all__ = ["Objective", "make_objective", "function_objective", "call_objective", "check_objective",
-           "split_batch", "correct_count"]
+           "split_batch", "correct_count", "per_count"]
 
 
 def correct_count(outputs: jax.Array, y: jax.Array, weights: jax.Array) -> jax.Array:
@@ -69,6 +69,18 @@ def correct_count(outputs: jax.Array, y: jax.Array, weights: jax.Array) -> jax.A
     if not jnp.issubdtype(jnp.result_type(y), jnp.integer) or jnp.ndim(outputs) != jnp.ndim(y) + 1:
         return jnp.full((), jnp.nan, weights.dtype)
     return jnp.sum((jnp.argmax(outputs, -1) == y).astype(weights.dtype) * weights)
+
+
+def per_count(total: jax.Array, count: jax.Array) -> jax.Array:
+    """``total / count`` for a weighted ``count`` of examples (any positive count, fractional ones included);
+    NaN where there were no examples.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> per_count(jnp.array([0.25, 1.0]), jnp.array([0.5, 0.0])).tolist()
+        [0.5, nan]
+    """
+    return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), jnp.nan)
 
 
 def split_batch(batch) -> tuple[jax.Array, jax.Array, jax.Array | None]:

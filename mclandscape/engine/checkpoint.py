@@ -339,8 +339,13 @@ def load_model(directory: str | os.PathLike, step: int | None = None, *, model=N
         (True, True)
     """
     from mclandscape.engine.models import get_model
+    from mclandscape.engine.models.base import check_variables
 
     state, metadata = restore_checkpoint(directory, step)
+    if metadata.get("stacked"):
+        raise CheckpointError(f"checkpoint {directory} holds {len(metadata['stacked'].get('seeds', []))} stacked runs "
+                              "(train_many with a stacked strategy): read it with restore_checkpoint and index the "
+                              "seed axis (axis 0) of its leaves; load_model reads one model's checkpoint")
     spec = metadata.get("model")
     if model is None:
         if not isinstance(spec, dict) or "arch" not in spec:
@@ -363,7 +368,6 @@ def load_model(directory: str | os.PathLike, step: int | None = None, *, model=N
         variables = state.get("variables", state) if isinstance(state, dict) else state
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
     if metadata.get("input_shape") is not None:
-        x = jax.ShapeDtypeStruct((1, *metadata["input_shape"]), jnp.float32)
-        expected = jax.eval_shape(model.init, jax.random.key(0), x)
-        check_same_structure(expected, variables, names=(f"a fresh {model.name}", "the checkpoint"))
+        check_variables(model, variables, jax.ShapeDtypeStruct((1, *metadata["input_shape"]), jnp.float32),
+                        name="the checkpoint", check_dtype=True)
     return model, variables, metadata
