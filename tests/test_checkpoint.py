@@ -200,7 +200,7 @@ def test_load_model_rebuilds_from_the_directory_alone(tmp_path, trained_mlp, dig
 def test_invalid_inputs_are_rejected(tmp_path, bad_state, bad_meta, match):
     with pytest.raises(ValueError, match=match):
         save_checkpoint(tmp_path, 0, bad_state, bad_meta)
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="checkpoint step must be an integer >= 0"):
         save_checkpoint(tmp_path, -1, {"w": jnp.ones(2)})
 
 

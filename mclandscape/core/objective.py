@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from mclandscape.core import _checks
 from mclandscape.core.losses import get_loss
 from mclandscape.core.tree import PyTree, tree_dot
 
@@ -230,8 +230,7 @@ def make_objective(model, loss: str | Callable = "cross_entropy", *, l2: float =
         (True, ['correct', 'count', 'loss'])
     """
     per_example = get_loss(loss, label_smoothing=label_smoothing)
-    if isinstance(l2, bool) or not isinstance(l2, int | float) or not math.isfinite(l2) or l2 < 0:
-        raise ValueError(f"l2 must be >= 0 and finite, got {l2!r}")
+    l2 = _checks.real(l2, "l2", low=0.0)
     if variables is not None and not hasattr(variables, "items"):
         raise ValueError("variables must be a dict of collections (e.g. {'params': ..., 'batch_stats': ...})")
     state = {k: v for k, v in dict(variables or {}).items() if k != "params"} or None

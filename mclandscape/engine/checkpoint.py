@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mclandscape.core import _checks
 from mclandscape.core.tree import TreeMismatchError, check_same_structure
 
 __all__ = [
@@ -166,9 +167,7 @@ class CheckpointStore:
     # -- save / delete
     def save(self, step: int, state, metadata: Mapping | None = None, *, overwrite: bool = False) -> Path:
         """Save ``state`` (a pytree of arrays / scalars) and ``metadata`` (JSON) as ``step``."""
-        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-            raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
-        step = int(step)
+        step = _checks.integer(step, "checkpoint step", low=0)
         meta = _jsonable(dict(metadata or {}))
         leaves = jax.tree_util.tree_leaves(state)
         for path, x in _flat(state).items():

@@ -24,7 +24,6 @@ under a cosine schedule, whose shape depends on it): a run can be extended, a di
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mclandscape.core import _checks
 from mclandscape.core.losses import LOSSES, cross_entropy
 from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import PyTree, check_finite, tree_digest
@@ -97,17 +97,14 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
-        if self.epochs < 0 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("epochs must be >= 0 and batch sizes >= 1")
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
-        if self.schedule not in ("constant", "cosine", "step"):
-            raise ValueError(f"schedule must be 'constant', 'cosine' or 'step', got {self.schedule!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        object.__setattr__(self, "milestones", tuple(_checks.integer(m, "milestones", low=0)
+                                                     for m in self.milestones))
+        for name, low in (("epochs", 0), ("batch_size", 1), ("eval_batch_size", 1), ("warmup_epochs", 0)):
+            _checks.integer(getattr(self, name), name, low=low)
+        _checks.choice(self.optimizer, "optimizer", ("sgd", "adam", "adamw"))
+        _checks.choice(self.schedule, "schedule", ("constant", "cosine", "step"))
+        _checks.choice(self.loss, "loss", LOSSES)
+        _checks.real(self.lr, "lr", low=0.0, low_open=True)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
