@@ -18,7 +18,6 @@ from mclandscape.engine.checkpoint import (
     CheckpointError,
     CheckpointStore,
     all_steps,
-    delete_checkpoint,
     latest_step,
     load_model,
     read_metadata,
@@ -77,7 +76,8 @@ def test_steps_latest_and_delete(tmp_path, state):
         save_checkpoint(tmp_path, 3, state, {})
     save_checkpoint(tmp_path, 3, state, {"epoch": 33}, overwrite=True)
     assert read_metadata(tmp_path, 3)["epoch"] == 33
-    delete_checkpoint(tmp_path, 5)
+    with CheckpointStore(tmp_path) as store:
+        store.delete(5)
     assert all_steps(tmp_path) == [1, 3]
     with CheckpointStore(tmp_path) as store:
         assert store.latest_step() == 3

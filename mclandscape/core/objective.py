@@ -16,9 +16,9 @@ objective of the control points), NEB bands, curvature, DSP-TT searches, volumes
   statistics held in :attr:`Objective.state`).
 
 An :class:`Objective` is a pytree: its configuration (model, loss, L2, mode) is static and hashes by
-value (the model by identity), the fixed variable collections (``state``, e.g. BatchNorm statistics) are
-data. Jitted steps take it as an ordinary argument, so a second run with the same model and loss compiles
-nothing, and new statistics never force a recompile.
+value (a model rebuilt with equal arguments included), the fixed variable collections (``state``, e.g.
+BatchNorm statistics) are data. Jitted steps take it as an ordinary argument, so a second run with an equal
+model and loss compiles nothing, and new statistics never force a recompile.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -122,7 +122,7 @@ class Objective:
     statistics a training step carries) without changing what compiles.
 
     Attributes:
-      model: the :class:`~mclandscape.engine.models.Model` (static, hashed by identity).
+      model: the :class:`~mclandscape.engine.models.Model` (static, hashed by value).
       per_example: the per-example loss ``(outputs, y) -> [N]`` (static).
       l2: the coefficient of ``l2 / 2 * |params|^2`` (static).
       train: training mode (BatchNorm on batch statistics, dropout with a key) or inference (static).

@@ -42,7 +42,6 @@ __all__ = [
     "read_metadata",
     "latest_step",
     "all_steps",
-    "delete_checkpoint",
     "load_model",
     "TreeMismatchError",
 ]
@@ -296,11 +295,6 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     """The largest saved step, or ``None`` when there is none (or no directory)."""
     steps = all_steps(directory)
     return steps[-1] if steps else None
-
-
-def delete_checkpoint(directory: str | os.PathLike, step: int) -> None:
-    with CheckpointStore(directory, create=False) as store:
-        store.delete(step)
 
 
 def _spec_json(spec) -> Any:

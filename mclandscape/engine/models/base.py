@@ -23,15 +23,6 @@ PyTree = Any
 __all__ = ["Model", "from_flax", "check_variables", "value_hash"]
 
 
-def _frozen(value):
-    """A hashable copy of a JSON-like value (dicts -> sorted item tuples, lists -> tuples)."""
-    if isinstance(value, dict):
-        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
-    if isinstance(value, list | tuple):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
 def value_hash(value) -> int:
     """``hash(value)``, or the hash of its type when the value holds unhashable attributes (a linen module with
     a list field): equal values still hash equally, they only share a bucket with their type."""
@@ -41,7 +32,7 @@ def value_hash(value) -> int:
         return hash(type(value))
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class Model:
     """Pure functions of one architecture.
 
@@ -57,7 +48,7 @@ class Model:
       while ``init`` has not run. Such a model has an ``apply_with_stats`` either way; use
       :attr:`has_batch_stats`. It is not part of the model's value (what it learns follows from ``init``).
 
-    Models compare and hash by value: the name, the three functions and the spec. The engine's compiled
+    Models compare and hash by value: the name and the three functions (the spec is metadata). The engine's compiled
     functions take a model as a static argument, so a second call with an equal model (rebuilt by
     ``get_model`` with the same arguments, or by :func:`from_flax` of an equal module) compiles nothing.
     :func:`from_flax` and :func:`~mclandscape.engine.models.nnx.from_nnx` give functions that compare by the
@@ -75,18 +66,8 @@ class Model:
     init: Callable[..., PyTree]
     apply: Callable[..., jax.Array]
     apply_with_stats: Callable[..., tuple[jax.Array, PyTree]] | None = None
-    spec: dict = dataclasses.field(default_factory=dict)
-    detect_batch_stats: Callable[[], bool | None] | None = dataclasses.field(default=None, repr=False)
-
-    def _value(self) -> tuple:
-        return self.name, self.init, self.apply, self.apply_with_stats, _frozen(self.spec)
-
-    def __eq__(self, other) -> bool:
-        return type(other) is type(self) and self._value() == other._value()
-
-    def __hash__(self) -> int:
-        name, *fns, spec = self._value()
-        return hash((name, *(value_hash(f) for f in fns), value_hash(spec)))
+    spec: dict = dataclasses.field(default_factory=dict, compare=False)
+    detect_batch_stats: Callable[[], bool | None] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def has_batch_stats(self) -> bool:
@@ -117,7 +98,7 @@ class _Detected:
         return self.value
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class _Linen:
     """The base of a linen module's three functions: equal and hashed by the module's value and the flag name
     (linen modules are dataclasses that compare by their attributes)."""
@@ -125,10 +106,6 @@ class _Linen:
     module: Any
     train_kwarg: str
     name: str
-
-    def __eq__(self, other) -> bool:
-        return (type(other) is type(self) and self.train_kwarg == other.train_kwarg and self.name == other.name
-                and self.module == other.module)
 
     def __hash__(self) -> int:
         return hash((type(self), self.train_kwarg, self.name, value_hash(self.module)))
