@@ -73,7 +73,7 @@ def worker(models: list[str], seeds: int, epochs: int, repeats: int, devices: in
     import mclandscape as mcl
     from mclandscape.engine.data import num_batches
     from mclandscape.engine.distributed import training_mesh
-    from mclandscape.engine.train import _many_strategy
+    from mclandscape.engine.many import _many_strategy
 
     train = mcl.load_dataset("digits", "train")
     cfg = mcl.TrainConfig(epochs=epochs, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9)

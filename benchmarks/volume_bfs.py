@@ -39,7 +39,8 @@ from mclandscape.methods import traversal as VT
 
 def iris_flat(seed: int = 0, epochs: int = 1000):
     """Four Iris minima (``train_many``, full-batch Adam) and the 3-D QR flat through them."""
-    from mclandscape.engine.train import TrainConfig, train_many
+    from mclandscape.engine.many import train_many
+    from mclandscape.engine.train import TrainConfig
 
     train = load_dataset("iris", "train")
     model = get_model("mlp", widths=[8], num_classes=3)

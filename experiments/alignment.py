@@ -61,8 +61,9 @@ from mclandscape.core.connectors import bezier_surface, bilinear_surface
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset
 from mclandscape.engine.evaluate import evaluate_points, uv_grid
 from mclandscape.engine.loop import StopRun
+from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
-from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import alignment as AL
 from mclandscape.methods import surface as S
 from mclandscape.methods.curves import evaluate_path, line_connector

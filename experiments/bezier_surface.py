@@ -2,7 +2,7 @@
 
 Steps (each writes its part of ``<out>/results.json``; figures are PNGs in ``<out>``):
 
-1. Four corner models trained independently (seeds ``seed .. seed+3``, :func:`mclandscape.engine.train.train_many`);
+1. Four corner models trained independently (seeds ``seed .. seed+3``, :func:`mclandscape.engine.many.train_many`);
    seed ``seed``'s run also keeps snapshots at ``--trajectory-epochs`` (A.2/A.3 trajectory corners).
 2. §4.1 / Figure 3: the linear triangle ``alpha1 theta1 + alpha2 theta2 + alpha3 theta3`` of three corners
    (step ``1/(triangle_steps-1)``), test accuracy and loss; ``triangle.png``.
@@ -55,8 +55,9 @@ from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape import plots
 from mclandscape.core.connectors import bezier_surface
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset
+from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
-from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import surface as S
 
 # The paper's figures (fractions), for the README table next to ours.

@@ -51,8 +51,9 @@ from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import tree_distance
 from mclandscape.engine.data import batch_stream, load_dataset
 from mclandscape.engine.evaluate import connector_points, evaluate
+from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
-from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import autoneb as A
 from mclandscape.methods import curves as C
 from mclandscape.methods import neb as N

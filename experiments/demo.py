@@ -24,8 +24,9 @@ import numpy as np
 from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape import bilinear_surface, evaluate_points, plots, uv_grid
 from mclandscape.engine.data import load_dataset
+from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
-from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.engine.train import TrainConfig
 
 HEADLINE = ("avg_corner_acc", "avg_surface_acc_before", "avg_surface_acc_after", "merge_acc", "best_surface_acc",
             "corner_ensemble_acc", "surface_ensemble_acc", "avg_surface_loss_before", "avg_surface_loss_after",

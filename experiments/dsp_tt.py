@@ -101,8 +101,9 @@ from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core.tree import tree_add, tree_distance, tree_index, tree_size, tree_stack
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset, num_batches
 from mclandscape.engine.evaluate import evaluate_params
+from mclandscape.engine.many import train_many
 from mclandscape.engine.models import canonical_name, get_model
-from mclandscape.engine.train import TrainConfig, make_optimizer, train_many, train_model
+from mclandscape.engine.train import TrainConfig, make_optimizer, train_model
 from mclandscape.methods import ensemble as ens
 from mclandscape.methods import trusttech as tt
 from mclandscape.methods.alignment import distance_modulo_permutation, permutation_spec

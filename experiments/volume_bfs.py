@@ -45,8 +45,9 @@ from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core.losses import accuracy, get_loss
 from mclandscape.core.objective import make_objective
 from mclandscape.engine.data import load_dataset
+from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
-from mclandscape.engine.train import TrainConfig, train_many
+from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import flats as VF
 from mclandscape.methods import traversal as VT
 from mclandscape.methods import volume as V

@@ -13,8 +13,7 @@ The names most scripts need are re-exported here.
 
 
 from mclandscape import core, engine, methods
-from mclandscape.core.bernstein import bernstein as bernstein_basis
-from mclandscape.core.bernstein import bernstein_derivative
+from mclandscape.core.bernstein import bernstein, bernstein_derivative
 from mclandscape.core.connectors import Connector, bezier_curve, bezier_surface, bilinear_surface, polychain, simplex
 from mclandscape.core.losses import accuracy, cross_entropy
 from mclandscape.core.objective import Objective, function_objective, make_objective
@@ -48,8 +47,9 @@ from mclandscape.engine.loop import (
     make_step,
     run,
 )
+from mclandscape.engine.many import train_many
 from mclandscape.engine.models import Model, canonical_name, from_flax, from_nnx, get_model, list_models
-from mclandscape.engine.train import TrainConfig, TrainResult, train_many, train_model
+from mclandscape.engine.train import TrainConfig, TrainResult, train_model
 from mclandscape.methods import potentials, verification
 from mclandscape.methods.alignment import (
     Permutation,
@@ -90,7 +90,7 @@ __all__ = [
     # subpackages
     "core", "engine", "methods", "plots", "distributed", "potentials", "verification",
     # core
-    "bernstein_basis", "bernstein_derivative", "Connector", "bezier_curve", "bezier_surface",
+    "bernstein", "bernstein_derivative", "Connector", "bezier_curve", "bezier_surface",
     "bilinear_surface", "polychain", "simplex", "TreeMismatchError", "check_same_structure",
     "accuracy", "cross_entropy", "Objective", "make_objective", "function_objective",
     # engines

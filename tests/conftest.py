@@ -35,8 +35,9 @@ import jax
 import pytest
 
 from mclandscape.engine.data import load_dataset
+from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
-from mclandscape.engine.train import TrainConfig, train_many, train_model
+from mclandscape.engine.train import TrainConfig, train_model
 
 
 @contextlib.contextmanager

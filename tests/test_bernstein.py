@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mclandscape.core.bernstein import bernstein, bernstein_derivative, check_unit_interval, elevation_matrix
+from mclandscape.core.bernstein import bernstein, bernstein_derivative, check_unit_interval
 
 
 @pytest.mark.parametrize("n", range(1, 7))
@@ -17,17 +17,6 @@ def test_partition_of_unity_and_endpoints(n):
     assert np.all(b >= 0)
     np.testing.assert_array_equal(b[0], np.eye(n + 1)[0])   # B(0) picks the first control point
     np.testing.assert_array_equal(b[-1], np.eye(n + 1)[-1])  # B(1) picks the last
-
-
-@pytest.mark.parametrize("n", range(1, 7))
-def test_degree_elevation_gives_same_curve(n):
-    rng = np.random.default_rng(n)
-    ctrl = rng.normal(size=(n + 1, 3))
-    e = elevation_matrix(n, 2)
-    t = np.linspace(0, 1, 33)
-    c1 = np.asarray(bernstein(jnp.asarray(t), n), np.float64) @ ctrl
-    c2 = np.asarray(bernstein(jnp.asarray(t), n + 2), np.float64) @ (e @ ctrl)
-    np.testing.assert_allclose(c1, c2, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", range(1, 7))

@@ -18,7 +18,6 @@ from mclandscape.engine.checkpoint import (
     CheckpointError,
     CheckpointStore,
     all_steps,
-    delete_checkpoint,
     latest_step,
     load_model,
     read_metadata,
@@ -77,7 +76,8 @@ def test_steps_latest_and_delete(tmp_path, state):
         save_checkpoint(tmp_path, 3, state, {})
     save_checkpoint(tmp_path, 3, state, {"epoch": 33}, overwrite=True)
     assert read_metadata(tmp_path, 3)["epoch"] == 33
-    delete_checkpoint(tmp_path, 5)
+    with CheckpointStore(tmp_path) as store:
+        store.delete(5)
     assert all_steps(tmp_path) == [1, 3]
     with CheckpointStore(tmp_path) as store:
         assert store.latest_step() == 3
@@ -200,7 +200,7 @@ def test_load_model_rebuilds_from_the_directory_alone(tmp_path, trained_mlp, dig
 def test_invalid_inputs_are_rejected(tmp_path, bad_state, bad_meta, match):
     with pytest.raises(ValueError, match=match):
         save_checkpoint(tmp_path, 0, bad_state, bad_meta)
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="checkpoint step must be an integer >= 0"):
         save_checkpoint(tmp_path, -1, {"w": jnp.ones(2)})
 
 

@@ -206,5 +206,3 @@ def test_surface_points_must_be_pairs():
     with pytest.raises(ValueError, match="NaN"):
         s.validate_points([[0.1, np.nan]])
     assert s.validate_points([[0.2, 0.5]]).shape == (1, 2)
-    with pytest.raises(ValueError, match="outside"):
-        s.control_point((3, 0))

@@ -11,12 +11,13 @@ import pytest
 
 from mclandscape.core.losses import get_loss
 from mclandscape.core.objective import function_objective
-from mclandscape.engine.checkpoint import all_steps, load_model, read_metadata
+from mclandscape.engine.checkpoint import CheckpointError, all_steps, load_model, read_metadata
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.evaluate import evaluate_model
 from mclandscape.engine.loop import make_step
+from mclandscape.engine.many import train_many
 from mclandscape.engine.models import from_flax, get_model
-from mclandscape.engine.train import TrainConfig, make_optimizer, make_schedule, train_many, train_model
+from mclandscape.engine.train import TrainConfig, make_optimizer, make_schedule, train_model
 
 
 def assert_trees_equal(a, b):
@@ -413,6 +414,8 @@ def test_train_many_stacked_checkpoint_resumes_bit_identical(many_setup, tmp_pat
     assert all_steps(cdir) == [0, 1, 2] and first[0].checkpoint_dir == str(cdir)
     meta = read_metadata(cdir)
     assert meta["seeds"] == [3, 1] and meta["stacked"]["strategy"] == "vmap"
+    with pytest.raises(CheckpointError, match="restore_checkpoint"):
+        load_model(cdir)
     for a, b in zip(first, vm, strict=True):  # checkpointing changes nothing
         assert_trees_equal(a.variables, b.variables)
         assert_histories_equal(a.history, b.history)
@@ -431,7 +434,7 @@ def test_train_many_stacked_checkpoint_resumes_bit_identical(many_setup, tmp_pat
 
 
 def test_train_many_strategy_choice_and_errors(many_setup):
-    from mclandscape.engine.train import MANY_STRATEGIES, _many_strategy
+    from mclandscape.engine.many import MANY_STRATEGIES, _many_strategy
 
     mlp, train, test, cfg, _, _ = many_setup
     with pytest.raises(ValueError, match="unknown strategy 'pmap'"):

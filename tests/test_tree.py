@@ -23,7 +23,7 @@ def test_linear_algebra_against_numpy():
     assert np.isclose(float(T.tree_norm(a)), np.linalg.norm(va), rtol=1e-5)
     assert np.isclose(float(T.tree_distance(a, b)), np.linalg.norm(va - vb), rtol=1e-5)
     assert np.isclose(float(T.tree_cosine(a, b)), va @ vb / np.linalg.norm(va) / np.linalg.norm(vb), rtol=1e-5)
-    w = T.tree_weighted_sum([0.25, 0.75], [a, b])
+    w = T.tree_combine(jnp.asarray([0.25, 0.75]), T.tree_stack([a, b]))
     np.testing.assert_allclose(np.asarray(T.tree_ravel(w)[0]), 0.25 * va + 0.75 * vb, rtol=1e-5)
     assert T.tree_size(a) == va.size
     back = unravel(jnp.asarray(va, jnp.float32))

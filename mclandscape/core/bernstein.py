@@ -13,7 +13,7 @@ from math import comb
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["bernstein", "bernstein_derivative", "elevation_matrix", "check_unit_interval"]
+__all__ = ["bernstein", "bernstein_derivative", "check_unit_interval"]
 
 
 def _int_powers(x, n: int):
@@ -78,30 +78,6 @@ def bernstein_derivative(t, n: int):
     b = bernstein(t, n - 1)
     zero = jnp.zeros(t.shape + (1,), t.dtype)
     return n * (jnp.concatenate([zero, b], -1) - jnp.concatenate([b, zero], -1))
-
-
-def elevation_matrix(n: int, r: int = 1) -> np.ndarray:
-    """The degree-elevation matrix: ``B_n(t) @ P == B_{n+r}(t) @ (E @ P)`` for any control points ``P``.
-
-    Args:
-      n: the current degree (``>= 0``).
-      r: how many degrees to add (``>= 0``).
-
-    Returns:
-      A NumPy array ``E`` of shape ``(n + r + 1, n + 1)``.
-
-    Example:
-        >>> elevation_matrix(1).tolist()
-        [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
-    """
-    if n < 0 or r < 0:
-        raise ValueError(f"degree and elevation must be >= 0, got n={n}, r={r}")
-    m = n + r
-    e = np.zeros((m + 1, n + 1))
-    for k in range(m + 1):
-        for i in range(max(0, k - r), min(n, k) + 1):
-            e[k, i] = comb(n, i) * comb(r, k - i) / comb(m, k)
-    return e
 
 
 def check_unit_interval(x, name: str = "t") -> np.ndarray:

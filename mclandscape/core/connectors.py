@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mclandscape.core import _checks
 from mclandscape.core.bernstein import bernstein, bernstein_derivative, check_unit_interval
 from mclandscape.core.tree import PyTree, check_finite, check_same_structure, tree_combine, tree_index, tree_stack
 
@@ -129,52 +130,6 @@ class Connector:
     def trainable(self) -> np.ndarray:
         """Boolean mask ``[K]``: True where the control point may move."""
         return ~np.asarray(self.fixed, dtype=bool)
-
-    def with_fixed(self, fixed: Sequence[bool] | np.ndarray) -> Connector:
-        """The same control points with another fixed mask.
-
-        Args:
-          fixed: ``K`` booleans (or an array of the grid shape), True where the control point stays put.
-
-        Returns:
-          A new :class:`Connector`.
-
-        Example:
-            >>> import jax.numpy as jnp
-            >>> c = bezier_curve({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, degree=2)
-            >>> c.with_fixed([True, True, True]).trainable.tolist()
-            [False, False, False]
-        """
-        f = np.asarray(fixed, dtype=bool).reshape(-1)
-        if f.size != self.num_control:
-            raise ValueError(f"fixed mask has {f.size} entries for {self.num_control} control points")
-        return self.replace(fixed=tuple(bool(x) for x in f))
-
-    def control_point(self, index) -> PyTree:
-        """One control point by flat index ``k`` or, for surfaces, by grid index ``(i, j)``.
-
-        Args:
-          index: an integer ``k`` in ``[0, K)`` or a tuple ``(i, j)`` of the control grid.
-
-        Returns:
-          The control point's pytree.
-
-        Example:
-            >>> import jax.numpy as jnp
-            >>> s = bilinear_surface(*[{"w": jnp.array([float(i)])} for i in range(4)])
-            >>> s.control_point((1, 0))["w"].tolist()
-            [2.0]
-        """
-        if isinstance(index, tuple):
-            if len(index) != len(self.shape) or not all(0 <= int(i) < s for i, s in zip(index, self.shape,
-                                                                                          strict=False)):
-                raise ValueError(f"control index {index} outside a {self.shape} control grid")
-            k = int(np.ravel_multi_index(index, self.shape))
-        else:
-            k = int(index)
-        if not 0 <= k < self.num_control:
-            raise ValueError(f"control index {index} outside a {self.shape} control grid")
-        return tree_index(self.control, k)
 
     # ---- coefficients ------------------------------------------------------------------------
     def coefficients(self, points) -> jax.Array:
@@ -391,16 +346,6 @@ def _check_models(models: Sequence[PyTree], names: Sequence[str]) -> None:
         check_finite(m, n)
 
 
-def _check_int(name: str, value, minimum: int, what: str) -> int:
-    """An integer argument >= ``minimum`` (TypeError for a non-integer, ValueError for a small one)."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        if not (isinstance(value, float | np.floating) and float(value).is_integer()):
-            raise TypeError(f"{name} must be an integer ({what}), got {type(value).__name__} {value!r:.60}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum} ({what}), got {value!r}")
-    return int(value)
-
-
 def from_control(control: PyTree, kind: str, shape: Sequence[int], fixed: Sequence[bool] | None = None) -> Connector:
     """A connector from already stacked control points ``[K, ...]`` (``K = prod(shape)``).
 
@@ -469,7 +414,7 @@ def bezier_curve(start: PyTree, end: PyTree, degree: int = 2, *, bends: Sequence
         >>> c.control["w"].tolist(), c.fixed
         ([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]], (True, False, True))
     """
-    n = _check_int("Bézier degree", degree, 1, "n + 1 control points")
+    n = _checks.integer(degree, "Bézier degree", low=1, what="n + 1 control points")
     _check_models([start, end], ["start", "end"])
     if bends is None:
         inner = _segment(start, end, np.linspace(0.0, 1.0, n + 1)[1:-1])
@@ -504,7 +449,7 @@ def polychain(start: PyTree, end: PyTree, num_bends: int = 1, *, bends: Sequence
         >>> c.point(0.25)["w"].tolist(), c.point(0.5)["w"].tolist()
         ([2.0], [4.0])
     """
-    b = _check_int("num_bends", num_bends, 0, "the bends of the chain")
+    b = _checks.integer(num_bends, "num_bends", low=0, what="the bends of the chain")
     _check_models([start, end], ["start", "end"])
     if bends is None:
         inner = _segment(start, end, np.linspace(0.0, 1.0, b + 2)[1:-1])
@@ -567,8 +512,8 @@ def bezier_surface(c00: PyTree, c01: PyTree, c10: PyTree, c11: PyTree, *, n: int
         >>> s.shape, s.point(jnp.array([1.0, 0.0]))["w"].tolist(), s.point(jnp.array([0.5, 0.5]))["w"].tolist()
         ((3, 3), [2.0], [1.5])
     """
-    n = _check_int("surface degree n", n, 1, ">= 2 control points along u")
-    m = _check_int("surface degree m", m, 1, ">= 2 control points along v")
+    n = _checks.integer(n, "surface degree n", low=1, what=">= 2 control points along u")
+    m = _checks.integer(m, "surface degree m", low=1, what=">= 2 control points along v")
     corners = [c00, c01, c10, c11]
     _check_models(corners, ["c00", "c01", "c10", "c11"])
     w = bilinear_coefficients(n, m)

@@ -23,6 +23,15 @@ from flax import struct
 __all__ = ["cross_entropy", "accuracy", "correct", "mse", "mse_onehot", "get_loss", "LOSSES"]
 
 
+def _class_labels(labels: jax.Array, loss: str) -> jax.Array:
+    """Integer class labels as int32; float labels are refused (casting would truncate ``0.7`` to class 0)."""
+    dtype = jnp.result_type(labels)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{loss} needs integer class labels, got {dtype} targets: cast whole-number labels with "
+                         "y.astype(int), or use loss='mse' for real-valued targets")
+    return labels.astype(jnp.int32)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example softmax cross-entropy with integer labels.
 
@@ -31,14 +40,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
       labels: ``[...]`` integer classes in ``[0, C)``.
 
     Returns:
-      The losses, shape ``logits.shape[:-1]``.
+      The losses, shape ``logits.shape[:-1]``; ``ValueError`` for float labels (nothing is truncated).
 
     Example:
         >>> import jax.numpy as jnp
         >>> [round(float(v), 4) for v in cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))]
         [1.3863, 1.3863]
     """
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, _class_labels(labels, "cross_entropy"))
 
 
 def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -85,14 +94,21 @@ def mse(outputs: jax.Array, targets: jax.Array) -> jax.Array:
       targets: ``[N, ...]`` targets with as many entries per example.
 
     Returns:
-      ``[N]`` sums of squared differences.
+      ``[N]`` sums of squared differences. Integer targets are compared as exact floats; targets with another
+      number of entries per example (e.g. class labels ``[N]`` against ``[N, C]`` outputs, which would
+      broadcast) raise ``ValueError`` naming ``mse_onehot``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> mse(jnp.array([[1.0, 2.0], [0.0, 0.0]]), jnp.array([[0.0, 0.0], [0.0, 3.0]])).tolist()
         [5.0, 9.0]
     """
-    diff = outputs.reshape(outputs.shape[0], -1) - targets.reshape(targets.shape[0], -1)
+    out, tgt = outputs.reshape(outputs.shape[0], -1), targets.reshape(targets.shape[0], -1)
+    if out.shape != tgt.shape:
+        kind = "class labels " if jnp.issubdtype(jnp.result_type(targets), jnp.integer) else ""
+        raise ValueError(f"mse compares outputs with targets of the same shape, got outputs {outputs.shape} and "
+                         f"{kind}targets {targets.shape}" + (": use loss='mse_onehot' for class labels" if kind else ""))
+    diff = out - tgt.astype(out.dtype)
     return jnp.sum(diff * diff, axis=-1)
 
 
@@ -113,7 +129,7 @@ def mse_onehot(outputs: jax.Array, labels: jax.Array) -> jax.Array:
         >>> mse_onehot(jnp.array([[1.0, 0.0], [1.0, 1.0]]), jnp.array([0, 1])).tolist()
         [0.0, 1.0]
     """
-    onehot = jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype)
+    onehot = jax.nn.one_hot(_class_labels(labels, "mse_onehot"), outputs.shape[-1], dtype=outputs.dtype)
     return jnp.sum((outputs - onehot) ** 2, axis=-1)
 
 
@@ -122,7 +138,8 @@ class _SmoothedCrossEntropy:
     smoothing: float = struct.field(pytree_node=False)
 
     def __call__(self, logits, labels):
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype), self.smoothing)
+        onehot = jax.nn.one_hot(_class_labels(labels, "cross_entropy"), logits.shape[-1], dtype=logits.dtype)
+        targets = optax.smooth_labels(onehot, self.smoothing)
         return optax.softmax_cross_entropy(logits, targets)
 
 

@@ -16,9 +16,9 @@ objective of the control points), NEB bands, curvature, DSP-TT searches, volumes
   statistics held in :attr:`Objective.state`).
 
 An :class:`Objective` is a pytree: its configuration (model, loss, L2, mode) is static and hashes by
-value (the model by identity), the fixed variable collections (``state``, e.g. BatchNorm statistics) are
-data. Jitted steps take it as an ordinary argument, so a second run with the same model and loss compiles
-nothing, and new statistics never force a recompile.
+value (a model rebuilt with equal arguments included), the fixed variable collections (``state``, e.g.
+BatchNorm statistics) are data. Jitted steps take it as an ordinary argument, so a second run with an equal
+model and loss compiles nothing, and new statistics never force a recompile.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -42,11 +41,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from mclandscape.core import _checks
 from mclandscape.core.losses import get_loss
 from mclandscape.core.tree import PyTree, tree_dot
 
 __all__ = ["Objective", "make_objective", "function_objective", "call_objective", "check_objective",
-           "split_batch", "correct_count"]
+           "split_batch", "correct_count", "per_count"]
 
 
 def correct_count(outputs: jax.Array, y: jax.Array, weights: jax.Array) -> jax.Array:
@@ -69,6 +69,18 @@ def correct_count(outputs: jax.Array, y: jax.Array, weights: jax.Array) -> jax.A
     if not jnp.issubdtype(jnp.result_type(y), jnp.integer) or jnp.ndim(outputs) != jnp.ndim(y) + 1:
         return jnp.full((), jnp.nan, weights.dtype)
     return jnp.sum((jnp.argmax(outputs, -1) == y).astype(weights.dtype) * weights)
+
+
+def per_count(total: jax.Array, count: jax.Array) -> jax.Array:
+    """``total / count`` for a weighted ``count`` of examples (any positive count, fractional ones included);
+    NaN where there were no examples.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> per_count(jnp.array([0.25, 1.0]), jnp.array([0.5, 0.0])).tolist()
+        [0.5, nan]
+    """
+    return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), jnp.nan)
 
 
 def split_batch(batch) -> tuple[jax.Array, jax.Array, jax.Array | None]:
@@ -110,7 +122,7 @@ class Objective:
     statistics a training step carries) without changing what compiles.
 
     Attributes:
-      model: the :class:`~mclandscape.engine.models.Model` (static, hashed by identity).
+      model: the :class:`~mclandscape.engine.models.Model` (static, hashed by value).
       per_example: the per-example loss ``(outputs, y) -> [N]`` (static).
       l2: the coefficient of ``l2 / 2 * |params|^2`` (static).
       train: training mode (BatchNorm on batch statistics, dropout with a key) or inference (static).
@@ -218,8 +230,7 @@ def make_objective(model, loss: str | Callable = "cross_entropy", *, l2: float =
         (True, ['correct', 'count', 'loss'])
     """
     per_example = get_loss(loss, label_smoothing=label_smoothing)
-    if isinstance(l2, bool) or not isinstance(l2, int | float) or not math.isfinite(l2) or l2 < 0:
-        raise ValueError(f"l2 must be >= 0 and finite, got {l2!r}")
+    l2 = _checks.real(l2, "l2", low=0.0)
     if variables is not None and not hasattr(variables, "items"):
         raise ValueError("variables must be a dict of collections (e.g. {'params': ..., 'batch_stats': ...})")
     state = {k: v for k, v in dict(variables or {}).items() if k != "params"} or None

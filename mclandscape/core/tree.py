@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 PyTree = Any
@@ -33,11 +34,8 @@ __all__ = [
     "tree_sub",
     "tree_scale",
     "tree_axpy",
-    "tree_lerp",
-    "tree_zeros_like",
     "tree_dot",
     "tree_norm",
-    "tree_sq_norm",
     "tree_distance",
     "tree_cosine",
     "tree_size",
@@ -45,14 +43,11 @@ __all__ = [
     "tree_unstack",
     "tree_index",
     "tree_combine",
-    "tree_weighted_sum",
     "tree_gram",
     "tree_row_dot",
     "tree_row_scale",
     "tree_ravel",
     "tree_random_normal",
-    "tree_where",
-    "tree_cast",
     "tree_path_names",
     "tree_digest",
 ]
@@ -188,7 +183,7 @@ def tree_add(a: PyTree, b: PyTree) -> PyTree:
         >>> tree_add({"w": jnp.ones(2)}, {"w": jnp.ones(2)})["w"].tolist()
         [2.0, 2.0]
     """
-    return jax.tree_util.tree_map(jnp.add, a, b)
+    return optax.tree.add(a, b)
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
@@ -205,7 +200,7 @@ def tree_sub(a: PyTree, b: PyTree) -> PyTree:
         >>> tree_sub({"w": jnp.ones(2)}, {"w": jnp.array([0.5, 2.0])})["w"].tolist()
         [0.5, -1.0]
     """
-    return jax.tree_util.tree_map(jnp.subtract, a, b)
+    return optax.tree.sub(a, b)
 
 
 def tree_scale(a: PyTree, s) -> PyTree:
@@ -223,7 +218,7 @@ def tree_scale(a: PyTree, s) -> PyTree:
         >>> tree_scale({"w": jnp.array([1.0, -2.0])}, 3.0)["w"].tolist()
         [3.0, -6.0]
     """
-    return jax.tree_util.tree_map(lambda x: x * s, a)
+    return optax.tree.scale(s, a)
 
 
 def tree_axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
@@ -241,79 +236,7 @@ def tree_axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
         >>> tree_axpy(2.0, {"w": jnp.ones(2)}, {"w": jnp.array([0.0, 1.0])})["w"].tolist()
         [2.0, 3.0]
     """
-    return jax.tree_util.tree_map(lambda xi, yi: alpha * xi + yi, x, y)
-
-
-def tree_lerp(a: PyTree, b: PyTree, t) -> PyTree:
-    """Linear interpolation ``(1 - t) a + t b`` of two pytrees (the segment between two models).
-
-    Args:
-      a, b: same-structured pytrees.
-      t: the interpolation weight (``0`` gives ``a``, ``1`` gives ``b``).
-
-    Returns:
-      A pytree like ``a``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> tree_lerp({"w": jnp.zeros(2)}, {"w": jnp.array([2.0, 4.0])}, 0.25)["w"].tolist()
-        [0.5, 1.0]
-    """
-    return jax.tree_util.tree_map(lambda x, y: x + t * (y - x), a, b)
-
-
-def tree_zeros_like(a: PyTree) -> PyTree:
-    """A pytree of zeros shaped and typed like ``a``.
-
-    Args:
-      a: a pytree of arrays.
-
-    Returns:
-      A pytree like ``a`` holding zeros.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> tree_zeros_like({"w": jnp.ones(3)})["w"].tolist()
-        [0.0, 0.0, 0.0]
-    """
-    return jax.tree_util.tree_map(jnp.zeros_like, a)
-
-
-def tree_where(cond, a: PyTree, b: PyTree) -> PyTree:
-    """Leaf-wise ``jnp.where(cond, a, b)``: choose between two pytrees (e.g. keep the old state after a bad step).
-
-    Args:
-      cond: a boolean scalar or array broadcastable against every leaf.
-      a, b: same-structured pytrees.
-
-    Returns:
-      A pytree like ``a``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> tree_where(jnp.array(False), {"w": jnp.ones(2)}, {"w": jnp.zeros(2)})["w"].tolist()
-        [0.0, 0.0]
-    """
-    return jax.tree_util.tree_map(lambda x, y: jnp.where(cond, x, y), a, b)
-
-
-def tree_cast(a: PyTree, dtype) -> PyTree:
-    """The floating-point leaves of ``a`` cast to ``dtype``; integer and boolean leaves are left as they are.
-
-    Args:
-      a: a pytree of arrays.
-      dtype: the target floating-point dtype (e.g. ``jnp.bfloat16``).
-
-    Returns:
-      A pytree like ``a``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> out = tree_cast({"w": jnp.ones(2), "step": jnp.zeros((), jnp.int32)}, jnp.bfloat16)
-        >>> str(out["w"].dtype), str(out["step"].dtype)
-        ('bfloat16', 'int32')
-    """
-    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, a)
+    return optax.tree.add_scale(y, alpha, x)
 
 
 def tree_dot(a: PyTree, b: PyTree):
@@ -337,23 +260,6 @@ def tree_dot(a: PyTree, b: PyTree):
     return sum(jax.tree_util.tree_leaves(parts), jnp.zeros((), jnp.float32))
 
 
-def tree_sq_norm(a: PyTree):
-    """Squared Euclidean norm ``<a, a>`` of a pytree.
-
-    Args:
-      a: a pytree of arrays.
-
-    Returns:
-      A scalar ``jax.Array`` (float32 or wider).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> float(tree_sq_norm({"w": jnp.array([3.0, 4.0])}))
-        25.0
-    """
-    return tree_dot(a, a)
-
-
 def tree_norm(a: PyTree):
     """Euclidean norm ``|a|`` of a pytree seen as one vector.
 
@@ -368,7 +274,7 @@ def tree_norm(a: PyTree):
         >>> float(tree_norm({"w": jnp.array([3.0]), "b": jnp.array([4.0])}))
         5.0
     """
-    return jnp.sqrt(tree_sq_norm(a))
+    return jnp.sqrt(tree_dot(a, a))
 
 
 def tree_distance(a: PyTree, b: PyTree):
@@ -516,28 +422,6 @@ def tree_combine(weights, stacked: PyTree, *, precision=jax.lax.Precision.HIGHES
         return jnp.tensordot(w, x, axes=[[w.ndim - 1], [0]], precision=precision).astype(x.dtype)
 
     return jax.tree_util.tree_map(comb, stacked)
-
-
-def tree_weighted_sum(weights: Sequence[float] | jax.Array, trees: Sequence[PyTree]) -> PyTree:
-    """``sum_k weights[k] * trees[k]`` for a list of same-structured trees.
-
-    Args:
-      weights: K weights (or ``[..., K]`` for a batch of sums).
-      trees: the K trees.
-
-    Returns:
-      A tree like ``trees[0]`` (with the batch axes of ``weights`` in front).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> tree_weighted_sum([0.25, 0.75], [{"w": jnp.zeros(1)}, {"w": jnp.ones(1)}])["w"].tolist()
-        [0.75]
-    """
-    trees = list(trees)
-    weights = jnp.asarray(weights)
-    if weights.shape[-1] != len(trees):
-        raise ValueError(f"{weights.shape[-1]} weights for {len(trees)} trees")
-    return tree_combine(weights, tree_stack(trees))
 
 
 def tree_gram(stacked: PyTree):

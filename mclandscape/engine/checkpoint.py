@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mclandscape.core import _checks
 from mclandscape.core.tree import TreeMismatchError, check_same_structure
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "read_metadata",
     "latest_step",
     "all_steps",
-    "delete_checkpoint",
     "load_model",
     "TreeMismatchError",
 ]
@@ -166,9 +166,7 @@ class CheckpointStore:
     # -- save / delete
     def save(self, step: int, state, metadata: Mapping | None = None, *, overwrite: bool = False) -> Path:
         """Save ``state`` (a pytree of arrays / scalars) and ``metadata`` (JSON) as ``step``."""
-        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-            raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
-        step = int(step)
+        step = _checks.integer(step, "checkpoint step", low=0)
         meta = _jsonable(dict(metadata or {}))
         leaves = jax.tree_util.tree_leaves(state)
         for path, x in _flat(state).items():
@@ -299,11 +297,6 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     return steps[-1] if steps else None
 
 
-def delete_checkpoint(directory: str | os.PathLike, step: int) -> None:
-    with CheckpointStore(directory, create=False) as store:
-        store.delete(step)
-
-
 def _spec_json(spec) -> Any:
     """``spec`` as JSON would read it back (tuples become lists), for comparing a model with a checkpoint."""
     return json.loads(json.dumps(_jsonable(spec, "model spec"), sort_keys=True))
@@ -339,8 +332,13 @@ def load_model(directory: str | os.PathLike, step: int | None = None, *, model=N
         (True, True)
     """
     from mclandscape.engine.models import get_model
+    from mclandscape.engine.models.base import check_variables
 
     state, metadata = restore_checkpoint(directory, step)
+    if metadata.get("stacked"):
+        raise CheckpointError(f"checkpoint {directory} holds {len(metadata['stacked'].get('seeds', []))} stacked runs "
+                              "(train_many with a stacked strategy): read it with restore_checkpoint and index the "
+                              "seed axis (axis 0) of its leaves; load_model reads one model's checkpoint")
     spec = metadata.get("model")
     if model is None:
         if not isinstance(spec, dict) or "arch" not in spec:
@@ -363,7 +361,6 @@ def load_model(directory: str | os.PathLike, step: int | None = None, *, model=N
         variables = state.get("variables", state) if isinstance(state, dict) else state
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
     if metadata.get("input_shape") is not None:
-        x = jax.ShapeDtypeStruct((1, *metadata["input_shape"]), jnp.float32)
-        expected = jax.eval_shape(model.init, jax.random.key(0), x)
-        check_same_structure(expected, variables, names=(f"a fresh {model.name}", "the checkpoint"))
+        check_variables(model, variables, jax.ShapeDtypeStruct((1, *metadata["input_shape"]), jnp.float32),
+                        name="the checkpoint", check_dtype=True)
     return model, variables, metadata

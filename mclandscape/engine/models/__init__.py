@@ -42,6 +42,8 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mclandscape.core import _checks
+from mclandscape.engine.models._common import ACTIVATIONS
 from mclandscape.engine.models.base import Model, from_flax
 from mclandscape.engine.models.cnn import ConvFC, SimpleCNN
 from mclandscape.engine.models.densenet import DenseNet, check_densenet_args
@@ -51,26 +53,35 @@ from mclandscape.engine.models.resnet import ResNet, preresnet_bottleneck_blocks
 from mclandscape.engine.models.vgg import VGG16
 from mclandscape.engine.models.vit import ViT
 
-__all__ = ["Model", "from_flax", "from_nnx", "get_model", "list_models", "model_from_spec", "canonical_name",
+__all__ = ["Model", "from_flax", "from_nnx", "get_model", "list_models", "canonical_name",
            "MLP", "SimpleCNN", "ConvFC", "VGG16", "ResNet", "DenseNet", "ViT"]
 
 
+def _ints(values, name: str) -> tuple[int, ...]:
+    if not isinstance(values, list | tuple):
+        raise TypeError(f"{name} must be a list of positive integers, got {values!r}")
+    return tuple(_checks.integer(v, f"{name}[{i}]", low=1) for i, v in enumerate(values))
+
+
 def _mlp(widths, num_classes, activation, use_bias, dropout):
-    return MLP(widths=tuple(int(w) for w in widths), num_classes=num_classes, activation=activation,
-               use_bias=use_bias, dropout=dropout)
+    _checks.choice(activation, "activation", ACTIVATIONS)
+    return MLP(widths=_ints(widths, "widths"), num_classes=num_classes, activation=activation,
+               use_bias=bool(use_bias), dropout=_checks.probability(dropout, "dropout"))
 
 
 def _simple_cnn(num_classes, channels, hidden, dropout):
-    return SimpleCNN(num_classes=num_classes, channels=tuple(channels), hidden=hidden, dropout=dropout)
+    return SimpleCNN(num_classes=num_classes, channels=_ints(channels, "channels"),
+                     hidden=_checks.integer(hidden, "hidden", low=1), dropout=_checks.probability(dropout, "dropout"))
 
 
 def _convfc(num_classes, channels, hidden):
-    return ConvFC(num_classes=num_classes, channels=tuple(channels), hidden=tuple(hidden))
+    return ConvFC(num_classes=num_classes, channels=_ints(channels, "channels"), hidden=_ints(hidden, "hidden"))
 
 
 def _vgg(bn):
     def build(num_classes, dropout, width):
-        return VGG16(num_classes=num_classes, batch_norm=bn, dropout=dropout, width=width)
+        return VGG16(num_classes=num_classes, batch_norm=bn, dropout=_checks.probability(dropout, "dropout"),
+                     width=_checks.integer(width, "width", low=1))
     return build
 
 
@@ -80,10 +91,9 @@ def _resnet18(num_classes):
 
 def _resnet20(num_classes, shortcut, width):
     # ``width`` multiplies every stage's channels (Ainsworth et al.'s ResNet-20 x1 ... x32 width sweep)
-    if int(width) < 1:
-        raise ValueError(f"resnet20 width multiplier must be a positive integer, got {width!r}")
-    w = int(width)
-    return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16 * w, 32 * w, 64 * w), shortcut=shortcut)
+    w = _checks.integer(width, "width", low=1, what="resnet20's channel multiplier")
+    return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16 * w, 32 * w, 64 * w),
+                  shortcut=_checks.choice(shortcut, "shortcut", ("A", "B")))
 
 
 def _preresnet20(num_classes):
@@ -160,7 +170,14 @@ def _canonical(value, where: str):
 def get_model(name: str | Mapping, **kwargs) -> Model:
     """Build a zoo model by name (``get_model("resnet20", num_classes=100)``) or from a spec dict
     (``get_model(model.spec)``; extra ``kwargs`` override the spec's). Unknown names or arguments raise
-    ``ValueError``. See the module docstring for the architectures."""
+    ``ValueError``, as do bad values (``widths=[-5]``, ``activation="relux"``: ``ValueError`` naming the
+    argument, a non-number ``TypeError``), at call time. Equal arguments give equal models (they share
+    compiled code). See the module docstring for the architectures.
+
+    Example:
+        >>> get_model("mlp", widths=[32]) == get_model({"arch": "mlp", "kwargs": {"widths": (32,)}})
+        True
+    """
     if isinstance(name, Mapping):
         spec = dict(name)
         if "arch" not in spec:
@@ -176,11 +193,6 @@ def get_model(name: str | Mapping, **kwargs) -> Model:
         raise ValueError(f"model {arch!r} got unknown argument(s) {unknown}; it takes {sorted(defaults)}")
     args = copy.deepcopy(defaults)
     args.update({k: _canonical(v, k) for k, v in kwargs.items()})
-    if not isinstance(args["num_classes"], int) or args["num_classes"] < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {args['num_classes']!r}")
+    _checks.integer(args["num_classes"], "num_classes", low=1)
     return from_flax(builder(**args), name=arch, spec={"arch": arch, "kwargs": args}, has_batch_stats=has_bn)
 
-
-def model_from_spec(spec: Mapping) -> Model:
-    """Rebuild a model from ``model.spec`` (e.g. read back from a checkpoint's JSON metadata)."""
-    return get_model(spec)

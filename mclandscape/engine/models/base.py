@@ -13,13 +13,26 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mclandscape.core.tree import TreeMismatchError, check_same_structure
 
 PyTree = Any
 
-__all__ = ["Model", "from_flax"]
+__all__ = ["Model", "from_flax", "check_variables", "value_hash"]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+def value_hash(value) -> int:
+    """``hash(value)``, or the hash of its type when the value holds unhashable attributes (a linen module with
+    a list field): equal values still hash equally, they only share a bucket with their type."""
+    try:
+        return hash(value)
+    except TypeError:
+        return hash(type(value))
+
+
+@dataclasses.dataclass(frozen=True)
 class Model:
     """Pure functions of one architecture.
 
@@ -33,10 +46,13 @@ class Model:
     - ``detect_batch_stats``: only for models that learn whether they have BatchNorm from their first
       ``init`` (:func:`from_flax` with ``has_batch_stats=None``): returns ``True`` / ``False``, or ``None``
       while ``init`` has not run. Such a model has an ``apply_with_stats`` either way; use
-      :attr:`has_batch_stats`.
+      :attr:`has_batch_stats`. It is not part of the model's value (what it learns follows from ``init``).
 
-    Models compare and hash by identity: the engine's compiled functions take a model as a static argument,
-    so a second call with the same model (and shapes) compiles nothing.
+    Models compare and hash by value: the name and the three functions (the spec is metadata). The engine's compiled
+    functions take a model as a static argument, so a second call with an equal model (rebuilt by
+    ``get_model`` with the same arguments, or by :func:`from_flax` of an equal module) compiles nothing.
+    :func:`from_flax` and :func:`~mclandscape.engine.models.nnx.from_nnx` give functions that compare by the
+    module's value; hand-written functions compare by identity.
 
     Example:
         >>> import jax.numpy as jnp
@@ -50,8 +66,8 @@ class Model:
     init: Callable[..., PyTree]
     apply: Callable[..., jax.Array]
     apply_with_stats: Callable[..., tuple[jax.Array, PyTree]] | None = None
-    spec: dict = dataclasses.field(default_factory=dict)
-    detect_batch_stats: Callable[[], bool | None] | None = dataclasses.field(default=None, repr=False)
+    spec: dict = dataclasses.field(default_factory=dict, compare=False)
+    detect_batch_stats: Callable[[], bool | None] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def has_batch_stats(self) -> bool:
@@ -82,6 +98,49 @@ class _Detected:
         return self.value
 
 
+@dataclasses.dataclass(frozen=True)
+class _Linen:
+    """The base of a linen module's three functions: equal and hashed by the module's value and the flag name
+    (linen modules are dataclasses that compare by their attributes)."""
+
+    module: Any
+    train_kwarg: str
+    name: str
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.train_kwarg, self.name, value_hash(self.module)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _LinenInit(_Linen):
+    detected: _Detected | None = None
+
+    def __call__(self, key, x):
+        pkey, dkey = jax.random.split(key)
+        variables = dict(self.module.init({"params": pkey, "dropout": dkey}, x, **{self.train_kwarg: False}))
+        return self.detected.see(variables) if self.detected is not None else variables
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _LinenApply(_Linen):
+    def __call__(self, variables, x, train: bool = False, rngs=None):
+        # decided at trace time from the variables' collections: statistics updated in train mode are dropped
+        if train and "batch_stats" in variables:
+            out, _ = self.module.apply(variables, x, **{self.train_kwarg: True}, rngs=rngs, mutable=["batch_stats"])
+            return out
+        return self.module.apply(variables, x, **{self.train_kwarg: train}, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _LinenApplyWithStats(_Linen):
+    def __call__(self, variables, x, rngs=None):
+        if "batch_stats" not in variables:
+            raise ValueError(f"apply_with_stats of {self.name} needs variables with a 'batch_stats' collection, "
+                             f"got collections {sorted(variables)}")
+        out, upd = self.module.apply(variables, x, **{self.train_kwarg: True}, rngs=rngs, mutable=["batch_stats"])
+        return out, upd["batch_stats"]
+
+
 def from_flax(module, name: str | None = None, spec: dict | None = None, *, has_batch_stats: bool | None = None,
               train_kwarg: str = "train") -> Model:
     """Wrap a Flax linen ``nn.Module`` whose ``__call__(x, train)`` returns logits into a :class:`Model`.
@@ -98,7 +157,8 @@ def from_flax(module, name: str | None = None, spec: dict | None = None, *, has_
       train_kwarg: the name of the module's train/eval flag.
 
     Returns:
-      A :class:`Model` (``init`` passes ``{"params", "dropout"}`` keys split from its key).
+      A :class:`Model` (``init`` passes ``{"params", "dropout"}`` keys split from its key), equal to any
+      other ``from_flax`` of an equal module with the same options.
 
     Example:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -114,37 +174,61 @@ def from_flax(module, name: str | None = None, spec: dict | None = None, *, has_
         >>> logits, stats = model.apply_with_stats(variables, jnp.ones((3, 5)))
         >>> logits.shape, sorted(stats["BatchNorm_0"])
         ((3, 2), ['mean', 'var'])
+        >>> from_flax(Net()) == model
+        True
     """
     if has_batch_stats is not None and not isinstance(has_batch_stats, bool):
         raise TypeError(f"has_batch_stats must be True, False or None (detect), got {has_batch_stats!r}")
     if not isinstance(train_kwarg, str):
         raise TypeError(f"train_kwarg must be a string, got {train_kwarg!r}")
+    name = name or type(module).__name__
     detected = _Detected() if has_batch_stats is None else None
-
-    def init(key, x):
-        pkey, dkey = jax.random.split(key)
-        variables = dict(module.init({"params": pkey, "dropout": dkey}, x, **{train_kwarg: False}))
-        return detected.see(variables) if detected is not None else variables
-
-    def apply(variables, x, train: bool = False, rngs=None):
-        # decided at trace time from the variables' collections: statistics updated in train mode are dropped
-        if train and "batch_stats" in variables:
-            out, _ = module.apply(variables, x, **{train_kwarg: True}, rngs=rngs, mutable=["batch_stats"])
-            return out
-        return module.apply(variables, x, **{train_kwarg: train}, rngs=rngs)
-
-    def apply_with_stats(variables, x, rngs=None):
-        if "batch_stats" not in variables:
-            raise ValueError(f"apply_with_stats of {name or type(module).__name__} needs variables with a "
-                             f"'batch_stats' collection, got collections {sorted(variables)}")
-        out, upd = module.apply(variables, x, **{train_kwarg: True}, rngs=rngs, mutable=["batch_stats"])
-        return out, upd["batch_stats"]
-
     return Model(
-        name=name or type(module).__name__,
-        init=init,
-        apply=apply,
-        apply_with_stats=None if has_batch_stats is False else apply_with_stats,
-        spec=dict(spec or {"arch": name or type(module).__name__}),
+        name=name,
+        init=_LinenInit(module, train_kwarg, name, detected),
+        apply=_LinenApply(module, train_kwarg, name),
+        apply_with_stats=None if has_batch_stats is False else _LinenApplyWithStats(module, train_kwarg, name),
+        spec=dict(spec or {"arch": name}),
         detect_batch_stats=detected,
     )
+
+
+def check_variables(model: Model, variables: PyTree, x, *, name: str = "the variables",
+                    check_dtype: bool = False) -> None:
+    """Check that ``variables`` fit ``model`` on inputs like ``x`` before they meet it.
+
+    The variables' collections (``params``, ``batch_stats``) are compared with those of an abstract ``model.init`` (``jax.eval_shape``: nothing is computed or compiled), so parameters of another
+    width, or a batch of labels passed as inputs, raise the library's error naming the leaf instead of Flax's
+    ``ScopeParamShapeError`` from deep inside the model.
+
+    Args:
+      model: the :class:`Model`.
+      variables: a dict of collections with ``"params"``.
+      x: an input batch, or its shape and dtype (a ``jax.ShapeDtypeStruct``); only its shape past the first
+        axis and its dtype matter.
+      name: what the variables are called in the message.
+      check_dtype: also compare the leaves' dtypes.
+
+    Returns:
+      ``None``; raises :class:`~mclandscape.core.tree.TreeMismatchError` (a ``ValueError``) naming the first
+      leaf that differs, and ``ValueError`` when ``variables`` has no ``params``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from mclandscape.engine.models import get_model
+        >>> v = get_model("mlp", widths=[4]).init(jax.random.key(0), jnp.ones((1, 5)))
+        >>> check_variables(get_model("mlp", widths=[8]), v, jnp.ones((2, 5)))
+        Traceback (most recent call last):
+        ...
+        mclandscape.core.tree.TreeMismatchError: the variables do not fit model 'mlp' on inputs of shape (5,): leaf ['params']['Dense_0']['bias']: shape (8,) in the model but (4,) in the variables
+    """
+    if not hasattr(variables, "keys") or "params" not in variables:
+        raise ValueError(f"{name} must be a dict of collections with 'params' (e.g. model.init(key, x)), got "
+                         f"{type(variables).__name__}")
+    shape = tuple(np.shape(x))
+    abstract = jax.ShapeDtypeStruct((1, *shape[1:]), getattr(x, "dtype", None) or jnp.result_type(x))
+    expected = jax.eval_shape(model.init, jax.random.key(0), abstract)
+    try:
+        check_same_structure(dict(expected), dict(variables), check_dtype=check_dtype, names=("the model", name))
+    except TreeMismatchError as e:
+        raise TreeMismatchError(f"{name} do not fit model {model.name!r} on inputs of shape {shape[1:]}: {e}") from None

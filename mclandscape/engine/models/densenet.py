@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mclandscape.core import _checks
 from mclandscape.engine.models._common import as_image, batch_norm
 from mclandscape.engine.models._common import bias_free_conv as _conv
 
@@ -47,10 +48,8 @@ def transition_channels(channels: int, compression: float) -> int:
 def check_densenet_args(depth: int, growth_rate: int, compression: float) -> None:
     """ValueError naming the bad argument of a DenseNet-BC."""
     densenet_layers(depth)
-    if isinstance(growth_rate, bool) or not isinstance(growth_rate, int) or growth_rate < 1:
-        raise ValueError(f"DenseNet growth_rate must be a positive integer, got growth_rate={growth_rate!r}")
-    if isinstance(compression, bool) or not isinstance(compression, int | float) or not 0.0 < compression <= 1.0:
-        raise ValueError(f"DenseNet compression must be in (0, 1], got compression={compression!r}")
+    _checks.integer(growth_rate, "growth_rate", low=1, what="DenseNet")
+    _checks.real(compression, "compression", low=0.0, high=1.0, low_open=True, what="DenseNet")
 
 
 def avg_pool(x: jax.Array, window: int = 2) -> jax.Array:

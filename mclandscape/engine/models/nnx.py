@@ -21,6 +21,8 @@ under ``jit``, ``vmap`` and ``grad`` like a linen model's ``apply``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from mclandscape.core.tree import TreeMismatchError, check_same_structure
-from mclandscape.engine.models.base import Model
+from mclandscape.engine.models.base import Model, value_hash
 
 __all__ = ["from_nnx"]
 
@@ -148,6 +150,76 @@ def _dropout_key(rngs, model_name: str):
     return rngs.get("dropout")
 
 
+def _factory_value(factory):
+    """What a factory is equal by: a ``functools.partial`` by its function and arguments, anything else (a
+    module class, a function) by itself."""
+    if isinstance(factory, functools.partial):
+        return (_factory_value(factory.func), factory.args, tuple(sorted(factory.keywords.items())))
+    return factory
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Nnx:
+    """The base of an NNX module's three functions: equal and hashed by the factory's value (its class, or a
+    ``functools.partial``'s function and arguments) and the name; the layout follows from them."""
+
+    factory: Callable[[nnx.Rngs], nnx.Module]
+    name: str
+    layout: _Layout = dataclasses.field(repr=False)
+
+    def __eq__(self, other) -> bool:
+        return (type(other) is type(self) and self.name == other.name
+                and _factory_value(self.factory) == _factory_value(other.factory))
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.name, value_hash(_factory_value(self.factory))))
+
+    def merged(self, variables, key) -> nnx.Module:
+        layout = self.layout
+        states = [layout.to_nnx(_collection(variables, "params", self.name), "params")]
+        if layout.stats:
+            states.append(layout.to_nnx(_collection(variables, "batch_stats", self.name), "batch_stats"))
+        if layout.rng:
+            states.append(layout.rng_state(key))
+        return nnx.merge(layout.graphdef, *states)
+
+    @staticmethod
+    def set_mode(module, train: bool, key) -> None:
+        # what Module.train() / Module.eval() set, with dropout also off in train mode when no key is given
+        module.set_attributes(deterministic=not (train and key is not None), use_running_average=not train,
+                              raise_if_not_found=False)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _NnxInit(_Nnx):
+    def __call__(self, key, x=None):
+        module = _build(self.factory, key)
+        _, params, stats, _ = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
+        variables = {"params": self.layout.to_tree(params, "params")}
+        if self.layout.stats:
+            variables["batch_stats"] = self.layout.to_tree(stats, "batch_stats")
+        return variables
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _NnxApply(_Nnx):
+    def __call__(self, variables, x, train: bool = False, rngs=None):
+        key = _dropout_key(rngs, self.name) if train else None
+        module = self.merged(variables, key)
+        self.set_mode(module, bool(train), key)
+        return module(x)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _NnxApplyWithStats(_Nnx):
+    def __call__(self, variables, x, rngs=None):
+        key = _dropout_key(rngs, self.name)
+        module = self.merged(variables, key)
+        self.set_mode(module, True, key)
+        out = module(x)
+        return out, self.layout.to_tree(nnx.state(module, nnx.BatchStat), "batch_stats")
+
+
 def from_nnx(factory: Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
              spec: dict | None = None) -> Model:
     """Wrap a Flax NNX module, given by its factory, into a :class:`Model`.
@@ -162,7 +234,9 @@ def from_nnx(factory: Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
 
     Args:
       factory: ``factory(rngs: nnx.Rngs) -> nnx.Module`` (e.g. the module class itself when its constructor
-        takes ``rngs``); it must build the same architecture for every key.
+        takes ``rngs``, or ``functools.partial(Class, width=8)``); it must build the same architecture for
+        every key. Models of the same class, or of partials with equal function and arguments, are equal
+        (they share compiled code); a lambda is equal only to itself.
       name: the model's name (default: the module's class name).
       spec: the JSON-serialisable spec checkpoints record (default ``{"arch": name}``).
 
@@ -188,6 +262,8 @@ def from_nnx(factory: Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
         >>> logits, stats = model.apply_with_stats(variables, jnp.ones((3, 5)), rngs={"dropout": jax.random.key(1)})
         >>> logits.shape, sorted(stats["bn"])
         ((3, 2), ['mean', 'var'])
+        >>> from_nnx(Net) == model
+        True
     """
     if isinstance(factory, nnx.Module):
         raise TypeError("from_nnx takes a factory, not a built module: pass e.g. "
@@ -197,40 +273,6 @@ def from_nnx(factory: Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
     abstract = nnx.eval_shape(lambda: _build(factory, jax.random.key(0)))
     name = name or type(abstract).__name__
     layout = _Layout(abstract, name)
-
-    def merged(variables, key):
-        states = [layout.to_nnx(_collection(variables, "params", name), "params")]
-        if layout.stats:
-            states.append(layout.to_nnx(_collection(variables, "batch_stats", name), "batch_stats"))
-        if layout.rng:
-            states.append(layout.rng_state(key))
-        return nnx.merge(layout.graphdef, *states)
-
-    def set_mode(module, train: bool, key):
-        # what Module.train() / Module.eval() set, with dropout also off in train mode when no key is given
-        module.set_attributes(deterministic=not (train and key is not None), use_running_average=not train,
-                              raise_if_not_found=False)
-
-    def init(key, x=None):
-        module = _build(factory, key)
-        _, params, stats, _ = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
-        variables = {"params": layout.to_tree(params, "params")}
-        if layout.stats:
-            variables["batch_stats"] = layout.to_tree(stats, "batch_stats")
-        return variables
-
-    def apply(variables, x, train: bool = False, rngs=None):
-        key = _dropout_key(rngs, name) if train else None
-        module = merged(variables, key)
-        set_mode(module, bool(train), key)
-        return module(x)
-
-    def apply_with_stats(variables, x, rngs=None):
-        key = _dropout_key(rngs, name)
-        module = merged(variables, key)
-        set_mode(module, True, key)
-        out = module(x)
-        return out, layout.to_tree(nnx.state(module, nnx.BatchStat), "batch_stats")
-
-    return Model(name=name, init=init, apply=apply, apply_with_stats=apply_with_stats if layout.stats else None,
+    fns = [cls(factory, name, layout) for cls in (_NnxInit, _NnxApply, _NnxApplyWithStats)]
+    return Model(name=name, init=fns[0], apply=fns[1], apply_with_stats=fns[2] if layout.stats else None,
                  spec=dict(spec or {"arch": name}))
