@@ -43,6 +43,7 @@ message. Every default can be overridden.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -58,6 +59,8 @@ from mclandscape.engine.data import DatasetNotFoundError, load_dataset
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig, train_many
 from mclandscape.methods import surface as S
+from mclandscape.methods import surface_grid as G
+from mclandscape.methods.surface_train import SurfaceConfig, train_surface
 
 # The paper's figures (fractions), for the README table next to ours.
 PAPER = {
@@ -250,7 +253,7 @@ def run(args) -> dict:
 
     # 2. triangle (§4.1, Figure 3) ---------------------------------------------------------------------
     t = time.time()
-    tri = S.evaluate_triangle(model, corners[:3], test, steps=args.triangle_steps,
+    tri = G.evaluate_triangle(model, corners[:3], test, steps=args.triangle_steps,
                               bn_data=train if model.has_batch_stats else None, batch_size=args.eval_batch_size,
                               bn_batches=args.bn_batches, bn_batch_size=args.batch_size)
     plots.save(plots.triangle_plot(tri.points, tri.accuracy, label="test accuracy",
@@ -268,17 +271,17 @@ def run(args) -> dict:
     n1, m1 = args.grid
     surf = bezier_surface(*corners, n=n1 - 1, m=m1 - 1)
     t = time.time()
-    before = S.surface_grid(model, surf, train, test, return_probs=True, **eval_kw)
+    before = G.surface_grid(model, surf, train, test, return_probs=True, **eval_kw)
     timing["grid_before_s"] = time.time() - t
     corner_acc = before.corner_values("test_acc")
-    ens_before = S.surface_ensembles(before, test.y)
+    ens_before = G.surface_ensembles(before, test.y)
     results["avg_corner_acc"] = float(corner_acc.mean())
     results["corner_acc"] = corner_acc.tolist()
     results["corner_train_loss"] = before.corner_values("train_loss").tolist()
     results["before"] = {**_summary(before), "grid": _grid_json(before),
                          "area_weighted_loss": _area_mean(surf, before),
                          "surface_ensemble_acc": 1 - ens_before["surface"].test_error,
-                         "merge": S.merge_best(before)}
+                         "merge": G.merge_best(before)}
     results["linear_bilinear"] = {"note": "the untrained Bezier surface is the bilinear four-corner surface "
                                   "(degree elevation), so this is the 'before' grid", **_summary(before)}
     log(f"before: avg surface acc {before.test_acc.mean():.4f}, avg train loss {before.train_loss.mean():.4f}")
@@ -286,18 +289,18 @@ def run(args) -> dict:
     # 4. training, per objective -----------------------------------------------------------------------
     per: dict = {}
     trained = {}
+    cfg = SurfaceConfig(epochs=tuple(args.epochs), num_samples=args.num_samples, batch_size=args.batch_size,
+                        lr=args.lr, weight_decay=args.l2, weight_decay_on="control",
+                        area_estimator=args.area_estimator, area_gradient=args.area_gradient, augment=args.augment)
     for obj in args.objective_list:
         t = time.time()
-        res = S.train_surface(model, surf, train, epochs=args.epochs, num_samples=args.num_samples,
-                              batch_size=args.batch_size, lr=args.lr, weight_decay=args.l2, weight_decay_on="control", objective=obj,
-                              area_estimator=args.area_estimator, area_gradient=args.area_gradient,
-                              seed=args.seed, augment=args.augment, checkpoint_dir=ck(f"surface_{obj}"),
-                              progress=args.progress)
+        res = train_surface(model, surf, train, dataclasses.replace(cfg, objective=obj), seed=args.seed,
+                            checkpoint_dir=ck(f"surface_{obj}"), progress=args.progress)
         train_s = time.time() - t
         t = time.time()
-        after = S.surface_grid(model, res.connector, train, test, return_probs=True, **eval_kw)
-        ens = S.surface_ensembles(after, test.y)
-        merge = S.merge_best(after)
+        after = G.surface_grid(model, res.connector, train, test, return_probs=True, **eval_kw)
+        ens = G.surface_ensembles(after, test.y)
+        merge = G.merge_best(after)
         per[obj] = {**_summary(after), "area_weighted_loss": _area_mean(res.connector, after),
                     "merge_acc": merge["test_acc"], "merge": merge, "best_surface_acc": merge["best_test_acc"],
                     "corner_ensemble_acc": 1 - ens["corner"].test_error,
@@ -331,7 +334,7 @@ def run(args) -> dict:
 
     # 5. appendix B ------------------------------------------------------------------------------------
     t = time.time()
-    sub = S.subset_approximation(model, res0.connector, train, test, full=after0,
+    sub = G.subset_approximation(model, res0.connector, train, test, full=after0,
                                  train_batches=args.subset_train_batches, batch_size=args.batch_size,
                                  test_size=args.subset_test_size, seed=args.seed, bn_batches=args.bn_batches,
                                  bn_batch_size=args.batch_size)
@@ -352,14 +355,11 @@ def run(args) -> dict:
     # 6. layer-specific optimisation (A.6, Table 4) ----------------------------------------------------
     if args.layer_pattern:
         t = time.time()
-        res_l = S.train_surface(model, surf, train, epochs=args.epochs, num_samples=args.num_samples,
-                                batch_size=args.batch_size, lr=args.lr, weight_decay=args.l2, weight_decay_on="control", objective=first,
-                                area_estimator=args.area_estimator, area_gradient=args.area_gradient,
-                                seed=args.seed, augment=args.augment, layers=args.layer_pattern,
-                                checkpoint_dir=ck(f"surface_{first}_layers"), progress=args.progress)
+        res_l = train_surface(model, surf, train, dataclasses.replace(cfg, objective=first, layers=args.layer_pattern),
+                              seed=args.seed, checkpoint_dir=ck(f"surface_{first}_layers"), progress=args.progress)
         train_l = time.time() - t
-        grid_l = S.surface_grid(model, res_l.connector, train, test, **eval_kw)
-        m = S.merge_best(grid_l)
+        grid_l = G.surface_grid(model, res_l.connector, train, test, **eval_kw)
+        m = G.merge_best(grid_l)
         results["layer_specific"] = {
             "pattern": args.layer_pattern,
             "all_layers": {"avg_corner_acc": results["avg_corner_acc"], "highest_acc": p0["best_surface_acc"],
@@ -377,11 +377,11 @@ def run(args) -> dict:
     if args.trajectory is not None:
         t = time.time()
         snaps = [runs[0].snapshots[e]["params"] for e in args.trajectory]
-        traj = S.trajectory_surface(snaps, n=n1 - 1, m=m1 - 1)
-        grid_t = S.surface_grid(model, traj, train, test, **eval_kw)
+        traj = G.trajectory_surface(snaps, n=n1 - 1, m=m1 - 1)
+        grid_t = G.surface_grid(model, traj, train, test, **eval_kw)
         results["linear_trajectory"] = {"epochs": args.trajectory, **_summary(grid_t),
                                         "corner_acc": grid_t.corner_values("test_acc").tolist(),
-                                        "merge": S.merge_best(grid_t), "grid": _grid_json(grid_t)}
+                                        "merge": G.merge_best(grid_t), "grid": _grid_json(grid_t)}
         # two different metrics side by side (each on its own scale), not a before/after pair
         fig, axes = plots.subplots(1, 2, figsize=(10, 4.3))
         plots.heatmap(grid_t.train_loss, ax=axes[0], label="train loss", title="train loss")

@@ -1309,7 +1309,7 @@ def evaluate_band(model, band: Connector | NEBResult | AutoNEBResult, train, tes
       train: the training data (and the default ``bn_data``).
       test: the test data (``None``: no test series).
       sub_pivots: points per gap (:func:`dense_ts`).
-      **kwargs: passed to :func:`mclandscape.methods.curves.evaluate_path` (``batch_size``, ``bn_data``, ...).
+      **kwargs: passed to :func:`mclandscape.methods.curves.evaluate_curve` (``batch_size``, ``bn_data``, ...).
 
     Returns:
       A :class:`mclandscape.methods.curves.PathEvaluation` (barrier, stats, length).
@@ -1324,9 +1324,9 @@ def evaluate_band(model, band: Connector | NEBResult | AutoNEBResult, train, tes
         >>> len(ev.ts)
         5
     """
-    from mclandscape.methods.curves import evaluate_path
+    from mclandscape.methods.curves import evaluate_curve
 
     conn = band if isinstance(band, Connector) else band.band
     if conn.kind != "polychain":
         raise ValueError(f"a band is a polychain connector, got a {conn.kind!r} connector")
-    return evaluate_path(model, conn, train, test, ts=dense_ts(conn.num_control, sub_pivots), **kwargs)
+    return evaluate_curve(model, conn, train, test, ts=dense_ts(conn.num_control, sub_pivots), **kwargs)
