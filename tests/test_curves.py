@@ -120,14 +120,12 @@ def test_lengths_distances_and_stats():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="identical"):
         C.fit_curve(double_well, K.bezier_curve(START, START, 2), epochs=1, optimizer=optax.sgd(0.1))
-    with pytest.raises(ValueError, match="curve kind"):
-        C.make_curve(START, END, "spline")
     with pytest.raises(ValueError, match="curves"):
         C.fit_curve(double_well, K.simplex([START, END, START + 1]), epochs=1, optimizer=optax.sgd(0.1))
     with pytest.raises(ValueError, match="Bézier degree"):
-        C.make_curve(START, END, "bezier", degree=0)
+        K.bezier_curve(START, END, degree=0)
     with pytest.raises(ValueError, match="num_bends"):
-        C.make_curve(START, END, "polychain", num_bends=-1)
+        K.polychain(START, END, num_bends=-1)
     with pytest.raises(ValueError, match="curve"):
         C.curve_length(K.simplex([START, END]))
 
@@ -155,7 +153,7 @@ def _toy(n, seed):
     return Dataset(x=x, y=y, num_classes=3, name="toy")
 
 
-def test_train_and_evaluate_curve_on_a_network():
+def test_train_and_evaluate_curve_on_a_network(count_compiles):
     model = from_flax(_TinyMLP(), "tiny")
     train, test = _toy(128, 0), _toy(64, 1)
     p0 = model.init(jax.random.key(0), train.x[:2])["params"]
@@ -176,6 +174,14 @@ def test_train_and_evaluate_curve_on_a_network():
                     strict=True):
         np.testing.assert_array_equal(a[0], b[0])
     ev = C.evaluate_curve(model, conn, train, test)
+    with count_compiles() as seen:  # equal inputs: nothing compiles, the same curve and series
+        again = C.train_curve(model, K.polychain(p0, p1, num_bends=1), train,
+                              C.CurveConfig(epochs=3, batch_size=32, lr=0.05, num_samples=2))
+        ev2 = C.evaluate_curve(model, conn, train, test)
+    assert seen == [] and np.array_equal(ev2.test_loss, ev.test_loss)
+    for a, b in zip(jax.tree_util.tree_leaves(again.connector.control), jax.tree_util.tree_leaves(conn.control),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
     assert ev.ts.shape == (61,) and ev.train_loss.shape == (61,) and ev.test_acc.shape == (61,)
     ends = evaluate_params(model, tree_stack([p0, p1]), test)
     np.testing.assert_allclose(ev.test_loss[[0, -1]], ends.loss, rtol=1e-5)
@@ -224,7 +230,7 @@ def test_evaluate_curve_recalibrates_batchnorm():
     train = _toy(128, 0)
     p0 = model.init(jax.random.key(0), train.x[:2])["params"]
     p1 = model.init(jax.random.key(1), train.x[:2])["params"]
-    conn = C.make_curve(p0, p1, "bezier", degree=2)
+    conn = K.bezier_curve(p0, p1, degree=2)
     ev = C.evaluate_curve(model, conn, train, num_points=5, bn_batch_size=64)
     direct = evaluate_points(model, conn, np.linspace(0, 1, 5), train, bn_data=train, bn_batch_size=64)
     plain = evaluate_points(model, conn, np.linspace(0, 1, 5), train, bn_data=train, bn_batch_size=128)

@@ -194,9 +194,9 @@ def test_area_weights_and_proposal_are_unbiased():
 # training
 
 
-def test_each_phase_moves_exactly_its_points_and_layers(digits, corners):
+def test_each_phase_moves_exactly_its_points_and_layers(digits, corners, count_compiles):
     train, _ = digits
-    small = Dataset(train.x[:256], train.y[:256], 10, "digits256")
+    small = Dataset(train.x[:128], train.y[:128], 10, "digits128")
     surf = C.bezier_surface(*corners, n=2, m=3)  # 3 x 4 control points
     for phase in S.PHASES:
         ep = [0, 0, 0]
@@ -206,12 +206,17 @@ def test_each_phase_moves_exactly_its_points_and_layers(digits, corners):
         assert res.trained[phase] == np.flatnonzero(S.phase_trainable(surf.shape, phase)).tolist()
         assert len(res.history[phase]) == 1 and res.wall_time[phase] > 0
     # layer-specific optimisation: only the head (Dense_1) of the phase-3 points moves
-    res = train_surface(MLP, surf, small, SurfaceConfig(epochs=(0, 0, 1), num_samples=2, batch_size=64,
-                                                     layers=r"Dense_1"))
+    cfg = SurfaceConfig(epochs=(0, 0, 1), num_samples=2, batch_size=64, layers=r"Dense_1")
+    res = train_surface(MLP, surf, small, cfg)
     for name in ("Dense_0", "Dense_1"):
         sub_a, sub_b = (c.replace(control=c.control[name]) for c in (surf, res.connector))
         expect = S.phase_trainable(surf.shape, 3) if name == "Dense_1" else np.zeros(12, bool)
         np.testing.assert_array_equal(_changed(sub_a, sub_b), expect)
+    # equal inputs (an equal config, the masked optimizer named by value): nothing compiles, the same surface
+    with count_compiles() as seen:
+        again = train_surface(MLP, surf, small, SurfaceConfig(epochs=(0, 0, 1), num_samples=2, batch_size=64,
+                                                               layers=r"Dense_1"))
+    assert seen == [] and not _changed(res.connector, again.connector).any()
     with pytest.raises(ValueError, match="matches no parameter"):
         train_surface(MLP, surf, small, SurfaceConfig(epochs=(0, 0, 1), layers="conv9"))
     with pytest.raises(ValueError, match="epochs"):
@@ -305,10 +310,13 @@ def test_grid_recalibrates_bn_per_point(digits):
     assert np.max(np.abs(np.asarray(wrong) - np.asarray(ref))) > 1e-3  # one shared set of statistics is wrong
 
 
-def test_ensembles_merge_and_extrema_against_numpy(digits, corners):
+def test_ensembles_merge_and_extrema_against_numpy(digits, corners, count_compiles):
     train, test = digits
     surf = C.bezier_surface(*corners, n=2, m=2)
     grid = G.surface_grid(MLP, surf, train, test, steps=4, return_probs=True)
+    with count_compiles() as seen:  # a second grid with equal inputs compiles nothing
+        again = G.surface_grid(MLP, surf, train, test, steps=4, return_probs=True)
+    assert seen == [] and np.array_equal(again.test_probs, grid.test_probs)
     assert grid.test_probs.shape == (16, len(test), 10)
     ens = G.surface_ensembles(grid, test.y)
     p = grid.test_probs.astype(np.float64)

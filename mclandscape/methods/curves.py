@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mclandscape.core.connectors import Connector, bezier_curve, polychain
+from mclandscape.core.connectors import Connector, bezier_curve
 from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import function_objective
 from mclandscape.core.tree import PyTree, tree_distance, tree_gram
@@ -63,7 +63,6 @@ from mclandscape.engine.optim import Transform, transform
 
 __all__ = [
     "CURVE_KINDS",
-    "make_curve",
     "line_connector",
     "garipov_schedule",
     "curve_optimizer",
@@ -89,31 +88,6 @@ def _check_distinct(start: PyTree, end: PyTree) -> None:
 def _ends(connector: Connector) -> tuple[PyTree, PyTree]:
     return (jax.tree_util.tree_map(lambda x: x[0], connector.control),
             jax.tree_util.tree_map(lambda x: x[-1], connector.control))
-
-
-def make_curve(start: PyTree, end: PyTree, kind: str = "bezier", *, degree: int = 2, num_bends: int = 1) -> Connector:
-    """A curve with fixed ends and inner control points on the straight segment (Garipov's ``init_linear``).
-
-    Args:
-      start, end: the end models.
-      kind: ``"bezier"`` (:func:`~mclandscape.core.connectors.bezier_curve` of ``degree``; Garipov's
-        ``num_bends`` counts control points, so their default 3 is ``degree=2``) or ``"polychain"``
-        (:func:`~mclandscape.core.connectors.polychain` with ``num_bends`` bends).
-      degree, num_bends: see ``kind``.
-
-    Returns:
-      The :class:`~mclandscape.core.connectors.Connector`.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> make_curve({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, "polychain", num_bends=2).shape
-        (4,)
-    """
-    if kind == "bezier":
-        return bezier_curve(start, end, degree=degree)
-    if kind == "polychain":
-        return polychain(start, end, num_bends=num_bends)
-    raise ValueError(f"unknown curve kind {kind!r}; expected one of {CURVE_KINDS}")
 
 
 def line_connector(start: PyTree, end: PyTree) -> Connector:
