@@ -252,7 +252,7 @@ def train_surface_tracked(model, surface, train, test, *, epochs, num_samples: i
                           seed: int, target: float | None = None, grid_steps: int = 11, eval_batch_size: int = 500,
                           bn_batches: int | None = None, augment: bool = False, stop_at_target: bool = True,
                           progress: bool = False, strategy: str | None = None):
-    """:func:`mclandscape.methods.surface.train_surface` (uniform objective, its default optimizer), with the
+    """:func:`mclandscape.methods.surface_train.train_surface` (uniform objective, its default optimizer), with the
     mean test accuracy over the ``grid_steps``-grid measured after every epoch through its ``callback``.
 
     Returns ``(connector, curve, epochs_to_target)``: ``curve`` lists ``{"phase", "epoch", "total_epochs",

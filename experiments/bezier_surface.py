@@ -60,7 +60,7 @@ from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig, train_many
 from mclandscape.methods import surface as S
 from mclandscape.methods import surface_grid as G
-from mclandscape.methods.surface_train import SurfaceConfig, train_surface
+from mclandscape.methods.surface_train import AREA_ESTIMATORS, OBJECTIVES, SurfaceConfig, train_surface
 
 # The paper's figures (fractions), for the README table next to ours.
 PAPER = {
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--l2", type=float, default=0.0, help="L2 penalty on the trainable control points during surface training")
     a("--objectives", default="uniform,area", help="comma-separated surface objectives to train and compare: "
       "uniform (eq. 9) and/or area (eq. 7-8, exact); the first one fills the headline keys")
-    a("--area-estimator", default="importance", choices=S.AREA_ESTIMATORS,
+    a("--area-estimator", default="importance", choices=AREA_ESTIMATORS,
       help="area objective: importance weights on uniform samples, or sampling from an approximation of q_uv")
     a("--area-gradient", default="full", choices=S.AREA_GRADIENTS,
       help="area objective: differentiate through q_uv (full, exact eq. 7 gradient) or not (fixed)")
@@ -172,8 +172,8 @@ def _resolve(args) -> argparse.Namespace:
         raise ValueError(f"--phase-epochs needs three numbers E1,E2,E3, got {args.phase_epochs!r}")
     args.objective_list = [o for o in args.objectives.split(",") if o]
     for o in args.objective_list:
-        if o not in S.OBJECTIVES:
-            raise ValueError(f"unknown objective {o!r}; choose among {S.OBJECTIVES}")
+        if o not in OBJECTIVES:
+            raise ValueError(f"unknown objective {o!r}; choose among {OBJECTIVES}")
     if not args.objective_list:
         raise ValueError("--objectives is empty")
     traj = str(args.trajectory_epochs)
@@ -192,20 +192,20 @@ def _resolve(args) -> argparse.Namespace:
     return args
 
 
-def _summary(grid: S.SurfaceGrid) -> dict:
+def _summary(grid: G.SurfaceGrid) -> dict:
     return {"avg_surface_acc": float(grid.test_acc.mean()), "min_surface_acc": float(grid.test_acc.min()),
             "max_surface_acc": float(grid.test_acc.max()), "avg_surface_loss": float(grid.train_loss.mean()),
             "max_surface_loss": float(grid.train_loss.max()), "avg_surface_test_loss": float(grid.test_loss.mean()),
             "avg_surface_train_acc": float(grid.train_acc.mean())}
 
 
-def _grid_json(grid: S.SurfaceGrid) -> dict:
+def _grid_json(grid: G.SurfaceGrid) -> dict:
     r = lambda a: np.round(np.asarray(a, np.float64), 5).tolist()
     return {"u": r(grid.axis), "train_loss": r(grid.train_loss), "test_acc": r(grid.test_acc),
             "test_loss": r(grid.test_loss)}
 
 
-def _area_mean(conn, grid: S.SurfaceGrid) -> float:
+def _area_mean(conn, grid: G.SurfaceGrid) -> float:
     """Area-weighted mean train loss over the grid, sum q L / sum q (the eq. 7 objective, discretised)."""
     a = np.asarray(S.area_element(conn, grid.points.astype(np.float32)), np.float64)
     return float(np.sum(a * grid.train_loss.ravel()) / np.sum(a))

@@ -62,19 +62,8 @@ from mclandscape.engine.loop import LoopConfig
 from mclandscape.engine.optim import Transform, transform
 
 __all__ = [
-    "CURVE_KINDS",
-    "line_connector",
-    "garipov_schedule",
-    "curve_optimizer",
-    "CurveConfig",
-    "train_curve",
-    "fit_curve",
-    "PathEvaluation",
-    "evaluate_curve",
-    "path_stats",
-    "loss_barrier",
-    "point_distances",
-    "curve_length",
+    "CURVE_KINDS", "line_connector", "garipov_schedule", "curve_optimizer", "CurveConfig", "train_curve",
+    "fit_curve", "PathEvaluation", "evaluate_curve", "path_stats", "loss_barrier", "point_distances", "curve_length",
 ]
 
 CURVE_KINDS = ("bezier", "polychain")
@@ -203,14 +192,22 @@ class CurveConfig:
 
     def __post_init__(self):
         for name, lo in (("epochs", 0), ("batch_size", 1), ("num_samples", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+            _int_at_least(name, getattr(self, name), lo)
         if not (np.isfinite(self.lr) and self.lr > 0) or not (np.isfinite(self.momentum) and self.momentum >= 0):
             raise ValueError(f"need lr > 0 and momentum >= 0, got lr={self.lr!r}, momentum={self.momentum!r}")
         weight_decay_args(self.weight_decay, self.weight_decay_on)
         if not (self.optimizer is None or isinstance(self.optimizer, optax.GradientTransformation | Transform)):
             raise ValueError(f"optimizer must be an optax transformation or None, got {self.optimizer!r}")
+
+
+def _int_at_least(name: str, v, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _one_of(name: str, v, choices: tuple) -> None:
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
 
 
 def _check_dataset(train, fn: str) -> None:

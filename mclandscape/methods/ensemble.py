@@ -44,20 +44,9 @@ from mclandscape.core.tree import PyTree, tree_gram, tree_stack
 from mclandscape.engine.evaluate import evaluate, stacked_points
 
 __all__ = [
-    "METHODS",
-    "EnsembleMetrics",
-    "average_probs",
-    "vote",
-    "ensemble_probs",
-    "test_error",
-    "nll",
-    "pairwise_output_correlation",
-    "output_correlation",
-    "pairwise_param_distances",
-    "param_distance",
-    "ensemble_from_probs",
-    "member_probs",
-    "ensemble_from_params",
+    "METHODS", "EnsembleMetrics", "average_probs", "vote", "ensemble_probs", "test_error", "nll",
+    "pairwise_output_correlation", "output_correlation", "pairwise_param_distances", "param_distance",
+    "ensemble_from_probs", "member_probs", "ensemble_from_params",
 ]
 
 METHODS = ("mean", "vote")

@@ -35,14 +35,8 @@ from mclandscape.engine.loop import LoopConfig, make_step, run
 from mclandscape.engine.optim import transform
 
 __all__ = [
-    "snapshot_cosine_schedule",
-    "snapshot_steps",
-    "fge_schedule",
-    "fge_collect_steps",
-    "train_with_snapshots",
-    "snapshot_ensemble",
-    "fge_ensemble",
-    "independent_ensemble",
+    "snapshot_cosine_schedule", "snapshot_steps", "fge_schedule", "fge_collect_steps", "train_with_snapshots",
+    "snapshot_ensemble", "fge_ensemble", "independent_ensemble",
 ]
 
 # ---------------------------------------------------------------------------------------------------------

@@ -52,17 +52,8 @@ from mclandscape.core.connectors import Connector
 from mclandscape.core.tree import tree_gram
 
 __all__ = [
-    "PHASES",
-    "AREA_GRADIENTS",
-    "phase_trainable",
-    "phase_sampler",
-    "curve_family_coefficients",
-    "control_gram",
-    "area_element",
-    "surface_area",
-    "area_density",
-    "area_weights",
-    "area_proposal",
+    "PHASES", "AREA_GRADIENTS", "phase_trainable", "phase_sampler", "curve_family_coefficients", "control_gram",
+    "area_element", "surface_area", "area_density", "area_weights", "area_proposal",
 ]
 
 PHASES = (1, 2, 3)

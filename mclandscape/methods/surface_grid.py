@@ -25,17 +25,8 @@ from mclandscape.methods.curves import _evaluate_sets
 from mclandscape.methods.surface import _check_surface
 
 __all__ = [
-    "SurfaceGrid",
-    "surface_grid",
-    "extrema",
-    "subset_approximation",
-    "merge_best",
-    "corner_indices",
-    "surface_ensembles",
-    "triangle_points",
-    "TriangleResult",
-    "evaluate_triangle",
-    "trajectory_surface",
+    "SurfaceGrid", "surface_grid", "extrema", "subset_approximation", "merge_best", "corner_indices",
+    "surface_ensembles", "triangle_points", "TriangleResult", "evaluate_triangle", "trajectory_surface",
 ]
 
 
@@ -70,9 +61,7 @@ class SurfaceGrid:
 
     def corner_values(self, name: str) -> np.ndarray:
         """The metric ``name`` at the corners (0,0), (0,1), (1,0), (1,1): the four corner models."""
-        a = getattr(self, name)
-        s = self.steps - 1
-        return np.asarray([a[0, 0], a[0, s], a[s, 0], a[s, s]])
+        return np.asarray(getattr(self, name)).reshape(-1)[corner_indices(self.steps)]
 
 
 

@@ -70,6 +70,7 @@ from mclandscape.engine.data import Dataset
 from mclandscape.engine.loop import LoopConfig
 from mclandscape.engine.models.base import Model
 from mclandscape.engine.optim import Transform, transform, unwrap
+from mclandscape.methods.curves import _int_at_least, _one_of
 from mclandscape.methods.surface import (
     AREA_GRADIENTS,
     PHASES,
@@ -82,29 +83,13 @@ from mclandscape.methods.surface import (
 )
 
 __all__ = [
-    "OBJECTIVES",
-    "AREA_ESTIMATORS",
-    "SCHEDULES",
-    "SurfaceConfig",
-    "layer_mask",
-    "masked_optimizer",
-    "SurfaceTrainResult",
-    "train_surface",
+    "OBJECTIVES", "AREA_ESTIMATORS", "SCHEDULES", "SurfaceConfig", "layer_mask", "masked_optimizer",
+    "SurfaceTrainResult", "train_surface",
 ]
 
 OBJECTIVES = ("uniform", "area")
 AREA_ESTIMATORS = ("importance", "sample")
 SCHEDULES = ("cosine", "constant")
-
-
-def _int_at_least(name: str, v, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-
-
-def _one_of(name: str, v, choices: tuple) -> None:
-    if v not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
