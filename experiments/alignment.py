@@ -65,8 +65,9 @@ from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import alignment as AL
-from mclandscape.methods import surface as S
-from mclandscape.methods.curves import evaluate_path, line_connector
+from mclandscape.methods import surface_grid as S
+from mclandscape.methods.curves import evaluate_curve, line_connector
+from mclandscape.methods.surface_train import SurfaceConfig, train_surface
 
 OFFLINE = ("digits", "iris", "wine", "breast_cancer", "mnist1d")
 
@@ -232,7 +233,7 @@ def align_corners(model, corners: list, data, args) -> tuple[list, dict]:
 def line_barriers(model, corners: list, train, test, args) -> tuple[dict, list]:
     """Straight lines corner 0 -> corner k: train-loss barriers and profiles."""
     bn = train if model.has_batch_stats else None
-    evals = [evaluate_path(model, line_connector(_params(corners[0]), _params(c)), train, test,
+    evals = [evaluate_curve(model, line_connector(_params(corners[0]), _params(c)), train, test,
                            num_points=args.line_points, bn_data=bn, bn_batches=args.bn_batches,
                            bn_batch_size=args.batch_size, batch_size=args.eval_batch_size) for c in corners[1:]]
     barriers = [e.barrier("train_loss") for e in evals]
@@ -252,7 +253,7 @@ def train_surface_tracked(model, surface, train, test, *, epochs, num_samples: i
                           seed: int, target: float | None = None, grid_steps: int = 11, eval_batch_size: int = 500,
                           bn_batches: int | None = None, augment: bool = False, stop_at_target: bool = True,
                           progress: bool = False, strategy: str | None = None):
-    """:func:`mclandscape.methods.surface.train_surface` (uniform objective, its default optimizer), with the
+    """:func:`mclandscape.methods.surface_train.train_surface` (uniform objective, its default optimizer), with the
     mean test accuracy over the ``grid_steps``-grid measured after every epoch through its ``callback``.
 
     Returns ``(connector, curve, epochs_to_target)``: ``curve`` lists ``{"phase", "epoch", "total_epochs",
@@ -285,9 +286,9 @@ def train_surface_tracked(model, surface, train, test, *, epochs, num_samples: i
             if stop_at_target:
                 raise StopRun
 
-    res = S.train_surface(model, surface, train, epochs=tuple(int(e) for e in epochs), num_samples=int(num_samples),
-                          batch_size=batch_size, lr=float(lr), seed=seed, augment=augment, strategy=strategy,
-                          progress=progress, callback=track)
+    cfg = SurfaceConfig(epochs=tuple(int(e) for e in epochs), num_samples=int(num_samples), batch_size=batch_size,
+                        lr=float(lr), augment=augment, strategy=strategy)
+    res = train_surface(model, surface, train, cfg, seed=seed, progress=progress, callback=track)
     return res.connector, curve, reached
 
 

@@ -43,6 +43,7 @@ message. Every default can be overridden.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -59,6 +60,8 @@ from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import surface as S
+from mclandscape.methods import surface_grid as G
+from mclandscape.methods.surface_train import AREA_ESTIMATORS, OBJECTIVES, SurfaceConfig, train_surface
 
 # The paper's figures (fractions), for the README table next to ours.
 PAPER = {
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--l2", type=float, default=0.0, help="L2 penalty on the trainable control points during surface training")
     a("--objectives", default="uniform,area", help="comma-separated surface objectives to train and compare: "
       "uniform (eq. 9) and/or area (eq. 7-8, exact); the first one fills the headline keys")
-    a("--area-estimator", default="importance", choices=S.AREA_ESTIMATORS,
+    a("--area-estimator", default="importance", choices=AREA_ESTIMATORS,
       help="area objective: importance weights on uniform samples, or sampling from an approximation of q_uv")
     a("--area-gradient", default="full", choices=S.AREA_GRADIENTS,
       help="area objective: differentiate through q_uv (full, exact eq. 7 gradient) or not (fixed)")
@@ -170,8 +173,8 @@ def _resolve(args) -> argparse.Namespace:
         raise ValueError(f"--phase-epochs needs three numbers E1,E2,E3, got {args.phase_epochs!r}")
     args.objective_list = [o for o in args.objectives.split(",") if o]
     for o in args.objective_list:
-        if o not in S.OBJECTIVES:
-            raise ValueError(f"unknown objective {o!r}; choose among {S.OBJECTIVES}")
+        if o not in OBJECTIVES:
+            raise ValueError(f"unknown objective {o!r}; choose among {OBJECTIVES}")
     if not args.objective_list:
         raise ValueError("--objectives is empty")
     traj = str(args.trajectory_epochs)
@@ -190,20 +193,20 @@ def _resolve(args) -> argparse.Namespace:
     return args
 
 
-def _summary(grid: S.SurfaceGrid) -> dict:
+def _summary(grid: G.SurfaceGrid) -> dict:
     return {"avg_surface_acc": float(grid.test_acc.mean()), "min_surface_acc": float(grid.test_acc.min()),
             "max_surface_acc": float(grid.test_acc.max()), "avg_surface_loss": float(grid.train_loss.mean()),
             "max_surface_loss": float(grid.train_loss.max()), "avg_surface_test_loss": float(grid.test_loss.mean()),
             "avg_surface_train_acc": float(grid.train_acc.mean())}
 
 
-def _grid_json(grid: S.SurfaceGrid) -> dict:
+def _grid_json(grid: G.SurfaceGrid) -> dict:
     r = lambda a: np.round(np.asarray(a, np.float64), 5).tolist()
     return {"u": r(grid.axis), "train_loss": r(grid.train_loss), "test_acc": r(grid.test_acc),
             "test_loss": r(grid.test_loss)}
 
 
-def _area_mean(conn, grid: S.SurfaceGrid) -> float:
+def _area_mean(conn, grid: G.SurfaceGrid) -> float:
     """Area-weighted mean train loss over the grid, sum q L / sum q (the eq. 7 objective, discretised)."""
     a = np.asarray(S.area_element(conn, grid.points.astype(np.float32)), np.float64)
     return float(np.sum(a * grid.train_loss.ravel()) / np.sum(a))
@@ -251,7 +254,7 @@ def run(args) -> dict:
 
     # 2. triangle (§4.1, Figure 3) ---------------------------------------------------------------------
     t = time.time()
-    tri = S.evaluate_triangle(model, corners[:3], test, steps=args.triangle_steps,
+    tri = G.evaluate_triangle(model, corners[:3], test, steps=args.triangle_steps,
                               bn_data=train if model.has_batch_stats else None, batch_size=args.eval_batch_size,
                               bn_batches=args.bn_batches, bn_batch_size=args.batch_size)
     plots.save(plots.triangle_plot(tri.points, tri.accuracy, label="test accuracy",
@@ -269,17 +272,17 @@ def run(args) -> dict:
     n1, m1 = args.grid
     surf = bezier_surface(*corners, n=n1 - 1, m=m1 - 1)
     t = time.time()
-    before = S.surface_grid(model, surf, train, test, return_probs=True, **eval_kw)
+    before = G.surface_grid(model, surf, train, test, return_probs=True, **eval_kw)
     timing["grid_before_s"] = time.time() - t
     corner_acc = before.corner_values("test_acc")
-    ens_before = S.surface_ensembles(before, test.y)
+    ens_before = G.surface_ensembles(before, test.y)
     results["avg_corner_acc"] = float(corner_acc.mean())
     results["corner_acc"] = corner_acc.tolist()
     results["corner_train_loss"] = before.corner_values("train_loss").tolist()
     results["before"] = {**_summary(before), "grid": _grid_json(before),
                          "area_weighted_loss": _area_mean(surf, before),
                          "surface_ensemble_acc": 1 - ens_before["surface"].test_error,
-                         "merge": S.merge_best(before)}
+                         "merge": G.merge_best(before)}
     results["linear_bilinear"] = {"note": "the untrained Bezier surface is the bilinear four-corner surface "
                                   "(degree elevation), so this is the 'before' grid", **_summary(before)}
     log(f"before: avg surface acc {before.test_acc.mean():.4f}, avg train loss {before.train_loss.mean():.4f}")
@@ -287,18 +290,18 @@ def run(args) -> dict:
     # 4. training, per objective -----------------------------------------------------------------------
     per: dict = {}
     trained = {}
+    cfg = SurfaceConfig(epochs=tuple(args.epochs), num_samples=args.num_samples, batch_size=args.batch_size,
+                        lr=args.lr, weight_decay=args.l2, weight_decay_on="control",
+                        area_estimator=args.area_estimator, area_gradient=args.area_gradient, augment=args.augment)
     for obj in args.objective_list:
         t = time.time()
-        res = S.train_surface(model, surf, train, epochs=args.epochs, num_samples=args.num_samples,
-                              batch_size=args.batch_size, lr=args.lr, weight_decay=args.l2, weight_decay_on="control", objective=obj,
-                              area_estimator=args.area_estimator, area_gradient=args.area_gradient,
-                              seed=args.seed, augment=args.augment, checkpoint_dir=ck(f"surface_{obj}"),
-                              progress=args.progress)
+        res = train_surface(model, surf, train, dataclasses.replace(cfg, objective=obj), seed=args.seed,
+                            checkpoint_dir=ck(f"surface_{obj}"), progress=args.progress)
         train_s = time.time() - t
         t = time.time()
-        after = S.surface_grid(model, res.connector, train, test, return_probs=True, **eval_kw)
-        ens = S.surface_ensembles(after, test.y)
-        merge = S.merge_best(after)
+        after = G.surface_grid(model, res.connector, train, test, return_probs=True, **eval_kw)
+        ens = G.surface_ensembles(after, test.y)
+        merge = G.merge_best(after)
         per[obj] = {**_summary(after), "area_weighted_loss": _area_mean(res.connector, after),
                     "merge_acc": merge["test_acc"], "merge": merge, "best_surface_acc": merge["best_test_acc"],
                     "corner_ensemble_acc": 1 - ens["corner"].test_error,
@@ -332,7 +335,7 @@ def run(args) -> dict:
 
     # 5. appendix B ------------------------------------------------------------------------------------
     t = time.time()
-    sub = S.subset_approximation(model, res0.connector, train, test, full=after0,
+    sub = G.subset_approximation(model, res0.connector, train, test, full=after0,
                                  train_batches=args.subset_train_batches, batch_size=args.batch_size,
                                  test_size=args.subset_test_size, seed=args.seed, bn_batches=args.bn_batches,
                                  bn_batch_size=args.batch_size)
@@ -353,14 +356,11 @@ def run(args) -> dict:
     # 6. layer-specific optimisation (A.6, Table 4) ----------------------------------------------------
     if args.layer_pattern:
         t = time.time()
-        res_l = S.train_surface(model, surf, train, epochs=args.epochs, num_samples=args.num_samples,
-                                batch_size=args.batch_size, lr=args.lr, weight_decay=args.l2, weight_decay_on="control", objective=first,
-                                area_estimator=args.area_estimator, area_gradient=args.area_gradient,
-                                seed=args.seed, augment=args.augment, layers=args.layer_pattern,
-                                checkpoint_dir=ck(f"surface_{first}_layers"), progress=args.progress)
+        res_l = train_surface(model, surf, train, dataclasses.replace(cfg, objective=first, layers=args.layer_pattern),
+                              seed=args.seed, checkpoint_dir=ck(f"surface_{first}_layers"), progress=args.progress)
         train_l = time.time() - t
-        grid_l = S.surface_grid(model, res_l.connector, train, test, **eval_kw)
-        m = S.merge_best(grid_l)
+        grid_l = G.surface_grid(model, res_l.connector, train, test, **eval_kw)
+        m = G.merge_best(grid_l)
         results["layer_specific"] = {
             "pattern": args.layer_pattern,
             "all_layers": {"avg_corner_acc": results["avg_corner_acc"], "highest_acc": p0["best_surface_acc"],
@@ -378,11 +378,11 @@ def run(args) -> dict:
     if args.trajectory is not None:
         t = time.time()
         snaps = [runs[0].snapshots[e]["params"] for e in args.trajectory]
-        traj = S.trajectory_surface(snaps, n=n1 - 1, m=m1 - 1)
-        grid_t = S.surface_grid(model, traj, train, test, **eval_kw)
+        traj = G.trajectory_surface(snaps, n=n1 - 1, m=m1 - 1)
+        grid_t = G.surface_grid(model, traj, train, test, **eval_kw)
         results["linear_trajectory"] = {"epochs": args.trajectory, **_summary(grid_t),
                                         "corner_acc": grid_t.corner_values("test_acc").tolist(),
-                                        "merge": S.merge_best(grid_t), "grid": _grid_json(grid_t)}
+                                        "merge": G.merge_best(grid_t), "grid": _grid_json(grid_t)}
         # two different metrics side by side (each on its own scale), not a before/after pair
         fig, axes = plots.subplots(1, 2, figsize=(10, 4.3))
         plots.heatmap(grid_t.train_loss, ax=axes[0], label="train loss", title="train loss")

@@ -185,20 +185,21 @@ def _run_model(args, name: str, train, test, out: Path, ckpt: Path | None) -> di
 
     paths: dict[str, C.PathEvaluation] = {}
     t0 = time.perf_counter()
-    paths["line"] = C.evaluate_path(model, C.line_connector(p0, p1), train_eval, test, **ev_kw)
+    paths["line"] = C.evaluate_curve(model, C.line_connector(p0, p1), train_eval, test, **ev_kw)
     timings["line_eval"] = time.perf_counter() - t0
 
     cs = s["curve"]
     for kind, make in (("bezier", lambda: K.bezier_curve(p0, p1, args.bezier_degree)),
                        ("polychain", lambda: K.polychain(p0, p1, args.num_bends))):
         t0 = time.perf_counter()
-        res = C.train_curve(model, make(), train, epochs=cs["epochs"], batch_size=cs["batch_size"],
-                            lr=cs["lr"], weight_decay=cs["weight_decay"], num_samples=args.num_samples,
-                            seed=args.seed, augment=bool(s["train"].get("augment", False)), progress=args.progress,
+        ccfg = C.CurveConfig(epochs=cs["epochs"], batch_size=cs["batch_size"], lr=cs["lr"],
+                             weight_decay=cs["weight_decay"], num_samples=args.num_samples,
+                             augment=bool(s["train"].get("augment", False)))
+        res = C.train_curve(model, make(), train, ccfg, seed=args.seed, progress=args.progress,
                             checkpoint_dir=None if ckpt is None else ckpt / f"{name}_{kind}")
         timings[f"{kind}_train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        paths[kind] = C.evaluate_path(model, res.connector, train_eval, test, **ev_kw)
+        paths[kind] = C.evaluate_curve(model, res.connector, train_eval, test, **ev_kw)
         timings[f"{kind}_eval"] = time.perf_counter() - t0
         rec[f"{kind}_history"] = res.history
 

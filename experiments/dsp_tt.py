@@ -105,6 +105,7 @@ from mclandscape.engine.many import train_many
 from mclandscape.engine.models import canonical_name, get_model
 from mclandscape.engine.train import TrainConfig, make_optimizer, train_model
 from mclandscape.methods import ensemble as ens
+from mclandscape.methods import snapshots as snap
 from mclandscape.methods import trusttech as tt
 from mclandscape.methods.alignment import distance_modulo_permutation, permutation_spec
 from mclandscape.plots._figure import save
@@ -747,13 +748,13 @@ def main(argv=None) -> dict:
     if "sse" not in args.skip:
         init = model.init(jax.random.key(args.seed), jnp.asarray(train.x[:1]))
         sse_objective = tt.model_loss_fn(model, init)
-        sse = ens.snapshot_ensemble(sse_objective, init["params"], batches, lr0=args.sse_lr, total_steps=budget * bspe,
+        sse = snap.snapshot_ensemble(sse_objective, init["params"], batches, lr0=args.sse_lr, total_steps=budget * bspe,
                                     num_members=m, momentum=args.momentum, weight_decay=args.weight_decay,
                                     key=jax.random.fold_in(key, 3))
         table23[f"SSE({m};{budget})"] = ensemble_row(evaluator.probs(sse), y_test, sse, budget)
     if "fge" not in args.skip:
         cycle = max(2, 2 * ((budget - args.epochs) * bspe // (2 * m)))
-        fge = ens.fge_ensemble(objective, omega0, batches, lr1=args.lr, lr2=args.lr * args.fge_lr2_ratio,
+        fge = snap.fge_ensemble(objective, omega0, batches, lr1=args.lr, lr2=args.lr * args.fge_lr2_ratio,
                                cycle_steps=cycle, num_members=m, momentum=args.momentum,
                                weight_decay=args.weight_decay, key=jax.random.fold_in(key, 4))
         table23[f"FGE({m};{budget})"] = ensemble_row(evaluator.probs(fge), y_test, fge, budget)

@@ -63,13 +63,14 @@ from mclandscape.methods.alignment import (
 )
 from mclandscape.methods.autoneb import auto_neb, evaluate_band
 from mclandscape.methods.curvature import dense_hessian, hutchinson_trace, hvp, lanczos, power_iteration
-from mclandscape.methods.curves import curve_length, evaluate_curve, evaluate_path, loss_barrier, train_curve
+from mclandscape.methods.curves import CurveConfig, curve_length, evaluate_curve, loss_barrier, train_curve
 from mclandscape.methods.deform import AP, LE, Identity, Squared, custom_vdm, scale_by_vdm, vdm_loss
 from mclandscape.methods.directions import loss_curve, loss_plane, random_direction, random_directions
 from mclandscape.methods.ensemble import ensemble_from_params, ensemble_from_probs, member_probs
 from mclandscape.methods.flats import flat_from_minima, full_space_flat
 from mclandscape.methods.neb import NEBConfig, neb
-from mclandscape.methods.surface import evaluate_triangle, merge_best, surface_ensembles, surface_grid, train_surface
+from mclandscape.methods.surface_grid import evaluate_triangle, merge_best, surface_ensembles, surface_grid
+from mclandscape.methods.surface_train import SurfaceConfig, train_surface
 from mclandscape.methods.traversal import grid_traversal
 from mclandscape.methods.trusttech import DSPConfig, dsp_search, tier_by_tier
 from mclandscape.methods.verification import VerificationResult, output_distance, verify_exit
@@ -103,8 +104,8 @@ __all__ = [
     "PointMetrics", "evaluate_params", "evaluate_points", "evaluate_model", "recalibrate_bn", "uv_grid",
     "ConnectorObjective", "ConnectorTrainResult", "train_connector",
     # methods
-    "train_surface", "surface_grid", "merge_best", "surface_ensembles", "evaluate_triangle",
-    "train_curve", "evaluate_curve", "evaluate_path", "loss_barrier", "curve_length",
+    "SurfaceConfig", "train_surface", "surface_grid", "merge_best", "surface_ensembles", "evaluate_triangle",
+    "CurveConfig", "train_curve", "evaluate_curve", "loss_barrier", "curve_length",
     "NEBConfig", "neb", "auto_neb", "evaluate_band",
     "flat_from_minima", "full_space_flat", "grid_traversal", "h_sweep",
     "AP", "LE", "Squared", "Identity", "custom_vdm", "vdm_loss", "scale_by_vdm",

@@ -68,13 +68,13 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         out["many_history"] = np.asarray([[h["train_loss"], h["test_acc"]] for r in runs for h in r.history])
     corners = [model.init(jax.random.key(i), jnp.asarray(train.x[:1]))["params"] for i in range(4)]
     if "curve" in jobs:
-        res = mcl.train_curve(model, mcl.bezier_curve(corners[0], corners[1]), train, epochs=1, batch_size=64, num_samples=4,
-                              strategy="vmap", progress=False)
+        res = mcl.train_curve(model, mcl.bezier_curve(corners[0], corners[1]), train,
+                              mcl.CurveConfig(epochs=1, batch_size=64, num_samples=4, strategy="vmap"), progress=False)
         leaves("curve", res.connector.control)
     if "surface" in jobs:
         surf = mcl.bezier_surface(*corners, n=2, m=2)
-        res = mcl.train_surface(model, surf, train.take(256), epochs=(1, 1, 1), num_samples=4, batch_size=64,
-                                strategy="vmap")
+        res = mcl.train_surface(model, surf, train.take(256),
+                                mcl.SurfaceConfig(epochs=(1, 1, 1), num_samples=4, batch_size=64, strategy="vmap"))
         leaves("surface", res.connector.control)
         trained_surface = res.connector
     if "grid" in jobs:

@@ -378,14 +378,15 @@ SMOKE = dict(widths=(12, 12), limit_train=256, limit_test=100, phase_epochs=(1, 
 def test_experiment_tracks_surface_training_through_the_epoch_callback(digits_train, digits_test):
     from experiments.alignment import build_model, train_surface_tracked
     from mclandscape.core.connectors import bezier_surface
-    from mclandscape.methods.surface import train_surface
+    from mclandscape.methods.surface_train import SurfaceConfig, train_surface
 
     model = build_model("mlp", 10, widths=SMOKE["widths"])
     corners = [random_variables(model, s, (1, 8, 8, 1))["params"] for s in range(4)]
     surf = bezier_surface(*corners)
     train, test = digits_train.take(SMOKE["limit_train"]), digits_test.take(SMOKE["limit_test"])
     kw = dict(epochs=SMOKE["phase_epochs"], num_samples=SMOKE["num_samples"], batch_size=128, lr=SMOKE["lr"], seed=0)
-    ref = train_surface(model, surf, train, **kw, progress=False)
+    ref = train_surface(model, surf, train, SurfaceConfig(epochs=kw["epochs"], num_samples=kw["num_samples"],
+                                                          batch_size=128, lr=kw["lr"]), seed=0, progress=False)
     conn, curve, reached = train_surface_tracked(model, surf, train, test, **kw, target=None, grid_steps=SMOKE["grid"])
     for x, y in zip(jax.tree_util.tree_leaves(ref.connector.control), jax.tree_util.tree_leaves(conn.control),
                     strict=True):

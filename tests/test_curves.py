@@ -120,14 +120,12 @@ def test_lengths_distances_and_stats():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="identical"):
         C.fit_curve(double_well, K.bezier_curve(START, START, 2), epochs=1, optimizer=optax.sgd(0.1))
-    with pytest.raises(ValueError, match="curve kind"):
-        C.make_curve(START, END, "spline")
     with pytest.raises(ValueError, match="curves"):
         C.fit_curve(double_well, K.simplex([START, END, START + 1]), epochs=1, optimizer=optax.sgd(0.1))
     with pytest.raises(ValueError, match="Bézier degree"):
-        C.make_curve(START, END, "bezier", degree=0)
+        K.bezier_curve(START, END, degree=0)
     with pytest.raises(ValueError, match="num_bends"):
-        C.make_curve(START, END, "polychain", num_bends=-1)
+        K.polychain(START, END, num_bends=-1)
     with pytest.raises(ValueError, match="curve"):
         C.curve_length(K.simplex([START, END]))
 
@@ -155,18 +153,18 @@ def _toy(n, seed):
     return Dataset(x=x, y=y, num_classes=3, name="toy")
 
 
-def test_train_and_evaluate_curve_on_a_network():
+def test_train_and_evaluate_curve_on_a_network(count_compiles):
     model = from_flax(_TinyMLP(), "tiny")
     train, test = _toy(128, 0), _toy(64, 1)
     p0 = model.init(jax.random.key(0), train.x[:2])["params"]
     p1 = model.init(jax.random.key(1), train.x[:2])["params"]
     with pytest.raises(ValueError, match="identical"):
-        C.train_curve(model, K.bezier_curve(p0, p0), train, epochs=1)
+        C.train_curve(model, K.bezier_curve(p0, p0), train, C.CurveConfig(epochs=1))
     with pytest.raises(ValueError, match="nothing to train"):
-        C.train_curve(model, K.bezier_curve(p0, p1, degree=1), train, epochs=1)
+        C.train_curve(model, K.bezier_curve(p0, p1, degree=1), train, C.CurveConfig(epochs=1))
     seen = []
-    res = C.train_curve(model, K.polychain(p0, p1, num_bends=1), train, epochs=3, batch_size=32, lr=0.05,
-                        num_samples=2, callback=lambda epoch, r: seen.append((epoch, len(r.history),
+    res = C.train_curve(model, K.polychain(p0, p1, num_bends=1), train,
+                        C.CurveConfig(epochs=3, batch_size=32, lr=0.05, num_samples=2), callback=lambda epoch, r: seen.append((epoch, len(r.history),
                                                                               r.connector.kind)))
     assert seen == [(1, 1, "polychain"), (2, 2, "polychain"), (3, 3, "polychain")]
     assert [r["epoch"] for r in res.history] == [1, 2, 3]  # epochs from 1, as in train_model and train_surface
@@ -175,7 +173,15 @@ def test_train_and_evaluate_curve_on_a_network():
     for a, b in zip(jax.tree_util.tree_leaves(conn.control), jax.tree_util.tree_leaves(tree_stack([p0, p0, p1])),
                     strict=True):
         np.testing.assert_array_equal(a[0], b[0])
-    ev = C.evaluate_path(model, conn, train, test)
+    ev = C.evaluate_curve(model, conn, train, test)
+    with count_compiles() as seen:  # equal inputs: nothing compiles, the same curve and series
+        again = C.train_curve(model, K.polychain(p0, p1, num_bends=1), train,
+                              C.CurveConfig(epochs=3, batch_size=32, lr=0.05, num_samples=2))
+        ev2 = C.evaluate_curve(model, conn, train, test)
+    assert seen == [] and np.array_equal(ev2.test_loss, ev.test_loss)
+    for a, b in zip(jax.tree_util.tree_leaves(again.connector.control), jax.tree_util.tree_leaves(conn.control),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
     assert ev.ts.shape == (61,) and ev.train_loss.shape == (61,) and ev.test_acc.shape == (61,)
     ends = evaluate_params(model, tree_stack([p0, p1]), test)
     np.testing.assert_allclose(ev.test_loss[[0, -1]], ends.loss, rtol=1e-5)
@@ -197,13 +203,13 @@ def test_train_curve_refuses_bad_input_with_clear_errors():
     p1 = model.init(jax.random.key(1), train.x[:2])["params"]
     curve = K.bezier_curve(p0, p1)
     with pytest.raises(TypeError, match=r"bezier_curve\(start, end"):  # the old (model, start, end, train) call
-        C.train_curve(model, p0, p1, train, epochs=1)
+        C.train_curve(model, p0, p1, train)
     with pytest.raises(TypeError, match="Connector"):
-        C.train_curve(model, p0, train, epochs=1)
+        C.train_curve(model, p0, train)
     with pytest.raises(ValueError, match="surface"):
-        C.train_curve(model, K.bilinear_surface(p0, p1, p0, p1), train, epochs=1)
+        C.train_curve(model, K.bilinear_surface(p0, p1, p0, p1), train)
     with pytest.raises(TypeError, match="Dataset"):
-        C.train_curve(model, curve, (train.x, train.y), epochs=1)
+        C.train_curve(model, curve, (train.x, train.y))
     # end points of different widths: TreeMismatchError naming the leaf, at construction
     wide = {**p1, "Dense_0": {"kernel": jnp.zeros((5, 16)), "bias": jnp.zeros(16)}}  # 16 hidden units, not 8
     with pytest.raises(TreeMismatchError, match="Dense_0"):
@@ -212,20 +218,20 @@ def test_train_curve_refuses_bad_input_with_clear_errors():
         K.polychain(p0, wide)
     for bad in (0, -4):
         with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
-            C.train_curve(model, curve, train, epochs=1, batch_size=bad)
+            C.CurveConfig(epochs=1, batch_size=bad)
     with pytest.raises(ValueError, match="larger than the training set"):
-        C.train_curve(model, curve, train, epochs=1, batch_size=65)
+        C.train_curve(model, curve, train, C.CurveConfig(epochs=1, batch_size=65))
     with pytest.raises(ValueError, match="weight_decay_on"):
-        C.train_curve(model, curve, train, epochs=1, batch_size=32, weight_decay_on="bends")
+        C.CurveConfig(epochs=1, batch_size=32, weight_decay_on="bends")
 
 
-def test_evaluate_path_recalibrates_batchnorm():
+def test_evaluate_curve_recalibrates_batchnorm():
     model = from_flax(_TinyBN(), "tiny_bn", has_batch_stats=True)
     train = _toy(128, 0)
     p0 = model.init(jax.random.key(0), train.x[:2])["params"]
     p1 = model.init(jax.random.key(1), train.x[:2])["params"]
-    conn = C.make_curve(p0, p1, "bezier", degree=2)
-    ev = C.evaluate_path(model, conn, train, num_points=5, bn_batch_size=64)
+    conn = K.bezier_curve(p0, p1, degree=2)
+    ev = C.evaluate_curve(model, conn, train, num_points=5, bn_batch_size=64)
     direct = evaluate_points(model, conn, np.linspace(0, 1, 5), train, bn_data=train, bn_batch_size=64)
     plain = evaluate_points(model, conn, np.linspace(0, 1, 5), train, bn_data=train, bn_batch_size=128)
     np.testing.assert_allclose(ev.train_loss, direct.loss, rtol=1e-5)

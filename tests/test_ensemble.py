@@ -14,6 +14,7 @@ from mclandscape.core.objective import function_objective
 from mclandscape.engine.loop import NonFiniteError
 from mclandscape.engine.models import get_model
 from mclandscape.methods import ensemble as ens
+from mclandscape.methods import snapshots as snap
 
 
 def _probs(rng, m, n, c):
@@ -135,30 +136,30 @@ def test_bad_labels_methods_weights_and_single_member(data):
 
 
 def test_snapshot_cosine_schedule_values():
-    s = ens.snapshot_cosine_schedule(0.2, total_steps=100, num_cycles=4)
+    s = snap.snapshot_cosine_schedule(0.2, total_steps=100, num_cycles=4)
     assert float(s(0)) == pytest.approx(0.2)
     assert float(s(12.5)) == pytest.approx(0.1, rel=1e-5)
     assert float(s(24)) == pytest.approx(0.1 * (np.cos(np.pi * 24 / 25) + 1), rel=1e-5)
     assert float(s(25)) == pytest.approx(0.2)  # restart
-    assert ens.snapshot_steps(100, 4) == [25, 50, 75, 100]
+    assert snap.snapshot_steps(100, 4) == [25, 50, 75, 100]
     with pytest.raises(ValueError, match="num_cycles"):
-        ens.snapshot_cosine_schedule(0.1, total_steps=3, num_cycles=4)
+        snap.snapshot_cosine_schedule(0.1, total_steps=3, num_cycles=4)
 
 
 def test_fge_schedule_matches_garipov_formula():
     lr1, lr2, c = 0.05, 0.0005, 10
-    s = ens.fge_schedule(lr1, lr2, c)
+    s = snap.fge_schedule(lr1, lr2, c)
     for t in range(25):
         i = t + 1
         u = ((i - 1) % c + 1) / c
         ref = (1 - 2 * u) * lr1 + 2 * u * lr2 if u <= 0.5 else (2 - 2 * u) * lr2 + (2 * u - 1) * lr1
         assert float(s(t)) == pytest.approx(ref, rel=1e-5)
-    collect = ens.fge_collect_steps(c, 3)
+    collect = snap.fge_collect_steps(c, 3)
     assert collect == [5, 15, 25]
     # the learning rate used by the step that completes a collected count is the cycle minimum lr2
     assert all(float(s(k - 1)) == pytest.approx(lr2, rel=1e-5) for k in collect)
     with pytest.raises(ValueError, match="even"):
-        ens.fge_schedule(lr1, lr2, 7)
+        snap.fge_schedule(lr1, lr2, 7)
 
 
 def _logreg():
@@ -176,15 +177,15 @@ def _logreg():
 
 def test_train_with_snapshots_collects_at_requested_steps():
     objective, params, batches = _logreg()
-    final, snaps = ens.train_with_snapshots(objective, params, optax.sgd(0.5), batches, 20, [5, 20])
+    final, snaps = snap.train_with_snapshots(objective, params, optax.sgd(0.5), batches, 20, [5, 20])
     assert len(snaps) == 2
     np.testing.assert_array_equal(np.asarray(snaps[1]["w"]), np.asarray(final["w"]))
     loss = lambda p: float(objective(p, batches(0), None)[0])  # noqa: E731
     assert loss(snaps[1]) < loss(snaps[0]) < loss(params)
     with pytest.raises(ValueError, match="collect steps"):
-        ens.train_with_snapshots(objective, params, optax.sgd(0.5), batches, 20, [21])
+        snap.train_with_snapshots(objective, params, optax.sgd(0.5), batches, 20, [21])
     with pytest.raises(ValueError, match=r"must return \(loss, aux\).*got an array.*function_objective"):
-        ens.train_with_snapshots(lambda p, b, k: objective(p, b, k)[0], params, optax.sgd(0.5), batches, 20, [5])
+        snap.train_with_snapshots(lambda p, b, k: objective(p, b, k)[0], params, optax.sgd(0.5), batches, 20, [5])
 
 
 def test_diverging_snapshot_and_fge_runs_raise_instead_of_returning_nans():
@@ -192,25 +193,25 @@ def test_diverging_snapshot_and_fge_runs_raise_instead_of_returning_nans():
     objective = function_objective(lambda p, b: 50.0 * jnp.sum((p["w"] - 1.0) ** 2))
     params = {"w": jnp.zeros(3)}
     with pytest.raises(NonFiniteError, match="not finite at step"):
-        ens.snapshot_ensemble(objective, params, lambda t: None, lr0=1.0, total_steps=60, num_members=3,
+        snap.snapshot_ensemble(objective, params, lambda t: None, lr0=1.0, total_steps=60, num_members=3,
                               momentum=0.0)
     with pytest.raises(NonFiniteError):
-        ens.fge_ensemble(objective, params, lambda t: None, lr1=1.0, lr2=0.5, cycle_steps=40, num_members=2,
+        snap.fge_ensemble(objective, params, lambda t: None, lr1=1.0, lr2=0.5, cycle_steps=40, num_members=2,
                          momentum=0.0)
 
 
 def test_snapshot_and_fge_ensembles_produce_distinct_members():
     objective, params, batches = _logreg()
-    sse = ens.snapshot_ensemble(objective, params, batches, lr0=0.5, total_steps=30, num_members=3)
+    sse = snap.snapshot_ensemble(objective, params, batches, lr0=0.5, total_steps=30, num_members=3)
     assert len(sse) == 3
-    fge = ens.fge_ensemble(objective, sse[-1], batches, lr1=0.5, lr2=0.05, cycle_steps=4, num_members=3)
+    fge = snap.fge_ensemble(objective, sse[-1], batches, lr1=0.5, lr2=0.05, cycle_steps=4, num_members=3)
     assert len(fge) == 3
     for members in (sse, fge):
         d = ens.pairwise_param_distances(members)
         assert np.all(d[np.triu_indices(3, 1)] > 0)
     with pytest.raises(ValueError, match="distinct"):
-        ens.independent_ensemble(lambda s: params, [1, 1])
-    ind = ens.independent_ensemble(lambda s: {"w": jnp.full((2,), float(s))}, [1, 2, 3])
+        snap.independent_ensemble(lambda s: params, [1, 1])
+    ind = snap.independent_ensemble(lambda s: {"w": jnp.full((2,), float(s))}, [1, 2, 3])
     assert ens.param_distance(ind) == pytest.approx(np.mean([np.sqrt(2), 2 * np.sqrt(2), np.sqrt(2)]), rel=1e-6)
 
 
@@ -252,29 +253,29 @@ def test_snapshots_train_in_real_epochs_with_the_same_members_as_one_step_epochs
     res = run(step, step.init(params), batches, epochs=10, steps_per_epoch=1, key=key, config=LoopConfig(),
               callbacks=[lambda e, st, h: ref.__setitem__(e, st.params) if e in collect else None])
     epochs = []
-    final, snaps = ens.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key,
+    final, snaps = snap.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key,
                                             callback=lambda e, r: epochs.append((e, len(r[1]))))
     assert epochs == [(1, 1), (2, 2), (3, 3)]  # 4 + 4 + 2 steps; members after steps 3, 6 (mid-epoch) and 10
     for got, want in zip(snaps, [ref[c] for c in collect], strict=True):
         np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want["w"]))
     np.testing.assert_array_equal(np.asarray(final["w"]), np.asarray(res.params["w"]))
-    one = ens.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key, steps_per_epoch=1)[1]
+    one = snap.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key, steps_per_epoch=1)[1]
     np.testing.assert_array_equal(np.asarray(one[1]["w"]), np.asarray(snaps[1]["w"]))
 
     def stop_after_first(epoch, result):
         raise StopRun
 
-    _, early = ens.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key,
+    _, early = snap.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key,
                                         callback=stop_after_first)
     assert len(early) == 1  # only the member of step 3 was taken in epoch 1
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        ens.train_with_snapshots(objective, params, tx, batches, 10, collect, steps_per_epoch=0)
+        snap.train_with_snapshots(objective, params, tx, batches, 10, collect, steps_per_epoch=0)
 
 
 def test_ensemble_trainers_default_progress_like_every_trainer():
     import inspect
 
-    for fn in (ens.train_with_snapshots, ens.snapshot_ensemble, ens.fge_ensemble):
+    for fn in (snap.train_with_snapshots, snap.snapshot_ensemble, snap.fge_ensemble):
         assert inspect.signature(fn).parameters["progress"].default is None
 
 
@@ -316,20 +317,20 @@ def test_snapshot_and_fge_members_are_bit_identical_to_one_step_at_a_time(spe):
     objective, params, batches = _noisy_logreg()
     # snapshot: 11 steps, members after 4, 8 (inside epochs of 3 or 4) and 11 (a short last epoch)
     key, epochs = jax.random.key(4), []
-    sse = ens.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=11, num_members=3, key=key,
+    sse = snap.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=11, num_members=3, key=key,
                                 steps_per_epoch=spe, callback=lambda e, r: epochs.append((e, len(r[1]))))
-    tx = optax.chain(optax.add_decayed_weights(0.0), optax.sgd(ens.snapshot_cosine_schedule(0.3, 11, 3),
+    tx = optax.chain(optax.add_decayed_weights(0.0), optax.sgd(snap.snapshot_cosine_schedule(0.3, 11, 3),
                                                                momentum=0.9))
-    assert ens.snapshot_steps(11, 3) == [4, 8, 11]
+    assert snap.snapshot_steps(11, 3) == [4, 8, 11]
     _assert_members_equal(sse, _by_hand(objective, params, tx, batches, key, [4, 8, 11]))
     n = {1: 1, 3: 3, None: 4}[spe]
     assert [e for e, _ in epochs] == list(range(1, -(-11 // n) + 1))
     assert [m for _, m in epochs] == [sum(c <= min(e * n, 11) for c in (4, 8, 11)) for e, _ in epochs]
     # FGE from the last snapshot: 10 steps, members after 2, 6 and 10
     key = jax.random.key(5)
-    fge = ens.fge_ensemble(objective, sse[-1], batches, lr1=0.3, lr2=0.03, cycle_steps=4, num_members=3, key=key,
+    fge = snap.fge_ensemble(objective, sse[-1], batches, lr1=0.3, lr2=0.03, cycle_steps=4, num_members=3, key=key,
                            steps_per_epoch=spe, momentum=0.5, weight_decay=1e-3)
-    tx = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(ens.fge_schedule(0.3, 0.03, 4), momentum=0.5))
+    tx = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(snap.fge_schedule(0.3, 0.03, 4), momentum=0.5))
     _assert_members_equal(fge, _by_hand(objective, sse[-1], tx, batches, key, [2, 6, 10]))
 
 
@@ -339,7 +340,7 @@ def test_ensemble_callbacks_stop_training_and_plain_batch_functions_have_one_ste
     objective, params, batches = _noisy_logreg()
     plain = lambda t: batches(t)  # noqa: E731 - no steps_per_epoch attribute: one step per epoch
     seen = []
-    _, snaps = ens.train_with_snapshots(objective, params, optax.sgd(0.3), plain, 5, [2, 5],
+    _, snaps = snap.train_with_snapshots(objective, params, optax.sgd(0.3), plain, 5, [2, 5],
                                         callback=lambda e, r: seen.append(e))
     assert seen == [1, 2, 3, 4, 5] and len(snaps) == 2
 
@@ -349,10 +350,10 @@ def test_ensemble_callbacks_stop_training_and_plain_batch_functions_have_one_ste
         if epoch == 2:
             raise StopRun
 
-    sse = ens.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=12, num_members=3,
+    sse = snap.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=12, num_members=3,
                                 callback=stop_at_2)  # epochs of 4: members after 4 and 8 only
-    full = ens.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=12, num_members=3)
+    full = snap.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=12, num_members=3)
     _assert_members_equal(sse, full[:2])
-    fge = ens.fge_ensemble(objective, params, batches, lr1=0.3, lr2=0.03, cycle_steps=4, num_members=3,
+    fge = snap.fge_ensemble(objective, params, batches, lr1=0.3, lr2=0.03, cycle_steps=4, num_members=3,
                            steps_per_epoch=3, callback=stop_at_2)  # 6 steps: members after 2 and 6
     assert len(fge) == 2

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -28,8 +29,8 @@ from mclandscape.engine.loop import (
 )
 from mclandscape.engine.models import get_model
 from mclandscape.engine.train import TrainConfig, train_model
-from mclandscape.methods.curves import train_curve
-from mclandscape.methods.surface import train_surface
+from mclandscape.methods.curves import CurveConfig, train_curve
+from mclandscape.methods.surface_train import SurfaceConfig, train_surface
 
 
 def quad(p, b):
@@ -157,27 +158,29 @@ def test_connector_resume_refuses_other_ends_settings_and_epochs(digits_mlp, dig
     """The stale-resume bug: a curve or surface checkpoint of another run used to come back silently."""
     small = digits_train.take(256)
     pa, pb, pc = (r.params for r in digits_corners[:3])
-    kw = dict(epochs=1, batch_size=64, progress=False)
-    first = train_curve(digits_mlp, C.bezier_curve(pa, pb), small, checkpoint_dir=tmp_path / "c", **kw)
+    kw = dict(progress=False)
+    cc = CurveConfig(epochs=1, batch_size=64)
+    first = train_curve(digits_mlp, C.bezier_curve(pa, pb), small, cc, checkpoint_dir=tmp_path / "c", **kw)
     with pytest.raises(ResumeMismatchError, match="inputs.control"):
-        train_curve(digits_mlp, C.bezier_curve(pa, pc), small, checkpoint_dir=tmp_path / "c", **kw)
+        train_curve(digits_mlp, C.bezier_curve(pa, pc), small, cc, checkpoint_dir=tmp_path / "c", **kw)
     with pytest.raises(ResumeMismatchError, match="hyper.lr"):
-        train_curve(digits_mlp, C.bezier_curve(pa, pb), small, checkpoint_dir=tmp_path / "c", lr=0.5, **kw)
-    again = train_curve(digits_mlp, C.bezier_curve(pa, pb), small, checkpoint_dir=tmp_path / "c", **kw)
+        train_curve(digits_mlp, C.bezier_curve(pa, pb), small, CurveConfig(epochs=1, batch_size=64, lr=0.5),
+                    checkpoint_dir=tmp_path / "c", **kw)
+    again = train_curve(digits_mlp, C.bezier_curve(pa, pb), small, cc, checkpoint_dir=tmp_path / "c", **kw)
     assert again.resumed_from == 1
     for a, b in zip(jax.tree_util.tree_leaves(again.connector.control),
                     jax.tree_util.tree_leaves(first.connector.control), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     surf = C.bezier_surface(*(r.params for r in digits_corners), n=2, m=2)
     other = C.bezier_surface(pb, pa, *(r.params for r in digits_corners[2:]), n=2, m=2)
-    skw = dict(epochs=(1, 0, 1), num_samples=2, batch_size=64)
-    train_surface(digits_mlp, surf, small, checkpoint_dir=tmp_path / "s", **skw)
+    skw = SurfaceConfig(epochs=(1, 0, 1), num_samples=2, batch_size=64)
+    train_surface(digits_mlp, surf, small, skw, checkpoint_dir=tmp_path / "s")
     with pytest.raises(ResumeMismatchError, match="inputs.control"):
-        train_surface(digits_mlp, other, small, checkpoint_dir=tmp_path / "s", **skw)
+        train_surface(digits_mlp, other, small, skw, checkpoint_dir=tmp_path / "s")
     with pytest.raises(ResumeMismatchError, match="num_samples"):
-        train_surface(digits_mlp, surf, small, checkpoint_dir=tmp_path / "s", **{**skw, "num_samples": 3})
+        train_surface(digits_mlp, surf, small, dataclasses.replace(skw, num_samples=3), checkpoint_dir=tmp_path / "s")
     with pytest.raises(ResumeMismatchError):
-        train_surface(digits_mlp, surf, small, checkpoint_dir=tmp_path / "s", **{**skw, "epochs": (2, 0, 1)})
+        train_surface(digits_mlp, surf, small, dataclasses.replace(skw, epochs=(2, 0, 1)), checkpoint_dir=tmp_path / "s")
 
 
 class _CountCompiles(logging.Handler):
@@ -213,7 +216,7 @@ def test_a_second_call_compiles_nothing(digits_mlp, digits_corners, digits_train
     grid()
     assert _compiles(grid) == 0
     curve = lambda: train_curve(digits_mlp, C.bezier_curve(digits_corners[0].params, digits_corners[1].params), small,  # noqa: E731
-                                epochs=1, batch_size=64, progress=False)
+                                CurveConfig(epochs=1, batch_size=64), progress=False)
     curve()
     assert _compiles(curve) == 0
     assert _compiles(lambda: grid()) == 0 and shutil is not None

@@ -19,8 +19,9 @@ from mclandscape.engine.evaluate import uv_grid
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import from_flax, from_nnx, get_model
 from mclandscape.engine.train import TrainConfig
-from mclandscape.methods import surface as S
-from mclandscape.methods.curves import train_curve
+from mclandscape.methods import surface_grid as S
+from mclandscape.methods.curves import CurveConfig, train_curve
+from mclandscape.methods.surface_train import SurfaceConfig, train_surface
 
 
 class NnxNet(nnx.Module):
@@ -216,14 +217,14 @@ def test_curve_surface_and_grid_with_bn_recomputation(model, endpoints, small):
     _, results = endpoints
     train, test = small
     corners = [r.params for r in results]
-    curve = train_curve(model, C.bezier_curve(corners[0], corners[1], 2), train, epochs=1, batch_size=64,
+    curve = train_curve(model, C.bezier_curve(corners[0], corners[1], 2), train, CurveConfig(epochs=1, batch_size=64),
                         progress=False)
     assert len(curve.history) == 1 and np.isfinite(curve.history[0]["loss"])
     ends = T.tree_unstack(curve.connector.control)
     assert leaves_equal(ends[0], corners[0]) and leaves_equal(ends[-1], corners[1])
     assert not leaves_equal(ends[1], T.tree_combine(jnp.asarray([0.5, 0.5]), T.tree_stack(corners[:2])))  # the bend trained
-    surf = S.train_surface(model, C.bezier_surface(*corners, n=2, m=2), train, epochs=(0, 0, 1), num_samples=2,
-                           batch_size=64, progress=False)
+    surf = train_surface(model, C.bezier_surface(*corners, n=2, m=2), train,
+                         SurfaceConfig(epochs=(0, 0, 1), num_samples=2, batch_size=64), progress=False)
     assert len(surf.history[3]) == 1 and np.isfinite(surf.history[3][0]["loss"])
     control = T.tree_unstack(surf.connector.control)
     assert leaves_equal(control[0], corners[0])

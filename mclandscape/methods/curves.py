@@ -5,7 +5,7 @@ Garipov et al., 2018 ("Loss surfaces, mode connectivity, and fast ensembling of 
 (``w(t) = (1-t)^2 w_1 + 2t(1-t) theta + t^2 w_2`` in the quadratic case, ``mcl.bezier_curve``) or a polygonal
 chain with any number of bends (the one-bend chain ``2(t theta + (0.5-t) w_1)`` on ``[0, 0.5]``,
 ``2((t-0.5) w_2 + (1-t) theta)`` on ``[0.5, 1]``, ``mcl.polychain``). Training (:func:`train_curve`, called
-like :func:`mclandscape.methods.surface.train_surface` as ``(model, connector, train, *, ...)``) minimises
+like :func:`mclandscape.methods.surface_train.train_surface` as ``(model, connector, data, config)``) minimises
 the average loss along the curve
 
     l(theta) = int_0^1 L(w_theta(t)) dt,        theta <- theta - eta grad l(theta),
@@ -35,9 +35,8 @@ is materialised.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -45,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mclandscape.core.connectors import Connector, bezier_curve, polychain
+from mclandscape.core.connectors import Connector, bezier_curve
 from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import function_objective
 from mclandscape.core.tree import PyTree, tree_distance, tree_gram
@@ -58,23 +57,13 @@ from mclandscape.engine.connector_train import (
     weight_decay_args,
 )
 from mclandscape.engine.data import Dataset
+from mclandscape.engine.evaluate import PointMetrics, Points, connector_points, evaluate
 from mclandscape.engine.loop import LoopConfig
+from mclandscape.engine.optim import Transform, transform
 
 __all__ = [
-    "CURVE_KINDS",
-    "make_curve",
-    "line_connector",
-    "garipov_schedule",
-    "curve_optimizer",
-    "train_curve",
-    "fit_curve",
-    "PathEvaluation",
-    "evaluate_path",
-    "evaluate_curve",
-    "path_stats",
-    "loss_barrier",
-    "point_distances",
-    "curve_length",
+    "CURVE_KINDS", "line_connector", "garipov_schedule", "curve_optimizer", "CurveConfig", "train_curve",
+    "fit_curve", "PathEvaluation", "evaluate_curve", "path_stats", "loss_barrier", "point_distances", "curve_length",
 ]
 
 CURVE_KINDS = ("bezier", "polychain")
@@ -88,31 +77,6 @@ def _check_distinct(start: PyTree, end: PyTree) -> None:
 def _ends(connector: Connector) -> tuple[PyTree, PyTree]:
     return (jax.tree_util.tree_map(lambda x: x[0], connector.control),
             jax.tree_util.tree_map(lambda x: x[-1], connector.control))
-
-
-def make_curve(start: PyTree, end: PyTree, kind: str = "bezier", *, degree: int = 2, num_bends: int = 1) -> Connector:
-    """A curve with fixed ends and inner control points on the straight segment (Garipov's ``init_linear``).
-
-    Args:
-      start, end: the end models.
-      kind: ``"bezier"`` (:func:`~mclandscape.core.connectors.bezier_curve` of ``degree``; Garipov's
-        ``num_bends`` counts control points, so their default 3 is ``degree=2``) or ``"polychain"``
-        (:func:`~mclandscape.core.connectors.polychain` with ``num_bends`` bends).
-      degree, num_bends: see ``kind``.
-
-    Returns:
-      The :class:`~mclandscape.core.connectors.Connector`.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> make_curve({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, "polychain", num_bends=2).shape
-        (4,)
-    """
-    if kind == "bezier":
-        return bezier_curve(start, end, degree=degree)
-    if kind == "polychain":
-        return polychain(start, end, num_bends=num_bends)
-    raise ValueError(f"unknown curve kind {kind!r}; expected one of {CURVE_KINDS}")
 
 
 def line_connector(start: PyTree, end: PyTree) -> Connector:
@@ -163,11 +127,15 @@ def garipov_schedule(base_lr: float, epochs: int, steps_per_epoch: int) -> optax
     return schedule
 
 
-@functools.lru_cache(maxsize=64)
-def curve_optimizer(lr: float, epochs: int, steps_per_epoch: int, *, momentum: float = 0.9) -> optax.GradientTransformation:
+def _garipov_sgd(lr: float, epochs: int, steps_per_epoch: int, momentum: float) -> optax.GradientTransformation:
+    return optax.sgd(garipov_schedule(lr, epochs, steps_per_epoch), momentum=momentum or None)
+
+
+def curve_optimizer(lr: float, epochs: int, steps_per_epoch: int, *, momentum: float = 0.9) -> Transform:
     """SGD with momentum on :func:`garipov_schedule` (weight decay lives in the objective, as in the reference).
 
-    The same arguments give the same transform object, so a second run reuses the compiled step.
+    Named by value (:func:`mclandscape.engine.optim.transform`): equal arguments give an equal transform, so a
+    second run reuses the compiled step.
 
     Args:
       lr: the base learning rate.
@@ -175,22 +143,76 @@ def curve_optimizer(lr: float, epochs: int, steps_per_epoch: int, *, momentum: f
       momentum: heavy-ball momentum (0: plain SGD).
 
     Returns:
-      An optax transformation.
+      A :class:`~mclandscape.engine.optim.Transform`.
 
     Example:
-        >>> curve_optimizer(0.015, 30, 10) is curve_optimizer(0.015, 30, 10)
+        >>> curve_optimizer(0.015, 30, 10) == curve_optimizer(0.015, 30, 10)
         True
     """
-    return optax.sgd(garipov_schedule(lr, epochs, steps_per_epoch), momentum=momentum or None)
+    return transform(_garipov_sgd, float(lr), int(epochs), int(steps_per_epoch), float(momentum))
 
 
-def _wd_args(weight_decay: float, weight_decay_on: str) -> dict:
-    return weight_decay_args(weight_decay, weight_decay_on)
+@dataclasses.dataclass(frozen=True)
+class CurveConfig:
+    """What :func:`train_curve` computes (validated on construction; equal configs hash equal).
+
+    Attributes:
+      epochs: epochs to train.
+      batch_size: examples per batch (at most the training set's size).
+      lr, momentum: the default optimizer's base learning rate and momentum (:func:`curve_optimizer`; 0.015
+        and weight decay 5e-4 are the reference's VGG16 settings).
+      optimizer: any optax transformation instead of the default.
+      weight_decay, weight_decay_on: ``(wd/2) |w(t)|^2`` at the sampled point (``"point"``, Garipov's) or on the
+        trainable control points (``"control"``).
+      num_samples: ``k``, the t values evaluated per batch.
+      loss_fn: per-example loss ``(logits, y) -> [N]``.
+      augment: random crops and flips of image batches.
+      strategy: how the ``k`` points are evaluated (:mod:`mclandscape.engine.connector_train`).
+
+    Example:
+        >>> CurveConfig(epochs=2).lr
+        0.015
+        >>> CurveConfig(weight_decay_on="bends")
+        Traceback (most recent call last):
+        ...
+        ValueError: weight_decay_on must be 'point' (|phi(p)|^2 at the sampled points) or 'control' (the trainable control points), got 'bends'
+    """
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.015
+    momentum: float = 0.9
+    optimizer: optax.GradientTransformation | Transform | None = None
+    weight_decay: float = 5e-4
+    weight_decay_on: str = "point"
+    num_samples: int = 1
+    loss_fn: Callable = cross_entropy
+    augment: bool = False
+    strategy: str | None = None
+
+    def __post_init__(self):
+        for name, lo in (("epochs", 0), ("batch_size", 1), ("num_samples", 1)):
+            _int_at_least(name, getattr(self, name), lo)
+        if not (np.isfinite(self.lr) and self.lr > 0) or not (np.isfinite(self.momentum) and self.momentum >= 0):
+            raise ValueError(f"need lr > 0 and momentum >= 0, got lr={self.lr!r}, momentum={self.momentum!r}")
+        weight_decay_args(self.weight_decay, self.weight_decay_on)
+        if not (self.optimizer is None or isinstance(self.optimizer, optax.GradientTransformation | Transform)):
+            raise ValueError(f"optimizer must be an optax transformation or None, got {self.optimizer!r}")
+
+
+def _int_at_least(name: str, v, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _one_of(name: str, v, choices: tuple) -> None:
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
 
 
 def _check_dataset(train, fn: str) -> None:
     if not isinstance(train, Dataset):
-        raise TypeError(f"{fn}: train must be a Dataset (mcl.load_dataset(...) or mcl.Dataset(x, y, ...)), got "
+        raise TypeError(f"{fn}: data must be a Dataset (mcl.load_dataset(...) or mcl.Dataset(x, y, ...)), got "
                         f"{type(train).__name__}")
 
 
@@ -206,18 +228,15 @@ def _epoch_callback(callback: Callable | None, connector: Connector) -> list:
     return [cb]
 
 
-def train_curve(model, curve: Connector, train, *extra, epochs: int = 30, batch_size: int = 128,
-                lr: float = 0.015, momentum: float = 0.9, optimizer: optax.GradientTransformation | None = None,
-                weight_decay: float = 5e-4, weight_decay_on: str = "point", num_samples: int = 1,
-                loss_fn: Callable = cross_entropy, seed: int = 0, augment: bool = False, strategy: str | None = None,
+def train_curve(model, curve: Connector, data: Dataset, config: CurveConfig | None = None, *, seed: int = 0,
                 checkpoint_dir: str | os.PathLike | None = None, keep: int = 1, overwrite: bool = False,
                 progress: bool | None = None, callback: Callable[[int, ConnectorTrainResult], None] | None = None,
                 devices: int | None = None) -> ConnectorTrainResult:
-    """Train the bends of a Bézier curve or polygonal chain of ``model`` on ``train`` (Garipov et al., 2018).
+    """Train the bends of a Bézier curve or polygonal chain of ``model`` on ``data`` (Garipov et al., 2018).
 
     The objective is the expected loss over ``t ~ U(0, 1)``, ``num_samples`` t values per batch, plus the
     weight decay (module docstring); the ends stay fixed bit for bit. Same calling convention as
-    :func:`mclandscape.methods.surface.train_surface`: ``(model, connector, train, *, ...)``.
+    :func:`mclandscape.methods.surface_train.train_surface`: ``(model, connector, data, config, *, ...)``.
 
     Args:
       model: the :class:`~mclandscape.engine.models.Model` (trained in train mode: dropout on, BatchNorm on
@@ -225,21 +244,11 @@ def train_curve(model, curve: Connector, train, *extra, epochs: int = 30, batch_
       curve: the curve, e.g. ``mcl.bezier_curve(start, end, degree=2)`` or ``mcl.polychain(start, end,
         num_bends=1)`` (inner points on the straight segment, Garipov's ``init_linear``), or a curve trained
         before.
-      train: the training :class:`~mclandscape.engine.data.Dataset` (shuffled full batches each epoch).
-      epochs: epochs to train.
-      batch_size: examples per batch, in ``[1, len(train)]``.
-      lr, momentum: the default optimizer's base learning rate and momentum (:func:`curve_optimizer`; 0.015
-        and weight decay 5e-4 are the reference's VGG16 settings).
-      optimizer: any optax transformation instead of the default.
-      weight_decay, weight_decay_on: ``(wd/2) |w(t)|^2`` at the sampled point (``"point"``, Garipov's) or on the
-        trainable control points (``"control"``).
-      num_samples: ``k``, the t values evaluated per batch.
-      loss_fn: per-example loss ``(logits, y) -> [N]``.
+      data: the training :class:`~mclandscape.engine.data.Dataset` (shuffled full batches each epoch).
+      config: the :class:`CurveConfig` (default ``CurveConfig()``).
       seed: batch order, t samples and dropout.
-      augment: random crops and flips of image batches.
-      strategy: how the ``k`` points are evaluated (:mod:`mclandscape.engine.connector_train`).
       checkpoint_dir, keep, overwrite: checkpoints after every epoch (the last ``keep`` stay); a second call
-        with the same directory resumes the same run (same curve, data and settings) and refuses another;
+        with the same directory resumes the same run (same curve, data, config and seed) and refuses another;
         ``overwrite=True`` starts afresh.
       progress: a progress bar (``None``: when stderr is a terminal).
       callback: ``callback(epoch, result)`` after every epoch (``epoch`` from 1, as in the history; ``result``
@@ -251,9 +260,9 @@ def train_curve(model, curve: Connector, train, *extra, epochs: int = 30, batch_
       A :class:`ConnectorTrainResult` (``history``: one record per epoch, ``epoch`` from 1).
 
     Raises:
-      TypeError: ``curve`` is not a Connector (e.g. the two end points were passed), or ``train`` is not a
-        Dataset.
-      ValueError: a bad option, identical ends, or a curve with nothing to train.
+      TypeError: ``curve`` is not a Connector (e.g. the two end points were passed), ``data`` is not a
+        Dataset or ``config`` not a CurveConfig.
+      ValueError: a batch size larger than the data, identical ends, or a curve with nothing to train.
 
     Example:
         >>> import jax
@@ -261,32 +270,32 @@ def train_curve(model, curve: Connector, train, *extra, epochs: int = 30, batch_
         >>> train = mcl.load_dataset("iris", "train")
         >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
         >>> p0, p1 = (model.init(jax.random.key(s), train.x[:1])["params"] for s in (0, 1))
-        >>> res = train_curve(model, mcl.bezier_curve(p0, p1, degree=2), train, epochs=2, batch_size=60,
+        >>> res = train_curve(model, mcl.bezier_curve(p0, p1, degree=2), train, CurveConfig(epochs=2, batch_size=60),
         ...                   progress=False)
         >>> [r["epoch"] for r in res.history], res.connector.shape
         ([1, 2], (3,))
     """
-    curve = check_connector(curve, CURVE_KINDS, "train_curve", extra,
+    curve = check_connector(curve, CURVE_KINDS, "train_curve",
                             build="mcl.bezier_curve(start, end, degree=2) or mcl.polychain(start, end, num_bends=1)")
-    _check_dataset(train, "train_curve")
+    cfg = CurveConfig() if config is None else config
+    if not isinstance(cfg, CurveConfig):
+        raise TypeError(f"train_curve: config must be a CurveConfig, got {type(cfg).__name__}")
+    _check_dataset(data, "train_curve")
     _check_distinct(*_ends(curve))
     if not curve.trainable.any() or curve.num_control < 3:
         raise ValueError("a curve with no trainable inner control point (degree 1 / 0 bends) has nothing to train")
-    batch_size = check_batch_size(batch_size, len(train))
-    wd = weight_decay_args(weight_decay, weight_decay_on)
-    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 0:
-        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
-    steps_per_epoch = len(train) // batch_size
-    opt = optimizer or curve_optimizer(float(lr), max(int(epochs), 1), steps_per_epoch, momentum=float(momentum))
-    hyper = {"curve": curve.kind, "optimizer": "default" if optimizer is None else "custom", "lr": float(lr),
-             "momentum": float(momentum), "weight_decay": float(weight_decay), "weight_decay_on": weight_decay_on}
+    batch_size = check_batch_size(cfg.batch_size, len(data))
+    opt = cfg.optimizer or curve_optimizer(cfg.lr, max(cfg.epochs, 1), len(data) // batch_size, momentum=cfg.momentum)
+    hyper = {"curve": curve.kind, "optimizer": "default" if cfg.optimizer is None else "custom", "lr": float(cfg.lr),
+             "momentum": float(cfg.momentum), "weight_decay": float(cfg.weight_decay),
+             "weight_decay_on": cfg.weight_decay_on}
     loop = LoopConfig(checkpoint_dir=checkpoint_dir, keep=keep, overwrite=overwrite, progress=progress,
                       desc=f"train {curve.kind}")
-    return train_connector(model, curve, train, epochs=epochs, tx=opt, batch_size=batch_size,
-                           sampler=uniform_sampler(1), num_samples=num_samples, seed=seed, augment=augment,
-                           strategy=strategy, loss_fn=loss_fn, hyper=hyper, loop=loop,
+    return train_connector(model, curve, data, epochs=cfg.epochs, tx=opt, batch_size=batch_size,
+                           sampler=uniform_sampler(1), num_samples=cfg.num_samples, seed=seed, augment=cfg.augment,
+                           strategy=cfg.strategy, loss_fn=cfg.loss_fn, hyper=hyper, loop=loop,
                            callbacks=_epoch_callback(callback, curve), metadata={"curve": curve.kind},
-                           devices=devices, **wd)
+                           devices=devices, **weight_decay_args(cfg.weight_decay, cfg.weight_decay_on))
 
 
 def fit_curve(loss_fn: Callable[[PyTree, Any], jax.Array], connector: Connector, *, epochs: int,
@@ -505,15 +514,24 @@ class PathEvaluation:
         return d
 
 
-def evaluate_path(model, connector: Connector, train, test=None, *, ts=None, num_points: int = 61,
-                  batch_size: int = 500, bn_data=None, bn_batches: int | None = None, bn_batch_size: int = 128,
-                  strategy: str = "auto", chunk_size: int | None = None, loss_fn: Callable = cross_entropy,
-                  devices: int | None = None) -> PathEvaluation:
+def _evaluate_sets(model, points: Points, datasets: Mapping[str, Any], *, probs_of: str | None = None,
+                   **kwargs) -> dict[str, PointMetrics]:
+    """:func:`~mclandscape.engine.evaluate.evaluate` of ``points`` on every data set of ``datasets`` (by name).
+
+    The one place the curve and surface views evaluate several data sets at the same points (BatchNorm
+    statistics are recomputed per point for each set); ``probs_of`` names the set whose softmax outputs are kept.
+    """
+    return {name: evaluate(model, points, data, return_probs=name == probs_of, **kwargs)
+            for name, data in datasets.items()}
+
+
+def evaluate_curve(model, connector: Connector, train, test=None, *, ts=None, num_points: int = 61,
+                   **kwargs) -> PathEvaluation:
     """Train and test loss/accuracy along a curve (or a band's polychain) at ``ts``.
 
-    Through :func:`mclandscape.engine.evaluate.evaluate_points`. BatchNorm statistics, as in
-    :func:`mclandscape.methods.surface.surface_grid`, are recomputed at every point on ``bn_data``, which
-    defaults to ``train`` (Garipov's ``update_bn``); models without BatchNorm ignore it.
+    A view of :func:`mclandscape.engine.evaluate.evaluate` at the points ``ts`` of ``connector``. BatchNorm
+    statistics, as in :func:`mclandscape.methods.surface_grid.surface_grid`, are recomputed at every point on
+    ``bn_data``, which defaults to ``train`` (Garipov's ``update_bn``); models without BatchNorm ignore it.
 
     Args:
       model: the :class:`~mclandscape.engine.models.Model`.
@@ -522,11 +540,8 @@ def evaluate_path(model, connector: Connector, train, test=None, *, ts=None, num
       test: the test data (``None``: no test series).
       ts: the t values, strictly increasing from 0 to 1 (default ``num_points`` evenly spaced, Garipov's 61).
       num_points: see ``ts``.
-      batch_size: evaluation batch size.
-      bn_data, bn_batches, bn_batch_size: the BatchNorm data (default ``train``), how many full batches of
-        ``bn_batch_size`` (default all).
-      strategy, chunk_size, devices: see :func:`mclandscape.engine.evaluate.evaluate`.
-      loss_fn: per-example loss.
+      **kwargs: for :func:`~mclandscape.engine.evaluate.evaluate` (``batch_size``, ``bn_data``,
+        ``bn_batches``, ``bn_batch_size``, ``strategy``, ``chunk_size``, ``loss_fn``, ``devices``, ...).
 
     Returns:
       A :class:`PathEvaluation`.
@@ -537,15 +552,13 @@ def evaluate_path(model, connector: Connector, train, test=None, *, ts=None, num
         >>> train = mcl.load_dataset("iris", "train")
         >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
         >>> p0, p1 = (model.init(jax.random.key(s), train.x[:1])["params"] for s in (0, 1))
-        >>> ev = evaluate_path(model, line_connector(p0, p1), train, num_points=5)
+        >>> ev = evaluate_curve(model, line_connector(p0, p1), train, num_points=5)
         >>> ev.train_loss.shape, ev.test_loss is None, bool(ev.barrier() >= 0)
         ((5,), True, True)
     """
-    from mclandscape.engine.evaluate import evaluate_points
-
     if not isinstance(connector, Connector) or connector.kind not in CURVE_KINDS:
         got = connector.kind if isinstance(connector, Connector) else type(connector).__name__
-        raise ValueError(f"evaluate_path needs a curve or band, got a {got!r} connector")
+        raise ValueError(f"evaluate_curve needs a curve or band, got a {got!r} connector")
     if ts is None:
         if isinstance(num_points, bool) or int(num_points) != num_points or num_points < 2:
             raise ValueError(f"num_points must be an integer >= 2, got {num_points!r}")
@@ -553,34 +566,14 @@ def evaluate_path(model, connector: Connector, train, test=None, *, ts=None, num
     ts = connector.validate_points(ts)
     if ts.size < 2 or np.any(np.diff(ts) <= 0) or ts[0] != 0.0 or ts[-1] != 1.0:
         raise ValueError("ts must increase strictly from 0 to 1")
-    kw = dict(batch_size=batch_size, strategy=strategy, chunk_size=chunk_size, devices=devices,
-              bn_data=train if bn_data is None else bn_data, bn_batches=bn_batches, bn_batch_size=bn_batch_size,
-              loss_fn=loss_fn)
-    tr = evaluate_points(model, connector, ts, train, **kw)
-    te = evaluate_points(model, connector, ts, test, **kw) if test is not None else None
+    if kwargs.get("bn_data") is None:
+        kwargs["bn_data"] = train
+    sets = {"train": train} if test is None else {"train": train, "test": test}
+    m = _evaluate_sets(model, connector_points(connector, ts), sets, **kwargs)
     dl = point_distances(connector, ts)
     length = curve_length(connector) if connector.kind == "polychain" else float(dl.sum())
-    return PathEvaluation(ts=ts, dl=dl, train_loss=np.asarray(tr.loss), train_acc=np.asarray(tr.accuracy),
+    te = m.get("test")
+    return PathEvaluation(ts=ts, dl=dl, train_loss=np.asarray(m["train"].loss),
+                          train_acc=np.asarray(m["train"].accuracy),
                           test_loss=None if te is None else np.asarray(te.loss),
                           test_acc=None if te is None else np.asarray(te.accuracy), length=length)
-
-
-def evaluate_curve(model, connector: Connector, train, test=None, **kwargs) -> PathEvaluation:
-    """Alias of :func:`evaluate_path` (Garipov's 61 evaluation points by default; BatchNorm data from ``train``).
-
-    Args:
-      model, connector, train, test, **kwargs: see :func:`evaluate_path`.
-
-    Returns:
-      A :class:`PathEvaluation`.
-
-    Example:
-        >>> import jax
-        >>> import mclandscape as mcl
-        >>> train = mcl.load_dataset("iris", "train")
-        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
-        >>> p0, p1 = (model.init(jax.random.key(s), train.x[:1])["params"] for s in (0, 1))
-        >>> evaluate_curve(model, line_connector(p0, p1), train, num_points=3).ts.tolist()
-        [0.0, 0.5, 1.0]
-    """
-    return evaluate_path(model, connector, train, test, **kwargs)

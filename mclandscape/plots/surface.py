@@ -5,7 +5,7 @@ with Bézier surface"): loss and accuracy over the surface before and after trai
 the linear surface of three models (Figure 3) and the subset approximation of Appendix B (Figure 9).
 
 Grids are ``[S, S]`` arrays indexed ``[i_u, i_v]`` over ``u, v = linspace(0, 1, S)`` (as
-:class:`mclandscape.methods.surface.SurfaceGrid` holds them). Every function follows the package's
+:class:`mclandscape.methods.surface_grid.SurfaceGrid` holds them). Every function follows the package's
 convention (:mod:`mclandscape.plots._figure`): ``ax=None`` makes a new figure, a given ``Axes`` (a sequence
 of them for two-panel figures) is drawn into, the ``Figure`` is returned and :func:`~mclandscape.plots.save`
 writes it. Before/after pairs share one colour (or z) scale unless asked not to.
