@@ -65,11 +65,12 @@ from mclandscape.methods.curvature import dense_hessian, hutchinson_trace, hvp, 
 from mclandscape.methods.curves import curve_length, evaluate_curve, evaluate_path, loss_barrier, train_curve
 from mclandscape.methods.deform import AP, LE, Identity, Squared, custom_vdm, scale_by_vdm, vdm_loss
 from mclandscape.methods.directions import loss_curve, loss_plane, random_direction, random_directions
+from mclandscape.methods.dsp_detector import DSPConfig
 from mclandscape.methods.ensemble import ensemble_from_params, ensemble_from_probs, member_probs
 from mclandscape.methods.neb import NEBConfig, auto_neb, evaluate_band
 from mclandscape.methods.neb import neb as nudged_elastic_band
 from mclandscape.methods.surface import evaluate_triangle, merge_best, surface_ensembles, surface_grid, train_surface
-from mclandscape.methods.trusttech import DSPConfig, dsp_search, tier_by_tier
+from mclandscape.methods.trusttech import dsp_search, tier_by_tier
 from mclandscape.methods.verification import VerificationResult, output_distance, verify_exit
 from mclandscape.methods.volume import flat_from_minima, full_space_flat, grid_traversal, h_sweep
 

@@ -50,6 +50,7 @@ from mclandscape.core.tree import (
     tree_sub,
     tree_unstack,
 )
+from mclandscape.engine.evaluate import map_points, stacked_points
 from mclandscape.engine.loop import merge_static, split_static
 
 __all__ = [
@@ -402,11 +403,23 @@ def _flow_chunk(objective_static, objective_arrays, ws, batch, step_size, length
     return jax.vmap(one)(ws)
 
 
-@functools.partial(jax.jit, static_argnames=("objective_static",))
+@dataclasses.dataclass(frozen=True)
+class _LossAndGradNorm:
+    """``w -> (loss, |grad|)`` of the objective on a fixed batch: a hashable per-point function for the engine's
+    :func:`~mclandscape.engine.evaluate.map_points` (the objective's configuration static, its arrays an
+    argument)."""
+
+    objective_static: Any
+
+    def __call__(self, w, objective_arrays, batch):
+        loss, g = jax.value_and_grad(_loss_fn(self.objective_static, objective_arrays, batch))(w)
+        return loss, tree_norm(g)
+
+
 def _measure(objective_static, objective_arrays, ws, batch):
-    """Loss and gradient norm at every stacked point of ``ws``."""
-    loss, g = jax.vmap(jax.value_and_grad(_loss_fn(objective_static, objective_arrays, batch)))(ws)
-    return loss, jax.vmap(tree_norm)(g)
+    """Loss and gradient norm at every stacked point of ``ws`` (one mapped evaluation of the engine)."""
+    return map_points(_LossAndGradNorm(objective_static), stacked_points(ws), objective_arrays, batch,
+                      strategy="vmap", devices=1)
 
 
 @functools.partial(jax.jit, static_argnames=("objective_static", "max_iter"))
@@ -606,6 +619,10 @@ def verify_exit(
         spaces=spaces)
 
 
+# the outputs of a network at one point: one module-level jit, keyed by the function (compiled once per function)
+_apply = jax.jit(lambda fn, w: fn(w), static_argnums=0)
+
+
 def output_distance(outputs_fn: Callable[[PyTree], jax.Array]) -> Distance:
     """A function-space distance: the root-mean-square difference of two networks' outputs.
 
@@ -623,10 +640,9 @@ def output_distance(outputs_fn: Callable[[PyTree], jax.Array]) -> Distance:
     """
     if not callable(outputs_fn):
         raise ValueError(f"outputs_fn must be a callable params -> array, got {outputs_fn!r}")
-    fn = jax.jit(outputs_fn)
 
     def distance(p: PyTree, q: PyTree) -> float:
-        a, b = np.asarray(fn(p), np.float64), np.asarray(fn(q), np.float64)
+        a, b = (np.asarray(_apply(outputs_fn, w), np.float64) for w in (p, q))
         return float(np.sqrt(np.mean((a - b) ** 2)))
 
     return distance

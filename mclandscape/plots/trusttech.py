@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mclandscape.core.tree import PyTree
-from mclandscape.methods.trusttech import ExitRecord
+from mclandscape.methods.dsp_detector import ExitRecord
 from mclandscape.methods.verification import VerificationResult, project
 from mclandscape.plots._figure import new_figure
 
