@@ -562,7 +562,7 @@ def run_verification(args, out_dir: str) -> dict:
     Per seed with an exit: every flow is gradient descent (``--verify-step``, at most ``--verify-steps``, until
     all gradient norms are below ``--verify-grad-tol``) finished by an L-BFGS polish (``--verify-polish``
     iterations, to ``--verify-polish-tol``), and convergence is also judged by the end points stopping to move
-    (:attr:`mclandscape.methods.trusttech.VerificationResult.settled`). Which optimum each end point reached is measured
+    (:attr:`mclandscape.methods.verification_result.VerificationResult.settled`). Which optimum each end point reached is measured
     in parameter space, in function space and modulo the network's symmetries
     (:func:`mclandscape.methods.alignment.distance_modulo_permutation` over the model's permutation spec:
     permutations and sign flips of the ``tanh`` units).

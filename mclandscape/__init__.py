@@ -71,7 +71,8 @@ from mclandscape.methods.neb import NEBConfig, auto_neb, evaluate_band
 from mclandscape.methods.neb import neb as nudged_elastic_band
 from mclandscape.methods.surface import evaluate_triangle, merge_best, surface_ensembles, surface_grid, train_surface
 from mclandscape.methods.trusttech import dsp_search, tier_by_tier
-from mclandscape.methods.verification import VerificationResult, output_distance, verify_exit
+from mclandscape.methods.verification import output_distance, verify_exit
+from mclandscape.methods.verification_result import VerificationResult
 from mclandscape.methods.volume import flat_from_minima, full_space_flat, grid_traversal, h_sweep
 
 __version__ = "0.1.0"

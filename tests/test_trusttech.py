@@ -71,6 +71,12 @@ def test_search_exits_past_the_ridge_and_solver_reaches_the_other_minimum():
     assert e.rho1 == pytest.approx(1e-3 * e.iteration)
     trace = res.traces[0]
     assert len(trace["loss"]) == e.iteration and max(trace["loss"]) > 0.9
+    # the exit check runs in the compiled step: the host reading every step or every 7 gives the same search
+    for every in (1, 7):
+        again = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=80, sync_every=every),
+                              batch_fn=NO_BATCH, solver=SOLVER, directions=[_dir(0.01, 0.003)])
+        assert [x.to_json() for x in again.exits] == [x.to_json() for x in res.exits] and again.traces == res.traces
+        np.testing.assert_array_equal(np.asarray(again.solutions[0]["x"]), np.asarray(sol["x"]))
 
 
 class _CountCompiles(logging.Handler):
@@ -128,6 +134,12 @@ def test_local_solve_checks_grad_tol_after_every_step():
     assert info["task_loss"] == pytest.approx(0.5 * 0.25**7, rel=1e-5)  # the task loss aux["loss"] of step 8
     assert info["loss"] == pytest.approx(1.0 + 0.5 * 0.25**7, rel=1e-6)  # the objective's value (minimised)
     np.testing.assert_allclose(np.asarray(sol["w"]), np.asarray(w0["w"]) * 0.5**8, rtol=1e-6)  # update applied
+    # the test runs in the compiled step: how often the host looks changes nothing (steps after it apply nothing)
+    for every in (1, 3):
+        sol2, info2 = dstep.local_solve(obj, w0, dd.LocalSolver(optax.sgd(0.5), 100, grad_tol=0.01, check_every=every),
+                                        NO_BATCH, jax.random.key(0))
+        assert info2 == info
+        np.testing.assert_array_equal(np.asarray(sol2["w"]), np.asarray(sol["w"]))
     _, info = dstep.local_solve(obj, w0, dd.LocalSolver(optax.sgd(0.5), steps=5), NO_BATCH, jax.random.key(0))
     assert info["steps"] == 5 and info["grad_norm"] == pytest.approx(0.5**4, rel=1e-5)  # no grad_tol: all steps
     # a diverging solver raises the engine's NonFiniteError instead of returning NaNs

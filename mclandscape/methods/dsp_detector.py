@@ -19,7 +19,7 @@ import optax
 from flax import struct
 
 from mclandscape.core.tree import PyTree
-from mclandscape.methods.verification import _check_real
+from mclandscape.methods.verification_result import _check_real
 
 __all__ = ["READINGS", "RhoSchedule", "rho2_from_lr", "DetectorState", "ExitDetector", "START", "UP", "EXIT",
            "LocalSolver", "DSPConfig", "ExitRecord", "TierResult"]

@@ -39,7 +39,7 @@ from mclandscape.engine import cpu, distributed, optim
 from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, make_step, merge_static, run, split_static
 from mclandscape.methods.dsp_detector import READINGS, BatchFn, DetectorState, DSPConfig, LocalSolver
-from mclandscape.methods.verification import _check_real
+from mclandscape.methods.verification_result import _check_real
 
 __all__ = ["SearchState", "initial_directions", "forward_step", "dsp_step", "local_solve", "NEGATIVE_GRADIENT"]
 

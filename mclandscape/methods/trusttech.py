@@ -8,8 +8,9 @@ Algorithm 1):
 
 1. *forward search step* (``Update(model, Delta_k, rho1)``): ``d <- d + rho1(i) * d / |d|``;
 2. *exit check* (``CheckExit``) on the mini-batch loss at ``omega0 + d`` — an exponential moving average of the
-   losses of that direction and a buffer of up/down states (:class:`ExitDetector`);
-3. if an exit point was found, a *local solver* (any Optax optimizer, :class:`LocalSolver`) converges from
+   losses of that direction and a buffer of up/down states (:class:`~mclandscape.methods.dsp_detector.ExitDetector`);
+3. if an exit point was found, a *local solver* (any Optax optimizer,
+   :class:`~mclandscape.methods.dsp_detector.LocalSolver`) converges from
    ``omega0 + d`` to a tier-1 solution and the direction retires; otherwise
 4. *calibration step* (``Calibrate(model, rho2, Delta_k, batch)``): ``d <- d + rho2 * f(omega0 + d)`` with ``f``
    the negative-gradient dynamics of the paper's eq. 2 (an Optax gradient transformation, ``-grad`` by
@@ -27,7 +28,7 @@ from 0 by a fixed increment per iteration (0.001 in §5). Taken literally with `
 ``omega0`` where ``f = 0`` and the search never leaves the tier-0 basin. The text around eq. 3 — "an
 exploration step forward along the current direction", a *pace of search step* ``rho1`` that grows until an
 exit is found or ``rho_max`` is reached, exit distance highly correlated with ``rho1`` (§5.4) — describes a
-search moving outward with a growing step. :class:`RhoSchedule` therefore implements two outward readings and
+search moving outward with a growing step. :class:`~mclandscape.methods.dsp_detector.RhoSchedule` therefore implements two outward readings and
 keeps the literal one to show the difference:
 
 - ``"additive"`` (default): ``d_i = d_{i-1} + rho1(i) * d_{i-1}/|d_{i-1}| + rho2 * f(omega0 + d_i')`` — the
@@ -41,7 +42,7 @@ keeps the literal one to show the difference:
 
 In all three ``f`` is evaluated explicitly at the point after the forward step, ``d_i' = `` forward-stepped
 ``d_{i-1}`` (eq. 3 writes the implicit ``f(omega0 + d_i)``; Algorithm 1 evaluates it after ``Update``).
-``rho2`` is a constant fraction (0.1 in §5) of the tier-0 learning rate (:func:`rho2_from_lr`).
+``rho2`` is a constant fraction (0.1 in §5) of the tier-0 learning rate (:func:`~mclandscape.methods.dsp_detector.rho2_from_lr`).
 
 Exit detection (§3.2.1)
 -----------------------
@@ -61,37 +62,31 @@ Tier-by-tier search and verification
 every solution found is checkpointed through :mod:`mclandscape.engine.checkpoint`, and a search restarted with
 the same arguments and checkpoint directory resumes where it was killed, producing the same solutions as an
 uninterrupted run (the direction chosen and the mini-batch used at global step ``t`` are functions of ``(key,
-t)`` only). Whether an exit point really separates two optima (§5.1, Figure 3c) is measured by
-:func:`~mclandscape.methods.verification.verify_exit` (:mod:`mclandscape.methods.verification`, re-exported
-here).
+t)`` and the directions still searching); a checkpoint of another search is refused with the engine's
+:class:`~mclandscape.engine.loop.ResumeMismatchError`. Whether an exit point really separates two optima (§5.1,
+Figure 3c) is measured by :func:`mclandscape.methods.verification.verify_exit`.
 
 The engine under the search
 ---------------------------
 Every loss here is the library's one objective protocol ``objective(params, batch, key) -> (loss, aux)``
-(:mod:`mclandscape.core.objective`): :func:`model_loss_fn` is :func:`~mclandscape.core.objective.make_objective`
-of a :class:`~mclandscape.engine.models.base.Model`, an analytic potential is wrapped by
-:func:`~mclandscape.core.objective.function_objective`. The search and the exit check use the objective's value
-``loss`` (what is differentiated, L2 included); ``aux`` is ignored. Batches come from any random-access
-stream ``t -> batch`` (:func:`dataset_batches` is :func:`mclandscape.engine.data.batch_stream`).
+(:func:`~mclandscape.core.objective.make_objective` of a model, or
+:func:`~mclandscape.core.objective.function_objective` of an analytic potential); the search and the exit check
+use its value ``loss`` (L2 included). Batches come from any random-access stream ``t -> batch``
+(:func:`mclandscape.engine.data.batch_stream`, or a constant full batch).
 
-- The search (:func:`dsp_search`) keeps its own driver — one direction per step, a host-side exit check
-  after every step — around one module-level jitted step (:func:`dsp_step`) whose static arguments are the
-  objective's configuration (model, loss, L2, mode: hashed by value, the model by identity), the
-  calibration transform and the reading; ``rho1``, ``rho2``, the step index and the objective's fixed arrays
-  are traced. A second search with the same objective (or a new one from the same model and loss) and the
-  same shapes compiles nothing.
-- The local solver (:func:`local_solve`) is the engine's training loop: :func:`mclandscape.engine.loop.make_step`
-  with the solver's Optax transform and :func:`mclandscape.engine.loop.run`, one step per loop epoch, so that
-  the gradient-norm criterion ``grad_tol`` is checked after *every* step on that step's gradient norm (taken
-  at the parameters before its update; the run ends after the first step that meets it, its update
-  applied). A non-finite loss or gradient raises the engine's
-  :class:`~mclandscape.engine.loop.NonFiniteError` (nothing non-finite is applied).
-- Devices and processes: ``devices`` (default all of the job's, across the processes of a ``jax.distributed``
-  job; ``1``: one device) puts the search step and the local solves on the engine's data-parallel mesh
-  (:func:`~mclandscape.engine.distributed.training_mesh`, as :func:`~mclandscape.engine.train.train_model`):
-  batches split over the ``data`` axis, everything else replicated. Values brought to the host go through
-  :func:`~mclandscape.engine.distributed.to_host`, returned trees through
-  :func:`~mclandscape.engine.distributed.local`, so the results are equal on every process.
+- The search (:func:`dsp_search`) is a pytree :class:`~mclandscape.methods.dsp_step.SearchState` (all
+  directions stacked, their calibration states and exit detectors) and one module-level jitted step that
+  advances the chosen direction, runs the exit check in the graph and freezes the search after an exit until
+  the host has run its local solver. The host chooses the direction of each step and reads the steps' losses
+  only every ``DSPConfig.sync_every`` steps and at checkpoints. A second search with the same objective and
+  shapes compiles nothing.
+- The local solver (:func:`~mclandscape.methods.dsp_step.local_solve`) is the engine's loop
+  (:func:`~mclandscape.engine.loop.make_step` and :func:`~mclandscape.engine.loop.run`); its ``grad_tol`` is
+  tested inside the compiled step after every step. A non-finite loss or gradient raises the engine's
+  :class:`~mclandscape.engine.loop.NonFiniteError`.
+- Devices and processes: ``devices`` (default all of the job's) puts the search step and the local solves on
+  the engine's data-parallel mesh (:func:`~mclandscape.engine.distributed.training_mesh`): batches split over
+  the ``data`` axis, everything else replicated; the results are equal on every process.
 - Progress and callbacks follow the engine's trainers: ``progress=None`` shows a tqdm bar only when stderr is
   a terminal, and the search's callback gets the 1-based count of search steps done.
 """

@@ -16,7 +16,8 @@ from matplotlib.figure import Figure
 
 from mclandscape.core.tree import PyTree
 from mclandscape.methods.dsp_detector import ExitRecord
-from mclandscape.methods.verification import VerificationResult, project
+from mclandscape.methods.verification import project
+from mclandscape.methods.verification_result import VerificationResult
 from mclandscape.plots._figure import new_figure
 
 __all__ = ["plot_search_trace", "plot_verification"]
