@@ -405,25 +405,6 @@ def test_callback_counts_search_steps_from_one():
     assert [per_tier[n] for n in (1, 2)] == [list(range(1, t.steps + 1)) for t in tiers]
 
 
-def test_devices_one_equals_the_default_on_one_device():
-    assert jax.device_count() == 1  # the tests run on one device: the default is the single-device path
-    noise = jnp.asarray(np.random.default_rng(0).normal(scale=0.3, size=(2000, 2)), jnp.float32)
-    loss = function_objective(lambda p, batch: two_wells(p) + batch[0] * p["x"] + batch[1] * p["y"])
-    solver = dd.LocalSolver(optax.sgd(0.05), steps=300, batch_fn=lambda t: jnp.zeros(2))
-    kw = dict(config=_config(max_steps=1000), batch_fn=lambda t: noise[t], solver=solver,
-              directions=[_dir(0.01, 0.0)])
-    ref = tt.dsp_search(loss, ORIGIN2, jax.random.key(0), **kw)
-    one = tt.dsp_search(loss, ORIGIN2, jax.random.key(0), devices=1, **kw)
-    assert len(ref.exits) == 1 and one.steps == ref.steps and one.traces == ref.traces
-    assert [e.to_json() for e in one.exits] == [e.to_json() for e in ref.exits]
-    for a, b in zip(one.solutions + one.exit_points, ref.solutions + ref.exit_points, strict=True):
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    s1, i1 = dstep.local_solve(loss, ORIGIN2, solver, None, jax.random.key(0), devices=1)
-    s0, i0 = dstep.local_solve(loss, ORIGIN2, solver, None, jax.random.key(0))
-    assert i1 == i0 and float(s1["x"]) == float(s0["x"]) and float(s1["y"]) == float(s0["y"])
-
-
 @pytest.mark.parametrize("devices", [0, -1, 2, 1.5, "1", True])
 def test_bad_devices_raise_a_clear_error(devices):
     n = jax.device_count()
