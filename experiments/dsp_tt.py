@@ -110,6 +110,7 @@ from mclandscape.methods import ensemble as ens
 from mclandscape.methods import trusttech as tt
 from mclandscape.methods import verification as verif
 from mclandscape.methods.alignment import distance_modulo_permutation, permutation_spec
+from mclandscape.methods.verification_result import FlowSettings
 from mclandscape.plots._figure import save
 from mclandscape.plots.trusttech import plot_search_trace, plot_verification
 
@@ -436,9 +437,9 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     sym = functools.partial(distance_modulo_permutation, permutation_spec(model), sign_flips=odd)
     record_every = max(args.verify_steps // 100, 1)
     steps = (args.verify_steps // record_every) * record_every
-    flows = dict(batch=fb(0), step_size=args.verify_step, steps=steps, record_every=record_every,
-                 grad_tol=args.verify_grad_tol,
-                 polish_steps=args.verify_polish, polish_tol=args.verify_polish_tol,
+    flows = dict(batch=fb(0), flow=FlowSettings(step_size=args.verify_step, steps=steps, record_every=record_every,
+                                                grad_tol=args.verify_grad_tol, polish_steps=args.verify_polish,
+                                                polish_tol=args.verify_polish_tol),
                  distances={"function": verif.output_distance(outputs), "symmetry": sym})
     # (1) scan of the whole path: the sequence of optima (modulo symmetries) the path's points flow to
     scan_path = [(i, d) for i, d in path if i <= e.iteration]
@@ -537,8 +538,9 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
             "before_final_losses": [float(v) for v, i in zip(ver.final_losses, ver.iterations, strict=True) if i < hi],
             "after_final_losses": [float(v) for v, i in zip(ver.final_losses, ver.iterations, strict=True) if i >= hi]}
     if paper_check:
-        paper = verif.verify_exit(objective, omega0, window, e.peak_iteration, batch=fb(0), step_size=0.01,
-                               steps=50_000, record_every=500, num_points=args.verify_points,
+        paper = verif.verify_exit(objective, omega0, window, e.peak_iteration, batch=fb(0),
+                                  flow=FlowSettings(step_size=0.01, steps=50_000, record_every=500),
+                                  num_points=args.verify_points,
                                distances={"function": verif.output_distance(outputs)})
         out["paper_integration"] = {
             "step_size": 0.01, "steps": 50_000, "grad_norms": [float(g) for g in paper.grad_norms],

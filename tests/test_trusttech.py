@@ -21,6 +21,7 @@ from mclandscape.methods import dsp_detector as dd
 from mclandscape.methods import dsp_step as dstep
 from mclandscape.methods import trusttech as tt
 from mclandscape.methods import verification as ver
+from mclandscape.methods.verification_result import FlowSettings
 
 
 def two_wells(p):
@@ -155,7 +156,8 @@ def test_losses_off_the_objective_protocol_are_refused():
     with pytest.raises(ValueError, match=r"must return \(loss, aux\)"):
         dstep.local_solve(scalar, ORIGIN2, SOLVER, NO_BATCH, jax.random.key(0))
     with pytest.raises(ValueError, match=r"must return \(loss, aux\)"):
-        ver.verify_exit(lambda p, b, k: two_wells(p), ORIGIN2, [(1, _dir(0.1, 0.0))], 1, steps=10, record_every=10)
+        ver.verify_exit(lambda p, b, k: two_wells(p), ORIGIN2, [(1, _dir(0.1, 0.0))], 1,
+                        flow=FlowSettings(steps=10, record_every=10))
     with pytest.raises(ValueError, match="scalar"):
         dstep.local_solve(lambda p, b, k: (jnp.stack([p["x"], p["y"]]), {}), ORIGIN2, SOLVER, NO_BATCH,
                        jax.random.key(0))
@@ -434,8 +436,8 @@ def test_verification_points_before_and_after_the_exit_reach_different_optima():
     path = res.paths[0]
     # the true boundary crossing of this path: the first recorded point with x > 0
     cross = next(i for i, d in path if float(ORIGIN2["x"] + d["x"]) > 0)
-    out = ver.verify_exit(LOSS2, ORIGIN2, path, cross, step_size=0.01, steps=4000, record_every=100,
-                         num_points=10, grad_tol=1e-5)
+    out = ver.verify_exit(LOSS2, ORIGIN2, path, cross, num_points=10,
+                          flow=FlowSettings(step_size=0.01, steps=4000, record_every=100, grad_tol=1e-5))
     assert any(out.before) and not all(out.before)
     assert out.separates
     finals_x = np.asarray(out.finals["x"])
@@ -467,7 +469,7 @@ def test_verification_points_before_and_after_the_exit_reach_different_optima():
     with pytest.raises(ValueError, match="non-empty"):
         ver.verify_exit(LOSS2, ORIGIN2, [], 0)
     with pytest.raises(ValueError, match="grad_tol"):
-        ver.verify_exit(LOSS2, ORIGIN2, path, cross, grad_tol=0.0)
+        ver.verify_exit(LOSS2, ORIGIN2, path, cross, flow=FlowSettings(grad_tol=0.0))
     with pytest.raises(ValueError, match="function"):
         out.separation("function")
     with pytest.raises(ValueError, match="space"):
@@ -493,8 +495,8 @@ def test_verification_tells_symmetric_copies_from_different_functions():
     # between 5 and 6)
     path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
             for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
-    out = ver.verify_exit(SIGN_SYM, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
-                         grad_tol=1e-6, distances={"function": ver.output_distance(lambda p: p["a"] * jnp.tanh(p["b"] * X_SYM))})
+    out = ver.verify_exit(SIGN_SYM, origin, path, 6, flow=FlowSettings(0.1, 20_000, 200, grad_tol=1e-6),
+                          distances={"function": ver.output_distance(lambda p: p["a"] * jnp.tanh(p["b"] * X_SYM))})
     assert all(out.converged)
     a_star = float(out.origin_final["a"])
     assert 0.8 < a_star < 1.2 and 0.8 < float(out.origin_final["b"]) < 1.2
@@ -525,8 +527,7 @@ def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
     path = [(k + 1, {"x": jnp.array(x + 1.0), "y": jnp.array(y)})
             for k, (x, y) in enumerate(zip(np.linspace(-0.8, 0.8, 8), np.linspace(0.3, 1.0, 8), strict=True))]
     origin = {"x": jnp.array(-1.0), "y": jnp.array(0.0)}
-    loose = ver.verify_exit(FLAT, origin, path, 5, step_size=0.01, steps=20_000, record_every=200,
-                           grad_tol=1e-2)
+    loose = ver.verify_exit(FLAT, origin, path, 5, flow=FlowSettings(0.01, 20_000, 200, grad_tol=1e-2))
     # the gradient criterion holds (it stops the flows early) but the points are still crawling along y
     assert all(loose.converged) and loose.steps_run < 2000
     assert not any(loose.settled) and not any(loose.flow_settled)
@@ -536,8 +537,8 @@ def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
     np.testing.assert_allclose(loose.diagnostics.remaining, y_end, rtol=0.1)
     sep = loose.separation("param")
     assert sep["num_optima"] > 2 and not sep["two_optima"] and not sep["all_settled"]
-    polished = ver.verify_exit(FLAT, origin, path, 5, step_size=0.01, steps=20_000, record_every=200,
-                              grad_tol=1e-2, polish_steps=200, polish_tol=1e-6)
+    polished = ver.verify_exit(FLAT, origin, path, 5, flow=FlowSettings(0.01, 20_000, 200, grad_tol=1e-2,
+                                                                         polish_steps=200, polish_tol=1e-6))
     assert all(polished.settled) and not any(polished.flow_settled)
     assert np.all(polished.grad_norms <= 1e-6) and np.all(polished.diagnostics.polish_iterations >= 1)
     np.testing.assert_allclose(np.asarray(polished.finals["y"]), 0.0, atol=1e-3)
@@ -555,9 +556,9 @@ def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
     assert summary["settled"] == [True] * 8 and len(summary["polish_moves"]) == 8
     json.dumps(summary)
     with pytest.raises(ValueError, match="polish_steps"):
-        ver.verify_exit(FLAT, origin, path, 5, polish_steps=-1)
+        ver.verify_exit(FLAT, origin, path, 5, flow=FlowSettings(polish_steps=-1))
     with pytest.raises(ValueError, match="polish_tol"):
-        ver.verify_exit(FLAT, origin, path, 5, polish_tol=0.0)
+        ver.verify_exit(FLAT, origin, path, 5, flow=FlowSettings(polish_tol=0.0))
 
 
 def _sign_sym_distance(p, q):
@@ -570,8 +571,8 @@ def test_verification_modulo_symmetries_identifies_copies():
     origin = {"a": jnp.array(1.0), "b": jnp.array(1.0)}
     path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
             for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
-    out = ver.verify_exit(SIGN_SYM, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
-                         grad_tol=1e-6, distances={"symmetry": _sign_sym_distance}, polish_steps=50)
+    out = ver.verify_exit(SIGN_SYM, origin, path, 6, flow=FlowSettings(0.1, 20_000, 200, grad_tol=1e-6, polish_steps=50),
+                          distances={"symmetry": _sign_sym_distance})
     sym_clusters = out.clusters("symmetry")
     assert sym_clusters.labels == [0] * 10 and out.basin == [0] * 5 + [1] * 5
     assert float(np.max(sym_clusters.distances)) < 1e-4 and sym_clusters.tol > 1e-3
@@ -579,8 +580,8 @@ def test_verification_modulo_symmetries_identifies_copies():
     assert sym["num_optima"] == 1 and not sym["separates"] and sym["boundary"] is None
     assert out.summary()["separation_symmetry"] == sym
     with pytest.raises(ValueError, match="symmetry"):
-        ver.verify_exit(LOSS2, ORIGIN2, [(1, _dir(0.1, 0.0))], 1, steps=10, record_every=10
-                       ).separation("symmetry")
+        ver.verify_exit(LOSS2, ORIGIN2, [(1, _dir(0.1, 0.0))], 1, flow=FlowSettings(steps=10, record_every=10)
+                        ).separation("symmetry")
 
 
 def test_symmetry_distance_of_the_verification_is_exact_for_a_tanh_mlp():
@@ -651,7 +652,7 @@ def test_plots_return_figures_draw_into_given_axes_and_save(tmp_path):
                         solver=SOLVER, directions=[_dir(0.01, 0.003)])
     e = res.exits[0]
     f1 = pt.plot_search_trace(res.traces[0], exit=e, extra={"full loss": ([1, 10], [0.0, 0.1])})
-    out = ver.verify_exit(LOSS2, ORIGIN2, res.paths[0], e.peak_iteration, steps=200, record_every=50)
+    out = ver.verify_exit(LOSS2, ORIGIN2, res.paths[0], e.peak_iteration, flow=FlowSettings(steps=200, record_every=50))
     basis = ver.random_orthonormal_pair(jax.random.key(1), ORIGIN2)
     f2 = pt.plot_verification(out, ORIGIN2, basis, exit_point=tree_add(ORIGIN2, res.paths[0][-1][1]))
     its = out.iterations
@@ -800,7 +801,7 @@ def test_float64_parameters_keep_float64_through_search_solver_and_verification(
             want = float(two_wells(tree_add(origin, d)))
             assert loss == pytest.approx(want, rel=1e-13, abs=1e-300)  # the float64 value, not a float32 one
         assert any(float(np.float32(loss)) != loss for loss, _ in seen)  # values float32 cannot represent
-        out = ver.verify_exit(LOSS2, origin, res.paths[0], res.exits[0].iteration, step_size=0.05, steps=400,
-                             record_every=100)
+        out = ver.verify_exit(LOSS2, origin, res.paths[0], res.exits[0].iteration,
+                              flow=FlowSettings(step_size=0.05, steps=400, record_every=100))
         assert {str(x.dtype) for x in jax.tree_util.tree_leaves((out.finals, out.trajectories))} == {"float64"}
         assert out.final_losses.dtype == np.float64 and np.all(out.final_losses < 1e-12)

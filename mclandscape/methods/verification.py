@@ -166,18 +166,14 @@ def verify_exit(
     exit_iteration: int,
     *,
     batch: Any = None,
-    step_size: float = 0.01,
-    steps: int = 50_000,
-    record_every: int = 500,
+    flow: FlowSettings | None = None,
     num_points: int | None = None,
-    grad_tol: float | None = None,
-    polish_steps: int = 0,
-    polish_tol: float = 1e-6,
     distances: Mapping[str, Distance] | None = None,
     tols: Mapping[str, float] | None = None,
 ) -> VerificationResult:
     """Integrate gradient descent from points of a recorded search path and from the origin, and measure which
-    optimum each reaches (DSP-TT paper, §5.1, Figure 3c: 50,000 steps of size 0.01, the defaults).
+    optimum each reaches (DSP-TT paper, §5.1, Figure 3c: 50,000 steps of size 0.01, the defaults of
+    :class:`~mclandscape.methods.verification_result.FlowSettings`).
 
     The flows are ``w <- w - step_size * grad loss(w)`` with ``loss(w)`` the value of ``objective(w, batch,
     None)`` (``batch`` fixed, e.g. the whole training set; no key: the flows are deterministic). They run in
@@ -196,7 +192,8 @@ def verify_exit(
         :attr:`mclandscape.methods.trusttech.TierResult.paths`).
       exit_iteration: the exit estimate splitting "before" from "after".
       batch: the fixed batch of the flows.
-      step_size, steps, record_every, grad_tol, polish_steps, polish_tol: the flows (:class:`FlowSettings`).
+      flow: the flows' :class:`~mclandscape.methods.verification_result.FlowSettings` (``step_size``,
+        ``steps``, ``record_every``, ``grad_tol``, ``polish_steps``, ``polish_tol``; ``None``: its defaults).
       num_points: evenly choose that many path points (``None``: all).
       distances: extra spaces ``{name: (p, q) -> float}`` in which to cluster the end points, e.g.
         ``{"symmetry": functools.partial(distance_modulo_permutation, spec, sign_flips=True)}`` or
@@ -212,15 +209,17 @@ def verify_exit(
       >>> from mclandscape.core.objective import function_objective
       >>> from mclandscape.methods.potentials import double_well
       >>> path = [(i, jnp.array([0.4 * i, 0.0])) for i in range(1, 5)]  # from (-1, 0) across the ridge x = 0
-      >>> out = verify_exit(function_objective(double_well), jnp.array([-1.0, 0.0]), path, 3, step_size=0.05,
-      ...                   steps=400, record_every=100)
+      >>> from mclandscape.methods.verification_result import FlowSettings
+      >>> out = verify_exit(function_objective(double_well), jnp.array([-1.0, 0.0]), path, 3,
+      ...                   flow=FlowSettings(step_size=0.05, steps=400, record_every=100))
       >>> out.basin, out.separates
       ([0, 0, 1, 1], True)
     """
     if len(path) == 0:
         raise ValueError("verify_exit needs a non-empty recorded path (DSPConfig.record_path > 0)")
-    flow = FlowSettings(step_size=step_size, steps=steps, record_every=record_every, grad_tol=grad_tol,
-                        polish_steps=polish_steps, polish_tol=polish_tol)
+    flow = FlowSettings() if flow is None else flow
+    if not isinstance(flow, FlowSettings):
+        raise ValueError(f"flow must be a FlowSettings, got {type(flow).__name__}")
     if not callable(objective):
         raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
     distances, tols = _check_spaces(distances, tols)
