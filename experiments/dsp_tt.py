@@ -443,7 +443,8 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
                  distances={"function": verif.output_distance(outputs), "symmetry": sym})
     # (1) scan of the whole path: the sequence of optima (modulo symmetries) the path's points flow to
     scan_path = [(i, d) for i, d in path if i <= e.iteration]
-    scan = verif.verify_exit(objective, omega0, scan_path, e.peak_iteration, num_points=args.verify_scan_points, **flows)
+    scan = verif.verify_exit(objective, omega0, scan_path, e.peak_iteration, num_points=args.verify_scan_points,
+                             **flows)
     tols = dict(tols={s: scan.clusters(s).tol for s in ("param", "function", "symmetry")})
     # (2) the paper's Figure 3c: points from 0.7 x the EMA peak to the detected exit
     first = max(1, int(round(0.7 * e.peak_iteration)))
@@ -564,8 +565,8 @@ def run_verification(args, out_dir: str) -> dict:
     Per seed with an exit: every flow is gradient descent (``--verify-step``, at most ``--verify-steps``, until
     all gradient norms are below ``--verify-grad-tol``) finished by an L-BFGS polish (``--verify-polish``
     iterations, to ``--verify-polish-tol``), and convergence is also judged by the end points stopping to move
-    (:attr:`mclandscape.methods.verification_result.VerificationResult.settled`). Which optimum each end point reached is measured
-    in parameter space, in function space and modulo the network's symmetries
+    (:attr:`mclandscape.methods.verification_result.VerificationResult.settled`). Which optimum each end point
+    reached is measured in parameter space, in function space and modulo the network's symmetries
     (:func:`mclandscape.methods.alignment.distance_modulo_permutation` over the model's permutation spec:
     permutations and sign flips of the ``tanh`` units).
     Three sets of flows: a *scan* of the whole path (``--verify-scan-points`` points from iteration 1 to the

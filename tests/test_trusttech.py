@@ -571,7 +571,8 @@ def test_verification_modulo_symmetries_identifies_copies():
     origin = {"a": jnp.array(1.0), "b": jnp.array(1.0)}
     path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
             for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
-    out = ver.verify_exit(SIGN_SYM, origin, path, 6, flow=FlowSettings(0.1, 20_000, 200, grad_tol=1e-6, polish_steps=50),
+    out = ver.verify_exit(SIGN_SYM, origin, path, 6,
+                          flow=FlowSettings(0.1, 20_000, 200, grad_tol=1e-6, polish_steps=50),
                           distances={"symmetry": _sign_sym_distance})
     sym_clusters = out.clusters("symmetry")
     assert sym_clusters.labels == [0] * 10 and out.basin == [0] * 5 + [1] * 5

@@ -28,8 +28,8 @@ from 0 by a fixed increment per iteration (0.001 in §5). Taken literally with `
 ``omega0`` where ``f = 0`` and the search never leaves the tier-0 basin. The text around eq. 3 — "an
 exploration step forward along the current direction", a *pace of search step* ``rho1`` that grows until an
 exit is found or ``rho_max`` is reached, exit distance highly correlated with ``rho1`` (§5.4) — describes a
-search moving outward with a growing step. :class:`~mclandscape.methods.dsp_detector.RhoSchedule` therefore implements two outward readings and
-keeps the literal one to show the difference:
+search moving outward with a growing step. :class:`~mclandscape.methods.dsp_detector.RhoSchedule` therefore
+implements two outward readings and keeps the literal one to show the difference:
 
 - ``"additive"`` (default): ``d_i = d_{i-1} + rho1(i) * d_{i-1}/|d_{i-1}| + rho2 * f(omega0 + d_i')`` — the
   search advances a distance ``rho1(i)`` along the current (calibrated) direction, so the distance travelled
@@ -42,7 +42,8 @@ keeps the literal one to show the difference:
 
 In all three ``f`` is evaluated explicitly at the point after the forward step, ``d_i' = `` forward-stepped
 ``d_{i-1}`` (eq. 3 writes the implicit ``f(omega0 + d_i)``; Algorithm 1 evaluates it after ``Update``).
-``rho2`` is a constant fraction (0.1 in §5) of the tier-0 learning rate (:func:`~mclandscape.methods.dsp_detector.rho2_from_lr`).
+``rho2`` is a constant fraction (0.1 in §5) of the tier-0 learning rate
+(:func:`~mclandscape.methods.dsp_detector.rho2_from_lr`).
 
 Exit detection (§3.2.1)
 -----------------------
@@ -165,6 +166,7 @@ class _Driver:
         self.objective, self.origin, self.config, self.batch_fn = objective, origin, config, batch_fn
         self.solver, self.calibration, self.tier, self.callback = solver, calibration, tier, callback
         self.progress, self.devices, self.num = progress, devices, len(dirs)
+        self.split = split_static(objective)  # the objective's static configuration and its arrays, once
         mesh = _batch_mesh(batch_fn(0), devices)
         # with a mesh the search's own arrays live on it (global, replicated) between steps; what leaves the
         # search (callback, result, local solves) is made process-local with distributed.local
@@ -192,7 +194,7 @@ class _Driver:
 
     def dispatch(self, k: int, i: int):
         rho = self.config.rho
-        arrays, state, origin, batch = split_static(self.objective)[1], self.state, self.origin_p, self.batch_fn(self.t)
+        (static, arrays), state, origin, batch = self.split, self.state, self.origin_p, self.batch_fn(self.t)
         key, kk = self.loss_key, np.int32(k)
         rho1, rho2 = np.asarray(rho.rho1(i), self.dtype), np.asarray(rho.rho2_at(i), self.dtype)
         if self.mesh is not None:  # the engine's data-parallel layout: batch split, everything else replicated
@@ -200,9 +202,9 @@ class _Driver:
                                                            NamedSharding(self.mesh, P()))
             batch = self.layout.place(batch)
         self.state, out = _search_step_jit(
-            objective_static=split_static(self.objective)[0], calibration=self.calibration,
-            reading=self.config.rho.reading, detector=self.config.detector, mesh=self.mesh,
-            with_d=bool(self.paths or self.callback), objective_arrays=arrays, state=state, origin=origin, batch=batch, key=key, k=kk, rho1=rho1, rho2=rho2)
+            objective_static=static, calibration=self.calibration, reading=rho.reading,
+            detector=self.config.detector, mesh=self.mesh, with_d=bool(self.paths or self.callback),
+            objective_arrays=arrays, state=state, origin=origin, batch=batch, key=key, k=kk, rho1=rho1, rho2=rho2)
         return out
 
     def block(self, bar) -> None:
