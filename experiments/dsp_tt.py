@@ -386,10 +386,10 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     key = jax.random.key(seed)
     variables = model.init(key, x[:2])
     objective = make_objective(model, args.verify_loss, l2=args.verify_l2, variables=variables)
-    full = (x, jnp.asarray(train.y))  # the whole set in its stored order, one constant batch (full-gradient DSP-TT)
+    whole = (x, jnp.asarray(train.y))  # the set in its stored order, one constant batch (full-gradient DSP-TT)
 
     def fb(t):
-        return full
+        return whole
 
     lr = 0.05
     # one device: a 13-5-3 MLP on 124 examples gains nothing from a split batch, and the flows of
