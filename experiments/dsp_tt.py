@@ -98,16 +98,21 @@ import numpy as np
 import optax
 
 from experiments.launch import add_distributed_args, output_dir, setup
+from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import tree_add, tree_distance, tree_index, tree_size, tree_stack
-from mclandscape.engine.data import DatasetNotFoundError, load_dataset, num_batches
+from mclandscape.engine.data import DatasetNotFoundError, batch_stream, load_dataset, num_batches
 from mclandscape.engine.evaluate import evaluate_params
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import canonical_name, get_model
 from mclandscape.engine.train import TrainConfig, make_optimizer, train_model
+from mclandscape.methods import dsp_detector as dd
+from mclandscape.methods import dsp_step as dstep
 from mclandscape.methods import ensemble as ens
 from mclandscape.methods import snapshots as snap
 from mclandscape.methods import trusttech as tt
+from mclandscape.methods import verification as verif
 from mclandscape.methods.alignment import distance_modulo_permutation, permutation_spec
+from mclandscape.methods.verification_result import FlowSettings
 from mclandscape.plots._figure import save
 from mclandscape.plots.trusttech import plot_search_trace, plot_verification
 
@@ -187,7 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--rho1-increment", type=float, default=1e-3, help="rho1 increase per iteration (§5)")
     g.add_argument("--rho-max", type=float, default=0.05, help="cap of rho1 (forward step length)")
     g.add_argument("--rho2-fraction", type=float, default=0.1, help="rho2 = fraction x tier-0 lr (§5)")
-    g.add_argument("--reading", default="additive", choices=tt.READINGS, help="reading of eq. 3")
+    g.add_argument("--reading", default="additive", choices=dd.READINGS, help="reading of eq. 3")
     g.add_argument("--init-norm", type=float, default=1.0, help="norm of the random initial directions")
     g.add_argument("--ema-decay", type=float, default=0.9)
     g.add_argument("--buffer", type=int, default=10, help="up/down buffer length")
@@ -348,7 +353,7 @@ def search_recorder(model, variables, train, test, every: int):
     return callback
 
 
-def full_loss_check(records: dict, tier: int, result: tt.TierResult) -> list[dict]:
+def full_loss_check(records: dict, tier: int, result: dd.TierResult) -> list[dict]:
     """Did the *full* training loss along each exiting path fall before the detected exit (a mini-batch
     detector can fire on noise)? Compares the full loss at the exit with its maximum along the path (sampled
     every ``--trace-every`` iterations)."""
@@ -382,20 +387,24 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     model = get_model("mlp", widths=[5], num_classes=train.num_classes, activation=args.verify_activation)
     key = jax.random.key(seed)
     variables = model.init(key, x[:2])
-    objective = tt.model_loss_fn(model, variables, loss=args.verify_loss, l2=args.verify_l2)
-    fb = tt.full_batch(train)
+    objective = make_objective(model, args.verify_loss, l2=args.verify_l2, variables=variables)
+    whole = (x, jnp.asarray(train.y))  # the set in its stored order, one constant batch (full-gradient DSP-TT)
+
+    def fb(t):
+        return whole
+
     lr = 0.05
     # one device: a 13-5-3 MLP on 124 examples gains nothing from a split batch, and the flows of
     # verify_exit below run on one device too (the same numbers whatever the job's device count)
     one = dict(progress=False, devices=1)
-    omega0, _ = tt.local_solve(objective, variables["params"], tt.LocalSolver(optax.adam(1e-2), 5000), fb, key,
+    omega0, _ = dstep.local_solve(objective, variables["params"], dd.LocalSolver(optax.adam(1e-2), 5000), fb, key,
                                **one)
-    solver = tt.LocalSolver(optax.sgd(lr), 50_000, grad_tol=1e-5)
-    omega0, info0 = tt.local_solve(objective, omega0, solver, fb, key, **one)
-    cfg = tt.DSPConfig(num_directions=args.directions,
-                       rho=tt.RhoSchedule(args.rho1_increment, args.verify_rho_max,
-                                          tt.rho2_from_lr(lr, args.rho2_fraction)),
-                       detector=tt.ExitDetector(ema_decay=0.5, buffer_size=3, vote=1.0, min_rise=0.05,
+    solver = dd.LocalSolver(optax.sgd(lr), 50_000, grad_tol=1e-5)
+    omega0, info0 = dstep.local_solve(objective, omega0, solver, fb, key, **one)
+    cfg = dd.DSPConfig(num_directions=args.directions,
+                       rho=dd.RhoSchedule(args.rho1_increment, args.verify_rho_max,
+                                          dd.rho2_from_lr(lr, args.rho2_fraction)),
+                       detector=dd.ExitDetector(ema_decay=0.5, buffer_size=3, vote=1.0, min_rise=0.05,
                                                 min_drop=0.1),
                        init_norm=0.1, max_steps=args.verify_search_steps, record_path=args.verify_search_steps)
     res = tt.dsp_search(objective, omega0, jax.random.fold_in(key, 1), config=cfg, batch_fn=fb, solver=solver,
@@ -430,18 +439,19 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     sym = functools.partial(distance_modulo_permutation, permutation_spec(model), sign_flips=odd)
     record_every = max(args.verify_steps // 100, 1)
     steps = (args.verify_steps // record_every) * record_every
-    flows = dict(batch=fb(0), step_size=args.verify_step, steps=steps, record_every=record_every,
-                 grad_tol=args.verify_grad_tol,
-                 polish_steps=args.verify_polish, polish_tol=args.verify_polish_tol,
-                 distances={"function": tt.output_distance(outputs), "symmetry": sym})
+    flows = dict(batch=fb(0), flow=FlowSettings(step_size=args.verify_step, steps=steps, record_every=record_every,
+                                                grad_tol=args.verify_grad_tol, polish_steps=args.verify_polish,
+                                                polish_tol=args.verify_polish_tol),
+                 distances={"function": verif.output_distance(outputs), "symmetry": sym})
     # (1) scan of the whole path: the sequence of optima (modulo symmetries) the path's points flow to
     scan_path = [(i, d) for i, d in path if i <= e.iteration]
-    scan = tt.verify_exit(objective, omega0, scan_path, e.peak_iteration, num_points=args.verify_scan_points, **flows)
+    scan = verif.verify_exit(objective, omega0, scan_path, e.peak_iteration, num_points=args.verify_scan_points,
+                             **flows)
     tols = dict(tols={s: scan.clusters(s).tol for s in ("param", "function", "symmetry")})
     # (2) the paper's Figure 3c: points from 0.7 x the EMA peak to the detected exit
     first = max(1, int(round(0.7 * e.peak_iteration)))
     window = [(i, d) for i, d in path if first <= i <= e.iteration]
-    ver = tt.verify_exit(objective, omega0, window, e.peak_iteration, num_points=args.verify_points, **flows, **tols)
+    ver = verif.verify_exit(objective, omega0, window, e.peak_iteration, num_points=args.verify_points, **flows, **tols)
     # (3) classical TRUST-TECH exit-point refinement: k-section of the first bracket in which the flow from the
     # path stops returning to the origin's optimum (modulo symmetries)
     sym_tol = scan.clusters("symmetry").tol
@@ -452,7 +462,7 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
     while crossing is not None and crossing[1] - crossing[0] > 1:
         lo, hi = crossing
         inner = [(i, d) for i, d in path if lo < i < hi]
-        probe = tt.verify_exit(objective, omega0, inner, e.peak_iteration, num_points=args.verify_points, **flows,
+        probe = verif.verify_exit(objective, omega0, inner, e.peak_iteration, num_points=args.verify_points, **flows,
                                **tols)
         rounds += 1
         flags = at_origin(probe)
@@ -494,7 +504,7 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
                 at_cross[name]["final_losses"] = {"before": [float(v.final_losses[p]) for p in b],
                                                   "after": [float(v.final_losses[p]) for p in a]}
         summary["at_crossing"] = at_cross
-    basis = tt.random_orthonormal_pair(jax.random.fold_in(key, 2), omega0)
+    basis = verif.random_orthonormal_pair(jax.random.fold_in(key, 2), omega0)
     exit_point = res.exit_points[res.exits.index(e)]
     if plot_name is not None:
         save(plot_verification(ver, omega0, basis, exit_point=exit_point, space="symmetry",
@@ -531,9 +541,10 @@ def _verify_seed(args, seed: int, out_dir: str, *, plot_name: str | None, paper_
             "before_final_losses": [float(v) for v, i in zip(ver.final_losses, ver.iterations, strict=True) if i < hi],
             "after_final_losses": [float(v) for v, i in zip(ver.final_losses, ver.iterations, strict=True) if i >= hi]}
     if paper_check:
-        paper = tt.verify_exit(objective, omega0, window, e.peak_iteration, batch=fb(0), step_size=0.01,
-                               steps=50_000, record_every=500, num_points=args.verify_points,
-                               distances={"function": tt.output_distance(outputs)})
+        paper = verif.verify_exit(objective, omega0, window, e.peak_iteration, batch=fb(0),
+                                  flow=FlowSettings(step_size=0.01, steps=50_000, record_every=500),
+                                  num_points=args.verify_points,
+                               distances={"function": verif.output_distance(outputs)})
         out["paper_integration"] = {
             "step_size": 0.01, "steps": 50_000, "grad_norms": [float(g) for g in paper.grad_norms],
             "final_losses": [float(v) for v in paper.final_losses],
@@ -556,8 +567,8 @@ def run_verification(args, out_dir: str) -> dict:
     Per seed with an exit: every flow is gradient descent (``--verify-step``, at most ``--verify-steps``, until
     all gradient norms are below ``--verify-grad-tol``) finished by an L-BFGS polish (``--verify-polish``
     iterations, to ``--verify-polish-tol``), and convergence is also judged by the end points stopping to move
-    (:attr:`mclandscape.methods.trusttech.VerificationResult.settled`). Which optimum each end point reached is measured
-    in parameter space, in function space and modulo the network's symmetries
+    (:attr:`mclandscape.methods.verification_result.VerificationResult.settled`). Which optimum each end point
+    reached is measured in parameter space, in function space and modulo the network's symmetries
     (:func:`mclandscape.methods.alignment.distance_modulo_permutation` over the model's permutation spec:
     permutations and sign flips of the ``tanh`` units).
     Three sets of flows: a *scan* of the whole path (``--verify-scan-points`` points from iteration 1 to the
@@ -652,23 +663,23 @@ def main(argv=None) -> dict:
           f"test acc {r0.final['test_acc']:.4f} [{timing['tier0_s']:.0f}s]", flush=True)
 
     # 2. DSP-TT tier 1 and tier 2 ----------------------------------------------------------------------
-    objective = tt.model_loss_fn(model, variables0)  # objective(params, batch, key) -> (loss, aux)
-    batches = tt.dataset_batches(train, args.batch_size, seed=args.seed + 1000, augment=args.cifar)
+    objective = make_objective(model, variables=variables0)  # objective(params, batch, key) -> (loss, aux)
+    batches = batch_stream(train, args.batch_size, seed=args.seed + 1000, augment=args.cifar)
     local_cfg = train_config(args, args.local_epochs, grad_clip=args.grad_clip)
-    solver = tt.LocalSolver(make_optimizer(local_cfg, batches.steps_per_epoch),
+    solver = dd.LocalSolver(make_optimizer(local_cfg, batches.steps_per_epoch),
                             args.local_epochs * batches.steps_per_epoch)
-    dsp = tt.DSPConfig(
+    dsp = dd.DSPConfig(
         num_directions=args.directions,
-        rho=tt.RhoSchedule(args.rho1_increment, args.rho_max, tt.rho2_from_lr(args.lr, args.rho2_fraction),
+        rho=dd.RhoSchedule(args.rho1_increment, args.rho_max, dd.rho2_from_lr(args.lr, args.rho2_fraction),
                            args.reading),
-        detector=tt.ExitDetector(ema_decay=args.ema_decay, buffer_size=args.buffer, vote=args.vote,
+        detector=dd.ExitDetector(ema_decay=args.ema_decay, buffer_size=args.buffer, vote=args.vote,
                                  min_rise=args.min_rise, min_drop=args.min_drop),
         init_norm=args.init_norm, max_steps=args.max_search_steps)
     recorder = search_recorder(model, variables0, train, test, args.trace_every)
     recorder.origin[1] = omega0
     key = jax.random.key(args.seed)
     t0 = time.time()
-    tiers: list[tt.TierResult] = []
+    tiers: list[dd.TierResult] = []
     tier1 = tt.dsp_search(objective, omega0, jax.random.fold_in(key, 1), config=dsp, batch_fn=batches,
                           solver=solver, checkpoint_dir=os.path.join(ckpt_root, "dsp_tier1"), tier=1,
                           callback=recorder, progress=False)
@@ -747,7 +758,7 @@ def main(argv=None) -> dict:
     bspe = batches.steps_per_epoch
     if "sse" not in args.skip:
         init = model.init(jax.random.key(args.seed), jnp.asarray(train.x[:1]))
-        sse_objective = tt.model_loss_fn(model, init)
+        sse_objective = make_objective(model, variables=init)
         sse = snap.snapshot_ensemble(sse_objective, init["params"], batches, lr0=args.sse_lr, total_steps=budget * bspe,
                                     num_members=m, momentum=args.momentum, weight_decay=args.weight_decay,
                                     key=jax.random.fold_in(key, 3))

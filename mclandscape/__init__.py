@@ -66,14 +66,16 @@ from mclandscape.methods.curvature import dense_hessian, hutchinson_trace, hvp, 
 from mclandscape.methods.curves import CurveConfig, curve_length, evaluate_curve, loss_barrier, train_curve
 from mclandscape.methods.deform import AP, LE, Identity, Squared, custom_vdm, scale_by_vdm, vdm_loss
 from mclandscape.methods.directions import loss_curve, loss_plane, random_direction, random_directions
+from mclandscape.methods.dsp_detector import DSPConfig
 from mclandscape.methods.ensemble import ensemble_from_params, ensemble_from_probs, member_probs
 from mclandscape.methods.flats import flat_from_minima, full_space_flat
 from mclandscape.methods.neb import NEBConfig, neb
 from mclandscape.methods.surface_grid import evaluate_triangle, merge_best, surface_ensembles, surface_grid
 from mclandscape.methods.surface_train import SurfaceConfig, train_surface
 from mclandscape.methods.traversal import grid_traversal
-from mclandscape.methods.trusttech import DSPConfig, dsp_search, tier_by_tier
-from mclandscape.methods.verification import VerificationResult, output_distance, verify_exit
+from mclandscape.methods.trusttech import dsp_search, tier_by_tier
+from mclandscape.methods.verification import output_distance, verify_exit
+from mclandscape.methods.verification_result import VerificationResult
 from mclandscape.methods.volume import h_sweep
 
 __version__ = "0.1.0"

@@ -106,25 +106,29 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
     if "tt" in jobs:  # DSP-TT: local solves and search steps with the batch split over the devices
         import optax
 
+        from mclandscape.core.objective import make_objective
+        from mclandscape.engine.data import batch_stream
+        from mclandscape.methods import dsp_detector as dd
+        from mclandscape.methods import dsp_step as dstep
         from mclandscape.methods import trusttech as tt
 
         small = train.take(256)
         variables = model.init(jax.random.key(0), jnp.asarray(small.x[:2]))
-        objective = tt.model_loss_fn(model, variables)
-        batches = tt.dataset_batches(small, 64, seed=0)
-        omega0, _ = tt.local_solve(objective, variables["params"], tt.LocalSolver(optax.sgd(0.1, momentum=0.9),
+        objective = make_objective(model, variables=variables)
+        batches = batch_stream(small, 64, seed=0)
+        omega0, _ = dstep.local_solve(objective, variables["params"], dd.LocalSolver(optax.sgd(0.1, momentum=0.9),
                                                                                    100), batches, jax.random.key(0),
                                    progress=False)
-        cfg = tt.DSPConfig(num_directions=1, rho=tt.RhoSchedule(1e-3, 0.1, 0.01),
-                           detector=tt.ExitDetector(min_rise=0.2, min_drop=0.1), init_norm=1.0, max_steps=TT_STEPS,
+        cfg = dd.DSPConfig(num_directions=1, rho=dd.RhoSchedule(1e-3, 0.1, 0.01),
+                           detector=dd.ExitDetector(min_rise=0.2, min_drop=0.1), init_norm=1.0, max_steps=TT_STEPS,
                            record_path=1)
         res = tt.dsp_search(objective, omega0, jax.random.key(1), config=cfg, batch_fn=batches,
-                            solver=tt.LocalSolver(optax.sgd(0.05, momentum=0.9), steps=50), progress=False)
+                            solver=dd.LocalSolver(optax.sgd(0.05, momentum=0.9), steps=50), progress=False)
         leaves("tt_origin", omega0)
         out["tt_trace"] = np.asarray(res.traces[0]["loss"])
         # the local solve from the search's last point, as an exit point's would run
         last = jax.tree_util.tree_map(lambda a, d: a + d, omega0, res.paths[0][-1][1])
-        sol, info = tt.local_solve(objective, last, tt.LocalSolver(optax.sgd(0.05, momentum=0.9), 50), batches,
+        sol, info = dstep.local_solve(objective, last, dd.LocalSolver(optax.sgd(0.05, momentum=0.9), 50), batches,
                                    jax.random.key(2), progress=False)
         leaves("tt_solution", sol)
         out["tt_solution_loss"] = np.asarray(info["loss"])

@@ -13,10 +13,15 @@ import numpy as np
 import optax
 import pytest
 
-from mclandscape.core.objective import function_objective
+from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import tree_add, tree_cosine, tree_distance, tree_dot, tree_norm
-from mclandscape.engine.loop import NonFiniteError
+from mclandscape.engine.data import batch_stream
+from mclandscape.engine.loop import NonFiniteError, ResumeMismatchError
+from mclandscape.methods import dsp_detector as dd
+from mclandscape.methods import dsp_step as dstep
 from mclandscape.methods import trusttech as tt
+from mclandscape.methods import verification as ver
+from mclandscape.methods.verification_result import FlowSettings
 
 
 def two_wells(p):
@@ -36,8 +41,8 @@ LOSS2 = function_objective(lambda p, b: two_wells(p))
 LOSS4 = function_objective(lambda p, b: four_wells(p))
 NO_BATCH = lambda t: None  # noqa: E731
 ORIGIN2 = {"x": jnp.array(-1.0), "y": jnp.array(0.0)}
-SOLVER = tt.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6)
-DET = tt.ExitDetector(ema_decay=0.5, buffer_size=3, vote=1.0)
+SOLVER = dd.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6)
+DET = dd.ExitDetector(ema_decay=0.5, buffer_size=3, vote=1.0)
 
 
 def _dir(x, y):
@@ -45,9 +50,9 @@ def _dir(x, y):
 
 
 def _config(reading="additive", **kw):
-    kw = {"num_directions": 1, "rho": tt.RhoSchedule(1e-3, 1.0, 0.01, reading), "detector": DET,
+    kw = {"num_directions": 1, "rho": dd.RhoSchedule(1e-3, 1.0, 0.01, reading), "detector": DET,
           "max_steps": 600} | kw
-    return tt.DSPConfig(**kw)
+    return dd.DSPConfig(**kw)
 
 
 def test_search_exits_past_the_ridge_and_solver_reaches_the_other_minimum():
@@ -67,6 +72,11 @@ def test_search_exits_past_the_ridge_and_solver_reaches_the_other_minimum():
     assert e.rho1 == pytest.approx(1e-3 * e.iteration)
     trace = res.traces[0]
     assert len(trace["loss"]) == e.iteration and max(trace["loss"]) > 0.9
+    # the exit check runs in the compiled step: the host reading every 7 steps (not 50) gives the same search
+    again = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=80, sync_every=7),
+                          batch_fn=NO_BATCH, solver=SOLVER, directions=[_dir(0.01, 0.003)])
+    assert [x.to_json() for x in again.exits] == [x.to_json() for x in res.exits] and again.traces == res.traces
+    np.testing.assert_array_equal(np.asarray(again.solutions[0]["x"]), np.asarray(sol["x"]))
 
 
 class _CountCompiles(logging.Handler):
@@ -117,18 +127,24 @@ def test_local_solve_checks_grad_tol_after_every_step():
         return task + 1.0, {"loss": task}
 
     w0 = {"w": jnp.array([0.6, 0.8])}
-    sol, info = tt.local_solve(obj, w0, tt.LocalSolver(optax.sgd(0.5), steps=100, grad_tol=0.01), NO_BATCH,
+    sol, info = dstep.local_solve(obj, w0, dd.LocalSolver(optax.sgd(0.5), steps=100, grad_tol=0.01), NO_BATCH,
                                jax.random.key(0))
     assert info["steps"] == 8
     assert info["grad_norm"] == pytest.approx(0.5**7, rel=1e-5)
     assert info["task_loss"] == pytest.approx(0.5 * 0.25**7, rel=1e-5)  # the task loss aux["loss"] of step 8
     assert info["loss"] == pytest.approx(1.0 + 0.5 * 0.25**7, rel=1e-6)  # the objective's value (minimised)
     np.testing.assert_allclose(np.asarray(sol["w"]), np.asarray(w0["w"]) * 0.5**8, rtol=1e-6)  # update applied
-    _, info = tt.local_solve(obj, w0, tt.LocalSolver(optax.sgd(0.5), steps=5), NO_BATCH, jax.random.key(0))
+    # the test runs in the compiled step: how often the host looks changes nothing (steps after it apply nothing)
+    for every in (1, 3):
+        sol2, info2 = dstep.local_solve(obj, w0, dd.LocalSolver(optax.sgd(0.5), 100, grad_tol=0.01, check_every=every),
+                                        NO_BATCH, jax.random.key(0))
+        assert info2 == info
+        np.testing.assert_array_equal(np.asarray(sol2["w"]), np.asarray(sol["w"]))
+    _, info = dstep.local_solve(obj, w0, dd.LocalSolver(optax.sgd(0.5), steps=5), NO_BATCH, jax.random.key(0))
     assert info["steps"] == 5 and info["grad_norm"] == pytest.approx(0.5**4, rel=1e-5)  # no grad_tol: all steps
     # a diverging solver raises the engine's NonFiniteError instead of returning NaNs
     with pytest.raises(NonFiniteError, match="local solver diverged"):
-        tt.local_solve(obj, w0, tt.LocalSolver(optax.sgd(3.0), steps=500), NO_BATCH, jax.random.key(0))
+        dstep.local_solve(obj, w0, dd.LocalSolver(optax.sgd(3.0), steps=500), NO_BATCH, jax.random.key(0))
 
 
 def test_losses_off_the_objective_protocol_are_refused():
@@ -137,14 +153,15 @@ def test_losses_off_the_objective_protocol_are_refused():
         tt.dsp_search(scalar, ORIGIN2, jax.random.key(0), config=_config(), batch_fn=NO_BATCH, solver=SOLVER,
                       directions=[_dir(0.01, 0.003)])
     with pytest.raises(ValueError, match=r"must return \(loss, aux\)"):
-        tt.local_solve(scalar, ORIGIN2, SOLVER, NO_BATCH, jax.random.key(0))
+        dstep.local_solve(scalar, ORIGIN2, SOLVER, NO_BATCH, jax.random.key(0))
     with pytest.raises(ValueError, match=r"must return \(loss, aux\)"):
-        tt.verify_exit(lambda p, b, k: two_wells(p), ORIGIN2, [(1, _dir(0.1, 0.0))], 1, steps=10, record_every=10)
+        ver.verify_exit(lambda p, b, k: two_wells(p), ORIGIN2, [(1, _dir(0.1, 0.0))], 1,
+                        flow=FlowSettings(steps=10, record_every=10))
     with pytest.raises(ValueError, match="scalar"):
-        tt.local_solve(lambda p, b, k: (jnp.stack([p["x"], p["y"]]), {}), ORIGIN2, SOLVER, NO_BATCH,
+        dstep.local_solve(lambda p, b, k: (jnp.stack([p["x"], p["y"]]), {}), ORIGIN2, SOLVER, NO_BATCH,
                        jax.random.key(0))
     with pytest.raises(ValueError, match="solver must be a LocalSolver"):
-        tt.local_solve(LOSS2, ORIGIN2, optax.sgd(0.1), NO_BATCH, jax.random.key(0))
+        dstep.local_solve(LOSS2, ORIGIN2, optax.sgd(0.1), NO_BATCH, jax.random.key(0))
     with pytest.raises(ValueError, match="objective must be callable"):
         tt.dsp_search(None, ORIGIN2, jax.random.key(0), config=_config(), batch_fn=NO_BATCH, solver=SOLVER)
 
@@ -167,7 +184,7 @@ def test_literal_reading_never_escapes_while_outward_readings_do():
 
 def test_calibration_steers_the_direction():
     # with rho2 = 0 (original TRUST-TECH, fixed direction) the path stays a straight ray
-    cfg = _config(rho=tt.RhoSchedule(1e-3, 1.0, 0.0), max_steps=40)
+    cfg = _config(rho=dd.RhoSchedule(1e-3, 1.0, 0.0), max_steps=40)
     d0 = _dir(0.01, 0.01)
     fixed = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
                           directions=[d0])
@@ -182,7 +199,7 @@ def test_calibration_steers_the_direction():
 
 def test_several_directions_find_distinct_optima():
     origin = jnp.array([1.0, 1.0])
-    cfg = tt.DSPConfig(num_directions=6, rho=tt.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=2000)
+    cfg = dd.DSPConfig(num_directions=6, rho=dd.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=2000)
     res = tt.dsp_search(LOSS4, origin, jax.random.key(1), config=cfg, batch_fn=NO_BATCH, solver=SOLVER)
     assert len(res.exits) + len(res.failed) == 6
     sols = np.array([np.asarray(s) for s in res.solutions])
@@ -200,13 +217,13 @@ def test_exit_detection_on_noisy_minibatch_losses():
     # a mini-batch objective: the true loss plus a random linear term
     loss = function_objective(lambda p, batch: two_wells(p) + batch[0] * p["x"] + batch[1] * p["y"])
 
-    solver = tt.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6, batch_fn=lambda t: jnp.zeros(2))
+    solver = dd.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6, batch_fn=lambda t: jnp.zeros(2))
 
     def search(det):
         return tt.dsp_search(loss, ORIGIN2, jax.random.key(0), config=_config(detector=det, max_steps=1000),
                              batch_fn=lambda t: noise[t], solver=solver, directions=[_dir(0.01, 0.0)])
 
-    for det in (tt.ExitDetector(), tt.ExitDetector(ema_decay=0.8, buffer_size=6, vote=0.8, min_rise=0.5)):
+    for det in (dd.ExitDetector(), dd.ExitDetector(ema_decay=0.8, buffer_size=6, vote=0.8, min_rise=0.5)):
         res = search(det)
         assert len(res.exits) == 1
         assert res.exits[0].distance > 1.0
@@ -214,37 +231,35 @@ def test_exit_detection_on_noisy_minibatch_losses():
         raw = np.asarray(res.traces[0]["loss"])
         assert np.sum(np.diff(raw) < 0) > 5, "the raw mini-batch losses are noisy, the EMA is what detects"
     # a short buffer without min_rise is fooled by the noise near omega0 and falls back into its basin
-    fooled = search(tt.ExitDetector(ema_decay=0.8, buffer_size=6, vote=0.8))
+    fooled = search(dd.ExitDetector(ema_decay=0.8, buffer_size=6, vote=0.8))
     assert fooled.exits[0].distance < 0.5
     assert float(fooled.solutions[0]["x"]) == pytest.approx(-1.0, abs=1e-3)
 
 
 def test_detector_states():
-    det = tt.ExitDetector(ema_decay=0.0, buffer_size=3, vote=1.0)
-    s = tt.DetectorState()
-    seq = [0, 1, 2, 3, 4, 3.5, 3, 2.5, 2]
-    flags = []
-    for v in seq:
-        s, ex = det.update(s, v)
-        flags.append(ex)
+    det = dd.ExitDetector(ema_decay=0.0, buffer_size=3, vote=1.0)
+
+    def feed(detector, values):
+        s, flags = detector.init(jnp.float32), []
+        for v in values:
+            s, ex = detector.update(s, jnp.float32(v))
+            flags.append(bool(ex))
+        return s, flags
+
+    s, flags = feed(det, [0, 1, 2, 3, 4, 3.5, 3, 2.5, 2])
     assert flags.index(True) == 7  # three decreases after the climb
-    assert s.phase == "exit" and s.peak_iteration == 5 and s.peak == 4
+    assert int(s.phase) == dd.EXIT and int(s.peak_iteration) == 5 and float(s.peak) == 4
     # a flat start that only decreases never exits (no climb first)
-    s = tt.DetectorState()
-    for v in [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]:
-        s, ex = det.update(s, v)
-        assert not ex
-    assert s.phase == "start"
+    s, flags = feed(det, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    assert not any(flags) and int(s.phase) == dd.START
     # min_rise: a small climb does not count
-    s = tt.DetectorState()
-    det2 = tt.ExitDetector(ema_decay=0.0, buffer_size=2, vote=1.0, min_rise=10.0)
-    for v in [0, 1, 2, 1, 0]:
-        s, ex = det2.update(s, v)
-        assert not ex
+    _, flags = feed(dd.ExitDetector(ema_decay=0.0, buffer_size=2, vote=1.0, min_rise=10.0), [0, 1, 2, 1, 0])
+    assert not any(flags)
+    # a non-finite loss on the search path stops the search with a clear error
+    nan_loss = function_objective(lambda p, b: two_wells(p) + jnp.where(p["x"] > -0.9, jnp.nan, 0.0))
     with pytest.raises(ValueError, match="non-finite loss"):
-        det.update(tt.DetectorState(), float("nan"))
-    # JSON round trip
-    assert tt.DetectorState.from_json(s.to_json()) == s
+        tt.dsp_search(nan_loss, ORIGIN2, jax.random.key(0), config=_config(), batch_fn=NO_BATCH, solver=SOLVER,
+                      directions=[_dir(0.01, 0.003)])
 
 
 @pytest.mark.parametrize("kwargs, msg", [
@@ -258,19 +273,19 @@ def test_detector_states():
 ])
 def test_bad_rho_schedules_raise(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
-        tt.RhoSchedule(**kwargs)
+        dd.RhoSchedule(**kwargs)
 
 
 def test_rho1_schedule_and_bad_iterations():
-    r = tt.RhoSchedule(increment=1e-3, rho_max=0.05)
+    r = dd.RhoSchedule(increment=1e-3, rho_max=0.05)
     assert r.rho1(1) == pytest.approx(1e-3)
     assert r.rho1(30) == pytest.approx(0.03)
     assert r.rho1(500) == pytest.approx(0.05)  # capped at rho_max
     with pytest.raises(ValueError, match="i >= 1"):
         r.rho1(0)
-    assert tt.rho2_from_lr(0.1) == pytest.approx(0.01)  # 0.1x the tier-0 learning rate (§5)
+    assert dd.rho2_from_lr(0.1) == pytest.approx(0.01)  # 0.1x the tier-0 learning rate (§5)
     with pytest.raises(ValueError, match="tier0_lr"):
-        tt.rho2_from_lr(0.0)
+        dd.rho2_from_lr(0.0)
 
 
 def test_bad_directions_and_configs_raise():
@@ -285,17 +300,17 @@ def test_bad_directions_and_configs_raise():
         tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
                       directions=[{"x": jnp.array(1.0)}])
     with pytest.raises(ValueError, match="vote"):
-        tt.ExitDetector(vote=0.5)
+        dd.ExitDetector(vote=0.5)
     with pytest.raises(ValueError, match="ema_decay"):
-        tt.ExitDetector(ema_decay=1.0)
+        dd.ExitDetector(ema_decay=1.0)
     with pytest.raises(ValueError, match="num_directions"):
-        tt.DSPConfig(num_directions=0)
+        dd.DSPConfig(num_directions=0)
     with pytest.raises(ValueError, match="steps"):
-        tt.LocalSolver(optax.sgd(0.1), steps=0)
+        dd.LocalSolver(optax.sgd(0.1), steps=0)
 
 
 def test_random_initial_directions_have_the_requested_norm_and_differ():
-    dirs = tt.initial_directions(jax.random.key(3), {"a": jnp.zeros((4, 3)), "b": jnp.zeros(5)}, 3, norm=0.5)
+    dirs = dstep.initial_directions(jax.random.key(3), {"a": jnp.zeros((4, 3)), "b": jnp.zeros(5)}, 3, norm=0.5)
     norms = [float(tree_norm(d)) for d in dirs]
     np.testing.assert_allclose(norms, 0.5, rtol=1e-5)
     assert float(tree_cosine(dirs[0], dirs[1])) < 0.99
@@ -303,7 +318,7 @@ def test_random_initial_directions_have_the_requested_norm_and_differ():
 
 def test_tier_by_tier_searches_from_the_best_tier1_solution():
     origin = jnp.array([1.0, 1.0])
-    cfg = tt.DSPConfig(num_directions=4, rho=tt.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=1200)
+    cfg = dd.DSPConfig(num_directions=4, rho=dd.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=1200)
     scores = []
 
     def score(p):  # prefer the tier-1 solution with the smallest x (an arbitrary, checkable choice)
@@ -327,11 +342,11 @@ def test_progress_defaults_to_none_and_reaches_the_search_bar_and_the_local_solv
     import inspect
     import sys
 
-    for fn in (tt.dsp_search, tt.tier_by_tier, tt.local_solve):
+    for fn in (tt.dsp_search, tt.tier_by_tier, dstep.local_solve):
         params = inspect.signature(fn).parameters
         assert params["progress"].default is None and params["devices"].default is None, fn.__name__
     bars, solves = [], []
-    real_tqdm, real_run = tt.tqdm, tt.run
+    real_tqdm, real_run = tt.tqdm, dstep.run
 
     def tqdm_spy(*args, **kw):
         bars.append((kw["desc"], kw["disable"], kw["total"]))
@@ -342,7 +357,7 @@ def test_progress_defaults_to_none_and_reaches_the_search_bar_and_the_local_solv
         return real_run(*args, **kw)
 
     monkeypatch.setattr(tt, "tqdm", tqdm_spy)
-    monkeypatch.setattr(tt, "run", run_spy)
+    monkeypatch.setattr(dstep, "run", run_spy)
     kw = dict(config=_config(), batch_fn=NO_BATCH, solver=SOLVER, directions=[_dir(0.01, 0.003)])
     for progress in (None, False, True):
         bars.clear()
@@ -353,7 +368,7 @@ def test_progress_defaults_to_none_and_reaches_the_search_bar_and_the_local_solv
         assert bars == [("DSP-TT tier 1", not shown, 600)]
         assert solves == [progress]  # the local solve (the engine's loop) gets the same setting
     solves.clear()
-    tt.local_solve(LOSS2, ORIGIN2, SOLVER, NO_BATCH, jax.random.key(0))
+    dstep.local_solve(LOSS2, ORIGIN2, SOLVER, NO_BATCH, jax.random.key(0))
     assert solves == [None]  # no longer hard-coded to False
     # tier_by_tier hands progress and devices to every tier's search
     seen = []
@@ -371,7 +386,7 @@ def test_progress_defaults_to_none_and_reaches_the_search_bar_and_the_local_solv
 
 def test_callback_counts_search_steps_from_one():
     origin = jnp.array([1.0, 1.0])
-    cfg = tt.DSPConfig(num_directions=2, rho=tt.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=1200)
+    cfg = dd.DSPConfig(num_directions=2, rho=dd.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=1200)
     calls = []
     res = tt.dsp_search(LOSS4, origin, jax.random.key(1), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
                         callback=lambda count, info: calls.append((count, info)))
@@ -391,25 +406,6 @@ def test_callback_counts_search_steps_from_one():
     assert [per_tier[n] for n in (1, 2)] == [list(range(1, t.steps + 1)) for t in tiers]
 
 
-def test_devices_one_equals_the_default_on_one_device():
-    assert jax.device_count() == 1  # the tests run on one device: the default is the single-device path
-    noise = jnp.asarray(np.random.default_rng(0).normal(scale=0.3, size=(2000, 2)), jnp.float32)
-    loss = function_objective(lambda p, batch: two_wells(p) + batch[0] * p["x"] + batch[1] * p["y"])
-    solver = tt.LocalSolver(optax.sgd(0.05), steps=300, batch_fn=lambda t: jnp.zeros(2))
-    kw = dict(config=_config(max_steps=1000), batch_fn=lambda t: noise[t], solver=solver,
-              directions=[_dir(0.01, 0.0)])
-    ref = tt.dsp_search(loss, ORIGIN2, jax.random.key(0), **kw)
-    one = tt.dsp_search(loss, ORIGIN2, jax.random.key(0), devices=1, **kw)
-    assert len(ref.exits) == 1 and one.steps == ref.steps and one.traces == ref.traces
-    assert [e.to_json() for e in one.exits] == [e.to_json() for e in ref.exits]
-    for a, b in zip(one.solutions + one.exit_points, ref.solutions + ref.exit_points, strict=True):
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    s1, i1 = tt.local_solve(loss, ORIGIN2, solver, None, jax.random.key(0), devices=1)
-    s0, i0 = tt.local_solve(loss, ORIGIN2, solver, None, jax.random.key(0))
-    assert i1 == i0 and float(s1["x"]) == float(s0["x"]) and float(s1["y"]) == float(s0["y"])
-
-
 @pytest.mark.parametrize("devices", [0, -1, 2, 1.5, "1", True])
 def test_bad_devices_raise_a_clear_error(devices):
     n = jax.device_count()
@@ -426,11 +422,11 @@ def test_bad_devices_raise_a_clear_error(devices):
     with pytest.raises(ValueError, match="devices"):
         tt.tier_by_tier(LOSS2, ORIGIN2, jax.random.key(0), score_fn=float, **kw)
     with pytest.raises(ValueError, match="devices"):
-        tt.local_solve(LOSS2, ORIGIN2, SOLVER, batches, jax.random.key(0), devices=devices)
+        dstep.local_solve(LOSS2, ORIGIN2, SOLVER, batches, jax.random.key(0), devices=devices)
     assert calls == []  # refused before any batch was drawn
     if isinstance(devices, int) and not isinstance(devices, bool) and devices > n:
         with pytest.raises(ValueError, match=f"devices={devices} but the job has {n} device"):
-            tt.local_solve(LOSS2, ORIGIN2, SOLVER, batches, jax.random.key(0), devices=devices)
+            dstep.local_solve(LOSS2, ORIGIN2, SOLVER, batches, jax.random.key(0), devices=devices)
 
 
 def test_verification_points_before_and_after_the_exit_reach_different_optima():
@@ -439,8 +435,8 @@ def test_verification_points_before_and_after_the_exit_reach_different_optima():
     path = res.paths[0]
     # the true boundary crossing of this path: the first recorded point with x > 0
     cross = next(i for i, d in path if float(ORIGIN2["x"] + d["x"]) > 0)
-    out = tt.verify_exit(LOSS2, ORIGIN2, path, cross, step_size=0.01, steps=4000, record_every=100,
-                         num_points=10, grad_tol=1e-5)
+    out = ver.verify_exit(LOSS2, ORIGIN2, path, cross, num_points=10,
+                          flow=FlowSettings(step_size=0.01, steps=4000, record_every=100, grad_tol=1e-5))
     assert any(out.before) and not all(out.before)
     assert out.separates
     finals_x = np.asarray(out.finals["x"])
@@ -465,14 +461,14 @@ def test_verification_points_before_and_after_the_exit_reach_different_optima():
                                np.where(out.before, 0.0, 2.0), atol=1e-3)
     n_snap = out.steps_run // 100
     assert out.trajectories["x"].shape == (len(out.iterations), n_snap)
-    u, v = tt.random_orthonormal_pair(jax.random.key(0), ORIGIN2)
+    u, v = ver.random_orthonormal_pair(jax.random.key(0), ORIGIN2)
     assert float(tree_dot(u, v)) == pytest.approx(0.0, abs=1e-6)
-    xy = tt.project(out.trajectories, ORIGIN2, (u, v), leading=2)
+    xy = ver.project(out.trajectories, ORIGIN2, (u, v), leading=2)
     assert xy.shape == (len(out.iterations), n_snap, 2)
     with pytest.raises(ValueError, match="non-empty"):
-        tt.verify_exit(LOSS2, ORIGIN2, [], 0)
+        ver.verify_exit(LOSS2, ORIGIN2, [], 0)
     with pytest.raises(ValueError, match="grad_tol"):
-        tt.verify_exit(LOSS2, ORIGIN2, path, cross, grad_tol=0.0)
+        ver.verify_exit(LOSS2, ORIGIN2, path, cross, flow=FlowSettings(grad_tol=0.0))
     with pytest.raises(ValueError, match="function"):
         out.separation("function")
     with pytest.raises(ValueError, match="space"):
@@ -498,8 +494,8 @@ def test_verification_tells_symmetric_copies_from_different_functions():
     # between 5 and 6)
     path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
             for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
-    out = tt.verify_exit(SIGN_SYM, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
-                         grad_tol=1e-6, distances={"function": tt.output_distance(lambda p: p["a"] * jnp.tanh(p["b"] * X_SYM))})
+    out = ver.verify_exit(SIGN_SYM, origin, path, 6, flow=FlowSettings(0.1, 20_000, 200, grad_tol=1e-6),
+                          distances={"function": ver.output_distance(lambda p: p["a"] * jnp.tanh(p["b"] * X_SYM))})
     assert all(out.converged)
     a_star = float(out.origin_final["a"])
     assert 0.8 < a_star < 1.2 and 0.8 < float(out.origin_final["b"]) < 1.2
@@ -530,8 +526,7 @@ def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
     path = [(k + 1, {"x": jnp.array(x + 1.0), "y": jnp.array(y)})
             for k, (x, y) in enumerate(zip(np.linspace(-0.8, 0.8, 8), np.linspace(0.3, 1.0, 8), strict=True))]
     origin = {"x": jnp.array(-1.0), "y": jnp.array(0.0)}
-    loose = tt.verify_exit(FLAT, origin, path, 5, step_size=0.01, steps=20_000, record_every=200,
-                           grad_tol=1e-2)
+    loose = ver.verify_exit(FLAT, origin, path, 5, flow=FlowSettings(0.01, 20_000, 200, grad_tol=1e-2))
     # the gradient criterion holds (it stops the flows early) but the points are still crawling along y
     assert all(loose.converged) and loose.steps_run < 2000
     assert not any(loose.settled) and not any(loose.flow_settled)
@@ -541,8 +536,8 @@ def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
     np.testing.assert_allclose(loose.diagnostics.remaining, y_end, rtol=0.1)
     sep = loose.separation("param")
     assert sep["num_optima"] > 2 and not sep["two_optima"] and not sep["all_settled"]
-    polished = tt.verify_exit(FLAT, origin, path, 5, step_size=0.01, steps=20_000, record_every=200,
-                              grad_tol=1e-2, polish_steps=200, polish_tol=1e-6)
+    polished = ver.verify_exit(FLAT, origin, path, 5, flow=FlowSettings(0.01, 20_000, 200, grad_tol=1e-2,
+                                                                         polish_steps=200, polish_tol=1e-6))
     assert all(polished.settled) and not any(polished.flow_settled)
     assert np.all(polished.grad_norms <= 1e-6) and np.all(polished.diagnostics.polish_iterations >= 1)
     np.testing.assert_allclose(np.asarray(polished.finals["y"]), 0.0, atol=1e-3)
@@ -560,9 +555,9 @@ def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
     assert summary["settled"] == [True] * 8 and len(summary["polish_moves"]) == 8
     json.dumps(summary)
     with pytest.raises(ValueError, match="polish_steps"):
-        tt.verify_exit(FLAT, origin, path, 5, polish_steps=-1)
+        ver.verify_exit(FLAT, origin, path, 5, flow=FlowSettings(polish_steps=-1))
     with pytest.raises(ValueError, match="polish_tol"):
-        tt.verify_exit(FLAT, origin, path, 5, polish_tol=0.0)
+        ver.verify_exit(FLAT, origin, path, 5, flow=FlowSettings(polish_tol=0.0))
 
 
 def _sign_sym_distance(p, q):
@@ -575,8 +570,9 @@ def test_verification_modulo_symmetries_identifies_copies():
     origin = {"a": jnp.array(1.0), "b": jnp.array(1.0)}
     path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
             for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
-    out = tt.verify_exit(SIGN_SYM, origin, path, 6, step_size=0.1, steps=20_000, record_every=200,
-                         grad_tol=1e-6, distances={"symmetry": _sign_sym_distance}, polish_steps=50)
+    out = ver.verify_exit(SIGN_SYM, origin, path, 6,
+                          flow=FlowSettings(0.1, 20_000, 200, grad_tol=1e-6, polish_steps=50),
+                          distances={"symmetry": _sign_sym_distance})
     sym_clusters = out.clusters("symmetry")
     assert sym_clusters.labels == [0] * 10 and out.basin == [0] * 5 + [1] * 5
     assert float(np.max(sym_clusters.distances)) < 1e-4 and sym_clusters.tol > 1e-3
@@ -584,8 +580,8 @@ def test_verification_modulo_symmetries_identifies_copies():
     assert sym["num_optima"] == 1 and not sym["separates"] and sym["boundary"] is None
     assert out.summary()["separation_symmetry"] == sym
     with pytest.raises(ValueError, match="symmetry"):
-        tt.verify_exit(LOSS2, ORIGIN2, [(1, _dir(0.1, 0.0))], 1, steps=10, record_every=10
-                       ).separation("symmetry")
+        ver.verify_exit(LOSS2, ORIGIN2, [(1, _dir(0.1, 0.0))], 1, flow=FlowSettings(steps=10, record_every=10)
+                        ).separation("symmetry")
 
 
 def test_symmetry_distance_of_the_verification_is_exact_for_a_tanh_mlp():
@@ -623,7 +619,7 @@ def test_symmetry_distance_of_the_verification_is_exact_for_a_tanh_mlp():
     assert sym(p, q) == pytest.approx(brute, rel=1e-5)
 
 
-def test_model_loss_fn_squared_error_and_l2_match_numpy():
+def test_model_objective_squared_error_and_l2_match_numpy():
     from mclandscape.engine.models import get_model
 
     model = get_model("mlp", widths=[4], num_classes=3, activation="tanh")
@@ -637,15 +633,15 @@ def test_model_loss_fn_squared_error_and_l2_match_numpy():
     mse = np.mean(np.sum((out - np.eye(3)[np.asarray(y)]) ** 2, axis=1))
     logp = out - np.log(np.sum(np.exp(out), axis=1, keepdims=True))
     ce = -np.mean(logp[np.arange(7), np.asarray(y)])
-    f = tt.model_loss_fn(model, variables, loss="mse_onehot", l2=0.1)
+    f = make_objective(model, "mse_onehot", l2=0.1, variables=variables)
     value, aux = f(params, (x, y), None)
     assert float(value) == pytest.approx(mse + 0.05 * sq, rel=1e-5)
     assert float(aux["loss"]) == pytest.approx(mse, rel=1e-5)  # the task loss, without the L2 term
-    assert float(tt.model_loss_fn(model, variables)(params, (x, y), None)[0]) == pytest.approx(ce, rel=1e-5)
-    with pytest.raises(ValueError, match="loss must be"):
-        tt.model_loss_fn(model, variables, loss="hinge")
+    assert float(make_objective(model, variables=variables)(params, (x, y), None)[0]) == pytest.approx(ce, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        make_objective(model, "hinge", variables=variables)
     with pytest.raises(ValueError, match="l2 must be >= 0"):
-        tt.model_loss_fn(model, variables, l2=-1.0)
+        make_objective(model, l2=-1.0, variables=variables)
 
 
 def test_plots_return_figures_draw_into_given_axes_and_save(tmp_path):
@@ -656,8 +652,8 @@ def test_plots_return_figures_draw_into_given_axes_and_save(tmp_path):
                         solver=SOLVER, directions=[_dir(0.01, 0.003)])
     e = res.exits[0]
     f1 = pt.plot_search_trace(res.traces[0], exit=e, extra={"full loss": ([1, 10], [0.0, 0.1])})
-    out = tt.verify_exit(LOSS2, ORIGIN2, res.paths[0], e.peak_iteration, steps=200, record_every=50)
-    basis = tt.random_orthonormal_pair(jax.random.key(1), ORIGIN2)
+    out = ver.verify_exit(LOSS2, ORIGIN2, res.paths[0], e.peak_iteration, flow=FlowSettings(steps=200, record_every=50))
+    basis = ver.random_orthonormal_pair(jax.random.key(1), ORIGIN2)
     f2 = pt.plot_verification(out, ORIGIN2, basis, exit_point=tree_add(ORIGIN2, res.paths[0][-1][1]))
     its = out.iterations
     mid = its[len(its) // 2]
@@ -686,7 +682,7 @@ class _Kill(Exception):
 
 def test_killed_search_resumes_to_the_same_result(tmp_path):
     origin = jnp.array([1.0, 1.0])
-    cfg = tt.DSPConfig(num_directions=4, rho=tt.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=600,
+    cfg = dd.DSPConfig(num_directions=4, rho=dd.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=600,
                        checkpoint_every=25)
     kw = dict(config=cfg, batch_fn=NO_BATCH, solver=SOLVER)
     ref = tt.dsp_search(LOSS4, origin, jax.random.key(5), **kw)  # uninterrupted, no checkpoints at all
@@ -724,7 +720,7 @@ def test_search_killed_during_the_local_solver_resumes_from_the_saved_exit(tmp_p
         calls["n"] += 1
         raise _Kill
 
-    bad = tt.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6, batch_fn=failing_batches)
+    bad = dd.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6, batch_fn=failing_batches)
     kw = dict(config=_config(), batch_fn=NO_BATCH, directions=[_dir(0.01, 0.003)],
               checkpoint_dir=str(tmp_path / "c"))
     with pytest.raises(_Kill):
@@ -738,6 +734,15 @@ def test_search_killed_during_the_local_solver_resumes_from_the_saved_exit(tmp_p
                         directions=[_dir(0.01, 0.003)])
     assert len(res.solutions) == 1 and res.exits[0].to_json() == ref.exits[0].to_json()
     assert float(res.solutions[0]["x"]) == pytest.approx(1.0, abs=1e-4)
+    # a resume with another key, solver, calibration or data is refused, naming what differs
+    others = [("key", dict(key=jax.random.key(1))), ("solver", dict(solver=dataclasses.replace(SOLVER, grad_tol=1e-5))),
+              ("solver.optimizer", dict(solver=dataclasses.replace(SOLVER, optimizer=optax.sgd(0.04)))),
+              ("calibration", dict(calibration=optax.scale(-2.0))), ("data", dict(batch_fn=lambda t: jnp.zeros(1)))]
+    for name, change in others:
+        args = dict(key=jax.random.key(0), solver=SOLVER, batch_fn=NO_BATCH) | change
+        with pytest.raises(ResumeMismatchError, match=rf"different search \({name}"):
+            tt.dsp_search(LOSS2, ORIGIN2, args.pop("key"), config=_config(), directions=[_dir(0.01, 0.003)],
+                          checkpoint_dir=str(tmp_path / "c"), **args)
 
 
 def test_model_search_on_digits_finds_a_tier1_solution(tmp_path):
@@ -747,31 +752,31 @@ def test_model_search_on_digits_finds_a_tier1_solution(tmp_path):
     ds = load_dataset("digits", "train").take(256)
     model = get_model("mlp", widths=[16], num_classes=10)
     variables = model.init(jax.random.key(0), jnp.asarray(ds.x[:2]))
-    loss_fn = tt.model_loss_fn(model, variables)
-    batches = tt.dataset_batches(ds, 64, seed=0)
+    loss_fn = make_objective(model, variables=variables)
+    batches = batch_stream(ds, 64, seed=0)
     assert batches.steps_per_epoch == 4
     x0, _ = batches(0)
     np.testing.assert_array_equal(np.asarray(batches(4)[0]).shape, x0.shape)
     assert not np.array_equal(np.asarray(batches(0)[0]), np.asarray(batches(4)[0]))  # reshuffled per epoch
-    np.testing.assert_array_equal(np.asarray(batches(1)[0]), np.asarray(tt.dataset_batches(ds, 64, seed=0)(1)[0]))
-    train = tt.LocalSolver(optax.sgd(0.1, momentum=0.9), steps=300)
-    omega0, info = tt.local_solve(loss_fn, variables["params"], train, batches, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(batches(1)[0]), np.asarray(batch_stream(ds, 64, seed=0)(1)[0]))
+    train = dd.LocalSolver(optax.sgd(0.1, momentum=0.9), steps=300)
+    omega0, info = dstep.local_solve(loss_fn, variables["params"], train, batches, jax.random.key(0))
     assert info["loss"] < 0.3 and info["steps"] == 300
-    cfg = tt.DSPConfig(num_directions=1, rho=tt.RhoSchedule(1e-3, 0.1, 0.01),
-                       detector=tt.ExitDetector(min_rise=0.2, min_drop=0.1), init_norm=1.0, max_steps=800)
+    cfg = dd.DSPConfig(num_directions=1, rho=dd.RhoSchedule(1e-3, 0.1, 0.01),
+                       detector=dd.ExitDetector(min_rise=0.2, min_drop=0.1), init_norm=1.0, max_steps=800)
     res = tt.dsp_search(loss_fn, omega0, jax.random.key(1), config=cfg, batch_fn=batches,
-                        solver=tt.LocalSolver(optax.sgd(0.05, momentum=0.9), steps=150))
+                        solver=dd.LocalSolver(optax.sgd(0.05, momentum=0.9), steps=150))
     assert len(res.solutions) >= 1
     for e, s in zip(res.exits, res.solutions, strict=True):
         assert e.peak_ema > e.base_ema + 0.2 and e.ema <= e.peak_ema - 0.1 * (e.peak_ema - e.base_ema)
         assert e.solution_loss < 0.5
         assert float(tree_distance(s, omega0)) > 1.0
     # a new objective of the same model and loss, another origin: the search and solver steps are reused
-    short = tt.DSPConfig(num_directions=1, rho=cfg.rho, detector=cfg.detector, init_norm=1.0, max_steps=20)
-    fresh = tt.model_loss_fn(model, variables)
+    short = dd.DSPConfig(num_directions=1, rho=cfg.rho, detector=cfg.detector, init_norm=1.0, max_steps=20)
+    fresh = make_objective(model, variables=variables)
     assert _compiles(lambda: (tt.dsp_search(fresh, res.solutions[0], jax.random.key(2), config=short,
                                             batch_fn=batches, solver=train),
-                              tt.local_solve(fresh, omega0, dataclasses.replace(train, steps=3), batches,
+                              dstep.local_solve(fresh, omega0, dataclasses.replace(train, steps=3), batches,
                                              jax.random.key(3)))) == 0
 
 
@@ -796,7 +801,7 @@ def test_float64_parameters_keep_float64_through_search_solver_and_verification(
             want = float(two_wells(tree_add(origin, d)))
             assert loss == pytest.approx(want, rel=1e-13, abs=1e-300)  # the float64 value, not a float32 one
         assert any(float(np.float32(loss)) != loss for loss, _ in seen)  # values float32 cannot represent
-        out = tt.verify_exit(LOSS2, origin, res.paths[0], res.exits[0].iteration, step_size=0.05, steps=400,
-                             record_every=100)
+        out = ver.verify_exit(LOSS2, origin, res.paths[0], res.exits[0].iteration,
+                              flow=FlowSettings(step_size=0.05, steps=400, record_every=100))
         assert {str(x.dtype) for x in jax.tree_util.tree_leaves((out.finals, out.trajectories))} == {"float64"}
         assert out.final_losses.dtype == np.float64 and np.all(out.final_losses < 1e-12)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mclandscape.engine.evaluate import map_points, stacked_points
 from mclandscape.methods.deform import VDM, Identity, check_vdm_state, scale_by_vdm
 
 __all__ = ["SimSettings", "make_sim_optimizer", "run_simulation"]
@@ -69,15 +70,49 @@ def make_sim_optimizer(vdm: VDM, s: SimSettings) -> optax.GradientTransformation
     return optax.chain(scale_by_vdm(vdm), optax.sgd(lr, momentum=s.momentum))
 
 
+def _simulate_impl(loss_fn, vdm, lr, momentum, steps, boundaries, inits):
+    tx = make_sim_optimizer(vdm, SimSettings(lr, momentum, steps, dict(boundaries) if boundaries else None))
+
+    def one(p0):
+        def step(carry, _):
+            p, s = carry
+            l, g = jax.value_and_grad(loss_fn)(p)
+            u, s = tx.update(g, s, p, loss=l)
+            p = optax.apply_updates(p, u)
+            return (p, s), p
+
+        (_, state), ps = jax.lax.scan(step, (p0, tx.init(p0)), None, length=steps)
+        traj = jnp.concatenate([p0[None], ps])
+        return traj, jax.vmap(loss_fn)(traj), state
+
+    return jax.vmap(one)(inits)
+
+
+# one module-level jit keyed by value: the surface, the VDM and the optimiser's numbers are static
+_simulate = jax.jit(_simulate_impl, static_argnums=(0, 1, 2, 3, 4, 5))
+
+
+@dataclasses.dataclass(frozen=True)
+class _HessianEigenvalues:
+    """``p -> eigenvalues of the Hessian of loss_fn at p`` (ascending), hashable for the engine's map."""
+
+    loss_fn: Callable
+
+    def __call__(self, p):
+        return jnp.linalg.eigvalsh(jax.hessian(self.loss_fn)(p))
+
+
 def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSettings) -> dict:
     """GD/GDM on the deformed loss from every initial point at once (Chen et al., 2021, supplement section C).
 
     Not a training loop of the engine (:func:`mclandscape.engine.loop.make_step` / ``run``): it is a
-    vectorised simulation, one ``jax.lax.scan`` over the steps ``vmap``-ed over N starts, every trajectory
-    with its own loss and hence its own VDM factor ``δ'(ℓ_i)``. The engine's step takes one scalar loss per
-    step (a sum over starts would give every start the factor of the summed loss) and dispatches one step
-    per Python iteration (100 random starts × 300 steps would be 30,000 dispatches instead of one call). The
-    optimiser is the same ``chain(scale_by_vdm(vdm), sgd)`` the engine runs (:func:`make_sim_optimizer`).
+    vectorised simulation, one ``jax.lax.scan`` over the steps ``vmap``-ed over N starts (one module-level
+    ``jax.jit`` keyed by the surface, the VDM and the settings' values), every trajectory with its own loss and
+    hence its own VDM factor ``δ'(ℓ_i)``. The engine's step takes one scalar loss per step (a sum over starts
+    would give every start the factor of the summed loss) and dispatches one step per Python iteration. The
+    optimiser is the same ``chain(scale_by_vdm(vdm), sgd)`` the engine runs (:func:`make_sim_optimizer`); the
+    end points' Hessians are one mapped evaluation of the engine
+    (:func:`~mclandscape.engine.evaluate.map_points`).
     Everything is computed in the dtype of ``inits`` (float64 under ``jax_enable_x64``; integers become the
     default float type).
 
@@ -104,7 +139,6 @@ def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSetti
     if not isinstance(settings, SimSettings):
         raise ValueError(f"settings must be a SimSettings, got {type(settings).__name__}")
     vdm = vdm or Identity()
-    tx = make_sim_optimizer(vdm, settings)
     inits = jnp.asarray(inits)
     if not jnp.issubdtype(inits.dtype, jnp.floating):
         inits = inits.astype(jnp.result_type(float))
@@ -112,21 +146,10 @@ def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSetti
         raise ValueError(f"inits must be points [N, 2] (or one [2]), got shape {inits.shape}")
     inits = inits.reshape(-1, 2)
 
-    def one(p0):
-        def step(carry, _):
-            p, s = carry
-            l, g = jax.value_and_grad(loss_fn)(p)
-            u, s = tx.update(g, s, p, loss=l)
-            p = optax.apply_updates(p, u)
-            return (p, s), p
-
-        (_, state), ps = jax.lax.scan(step, (p0, tx.init(p0)), None, length=settings.steps)
-        traj = jnp.concatenate([p0[None], ps])
-        return traj, jax.vmap(loss_fn)(traj), state
-
-    traj, losses, states = jax.jit(jax.vmap(one))(inits)
+    boundaries = tuple(sorted(settings.boundaries.items())) if settings.boundaries else None
+    traj, losses, states = _simulate(loss_fn, vdm, settings.lr, settings.momentum, settings.steps, boundaries, inits)
     check_vdm_state(states, vdm)
     ends = traj[:, -1]
-    eig = jax.jit(jax.vmap(lambda p: jnp.linalg.eigvalsh(jax.hessian(loss_fn)(p))))(ends)
+    eig = map_points(_HessianEigenvalues(loss_fn), stacked_points(ends), strategy="vmap", devices=1)
     return {"trajectories": np.asarray(traj), "losses": np.asarray(losses), "ends": np.asarray(ends),
             "final_loss": np.asarray(losses[:, -1]), "eigenvalues": np.asarray(eig), "vdm": vdm.name}

@@ -15,8 +15,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mclandscape.core.tree import PyTree
-from mclandscape.methods.trusttech import ExitRecord
-from mclandscape.methods.verification import VerificationResult, project
+from mclandscape.methods.dsp_detector import ExitRecord
+from mclandscape.methods.verification import project
+from mclandscape.methods.verification_result import VerificationResult
 from mclandscape.plots._figure import new_figure
 
 __all__ = ["plot_search_trace", "plot_verification"]
@@ -106,8 +107,9 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
       >>> from mclandscape.methods.potentials import double_well
       >>> from mclandscape.methods.verification import random_orthonormal_pair, verify_exit
       >>> o = jnp.array([-1.0, 0.0])
+      >>> from mclandscape.methods.verification_result import FlowSettings
       >>> res = verify_exit(function_objective(double_well), o, [(i, jnp.array([0.5 * i, 0.1])) for i in (1, 3)],
-      ...                   2, step_size=0.05, steps=100, record_every=50)
+      ...                   2, flow=FlowSettings(step_size=0.05, steps=100, record_every=50))
       >>> len(plot_verification(res, o, random_orthonormal_pair(jax.random.key(0), o)).axes)
       1
     """
