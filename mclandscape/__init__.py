@@ -20,23 +20,17 @@ from mclandscape.core.losses import accuracy, cross_entropy
 from mclandscape.core.objective import Objective, function_objective, make_objective
 from mclandscape.core.tree import TreeMismatchError, check_same_structure
 from mclandscape.engine import distributed
+from mclandscape.engine.batchnorm import recalibrate_bn
 from mclandscape.engine.checkpoint import latest_step, load_model, restore_checkpoint, save_checkpoint
 from mclandscape.engine.connector_train import ConnectorObjective, ConnectorTrainResult, train_connector
 from mclandscape.engine.data import BatchStream, Dataset, batch_stream, iterate_batches, load_dataset
 from mclandscape.engine.evaluate import (
     PointMetrics,
-    Points,
-    connector_points,
     evaluate,
     evaluate_model,
     evaluate_params,
     evaluate_points,
     evaluation_memory,
-    map_points,
-    plane_points,
-    recalibrate_bn,
-    stacked_points,
-    uv_grid,
 )
 from mclandscape.engine.loop import (
     LoopConfig,
@@ -49,6 +43,7 @@ from mclandscape.engine.loop import (
     run,
 )
 from mclandscape.engine.models import Model, canonical_name, from_flax, from_nnx, get_model, list_models
+from mclandscape.engine.points import Points, connector_points, map_points, plane_points, stacked_points, uv_grid
 from mclandscape.engine.train import TrainConfig, TrainResult, train_many, train_model
 from mclandscape.methods import potentials, verification
 from mclandscape.methods.alignment import (

@@ -12,8 +12,10 @@ import pytest
 
 from mclandscape.core import connectors as C
 from mclandscape.core import tree as T
-from mclandscape.engine.evaluate import bn_momentum, evaluate_params, evaluate_points, recalibrate_bn, uv_grid
+from mclandscape.engine.batchnorm import bn_momentum, recalibrate_bn
+from mclandscape.engine.evaluate import evaluate_params, evaluate_points
 from mclandscape.engine.models.base import from_flax
+from mclandscape.engine.points import uv_grid
 
 
 class TinyMLP(nn.Module):
@@ -65,12 +67,12 @@ def test_strategies_agree_with_reference_on_connector():
     pts = uv_grid(4)
     ref = _reference(MLP, T.tree_unstack(surf.points(pts)), x, y)
     results = {}
-    for strategy, chunk in [("loop", None), ("map", 1), ("map", 5), ("vmap", 7), ("auto", None)]:
+    for strategy, chunk in [("unroll", None), ("map", 1), ("map", 5), ("vmap", 7), ("auto", None)]:
         r = evaluate_points(MLP, surf, pts, (x, y), batch_size=32, strategy=strategy, chunk_size=chunk)
         np.testing.assert_allclose(r.loss, ref[:, 0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(r.accuracy, ref[:, 1], atol=1e-6)
         results[(strategy, chunk)] = r
-    assert results[("auto", None)].strategy in ("map", "vmap", "loop")
+    assert results[("auto", None)].strategy in ("map", "vmap", "unroll")
 
 
 def test_evaluate_params_probs_and_masks_partial_batch():
@@ -168,7 +170,8 @@ SHARDED = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_evaluate import MLP, BN, _data, _inits
     from mclandscape.core import connectors as C
-    from mclandscape.engine.evaluate import evaluate_points, uv_grid
+    from mclandscape.engine.evaluate import evaluate_points
+    from mclandscape.engine.points import uv_grid
     assert len(jax.devices()) == 8, jax.devices()
     x, y = _data()
     s = C.bezier_surface(*_inits(MLP, 4, x), n=2, m=2)

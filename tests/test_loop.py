@@ -17,7 +17,7 @@ from mclandscape.core import connectors as C
 from mclandscape.core.objective import function_objective
 from mclandscape.engine.checkpoint import all_steps
 from mclandscape.engine.data import Dataset, load_dataset
-from mclandscape.engine.evaluate import evaluate_points, uv_grid
+from mclandscape.engine.evaluate import evaluate_points
 from mclandscape.engine.loop import (
     LoopConfig,
     NonFiniteError,
@@ -27,6 +27,7 @@ from mclandscape.engine.loop import (
     run,
 )
 from mclandscape.engine.models import get_model
+from mclandscape.engine.points import uv_grid
 from mclandscape.engine.train import TrainConfig, train_model
 from mclandscape.methods.curves import train_curve
 from mclandscape.methods.surface import train_surface

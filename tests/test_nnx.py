@@ -15,8 +15,8 @@ from mclandscape.core import tree as T
 from mclandscape.core.tree import TreeMismatchError
 from mclandscape.engine.checkpoint import CheckpointError, load_model
 from mclandscape.engine.data import Dataset
-from mclandscape.engine.evaluate import uv_grid
 from mclandscape.engine.models import from_flax, from_nnx, get_model
+from mclandscape.engine.points import uv_grid
 from mclandscape.engine.train import TrainConfig, train_many
 from mclandscape.methods import surface as S
 from mclandscape.methods.curves import train_curve

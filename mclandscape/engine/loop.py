@@ -290,7 +290,8 @@ def _step_impl(objective_static, tx, mesh, objective_arrays, trainable, state: T
     return new, metrics
 
 
-_step_jit = cpu.tuned_jit(_step_impl, static_argnames=("objective_static", "tx", "mesh"))
+_step_jit = jax.jit(_step_impl, static_argnames=("objective_static", "tx", "mesh"),
+                    compiler_options=cpu.COMPILER_OPTIONS)
 
 
 def _accumulate(sums: dict, metrics: dict) -> dict:
@@ -321,7 +322,8 @@ def _loop_step_impl(objective_static, tx, mesh, objective_arrays, trainable, sta
     return new, _accumulate(sums, metrics)
 
 
-_loop_step_jit = cpu.tuned_jit(_loop_step_impl, static_argnames=("objective_static", "tx", "mesh"))
+_loop_step_jit = jax.jit(_loop_step_impl, static_argnames=("objective_static", "tx", "mesh"),
+                         compiler_options=cpu.COMPILER_OPTIONS)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -144,8 +144,8 @@ from mclandscape.core.tree import (
 from mclandscape.engine import cpu
 from mclandscape.engine.data import batch_stream
 from mclandscape.engine.distributed import training_mesh
-from mclandscape.engine.evaluate import connector_points, map_points, stacked_points
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, Step, StopRun, TrainState, make_step, run
+from mclandscape.engine.points import connector_points, map_points, stacked_points
 
 __all__ = [
     "NEBConfig",
@@ -705,8 +705,9 @@ def _point_value_and_grad(point, params, batch, key):
     return jax.value_and_grad(_point_loss)(params, point, batch, key)
 
 
-_point_loss_jit = cpu.tuned_jit(lambda point, params, batch, key: _point_loss(params, point, batch, key))
-_point_value_and_grad_jit = cpu.tuned_jit(_point_value_and_grad)
+_point_loss_jit = jax.jit(lambda point, params, batch, key: _point_loss(params, point, batch, key),
+                          compiler_options=cpu.COMPILER_OPTIONS)
+_point_value_and_grad_jit = jax.jit(_point_value_and_grad, compiler_options=cpu.COMPILER_OPTIONS)
 
 
 def band_profile(loss, batch, *, strategy: str = "map", chunk_size: int | None = None,

@@ -102,9 +102,10 @@ from mclandscape.engine.connector_train import (
     weight_decay_args,
 )
 from mclandscape.engine.data import Dataset
-from mclandscape.engine.evaluate import evaluate_points, uv_grid
+from mclandscape.engine.evaluate import evaluate_points
 from mclandscape.engine.loop import LoopConfig
 from mclandscape.engine.models.base import Model
+from mclandscape.engine.points import uv_grid
 
 __all__ = [
     "PHASES",

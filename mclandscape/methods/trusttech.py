@@ -614,8 +614,8 @@ def _search_step_impl(objective_static, calibration, reading, mesh, objective_ar
 
 # one module-level jit: the objective's configuration, the calibration, the reading and the mesh are static
 # (hashable), the objective's arrays, the direction, the step index and rho1 / rho2 are traced
-_search_step_jit = cpu.tuned_jit(_search_step_impl,
-                                 static_argnames=("objective_static", "calibration", "reading", "mesh"))
+_search_step_jit = jax.jit(_search_step_impl, static_argnames=("objective_static", "calibration", "reading", "mesh"),
+                           compiler_options=cpu.COMPILER_OPTIONS)
 
 
 def _search_step(objective, calibration, reading, direction, cal_state, origin, batch, key, t, rho1, rho2,

@@ -59,7 +59,7 @@ import numpy as np
 
 from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import PyTree, check_same_structure, tree_combine, tree_ravel
-from mclandscape.engine.evaluate import Points, map_points
+from mclandscape.engine.points import Points, map_points
 
 __all__ = [
     "Flat",
