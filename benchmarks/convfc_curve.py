@@ -54,8 +54,8 @@ from mclandscape.core.bernstein import bernstein
 from mclandscape.core.objective import make_objective
 from mclandscape.engine import cpu
 from mclandscape.engine.connector_train import ConnectorObjective, uniform_sampler
-from mclandscape.engine.loop import make_step
 from mclandscape.engine.models import get_model
+from mclandscape.engine.step import make_step
 
 try:  # optional reference
     import torch

@@ -44,8 +44,8 @@ def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
     from mclandscape.engine.connector_train import ConnectorObjective, _control_mask
     from mclandscape.engine.distributed import training_mesh
     from mclandscape.engine.evaluate import evaluation_memory
-    from mclandscape.engine.loop import make_step
     from mclandscape.engine.points import connector_points
+    from mclandscape.engine.step import make_step
     from mclandscape.methods import neb as N
     from mclandscape.methods.surface import phase_sampler
 

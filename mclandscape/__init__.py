@@ -32,18 +32,11 @@ from mclandscape.engine.evaluate import (
     evaluate_points,
     evaluation_memory,
 )
-from mclandscape.engine.loop import (
-    LoopConfig,
-    NonFiniteError,
-    ResumeMismatchError,
-    RunResult,
-    StopRun,
-    TrainState,
-    make_step,
-    run,
-)
+from mclandscape.engine.loop import LoopConfig, NonFiniteError, RunResult, StopRun, run
 from mclandscape.engine.models import Model, canonical_name, from_flax, from_nnx, get_model, list_models
 from mclandscape.engine.points import Points, connector_points, map_points, plane_points, stacked_points, uv_grid
+from mclandscape.engine.resume import ResumeMismatchError
+from mclandscape.engine.step import TrainState, make_step
 from mclandscape.engine.train import TrainConfig, TrainResult, train_many, train_model
 from mclandscape.methods import potentials, verification
 from mclandscape.methods.alignment import (

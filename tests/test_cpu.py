@@ -194,14 +194,14 @@ def test_strategy_and_factorisation_choice():
 def test_engine_jits_compile_with_the_cpu_options():
     # the options are fields of XLA's DebugOptions: this jaxlib accepts them (an unknown one is refused), and
     # every jitted function of the engine is compiled with them
-    from mclandscape.engine import batchnorm, evaluate, loop, points
+    from mclandscape.engine import batchnorm, evaluate, points, step
 
     x, k = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
     conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     jax.jit(conv, compiler_options=cpu.COMPILER_OPTIONS).lower(x, k).compile()
     with pytest.raises(Exception, match="No such compile option"):
         jax.jit(conv, compiler_options={"xla_no_such_option": True}).lower(x, k).compile()
-    for f in (loop._step_jit, loop._loop_step_jit, evaluate._evaluate_jit, points._map_points_jit,
+    for f in (step._step_jit, step._loop_step_jit, evaluate._evaluate_jit, points._map_points_jit,
               batchnorm._recalibrate_jit):
         assert dict(f._jit_info.compiler_options_kvs) == cpu.COMPILER_OPTIONS
 

@@ -43,7 +43,8 @@ from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import PyTree, check_finite, tree_combine, tree_digest, tree_dot
 from mclandscape.engine.data import Dataset, batch_stream, data_digest
 from mclandscape.engine.distributed import training_mesh
-from mclandscape.engine.loop import LoopConfig, make_step, run
+from mclandscape.engine.loop import LoopConfig, run
+from mclandscape.engine.step import make_step
 
 __all__ = [
     "ConnectorTrainResult",
@@ -469,7 +470,8 @@ def checkpointed_connector(connector: Connector, tx: optax.GradientTransformatio
         0
     """
     from mclandscape.engine.checkpoint import latest_step
-    from mclandscape.engine.loop import init_state, restore_state
+    from mclandscape.engine.resume import restore_state
+    from mclandscape.engine.step import init_state
 
     last = latest_step(checkpoint_dir)
     if not last:

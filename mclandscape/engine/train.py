@@ -45,8 +45,10 @@ from mclandscape.engine import cpu
 from mclandscape.engine.data import Dataset, batch_stream, data_digest, num_batches
 from mclandscape.engine.distributed import local, training_mesh
 from mclandscape.engine.evaluate import evaluate_model
-from mclandscape.engine.loop import LoopConfig, make_step, restore_state, run
+from mclandscape.engine.loop import LoopConfig, run
 from mclandscape.engine.models.base import Model
+from mclandscape.engine.resume import restore_state
+from mclandscape.engine.step import make_step
 
 __all__ = [
     "TrainConfig",

@@ -57,7 +57,8 @@ import optax
 from mclandscape.core.objective import check_objective
 from mclandscape.core.tree import PyTree, check_same_structure, tree_gram, tree_stack
 from mclandscape.engine.evaluate import evaluate_params
-from mclandscape.engine.loop import LoopConfig, make_step, run
+from mclandscape.engine.loop import LoopConfig, run
+from mclandscape.engine.step import make_step
 
 __all__ = [
     "METHODS",

@@ -144,8 +144,9 @@ from mclandscape.core.tree import (
 from mclandscape.engine import cpu
 from mclandscape.engine.data import batch_stream
 from mclandscape.engine.distributed import training_mesh
-from mclandscape.engine.loop import LoopConfig, NonFiniteError, Step, StopRun, TrainState, make_step, run
+from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, run
 from mclandscape.engine.points import connector_points, map_points, stacked_points
+from mclandscape.engine.step import Step, TrainState, make_step
 
 __all__ = [
     "NEBConfig",

@@ -50,7 +50,7 @@ from mclandscape.core.tree import (
     tree_sub,
     tree_unstack,
 )
-from mclandscape.engine.loop import merge_static, split_static
+from mclandscape.engine.step import merge_static, split_static
 
 __all__ = [
     "FlowSettings",
