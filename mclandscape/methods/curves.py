@@ -206,7 +206,7 @@ def _epoch_callback(callback: Callable | None, connector: Connector) -> list:
     return [cb]
 
 
-def train_curve(model, curve: Connector, train, *extra, epochs: int = 30, batch_size: int = 128,
+def train_curve(model, curve: Connector, train, *, epochs: int = 30, batch_size: int = 128,
                 lr: float = 0.015, momentum: float = 0.9, optimizer: optax.GradientTransformation | None = None,
                 weight_decay: float = 5e-4, weight_decay_on: str = "point", num_samples: int = 1,
                 loss_fn: Callable = cross_entropy, seed: int = 0, augment: bool = False, strategy: str | None = None,
@@ -266,7 +266,7 @@ def train_curve(model, curve: Connector, train, *extra, epochs: int = 30, batch_
         >>> [r["epoch"] for r in res.history], res.connector.shape
         ([1, 2], (3,))
     """
-    curve = check_connector(curve, CURVE_KINDS, "train_curve", extra,
+    curve = check_connector(curve, CURVE_KINDS, "train_curve",
                             build="mcl.bezier_curve(start, end, degree=2) or mcl.polychain(start, end, num_bends=1)")
     _check_dataset(train, "train_curve")
     _check_distinct(*_ends(curve))

@@ -671,7 +671,7 @@ def _clean(history) -> list[dict]:
     return [{k: v for k, v in h.items() if k != "acc"} for h in history]
 
 
-def train_surface(model: Model, surface: Connector, train, *extra, epochs: Sequence[int] = (2, 2, 6),
+def train_surface(model: Model, surface: Connector, train, *, epochs: Sequence[int] = (2, 2, 6),
                   batch_size: int = 128, lr: float = 0.05, momentum: float = 0.9,
                   optimizer: optax.GradientTransformation | Callable[[int, int], optax.GradientTransformation]
                   | None = None, schedule: str = "cosine", weight_decay: float = 0.0,
@@ -741,7 +741,7 @@ def train_surface(model: Model, surface: Connector, train, *extra, epochs: Seque
         >>> sorted(res.history), res.skipped, [r["epoch"] for r in res.history[3]]
         ([1, 3], {2: '0 epochs'}, [1])
     """
-    surface = check_connector(surface, ("surface",), "train_surface", extra,
+    surface = check_connector(surface, ("surface",), "train_surface",
                               build="mcl.bezier_surface(c00, c01, c10, c11, n=2, m=2)")
     if not isinstance(train, Dataset):
         raise TypeError(f"train_surface: train must be a Dataset (mcl.load_dataset(...) or mcl.Dataset(x, y, ...)), "
