@@ -99,7 +99,8 @@ import optax
 
 from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core.tree import tree_add, tree_distance, tree_index, tree_size, tree_stack
-from mclandscape.engine.data import DatasetNotFoundError, load_dataset, num_batches
+from mclandscape.engine.batches import num_batches
+from mclandscape.engine.data import DatasetNotFoundError, load_dataset
 from mclandscape.engine.evaluate import evaluate_params
 from mclandscape.engine.models import canonical_name, get_model
 from mclandscape.engine.train import TrainConfig, make_optimizer, train_many, train_model

@@ -20,10 +20,11 @@ from mclandscape.core.losses import accuracy, cross_entropy
 from mclandscape.core.objective import Objective, function_objective, make_objective
 from mclandscape.core.tree import TreeMismatchError, check_same_structure
 from mclandscape.engine import distributed
+from mclandscape.engine.batches import BatchStream, batch_stream, iterate_batches
 from mclandscape.engine.batchnorm import recalibrate_bn
 from mclandscape.engine.checkpoint import latest_step, load_model, restore_checkpoint, save_checkpoint
 from mclandscape.engine.connector_train import ConnectorObjective, ConnectorTrainResult, train_connector
-from mclandscape.engine.data import BatchStream, Dataset, batch_stream, iterate_batches, load_dataset
+from mclandscape.engine.data import Dataset, load_dataset
 from mclandscape.engine.evaluate import (
     PointMetrics,
     evaluate,

@@ -41,7 +41,8 @@ from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import check_finite, tree_combine, tree_digest, tree_dot
 from mclandscape.engine import cpu, mapping
-from mclandscape.engine.data import Dataset, batch_stream, data_digest
+from mclandscape.engine.batches import batch_stream, data_digest
+from mclandscape.engine.data import Dataset
 from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.loop import LoopConfig, run
 from mclandscape.engine.step import make_step

@@ -42,7 +42,8 @@ from mclandscape.core.losses import LOSSES, cross_entropy
 from mclandscape.core.objective import call_objective, make_objective
 from mclandscape.core.tree import PyTree, check_finite, check_same_structure, tree_digest, tree_index, tree_stack
 from mclandscape.engine import cpu
-from mclandscape.engine.data import Dataset, batch_stream, data_digest, num_batches
+from mclandscape.engine.batches import batch_stream, data_digest, num_batches
+from mclandscape.engine.data import Dataset
 from mclandscape.engine.distributed import local, training_mesh
 from mclandscape.engine.evaluate import evaluate_model
 from mclandscape.engine.loop import LoopConfig, run

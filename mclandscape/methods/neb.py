@@ -142,7 +142,7 @@ from mclandscape.core.tree import (
     tree_stack,
 )
 from mclandscape.engine import cpu
-from mclandscape.engine.data import batch_stream
+from mclandscape.engine.batches import batch_stream
 from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, run
 from mclandscape.engine.points import connector_points, map_points, stacked_points

@@ -129,8 +129,8 @@ from mclandscape.core.tree import (
     tree_scale,
 )
 from mclandscape.engine import cpu, distributed
+from mclandscape.engine.batches import BatchStream, batch_stream
 from mclandscape.engine.checkpoint import CheckpointStore
-from mclandscape.engine.data import BatchStream, batch_stream
 from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, _progress_enabled, run
 from mclandscape.engine.step import Step, make_step, merge_static, split_static
