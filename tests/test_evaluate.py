@@ -145,6 +145,12 @@ def test_several_datasets_recalibrate_batchnorm_once_per_point():
     assert len(traces) == once  # two datasets trace the BatchNorm pass as often as one
     with pytest.raises(ValueError, match="empty dict"):
         evaluate_points(BN, curve, ts, {}, **kw)
+    some = evaluate_points(BN, curve, ts, {"train": (x, y), "test": (xt, yt)}, **{**kw, "return_probs": ("test",)})
+    assert some["train"].probs is None
+    np.testing.assert_array_equal(some["test"].probs, both["test"].probs)
+    np.testing.assert_array_equal(some["train"].loss, both["train"].loss)
+    with pytest.raises(ValueError, match="return_probs"):
+        evaluate_points(BN, curve, ts, {"train": (x, y)}, **{**kw, "return_probs": ("val",)})
 
 
 def test_devices_must_be_a_number_of_devices():

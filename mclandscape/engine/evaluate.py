@@ -79,7 +79,7 @@ class _Metric:
 
     model: Model
     loss_fn: Callable
-    with_probs: bool
+    with_probs: tuple[bool, ...]  # one per dataset
     recompute_bn: bool
     dtype: str | None
     factor: cpu.FirstConv | None
@@ -179,8 +179,8 @@ def _bn_statistics(c: _Ctx, rows, bn_x):
     return tree_map(lambda a, z: (a / n).astype(z.dtype), stats, c.zeros)
 
 
-def _dataset_metrics(c: _Ctx, rows, stats, data):
-    """Mean loss, accuracy (and softmax outputs) of every point on one staged dataset."""
+def _dataset_metrics(c: _Ctx, rows, stats, data, with_probs: bool):
+    """Mean loss, accuracy (and, with ``with_probs``, softmax outputs) of every point on one staged dataset."""
     xs, ys, ms = data
 
     def group(carry, g):
@@ -197,7 +197,7 @@ def _dataset_metrics(c: _Ctx, rows, stats, data):
                 logits = _forward(c, params, rest, xg[i], row, fb, False).astype(c.acc_dtype)
                 yb, mb = yg[i], mg[i].astype(c.acc_dtype)
                 lsum = jnp.sum(c.metric.loss_fn(logits, yb) * mb)
-                out = jax.nn.softmax(logits, axis=-1) if c.metric.with_probs else None
+                out = jax.nn.softmax(logits, axis=-1) if with_probs else None
                 return (acc[0] + lsum, acc[1] + correct_count(logits, yb, mb)), out
 
             init = varying((jnp.zeros((), c.acc_dtype), jnp.zeros((), c.acc_dtype)), c.mesh)
@@ -211,7 +211,7 @@ def _dataset_metrics(c: _Ctx, rows, stats, data):
     init = varying((jnp.zeros((num_p,), c.acc_dtype), jnp.zeros((num_p,), c.acc_dtype)), c.mesh)
     (lsum, csum), probs = jax.lax.scan(group, init, (xs, ys, ms))
     n = jnp.sum(ms)
-    if c.metric.with_probs:  # [ng, P, gb, B, C] -> [P, ng * gb * B, C]
+    if with_probs:  # [ng, P, gb, B, C] -> [P, ng * gb * B, C]
         probs = jnp.moveaxis(probs, 1, 0)
         probs = probs.reshape((num_p, -1) + probs.shape[4:])
     return lsum / n, csum / n, probs
@@ -226,7 +226,7 @@ def _evaluate_impl(metric: _Metric, strategy: str, chunk: int, mesh, points: Poi
     def run(rows, stack, datasets, bn_x, zeros, mom, fixed):
         c = _Ctx(metric, Points(rows=rows, stack=stack), fixed, zeros, mom, strategy, chunk, mesh, dtype, acc_dtype)
         stats = _bn_statistics(c, rows, bn_x) if metric.recompute_bn else None
-        return tuple(_dataset_metrics(c, rows, stats, d) for d in datasets)
+        return tuple(_dataset_metrics(c, rows, stats, d, w) for d, w in zip(datasets, metric.with_probs, strict=True))
 
     return shard(run, mesh, 6)(points.rows, points.stack, datasets, bn_x, zeros, mom, fixed)
 
@@ -272,6 +272,17 @@ def _datasets(data) -> tuple[tuple | None, list]:
             raise ValueError("data is an empty dict: give at least one dataset")
         return tuple(data), [data_xy(d) for d in data.values()]
     return None, [data_xy(data)]
+
+
+def _with_probs(return_probs, names: tuple | None) -> tuple[bool, ...]:
+    """Per dataset, whether its softmax outputs are returned."""
+    if isinstance(return_probs, bool | np.bool_):
+        return (bool(return_probs),) * (1 if names is None else len(names))
+    wanted = {return_probs} if isinstance(return_probs, str) else set(return_probs)
+    if names is None or not wanted <= set(names):
+        raise ValueError(f"return_probs must be True / False, or names of the datasets in data ({names}), "
+                         f"got {return_probs!r}")
+    return tuple(n in wanted for n in names)
 
 
 def _bn_inputs(model: Model, fixed: dict, bn_data, bn_batch_size: int, num_bn: int | None, example):
@@ -321,7 +332,7 @@ def _grouped(staged, bn_x, metric: _Metric, points: Points, fixed: dict, zeros, 
 
 
 def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None, bn_batches: int | None = None,
-          bn_batch_size: int = 128, variables: PyTree | None = None, return_probs: bool = False,
+          bn_batch_size: int = 128, variables: PyTree | None = None, return_probs: bool | tuple = False,
           loss_fn: Callable = cross_entropy, strategy: str = "auto", chunk_size: int | None = None,
           stem: str = "auto", compute_dtype=None, stem_bytes: int = 1 << 29, check: bool = True) -> _Plan:
     """Validate a call of :func:`evaluate` and stage what its mapped computation takes."""
@@ -345,8 +356,8 @@ def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=
     recompute, bn_x, zeros, mom = _bn_inputs(model, fixed, bn_data, bn_batch_size, bn_batches, example)
     how, chunk = mapping.resolve(strategy, points.num_points, has_conv=cpu.has_conv(example), chunk_size=chunk_size,
                                  param_bytes=sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(example)))
-    metric = _Metric(model=model, loss_fn=loss_fn, with_probs=bool(return_probs), recompute_bn=recompute,
-                     dtype=None if dtype is None else dtype.name,
+    metric = _Metric(model=model, loss_fn=loss_fn, with_probs=_with_probs(return_probs, names),
+                     recompute_bn=recompute, dtype=None if dtype is None else dtype.name,
                      factor=_choose_factor(model, points, fixed, zeros, stem, sets[0][0][:1]))
     staged = [stage_batches(x, y, batch_size) for x, y in sets]
     groups, bn_g = _grouped(staged, bn_x, metric, points, fixed, zeros, stem_bytes)
@@ -356,9 +367,10 @@ def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=
 
 def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None,
              bn_batches: int | None = None, bn_batch_size: int = 128, variables: PyTree | None = None,
-             return_probs: bool = False, loss_fn: Callable = cross_entropy, strategy: str = "auto",
-             chunk_size: int | None = None, devices: int | None = None, stem: str = "auto", compute_dtype=None,
-             stem_bytes: int = 1 << 29, check: bool = True) -> PointMetrics | dict[str, PointMetrics]:
+             return_probs: bool | tuple[str, ...] = False, loss_fn: Callable = cross_entropy,
+             strategy: str = "auto", chunk_size: int | None = None, devices: int | None = None,
+             stem: str = "auto", compute_dtype=None, stem_bytes: int = 1 << 29,
+             check: bool = True) -> PointMetrics | dict[str, PointMetrics]:
     """Mean loss and accuracy on ``data`` at every point of ``points`` (see the module docstring).
 
     Args:
@@ -372,7 +384,8 @@ def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_da
         ``variables`` holds them); ``bn_batches`` full batches of ``bn_batch_size`` (default all).
       bn_batches, bn_batch_size: see ``bn_data``.
       variables: other collections shared by every point (e.g. ``{"batch_stats": ...}`` of a trained model).
-      return_probs: also return the softmax outputs ``[P, N, C]``.
+      return_probs: also return the softmax outputs ``[P, N, C]`` (for a dict of datasets: ``True`` for every
+        one, or the names of those that need them, e.g. ``("test",)``).
       loss_fn: per-example loss ``(logits, y) -> [N]``.
       strategy, chunk_size, devices, stem, compute_dtype: see the module docstring.
       stem_bytes: bounds the memory of the staged first-layer outputs of the factorised path.
@@ -402,9 +415,9 @@ def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_da
                  stem_bytes=stem_bytes, check=check)
     outs = run_mapped(_evaluate_jit, points, {"metric": plan.metric}, plan.args, plan.strategy, plan.chunk, devices)
     results = [PointMetrics(loss=np.asarray(loss), accuracy=np.asarray(acc),
-                            probs=np.asarray(probs)[:, :n] if return_probs else None, strategy=plan.strategy,
+                            probs=np.asarray(probs)[:, :n] if want else None, strategy=plan.strategy,
                             chunk_size=plan.chunk, stem=plan.stem)
-               for (loss, acc, probs), n in zip(outs, plan.sizes, strict=True)]
+               for (loss, acc, probs), n, want in zip(outs, plan.sizes, plan.metric.with_probs, strict=True)]
     return results[0] if plan.names is None else dict(zip(plan.names, results, strict=True))
 
 

@@ -258,8 +258,9 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
 
     Returns:
       A :class:`RunResult`. Raises :class:`NonFiniteError` for a non-finite step and
-      :class:`~mclandscape.engine.resume.ResumeMismatchError` when ``config.checkpoint_dir`` holds a run with another fingerprint (or whose
-      epoch ends fall on other step counts: another ``steps_per_epoch`` or ``max_steps``).
+      :class:`~mclandscape.engine.resume.ResumeMismatchError` when ``config.checkpoint_dir`` holds a run with
+      another fingerprint (or whose epoch ends fall on other step counts: another ``steps_per_epoch`` or
+      ``max_steps``).
 
     Example:
         >>> import jax, jax.numpy as jnp, optax, tempfile
@@ -313,11 +314,11 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
             zeros = None
             for epoch in range(start, epochs):
                 t0, e1 = time.perf_counter(), epoch + 1
-                state, sums, zeros = _run_epoch(step, state, batches, key, range(epoch * spe, min(e1 * spe, last_step)),
-                                                step_callbacks, zeros)
+                steps = range(epoch * spe, min(e1 * spe, last_step))
+                state, sums, zeros = _run_epoch(step, state, batches, key, steps, step_callbacks, zeros)
                 _check_finite_state(state, names, epoch, spe)
                 history.append(_record(e1, state, sums, time.perf_counter() - t0, on_epoch))
-                if store is not None and (e1 % config.checkpoint_every == 0 or e1 == epochs or e1 in config.milestones):
+                if store is not None and (e1 % config.checkpoint_every == 0 or e1 in (epochs, *config.milestones)):
                     save(e1, state)
                 bar.update(1)
                 bar.set_postfix(**{k: f"{v:.4g}" for k, v in history[-1].items() if k in ("loss", "train_loss",

@@ -96,8 +96,8 @@ def resolve(how: str, num_points: int, *, has_conv: bool, grad: bool = False, pa
         (('map', 16), ('map', 1))
         >>> resolve("auto", 121, has_conv=True, param_bytes=2**28, on="gpu")
         ('map', 4)
-        >>> resolve("auto", 8, has_conv=True, grad=True, on="cpu"), resolve("auto", 8, has_conv=True, grad=True, on="gpu")
-        (('unroll', 1), ('vmap', 8))
+        >>> [resolve("auto", 8, has_conv=True, grad=True, on=b) for b in ("cpu", "gpu")]
+        [('unroll', 1), ('vmap', 8)]
     """
     if how not in ("auto",) + HOW:
         raise ValueError(f"unknown strategy {how!r}; expected one of {('auto',) + HOW}")
