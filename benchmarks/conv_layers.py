@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
-    options = {"xla": cpu.COMPILER_OPTIONS if cpu.compiler_options_accepted() else None, "ynn": None}
+    options = {"xla": cpu.COMPILER_OPTIONS, "ynn": None}
     rng = np.random.default_rng(0)
     base = {"bench": "conv_layers", "backend": jax.default_backend(), "batch": args.batch,
             "torch": torch.__version__ if torch is not None else None,

@@ -54,8 +54,8 @@ from mclandscape.core.bernstein import bernstein
 from mclandscape.core.objective import make_objective
 from mclandscape.engine import cpu
 from mclandscape.engine.connector_train import ConnectorObjective, uniform_sampler
-from mclandscape.engine.loop import make_step
 from mclandscape.engine.models import get_model
+from mclandscape.engine.step import make_step
 
 try:  # optional reference
     import torch
@@ -66,7 +66,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 EVAL_PATHS = {  # label -> evaluate_points keywords
     "off/map1": dict(stem="off", strategy="map", chunk_size=1),
     "off/map16": dict(stem="off", strategy="map", chunk_size=16),
-    "off/loop": dict(stem="off", strategy="loop"),
+    "off/loop": dict(stem="off", strategy="map", chunk_size=1),  # one call per point (see eval_case)
     "factor/map1": dict(stem="factor", strategy="map", chunk_size=1),
 }
 TRAIN_PATHS = ("unroll", "map", "vmap")  # how the k sampled points of a training step are evaluated
@@ -294,6 +294,9 @@ def main() -> None:
         for label in labels + ["auto"]:
             kw = EVAL_PATHS.get(label, {})
             fn = lambda kw=kw: evaluate_points(model, connector, pts, (x, y), batch_size=args.batch, **kw)
+            if label.endswith("/loop"):  # the one-at-a-time baseline: a Python loop of one-point calls
+                fn = lambda kw=kw: [evaluate_points(model, connector, pts[i:i + 1], (x, y), batch_size=args.batch,
+                                                    **kw) for i in range(len(pts))][-1]
             res = fn()
             if label == "auto":
                 label = f"auto->{res.stem}/{res.strategy}{res.chunk_size}"

@@ -44,7 +44,7 @@ from timing import best_time  # noqa: E402
 import mclandscape as mcl  # noqa: E402
 from mclandscape.core.bernstein import bernstein  # noqa: E402
 from mclandscape.engine.connector_train import ConnectorObjective, uniform_sampler  # noqa: E402
-from mclandscape.engine.loop import make_step  # noqa: E402
+from mclandscape.engine.step import make_step
 
 # (full, small) sizes
 SIZES = {

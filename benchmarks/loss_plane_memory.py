@@ -63,9 +63,10 @@ def child(args) -> dict:
     import numpy as np
 
     from mclandscape.core.tree import tree_combine, tree_size
-    from mclandscape.engine import cpu
-    from mclandscape.engine.evaluate import evaluate_params, plane_points
+    from mclandscape.engine import mapping
+    from mclandscape.engine.evaluate import evaluate_params
     from mclandscape.engine.models import get_model
+    from mclandscape.engine.points import plane_points
     from mclandscape.methods.directions import loss_plane, random_directions
 
     model = get_model(args.arch, num_classes=10)
@@ -103,7 +104,7 @@ def child(args) -> dict:
         t_last = time.perf_counter() - t
     assert np.all(np.isfinite(first)) and np.allclose(first, last)
     p = args.grid ** 2
-    strategy, chunk = cpu.default_strategy(p, int(param_mb * 2**20), has_conv=True)  # what evaluate chose
+    strategy, chunk = mapping.resolve("auto", p, param_bytes=int(param_mb * 2**20), has_conv=True)  # what evaluate chose
     return {"case": "loss_plane_legacy" if args.legacy else "loss_plane", "arch": args.arch,
             "params": n_params, "grid": f"{args.grid}x{args.grid}", "points": p, "images": args.images,
             "peak_rss_mb": round(_peak_mb(), 1), "setup_rss_mb": round(setup, 1),

@@ -43,16 +43,17 @@ def surface_train_step(model, surf, batch, k: int, n: int, repeats: int) -> dict
     from timing import best_time
 
     import mclandscape as mcl
-    from mclandscape.engine.connector_train import ConnectorObjective, _control_mask
+    from mclandscape.engine.connector_train import ConnectorObjective
     from mclandscape.engine.distributed import training_mesh
-    from mclandscape.engine.loop import make_step
+    from mclandscape.engine.step import make_step
     from mclandscape.methods.surface import phase_sampler
 
     mesh = training_mesh(int(batch[0].shape[0]), k, devices=n)
     obj = ConnectorObjective(point=mcl.make_objective(model, "cross_entropy", train=True),
                              template=surf.replace(control=None), sampler=phase_sampler((3, 3), 3),
                              mask=jnp.asarray(surf.trainable), num_samples=k, strategy="vmap", mesh=mesh)
-    step = make_step(obj, optax.sgd(0.01, momentum=0.9), trainable=_control_mask(surf, surf.trainable), mesh=mesh)
+    step = make_step(obj, optax.sgd(0.01, momentum=0.9), trainable=jax.tree_util.tree_map(lambda _: jnp.asarray(surf.trainable), surf.control),
+                     mesh=mesh)
     state = step.init(surf.control)
     key = jax.random.key(0)
     sec = best_time(lambda: step(state, batch, key)[1]["loss"], repeats)
@@ -71,7 +72,8 @@ def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
     import mclandscape as mcl
     from mclandscape.engine import distributed
     from mclandscape.engine.distributed import training_mesh
-    from mclandscape.engine.evaluate import connector_points, evaluation_memory
+    from mclandscape.engine.evaluate import evaluation_memory
+    from mclandscape.engine.points import connector_points
     from mclandscape.methods import neb as N
     from mclandscape.methods.neb_forces import straight_band
 

@@ -83,6 +83,10 @@ def main() -> None:
                     continue
                 run = lambda s=strategy, c=chunk, mo=model, su=surf, p=pts: evaluate_points(mo, su, p, test, batch_size=360,
                                                                                        strategy=s, chunk_size=c)
+                if strategy == "loop":  # the one-at-a-time baseline: a Python loop of one-point calls
+                    run = lambda mo=model, su=surf, p=pts: [evaluate_points(mo, su, p[i:i + 1], test, batch_size=360,
+                                                                            strategy="map", chunk_size=1)
+                                                            for i in range(len(p))][-1]
                 res = run()  # compile
                 best = min(_timed(run) for _ in range(args.repeats))
                 label = strategy if chunk is None else f"{strategy}/{chunk}"

@@ -31,8 +31,8 @@ from mclandscape.core.connectors import bezier_surface
 from mclandscape.core.objective import make_objective
 from mclandscape.engine.connector_train import ConnectorObjective, uniform_sampler
 from mclandscape.engine.data import load_dataset
-from mclandscape.engine.loop import make_step
 from mclandscape.engine.models import get_model
+from mclandscape.engine.step import make_step
 
 MODELS = {
     "mlp": dict(name="mlp", widths=(128, 128), num_classes=10),

@@ -71,7 +71,7 @@ def worker(models: list[str], seeds: int, epochs: int, repeats: int, devices: in
     import jax
 
     import mclandscape as mcl
-    from mclandscape.engine.data import num_batches
+    from mclandscape.engine.batches import num_batches
     from mclandscape.engine.distributed import training_mesh
     from mclandscape.engine.many import _many_strategy
 

@@ -59,10 +59,11 @@ from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape import plots
 from mclandscape.core.connectors import bezier_surface, bilinear_surface
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset
-from mclandscape.engine.evaluate import evaluate_points, uv_grid
+from mclandscape.engine.evaluate import evaluate_points
 from mclandscape.engine.loop import StopRun
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
+from mclandscape.engine.points import uv_grid
 from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import alignment as AL
 from mclandscape.methods import surface_grid as S

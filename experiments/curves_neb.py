@@ -49,10 +49,12 @@ from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core import connectors as K
 from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import tree_distance
-from mclandscape.engine.data import batch_stream, load_dataset
-from mclandscape.engine.evaluate import connector_points, evaluate
+from mclandscape.engine.batches import batch_stream
+from mclandscape.engine.data import load_dataset
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
+from mclandscape.engine.points import connector_points
 from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import autoneb as A
 from mclandscape.methods import curves as C

@@ -100,7 +100,8 @@ import optax
 from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import tree_add, tree_distance, tree_index, tree_size, tree_stack
-from mclandscape.engine.data import DatasetNotFoundError, batch_stream, load_dataset, num_batches
+from mclandscape.engine.batches import batch_stream, num_batches
+from mclandscape.engine.data import DatasetNotFoundError, load_dataset
 from mclandscape.engine.evaluate import evaluate_params
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import canonical_name, get_model

@@ -58,7 +58,8 @@ from experiments.vdm_presets import (
     fig7_printed_vdm,
     parse_vdm,
 )
-from mclandscape.engine.data import DatasetNotFoundError, load_dataset, num_batches
+from mclandscape.engine.batches import num_batches
+from mclandscape.engine.data import DatasetNotFoundError, load_dataset
 from mclandscape.engine.evaluate import evaluate_model
 from mclandscape.engine.loop import NonFiniteError
 from mclandscape.engine.models import get_model

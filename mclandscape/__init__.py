@@ -19,33 +19,18 @@ from mclandscape.core.losses import accuracy, cross_entropy
 from mclandscape.core.objective import Objective, function_objective, make_objective
 from mclandscape.core.tree import TreeMismatchError, check_same_structure
 from mclandscape.engine import distributed
+from mclandscape.engine.batches import BatchStream, batch_stream, iterate_batches
+from mclandscape.engine.batchnorm import recalibrate_bn
 from mclandscape.engine.checkpoint import latest_step, load_model, restore_checkpoint, save_checkpoint
 from mclandscape.engine.connector_train import ConnectorObjective, ConnectorTrainResult, train_connector
-from mclandscape.engine.data import BatchStream, Dataset, batch_stream, iterate_batches, load_dataset
+from mclandscape.engine.data import Dataset, load_dataset
 from mclandscape.engine.evaluate import (
     PointMetrics,
-    Points,
-    connector_points,
     evaluate,
     evaluate_model,
     evaluate_params,
     evaluate_points,
     evaluation_memory,
-    map_points,
-    plane_points,
-    recalibrate_bn,
-    stacked_points,
-    uv_grid,
-)
-from mclandscape.engine.loop import (
-    LoopConfig,
-    NonFiniteError,
-    ResumeMismatchError,
-    RunResult,
-    StopRun,
-    TrainState,
-    make_step,
-    run,
 )
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import Model, canonical_name, from_flax, from_nnx, get_model, list_models

@@ -107,7 +107,7 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         import optax
 
         from mclandscape.core.objective import make_objective
-        from mclandscape.engine.data import batch_stream
+        from mclandscape.engine.batches import batch_stream
         from mclandscape.methods import dsp_detector as dd
         from mclandscape.methods import dsp_step as dstep
         from mclandscape.methods import trusttech as tt

@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 
 from mclandscape.engine.data import load_dataset
-from mclandscape.engine.evaluate import evaluate, evaluate_model, plane_points
+from mclandscape.engine.evaluate import evaluate, evaluate_model
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import from_flax, from_nnx, get_model
+from mclandscape.engine.points import plane_points
 from mclandscape.engine.train import TrainConfig, make_optimizer, train_model
 
 CFG = TrainConfig(epochs=1, batch_size=64, optimizer="sgd", lr=0.05)

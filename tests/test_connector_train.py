@@ -104,8 +104,6 @@ def test_shared_argument_checks():
     assert check_connector(curve, ("bezier",), "f") is curve
     with pytest.raises(TypeError, match=r"f\(model, connector, train.*build it with B"):
         check_connector({"xy": jnp.zeros(2)}, ("bezier",), "f", build="B")
-    with pytest.raises(TypeError, match="more positional arguments"):
-        check_connector(curve, ("bezier",), "f", (1,))
     with pytest.raises(ValueError, match="'bezier' connector"):
         check_connector(curve, ("surface",), "f")
     assert check_batch_size(np.int64(8), 8) == 8

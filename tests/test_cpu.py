@@ -10,7 +10,7 @@ import pytest
 
 from mclandscape.core import connectors as C
 from mclandscape.core.tree import tree_stack
-from mclandscape.engine import cpu
+from mclandscape.engine import cpu, mapping
 from mclandscape.engine.cpu import max_pool_strided, small_map_conv
 from mclandscape.engine.evaluate import evaluate_params, evaluate_points
 from mclandscape.engine.models import get_model
@@ -106,7 +106,7 @@ def test_evaluation_paths_agree(model):
     curve = _curve(model)
     ts = np.linspace(0, 1, 7)
     ref = evaluate_points(model, curve, ts, (X, Y), batch_size=16, stem="off", return_probs=True)
-    variants = [dict(stem="factor", stem_bytes=1), dict(stem="auto"), dict(stem="off", strategy="loop")]
+    variants = [dict(stem="factor", stem_bytes=1), dict(stem="auto"), dict(stem="off", strategy="unroll")]
     if model is CNN:
         variants += [dict(stem="factor"), dict(stem="factor", strategy="map", chunk_size=3),
                      dict(stem="factor", strategy="vmap"), dict(stem="off", strategy="vmap")]
@@ -154,10 +154,19 @@ def test_strategy_and_factorisation_choice():
     assert not cpu.use_factorisation(convfc, 2, 3, backend="cpu")
     assert not cpu.use_factorisation(None, 21, 3, backend="cpu")
     assert not cpu.use_factorisation(convfc, 21, 3, backend="gpu")
-    assert cpu.default_strategy(121, 10, backend="cpu", has_conv=True) == ("map", 1)
-    assert cpu.default_strategy(121, 10, backend="cpu", has_conv=False) == ("map", 16)
-    assert cpu.default_strategy(5, 10, backend="cpu", has_conv=False) == ("map", 5)
-    assert cpu.default_strategy(121, 1 << 28, backend="gpu", has_conv=True) == ("map", 4)
+    assert mapping.resolve("auto", 121, param_bytes=10, on="cpu", has_conv=True) == ("map", 1)
+    assert mapping.resolve("auto", 121, param_bytes=10, on="cpu", has_conv=False) == ("map", 16)
+    assert mapping.resolve("auto", 5, param_bytes=10, on="cpu", has_conv=False) == ("map", 5)
+    assert mapping.resolve("auto", 121, param_bytes=1 << 28, on="gpu", has_conv=True) == ("map", 4)
+    # differentiated points (connector training, NEB pivots): unrolled on CPU for convolutions only
+    assert mapping.resolve("auto", 8, on="cpu", has_conv=True, grad=True) == ("unroll", 1)
+    assert mapping.resolve("auto", 8, on="cpu", has_conv=False, grad=True) == ("vmap", 8)
+    assert mapping.resolve("auto", 8, on="gpu", has_conv=True, grad=True) == ("vmap", 8)
+    assert mapping.resolve("map", 8, has_conv=True, chunk_size=3) == ("map", 3)
+    with pytest.raises(ValueError, match="unknown strategy 'loop'"):
+        mapping.resolve("loop", 8, has_conv=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mapping.resolve("map", 8, has_conv=False, chunk_size=0)
     if jax.default_backend() == "cpu":
         assert "CONVOLUTION" not in str(cpu.COMPILER_OPTIONS).upper()
     r = evaluate_points(CONVFC, _curve(CONVFC), np.linspace(0, 1, 5), (X, Y), batch_size=20)
@@ -182,11 +191,19 @@ def test_strategy_and_factorisation_choice():
         evaluate_points(CNN, curve, [0.5], (X, Y), stem="fast")
 
 
-def test_tuned_jit_compiles_with_the_cpu_options_on_cpu():
-    f = cpu.tuned_jit(lambda v: v * 2)
-    np.testing.assert_array_equal(np.asarray(f(jnp.ones(3))), 2 * np.ones(3))
-    if jax.default_backend() == "cpu" and cpu.compiler_options_accepted():
-        assert f._pick() is f._tuned
+def test_engine_jits_compile_with_the_cpu_options():
+    # the options are fields of XLA's DebugOptions: this jaxlib accepts them (an unknown one is refused), and
+    # every jitted function of the engine is compiled with them
+    from mclandscape.engine import batchnorm, evaluate, points, step
+
+    x, k = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    jax.jit(conv, compiler_options=cpu.COMPILER_OPTIONS).lower(x, k).compile()
+    with pytest.raises(Exception, match="No such compile option"):
+        jax.jit(conv, compiler_options={"xla_no_such_option": True}).lower(x, k).compile()
+    for f in (step._step_jit, step._loop_step_jit, evaluate._evaluate_jit, points._map_points_jit,
+              batchnorm._recalibrate_jit):
+        assert dict(f._jit_info.compiler_options_kvs) == cpu.COMPILER_OPTIONS
 
 
 @pytest.mark.parametrize("window, stride, shape", [(3, 2, (2, 9, 9, 3)), (2, 2, (2, 8, 8, 3)), (3, 1, (1, 6, 7, 2))])

@@ -12,7 +12,8 @@ import pytest
 
 from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import tree_ravel
-from mclandscape.engine.data import Dataset, batch_stream
+from mclandscape.engine.batches import batch_stream
+from mclandscape.engine.data import Dataset
 from mclandscape.engine.models import get_model
 from mclandscape.methods.curvature import (
     HVP,

@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 
 from mclandscape.engine import tfds_local
-from mclandscape.engine.data import (
-    Dataset,
-    DatasetNotFoundError,
-    augment_batch,
-    iterate_batches,
-    load_dataset,
-    num_batches,
-)
+from mclandscape.engine.batches import augment_batch, iterate_batches, num_batches
+from mclandscape.engine.data import Dataset, DatasetNotFoundError, load_dataset
 
 OFFLINE = {  # name: (train shape, test shape, classes)
     "digits": ((1437, 8, 8, 1), (360, 8, 8, 1), 10),

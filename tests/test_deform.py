@@ -170,7 +170,8 @@ def test_engine_step_passes_the_loss_to_the_vdm_and_reports_the_domain():
     """make_step hands the objective's loss to scale_by_vdm (extra argument loss=): SGDM + VDM equals SGDM on
     the deformed objective step for step, and a run that leaves LE's domain is reported by check_vdm_state."""
     from mclandscape.core.objective import function_objective
-    from mclandscape.engine.loop import make_step, run
+    from mclandscape.engine.loop import run
+    from mclandscape.engine.step import make_step
 
     params, loss_fn = _ce_problem()
     vdm = LE(1, 0.9)

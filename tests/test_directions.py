@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from mclandscape.core.tree import TreeMismatchError, tree_add, tree_norm, tree_stack
-from mclandscape.engine.evaluate import evaluate_params, map_points
+from mclandscape.engine.evaluate import evaluate_params
 from mclandscape.engine.models import get_model
+from mclandscape.engine.points import map_points
 from mclandscape.methods import directions as D
 from mclandscape.methods.directions import (
     direction_points,

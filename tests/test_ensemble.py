@@ -242,7 +242,8 @@ class _Epochs:
 
 
 def test_snapshots_train_in_real_epochs_with_the_same_members_as_one_step_epochs():
-    from mclandscape.engine.loop import LoopConfig, StopRun, make_step, run
+    from mclandscape.engine.loop import LoopConfig, StopRun, run
+    from mclandscape.engine.step import make_step
 
     objective, params, fixed = _logreg()
     x, y = fixed(0)
@@ -281,7 +282,7 @@ def test_ensemble_trainers_default_progress_like_every_trainer():
 
 def _by_hand(objective, params, tx, batches, key, collect):
     """The reference: one step at a time, batch t and key fold_in(key, t), the parameters after each count."""
-    from mclandscape.engine.loop import make_step
+    from mclandscape.engine.step import make_step
 
     step = make_step(objective, tx)
     state, out = step.init(params), {}

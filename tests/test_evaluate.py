@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,8 +13,11 @@ import pytest
 
 from mclandscape.core import connectors as C
 from mclandscape.core import tree as T
-from mclandscape.engine.evaluate import bn_momentum, evaluate_params, evaluate_points, recalibrate_bn, uv_grid
+from mclandscape.engine import distributed
+from mclandscape.engine.batchnorm import bn_momentum, recalibrate_bn
+from mclandscape.engine.evaluate import evaluate_params, evaluate_points
 from mclandscape.engine.models.base import from_flax
+from mclandscape.engine.points import uv_grid
 
 
 class TinyMLP(nn.Module):
@@ -65,12 +69,12 @@ def test_strategies_agree_with_reference_on_connector():
     pts = uv_grid(4)
     ref = _reference(MLP, T.tree_unstack(surf.points(pts)), x, y)
     results = {}
-    for strategy, chunk in [("loop", None), ("map", 1), ("map", 5), ("vmap", 7), ("auto", None)]:
+    for strategy, chunk in [("unroll", None), ("map", 1), ("map", 5), ("vmap", 7), ("auto", None)]:
         r = evaluate_points(MLP, surf, pts, (x, y), batch_size=32, strategy=strategy, chunk_size=chunk)
         np.testing.assert_allclose(r.loss, ref[:, 0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(r.accuracy, ref[:, 1], atol=1e-6)
         results[(strategy, chunk)] = r
-    assert results[("auto", None)].strategy in ("map", "vmap", "loop")
+    assert results[("auto", None)].strategy in ("map", "vmap", "unroll")
 
 
 def test_evaluate_params_probs_and_masks_partial_batch():
@@ -113,6 +117,57 @@ def test_bn_recomputed_per_point():
     assert abs(wrong[1, 0] - ref[1, 0]) > 1e-4
     with pytest.raises(ValueError, match="bn_data"):
         evaluate_points(BN, curve, ts, (x, y))
+
+
+def test_several_datasets_recalibrate_batchnorm_once_per_point():
+    x, y = _data(n=64)
+    xt, yt = _data(n=40, seed=1)
+    curve = C.bezier_curve(*_inits(BN, 2, x), 2)
+    ts = np.array([0.0, 0.3, 1.0])
+    traces = []
+
+    def counted(variables, xb, rngs=None):  # counts the traced BatchNorm passes of the evaluator
+        traces.append(xb.shape)
+        return BN.apply_with_stats(variables, xb, rngs=rngs)
+
+    model = dataclasses.replace(BN, apply_with_stats=counted)
+    kw = dict(batch_size=32, bn_data=(x, y), bn_batch_size=32, return_probs=True)
+    both = evaluate_points(model, curve, ts, {"train": (x, y), "test": (xt, yt)}, **kw)
+    once = len(traces)
+    assert sorted(both) == ["test", "train"]
+    for name, data in (("train", (x, y)), ("test", (xt, yt))):
+        alone = evaluate_points(BN, curve, ts, data, **kw)
+        np.testing.assert_array_equal(both[name].loss, alone.loss)
+        np.testing.assert_array_equal(both[name].accuracy, alone.accuracy)
+        np.testing.assert_array_equal(both[name].probs, alone.probs)
+    traces.clear()
+    evaluate_points(dataclasses.replace(BN, apply_with_stats=counted), curve, ts, (x, y), **kw)
+    assert len(traces) == once  # two datasets trace the BatchNorm pass as often as one
+    with pytest.raises(ValueError, match="empty dict"):
+        evaluate_points(BN, curve, ts, {}, **kw)
+    some = evaluate_points(BN, curve, ts, {"train": (x, y), "test": (xt, yt)}, **{**kw, "return_probs": ("test",)})
+    assert some["train"].probs is None
+    np.testing.assert_array_equal(some["test"].probs, both["test"].probs)
+    np.testing.assert_array_equal(some["train"].loss, both["train"].loss)
+    with pytest.raises(ValueError, match="return_probs"):
+        evaluate_points(BN, curve, ts, {"train": (x, y)}, **{**kw, "return_probs": ("val",)})
+
+
+def test_devices_must_be_a_number_of_devices():
+    x, y = _data()
+    curve = C.bezier_curve(*_inits(MLP, 2, x))
+    for bad in ("cpu", 0, 1.5, len(jax.devices()) + 1):
+        with pytest.raises(ValueError, match=r"devices must be None \(all devices\) or a number of devices"):
+            evaluate_points(MLP, curve, [0.5], (x, y), devices=bad)
+        with pytest.raises(ValueError, match="devices must be None"):
+            distributed.training_mesh(32, devices=bad)
+    # checked before anything is started, each naming the argument
+    with pytest.raises(ValueError, match="num_processes must be an integer >= 1 .*got 0"):
+        distributed.initialize(num_processes=0)
+    with pytest.raises(ValueError, match="process_id must be an integer >= 0 .*got -1"):
+        distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=-1)
+    with pytest.raises(ValueError, match="local_devices must be an integer >= 1 .*got 'cpu'"):
+        distributed.initialize(local_devices="cpu")
 
 
 def test_bad_inputs():
@@ -168,7 +223,8 @@ SHARDED = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_evaluate import MLP, BN, _data, _inits
     from mclandscape.core import connectors as C
-    from mclandscape.engine.evaluate import evaluate_points, uv_grid
+    from mclandscape.engine.evaluate import evaluate_points
+    from mclandscape.engine.points import uv_grid
     assert len(jax.devices()) == 8, jax.devices()
     x, y = _data()
     s = C.bezier_surface(*_inits(MLP, 4, x), n=2, m=2)

@@ -18,16 +18,12 @@ from mclandscape.core import connectors as C
 from mclandscape.core.objective import function_objective
 from mclandscape.engine.checkpoint import all_steps
 from mclandscape.engine.data import Dataset, load_dataset
-from mclandscape.engine.evaluate import evaluate_points, uv_grid
-from mclandscape.engine.loop import (
-    LoopConfig,
-    NonFiniteError,
-    ResumeMismatchError,
-    fingerprint_diff,
-    make_step,
-    run,
-)
+from mclandscape.engine.evaluate import evaluate_points
+from mclandscape.engine.loop import LoopConfig, NonFiniteError, run
 from mclandscape.engine.models import get_model
+from mclandscape.engine.points import uv_grid
+from mclandscape.engine.resume import ResumeMismatchError, fingerprint_diff
+from mclandscape.engine.step import make_step
 from mclandscape.engine.train import TrainConfig, train_model
 from mclandscape.methods.curves import CurveConfig, train_curve
 from mclandscape.methods.surface_train import SurfaceConfig, train_surface
@@ -69,6 +65,21 @@ def test_extra_args_transform_receives_the_loss():
     state, metrics = step(step.init({"w": jnp.zeros(2)}), jnp.ones(2), jax.random.key(0))
     jax.effects_barrier()
     assert seen == [pytest.approx(2.0)] and float(metrics["loss"]) == pytest.approx(2.0)
+
+
+def _weighted(params, batch, key):
+    """A loss with fractional example weights: ``correct`` and ``count`` are weight sums below 1."""
+    w = jnp.asarray([0.25, 0.25])
+    return jnp.sum(params["w"] ** 2), {"correct": jnp.sum(w * jnp.asarray([1.0, 0.0])), "count": jnp.sum(w)}
+
+
+def test_fractional_example_weights_do_not_clip_the_count():
+    step = make_step(_weighted, optax.sgd(0.1))
+    _, metrics = step(step.init({"w": jnp.ones(2)}), None, jax.random.key(0))
+    assert float(metrics["acc"]) == 0.5  # 0.25 / 0.5, not 0.25 / max(0.5, 1)
+    res = run(step, step.init({"w": jnp.ones(2)}), lambda t: None, epochs=1, steps_per_epoch=3,
+              key=jax.random.key(0), config=LoopConfig(progress=False))
+    assert res.history[0]["acc"] == 0.5
 
 
 def test_non_finite_loss_stops_with_the_step_and_leaf_and_is_never_saved(tmp_path):

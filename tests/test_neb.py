@@ -11,9 +11,11 @@ import pytest
 
 from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import tree_index, tree_row_dot, tree_row_scale, tree_stack
-from mclandscape.engine.data import Dataset, batch_stream
-from mclandscape.engine.evaluate import connector_points, evaluate
+from mclandscape.engine.batches import batch_stream
+from mclandscape.engine.data import Dataset
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models.base import from_flax
+from mclandscape.engine.points import connector_points
 from mclandscape.methods import autoneb as A
 from mclandscape.methods import neb as N
 from mclandscape.methods import neb_forces as F

@@ -15,9 +15,9 @@ from mclandscape.core import tree as T
 from mclandscape.core.tree import TreeMismatchError
 from mclandscape.engine.checkpoint import CheckpointError, load_model
 from mclandscape.engine.data import Dataset
-from mclandscape.engine.evaluate import uv_grid
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import from_flax, from_nnx, get_model
+from mclandscape.engine.points import uv_grid
 from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import surface_grid as S
 from mclandscape.methods.curves import CurveConfig, train_curve

@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from mclandscape.core.objective import function_objective, make_objective
-from mclandscape.engine.data import Dataset, batch_stream, iterate_batches
+from mclandscape.engine.batches import batch_stream, iterate_batches
+from mclandscape.engine.data import Dataset
 from mclandscape.engine.models import from_flax, get_model
 
 

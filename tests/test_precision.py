@@ -13,8 +13,8 @@ import pytest
 
 from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import tree_ravel
-from mclandscape.engine.evaluate import connector_points, map_points
 from mclandscape.engine.models import get_model
+from mclandscape.engine.points import connector_points, map_points
 from mclandscape.methods import autoneb as AN
 from mclandscape.methods import flats as VF
 from mclandscape.methods import lattice as VL

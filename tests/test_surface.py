@@ -14,9 +14,9 @@ from mclandscape.core import connectors as C
 from mclandscape.core import tree as T
 from mclandscape.core.bernstein import bernstein
 from mclandscape.engine.data import Dataset, load_dataset
-from mclandscape.engine.evaluate import uv_grid
 from mclandscape.engine.models import get_model
 from mclandscape.engine.models.base import from_flax
+from mclandscape.engine.points import uv_grid
 from mclandscape.methods import surface as S
 from mclandscape.methods import surface_grid as G
 from mclandscape.methods.surface_train import SurfaceConfig, train_surface

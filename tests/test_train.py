@@ -14,9 +14,9 @@ from mclandscape.core.objective import function_objective
 from mclandscape.engine.checkpoint import CheckpointError, all_steps, load_model, read_metadata
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.evaluate import evaluate_model
-from mclandscape.engine.loop import make_step
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import from_flax, get_model
+from mclandscape.engine.step import make_step
 from mclandscape.engine.train import TrainConfig, make_optimizer, make_schedule, train_model
 
 
@@ -404,7 +404,7 @@ def test_train_many_batchnorm_dropout_stacked_equals_sequential(many_setup):
 
 def test_train_many_stacked_checkpoint_resumes_bit_identical(many_setup, tmp_path):
     from mclandscape.engine.checkpoint import CheckpointStore
-    from mclandscape.engine.loop import ResumeMismatchError
+    from mclandscape.engine.resume import ResumeMismatchError
 
     mlp, train, test, cfg, seeds, vm = many_setup
     go = lambda **kw: train_many(mlp, train, test, cfg, seeds=seeds, strategy="vmap", progress=False,  # noqa: E731

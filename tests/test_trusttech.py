@@ -15,8 +15,9 @@ import pytest
 
 from mclandscape.core.objective import function_objective, make_objective
 from mclandscape.core.tree import tree_add, tree_cosine, tree_distance, tree_dot, tree_norm
-from mclandscape.engine.data import batch_stream
-from mclandscape.engine.loop import NonFiniteError, ResumeMismatchError
+from mclandscape.engine.batches import batch_stream
+from mclandscape.engine.loop import NonFiniteError
+from mclandscape.engine.resume import ResumeMismatchError
 from mclandscape.methods import dsp_detector as dd
 from mclandscape.methods import dsp_step as dstep
 from mclandscape.methods import trusttech as tt

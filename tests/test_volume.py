@@ -446,7 +446,7 @@ def _theta(params):
 
 def test_a_batch_of_voxels_is_rows_over_the_anchor_and_basis():
     """Voxels are Points of the one evaluator: rows [1, s·a_1..s·a_m] over the stack [θ*, b_1..b_m]."""
-    from mclandscape.engine.evaluate import Points, map_points
+    from mclandscape.engine.points import Points, map_points
 
     minima = _random_minima(4, 20)
     coords = np.array([[0, 0, 0], [2, -1, 5], [-7, 3, 1]])
@@ -701,7 +701,8 @@ def test_model_loss_on_an_iris_flat_is_exact_and_bucket_invariant(iris_setup):
 def test_iris_voxel_losses_agree_with_the_model_path(iris_setup):
     """The objective on a flat's voxels equals the one evaluator's model path on the same voxels."""
     from mclandscape.core.tree import tree_stack
-    from mclandscape.engine.evaluate import Points, evaluate
+    from mclandscape.engine.evaluate import evaluate
+    from mclandscape.engine.points import Points
 
     model, data, minima = iris_setup
     params = [v["params"] for v in minima]

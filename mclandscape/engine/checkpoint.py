@@ -125,12 +125,12 @@ class CheckpointStore:
     Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, create: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, create: bool = True, preservation_policy=None):
         self.directory = _as_path(directory)
         if not create and not self.directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=create,
-                                               cleanup_tmp_directories=create)
+                                               cleanup_tmp_directories=create, preservation_policy=preservation_policy)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
     # -- context manager

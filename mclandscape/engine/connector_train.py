@@ -10,11 +10,10 @@ step and loop (:mod:`mclandscape.engine.loop`): all ``k`` points are evaluated o
 optimizer update follows per batch. Only the trainable control points move (the step's mask restores the
 others bit for bit).
 
-How the ``k`` points are evaluated (``strategy``): ``"unroll"`` (the CPU default: the k points written out
-one after another), ``"map"`` (``jax.lax.map``) or ``"vmap"`` (the default elsewhere). On CPU, XLA runs
-the convolutions of a *differentiated* loop body or of per-point kernels far slower
-(``benchmarks/surface_training.py``: small CNN, k = 80, 0.50 s per step unrolled against 6.6 s with
-``lax.map`` and 30 s with ``vmap``).
+How the ``k`` points are evaluated (``strategy``): ``"unroll"`` (the k points written out one after
+another), ``"map"`` (``jax.lax.map``) or ``"vmap"``; ``"auto"`` (the default) is the engine's rule for
+differentiated points (:func:`mclandscape.engine.mapping.resolve`): unrolled on CPU for a convolutional
+model, vmapped otherwise.
 
 :func:`train_connector` trains a connector of a model on a dataset, or of any objective on any batch stream
 (an analytic potential, a regression loss). A run with a ``checkpoint_dir`` resumes after its last saved
@@ -40,10 +39,13 @@ from jax.sharding import PartitionSpec as P
 from mclandscape.core.connectors import Connector
 from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import make_objective
-from mclandscape.core.tree import PyTree, check_finite, tree_combine, tree_digest, tree_dot
-from mclandscape.engine.data import Dataset, batch_stream, data_digest
+from mclandscape.core.tree import check_finite, tree_combine, tree_digest, tree_dot
+from mclandscape.engine import cpu, mapping
+from mclandscape.engine.batches import batch_stream, data_digest
+from mclandscape.engine.data import Dataset
 from mclandscape.engine.distributed import training_mesh
-from mclandscape.engine.loop import LoopConfig, make_step, run
+from mclandscape.engine.loop import LoopConfig, run
+from mclandscape.engine.step import make_step
 
 __all__ = [
     "ConnectorTrainResult",
@@ -61,28 +63,24 @@ __all__ = [
     "WEIGHT_DECAY_ON",
 ]
 
-STRATEGIES = ("unroll", "map", "vmap")
+STRATEGIES = ("auto",) + mapping.HOW
 WEIGHT_DECAY_ON = ("point", "control")
 
 
-def check_connector(connector, kinds: Sequence[str], fn: str, extra: tuple = (), *, build: str = "") -> Connector:
+def check_connector(connector, kinds: Sequence[str], fn: str, *, build: str = "") -> Connector:
     """``connector`` if it is a :class:`Connector` of one of ``kinds``; a ``TypeError`` that says what to do if not.
-
-    The model-level trainers take ``(model, connector, train, ...)``; ``extra`` holds any further positional
-    arguments, the sign of the old ``(model, start, end, train)`` call.
 
     Args:
       connector: the value passed as the connector.
       kinds: the accepted connector kinds.
       fn: the caller's name, for the message.
-      extra: the caller's surplus positional arguments (must be empty).
       build: how to build the connector, for the message (e.g. ``"mcl.bezier_curve(start, end, degree=2)"``).
 
     Returns:
       The connector.
 
     Raises:
-      TypeError: ``connector`` is not a Connector, or there are surplus positional arguments.
+      TypeError: ``connector`` is not a Connector.
       ValueError: the connector is of another kind.
 
     Example:
@@ -92,11 +90,10 @@ def check_connector(connector, kinds: Sequence[str], fn: str, extra: tuple = (),
         'bezier'
     """
     hint = f"; build it with {build}" if build else ""
-    if extra or not isinstance(connector, Connector):
-        got = "more positional arguments" if extra else f"a {type(connector).__name__}"
+    if not isinstance(connector, Connector):
         raise TypeError(f"{fn}(model, connector, train, *, ...) takes a {' or '.join(kinds)} Connector as its "
-                        f"second argument and keyword options after train, got {got}{hint} and pass it in place "
-                        f"of the end points")
+                        f"second argument and keyword options after train, got a {type(connector).__name__}{hint} "
+                        f"and pass it in place of the end points")
     if connector.kind not in kinds:
         raise ValueError(f"{fn} trains {' or '.join(kinds)} connectors, got a {connector.kind!r} connector")
     return connector
@@ -255,13 +252,7 @@ class ConnectorObjective:
             reg = 0.5 * self.point_l2 * tree_dot(params, params) if self.point_l2 else jnp.zeros((), task.dtype)
             return task, reg
 
-        if self.strategy == "unroll":
-            outs = [one((coefs[i], keys[i])) for i in range(self.num_samples)]
-            losses, regs = jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
-        elif self.strategy == "map":
-            losses, regs = jax.lax.map(one, (coefs, keys))
-        else:
-            losses, regs = jax.vmap(one)((coefs, keys))
+        losses, regs = mapping.map_over(one, (coefs, keys), self.strategy)
         if self.point_weights is None:
             w = jnp.ones_like(losses)
         else:
@@ -286,10 +277,6 @@ class ConnectorTrainResult:
     history: list[dict]
     resumed_from: int | None = None
     stopped: int | None = None
-
-
-def _default_strategy() -> str:
-    return "unroll" if jax.default_backend() == "cpu" else "vmap"
 
 
 def _check_nonneg(name: str, v) -> float:
@@ -317,7 +304,7 @@ def train_connector(objective, connector: Connector, data, *, epochs: int, tx: o
                     num_samples: int = 1, trainable: np.ndarray | None = None, l2: float = 0.0,
                     point_l2: float = 0.0, point_weights: Callable | None = None,
                     coefficients: Callable | None = None, loss_fn: Callable = cross_entropy, seed: int = 0,
-                    augment: bool = False, strategy: str | None = None, loop: LoopConfig | None = None,
+                    augment: bool = False, strategy: str = "auto", loop: LoopConfig | None = None,
                     callbacks: Sequence[Callable] = (), hyper: Mapping | None = None,
                     metadata: Mapping | None = None, run_start: Connector | None = None,
                     devices: int | None = None) -> ConnectorTrainResult:
@@ -337,7 +324,8 @@ def train_connector(objective, connector: Connector, data, *, epochs: int, tx: o
       num_samples: ``k``, the points evaluated per batch.
       l2, point_l2, point_weights, coefficients: see :class:`ConnectorObjective`.
       seed: the sampling, dropout and batch-order seed.
-      strategy: how the ``k`` points are evaluated (module docstring).
+      strategy: how the ``k`` points are evaluated: ``"auto"`` (default), ``"unroll"``, ``"map"`` or ``"vmap"``
+        (module docstring).
       loop: checkpoints, rotation, resume and progress (:class:`~mclandscape.engine.loop.LoopConfig`).
       callbacks: ``callback(epoch, state, history)`` after every epoch (``epoch`` from 1, as in the history);
         raising :class:`~mclandscape.engine.loop.StopRun` ends the run there.
@@ -364,15 +352,60 @@ def train_connector(objective, connector: Connector, data, *, epochs: int, tx: o
         >>> [r["epoch"] for r in res.history], bool(res.connector.control["w"][1, 1] < 1.0)
         ([1, 2], True)
     """
+    epochs, num_samples, l2, point_l2 = _check_counts(epochs, num_samples, l2, point_l2, batch_size)
+    if not isinstance(connector, Connector):
+        raise ValueError(f"connector must be a Connector, got {type(connector).__name__}")
+    mask = _trainable(connector, trainable)
+    check_finite(connector.control, "connector control points")
+    model, point = _point_objective(objective, loss_fn)
+    if isinstance(data, Dataset) and batch_size is not None and batch_size > len(data):
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(data)} training examples")
+    batches, spe, digest = _stream(data, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
+                                   augment=augment)
+    sampler = sampler or uniform_sampler(connector.point_dim)
+    leaves = jax.tree_util.tree_leaves(batches(0))
+    mesh = training_mesh(int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 1, num_samples,
+                         devices=devices)
+    how, _ = mapping.resolve(strategy or "auto", num_samples, has_conv=cpu.has_conv(connector.control, stacked=1),
+                             grad=True)
+    if mesh is not None and mesh.shape["points"] > 1:
+        how = "vmap"  # the points are split over devices along the vmapped axis
+    obj = ConnectorObjective(point=point, template=connector.replace(control=None), sampler=sampler,
+                             mask=jnp.asarray(mask), num_samples=num_samples, coefficients=coefficients,
+                             point_weights=point_weights, l2=l2, point_l2=point_l2, strategy=how, mesh=mesh)
+    step = make_step(obj, tx, trainable=jax.tree_util.tree_map(lambda _: jnp.asarray(mask), connector.control),
+                     mesh=mesh)
+    hyper = {"epochs": epochs, "num_samples": num_samples, "l2": l2, "point_l2": point_l2,
+             "batch_size": None if batch_size is None else int(batch_size), "steps_per_epoch": spe,
+             "seed": int(seed), "augment": bool(augment), "sampler": _describe(sampler),
+             "coefficients": _describe(coefficients), "point_weights": _describe(point_weights),
+             "loss_fn": _describe(loss_fn), **dict(hyper or {})}
+    fingerprint = {"trainer": "connector", "kind": connector.kind, "shape": list(connector.shape),
+                   "trainable": mask.tolist(), "model": None if model is None else model.spec,
+                   "objective": None if model is not None else type(point).__name__, "hyper": hyper,
+                   "inputs": {"control": tree_digest((run_start or connector).control), "data": digest}}
+    res = run(step, step.init(connector.control), batches, epochs=epochs, steps_per_epoch=spe,
+              key=jax.random.key(seed), config=loop or LoopConfig(desc=f"train {connector.kind}"),
+              fingerprint=fingerprint, callbacks=callbacks,
+              metadata={"kind": connector.kind, "shape": list(connector.shape), **dict(metadata or {})})
+    history = [{k: v for k, v in h.items() if k != "acc"} for h in res.history]
+    return ConnectorTrainResult(connector=connector.replace(control=res.state.params), opt_state=res.state.opt_state,
+                                history=history, resumed_from=res.resumed_from, stopped=res.stopped)
+
+
+def _check_counts(epochs, num_samples, l2, point_l2, batch_size) -> tuple[int, int, float, float]:
+    """The trainer's counts and weights, or a ``ValueError`` naming the bad one."""
     if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 0:
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    l2, point_l2 = _check_nonneg("l2", l2), _check_nonneg("point_l2", point_l2)
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not isinstance(connector, Connector):
-        raise ValueError(f"connector must be a Connector, got {type(connector).__name__}")
+    return int(epochs), int(num_samples), _check_nonneg("l2", l2), _check_nonneg("point_l2", point_l2)
+
+
+def _trainable(connector: Connector, trainable) -> np.ndarray:
+    """The ``[K]`` mask of the control points that move: the connector's own, ``&``-ed with ``trainable``."""
     mask = np.asarray(connector.trainable, bool)
     if trainable is not None:
         t = np.asarray(trainable, bool).reshape(-1)
@@ -381,52 +414,17 @@ def train_connector(objective, connector: Connector, data, *, epochs: int, tx: o
         mask = mask & t
     if not mask.any():
         raise ValueError("no trainable control point: the mask fixes every control point")
-    strategy = strategy or _default_strategy()
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    check_finite(connector.control, "connector control points")
-    model = None
+    return mask
+
+
+def _point_objective(objective, loss_fn) -> tuple[Any, Callable]:
+    """``(model or None, point objective)``: a Model is trained in train mode with ``loss_fn``."""
     if hasattr(objective, "apply") and hasattr(objective, "init"):
-        model, point = objective, make_objective(objective, loss_fn, train=True)
-    elif callable(objective):
-        point = objective
-    else:
-        raise ValueError(f"objective must be a Model or a callable (params, batch, key) -> (loss, aux), "
-                         f"got {type(objective).__name__}")
-    if isinstance(data, Dataset) and batch_size is not None and batch_size > len(data):
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(data)} training examples")
-    batches, spe, digest = _stream(data, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
-                                   augment=augment)
-    sampler = sampler or uniform_sampler(connector.point_dim)
-    first = batches(0)
-    lead = np.shape(jax.tree_util.tree_leaves(first)[0])[0] if jax.tree_util.tree_leaves(first) and np.ndim(
-        jax.tree_util.tree_leaves(first)[0]) else 1
-    mesh = training_mesh(int(lead), int(num_samples), devices=devices)
-    if mesh is not None and mesh.shape["points"] > 1:
-        strategy = "vmap"  # the points are split over devices along the vmapped axis
-    obj = ConnectorObjective(point=point, template=connector.replace(control=None), sampler=sampler,
-                             mask=jnp.asarray(mask), num_samples=int(num_samples), coefficients=coefficients,
-                             point_weights=point_weights, l2=l2, point_l2=point_l2, strategy=strategy, mesh=mesh)
-    step = make_step(obj, tx, trainable=_control_mask(connector, mask), mesh=mesh)
-    fingerprint = {
-        "trainer": "connector",
-        "kind": connector.kind, "shape": list(connector.shape), "trainable": mask.tolist(),
-        "model": None if model is None else model.spec,
-        "objective": None if model is not None else type(point).__name__,
-        "hyper": {"epochs": int(epochs), "num_samples": int(num_samples), "l2": l2, "point_l2": point_l2,
-                  "batch_size": None if batch_size is None else int(batch_size), "steps_per_epoch": spe,
-                  "seed": int(seed), "augment": bool(augment), "sampler": _describe(sampler),
-                  "coefficients": _describe(coefficients), "point_weights": _describe(point_weights),
-                  "loss_fn": _describe(loss_fn), **dict(hyper or {})},
-        "inputs": {"control": tree_digest((run_start or connector).control), "data": digest},
-    }
-    res = run(step, step.init(connector.control), batches, epochs=int(epochs), steps_per_epoch=spe,
-              key=jax.random.key(seed), config=loop or LoopConfig(desc=f"train {connector.kind}"),
-              fingerprint=fingerprint, callbacks=callbacks,
-              metadata={"kind": connector.kind, "shape": list(connector.shape), **dict(metadata or {})})
-    history = [{k: v for k, v in h.items() if k != "acc"} for h in res.history]
-    return ConnectorTrainResult(connector=connector.replace(control=res.state.params), opt_state=res.state.opt_state,
-                                history=history, resumed_from=res.resumed_from, stopped=res.stopped)
+        return objective, make_objective(objective, loss_fn, train=True)
+    if callable(objective):
+        return None, objective
+    raise ValueError(f"objective must be a Model or a callable (params, batch, key) -> (loss, aux), "
+                     f"got {type(objective).__name__}")
 
 
 def _describe(obj) -> str | None:
@@ -439,12 +437,6 @@ def _describe(obj) -> str | None:
                   if not f.metadata.get("pytree_node", True)}
         return f"{type(obj).__name__}{static}"
     return getattr(obj, "__qualname__", type(obj).__name__)
-
-
-def _control_mask(connector: Connector, mask: np.ndarray) -> PyTree:
-    """The step's trainable mask: one ``[K]`` boolean vector per control leaf (broadcast over the leaf)."""
-    m = jnp.asarray(mask)
-    return jax.tree_util.tree_map(lambda _: m, connector.control)
 
 
 def checkpointed_connector(connector: Connector, tx: optax.GradientTransformation,
@@ -469,7 +461,8 @@ def checkpointed_connector(connector: Connector, tx: optax.GradientTransformatio
         0
     """
     from mclandscape.engine.checkpoint import latest_step
-    from mclandscape.engine.loop import init_state, restore_state
+    from mclandscape.engine.resume import restore_state
+    from mclandscape.engine.step import init_state
 
     last = latest_step(checkpoint_dir)
     if not last:

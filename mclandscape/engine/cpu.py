@@ -4,12 +4,13 @@ Nothing here changes a result beyond float rounding; every choice is tested equa
 (``tests/test_cpu.py``). The evaluator and the training step consult this module; models, objectives and
 methods never do.
 
-- **Compiler options.** On CPU the engine's jitted functions are compiled with :data:`COMPILER_OPTIONS`,
-  which keep convolutions out of XLA's YNNPACK library path (XLA's default minus convolutions): on the
-  2-core CPU XLA's own convolutions ran a ConvFC forward pass (batch 128) in 44 ms against 77 ms and its
-  gradient in 152 ms against 204 ms. :func:`tuned_jit` picks that compilation on CPU and the plain one
-  elsewhere, at call time (so importing mclandscape starts no backend).
-- **How to map over points** (:func:`default_strategy`).
+- **Compiler options.** The engine's jitted functions are compiled with :data:`COMPILER_OPTIONS` (each a
+  module-level ``jax.jit(..., compiler_options=COMPILER_OPTIONS)``), which keep convolutions out of XLA's
+  YNNPACK library path on CPU (XLA's default minus convolutions): on the 2-core CPU XLA's own convolutions
+  ran a ConvFC forward pass (batch 128) in 44 ms against 77 ms and its gradient in 152 ms against 204 ms
+  (``benchmarks/conv_layers.py``). They are fields of XLA's ``DebugOptions``, which every backend shares
+  and accepts (a GPU compiler reads none of its ``xla_cpu_*`` fields), so one compilation serves every backend.
+- **How to map over points**: :func:`mclandscape.engine.mapping.resolve`.
 - **First-layer factorisation** (:func:`first_conv`, :func:`use_factorisation`): a convolution is linear in
   its kernel and bias, so for any coefficients ``conv(x, sum_k c_k K_k) + sum_k c_k b_k = sum_k c_k
   (conv(x, K_k) + b_k)``. When the first convolution of a model is fed by the input alone, the evaluator
@@ -32,12 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.engine import mapping
+
 __all__ = [
     "COMPILER_OPTIONS",
     "has_conv",
-    "tuned_jit",
-    "compiler_options_accepted",
-    "default_strategy",
     "FirstConv",
     "first_conv",
     "use_factorisation",
@@ -50,96 +50,6 @@ __all__ = [
 
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-@functools.cache
-def compiler_options_accepted() -> bool:
-    """Whether this jaxlib's CPU compiler accepts :data:`COMPILER_OPTIONS`.
-
-    Probed once on a tiny function and cached; an older or newer jaxlib without the option gets XLA's defaults.
-
-    Returns:
-      A ``bool``.
-
-    Example:
-        >>> isinstance(compiler_options_accepted(), bool)
-        True
-    """
-    try:
-        jax.jit(lambda v: v + 1, compiler_options=COMPILER_OPTIONS).lower(jnp.zeros(2)).compile()
-        return True
-    except Exception:  # noqa: BLE001 - any rejection means: compile with the defaults
-        return False
-
-
-class tuned_jit:  # noqa: N801 - used like jax.jit
-    """``jax.jit(fun, **jit_kwargs)``, compiled with :data:`COMPILER_OPTIONS` when the default backend is CPU.
-
-    Both variants are ordinary ``jax.jit`` objects made once (define a ``tuned_jit`` at module level), so
-    their compilation caches are JAX's own; the choice between them is made at call time, so importing a
-    module that defines one starts no backend.
-
-    Args:
-      fun: the function to compile.
-      **jit_kwargs: passed to ``jax.jit`` (e.g. ``static_argnames``).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> double = tuned_jit(lambda x, n: x * n, static_argnames=("n",))
-        >>> double(jnp.ones(2), n=2).tolist()
-        [2.0, 2.0]
-    """
-
-    def __init__(self, fun: Callable, **jit_kwargs):
-        functools.update_wrapper(self, fun)
-        self._plain = jax.jit(fun, **jit_kwargs)
-        self._tuned = jax.jit(fun, compiler_options=COMPILER_OPTIONS, **jit_kwargs)
-
-    def _pick(self):
-        if jax.default_backend() == "cpu" and compiler_options_accepted():
-            return self._tuned
-        return self._plain
-
-    def __call__(self, *args, **kwargs):
-        return self._pick()(*args, **kwargs)
-
-    def lower(self, *args, **kwargs):
-        return self._pick().lower(*args, **kwargs)
-
-
-def default_strategy(num_points: int, param_bytes: int, *, has_conv: bool, backend: str | None = None,
-                     chunk_bytes: int = 1 << 30) -> tuple[str, int]:
-    """``(strategy, chunk)`` for mapping a per-point function over ``num_points`` points.
-
-    CPU, measured on a quiet moment (digits, 3×3-control surface, 121 points): a 64-128-128-10 MLP ran at
-    0.231 ms/point with ``lax.map`` chunks of 16 (vmapped inside) against 0.279 with one point at a time,
-    so models without convolutions take chunks of ``min(16, P)``; the simple CNN ran at 4.10 ms/point one
-    at a time against 4.61 with chunks of 16 (vmapped points give every point its own kernels, which XLA's
-    CPU convolutions run slowly), so convolutional models go one point at a time. Elsewhere chunks as large
-    as ``chunk_bytes`` of parameter copies allow (at most 64).
-
-    Args:
-      num_points: how many points are evaluated.
-      param_bytes: the bytes of one point's parameters.
-      has_conv: whether the model has convolutions.
-      backend: ``"cpu"``, ``"gpu"``, ... (default: JAX's default backend).
-      chunk_bytes: the memory budget of one chunk of parameter copies off CPU.
-
-    Returns:
-      ``("map", chunk)``: ``lax.map`` over chunks of ``chunk`` points, vmapped inside a chunk.
-
-    Example:
-        >>> default_strategy(121, 20_000, has_conv=False, backend="cpu")
-        ('map', 16)
-        >>> default_strategy(121, 20_000, has_conv=True, backend="cpu")
-        ('map', 1)
-        >>> default_strategy(121, 2**28, has_conv=True, backend="gpu")
-        ('map', 4)
-    """
-    backend = backend or jax.default_backend()
-    if backend == "cpu":
-        return ("map", 1) if has_conv else ("map", int(max(1, min(16, num_points))))
-    return "map", int(max(1, min(num_points, 64, chunk_bytes // max(param_bytes, 1))))
 
 
 # ---- first-layer factorisation --------------------------------------------------------------------------
@@ -306,8 +216,7 @@ def use_factorisation(conv: FirstConv | None, num_points: int, num_control: int,
         >>> use_factorisation(conv, 21, 3, backend="cpu"), use_factorisation(conv, 121, 9, backend="cpu")
         (True, False)
     """
-    backend = backend or jax.default_backend()
-    if conv is None or backend != "cpu":
+    if conv is None or (backend or mapping.backend()) != "cpu":
         return False
     return num_points > num_control and conv.macs_per_output >= 16 * num_control
 

@@ -47,6 +47,7 @@ __all__ = [
     "put",
     "replicate",
     "shard",
+    "num_devices",
     "to_host",
     "local",
     "sync",
@@ -80,13 +81,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         ...
         ValueError: process_id must lie in [0, 2), got 2
     """
+    for name, v, low in (("num_processes", num_processes, 1), ("process_id", process_id, 0),
+                         ("local_devices", local_devices, 1)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low):
+            raise ValueError(f"{name} must be an integer >= {low} (or None), got {v!r}")
     if (num_processes is None) != (process_id is None):
         raise ValueError("give both num_processes and process_id, or neither (to detect them from the cluster)")
-    if num_processes is not None and not 0 <= int(process_id) < int(num_processes):
+    if num_processes is not None and not process_id < num_processes:
         raise ValueError(f"process_id must lie in [0, {num_processes}), got {process_id}")
     if local_devices is not None:
-        if int(local_devices) < 1:
-            raise ValueError(f"local_devices must be >= 1, got {local_devices}")
         jax.config.update("jax_num_cpu_devices", int(local_devices))
     # on CPU, collectives between processes need an implementation (JAX's default is gloo in recent versions;
     # an explicit choice such as "mpi" is kept); harmless where the CPU is not the backend
@@ -136,6 +139,29 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def num_devices(devices: int | None) -> int:
+    """How many of the job's devices ``devices`` asks for (``None``: all), or a ``ValueError`` naming it.
+
+    Args:
+      devices: ``None`` or an integer in ``[1, len(jax.devices())]``.
+
+    Returns:
+      The count.
+
+    Example:
+        >>> num_devices("cpu")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: devices must be None (all devices) or a number of devices in [1, ...], got 'cpu'
+    """
+    avail = len(jax.devices())
+    if devices is None:
+        return avail
+    if isinstance(devices, bool) or not isinstance(devices, int | np.integer) or not 1 <= devices <= avail:
+        raise ValueError(f"devices must be None (all devices) or a number of devices in [1, {avail}], got {devices!r}")
+    return int(devices)
+
+
 def mesh(shape: Sequence[int] | None = None, axes: Sequence[str] = ("points",), *,
          devices: int | None = None) -> jax.sharding.Mesh:
     """A mesh over the first ``devices`` devices of the job (default all, across every process).
@@ -153,16 +179,13 @@ def mesh(shape: Sequence[int] | None = None, axes: Sequence[str] = ("points",), 
         >>> m.axis_names, m.devices.shape
         (('points',), (1,))
     """
-    avail = jax.devices()
-    n = len(avail) if devices is None else int(devices)
-    if not 1 <= n <= len(avail):
-        raise ValueError(f"devices={devices} but the job has {len(avail)}")
+    n = num_devices(devices)
     axes = tuple(axes)
     shape = (n,) + (1,) * (len(axes) - 1) if shape is None else tuple(int(s) for s in shape)
     if len(shape) != len(axes) or int(np.prod(shape)) != n:
         raise ValueError(f"a mesh of shape {shape} over axes {axes} needs {int(np.prod(shape))} devices, "
                          f"have {n}")
-    return jax.sharding.Mesh(np.asarray(avail[:n]).reshape(shape), axes)
+    return jax.make_mesh(shape, axes, devices=jax.devices()[:n])
 
 
 def training_mesh(batch_size: int, num_points: int = 1, *, devices: int | None = None) -> jax.sharding.Mesh | None:
@@ -186,10 +209,7 @@ def training_mesh(batch_size: int, num_points: int = 1, *, devices: int | None =
         >>> training_mesh(64, devices=1) is None
         True
     """
-    avail = len(jax.devices())
-    n = avail if devices is None else int(devices)
-    if not 1 <= n <= avail:
-        raise ValueError(f"devices={devices} but the job has {avail}")
+    n = num_devices(devices)
     for name, v in (("batch_size", batch_size), ("num_points", num_points)):
         if isinstance(v, bool) or int(v) != v or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")

@@ -22,10 +22,13 @@ from jax.sharding import PartitionSpec as P
 from mclandscape.core.objective import call_objective, make_objective, per_count
 from mclandscape.core.tree import PyTree, tree_index, tree_stack
 from mclandscape.engine import cpu, optim
-from mclandscape.engine.data import Dataset, batch_stream, num_batches
+from mclandscape.engine.batches import batch_stream, num_batches
+from mclandscape.engine.data import Dataset
 from mclandscape.engine.distributed import local, training_mesh
-from mclandscape.engine.loop import LoopConfig, make_step, restore_state, run
+from mclandscape.engine.loop import LoopConfig, run
 from mclandscape.engine.models.base import Model
+from mclandscape.engine.resume import restore_state
+from mclandscape.engine.step import make_step
 from mclandscape.engine.train import (
     TrainConfig,
     TrainResult,

@@ -37,11 +37,14 @@ from mclandscape.core.losses import LOSSES, cross_entropy
 from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import PyTree, check_finite, tree_digest
 from mclandscape.engine import optim
-from mclandscape.engine.data import Dataset, batch_stream, data_digest
+from mclandscape.engine.batches import batch_stream, data_digest
+from mclandscape.engine.data import Dataset
 from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.evaluate import evaluate_model
-from mclandscape.engine.loop import LoopConfig, make_step, restore_state, run
+from mclandscape.engine.loop import LoopConfig, run
 from mclandscape.engine.models.base import Model, check_variables
+from mclandscape.engine.resume import restore_state
+from mclandscape.engine.step import make_step
 
 __all__ = [
     "TrainConfig",

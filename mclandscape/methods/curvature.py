@@ -52,7 +52,8 @@ from jax.flatten_util import ravel_pytree
 
 from mclandscape.core.objective import call_objective, make_objective
 from mclandscape.core.tree import PyTree, tree_ravel, tree_size
-from mclandscape.engine.data import BatchStream, Dataset, batch_stream
+from mclandscape.engine.batches import BatchStream, batch_stream
+from mclandscape.engine.data import Dataset
 from mclandscape.engine.models.base import Model
 
 __all__ = [

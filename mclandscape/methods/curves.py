@@ -57,9 +57,10 @@ from mclandscape.engine.connector_train import (
     weight_decay_args,
 )
 from mclandscape.engine.data import Dataset
-from mclandscape.engine.evaluate import PointMetrics, Points, connector_points, evaluate
+from mclandscape.engine.evaluate import PointMetrics, evaluate
 from mclandscape.engine.loop import LoopConfig
 from mclandscape.engine.optim import Transform, transform
+from mclandscape.engine.points import Points, connector_points
 
 __all__ = [
     "CURVE_KINDS", "line_connector", "garipov_schedule", "curve_optimizer", "CurveConfig", "train_curve",

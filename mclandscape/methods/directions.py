@@ -51,8 +51,9 @@ from mclandscape.core.tree import (
     tree_stack,
     tree_sub,
 )
-from mclandscape.engine.evaluate import Points, evaluate, plane_points
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models.base import Model
+from mclandscape.engine.points import Points, plane_points
 
 __all__ = [
     "NORMS",

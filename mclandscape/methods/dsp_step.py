@@ -37,7 +37,8 @@ from mclandscape.core.tree import (
 )
 from mclandscape.engine import cpu, distributed, optim
 from mclandscape.engine.distributed import training_mesh
-from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, make_step, merge_static, run, split_static
+from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, run
+from mclandscape.engine.step import make_step, merge_static, split_static
 from mclandscape.methods.dsp_detector import READINGS, BatchFn, DetectorState, DSPConfig, LocalSolver
 from mclandscape.methods.verification_result import _check_real
 
@@ -204,8 +205,8 @@ def _search_step_impl(objective_static, calibration, reading, detector, mesh, wi
 
 # one module-level jit: the objective's configuration, the calibration, the reading, the detector and the mesh
 # are static (hashable), the objective's arrays, the state, the direction index and rho1 / rho2 are traced
-_search_step_jit = cpu.tuned_jit(_search_step_impl, static_argnames=(
-    "objective_static", "calibration", "reading", "detector", "mesh", "with_d"))
+_search_step_jit = jax.jit(_search_step_impl, static_argnames=(
+    "objective_static", "calibration", "reading", "detector", "mesh", "with_d"), compiler_options=cpu.COMPILER_OPTIONS)
 
 
 def _where(cond, a: PyTree, b: PyTree) -> PyTree:

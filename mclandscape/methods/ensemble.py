@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mclandscape.core.tree import PyTree, tree_gram, tree_stack
-from mclandscape.engine.evaluate import evaluate, stacked_points
+from mclandscape.engine.evaluate import evaluate
+from mclandscape.engine.points import stacked_points
 
 __all__ = [
     "METHODS", "EnsembleMetrics", "average_probs", "vote", "ensemble_probs", "test_error", "nll",

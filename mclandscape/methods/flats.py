@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mclandscape.core.tree import PyTree, check_same_structure, tree_combine, tree_ravel
-from mclandscape.engine.evaluate import Points
+from mclandscape.engine.points import Points
 
 __all__ = ["Flat", "flat_from_minima", "full_space_flat"]
 

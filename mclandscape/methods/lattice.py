@@ -29,7 +29,7 @@ import numpy as np
 
 from mclandscape.core.objective import call_objective
 from mclandscape.core.tree import PyTree
-from mclandscape.engine.evaluate import Points, map_points
+from mclandscape.engine.points import Points, map_points
 from mclandscape.methods.flats import (
     Flat,
     _check_coords,

@@ -65,9 +65,10 @@ from mclandscape.core.objective import call_objective
 from mclandscape.core.tree import PyTree, check_same_structure, tree_distance, tree_index, tree_stack
 from mclandscape.engine import cpu
 from mclandscape.engine.distributed import training_mesh
-from mclandscape.engine.evaluate import map_points, stacked_points
-from mclandscape.engine.loop import LoopConfig, NonFiniteError, Step, StopRun, make_step, run
+from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, run
 from mclandscape.engine.optim import Transform, transform
+from mclandscape.engine.points import map_points, stacked_points
+from mclandscape.engine.step import Step, make_step
 from mclandscape.methods.neb_forces import (
     _band_dtype,
     _check_ends,

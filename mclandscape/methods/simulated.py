@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mclandscape.engine.evaluate import map_points, stacked_points
+from mclandscape.engine.points import map_points, stacked_points
 from mclandscape.methods.deform import VDM, Identity, check_vdm_state, scale_by_vdm
 
 __all__ = ["SimSettings", "make_sim_optimizer", "run_simulation"]

@@ -31,8 +31,9 @@ import optax
 
 from mclandscape.core.objective import check_objective
 from mclandscape.core.tree import PyTree, check_same_structure
-from mclandscape.engine.loop import LoopConfig, make_step, run
+from mclandscape.engine.loop import LoopConfig, run
 from mclandscape.engine.optim import transform
+from mclandscape.engine.step import make_step
 
 __all__ = [
     "snapshot_cosine_schedule", "snapshot_steps", "fge_schedule", "fge_collect_steps", "train_with_snapshots",

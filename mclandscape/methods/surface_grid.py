@@ -19,8 +19,9 @@ import numpy as np
 
 from mclandscape.core.connectors import Connector, bezier_surface, simplex
 from mclandscape.core.tree import PyTree
-from mclandscape.engine.evaluate import connector_points, evaluate, uv_grid
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models.base import Model
+from mclandscape.engine.points import connector_points, uv_grid
 from mclandscape.methods.curves import _evaluate_sets
 from mclandscape.methods.surface import _check_surface
 

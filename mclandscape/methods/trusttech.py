@@ -120,12 +120,8 @@ from mclandscape.core.tree import (
 )
 from mclandscape.engine import distributed
 from mclandscape.engine.checkpoint import CheckpointStore
-from mclandscape.engine.loop import (
-    ResumeMismatchError,
-    fingerprint_diff,
-    make_step,
-    split_static,
-)
+from mclandscape.engine.resume import ResumeMismatchError, fingerprint_diff
+from mclandscape.engine.step import make_step, split_static
 from mclandscape.methods.dsp_detector import (
     BatchFn,
     DSPConfig,

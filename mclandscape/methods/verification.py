@@ -48,8 +48,8 @@ from mclandscape.core.tree import (
     tree_sub,
     tree_unstack,
 )
-from mclandscape.engine.evaluate import map_points, stacked_points
-from mclandscape.engine.loop import merge_static, split_static
+from mclandscape.engine.points import map_points, stacked_points
+from mclandscape.engine.step import merge_static, split_static
 from mclandscape.methods.verification_result import (
     PARAM,
     EndPointClusters,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mclandscape.core.tree import tree_stack
-from mclandscape.engine.evaluate import map_points, stacked_points
+from mclandscape.engine.points import map_points, stacked_points
 from mclandscape.methods.alignment.spec import (
     _NO_ODD,
     Axis,
