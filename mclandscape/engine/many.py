@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from mclandscape.core.objective import call_objective, make_objective, per_count
 from mclandscape.core.tree import PyTree, tree_index, tree_stack
-from mclandscape.engine import cpu, optim
+from mclandscape.engine import cpu, mapping, optim
 from mclandscape.engine.batches import batch_stream, num_batches
 from mclandscape.engine.data import Dataset
 from mclandscape.engine.distributed import local, training_mesh
@@ -68,8 +68,8 @@ def _many_strategy(strategy: str, model: Model, train: Dataset, config: TrainCon
         return strategy
     if len(seeds) == 1 or checkpoint_dir is not None:
         return "sequential"  # one directory per seed, each a run load_model reads
-    if jax.default_backend() == "cpu" and _has_conv(model, train):
-        return "sequential"  # vmapped convolutions run as slow grouped ones; unrolled ones gained nothing
+    if mapping.resolve("auto", len(seeds), has_conv=_has_conv(model, train), grad=True)[0] == "unroll":
+        return "sequential"  # where stacked convolutions would be unrolled, one run per seed is as fast
     saved = (len(seeds) - 1) * config.epochs * num_batches(len(train), config.batch_size, config.drop_last)
     return "vmap" if saved >= AUTO_STACK_MIN_SAVED_STEPS else "sequential"
 
@@ -144,12 +144,8 @@ class MembersObjective:
         def one(p, st, b, k):
             return call_objective(self.inner if st is None else self.inner.with_state(st), p, b, k)
 
-        if self.members == "unroll" and not split:
-            outs = [one(tree_index(params, i), None if state is None else tree_index(state, i),
-                        jax.tree_util.tree_map(lambda a, i=i: a[:, i], data), keys[i]) for i in range(n)]
-            values, aux = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
-        else:
-            values, aux = jax.vmap(one, in_axes=(0, None if state is None else 0, 1, 0))(params, state, data, keys)
+        per_member = (params, state, jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 1, 0), data), keys)
+        values, aux = mapping.map_over(lambda a: one(*a), per_member, "vmap" if split else self.members)
         if not isinstance(aux, dict) or not {"loss", "count"} <= set(aux):
             raise ValueError("MembersObjective: the inner objective's aux must hold 'loss' and 'count' "
                              "(as make_objective's does)")

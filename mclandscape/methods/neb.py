@@ -62,8 +62,8 @@ from jax.sharding import PartitionSpec as P
 
 from mclandscape.core.connectors import Connector
 from mclandscape.core.objective import call_objective
-from mclandscape.core.tree import PyTree, check_same_structure, tree_distance, tree_index, tree_stack
-from mclandscape.engine import cpu
+from mclandscape.core.tree import PyTree, check_same_structure, tree_distance, tree_index
+from mclandscape.engine import cpu, mapping
 from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, run
 from mclandscape.engine.optim import Transform, transform
@@ -219,20 +219,14 @@ def _energies_grads(point, strategy: str, pivots: PyTree, data, key, mesh=None):
 
     With a ``mesh`` whose ``"points"`` axis has several devices (``strategy="vmap"``), the inner pivots are
     split over that axis: each device computes whole pivots."""
-    n = int(jax.tree_util.tree_leaves(pivots)[0].shape[0])
     vg = lambda p: _point_value_and_grad(point, p, data, key)  # noqa: E731
     value = lambda p: _point_loss(p, point, data, key)  # noqa: E731
-    if strategy == "unroll":
-        outs = [vg(tree_index(pivots, i)) for i in range(1, n - 1)]
-        e_in, g = jnp.stack([o[0] for o in outs]), tree_stack([o[1] for o in outs])
-        e_end = jnp.stack([value(tree_index(pivots, 0)), value(tree_index(pivots, n - 1))])
-    else:
-        inner = _rows(pivots, slice(1, -1))
-        if mesh is not None and mesh.shape.get("points", 1) > 1:
-            inner = jax.lax.with_sharding_constraint(inner, NamedSharding(mesh, P("points")))
-        ends = jax.tree_util.tree_map(lambda x: jnp.stack([x[0], x[-1]]), pivots)
-        e_in, g = jax.lax.map(vg, inner) if strategy == "map" else jax.vmap(vg)(inner)
-        e_end = jax.vmap(value)(ends)
+    inner = _rows(pivots, slice(1, -1))
+    if strategy != "unroll" and mesh is not None and mesh.shape.get("points", 1) > 1:
+        inner = jax.lax.with_sharding_constraint(inner, NamedSharding(mesh, P("points")))
+    ends = jax.tree_util.tree_map(lambda x: jnp.stack([x[0], x[-1]]), pivots)
+    e_in, g = mapping.map_over(vg, inner, strategy)
+    e_end = mapping.map_over(value, ends, "unroll" if strategy == "unroll" else "vmap")
     e = jnp.concatenate([e_end[:1], e_in, e_end[1:]])
     return e.astype(jnp.promote_types(e.dtype, jnp.float32)), g
 
@@ -311,15 +305,12 @@ class BandObjective:
         return _band_loss(self, pivots, batch, key)
 
 
-# TEMPORARY: to be replaced by the engine's one strategy resolver (engine/mapping.py, being written), so that
-# NEB no longer consults the backend itself (issue 21, item 2).
 def _resolve_strategy(strategy: str, pivots: PyTree) -> str:
-    """The pivot strategy; ``"auto"``: ``"unroll"`` on CPU for convolutional pivots, else ``"vmap"``."""
+    """The pivot strategy through the engine's resolver (``"auto"``: pivots differentiated together)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    if strategy == "auto":
-        return "unroll" if jax.default_backend() == "cpu" and cpu.has_conv(pivots, stacked=1) else "vmap"
-    return strategy
+    n = int(jax.tree_util.tree_leaves(pivots)[0].shape[0])
+    return mapping.resolve(strategy, max(n - 2, 1), has_conv=cpu.has_conv(pivots, stacked=1), grad=True)[0]
 
 
 def _num_pivots(pivots: PyTree) -> int:
