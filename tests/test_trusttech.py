@@ -641,7 +641,7 @@ def test_model_objective_squared_error_and_l2_match_numpy():
     assert float(make_objective(model, variables=variables)(params, (x, y), None)[0]) == pytest.approx(ce, rel=1e-5)
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         make_objective(model, "hinge", variables=variables)
-    with pytest.raises(ValueError, match="l2 must be >= 0"):
+    with pytest.raises(ValueError, match=r"l2 must be a finite number in \[0.0, inf\]"):
         make_objective(model, l2=-1.0, variables=variables)
 
 

@@ -271,7 +271,8 @@ def make_hvp(objective: Callable, params: PyTree, data: Any = None, *, key: jax.
     Example:
         >>> import jax.numpy as jnp, numpy as np
         >>> from mclandscape.core.objective import function_objective
-        >>> from mclandscape.engine.data import Dataset, batch_stream
+        >>> from mclandscape.engine.batches import batch_stream
+        >>> from mclandscape.engine.data import Dataset
         >>> obj = function_objective(lambda w, b: 0.5 * jnp.sum(b[2] * (w * b[0][:, 0]) ** 2) / jnp.sum(b[2]))
         >>> ds = Dataset(np.array([[1.0], [3.0], [2.0]], np.float32), np.zeros(3, np.int32), 1, "toy")
         >>> mv = make_hvp(obj, jnp.ones(()), batch_stream(ds, 2, drop_last=False, pad=True))
