@@ -24,14 +24,7 @@ from mclandscape.engine.batchnorm import recalibrate_bn
 from mclandscape.engine.checkpoint import latest_step, load_model, restore_checkpoint, save_checkpoint
 from mclandscape.engine.connector_train import ConnectorObjective, ConnectorTrainResult, train_connector
 from mclandscape.engine.data import Dataset, load_dataset
-from mclandscape.engine.evaluate import (
-    PointMetrics,
-    evaluate,
-    evaluate_model,
-    evaluate_params,
-    evaluate_points,
-    evaluation_memory,
-)
+from mclandscape.engine.evaluate import PointMetrics, evaluate, evaluation_memory
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import Model, canonical_name, from_flax, from_nnx, get_model, list_models
 from mclandscape.engine.train import TrainConfig, TrainResult, train_model
@@ -88,7 +81,7 @@ __all__ = [
     "TrainConfig", "TrainResult", "train_model", "train_many",
     "save_checkpoint", "restore_checkpoint", "latest_step", "load_model",
     "Points", "connector_points", "stacked_points", "plane_points", "map_points", "evaluate", "evaluation_memory",
-    "PointMetrics", "evaluate_params", "evaluate_points", "evaluate_model", "recalibrate_bn", "uv_grid",
+    "PointMetrics", "recalibrate_bn", "uv_grid",
     "ConnectorObjective", "ConnectorTrainResult", "train_connector",
     # methods
     "SurfaceConfig", "train_surface", "surface_grid", "merge_best", "surface_ensembles", "evaluate_triangle",
