@@ -1,7 +1,7 @@
 """Issue 13: the peak memory of a Li et al. (2018) loss plane does not grow with the grid.
 
 :func:`mclandscape.methods.directions.loss_plane` evaluates the grid ``θ + α d1 + β d2`` through the one
-evaluator (:func:`mclandscape.engine.evaluate.plane_points`: rows ``[1, α, β]`` over the stack ``[θ, d1, d2]``),
+evaluator (:func:`mclandscape.engine.points.plane_points`: rows ``[1, α, β]`` over the stack ``[θ, d1, d2]``),
 forming each point's parameters inside the mapped computation. The previous implementation built every
 point's parameters up front (``grid_params``: a stacked tree of P copies), so a 51×51 plane of VGG16
 (15.2 M parameters, 61 MB in float32) would have held 2,601 copies (~158 GB).

@@ -30,7 +30,7 @@ otherwise be 2,601 copies, ~158 GB; ``benchmarks/loss_plane_memory.py`` measures
 :func:`loss_curve` and :func:`loss_plane` evaluate the model with
 :func:`~mclandscape.engine.evaluate.evaluate` (first-layer factorisation, BatchNorm recomputed per point
 from ``bn_data``); a pure function of the parameters maps over :func:`direction_points` with
-:func:`~mclandscape.engine.evaluate.map_points`.
+:func:`~mclandscape.engine.points.map_points`.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def _check_coords(coords, k: int) -> np.ndarray:
 
 
 def direction_points(params: PyTree, directions: Sequence[PyTree], coords) -> Points:
-    """The points ``θ + Σ_i coords[p, i]·d_i`` as :class:`~mclandscape.engine.evaluate.Points`.
+    """The points ``θ + Σ_i coords[p, i]·d_i`` as :class:`~mclandscape.engine.points.Points`.
 
     Args:
       params: the centre ``θ``.

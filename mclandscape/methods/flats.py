@@ -10,7 +10,7 @@ thesis, Universität Kassel, 2025); section numbers below refer to it.
   between the raw basis vectors (§6.3).
 - **Lattice** (§4.1, §4.3.1): an integer coordinate a ∈ Z^m maps to θ(a) = θ* + s·B·a, computed from the
   integers every time, so the traversal never compares floating-point positions. A batch of voxels is a
-  family of :class:`~mclandscape.engine.evaluate.Points`: coefficient rows ``[1, s·a_1, ..., s·a_m]`` over
+  family of :class:`~mclandscape.engine.points.Points`: coefficient rows ``[1, s·a_1, ..., s·a_m]`` over
   the stack ``[θ*, b_1, ..., b_m]`` (:meth:`Flat.lattice_points`; for the full space ``[θ*, e_1, ..., e_d]``).
   §4.1 writes a ∈ Z^d; inside a flat the lattice is Z^m (Z^d only for the full space).
 
@@ -131,7 +131,7 @@ class Flat:
         return rows
 
     def lattice_points(self, coords, step: float) -> Points:
-        """The voxels ``coords [K, m]`` at step width s as :class:`~mclandscape.engine.evaluate.Points`.
+        """The voxels ``coords [K, m]`` at step width s as :class:`~mclandscape.engine.points.Points`.
 
         Args:
           coords: integer lattice coordinates ``[K, m]``.
