@@ -49,7 +49,7 @@ import numpy as np
 import optax
 from timing import best_time
 
-from mclandscape import bezier_curve, bezier_surface, evaluate_points
+from mclandscape import bezier_curve, bezier_surface, connector_points, evaluate
 from mclandscape.core.bernstein import bernstein
 from mclandscape.core.objective import make_objective
 from mclandscape.engine import cpu
@@ -63,7 +63,7 @@ try:  # optional reference
 except ImportError:  # pragma: no cover - depends on the environment
     torch = None
 
-EVAL_PATHS = {  # label -> evaluate_points keywords
+EVAL_PATHS = {  # label -> evaluate keywords
     "off/map1": dict(stem="off", strategy="map", chunk_size=1),
     "off/map16": dict(stem="off", strategy="map", chunk_size=16),
     "off/loop": dict(stem="off", strategy="map", chunk_size=1),  # one call per point (see eval_case)
@@ -293,10 +293,10 @@ def main() -> None:
         fns = {}
         for label in labels + ["auto"]:
             kw = EVAL_PATHS.get(label, {})
-            fn = lambda kw=kw: evaluate_points(model, connector, pts, (x, y), batch_size=args.batch, **kw)
+            fn = lambda kw=kw: evaluate(model, connector_points(connector, pts), (x, y), batch_size=args.batch, **kw)
             if label.endswith("/loop"):  # the one-at-a-time baseline: a Python loop of one-point calls
-                fn = lambda kw=kw: [evaluate_points(model, connector, pts[i:i + 1], (x, y), batch_size=args.batch,
-                                                    **kw) for i in range(len(pts))][-1]
+                fn = lambda kw=kw: [evaluate(model, connector_points(connector, pts[i:i + 1]), (x, y),
+                                             batch_size=args.batch, **kw) for i in range(len(pts))][-1]
             res = fn()
             if label == "auto":
                 label = f"auto->{res.stem}/{res.strategy}{res.chunk_size}"
@@ -390,10 +390,10 @@ def main() -> None:
     # ---- bf16 accuracy (and CPU time, for information) ----
     if "bf16" not in skip:
         ts5 = np.linspace(0, 1, 5)
-        f32 = evaluate_points(model, curve, ts5, (x, y), batch_size=args.batch)
-        b16 = evaluate_points(model, curve, ts5, (x, y), batch_size=args.batch, compute_dtype="bfloat16")
-        t32 = best_time(lambda: evaluate_points(model, curve, ts5, (x, y), batch_size=args.batch), 1) / 5
-        t16 = best_time(lambda: evaluate_points(model, curve, ts5, (x, y), batch_size=args.batch,
+        f32 = evaluate(model, connector_points(curve, ts5), (x, y), batch_size=args.batch)
+        b16 = evaluate(model, connector_points(curve, ts5), (x, y), batch_size=args.batch, compute_dtype="bfloat16")
+        t32 = best_time(lambda: evaluate(model, connector_points(curve, ts5), (x, y), batch_size=args.batch), 1) / 5
+        t16 = best_time(lambda: evaluate(model, connector_points(curve, ts5), (x, y), batch_size=args.batch,
                                                 compute_dtype="bfloat16"), 1) / 5
         print(json.dumps({**base, "case": "bf16_eval", "points": 5, "n": n_img,
                           "max_abs_loss_diff": float(np.max(np.abs(f32.loss - b16.loss))),

@@ -99,7 +99,7 @@ def curve_cases(base: dict, size: dict, repeats: int) -> None:
     ctrl = inits(model, 3, 0, x)
     curve = mcl.bezier_curve(ctrl[0], ctrl[2], 2, bends=[ctrl[1]])
     ts = np.linspace(0, 1, size["points"])
-    evaluate = lambda **kw: mcl.evaluate_points(model, curve, ts, (x, y), batch_size=size["batch"], **kw)
+    evaluate = lambda **kw: mcl.evaluate(model, mcl.connector_points(curve, ts), (x, y), batch_size=size["batch"], **kw)
     f32 = evaluate()
     jax_s = best_time(lambda: evaluate().loss, repeats)
     rec = {**base, "case": "convfc_curve_eval", "points": len(ts), "n": size["n"], "batch": size["batch"],
@@ -165,7 +165,8 @@ def surface_case(base: dict, size: dict, small: bool, repeats: int) -> None:
     surface = mcl.bezier_surface(*corners, n=2, m=2)
     uv = mcl.uv_grid(size["grid"])
     last = []
-    grid = lambda: last.append(mcl.evaluate_points(model, surface, uv, (x, y), batch_size=size["batch"]).loss)
+    points = mcl.connector_points(surface, uv)
+    grid = lambda: last.append(mcl.evaluate(model, points, (x, y), batch_size=size["batch"]).loss)
     seconds = best_time(grid, max(1, repeats - 1))
     print(json.dumps({**base, "case": "vgg16_surface_grid", "model": name, "grid": size["grid"],
                       "points": len(uv), "control_points": surface.num_control, "n": size["surface_n"],

@@ -1,7 +1,7 @@
 """Issue 13: the peak memory of a Li et al. (2018) loss plane does not grow with the grid.
 
 :func:`mclandscape.methods.directions.loss_plane` evaluates the grid ``θ + α d1 + β d2`` through the one
-evaluator (:func:`mclandscape.engine.evaluate.plane_points`: rows ``[1, α, β]`` over the stack ``[θ, d1, d2]``),
+evaluator (:func:`mclandscape.engine.points.plane_points`: rows ``[1, α, β]`` over the stack ``[θ, d1, d2]``),
 forming each point's parameters inside the mapped computation. The previous implementation built every
 point's parameters up front (``grid_params``: a stacked tree of P copies), so a 51×51 plane of VGG16
 (15.2 M parameters, 61 MB in float32) would have held 2,601 copies (~158 GB).
@@ -29,8 +29,8 @@ in MiB, ``*_mb``):
 and a last ``summary`` line: the spread of the peaks over the grids and the marginal seconds per point between
 the smallest and the largest grid (compilation cancels out).
 
-``--legacy-grids`` also runs the old path (all points stacked, then ``evaluate_params``) for grids small enough
-to fit in memory, for comparison.
+``--legacy-grids`` also runs the old path (all points stacked, then ``evaluate`` of ``stacked_points``) for grids
+small enough to fit in memory, for comparison.
 
     python benchmarks/loss_plane_memory.py [--arch vgg16] [--grids 5 21 51] [--images 2] [--legacy-grids 5 11]
 """
@@ -64,9 +64,9 @@ def child(args) -> dict:
 
     from mclandscape.core.tree import tree_combine, tree_size
     from mclandscape.engine import mapping
-    from mclandscape.engine.evaluate import evaluate_params
+    from mclandscape.engine.evaluate import evaluate
     from mclandscape.engine.models import get_model
-    from mclandscape.engine.points import plane_points
+    from mclandscape.engine.points import plane_points, stacked_points
     from mclandscape.methods.directions import loss_plane, random_directions
 
     model = get_model(args.arch, num_classes=10)
@@ -89,7 +89,7 @@ def child(args) -> dict:
         def plane():
             pts = plane_points(params, d1, d2, g, g)
             stacked = tree_combine(pts.rows, pts.stack)  # [P, ...] leaves: P parameter copies
-            return evaluate_params(model, stacked, (x, y), **kw).loss
+            return evaluate(model, stacked_points(stacked), (x, y), **kw).loss
     else:
         def plane():
             return loss_plane(model, params, d1, d2, g, g, (x, y), **kw).loss

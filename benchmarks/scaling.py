@@ -109,8 +109,8 @@ def worker(n: int, model_name: str, k: int, repeats: int, vgg: bool) -> dict:
 
     # the 11x11 grid (121 points) on the test set
     pts = mcl.uv_grid(11)
-    sec = best_time(lambda: mcl.evaluate_points(model, surf, pts, test, devices=n).loss, repeats)
-    res = mcl.evaluate_points(model, surf, pts, test, devices=n)
+    sec = best_time(lambda: mcl.evaluate(model, mcl.connector_points(surf, pts), test, devices=n).loss, repeats)
+    res = mcl.evaluate(model, mcl.connector_points(surf, pts), test, devices=n)
     out["grid"] = {"seconds": sec, "points_per_s": len(pts) / sec, "loss": res.loss.tolist(),
                    "memory": evaluation_memory(model, connector_points(surf, pts), test, devices=n)}
     if vgg:  # compile only: the peak memory per device of a VGG16 11x11 surface grid on CIFAR-shaped data

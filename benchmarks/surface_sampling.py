@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mclandscape import bezier_surface, evaluate_points
+from mclandscape import bezier_surface, connector_points, evaluate
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.models import get_model
 
@@ -81,11 +81,11 @@ def main() -> None:
             for strategy, chunk in STRATEGIES + [("auto", None)]:
                 if strategy == "loop" and k > args.skip_loop_above:
                     continue
-                run = lambda s=strategy, c=chunk, mo=model, su=surf, p=pts: evaluate_points(mo, su, p, test, batch_size=360,
-                                                                                       strategy=s, chunk_size=c)
+                run = lambda s=strategy, c=chunk, mo=model, su=surf, p=pts: evaluate(
+                    mo, connector_points(su, p), test, batch_size=360, strategy=s, chunk_size=c)
                 if strategy == "loop":  # the one-at-a-time baseline: a Python loop of one-point calls
-                    run = lambda mo=model, su=surf, p=pts: [evaluate_points(mo, su, p[i:i + 1], test, batch_size=360,
-                                                                            strategy="map", chunk_size=1)
+                    run = lambda mo=model, su=surf, p=pts: [evaluate(mo, connector_points(su, p[i:i + 1]), test,
+                                                                     batch_size=360, strategy="map", chunk_size=1)
                                                             for i in range(len(p))][-1]
                 res = run()  # compile
                 best = min(_timed(run) for _ in range(args.repeats))

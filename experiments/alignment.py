@@ -59,11 +59,11 @@ from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape import plots
 from mclandscape.core.connectors import bezier_surface, bilinear_surface
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset
-from mclandscape.engine.evaluate import evaluate_points
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.loop import StopRun
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
-from mclandscape.engine.points import uv_grid
+from mclandscape.engine.points import connector_points, uv_grid
 from mclandscape.engine.train import TrainConfig
 from mclandscape.methods import alignment as AL
 from mclandscape.methods import surface_grid as S
@@ -266,8 +266,8 @@ def train_surface_tracked(model, surface, train, test, *, epochs, num_samples: i
     bn = train if model.has_batch_stats else None
 
     def mean_acc(conn) -> float:
-        r = evaluate_points(model, conn, pts, test, batch_size=eval_batch_size, bn_data=bn, bn_batches=bn_batches,
-                            bn_batch_size=batch_size)
+        r = evaluate(model, connector_points(conn, pts), test, batch_size=eval_batch_size, bn_data=bn,
+                     bn_batches=bn_batches, bn_batch_size=batch_size)
         return float(np.mean(r.accuracy))
 
     acc0 = mean_acc(surface)

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from experiments.launch import add_distributed_args, output_dir, setup
-from mclandscape import bilinear_surface, evaluate_points, plots, uv_grid
+from mclandscape import bilinear_surface, connector_points, evaluate, plots, uv_grid
 from mclandscape.engine.data import load_dataset
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import get_model
@@ -58,8 +58,8 @@ def run(args) -> dict:
     surf = bilinear_surface(*corners)
     pts = uv_grid(args.grid)
     t1 = time.perf_counter()
-    tr = evaluate_points(model, surf, pts, train)
-    te = evaluate_points(model, surf, pts, test)
+    both = evaluate(model, connector_points(surf, pts), {"train": train, "test": test})
+    tr, te = both["train"], both["test"]
     t_eval = time.perf_counter() - t1
     g = args.grid
     loss_grid, acc_grid = tr.loss.reshape(g, g), te.accuracy.reshape(g, g)

@@ -102,9 +102,10 @@ from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import tree_add, tree_distance, tree_index, tree_size, tree_stack
 from mclandscape.engine.batches import batch_stream, num_batches
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset
-from mclandscape.engine.evaluate import evaluate_params
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import canonical_name, get_model
+from mclandscape.engine.points import stacked_points
 from mclandscape.engine.train import TrainConfig, make_optimizer, train_model
 from mclandscape.methods import dsp_detector as dd
 from mclandscape.methods import dsp_step as dstep
@@ -302,7 +303,7 @@ class Evaluator:
         return ens.member_probs(self.model, members, self.test, batch_size=500, bn_data=self.bn)
 
     def train_loss(self, params) -> float:
-        out = evaluate_params(self.model, tree_stack([params]), self.train, batch_size=500, bn_data=self.bn)
+        out = evaluate(self.model, stacked_points(tree_stack([params])), self.train, batch_size=500, bn_data=self.bn)
         return float(out.loss[0])
 
 

@@ -58,11 +58,13 @@ from experiments.vdm_presets import (
     fig7_printed_vdm,
     parse_vdm,
 )
+from mclandscape.core.tree import tree_stack
 from mclandscape.engine.batches import num_batches
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset
-from mclandscape.engine.evaluate import evaluate_model
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.loop import NonFiniteError
 from mclandscape.engine.models import get_model
+from mclandscape.engine.points import stacked_points
 from mclandscape.engine.train import TrainConfig, make_optimizer, train_model
 from mclandscape.methods.curvature import top_hessian_eigenvalues
 from mclandscape.methods.deform import (
@@ -264,9 +266,10 @@ def train_with_vdm(model, train, test, config: TrainConfig, vdm: VDM, *, seed: i
     spe = num_batches(len(train), cfg.batch_size, cfg.drop_last)  # train_model's steps per epoch
     res = train_model(model, train, test, cfg, seed=seed, tx=_vdm_tx(cfg, vdm, spe), progress=False,
                       callback=_check_domain(vdm))
-    tr = evaluate_model(model, res.variables, train, batch_size=cfg.eval_batch_size)
+    tr = evaluate(model, stacked_points(tree_stack([res.variables["params"]])), train, variables=res.variables,
+                  batch_size=cfg.eval_batch_size)
     te = res.final
-    return {"variables": res.variables, "train_loss": tr["loss"], "train_acc": tr["acc"],
+    return {"variables": res.variables, "train_loss": float(tr.loss[0]), "train_acc": float(tr.accuracy[0]),
             "test_loss": te["test_loss"], "test_acc": te["test_acc"]}
 
 

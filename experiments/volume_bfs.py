@@ -2,7 +2,7 @@
 
 Reproduces §5.1-5.5 of N. Schager, "Volumetric investigation into neural network loss landscapes"
 (Bachelor's thesis, Universität Kassel, 2025) with :mod:`mclandscape.methods.volume`; every voxel's loss is
-computed by the one evaluator (:func:`mclandscape.engine.evaluate.map_points`).
+computed by the one evaluator (:func:`mclandscape.engine.points.map_points`).
 
 Settings (``--settings``, comma-separated; all by default):
 

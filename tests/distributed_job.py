@@ -78,21 +78,22 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         leaves("surface", res.connector.control)
         trained_surface = res.connector
     if "grid" in jobs:
-        m = mcl.evaluate_points(model, mcl.bilinear_surface(*corners), mcl.uv_grid(11), test)
+        m = mcl.evaluate(model, mcl.connector_points(mcl.bilinear_surface(*corners), mcl.uv_grid(11)), test)
         out["grid_loss"], out["grid_acc"] = m.loss, m.accuracy
         if "surface" in jobs:  # parameters fresh from training live on this process's devices
-            m = mcl.evaluate_points(model, trained_surface, mcl.uv_grid(3), test)
+            m = mcl.evaluate(model, mcl.connector_points(trained_surface, mcl.uv_grid(3)), test)
             out["trained_grid_loss"] = m.loss
     if "eval" in jobs:  # map chunks and vmap over 25 points (padded to the devices), BatchNorm per point
         surface = mcl.bezier_surface(*corners, n=2, m=2)
         for strategy in ("map", "vmap"):
-            m = mcl.evaluate_points(model, surface, mcl.uv_grid(5), test, strategy=strategy, chunk_size=2)
+            m = mcl.evaluate(model, mcl.connector_points(surface, mcl.uv_grid(5)), test, strategy=strategy,
+                             chunk_size=2)
             out[f"eval_{strategy}_loss"], out[f"eval_{strategy}_acc"] = m.loss, m.accuracy
         bn = mcl.from_flax(TinyBN(), "tiny_bn", has_batch_stats=True)
         small = train.take(70)
         ends = [bn.init(jax.random.key(i), jnp.asarray(small.x[:2]))["params"] for i in range(2)]
-        m = mcl.evaluate_points(bn, mcl.bezier_curve(*ends), np.linspace(0, 1, 11), small, bn_data=small,
-                                bn_batch_size=35)
+        m = mcl.evaluate(bn, mcl.connector_points(mcl.bezier_curve(*ends), np.linspace(0, 1, 11)), small,
+                         bn_data=small, bn_batch_size=35)
         out["eval_bn_loss"], out["eval_bn_acc"] = m.loss, m.accuracy
     if "neb" in jobs:  # the inner pivots split over the devices' "points" axis, the batch over "data"
         from mclandscape.methods import neb as N

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from mclandscape.core.tree import tree_stack
 from mclandscape.engine.data import load_dataset
-from mclandscape.engine.evaluate import evaluate, evaluate_model
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import from_flax, from_nnx, get_model
-from mclandscape.engine.points import plane_points
+from mclandscape.engine.points import plane_points, stacked_points
 from mclandscape.engine.train import TrainConfig, make_optimizer, train_model
 
 CFG = TrainConfig(epochs=1, batch_size=64, optimizer="sgd", lr=0.05)
@@ -54,12 +55,12 @@ def test_evaluations_of_a_rebuilt_model_compile_nothing(tiny, count_compiles):
     model = get_model("mlp", widths=[8])
     variables = model.init(jax.random.key(0), jnp.asarray(test.x[:1]))
     p = variables["params"]
-    points = plane_points(p, p, None, [0.0, 0.5])
-    evaluate_model(model, variables, test, batch_size=32)
+    points, one = plane_points(p, p, None, [0.0, 0.5]), stacked_points(tree_stack([p]))
+    evaluate(model, one, test, batch_size=32, variables=variables)
     evaluate(model, points, test, batch_size=32)
     rebuilt = get_model("mlp", widths=[8])
     with count_compiles() as seen:
-        evaluate_model(rebuilt, variables, test, batch_size=32)
+        evaluate(rebuilt, one, test, batch_size=32, variables=variables)
         evaluate(rebuilt, points, test, batch_size=32)
     assert seen == []
 
@@ -88,14 +89,15 @@ def test_wrapping_an_equal_module_again_compiles_nothing(tiny, count_compiles, w
     model = wrap()
     assert wrap() == model and hash(wrap()) == hash(model)
     variables = model.init(jax.random.key(0), jnp.asarray(test.x[:1]))
-    first = evaluate_model(model, variables, test, batch_size=32)
+    one = stacked_points(tree_stack([variables["params"]]))
+    first = evaluate(model, one, test, batch_size=32, variables=variables)
     rebuilt = wrap()
     with count_compiles() as seen:
         # a from_flax model learns whether it has BatchNorm from its first init (abstract here, no compilation)
         jax.eval_shape(rebuilt.init, jax.random.key(0), jnp.asarray(test.x[:1]))
-        again = evaluate_model(rebuilt, variables, test, batch_size=32)
+        again = evaluate(rebuilt, one, test, batch_size=32, variables=variables)
     assert seen == []
-    assert again == first
+    assert (again.loss.tolist(), again.accuracy.tolist()) == (first.loss.tolist(), first.accuracy.tolist())
 
 
 def test_wrapped_modules_differ_by_value():

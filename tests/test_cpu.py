@@ -12,10 +12,11 @@ from mclandscape.core import connectors as C
 from mclandscape.core.tree import tree_stack
 from mclandscape.engine import cpu, mapping
 from mclandscape.engine.cpu import max_pool_strided, small_map_conv
-from mclandscape.engine.evaluate import evaluate_params, evaluate_points
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models import get_model
 from mclandscape.engine.models._common import max_pool
 from mclandscape.engine.models.base import from_flax
+from mclandscape.engine.points import connector_points, stacked_points
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(40, 8, 8, 3)).astype(np.float32)
@@ -81,8 +82,8 @@ def test_first_conv_is_not_found_where_it_does_not_apply():
     assert cpu.first_conv(lambda p, x: scaled.apply(p, x), v, jnp.asarray(X[:2])) is None
     curve = _curve(scaled, 1)
     with pytest.raises(ValueError, match="first convolution"):
-        evaluate_points(scaled, curve, [0.5], (X, Y), stem="factor")
-    r = evaluate_points(scaled, curve, np.linspace(0, 1, 5), (X, Y), stem="auto")
+        evaluate(scaled, connector_points(curve, [0.5]), (X, Y), stem="factor")
+    r = evaluate(scaled, connector_points(curve, np.linspace(0, 1, 5)), (X, Y), stem="auto")
     assert r.stem == "off"
 
 
@@ -105,13 +106,13 @@ def test_factorised_first_layer_is_exact_for_any_coefficients():
 def test_evaluation_paths_agree(model):
     curve = _curve(model)
     ts = np.linspace(0, 1, 7)
-    ref = evaluate_points(model, curve, ts, (X, Y), batch_size=16, stem="off", return_probs=True)
+    ref = evaluate(model, connector_points(curve, ts), (X, Y), batch_size=16, stem="off", return_probs=True)
     variants = [dict(stem="factor", stem_bytes=1), dict(stem="auto"), dict(stem="off", strategy="unroll")]
     if model is CNN:
         variants += [dict(stem="factor"), dict(stem="factor", strategy="map", chunk_size=3),
                      dict(stem="factor", strategy="vmap"), dict(stem="off", strategy="vmap")]
     for kw in variants:
-        r = evaluate_points(model, curve, ts, (X, Y), batch_size=16, return_probs=True, **kw)
+        r = evaluate(model, connector_points(curve, ts), (X, Y), batch_size=16, return_probs=True, **kw)
         _close(r.loss, ref.loss)
         np.testing.assert_array_equal(r.accuracy, ref.accuracy)
         assert r.probs.shape == (7, 40, 10)
@@ -120,8 +121,8 @@ def test_evaluation_paths_agree(model):
     ps = [model.init(jax.random.key(i), jnp.asarray(X[:2]))["params"] for i in range(4)]
     surf = C.bezier_surface(*ps, n=2, m=2)
     grid = np.stack(np.meshgrid(np.linspace(0, 1, 4), np.linspace(0, 1, 4), indexing="ij"), -1).reshape(-1, 2)
-    a = evaluate_points(model, surf, grid, (X, Y), batch_size=40, stem="off")
-    b = evaluate_points(model, surf, grid, (X, Y), batch_size=40, stem="factor")
+    a = evaluate(model, connector_points(surf, grid), (X, Y), batch_size=40, stem="off")
+    b = evaluate(model, connector_points(surf, grid), (X, Y), batch_size=40, stem="factor")
     _close(a.loss, b.loss)
 
 
@@ -129,12 +130,12 @@ def test_factor_path_recalibrates_batchnorm_per_point_for_a_user_model():
     curve = _curve(TINY)
     ts = np.array([0.0, 0.4, 0.7, 1.0])
     kw = dict(batch_size=16, bn_data=(X, Y), bn_batch_size=10)
-    ref = evaluate_points(TINY, curve, ts, (X, Y), stem="off", **kw)
+    ref = evaluate(TINY, connector_points(curve, ts), (X, Y), stem="off", **kw)
     for extra in (dict(stem="factor", stem_bytes=1), dict(stem="factor", bn_batches=2)):
-        r = evaluate_points(TINY, curve, ts, (X, Y), **kw, **extra)
+        r = evaluate(TINY, connector_points(curve, ts), (X, Y), **kw, **extra)
         assert r.stem == "factor"
         if "bn_batches" in extra:
-            ref2 = evaluate_points(TINY, curve, ts, (X, Y), stem="off", bn_batches=2, **kw)
+            ref2 = evaluate(TINY, connector_points(curve, ts), (X, Y), stem="off", bn_batches=2, **kw)
             _close(r.loss, ref2.loss, 1e-4)
             assert np.max(np.abs(ref2.loss - ref.loss)) > 1e-6  # fewer BN batches matter
         else:
@@ -169,26 +170,26 @@ def test_strategy_and_factorisation_choice():
         mapping.resolve("map", 8, has_conv=False, chunk_size=0)
     if jax.default_backend() == "cpu":
         assert "CONVOLUTION" not in str(cpu.COMPILER_OPTIONS).upper()
-    r = evaluate_points(CONVFC, _curve(CONVFC), np.linspace(0, 1, 5), (X, Y), batch_size=20)
+    r = evaluate(CONVFC, connector_points(_curve(CONVFC), np.linspace(0, 1, 5)), (X, Y), batch_size=20)
     if jax.default_backend() == "cpu":  # 5x5x3 first layer, K = 3 < 5 points
         assert (r.strategy, r.chunk_size, r.stem) == ("map", 1, "factor")
     curve = _curve(CNN)
-    r = evaluate_points(CNN, curve, np.linspace(0, 1, 5), (X, Y), batch_size=20)
+    r = evaluate(CNN, connector_points(curve, np.linspace(0, 1, 5)), (X, Y), batch_size=20)
     if jax.default_backend() == "cpu":  # 3x3x3 first layer: combining 3 outputs does not pay
         assert (r.strategy, r.chunk_size, r.stem) == ("map", 1, "off")
     mlp = get_model("mlp", widths=[4])
     mc = C.bezier_curve(*[mlp.init(jax.random.key(i), X[:2])["params"] for i in range(2)])
-    r = evaluate_points(mlp, mc, np.linspace(0, 1, 20), (X, Y), batch_size=40)
+    r = evaluate(mlp, connector_points(mc, np.linspace(0, 1, 20)), (X, Y), batch_size=40)
     if jax.default_backend() == "cpu":
         assert (r.strategy, r.chunk_size, r.stem) == ("map", 16, "off")
     stacked = tree_stack([curve.point(0.5)] * 2)
-    assert evaluate_params(CNN, stacked, (X, Y), batch_size=20).stem == "off"
+    assert evaluate(CNN, stacked_points(stacked), (X, Y), batch_size=20).stem == "off"
     with pytest.raises(ValueError, match="identity rows"):
-        evaluate_params(CNN, stacked, (X, Y), stem="factor")
+        evaluate(CNN, stacked_points(stacked), (X, Y), stem="factor")
     with pytest.raises(ValueError, match="first convolution"):
-        evaluate_points(mlp, mc, [0.5], (X, Y), stem="factor")
+        evaluate(mlp, connector_points(mc, [0.5]), (X, Y), stem="factor")
     with pytest.raises(ValueError, match="stem mode"):
-        evaluate_points(CNN, curve, [0.5], (X, Y), stem="fast")
+        evaluate(CNN, connector_points(curve, [0.5]), (X, Y), stem="fast")
 
 
 def test_engine_jits_compile_with_the_cpu_options():
@@ -221,12 +222,12 @@ def test_strided_max_pool_matches_flax_values_and_gradients(window, stride, shap
 def test_bfloat16_evaluation_is_close():
     curve = _curve(CNN)
     ts = np.linspace(0, 1, 3)
-    a = evaluate_points(CNN, curve, ts, (X, Y), batch_size=20)
-    b = evaluate_points(CNN, curve, ts, (X, Y), batch_size=20, compute_dtype="bfloat16")
+    a = evaluate(CNN, connector_points(curve, ts), (X, Y), batch_size=20)
+    b = evaluate(CNN, connector_points(curve, ts), (X, Y), batch_size=20, compute_dtype="bfloat16")
     assert np.all(np.abs(a.loss - b.loss) < 0.05 * np.abs(a.loss) + 1e-3)
     assert np.any(a.loss != b.loss)  # it really ran in bfloat16
     with pytest.raises(ValueError, match="floating"):
-        evaluate_points(CNN, curve, ts, (X, Y), compute_dtype="int32")
+        evaluate(CNN, connector_points(curve, ts), (X, Y), compute_dtype="int32")
 
 
 @pytest.mark.parametrize("shape, kernel, padding", [((3, 2, 2, 5), (3, 3, 5, 7), [(1, 1), (1, 1)]),

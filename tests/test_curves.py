@@ -12,8 +12,9 @@ from mclandscape.core.objective import function_objective
 from mclandscape.core.tree import TreeMismatchError, tree_stack
 from mclandscape.engine.connector_train import ConnectorObjective, weight_decay_args
 from mclandscape.engine.data import Dataset
-from mclandscape.engine.evaluate import evaluate_params, evaluate_points
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models.base import from_flax
+from mclandscape.engine.points import connector_points, stacked_points
 from mclandscape.methods import curves as C
 
 
@@ -183,7 +184,7 @@ def test_train_and_evaluate_curve_on_a_network(count_compiles):
                     strict=True):
         np.testing.assert_array_equal(a, b)
     assert ev.ts.shape == (61,) and ev.train_loss.shape == (61,) and ev.test_acc.shape == (61,)
-    ends = evaluate_params(model, tree_stack([p0, p1]), test)
+    ends = evaluate(model, stacked_points(tree_stack([p0, p1])), test)
     np.testing.assert_allclose(ev.test_loss[[0, -1]], ends.loss, rtol=1e-5)
     assert ev.length == pytest.approx(C.curve_length(conn), rel=1e-6)
     assert ev.dl.sum() == pytest.approx(ev.length, rel=1e-5)  # t = 0.5 (the bend) is on the 61-point grid
@@ -232,8 +233,8 @@ def test_evaluate_curve_recalibrates_batchnorm():
     p1 = model.init(jax.random.key(1), train.x[:2])["params"]
     conn = K.bezier_curve(p0, p1, degree=2)
     ev = C.evaluate_curve(model, conn, train, num_points=5, bn_batch_size=64)
-    direct = evaluate_points(model, conn, np.linspace(0, 1, 5), train, bn_data=train, bn_batch_size=64)
-    plain = evaluate_points(model, conn, np.linspace(0, 1, 5), train, bn_data=train, bn_batch_size=128)
+    direct = evaluate(model, connector_points(conn, np.linspace(0, 1, 5)), train, bn_data=train, bn_batch_size=64)
+    plain = evaluate(model, connector_points(conn, np.linspace(0, 1, 5)), train, bn_data=train, bn_batch_size=128)
     np.testing.assert_allclose(ev.train_loss, direct.loss, rtol=1e-5)
     assert not np.allclose(ev.train_loss, plain.loss, rtol=1e-6)  # the statistics come from bn_data batches
     assert ev.test_loss is None and "test_loss" not in ev.summary()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from mclandscape.core.tree import TreeMismatchError, tree_add, tree_norm, tree_stack
-from mclandscape.engine.evaluate import evaluate_params
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models import get_model
-from mclandscape.engine.points import map_points
+from mclandscape.engine.points import map_points, stacked_points
 from mclandscape.methods import directions as D
 from mclandscape.methods.directions import (
     direction_points,
@@ -129,9 +129,9 @@ def test_loss_curve_and_plane_through_the_evaluator(cnn, tmp_path, monkeypatch):
     monkeypatch.setattr(D, "evaluate", lambda model, points, data, **kw: seen.append(points) or real(
         model, points, data, **kw))
     curve = loss_curve(model, params, d1, alphas, data, batch_size=16)
-    centre = evaluate_params(model, tree_stack([params]), data, batch_size=16)
+    centre = evaluate(model, stacked_points(tree_stack([params])), data, batch_size=16)
     np.testing.assert_allclose(curve.loss[2], centre.loss[0], rtol=1e-5)
-    edge = evaluate_params(model, tree_stack([tree_add(params, d1)]), data, batch_size=16)
+    edge = evaluate(model, stacked_points(tree_stack([tree_add(params, d1)])), data, batch_size=16)
     np.testing.assert_allclose(curve.loss[-1], edge.loss[0], rtol=1e-5)
     betas = np.linspace(-0.5, 0.5, 3)
     plane = loss_plane(model, params, d1, d2, alphas, betas, data, batch_size=16)
@@ -142,7 +142,7 @@ def test_loss_curve_and_plane_through_the_evaluator(cnn, tmp_path, monkeypatch):
     assert [p.num_stacked for p in seen] == [2, 3] and [p.num_points for p in seen] == [5, 15]
     # every point equals the evaluation of its explicitly built parameters (the old stacked-grid path)
     explicit = tree_stack([direction_points(params, [d1, d2], [[a, b]]).point(0) for a in alphas for b in betas])
-    ref = evaluate_params(model, explicit, data, batch_size=16)
+    ref = evaluate(model, stacked_points(explicit), data, batch_size=16)
     np.testing.assert_allclose(plane.loss.ravel(), ref.loss, rtol=1e-5)
     np.testing.assert_allclose(plane.accuracy.ravel(), ref.accuracy)
     with pytest.raises(ValueError, match="alphas"):

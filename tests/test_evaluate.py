@@ -15,9 +15,9 @@ from mclandscape.core import connectors as C
 from mclandscape.core import tree as T
 from mclandscape.engine import distributed
 from mclandscape.engine.batchnorm import bn_momentum, recalibrate_bn
-from mclandscape.engine.evaluate import evaluate_params, evaluate_points
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models.base import from_flax
-from mclandscape.engine.points import uv_grid
+from mclandscape.engine.points import connector_points, stacked_points, uv_grid
 
 
 class TinyMLP(nn.Module):
@@ -70,17 +70,17 @@ def test_strategies_agree_with_reference_on_connector():
     ref = _reference(MLP, T.tree_unstack(surf.points(pts)), x, y)
     results = {}
     for strategy, chunk in [("unroll", None), ("map", 1), ("map", 5), ("vmap", 7), ("auto", None)]:
-        r = evaluate_points(MLP, surf, pts, (x, y), batch_size=32, strategy=strategy, chunk_size=chunk)
+        r = evaluate(MLP, connector_points(surf, pts), (x, y), batch_size=32, strategy=strategy, chunk_size=chunk)
         np.testing.assert_allclose(r.loss, ref[:, 0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(r.accuracy, ref[:, 1], atol=1e-6)
         results[(strategy, chunk)] = r
     assert results[("auto", None)].strategy in ("map", "vmap", "unroll")
 
 
-def test_evaluate_params_probs_and_masks_partial_batch():
+def test_stacked_points_probs_and_masks_partial_batch():
     x, y = _data(n=53)
     ps = _inits(MLP, 3, x)
-    r = evaluate_params(MLP, T.tree_stack(ps), (x, y), batch_size=20, return_probs=True)
+    r = evaluate(MLP, stacked_points(T.tree_stack(ps)), (x, y), batch_size=20, return_probs=True)
     assert r.probs.shape == (3, 53, 3)
     for i, p in enumerate(ps):
         ref = np.asarray(jax.nn.softmax(MLP.apply({"params": p}, jnp.asarray(x))))
@@ -107,7 +107,7 @@ def test_bn_recomputed_per_point():
     corners = _inits(BN, 2, x)
     curve = C.bezier_curve(corners[0], corners[1], 2)
     ts = np.array([0.0, 0.3, 1.0])
-    r = evaluate_points(BN, curve, ts, (x, y), batch_size=64, bn_data=(x, y), bn_batch_size=32, bn_batches=2)
+    r = evaluate(BN, connector_points(curve, ts), (x, y), batch_size=64, bn_data=(x, y), bn_batch_size=32, bn_batches=2)
     pts = T.tree_unstack(curve.points(ts))
     stats = [recalibrate_bn(BN, p, (x, y), batch_size=32, num_batches=2) for p in pts]
     ref = _reference(BN, pts, x, y, stats)
@@ -116,7 +116,7 @@ def test_bn_recomputed_per_point():
     wrong = _reference(BN, pts, x, y, [stats[0]] * 3)
     assert abs(wrong[1, 0] - ref[1, 0]) > 1e-4
     with pytest.raises(ValueError, match="bn_data"):
-        evaluate_points(BN, curve, ts, (x, y))
+        evaluate(BN, connector_points(curve, ts), (x, y))
 
 
 def test_several_datasets_recalibrate_batchnorm_once_per_point():
@@ -124,33 +124,34 @@ def test_several_datasets_recalibrate_batchnorm_once_per_point():
     xt, yt = _data(n=40, seed=1)
     curve = C.bezier_curve(*_inits(BN, 2, x), 2)
     ts = np.array([0.0, 0.3, 1.0])
-    traces = []
 
-    def counted(variables, xb, rngs=None):  # counts the traced BatchNorm passes of the evaluator
-        traces.append(xb.shape)
-        return BN.apply_with_stats(variables, xb, rngs=rngs)
+    def counting(traces):  # a model (unequal to any other: its own function) counting its traced BatchNorm passes
+        def counted(variables, xb, rngs=None):
+            traces.append(xb.shape)
+            return BN.apply_with_stats(variables, xb, rngs=rngs)
 
-    model = dataclasses.replace(BN, apply_with_stats=counted)
+        return dataclasses.replace(BN, apply_with_stats=counted)
+
     kw = dict(batch_size=32, bn_data=(x, y), bn_batch_size=32, return_probs=True)
-    both = evaluate_points(model, curve, ts, {"train": (x, y), "test": (xt, yt)}, **kw)
-    once = len(traces)
+    two_sets, one_set = [], []
+    both = evaluate(counting(two_sets), connector_points(curve, ts), {"train": (x, y), "test": (xt, yt)}, **kw)
     assert sorted(both) == ["test", "train"]
     for name, data in (("train", (x, y)), ("test", (xt, yt))):
-        alone = evaluate_points(BN, curve, ts, data, **kw)
+        alone = evaluate(BN, connector_points(curve, ts), data, **kw)
         np.testing.assert_array_equal(both[name].loss, alone.loss)
         np.testing.assert_array_equal(both[name].accuracy, alone.accuracy)
         np.testing.assert_array_equal(both[name].probs, alone.probs)
-    traces.clear()
-    evaluate_points(dataclasses.replace(BN, apply_with_stats=counted), curve, ts, (x, y), **kw)
-    assert len(traces) == once  # two datasets trace the BatchNorm pass as often as one
+    evaluate(counting(one_set), connector_points(curve, ts), (x, y), **kw)
+    assert len(one_set) > 0 and len(two_sets) == len(one_set)  # two datasets trace the BatchNorm pass as often as one
     with pytest.raises(ValueError, match="empty dict"):
-        evaluate_points(BN, curve, ts, {}, **kw)
-    some = evaluate_points(BN, curve, ts, {"train": (x, y), "test": (xt, yt)}, **{**kw, "return_probs": ("test",)})
+        evaluate(BN, connector_points(curve, ts), {}, **kw)
+    some = evaluate(BN, connector_points(curve, ts), {"train": (x, y), "test": (xt, yt)},
+                    **{**kw, "return_probs": ("test",)})
     assert some["train"].probs is None
     np.testing.assert_array_equal(some["test"].probs, both["test"].probs)
     np.testing.assert_array_equal(some["train"].loss, both["train"].loss)
     with pytest.raises(ValueError, match="return_probs"):
-        evaluate_points(BN, curve, ts, {"train": (x, y)}, **{**kw, "return_probs": ("val",)})
+        evaluate(BN, connector_points(curve, ts), {"train": (x, y)}, **{**kw, "return_probs": ("val",)})
 
 
 def test_devices_must_be_a_number_of_devices():
@@ -158,7 +159,7 @@ def test_devices_must_be_a_number_of_devices():
     curve = C.bezier_curve(*_inits(MLP, 2, x))
     for bad in ("cpu", 0, 1.5, len(jax.devices()) + 1):
         with pytest.raises(ValueError, match=r"devices must be None \(all devices\) or a number of devices"):
-            evaluate_points(MLP, curve, [0.5], (x, y), devices=bad)
+            evaluate(MLP, connector_points(curve, [0.5]), (x, y), devices=bad)
         with pytest.raises(ValueError, match="devices must be None"):
             distributed.training_mesh(32, devices=bad)
     # checked before anything is started, each naming the argument
@@ -175,29 +176,29 @@ def test_bad_inputs():
     corners = _inits(MLP, 2, x)
     curve = C.bezier_curve(corners[0], corners[1])
     with pytest.raises(ValueError, match="t must lie"):
-        evaluate_points(MLP, curve, [0.5, 1.01], (x, y))
+        evaluate(MLP, connector_points(curve, [0.5, 1.01]), (x, y))
     with pytest.raises(ValueError, match="empty"):
-        evaluate_points(MLP, curve, [], (x, y))
+        evaluate(MLP, connector_points(curve, []), (x, y))
     with pytest.raises(ValueError, match="strategy"):
-        evaluate_points(MLP, curve, [0.5], (x, y), strategy="fast")
+        evaluate(MLP, connector_points(curve, [0.5]), (x, y), strategy="fast")
     nan = curve.replace(control=jax.tree_util.tree_map(lambda a: a.at[(1,) * a.ndim].set(jnp.nan), curve.control))
     with pytest.raises(ValueError, match="non-finite"):
-        evaluate_points(MLP, nan, [0.5], (x, y))
+        evaluate(MLP, connector_points(nan, [0.5]), (x, y))
     with pytest.raises(ValueError, match="leading"):
-        evaluate_params(MLP, {"a": jnp.zeros((2, 3)), "b": jnp.zeros((3, 3))}, (x, y))
+        evaluate(MLP, stacked_points({"a": jnp.zeros((2, 3)), "b": jnp.zeros((3, 3))}), (x, y))
     surf = C.bilinear_surface(*_inits(MLP, 4, x))
     with pytest.raises(ValueError, match=r"shape \[P, 2\]"):  # not read as one (u, v) point
-        evaluate_points(MLP, surf, [0.0, 1.0], (x, y))
+        evaluate(MLP, connector_points(surf, [0.0, 1.0]), (x, y))
     with pytest.raises(ValueError, match=r"u must lie in \[0, 1\]"):
-        evaluate_points(MLP, surf, [[-0.1, 0.5]], (x, y))
+        evaluate(MLP, connector_points(surf, [[-0.1, 0.5]]), (x, y))
 
 
 def test_extrapolation_only_when_asked():
     x, y = _data()
     curve = C.bezier_curve(*_inits(MLP, 2, x), 1)
     with pytest.raises(ValueError, match="t must lie"):
-        evaluate_points(MLP, curve, [1.5], (x, y))
-    r = evaluate_points(MLP, curve, [-0.5, 1.5], (x, y), extrapolate=True)
+        evaluate(MLP, connector_points(curve, [1.5]), (x, y))
+    r = evaluate(MLP, connector_points(curve, [-0.5, 1.5], extrapolate=True), (x, y))
     ref = _reference(MLP, [curve.point(t, extrapolate=True) for t in (-0.5, 1.5)], x, y)
     np.testing.assert_allclose(r.loss, ref[:, 0], rtol=1e-5)
 
@@ -208,7 +209,7 @@ def test_float64_points_and_batchnorm_statistics_stay_float64():
         c64 = [jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), p) for p in _inits(BN, 2, x)]
         curve = C.bezier_curve(*c64, 2)
         assert jax.tree_util.tree_leaves(bn_momentum(BN, c64[0], jnp.asarray(x[:32])))[0].dtype == jnp.float64
-        r = evaluate_points(BN, curve, [0.0, 0.4, 1.0], (x, y), bn_data=(x, y), bn_batch_size=32)
+        r = evaluate(BN, connector_points(curve, [0.0, 0.4, 1.0]), (x, y), bn_data=(x, y), bn_batch_size=32)
         assert r.loss.dtype == np.float64 and r.accuracy.dtype == np.float64
         # the exact per-point recalibration in float64 matches a float64 reference to ~1e-12, not float32's 1e-6
         stats = recalibrate_bn(BN, curve.point(0.4), (x, y), batch_size=32)
@@ -223,18 +224,18 @@ SHARDED = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_evaluate import MLP, BN, _data, _inits
     from mclandscape.core import connectors as C
-    from mclandscape.engine.evaluate import evaluate_points
-    from mclandscape.engine.points import uv_grid
+    from mclandscape.engine.evaluate import evaluate
+    from mclandscape.engine.points import connector_points, uv_grid
     assert len(jax.devices()) == 8, jax.devices()
     x, y = _data()
     s = C.bezier_surface(*_inits(MLP, 4, x), n=2, m=2)
     pts = uv_grid(5)  # 25 points: not a multiple of 8, exercises padding
-    one = evaluate_points(MLP, s, pts, (x, y), devices=1, strategy="map")
-    many = evaluate_points(MLP, s, pts, (x, y), strategy="map", chunk_size=2)
-    vm = evaluate_points(MLP, s, pts, (x, y), strategy="vmap", chunk_size=2)
+    one = evaluate(MLP, connector_points(s, pts), (x, y), devices=1, strategy="map")
+    many = evaluate(MLP, connector_points(s, pts), (x, y), strategy="map", chunk_size=2)
+    vm = evaluate(MLP, connector_points(s, pts), (x, y), strategy="vmap", chunk_size=2)
     c = C.bezier_curve(*_inits(BN, 2, x)[:2])
-    b1 = evaluate_points(BN, c, np.linspace(0, 1, 11), (x, y), devices=1, bn_data=(x, y), bn_batch_size=35)
-    b8 = evaluate_points(BN, c, np.linspace(0, 1, 11), (x, y), bn_data=(x, y), bn_batch_size=35)
+    b1 = evaluate(BN, connector_points(c, np.linspace(0, 1, 11)), (x, y), devices=1, bn_data=(x, y), bn_batch_size=35)
+    b8 = evaluate(BN, connector_points(c, np.linspace(0, 1, 11)), (x, y), bn_data=(x, y), bn_batch_size=35)
     print(json.dumps(dict(d1=one.loss.tolist(), d8=many.loss.tolist(), v8=vm.loss.tolist(),
                           a1=one.accuracy.tolist(), a8=many.accuracy.tolist(),
                           b1=b1.loss.tolist(), b8=b8.loss.tolist())))

@@ -4,6 +4,7 @@ matplotlib's backend left alone; figures drawn and saved register nothing with p
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -77,3 +78,22 @@ def test_import_starts_no_backend_and_plots_leave_matplotlib_alone(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.png", "f1.png", "f2.png"]
+
+
+def test_top_level_names_are_few_and_all_resolve():
+    # one small API: at most 70 names, each defined once in its module (no aliases) and re-exported unchanged
+    import mclandscape as mcl
+
+    names = mcl.__all__
+    assert len(names) <= 70 and len(set(names)) == len(names)
+    assert {"evaluate", "connector_points", "stacked_points", "top_hessian_eigenvalues", "transform"} <= set(names)
+    for name in names:
+        obj = getattr(mcl, name)
+        if name in LAYERS or name == "distributed":
+            assert obj.__name__ == f"mclandscape.{name}" or obj.__name__.endswith(f".{name}")
+            continue
+        home = importlib.import_module(obj.__module__)
+        assert getattr(home, name) is obj, f"mcl.{name} is not {obj.__module__}.{name}"
+        assert obj.__module__.startswith("mclandscape."), name
+    public = {n for n in dir(mcl) if not n.startswith("_")} - set(LAYERS) - {"distributed", "engine", "methods", "core"}
+    assert public <= set(names), f"top-level names outside __all__: {sorted(public - set(names))}"

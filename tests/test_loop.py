@@ -18,10 +18,10 @@ from mclandscape.core import connectors as C
 from mclandscape.core.objective import function_objective
 from mclandscape.engine.checkpoint import all_steps
 from mclandscape.engine.data import Dataset, load_dataset
-from mclandscape.engine.evaluate import evaluate_points
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, run
 from mclandscape.engine.models import get_model
-from mclandscape.engine.points import uv_grid
+from mclandscape.engine.points import connector_points, uv_grid
 from mclandscape.engine.resume import ResumeMismatchError, fingerprint_diff
 from mclandscape.engine.step import make_step
 from mclandscape.engine.train import TrainConfig, train_model
@@ -223,7 +223,7 @@ def test_a_second_call_compiles_nothing(digits_mlp, digits_corners, digits_train
     train(0)
     assert _compiles(lambda: train(1)) == 0
     surf = C.bilinear_surface(*(r.params for r in digits_corners))
-    grid = lambda: evaluate_points(digits_mlp, surf, uv_grid(5), digits_test)  # noqa: E731
+    grid = lambda: evaluate(digits_mlp, connector_points(surf, uv_grid(5)), digits_test)  # noqa: E731
     grid()
     assert _compiles(grid) == 0
     curve = lambda: train_curve(digits_mlp, C.bezier_curve(digits_corners[0].params, digits_corners[1].params), small,  # noqa: E731

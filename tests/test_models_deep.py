@@ -21,10 +21,11 @@ import pytest
 from mclandscape.core import connectors as C
 from mclandscape.core.tree import tree_size
 from mclandscape.engine import cpu
-from mclandscape.engine.evaluate import evaluate_points
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models import canonical_name, get_model
 from mclandscape.engine.models.densenet import avg_pool
 from mclandscape.engine.models.resnet import ResNet
+from mclandscape.engine.points import connector_points
 from mclandscape.engine.train import TrainConfig, make_schedule
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,8 +211,8 @@ def test_factorised_first_layer_equals_plain_path(name):
     p1, p2 = (cheap_variables(model, X[:4].shape, seed=s)["params"] for s in (1, 2))
     curve = C.bezier_curve(v["params"], p2, 2, bends=[p1])
     kw = dict(batch_size=12, bn_data=(X, Y), bn_batch_size=12, strategy="vmap")
-    a = evaluate_points(model, curve, np.array([0.0, 0.3, 1.0]), (X, Y), stem="off", **kw)
-    b = evaluate_points(model, curve, np.array([0.0, 0.3, 1.0]), (X, Y), stem="factor", **kw)
+    a = evaluate(model, connector_points(curve, np.array([0.0, 0.3, 1.0])), (X, Y), stem="off", **kw)
+    b = evaluate(model, connector_points(curve, np.array([0.0, 0.3, 1.0])), (X, Y), stem="factor", **kw)
     assert b.stem == "factor" and a.stem == "off"
     np.testing.assert_allclose(b.loss, a.loss, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(b.accuracy, a.accuracy)

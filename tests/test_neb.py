@@ -331,8 +331,6 @@ def test_strategies_agree_on_minibatch_network_band():
 
 
 def test_model_neb_with_batchnorm_on_the_engines_objective_stream_and_evaluator():
-    from mclandscape.engine.evaluate import evaluate_points
-
     model = from_flax(_TinyBN(), "tiny_bn", has_batch_stats=True)
     x, y = _toy_data()
     ds = Dataset(x=x, y=y, num_classes=3, name="toy")
@@ -352,8 +350,8 @@ def test_model_neb_with_batchnorm_on_the_engines_objective_stream_and_evaluator(
     res = A.auto_neb(make_objective(model, train=True), p0, p1, cycles=[cfg, cfg], data=data, profile_fn=profile,
                      initial_insert=2, insert_count=1, sub_pivots=3, insert_threshold=-1.0)
     assert [c["num_pivots"] for c in res.cycles] == [4, 5]
-    direct = evaluate_points(model, res.band, res.dense_t, ds, batch_size=96, bn_data=ds, bn_batches=2,
-                             bn_batch_size=32)
+    direct = evaluate(model, connector_points(res.band, res.dense_t), ds, batch_size=96, bn_data=ds, bn_batches=2,
+                      bn_batch_size=32)
     np.testing.assert_allclose(res.dense_loss, direct.loss, rtol=1e-5)
     assert np.all(np.isfinite(res.dense_loss))
     ev = A.evaluate_band(model, res, ds, sub_pivots=3, bn_batches=2, bn_batch_size=32, batch_size=96)

@@ -11,11 +11,13 @@ import pytest
 
 from mclandscape.core.losses import get_loss
 from mclandscape.core.objective import function_objective
+from mclandscape.core.tree import tree_stack
 from mclandscape.engine.checkpoint import CheckpointError, all_steps, load_model, read_metadata
 from mclandscape.engine.data import load_dataset
-from mclandscape.engine.evaluate import evaluate_model
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import from_flax, get_model
+from mclandscape.engine.points import stacked_points
 from mclandscape.engine.step import make_step
 from mclandscape.engine.train import TrainConfig, make_optimizer, make_schedule, train_model
 
@@ -63,10 +65,11 @@ def test_trajectory_snapshots(digits_trajectory):
     assert not np.allclose(snaps[14]["params"]["Dense_0"]["kernel"], snaps[20]["params"]["Dense_0"]["kernel"])
 
 
-def test_evaluate_model_matches_history(trained_mlp, digits_mlp, digits_test):
-    ev = evaluate_model(digits_mlp, trained_mlp.variables, digits_test, batch_size=100)
-    assert ev["acc"] == pytest.approx(trained_mlp.final["test_acc"])
-    assert ev["loss"] == pytest.approx(trained_mlp.final["test_loss"], rel=1e-5)
+def test_evaluating_the_trained_model_matches_history(trained_mlp, digits_mlp, digits_test):
+    v = trained_mlp.variables
+    ev = evaluate(digits_mlp, stacked_points(tree_stack([v["params"]])), digits_test, variables=v, batch_size=100)
+    assert ev.accuracy[0] == pytest.approx(trained_mlp.final["test_acc"])
+    assert ev.loss[0] == pytest.approx(trained_mlp.final["test_loss"], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,8 +218,8 @@ def test_save_epochs_keep_trajectory_checkpoints(small_setup, uninterrupted, tmp
     assert_trees_equal(variables, uninterrupted.variables)
     _, v4, _ = load_model(tmp_path, step=4)
     assert_trees_equal(v4, res.snapshots[4])
-    ev = evaluate_model(rebuilt, variables, test)
-    assert ev["acc"] == pytest.approx(uninterrupted.final["test_acc"])
+    ev = evaluate(rebuilt, stacked_points(tree_stack([variables["params"]])), test, variables=variables)
+    assert ev.accuracy[0] == pytest.approx(uninterrupted.final["test_acc"])
 
 
 def test_resuming_a_different_run_is_refused(small_setup, tmp_path):

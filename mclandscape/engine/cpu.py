@@ -6,9 +6,8 @@ methods never do.
 
 - **Compiler options.** The engine's jitted functions are compiled with :data:`COMPILER_OPTIONS` (each a
   module-level ``jax.jit(..., compiler_options=COMPILER_OPTIONS)``), which keep convolutions out of XLA's
-  YNNPACK library path on CPU (XLA's default minus convolutions): on the 2-core CPU XLA's own convolutions
-  ran a ConvFC forward pass (batch 128) in 44 ms against 77 ms and its gradient in 152 ms against 204 ms
-  (``benchmarks/conv_layers.py``). They are fields of XLA's ``DebugOptions``, which every backend shares
+  YNNPACK library path on CPU (XLA's default minus convolutions), where XLA's own convolutions ran a ConvFC
+  forward pass and its gradient faster (``benchmarks/conv_layers.py`` measures both). They are fields of XLA's ``DebugOptions``, which every backend shares
   and accepts (a GPU compiler reads none of its ``xla_cpu_*`` fields), so one compilation serves every backend.
 - **How to map over points**: :func:`mclandscape.engine.mapping.resolve`.
 - **First-layer factorisation** (:func:`first_conv`, :func:`use_factorisation`): a convolution is linear in
@@ -194,13 +193,12 @@ def use_factorisation(conv: FirstConv | None, num_points: int, num_control: int,
                       backend: str | None = None) -> bool:
     """Whether the evaluator should factorise the first convolution over ``num_control`` control points.
 
-    Measured on the 2-core CPU (``benchmarks/convfc_curve.py``, batch 128, 1000 images): combining the K
-    outputs costs K multiply-adds per output element, read from memory, against the convolution's own
-    kernel height × width × input channels. ConvFC (5×5×3 = 75) on a quadratic curve (K = 3, 21 points) ran
-    at 0.325 s/point factorised against 0.342 not; on a 3×3-control surface (K = 9, 121 points) at 0.449
-    against 0.364, and a 3×3 one-channel digits convolution (9) with K = 9 lost too (5.3 against 4.1
-    ms/point). Hence: more points than control points and at least 16 K multiply-adds per output. Not on
-    other backends (unmeasured: no accelerator was available when this was tuned).
+    Combining the K outputs costs K multiply-adds per output element, read from memory, against the
+    convolution's own kernel height × width × input channels. On the 2-core CPU it paid for ConvFC
+    (5×5×3 = 75) on a quadratic curve (K = 3, 21 points), not on a 3×3-control surface (K = 9, 121 points)
+    nor for a 3×3 one-channel digits convolution with K = 9 (``benchmarks/convfc_curve.py`` measures these
+    paths). Hence: more points than control points and at least 16 K multiply-adds per output. Not on other
+    backends (unmeasured there).
 
     Args:
       conv: the model's :class:`FirstConv` (``None``: no factorisation).
@@ -330,8 +328,8 @@ def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
     """``jax.lax.conv_general_dilated``, as an im2col matrix product when the feature map is smaller than the kernel.
 
     The ``conv_general_dilated`` of the zoo's ``nn.Conv`` layers. XLA's CPU backend rewrites such convolutions
-    (e.g. VGG16's 3×3 convolutions on 2×2 maps, or a CNN's last layers on 8×8 digits) into a form it ran ~75×
-    slower than the equivalent matrix product: 1.07 s against 14 ms for 128 maps of 2×2×512. Same result up to
+    (e.g. VGG16's 3×3 convolutions on 2×2 maps, or a CNN's last layers on 8×8 digits) into a form it runs
+    many times slower than the equivalent matrix product. Same result up to
     float rounding; any other convolution (and any stride, dilation, grouping or layout other than NHWC/HWIO)
     goes to ``lax.conv_general_dilated``.
 
@@ -383,8 +381,7 @@ def max_pool_strided(x: jax.Array, window: int, stride: int) -> jax.Array:
     Values equal ``flax.linen.max_pool``'s exactly. The gradient goes to the first maximum of each window in
     row-major order (as XLA's select-and-scatter and PyTorch do): the forward pass of a differentiated
     call records that window offset (int8), and the backward pass scatters with strided pads, which XLA
-    fuses into one loop. On the 2-core CPU this gradient took ~14 ms against ~120 ms for the reduce-window
-    gradient (128×32×32×32 map, 3×3/2 window).
+    fuses into one loop, on CPU a much cheaper gradient than the reduce-window one.
 
     Args:
       x: ``[N, H, W, C]`` feature maps.

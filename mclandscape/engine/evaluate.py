@@ -3,8 +3,10 @@
 :func:`evaluate` maps the model metrics (mean loss and accuracy over a dataset, optionally softmax outputs)
 over :class:`~mclandscape.engine.points.Points` with BatchNorm statistics recomputed per point
 (:mod:`mclandscape.engine.batchnorm`). Given several datasets (``data={"train": ..., "test": ...}``) it
-recomputes each point's statistics once and evaluates every dataset with them. :func:`evaluate_points`,
-:func:`evaluate_params` and :func:`evaluate_model` are thin views of it.
+recomputes each point's statistics once and evaluates every dataset with them. The points say where:
+:func:`~mclandscape.engine.points.connector_points` (t values, (u, v) pairs or weights of a connector),
+:func:`~mclandscape.engine.points.stacked_points` (parameter trees stacked on a leading axis; one model is a
+stack of one) and :func:`~mclandscape.engine.points.plane_points`.
 
 Strategies (``strategy=``): ``"map"`` (``jax.lax.map`` with ``batch_size=chunk``: chunk 1 is an XLA loop,
 chunk c vmaps c points at a time), ``"vmap"`` (all points at once), ``"unroll"`` (the points written out one
@@ -37,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mclandscape.core.connectors import Connector
 from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import correct_count
 from mclandscape.core.tree import PyTree, check_finite, tree_index
@@ -46,13 +47,11 @@ from mclandscape.engine.batchnorm import bn_batches, bn_momentum, bn_rngs, zeros
 from mclandscape.engine.models.base import Model
 from mclandscape.engine.points import (
     Points,
-    connector_points,
     data_xy,
     group_size,
     regroup,
     run_mapped,
     shard,
-    stacked_points,
     stage_batches,
     varying,
 )
@@ -61,9 +60,6 @@ __all__ = [
     "PointMetrics",
     "evaluate",
     "evaluation_memory",
-    "evaluate_points",
-    "evaluate_params",
-    "evaluate_model",
     "STRATEGIES",
     "STEM_MODES",
 ]
@@ -398,13 +394,20 @@ def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_da
     Example:
         >>> import jax
         >>> import mclandscape as mcl
-        >>> from mclandscape.engine.points import plane_points
+        >>> from mclandscape.core.tree import tree_stack
+        >>> from mclandscape.engine.points import connector_points, plane_points, stacked_points
         >>> data = mcl.load_dataset("iris", "test")
         >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
         >>> p = model.init(jax.random.key(0), data.x[:1])["params"]
         >>> m = evaluate(model, plane_points(p, p, None, [0.0, 1.0]), data)   # p and 2 p
         >>> m.loss.shape, m.accuracy.shape
         ((2,), (2,))
+        >>> one = evaluate(model, stacked_points(tree_stack([p])), data)      # one model: a stack of one
+        >>> bool(abs(one.loss[0] - m.loss[0]) < 1e-6)
+        True
+        >>> q = model.init(jax.random.key(1), data.x[:1])["params"]
+        >>> evaluate(model, connector_points(mcl.bezier_curve(p, q, degree=1), [0.0, 0.5, 1.0]), data).loss.shape
+        (3,)
         >>> both = evaluate(model, plane_points(p, p, None, [0.0, 1.0]), {"a": data, "b": data})
         >>> sorted(both), bool((both["b"].loss == m.loss).all())
         (['a', 'b'], True)
@@ -455,91 +458,3 @@ def evaluation_memory(model: Model, points: Points, data, *, devices: int | None
             "peak_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                               - m.alias_size_in_bytes),
             "strategy": plan.strategy, "chunk_size": plan.chunk, "stem": plan.stem}
-
-
-# ---- thin views ------------------------------------------------------------------------------------------
-
-def evaluate_points(model: Model, connector: Connector, points, data, *, extrapolate: bool = False,
-                    **kwargs) -> PointMetrics | dict[str, PointMetrics]:
-    """:func:`evaluate` at P points of a connector (t values, (u, v) pairs or barycentric weights).
-
-    Args:
-      model: the :class:`~mclandscape.engine.models.Model`.
-      connector: the :class:`~mclandscape.core.connectors.Connector`.
-      points: ``[P]`` t values, ``[P, 2]`` (u, v) pairs or ``[P, K]`` weights; validated (in [0, 1],
-        barycentric sums 1; nothing is clipped).
-      data: a Dataset or ``(x, y)``, or a dict of them.
-      extrapolate: accept points outside [0, 1].
-      **kwargs: see :func:`evaluate` (``batch_size``, ``bn_data``, ``strategy``, ...).
-
-    Returns:
-      As :func:`evaluate`.
-
-    Example:
-        >>> import jax
-        >>> import mclandscape as mcl
-        >>> data = mcl.load_dataset("iris", "test")
-        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
-        >>> p0, p1 = (model.init(jax.random.key(s), data.x[:1])["params"] for s in (0, 1))
-        >>> m = evaluate_points(model, mcl.bezier_curve(p0, p1, degree=1), [0.0, 0.5, 1.0], data)
-        >>> m.loss.shape, bool(((m.accuracy >= 0) & (m.accuracy <= 1)).all())
-        ((3,), True)
-    """
-    return evaluate(model, connector_points(connector, points, extrapolate=extrapolate), data, **kwargs)
-
-
-def evaluate_params(model: Model, stacked_params: PyTree, data, **kwargs) -> PointMetrics | dict[str, PointMetrics]:
-    """:func:`evaluate` at P parameter sets stacked on a leading axis (:func:`mclandscape.core.tree.tree_stack`).
-
-    Args:
-      model: the :class:`~mclandscape.engine.models.Model`.
-      stacked_params: the ``params`` collections stacked on a leading axis.
-      data: a Dataset or ``(x, y)``, or a dict of them.
-      **kwargs: see :func:`evaluate`.
-
-    Returns:
-      As :func:`evaluate`.
-
-    Example:
-        >>> import jax
-        >>> import mclandscape as mcl
-        >>> data = mcl.load_dataset("iris", "test")
-        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
-        >>> ps = [model.init(jax.random.key(s), data.x[:1])["params"] for s in range(3)]
-        >>> evaluate_params(model, mcl.core.tree.tree_stack(ps), data).loss.shape
-        (3,)
-    """
-    return evaluate(model, stacked_points(stacked_params), data, **kwargs)
-
-
-def evaluate_model(model: Model, variables: PyTree, data, *, batch_size: int = 1000,
-                   loss_fn: Callable = cross_entropy) -> dict:
-    """``{"loss", "acc"}`` of one model in evaluation mode with its own variables (:func:`evaluate` at one point).
-
-    Running BatchNorm statistics as stored, no dropout; ``acc`` is NaN unless the targets are class labels.
-
-    Args:
-      model: the :class:`~mclandscape.engine.models.Model`.
-      variables: a dict of collections with ``"params"``.
-      data: a Dataset or ``(x, y)``.
-      batch_size: examples per evaluation batch.
-      loss_fn: per-example loss.
-
-    Returns:
-      ``{"loss": float, "acc": float}``.
-
-    Example:
-        >>> import jax
-        >>> import mclandscape as mcl
-        >>> data = mcl.load_dataset("iris", "test")
-        >>> model = mcl.get_model("mlp", widths=[4], num_classes=3)
-        >>> r = evaluate_model(model, model.init(jax.random.key(0), data.x[:1]), data)
-        >>> sorted(r), 0.0 <= r["acc"] <= 1.0
-        (['acc', 'loss'], True)
-    """
-    if not hasattr(variables, "items") or "params" not in variables:
-        raise ValueError("variables must be a dict with a 'params' collection")
-    m = evaluate(model, stacked_points(jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], variables["params"])),
-                 data, batch_size=batch_size, variables=variables, loss_fn=loss_fn, strategy="map", chunk_size=1,
-                 devices=1, stem="off")
-    return {"loss": float(m.loss[0]), "acc": float(m.accuracy[0])}

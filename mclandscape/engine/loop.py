@@ -46,7 +46,7 @@ from mclandscape.core.tree import PyTree, tree_path_names
 from mclandscape.engine import distributed, resume
 from mclandscape.engine.step import Step, TrainState, accumulate_jit, zero_sums_like
 
-__all__ = ["LoopConfig", "RunResult", "run", "NonFiniteError", "StopRun"]
+__all__ = ["LoopConfig", "RunResult", "run", "NonFiniteError", "StopRun", "progress_enabled"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -215,7 +215,19 @@ def _check_finite_state(state: TrainState, names: list[str], epoch: int, steps_p
                          "check the inputs and labels.")
 
 
-def _progress_enabled(progress: bool | None) -> bool:
+def progress_enabled(progress: bool | None) -> bool:
+    """Whether a progress bar is shown: the rule of every trainer's and search's ``progress`` argument.
+
+    Args:
+      progress: ``True``/``False``, or ``None``: shown only when stderr is a terminal.
+
+    Returns:
+      ``bool(progress)``, or whether stderr is a terminal for ``None``.
+
+    Example:
+        >>> progress_enabled(True), progress_enabled(False)
+        (True, False)
+    """
     if progress is None:
         return bool(getattr(sys.stderr, "isatty", lambda: False)())
     return bool(progress)
@@ -309,7 +321,7 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
             resumed_from = start
         elif store is not None and 0 in config.milestones:
             save(0, state)
-        with tqdm(total=epochs, initial=start, disable=not _progress_enabled(config.progress), leave=False,
+        with tqdm(total=epochs, initial=start, disable=not progress_enabled(config.progress), leave=False,
                   desc=config.desc, unit="epoch", dynamic_ncols=True) as bar:
             zeros = None
             for epoch in range(start, epochs):

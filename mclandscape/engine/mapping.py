@@ -9,9 +9,9 @@ points, a NEB band's pivots, stacked ensemble members) maps it with :func:`map_o
 
 ``"auto"`` is resolved by :func:`resolve`, the only place in the package that asks which backend runs.
 On XLA's CPU backend vmapped points give every point its own kernels, which XLA runs as grouped
-convolutions, slowly (``benchmarks/surface_training.py``: small CNN, k = 80 differentiated points, 0.50 s
-per step unrolled against 6.6 s with ``lax.map`` and 30 s with ``vmap``; ``benchmarks/convfc_curve.py`` for
-evaluation), so convolutional models are mapped one point at a time there.
+convolutions, slowly, so convolutional models are mapped one point at a time there
+(``benchmarks/surface_training.py`` measures the differentiated strategies, ``benchmarks/convfc_curve.py``
+and ``benchmarks/surface_sampling.py`` the evaluated ones).
 """
 
 from __future__ import annotations
@@ -73,9 +73,8 @@ def resolve(how: str, num_points: int, *, has_conv: bool, grad: bool = False, pa
 
     ``"auto"``, differentiated (``grad``: training several points in one step): ``"unroll"`` on CPU for a
     convolutional model, else ``"vmap"``. ``"auto"``, evaluated: ``"map"`` with chunks of ``min(16, P)`` on
-    CPU (a 64-128-128-10 MLP ran at 0.231 ms/point in chunks of 16 against 0.279 one at a time), one point at
-    a time for a convolutional model (the simple CNN ran at 4.10 ms/point one at a time against 4.61 in
-    chunks of 16), and elsewhere chunks as large as ``chunk_bytes`` of parameter copies allow (at most 64).
+    CPU, one point at a time for a convolutional model (``benchmarks/surface_sampling.py`` measures both
+    choices for an MLP and the simple CNN), and elsewhere chunks as large as ``chunk_bytes`` of parameter copies allow (at most 64).
     An explicit ``how`` is kept; ``"vmap"`` takes all points in one chunk.
 
     Args:

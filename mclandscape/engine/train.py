@@ -35,14 +35,15 @@ import optax
 from mclandscape.core import _checks
 from mclandscape.core.losses import LOSSES, cross_entropy
 from mclandscape.core.objective import make_objective
-from mclandscape.core.tree import PyTree, check_finite, tree_digest
+from mclandscape.core.tree import PyTree, check_finite, tree_digest, tree_stack
 from mclandscape.engine import optim
 from mclandscape.engine.batches import batch_stream, data_digest
 from mclandscape.engine.data import Dataset
 from mclandscape.engine.distributed import training_mesh
-from mclandscape.engine.evaluate import evaluate_model
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.loop import LoopConfig, run
 from mclandscape.engine.models.base import Model, check_variables
+from mclandscape.engine.points import stacked_points
 from mclandscape.engine.resume import restore_state
 from mclandscape.engine.step import make_step
 
@@ -300,8 +301,9 @@ def epoch_record(model: Model, variables: PyTree, test: Dataset | None, config: 
            "lr": lr}
     if test is not None:
         loss_fn = objective.per_example if config.loss != "cross_entropy" else cross_entropy
-        ev = evaluate_model(model, variables, test, batch_size=config.eval_batch_size, loss_fn=loss_fn)
-        rec["test_loss"], rec["test_acc"] = ev["loss"], ev["acc"]
+        ev = evaluate(model, stacked_points(tree_stack([variables["params"]])), test, variables=variables,
+                      batch_size=config.eval_batch_size, loss_fn=loss_fn, strategy="map", devices=1, stem="off")
+        rec["test_loss"], rec["test_acc"] = float(ev.loss[0]), float(ev.accuracy[0])
     if config.loss == "mse":
         rec["train_acc"] = rec["test_acc"] = float("nan")
     return rec

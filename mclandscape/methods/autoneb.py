@@ -9,7 +9,7 @@ in Draxler's fill, the band keeps *target spacing* weights ``omega_j`` (relative
 inserted pivot splits its gap's weight by ``alpha`` and the spring of
 :func:`~mclandscape.methods.neb_forces.neb_forces` holds it there instead of pushing it back to equal spacing.
 The dense profile that places new pivots runs through the engine's
-:func:`~mclandscape.engine.evaluate.map_points` (or a ``profile_fn`` such as the engine's ``evaluate`` of a
+:func:`~mclandscape.engine.points.map_points` (or a ``profile_fn`` such as the engine's ``evaluate`` of a
 network with recalibrated BatchNorm); the cycles continue one global step count of the batch stream.
 
 Example:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -57,10 +57,10 @@ from mclandscape.engine.connector_train import (
     weight_decay_args,
 )
 from mclandscape.engine.data import Dataset
-from mclandscape.engine.evaluate import PointMetrics, evaluate
+from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.loop import LoopConfig
 from mclandscape.engine.optim import Transform, transform
-from mclandscape.engine.points import Points, connector_points
+from mclandscape.engine.points import connector_points
 
 __all__ = [
     "CURVE_KINDS", "line_connector", "garipov_schedule", "curve_optimizer", "CurveConfig", "train_curve",
@@ -515,17 +515,6 @@ class PathEvaluation:
         return d
 
 
-def _evaluate_sets(model, points: Points, datasets: Mapping[str, Any], *, probs_of: str | None = None,
-                   **kwargs) -> dict[str, PointMetrics]:
-    """:func:`~mclandscape.engine.evaluate.evaluate` of ``points`` on every data set of ``datasets`` (by name).
-
-    The one place the curve and surface views evaluate several data sets at the same points (BatchNorm
-    statistics are recomputed per point for each set); ``probs_of`` names the set whose softmax outputs are kept.
-    """
-    return {name: evaluate(model, points, data, return_probs=name == probs_of, **kwargs)
-            for name, data in datasets.items()}
-
-
 def evaluate_curve(model, connector: Connector, train, test=None, *, ts=None, num_points: int = 61,
                    **kwargs) -> PathEvaluation:
     """Train and test loss/accuracy along a curve (or a band's polychain) at ``ts``.
@@ -570,7 +559,7 @@ def evaluate_curve(model, connector: Connector, train, test=None, *, ts=None, nu
     if kwargs.get("bn_data") is None:
         kwargs["bn_data"] = train
     sets = {"train": train} if test is None else {"train": train, "test": test}
-    m = _evaluate_sets(model, connector_points(connector, ts), sets, **kwargs)
+    m = evaluate(model, connector_points(connector, ts), sets, **kwargs)  # BatchNorm recalibrated once per point
     dl = point_distances(connector, ts)
     length = curve_length(connector) if connector.kind == "polychain" else float(dl.sum())
     te = m.get("test")

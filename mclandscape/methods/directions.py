@@ -19,10 +19,10 @@ Normalisations (``norm``): ``"filter"`` (per filter, above), ``"layer"`` (per le
 ``"weight"`` (element-wise ``d <- d ⊙ θ``), ``"unit"`` (the whole direction scaled to norm 1) and
 ``"none"``. Only the ``params`` collection moves; BatchNorm running statistics stay as trained (with
 :func:`loss_curve`/:func:`loss_plane` they are recomputed per point when ``bn_data`` is given, see
-:func:`mclandscape.engine.evaluate.evaluate_params`).
+:func:`mclandscape.engine.evaluate.evaluate`).
 
 Grid evaluation goes through the one evaluator (:mod:`mclandscape.engine.evaluate`): a line or plane is
-:func:`~mclandscape.engine.evaluate.plane_points`, rows ``[1, α, β]`` over the stack ``[θ, d1, d2]``, and any
+:func:`~mclandscape.engine.points.plane_points`, rows ``[1, α, β]`` over the stack ``[θ, d1, d2]``, and any
 set of coordinates over k directions is :func:`direction_points` (rows ``[1, c_1, ..., c_k]`` over ``[θ, d_1,
 ..., d_k]``). Each point's parameters are formed inside the mapped computation, so memory holds the stack
 (k + 1 trees) and at most a chunk of parameter copies, whatever the grid size (a 51×51 plane of VGG16 would
@@ -30,7 +30,7 @@ otherwise be 2,601 copies, ~158 GB; ``benchmarks/loss_plane_memory.py`` measures
 :func:`loss_curve` and :func:`loss_plane` evaluate the model with
 :func:`~mclandscape.engine.evaluate.evaluate` (first-layer factorisation, BatchNorm recomputed per point
 from ``bn_data``); a pure function of the parameters maps over :func:`direction_points` with
-:func:`~mclandscape.engine.evaluate.map_points`.
+:func:`~mclandscape.engine.points.map_points`.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def _check_coords(coords, k: int) -> np.ndarray:
 
 
 def direction_points(params: PyTree, directions: Sequence[PyTree], coords) -> Points:
-    """The points ``θ + Σ_i coords[p, i]·d_i`` as :class:`~mclandscape.engine.evaluate.Points`.
+    """The points ``θ + Σ_i coords[p, i]·d_i`` as :class:`~mclandscape.engine.points.Points`.
 
     Args:
       params: the centre ``θ``.
@@ -362,7 +362,7 @@ def loss_plane(model: Model, params: PyTree, d1: PyTree, d2: PyTree, alphas, bet
 
     Returns:
       A :class:`Landscape` with ``loss``/``accuracy`` ``[A, B]`` (alpha major). The grid is
-      :func:`~mclandscape.engine.evaluate.plane_points` (rows ``[1, α, β]`` over ``[θ, d1, d2]``), evaluated
+      :func:`~mclandscape.engine.points.plane_points` (rows ``[1, α, β]`` over ``[θ, d1, d2]``), evaluated
       by the one evaluator: memory holds three trees and a chunk of points, whatever the grid size.
 
     Example:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -421,6 +420,3 @@ def _fingerprint(objective, origin, key, config: DSPConfig, tier: int, solver: L
             "data": {"first_batch": tree_digest(batch_fn(0)), "stream": getattr(batch_fn, "digest", None)}}
 
 
-def _progress(progress: bool | None) -> bool:
-    # the engine's rule for every trainer's bar: None shows it only when stderr is a terminal
-    return bool(getattr(sys.stderr, "isatty", lambda: False)()) if progress is None else bool(progress)

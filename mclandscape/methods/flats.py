@@ -10,7 +10,7 @@ thesis, Universität Kassel, 2025); section numbers below refer to it.
   between the raw basis vectors (§6.3).
 - **Lattice** (§4.1, §4.3.1): an integer coordinate a ∈ Z^m maps to θ(a) = θ* + s·B·a, computed from the
   integers every time, so the traversal never compares floating-point positions. A batch of voxels is a
-  family of :class:`~mclandscape.engine.evaluate.Points`: coefficient rows ``[1, s·a_1, ..., s·a_m]`` over
+  family of :class:`~mclandscape.engine.points.Points`: coefficient rows ``[1, s·a_1, ..., s·a_m]`` over
   the stack ``[θ*, b_1, ..., b_m]`` (:meth:`Flat.lattice_points`; for the full space ``[θ*, e_1, ..., e_d]``).
   §4.1 writes a ∈ Z^d; inside a flat the lattice is Z^m (Z^d only for the full space).
 
@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,7 +35,6 @@ from mclandscape.core.tree import PyTree, check_same_structure, tree_combine, tr
 from mclandscape.engine.points import Points
 
 __all__ = ["Flat", "flat_from_minima", "full_space_flat"]
-
 
 
 
@@ -57,6 +55,9 @@ class Flat:
       cell_factor: sqrt(det BᵀB), the m-volume of a unit lattice cell (1 for ``qr`` and ``full``), so a
         voxel of step s has volume ``cell_factor · s^m``.
       anchor_index: which of the minima is θ*.
+      stack: ``[m+1, d]``, θ* then the basis vectors b_1..b_m (e_1..e_d for the full space): the stack the
+        lattice rows combine (a one-leaf tree of :class:`~mclandscape.engine.points.Points`), formed once when
+        the flat is made.
 
     Example:
         >>> import jax.numpy as jnp
@@ -74,6 +75,12 @@ class Flat:
     minima_coords: np.ndarray | None
     cell_factor: float
     anchor_index: int = 0
+    stack: jax.Array = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        dtype = self.anchor.dtype
+        dirs = jnp.eye(self.ambient_dim, dtype=dtype) if self.basis is None else jnp.asarray(self.basis, dtype).T
+        object.__setattr__(self, "stack", jnp.concatenate([self.anchor[None, :], dirs], axis=0))
 
     @property
     def dim(self) -> int:
@@ -84,14 +91,6 @@ class Flat:
     def ambient_dim(self) -> int:
         """d, the number of parameters."""
         return int(self.anchor.shape[0])
-
-    @functools.cached_property
-    def stack(self) -> jax.Array:
-        """``[m+1, d]``: θ*, then the basis vectors b_1..b_m (e_1..e_d for the full space), the stack the
-        lattice rows combine (a one-leaf tree of :class:`~mclandscape.engine.evaluate.Points`)."""
-        dtype = self.anchor.dtype
-        dirs = jnp.eye(self.ambient_dim, dtype=dtype) if self.basis is None else jnp.asarray(self.basis, dtype).T
-        return jnp.concatenate([self.anchor[None, :], dirs], axis=0)
 
     def cell_volume(self, step: float) -> float:
         """m-volume of one voxel, ``cell_factor · s^m``.
@@ -132,7 +131,7 @@ class Flat:
         return rows
 
     def lattice_points(self, coords, step: float) -> Points:
-        """The voxels ``coords [K, m]`` at step width s as :class:`~mclandscape.engine.evaluate.Points`.
+        """The voxels ``coords [K, m]`` at step width s as :class:`~mclandscape.engine.points.Points`.
 
         Args:
           coords: integer lattice coordinates ``[K, m]``.

@@ -6,7 +6,7 @@ Implements §4.1 and §4.3 of N. Schager, "Volumetric investigation into neural 
 - **Losses**: an objective of the engine's protocol (:func:`mclandscape.core.objective.make_objective` of a
   network in inference mode on a full batch, or :func:`~mclandscape.core.objective.function_objective` of an
   analytic landscape) at the parameters of each voxel. :class:`LatticeLoss` evaluates batches of voxels with the engine's
-  :func:`~mclandscape.engine.evaluate.map_points`, which forms each voxel's parameters inside its mapped,
+  :func:`~mclandscape.engine.points.map_points`, which forms each voxel's parameters inside its mapped,
   fixed-shape chunks (and shards the voxels over devices), so a voxel's loss is the same bits in any batch.
 - **Storage**: :class:`LatticeCodec` packs coordinates into int64 keys, :class:`VoxelStore` holds the visited
   voxels with their losses, :class:`KeyQueue` the queue and the future queue of Algorithm 3.
@@ -67,7 +67,7 @@ class LatticeLoss:
     loss). Batches are cut into pieces of at most ``max_batch`` voxels, each padded (with the origin) to a
     power-of-two bucket that is a multiple of ``chunk`` times the device count, so only a handful of shapes
     are ever compiled; each piece is :meth:`~mclandscape.methods.flats.Flat.lattice_points` evaluated by the
-    engine's :func:`~mclandscape.engine.evaluate.map_points` (``lax.map`` over chunks of ``chunk`` voxels,
+    engine's :func:`~mclandscape.engine.points.map_points` (``lax.map`` over chunks of ``chunk`` voxels,
     sharded over devices). Every voxel is computed by the same fixed-shape kernel whatever the batch size, so
     its loss is bit-identical in any bucket and on any number of devices (a plain ``vmap`` over the whole
     batch is not: XLA picks shape-dependent kernels), and θ is formed chunk by chunk (``chunk × d`` floats).

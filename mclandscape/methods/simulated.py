@@ -112,7 +112,7 @@ def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSetti
     would give every start the factor of the summed loss) and dispatches one step per Python iteration. The
     optimiser is the same ``chain(scale_by_vdm(vdm), sgd)`` the engine runs (:func:`make_sim_optimizer`); the
     end points' Hessians are one mapped evaluation of the engine
-    (:func:`~mclandscape.engine.evaluate.map_points`).
+    (:func:`~mclandscape.engine.points.map_points`).
     Everything is computed in the dtype of ``inits`` (float64 under ``jax_enable_x64``; integers become the
     default float type).
 

@@ -22,7 +22,6 @@ from mclandscape.core.tree import PyTree
 from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models.base import Model
 from mclandscape.engine.points import connector_points, uv_grid
-from mclandscape.methods.curves import _evaluate_sets
 from mclandscape.methods.surface import _check_surface
 
 __all__ = [
@@ -70,7 +69,7 @@ def surface_grid(model: Model, connector: Connector, train, test, *, steps: int 
                  train_eval=None, **kwargs) -> SurfaceGrid:
     """Train and test loss/accuracy over the ``steps x steps`` (u, v) grid (Bézier-surface paper, Figures 4-5).
 
-    A view of :func:`mclandscape.engine.evaluate.evaluate` at :func:`~mclandscape.engine.evaluate.uv_grid`
+    A view of :func:`mclandscape.engine.evaluate.evaluate` at :func:`~mclandscape.engine.points.uv_grid`
     (default step 0.1, 11 x 11). BatchNorm statistics, as in :func:`mclandscape.methods.curves.evaluate_curve`,
     are recomputed at every point on ``bn_data``, which defaults to ``train``; models without BatchNorm
     ignore it.
@@ -104,8 +103,9 @@ def surface_grid(model: Model, connector: Connector, train, test, *, steps: int 
     if kwargs.get("bn_data") is None:
         kwargs["bn_data"] = train
     sets = {"train": train if train_eval is None else train_eval, "test": test}
-    m = _evaluate_sets(model, connector_points(connector, pts), sets, probs_of="test" if return_probs else None,
-                       **kwargs)
+    # one call for both sets: each point's BatchNorm statistics are recomputed once, for train and test
+    m = evaluate(model, connector_points(connector, pts), sets, return_probs=("test",) if return_probs else False,
+                 **kwargs)
     s = (steps, steps)
     return SurfaceGrid(steps=steps, points=pts, train_loss=m["train"].loss.reshape(s),
                        train_acc=m["train"].accuracy.reshape(s), test_loss=m["test"].loss.reshape(s),

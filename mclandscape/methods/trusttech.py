@@ -120,6 +120,7 @@ from mclandscape.core.tree import (
 )
 from mclandscape.engine import distributed
 from mclandscape.engine.checkpoint import CheckpointStore
+from mclandscape.engine.loop import progress_enabled
 from mclandscape.engine.resume import ResumeMismatchError, fingerprint_diff
 from mclandscape.engine.step import make_step, split_static
 from mclandscape.methods.dsp_detector import (
@@ -139,7 +140,6 @@ from mclandscape.methods.dsp_step import (
     _float_dtype,
     _from_named,
     _named,
-    _progress,
     _replicator,
     _search_step_jit,
     initial_directions,
@@ -287,7 +287,7 @@ class _Driver:
     def run(self) -> TierResult:
         if self.pending is not None:
             self.solve_pending()
-        bar = tqdm(total=self.config.max_steps, initial=self.t, disable=not _progress(self.progress), leave=False,
+        bar = tqdm(total=self.config.max_steps, initial=self.t, disable=not progress_enabled(self.progress), leave=False,
                    desc=f"DSP-TT tier {self.tier}", unit="step", dynamic_ncols=True)
         try:
             while any(self.active) and self.t < self.config.max_steps:

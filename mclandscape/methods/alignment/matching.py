@@ -205,7 +205,7 @@ def _inputs(data) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class _Capture:
     """``variables -> {module path: output}`` of the modules in ``wanted`` (read by intercepting the Flax
-    modules' calls), a hashable per-point function for :func:`~mclandscape.engine.evaluate.map_points`."""
+    modules' calls), a hashable per-point function for :func:`~mclandscape.engine.points.map_points`."""
 
     model: Any
     wanted: frozenset[str]
