@@ -185,7 +185,10 @@ def mesh(shape: Sequence[int] | None = None, axes: Sequence[str] = ("points",), 
     if len(shape) != len(axes) or int(np.prod(shape)) != n:
         raise ValueError(f"a mesh of shape {shape} over axes {axes} needs {int(np.prod(shape))} devices, "
                          f"have {n}")
-    return jax.make_mesh(shape, axes, devices=jax.devices()[:n])
+    # Auto axes: the engine places arrays and states sharding constraints itself (make_mesh's default is
+    # Explicit axes, under which with_sharding_constraint refuses a NamedSharding)
+    return jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
+                         devices=jax.devices()[:n])
 
 
 def training_mesh(batch_size: int, num_points: int = 1, *, devices: int | None = None) -> jax.sharding.Mesh | None:
