@@ -153,7 +153,7 @@ def test_top_hessian_eigenvalues_of_a_model(ce_problem):
 
 def test_a_second_call_compiles_nothing(ce_problem, count_compiles):
     """HVPs, Lanczos, power iteration, Hutchinson and the dense Hessian compile once: a second call, through a
-    new make_objective and new batches of the same shapes, compiles nothing (the old model_loss_fn path
+    new make_objective and new batches of the same shapes, compiles nothing (the old per-method objective path
     compiled its HVP again on every call)."""
     model, _, params, (x, y), _, _ = ce_problem
     data = (np.asarray(x), np.asarray(y))
