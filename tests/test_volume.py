@@ -738,8 +738,10 @@ def test_a_second_traversal_or_sweep_compiles_nothing(iris_setup, count_compiles
 
     def traverse():
         flat = VF.flat_from_minima(params[:3], basis="qr")
-        # TODO(issue 21): rebuild the model by name with get_model here once zoo models compare by value
-        loss = make_objective(model, train=False, variables=minima[0])  # a new objective of the same structure
+        from mclandscape.engine.models import get_model
+
+        rebuilt = get_model(model.spec)  # as a notebook would: equal by value, compiled once
+        loss = make_objective(rebuilt, train=False, variables=minima[0])  # a new objective of the same structure
         return VT.grid_traversal(VL.LatticeLoss(flat, 0.2, loss, (data.x, data.y), max_batch=128), 1.3,
                                  config=VT.TraversalConfig(limit=300))
 
