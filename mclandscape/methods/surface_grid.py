@@ -21,21 +21,13 @@ from mclandscape.core.connectors import Connector, bezier_surface, simplex
 from mclandscape.core.tree import PyTree
 from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models.base import Model
-from mclandscape.engine.points import connector_points, uv_grid
+from mclandscape.engine.points import connector_points, data_xy, uv_grid
 from mclandscape.methods.surface import _check_surface
 
 __all__ = [
     "SurfaceGrid", "surface_grid", "extrema", "subset_approximation", "merge_best", "corner_indices",
     "surface_ensembles", "triangle_points", "TriangleResult", "evaluate_triangle", "trajectory_surface",
 ]
-
-
-def _xy(data) -> tuple[np.ndarray, np.ndarray]:
-    if hasattr(data, "x") and hasattr(data, "y"):
-        return np.asarray(data.x), np.asarray(data.y)
-    if isinstance(data, tuple | list) and len(data) == 2:
-        return np.asarray(data[0]), np.asarray(data[1])
-    raise ValueError("data must be a Dataset (with .x and .y) or an (x, y) tuple of arrays")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +168,8 @@ def subset_approximation(model: Model, connector: Connector, train, test, *, ful
         >>> r["train_examples"], r["test_examples"], sorted(r["train_loss"]["full"])
         (32, 7, ['max', 'min', 'peak', 'valley'])
     """
-    xtr, ytr = _xy(train)
-    xte, yte = _xy(test)
+    xtr, ytr = data_xy(train)
+    xte, yte = data_xy(test)
     if train_batches < 1:
         raise ValueError(f"train_batches must be >= 1, got {train_batches}")
     ntr = min(len(ytr), train_batches * batch_size)
