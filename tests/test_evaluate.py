@@ -1,9 +1,4 @@
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import flax.linen as nn
 import jax
@@ -216,39 +211,3 @@ def test_float64_points_and_batchnorm_statistics_stay_float64():
         assert jax.tree_util.tree_leaves(stats)[0].dtype == jnp.float64
         ref = _reference(BN, [curve.point(0.4)], x, y, [stats])
         np.testing.assert_allclose(r.loss[1], ref[0, 0], rtol=1e-10)
-
-
-SHARDED = textwrap.dedent("""
-    import json, sys
-    import numpy as np, jax, jax.numpy as jnp
-    sys.path.insert(0, {tests!r})
-    from test_evaluate import MLP, BN, _data, _inits
-    from mclandscape.core import connectors as C
-    from mclandscape.engine.evaluate import evaluate
-    from mclandscape.engine.points import connector_points, uv_grid
-    assert len(jax.devices()) == 8, jax.devices()
-    x, y = _data()
-    s = C.bezier_surface(*_inits(MLP, 4, x), n=2, m=2)
-    pts = uv_grid(5)  # 25 points: not a multiple of 8, exercises padding
-    one = evaluate(MLP, connector_points(s, pts), (x, y), devices=1, strategy="map")
-    many = evaluate(MLP, connector_points(s, pts), (x, y), strategy="map", chunk_size=2)
-    vm = evaluate(MLP, connector_points(s, pts), (x, y), strategy="vmap", chunk_size=2)
-    c = C.bezier_curve(*_inits(BN, 2, x)[:2])
-    b1 = evaluate(BN, connector_points(c, np.linspace(0, 1, 11)), (x, y), devices=1, bn_data=(x, y), bn_batch_size=35)
-    b8 = evaluate(BN, connector_points(c, np.linspace(0, 1, 11)), (x, y), bn_data=(x, y), bn_batch_size=35)
-    print(json.dumps(dict(d1=one.loss.tolist(), d8=many.loss.tolist(), v8=vm.loss.tolist(),
-                          a1=one.accuracy.tolist(), a8=many.accuracy.tolist(),
-                          b1=b1.loss.tolist(), b8=b8.loss.tolist())))
-""")
-
-
-def test_sharded_over_8_cpu_devices_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    code = SHARDED.format(tests=os.path.dirname(__file__))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    np.testing.assert_allclose(r["d8"], r["d1"], rtol=1e-5)
-    np.testing.assert_allclose(r["v8"], r["d1"], rtol=1e-5)
-    np.testing.assert_allclose(r["a8"], r["a1"])
-    np.testing.assert_allclose(r["b8"], r["b1"], rtol=1e-5)
