@@ -31,14 +31,14 @@ from mclandscape.core.connectors import Connector
 from mclandscape.core.tree import PyTree, tree_combine, tree_stack
 from mclandscape.engine.points import connector_points, map_points
 from mclandscape.methods.curves import PathEvaluation, evaluate_curve
-from mclandscape.methods.neb import NEBConfig, NEBResult, _num_pivots, _point_loss, _relax
+from mclandscape.methods.neb import NEBConfig, NEBResult, _Band, _num_pivots, _point_loss, _relax
 from mclandscape.methods.neb_forces import _band_dtype, _check_ends, band_connector, dense_ts
 
 __all__ = ["AutoNEBResult", "insertion_alphas", "insert_pivots", "auto_neb", "evaluate_band"]
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoNEBResult:
+class AutoNEBResult(_Band):
     """Outcome of :func:`auto_neb`: final band, per-cycle records and the final dense profile.
 
     ``band`` is the final polychain, ``spacing`` its target segment weights, ``cycles`` one record per cycle
@@ -51,16 +51,6 @@ class AutoNEBResult:
     cycles: list[dict]
     dense_t: np.ndarray
     dense_loss: np.ndarray
-
-    @property
-    def pivots(self) -> PyTree:
-        """The stacked pivots ``[N, ...]``."""
-        return self.band.control
-
-    @property
-    def num_pivots(self) -> int:
-        """N."""
-        return self.band.num_control
 
 
 def insertion_alphas(dense_loss, num_pivots: int, sub_pivots: int, *, count: int, method: str = "highest",

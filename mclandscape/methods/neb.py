@@ -150,9 +150,22 @@ class NEBConfig:
         return transform(optax.sgd, float(self.learning_rate), momentum=float(self.momentum) or None)
 
 
+class _Band:
+    """The pivots of a result that holds a ``band`` (a polychain connector)."""
+
+    @property
+    def pivots(self) -> PyTree:
+        """The stacked pivots ``[N, ...]``."""
+        return self.band.control
+
+    @property
+    def num_pivots(self) -> int:
+        """N."""
+        return self.band.num_control
+
 
 @dataclasses.dataclass(frozen=True)
-class NEBResult:
+class NEBResult(_Band):
     """Outcome of :func:`neb`: the band as a polychain connector and the run's record.
 
     ``losses`` are the pivot losses of the returned band on the last step's batch (NaN after 0 steps);
@@ -174,16 +187,6 @@ class NEBResult:
     par_force: float
     spacing: np.ndarray
     history: list[dict]
-
-    @property
-    def pivots(self) -> PyTree:
-        """The stacked pivots ``[N, ...]``."""
-        return self.band.control
-
-    @property
-    def num_pivots(self) -> int:
-        """N."""
-        return self.band.num_control
 
 
 def _point_loss(params, point, batch, key):
