@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from mclandscape.core._checks import choice, integer, real
 from mclandscape.core.tree import PyTree
-from mclandscape.methods.verification_result import _check_real
 
 __all__ = ["READINGS", "RhoSchedule", "rho2_from_lr", "DetectorState", "ExitDetector", "START", "UP", "EXIT",
            "LocalSolver", "DSPConfig", "ExitRecord", "TierResult"]
 
-READINGS = ("additive", "growth", "literal")
+READINGS = ("additive", "growth")
 BatchFn = Callable[[int], Any]
 
 
@@ -41,7 +41,7 @@ class RhoSchedule:
     0 by ``increment`` per iteration (0.001 in §5) and stops at ``rho_max``, so ``rho1(i) in (0, rho_max]``.
     ``rho2`` is the constant calibration step (0.1x the tier-0 learning rate in §5, :func:`rho2_from_lr`);
     ``rho2 = 0`` is the original TRUST-TECH search along a fixed direction. ``reading`` selects how the
-    forward step uses ``rho1`` (module docstring): ``"additive"`` (default), ``"growth"`` or ``"literal"``.
+    forward step uses ``rho1`` (module docstring): ``"additive"`` (default) or ``"growth"``.
 
     Example:
       >>> r = RhoSchedule(increment=1e-3, rho_max=0.05)
@@ -55,32 +55,17 @@ class RhoSchedule:
     reading: str = "additive"
 
     def __post_init__(self):
-        inc = _check_real(self.increment, "RhoSchedule.increment (rho1 increase per iteration)")
-        rmax = _check_real(self.rho_max, "RhoSchedule.rho_max")
-        r2 = _check_real(self.rho2, "RhoSchedule.rho2 (calibration step)")
-        if inc <= 0:
-            raise ValueError(f"RhoSchedule.increment must be > 0 so that rho1 grows from 0, got {inc}")
-        if rmax <= 0:
-            raise ValueError(f"RhoSchedule.rho_max must be > 0 (rho1 lies in (0, rho_max]), got {rmax}")
+        inc = real(self.increment, "RhoSchedule.increment", low=0.0, low_open=True, what="rho1 grows from 0 by it")
+        rmax = real(self.rho_max, "RhoSchedule.rho_max", low=0.0, low_open=True, what="rho1 lies in (0, rho_max]")
         if inc > rmax:
             raise ValueError(f"RhoSchedule.increment ({inc}) exceeds rho_max ({rmax}): rho1 would start above "
                              "its maximum")
-        if r2 < 0:
-            raise ValueError(f"RhoSchedule.rho2 must be >= 0 (a step size along f), got {r2}")
-        if self.reading not in READINGS:
-            raise ValueError(f"RhoSchedule.reading must be one of {READINGS}, got {self.reading!r}")
+        real(self.rho2, "RhoSchedule.rho2", low=0.0, what="the calibration step")
+        choice(self.reading, "RhoSchedule.reading", READINGS)
 
     def rho1(self, i: int) -> float:
         """``rho1(i) = min(increment * i, rho_max)`` for iteration ``i >= 1`` of a direction."""
-        if isinstance(i, bool) or int(i) != i or i < 1:
-            raise ValueError(f"rho1 is defined for iterations i >= 1 (integers), got {i!r}")
-        return float(min(self.increment * int(i), self.rho_max))
-
-    def rho2_at(self, i: int) -> float:
-        """Calibration step ``rho2(i)`` (constant)."""
-        if isinstance(i, bool) or int(i) != i or i < 1:
-            raise ValueError(f"rho2 is defined for iterations i >= 1 (integers), got {i!r}")
-        return float(self.rho2)
+        return float(min(self.increment * integer(i, "rho1's iteration i", low=1), self.rho_max))
 
 
 def rho2_from_lr(tier0_lr: float, fraction: float = 0.1) -> float:
@@ -97,13 +82,7 @@ def rho2_from_lr(tier0_lr: float, fraction: float = 0.1) -> float:
       >>> round(rho2_from_lr(0.05), 6)
       0.005
     """
-    lr = _check_real(tier0_lr, "tier0_lr")
-    fr = _check_real(fraction, "fraction")
-    if lr <= 0:
-        raise ValueError(f"tier0_lr must be > 0, got {lr}")
-    if fr <= 0:
-        raise ValueError(f"fraction must be > 0, got {fr}")
-    return lr * fr
+    return real(tier0_lr, "tier0_lr", low=0.0, low_open=True) * real(fraction, "fraction", low=0.0, low_open=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,18 +146,12 @@ class ExitDetector:
     min_drop: float = 0.0
 
     def __post_init__(self):
-        b = _check_real(self.ema_decay, "ExitDetector.ema_decay")
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"ExitDetector.ema_decay must be in [0, 1), got {b}")
-        if isinstance(self.buffer_size, bool) or int(self.buffer_size) != self.buffer_size or self.buffer_size < 1:
-            raise ValueError(f"ExitDetector.buffer_size must be an integer >= 1, got {self.buffer_size!r}")
-        v = _check_real(self.vote, "ExitDetector.vote")
-        if not 0.5 < v <= 1.0:
-            raise ValueError(f"ExitDetector.vote must be in (0.5, 1] (a majority of the buffer), got {v}")
-        if _check_real(self.min_rise, "ExitDetector.min_rise") < 0:
-            raise ValueError(f"ExitDetector.min_rise must be >= 0, got {self.min_rise}")
-        if not 0.0 <= _check_real(self.min_drop, "ExitDetector.min_drop") < 1.0:
-            raise ValueError(f"ExitDetector.min_drop must be a fraction in [0, 1), got {self.min_drop}")
+        for name in ("ema_decay", "min_drop"):  # both in [0, 1)
+            if real(getattr(self, name), f"ExitDetector.{name}", low=0.0, high=1.0) == 1.0:
+                raise ValueError(f"ExitDetector.{name} must be in [0, 1), got 1.0")
+        integer(self.buffer_size, "ExitDetector.buffer_size", low=1)
+        real(self.vote, "ExitDetector.vote", low=0.5, low_open=True, high=1.0, what="a majority of the buffer")
+        real(self.min_rise, "ExitDetector.min_rise", low=0.0)
 
     @property
     def needed(self) -> int:
@@ -239,12 +212,10 @@ class LocalSolver:
     check_every: int = 100
 
     def __post_init__(self):
-        for name in ("steps", "check_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"LocalSolver.{name} must be an integer >= 1, got {v!r}")
-        if self.grad_tol is not None and _check_real(self.grad_tol, "LocalSolver.grad_tol") <= 0:
-            raise ValueError(f"LocalSolver.grad_tol must be > 0 or None, got {self.grad_tol}")
+        integer(self.steps, "LocalSolver.steps", low=1)
+        integer(self.check_every, "LocalSolver.check_every", low=1)
+        if self.grad_tol is not None:
+            real(self.grad_tol, "LocalSolver.grad_tol", low=0.0, low_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,22 +245,15 @@ class DSPConfig:
 
     def __post_init__(self):
         for name in ("num_directions", "max_steps", "sync_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"DSPConfig.{name} must be an integer >= 1, got {v!r}")
-        if self.max_iterations is not None and (int(self.max_iterations) != self.max_iterations
-                                                or self.max_iterations < 1):
-            raise ValueError(f"DSPConfig.max_iterations must be an integer >= 1 or None, got {self.max_iterations!r}")
+            integer(getattr(self, name), f"DSPConfig.{name}", low=1)
         for name in ("record_path", "checkpoint_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 0:
-                raise ValueError(f"DSPConfig.{name} must be an integer >= 0, got {v!r}")
-        if _check_real(self.init_norm, "DSPConfig.init_norm") <= 0:
-            raise ValueError(f"DSPConfig.init_norm must be > 0, got {self.init_norm}")
-        if not isinstance(self.rho, RhoSchedule):
-            raise ValueError(f"DSPConfig.rho must be a RhoSchedule, got {type(self.rho).__name__}")
-        if not isinstance(self.detector, ExitDetector):
-            raise ValueError(f"DSPConfig.detector must be an ExitDetector, got {type(self.detector).__name__}")
+            integer(getattr(self, name), f"DSPConfig.{name}", low=0)
+        if self.max_iterations is not None:
+            integer(self.max_iterations, "DSPConfig.max_iterations", low=1)
+        real(self.init_norm, "DSPConfig.init_norm", low=0.0, low_open=True)
+        if not isinstance(self.rho, RhoSchedule) or not isinstance(self.detector, ExitDetector):
+            raise ValueError(f"DSPConfig.rho must be a RhoSchedule and DSPConfig.detector an ExitDetector, got "
+                             f"{type(self.rho).__name__} and {type(self.detector).__name__}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mclandscape.core._checks import choice, integer, real
 from mclandscape.core.objective import call_objective, check_objective
 from mclandscape.core.tree import (
     PyTree,
@@ -39,7 +40,6 @@ from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, run
 from mclandscape.engine.step import make_step, merge_static, split_static
 from mclandscape.methods.dsp_detector import READINGS, BatchFn, DetectorState, DSPConfig, LocalSolver
-from mclandscape.methods.verification_result import _check_real
 
 __all__ = ["SearchState", "initial_directions", "forward_step", "dsp_step", "local_solve", "NEGATIVE_GRADIENT"]
 
@@ -56,10 +56,6 @@ NEGATIVE_GRADIENT = optax.scale(-1.0)  # f = -grad c (DSP-TT paper, eq. 2 with R
 def _float_dtype(tree: PyTree):
     leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
     return np.dtype(jnp.result_type(*leaves)) if leaves else np.dtype(jnp.result_type(float))
-
-
-def _direction_key(key: jax.Array, k: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(key, 0x7D1), k)
 
 
 def initial_directions(key: jax.Array, origin: PyTree, num: int, norm: float = 1e-2) -> list[PyTree]:
@@ -80,15 +76,10 @@ def initial_directions(key: jax.Array, origin: PyTree, num: int, norm: float = 1
       >>> [round(float(tree_norm(d)), 4) for d in dirs]
       [0.5, 0.5]
     """
-    if isinstance(num, bool) or int(num) != num or num < 1:
-        raise ValueError(f"number of directions must be an integer >= 1, got {num!r}")
-    if _check_real(norm, "norm") <= 0:
-        raise ValueError(f"direction norm must be > 0, got {norm}")
-    out = []
-    for k in range(int(num)):
-        d = tree_random_normal(_direction_key(key, k), origin)
-        out.append(tree_scale(d, norm / tree_norm(d)))
-    return out
+    real(norm, "direction norm", low=0.0, low_open=True)
+    dirs = [tree_random_normal(jax.random.fold_in(jax.random.fold_in(key, 0x7D1), k), origin)
+            for k in range(integer(num, "number of directions", low=1))]
+    return [tree_scale(d, norm / tree_norm(d)) for d in dirs]
 
 
 def _check_directions(directions: Sequence[PyTree], origin: PyTree) -> None:
@@ -97,8 +88,7 @@ def _check_directions(directions: Sequence[PyTree], origin: PyTree) -> None:
     for k, d in enumerate(directions):
         check_same_structure(origin, d, names=("origin", f"direction[{k}]"))
         check_finite(d, f"direction[{k}]")
-        n = float(tree_norm(d))
-        if n == 0.0:
+        if float(tree_norm(d)) == 0.0:
             raise ValueError(f"direction[{k}] is the zero vector: a search direction needs a nonzero norm")
 
 
@@ -108,8 +98,7 @@ def forward_step(direction: PyTree, rho1, reading: str = "additive") -> PyTree:
     Args:
       direction: the current direction ``d``.
       rho1: the forward step of this iteration.
-      reading: ``"additive"`` (``d + rho1 d / |d|``), ``"growth"`` (``(1 + rho1) d``) or ``"literal"``
-        (``rho1 d``).
+      reading: ``"additive"`` (``d + rho1 d / |d|``) or ``"growth"`` (``(1 + rho1) d``).
 
     Returns:
       The direction after the forward step.
@@ -119,13 +108,9 @@ def forward_step(direction: PyTree, rho1, reading: str = "additive") -> PyTree:
       >>> [float(x) for x in forward_step(jnp.array([3.0, 4.0]), 0.5)]  # half a unit further along d
       [3.299999952316284, 4.400000095367432]
     """
-    if reading == "additive":
-        return tree_axpy(rho1 / tree_norm(direction), direction, direction)
-    if reading == "growth":
+    if choice(reading, "reading", READINGS) == "growth":
         return tree_scale(direction, 1.0 + rho1)
-    if reading == "literal":
-        return tree_scale(direction, rho1)
-    raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
+    return tree_axpy(rho1 / tree_norm(direction), direction, direction)
 
 
 def dsp_step(objective: Objective, calibration: optax.GradientTransformation, reading: str,
@@ -218,24 +203,10 @@ def _where(cond, a: PyTree, b: PyTree) -> PyTree:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_devices(devices) -> int | None:
-    """``devices`` validated: ``None`` (all of the job's devices) or an integer in ``[1, jax.device_count()]``."""
-    if devices is None:
-        return None
-    if isinstance(devices, bool) or not isinstance(devices, int | np.integer):
-        raise ValueError(f"devices must be None (all devices of the job) or an integer >= 1, got {devices!r}")
-    available = jax.device_count()
-    if not 1 <= int(devices) <= available:
-        raise ValueError(f"devices={int(devices)} but the job has {available} device(s) (jax.device_count()); "
-                         f"give 1..{available}, or None for all of them")
-    return int(devices)
-
-
 def _batch_mesh(batch, devices: int | None) -> jax.sharding.Mesh | None:
     """The engine's training mesh (:func:`~mclandscape.engine.distributed.training_mesh`) for batches like
     ``batch``: its size is the leading dimension of the batch's first leaf; ``None`` (one device) for one device
     or a batch without an array leading it (``None``, scalars, non-array leaves)."""
-    devices = _check_devices(devices)
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves or not isinstance(leaves[0], jax.Array | np.ndarray) or np.ndim(leaves[0]) == 0:
         return None
@@ -245,10 +216,7 @@ def _batch_mesh(batch, devices: int | None) -> jax.sharding.Mesh | None:
 
 def _replicator(mesh: jax.sharding.Mesh | None) -> Callable[[PyTree], PyTree]:
     """``tree -> tree`` replicated over ``mesh`` (global arrays across processes); the identity without a mesh."""
-    if mesh is None:
-        return lambda tree: tree
-    rep = NamedSharding(mesh, P())
-    return lambda tree: distributed.put(tree, rep)
+    return (lambda tree: tree) if mesh is None else functools.partial(distributed.replicate, m=mesh)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,7 +317,7 @@ def local_solve(objective: Objective, params: PyTree, solver: LocalSolver, batch
     batches = solver.batch_fn or batch_fn
     if not callable(batches):
         raise ValueError(f"batch_fn must be a callable t -> batch, got {batches!r}")
-    _check_devices(devices)
+    distributed.num_devices(devices)
     first = batches(0)
     check_objective(objective, params, first, key)
     tx = optim.transform(_until_converged, solver.optimizer, solver.grad_tol)
@@ -379,27 +347,16 @@ def local_solve(objective: Objective, params: PyTree, solver: LocalSolver, batch
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _named(tree: PyTree) -> dict:
-    """``{"l0": leaf0, "l1": leaf1, ...}`` — a checkpoint-friendly flat view of any pytree."""
-    return {f"l{j}": jnp.asarray(x) for j, x in enumerate(jax.tree_util.tree_leaves(tree))}
-
-
-def _from_named(like: PyTree, named: dict) -> PyTree:
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(named[f"l{j}"]) for j in range(len(leaves))])
-
-
 def _probe_digest(tx) -> str:
     """A digest of what ``tx`` does (three updates of a fixed probe), so a resume with another optimizer or
     calibration is refused whatever object was passed."""
     tx = optim.unwrap(tx)
+    extra = isinstance(tx, optax.GradientTransformationExtraArgs)
+    kw = {"loss": jnp.float32(1.0), "value": jnp.float32(1.0)} if extra else {}
     p, out = jnp.linspace(-1.0, 1.0, 7), []
     state = tx.init(p)
     for i in range(3):
-        g = jnp.cos(p * (i + 1.0))
-        kw = {"loss": jnp.float32(1.0), "value": jnp.float32(1.0)} if isinstance(
-            tx, optax.GradientTransformationExtraArgs) else {}
-        u, state = tx.update(g, state, p, **kw)
+        u, state = tx.update(jnp.cos(p * (i + 1.0)), state, p, **kw)
         p = optax.apply_updates(p, u)
         out.append(p)
     return tree_digest(out)

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mclandscape.core._checks import integer, real
 from mclandscape.engine.points import map_points, stacked_points
 from mclandscape.methods.deform import VDM, Identity, check_vdm_state, scale_by_vdm
+from mclandscape.methods.potentials import _points
 
 __all__ = ["SimSettings", "make_sim_optimizer", "run_simulation"]
 
@@ -41,12 +43,10 @@ class SimSettings:
     boundaries: dict | None = None  # {step: factor} for step decay
 
     def __post_init__(self):
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ValueError(f"SimSettings.lr must be a number > 0, got {self.lr!r}")
-        if self.momentum is not None and not (isinstance(self.momentum, int | float) and 0 <= self.momentum < 1):
-            raise ValueError(f"SimSettings.momentum must be None or in [0, 1), got {self.momentum!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"SimSettings.steps must be an integer >= 1, got {self.steps!r}")
+        real(self.lr, "SimSettings.lr", low=0.0, low_open=True)
+        if self.momentum is not None and real(self.momentum, "SimSettings.momentum", low=0.0, high=1.0) == 1.0:
+            raise ValueError("SimSettings.momentum must be None or in [0, 1), got 1.0")
+        integer(self.steps, "SimSettings.steps", low=1)
 
 
 def make_sim_optimizer(vdm: VDM, s: SimSettings) -> optax.GradientTransformationExtraArgs:
@@ -119,7 +119,7 @@ def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSetti
     Args:
       loss_fn: a surface ``p[..., 2] -> loss`` (e.g. :func:`mclandscape.methods.potentials.vdm_figure7`).
       vdm: the VDM (``None``: the original optimiser).
-      inits: initial points ``[N, 2]`` (or one ``[2]``).
+      inits: initial points ``[..., 2]`` (e.g. ``[N, 2]`` or one ``[2]``; leading axes are flattened).
       settings: the :class:`SimSettings`.
 
     Returns:
@@ -139,13 +139,7 @@ def run_simulation(loss_fn: Callable, vdm: VDM | None, inits, settings: SimSetti
     if not isinstance(settings, SimSettings):
         raise ValueError(f"settings must be a SimSettings, got {type(settings).__name__}")
     vdm = vdm or Identity()
-    inits = jnp.asarray(inits)
-    if not jnp.issubdtype(inits.dtype, jnp.floating):
-        inits = inits.astype(jnp.result_type(float))
-    if inits.ndim not in (1, 2) or inits.shape[-1] != 2:
-        raise ValueError(f"inits must be points [N, 2] (or one [2]), got shape {inits.shape}")
-    inits = inits.reshape(-1, 2)
-
+    inits = _points(inits, 2, "run_simulation's inits").reshape(-1, 2)
     boundaries = tuple(sorted(settings.boundaries.items())) if settings.boundaries else None
     traj, losses, states = _simulate(loss_fn, vdm, settings.lr, settings.momentum, settings.steps, boundaries, inits)
     check_vdm_state(states, vdm)

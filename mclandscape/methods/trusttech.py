@@ -96,7 +96,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -105,41 +104,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from mclandscape.core.tree import (
-    PyTree,
-    check_finite,
-    tree_add,
-    tree_cosine,
-    tree_distance,
-    tree_index,
-    tree_stack,
-)
+from mclandscape.core._checks import integer
+from mclandscape.core.tree import PyTree, check_finite, tree_add, tree_cosine, tree_distance, tree_index, tree_stack
 from mclandscape.engine import distributed
 from mclandscape.engine.checkpoint import CheckpointStore
 from mclandscape.engine.loop import progress_enabled
-from mclandscape.engine.resume import ResumeMismatchError, fingerprint_diff
+from mclandscape.engine.resume import ResumeMismatchError, fingerprint_diff, jsonify
 from mclandscape.engine.step import make_step, split_static
-from mclandscape.methods.dsp_detector import (
-    BatchFn,
-    DSPConfig,
-    ExitRecord,
-    LocalSolver,
-    TierResult,
-)
+from mclandscape.methods.dsp_detector import BatchFn, DSPConfig, ExitRecord, LocalSolver, TierResult
 from mclandscape.methods.dsp_step import (
     NEGATIVE_GRADIENT,
     SearchState,
     _batch_mesh,
-    _check_devices,
     _check_directions,
     _fingerprint,
     _float_dtype,
-    _from_named,
-    _named,
     _replicator,
     _search_step_jit,
     initial_directions,
@@ -192,10 +173,9 @@ class _Driver:
         rho = self.config.rho
         (static, arrays), state, origin, batch = self.split, self.state, self.origin_p, self.batch_fn(self.t)
         key, kk = self.loss_key, np.int32(k)
-        rho1, rho2 = np.asarray(rho.rho1(i), self.dtype), np.asarray(rho.rho2_at(i), self.dtype)
+        rho1, rho2 = np.asarray(rho.rho1(i), self.dtype), np.asarray(rho.rho2, self.dtype)
         if self.mesh is not None:  # the engine's data-parallel layout: batch split, everything else replicated
-            arrays, key, kk, rho1, rho2 = distributed.put((arrays, key, kk, rho1, rho2),
-                                                           NamedSharding(self.mesh, P()))
+            arrays, key, kk, rho1, rho2 = self.place((arrays, key, kk, rho1, rho2))
             batch = self.layout.place(batch)
         self.state, out = _search_step_jit(
             objective_static=static, calibration=self.calibration, reading=rho.reading,
@@ -310,10 +290,9 @@ class _Driver:
     fingerprint: dict | None = None
 
     def tree(self) -> dict:
-        tree = {"state": _named(self.state)}
-        tree.update({f"sol{j}": _named(self.place(s)) for j, s in enumerate(self.solutions)})
+        tree = {"state": self.state} | {f"sol{j}": self.place(s) for j, s in enumerate(self.solutions)}
         if self.pending is not None:
-            tree["pending"] = _named(self.place(self.pending["point"]))
+            tree["pending"] = self.place(self.pending["point"])
         return tree
 
     def save(self, kind: str) -> None:
@@ -330,7 +309,7 @@ class _Driver:
 
     def restore(self, directory) -> None:
         meta = self.store.metadata()
-        diff = fingerprint_diff(meta.get("fingerprint"), _jsonable(self.fingerprint))
+        diff = fingerprint_diff(meta.get("fingerprint"), jsonify(self.fingerprint))
         if diff:
             raise ResumeMismatchError(f"checkpoint in {directory!r} belongs to a different search ("
                                       + "; ".join(diff) + "); use a fresh directory")
@@ -338,37 +317,20 @@ class _Driver:
         if meta["pending"] is not None:
             self.pending = {"point": self.origin}
         tree, _ = self.store.restore(target=self.tree())
-        self.state = self.place(_from_named(self.state, tree["state"]))
-        self.solutions = [distributed.local(_from_named(self.origin, tree[f"sol{j}"]))
-                          for j in range(len(self.solutions))]
+        self.state = self.place(tree["state"])
+        self.solutions = [distributed.local(tree[f"sol{j}"]) for j in range(len(self.solutions))]
         self.t, self.counts, self.failed = int(meta["t"]), list(meta["counts"]), [int(f) for f in meta["failed"]]
         self.active, self.traces = [bool(a) for a in meta["active"]], meta["traces"]
         self.exits = [ExitRecord(**e) for e in meta["exits"]]
         if meta["pending"] is not None:
-            self.pending = dict(meta["pending"]) | {"point": distributed.local(_from_named(self.origin,
-                                                                                          tree["pending"]))}
+            self.pending = dict(meta["pending"]) | {"point": distributed.local(tree["pending"])}
 
 
-def _jsonable(obj):
-    return json.loads(json.dumps(obj))
-
-
-def dsp_search(
-    objective: Objective,
-    origin: PyTree,
-    key: jax.Array,
-    *,
-    config: DSPConfig,
-    batch_fn: BatchFn,
-    solver: LocalSolver,
-    calibration: optax.GradientTransformation | None = None,
-    directions: Sequence[PyTree] | None = None,
-    checkpoint_dir: str | None = None,
-    tier: int = 1,
-    callback: Callable[[int, dict], None] | None = None,
-    progress: bool | None = None,
-    devices: int | None = None,
-) -> TierResult:
+def dsp_search(objective: Objective, origin: PyTree, key: jax.Array, *, config: DSPConfig, batch_fn: BatchFn,
+               solver: LocalSolver, calibration: optax.GradientTransformation | None = None,
+               directions: Sequence[PyTree] | None = None, checkpoint_dir: str | None = None, tier: int = 1,
+               callback: Callable[[int, dict], None] | None = None, progress: bool | None = None,
+               devices: int | None = None) -> TierResult:
     """One tier of DSP-TT search from ``origin`` (DSP-TT paper, Algorithm 1 with eq. 3).
 
     The directions, their calibration states and exit detectors are one :class:`SearchState`; one compiled
@@ -431,7 +393,8 @@ def dsp_search(
       >>> len(res.exits), [round(float(x), 3) for x in res.solutions[0]]  # from (-1, 0) to the other well
       (1, [1.0, 0.0])
     """
-    _check_search(objective, config, solver, batch_fn, devices)
+    _check_search(objective, config, solver, batch_fn)
+    distributed.num_devices(devices)
     check_finite(origin, "origin")
     calibration = calibration if calibration is not None else NEGATIVE_GRADIENT
     if not isinstance(calibration, optax.GradientTransformation):
@@ -456,7 +419,7 @@ def dsp_search(
         driver.store.close()
 
 
-def _check_search(objective, config, solver, batch_fn, devices) -> None:
+def _check_search(objective, config, solver, batch_fn) -> None:
     if not isinstance(config, DSPConfig):
         raise ValueError(f"config must be a DSPConfig, got {type(config).__name__}")
     if not isinstance(solver, LocalSolver):
@@ -465,7 +428,6 @@ def _check_search(objective, config, solver, batch_fn, devices) -> None:
         raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
     if not callable(batch_fn):
         raise ValueError(f"batch_fn must be a callable t -> batch, got {batch_fn!r}")
-    _check_devices(devices)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -473,22 +435,11 @@ def _check_search(objective, config, solver, batch_fn, devices) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def tier_by_tier(
-    objective: Objective,
-    origin: PyTree,
-    key: jax.Array,
-    *,
-    config: DSPConfig,
-    batch_fn: BatchFn,
-    solver: LocalSolver,
-    score_fn: Callable[[PyTree], float],
-    tiers: int = 2,
-    calibration: optax.GradientTransformation | None = None,
-    checkpoint_dir: str | None = None,
-    callback: Callable[[int, dict], None] | None = None,
-    progress: bool | None = None,
-    devices: int | None = None,
-) -> list[TierResult]:
+def tier_by_tier(objective: Objective, origin: PyTree, key: jax.Array, *, config: DSPConfig, batch_fn: BatchFn,
+                 solver: LocalSolver, score_fn: Callable[[PyTree], float], tiers: int = 2,
+                 calibration: optax.GradientTransformation | None = None, checkpoint_dir: str | None = None,
+                 callback: Callable[[int, dict], None] | None = None, progress: bool | None = None,
+                 devices: int | None = None) -> list[TierResult]:
     """Tier-by-tier DSP-TT (DSP-TT paper, §5.2): tier 1 from ``origin``; tier ``n+1`` from the best tier-``n``
     solution, the one with the lowest ``score_fn(params)`` (e.g. loss on the training or a validation set).
 
@@ -530,12 +481,11 @@ def tier_by_tier(
       >>> len(tiers), [round(float(x), 2) for x in tiers[1].origin]
       (2, [1.0])
     """
-    if isinstance(tiers, bool) or int(tiers) != tiers or tiers < 1:
-        raise ValueError(f"tiers must be an integer >= 1, got {tiers!r}")
-    _check_devices(devices)
+    tiers = integer(tiers, "tiers", low=1)
+    distributed.num_devices(devices)
     results: list[TierResult] = []
     start = origin
-    for n in range(1, int(tiers) + 1):
+    for n in range(1, tiers + 1):
         sub = None if checkpoint_dir is None else f"{checkpoint_dir}/tier{n}"
         res = dsp_search(objective, start, jax.random.fold_in(key, n), config=config, batch_fn=batch_fn,
                          solver=solver, calibration=calibration, checkpoint_dir=sub, tier=n, callback=callback,

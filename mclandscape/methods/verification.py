@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mclandscape.core._checks import integer, real
 from mclandscape.core.objective import call_objective
 from mclandscape.core.tree import (
     PyTree,
@@ -50,16 +51,13 @@ from mclandscape.core.tree import (
 )
 from mclandscape.engine.points import map_points, stacked_points
 from mclandscape.engine.step import merge_static, split_static
+from mclandscape.methods.dsp_step import _float_dtype
 from mclandscape.methods.verification_result import (
     PARAM,
     EndPointClusters,
     FlowDiagnostics,
     FlowSettings,
     VerificationResult,
-    _check_int,
-    _check_real,
-    _leader_clusters,
-    _pairwise,
 )
 
 __all__ = ["verify_exit", "output_distance", "random_orthonormal_pair", "project"]
@@ -137,40 +135,36 @@ def _mapped(fn, ws, *args):
     return map_points(fn, stacked_points(ws), *args, strategy="vmap", devices=1)
 
 
-def _float_dtype(tree: PyTree):
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
-    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+def _clusters(dist: np.ndarray, far: np.ndarray, tol: float | None, name: str) -> EndPointClusters:
+    """The end points with pairwise distances ``dist`` (index 0: the origin's) clustered greedily: point 0 founds
+    cluster 0, every later point joins the first cluster whose founder lies within ``tol``, else founds a new one.
+    The default ``tol`` is 1% of the largest distance ``far`` of a start point from the origin's end point (a
+    scale that does not shrink when all end points coincide)."""
+    floor = 1e-6 if name == PARAM else 1e-9
+    tol = max(1e-2 * float(np.max(far)), floor) if tol is None else real(tol, f"tols[{name!r}]", low=0, low_open=True)
+    founders, labels = [0], [0]
+    for p in range(1, dist.shape[0]):
+        near = [c for c, f in enumerate(founders) if dist[p, f] <= tol]
+        if not near:
+            founders.append(p)
+        labels.append(near[0] if near else len(founders) - 1)
+    return EndPointClusters(distances=dist, tol=tol, labels=labels[1:])
 
 
 def _space_clusters(ends: list, starts: list, fn: Distance, tol: float | None, name: str) -> EndPointClusters:
-    """Pairwise ``fn`` distances between the end points (host pytrees), clustered with ``tol`` (default: 1% of
-    the largest distance of a start point from the origin's end point, a scale that does not shrink when all
-    end points coincide)."""
+    """:func:`_clusters` of the end points (host pytrees) under the distance ``fn``."""
     n = len(ends)
     dist = np.zeros((n, n))
     for j in range(n):
         for k in range(j + 1, n):
             dist[j, k] = dist[k, j] = float(fn(ends[j], ends[k]))
-    if tol is None:
-        far = max(float(fn(starts[j], ends[0])) for j in range(1, n))
-        tol = max(1e-2 * far, 1e-9)
-    elif _check_real(tol, f"tols[{name!r}]") <= 0:
-        raise ValueError(f"tols[{name!r}] must be > 0, got {tol}")
-    return EndPointClusters(distances=dist, tol=float(tol), labels=_leader_clusters(dist, float(tol))[1:])
+    return _clusters(dist, np.array([float(fn(starts[j], ends[0])) for j in range(1, n)]), tol, name)
 
 
-def verify_exit(
-    objective: Objective,
-    origin: PyTree,
-    path: Sequence[tuple[int, PyTree]],
-    exit_iteration: int,
-    *,
-    batch: Any = None,
-    flow: FlowSettings | None = None,
-    num_points: int | None = None,
-    distances: Mapping[str, Distance] | None = None,
-    tols: Mapping[str, float] | None = None,
-) -> VerificationResult:
+def verify_exit(objective: Objective, origin: PyTree, path: Sequence[tuple[int, PyTree]], exit_iteration: int, *,
+                batch: Any = None, flow: FlowSettings | None = None, num_points: int | None = None,
+                distances: Mapping[str, Distance] | None = None,
+                tols: Mapping[str, float] | None = None) -> VerificationResult:
     """Integrate gradient descent from points of a recorded search path and from the origin, and measure which
     optimum each reaches (DSP-TT paper, §5.1, Figure 3c: 50,000 steps of size 0.01, the defaults of
     :class:`~mclandscape.methods.verification_result.FlowSettings`).
@@ -225,7 +219,7 @@ def verify_exit(
     distances, tols = _check_spaces(distances, tols)
     pts = list(path)
     if num_points is not None:
-        _check_int(num_points, "num_points", 1)
+        integer(num_points, "num_points", low=1)
         sel = np.unique(np.linspace(0, len(pts) - 1, min(num_points, len(pts))).round().astype(int))
         pts = [pts[j] for j in sel]
     starts = tree_stack([origin] + [tree_add(origin, d) for _, d in pts])
@@ -244,7 +238,10 @@ def verify_exit(
                                  jnp.asarray(flow.polish_tol, _float_dtype(starts)))
         polish_moves = np.linalg.norm(_ravel(ws) - before, axis=1)
     losses, gnorms = (np.asarray(v, dtype=np.float64) for v in measure(ws))
-    spaces = {PARAM: _param_clusters(ws, starts, tols.get(PARAM))}
+    flat = _ravel(ws)
+    dist = np.stack([np.linalg.norm(flat - row, axis=1) for row in flat])
+    far = np.linalg.norm(_ravel(starts)[1:] - flat[0], axis=1)
+    spaces = {PARAM: _clusters(dist, far, tols.get(PARAM), PARAM)}
     if distances:
         ends, host_starts = tree_unstack(jax.device_get(ws)), tree_unstack(jax.device_get(starts))
         spaces.update({name: _space_clusters(ends, host_starts, fn, tols.get(name), name)
@@ -307,18 +304,6 @@ def _flows(static, arrays, batch, starts, flow: FlowSettings, measure):
         r = np.where(m_prev > 0, m / m_prev, np.where(m > 0, np.inf, 0.0))
         remaining = np.where(r < 1.0, m * r / (1.0 - r), np.inf)
     return ws, snapshots, steps_run, np.where(m == 0.0, 0.0, remaining)
-
-
-def _param_clusters(ws, starts, tol: float | None) -> EndPointClusters:
-    """Euclidean clusters of the end points (default tolerance: 1% of the largest distance of a start point
-    from the origin's end point)."""
-    flat = _ravel(ws)
-    dist = _pairwise(flat)
-    if tol is None:
-        tol = max(1e-2 * float(np.linalg.norm(_ravel(starts)[1:] - flat[0], axis=1).max()), 1e-6)
-    elif _check_real(tol, "tols['param']") <= 0:
-        raise ValueError(f"tols['param'] must be > 0, got {tol}")
-    return EndPointClusters(distances=dist, tol=float(tol), labels=_leader_clusters(dist, float(tol))[1:])
 
 
 # the outputs of a network at one point: one module-level jit, keyed by the function (compiled once per function)

@@ -7,32 +7,16 @@ diagnostics, the clusters of their end points, and the separation of the points 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 import numpy as np
 
+from mclandscape.core._checks import integer, real
 from mclandscape.core.tree import PyTree
 
 __all__ = ["FlowSettings", "FlowDiagnostics", "EndPointClusters", "VerificationResult", "PARAM"]
 
 PARAM = "param"
-
-
-def _check_real(value, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a real number, got {value!r}") from e
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return v
-
-
-def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +40,13 @@ class FlowSettings:
     polish_tol: float = 1e-6
 
     def __post_init__(self):
-        if _check_real(self.step_size, "step_size") <= 0:
-            raise ValueError(f"step_size must be > 0, got {self.step_size}")
-        _check_int(self.steps, "steps", 1)
-        _check_int(self.record_every, "record_every", 1)
-        if self.steps % self.record_every:
+        real(self.step_size, "step_size", low=0.0, low_open=True)
+        if integer(self.steps, "steps", low=1) % integer(self.record_every, "record_every", low=1):
             raise ValueError(f"steps ({self.steps}) must be a multiple of record_every ({self.record_every})")
-        if self.grad_tol is not None and _check_real(self.grad_tol, "grad_tol") <= 0:
-            raise ValueError(f"grad_tol must be > 0 or None, got {self.grad_tol}")
-        _check_int(self.polish_steps, "polish_steps", 0)
-        if _check_real(self.polish_tol, "polish_tol") <= 0:
-            raise ValueError(f"polish_tol must be > 0, got {self.polish_tol}")
+        if self.grad_tol is not None:
+            real(self.grad_tol, "grad_tol", low=0.0, low_open=True)
+        integer(self.polish_steps, "polish_steps", low=0)
+        real(self.polish_tol, "polish_tol", low=0.0, low_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,40 +84,10 @@ class EndPointClusters:
         return self.distances[0, 1:]
 
 
-def _leader_clusters(dist: np.ndarray, tol: float) -> list[int]:
-    """Greedy clustering of points ``0..n-1`` given their distance matrix: point 0 founds cluster 0, every
-    later point joins the first cluster whose founder lies within ``tol``, else founds a new cluster."""
-    founders: list[int] = [0]
-    labels = [0]
-    for p in range(1, dist.shape[0]):
-        for c, f in enumerate(founders):
-            if dist[p, f] <= tol:
-                labels.append(c)
-                break
-        else:
-            founders.append(p)
-            labels.append(len(founders) - 1)
-    return labels
-
-
-def _pairwise(rows: np.ndarray) -> np.ndarray:
-    """Euclidean distances between the rows of ``rows``, one row at a time (memory: one copy of ``rows``)."""
-    out = np.empty((rows.shape[0], rows.shape[0]))
-    for p in range(rows.shape[0]):
-        out[p] = np.sqrt(np.sum((rows - rows[p]) ** 2, axis=1))
-    return out
-
-
-def _max_pairwise(dist: np.ndarray, idx: list[int]) -> float:
-    if len(idx) < 2:
-        return 0.0
-    return float(dist[np.ix_(idx, idx)].max())
-
-
 def _two_sides(dist: np.ndarray, b: list[int], a: list[int]) -> dict:
     """Spreads of two groups of end points, the smallest distance between them and ``ratio = between /
     max(spreads)`` (``inf`` when both spreads are 0; ``between`` and ``ratio`` ``None`` if a group is empty)."""
-    sb, sa = _max_pairwise(dist, b), _max_pairwise(dist, a)
+    sb, sa = (float(dist[np.ix_(g, g)].max()) if len(g) > 1 else 0.0 for g in (b, a))
     between = float(dist[np.ix_(b, a)].min()) if b and a else None
     spread = max(sb, sa)
     ratio = None if between is None else (float("inf") if spread == 0 else between / spread)
@@ -206,16 +156,6 @@ class VerificationResult:
         return self.spaces[PARAM].labels
 
     @property
-    def distances(self) -> np.ndarray:
-        """``[P + 1, P + 1]`` Euclidean parameter distances between end points (index 0: the origin's)."""
-        return self.spaces[PARAM].distances
-
-    @property
-    def tol(self) -> float:
-        """The parameter-space clustering tolerance."""
-        return self.spaces[PARAM].tol
-
-    @property
     def converged(self) -> list[bool] | None:
         """``grad_norms[p] <= flow.grad_tol`` per end point (``None`` without ``grad_tol``)."""
         if self.flow.grad_tol is None:
@@ -225,9 +165,9 @@ class VerificationResult:
     @property
     def flow_settled(self) -> list[bool]:
         """Whether the gradient-descent flow alone had settled (before any polish): its gradient norm at most
-        ``grad_tol`` (when given) and its remaining-distance estimate at most :attr:`tol`."""
-        gt = self.flow.grad_tol
-        return [bool(r <= self.tol and (gt is None or g <= gt))
+        ``grad_tol`` (when given) and its remaining-distance estimate at most the parameter-space tolerance."""
+        gt, tol = self.flow.grad_tol, self.spaces[PARAM].tol
+        return [bool(r <= tol and (gt is None or g <= gt))
                 for r, g in zip(self.diagnostics.remaining, self.diagnostics.grad_norms, strict=True)]
 
     @property

@@ -18,16 +18,9 @@ from mclandscape.core.tree import PyTree
 from mclandscape.methods.dsp_detector import ExitRecord
 from mclandscape.methods.verification import project
 from mclandscape.methods.verification_result import VerificationResult
-from mclandscape.plots._figure import new_figure
+from mclandscape.plots._figure import figure_and_axes
 
 __all__ = ["plot_search_trace", "plot_verification"]
-
-
-def _axes(ax, figsize):
-    if ax is not None:
-        return ax.figure, ax
-    fig = new_figure(figsize)
-    return fig, fig.add_subplot(1, 1, 1)
 
 
 def plot_search_trace(trace: dict, *, exit: ExitRecord | None = None,
@@ -58,7 +51,7 @@ def plot_search_trace(trace: dict, *, exit: ExitRecord | None = None,
     it = np.asarray(trace["iteration"])
     if it.size == 0:
         raise ValueError("the trace is empty: the direction was never advanced")
-    fig, ax = _axes(ax, (6.4, 4.0))
+    fig, ax = figure_and_axes(ax, figsize=(6.4, 4.0), name="plot_search_trace")
     ax.plot(it, trace["loss"], color="0.7", lw=0.8, label="mini-batch loss")
     ax.plot(it, trace["ema"], color="C0", lw=1.8, label="moving average")
     for k, (label, (xs, ys)) in enumerate((extra or {}).items()):
@@ -114,27 +107,22 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
       1
     """
     its = list(result.iterations)
-    if split_at is None:
-        before_flags, names = list(result.before), ("before exit", "after exit")
-    else:
-        if not any(i < split_at for i in its) or not any(i >= split_at for i in its):
-            raise ValueError(f"split_at={split_at} leaves no sampled point on one side (iterations "
-                             f"{its[0]}..{its[-1]})")
-        before_flags = [i < split_at for i in its]
-        names = (f"before iteration {split_at}", f"from iteration {split_at}")
+    before_flags = [i < (result.exit_iteration if split_at is None else split_at) for i in its]
+    names = ("before exit", "after exit") if split_at is None else (f"before iteration {split_at}",
+                                                                    f"from iteration {split_at}")
+    if split_at is not None and len(set(before_flags)) < 2:
+        raise ValueError(f"split_at={split_at} leaves no sampled point on one side (iterations {its[0]}..{its[-1]})")
     space = list(result.spaces)[-1] if space is None else space
     labels = result.clusters(space).labels
     traj = project(result.trajectories, origin, basis, leading=2)  # [P, T, 2]
     starts = project(result.starts, origin, basis, leading=1)  # [P, 2]
     finals = project(result.finals, origin, basis, leading=1)
     scale = max(float(np.ptp(traj[..., 0])), float(np.ptp(traj[..., 1])), 1e-12)
-    fig, ax = _axes(ax, (5.6, 5.0))
+    fig, ax = figure_and_axes(ax, figsize=(5.6, 5.0), name="plot_verification")
     ax.plot(starts[:, 0], starts[:, 1], color="0.4", lw=0.8, ls="--", label="search path")
     seen = set()
     for p in range(traj.shape[0]):
-        before = before_flags[p]
-        color = "C3" if before else "C0"
-        label = names[0] if before else names[1]
+        color, label = ("C3", names[0]) if before_flags[p] else ("C0", names[1])
         xs = np.concatenate([starts[p, :1], traj[p, :, 0]])
         ys = np.concatenate([starts[p, 1:], traj[p, :, 1]])
         ax.plot(xs, ys, color=color, lw=0.9, alpha=0.8, label=None if label in seen else label)
