@@ -51,14 +51,22 @@ def _dir(x, y):
 
 
 def _config(reading="additive", **kw):
+    # every search here records its path, so that they all share one compiled step (what the step returns
+    # depends on whether a path or a callback needs the direction)
     kw = {"num_directions": 1, "rho": dd.RhoSchedule(1e-3, 1.0, 0.01, reading), "detector": DET,
-          "max_steps": 600} | kw
+          "max_steps": 600, "record_path": 80} | kw
     return dd.DSPConfig(**kw)
 
 
-def test_search_exits_past_the_ridge_and_solver_reaches_the_other_minimum():
-    res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=80), batch_fn=NO_BATCH,
-                        solver=SOLVER, directions=[_dir(0.01, 0.003)])
+@pytest.fixture(scope="module")
+def ridge():
+    """One search across the ridge of the two wells, shared by the tests that only read its result."""
+    return tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(), batch_fn=NO_BATCH, solver=SOLVER,
+                         directions=[_dir(0.01, 0.003)])
+
+
+def test_search_exits_past_the_ridge_and_solver_reaches_the_other_minimum(ridge):
+    res = ridge
     assert len(res.exits) == 1 and len(res.solutions) == 1 and res.failed == []
     e = res.exits[0]
     exit_x = float(ORIGIN2["x"]) + float(res.paths[0][-1][1]["x"])
@@ -74,7 +82,7 @@ def test_search_exits_past_the_ridge_and_solver_reaches_the_other_minimum():
     trace = res.traces[0]
     assert len(trace["loss"]) == e.iteration and max(trace["loss"]) > 0.9
     # the exit check runs in the compiled step: the host reading every 7 steps (not 50) gives the same search
-    again = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=80, sync_every=7),
+    again = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(sync_every=7),
                           batch_fn=NO_BATCH, solver=SOLVER, directions=[_dir(0.01, 0.003)])
     assert [x.to_json() for x in again.exits] == [x.to_json() for x in res.exits] and again.traces == res.traces
     np.testing.assert_array_equal(np.asarray(again.solutions[0]["x"]), np.asarray(sol["x"]))
@@ -102,10 +110,9 @@ def _compiles(fn) -> int:
     return handler.count
 
 
-def test_a_second_search_with_the_same_objective_compiles_nothing():
+def test_a_second_search_with_the_same_objective_compiles_nothing(ridge):
     kw = dict(config=_config(), batch_fn=NO_BATCH, solver=SOLVER)
-    first = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), directions=[_dir(0.01, 0.003)], **kw)
-    assert len(first.exits) == 1 and first.exits[0].solver_steps > 0  # search steps and local-solver steps ran
+    assert len(ridge.exits) == 1 and ridge.exits[0].solver_steps > 0  # search steps and local-solver steps ran
     out = {}
 
     def again():  # another origin and direction of the same shapes: only traced values change
@@ -167,20 +174,14 @@ def test_losses_off_the_objective_protocol_are_refused():
         tt.dsp_search(None, ORIGIN2, jax.random.key(0), config=_config(), batch_fn=NO_BATCH, solver=SOLVER)
 
 
-def test_literal_reading_never_escapes_while_outward_readings_do():
-    d0 = _dir(0.1, 0.03)
-    n0 = float(tree_norm(d0))
-    lit = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config("literal", max_steps=1500),
-                        batch_fn=NO_BATCH, solver=SOLVER, directions=[d0])
-    assert lit.exits == [] and lit.failed == [0]
-    norms = lit.traces[0]["norm"]
-    assert max(norms) <= n0 and norms[-1] < 1e-3 * n0  # eq. 3 as printed shrinks d towards omega0
-    assert max(lit.traces[0]["loss"]) < 1e-3
-    for reading in ("additive", "growth"):
-        res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(reading, max_steps=1500),
-                            batch_fn=NO_BATCH, solver=SOLVER, directions=[d0])
-        assert len(res.exits) == 1, reading
-        assert float(res.solutions[0]["x"]) == pytest.approx(1.0, abs=1e-4)
+def test_growth_reading_escapes_too():
+    # the additive reading is the fixture's; eq. 3 as printed (rho1 * d, which shrinks d) is not offered
+    res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config("growth", max_steps=1500),
+                        batch_fn=NO_BATCH, solver=SOLVER, directions=[_dir(0.1, 0.03)])
+    assert len(res.exits) == 1
+    assert float(res.solutions[0]["x"]) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="reading"):
+        dd.RhoSchedule(reading="literal")
 
 
 def test_calibration_steers_the_direction():
@@ -198,17 +199,59 @@ def test_calibration_steers_the_direction():
     assert float(d["y"]) / float(d["x"]) < 0.9
 
 
-def test_several_directions_find_distinct_optima():
-    origin = jnp.array([1.0, 1.0])
-    cfg = dd.DSPConfig(num_directions=6, rho=dd.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=2000)
-    res = tt.dsp_search(LOSS4, origin, jax.random.key(1), config=cfg, batch_fn=NO_BATCH, solver=SOLVER)
-    assert len(res.exits) + len(res.failed) == 6
+ORIGIN4 = jnp.array([1.0, 1.0])
+FOUR = dd.DSPConfig(num_directions=4, rho=dd.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=1200,
+                    record_path=1, checkpoint_every=25)
+
+
+@pytest.fixture(scope="module")
+def four_tiers():
+    """Two tiers of search on the four wells, every callback and score recorded (shared by three tests)."""
+    calls: dict = {1: [], 2: []}
+    scores = []
+
+    def score(p):  # prefer the tier-1 solution with the smallest x (an arbitrary, checkable choice)
+        scores.append(float(p[0]))
+        return float(p[0])
+
+    tiers = tt.tier_by_tier(LOSS4, ORIGIN4, jax.random.key(2), config=FOUR, batch_fn=NO_BATCH, solver=SOLVER,
+                            score_fn=score, tiers=2,
+                            callback=lambda count, info: calls[info["tier"]].append((count, info)))
+    return tiers, calls, scores
+
+
+def test_several_directions_find_distinct_optima_and_tier_two_starts_from_the_best(four_tiers):
+    tiers, _, scores = four_tiers
+    res = tiers[0]
+    assert len(res.exits) + len(res.failed) == 4
     sols = np.array([np.asarray(s) for s in res.solutions])
     assert len(sols) >= 2
     np.testing.assert_allclose(np.abs(sols), 1.0, atol=1e-3)  # every solution is one of the four minima
     assert not np.any(np.all(np.isclose(sols, 1.0, atol=1e-3), axis=1)), "no solution is the origin"
-    distinct = {tuple(np.round(s).astype(int)) for s in sols}
-    assert len(distinct) >= 2
+    assert len({tuple(np.round(s).astype(int)) for s in sols}) >= 2
+    # tier 2 searches from the best tier-1 solution
+    assert len(tiers) == 2 and len(scores) == len(res.solutions)
+    best = res.solutions[int(np.argmin(scores))]
+    np.testing.assert_allclose(np.asarray(tiers[1].origin), np.asarray(best))
+    assert len(tiers[1].solutions) >= 1
+    for s in tiers[1].solutions:
+        np.testing.assert_allclose(np.abs(np.asarray(s)), 1.0, atol=1e-3)
+        assert not np.allclose(np.asarray(s), np.asarray(best), atol=1e-3)
+    stats = tt.exit_statistics(res)
+    assert stats["exits"] == len(res.exits) and stats["mean_distance"] > 1.0
+
+
+def test_callback_counts_search_steps_from_one(four_tiers):
+    tiers, calls, _ = four_tiers
+    for n, res in enumerate(tiers, start=1):  # the count restarts at 1 in every tier
+        counts = [c for c, _ in calls[n]]
+        assert counts == list(range(1, res.steps + 1))
+        assert [info["step"] for _, info in calls[n]] == [c - 1 for c in counts]  # the 0-based global step index
+        exited = [info for _, info in calls[n] if info["exited"]]
+        assert len(res.exits) >= 1 and [i["step"] for i in exited] == [e.step for e in res.exits]
+        assert [(i["direction"], i["iteration"]) for i in exited] == [(e.direction, e.iteration) for e in res.exits]
+        for k, trace in enumerate(res.traces):  # the traces number the steps as info["step"] does
+            assert trace["step"] == [info["step"] for _, info in calls[n] if info["direction"] == k]
 
 
 def test_exit_detection_on_noisy_minibatch_losses():
@@ -317,28 +360,6 @@ def test_random_initial_directions_have_the_requested_norm_and_differ():
     assert float(tree_cosine(dirs[0], dirs[1])) < 0.99
 
 
-def test_tier_by_tier_searches_from_the_best_tier1_solution():
-    origin = jnp.array([1.0, 1.0])
-    cfg = dd.DSPConfig(num_directions=4, rho=dd.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=1200)
-    scores = []
-
-    def score(p):  # prefer the tier-1 solution with the smallest x (an arbitrary, checkable choice)
-        scores.append(float(p[0]))
-        return float(p[0])
-
-    tiers = tt.tier_by_tier(LOSS4, origin, jax.random.key(2), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
-                            score_fn=score, tiers=2)
-    assert len(tiers) == 2 and len(tiers[0].solutions) >= 1
-    best = tiers[0].solutions[int(np.argmin(scores))]
-    np.testing.assert_allclose(np.asarray(tiers[1].origin), np.asarray(best))
-    assert len(tiers[1].solutions) >= 1
-    for s in tiers[1].solutions:
-        np.testing.assert_allclose(np.abs(np.asarray(s)), 1.0, atol=1e-3)
-        assert not np.allclose(np.asarray(s), np.asarray(best), atol=1e-3)
-    stats = tt.exit_statistics(tiers[0])
-    assert stats["exits"] == len(tiers[0].exits) and stats["mean_distance"] > 1.0
-
-
 def test_progress_defaults_to_none_and_reaches_the_search_bar_and_the_local_solves(monkeypatch):
     import inspect
     import sys
@@ -385,28 +406,6 @@ def test_progress_defaults_to_none_and_reaches_the_search_bar_and_the_local_solv
     assert seen == [(1, False, 1), (2, False, 1)]
 
 
-def test_callback_counts_search_steps_from_one():
-    origin = jnp.array([1.0, 1.0])
-    cfg = dd.DSPConfig(num_directions=2, rho=dd.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=1200)
-    calls = []
-    res = tt.dsp_search(LOSS4, origin, jax.random.key(1), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
-                        callback=lambda count, info: calls.append((count, info)))
-    counts = [c for c, _ in calls]
-    assert counts[0] == 1 and counts[-1] == res.steps and counts == list(range(1, res.steps + 1))
-    assert [info["step"] for _, info in calls] == [c - 1 for c in counts]  # the 0-based global step index
-    exited = [info for _, info in calls if info["exited"]]
-    assert len(res.exits) >= 1 and [i["step"] for i in exited] == [e.step for e in res.exits]
-    assert [(i["direction"], i["iteration"]) for i in exited] == [(e.direction, e.iteration) for e in res.exits]
-    for k, trace in enumerate(res.traces):  # the traces number the steps as info["step"] does
-        assert trace["step"] == [info["step"] for _, info in calls if info["direction"] == k]
-    # tier_by_tier: the count restarts at 1 in every tier
-    per_tier: dict = {}
-    tiers = tt.tier_by_tier(LOSS4, origin, jax.random.key(1), config=cfg, batch_fn=NO_BATCH, solver=SOLVER,
-                            score_fn=lambda p: float(p[0]), tiers=2,
-                            callback=lambda count, info: per_tier.setdefault(info["tier"], []).append(count))
-    assert [per_tier[n] for n in (1, 2)] == [list(range(1, t.steps + 1)) for t in tiers]
-
-
 @pytest.mark.parametrize("devices", [0, -1, 2, 1.5, "1", True])
 def test_bad_devices_raise_a_clear_error(devices):
     n = jax.device_count()
@@ -430,10 +429,8 @@ def test_bad_devices_raise_a_clear_error(devices):
             dstep.local_solve(LOSS2, ORIGIN2, SOLVER, batches, jax.random.key(0), devices=devices)
 
 
-def test_verification_points_before_and_after_the_exit_reach_different_optima():
-    res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=30), batch_fn=NO_BATCH,
-                        solver=SOLVER, directions=[_dir(0.01, 0.003)])
-    path = res.paths[0]
+def test_verification_points_before_and_after_the_exit_reach_different_optima(ridge):
+    path = ridge.paths[0][-30:]  # the window record_path=30 keeps
     # the true boundary crossing of this path: the first recorded point with x > 0
     cross = next(i for i, d in path if float(ORIGIN2["x"] + d["x"]) > 0)
     out = ver.verify_exit(LOSS2, ORIGIN2, path, cross, num_points=10,
@@ -496,7 +493,8 @@ def test_verification_tells_symmetric_copies_from_different_functions():
     path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
             for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
     out = ver.verify_exit(SIGN_SYM, origin, path, 6, flow=FlowSettings(0.1, 20_000, 200, grad_tol=1e-6),
-                          distances={"function": ver.output_distance(lambda p: p["a"] * jnp.tanh(p["b"] * X_SYM))})
+                          distances={"function": ver.output_distance(lambda p: p["a"] * jnp.tanh(p["b"] * X_SYM)),
+                                     "symmetry": _sign_sym_distance})
     assert all(out.converged)
     a_star = float(out.origin_final["a"])
     assert 0.8 < a_star < 1.2 and 0.8 < float(out.origin_final["b"]) < 1.2
@@ -509,9 +507,22 @@ def test_verification_tells_symmetric_copies_from_different_functions():
     assert not fun["separates"] and not fun["disjoint"] and fun["boundary"] is None
     assert fun["boundary_groups"] is None and par["boundary_groups"]["ratio"] > 1e3
     assert fun["between"] < 1e-4
+    # ... nor modulo the sign symmetry (a distance the caller gives): every end point is a copy of the origin's
+    sym_clusters = out.clusters("symmetry")
+    assert sym_clusters.labels == [0] * 10 and out.basin == [0] * 5 + [1] * 5
+    assert float(np.max(sym_clusters.distances)) < 1e-4 and sym_clusters.tol > 1e-3
+    sym = out.separation("symmetry")
+    assert sym["num_optima"] == 1 and not sym["separates"] and sym["boundary"] is None
     summary = out.summary()
     assert summary["separation_function"] == fun and len(summary["function_distance_to_origin_optimum"]) == 10
+    assert summary["separation_symmetry"] == sym
     json.dumps(summary)
+
+
+def _sign_sym_distance(p, q):
+    a = np.array([float(p["a"]), float(p["b"])])
+    b = np.array([float(q["a"]), float(q["b"])])
+    return float(min(np.linalg.norm(a - b), np.linalg.norm(a + b)))
 
 
 def flat_valley(p):
@@ -559,30 +570,6 @@ def test_too_loose_gradient_criterion_is_detected_and_the_polish_settles_it():
         ver.verify_exit(FLAT, origin, path, 5, flow=FlowSettings(polish_steps=-1))
     with pytest.raises(ValueError, match="polish_tol"):
         ver.verify_exit(FLAT, origin, path, 5, flow=FlowSettings(polish_tol=0.0))
-
-
-def _sign_sym_distance(p, q):
-    a = np.array([float(p["a"]), float(p["b"])])
-    b = np.array([float(q["a"]), float(q["b"])])
-    return float(min(np.linalg.norm(a - b), np.linalg.norm(a + b)))
-
-
-def test_verification_modulo_symmetries_identifies_copies():
-    origin = {"a": jnp.array(1.0), "b": jnp.array(1.0)}
-    path = [(k + 1, {"a": jnp.array(-2.0 * s), "b": jnp.array(-2.0 * s)})
-            for k, s in enumerate(np.linspace(0.05, 0.95, 10))]
-    out = ver.verify_exit(SIGN_SYM, origin, path, 6,
-                          flow=FlowSettings(0.1, 20_000, 200, grad_tol=1e-6, polish_steps=50),
-                          distances={"symmetry": _sign_sym_distance})
-    sym_clusters = out.clusters("symmetry")
-    assert sym_clusters.labels == [0] * 10 and out.basin == [0] * 5 + [1] * 5
-    assert float(np.max(sym_clusters.distances)) < 1e-4 and sym_clusters.tol > 1e-3
-    sym = out.separation("symmetry")
-    assert sym["num_optima"] == 1 and not sym["separates"] and sym["boundary"] is None
-    assert out.summary()["separation_symmetry"] == sym
-    with pytest.raises(ValueError, match="symmetry"):
-        ver.verify_exit(LOSS2, ORIGIN2, [(1, _dir(0.1, 0.0))], 1, flow=FlowSettings(steps=10, record_every=10)
-                        ).separation("symmetry")
 
 
 def test_symmetry_distance_of_the_verification_is_exact_for_a_tanh_mlp():
@@ -645,17 +632,16 @@ def test_model_objective_squared_error_and_l2_match_numpy():
         make_objective(model, l2=-1.0, variables=variables)
 
 
-def test_plots_return_figures_draw_into_given_axes_and_save(tmp_path):
+def test_plots_return_figures_draw_into_given_axes_and_save(ridge, tmp_path):
     from mclandscape.plots import trusttech as pt
     from mclandscape.plots._figure import new_figure, save
 
-    res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(record_path=20), batch_fn=NO_BATCH,
-                        solver=SOLVER, directions=[_dir(0.01, 0.003)])
+    res, path = ridge, ridge.paths[0][-20:]
     e = res.exits[0]
     f1 = pt.plot_search_trace(res.traces[0], exit=e, extra={"full loss": ([1, 10], [0.0, 0.1])})
-    out = ver.verify_exit(LOSS2, ORIGIN2, res.paths[0], e.peak_iteration, flow=FlowSettings(steps=200, record_every=50))
+    out = ver.verify_exit(LOSS2, ORIGIN2, path, e.peak_iteration, flow=FlowSettings(steps=200, record_every=50))
     basis = ver.random_orthonormal_pair(jax.random.key(1), ORIGIN2)
-    f2 = pt.plot_verification(out, ORIGIN2, basis, exit_point=tree_add(ORIGIN2, res.paths[0][-1][1]))
+    f2 = pt.plot_verification(out, ORIGIN2, basis, exit_point=tree_add(ORIGIN2, path[-1][1]))
     its = out.iterations
     mid = its[len(its) // 2]
     host = new_figure((8.0, 4.0))
@@ -681,12 +667,10 @@ class _Kill(Exception):
     pass
 
 
-def test_killed_search_resumes_to_the_same_result(tmp_path):
-    origin = jnp.array([1.0, 1.0])
-    cfg = dd.DSPConfig(num_directions=4, rho=dd.RhoSchedule(1e-3, 1.0, 0.01), detector=DET, max_steps=600,
-                       checkpoint_every=25)
-    kw = dict(config=cfg, batch_fn=NO_BATCH, solver=SOLVER)
-    ref = tt.dsp_search(LOSS4, origin, jax.random.key(5), **kw)  # uninterrupted, no checkpoints at all
+def test_killed_search_resumes_to_the_same_result(four_tiers, tmp_path):
+    origin, key = ORIGIN4, jax.random.fold_in(jax.random.key(2), 1)
+    kw = dict(config=FOUR, batch_fn=NO_BATCH, solver=SOLVER)
+    ref = four_tiers[0][0]  # tier 1 of tier_by_tier: the same search, uninterrupted, no checkpoints at all
     assert len(ref.exits) >= 2
     first_exit = min(e.step for e in ref.exits)
 
@@ -695,13 +679,13 @@ def test_killed_search_resumes_to_the_same_result(tmp_path):
             raise _Kill
 
     with pytest.raises(_Kill):
-        tt.dsp_search(LOSS4, origin, jax.random.key(5), checkpoint_dir=str(tmp_path / "run"), callback=kill, **kw)
+        tt.dsp_search(LOSS4, origin, key, checkpoint_dir=str(tmp_path / "run"), callback=kill, **kw)
     from mclandscape.engine import checkpoint as ckpt
 
     meta = ckpt.read_metadata(str(tmp_path / "run"))
     assert meta["num_solutions"] >= 1 and 0 < meta["t"] <= first_exit + 31
     assert ckpt.all_steps(str(tmp_path / "run")) == [meta["t"]]  # only the latest state is kept
-    resumed = tt.dsp_search(LOSS4, origin, jax.random.key(5), checkpoint_dir=str(tmp_path / "run"), **kw)
+    resumed = tt.dsp_search(LOSS4, origin, key, checkpoint_dir=str(tmp_path / "run"), **kw)
     assert resumed.steps == ref.steps
     assert [e.to_json() for e in resumed.exits] == [e.to_json() for e in ref.exits]
     for a, b in zip(resumed.solutions, ref.solutions, strict=True):
@@ -711,10 +695,10 @@ def test_killed_search_resumes_to_the_same_result(tmp_path):
     assert resumed.traces == ref.traces
     # a different search refuses the directory
     with pytest.raises(ValueError, match="different search"):
-        tt.dsp_search(LOSS4, origin + 0.5, jax.random.key(5), checkpoint_dir=str(tmp_path / "run"), **kw)
+        tt.dsp_search(LOSS4, origin + 0.5, key, checkpoint_dir=str(tmp_path / "run"), **kw)
 
 
-def test_search_killed_during_the_local_solver_resumes_from_the_saved_exit(tmp_path):
+def test_search_killed_during_the_local_solver_resumes_from_the_saved_exit(ridge, tmp_path):
     calls = {"n": 0}
 
     def failing_batches(t):
@@ -731,9 +715,7 @@ def test_search_killed_during_the_local_solver_resumes_from_the_saved_exit(tmp_p
     meta = ckpt.read_metadata(str(tmp_path / "c"))
     assert meta["kind"] == "exit" and meta["pending"] is not None and meta["num_solutions"] == 0
     res = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), solver=SOLVER, **kw)
-    ref = tt.dsp_search(LOSS2, ORIGIN2, jax.random.key(0), config=_config(), batch_fn=NO_BATCH, solver=SOLVER,
-                        directions=[_dir(0.01, 0.003)])
-    assert len(res.solutions) == 1 and res.exits[0].to_json() == ref.exits[0].to_json()
+    assert len(res.solutions) == 1 and res.exits[0].to_json() == ridge.exits[0].to_json()
     assert float(res.solutions[0]["x"]) == pytest.approx(1.0, abs=1e-4)
     # a resume with another key, solver, calibration or data is refused, naming what differs
     others = [("key", dict(key=jax.random.key(1))), ("solver", dict(solver=dataclasses.replace(SOLVER, grad_tol=1e-5))),
@@ -760,13 +742,15 @@ def test_model_search_on_digits_finds_a_tier1_solution(tmp_path):
     np.testing.assert_array_equal(np.asarray(batches(4)[0]).shape, x0.shape)
     assert not np.array_equal(np.asarray(batches(0)[0]), np.asarray(batches(4)[0]))  # reshuffled per epoch
     np.testing.assert_array_equal(np.asarray(batches(1)[0]), np.asarray(batch_stream(ds, 64, seed=0)(1)[0]))
-    train = dd.LocalSolver(optax.sgd(0.1, momentum=0.9), steps=300)
+    train = dd.LocalSolver(optax.sgd(0.1, momentum=0.9), steps=100)
     omega0, info = dstep.local_solve(loss_fn, variables["params"], train, batches, jax.random.key(0))
-    assert info["loss"] < 0.3 and info["steps"] == 300
-    cfg = dd.DSPConfig(num_directions=1, rho=dd.RhoSchedule(1e-3, 0.1, 0.01),
-                       detector=dd.ExitDetector(min_rise=0.2, min_drop=0.1), init_norm=1.0, max_steps=800)
+    assert info["loss"] < 0.3 and info["steps"] == 100
+    cfg = dd.DSPConfig(num_directions=1, rho=dd.RhoSchedule(1e-2, 0.1, 0.01),
+                       detector=dd.ExitDetector(0.5, 5, 0.8, min_rise=0.2, min_drop=0.1), init_norm=1.0,
+                       max_steps=800)
+    # the local solver is the training optimizer (one compiled step for both)
     res = tt.dsp_search(loss_fn, omega0, jax.random.key(1), config=cfg, batch_fn=batches,
-                        solver=dd.LocalSolver(optax.sgd(0.05, momentum=0.9), steps=150))
+                        solver=dataclasses.replace(train, steps=150))
     assert len(res.solutions) >= 1
     for e, s in zip(res.exits, res.solutions, strict=True):
         assert e.peak_ema > e.base_ema + 0.2 and e.ema <= e.peak_ema - 0.1 * (e.peak_ema - e.base_ema)

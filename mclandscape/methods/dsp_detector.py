@@ -26,6 +26,7 @@ __all__ = ["READINGS", "RhoSchedule", "rho2_from_lr", "DetectorState", "ExitDete
 
 READINGS = ("additive", "growth")
 BatchFn = Callable[[int], Any]
+Objective = Callable[[PyTree, Any, jax.Array | None], tuple[jax.Array, Any]]  # (params, batch, key) -> (loss, aux)
 
 
 # ---------------------------------------------------------------------------------------------------------

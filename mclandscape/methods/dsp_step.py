@@ -1,7 +1,7 @@
 """DSP-TT's compiled search step and local solver (DSP-TT paper, Algorithm 1 lines 7-13, eq. 3).
 
 The pieces :func:`mclandscape.methods.trusttech.dsp_search` drives: the random initial directions, the forward
-step of each reading of eq. 3, one DSP iteration (:func:`dsp_step`), the search's pytree state
+step of each reading of eq. 3, the search's pytree state
 (:class:`SearchState`) and its one module-level jitted step (the exit check evaluated in the graph), and the
 local solver on the engine's loop (:func:`local_solve`, ``grad_tol`` tested in the graph).
 """
@@ -39,11 +39,10 @@ from mclandscape.engine import cpu, distributed, optim
 from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, run
 from mclandscape.engine.step import make_step, merge_static, split_static
-from mclandscape.methods.dsp_detector import READINGS, BatchFn, DetectorState, DSPConfig, LocalSolver
+from mclandscape.methods.dsp_detector import READINGS, BatchFn, DetectorState, DSPConfig, LocalSolver, Objective
 
-__all__ = ["SearchState", "initial_directions", "forward_step", "dsp_step", "local_solve", "NEGATIVE_GRADIENT"]
+__all__ = ["SearchState", "initial_directions", "forward_step", "local_solve", "NEGATIVE_GRADIENT"]
 
-Objective = Callable[[PyTree, Any, jax.Array | None], tuple[jax.Array, Any]]  # (params, batch, key) -> (loss, aux)
 
 NEGATIVE_GRADIENT = optax.scale(-1.0)  # f = -grad c (DSP-TT paper, eq. 2 with R = I)
 
@@ -113,33 +112,6 @@ def forward_step(direction: PyTree, rho1, reading: str = "additive") -> PyTree:
     return tree_axpy(rho1 / tree_norm(direction), direction, direction)
 
 
-def dsp_step(objective: Objective, calibration: optax.GradientTransformation, reading: str,
-             direction: PyTree, cal_state, origin: PyTree, batch, rng, rho1, rho2):
-    """One DSP iteration of one direction (DSP-TT paper, Algorithm 1 lines 7, 8, 13; eq. 3).
-
-    Args:
-      objective: ``objective(params, batch, key) -> (loss, aux)``.
-      calibration: the dynamics ``f`` as an Optax gradient transformation (``f = calibration(grad)``).
-      reading: the reading of eq. 3 (:data:`~mclandscape.methods.dsp_detector.READINGS`).
-      direction, cal_state: the direction ``d`` and its calibration state.
-      origin: the tier's origin ``omega0``.
-      batch, rng: the batch and the key passed to the objective.
-      rho1, rho2: the forward and calibration steps of this iteration.
-
-    Returns:
-      ``(d_forward, d_calibrated, new_cal_state, loss)``: the direction after the forward step, after the
-      calibration ``d_forward + rho2 * f(origin + d_forward)``, the new calibration state, and the objective's
-      value at ``origin + d_forward`` on ``batch`` (used by the exit check).
-    """
-    fwd = forward_step(direction, rho1, reading)
-    point = tree_add(origin, fwd)
-    (loss, _), grads = jax.value_and_grad(functools.partial(call_objective, objective), has_aux=True)(
-        point, batch, rng)
-    f, new_state = calibration.update(grads, cal_state, point)
-    cal = tree_axpy(rho2, f, fwd)
-    return fwd, cal, new_state, loss
-
-
 @struct.dataclass
 class SearchState:
     """Everything a DSP-TT search carries from one step to the next, for all its directions (a pytree).
@@ -168,9 +140,15 @@ def _set(stacked: PyTree, k, value: PyTree) -> PyTree:
 def _search_step_impl(objective_static, calibration, reading, detector, mesh, with_d, objective_arrays,
                       state: SearchState, origin, batch, key, k, rho1, rho2):
     objective = merge_static(objective_static, objective_arrays)
-    d, cs = tree_index(state.dirs, k), tree_index(state.cal, k)
-    fwd, cal, new_cs, loss = dsp_step(objective, calibration, reading, d, cs, origin, batch,
-                                      jax.random.fold_in(key, state.t), rho1, rho2)
+    cs = tree_index(state.cal, k)
+    # one DSP iteration (Algorithm 1 lines 7, 8, 13; eq. 3): the forward step, the loss there (what the exit
+    # check sees) and the calibration d_forward + rho2 * f(origin + d_forward)
+    fwd = forward_step(tree_index(state.dirs, k), rho1, reading)
+    point = tree_add(origin, fwd)
+    (loss, _), grads = jax.value_and_grad(functools.partial(call_objective, objective), has_aux=True)(
+        point, batch, jax.random.fold_in(key, state.t))
+    f, new_cs = calibration.update(grads, cs, point)
+    cal = tree_axpy(rho2, f, fwd)
     det, exited = detector.update(tree_index(state.det, k), loss)
     go = (state.pending < 0) & ~state.bad & jnp.isfinite(loss)  # a pending exit or a bad loss freezes the search
     # at an exit the direction keeps its forward step and its calibration state (Algorithm 1, lines 9-11)

@@ -27,18 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = [
-    "StationaryPoint",
-    "muller_brown",
-    "MULLER_BROWN_MINIMA",
-    "MULLER_BROWN_SADDLES",
-    "double_well",
-    "vdm_figure1",
-    "vdm_figure1_factor",
-    "vdm_figure4",
-    "VDM_FIGURE4_CONSTANT",
-    "vdm_figure7",
-]
+__all__ = ["StationaryPoint", "muller_brown", "MULLER_BROWN_MINIMA", "MULLER_BROWN_SADDLES", "double_well",
+           "vdm_figure1", "vdm_figure1_factor", "vdm_figure4", "VDM_FIGURE4_CONSTANT", "vdm_figure7"]
 
 
 class StationaryPoint(NamedTuple):
@@ -51,8 +41,7 @@ class StationaryPoint(NamedTuple):
 def _points(p, dim: int | None, name: str) -> jax.Array:
     """``p`` as a floating array ``[..., d]`` (integers promoted to the default float type)."""
     p = jnp.asarray(p)
-    if not jnp.issubdtype(p.dtype, jnp.floating):
-        p = p.astype(jnp.result_type(float))
+    p = p.astype(jnp.result_type(p, float))  # integers become the default float type, floats stay
     if p.ndim == 0:
         raise ValueError(f"{name} takes points [..., d] (coordinates on the last axis), got a scalar")
     if dim is not None and p.shape[-1] != dim:
@@ -161,8 +150,7 @@ def vdm_figure1_factor(x) -> jax.Array:
       True
     """
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
+    x = x.astype(jnp.result_type(x, float))
     return 0.2 * (0.01 * (x + 0.5) ** 2 + 1.32 * jnp.arctan(0.5 * x - 2) ** 2 + jnp.arctan(10 * (x + 5)) ** 2) - 0.5232
 
 

@@ -98,12 +98,12 @@ import collections
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from orbax.checkpoint.checkpoint_managers import LatestN
 from tqdm.auto import tqdm
 
 from mclandscape.core._checks import integer
@@ -113,7 +113,7 @@ from mclandscape.engine.checkpoint import CheckpointStore
 from mclandscape.engine.loop import progress_enabled
 from mclandscape.engine.resume import ResumeMismatchError, fingerprint_diff, jsonify
 from mclandscape.engine.step import make_step, split_static
-from mclandscape.methods.dsp_detector import BatchFn, DSPConfig, ExitRecord, LocalSolver, TierResult
+from mclandscape.methods.dsp_detector import BatchFn, DSPConfig, ExitRecord, LocalSolver, Objective, TierResult
 from mclandscape.methods.dsp_step import (
     NEGATIVE_GRADIENT,
     SearchState,
@@ -129,7 +129,6 @@ from mclandscape.methods.dsp_step import (
 
 __all__ = ["dsp_search", "tier_by_tier", "exit_statistics"]
 
-Objective = Callable[[PyTree, Any, jax.Array | None], tuple[jax.Array, Any]]  # (params, batch, key) -> (loss, aux)
 
 
 
@@ -303,9 +302,6 @@ class _Driver:
                 "exits": [e.to_json() for e in self.exits], "num_solutions": len(self.solutions),
                 "pending": None if self.pending is None else {"record": self.pending["record"]}}
         self.store.save(self.t, self.tree(), meta, overwrite=True)
-        for old in self.store.all_steps():
-            if old != self.t:
-                self.store.delete(old)
 
     def restore(self, directory) -> None:
         meta = self.store.metadata()
@@ -393,7 +389,14 @@ def dsp_search(objective: Objective, origin: PyTree, key: jax.Array, *, config: 
       >>> len(res.exits), [round(float(x), 3) for x in res.solutions[0]]  # from (-1, 0) to the other well
       (1, [1.0, 0.0])
     """
-    _check_search(objective, config, solver, batch_fn)
+    if not isinstance(config, DSPConfig):
+        raise ValueError(f"config must be a DSPConfig, got {type(config).__name__}")
+    if not isinstance(solver, LocalSolver):
+        raise ValueError(f"solver must be a LocalSolver, got {type(solver).__name__}")
+    if not callable(objective):
+        raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
+    if not callable(batch_fn):
+        raise ValueError(f"batch_fn must be a callable t -> batch, got {batch_fn!r}")
     distributed.num_devices(devices)
     check_finite(origin, "origin")
     calibration = calibration if calibration is not None else NEGATIVE_GRADIENT
@@ -410,24 +413,14 @@ def dsp_search(objective: Objective, origin: PyTree, key: jax.Array, *, config: 
         return driver.run()
     driver.fingerprint = _fingerprint(objective, origin, key, config, tier, solver, calibration, directions,
                                       batch_fn)
-    driver.store = CheckpointStore(checkpoint_dir, create=True)
+    # orbax keeps only the latest state
+    driver.store = CheckpointStore(checkpoint_dir, create=True, preservation_policy=LatestN(1))
     try:
         if driver.store.latest_step() is not None:
             driver.restore(checkpoint_dir)
         return driver.run()
     finally:
         driver.store.close()
-
-
-def _check_search(objective, config, solver, batch_fn) -> None:
-    if not isinstance(config, DSPConfig):
-        raise ValueError(f"config must be a DSPConfig, got {type(config).__name__}")
-    if not isinstance(solver, LocalSolver):
-        raise ValueError(f"solver must be a LocalSolver, got {type(solver).__name__}")
-    if not callable(objective):
-        raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
-    if not callable(batch_fn):
-        raise ValueError(f"batch_fn must be a callable t -> batch, got {batch_fn!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -503,13 +496,10 @@ def tier_by_tier(objective: Objective, origin: PyTree, key: jax.Array, *, config
 
 def exit_statistics(result: TierResult) -> dict:
     """Summary of a tier's exits (DSP-TT paper, §5.4 quantities): counts, iterations / rho1 / distance at exit."""
-    its = [e.iteration for e in result.exits]
     out = {"directions": len(result.traces), "exits": len(result.exits), "failed": list(result.failed),
            "search_steps": result.steps}
-    for name, vals in (("iterations", its), ("rho1", [e.rho1 for e in result.exits]),
-                       ("distance", [e.distance for e in result.exits]),
-                       ("solution_distance", [e.solution_distance for e in result.exits]),
-                       ("cosine_to_initial", [e.cosine_to_initial for e in result.exits])):
-        out[f"mean_{name}"] = float(np.mean(vals)) if vals else None
-    out["per_exit"] = [e.to_json() for e in result.exits]
-    return out
+    for key, name in (("iterations", "iteration"), ("rho1", "rho1"), ("distance", "distance"),
+                      ("solution_distance", "solution_distance"), ("cosine_to_initial", "cosine_to_initial")):
+        vals = [getattr(e, name) for e in result.exits]
+        out[f"mean_{key}"] = float(np.mean(vals)) if vals else None
+    return out | {"per_exit": [e.to_json() for e in result.exits]}

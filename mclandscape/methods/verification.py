@@ -51,6 +51,7 @@ from mclandscape.core.tree import (
 )
 from mclandscape.engine.points import map_points, stacked_points
 from mclandscape.engine.step import merge_static, split_static
+from mclandscape.methods.dsp_detector import Objective
 from mclandscape.methods.dsp_step import _float_dtype
 from mclandscape.methods.verification_result import (
     PARAM,
@@ -62,7 +63,6 @@ from mclandscape.methods.verification_result import (
 
 __all__ = ["verify_exit", "output_distance", "random_orthonormal_pair", "project"]
 
-Objective = Callable[[PyTree, Any, jax.Array | None], tuple[jax.Array, Any]]
 Distance = Callable[[PyTree, PyTree], float]
 # ---------------------------------------------------------------------------------------------------------
 # the flows: per-point functions mapped over the stacked points by the engine (map_points)
