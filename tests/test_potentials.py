@@ -1,6 +1,8 @@
 """The public test potentials (Müller-Brown and its stationary points, the double well, the VDM paper's 2-D
 surfaces) and float64 in the 2-D simulations."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +14,13 @@ from mclandscape.methods.deform import LE
 from mclandscape.methods.simulated import SimSettings, run_simulation
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _grad_hess_jit(fn, p):  # one compilation per function and shape (a lambda per call would compile each time)
+    return jax.grad(fn)(p), jax.hessian(fn)(p)
+
+
 def _grad_hess(fn, p):
-    g, h = jax.jit(lambda q: (jax.grad(fn)(q), jax.hessian(fn)(q)))(p)
+    g, h = _grad_hess_jit(fn, p)
     return np.asarray(g), np.linalg.eigvalsh(np.asarray(h))
 
 
@@ -59,7 +66,7 @@ def test_double_well_minima_saddle_and_curvatures():
         g, ev = _grad_hess(P.double_well, jnp.zeros(dim))
         assert np.allclose(g, 0.0) and float(P.double_well(jnp.zeros(dim))) == 1.0
         np.testing.assert_allclose(ev, sorted([-4.0] + [8.0] * (dim - 1)), rtol=1e-5)
-    _, ev = _grad_hess(lambda p: P.double_well(p, stiffness=0.5), jnp.array([1.0, 0.0]))
+    _, ev = _grad_hess(functools.partial(P.double_well, stiffness=0.5), jnp.array([1.0, 0.0]))
     np.testing.assert_allclose(ev, [0.5, 8.0], rtol=1e-5)
     with pytest.raises(ValueError, match="stiffness"):
         P.double_well(jnp.zeros(2), stiffness=0.0)
@@ -83,9 +90,9 @@ def test_potentials_and_simulations_follow_float64_under_x64():
     with jax.enable_x64(True):
         p64 = jnp.array([0.3, -0.2], jnp.float64)
         for fn in (P.muller_brown, P.double_well, P.vdm_figure1, P.vdm_figure4, P.vdm_figure7):
-            assert fn(p64).dtype == jnp.float64, fn.__name__
-            assert fn(p64.astype(jnp.float32)).dtype == jnp.float32, fn.__name__
-            assert jax.grad(fn)(p64).dtype == jnp.float64, fn.__name__
+            # one compiled program per surface instead of every operation compiled on its own
+            v64, v32, g64 = jax.jit(lambda a, b, fn=fn: (fn(a), fn(b), jax.grad(fn)(a)))(p64, p64.astype(jnp.float32))
+            assert v64.dtype == jnp.float64 and v32.dtype == jnp.float32 and g64.dtype == jnp.float64, fn.__name__
         inits = np.array([[-0.5, 0.3], [0.4, -0.2]])  # NumPy float64 -> float64 under x64
         for vdm in (None, LE(1, 0.9)):
             out = run_simulation(P.double_well, vdm, inits, SimSettings(lr=0.01, momentum=None, steps=400))

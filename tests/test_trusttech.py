@@ -602,7 +602,12 @@ def test_symmetry_distance_of_the_verification_is_exact_for_a_tanh_mlp():
     # without the sign symmetry (a non-odd activation) only permutations count
     assert perms_only(p, transform(p, perm, np.ones(3))) == pytest.approx(0.0, abs=1e-6)
     assert perms_only(p, pt_) > 0.1
-    brute = min(float(tree_distance(p, transform(q, np.array(pm), np.array(sg))))
+    def distance(a, b):  # Euclidean, in NumPy: the brute force below tries 48 candidates
+        leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+        return float(np.sqrt(sum(np.sum((x - y) ** 2, dtype=np.float64) for x, y in leaves)))
+
+    p_np, q_np = jax.tree_util.tree_map(np.asarray, (p, q))
+    brute = min(distance(p_np, transform(q_np, np.array(pm), np.array(sg)))
                 for pm in itertools.permutations(range(3)) for sg in itertools.product([1.0, -1.0], repeat=3))
     assert sym(p, q) == pytest.approx(brute, rel=1e-5)
 
@@ -652,7 +657,7 @@ def test_plots_return_figures_draw_into_given_axes_and_save(ridge, tmp_path):
     assert pt.plot_search_trace(res.traces[0], ax=axes[0]) is host and len(axes[0].lines) >= 2
     assert f1.axes[0].get_title() == "loss along a DSP-TT search path"
     for name, f in (("trace", f1), ("verify", f2), ("split", f3)):
-        path = save(f, tmp_path / f"{name}.png")
+        path = save(f, tmp_path / f"{name}.png", dpi=40)
         with open(path, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="split_at"):
@@ -728,11 +733,10 @@ def test_search_killed_during_the_local_solver_resumes_from_the_saved_exit(ridge
                           checkpoint_dir=str(tmp_path / "c"), **args)
 
 
-def test_model_search_on_digits_finds_a_tier1_solution(tmp_path):
-    from mclandscape.engine.data import load_dataset
+def test_model_search_on_digits_finds_a_tier1_solution(digits_train):
     from mclandscape.engine.models import get_model
 
-    ds = load_dataset("digits", "train").take(256)
+    ds = digits_train.take(256)
     model = get_model("mlp", widths=[16], num_classes=10)
     variables = model.init(jax.random.key(0), jnp.asarray(ds.x[:2]))
     loss_fn = make_objective(model, variables=variables)

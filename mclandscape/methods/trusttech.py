@@ -29,7 +29,7 @@ from 0 by a fixed increment per iteration (0.001 in §5). Taken literally with `
 exploration step forward along the current direction", a *pace of search step* ``rho1`` that grows until an
 exit is found or ``rho_max`` is reached, exit distance highly correlated with ``rho1`` (§5.4) — describes a
 search moving outward with a growing step. :class:`~mclandscape.methods.dsp_detector.RhoSchedule` therefore
-implements two outward readings and keeps the literal one to show the difference:
+implements two outward readings (the literal one, which never escapes, is not offered):
 
 - ``"additive"`` (default): ``d_i = d_{i-1} + rho1(i) * d_{i-1}/|d_{i-1}| + rho2 * f(omega0 + d_i')`` — the
   search advances a distance ``rho1(i)`` along the current (calibrated) direction, so the distance travelled
@@ -37,10 +37,9 @@ implements two outward readings and keeps the literal one to show the difference
   the scale of ``d_0``. The step is in parameter units, so ``rho_max`` must suit the parameter scale: the
   calibration can only hold the path in a valley while ``rho1 <~ rho2 * |grad|``, and with too large a
   ``rho_max`` the path becomes a straight ray into high loss;
-- ``"growth"``: ``d_i = (1 + rho1(i)) * d_{i-1} + rho2 * f(omega0 + d_i')`` — a growth factor ``1 + rho1``;
-- ``"literal"``: ``d_i = rho1(i) * d_{i-1} + rho2 * f(omega0 + d_i')`` — eq. 3 as printed (never escapes).
+- ``"growth"``: ``d_i = (1 + rho1(i)) * d_{i-1} + rho2 * f(omega0 + d_i')`` — a growth factor ``1 + rho1``.
 
-In all three ``f`` is evaluated explicitly at the point after the forward step, ``d_i' = `` forward-stepped
+In both ``f`` is evaluated explicitly at the point after the forward step, ``d_i' = `` forward-stepped
 ``d_{i-1}`` (eq. 3 writes the implicit ``f(omega0 + d_i)``; Algorithm 1 evaluates it after ``Update``).
 ``rho2`` is a constant fraction (0.1 in §5) of the tier-0 learning rate
 (:func:`~mclandscape.methods.dsp_detector.rho2_from_lr`).
@@ -164,13 +163,9 @@ class _Driver:
         self.paths = [collections.deque(maxlen=config.record_path) for _ in dirs] if config.record_path else []
         self.initial = dirs
 
-    def choose(self, t: int, active: list[bool]) -> int:
-        idx = [k for k in range(self.num) if active[k]]
-        return idx[int(np.random.default_rng([self.sel_seed, t]).integers(len(idx)))]
-
-    def dispatch(self, k: int, i: int):
+    def dispatch(self, t: int, k: int, i: int):
         rho = self.config.rho
-        (static, arrays), state, origin, batch = self.split, self.state, self.origin_p, self.batch_fn(self.t)
+        (static, arrays), state, origin, batch = self.split, self.state, self.origin_p, self.batch_fn(t)
         key, kk = self.loss_key, np.int32(k)
         rho1, rho2 = np.asarray(rho.rho1(i), self.dtype), np.asarray(rho.rho2, self.dtype)
         if self.mesh is not None:  # the engine's data-parallel layout: batch split, everything else replicated
@@ -193,13 +188,12 @@ class _Driver:
         for t in range(start, end):
             if not any(active):
                 break
-            self.t = t
-            k = self.choose(t, active)
+            idx = [j for j in range(self.num) if active[j]]  # the choice is a function of (key, t) and these
+            k = idx[int(np.random.default_rng([self.sel_seed, t]).integers(len(idx)))]
             counts[k] += 1
-            planned.append((t, k, counts[k], self.dispatch(k, counts[k])))
+            planned.append((t, k, counts[k], self.dispatch(t, k, counts[k])))
             if cfg.max_iterations is not None and counts[k] >= cfg.max_iterations:
                 active[k] = False
-        self.t = start
         host = distributed.to_host([{n: v for n, v in out.items() if n != "d"} for *_, out in planned])
         exits = len(self.exits)
         for (t, k, i, out), h in zip(planned, host, strict=True):
