@@ -123,9 +123,8 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
     seen = set()
     for p in range(traj.shape[0]):
         color, label = ("C3", names[0]) if before_flags[p] else ("C0", names[1])
-        xs = np.concatenate([starts[p, :1], traj[p, :, 0]])
-        ys = np.concatenate([starts[p, 1:], traj[p, :, 1]])
-        ax.plot(xs, ys, color=color, lw=0.9, alpha=0.8, label=None if label in seen else label)
+        xy = np.concatenate([starts[p][None], traj[p]])  # the start point, then the flow's trajectory
+        ax.plot(xy[:, 0], xy[:, 1], color=color, lw=0.9, alpha=0.8, label=None if label in seen else label)
         seen.add(label)
         ax.plot(starts[p, 0], starts[p, 1], "o", color=color, ms=4)
         ax.plot(finals[p, 0], finals[p, 1], "*", color=color, ms=11, mec="k", mew=0.5)
