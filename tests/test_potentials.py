@@ -40,11 +40,11 @@ def test_muller_brown_minima_and_saddles_are_what_the_tables_say():
 
 
 def test_muller_brown_broadcasts_and_refuses_bad_points():
+    mb = jax.jit(P.muller_brown)  # one compiled program per shape (not one per operation)
     pts = jnp.stack([jnp.asarray(v.point) for v in P.MULLER_BROWN_MINIMA.values()])
-    np.testing.assert_allclose(np.asarray(P.muller_brown(pts)), [v.energy for v in P.MULLER_BROWN_MINIMA.values()],
-                               atol=2e-3)
-    assert P.muller_brown(jnp.zeros((3, 4, 2))).shape == (3, 4)
-    assert P.muller_brown(jnp.array([0, 0])).dtype == jnp.float32  # integers become the default float type
+    np.testing.assert_allclose(np.asarray(mb(pts)), [v.energy for v in P.MULLER_BROWN_MINIMA.values()], atol=2e-3)
+    assert mb(jnp.zeros((3, 4, 2))).shape == (3, 4)
+    assert mb(jnp.array([0, 0])).dtype == jnp.float32  # integers become the default float type
     # usable as an objective (the f(p, batch) signature)
     loss, _ = call_objective(function_objective(P.muller_brown), jnp.asarray(P.MULLER_BROWN_MINIMA["B"].point),
                              None, None)
@@ -81,7 +81,7 @@ def test_vdm_surfaces_have_the_printed_structure():
     assert float(P.vdm_figure4(jnp.zeros(2), constant=1.0) - P.vdm_figure4(jnp.zeros(2))) == pytest.approx(
         1.0 - P.VDM_FIGURE4_CONSTANT, rel=1e-5)
     for fn in (P.vdm_figure1, P.vdm_figure4, P.vdm_figure7):
-        assert fn(pts.reshape(5, 10, 2)).shape == (5, 10)
+        assert jax.eval_shape(fn, pts.reshape(5, 10, 2)).shape == (5, 10)  # broadcasting: the shape is the point
         with pytest.raises(ValueError, match="points"):
             fn(jnp.zeros((4, 3)))
 

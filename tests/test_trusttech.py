@@ -255,13 +255,14 @@ def test_callback_counts_search_steps_from_one(four_tiers):
             assert trace["step"] == [info["step"] for _, info in calls[n] if info["direction"] == k]
 
 
+# a mini-batch objective: the true loss plus a random linear term
+NOISY = function_objective(lambda p, batch: two_wells(p) + batch[0] * p["x"] + batch[1] * p["y"])
+
+
 def test_exit_detection_on_noisy_minibatch_losses():
     rng = np.random.default_rng(0)
     noise = jnp.asarray(rng.normal(scale=0.3, size=(2000, 2)), jnp.float32)
-
-    # a mini-batch objective: the true loss plus a random linear term
-    loss = function_objective(lambda p, batch: two_wells(p) + batch[0] * p["x"] + batch[1] * p["y"])
-
+    loss = NOISY
     solver = dd.LocalSolver(optax.sgd(0.05), steps=2000, grad_tol=1e-6, batch_fn=lambda t: jnp.zeros(2))
 
     def search(det):
@@ -301,9 +302,10 @@ def test_detector_states():
     _, flags = feed(dd.ExitDetector(ema_decay=0.0, buffer_size=2, vote=1.0, min_rise=10.0), [0, 1, 2, 1, 0])
     assert not any(flags)
     # a non-finite loss on the search path stops the search with a clear error
-    nan_loss = function_objective(lambda p, b: two_wells(p) + jnp.where(p["x"] > -0.9, jnp.nan, 0.0))
+    # (the noisy test's objective and detector, so nothing compiles again; NaN batches from step 5 on)
     with pytest.raises(ValueError, match="non-finite loss"):
-        tt.dsp_search(nan_loss, ORIGIN2, jax.random.key(0), config=_config(), batch_fn=NO_BATCH, solver=SOLVER,
+        tt.dsp_search(NOISY, ORIGIN2, jax.random.key(0), config=_config(detector=dd.ExitDetector()),
+                      batch_fn=lambda t: jnp.full(2, jnp.nan if t >= 5 else 0.0), solver=SOLVER,
                       directions=[_dir(0.01, 0.003)])
 
 
