@@ -154,10 +154,6 @@ class ExitDetector:
         real(self.vote, "ExitDetector.vote", low=0.5, low_open=True, high=1.0, what="a majority of the buffer")
         real(self.min_rise, "ExitDetector.min_rise", low=0.0)
 
-    @property
-    def needed(self) -> int:
-        return int(math.ceil(self.vote * self.buffer_size - 1e-9))
-
     def init(self, dtype, num: int | None = None) -> DetectorState:
         """The state before the first loss (``num``: stacked for that many directions)."""
         lead = () if num is None else (int(num),)
@@ -178,9 +174,10 @@ class ExitDetector:
         peak = jnp.where(rose, ema, state.peak)
         peak_it = jnp.where(rose, count, state.peak_iteration)
         full = ~first & (buffer[0] != 0)
-        climbing = (state.phase == START) & full & (jnp.sum(buffer == 1) >= self.needed) & (ema - base >= self.min_rise)
+        needed = int(math.ceil(self.vote * self.buffer_size - 1e-9))  # the votes of the buffer a transition needs
+        climbing = (state.phase == START) & full & (jnp.sum(buffer == 1) >= needed) & (ema - base >= self.min_rise)
         fallen = peak - ema >= self.min_drop * (peak - base)
-        exited = (state.phase == UP) & full & (jnp.sum(buffer == -1) >= self.needed) & fallen
+        exited = (state.phase == UP) & full & (jnp.sum(buffer == -1) >= needed) & fallen
         phase = jnp.where(climbing, UP, jnp.where(exited, EXIT, state.phase)).astype(jnp.int32)
         return DetectorState(count=count, ema=ema, base=base, peak=peak, peak_iteration=peak_it, phase=phase,
                              buffer=buffer), exited
