@@ -287,8 +287,9 @@ def test_detector_states():
 
     def feed(detector, values):
         s, flags = detector.init(jnp.float32), []
+        update = jax.jit(detector.update)  # traceable, as inside the search step: one compilation per detector
         for v in values:
-            s, ex = detector.update(s, jnp.float32(v))
+            s, ex = update(s, jnp.float32(v))
             flags.append(bool(ex))
         return s, flags
 
@@ -404,7 +405,7 @@ def test_progress_defaults_to_none_and_reaches_the_search_bar_and_the_local_solv
         return real_search(*args, **kw)
 
     monkeypatch.setattr(tt, "dsp_search", search_spy)
-    tt.tier_by_tier(LOSS2, ORIGIN2, jax.random.key(0), config=_config(num_directions=2), batch_fn=NO_BATCH,
+    tt.tier_by_tier(LOSS2, ORIGIN2, jax.random.key(0), config=_config(), batch_fn=NO_BATCH,
                     solver=SOLVER, score_fn=lambda p: float(p["x"]), tiers=2, progress=False, devices=1)
     assert seen == [(1, False, 1), (2, False, 1)]
 
