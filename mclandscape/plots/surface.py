@@ -41,8 +41,7 @@ def _draw(ax: Axes, a: np.ndarray, *, title: str, label: str, cmap: str, vmin=No
     h = 0.5 / (s - 1)
     im = ax.imshow(a.T, origin="lower", extent=(-h, 1 + h, -h, 1 + h), cmap=cmap, vmin=vmin, vmax=vmax,
                    aspect="equal")
-    ax.set_xlabel("u")
-    ax.set_ylabel("v")
+    ax.set(xlabel="u", ylabel="v")
     ax.set_title(title, fontsize=10)
     # the corner models: outlined cells, so a written value stays readable under the mark
     for k, (x, y) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
@@ -128,12 +127,10 @@ def heatmap_pair(before, after, *, ax: Sequence[Axes] | None = None, label: str 
     if len(titles) != 2:
         raise ValueError(f"titles must name the 2 panels, got {len(titles)}")
     vmin, vmax = shared_range(b, a) if shared_scale else (None, None)
-    fig, axes, made = figure_and_panels(ax, 2, figsize=(10, 4.3), name="heatmap_pair")
+    fig, axes, _ = figure_and_panels(ax, 2, figsize=(10, 4.3), name="heatmap_pair", tight=True)
     for p, g, t in zip(axes, (b, a), titles, strict=True):
         _draw(p, g, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=annotate, fmt=fmt)
     fig.suptitle(f"{label} over the surface (u, v): {titles[0]} vs {titles[1]}" if title is None else title)
-    if made:
-        fig.tight_layout()
     return fig
 
 
@@ -172,24 +169,17 @@ def surface_3d(grids: Sequence, *, ax: Sequence[Axes] | None = None, titles: Seq
                                                                                 for k in range(len(grids))]
     if len(titles) != len(grids):
         raise ValueError(f"{len(grids)} grids but {len(titles)} titles")
-    zlim = shared_range(*grids) if shared_z else None
-    fig, axes, made = figure_and_panels(ax, len(grids), figsize=(5.5 * len(grids), 4.5), name="surface_3d",
-                                        projection="3d")
+    vmin, vmax = shared_range(*grids) if shared_z else (None, None)
+    fig, axes, _ = figure_and_panels(ax, len(grids), figsize=(5.5 * len(grids), 4.5), name="surface_3d",
+                                     projection="3d", tight=True)
     for p, g, t in zip(axes, grids, titles, strict=True):
         s = np.linspace(0, 1, g.shape[0])
         uu, vv = np.meshgrid(s, s, indexing="ij")
-        if zlim is not None:
-            p.plot_surface(uu, vv, g, cmap=cmap, edgecolor="k", linewidth=0.2, vmin=zlim[0], vmax=zlim[1])
-            p.set_zlim(*zlim)
-        else:
-            p.plot_surface(uu, vv, g, cmap=cmap, edgecolor="k", linewidth=0.2)
-        p.set_xlabel("u")
-        p.set_ylabel("v")
-        p.set_zlabel(zlabel)
-        p.set_title(t)
+        p.plot_surface(uu, vv, g, cmap=cmap, edgecolor="k", linewidth=0.2, vmin=vmin, vmax=vmax)
+        p.set(xlabel="u", ylabel="v", zlabel=zlabel, title=t)
+        if shared_z:
+            p.set_zlim(vmin, vmax)
     fig.suptitle(f"{zlabel} over the surface (u, v)" if title is None else title)
-    if made:
-        fig.tight_layout()
     return fig
 
 
@@ -271,15 +261,12 @@ def subset_comparison(full, subset, *, ax: Sequence[Axes] | None = None, label: 
     if f.shape != s.shape:
         raise ValueError(f"full and subset grids differ in shape: {f.shape} vs {s.shape}")
     vmin, vmax = shared_range(f, s) if shared_scale else (None, None)
-    fig, axes, made = figure_and_panels(ax, 2, figsize=(10, 4.3), name="subset_comparison")
+    fig, axes, _ = figure_and_panels(ax, 2, figsize=(10, 4.3), name="subset_comparison", tight=True)
     g = np.linspace(0, 1, f.shape[0])
     for p, a, t in ((axes[0], s, "data subset"), (axes[1], f, "all data")):
         _draw(p, a, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=False)
-        i, j = np.unravel_index(np.nanargmin(a), a.shape)
-        p.plot(g[i], g[j], "wv", ms=10, mec="k")
-        i, j = np.unravel_index(np.nanargmax(a), a.shape)
-        p.plot(g[i], g[j], "r^", ms=10, mec="k")
+        for where, marker in ((np.nanargmin, "wv"), (np.nanargmax, "r^")):
+            i, j = np.unravel_index(where(a), a.shape)
+            p.plot(g[i], g[j], marker, ms=10, mec="k")
     fig.suptitle(f"{label} over the surface (u, v): data subset vs all data" if title is None else title)
-    if made:
-        fig.tight_layout()
     return fig
