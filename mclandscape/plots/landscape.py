@@ -67,11 +67,9 @@ def _contour_on(ax: Axes, xs, ys, data: np.ndarray, bands: np.ndarray, title: st
 
 def _traj_list(t) -> list[np.ndarray]:
     t = np.asarray(t, np.float64)
-    if t.ndim == 2 and t.shape[1] == 2:
-        return [t]
-    if t.ndim == 3 and t.shape[2] == 2:
-        return list(t)
-    raise ValueError(f"a trajectory must be [T, 2] or [N, T, 2], got shape {t.shape}")
+    if t.ndim not in (2, 3) or t.shape[-1] != 2:
+        raise ValueError(f"a trajectory must be [T, 2] or [N, T, 2], got shape {t.shape}")
+    return list(t.reshape(-1, *t.shape[-2:]))
 
 
 def _draw_trajectories(ax: Axes, trajectories: Mapping[str, object] | None):

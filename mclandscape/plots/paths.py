@@ -74,13 +74,14 @@ def plot_path_profiles(paths: Mapping[str, object], *, ax: Sequence[Axes] | None
     for i, (name, p) in enumerate(paths.items()):
         xs = _xaxis(p, x, name)
         for split, style in (("train", "-"), ("test", "--")):  # the train fields are there (_xaxis checks)
-            if _field(p, f"{split}_loss") is not None:
-                ax_l.plot(xs, _field(p, f"{split}_loss"), style, color=f"C{i}", label=f"{name} {split}")
-            if _field(p, f"{split}_acc") is not None:
-                ax_e.plot(xs, 100.0 * (1.0 - np.asarray(_field(p, f"{split}_acc"))), style, color=f"C{i}",
-                          label=f"{name} {split}")
+            loss, acc = _field(p, f"{split}_loss"), _field(p, f"{split}_acc")
+            if loss is not None:
+                ax_l.plot(xs, loss, style, color=f"C{i}", label=f"{name} {split}")
+            if acc is not None:
+                ax_e.plot(xs, 100.0 * (1.0 - np.asarray(acc)), style, color=f"C{i}", label=f"{name} {split}")
+    xlabel = "t" if x == "t" else "fraction of path length"
     for a, what, unit in ((ax_l, "loss", ""), (ax_e, "error", " (%)")):
-        a.set(xlabel="t" if x == "t" else "fraction of path length", ylabel=what + unit, title=f"{what} along the path")
+        a.set(xlabel=xlabel, ylabel=what + unit, title=f"{what} along the path")
         a.grid(alpha=0.3)
     if log_loss:
         ax_l.set_yscale("log")
@@ -122,9 +123,7 @@ def plot_band_2d(potential: Callable, bands: Mapping[str, object], *, ax: Axes |
       >>> len(fig.axes)  # contours and colour bar
       2
     """
-    gx = np.linspace(*xlim, resolution)
-    gy = np.linspace(*ylim, resolution)
-    xx, yy = np.meshgrid(gx, gy)
+    xx, yy = np.meshgrid(np.linspace(*xlim, resolution), np.linspace(*ylim, resolution))
     zz = np.asarray(potential(np.stack([xx, yy], -1)), np.float64)
     if zz.shape != xx.shape:
         raise ValueError(f"potential(xy[..., 2]) must return one value per point: shape {xx.shape}, got {zz.shape}")
