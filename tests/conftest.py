@@ -3,6 +3,8 @@
 Data
 - ``digits_train`` / ``digits_test``: scikit-learn digits, 8×8×1 images, 1437 / 360 examples, 10 classes.
 - ``iris_train`` / ``iris_test``: standardised iris features, 120 / 30 examples, 3 classes.
+- ``digits_small``: ``(train, test)``, the first 256 / 128 digits examples: for tests whose property does not
+  need the whole set (a step, a compilation count, a shape).
 
 Models and training (MLP 64-64-10 on digits: 4 810 parameters, about 97 % test accuracy)
 - ``digits_mlp``: the :class:`~mclandscape.engine.models.Model` (``get_model("mlp", widths=[64], num_classes=10)``).
@@ -11,6 +13,10 @@ Models and training (MLP 64-64-10 on digits: 4 810 parameters, about 97 % test a
   :class:`~mclandscape.engine.train.TrainResult`; ``[r.variables for r in digits_corners]`` are the corners of a
   surface (Bézier-surface paper, §4.2).
 - ``trained_mlp``: ``digits_corners[0]``.
+- ``tiny_mlp``: a small trained MLP (8×8 digits -> 16 -> 10, 1 210 parameters; Adam 1e-2, 5 epochs on
+  ``digits_small``, seed 0), as a :class:`~mclandscape.engine.train.TrainResult`; its ``model`` is
+  ``get_model("mlp", widths=[16], num_classes=10)`` (about 80 % test accuracy). For tests that need a trained
+  network, not a good one.
 - ``digits_trajectory``: one run (seed 10) with snapshots kept at epochs 14, 16, 18, 20 — the
   trajectory corners of the Bézier-surface paper's appendix A.2 (``result.snapshots[epoch]``).
 
@@ -126,3 +132,15 @@ def trained_mlp(digits_corners):
 def digits_trajectory(digits_mlp, digits_train, digits_test, digits_config):
     return train_model(digits_mlp, digits_train, digits_test, digits_config, seed=10,
                        save_epochs=(14, 16, 18, 20), progress=False)
+
+
+@pytest.fixture(scope="session")
+def digits_small(digits_train, digits_test):
+    return digits_train.take(256), digits_test.take(128)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp(digits_small):
+    train, test = digits_small
+    return train_model(get_model("mlp", widths=[16], num_classes=10), train, test,
+                       TrainConfig(epochs=5, batch_size=64, optimizer="adam", lr=1e-2), seed=0, progress=False)

@@ -10,7 +10,6 @@ import pytest
 from flax import nnx
 
 from mclandscape.core.tree import tree_stack
-from mclandscape.engine.data import load_dataset
 from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.many import train_many
 from mclandscape.engine.models import from_flax, from_nnx, get_model
@@ -21,8 +20,9 @@ CFG = TrainConfig(epochs=1, batch_size=64, optimizer="sgd", lr=0.05)
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_dataset("digits", "train", limit=128), load_dataset("digits", "test", limit=64)
+def tiny(digits_small):
+    train, test = digits_small
+    return train.take(128), test.take(64)
 
 
 def test_rebuilt_zoo_model_and_optimizer_are_equal():

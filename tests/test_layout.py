@@ -70,7 +70,7 @@ def test_import_starts_no_backend_and_plots_leave_matplotlib_alone(tmp_path):
         "g = np.linspace(0, 1, 9).reshape(3, 3)\n"
         "figs = [plots.heatmap_pair(g, g / 2, label='l'), plots.surface_3d([g, g]),\n"
         "        plots.contour_plot(np.arange(3.0), np.arange(3.0), g)]\n"
-        f"[plots.save(f, {str(tmp_path)!r} + f'/f{{i}}.png') for i, f in enumerate(figs)]\n"
+        f"[plots.save(f, {str(tmp_path)!r} + f'/f{{i}}.png', dpi=40) for i, f in enumerate(figs)]\n"
         "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
         "assert _pylab_helpers.Gcf.get_num_fig_managers() == 0\n"
     )

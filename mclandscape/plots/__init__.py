@@ -18,13 +18,7 @@ Example:
 """
 
 from mclandscape.plots._figure import new_figure, save, shared_range, subplots
-from mclandscape.plots.landscape import (
-    contour_plot,
-    eigenvalue_plot,
-    loss_curves_plot,
-    surface_plot,
-    trajectory_panels,
-)
+from mclandscape.plots.landscape import contour_plot, eigenvalue_plot, loss_curves_plot, surface_plot, trajectory_panels
 from mclandscape.plots.paths import plot_band_2d, plot_path_profiles
 from mclandscape.plots.surface import heatmap, heatmap_pair, subset_comparison, surface_3d, triangle_plot
 from mclandscape.plots.trusttech import plot_search_trace, plot_verification

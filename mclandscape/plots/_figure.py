@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib as mpl
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "subplots", "save", "color_cycle", "shared_range"]
+__all__ = ["new_figure", "subplots", "save", "shared_range"]
 
 
 def new_figure(figsize: tuple[float, float] = (6.4, 4.8), **kwargs) -> Figure:
@@ -87,25 +86,9 @@ def save(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> str:
     if not isinstance(fig, Figure):
         raise TypeError(f"save expects a matplotlib Figure (what the plot functions return), got {type(fig).__name__}")
     path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
-
-
-def color_cycle() -> list[str]:
-    """The colours of the current matplotlib style's property cycle.
-
-    Returns:
-      A list of colour strings.
-
-    Example:
-      >>> from mclandscape.plots._figure import color_cycle
-      >>> len(color_cycle()) > 0
-      True
-    """
-    return list(mpl.rcParams["axes.prop_cycle"].by_key()["color"])
 
 
 def shared_range(*arrays) -> tuple[float, float]:
@@ -122,8 +105,7 @@ def shared_range(*arrays) -> tuple[float, float]:
       >>> shared_range([[0.5, 2.0]], [1.0, float("nan"), -1.0])
       (-1.0, 2.0)
     """
-    vals = [np.asarray(a, np.float64).ravel() for a in arrays]
-    vals = np.concatenate(vals) if vals else np.zeros(0)
+    vals = np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in arrays] + [np.zeros(0)])
     vals = vals[np.isfinite(vals)]
     if vals.size == 0:
         raise ValueError("no finite values to set a colour scale from")
@@ -133,24 +115,25 @@ def shared_range(*arrays) -> tuple[float, float]:
 # ---- the ax= convention -------------------------------------------------------------------------------
 
 
-def figure_and_axes(ax: Axes | None, *, figsize: tuple[float, float], name: str,
-                    projection: str | None = None) -> tuple[Figure, Axes]:
-    """``(ax.figure, ax)`` when an ``Axes`` is given, else a new figure with one axes (``projection`` e.g. 3d)."""
-    if ax is None:
-        fig = new_figure(figsize)
-        return fig, fig.add_subplot(111, projection=projection)
-    if not isinstance(ax, Axes):
+def figure_and_axes(ax: Axes | None, *, figsize: tuple[float, float], name: str, projection: str | None = None,
+                    tight: bool = False) -> tuple[Figure, Axes]:
+    """``(ax.figure, ax)`` when an ``Axes`` is given, else a new figure with one axes (``projection`` e.g. 3d;
+    ``tight``: laid out with ``tight_layout`` when drawn)."""
+    if ax is not None and not isinstance(ax, Axes):
         raise TypeError(f"{name} draws one panel: ax must be a matplotlib Axes or None, got {type(ax).__name__}")
-    _check_projection(ax, projection, name)
-    return ax.figure, ax
+    fig, axes, _ = figure_and_panels(None if ax is None else [ax], 1, figsize=figsize, name=name,
+                                     projection=projection, tight=tight)
+    return fig, axes[0]
 
 
 def figure_and_panels(ax: Sequence[Axes] | None, n: int, *, figsize: tuple[float, float], name: str,
-                      projection: str | None = None, nrows: int = 1) -> tuple[Figure, list[Axes], bool]:
+                      projection: str | None = None, nrows: int = 1,
+                      tight: bool = False) -> tuple[Figure, list[Axes], bool]:
     """``(figure, n axes, made)`` for a function that draws ``n`` panels: the given sequence of ``n`` Axes
-    (they must share one figure), or a new figure with ``nrows`` rows of panels (extra cells hidden)."""
+    (they must share one figure), or a new figure with ``nrows`` rows of panels (extra cells hidden), laid out
+    with ``tight_layout`` when drawn if ``tight``."""
     if ax is None:
-        fig = new_figure(figsize)
+        fig = new_figure(figsize, layout="tight" if tight else None)
         ncols = -(-n // nrows)
         axes = [fig.add_subplot(nrows, ncols, k + 1, projection=projection) for k in range(nrows * ncols)]
         for extra in axes[n:]:
@@ -159,57 +142,39 @@ def figure_and_panels(ax: Sequence[Axes] | None, n: int, *, figsize: tuple[float
     if isinstance(ax, Axes) or not isinstance(ax, Sequence | np.ndarray):
         raise TypeError(f"{name} draws {n} panels: ax must be a sequence of {n} Axes or None, got "
                         f"{type(ax).__name__}")
-    axes = list(np.ravel(np.asarray(ax, dtype=object))) if isinstance(ax, np.ndarray) else list(ax)
+    axes = list(np.ravel(np.asarray(ax, dtype=object)))
     if len(axes) != n or not all(isinstance(a, Axes) for a in axes):
         raise ValueError(f"{name} draws {n} panels: ax must hold {n} Axes, got {len(axes)} items")
     if any(a.figure is not axes[0].figure for a in axes):
         raise ValueError(f"{name}: the axes passed as ax belong to different figures")
-    for a in axes:
-        _check_projection(a, projection, name)
-    return axes[0].figure, axes, False
-
-
-def _check_projection(ax: Axes, projection: str | None, name: str) -> None:
     want = projection or "rectilinear"
-    if ax.name != want:
-        how = "fig.add_subplot(projection='3d')" if want == "3d" else "fig.add_subplot()"
-        raise ValueError(f"{name} needs {want} axes ({how}), got {ax.name!r} axes")
+    for a in axes:
+        if a.name != want:
+            how = "fig.add_subplot(projection='3d')" if want == "3d" else "fig.add_subplot()"
+            raise ValueError(f"{name} needs {want} axes ({how}), got {a.name!r} axes")
+    return axes[0].figure, axes, False
 
 
 # ---- legible per-cell values --------------------------------------------------------------------------
 
 
-def cell_fontsize(ax: Axes, ncols: int, nrows: int, nchars: int) -> float:
-    """A font size (points) at which ``nchars`` characters fit one cell of an ``nrows x ncols`` image that
-    fills the (square-aspect) axes: scaled to the grid, between 3 and 11 points."""
-    fig = ax.figure
-    w_in, h_in = fig.get_size_inches()
-    box = ax.get_position()
-    side_pt = 72.0 * min(box.width * w_in, box.height * h_in)  # equal aspect: the image is at most this big
-    cell_pt = side_pt / max(ncols, nrows)
-    # a digit is ~0.6 em wide; leave a margin so neighbouring labels do not touch
-    return float(np.clip(0.8 * cell_pt / (0.6 * max(nchars, 1)), 3.0, 11.0))
-
-
 def text_colour(rgba) -> str:
     """Black on light backgrounds, white on dark ones (relative luminance of the sRGB colour)."""
-    r, g, b = (float(c) for c in rgba[:3])
-    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
-    lum = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    c = np.asarray(rgba[:3], np.float64)
+    lum = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4) @ np.array([0.2126, 0.7152, 0.0722])
     return "black" if lum > 0.179 else "white"  # the contrast-ratio crossover of black vs white text
 
 
 def annotate_cells(ax: Axes, values: np.ndarray, xs, ys, image, *, fmt: str = ".2f") -> list:
-    """Write ``values[i, j]`` at ``(xs[i], ys[j])`` in a size scaled to the grid and a colour that contrasts
-    with the cell's colour in ``image`` (its colormap and norm). Returns the text artists."""
-    labels = [[("" if not np.isfinite(v) else format(v, fmt)) for v in row] for row in values]
-    nchars = max((len(s) for row in labels for s in row), default=1)
-    size = cell_fontsize(ax, values.shape[0], values.shape[1], nchars)
-    texts = []
-    for i, x in enumerate(xs):
-        for j, y in enumerate(ys):
-            if not labels[i][j]:
-                continue
-            colour = text_colour(image.cmap(image.norm(values[i, j])))
-            texts.append(ax.text(x, y, labels[i][j], ha="center", va="center", fontsize=size, color=colour))
-    return texts
+    """Write ``values[i, j]`` at ``(xs[i], ys[j])`` in a colour that contrasts with the cell's colour in ``image``
+    (its colormap and norm), in a font size (3 to 11 points) at which the longest label fits one cell of the
+    (square-aspect) image. Returns the text artists."""
+    labels = [[format(v, fmt) if np.isfinite(v) else "" for v in row] for row in values]
+    w_in, h_in = ax.figure.get_size_inches()
+    box = ax.get_position()
+    cell_pt = 72.0 * min(box.width * w_in, box.height * h_in) / max(values.shape)  # equal aspect: a square image
+    # a digit is ~0.6 em wide; leave a margin so neighbouring labels do not touch
+    size = float(np.clip(0.8 * cell_pt / (0.6 * max([len(s) for row in labels for s in row] + [1])), 3.0, 11.0))
+    return [ax.text(x, y, labels[i][j], ha="center", va="center", fontsize=size,
+                    color=text_colour(image.cmap(image.norm(values[i, j]))))
+            for i, x in enumerate(xs) for j, y in enumerate(ys) if labels[i][j]]

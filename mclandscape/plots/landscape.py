@@ -15,13 +15,14 @@ returned and :func:`~mclandscape.plots.save` writes it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from mclandscape.plots._figure import color_cycle, figure_and_axes, figure_and_panels, shared_range
+from mclandscape.core._checks import choice
+from mclandscape.plots._figure import figure_and_axes, figure_and_panels, shared_range
 
 __all__ = ["contour_plot", "trajectory_panels", "surface_plot", "loss_curves_plot", "eigenvalue_plot"]
 
@@ -37,51 +38,45 @@ def _grid(xs, ys, Z) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xs, ys, Z
 
 
-def _log_shift(vmin: float) -> float:
-    """What ``log10`` needs added to make every value positive (0 when they already are)."""
-    return 0.0 if vmin > 0 else -vmin + 1e-12
-
-
-def _scaled(data: np.ndarray, log: bool, shift: float) -> np.ndarray:
-    return np.log10(data + shift + 1e-12) if log else data
-
-
-def _zlabel(zlabel: str, log: bool, shift: float) -> str:
+def _log_scale(lo: float, log: bool, zlabel: str) -> tuple[Callable, str]:
+    """``(f, label)``: ``f`` maps values to what is drawn (with ``log``, ``log10`` of the values shifted to
+    positive ones when their least value ``lo`` is not) and ``label`` says what that is."""
     if not log:
-        return zlabel
-    return f"log10({zlabel})" if shift == 0.0 else f"log10({zlabel} + {shift:.2g})"
+        return np.asarray, zlabel
+    shift = 0.0 if lo > 0 else -lo + 1e-12
+    return (lambda v: np.log10(np.asarray(v) + shift + 1e-12),
+            f"log10({zlabel})" if shift == 0.0 else f"log10({zlabel} + {shift:.2g})")
 
 
-def _levels(lo: float, hi: float, levels: int) -> np.ndarray:
-    if not hi > lo:
-        hi = lo + 1e-12
-    return np.linspace(lo, hi, levels + 1)
+def _bands(Z: np.ndarray, log: bool, zlabel: str, levels: int, vmin=None, vmax=None):
+    """``(f, bands, label)`` of a contour plot of ``Z`` (colour scale ``[vmin, vmax]``, default Z's range):
+    ``f`` and ``label`` of :func:`_log_scale` and ``levels + 1`` band edges in drawn units."""
+    lo, hi = shared_range(Z)
+    lo, hi = lo if vmin is None else float(vmin), hi if vmax is None else float(vmax)
+    f, label = _log_scale(lo, log, zlabel)
+    a, b = f(np.array([lo, hi]))
+    return f, np.linspace(a, b if b > a else a + 1e-12, levels + 1), label
 
 
-def _contour_on(ax: Axes, xs, ys, Z, *, levels: np.ndarray, log: bool, shift: float, title: str,
-                cmap: str = "viridis"):
-    data = _scaled(Z.T, log, shift)
-    cs = ax.contourf(xs, ys, data, levels=levels, cmap=cmap, extend="both")
-    ax.contour(xs, ys, data, levels=levels, colors="k", linewidths=0.3, alpha=0.5)
+def _contour_on(ax: Axes, xs, ys, data: np.ndarray, bands: np.ndarray, title: str):
+    cs = ax.contourf(xs, ys, data.T, levels=bands, cmap="viridis", extend="both")
+    ax.contour(xs, ys, data.T, levels=bands, colors="k", linewidths=0.3, alpha=0.5)
     ax.set_title(title, fontsize=10)
     return cs
 
 
 def _traj_list(t) -> list[np.ndarray]:
     t = np.asarray(t, np.float64)
-    if t.ndim == 2 and t.shape[1] == 2:
-        return [t]
-    if t.ndim == 3 and t.shape[2] == 2:
-        return list(t)
-    raise ValueError(f"a trajectory must be [T, 2] or [N, T, 2], got shape {t.shape}")
+    if t.ndim not in (2, 3) or t.shape[-1] != 2:
+        raise ValueError(f"a trajectory must be [T, 2] or [N, T, 2], got shape {t.shape}")
+    return list(t.reshape(-1, *t.shape[-2:]))
 
 
 def _draw_trajectories(ax: Axes, trajectories: Mapping[str, object] | None):
     if not trajectories:
         return
-    colors = color_cycle()
     for i, (name, t) in enumerate(trajectories.items()):
-        c = ["tab:red", "tab:orange", "white", "tab:pink"][i % 4] if i < 4 else colors[i % len(colors)]
+        c = ["tab:red", "tab:orange", "white", "tab:pink"][i] if i < 4 else f"C{i}"
         for j, tr in enumerate(_traj_list(t)):
             ax.plot(tr[:, 0], tr[:, 1], "-", color=c, lw=1.0, alpha=0.9, label=name if j == 0 else None)
             ax.plot(tr[0, 0], tr[0, 1], "o", color=c, ms=4)
@@ -129,20 +124,17 @@ def contour_plot(xs, ys, Z, *, ax: Axes | None = None, title: str | None = None,
       (2, 'loss over the plane (alpha, beta)')
     """
     xs, ys, Z = _grid(xs, ys, Z)
-    lo, hi = shared_range(Z)
-    lo, hi = lo if vmin is None else float(vmin), hi if vmax is None else float(vmax)
-    shift = _log_shift(lo) if log else 0.0
+    f, bands, label = _bands(Z, log, zlabel, levels, vmin, vmax)
     fig, ax = figure_and_axes(ax, figsize=(5.2, 4.4), name="contour_plot")
-    cs = _contour_on(ax, xs, ys, Z, levels=_levels(*_scaled(np.array([lo, hi]), log, shift), levels), log=log,
-                     shift=shift, title=f"{zlabel} over the plane ({xlabel}, {ylabel})" if title is None else title)
+    title = f"{zlabel} over the plane ({xlabel}, {ylabel})" if title is None else title
+    cs = _contour_on(ax, xs, ys, f(Z), bands, title)
     if colorbar:
-        fig.colorbar(cs, ax=ax, label=_zlabel(zlabel, log, shift))
+        fig.colorbar(cs, ax=ax, label=label)
     _draw_trajectories(ax, trajectories)
     for name, p in (points or {}).items():
         ax.plot([p[0]], [p[1]], "k+", ms=10, mew=2)
         ax.annotate(name, (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     return fig
 
 
@@ -181,17 +173,13 @@ def trajectory_panels(xs, ys, Z, panels: Mapping[str, Mapping[str, object]], *,
     xs, ys, Z = _grid(xs, ys, Z)
     if not panels:
         raise ValueError("trajectory_panels needs at least one panel")
-    n = len(panels)
-    fig, axes, made = figure_and_panels(ax, n, figsize=(4.6 * n, 4.2), name="trajectory_panels")
-    lo, hi = shared_range(Z)
-    shift = _log_shift(lo) if log else 0.0
-    lev = _levels(*_scaled(np.array([lo, hi]), log, shift), levels)  # the same bands in every panel
+    fig, axes, _ = figure_and_panels(ax, len(panels), figsize=(4.6 * len(panels), 4.2), name="trajectory_panels")
+    f, bands, label = _bands(Z, log, zlabel, levels)  # the same bands in every panel
     for p, (name, trajs) in zip(axes, panels.items(), strict=True):
-        cs = _contour_on(p, xs, ys, Z, levels=lev, log=log, shift=shift, title=name)
+        cs = _contour_on(p, xs, ys, f(Z), bands, name)
         _draw_trajectories(p, trajs)
-        p.set_xlabel(xlabel)
-        p.set_ylabel(ylabel)
-    fig.colorbar(cs, ax=list(axes), label=_zlabel(zlabel, log, shift))
+        p.set(xlabel=xlabel, ylabel=ylabel)
+    fig.colorbar(cs, ax=list(axes), label=label)
     fig.suptitle(f"optimiser trajectories over {zlabel}" if title is None else title)
     return fig
 
@@ -227,20 +215,16 @@ def surface_plot(xs, ys, Z, *, ax: Axes | None = None, title: str | None = None,
     """
     xs, ys, Z = _grid(xs, ys, Z)
     fig, ax = figure_and_axes(ax, figsize=(6, 4.8), name="surface_plot", projection="3d")
-    shift = _log_shift(float(np.nanmin(Z))) if log else 0.0
+    f, label = _log_scale(float(np.nanmin(Z)), log, zlabel)
     X, Y = np.meshgrid(xs, ys, indexing="ij")
-    ax.plot_surface(X, Y, _scaled(Z, log, shift), cmap=cmap, linewidth=0, antialiased=True, alpha=0.9)
+    ax.plot_surface(X, Y, f(Z), cmap=cmap, linewidth=0, antialiased=True, alpha=0.9)
     if trajectory is not None:
-        tr, tz = trajectory
-        tr = np.asarray(tr, np.float64)
-        tz = np.asarray(tz, np.float64).ravel()
+        tr, tz = np.asarray(trajectory[0], np.float64), np.asarray(trajectory[1], np.float64).ravel()
         if tr.ndim != 2 or tr.shape[1] != 2 or tz.shape != (tr.shape[0],):
             raise ValueError(f"trajectory must be (points [T, 2], values [T]), got {tr.shape} and {tz.shape}")
-        ax.plot(tr[:, 0], tr[:, 1], _scaled(tz, log, shift), "r-", lw=1.5)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_zlabel(_zlabel(zlabel, log, shift))
-    ax.set_title(f"{zlabel} surface over ({xlabel}, {ylabel})" if title is None else title)
+        ax.plot(tr[:, 0], tr[:, 1], f(tz), "r-", lw=1.5)
+    ax.set(xlabel=xlabel, ylabel=ylabel, zlabel=label,
+           title=f"{zlabel} surface over ({xlabel}, {ylabel})" if title is None else title)
     return fig
 
 
@@ -273,26 +257,23 @@ def loss_curves_plot(curves: Mapping[str, tuple[object, object]], *, ax: Axes | 
     """
     if not curves:
         raise ValueError("loss_curves_plot needs at least one curve")
-    if layout not in ("grid", "overlay"):
-        raise ValueError(f"layout must be 'grid' or 'overlay', got {layout!r}")
-    items = []
-    for name, (a, l) in curves.items():
-        a, l = np.asarray(a, np.float64).ravel(), np.asarray(l, np.float64).ravel()
+    choice(layout, "layout", ("grid", "overlay"))
+    items = [(name, np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(l, np.float64)))
+             for name, (a, l) in curves.items()]
+    for name, a, l in items:
         if a.shape != l.shape:
             raise ValueError(f"curve {name!r}: {a.size} alphas but {l.size} losses")
-        items.append((name, a, l))
     if layout == "overlay":
-        fig, p = figure_and_axes(ax, figsize=(5.5, 4), name="loss_curves_plot(layout='overlay')")
+        fig, p = figure_and_axes(ax, figsize=(5.5, 4), name="loss_curves_plot(layout='overlay')", tight=True)
         for name, a, l in items:
             p.plot(a, l, label=name)
         p.legend(fontsize=7)
-        axes, made = [p], ax is None
+        axes = [p]
     else:
-        n = len(items)
-        cols = min(ncols, n)
-        rows = -(-n // cols)
-        fig, axes, made = figure_and_panels(ax, n, figsize=(3.2 * cols, 2.6 * rows), nrows=rows,
-                                            name="loss_curves_plot(layout='grid')")
+        cols = min(ncols, len(items))
+        rows = -(-len(items) // cols)
+        fig, axes, made = figure_and_panels(ax, len(items), figsize=(3.2 * cols, 2.6 * rows), nrows=rows,
+                                            name="loss_curves_plot(layout='grid')", tight=True)
         if made:  # given axes keep the sharing their caller chose
             for p in axes[1:]:
                 p.sharey(axes[0])
@@ -300,13 +281,10 @@ def loss_curves_plot(curves: Mapping[str, tuple[object, object]], *, ax: Axes | 
             p.plot(a, l, "b-")
             p.set_title(name, fontsize=9)
     for p in axes:
+        p.set(xlabel=xlabel, ylabel=ylabel)
         if log:
             p.set_yscale("log")
-        p.set_xlabel(xlabel)
-        p.set_ylabel(ylabel)
     fig.suptitle(f"{ylabel} along 1-D directions" if title is None else title)
-    if made:
-        fig.tight_layout()
     return fig
 
 
@@ -338,13 +316,10 @@ def eigenvalue_plot(eigenvalues: Mapping[str, object], *, ax: Axes | None = None
         ev = np.asarray(ev, np.float64)
         if ev.ndim != 2:
             raise ValueError(f"eigenvalues of {name!r} must be [N, k], got shape {ev.shape}")
-        r = np.arange(ev.shape[0])
-        c = f"C{i}"
-        ax.plot(r, ev[:, -1], "o", color=c, ms=3, label=f"{name}: largest")
-        ax.plot(r, ev[:, 0], "x", color=c, ms=3, label=f"{name}: smallest")
+        ax.plot(ev[:, -1], "o", color=f"C{i}", ms=3, label=f"{name}: largest")
+        ax.plot(ev[:, 0], "x", color=f"C{i}", ms=3, label=f"{name}: smallest")
     ax.set_yscale("symlog", linthresh=1e-2)
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel="round", ylabel=ylabel,
+           title="largest and smallest Hessian eigenvalue at the end points" if title is None else title)
     ax.legend(fontsize=7)
-    ax.set_title("largest and smallest Hessian eigenvalue at the end points" if title is None else title)
     return fig

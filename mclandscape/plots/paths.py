@@ -19,15 +19,14 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from mclandscape.plots._figure import color_cycle, figure_and_axes, figure_and_panels
+from mclandscape.core._checks import choice
+from mclandscape.plots._figure import figure_and_axes, figure_and_panels
 
 __all__ = ["plot_path_profiles", "plot_band_2d"]
 
 
 def _field(p, name):
-    if isinstance(p, Mapping):
-        return p.get(name)
-    return getattr(p, name, None)
+    return p.get(name) if isinstance(p, Mapping) else getattr(p, name, None)
 
 
 def _xaxis(p, x: str, name: str) -> np.ndarray:
@@ -70,32 +69,24 @@ def plot_path_profiles(paths: Mapping[str, object], *, ax: Sequence[Axes] | None
     """
     if not paths:
         raise ValueError("no paths to plot")
-    if x not in ("t", "length"):
-        raise ValueError(f"x must be 't' or 'length', got {x!r}")
-    fig, (ax_l, ax_e), made = figure_and_panels(ax, 2, figsize=(11, 4.2), name="plot_path_profiles")
-    colours = color_cycle()
+    choice(x, "x", ("t", "length"))
+    fig, (ax_l, ax_e), _ = figure_and_panels(ax, 2, figsize=(11, 4.2), name="plot_path_profiles", tight=True)
     for i, (name, p) in enumerate(paths.items()):
-        col = colours[i % len(colours)]
         xs = _xaxis(p, x, name)
-        ax_l.plot(xs, _field(p, "train_loss"), "-", color=col, label=f"{name} train")
-        ax_e.plot(xs, 100.0 * (1.0 - np.asarray(_field(p, "train_acc"))), "-", color=col, label=f"{name} train")
-        if _field(p, "test_loss") is not None:
-            ax_l.plot(xs, _field(p, "test_loss"), "--", color=col, label=f"{name} test")
-        if _field(p, "test_acc") is not None:
-            ax_e.plot(xs, 100.0 * (1.0 - np.asarray(_field(p, "test_acc"))), "--", color=col, label=f"{name} test")
+        for split, style in (("train", "-"), ("test", "--")):  # the train fields are there (_xaxis checks)
+            loss, acc = _field(p, f"{split}_loss"), _field(p, f"{split}_acc")
+            if loss is not None:
+                ax_l.plot(xs, loss, style, color=f"C{i}", label=f"{name} {split}")
+            if acc is not None:
+                ax_e.plot(xs, 100.0 * (1.0 - np.asarray(acc)), style, color=f"C{i}", label=f"{name} {split}")
     xlabel = "t" if x == "t" else "fraction of path length"
-    for a, lab in ((ax_l, "loss"), (ax_e, "error (%)")):
-        a.set_xlabel(xlabel)
-        a.set_ylabel(lab)
+    for a, what, unit in ((ax_l, "loss", ""), (ax_e, "error", " (%)")):
+        a.set(xlabel=xlabel, ylabel=what + unit, title=f"{what} along the path")
         a.grid(alpha=0.3)
     if log_loss:
         ax_l.set_yscale("log")
     ax_l.legend(fontsize=7)
-    ax_l.set_title("loss along the path")
-    ax_e.set_title("error along the path")
     fig.suptitle("loss and error along the paths between two models" if title is None else title)
-    if made:
-        fig.tight_layout()
     return fig
 
 
@@ -132,9 +123,7 @@ def plot_band_2d(potential: Callable, bands: Mapping[str, object], *, ax: Axes |
       >>> len(fig.axes)  # contours and colour bar
       2
     """
-    gx = np.linspace(*xlim, resolution)
-    gy = np.linspace(*ylim, resolution)
-    xx, yy = np.meshgrid(gx, gy)
+    xx, yy = np.meshgrid(np.linspace(*xlim, resolution), np.linspace(*ylim, resolution))
     zz = np.asarray(potential(np.stack([xx, yy], -1)), np.float64)
     if zz.shape != xx.shape:
         raise ValueError(f"potential(xy[..., 2]) must return one value per point: shape {xx.shape}, got {zz.shape}")
@@ -152,7 +141,5 @@ def plot_band_2d(potential: Callable, bands: Mapping[str, object], *, ax: Axes |
         ax.plot(*np.asarray(pt), "r*", ms=12)
         ax.annotate(name, np.asarray(pt), color="w")
     ax.legend(fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title("paths over the potential" if title is None else title)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title="paths over the potential" if title is None else title)
     return fig

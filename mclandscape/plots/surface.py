@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib.tri as mtri
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -35,30 +34,9 @@ def _square(a, name: str) -> np.ndarray:
     return a
 
 
-def _draw(ax: Axes, a: np.ndarray, *, title: str, label: str, cmap: str, vmin=None, vmax=None,
-          annotate: bool | None = None, fmt: str = ".2f", colorbar: bool = True):
-    s = a.shape[0]
-    h = 0.5 / (s - 1)
-    im = ax.imshow(a.T, origin="lower", extent=(-h, 1 + h, -h, 1 + h), cmap=cmap, vmin=vmin, vmax=vmax,
-                   aspect="equal")
-    ax.set_xlabel("u")
-    ax.set_ylabel("v")
-    ax.set_title(title, fontsize=10)
-    # the corner models: outlined cells, so a written value stays readable under the mark
-    for k, (x, y) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-        ax.add_patch(Rectangle((x - h, y - h), 2 * h, 2 * h, fill=False, ec="tab:red", lw=2.0, clip_on=False,
-                               label="corner models" if k == 0 else None))
-    if colorbar:
-        ax.figure.colorbar(im, ax=ax, label=label, shrink=0.8)
-    if annotate if annotate is not None else s <= _ANNOTATE_MAX:
-        g = np.linspace(0, 1, s)
-        annotate_cells(ax, a, g, g, im, fmt=fmt)
-    return im
-
-
 def heatmap(values, *, ax: Axes | None = None, title: str | None = None, label: str = "value",
             cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
-            annotate: bool | None = None, fmt: str = ".2f", colorbar: bool = True) -> Figure:
+            annotate: bool | None = None) -> Figure:
     """One (u, v) heat-map of a grid, the four corner models outlined, values written in the cells.
 
     Args:
@@ -69,10 +47,8 @@ def heatmap(values, *, ax: Axes | None = None, title: str | None = None, label: 
       cmap: matplotlib colormap name.
       vmin: lower end of the colour scale (default the grid's minimum).
       vmax: upper end of the colour scale (default the grid's maximum).
-      annotate: write every cell's value (default: grids up to 11 x 11); the font is scaled to the grid and
-        the text colour chosen against the cell's colour.
-      fmt: format of the written values.
-      colorbar: draw a colour bar.
+      annotate: write every cell's value, with 2 decimals (default: grids up to 11 x 11); the font is scaled to
+        the grid and the text colour chosen against the cell's colour.
 
     Returns:
       The figure drawn into.
@@ -86,15 +62,26 @@ def heatmap(values, *, ax: Axes | None = None, title: str | None = None, label: 
     """
     a = _square(values, "values")
     fig, ax = figure_and_axes(ax, figsize=(5, 4.3), name="heatmap")
-    _draw(ax, a, title=f"{label} over the surface (u, v)" if title is None else title, label=label, cmap=cmap,
-          vmin=vmin, vmax=vmax, annotate=annotate, fmt=fmt, colorbar=colorbar)
+    s = a.shape[0]
+    h = 0.5 / (s - 1)
+    im = ax.imshow(a.T, origin="lower", extent=(-h, 1 + h, -h, 1 + h), cmap=cmap, vmin=vmin, vmax=vmax,
+                   aspect="equal")
+    ax.set(xlabel="u", ylabel="v")
+    ax.set_title(f"{label} over the surface (u, v)" if title is None else title, fontsize=10)
+    # the corner models: outlined cells, so a written value stays readable under the mark
+    for k, (x, y) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        ax.add_patch(Rectangle((x - h, y - h), 2 * h, 2 * h, fill=False, ec="tab:red", lw=2.0, clip_on=False,
+                               label="corner models" if k == 0 else None))
+    fig.colorbar(im, ax=ax, label=label, shrink=0.8)
+    if annotate if annotate is not None else s <= _ANNOTATE_MAX:
+        g = np.linspace(0, 1, s)
+        annotate_cells(ax, a, g, g, im)
     return fig
 
 
 def heatmap_pair(before, after, *, ax: Sequence[Axes] | None = None, label: str = "value",
                  title: str | None = None, titles: Sequence[str] = ("before training", "after training"),
-                 shared_scale: bool = True, cmap: str = "viridis", annotate: bool | None = None,
-                 fmt: str = ".2f") -> Figure:
+                 shared_scale: bool = True, cmap: str = "viridis", annotate: bool | None = None) -> Figure:
     """Side-by-side heat-maps of one metric on two grids (before / after training: the Bézier-surface
     paper's Figures 4 and 5), on one colour scale by default so that a change reads as a change of colour.
 
@@ -108,8 +95,7 @@ def heatmap_pair(before, after, *, ax: Sequence[Axes] | None = None, label: str 
       shared_scale: one colour scale (min and max over both grids) for both panels; ``False`` scales each
         panel to its own range.
       cmap: matplotlib colormap name.
-      annotate: write every cell's value (default: grids up to 11 x 11).
-      fmt: format of the written values.
+      annotate: write every cell's value, with 2 decimals (default: grids up to 11 x 11).
 
     Returns:
       The figure drawn into.
@@ -128,12 +114,10 @@ def heatmap_pair(before, after, *, ax: Sequence[Axes] | None = None, label: str 
     if len(titles) != 2:
         raise ValueError(f"titles must name the 2 panels, got {len(titles)}")
     vmin, vmax = shared_range(b, a) if shared_scale else (None, None)
-    fig, axes, made = figure_and_panels(ax, 2, figsize=(10, 4.3), name="heatmap_pair")
+    fig, axes, _ = figure_and_panels(ax, 2, figsize=(10, 4.3), name="heatmap_pair", tight=True)
     for p, g, t in zip(axes, (b, a), titles, strict=True):
-        _draw(p, g, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=annotate, fmt=fmt)
+        heatmap(g, ax=p, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=annotate)
     fig.suptitle(f"{label} over the surface (u, v): {titles[0]} vs {titles[1]}" if title is None else title)
-    if made:
-        fig.tight_layout()
     return fig
 
 
@@ -172,24 +156,17 @@ def surface_3d(grids: Sequence, *, ax: Sequence[Axes] | None = None, titles: Seq
                                                                                 for k in range(len(grids))]
     if len(titles) != len(grids):
         raise ValueError(f"{len(grids)} grids but {len(titles)} titles")
-    zlim = shared_range(*grids) if shared_z else None
-    fig, axes, made = figure_and_panels(ax, len(grids), figsize=(5.5 * len(grids), 4.5), name="surface_3d",
-                                        projection="3d")
+    vmin, vmax = shared_range(*grids) if shared_z else (None, None)
+    fig, axes, _ = figure_and_panels(ax, len(grids), figsize=(5.5 * len(grids), 4.5), name="surface_3d",
+                                     projection="3d", tight=True)
     for p, g, t in zip(axes, grids, titles, strict=True):
         s = np.linspace(0, 1, g.shape[0])
         uu, vv = np.meshgrid(s, s, indexing="ij")
-        if zlim is not None:
-            p.plot_surface(uu, vv, g, cmap=cmap, edgecolor="k", linewidth=0.2, vmin=zlim[0], vmax=zlim[1])
-            p.set_zlim(*zlim)
-        else:
-            p.plot_surface(uu, vv, g, cmap=cmap, edgecolor="k", linewidth=0.2)
-        p.set_xlabel("u")
-        p.set_ylabel("v")
-        p.set_zlabel(zlabel)
-        p.set_title(t)
+        p.plot_surface(uu, vv, g, cmap=cmap, edgecolor="k", linewidth=0.2, vmin=vmin, vmax=vmax)
+        p.set(xlabel="u", ylabel="v", zlabel=zlabel, title=t)
+        if shared_z:
+            p.set_zlim(vmin, vmax)
     fig.suptitle(f"{zlabel} over the surface (u, v)" if title is None else title)
-    if made:
-        fig.tight_layout()
     return fig
 
 
@@ -218,8 +195,7 @@ def triangle_plot(points, values, *, ax: Axes | None = None, label: str = "test 
       >>> len(fig.axes)  # the triangle and its colour bar
       2
     """
-    p = np.asarray(points, dtype=np.float64)
-    v = np.asarray(values, dtype=np.float64)
+    p, v = np.asarray(points, dtype=np.float64), np.asarray(values, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 3 or v.shape != (p.shape[0],):
         raise ValueError(f"need points [P, 3] and values [P], got {p.shape} and {v.shape}")
     if len(names) != 3:
@@ -227,16 +203,13 @@ def triangle_plot(points, values, *, ax: Axes | None = None, label: str = "test 
     verts = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
     xy = p @ verts
     fig, ax = figure_and_axes(ax, figsize=(5.5, 4.8), name="triangle_plot")
-    tri = mtri.Triangulation(xy[:, 0], xy[:, 1])
-    tc = ax.tricontourf(tri, v, levels=20, cmap=cmap)
+    tc = ax.tricontourf(xy[:, 0], xy[:, 1], v, levels=20, cmap=cmap)
     ax.scatter(xy[:, 0], xy[:, 1], c=v, cmap=cmap, norm=tc.norm, edgecolors="k", linewidths=0.3, s=18)
     fig.colorbar(tc, ax=ax, label=label)
     for (x, y), n in zip(verts, names, strict=True):
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(0, -12 if y == 0 else 6), ha="center")
-    ax.set_aspect("equal")
+    ax.set(aspect="equal", xlim=(-0.12, 1.12), ylim=(-0.08, np.sqrt(3) / 2 + 0.08))
     ax.axis("off")
-    ax.set_xlim(-0.12, 1.12)
-    ax.set_ylim(-0.08, np.sqrt(3) / 2 + 0.08)
     ax.set_title(f"{label} on the linear surface a1·θ1 + a2·θ2 + a3·θ3" if title is None else title, fontsize=10,
                  wrap=True)
     return fig
@@ -271,15 +244,12 @@ def subset_comparison(full, subset, *, ax: Sequence[Axes] | None = None, label: 
     if f.shape != s.shape:
         raise ValueError(f"full and subset grids differ in shape: {f.shape} vs {s.shape}")
     vmin, vmax = shared_range(f, s) if shared_scale else (None, None)
-    fig, axes, made = figure_and_panels(ax, 2, figsize=(10, 4.3), name="subset_comparison")
+    fig, axes, _ = figure_and_panels(ax, 2, figsize=(10, 4.3), name="subset_comparison", tight=True)
     g = np.linspace(0, 1, f.shape[0])
     for p, a, t in ((axes[0], s, "data subset"), (axes[1], f, "all data")):
-        _draw(p, a, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=False)
-        i, j = np.unravel_index(np.nanargmin(a), a.shape)
-        p.plot(g[i], g[j], "wv", ms=10, mec="k")
-        i, j = np.unravel_index(np.nanargmax(a), a.shape)
-        p.plot(g[i], g[j], "r^", ms=10, mec="k")
+        heatmap(a, ax=p, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=False)
+        for where, marker in ((np.nanargmin, "wv"), (np.nanargmax, "r^")):
+            i, j = np.unravel_index(where(a), a.shape)
+            p.plot(g[i], g[j], marker, ms=10, mec="k")
     fig.suptitle(f"{label} over the surface (u, v): data subset vs all data" if title is None else title)
-    if made:
-        fig.tight_layout()
     return fig
