@@ -222,7 +222,7 @@ def test_a_bad_spec_gets_a_clear_error_naming_the_parameters():
         A.permutation_spec({"arch": "my_net"})
     with pytest.raises(ValueError, match="method"):
         A.align(model, v, v, method="magic")
-    with pytest.raises(ValueError, match="needs data"):
+    with pytest.raises(ValueError, match="data must be a Dataset"):
         A.align(model, v, v, method="activation")
 
 

@@ -121,7 +121,7 @@ def test_bad_probabilities_are_rejected(bad, msg):
 
 def test_bad_labels_methods_weights_and_single_member(data):
     p, y = data
-    with pytest.raises(ValueError, match="labels must lie"):
+    with pytest.raises(ValueError, match=r"labels must be integer class indices in \[0, 3\)"):
         ens.ensemble_from_probs(p, y + 3)
     with pytest.raises(ValueError, match="shape"):
         ens.ensemble_from_probs(p, y[:10])

@@ -13,7 +13,7 @@ import numpy as np
 
 from mclandscape.core._checks import choice, integer
 from mclandscape.core.tree import tree_stack
-from mclandscape.engine.points import map_points, stacked_points
+from mclandscape.engine.points import data_xy, map_points, stacked_points
 from mclandscape.methods.alignment.spec import (
     Axis,
     Permutation,
@@ -105,6 +105,18 @@ def _coordinate_descent(spec, ref, oth, sizes, idx, signs, *, free, flip, max_it
     return max_iter, False
 
 
+def _match(spec, ref, oth, sizes, flip, costs, max_iter, key) -> Permutation:
+    """One assignment for each group with a cost in ``costs``, then coordinate descent over the others."""
+    idx, signs = {g: np.arange(n) for g, n in sizes.items()}, {g: np.ones(sizes[g]) for g in flip if g in sizes}
+    for g, cost in costs.items():
+        idx[g], _, s = _assign(cost, g in flip)
+        if g in flip:
+            signs[g] = s
+    it, conv = _coordinate_descent(spec, ref, oth, sizes, idx, signs, free=set(sizes) - set(costs), flip=flip,
+                                   max_iter=max_iter, key=key)
+    return Permutation(idx, signs or None, iterations=it, converged=conv)
+
+
 def weight_matching(spec: PermutationSpec, reference_params: PyTree, params: PyTree, *, max_iter: int = 100,
                     key: jax.Array | None = None, sign_flips: bool = False) -> Permutation:
     """The permutation of ``params`` that best matches ``reference_params`` weight by weight (Ainsworth,
@@ -135,11 +147,7 @@ def weight_matching(spec: PermutationSpec, reference_params: PyTree, params: PyT
         [[1.0, 2.0, 3.0]]
     """
     ref, oth, sizes = _pair(spec, reference_params, params, ("reference_params", "params"))
-    flip = _flips(spec, sign_flips)
-    idx, signs = {g: np.arange(n) for g, n in sizes.items()}, {g: np.ones(sizes[g]) for g in flip if g in sizes}
-    it, conv = _coordinate_descent(spec, ref, oth, sizes, idx, signs, free=set(sizes), flip=flip,
-                                   max_iter=max_iter, key=key)
-    return Permutation(idx, signs or None, iterations=it, converged=conv)
+    return _match(spec, ref, oth, sizes, _flips(spec, sign_flips), {}, max_iter, key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,16 +159,14 @@ def _carriers(spec: PermutationSpec) -> dict[str, Axis]:
     """Module path -> the groups along its output's last axis: a module whose ``kernel`` (else ``scale``, else
     ``bias``) has a permuted, untiled last axis outputs those units last (Dense, Conv, DenseGeneral,
     BatchNorm, LayerNorm)."""
-    out: dict[str, tuple[int, Axis]] = {}
-    rank = {"kernel": 0, "scale": 1, "bias": 2}
-    for p, entries in spec.axes.items():
-        col, _, rest = p.partition("/")
-        module, _, leaf = rest.rpartition("/")
-        if col != "params" or leaf not in rank or not entries or entries[-1] is None or entries[-1].tiled:
-            continue
-        if module not in out or rank[leaf] < out[module][0]:
-            out[module] = (rank[leaf], entries[-1])
-    return {m: a for m, (_, a) in out.items()}
+    out = {}
+    for leaf in ("bias", "scale", "kernel"):  # a kernel's last axis wins over a scale's, a scale's over a bias's
+        for p, entries in spec.axes.items():
+            module, _, name = p.removeprefix("params/").rpartition("/")
+            last = entries[-1] if entries else None
+            if p.startswith("params/") and name == leaf and last is not None and not last.tiled:
+                out[module] = last
+    return out
 
 
 def _as_model_variables(model, tree, name: str) -> dict:
@@ -170,16 +176,6 @@ def _as_model_variables(model, tree, name: str) -> dict:
         raise ValueError(f"{name}: model {model.name} has BatchNorm, so activation matching needs its full "
                          f"variables (params and batch_stats), not params alone")
     return {"params": tree}
-
-
-def _inputs(data) -> np.ndarray:
-    if hasattr(data, "x"):
-        return np.asarray(data.x)
-    if isinstance(data, tuple | list) and len(data) == 2:
-        return np.asarray(data[0])
-    if isinstance(data, np.ndarray | jax.Array):
-        return np.asarray(data)
-    raise ValueError("data must be a Dataset, an (x, y) tuple or an array of inputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,15 +204,15 @@ class _Capture:
         return store
 
 
-def _activation_moments(model, carriers, ref_vars, oth_vars, x, batch_size: int) -> dict[str, list]:
-    """Per carrying module: the count, sums, sums of squares and cross products of the two networks'
-    outputs over examples and positions (float64 on the host), both networks mapped as one pair of points."""
-    fn = _Capture(model, frozenset(carriers))
-    pair = stacked_points(tree_stack([ref_vars, oth_vars]))
+def _correlation_costs(model, spec, ref_vars, oth_vars, x, batch_size: int, sizes) -> dict[str, np.ndarray]:
+    """Per group that some module's output carries: the Pearson correlations of its units, over examples and
+    positions, summed over those modules. Per module the count, sums, sums of squares and cross products of the
+    two networks' outputs are accumulated on the host in float64, both networks mapped as one pair of points."""
+    carriers = _carriers(spec)
+    fn, pair = _Capture(model, frozenset(carriers)), stacked_points(tree_stack([ref_vars, oth_vars]))
     moments: dict[str, list] = {}
     for s in range(0, len(x), batch_size):
-        out = map_points(fn, pair, jnp.asarray(x[s:s + batch_size]))
-        for m, both in out.items():
+        for m, both in map_points(fn, pair, jnp.asarray(x[s:s + batch_size])).items():
             a, b = np.asarray(both, np.float64).reshape(2, -1, both.shape[-1])
             new = (a.shape[0], a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b)
             moments[m] = [u + v for u, v in zip(moments[m], new, strict=True)] if m in moments else list(new)
@@ -224,30 +220,20 @@ def _activation_moments(model, carriers, ref_vars, oth_vars, x, batch_size: int)
         raise ValueError(f"no layer output was captured from model {getattr(model, 'name', model)!r}: activation "
                          f"matching intercepts Flax modules named like the spec's leaves (use method='weight' "
                          f"for other models)")
-    return moments
-
-
-def _correlation_costs(moments, carriers, sizes) -> tuple[dict[str, np.ndarray], set[str]]:
-    """Per group: the Pearson correlations of its units summed over the modules carrying it; and the groups
-    some module carries."""
-    cost = {g: np.zeros((n, n)) for g, n in sizes.items()}
-    carried = set()
+    cost = {}
     for m, (cnt, sa, sb, saa, sbb, sab) in moments.items():
-        ax = carriers[m]
-        if sa.shape[0] != sum(sizes[g] for g in ax.perms):
+        if sa.shape[0] != sum(sizes[g] for g in carriers[m].perms):
             raise ValueError(f"the output of {m} has {sa.shape[0]} units on its last axis but the spec binds "
-                             f"{list(ax.perms)} there")
+                             f"{list(carriers[m].perms)} there")
         ma, mb = sa / cnt, sb / cnt
         sda = np.sqrt(np.maximum(saa / cnt - ma**2, 0.0))
         sdb = np.sqrt(np.maximum(sbb / cnt - mb**2, 0.0))
         corr = (sab / cnt - np.outer(ma, mb)) / (np.outer(sda, sdb) + 1e-12)
         off = 0
-        for g in ax.perms:
-            n = sizes[g]
-            cost[g] += corr[off:off + n, off:off + n]
-            carried.add(g)
-            off += n
-    return cost, carried
+        for g in carriers[m].perms:
+            cost[g] = cost.get(g, 0.0) + corr[off:off + sizes[g], off:off + sizes[g]]
+            off += sizes[g]
+    return cost
 
 
 def activation_matching(model, spec: PermutationSpec, reference: PyTree, other: PyTree, data, *,
@@ -279,20 +265,11 @@ def activation_matching(model, spec: PermutationSpec, reference: PyTree, other: 
     oth_vars = _as_model_variables(model, other, "other")
     ref, oth, sizes = _pair(spec, ref_vars, oth_vars, ("reference", "other"))
     flip = _flips(spec, sign_flips)
-    x = _inputs(data)[:num_examples]
+    x = (np.asarray(data) if isinstance(data, np.ndarray | jax.Array) else data_xy(data)[0])[:num_examples]
     if len(x) == 0:
         raise ValueError("activation matching needs at least one example")
-    carriers = _carriers(spec)
-    moments = _activation_moments(model, carriers, ref_vars, oth_vars, x, integer(batch_size, "batch_size", low=1))
-    cost, carried = _correlation_costs(moments, carriers, sizes)
-    idx, signs = {g: np.arange(n) for g, n in sizes.items()}, {g: np.ones(sizes[g]) for g in flip if g in sizes}
-    for g in carried:
-        idx[g], _, s = _assign(cost[g], g in flip)
-        if g in flip:
-            signs[g] = s
-    it, conv = _coordinate_descent(spec, ref, oth, sizes, idx, signs, free=set(sizes) - carried, flip=flip,
-                                   max_iter=max_iter, key=key)
-    return Permutation(idx, signs or None, iterations=it, converged=conv)
+    cost = _correlation_costs(model, spec, ref_vars, oth_vars, x, integer(batch_size, "batch_size", low=1), sizes)
+    return _match(spec, ref, oth, sizes, flip, cost, max_iter, key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,13 +307,10 @@ def align(model, reference: PyTree, other: PyTree, *, method: str = "weight", da
         >>> bool(jnp.allclose(align(model, a, b)["params"]["Dense_0"]["kernel"], a["params"]["Dense_0"]["kernel"]))
         True
     """
-    choice(method, "method", METHODS)
     spec = permutation_spec(model, reference) if spec is None else spec
-    if method == "weight":
+    if choice(method, "method", METHODS) == "weight":
         perm = weight_matching(spec, reference, other, max_iter=max_iter, key=key, sign_flips=sign_flips)
     else:
-        if data is None:
-            raise ValueError("method='activation' needs data (inputs on which to correlate the activations)")
         perm = activation_matching(model, spec, reference, other, data, batch_size=batch_size,
                                    num_examples=num_examples, sign_flips=sign_flips, key=key, max_iter=max_iter)
     out = apply_permutation(spec, perm, other)

@@ -79,6 +79,7 @@ class PermutationSpec:
     axes: Mapping[str, tuple[Axis | None, ...]]
     sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     odd: frozenset[str] = frozenset()
+    groups: tuple[str, ...] = dataclasses.field(init=False)  # the groups, in order of first appearance
 
     def __post_init__(self):
         axes = {}
@@ -95,19 +96,14 @@ class PermutationSpec:
         object.__setattr__(self, "axes", axes)
         object.__setattr__(self, "sizes", {g: integer(n, f"sizes[{g!r}]", low=1) for g, n in self.sizes.items()})
         object.__setattr__(self, "odd", odd)
-        object.__setattr__(self, "_groups", groups)
-
-    @property
-    def groups(self) -> tuple[str, ...]:
-        """The permutation groups, in order of first appearance."""
-        return self._groups
+        object.__setattr__(self, "groups", groups)
 
     def bindings(self, group: str) -> list[tuple[str, int, Axis]]:
         """``(leaf path, axis, Axis)`` of every axis the group permutes."""
         return [(p, i, a) for p, ax in self.axes.items() for i, a in enumerate(ax) if a is not None and group in a.perms]
 
     def __repr__(self) -> str:
-        return (f"PermutationSpec({len(self.axes)} leaves, {len(self._groups)} groups"
+        return (f"PermutationSpec({len(self.axes)} leaves, {len(self.groups)} groups"
                 f"{', odd ' + str(sorted(self.odd)) if self.odd else ''})")
 
 
@@ -314,11 +310,8 @@ def random_permutation(spec: PermutationSpec, variables: PyTree, key: jax.Array,
         [0, 1, 2, 3, 4]
     """
     sizes, flip, rng = spec_sizes(spec, variables), _flips(spec, sign_flips), _rng(key)
-    idx, signs = {}, {}
-    for g, n in sizes.items():
-        idx[g] = rng.permutation(n)
-        if g in flip:
-            signs[g] = rng.choice(np.array([-1.0, 1.0]), n)
+    idx = {g: rng.permutation(n) for g, n in sizes.items()}
+    signs = {g: rng.choice(np.array([-1.0, 1.0]), n) for g, n in sizes.items() if g in flip}
     return Permutation(idx, signs if sign_flips else None)
 
 
@@ -342,19 +335,16 @@ def _check_perm(spec: PermutationSpec, perm, sizes: Mapping[str, int]) -> tuple[
     return {g: np.asarray(perm[g], np.int64) for g in sizes}, signs
 
 
-def _axis_index(a: Axis, n: int, sizes, idx) -> np.ndarray:
-    offsets = np.cumsum([0] + [sizes[g] for g in a.perms])
-    out = np.concatenate([off + idx[g] for off, g in zip(offsets[:-1], a.perms, strict=True)])
+def _axis_gather(a: Axis, n: int, sizes, idx, signs) -> tuple[np.ndarray, np.ndarray | None]:
+    """The gather indices along an axis of ``n`` entries bound to ``a``, and its signs (``None``: no flips)."""
+    starts = np.cumsum([0] + [sizes[g] for g in a.perms])
+    index = np.concatenate([s + idx[g] for s, g in zip(starts[:-1], a.perms, strict=True)])
+    flips = None
+    if signs and any(g in signs for g in a.perms):
+        flips = np.tile(np.concatenate([signs.get(g, np.ones(sizes[g])) for g in a.perms]), n // starts[-1])
     if a.tiled:
-        out = (np.arange(n // offsets[-1])[:, None] * offsets[-1] + out[None, :]).reshape(-1)
-    return out
-
-
-def _axis_signs(a: Axis, n: int, sizes, signs) -> np.ndarray | None:
-    if not signs or not any(g in signs for g in a.perms):
-        return None
-    s = np.concatenate([signs[g] if g in signs else np.ones(sizes[g]) for g in a.perms])
-    return np.tile(s, n // s.size)
+        index = (np.arange(n // starts[-1])[:, None] * starts[-1] + index[None, :]).reshape(-1)
+    return index, flips
 
 
 def _permute_leaf(x, entries, sizes, idx, signs, *, skip: int | None = None):
@@ -366,8 +356,8 @@ def _permute_leaf(x, entries, sizes, idx, signs, *, skip: int | None = None):
     for i, a in enumerate(entries):
         if a is None or i == skip:
             continue
-        y = np.take(y, _axis_index(a, y.shape[i], sizes, idx), axis=i)
-        s = _axis_signs(a, y.shape[i], sizes, signs)
+        index, s = _axis_gather(a, y.shape[i], sizes, idx, signs)
+        y = np.take(y, index, axis=i)
         if s is not None:
             y = y * s.reshape((-1,) + (1,) * (y.ndim - i - 1)).astype(y.dtype)
     return jnp.asarray(y) if isinstance(x, jax.Array) else y
