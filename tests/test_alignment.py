@@ -342,7 +342,7 @@ def test_a_user_model_is_never_given_a_zoo_spec_by_its_name():
     """A wrapped Flax module whose spec names a zoo architecture without its arguments gets no zoo spec; a
     chain of Dense layers is derived (and checked on the function), anything else is refused with its leaves."""
     res = from_flax(_Residual(), name="mlp", spec={"arch": "mlp"})
-    v = res.init(jax.random.key(0), jnp.zeros((1, 4)))
+    v = random_variables(res, shape=(1, 4))
     with pytest.raises(ValueError, match="not a zoo model.*pass its variables"):
         A.permutation_spec(res)
     with pytest.raises(ValueError, match=r"(?s)cannot be derived.*no single order.*params/Dense_2/kernel \(6, 6\)"):
@@ -351,7 +351,7 @@ def test_a_user_model_is_never_given_a_zoo_spec_by_its_name():
         A.permutation_spec(res, {"params": {**v["params"], "bn": {"scale": jnp.ones(6)}}})
     mix = from_flax(_Mixing(), name="MLP")
     with pytest.raises(ValueError, match=r"(?s)changes its outputs.*params/Dense_0/kernel \(6, 3\)"):
-        A.permutation_spec(mix, mix.init(jax.random.key(0), jnp.zeros((1, 4))))
+        A.permutation_spec(mix, random_variables(mix, shape=(1, 4)))
     plain = zoo("mlp", (("widths", (7, 5)),))
     user = from_flax(plain_module(plain), name="MLP")  # the zoo's module, wrapped by a user: no kwargs in its spec
     pv = random_variables(plain, 0, (1, 3))

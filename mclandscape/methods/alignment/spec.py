@@ -123,6 +123,7 @@ class _Flat:
     leaves: dict[str, Any]
     treedef: Any
     is_variables: bool
+    collections: set[str]
 
     @classmethod
     def of(cls, tree, name: str) -> _Flat:
@@ -133,11 +134,7 @@ class _Flat:
         leaves = {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
         if len(leaves) != len(flat):
             raise ValueError(f"{name} has leaves whose '/'-joined paths collide")
-        return cls(leaves, treedef, is_vars)
-
-    @property
-    def collections(self) -> set[str]:
-        return {p.split("/", 1)[0] for p in self.leaves}
+        return cls(leaves, treedef, is_vars, {p.split("/", 1)[0] for p in leaves})
 
     def rebuild(self, leaves: Mapping[str, Any]):
         root = self.treedef.unflatten([leaves[p] for p in self.leaves])
