@@ -300,8 +300,8 @@ def align(model, reference: PyTree, other: PyTree, *, method: str = "weight", da
         >>> import jax, jax.numpy as jnp
         >>> from mclandscape.engine.models import get_model
         >>> from mclandscape.methods.alignment import apply_permutation, permutation_spec, random_permutation
-        >>> model = get_model("mlp", widths=[8], num_classes=3)
-        >>> a = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+        >>> model = get_model("mlp", widths=[6], num_classes=2, activation="tanh")
+        >>> a = model.init(jax.random.key(0), jnp.zeros((1, 3)))
         >>> spec = permutation_spec(model)
         >>> b = apply_permutation(spec, random_permutation(spec, a, jax.random.key(1)), a)
         >>> bool(jnp.allclose(align(model, a, b)["params"]["Dense_0"]["kernel"], a["params"]["Dense_0"]["kernel"]))

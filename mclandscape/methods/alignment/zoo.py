@@ -281,7 +281,7 @@ def permutation_spec(model, variables: PyTree | None = None) -> PermutationSpec:
         >>> class Net(nn.Module):
         ...     @nn.compact
         ...     def __call__(self, x, train=False):
-        ...         return nn.Dense(2)(nn.relu(nn.Dense(5)(x)))
+        ...         return nn.Dense(2)(nn.relu(nn.Dense(6)(x)))
         >>> net = from_flax(Net())  # Dense_0 is built first but called last
         >>> permutation_spec(net, net.init(jax.random.key(0), jnp.zeros((1, 3)))).groups
         ('Dense_1',)
