@@ -141,6 +141,10 @@ def test_batchnorm_statistics_follow_their_channels():
     # the statistics matter: permuting the parameters but not the statistics changes the function
     stale = {"params": w["params"], "batch_stats": v["batch_stats"]}
     assert max_rel_change(model, v, stale) > 1e-2
+    # resnet20's width multiplier scales every stream: the spec is read off the module get_model builds
+    wide = zoo("resnet20", (("width", 2),))
+    shapes = jax.eval_shape(wide.init, jax.random.key(0), jax.ShapeDtypeStruct(X.shape, jnp.float32))
+    assert A.spec_sizes(A.permutation_spec(wide), shapes)["stem"] == 32
 
 
 def test_a_resnet_residual_permutation_keeps_the_function_only_when_shared():

@@ -97,10 +97,10 @@ def _resnet(b: _Builder, m: ResNet):
             name, out_ch = f"stage{s}_block{blk}", 4 * int(w) if m.bottleneck else int(w)
             new = stream
             if (s > 0 and blk == 0) or ch != out_ch:
-                if option_a:  # the stream zero-padded on both sides: (pad_lo, stream, pad_hi)
-                    lo, hi = (out_ch - ch) // 2, out_ch - ch - (out_ch - ch) // 2
-                    new = ((b.group(f"{name}/pad_lo", lo),) if lo else ()) + stream + (
-                        (b.group(f"{name}/pad_hi", hi),) if hi else ())
+                if option_a:  # the stream zero-padded on both sides: (pad_lo, stream, pad_hi), empty pads left out
+                    pads = {"pad_lo": (out_ch - ch) // 2, "pad_hi": out_ch - ch - (out_ch - ch) // 2}
+                    lo, hi = ((b.group(f"{name}/{p}", n),) if n else () for p, n in pads.items())
+                    new = lo + stream + hi
                 else:
                     new = (b.group(f"{name}/stream", out_ch),)
             inner = [b.group(f"{name}/conv{j + 1}", w) for j in range(2 if m.bottleneck else 1)]
