@@ -199,12 +199,16 @@ def _params(v):
     return v["params"]
 
 
+@functools.partial(jax.jit, static_argnums=0)  # models equal by value share the compiled function
+def _logits(model, variables, x):
+    return model.apply(variables, x)
+
+
 def _max_logit_change(model, before, after, x) -> float:
     """Largest change of any logit on ``x`` between two variable sets (0 up to float rounding when the
     alignment kept the function)."""
-    f = jax.jit(lambda v, xb: model.apply(v, xb))
     xs = jnp.asarray(x)
-    return float(jnp.max(jnp.abs(f(before, xs) - f(after, xs))))
+    return float(jnp.max(jnp.abs(_logits(model, before, xs) - _logits(model, after, xs))))
 
 
 def align_corners(model, corners: list, data, args) -> tuple[list, dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -13,6 +14,7 @@ import pytest
 from mclandscape.core.objective import function_objective
 from mclandscape.engine.loop import NonFiniteError
 from mclandscape.engine.models import get_model
+from mclandscape.engine.optim import transform
 from mclandscape.methods import ensemble as ens
 from mclandscape.methods import snapshots as snap
 
@@ -121,7 +123,7 @@ def test_bad_probabilities_are_rejected(bad, msg):
 
 def test_bad_labels_methods_weights_and_single_member(data):
     p, y = data
-    with pytest.raises(ValueError, match="labels must lie"):
+    with pytest.raises(ValueError, match=r"labels must be integer class indices in \[0, 3\)"):
         ens.ensemble_from_probs(p, y + 3)
     with pytest.raises(ValueError, match="shape"):
         ens.ensemble_from_probs(p, y[:10])
@@ -162,30 +164,54 @@ def test_fge_schedule_matches_garipov_formula():
         snap.fge_schedule(lr1, lr2, 7)
 
 
-def _logreg():
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.normal(size=(64, 4)), jnp.float32)
-    y = jnp.asarray((x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int32))
+# The training tests share module-level objectives, batch streams and optimizers named by value, so that the
+# compiled steps of one test serve the others (a fresh closure or optax object per test would compile again).
+_RNG = np.random.default_rng(3)
+_X = jnp.asarray(_RNG.normal(size=(64, 4)), jnp.float32)
+_Y = jnp.asarray((_X[:, 0] + 0.5 * _X[:, 1] > 0).astype(np.int32))
+_PARAMS = {"w": jnp.zeros((4, 2)), "b": jnp.zeros((2,))}
 
-    def objective(p, batch, rng_key):  # the objective protocol: (params, batch, key) -> (loss, aux)
-        logits = batch[0] @ p["w"] + p["b"]
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1])), {}
 
-    params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros((2,))}
-    return objective, params, (lambda t: (x, y))
+def _objective(p, batch, key):  # the objective protocol: (params, batch, key) -> (loss, aux)
+    logits = batch[0] @ p["w"] + p["b"]
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1])), {}
+
+
+def _noisy_objective(p, batch, key):  # uses its key, so a wrong fold_in(key, t) would show
+    logits = batch[0] @ (p["w"] + 0.01 * jax.random.normal(key, p["w"].shape)) + p["b"]
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1])), {}
+
+
+def _full_batch(t):
+    return _X, _Y
+
+
+class _Epochs:
+    """A batch function that knows its epoch length, like engine.data.BatchStream: 4 batches of 16."""
+
+    steps_per_epoch = 4
+
+    def __call__(self, t):
+        return _X[(t % 4) * 16:(t % 4 + 1) * 16], _Y[(t % 4) * 16:(t % 4 + 1) * 16]
+
+
+_BATCHES = _Epochs()
+# the settings of the snapshot and FGE runs (shared, so each compiles once)
+_SSE = dict(lr0=0.3, total_steps=11, num_members=3)
+_FGE = dict(lr1=0.3, lr2=0.03, cycle_steps=4, num_members=3, momentum=0.5, weight_decay=1e-3)
 
 
 def test_train_with_snapshots_collects_at_requested_steps():
-    objective, params, batches = _logreg()
-    final, snaps = snap.train_with_snapshots(objective, params, optax.sgd(0.5), batches, 20, [5, 20])
+    tx = transform(optax.sgd, 0.5, momentum=0.9)  # as in the test of real epochs below: one compiled step
+    final, snaps = snap.train_with_snapshots(_objective, _PARAMS, tx, _BATCHES, 20, [5, 20])
     assert len(snaps) == 2
     np.testing.assert_array_equal(np.asarray(snaps[1]["w"]), np.asarray(final["w"]))
-    loss = lambda p: float(objective(p, batches(0), None)[0])  # noqa: E731
-    assert loss(snaps[1]) < loss(snaps[0]) < loss(params)
+    loss = lambda p: float(_objective(p, _full_batch(0), None)[0])  # noqa: E731
+    assert loss(snaps[1]) < loss(snaps[0]) < loss(_PARAMS)
     with pytest.raises(ValueError, match="collect steps"):
-        snap.train_with_snapshots(objective, params, optax.sgd(0.5), batches, 20, [21])
+        snap.train_with_snapshots(_objective, _PARAMS, tx, _BATCHES, 20, [21])
     with pytest.raises(ValueError, match=r"must return \(loss, aux\).*got an array.*function_objective"):
-        snap.train_with_snapshots(lambda p, b, k: objective(p, b, k)[0], params, optax.sgd(0.5), batches, 20, [5])
+        snap.train_with_snapshots(lambda p, b, k: _objective(p, b, k)[0], _PARAMS, tx, _BATCHES, 20, [5])
 
 
 def test_diverging_snapshot_and_fge_runs_raise_instead_of_returning_nans():
@@ -201,76 +227,68 @@ def test_diverging_snapshot_and_fge_runs_raise_instead_of_returning_nans():
 
 
 def test_snapshot_and_fge_ensembles_produce_distinct_members():
-    objective, params, batches = _logreg()
-    sse = snap.snapshot_ensemble(objective, params, batches, lr0=0.5, total_steps=30, num_members=3)
+    # the settings of the bit-identity test below (one compiled step each)
+    sse = snap.snapshot_ensemble(_noisy_objective, _PARAMS, _BATCHES, **_SSE)
     assert len(sse) == 3
-    fge = snap.fge_ensemble(objective, sse[-1], batches, lr1=0.5, lr2=0.05, cycle_steps=4, num_members=3)
+    fge = snap.fge_ensemble(_noisy_objective, sse[-1], _BATCHES, **_FGE)
     assert len(fge) == 3
     for members in (sse, fge):
         d = ens.pairwise_param_distances(members)
         assert np.all(d[np.triu_indices(3, 1)] > 0)
     with pytest.raises(ValueError, match="distinct"):
-        snap.independent_ensemble(lambda s: params, [1, 1])
+        snap.independent_ensemble(lambda s: _PARAMS, [1, 1])
     ind = snap.independent_ensemble(lambda s: {"w": jnp.full((2,), float(s))}, [1, 2, 3])
     assert ens.param_distance(ind) == pytest.approx(np.mean([np.sqrt(2), 2 * np.sqrt(2), np.sqrt(2)]), rel=1e-6)
 
 
 def test_member_probs_of_a_model_match_softmax_of_apply():
-    model = get_model("mlp", widths=[8], num_classes=3)
+    # the doctests' model and shapes (mlp (4,), 3 classes, 8 examples of 5 features, 2 members): one compilation
+    model = get_model("mlp", widths=(4,), num_classes=3)
     rng = np.random.default_rng(4)
-    x = rng.normal(size=(20, 5)).astype(np.float32)
-    y = rng.integers(0, 3, size=20).astype(np.int32)
-    members = [model.init(jax.random.key(s), jnp.asarray(x[:2]))["params"] for s in range(3)]
-    probs = ens.member_probs(model, members, (x, y), batch_size=8)
-    assert probs.shape == (3, 20, 3)
-    for m, p in enumerate(members):
-        ref = jax.nn.softmax(model.apply({"params": p}, jnp.asarray(x)), -1)
-        np.testing.assert_allclose(probs[m], np.asarray(ref), atol=1e-5)
+    x = rng.normal(size=(8, 5)).astype(np.float32)
+    y = rng.integers(0, 3, size=8).astype(np.int32)
+    members = [{"Dense_0": {"kernel": rng.normal(size=(5, 4)), "bias": rng.normal(size=4)},
+                "Dense_1": {"kernel": rng.normal(size=(4, 3)), "bias": rng.normal(size=3)}} for _ in range(2)]
+    members = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), members)
+    probs = ens.member_probs(model, members, (x, y))
+    assert probs.shape == (2, 8, 3)
+    for m, p in enumerate(jax.tree.map(lambda a: np.asarray(a, np.float64), members)):  # a NumPy forward pass
+        logits = np.maximum(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"], 0) @ p["Dense_1"]["kernel"]
+        logits = logits + p["Dense_1"]["bias"]
+        ref = np.exp(logits - logits.max(-1, keepdims=True))
+        np.testing.assert_allclose(probs[m], ref / ref.sum(-1, keepdims=True), atol=1e-5)
     out = ens.ensemble_from_params(model, members, (x, y))
     assert out.test_error == pytest.approx(np.mean(probs.mean(0).argmax(-1) != y))
     assert out.param_distance == pytest.approx(ens.param_distance(members), rel=1e-6)
-
-
-class _Epochs:
-    """A batch function that knows its epoch length, like engine.data.BatchStream."""
-
-    def __init__(self, fn, steps_per_epoch):
-        self.fn, self.steps_per_epoch = fn, steps_per_epoch
-
-    def __call__(self, t):
-        return self.fn(t)
 
 
 def test_snapshots_train_in_real_epochs_with_the_same_members_as_one_step_epochs():
     from mclandscape.engine.loop import LoopConfig, StopRun, run
     from mclandscape.engine.step import make_step
 
-    objective, params, fixed = _logreg()
-    x, y = fixed(0)
-    batches = _Epochs(lambda t: (x[(t % 4) * 16:(t % 4 + 1) * 16], y[(t % 4) * 16:(t % 4 + 1) * 16]), 4)
-    tx, key, collect = optax.sgd(0.5, momentum=0.9), jax.random.key(1), [3, 6, 10]
+    tx, key, collect = transform(optax.sgd, 0.5, momentum=0.9), jax.random.key(1), [3, 6, 10]
     # the reference: the loop with one step per epoch, members copied at those epoch ends
-    step, ref = make_step(objective, tx), {}
-    res = run(step, step.init(params), batches, epochs=10, steps_per_epoch=1, key=key, config=LoopConfig(),
+    step, ref = make_step(_objective, tx), {}
+    res = run(step, step.init(_PARAMS), _BATCHES, epochs=10, steps_per_epoch=1, key=key, config=LoopConfig(),
               callbacks=[lambda e, st, h: ref.__setitem__(e, st.params) if e in collect else None])
     epochs = []
-    final, snaps = snap.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key,
+    final, snaps = snap.train_with_snapshots(_objective, _PARAMS, tx, _BATCHES, 10, collect, key=key,
                                             callback=lambda e, r: epochs.append((e, len(r[1]))))
     assert epochs == [(1, 1), (2, 2), (3, 3)]  # 4 + 4 + 2 steps; members after steps 3, 6 (mid-epoch) and 10
     for got, want in zip(snaps, [ref[c] for c in collect], strict=True):
         np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want["w"]))
     np.testing.assert_array_equal(np.asarray(final["w"]), np.asarray(res.params["w"]))
-    one = snap.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key, steps_per_epoch=1)[1]
+    one = snap.train_with_snapshots(_objective, _PARAMS, tx, _BATCHES, 10, collect, key=key, steps_per_epoch=1)[1]
     np.testing.assert_array_equal(np.asarray(one[1]["w"]), np.asarray(snaps[1]["w"]))
 
     def stop_after_first(epoch, result):
         raise StopRun
 
-    _, early = snap.train_with_snapshots(objective, params, tx, batches, 10, collect, key=key,
+    _, early = snap.train_with_snapshots(_objective, _PARAMS, tx, _BATCHES, 10, collect, key=key,
                                         callback=stop_after_first)
     assert len(early) == 1  # only the member of step 3 was taken in epoch 1
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        snap.train_with_snapshots(objective, params, tx, batches, 10, collect, steps_per_epoch=0)
+        snap.train_with_snapshots(_objective, _PARAMS, tx, _BATCHES, 10, collect, steps_per_epoch=0)
 
 
 def test_ensemble_trainers_default_progress_like_every_trainer():
@@ -280,30 +298,26 @@ def test_ensemble_trainers_default_progress_like_every_trainer():
         assert inspect.signature(fn).parameters["progress"].default is None
 
 
-def _by_hand(objective, params, tx, batches, key, collect):
-    """The reference: one step at a time, batch t and key fold_in(key, t), the parameters after each count."""
+@functools.cache
+def _by_hand(kind: str):
+    """The reference: one step at a time, batch t and key fold_in(key, t), the parameters after each count (the
+    snapshot run from _PARAMS after 4, 8 and 11 steps; the FGE run from the last snapshot after 2, 6, 10)."""
     from mclandscape.engine.step import make_step
 
-    step = make_step(objective, tx)
-    state, out = step.init(params), {}
+    if kind == "sse":
+        tx = optax.chain(optax.add_decayed_weights(0.0), optax.sgd(snap.snapshot_cosine_schedule(0.3, 11, 3),
+                                                                   momentum=0.9))
+        start, key, collect = _PARAMS, jax.random.key(4), [4, 8, 11]
+    else:
+        tx = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(snap.fge_schedule(0.3, 0.03, 4), momentum=0.5))
+        start, key, collect = _by_hand("sse")[-1], jax.random.key(5), [2, 6, 10]
+    step = make_step(_noisy_objective, tx)
+    state, out = step.init(start), {}
     for t in range(max(collect)):
-        state, _ = step(state, batches(t), jax.random.fold_in(key, t))
+        state, _ = step(state, _BATCHES(t), jax.random.fold_in(key, t))
         if t + 1 in collect:
             out[t + 1] = state.params
-    return [out[c] for c in sorted(collect)]
-
-
-def _noisy_logreg():
-    rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.normal(size=(40, 4)), jnp.float32)
-    y = jnp.asarray((x[:, 0] - x[:, 2] > 0).astype(np.int32))
-
-    def objective(p, batch, key):  # uses its key, so a wrong fold_in(key, t) would show
-        logits = batch[0] @ (p["w"] + 0.01 * jax.random.normal(key, p["w"].shape)) + p["b"]
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1])), {}
-
-    batches = _Epochs(lambda t: (x[(t % 4) * 10:(t % 4 + 1) * 10], y[(t % 4) * 10:(t % 4 + 1) * 10]), 4)
-    return objective, {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}, batches
+    return [out[c] for c in collect]
 
 
 def _assert_members_equal(got, want):
@@ -315,46 +329,38 @@ def _assert_members_equal(got, want):
 
 @pytest.mark.parametrize("spe", [1, 3, None])  # None: the batch function's own 4 steps per epoch
 def test_snapshot_and_fge_members_are_bit_identical_to_one_step_at_a_time(spe):
-    objective, params, batches = _noisy_logreg()
     # snapshot: 11 steps, members after 4, 8 (inside epochs of 3 or 4) and 11 (a short last epoch)
-    key, epochs = jax.random.key(4), []
-    sse = snap.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=11, num_members=3, key=key,
+    epochs = []
+    sse = snap.snapshot_ensemble(_noisy_objective, _PARAMS, _BATCHES, **_SSE, key=jax.random.key(4),
                                 steps_per_epoch=spe, callback=lambda e, r: epochs.append((e, len(r[1]))))
-    tx = optax.chain(optax.add_decayed_weights(0.0), optax.sgd(snap.snapshot_cosine_schedule(0.3, 11, 3),
-                                                               momentum=0.9))
     assert snap.snapshot_steps(11, 3) == [4, 8, 11]
-    _assert_members_equal(sse, _by_hand(objective, params, tx, batches, key, [4, 8, 11]))
+    _assert_members_equal(sse, _by_hand("sse"))
     n = {1: 1, 3: 3, None: 4}[spe]
     assert [e for e, _ in epochs] == list(range(1, -(-11 // n) + 1))
     assert [m for _, m in epochs] == [sum(c <= min(e * n, 11) for c in (4, 8, 11)) for e, _ in epochs]
     # FGE from the last snapshot: 10 steps, members after 2, 6 and 10
-    key = jax.random.key(5)
-    fge = snap.fge_ensemble(objective, sse[-1], batches, lr1=0.3, lr2=0.03, cycle_steps=4, num_members=3, key=key,
-                           steps_per_epoch=spe, momentum=0.5, weight_decay=1e-3)
-    tx = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(snap.fge_schedule(0.3, 0.03, 4), momentum=0.5))
-    _assert_members_equal(fge, _by_hand(objective, sse[-1], tx, batches, key, [2, 6, 10]))
+    fge = snap.fge_ensemble(_noisy_objective, sse[-1], _BATCHES, **_FGE, key=jax.random.key(5), steps_per_epoch=spe)
+    _assert_members_equal(fge, _by_hand("fge"))
 
 
 def test_ensemble_callbacks_stop_training_and_plain_batch_functions_have_one_step_epochs():
     from mclandscape.engine.loop import StopRun
 
-    objective, params, batches = _noisy_logreg()
-    plain = lambda t: batches(t)  # noqa: E731 - no steps_per_epoch attribute: one step per epoch
+    plain = lambda t: _BATCHES(t)  # noqa: E731 - no steps_per_epoch attribute: one step per epoch
     seen = []
-    _, snaps = snap.train_with_snapshots(objective, params, optax.sgd(0.3), plain, 5, [2, 5],
-                                        callback=lambda e, r: seen.append(e))
-    assert seen == [1, 2, 3, 4, 5] and len(snaps) == 2
+    snaps = snap.snapshot_ensemble(_noisy_objective, _PARAMS, plain, **_SSE, key=jax.random.key(4),
+                                  callback=lambda e, r: seen.append(e))
+    assert seen == list(range(1, 12)) and len(snaps) == 3
 
     def stop_at_2(epoch, result):
         params_now, members = result
-        assert jax.tree_util.tree_structure(params_now) == jax.tree_util.tree_structure(params)
+        assert jax.tree_util.tree_structure(params_now) == jax.tree_util.tree_structure(_PARAMS)
         if epoch == 2:
             raise StopRun
 
-    sse = snap.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=12, num_members=3,
+    sse = snap.snapshot_ensemble(_noisy_objective, _PARAMS, _BATCHES, **_SSE, key=jax.random.key(4),
                                 callback=stop_at_2)  # epochs of 4: members after 4 and 8 only
-    full = snap.snapshot_ensemble(objective, params, batches, lr0=0.3, total_steps=12, num_members=3)
-    _assert_members_equal(sse, full[:2])
-    fge = snap.fge_ensemble(objective, params, batches, lr1=0.3, lr2=0.03, cycle_steps=4, num_members=3,
-                           steps_per_epoch=3, callback=stop_at_2)  # 6 steps: members after 2 and 6
+    _assert_members_equal(sse, _by_hand("sse")[:2])
+    fge = snap.fge_ensemble(_noisy_objective, _PARAMS, _BATCHES, **_FGE, steps_per_epoch=3,
+                           callback=stop_at_2)  # 6 steps: members after 2 and 6
     assert len(fge) == 2

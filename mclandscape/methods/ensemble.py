@@ -40,9 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mclandscape.core.tree import PyTree, tree_gram, tree_stack
+from mclandscape.core._checks import choice
+from mclandscape.core.tree import tree_gram, tree_stack
 from mclandscape.engine.evaluate import evaluate
-from mclandscape.engine.points import stacked_points
+from mclandscape.engine.points import Points, data_xy, stacked_points
 
 __all__ = [
     "METHODS", "EnsembleMetrics", "average_probs", "vote", "ensemble_probs", "test_error", "nll",
@@ -60,39 +61,31 @@ METHODS = ("mean", "vote")
 
 def _check_probs(probs, name: str = "probs") -> np.ndarray:
     p = np.asarray(probs)
-    if p.ndim != 3:
-        raise ValueError(f"{name} must have shape [M members, N examples, C classes], got shape {p.shape}")
-    m, n, c = p.shape
-    if m < 1 or n < 1 or c < 2:
-        raise ValueError(f"{name} needs at least 1 member, 1 example and 2 classes, got shape {p.shape}")
-    if not np.issubdtype(p.dtype, np.floating):
-        raise ValueError(f"{name} must hold floating-point probabilities, got dtype {p.dtype}")
-    if not np.all(np.isfinite(p)):
-        raise ValueError(f"{name} holds non-finite values")
-    if np.any(p < 0):
-        raise ValueError(f"{name} holds negative probabilities (min {p.min():.3g}); pass softmax outputs, "
-                         "not logits")
-    sums = p.astype(np.float64).sum(-1)
-    if np.max(np.abs(sums - 1.0)) > 1e-3:
-        raise ValueError(f"{name} rows must sum to 1 over classes (max deviation {np.max(np.abs(sums - 1)):.3g}); "
-                         "pass softmax outputs, not logits")
+    if p.ndim != 3 or min(p.shape) < 1 or p.shape[2] < 2:
+        raise ValueError(f"{name} must have shape [M members, N examples, C classes] with M, N >= 1 and C >= 2, "
+                         f"got shape {p.shape}")
+    deviation = np.max(np.abs(p.astype(np.float64).sum(-1) - 1.0))
+    if not np.all(np.isfinite(p)) or p.min() < 0 or deviation > 1e-3:
+        raise ValueError(f"{name} must hold softmax outputs, not logits: no non-finite values "
+                         f"({np.size(p) - np.sum(np.isfinite(p))} found), no negative probabilities (min {p.min():.3g}) "
+                         f"and rows that sum to 1 over classes (max deviation {deviation:.3g})")
     return p
 
 
 def _check_labels(labels, n: int, c: int) -> np.ndarray:
     y = np.asarray(labels)
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"labels must have shape [{n}] to match the probabilities, got {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
-    if y.size and (y.min() < 0 or y.max() >= c):
-        raise ValueError(f"labels must lie in [0, {c}), got range [{y.min()}, {y.max()}]")
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= c:
+        raise ValueError(f"labels must be integer class indices in [0, {c}) of shape [{n}] to match the "
+                         f"probabilities, got {y.dtype} of shape {y.shape}"
+                         f"{f' with values in [{y.min()}, {y.max()}]' if y.size else ''}")
     return y
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"ensemble method must be one of {METHODS}, got {method!r}")
+def _points(members) -> Points:
+    """A list of parameter pytrees (stacked, naming the member that differs) or one stacked pytree, as points."""
+    if isinstance(members, list | tuple):
+        members = tree_stack(members, names=[f"member[{i}]" for i in range(len(members))])
+    return stacked_points(members)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,10 +115,8 @@ def average_probs(probs, weights: Sequence[float] | np.ndarray | None = None) ->
     if weights is None:
         return p.mean(0)
     w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (p.shape[0],):
-        raise ValueError(f"weights must have shape [{p.shape[0]}] (one per member), got {w.shape}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"weights must be finite, non-negative and not all zero, got {w}")
+    if w.shape != (p.shape[0],) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights must be {p.shape[0]} finite, non-negative member weights, not all zero, got {w}")
     return np.tensordot(w / w.sum(), p, axes=1)
 
 
@@ -148,15 +139,11 @@ def vote(probs) -> tuple[np.ndarray, np.ndarray]:
         ([0, 1], [[1.0, 0.0], [0.0, 1.0]])
     """
     p = _check_probs(probs)
-    m, n, c = p.shape
-    member_pred = p.argmax(-1)  # [M, N]
-    counts = np.zeros((n, c), dtype=np.int64)
-    for row in member_pred:
-        counts[np.arange(n), row] += 1
+    counts = np.eye(p.shape[2], dtype=np.int64)[p.argmax(-1)].sum(0)  # [N, C] votes per class
     mean = p.astype(np.float64).mean(0)
     top = counts == counts.max(-1, keepdims=True)
     pred = np.where(top, mean, -np.inf).argmax(-1)
-    return pred, counts / m
+    return pred, counts / p.shape[0]
 
 
 def ensemble_probs(probs, method: str = "mean", weights=None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -177,8 +164,7 @@ def ensemble_probs(probs, method: str = "mean", weights=None) -> tuple[np.ndarra
         >>> pred.tolist(), q is None
         ([0, 1], True)
     """
-    _check_method(method)
-    if method == "mean":
+    if choice(method, "method", METHODS) == "mean":
         q = average_probs(probs, weights)
         return q.argmax(-1), q
     if weights is not None:
@@ -207,19 +193,10 @@ def test_error(predictions_or_probs, labels) -> float:
         (0.3333333333333333, 0.0)
     """
     a = np.asarray(predictions_or_probs)
-    if a.ndim == 2:
-        pred = a.argmax(-1)
-    elif a.ndim == 1:
-        pred = a
-        if not np.issubdtype(pred.dtype, np.integer):
-            raise ValueError(f"predictions must be integer classes, got dtype {pred.dtype}")
-    else:
-        raise ValueError(f"test_error takes predictions [N] or probabilities [N, C], got shape {a.shape}")
-    y = np.asarray(labels)
-    if y.shape != pred.shape:
-        raise ValueError(f"labels shape {y.shape} does not match predictions shape {pred.shape}")
-    if y.size == 0:
-        raise ValueError("test_error of an empty set is undefined")
+    pred, y = (a.argmax(-1) if a.ndim == 2 else a), np.asarray(labels)
+    if pred.ndim != 1 or not np.issubdtype(pred.dtype, np.integer) or y.shape != pred.shape or y.size == 0:
+        raise ValueError(f"test_error takes integer predictions [N] or probabilities [N, C] and labels [N], N >= 1, "
+                         f"got {a.dtype} of shape {a.shape} and labels of shape {y.shape}")
     return float(np.mean(pred != y))
 
 
@@ -246,9 +223,8 @@ def nll(probs, labels) -> float:
         raise ValueError(f"nll takes probabilities [N, C], got shape {q.shape}")
     _check_probs(q[None])
     y = _check_labels(labels, q.shape[0], q.shape[1])
-    py = q[np.arange(q.shape[0]), y]
     with np.errstate(divide="ignore"):
-        return float(-np.mean(np.log(py))) + 0.0  # + 0.0: a perfect fit is 0.0, not -0.0
+        return float(-np.mean(np.log(q[np.arange(len(y)), y]))) + 0.0  # + 0.0: a perfect fit is 0.0, not -0.0
 
 
 def pairwise_output_correlation(probs) -> np.ndarray:
@@ -267,17 +243,13 @@ def pairwise_output_correlation(probs) -> np.ndarray:
         >>> pairwise_output_correlation(probs).round(4).tolist()
         [[1.0, 0.5369], [0.5369, 1.0]]
     """
-    p = _check_probs(probs).astype(np.float64)
-    m = p.shape[0]
-    if m < 2:
+    flat = _check_probs(probs).astype(np.float64).reshape(len(probs), -1)
+    if len(flat) < 2:
         raise ValueError("output correlation needs at least 2 members")
-    flat = p.reshape(m, -1)
-    centred = flat - flat.mean(1, keepdims=True)
-    sd = np.sqrt((centred**2).sum(1))
-    if np.any(sd == 0):
-        k = int(np.argmin(sd))
-        raise ValueError(f"member {k} has constant outputs, so its Pearson correlation is undefined")
-    return (centred @ centred.T) / np.outer(sd, sd)
+    if np.any(flat.std(1) == 0):
+        raise ValueError(f"member {int(np.argmin(flat.std(1)))} has constant outputs, so its Pearson correlation is "
+                         f"undefined")
+    return np.corrcoef(flat)
 
 
 def output_correlation(probs) -> float:
@@ -296,22 +268,7 @@ def output_correlation(probs) -> float:
         0.5369
     """
     r = pairwise_output_correlation(probs)
-    iu = np.triu_indices(r.shape[0], 1)
-    return float(r[iu].mean())
-
-
-def _as_stacked(members) -> PyTree:
-    if isinstance(members, list | tuple):
-        if len(members) == 0:
-            raise ValueError("no members given")
-        return tree_stack(list(members), names=[f"member[{i}]" for i in range(len(members))])
-    leaves = jax.tree_util.tree_leaves(members)
-    if not leaves:
-        raise ValueError("members hold no arrays")
-    sizes = {int(np.shape(a)[0]) if np.ndim(a) else -1 for a in leaves}
-    if len(sizes) != 1 or -1 in sizes:
-        raise ValueError(f"stacked members need one common leading axis, got sizes {sorted(sizes)}")
-    return members
+    return float(r[np.triu_indices(len(r), 1)].mean())
 
 
 def pairwise_param_distances(members) -> np.ndarray:
@@ -332,14 +289,11 @@ def pairwise_param_distances(members) -> np.ndarray:
         >>> pairwise_param_distances(members).round(4).tolist()
         [[0.0, 5.0], [5.0, 0.0]]
     """
-    stacked = _as_stacked(members)
-    m = int(np.shape(jax.tree_util.tree_leaves(stacked)[0])[0])
-    mean = jax.tree_util.tree_map(lambda x: jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), 0),
-                                  stacked)
-    centred = jax.tree_util.tree_map(lambda x, mu: x - mu[None], stacked, mean)
+    centred = jax.tree.map(lambda x: x - jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), 0),
+                           _points(members).stack)
     g = np.asarray(tree_gram(centred), dtype=np.float64)
     d2 = np.diag(g)[:, None] + np.diag(g)[None, :] - 2.0 * g
-    d2[np.arange(m), np.arange(m)] = 0.0
+    np.fill_diagonal(d2, 0.0)
     # rounding can leave tiny negative squares for (near-)identical members; they are distance 0
     return np.sqrt(np.maximum(d2, 0.0))
 
@@ -410,8 +364,7 @@ class EnsembleMetrics:
                 return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
             return v
 
-        return {k: ([clean(x) for x in v] if isinstance(v, list) else clean(v))
-                for k, v in dataclasses.asdict(self).items()}
+        return jax.tree.map(clean, dataclasses.asdict(self))
 
 
 def ensemble_from_probs(probs, labels, *, method: str = "mean", weights=None, params=None) -> EnsembleMetrics:
@@ -435,18 +388,15 @@ def ensemble_from_probs(probs, labels, *, method: str = "mean", weights=None, pa
         >>> m.members, m.test_error, round(m.nll, 4), round(m.output_correlation, 4), m.param_distance
         (2, 0.5, 0.7458, 0.5369, None)
     """
-    _check_method(method)
     p = _check_probs(probs)
     y = _check_labels(labels, p.shape[1], p.shape[2])
     pred, q = ensemble_probs(p, method, weights)
-    m = p.shape[0]
-    dist = None
+    m, dist = p.shape[0], None
     if params is not None:
-        stacked = _as_stacked(params)
-        pm = int(np.shape(jax.tree_util.tree_leaves(stacked)[0])[0])
-        if pm != m:
-            raise ValueError(f"params hold {pm} members but probs hold {m}")
-        dist = param_distance(stacked) if m > 1 else None
+        points = _points(params)
+        if points.num_points != m:
+            raise ValueError(f"params hold {points.num_points} members but probs hold {m}")
+        dist = param_distance(points.stack) if m > 1 else None
     return EnsembleMetrics(
         method=method, members=m, test_error=test_error(pred, y), nll=None if q is None else nll(q, y),
         output_correlation=output_correlation(p) if m > 1 else None, param_distance=dist,
@@ -478,9 +428,8 @@ def member_probs(model, members, data, *, batch_size: int = 500, bn_data=None, *
         >>> probs.shape, bool(np.allclose(probs.sum(-1), 1, atol=1e-5))
         ((2, 8, 3), True)
     """
-    out = evaluate(model, stacked_points(_as_stacked(members)), data, batch_size=batch_size, bn_data=bn_data,
-                   return_probs=True, **kwargs)
-    return np.asarray(out.probs)
+    return np.asarray(evaluate(model, _points(members), data, batch_size=batch_size, bn_data=bn_data,
+                               return_probs=True, **kwargs).probs)
 
 
 def ensemble_from_params(model, members, data, *, method: str = "mean", batch_size: int = 500, bn_data=None,
@@ -511,7 +460,6 @@ def ensemble_from_params(model, members, data, *, method: str = "mean", batch_si
         >>> m.members, 0.0 <= m.test_error <= 1.0, m.param_distance > 0
         (2, True, True)
     """
-    stacked = _as_stacked(members)
+    stacked = _points(members).stack
     probs = member_probs(model, stacked, data, batch_size=batch_size, bn_data=bn_data)
-    y = data.y if hasattr(data, "y") else data[1]
-    return ensemble_from_probs(probs, np.asarray(y), method=method, weights=weights, params=stacked)
+    return ensemble_from_probs(probs, data_xy(data)[1], method=method, weights=weights, params=stacked)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mclandscape.core._checks import integer, real
 from mclandscape.core.objective import check_objective
 from mclandscape.core.tree import PyTree, check_same_structure
 from mclandscape.engine.loop import LoopConfig, run
@@ -43,19 +44,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 # baselines: learning-rate schedules
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _check_pos_int(v, name: str) -> int:
-    if isinstance(v, bool) or int(v) != v or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    return int(v)
-
-
-def _check_pos(v, name: str) -> float:
-    f = float(v)
-    if not math.isfinite(f) or f <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return f
 
 
 def snapshot_cosine_schedule(lr0: float, total_steps: int, num_cycles: int) -> Callable[[Any], Any]:
@@ -77,17 +65,11 @@ def snapshot_cosine_schedule(lr0: float, total_steps: int, num_cycles: int) -> C
         >>> [round(float(lr(t)), 4) for t in (0, 12, 24, 25)]
         [0.1, 0.0531, 0.0004, 0.1]
     """
-    lr0 = _check_pos(lr0, "lr0")
-    total = _check_pos_int(total_steps, "total_steps")
-    cycles = _check_pos_int(num_cycles, "num_cycles")
-    if cycles > total:
-        raise ValueError(f"num_cycles ({cycles}) exceeds total_steps ({total})")
-    length = math.ceil(total / cycles)
-
-    def schedule(t):
-        return lr0 / 2.0 * (jnp.cos(jnp.pi * jnp.mod(t, length) / length) + 1.0)
-
-    return schedule
+    lr0 = real(lr0, "lr0", low=0, low_open=True)
+    length = math.ceil(integer(total_steps, "total_steps", low=1) / integer(num_cycles, "num_cycles", low=1))
+    if num_cycles > total_steps:
+        raise ValueError(f"num_cycles ({num_cycles}) exceeds total_steps ({total_steps})")
+    return lambda t: lr0 / 2.0 * (jnp.cos(jnp.pi * jnp.mod(t, length) / length) + 1.0)
 
 
 def snapshot_steps(total_steps: int, num_cycles: int) -> list[int]:
@@ -106,10 +88,8 @@ def snapshot_steps(total_steps: int, num_cycles: int) -> list[int]:
         >>> snapshot_steps(100, 4), snapshot_steps(10, 3)
         ([25, 50, 75, 100], [4, 8, 10])
     """
-    total = _check_pos_int(total_steps, "total_steps")
-    cycles = _check_pos_int(num_cycles, "num_cycles")
-    length = math.ceil(total / cycles)
-    return sorted({min(length * (c + 1), total) for c in range(cycles)})
+    total, cycles = integer(total_steps, "total_steps", low=1), integer(num_cycles, "num_cycles", low=1)
+    return sorted({min(math.ceil(total / cycles) * (c + 1), total) for c in range(cycles)})
 
 
 def fge_schedule(lr1: float, lr2: float, cycle_steps: int) -> Callable[[Any], Any]:
@@ -131,10 +111,9 @@ def fge_schedule(lr1: float, lr2: float, cycle_steps: int) -> Callable[[Any], An
         >>> [round(float(lr(t)), 4) for t in range(5)]
         [0.03, 0.01, 0.03, 0.05, 0.03]
     """
-    lr1 = _check_pos(lr1, "lr1")
-    lr2 = _check_pos(lr2, "lr2")
-    c = _check_pos_int(cycle_steps, "cycle_steps")
-    if c < 2 or c % 2:
+    lr1, lr2 = real(lr1, "lr1", low=0, low_open=True), real(lr2, "lr2", low=0, low_open=True)
+    c = integer(cycle_steps, "cycle_steps", low=2)
+    if c % 2:
         raise ValueError(f"cycle_steps must be an even integer >= 2 (members are taken at mid-cycle), got {c}")
 
     def schedule(t):
@@ -158,20 +137,13 @@ def fge_collect_steps(cycle_steps: int, num_members: int) -> list[int]:
         >>> fge_collect_steps(4, 3)
         [2, 6, 10]
     """
-    c = _check_pos_int(cycle_steps, "cycle_steps")
-    m = _check_pos_int(num_members, "num_members")
-    return [k * c + c // 2 for k in range(m)]
+    c = integer(cycle_steps, "cycle_steps", low=1)
+    return [k * c + c // 2 for k in range(integer(num_members, "num_members", low=1))]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # baselines: training with snapshots
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _steps_per_epoch(batch_fn, steps_per_epoch) -> int:
-    if steps_per_epoch is None:
-        steps_per_epoch = getattr(batch_fn, "steps_per_epoch", 1)
-    return _check_pos_int(steps_per_epoch, "steps_per_epoch")
 
 
 def train_with_snapshots(objective: Callable, params: PyTree, optimizer: optax.GradientTransformation,
@@ -230,43 +202,34 @@ def train_with_snapshots(objective: Callable, params: PyTree, optimizer: optax.G
         >>> seen
         [(1, 0), (2, 1), (3, 2)]
     """
-    steps = _check_pos_int(steps, "steps")
+    steps = integer(steps, "steps", low=1)
     want = sorted({int(c) for c in collect})
-    if not want:
-        raise ValueError("collect is empty: give the step counts at which to take members")
-    if want[0] < 1 or want[-1] > steps:
-        raise ValueError(f"collect steps must lie in [1, {steps}], got {want}")
-    if not callable(batch_fn):
-        raise ValueError(f"batch_fn must be a callable t -> batch, got {batch_fn!r}")
-    spe = _steps_per_epoch(batch_fn, steps_per_epoch)
+    if not want or want[0] < 1 or want[-1] > steps:
+        raise ValueError(f"collect steps must be one or more step counts in [1, {steps}], got {want}")
+    if steps_per_epoch is None:
+        steps_per_epoch = getattr(batch_fn, "steps_per_epoch", 1)
+    spe = integer(steps_per_epoch, "steps_per_epoch", low=1)
     key = key if key is not None else jax.random.key(0)
     check_objective(objective, params, batch_fn(0), key)
     step = make_step(objective, optimizer)
-    snaps: dict[int, PyTree] = {}
-    wanted = set(want)
+    snaps: dict[int, PyTree] = {}  # step count -> member, taken in increasing order
 
     def collect_member(t, state):
-        if t in wanted:
-            snaps[t] = jax.tree_util.tree_map(jnp.copy, state.params)
+        if t in want:
+            snaps[t] = jax.tree.map(jnp.copy, state.params)
 
     callbacks = [] if callback is None else [
-        lambda epoch, state, history: callback(epoch, (state.params, [snaps[t] for t in want if t in snaps]))]
+        lambda epoch, state, history: callback(epoch, (state.params, list(snaps.values())))]
     res = run(step, step.init(params), batch_fn, epochs=-(-steps // spe), steps_per_epoch=spe, key=key,
               config=LoopConfig(progress=progress, desc="snapshots"), callbacks=callbacks, max_steps=steps,
               step_callbacks=[collect_member])
-    return res.state.params, [snaps[t] for t in want if t in snaps]
+    return res.state.params, list(snaps.values())
 
 
-def _snapshot_sgd(lr0: float, total_steps: int, num_cycles: int, momentum: float,
-                  weight_decay: float) -> optax.GradientTransformation:
-    sched = snapshot_cosine_schedule(lr0, total_steps, num_cycles)
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(sched, momentum=momentum or None))
-
-
-def _fge_sgd(lr1: float, lr2: float, cycle_steps: int, momentum: float,
-             weight_decay: float) -> optax.GradientTransformation:
-    sched = fge_schedule(lr1, lr2, cycle_steps)
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(sched, momentum=momentum or None))
+def _sgd(schedule: Callable, schedule_args: tuple, momentum: float, weight_decay: float) -> optax.GradientTransformation:
+    """SGD on ``schedule(*schedule_args)`` with L2 ``weight_decay`` added to the gradient (named by value)."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(schedule(*schedule_args), momentum=momentum or None))
 
 
 def snapshot_ensemble(objective: Callable, init_params: PyTree, batch_fn: Callable[[int], Any], *, lr0: float,
@@ -304,13 +267,11 @@ def snapshot_ensemble(objective: Callable, init_params: PyTree, batch_fn: Callab
         >>> len(snaps), [round(float(s["w"][0]), 3) for s in snaps]
         (2, [0.622, 0.857])
     """
-    snapshot_cosine_schedule(lr0, total_steps, num_members)  # validates the settings
-    opt = transform(_snapshot_sgd, float(lr0), int(total_steps), int(num_members), float(momentum),
-                    float(weight_decay))
-    _, snaps = train_with_snapshots(objective, init_params, opt, batch_fn, total_steps,
-                                    snapshot_steps(total_steps, num_members), key=key,
-                                    steps_per_epoch=steps_per_epoch, progress=progress, callback=callback)
-    return snaps
+    # building the transform builds (and so validates) the schedule
+    opt = transform(_sgd, snapshot_cosine_schedule, (lr0, total_steps, num_members), momentum, weight_decay)
+    return train_with_snapshots(objective, init_params, opt, batch_fn, total_steps,
+                                snapshot_steps(total_steps, num_members), key=key, steps_per_epoch=steps_per_epoch,
+                                progress=progress, callback=callback)[1]
 
 
 def fge_ensemble(objective: Callable, trained_params: PyTree, batch_fn: Callable[[int], Any], *, lr1: float,
@@ -347,12 +308,11 @@ def fge_ensemble(objective: Callable, trained_params: PyTree, batch_fn: Callable
         >>> len(members), all(bool(jnp.allclose(m["w"], 1.0)) for m in members)  # started at the minimum
         (3, True)
     """
-    fge_schedule(lr1, lr2, cycle_steps)  # validates the settings
-    opt = transform(_fge_sgd, float(lr1), float(lr2), int(cycle_steps), float(momentum), float(weight_decay))
+    # building the transform builds (and so validates) the schedule
+    opt = transform(_sgd, fge_schedule, (lr1, lr2, cycle_steps), momentum, weight_decay)
     collect = fge_collect_steps(cycle_steps, num_members)
-    _, snaps = train_with_snapshots(objective, trained_params, opt, batch_fn, collect[-1], collect, key=key,
-                                    steps_per_epoch=steps_per_epoch, progress=progress, callback=callback)
-    return snaps
+    return train_with_snapshots(objective, trained_params, opt, batch_fn, collect[-1], collect, key=key,
+                                steps_per_epoch=steps_per_epoch, progress=progress, callback=callback)[1]
 
 
 def independent_ensemble(train_one: Callable[[int], PyTree], seeds: Sequence[int]) -> list[PyTree]:
@@ -376,10 +336,8 @@ def independent_ensemble(train_one: Callable[[int], PyTree], seeds: Sequence[int
         [0.0, 1.0, 2.0]
     """
     seeds = list(seeds)
-    if not seeds:
-        raise ValueError("independent_ensemble needs at least one seed")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {seeds}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"independent_ensemble needs one or more distinct seeds, got {seeds}")
     members = [train_one(int(s)) for s in seeds]
     for i in range(1, len(members)):
         check_same_structure(members[0], members[i], names=("member[0]", f"member[{i}]"))

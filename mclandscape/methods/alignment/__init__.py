@@ -80,18 +80,7 @@ from mclandscape.methods.alignment.spec import (
 from mclandscape.methods.alignment.zoo import ODD_ACTIVATIONS, permutation_spec
 
 __all__ = [
-    "Axis",
-    "PermutationSpec",
-    "Permutation",
-    "permutation_spec",
-    "spec_sizes",
-    "identity_permutation",
-    "random_permutation",
-    "apply_permutation",
-    "weight_matching",
-    "activation_matching",
-    "align",
-    "distance_modulo_permutation",
-    "ODD_ACTIVATIONS",
-    "METHODS",
+    "Axis", "PermutationSpec", "Permutation", "permutation_spec", "spec_sizes", "identity_permutation",
+    "random_permutation", "apply_permutation", "weight_matching", "activation_matching", "align",
+    "distance_modulo_permutation", "ODD_ACTIVATIONS", "METHODS",
 ]

@@ -5,22 +5,21 @@ activation matching (Entezari et al. 2022; Ainsworth et al. 2023, §3.1), :func:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.core._checks import choice, integer
 from mclandscape.core.tree import tree_stack
-from mclandscape.engine.points import map_points, stacked_points
+from mclandscape.engine.points import data_xy, map_points, stacked_points
 from mclandscape.methods.alignment.spec import (
-    _NO_ODD,
     Axis,
     Permutation,
     PermutationSpec,
-    _check_perm,
     _Flat,
+    _flips,
     _is_variables,
     _permute_leaf,
     _rng,
@@ -52,36 +51,40 @@ def _block(x: np.ndarray, axis: int, a: Axis, group: str, sizes) -> np.ndarray:
 def _params_leaves(flat: _Flat) -> dict[str, np.ndarray]:
     """The ``params`` leaves on the host, float32 (float64 if given): the assignment costs are products of
     these, summed in float64."""
-    def host(v):
-        v = np.asarray(v)
-        return v if v.dtype == np.float64 else v.astype(np.float32)
-
-    return {p: host(v) for p, v in flat.leaves.items() if p.startswith("params/")}
+    return {p: np.asarray(v, np.float64 if np.asarray(v).dtype == np.float64 else np.float32)
+            for p, v in flat.leaves.items() if p.startswith("params/")}
 
 
+def _pair(spec: PermutationSpec, reference, other, names: tuple[str, str]):
+    """Both networks' flattened trees and params leaves, checked against the spec and against each other."""
+    (ref_flat, sizes), (oth_flat, _) = _validated(spec, reference, names[0]), _validated(spec, other, names[1])
+    ref, oth = _params_leaves(ref_flat), _params_leaves(oth_flat)
+    for p in ref:
+        if ref[p].shape != oth[p].shape:
+            raise ValueError(f"{p} has shape {ref[p].shape} in {names[0]} but {oth[p].shape} in {names[1]}")
+    return ref, oth, sizes
 
-def _solve(cost: np.ndarray) -> np.ndarray:
+
+def _assign(cost: np.ndarray, flip: bool) -> tuple[np.ndarray, float, np.ndarray]:
+    """The linear assignment ``i -> idx[i]`` maximising ``sum_i cost[i, idx[i]]`` (``|cost|`` with sign flips),
+    that total, and the signs of the assigned costs."""
     from scipy.optimize import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(cost, maximize=True)
-    out = np.empty(cost.shape[0], np.int64)
-    out[rows] = cols
-    return out
+    gain = np.abs(cost) if flip else cost
+    rows, idx = linear_sum_assignment(gain, maximize=True)  # a square cost: the rows come back as 0..n-1
+    return idx, float(np.sum(gain[rows, idx])), np.where(cost[rows, idx] < 0, -1.0, 1.0)
 
 
 def _coordinate_descent(spec, ref, oth, sizes, idx, signs, *, free, flip, max_iter, key):
     """Git Re-Basin's coordinate descent over the ``free`` groups (the others stay at ``idx``)."""
     bindings = {g: [(p, i, a) for p, i, a in spec.bindings(g) if p in ref] for g in free}
     order = [g for g in spec.groups if g in free and bindings[g]]
-    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    max_iter = integer(max_iter, "max_iter", low=1)
     if not order:
         return 0, True
     rng = None if key is None else _rng(key)
     ref_blocks = {(p, i, g): _block(ref[p], i, a, g, sizes) for g in order for p, i, a in bindings[g]}
-    sweeps, converged = 0, False
-    while sweeps < int(max_iter):
-        sweeps += 1
+    for sweep in range(1, max_iter + 1):
         seq = order if rng is None else [order[j] for j in rng.permutation(len(order))]
         progress = False
         for g in seq:
@@ -90,25 +93,32 @@ def _coordinate_descent(spec, ref, oth, sizes, idx, signs, *, free, flip, max_it
             for p, i, a in bindings[g]:
                 b = _permute_leaf(oth[p], spec.axes[p], sizes, idx, signs, skip=i)
                 cost += (ref_blocks[p, i, g] @ _block(b, i, a, g, sizes).T).astype(np.float64)
-            rows = np.arange(n)
-            gain = np.abs(cost) if g in flip else cost
-            new_idx = _solve(gain)
-            old = float(np.sum((signs[g] if g in flip else 1.0) * cost[rows, idx[g]]))
-            new = float(np.sum(gain[rows, new_idx]))
+            new_idx, new, new_signs = _assign(cost, g in flip)
+            old = float(np.sum((signs[g] if g in flip else 1.0) * cost[np.arange(n), idx[g]]))
             if new > old + 1e-12 * max(1.0, abs(old)):
                 idx[g] = new_idx
                 if g in flip:
-                    signs[g] = np.where(cost[rows, new_idx] < 0, -1.0, 1.0)
+                    signs[g] = new_signs
                 progress = True
         if not progress:
-            converged = True
-            break
-    return sweeps, converged
+            return sweep, True
+    return max_iter, False
+
+
+def _match(spec, ref, oth, sizes, flip, costs, max_iter, key) -> Permutation:
+    """One assignment for each group with a cost in ``costs``, then coordinate descent over the others."""
+    idx, signs = {g: np.arange(n) for g, n in sizes.items()}, {g: np.ones(sizes[g]) for g in flip if g in sizes}
+    for g, cost in costs.items():
+        idx[g], _, s = _assign(cost, g in flip)
+        if g in flip:
+            signs[g] = s
+    it, conv = _coordinate_descent(spec, ref, oth, sizes, idx, signs, free=set(sizes) - set(costs), flip=flip,
+                                   max_iter=max_iter, key=key)
+    return Permutation(idx, signs or None, iterations=it, converged=conv)
 
 
 def weight_matching(spec: PermutationSpec, reference_params: PyTree, params: PyTree, *, max_iter: int = 100,
-                    key: jax.Array | None = None, sign_flips: bool = False,
-                    init: Permutation | Mapping[str, Any] | None = None) -> Permutation:
+                    key: jax.Array | None = None, sign_flips: bool = False) -> Permutation:
     """The permutation of ``params`` that best matches ``reference_params`` weight by weight (Ainsworth,
     Hayase & Srinivasa 2023, Algorithm 1): coordinate descent over the groups, one linear assignment
     (``scipy.optimize.linear_sum_assignment``) per group with the others fixed, until a sweep improves none
@@ -123,7 +133,6 @@ def weight_matching(spec: PermutationSpec, reference_params: PyTree, params: PyT
         NumPy's generator seeded by the key's data, so nothing is compiled); ``None`` uses the spec's order
         every sweep. A fixed key (or ``None``) gives a fixed result.
       sign_flips: also flip the signs of units of the spec's ``odd`` groups (cost ``|C_ij|``).
-      init: the starting permutation (default the identity).
 
     Returns:
       A :class:`Permutation`; ``apply_permutation(spec, perm, params)`` is ``params`` aligned to the reference.
@@ -137,29 +146,8 @@ def weight_matching(spec: PermutationSpec, reference_params: PyTree, params: PyT
         >>> apply_permutation(spec, perm, shuffled)["w1"].tolist()
         [[1.0, 2.0, 3.0]]
     """
-    ref_flat, sizes = _validated(spec, reference_params, "reference_params")
-    oth_flat, sizes_b = _validated(spec, params, "params")
-    if sizes != sizes_b:
-        diff = {g: (sizes[g], sizes_b.get(g)) for g in sizes if sizes[g] != sizes_b.get(g)}
-        raise ValueError(f"the two networks differ in group sizes (reference, params): {diff}")
-    ref, oth = _params_leaves(ref_flat), _params_leaves(oth_flat)
-    for p in ref:
-        if ref[p].shape != oth[p].shape:
-            raise ValueError(f"{p} has shape {ref[p].shape} in reference_params but {oth[p].shape} in params")
-    if sign_flips and not spec.odd:
-        raise ValueError(_NO_ODD)
-    flip = set(spec.odd) if sign_flips else set()
-    if init is None:
-        idx, signs = {g: np.arange(n) for g, n in sizes.items()}, None
-    else:
-        idx, signs = _check_perm(spec, init, sizes)
-    signs = dict(signs or {})
-    for g in flip:
-        if g in sizes:
-            signs.setdefault(g, np.ones(sizes[g]))
-    it, conv = _coordinate_descent(spec, ref, oth, sizes, idx, signs, free=set(sizes), flip=flip,
-                                   max_iter=max_iter, key=key)
-    return Permutation(idx, signs or None, iterations=it, converged=conv)
+    ref, oth, sizes = _pair(spec, reference_params, params, ("reference_params", "params"))
+    return _match(spec, ref, oth, sizes, _flips(spec, sign_flips), {}, max_iter, key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,16 +159,14 @@ def _carriers(spec: PermutationSpec) -> dict[str, Axis]:
     """Module path -> the groups along its output's last axis: a module whose ``kernel`` (else ``scale``, else
     ``bias``) has a permuted, untiled last axis outputs those units last (Dense, Conv, DenseGeneral,
     BatchNorm, LayerNorm)."""
-    out: dict[str, tuple[int, Axis]] = {}
-    rank = {"kernel": 0, "scale": 1, "bias": 2}
-    for p, entries in spec.axes.items():
-        col, _, rest = p.partition("/")
-        module, _, leaf = rest.rpartition("/")
-        if col != "params" or leaf not in rank or not entries or entries[-1] is None or entries[-1].tiled:
-            continue
-        if module not in out or rank[leaf] < out[module][0]:
-            out[module] = (rank[leaf], entries[-1])
-    return {m: a for m, (_, a) in out.items()}
+    out = {}
+    for leaf in ("bias", "scale", "kernel"):  # a kernel's last axis wins over a scale's, a scale's over a bias's
+        for p, entries in spec.axes.items():
+            module, _, name = p.removeprefix("params/").rpartition("/")
+            last = entries[-1] if entries else None
+            if p.startswith("params/") and name == leaf and last is not None and not last.tiled:
+                out[module] = last
+    return out
 
 
 def _as_model_variables(model, tree, name: str) -> dict:
@@ -190,16 +176,6 @@ def _as_model_variables(model, tree, name: str) -> dict:
         raise ValueError(f"{name}: model {model.name} has BatchNorm, so activation matching needs its full "
                          f"variables (params and batch_stats), not params alone")
     return {"params": tree}
-
-
-def _inputs(data) -> np.ndarray:
-    if hasattr(data, "x"):
-        return np.asarray(data.x)
-    if isinstance(data, tuple | list) and len(data) == 2:
-        return np.asarray(data[0])
-    if isinstance(data, np.ndarray | jax.Array):
-        return np.asarray(data)
-    raise ValueError("data must be a Dataset, an (x, y) tuple or an array of inputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,58 +204,41 @@ class _Capture:
         return store
 
 
-def _activation_moments(model, carriers, ref_vars, oth_vars, x, batch_size: int) -> dict[str, list]:
-    """Per carrying module: the count, sums, sums of squares and cross products of the two networks'
-    outputs over examples and positions (float64 on the host), both networks mapped as one pair of points."""
-    fn = _Capture(model, frozenset(carriers))
-    pair = stacked_points(tree_stack([ref_vars, oth_vars]))
+def _correlation_costs(model, spec, ref_vars, oth_vars, x, batch_size: int, sizes) -> dict[str, np.ndarray]:
+    """Per group that some module's output carries: the Pearson correlations of its units, over examples and
+    positions, summed over those modules. Per module the count, sums, sums of squares and cross products of the
+    two networks' outputs are accumulated on the host in float64, both networks mapped as one pair of points."""
+    carriers = _carriers(spec)
+    fn, pair = _Capture(model, frozenset(carriers)), stacked_points(tree_stack([ref_vars, oth_vars]))
     moments: dict[str, list] = {}
     for s in range(0, len(x), batch_size):
-        out = map_points(fn, pair, jnp.asarray(x[s:s + batch_size]))
-        for m, both in out.items():
-            a = np.asarray(both[0], np.float64)
-            a = a.reshape(-1, a.shape[-1])
-            b = np.asarray(both[1], np.float64).reshape(-1, a.shape[-1])
-            acc = moments.setdefault(m, [0, 0.0, 0.0, 0.0, 0.0, 0.0])
-            acc[0] += a.shape[0]
-            acc[1] = acc[1] + a.sum(0)
-            acc[2] = acc[2] + b.sum(0)
-            acc[3] = acc[3] + (a * a).sum(0)
-            acc[4] = acc[4] + (b * b).sum(0)
-            acc[5] = acc[5] + a.T @ b
+        for m, both in map_points(fn, pair, jnp.asarray(x[s:s + batch_size])).items():
+            a, b = np.asarray(both, np.float64).reshape(2, -1, both.shape[-1])
+            new = (a.shape[0], a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b)
+            moments[m] = [u + v for u, v in zip(moments[m], new, strict=True)] if m in moments else list(new)
     if not moments:
         raise ValueError(f"no layer output was captured from model {getattr(model, 'name', model)!r}: activation "
                          f"matching intercepts Flax modules named like the spec's leaves (use method='weight' "
                          f"for other models)")
-    return moments
-
-
-def _correlation_costs(moments, carriers, sizes) -> tuple[dict[str, np.ndarray], set[str]]:
-    """Per group: the Pearson correlations of its units summed over the modules carrying it; and the groups
-    some module carries."""
-    cost = {g: np.zeros((n, n)) for g, n in sizes.items()}
-    carried = set()
+    cost = {}
     for m, (cnt, sa, sb, saa, sbb, sab) in moments.items():
-        ax = carriers[m]
-        if sa.shape[0] != sum(sizes[g] for g in ax.perms):
+        if sa.shape[0] != sum(sizes[g] for g in carriers[m].perms):
             raise ValueError(f"the output of {m} has {sa.shape[0]} units on its last axis but the spec binds "
-                             f"{list(ax.perms)} there")
+                             f"{list(carriers[m].perms)} there")
         ma, mb = sa / cnt, sb / cnt
         sda = np.sqrt(np.maximum(saa / cnt - ma**2, 0.0))
         sdb = np.sqrt(np.maximum(sbb / cnt - mb**2, 0.0))
         corr = (sab / cnt - np.outer(ma, mb)) / (np.outer(sda, sdb) + 1e-12)
         off = 0
-        for g in ax.perms:
-            n = sizes[g]
-            cost[g] += corr[off:off + n, off:off + n]
-            carried.add(g)
-            off += n
-    return cost, carried
+        for g in carriers[m].perms:
+            cost[g] = cost.get(g, 0.0) + corr[off:off + sizes[g], off:off + sizes[g]]
+            off += sizes[g]
+    return cost
 
 
 def activation_matching(model, spec: PermutationSpec, reference: PyTree, other: PyTree, data, *,
                         batch_size: int = 256, num_examples: int | None = None, sign_flips: bool = False,
-                        fill: str = "weight", key: jax.Array | None = None, max_iter: int = 100) -> Permutation:
+                        key: jax.Array | None = None, max_iter: int = 100) -> Permutation:
     """The permutation of ``other`` whose hidden activations best correlate with ``reference``'s on ``data``
     (Entezari et al. 2022; Ainsworth, Hayase & Srinivasa 2023 §3.1).
 
@@ -288,8 +247,7 @@ def activation_matching(model, spec: PermutationSpec, reference: PyTree, other: 
     Flax modules' calls; for each group the Pearson correlations ``corr(a_i^ref, a_j^other)`` over examples
     and positions are summed over its layers (and blocks of concatenations), and one linear assignment per
     group maximises the total. Groups that no layer output carries (a ViT's attention-head axis) are solved
-    afterwards by :func:`weight_matching` with the others fixed (``fill="weight"``) or left alone
-    (``fill="identity"``).
+    afterwards by :func:`weight_matching` with the others fixed.
 
     Args:
       model: the :class:`~mclandscape.engine.models.Model` (a Flax model: its layers are intercepted).
@@ -298,45 +256,20 @@ def activation_matching(model, spec: PermutationSpec, reference: PyTree, other: 
       data: a Dataset, an ``(x, y)`` tuple or an input array; the first ``num_examples`` (default all).
       batch_size: examples per forward pass.
       sign_flips: for the spec's odd groups, match ``|corr|`` and flip the sign of negatively correlated units.
-      fill, key, max_iter: the weight-matching step for uncarried groups.
+      key, max_iter: the weight-matching step for uncarried groups.
 
     Returns:
       A :class:`Permutation`.
     """
-    if fill not in ("weight", "identity"):
-        raise ValueError(f"fill must be 'weight' or 'identity', got {fill!r}")
     ref_vars = _as_model_variables(model, reference, "reference")
     oth_vars = _as_model_variables(model, other, "other")
-    ref_flat, sizes = _validated(spec, ref_vars, "reference")
-    oth_flat, sizes_b = _validated(spec, oth_vars, "other")
-    if sizes != sizes_b:
-        raise ValueError(f"the two networks differ in group sizes: {sizes} vs {sizes_b}")
-    if sign_flips and not spec.odd:
-        raise ValueError(_NO_ODD)
-    x = _inputs(data)
-    if num_examples is not None:
-        x = x[:int(num_examples)]
+    ref, oth, sizes = _pair(spec, ref_vars, oth_vars, ("reference", "other"))
+    flip = _flips(spec, sign_flips)
+    x = (np.asarray(data) if isinstance(data, np.ndarray | jax.Array) else data_xy(data)[0])[:num_examples]
     if len(x) == 0:
         raise ValueError("activation matching needs at least one example")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    carriers = _carriers(spec)
-    moments = _activation_moments(model, carriers, ref_vars, oth_vars, x, int(batch_size))
-    cost, carried = _correlation_costs(moments, carriers, sizes)
-    flip = set(spec.odd) if sign_flips else set()
-    idx = {g: np.arange(n) for g, n in sizes.items()}
-    signs = {g: np.ones(sizes[g]) for g in flip if g in sizes}
-    for g in carried:
-        gain = np.abs(cost[g]) if g in flip else cost[g]
-        idx[g] = _solve(gain)
-        if g in flip:
-            signs[g] = np.where(cost[g][np.arange(sizes[g]), idx[g]] < 0, -1.0, 1.0)
-    rest = set(sizes) - carried
-    it, conv = 0, True
-    if rest and fill == "weight":
-        it, conv = _coordinate_descent(spec, _params_leaves(ref_flat), _params_leaves(oth_flat), sizes, idx, signs,
-                                       free=rest, flip=flip, max_iter=max_iter, key=key)
-    return Permutation(idx, signs or None, iterations=it, converged=conv)
+    cost = _correlation_costs(model, spec, ref_vars, oth_vars, x, integer(batch_size, "batch_size", low=1), sizes)
+    return _match(spec, ref, oth, sizes, flip, cost, max_iter, key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,21 +300,17 @@ def align(model, reference: PyTree, other: PyTree, *, method: str = "weight", da
         >>> import jax, jax.numpy as jnp
         >>> from mclandscape.engine.models import get_model
         >>> from mclandscape.methods.alignment import apply_permutation, permutation_spec, random_permutation
-        >>> model = get_model("mlp", widths=[8], num_classes=3)
-        >>> a = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+        >>> model = get_model("mlp", widths=[6], num_classes=2, activation="tanh")
+        >>> a = model.init(jax.random.key(0), jnp.zeros((1, 3)))
         >>> spec = permutation_spec(model)
         >>> b = apply_permutation(spec, random_permutation(spec, a, jax.random.key(1)), a)
         >>> bool(jnp.allclose(align(model, a, b)["params"]["Dense_0"]["kernel"], a["params"]["Dense_0"]["kernel"]))
         True
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     spec = permutation_spec(model, reference) if spec is None else spec
-    if method == "weight":
+    if choice(method, "method", METHODS) == "weight":
         perm = weight_matching(spec, reference, other, max_iter=max_iter, key=key, sign_flips=sign_flips)
     else:
-        if data is None:
-            raise ValueError("method='activation' needs data (inputs on which to correlate the activations)")
         perm = activation_matching(model, spec, reference, other, data, batch_size=batch_size,
                                    num_examples=num_examples, sign_flips=sign_flips, key=key, max_iter=max_iter)
     out = apply_permutation(spec, perm, other)

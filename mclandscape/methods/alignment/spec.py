@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.core._checks import integer
+
 PyTree = Any
 
 # ---------------------------------------------------------------------------------------------------------
@@ -35,10 +37,8 @@ class Axis:
 
     def __post_init__(self):
         perms = (self.perms,) if isinstance(self.perms, str) else tuple(self.perms)
-        if not perms or not all(isinstance(p, str) and p for p in perms):
-            raise ValueError(f"an Axis needs one or more non-empty group names, got {self.perms!r}")
-        if len(set(perms)) != len(perms):
-            raise ValueError(f"an Axis lists a group twice: {perms}")
+        if not perms or not all(isinstance(p, str) and p for p in perms) or len(set(perms)) != len(perms):
+            raise ValueError(f"an Axis needs one or more distinct, non-empty group names, got {self.perms!r}")
         object.__setattr__(self, "perms", perms)
         object.__setattr__(self, "tiled", bool(self.tiled))
 
@@ -46,10 +46,8 @@ class Axis:
 def _as_axis(entry, where: str) -> Axis | None:
     if entry is None or isinstance(entry, Axis):
         return entry
-    if isinstance(entry, str):
-        return Axis((entry,))
-    if isinstance(entry, Sequence) and entry and all(isinstance(e, str) for e in entry):
-        return Axis(tuple(entry))
+    if isinstance(entry, str) or (isinstance(entry, Sequence) and all(isinstance(e, str) for e in entry)):
+        return Axis(entry)
     raise ValueError(f"{where}: an axis entry must be None, a group name, a tuple of group names or an Axis, "
                      f"got {entry!r}")
 
@@ -81,48 +79,31 @@ class PermutationSpec:
     axes: Mapping[str, tuple[Axis | None, ...]]
     sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     odd: frozenset[str] = frozenset()
+    groups: tuple[str, ...] = dataclasses.field(init=False)  # the groups, in order of first appearance
 
     def __post_init__(self):
-        if not isinstance(self.axes, Mapping):
-            raise ValueError(f"axes must map leaf paths to per-axis entries, got {type(self.axes).__name__}")
         axes = {}
-        for path, entries in self.axes.items():
-            if not isinstance(path, str) or not path or path.startswith("/") or path.endswith("/"):
-                raise ValueError(f"a leaf path must be a non-empty '/'-joined string like 'params/Dense_0/kernel', "
-                                 f"got {path!r}")
+        for path, entries in dict(self.axes).items():
             if isinstance(entries, str | Axis) or not isinstance(entries, Sequence):
                 raise ValueError(f"{path}: give one entry per axis as a tuple (e.g. (None, 'h')), got {entries!r}")
             axes[path] = tuple(_as_axis(e, f"axis {i} of {path}") for i, e in enumerate(entries))
         groups = tuple(dict.fromkeys(g for ax in axes.values() for a in ax if a is not None for g in a.perms))
-        sizes = {}
-        for g, n in dict(self.sizes).items():
-            if g not in groups:
-                raise ValueError(f"sizes names group {g!r}, which no axis of the spec uses (groups: {list(groups)})")
-            if isinstance(n, bool) or int(n) != n or n < 1:
-                raise ValueError(f"the size of group {g!r} must be a positive integer, got {n!r}")
-            sizes[g] = int(n)
         odd = frozenset([self.odd] if isinstance(self.odd, str) else self.odd)
-        unknown = sorted(odd - set(groups))
+        unknown = sorted((set(self.sizes) | odd) - set(groups))
         if unknown:
-            raise ValueError(f"odd names group(s) {unknown} that no axis of the spec uses (groups: {list(groups)})")
+            raise ValueError(f"sizes or odd names group(s) {unknown} that no axis of the spec uses "
+                             f"(groups: {list(groups)})")
         object.__setattr__(self, "axes", axes)
-        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "sizes", {g: integer(n, f"sizes[{g!r}]", low=1) for g, n in self.sizes.items()})
         object.__setattr__(self, "odd", odd)
-        object.__setattr__(self, "_groups", groups)
-
-    @property
-    def groups(self) -> tuple[str, ...]:
-        """The permutation groups, in order of first appearance."""
-        return self._groups
+        object.__setattr__(self, "groups", groups)
 
     def bindings(self, group: str) -> list[tuple[str, int, Axis]]:
         """``(leaf path, axis, Axis)`` of every axis the group permutes."""
-        if group not in self._groups:
-            raise ValueError(f"unknown group {group!r}; the spec has {list(self._groups)}")
         return [(p, i, a) for p, ax in self.axes.items() for i, a in enumerate(ax) if a is not None and group in a.perms]
 
     def __repr__(self) -> str:
-        return (f"PermutationSpec({len(self.axes)} leaves, {len(self._groups)} groups"
+        return (f"PermutationSpec({len(self.axes)} leaves, {len(self.groups)} groups"
                 f"{', odd ' + str(sorted(self.odd)) if self.odd else ''})")
 
 
@@ -142,87 +123,61 @@ class _Flat:
     leaves: dict[str, Any]
     treedef: Any
     is_variables: bool
+    collections: set[str]
 
     @classmethod
     def of(cls, tree, name: str) -> _Flat:
         if tree is None:
             raise ValueError(f"{name} is None: pass a params tree or a variables dict")
         is_vars = _is_variables(tree)
-        root = dict(tree) if is_vars else {"params": tree}
-        flat, treedef = jax.tree_util.tree_flatten_with_path(root)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(dict(tree) if is_vars else {"params": tree})
         leaves = {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
         if len(leaves) != len(flat):
             raise ValueError(f"{name} has leaves whose '/'-joined paths collide")
-        return cls(leaves, treedef, is_vars)
-
-    @property
-    def collections(self) -> set[str]:
-        return {p.split("/", 1)[0] for p in self.leaves}
+        return cls(leaves, treedef, is_vars, {p.split("/", 1)[0] for p in leaves})
 
     def rebuild(self, leaves: Mapping[str, Any]):
         root = self.treedef.unflatten([leaves[p] for p in self.leaves])
         return root if self.is_variables else root["params"]
 
 
+def _first(paths: list[str]) -> str:
+    return f"{paths[:5]}{f' and {len(paths) - 5} more' if len(paths) > 5 else ''}"
+
+
 def _check_cover(spec: PermutationSpec, flat: _Flat, name: str) -> None:
     missing = [p for p in flat.leaves if p not in spec.axes]
     if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"the permutation spec has no entry for {missing[:5]}{more} of {name}: every leaf needs "
+        raise ValueError(f"the permutation spec has no entry for {_first(missing)} of {name}: every leaf needs "
                          f"one (None for each axis that is not permuted), else the permutation would change the "
                          f"function")
-    cols = flat.collections
-    absent = [p for p in spec.axes if p not in flat.leaves and p.split("/", 1)[0] in cols]
+    absent = [p for p in spec.axes if p not in flat.leaves and p.split("/", 1)[0] in flat.collections]
     if absent:
-        more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
-        raise ValueError(f"the permutation spec names {absent[:5]}{more}, which {name} does not have (a spec for "
+        raise ValueError(f"the permutation spec names {_first(absent)}, which {name} does not have (a spec for "
                          f"another architecture?)")
     for p, leaf in flat.leaves.items():
-        nd = np.ndim(leaf)
-        if len(spec.axes[p]) != nd:
+        if len(spec.axes[p]) != np.ndim(leaf):
             raise ValueError(f"the permutation spec gives {len(spec.axes[p])} axis entries for {p}, which has "
-                             f"{nd} axes (shape {tuple(np.shape(leaf))})")
+                             f"{np.ndim(leaf)} axes (shape {tuple(np.shape(leaf))})")
 
 
 def _resolve_sizes(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
-    """Group sizes from the leaves' shapes, checked against each other and against ``spec.sizes``."""
-    sizes = dict(spec.sizes)
-    source = {g: "PermutationSpec(sizes=...)" for g in sizes}
+    """Group sizes from the axes bound to one group alone (or ``spec.sizes``), checked against every axis."""
+    sizes, source = dict(spec.sizes), {g: "PermutationSpec(sizes=...)" for g in spec.sizes}
     bound = [(p, i, a) for p, ax in spec.axes.items() if p in shapes for i, a in enumerate(ax) if a is not None]
     for p, i, a in bound:
-        if len(a.perms) == 1 and not a.tiled:
-            g, n = a.perms[0], int(shapes[p][i])
-            if g in sizes and sizes[g] != n:
-                raise ValueError(f"axis sizes disagree for permutation group {g!r}: axis {i} of {p} has {n} units "
-                                 f"but {source[g]} has {sizes[g]}")
-            if g not in sizes:
-                sizes[g], source[g] = n, f"axis {i} of {p}"
-    changed = True
-    while changed:  # a concatenation with exactly one unknown block gives that block's size
-        changed = False
-        for p, i, a in bound:
-            unknown = [g for g in a.perms if g not in sizes]
-            if len(unknown) == 1 and not a.tiled:
-                rest = int(shapes[p][i]) - sum(sizes[g] for g in a.perms if g in sizes)
-                if rest < 1:
-                    known = {g: sizes[g] for g in a.perms if g in sizes}
-                    raise ValueError(f"axis sizes disagree: axis {i} of {p} has {shapes[p][i]} units but its "
-                                     f"blocks {known} already fill it, leaving none for group {unknown[0]!r}")
-                sizes[unknown[0]], source[unknown[0]] = rest, f"axis {i} of {p} (the rest of its concatenation)"
-                changed = True
+        if len(a.perms) == 1 and not a.tiled and a.perms[0] not in sizes:
+            sizes[a.perms[0]], source[a.perms[0]] = int(shapes[p][i]), f"axis {i} of {p}"
     for p, i, a in bound:
         unknown = [g for g in a.perms if g not in sizes]
         if unknown:
             raise ValueError(f"cannot infer the size of group(s) {unknown} (axis {i} of {p} concatenates "
                              f"{list(a.perms)}): declare them in PermutationSpec(sizes=...)")
         total, n = sum(sizes[g] for g in a.perms), int(shapes[p][i])
-        detail = ", ".join(f"{g}={sizes[g]} from {source[g]}" for g in a.perms)
-        if not a.tiled and total != n:
-            raise ValueError(f"axis sizes disagree: axis {i} of {p} has {n} units but its permutation groups add "
-                             f"up to {total} ({detail})")
-        if a.tiled and n % total:
-            raise ValueError(f"axis sizes disagree: axis {i} of {p} has {n} entries, not a multiple of the "
-                             f"{total} units of its tiled groups ({detail})")
+        if (n % total) if a.tiled else (n != total):
+            detail = ", ".join(f"group {g!r} = {sizes[g]} from {source[g]}" for g in a.perms)
+            raise ValueError(f"axis sizes disagree: axis {i} of {p} has {n} entries, not "
+                             f"{'a multiple of ' if a.tiled else ''}the {total} units of its groups ({detail})")
     used = {g for _, _, a in bound for g in a.perms}
     return {g: sizes[g] for g in spec.groups if g in used}
 
@@ -232,7 +187,7 @@ def _validated(spec: PermutationSpec, tree, name: str) -> tuple[_Flat, dict[str,
         raise ValueError(f"spec must be a PermutationSpec (see permutation_spec), got {type(spec).__name__}")
     flat = _Flat.of(tree, name)
     _check_cover(spec, flat, name)
-    return flat, _resolve_sizes(spec, {p: tuple(np.shape(v)) for p, v in flat.leaves.items()})
+    return flat, _resolve_sizes(spec, {p: np.shape(v) for p, v in flat.leaves.items()})
 
 
 def spec_sizes(spec: PermutationSpec, variables: PyTree) -> dict[str, int]:
@@ -281,11 +236,10 @@ class Permutation(Mapping):
     converged: bool | None = None
 
     def __post_init__(self):
-        idx = {str(g): np.asarray(v, dtype=np.int64).reshape(-1) for g, v in dict(self.indices).items()}
-        object.__setattr__(self, "indices", idx)
-        if self.signs is not None:
-            sg = {str(g): np.where(np.asarray(v).reshape(-1) < 0, -1.0, 1.0) for g, v in dict(self.signs).items()}
-            object.__setattr__(self, "signs", sg or None)
+        object.__setattr__(self, "indices", {g: np.asarray(v, np.int64).ravel() for g, v in self.indices.items()})
+        if self.signs is not None:  # an empty mapping is no sign flip at all
+            signs = {g: np.where(np.ravel(v) < 0, -1.0, 1.0) for g, v in self.signs.items()}
+            object.__setattr__(self, "signs", signs or None)
 
     def __getitem__(self, group: str) -> np.ndarray:
         return self.indices[group]
@@ -325,6 +279,14 @@ def _rng(key) -> np.random.Generator:
     return np.random.default_rng(np.asarray(data, np.uint64).ravel().tolist())
 
 
+def _flips(spec: PermutationSpec, sign_flips: bool) -> frozenset[str]:
+    """The groups that may flip sign: the spec's odd groups with ``sign_flips``."""
+    if sign_flips and not spec.odd:
+        raise ValueError("sign_flips=True, but the spec declares no odd group: sign flips are a symmetry only of "
+                         "units with an odd activation (tanh); declare those groups with PermutationSpec(odd=...) "
+                         "(permutation_spec does for tanh MLPs)")
+    return spec.odd if sign_flips else frozenset()
+
 
 def identity_permutation(spec: PermutationSpec, variables: PyTree) -> Permutation:
     """The permutation that moves nothing, for every group of ``spec`` in ``variables``."""
@@ -344,69 +306,42 @@ def random_permutation(spec: PermutationSpec, variables: PyTree, key: jax.Array,
         >>> sorted(p["h"].tolist())
         [0, 1, 2, 3, 4]
     """
-    sizes = spec_sizes(spec, variables)
-    if sign_flips and not spec.odd:
-        raise ValueError(_NO_ODD)
-    rng = _rng(key)
-    idx, signs = {}, {}
-    for g, n in sizes.items():
-        idx[g] = rng.permutation(n)
-        if sign_flips and g in spec.odd:
-            signs[g] = rng.choice(np.array([-1.0, 1.0]), n)
+    sizes, flip, rng = spec_sizes(spec, variables), _flips(spec, sign_flips), _rng(key)
+    idx = {g: rng.permutation(n) for g, n in sizes.items()}
+    signs = {g: rng.choice(np.array([-1.0, 1.0]), n) for g, n in sizes.items() if g in flip}
     return Permutation(idx, signs if sign_flips else None)
-
-
-_NO_ODD = ("sign_flips=True, but the spec declares no odd group: sign flips are a symmetry only of units with an odd "
-           "activation (tanh); declare those groups with PermutationSpec(odd=...) (permutation_spec does for "
-           "tanh MLPs)")
 
 
 def _check_perm(spec: PermutationSpec, perm, sizes: Mapping[str, int]) -> tuple[dict, dict | None]:
     if not isinstance(perm, Mapping):
         raise ValueError(f"perm must be a Permutation or a mapping group -> indices, got {type(perm).__name__}")
-    signs = perm.signs if isinstance(perm, Permutation) else None
-    missing = [g for g in sizes if g not in perm]
-    if missing:
-        raise ValueError(f"perm has no entry for group(s) {missing} of the spec (use identity_permutation for a "
-                         f"starting point)")
-    extra = [g for g in perm if g not in sizes]
-    if extra:
-        raise ValueError(f"perm names group(s) {extra} that the spec does not have for these variables "
-                         f"(groups: {list(sizes)})")
-    idx = {}
+    if set(perm) != set(sizes):
+        raise ValueError(f"perm must cover exactly the spec's groups (identity_permutation gives a starting point): "
+                         f"no entry for group(s) {[g for g in sizes if g not in perm]}, unknown group(s) "
+                         f"{[g for g in perm if g not in sizes]}")
     for g, n in sizes.items():
         p = np.asarray(perm[g])
         if p.shape != (n,) or not np.issubdtype(p.dtype, np.integer) or not np.array_equal(np.sort(p), np.arange(n)):
             raise ValueError(f"perm[{g!r}] must be a permutation of range({n}), got shape {p.shape} "
                              f"{p.tolist() if p.size <= 12 else ''}")
-        idx[g] = p.astype(np.int64)
-    if signs is not None:
-        bad = [g for g in signs if g not in spec.odd]
-        if bad:
-            raise ValueError(f"sign flips of group(s) {bad} are not a symmetry: the spec does not declare them odd")
-        for g, s in signs.items():
-            if g in sizes and np.shape(s) != (sizes[g],):
-                raise ValueError(f"signs[{g!r}] must have {sizes[g]} entries, got shape {np.shape(s)}")
-        signs = {g: np.asarray(s, np.float64) for g, s in signs.items() if g in sizes} or None
-    return idx, signs
+    signs = perm.signs if isinstance(perm, Permutation) else None
+    for g, s in (signs or {}).items():
+        if g not in spec.odd or np.shape(s) != (sizes.get(g),):
+            raise ValueError(f"signs[{g!r}] is not a symmetry: signs flip only the spec's odd groups "
+                             f"{sorted(spec.odd)}, one per unit ({sizes.get(g)}), got shape {np.shape(s)}")
+    return {g: np.asarray(perm[g], np.int64) for g in sizes}, signs
 
 
-def _axis_index(a: Axis, n: int, sizes, idx) -> np.ndarray:
-    parts, off = [], 0
-    for g in a.perms:
-        parts.append(off + idx[g])
-        off += sizes[g]
-    out = np.concatenate(parts)
+def _axis_gather(a: Axis, n: int, sizes, idx, signs) -> tuple[np.ndarray, np.ndarray | None]:
+    """The gather indices along an axis of ``n`` entries bound to ``a``, and its signs (``None``: no flips)."""
+    starts = np.cumsum([0] + [sizes[g] for g in a.perms])
+    index = np.concatenate([s + idx[g] for s, g in zip(starts[:-1], a.perms, strict=True)])
+    flips = None
+    if signs and any(g in signs for g in a.perms):
+        flips = np.tile(np.concatenate([signs.get(g, np.ones(sizes[g])) for g in a.perms]), n // starts[-1])
     if a.tiled:
-        out = (np.arange(n // off)[:, None] * off + out[None, :]).reshape(-1)
-    return out
-
-
-def _axis_signs(a: Axis, n: int, sizes, signs) -> np.ndarray | None:
-    if not signs or not any(g in signs for g in a.perms):
-        return None
-    s = np.concatenate([signs[g] if g in signs else np.ones(sizes[g]) for g in a.perms])
-    return np.tile(s, n // s.size) if a.tiled else s
+        index = (np.arange(n // starts[-1])[:, None] * starts[-1] + index[None, :]).reshape(-1)
+    return index, flips
 
 
 def _permute_leaf(x, entries, sizes, idx, signs, *, skip: int | None = None):
@@ -414,19 +349,15 @@ def _permute_leaf(x, entries, sizes, idx, signs, *, skip: int | None = None):
     a jax array comes back as a jax array of the same dtype."""
     if all(a is None for i, a in enumerate(entries) if i != skip):
         return x
-    is_jax = isinstance(x, jax.Array)
     y = np.asarray(x)
     for i, a in enumerate(entries):
         if a is None or i == skip:
             continue
-        n = y.shape[i]
-        y = np.take(y, _axis_index(a, n, sizes, idx), axis=i)
-        s = _axis_signs(a, n, sizes, signs)
+        index, s = _axis_gather(a, y.shape[i], sizes, idx, signs)
+        y = np.take(y, index, axis=i)
         if s is not None:
-            shape = [1] * y.ndim
-            shape[i] = n
-            y = y * s.reshape(shape).astype(y.dtype)
-    return jnp.asarray(y) if is_jax else y
+            y = y * s.reshape((-1,) + (1,) * (y.ndim - i - 1)).astype(y.dtype)
+    return jnp.asarray(y) if isinstance(x, jax.Array) else y
 
 
 def apply_permutation(spec: PermutationSpec, perm: Permutation | Mapping[str, Any], variables: PyTree) -> PyTree:
@@ -453,5 +384,4 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation | Mapping[str, An
     """
     flat, sizes = _validated(spec, variables, "the variables")
     idx, signs = _check_perm(spec, perm, sizes)
-    out = {p: _permute_leaf(x, spec.axes[p], sizes, idx, signs) for p, x in flat.leaves.items()}
-    return flat.rebuild(out)
+    return flat.rebuild({p: _permute_leaf(x, spec.axes[p], sizes, idx, signs) for p, x in flat.leaves.items()})

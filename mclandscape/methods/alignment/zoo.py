@@ -1,5 +1,6 @@
-"""Permutation specs of the zoo architectures, derived from ``model.spec`` (its architecture and arguments):
-every hidden unit and channel, residual streams shared, BatchNorm statistics with their channels."""
+"""Permutation specs of the zoo architectures, derived from the module that ``model.spec`` (its architecture
+and arguments) builds: every hidden unit and channel, residual streams shared, BatchNorm statistics with their
+channels."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from mclandscape.engine.models import MLP, VGG16, ConvFC, DenseNet, ResNet, SimpleCNN, ViT, canonical_name, get_model
+from mclandscape.engine.models.densenet import densenet_layers, transition_channels
+from mclandscape.engine.models.vgg import VGG16_CFG
 from mclandscape.methods.alignment.spec import Axis, Permutation, PermutationSpec, _Flat, apply_permutation
 
 PyTree = Any
@@ -34,15 +38,14 @@ class _Builder:
     def leaf(self, path: str, *entries):
         self.axes[f"params/{path}"] = tuple(entries)
 
-    def dense(self, name: str, p_in, p_out, bias: bool = True):
-        self.leaf(f"{name}/kernel", p_in, p_out)
+    def dense(self, name: str, p_in, p_out, bias: bool = True, spatial: int = 0):
+        """A Dense layer (``spatial=2``: a Conv, its kernel's height and width not permuted)."""
+        self.leaf(f"{name}/kernel", *(None,) * spatial, p_in, p_out)
         if bias:
             self.leaf(f"{name}/bias", p_out)
 
     def conv(self, name: str, p_in, p_out, bias: bool = True):
-        self.leaf(f"{name}/kernel", None, None, p_in, p_out)
-        if bias:
-            self.leaf(f"{name}/bias", p_out)
+        self.dense(name, p_in, p_out, bias, spatial=2)
 
     def norm(self, name: str, p, stats: bool = True):
         self.leaf(f"{name}/scale", p)
@@ -55,115 +58,75 @@ class _Builder:
         return PermutationSpec(self.axes, self.sizes, frozenset(self.odd))
 
 
-def _mlp(b: _Builder, widths, use_bias, activation, **_):
+def _chain(b: _Builder, convs, dense, *, bn: bool = False, bias: bool = True, odd: bool = False):
+    """Conv layers ``(name, channels)`` (each followed by BatchNorm ``{name}_bn`` with ``bn``), the feature
+    maps flattened channels fastest (a tiled axis), then Dense layers ``(name, units)``, the last one the
+    head; with ``odd`` the hidden units may flip sign. MLP, simple CNN, ConvFC and VGG16 are such chains."""
     prev = None
-    for i, w in enumerate(widths):
-        g = b.group(f"Dense_{i}", w)
-        b.dense(f"Dense_{i}", prev, g, use_bias)
-        if activation in ODD_ACTIVATIONS:
-            b.odd.add(g)
-        prev = g
-    b.dense(f"Dense_{len(widths)}", prev, None, use_bias)
-
-
-def _convnet(b: _Builder, channels, hidden):
-    """simple_cnn / convfc: conv layers ``stem``, ``conv1``, ..., then flatten (tiled) and dense layers."""
-    prev = None
-    for i, c in enumerate(channels):
-        name = "stem" if i == 0 else f"conv{i}"
+    for name, c in convs:
         g = b.group(name, c)
         b.conv(name, prev, g)
-        prev = g
-    prev = Axis((prev,), tiled=True) if prev is not None else None
-    for name, h in hidden:
-        g = b.group(name, h)
-        b.dense(name, prev, g)
-        prev = g
-    b.dense("head", prev, None)
-
-
-def _vgg(b: _Builder, batch_norm, width):
-    from mclandscape.engine.models.vgg import VGG16_CFG
-
-    prev, i = None, 0
-    for v in VGG16_CFG:
-        if v == "M":
-            continue
-        name = "stem" if i == 0 else f"conv{i}"
-        g = b.group(name, v)
-        b.conv(name, prev, g)
-        if batch_norm:
+        if bn:
             b.norm(f"{name}_bn", g)
-        prev, i = g, i + 1
-    prev = Axis((prev,), tiled=True)
-    for j in range(2):
-        g = b.group(f"fc{j}", width)
-        b.dense(f"fc{j}", prev, g)
         prev = g
-    b.dense("head", prev, None)
+    prev = Axis((prev,), tiled=True) if convs else None
+    for k, (name, units) in enumerate(dense):
+        out = b.group(name, units) if k + 1 < len(dense) else None
+        b.dense(name, prev, out, bias)
+        if odd and out:
+            b.odd.add(out)
+        prev = out
 
 
-def _resnet(b: _Builder, stage_sizes, widths, *, preact=False, shortcut="B", bottleneck=False):
-    """The zoo's ResNet (:class:`mclandscape.engine.models.resnet.ResNet`): one group per residual stream (the
-    stem's, then a new one wherever a block changes the shape through a projection shortcut); option-A
-    shortcuts extend the stream by two zero-padding blocks instead."""
-    stream = (b.group("stem", widths[0]),)
-    ch = int(widths[0])
+def _convs(channels) -> list[tuple[str, int]]:
+    return [("stem" if i == 0 else f"conv{i}", c) for i, c in enumerate(channels)]
+
+
+def _resnet(b: _Builder, m: ResNet):
+    """The zoo's ResNet: one group per residual stream (the stem's, then a new one wherever a block changes the
+    shape through a projection shortcut); option-A shortcuts extend the stream by two zero-padding blocks
+    instead. A block's convolutions chain from the stream to the new stream, each with its BatchNorm before
+    (pre-activation) or after it."""
+    option_a = m.shortcut == "A" and not m.preact and not m.bottleneck
+    stream, ch = (b.group("stem", m.widths[0]),), int(m.widths[0])
     b.conv("stem", None, stream, False)
-    if not preact:
+    if not m.preact:
         b.norm("stem_bn", stream)
-    for s, (n_blocks, w) in enumerate(zip(stage_sizes, widths, strict=True)):
+    for s, (n_blocks, w) in enumerate(zip(m.stage_sizes, m.widths, strict=True)):
         for blk in range(int(n_blocks)):
-            stride = 2 if (s > 0 and blk == 0) else 1
-            name = f"stage{s}_block{blk}"
-            out_ch = 4 * int(w) if bottleneck else int(w)
+            name, out_ch = f"stage{s}_block{blk}", 4 * int(w) if m.bottleneck else int(w)
             new = stream
-            if stride != 1 or ch != out_ch:
-                if shortcut == "A" and not preact and not bottleneck:
-                    extra = out_ch - ch
-                    lo = (b.group(f"{name}/pad_lo", extra // 2),) if extra // 2 else ()
-                    hi = (b.group(f"{name}/pad_hi", extra - extra // 2),) if extra - extra // 2 else ()
+            if (s > 0 and blk == 0) or ch != out_ch:
+                if option_a:  # the stream zero-padded on both sides: (pad_lo, stream, pad_hi), empty pads left out
+                    pads = {"pad_lo": (out_ch - ch) // 2, "pad_hi": out_ch - ch - (out_ch - ch) // 2}
+                    lo, hi = ((b.group(f"{name}/{p}", n),) if n else () for p, n in pads.items())
                     new = lo + stream + hi
                 else:
                     new = (b.group(f"{name}/stream", out_ch),)
-            c1 = b.group(f"{name}/conv1", w)
-            if bottleneck:
-                c2 = b.group(f"{name}/conv2", w)
-                b.norm(f"{name}/bn1", stream)
-                b.conv(f"{name}/conv1", stream, c1, False)
-                b.norm(f"{name}/bn2", c1)
-                b.conv(f"{name}/conv2", c1, c2, False)
-                b.norm(f"{name}/bn3", c2)
-                b.conv(f"{name}/conv3", c2, new, False)
-            elif preact:
-                b.norm(f"{name}/bn1", stream)
-                b.conv(f"{name}/conv1", stream, c1, False)
-                b.norm(f"{name}/bn2", c1)
-                b.conv(f"{name}/conv2", c1, new, False)
-            else:
-                b.conv(f"{name}/conv1", stream, c1, False)
-                b.norm(f"{name}/bn1", c1)
-                b.conv(f"{name}/conv2", c1, new, False)
-                b.norm(f"{name}/bn2", new)
-            if new != stream and not (shortcut == "A" and not preact and not bottleneck):
+            inner = [b.group(f"{name}/conv{j + 1}", w) for j in range(2 if m.bottleneck else 1)]
+            chain = [stream, *inner, new]
+            for j in range(len(chain) - 1):
+                if m.preact:
+                    b.norm(f"{name}/bn{j + 1}", chain[j])
+                b.conv(f"{name}/conv{j + 1}", chain[j], chain[j + 1], False)
+                if not m.preact:
+                    b.norm(f"{name}/bn{j + 1}", chain[j + 1])
+            if new != stream and not option_a:
                 b.conv(f"{name}/shortcut_conv", stream, new, False)
-                if not preact:
+                if not m.preact:
                     b.norm(f"{name}/shortcut_bn", new)
             stream, ch = new, out_ch
-    if preact:
+    if m.preact:
         b.norm("final_bn", stream)
     b.dense("head", stream, None)
 
 
-def _densenet(b: _Builder, depth, growth_rate, compression, **_):
-    from mclandscape.engine.models.densenet import densenet_layers, transition_channels
-
-    layers = densenet_layers(depth)
-    k = int(growth_rate)
+def _densenet(b: _Builder, m: DenseNet):
+    k = int(m.growth_rate)
     segs = (b.group("stem", 2 * k),)
     b.conv("stem", None, segs, False)
     for blk in range(3):
-        for i in range(layers):
+        for i in range(densenet_layers(m.depth)):
             name = f"block{blk}_layer{i}"
             mid, new = b.group(f"{name}/conv1", 4 * k), b.group(f"{name}/conv2", k)
             b.norm(f"{name}/bn1", segs)
@@ -173,7 +136,7 @@ def _densenet(b: _Builder, depth, growth_rate, compression, **_):
             segs = segs + (new,)
         if blk < 2:
             t = f"transition{blk}"
-            out = b.group(t, transition_channels(sum(b.sizes[g] for g in segs), compression))
+            out = b.group(t, transition_channels(sum(b.sizes[g] for g in segs), m.compression))
             b.norm(f"{t}/bn", segs)
             b.conv(f"{t}/conv", segs, out, False)
             segs = (out,)
@@ -181,18 +144,15 @@ def _densenet(b: _Builder, depth, growth_rate, compression, **_):
     b.dense("head", segs, None)
 
 
-def _vit(b: _Builder, dim, depth, heads, mlp_dim, **_):
-    s = b.group("stream", dim)
+def _vit(b: _Builder, m: ViT):
+    s = b.group("stream", m.dim)
     b.conv("stem", None, s)
     b.leaf("cls_token", None, None, s)
     b.leaf("pos_embedding", None, None, s)
-    if dim % heads:
-        raise ValueError(f"ViT dim {dim} is not divisible by heads {heads}")
-    for i in range(int(depth)):
+    for i in range(int(m.depth)):
         name = f"block{i}"
-        h = b.group(f"{name}/heads", heads)
-        qk, v = b.group(f"{name}/qk", dim // heads), b.group(f"{name}/v", dim // heads)
-        m = b.group(f"{name}/mlp", mlp_dim)
+        h = b.group(f"{name}/heads", m.heads)
+        qk, v = b.group(f"{name}/qk", m.dim // m.heads), b.group(f"{name}/v", m.dim // m.heads)
         b.norm(f"{name}/ln1", s, stats=False)
         for proj, g in (("query", qk), ("key", qk), ("value", v)):
             b.leaf(f"{name}/attn/{proj}/kernel", s, h, g)
@@ -200,53 +160,26 @@ def _vit(b: _Builder, dim, depth, heads, mlp_dim, **_):
         b.leaf(f"{name}/attn/out/kernel", h, v, s)
         b.leaf(f"{name}/attn/out/bias", s)
         b.norm(f"{name}/ln2", s, stats=False)
-        b.dense(f"{name}/mlp1", s, m)
-        b.dense(f"{name}/mlp2", m, s)
+        mlp = b.group(f"{name}/mlp", m.mlp_dim)
+        b.dense(f"{name}/mlp1", s, mlp)
+        b.dense(f"{name}/mlp2", mlp, s)
     b.norm("ln_final", s, stats=False)
     b.dense("head", s, None)
 
 
-def _zoo_spec(arch: str, kw: Mapping) -> PermutationSpec:
-    b = _Builder()
-    if arch == "mlp":
-        _mlp(b, [int(w) for w in kw["widths"]], kw["use_bias"], kw["activation"])
-    elif arch == "simple_cnn":
-        _convnet(b, [int(c) for c in kw["channels"]], [("fc", int(kw["hidden"]))])
-    elif arch == "convfc":
-        _convnet(b, [int(c) for c in kw["channels"]], [(f"fc{i}", int(h)) for i, h in enumerate(kw["hidden"])])
-    elif arch in ("vgg16", "vgg16_bn"):
-        _vgg(b, arch == "vgg16_bn", int(kw["width"]))
-    elif arch == "resnet18":
-        _resnet(b, (2, 2, 2, 2), (64, 128, 256, 512), shortcut="B")
-    elif arch == "resnet20":
-        _resnet(b, (3, 3, 3), (16, 32, 64), shortcut=kw["shortcut"])
-    elif arch == "preresnet20":
-        _resnet(b, (3, 3, 3), (16, 32, 64), preact=True)
-    elif arch == "preresnet164":
-        from mclandscape.engine.models.resnet import preresnet_bottleneck_blocks
-
-        n = preresnet_bottleneck_blocks(kw["depth"])
-        _resnet(b, (n, n, n), (16, 32, 64), preact=True, bottleneck=True)
-    elif arch == "densenet100":
-        _densenet(b, **kw)
-    elif arch == "vit_small":
-        _vit(b, **kw)
-    else:  # a registry entry without a spec here
-        raise ValueError(f"no permutation spec for architecture {arch!r}; declare one with PermutationSpec(...)")
-    return b.spec()
-
-
-def _zoo_arch(spec) -> str | None:
-    """The zoo architecture a model's spec names with its constructor arguments (as ``get_model`` records
-    them), else ``None``: a wrapped user module's spec (``{"arch": class name}``) never picks a zoo spec."""
-    from mclandscape.engine.models import canonical_name
-
-    if not isinstance(spec, Mapping) or "arch" not in spec or not isinstance(spec.get("kwargs"), Mapping):
-        return None
-    try:
-        return canonical_name(spec["arch"])
-    except ValueError:
-        return None
+# the zoo's module classes -> their spec, read off the module's attributes
+_SPECS = {
+    MLP: lambda b, m: _chain(b, [], [(f"Dense_{i}", w) for i, w in enumerate((*m.widths, None))], bias=m.use_bias,
+                             odd=m.activation in ODD_ACTIVATIONS),
+    SimpleCNN: lambda b, m: _chain(b, _convs(m.channels), [("fc", m.hidden), ("head", None)]),
+    ConvFC: lambda b, m: _chain(b, _convs(m.channels), [*((f"fc{i}", h) for i, h in enumerate(m.hidden)),
+                                                          ("head", None)]),
+    VGG16: lambda b, m: _chain(b, _convs([v for v in VGG16_CFG if v != "M"]),
+                               [("fc0", m.width), ("fc1", m.width), ("head", None)], bn=m.batch_norm),
+    ResNet: _resnet,
+    DenseNet: _densenet,
+    ViT: _vit,
+}
 
 
 def _dense_chain(flat: _Flat) -> list[tuple[str, tuple[int, int], bool]] | str:
@@ -270,8 +203,7 @@ def _dense_chain(flat: _Flat) -> list[tuple[str, tuple[int, int], bool]] | str:
     outs = [k[1] for k, _ in layers.values()]
     chain, rest = [], dict(layers)
     while rest:
-        want = chain[-1][1][1] if chain else None
-        nxt = [m for m, (k, _) in rest.items() if (k[0] == want if chain else k[0] not in outs)]
+        nxt = [m for m, (k, _) in rest.items() if (k[0] == chain[-1][1][1] if chain else k[0] not in outs)]
         if len(nxt) != 1:
             return "no single order of its Dense layers chains them"
         chain.append((nxt[0], *rest.pop(nxt[0])))
@@ -285,19 +217,17 @@ def _derived_spec(model, variables) -> PermutationSpec:
     flat = _Flat.of(variables, "variables")
     chain = _dense_chain(flat)
     if not isinstance(chain, str):
-        b = _Builder()
-        prev = None
+        b, prev = _Builder(), None
         for i, (module, kernel, bias) in enumerate(chain):
             out = b.group(module, kernel[1]) if i + 1 < len(chain) else None
             b.dense(module, prev, out, bias)
             prev = out
-        spec = b.spec()
-        rng = np.random.default_rng(0)
+        spec, rng = b.spec(), np.random.default_rng(0)
         shuffled = apply_permutation(spec, Permutation({g: rng.permutation(n) for g, n in b.sizes.items()}),
                                      variables)
-        as_vars = (lambda v: v) if flat.is_variables else (lambda v: {"params": v})
         x = rng.normal(size=(4, chain[0][1][0])).astype(np.float32)
-        y0, y1 = (np.asarray(model.apply(as_vars(v), x), np.float64) for v in (variables, shuffled))
+        y0, y1 = (np.asarray(model.apply(v if flat.is_variables else {"params": v}, x), np.float64)
+                  for v in (variables, shuffled))
         if np.max(np.abs(y0 - y1)) <= 1e-4 * max(1.0, float(np.max(np.abs(y0)))):
             return spec
         chain = "permuting its hidden units changes its outputs (a skip connection or units mixed between layers?)"
@@ -308,6 +238,19 @@ def _derived_spec(model, variables) -> PermutationSpec:
                      f"PermutationSpec({{'params/Dense_0/kernel': (None, 'h'), 'params/Dense_0/bias': ('h',), "
                      f"'params/Dense_1/kernel': ('h', None), 'params/Dense_1/bias': (None,)}}). Its leaves:\n"
                      f"{leaves}")
+
+
+def _zoo_module(spec):
+    """The Flax module of the zoo architecture a model's spec names with its constructor arguments (as
+    ``get_model`` records them), else ``None``: a wrapped user module's spec (``{"arch": class name}``) never
+    picks a zoo spec."""
+    if not isinstance(spec, Mapping) or "arch" not in spec or not isinstance(spec.get("kwargs"), Mapping):
+        return None
+    try:
+        arch = canonical_name(spec["arch"])
+    except ValueError:
+        return None
+    return get_model(arch, **dict(spec["kwargs"])).apply.module
 
 
 def permutation_spec(model, variables: PyTree | None = None) -> PermutationSpec:
@@ -338,18 +281,17 @@ def permutation_spec(model, variables: PyTree | None = None) -> PermutationSpec:
         >>> class Net(nn.Module):
         ...     @nn.compact
         ...     def __call__(self, x, train=False):
-        ...         return nn.Dense(2)(nn.relu(nn.Dense(5)(x)))
+        ...         return nn.Dense(2)(nn.relu(nn.Dense(6)(x)))
         >>> net = from_flax(Net())  # Dense_0 is built first but called last
         >>> permutation_spec(net, net.init(jax.random.key(0), jnp.zeros((1, 3)))).groups
         ('Dense_1',)
     """
-    from mclandscape.engine.models import get_model
-
     spec = getattr(model, "spec", model)
-    arch = _zoo_arch(spec)
-    if arch is not None:
-        full = get_model(arch, **dict(spec["kwargs"])).spec  # every argument, defaults filled in
-        return _zoo_spec(arch, full["kwargs"])
+    module = _zoo_module(spec)
+    if module is not None:
+        b = _Builder()
+        _SPECS[type(module)](b, module)
+        return b.spec()
     if variables is None or not hasattr(model, "apply"):
         raise ValueError(f"model {getattr(model, 'name', spec)!r} is not a zoo model (its spec {spec!r} names no zoo "
                          f"architecture with its arguments): pass its variables, permutation_spec(model, variables), "
