@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mclandscape.core.tree import PyTree, check_same_structure, tree_combine, tree_ravel
+from mclandscape.core._checks import choice, integer, real
+from mclandscape.core.tree import PyTree, check_finite, check_same_structure, tree_combine, tree_ravel
 from mclandscape.engine.points import Points
 
 __all__ = ["Flat", "flat_from_minima", "full_space_flat"]
@@ -101,7 +102,6 @@ class Flat:
         Returns:
           The volume as a Python float.
         """
-        _check_step(step)
         return float(self.cell_factor * step ** self.dim)
 
     def lattice_rows(self, coords, step: float) -> np.ndarray:
@@ -118,7 +118,7 @@ class Flat:
           ValueError: non-integer coordinates, a wrong shape, or a coordinate too large for the anchor's dtype
             to hold exactly (beyond 2^24 in float32), where two voxels could share one row.
         """
-        _check_step(step)
+        step = _check_step(step)
         a = _check_coords(coords, self.dim)
         dtype = np.dtype(self.anchor.dtype)
         exact = 2 ** (int(jnp.finfo(dtype).nmant) + 1)
@@ -176,16 +176,10 @@ class Flat:
 
     def describe(self) -> dict:
         """JSON-serialisable summary (kind, m, d, angles, norms, minima coordinates, cell factor)."""
-        return {
-            "kind": self.kind,
-            "dim": self.dim,
-            "ambient_dim": self.ambient_dim,
-            "anchor_index": self.anchor_index,
-            "cell_factor": self.cell_factor,
-            "raw_angles_deg": None if self.raw_angles_deg is None else self.raw_angles_deg.tolist(),
-            "raw_norms": None if self.raw_norms is None else self.raw_norms.tolist(),
-            "minima_coords": None if self.minima_coords is None else self.minima_coords.tolist(),
-        }
+        out = {k: getattr(self, k) for k in ("kind", "dim", "ambient_dim", "anchor_index", "cell_factor")}
+        for k in ("raw_angles_deg", "raw_norms", "minima_coords"):
+            out[k] = None if getattr(self, k) is None else getattr(self, k).tolist()
+        return out
 
 
 def _check_coords(coords, dim: int) -> np.ndarray:
@@ -213,12 +207,9 @@ class _Unravel:
                    tuple(jnp.result_type(a).name for a in leaves))
 
     def __call__(self, vec: jax.Array) -> PyTree:
-        out, offset = [], 0
-        for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
-            size = math.prod(shape)
-            out.append(vec[offset:offset + size].reshape(shape).astype(dtype))
-            offset += size
-        return jax.tree_util.tree_unflatten(self.treedef, out)
+        parts = jnp.split(vec, np.cumsum([math.prod(shape) for shape in self.shapes])[:-1])
+        return jax.tree_util.tree_unflatten(self.treedef, [
+            x.reshape(shape).astype(dtype) for x, shape, dtype in zip(parts, self.shapes, self.dtypes, strict=True)])
 
 
 def _ravel_minima(minima: Sequence[PyTree]):
@@ -230,8 +221,7 @@ def _ravel_minima(minima: Sequence[PyTree]):
         v, _ = tree_ravel(p)
         if not jnp.issubdtype(v.dtype, jnp.floating):
             raise ValueError(f"minima[{i}] has non-floating parameters (dtype {v.dtype})")
-        if not bool(jnp.all(jnp.isfinite(v))):
-            raise ValueError(f"minima[{i}] holds non-finite parameters")
+        check_finite(p, f"minima[{i}]")
         vecs.append((v, _Unravel.of(p)))
     return vecs
 
@@ -270,7 +260,11 @@ def flat_from_minima(
         3.0
     """
     minima = list(minima)
-    _check_flat_args(len(minima), anchor, basis, rtol)
+    if len(minima) < 2:
+        raise ValueError(f"a flat needs at least two minima (m+1 >= 2 for an m-dimensional flat), got {len(minima)}")
+    choice(basis, "basis", ("qr", "raw"))
+    anchor = choice(integer(anchor, "anchor"), "anchor", range(len(minima)))
+    rtol = real(rtol, "rtol", low=0, low_open=True)
     vecs = _ravel_minima(minima)
     theta0, unravel = vecs[anchor]
     dtype = theta0.dtype
@@ -299,8 +293,7 @@ def flat_from_minima(
         coords_dirs = np.eye(m)
         cell = float(np.prod(np.abs(np.diag(r))))  # sqrt(det BᵀB)
     minima_coords = np.zeros((len(minima), m))
-    for j, i in enumerate(order):
-        minima_coords[i] = coords_dirs[:, j]
+    minima_coords[order] = coords_dirs.T
     return Flat(
         anchor=theta0,
         basis=jnp.asarray(used, dtype),
@@ -312,17 +305,6 @@ def flat_from_minima(
         cell_factor=cell,
         anchor_index=int(anchor),
     )
-
-
-def _check_flat_args(num_minima: int, anchor, basis: str, rtol: float) -> None:
-    if num_minima < 2:
-        raise ValueError(f"a flat needs at least two minima (m+1 >= 2 for an m-dimensional flat), got {num_minima}")
-    if basis not in ("qr", "raw"):
-        raise ValueError(f"basis must be 'qr' or 'raw', got {basis!r}")
-    if not isinstance(anchor, int | np.integer) or not 0 <= anchor < num_minima:
-        raise ValueError(f"anchor must be an index into the {num_minima} minima, got {anchor!r}")
-    if not rtol > 0:
-        raise ValueError(f"rtol must be positive, got {rtol}")
 
 
 def _independent_qr(b: np.ndarray, norms: np.ndarray, order: list[int], anchor: int, rtol: float):
@@ -361,7 +343,5 @@ def full_space_flat(theta_star: PyTree) -> Flat:
                 minima_coords=None, cell_factor=1.0, anchor_index=0)
 
 
-def _check_step(step) -> None:
-    if not isinstance(step, int | float | np.integer | np.floating) or not math.isfinite(step) or step <= 0:
-        raise ValueError(f"step width s must be a positive finite number, got {step!r}")
-
+def _check_step(step) -> float:
+    return real(step, "step width s", low=0, low_open=True)
