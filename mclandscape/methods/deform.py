@@ -65,6 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mclandscape.core._checks import choice, real
+
 __all__ = ["VDM", "AP", "LE", "Squared", "Identity", "CustomVDM", "custom_vdm", "check_monotone", "check_loss_domain",
            "vdm_loss", "scale_by_vdm", "ScaleByVDMState", "check_vdm_state", "deformed_hessian_formula"]
 
@@ -137,12 +139,6 @@ class VDM:
         return self.name
 
 
-def _check_pos(name: str, **values: float) -> None:
-    for k, v in values.items():
-        if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{name}: coefficient {k} must be a finite number > 0 (VDM paper, section 3.1), got {v!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class AP(VDM):
     """Arctan-power VDM ``δ(ℓ) = a1·arctan(a2·ℓ)^a3 + a4·ℓ`` (VDM paper, section 3.1).
@@ -167,12 +163,9 @@ class AP(VDM):
     a4: float
 
     def __post_init__(self):
-        for k in ("a1", "a2", "a3", "a4"):
-            object.__setattr__(self, k, float(getattr(self, k)))
-        _check_pos("AP", a1=self.a1, a2=self.a2, a3=self.a3)
-        if not (math.isfinite(self.a4) and self.a4 >= 0):
-            raise ValueError(f"AP: coefficient a4 must be a finite number >= 0 (VDM paper, section 3.1; a4 = 0 "
-                             f"as in Table 2's AP(1.5, 0.7, 1, 0)), got {self.a4!r}")
+        for k in ("a1", "a2", "a3", "a4"):  # a4 = 0 is allowed: Table 2 uses AP(1.5, 0.7, 1, 0)
+            object.__setattr__(self, k, real(getattr(self, k), f"AP coefficient {k}", low=0, low_open=k != "a4",
+                                             what="VDM paper, section 3.1"))
 
     @property
     def name(self) -> str:
@@ -216,8 +209,8 @@ class LE(VDM):
 
     def __post_init__(self):
         for k in ("e1", "e2"):
-            object.__setattr__(self, k, float(getattr(self, k)))
-        _check_pos("LE", e1=self.e1, e2=self.e2)
+            object.__setattr__(self, k, real(getattr(self, k), f"LE coefficient {k}", low=0, low_open=True,
+                                             what="VDM paper, section 3.1"))
 
     @property
     def name(self) -> str:
@@ -256,12 +249,6 @@ class Squared(VDM):
     def value(self, loss):
         return 0.5 * jnp.square(loss)
 
-    def derivative(self, loss):
-        return jnp.asarray(loss)
-
-    def second_derivative(self, loss):
-        return jnp.ones_like(jnp.asarray(loss))
-
 
 @dataclasses.dataclass(frozen=True)
 class Identity(VDM):
@@ -274,12 +261,6 @@ class Identity(VDM):
     def value(self, loss):
         return jnp.asarray(loss)
 
-    def derivative(self, loss):
-        return jnp.ones_like(jnp.asarray(loss))
-
-    def second_derivative(self, loss):
-        return jnp.zeros_like(jnp.asarray(loss))
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CustomVDM(VDM):
@@ -287,17 +268,8 @@ class CustomVDM(VDM):
 
     fn: Callable[[Array], Array]
     fn_derivative: Callable[[Array], Array] | None = None
-    label: str = "custom"
-    low: float = -math.inf
-    low_inclusive: bool = True
-
-    @property
-    def name(self) -> str:
-        return self.label
-
-    @property
-    def domain(self) -> tuple[float, bool]:
-        return (self.low, self.low_inclusive)
+    name: str = "custom"
+    domain: tuple[float, bool] = (-math.inf, True)
 
     def value(self, loss):
         return self.fn(jnp.asarray(loss))
@@ -329,25 +301,26 @@ def check_monotone(vdm: VDM, losses=None, *, atol: float = 0.0) -> None:
     Definition 2 of the VDM paper requires ``∂δ/∂ℓ >= 0`` for ``ℓ >= 0``; the default grid is 2001 losses in
     ``[0, 20]`` restricted to the VDM's domain.
     """
-    if losses is None:
-        losses = np.linspace(0.0, 20.0, 2001)
-    losses = np.asarray(losses, np.float64).ravel()
-    dtype = jnp.result_type(float)  # the default float type: float64 under jax_enable_x64
-    inside = np.asarray(vdm.in_domain(jnp.asarray(losses, dtype)))
-    losses = losses[inside]
-    if losses.size == 0:
-        raise ValueError(f"{vdm.name}: no loss of the check grid lies in its domain {vdm.domain}")
-    grid = jnp.asarray(losses, dtype)
-    vals = np.asarray(vdm.value(grid))
-    der = np.asarray(vdm.derivative(grid))
+    grid = _domain_grid(vdm, losses)
+    vals, der = (np.asarray(f(jnp.asarray(grid))) for f in (vdm.value, vdm.derivative))
     for what, v in (("delta", vals), ("delta'", der)):
         if not np.all(np.isfinite(v)):
-            raise ValueError(f"{vdm.name}: {what} is not finite at loss {losses[~np.isfinite(v)][0]:.6g}")
+            raise ValueError(f"{vdm.name}: {what} is not finite at loss {grid[~np.isfinite(v)][0]:.6g}")
     neg = der < -atol
     if neg.any():
         i = int(np.argmax(neg))
-        raise ValueError(f"{vdm.name} is not a VDM: delta'({losses[i]:.6g}) = {der[i]:.6g} < 0, but the VDM paper's "
+        raise ValueError(f"{vdm.name} is not a VDM: delta'({grid[i]:.6g}) = {der[i]:.6g} < 0, but the VDM paper's "
                          "Definition 2 requires d(delta)/d(loss) >= 0 for loss >= 0")
+
+
+def _domain_grid(vdm: VDM, losses) -> np.ndarray:
+    """``losses`` (default 2001 in [0, 20]) inside the VDM's domain, in the default float dtype (float64 under
+    ``jax_enable_x64``)."""
+    grid = np.asarray(np.linspace(0.0, 20.0, 2001) if losses is None else losses, jnp.result_type(float)).ravel()
+    grid = grid[np.asarray(vdm.in_domain(jnp.asarray(grid)))]
+    if grid.size == 0:
+        raise ValueError(f"{vdm.name}: no loss of the check grid lies in its domain {vdm.domain}")
+    return grid
 
 
 def custom_vdm(fn: Callable[[Array], Array], derivative: Callable[[Array], Array] | None = None, *,
@@ -376,17 +349,12 @@ def custom_vdm(fn: Callable[[Array], Array], derivative: Callable[[Array], Array
       >>> v.name, round(float(v.derivative(3.0)), 4)
       ('log1p', 0.25)
     """
-    if not callable(fn):
-        raise ValueError("custom_vdm: fn must be callable")
-    if derivative is not None and not callable(derivative):
-        raise ValueError("custom_vdm: derivative must be callable or None")
-    vdm = CustomVDM(fn=fn, fn_derivative=derivative, label=name, low=float(domain_low),
-                    low_inclusive=bool(domain_inclusive))
+    if not callable(fn) or not (derivative is None or callable(derivative)):
+        raise ValueError("custom_vdm: fn must be callable, and derivative callable or None")
+    vdm = CustomVDM(fn=fn, fn_derivative=derivative, name=name, domain=(float(domain_low), bool(domain_inclusive)))
     check_monotone(vdm, check_losses)
     if derivative is not None:
-        grid = np.asarray(check_losses if check_losses is not None else np.linspace(0.0, 20.0, 201),
-                          jnp.result_type(float))
-        grid = grid[np.asarray(vdm.in_domain(jnp.asarray(grid)))]
+        grid = _domain_grid(vdm, check_losses)
         auto = np.asarray(VDM.derivative(vdm, jnp.asarray(grid)))
         given = np.asarray(vdm.derivative(jnp.asarray(grid)))
         err = np.abs(auto - given) / np.maximum(1.0, np.abs(auto))
@@ -431,9 +399,6 @@ def check_loss_domain(vdm: VDM, loss, *, traced: str = "callback") -> None:
         jax.debug.callback(functools.partial(_raise_outside, vdm), loss, ordered=True)
 
 
-_LOSS_CHECKS = ("eager", "callback", "off")
-
-
 def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
              check_domain: str = "eager") -> Callable[..., Any]:
     """The deformed loss ``δ∘loss_fn`` (VDM paper, section 3.1).
@@ -449,8 +414,7 @@ def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
     """
     if not isinstance(vdm, VDM):
         raise ValueError(f"vdm_loss: expected a VDM, got {type(vdm).__name__}")
-    if check_domain not in _LOSS_CHECKS:
-        raise ValueError(f"vdm_loss: check_domain must be one of {_LOSS_CHECKS}, got {check_domain!r}")
+    choice(check_domain, "check_domain", ("eager", "callback", "off"))
 
     @functools.wraps(loss_fn)
     def wrapped(*args, **kwargs):
@@ -479,9 +443,6 @@ class ScaleByVDMState(NamedTuple):
     num_invalid: Array
     invalid_loss: Array
     invalid_step: Array
-
-
-_STEP_CHECKS = ("skip", "off")
 
 
 def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
@@ -514,11 +475,10 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
     """
     if not isinstance(vdm, VDM):
         raise ValueError(f"scale_by_vdm: expected a VDM, got {type(vdm).__name__}")
-    if check_domain not in _STEP_CHECKS:  # no "callback": raising inside a step can hang JAX (jax-ml/jax#25861)
-        raise ValueError(f"scale_by_vdm: check_domain must be one of {_STEP_CHECKS} ('skip' masks such steps and "
+    if check_domain not in ("skip", "off"):  # no "callback": raising inside a step can hang JAX (jax-ml/jax#25861)
+        raise ValueError(f"scale_by_vdm: check_domain must be 'skip' or 'off' ('skip' masks such steps and "
                          f"check_vdm_state raises on the host; a host callback raising inside a training step can "
                          f"hang JAX's CPU runtime, jax-ml/jax#25861), got {check_domain!r}")
-    masked = check_domain == "skip" and vdm.domain[0] != -math.inf
 
     def init_fn(params):
         # the logged factor and losses follow the parameters' dtype (float64 under jax_enable_x64)
@@ -536,22 +496,15 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
         if loss.ndim != 0:
             raise ValueError(f"scale_by_vdm: the loss must be a scalar, got shape {loss.shape}")
         scale = vdm.derivative(loss)
-        num_invalid, invalid_loss, invalid_step = state.num_invalid, state.invalid_loss, state.invalid_step
-        if masked:
-            bad = _outside_domain(vdm, loss, jnp)
-            first = bad & (num_invalid == 0)
-            invalid_loss = jnp.where(first, loss.astype(invalid_loss.dtype), invalid_loss)
-            invalid_step = jnp.where(first, state.steps, invalid_step)
-            num_invalid = num_invalid + bad.astype(jnp.int32)
-            scale = jnp.where(bad, jnp.zeros_like(scale), scale)
-            new = jax.tree_util.tree_map(lambda g: jnp.where(bad, jnp.zeros_like(g), g * scale).astype(g.dtype),
-                                         updates)
-        else:
-            new = jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), updates)
+        # a loss outside the domain (never NaN: that is a divergence) zeroes the update and is counted
+        bad = _outside_domain(vdm, loss, jnp) if check_domain == "skip" else jnp.zeros((), bool)
+        first = bad & (state.num_invalid == 0)
+        new = jax.tree_util.tree_map(lambda g: jnp.where(bad, jnp.zeros_like(g), g * scale).astype(g.dtype), updates)
         dt = state.scale.dtype  # the state keeps its dtype (a scan carry must not change type)
-        return new, ScaleByVDMState(scale=scale.astype(dt), loss=loss.astype(dt),
-                                    steps=state.steps + 1, num_invalid=num_invalid, invalid_loss=invalid_loss,
-                                    invalid_step=invalid_step)
+        return new, ScaleByVDMState(scale=jnp.where(bad, 0, scale).astype(dt), loss=loss.astype(dt),
+                                    steps=state.steps + 1, num_invalid=state.num_invalid + bad.astype(jnp.int32),
+                                    invalid_loss=jnp.where(first, loss.astype(dt), state.invalid_loss),
+                                    invalid_step=jnp.where(first, state.steps, state.invalid_step))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
