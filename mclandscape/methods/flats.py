@@ -71,10 +71,10 @@ class Flat:
     basis: jax.Array | None
     kind: str
     unravel: Callable[[jax.Array], PyTree]
-    raw_angles_deg: np.ndarray | None
-    raw_norms: np.ndarray | None
-    minima_coords: np.ndarray | None
-    cell_factor: float
+    raw_angles_deg: np.ndarray | None = None
+    raw_norms: np.ndarray | None = None
+    minima_coords: np.ndarray | None = None
+    cell_factor: float = 1.0
     anchor_index: int = 0
     stack: jax.Array = dataclasses.field(init=False, repr=False)
 
@@ -279,48 +279,26 @@ def flat_from_minima(
     for j, i in enumerate(order):
         if norms[j] == 0:
             raise ValueError(f"minima[{i}] equals the anchor minima[{anchor}]: b = 0 spans no direction")
-    q, r = _independent_qr(b, norms, order, anchor, rtol)
-    gram = b.T @ b
-    cos = gram / np.outer(norms, norms)
-    angles = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
-    np.fill_diagonal(angles, 0.0)
-    if basis == "qr":
-        used = q
-        coords_dirs = r  # b_j = Q r_j
-        cell = 1.0
-    else:
-        used = b
-        coords_dirs = np.eye(m)
-        cell = float(np.prod(np.abs(np.diag(r))))  # sqrt(det BᵀB)
-    minima_coords = np.zeros((len(minima), m))
-    minima_coords[order] = coords_dirs.T
-    return Flat(
-        anchor=theta0,
-        basis=jnp.asarray(used, dtype),
-        kind=basis,
-        unravel=unravel,
-        raw_angles_deg=angles,
-        raw_norms=norms,
-        minima_coords=minima_coords,
-        cell_factor=cell,
-        anchor_index=int(anchor),
-    )
-
-
-def _independent_qr(b: np.ndarray, norms: np.ndarray, order: list[int], anchor: int, rtol: float):
-    """The QR factors of the directions ``b [d, m]`` with diag(R) > 0; refuses a direction whose component
-    orthogonal to the earlier ones is below ``rtol`` times its length (linearly dependent minima)."""
+    # QR with diag(R) > 0 (q_1 along b_1); a direction whose component orthogonal to the earlier ones is below
+    # rtol times its length makes the minima linearly dependent
     q, r = np.linalg.qr(b, mode="reduced")
     sign = np.where(np.diag(r) < 0, -1.0, 1.0)
-    q = q * sign[None, :]
-    r = r * sign[:, None]
+    q, r = q * sign[None, :], r * sign[:, None]
     rel = np.abs(np.diag(r)) / norms
     for j, i in enumerate(order):
         if rel[j] < rtol:
             raise ValueError(
                 f"minima are linearly dependent: b = minima[{i}] - minima[{anchor}] lies in the span of the "
                 f"previous directions up to a relative residual {rel[j]:.3g} < rtol={rtol:g}")
-    return q, r
+    angles = np.degrees(np.arccos(np.clip(b.T @ b / np.outer(norms, norms), -1.0, 1.0)))
+    np.fill_diagonal(angles, 0.0)
+    qr = basis == "qr"
+    minima_coords = np.zeros((len(minima), m))
+    minima_coords[order] = (r if qr else np.eye(m)).T  # b_j = Q r_j
+    return Flat(anchor=theta0, basis=jnp.asarray(q if qr else b, dtype), kind=basis, unravel=unravel,
+                raw_angles_deg=angles, raw_norms=norms, minima_coords=minima_coords,
+                cell_factor=1.0 if qr else float(np.prod(np.abs(np.diag(r)))),  # raw: sqrt(det BᵀB) = |det R|
+                anchor_index=int(anchor))
 
 
 def full_space_flat(theta_star: PyTree) -> Flat:
@@ -339,8 +317,7 @@ def full_space_flat(theta_star: PyTree) -> Flat:
         ('full', 3, [0.5, 1.5])
     """
     (v, unravel), = _ravel_minima([theta_star])
-    return Flat(anchor=v, basis=None, kind="full", unravel=unravel, raw_angles_deg=None, raw_norms=None,
-                minima_coords=None, cell_factor=1.0, anchor_index=0)
+    return Flat(anchor=v, basis=None, kind="full", unravel=unravel)
 
 
 def _check_step(step) -> float:

@@ -32,12 +32,7 @@ from mclandscape.core.objective import call_objective
 from mclandscape.core.tree import PyTree
 from mclandscape.engine.distributed import num_devices
 from mclandscape.engine.points import Points, map_points
-from mclandscape.methods.flats import (
-    Flat,
-    _check_coords,
-    _check_step,
-    full_space_flat,  # noqa: F401 - the doctests' flat
-)
+from mclandscape.methods.flats import Flat, _check_coords, _check_step
 
 __all__ = ["LatticeLoss", "LatticeCodec", "VoxelStore", "KeyQueue"]
 
@@ -87,6 +82,7 @@ class LatticeLoss:
     Example:
         >>> import jax.numpy as jnp, numpy as np
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> ev = LatticeLoss(full_space_flat(jnp.zeros(2)), 0.5, bowl)
         >>> ev(np.array([[0, 0], [1, -2]])).tolist(), ev.bucket(3)

@@ -36,12 +36,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mclandscape.core._checks import integer, probability, real
-from mclandscape.methods.flats import full_space_flat  # noqa: F401 - the doctests' flat
-from mclandscape.methods.lattice import KeyQueue, LatticeCodec, LatticeLoss, VoxelStore  # noqa: F401
+from mclandscape.methods.lattice import KeyQueue, LatticeCodec, VoxelStore
 
 __all__ = ["TraversalConfig", "TraversalState", "TraversalResult", "grid_traversal", "neighbour_offsets"]
 
@@ -148,6 +146,8 @@ class TraversalResult:
     Example:
         >>> import jax.numpy as jnp
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
+        >>> from mclandscape.methods.lattice import LatticeLoss
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> ev = LatticeLoss(full_space_flat(jnp.zeros(1)), 1.0, bowl)
         >>> res = grid_traversal(ev, 2.0)  # c = 2: the voxels -1, 0, 1 (losses 2, 1, 2)
@@ -198,9 +198,8 @@ def _numpy_rng(key) -> np.random.Generator:
     if isinstance(key, int | np.integer):
         return np.random.default_rng(int(key))
     try:
-        data = np.asarray(jax.random.key_data(key)) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
-            else np.asarray(key)
-    except (AttributeError, TypeError) as err:
+        data = np.asarray(jax.random.key_data(key))
+    except (TypeError, ValueError) as err:
         raise ValueError(f"key must be an int, a NumPy Generator or a JAX PRNG key, got {key!r}") from err
     return np.random.default_rng(data.astype(np.uint32).ravel().tolist())
 
@@ -213,14 +212,12 @@ def _threshold(n: float, epsilon: float, dtype):
 def _as_losses(values, k: int, dtype=None) -> np.ndarray:
     """An evaluator's output as ``[k]`` losses in ``dtype`` (default: its own floating dtype, at least
     float32)."""
-    vals = np.asarray(values)
-    if not (np.issubdtype(vals.dtype, np.floating) or np.issubdtype(vals.dtype, np.integer)):
-        raise ValueError(f"evaluate returned {vals.dtype} values; losses must be real numbers")
-    vals = vals.reshape(-1)
-    if vals.shape[0] != k:
-        raise ValueError(f"evaluate returned {vals.shape[0]} losses for {k} voxel(s)")
+    vals = np.asarray(values).reshape(-1)
+    if vals.dtype.kind not in "fiu" or vals.shape[0] != k:
+        raise ValueError(f"evaluate returned {vals.shape[0]} losses for {k} voxel(s) (dtype {vals.dtype}); it must "
+                         "return one real loss per voxel")
     if dtype is None:
-        dtype = np.result_type(vals.dtype, np.float32) if np.issubdtype(vals.dtype, np.floating) else np.float32
+        dtype = np.result_type(vals.dtype, np.float32) if vals.dtype.kind == "f" else np.float32
     return vals.astype(dtype, copy=False)
 
 
@@ -269,6 +266,8 @@ def grid_traversal(
     Example:
         >>> import jax.numpy as jnp
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
+        >>> from mclandscape.methods.lattice import LatticeLoss
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> ev = LatticeLoss(full_space_flat(jnp.zeros(2)), 0.5, bowl)
         >>> first = grid_traversal(ev, 1.3)  # the disc |a|² ≤ 1.2: the origin and its 4 neighbours
@@ -381,18 +380,10 @@ def _start_at_origin(evaluate, dim: int | None) -> TraversalState:
 def _new_neighbours(state: TraversalState, keys: np.ndarray, offsets: np.ndarray, radius: int | None):
     """The distinct unvisited neighbours ``(keys, coords)`` of a wave, in the order the one-at-a-time algorithm
     meets them, and how many neighbours fell outside ``radius``."""
-    m = state.dim
-    nb = (state.codec.unpack(keys)[:, None, :] + offsets[None, :, :]).reshape(-1, m)
-    oob = 0
-    if radius is not None:
-        inside = np.all(np.abs(nb) <= radius, axis=1)
-        oob = int((~inside).sum())
-        nb = nb[inside]
+    nb = (state.codec.unpack(keys)[:, None, :] + offsets[None, :, :]).reshape(-1, state.dim)
+    inside = np.ones(len(nb), bool) if radius is None else np.all(np.abs(nb) <= radius, axis=1)
+    nb = nb[inside]
     nk = state.codec.pack(nb)
-    new = ~state.store.contains(nk)
-    nk, nb = nk[new], nb[new]
-    if nk.size:
-        _, first = np.unique(nk, return_index=True)
-        first.sort()
-        nk, nb = nk[first], nb[first]
-    return nk, nb, oob
+    _, first = np.unique(nk, return_index=True)  # each key where the wave first meets it
+    first = np.sort(first[~state.store.contains(nk[first])])
+    return nk[first], nb[first], int((~inside).sum())

@@ -22,11 +22,7 @@ from typing import Any
 import numpy as np
 
 from mclandscape.core._checks import real
-from mclandscape.methods.flats import (
-    Flat,
-    _check_step,
-    full_space_flat,  # noqa: F401 - the doctests' flat
-)
+from mclandscape.methods.flats import Flat, _check_step
 from mclandscape.methods.lattice import LatticeLoss
 from mclandscape.methods.traversal import TraversalConfig, _numpy_rng, _threshold, grid_traversal
 
@@ -110,6 +106,7 @@ class HSweep:
     Example:
         >>> import jax.numpy as jnp
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> sweep = h_sweep(full_space_flat(jnp.zeros(1)), bowl, [0.5, 1.0], [2.0, 5.0])
         >>> sweep.H.tolist(), sweep.thresholds.tolist(), sweep.volume().tolist()
@@ -144,19 +141,14 @@ class HSweep:
         Returns ``{"per_step": [LogLinearFit | None], "pooled": LogLinearFit | None}`` (None where fewer
         than two usable points with distinct thresholds remain).
         """
-        c = self.thresholds
-        per, cs, hs = [], [], []
-        for i in range(len(self.steps)):
-            use = self.H[i] > 0
-            if not include_truncated:
-                use &= ~self.truncated[i]
-            per.append(fit_log_linear(c[use], self.H[i, use]) if use.sum() >= 2 and np.ptp(c[use]) > 0
-                       else None)
-            cs.append(c[use])
-            hs.append(self.H[i, use])
-        cc, hh = np.concatenate(cs), np.concatenate(hs)
-        pooled = fit_log_linear(cc, hh) if cc.size >= 2 and np.ptp(cc) > 0 else None
-        return {"per_step": per, "pooled": pooled}
+        use = self.H > 0 if include_truncated else (self.H > 0) & ~self.truncated
+        c = np.broadcast_to(self.thresholds, self.H.shape)
+
+        def fit(cs, hs):
+            return fit_log_linear(cs, hs) if cs.size >= 2 and np.ptp(cs) > 0 else None
+
+        return {"per_step": [fit(ci[u], hi[u]) for ci, hi, u in zip(c, self.H, use, strict=True)],
+                "pooled": fit(c[use], self.H[use])}
 
     def to_dict(self) -> dict:
         fits = self.fit()
@@ -211,6 +203,7 @@ def h_sweep(
     Example:
         >>> import jax.numpy as jnp
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> sweep = h_sweep(full_space_flat(jnp.zeros(2)), bowl, [0.5], [1.3, 2.0, 3.0])
         >>> sweep.H.tolist(), round(sweep.fit()["pooled"].B, 3)  # lattice points with |a|² ≤ 1.2, 4, 8
@@ -259,6 +252,7 @@ def mean_log_h(sweeps: Sequence[HSweep]) -> dict:
     Example:
         >>> import jax.numpy as jnp
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> sweeps = [h_sweep(full_space_flat(jnp.full(1, a)), bowl, [0.5], [2.0]) for a in (0.0, 1.0)]
         >>> out = mean_log_h(sweeps)  # ε = 1 and 2, so c = 2 and 4
