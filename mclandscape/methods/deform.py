@@ -67,8 +67,7 @@ import optax
 
 from mclandscape.core._checks import choice, real
 
-__all__ = ["VDM", "AP", "LE", "Squared", "Identity", "CustomVDM", "custom_vdm", "check_monotone", "check_loss_domain",
-           "vdm_loss", "scale_by_vdm", "ScaleByVDMState", "check_vdm_state", "deformed_hessian_formula"]
+__all__ = ["VDM", "AP", "LE", "Squared", "Identity", "CustomVDM", "custom_vdm", "check_monotone", "vdm_loss", "scale_by_vdm", "ScaleByVDMState", "check_vdm_state", "deformed_hessian_formula"]
 
 Array = jax.Array
 
@@ -134,9 +133,6 @@ class VDM:
 
     def _domain_reason(self) -> str:
         return ""
-
-    def __str__(self) -> str:
-        return self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,11 +226,6 @@ class LE(VDM):
     def derivative(self, loss):
         loss = jnp.asarray(loss)
         return self.e1 / (-jnp.expm1(math.log(self.e2) - loss))
-
-    def second_derivative(self, loss):
-        loss = jnp.asarray(loss)
-        q = jnp.exp(math.log(self.e2) - loss)
-        return -self.e1 * q / jnp.square(-jnp.expm1(math.log(self.e2) - loss))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,25 +371,6 @@ def _raise_outside(vdm: VDM, loss) -> None:
         raise ValueError(vdm.domain_message(float(np.ravel(np.asarray(loss))[np.ravel(bad)][0])))
 
 
-def check_loss_domain(vdm: VDM, loss, *, traced: str = "callback") -> None:
-    """Raise ``ValueError`` if ``δ`` is undefined at ``loss`` (e.g. LE with ``exp(ℓ) <= e2``).
-
-    With a concrete loss the error is raised here. With a traced one (inside ``jit``/``grad``/``vmap``)
-    ``traced="callback"`` adds an *ordered* ``jax.debug.callback`` that raises it when the computation
-    runs (a ``JaxRuntimeError`` carrying the message; see the module docstring for its caveat) and
-    ``traced="off"`` does nothing. VDMs defined for every loss (identity, 0.5·ℓ², AP with an integral power)
-    add nothing; NaN losses (divergence) are not flagged.
-    """
-    low, _ = vdm.domain
-    if low == -math.inf:
-        return
-    value = _concrete(loss)
-    if value is not None:
-        _raise_outside(vdm, value)
-    elif traced == "callback":
-        jax.debug.callback(functools.partial(_raise_outside, vdm), loss, ordered=True)
-
-
 def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
              check_domain: str = "eager") -> Callable[..., Any]:
     """The deformed loss ``δ∘loss_fn`` (VDM paper, section 3.1).
@@ -424,8 +396,12 @@ def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
         loss, aux = out if has_aux else (out, None)
         if jnp.ndim(loss) != 0:
             raise ValueError(f"vdm_loss: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}")
-        if check_domain != "off":
-            check_loss_domain(vdm, loss, traced="callback" if check_domain == "callback" else "off")
+        if check_domain != "off" and vdm.domain[0] != -math.inf:  # VDMs defined for every loss check nothing
+            value = _concrete(loss)
+            if value is not None:
+                _raise_outside(vdm, value)
+            elif check_domain == "callback":  # an ordered host callback raises when the computation runs
+                jax.debug.callback(functools.partial(_raise_outside, vdm), loss, ordered=True)
         d = vdm.value(loss)
         return (d, aux) if has_aux else d
 

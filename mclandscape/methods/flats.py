@@ -152,11 +152,8 @@ class Flat:
         Returns:
           ``[..., d]`` parameter vectors (the origin is θ* exactly).
         """
-        a = np.asarray(coords)
-        if a.ndim == 0 or a.shape[-1] != self.dim:
-            raise ValueError(f"lattice coordinates need a last axis of size m={self.dim}, got shape {a.shape}")
-        rows = self.lattice_rows(a.reshape(-1, self.dim), step)
-        out = tree_combine(jnp.asarray(rows), self.stack)
+        a = np.atleast_1d(coords)
+        out = tree_combine(jnp.asarray(self.lattice_rows(a.reshape(-1, a.shape[-1]), step)), self.stack)
         return out.reshape(a.shape[:-1] + (self.ambient_dim,))
 
     def params(self, coords, step: float) -> PyTree:
@@ -213,17 +210,16 @@ class _Unravel:
 
 
 def _ravel_minima(minima: Sequence[PyTree]):
-    minima = list(minima)
-    for i in range(1, len(minima)):
-        check_same_structure(minima[0], minima[i], names=("minima[0]", f"minima[{i}]"))
+    """The minima as flat vectors, checked (one structure, floating and finite), and their common unravel."""
     vecs = []
     for i, p in enumerate(minima):
+        check_same_structure(minima[0], p, names=("minima[0]", f"minima[{i}]"))
+        check_finite(p, f"minima[{i}]")
         v, _ = tree_ravel(p)
         if not jnp.issubdtype(v.dtype, jnp.floating):
             raise ValueError(f"minima[{i}] has non-floating parameters (dtype {v.dtype})")
-        check_finite(p, f"minima[{i}]")
-        vecs.append((v, _Unravel.of(p)))
-    return vecs
+        vecs.append(v)
+    return vecs, _Unravel.of(minima[0])
 
 
 def flat_from_minima(
@@ -265,12 +261,12 @@ def flat_from_minima(
     choice(basis, "basis", ("qr", "raw"))
     anchor = choice(integer(anchor, "anchor"), "anchor", range(len(minima)))
     rtol = real(rtol, "rtol", low=0, low_open=True)
-    vecs = _ravel_minima(minima)
-    theta0, unravel = vecs[anchor]
+    vecs, unravel = _ravel_minima(minima)
+    theta0 = vecs[anchor]
     dtype = theta0.dtype
     order = [i for i in range(len(minima)) if i != anchor]
     t0 = np.asarray(theta0, np.float64)
-    b = np.stack([np.asarray(vecs[i][0], np.float64) - t0 for i in order], axis=1)  # [d, m], exact differences
+    b = np.stack([np.asarray(vecs[i], np.float64) - t0 for i in order], axis=1)  # [d, m], exact differences
     d, m = b.shape
     if m > d:
         raise ValueError(f"{m + 1} minima are linearly dependent in a {d}-dimensional parameter space "
@@ -316,7 +312,7 @@ def full_space_flat(theta_star: PyTree) -> Flat:
         >>> flat.kind, flat.dim, flat.params([0, 1, -1], 0.5)["w"].tolist()  # raveled order: b, w
         ('full', 3, [0.5, 1.5])
     """
-    (v, unravel), = _ravel_minima([theta_star])
+    (v,), unravel = _ravel_minima([theta_star])
     return Flat(anchor=v, basis=None, kind="full", unravel=unravel)
 
 

@@ -119,17 +119,16 @@ class LatticeLoss:
         """Devices the voxels are sharded over."""
         return num_devices(self.devices)
 
-    def bucket(self, k: int, ndev: int | None = None) -> int:
+    def bucket(self, k: int) -> int:
         """Padded size used for ``k`` voxels.
 
         Args:
           k: the number of voxels.
-          ndev: the device count (default :attr:`num_devices`).
 
         Returns:
           A power of two ≥ ``k``, rounded up to a multiple of ``chunk · ndev``.
         """
-        unit = int(self.chunk) * (self.num_devices if ndev is None else int(ndev))
+        unit = self.chunk * self.num_devices
         b = 1 << max(0, math.ceil(math.log2(max(k, 1))))
         return -(-b // unit) * unit
 
@@ -144,16 +143,15 @@ class LatticeLoss:
           ``K = 0``).
         """
         a = _check_coords(coords, self.dim)
-        ndev = self.num_devices
         loss = _VoxelLoss(self.flat.unravel)
         outs = []
         for lo in range(0, a.shape[0], self.max_batch):
             piece = a[lo:lo + self.max_batch]
-            padded = np.zeros((self.bucket(len(piece), ndev), self.dim), a.dtype)
+            padded = np.zeros((self.bucket(len(piece)), self.dim), a.dtype)
             padded[:len(piece)] = piece
             points = Points(rows=self.flat.lattice_rows(padded, self.step), stack=self.flat.stack)
             outs.append(map_points(loss, points, self.objective, self.batch, strategy="map", chunk_size=self.chunk,
-                                   devices=ndev)[:len(piece)])
+                                   devices=self.devices)[:len(piece)])
         if not outs:  # no voxels: the dtype the loss would return (traced, nothing compiled or run)
             point = jax.ShapeDtypeStruct((self.flat.ambient_dim,), jnp.promote_types(jnp.float32, self.flat.stack.dtype))
             return np.zeros(0, jax.eval_shape(loss, point, self.objective, self.batch).dtype)
@@ -186,10 +184,6 @@ class LatticeCodec:
         self.offset = 1 << (bits - 1)
         self.mask = (1 << bits) - 1
         self.shifts = np.arange(self.dim, dtype=np.int64) * bits
-
-    @property
-    def max_coord(self) -> int:
-        return self.offset - 1
 
     def pack(self, coords) -> np.ndarray:
         """Keys of integer coordinates.
@@ -272,26 +266,15 @@ class VoxelStore:
     def __len__(self) -> int:
         return self._size
 
-    def _hash(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys.astype(np.uint64) * _GOLDEN) >> self._shift).astype(np.int64)
-
     def _probe(self, keys: np.ndarray):
         """Slot of each key, or of the empty slot that ends its probe sequence; and whether it was found."""
-        n = keys.shape[0]
-        out = np.empty(n, np.int64)
-        found = np.zeros(n, bool)
-        idx = np.arange(n)
-        kk = keys
-        s = self._hash(keys)
-        while idx.size:
-            tk = self._keys[s]
-            hit = tk == kk
-            done = hit | (tk == _EMPTY)
-            out[idx[done]] = s[done]
-            found[idx[hit]] = True
-            keep = ~done
-            idx, kk, s = idx[keep], kk[keep], (s[keep] + 1) & self._mask
-        return out, found
+        slots = ((keys.astype(np.uint64) * _GOLDEN) >> self._shift).astype(np.int64)  # multiplicative hashing
+        pending = np.arange(keys.shape[0])
+        while pending.size:
+            held = self._keys[slots[pending]]
+            pending = pending[(held != keys[pending]) & (held != _EMPTY)]
+            slots[pending] = (slots[pending] + 1) & self._mask
+        return slots, self._keys[slots] == keys
 
     def contains(self, keys) -> np.ndarray:
         """``[K]`` booleans: which of ``keys`` are stored."""
@@ -312,14 +295,12 @@ class VoxelStore:
         values = np.asarray(values, self.dtype).reshape(-1)
         if keys.shape != values.shape:
             raise ValueError(f"{keys.shape[0]} keys but {values.shape[0]} values")
-        if keys.size == 0:
-            return
-        if keys.min() < 0:
+        if keys.size and keys.min() < 0:
             raise ValueError("voxel keys must be non-negative")
-        if (self._size + keys.size) > self.max_load * self.capacity:
-            self._grow(self._size + keys.size)
-        if self._probe(keys)[1].any():
+        if self.contains(keys).any():
             raise ValueError("insert() got a key that is already stored")
+        if self._size + keys.size > self.max_load * self.capacity:
+            self._grow(self._size + keys.size)
         self._place(keys, values)
 
     def _place(self, keys, values):
