@@ -5,7 +5,6 @@ import math
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,14 +165,14 @@ def test_jitted_training_skips_steps_outside_the_domain_and_reports_them():
         check_vdm_state(sb)
 
 
-def test_engine_step_passes_the_loss_to_the_vdm_and_reports_the_domain():
+def test_engine_step_passes_the_loss_to_the_vdm_and_reports_the_domain(ce_problem):
     """make_step hands the objective's loss to scale_by_vdm (extra argument loss=): SGDM + VDM equals SGDM on
     the deformed objective step for step, and a run that leaves LE's domain is reported by check_vdm_state."""
     from mclandscape.core.objective import function_objective
     from mclandscape.engine.loop import run
     from mclandscape.engine.step import make_step
 
-    params, loss_fn = _ce_problem()
+    params, loss_fn = ce_problem
     vdm = LE(1, 0.9)
     sgdm = optax.sgd(0.05, momentum=0.9, nesterov=True)
     ours = make_step(function_objective(lambda p, b: loss_fn(p)), optax.chain(scale_by_vdm(vdm), sgdm))
@@ -230,28 +229,26 @@ def test_monotonicity_validation_of_custom_vdm():
         check_monotone(Squared(), np.linspace(-1.0, 1.0, 11))  # 0.5 l^2 decreases for l < 0
 
 
-class _TinyMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(3)(jnp.tanh(nn.Dense(5)(x)))
-
-
-def _ce_problem():
-    x = jax.random.normal(jax.random.key(0), (32, 4))
-    y = jax.random.randint(jax.random.key(1), (32,), 0, 3)
-    m = _TinyMLP()
-    params = m.init(jax.random.key(2), x)["params"]
+@pytest.fixture(scope="module")
+def ce_problem():
+    """A 4-5-3 tanh network's cross-entropy on 32 random points (plain jnp: nothing to initialise eagerly)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, size=32), jnp.int32)
+    params = {"w1": jnp.asarray(rng.normal(size=(4, 5)) / 2, jnp.float32), "b1": jnp.zeros(5, jnp.float32),
+              "w2": jnp.asarray(rng.normal(size=(5, 3)) / 2, jnp.float32), "b2": jnp.zeros(3, jnp.float32)}
 
     def loss_fn(p):
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m.apply({"params": p}, x), y))
+        logits = jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
     return params, loss_fn
 
 
 @pytest.mark.parametrize("vdm", [LE(1, 0.9), AP(18 / math.pi, 1, 2, 1), Squared(), AP(10, 1, 1, 1)],
                          ids=lambda v: v.name)
-def test_wrapper_gradient_is_scaled_gradient(vdm):
-    params, loss_fn = _ce_problem()
+def test_wrapper_gradient_is_scaled_gradient(vdm, ce_problem):
+    params, loss_fn = ce_problem
     l, g = jax.value_and_grad(loss_fn)(params)
     gd = jax.grad(vdm_loss(vdm, loss_fn))(params)
     s = float(vdm.derivative(l))
@@ -285,8 +282,8 @@ def _run(tx, loss_fn, params, steps, deformed_loss=None):
 
 
 @pytest.mark.parametrize("vdm", [LE(1, 0.9), AP(18 / math.pi, 1, 2, 1)], ids=lambda v: v.name)
-def test_optax_transform_equals_sgdm_on_deformed_loss_step_for_step(vdm):
-    params, loss_fn = _ce_problem()
+def test_optax_transform_equals_sgdm_on_deformed_loss_step_for_step(vdm, ce_problem):
+    params, loss_fn = ce_problem
     sgdm = lambda: optax.sgd(0.05, momentum=0.9, nesterov=True)
     ours = _run(optax.chain(scale_by_vdm(vdm), sgdm()), loss_fn, params, 25)
     ref = _run(sgdm(), loss_fn, params, 25, deformed_loss=vdm_loss(vdm, loss_fn))
@@ -299,9 +296,9 @@ def test_optax_transform_equals_sgdm_on_deformed_loss_step_for_step(vdm):
     assert diff > 1e-3  # and it is not plain SGDM
 
 
-def test_optax_transform_with_weight_decay_and_adam():
+def test_optax_transform_with_weight_decay_and_adam(ce_problem):
     vdm = LE(1, 0.7)
-    params, loss_fn = _ce_problem()
+    params, loss_fn = ce_problem
     # weight decay after the VDM is not scaled: SGD on delta(l) + wd/2 |p|^2, as a PyTorch loop does
     tx = optax.chain(scale_by_vdm(vdm), optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
     ours = _run(tx, loss_fn, params, 10)
