@@ -110,12 +110,10 @@ class VDM:
         raise NotImplementedError
 
     def derivative(self, loss):
-        loss = jnp.asarray(loss)
-        return jax.grad(lambda l: jnp.sum(self.value(l)))(loss)
+        return jax.grad(lambda l: jnp.sum(self.value(l)))(jnp.asarray(loss))
 
     def second_derivative(self, loss):
-        loss = jnp.asarray(loss)
-        return jax.grad(lambda l: jnp.sum(self.derivative(l)))(loss)
+        return jax.grad(lambda l: jnp.sum(self.derivative(l)))(jnp.asarray(loss))
 
     def __call__(self, loss):
         return self.value(loss)
@@ -127,9 +125,8 @@ class VDM:
 
     def domain_message(self, bad_loss: float) -> str:
         low, inclusive = self.domain
-        rel = ">=" if inclusive else ">"
-        return (f"{self.name} is undefined at loss {bad_loss!r}: it needs a finite loss {rel} {low!r}"
-                + self._domain_reason())
+        return (f"{self.name} is undefined at loss {bad_loss!r}: it needs a finite loss {'>=' if inclusive else '>'} "
+                f"{low!r}{self._domain_reason()}")
 
     def _domain_reason(self) -> str:
         return ""
@@ -498,19 +495,15 @@ def check_vdm_state(opt_state, vdm: VDM | None = None) -> None:
       ValueError: naming the VDM and its domain, the first loss outside it, at which step, and how many steps
         were masked (host-side: it reads the state's counters, so it never runs inside a computation).
     """
-    found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByVDMState))
-             if isinstance(x, ScaleByVDMState)]
-    for st in found:
-        n = np.asarray(st.num_invalid)
-        if not np.any(n > 0):
+    for st in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByVDMState)):
+        if not (isinstance(st, ScaleByVDMState) and np.any(np.asarray(st.num_invalid) > 0)):
             continue
+        n = np.asarray(st.num_invalid)
         hit = np.ravel(n > 0)
         loss, step = (np.ravel(np.asarray(a))[hit][0] for a in (st.invalid_loss, st.invalid_step))
-        steps = np.asarray(st.steps)
-        what = vdm.domain_message(float(loss)) if vdm is not None else (
-            f"the VDM is undefined at loss {float(loss)!r}")
+        what = vdm.domain_message(float(loss)) if vdm is not None else f"the VDM is undefined at loss {float(loss)!r}"
         batched = f" over {int(hit.sum())} of {n.size} batched states" if n.ndim else ""
-        raise ValueError(f"{what}; scale_by_vdm skipped {int(n.sum())} of {int(steps.sum())} step(s){batched}, the "
+        raise ValueError(f"{what}; scale_by_vdm skipped {int(n.sum())} of {int(np.sum(st.steps))} step(s){batched}, the "
                          f"first at step {int(step)} (their update was zeroed: the loss left the VDM's domain, "
                          "e.g. LE(e1, e2) with e2 >= 1 below ln e2; choose a VDM defined there)")
 

@@ -355,24 +355,19 @@ class KeyQueue:
     def push(self, keys) -> None:
         """Append ``keys`` (int64) at the back."""
         keys = np.asarray(keys, np.int64).reshape(-1)
-        n = keys.size
-        if n == 0:
-            return
-        if self._tail + n > self._buf.shape[0]:  # compact into a buffer twice the size needed
+        if self._tail + keys.size > self._buf.shape[0]:  # compact into a buffer twice the size needed
             live = self._buf[self._head:self._tail]
-            self._buf = np.empty(max(16, 2 * (live.size + n)), np.int64)
+            self._buf = np.empty(max(16, 2 * (live.size + keys.size)), np.int64)
             self._buf[:live.size] = live
             self._head, self._tail = 0, live.size
-        self._buf[self._tail:self._tail + n] = keys
-        self._tail += n
+        self._buf[self._tail:self._tail + keys.size] = keys
+        self._tail += keys.size
 
     def pop_front(self, k: int) -> np.ndarray:
         """Remove and return the first ``k`` keys (fewer if the queue is shorter)."""
         k = min(int(k), len(self))
         out = self._buf[self._head:self._head + k].copy()
         self._head += k
-        if self._head == self._tail:
-            self._head = self._tail = 0
         return out
 
     def pop_random(self, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -385,13 +380,7 @@ class KeyQueue:
             out[j] = buf[i]
             self._tail -= 1
             buf[i] = buf[self._tail]
-        if self._head == self._tail:
-            self._head = self._tail = 0
         return out
-
-    def take_all(self) -> np.ndarray:
-        """Remove and return every key in order."""
-        return self.pop_front(len(self))
 
     def to_array(self) -> np.ndarray:
         """A copy of the queued keys in order (the queue is unchanged)."""

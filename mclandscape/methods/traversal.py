@@ -296,7 +296,7 @@ def grid_traversal(
         raise ValueError(f"thresholds must not decrease when continuing: c = {float(c):g} < previous "
                          f"{float(state.threshold):g}")
     # re-check the future queue against the new c from the stored losses (nothing is evaluated again)
-    future = state.future.take_all()
+    future = state.future.pop_front(len(state.future))
     state._admit(future, state.store.get(future), c)
     state.threshold = c
     offsets = neighbour_offsets(state.dim)
