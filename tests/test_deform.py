@@ -165,7 +165,7 @@ def test_jitted_training_skips_steps_outside_the_domain_and_reports_them():
         check_vdm_state(sb)
 
 
-def test_engine_step_passes_the_loss_to_the_vdm_and_reports_the_domain(ce_problem):
+def test_engine_step_passes_the_loss_to_the_vdm_and_reports_the_domain(ce_problem, sgdm_runs):
     """make_step hands the objective's loss to scale_by_vdm (extra argument loss=): SGDM + VDM equals SGDM on
     the deformed objective step for step, and a run that leaves LE's domain is reported by check_vdm_state."""
     from mclandscape.core.objective import function_objective
@@ -174,14 +174,12 @@ def test_engine_step_passes_the_loss_to_the_vdm_and_reports_the_domain(ce_proble
 
     params, loss_fn = ce_problem
     vdm = LE(1, 0.9)
-    sgdm = optax.sgd(0.05, momentum=0.9, nesterov=True)
-    ours = make_step(function_objective(lambda p, b: loss_fn(p)), optax.chain(scale_by_vdm(vdm), sgdm))
-    ref = make_step(function_objective(lambda p, b: vdm_loss(vdm, loss_fn)(p)), sgdm)
-    so, sr = ours.init(params), ref.init(params)
+    ours = make_step(function_objective(lambda p, b: loss_fn(p)), optax.chain(scale_by_vdm(vdm), _sgdm()))
+    ref = sgdm_runs(vdm)  # SGDM on the deformed loss
+    so = ours.init(params)
     for t in range(10):
         so, mo = ours(so, None, jax.random.key(t))
-        sr, _ = ref(sr, None, jax.random.key(t))
-        for a, b in zip(jax.tree_util.tree_leaves(so.params), jax.tree_util.tree_leaves(sr.params), strict=True):
+        for a, b in zip(jax.tree_util.tree_leaves(so.params), jax.tree_util.tree_leaves(ref[t]), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert abs(float(so.opt_state[0].scale) - float(vdm.derivative(mo["loss"]))) < 1e-5 * float(so.opt_state[0].scale)
     # LE(1, 1.9) is undefined below ln 1.9; the quadratic reaches 0.5 < 0.642
@@ -249,14 +247,14 @@ def ce_problem():
                          ids=lambda v: v.name)
 def test_wrapper_gradient_is_scaled_gradient(vdm, ce_problem):
     params, loss_fn = ce_problem
-    l, g = jax.value_and_grad(loss_fn)(params)
-    gd = jax.grad(vdm_loss(vdm, loss_fn))(params)
+    l, g = jax.jit(jax.value_and_grad(loss_fn))(params)  # one compiled program each, not op by op
+    gd = jax.jit(jax.grad(vdm_loss(vdm, loss_fn)))(params)
     s = float(vdm.derivative(l))
     assert abs(s - 1.0) > 1e-2  # the deformation does something at this loss
     for a, b in zip(jax.tree_util.tree_leaves(gd), jax.tree_util.tree_leaves(g), strict=True):
         np.testing.assert_allclose(np.asarray(a), s * np.asarray(b), rtol=1e-5, atol=1e-7)
-    # has_aux passes the auxiliary output through
-    val, aux = vdm_loss(vdm, lambda p: (loss_fn(p), "aux"), has_aux=True)(params)
+    # has_aux passes the auxiliary output through and deforms the loss
+    val, aux = vdm_loss(vdm, lambda p: (l, "aux"), has_aux=True)(params)
     assert aux == "aux" and abs(float(val) - float(vdm(l))) < 1e-5
 
 
@@ -281,13 +279,32 @@ def _run(tx, loss_fn, params, steps, deformed_loss=None):
     return traj
 
 
-@pytest.mark.parametrize("vdm", [LE(1, 0.9), AP(18 / math.pi, 1, 2, 1)], ids=lambda v: v.name)
-def test_optax_transform_equals_sgdm_on_deformed_loss_step_for_step(vdm, ce_problem):
+def _sgdm():
+    return optax.sgd(0.05, momentum=0.9, nesterov=True)
+
+
+@pytest.fixture(scope="module")
+def sgdm_runs(ce_problem):
+    """``sgdm_runs(vdm)``: 25 steps of Nesterov SGDM on δ∘ℓ (on ℓ itself without a VDM), each computed once for
+    the tests that compare against it."""
     params, loss_fn = ce_problem
-    sgdm = lambda: optax.sgd(0.05, momentum=0.9, nesterov=True)
-    ours = _run(optax.chain(scale_by_vdm(vdm), sgdm()), loss_fn, params, 25)
-    ref = _run(sgdm(), loss_fn, params, 25, deformed_loss=vdm_loss(vdm, loss_fn))
-    plain = _run(sgdm(), loss_fn, params, 25, deformed_loss=loss_fn)
+    runs = {}
+
+    def get(vdm=None):
+        name = "plain" if vdm is None else vdm.name
+        if name not in runs:
+            loss = loss_fn if vdm is None else vdm_loss(vdm, loss_fn)
+            runs[name] = _run(_sgdm(), loss_fn, params, 25, deformed_loss=loss)
+        return runs[name]
+
+    return get
+
+
+@pytest.mark.parametrize("vdm", [LE(1, 0.9), AP(18 / math.pi, 1, 2, 1)], ids=lambda v: v.name)
+def test_optax_transform_equals_sgdm_on_deformed_loss_step_for_step(vdm, ce_problem, sgdm_runs):
+    params, loss_fn = ce_problem
+    ours = _run(optax.chain(scale_by_vdm(vdm), _sgdm()), loss_fn, params, 25)
+    ref, plain = sgdm_runs(vdm), sgdm_runs()
     for a, b in zip(ours, ref, strict=True):
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

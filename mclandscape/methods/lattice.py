@@ -194,9 +194,7 @@ class LatticeCodec:
         Returns:
           ``[K]`` non-negative int64 keys.
         """
-        a = np.asarray(coords, np.int64)
-        if a.ndim != 2 or a.shape[1] != self.dim:
-            raise ValueError(f"coords must have shape [K, {self.dim}], got {a.shape}")
+        a = _check_coords(coords, self.dim).astype(np.int64)
         if a.size and (a.min() < -self.offset or a.max() > self.offset - 1):
             raise ValueError(
                 f"a voxel coordinate left the packable range [{-self.offset}, {self.offset - 1}] of an "
