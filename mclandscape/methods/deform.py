@@ -453,6 +453,8 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
                          f"check_vdm_state raises on the host; a host callback raising inside a training step can "
                          f"hang JAX's CPU runtime, jax-ml/jax#25861), got {check_domain!r}")
 
+    masked = check_domain == "skip" and vdm.domain[0] != -math.inf  # a VDM defined everywhere masks nothing
+
     def init_fn(params):
         # the logged factor and losses follow the parameters' dtype (float64 under jax_enable_x64)
         floats = [x for x in jax.tree_util.tree_leaves(params) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
@@ -470,11 +472,12 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
             raise ValueError(f"scale_by_vdm: the loss must be a scalar, got shape {loss.shape}")
         scale = vdm.derivative(loss)
         # a loss outside the domain (never NaN: that is a divergence) zeroes the update and is counted
-        bad = _outside_domain(vdm, loss, jnp) if check_domain == "skip" else jnp.zeros((), bool)
+        bad = _outside_domain(vdm, loss, jnp) if masked else jnp.zeros((), bool)
         first = bad & (state.num_invalid == 0)
+        scale = jnp.where(bad, jnp.zeros_like(scale), scale)
         new = jax.tree_util.tree_map(lambda g: jnp.where(bad, jnp.zeros_like(g), g * scale).astype(g.dtype), updates)
         dt = state.scale.dtype  # the state keeps its dtype (a scan carry must not change type)
-        return new, ScaleByVDMState(scale=jnp.where(bad, 0, scale).astype(dt), loss=loss.astype(dt),
+        return new, ScaleByVDMState(scale=scale.astype(dt), loss=loss.astype(dt),
                                     steps=state.steps + 1, num_invalid=state.num_invalid + bad.astype(jnp.int32),
                                     invalid_loss=jnp.where(first, loss.astype(dt), state.invalid_loss),
                                     invalid_step=jnp.where(first, state.steps, state.invalid_step))
