@@ -5,7 +5,6 @@ import math
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,23 +165,21 @@ def test_jitted_training_skips_steps_outside_the_domain_and_reports_them():
         check_vdm_state(sb)
 
 
-def test_engine_step_passes_the_loss_to_the_vdm_and_reports_the_domain():
+def test_engine_step_passes_the_loss_to_the_vdm_and_reports_the_domain(ce_problem, sgdm_runs):
     """make_step hands the objective's loss to scale_by_vdm (extra argument loss=): SGDM + VDM equals SGDM on
     the deformed objective step for step, and a run that leaves LE's domain is reported by check_vdm_state."""
     from mclandscape.core.objective import function_objective
     from mclandscape.engine.loop import run
     from mclandscape.engine.step import make_step
 
-    params, loss_fn = _ce_problem()
+    params, loss_fn = ce_problem
     vdm = LE(1, 0.9)
-    sgdm = optax.sgd(0.05, momentum=0.9, nesterov=True)
-    ours = make_step(function_objective(lambda p, b: loss_fn(p)), optax.chain(scale_by_vdm(vdm), sgdm))
-    ref = make_step(function_objective(lambda p, b: vdm_loss(vdm, loss_fn)(p)), sgdm)
-    so, sr = ours.init(params), ref.init(params)
+    ours = make_step(function_objective(lambda p, b: loss_fn(p)), optax.chain(scale_by_vdm(vdm), _sgdm()))
+    ref = sgdm_runs(vdm)  # SGDM on the deformed loss
+    so = ours.init(params)
     for t in range(10):
         so, mo = ours(so, None, jax.random.key(t))
-        sr, _ = ref(sr, None, jax.random.key(t))
-        for a, b in zip(jax.tree_util.tree_leaves(so.params), jax.tree_util.tree_leaves(sr.params), strict=True):
+        for a, b in zip(jax.tree_util.tree_leaves(so.params), jax.tree_util.tree_leaves(ref[t]), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert abs(float(so.opt_state[0].scale) - float(vdm.derivative(mo["loss"]))) < 1e-5 * float(so.opt_state[0].scale)
     # LE(1, 1.9) is undefined below ln 1.9; the quadratic reaches 0.5 < 0.642
@@ -230,36 +227,34 @@ def test_monotonicity_validation_of_custom_vdm():
         check_monotone(Squared(), np.linspace(-1.0, 1.0, 11))  # 0.5 l^2 decreases for l < 0
 
 
-class _TinyMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(3)(jnp.tanh(nn.Dense(5)(x)))
-
-
-def _ce_problem():
-    x = jax.random.normal(jax.random.key(0), (32, 4))
-    y = jax.random.randint(jax.random.key(1), (32,), 0, 3)
-    m = _TinyMLP()
-    params = m.init(jax.random.key(2), x)["params"]
+@pytest.fixture(scope="module")
+def ce_problem():
+    """A 4-5-3 tanh network's cross-entropy on 32 random points (plain jnp: nothing to initialise eagerly)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, size=32), jnp.int32)
+    params = {"w1": jnp.asarray(rng.normal(size=(4, 5)) / 2, jnp.float32), "b1": jnp.zeros(5, jnp.float32),
+              "w2": jnp.asarray(rng.normal(size=(5, 3)) / 2, jnp.float32), "b2": jnp.zeros(3, jnp.float32)}
 
     def loss_fn(p):
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m.apply({"params": p}, x), y))
+        logits = jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
     return params, loss_fn
 
 
 @pytest.mark.parametrize("vdm", [LE(1, 0.9), AP(18 / math.pi, 1, 2, 1), Squared(), AP(10, 1, 1, 1)],
                          ids=lambda v: v.name)
-def test_wrapper_gradient_is_scaled_gradient(vdm):
-    params, loss_fn = _ce_problem()
-    l, g = jax.value_and_grad(loss_fn)(params)
-    gd = jax.grad(vdm_loss(vdm, loss_fn))(params)
+def test_wrapper_gradient_is_scaled_gradient(vdm, ce_problem):
+    params, loss_fn = ce_problem
+    l, g = jax.jit(jax.value_and_grad(loss_fn))(params)  # one compiled program each, not op by op
+    gd = jax.jit(jax.grad(vdm_loss(vdm, loss_fn)))(params)
     s = float(vdm.derivative(l))
     assert abs(s - 1.0) > 1e-2  # the deformation does something at this loss
     for a, b in zip(jax.tree_util.tree_leaves(gd), jax.tree_util.tree_leaves(g), strict=True):
         np.testing.assert_allclose(np.asarray(a), s * np.asarray(b), rtol=1e-5, atol=1e-7)
-    # has_aux passes the auxiliary output through
-    val, aux = vdm_loss(vdm, lambda p: (loss_fn(p), "aux"), has_aux=True)(params)
+    # has_aux passes the auxiliary output through and deforms the loss
+    val, aux = vdm_loss(vdm, lambda p: (l, "aux"), has_aux=True)(params)
     assert aux == "aux" and abs(float(val) - float(vdm(l))) < 1e-5
 
 
@@ -284,13 +279,32 @@ def _run(tx, loss_fn, params, steps, deformed_loss=None):
     return traj
 
 
+def _sgdm():
+    return optax.sgd(0.05, momentum=0.9, nesterov=True)
+
+
+@pytest.fixture(scope="module")
+def sgdm_runs(ce_problem):
+    """``sgdm_runs(vdm)``: 25 steps of Nesterov SGDM on δ∘ℓ (on ℓ itself without a VDM), each computed once for
+    the tests that compare against it."""
+    params, loss_fn = ce_problem
+    runs = {}
+
+    def get(vdm=None):
+        name = "plain" if vdm is None else vdm.name
+        if name not in runs:
+            loss = loss_fn if vdm is None else vdm_loss(vdm, loss_fn)
+            runs[name] = _run(_sgdm(), loss_fn, params, 25, deformed_loss=loss)
+        return runs[name]
+
+    return get
+
+
 @pytest.mark.parametrize("vdm", [LE(1, 0.9), AP(18 / math.pi, 1, 2, 1)], ids=lambda v: v.name)
-def test_optax_transform_equals_sgdm_on_deformed_loss_step_for_step(vdm):
-    params, loss_fn = _ce_problem()
-    sgdm = lambda: optax.sgd(0.05, momentum=0.9, nesterov=True)
-    ours = _run(optax.chain(scale_by_vdm(vdm), sgdm()), loss_fn, params, 25)
-    ref = _run(sgdm(), loss_fn, params, 25, deformed_loss=vdm_loss(vdm, loss_fn))
-    plain = _run(sgdm(), loss_fn, params, 25, deformed_loss=loss_fn)
+def test_optax_transform_equals_sgdm_on_deformed_loss_step_for_step(vdm, ce_problem, sgdm_runs):
+    params, loss_fn = ce_problem
+    ours = _run(optax.chain(scale_by_vdm(vdm), _sgdm()), loss_fn, params, 25)
+    ref, plain = sgdm_runs(vdm), sgdm_runs()
     for a, b in zip(ours, ref, strict=True):
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
@@ -299,9 +313,9 @@ def test_optax_transform_equals_sgdm_on_deformed_loss_step_for_step(vdm):
     assert diff > 1e-3  # and it is not plain SGDM
 
 
-def test_optax_transform_with_weight_decay_and_adam():
+def test_optax_transform_with_weight_decay_and_adam(ce_problem):
     vdm = LE(1, 0.7)
-    params, loss_fn = _ce_problem()
+    params, loss_fn = ce_problem
     # weight decay after the VDM is not scaled: SGD on delta(l) + wd/2 |p|^2, as a PyTorch loop does
     tx = optax.chain(scale_by_vdm(vdm), optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
     ours = _run(tx, loss_fn, params, 10)

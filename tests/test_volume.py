@@ -563,7 +563,7 @@ def test_codec_roundtrip(m):
     rng = np.random.default_rng(m)
     a = rng.integers(-codec.offset, codec.offset, size=(500, m))
     a[0] = -codec.offset
-    a[1] = codec.max_coord
+    a[1] = codec.offset - 1
     keys = codec.pack(a)
     assert keys.dtype == np.int64 and keys.min() >= 0
     assert np.array_equal(codec.unpack(keys), a)
@@ -666,7 +666,10 @@ def iris_setup():
     data = DS()
     data.x, data.y = x, y.astype(np.int32)
     model = get_model("mlp", widths=[8], num_classes=3)
-    minima = [model.init(jax.random.key(i), jnp.asarray(x[:2])) for i in range(4)]
+    # four random inits in one compiled call (the same values as model.init(jax.random.key(i), ...) one by one)
+    keys = jnp.stack([jax.random.key(i) for i in range(4)])
+    stacked = jax.jit(jax.vmap(model.init, in_axes=(0, None)))(keys, jnp.asarray(x[:2]))
+    minima = [jax.tree_util.tree_map(lambda a, i=i: a[i], stacked) for i in range(4)]
     return model, data, minima
 
 
@@ -751,28 +754,6 @@ def test_a_second_traversal_or_sweep_compiles_nothing(iris_setup, count_compiles
     assert seen == [] and b.H == a.H
 
 
-def test_iris_3d_sweep_and_plots(iris_setup, tmp_path: Path):
-    from mclandscape.plots import plot_h_mean, plot_h_panels, save
-
-    model, data, minima = iris_setup
-    params = [v["params"] for v in minima]
-    loss = make_objective(model, train=False, variables=minima[0])
-    sweeps = {}
-    for kind in ("raw", "qr"):
-        flat = VF.flat_from_minima(params, basis=kind)
-        sweeps[kind] = V.h_sweep(flat, loss, [0.4, 0.2], [1.05, 1.1, 1.2], batch=(data.x, data.y), max_batch=256,
-                                 config=VT.TraversalConfig(limit=2000))
-        assert sweeps[kind].H[:, -1].min() > 1 and np.all(np.diff(sweeps[kind].H, axis=1) >= 0)
-    # raw and QR flats share the anchor, so ε and the thresholds agree
-    assert sweeps["raw"].epsilon == sweeps["qr"].epsilon
-    path = tmp_path / "fig.png"
-    save(plot_h_panels(sweeps, title="test"), path)
-    assert path.stat().st_size > 5000
-    p2 = tmp_path / "mean.png"
-    save(plot_h_mean(V.mean_log_h([sweeps["raw"], sweeps["qr"]])), p2)
-    assert p2.stat().st_size > 5000
-
-
 def test_sharded_evaluation_matches_single_device(tmp_path: Path):
     code = textwrap.dedent("""
         import json, numpy as np, jax, jax.numpy as jnp
@@ -803,35 +784,39 @@ def test_sharded_evaluation_matches_single_device(tmp_path: Path):
     assert res["2"] == res["1"] and res["2"][0] > 500
 
 
-def test_experiment_writes_results_json_for_every_setting(tmp_path: Path):
+def test_experiment_writes_results_json_for_every_setting(tmp_path: Path, capsys):
+    """The experiment in this process (its compilations shared with the tests above), small: every setting's
+    tables, fits and figures; raw and QR flats of one anchor share ε, and H never falls as c grows."""
+    from experiments.volume_bfs import main
+
     out = tmp_path / "vb"
-    argv = ["--out", str(out), "--train-steps", "150", "--num-minima", "4", "--multipliers", "1.5,3,6",
-                "--synthetic-dims", "2", "--synthetic-steps", "0.2", "--synthetic-multipliers", "1.5,3",
-                "--steps-2d", "1.0,0.5", "--steps-3d", "1.0", "--minima-step", "1.0", "--distance-steps", "2.0",
-                "--distance-multipliers", "2,5,10", "--limit", "3000", "--distance-limit", "500",
-                "--synthetic-limit", "500", "--max-batch", "64"]
-    root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-m", "experiments.volume_bfs", *argv], cwd=str(root), capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "wrote" in run.stdout
+    main(["--out", str(out), "--train-steps", "40", "--num-minima", "4", "--multipliers", "1.5,3,6",
+          "--synthetic-dims", "2", "--synthetic-steps", "0.2", "--synthetic-multipliers", "1.5,3",
+          "--steps-2d", "1.0,0.5", "--steps-3d", "1.0", "--minima-step", "1.0", "--distance-steps", "2.0",
+          "--distance-multipliers", "2,5,10", "--limit", "300", "--distance-limit", "100",
+          "--synthetic-limit", "300", "--max-batch", "16"])
+    assert "wrote" in capsys.readouterr().out
     saved = json.loads((out / "results.json").read_text())
     want = {"synthetic_d2", "iris_2d_qr", "iris_3d_qr", "minima_anchor0", "minima_anchor1", "minima_anchor2",
             "basis_raw", "basis_raw_rescaled", "basis_qr", "distance_anchor0", "distance_anchor3", "distance_mean"}
-    assert want <= set(saved["settings"])
+    settings = saved["settings"]
+    assert want <= set(settings)
     for name in want - {"distance_mean"}:
-        s = saved["settings"][name]
+        s = settings[name]
         S, N = len(s["steps"]), len(s["multipliers"])
         assert np.asarray(s["H"]).shape == (S, N) and np.asarray(s["truncated"]).shape == (S, N)
         assert np.all(np.asarray(s["H"]) >= 1) and np.all(np.asarray(s["wall_time"]) >= 0)
+        assert np.all(np.diff(np.asarray(s["H"]), axis=1) >= 0)
         assert np.all(np.asarray(s["visited"]) >= np.asarray(s["H"]))
         assert "fit_pooled" in s and "fit_per_step" in s and len(s["fit_per_step"]) == S
         assert s["wall_time_total"] > 0
-    assert saved["settings"]["iris_3d_qr"]["dim"] == 3 and saved["settings"]["iris_2d_qr"]["dim"] == 2
-    assert saved["settings"]["synthetic_d2"]["flat"]["kind"] == "full"
+    assert settings["iris_3d_qr"]["dim"] == 3 and settings["iris_2d_qr"]["dim"] == 2
+    assert settings["synthetic_d2"]["flat"]["kind"] == "full"
+    assert settings["basis_raw"]["flat"]["kind"] == "raw" and settings["basis_qr"]["flat"]["kind"] == "qr"
+    assert settings["basis_raw"]["epsilon"] == settings["basis_qr"]["epsilon"]  # the same anchor minimum
     assert 0 < saved["basis_angle_deg"] < 180
     assert len(saved["iris_minima"]["train_loss"]) == 4
-    assert np.asarray(saved["settings"]["distance_mean"]["mean_log_H"]).shape == (1, 3)
+    assert np.asarray(settings["distance_mean"]["mean_log_H"]).shape == (1, 3)
     for fig in saved["figures"]:
         assert (out / fig).stat().st_size > 5000
     assert len(saved["figures"]) == 6

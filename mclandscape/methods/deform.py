@@ -65,8 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["VDM", "AP", "LE", "Squared", "Identity", "CustomVDM", "custom_vdm", "check_monotone", "check_loss_domain",
-           "vdm_loss", "scale_by_vdm", "ScaleByVDMState", "check_vdm_state", "deformed_hessian_formula"]
+from mclandscape.core._checks import choice, real
+
+__all__ = ["VDM", "AP", "LE", "Squared", "Identity", "CustomVDM", "custom_vdm", "check_monotone", "vdm_loss", "scale_by_vdm", "ScaleByVDMState", "check_vdm_state", "deformed_hessian_formula"]
 
 Array = jax.Array
 
@@ -109,12 +110,10 @@ class VDM:
         raise NotImplementedError
 
     def derivative(self, loss):
-        loss = jnp.asarray(loss)
-        return jax.grad(lambda l: jnp.sum(self.value(l)))(loss)
+        return jax.grad(lambda l: jnp.sum(self.value(l)))(jnp.asarray(loss))
 
     def second_derivative(self, loss):
-        loss = jnp.asarray(loss)
-        return jax.grad(lambda l: jnp.sum(self.derivative(l)))(loss)
+        return jax.grad(lambda l: jnp.sum(self.derivative(l)))(jnp.asarray(loss))
 
     def __call__(self, loss):
         return self.value(loss)
@@ -126,21 +125,11 @@ class VDM:
 
     def domain_message(self, bad_loss: float) -> str:
         low, inclusive = self.domain
-        rel = ">=" if inclusive else ">"
-        return (f"{self.name} is undefined at loss {bad_loss!r}: it needs a finite loss {rel} {low!r}"
-                + self._domain_reason())
+        return (f"{self.name} is undefined at loss {bad_loss!r}: it needs a finite loss {'>=' if inclusive else '>'} "
+                f"{low!r}{self._domain_reason()}")
 
     def _domain_reason(self) -> str:
         return ""
-
-    def __str__(self) -> str:
-        return self.name
-
-
-def _check_pos(name: str, **values: float) -> None:
-    for k, v in values.items():
-        if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{name}: coefficient {k} must be a finite number > 0 (VDM paper, section 3.1), got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,12 +156,9 @@ class AP(VDM):
     a4: float
 
     def __post_init__(self):
-        for k in ("a1", "a2", "a3", "a4"):
-            object.__setattr__(self, k, float(getattr(self, k)))
-        _check_pos("AP", a1=self.a1, a2=self.a2, a3=self.a3)
-        if not (math.isfinite(self.a4) and self.a4 >= 0):
-            raise ValueError(f"AP: coefficient a4 must be a finite number >= 0 (VDM paper, section 3.1; a4 = 0 "
-                             f"as in Table 2's AP(1.5, 0.7, 1, 0)), got {self.a4!r}")
+        for k in ("a1", "a2", "a3", "a4"):  # a4 = 0 is allowed: Table 2 uses AP(1.5, 0.7, 1, 0)
+            object.__setattr__(self, k, real(getattr(self, k), f"AP coefficient {k}", low=0, low_open=k != "a4",
+                                             what="VDM paper, section 3.1"))
 
     @property
     def name(self) -> str:
@@ -216,8 +202,8 @@ class LE(VDM):
 
     def __post_init__(self):
         for k in ("e1", "e2"):
-            object.__setattr__(self, k, float(getattr(self, k)))
-        _check_pos("LE", e1=self.e1, e2=self.e2)
+            object.__setattr__(self, k, real(getattr(self, k), f"LE coefficient {k}", low=0, low_open=True,
+                                             what="VDM paper, section 3.1"))
 
     @property
     def name(self) -> str:
@@ -238,11 +224,6 @@ class LE(VDM):
         loss = jnp.asarray(loss)
         return self.e1 / (-jnp.expm1(math.log(self.e2) - loss))
 
-    def second_derivative(self, loss):
-        loss = jnp.asarray(loss)
-        q = jnp.exp(math.log(self.e2) - loss)
-        return -self.e1 * q / jnp.square(-jnp.expm1(math.log(self.e2) - loss))
-
 
 @dataclasses.dataclass(frozen=True)
 class Squared(VDM):
@@ -256,12 +237,6 @@ class Squared(VDM):
     def value(self, loss):
         return 0.5 * jnp.square(loss)
 
-    def derivative(self, loss):
-        return jnp.asarray(loss)
-
-    def second_derivative(self, loss):
-        return jnp.ones_like(jnp.asarray(loss))
-
 
 @dataclasses.dataclass(frozen=True)
 class Identity(VDM):
@@ -274,12 +249,6 @@ class Identity(VDM):
     def value(self, loss):
         return jnp.asarray(loss)
 
-    def derivative(self, loss):
-        return jnp.ones_like(jnp.asarray(loss))
-
-    def second_derivative(self, loss):
-        return jnp.zeros_like(jnp.asarray(loss))
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CustomVDM(VDM):
@@ -287,17 +256,8 @@ class CustomVDM(VDM):
 
     fn: Callable[[Array], Array]
     fn_derivative: Callable[[Array], Array] | None = None
-    label: str = "custom"
-    low: float = -math.inf
-    low_inclusive: bool = True
-
-    @property
-    def name(self) -> str:
-        return self.label
-
-    @property
-    def domain(self) -> tuple[float, bool]:
-        return (self.low, self.low_inclusive)
+    name: str = "custom"
+    domain: tuple[float, bool] = (-math.inf, True)
 
     def value(self, loss):
         return self.fn(jnp.asarray(loss))
@@ -329,25 +289,26 @@ def check_monotone(vdm: VDM, losses=None, *, atol: float = 0.0) -> None:
     Definition 2 of the VDM paper requires ``∂δ/∂ℓ >= 0`` for ``ℓ >= 0``; the default grid is 2001 losses in
     ``[0, 20]`` restricted to the VDM's domain.
     """
-    if losses is None:
-        losses = np.linspace(0.0, 20.0, 2001)
-    losses = np.asarray(losses, np.float64).ravel()
-    dtype = jnp.result_type(float)  # the default float type: float64 under jax_enable_x64
-    inside = np.asarray(vdm.in_domain(jnp.asarray(losses, dtype)))
-    losses = losses[inside]
-    if losses.size == 0:
-        raise ValueError(f"{vdm.name}: no loss of the check grid lies in its domain {vdm.domain}")
-    grid = jnp.asarray(losses, dtype)
-    vals = np.asarray(vdm.value(grid))
-    der = np.asarray(vdm.derivative(grid))
+    grid = _domain_grid(vdm, losses)
+    vals, der = (np.asarray(f(jnp.asarray(grid))) for f in (vdm.value, vdm.derivative))
     for what, v in (("delta", vals), ("delta'", der)):
         if not np.all(np.isfinite(v)):
-            raise ValueError(f"{vdm.name}: {what} is not finite at loss {losses[~np.isfinite(v)][0]:.6g}")
+            raise ValueError(f"{vdm.name}: {what} is not finite at loss {grid[~np.isfinite(v)][0]:.6g}")
     neg = der < -atol
     if neg.any():
         i = int(np.argmax(neg))
-        raise ValueError(f"{vdm.name} is not a VDM: delta'({losses[i]:.6g}) = {der[i]:.6g} < 0, but the VDM paper's "
+        raise ValueError(f"{vdm.name} is not a VDM: delta'({grid[i]:.6g}) = {der[i]:.6g} < 0, but the VDM paper's "
                          "Definition 2 requires d(delta)/d(loss) >= 0 for loss >= 0")
+
+
+def _domain_grid(vdm: VDM, losses) -> np.ndarray:
+    """``losses`` (default 2001 in [0, 20]) inside the VDM's domain, in the default float dtype (float64 under
+    ``jax_enable_x64``)."""
+    grid = np.asarray(np.linspace(0.0, 20.0, 2001) if losses is None else losses, jnp.result_type(float)).ravel()
+    grid = grid[np.asarray(vdm.in_domain(jnp.asarray(grid)))]
+    if grid.size == 0:
+        raise ValueError(f"{vdm.name}: no loss of the check grid lies in its domain {vdm.domain}")
+    return grid
 
 
 def custom_vdm(fn: Callable[[Array], Array], derivative: Callable[[Array], Array] | None = None, *,
@@ -376,17 +337,12 @@ def custom_vdm(fn: Callable[[Array], Array], derivative: Callable[[Array], Array
       >>> v.name, round(float(v.derivative(3.0)), 4)
       ('log1p', 0.25)
     """
-    if not callable(fn):
-        raise ValueError("custom_vdm: fn must be callable")
-    if derivative is not None and not callable(derivative):
-        raise ValueError("custom_vdm: derivative must be callable or None")
-    vdm = CustomVDM(fn=fn, fn_derivative=derivative, label=name, low=float(domain_low),
-                    low_inclusive=bool(domain_inclusive))
+    if not callable(fn) or not (derivative is None or callable(derivative)):
+        raise ValueError("custom_vdm: fn must be callable, and derivative callable or None")
+    vdm = CustomVDM(fn=fn, fn_derivative=derivative, name=name, domain=(float(domain_low), bool(domain_inclusive)))
     check_monotone(vdm, check_losses)
     if derivative is not None:
-        grid = np.asarray(check_losses if check_losses is not None else np.linspace(0.0, 20.0, 201),
-                          jnp.result_type(float))
-        grid = grid[np.asarray(vdm.in_domain(jnp.asarray(grid)))]
+        grid = _domain_grid(vdm, check_losses)
         auto = np.asarray(VDM.derivative(vdm, jnp.asarray(grid)))
         given = np.asarray(vdm.derivative(jnp.asarray(grid)))
         err = np.abs(auto - given) / np.maximum(1.0, np.abs(auto))
@@ -412,28 +368,6 @@ def _raise_outside(vdm: VDM, loss) -> None:
         raise ValueError(vdm.domain_message(float(np.ravel(np.asarray(loss))[np.ravel(bad)][0])))
 
 
-def check_loss_domain(vdm: VDM, loss, *, traced: str = "callback") -> None:
-    """Raise ``ValueError`` if ``δ`` is undefined at ``loss`` (e.g. LE with ``exp(ℓ) <= e2``).
-
-    With a concrete loss the error is raised here. With a traced one (inside ``jit``/``grad``/``vmap``)
-    ``traced="callback"`` adds an *ordered* ``jax.debug.callback`` that raises it when the computation
-    runs (a ``JaxRuntimeError`` carrying the message; see the module docstring for its caveat) and
-    ``traced="off"`` does nothing. VDMs defined for every loss (identity, 0.5·ℓ², AP with an integral power)
-    add nothing; NaN losses (divergence) are not flagged.
-    """
-    low, _ = vdm.domain
-    if low == -math.inf:
-        return
-    value = _concrete(loss)
-    if value is not None:
-        _raise_outside(vdm, value)
-    elif traced == "callback":
-        jax.debug.callback(functools.partial(_raise_outside, vdm), loss, ordered=True)
-
-
-_LOSS_CHECKS = ("eager", "callback", "off")
-
-
 def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
              check_domain: str = "eager") -> Callable[..., Any]:
     """The deformed loss ``δ∘loss_fn`` (VDM paper, section 3.1).
@@ -449,8 +383,7 @@ def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
     """
     if not isinstance(vdm, VDM):
         raise ValueError(f"vdm_loss: expected a VDM, got {type(vdm).__name__}")
-    if check_domain not in _LOSS_CHECKS:
-        raise ValueError(f"vdm_loss: check_domain must be one of {_LOSS_CHECKS}, got {check_domain!r}")
+    choice(check_domain, "check_domain", ("eager", "callback", "off"))
 
     @functools.wraps(loss_fn)
     def wrapped(*args, **kwargs):
@@ -460,8 +393,12 @@ def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
         loss, aux = out if has_aux else (out, None)
         if jnp.ndim(loss) != 0:
             raise ValueError(f"vdm_loss: loss_fn must return a scalar loss, got shape {jnp.shape(loss)}")
-        if check_domain != "off":
-            check_loss_domain(vdm, loss, traced="callback" if check_domain == "callback" else "off")
+        if check_domain != "off" and vdm.domain[0] != -math.inf:  # VDMs defined for every loss check nothing
+            value = _concrete(loss)
+            if value is not None:
+                _raise_outside(vdm, value)
+            elif check_domain == "callback":  # an ordered host callback raises when the computation runs
+                jax.debug.callback(functools.partial(_raise_outside, vdm), loss, ordered=True)
         d = vdm.value(loss)
         return (d, aux) if has_aux else d
 
@@ -479,9 +416,6 @@ class ScaleByVDMState(NamedTuple):
     num_invalid: Array
     invalid_loss: Array
     invalid_step: Array
-
-
-_STEP_CHECKS = ("skip", "off")
 
 
 def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
@@ -514,11 +448,12 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
     """
     if not isinstance(vdm, VDM):
         raise ValueError(f"scale_by_vdm: expected a VDM, got {type(vdm).__name__}")
-    if check_domain not in _STEP_CHECKS:  # no "callback": raising inside a step can hang JAX (jax-ml/jax#25861)
-        raise ValueError(f"scale_by_vdm: check_domain must be one of {_STEP_CHECKS} ('skip' masks such steps and "
+    if check_domain not in ("skip", "off"):  # no "callback": raising inside a step can hang JAX (jax-ml/jax#25861)
+        raise ValueError(f"scale_by_vdm: check_domain must be 'skip' or 'off' ('skip' masks such steps and "
                          f"check_vdm_state raises on the host; a host callback raising inside a training step can "
                          f"hang JAX's CPU runtime, jax-ml/jax#25861), got {check_domain!r}")
-    masked = check_domain == "skip" and vdm.domain[0] != -math.inf
+
+    masked = check_domain == "skip" and vdm.domain[0] != -math.inf  # a VDM defined everywhere masks nothing
 
     def init_fn(params):
         # the logged factor and losses follow the parameters' dtype (float64 under jax_enable_x64)
@@ -536,22 +471,16 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
         if loss.ndim != 0:
             raise ValueError(f"scale_by_vdm: the loss must be a scalar, got shape {loss.shape}")
         scale = vdm.derivative(loss)
-        num_invalid, invalid_loss, invalid_step = state.num_invalid, state.invalid_loss, state.invalid_step
-        if masked:
-            bad = _outside_domain(vdm, loss, jnp)
-            first = bad & (num_invalid == 0)
-            invalid_loss = jnp.where(first, loss.astype(invalid_loss.dtype), invalid_loss)
-            invalid_step = jnp.where(first, state.steps, invalid_step)
-            num_invalid = num_invalid + bad.astype(jnp.int32)
-            scale = jnp.where(bad, jnp.zeros_like(scale), scale)
-            new = jax.tree_util.tree_map(lambda g: jnp.where(bad, jnp.zeros_like(g), g * scale).astype(g.dtype),
-                                         updates)
-        else:
-            new = jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), updates)
+        # a loss outside the domain (never NaN: that is a divergence) zeroes the update and is counted
+        bad = _outside_domain(vdm, loss, jnp) if masked else jnp.zeros((), bool)
+        first = bad & (state.num_invalid == 0)
+        scale = jnp.where(bad, jnp.zeros_like(scale), scale)
+        new = jax.tree_util.tree_map(lambda g: jnp.where(bad, jnp.zeros_like(g), g * scale).astype(g.dtype), updates)
         dt = state.scale.dtype  # the state keeps its dtype (a scan carry must not change type)
         return new, ScaleByVDMState(scale=scale.astype(dt), loss=loss.astype(dt),
-                                    steps=state.steps + 1, num_invalid=num_invalid, invalid_loss=invalid_loss,
-                                    invalid_step=invalid_step)
+                                    steps=state.steps + 1, num_invalid=state.num_invalid + bad.astype(jnp.int32),
+                                    invalid_loss=jnp.where(first, loss.astype(dt), state.invalid_loss),
+                                    invalid_step=jnp.where(first, state.steps, state.invalid_step))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -569,19 +498,15 @@ def check_vdm_state(opt_state, vdm: VDM | None = None) -> None:
       ValueError: naming the VDM and its domain, the first loss outside it, at which step, and how many steps
         were masked (host-side: it reads the state's counters, so it never runs inside a computation).
     """
-    found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByVDMState))
-             if isinstance(x, ScaleByVDMState)]
-    for st in found:
-        n = np.asarray(st.num_invalid)
-        if not np.any(n > 0):
+    for st in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByVDMState)):
+        if not (isinstance(st, ScaleByVDMState) and np.any(np.asarray(st.num_invalid) > 0)):
             continue
+        n = np.asarray(st.num_invalid)
         hit = np.ravel(n > 0)
         loss, step = (np.ravel(np.asarray(a))[hit][0] for a in (st.invalid_loss, st.invalid_step))
-        steps = np.asarray(st.steps)
-        what = vdm.domain_message(float(loss)) if vdm is not None else (
-            f"the VDM is undefined at loss {float(loss)!r}")
+        what = vdm.domain_message(float(loss)) if vdm is not None else f"the VDM is undefined at loss {float(loss)!r}"
         batched = f" over {int(hit.sum())} of {n.size} batched states" if n.ndim else ""
-        raise ValueError(f"{what}; scale_by_vdm skipped {int(n.sum())} of {int(steps.sum())} step(s){batched}, the "
+        raise ValueError(f"{what}; scale_by_vdm skipped {int(n.sum())} of {int(np.sum(st.steps))} step(s){batched}, the "
                          f"first at step {int(step)} (their update was zeroed: the loss left the VDM's domain, "
                          "e.g. LE(e1, e2) with e2 >= 1 below ln e2; choose a VDM defined there)")
 

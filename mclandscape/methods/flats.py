@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mclandscape.core.tree import PyTree, check_same_structure, tree_combine, tree_ravel
+from mclandscape.core._checks import choice, integer, real
+from mclandscape.core.tree import PyTree, check_finite, check_same_structure, tree_combine, tree_ravel
 from mclandscape.engine.points import Points
 
 __all__ = ["Flat", "flat_from_minima", "full_space_flat"]
@@ -70,10 +71,10 @@ class Flat:
     basis: jax.Array | None
     kind: str
     unravel: Callable[[jax.Array], PyTree]
-    raw_angles_deg: np.ndarray | None
-    raw_norms: np.ndarray | None
-    minima_coords: np.ndarray | None
-    cell_factor: float
+    raw_angles_deg: np.ndarray | None = None
+    raw_norms: np.ndarray | None = None
+    minima_coords: np.ndarray | None = None
+    cell_factor: float = 1.0
     anchor_index: int = 0
     stack: jax.Array = dataclasses.field(init=False, repr=False)
 
@@ -101,7 +102,6 @@ class Flat:
         Returns:
           The volume as a Python float.
         """
-        _check_step(step)
         return float(self.cell_factor * step ** self.dim)
 
     def lattice_rows(self, coords, step: float) -> np.ndarray:
@@ -118,7 +118,7 @@ class Flat:
           ValueError: non-integer coordinates, a wrong shape, or a coordinate too large for the anchor's dtype
             to hold exactly (beyond 2^24 in float32), where two voxels could share one row.
         """
-        _check_step(step)
+        step = _check_step(step)
         a = _check_coords(coords, self.dim)
         dtype = np.dtype(self.anchor.dtype)
         exact = 2 ** (int(jnp.finfo(dtype).nmant) + 1)
@@ -152,11 +152,8 @@ class Flat:
         Returns:
           ``[..., d]`` parameter vectors (the origin is θ* exactly).
         """
-        a = np.asarray(coords)
-        if a.ndim == 0 or a.shape[-1] != self.dim:
-            raise ValueError(f"lattice coordinates need a last axis of size m={self.dim}, got shape {a.shape}")
-        rows = self.lattice_rows(a.reshape(-1, self.dim), step)
-        out = tree_combine(jnp.asarray(rows), self.stack)
+        a = np.atleast_1d(coords)
+        out = tree_combine(jnp.asarray(self.lattice_rows(a.reshape(-1, a.shape[-1]), step)), self.stack)
         return out.reshape(a.shape[:-1] + (self.ambient_dim,))
 
     def params(self, coords, step: float) -> PyTree:
@@ -176,16 +173,10 @@ class Flat:
 
     def describe(self) -> dict:
         """JSON-serialisable summary (kind, m, d, angles, norms, minima coordinates, cell factor)."""
-        return {
-            "kind": self.kind,
-            "dim": self.dim,
-            "ambient_dim": self.ambient_dim,
-            "anchor_index": self.anchor_index,
-            "cell_factor": self.cell_factor,
-            "raw_angles_deg": None if self.raw_angles_deg is None else self.raw_angles_deg.tolist(),
-            "raw_norms": None if self.raw_norms is None else self.raw_norms.tolist(),
-            "minima_coords": None if self.minima_coords is None else self.minima_coords.tolist(),
-        }
+        out = {k: getattr(self, k) for k in ("kind", "dim", "ambient_dim", "anchor_index", "cell_factor")}
+        for k in ("raw_angles_deg", "raw_norms", "minima_coords"):
+            out[k] = None if getattr(self, k) is None else getattr(self, k).tolist()
+        return out
 
 
 def _check_coords(coords, dim: int) -> np.ndarray:
@@ -213,27 +204,22 @@ class _Unravel:
                    tuple(jnp.result_type(a).name for a in leaves))
 
     def __call__(self, vec: jax.Array) -> PyTree:
-        out, offset = [], 0
-        for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
-            size = math.prod(shape)
-            out.append(vec[offset:offset + size].reshape(shape).astype(dtype))
-            offset += size
-        return jax.tree_util.tree_unflatten(self.treedef, out)
+        parts = jnp.split(vec, np.cumsum([math.prod(shape) for shape in self.shapes])[:-1])
+        return jax.tree_util.tree_unflatten(self.treedef, [
+            x.reshape(shape).astype(dtype) for x, shape, dtype in zip(parts, self.shapes, self.dtypes, strict=True)])
 
 
 def _ravel_minima(minima: Sequence[PyTree]):
-    minima = list(minima)
-    for i in range(1, len(minima)):
-        check_same_structure(minima[0], minima[i], names=("minima[0]", f"minima[{i}]"))
+    """The minima as flat vectors, checked (one structure, floating and finite), and their common unravel."""
     vecs = []
     for i, p in enumerate(minima):
+        check_same_structure(minima[0], p, names=("minima[0]", f"minima[{i}]"))
+        check_finite(p, f"minima[{i}]")
         v, _ = tree_ravel(p)
         if not jnp.issubdtype(v.dtype, jnp.floating):
             raise ValueError(f"minima[{i}] has non-floating parameters (dtype {v.dtype})")
-        if not bool(jnp.all(jnp.isfinite(v))):
-            raise ValueError(f"minima[{i}] holds non-finite parameters")
-        vecs.append((v, _Unravel.of(p)))
-    return vecs
+        vecs.append(v)
+    return vecs, _Unravel.of(minima[0])
 
 
 def flat_from_minima(
@@ -270,13 +256,17 @@ def flat_from_minima(
         3.0
     """
     minima = list(minima)
-    _check_flat_args(len(minima), anchor, basis, rtol)
-    vecs = _ravel_minima(minima)
-    theta0, unravel = vecs[anchor]
+    if len(minima) < 2:
+        raise ValueError(f"a flat needs at least two minima (m+1 >= 2 for an m-dimensional flat), got {len(minima)}")
+    choice(basis, "basis", ("qr", "raw"))
+    anchor = choice(integer(anchor, "anchor"), "anchor", range(len(minima)))
+    rtol = real(rtol, "rtol", low=0, low_open=True)
+    vecs, unravel = _ravel_minima(minima)
+    theta0 = vecs[anchor]
     dtype = theta0.dtype
     order = [i for i in range(len(minima)) if i != anchor]
     t0 = np.asarray(theta0, np.float64)
-    b = np.stack([np.asarray(vecs[i][0], np.float64) - t0 for i in order], axis=1)  # [d, m], exact differences
+    b = np.stack([np.asarray(vecs[i], np.float64) - t0 for i in order], axis=1)  # [d, m], exact differences
     d, m = b.shape
     if m > d:
         raise ValueError(f"{m + 1} minima are linearly dependent in a {d}-dimensional parameter space "
@@ -285,60 +275,26 @@ def flat_from_minima(
     for j, i in enumerate(order):
         if norms[j] == 0:
             raise ValueError(f"minima[{i}] equals the anchor minima[{anchor}]: b = 0 spans no direction")
-    q, r = _independent_qr(b, norms, order, anchor, rtol)
-    gram = b.T @ b
-    cos = gram / np.outer(norms, norms)
-    angles = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
-    np.fill_diagonal(angles, 0.0)
-    if basis == "qr":
-        used = q
-        coords_dirs = r  # b_j = Q r_j
-        cell = 1.0
-    else:
-        used = b
-        coords_dirs = np.eye(m)
-        cell = float(np.prod(np.abs(np.diag(r))))  # sqrt(det BᵀB)
-    minima_coords = np.zeros((len(minima), m))
-    for j, i in enumerate(order):
-        minima_coords[i] = coords_dirs[:, j]
-    return Flat(
-        anchor=theta0,
-        basis=jnp.asarray(used, dtype),
-        kind=basis,
-        unravel=unravel,
-        raw_angles_deg=angles,
-        raw_norms=norms,
-        minima_coords=minima_coords,
-        cell_factor=cell,
-        anchor_index=int(anchor),
-    )
-
-
-def _check_flat_args(num_minima: int, anchor, basis: str, rtol: float) -> None:
-    if num_minima < 2:
-        raise ValueError(f"a flat needs at least two minima (m+1 >= 2 for an m-dimensional flat), got {num_minima}")
-    if basis not in ("qr", "raw"):
-        raise ValueError(f"basis must be 'qr' or 'raw', got {basis!r}")
-    if not isinstance(anchor, int | np.integer) or not 0 <= anchor < num_minima:
-        raise ValueError(f"anchor must be an index into the {num_minima} minima, got {anchor!r}")
-    if not rtol > 0:
-        raise ValueError(f"rtol must be positive, got {rtol}")
-
-
-def _independent_qr(b: np.ndarray, norms: np.ndarray, order: list[int], anchor: int, rtol: float):
-    """The QR factors of the directions ``b [d, m]`` with diag(R) > 0; refuses a direction whose component
-    orthogonal to the earlier ones is below ``rtol`` times its length (linearly dependent minima)."""
+    # QR with diag(R) > 0 (q_1 along b_1); a direction whose component orthogonal to the earlier ones is below
+    # rtol times its length makes the minima linearly dependent
     q, r = np.linalg.qr(b, mode="reduced")
     sign = np.where(np.diag(r) < 0, -1.0, 1.0)
-    q = q * sign[None, :]
-    r = r * sign[:, None]
+    q, r = q * sign[None, :], r * sign[:, None]
     rel = np.abs(np.diag(r)) / norms
     for j, i in enumerate(order):
         if rel[j] < rtol:
             raise ValueError(
                 f"minima are linearly dependent: b = minima[{i}] - minima[{anchor}] lies in the span of the "
                 f"previous directions up to a relative residual {rel[j]:.3g} < rtol={rtol:g}")
-    return q, r
+    angles = np.degrees(np.arccos(np.clip(b.T @ b / np.outer(norms, norms), -1.0, 1.0)))
+    np.fill_diagonal(angles, 0.0)
+    qr = basis == "qr"
+    minima_coords = np.zeros((len(minima), m))
+    minima_coords[order] = (r if qr else np.eye(m)).T  # b_j = Q r_j
+    return Flat(anchor=theta0, basis=jnp.asarray(q if qr else b, dtype), kind=basis, unravel=unravel,
+                raw_angles_deg=angles, raw_norms=norms, minima_coords=minima_coords,
+                cell_factor=1.0 if qr else float(np.prod(np.abs(np.diag(r)))),  # raw: sqrt(det BᵀB) = |det R|
+                anchor_index=int(anchor))
 
 
 def full_space_flat(theta_star: PyTree) -> Flat:
@@ -356,12 +312,9 @@ def full_space_flat(theta_star: PyTree) -> Flat:
         >>> flat.kind, flat.dim, flat.params([0, 1, -1], 0.5)["w"].tolist()  # raveled order: b, w
         ('full', 3, [0.5, 1.5])
     """
-    (v, unravel), = _ravel_minima([theta_star])
-    return Flat(anchor=v, basis=None, kind="full", unravel=unravel, raw_angles_deg=None, raw_norms=None,
-                minima_coords=None, cell_factor=1.0, anchor_index=0)
+    (v,), unravel = _ravel_minima([theta_star])
+    return Flat(anchor=v, basis=None, kind="full", unravel=unravel)
 
 
-def _check_step(step) -> None:
-    if not isinstance(step, int | float | np.integer | np.floating) or not math.isfinite(step) or step <= 0:
-        raise ValueError(f"step width s must be a positive finite number, got {step!r}")
-
+def _check_step(step) -> float:
+    return real(step, "step width s", low=0, low_open=True)

@@ -27,15 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.core._checks import integer
 from mclandscape.core.objective import call_objective
 from mclandscape.core.tree import PyTree
+from mclandscape.engine.distributed import num_devices
 from mclandscape.engine.points import Points, map_points
-from mclandscape.methods.flats import (
-    Flat,
-    _check_coords,
-    _check_step,
-    full_space_flat,  # noqa: F401 - the doctests' flat
-)
+from mclandscape.methods.flats import Flat, _check_coords, _check_step
 
 __all__ = ["LatticeLoss", "LatticeCodec", "VoxelStore", "KeyQueue"]
 
@@ -85,6 +82,7 @@ class LatticeLoss:
     Example:
         >>> import jax.numpy as jnp, numpy as np
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> ev = LatticeLoss(full_space_flat(jnp.zeros(2)), 0.5, bowl)
         >>> ev(np.array([[0, 0], [1, -2]])).tolist(), ev.bucket(3)
@@ -100,7 +98,7 @@ class LatticeLoss:
     devices: int | None = None
 
     def __post_init__(self):
-        _check_step(self.step)
+        object.__setattr__(self, "step", _check_step(self.step))
         if not isinstance(self.flat, Flat):
             raise ValueError(f"flat must be a Flat, got {type(self.flat).__name__}")
         if not callable(self.objective) or any(callable(x) for x in jax.tree_util.tree_leaves(self.objective)):
@@ -108,14 +106,8 @@ class LatticeLoss:
                              f"(make_objective, or function_objective(fn) for a scalar fn(params, batch)), got "
                              f"{self.objective!r}")
         for name in ("chunk", "max_batch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        avail = jax.device_count()
-        if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int | np.integer)
-                                         or not 1 <= self.devices <= avail):
-            raise ValueError(f"devices must be None or an integer in [1, {avail}], got {self.devices!r}")
-
+            object.__setattr__(self, name, integer(getattr(self, name), name, low=1))
+        num_devices(self.devices)
 
     @property
     def dim(self) -> int:
@@ -125,19 +117,18 @@ class LatticeLoss:
     @property
     def num_devices(self) -> int:
         """Devices the voxels are sharded over."""
-        return jax.device_count() if self.devices is None else int(self.devices)
+        return num_devices(self.devices)
 
-    def bucket(self, k: int, ndev: int | None = None) -> int:
+    def bucket(self, k: int) -> int:
         """Padded size used for ``k`` voxels.
 
         Args:
           k: the number of voxels.
-          ndev: the device count (default :attr:`num_devices`).
 
         Returns:
           A power of two ≥ ``k``, rounded up to a multiple of ``chunk · ndev``.
         """
-        unit = int(self.chunk) * (self.num_devices if ndev is None else int(ndev))
+        unit = self.chunk * self.num_devices
         b = 1 << max(0, math.ceil(math.log2(max(k, 1))))
         return -(-b // unit) * unit
 
@@ -152,24 +143,17 @@ class LatticeLoss:
           ``K = 0``).
         """
         a = _check_coords(coords, self.dim)
-        ndev = self.num_devices
-        stack = self.flat.stack
+        loss = _VoxelLoss(self.flat.unravel)
         outs = []
         for lo in range(0, a.shape[0], self.max_batch):
             piece = a[lo:lo + self.max_batch]
-            k = piece.shape[0]
-            padded = np.zeros((self.bucket(k, ndev), self.dim), a.dtype)
-            padded[:k] = piece
-            rows = self.flat.lattice_rows(padded, self.step)
-            vals = map_points(_VoxelLoss(self.flat.unravel), Points(rows=rows, stack=stack), self.objective,
-                              self.batch, strategy="map", chunk_size=int(self.chunk), devices=ndev)
-            if vals.shape != (rows.shape[0],) or not np.issubdtype(vals.dtype, np.floating):
-                raise ValueError(f"the loss must return one floating scalar per voxel; got {vals.dtype} values "
-                                 f"of shape {vals.shape[1:]} per voxel")
-            outs.append(vals[:k])
+            padded = np.zeros((self.bucket(len(piece)), self.dim), a.dtype)
+            padded[:len(piece)] = piece
+            points = Points(rows=self.flat.lattice_rows(padded, self.step), stack=self.flat.stack)
+            outs.append(map_points(loss, points, self.objective, self.batch, strategy="map", chunk_size=self.chunk,
+                                   devices=self.devices)[:len(piece)])
         if not outs:  # no voxels: the dtype the loss would return (traced, nothing compiled or run)
-            point = jax.ShapeDtypeStruct((self.flat.ambient_dim,), jnp.promote_types(jnp.float32, stack.dtype))
-            loss = _VoxelLoss(self.flat.unravel)
+            point = jax.ShapeDtypeStruct((self.flat.ambient_dim,), jnp.promote_types(jnp.float32, self.flat.stack.dtype))
             return np.zeros(0, jax.eval_shape(loss, point, self.objective, self.batch).dtype)
         return np.concatenate(outs)
 
@@ -192,9 +176,7 @@ class LatticeCodec:
     """
 
     def __init__(self, dim: int):
-        if not isinstance(dim, int | np.integer) or dim < 1:
-            raise ValueError(f"lattice dimension must be a positive integer, got {dim!r}")
-        bits = 63 // int(dim)
+        bits = 63 // integer(dim, "lattice dimension m", low=1)
         if bits < 4:
             raise ValueError(f"lattice dimension m={dim} is too large for packed int64 voxel keys (max 15)")
         self.dim = int(dim)
@@ -202,10 +184,6 @@ class LatticeCodec:
         self.offset = 1 << (bits - 1)
         self.mask = (1 << bits) - 1
         self.shifts = np.arange(self.dim, dtype=np.int64) * bits
-
-    @property
-    def max_coord(self) -> int:
-        return self.offset - 1
 
     def pack(self, coords) -> np.ndarray:
         """Keys of integer coordinates.
@@ -216,9 +194,7 @@ class LatticeCodec:
         Returns:
           ``[K]`` non-negative int64 keys.
         """
-        a = np.asarray(coords, np.int64)
-        if a.ndim != 2 or a.shape[1] != self.dim:
-            raise ValueError(f"coords must have shape [K, {self.dim}], got {a.shape}")
+        a = _check_coords(coords, self.dim).astype(np.int64)
         if a.size and (a.min() < -self.offset or a.max() > self.offset - 1):
             raise ValueError(
                 f"a voxel coordinate left the packable range [{-self.offset}, {self.offset - 1}] of an "
@@ -288,26 +264,15 @@ class VoxelStore:
     def __len__(self) -> int:
         return self._size
 
-    def _hash(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys.astype(np.uint64) * _GOLDEN) >> self._shift).astype(np.int64)
-
     def _probe(self, keys: np.ndarray):
         """Slot of each key, or of the empty slot that ends its probe sequence; and whether it was found."""
-        n = keys.shape[0]
-        out = np.empty(n, np.int64)
-        found = np.zeros(n, bool)
-        idx = np.arange(n)
-        kk = keys
-        s = self._hash(keys)
-        while idx.size:
-            tk = self._keys[s]
-            hit = tk == kk
-            done = hit | (tk == _EMPTY)
-            out[idx[done]] = s[done]
-            found[idx[hit]] = True
-            keep = ~done
-            idx, kk, s = idx[keep], kk[keep], (s[keep] + 1) & self._mask
-        return out, found
+        slots = ((keys.astype(np.uint64) * _GOLDEN) >> self._shift).astype(np.int64)  # multiplicative hashing
+        pending = np.arange(keys.shape[0])
+        while pending.size:
+            held = self._keys[slots[pending]]
+            pending = pending[(held != keys[pending]) & (held != _EMPTY)]
+            slots[pending] = (slots[pending] + 1) & self._mask
+        return slots, self._keys[slots] == keys
 
     def contains(self, keys) -> np.ndarray:
         """``[K]`` booleans: which of ``keys`` are stored."""
@@ -328,51 +293,36 @@ class VoxelStore:
         values = np.asarray(values, self.dtype).reshape(-1)
         if keys.shape != values.shape:
             raise ValueError(f"{keys.shape[0]} keys but {values.shape[0]} values")
-        if keys.size == 0:
-            return
-        if keys.min() < 0:
+        if keys.size and keys.min() < 0:
             raise ValueError("voxel keys must be non-negative")
-        if (self._size + keys.size) > self.max_load * self.capacity:
-            self._grow(self._size + keys.size)
-        if self._probe(keys)[1].any():
+        if self.contains(keys).any():
             raise ValueError("insert() got a key that is already stored")
+        if self._size + keys.size > self.max_load * self.capacity:
+            self._grow(self._size + keys.size)
         self._place(keys, values)
 
     def _place(self, keys, values):
-        idx = np.arange(keys.shape[0])
-        s = self._hash(keys)
-        while idx.size:
-            free = np.flatnonzero(self._keys[s] == _EMPTY)
-            placed = np.zeros(idx.size, bool)
-            if free.size:
-                _, first = np.unique(s[free], return_index=True)
-                win = free[first]
-                self._keys[s[win]] = keys[idx[win]]
-                self._vals[s[win]] = values[idx[win]]
-                placed[win] = True
-            keep = ~placed
-            idx, s = idx[keep], (s[keep] + 1) & self._mask
+        """Store new distinct keys: each goes to the empty slot ending its probe sequence; of keys that reach the
+        same slot the first is stored and the others probe on in the next round."""
         self._size += keys.shape[0]
+        while keys.size:
+            slots, _ = self._probe(keys)
+            _, first = np.unique(slots, return_index=True)
+            self._keys[slots[first]] = keys[first]
+            self._vals[slots[first]] = values[first]
+            rest = np.ones(keys.size, bool)
+            rest[first] = False
+            keys, values = keys[rest], values[rest]
 
     def _grow(self, need: int):
         old_k, old_v = self.items()
-        cap = self.capacity
-        while need > self.max_load * cap:
-            cap *= 2
-        self._alloc(cap)
+        self._alloc(1 << math.ceil(math.log2(need / self.max_load)))  # the smallest power of two holding need
         self._place(old_k, old_v)
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, values) of all stored voxels, in slot order."""
         used = self._keys != _EMPTY
         return self._keys[used], self._vals[used]
-
-    def copy(self) -> VoxelStore:
-        new = VoxelStore.__new__(VoxelStore)
-        new.dtype = self.dtype
-        new._keys, new._vals = self._keys.copy(), self._vals.copy()
-        new._size, new._mask, new._shift = self._size, self._mask, self._shift
-        return new
 
 
 class KeyQueue:
@@ -403,27 +353,19 @@ class KeyQueue:
     def push(self, keys) -> None:
         """Append ``keys`` (int64) at the back."""
         keys = np.asarray(keys, np.int64).reshape(-1)
-        n = keys.size
-        if n == 0:
-            return
-        if self._tail + n > self._buf.shape[0]:
-            live = len(self)
-            cap = self._buf.shape[0]
-            while live + n > cap // 2 and live + n > cap - cap // 4:
-                cap *= 2
-            buf = np.empty(cap, np.int64) if cap != self._buf.shape[0] else self._buf
-            buf[:live] = self._buf[self._head:self._tail]
-            self._buf, self._head, self._tail = buf, 0, live
-        self._buf[self._tail:self._tail + n] = keys
-        self._tail += n
+        if self._tail + keys.size > self._buf.shape[0]:  # compact into a buffer twice the size needed
+            live = self._buf[self._head:self._tail]
+            self._buf = np.empty(max(16, 2 * (live.size + keys.size)), np.int64)
+            self._buf[:live.size] = live
+            self._head, self._tail = 0, live.size
+        self._buf[self._tail:self._tail + keys.size] = keys
+        self._tail += keys.size
 
     def pop_front(self, k: int) -> np.ndarray:
         """Remove and return the first ``k`` keys (fewer if the queue is shorter)."""
         k = min(int(k), len(self))
         out = self._buf[self._head:self._head + k].copy()
         self._head += k
-        if self._head == self._tail:
-            self._head = self._tail = 0
         return out
 
     def pop_random(self, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -436,20 +378,8 @@ class KeyQueue:
             out[j] = buf[i]
             self._tail -= 1
             buf[i] = buf[self._tail]
-        if self._head == self._tail:
-            self._head = self._tail = 0
         return out
-
-    def take_all(self) -> np.ndarray:
-        """Remove and return every key in order."""
-        return self.pop_front(len(self))
 
     def to_array(self) -> np.ndarray:
         """A copy of the queued keys in order (the queue is unchanged)."""
         return self._buf[self._head:self._tail].copy()
-
-    def copy(self) -> KeyQueue:
-        new = KeyQueue(len(self) + 16)
-        new.push(self.to_array())
-        return new
-

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -35,11 +36,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mclandscape.methods.flats import full_space_flat  # noqa: F401 - the doctests' flat
-from mclandscape.methods.lattice import KeyQueue, LatticeCodec, LatticeLoss, VoxelStore  # noqa: F401
+from mclandscape.core._checks import integer, probability, real
+from mclandscape.methods.lattice import KeyQueue, LatticeCodec, VoxelStore
 
 __all__ = ["TraversalConfig", "TraversalState", "TraversalResult", "grid_traversal", "neighbour_offsets"]
 
@@ -109,12 +109,14 @@ class TraversalState:
         return self.store.nbytes + self.queue.nbytes + self.future.nbytes
 
     def copy(self) -> TraversalState:
-        new = TraversalState.__new__(TraversalState)
-        new.codec = self.codec
-        new.store, new.queue, new.future = self.store.copy(), self.queue.copy(), self.future.copy()
-        new.epsilon, new.threshold = self.epsilon, self.threshold
-        new.accepted, new.evaluations = self.accepted, self.evaluations
-        return new
+        return copy.deepcopy(self)
+
+    def _admit(self, keys: np.ndarray, losses: np.ndarray, c) -> None:
+        """Queue the voxels ``keys`` whose loss is at or below ``c``; the others wait in the future queue."""
+        ok = losses <= c
+        self.queue.push(keys[ok])
+        self.future.push(keys[~ok])
+        self.accepted += int(ok.sum())
 
     def accepted_keys(self) -> np.ndarray:
         """Sorted keys of the accepted voxels (loss ≤ current threshold)."""
@@ -144,6 +146,8 @@ class TraversalResult:
     Example:
         >>> import jax.numpy as jnp
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
+        >>> from mclandscape.methods.lattice import LatticeLoss
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> ev = LatticeLoss(full_space_flat(jnp.zeros(1)), 1.0, bowl)
         >>> res = grid_traversal(ev, 2.0)  # c = 2: the voxels -1, 0, 1 (losses 2, 1, 2)
@@ -194,9 +198,8 @@ def _numpy_rng(key) -> np.random.Generator:
     if isinstance(key, int | np.integer):
         return np.random.default_rng(int(key))
     try:
-        data = np.asarray(jax.random.key_data(key)) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
-            else np.asarray(key)
-    except (AttributeError, TypeError) as err:
+        data = np.asarray(jax.random.key_data(key))
+    except (TypeError, ValueError) as err:
         raise ValueError(f"key must be an int, a NumPy Generator or a JAX PRNG key, got {key!r}") from err
     return np.random.default_rng(data.astype(np.uint32).ravel().tolist())
 
@@ -209,21 +212,13 @@ def _threshold(n: float, epsilon: float, dtype):
 def _as_losses(values, k: int, dtype=None) -> np.ndarray:
     """An evaluator's output as ``[k]`` losses in ``dtype`` (default: its own floating dtype, at least
     float32)."""
-    vals = np.asarray(values)
-    if not (np.issubdtype(vals.dtype, np.floating) or np.issubdtype(vals.dtype, np.integer)):
-        raise ValueError(f"evaluate returned {vals.dtype} values; losses must be real numbers")
-    vals = vals.reshape(-1)
-    if vals.shape[0] != k:
-        raise ValueError(f"evaluate returned {vals.shape[0]} losses for {k} voxel(s)")
+    vals = np.asarray(values).reshape(-1)
+    if vals.dtype.kind not in "fiu" or vals.shape[0] != k:
+        raise ValueError(f"evaluate returned {vals.shape[0]} losses for {k} voxel(s) (dtype {vals.dtype}); it must "
+                         "return one real loss per voxel")
     if dtype is None:
-        dtype = np.result_type(vals.dtype, np.float32) if np.issubdtype(vals.dtype, np.floating) else np.float32
+        dtype = np.result_type(vals.dtype, np.float32) if vals.dtype.kind == "f" else np.float32
     return vals.astype(dtype, copy=False)
-
-
-def _check_multiplier(n) -> float:
-    if not isinstance(n, int | float | np.integer | np.floating) or not math.isfinite(n) or n < 1:
-        raise ValueError(f"threshold multiplier n must be a finite number >= 1 (c = n·ε ≥ ε), got {n!r}")
-    return float(n)
 
 
 def grid_traversal(
@@ -271,6 +266,8 @@ def grid_traversal(
     Example:
         >>> import jax.numpy as jnp
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
+        >>> from mclandscape.methods.lattice import LatticeLoss
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> ev = LatticeLoss(full_space_flat(jnp.zeros(2)), 0.5, bowl)
         >>> first = grid_traversal(ev, 1.3)  # the disc |a|² ≤ 1.2: the origin and its 4 neighbours
@@ -282,49 +279,50 @@ def grid_traversal(
       ValueError: bad arguments, a non-positive or non-finite ε, a decreasing threshold, a state of another
         lattice dimension, or an evaluator returning the wrong number of losses.
     """
-    n = _check_multiplier(n)
+    n = real(n, "threshold multiplier n", low=1, what="c = n·ε ≥ ε")
     config = TraversalConfig() if config is None else config
     if not isinstance(config, TraversalConfig):
         raise ValueError(f"config must be a TraversalConfig, got {type(config).__name__}")
-    dropout, limit, switch, radius = config.dropout, config.limit, config.sampling_switch_iter, config.radius
+    limit, switch = config.limit, config.sampling_switch_iter
     rng = _numpy_rng(key)
     t_start = time.perf_counter()
+    before = 0 if state is None else state.evaluations
     if state is None:
-        state, evals = _start_at_origin(evaluate, dim), 1
-    else:
-        m = getattr(evaluate, "dim", state.dim)
-        if (dim is not None and dim != state.dim) or m != state.dim:
-            raise ValueError(f"state is an m={state.dim} lattice but the evaluator is m={m if dim is None else dim}")
-        evals = 0
+        state = _start_at_origin(evaluate, dim)
+    elif {getattr(evaluate, "dim", state.dim), state.dim if dim is None else dim} != {state.dim}:
+        raise ValueError(f"state is an m={state.dim} lattice but the evaluator is m={getattr(evaluate, 'dim', dim)}")
     c = state.threshold_for(n)
     if c < state.threshold:
         raise ValueError(f"thresholds must not decrease when continuing: c = {float(c):g} < previous "
                          f"{float(state.threshold):g}")
-    _recheck_future(state, c)
+    # re-check the future queue against the new c from the stored losses (nothing is evaluated again)
+    future = state.future.pop_front(len(state.future))
+    state._admit(future, state.store.get(future), c)
+    state.threshold = c
     offsets = neighbour_offsets(state.dim)
     it = dropped = oob = 0
-    while len(state.queue) and (limit is None or it < limit):
+    while len(state.queue) and it < (limit or math.inf):
         random_phase = switch is not None and it > switch
-        k = min(config.batch_size, len(state.queue))
-        if limit is not None:
-            k = min(k, limit - it)
-        if switch is not None and not random_phase:
-            k = min(k, switch + 1 - it)
+        # a wave stops at the step limit and never straddles the switch
+        k = min(config.batch_size, len(state.queue), (limit or math.inf) - it,
+                math.inf if switch is None or random_phase else switch + 1 - it)
         keys = state.queue.pop_random(k, rng) if random_phase else state.queue.pop_front(k)
-        nk, nb, out = _new_neighbours(state, keys, offsets, radius)
+        nk, nb, out = _new_neighbours(state, keys, offsets, config.radius)
         oob += out
-        if random_phase and dropout > 0 and nk.size:
-            skip = rng.random(nk.size) < dropout
+        if random_phase and config.dropout > 0 and nk.size:
+            skip = rng.random(nk.size) < config.dropout
             dropped += int(skip.sum())
             nk, nb = nk[~skip], nb[~skip]
         if nk.size:
-            evals += _evaluate_and_enqueue(state, evaluate, nk, nb, c)
+            losses = _as_losses(evaluate(nb), nk.shape[0], state.dtype)
+            state.store.insert(nk, losses)
+            state._admit(nk, losses, c)
+            state.evaluations += int(nk.size)
         it += k
-    state.evaluations += evals
     return TraversalResult(
-        n=n, threshold=float(c), epsilon=state.epsilon, H=state.accepted, iterations=it, evaluations=evals,
-        visited=state.visited, queue_size=len(state.queue), future_size=len(state.future),
-        truncated=len(state.queue) > 0, dropped=dropped, out_of_bounds=oob,
+        n=n, threshold=float(c), epsilon=state.epsilon, H=state.accepted, iterations=it,
+        evaluations=state.evaluations - before, visited=state.visited, queue_size=len(state.queue),
+        future_size=len(state.future), truncated=len(state.queue) > 0, dropped=dropped, out_of_bounds=oob,
         wall_time=time.perf_counter() - t_start, state=state,
     )
 
@@ -354,80 +352,38 @@ class TraversalConfig:
     radius: int | None = None
 
     def __post_init__(self):
-        _check_traversal_args(self.dropout, self.limit, self.sampling_switch_iter, self.batch_size, self.radius)
-
-
-def _check_traversal_args(dropout, limit, sampling_switch_iter, batch_size, radius) -> None:
-    if not isinstance(dropout, int | float | np.floating) or not 0.0 <= float(dropout) <= 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
-    if limit is not None and (not isinstance(limit, int | np.integer) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    if sampling_switch_iter is not None and (not isinstance(sampling_switch_iter, int | np.integer)
-                                             or sampling_switch_iter < 0):
-        raise ValueError(f"sampling_switch_iter must be a non-negative integer or None, got {sampling_switch_iter!r}")
-    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if radius is not None and (not isinstance(radius, int | np.integer) or radius < 1):
-        raise ValueError(f"radius must be a positive integer or None, got {radius!r}")
+        object.__setattr__(self, "dropout", probability(self.dropout, "dropout"))
+        object.__setattr__(self, "batch_size", integer(self.batch_size, "batch_size", low=1))
+        for name, low in (("limit", 1), ("sampling_switch_iter", 0), ("radius", 1)):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, integer(getattr(self, name), name, low=low))
 
 
 def _start_at_origin(evaluate, dim: int | None) -> TraversalState:
-    """A fresh state: ε = f(θ*) evaluated (it must be positive), visited = queue = {0}."""
+    """A fresh state: ε = f(θ*) evaluated (it must be positive), the origin visited and in the future queue,
+    from which the first threshold c = n·ε ≥ ε moves it to the queue."""
     m = dim if dim is not None else getattr(evaluate, "dim", None)
     if m is None:
         raise ValueError("pass dim= (the lattice dimension m) when evaluate has no .dim")
     origin = np.zeros((1, int(m)), np.int64)
-    eps0 = _as_losses(evaluate(origin), 1)
-    eps = float(eps0[0])
-    if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"the loss at the anchor ε = f(θ*) = {eps!r} must be positive and finite for the "
-                         f"threshold c = n·ε (§4.3.2)")
-    state = TraversalState(int(m), eps, dtype=eps0.dtype)
-    okey = state.codec.pack(origin)
-    state.store.insert(okey, eps0)
-    state.queue.push(okey)
-    state.accepted = 1
+    eps = _as_losses(evaluate(origin), 1)
+    if not (math.isfinite(eps[0]) and eps[0] > 0):
+        raise ValueError(f"the loss at the anchor ε = f(θ*) = {float(eps[0])!r} must be positive and finite for "
+                         f"the threshold c = n·ε (§4.3.2)")
+    state = TraversalState(int(m), eps[0], dtype=eps.dtype)
+    state.store.insert(state.codec.pack(origin), eps)
+    state.future.push(state.codec.pack(origin))
+    state.evaluations = 1
     return state
-
-
-def _recheck_future(state: TraversalState, c) -> None:
-    """Move the future-queue voxels now at or below ``c`` to the queue, from their stored losses (same dtype
-    as c), and raise the state's threshold to ``c``."""
-    if len(state.future):
-        fk = state.future.take_all()
-        ok = state.store.get(fk) <= c
-        state.queue.push(fk[ok])
-        state.future.push(fk[~ok])
-        state.accepted += int(ok.sum())
-    state.threshold = c
 
 
 def _new_neighbours(state: TraversalState, keys: np.ndarray, offsets: np.ndarray, radius: int | None):
     """The distinct unvisited neighbours ``(keys, coords)`` of a wave, in the order the one-at-a-time algorithm
     meets them, and how many neighbours fell outside ``radius``."""
-    m = state.dim
-    nb = (state.codec.unpack(keys)[:, None, :] + offsets[None, :, :]).reshape(-1, m)
-    oob = 0
-    if radius is not None:
-        inside = np.all(np.abs(nb) <= radius, axis=1)
-        oob = int((~inside).sum())
-        nb = nb[inside]
+    nb = (state.codec.unpack(keys)[:, None, :] + offsets[None, :, :]).reshape(-1, state.dim)
+    inside = np.ones(len(nb), bool) if radius is None else np.all(np.abs(nb) <= radius, axis=1)
+    nb = nb[inside]
     nk = state.codec.pack(nb)
-    new = ~state.store.contains(nk)
-    nk, nb = nk[new], nb[new]
-    if nk.size:
-        _, first = np.unique(nk, return_index=True)
-        first.sort()
-        nk, nb = nk[first], nb[first]
-    return nk, nb, oob
-
-
-def _evaluate_and_enqueue(state: TraversalState, evaluate, nk: np.ndarray, nb: np.ndarray, c) -> int:
-    """Evaluate new voxels, store them, queue those at or below ``c`` and the rest in the future queue."""
-    losses = _as_losses(evaluate(nb), nk.shape[0], state.dtype)
-    state.store.insert(nk, losses)
-    ok = losses <= c
-    state.queue.push(nk[ok])
-    state.future.push(nk[~ok])
-    state.accepted += int(ok.sum())
-    return int(nk.size)
+    _, first = np.unique(nk, return_index=True)  # each key where the wave first meets it
+    first = np.sort(first[~state.store.contains(nk[first])])
+    return nk[first], nb[first], int((~inside).sum())

@@ -21,13 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from mclandscape.methods.flats import (
-    Flat,
-    _check_step,
-    full_space_flat,  # noqa: F401 - the doctests' flat
-)
+from mclandscape.core._checks import real
+from mclandscape.methods.flats import Flat, _check_step
 from mclandscape.methods.lattice import LatticeLoss
-from mclandscape.methods.traversal import TraversalConfig, _check_multiplier, _numpy_rng, _threshold, grid_traversal
+from mclandscape.methods.traversal import TraversalConfig, _numpy_rng, _threshold, grid_traversal
 
 __all__ = ["HSweep", "h_sweep", "LogLinearFit", "fit_log_linear", "mean_log_h"]
 
@@ -50,10 +47,6 @@ class LogLinearFit:
     B: float
     R: float
     num_points: int
-
-    @property
-    def log_A(self) -> float:
-        return math.log(self.A)
 
     def predict(self, c) -> np.ndarray:
         """H ≈ A·exp(B·c) at thresholds ``c`` (float64 array)."""
@@ -113,6 +106,7 @@ class HSweep:
     Example:
         >>> import jax.numpy as jnp
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> sweep = h_sweep(full_space_flat(jnp.zeros(1)), bowl, [0.5, 1.0], [2.0, 5.0])
         >>> sweep.H.tolist(), sweep.thresholds.tolist(), sweep.volume().tolist()
@@ -147,40 +141,23 @@ class HSweep:
         Returns ``{"per_step": [LogLinearFit | None], "pooled": LogLinearFit | None}`` (None where fewer
         than two usable points with distinct thresholds remain).
         """
-        c = self.thresholds
-        per, cs, hs = [], [], []
-        for i in range(len(self.steps)):
-            use = self.H[i] > 0
-            if not include_truncated:
-                use &= ~self.truncated[i]
-            per.append(fit_log_linear(c[use], self.H[i, use]) if use.sum() >= 2 and np.ptp(c[use]) > 0
-                       else None)
-            cs.append(c[use])
-            hs.append(self.H[i, use])
-        cc, hh = np.concatenate(cs), np.concatenate(hs)
-        pooled = fit_log_linear(cc, hh) if cc.size >= 2 and np.ptp(cc) > 0 else None
-        return {"per_step": per, "pooled": pooled}
+        use = self.H > 0 if include_truncated else (self.H > 0) & ~self.truncated
+        c = np.broadcast_to(self.thresholds, self.H.shape)
+
+        def fit(cs, hs):
+            return fit_log_linear(cs, hs) if cs.size >= 2 and np.ptp(cs) > 0 else None
+
+        return {"per_step": [fit(ci[u], hi[u]) for ci, hi, u in zip(c, self.H, use, strict=True)],
+                "pooled": fit(c[use], self.H[use])}
 
     def to_dict(self) -> dict:
         fits = self.fit()
-        return {
-            "steps": self.steps.tolist(),
-            "multipliers": self.multipliers.tolist(),
-            "epsilon": self.epsilon,
-            "thresholds": self.thresholds.tolist(),
-            "H": self.H.tolist(),
-            "volume": self.volume().tolist(),
-            "evaluations": self.evaluations.tolist(),
-            "visited": self.visited.tolist(),
-            "truncated": self.truncated.tolist(),
-            "wall_time": self.wall_time.tolist(),
-            "dim": self.dim,
-            "cell_factor": self.cell_factor,
-            "loss_dtype": self.loss_dtype,
-            "flat": self.flat,
-            "fit_per_step": [None if f is None else f.to_dict() for f in fits["per_step"]],
-            "fit_pooled": None if fits["pooled"] is None else fits["pooled"].to_dict(),
-        }
+        arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
+        out.update(thresholds=self.thresholds.tolist(), volume=self.volume().tolist(),
+                   fit_per_step=[None if f is None else f.to_dict() for f in fits["per_step"]],
+                   fit_pooled=None if fits["pooled"] is None else fits["pooled"].to_dict())
+        return out
 
 
 def h_sweep(
@@ -226,43 +203,40 @@ def h_sweep(
     Example:
         >>> import jax.numpy as jnp
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> sweep = h_sweep(full_space_flat(jnp.zeros(2)), bowl, [0.5], [1.3, 2.0, 3.0])
         >>> sweep.H.tolist(), round(sweep.fit()["pooled"].B, 3)  # lattice points with |a|² ≤ 1.2, 4, 8
         ([[5, 13, 25]], 0.927)
     """
-    steps = np.asarray([float(s) for s in steps], np.float64)
-    mult = np.asarray([_check_multiplier(x) for x in multipliers], np.float64)
+    steps = np.asarray([_check_step(s) for s in steps], np.float64)
+    mult = np.asarray([real(x, "threshold multiplier n", low=1) for x in multipliers], np.float64)
     if steps.size == 0 or mult.size == 0:
         raise ValueError("need at least one step width and one multiplier")
-    for s in steps:
-        _check_step(float(s))
     if np.any(np.diff(mult) <= 0):
         raise ValueError(f"multipliers must be strictly increasing, got {mult.tolist()}")
     base = _numpy_rng(key).integers(2 ** 63)
-    S, N = steps.size, mult.size
-    H = np.zeros((S, N), np.int64)
-    ev = np.zeros((S, N), np.int64)
-    vis = np.zeros((S, N), np.int64)
-    trunc = np.zeros((S, N), bool)
-    wall = np.zeros((S, N), np.float64)
-    eps = dtype = None
+    runs = []  # runs[i][j]: the summary of the traversal at step i, multiplier j
     for i, s in enumerate(steps):
         evaluator = LatticeLoss(flat, float(s), objective, batch, chunk=chunk, max_batch=max_batch, devices=devices)
-        state = None
+        state, row = None, []
         for j, nn in enumerate(mult):
             res = grid_traversal(evaluator, float(nn), state=state if continue_future_queue else None,
                                  config=config, key=np.random.default_rng([int(base), i, j]))
             state = res.state
-            H[i, j], ev[i, j], vis[i, j], trunc[i, j], wall[i, j] = (
-                res.H, res.evaluations, res.visited, res.truncated, res.wall_time)
-            eps, dtype = res.epsilon, res.state.dtype.name
+            row.append(res.summary())
             if progress is not None:
                 progress(f"s={s:g} n={nn:g} c={res.threshold:.4g}: H={res.H} evals={res.evaluations} "
                          f"visited={res.visited} truncated={res.truncated} {res.wall_time:.2f}s")
-    return HSweep(steps=steps, multipliers=mult, epsilon=float(eps), H=H, evaluations=ev, visited=vis,
-                  truncated=trunc, wall_time=wall, dim=flat.dim, cell_factor=flat.cell_factor,
-                  flat=flat.describe(), loss_dtype=dtype)
+        runs.append(row)
+
+    def table(name, dtype):
+        return np.array([[r[name] for r in row] for row in runs], dtype)
+
+    return HSweep(steps=steps, multipliers=mult, epsilon=float(runs[0][0]["epsilon"]), H=table("H", np.int64),
+                  evaluations=table("evaluations", np.int64), visited=table("visited", np.int64),
+                  truncated=table("truncated", bool), wall_time=table("wall_time", np.float64), dim=flat.dim,
+                  cell_factor=flat.cell_factor, flat=flat.describe(), loss_dtype=state.dtype.name)
 
 
 def mean_log_h(sweeps: Sequence[HSweep]) -> dict:
@@ -278,6 +252,7 @@ def mean_log_h(sweeps: Sequence[HSweep]) -> dict:
     Example:
         >>> import jax.numpy as jnp
         >>> from mclandscape.core.objective import function_objective
+        >>> from mclandscape.methods.flats import full_space_flat
         >>> bowl = function_objective(lambda theta, batch: 1.0 + jnp.sum(theta ** 2))
         >>> sweeps = [h_sweep(full_space_flat(jnp.full(1, a)), bowl, [0.5], [2.0]) for a in (0.0, 1.0)]
         >>> out = mean_log_h(sweeps)  # ε = 1 and 2, so c = 2 and 4

@@ -55,22 +55,15 @@ def plot_h_curves(sweep: HSweep, *, ax: Axes | None = None, title: str | None = 
     fig, ax = figure_and_axes(ax, figsize=(5.0, 3.6), name="plot_h_curves")
     c = sweep.thresholds
     fits = sweep.fit()["per_step"] if show_fit else [None] * len(sweep.steps)
-    for i, s in enumerate(sweep.steps):
-        h = np.asarray(sweep.H[i], np.float64)
-        ok = h > 0
-        logh = np.where(ok, np.log(np.maximum(h, 1)), np.nan)
-        line, = ax.plot(c, logh, "-", lw=1.2, label=f"s={s:g}")
-        col = line.get_color()
-        tr = np.asarray(sweep.truncated[i], bool)
-        ax.plot(c[~tr & ok], logh[~tr & ok], "o", ms=3.5, color=col)
-        if np.any(tr & ok):
-            ax.plot(c[tr & ok], logh[tr & ok], "o", ms=4.5, mfc="none", color=col)
-        f = fits[i]
+    for s, h, tr, f in zip(sweep.steps, sweep.H, np.asarray(sweep.truncated, bool), fits, strict=True):
+        logh = np.log(np.where(h > 0, h, np.nan))  # H = 0 (nothing accepted) draws no point
+        col = ax.plot(c, logh, "-", lw=1.2, label=f"s={s:g}")[0].get_color()
+        ax.plot(c[~tr], logh[~tr], "o", ms=3.5, color=col)
+        ax.plot(c[tr], logh[tr], "o", ms=4.5, mfc="none", color=col)  # truncated: hollow
         if f is not None:
             cc = np.linspace(c.min(), c.max(), 50)
             ax.plot(cc, math.log(f.A) + f.B * cc, "--", lw=0.8, color=col)
-    ax.set_xlabel("threshold c = n·ε")
-    ax.set_ylabel("log H_c(s)")
+    ax.set(xlabel="threshold c = n·ε", ylabel="log H_c(s)")
     ax.set_title("accepted voxels H_c(s) against the threshold c" if title is None else title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -150,10 +143,8 @@ def plot_h_mean(summary: Mapping, *, ax: Axes | None = None, title: str | None =
     for i, s in enumerate(summary["steps"]):
         line, = ax.plot(c, mean[i], "o-", ms=3, lw=1.2, label=f"s={s:g}")
         ax.fill_between(c, mean[i] - std[i], mean[i] + std[i], color=line.get_color(), alpha=0.2)
-        if trunc[i].any():
-            ax.plot(c[trunc[i]], mean[i][trunc[i]], "x", color="k", ms=6)
-    ax.set_xlabel("mean threshold c = n·ε")
-    ax.set_ylabel("mean log H_c(s) over minima")
+        ax.plot(c[trunc[i]], mean[i][trunc[i]], "x", color="k", ms=6)
+    ax.set(xlabel="mean threshold c = n·ε", ylabel="mean log H_c(s) over minima")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("log H_c(s) averaged over starting minima" if title is None else title, fontsize=9)
