@@ -223,9 +223,18 @@ def test_versions_match_the_installed_tfds_builders():
         assert str(tfds.builder_cls(name).VERSION) == tfds_local.tfds_name_and_version(name)[1]
 
 
+_CIFAR_LAYOUT = {  # the binary archives' layout (what TFDS's CIFAR builders read)
+    "cifar10": dict(prefix="cifar-10-batches-bin", train=[f"data_batch_{i}.bin" for i in range(1, 6)],
+                    test=["test_batch.bin"], label_files=["batches.meta.txt"], label_keys=["label"]),
+    "cifar100": dict(prefix="cifar-100-binary", train=["train.bin"], test=["test.bin"],
+                     label_files=["coarse_label_names.txt", "fine_label_names.txt"],
+                     label_keys=["coarse_label", "label"]),
+}
+
+
 def _fake_cifar_archive(path, name, n_train_per_file, n_test, seed=0):
     rng = np.random.default_rng(seed)
-    lay = tfds_local._CIFAR_LAYOUT[name]
+    lay = _CIFAR_LAYOUT[name]
     n_labels = len(lay["label_keys"])
     records = {}
     with tarfile.open(path, "w:gz") as tar:
