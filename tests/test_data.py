@@ -80,8 +80,8 @@ def test_synthetic_is_seeded():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(name="imagenet"), dict(name="digits", split="valid"), dict(name="digits", source="web"),
-    dict(name="digits", dim=3), dict(name="synthetic", task="ranking"), dict(name="synthetic", source="tfds"),
+    dict(name="imagenet"), dict(name="digits", split="valid"), dict(name="digits", dim=3),
+    dict(name="synthetic", task="ranking"), dict(name="synthetic", n_train=0),
 ])
 def test_bad_arguments_raise_value_error(kwargs):
     name = kwargs.pop("name")
@@ -154,33 +154,6 @@ def test_augmentation_crops_and_flips():
 
 # ---------------------------------------------------------------------------------------------------------
 # TFDS: local builders, fail-fast, CIFAR / Tiny-ImageNet preparation offline
-
-
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.mark.parametrize("name", ["digits", "iris"])
-def test_local_tfds_builder_round_trips(name, tfds_dir):
-    for split in ("train", "test"):
-        via_tfds = load_dataset(name, split, source="tfds", data_dir=tfds_dir)
-        direct = load_dataset(name, split)
-        np.testing.assert_array_equal(via_tfds.x, direct.x)
-        np.testing.assert_array_equal(via_tfds.y, direct.y)
-    builder, version = tfds_local.tfds_name_and_version(name)
-    assert (tfds_dir / builder / version / "dataset_info.json").is_file()
-    assert list((tfds_dir / builder / version).glob(f"{builder}-train.array_record-*"))
-
-
-def test_local_builder_is_readable_with_plain_tfds(tfds_dir):
-    import tensorflow_datasets as tfds
-
-    tfds_local.prepare_offline("digits", tfds_dir)
-    source = tfds.data_source("mcl_digits", split="test", data_dir=str(tfds_dir), download=False)
-    assert len(source) == 360
-    rec = source[0]
-    assert rec["x"].shape == (8, 8, 1) and rec["x"].dtype == np.float32 and 0 <= rec["label"] < 10
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "tiny_imagenet"])
@@ -275,10 +248,11 @@ def test_cifar10_prepared_offline_is_read_through_tfds(tmp_path):
     assert batch.shape == (8, 32, 32, 3)
 
 
-def test_cifar100_prepared_offline(tmp_path):
+def test_cifar100_prepared_offline_from_the_command_line(tmp_path, capsys):
     archive = tmp_path / "cifar-100-binary.tar.gz"
     _fake_cifar_archive(archive, "cifar100", n_train_per_file=6, n_test=4)
-    tfds_local.prepare_cifar("cifar100", archive, tmp_path / "tfds")
+    assert tfds_local.main(["prepare", "cifar100", "--archive", str(archive), "--data-dir", str(tmp_path / "tfds")]) == 0
+    assert "prepared cifar100" in capsys.readouterr().out
     d = load_dataset("cifar100", "train", data_dir=tmp_path / "tfds")
     assert d.x.shape == (6, 32, 32, 3) and d.num_classes == 100
 
@@ -313,10 +287,3 @@ def test_tiny_imagenet_from_manual_directory_and_zip(tmp_path):
     test_zip = load_dataset("tiny_imagenet", "test", data_dir=tmp_path / "tfds_zip")
     order = np.argsort(test.y)
     np.testing.assert_array_equal(test_zip.x[np.argsort(test_zip.y)], test.x[order])
-
-
-def test_prepare_cli_for_offline_dataset(tmp_path, capsys):
-    assert tfds_local.main(["prepare", "wine", "--data-dir", str(tmp_path)]) == 0
-    assert "prepared wine" in capsys.readouterr().out
-    d = load_dataset("wine", "test", source="tfds", data_dir=tmp_path)
-    np.testing.assert_array_equal(d.x, load_dataset("wine", "test").x)

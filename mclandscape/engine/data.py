@@ -25,9 +25,6 @@ are never downloaded: TFDS's own download hangs for minutes offline, so mclandsc
 prepared files exist under ``data_dir`` (default ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``) and
 otherwise raises :class:`DatasetNotFoundError` at once, saying where the files must be and how to prepare
 them (``python -m mclandscape.engine.tfds_local prepare ...``, see :mod:`mclandscape.engine.tfds_local`).
-
-The offline sets can also be read through their local TFDS builders (``source="tfds"``, built into
-``data_dir`` on first use), which gives exactly the same arrays as the default in-memory path.
 """
 
 from __future__ import annotations
@@ -205,10 +202,9 @@ def _mnist1d_raw(name: str = "mnist1d"):
             d["x_test"].astype(np.float32), d["y_test"].astype(np.int32))
 
 
-def offline_raw(name: str):
+def _offline_raw(name: str):
     """``(x_train, y_train, x_test, y_test)`` of an offline dataset before normalisation (cached)."""
-    make = _mnist1d_raw if _checks.choice(name, "offline dataset", _OFFLINE) == "mnist1d" else _sklearn_raw
-    return _cached(("raw", name), lambda: make(name))
+    return _cached(("raw", name), lambda: (_mnist1d_raw if name == "mnist1d" else _sklearn_raw)(name))
 
 
 def _synthetic(split: str, seed: int, *, n_train: int = 256, n_test: int = 256, dim: int = 2,
@@ -274,26 +270,18 @@ def _check_prepared(name: str, split: str, root: Path) -> None:
 
 
 def _tfds_raw(name: str, split: str, root: Path):
-    """Raw ``(x, y)`` of a split read through ``tfds.data_source`` (no TensorFlow; cached). An offline dataset's
-    local builder is built when absent; a missing image dataset fails at once."""
+    """Raw ``(x, y)`` of a prepared split read through ``tfds.data_source`` (no TensorFlow; cached)."""
     import tensorflow_datasets as tfds
 
-    from mclandscape.engine import tfds_local  # (registers the local builders)
+    from mclandscape.engine import tfds_local  # (registers the Tiny-ImageNet builder)
 
-    if name in _OFFLINE:
-        tfds_local.prepare_offline(name, root)
     split = _TFDS_SPLITS.get(name, {}).get(split, split)
     _check_prepared(name, split, root)
 
     def read():
         source = tfds.builder(tfds_local.tfds_name_and_version(name)[0], data_dir=str(root)).as_data_source(split)
         recs = source.__getitems__(list(range(len(source))))
-        x = np.stack([np.asarray(r["x" if name in _OFFLINE else "image"]) for r in recs])
-        y = np.asarray([r["label"] for r in recs], np.int32)
-        if name in _OFFLINE:  # local builders store each example's original position: restore the generation order
-            order = np.argsort([r["index"] for r in recs], kind="stable")
-            x, y = x[order], y[order]
-        return x, y
+        return np.stack([r["image"] for r in recs]), np.asarray([r["label"] for r in recs], np.int32)
 
     return _cached(("tfds", name, split, str(root.resolve())), read)
 
@@ -303,21 +291,18 @@ def _tfds_raw(name: str, split: str, root: Path):
 
 
 def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike | None = None, seed: int = 0,
-                 normalize: bool = True, source: str = "auto", limit: int | None = None,
-                 **options) -> Dataset:
+                 normalize: bool = True, limit: int | None = None, **options) -> Dataset:
     """Load ``split`` ("train" or "test") of dataset ``name`` into memory (see the module table).
 
     Args:
       name: a dataset of :func:`list_datasets` (``"cifar-10"``, ``"mnist_1d"`` and similar spellings work).
       split: ``"train"`` or ``"test"``.
-      data_dir: TFDS data directory (CIFAR, Tiny-ImageNet, and offline sets with ``source="tfds"``); default
-        ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+      data_dir: TFDS data directory (CIFAR, Tiny-ImageNet); default ``$TFDS_DATA_DIR`` or
+        ``~/tensorflow_datasets``.
       seed: only used by ``synthetic`` (the other datasets have fixed splits; shuffling is
         :func:`mclandscape.engine.batches.iterate_batches`'s job).
       normalize: standardise (see the module docstring); the statistics always come from the training split,
         so train and test are transformed identically.
-      source: ``"auto"`` (in-memory generators for offline sets, TFDS for image sets) or ``"tfds"`` (offline
-        sets through their local TFDS builder).
       limit: keep only the first ``limit`` examples, an integer >= 1 (quick experiments).
       **options: ``synthetic`` keywords (``n_train, n_test, dim, num_classes, task, hidden, noise, targets``).
 
@@ -325,7 +310,7 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
       A :class:`Dataset`.
 
     Raises:
-      ValueError: an unknown name, split, source or option, or a bad ``limit``.
+      ValueError: an unknown name, split or option, or a bad ``limit``.
       DatasetNotFoundError: CIFAR / Tiny-ImageNet files are missing (raised at once, no network).
 
     Example:
@@ -338,21 +323,15 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
            "mnist_1d": "mnist1d", "breastcancer": "breast_cancer"}.get(key, key)
     _checks.choice(key, "dataset", list_datasets())
     _checks.choice(split, "split", ("train", "test"))
-    _checks.choice(source, "source", ("auto", "tfds"))
     if options and key != "synthetic":
         raise ValueError(f"dataset {key!r} takes no extra options, got {sorted(options)}")
     if limit is not None:
         limit = _checks.integer(limit, "limit", low=1, what="a number of examples")
     if key == "synthetic":
-        if source == "tfds":
-            raise ValueError("the synthetic dataset is generated from its arguments; it has no TFDS builder")
         ds = _synthetic(split, seed, **options)
     elif key in _OFFLINE:
-        xtr, ytr, xte, yte = offline_raw(key)  # the training split's statistics normalise both
-        if source == "tfds":
-            x, y = _tfds_raw(key, split, resolve_data_dir(data_dir))
-        else:
-            x, y = (xtr, ytr) if split == "train" else (xte, yte)
+        xtr, ytr, xte, yte = _offline_raw(key)  # the training split's statistics normalise both
+        x, y = (xtr, ytr) if split == "train" else (xte, yte)
         x = np.array(x, dtype=np.float32, copy=True)
         if normalize and key != "mnist1d":
             axis = None if key == "digits" else 0  # digits: one pixel mean/std; features: per column

@@ -3,21 +3,17 @@
 Everything here writes the standard TFDS on-disk layout in the ``array_record`` format, which
 ``tfds.data_source`` reads without TensorFlow:
 
-- ``mcl_digits``, ``mcl_iris``, ``mcl_wine``, ``mcl_breast_cancer``, ``mcl_mnist1d``: the offline datasets
-  of :mod:`mclandscape.engine.data`, built from the installed packages (scikit-learn, mnist1d). They make the TFDS
-  path testable offline: ``load_dataset("digits", source="tfds")`` builds and reads ``mcl_digits``.
 - ``tiny_imagenet``: built from the manually provided ``tiny-imagenet-200.zip`` or its extracted folder
   (TFDS has no Tiny-ImageNet builder).
 - ``cifar10`` / ``cifar100``: TFDS's own builders need the network and TensorFlow to prepare;
   :func:`prepare_cifar` writes the identical ``cifar10/3.0.2`` (``cifar100/3.0.2``) dataset from the
   binary archive ``cifar-10-binary.tar.gz`` (``cifar-100-binary.tar.gz``) instead, parsing its raw bytes
-  (nothing is unpickled).
+  (nothing is unpickled), with TFDS's own builder class for everything else.
 
 Command line::
 
     python -m mclandscape.engine.tfds_local prepare cifar10 --archive cifar-10-binary.tar.gz --data-dir DIR
     python -m mclandscape.engine.tfds_local prepare tiny_imagenet --manual-dir DIR_WITH_ZIP --data-dir DIR
-    python -m mclandscape.engine.tfds_local prepare digits --data-dir DIR
 """
 
 from __future__ import annotations
@@ -38,23 +34,17 @@ import tensorflow_datasets as tfds
 from mclandscape.core import _checks
 
 __all__ = [
-    "OFFLINE_BUILDERS",
     "TFDS_VERSIONS",
     "tfds_name_and_version",
     "preparation_instructions",
-    "prepare_offline",
     "prepare_cifar",
     "prepare_tiny_imagenet",
     "TinyImagenet",
 ]
 
-# mclandscape offline dataset -> (example shape, classes); its TFDS builder is "mcl_<name>", version 1.0.0
-_OFFLINE = {"digits": ((8, 8, 1), 10), "iris": ((4,), 3), "wine": ((13,), 3), "breast_cancer": ((30,), 2),
-            "mnist1d": ((40,), 10)}
-OFFLINE_BUILDERS = {k: f"mcl_{k}" for k in _OFFLINE}
+# mclandscape dataset -> (TFDS builder name, version)
 TFDS_VERSIONS = {"cifar10": ("cifar10", "3.0.2"), "cifar100": ("cifar100", "3.0.2"),
-                 "tiny_imagenet": ("tiny_imagenet", "1.0.0"),
-                 **{k: (v, "1.0.0") for k, v in OFFLINE_BUILDERS.items()}}
+                 "tiny_imagenet": ("tiny_imagenet", "1.0.0")}
 
 CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
               "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"}
@@ -71,8 +61,8 @@ def tfds_name_and_version(name: str) -> tuple[str, str]:
       ``(builder_name, version)``. Raises ``ValueError`` naming the known datasets for any other name.
 
     Example:
-        >>> tfds_name_and_version("cifar10"), tfds_name_and_version("digits")
-        (('cifar10', '3.0.2'), ('mcl_digits', '1.0.0'))
+        >>> tfds_name_and_version("cifar10"), tfds_name_and_version("tiny_imagenet")
+        (('cifar10', '3.0.2'), ('tiny_imagenet', '1.0.0'))
     """
     return TFDS_VERSIONS[_checks.choice(name, "dataset (with a TFDS builder)", TFDS_VERSIONS)]
 
@@ -89,8 +79,8 @@ def preparation_instructions(name: str, data_dir: str | os.PathLike) -> str:
       without preparation steps.
 
     Example:
-        >>> preparation_instructions("iris", "/data/tfds")
-        'Build it with: python -m mclandscape.engine.tfds_local prepare iris --data-dir /data/tfds'
+        >>> preparation_instructions("tiny_imagenet", "/data/tfds").splitlines()[1]
+        '    python -m mclandscape.engine.tfds_local prepare tiny_imagenet --manual-dir MANUAL --data-dir /data/tfds'
     """
     d = f"--data-dir {data_dir}"
     if name in CIFAR_URLS:
@@ -99,11 +89,10 @@ def preparation_instructions(name: str, data_dir: str | os.PathLike) -> str:
                 f"    python -m mclandscape.engine.tfds_local prepare {name} --archive /path/to/{archive} {d}\n"
                 f"(or, on a machine with network and TensorFlow: "
                 f"tfds build {name} --file_format=array_record --data_dir {data_dir}; then copy {data_dir}/{name}).")
-    if name == "tiny_imagenet":
-        return (f"To prepare it: download tiny-imagenet-200.zip ({TINY_IMAGENET_URL}), put the zip or its "
-                f"extracted folder tiny-imagenet-200/ in a directory MANUAL, then run\n"
-                f"    python -m mclandscape.engine.tfds_local prepare tiny_imagenet --manual-dir MANUAL {d}")
-    return f"Build it with: python -m mclandscape.engine.tfds_local prepare {_checks.choice(name, 'dataset', _OFFLINE)} {d}"
+    _checks.choice(name, "dataset (with preparation steps)", TFDS_VERSIONS)  # tiny_imagenet is the one left
+    return (f"To prepare it: download tiny-imagenet-200.zip ({TINY_IMAGENET_URL}), put the zip or its "
+            f"extracted folder tiny-imagenet-200/ in a directory MANUAL, then run\n"
+            f"    python -m mclandscape.engine.tfds_local prepare tiny_imagenet --manual-dir MANUAL {d}")
 
 
 def _prepare(builder, **download) -> Path:
@@ -132,68 +121,6 @@ def _png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="png")
     return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# offline datasets
-
-
-class _OfflineBuilder(_NoCodePath, tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A dataset of :mod:`mclandscape.engine.data` generated from installed packages (fixed train/test split).
-
-    Features: ``x`` (float32, un-normalised), ``label`` and ``index`` (the example's position in the
-    split, so readers can restore the generation order after TFDS's write-time shuffle)."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    DATASET = ""
-
-    def _info(self):
-        shape, num_classes = _OFFLINE[self.DATASET]
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=f"mclandscape's offline '{self.DATASET}' dataset (fixed 80/20 split).",
-            features=tfds.features.FeaturesDict({
-                "x": tfds.features.Tensor(shape=shape, dtype=np.float32),
-                "label": tfds.features.ClassLabel(num_classes=num_classes),
-                "index": tfds.features.Scalar(dtype=np.int64),
-            }),
-            supervised_keys=("x", "label"),
-        )
-
-    def _split_generators(self, dl_manager):
-        from mclandscape.engine.data import offline_raw
-
-        xtr, ytr, xte, yte = offline_raw(self.DATASET)
-        return {"train": self._generate_examples(xtr, ytr), "test": self._generate_examples(xte, yte)}
-
-    def _generate_examples(self, x, y):
-        for i in range(len(y)):
-            yield i, {"x": np.asarray(x[i], np.float32), "label": int(y[i]), "index": i}
-
-
-_OFFLINE_CLASSES = {k: type(f"Mcl_{k}", (_OfflineBuilder,), {"name": b, "DATASET": k}, skip_registration=True)
-                    for k, b in OFFLINE_BUILDERS.items()}
-
-
-def prepare_offline(name: str, data_dir: str | os.PathLike) -> Path:
-    """Build the local TFDS dataset of offline dataset ``name`` under ``data_dir`` (no-op when present).
-
-    Args:
-      name: ``"digits"``, ``"iris"``, ``"wine"``, ``"breast_cancer"`` or ``"mnist1d"`` (generated from the
-        installed scikit-learn / mnist1d packages, no network).
-      data_dir: the TFDS data directory.
-
-    Returns:
-      The version directory (e.g. ``data_dir/mcl_iris/1.0.0``). Raises ``ValueError`` for another name.
-
-    Example:
-        >>> prepare_offline("mnist", "/tmp/tfds")
-        Traceback (most recent call last):
-        ...
-        ValueError: offline dataset must be one of ['breast_cancer', 'digits', 'iris', 'mnist1d', 'wine'], got 'mnist'
-    """
-    cls = _OFFLINE_CLASSES[_checks.choice(name, "offline dataset", _OFFLINE_CLASSES)]
-    return _prepare(cls(data_dir=str(data_dir), file_format="array_record"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,13 +315,11 @@ def main(argv=None) -> int:
         if not args.archive:
             parser.error(f"{args.name} needs --archive ({CIFAR_URLS[args.name]})")
         out = prepare_cifar(args.name, args.archive, data_dir)
-    elif args.name == "tiny_imagenet":
+    else:
         if not args.manual_dir:
             parser.error(f"tiny_imagenet needs --manual-dir (a folder holding tiny-imagenet-200.zip; "
                          f"{TINY_IMAGENET_URL})")
         out = prepare_tiny_imagenet(args.manual_dir, data_dir)
-    else:
-        out = prepare_offline(args.name, data_dir)
     print(f"prepared {args.name} in {out}")
     return 0
 
