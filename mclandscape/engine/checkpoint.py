@@ -33,17 +33,8 @@ import orbax.checkpoint as ocp
 from mclandscape.core import _checks
 from mclandscape.core.tree import TreeMismatchError, check_same_structure
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointStore",
-    "save_checkpoint",
-    "restore_checkpoint",
-    "read_metadata",
-    "latest_step",
-    "all_steps",
-    "load_model",
-    "TreeMismatchError",
-]
+__all__ = ["CheckpointError", "CheckpointStore", "save_checkpoint", "restore_checkpoint", "read_metadata",
+           "latest_step", "all_steps", "load_model", "TreeMismatchError"]
 
 FORMAT = "mclandscape.engine.checkpoint/1"
 _ITEMS = ("state", "metadata", "integrity")
@@ -128,14 +119,10 @@ class CheckpointStore:
 
     def _resolve(self, step: int | None) -> int:
         steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints in {self.directory}")
-        if step is None:
-            return steps[-1]
-        if int(step) not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: "
-                                    f"{steps}")
-        return int(step)
+        if not steps or (step is not None and int(step) not in steps):
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
+                                    if steps else f"no checkpoints in {self.directory}")
+        return steps[-1] if step is None else int(step)
 
     # -- save / delete
     def save(self, step: int, state, metadata: Mapping | None = None, *, overwrite: bool = False) -> Path:
@@ -207,25 +194,19 @@ class CheckpointStore:
             try:
                 check_same_structure(saved, wanted, names=("the checkpoint", "the target"))
             except TreeMismatchError as e:
-                arch = metadata.get("model", {}).get("arch") if isinstance(metadata.get("model"), dict) else None
-                hint = f" (the checkpoint holds a {arch!r} model)" if arch else ""
+                spec = metadata.get("model")
+                hint = f" (the checkpoint holds a {spec['arch']!r} model)" if isinstance(spec, dict) and "arch" in spec else ""
                 raise TreeMismatchError(f"cannot restore {where} into the target{hint}: {e}") from e
-            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-            restore_args = ocp.args.StandardRestore(abstract)
-        else:
-            restore_args = ocp.args.StandardRestore()
+        abstract = None if target is None else jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         try:
-            state = self._mngr.restore(step, args=ocp.args.Composite(state=restore_args))["state"]
+            state = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types on damaged files
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {type(e).__name__}: {e}") from e
         got = _flat(state)
-        if set(got) != set(records):
-            missing = sorted(set(records) - set(got)) or sorted(set(got) - set(records))
-            raise CheckpointError(f"checkpoint {where} is corrupt: its arrays do not match its integrity "
-                                  f"record (e.g. leaf {missing[0]})")
-        for path, rec in records.items():
-            if _crc(got[path]) != rec["crc32"]:
-                raise CheckpointError(f"checkpoint {where} is corrupt: leaf {path} fails its CRC-32 check")
+        bad = sorted(set(got) ^ set(records)) or [p for p, r in records.items() if _crc(got[p]) != r["crc32"]]
+        if bad:
+            raise CheckpointError(f"checkpoint {where} is corrupt: leaf {bad[0]} is absent from its arrays or its "
+                                  "integrity record, or fails its CRC-32 check")
         return state, metadata
 
 

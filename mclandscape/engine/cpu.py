@@ -35,18 +35,8 @@ import numpy as np
 
 from mclandscape.engine import mapping
 
-__all__ = [
-    "COMPILER_OPTIONS",
-    "has_conv",
-    "FirstConv",
-    "first_conv",
-    "use_factorisation",
-    "stacked_first_conv",
-    "combine_features",
-    "replace_first_conv",
-    "small_map_conv",
-    "max_pool_strided",
-]
+__all__ = ["COMPILER_OPTIONS", "has_conv", "FirstConv", "first_conv", "use_factorisation", "stacked_first_conv",
+           "combine_features", "replace_first_conv", "small_map_conv", "max_pool_strided"]
 
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}

@@ -38,14 +38,7 @@ import numpy as np
 
 from mclandscape.core import _checks
 
-__all__ = [
-    "Dataset",
-    "DatasetNotFoundError",
-    "load_dataset",
-    "list_datasets",
-    "resolve_data_dir",
-    "IMAGE_STATS",
-]
+__all__ = ["Dataset", "DatasetNotFoundError", "load_dataset", "list_datasets", "resolve_data_dir", "IMAGE_STATS"]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -174,17 +167,11 @@ def _sklearn_raw(name: str):
     from sklearn import datasets as skd
     from sklearn.model_selection import train_test_split
 
-    loader = {"digits": skd.load_digits, "iris": skd.load_iris, "wine": skd.load_wine,
-              "breast_cancer": skd.load_breast_cancer}[name]
-    bunch = loader()
-    if name == "digits":
-        x = (bunch.images.astype(np.float32) / 16.0)[..., None]  # [N, 8, 8, 1] in [0, 1]
-    else:
-        x = bunch.data.astype(np.float32)
+    bunch = getattr(skd, f"load_{name}")()
+    # digits: [N, 8, 8, 1] images in [0, 1]; the others: feature rows
+    x = (bunch.images.astype(np.float32) / 16.0)[..., None] if name == "digits" else bunch.data.astype(np.float32)
     y = bunch.target.astype(np.int32)
-    idx = np.arange(len(y))
-    tr, te = train_test_split(idx, test_size=0.2, random_state=0, stratify=y)
-    tr, te = np.sort(tr), np.sort(te)
+    tr, te = map(np.sort, train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=y))
     return x[tr], y[tr], x[te], y[te]
 
 
@@ -246,21 +233,17 @@ def _synthetic(split: str, seed: int, *, n_train: int = 256, n_test: int = 256, 
 
 
 def _check_prepared(name: str, split: str, root: Path) -> None:
-    """``split`` (TFDS's name) of dataset ``name``: fail in milliseconds, before TFDS is asked for anything, when the prepared files are missing."""
+    """Fail in milliseconds, before TFDS is asked for anything, when ``split`` (TFDS's name) of dataset ``name``
+    is not prepared under ``root``."""
     from mclandscape.engine import tfds_local
 
     builder_name, version = tfds_local.tfds_name_and_version(name)
-    vdir, pattern = root / builder_name / version, f"{builder_name}-{split}."
-    files = sorted(vdir.glob(f"{pattern}*")) if vdir.is_dir() else []
-    pattern += "array_record-*"
-    others = [p for p in files if "array_record" not in p.name]
-    if len(files) > len(others) and (vdir / "dataset_info.json").is_file():
+    vdir, pattern = root / builder_name / version, f"{builder_name}-{split}.array_record-*"
+    others = sorted(p.name for p in vdir.glob(f"{builder_name}-{split}.*") if "array_record" not in p.name)
+    if any(vdir.glob(pattern)) and (vdir / "dataset_info.json").is_file():
         return
-    if others:
-        problem = (f"{vdir} holds {others[0].name} in a format tfds.data_source cannot read; it needs "
-                   f"array_record files")
-    else:
-        problem = f"expected {vdir / 'dataset_info.json'} and {vdir / pattern}"
+    problem = (f"{vdir} holds {others[0]} in a format tfds.data_source cannot read; it needs array_record files"
+               if others else f"expected {vdir / 'dataset_info.json'} and {vdir / pattern}")
     raise DatasetNotFoundError(
         f"dataset {name!r} is not prepared under {root} ({problem}).\n"
         f"mclandscape reads it offline with tfds.data_source and never downloads it (TFDS's own download "

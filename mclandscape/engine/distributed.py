@@ -38,20 +38,8 @@ from jax.sharding import PartitionSpec as P
 from mclandscape.core import _checks
 from mclandscape.core.tree import PyTree
 
-__all__ = [
-    "initialize",
-    "process_count",
-    "is_main_process",
-    "mesh",
-    "training_mesh",
-    "put",
-    "replicate",
-    "shard",
-    "num_devices",
-    "to_host",
-    "local",
-    "sync",
-]
+__all__ = ["initialize", "process_count", "is_main_process", "mesh", "training_mesh", "put", "replicate", "shard",
+           "num_devices", "to_host", "local", "sync"]
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

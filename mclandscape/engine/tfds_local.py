@@ -33,14 +33,8 @@ import tensorflow_datasets as tfds
 
 from mclandscape.core import _checks
 
-__all__ = [
-    "TFDS_VERSIONS",
-    "tfds_name_and_version",
-    "preparation_instructions",
-    "prepare_cifar",
-    "prepare_tiny_imagenet",
-    "TinyImagenet",
-]
+__all__ = ["TFDS_VERSIONS", "tfds_name_and_version", "preparation_instructions", "prepare_cifar",
+           "prepare_tiny_imagenet", "TinyImagenet"]
 
 # mclandscape dataset -> (TFDS builder name, version)
 TFDS_VERSIONS = {"cifar10": ("cifar10", "3.0.2"), "cifar100": ("cifar100", "3.0.2"),
@@ -259,17 +253,14 @@ class TinyImagenet(_NoCodePath, tfds.core.GeneratorBasedBuilder):
         val = [line.split("\t")[:2] for line in (root / "val" / "val_annotations.txt").read_text().split("\n")
                if line.count("\t")]
         train = [(f, w) for w in wnids for f in sorted(p.name for p in (root / "train" / w / "images").iterdir())]
-        return {"train": self._examples(root, train, "train/{1}/images/{0}", wnids),
-                "validation": self._examples(root, val, "val/images/{0}", wnids)}
+        return {"train": self._generate_examples(root, train, "train/{1}/images/{0}", wnids),
+                "validation": self._generate_examples(root, val, "val/images/{0}", wnids)}
 
-    def _examples(self, root, files: list, where: str, wnids: list[str]) -> Iterator:
+    def _generate_examples(self, root, files: list, where: str, wnids: list[str]) -> Iterator:
         label = {w: i for i, w in enumerate(wnids)}
         for fname, wnid in files:
             raw = (root / where.format(fname, wnid)).read_bytes()
             yield fname, {"image": _rgb_image_bytes(raw), "label": label[wnid], "id": fname}
-
-    def _generate_examples(self, **kwargs):  # pragma: no cover - the split generators above are used
-        raise NotImplementedError
 
 
 def prepare_tiny_imagenet(manual_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
