@@ -150,25 +150,20 @@ def first_conv(apply: Callable, params, x) -> FirstConv | None:
         >>> first_conv(Net().apply, variables, x)
         FirstConv(path=('Conv_0',), kernel_shape=(3, 3, 1, 4), use_bias=True)
     """
-    found: dict = {}
+    enter, cap = capture_first_conv()
 
     def conv_input(p):
-        enter, cap = capture_first_conv()
         with enter:
             apply(p, x)
-        if cap.module is None:
-            return jnp.zeros(())
-        found["module"] = cap.module
-        return cap.input
+        return jnp.zeros(()) if cap.module is None else cap.input
 
     try:
         closed = jax.make_jaxpr(conv_input)(params)
     except Exception:  # noqa: BLE001 - a model we cannot trace this way is simply not factorised
         return None
-    module = found.get("module")
-    if module is None or _depends(closed.jaxpr, closed.jaxpr.invars):
+    if cap.module is None or _depends(closed.jaxpr, closed.jaxpr.invars):
         return None
-    path = tuple(module.path)
+    path = tuple(cap.module.path)
     try:
         leaf = FirstConv(path, (), False).params(params.get("params", params) if isinstance(params, dict) else params)
         return FirstConv(path=path, kernel_shape=tuple(int(s) for s in np.shape(leaf["kernel"])), use_bias="bias" in leaf)
