@@ -28,7 +28,7 @@ class TinyBN(nn.Module):
         return nn.Dense(10, name="head")(nn.relu(x))
 
 
-TT_STEPS = 150  # search steps of the "tt" job (the exit detector's decisions are discrete: none is asked for)
+TT_STEPS = 60  # search steps of the "tt" job (the exit detector's decisions are discrete: none is asked for)
 
 
 def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: int = 3) -> dict:

@@ -6,6 +6,7 @@ all (a killed launch before it, since a restart needs one)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -69,9 +70,11 @@ def _assert_close(a: dict, b: dict, rtol: float = 1e-5) -> None:
 
 def test_two_processes_of_four_devices_equal_one_device_and_a_killed_process_resumes(tmp_path, subprocess_env):
     ckpt = tmp_path / "ckpt"
+    # the compiler flags of the in-process reference (conftest.py): no LLVM optimisation of the many small programs
+    env = {**subprocess_env, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
     # 1. process 1 dies after epoch 2 (after its checkpoint): process 0 must fail fast, not hang
     t0 = time.perf_counter()
-    killed = _Launch(tmp_path / "killed", subprocess_env, "--jobs", "train", "--checkpoint-dir", str(ckpt),
+    killed = _Launch(tmp_path / "killed", env, "--jobs", "train", "--checkpoint-dir", str(ckpt),
                      "--die-after-epoch", "2")
     # the one-device reference, in this process, while the killed job trains and then waits out its heartbeat
     reference = run_jobs(JOBS.split(","))
@@ -83,7 +86,7 @@ def test_two_processes_of_four_devices_equal_one_device_and_a_killed_process_res
         dead[0].stdout[-3000:]
     assert killed.ended[0] - t0 < 240
     # 2. both restart: training resumes from epoch 2; every other job runs across the 2 x 4 devices
-    runs = _Launch(tmp_path / "out", subprocess_env, "--jobs", JOBS, "--checkpoint-dir", str(ckpt)).wait(600)
+    runs = _Launch(tmp_path / "out", env, "--jobs", JOBS, "--checkpoint-dir", str(ckpt)).wait(600)
     for r in runs:
         assert r.returncode == 0, r.stdout[-3000:]
     p0, p1 = (dict(np.load(tmp_path / "out" / f"result_{i}.npz")) for i in (0, 1))

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.core import _checks
 from mclandscape.core.tree import tree_digest
 from mclandscape.engine.data import Dataset
 
@@ -74,6 +75,12 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator, *, pad: int = 4, flip
     return np.ascontiguousarray(out, dtype=x.dtype)
 
 
+def _check(ds: Dataset, batch_size: int, augment: bool) -> int:
+    if augment and not ds.is_image:
+        raise ValueError(f"augmentation applies to images; dataset {ds.name!r} has inputs of shape {ds.input_shape}")
+    return _checks.integer(batch_size, "batch_size", low=1)
+
+
 def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch), 0]).permutation(n) if shuffle else np.arange(n)
 
@@ -112,14 +119,9 @@ def iterate_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int = 0, 
         >>> [len(y) for _, y in iterate_batches(ds, 12, seed=0)]
         [12, 12, 6]
     """
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if augment and not ds.is_image:
-        raise ValueError(f"augmentation applies to images; dataset {ds.name!r} has inputs of shape "
-                         f"{ds.input_shape}")
-    n = len(ds)
-    order = _epoch_order(n, seed, epoch, shuffle)
-    for j in range(num_batches(n, batch_size, drop_last)):
+    batch_size = _check(ds, batch_size, augment)
+    order = _epoch_order(len(ds), seed, epoch, shuffle)
+    for j in range(num_batches(len(ds), batch_size, drop_last)):
         yield _take_batch(ds, order, j, batch_size, seed=seed, epoch=epoch, augment=augment, pad=pad)
 
 
@@ -160,19 +162,12 @@ class BatchStream:
 
     def __init__(self, ds: Dataset, batch_size: int, *, seed: int = 0, augment: bool = False,
                  drop_last: bool = True, pad: bool = False):
-        n = len(ds)
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if batch_size > n and drop_last:
-            raise ValueError(f"batch_size {batch_size} exceeds the dataset size {n}")
-        if augment and not ds.is_image:
-            raise ValueError(f"augmentation applies to images; dataset {ds.name!r} has inputs of shape "
-                             f"{ds.input_shape}")
-        self.data, self.batch_size, self.seed = ds, int(batch_size), int(seed)
+        self.data, self.batch_size, self.seed = ds, _check(ds, batch_size, augment), int(seed)
         self.augment, self.drop_last, self.pad = bool(augment), bool(drop_last), bool(pad)
-        self.steps_per_epoch = num_batches(n, self.batch_size, self.drop_last)
+        self.steps_per_epoch = num_batches(len(ds), self.batch_size, self.drop_last)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"dataset {ds.name!r} is empty")
+            raise ValueError(f"dataset {ds.name!r} is empty" if len(ds) == 0 else
+                             f"batch_size {batch_size} exceeds the dataset size {len(ds)}")
         self._epoch: tuple[int, np.ndarray] | None = None
 
     @property
@@ -181,21 +176,15 @@ class BatchStream:
         return data_digest(self.data)
 
     def __call__(self, t: int):
-        if isinstance(t, bool) or int(t) != t or t < 0:
-            raise ValueError(f"batch index must be an integer >= 0, got {t!r}")
-        epoch, j = divmod(int(t), self.steps_per_epoch)
+        epoch, j = divmod(_checks.integer(t, "batch index", low=0), self.steps_per_epoch)
         if self._epoch is None or self._epoch[0] != epoch:  # the permutation of the current epoch only
             self._epoch = (epoch, _epoch_order(len(self.data), self.seed, epoch, True))
         x, y = _take_batch(self.data, self._epoch[1], j, self.batch_size, seed=self.seed, epoch=epoch,
                            augment=self.augment, pad=4)
         if not self.pad:
             return jnp.asarray(x), jnp.asarray(y)
-        m = len(x)
-        w = np.zeros(self.batch_size, np.float32)
-        w[:m] = 1.0
-        if m < self.batch_size:
-            x = np.concatenate([x, np.zeros((self.batch_size - m, *x.shape[1:]), x.dtype)])
-            y = np.concatenate([y, np.zeros((self.batch_size - m, *y.shape[1:]), y.dtype)])
+        w = (np.arange(self.batch_size) < len(x)).astype(np.float32)
+        x, y = (np.pad(a, [(0, self.batch_size - len(a))] + [(0, 0)] * (a.ndim - 1)) for a in (x, y))
         return jnp.asarray(x), jnp.asarray(y), jnp.asarray(w)
 
 

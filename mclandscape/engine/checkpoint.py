@@ -19,7 +19,6 @@ metadata ``{"model": model.spec, "dataset": ..., "seed": ..., "epoch": ..., "met
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from collections.abc import Mapping
@@ -34,17 +33,8 @@ import orbax.checkpoint as ocp
 from mclandscape.core import _checks
 from mclandscape.core.tree import TreeMismatchError, check_same_structure
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointStore",
-    "save_checkpoint",
-    "restore_checkpoint",
-    "read_metadata",
-    "latest_step",
-    "all_steps",
-    "load_model",
-    "TreeMismatchError",
-]
+__all__ = ["CheckpointError", "CheckpointStore", "save_checkpoint", "restore_checkpoint", "read_metadata",
+           "latest_step", "all_steps", "load_model", "TreeMismatchError"]
 
 FORMAT = "mclandscape.engine.checkpoint/1"
 _ITEMS = ("state", "metadata", "integrity")
@@ -58,59 +48,35 @@ class CheckpointError(ValueError):
 # helpers
 
 
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _flat(tree) -> dict[str, Any]:
     """``{"variables/params/Dense_0/kernel": leaf, ...}``: container-agnostic leaf paths (a namedtuple
     field, a dict key and a list index all become path components), so a tree restored without a target
     (where orbax turns tuples into lists and namedtuples into dicts) has the same paths as the original."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key_name(k) for k in path) or "<root>": x for path, x in leaves}
+    return {jax.tree_util.keystr(path, simple=True, separator="/") or "<root>": x for path, x in leaves}
 
 
 def _crc(x) -> int:
-    arr = np.ascontiguousarray(np.asarray(x))
-    return zlib.crc32(arr.tobytes()) & 0xFFFFFFFF
-
-
-def _integrity(state) -> dict:
-    leaves = {}
-    for path, x in _flat(state).items():
-        arr = np.asarray(x)
-        leaves[path] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "crc32": _crc(arr)}
-    return {"format": FORMAT, "leaves": leaves}
+    return zlib.crc32(np.ascontiguousarray(np.asarray(x)).tobytes()) & 0xFFFFFFFF
 
 
 def _jsonable(obj, where: str = "metadata"):
     """A JSON-ready copy of ``obj`` (NumPy/JAX scalars and small arrays become Python values; NaN and inf
     are kept, written as ``NaN`` / ``Infinity`` as Python's json does). Anything else that JSON cannot hold
     raises ``ValueError`` naming where it is."""
-    if obj is None or isinstance(obj, bool | str):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return float(obj)
     if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{where}: key {k!r} is not a string")
-            out[k] = _jsonable(v, f"{where}.{k}")
-        return out
+        bad = [k for k in obj if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"{where}: key {bad[0]!r} is not a string")
+        return {k: _jsonable(v, f"{where}.{k}") for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, np.generic | np.ndarray | jax.Array):
-        arr = np.asarray(obj)
-        if arr.size > 10000:
-            raise ValueError(f"{where}: an array of {arr.size} values does not belong in JSON metadata")
-        return _jsonable(arr.tolist(), where)
-    raise ValueError(f"{where}: {type(obj).__name__} value {obj!r} is not JSON-serialisable")
+    if isinstance(obj, np.generic | np.ndarray | jax.Array) and np.size(obj) <= 10000:
+        return np.asarray(obj).tolist()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise ValueError(f"{where}: {type(obj).__name__} value {obj!r:.80} is not JSON-serialisable (arrays of more "
+                     "than 10000 values do not belong in metadata)")
 
 
 def _as_path(directory) -> Path:
@@ -149,38 +115,33 @@ class CheckpointStore:
         return sorted(int(s) for s in self._mngr.all_steps())
 
     def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        return max(self.all_steps(), default=None)
 
     def _resolve(self, step: int | None) -> int:
         steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints in {self.directory}")
-        if step is None:
-            return steps[-1]
-        if int(step) not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: "
-                                    f"{steps}")
-        return int(step)
+        if not steps or (step is not None and int(step) not in steps):
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
+                                    if steps else f"no checkpoints in {self.directory}")
+        return steps[-1] if step is None else int(step)
 
     # -- save / delete
     def save(self, step: int, state, metadata: Mapping | None = None, *, overwrite: bool = False) -> Path:
         """Save ``state`` (a pytree of arrays / scalars) and ``metadata`` (JSON) as ``step``."""
         step = _checks.integer(step, "checkpoint step", low=0)
-        meta = _jsonable(dict(metadata or {}))
-        leaves = jax.tree_util.tree_leaves(state)
-        for path, x in _flat(state).items():
+        meta, flat = _jsonable(dict(metadata or {})), _flat(state)
+        for path, x in flat.items():
             if not isinstance(x, np.ndarray | np.generic | jax.Array | int | float | bool):
                 raise ValueError(f"state leaf {path} is a {type(x).__name__}; checkpoints hold arrays only")
-            if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            if jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
                 raise ValueError(f"state leaf {path} is a typed PRNG key; store jax.random.key_data(key)")
-        if not leaves:
+        if not flat:
             raise ValueError("refusing to save an empty state pytree")
         if step in self.all_steps():
             if not overwrite:
                 raise ValueError(f"{self.directory} already holds step {step} (pass overwrite=True)")
             self._mngr.delete(step)
-        integrity = _integrity(state)
+        integrity = {"format": FORMAT, "leaves": {p: {"shape": list(np.shape(x)), "dtype": str(np.asarray(x).dtype),
+                                                      "crc32": _crc(x)} for p, x in flat.items()}}
         # force=True: orbax would otherwise silently skip any step not above the latest one.
         saved = self._mngr.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -233,25 +194,19 @@ class CheckpointStore:
             try:
                 check_same_structure(saved, wanted, names=("the checkpoint", "the target"))
             except TreeMismatchError as e:
-                arch = metadata.get("model", {}).get("arch") if isinstance(metadata.get("model"), dict) else None
-                hint = f" (the checkpoint holds a {arch!r} model)" if arch else ""
+                spec = metadata.get("model")
+                hint = f" (the checkpoint holds a {spec['arch']!r} model)" if isinstance(spec, dict) and "arch" in spec else ""
                 raise TreeMismatchError(f"cannot restore {where} into the target{hint}: {e}") from e
-            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-            restore_args = ocp.args.StandardRestore(abstract)
-        else:
-            restore_args = ocp.args.StandardRestore()
+        abstract = None if target is None else jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         try:
-            state = self._mngr.restore(step, args=ocp.args.Composite(state=restore_args))["state"]
+            state = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types on damaged files
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {type(e).__name__}: {e}") from e
         got = _flat(state)
-        if set(got) != set(records):
-            missing = sorted(set(records) - set(got)) or sorted(set(got) - set(records))
-            raise CheckpointError(f"checkpoint {where} is corrupt: its arrays do not match its integrity "
-                                  f"record (e.g. leaf {missing[0]})")
-        for path, rec in records.items():
-            if _crc(got[path]) != rec["crc32"]:
-                raise CheckpointError(f"checkpoint {where} is corrupt: leaf {path} fails its CRC-32 check")
+        bad = sorted(set(got) ^ set(records)) or [p for p, r in records.items() if _crc(got[p]) != r["crc32"]]
+        if bad:
+            raise CheckpointError(f"checkpoint {where} is corrupt: leaf {bad[0]} is absent from its arrays or its "
+                                  "integrity record, or fails its CRC-32 check")
         return state, metadata
 
 
@@ -293,13 +248,7 @@ def all_steps(directory: str | os.PathLike) -> list[int]:
 
 def latest_step(directory: str | os.PathLike) -> int | None:
     """The largest saved step, or ``None`` when there is none (or no directory)."""
-    steps = all_steps(directory)
-    return steps[-1] if steps else None
-
-
-def _spec_json(spec) -> Any:
-    """``spec`` as JSON would read it back (tuples become lists), for comparing a model with a checkpoint."""
-    return json.loads(json.dumps(_jsonable(spec, "model spec"), sort_keys=True))
+    return max(all_steps(directory), default=None)
 
 
 def load_model(directory: str | os.PathLike, step: int | None = None, *, model=None):
@@ -352,7 +301,7 @@ def load_model(directory: str | os.PathLike, step: int | None = None, *, model=N
         except ValueError as e:
             raise CheckpointError(f"checkpoint {directory} holds a model the zoo cannot rebuild ({e}); pass the "
                                   "model you trained as model=") from e
-    elif spec is not None and _spec_json(spec) != _spec_json(getattr(model, "spec", None)):
+    elif spec is not None and _jsonable(spec) != _jsonable(getattr(model, "spec", None), "model spec"):
         raise CheckpointError(f"checkpoint {directory} was written by a model with spec {spec!r} but model= "
                               f"{getattr(model, 'name', model)!r} has spec {getattr(model, 'spec', None)!r}")
     if isinstance(state, dict) and "params" in state and "nonfinite" in state:  # the training loop's state

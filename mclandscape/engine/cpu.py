@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -34,18 +35,8 @@ import numpy as np
 
 from mclandscape.engine import mapping
 
-__all__ = [
-    "COMPILER_OPTIONS",
-    "has_conv",
-    "FirstConv",
-    "first_conv",
-    "use_factorisation",
-    "stacked_first_conv",
-    "combine_features",
-    "replace_first_conv",
-    "small_map_conv",
-    "max_pool_strided",
-]
+__all__ = ["COMPILER_OPTIONS", "has_conv", "FirstConv", "first_conv", "use_factorisation", "stacked_first_conv",
+           "combine_features", "replace_first_conv", "small_map_conv", "max_pool_strided"]
 
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
@@ -85,22 +76,21 @@ class FirstConv:
         Returns:
           The ``{"kernel": ..., "bias": ...}`` subtree at :attr:`path`.
         """
-        for name in self.path:
-            tree = tree[name]
-        return tree
+        return functools.reduce(operator.getitem, self.path, tree)
 
 
-class _Capture:
-    """Interceptor recording the first ``nn.Conv`` call (module and input) without changing anything."""
+class _FirstCall:
+    """Interceptor of the first ``nn.Conv`` call: records its module and input and, given ``fn``, returns
+    ``fn(module, x)`` instead of running it."""
 
-    def __init__(self):
-        self.module = None
-        self.input = None
+    def __init__(self, fn: Callable | None = None):
+        self.fn, self.module, self.input = fn, None, None
 
     def __call__(self, next_fun, args, kwargs, context):
-        if (self.module is None and isinstance(context.module, nn.Conv) and context.method_name == "__call__"
-                and args):
+        if self.module is None and isinstance(context.module, nn.Conv) and context.method_name == "__call__" and args:
             self.module, self.input = context.module, args[0]
+            if self.fn is not None:
+                return self.fn(self.module, self.input)
         return next_fun(*args, **kwargs)
 
 
@@ -160,33 +150,25 @@ def first_conv(apply: Callable, params, x) -> FirstConv | None:
         >>> first_conv(Net().apply, variables, x)
         FirstConv(path=('Conv_0',), kernel_shape=(3, 3, 1, 4), use_bias=True)
     """
-    found: dict = {}
+    enter, cap = capture_first_conv()
 
     def conv_input(p):
-        cap = _Capture()
-        with nn.intercept_methods(cap):
+        with enter:
             apply(p, x)
-        if cap.module is None:
-            return jnp.zeros(())
-        found["module"] = cap.module
-        return cap.input
+        return jnp.zeros(()) if cap.module is None else cap.input
 
     try:
         closed = jax.make_jaxpr(conv_input)(params)
     except Exception:  # noqa: BLE001 - a model we cannot trace this way is simply not factorised
         return None
-    module = found.get("module")
-    if module is None or _depends(closed.jaxpr, closed.jaxpr.invars):
+    if cap.module is None or _depends(closed.jaxpr, closed.jaxpr.invars):
         return None
-    path = tuple(module.path)
-    leaf = params.get("params", params) if isinstance(params, dict) else params
+    path = tuple(cap.module.path)
     try:
-        for name in path:
-            leaf = leaf[name]
-        kernel = leaf["kernel"]
+        leaf = FirstConv(path, (), False).params(params.get("params", params) if isinstance(params, dict) else params)
+        return FirstConv(path=path, kernel_shape=tuple(int(s) for s in np.shape(leaf["kernel"])), use_bias="bias" in leaf)
     except (KeyError, TypeError):
         return None
-    return FirstConv(path=path, kernel_shape=tuple(int(s) for s in np.shape(kernel)), use_bias="bias" in leaf)
 
 
 def use_factorisation(conv: FirstConv | None, num_points: int, num_control: int, *,
@@ -276,20 +258,6 @@ def combine_features(coefficients: jax.Array, features: jax.Array) -> jax.Array:
     return out.astype(features.dtype)
 
 
-class _Replace:
-    """Interceptor returning ``fn(module, x)`` for the first ``nn.Conv`` call instead of running it."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.done = False
-
-    def __call__(self, next_fun, args, kwargs, context):
-        if not self.done and isinstance(context.module, nn.Conv) and context.method_name == "__call__" and args:
-            self.done = True
-            return self.fn(context.module, args[0])
-        return next_fun(*args, **kwargs)
-
-
 def replace_first_conv(fn: Callable[[nn.Conv, jax.Array], jax.Array]):
     """A context manager under which the first ``nn.Conv`` call of each Flax ``apply`` returns ``fn(module, x)``.
 
@@ -310,13 +278,13 @@ def replace_first_conv(fn: Callable[[nn.Conv, jax.Array], jax.Array]):
         >>> out.shape, float(jnp.abs(out).max())
         ((1, 4, 4, 2), 0.0)
     """
-    return nn.intercept_methods(_Replace(fn))
+    return nn.intercept_methods(_FirstCall(fn))
 
 
 def capture_first_conv():
     """``(context manager, capture)``: under the context manager the first ``nn.Conv`` call is recorded in
     ``capture.module`` / ``capture.input`` and runs as usual."""
-    cap = _Capture()
+    cap = _FirstCall()
     return nn.intercept_methods(cap), cap
 
 
@@ -369,9 +337,12 @@ def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
                       preferred_element_type=preferred_element_type)
 
 
-def _window(x, i, j, stride, ho, wo):
-    return jax.lax.slice(x, (0, i, j, 0), (x.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1,
-                                           x.shape[3]), (1, stride, stride, 1))
+def _windows(x, window: int, stride: int):
+    """The ``window²`` strided slices of ``x`` whose maximum is the pooled output, in row-major window order."""
+    ho, wo = (x.shape[1] - window) // stride + 1, (x.shape[2] - window) // stride + 1
+    return [jax.lax.slice(x, (0, i, j, 0), (x.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1,
+                                            x.shape[3]), (1, stride, stride, 1))
+            for i in range(window) for j in range(window)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -397,47 +368,30 @@ def max_pool_strided(x: jax.Array, window: int, stride: int) -> jax.Array:
         >>> max_pool_strided(x, 2, 2)[0, :, :, 0].tolist()
         [[5.0, 7.0], [13.0, 15.0]]
     """
-    ho = (x.shape[1] - window) // stride + 1
-    wo = (x.shape[2] - window) // stride + 1
-    out = None
-    for i in range(window):
-        for j in range(window):
-            v = _window(x, i, j, stride, ho, wo)
-            out = v if out is None else jnp.maximum(out, v)
-    return out
+    return functools.reduce(jnp.maximum, _windows(x, window, stride))
 
 
 def _max_pool_fwd(x, window, stride):
     if window * window > 127:
         raise ValueError(f"max_pool_strided supports windows of at most 11×11, got {window}×{window}")
-    ho = (x.shape[1] - window) // stride + 1
-    wo = (x.shape[2] - window) // stride + 1
-    out, idx = None, None
-    for i in range(window):
-        for j in range(window):
-            v = _window(x, i, j, stride, ho, wo)
-            if out is None:
-                out, idx = v, jnp.zeros(v.shape, jnp.int8)
-            else:
-                idx = jnp.where(v > out, jnp.int8(i * window + j), idx)  # strict: the first maximum wins
-                out = jnp.maximum(out, v)
+    out, *rest = _windows(x, window, stride)
+    idx = jnp.zeros(out.shape, jnp.int8)
+    for k, v in enumerate(rest, 1):
+        idx = jnp.where(v > out, jnp.int8(k), idx)  # strict: the first maximum wins
+        out = jnp.maximum(out, v)
     return out, (idx, x.shape)
 
 
 def _max_pool_bwd(window, stride, res, g):
-    idx, shape = res
-    h, w = shape[1], shape[2]
-    ho, wo = g.shape[1], g.shape[2]
-    zero = jnp.zeros((), g.dtype)
-    dx = None
-    for i in range(window):
-        for j in range(window):
-            part = jnp.where(idx == i * window + j, g, zero)
-            cfg = [(0, 0, 0), (i, h - (i + stride * (ho - 1) + 1), stride - 1),
-                   (j, w - (j + stride * (wo - 1) + 1), stride - 1), (0, 0, 0)]
-            v = jax.lax.pad(part, zero, cfg)
-            dx = v if dx is None else dx + v
-    return (dx,)
+    idx, (_, h, w, _) = res
+    ho, wo, zero = g.shape[1], g.shape[2], jnp.zeros((), g.dtype)
+
+    def scatter(i, j):  # window offset (i, j)'s share of the gradient, back at its input positions
+        cfg = [(0, 0, 0), (i, h - (i + stride * (ho - 1) + 1), stride - 1),
+               (j, w - (j + stride * (wo - 1) + 1), stride - 1), (0, 0, 0)]
+        return jax.lax.pad(jnp.where(idx == i * window + j, g, zero), zero, cfg)
+
+    return (functools.reduce(jnp.add, [scatter(i, j) for i in range(window) for j in range(window)]),)
 
 
 max_pool_strided.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -25,9 +25,6 @@ are never downloaded: TFDS's own download hangs for minutes offline, so mclandsc
 prepared files exist under ``data_dir`` (default ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``) and
 otherwise raises :class:`DatasetNotFoundError` at once, saying where the files must be and how to prepare
 them (``python -m mclandscape.engine.tfds_local prepare ...``, see :mod:`mclandscape.engine.tfds_local`).
-
-The offline sets can also be read through their local TFDS builders (``source="tfds"``, built into
-``data_dir`` on first use), which gives exactly the same arrays as the default in-memory path.
 """
 
 from __future__ import annotations
@@ -35,19 +32,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import threading
 from pathlib import Path
 
 import numpy as np
 
-__all__ = [
-    "Dataset",
-    "DatasetNotFoundError",
-    "load_dataset",
-    "list_datasets",
-    "resolve_data_dir",
-    "IMAGE_STATS",
-]
+from mclandscape.core import _checks
+
+__all__ = ["Dataset", "DatasetNotFoundError", "load_dataset", "list_datasets", "resolve_data_dir", "IMAGE_STATS"]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -108,14 +99,7 @@ class Dataset:
             >>> len(ds.take(3))
             3
         """
-        return self.subset(slice(0, _check_limit(n, "n")))
-
-
-def _check_limit(n, name: str) -> int:
-    """A count of examples: an integer >= 1 (a negative one would silently drop examples from the end)."""
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-        raise ValueError(f"{name} must be an integer >= 1 (a number of examples), got {n!r}")
-    return int(n)
+        return self.subset(slice(0, _checks.integer(n, "n", low=1, what="a number of examples")))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -134,9 +118,7 @@ IMAGE_STATS = {
 _NUM_CLASSES = {"digits": 10, "iris": 3, "wine": 3, "breast_cancer": 2, "mnist1d": 10,
                 "cifar10": 10, "cifar100": 100, "tiny_imagenet": 200}
 # mclandscape split -> TFDS split
-_TFDS_SPLITS = {"cifar10": {"train": "train", "test": "test"},
-                "cifar100": {"train": "train", "test": "test"},
-                "tiny_imagenet": {"train": "train", "test": "validation"}}
+_TFDS_SPLITS = {"tiny_imagenet": {"test": "validation"}}
 
 
 def list_datasets() -> list[str]:
@@ -174,38 +156,26 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 # offline sources (raw, un-normalised)
 
 _CACHE: dict = {}
-_CACHE_LOCK = threading.Lock()
 
 
 def _cached(key, make):
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
-    value = make()
-    with _CACHE_LOCK:
-        _CACHE.setdefault(key, value)
-        return _CACHE[key]
+    # setdefault: two threads that both make a value return the same one
+    return _CACHE[key] if key in _CACHE else _CACHE.setdefault(key, make())
 
 
 def _sklearn_raw(name: str):
     from sklearn import datasets as skd
     from sklearn.model_selection import train_test_split
 
-    loader = {"digits": skd.load_digits, "iris": skd.load_iris, "wine": skd.load_wine,
-              "breast_cancer": skd.load_breast_cancer}[name]
-    bunch = loader()
-    if name == "digits":
-        x = (bunch.images.astype(np.float32) / 16.0)[..., None]  # [N, 8, 8, 1] in [0, 1]
-    else:
-        x = bunch.data.astype(np.float32)
+    bunch = getattr(skd, f"load_{name}")()
+    # digits: [N, 8, 8, 1] images in [0, 1]; the others: feature rows
+    x = (bunch.images.astype(np.float32) / 16.0)[..., None] if name == "digits" else bunch.data.astype(np.float32)
     y = bunch.target.astype(np.int32)
-    idx = np.arange(len(y))
-    tr, te = train_test_split(idx, test_size=0.2, random_state=0, stratify=y)
-    tr, te = np.sort(tr), np.sort(te)
+    tr, te = map(np.sort, train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=y))
     return x[tr], y[tr], x[te], y[te]
 
 
-def _mnist1d_raw():
+def _mnist1d_raw(name: str = "mnist1d"):
     from mnist1d.data import get_dataset_args, make_dataset
 
     # make_dataset seeds NumPy's and Python's global generators: keep the caller's global state intact.
@@ -219,13 +189,9 @@ def _mnist1d_raw():
             d["x_test"].astype(np.float32), d["y_test"].astype(np.int32))
 
 
-def offline_raw(name: str):
+def _offline_raw(name: str):
     """``(x_train, y_train, x_test, y_test)`` of an offline dataset before normalisation (cached)."""
-    if name in _SKLEARN:
-        return _cached(("raw", name), lambda: _sklearn_raw(name))
-    if name == "mnist1d":
-        return _cached(("raw", name), _mnist1d_raw)
-    raise ValueError(f"{name!r} is not an offline dataset ({sorted(_OFFLINE)})")
+    return _cached(("raw", name), lambda: (_mnist1d_raw if name == "mnist1d" else _sklearn_raw)(name))
 
 
 def _synthetic(split: str, seed: int, *, n_train: int = 256, n_test: int = 256, dim: int = 2,
@@ -238,13 +204,12 @@ def _synthetic(split: str, seed: int, *, n_train: int = 256, n_test: int = 256, 
     (``task="regression"``): ``y = f(x) + noise * N(0, 1)``, float32 ``[N, targets]``, ``num_classes=0``.
     Train and test come from one draw of ``n_train + n_test`` points, so they share the teacher.
     """
-    if task not in ("classification", "regression"):
-        raise ValueError(f"synthetic task must be 'classification' or 'regression', got {task!r}")
-    if dim < 1 or n_train < 1 or n_test < 0 or hidden < 1:
-        raise ValueError("synthetic needs dim >= 1, n_train >= 1, n_test >= 0, hidden >= 1")
-    out = num_classes if task == "classification" else targets
-    if out < 1 or (task == "classification" and num_classes < 2):
-        raise ValueError(f"synthetic {task} needs at least {2 if task == 'classification' else 1} outputs")
+    classify = _checks.choice(task, "synthetic task", ("classification", "regression")) == "classification"
+    for name, value, low in (("dim", dim, 1), ("n_train", n_train, 1), ("n_test", n_test, 0), ("hidden", hidden, 1),
+                             ("num_classes" if classify else "targets", num_classes if classify else targets,
+                              2 if classify else 1)):
+        _checks.integer(value, name, low=low, what=f"synthetic {task}")
+    out = num_classes if classify else targets
     rng = np.random.default_rng([int(seed), 2002])
     n = n_train + n_test
     x = rng.standard_normal((n, dim)).astype(np.float32)
@@ -252,7 +217,7 @@ def _synthetic(split: str, seed: int, *, n_train: int = 256, n_test: int = 256, 
     b1 = 0.5 * rng.standard_normal(hidden)
     w2 = rng.standard_normal((hidden, out)) / np.sqrt(hidden)
     f = np.tanh(x @ w1 + b1) @ w2
-    if task == "classification":
+    if classify:
         f = f - f.mean(axis=0)  # centre the teacher's logits so that no class is (nearly) empty
         y = np.argmax(f + noise * rng.gumbel(size=f.shape), axis=1).astype(np.int32)
         k = int(num_classes)
@@ -267,31 +232,18 @@ def _synthetic(split: str, seed: int, *, n_train: int = 256, n_test: int = 256, 
 # TFDS sources
 
 
-def _prepared_files(name: str, split: str, root: Path):
-    """(version_dir, expected file pattern, array_record files, other-format files) under ``root``."""
+def _check_prepared(name: str, split: str, root: Path) -> None:
+    """Fail in milliseconds, before TFDS is asked for anything, when ``split`` (TFDS's name) of dataset ``name``
+    is not prepared under ``root``."""
     from mclandscape.engine import tfds_local
 
     builder_name, version = tfds_local.tfds_name_and_version(name)
-    vdir = root / builder_name / version
-    prefix = f"{builder_name}-{split}."
-    files = sorted(vdir.glob(f"{prefix}array_record-*")) if vdir.is_dir() else []
-    others = sorted(p for p in vdir.glob(f"{prefix}*") if "array_record" not in p.name) if vdir.is_dir() else []
-    return vdir, f"{prefix}array_record-*", files, others
-
-
-def _check_prepared(name: str, split: str, root: Path) -> None:
-    """Fail in milliseconds, before TFDS is asked for anything, when the prepared files are missing."""
-    from mclandscape.engine import tfds_local
-
-    tfds_split = _TFDS_SPLITS[name][split] if name in _TFDS_SPLITS else split
-    vdir, pattern, files, others = _prepared_files(name, tfds_split, root)
-    if files and (vdir / "dataset_info.json").is_file():
+    vdir, pattern = root / builder_name / version, f"{builder_name}-{split}.array_record-*"
+    others = sorted(p.name for p in vdir.glob(f"{builder_name}-{split}.*") if "array_record" not in p.name)
+    if any(vdir.glob(pattern)) and (vdir / "dataset_info.json").is_file():
         return
-    if others:
-        problem = (f"{vdir} holds {others[0].name} in a format tfds.data_source cannot read; it needs "
-                   f"array_record files")
-    else:
-        problem = f"expected {vdir / 'dataset_info.json'} and {vdir / pattern}"
+    problem = (f"{vdir} holds {others[0]} in a format tfds.data_source cannot read; it needs array_record files"
+               if others else f"expected {vdir / 'dataset_info.json'} and {vdir / pattern}")
     raise DatasetNotFoundError(
         f"dataset {name!r} is not prepared under {root} ({problem}).\n"
         f"mclandscape reads it offline with tfds.data_source and never downloads it (TFDS's own download "
@@ -300,48 +252,21 @@ def _check_prepared(name: str, split: str, root: Path) -> None:
     )
 
 
-def _tfds_read(builder_name: str, split: str, root: Path, image_key: str, label_key: str = "label",
-               chunk: int = 2048):
-    """Decode a whole prepared split into NumPy arrays through ``tfds.data_source`` (no TensorFlow)."""
+def _tfds_raw(name: str, split: str, root: Path):
+    """Raw ``(x, y)`` of a prepared split read through ``tfds.data_source`` (no TensorFlow; cached)."""
     import tensorflow_datasets as tfds
 
-    from mclandscape.engine import tfds_local  # noqa: F401  (registers the local builders)
+    from mclandscape.engine import tfds_local  # (registers the Tiny-ImageNet builder)
 
-    builder = tfds.builder(builder_name, data_dir=str(root))
-    source = builder.as_data_source(split=split)
-    n = len(source)
-    xs, ys, idx = [], [], []
-    for start in range(0, n, chunk):
-        recs = source.__getitems__(list(range(start, min(n, start + chunk))))
-        xs.append(np.stack([np.asarray(r[image_key]) for r in recs]))
-        ys.append(np.asarray([r[label_key] for r in recs]))
-        if "index" in recs[0]:
-            idx.append(np.asarray([r["index"] for r in recs]))
-    x = np.concatenate(xs) if xs else np.zeros((0,), np.float32)
-    y = np.concatenate(ys).astype(np.int32) if ys else np.zeros((0,), np.int32)
-    if idx:  # local builders store each example's original position: restore the generation order
-        order = np.argsort(np.concatenate(idx), kind="stable")
-        x, y = x[order], y[order]
-    return x, y
-
-
-def _tfds_image_raw(name: str, split: str, root: Path):
+    split = _TFDS_SPLITS.get(name, {}).get(split, split)
     _check_prepared(name, split, root)
-    from mclandscape.engine import tfds_local
 
-    builder_name, _ = tfds_local.tfds_name_and_version(name)
-    tfds_split = _TFDS_SPLITS[name][split]
-    return _cached(("tfds", name, tfds_split, str(root.resolve())),
-                   lambda: _tfds_read(builder_name, tfds_split, root, "image"))
+    def read():
+        source = tfds.builder(tfds_local.tfds_name_and_version(name)[0], data_dir=str(root)).as_data_source(split)
+        recs = source.__getitems__(list(range(len(source))))
+        return np.stack([r["image"] for r in recs]), np.asarray([r["label"] for r in recs], np.int32)
 
-
-def _offline_via_tfds(name: str, split: str, root: Path):
-    """Raw arrays of an offline dataset read back through its local TFDS builder (built when absent)."""
-    from mclandscape.engine import tfds_local
-
-    tfds_local.prepare_offline(name, root)
-    builder_name, _ = tfds_local.tfds_name_and_version(name)
-    return _tfds_read(builder_name, split, root, "x")
+    return _cached(("tfds", name, split, str(root.resolve())), read)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,21 +274,18 @@ def _offline_via_tfds(name: str, split: str, root: Path):
 
 
 def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike | None = None, seed: int = 0,
-                 normalize: bool = True, source: str = "auto", limit: int | None = None,
-                 **options) -> Dataset:
+                 normalize: bool = True, limit: int | None = None, **options) -> Dataset:
     """Load ``split`` ("train" or "test") of dataset ``name`` into memory (see the module table).
 
     Args:
       name: a dataset of :func:`list_datasets` (``"cifar-10"``, ``"mnist_1d"`` and similar spellings work).
       split: ``"train"`` or ``"test"``.
-      data_dir: TFDS data directory (CIFAR, Tiny-ImageNet, and offline sets with ``source="tfds"``); default
-        ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+      data_dir: TFDS data directory (CIFAR, Tiny-ImageNet); default ``$TFDS_DATA_DIR`` or
+        ``~/tensorflow_datasets``.
       seed: only used by ``synthetic`` (the other datasets have fixed splits; shuffling is
         :func:`mclandscape.engine.batches.iterate_batches`'s job).
       normalize: standardise (see the module docstring); the statistics always come from the training split,
         so train and test are transformed identically.
-      source: ``"auto"`` (in-memory generators for offline sets, TFDS for image sets) or ``"tfds"`` (offline
-        sets through their local TFDS builder).
       limit: keep only the first ``limit`` examples, an integer >= 1 (quick experiments).
       **options: ``synthetic`` keywords (``n_train, n_test, dim, num_classes, task, hidden, noise, targets``).
 
@@ -371,7 +293,7 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
       A :class:`Dataset`.
 
     Raises:
-      ValueError: an unknown name, split, source or option, or a bad ``limit``.
+      ValueError: an unknown name, split or option, or a bad ``limit``.
       DatasetNotFoundError: CIFAR / Tiny-ImageNet files are missing (raised at once, no network).
 
     Example:
@@ -382,49 +304,29 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
     key = name.lower().replace("-", "_")
     key = {"cifar_10": "cifar10", "cifar_100": "cifar100", "tinyimagenet": "tiny_imagenet",
            "mnist_1d": "mnist1d", "breastcancer": "breast_cancer"}.get(key, key)
-    if key not in list_datasets():
-        raise ValueError(f"unknown dataset {name!r}; choose one of {list_datasets()}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if source not in ("auto", "tfds"):
-        raise ValueError(f"source must be 'auto' or 'tfds', got {source!r}")
+    _checks.choice(key, "dataset", list_datasets())
+    _checks.choice(split, "split", ("train", "test"))
     if options and key != "synthetic":
         raise ValueError(f"dataset {key!r} takes no extra options, got {sorted(options)}")
     if limit is not None:
-        limit = _check_limit(limit, "limit")
-
+        limit = _checks.integer(limit, "limit", low=1, what="a number of examples")
     if key == "synthetic":
-        if source == "tfds":
-            raise ValueError("the synthetic dataset is generated from its arguments; it has no TFDS builder")
         ds = _synthetic(split, seed, **options)
     elif key in _OFFLINE:
-        if source == "tfds":
-            root = resolve_data_dir(data_dir)
-            xtr, ytr, _, _ = offline_raw(key)  # training statistics for normalisation
-            x, y = _offline_via_tfds(key, split, root)
-        else:
-            xtr, ytr, xte, yte = offline_raw(key)
-            x, y = (xtr, ytr) if split == "train" else (xte, yte)
+        xtr, ytr, xte, yte = _offline_raw(key)  # the training split's statistics normalise both
+        x, y = (xtr, ytr) if split == "train" else (xte, yte)
         x = np.array(x, dtype=np.float32, copy=True)
         if normalize and key != "mnist1d":
-            if key == "digits":
-                mean, std = xtr.mean(), xtr.std()
-            else:
-                mean, std = xtr.mean(axis=0), xtr.std(axis=0)
-                std = np.where(std > 0, std, 1.0)
-            x = ((x - mean) / std).astype(np.float32)
+            axis = None if key == "digits" else 0  # digits: one pixel mean/std; features: per column
+            mean, std = xtr.mean(axis=axis), xtr.std(axis=axis)
+            x = ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
         ds = Dataset(x, np.asarray(y, np.int32), _NUM_CLASSES[key], key)
     else:
-        root = resolve_data_dir(data_dir)
-        x8, y = _tfds_image_raw(key, split, root)
-        if limit is not None:
-            x8, y = x8[:limit], y[:limit]
-        x = x8.astype(np.float32) / 255.0
+        x8, y = _tfds_raw(key, split, resolve_data_dir(data_dir))
+        x = x8[:limit].astype(np.float32) / 255.0
         if normalize:
             mean, std = IMAGE_STATS[key]
             x -= np.asarray(mean, np.float32)
             x /= np.asarray(std, np.float32)
-        ds = Dataset(x, np.asarray(y, np.int32), _NUM_CLASSES[key], key)
-    if limit is not None:
-        ds = ds.take(limit)
-    return ds
+        ds = Dataset(x, y[:limit], _NUM_CLASSES[key], key)
+    return ds if limit is None else ds.take(limit)

@@ -35,23 +35,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mclandscape.core import _checks
 from mclandscape.core.tree import PyTree
 
-__all__ = [
-    "initialize",
-    "process_count",
-    "process_index",
-    "is_main_process",
-    "mesh",
-    "training_mesh",
-    "put",
-    "replicate",
-    "shard",
-    "num_devices",
-    "to_host",
-    "local",
-    "sync",
-]
+__all__ = ["initialize", "process_count", "is_main_process", "mesh", "training_mesh", "put", "replicate", "shard",
+           "num_devices", "to_host", "local", "sync"]
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -113,19 +101,6 @@ def process_count() -> int:
     return jax.process_count()
 
 
-def process_index() -> int:
-    """This process's index in the job (0 without :func:`initialize`).
-
-    Returns:
-      An ``int`` in ``[0, process_count())``.
-
-    Example:
-        >>> process_index()
-        0
-    """
-    return jax.process_index()
-
-
 def is_main_process() -> bool:
     """Whether this is process 0, the one that writes results and plots.
 
@@ -179,8 +154,7 @@ def mesh(shape: Sequence[int] | None = None, axes: Sequence[str] = ("points",), 
         >>> m.axis_names, m.devices.shape
         (('points',), (1,))
     """
-    n = num_devices(devices)
-    axes = tuple(axes)
+    n, axes = num_devices(devices), tuple(axes)
     shape = (n,) + (1,) * (len(axes) - 1) if shape is None else tuple(int(s) for s in shape)
     if len(shape) != len(axes) or int(np.prod(shape)) != n:
         raise ValueError(f"a mesh of shape {shape} over axes {axes} needs {int(np.prod(shape))} devices, "
@@ -213,11 +187,8 @@ def training_mesh(batch_size: int, num_points: int = 1, *, devices: int | None =
         True
     """
     n = num_devices(devices)
-    for name, v in (("batch_size", batch_size), ("num_points", num_points)):
-        if isinstance(v, bool) or int(v) != v or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    points = int(np.gcd(n, int(num_points)))
-    data = int(np.gcd(n // points, int(batch_size)))
+    points = int(np.gcd(n, _checks.integer(num_points, "num_points", low=1)))
+    data = int(np.gcd(n // points, _checks.integer(batch_size, "batch_size", low=1)))
     if points * data == 1:
         return None
     return mesh((points, data), ("points", "data"), devices=points * data)
@@ -250,10 +221,8 @@ def put(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
             return a
         if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(one(jax.random.key_data(a)), impl=jax.random.key_impl(a))
-        if jax.process_count() == 1:
-            return jax.device_put(a, sharding)
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:  # a global array laid out otherwise
-            return jax.device_put(a, sharding)
+        if jax.process_count() == 1 or (isinstance(a, jax.Array) and not a.is_fully_addressable):
+            return jax.device_put(a, sharding)  # (the latter: a global array laid out otherwise)
         host = np.asarray(a)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 

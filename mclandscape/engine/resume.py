@@ -96,46 +96,6 @@ def _from_tree(tree: dict) -> TrainState:
                       model_state=tree.get("model_state"), nonfinite=jnp.asarray(tree["nonfinite"]))
 
 
-def _restore_latest(store: CheckpointStore, target, fingerprint, directory, max_epoch: int):
-    """``(state, metadata, epoch)`` of the newest readable step ``<= max_epoch`` (``None`` when there is none)."""
-    steps = store.all_steps()
-    later = [s for s in steps if s > max_epoch]
-    steps = [s for s in steps if s <= max_epoch]
-    if later and not steps:
-        raise ResumeMismatchError(f"cannot resume from {directory}: it holds epochs {later} but the run asks for "
-                                  f"{max_epoch}; use another checkpoint_dir, or overwrite=True to start afresh")
-    failed = []
-    for s in reversed(steps):
-        try:
-            meta = store.metadata(s)
-        except CheckpointError as e:
-            failed.append((s, e))
-            continue
-        if meta.get("format") != FORMAT:
-            raise ResumeMismatchError(f"cannot resume from {directory}: step {s} was not written by the "
-                                      f"training loop (format {meta.get('format')!r}); use another checkpoint_dir "
-                                      "or overwrite=True")
-        if fingerprint is not None:
-            diff = fingerprint_diff(meta.get("fingerprint"), fingerprint)
-            if diff:
-                raise ResumeMismatchError(f"cannot resume from {directory}: it holds a different run ("
-                                          + "; ".join(diff) + "). Use another checkpoint_dir, or overwrite=True "
-                                          "to start afresh.")
-        try:
-            tree, meta = store.restore(s, target=target)
-        except CheckpointError as e:
-            failed.append((s, e))
-            continue
-        if failed:
-            warnings.warn(f"checkpoint step {failed[0][0]} in {directory} is unreadable ({failed[0][1]}); "
-                          f"resuming from step {s} instead", stacklevel=3)
-        return _from_tree(tree), meta, s
-    if failed:
-        raise CheckpointError(f"no readable checkpoint in {directory}: steps {[s for s, _ in failed]} are all "
-                              f"unreadable (first error: {failed[0][1]})")
-    return None
-
-
 def target_of(state: TrainState):
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), _state_tree(state))
 
@@ -206,17 +166,41 @@ def resume(store: CheckpointStore, state: TrainState, fingerprint, *, epochs: in
       The restored state, the history up to its epoch and that epoch; raises :class:`ResumeMismatchError`
       when the directory holds another run.
     """
-    restored = _restore_latest(store, target_of(state), fingerprint, store.directory, epochs)
-    if restored is None:
-        return None
-    state, meta, start = restored
-    ran, expected = meta.get("loop_steps"), min(start * steps_per_epoch, last_step)
-    if ran is not None and ran != expected:  # checkpoints of older versions do not record it
-        raise ResumeMismatchError(
-            f"cannot resume from {store.directory}: its epoch {start} ended after {ran} steps but this run's "
-            f"epoch {start} ends after {expected} (steps_per_epoch={steps_per_epoch}, max_steps={max_steps}); use "
-            "the settings that wrote it, another checkpoint_dir, or overwrite=True to start afresh.")
-    return state, [dict(h) for h in meta.get("history", [])][:start], start
+    where, steps = store.directory, store.all_steps()
+    usable = [s for s in steps if s <= epochs]
+    if steps and not usable:
+        raise ResumeMismatchError(f"cannot resume from {where}: it holds epochs {steps} but the run asks for "
+                                  f"{epochs}; use another checkpoint_dir, or overwrite=True to start afresh")
+    failed = []
+    for start in reversed(usable):  # the newest readable step
+        try:
+            meta = store.metadata(start)
+            if meta.get("format") != FORMAT:
+                raise ResumeMismatchError(f"cannot resume from {where}: step {start} was not written by the training "
+                                          f"loop (format {meta.get('format')!r}); use another checkpoint_dir or "
+                                          "overwrite=True")
+            diff = [] if fingerprint is None else fingerprint_diff(meta.get("fingerprint"), fingerprint)
+            if diff:
+                raise ResumeMismatchError(f"cannot resume from {where}: it holds a different run (" + "; ".join(diff)
+                                          + "). Use another checkpoint_dir, or overwrite=True to start afresh.")
+            tree, meta = store.restore(start, target=target_of(state))
+        except CheckpointError as e:
+            failed.append((start, e))
+            continue
+        if failed:
+            warnings.warn(f"checkpoint step {failed[0][0]} in {where} is unreadable ({failed[0][1]}); "
+                          f"resuming from step {start} instead", stacklevel=2)
+        ran, expected = meta.get("loop_steps"), min(start * steps_per_epoch, last_step)
+        if ran is not None and ran != expected:  # checkpoints of older versions do not record it
+            raise ResumeMismatchError(
+                f"cannot resume from {where}: its epoch {start} ended after {ran} steps but this run's epoch "
+                f"{start} ends after {expected} (steps_per_epoch={steps_per_epoch}, max_steps={max_steps}); use "
+                "the settings that wrote it, another checkpoint_dir, or overwrite=True to start afresh.")
+        return _from_tree(tree), [dict(h) for h in meta.get("history", [])][:start], start
+    if failed:
+        raise CheckpointError(f"no readable checkpoint in {where}: steps {[s for s, _ in failed]} are all "
+                              f"unreadable (first error: {failed[0][1]})")
+    return None
 
 
 def save(store: CheckpointStore, epoch: int, state: TrainState, *, fingerprint, history: list[dict],
