@@ -35,11 +35,11 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mclandscape.core.objective import call_objective
+from mclandscape.core.objective import call_objective, per_count
 from mclandscape.core.tree import PyTree
-from mclandscape.engine import cpu, distributed, optim
+from mclandscape.engine import cpu, distributed, mapping, optim
 
-__all__ = ["TrainState", "Step", "make_step", "init_state", "split_static", "merge_static"]
+__all__ = ["TrainState", "Step", "make_step", "init_state", "split_static", "merge_static", "MembersObjective"]
 
 
 @struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
@@ -335,6 +335,79 @@ class Step:
                 "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
                 "peak_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                                   - m.alias_size_in_bytes)}
+
+
+@struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
+class MembersObjective:
+    """The objective of S independent members trained in one step: the sum of their own objectives.
+
+    The gradient of the sum with respect to the stacked parameters is every member's own gradient, so one
+    :func:`make_step` over this objective and a transform applied per member (each
+    member's optimizer state stacked likewise) trains S independent runs at once.
+
+    Attributes:
+      inner: one member's objective ``inner(params, batch, key) -> (loss, aux)`` (e.g.
+        :func:`~mclandscape.core.objective.make_objective` in train mode).
+      keys: ``[S]`` the members' dropout keys; member ``s`` at step ``t`` gets ``fold_in(keys[s], t)``, the key
+        :func:`~mclandscape.engine.train.train_model` with its seed uses.
+      state: the members' stacked fixed collections (``{"batch_stats": [S, ...]}``) or ``None``.
+      members: ``"vmap"`` (the members vmapped) or ``"unroll"`` (written out one after another in the compiled
+        step, so a convolution keeps its own kernel instead of becoming a grouped one). With a mesh whose
+        ``"points"`` axis has several devices the members are vmapped and split over that axis.
+      mesh: the step's ``("points", "data")`` mesh, or ``None``.
+
+    The batch is ``(data, t)``: every leaf of ``data`` is ``[B, S, ...]`` (member ``s`` reads ``data[:, s]``,
+    its own stream's batch) and ``t`` is the global step. ``aux``: ``loss`` (the members' mean task loss),
+    ``count`` (examples per member), per member ``member<i>_loss`` and ``member<i>_acc``, and the stacked
+    ``batch_stats`` of a BatchNorm model.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> def inner(p, b, key):  # one member: (loss, aux with the task loss and the example count)
+        ...     loss = jnp.sum((p["w"] - b[0]) ** 2)
+        ...     return loss, {"loss": loss, "count": jnp.asarray(1.0)}
+        >>> obj = MembersObjective(inner=inner, keys=jax.random.split(jax.random.key(0), 2))
+        >>> data = (jnp.array([[1.0, 2.0]]), jnp.ones((1, 2)), jnp.ones((1, 2)))   # [B=1, S=2]
+        >>> loss, aux = obj({"w": jnp.zeros(2)}, (data, 0), None)
+        >>> float(loss), round(float(aux["member1_loss"]), 3)
+        (5.0, 4.0)
+    """
+
+    inner: Callable
+    keys: jax.Array
+    state: PyTree = None
+    members: str = struct.field(pytree_node=False, default="vmap")
+    mesh: jax.sharding.Mesh | None = struct.field(pytree_node=False, default=None)
+
+    def with_state(self, state: PyTree) -> MembersObjective:
+        """The same objective with the members' stacked fixed collections."""
+        return self.replace(state=state)
+
+    def __call__(self, params, batch, key=None):
+        data, t = batch
+        n = self.keys.shape[0]
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(self.keys)
+        state = self.state
+        split = self.mesh is not None and self.mesh.shape.get("points", 1) > 1
+        if split:  # the members split over the mesh's points axis (the vmapped axis below)
+            params, keys, state = jax.lax.with_sharding_constraint((params, keys, state),
+                                                                   NamedSharding(self.mesh, P("points")))
+
+        def one(p, st, b, k):
+            return call_objective(self.inner if st is None else self.inner.with_state(st), p, b, k)
+
+        per_member = (params, state, jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 1, 0), data), keys)
+        values, aux = mapping.map_over(lambda a: one(*a), per_member, "vmap" if split else self.members)
+        if not isinstance(aux, dict) or not {"loss", "count"} <= set(aux):
+            raise ValueError("MembersObjective: the inner objective's aux must hold 'loss' and 'count' "
+                             "(as make_objective's does)")
+        out = {"loss": jnp.mean(aux["loss"]), "count": aux["count"][0]}
+        acc = per_count(aux["correct"], aux["count"]) if "correct" in aux else jnp.full((n,), jnp.nan)
+        for i in range(n):
+            out[f"member{i}_loss"], out[f"member{i}_acc"] = aux["loss"][i], acc[i]
+        if "batch_stats" in aux:
+            out["batch_stats"] = aux["batch_stats"]
+        return jnp.sum(values), out
 
 
 def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainable: PyTree | None = None,
