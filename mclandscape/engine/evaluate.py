@@ -39,30 +39,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.core import _checks
 from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import correct_count
 from mclandscape.core.tree import PyTree, check_finite, tree_index
 from mclandscape.engine import cpu, mapping
 from mclandscape.engine.batchnorm import bn_batches, bn_momentum, bn_rngs, zeros_stats
 from mclandscape.engine.models.base import Model
-from mclandscape.engine.points import (
-    Points,
-    data_xy,
-    group_size,
-    regroup,
-    run_mapped,
-    shard,
-    stage_batches,
-    varying,
-)
+from mclandscape.engine.points import Points, data_xy, group_size, regroup, run_mapped, shard, stage_batches, varying
+from mclandscape.engine.step import memory_stats
 
-__all__ = [
-    "PointMetrics",
-    "evaluate",
-    "evaluation_memory",
-    "STRATEGIES",
-    "STEM_MODES",
-]
+__all__ = ["PointMetrics", "evaluate", "evaluation_memory", "STRATEGIES", "STEM_MODES"]
 
 STRATEGIES = ("auto",) + mapping.HOW
 STEM_MODES = ("auto", "off", "factor")
@@ -149,67 +136,54 @@ def _forward(c: _Ctx, params, rest: dict, xb, row, feats_b, with_stats: bool):
         return call()
 
 
+def _scan_points(c: _Ctx, rows, per_point, groups, init, body):
+    """Every point's sum of ``body`` over the staged batches: an outer scan over the groups of batches (each
+    group's first-layer features computed once) of every point's (mapped) scan over the group's batches.
+    ``body(carry, params, row, extra, group, i, features_i) -> (carry, out)``; ``per_point``: each point's
+    ``extra`` (stacked over the points, or ``None``)."""
+    def group(acc, g):
+        feats = _features(c, g[0])
+
+        def one(args):
+            row, extra = args
+            params = _cast(c.pts.form(row), c.dtype)
+            step = lambda a, i: body(a, params, row, extra, g, i, None if feats is None else feats[i])  # noqa: E731
+            return jax.lax.scan(step, varying(init, c.mesh), jnp.arange(g[0].shape[0]))
+
+        sums, outs = mapping.map_over(one, (rows, per_point), c.how, c.chunk)
+        return jax.tree_util.tree_map(jnp.add, acc, sums), outs
+
+    acc0 = jax.tree_util.tree_map(lambda z: jnp.zeros((rows.shape[0],) + z.shape, z.dtype), init)
+    return jax.lax.scan(group, varying(acc0, c.mesh), groups)
+
+
 def _bn_statistics(c: _Ctx, rows, bn_x):
     """Every point's BatchNorm statistics: the exact average of its per-batch statistics over the BN batches."""
-    tree_map = jax.tree_util.tree_map
+    def body(acc, params, row, _, g, i, fb):
+        _, s0 = _forward(c, params, {**c.fixed, "batch_stats": c.zeros}, g[0][i], row, fb, True)
+        return jax.tree_util.tree_map(lambda a, s, m: a + s.astype(c.acc_dtype) / (1.0 - m), acc, s0, c.mom), None
 
-    def group(acc, xg):
-        feats = _features(c, xg)
-
-        def one(row):
-            params = _cast(c.pts.form(row), c.dtype)
-
-            def body(a, i):
-                fb = None if feats is None else feats[i]
-                _, s0 = _forward(c, params, {**c.fixed, "batch_stats": c.zeros}, xg[i], row, fb, True)
-                return tree_map(jnp.add, a, tree_map(lambda s, m: s.astype(c.acc_dtype) / (1.0 - m), s0, c.mom)), None
-
-            init = varying(tree_map(lambda z: jnp.zeros(z.shape, c.acc_dtype), c.zeros), c.mesh)
-            return jax.lax.scan(body, init, jnp.arange(xg.shape[0]))[0]
-
-        return tree_map(jnp.add, acc, mapping.map_over(one, rows, c.how, c.chunk)), None
-
-    acc0 = varying(tree_map(lambda z: jnp.zeros((rows.shape[0],) + z.shape, c.acc_dtype), c.zeros), c.mesh)
-    stats, _ = jax.lax.scan(group, acc0, bn_x)
+    init = jax.tree_util.tree_map(lambda z: jnp.zeros(z.shape, c.acc_dtype), c.zeros)
+    stats, _ = _scan_points(c, rows, None, (bn_x,), init, body)
     n = bn_x.shape[0] * bn_x.shape[1]
-    return tree_map(lambda a, z: (a / n).astype(z.dtype), stats, c.zeros)
+    return jax.tree_util.tree_map(lambda a, z: (a / n).astype(z.dtype), stats, c.zeros)
 
 
 def _dataset_metrics(c: _Ctx, rows, stats, data, with_probs: bool):
     """Mean loss, accuracy (and, with ``with_probs``, softmax outputs) of every point on one staged dataset."""
-    xs, ys, ms = data
+    def body(acc, params, row, st, g, i, fb):
+        rest = dict(c.fixed) if st is None else {**c.fixed, "batch_stats": st}
+        logits = _forward(c, params, rest, g[0][i], row, fb, False).astype(c.acc_dtype)
+        yb, mb = g[1][i], g[2][i].astype(c.acc_dtype)
+        out = jax.nn.softmax(logits, axis=-1) if with_probs else None
+        return (acc[0] + jnp.sum(c.metric.loss_fn(logits, yb) * mb), acc[1] + correct_count(logits, yb, mb)), out
 
-    def group(carry, g):
-        xg, yg, mg = g
-        feats = _features(c, xg)
-
-        def one(args_p):
-            row, st = args_p
-            params = _cast(c.pts.form(row), c.dtype)
-            rest = dict(c.fixed) if st is None else {**c.fixed, "batch_stats": st}
-
-            def body(acc, i):
-                fb = None if feats is None else feats[i]
-                logits = _forward(c, params, rest, xg[i], row, fb, False).astype(c.acc_dtype)
-                yb, mb = yg[i], mg[i].astype(c.acc_dtype)
-                lsum = jnp.sum(c.metric.loss_fn(logits, yb) * mb)
-                out = jax.nn.softmax(logits, axis=-1) if with_probs else None
-                return (acc[0] + lsum, acc[1] + correct_count(logits, yb, mb)), out
-
-            init = varying((jnp.zeros((), c.acc_dtype), jnp.zeros((), c.acc_dtype)), c.mesh)
-            (l, cc), probs = jax.lax.scan(body, init, jnp.arange(xg.shape[0]))
-            return l, cc, probs
-
-        l, cc, probs = mapping.map_over(one, (rows, stats), c.how, c.chunk)
-        return (carry[0] + l, carry[1] + cc), probs
-
-    num_p = rows.shape[0]
-    init = varying((jnp.zeros((num_p,), c.acc_dtype), jnp.zeros((num_p,), c.acc_dtype)), c.mesh)
-    (lsum, csum), probs = jax.lax.scan(group, init, (xs, ys, ms))
-    n = jnp.sum(ms)
+    zero = jnp.zeros((), c.acc_dtype)
+    (lsum, csum), probs = _scan_points(c, rows, stats, data, (zero, zero), body)
+    n = jnp.sum(data[2])
     if with_probs:  # [ng, P, gb, B, C] -> [P, ng * gb * B, C]
         probs = jnp.moveaxis(probs, 1, 0)
-        probs = probs.reshape((num_p, -1) + probs.shape[4:])
+        probs = probs.reshape((rows.shape[0], -1) + probs.shape[4:])
     return lsum / n, csum / n, probs
 
 
@@ -284,7 +258,7 @@ def _with_probs(return_probs, names: tuple | None) -> tuple[bool, ...]:
 def _bn_inputs(model: Model, fixed: dict, bn_data, bn_batch_size: int, num_bn: int | None, example):
     """``(recompute, bn_x, zeros, mom)``: the staged BatchNorm batches and their constants."""
     if not (model.has_batch_stats and "batch_stats" not in fixed):
-        return False, jnp.zeros((0, 1, 1), jnp.float32), {}, {}
+        return False, jnp.zeros((1, 1, 1), jnp.float32), {}, {}  # one dummy batch, never read
     if bn_data is None:
         raise ValueError(f"model {model.name} has BatchNorm: pass bn_data (training data) so each point's "
                          "statistics are recomputed before it is evaluated, or variables={'batch_stats': ...}")
@@ -304,27 +278,23 @@ def _choose_factor(model: Model, points: Points, fixed: dict, zeros, stem: str, 
     rest = _with_zero_stats(model, fixed, zeros)
     conv = cpu.first_conv(lambda v, xx: model.apply({**rest, **v}, xx, train=False), {"params": example},
                           jnp.asarray(x1))
-    if stem == "factor":
-        if conv is None:
-            raise ValueError(f"stem='factor' needs a Flax model whose first convolution is fed by the input "
-                             f"alone; {model.name} has none")
-        return conv
-    return conv if cpu.use_factorisation(conv, points.num_points, points.num_stacked) else None
+    if stem == "factor" and conv is None:
+        raise ValueError(f"stem='factor' needs a Flax model whose first convolution is fed by the input "
+                         f"alone; {model.name} has none")
+    return conv if stem == "factor" or cpu.use_factorisation(conv, points.num_points, points.num_stacked) else None
 
 
 def _grouped(staged, bn_x, metric: _Metric, points: Points, fixed: dict, zeros, stem_bytes: int):
     """The staged batches in groups whose first-layer outputs fit in ``stem_bytes`` (one group unfactorised)."""
-    if metric.factor is None:
-        return tuple(tuple(a[None] for a in s) for s in staged), bn_x[None]
-    if stem_bytes < 1:
-        raise ValueError(f"stem_bytes must be >= 1, got {stem_bytes}")
-    model, dtype = metric.model, None if metric.dtype is None else jnp.dtype(metric.dtype)
-    out = jax.eval_shape(lambda xb: _first_layer(model, metric.factor, _with_zero_stats(model, fixed, zeros),
-                                                 points.stack, xb, dtype), staged[0][0][0])
-    batch_bytes = int(np.prod(out.shape)) * jnp.dtype(out.dtype).itemsize
-    groups = tuple(tuple(regroup(a, group_size(s[0].shape[0], batch_bytes, stem_bytes)) for a in s) for s in staged)
-    bn_g = regroup(bn_x, group_size(bn_x.shape[0], batch_bytes, stem_bytes)) if metric.recompute_bn else bn_x[None]
-    return groups, bn_g
+    size = lambda n: n  # noqa: E731 - one group
+    if metric.factor is not None:
+        _checks.integer(stem_bytes, "stem_bytes", low=1)
+        model, dtype = metric.model, None if metric.dtype is None else jnp.dtype(metric.dtype)
+        out = jax.eval_shape(lambda xb: _first_layer(model, metric.factor, _with_zero_stats(model, fixed, zeros),
+                                                     points.stack, xb, dtype), staged[0][0][0])
+        batch_bytes = int(np.prod(out.shape)) * jnp.dtype(out.dtype).itemsize
+        size = lambda n: group_size(n, batch_bytes, stem_bytes)  # noqa: E731
+    return tuple(tuple(regroup(a, size(s[0].shape[0])) for a in s) for s in staged), regroup(bn_x, size(bn_x.shape[0]))
 
 
 def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None, bn_batches: int | None = None,
@@ -334,8 +304,7 @@ def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=
     """Validate a call of :func:`evaluate` and stage what its mapped computation takes."""
     if not isinstance(points, Points):
         raise ValueError(f"points must be Points (see connector_points / stacked_points), got {type(points).__name__}")
-    if stem not in STEM_MODES:
-        raise ValueError(f"unknown stem mode {stem!r}; expected one of {STEM_MODES}")
+    _checks.choice(stem, "stem mode", STEM_MODES)
     if points.num_points == 0:
         raise ValueError("empty set of points: give at least one point")
     if check:
@@ -451,10 +420,6 @@ def evaluation_memory(model: Model, points: Points, data, *, devices: int | None
         (True, 'map')
     """
     plan = _plan(model, points, data, **options)
-    m = run_mapped(_evaluate_jit, points, {"metric": plan.metric}, plan.args, plan.strategy, plan.chunk, devices,
-                   analyze=True)
-    return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
-            "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
-            "peak_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                              - m.alias_size_in_bytes),
-            "strategy": plan.strategy, "chunk_size": plan.chunk, "stem": plan.stem}
+    compiled = run_mapped(_evaluate_jit, points, {"metric": plan.metric}, plan.args, plan.strategy, plan.chunk,
+                          devices, analyze=True)
+    return {**memory_stats(compiled), "strategy": plan.strategy, "chunk_size": plan.chunk, "stem": plan.stem}

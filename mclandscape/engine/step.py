@@ -155,10 +155,8 @@ def _step_impl(objective_static, tx, mesh, objective_arrays, trainable, state: T
     leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)] or [jnp.array(True)])
     loss_ok = jnp.isfinite(value)
     ok = loss_ok & jnp.all(leaf_ok)
-    if isinstance(optim.unwrap(tx), optax.GradientTransformationExtraArgs):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=value)
-    else:
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    extra = {"loss": value} if isinstance(optim.unwrap(tx), optax.GradientTransformationExtraArgs) else {}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     if mask is not None:
         params = jax.tree_util.tree_map(lambda new, old, m: jnp.where(m, new, old), params, state.params, mask)
@@ -220,6 +218,14 @@ def _loop_step_impl(objective_static, tx, mesh, objective_arrays, trainable, sta
 
 _loop_step_jit = jax.jit(_loop_step_impl, static_argnames=("objective_static", "tx", "mesh"),
                          compiler_options=cpu.COMPILER_OPTIONS)
+
+
+def memory_stats(compiled) -> dict:
+    """XLA's memory analysis of a compiled computation, per device: ``argument_bytes``, ``output_bytes``,
+    ``temp_bytes``, ``alias_bytes`` and their total less aliasing, ``peak_bytes``."""
+    m = compiled.memory_analysis()
+    out = {f"{k}_bytes": int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+    return {**out, "peak_bytes": out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -330,11 +336,7 @@ class Step:
           A dict of ``argument_bytes``, ``output_bytes``, ``temp_bytes``, ``alias_bytes`` and their total
           ``peak_bytes``.
         """
-        m = _step_jit.lower(**self._arguments(state, batch, key)).compile().memory_analysis()
-        return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
-                "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
-                "peak_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                                  - m.alias_size_in_bytes)}
+        return memory_stats(_step_jit.lower(**self._arguments(state, batch, key)).compile())
 
 
 @struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array

@@ -341,7 +341,8 @@ def _train(model: Model, train: Dataset, test: Dataset | None, config: TrainConf
 
     def record(epoch, st, raw):
         lr = float(schedule(max(epoch * spe - 1, 0))) if schedule is not None else float("nan")
-        recs = [_epoch_record(model, member(st, i), test, config, inner, *metric(raw, i), lr) for i in range(len(seeds))]
+        recs = [_epoch_record(model, member(st, i), test, config, inner, *metric(raw, i), lr)
+                for i in range(len(seeds))]
         return recs[0] if how is None else {"members": recs}
 
     def keep_snapshot(epoch, st, history):
