@@ -264,7 +264,7 @@ class TinyBN(nn.Module):
 
 def test_batchnorm_and_dropout_model_trains_and_resumes(tmp_path):
     train = load_dataset("digits", "train").take(256)
-    test = load_dataset("digits", "test").take(64)
+    test = None  # the evaluation of a BatchNorm model's variables is train_many's test below
     model = from_flax(TinyBN(), "tiny_bn", has_batch_stats=True)
     cfg = TrainConfig(epochs=3, batch_size=64, optimizer="adam", lr=1e-2, augment=True)
     full = train_model(model, train, test, cfg, seed=0, progress=False)

@@ -31,6 +31,7 @@ the loss and the strategy, so a second call with the same model and shapes compi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -67,6 +68,10 @@ class _Metric:
     dtype: str | None
     factor: cpu.FirstConv | None
 
+    @property
+    def stem(self) -> str:
+        return "factor" if self.factor is not None else "off"
+
 
 def _cast(tree, dtype):
     if dtype is None:
@@ -75,10 +80,7 @@ def _cast(tree, dtype):
 
 
 def _with_zero_stats(model: Model, fixed: dict, zeros) -> dict:
-    rest = dict(fixed)
-    if model.has_batch_stats and "batch_stats" not in rest:
-        rest["batch_stats"] = zeros
-    return rest
+    return {**fixed, "batch_stats": zeros} if model.has_batch_stats and "batch_stats" not in fixed else dict(fixed)
 
 
 def _first_layer(model: Model, factor: cpu.FirstConv, rest: dict, stack: PyTree, x, dtype):
@@ -124,16 +126,11 @@ def _forward(c: _Ctx, params, rest: dict, xb, row, feats_b, with_stats: bool):
     """One point's forward pass on a batch (its first layer combined from ``feats_b`` when factorised)."""
     model, variables = c.metric.model, {**rest, "params": params}
     xb = xb if c.dtype is None else xb.astype(c.dtype)
-
-    def call():
+    first = lambda _m, _x: cpu.combine_features(row, feats_b)  # noqa: E731
+    with contextlib.nullcontext() if feats_b is None else cpu.replace_first_conv(first):
         if with_stats:
             return model.apply_with_stats(variables, xb, rngs=bn_rngs())
         return model.apply(variables, xb, train=False)
-
-    if feats_b is None:
-        return call()
-    with cpu.replace_first_conv(lambda _m, _x: cpu.combine_features(row, feats_b)):
-        return call()
 
 
 def _scan_points(c: _Ctx, rows, per_point, groups, init, body):
@@ -221,20 +218,6 @@ class PointMetrics:
     stem: str = "off"
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    metric: _Metric
-    args: tuple
-    strategy: str
-    chunk: int
-    names: tuple | None  # the datasets' names (None: one dataset, not a dict)
-    sizes: tuple
-
-    @property
-    def stem(self) -> str:
-        return "factor" if self.metric.factor is not None else "off"
-
-
 def _datasets(data) -> tuple[tuple | None, list]:
     """``(names, [(x, y), ...])`` of one dataset or a dict of them."""
     if isinstance(data, Mapping):
@@ -300,8 +283,9 @@ def _grouped(staged, bn_x, metric: _Metric, points: Points, fixed: dict, zeros, 
 def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None, bn_batches: int | None = None,
           bn_batch_size: int = 128, variables: PyTree | None = None, return_probs: bool | tuple = False,
           loss_fn: Callable = cross_entropy, strategy: str = "auto", chunk_size: int | None = None,
-          stem: str = "auto", compute_dtype=None, stem_bytes: int = 1 << 29, check: bool = True) -> _Plan:
-    """Validate a call of :func:`evaluate` and stage what its mapped computation takes."""
+          stem: str = "auto", compute_dtype=None, stem_bytes: int = 1 << 29, check: bool = True) -> tuple:
+    """Validate a call of :func:`evaluate` and stage what its mapped computation takes: ``(metric, args,
+    strategy, chunk, names, sizes)`` (``names``: the datasets' names, ``None`` for one dataset, not a dict)."""
     if not isinstance(points, Points):
         raise ValueError(f"points must be Points (see connector_points / stacked_points), got {type(points).__name__}")
     _checks.choice(stem, "stem mode", STEM_MODES)
@@ -326,8 +310,7 @@ def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=
                      factor=_choose_factor(model, points, fixed, zeros, stem, sets[0][0][:1]))
     staged = [stage_batches(x, y, batch_size) for x, y in sets]
     groups, bn_g = _grouped(staged, bn_x, metric, points, fixed, zeros, stem_bytes)
-    return _Plan(metric=metric, args=(groups, bn_g, zeros, mom, fixed), strategy=how, chunk=chunk, names=names,
-                 sizes=tuple(int(x.shape[0]) for x, _ in sets))
+    return metric, (groups, bn_g, zeros, mom, fixed), how, chunk, names, tuple(int(x.shape[0]) for x, _ in sets)
 
 
 def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None,
@@ -381,16 +364,17 @@ def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_da
         >>> sorted(both), bool((both["b"].loss == m.loss).all())
         (['a', 'b'], True)
     """
-    plan = _plan(model, points, data, batch_size=batch_size, bn_data=bn_data, bn_batches=bn_batches,
-                 bn_batch_size=bn_batch_size, variables=variables, return_probs=return_probs, loss_fn=loss_fn,
-                 strategy=strategy, chunk_size=chunk_size, stem=stem, compute_dtype=compute_dtype,
-                 stem_bytes=stem_bytes, check=check)
-    outs = run_mapped(_evaluate_jit, points, {"metric": plan.metric}, plan.args, plan.strategy, plan.chunk, devices)
+    metric, args, how, chunk, names, sizes = _plan(
+        model, points, data, batch_size=batch_size, bn_data=bn_data, bn_batches=bn_batches,
+        bn_batch_size=bn_batch_size, variables=variables, return_probs=return_probs, loss_fn=loss_fn,
+        strategy=strategy, chunk_size=chunk_size, stem=stem, compute_dtype=compute_dtype, stem_bytes=stem_bytes,
+        check=check)
+    outs = run_mapped(_evaluate_jit, points, {"metric": metric}, args, how, chunk, devices)
     results = [PointMetrics(loss=np.asarray(loss), accuracy=np.asarray(acc),
-                            probs=np.asarray(probs)[:, :n] if want else None, strategy=plan.strategy,
-                            chunk_size=plan.chunk, stem=plan.stem)
-               for (loss, acc, probs), n, want in zip(outs, plan.sizes, plan.metric.with_probs, strict=True)]
-    return results[0] if plan.names is None else dict(zip(plan.names, results, strict=True))
+                            probs=np.asarray(probs)[:, :n] if want else None, strategy=how, chunk_size=chunk,
+                            stem=metric.stem)
+               for (loss, acc, probs), n, want in zip(outs, sizes, metric.with_probs, strict=True)]
+    return results[0] if names is None else dict(zip(names, results, strict=True))
 
 
 def evaluation_memory(model: Model, points: Points, data, *, devices: int | None = None, **options) -> dict:
@@ -419,7 +403,6 @@ def evaluation_memory(model: Model, points: Points, data, *, devices: int | None
         >>> mem["peak_bytes"] > 0, mem["strategy"]
         (True, 'map')
     """
-    plan = _plan(model, points, data, **options)
-    compiled = run_mapped(_evaluate_jit, points, {"metric": plan.metric}, plan.args, plan.strategy, plan.chunk,
-                          devices, analyze=True)
-    return {**memory_stats(compiled), "strategy": plan.strategy, "chunk_size": plan.chunk, "stem": plan.stem}
+    metric, args, how, chunk, _, _ = _plan(model, points, data, **options)
+    compiled = run_mapped(_evaluate_jit, points, {"metric": metric}, args, how, chunk, devices, analyze=True)
+    return {**memory_stats(compiled), "strategy": how, "chunk_size": chunk, "stem": metric.stem}

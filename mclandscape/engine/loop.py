@@ -42,6 +42,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from mclandscape.core import _checks
 from mclandscape.core.tree import PyTree, tree_path_names
 from mclandscape.engine import distributed, resume
 from mclandscape.engine.step import Step, TrainState, accumulate_jit, zero_sums_like
@@ -120,13 +121,10 @@ class LoopConfig:
     desc: str = "train"
 
     def __post_init__(self):
-        object.__setattr__(self, "milestones", tuple(sorted({int(m) for m in self.milestones})))
+        milestones = {_checks.integer(m, "milestones", low=0, what="epochs") for m in self.milestones}
+        object.__setattr__(self, "milestones", tuple(sorted(milestones)))
         for name in ("checkpoint_every", "keep"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if any(m < 0 for m in self.milestones):
-            raise ValueError(f"milestones must be epochs >= 0, got {self.milestones}")
+            _checks.integer(getattr(self, name), name, low=1)
 
 
 @dataclasses.dataclass
@@ -163,10 +161,7 @@ class RunResult:
 
 def _check_length(epochs, steps_per_epoch, max_steps) -> tuple[int, int, int]:
     """``(epochs, steps_per_epoch, steps in all)``, or a ``ValueError`` naming the bad argument."""
-    for name, v in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
-        if isinstance(v, bool) or int(v) != v or v < (0 if name == "epochs" else 1):
-            raise ValueError(f"{name} must be an integer >= {0 if name == 'epochs' else 1}, got {v!r}")
-    epochs, spe = int(epochs), int(steps_per_epoch)
+    epochs, spe = _checks.integer(epochs, "epochs", low=0), _checks.integer(steps_per_epoch, "steps_per_epoch", low=1)
     if max_steps is None:
         return epochs, spe, epochs * spe
     if isinstance(max_steps, bool) or int(max_steps) != max_steps or \
@@ -228,9 +223,7 @@ def progress_enabled(progress: bool | None) -> bool:
         >>> progress_enabled(True), progress_enabled(False)
         (True, False)
     """
-    if progress is None:
-        return bool(getattr(sys.stderr, "isatty", lambda: False)())
-    return bool(progress)
+    return bool(getattr(sys.stderr, "isatty", lambda: False)()) if progress is None else bool(progress)
 
 
 def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs: int, steps_per_epoch: int,

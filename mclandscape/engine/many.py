@@ -78,9 +78,10 @@ def train_many(model: Model, train: Dataset, test: Dataset | None, config: Train
       another inside the compiled step (XLA's CPU backend runs vmapped convolutions, one kernel per seed, as
       slow grouped convolutions); with a ``"points"`` split over several devices the seeds are vmapped.
       Checkpoints in ``checkpoint_dir/unroll_seeds_...``.
-    - ``"auto"``: ``"sequential"`` for one seed, with a ``checkpoint_dir`` (per-seed directories) and, on CPU, for convolutional models; otherwise ``"vmap"`` when the dispatches it
-      saves, ``(len(seeds) - 1) * epochs * steps_per_epoch``, reach ``AUTO_STACK_MIN_SAVED_STEPS`` (5000),
-      else ``"sequential"``. Why: the stacked step saves a dispatch per seed and step but compiles longer, and
+    - ``"auto"``: ``"sequential"`` for one seed, with a ``checkpoint_dir`` (per-seed directories) and, on CPU,
+      for convolutional models; otherwise ``"vmap"`` when the dispatches it saves,
+      ``(len(seeds) - 1) * epochs * steps_per_epoch``, reach ``AUTO_STACK_MIN_SAVED_STEPS`` (5000), else
+      ``"sequential"``. Why: the stacked step saves a dispatch per seed and step but compiles longer, and
       on CPU a vmapped convolution becomes a slow grouped one; ``benchmarks/train_many.py`` measures the
       epoch time, the compile time and the dispatches saved (the constant was set from its runs on a 2-core
       CPU, where the figures moved with the machine's load; off CPU the rule is not measured: rerun it with

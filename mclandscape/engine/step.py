@@ -163,21 +163,18 @@ def _step_impl(objective_static, tx, mesh, objective_arrays, trainable, state: T
     model_state = state.model_state
     if isinstance(aux, Mapping) and "batch_stats" in aux and model_state is not None:
         model_state = {**model_state, "batch_stats": aux["batch_stats"]}
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     first_bad = jnp.argmin(leaf_ok).astype(jnp.int32)
     record = jnp.stack([state.step.astype(jnp.int32), jnp.where(jnp.all(leaf_ok), -1, first_bad),
                         (~loss_ok).astype(jnp.int32)])
     nonfinite = jnp.where((state.nonfinite[0] < 0) & ~ok, record, state.nonfinite)
-    new = TrainState(step=state.step + 1, params=keep(params, state.params),
-                     opt_state=keep(opt_state, state.opt_state),
-                     model_state=None if model_state is None else keep(model_state, state.model_state),
-                     nonfinite=nonfinite)
+    kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), (params, opt_state, model_state),
+                                  (state.params, state.opt_state, state.model_state))  # a non-finite step: no update
+    new = TrainState(state.step + 1, *kept, nonfinite=nonfinite)
     metrics = {"objective": value, "loss": value, "grad_norm": optax.tree.norm(grads)}
     if isinstance(aux, Mapping):
         metrics.update({k: v for k, v in aux.items() if k not in ("batch_stats", "correct") and jnp.ndim(v) == 0})
         if "correct" in aux and "count" in aux:  # fractional example weights: a count below 1 is not clipped
-            count = aux["count"]
-            metrics["acc"] = jnp.where(count > 0, aux["correct"] / jnp.where(count > 0, count, 1), 0.0)
+            metrics["acc"] = jnp.where(aux["count"] > 0, per_count(aux["correct"], aux["count"]), 0.0)  # weight 0
     if mesh is not None:  # one update, the same on every device: the state stays replicated
         rep = NamedSharding(mesh, P())
         new, metrics = jax.lax.with_sharding_constraint((new, metrics), rep)

@@ -107,14 +107,11 @@ class TrainConfig:
         _checks.real(self.lr, "lr", low=0.0, low_open=True)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
+        return {**dataclasses.asdict(self), "milestones": list(self.milestones)}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}")
         return cls(**d)
@@ -140,12 +137,12 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
         (0.1, 0.01)
     """
     spe = max(int(steps_per_epoch), 1)
-    total = max(config.epochs * spe, 1)
     warm = config.warmup_epochs * spe
     if config.schedule == "constant":
         main = optax.constant_schedule(config.lr)
     elif config.schedule == "cosine":
-        main = optax.cosine_decay_schedule(config.lr, max(total - warm, 1), alpha=config.final_lr_fraction)
+        decay_steps = max(config.epochs * spe - warm, 1)
+        main = optax.cosine_decay_schedule(config.lr, decay_steps, alpha=config.final_lr_fraction)
     else:
         bounds: dict[int, float] = {}
         for m in config.milestones:
