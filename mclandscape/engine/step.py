@@ -187,19 +187,15 @@ _step_jit = jax.jit(_step_impl, static_argnames=("objective_static", "tx", "mesh
 
 def accumulate(sums: dict, metrics: dict) -> dict:
     """Epoch sums of the step metrics, weighted by the batch's example count (``max_*``: running maxima)."""
-    metrics = dict(metrics)
-    w = metrics.pop("count", None)
-    w = jnp.ones((), jnp.float32) if w is None else w.astype(jnp.float32)
-    out = {k: (jnp.maximum(sums[k], v) if k.startswith("max_") else sums[k] + v * w) for k, v in metrics.items()}
-    out["__weight__"] = sums["__weight__"] + w
-    return out
+    w = jnp.asarray(metrics.get("count", 1.0), jnp.float32)
+    out = {k: (jnp.maximum(sums[k], v) if k.startswith("max_") else sums[k] + v * w)
+           for k, v in metrics.items() if k != "count"}
+    return {**out, "__weight__": sums["__weight__"] + w}
 
 
 def zero_sums_like(metrics: Mapping) -> dict:
-    zeros = {k: (jnp.full((), -jnp.inf, jnp.float32) if k.startswith("max_") else jnp.zeros((), jnp.float32))
-             for k in metrics if k != "count"}
-    zeros["__weight__"] = jnp.zeros((), jnp.float32)
-    return zeros
+    return {k: (jnp.full((), -jnp.inf, jnp.float32) if k.startswith("max_") else jnp.zeros((), jnp.float32))
+            for k in [*metrics, "__weight__"] if k != "count"}
 
 
 accumulate_jit = jax.jit(accumulate)
@@ -234,7 +230,6 @@ class Step:
       tx: the Optax transform.
       trainable: the trainable mask, or ``None``.
       mesh: the device mesh the step runs on, or ``None`` (one device).
-      data_axis: the mesh axis a batch is split over.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -250,7 +245,6 @@ class Step:
     tx: optax.GradientTransformation
     trainable: PyTree | None = None
     mesh: jax.sharding.Mesh | None = None
-    data_axis: str = "data"
 
     def init(self, params: PyTree, model_state: PyTree | None = None) -> TrainState:
         """The state before the first step (:func:`init_state` with this step's transform).
@@ -274,8 +268,8 @@ class Step:
           The batch split along its first axis over the mesh's data axis where that axis divides it, replicated
           otherwise (e.g. a smaller last batch).
         """
-        n = self.mesh.shape[self.data_axis] if self.data_axis in self.mesh.axis_names else 1
-        split, rep = NamedSharding(self.mesh, P(self.data_axis)), NamedSharding(self.mesh, P())
+        n = self.mesh.shape.get("data", 1)
+        split, rep = NamedSharding(self.mesh, P("data")), NamedSharding(self.mesh, P())
         return jax.tree_util.tree_map(
             lambda a: distributed.put(a, split if n > 1 and jnp.ndim(a) and jnp.shape(a)[0] % n == 0 else rep), batch)
 
@@ -301,9 +295,7 @@ class Step:
         Returns:
           A dict of float32 zeros (``-inf`` for ``max_*`` metrics) with the key ``"__weight__"``.
         """
-        args = self._arguments(state, batch, key)
-        static = {k: args.pop(k) for k in ("objective_static", "tx", "mesh")}
-        return zero_sums_like(jax.eval_shape(lambda dynamic: _step_impl(**static, **dynamic)[1], args))
+        return zero_sums_like(_step_jit.eval_shape(**self._arguments(state, batch, key))[1])
 
     def step_and_sum(self, state: TrainState, batch, key, t: int, sums: dict) -> tuple[TrainState, dict]:
         """One step with the key ``fold_in(key, t)``, its metrics added to the epoch ``sums`` (the loop's path).
@@ -410,7 +402,7 @@ class MembersObjective:
 
 
 def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainable: PyTree | None = None,
-              mesh: jax.sharding.Mesh | None = None, data_axis: str = "data") -> Step:
+              mesh: jax.sharding.Mesh | None = None) -> Step:
     """One gradient step of ``objective`` with the Optax transform ``tx`` (see the module docstring).
 
     Args:
@@ -420,9 +412,8 @@ def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainabl
       trainable: ``None`` (everything trains) or a pytree shaped like the parameters whose leaves are booleans
         or boolean arrays broadcastable from the left (e.g. ``[K]`` for control points ``[K, ...]``).
       mesh: train on the devices of this mesh (:func:`mclandscape.engine.distributed.training_mesh`; across
-        processes in a multi-process job): each batch is split over its ``data_axis``, the state is
+        processes in a multi-process job): each batch is split over its ``"data"`` axis, the state is
         replicated, XLA reduces the gradients across the devices, and every device applies the same update.
-      data_axis: the name of the mesh axis a batch is split over.
 
     Returns:
       A :class:`Step`. Raises ``ValueError`` when ``objective`` is not callable, ``tx`` is not an Optax
@@ -443,4 +434,4 @@ def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainabl
         raise ValueError(f"tx must be an optax GradientTransformation (or optim.transform), got {type(tx).__name__}")
     if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    return Step(objective=objective, tx=tx, trainable=trainable, mesh=mesh, data_axis=data_axis)
+    return Step(objective=objective, tx=tx, trainable=trainable, mesh=mesh)

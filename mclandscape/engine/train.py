@@ -258,6 +258,18 @@ def _metadata(model: Model, train: Dataset, config: TrainConfig, seed: int) -> d
             "input_shape": list(train.input_shape), "seed": int(seed), "config": config.to_dict()}
 
 
+def _describe(model: Model, train: Dataset, config: TrainConfig, seeds: list[int], keys: list, how: str | None,
+              tx_given: bool, init_variables) -> tuple[dict, dict]:
+    """``(fingerprint, metadata)`` of one run (``how=None``) or of the seeds stacked in one run."""
+    prints = [_fingerprint(model, train, config, s, k, tx_given, init_variables)
+              for s, k in zip(seeds, keys, strict=True)]
+    metadata = _metadata(model, train, config, seeds[0])
+    if how is None:
+        return prints[0], metadata
+    return ({"trainer": "train_many", "strategy": how, "members": prints},
+            {**metadata, "seed": None, "seeds": seeds, "stacked": {"strategy": how, "axis": 0, "seeds": seeds}})
+
+
 def _initial_variables(model: Model, train: Dataset, test: Dataset | None, config: TrainConfig, init_key,
                        init_variables: PyTree | None = None) -> dict:
     """The checked starting variables of a run: ``init_variables`` (checked against ``model``) or a fresh
@@ -308,12 +320,10 @@ def _train(model: Model, train: Dataset, test: Dataset | None, config: TrainConf
     schedule = None if tx is not None else make_schedule(config, spe)
     inner = make_objective(model, config.loss, train=True, label_smoothing=config.label_smoothing)
     mesh = training_mesh(config.batch_size, len(seeds), devices=devices)
-    prints = [_fingerprint(model, train, config, s, k, tx is not None, init_variables)
-              for s, k in zip(seeds, keys, strict=True)]
-    metadata = _metadata(model, train, config, seeds[0])
+    fingerprint, metadata = _describe(model, train, config, seeds, keys, how, tx is not None, init_variables)
     if how is None:
         pick = lambda tree, i: tree  # noqa: E731
-        objective, batches, run_key, start, fingerprint = inner, streams[0], splits[0][1], members[0], prints[0]
+        objective, batches, run_key, start = inner, streams[0], splits[0][1], members[0]
         tx = make_optimizer(config, spe) if tx is None else tx
         metric = lambda raw, i: (raw["loss"], raw.get("acc", float("nan")))  # noqa: E731
     else:
@@ -321,8 +331,6 @@ def _train(model: Model, train: Dataset, test: Dataset | None, config: TrainConf
         objective = MembersObjective(inner=inner, keys=jnp.stack([k[1] for k in splits]),
                                      members="unroll" if how == "unroll" else "vmap", mesh=mesh)
         tx, run_key, start = optim.per_member(make_optimizer(config, spe)), jax.random.key(0), tree_stack(members)
-        fingerprint = {"trainer": "train_many", "strategy": how, "members": prints}
-        metadata = {**metadata, "seed": None, "seeds": seeds, "stacked": {"strategy": how, "axis": 0, "seeds": seeds}}
         metric = lambda raw, i: (raw[f"member{i}_loss"], raw[f"member{i}_acc"])  # noqa: E731
 
         def batches(t):  # seed s's own batch of step t (its order and augmentation), stacked on axis 1
