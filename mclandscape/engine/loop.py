@@ -176,14 +176,12 @@ def _run_epoch(step, state: TrainState, batches, key, steps: range, step_callbac
     sums = None
     for t in steps:
         batch = batches(t)
-        if not hasattr(step, "step_and_sum"):  # any other step(state, batch, key) callable
+        if hasattr(step, "step_and_sum"):
+            zeros = step.zero_sums(state, batch, key) if zeros is None else zeros
+            state, sums = step.step_and_sum(state, batch, key, t, zeros if sums is None else sums)
+        else:  # any other step(state, batch, key) callable
             state, metrics = step(state, batch, jax.random.fold_in(key, t))
             sums = accumulate_jit(zero_sums_like(metrics) if sums is None else sums, metrics)
-        else:
-            if sums is None:
-                zeros = step.zero_sums(state, batch, key) if zeros is None else zeros
-                sums = zeros
-            state, sums = step.step_and_sum(state, batch, key, t, sums)
         for cb in step_callbacks:
             cb(t + 1, state)
     return state, sums, zeros
@@ -197,7 +195,7 @@ def _record(epoch: int, state: TrainState, sums: dict, seconds: float, on_epoch)
     return {"epoch": epoch, **(on_epoch(epoch, state, raw) if on_epoch is not None else raw)}
 
 
-def _check_finite_state(state: TrainState, names: list[str], epoch: int, steps_per_epoch: int) -> None:
+def _check_finite_state(state: TrainState, names: list[str], steps_per_epoch: int) -> None:
     rec = np.asarray(state.nonfinite)
     if rec[0] < 0:
         return
@@ -321,7 +319,7 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
                 t0, e1 = time.perf_counter(), epoch + 1
                 steps = range(epoch * spe, min(e1 * spe, last_step))
                 state, sums, zeros = _run_epoch(step, state, batches, key, steps, step_callbacks, zeros)
-                _check_finite_state(state, names, epoch, spe)
+                _check_finite_state(state, names, spe)
                 history.append(_record(e1, state, sums, time.perf_counter() - t0, on_epoch))
                 if store is not None and (e1 % config.checkpoint_every == 0 or e1 in (epochs, *config.milestones)):
                     save(e1, state)
