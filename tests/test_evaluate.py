@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -46,11 +47,16 @@ def _inits(model, k, x):
     return [model.init(jax.random.key(i), jnp.asarray(x[:2]))["params"] for i in range(k)]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, v, x):  # one compiled program per model and shape, not one per eager operation
+    return model.apply(v, x)
+
+
 def _reference(model, params_list, x, y, batch_stats=None):
     out = []
     for i, p in enumerate(params_list):
         v = {"params": p} if batch_stats is None else {"params": p, "batch_stats": batch_stats[i]}
-        logits = np.asarray(model.apply(v, jnp.asarray(x)), np.float64)
+        logits = np.asarray(_apply(model, v, jnp.asarray(x)), np.float64)
         lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
         loss = np.mean(lse - logits[np.arange(len(y)), y])
         out.append((loss, np.mean(logits.argmax(1) == y)))
