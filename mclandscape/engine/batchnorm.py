@@ -25,7 +25,9 @@ from mclandscape.engine.points import data_xy, stage_batches
 __all__ = ["bn_momentum", "recalibrate_bn"]
 
 
-def bn_batches(x, batch_size: int, num_batches: int | None):
+def bn_batches(bn_data, batch_size: int, num_batches: int | None):
+    """The inputs of ``bn_data`` (a Dataset, ``(x, y)`` or an ``x`` array) as ``num_batches`` full batches."""
+    x = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else data_xy(bn_data)[0]
     bx, _, _ = stage_batches(np.asarray(x), None, batch_size, drop_last=True)
     if num_batches is not None:
         if _checks.integer(num_batches, "bn_batches", low=1) > bx.shape[0]:
@@ -155,7 +157,6 @@ def recalibrate_bn(model: Model, params: PyTree, bn_data, *, batch_size: int = 1
     """
     if not model.has_batch_stats:
         raise ValueError(f"model {model.name} has no BatchNorm statistics to recalibrate")
-    x = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else data_xy(bn_data)[0]
-    bx = bn_batches(x, batch_size, num_batches)
+    bx = bn_batches(bn_data, batch_size, num_batches)
     return _recalibrate_jit(model, params, bx, zeros_stats(model, bx[0][:1], params),
                            bn_momentum(model, params, bx[0]))

@@ -245,8 +245,7 @@ def _bn_inputs(model: Model, fixed: dict, bn_data, bn_batch_size: int, num_bn: i
     if bn_data is None:
         raise ValueError(f"model {model.name} has BatchNorm: pass bn_data (training data) so each point's "
                          "statistics are recomputed before it is evaluated, or variables={'batch_stats': ...}")
-    bx = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else data_xy(bn_data)[0]
-    bn_x = bn_batches(bx, bn_batch_size, num_bn)
+    bn_x = bn_batches(bn_data, bn_batch_size, num_bn)
     return True, bn_x, zeros_stats(model, bn_x[0][:1], example), bn_momentum(model, example, bn_x[0])
 
 
