@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -46,11 +47,16 @@ def _inits(model, k, x):
     return [model.init(jax.random.key(i), jnp.asarray(x[:2]))["params"] for i in range(k)]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, v, x):  # one compiled program per model and shape, not one per eager operation
+    return model.apply(v, x)
+
+
 def _reference(model, params_list, x, y, batch_stats=None):
     out = []
     for i, p in enumerate(params_list):
         v = {"params": p} if batch_stats is None else {"params": p, "batch_stats": batch_stats[i]}
-        logits = np.asarray(model.apply(v, jnp.asarray(x)), np.float64)
+        logits = np.asarray(_apply(model, v, jnp.asarray(x)), np.float64)
         lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
         loss = np.mean(lse - logits[np.arange(len(y)), y])
         out.append((loss, np.mean(logits.argmax(1) == y)))
@@ -61,7 +67,7 @@ def test_strategies_agree_with_reference_on_connector():
     x, y = _data()
     corners = _inits(MLP, 4, x)
     surf = C.bezier_surface(*corners, n=2, m=2)
-    pts = uv_grid(4)
+    pts = uv_grid(3)
     ref = _reference(MLP, T.tree_unstack(surf.points(pts)), x, y)
     results = {}
     for strategy, chunk in [("unroll", None), ("map", 1), ("map", 5), ("vmap", 7), ("auto", None)]:
@@ -86,37 +92,20 @@ def test_stacked_points_probs_and_masks_partial_batch():
 @pytest.mark.parametrize("momentum", [0.9, 0.99])
 def test_bn_recalibration_matches_numpy(momentum):
     model = from_flax(TinyBN(momentum=momentum), "tiny_bn", has_batch_stats=True)
-    x, y = _data(n=96)
+    x, y = _data(n=64)  # the shapes of the tests below: momentum 0.9 (the model BN) compiles nothing new
     p = model.init(jax.random.key(0), jnp.asarray(x[:2]))["params"]
     m = bn_momentum(model, p, x[:32])
     np.testing.assert_allclose(float(m["bn"]["mean"]), momentum, atol=1e-5)
-    stats = recalibrate_bn(model, p, (x, y), batch_size=32, num_batches=3)
+    stats = recalibrate_bn(model, p, (x, y), batch_size=32, num_batches=2)
     h = x.astype(np.float64) @ np.asarray(p["dense0"]["kernel"], np.float64) + np.asarray(p["dense0"]["bias"])
-    hb = h.reshape(3, 32, -1)
+    hb = h.reshape(2, 32, -1)
     np.testing.assert_allclose(np.asarray(stats["bn"]["mean"]), hb.mean(1).mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(stats["bn"]["var"]), hb.var(1).mean(0), rtol=1e-3, atol=1e-5)
 
 
-def test_bn_recomputed_per_point():
+def test_bn_recomputed_per_point_once_for_several_datasets():
     x, y = _data(n=64)
-    corners = _inits(BN, 2, x)
-    curve = C.bezier_curve(corners[0], corners[1], 2)
-    ts = np.array([0.0, 0.3, 1.0])
-    r = evaluate(BN, connector_points(curve, ts), (x, y), batch_size=64, bn_data=(x, y), bn_batch_size=32, bn_batches=2)
-    pts = T.tree_unstack(curve.points(ts))
-    stats = [recalibrate_bn(BN, p, (x, y), batch_size=32, num_batches=2) for p in pts]
-    ref = _reference(BN, pts, x, y, stats)
-    np.testing.assert_allclose(r.loss, ref[:, 0], rtol=1e-4)
-    # Stats from one point used for another would give a different loss: per-point recalibration matters.
-    wrong = _reference(BN, pts, x, y, [stats[0]] * 3)
-    assert abs(wrong[1, 0] - ref[1, 0]) > 1e-4
-    with pytest.raises(ValueError, match="bn_data"):
-        evaluate(BN, connector_points(curve, ts), (x, y))
-
-
-def test_several_datasets_recalibrate_batchnorm_once_per_point():
-    x, y = _data(n=64)
-    xt, yt = _data(n=40, seed=1)
+    xt, yt = _data(n=64, seed=1)  # the shapes of the training data: evaluated alone, it compiles nothing new
     curve = C.bezier_curve(*_inits(BN, 2, x), 2)
     ts = np.array([0.0, 0.3, 1.0])
 
@@ -136,6 +125,16 @@ def test_several_datasets_recalibrate_batchnorm_once_per_point():
         np.testing.assert_array_equal(both[name].loss, alone.loss)
         np.testing.assert_array_equal(both[name].accuracy, alone.accuracy)
         np.testing.assert_array_equal(both[name].probs, alone.probs)
+    # each point's statistics recomputed on its own (all 2 full batches of 32), as recalibrate_bn does
+    pts = T.tree_unstack(curve.points(ts))
+    stats = [recalibrate_bn(BN, p, (x, y), batch_size=32, num_batches=2) for p in pts]
+    ref = _reference(BN, pts, x, y, stats)
+    np.testing.assert_allclose(both["train"].loss, ref[:, 0], rtol=1e-4)
+    # stats from one point used for another would give a different loss: per-point recalibration matters
+    wrong = _reference(BN, pts, x, y, [stats[0]] * 3)
+    assert abs(wrong[1, 0] - ref[1, 0]) > 1e-4
+    with pytest.raises(ValueError, match="bn_data"):
+        evaluate(BN, connector_points(curve, ts), (x, y))
     evaluate(counting(one_set), connector_points(curve, ts), (x, y), **kw)
     assert len(one_set) > 0 and len(two_sets) == len(one_set)  # two datasets trace the BatchNorm pass as often as one
     with pytest.raises(ValueError, match="empty dict"):

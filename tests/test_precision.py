@@ -173,14 +173,15 @@ def test_model_objective_on_a_lattice_in_float64():
         model = get_model("mlp", widths=[3], num_classes=2, activation="tanh")
         x = jax.random.normal(jax.random.key(0), (12, 2), jnp.float64)
         y = jax.random.randint(jax.random.key(1), (12,), 0, 2)
-        v = model.init(jax.random.key(2), x)
+        v = jax.jit(model.init)(jax.random.key(2), x)  # one compiled program, not one per eager operation
         p64 = jax.tree_util.tree_map(lambda t: t.astype(jnp.float64), v["params"])
         loss = make_objective(model, train=False)
         flat = VF.full_space_flat(p64)
         got = VL.LatticeLoss(flat, 1e-3, loss, (x, y))(np.array([[0] * flat.dim, [1] + [0] * (flat.dim - 1)]))
         obj = make_objective(model, "cross_entropy", train=False)
         vec, unravel = tree_ravel(p64)
-        want = [float(obj(unravel(vec + d), (x, y))[0]) for d in (0.0, jnp.eye(flat.dim)[0] * 1e-3)]
+        ref = jax.jit(lambda d: obj(unravel(vec + d), (x, y))[0])
+        want = [float(ref(d)) for d in (jnp.zeros(flat.dim), jnp.eye(flat.dim)[0] * 1e-3)]
         assert got.dtype == np.float64
         np.testing.assert_allclose(got, want, rtol=1e-13)
 

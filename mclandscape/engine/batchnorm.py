@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.core import _checks
 from mclandscape.core.tree import PyTree
 from mclandscape.engine import cpu
 from mclandscape.engine.models.base import Model
@@ -24,12 +25,12 @@ from mclandscape.engine.points import data_xy, stage_batches
 __all__ = ["bn_momentum", "recalibrate_bn"]
 
 
-def bn_batches(x, batch_size: int, num_batches: int | None):
+def bn_batches(bn_data, batch_size: int, num_batches: int | None):
+    """The inputs of ``bn_data`` (a Dataset, ``(x, y)`` or an ``x`` array) as ``num_batches`` full batches."""
+    x = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else data_xy(bn_data)[0]
     bx, _, _ = stage_batches(np.asarray(x), None, batch_size, drop_last=True)
     if num_batches is not None:
-        if isinstance(num_batches, bool) or int(num_batches) != num_batches or num_batches < 1:
-            raise ValueError(f"bn_batches must be an integer >= 1, got {num_batches!r}")
-        if num_batches > bx.shape[0]:
+        if _checks.integer(num_batches, "bn_batches", low=1) > bx.shape[0]:
             raise ValueError(f"bn_batches={num_batches} but bn_data has only {bx.shape[0]} full batches "
                              f"of {bx.shape[1]}")
         bx = bx[:num_batches]
@@ -48,9 +49,7 @@ def zeros_stats(model: Model, x_example, like: PyTree | None = None) -> PyTree:
     shapes = jax.eval_shape(model.init, jax.random.key(0), x_example)
     if "batch_stats" not in shapes:
         raise ValueError(f"model {model.name} has apply_with_stats but its variables hold no 'batch_stats'")
-    leaves = jax.tree_util.tree_leaves(like) if like is not None else []
-    wide = jnp.result_type(*leaves) if leaves else jnp.float32
-    wide = wide if jnp.issubdtype(wide, jnp.floating) else jnp.float32
+    wide = jnp.result_type(jnp.float32, *jax.tree_util.tree_leaves(like))  # float64 parameters: float64 statistics
 
     def zeros(sd):
         dt = jnp.promote_types(sd.dtype, wide) if jnp.issubdtype(sd.dtype, jnp.floating) else sd.dtype
@@ -158,7 +157,6 @@ def recalibrate_bn(model: Model, params: PyTree, bn_data, *, batch_size: int = 1
     """
     if not model.has_batch_stats:
         raise ValueError(f"model {model.name} has no BatchNorm statistics to recalibrate")
-    x = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else data_xy(bn_data)[0]
-    bx = bn_batches(x, batch_size, num_batches)
+    bx = bn_batches(bn_data, batch_size, num_batches)
     return _recalibrate_jit(model, params, bx, zeros_stats(model, bx[0][:1], params),
                            bn_momentum(model, params, bx[0]))

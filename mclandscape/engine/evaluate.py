@@ -31,6 +31,7 @@ the loss and the strategy, so a second call with the same model and shapes compi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -39,30 +40,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.core import _checks
 from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import correct_count
 from mclandscape.core.tree import PyTree, check_finite, tree_index
 from mclandscape.engine import cpu, mapping
 from mclandscape.engine.batchnorm import bn_batches, bn_momentum, bn_rngs, zeros_stats
 from mclandscape.engine.models.base import Model
-from mclandscape.engine.points import (
-    Points,
-    data_xy,
-    group_size,
-    regroup,
-    run_mapped,
-    shard,
-    stage_batches,
-    varying,
-)
+from mclandscape.engine.points import Points, data_xy, group_size, regroup, run_mapped, shard, stage_batches, varying
+from mclandscape.engine.step import memory_stats
 
-__all__ = [
-    "PointMetrics",
-    "evaluate",
-    "evaluation_memory",
-    "STRATEGIES",
-    "STEM_MODES",
-]
+__all__ = ["PointMetrics", "evaluate", "evaluation_memory", "STRATEGIES", "STEM_MODES"]
 
 STRATEGIES = ("auto",) + mapping.HOW
 STEM_MODES = ("auto", "off", "factor")
@@ -80,6 +68,10 @@ class _Metric:
     dtype: str | None
     factor: cpu.FirstConv | None
 
+    @property
+    def stem(self) -> str:
+        return "factor" if self.factor is not None else "off"
+
 
 def _cast(tree, dtype):
     if dtype is None:
@@ -88,10 +80,7 @@ def _cast(tree, dtype):
 
 
 def _with_zero_stats(model: Model, fixed: dict, zeros) -> dict:
-    rest = dict(fixed)
-    if model.has_batch_stats and "batch_stats" not in rest:
-        rest["batch_stats"] = zeros
-    return rest
+    return {**fixed, "batch_stats": zeros} if model.has_batch_stats and "batch_stats" not in fixed else dict(fixed)
 
 
 def _first_layer(model: Model, factor: cpu.FirstConv, rest: dict, stack: PyTree, x, dtype):
@@ -137,79 +126,61 @@ def _forward(c: _Ctx, params, rest: dict, xb, row, feats_b, with_stats: bool):
     """One point's forward pass on a batch (its first layer combined from ``feats_b`` when factorised)."""
     model, variables = c.metric.model, {**rest, "params": params}
     xb = xb if c.dtype is None else xb.astype(c.dtype)
-
-    def call():
+    first = lambda _m, _x: cpu.combine_features(row, feats_b)  # noqa: E731
+    with contextlib.nullcontext() if feats_b is None else cpu.replace_first_conv(first):
         if with_stats:
             return model.apply_with_stats(variables, xb, rngs=bn_rngs())
         return model.apply(variables, xb, train=False)
 
-    if feats_b is None:
-        return call()
-    with cpu.replace_first_conv(lambda _m, _x: cpu.combine_features(row, feats_b)):
-        return call()
+
+def _scan_points(c: _Ctx, rows, per_point, groups, init, body):
+    """Every point's sum of ``body`` over the staged batches: an outer scan over the groups of batches (each
+    group's first-layer features computed once) of every point's (mapped) scan over the group's batches.
+    ``body(carry, params, row, extra, group, i, features_i) -> (carry, out)``; ``per_point``: each point's
+    ``extra`` (stacked over the points, or ``None``)."""
+    def group(acc, g):
+        feats = _features(c, g[0])
+
+        def one(args):
+            row, extra = args
+            params = _cast(c.pts.form(row), c.dtype)
+            step = lambda a, i: body(a, params, row, extra, g, i, None if feats is None else feats[i])  # noqa: E731
+            return jax.lax.scan(step, varying(init, c.mesh), jnp.arange(g[0].shape[0]))
+
+        sums, outs = mapping.map_over(one, (rows, per_point), c.how, c.chunk)
+        return jax.tree_util.tree_map(jnp.add, acc, sums), outs
+
+    acc0 = jax.tree_util.tree_map(lambda z: jnp.zeros((rows.shape[0],) + z.shape, z.dtype), init)
+    return jax.lax.scan(group, varying(acc0, c.mesh), groups)
 
 
 def _bn_statistics(c: _Ctx, rows, bn_x):
     """Every point's BatchNorm statistics: the exact average of its per-batch statistics over the BN batches."""
-    tree_map = jax.tree_util.tree_map
+    def body(acc, params, row, _, g, i, fb):
+        _, s0 = _forward(c, params, {**c.fixed, "batch_stats": c.zeros}, g[0][i], row, fb, True)
+        return jax.tree_util.tree_map(lambda a, s, m: a + s.astype(c.acc_dtype) / (1.0 - m), acc, s0, c.mom), None
 
-    def group(acc, xg):
-        feats = _features(c, xg)
-
-        def one(row):
-            params = _cast(c.pts.form(row), c.dtype)
-
-            def body(a, i):
-                fb = None if feats is None else feats[i]
-                _, s0 = _forward(c, params, {**c.fixed, "batch_stats": c.zeros}, xg[i], row, fb, True)
-                return tree_map(jnp.add, a, tree_map(lambda s, m: s.astype(c.acc_dtype) / (1.0 - m), s0, c.mom)), None
-
-            init = varying(tree_map(lambda z: jnp.zeros(z.shape, c.acc_dtype), c.zeros), c.mesh)
-            return jax.lax.scan(body, init, jnp.arange(xg.shape[0]))[0]
-
-        return tree_map(jnp.add, acc, mapping.map_over(one, rows, c.how, c.chunk)), None
-
-    acc0 = varying(tree_map(lambda z: jnp.zeros((rows.shape[0],) + z.shape, c.acc_dtype), c.zeros), c.mesh)
-    stats, _ = jax.lax.scan(group, acc0, bn_x)
+    init = jax.tree_util.tree_map(lambda z: jnp.zeros(z.shape, c.acc_dtype), c.zeros)
+    stats, _ = _scan_points(c, rows, None, (bn_x,), init, body)
     n = bn_x.shape[0] * bn_x.shape[1]
-    return tree_map(lambda a, z: (a / n).astype(z.dtype), stats, c.zeros)
+    return jax.tree_util.tree_map(lambda a, z: (a / n).astype(z.dtype), stats, c.zeros)
 
 
 def _dataset_metrics(c: _Ctx, rows, stats, data, with_probs: bool):
     """Mean loss, accuracy (and, with ``with_probs``, softmax outputs) of every point on one staged dataset."""
-    xs, ys, ms = data
+    def body(acc, params, row, st, g, i, fb):
+        rest = dict(c.fixed) if st is None else {**c.fixed, "batch_stats": st}
+        logits = _forward(c, params, rest, g[0][i], row, fb, False).astype(c.acc_dtype)
+        yb, mb = g[1][i], g[2][i].astype(c.acc_dtype)
+        out = jax.nn.softmax(logits, axis=-1) if with_probs else None
+        return (acc[0] + jnp.sum(c.metric.loss_fn(logits, yb) * mb), acc[1] + correct_count(logits, yb, mb)), out
 
-    def group(carry, g):
-        xg, yg, mg = g
-        feats = _features(c, xg)
-
-        def one(args_p):
-            row, st = args_p
-            params = _cast(c.pts.form(row), c.dtype)
-            rest = dict(c.fixed) if st is None else {**c.fixed, "batch_stats": st}
-
-            def body(acc, i):
-                fb = None if feats is None else feats[i]
-                logits = _forward(c, params, rest, xg[i], row, fb, False).astype(c.acc_dtype)
-                yb, mb = yg[i], mg[i].astype(c.acc_dtype)
-                lsum = jnp.sum(c.metric.loss_fn(logits, yb) * mb)
-                out = jax.nn.softmax(logits, axis=-1) if with_probs else None
-                return (acc[0] + lsum, acc[1] + correct_count(logits, yb, mb)), out
-
-            init = varying((jnp.zeros((), c.acc_dtype), jnp.zeros((), c.acc_dtype)), c.mesh)
-            (l, cc), probs = jax.lax.scan(body, init, jnp.arange(xg.shape[0]))
-            return l, cc, probs
-
-        l, cc, probs = mapping.map_over(one, (rows, stats), c.how, c.chunk)
-        return (carry[0] + l, carry[1] + cc), probs
-
-    num_p = rows.shape[0]
-    init = varying((jnp.zeros((num_p,), c.acc_dtype), jnp.zeros((num_p,), c.acc_dtype)), c.mesh)
-    (lsum, csum), probs = jax.lax.scan(group, init, (xs, ys, ms))
-    n = jnp.sum(ms)
+    zero = jnp.zeros((), c.acc_dtype)
+    (lsum, csum), probs = _scan_points(c, rows, stats, data, (zero, zero), body)
+    n = jnp.sum(data[2])
     if with_probs:  # [ng, P, gb, B, C] -> [P, ng * gb * B, C]
         probs = jnp.moveaxis(probs, 1, 0)
-        probs = probs.reshape((num_p, -1) + probs.shape[4:])
+        probs = probs.reshape((rows.shape[0], -1) + probs.shape[4:])
     return lsum / n, csum / n, probs
 
 
@@ -247,20 +218,6 @@ class PointMetrics:
     stem: str = "off"
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    metric: _Metric
-    args: tuple
-    strategy: str
-    chunk: int
-    names: tuple | None  # the datasets' names (None: one dataset, not a dict)
-    sizes: tuple
-
-    @property
-    def stem(self) -> str:
-        return "factor" if self.metric.factor is not None else "off"
-
-
 def _datasets(data) -> tuple[tuple | None, list]:
     """``(names, [(x, y), ...])`` of one dataset or a dict of them."""
     if isinstance(data, Mapping):
@@ -284,12 +241,11 @@ def _with_probs(return_probs, names: tuple | None) -> tuple[bool, ...]:
 def _bn_inputs(model: Model, fixed: dict, bn_data, bn_batch_size: int, num_bn: int | None, example):
     """``(recompute, bn_x, zeros, mom)``: the staged BatchNorm batches and their constants."""
     if not (model.has_batch_stats and "batch_stats" not in fixed):
-        return False, jnp.zeros((0, 1, 1), jnp.float32), {}, {}
+        return False, jnp.zeros((1, 1, 1), jnp.float32), {}, {}  # one dummy batch, never read
     if bn_data is None:
         raise ValueError(f"model {model.name} has BatchNorm: pass bn_data (training data) so each point's "
                          "statistics are recomputed before it is evaluated, or variables={'batch_stats': ...}")
-    bx = bn_data if isinstance(bn_data, np.ndarray | jax.Array) else data_xy(bn_data)[0]
-    bn_x = bn_batches(bx, bn_batch_size, num_bn)
+    bn_x = bn_batches(bn_data, bn_batch_size, num_bn)
     return True, bn_x, zeros_stats(model, bn_x[0][:1], example), bn_momentum(model, example, bn_x[0])
 
 
@@ -304,38 +260,34 @@ def _choose_factor(model: Model, points: Points, fixed: dict, zeros, stem: str, 
     rest = _with_zero_stats(model, fixed, zeros)
     conv = cpu.first_conv(lambda v, xx: model.apply({**rest, **v}, xx, train=False), {"params": example},
                           jnp.asarray(x1))
-    if stem == "factor":
-        if conv is None:
-            raise ValueError(f"stem='factor' needs a Flax model whose first convolution is fed by the input "
-                             f"alone; {model.name} has none")
-        return conv
-    return conv if cpu.use_factorisation(conv, points.num_points, points.num_stacked) else None
+    if stem == "factor" and conv is None:
+        raise ValueError(f"stem='factor' needs a Flax model whose first convolution is fed by the input "
+                         f"alone; {model.name} has none")
+    return conv if stem == "factor" or cpu.use_factorisation(conv, points.num_points, points.num_stacked) else None
 
 
 def _grouped(staged, bn_x, metric: _Metric, points: Points, fixed: dict, zeros, stem_bytes: int):
     """The staged batches in groups whose first-layer outputs fit in ``stem_bytes`` (one group unfactorised)."""
-    if metric.factor is None:
-        return tuple(tuple(a[None] for a in s) for s in staged), bn_x[None]
-    if stem_bytes < 1:
-        raise ValueError(f"stem_bytes must be >= 1, got {stem_bytes}")
-    model, dtype = metric.model, None if metric.dtype is None else jnp.dtype(metric.dtype)
-    out = jax.eval_shape(lambda xb: _first_layer(model, metric.factor, _with_zero_stats(model, fixed, zeros),
-                                                 points.stack, xb, dtype), staged[0][0][0])
-    batch_bytes = int(np.prod(out.shape)) * jnp.dtype(out.dtype).itemsize
-    groups = tuple(tuple(regroup(a, group_size(s[0].shape[0], batch_bytes, stem_bytes)) for a in s) for s in staged)
-    bn_g = regroup(bn_x, group_size(bn_x.shape[0], batch_bytes, stem_bytes)) if metric.recompute_bn else bn_x[None]
-    return groups, bn_g
+    size = lambda n: n  # noqa: E731 - one group
+    if metric.factor is not None:
+        _checks.integer(stem_bytes, "stem_bytes", low=1)
+        model, dtype = metric.model, None if metric.dtype is None else jnp.dtype(metric.dtype)
+        out = jax.eval_shape(lambda xb: _first_layer(model, metric.factor, _with_zero_stats(model, fixed, zeros),
+                                                     points.stack, xb, dtype), staged[0][0][0])
+        batch_bytes = int(np.prod(out.shape)) * jnp.dtype(out.dtype).itemsize
+        size = lambda n: group_size(n, batch_bytes, stem_bytes)  # noqa: E731
+    return tuple(tuple(regroup(a, size(s[0].shape[0])) for a in s) for s in staged), regroup(bn_x, size(bn_x.shape[0]))
 
 
 def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None, bn_batches: int | None = None,
           bn_batch_size: int = 128, variables: PyTree | None = None, return_probs: bool | tuple = False,
           loss_fn: Callable = cross_entropy, strategy: str = "auto", chunk_size: int | None = None,
-          stem: str = "auto", compute_dtype=None, stem_bytes: int = 1 << 29, check: bool = True) -> _Plan:
-    """Validate a call of :func:`evaluate` and stage what its mapped computation takes."""
+          stem: str = "auto", compute_dtype=None, stem_bytes: int = 1 << 29, check: bool = True) -> tuple:
+    """Validate a call of :func:`evaluate` and stage what its mapped computation takes: ``(metric, args,
+    strategy, chunk, names, sizes)`` (``names``: the datasets' names, ``None`` for one dataset, not a dict)."""
     if not isinstance(points, Points):
         raise ValueError(f"points must be Points (see connector_points / stacked_points), got {type(points).__name__}")
-    if stem not in STEM_MODES:
-        raise ValueError(f"unknown stem mode {stem!r}; expected one of {STEM_MODES}")
+    _checks.choice(stem, "stem mode", STEM_MODES)
     if points.num_points == 0:
         raise ValueError("empty set of points: give at least one point")
     if check:
@@ -357,8 +309,7 @@ def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=
                      factor=_choose_factor(model, points, fixed, zeros, stem, sets[0][0][:1]))
     staged = [stage_batches(x, y, batch_size) for x, y in sets]
     groups, bn_g = _grouped(staged, bn_x, metric, points, fixed, zeros, stem_bytes)
-    return _Plan(metric=metric, args=(groups, bn_g, zeros, mom, fixed), strategy=how, chunk=chunk, names=names,
-                 sizes=tuple(int(x.shape[0]) for x, _ in sets))
+    return metric, (groups, bn_g, zeros, mom, fixed), how, chunk, names, tuple(int(x.shape[0]) for x, _ in sets)
 
 
 def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None,
@@ -412,16 +363,17 @@ def evaluate(model: Model, points: Points, data, *, batch_size: int = 500, bn_da
         >>> sorted(both), bool((both["b"].loss == m.loss).all())
         (['a', 'b'], True)
     """
-    plan = _plan(model, points, data, batch_size=batch_size, bn_data=bn_data, bn_batches=bn_batches,
-                 bn_batch_size=bn_batch_size, variables=variables, return_probs=return_probs, loss_fn=loss_fn,
-                 strategy=strategy, chunk_size=chunk_size, stem=stem, compute_dtype=compute_dtype,
-                 stem_bytes=stem_bytes, check=check)
-    outs = run_mapped(_evaluate_jit, points, {"metric": plan.metric}, plan.args, plan.strategy, plan.chunk, devices)
+    metric, args, how, chunk, names, sizes = _plan(
+        model, points, data, batch_size=batch_size, bn_data=bn_data, bn_batches=bn_batches,
+        bn_batch_size=bn_batch_size, variables=variables, return_probs=return_probs, loss_fn=loss_fn,
+        strategy=strategy, chunk_size=chunk_size, stem=stem, compute_dtype=compute_dtype, stem_bytes=stem_bytes,
+        check=check)
+    outs = run_mapped(_evaluate_jit, points, {"metric": metric}, args, how, chunk, devices)
     results = [PointMetrics(loss=np.asarray(loss), accuracy=np.asarray(acc),
-                            probs=np.asarray(probs)[:, :n] if want else None, strategy=plan.strategy,
-                            chunk_size=plan.chunk, stem=plan.stem)
-               for (loss, acc, probs), n, want in zip(outs, plan.sizes, plan.metric.with_probs, strict=True)]
-    return results[0] if plan.names is None else dict(zip(plan.names, results, strict=True))
+                            probs=np.asarray(probs)[:, :n] if want else None, strategy=how, chunk_size=chunk,
+                            stem=metric.stem)
+               for (loss, acc, probs), n, want in zip(outs, sizes, metric.with_probs, strict=True)]
+    return results[0] if names is None else dict(zip(names, results, strict=True))
 
 
 def evaluation_memory(model: Model, points: Points, data, *, devices: int | None = None, **options) -> dict:
@@ -450,11 +402,6 @@ def evaluation_memory(model: Model, points: Points, data, *, devices: int | None
         >>> mem["peak_bytes"] > 0, mem["strategy"]
         (True, 'map')
     """
-    plan = _plan(model, points, data, **options)
-    m = run_mapped(_evaluate_jit, points, {"metric": plan.metric}, plan.args, plan.strategy, plan.chunk, devices,
-                   analyze=True)
-    return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
-            "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
-            "peak_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                              - m.alias_size_in_bytes),
-            "strategy": plan.strategy, "chunk_size": plan.chunk, "stem": plan.stem}
+    metric, args, how, chunk, _, _ = _plan(model, points, data, **options)
+    compiled = run_mapped(_evaluate_jit, points, {"metric": metric}, args, how, chunk, devices, analyze=True)
+    return {**memory_stats(compiled), "strategy": how, "chunk_size": chunk, "stem": metric.stem}

@@ -42,6 +42,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from mclandscape.core import _checks
 from mclandscape.core.tree import PyTree, tree_path_names
 from mclandscape.engine import distributed, resume
 from mclandscape.engine.step import Step, TrainState, accumulate_jit, zero_sums_like
@@ -120,13 +121,10 @@ class LoopConfig:
     desc: str = "train"
 
     def __post_init__(self):
-        object.__setattr__(self, "milestones", tuple(sorted({int(m) for m in self.milestones})))
+        milestones = {_checks.integer(m, "milestones", low=0, what="epochs") for m in self.milestones}
+        object.__setattr__(self, "milestones", tuple(sorted(milestones)))
         for name in ("checkpoint_every", "keep"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if any(m < 0 for m in self.milestones):
-            raise ValueError(f"milestones must be epochs >= 0, got {self.milestones}")
+            _checks.integer(getattr(self, name), name, low=1)
 
 
 @dataclasses.dataclass
@@ -163,10 +161,7 @@ class RunResult:
 
 def _check_length(epochs, steps_per_epoch, max_steps) -> tuple[int, int, int]:
     """``(epochs, steps_per_epoch, steps in all)``, or a ``ValueError`` naming the bad argument."""
-    for name, v in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
-        if isinstance(v, bool) or int(v) != v or v < (0 if name == "epochs" else 1):
-            raise ValueError(f"{name} must be an integer >= {0 if name == 'epochs' else 1}, got {v!r}")
-    epochs, spe = int(epochs), int(steps_per_epoch)
+    epochs, spe = _checks.integer(epochs, "epochs", low=0), _checks.integer(steps_per_epoch, "steps_per_epoch", low=1)
     if max_steps is None:
         return epochs, spe, epochs * spe
     if isinstance(max_steps, bool) or int(max_steps) != max_steps or \
@@ -181,14 +176,12 @@ def _run_epoch(step, state: TrainState, batches, key, steps: range, step_callbac
     sums = None
     for t in steps:
         batch = batches(t)
-        if not hasattr(step, "step_and_sum"):  # any other step(state, batch, key) callable
+        if hasattr(step, "step_and_sum"):
+            zeros = step.zero_sums(state, batch, key) if zeros is None else zeros
+            state, sums = step.step_and_sum(state, batch, key, t, zeros if sums is None else sums)
+        else:  # any other step(state, batch, key) callable
             state, metrics = step(state, batch, jax.random.fold_in(key, t))
             sums = accumulate_jit(zero_sums_like(metrics) if sums is None else sums, metrics)
-        else:
-            if sums is None:
-                zeros = step.zero_sums(state, batch, key) if zeros is None else zeros
-                sums = zeros
-            state, sums = step.step_and_sum(state, batch, key, t, sums)
         for cb in step_callbacks:
             cb(t + 1, state)
     return state, sums, zeros
@@ -202,7 +195,7 @@ def _record(epoch: int, state: TrainState, sums: dict, seconds: float, on_epoch)
     return {"epoch": epoch, **(on_epoch(epoch, state, raw) if on_epoch is not None else raw)}
 
 
-def _check_finite_state(state: TrainState, names: list[str], epoch: int, steps_per_epoch: int) -> None:
+def _check_finite_state(state: TrainState, names: list[str], steps_per_epoch: int) -> None:
     rec = np.asarray(state.nonfinite)
     if rec[0] < 0:
         return
@@ -228,9 +221,7 @@ def progress_enabled(progress: bool | None) -> bool:
         >>> progress_enabled(True), progress_enabled(False)
         (True, False)
     """
-    if progress is None:
-        return bool(getattr(sys.stderr, "isatty", lambda: False)())
-    return bool(progress)
+    return bool(getattr(sys.stderr, "isatty", lambda: False)()) if progress is None else bool(progress)
 
 
 def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs: int, steps_per_epoch: int,
@@ -328,7 +319,7 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
                 t0, e1 = time.perf_counter(), epoch + 1
                 steps = range(epoch * spe, min(e1 * spe, last_step))
                 state, sums, zeros = _run_epoch(step, state, batches, key, steps, step_callbacks, zeros)
-                _check_finite_state(state, names, epoch, spe)
+                _check_finite_state(state, names, spe)
                 history.append(_record(e1, state, sums, time.perf_counter() - t0, on_epoch))
                 if store is not None and (e1 % config.checkpoint_every == 0 or e1 in (epochs, *config.milestones)):
                     save(e1, state)

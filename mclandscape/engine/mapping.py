@@ -21,6 +21,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from mclandscape.core import _checks
+
 __all__ = ["HOW", "map_over", "resolve", "backend"]
 
 HOW = ("unroll", "map", "vmap")
@@ -40,6 +42,8 @@ def map_over(fn: Callable, xs, how: str, chunk: int = 1):
 
     Example:
         >>> import jax.numpy as jnp
+
+from mclandscape.core import _checks
         >>> [map_over(lambda v: v * 2, jnp.arange(3.0), how).tolist() for how in HOW]
         [[0.0, 2.0, 4.0], [0.0, 2.0, 4.0], [0.0, 2.0, 4.0]]
     """
@@ -74,7 +78,8 @@ def resolve(how: str, num_points: int, *, has_conv: bool, grad: bool = False, pa
     ``"auto"``, differentiated (``grad``: training several points in one step): ``"unroll"`` on CPU for a
     convolutional model, else ``"vmap"``. ``"auto"``, evaluated: ``"map"`` with chunks of ``min(16, P)`` on
     CPU, one point at a time for a convolutional model (``benchmarks/surface_sampling.py`` measures both
-    choices for an MLP and the simple CNN), and elsewhere chunks as large as ``chunk_bytes`` of parameter copies allow (at most 64).
+    choices for an MLP and the simple CNN), and elsewhere chunks as large as ``chunk_bytes`` of parameter copies
+    allow (at most 64).
     An explicit ``how`` is kept; ``"vmap"`` takes all points in one chunk.
 
     Args:
@@ -100,19 +105,13 @@ def resolve(how: str, num_points: int, *, has_conv: bool, grad: bool = False, pa
     """
     if how not in ("auto",) + HOW:
         raise ValueError(f"unknown strategy {how!r}; expected one of {('auto',) + HOW}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    chunk_size = None if chunk_size is None else _checks.integer(chunk_size, "chunk_size", low=1)
     num_points = max(1, int(num_points))
+    cpu = how == "auto" and (on or backend()) == "cpu"
+    if how == "auto" and not grad and chunk_size is None:
+        auto = (1 if has_conv else min(16, num_points)) if cpu else \
+            min(num_points, 64, chunk_bytes // max(int(param_bytes), 1))
+        return "map", int(max(1, auto))
     if how == "auto":
-        cpu = (on or backend()) == "cpu"
-        if grad:
-            how = "unroll" if cpu and has_conv else "vmap"
-        elif chunk_size is None:
-            auto = (1 if has_conv else min(16, num_points)) if cpu else \
-                min(num_points, 64, chunk_bytes // max(int(param_bytes), 1))
-            return "map", int(max(1, auto))
-        else:
-            how = "map"
-    if how == "vmap":
-        return how, num_points
-    return how, int(chunk_size or 1)
+        how = ("unroll" if cpu and has_conv else "vmap") if grad else "map"
+    return how, num_points if how == "vmap" else int(chunk_size or 1)

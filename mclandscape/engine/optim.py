@@ -14,9 +14,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
-__all__ = ["Transform", "transform", "unwrap"]
+__all__ = ["Transform", "transform", "unwrap", "per_member"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,3 +80,22 @@ def transform(build: Callable[..., optax.GradientTransformation], *args, **kwarg
 def unwrap(tx) -> optax.GradientTransformation:
     """The plain Optax transform behind ``tx`` (a :class:`Transform`'s built one, else ``tx`` itself)."""
     return tx.tx if isinstance(tx, Transform) else tx
+
+
+def _vmapped(tx) -> optax.GradientTransformation:
+    tx = unwrap(tx)
+    return optax.GradientTransformation(jax.vmap(tx.init), lambda u, st, p=None: jax.vmap(tx.update)(u, st, p))
+
+
+def per_member(tx) -> Transform:
+    """``tx`` applied to every member of stacked parameters on its own (clipping, norms and counts per member),
+    named by ``tx``'s value.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> tx = per_member(transform(optax.clip_by_global_norm, 1.0))
+        >>> u, _ = tx.update({"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}, tx.init({"w": jnp.zeros((2, 2))}))
+        >>> jnp.linalg.norm(u["w"], axis=1).round(3).tolist()   # each member clipped to norm 1 on its own
+        [1.0, 0.5]
+    """
+    return transform(_vmapped, tx)

@@ -30,19 +30,12 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mclandscape.core import _checks
 from mclandscape.core.connectors import Connector
-from mclandscape.core.tree import PyTree, check_same_structure, tree_combine, tree_index, tree_stack
+from mclandscape.core.tree import PyTree, tree_combine, tree_index, tree_stack
 from mclandscape.engine import cpu, distributed, mapping
 
-__all__ = [
-    "Points",
-    "connector_points",
-    "stacked_points",
-    "plane_points",
-    "uv_grid",
-    "map_points",
-    "stage_batches",
-]
+__all__ = ["Points", "connector_points", "stacked_points", "plane_points", "uv_grid", "map_points", "stage_batches"]
 
 AXIS = "points"
 
@@ -95,16 +88,6 @@ class Points:
         return tree_index(self.stack, 0)
 
 
-def _check_stack(stack: PyTree, name: str) -> int:
-    leaves = jax.tree_util.tree_leaves(stack)
-    if not leaves:
-        raise ValueError(f"{name} holds no arrays")
-    sizes = {int(np.shape(a)[0]) if np.ndim(a) else -1 for a in leaves}
-    if len(sizes) != 1 or -1 in sizes:
-        raise ValueError(f"every leaf of {name} needs the same leading axis, got sizes {sorted(sizes)}")
-    return sizes.pop()
-
-
 def connector_points(connector: Connector, points, *, extrapolate: bool = False) -> Points:
     """The points of a connector as :class:`Points` (coefficient rows over its control points).
 
@@ -144,8 +127,10 @@ def stacked_points(stacked: PyTree) -> Points:
         >>> pts.indexed, pts.point(2)["w"].tolist()
         (True, [4.0, 5.0])
     """
-    p = _check_stack(stacked, "stacked_params")
-    return Points(rows=jnp.arange(p, dtype=jnp.int32), stack=stacked)
+    sizes = {int(np.shape(a)[0]) if np.ndim(a) else -1 for a in jax.tree_util.tree_leaves(stacked)}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(f"every leaf of stacked_params needs one common leading axis, got sizes {sorted(sizes)}")
+    return Points(rows=jnp.arange(sizes.pop(), dtype=jnp.int32), stack=stacked)
 
 
 def plane_points(origin: PyTree, d1: PyTree, d2: PyTree | None, alphas, betas=None) -> Points:
@@ -166,13 +151,11 @@ def plane_points(origin: PyTree, d1: PyTree, d2: PyTree | None, alphas, betas=No
         [2.0]
     """
     a = np.asarray(alphas, np.float64).reshape(-1)
-    if d2 is None:
-        check_same_structure(origin, d1, names=("params", "direction"))
+    if d2 is None:  # tree_stack refuses trees of another structure, naming the leaf
         rows = np.stack([np.ones_like(a), a], axis=1)
         stack = tree_stack([origin, d1], names=["params", "direction"])
     else:
-        b = np.asarray(betas, np.float64).reshape(-1)
-        aa, bb = np.meshgrid(a, b, indexing="ij")
+        aa, bb = np.meshgrid(a, np.asarray(betas, np.float64).reshape(-1), indexing="ij")
         rows = np.stack([np.ones(aa.size), aa.ravel(), bb.ravel()], axis=1)
         stack = tree_stack([origin, d1, d2], names=["params", "d1", "d2"])
     dtype = jnp.promote_types(jnp.float32, jnp.result_type(*jax.tree_util.tree_leaves(stack)))
@@ -207,29 +190,15 @@ _map_points_jit = jax.jit(_map_points_impl, static_argnames=("fn", "strategy", "
                           compiler_options=cpu.COMPILER_OPTIONS)
 
 
-def _mesh(devices: int | None):
-    n = distributed.num_devices(devices)
-    return None if n == 1 else distributed.mesh(axes=(AXIS,), devices=n)
-
-
-def _pad_rows(rows: jax.Array, multiple: int) -> jax.Array:
-    """Pad the rows to a multiple of ``multiple`` by repeating the last one (results are cut back)."""
-    p = int(rows.shape[0])
-    total = -(-p // multiple) * multiple
-    if total == p:
-        return rows
-    return jnp.concatenate([rows, jnp.repeat(rows[-1:], total - p, axis=0)])
-
-
 def run_mapped(jitted, points: Points, static: dict, args, strategy: str, chunk: int, devices: int | None,
                analyze: bool = False):
     """Call a mapped computation ``jitted(**static, strategy, chunk, mesh, points, args)`` over all points
-    (padded to fixed shapes) and cut the results back; with ``analyze`` compile it only and return its
-    per-device memory statistics."""
-    p = points.num_points
-    mesh = _mesh(devices)
-    ndev = 1 if mesh is None else mesh.size
-    rows = _pad_rows(points.rows, (chunk if strategy == "map" else 1) * ndev)
+    (padded to fixed shapes) and cut the results back; with ``analyze`` only compile it and return the
+    compiled computation."""
+    p, n = points.num_points, distributed.num_devices(devices)
+    mesh = None if n == 1 else distributed.mesh(axes=(AXIS,), devices=n)
+    multiple = (chunk if strategy == "map" else 1) * n  # rows padded by repeating the last one, results cut back
+    rows = jnp.concatenate([points.rows, jnp.repeat(points.rows[-1:], -p % multiple, axis=0)])
     if mesh is not None:
         rows = jax.device_put(rows, NamedSharding(mesh, P(AXIS)))
         if jax.process_count() > 1 and not analyze:
@@ -240,7 +209,7 @@ def run_mapped(jitted, points: Points, static: dict, args, strategy: str, chunk:
     call = dict(**static, strategy=strategy, chunk=chunk if strategy == "map" else int(rows.shape[0]),
                 mesh=mesh, points=points.replace(rows=rows), args=args)
     if analyze:
-        return jitted.lower(**call).compile().memory_analysis()
+        return jitted.lower(**call).compile()
     # sharded over the points axis: in a multi-process job each process holds its devices' points only
     return jax.tree_util.tree_map(lambda a: distributed.to_host(a)[:p], jitted(**call))
 
@@ -292,9 +261,7 @@ def uv_grid(steps: int = 11) -> np.ndarray:
         >>> uv_grid(2).tolist()
         [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
     """
-    if isinstance(steps, bool) or int(steps) != steps or steps < 2:
-        raise ValueError(f"a grid needs an integer number of steps >= 2 per axis, got {steps!r}")
-    g = np.linspace(0.0, 1.0, int(steps))
+    g = np.linspace(0.0, 1.0, _checks.integer(steps, "steps", low=2, what="points per axis"))
     uu, vv = np.meshgrid(g, g, indexing="ij")
     return np.stack([uu.ravel(), vv.ravel()], axis=1)
 
@@ -331,32 +298,22 @@ def stage_batches(x: np.ndarray, y: np.ndarray | None, batch_size: int, *, drop_
     n = int(np.shape(x)[0])
     if n == 0:
         raise ValueError("empty dataset")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    bs = min(int(batch_size), n)
+    bs = min(_checks.integer(batch_size, "batch_size", low=1), n)
     nb = n // bs if drop_last else -(-n // bs)
-    total = nb * bs
-    keep = min(n, total)
-    pad = total - keep
+    keep = min(n, nb * bs)
 
-    def prep(a):
+    def prep(a):  # the first nb * bs examples, zero-padded
         a = np.asarray(a)[:keep]
-        if pad:
-            a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+        a = np.concatenate([a, np.zeros((nb * bs - keep,) + a.shape[1:], a.dtype)])
         return jnp.asarray(a.reshape((nb, bs) + a.shape[1:]))
 
-    mask = np.ones(total, np.float32)
-    mask[keep:] = 0.0
+    mask = (np.arange(nb * bs) < keep).astype(np.float32)
     return prep(x), (prep(y) if y is not None else None), jnp.asarray(mask.reshape(nb, bs))
 
 
 def group_size(num_batches: int, batch_bytes: int, budget: int) -> int:
     """The largest divisor of ``num_batches`` whose staged first-layer outputs fit in ``budget`` bytes."""
-    best = 1
-    for g in range(1, num_batches + 1):
-        if num_batches % g == 0 and g * batch_bytes <= budget:
-            best = g
-    return best
+    return max((g for g in range(1, num_batches + 1) if num_batches % g == 0 and g * batch_bytes <= budget), default=1)
 
 
 def regroup(a, g: int):

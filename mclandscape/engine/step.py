@@ -35,11 +35,11 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mclandscape.core.objective import call_objective
+from mclandscape.core.objective import call_objective, per_count
 from mclandscape.core.tree import PyTree
-from mclandscape.engine import cpu, distributed, optim
+from mclandscape.engine import cpu, distributed, mapping, optim
 
-__all__ = ["TrainState", "Step", "make_step", "init_state", "split_static", "merge_static"]
+__all__ = ["TrainState", "Step", "make_step", "init_state", "split_static", "merge_static", "MembersObjective"]
 
 
 @struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
@@ -155,31 +155,26 @@ def _step_impl(objective_static, tx, mesh, objective_arrays, trainable, state: T
     leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)] or [jnp.array(True)])
     loss_ok = jnp.isfinite(value)
     ok = loss_ok & jnp.all(leaf_ok)
-    if isinstance(optim.unwrap(tx), optax.GradientTransformationExtraArgs):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=value)
-    else:
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    extra = {"loss": value} if isinstance(optim.unwrap(tx), optax.GradientTransformationExtraArgs) else {}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     if mask is not None:
         params = jax.tree_util.tree_map(lambda new, old, m: jnp.where(m, new, old), params, state.params, mask)
     model_state = state.model_state
     if isinstance(aux, Mapping) and "batch_stats" in aux and model_state is not None:
         model_state = {**model_state, "batch_stats": aux["batch_stats"]}
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     first_bad = jnp.argmin(leaf_ok).astype(jnp.int32)
     record = jnp.stack([state.step.astype(jnp.int32), jnp.where(jnp.all(leaf_ok), -1, first_bad),
                         (~loss_ok).astype(jnp.int32)])
     nonfinite = jnp.where((state.nonfinite[0] < 0) & ~ok, record, state.nonfinite)
-    new = TrainState(step=state.step + 1, params=keep(params, state.params),
-                     opt_state=keep(opt_state, state.opt_state),
-                     model_state=None if model_state is None else keep(model_state, state.model_state),
-                     nonfinite=nonfinite)
+    kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), (params, opt_state, model_state),
+                                  (state.params, state.opt_state, state.model_state))  # a non-finite step: no update
+    new = TrainState(state.step + 1, *kept, nonfinite=nonfinite)
     metrics = {"objective": value, "loss": value, "grad_norm": optax.tree.norm(grads)}
     if isinstance(aux, Mapping):
         metrics.update({k: v for k, v in aux.items() if k not in ("batch_stats", "correct") and jnp.ndim(v) == 0})
         if "correct" in aux and "count" in aux:  # fractional example weights: a count below 1 is not clipped
-            count = aux["count"]
-            metrics["acc"] = jnp.where(count > 0, aux["correct"] / jnp.where(count > 0, count, 1), 0.0)
+            metrics["acc"] = jnp.where(aux["count"] > 0, per_count(aux["correct"], aux["count"]), 0.0)  # weight 0
     if mesh is not None:  # one update, the same on every device: the state stays replicated
         rep = NamedSharding(mesh, P())
         new, metrics = jax.lax.with_sharding_constraint((new, metrics), rep)
@@ -192,19 +187,15 @@ _step_jit = jax.jit(_step_impl, static_argnames=("objective_static", "tx", "mesh
 
 def accumulate(sums: dict, metrics: dict) -> dict:
     """Epoch sums of the step metrics, weighted by the batch's example count (``max_*``: running maxima)."""
-    metrics = dict(metrics)
-    w = metrics.pop("count", None)
-    w = jnp.ones((), jnp.float32) if w is None else w.astype(jnp.float32)
-    out = {k: (jnp.maximum(sums[k], v) if k.startswith("max_") else sums[k] + v * w) for k, v in metrics.items()}
-    out["__weight__"] = sums["__weight__"] + w
-    return out
+    w = jnp.asarray(metrics.get("count", 1.0), jnp.float32)
+    out = {k: (jnp.maximum(sums[k], v) if k.startswith("max_") else sums[k] + v * w)
+           for k, v in metrics.items() if k != "count"}
+    return {**out, "__weight__": sums["__weight__"] + w}
 
 
 def zero_sums_like(metrics: Mapping) -> dict:
-    zeros = {k: (jnp.full((), -jnp.inf, jnp.float32) if k.startswith("max_") else jnp.zeros((), jnp.float32))
-             for k in metrics if k != "count"}
-    zeros["__weight__"] = jnp.zeros((), jnp.float32)
-    return zeros
+    return {k: (jnp.full((), -jnp.inf, jnp.float32) if k.startswith("max_") else jnp.zeros((), jnp.float32))
+            for k in [*metrics, "__weight__"] if k != "count"}
 
 
 accumulate_jit = jax.jit(accumulate)
@@ -222,6 +213,14 @@ _loop_step_jit = jax.jit(_loop_step_impl, static_argnames=("objective_static", "
                          compiler_options=cpu.COMPILER_OPTIONS)
 
 
+def memory_stats(compiled) -> dict:
+    """XLA's memory analysis of a compiled computation, per device: ``argument_bytes``, ``output_bytes``,
+    ``temp_bytes``, ``alias_bytes`` and their total less aliasing, ``peak_bytes``."""
+    m = compiled.memory_analysis()
+    out = {f"{k}_bytes": int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+    return {**out, "peak_bytes": out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]}
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Step:
     """``step(state, batch, key) -> (state, metrics)`` for one objective and transform (made by :func:`make_step`).
@@ -231,7 +230,6 @@ class Step:
       tx: the Optax transform.
       trainable: the trainable mask, or ``None``.
       mesh: the device mesh the step runs on, or ``None`` (one device).
-      data_axis: the mesh axis a batch is split over.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -247,7 +245,6 @@ class Step:
     tx: optax.GradientTransformation
     trainable: PyTree | None = None
     mesh: jax.sharding.Mesh | None = None
-    data_axis: str = "data"
 
     def init(self, params: PyTree, model_state: PyTree | None = None) -> TrainState:
         """The state before the first step (:func:`init_state` with this step's transform).
@@ -271,8 +268,8 @@ class Step:
           The batch split along its first axis over the mesh's data axis where that axis divides it, replicated
           otherwise (e.g. a smaller last batch).
         """
-        n = self.mesh.shape[self.data_axis] if self.data_axis in self.mesh.axis_names else 1
-        split, rep = NamedSharding(self.mesh, P(self.data_axis)), NamedSharding(self.mesh, P())
+        n = self.mesh.shape.get("data", 1)
+        split, rep = NamedSharding(self.mesh, P("data")), NamedSharding(self.mesh, P())
         return jax.tree_util.tree_map(
             lambda a: distributed.put(a, split if n > 1 and jnp.ndim(a) and jnp.shape(a)[0] % n == 0 else rep), batch)
 
@@ -298,9 +295,7 @@ class Step:
         Returns:
           A dict of float32 zeros (``-inf`` for ``max_*`` metrics) with the key ``"__weight__"``.
         """
-        args = self._arguments(state, batch, key)
-        static = {k: args.pop(k) for k in ("objective_static", "tx", "mesh")}
-        return zero_sums_like(jax.eval_shape(lambda dynamic: _step_impl(**static, **dynamic)[1], args))
+        return zero_sums_like(_step_jit.eval_shape(**self._arguments(state, batch, key))[1])
 
     def step_and_sum(self, state: TrainState, batch, key, t: int, sums: dict) -> tuple[TrainState, dict]:
         """One step with the key ``fold_in(key, t)``, its metrics added to the epoch ``sums`` (the loop's path).
@@ -330,15 +325,84 @@ class Step:
           A dict of ``argument_bytes``, ``output_bytes``, ``temp_bytes``, ``alias_bytes`` and their total
           ``peak_bytes``.
         """
-        m = _step_jit.lower(**self._arguments(state, batch, key)).compile().memory_analysis()
-        return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
-                "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
-                "peak_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                                  - m.alias_size_in_bytes)}
+        return memory_stats(_step_jit.lower(**self._arguments(state, batch, key)).compile())
+
+
+@struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
+class MembersObjective:
+    """The objective of S independent members trained in one step: the sum of their own objectives.
+
+    The gradient of the sum with respect to the stacked parameters is every member's own gradient, so one
+    :func:`make_step` over this objective and a transform applied per member (each
+    member's optimizer state stacked likewise) trains S independent runs at once.
+
+    Attributes:
+      inner: one member's objective ``inner(params, batch, key) -> (loss, aux)`` (e.g.
+        :func:`~mclandscape.core.objective.make_objective` in train mode).
+      keys: ``[S]`` the members' dropout keys; member ``s`` at step ``t`` gets ``fold_in(keys[s], t)``, the key
+        :func:`~mclandscape.engine.train.train_model` with its seed uses.
+      state: the members' stacked fixed collections (``{"batch_stats": [S, ...]}``) or ``None``.
+      members: ``"vmap"`` (the members vmapped) or ``"unroll"`` (written out one after another in the compiled
+        step, so a convolution keeps its own kernel instead of becoming a grouped one). With a mesh whose
+        ``"points"`` axis has several devices the members are vmapped and split over that axis.
+      mesh: the step's ``("points", "data")`` mesh, or ``None``.
+
+    The batch is ``(data, t)``: every leaf of ``data`` is ``[B, S, ...]`` (member ``s`` reads ``data[:, s]``,
+    its own stream's batch) and ``t`` is the global step. ``aux``: ``loss`` (the members' mean task loss),
+    ``count`` (examples per member), per member ``member<i>_loss`` and ``member<i>_acc``, and the stacked
+    ``batch_stats`` of a BatchNorm model.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> def inner(p, b, key):  # one member: (loss, aux with the task loss and the example count)
+        ...     loss = jnp.sum((p["w"] - b[0]) ** 2)
+        ...     return loss, {"loss": loss, "count": jnp.asarray(1.0)}
+        >>> obj = MembersObjective(inner=inner, keys=jax.random.split(jax.random.key(0), 2))
+        >>> data = (jnp.array([[1.0, 2.0]]), jnp.ones((1, 2)), jnp.ones((1, 2)))   # [B=1, S=2]
+        >>> loss, aux = obj({"w": jnp.zeros(2)}, (data, 0), None)
+        >>> float(loss), round(float(aux["member1_loss"]), 3)
+        (5.0, 4.0)
+    """
+
+    inner: Callable
+    keys: jax.Array
+    state: PyTree = None
+    members: str = struct.field(pytree_node=False, default="vmap")
+    mesh: jax.sharding.Mesh | None = struct.field(pytree_node=False, default=None)
+
+    def with_state(self, state: PyTree) -> MembersObjective:
+        """The same objective with the members' stacked fixed collections."""
+        return self.replace(state=state)
+
+    def __call__(self, params, batch, key=None):
+        data, t = batch
+        n = self.keys.shape[0]
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(self.keys)
+        state = self.state
+        split = self.mesh is not None and self.mesh.shape.get("points", 1) > 1
+        if split:  # the members split over the mesh's points axis (the vmapped axis below)
+            params, keys, state = jax.lax.with_sharding_constraint((params, keys, state),
+                                                                   NamedSharding(self.mesh, P("points")))
+
+        def one(p, st, b, k):
+            return call_objective(self.inner if st is None else self.inner.with_state(st), p, b, k)
+
+        per_member = (params, state, jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 1, 0), data), keys)
+        values, aux = mapping.map_over(lambda a: one(*a), per_member, "vmap" if split else self.members)
+        if not isinstance(aux, dict) or not {"loss", "count"} <= set(aux):
+            raise ValueError("MembersObjective: the inner objective's aux must hold 'loss' and 'count' "
+                             "(as make_objective's does)")
+        out = {"loss": jnp.mean(aux["loss"]), "count": aux["count"][0]}
+        acc = per_count(aux["correct"], aux["count"]) if "correct" in aux else jnp.full((n,), jnp.nan)
+        for i in range(n):
+            out[f"member{i}_loss"], out[f"member{i}_acc"] = aux["loss"][i], acc[i]
+        if "batch_stats" in aux:
+            out["batch_stats"] = aux["batch_stats"]
+        return jnp.sum(values), out
 
 
 def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainable: PyTree | None = None,
-              mesh: jax.sharding.Mesh | None = None, data_axis: str = "data") -> Step:
+              mesh: jax.sharding.Mesh | None = None) -> Step:
     """One gradient step of ``objective`` with the Optax transform ``tx`` (see the module docstring).
 
     Args:
@@ -348,9 +412,8 @@ def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainabl
       trainable: ``None`` (everything trains) or a pytree shaped like the parameters whose leaves are booleans
         or boolean arrays broadcastable from the left (e.g. ``[K]`` for control points ``[K, ...]``).
       mesh: train on the devices of this mesh (:func:`mclandscape.engine.distributed.training_mesh`; across
-        processes in a multi-process job): each batch is split over its ``data_axis``, the state is
+        processes in a multi-process job): each batch is split over its ``"data"`` axis, the state is
         replicated, XLA reduces the gradients across the devices, and every device applies the same update.
-      data_axis: the name of the mesh axis a batch is split over.
 
     Returns:
       A :class:`Step`. Raises ``ValueError`` when ``objective`` is not callable, ``tx`` is not an Optax
@@ -371,4 +434,4 @@ def make_step(objective: Callable, tx: optax.GradientTransformation, *, trainabl
         raise ValueError(f"tx must be an optax GradientTransformation (or optim.transform), got {type(tx).__name__}")
     if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    return Step(objective=objective, tx=tx, trainable=trainable, mesh=mesh, data_axis=data_axis)
+    return Step(objective=objective, tx=tx, trainable=trainable, mesh=mesh)

@@ -35,25 +35,20 @@ import optax
 from mclandscape.core import _checks
 from mclandscape.core.losses import LOSSES, cross_entropy
 from mclandscape.core.objective import make_objective
-from mclandscape.core.tree import PyTree, check_finite, tree_digest, tree_stack
+from mclandscape.core.tree import PyTree, check_finite, tree_digest, tree_index, tree_stack
 from mclandscape.engine import optim
 from mclandscape.engine.batches import batch_stream, data_digest
 from mclandscape.engine.data import Dataset
-from mclandscape.engine.distributed import training_mesh
+from mclandscape.engine.distributed import local, training_mesh
 from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.loop import LoopConfig, run
 from mclandscape.engine.models.base import Model, check_variables
 from mclandscape.engine.points import stacked_points
 from mclandscape.engine.resume import restore_state
-from mclandscape.engine.step import make_step
+from mclandscape.engine.step import MembersObjective, make_step
 
-__all__ = [
-    "TrainConfig",
-    "TrainResult",
-    "make_schedule",
-    "make_optimizer",
-    "train_model",
-]
+__all__ = ["TrainConfig", "TrainResult", "make_schedule", "make_optimizer", "train_model"]
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -69,7 +64,8 @@ class TrainConfig:
     - ``loss``: ``"cross_entropy"``, ``"mse"`` (regression, e.g. ``synthetic`` with ``task="regression"``)
       or ``"mse_onehot"``.
 
-    :meth:`tx` is the Optax transform the config describes; :func:`train_model` also takes any other.
+    :func:`make_optimizer` builds the Optax transform the config describes; :func:`train_model` also takes any
+    other.
 
     Example:
         >>> cfg = TrainConfig(epochs=2, optimizer="adam", lr=1e-3)
@@ -111,24 +107,17 @@ class TrainConfig:
         _checks.real(self.lr, "lr", low=0.0, low_open=True)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
+        return {**dataclasses.asdict(self), "milestones": list(self.milestones)}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}")
         return cls(**d)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
-
-    def tx(self, steps_per_epoch: int) -> optim.Transform:
-        """The Optax transform of this config for ``steps_per_epoch`` steps per epoch (:func:`make_optimizer`)."""
-        return make_optimizer(self, steps_per_epoch)
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -148,12 +137,12 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
         (0.1, 0.01)
     """
     spe = max(int(steps_per_epoch), 1)
-    total = max(config.epochs * spe, 1)
     warm = config.warmup_epochs * spe
     if config.schedule == "constant":
         main = optax.constant_schedule(config.lr)
     elif config.schedule == "cosine":
-        main = optax.cosine_decay_schedule(config.lr, max(total - warm, 1), alpha=config.final_lr_fraction)
+        decay_steps = max(config.epochs * spe - warm, 1)
+        main = optax.cosine_decay_schedule(config.lr, decay_steps, alpha=config.final_lr_fraction)
     else:
         bounds: dict[int, float] = {}
         for m in config.milestones:
@@ -231,12 +220,8 @@ class TrainResult:
 
 
 def _to_key(key, seed: int):
-    if key is None:
-        return jax.random.key(seed)
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
-    return key
+    key = jax.random.key(seed) if key is None else jnp.asarray(key)
+    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
 
 
 def _check_labels(model: Model, variables: PyTree, ds: Dataset, loss: str, name: str) -> None:
@@ -253,13 +238,14 @@ def _check_labels(model: Model, variables: PyTree, ds: Dataset, loss: str, name:
                          f"(labels must lie in [0, {k - 1}])")
 
 
-def _fingerprint(model: Model, train: Dataset, config: TrainConfig, seed: int, key_data: list, tx_given: bool,
+def _fingerprint(model: Model, train: Dataset, config: TrainConfig, seed: int, key, tx_given: bool,
                  init_variables) -> dict:
     cfg = config.to_dict()
     cfg.pop("eval_batch_size", None)
     if config.schedule != "cosine":  # the trajectory's prefix does not depend on the length: runs extend
         cfg.pop("epochs", None)
-    return {"trainer": "train_model", "model": model.spec, "seed": int(seed), "key_data": key_data,
+    return {"trainer": "train_model", "model": model.spec, "seed": int(seed),
+            "key_data": np.asarray(jax.random.key_data(key)).astype(np.int64).ravel().tolist(),
             "dataset": {"name": train.name, "num_train": len(train), "input_shape": list(train.input_shape)},
             "config": cfg, "tx": "custom" if tx_given else "config",
             "inputs": {"data": data_digest(train),
@@ -272,12 +258,22 @@ def _metadata(model: Model, train: Dataset, config: TrainConfig, seed: int) -> d
             "input_shape": list(train.input_shape), "seed": int(seed), "config": config.to_dict()}
 
 
-def initial_variables(model: Model, train: Dataset, test: Dataset | None, config: TrainConfig, init_key,
-                      init_variables: PyTree | None = None) -> dict:
+def _describe(model: Model, train: Dataset, config: TrainConfig, seeds: list[int], keys: list, how: str | None,
+              tx_given: bool, init_variables) -> tuple[dict, dict]:
+    """``(fingerprint, metadata)`` of one run (``how=None``) or of the seeds stacked in one run."""
+    prints = [_fingerprint(model, train, config, s, k, tx_given, init_variables)
+              for s, k in zip(seeds, keys, strict=True)]
+    metadata = _metadata(model, train, config, seeds[0])
+    if how is None:
+        return prints[0], metadata
+    return ({"trainer": "train_many", "strategy": how, "members": prints},
+            {**metadata, "seed": None, "seeds": seeds, "stacked": {"strategy": how, "axis": 0, "seeds": seeds}})
+
+
+def _initial_variables(model: Model, train: Dataset, test: Dataset | None, config: TrainConfig, init_key,
+                       init_variables: PyTree | None = None) -> dict:
     """The checked starting variables of a run: ``init_variables`` (checked against ``model``) or a fresh
     ``model.init(init_key, x)``; finite, with labels that fit the model's outputs."""
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     if len(train) == 0:
         raise ValueError("the training set is empty")
     x0 = jnp.asarray(train.x[:1])
@@ -293,8 +289,8 @@ def initial_variables(model: Model, train: Dataset, test: Dataset | None, config
     return variables
 
 
-def epoch_record(model: Model, variables: PyTree, test: Dataset | None, config: TrainConfig, objective,
-                 train_loss, train_acc, lr: float) -> dict:
+def _epoch_record(model: Model, variables: PyTree, test: Dataset | None, config: TrainConfig, objective,
+                  train_loss, train_acc, lr: float) -> dict:
     """One epoch's history entry: the training metrics and, with a test set, the test loss and accuracy of
     ``variables`` (accuracies are NaN under ``loss="mse"``)."""
     rec = {"train_loss": train_loss, "train_acc": train_acc, "test_loss": float("nan"), "test_acc": float("nan"),
@@ -307,6 +303,74 @@ def epoch_record(model: Model, variables: PyTree, test: Dataset | None, config: 
     if config.loss == "mse":
         rec["train_acc"] = rec["test_acc"] = float("nan")
     return rec
+
+
+def _train(model: Model, train: Dataset, test: Dataset | None, config: TrainConfig, seeds: list[int], keys: list, *,
+           how: str | None = None, tx=None, init_variables: PyTree | None = None, checkpoint_dir: str | None = None,
+           save_epochs: Sequence[int] = (), checkpoint_every: int = 1, keep: int = 1, progress: bool | None = None,
+           overwrite: bool = False, devices: int | None = None, callback=None) -> list[TrainResult]:
+    """One run per seed: :func:`train_model`'s (``how=None``, one seed) or every seed stacked in one compiled step
+    (``how``: ``"vmap"`` or ``"unroll"``; :func:`mclandscape.engine.many.train_many`)."""
+    splits = [jax.random.split(k) for k in keys]  # (init, dropout) per seed
+    members = [_initial_variables(model, train, test if i == 0 else None, config, k[0], init_variables)
+               for i, k in enumerate(splits)]
+    streams = [batch_stream(train, config.batch_size, seed=s, augment=config.augment, drop_last=config.drop_last,
+                            pad=not model.has_batch_stats) for s in seeds]
+    spe = streams[0].steps_per_epoch
+    schedule = None if tx is not None else make_schedule(config, spe)
+    inner = make_objective(model, config.loss, train=True, label_smoothing=config.label_smoothing)
+    mesh = training_mesh(config.batch_size, len(seeds), devices=devices)
+    fingerprint, metadata = _describe(model, train, config, seeds, keys, how, tx is not None, init_variables)
+    if how is None:
+        pick = lambda tree, i: tree  # noqa: E731
+        objective, batches, run_key, start = inner, streams[0], splits[0][1], members[0]
+        tx = make_optimizer(config, spe) if tx is None else tx
+        metric = lambda raw, i: (raw["loss"], raw.get("acc", float("nan")))  # noqa: E731
+    else:
+        pick = tree_index
+        objective = MembersObjective(inner=inner, keys=jnp.stack([k[1] for k in splits]),
+                                     members="unroll" if how == "unroll" else "vmap", mesh=mesh)
+        tx, run_key, start = optim.per_member(make_optimizer(config, spe)), jax.random.key(0), tree_stack(members)
+        metric = lambda raw, i: (raw[f"member{i}_loss"], raw[f"member{i}_acc"])  # noqa: E731
+
+        def batches(t):  # seed s's own batch of step t (its order and augmentation), stacked on axis 1
+            return jax.tree.map(lambda *b: jnp.stack(b, axis=1), *[s(t) for s in streams]), np.int32(t)
+
+    step = make_step(objective, tx, mesh=mesh)
+    state = step.init(start["params"], {k: v for k, v in start.items() if k != "params"} or None)
+    loop = LoopConfig(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep=keep,
+                      milestones=tuple(save_epochs), overwrite=overwrite, progress=progress,
+                      desc=f"{model.name} seeds {seeds}" if how else f"{model.name} seed {seeds[0]}")
+    member = lambda st, i: {**pick(dict(st.model_state or {}), i), "params": pick(st.params, i)}  # noqa: E731
+    snapshots = {0: [jax.tree.map(jnp.copy, v) for v in members]} if 0 in loop.milestones else {}
+
+    def record(epoch, st, raw):
+        lr = float(schedule(max(epoch * spe - 1, 0))) if schedule is not None else float("nan")
+        recs = [_epoch_record(model, member(st, i), test, config, inner, *metric(raw, i), lr)
+                for i in range(len(seeds))]
+        return recs[0] if how is None else {"members": recs}
+
+    def keep_snapshot(epoch, st, history):
+        if epoch in loop.milestones:
+            snapshots[epoch] = [local(jax.tree.map(jnp.copy, member(st, i))) for i in range(len(seeds))]
+
+    def results(st, history, resumed_from) -> list[TrainResult]:
+        return [TrainResult(member(st, i), pick(st.opt_state, i),
+                            [{"epoch": h["epoch"], **h["members"][i]} if how else dict(h) for h in history], config,
+                            s, model, {e: v[i] for e, v in sorted(snapshots.items())}, checkpoint_dir, resumed_from)
+                for i, s in enumerate(seeds)]
+
+    callbacks = [keep_snapshot]
+    if callback is not None:
+        callbacks.append(lambda epoch, st, history: callback(epoch, results(st, history, None)[0]))
+    res = run(step, state, batches, epochs=config.epochs, steps_per_epoch=spe, key=run_key, config=loop,
+              fingerprint=fingerprint, callbacks=callbacks, on_epoch=record, metadata=metadata)
+    if res.resumed_from is not None:  # milestones before the resume point come back from their checkpoints
+        for e in loop.milestones:
+            if e not in snapshots and e <= res.resumed_from:
+                old = restore_state(checkpoint_dir, e, res.state)
+                snapshots[e] = [local(member(old, i)) for i in range(len(seeds))]
+    return results(res.state, res.history, res.resumed_from)
 
 
 def train_model(model: Model, train: Dataset, test: Dataset | None, config: TrainConfig, *,
@@ -324,8 +388,8 @@ def train_model(model: Model, train: Dataset, test: Dataset | None, config: Trai
       seed: (default ``config.seed``) fixes the batch order and augmentation and, unless ``key`` is given, the
         initialisation and dropout keys (``jax.random.key(seed)``).
       key: the initialisation and dropout key (overrides the seed's).
-      tx: an Optax transform instead of ``config.tx(steps_per_epoch)`` (its hyper-parameters are then the
-        caller's to record); transforms with extra arguments receive the loss as ``loss=``.
+      tx: an Optax transform instead of ``make_optimizer(config, steps_per_epoch)`` (its hyper-parameters are
+        then the caller's to record); transforms with extra arguments receive the loss as ``loss=``.
       checkpoint_dir: checkpoints every ``checkpoint_every`` epochs (the last ``keep`` stay), at every epoch of
         ``save_epochs`` (kept) and at the end; a later call resumes from the newest checkpoint at or below
         ``config.epochs`` whose run matches (else :class:`~mclandscape.engine.loop.ResumeMismatchError`);
@@ -351,56 +415,10 @@ def train_model(model: Model, train: Dataset, test: Dataset | None, config: Trai
         >>> [sorted(r) for r in res.history][0]
         ['epoch', 'lr', 'test_acc', 'test_loss', 'train_acc', 'train_loss']
     """
-    if tx is not None and not isinstance(optim.unwrap(tx), optax.GradientTransformation):
-        raise ValueError(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     seed = config.seed if seed is None else int(seed)
-    key = _to_key(key, seed)
-    key_data = np.asarray(jax.random.key_data(key)).astype(np.int64).ravel().tolist()
-    init_key, dropout_key = jax.random.split(key)
-    variables = initial_variables(model, train, test, config, init_key, init_variables)
-    stream = batch_stream(train, config.batch_size, seed=seed, augment=config.augment, drop_last=config.drop_last,
-                          pad=not model.has_batch_stats)
-    spe = stream.steps_per_epoch
-    schedule = None if tx is not None else make_schedule(config, spe)
-    tx_given = tx is not None
-    tx = tx if tx_given else make_optimizer(config, spe)
-    objective = make_objective(model, config.loss, train=True, label_smoothing=config.label_smoothing)
-    step = make_step(objective, tx, mesh=training_mesh(config.batch_size, devices=devices))
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    state = step.init(variables["params"], rest or None)
-    save_epochs = sorted({int(e) for e in save_epochs})
-    cdir = None if checkpoint_dir is None else str(checkpoint_dir)
-    snapshots: dict[int, PyTree] = {}
-
-    def as_variables(st) -> dict:
-        return {**dict(st.model_state or {}), "params": st.params}
-
-    def record(epoch, st, raw):
-        lr = float(schedule(max(epoch * spe - 1, 0))) if schedule is not None else float("nan")
-        return epoch_record(model, as_variables(st), test, config, objective, raw["loss"],
-                            raw.get("acc", float("nan")), lr)
-
-    def keep_snapshot(epoch, st, history):
-        if epoch in save_epochs:
-            snapshots[epoch] = jax.tree_util.tree_map(jnp.copy, as_variables(st))
-
-    callbacks = [keep_snapshot]
-    if callback is not None:
-        callbacks.append(lambda epoch, st, history: callback(epoch, TrainResult(
-            as_variables(st), st.opt_state, [dict(h) for h in history], config, seed, model, dict(snapshots),
-            cdir, None)))
-    if 0 in save_epochs:
-        snapshots[0] = jax.tree_util.tree_map(jnp.copy, variables)
-    loop = LoopConfig(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep=keep,
-                      milestones=tuple(save_epochs), overwrite=overwrite, progress=progress,
-                      desc=f"{model.name} seed {seed}")
-    res = run(step, state, stream, epochs=config.epochs, steps_per_epoch=spe, key=dropout_key, config=loop,
-              fingerprint=_fingerprint(model, train, config, seed, key_data, tx_given, init_variables),
-              callbacks=callbacks, on_epoch=record, metadata=_metadata(model, train, config, seed))
-    if res.resumed_from is not None:  # milestones before the resume point come back from their checkpoints
-        for e in save_epochs:
-            if e not in snapshots and e <= res.resumed_from:
-                snapshots[e] = as_variables(restore_state(checkpoint_dir, e, res.state))
-    history = [{k: v for k, v in h.items() if k != "seconds"} for h in res.history]
-    return TrainResult(as_variables(res.state), res.state.opt_state, history, config, seed, model,
-                       dict(sorted(snapshots.items())), cdir, res.resumed_from)
+    return _train(model, train, test, config, [seed], [_to_key(key, seed)], tx=tx, init_variables=init_variables,
+                  checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), save_epochs=save_epochs,
+                  checkpoint_every=checkpoint_every, keep=keep, progress=progress, overwrite=overwrite,
+                  devices=devices, callback=callback)[0]
