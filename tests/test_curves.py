@@ -255,16 +255,14 @@ def test_plot_path_profiles(tmp_path):
 
 @pytest.mark.slow
 def test_experiment_smoke_writes_the_contract_keys(tmp_path):
+    """The experiment in this process (no subprocess: the compilations are shared with the other tests)."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "experiments.curves_neb", "--out", str(tmp_path), "--models", "mlp",
-           "--endpoint-epochs", "2", "--curve-epochs", "1", "--neb-steps", "3", "--neb-cycles", "2",
-           "--num-points", "5", "--sub-pivots", "2", "--train-eval-size", "300", "--no-muller-brown"]
-    subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=600)
+    from experiments.curves_neb import parse_args, run
+
+    run(parse_args(["--out", str(tmp_path), "--models", "mlp", "--endpoint-epochs", "2", "--curve-epochs", "1",
+                    "--neb-steps", "3", "--neb-cycles", "2", "--num-points", "5", "--sub-pivots", "2",
+                    "--train-eval-size", "300", "--no-muller-brown"]))
     res = json.loads((tmp_path / "results.json").read_text())
     for key in ("line_barrier", "bezier_barrier", "polychain_barrier", "neb_barrier", "endpoint_acc",
                 "bezier_min_acc", "neb_min_acc"):
