@@ -225,7 +225,7 @@ def test_insertion_highest_and_equal():
     assert fill[1] == [pytest.approx(0.4)] and fill[0] == [] and fill[2] == []
     eq = A.insertion_alphas(None, n, s, count=2, method="equal")
     assert eq == [[pytest.approx(1 / 3), pytest.approx(2 / 3)]] * 3
-    with pytest.raises(ValueError, match="insert method"):
+    with pytest.raises(ValueError, match="method must be one of"):
         A.insertion_alphas(loss, n, s, count=1, method="random")
     with pytest.raises(ValueError, match="16 values|need"):
         A.insertion_alphas(loss[:-1], n, s, count=1)

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from mclandscape.core import _checks
 from mclandscape.core.objective import call_objective, make_objective
 from mclandscape.core.tree import PyTree, tree_ravel, tree_size
 from mclandscape.engine.batches import BatchStream, batch_stream
@@ -335,12 +336,9 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array,
         >>> [round(float(v), 4) for v in eigs.values]
         [3.0, 2.0]
     """
-    if which not in ("largest", "smallest", "magnitude"):
-        raise ValueError(f"which must be 'largest', 'smallest' or 'magnitude', got {which!r}")
+    _checks.choice(which, "which", ("largest", "smallest", "magnitude"))
     mv, unravel, d, dtype = _flat_matvec(matvec, like)
-    if num_iter < 1:
-        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
-    m = min(num_iter, d)
+    m = min(_checks.integer(num_iter, "num_iter", low=1), d)
     if not 1 <= k <= m:
         raise ValueError(f"k={k} must be between 1 and the number of Lanczos steps {m} (num_iter={num_iter}, d={d})")
     q = np.array(jax.random.normal(key, (d,), _draw_dtype(dtype)), np.float64)
@@ -412,13 +410,10 @@ def power_iteration(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: ja
         >>> [round(float(v), 3) for v in eigs.values]  # by magnitude
         [-4.0, 2.0]
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if num_iter < 1:
-        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+    _checks.integer(num_iter, "num_iter", low=1)
     mv, unravel, d, dtype = _flat_matvec(matvec, like)
-    if k > d:
-        raise ValueError(f"k={k} exceeds the dimension {d}")
+    if not 1 <= _checks.integer(k, "k") <= d:
+        raise ValueError(f"k={k} must be between 1 and the dimension {d}")
     vals, vecs, res = [], [], []
     nmv = 0
     keys = jax.random.split(key, k)
@@ -480,17 +475,15 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: j
         >>> bool(abs(est.mean - 5.0) <= 2.0), est.samples.shape  # each probe gives 5 ± 2
         (True, (4,))
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if distribution not in ("rademacher", "gaussian"):
-        raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
+    _checks.integer(num_samples, "num_samples", low=1)
+    _checks.choice(distribution, "distribution", ("rademacher", "gaussian"))
     mv, _, d, dtype = _flat_matvec(matvec, like)
     samples = np.zeros(num_samples)
     for s, kk in enumerate(jax.random.split(key, num_samples)):
-        if distribution == "rademacher":  # ±1: exact in any dtype
-            v = np.asarray(jax.random.rademacher(kk, (d,), jnp.float32), np.float64)
-        else:
-            v = np.asarray(jax.random.normal(kk, (d,), _draw_dtype(dtype)), np.float64)
+        # Rademacher ±1 entries are exact in any dtype
+        draw = jax.random.rademacher(kk, (d,), jnp.float32) if distribution == "rademacher" else \
+            jax.random.normal(kk, (d,), _draw_dtype(dtype))
+        v = np.asarray(draw, np.float64)
         samples[s] = v @ mv(v)
     stderr = float(samples.std(ddof=1) / np.sqrt(num_samples)) if num_samples > 1 else float("nan")
     return TraceEstimate(mean=float(samples.mean()), stderr=stderr, samples=samples)
