@@ -416,35 +416,30 @@ def power_iteration(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: ja
         raise ValueError(f"k={k} must be between 1 and the dimension {d}")
     vals, vecs, res = [], [], []
     nmv = 0
-    keys = jax.random.split(key, k)
-    for i in range(k):
-        u = np.array(jax.random.normal(keys[i], (d,), _draw_dtype(dtype)), np.float64)  # writable: deflated below
-        for vj in vecs:
-            u -= (vj @ u) * vj
-        u /= np.linalg.norm(u)
+
+    def deflated(u):  # (H - sum_j lambda_j u_j u_j^T) u
+        nonlocal nmv
+        nmv += 1
+        return mv(u) - sum((lj * (vj @ u) * vj for lj, vj in zip(vals, vecs, strict=True)), np.zeros(d))
+
+    def orthonormal(u):  # u orthogonal to the pairs found, normalised
+        u = u - sum(((vj @ u) * vj for vj in vecs), np.zeros(d))
+        return u / np.linalg.norm(u)
+
+    for kk in jax.random.split(key, k):
+        u = orthonormal(np.array(jax.random.normal(kk, (d,), _draw_dtype(dtype)), np.float64))
         lam = 0.0
         for _ in range(num_iter):
-            w = mv(u)
-            nmv += 1
-            for lj, vj in zip(vals, vecs, strict=True):
-                w -= lj * (vj @ u) * vj
-            new_lam = float(u @ w)
-            nw = float(np.linalg.norm(w))
+            w = deflated(u)
+            new_lam, nw = float(u @ w), float(np.linalg.norm(w))
             if nw == 0.0:
                 lam = 0.0
                 break
-            u_new = w / nw
-            for vj in vecs:
-                u_new -= (vj @ u_new) * vj
-            u_new /= np.linalg.norm(u_new)
             done = abs(new_lam - lam) <= tol * max(abs(new_lam), 1e-30)
-            lam, u = new_lam, u_new
+            lam, u = new_lam, orthonormal(w / nw)
             if done:
                 break
-        w = mv(u)
-        nmv += 1
-        for lj, vj in zip(vals, vecs, strict=True):
-            w -= lj * (vj @ u) * vj
+        w = deflated(u)
         lam = float(u @ w)
         res.append(float(np.linalg.norm(w - lam * u)))
         vals.append(lam)
