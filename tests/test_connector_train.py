@@ -9,11 +9,12 @@ from mclandscape.core.objective import function_objective
 from mclandscape.engine.connector_train import (
     ConnectorConfig,
     ConnectorObjective,
-    check_batch_size,
     check_connector,
+    dataset_steps,
     train_connector,
     uniform_sampler,
 )
+from mclandscape.engine.data import Dataset
 
 
 def double_well(p, batch=None):
@@ -114,15 +115,18 @@ def test_shared_argument_checks():
         check_connector({"xy": jnp.zeros(2)}, ("bezier",), "f", build="B")
     with pytest.raises(ValueError, match="'bezier' connector"):
         check_connector(curve, ("surface",), "f")
-    assert check_batch_size(np.int64(8), 8) == 8
+    toy = Dataset(np.zeros((8, 2), np.float32), np.zeros(8, np.int32), 2, "toy")
+    assert dataset_steps(toy, 4, "f") == 2
+    with pytest.raises(ValueError, match="larger than the training set"):
+        dataset_steps(toy, 9, "f")
+    with pytest.raises(TypeError, match="f: data must be a Dataset"):
+        dataset_steps((toy.x, toy.y), 4, "f")
     for bad in (0, -4, 2.5):
         with pytest.raises(ValueError, match="batch_size must be an integer"):
-            check_batch_size(bad, 8)
+            ConnectorConfig(batch_size=bad)
     for bad in (True, None):
         with pytest.raises(TypeError, match="batch_size must be an integer"):
-            check_batch_size(bad, 8)
-    with pytest.raises(ValueError, match="larger than the training set"):
-        check_batch_size(9, 8)
+            ConnectorConfig(batch_size=bad)
 
 
 def test_float64_control_points_give_a_float64_objective():

@@ -53,7 +53,7 @@ from mclandscape.engine.step import make_step
 
 __all__ = [
     "ConnectorConfig", "ConnectorTrainResult", "ConnectorObjective", "UniformSampler", "uniform_sampler",
-    "train_connector", "checkpointed_connector", "check_connector", "check_batch_size", "STRATEGIES",
+    "train_connector", "checkpointed_connector", "check_connector", "dataset_steps", "STRATEGIES",
     "WEIGHT_DECAY_ON",
 ]
 
@@ -93,24 +93,29 @@ def check_connector(connector, kinds: Sequence[str], fn: str, *, build: str = ""
     return connector
 
 
-def check_batch_size(batch_size, num_examples: int) -> int:
-    """``batch_size`` as an int in ``[1, num_examples]``, or a ``ValueError`` naming the problem.
+def dataset_steps(data, batch_size: int, fn: str) -> int:
+    """The full batches of ``batch_size`` in the Dataset ``data``: a ``TypeError`` when ``data`` is no Dataset, a
+    ``ValueError`` when the batch is larger than the data.
 
     Args:
-      batch_size: the requested batch size.
-      num_examples: the size of the training set.
+      data: the training data.
+      batch_size: a validated batch size (a config's).
+      fn: the caller's name, for the message.
 
     Returns:
-      ``int(batch_size)``.
+      ``len(data) // batch_size``.
 
     Example:
-        >>> check_batch_size(32, 120)
-        32
+        >>> import numpy as np
+        >>> dataset_steps(Dataset(np.zeros((120, 2), np.float32), np.zeros(120, np.int32), 2, "toy"), 32, "f")
+        3
     """
-    batch_size = _checks.integer(batch_size, "batch_size", low=1)
-    if batch_size > num_examples:
-        raise ValueError(f"batch_size {batch_size} is larger than the training set ({num_examples} examples)")
-    return batch_size
+    if not isinstance(data, Dataset):
+        raise TypeError(f"{fn}: data must be a Dataset (mcl.load_dataset(...) or mcl.Dataset(x, y, ...)), got "
+                        f"{type(data).__name__}")
+    if batch_size > len(data):
+        raise ValueError(f"batch_size {batch_size} is larger than the training set ({len(data)} examples)")
+    return len(data) // batch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +149,7 @@ class ConnectorConfig:
     """
 
     epochs: int = 1
-    batch_size: int | None = 128
+    batch_size: int = 128
     steps_per_epoch: int | None = None
     num_samples: int = 1
     weight_decay: float = 0.0
@@ -160,9 +165,9 @@ class ConnectorConfig:
 
     def _check_common(self, callable_optimizer: bool = False):
         """The checks of the fields every connector config shares (a subclass checks its ``epochs`` itself)."""
-        for name in ("batch_size", "steps_per_epoch"):
-            if getattr(self, name) is not None:
-                _checks.integer(getattr(self, name), name, low=1)
+        _checks.integer(self.batch_size, "batch_size", low=1)
+        if self.steps_per_epoch is not None:
+            _checks.integer(self.steps_per_epoch, "steps_per_epoch", low=1)
         _checks.integer(self.num_samples, "num_samples", low=1)
         _checks.real(self.weight_decay, "weight_decay", low=0.0)
         _checks.choice(self.weight_decay_on, "weight_decay_on", WEIGHT_DECAY_ON)
@@ -296,8 +301,8 @@ class ConnectorTrainResult:
 def _stream(data, cfg: ConnectorConfig, seed: int):
     """``(batches, steps_per_epoch, digest)`` for a Dataset, a ``t -> batch`` stream or a fixed batch."""
     if isinstance(data, Dataset):
-        stream = batch_stream(data, check_batch_size(cfg.batch_size or 128, len(data)), seed=seed,
-                              augment=cfg.augment, drop_last=True)
+        dataset_steps(data, cfg.batch_size, "train_connector")
+        stream = batch_stream(data, cfg.batch_size, seed=seed, augment=cfg.augment, drop_last=True)
         return stream, stream.steps_per_epoch, data_digest(data)
     if callable(data):
         spe = cfg.steps_per_epoch or getattr(data, "steps_per_epoch", None)

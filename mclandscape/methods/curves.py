@@ -51,8 +51,8 @@ from mclandscape.core.tree import PyTree, tree_distance, tree_gram, tree_index
 from mclandscape.engine.connector_train import (
     ConnectorConfig,
     ConnectorTrainResult,
-    check_batch_size,
     check_connector,
+    dataset_steps,
     train_connector,
     uniform_sampler,
 )
@@ -229,11 +229,8 @@ def train_curve(model, curve: Connector, data: Dataset, config: CurveConfig | No
     """
     curve = check_connector(curve, CURVE_KINDS, "train_curve",
                             build="mcl.bezier_curve(start, end, degree=2) or mcl.polychain(start, end, num_bends=1)")
-    if not isinstance(data, Dataset):
-        raise TypeError(f"train_curve: data must be a Dataset (mcl.load_dataset(...) or mcl.Dataset(x, y, ...)), got "
-                        f"{type(data).__name__}")
     cfg = CurveConfig() if config is None else config
-    spe = len(data) // check_batch_size(cfg.batch_size, len(data))
+    spe = dataset_steps(data, cfg.batch_size, "train_curve")
     loop = LoopConfig(checkpoint_dir=checkpoint_dir, keep=keep, overwrite=overwrite, progress=progress,
                       desc=f"train {curve.kind}")
     return _fit(model, curve, data, cfg, spe, seed=seed, callback=callback, loop=loop, devices=devices)
@@ -330,9 +327,7 @@ def curve_length(connector: Connector, num_points: int | None = None) -> float:
         g = _centred_gram(connector)
         a = np.diff(np.eye(connector.num_control), axis=0)  # rows e_{k+1} - e_k: the segments
         return float(np.sum(np.sqrt(np.maximum(np.einsum("pk,kl,pl->p", a, g, a), 0.0))))
-    n = 2001 if num_points is None else int(num_points)
-    if n < 2:
-        raise ValueError(f"num_points must be >= 2, got {num_points}")
+    n = 2001 if num_points is None else _checks.integer(num_points, "num_points", low=2)
     return float(point_distances(connector, np.linspace(0.0, 1.0, n)).sum())
 
 

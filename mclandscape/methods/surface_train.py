@@ -61,9 +61,9 @@ from mclandscape.core.tree import PyTree, tree_path_names
 from mclandscape.engine.connector_train import (
     ConnectorConfig,
     ConnectorTrainResult,
-    check_batch_size,
     check_connector,
     checkpointed_connector,
+    dataset_steps,
     train_connector,
 )
 from mclandscape.engine.data import Dataset
@@ -372,11 +372,8 @@ def train_surface(model: Model, surface: Connector, data: Dataset, config: Surfa
     cfg = SurfaceConfig() if config is None else config
     if not isinstance(cfg, SurfaceConfig):
         raise TypeError(f"train_surface: config must be a SurfaceConfig, got {type(cfg).__name__}")
-    if not isinstance(data, Dataset):
-        raise TypeError(f"train_surface: data must be a Dataset (mcl.load_dataset(...) or mcl.Dataset(x, y, ...)), "
-                        f"got {type(data).__name__}")
+    steps_per_epoch = dataset_steps(data, cfg.batch_size, "train_surface")
     shape = _grid_shape(surface.shape)
-    steps_per_epoch = len(data) // check_batch_size(cfg.batch_size, len(data))
     lmask = layer_mask(jax.tree_util.tree_map(lambda a: a[0], surface.control), cfg.layers) if cfg.layers else None
     out: dict[str, dict] = {"history": {}, "wall_time": {}, "trained": {}, "skipped": {}}
     conn = surface
