@@ -121,44 +121,35 @@ class TraceEstimate:
 
 # ---- the objective as a jit argument -----------------------------------------------------------------------
 
-def _split_fn(objective: Callable) -> tuple[Any, tuple]:
-    """``(static, arrays)`` of an objective: a pytree whose leaves are all arrays (an :class:`Objective`)
-    travels as its tree definition (static, hashed by value) and its arrays (data); any other callable is
-    static whole."""
+def _as_argument(objective: Callable):
+    """An objective as a jit argument: a pytree whose leaves are all arrays (an :class:`Objective`: its
+    configuration in the tree definition, hashed by value, its arrays data) as it is; any other callable in a
+    ``jax.tree_util.Partial`` (static, hashed by identity)."""
     if not callable(objective):
         raise ValueError(f"the objective must be callable (params, batch, key) -> (loss, aux), got "
                          f"{type(objective).__name__}")
-    leaves, treedef = jax.tree_util.tree_flatten(objective)
-    if all(isinstance(a, jax.Array | np.ndarray) for a in leaves):
-        return ("tree", treedef), tuple(leaves)
-    return ("callable", objective), ()  # tagged: a tree definition is never compared with a function
+    if all(isinstance(a, jax.Array | np.ndarray) for a in jax.tree_util.tree_leaves(objective)):
+        return objective
+    return jax.tree_util.Partial(objective)
 
 
-def _merge_fn(static, arrays) -> Callable:
-    kind, what = static
-    return what if kind == "callable" else jax.tree_util.tree_unflatten(what, list(arrays))
-
-
-def _hvp_impl(fn_static, fn_arrays, params, v, batch, key):
-    fn = _merge_fn(fn_static, fn_arrays)
+def _hvp_impl(fn, params, v, batch, key):
     return jax.jvp(jax.grad(lambda p: call_objective(fn, p, batch, key)[0]), (params,), (v,))[1]
 
 
-def _flat_hvp_impl(fn_static, fn_arrays, params, x, batch, key):
+def _flat_hvp_impl(fn, params, x, batch, key):
     flat, unravel = ravel_pytree(params)
-    hv = _hvp_impl(fn_static, fn_arrays, params, unravel(x.astype(flat.dtype)), batch, key)
-    return ravel_pytree(hv)[0]
+    return ravel_pytree(_hvp_impl(fn, params, unravel(x.astype(flat.dtype)), batch, key))[0]
 
 
-def _hessian_impl(fn_static, fn_arrays, params, batch, key):
-    fn = _merge_fn(fn_static, fn_arrays)
+def _hessian_impl(fn, params, batch, key):
     flat, unravel = ravel_pytree(params)
     return jax.hessian(lambda x: call_objective(fn, unravel(x), batch, key)[0])(flat)
 
 
-_hvp_jit = jax.jit(_hvp_impl, static_argnums=0)
-_flat_hvp_jit = jax.jit(_flat_hvp_impl, static_argnums=0)
-_hessian_jit = jax.jit(_hessian_impl, static_argnums=0)
+_hvp_jit = jax.jit(_hvp_impl)
+_flat_hvp_jit = jax.jit(_flat_hvp_impl)
+_hessian_jit = jax.jit(_hessian_impl)
 
 
 # ---- data: a fixed batch or one epoch of a stream -------------------------------------------------------------
@@ -192,8 +183,7 @@ def hvp(objective: Callable, params: PyTree, v: PyTree, batch: Any = None, *, ke
         >>> hvp(obj, jnp.zeros(3), jnp.ones(3)).tolist()  # H = diag(1, 2, 3)
         [1.0, 2.0, 3.0]
     """
-    static, arrays = _split_fn(objective)
-    return _hvp_jit(static, arrays, params, v, batch, key)
+    return _hvp_jit(_as_argument(objective), params, v, batch, key)
 
 
 class HVP:
@@ -222,7 +212,7 @@ class HVP:
     """
 
     def __init__(self, objective: Callable, params: PyTree, data: Any = None, *, key: jax.Array | None = None):
-        self._static, self._arrays = _split_fn(objective)
+        self._fn = _as_argument(objective)
         self.params, self.key = params, key
         self._batches, self._weights = _batches(data)
         flat, self._unravel = tree_ravel(params)
@@ -244,7 +234,7 @@ class HVP:
         x = jnp.asarray(x.astype(self.dtype))
         out = np.zeros(self.dim, np.float64)
         for wb, b in zip(self._weights, self._batches, strict=True):
-            out += wb * np.asarray(_flat_hvp_jit(self._static, self._arrays, self.params, x, b, self.key), np.float64)
+            out += wb * np.asarray(_flat_hvp_jit(self._fn, self.params, x, b, self.key), np.float64)
         return out
 
     def __call__(self, v: PyTree) -> PyTree:
@@ -507,10 +497,10 @@ def dense_hessian(objective: Callable, params: PyTree, data: Any = None, *, key:
     if d > max_dim:
         raise ValueError(f"dense_hessian: {d} parameters exceed max_dim={max_dim} (a {d}x{d} matrix); "
                          "raise max_dim or use lanczos/power_iteration")
-    static, arrays = _split_fn(objective)
+    fn = _as_argument(objective)
     H = np.zeros((d, d))
     for wb, b in zip(*_batches(data)[::-1], strict=True):
-        H += wb * np.asarray(_hessian_jit(static, arrays, params, b, key), np.float64)
+        H += wb * np.asarray(_hessian_jit(fn, params, b, key), np.float64)
     return 0.5 * (H + H.T)
 
 
