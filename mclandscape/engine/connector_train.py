@@ -160,15 +160,14 @@ class ConnectorConfig:
     strategy: str | None = "auto"
 
     def __post_init__(self):
-        _checks.integer(self.epochs, "epochs", low=0)
+        object.__setattr__(self, "epochs", _checks.integer(self.epochs, "epochs", low=0))
         self._check_common()
 
     def _check_common(self, callable_optimizer: bool = False):
         """The checks of the fields every connector config shares (a subclass checks its ``epochs`` itself)."""
-        _checks.integer(self.batch_size, "batch_size", low=1)
-        if self.steps_per_epoch is not None:
-            _checks.integer(self.steps_per_epoch, "steps_per_epoch", low=1)
-        _checks.integer(self.num_samples, "num_samples", low=1)
+        counts = ("batch_size", "num_samples") + (() if self.steps_per_epoch is None else ("steps_per_epoch",))
+        for name in counts:  # stored as ints: they become shapes
+            object.__setattr__(self, name, _checks.integer(getattr(self, name), name, low=1))
         _checks.real(self.weight_decay, "weight_decay", low=0.0)
         _checks.choice(self.weight_decay_on, "weight_decay_on", WEIGHT_DECAY_ON)
         _checks.choice(self.strategy or "auto", "strategy", STRATEGIES)
@@ -266,10 +265,7 @@ class ConnectorObjective:
             return task, reg
 
         losses, regs = mapping.map_over(one, (coefs, keys), self.strategy)
-        if self.point_weights is None:
-            w = jnp.ones_like(losses)
-        else:
-            w = self.point_weights(self.template.replace(control=control), pts)
+        w = 1.0 if self.point_weights is None else self.point_weights(self.template.replace(control=control), pts)
         value = jnp.mean(w * (losses + regs))
         if self.l2:
             m = self.mask.astype(losses.dtype)

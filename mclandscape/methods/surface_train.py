@@ -267,17 +267,13 @@ def _phase_optimizer(cfg: SurfaceConfig, phase: int, steps: int, lmask: PyTree |
 
 def _phase_hyper(cfg: SurfaceConfig, phase: int) -> dict:
     """The phase's settings for the resume fingerprint."""
-    hyper = {"phase": phase, "phase_epochs": list(cfg.epochs), "epochs": cfg.epochs[phase - 1],
-             "objective": cfg.objective, "optimizer": "default" if cfg.optimizer is None else "custom",
-             "lr": float(cfg.lr), "momentum": float(cfg.momentum), "schedule": cfg.schedule, "layers": cfg.layers,
-             "weight_decay_on": cfg.weight_decay_on}
+    names = ["objective", "lr", "momentum", "schedule", "layers", "weight_decay_on"]
     if cfg.objective == "area" and phase == 3:
-        hyper.update(area_estimator=cfg.area_estimator, area_gradient=cfg.area_gradient,
-                     area_quadrature=int(cfg.area_quadrature))
+        names += ["area_estimator", "area_gradient", "area_quadrature"]
         if cfg.area_estimator == "sample":
-            hyper.update(proposal_cells=int(cfg.proposal_cells), proposal_mix=float(cfg.proposal_mix),
-                         proposal_refresh=int(cfg.proposal_refresh))
-    return hyper
+            names += ["proposal_cells", "proposal_mix", "proposal_refresh"]
+    return {"phase": phase, "phase_epochs": list(cfg.epochs), "epochs": cfg.epochs[phase - 1],
+            "optimizer": "default" if cfg.optimizer is None else "custom", **{n: getattr(cfg, n) for n in names}}
 
 
 def _seconds(history: list[dict]) -> float:
