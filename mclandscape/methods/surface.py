@@ -247,7 +247,7 @@ def area_element(connector: Connector, points, *, gram=None) -> jax.Array:
     Args:
       connector: a surface.
       points: ``[P, 2]`` (u, v) pairs (a 1-D array raises: nothing is reshaped).
-      gram: :func:`_control_gram` of ``connector`` (the Gram matrix of the centred control points) (default: computed); pass it to reuse one matrix.
+      gram: the Gram matrix of the centred control points (default: computed); pass it to reuse one matrix.
 
     Returns:
       ``[P]`` area elements in the Gram matrix's precision.
@@ -281,7 +281,7 @@ def surface_area(connector: Connector, *, quadrature: int = 24, gram=None) -> ja
     Args:
       connector: a surface.
       quadrature: Gauss-Legendre points per axis (>= 1).
-      gram: :func:`_control_gram` of ``connector`` (the Gram matrix of the centred control points) (default: computed).
+      gram: the Gram matrix of the centred control points (default: computed).
 
     Returns:
       A scalar array.
