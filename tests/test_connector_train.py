@@ -7,12 +7,14 @@ import pytest
 from mclandscape.core import connectors as C
 from mclandscape.core.objective import function_objective
 from mclandscape.engine.connector_train import (
+    ConnectorConfig,
     ConnectorObjective,
-    check_batch_size,
     check_connector,
+    dataset_steps,
     train_connector,
     uniform_sampler,
 )
+from mclandscape.engine.data import Dataset
 
 
 def double_well(p, batch=None):
@@ -35,8 +37,8 @@ def test_training_goes_around_barrier_and_keeps_fixed_points_bit_identical():
     curve = curve.replace(control=ctrl)
     ts = jnp.linspace(0, 1, 41)
     before = float(jnp.max(jax.vmap(lambda c: double_well({"xy": c}))(curve.points(ts)["xy"])))
-    res = train_connector(WELL, curve, None, epochs=6, tx=optax.adam(0.05), steps_per_epoch=50, batch_size=None,
-                          num_samples=8, seed=1)
+    res = train_connector(WELL, curve, None, ConnectorConfig(epochs=6, optimizer=optax.adam(0.05), steps_per_epoch=50,
+                                                             num_samples=8), seed=1)
     after = float(jnp.max(jax.vmap(lambda c: double_well({"xy": c}))(res.connector.points(ts)["xy"])))
     assert after < 0.5 * before, (before, after)
     np.testing.assert_array_equal(np.asarray(res.connector.control["xy"])[[0, -1]],
@@ -49,8 +51,8 @@ def test_custom_mask_freezes_chosen_points_even_with_weight_decay():
     curve = _curve(3)
     trainable = np.array([False, True, False, False])
     opt = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.05, momentum=0.9))
-    res = train_connector(WELL, curve, None, epochs=2, tx=opt, steps_per_epoch=5, batch_size=None,
-                          trainable=trainable, l2=1e-3)
+    cfg = ConnectorConfig(epochs=2, optimizer=opt, steps_per_epoch=5, weight_decay=1e-3, weight_decay_on="control")
+    res = train_connector(WELL, curve, None, cfg, trainable=trainable)
     c0, c1 = np.asarray(curve.control["xy"]), np.asarray(res.connector.control["xy"])
     np.testing.assert_array_equal(c1[[0, 2, 3]], c0[[0, 2, 3]])
     assert not np.array_equal(c1[1], c0[1])
@@ -82,21 +84,28 @@ def test_strategies_give_the_same_objective():
 
 def test_bad_inputs():
     curve = _curve(2)
-    kw = dict(epochs=1, tx=optax.sgd(0.1), steps_per_epoch=1, batch_size=None)
+    cfg = ConnectorConfig(epochs=1, optimizer=optax.sgd(0.1), steps_per_epoch=1)
     with pytest.raises(ValueError, match="no trainable"):
-        train_connector(WELL, curve, None, trainable=np.zeros(3, bool), **kw)
+        train_connector(WELL, curve, None, cfg, trainable=np.zeros(3, bool))
     with pytest.raises(ValueError, match="num_samples"):
-        train_connector(WELL, curve, None, num_samples=0, **kw)
+        ConnectorConfig(num_samples=0)
     with pytest.raises(ValueError, match="trainable mask has 2 entries"):
-        train_connector(WELL, curve, None, trainable=np.ones(2, bool), **kw)
+        train_connector(WELL, curve, None, cfg, trainable=np.ones(2, bool))
     with pytest.raises(ValueError, match="strategy"):
-        train_connector(WELL, curve, None, strategy="pmap", **kw)
+        ConnectorConfig(strategy="pmap")
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        train_connector(WELL, curve, lambda t: None, epochs=1, tx=optax.sgd(0.1), batch_size=None)
+        train_connector(WELL, curve, lambda t: None, ConnectorConfig(epochs=1, optimizer=optax.sgd(0.1)))
     with pytest.raises(ValueError, match="objective must be"):
-        train_connector(3, curve, None, **kw)
+        train_connector(3, curve, None, cfg)
+    with pytest.raises(TypeError, match="needs a ConnectorConfig with an optimizer"):
+        train_connector(WELL, curve, None, ConnectorConfig())
+    with pytest.raises(TypeError, match="optimizer must be an optax transformation or None"):
+        ConnectorConfig(optimizer=lambda phase, steps: optax.sgd(0.1))
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
-        train_connector(WELL, curve, None, epochs=1, tx=optax.sgd(0.1), steps_per_epoch=1, batch_size=0)
+        ConnectorConfig(batch_size=0)
+    with pytest.raises(ValueError, match="weight_decay must be a finite number"):
+        ConnectorConfig(weight_decay=-1.0)
+    assert ConnectorConfig(weight_decay=0.2, weight_decay_on="control").l2_terms == {"point_l2": 0.0, "l2": 0.2}
 
 
 def test_shared_argument_checks():
@@ -106,12 +115,18 @@ def test_shared_argument_checks():
         check_connector({"xy": jnp.zeros(2)}, ("bezier",), "f", build="B")
     with pytest.raises(ValueError, match="'bezier' connector"):
         check_connector(curve, ("surface",), "f")
-    assert check_batch_size(np.int64(8), 8) == 8
-    for bad in (0, -4, 2.5, True, None):
-        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
-            check_batch_size(bad, 8)
+    toy = Dataset(np.zeros((8, 2), np.float32), np.zeros(8, np.int32), 2, "toy")
+    assert dataset_steps(toy, 4, "f") == 2
     with pytest.raises(ValueError, match="larger than the training set"):
-        check_batch_size(9, 8)
+        dataset_steps(toy, 9, "f")
+    with pytest.raises(TypeError, match="f: data must be a Dataset"):
+        dataset_steps((toy.x, toy.y), 4, "f")
+    for bad in (0, -4, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be an integer"):
+            ConnectorConfig(batch_size=bad)
+    for bad in (True, None):
+        with pytest.raises(TypeError, match="batch_size must be an integer"):
+            ConnectorConfig(batch_size=bad)
 
 
 def test_float64_control_points_give_a_float64_objective():
@@ -125,5 +140,5 @@ def test_float64_control_points_give_a_float64_objective():
             assert value.dtype == dtype and aux["point_losses"].dtype == dtype
         res = train_connector(WELL, c.replace(control=jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
                                                                              c.control)),
-                              None, epochs=1, tx=optax.sgd(0.01), steps_per_epoch=2, batch_size=None)
+                              None, ConnectorConfig(epochs=1, optimizer=optax.sgd(0.01), steps_per_epoch=2))
         assert res.connector.control["xy"].dtype == jnp.float64

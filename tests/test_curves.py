@@ -10,7 +10,7 @@ import pytest
 from mclandscape.core import connectors as K
 from mclandscape.core.objective import function_objective
 from mclandscape.core.tree import TreeMismatchError, tree_stack
-from mclandscape.engine.connector_train import ConnectorObjective, weight_decay_args
+from mclandscape.engine.connector_train import ConnectorObjective
 from mclandscape.engine.data import Dataset
 from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models.base import from_flax
@@ -45,8 +45,9 @@ def test_trained_curve_goes_around_the_double_well_barrier(make):
     conn = make()
     line = C.line_connector(START, END)
     assert _max_along(line) == pytest.approx(1.0, abs=1e-4)
-    res = C.fit_curve(double_well, conn, epochs=20, steps_per_epoch=50, optimizer=optax.sgd(0.02, momentum=0.9),
-                      num_samples=8, seed=0)
+    cfg = C.CurveConfig(epochs=20, steps_per_epoch=50, optimizer=optax.sgd(0.02, momentum=0.9), num_samples=8,
+                        weight_decay=0.0)
+    res = C.fit_curve(double_well, conn, cfg, seed=0)
     trained = res.connector
     assert _max_along(trained) < 0.25 * _max_along(line)
     np.testing.assert_array_equal(trained.control[0], START)
@@ -72,12 +73,12 @@ def test_point_weight_decay_is_garipovs_regulariser():
     np.testing.assert_allclose(aux["point_losses"], float(double_well(w)), rtol=1e-6)  # reported losses exclude it
     obj_b, _ = ConnectorObjective(**common, l2=wd)(conn.control, None, jax.random.key(0))
     assert float(obj_b) == pytest.approx(float(double_well(w)) + 0.5 * wd * (0.3 ** 2 + 0.7 ** 2), rel=1e-6)
-    assert weight_decay_args(wd, "point") == {"point_l2": wd, "l2": 0.0}
-    assert weight_decay_args(wd, "control") == {"point_l2": 0.0, "l2": wd}
+    assert C.CurveConfig(weight_decay=wd).l2_terms == {"point_l2": wd, "l2": 0.0}
+    assert C.CurveConfig(weight_decay=wd, weight_decay_on="control").l2_terms == {"point_l2": 0.0, "l2": wd}
     with pytest.raises(ValueError, match="weight_decay_on"):
-        weight_decay_args(wd, "all")
+        C.CurveConfig(weight_decay_on="all")
     with pytest.raises(ValueError, match="weight_decay"):
-        weight_decay_args(-1.0, "point")
+        C.CurveConfig(weight_decay=-1.0)
 
 
 def test_garipov_schedule():
@@ -120,9 +121,9 @@ def test_lengths_distances_and_stats():
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="identical"):
-        C.fit_curve(double_well, K.bezier_curve(START, START, 2), epochs=1, optimizer=optax.sgd(0.1))
-    with pytest.raises(ValueError, match="curves"):
-        C.fit_curve(double_well, K.simplex([START, END, START + 1]), epochs=1, optimizer=optax.sgd(0.1))
+        C.fit_curve(double_well, K.bezier_curve(START, START, 2), C.CurveConfig(epochs=1, optimizer=optax.sgd(0.1)))
+    with pytest.raises(ValueError, match="bezier or polychain"):
+        C.fit_curve(double_well, K.simplex([START, END, START + 1]), C.CurveConfig(epochs=1, optimizer=optax.sgd(0.1)))
     with pytest.raises(ValueError, match="Bézier degree"):
         K.bezier_curve(START, END, degree=0)
     with pytest.raises(ValueError, match="num_bends"):
@@ -254,16 +255,14 @@ def test_plot_path_profiles(tmp_path):
 
 @pytest.mark.slow
 def test_experiment_smoke_writes_the_contract_keys(tmp_path):
+    """The experiment in this process (no subprocess: the compilations are shared with the other tests)."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "experiments.curves_neb", "--out", str(tmp_path), "--models", "mlp",
-           "--endpoint-epochs", "2", "--curve-epochs", "1", "--neb-steps", "3", "--neb-cycles", "2",
-           "--num-points", "5", "--sub-pivots", "2", "--train-eval-size", "300", "--no-muller-brown"]
-    subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=600)
+    from experiments.curves_neb import parse_args, run
+
+    run(parse_args(["--out", str(tmp_path), "--models", "mlp", "--endpoint-epochs", "2", "--curve-epochs", "1",
+                    "--neb-steps", "3", "--neb-cycles", "2", "--num-points", "5", "--sub-pivots", "2",
+                    "--train-eval-size", "300", "--no-muller-brown"]))
     res = json.loads((tmp_path / "results.json").read_text())
     for key in ("line_barrier", "bezier_barrier", "polychain_barrier", "neb_barrier", "endpoint_acc",
                 "bezier_min_acc", "neb_min_acc"):

@@ -10,17 +10,15 @@ import pytest
 from mclandscape.core.tree import TreeMismatchError, tree_add, tree_norm, tree_stack
 from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models import get_model
-from mclandscape.engine.points import map_points, stacked_points
+from mclandscape.engine.points import stacked_points
 from mclandscape.methods import directions as D
 from mclandscape.methods.directions import (
-    direction_points,
     filter_norms,
     loss_curve,
     loss_plane,
     normalize_direction,
     random_direction,
     random_directions,
-    target_direction,
 )
 from mclandscape.plots import (
     contour_plot,
@@ -90,36 +88,6 @@ def test_layer_weight_unit_and_none_normalisations(cnn):
     assert not np.allclose(np.asarray(d1["head"]["kernel"]), np.asarray(d2["head"]["kernel"]))
 
 
-def test_direction_points_and_pure_function_grid():
-    params = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(0.5)}
-    d1 = {"w": jnp.array([1.0, 0.0]), "b": jnp.array(0.0)}
-    d2 = {"w": jnp.array([0.0, 1.0]), "b": jnp.array(1.0)}
-    coords = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, -2.0]])
-    pts = direction_points(params, [d1, d2], coords)
-    assert pts.num_points == 3 and pts.num_stacked == 3  # rows [1, c1, c2] over [theta, d1, d2]: no grid copies
-    st = tree_stack([pts.point(i) for i in range(3)])
-    assert st["w"].shape == (3, 2) and st["b"].shape == (3,)
-    np.testing.assert_allclose(np.asarray(st["w"]), [[1, 2], [2, 2], [1.5, 0]])
-    np.testing.assert_allclose(np.asarray(st["b"]), [0.5, 0.5, -1.5])
-    f = lambda p: jnp.sum(p["w"] ** 2) + p["b"] ** 2
-    expect = [float(f(jax.tree_util.tree_map(lambda a, i=i: a[i], st))) for i in range(3)]
-    for chunk in (None, 2):
-        np.testing.assert_allclose(map_points(f, direction_points(params, [d1, d2], coords), chunk_size=chunk), expect,
-                                   rtol=1e-6)
-    np.testing.assert_allclose(map_points(f, direction_points(params, [d1], [0.0, 1.0])), [5.25, 8.25],  # one direction
-                               rtol=1e-6)
-    with pytest.raises(ValueError, match="coords"):
-        direction_points(params, [d1, d2], np.zeros((3, 3)))
-    with pytest.raises(ValueError, match="coords"):
-        direction_points(params, [d1], np.array([np.nan]))
-    with pytest.raises(ValueError, match="at least one direction"):
-        direction_points(params, [], np.zeros((3, 0)))
-    with pytest.raises(TreeMismatchError):
-        direction_points(params, [{"w": jnp.ones(2)}], [1.0])
-    t = target_direction(params, {"w": jnp.array([3.0, 3.0]), "b": jnp.array(0.0)})
-    np.testing.assert_allclose(np.asarray(t["w"]), [2.0, 1.0])
-
-
 def test_loss_curve_and_plane_through_the_evaluator(cnn, tmp_path, monkeypatch):
     model, params, data = cnn
     d1, d2 = random_directions(jax.random.key(6), params, 2)
@@ -141,7 +109,8 @@ def test_loss_curve_and_plane_through_the_evaluator(cnn, tmp_path, monkeypatch):
     assert np.all(np.isfinite(plane.loss))
     assert [p.num_stacked for p in seen] == [2, 3] and [p.num_points for p in seen] == [5, 15]
     # every point equals the evaluation of its explicitly built parameters (the old stacked-grid path)
-    explicit = tree_stack([direction_points(params, [d1, d2], [[a, b]]).point(0) for a in alphas for b in betas])
+    explicit = tree_stack([jax.tree_util.tree_map(lambda p, x, y, a=a, b=b: p + a * x + b * y, params, d1, d2)
+                           for a in alphas for b in betas])
     ref = evaluate(model, stacked_points(explicit), data, batch_size=16)
     np.testing.assert_allclose(plane.loss.ravel(), ref.loss, rtol=1e-5)
     np.testing.assert_allclose(plane.accuracy.ravel(), ref.accuracy)

@@ -140,7 +140,10 @@ def test_area_element_against_brute_force():
             conn = conn.replace(control=jax.tree_util.tree_map(
                 lambda x: x + 0.4 * jnp.asarray(rng.normal(size=x.shape)), conn.control))
             pts = rng.uniform(size=(6, 2))
-            got = np.asarray(S.area_element(conn, pts))
+            # Z against a fine midpoint rule of the brute-force element (one call for both point sets)
+            c = (np.arange(40) + 0.5) / 40
+            mid = np.stack([a.ravel() for a in np.meshgrid(c, c, indexing="ij")], 1)
+            got, at_mid = np.split(np.asarray(S.area_element(conn, np.concatenate([pts, mid]))), [6])
             tus, tvs = _fd_tangents(conn, pts)
             for tu, tv, g in zip(tus, tvs, got, strict=True):
                 if tu.size == 3:
@@ -148,10 +151,7 @@ def test_area_element_against_brute_force():
                 else:
                     ref = math.sqrt(np.linalg.det(np.stack([tu, tv]) @ np.stack([tu, tv]).T))
                 np.testing.assert_allclose(g, ref, rtol=1e-6)
-            # Z against a fine midpoint rule of the brute-force element
-            c = (np.arange(40) + 0.5) / 40
-            mid = np.stack([a.ravel() for a in np.meshgrid(c, c, indexing="ij")], 1)
-            z_mid = float(np.mean(S.area_element(conn, mid)))
+            z_mid = float(np.mean(at_mid))
             np.testing.assert_allclose(float(S.surface_area(conn, quadrature=24)), z_mid, rtol=2e-3)
     # a planar unit square (bilinear corners, any degree) has area element 1 everywhere; q_uv = 1
     sq = [{"p": jnp.asarray(c, jnp.float32)} for c in ([0, 0, 5], [0, 1, 5], [1, 0, 5], [1, 1, 5])]
@@ -159,7 +159,7 @@ def test_area_element_against_brute_force():
         conn = C.bezier_surface(*sq, n=n, m=m)
         np.testing.assert_allclose(np.asarray(S.area_element(conn, uv_grid(4))), 1.0, rtol=1e-5)
         np.testing.assert_allclose(float(S.surface_area(conn)), 1.0, rtol=1e-5)
-        np.testing.assert_allclose(np.asarray(S.area_density(conn, [[0.2, 0.9]])), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(S.area_density(conn, uv_grid(4))), 1.0, rtol=1e-5)  # shapes as above
 
 
 def test_area_weights_and_proposal_are_unbiased():

@@ -16,9 +16,11 @@ differentiated points (:func:`mclandscape.engine.mapping.resolve`): unrolled on 
 model, vmapped otherwise.
 
 :func:`train_connector` trains a connector of a model on a dataset, or of any objective on any batch stream
-(an analytic potential, a regression loss). A run with a ``checkpoint_dir`` resumes after its last saved
-epoch and, since every random draw derives from ``(seed, step)``, ends exactly where an uninterrupted run
-would; its fingerprint (the connector's kind, shape and mask, a digest of the initial control points and of
+(an analytic potential, a regression loss), as ``(objective, connector, data, config)``: the options are a
+:class:`ConnectorConfig`, validated once on construction, which :class:`~mclandscape.methods.curves.CurveConfig`
+and :class:`~mclandscape.methods.surface_train.SurfaceConfig` extend. A run with a ``checkpoint_dir`` resumes
+after its last saved epoch and, since every random draw derives from ``(seed, step)``, ends exactly where an
+uninterrupted run would; its fingerprint (the connector's kind, shape and mask, a digest of the initial control points and of
 the data, the model and the hyper-parameters) must match, else the resume is refused.
 """
 
@@ -36,7 +38,8 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mclandscape.core.connectors import Connector
+from mclandscape.core import _checks
+from mclandscape.core.connectors import _KINDS, Connector
 from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import check_finite, tree_combine, tree_digest, tree_dot
@@ -45,21 +48,12 @@ from mclandscape.engine.batches import batch_stream, data_digest
 from mclandscape.engine.data import Dataset
 from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.loop import LoopConfig, run
+from mclandscape.engine.optim import Transform
 from mclandscape.engine.step import make_step
 
 __all__ = [
-    "ConnectorTrainResult",
-    "ConnectorObjective",
-    "UniformSampler",
-    "SimplexSampler",
-    "uniform_sampler",
-    "simplex_sampler",
-    "train_connector",
-    "checkpointed_connector",
-    "check_connector",
-    "check_batch_size",
-    "weight_decay_args",
-    "STRATEGIES",
+    "ConnectorConfig", "ConnectorTrainResult", "ConnectorObjective", "UniformSampler", "uniform_sampler",
+    "train_connector", "checkpointed_connector", "check_connector", "dataset_steps", "STRATEGIES",
     "WEIGHT_DECAY_ON",
 ]
 
@@ -99,51 +93,101 @@ def check_connector(connector, kinds: Sequence[str], fn: str, *, build: str = ""
     return connector
 
 
-def check_batch_size(batch_size, num_examples: int) -> int:
-    """``batch_size`` as an int in ``[1, num_examples]``, or a ``ValueError`` naming the problem.
+def dataset_steps(data, batch_size: int, fn: str) -> int:
+    """The full batches of ``batch_size`` in the Dataset ``data``: a ``TypeError`` when ``data`` is no Dataset, a
+    ``ValueError`` when the batch is larger than the data.
 
     Args:
-      batch_size: the requested batch size.
-      num_examples: the size of the training set.
+      data: the training data.
+      batch_size: a validated batch size (a config's).
+      fn: the caller's name, for the message.
 
     Returns:
-      ``int(batch_size)``.
+      ``len(data) // batch_size``.
 
     Example:
-        >>> check_batch_size(32, 120)
-        32
+        >>> import numpy as np
+        >>> dataset_steps(Dataset(np.zeros((120, 2), np.float32), np.zeros(120, np.int32), 2, "toy"), 32, "f")
+        3
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if batch_size > num_examples:
-        raise ValueError(f"batch_size {batch_size} is larger than the training set ({num_examples} examples)")
-    return int(batch_size)
+    if not isinstance(data, Dataset):
+        raise TypeError(f"{fn}: data must be a Dataset (mcl.load_dataset(...) or mcl.Dataset(x, y, ...)), got "
+                        f"{type(data).__name__}")
+    if batch_size > len(data):
+        raise ValueError(f"batch_size {batch_size} is larger than the training set ({len(data)} examples)")
+    return len(data) // batch_size
 
 
-def weight_decay_args(weight_decay: float, weight_decay_on: str) -> dict:
-    """The trainer's ``point_l2`` / ``l2`` for a weight decay ``wd`` and where it applies.
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+    """What :func:`train_connector` computes (validated on construction; equal configs hash equal).
 
-    ``"point"``: ``(wd/2) |phi(p)|^2`` at every sampled point (Garipov et al., 2018: the L2 regulariser on the
-    curve's weights); ``"control"``: ``(wd/2) sum |theta_k|^2`` over the trainable control points.
+    :class:`~mclandscape.methods.curves.CurveConfig` and :class:`~mclandscape.methods.surface_train.SurfaceConfig`
+    extend it (with their own ``epochs`` and default optimizer).
 
-    Args:
-      weight_decay: ``wd >= 0``.
-      weight_decay_on: ``"point"`` or ``"control"``.
-
-    Returns:
-      ``{"point_l2": ..., "l2": ...}`` for :func:`train_connector`.
+    Attributes:
+      epochs: epochs to train (one epoch is ``steps_per_epoch`` updates).
+      batch_size: examples per batch of a Dataset (at most its size).
+      steps_per_epoch: updates per epoch of a batch stream or a fixed batch (a Dataset gives its own).
+      num_samples: ``k``, the points evaluated per batch.
+      weight_decay, weight_decay_on: ``"point"``: ``(wd/2) |phi(p)|^2`` at every sampled point (Garipov et al.,
+        2018: the L2 regulariser on the curve's weights); ``"control"``: ``(wd/2) sum |theta_k|^2`` over the
+        trainable control points (:class:`ConnectorObjective`'s ``point_l2`` and ``l2``).
+      optimizer: the Optax transform (:func:`train_connector` needs one).
+      loss_fn: the per-example loss of a model (``(logits, y) -> [N]``).
+      augment: random crops and flips of image batches.
+      strategy: how the ``k`` points are evaluated: ``"auto"`` (default), ``"unroll"``, ``"map"`` or ``"vmap"``
+        (module docstring).
 
     Example:
-        >>> weight_decay_args(5e-4, "point")
+        >>> ConnectorConfig(weight_decay=5e-4).l2_terms
         {'point_l2': 0.0005, 'l2': 0.0}
+        >>> ConnectorConfig(weight_decay_on="bends")
+        Traceback (most recent call last):
+        ...
+        ValueError: weight_decay_on must be one of ['control', 'point'], got 'bends'
     """
-    wd = _check_nonneg("weight_decay", weight_decay)
-    if weight_decay_on == "point":
-        return {"point_l2": wd, "l2": 0.0}
-    if weight_decay_on == "control":
-        return {"point_l2": 0.0, "l2": wd}
-    raise ValueError(f"weight_decay_on must be 'point' (|phi(p)|^2 at the sampled points) or 'control' (the "
-                     f"trainable control points), got {weight_decay_on!r}")
+
+    epochs: int = 1
+    batch_size: int = 128
+    steps_per_epoch: int | None = None
+    num_samples: int = 1
+    weight_decay: float = 0.0
+    weight_decay_on: str = "point"
+    optimizer: Any = None
+    loss_fn: Callable = cross_entropy
+    augment: bool = False
+    strategy: str | None = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "epochs", _checks.integer(self.epochs, "epochs", low=0))
+        self._check_common()
+
+    def _check_common(self, callable_optimizer: bool = False):
+        """The checks of the fields every connector config shares (a subclass checks its ``epochs`` itself)."""
+        counts = ("batch_size", "num_samples") + (() if self.steps_per_epoch is None else ("steps_per_epoch",))
+        for name in counts:  # stored as ints: they become shapes
+            object.__setattr__(self, name, _checks.integer(getattr(self, name), name, low=1))
+        _checks.real(self.weight_decay, "weight_decay", low=0.0)
+        _checks.choice(self.weight_decay_on, "weight_decay_on", WEIGHT_DECAY_ON)
+        _checks.choice(self.strategy or "auto", "strategy", STRATEGIES)
+        opt = self.optimizer
+        if not (opt is None or isinstance(opt, optax.GradientTransformation | Transform)
+                or (callable_optimizer and callable(opt))):
+            raise TypeError(f"optimizer must be an optax transformation{', a callable' if callable_optimizer else ''}"
+                            f" or None, got {opt!r}")
+
+    @property
+    def l2_terms(self) -> dict:
+        """``{"point_l2": ..., "l2": ...}``: the weight decay as :class:`ConnectorObjective`'s two terms."""
+        wd = float(self.weight_decay)
+        return {"point_l2": wd, "l2": 0.0} if self.weight_decay_on == "point" else {"point_l2": 0.0, "l2": wd}
+
+    def connector_config(self, **changes) -> ConnectorConfig:
+        """The :class:`ConnectorConfig` of this config's shared fields with ``changes`` (e.g. a subclass's
+        ``epochs`` and built optimizer)."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ConnectorConfig)}
+        return ConnectorConfig(**{**shared, **changes})
 
 
 @struct.dataclass
@@ -154,16 +198,6 @@ class UniformSampler:
 
     def __call__(self, key, k):
         return jax.random.uniform(key, (k,) if self.dim == 1 else (k, self.dim))
-
-
-@struct.dataclass
-class SimplexSampler:
-    """Barycentric points uniform on the simplex with ``num_vertices`` vertices (Dirichlet(1, ..., 1))."""
-
-    num_vertices: int = struct.field(pytree_node=False)
-
-    def __call__(self, key, k):
-        return jax.random.dirichlet(key, jnp.ones(self.num_vertices), (k,))
 
 
 def uniform_sampler(point_dim: int) -> UniformSampler:
@@ -180,29 +214,7 @@ def uniform_sampler(point_dim: int) -> UniformSampler:
         >>> uniform_sampler(2)(jax.random.key(0), 5).shape
         (5, 2)
     """
-    if isinstance(point_dim, bool) or int(point_dim) != point_dim or point_dim < 1:
-        raise ValueError(f"point_dim must be an integer >= 1, got {point_dim!r}")
-    return UniformSampler(int(point_dim))
-
-
-def simplex_sampler(num_vertices: int) -> SimplexSampler:
-    """Points uniform on the simplex (Dirichlet(1, ..., 1); see :class:`SimplexSampler`).
-
-    Args:
-      num_vertices: K >= 2.
-
-    Returns:
-      A :class:`SimplexSampler`, ``sampler(key, k) -> [k, K]`` barycentric weights.
-
-    Example:
-        >>> import jax
-        >>> w = simplex_sampler(3)(jax.random.key(0), 4)
-        >>> w.shape, bool(abs(w.sum(1) - 1).max() < 1e-5)
-        ((4, 3), True)
-    """
-    if isinstance(num_vertices, bool) or int(num_vertices) != num_vertices or num_vertices < 2:
-        raise ValueError(f"a simplex needs an integer number of vertices >= 2, got {num_vertices!r}")
-    return SimplexSampler(int(num_vertices))
+    return UniformSampler(_checks.integer(point_dim, "point_dim", low=1))
 
 
 @struct.dataclass(eq=False)  # holds arrays: hashed by identity, like a jax.Array
@@ -253,10 +265,7 @@ class ConnectorObjective:
             return task, reg
 
         losses, regs = mapping.map_over(one, (coefs, keys), self.strategy)
-        if self.point_weights is None:
-            w = jnp.ones_like(losses)
-        else:
-            w = self.point_weights(self.template.replace(control=control), pts)
+        w = 1.0 if self.point_weights is None else self.point_weights(self.template.replace(control=control), pts)
         value = jnp.mean(w * (losses + regs))
         if self.l2:
             m = self.mask.astype(losses.dtype)
@@ -278,66 +287,61 @@ class ConnectorTrainResult:
     resumed_from: int | None = None
     stopped: int | None = None
 
+    @classmethod
+    def at(cls, connector: Connector, state, history: list[dict], **kw) -> ConnectorTrainResult:
+        """The result as of a loop ``state`` and ``history`` (the loop's ``acc``, meaningless here, dropped)."""
+        return cls(connector=connector.replace(control=state.params), opt_state=state.opt_state,
+                   history=[{k: v for k, v in h.items() if k != "acc"} for h in history], **kw)
 
-def _check_nonneg(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    return float(v)
 
-
-def _stream(data, *, batch_size: int | None, steps_per_epoch: int | None, seed: int, augment: bool):
+def _stream(data, cfg: ConnectorConfig, seed: int):
     """``(batches, steps_per_epoch, digest)`` for a Dataset, a ``t -> batch`` stream or a fixed batch."""
     if isinstance(data, Dataset):
-        stream = batch_stream(data, int(batch_size or 128), seed=seed, augment=augment, drop_last=True)
+        dataset_steps(data, cfg.batch_size, "train_connector")
+        stream = batch_stream(data, cfg.batch_size, seed=seed, augment=cfg.augment, drop_last=True)
         return stream, stream.steps_per_epoch, data_digest(data)
     if callable(data):
-        spe = steps_per_epoch or getattr(data, "steps_per_epoch", None)
+        spe = cfg.steps_per_epoch or getattr(data, "steps_per_epoch", None)
         if spe is None:
-            raise ValueError("a batch stream needs steps_per_epoch (give it, or a stream with .steps_per_epoch)")
+            raise ValueError("a batch stream needs steps_per_epoch (in the config, or a stream with .steps_per_epoch)")
         return data, int(spe), getattr(data, "digest", None)
-    spe = int(steps_per_epoch or 1)
-    return (lambda t: data), spe, tree_digest(data) if data is not None else None
+    return (lambda t: data), cfg.steps_per_epoch or 1, tree_digest(data) if data is not None else None
 
 
-def train_connector(objective, connector: Connector, data, *, epochs: int, tx: optax.GradientTransformation,
-                    batch_size: int | None = 128, steps_per_epoch: int | None = None, sampler: Callable | None = None,
-                    num_samples: int = 1, trainable: np.ndarray | None = None, l2: float = 0.0,
-                    point_l2: float = 0.0, point_weights: Callable | None = None,
-                    coefficients: Callable | None = None, loss_fn: Callable = cross_entropy, seed: int = 0,
-                    augment: bool = False, strategy: str = "auto", loop: LoopConfig | None = None,
+def train_connector(objective, connector: Connector, data, config: ConnectorConfig, *, sampler: Callable | None = None,
+                    trainable: np.ndarray | None = None, point_weights: Callable | None = None,
+                    coefficients: Callable | None = None, seed: int = 0, loop: LoopConfig | None = None,
                     callbacks: Sequence[Callable] = (), hyper: Mapping | None = None,
                     metadata: Mapping | None = None, run_start: Connector | None = None,
                     devices: int | None = None) -> ConnectorTrainResult:
-    """Train the trainable control points of ``connector`` for ``epochs`` epochs.
+    """Train the trainable control points of ``connector`` for ``config.epochs`` epochs.
 
     Args:
       objective: a :class:`~mclandscape.engine.models.Model` (trained in train mode, as Garipov et al. train
-        curves: dropout on, BatchNorm on batch statistics; ``loss_fn`` is its per-example loss) or any point
-        objective ``(params, batch, key) -> (loss, aux)``.
+        curves: dropout on, BatchNorm on batch statistics; ``config.loss_fn`` is its per-example loss) or any
+        point objective ``(params, batch, key) -> (loss, aux)``.
       connector: the connector; its ``fixed`` mask, ``&``-ed with ``trainable``, says what moves.
-      data: a :class:`~mclandscape.engine.data.Dataset` (shuffled full batches of ``batch_size`` per epoch,
-        random crops and flips with ``augment``), a random-access stream ``t -> batch`` (with
-        ``steps_per_epoch``) or one fixed batch (``None`` for a potential).
-      epochs: epochs to train (one epoch is ``steps_per_epoch`` updates).
-      tx: the Optax transform.
+      data: a :class:`~mclandscape.engine.data.Dataset` (shuffled full batches of ``config.batch_size`` per
+        epoch, random crops and flips with ``config.augment``), a random-access stream ``t -> batch`` (with
+        ``config.steps_per_epoch``) or one fixed batch (``None`` for a potential).
+      config: the :class:`ConnectorConfig` (its ``optimizer`` is the Optax transform).
       sampler: ``sampler(key, k) -> points`` (default uniform on the connector's parameter domain).
-      num_samples: ``k``, the points evaluated per batch.
-      l2, point_l2, point_weights, coefficients: see :class:`ConnectorObjective`.
+      trainable, point_weights, coefficients: a ``[K]`` mask ``&``-ed with the connector's; see
+        :class:`ConnectorObjective` for the others.
       seed: the sampling, dropout and batch-order seed.
-      strategy: how the ``k`` points are evaluated: ``"auto"`` (default), ``"unroll"``, ``"map"`` or ``"vmap"``
-        (module docstring).
       loop: checkpoints, rotation, resume and progress (:class:`~mclandscape.engine.loop.LoopConfig`).
       callbacks: ``callback(epoch, state, history)`` after every epoch (``epoch`` from 1, as in the history);
         raising :class:`~mclandscape.engine.loop.StopRun` ends the run there.
-      hyper: hyper-parameters that built ``tx`` (learning rate, schedule, ...), recorded in the fingerprint.
+      hyper: hyper-parameters that built the optimizer (learning rate, schedule, ...), recorded in the
+        fingerprint.
       metadata: extra JSON stored with the checkpoints.
+      run_start: when this call continues a run in segments (the same ``checkpoint_dir``, a larger ``epochs``,
+        e.g. with a sampler rebuilt between segments), the connector the run started from; the fingerprint
+        records it instead of ``connector``.
       devices: how many devices to train on (default all of the job's, across processes): the ``k`` points
         and the batch are split over a ``("points", "data")`` mesh
         (:func:`mclandscape.engine.distributed.training_mesh`; with a points split the points are vmapped);
         the result equals one device's to float rounding.
-      run_start: when this call continues a run in segments (the same ``checkpoint_dir``, a larger ``epochs``,
-        e.g. with a sampler rebuilt between segments), the connector the run started from; the fingerprint
-        records it instead of ``connector``.
 
     Returns:
       A :class:`ConnectorTrainResult` (``history``: one record per epoch, ``epoch`` from 1).
@@ -347,61 +351,46 @@ def train_connector(objective, connector: Connector, data, *, epochs: int, tx: o
         >>> from mclandscape.core.connectors import bezier_curve
         >>> bowl = lambda p, batch, key: (jnp.sum(p["w"] ** 2), {})
         >>> c = bezier_curve({"w": jnp.array([-1.0, 1.0])}, {"w": jnp.array([1.0, 1.0])}, 2)
-        >>> res = train_connector(bowl, c, None, epochs=2, tx=optax.sgd(0.1), batch_size=None, steps_per_epoch=5,
-        ...                       num_samples=4, loop=LoopConfig(progress=False))
+        >>> cfg = ConnectorConfig(epochs=2, steps_per_epoch=5, num_samples=4, optimizer=optax.sgd(0.1))
+        >>> res = train_connector(bowl, c, None, cfg, loop=LoopConfig(progress=False))
         >>> [r["epoch"] for r in res.history], bool(res.connector.control["w"][1, 1] < 1.0)
         ([1, 2], True)
     """
-    epochs, num_samples, l2, point_l2 = _check_counts(epochs, num_samples, l2, point_l2, batch_size)
-    if not isinstance(connector, Connector):
-        raise ValueError(f"connector must be a Connector, got {type(connector).__name__}")
-    mask = _trainable(connector, trainable)
+    cfg = config
+    if not isinstance(cfg, ConnectorConfig) or cfg.optimizer is None:
+        raise TypeError(f"train_connector needs a ConnectorConfig with an optimizer, got {cfg!r}")
+    mask = _trainable(check_connector(connector, _KINDS, "train_connector"), trainable)
     check_finite(connector.control, "connector control points")
-    model, point = _point_objective(objective, loss_fn)
-    if isinstance(data, Dataset) and batch_size is not None and batch_size > len(data):
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(data)} training examples")
-    batches, spe, digest = _stream(data, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
-                                   augment=augment)
+    model, point = _point_objective(objective, cfg.loss_fn)
+    batches, spe, digest = _stream(data, cfg, seed)
     sampler = sampler or uniform_sampler(connector.point_dim)
     leaves = jax.tree_util.tree_leaves(batches(0))
-    mesh = training_mesh(int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 1, num_samples,
+    mesh = training_mesh(int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 1, cfg.num_samples,
                          devices=devices)
-    how, _ = mapping.resolve(strategy or "auto", num_samples, has_conv=cpu.has_conv(connector.control, stacked=1),
-                             grad=True)
+    how, _ = mapping.resolve(cfg.strategy or "auto", cfg.num_samples,
+                             has_conv=cpu.has_conv(connector.control, stacked=1), grad=True)
     if mesh is not None and mesh.shape["points"] > 1:
         how = "vmap"  # the points are split over devices along the vmapped axis
     obj = ConnectorObjective(point=point, template=connector.replace(control=None), sampler=sampler,
-                             mask=jnp.asarray(mask), num_samples=num_samples, coefficients=coefficients,
-                             point_weights=point_weights, l2=l2, point_l2=point_l2, strategy=how, mesh=mesh)
-    step = make_step(obj, tx, trainable=jax.tree_util.tree_map(lambda _: jnp.asarray(mask), connector.control),
-                     mesh=mesh)
-    hyper = {"epochs": epochs, "num_samples": num_samples, "l2": l2, "point_l2": point_l2,
-             "batch_size": None if batch_size is None else int(batch_size), "steps_per_epoch": spe,
-             "seed": int(seed), "augment": bool(augment), "sampler": _describe(sampler),
+                             mask=jnp.asarray(mask), num_samples=cfg.num_samples, coefficients=coefficients,
+                             point_weights=point_weights, strategy=how, mesh=mesh, **cfg.l2_terms)
+    step = make_step(obj, cfg.optimizer, trainable=jax.tree_util.tree_map(lambda _: jnp.asarray(mask),
+                                                                          connector.control), mesh=mesh)
+    hyper = {"epochs": cfg.epochs, "num_samples": cfg.num_samples, **cfg.l2_terms,
+             "batch_size": cfg.batch_size if isinstance(data, Dataset) else None, "steps_per_epoch": spe,
+             "seed": int(seed), "augment": bool(cfg.augment), "sampler": _describe(sampler),
              "coefficients": _describe(coefficients), "point_weights": _describe(point_weights),
-             "loss_fn": _describe(loss_fn), **dict(hyper or {})}
+             "loss_fn": _describe(cfg.loss_fn), **dict(hyper or {})}
     fingerprint = {"trainer": "connector", "kind": connector.kind, "shape": list(connector.shape),
                    "trainable": mask.tolist(), "model": None if model is None else model.spec,
                    "objective": None if model is not None else type(point).__name__, "hyper": hyper,
                    "inputs": {"control": tree_digest((run_start or connector).control), "data": digest}}
-    res = run(step, step.init(connector.control), batches, epochs=epochs, steps_per_epoch=spe,
+    res = run(step, step.init(connector.control), batches, epochs=cfg.epochs, steps_per_epoch=spe,
               key=jax.random.key(seed), config=loop or LoopConfig(desc=f"train {connector.kind}"),
               fingerprint=fingerprint, callbacks=callbacks,
               metadata={"kind": connector.kind, "shape": list(connector.shape), **dict(metadata or {})})
-    history = [{k: v for k, v in h.items() if k != "acc"} for h in res.history]
-    return ConnectorTrainResult(connector=connector.replace(control=res.state.params), opt_state=res.state.opt_state,
-                                history=history, resumed_from=res.resumed_from, stopped=res.stopped)
-
-
-def _check_counts(epochs, num_samples, l2, point_l2, batch_size) -> tuple[int, int, float, float]:
-    """The trainer's counts and weights, or a ``ValueError`` naming the bad one."""
-    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 0:
-        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
-    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    return int(epochs), int(num_samples), _check_nonneg("l2", l2), _check_nonneg("point_l2", point_l2)
+    return ConnectorTrainResult.at(connector, res.state, res.history, resumed_from=res.resumed_from,
+                                   stopped=res.stopped)
 
 
 def _trainable(connector: Connector, trainable) -> np.ndarray:
@@ -421,10 +410,10 @@ def _point_objective(objective, loss_fn) -> tuple[Any, Callable]:
     """``(model or None, point objective)``: a Model is trained in train mode with ``loss_fn``."""
     if hasattr(objective, "apply") and hasattr(objective, "init"):
         return objective, make_objective(objective, loss_fn, train=True)
-    if callable(objective):
-        return None, objective
-    raise ValueError(f"objective must be a Model or a callable (params, batch, key) -> (loss, aux), "
-                     f"got {type(objective).__name__}")
+    if not callable(objective):
+        raise ValueError(f"objective must be a Model or a callable (params, batch, key) -> (loss, aux), "
+                         f"got {type(objective).__name__}")
+    return None, objective
 
 
 def _describe(obj) -> str | None:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.core import _checks
 from mclandscape.core.connectors import Connector
 from mclandscape.core.tree import PyTree, tree_combine, tree_stack
 from mclandscape.engine.points import connector_points, map_points
@@ -79,16 +80,11 @@ def insertion_alphas(dense_loss, num_pivots: int, sub_pivots: int, *, count: int
         >>> insertion_alphas([0.0, 5.0, 0.0, 0.0, 1.0], 3, 1, count=1)  # a bump inside the first gap
         [[0.5], []]
     """
-    if count < 0:
-        raise ValueError(f"insert count must be >= 0, got {count}")
+    count = _checks.integer(count, "count", low=0)
     g = num_pivots - 1
-    if method == "equal":
-        al = [float(a) for a in np.linspace(0.0, 1.0, count + 2)[1:-1]]
-        return [list(al) for _ in range(g)]
-    if method != "highest":
-        raise ValueError(f"unknown insert method {method!r}; expected 'equal' or 'highest'")
-    if sub_pivots < 1:
-        raise ValueError("the 'highest' insertion needs sub_pivots >= 1 points inside every gap")
+    if _checks.choice(method, "method", ("equal", "highest")) == "equal":
+        return [[float(a) for a in np.linspace(0.0, 1.0, count + 2)[1:-1]] for _ in range(g)]
+    _checks.integer(sub_pivots, "sub_pivots", low=1, what="points inside every gap")
     v = np.asarray(dense_loss, np.float64).reshape(-1)
     expect = g * (sub_pivots + 1) + 1
     if v.size != expect:
@@ -139,38 +135,24 @@ def insert_pivots(pivots: PyTree, fill: Sequence[Sequence[float]], spacing=None)
     w = np.ones(n - 1) if spacing is None else np.asarray(spacing, np.float64)
     if w.shape != (n - 1,) or np.any(w <= 0):
         raise ValueError(f"spacing must be {n - 1} positive weights, got {w}")
-    rows, new_w = [], []
     for g, al in enumerate(fill):
-        al = [float(a) for a in al]
-        if any(not 0.0 < a < 1.0 for a in al) or any(b <= a for a, b in zip(al, al[1:], strict=False)):
-            raise ValueError(f"insert positions in gap {g} must increase strictly inside (0, 1), got {al}")
-        r = np.zeros(n)
-        r[g] = 1.0
-        rows.append(r)
-        last = 0.0
-        for a in al:
-            r = np.zeros(n)
-            r[g], r[g + 1] = 1.0 - a, a
-            rows.append(r)
-            new_w.append((a - last) * w[g])
-            last = a
-        new_w.append((1.0 - last) * w[g])
-    r = np.zeros(n)
-    r[-1] = 1.0
-    rows.append(r)
-    m = np.stack(rows)
-    if m.shape[0] == n:
-        new = pivots
-    else:
+        if any(not 0.0 < a < 1.0 for a in al) or np.any(np.diff(al) <= 0):
+            raise ValueError(f"insert positions in gap {g} must increase strictly inside (0, 1), got {list(al)}")
+    # row r of the new band is (1 - alpha_r) w_{gap_r} + alpha_r w_{gap_r + 1}; alpha 0 (and 1 for the end) are
+    # the existing pivots
+    rows = [(g, float(a)) for g, al in enumerate(fill) for a in (0.0, *al)] + [(n - 2, 1.0)]
+    gap, alpha = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    new_w = np.concatenate([np.diff([0.0, *map(float, al), 1.0]) * w[g] for g, al in enumerate(fill)])
+    new = pivots
+    if len(rows) > n:
+        m = np.zeros((len(rows), n))
+        m[np.arange(len(rows)), gap] = 1.0 - alpha
+        m[np.arange(len(rows)), gap + 1] += alpha
         new = tree_combine(jnp.asarray(m, _band_dtype(pivots)), pivots)  # alpha in the pivots' precision
-        # Existing pivots are copied bit-for-bit.
-        old_idx = np.flatnonzero((m == 1.0).sum(1) == 1)
-        src = np.argmax(m[old_idx], axis=1)
-        new = jax.tree_util.tree_map(lambda a, p: a.at[old_idx].set(p[src]), new, pivots)
-    nw = np.asarray(new_w)
-    return new, nw * (nw.size / nw.sum())
-
-
+        old = np.flatnonzero((alpha == 0.0) | (alpha == 1.0))  # existing pivots are copied bit for bit
+        src = gap[old] + (alpha[old] == 1.0)
+        new = jax.tree_util.tree_map(lambda a, p: a.at[old].set(p[src]), new, pivots)
+    return new, new_w * (new_w.size / new_w.sum())
 
 
 def auto_neb(objective: Callable, start: PyTree, end: PyTree, *, cycles: NEBConfig | Sequence[NEBConfig],
@@ -252,18 +234,13 @@ def auto_neb(objective: Callable, start: PyTree, end: PyTree, *, cycles: NEBConf
 def _check_cycles(cycles, num_cycles, initial_insert: int, sub_pivots: int, insert_method: str) -> list:
     """The list of cycle configs of :func:`auto_neb`, after checking its insertion arguments."""
     if isinstance(cycles, NEBConfig):
-        if num_cycles is None or num_cycles < 1:
-            raise ValueError("with a single NEBConfig, give num_cycles >= 1")
-        cycles = [cycles] * int(num_cycles)
+        cycles = [cycles] * _checks.integer(num_cycles, "num_cycles", low=1, what="with a single NEBConfig")
     cycles = list(cycles)
     if not cycles:
         raise ValueError("auto_neb needs at least one cycle")
-    if initial_insert < 1:
-        raise ValueError(f"initial_insert must be >= 1 (a band needs N >= 3 pivots), got {initial_insert}")
-    if sub_pivots < 1:
-        raise ValueError(f"sub_pivots must be >= 1, got {sub_pivots}")
-    if insert_method not in ("equal", "highest"):
-        raise ValueError(f"unknown insert method {insert_method!r}; expected 'equal' or 'highest'")
+    _checks.integer(initial_insert, "initial_insert", low=1, what="a band needs N >= 3 pivots")
+    _checks.integer(sub_pivots, "sub_pivots", low=1)
+    _checks.choice(insert_method, "insert_method", ("equal", "highest"))
     return cycles
 
 

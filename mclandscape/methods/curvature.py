@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from mclandscape.core import _checks
 from mclandscape.core.objective import call_objective, make_objective
 from mclandscape.core.tree import PyTree, tree_ravel, tree_size
 from mclandscape.engine.batches import BatchStream, batch_stream
@@ -120,44 +121,35 @@ class TraceEstimate:
 
 # ---- the objective as a jit argument -----------------------------------------------------------------------
 
-def _split_fn(objective: Callable) -> tuple[Any, tuple]:
-    """``(static, arrays)`` of an objective: a pytree whose leaves are all arrays (an :class:`Objective`)
-    travels as its tree definition (static, hashed by value) and its arrays (data); any other callable is
-    static whole."""
+def _as_argument(objective: Callable):
+    """An objective as a jit argument: a pytree whose leaves are all arrays (an :class:`Objective`: its
+    configuration in the tree definition, hashed by value, its arrays data) as it is; any other callable in a
+    ``jax.tree_util.Partial`` (static, hashed by identity)."""
     if not callable(objective):
         raise ValueError(f"the objective must be callable (params, batch, key) -> (loss, aux), got "
                          f"{type(objective).__name__}")
-    leaves, treedef = jax.tree_util.tree_flatten(objective)
-    if all(isinstance(a, jax.Array | np.ndarray) for a in leaves):
-        return ("tree", treedef), tuple(leaves)
-    return ("callable", objective), ()  # tagged: a tree definition is never compared with a function
+    if all(isinstance(a, jax.Array | np.ndarray) for a in jax.tree_util.tree_leaves(objective)):
+        return objective
+    return jax.tree_util.Partial(objective)
 
 
-def _merge_fn(static, arrays) -> Callable:
-    kind, what = static
-    return what if kind == "callable" else jax.tree_util.tree_unflatten(what, list(arrays))
-
-
-def _hvp_impl(fn_static, fn_arrays, params, v, batch, key):
-    fn = _merge_fn(fn_static, fn_arrays)
+def _hvp_impl(fn, params, v, batch, key):
     return jax.jvp(jax.grad(lambda p: call_objective(fn, p, batch, key)[0]), (params,), (v,))[1]
 
 
-def _flat_hvp_impl(fn_static, fn_arrays, params, x, batch, key):
+def _flat_hvp_impl(fn, params, x, batch, key):
     flat, unravel = ravel_pytree(params)
-    hv = _hvp_impl(fn_static, fn_arrays, params, unravel(x.astype(flat.dtype)), batch, key)
-    return ravel_pytree(hv)[0]
+    return ravel_pytree(_hvp_impl(fn, params, unravel(x.astype(flat.dtype)), batch, key))[0]
 
 
-def _hessian_impl(fn_static, fn_arrays, params, batch, key):
-    fn = _merge_fn(fn_static, fn_arrays)
+def _hessian_impl(fn, params, batch, key):
     flat, unravel = ravel_pytree(params)
     return jax.hessian(lambda x: call_objective(fn, unravel(x), batch, key)[0])(flat)
 
 
-_hvp_jit = jax.jit(_hvp_impl, static_argnums=0)
-_flat_hvp_jit = jax.jit(_flat_hvp_impl, static_argnums=0)
-_hessian_jit = jax.jit(_hessian_impl, static_argnums=0)
+_hvp_jit = jax.jit(_hvp_impl)
+_flat_hvp_jit = jax.jit(_flat_hvp_impl)
+_hessian_jit = jax.jit(_hessian_impl)
 
 
 # ---- data: a fixed batch or one epoch of a stream -------------------------------------------------------------
@@ -191,8 +183,7 @@ def hvp(objective: Callable, params: PyTree, v: PyTree, batch: Any = None, *, ke
         >>> hvp(obj, jnp.zeros(3), jnp.ones(3)).tolist()  # H = diag(1, 2, 3)
         [1.0, 2.0, 3.0]
     """
-    static, arrays = _split_fn(objective)
-    return _hvp_jit(static, arrays, params, v, batch, key)
+    return _hvp_jit(_as_argument(objective), params, v, batch, key)
 
 
 class HVP:
@@ -221,7 +212,7 @@ class HVP:
     """
 
     def __init__(self, objective: Callable, params: PyTree, data: Any = None, *, key: jax.Array | None = None):
-        self._static, self._arrays = _split_fn(objective)
+        self._fn = _as_argument(objective)
         self.params, self.key = params, key
         self._batches, self._weights = _batches(data)
         flat, self._unravel = tree_ravel(params)
@@ -243,7 +234,7 @@ class HVP:
         x = jnp.asarray(x.astype(self.dtype))
         out = np.zeros(self.dim, np.float64)
         for wb, b in zip(self._weights, self._batches, strict=True):
-            out += wb * np.asarray(_flat_hvp_jit(self._static, self._arrays, self.params, x, b, self.key), np.float64)
+            out += wb * np.asarray(_flat_hvp_jit(self._fn, self.params, x, b, self.key), np.float64)
         return out
 
     def __call__(self, v: PyTree) -> PyTree:
@@ -335,12 +326,9 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array,
         >>> [round(float(v), 4) for v in eigs.values]
         [3.0, 2.0]
     """
-    if which not in ("largest", "smallest", "magnitude"):
-        raise ValueError(f"which must be 'largest', 'smallest' or 'magnitude', got {which!r}")
+    _checks.choice(which, "which", ("largest", "smallest", "magnitude"))
     mv, unravel, d, dtype = _flat_matvec(matvec, like)
-    if num_iter < 1:
-        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
-    m = min(num_iter, d)
+    m = min(_checks.integer(num_iter, "num_iter", low=1), d)
     if not 1 <= k <= m:
         raise ValueError(f"k={k} must be between 1 and the number of Lanczos steps {m} (num_iter={num_iter}, d={d})")
     q = np.array(jax.random.normal(key, (d,), _draw_dtype(dtype)), np.float64)
@@ -412,44 +400,36 @@ def power_iteration(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: ja
         >>> [round(float(v), 3) for v in eigs.values]  # by magnitude
         [-4.0, 2.0]
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if num_iter < 1:
-        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+    _checks.integer(num_iter, "num_iter", low=1)
     mv, unravel, d, dtype = _flat_matvec(matvec, like)
-    if k > d:
-        raise ValueError(f"k={k} exceeds the dimension {d}")
+    if not 1 <= _checks.integer(k, "k") <= d:
+        raise ValueError(f"k={k} must be between 1 and the dimension {d}")
     vals, vecs, res = [], [], []
     nmv = 0
-    keys = jax.random.split(key, k)
-    for i in range(k):
-        u = np.array(jax.random.normal(keys[i], (d,), _draw_dtype(dtype)), np.float64)  # writable: deflated below
-        for vj in vecs:
-            u -= (vj @ u) * vj
-        u /= np.linalg.norm(u)
+
+    def deflated(u):  # (H - sum_j lambda_j u_j u_j^T) u
+        nonlocal nmv
+        nmv += 1
+        return mv(u) - sum((lj * (vj @ u) * vj for lj, vj in zip(vals, vecs, strict=True)), np.zeros(d))
+
+    def orthonormal(u):  # u orthogonal to the pairs found, normalised
+        u = u - sum(((vj @ u) * vj for vj in vecs), np.zeros(d))
+        return u / np.linalg.norm(u)
+
+    for kk in jax.random.split(key, k):
+        u = orthonormal(np.array(jax.random.normal(kk, (d,), _draw_dtype(dtype)), np.float64))
         lam = 0.0
         for _ in range(num_iter):
-            w = mv(u)
-            nmv += 1
-            for lj, vj in zip(vals, vecs, strict=True):
-                w -= lj * (vj @ u) * vj
-            new_lam = float(u @ w)
-            nw = float(np.linalg.norm(w))
+            w = deflated(u)
+            new_lam, nw = float(u @ w), float(np.linalg.norm(w))
             if nw == 0.0:
                 lam = 0.0
                 break
-            u_new = w / nw
-            for vj in vecs:
-                u_new -= (vj @ u_new) * vj
-            u_new /= np.linalg.norm(u_new)
             done = abs(new_lam - lam) <= tol * max(abs(new_lam), 1e-30)
-            lam, u = new_lam, u_new
+            lam, u = new_lam, orthonormal(w / nw)
             if done:
                 break
-        w = mv(u)
-        nmv += 1
-        for lj, vj in zip(vals, vecs, strict=True):
-            w -= lj * (vj @ u) * vj
+        w = deflated(u)
         lam = float(u @ w)
         res.append(float(np.linalg.norm(w - lam * u)))
         vals.append(lam)
@@ -480,17 +460,15 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: j
         >>> bool(abs(est.mean - 5.0) <= 2.0), est.samples.shape  # each probe gives 5 ± 2
         (True, (4,))
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if distribution not in ("rademacher", "gaussian"):
-        raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
+    _checks.integer(num_samples, "num_samples", low=1)
+    _checks.choice(distribution, "distribution", ("rademacher", "gaussian"))
     mv, _, d, dtype = _flat_matvec(matvec, like)
     samples = np.zeros(num_samples)
     for s, kk in enumerate(jax.random.split(key, num_samples)):
-        if distribution == "rademacher":  # ±1: exact in any dtype
-            v = np.asarray(jax.random.rademacher(kk, (d,), jnp.float32), np.float64)
-        else:
-            v = np.asarray(jax.random.normal(kk, (d,), _draw_dtype(dtype)), np.float64)
+        # Rademacher ±1 entries are exact in any dtype
+        draw = jax.random.rademacher(kk, (d,), jnp.float32) if distribution == "rademacher" else \
+            jax.random.normal(kk, (d,), _draw_dtype(dtype))
+        v = np.asarray(draw, np.float64)
         samples[s] = v @ mv(v)
     stderr = float(samples.std(ddof=1) / np.sqrt(num_samples)) if num_samples > 1 else float("nan")
     return TraceEstimate(mean=float(samples.mean()), stderr=stderr, samples=samples)
@@ -519,10 +497,10 @@ def dense_hessian(objective: Callable, params: PyTree, data: Any = None, *, key:
     if d > max_dim:
         raise ValueError(f"dense_hessian: {d} parameters exceed max_dim={max_dim} (a {d}x{d} matrix); "
                          "raise max_dim or use lanczos/power_iteration")
-    static, arrays = _split_fn(objective)
+    fn = _as_argument(objective)
     H = np.zeros((d, d))
     for wb, b in zip(*_batches(data)[::-1], strict=True):
-        H += wb * np.asarray(_hessian_jit(static, arrays, params, b, key), np.float64)
+        H += wb * np.asarray(_hessian_jit(fn, params, b, key), np.float64)
     return 0.5 * (H + H.T)
 
 

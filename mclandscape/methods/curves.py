@@ -44,40 +44,35 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mclandscape.core import _checks
 from mclandscape.core.connectors import Connector, bezier_curve
-from mclandscape.core.losses import cross_entropy
 from mclandscape.core.objective import function_objective
-from mclandscape.core.tree import PyTree, tree_distance, tree_gram
+from mclandscape.core.tree import PyTree, tree_distance, tree_gram, tree_index
 from mclandscape.engine.connector_train import (
+    ConnectorConfig,
     ConnectorTrainResult,
-    check_batch_size,
     check_connector,
+    dataset_steps,
     train_connector,
     uniform_sampler,
-    weight_decay_args,
 )
 from mclandscape.engine.data import Dataset
 from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.loop import LoopConfig
-from mclandscape.engine.optim import Transform, transform
+from mclandscape.engine.optim import transform
 from mclandscape.engine.points import connector_points
 
 __all__ = [
-    "CURVE_KINDS", "line_connector", "garipov_schedule", "curve_optimizer", "CurveConfig", "train_curve",
+    "CURVE_KINDS", "line_connector", "garipov_schedule", "CurveConfig", "train_curve",
     "fit_curve", "PathEvaluation", "evaluate_curve", "path_stats", "loss_barrier", "point_distances", "curve_length",
 ]
 
 CURVE_KINDS = ("bezier", "polychain")
 
 
-def _check_distinct(start: PyTree, end: PyTree) -> None:
-    if float(tree_distance(start, end)) == 0.0:
+def _check_distinct(curve: Connector) -> None:
+    if float(tree_distance(tree_index(curve.control, 0), tree_index(curve.control, -1))) == 0.0:
         raise ValueError("start and end are identical points: there is no curve to train between them")
-
-
-def _ends(connector: Connector) -> tuple[PyTree, PyTree]:
-    return (jax.tree_util.tree_map(lambda x: x[0], connector.control),
-            jax.tree_util.tree_map(lambda x: x[-1], connector.control))
 
 
 def line_connector(start: PyTree, end: PyTree) -> Connector:
@@ -132,43 +127,19 @@ def _garipov_sgd(lr: float, epochs: int, steps_per_epoch: int, momentum: float) 
     return optax.sgd(garipov_schedule(lr, epochs, steps_per_epoch), momentum=momentum or None)
 
 
-def curve_optimizer(lr: float, epochs: int, steps_per_epoch: int, *, momentum: float = 0.9) -> Transform:
-    """SGD with momentum on :func:`garipov_schedule` (weight decay lives in the objective, as in the reference).
-
-    Named by value (:func:`mclandscape.engine.optim.transform`): equal arguments give an equal transform, so a
-    second run reuses the compiled step.
-
-    Args:
-      lr: the base learning rate.
-      epochs, steps_per_epoch: the length of training (for the schedule).
-      momentum: heavy-ball momentum (0: plain SGD).
-
-    Returns:
-      A :class:`~mclandscape.engine.optim.Transform`.
-
-    Example:
-        >>> curve_optimizer(0.015, 30, 10) == curve_optimizer(0.015, 30, 10)
-        True
-    """
-    return transform(_garipov_sgd, float(lr), int(epochs), int(steps_per_epoch), float(momentum))
-
-
 @dataclasses.dataclass(frozen=True)
-class CurveConfig:
-    """What :func:`train_curve` computes (validated on construction; equal configs hash equal).
+class CurveConfig(ConnectorConfig):
+    """What :func:`train_curve` computes: a :class:`~mclandscape.engine.connector_train.ConnectorConfig` (the
+    batch size, ``k``, weight decay, loss, augmentation and strategy, checked there) with Garipov's defaults.
 
     Attributes:
       epochs: epochs to train.
-      batch_size: examples per batch (at most the training set's size).
-      lr, momentum: the default optimizer's base learning rate and momentum (:func:`curve_optimizer`; 0.015
-        and weight decay 5e-4 are the reference's VGG16 settings).
-      optimizer: any optax transformation instead of the default.
+      lr, momentum: the default optimizer's base learning rate and momentum: SGD with momentum on
+        :func:`garipov_schedule` (0.015 and weight decay 5e-4 are the reference's VGG16 settings; the weight
+        decay lives in the objective, as in the reference), used when ``optimizer`` is ``None``.
       weight_decay, weight_decay_on: ``(wd/2) |w(t)|^2`` at the sampled point (``"point"``, Garipov's) or on the
         trainable control points (``"control"``).
-      num_samples: ``k``, the t values evaluated per batch.
-      loss_fn: per-example loss ``(logits, y) -> [N]``.
-      augment: random crops and flips of image batches.
-      strategy: how the ``k`` points are evaluated (:mod:`mclandscape.engine.connector_train`).
+      steps_per_epoch: the optimizer steps per epoch of :func:`fit_curve` (:func:`train_curve`: the data's).
 
     Example:
         >>> CurveConfig(epochs=2).lr
@@ -176,57 +147,37 @@ class CurveConfig:
         >>> CurveConfig(weight_decay_on="bends")
         Traceback (most recent call last):
         ...
-        ValueError: weight_decay_on must be 'point' (|phi(p)|^2 at the sampled points) or 'control' (the trainable control points), got 'bends'
+        ValueError: weight_decay_on must be one of ['control', 'point'], got 'bends'
     """
 
     epochs: int = 30
-    batch_size: int = 128
+    weight_decay: float = 5e-4
     lr: float = 0.015
     momentum: float = 0.9
-    optimizer: optax.GradientTransformation | Transform | None = None
-    weight_decay: float = 5e-4
-    weight_decay_on: str = "point"
-    num_samples: int = 1
-    loss_fn: Callable = cross_entropy
-    augment: bool = False
-    strategy: str | None = None
 
     def __post_init__(self):
-        for name, lo in (("epochs", 0), ("batch_size", 1), ("num_samples", 1)):
-            _int_at_least(name, getattr(self, name), lo)
-        if not (np.isfinite(self.lr) and self.lr > 0) or not (np.isfinite(self.momentum) and self.momentum >= 0):
-            raise ValueError(f"need lr > 0 and momentum >= 0, got lr={self.lr!r}, momentum={self.momentum!r}")
-        weight_decay_args(self.weight_decay, self.weight_decay_on)
-        if not (self.optimizer is None or isinstance(self.optimizer, optax.GradientTransformation | Transform)):
-            raise ValueError(f"optimizer must be an optax transformation or None, got {self.optimizer!r}")
+        super().__post_init__()
+        _checks.real(self.lr, "lr", low=0.0, low_open=True)
+        _checks.real(self.momentum, "momentum", low=0.0)
 
 
-def _int_at_least(name: str, v, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-
-
-def _one_of(name: str, v, choices: tuple) -> None:
-    if v not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
-
-
-def _check_dataset(train, fn: str) -> None:
-    if not isinstance(train, Dataset):
-        raise TypeError(f"{fn}: data must be a Dataset (mcl.load_dataset(...) or mcl.Dataset(x, y, ...)), got "
-                        f"{type(train).__name__}")
-
-
-def _epoch_callback(callback: Callable | None, connector: Connector) -> list:
-    """The loop callback that calls ``callback(epoch, result)`` with the result as of that epoch."""
-    if callback is None:
-        return []
-
-    def cb(epoch, st, history):
-        callback(epoch, ConnectorTrainResult(connector=connector.replace(control=st.params), opt_state=st.opt_state,
-                                             history=[{k: v for k, v in h.items() if k != "acc"} for h in history]))
-
-    return [cb]
+def _fit(objective, curve: Connector, data, cfg: CurveConfig, steps_per_epoch: int, *, seed: int,
+         callback: Callable | None, loop: LoopConfig, devices: int | None = None) -> ConnectorTrainResult:
+    """Train a curve on the connector trainer with Garipov's defaults (:func:`train_curve`, :func:`fit_curve`)."""
+    if not isinstance(cfg, CurveConfig):
+        raise TypeError(f"config must be a CurveConfig, got {type(cfg).__name__}")
+    _check_distinct(curve)
+    if not curve.trainable.any() or curve.num_control < 3:
+        raise ValueError("a curve with no trainable inner control point (degree 1 / 0 bends) has nothing to train")
+    opt = cfg.optimizer or transform(_garipov_sgd, float(cfg.lr), max(cfg.epochs, 1), steps_per_epoch,
+                                     float(cfg.momentum))
+    hyper = {"curve": curve.kind, "optimizer": "default" if cfg.optimizer is None else "custom", "lr": float(cfg.lr),
+             "momentum": float(cfg.momentum), "weight_decay": float(cfg.weight_decay),
+             "weight_decay_on": cfg.weight_decay_on}
+    callbacks = [] if callback is None else [lambda e, st, h: callback(e, ConnectorTrainResult.at(curve, st, h))]
+    return train_connector(objective, curve, data, cfg.connector_config(optimizer=opt), sampler=uniform_sampler(1),
+                           seed=seed, hyper=hyper, loop=loop, callbacks=callbacks, metadata={"curve": curve.kind},
+                           devices=devices)
 
 
 def train_curve(model, curve: Connector, data: Dataset, config: CurveConfig | None = None, *, seed: int = 0,
@@ -279,41 +230,23 @@ def train_curve(model, curve: Connector, data: Dataset, config: CurveConfig | No
     curve = check_connector(curve, CURVE_KINDS, "train_curve",
                             build="mcl.bezier_curve(start, end, degree=2) or mcl.polychain(start, end, num_bends=1)")
     cfg = CurveConfig() if config is None else config
-    if not isinstance(cfg, CurveConfig):
-        raise TypeError(f"train_curve: config must be a CurveConfig, got {type(cfg).__name__}")
-    _check_dataset(data, "train_curve")
-    _check_distinct(*_ends(curve))
-    if not curve.trainable.any() or curve.num_control < 3:
-        raise ValueError("a curve with no trainable inner control point (degree 1 / 0 bends) has nothing to train")
-    batch_size = check_batch_size(cfg.batch_size, len(data))
-    opt = cfg.optimizer or curve_optimizer(cfg.lr, max(cfg.epochs, 1), len(data) // batch_size, momentum=cfg.momentum)
-    hyper = {"curve": curve.kind, "optimizer": "default" if cfg.optimizer is None else "custom", "lr": float(cfg.lr),
-             "momentum": float(cfg.momentum), "weight_decay": float(cfg.weight_decay),
-             "weight_decay_on": cfg.weight_decay_on}
+    spe = dataset_steps(data, cfg.batch_size, "train_curve")
     loop = LoopConfig(checkpoint_dir=checkpoint_dir, keep=keep, overwrite=overwrite, progress=progress,
                       desc=f"train {curve.kind}")
-    return train_connector(model, curve, data, epochs=cfg.epochs, tx=opt, batch_size=batch_size,
-                           sampler=uniform_sampler(1), num_samples=cfg.num_samples, seed=seed, augment=cfg.augment,
-                           strategy=cfg.strategy, loss_fn=cfg.loss_fn, hyper=hyper, loop=loop,
-                           callbacks=_epoch_callback(callback, curve), metadata={"curve": curve.kind},
-                           devices=devices, **weight_decay_args(cfg.weight_decay, cfg.weight_decay_on))
+    return _fit(model, curve, data, cfg, spe, seed=seed, callback=callback, loop=loop, devices=devices)
 
 
-def fit_curve(loss_fn: Callable[[PyTree, Any], jax.Array], connector: Connector, *, epochs: int,
-              steps_per_epoch: int = 1, data=None, optimizer: optax.GradientTransformation,
-              num_samples: int = 1, weight_decay: float = 0.0, weight_decay_on: str = "point", seed: int = 0,
-              strategy: str | None = None, progress: bool | None = None,
+def fit_curve(loss_fn: Callable[[PyTree, Any], jax.Array], connector: Connector, config: CurveConfig, *, data=None,
+              seed: int = 0, progress: bool | None = None,
               callback: Callable[[int, ConnectorTrainResult], None] | None = None) -> ConnectorTrainResult:
     """Train a curve for any ``loss_fn(params, batch) -> scalar`` (e.g. a 2-D potential).
 
     Args:
       loss_fn: the loss of one parameter point on a batch.
       connector: the curve (its ends fixed).
-      epochs: epochs of ``steps_per_epoch`` optimizer steps each.
-      steps_per_epoch: steps per epoch (>= 1).
+      config: the :class:`CurveConfig`; ``steps_per_epoch`` optimizer steps per epoch (default 1).
       data: ``None``, a fixed batch, or a callable ``step -> batch``.
-      optimizer: the optax transformation.
-      num_samples, weight_decay, weight_decay_on, seed, strategy, progress, callback: as for :func:`train_curve`.
+      seed, progress, callback: as for :func:`train_curve`.
 
     Returns:
       A :class:`ConnectorTrainResult`.
@@ -323,22 +256,14 @@ def fit_curve(loss_fn: Callable[[PyTree, Any], jax.Array], connector: Connector,
         >>> from mclandscape.core.connectors import bezier_curve
         >>> bowl = lambda p, batch: jnp.sum(p ** 2)
         >>> c = bezier_curve(jnp.array([-1.0, 1.0]), jnp.array([1.0, 1.0]), degree=2)
-        >>> res = fit_curve(bowl, c, epochs=20, steps_per_epoch=5, optimizer=optax.sgd(0.1), num_samples=4)
+        >>> cfg = CurveConfig(epochs=20, steps_per_epoch=5, optimizer=optax.sgd(0.1), num_samples=4, weight_decay=0)
+        >>> res = fit_curve(bowl, c, cfg)
         >>> bool(res.connector.control[1, 1] < 0.5)   # the bend moved towards the bowl's bottom
         True
     """
-    if not isinstance(connector, Connector) or connector.kind not in CURVE_KINDS:
-        got = connector.kind if isinstance(connector, Connector) else type(connector).__name__
-        raise ValueError(f"fit_curve trains curves ({CURVE_KINDS}), got a {got!r} connector")
-    if isinstance(steps_per_epoch, bool) or int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
-    _check_distinct(*_ends(connector))
-    return train_connector(function_objective(loss_fn), connector, data, epochs=epochs, tx=optimizer,
-                           batch_size=None, steps_per_epoch=int(steps_per_epoch), sampler=uniform_sampler(1),
-                           num_samples=num_samples, seed=seed, strategy=strategy,
-                           callbacks=_epoch_callback(callback, connector),
-                           loop=LoopConfig(progress=progress, desc=f"fit {connector.kind}"),
-                           **weight_decay_args(weight_decay, weight_decay_on))
+    check_connector(connector, CURVE_KINDS, "fit_curve")
+    return _fit(function_objective(loss_fn), connector, data, config, config.steps_per_epoch or 1, seed=seed,
+                callback=callback, loop=LoopConfig(progress=progress, desc=f"fit {connector.kind}"))
 
 
 # ---- geometry along a path -----------------------------------------------------------------------------
@@ -400,14 +325,9 @@ def curve_length(connector: Connector, num_points: int | None = None) -> float:
         raise ValueError(f"curve_length needs a curve, got a {connector.kind!r} connector")
     if connector.kind == "polychain" and num_points is None:
         g = _centred_gram(connector)
-        k = connector.num_control
-        a = np.zeros((k - 1, k))
-        a[np.arange(k - 1), np.arange(k - 1)] = -1.0
-        a[np.arange(k - 1), np.arange(1, k)] = 1.0
+        a = np.diff(np.eye(connector.num_control), axis=0)  # rows e_{k+1} - e_k: the segments
         return float(np.sum(np.sqrt(np.maximum(np.einsum("pk,kl,pl->p", a, g, a), 0.0))))
-    n = 2001 if num_points is None else int(num_points)
-    if n < 2:
-        raise ValueError(f"num_points must be >= 2, got {num_points}")
+    n = 2001 if num_points is None else _checks.integer(num_points, "num_points", low=2)
     return float(point_distances(connector, np.linspace(0.0, 1.0, n)).sum())
 
 
@@ -546,14 +466,9 @@ def evaluate_curve(model, connector: Connector, train, test=None, *, ts=None, nu
         >>> ev.train_loss.shape, ev.test_loss is None, bool(ev.barrier() >= 0)
         ((5,), True, True)
     """
-    if not isinstance(connector, Connector) or connector.kind not in CURVE_KINDS:
-        got = connector.kind if isinstance(connector, Connector) else type(connector).__name__
-        raise ValueError(f"evaluate_curve needs a curve or band, got a {got!r} connector")
-    if ts is None:
-        if isinstance(num_points, bool) or int(num_points) != num_points or num_points < 2:
-            raise ValueError(f"num_points must be an integer >= 2, got {num_points!r}")
-        ts = np.linspace(0.0, 1.0, int(num_points))
-    ts = connector.validate_points(ts)
+    check_connector(connector, CURVE_KINDS, "evaluate_curve")
+    ts = connector.validate_points(np.linspace(0.0, 1.0, _checks.integer(num_points, "num_points", low=2))
+                                   if ts is None else ts)
     if ts.size < 2 or np.any(np.diff(ts) <= 0) or ts[0] != 0.0 or ts[-1] != 1.0:
         raise ValueError("ts must increase strictly from 0 to 1")
     if kwargs.get("bn_data") is None:

@@ -22,21 +22,18 @@ Normalisations (``norm``): ``"filter"`` (per filter, above), ``"layer"`` (per le
 :func:`mclandscape.engine.evaluate.evaluate`).
 
 Grid evaluation goes through the one evaluator (:mod:`mclandscape.engine.evaluate`): a line or plane is
-:func:`~mclandscape.engine.points.plane_points`, rows ``[1, α, β]`` over the stack ``[θ, d1, d2]``, and any
-set of coordinates over k directions is :func:`direction_points` (rows ``[1, c_1, ..., c_k]`` over ``[θ, d_1,
-..., d_k]``). Each point's parameters are formed inside the mapped computation, so memory holds the stack
-(k + 1 trees) and at most a chunk of parameter copies, whatever the grid size (a 51×51 plane of VGG16 would
-otherwise be 2,601 copies, ~158 GB; ``benchmarks/loss_plane_memory.py`` measures it).
-:func:`loss_curve` and :func:`loss_plane` evaluate the model with
-:func:`~mclandscape.engine.evaluate.evaluate` (first-layer factorisation, BatchNorm recomputed per point
-from ``bn_data``); a pure function of the parameters maps over :func:`direction_points` with
+:func:`~mclandscape.engine.points.plane_points`, rows ``[1, α, β]`` over the stack ``[θ, d1, d2]``. Each point's
+parameters are formed inside the mapped computation, so memory holds the three trees and at most a chunk of
+parameter copies, whatever the grid size (a 51×51 plane of VGG16 would otherwise be 2,601 copies, ~158 GB;
+``benchmarks/loss_plane_memory.py`` measures it). :func:`loss_curve` and :func:`loss_plane` evaluate the model
+with :func:`~mclandscape.engine.evaluate.evaluate` (first-layer factorisation, BatchNorm recomputed per point
+from ``bn_data``); a pure function of the parameters maps over the same points with
 :func:`~mclandscape.engine.points.map_points`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,12 +45,10 @@ from mclandscape.core.tree import (
     tree_norm,
     tree_random_normal,
     tree_scale,
-    tree_stack,
-    tree_sub,
 )
 from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models.base import Model
-from mclandscape.engine.points import Points, plane_points
+from mclandscape.engine.points import plane_points
 
 __all__ = [
     "NORMS",
@@ -61,9 +56,7 @@ __all__ = [
     "normalize_direction",
     "random_direction",
     "random_directions",
-    "target_direction",
     "filter_norms",
-    "direction_points",
     "Landscape",
     "loss_curve",
     "loss_plane",
@@ -207,70 +200,9 @@ def random_directions(key: jax.Array, params: PyTree, num: int = 2, *, norm: str
     return [random_direction(k, params, norm=norm, bias_bn=bias_bn) for k in jax.random.split(key, num)]
 
 
-def target_direction(params: PyTree, other: PyTree) -> PyTree:
-    """The direction ``other − params``, so that α = 1 reaches ``other`` (Li et al.'s interpolation direction).
-
-    Args:
-      params: the centre ``θ``.
-      other: a second model of the same structure.
-
-    Returns:
-      A pytree like ``params``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> target_direction({"w": jnp.ones(2)}, {"w": jnp.array([3.0, 0.0])})["w"].tolist()
-        [2.0, -1.0]
-    """
-    check_same_structure(params, other, names=("params", "other"))
-    return tree_sub(other, params)
-
-
 def _as_dtype_of(direction: PyTree, params: PyTree) -> PyTree:
     """The direction in the parameters' dtypes (the points are cast to them anyway)."""
     return jax.tree_util.tree_map(lambda d, w: jnp.asarray(d).astype(jnp.result_type(w)), direction, params)
-
-
-def _check_coords(coords, k: int) -> np.ndarray:
-    c = np.asarray(coords, np.float64)
-    if c.ndim == 1:
-        c = c[:, None]
-    if c.ndim != 2 or c.shape[1] != k or c.shape[0] == 0:
-        raise ValueError(f"coords must be [P, {k}] (P >= 1) for {k} direction(s), got shape {c.shape}")
-    if not np.all(np.isfinite(c)):
-        raise ValueError("coords hold non-finite values")
-    return c
-
-
-def direction_points(params: PyTree, directions: Sequence[PyTree], coords) -> Points:
-    """The points ``θ + Σ_i coords[p, i]·d_i`` as :class:`~mclandscape.engine.points.Points`.
-
-    Args:
-      params: the centre ``θ``.
-      directions: k direction trees shaped like ``params`` (cast to its dtypes).
-      coords: ``[P, k]`` coordinates (``[P]`` for one direction), finite.
-
-    Returns:
-      Points with rows ``[1, c_1, ..., c_k]`` over the stack ``[θ, d_1, ..., d_k]``: only the k + 1 trees are
-      held, each point is formed where it is evaluated.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> pts = direction_points({"w": jnp.zeros(2)}, [{"w": jnp.ones(2)}], [-1.0, 0.0, 1.0])
-        >>> pts.rows.tolist(), pts.stack["w"].shape
-        ([[1.0, -1.0], [1.0, 0.0], [1.0, 1.0]], (2, 2))
-    """
-    dirs = list(directions)
-    if not dirs:
-        raise ValueError("direction_points needs at least one direction")
-    c = _check_coords(coords, len(dirs))
-    for i, d in enumerate(dirs):
-        check_same_structure(params, d, names=("params", f"direction[{i}]"), check_dtype=False)
-    dirs = [_as_dtype_of(d, params) for d in dirs]
-    stack = tree_stack([params, *dirs], names=["params"] + [f"direction[{i}]" for i in range(len(dirs))])
-    dtype = jnp.promote_types(jnp.float32, jnp.result_type(*jax.tree_util.tree_leaves(stack)))
-    rows = np.concatenate([np.ones((c.shape[0], 1)), c], axis=1)
-    return Points(rows=jnp.asarray(rows, dtype), stack=stack)
 
 
 @dataclasses.dataclass(frozen=True)

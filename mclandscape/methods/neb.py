@@ -48,7 +48,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -60,6 +59,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mclandscape.core import _checks
 from mclandscape.core.connectors import Connector
 from mclandscape.core.objective import call_objective
 from mclandscape.core.tree import PyTree, check_same_structure, tree_distance, tree_index
@@ -118,25 +118,15 @@ class NEBConfig:
     strategy: str = "auto"
 
     def __post_init__(self):
-        if int(self.steps) != self.steps or self.steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
-        k = float(self.spring_constant)
-        if not math.isfinite(k) or k < 0:
-            raise ValueError(f"spring_constant must be finite and >= 0, got {self.spring_constant!r}")
-        if self.optimizer is None and not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
-        if not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol!r}")
-        if self.climb_after < 0:
-            raise ValueError(f"climb_after must be >= 0, got {self.climb_after!r}")
-        if int(self.check_every) != self.check_every or self.check_every < 1:
-            raise ValueError(f"check_every must be an integer >= 1, got {self.check_every!r}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
-        if self.optimizer is not None and not isinstance(self.optimizer, optax.GradientTransformation | Transform):
-            raise ValueError(f"optimizer must be an optax GradientTransformation, got {type(self.optimizer).__name__}")
+        for name, low in (("steps", 0), ("climb_after", 0), ("check_every", 1)):
+            _checks.integer(getattr(self, name), name, low=low)
+        for name in ("spring_constant", "tol", "momentum"):
+            _checks.real(getattr(self, name), name, low=0.0, high=1.0 if name == "momentum" else None)
+        if self.optimizer is None:
+            _checks.real(self.learning_rate, "learning_rate", low=0.0, low_open=True)
+        elif not isinstance(self.optimizer, optax.GradientTransformation | Transform):
+            raise TypeError(f"optimizer must be an optax GradientTransformation, got {type(self.optimizer).__name__}")
+        _checks.choice(self.strategy, "strategy", STRATEGIES)
 
     def make_optimizer(self) -> optax.GradientTransformation | Transform:
         """The run's Optax transform.
@@ -194,10 +184,6 @@ def _point_loss(params, point, batch, key):
     return call_objective(point, params, batch, key)[0]
 
 
-def _point_value_and_grad(point, params, batch, key):
-    return jax.value_and_grad(_point_loss)(params, point, batch, key)
-
-
 # ---- the band as an objective -----------------------------------------------------------------------------
 
 class NEBBatch(NamedTuple):
@@ -222,7 +208,7 @@ def _energies_grads(point, strategy: str, pivots: PyTree, data, key, mesh=None):
 
     With a ``mesh`` whose ``"points"`` axis has several devices (``strategy="vmap"``), the inner pivots are
     split over that axis: each device computes whole pivots."""
-    vg = lambda p: _point_value_and_grad(point, p, data, key)  # noqa: E731
+    vg = lambda p: jax.value_and_grad(_point_loss)(p, point, data, key)  # noqa: E731
     value = lambda p: _point_loss(p, point, data, key)  # noqa: E731
     inner = _rows(pivots, slice(1, -1))
     if strategy != "unroll" and mesh is not None and mesh.shape.get("points", 1) > 1:
@@ -308,14 +294,6 @@ class BandObjective:
         return _band_loss(self, pivots, batch, key)
 
 
-def _resolve_strategy(strategy: str, pivots: PyTree) -> str:
-    """The pivot strategy through the engine's resolver (``"auto"``: pivots differentiated together)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    n = int(jax.tree_util.tree_leaves(pivots)[0].shape[0])
-    return mapping.resolve(strategy, max(n - 2, 1), has_conv=cpu.has_conv(pivots, stacked=1), grad=True)[0]
-
-
 def _num_pivots(pivots: PyTree) -> int:
     leaves = jax.tree_util.tree_leaves(pivots)
     if not leaves or np.ndim(leaves[0]) < 1:
@@ -357,7 +335,8 @@ def make_neb_step(objective: Callable, config: NEBConfig, pivots: PyTree, spacin
     n = _num_pivots(pivots)
     if n < 3:
         raise ValueError(f"a band needs N >= 3 pivots, got N={n}")
-    strategy = _resolve_strategy(config.strategy, pivots)
+    # the engine's resolver ("auto": the inner pivots differentiated together)
+    strategy = mapping.resolve(config.strategy, n - 2, has_conv=cpu.has_conv(pivots, stacked=1), grad=True)[0]
     if not callable(objective) or any(callable(x) for x in jax.tree_util.tree_leaves(objective)):
         # a plain function is a leaf, not a pytree of arrays: say how to wrap it before JAX refuses it
         raise ValueError(f"objective must be an objective (params, batch, key) -> (loss, aux) of the engine "
@@ -478,18 +457,12 @@ def neb(objective: Callable, start: PyTree, end: PyTree, *, num_pivots: int = 10
     """
     config = config or NEBConfig()
     _check_ends(start, end)
-    if init is None:
-        pivots = straight_band(start, end, num_pivots)
-    else:
-        pivots = init.control if isinstance(init, Connector) else init
-        check_same_structure(start, pivots, names=("start", "init"), leading_b=1)
-        n = _num_pivots(pivots)
-        if n < 3:
-            raise ValueError(f"init needs N >= 3 pivots, got N={n}")
-        for name, ref, i in (("start", start, 0), ("end", end, n - 1)):
-            if float(tree_distance(tree_index(pivots, i), ref)) != 0.0:
-                raise ValueError(f"init pivot {i} differs from {name}: the band's end pivots are fixed")
-    n = _num_pivots(pivots)
+    pivots = straight_band(start, end, num_pivots) if init is None else getattr(init, "control", init)
+    check_same_structure(start, pivots, names=("start", "init"), leading_b=1)
+    n = band_connector(pivots).num_control  # N >= 3
+    for name, ref, i in (("start", start, 0), ("end", end, n - 1)):
+        if float(tree_distance(tree_index(pivots, i), ref)) != 0.0:
+            raise ValueError(f"init pivot {i} differs from {name}: the band's end pivots are fixed")
     if spacing is not None and np.shape(spacing) != (n - 1,):
         raise ValueError(f"spacing needs {n - 1} weights for {n} pivots, got shape {np.shape(spacing)}")
     return _relax(objective, pivots, spacing, config, data, step_offset=0, key=jax.random.key(seed),

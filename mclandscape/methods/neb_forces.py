@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.core import _checks
 from mclandscape.core.connectors import Connector, from_control, polychain
 from mclandscape.core.tree import (
     PyTree,
@@ -250,11 +251,9 @@ def straight_band(start: PyTree, end: PyTree, num_pivots: int) -> PyTree:
         >>> straight_band(jnp.array([0.0]), jnp.array([1.0]), 5)[:, 0].tolist()
         [0.0, 0.25, 0.5, 0.75, 1.0]
     """
-    if int(num_pivots) != num_pivots or num_pivots < 3:
-        raise ValueError(f"num_pivots must be an integer N >= 3 (two fixed ends and at least one free pivot), "
-                         f"got {num_pivots!r}")
+    n = _checks.integer(num_pivots, "num_pivots", low=3, what="N >= 3: two fixed ends and at least one free pivot")
     _check_ends(start, end)
-    return polychain(start, end, num_bends=int(num_pivots) - 2).control
+    return polychain(start, end, num_bends=n - 2).control
 
 
 def dense_ts(num_pivots: int, sub_pivots: int = 9) -> np.ndarray:
@@ -271,11 +270,8 @@ def dense_ts(num_pivots: int, sub_pivots: int = 9) -> np.ndarray:
         >>> dense_ts(3, 1).tolist()
         [0.0, 0.25, 0.5, 0.75, 1.0]
     """
-    if num_pivots < 2:
-        raise ValueError(f"num_pivots must be >= 2, got {num_pivots}")
-    if sub_pivots < 0:
-        raise ValueError(f"sub_pivots must be >= 0, got {sub_pivots}")
-    g = num_pivots - 1
+    g = _checks.integer(num_pivots, "num_pivots", low=2) - 1
+    sub_pivots = _checks.integer(sub_pivots, "sub_pivots", low=0)
     alphas = np.linspace(0.0, 1.0, sub_pivots + 2)[:-1]
     t = (np.arange(g)[:, None] + alphas[None, :]).reshape(-1) / g
     return np.concatenate([t, [1.0]])

@@ -47,13 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mclandscape.core import _checks
 from mclandscape.core.bernstein import bernstein
 from mclandscape.core.connectors import Connector
 from mclandscape.core.tree import tree_gram
 
 __all__ = [
-    "PHASES", "AREA_GRADIENTS", "phase_trainable", "phase_sampler", "curve_family_coefficients", "control_gram",
-    "area_element", "surface_area", "area_density", "area_weights", "area_proposal",
+    "PHASES", "AREA_GRADIENTS", "phase_trainable", "phase_sampler", "curve_family_coefficients", "area_element", "surface_area", "area_density", "area_weights", "area_proposal",
 ]
 
 PHASES = (1, 2, 3)
@@ -73,9 +73,7 @@ def _grid_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def _check_phase(phase) -> int:
-    if phase not in PHASES:
-        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    return int(phase)
+    return int(_checks.choice(phase, "phase", PHASES))
 
 
 def phase_trainable(shape: Sequence[int], phase: int) -> np.ndarray:
@@ -222,29 +220,6 @@ def _control_gram(connector: Connector) -> jax.Array:
     return tree_gram(jax.tree_util.tree_map(centre, connector.control))
 
 
-def control_gram(connector: Connector) -> jax.Array:
-    """Gram matrix ``[K, K]`` of the control points centred on their mean (float32 or wider; jittable).
-
-    Derivative coefficients sum to zero, so ``a^T G a`` equals the uncentred value; centring avoids the
-    cancellation of large parameter norms.
-
-    Args:
-      connector: a surface.
-
-    Returns:
-      ``G[k, l] = <theta_k - mean, theta_l - mean>`` in the control points' precision (at least float32).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from mclandscape.core.connectors import bilinear_surface
-        >>> sq = bilinear_surface(*[{"w": jnp.array(c)} for c in ([0., 0.], [0., 1.], [1., 0.], [1., 1.])])
-        >>> control_gram(sq).shape
-        (4, 4)
-    """
-    _check_surface(connector)
-    return _control_gram_jit(connector)
-
-
 def _safe_sqrt(x):
     pos = x > 0
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
@@ -272,7 +247,7 @@ def area_element(connector: Connector, points, *, gram=None) -> jax.Array:
     Args:
       connector: a surface.
       points: ``[P, 2]`` (u, v) pairs (a 1-D array raises: nothing is reshaped).
-      gram: :func:`control_gram` of ``connector`` (default: computed); pass it to reuse one matrix.
+      gram: the Gram matrix of the centred control points (default: computed); pass it to reuse one matrix.
 
     Returns:
       ``[P]`` area elements in the Gram matrix's precision.
@@ -290,9 +265,7 @@ def area_element(connector: Connector, points, *, gram=None) -> jax.Array:
 
 
 def _gauss_legendre_grid(q: int) -> tuple[np.ndarray, np.ndarray]:
-    if int(q) != q or q < 1:
-        raise ValueError(f"quadrature order must be an integer >= 1, got {q!r}")
-    x, w = np.polynomial.legendre.leggauss(int(q))
+    x, w = np.polynomial.legendre.leggauss(_checks.integer(q, "quadrature", low=1))
     x, w = (x + 1.0) / 2.0, w / 2.0
     uu, vv = np.meshgrid(x, x, indexing="ij")
     # float64 on the host: each use casts them to the control points' precision
@@ -308,7 +281,7 @@ def surface_area(connector: Connector, *, quadrature: int = 24, gram=None) -> ja
     Args:
       connector: a surface.
       quadrature: Gauss-Legendre points per axis (>= 1).
-      gram: :func:`control_gram` of ``connector`` (default: computed).
+      gram: the Gram matrix of the centred control points (default: computed).
 
     Returns:
       A scalar array.
@@ -423,8 +396,7 @@ def area_weights(*, quadrature: int = 24, gradient: str = "full",
         >>> area_weights(quadrature=4)(sq, jnp.array([[0.1, 0.9]])).round(6).tolist()
         [1.0]
     """
-    if gradient not in AREA_GRADIENTS:
-        raise ValueError(f"area gradient must be one of {AREA_GRADIENTS}, got {gradient!r}")
+    _checks.choice(gradient, "gradient", AREA_GRADIENTS)
     pts_q, w_q = _gauss_legendre_grid(quadrature)
     return AreaWeights(nodes=jnp.asarray(pts_q), node_weights=jnp.asarray(w_q), gradient=gradient, proposal=proposal)
 
@@ -454,11 +426,8 @@ def area_proposal(connector: Connector, *, cells: int = 32, mix: float = 0.1
         ((3, 2), [1.0])
     """
     _check_surface(connector)
-    if int(cells) != cells or cells < 1:
-        raise ValueError(f"cells must be an integer >= 1, got {cells!r}")
-    if not 0.0 < mix <= 1.0:
-        raise ValueError(f"mix must lie in (0, 1] so the proposal covers the whole square, got {mix!r}")
-    c = int(cells)
+    c = _checks.integer(cells, "cells", low=1)
+    _checks.real(mix, "mix", low=0.0, high=1.0, low_open=True, what="so the proposal covers the whole square")
     mid = (np.arange(c) + 0.5) / c
     uu, vv = np.meshgrid(mid, mid, indexing="ij")
     a = np.asarray(area_element(connector, np.stack([uu.ravel(), vv.ravel()], 1)), np.float64)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mclandscape.core import _checks
 from mclandscape.core.connectors import Connector, bezier_surface, simplex
 from mclandscape.core.tree import PyTree
 from mclandscape.engine.evaluate import evaluate
@@ -170,11 +171,9 @@ def subset_approximation(model: Model, connector: Connector, train, test, *, ful
     """
     xtr, ytr = data_xy(train)
     xte, yte = data_xy(test)
-    if train_batches < 1:
-        raise ValueError(f"train_batches must be >= 1, got {train_batches}")
-    ntr = min(len(ytr), train_batches * batch_size)
-    nte = max(1, len(yte) // 4) if test_size is None else int(test_size)
-    if not 1 <= nte <= len(yte):
+    ntr = min(len(ytr), _checks.integer(train_batches, "train_batches", low=1) * batch_size)
+    nte = max(1, len(yte) // 4) if test_size is None else _checks.integer(test_size, "test_size", low=1)
+    if nte > len(yte):
         raise ValueError(f"test_size must lie in [1, {len(yte)}], got {test_size}")
     rng = np.random.default_rng(seed)
     itr = rng.permutation(len(ytr))[:ntr]
@@ -296,9 +295,7 @@ def triangle_points(steps: int = 11) -> np.ndarray:
         >>> triangle_points(3).tolist()
         [[0.0, 0.0, 1.0], [0.0, 0.5, 0.5], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]
     """
-    if int(steps) != steps or steps < 2:
-        raise ValueError(f"a triangle grid needs steps >= 2, got {steps!r}")
-    s = int(steps) - 1
+    s = _checks.integer(steps, "steps", low=2, what="a triangle grid") - 1
     pts = [(a, b, s - a - b) for a in range(s + 1) for b in range(s + 1 - a)]
     return np.asarray(pts, dtype=np.float64) / s
 

@@ -50,27 +50,26 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import numpy as np
 import optax
 
+from mclandscape.core import _checks
 from mclandscape.core.connectors import Connector
-from mclandscape.core.losses import cross_entropy
 from mclandscape.core.tree import PyTree, tree_path_names
 from mclandscape.engine.connector_train import (
-    check_batch_size,
+    ConnectorConfig,
+    ConnectorTrainResult,
     check_connector,
     checkpointed_connector,
+    dataset_steps,
     train_connector,
-    weight_decay_args,
 )
 from mclandscape.engine.data import Dataset
 from mclandscape.engine.loop import LoopConfig
 from mclandscape.engine.models.base import Model
 from mclandscape.engine.optim import Transform, transform, unwrap
-from mclandscape.methods.curves import _int_at_least, _one_of
 from mclandscape.methods.surface import (
     AREA_GRADIENTS,
     PHASES,
@@ -93,23 +92,21 @@ SCHEDULES = ("cosine", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
-class SurfaceConfig:
-    """What :func:`train_surface` computes (validated on construction; equal configs hash equal).
+class SurfaceConfig(ConnectorConfig):
+    """What :func:`train_surface` computes: a :class:`~mclandscape.engine.connector_train.ConnectorConfig` (the
+    batch size, ``k``, weight decay, loss, augmentation and strategy, checked there) with three phases.
 
     Attributes:
       epochs: ``(E1, E2, E3)``; a phase with 0 epochs, or with no trainable control point for the grid
         (phase 1 when m = 1, phase 2 when n = 1), is skipped and reported in ``skipped``.
-      batch_size: examples per batch (at most the training set's size).
       num_samples: ``k``, the points evaluated together per batch (the paper uses 80).
       lr, momentum, schedule: the default optimizer, SGD(``lr``, ``momentum``) with a per-phase ``schedule``
         (``"cosine"`` or ``"constant"``).
       optimizer: an optax transformation (a fresh state per phase), a callable ``(phase, steps_in_phase) ->
         transformation``, or ``None`` for the default.
       weight_decay, weight_decay_on: ``(wd/2) sum |theta_k|^2`` over the trainable control points
-        (``"control"``) or ``(wd/2) |phi(u, v)|^2`` at the sampled points (``"point"``).
-      loss_fn: per-example loss ``(logits, y) -> [N]``.
-      augment: random crops and flips of image batches.
-      strategy: how the ``k`` points are evaluated (:mod:`mclandscape.engine.connector_train`).
+        (``"control"``, the default here) or ``(wd/2) |phi(u, v)|^2`` at the sampled points (``"point"``).
+      steps_per_epoch: unused (an epoch is one pass over the data).
       objective: ``"uniform"`` (eq. 9) or ``"area"`` (eq. 7-8 in phase 3; phases 1-2 train curves and use
         eq. 9 for both); ``area_estimator`` (``"importance"`` or ``"sample"``), ``area_gradient``,
         ``area_quadrature``, ``proposal_cells``, ``proposal_mix``, ``proposal_refresh`` (epochs between
@@ -127,17 +124,11 @@ class SurfaceConfig:
     """
 
     epochs: tuple[int, int, int] = (2, 2, 6)
-    batch_size: int = 128
     num_samples: int = 8
+    weight_decay_on: str = "control"
     lr: float = 0.05
     momentum: float = 0.9
     schedule: str = "cosine"
-    optimizer: Any = None
-    weight_decay: float = 0.0
-    weight_decay_on: str = "control"
-    loss_fn: Callable = cross_entropy
-    augment: bool = False
-    strategy: str | None = None
     objective: str = "uniform"
     area_estimator: str = "importance"
     area_gradient: str = "full"
@@ -148,30 +139,19 @@ class SurfaceConfig:
     layers: str | None = None
 
     def __post_init__(self):
-        try:
-            e = tuple(self.epochs)
-            ok = len(e) == 3 and all(not isinstance(x, bool) and isinstance(x, int | np.integer) and x >= 0 for x in e)
-        except TypeError:
-            ok = False
-        if not ok:
+        if not isinstance(self.epochs, tuple | list) or len(self.epochs) != 3:
             raise ValueError(f"epochs must be three integers >= 0 (E1, E2, E3), got {self.epochs!r}")
-        object.__setattr__(self, "epochs", tuple(int(x) for x in e))
-        for name, lo in (("batch_size", 1), ("num_samples", 1), ("area_quadrature", 1), ("proposal_cells", 1),
-                         ("proposal_refresh", 1)):
-            _int_at_least(name, getattr(self, name), lo)
-        if not (np.isfinite(self.lr) and self.lr > 0) or not (np.isfinite(self.momentum) and self.momentum >= 0):
-            raise ValueError(f"need lr > 0 and momentum >= 0, got lr={self.lr!r}, momentum={self.momentum!r}")
-        if not 0.0 < self.proposal_mix <= 1.0:
-            raise ValueError(f"proposal_mix must lie in (0, 1] so the proposal covers the square, got "
-                             f"{self.proposal_mix!r}")
+        object.__setattr__(self, "epochs", tuple(_checks.integer(e, "epochs", low=0) for e in self.epochs))
+        self._check_common(callable_optimizer=True)
+        for name in ("area_quadrature", "proposal_cells", "proposal_refresh"):
+            _checks.integer(getattr(self, name), name, low=1)
+        _checks.real(self.lr, "lr", low=0.0, low_open=True)
+        _checks.real(self.momentum, "momentum", low=0.0)
+        _checks.real(self.proposal_mix, "proposal_mix", low=0.0, high=1.0, low_open=True,
+                     what="so the proposal covers the square")
         for name, choices in (("schedule", SCHEDULES), ("objective", OBJECTIVES),
                               ("area_estimator", AREA_ESTIMATORS), ("area_gradient", AREA_GRADIENTS)):
-            _one_of(name, getattr(self, name), choices)
-        weight_decay_args(self.weight_decay, self.weight_decay_on)
-        if not (self.optimizer is None or isinstance(self.optimizer, optax.GradientTransformation | Transform)
-                or callable(self.optimizer)):
-            raise ValueError(f"optimizer must be an optax transformation, a callable (phase, steps) -> "
-                             f"transformation or None, got {self.optimizer!r}")
+            _checks.choice(getattr(self, name), name, choices)
         if self.layers is not None:
             try:
                 re.compile(self.layers)
@@ -287,21 +267,17 @@ def _phase_optimizer(cfg: SurfaceConfig, phase: int, steps: int, lmask: PyTree |
 
 def _phase_hyper(cfg: SurfaceConfig, phase: int) -> dict:
     """The phase's settings for the resume fingerprint."""
-    hyper = {"phase": phase, "phase_epochs": list(cfg.epochs), "epochs": cfg.epochs[phase - 1],
-             "objective": cfg.objective, "optimizer": "default" if cfg.optimizer is None else "custom",
-             "lr": float(cfg.lr), "momentum": float(cfg.momentum), "schedule": cfg.schedule, "layers": cfg.layers,
-             "weight_decay_on": cfg.weight_decay_on}
+    names = ["objective", "lr", "momentum", "schedule", "layers", "weight_decay_on"]
     if cfg.objective == "area" and phase == 3:
-        hyper.update(area_estimator=cfg.area_estimator, area_gradient=cfg.area_gradient,
-                     area_quadrature=int(cfg.area_quadrature))
+        names += ["area_estimator", "area_gradient", "area_quadrature"]
         if cfg.area_estimator == "sample":
-            hyper.update(proposal_cells=int(cfg.proposal_cells), proposal_mix=float(cfg.proposal_mix),
-                         proposal_refresh=int(cfg.proposal_refresh))
-    return hyper
+            names += ["proposal_cells", "proposal_mix", "proposal_refresh"]
+    return {"phase": phase, "phase_epochs": list(cfg.epochs), "epochs": cfg.epochs[phase - 1],
+            "optimizer": "default" if cfg.optimizer is None else "custom", **{n: getattr(cfg, n) for n in names}}
 
 
-def _clean(history) -> list[dict]:
-    return [{k: v for k, v in h.items() if k != "acc"} for h in history]
+def _seconds(history: list[dict]) -> float:
+    return float(sum(r.get("seconds", 0.0) for r in history))
 
 
 def _phase_callbacks(callback, phase: int, conn: Connector, out: dict) -> list:
@@ -310,33 +286,33 @@ def _phase_callbacks(callback, phase: int, conn: Connector, out: dict) -> list:
         return []
 
     def cb(epoch, st, hist):
+        res = ConnectorTrainResult.at(conn, st, hist)
         callback(epoch, SurfaceTrainResult(
-            connector=conn.replace(control=st.params), history={**out["history"], phase: _clean(hist)},
-            wall_time={**out["wall_time"], phase: float(sum(r.get("seconds", 0.0) for r in hist))},
-            trained=dict(out["trained"]), skipped=dict(out["skipped"])))
+            connector=res.connector, history={**out["history"], phase: res.history},
+            wall_time={**out["wall_time"], phase: _seconds(res.history)}, trained=dict(out["trained"]),
+            skipped=dict(out["skipped"])))
 
     return [cb]
 
 
-def _train_sampled(model, conn: Connector, data, cfg: SurfaceConfig, ckdir, loop: dict, common: dict):
+def _train_sampled(model, conn: Connector, data, cfg: SurfaceConfig, pcfg: ConnectorConfig, ckdir, loop: dict,
+                   kw: dict):
     """Phase 3 with samples drawn from the area proposal, rebuilt from the current surface every
     ``proposal_refresh`` epochs (segments of one run, so a resumed run rebuilds the same proposals)."""
     with tempfile.TemporaryDirectory(prefix="mcl_surface_") as tmp:
         ckdir = tmp if ckdir is None else ckdir
-        start, epochs, refresh = conn, cfg.epochs[2], int(cfg.proposal_refresh)
-        conn, done = (conn, 0) if loop["overwrite"] else checkpointed_connector(conn, common["tx"], ckdir)
+        start, refresh = conn, cfg.proposal_refresh
+        conn, done = (conn, 0) if loop["overwrite"] else checkpointed_connector(conn, pcfg.optimizer, ckdir)
         res = None
-        while res is None or done < epochs:
-            end = min(epochs, done + refresh)
+        while res is None or (done < pcfg.epochs and res.stopped is None):
+            done = min(pcfg.epochs, done + refresh)
             sampler, dens = area_proposal(conn, cells=cfg.proposal_cells, mix=cfg.proposal_mix)
             weights = area_weights(quadrature=cfg.area_quadrature, gradient=cfg.area_gradient, proposal=dens)
             lc = LoopConfig(checkpoint_dir=ckdir, checkpoint_every=refresh,
                             **{**loop, "overwrite": loop["overwrite"] and res is None})
-            res = train_connector(model, conn, data, epochs=end, sampler=sampler, point_weights=weights, loop=lc,
-                                  run_start=start, **common)
-            conn, done = res.connector, end
-            if res.stopped is not None:
-                break
+            res = train_connector(model, conn, data, dataclasses.replace(pcfg, epochs=done), sampler=sampler,
+                                  point_weights=weights, loop=lc, run_start=start, **kw)
+            conn = res.connector
     return res
 
 
@@ -392,11 +368,8 @@ def train_surface(model: Model, surface: Connector, data: Dataset, config: Surfa
     cfg = SurfaceConfig() if config is None else config
     if not isinstance(cfg, SurfaceConfig):
         raise TypeError(f"train_surface: config must be a SurfaceConfig, got {type(cfg).__name__}")
-    if not isinstance(data, Dataset):
-        raise TypeError(f"train_surface: data must be a Dataset (mcl.load_dataset(...) or mcl.Dataset(x, y, ...)), "
-                        f"got {type(data).__name__}")
+    steps_per_epoch = dataset_steps(data, cfg.batch_size, "train_surface")
     shape = _grid_shape(surface.shape)
-    batch_size = check_batch_size(cfg.batch_size, len(data))
     lmask = layer_mask(jax.tree_util.tree_map(lambda a: a[0], surface.control), cfg.layers) if cfg.layers else None
     out: dict[str, dict] = {"history": {}, "wall_time": {}, "trained": {}, "skipped": {}}
     conn = surface
@@ -408,25 +381,24 @@ def train_surface(model: Model, surface: Connector, data: Dataset, config: Surfa
                 f"no trainable control point in phase {phase} for a {shape[0]}x{shape[1]} grid"
             continue
         out["trained"][phase] = [int(i) for i in np.flatnonzero(mask)]
-        common = dict(tx=_phase_optimizer(cfg, phase, len(data) // batch_size * epochs, lmask),
-                      batch_size=batch_size, num_samples=cfg.num_samples, trainable=mask, seed=seed + 7919 * phase,
-                      augment=cfg.augment, strategy=cfg.strategy, loss_fn=cfg.loss_fn, devices=devices,
-                      callbacks=_phase_callbacks(callback, phase, conn, out), hyper=_phase_hyper(cfg, phase),
-                      metadata={"phase": phase, "objective": cfg.objective},
-                      **weight_decay_args(cfg.weight_decay, cfg.weight_decay_on))
+        pcfg = cfg.connector_config(epochs=epochs,
+                                    optimizer=_phase_optimizer(cfg, phase, steps_per_epoch * epochs, lmask))
+        kw = dict(trainable=mask, seed=seed + 7919 * phase, devices=devices, hyper=_phase_hyper(cfg, phase),
+                  callbacks=_phase_callbacks(callback, phase, conn, out),
+                  metadata={"phase": phase, "objective": cfg.objective})
         ckdir = None if checkpoint_dir is None else os.path.join(os.fspath(checkpoint_dir), f"phase{phase}")
         loop = dict(keep=keep, overwrite=overwrite, progress=progress, desc=f"surface phase {phase}")
         area = cfg.objective == "area" and phase == 3
         if area and cfg.area_estimator == "sample":
-            res = _train_sampled(model, conn, data, cfg, ckdir, loop, common)
+            res = _train_sampled(model, conn, data, cfg, pcfg, ckdir, loop, kw)
         else:
             weights = area_weights(quadrature=cfg.area_quadrature, gradient=cfg.area_gradient) if area else None
-            res = train_connector(model, conn, data, epochs=epochs, sampler=phase_sampler(shape, phase),
+            res = train_connector(model, conn, data, pcfg, sampler=phase_sampler(shape, phase),
                                   coefficients=curve_family_coefficients(shape) if phase == 2 else None,
-                                  point_weights=weights, loop=LoopConfig(checkpoint_dir=ckdir, **loop), **common)
+                                  point_weights=weights, loop=LoopConfig(checkpoint_dir=ckdir, **loop), **kw)
         conn = res.connector
         out["history"][phase] = list(res.history)
-        out["wall_time"][phase] = float(sum(r.get("seconds", 0.0) for r in res.history))
+        out["wall_time"][phase] = _seconds(res.history)
         if res.stopped is not None:
             for later in PHASES[phase:]:
                 out["skipped"][later] = f"stopped by the callback after phase {phase}, epoch {res.stopped}"
