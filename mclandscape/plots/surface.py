@@ -34,9 +34,17 @@ def _square(a, name: str) -> np.ndarray:
     return a
 
 
+def _pair(**grids) -> list[np.ndarray]:
+    """The two named grids as square arrays of one shape."""
+    (n1, a), (n2, b) = ((n, _square(g, n)) for n, g in grids.items())
+    if a.shape != b.shape:
+        raise ValueError(f"{n1} and {n2} grids differ in shape: {a.shape} vs {b.shape}")
+    return [a, b]
+
+
 def heatmap(values, *, ax: Axes | None = None, title: str | None = None, label: str = "value",
             cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
-            annotate: bool | None = None) -> Figure:
+            annotate: bool | None = None, extrema: bool = False) -> Figure:
     """One (u, v) heat-map of a grid, the four corner models outlined, values written in the cells.
 
     Args:
@@ -49,6 +57,7 @@ def heatmap(values, *, ax: Axes | None = None, title: str | None = None, label: 
       vmax: upper end of the colour scale (default the grid's maximum).
       annotate: write every cell's value, with 2 decimals (default: grids up to 11 x 11); the font is scaled to
         the grid and the text colour chosen against the cell's colour.
+      extrema: mark the valley (▼, least value) and the peak (▲, largest value).
 
     Returns:
       The figure drawn into.
@@ -73,15 +82,19 @@ def heatmap(values, *, ax: Axes | None = None, title: str | None = None, label: 
         ax.add_patch(Rectangle((x - h, y - h), 2 * h, 2 * h, fill=False, ec="tab:red", lw=2.0, clip_on=False,
                                label="corner models" if k == 0 else None))
     fig.colorbar(im, ax=ax, label=label, shrink=0.8)
+    g = np.linspace(0, 1, s)
     if annotate if annotate is not None else s <= _ANNOTATE_MAX:
-        g = np.linspace(0, 1, s)
         annotate_cells(ax, a, g, g, im)
+    for where, marker in ((np.nanargmin, "wv"), (np.nanargmax, "r^")) if extrema else ():
+        i, j = np.unravel_index(where(a), a.shape)
+        ax.plot(g[i], g[j], marker, ms=10, mec="k")
     return fig
 
 
 def heatmap_pair(before, after, *, ax: Sequence[Axes] | None = None, label: str = "value",
                  title: str | None = None, titles: Sequence[str] = ("before training", "after training"),
-                 shared_scale: bool = True, cmap: str = "viridis", annotate: bool | None = None) -> Figure:
+                 shared_scale: bool = True, cmap: str = "viridis", annotate: bool | None = None,
+                 extrema: bool = False) -> Figure:
     """Side-by-side heat-maps of one metric on two grids (before / after training: the Bézier-surface
     paper's Figures 4 and 5), on one colour scale by default so that a change reads as a change of colour.
 
@@ -96,6 +109,7 @@ def heatmap_pair(before, after, *, ax: Sequence[Axes] | None = None, label: str 
         panel to its own range.
       cmap: matplotlib colormap name.
       annotate: write every cell's value, with 2 decimals (default: grids up to 11 x 11).
+      extrema: mark each grid's valley (▼) and peak (▲).
 
     Returns:
       The figure drawn into.
@@ -108,15 +122,13 @@ def heatmap_pair(before, after, *, ax: Sequence[Axes] | None = None, label: str 
       >>> [ax.images[0].get_clim() for ax in fig.axes if ax.images]
       [(0.0, 1.0), (0.0, 1.0)]
     """
-    b, a = _square(before, "before"), _square(after, "after")
-    if b.shape != a.shape:
-        raise ValueError(f"before and after grids differ in shape: {b.shape} vs {a.shape}")
+    b, a = _pair(before=before, after=after)
     if len(titles) != 2:
         raise ValueError(f"titles must name the 2 panels, got {len(titles)}")
     vmin, vmax = shared_range(b, a) if shared_scale else (None, None)
     fig, axes, _ = figure_and_panels(ax, 2, figsize=(10, 4.3), name="heatmap_pair", tight=True)
     for p, g, t in zip(axes, (b, a), titles, strict=True):
-        heatmap(g, ax=p, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=annotate)
+        heatmap(g, ax=p, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=annotate, extrema=extrema)
     fig.suptitle(f"{label} over the surface (u, v): {titles[0]} vs {titles[1]}" if title is None else title)
     return fig
 
@@ -240,16 +252,6 @@ def subset_comparison(full, subset, *, ax: Sequence[Axes] | None = None, label: 
       >>> [tuple(round(c, 2) for c in ax.images[0].get_clim()) for ax in fig.axes if ax.images]
       [(0.0, 1.1), (0.0, 1.1)]
     """
-    f, s = _square(full, "full"), _square(subset, "subset")
-    if f.shape != s.shape:
-        raise ValueError(f"full and subset grids differ in shape: {f.shape} vs {s.shape}")
-    vmin, vmax = shared_range(f, s) if shared_scale else (None, None)
-    fig, axes, _ = figure_and_panels(ax, 2, figsize=(10, 4.3), name="subset_comparison", tight=True)
-    g = np.linspace(0, 1, f.shape[0])
-    for p, a, t in ((axes[0], s, "data subset"), (axes[1], f, "all data")):
-        heatmap(a, ax=p, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=False)
-        for where, marker in ((np.nanargmin, "wv"), (np.nanargmax, "r^")):
-            i, j = np.unravel_index(where(a), a.shape)
-            p.plot(g[i], g[j], marker, ms=10, mec="k")
-    fig.suptitle(f"{label} over the surface (u, v): data subset vs all data" if title is None else title)
-    return fig
+    s, f = _pair(subset=subset, full=full)
+    return heatmap_pair(s, f, ax=ax, label=label, title=title, titles=("data subset", "all data"),
+                        shared_scale=shared_scale, cmap=cmap, annotate=False, extrema=True)
