@@ -274,16 +274,13 @@ def loss_curves_plot(curves: Mapping[str, tuple[object, object]], *, ax: Axes | 
         rows = -(-len(items) // cols)
         fig, axes, made = figure_and_panels(ax, len(items), figsize=(3.2 * cols, 2.6 * rows), nrows=rows,
                                             name="loss_curves_plot(layout='grid')", tight=True)
-        if made:  # given axes keep the sharing their caller chose
-            for p in axes[1:]:
-                p.sharey(axes[0])
+        for p in axes[1:] if made else ():  # given axes keep the sharing their caller chose
+            p.sharey(axes[0])
         for p, (name, a, l) in zip(axes, items, strict=True):
             p.plot(a, l, "b-")
             p.set_title(name, fontsize=9)
     for p in axes:
-        p.set(xlabel=xlabel, ylabel=ylabel)
-        if log:
-            p.set_yscale("log")
+        p.set(xlabel=xlabel, ylabel=ylabel, yscale="log" if log else "linear")
     fig.suptitle(f"{ylabel} along 1-D directions" if title is None else title)
     return fig
 
