@@ -76,8 +76,8 @@ def contour_plot(xs, ys, Z, *, ax: Axes | None = None, title: str | None = None,
                  ylabel: str = "beta", zlabel: str = "loss", levels: int = 30, log: bool = False,
                  vmin: float | None = None, vmax: float | None = None,
                  trajectories: Mapping[str, object] | None = None,
-                 points: Mapping[str, Sequence[float]] | None = None, colorbar: bool = True) -> Figure:
-    """Filled contour of a grid with optional optimiser trajectories and marked points.
+                 points: Mapping[str, Sequence[float]] | None = None) -> Figure:
+    """Filled contour of a grid, with its colour bar, optional optimiser trajectories and marked points.
 
     Trajectories start at ``o`` and end at ``*``, ``s``, ``D``, ``^`` for the 1st-4th series; points are
     ``+`` with their name (e.g. the trained model at the origin of a Li et al. plane).
@@ -98,7 +98,6 @@ def contour_plot(xs, ys, Z, *, ax: Axes | None = None, title: str | None = None,
       vmax: upper end of the colour scale (default ``Z``'s maximum).
       trajectories: ``name -> [T, 2]`` or ``[N, T, 2]`` paths drawn over the contours.
       points: ``name -> (x, y)`` marked points.
-      colorbar: draw a colour bar.
 
     Returns:
       The figure drawn into.
@@ -116,8 +115,7 @@ def contour_plot(xs, ys, Z, *, ax: Axes | None = None, title: str | None = None,
     fig, ax = figure_and_axes(ax, figsize=(5.2, 4.4), name="contour_plot")
     title = f"{zlabel} over the plane ({xlabel}, {ylabel})" if title is None else title
     cs = _contour_on(ax, xs, ys, f(Z), bands, title)
-    if colorbar:
-        fig.colorbar(cs, ax=ax, label=label)
+    fig.colorbar(cs, ax=ax, label=label)
     _draw_trajectories(ax, trajectories)
     for name, p in (points or {}).items():
         ax.plot([p[0]], [p[1]], "k+", ms=10, mew=2)

@@ -134,10 +134,9 @@ def heatmap_pair(before, after, *, ax: Sequence[Axes] | None = None, label: str 
 
 
 def surface_3d(grids: Sequence, *, ax: Sequence[Axes] | None = None, titles: Sequence[str] | None = None,
-               zlabel: str = "loss", title: str | None = None, cmap: str = "viridis",
-               shared_z: bool = True) -> Figure:
+               zlabel: str = "loss", title: str | None = None, cmap: str = "viridis") -> Figure:
     """3-D views of one or more grids over (u, v) (the Bézier-surface paper's Figure 1: before / after);
-    with ``shared_z`` all panels use one z range and colour scale, so a drop in loss is visible as such.
+    all panels use one z range and colour scale, so a drop in loss is visible as such.
 
     Args:
       grids: ``[S, S]`` grids, one panel each.
@@ -147,7 +146,6 @@ def surface_3d(grids: Sequence, *, ax: Sequence[Axes] | None = None, titles: Seq
       zlabel: what the grids hold.
       title: figure title; default ``"<zlabel> over the surface (u, v)"``.
       cmap: matplotlib colormap name.
-      shared_z: one z range and colour scale for every panel.
 
     Returns:
       The figure drawn into.
@@ -168,22 +166,20 @@ def surface_3d(grids: Sequence, *, ax: Sequence[Axes] | None = None, titles: Seq
                                                                                 for k in range(len(grids))]
     if len(titles) != len(grids):
         raise ValueError(f"{len(grids)} grids but {len(titles)} titles")
-    vmin, vmax = shared_range(*grids) if shared_z else (None, None)
+    vmin, vmax = shared_range(*grids)
     fig, axes, _ = figure_and_panels(ax, len(grids), figsize=(5.5 * len(grids), 4.5), name="surface_3d",
                                      projection="3d", tight=True)
     for p, g, t in zip(axes, grids, titles, strict=True):
         s = np.linspace(0, 1, g.shape[0])
         uu, vv = np.meshgrid(s, s, indexing="ij")
         p.plot_surface(uu, vv, g, cmap=cmap, edgecolor="k", linewidth=0.2, vmin=vmin, vmax=vmax)
-        p.set(xlabel="u", ylabel="v", zlabel=zlabel, title=t)
-        if shared_z:
-            p.set_zlim(vmin, vmax)
+        p.set(xlabel="u", ylabel="v", zlabel=zlabel, title=t, zlim=(vmin, vmax))
     fig.suptitle(f"{zlabel} over the surface (u, v)" if title is None else title)
     return fig
 
 
 def triangle_plot(points, values, *, ax: Axes | None = None, label: str = "test accuracy", title: str | None = None,
-                  names: Sequence[str] = ("model 1", "model 2", "model 3"), cmap: str = "viridis") -> Figure:
+                  cmap: str = "viridis") -> Figure:
     """Values on the linear surface of three models over barycentric ``points [P, 3]`` (the Bézier-surface
     paper's Figure 3).
 
@@ -193,7 +189,6 @@ def triangle_plot(points, values, *, ax: Axes | None = None, label: str = "test 
       ax: axes to draw into; ``None`` makes a new figure.
       label: what the values are (colour-bar label).
       title: default ``"<label> on the linear surface a1·θ1 + a2·θ2 + a3·θ3"``.
-      names: labels of the three vertices.
       cmap: matplotlib colormap name.
 
     Returns:
@@ -210,15 +205,13 @@ def triangle_plot(points, values, *, ax: Axes | None = None, label: str = "test 
     p, v = np.asarray(points, dtype=np.float64), np.asarray(values, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 3 or v.shape != (p.shape[0],):
         raise ValueError(f"need points [P, 3] and values [P], got {p.shape} and {v.shape}")
-    if len(names) != 3:
-        raise ValueError(f"names must label the 3 vertices, got {len(names)}")
     verts = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
     xy = p @ verts
     fig, ax = figure_and_axes(ax, figsize=(5.5, 4.8), name="triangle_plot")
     tc = ax.tricontourf(xy[:, 0], xy[:, 1], v, levels=20, cmap=cmap)
     ax.scatter(xy[:, 0], xy[:, 1], c=v, cmap=cmap, norm=tc.norm, edgecolors="k", linewidths=0.3, s=18)
     fig.colorbar(tc, ax=ax, label=label)
-    for (x, y), n in zip(verts, names, strict=True):
+    for (x, y), n in zip(verts, ("model 1", "model 2", "model 3"), strict=True):
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(0, -12 if y == 0 else 6), ha="center")
     ax.set(aspect="equal", xlim=(-0.12, 1.12), ylim=(-0.08, np.sqrt(3) / 2 + 0.08))
     ax.axis("off")
