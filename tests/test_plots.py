@@ -134,6 +134,9 @@ def test_pairs_share_one_colour_scale_by_default():
     assert _clims(own) == [(0.0, 1.0), (0.5, 0.75)]
     sub = plots.subset_comparison(before, after, label="train loss")
     assert _clims(sub) == [(0.0, 1.0), (0.0, 1.0)]
+    # the subset (left) panel marks its valley (v) at the (u, v) = (0, 0) corner and its peak (^) at (1, 1)
+    assert [(tuple(ln.get_xydata()[0]), ln.get_marker()) for ln in sub.axes[0].lines] == [((0, 0), "v"), ((1, 1), "^")]
+    assert sub._suptitle.get_text() == "train loss over the surface (u, v): data subset vs all data"
     s3 = plots.surface_3d([before, after])
     assert s3.axes[0].get_zlim() == s3.axes[1].get_zlim() == (0.0, 1.0)
     norms = [a.collections[0].norm for a in s3.axes]

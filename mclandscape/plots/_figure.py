@@ -134,8 +134,7 @@ def figure_and_panels(ax: Sequence[Axes] | None, n: int, *, figsize: tuple[float
     with ``tight_layout`` when drawn if ``tight``."""
     if ax is None:
         fig = new_figure(figsize, layout="tight" if tight else None)
-        ncols = -(-n // nrows)
-        axes = [fig.add_subplot(nrows, ncols, k + 1, projection=projection) for k in range(nrows * ncols)]
+        axes = list(fig.subplots(nrows, -(-n // nrows), squeeze=False, subplot_kw={"projection": projection}).ravel())
         for extra in axes[n:]:
             extra.set_visible(False)
         return fig, axes[:n], True
@@ -147,11 +146,10 @@ def figure_and_panels(ax: Sequence[Axes] | None, n: int, *, figsize: tuple[float
         raise ValueError(f"{name} draws {n} panels: ax must hold {n} Axes, got {len(axes)} items")
     if any(a.figure is not axes[0].figure for a in axes):
         raise ValueError(f"{name}: the axes passed as ax belong to different figures")
-    want = projection or "rectilinear"
-    for a in axes:
-        if a.name != want:
-            how = "fig.add_subplot(projection='3d')" if want == "3d" else "fig.add_subplot()"
-            raise ValueError(f"{name} needs {want} axes ({how}), got {a.name!r} axes")
+    wrong = {a.name for a in axes} - {projection or "rectilinear"}
+    if wrong:
+        raise ValueError(f"{name} needs {projection or 'rectilinear'} axes (fig.add_subplot(projection="
+                         f"{projection!r})), got {wrong.pop()!r} axes")
     return axes[0].figure, axes, False
 
 

@@ -15,7 +15,7 @@ returned and :func:`~mclandscape.plots.save` writes it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -28,8 +28,7 @@ __all__ = ["contour_plot", "trajectory_panels", "surface_plot", "loss_curves_plo
 
 
 def _grid(xs, ys, Z) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    xs = np.asarray(xs, np.float64).ravel()
-    ys = np.asarray(ys, np.float64).ravel()
+    xs, ys = (np.asarray(v, np.float64).ravel() for v in (xs, ys))
     Z = np.asarray(Z, np.float64)
     if Z.shape != (xs.size, ys.size):
         raise ValueError(f"Z must be [len(xs), len(ys)] = [{xs.size}, {ys.size}], got shape {Z.shape}")
@@ -38,22 +37,15 @@ def _grid(xs, ys, Z) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xs, ys, Z
 
 
-def _log_scale(lo: float, log: bool, zlabel: str) -> tuple[Callable, str]:
-    """``(f, label)``: ``f`` maps values to what is drawn (with ``log``, ``log10`` of the values shifted to
-    positive ones when their least value ``lo`` is not) and ``label`` says what that is."""
-    if not log:
-        return np.asarray, zlabel
-    shift = 0.0 if lo > 0 else -lo + 1e-12
-    return (lambda v: np.log10(np.asarray(v) + shift + 1e-12),
-            f"log10({zlabel})" if shift == 0.0 else f"log10({zlabel} + {shift:.2g})")
-
-
 def _bands(Z: np.ndarray, log: bool, zlabel: str, levels: int, vmin=None, vmax=None):
-    """``(f, bands, label)`` of a contour plot of ``Z`` (colour scale ``[vmin, vmax]``, default Z's range):
-    ``f`` and ``label`` of :func:`_log_scale` and ``levels + 1`` band edges in drawn units."""
+    """``(f, bands, label)`` of a plot of ``Z`` (colour scale ``[vmin, vmax]``, default Z's range): ``f`` maps
+    values to what is drawn (with ``log``, ``log10`` of the values, shifted to positive ones when the scale's
+    least value is not), ``bands`` are ``levels + 1`` band edges in drawn units and ``label`` says what is drawn."""
     lo, hi = shared_range(Z)
     lo, hi = lo if vmin is None else float(vmin), hi if vmax is None else float(vmax)
-    f, label = _log_scale(lo, log, zlabel)
+    shift = 0.0 if lo > 0 else -lo + 1e-12
+    f = (lambda v: np.log10(np.asarray(v) + shift + 1e-12)) if log else np.asarray
+    label = zlabel if not log else f"log10({zlabel})" if shift == 0.0 else f"log10({zlabel} + {shift:.2g})"
     a, b = f(np.array([lo, hi]))
     return f, np.linspace(a, b if b > a else a + 1e-12, levels + 1), label
 
@@ -65,19 +57,15 @@ def _contour_on(ax: Axes, xs, ys, data: np.ndarray, bands: np.ndarray, title: st
     return cs
 
 
-def _traj_list(t) -> list[np.ndarray]:
-    t = np.asarray(t, np.float64)
-    if t.ndim not in (2, 3) or t.shape[-1] != 2:
-        raise ValueError(f"a trajectory must be [T, 2] or [N, T, 2], got shape {t.shape}")
-    return list(t.reshape(-1, *t.shape[-2:]))
-
-
 def _draw_trajectories(ax: Axes, trajectories: Mapping[str, object] | None):
     if not trajectories:
         return
     for i, (name, t) in enumerate(trajectories.items()):
         c = ["tab:red", "tab:orange", "white", "tab:pink"][i] if i < 4 else f"C{i}"
-        for j, tr in enumerate(_traj_list(t)):
+        t = np.asarray(t, np.float64)
+        if t.ndim not in (2, 3) or t.shape[-1] != 2:
+            raise ValueError(f"a trajectory must be [T, 2] or [N, T, 2], got shape {t.shape}")
+        for j, tr in enumerate(t.reshape(-1, *t.shape[-2:])):
             ax.plot(tr[:, 0], tr[:, 1], "-", color=c, lw=1.0, alpha=0.9, label=name if j == 0 else None)
             ax.plot(tr[0, 0], tr[0, 1], "o", color=c, ms=4)
             ax.plot(tr[-1, 0], tr[-1, 1], "*sD^"[i % 4], color=c, ms=10 if i % 4 == 0 else 6, mec="k", mew=0.5)
@@ -88,8 +76,8 @@ def contour_plot(xs, ys, Z, *, ax: Axes | None = None, title: str | None = None,
                  ylabel: str = "beta", zlabel: str = "loss", levels: int = 30, log: bool = False,
                  vmin: float | None = None, vmax: float | None = None,
                  trajectories: Mapping[str, object] | None = None,
-                 points: Mapping[str, Sequence[float]] | None = None, colorbar: bool = True) -> Figure:
-    """Filled contour of a grid with optional optimiser trajectories and marked points.
+                 points: Mapping[str, Sequence[float]] | None = None) -> Figure:
+    """Filled contour of a grid, with its colour bar, optional optimiser trajectories and marked points.
 
     Trajectories start at ``o`` and end at ``*``, ``s``, ``D``, ``^`` for the 1st-4th series; points are
     ``+`` with their name (e.g. the trained model at the origin of a Li et al. plane).
@@ -110,7 +98,6 @@ def contour_plot(xs, ys, Z, *, ax: Axes | None = None, title: str | None = None,
       vmax: upper end of the colour scale (default ``Z``'s maximum).
       trajectories: ``name -> [T, 2]`` or ``[N, T, 2]`` paths drawn over the contours.
       points: ``name -> (x, y)`` marked points.
-      colorbar: draw a colour bar.
 
     Returns:
       The figure drawn into.
@@ -128,8 +115,7 @@ def contour_plot(xs, ys, Z, *, ax: Axes | None = None, title: str | None = None,
     fig, ax = figure_and_axes(ax, figsize=(5.2, 4.4), name="contour_plot")
     title = f"{zlabel} over the plane ({xlabel}, {ylabel})" if title is None else title
     cs = _contour_on(ax, xs, ys, f(Z), bands, title)
-    if colorbar:
-        fig.colorbar(cs, ax=ax, label=label)
+    fig.colorbar(cs, ax=ax, label=label)
     _draw_trajectories(ax, trajectories)
     for name, p in (points or {}).items():
         ax.plot([p[0]], [p[1]], "k+", ms=10, mew=2)
@@ -215,7 +201,7 @@ def surface_plot(xs, ys, Z, *, ax: Axes | None = None, title: str | None = None,
     """
     xs, ys, Z = _grid(xs, ys, Z)
     fig, ax = figure_and_axes(ax, figsize=(6, 4.8), name="surface_plot", projection="3d")
-    f, label = _log_scale(float(np.nanmin(Z)), log, zlabel)
+    f, _, label = _bands(Z, log, zlabel, 1)
     X, Y = np.meshgrid(xs, ys, indexing="ij")
     ax.plot_surface(X, Y, f(Z), cmap=cmap, linewidth=0, antialiased=True, alpha=0.9)
     if trajectory is not None:
@@ -274,16 +260,13 @@ def loss_curves_plot(curves: Mapping[str, tuple[object, object]], *, ax: Axes | 
         rows = -(-len(items) // cols)
         fig, axes, made = figure_and_panels(ax, len(items), figsize=(3.2 * cols, 2.6 * rows), nrows=rows,
                                             name="loss_curves_plot(layout='grid')", tight=True)
-        if made:  # given axes keep the sharing their caller chose
-            for p in axes[1:]:
-                p.sharey(axes[0])
+        for p in axes[1:] if made else ():  # given axes keep the sharing their caller chose
+            p.sharey(axes[0])
         for p, (name, a, l) in zip(axes, items, strict=True):
             p.plot(a, l, "b-")
             p.set_title(name, fontsize=9)
     for p in axes:
-        p.set(xlabel=xlabel, ylabel=ylabel)
-        if log:
-            p.set_yscale("log")
+        p.set(xlabel=xlabel, ylabel=ylabel, yscale="log" if log else "linear")
     fig.suptitle(f"{ylabel} along 1-D directions" if title is None else title)
     return fig
 

@@ -83,8 +83,7 @@ def plot_path_profiles(paths: Mapping[str, object], *, ax: Sequence[Axes] | None
     for a, what, unit in ((ax_l, "loss", ""), (ax_e, "error", " (%)")):
         a.set(xlabel=xlabel, ylabel=what + unit, title=f"{what} along the path")
         a.grid(alpha=0.3)
-    if log_loss:
-        ax_l.set_yscale("log")
+    ax_l.set_yscale("log" if log_loss else "linear")
     ax_l.legend(fontsize=7)
     fig.suptitle("loss and error along the paths between two models" if title is None else title)
     return fig

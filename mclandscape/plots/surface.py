@@ -34,9 +34,17 @@ def _square(a, name: str) -> np.ndarray:
     return a
 
 
+def _pair(**grids) -> list[np.ndarray]:
+    """The two named grids as square arrays of one shape."""
+    (n1, a), (n2, b) = ((n, _square(g, n)) for n, g in grids.items())
+    if a.shape != b.shape:
+        raise ValueError(f"{n1} and {n2} grids differ in shape: {a.shape} vs {b.shape}")
+    return [a, b]
+
+
 def heatmap(values, *, ax: Axes | None = None, title: str | None = None, label: str = "value",
             cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
-            annotate: bool | None = None) -> Figure:
+            annotate: bool | None = None, extrema: bool = False) -> Figure:
     """One (u, v) heat-map of a grid, the four corner models outlined, values written in the cells.
 
     Args:
@@ -49,6 +57,7 @@ def heatmap(values, *, ax: Axes | None = None, title: str | None = None, label: 
       vmax: upper end of the colour scale (default the grid's maximum).
       annotate: write every cell's value, with 2 decimals (default: grids up to 11 x 11); the font is scaled to
         the grid and the text colour chosen against the cell's colour.
+      extrema: mark the valley (▼, least value) and the peak (▲, largest value).
 
     Returns:
       The figure drawn into.
@@ -73,15 +82,19 @@ def heatmap(values, *, ax: Axes | None = None, title: str | None = None, label: 
         ax.add_patch(Rectangle((x - h, y - h), 2 * h, 2 * h, fill=False, ec="tab:red", lw=2.0, clip_on=False,
                                label="corner models" if k == 0 else None))
     fig.colorbar(im, ax=ax, label=label, shrink=0.8)
+    g = np.linspace(0, 1, s)
     if annotate if annotate is not None else s <= _ANNOTATE_MAX:
-        g = np.linspace(0, 1, s)
         annotate_cells(ax, a, g, g, im)
+    for where, marker in ((np.nanargmin, "wv"), (np.nanargmax, "r^")) if extrema else ():
+        i, j = np.unravel_index(where(a), a.shape)
+        ax.plot(g[i], g[j], marker, ms=10, mec="k")
     return fig
 
 
 def heatmap_pair(before, after, *, ax: Sequence[Axes] | None = None, label: str = "value",
                  title: str | None = None, titles: Sequence[str] = ("before training", "after training"),
-                 shared_scale: bool = True, cmap: str = "viridis", annotate: bool | None = None) -> Figure:
+                 shared_scale: bool = True, cmap: str = "viridis", annotate: bool | None = None,
+                 extrema: bool = False) -> Figure:
     """Side-by-side heat-maps of one metric on two grids (before / after training: the Bézier-surface
     paper's Figures 4 and 5), on one colour scale by default so that a change reads as a change of colour.
 
@@ -96,6 +109,7 @@ def heatmap_pair(before, after, *, ax: Sequence[Axes] | None = None, label: str 
         panel to its own range.
       cmap: matplotlib colormap name.
       annotate: write every cell's value, with 2 decimals (default: grids up to 11 x 11).
+      extrema: mark each grid's valley (▼) and peak (▲).
 
     Returns:
       The figure drawn into.
@@ -108,24 +122,21 @@ def heatmap_pair(before, after, *, ax: Sequence[Axes] | None = None, label: str 
       >>> [ax.images[0].get_clim() for ax in fig.axes if ax.images]
       [(0.0, 1.0), (0.0, 1.0)]
     """
-    b, a = _square(before, "before"), _square(after, "after")
-    if b.shape != a.shape:
-        raise ValueError(f"before and after grids differ in shape: {b.shape} vs {a.shape}")
+    b, a = _pair(before=before, after=after)
     if len(titles) != 2:
         raise ValueError(f"titles must name the 2 panels, got {len(titles)}")
     vmin, vmax = shared_range(b, a) if shared_scale else (None, None)
     fig, axes, _ = figure_and_panels(ax, 2, figsize=(10, 4.3), name="heatmap_pair", tight=True)
     for p, g, t in zip(axes, (b, a), titles, strict=True):
-        heatmap(g, ax=p, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=annotate)
+        heatmap(g, ax=p, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=annotate, extrema=extrema)
     fig.suptitle(f"{label} over the surface (u, v): {titles[0]} vs {titles[1]}" if title is None else title)
     return fig
 
 
 def surface_3d(grids: Sequence, *, ax: Sequence[Axes] | None = None, titles: Sequence[str] | None = None,
-               zlabel: str = "loss", title: str | None = None, cmap: str = "viridis",
-               shared_z: bool = True) -> Figure:
+               zlabel: str = "loss", title: str | None = None, cmap: str = "viridis") -> Figure:
     """3-D views of one or more grids over (u, v) (the Bézier-surface paper's Figure 1: before / after);
-    with ``shared_z`` all panels use one z range and colour scale, so a drop in loss is visible as such.
+    all panels use one z range and colour scale, so a drop in loss is visible as such.
 
     Args:
       grids: ``[S, S]`` grids, one panel each.
@@ -135,7 +146,6 @@ def surface_3d(grids: Sequence, *, ax: Sequence[Axes] | None = None, titles: Seq
       zlabel: what the grids hold.
       title: figure title; default ``"<zlabel> over the surface (u, v)"``.
       cmap: matplotlib colormap name.
-      shared_z: one z range and colour scale for every panel.
 
     Returns:
       The figure drawn into.
@@ -156,22 +166,20 @@ def surface_3d(grids: Sequence, *, ax: Sequence[Axes] | None = None, titles: Seq
                                                                                 for k in range(len(grids))]
     if len(titles) != len(grids):
         raise ValueError(f"{len(grids)} grids but {len(titles)} titles")
-    vmin, vmax = shared_range(*grids) if shared_z else (None, None)
+    vmin, vmax = shared_range(*grids)
     fig, axes, _ = figure_and_panels(ax, len(grids), figsize=(5.5 * len(grids), 4.5), name="surface_3d",
                                      projection="3d", tight=True)
     for p, g, t in zip(axes, grids, titles, strict=True):
         s = np.linspace(0, 1, g.shape[0])
         uu, vv = np.meshgrid(s, s, indexing="ij")
         p.plot_surface(uu, vv, g, cmap=cmap, edgecolor="k", linewidth=0.2, vmin=vmin, vmax=vmax)
-        p.set(xlabel="u", ylabel="v", zlabel=zlabel, title=t)
-        if shared_z:
-            p.set_zlim(vmin, vmax)
+        p.set(xlabel="u", ylabel="v", zlabel=zlabel, title=t, zlim=(vmin, vmax))
     fig.suptitle(f"{zlabel} over the surface (u, v)" if title is None else title)
     return fig
 
 
 def triangle_plot(points, values, *, ax: Axes | None = None, label: str = "test accuracy", title: str | None = None,
-                  names: Sequence[str] = ("model 1", "model 2", "model 3"), cmap: str = "viridis") -> Figure:
+                  cmap: str = "viridis") -> Figure:
     """Values on the linear surface of three models over barycentric ``points [P, 3]`` (the Bézier-surface
     paper's Figure 3).
 
@@ -181,7 +189,6 @@ def triangle_plot(points, values, *, ax: Axes | None = None, label: str = "test 
       ax: axes to draw into; ``None`` makes a new figure.
       label: what the values are (colour-bar label).
       title: default ``"<label> on the linear surface a1·θ1 + a2·θ2 + a3·θ3"``.
-      names: labels of the three vertices.
       cmap: matplotlib colormap name.
 
     Returns:
@@ -198,15 +205,13 @@ def triangle_plot(points, values, *, ax: Axes | None = None, label: str = "test 
     p, v = np.asarray(points, dtype=np.float64), np.asarray(values, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 3 or v.shape != (p.shape[0],):
         raise ValueError(f"need points [P, 3] and values [P], got {p.shape} and {v.shape}")
-    if len(names) != 3:
-        raise ValueError(f"names must label the 3 vertices, got {len(names)}")
     verts = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
     xy = p @ verts
     fig, ax = figure_and_axes(ax, figsize=(5.5, 4.8), name="triangle_plot")
     tc = ax.tricontourf(xy[:, 0], xy[:, 1], v, levels=20, cmap=cmap)
     ax.scatter(xy[:, 0], xy[:, 1], c=v, cmap=cmap, norm=tc.norm, edgecolors="k", linewidths=0.3, s=18)
     fig.colorbar(tc, ax=ax, label=label)
-    for (x, y), n in zip(verts, names, strict=True):
+    for (x, y), n in zip(verts, ("model 1", "model 2", "model 3"), strict=True):
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(0, -12 if y == 0 else 6), ha="center")
     ax.set(aspect="equal", xlim=(-0.12, 1.12), ylim=(-0.08, np.sqrt(3) / 2 + 0.08))
     ax.axis("off")
@@ -240,16 +245,6 @@ def subset_comparison(full, subset, *, ax: Sequence[Axes] | None = None, label: 
       >>> [tuple(round(c, 2) for c in ax.images[0].get_clim()) for ax in fig.axes if ax.images]
       [(0.0, 1.1), (0.0, 1.1)]
     """
-    f, s = _square(full, "full"), _square(subset, "subset")
-    if f.shape != s.shape:
-        raise ValueError(f"full and subset grids differ in shape: {f.shape} vs {s.shape}")
-    vmin, vmax = shared_range(f, s) if shared_scale else (None, None)
-    fig, axes, _ = figure_and_panels(ax, 2, figsize=(10, 4.3), name="subset_comparison", tight=True)
-    g = np.linspace(0, 1, f.shape[0])
-    for p, a, t in ((axes[0], s, "data subset"), (axes[1], f, "all data")):
-        heatmap(a, ax=p, title=t, label=label, cmap=cmap, vmin=vmin, vmax=vmax, annotate=False)
-        for where, marker in ((np.nanargmin, "wv"), (np.nanargmax, "r^")):
-            i, j = np.unravel_index(where(a), a.shape)
-            p.plot(g[i], g[j], marker, ms=10, mec="k")
-    fig.suptitle(f"{label} over the surface (u, v): data subset vs all data" if title is None else title)
-    return fig
+    s, f = _pair(subset=subset, full=full)
+    return heatmap_pair(s, f, ax=ax, label=label, title=title, titles=("data subset", "all data"),
+                        shared_scale=shared_scale, cmap=cmap, annotate=False, extrema=True)
