@@ -12,6 +12,7 @@ import pytest
 
 from mclandscape.core.tree import tree_size
 from mclandscape.engine.models import Model, from_flax, get_model, list_models
+from mclandscape.engine.models.base import check_variables
 
 # ---------------------------------------------------------------------------------------------------------
 # independent parameter arithmetic
@@ -289,6 +290,11 @@ def test_from_flax_detects_batchnorm_from_the_initialised_variables():
     plain = from_flax(_UserPlain())
     jax.eval_shape(plain.init, jax.random.key(0), x)  # an abstract init is enough to learn it
     assert not plain.has_batch_stats
+    # a model that was never init-ed learns it from the variables it is applied to, or that are checked against it
+    applied, checked = from_flax(_UserBN()), from_flax(_UserPlain())
+    applied.apply(variables, x)
+    check_variables(checked, {"params": jax.eval_shape(plain.init, jax.random.key(0), x)["params"]}, x)
+    assert applied.has_batch_stats and not checked.has_batch_stats
     # an explicit (wrong) has_batch_stats=False no longer crashes train mode either
     declared = from_flax(_UserBN(), has_batch_stats=False)
     assert not declared.has_batch_stats and declared.apply_with_stats is None

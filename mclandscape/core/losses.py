@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-__all__ = ["cross_entropy", "accuracy", "correct", "mse", "mse_onehot", "get_loss", "LOSSES"]
+__all__ = ["cross_entropy", "accuracy", "mse", "mse_onehot", "get_loss", "LOSSES"]
 
 
 def _class_labels(labels: jax.Array, loss: str) -> jax.Array:
@@ -50,24 +50,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, _class_labels(labels, "cross_entropy"))
 
 
-def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example 1.0 where the arg-max class equals the label, else 0.0.
-
-    Args:
-      logits: ``[..., C]`` scores (or probabilities).
-      labels: ``[...]`` integer classes.
-
-    Returns:
-      A float32 array of shape ``labels.shape``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> correct(jnp.array([[2.0, 0.0], [0.0, 2.0]]), jnp.array([0, 0])).tolist()
-        [1.0, 0.0]
-    """
-    return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-
-
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean classification accuracy: the fraction of examples whose arg-max class is the label.
 
@@ -83,7 +65,7 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
         >>> float(accuracy(jnp.array([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]]), jnp.array([0, 1, 1])))
         0.6666666865348816
     """
-    return jnp.mean(correct(logits, labels))
+    return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
 
 
 def mse(outputs: jax.Array, targets: jax.Array) -> jax.Array:
