@@ -42,16 +42,8 @@ from mclandscape.core import _checks
 from mclandscape.core.bernstein import bernstein, bernstein_derivative, check_unit_interval
 from mclandscape.core.tree import PyTree, check_finite, tree_combine, tree_index, tree_stack
 
-__all__ = [
-    "Connector",
-    "bezier_curve",
-    "polychain",
-    "bezier_surface",
-    "bilinear_surface",
-    "bilinear_coefficients",
-    "simplex",
-    "from_control",
-]
+__all__ = ["Connector", "bezier_curve", "polychain", "bezier_surface", "bilinear_surface", "bilinear_coefficients",
+           "simplex", "from_control"]
 
 _KINDS = ("bezier", "polychain", "surface", "simplex")
 
@@ -86,10 +78,6 @@ def _hat_derivative(t, n_nodes: int):
 def _outer(a, b):
     """Row-wise tensor product of ``[P, n]`` and ``[P, m]`` coefficients: ``[P, n m]``, index ``i m + j``."""
     return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
-
-
-def _is_traced(x) -> bool:
-    return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(x))
 
 
 @struct.dataclass
@@ -199,7 +187,7 @@ class Connector:
         return self._checked(pts.reshape(1, -1) if self.point_dim > 1 else pts.reshape(1), extrapolate)
 
     def _checked(self, pts, extrapolate: bool):
-        if not _is_traced(pts):
+        if not isinstance(pts, jax.core.Tracer):  # under jit the values are unknown: nothing to check
             self.validate_points(np.asarray(pts), extrapolate=extrapolate)
         return pts
 

@@ -25,32 +25,10 @@ from jax.flatten_util import ravel_pytree
 
 PyTree = Any
 
-__all__ = [
-    "PyTree",
-    "TreeMismatchError",
-    "check_same_structure",
-    "check_finite",
-    "tree_add",
-    "tree_sub",
-    "tree_scale",
-    "tree_axpy",
-    "tree_dot",
-    "tree_norm",
-    "tree_distance",
-    "tree_cosine",
-    "tree_size",
-    "tree_stack",
-    "tree_unstack",
-    "tree_index",
-    "tree_combine",
-    "tree_gram",
-    "tree_row_dot",
-    "tree_row_scale",
-    "tree_ravel",
-    "tree_random_normal",
-    "tree_path_names",
-    "tree_digest",
-]
+__all__ = ["PyTree", "TreeMismatchError", "check_same_structure", "check_finite", "tree_add", "tree_sub", "tree_scale",
+           "tree_axpy", "tree_dot", "tree_norm", "tree_distance", "tree_cosine", "tree_size", "tree_stack",
+           "tree_unstack", "tree_index", "tree_combine", "tree_gram", "tree_row_dot", "tree_row_scale", "tree_ravel",
+           "tree_random_normal", "tree_path_names", "tree_digest"]
 
 
 class TreeMismatchError(ValueError):

@@ -38,6 +38,7 @@ User models: :func:`from_flax` wraps a Flax linen module, :func:`from_nnx` a Fla
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 
@@ -73,11 +74,9 @@ def _simple_cnn(num_classes, channels, hidden, dropout):
                      hidden=_checks.integer(hidden, "hidden", low=1), dropout=_checks.probability(dropout, "dropout"))
 
 
-def _vgg(bn):
-    def build(num_classes, dropout, width):
-        return VGG16(num_classes=num_classes, batch_norm=bn, dropout=_checks.probability(dropout, "dropout"),
-                     width=_checks.integer(width, "width", low=1))
-    return build
+def _vgg(num_classes, dropout, width, batch_norm=False):
+    return VGG16(num_classes=num_classes, batch_norm=batch_norm, dropout=_checks.probability(dropout, "dropout"),
+                 width=_checks.integer(width, "width", low=1))
 
 
 def _resnet20(num_classes, shortcut, width):
@@ -106,8 +105,8 @@ _REGISTRY = {
     "convfc": (lambda num_classes, channels, hidden: ConvFC(num_classes, _ints(channels, "channels"),
                                                             _ints(hidden, "hidden")),
                {"num_classes": 10, "channels": [32, 64, 128], "hidden": [1000, 1000]}, False),
-    "vgg16": (_vgg(False), {"num_classes": 10, "dropout": 0.5, "width": 512}, False),
-    "vgg16_bn": (_vgg(True), {"num_classes": 10, "dropout": 0.5, "width": 512}, True),
+    "vgg16": (_vgg, {"num_classes": 10, "dropout": 0.5, "width": 512}, False),
+    "vgg16_bn": (functools.partial(_vgg, batch_norm=True), {"num_classes": 10, "dropout": 0.5, "width": 512}, True),
     "resnet18": (lambda num_classes: ResNet(num_classes, (2, 2, 2, 2), (64, 128, 256, 512), shortcut="B"),
                  {"num_classes": 10}, True),
     "resnet20": (_resnet20, {"num_classes": 10, "shortcut": "A", "width": 1}, True),
