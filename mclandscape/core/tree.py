@@ -346,11 +346,8 @@ def tree_unstack(stacked: PyTree) -> list[PyTree]:
         >>> [m["w"].tolist() for m in tree_unstack({"w": jnp.array([[1.0], [2.0]])})]
         [[1.0], [2.0]]
     """
-    leaves, treedef = jax.tree_util.tree_flatten(stacked)
-    if not leaves:
-        return []
-    k = leaves[0].shape[0]
-    return [jax.tree_util.tree_unflatten(treedef, [x[i] for x in leaves]) for i in range(k)]
+    leaves = jax.tree_util.tree_leaves(stacked)
+    return [tree_index(stacked, i) for i in range(leaves[0].shape[0])] if leaves else []
 
 
 def tree_index(stacked: PyTree, i) -> PyTree:
