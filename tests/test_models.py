@@ -12,6 +12,7 @@ import pytest
 
 from mclandscape.core.tree import tree_size
 from mclandscape.engine.models import Model, from_flax, get_model, list_models
+from mclandscape.engine.models.base import check_variables
 
 # ---------------------------------------------------------------------------------------------------------
 # independent parameter arithmetic
@@ -150,15 +151,34 @@ def test_forward_shape_on_digit_sized_input(name):
     model = get_model(name, num_classes=7, **DIGIT_KWARGS.get(name, {}))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 8, 8, 1)), jnp.float32)
     variables = cheap_variables(model, x.shape)
-    out = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
+    apply = jax.jit(model.apply, static_argnames="train")
+    out = apply(variables, x)
     assert out.shape == (5, 7)
     assert bool(jnp.all(jnp.isfinite(out)))
-    train_out = jax.jit(lambda v, x, k: model.apply(v, x, train=True, rngs={"dropout": k}))(
-        variables, x, jax.random.key(0))
-    assert train_out.shape == (5, 7)
+    rngs = {"dropout": jax.random.key(0)}
+    # train mode's shape is traced only (its values matter, and are computed, for simple_cnn and resnet20 below)
+    assert jax.eval_shape(lambda v, x, r: model.apply(v, x, train=True, rngs=r), variables, x, rngs).shape == (5, 7)
     assert model.has_batch_stats == ("batch_stats" in variables)
     if name != "mlp":
         assert "stem" in variables["params"], "conv models expose their first convolution as 'stem'"
+    if name == "simple_cnn":  # dropout (rate 0.25 by default) is active only in train mode
+        a = apply(variables, x, train=True, rngs=rngs)
+        assert not np.allclose(a, apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)}))
+        np.testing.assert_array_equal(out, apply(variables, x))
+    if name == "resnet20":  # BatchNorm models keep and update batch_stats (with the functions compiled above)
+        logits, stats = jax.jit(model.apply_with_stats)(variables, x, rngs)
+        assert logits.shape == (5, 7)
+        assert jax.tree_util.tree_structure(stats) == jax.tree_util.tree_structure(variables["batch_stats"])
+        changed = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(stats),
+                                                          jax.tree_util.tree_leaves(variables["batch_stats"]),
+                                                          strict=True)]
+        assert any(changed)
+        # eval mode uses running statistics (deterministic, independent of the batch composition)
+        other = x.at[1:].set(x[1:] * 3.0 + 1.0)  # same first example, different rest of the batch
+        np.testing.assert_allclose(out[0], apply(variables, other)[0], rtol=1e-5, atol=1e-5)
+        # train mode uses batch statistics, so the first example's output depends on the rest of the batch
+        train_out = apply(variables, x, train=True, rngs=rngs)
+        assert not np.allclose(train_out[0], apply(variables, other, train=True, rngs=rngs)[0])
 
 
 @pytest.mark.parametrize("name,first", [("mlp", "Dense_0")])
@@ -174,41 +194,11 @@ def test_real_init_and_apply(name, first):
     assert model.apply(variables, x).shape == (2, 10)
 
 
-def test_batchnorm_models_keep_and_update_batch_stats():
-    model = get_model("resnet20", num_classes=3)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8, 8, 1)), jnp.float32)
-    variables = cheap_variables(model, x.shape)
-    assert model.apply_with_stats is not None
-    logits, stats = jax.jit(model.apply_with_stats)(variables, x)
-    assert logits.shape == (4, 3)
-    assert jax.tree_util.tree_structure(stats) == jax.tree_util.tree_structure(variables["batch_stats"])
-    changed = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(stats),
-                                                      jax.tree_util.tree_leaves(variables["batch_stats"]),
-                                                      strict=True)]
-    assert any(changed)
-    # eval mode uses running statistics (deterministic, independent of the batch composition)
-    apply = jax.jit(model.apply, static_argnames="train")
-    other = x.at[1:].set(x[1:] * 3.0 + 1.0)  # same first example, different rest of the batch
-    np.testing.assert_allclose(apply(variables, x)[0], apply(variables, other)[0], rtol=1e-5, atol=1e-5)
-    # train mode uses batch statistics, so the first example's output depends on the rest of the batch
-    assert not np.allclose(apply(variables, x, train=True)[0], apply(variables, other, train=True)[0])
-
-
 def test_models_without_batchnorm_have_no_apply_with_stats():
     for name in ("mlp", "simple_cnn", "convfc", "vgg16", "vit_small"):
         assert get_model(name).apply_with_stats is None
     for name in ("vgg16_bn", "resnet18", "resnet20", "preresnet20"):
         assert get_model(name).apply_with_stats is not None
-
-
-def test_dropout_is_active_only_in_train_mode():
-    model = get_model("simple_cnn", num_classes=4, dropout=0.5)
-    x = jnp.ones((3, 8, 8, 1))
-    variables = cheap_variables(model, x.shape)
-    a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)})
-    b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
-    assert not np.allclose(a, b)
-    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,6 +279,11 @@ def test_from_flax_detects_batchnorm_from_the_initialised_variables():
     plain = from_flax(_UserPlain())
     jax.eval_shape(plain.init, jax.random.key(0), x)  # an abstract init is enough to learn it
     assert not plain.has_batch_stats
+    # a model that was never init-ed learns it from the variables it is applied to, or that are checked against it
+    applied, checked = from_flax(_UserBN()), from_flax(_UserPlain())
+    applied.apply(variables, x)
+    check_variables(checked, {"params": jax.eval_shape(plain.init, jax.random.key(0), x)["params"]}, x)
+    assert applied.has_batch_stats and not checked.has_batch_stats
     # an explicit (wrong) has_batch_stats=False no longer crashes train mode either
     declared = from_flax(_UserBN(), has_batch_stats=False)
     assert not declared.has_batch_stats and declared.apply_with_stats is None

@@ -24,6 +24,14 @@ def _int_powers(x, n: int):
     return jnp.stack(p, axis=-1)
 
 
+def _args(t, n):
+    """``t`` as a floating array (integers promoted to float32) and the degree ``n`` checked as an ``int``."""
+    if int(n) != n or n < 0:
+        raise ValueError(f"Bernstein degree must be a non-negative integer, got {n!r}")
+    t = jnp.asarray(t)
+    return (t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.float32)), int(n)
+
+
 def bernstein(t, n: int):
     """All n+1 Bernstein basis values ``B_{i,n}(t)``, i = 0..n (Bézier-surface paper, eq. 1 and eq. 4).
 
@@ -40,12 +48,7 @@ def bernstein(t, n: int):
         >>> bernstein(jnp.array([0.0, 0.5]), 2).tolist()
         [[1.0, 0.0, 0.0], [0.25, 0.5, 0.25]]
     """
-    if int(n) != n or n < 0:
-        raise ValueError(f"Bernstein degree must be a non-negative integer, got {n!r}")
-    n = int(n)
-    t = jnp.asarray(t)
-    if not jnp.issubdtype(t.dtype, jnp.floating):
-        t = t.astype(jnp.float32)
+    t, n = _args(t, n)
     coef = jnp.asarray([comb(n, i) for i in range(n + 1)], dtype=t.dtype)
     tp = _int_powers(t, n)            # t^i
     sp = _int_powers(1.0 - t, n)      # (1-t)^j
@@ -67,12 +70,7 @@ def bernstein_derivative(t, n: int):
         >>> bernstein_derivative(jnp.array(0.5), 2).tolist()
         [-1.0, 0.0, 1.0]
     """
-    if int(n) != n or n < 0:
-        raise ValueError(f"Bernstein degree must be a non-negative integer, got {n!r}")
-    n = int(n)
-    t = jnp.asarray(t)
-    if not jnp.issubdtype(t.dtype, jnp.floating):
-        t = t.astype(jnp.float32)
+    t, n = _args(t, n)
     if n == 0:
         return jnp.zeros(t.shape + (1,), t.dtype)
     b = bernstein(t, n - 1)

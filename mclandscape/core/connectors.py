@@ -40,20 +40,18 @@ from flax import struct
 
 from mclandscape.core import _checks
 from mclandscape.core.bernstein import bernstein, bernstein_derivative, check_unit_interval
-from mclandscape.core.tree import PyTree, check_finite, check_same_structure, tree_combine, tree_index, tree_stack
+from mclandscape.core.tree import PyTree, check_finite, tree_combine, tree_index, tree_stack
 
-__all__ = [
-    "Connector",
-    "bezier_curve",
-    "polychain",
-    "bezier_surface",
-    "bilinear_surface",
-    "bilinear_coefficients",
-    "simplex",
-    "from_control",
-]
+__all__ = ["Connector", "bezier_curve", "polychain", "bezier_surface", "bilinear_surface", "bilinear_coefficients",
+           "simplex", "from_control"]
 
 _KINDS = ("bezier", "polychain", "surface", "simplex")
+
+
+def _segment_of(t, n_nodes: int):
+    """The chain segment of each ``t`` (clipped to the first / last one) and ``t``'s position along it."""
+    seg = jnp.clip(jnp.floor(t * (n_nodes - 1)), 0, n_nodes - 2).astype(jnp.int32)
+    return seg, jax.nn.one_hot(seg, n_nodes, dtype=t.dtype), jax.nn.one_hot(seg + 1, n_nodes, dtype=t.dtype)
 
 
 def _hat(t, n_nodes: int):
@@ -66,23 +64,20 @@ def _hat(t, n_nodes: int):
     hat = jnp.maximum(0.0, 1.0 - jnp.abs(s))
     if n_nodes < 2:
         return hat
-    seg = jnp.clip(jnp.floor(t * (n_nodes - 1)), 0, n_nodes - 2).astype(jnp.int32)
+    seg, left, right = _segment_of(t, n_nodes)
     loc = (t * (n_nodes - 1) - seg)[..., None]
-    ext = (1.0 - loc) * jax.nn.one_hot(seg, n_nodes, dtype=t.dtype) + loc * jax.nn.one_hot(seg + 1, n_nodes,
-                                                                                         dtype=t.dtype)
-    outside = ((t < 0) | (t > 1))[..., None]
-    return jnp.where(outside, ext, hat)
+    return jnp.where(((t < 0) | (t > 1))[..., None], (1.0 - loc) * left + loc * right, hat)
 
 
 def _hat_derivative(t, n_nodes: int):
     """d/dt of the hat functions; on a node the derivative of the segment to the right (left at t=1)."""
-    seg = jnp.clip(jnp.floor(t * (n_nodes - 1)), 0, n_nodes - 2).astype(jnp.int32)
-    d = (n_nodes - 1) * (jax.nn.one_hot(seg + 1, n_nodes, dtype=t.dtype) - jax.nn.one_hot(seg, n_nodes, dtype=t.dtype))
-    return d
+    _, left, right = _segment_of(t, n_nodes)
+    return (n_nodes - 1) * (right - left)
 
 
-def _is_traced(x) -> bool:
-    return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(x))
+def _outer(a, b):
+    """Row-wise tensor product of ``[P, n]`` and ``[P, m]`` coefficients: ``[P, n m]``, index ``i m + j``."""
+    return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
 
 
 @struct.dataclass
@@ -115,11 +110,6 @@ class Connector:
     def num_control(self) -> int:
         """The number ``K`` of control points."""
         return int(np.prod(self.shape))
-
-    @property
-    def degree(self) -> tuple[int, ...]:
-        """Polynomial degree per parameter axis (``(n,)`` for curves, ``(n, m)`` for surfaces)."""
-        return tuple(s - 1 for s in self.shape)
 
     @property
     def point_dim(self) -> int:
@@ -155,9 +145,7 @@ class Connector:
         if self.kind == "polychain":
             return _hat(pts, self.shape[0])
         if self.kind == "surface":
-            bu = bernstein(pts[:, 0], self.shape[0] - 1)
-            bv = bernstein(pts[:, 1], self.shape[1] - 1)
-            return (bu[:, :, None] * bv[:, None, :]).reshape(pts.shape[0], -1)
+            return _outer(bernstein(pts[:, 0], self.shape[0] - 1), bernstein(pts[:, 1], self.shape[1] - 1))
         return pts  # simplex: the barycentric coordinates are the coefficients
 
     def derivative_coefficients(self, points) -> tuple[jax.Array, ...]:
@@ -185,26 +173,23 @@ class Connector:
             return (_hat_derivative(pts, self.shape[0]),)
         if self.kind == "surface":
             n, m = self.shape[0] - 1, self.shape[1] - 1
-            bu, dbu = bernstein(pts[:, 0], n), bernstein_derivative(pts[:, 0], n)
-            bv, dbv = bernstein(pts[:, 1], m), bernstein_derivative(pts[:, 1], m)
-            du = (dbu[:, :, None] * bv[:, None, :]).reshape(pts.shape[0], -1)
-            dv = (bu[:, :, None] * dbv[:, None, :]).reshape(pts.shape[0], -1)
-            return du, dv
+            bu, bv = bernstein(pts[:, 0], n), bernstein(pts[:, 1], m)
+            return _outer(bernstein_derivative(pts[:, 0], n), bv), _outer(bu, bernstein_derivative(pts[:, 1], m))
         raise ValueError("a simplex has no single parameterisation to differentiate; use the coefficients")
 
     # ---- points ------------------------------------------------------------------------------
     def _one(self, p, extrapolate: bool):
         """One point as a ``[1]`` / ``[1, d]`` array, checked when it is concrete."""
         pts = jnp.asarray(p)
-        want = () if self.point_dim == 1 else (self.point_dim,)
-        if self.point_dim == 1 and pts.shape == (1,):
-            pts = pts.reshape(())
-        if pts.shape != want:
+        if pts.ndim > 1 or pts.size != self.point_dim:
             what = "a scalar t" if self.point_dim == 1 else f"one point of shape ({self.point_dim},)"
             raise ValueError(f"a {self.kind} point is {what}, got shape {pts.shape}; use points() for several")
-        if not _is_traced(pts):
-            self.validate_points(np.asarray(pts).reshape((1,) + want), extrapolate=extrapolate)
-        return pts.reshape((1,) + want)
+        return self._checked(pts.reshape(1, -1) if self.point_dim > 1 else pts.reshape(1), extrapolate)
+
+    def _checked(self, pts, extrapolate: bool):
+        if not isinstance(pts, jax.core.Tracer):  # under jit the values are unknown: nothing to check
+            self.validate_points(np.asarray(pts), extrapolate=extrapolate)
+        return pts
 
     def point(self, p, *, extrapolate: bool = False) -> PyTree:
         """The parameters at one point ``t``, ``(u, v)`` or ``alpha`` (Bézier-surface paper, eq. 6).
@@ -241,9 +226,7 @@ class Connector:
             >>> line.points(jnp.array([0.0, 0.5, 1.0]))["w"].tolist()
             [[0.0], [1.0], [2.0]]
         """
-        if not _is_traced(ps):
-            self.validate_points(np.asarray(ps), extrapolate=extrapolate)
-        return tree_combine(self.coefficients(ps), self.control)
+        return tree_combine(self.coefficients(self._checked(ps, extrapolate)), self.control)
 
     def derivatives(self, p, *, extrapolate: bool = False) -> tuple[PyTree, ...]:
         """Tangent vectors at one point: ``(phi_t,)`` or ``(phi_u, phi_v)`` as pytrees.
@@ -288,62 +271,50 @@ class Connector:
             >>> s.validate_points([[0.0, 0.5], [1.0, 1.0]]).shape
             (2, 2)
         """
-        arr = np.asarray(points, dtype=np.float64)
+        arr = self._shaped(np.asarray(points, dtype=np.float64))
         if arr.size == 0:
             raise ValueError("empty set of points: give at least one point")
         if not np.all(np.isfinite(arr)):
             raise ValueError("points contain NaN or inf")
-
-        def in_unit(a, name):
-            return a if extrapolate else check_unit_interval(a, name)
-
-        if self.kind in ("bezier", "polychain"):
-            if arr.ndim > 1 and arr.shape[-1] == 1:
-                arr = arr[..., 0]
-            if arr.ndim != 1:
-                raise ValueError(f"curve points must be a 1-D array of t values, got shape {arr.shape}")
-            return in_unit(arr, "t")
-        if arr.ndim != 2 or arr.shape[1] != self.point_dim:
-            coords = "(u, v)" if self.kind == "surface" else f"{self.point_dim} barycentric weights"
-            raise ValueError(f"{self.kind} points must have shape [P, {self.point_dim}] (one row {coords} per "
-                             f"point), got shape {arr.shape}; a single point is [[...]] or use point()")
-        if self.kind == "surface":
-            in_unit(arr[:, 0], "u")
-            in_unit(arr[:, 1], "v")
-            return arr
-        in_unit(arr, "alpha")
-        s = arr.sum(axis=1)
-        if np.any(np.abs(s - 1.0) > atol):
-            raise ValueError(f"barycentric weights must sum to 1; got a sum of {s[np.argmax(np.abs(s - 1))]!r}")
+        if not extrapolate:
+            named = zip("uv", arr.T, strict=True) if self.kind == "surface" else [("t" if arr.ndim == 1 else "alpha", arr)]
+            for name, values in named:
+                check_unit_interval(values, name)
+        sums = arr.sum(axis=-1)
+        if self.kind == "simplex" and np.any(np.abs(sums - 1.0) > atol):
+            raise ValueError(f"barycentric weights must sum to 1; got a sum of {sums[np.argmax(np.abs(sums - 1))]!r}")
         return arr
 
     def _float_dtype(self):
-        leaves = jax.tree_util.tree_leaves(self.control) if self.control is not None else []
-        dt = jnp.result_type(*leaves) if leaves else jnp.float32
-        return jnp.promote_types(jnp.float32, dt) if jnp.issubdtype(dt, jnp.floating) else jnp.float32
+        return jnp.result_type(jnp.float32, *jax.tree_util.tree_leaves(self.control))
+
+    def _shaped(self, pts):
+        """``pts`` as ``[P]`` (curves; ``[P, 1]`` and, for traced points, a scalar are accepted) or ``[P, d]``."""
+        if self.point_dim == 1:
+            if pts.ndim == 2 and pts.shape[1] == 1:
+                pts = pts[:, 0]
+            if pts.ndim != 1:
+                raise ValueError(f"curve points must be a 1-D array of t values, got shape {pts.shape}")
+        elif pts.ndim != 2 or pts.shape[1] != self.point_dim:
+            coords = "(u, v)" if self.kind == "surface" else f"{self.point_dim} barycentric weights"
+            raise ValueError(f"{self.kind} points must have shape [P, {self.point_dim}] (one row {coords} per "
+                             f"point), got shape {pts.shape}; a single point is [[...]] or use point()")
+        return pts
 
     def _as_points(self, points):
         pts = jnp.asarray(points)
         if not jnp.issubdtype(pts.dtype, jnp.floating):
             pts = pts.astype(self._float_dtype())
-        if self.point_dim == 1:
-            if pts.ndim == 2 and pts.shape[1] == 1:
-                pts = pts[:, 0]
-            if pts.ndim > 1:
-                raise ValueError(f"curve points must be a 1-D array of t values, got shape {pts.shape}")
-            return pts.reshape(-1)
-        if pts.ndim != 2 or pts.shape[1] != self.point_dim:
-            raise ValueError(f"{self.kind} points must have shape [P, {self.point_dim}], got shape {pts.shape}")
-        return pts
+        return self._shaped(pts.reshape(-1) if pts.ndim == 0 else pts)
 
 
 # ---- constructors -------------------------------------------------------------------------------
 
-def _check_models(models: Sequence[PyTree], names: Sequence[str]) -> None:
-    for i in range(1, len(models)):
-        check_same_structure(models[0], models[i], names=(names[0], names[i]))
+def _stack(models: Sequence[PyTree], names: Sequence[str]) -> PyTree:
+    """The models stacked on a leading axis, each checked to be finite and to match the first (named in errors)."""
     for m, n in zip(models, names, strict=True):
         check_finite(m, n)
+    return tree_stack(models, names=names)
 
 
 def from_control(control: PyTree, kind: str, shape: Sequence[int], fixed: Sequence[bool] | None = None) -> Connector:
@@ -364,30 +335,30 @@ def from_control(control: PyTree, kind: str, shape: Sequence[int], fixed: Sequen
         >>> c.point(0.5)["w"].tolist(), c.fixed
         ([1.0], (False, False, False))
     """
-    if kind not in _KINDS:
-        raise ValueError(f"unknown connector kind {kind!r}; expected one of {_KINDS}")
-    shape = tuple(int(s) for s in shape)
-    if any(s < 1 for s in shape):
-        raise ValueError(f"control grid shape must be positive, got {shape}")
+    _checks.choice(kind, "connector kind", _KINDS)
+    shape = tuple(_checks.integer(s, "control grid shape", low=1) for s in shape)
     k = int(np.prod(shape))
     leaves = jax.tree_util.tree_leaves(control)
-    if not leaves:
-        raise ValueError("control points hold no arrays")
-    for x in leaves:
-        if np.shape(x)[:1] != (k,):
-            raise ValueError(f"every control leaf needs a leading axis of {k} control points, got shape {np.shape(x)}")
-    if fixed is None:
-        fixed = (False,) * k
-    fixed = tuple(bool(f) for f in np.asarray(fixed, dtype=bool).reshape(-1))
+    if not leaves or any(np.shape(x)[:1] != (k,) for x in leaves):
+        raise ValueError(f"every control leaf needs a leading axis of {k} control points, got shapes "
+                         f"{[np.shape(x) for x in leaves]}")
+    fixed = tuple(bool(f) for f in np.asarray((False,) * k if fixed is None else fixed, dtype=bool).reshape(-1))
     if len(fixed) != k:
         raise ValueError(f"fixed mask has {len(fixed)} entries for {k} control points")
     return Connector(control=control, kind=kind, shape=shape, fixed=fixed)
 
 
-def _segment(start: PyTree, end: PyTree, fractions) -> list[PyTree]:
-    """Points ``(1 - a) start + a end`` for the given fractions (the straight-line initialisation)."""
-    stacked = tree_stack([start, end])
-    return [tree_combine(jnp.asarray([1 - a, a]), stacked) for a in fractions]
+def _chain(kind: str, start: PyTree, end: PyTree, num_inner: int, bends: Sequence[PyTree] | None) -> Connector:
+    """A curve through ``start``, the ``num_inner`` inner control points and ``end``, the end points fixed; the
+    inner points default to even steps along the straight segment (Garipov et al.'s initialisation)."""
+    if bends is None:
+        ends = _stack([start, end], ["start", "end"])
+        bends = [tree_combine(jnp.asarray([1 - a, a]), ends) for a in np.linspace(0.0, 1.0, num_inner + 2)[1:-1]]
+    elif len(bends) != num_inner:
+        raise ValueError(f"a {kind} with {num_inner} inner control points got {len(bends)} bends")
+    names = ["start", *[f"bend[{i}]" for i in range(num_inner)], "end"]
+    control = _stack([start, *bends, end], names)
+    return from_control(control, kind, (num_inner + 2,), [True] + [False] * num_inner + [True])
 
 
 def bezier_curve(start: PyTree, end: PyTree, degree: int = 2, *, bends: Sequence[PyTree] | None = None) -> Connector:
@@ -415,18 +386,7 @@ def bezier_curve(start: PyTree, end: PyTree, degree: int = 2, *, bends: Sequence
         ([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]], (True, False, True))
     """
     n = _checks.integer(degree, "Bézier degree", low=1, what="n + 1 control points")
-    _check_models([start, end], ["start", "end"])
-    if bends is None:
-        inner = _segment(start, end, np.linspace(0.0, 1.0, n + 1)[1:-1])
-    else:
-        inner = list(bends)
-        if len(inner) != n - 1:
-            raise ValueError(f"a degree-{n} Bézier curve has {n - 1} inner control points, got {len(inner)} bends")
-    models = [start, *inner, end]
-    names = ["start", *[f"bend[{i}]" for i in range(len(inner))], "end"]
-    _check_models(models, names)
-    fixed = [True] + [False] * (n - 1) + [True]
-    return from_control(tree_stack(models, names=names), "bezier", (n + 1,), fixed)
+    return _chain("bezier", start, end, n - 1, bends)
 
 
 def polychain(start: PyTree, end: PyTree, num_bends: int = 1, *, bends: Sequence[PyTree] | None = None) -> Connector:
@@ -449,18 +409,7 @@ def polychain(start: PyTree, end: PyTree, num_bends: int = 1, *, bends: Sequence
         >>> c.point(0.25)["w"].tolist(), c.point(0.5)["w"].tolist()
         ([2.0], [4.0])
     """
-    b = _checks.integer(num_bends, "num_bends", low=0, what="the bends of the chain")
-    _check_models([start, end], ["start", "end"])
-    if bends is None:
-        inner = _segment(start, end, np.linspace(0.0, 1.0, b + 2)[1:-1])
-    else:
-        inner = list(bends)
-        if len(inner) != b:
-            raise ValueError(f"expected {b} bends, got {len(inner)}")
-    models = [start, *inner, end]
-    names = ["start", *[f"bend[{i}]" for i in range(b)], "end"]
-    _check_models(models, names)
-    return from_control(tree_stack(models, names=names), "polychain", (b + 2,), [True] + [False] * b + [True])
+    return _chain("polychain", start, end, _checks.integer(num_bends, "num_bends", low=0, what="the bends"), bends)
 
 
 def bilinear_coefficients(n: int, m: int) -> np.ndarray:
@@ -515,9 +464,7 @@ def bezier_surface(c00: PyTree, c01: PyTree, c10: PyTree, c11: PyTree, *, n: int
     n = _checks.integer(n, "surface degree n", low=1, what=">= 2 control points along u")
     m = _checks.integer(m, "surface degree m", low=1, what=">= 2 control points along v")
     corners = [c00, c01, c10, c11]
-    _check_models(corners, ["c00", "c01", "c10", "c11"])
-    w = bilinear_coefficients(n, m)
-    control = tree_combine(jnp.asarray(w), tree_stack(corners))
+    control = tree_combine(jnp.asarray(bilinear_coefficients(n, m)), _stack(corners, ["c00", "c01", "c10", "c11"]))
     # Corners exactly equal to the given models (no rounding from the weighted sum).
     corner_idx = [0, m, n * (m + 1), n * (m + 1) + m]
     control = jax.tree_util.tree_map(
@@ -568,6 +515,5 @@ def simplex(models: Sequence[PyTree], *, fixed: bool = True) -> Connector:
     models = list(models)
     if len(models) < 2:
         raise ValueError(f"a simplex needs at least 2 models, got {len(models)}")
-    names = [f"model[{i}]" for i in range(len(models))]
-    _check_models(models, names)
-    return from_control(tree_stack(models, names=names), "simplex", (len(models),), [fixed] * len(models))
+    control = _stack(models, [f"model[{i}]" for i in range(len(models))])
+    return from_control(control, "simplex", (len(models),), [fixed] * len(models))

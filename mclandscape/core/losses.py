@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-__all__ = ["cross_entropy", "accuracy", "correct", "mse", "mse_onehot", "get_loss", "LOSSES"]
+__all__ = ["cross_entropy", "accuracy", "mse", "mse_onehot", "get_loss", "LOSSES"]
 
 
 def _class_labels(labels: jax.Array, loss: str) -> jax.Array:
@@ -50,24 +50,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, _class_labels(labels, "cross_entropy"))
 
 
-def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example 1.0 where the arg-max class equals the label, else 0.0.
-
-    Args:
-      logits: ``[..., C]`` scores (or probabilities).
-      labels: ``[...]`` integer classes.
-
-    Returns:
-      A float32 array of shape ``labels.shape``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> correct(jnp.array([[2.0, 0.0], [0.0, 2.0]]), jnp.array([0, 0])).tolist()
-        [1.0, 0.0]
-    """
-    return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-
-
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean classification accuracy: the fraction of examples whose arg-max class is the label.
 
@@ -83,7 +65,7 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
         >>> float(accuracy(jnp.array([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]]), jnp.array([0, 1, 1])))
         0.6666666865348816
     """
-    return jnp.mean(correct(logits, labels))
+    return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
 
 
 def mse(outputs: jax.Array, targets: jax.Array) -> jax.Array:
@@ -167,16 +149,12 @@ def get_loss(loss: str | Callable, *, label_smoothing: float = 0.0) -> Callable:
     """
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
-    if isinstance(loss, str):
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} or pass a callable")
-        if label_smoothing:
-            if loss != "cross_entropy":
-                raise ValueError(f"label_smoothing applies to cross_entropy, not {loss!r}")
-            return _SmoothedCrossEntropy(float(label_smoothing))
-        return LOSSES[loss]
-    if callable(loss):
-        if label_smoothing:
-            raise ValueError("label_smoothing needs loss='cross_entropy'")
-        return loss
-    raise ValueError(f"loss must be a name or a callable, got {loss!r}")
+    if isinstance(loss, str) and loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} or pass a callable")
+    if not isinstance(loss, str) and not callable(loss):
+        raise ValueError(f"loss must be a name or a callable, got {loss!r}")
+    if label_smoothing and not (isinstance(loss, str) and loss == "cross_entropy"):
+        raise ValueError(f"label_smoothing applies to cross_entropy, not {loss!r}")
+    if label_smoothing:
+        return _SmoothedCrossEntropy(float(label_smoothing))
+    return LOSSES[loss] if isinstance(loss, str) else loss

@@ -105,10 +105,9 @@ def split_batch(batch) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
         kind = f"a sequence of {len(batch)}" if isinstance(batch, tuple | list) else type(batch).__name__
         raise ValueError(f"a batch is (x, y) or (x, y, weights), got {kind}")
-    x, y = batch[0], batch[1]
+    x, y, w = (*batch, None)[:3]  # no weights in a batch (x, y)
     if jnp.shape(x)[:1] != jnp.shape(y)[:1]:
         raise ValueError(f"batch inputs and targets disagree in size: x {jnp.shape(x)}, y {jnp.shape(y)}")
-    w = batch[2] if len(batch) == 3 else None
     if w is not None and jnp.shape(w) != jnp.shape(y)[:1]:
         raise ValueError(f"batch weights need shape {jnp.shape(y)[:1]}, got {jnp.shape(w)}")
     return x, y, w

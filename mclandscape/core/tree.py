@@ -25,32 +25,10 @@ from jax.flatten_util import ravel_pytree
 
 PyTree = Any
 
-__all__ = [
-    "PyTree",
-    "TreeMismatchError",
-    "check_same_structure",
-    "check_finite",
-    "tree_add",
-    "tree_sub",
-    "tree_scale",
-    "tree_axpy",
-    "tree_dot",
-    "tree_norm",
-    "tree_distance",
-    "tree_cosine",
-    "tree_size",
-    "tree_stack",
-    "tree_unstack",
-    "tree_index",
-    "tree_combine",
-    "tree_gram",
-    "tree_row_dot",
-    "tree_row_scale",
-    "tree_ravel",
-    "tree_random_normal",
-    "tree_path_names",
-    "tree_digest",
-]
+__all__ = ["PyTree", "TreeMismatchError", "check_same_structure", "check_finite", "tree_add", "tree_sub", "tree_scale",
+           "tree_axpy", "tree_dot", "tree_norm", "tree_distance", "tree_cosine", "tree_size", "tree_stack",
+           "tree_unstack", "tree_index", "tree_combine", "tree_gram", "tree_row_dot", "tree_row_scale", "tree_ravel",
+           "tree_random_normal", "tree_path_names", "tree_digest"]
 
 
 class TreeMismatchError(ValueError):
@@ -63,6 +41,11 @@ class TreeMismatchError(ValueError):
         >>> issubclass(TreeMismatchError, ValueError)
         True
     """
+
+
+def _wide(x):
+    """``x`` in float32, or in its own dtype when that is wider (the accumulation dtype of products)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _path_str(path) -> str:
@@ -118,19 +101,14 @@ def check_same_structure(
     na, nb = names
     fa = jax.tree_util.tree_flatten_with_path(a)[0]
     fb = jax.tree_util.tree_flatten_with_path(b)[0]
-    pa = [_path_str(p) for p, _ in fa]
-    pb = [_path_str(p) for p, _ in fb]
+    pa, pb = [_path_str(p) for p, _ in fa], [_path_str(p) for p, _ in fb]
     if pa != pb:
-        sa, sb = set(pa), set(pb)
-        only_a = [p for p in pa if p not in sb]
-        only_b = [p for p in pb if p not in sa]
-        if only_a:
-            raise TreeMismatchError(f"leaf {only_a[0]} is in {na} but not in {nb} ({len(only_a)} such leaves)")
-        if only_b:
-            raise TreeMismatchError(f"leaf {only_b[0]} is in {nb} but not in {na} ({len(only_b)} such leaves)")
+        for here, there, nh, nt in ((pa, pb, na, nb), (pb, pa, nb, na)):
+            only = [p for p in here if p not in set(there)]
+            if only:
+                raise TreeMismatchError(f"leaf {only[0]} is in {nh} but not in {nt} ({len(only)} such leaves)")
         raise TreeMismatchError(f"{na} and {nb} hold the same leaves in a different order")
-    ta = jax.tree_util.tree_structure(a)
-    tb = jax.tree_util.tree_structure(b)
+    ta, tb = jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)
     if ta != tb:
         raise TreeMismatchError(f"{na} and {nb} have different container types: {ta} vs {tb}")
     for (path, xa), (_, xb) in zip(fa, fb, strict=True):
@@ -254,9 +232,7 @@ def tree_dot(a: PyTree, b: PyTree):
         ...                {"w": jnp.array([4.0, 5.0]), "b": jnp.array(1.0)}))
         17.0
     """
-    parts = jax.tree_util.tree_map(lambda x, y: jnp.vdot(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
-                                                         y.astype(jnp.promote_types(y.dtype, jnp.float32))),
-                                   a, b)
+    parts = jax.tree_util.tree_map(lambda x, y: jnp.vdot(_wide(x), _wide(y)), a, b)
     return sum(jax.tree_util.tree_leaves(parts), jnp.zeros((), jnp.float32))
 
 
@@ -370,11 +346,8 @@ def tree_unstack(stacked: PyTree) -> list[PyTree]:
         >>> [m["w"].tolist() for m in tree_unstack({"w": jnp.array([[1.0], [2.0]])})]
         [[1.0], [2.0]]
     """
-    leaves, treedef = jax.tree_util.tree_flatten(stacked)
-    if not leaves:
-        return []
-    k = leaves[0].shape[0]
-    return [jax.tree_util.tree_unflatten(treedef, [x[i] for x in leaves]) for i in range(k)]
+    leaves = jax.tree_util.tree_leaves(stacked)
+    return [tree_index(stacked, i) for i in range(leaves[0].shape[0])] if leaves else []
 
 
 def tree_index(stacked: PyTree, i) -> PyTree:
@@ -439,7 +412,7 @@ def tree_gram(stacked: PyTree):
         [[1.0, 1.0], [1.0, 5.0]]
     """
     def gram(x):
-        x2 = x.reshape(x.shape[0], -1).astype(jnp.promote_types(x.dtype, jnp.float32))
+        x2 = _wide(x.reshape(x.shape[0], -1))
         return jnp.matmul(x2, x2.T, precision=jax.lax.Precision.HIGHEST)
 
     parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(gram, stacked))
@@ -463,11 +436,8 @@ def tree_row_dot(a: PyTree, b: PyTree):
         >>> tree_row_dot({"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, {"w": jnp.ones((2, 2))}).tolist()
         [3.0, 7.0]
     """
-    def rd(x, y):
-        dt = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
-        return jnp.sum((x.astype(dt) * y.astype(dt)).reshape(x.shape[0], -1), axis=1)
-
-    parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(rd, a, b))
+    parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda x, y: jnp.sum((_wide(x) * _wide(y)).reshape(x.shape[0], -1), axis=1), a, b))
     return sum(parts[1:], parts[0])
 
 

@@ -38,9 +38,9 @@ User models: :func:`from_flax` wraps a Flax linen module, :func:`from_nnx` a Fla
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Mapping
-from typing import Any
+import functools
+import json
+from collections.abc import Mapping
 
 from mclandscape.core import _checks
 from mclandscape.engine.models._common import ACTIVATIONS
@@ -64,9 +64,9 @@ def _ints(values, name: str) -> tuple[int, ...]:
 
 
 def _mlp(widths, num_classes, activation, use_bias, dropout):
-    _checks.choice(activation, "activation", ACTIVATIONS)
-    return MLP(widths=_ints(widths, "widths"), num_classes=num_classes, activation=activation,
-               use_bias=bool(use_bias), dropout=_checks.probability(dropout, "dropout"))
+    return MLP(widths=_ints(widths, "widths"), num_classes=num_classes,
+               activation=_checks.choice(activation, "activation", ACTIVATIONS), use_bias=bool(use_bias),
+               dropout=_checks.probability(dropout, "dropout"))
 
 
 def _simple_cnn(num_classes, channels, hidden, dropout):
@@ -74,19 +74,9 @@ def _simple_cnn(num_classes, channels, hidden, dropout):
                      hidden=_checks.integer(hidden, "hidden", low=1), dropout=_checks.probability(dropout, "dropout"))
 
 
-def _convfc(num_classes, channels, hidden):
-    return ConvFC(num_classes=num_classes, channels=_ints(channels, "channels"), hidden=_ints(hidden, "hidden"))
-
-
-def _vgg(bn):
-    def build(num_classes, dropout, width):
-        return VGG16(num_classes=num_classes, batch_norm=bn, dropout=_checks.probability(dropout, "dropout"),
-                     width=_checks.integer(width, "width", low=1))
-    return build
-
-
-def _resnet18(num_classes):
-    return ResNet(num_classes=num_classes, stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), shortcut="B")
+def _vgg(num_classes, dropout, width, batch_norm=False):
+    return VGG16(num_classes=num_classes, batch_norm=batch_norm, dropout=_checks.probability(dropout, "dropout"),
+                 width=_checks.integer(width, "width", low=1))
 
 
 def _resnet20(num_classes, shortcut, width):
@@ -94,10 +84,6 @@ def _resnet20(num_classes, shortcut, width):
     w = _checks.integer(width, "width", low=1, what="resnet20's channel multiplier")
     return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16 * w, 32 * w, 64 * w),
                   shortcut=_checks.choice(shortcut, "shortcut", ("A", "B")))
-
-
-def _preresnet20(num_classes):
-    return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16, 32, 64), preact=True)
 
 
 def _preresnet164(num_classes, depth):
@@ -110,27 +96,26 @@ def _densenet(num_classes, depth, growth_rate, compression):
     return DenseNet(num_classes=num_classes, depth=depth, growth_rate=growth_rate, compression=compression)
 
 
-def _vit(num_classes, patch_size, dim, depth, heads, mlp_dim, dropout):
-    return ViT(num_classes=num_classes, patch_size=patch_size, dim=dim, depth=depth, heads=heads,
-               mlp_dim=mlp_dim, dropout=dropout)
-
-
 # name -> (builder, default kwargs, has_batch_stats)
-_REGISTRY: dict[str, tuple[Callable[..., Any], dict, bool]] = {
+_REGISTRY = {
     "mlp": (_mlp, {"widths": [128], "num_classes": 10, "activation": "relu", "use_bias": True,
                    "dropout": 0.0}, False),
     "simple_cnn": (_simple_cnn, {"num_classes": 10, "channels": [32, 64, 128], "hidden": 256,
                                  "dropout": 0.25}, False),
-    "convfc": (_convfc, {"num_classes": 10, "channels": [32, 64, 128], "hidden": [1000, 1000]}, False),
-    "vgg16": (_vgg(False), {"num_classes": 10, "dropout": 0.5, "width": 512}, False),
-    "vgg16_bn": (_vgg(True), {"num_classes": 10, "dropout": 0.5, "width": 512}, True),
-    "resnet18": (_resnet18, {"num_classes": 10}, True),
+    "convfc": (lambda num_classes, channels, hidden: ConvFC(num_classes, _ints(channels, "channels"),
+                                                            _ints(hidden, "hidden")),
+               {"num_classes": 10, "channels": [32, 64, 128], "hidden": [1000, 1000]}, False),
+    "vgg16": (_vgg, {"num_classes": 10, "dropout": 0.5, "width": 512}, False),
+    "vgg16_bn": (functools.partial(_vgg, batch_norm=True), {"num_classes": 10, "dropout": 0.5, "width": 512}, True),
+    "resnet18": (lambda num_classes: ResNet(num_classes, (2, 2, 2, 2), (64, 128, 256, 512), shortcut="B"),
+                 {"num_classes": 10}, True),
     "resnet20": (_resnet20, {"num_classes": 10, "shortcut": "A", "width": 1}, True),
-    "preresnet20": (_preresnet20, {"num_classes": 10}, True),
+    "preresnet20": (lambda num_classes: ResNet(num_classes, (3, 3, 3), (16, 32, 64), preact=True),
+                    {"num_classes": 10}, True),
     "preresnet164": (_preresnet164, {"num_classes": 10, "depth": 164}, True),
     "densenet100": (_densenet, {"num_classes": 10, "depth": 100, "growth_rate": 12, "compression": 0.5}, True),
-    "vit_small": (_vit, {"num_classes": 10, "patch_size": 4, "dim": 192, "depth": 6, "heads": 3,
-                         "mlp_dim": 384, "dropout": 0.0}, False),
+    "vit_small": (ViT, {"num_classes": 10, "patch_size": 4, "dim": 192, "depth": 6, "heads": 3,
+                        "mlp_dim": 384, "dropout": 0.0}, False),
 }
 _ALIASES = {"vit": "vit_small", "vgg16bn": "vgg16_bn", "preresnet": "preresnet20", "cnn": "simple_cnn",
             "resnet164": "preresnet164", "densenet_bc100": "densenet100", "densenet": "densenet100"}
@@ -145,26 +130,21 @@ def canonical_name(name: str) -> str:
     """The registry name of a zoo architecture or alias (``"resnet164"`` -> ``"preresnet164"``); ``ValueError``
     for an unknown name."""
     if not isinstance(name, str):
-        raise ValueError(f"model name must be a string, got {name!r}")
+        raise ValueError(f"model name must be a string or a spec dict, got {name!r}")
     arch = _ALIASES.get(name.lower(), name.lower())
     if arch not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {list_models()} (aliases {sorted(_ALIASES)})")
     return arch
 
 
-def _canonical(value, where: str):
-    """JSON-friendly copy: tuples -> lists, NumPy scalars -> Python scalars; anything else is an error."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _canonical(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_canonical(v, where) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / jax scalar
-        value = value.item()
-    if isinstance(value, int | float):
-        return value
-    raise ValueError(f"model argument {where}={value!r} is not JSON-serialisable")
+def _json(name: str, value):
+    """A JSON copy of an argument (tuples -> lists, NumPy scalars -> Python scalars); anything else is an error."""
+    def scalar(v):
+        if getattr(v, "ndim", None) != 0 or not hasattr(v, "item"):
+            raise ValueError(f"model argument {name}={value!r} is not JSON-serialisable")
+        return v.item()
+
+    return json.loads(json.dumps(value, default=scalar))
 
 
 def get_model(name: str | Mapping, **kwargs) -> Model:
@@ -179,20 +159,15 @@ def get_model(name: str | Mapping, **kwargs) -> Model:
         True
     """
     if isinstance(name, Mapping):
-        spec = dict(name)
-        if "arch" not in spec:
-            raise ValueError(f"model spec {spec!r} has no 'arch' entry")
-        kwargs = {**dict(spec.get("kwargs", {})), **kwargs}
-        name = spec["arch"]
-    if not isinstance(name, str):
-        raise ValueError(f"model name must be a string or a spec dict, got {name!r}")
+        if "arch" not in name:
+            raise ValueError(f"model spec {dict(name)!r} has no 'arch' entry")
+        kwargs = {**dict(name.get("kwargs", {})), **kwargs}
+        name = name["arch"]
     arch = canonical_name(name)
     builder, defaults, has_bn = _REGISTRY[arch]
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         raise ValueError(f"model {arch!r} got unknown argument(s) {unknown}; it takes {sorted(defaults)}")
-    args = copy.deepcopy(defaults)
-    args.update({k: _canonical(v, k) for k, v in kwargs.items()})
+    args = {**_json("defaults", defaults), **{k: _json(k, v) for k, v in kwargs.items()}}
     _checks.integer(args["num_classes"], "num_classes", low=1)
     return from_flax(builder(**args), name=arch, spec={"arch": arch, "kwargs": args}, has_batch_stats=has_bn)
-

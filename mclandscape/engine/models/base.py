@@ -43,9 +43,10 @@ class Model:
       BatchNorm running statistics after one update; ``None`` for models without BatchNorm.
     - ``spec``: the architecture name and constructor arguments (JSON-serialisable), enough to rebuild
       the model from a checkpoint's metadata.
-    - ``detect_batch_stats``: only for models that learn whether they have BatchNorm from their first
-      ``init`` (:func:`from_flax` with ``has_batch_stats=None``): returns ``True`` / ``False``, or ``None``
-      while ``init`` has not run. Such a model has an ``apply_with_stats`` either way; use
+    - ``detect_batch_stats``: for :func:`from_flax` models, which may learn whether they have BatchNorm from
+      the first variables they meet (``has_batch_stats=None``: those ``init`` returns, or those given to
+      ``apply``, ``apply_with_stats`` or :func:`check_variables`): returns ``True`` / ``False``, or ``None``
+      until then. Such a model has an ``apply_with_stats`` either way; use
       :attr:`has_batch_stats`. It is not part of the model's value (what it learns follows from ``init``).
 
     Models compare and hash by value: the name and the three functions (the spec is metadata). The engine's compiled
@@ -77,20 +78,22 @@ class Model:
         found = self.detect_batch_stats()
         if found is None:
             raise ValueError(f"model {self.name!r} does not know yet whether it has BatchNorm: call "
-                             "model.init(key, x) once (jax.eval_shape(model.init, key, x) is enough), or build it "
-                             "with from_flax(..., has_batch_stats=True/False)")
+                             "model.init(key, x) once (jax.eval_shape(model.init, key, x) is enough) or "
+                             "check_variables(model, variables, x), or build it with "
+                             "from_flax(..., has_batch_stats=True/False)")
         return bool(found)
 
 
 class _Detected:
-    """Whether a wrapped Flax module keeps BatchNorm statistics, learnt from the variables its ``init``
-    returns. Idempotent: the module's collections do not depend on the key or on the input values."""
+    """Whether a wrapped Flax module keeps BatchNorm statistics: given, or (``None``) learnt from the first
+    variables its ``init`` returns or its ``apply`` / ``apply_with_stats`` / :func:`check_variables` meet (the
+    module's collections do not depend on the key or on the input values)."""
 
-    def __init__(self):
-        self.value: bool | None = None
+    def __init__(self, value: bool | None):
+        self.value = value
 
     def see(self, variables):
-        if self.value is None:
+        if self.value is None and hasattr(variables, "keys"):
             self.value = "batch_stats" in variables
         return variables
 
@@ -99,46 +102,52 @@ class _Detected:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Method:
+    """``getattr(owner, method)`` as a value: equal and hashed by the owner's value and the method's name (bound
+    methods compare by identity), so the functions of equal modules share compiled code."""
+
+    owner: Any
+    method: str
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self.owner, self.method)(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Linen:
-    """The base of a linen module's three functions: equal and hashed by the module's value and the flag name
-    (linen modules are dataclasses that compare by their attributes)."""
+    """A linen module's three functions: equal and hashed by the module's value and the flag name (linen modules
+    are dataclasses that compare by their attributes)."""
 
     module: Any
     train_kwarg: str
     name: str
+    detected: _Detected = dataclasses.field(compare=False)
 
     def __hash__(self) -> int:
         return hash((type(self), self.train_kwarg, self.name, value_hash(self.module)))
 
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _LinenInit(_Linen):
-    detected: _Detected | None = None
-
-    def __call__(self, key, x):
+    def init(self, key, x):
         pkey, dkey = jax.random.split(key)
-        variables = dict(self.module.init({"params": pkey, "dropout": dkey}, x, **{self.train_kwarg: False}))
-        return self.detected.see(variables) if self.detected is not None else variables
+        return self.detected.see(dict(self.module.init({"params": pkey, "dropout": dkey}, x,
+                                                       **{self.train_kwarg: False})))
 
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _LinenApply(_Linen):
-    def __call__(self, variables, x, train: bool = False, rngs=None):
+    def apply(self, variables, x, train: bool = False, rngs=None):
         # decided at trace time from the variables' collections: statistics updated in train mode are dropped
-        if train and "batch_stats" in variables:
-            out, _ = self.module.apply(variables, x, **{self.train_kwarg: True}, rngs=rngs, mutable=["batch_stats"])
-            return out
-        return self.module.apply(variables, x, **{self.train_kwarg: train}, rngs=rngs)
+        return self._run(variables, x, train, rngs)[0]
 
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _LinenApplyWithStats(_Linen):
-    def __call__(self, variables, x, rngs=None):
+    def apply_with_stats(self, variables, x, rngs=None):
         if "batch_stats" not in variables:
             raise ValueError(f"apply_with_stats of {self.name} needs variables with a 'batch_stats' collection, "
                              f"got collections {sorted(variables)}")
-        out, upd = self.module.apply(variables, x, **{self.train_kwarg: True}, rngs=rngs, mutable=["batch_stats"])
-        return out, upd["batch_stats"]
+        return self._run(variables, x, True, rngs)
+
+    def _run(self, variables, x, train: bool, rngs):
+        """The module's outputs and, when ``batch_stats`` are updated (train mode), the new statistics."""
+        self.detected.see(variables)
+        if train and "batch_stats" in variables:
+            out, upd = self.module.apply(variables, x, **{self.train_kwarg: True}, rngs=rngs, mutable=["batch_stats"])
+            return out, upd["batch_stats"]
+        return self.module.apply(variables, x, **{self.train_kwarg: train}, rngs=rngs), None
 
 
 def from_flax(module, name: str | None = None, spec: dict | None = None, *, has_batch_stats: bool | None = None,
@@ -150,7 +159,8 @@ def from_flax(module, name: str | None = None, spec: dict | None = None, *, has_
       name: the model's name (default: the module's class name).
       spec: the JSON-serialisable spec checkpoints record (default ``{"arch": name}``).
       has_batch_stats: whether the module has BatchNorm (a ``batch_stats`` collection). ``None`` (default):
-        learnt from the variables of the first ``model.init`` (which every trainer calls first); until then
+        learnt from the first variables the model meets (those of ``model.init``, which every trainer calls
+        first, or variables given to ``apply``, ``apply_with_stats`` or :func:`check_variables`); until then
         :attr:`Model.has_batch_stats` raises ``ValueError``. Train-mode ``apply`` makes ``batch_stats``
         mutable whenever the variables hold it, so a BatchNorm module never ends in Flax's
         ``ModifyScopeVariableError``.
@@ -182,15 +192,10 @@ def from_flax(module, name: str | None = None, spec: dict | None = None, *, has_
     if not isinstance(train_kwarg, str):
         raise TypeError(f"train_kwarg must be a string, got {train_kwarg!r}")
     name = name or type(module).__name__
-    detected = _Detected() if has_batch_stats is None else None
-    return Model(
-        name=name,
-        init=_LinenInit(module, train_kwarg, name, detected),
-        apply=_LinenApply(module, train_kwarg, name),
-        apply_with_stats=None if has_batch_stats is False else _LinenApplyWithStats(module, train_kwarg, name),
-        spec=dict(spec or {"arch": name}),
-        detect_batch_stats=detected,
-    )
+    linen = _Linen(module, train_kwarg, name, _Detected(has_batch_stats))
+    return Model(name=name, init=_Method(linen, "init"), apply=_Method(linen, "apply"),
+                 apply_with_stats=None if has_batch_stats is False else _Method(linen, "apply_with_stats"),
+                 spec=dict(spec or {"arch": name}), detect_batch_stats=linen.detected)
 
 
 def check_variables(model: Model, variables: PyTree, x, *, name: str = "the variables",
@@ -225,6 +230,8 @@ def check_variables(model: Model, variables: PyTree, x, *, name: str = "the vari
     if not hasattr(variables, "keys") or "params" not in variables:
         raise ValueError(f"{name} must be a dict of collections with 'params' (e.g. model.init(key, x)), got "
                          f"{type(variables).__name__}")
+    if isinstance(model.detect_batch_stats, _Detected):
+        model.detect_batch_stats.see(variables)
     shape = tuple(np.shape(x))
     abstract = jax.ShapeDtypeStruct((1, *shape[1:]), getattr(x, "dtype", None) or jnp.result_type(x))
     expected = jax.eval_shape(model.init, jax.random.key(0), abstract)

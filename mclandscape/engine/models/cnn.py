@@ -9,8 +9,17 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from mclandscape.engine import cpu
-from mclandscape.engine.models._common import as_image, max_pool
+from mclandscape.engine.models._common import as_image, conv, dropout, max_pool
+
+
+def conv_stack(x: jax.Array, channels: Sequence[int], kernel: int, pool: int) -> jax.Array:
+    """Convolutions (``kernel``×``kernel``, "same" padding, bias, Flax's default init), each followed by ReLU and
+    a ``pool``×``pool`` stride-2 max-pool; the first is ``stem``, the others ``conv1``, ``conv2``, ..."""
+    for i, c in enumerate(channels):
+        layer = conv(int(c), kernel, name=f"conv{i}" if i else "stem", bias=True,
+                     kernel_init=nn.linear.default_kernel_init)
+        x = max_pool(nn.relu(layer(x)), pool, 2)
+    return x
 
 
 class SimpleCNN(nn.Module):
@@ -29,14 +38,7 @@ class SimpleCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = as_image(x)
-        for i, c in enumerate(self.channels):
-            x = nn.Conv(int(c), (3, 3), padding=1, conv_general_dilated=cpu.small_map_conv,
-                        name="stem" if i == 0 else f"conv{i}")(x)
-            x = nn.relu(x)
-            x = max_pool(x, 2, 2)
-        if self.dropout > 0:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = dropout(conv_stack(as_image(x), self.channels, 3, 2), self.dropout, train)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.hidden, name="fc")(x))
         return nn.Dense(self.num_classes, name="head")(x)
@@ -56,12 +58,7 @@ class ConvFC(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = as_image(x)
-        for i, c in enumerate(self.channels):
-            x = nn.Conv(int(c), (5, 5), padding=2, conv_general_dilated=cpu.small_map_conv,
-                        name="stem" if i == 0 else f"conv{i}")(x)
-            x = nn.relu(x)
-            x = max_pool(x, 3, 2)
+        x = conv_stack(as_image(x), self.channels, 5, 3)
         x = x.reshape((x.shape[0], -1))
         for i, h in enumerate(self.hidden):
             x = nn.relu(nn.Dense(int(h), name=f"fc{i}")(x))

@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mclandscape.core import _checks
-from mclandscape.engine.models._common import as_image, batch_norm
-from mclandscape.engine.models._common import bias_free_conv as _conv
+from mclandscape.engine.models._common import as_image, batch_norm, conv, preact_convs
 
 __all__ = ["DenseNet", "avg_pool", "densenet_layers", "transition_channels"]
 
@@ -75,10 +74,7 @@ class DenseLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        out = nn.relu(batch_norm(train, name="bn1")(x))
-        out = _conv(4 * self.growth_rate, 1, name="conv1")(out)
-        out = nn.relu(batch_norm(train, name="bn2")(out))
-        out = _conv(self.growth_rate, 3, name="conv2")(out)
+        out = preact_convs(x, train, [(4 * self.growth_rate, 1, 1), (self.growth_rate, 3, 1)])
         return jnp.concatenate([x, out], axis=-1)
 
 
@@ -89,9 +85,7 @@ class Transition(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        out = nn.relu(batch_norm(train, name="bn")(x))
-        out = _conv(self.features, 1, name="conv")(out)
-        return avg_pool(out, 2)
+        return avg_pool(conv(self.features, 1, name="conv")(nn.relu(batch_norm(train, name="bn")(x))), 2)
 
 
 class DenseNet(nn.Module):
@@ -106,7 +100,7 @@ class DenseNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_densenet_args(self.depth, self.growth_rate, self.compression)
         layers = densenet_layers(self.depth)
-        x = _conv(2 * self.growth_rate, 3, name="stem")(as_image(x))
+        x = conv(2 * self.growth_rate, 3, name="stem")(as_image(x))
         for blk in range(3):
             for i in range(layers):
                 x = DenseLayer(self.growth_rate, name=f"block{blk}_layer{i}")(x, train)

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from mclandscape.engine.models._common import activation
+from mclandscape.core import _checks
+from mclandscape.engine.models._common import ACTIVATIONS, dropout
 
 
 class MLP(nn.Module):
@@ -26,11 +27,8 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        act = activation(self.activation)
+        act = ACTIVATIONS[_checks.choice(self.activation, "activation", ACTIVATIONS)]
         x = x.reshape((x.shape[0], -1))
         for i, w in enumerate(self.widths):
-            x = nn.Dense(int(w), use_bias=self.use_bias, name=f"Dense_{i}")(x)
-            x = act(x)
-            if self.dropout > 0:
-                x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = dropout(act(nn.Dense(int(w), use_bias=self.use_bias, name=f"Dense_{i}")(x)), self.dropout, train)
         return nn.Dense(self.num_classes, use_bias=self.use_bias, name=f"Dense_{len(self.widths)}")(x)

@@ -29,13 +29,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
+from flax.core import unfreeze
 
 from mclandscape.core.tree import TreeMismatchError, check_same_structure
-from mclandscape.engine.models.base import Model, value_hash
+from mclandscape.engine.models.base import Model, _Method, value_hash
 
 __all__ = ["from_nnx"]
 
 Path = tuple[Any, ...]
+_VARIABLES = {"params": nnx.Param, "batch_stats": nnx.BatchStat}  # the NNX variable type of each collection
 
 
 def _str_path(path: Path) -> tuple[str, ...]:
@@ -63,52 +65,40 @@ class _Layout:
             raise ValueError(f"NNX module {name!r} holds a {type(var).__name__} variable at "
                              f"{'/'.join(_str_path(path))} ({len(leftovers)} such); from_nnx supports nnx.Param, "
                              "nnx.BatchStat and RNG state only")
-        self.params = self._paths(params, "params")
-        self.stats = self._paths(stats, "batch_stats")
-        if not self.params:
+        # the original (integer-keyed) path of every variable, by its string path
+        self.paths = {c: {_str_path(p): p for p, _ in nnx.to_flat_state(state)}
+                      for c, state in (("params", params), ("batch_stats", stats))}
+        if not self.paths["params"]:
             raise ValueError(f"NNX module {name!r} has no nnx.Param variables")
+        self.collections = ("params", "batch_stats") if self.paths["batch_stats"] else ("params",)
         # (path, is_key, shape) of every RNG variable, in the fixed sorted order of the flat state
         self.rng = [(path, isinstance(var, nnx.RngKey), tuple(var.get_value().shape))
                     for path, var in nnx.to_flat_state(rng)]
-        self.abstract = {"params": self._abstract(params)}
-        if self.stats:
-            self.abstract["batch_stats"] = self._abstract(stats)
-
-    def _paths(self, state, collection: str) -> dict[tuple[str, ...], Path]:
-        out: dict[tuple[str, ...], Path] = {}
-        for path, _ in nnx.to_flat_state(state):
-            key = _str_path(path)
-            if key in out:
-                raise ValueError(f"NNX module {self.name!r}: two {collection} variables share the path "
-                                 f"{'/'.join(key)} once keys are strings")
-            out[key] = path
-        return out
-
-    @staticmethod
-    def _abstract(state) -> dict:
-        flat = {_str_path(p): jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)
-                for p, v in nnx.to_flat_state(state)}
-        return traverse_util.unflatten_dict(flat)
+        # the abstract module's values are shapes and dtypes: these are the collections' abstract trees
+        self.abstract = {"params": self.to_tree(params, "params"), "batch_stats": self.to_tree(stats, "batch_stats")}
 
     def to_tree(self, state, collection: str) -> dict:
         """The library's nested dict (string keys) of an NNX state."""
         flat = {_str_path(p): v.get_value() for p, v in nnx.to_flat_state(state)}
-        expected = self.params if collection == "params" else self.stats
-        if set(flat) != set(expected):
+        if set(flat) != set(self.paths[collection]):
             raise ValueError(f"the factory of NNX module {self.name!r} built a module whose {collection} differ "
                              "from its first build (it must build the same architecture for every key)")
         return traverse_util.unflatten_dict(flat)
 
-    def to_nnx(self, tree, collection: str) -> dict:
-        """An NNX pure dict (original integer keys) of the library's nested dict ``tree``."""
-        paths = self.params if collection == "params" else self.stats
+    def to_nnx(self, variables, collection: str) -> dict:
+        """An NNX pure dict (original integer keys) of the collection ``collection`` of the library's ``variables``."""
+        if not isinstance(variables, Mapping):
+            raise TypeError(f"variables of {self.name!r} must be a dict of collections, got "
+                            f"{type(variables).__name__}")
+        if collection not in variables:
+            raise ValueError(f"variables of {self.name!r} have no {collection!r} collection (got {sorted(variables)})")
+        tree = unfreeze(variables[collection])  # plain nested dicts (of FrozenDicts too)
         try:
-            check_same_structure(self.abstract[collection], _as_dict(tree), check_dtype=False,
-                                 names=("the module", "the variables"))
+            check_same_structure(self.abstract[collection], tree, check_dtype=False, names=("the module", "the variables"))
         except TreeMismatchError as e:
             raise TreeMismatchError(f"{collection} do not fit NNX module {self.name!r}: {e}") from None
-        flat = traverse_util.flatten_dict(_as_dict(tree))
-        return traverse_util.unflatten_dict({paths[k]: v for k, v in flat.items()})
+        paths = self.paths[collection]
+        return traverse_util.unflatten_dict({paths[k]: v for k, v in traverse_util.flatten_dict(tree).items()})
 
     def rng_state(self, key) -> dict:
         """The RNG variables as a pure dict: every stream's key derived from ``key`` (or a fixed key when
@@ -127,27 +117,10 @@ class _Layout:
         return traverse_util.unflatten_dict(flat) if flat else {}
 
 
-def _as_dict(tree):
-    """Nested plain dicts of a mapping tree (FrozenDicts and other mappings included)."""
-    if isinstance(tree, Mapping):
-        return {k: _as_dict(v) for k, v in tree.items()}
-    return tree
-
-
-def _collection(variables, name: str, model_name: str):
-    if not isinstance(variables, Mapping):
-        raise TypeError(f"variables of {model_name!r} must be a dict of collections, got {type(variables).__name__}")
-    if name not in variables:
-        raise ValueError(f"variables of {model_name!r} have no {name!r} collection (got {sorted(variables)})")
-    return variables[name]
-
-
 def _dropout_key(rngs, model_name: str):
-    if rngs is None:
-        return None
-    if not isinstance(rngs, Mapping):
+    if rngs is not None and not isinstance(rngs, Mapping):
         raise TypeError(f"rngs of {model_name!r} must be a dict like {{'dropout': key}}, got {type(rngs).__name__}")
-    return rngs.get("dropout")
+    return None if rngs is None else rngs.get("dropout")
 
 
 def _factory_value(factory):
@@ -160,7 +133,7 @@ def _factory_value(factory):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Nnx:
-    """The base of an NNX module's three functions: equal and hashed by the factory's value (its class, or a
+    """An NNX module's three functions: equal and hashed by the factory's value (its class, or a
     ``functools.partial``'s function and arguments) and the name; the layout follows from them."""
 
     factory: Callable[[nnx.Rngs], nnx.Module]
@@ -174,50 +147,27 @@ class _Nnx:
     def __hash__(self) -> int:
         return hash((type(self), self.name, value_hash(_factory_value(self.factory))))
 
-    def merged(self, variables, key) -> nnx.Module:
-        layout = self.layout
-        states = [layout.to_nnx(_collection(variables, "params", self.name), "params")]
-        if layout.stats:
-            states.append(layout.to_nnx(_collection(variables, "batch_stats", self.name), "batch_stats"))
-        if layout.rng:
-            states.append(layout.rng_state(key))
-        return nnx.merge(layout.graphdef, *states)
+    def init(self, key, x=None):
+        module = _build(self.factory, key)
+        return {c: self.layout.to_tree(nnx.state(module, _VARIABLES[c]), c) for c in self.layout.collections}
 
-    @staticmethod
-    def set_mode(module, train: bool, key) -> None:
+    def apply(self, variables, x, train: bool = False, rngs=None):
+        return self._merged(variables, bool(train), _dropout_key(rngs, self.name) if train else None)(x)
+
+    def apply_with_stats(self, variables, x, rngs=None):
+        module = self._merged(variables, True, _dropout_key(rngs, self.name))
+        out = module(x)
+        return out, self.layout.to_tree(nnx.state(module, nnx.BatchStat), "batch_stats")
+
+    def _merged(self, variables, train: bool, key) -> nnx.Module:
+        """The module of ``variables`` in train or eval mode, its dropout streams drawn from ``key``."""
+        layout = self.layout
+        states = [layout.to_nnx(variables, c) for c in layout.collections]
+        module = nnx.merge(layout.graphdef, *states, *([layout.rng_state(key)] if layout.rng else []))
         # what Module.train() / Module.eval() set, with dropout also off in train mode when no key is given
         module.set_attributes(deterministic=not (train and key is not None), use_running_average=not train,
                               raise_if_not_found=False)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _NnxInit(_Nnx):
-    def __call__(self, key, x=None):
-        module = _build(self.factory, key)
-        _, params, stats, _ = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
-        variables = {"params": self.layout.to_tree(params, "params")}
-        if self.layout.stats:
-            variables["batch_stats"] = self.layout.to_tree(stats, "batch_stats")
-        return variables
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _NnxApply(_Nnx):
-    def __call__(self, variables, x, train: bool = False, rngs=None):
-        key = _dropout_key(rngs, self.name) if train else None
-        module = self.merged(variables, key)
-        self.set_mode(module, bool(train), key)
-        return module(x)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _NnxApplyWithStats(_Nnx):
-    def __call__(self, variables, x, rngs=None):
-        key = _dropout_key(rngs, self.name)
-        module = self.merged(variables, key)
-        self.set_mode(module, True, key)
-        out = module(x)
-        return out, self.layout.to_tree(nnx.state(module, nnx.BatchStat), "batch_stats")
+        return module
 
 
 def from_nnx(factory: Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
@@ -272,7 +222,7 @@ def from_nnx(factory: Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
         raise TypeError(f"factory must be callable as factory(rngs) -> nnx.Module, got {type(factory).__name__}")
     abstract = nnx.eval_shape(lambda: _build(factory, jax.random.key(0)))
     name = name or type(abstract).__name__
-    layout = _Layout(abstract, name)
-    fns = [cls(factory, name, layout) for cls in (_NnxInit, _NnxApply, _NnxApplyWithStats)]
-    return Model(name=name, init=fns[0], apply=fns[1], apply_with_stats=fns[2] if layout.stats else None,
+    owner = _Nnx(factory, name, _Layout(abstract, name))
+    with_stats = _Method(owner, "apply_with_stats") if len(owner.layout.collections) > 1 else None
+    return Model(name=name, init=_Method(owner, "init"), apply=_Method(owner, "apply"), apply_with_stats=with_stats,
                  spec=dict(spec or {"arch": name}))

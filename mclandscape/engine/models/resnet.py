@@ -16,8 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mclandscape.engine.models._common import as_image, batch_norm
-from mclandscape.engine.models._common import bias_free_conv as _conv
+from mclandscape.engine.models._common import as_image, batch_norm, conv, preact_convs
 
 
 class BasicBlock(nn.Module):
@@ -33,65 +32,42 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        out = _conv(self.features, 3, self.stride, name="conv1")(x)
-        out = nn.relu(batch_norm(train, name="bn1")(out))
-        out = _conv(self.features, 3, 1, name="conv2")(out)
-        out = batch_norm(train, name="bn2")(out)
+        out = nn.relu(batch_norm(train, name="bn1")(conv(self.features, 3, self.stride, name="conv1")(x)))
+        out = batch_norm(train, name="bn2")(conv(self.features, 3, 1, name="conv2")(out))
         residual = x
         if self.stride != 1 or x.shape[-1] != self.features:
             if self.shortcut == "A":
-                residual = x[:, :: self.stride, :: self.stride, :]
                 extra = self.features - x.shape[-1]
-                residual = jnp.pad(residual, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+                residual = jnp.pad(x[:, :: self.stride, :: self.stride, :],
+                                   ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
             else:
-                residual = _conv(self.features, 1, self.stride, name="shortcut_conv")(x)
+                residual = conv(self.features, 1, self.stride, name="shortcut_conv")(x)
                 residual = batch_norm(train, name="shortcut_bn")(residual)
         return nn.relu(out + residual)
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block (He et al. 2016b), as in Garipov et al.'s PreResNet:
-    BN-ReLU-conv-BN-ReLU-conv + shortcut, the shortcut a 1×1 strided conv of the block input when the
-    shape changes."""
+    """Pre-activation block (He et al. 2016b), as in Garipov et al.'s PreResNets: BN-ReLU-conv layers plus a
+    shortcut, a 1×1 strided conv of the block *input* (no BatchNorm) when the stride or the channel count
+    changes, the identity otherwise.
+
+    Basic (PreResNet-20): two 3×3 convolutions of ``features`` channels, the first with ``stride``.
+    ``bottleneck`` (PreResNet-164): conv1×1(``features``), conv3×3(``features``, ``stride``),
+    conv1×1(``4·features``); the block outputs ``4·features`` channels.
+    """
 
     features: int
     stride: int = 1
+    bottleneck: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        out = nn.relu(batch_norm(train, name="bn1")(x))
-        out = _conv(self.features, 3, self.stride, name="conv1")(out)
-        out = nn.relu(batch_norm(train, name="bn2")(out))
-        out = _conv(self.features, 3, 1, name="conv2")(out)
-        residual = x
-        if self.stride != 1 or x.shape[-1] != self.features:
-            residual = _conv(self.features, 1, self.stride, name="shortcut_conv")(x)
-        return out + residual
-
-
-class PreActBottleneck(nn.Module):
-    """Pre-activation bottleneck block (He et al. 2016b), as in Garipov et al.'s PreResNet-164:
-    BN-ReLU-conv1×1(``features``)-BN-ReLU-conv3×3(``features``, ``stride``)-BN-ReLU-conv1×1(``4·features``)
-    + shortcut; the shortcut is a 1×1 strided conv of the block *input* (no BatchNorm) when the stride or the
-    channel count (``4·features``) changes, the identity otherwise. Output channels: ``expansion·features``."""
-
-    features: int
-    stride: int = 1
-    expansion: int = 4
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        out_features = self.expansion * self.features
-        out = nn.relu(batch_norm(train, name="bn1")(x))
-        out = _conv(self.features, 1, 1, name="conv1")(out)
-        out = nn.relu(batch_norm(train, name="bn2")(out))
-        out = _conv(self.features, 3, self.stride, name="conv2")(out)
-        out = nn.relu(batch_norm(train, name="bn3")(out))
-        out = _conv(out_features, 1, 1, name="conv3")(out)
-        residual = x
-        if self.stride != 1 or x.shape[-1] != out_features:
-            residual = _conv(out_features, 1, self.stride, name="shortcut_conv")(x)
-        return out + residual
+        f, s = self.features, self.stride
+        convs = [(f, 1, 1), (f, 3, s), (4 * f, 1, 1)] if self.bottleneck else [(f, 3, s), (f, 3, 1)]
+        out = preact_convs(x, train, convs)
+        if s != 1 or x.shape[-1] != out.shape[-1]:
+            x = conv(out.shape[-1], 1, s, name="shortcut_conv")(x)
+        return out + x
 
 
 def preresnet_bottleneck_blocks(depth: int) -> int:
@@ -111,7 +87,7 @@ class ResNet(nn.Module):
     - ``preresnet20``: ``(3, 3, 3)``, ``(16, 32, 64)``, ``preact=True``: pre-activation blocks and a final
       BN-ReLU before pooling (Garipov et al.'s PreResNet-20).
     - ``preresnet164``: ``(18, 18, 18)``, ``(16, 32, 64)``, ``preact=True, bottleneck=True``: pre-activation
-      bottleneck blocks (:class:`PreActBottleneck`, outputs 64/128/256 channels), final BN-ReLU (Garipov et
+      bottleneck blocks (:class:`PreActBlock`, outputs 64/128/256 channels), final BN-ReLU (Garipov et
       al.'s PreResNet-164, 1 703 258 parameters for 10 classes; the paper's 1.7 M).
 
     With ``bottleneck=True`` the ``widths`` are the bottleneck widths; the blocks output four times as many
@@ -130,17 +106,15 @@ class ResNet(nn.Module):
         if self.bottleneck and not self.preact:
             raise ValueError("ResNet(bottleneck=True) needs preact=True: bottleneck blocks are implemented in the "
                              "pre-activation form (PreResNet-164) only")
-        x = _conv(int(self.widths[0]), 3, 1, name="stem")(as_image(x))
+        x = conv(int(self.widths[0]), 3, 1, name="stem")(as_image(x))
         if not self.preact:
             x = nn.relu(batch_norm(train, name="stem_bn")(x))
         for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for b in range(int(n)):
                 stride = 2 if (s > 0 and b == 0) else 1
                 name = f"stage{s}_block{b}"
-                if self.bottleneck:
-                    x = PreActBottleneck(int(w), stride, name=name)(x, train)
-                elif self.preact:
-                    x = PreActBlock(int(w), stride, name=name)(x, train)
+                if self.preact:
+                    x = PreActBlock(int(w), stride, self.bottleneck, name=name)(x, train)
                 else:
                     x = BasicBlock(int(w), stride, self.shortcut, name=name)(x, train)
         if self.preact:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from mclandscape.engine import cpu
-from mclandscape.engine.models._common import as_image, batch_norm, he_normal_fan_out, max_pool
+from mclandscape.engine.models._common import as_image, batch_norm, conv, dropout, max_pool
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -41,15 +40,12 @@ class VGG16(nn.Module):
                 x = max_pool(x, 2, 2)
                 continue
             name = "stem" if i == 0 else f"conv{i}"
-            x = nn.Conv(int(v), (3, 3), padding=1, kernel_init=he_normal_fan_out,
-                        conv_general_dilated=cpu.small_map_conv, name=name)(x)
+            x = conv(int(v), 3, name=name, bias=True)(x)
             if self.batch_norm:
                 x = batch_norm(train, name=f"{name}_bn")(x)
             x = nn.relu(x)
             i += 1
         x = x.reshape((x.shape[0], -1))
         for j in range(2):
-            if self.dropout > 0:
-                x = nn.Dropout(self.dropout, deterministic=not train)(x)
-            x = nn.relu(nn.Dense(self.width, name=f"fc{j}")(x))
+            x = nn.relu(nn.Dense(self.width, name=f"fc{j}")(dropout(x, self.dropout, train)))
         return nn.Dense(self.num_classes, name="head")(x)

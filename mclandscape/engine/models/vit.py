@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mclandscape.engine.models._common import as_image
+from mclandscape.engine.models._common import as_image, dropout
 
 
 class EncoderBlock(nn.Module):
@@ -23,17 +23,9 @@ class EncoderBlock(nn.Module):
         y = nn.LayerNorm(name="ln1")(x)
         y = nn.MultiHeadDotProductAttention(num_heads=self.heads, dropout_rate=self.dropout,
                                             deterministic=not train, name="attn")(y, y)
-        if self.dropout > 0:
-            y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        x = x + y
-        y = nn.LayerNorm(name="ln2")(x)
-        y = nn.gelu(nn.Dense(self.mlp_dim, name="mlp1")(y))
-        if self.dropout > 0:
-            y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        y = nn.Dense(self.dim, name="mlp2")(y)
-        if self.dropout > 0:
-            y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        return x + y
+        x = x + dropout(y, self.dropout, train)
+        y = dropout(nn.gelu(nn.Dense(self.mlp_dim, name="mlp1")(nn.LayerNorm(name="ln2")(x))), self.dropout, train)
+        return x + dropout(nn.Dense(self.dim, name="mlp2")(y), self.dropout, train)
 
 
 class ViT(nn.Module):
@@ -64,9 +56,7 @@ class ViT(nn.Module):
         cls = self.param("cls_token", nn.initializers.zeros, (1, 1, d))
         x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)).astype(x.dtype), x], axis=1)
         pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, h * w + 1, d))
-        x = x + pos.astype(x.dtype)
-        if self.dropout > 0:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = dropout(x + pos.astype(x.dtype), self.dropout, train)
         for i in range(self.depth):
             x = EncoderBlock(self.dim, self.heads, self.mlp_dim, self.dropout, name=f"block{i}")(x, train)
         x = nn.LayerNorm(name="ln_final")(x)
