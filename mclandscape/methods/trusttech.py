@@ -112,7 +112,7 @@ from mclandscape.engine.checkpoint import CheckpointStore
 from mclandscape.engine.loop import progress_enabled
 from mclandscape.engine.resume import ResumeMismatchError, fingerprint_diff, jsonify
 from mclandscape.engine.step import make_step, split_static
-from mclandscape.methods.dsp_detector import BatchFn, DSPConfig, ExitRecord, LocalSolver, Objective, TierResult
+from mclandscape.methods.dsp_detector import BatchFn, DSPConfig, ExitRecord, LocalSolver, Objective, TierResult, _kind
 from mclandscape.methods.dsp_step import (
     NEGATIVE_GRADIENT,
     SearchState,
@@ -145,9 +145,10 @@ class _Driver:
 
     def __init__(self, objective, origin, key, config, batch_fn, solver, calibration, dirs, tier, callback,
                  progress, devices):
-        self.objective, self.origin, self.config, self.batch_fn = objective, origin, config, batch_fn
-        self.solver, self.tier, self.callback, self.initial = solver, tier, callback, dirs
-        self.progress, self.devices = progress, devices
+        self.origin, self.config, self.batch_fn, self.tier, self.callback = origin, config, batch_fn, tier, callback
+        self.initial = dirs
+        self.solve = functools.partial(local_solve, objective, solver=solver, batch_fn=batch_fn, progress=progress,
+                                       devices=devices)
         mesh = _batch_mesh(batch_fn(0), devices)
         # with a mesh the search's own arrays live on it (global, replicated) between steps; what leaves the
         # search (callback, result, local solves) is made process-local with distributed.local
@@ -243,9 +244,7 @@ class _Driver:
 
     def solve_pending(self) -> None:
         record, point = self.pending
-        sol, info = local_solve(self.objective, point, self.solver, self.batch_fn,
-                                jax.random.fold_in(self.solver_key, record.direction), progress=self.progress,
-                                devices=self.devices)
+        sol, info = self.solve(point, key=jax.random.fold_in(self.solver_key, record.direction))
         sol_p = self.place(sol)
         self.exits.append(dataclasses.replace(
             record, solution_loss=info["loss"], solver_steps=info["steps"],
@@ -266,11 +265,11 @@ class _Driver:
         if self.active():
             self.failed.extend(self.active())
             self.save("end")
+        points = [distributed.local(tree_add(self.origin_p, tree_index(self.state.dirs, e.direction)))
+                  for e in self.exits]  # a retired direction keeps its exit point's forward step
         return TierResult(origin=self.origin, solutions=self.solutions, exits=self.exits, traces=self.traces,
                           failed=sorted(self.failed), steps=self.t, paths=[list(p) for p in self.paths],
-                          exit_points=[distributed.local(tree_add(self.origin_p, tree_index(self.state.dirs,
-                                                                                            e.direction)))
-                                       for e in self.exits])
+                          exit_points=points)
 
     # -- checkpoints: the state, the solutions and a pending exit point; the host's records as metadata ------
 
@@ -370,24 +369,17 @@ def dsp_search(objective: Objective, origin: PyTree, key: jax.Array, *, config: 
       >>> len(res.exits), [round(float(x), 3) for x in res.solutions[0]]  # from (-1, 0) to the other well
       (1, [1.0, 0.0])
     """
-    if not isinstance(config, DSPConfig):
-        raise ValueError(f"config must be a DSPConfig, got {type(config).__name__}")
-    if not isinstance(solver, LocalSolver):
-        raise ValueError(f"solver must be a LocalSolver, got {type(solver).__name__}")
-    if not callable(objective):
-        raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
-    if not callable(batch_fn):
-        raise ValueError(f"batch_fn must be a callable t -> batch, got {batch_fn!r}")
+    _kind(isinstance(config, DSPConfig), "config", "a DSPConfig", config)
+    _kind(isinstance(solver, LocalSolver), "solver", "a LocalSolver", solver)
+    _kind(callable(objective), "objective", "callable (params, batch, key) -> (loss, aux)", objective)
+    _kind(callable(batch_fn), "batch_fn", "a callable t -> batch", batch_fn)
     distributed.num_devices(devices)
     check_finite(origin, "origin")
     calibration = calibration if calibration is not None else NEGATIVE_GRADIENT
-    if not isinstance(calibration, optax.GradientTransformation):
-        raise ValueError(f"calibration must be an optax GradientTransformation, got {type(calibration).__name__}")
-    if directions is None:
-        dirs = initial_directions(key, origin, config.num_directions, config.init_norm)
-    else:
-        dirs = list(directions)
-        _check_directions(dirs, origin)
+    _kind(isinstance(calibration, optax.GradientTransformation), "calibration",
+                "an optax GradientTransformation", calibration)
+    dirs = (initial_directions(key, origin, config.num_directions, config.init_norm) if directions is None
+            else _check_directions(list(directions), origin))
     driver = _Driver(objective, origin, key, config, batch_fn, solver, calibration, dirs, tier, callback, progress,
                      devices)
     if checkpoint_dir is None:
@@ -456,7 +448,6 @@ def tier_by_tier(objective: Objective, origin: PyTree, key: jax.Array, *, config
       (2, [1.0])
     """
     tiers = integer(tiers, "tiers", low=1)
-    distributed.num_devices(devices)
     results: list[TierResult] = []
     start = origin
     for n in range(1, tiers + 1):
@@ -479,8 +470,7 @@ def exit_statistics(result: TierResult) -> dict:
     """Summary of a tier's exits (DSP-TT paper, §5.4 quantities): counts, iterations / rho1 / distance at exit."""
     out = {"directions": len(result.traces), "exits": len(result.exits), "failed": list(result.failed),
            "search_steps": result.steps}
-    for key, name in (("iterations", "iteration"), ("rho1", "rho1"), ("distance", "distance"),
-                      ("solution_distance", "solution_distance"), ("cosine_to_initial", "cosine_to_initial")):
+    for name in ("iteration", "rho1", "distance", "solution_distance", "cosine_to_initial"):
         vals = [getattr(e, name) for e in result.exits]
-        out[f"mean_{key}"] = float(np.mean(vals)) if vals else None
+        out["mean_iterations" if name == "iteration" else f"mean_{name}"] = float(np.mean(vals)) if vals else None
     return out | {"per_exit": [e.to_json() for e in result.exits]}
