@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -193,11 +193,6 @@ def _batch_mesh(batch, devices: int | None) -> jax.sharding.Mesh | None:
     return training_mesh(size, devices=devices) if size >= 1 else None
 
 
-def _replicator(mesh: jax.sharding.Mesh | None) -> Callable[[PyTree], PyTree]:
-    """``tree -> tree`` replicated over ``mesh`` (global arrays across processes); the identity without a mesh."""
-    return (lambda tree: tree) if mesh is None else functools.partial(distributed.replicate, m=mesh)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the local solver (the engine's loop; grad_tol checked in the graph)
 # ---------------------------------------------------------------------------------------------------------
@@ -223,14 +218,12 @@ def _until_converged(tx, grad_tol: float | None) -> optax.GradientTransformation
 
     def update(grads, state, params=None, **extra_args):
         updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
-        norm = optax.tree.norm(grads)
-        live = ~state.done
-        updates = jax.tree_util.tree_map(lambda u: jnp.where(live, u, jnp.zeros_like(u)), updates)
+        norm, live = optax.tree.norm(grads), ~state.done
         loss = jnp.asarray(extra_args["loss"]).astype(state.loss.dtype)
-        done = state.done | (live & (norm < grad_tol)) if grad_tol is not None else state.done
-        return updates, _SolveState(_where(live, inner_state, state.inner), done, state.steps + live.astype(jnp.int32),
-                                    jnp.where(live, loss, state.loss), jnp.where(live, norm, state.grad_norm).astype(
-                                        state.grad_norm.dtype), _where(live, params, state.params))
+        done = state.done | (norm < grad_tol) if grad_tol is not None else state.done
+        new = _SolveState(inner_state, done, state.steps + 1, loss, norm.astype(state.grad_norm.dtype), params)
+        # once converged the state stays and the updates are zero
+        return jax.tree_util.tree_map(lambda u: jnp.where(live, u, jnp.zeros_like(u)), updates), _where(live, new, state)
 
     return optax.GradientTransformationExtraArgs(init, update)
 

@@ -120,7 +120,6 @@ from mclandscape.methods.dsp_step import (
     _check_directions,
     _fingerprint,
     _float_dtype,
-    _replicator,
     _search_step_jit,
     initial_directions,
     local_solve,
@@ -146,13 +145,13 @@ class _Driver:
     def __init__(self, objective, origin, key, config, batch_fn, solver, calibration, dirs, tier, callback,
                  progress, devices):
         self.origin, self.config, self.batch_fn, self.tier, self.callback = origin, config, batch_fn, tier, callback
-        self.initial = dirs
+        self.initial, self.progress = dirs, progress
         self.solve = functools.partial(local_solve, objective, solver=solver, batch_fn=batch_fn, progress=progress,
                                        devices=devices)
         mesh = _batch_mesh(batch_fn(0), devices)
         # with a mesh the search's own arrays live on it (global, replicated) between steps; what leaves the
         # search (callback, result, local solves) is made process-local with distributed.local
-        self.place = _replicator(mesh)
+        self.place = (lambda tree: tree) if mesh is None else functools.partial(distributed.replicate, m=mesh)
         # the engine's data-parallel layout: batch split, everything else replicated
         self.place_batch = (lambda b: b) if mesh is None else make_step(objective, NEGATIVE_GRADIENT, mesh=mesh).place
         self.origin_p = self.place(origin)
@@ -220,27 +219,23 @@ class _Driver:
         if self.paths:
             self.paths[k].append((i, d))
         exited = bool(h["exited"])
-        if exited:
-            self.exit(k, rec)
-        else:
-            if cfg.max_iterations is not None and i >= cfg.max_iterations:
-                self.failed.append(k)
-            if cfg.checkpoint_every and self.t % cfg.checkpoint_every == 0:
-                self.save("periodic")
+        if exited:  # the exit point is checkpointed before its local solve
+            det = jax.tree_util.tree_map(lambda a: a[k], distributed.to_host(self.state.det))
+            fwd = tree_index(self.state.dirs, k)
+            record = ExitRecord(direction=k, step=t, iteration=i, rho1=rec["rho1"], distance=rec["norm"],
+                                loss=rec["loss"], ema=float(det.ema), base_ema=float(det.base), peak_ema=float(det.peak),
+                                peak_iteration=int(det.peak_iteration),
+                                cosine_to_initial=_host(tree_cosine(fwd, self.place(self.initial[k]))))
+            self.pending = (record, distributed.local(tree_add(self.origin_p, fwd)))
+            self.save("exit")
+            self.solve_pending()
+        elif cfg.max_iterations is not None and i >= cfg.max_iterations:
+            self.failed.append(k)
+        if not exited and cfg.checkpoint_every and self.t % cfg.checkpoint_every == 0:
+            self.save("periodic")
         if self.callback is not None:  # the count of steps done (1-based); info["step"] the 0-based index
             self.callback(self.t, rec | {"direction": k, "exited": exited, "d": d, "tier": self.tier})
         return exited
-
-    def exit(self, k: int, rec: dict) -> None:
-        det = jax.tree_util.tree_map(lambda a: a[k], distributed.to_host(self.state.det))
-        fwd = tree_index(self.state.dirs, k)
-        record = ExitRecord(direction=k, step=rec["step"], iteration=rec["iteration"], rho1=rec["rho1"],
-                            distance=rec["norm"], loss=rec["loss"], ema=float(det.ema), base_ema=float(det.base),
-                            peak_ema=float(det.peak), peak_iteration=int(det.peak_iteration),
-                            cosine_to_initial=_host(tree_cosine(fwd, self.place(self.initial[k]))))
-        self.pending = (record, distributed.local(tree_add(self.origin_p, fwd)))
-        self.save("exit")
-        self.solve_pending()
 
     def solve_pending(self) -> None:
         record, point = self.pending

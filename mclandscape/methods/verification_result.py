@@ -158,9 +158,8 @@ class VerificationResult:
     @property
     def converged(self) -> list[bool] | None:
         """``grad_norms[p] <= flow.grad_tol`` per end point (``None`` without ``grad_tol``)."""
-        if self.flow.grad_tol is None:
-            return None
-        return [bool(g <= self.flow.grad_tol) for g in self.grad_norms]
+        gt = self.flow.grad_tol
+        return None if gt is None else [bool(g <= gt) for g in self.grad_norms]
 
     @property
     def flow_settled(self) -> list[bool]:
