@@ -248,10 +248,9 @@ class DSPConfig:
     sync_every: int = 50
 
     def __post_init__(self):
-        for name in ("num_directions", "max_steps", "sync_every"):
-            integer(getattr(self, name), f"DSPConfig.{name}", low=1)
-        for name in ("record_path", "checkpoint_every"):
-            integer(getattr(self, name), f"DSPConfig.{name}", low=0)
+        for name, low in (("num_directions", 1), ("max_steps", 1), ("sync_every", 1), ("record_path", 0),
+                          ("checkpoint_every", 0)):
+            integer(getattr(self, name), f"DSPConfig.{name}", low=low)
         if self.max_iterations is not None:
             integer(self.max_iterations, "DSPConfig.max_iterations", low=1)
         real(self.init_norm, "DSPConfig.init_norm", low=0.0, low_open=True)

@@ -25,6 +25,7 @@ the outcome instead of reading it off a plot:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -240,17 +241,15 @@ def verify_exit(objective: Objective, origin: PyTree, path: Sequence[tuple[int, 
     ends, host_starts = tree_unstack(jax.device_get(ws)), tree_unstack(jax.device_get(starts))
     spaces = {PARAM: _clusters(dist, far, tols.get(PARAM), PARAM)} | {
         name: _space_clusters(ends, host_starts, fn, tols.get(name), name) for name, fn in distances.items()}
-    sl = slice(1, None)
+    rest = functools.partial(tree_index, i=slice(1, None))  # the path's points (index 0: the origin)
     trajs = jax.tree_util.tree_map(lambda *xs: np.stack(xs, axis=1), *snapshots)
+    polish = (polish_moves, None if polish_its is None else np.asarray(polish_its))
     return VerificationResult(
-        iterations=[int(i) for i, _ in pts], exit_iteration=int(exit_iteration), starts=tree_index(starts, sl),
-        finals=tree_index(ws, sl), trajectories=tree_index(trajs, sl), origin_final=tree_index(ws, 0),
-        start_losses=np.asarray(start_losses, dtype=np.float64)[1:], final_losses=losses[1:],
-        grad_norms=gnorms[1:], origin_loss=float(losses[0]), origin_grad_norm=float(gnorms[0]),
-        steps_run=steps_run, flow=flow,
-        diagnostics=FlowDiagnostics(remaining=remaining[1:], grad_norms=flow_gnorms[1:],
-                                    polish_moves=None if polish_moves is None else polish_moves[1:],
-                                    polish_iterations=None if polish_its is None else np.asarray(polish_its)[1:]),
+        iterations=[int(i) for i, _ in pts], exit_iteration=int(exit_iteration), starts=rest(starts),
+        finals=rest(ws), trajectories=rest(trajs), origin_final=tree_index(ws, 0),
+        start_losses=rest(np.asarray(start_losses, dtype=np.float64)), final_losses=rest(losses),
+        grad_norms=rest(gnorms), origin_loss=float(losses[0]), origin_grad_norm=float(gnorms[0]),
+        steps_run=steps_run, flow=flow, diagnostics=FlowDiagnostics(*rest((remaining, flow_gnorms, *polish))),
         spaces=spaces)
 
 
