@@ -29,6 +29,12 @@ BatchFn = Callable[[int], Any]
 Objective = Callable[[PyTree, Any, jax.Array | None], tuple[jax.Array, Any]]  # (params, batch, key) -> (loss, aux)
 
 
+def _kind(ok: bool, name: str, want: str, value) -> None:
+    """Refuse an argument of the wrong kind: ``ValueError("<name> must be <want>, got <its type>")``."""
+    if not ok:
+        raise ValueError(f"{name} must be {want}, got {type(value).__name__}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # rho schedules (DSP-TT paper, eq. 3, §5 hyper-parameters)
 # ---------------------------------------------------------------------------------------------------------
@@ -242,16 +248,14 @@ class DSPConfig:
     sync_every: int = 50
 
     def __post_init__(self):
-        for name in ("num_directions", "max_steps", "sync_every"):
-            integer(getattr(self, name), f"DSPConfig.{name}", low=1)
-        for name in ("record_path", "checkpoint_every"):
-            integer(getattr(self, name), f"DSPConfig.{name}", low=0)
+        for name, low in (("num_directions", 1), ("max_steps", 1), ("sync_every", 1), ("record_path", 0),
+                          ("checkpoint_every", 0)):
+            integer(getattr(self, name), f"DSPConfig.{name}", low=low)
         if self.max_iterations is not None:
             integer(self.max_iterations, "DSPConfig.max_iterations", low=1)
         real(self.init_norm, "DSPConfig.init_norm", low=0.0, low_open=True)
-        if not isinstance(self.rho, RhoSchedule) or not isinstance(self.detector, ExitDetector):
-            raise ValueError(f"DSPConfig.rho must be a RhoSchedule and DSPConfig.detector an ExitDetector, got "
-                             f"{type(self.rho).__name__} and {type(self.detector).__name__}")
+        _kind(isinstance(self.rho, RhoSchedule), "DSPConfig.rho", "a RhoSchedule", self.rho)
+        _kind(isinstance(self.detector, ExitDetector), "DSPConfig.detector", "an ExitDetector", self.detector)
 
 
 @dataclasses.dataclass(frozen=True)

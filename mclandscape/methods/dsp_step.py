@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -39,7 +39,7 @@ from mclandscape.engine import cpu, distributed, optim
 from mclandscape.engine.distributed import training_mesh
 from mclandscape.engine.loop import LoopConfig, NonFiniteError, StopRun, run
 from mclandscape.engine.step import make_step, merge_static, split_static
-from mclandscape.methods.dsp_detector import READINGS, BatchFn, DetectorState, DSPConfig, LocalSolver, Objective
+from mclandscape.methods.dsp_detector import READINGS, BatchFn, DetectorState, DSPConfig, LocalSolver, Objective, _kind
 
 __all__ = ["SearchState", "initial_directions", "forward_step", "local_solve", "NEGATIVE_GRADIENT"]
 
@@ -81,7 +81,7 @@ def initial_directions(key: jax.Array, origin: PyTree, num: int, norm: float = 1
     return [tree_scale(d, norm / tree_norm(d)) for d in dirs]
 
 
-def _check_directions(directions: Sequence[PyTree], origin: PyTree) -> None:
+def _check_directions(directions: list[PyTree], origin: PyTree) -> list[PyTree]:
     if len(directions) == 0:
         raise ValueError("no search directions given (need at least one)")
     for k, d in enumerate(directions):
@@ -89,6 +89,7 @@ def _check_directions(directions: Sequence[PyTree], origin: PyTree) -> None:
         check_finite(d, f"direction[{k}]")
         if float(tree_norm(d)) == 0.0:
             raise ValueError(f"direction[{k}] is the zero vector: a search direction needs a nonzero norm")
+    return directions
 
 
 def forward_step(direction: PyTree, rho1, reading: str = "additive") -> PyTree:
@@ -192,11 +193,6 @@ def _batch_mesh(batch, devices: int | None) -> jax.sharding.Mesh | None:
     return training_mesh(size, devices=devices) if size >= 1 else None
 
 
-def _replicator(mesh: jax.sharding.Mesh | None) -> Callable[[PyTree], PyTree]:
-    """``tree -> tree`` replicated over ``mesh`` (global arrays across processes); the identity without a mesh."""
-    return (lambda tree: tree) if mesh is None else functools.partial(distributed.replicate, m=mesh)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the local solver (the engine's loop; grad_tol checked in the graph)
 # ---------------------------------------------------------------------------------------------------------
@@ -214,24 +210,20 @@ class _SolveState(NamedTuple):
 def _until_converged(tx, grad_tol: float | None) -> optax.GradientTransformationExtraArgs:
     """``tx`` until the first step whose gradient norm is below ``grad_tol`` (that step's update applied), then
     zero updates: the stopping test runs inside the compiled step, the host looks only at epoch ends."""
-    inner = optim.unwrap(tx)
-    extra = isinstance(inner, optax.GradientTransformationExtraArgs)
+    inner = optax.with_extra_args_support(optim.unwrap(tx))
 
     def init(params):
         nan = jnp.full((), jnp.nan, _float_dtype(params))
         return _SolveState(inner.init(params), jnp.array(False), jnp.zeros((), jnp.int32), nan, nan, params)
 
     def update(grads, state, params=None, **extra_args):
-        updates, inner_state = (inner.update(grads, state.inner, params, **extra_args) if extra
-                                else inner.update(grads, state.inner, params))
-        norm = optax.tree.norm(grads)
-        live = ~state.done
-        updates = jax.tree_util.tree_map(lambda u: jnp.where(live, u, jnp.zeros_like(u)), updates)
+        updates, inner_state = inner.update(grads, state.inner, params, **extra_args)
+        norm, live = optax.tree.norm(grads), ~state.done
         loss = jnp.asarray(extra_args["loss"]).astype(state.loss.dtype)
-        done = state.done | (live & (norm < grad_tol)) if grad_tol is not None else state.done
-        return updates, _SolveState(_where(live, inner_state, state.inner), done, state.steps + live.astype(jnp.int32),
-                                    jnp.where(live, loss, state.loss), jnp.where(live, norm, state.grad_norm).astype(
-                                        state.grad_norm.dtype), _where(live, params, state.params))
+        done = state.done | (norm < grad_tol) if grad_tol is not None else state.done
+        new = _SolveState(inner_state, done, state.steps + 1, loss, norm.astype(state.grad_norm.dtype), params)
+        # once converged the state stays and the updates are zero
+        return jax.tree_util.tree_map(lambda u: jnp.where(live, u, jnp.zeros_like(u)), updates), _where(live, new, state)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -290,11 +282,9 @@ def local_solve(objective: Objective, params: PyTree, solver: LocalSolver, batch
       >>> info["steps"], [round(float(x), 5) for x in sol]  # stopped after step 8: 0.5**7 < 0.01
       (8, [0.00234, 0.00313])
     """
-    if not isinstance(solver, LocalSolver):
-        raise ValueError(f"solver must be a LocalSolver, got {type(solver).__name__}")
+    _kind(isinstance(solver, LocalSolver), "solver", "a LocalSolver", solver)
     batches = solver.batch_fn or batch_fn
-    if not callable(batches):
-        raise ValueError(f"batch_fn must be a callable t -> batch, got {batches!r}")
+    _kind(callable(batches), "batch_fn", "a callable t -> batch", batches)
     distributed.num_devices(devices)
     first = batches(0)
     check_objective(objective, params, first, key)
@@ -314,8 +304,7 @@ def local_solve(objective: Objective, params: PyTree, solver: LocalSolver, batch
         raise NonFiniteError(f"the local solver diverged ({e}); lower its learning rate") from e
     s = res.state.opt_state
     n = int(distributed.to_host(s.steps))
-    static, arrays = split_static(objective)
-    task = _task_loss(static, arrays, s.params, batches(n - 1), jax.random.fold_in(key, n - 1))
+    task = _task_loss(*split_static(objective), s.params, batches(n - 1), jax.random.fold_in(key, n - 1))
     loss, norm, task = (float(distributed.to_host(v)) for v in (s.loss, s.grad_norm, task))
     return res.params, {"steps": n, "loss": loss, "task_loss": task, "grad_norm": norm}
 
@@ -328,13 +317,11 @@ def local_solve(objective: Objective, params: PyTree, solver: LocalSolver, batch
 def _probe_digest(tx) -> str:
     """A digest of what ``tx`` does (three updates of a fixed probe), so a resume with another optimizer or
     calibration is refused whatever object was passed."""
-    tx = optim.unwrap(tx)
-    extra = isinstance(tx, optax.GradientTransformationExtraArgs)
-    kw = {"loss": jnp.float32(1.0), "value": jnp.float32(1.0)} if extra else {}
+    tx = optax.with_extra_args_support(optim.unwrap(tx))
     p, out = jnp.linspace(-1.0, 1.0, 7), []
     state = tx.init(p)
     for i in range(3):
-        u, state = tx.update(jnp.cos(p * (i + 1.0)), state, p, **kw)
+        u, state = tx.update(jnp.cos(p * (i + 1.0)), state, p, loss=jnp.float32(1.0), value=jnp.float32(1.0))
         p = optax.apply_updates(p, u)
         out.append(p)
     return tree_digest(out)

@@ -50,12 +50,9 @@ def _points(p, dim: int | None, name: str) -> jax.Array:
 
 
 # Müller and Brown (1979), eq. 1: V(x, y) = sum_k A_k exp(a_k (x - x0_k)^2 + b_k (x - x0_k)(y - y0_k) + c_k (y - y0_k)^2)
-_MB_A = np.array([-200.0, -100.0, -170.0, 15.0])
-_MB_a = np.array([-1.0, -1.0, -6.5, 0.7])
-_MB_b = np.array([0.0, 0.0, 11.0, 0.6])
-_MB_c = np.array([-10.0, -10.0, -6.5, 0.7])
-_MB_x0 = np.array([1.0, 0.0, -0.5, -1.0])
-_MB_y0 = np.array([0.0, 0.5, 1.5, 1.0])
+# rows: A, a, b, c, x0, y0
+_MB = np.array([[-200.0, -100.0, -170.0, 15.0], [-1.0, -1.0, -6.5, 0.7], [0.0, 0.0, 11.0, 0.6],
+                [-10.0, -10.0, -6.5, 0.7], [1.0, 0.0, -0.5, -1.0], [0.0, 0.5, 1.5, 1.0]])
 
 #: The three minima of :func:`muller_brown`: ``A`` (the global one), ``B`` and the intermediate ``C``.
 MULLER_BROWN_MINIMA: dict[str, StationaryPoint] = {
@@ -95,11 +92,9 @@ def muller_brown(p, batch: Any = None) -> jax.Array:
     """
     del batch
     p = _points(p, 2, "muller_brown")
-    dt = p.dtype
-    dx = p[..., 0, None] - jnp.asarray(_MB_x0, dt)
-    dy = p[..., 1, None] - jnp.asarray(_MB_y0, dt)
-    expo = jnp.asarray(_MB_a, dt) * dx * dx + jnp.asarray(_MB_b, dt) * dx * dy + jnp.asarray(_MB_c, dt) * dy * dy
-    return jnp.sum(jnp.asarray(_MB_A, dt) * jnp.exp(expo), axis=-1)
+    A, a, b, c, x0, y0 = jnp.asarray(_MB, p.dtype)
+    dx, dy = p[..., 0, None] - x0, p[..., 1, None] - y0
+    return jnp.sum(A * jnp.exp(a * dx * dx + b * dx * dy + c * dy * dy), axis=-1)
 
 
 def double_well(p, batch: Any = None, *, stiffness: float = 8.0) -> jax.Array:

@@ -95,7 +95,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -112,7 +112,7 @@ from mclandscape.engine.checkpoint import CheckpointStore
 from mclandscape.engine.loop import progress_enabled
 from mclandscape.engine.resume import ResumeMismatchError, fingerprint_diff, jsonify
 from mclandscape.engine.step import make_step, split_static
-from mclandscape.methods.dsp_detector import BatchFn, DSPConfig, ExitRecord, LocalSolver, Objective, TierResult
+from mclandscape.methods.dsp_detector import BatchFn, DSPConfig, ExitRecord, LocalSolver, Objective, TierResult, _kind
 from mclandscape.methods.dsp_step import (
     NEGATIVE_GRADIENT,
     SearchState,
@@ -120,7 +120,6 @@ from mclandscape.methods.dsp_step import (
     _check_directions,
     _fingerprint,
     _float_dtype,
-    _replicator,
     _search_step_jit,
     initial_directions,
     local_solve,
@@ -128,7 +127,11 @@ from mclandscape.methods.dsp_step import (
 
 __all__ = ["dsp_search", "tier_by_tier", "exit_statistics"]
 
+_TRACE = ("iteration", "step", "loss", "ema", "rho1", "norm")
 
+
+def _host(x) -> float:
+    return float(distributed.to_host(x))
 
 
 class _Driver:
@@ -136,123 +139,113 @@ class _Driver:
     directions still searching), dispatches the compiled step, and every ``sync_every`` steps (or at a
     checkpoint) reads the steps' losses, records them and runs the local solver of an exit."""
 
+    store: CheckpointStore | None = None
+    fingerprint: dict | None = None
+
     def __init__(self, objective, origin, key, config, batch_fn, solver, calibration, dirs, tier, callback,
                  progress, devices):
-        self.objective, self.origin, self.config, self.batch_fn = objective, origin, config, batch_fn
-        self.solver, self.calibration, self.tier, self.callback = solver, calibration, tier, callback
-        self.progress, self.devices, self.num = progress, devices, len(dirs)
-        self.split = split_static(objective)  # the objective's static configuration and its arrays, once
+        self.origin, self.config, self.batch_fn, self.tier, self.callback = origin, config, batch_fn, tier, callback
+        self.initial, self.progress = dirs, progress
+        self.solve = functools.partial(local_solve, objective, solver=solver, batch_fn=batch_fn, progress=progress,
+                                       devices=devices)
         mesh = _batch_mesh(batch_fn(0), devices)
         # with a mesh the search's own arrays live on it (global, replicated) between steps; what leaves the
         # search (callback, result, local solves) is made process-local with distributed.local
-        self.mesh, self.place = mesh, _replicator(mesh)
-        self.layout = None if mesh is None else make_step(objective, NEGATIVE_GRADIENT, mesh=mesh)
+        self.place = (lambda tree: tree) if mesh is None else functools.partial(distributed.replicate, m=mesh)
+        # the engine's data-parallel layout: batch split, everything else replicated
+        self.place_batch = (lambda b: b) if mesh is None else make_step(objective, NEGATIVE_GRADIENT, mesh=mesh).place
         self.origin_p = self.place(origin)
         self.dtype = _float_dtype(origin)  # rho1 and rho2 enter the step in the parameters' dtype
+        self.paths = [collections.deque(maxlen=config.record_path) for _ in dirs] if config.record_path else []
+        static, arrays = split_static(objective)  # the objective's static configuration and its arrays, once
+        arrays, loss_key, rho2 = self.place((arrays, jax.random.fold_in(key, 0x5EA),
+                                             np.asarray(config.rho.rho2, self.dtype)))
+        self.step = functools.partial(
+            _search_step_jit, objective_static=static, calibration=calibration, reading=config.rho.reading,
+            detector=config.detector, mesh=mesh, with_d=bool(self.paths or callback), objective_arrays=arrays,
+            origin=self.origin_p, key=loss_key, rho2=rho2)
         self.state = self.place(SearchState(
             t=jnp.zeros((), jnp.int32), dirs=tree_stack(dirs), cal=tree_stack(
                 [calibration.init(tree_add(origin, d)) for d in dirs]),
-            det=config.detector.init(jnp.result_type(self.dtype, jnp.float32), self.num),
+            det=config.detector.init(jnp.result_type(self.dtype, jnp.float32), len(dirs)),
             pending=jnp.full((), -1, jnp.int32), bad=jnp.array(False)))
-        self.loss_key = jax.random.fold_in(key, 0x5EA)
         self.solver_key = jax.random.fold_in(key, 0x501)
         self.sel_seed = int(jax.random.randint(jax.random.fold_in(key, 0x5E1), (), 0, 2**31 - 1))
-        self.t, self.counts, self.active, self.failed = 0, [0] * self.num, [True] * self.num, []
-        self.traces = [{k: [] for k in ("iteration", "step", "loss", "ema", "rho1", "norm")} for _ in dirs]
-        self.exits, self.solutions, self.pending = [], [], None
-        self.paths = [collections.deque(maxlen=config.record_path) for _ in dirs] if config.record_path else []
-        self.initial = dirs
+        self.t, self.counts, self.failed, self.exits, self.solutions = 0, [0] * len(dirs), [], [], []
+        self.traces = [{name: [] for name in _TRACE} for _ in dirs]
+        self.pending = None  # (ExitRecord, exit point) of an exit awaiting its local solve
 
-    def dispatch(self, t: int, k: int, i: int):
-        rho = self.config.rho
-        (static, arrays), state, origin, batch = self.split, self.state, self.origin_p, self.batch_fn(t)
-        key, kk = self.loss_key, np.int32(k)
-        rho1, rho2 = np.asarray(rho.rho1(i), self.dtype), np.asarray(rho.rho2, self.dtype)
-        if self.mesh is not None:  # the engine's data-parallel layout: batch split, everything else replicated
-            arrays, key, kk, rho1, rho2 = self.place((arrays, key, kk, rho1, rho2))
-            batch = self.layout.place(batch)
-        self.state, out = _search_step_jit(
-            objective_static=static, calibration=self.calibration, reading=rho.reading,
-            detector=self.config.detector, mesh=self.mesh, with_d=bool(self.paths or self.callback),
-            objective_arrays=arrays, state=state, origin=origin, batch=batch, key=key, k=kk, rho1=rho1, rho2=rho2)
-        return out
+    def active(self) -> list[int]:
+        """The directions still searching: neither exited nor abandoned."""
+        done = set(self.failed) | {e.direction for e in self.exits}
+        return [k for k in range(len(self.counts)) if k not in done]
 
     def block(self, bar) -> None:
-        """Dispatch the steps up to the next sync point, then commit those that ran (all but those after an
-        exit or a non-finite loss, which the compiled step froze)."""
-        cfg, start = self.config, self.t
-        end = min(cfg.max_steps, (start // cfg.sync_every + 1) * cfg.sync_every)
-        if cfg.checkpoint_every:
-            end = min(end, (start // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
-        active, counts, planned = list(self.active), list(self.counts), []
+        """Dispatch the steps up to the next sync point, then commit those that ran (up to an exit, after which
+        the compiled step froze the search; a non-finite loss froze it too and is raised here)."""
+        cfg, start, rho = self.config, self.t, self.config.rho
+        end = min(cfg.max_steps, *((start // n + 1) * n for n in (cfg.sync_every, cfg.checkpoint_every) if n))
+        active, counts, planned = self.active(), list(self.counts), []
         for t in range(start, end):
-            if not any(active):
+            if not active:
                 break
-            idx = [j for j in range(self.num) if active[j]]  # the choice is a function of (key, t) and these
-            k = idx[int(np.random.default_rng([self.sel_seed, t]).integers(len(idx)))]
+            k = active[int(np.random.default_rng([self.sel_seed, t]).integers(len(active)))]  # f(key, t, active)
             counts[k] += 1
-            planned.append((t, k, counts[k], self.dispatch(t, k, counts[k])))
+            kk, rho1 = self.place((np.int32(k), np.asarray(rho.rho1(counts[k]), self.dtype)))
+            self.state, out = self.step(state=self.state, batch=self.place_batch(self.batch_fn(t)), k=kk, rho1=rho1)
+            planned.append((t, k, counts[k], out))
             if cfg.max_iterations is not None and counts[k] >= cfg.max_iterations:
-                active[k] = False
+                active.remove(k)
         host = distributed.to_host([{n: v for n, v in out.items() if n != "d"} for *_, out in planned])
-        exits = len(self.exits)
         for (t, k, i, out), h in zip(planned, host, strict=True):
-            if not bool(h["valid"]):
-                if len(self.exits) == exits and not math.isfinite(float(h["loss"])):
-                    raise ValueError(f"non-finite loss {float(h['loss'])} on the search path (direction {k}, "
-                                     f"iteration {i}); the search diverged - lower RhoSchedule.rho_max / "
-                                     "increment or the calibration step")
-                break
-            self.commit(t, k, i, out, h)
+            if not bool(h["valid"]):  # after a non-finite loss (an exit ends the commits below)
+                raise ValueError(f"non-finite loss {float(h['loss'])} on the search path (direction {k}, "
+                                 f"iteration {i}); the search diverged - lower RhoSchedule.rho_max / "
+                                 "increment or the calibration step")
+            exited = self.commit(t, k, i, out, h)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(h['loss']):.4g}", exits=len(self.exits), active=sum(self.active))
+            bar.set_postfix(loss=f"{float(h['loss']):.4g}", exits=len(self.exits), active=len(self.active()))
+            if exited:
+                break
 
-    def commit(self, t: int, k: int, i: int, out: dict, h: dict) -> None:
+    def commit(self, t: int, k: int, i: int, out: dict, h: dict) -> bool:
         cfg = self.config
-        loss, ema, norm, rho1 = float(h["loss"]), float(h["ema"]), float(h["norm"]), cfg.rho.rho1(i)
+        rec = {"iteration": i, "step": t, "loss": float(h["loss"]), "ema": float(h["ema"]), "rho1": cfg.rho.rho1(i),
+               "norm": float(h["norm"])}
         self.t, self.counts[k] = t + 1, i
-        for name, v in (("iteration", i), ("step", t), ("loss", loss), ("ema", ema), ("rho1", rho1), ("norm", norm)):
-            self.traces[k][name].append(v)
-        d = distributed.local(out["d"]) if (self.paths or self.callback) else None
+        for name in _TRACE:
+            self.traces[k][name].append(rec[name])
+        d = distributed.local(out["d"]) if "d" in out else None
         if self.paths:
             self.paths[k].append((i, d))
         exited = bool(h["exited"])
-        if exited:
-            self.exit(t, k, i, rho1, loss, norm)
-        else:
-            if cfg.max_iterations is not None and i >= cfg.max_iterations:
-                self.active[k] = False
-                self.failed.append(k)
-            if cfg.checkpoint_every and self.t % cfg.checkpoint_every == 0:
-                self.save("periodic")
+        if exited:  # the exit point is checkpointed before its local solve
+            det = jax.tree_util.tree_map(lambda a: a[k], distributed.to_host(self.state.det))
+            fwd = tree_index(self.state.dirs, k)
+            record = ExitRecord(direction=k, step=t, iteration=i, rho1=rec["rho1"], distance=rec["norm"],
+                                loss=rec["loss"], ema=float(det.ema), base_ema=float(det.base), peak_ema=float(det.peak),
+                                peak_iteration=int(det.peak_iteration),
+                                cosine_to_initial=_host(tree_cosine(fwd, self.place(self.initial[k]))))
+            self.pending = (record, distributed.local(tree_add(self.origin_p, fwd)))
+            self.save("exit")
+            self.solve_pending()
+        elif cfg.max_iterations is not None and i >= cfg.max_iterations:
+            self.failed.append(k)
+        if not exited and cfg.checkpoint_every and self.t % cfg.checkpoint_every == 0:
+            self.save("periodic")
         if self.callback is not None:  # the count of steps done (1-based); info["step"] the 0-based index
-            self.callback(self.t, {"step": t, "direction": k, "iteration": i, "loss": loss, "ema": ema,
-                                   "rho1": rho1, "norm": norm, "exited": exited, "d": d, "tier": self.tier})
-
-    def exit(self, t: int, k: int, i: int, rho1: float, loss: float, norm: float) -> None:
-        det = jax.tree_util.tree_map(lambda a: a[k], distributed.to_host(self.state.det))
-        fwd = tree_index(self.state.dirs, k)
-        record = ExitRecord(direction=k, step=t, iteration=i, rho1=rho1, distance=norm, loss=loss,
-                            ema=float(det.ema), base_ema=float(det.base), peak_ema=float(det.peak),
-                            peak_iteration=int(det.peak_iteration),
-                            cosine_to_initial=float(distributed.to_host(tree_cosine(fwd, self.place(self.initial[k])))))
-        self.active[k] = False
-        self.pending = {"record": record.to_json(), "point": distributed.local(tree_add(self.origin_p, fwd))}
-        self.save("exit")
-        self.solve_pending()
+            self.callback(self.t, rec | {"direction": k, "exited": exited, "d": d, "tier": self.tier})
+        return exited
 
     def solve_pending(self) -> None:
-        rec = ExitRecord(**self.pending["record"])
-        sol, info = local_solve(self.objective, self.pending["point"], self.solver, self.batch_fn,
-                                jax.random.fold_in(self.solver_key, rec.direction), progress=self.progress,
-                                devices=self.devices)
+        record, point = self.pending
+        sol, info = self.solve(point, key=jax.random.fold_in(self.solver_key, record.direction))
         sol_p = self.place(sol)
-        rec = dataclasses.replace(
-            rec, solution_loss=info["loss"], solver_steps=info["steps"],
-            solution_distance=float(distributed.to_host(tree_distance(sol_p, self.origin_p))),
-            exit_to_solution=float(distributed.to_host(tree_distance(sol_p, self.place(self.pending["point"])))))
+        self.exits.append(dataclasses.replace(
+            record, solution_loss=info["loss"], solver_steps=info["steps"],
+            solution_distance=_host(tree_distance(sol_p, self.origin_p)),
+            exit_to_solution=_host(tree_distance(sol_p, self.place(point)))))
         self.solutions.append(sol)
-        self.exits.append(rec)
         self.pending = None
         self.state = self.state.replace(pending=self.place(jnp.full((), -1, jnp.int32)))
         self.save("solution")
@@ -260,42 +253,33 @@ class _Driver:
     def run(self) -> TierResult:
         if self.pending is not None:
             self.solve_pending()
-        bar = tqdm(total=self.config.max_steps, initial=self.t, disable=not progress_enabled(self.progress), leave=False,
-                   desc=f"DSP-TT tier {self.tier}", unit="step", dynamic_ncols=True)
-        try:
-            while any(self.active) and self.t < self.config.max_steps:
+        with tqdm(total=self.config.max_steps, initial=self.t, disable=not progress_enabled(self.progress),
+                  leave=False, desc=f"DSP-TT tier {self.tier}", unit="step", dynamic_ncols=True) as bar:
+            while self.active() and self.t < self.config.max_steps:
                 self.block(bar)
-        finally:
-            bar.close()
-        if any(self.active):
-            self.failed.extend(k for k in range(self.num) if self.active[k] and k not in self.failed)
-            self.active = [False] * self.num
+        if self.active():
+            self.failed.extend(self.active())
             self.save("end")
+        points = [distributed.local(tree_add(self.origin_p, tree_index(self.state.dirs, e.direction)))
+                  for e in self.exits]  # a retired direction keeps its exit point's forward step
         return TierResult(origin=self.origin, solutions=self.solutions, exits=self.exits, traces=self.traces,
                           failed=sorted(self.failed), steps=self.t, paths=[list(p) for p in self.paths],
-                          exit_points=[distributed.local(tree_add(self.origin_p, tree_index(self.state.dirs,
-                                                                                            e.direction)))
-                                       for e in self.exits])
+                          exit_points=points)
 
-    # -- checkpoints --------------------------------------------------------------------------------------
+    # -- checkpoints: the state, the solutions and a pending exit point; the host's records as metadata ------
 
-    store: CheckpointStore | None = None
-    fingerprint: dict | None = None
-
-    def tree(self) -> dict:
-        tree = {"state": self.state} | {f"sol{j}": self.place(s) for j, s in enumerate(self.solutions)}
-        if self.pending is not None:
-            tree["pending"] = self.place(self.pending["point"])
-        return tree
+    def tree(self, solutions: list, pending) -> dict:
+        tree = {"state": self.state} | {f"sol{j}": self.place(s) for j, s in enumerate(solutions)}
+        return tree if pending is None else tree | {"pending": self.place(pending)}
 
     def save(self, kind: str) -> None:
         if self.store is None:
             return
         meta = {"kind": kind, "fingerprint": self.fingerprint, "t": self.t, "counts": self.counts,
-                "active": self.active, "failed": self.failed, "traces": self.traces,
-                "exits": [e.to_json() for e in self.exits], "num_solutions": len(self.solutions),
-                "pending": None if self.pending is None else {"record": self.pending["record"]}}
-        self.store.save(self.t, self.tree(), meta, overwrite=True)
+                "failed": self.failed, "traces": self.traces, "exits": [e.to_json() for e in self.exits],
+                "num_solutions": len(self.solutions),
+                "pending": None if self.pending is None else self.pending[0].to_json()}
+        self.store.save(self.t, self.tree(self.solutions, self.pending and self.pending[1]), meta, overwrite=True)
 
     def restore(self, directory) -> None:
         meta = self.store.metadata()
@@ -303,17 +287,14 @@ class _Driver:
         if diff:
             raise ResumeMismatchError(f"checkpoint in {directory!r} belongs to a different search ("
                                       + "; ".join(diff) + "); use a fresh directory")
-        self.solutions = [self.origin] * int(meta["num_solutions"])
-        if meta["pending"] is not None:
-            self.pending = {"point": self.origin}
-        tree, _ = self.store.restore(target=self.tree())
+        n, pending = int(meta["num_solutions"]), meta["pending"]
+        tree, _ = self.store.restore(target=self.tree([self.origin] * n, None if pending is None else self.origin))
         self.state = self.place(tree["state"])
-        self.solutions = [distributed.local(tree[f"sol{j}"]) for j in range(len(self.solutions))]
-        self.t, self.counts, self.failed = int(meta["t"]), list(meta["counts"]), [int(f) for f in meta["failed"]]
-        self.active, self.traces = [bool(a) for a in meta["active"]], meta["traces"]
-        self.exits = [ExitRecord(**e) for e in meta["exits"]]
-        if meta["pending"] is not None:
-            self.pending = dict(meta["pending"]) | {"point": distributed.local(tree["pending"])}
+        self.solutions = [distributed.local(tree[f"sol{j}"]) for j in range(n)]
+        self.t, self.counts, self.traces = int(meta["t"]), list(meta["counts"]), meta["traces"]
+        self.failed, self.exits = [int(f) for f in meta["failed"]], [ExitRecord(**e) for e in meta["exits"]]
+        if pending is not None:
+            self.pending = (ExitRecord(**pending), distributed.local(tree["pending"]))
 
 
 def dsp_search(objective: Objective, origin: PyTree, key: jax.Array, *, config: DSPConfig, batch_fn: BatchFn,
@@ -383,24 +364,17 @@ def dsp_search(objective: Objective, origin: PyTree, key: jax.Array, *, config: 
       >>> len(res.exits), [round(float(x), 3) for x in res.solutions[0]]  # from (-1, 0) to the other well
       (1, [1.0, 0.0])
     """
-    if not isinstance(config, DSPConfig):
-        raise ValueError(f"config must be a DSPConfig, got {type(config).__name__}")
-    if not isinstance(solver, LocalSolver):
-        raise ValueError(f"solver must be a LocalSolver, got {type(solver).__name__}")
-    if not callable(objective):
-        raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
-    if not callable(batch_fn):
-        raise ValueError(f"batch_fn must be a callable t -> batch, got {batch_fn!r}")
+    _kind(isinstance(config, DSPConfig), "config", "a DSPConfig", config)
+    _kind(isinstance(solver, LocalSolver), "solver", "a LocalSolver", solver)
+    _kind(callable(objective), "objective", "callable (params, batch, key) -> (loss, aux)", objective)
+    _kind(callable(batch_fn), "batch_fn", "a callable t -> batch", batch_fn)
     distributed.num_devices(devices)
     check_finite(origin, "origin")
     calibration = calibration if calibration is not None else NEGATIVE_GRADIENT
-    if not isinstance(calibration, optax.GradientTransformation):
-        raise ValueError(f"calibration must be an optax GradientTransformation, got {type(calibration).__name__}")
-    if directions is None:
-        dirs = initial_directions(key, origin, config.num_directions, config.init_norm)
-    else:
-        dirs = list(directions)
-        _check_directions(dirs, origin)
+    _kind(isinstance(calibration, optax.GradientTransformation), "calibration",
+                "an optax GradientTransformation", calibration)
+    dirs = (initial_directions(key, origin, config.num_directions, config.init_norm) if directions is None
+            else _check_directions(list(directions), origin))
     driver = _Driver(objective, origin, key, config, batch_fn, solver, calibration, dirs, tier, callback, progress,
                      devices)
     if checkpoint_dir is None:
@@ -469,7 +443,6 @@ def tier_by_tier(objective: Objective, origin: PyTree, key: jax.Array, *, config
       (2, [1.0])
     """
     tiers = integer(tiers, "tiers", low=1)
-    distributed.num_devices(devices)
     results: list[TierResult] = []
     start = origin
     for n in range(1, tiers + 1):
@@ -492,8 +465,7 @@ def exit_statistics(result: TierResult) -> dict:
     """Summary of a tier's exits (DSP-TT paper, §5.4 quantities): counts, iterations / rho1 / distance at exit."""
     out = {"directions": len(result.traces), "exits": len(result.exits), "failed": list(result.failed),
            "search_steps": result.steps}
-    for key, name in (("iterations", "iteration"), ("rho1", "rho1"), ("distance", "distance"),
-                      ("solution_distance", "solution_distance"), ("cosine_to_initial", "cosine_to_initial")):
+    for name in ("iteration", "rho1", "distance", "solution_distance", "cosine_to_initial"):
         vals = [getattr(e, name) for e in result.exits]
-        out[f"mean_{key}"] = float(np.mean(vals)) if vals else None
+        out["mean_iterations" if name == "iteration" else f"mean_{name}"] = float(np.mean(vals)) if vals else None
     return out | {"per_exit": [e.to_json() for e in result.exits]}

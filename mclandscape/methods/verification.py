@@ -25,6 +25,7 @@ the outcome instead of reading it off a plot:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,7 +52,7 @@ from mclandscape.core.tree import (
 )
 from mclandscape.engine.points import map_points, stacked_points
 from mclandscape.engine.step import merge_static, split_static
-from mclandscape.methods.dsp_detector import Objective
+from mclandscape.methods.dsp_detector import Objective, _kind
 from mclandscape.methods.dsp_step import _float_dtype
 from mclandscape.methods.verification_result import (
     PARAM,
@@ -116,9 +117,6 @@ class _Polish:
         value_and_grad = optax.value_and_grad_from_state(loss_fn)
         gn0 = tree_norm(jax.grad(loss_fn)(w))
 
-        def cond(c):
-            return (c[2] < self.max_iter) & (c[3] > tol)
-
         def body(c):
             w, st, k, _ = c
             v, g = value_and_grad(w, state=st)
@@ -126,7 +124,8 @@ class _Polish:
             w = optax.apply_updates(w, u)
             return w, st, k + 1, tree_norm(jax.grad(loss_fn)(w)).astype(gn0.dtype)
 
-        w, _, k, _ = jax.lax.while_loop(cond, body, (w, opt.init(w), jnp.asarray(0), gn0))
+        w, _, k, _ = jax.lax.while_loop(lambda c: (c[2] < self.max_iter) & (c[3] > tol), body,
+                                        (w, opt.init(w), jnp.asarray(0), gn0))
         return w, k
 
 
@@ -212,10 +211,8 @@ def verify_exit(objective: Objective, origin: PyTree, path: Sequence[tuple[int, 
     if len(path) == 0:
         raise ValueError("verify_exit needs a non-empty recorded path (DSPConfig.record_path > 0)")
     flow = FlowSettings() if flow is None else flow
-    if not isinstance(flow, FlowSettings):
-        raise ValueError(f"flow must be a FlowSettings, got {type(flow).__name__}")
-    if not callable(objective):
-        raise ValueError(f"objective must be callable (params, batch, key) -> (loss, aux), got {objective!r}")
+    _kind(isinstance(flow, FlowSettings), "flow", "a FlowSettings", flow)
+    _kind(callable(objective), "objective", "callable (params, batch, key) -> (loss, aux)", objective)
     distances, tols = _check_spaces(distances, tols)
     pts = list(path)
     if num_points is not None:
@@ -241,22 +238,18 @@ def verify_exit(objective: Objective, origin: PyTree, path: Sequence[tuple[int, 
     flat = _ravel(ws)
     dist = np.stack([np.linalg.norm(flat - row, axis=1) for row in flat])
     far = np.linalg.norm(_ravel(starts)[1:] - flat[0], axis=1)
-    spaces = {PARAM: _clusters(dist, far, tols.get(PARAM), PARAM)}
-    if distances:
-        ends, host_starts = tree_unstack(jax.device_get(ws)), tree_unstack(jax.device_get(starts))
-        spaces.update({name: _space_clusters(ends, host_starts, fn, tols.get(name), name)
-                       for name, fn in distances.items()})
-    sl = slice(1, None)
+    ends, host_starts = tree_unstack(jax.device_get(ws)), tree_unstack(jax.device_get(starts))
+    spaces = {PARAM: _clusters(dist, far, tols.get(PARAM), PARAM)} | {
+        name: _space_clusters(ends, host_starts, fn, tols.get(name), name) for name, fn in distances.items()}
+    rest = functools.partial(tree_index, i=slice(1, None))  # the path's points (index 0: the origin)
     trajs = jax.tree_util.tree_map(lambda *xs: np.stack(xs, axis=1), *snapshots)
+    polish = (polish_moves, None if polish_its is None else np.asarray(polish_its))
     return VerificationResult(
-        iterations=[int(i) for i, _ in pts], exit_iteration=int(exit_iteration), starts=tree_index(starts, sl),
-        finals=tree_index(ws, sl), trajectories=tree_index(trajs, sl), origin_final=tree_index(ws, 0),
-        start_losses=np.asarray(start_losses, dtype=np.float64)[1:], final_losses=losses[1:],
-        grad_norms=gnorms[1:], origin_loss=float(losses[0]), origin_grad_norm=float(gnorms[0]),
-        steps_run=steps_run, flow=flow,
-        diagnostics=FlowDiagnostics(remaining=remaining[1:], grad_norms=flow_gnorms[1:],
-                                    polish_moves=None if polish_moves is None else polish_moves[1:],
-                                    polish_iterations=None if polish_its is None else np.asarray(polish_its)[1:]),
+        iterations=[int(i) for i, _ in pts], exit_iteration=int(exit_iteration), starts=rest(starts),
+        finals=rest(ws), trajectories=rest(trajs), origin_final=tree_index(ws, 0),
+        start_losses=rest(np.asarray(start_losses, dtype=np.float64)), final_losses=rest(losses),
+        grad_norms=rest(gnorms), origin_loss=float(losses[0]), origin_grad_norm=float(gnorms[0]),
+        steps_run=steps_run, flow=flow, diagnostics=FlowDiagnostics(*rest((remaining, flow_gnorms, *polish))),
         spaces=spaces)
 
 
@@ -265,8 +258,7 @@ def _check_spaces(distances, tols) -> tuple[dict, dict]:
     if PARAM in distances:
         raise ValueError(f"distances: {PARAM!r} is the built-in Euclidean space; name your distance otherwise")
     for name, fn in distances.items():
-        if not callable(fn):
-            raise ValueError(f"distances[{name!r}] must be a callable (p, q) -> float, got {fn!r}")
+        _kind(callable(fn), f"distances[{name!r}]", "a callable (p, q) -> float", fn)
     unknown = set(tols) - set(distances) - {PARAM}
     if unknown:
         raise ValueError(f"tols names spaces that are not measured: {sorted(unknown)} (spaces: "
@@ -325,8 +317,7 @@ def output_distance(outputs_fn: Callable[[PyTree], jax.Array]) -> Distance:
       >>> d({"a": 1.0, "b": 2.0}, {"a": -1.0, "b": -2.0})  # a sign-flipped copy computes the same function
       0.0
     """
-    if not callable(outputs_fn):
-        raise ValueError(f"outputs_fn must be a callable params -> array, got {outputs_fn!r}")
+    _kind(callable(outputs_fn), "outputs_fn", "a callable params -> array", outputs_fn)
 
     def distance(p: PyTree, q: PyTree) -> float:
         a, b = (np.asarray(_apply(outputs_fn, w), np.float64) for w in (p, q))

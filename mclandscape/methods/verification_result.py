@@ -94,8 +94,8 @@ def _two_sides(dist: np.ndarray, b: list[int], a: list[int]) -> dict:
     return {"before_spread": sb, "after_spread": sa, "between": between, "ratio": ratio}
 
 
-def _floats(xs) -> list[float] | None:
-    return None if xs is None else [float(v) for v in xs]
+def _floats(xs, kind=float) -> list | None:
+    return None if xs is None else [kind(v) for v in xs]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +158,8 @@ class VerificationResult:
     @property
     def converged(self) -> list[bool] | None:
         """``grad_norms[p] <= flow.grad_tol`` per end point (``None`` without ``grad_tol``)."""
-        if self.flow.grad_tol is None:
-            return None
-        return [bool(g <= self.flow.grad_tol) for g in self.grad_norms]
+        gt = self.flow.grad_tol
+        return None if gt is None else [bool(g <= gt) for g in self.grad_norms]
 
     @property
     def flow_settled(self) -> list[bool]:
@@ -207,31 +206,23 @@ class VerificationResult:
           ``all_settled`` (every end point :attr:`settled`); ``split_iteration`` and ``space``.
         """
         cl = self.clusters(space)
-        labels, dist = cl.labels, cl.distances[1:, 1:]
+        labels, dist, its, n = cl.labels, cl.distances[1:, 1:], self.iterations, len(self.iterations)
         split = self.exit_iteration if at is None else int(at)
-        before = [i < split for i in self.iterations]
-        b = [p for p, bf in enumerate(before) if bf]
-        a = [p for p, bf in enumerate(before) if not bf]
+        b, a = [p for p in range(n) if its[p] < split], [p for p in range(n) if its[p] >= split]
         lb, la = sorted({labels[p] for p in b}), sorted({labels[p] for p in a})
-        sides = _two_sides(dist, b, a)
-        its = self.iterations
-        transitions = [(its[p], its[p + 1]) for p in range(len(its) - 1) if labels[p] != labels[p + 1]]
-        boundary = offset = groups = None
-        at_boundary = False
-        outs = [p for p in range(len(its) - 1) if labels[p] == 0 and labels[p + 1] != 0]
-        if outs:
-            p = outs[-1]
-            boundary = (its[p], its[p + 1])
-            offset = 0.5 * (its[p] + its[p + 1]) - split
-            at_boundary = all(lab == 0 for lab in labels[:p + 1]) and len(set(labels[p + 1:])) == 1
-            groups = _two_sides(dist, list(range(p + 1)), list(range(p + 1, len(its))))
+        outs = [p for p in range(n - 1) if labels[p] == 0 and labels[p + 1] != 0]
+        p = outs[-1] if outs else None  # the last crossing out of the origin's cluster
+        at_boundary = p is not None and set(labels[:p + 1]) == {0} and len(set(labels[p + 1:])) == 1
         return {
-            "space": space, "before_clusters": lb, "after_clusters": la, **sides,
+            "space": space, "before_clusters": lb, "after_clusters": la, **_two_sides(dist, b, a),
             "separates": bool(len(lb) == 1 and len(la) == 1 and lb != la),
             "disjoint": bool(b and a and not set(lb) & set(la)),
             "leaves_origin": bool(b and a and lb == [0] and 0 not in la),
-            "transitions": transitions, "boundary": boundary, "boundary_offset": offset,
-            "separates_at_boundary": bool(at_boundary), "boundary_groups": groups,
+            "transitions": [(its[q], its[q + 1]) for q in range(n - 1) if labels[q] != labels[q + 1]],
+            "boundary": None if p is None else (its[p], its[p + 1]),
+            "boundary_offset": None if p is None else 0.5 * (its[p] + its[p + 1]) - split,
+            "separates_at_boundary": at_boundary,
+            "boundary_groups": None if p is None else _two_sides(dist, list(range(p + 1)), list(range(p + 1, n))),
             "split_iteration": split, "num_optima": len(set(labels)),
             "two_optima": bool(at_boundary and len(set(labels)) == 2), "all_settled": all(self.settled),
         }
@@ -249,13 +240,10 @@ class VerificationResult:
         ``<space>_tol``, ``<space>_basin``, ``<space>_distance_to_origin_optimum``, ``separation_<space>`` for
         the others)."""
         f, d = self.flow, self.diagnostics
-        out = {
-            "iterations": list(self.iterations), "before_exit": self.before,
-            "exit_iteration": self.exit_iteration, "step_size": f.step_size, "steps_run": self.steps_run,
-            "grad_tol": f.grad_tol, "start_losses": _floats(self.start_losses),
-            "final_losses": _floats(self.final_losses), "grad_norms": _floats(self.grad_norms),
-            "converged": self.converged, "origin_loss": self.origin_loss, "origin_grad_norm": self.origin_grad_norm,
-        }
+        out = {"iterations": list(self.iterations), "before_exit": self.before, "exit_iteration": self.exit_iteration,
+               "step_size": f.step_size, "steps_run": self.steps_run, "grad_tol": f.grad_tol}
+        out |= {name: _floats(getattr(self, name)) for name in ("start_losses", "final_losses", "grad_norms")}
+        out |= {"converged": self.converged, "origin_loss": self.origin_loss, "origin_grad_norm": self.origin_grad_norm}
         for name, cl in self.spaces.items():
             prefix = "" if name == PARAM else f"{name}_"
             out.update({f"{prefix}tol": cl.tol, f"{prefix}basin": list(cl.labels),
@@ -264,6 +252,5 @@ class VerificationResult:
         out.update({"settled": self.settled, "flow_settled": self.flow_settled,
                     "flow_remaining": _floats(d.remaining), "flow_grad_norms": _floats(d.grad_norms),
                     "polish_tol": f.polish_tol if f.polish_steps else None, "polish_moves": _floats(d.polish_moves),
-                    "polish_iterations": None if d.polish_iterations is None
-                    else [int(v) for v in d.polish_iterations]})
+                    "polish_iterations": _floats(d.polish_iterations, int)})
         return out

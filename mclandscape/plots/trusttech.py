@@ -120,12 +120,11 @@ def plot_verification(result: VerificationResult, origin: PyTree, basis: tuple[P
     scale = max(float(np.ptp(traj[..., 0])), float(np.ptp(traj[..., 1])), 1e-12)
     fig, ax = figure_and_axes(ax, figsize=(5.6, 5.0), name="plot_verification")
     ax.plot(starts[:, 0], starts[:, 1], color="0.4", lw=0.8, ls="--", label="search path")
-    seen = set()
     for p in range(traj.shape[0]):
         color, label = ("C3", names[0]) if before_flags[p] else ("C0", names[1])
+        first = before_flags.index(before_flags[p]) == p  # one legend entry per side
         xy = np.concatenate([starts[p][None], traj[p]])  # the start point, then the flow's trajectory
-        ax.plot(xy[:, 0], xy[:, 1], color=color, lw=0.9, alpha=0.8, label=None if label in seen else label)
-        seen.add(label)
+        ax.plot(xy[:, 0], xy[:, 1], color=color, lw=0.9, alpha=0.8, label=label if first else None)
         ax.plot(starts[p, 0], starts[p, 1], "o", color=color, ms=4)
         ax.plot(finals[p, 0], finals[p, 1], "*", color=color, ms=11, mec="k", mew=0.5)
         if not any(labels[q] == labels[p] and np.linalg.norm(finals[q] - finals[p]) < 1e-3 * scale
