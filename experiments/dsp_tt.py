@@ -99,7 +99,7 @@ import optax
 
 from experiments.launch import add_distributed_args, output_dir, setup
 from mclandscape.core.objective import make_objective
-from mclandscape.core.tree import tree_add, tree_distance, tree_index, tree_size, tree_stack
+from mclandscape.core.tree import tree_distance, tree_index, tree_size, tree_stack
 from mclandscape.engine.batches import batch_stream, num_batches
 from mclandscape.engine.data import DatasetNotFoundError, load_dataset
 from mclandscape.engine.evaluate import evaluate
@@ -343,7 +343,7 @@ def search_recorder(model, variables, train, test, every: int):
         if info["iteration"] % every and not info["exited"]:
             return
         origin = callback.origin[info["tier"]]
-        m = np.asarray(metrics(tree_add(origin, info["d"])))
+        m = np.asarray(metrics(optax.tree.add(origin, info["d"])))
         rec = records.setdefault((info["tier"], info["direction"]), {k: [] for k in (
             "iteration", "train_loss", "train_error", "test_loss", "test_error")})
         rec["iteration"].append(int(info["iteration"]))

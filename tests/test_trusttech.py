@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from mclandscape.core.objective import function_objective, make_objective
-from mclandscape.core.tree import tree_add, tree_cosine, tree_distance, tree_dot, tree_norm
+from mclandscape.core.tree import tree_cosine, tree_distance, tree_dot, tree_norm
 from mclandscape.engine.batches import batch_stream
 from mclandscape.engine.loop import NonFiniteError
 from mclandscape.engine.resume import ResumeMismatchError
@@ -586,7 +586,7 @@ def test_plots_return_figures_draw_into_given_axes_and_save(ridge, tmp_path):
     # chunks of 100 steps, as the verification test's (one compiled chunk)
     out = ver.verify_exit(LOSS2, ORIGIN2, path, e.peak_iteration, flow=FlowSettings(steps=200, record_every=100))
     basis = ver.random_orthonormal_pair(jax.random.key(1), ORIGIN2)
-    f2 = pt.plot_verification(out, ORIGIN2, basis, exit_point=tree_add(ORIGIN2, path[-1][1]))
+    f2 = pt.plot_verification(out, ORIGIN2, basis, exit_point=optax.tree.add(ORIGIN2, path[-1][1]))
     its = out.iterations
     mid = its[len(its) // 2]
     host = new_figure((8.0, 4.0))
@@ -720,7 +720,7 @@ def test_float64_parameters_keep_float64_through_search_solver_and_verification(
         for tree in (res.solutions[0], res.exit_points[0], res.paths[0][-1][1], seen[-1][1]):
             assert {str(x.dtype) for x in jax.tree_util.tree_leaves(tree)} == {"float64"}
         for loss, d in seen[::25]:
-            want = float(two_wells(tree_add(origin, d)))
+            want = float(two_wells(optax.tree.add(origin, d)))
             assert loss == pytest.approx(want, rel=1e-13, abs=1e-300)  # the float64 value, not a float32 one
         assert any(float(np.float32(loss)) != loss for loss, _ in seen)  # values float32 cannot represent
         out = ver.verify_exit(LOSS2, origin, res.paths[0], res.exits[0].iteration,

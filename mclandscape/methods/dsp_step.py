@@ -27,13 +27,10 @@ from mclandscape.core.tree import (
     PyTree,
     check_finite,
     check_same_structure,
-    tree_add,
-    tree_axpy,
     tree_digest,
     tree_index,
     tree_norm,
     tree_random_normal,
-    tree_scale,
 )
 from mclandscape.engine import cpu, distributed, optim
 from mclandscape.engine.distributed import training_mesh
@@ -78,7 +75,7 @@ def initial_directions(key: jax.Array, origin: PyTree, num: int, norm: float = 1
     real(norm, "direction norm", low=0.0, low_open=True)
     dirs = [tree_random_normal(jax.random.fold_in(jax.random.fold_in(key, 0x7D1), k), origin)
             for k in range(integer(num, "number of directions", low=1))]
-    return [tree_scale(d, norm / tree_norm(d)) for d in dirs]
+    return [optax.tree.scale(norm / tree_norm(d), d) for d in dirs]
 
 
 def _check_directions(directions: list[PyTree], origin: PyTree) -> list[PyTree]:
@@ -109,8 +106,8 @@ def forward_step(direction: PyTree, rho1, reading: str = "additive") -> PyTree:
       [3.299999952316284, 4.400000095367432]
     """
     if choice(reading, "reading", READINGS) == "growth":
-        return tree_scale(direction, 1.0 + rho1)
-    return tree_axpy(rho1 / tree_norm(direction), direction, direction)
+        return optax.tree.scale(1.0 + rho1, direction)
+    return optax.tree.add_scale(direction, rho1 / tree_norm(direction), direction)
 
 
 @struct.dataclass
@@ -145,11 +142,11 @@ def _search_step_impl(objective_static, calibration, reading, detector, mesh, wi
     # one DSP iteration (Algorithm 1 lines 7, 8, 13; eq. 3): the forward step, the loss there (what the exit
     # check sees) and the calibration d_forward + rho2 * f(origin + d_forward)
     fwd = forward_step(tree_index(state.dirs, k), rho1, reading)
-    point = tree_add(origin, fwd)
+    point = optax.tree.add(origin, fwd)
     (loss, _), grads = jax.value_and_grad(functools.partial(call_objective, objective), has_aux=True)(
         point, batch, jax.random.fold_in(key, state.t))
     f, new_cs = calibration.update(grads, cs, point)
-    cal = tree_axpy(rho2, f, fwd)
+    cal = optax.tree.add_scale(fwd, rho2, f)
     det, exited = detector.update(tree_index(state.det, k), loss)
     go = (state.pending < 0) & ~state.bad & jnp.isfinite(loss)  # a pending exit or a bad loss freezes the search
     # at an exit the direction keeps its forward step and its calibration state (Algorithm 1, lines 9-11)

@@ -106,7 +106,7 @@ from orbax.checkpoint.checkpoint_managers import LatestN
 from tqdm.auto import tqdm
 
 from mclandscape.core._checks import integer
-from mclandscape.core.tree import PyTree, check_finite, tree_add, tree_cosine, tree_distance, tree_index, tree_stack
+from mclandscape.core.tree import PyTree, check_finite, tree_cosine, tree_distance, tree_index, tree_stack
 from mclandscape.engine import distributed
 from mclandscape.engine.checkpoint import CheckpointStore
 from mclandscape.engine.loop import progress_enabled
@@ -166,7 +166,7 @@ class _Driver:
             origin=self.origin_p, key=loss_key, rho2=rho2)
         self.state = self.place(SearchState(
             t=jnp.zeros((), jnp.int32), dirs=tree_stack(dirs), cal=tree_stack(
-                [calibration.init(tree_add(origin, d)) for d in dirs]),
+                [calibration.init(optax.tree.add(origin, d)) for d in dirs]),
             det=config.detector.init(jnp.result_type(self.dtype, jnp.float32), len(dirs)),
             pending=jnp.full((), -1, jnp.int32), bad=jnp.array(False)))
         self.solver_key = jax.random.fold_in(key, 0x501)
@@ -226,7 +226,7 @@ class _Driver:
                                 loss=rec["loss"], ema=float(det.ema), base_ema=float(det.base), peak_ema=float(det.peak),
                                 peak_iteration=int(det.peak_iteration),
                                 cosine_to_initial=_host(tree_cosine(fwd, self.place(self.initial[k]))))
-            self.pending = (record, distributed.local(tree_add(self.origin_p, fwd)))
+            self.pending = (record, distributed.local(optax.tree.add(self.origin_p, fwd)))
             self.save("exit")
             self.solve_pending()
         elif cfg.max_iterations is not None and i >= cfg.max_iterations:
@@ -260,7 +260,7 @@ class _Driver:
         if self.active():
             self.failed.extend(self.active())
             self.save("end")
-        points = [distributed.local(tree_add(self.origin_p, tree_index(self.state.dirs, e.direction)))
+        points = [distributed.local(optax.tree.add(self.origin_p, tree_index(self.state.dirs, e.direction)))
                   for e in self.exits]  # a retired direction keeps its exit point's forward step
         return TierResult(origin=self.origin, solutions=self.solutions, exits=self.exits, traces=self.traces,
                           failed=sorted(self.failed), steps=self.t, paths=[list(p) for p in self.paths],

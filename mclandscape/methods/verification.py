@@ -38,16 +38,12 @@ from mclandscape.core._checks import integer, real
 from mclandscape.core.objective import call_objective
 from mclandscape.core.tree import (
     PyTree,
-    tree_add,
-    tree_axpy,
     tree_dot,
     tree_index,
     tree_norm,
     tree_random_normal,
     tree_ravel,
-    tree_scale,
     tree_stack,
-    tree_sub,
     tree_unstack,
 )
 from mclandscape.engine.points import map_points, stacked_points
@@ -219,7 +215,7 @@ def verify_exit(objective: Objective, origin: PyTree, path: Sequence[tuple[int, 
         integer(num_points, "num_points", low=1)
         sel = np.unique(np.linspace(0, len(pts) - 1, min(num_points, len(pts))).round().astype(int))
         pts = [pts[j] for j in sel]
-    starts = tree_stack([origin] + [tree_add(origin, d) for _, d in pts])
+    starts = tree_stack([origin] + [optax.tree.add(origin, d) for _, d in pts])
     static, arrays = split_static(objective)
 
     def measure(ws):
@@ -344,10 +340,10 @@ def random_orthonormal_pair(key: jax.Array, like: PyTree) -> tuple[PyTree, PyTre
     """
     k1, k2 = jax.random.split(key)
     u = tree_random_normal(k1, like)
-    u = tree_scale(u, 1.0 / tree_norm(u))
+    u = optax.tree.scale(1.0 / tree_norm(u), u)
     v = tree_random_normal(k2, like)
-    v = tree_axpy(-tree_dot(u, v), u, v)
-    return u, tree_scale(v, 1.0 / tree_norm(v))
+    v = optax.tree.add_scale(v, -tree_dot(u, v), u)
+    return u, optax.tree.scale(1.0 / tree_norm(v), v)
 
 
 def project(points: PyTree, origin: PyTree, basis: tuple[PyTree, PyTree], *, leading: int = 1) -> np.ndarray:
@@ -371,7 +367,7 @@ def project(points: PyTree, origin: PyTree, basis: tuple[PyTree, PyTree], *, lea
     u, v = basis
 
     def one(p):
-        diff = tree_sub(p, origin)
+        diff = optax.tree.sub(p, origin)
         return jnp.stack([tree_dot(diff, u), tree_dot(diff, v)])
 
     fn = one
