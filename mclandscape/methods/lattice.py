@@ -264,8 +264,9 @@ class VoxelStore:
     def __len__(self) -> int:
         return self._size
 
-    def _probe(self, keys: np.ndarray):
+    def _probe(self, keys):
         """Slot of each key, or of the empty slot that ends its probe sequence; and whether it was found."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
         slots = ((keys.astype(np.uint64) * _GOLDEN) >> self._shift).astype(np.int64)  # multiplicative hashing
         pending = np.arange(keys.shape[0])
         while pending.size:
@@ -276,12 +277,10 @@ class VoxelStore:
 
     def contains(self, keys) -> np.ndarray:
         """``[K]`` booleans: which of ``keys`` are stored."""
-        keys = np.asarray(keys, np.int64).reshape(-1)
         return self._probe(keys)[1]
 
     def get(self, keys) -> np.ndarray:
         """Stored losses of ``keys`` (all must be present)."""
-        keys = np.asarray(keys, np.int64).reshape(-1)
         slots, found = self._probe(keys)
         if not found.all():
             raise KeyError(f"{int((~found).sum())} voxel key(s) are not in the store")

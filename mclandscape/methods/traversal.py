@@ -71,18 +71,15 @@ class TraversalState:
 
     def __init__(self, dim: int, epsilon: float, dtype=np.float32):
         self.codec = LatticeCodec(dim)
+        self.dim = self.codec.dim
         self.store = VoxelStore(dtype=dtype)
+        self.dtype = self.store.dtype  # of the losses, ε and the thresholds
         self.queue = KeyQueue()
         self.future = KeyQueue()
         self.epsilon = float(self.store.dtype.type(epsilon))  # held exactly as the losses are
         self.threshold = self.store.dtype.type(-np.inf)
         self.accepted = 0
         self.evaluations = 0
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype of the losses, ε and the thresholds."""
-        return self.store.dtype
 
     def threshold_for(self, n: float):
         """The threshold for multiplier ``n``.
@@ -94,10 +91,6 @@ class TraversalState:
           c as a NumPy scalar of :attr:`dtype` (the float64 product rounded once).
         """
         return _threshold(n, self.epsilon, self.dtype)
-
-    @property
-    def dim(self) -> int:
-        return self.codec.dim
 
     @property
     def visited(self) -> int:
@@ -193,15 +186,12 @@ def neighbour_offsets(dim: int) -> np.ndarray:
 
 
 def _numpy_rng(key) -> np.random.Generator:
-    if isinstance(key, np.random.Generator):
-        return key
-    if isinstance(key, int | np.integer):
-        return np.random.default_rng(int(key))
-    try:
-        data = np.asarray(jax.random.key_data(key))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"key must be an int, a NumPy Generator or a JAX PRNG key, got {key!r}") from err
-    return np.random.default_rng(data.astype(np.uint32).ravel().tolist())
+    """The NumPy generator of ``key``: a Generator itself, one seeded by an int or by a JAX key's data."""
+    if isinstance(key, jax.Array):
+        key = np.asarray(jax.random.key_data(key)).astype(np.uint32).ravel().tolist()
+    elif not isinstance(key, int | np.integer | np.random.Generator):
+        raise ValueError(f"key must be an int, a NumPy Generator or a JAX PRNG key, got {key!r}")
+    return np.random.default_rng(key)
 
 
 def _threshold(n: float, epsilon: float, dtype):
