@@ -169,9 +169,7 @@ class AP(VDM):
 
     @property
     def domain(self) -> tuple[float, bool]:
-        if self.a3.is_integer():
-            return (-math.inf, True)
-        return (0.0, self.a3 >= 1.0)
+        return (-math.inf, True) if self.a3.is_integer() else (0.0, self.a3 >= 1.0)
 
     def value(self, loss):
         loss = jnp.asarray(loss)
@@ -351,7 +349,7 @@ def _raise_outside(vdm: VDM, loss) -> None:
     loss = np.asarray(loss, np.float64)
     bad = _outside_domain(vdm, loss)
     if np.any(bad):
-        raise ValueError(vdm.domain_message(float(np.ravel(np.asarray(loss))[np.ravel(bad)][0])))
+        raise ValueError(vdm.domain_message(float(loss[bad][0])))
 
 
 def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,

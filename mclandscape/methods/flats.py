@@ -125,10 +125,7 @@ class Flat:
         if a.size and max(-int(a.min()), int(a.max())) > exact:
             raise ValueError(f"a lattice coordinate exceeds {exact}, beyond which {dtype} cannot hold it exactly; "
                              "use a larger step or bound the traversal with `limit` or `radius`")
-        rows = np.empty((a.shape[0], self.dim + 1), dtype)
-        rows[:, 0] = 1
-        rows[:, 1:] = a.astype(dtype) * dtype.type(step)
-        return rows
+        return np.concatenate([np.ones((a.shape[0], 1), dtype), a.astype(dtype) * dtype.type(step)], axis=1)
 
     def lattice_points(self, coords, step: float) -> Points:
         """The voxels ``coords [K, m]`` at step width s as :class:`~mclandscape.engine.points.Points`.
