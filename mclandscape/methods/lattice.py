@@ -194,9 +194,8 @@ class LatticeCodec:
         """
         a = _check_coords(coords, self.dim).astype(np.int64)
         if a.size and (a.min() < -self.offset or a.max() > self.offset - 1):
-            raise ValueError(
-                f"a voxel coordinate left the packable range [{-self.offset}, {self.offset - 1}] of an "
-                f"m={self.dim} lattice; bound the traversal with `limit` or `radius`, or use a larger step")
+            raise ValueError(f"a voxel coordinate left the packable range [{-self.offset}, {self.offset - 1}] of an m="
+                             f"{self.dim} lattice; bound the traversal with `limit` or `radius`, or use a larger step")
         return np.bitwise_or.reduce((a + self.offset) << self.shifts[None, :], axis=1)
 
     def unpack(self, keys) -> np.ndarray:
