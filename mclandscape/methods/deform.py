@@ -96,15 +96,26 @@ class VDM:
     :meth:`value`) and :meth:`second_derivative` (default: autodiff of :meth:`derivative`). All three are
     element-wise, accept scalars or arrays, and are jit/vmap/grad friendly. ``domain`` is ``(low,
     inclusive)``: ``δ`` is defined for ``ℓ > low`` (``ℓ >= low`` when ``inclusive``).
+
+    A dataclass VDM describes itself as data: ``_coefficients`` names its fields, each validated as a real
+    ``> 0`` (``>= 0`` for those in ``_may_be_zero``) and shown in :attr:`name` (``AP(10, 1, 1, 1)``), and
+    ``_reason`` (formatted with them) says why the domain ends where it does.
     """
+
+    domain: tuple[float, bool] = (-math.inf, True)
+    _coefficients: tuple[str, ...] = ()
+    _may_be_zero: tuple[str, ...] = ()
+    _reason = ""
+
+    def __post_init__(self):
+        for k in self._coefficients:
+            object.__setattr__(self, k, real(getattr(self, k), f"{type(self).__name__} coefficient {k}", low=0,
+                                             low_open=k not in self._may_be_zero, what="VDM paper, section 3.1"))
 
     @property
     def name(self) -> str:
-        return type(self).__name__
-
-    @property
-    def domain(self) -> tuple[float, bool]:
-        return (-math.inf, True)
+        """The class name and the coefficients, e.g. ``AP(10, 1, 1, 1)``."""
+        return f"{type(self).__name__}({', '.join(format(getattr(self, k), 'g') for k in self._coefficients)})"
 
     def value(self, loss):
         raise NotImplementedError
@@ -125,11 +136,9 @@ class VDM:
 
     def domain_message(self, bad_loss: float) -> str:
         low, inclusive = self.domain
+        reason = self._reason.format(**{k: getattr(self, k) for k in self._coefficients})
         return (f"{self.name} is undefined at loss {bad_loss!r}: it needs a finite loss {'>=' if inclusive else '>'} "
-                f"{low!r}{self._domain_reason()}")
-
-    def _domain_reason(self) -> str:
-        return ""
+                f"{low!r}{reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,24 +163,13 @@ class AP(VDM):
     a2: float
     a3: float
     a4: float
-
-    def __post_init__(self):
-        for k in ("a1", "a2", "a3", "a4"):  # a4 = 0 is allowed: Table 2 uses AP(1.5, 0.7, 1, 0)
-            object.__setattr__(self, k, real(getattr(self, k), f"AP coefficient {k}", low=0, low_open=k != "a4",
-                                             what="VDM paper, section 3.1"))
-
-    @property
-    def name(self) -> str:
-        return f"AP({self.a1:g}, {self.a2:g}, {self.a3:g}, {self.a4:g})"
+    _coefficients = ("a1", "a2", "a3", "a4")
+    _may_be_zero = ("a4",)  # Table 2 uses AP(1.5, 0.7, 1, 0)
+    _reason = " (arctan(a2*loss)**{a3:g} needs a non-negative base for a non-integer power)"
 
     @property
     def domain(self) -> tuple[float, bool]:
-        if self.a3.is_integer():
-            return (-math.inf, True)
-        return (0.0, self.a3 >= 1.0)
-
-    def _domain_reason(self) -> str:
-        return f" (arctan(a2*loss)**{self.a3:g} needs a non-negative base for a non-integer power)"
+        return (-math.inf, True) if self.a3.is_integer() else (0.0, self.a3 >= 1.0)
 
     def value(self, loss):
         loss = jnp.asarray(loss)
@@ -199,22 +197,12 @@ class LE(VDM):
 
     e1: float
     e2: float
-
-    def __post_init__(self):
-        for k in ("e1", "e2"):
-            object.__setattr__(self, k, real(getattr(self, k), f"LE coefficient {k}", low=0, low_open=True,
-                                             what="VDM paper, section 3.1"))
-
-    @property
-    def name(self) -> str:
-        return f"LE({self.e1:g}, {self.e2:g})"
+    _coefficients = ("e1", "e2")
+    _reason = " (exp(loss) must exceed e2 = {e2:g})"
 
     @property
     def domain(self) -> tuple[float, bool]:
         return (math.log(self.e2), False)
-
-    def _domain_reason(self) -> str:
-        return f" (exp(loss) must exceed e2 = {self.e2:g})"
 
     def value(self, loss):
         loss = jnp.asarray(loss)
@@ -230,9 +218,7 @@ class Squared(VDM):
     """The counter-example ``δ(ℓ) = 0.5·ℓ²`` of the VDM paper (Table 1, Fig. 5(a)): ``δ' = ℓ`` makes the low-loss
     region *flatter*, the opposite of AP and LE. Non-decreasing for ``ℓ >= 0`` only (Definition 2)."""
 
-    @property
-    def name(self) -> str:
-        return "0.5*l^2"
+    name = "0.5*l^2"
 
     def value(self, loss):
         return 0.5 * jnp.square(loss)
@@ -242,9 +228,7 @@ class Squared(VDM):
 class Identity(VDM):
     """``δ(ℓ) = ℓ``: the undeformed loss (the original optimiser)."""
 
-    @property
-    def name(self) -> str:
-        return "identity"
+    name = "identity"
 
     def value(self, loss):
         return jnp.asarray(loss)
@@ -365,7 +349,7 @@ def _raise_outside(vdm: VDM, loss) -> None:
     loss = np.asarray(loss, np.float64)
     bad = _outside_domain(vdm, loss)
     if np.any(bad):
-        raise ValueError(vdm.domain_message(float(np.ravel(np.asarray(loss))[np.ravel(bad)][0])))
+        raise ValueError(vdm.domain_message(float(loss[bad][0])))
 
 
 def vdm_loss(vdm: VDM, loss_fn: Callable[..., Any], *, has_aux: bool = False,
@@ -448,10 +432,9 @@ def scale_by_vdm(vdm: VDM, *, loss_arg: str = "loss",
     """
     if not isinstance(vdm, VDM):
         raise ValueError(f"scale_by_vdm: expected a VDM, got {type(vdm).__name__}")
-    if check_domain not in ("skip", "off"):  # no "callback": raising inside a step can hang JAX (jax-ml/jax#25861)
-        raise ValueError(f"scale_by_vdm: check_domain must be 'skip' or 'off' ('skip' masks such steps and "
-                         f"check_vdm_state raises on the host; a host callback raising inside a training step can "
-                         f"hang JAX's CPU runtime, jax-ml/jax#25861), got {check_domain!r}")
+    if check_domain not in ("skip", "off"):  # no "callback": check_vdm_state raises on the host instead
+        raise ValueError(f"scale_by_vdm: check_domain must be 'skip' or 'off' (a host callback raising inside a "
+                         f"training step can hang JAX's CPU runtime, jax-ml/jax#25861), got {check_domain!r}")
 
     masked = check_domain == "skip" and vdm.domain[0] != -math.inf  # a VDM defined everywhere masks nothing
 

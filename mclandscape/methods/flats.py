@@ -125,10 +125,7 @@ class Flat:
         if a.size and max(-int(a.min()), int(a.max())) > exact:
             raise ValueError(f"a lattice coordinate exceeds {exact}, beyond which {dtype} cannot hold it exactly; "
                              "use a larger step or bound the traversal with `limit` or `radius`")
-        rows = np.empty((a.shape[0], self.dim + 1), dtype)
-        rows[:, 0] = 1
-        rows[:, 1:] = a.astype(dtype) * dtype.type(step)
-        return rows
+        return np.concatenate([np.ones((a.shape[0], 1), dtype), a.astype(dtype) * dtype.type(step)], axis=1)
 
     def lattice_points(self, coords, step: float) -> Points:
         """The voxels ``coords [K, m]`` at step width s as :class:`~mclandscape.engine.points.Points`.
@@ -263,7 +260,6 @@ def flat_from_minima(
     rtol = real(rtol, "rtol", low=0, low_open=True)
     vecs, unravel = _ravel_minima(minima)
     theta0 = vecs[anchor]
-    dtype = theta0.dtype
     order = [i for i in range(len(minima)) if i != anchor]
     t0 = np.asarray(theta0, np.float64)
     b = np.stack([np.asarray(vecs[i], np.float64) - t0 for i in order], axis=1)  # [d, m], exact differences
@@ -283,15 +279,14 @@ def flat_from_minima(
     rel = np.abs(np.diag(r)) / norms
     for j, i in enumerate(order):
         if rel[j] < rtol:
-            raise ValueError(
-                f"minima are linearly dependent: b = minima[{i}] - minima[{anchor}] lies in the span of the "
-                f"previous directions up to a relative residual {rel[j]:.3g} < rtol={rtol:g}")
+            raise ValueError(f"minima are linearly dependent: b = minima[{i}] - minima[{anchor}] lies in the span of "
+                             f"the previous directions up to a relative residual {rel[j]:.3g} < rtol={rtol:g}")
     angles = np.degrees(np.arccos(np.clip(b.T @ b / np.outer(norms, norms), -1.0, 1.0)))
     np.fill_diagonal(angles, 0.0)
     qr = basis == "qr"
     minima_coords = np.zeros((len(minima), m))
     minima_coords[order] = (r if qr else np.eye(m)).T  # b_j = Q r_j
-    return Flat(anchor=theta0, basis=jnp.asarray(q if qr else b, dtype), kind=basis, unravel=unravel,
+    return Flat(anchor=theta0, basis=jnp.asarray(q if qr else b, theta0.dtype), kind=basis, unravel=unravel,
                 raw_angles_deg=angles, raw_norms=norms, minima_coords=minima_coords,
                 cell_factor=1.0 if qr else float(np.prod(np.abs(np.diag(r)))),  # raw: sqrt(det BᵀB) = |det R|
                 anchor_index=int(anchor))

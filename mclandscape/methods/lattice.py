@@ -31,7 +31,7 @@ from mclandscape.core._checks import integer
 from mclandscape.core.objective import call_objective
 from mclandscape.core.tree import PyTree
 from mclandscape.engine.distributed import num_devices
-from mclandscape.engine.points import Points, map_points
+from mclandscape.engine.points import map_points
 from mclandscape.methods.flats import Flat, _check_coords, _check_step
 
 __all__ = ["LatticeLoss", "LatticeCodec", "VoxelStore", "KeyQueue"]
@@ -102,9 +102,8 @@ class LatticeLoss:
         if not isinstance(self.flat, Flat):
             raise ValueError(f"flat must be a Flat, got {type(self.flat).__name__}")
         if not callable(self.objective) or any(callable(x) for x in jax.tree_util.tree_leaves(self.objective)):
-            raise ValueError(f"objective must be an objective (params, batch, key) -> (loss, aux) of the engine "
-                             f"(make_objective, or function_objective(fn) for a scalar fn(params, batch)), got "
-                             f"{self.objective!r}")
+            raise ValueError(f"objective must be an objective (params, batch, key) -> (loss, aux) (make_objective, or "
+                             f"function_objective(fn) of a scalar fn(params, batch)); got {self.objective!r}")
         for name in ("chunk", "max_batch"):
             object.__setattr__(self, name, integer(getattr(self, name), name, low=1))
         num_devices(self.devices)
@@ -147,9 +146,8 @@ class LatticeLoss:
         outs = []
         for lo in range(0, a.shape[0], self.max_batch):
             piece = a[lo:lo + self.max_batch]
-            padded = np.zeros((self.bucket(len(piece)), self.dim), a.dtype)
-            padded[:len(piece)] = piece
-            points = Points(rows=self.flat.lattice_rows(padded, self.step), stack=self.flat.stack)
+            padded = np.pad(piece, ((0, self.bucket(len(piece)) - len(piece)), (0, 0)))  # with the origin
+            points = self.flat.lattice_points(padded, self.step)
             outs.append(map_points(loss, points, self.objective, self.batch, strategy="map", chunk_size=self.chunk,
                                    devices=self.devices)[:len(piece)])
         if not outs:  # no voxels: the dtype the loss would return (traced, nothing compiled or run)
@@ -196,9 +194,8 @@ class LatticeCodec:
         """
         a = _check_coords(coords, self.dim).astype(np.int64)
         if a.size and (a.min() < -self.offset or a.max() > self.offset - 1):
-            raise ValueError(
-                f"a voxel coordinate left the packable range [{-self.offset}, {self.offset - 1}] of an "
-                f"m={self.dim} lattice; bound the traversal with `limit` or `radius`, or use a larger step")
+            raise ValueError(f"a voxel coordinate left the packable range [{-self.offset}, {self.offset - 1}] of an m="
+                             f"{self.dim} lattice; bound the traversal with `limit` or `radius`, or use a larger step")
         return np.bitwise_or.reduce((a + self.offset) << self.shifts[None, :], axis=1)
 
     def unpack(self, keys) -> np.ndarray:
@@ -240,10 +237,9 @@ class VoxelStore:
     max_load = 0.5
 
     def __init__(self, capacity: int = 1024, dtype=np.float32):
-        dtype = np.dtype(dtype)
-        if not np.issubdtype(dtype, np.floating):
-            raise ValueError(f"the stored losses need a floating dtype, got {dtype}")
-        self.dtype = dtype
+        self.dtype = np.dtype(dtype)
+        if not np.issubdtype(self.dtype, np.floating):
+            raise ValueError(f"the stored losses need a floating dtype, got {self.dtype}")
         self._alloc(max(16, 1 << math.ceil(math.log2(max(capacity, 1)))))
 
     def _alloc(self, cap: int):
@@ -264,8 +260,9 @@ class VoxelStore:
     def __len__(self) -> int:
         return self._size
 
-    def _probe(self, keys: np.ndarray):
+    def _probe(self, keys):
         """Slot of each key, or of the empty slot that ends its probe sequence; and whether it was found."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
         slots = ((keys.astype(np.uint64) * _GOLDEN) >> self._shift).astype(np.int64)  # multiplicative hashing
         pending = np.arange(keys.shape[0])
         while pending.size:
@@ -276,12 +273,10 @@ class VoxelStore:
 
     def contains(self, keys) -> np.ndarray:
         """``[K]`` booleans: which of ``keys`` are stored."""
-        keys = np.asarray(keys, np.int64).reshape(-1)
         return self._probe(keys)[1]
 
     def get(self, keys) -> np.ndarray:
         """Stored losses of ``keys`` (all must be present)."""
-        keys = np.asarray(keys, np.int64).reshape(-1)
         slots, found = self._probe(keys)
         if not found.all():
             raise KeyError(f"{int((~found).sum())} voxel key(s) are not in the store")
@@ -297,8 +292,10 @@ class VoxelStore:
             raise ValueError("voxel keys must be non-negative")
         if self.contains(keys).any():
             raise ValueError("insert() got a key that is already stored")
-        if self._size + keys.size > self.max_load * self.capacity:
-            self._grow(self._size + keys.size)
+        if self._size + keys.size > self.max_load * self.capacity:  # grow to the smallest power of two holding all
+            old_k, old_v = self.items()
+            self._alloc(1 << math.ceil(math.log2((self._size + keys.size) / self.max_load)))
+            self._place(old_k, old_v)
         self._place(keys, values)
 
     def _place(self, keys, values):
@@ -313,11 +310,6 @@ class VoxelStore:
             rest = np.ones(keys.size, bool)
             rest[first] = False
             keys, values = keys[rest], values[rest]
-
-    def _grow(self, need: int):
-        old_k, old_v = self.items()
-        self._alloc(1 << math.ceil(math.log2(need / self.max_load)))  # the smallest power of two holding need
-        self._place(old_k, old_v)
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, values) of all stored voxels, in slot order."""
@@ -372,12 +364,11 @@ class KeyQueue:
         """Pop ``k`` keys one after another, each uniformly from what is left (swap with the last)."""
         k = min(int(k), len(self))
         out = np.empty(k, np.int64)
-        buf = self._buf
         for j in range(k):
             i = self._head + int(rng.integers(self._tail - self._head))
-            out[j] = buf[i]
+            out[j] = self._buf[i]
             self._tail -= 1
-            buf[i] = buf[self._tail]
+            self._buf[i] = self._buf[self._tail]
         return out
 
     def to_array(self) -> np.ndarray:

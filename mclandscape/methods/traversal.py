@@ -71,18 +71,14 @@ class TraversalState:
 
     def __init__(self, dim: int, epsilon: float, dtype=np.float32):
         self.codec = LatticeCodec(dim)
+        self.dim = self.codec.dim
         self.store = VoxelStore(dtype=dtype)
+        self.dtype = self.store.dtype  # of the losses, ε and the thresholds
         self.queue = KeyQueue()
         self.future = KeyQueue()
         self.epsilon = float(self.store.dtype.type(epsilon))  # held exactly as the losses are
         self.threshold = self.store.dtype.type(-np.inf)
         self.accepted = 0
-        self.evaluations = 0
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype of the losses, ε and the thresholds."""
-        return self.store.dtype
 
     def threshold_for(self, n: float):
         """The threshold for multiplier ``n``.
@@ -94,10 +90,6 @@ class TraversalState:
           c as a NumPy scalar of :attr:`dtype` (the float64 product rounded once).
         """
         return _threshold(n, self.epsilon, self.dtype)
-
-    @property
-    def dim(self) -> int:
-        return self.codec.dim
 
     @property
     def visited(self) -> int:
@@ -193,15 +185,12 @@ def neighbour_offsets(dim: int) -> np.ndarray:
 
 
 def _numpy_rng(key) -> np.random.Generator:
-    if isinstance(key, np.random.Generator):
-        return key
-    if isinstance(key, int | np.integer):
-        return np.random.default_rng(int(key))
-    try:
-        data = np.asarray(jax.random.key_data(key))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"key must be an int, a NumPy Generator or a JAX PRNG key, got {key!r}") from err
-    return np.random.default_rng(data.astype(np.uint32).ravel().tolist())
+    """The NumPy generator of ``key``: a Generator itself, one seeded by an int or by a JAX key's data."""
+    if isinstance(key, jax.Array):
+        key = np.asarray(jax.random.key_data(key)).astype(np.uint32).ravel().tolist()
+    elif not isinstance(key, int | np.integer | np.random.Generator):
+        raise ValueError(f"key must be an int, a NumPy Generator or a JAX PRNG key, got {key!r}")
+    return np.random.default_rng(key)
 
 
 def _threshold(n: float, epsilon: float, dtype):
@@ -286,7 +275,7 @@ def grid_traversal(
     limit, switch = config.limit, config.sampling_switch_iter
     rng = _numpy_rng(key)
     t_start = time.perf_counter()
-    before = 0 if state is None else state.evaluations
+    before = 0 if state is None else state.visited  # every visited voxel was evaluated once
     if state is None:
         state = _start_at_origin(evaluate, dim)
     elif {getattr(evaluate, "dim", state.dim), state.dim if dim is None else dim} != {state.dim}:
@@ -299,7 +288,6 @@ def grid_traversal(
     future = state.future.pop_front(len(state.future))
     state._admit(future, state.store.get(future), c)
     state.threshold = c
-    offsets = neighbour_offsets(state.dim)
     it = dropped = oob = 0
     while len(state.queue) and it < (limit or math.inf):
         random_phase = switch is not None and it > switch
@@ -307,7 +295,7 @@ def grid_traversal(
         k = min(config.batch_size, len(state.queue), (limit or math.inf) - it,
                 math.inf if switch is None or random_phase else switch + 1 - it)
         keys = state.queue.pop_random(k, rng) if random_phase else state.queue.pop_front(k)
-        nk, nb, out = _new_neighbours(state, keys, offsets, config.radius)
+        nk, nb, out = _new_neighbours(state, keys, config.radius)
         oob += out
         if random_phase and config.dropout > 0 and nk.size:
             skip = rng.random(nk.size) < config.dropout
@@ -317,11 +305,10 @@ def grid_traversal(
             losses = _as_losses(evaluate(nb), nk.shape[0], state.dtype)
             state.store.insert(nk, losses)
             state._admit(nk, losses, c)
-            state.evaluations += int(nk.size)
         it += k
     return TraversalResult(
         n=n, threshold=float(c), epsilon=state.epsilon, H=state.accepted, iterations=it,
-        evaluations=state.evaluations - before, visited=state.visited, queue_size=len(state.queue),
+        evaluations=state.visited - before, visited=state.visited, queue_size=len(state.queue),
         future_size=len(state.future), truncated=len(state.queue) > 0, dropped=dropped, out_of_bounds=oob,
         wall_time=time.perf_counter() - t_start, state=state,
     )
@@ -373,14 +360,13 @@ def _start_at_origin(evaluate, dim: int | None) -> TraversalState:
     state = TraversalState(int(m), eps[0], dtype=eps.dtype)
     state.store.insert(state.codec.pack(origin), eps)
     state.future.push(state.codec.pack(origin))
-    state.evaluations = 1
     return state
 
 
-def _new_neighbours(state: TraversalState, keys: np.ndarray, offsets: np.ndarray, radius: int | None):
+def _new_neighbours(state: TraversalState, keys: np.ndarray, radius: int | None):
     """The distinct unvisited neighbours ``(keys, coords)`` of a wave, in the order the one-at-a-time algorithm
     meets them, and how many neighbours fell outside ``radius``."""
-    nb = (state.codec.unpack(keys)[:, None, :] + offsets[None, :, :]).reshape(-1, state.dim)
+    nb = (state.codec.unpack(keys)[:, None, :] + neighbour_offsets(state.dim)[None, :, :]).reshape(-1, state.dim)
     inside = np.ones(len(nb), bool) if radius is None else np.all(np.abs(nb) <= radius, axis=1)
     nb = nb[inside]
     nk = state.codec.pack(nb)

@@ -230,13 +230,10 @@ def h_sweep(
                          f"visited={res.visited} truncated={res.truncated} {res.wall_time:.2f}s")
         runs.append(row)
 
-    def table(name, dtype):
-        return np.array([[r[name] for r in row] for row in runs], dtype)
-
-    return HSweep(steps=steps, multipliers=mult, epsilon=float(runs[0][0]["epsilon"]), H=table("H", np.int64),
-                  evaluations=table("evaluations", np.int64), visited=table("visited", np.int64),
-                  truncated=table("truncated", bool), wall_time=table("wall_time", np.float64), dim=flat.dim,
-                  cell_factor=flat.cell_factor, flat=flat.describe(), loss_dtype=state.dtype.name)
+    kinds = {"H": np.int64, "evaluations": np.int64, "visited": np.int64, "truncated": bool, "wall_time": np.float64}
+    tables = {name: np.array([[r[name] for r in row] for row in runs], dtype) for name, dtype in kinds.items()}
+    return HSweep(steps=steps, multipliers=mult, epsilon=float(runs[0][0]["epsilon"]), dim=flat.dim,
+                  cell_factor=flat.cell_factor, flat=flat.describe(), loss_dtype=state.dtype.name, **tables)
 
 
 def mean_log_h(sweeps: Sequence[HSweep]) -> dict:

@@ -136,9 +136,7 @@ def plot_h_mean(summary: Mapping, *, ax: Axes | None = None, title: str | None =
     if missing:
         raise ValueError(f"summary lacks {missing}: pass the output of mclandscape.methods.volume.mean_log_h")
     fig, ax = figure_and_axes(ax, figsize=(5.0, 3.6), name="plot_h_mean")
-    c = np.asarray(summary["mean_c"], np.float64)
-    mean = np.asarray(summary["mean_log_H"], np.float64)
-    std = np.asarray(summary["std_log_H"], np.float64)
+    c, mean, std = (np.asarray(summary[k], np.float64) for k in ("mean_c", "mean_log_H", "std_log_H"))
     trunc = np.asarray(summary["any_truncated"], bool)
     for i, s in enumerate(summary["steps"]):
         line, = ax.plot(c, mean[i], "o-", ms=3, lw=1.2, label=f"s={s:g}")
