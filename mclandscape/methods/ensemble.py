@@ -46,7 +46,7 @@ from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.points import Points, data_xy, stacked_points
 
 __all__ = [
-    "METHODS", "EnsembleMetrics", "average_probs", "vote", "ensemble_probs", "test_error", "nll",
+    "METHODS", "EnsembleMetrics", "average_probs", "vote", "test_error", "nll",
     "pairwise_output_correlation", "output_correlation", "pairwise_param_distances", "param_distance",
     "ensemble_from_probs", "member_probs", "ensemble_from_params",
 ]
@@ -59,14 +59,14 @@ METHODS = ("mean", "vote")
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_probs(probs, name: str = "probs") -> np.ndarray:
+def _check_probs(probs) -> np.ndarray:
     p = np.asarray(probs)
     if p.ndim != 3 or min(p.shape) < 1 or p.shape[2] < 2:
-        raise ValueError(f"{name} must have shape [M members, N examples, C classes] with M, N >= 1 and C >= 2, "
+        raise ValueError(f"probs must have shape [M members, N examples, C classes] with M, N >= 1 and C >= 2, "
                          f"got shape {p.shape}")
     deviation = np.max(np.abs(p.astype(np.float64).sum(-1) - 1.0))
     if not np.all(np.isfinite(p)) or p.min() < 0 or deviation > 1e-3:
-        raise ValueError(f"{name} must hold softmax outputs, not logits: no non-finite values "
+        raise ValueError(f"probs must hold softmax outputs, not logits: no non-finite values "
                          f"({np.size(p) - np.sum(np.isfinite(p))} found), no negative probabilities (min {p.min():.3g}) "
                          f"and rows that sum to 1 over classes (max deviation {deviation:.3g})")
     return p
@@ -144,32 +144,6 @@ def vote(probs) -> tuple[np.ndarray, np.ndarray]:
     top = counts == counts.max(-1, keepdims=True)
     pred = np.where(top, mean, -np.inf).argmax(-1)
     return pred, counts / p.shape[0]
-
-
-def ensemble_probs(probs, method: str = "mean", weights=None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The ensemble's predictions and probabilities under a combination rule.
-
-    Args:
-      probs: ``[M, N, C]`` member probabilities.
-      method: ``"mean"`` (average the probabilities) or ``"vote"`` (majority vote).
-      weights: ``[M]`` member weights (``"mean"`` only).
-
-    Returns:
-      ``(predictions[N], probabilities[N, C] or None)``; a vote has no probabilities.
-
-    Example:
-        >>> import numpy as np
-        >>> probs = np.array([[[0.9, 0.1], [0.4, 0.6]], [[0.6, 0.4], [0.2, 0.8]]])  # [M=2, N=2, C=2]
-        >>> pred, q = ensemble_probs(probs, "vote")
-        >>> pred.tolist(), q is None
-        ([0, 1], True)
-    """
-    if choice(method, "method", METHODS) == "mean":
-        q = average_probs(probs, weights)
-        return q.argmax(-1), q
-    if weights is not None:
-        raise ValueError("weights are only supported for method='mean'")
-    return vote(probs)[0], None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -390,7 +364,10 @@ def ensemble_from_probs(probs, labels, *, method: str = "mean", weights=None, pa
     """
     p = _check_probs(probs)
     y = _check_labels(labels, p.shape[1], p.shape[2])
-    pred, q = ensemble_probs(p, method, weights)
+    if choice(method, "method", METHODS) == "vote" and weights is not None:
+        raise ValueError("weights are only supported for method='mean'")
+    q = average_probs(p, weights) if method == "mean" else None  # a vote has no probabilities
+    pred = vote(p)[0] if q is None else q.argmax(-1)
     m, dist = p.shape[0], None
     if params is not None:
         points = _points(params)

@@ -206,9 +206,8 @@ def train_with_snapshots(objective: Callable, params: PyTree, optimizer: optax.G
     want = sorted({int(c) for c in collect})
     if not want or want[0] < 1 or want[-1] > steps:
         raise ValueError(f"collect steps must be one or more step counts in [1, {steps}], got {want}")
-    if steps_per_epoch is None:
-        steps_per_epoch = getattr(batch_fn, "steps_per_epoch", 1)
-    spe = integer(steps_per_epoch, "steps_per_epoch", low=1)
+    spe = integer(getattr(batch_fn, "steps_per_epoch", 1) if steps_per_epoch is None else steps_per_epoch,
+                  "steps_per_epoch", low=1)
     key = key if key is not None else jax.random.key(0)
     check_objective(objective, params, batch_fn(0), key)
     step = make_step(objective, optimizer)

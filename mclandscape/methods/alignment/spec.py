@@ -40,7 +40,6 @@ class Axis:
         if not perms or not all(isinstance(p, str) and p for p in perms) or len(set(perms)) != len(perms):
             raise ValueError(f"an Axis needs one or more distinct, non-empty group names, got {self.perms!r}")
         object.__setattr__(self, "perms", perms)
-        object.__setattr__(self, "tiled", bool(self.tiled))
 
 
 def _as_axis(entry, where: str) -> Axis | None:
@@ -250,14 +249,10 @@ class Permutation(Mapping):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __eq__(self, other) -> bool:
-        if isinstance(other, Permutation):
-            return _eq(self.indices, other.indices) and _eq(self.signs, other.signs)
-        if isinstance(other, Mapping):
-            return self.signs is None and _eq(self.indices, other)
-        return NotImplemented
-
-    __hash__ = None
+    def __eq__(self, other) -> bool:  # defining __eq__ leaves the class unhashable, as a mutable mapping
+        if not isinstance(other, Permutation):
+            return NotImplemented
+        return _eq(self.indices, other.indices) and _eq(self.signs, other.signs)
 
     def inverse(self) -> Permutation:
         """The permutation that undoes this one (``apply(inverse, apply(self, v)) == v``)."""
@@ -309,7 +304,7 @@ def random_permutation(spec: PermutationSpec, variables: PyTree, key: jax.Array,
     sizes, flip, rng = spec_sizes(spec, variables), _flips(spec, sign_flips), _rng(key)
     idx = {g: rng.permutation(n) for g, n in sizes.items()}
     signs = {g: rng.choice(np.array([-1.0, 1.0]), n) for g, n in sizes.items() if g in flip}
-    return Permutation(idx, signs if sign_flips else None)
+    return Permutation(idx, signs)  # no flipped group: no signs
 
 
 def _check_perm(spec: PermutationSpec, perm, sizes: Mapping[str, int]) -> tuple[dict, dict | None]:
@@ -347,8 +342,6 @@ def _axis_gather(a: Axis, n: int, sizes, idx, signs) -> tuple[np.ndarray, np.nda
 def _permute_leaf(x, entries, sizes, idx, signs, *, skip: int | None = None):
     """``x`` permuted along every bound axis but ``skip`` (on the host: one gather per axis, no compilation);
     a jax array comes back as a jax array of the same dtype."""
-    if all(a is None for i, a in enumerate(entries) if i != skip):
-        return x
     y = np.asarray(x)
     for i, a in enumerate(entries):
         if a is None or i == skip:

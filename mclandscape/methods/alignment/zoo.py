@@ -182,8 +182,8 @@ _SPECS = {
 }
 
 
-def _dense_chain(flat: _Flat) -> list[tuple[str, tuple[int, int], bool]] | str:
-    """``[(module, kernel shape, has bias)]`` in the order the layers chain (each one reads the previous one's
+def _dense_chain(flat: _Flat) -> list[tuple[str, tuple[int, int]]] | str:
+    """``[(module, kernel shape)]`` in the order the layers chain (each one reads the previous one's
     outputs; Flax numbers modules as they are built, not as they are called) if the variables are only Dense
     layers and exactly one order chains them, else the reason they are not."""
     if flat.collections != {"params"}:
@@ -197,16 +197,16 @@ def _dense_chain(flat: _Flat) -> list[tuple[str, tuple[int, int], bool]] | str:
         kernel, bias = leaves.get("kernel"), leaves.get("bias")
         if set(leaves) - {"kernel", "bias"} or kernel is None or len(kernel) != 2 or bias not in (None, kernel[1:]):
             return f"{module or 'the root'} is not a Dense layer (a 2-D kernel and an optional bias)"
-        layers[module] = (kernel, bias is not None)
+        layers[module] = kernel
     if len(layers) < 2:
         return "it has no hidden layer"
-    outs = [k[1] for k, _ in layers.values()]
+    outs = [k[1] for k in layers.values()]
     chain, rest = [], dict(layers)
     while rest:
-        nxt = [m for m, (k, _) in rest.items() if (k[0] == chain[-1][1][1] if chain else k[0] not in outs)]
+        nxt = [m for m, k in rest.items() if (k[0] == chain[-1][1][1] if chain else k[0] not in outs)]
         if len(nxt) != 1:
             return "no single order of its Dense layers chains them"
-        chain.append((nxt[0], *rest.pop(nxt[0])))
+        chain.append((nxt[0], rest.pop(nxt[0])))
     return chain
 
 
@@ -217,12 +217,10 @@ def _derived_spec(model, variables) -> PermutationSpec:
     flat = _Flat.of(variables, "variables")
     chain = _dense_chain(flat)
     if not isinstance(chain, str):
-        b, prev = _Builder(), None
-        for i, (module, kernel, bias) in enumerate(chain):
-            out = b.group(module, kernel[1]) if i + 1 < len(chain) else None
-            b.dense(module, prev, out, bias)
-            prev = out
-        spec, rng = b.spec(), np.random.default_rng(0)
+        b, rng = _Builder(), np.random.default_rng(0)
+        _chain(b, [], [(module, kernel[1]) for module, kernel in chain])
+        # the chain's spec, less the biases that layers without one do not have
+        spec = PermutationSpec({p: e for p, e in b.axes.items() if p in flat.leaves}, b.sizes)
         shuffled = apply_permutation(spec, Permutation({g: rng.permutation(n) for g, n in b.sizes.items()}),
                                      variables)
         x = rng.normal(size=(4, chain[0][1][0])).astype(np.float32)
@@ -234,10 +232,7 @@ def _derived_spec(model, variables) -> PermutationSpec:
     leaves = "\n".join(f"  {p} {tuple(np.shape(v))}" for p, v in flat.leaves.items())
     raise ValueError(f"model {getattr(model, 'name', model)!r} is not a zoo model and its permutation structure "
                      f"cannot be derived ({chain}); declare a PermutationSpec with one entry per axis of every "
-                     f"leaf (None: not permuted; a group name: permuted by that group), e.g. "
-                     f"PermutationSpec({{'params/Dense_0/kernel': (None, 'h'), 'params/Dense_0/bias': ('h',), "
-                     f"'params/Dense_1/kernel': ('h', None), 'params/Dense_1/bias': (None,)}}). Its leaves:\n"
-                     f"{leaves}")
+                     f"leaf (None: not permuted; a group name: permuted by that group). Its leaves:\n{leaves}")
 
 
 def _zoo_module(spec):
