@@ -336,11 +336,9 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array,
     Q = np.zeros((m, d))
     alpha, beta = np.zeros(m), np.zeros(m)
     Q[0] = q
-    n_used = m
-    nmv = 0
+    n_used = m  # also the number of products: one per step taken
     for j in range(m):
         w = mv(Q[j])
-        nmv += 1
         alpha[j] = Q[j] @ w
         w = w - alpha[j] * Q[j] - (beta[j - 1] * Q[j - 1] if j > 0 else 0.0)
         # full re-orthogonalisation, twice for stability
@@ -358,19 +356,15 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array,
     evals, evecs = np.linalg.eigh(T)
     if k > n_used:
         raise ValueError(f"Lanczos found an invariant subspace of dimension {n_used} < k={k}; use another key")
-    if which == "largest":
-        order = np.argsort(-evals)[:k]
-    elif which == "smallest":
-        order = np.argsort(evals)[:k][::-1]
-    else:
-        order = np.argsort(-np.abs(evals))[:k]
+    order = np.argsort({"largest": -evals, "smallest": evals, "magnitude": -np.abs(evals)}[which])[:k]
+    order = order[::-1] if which == "smallest" else order  # decreasing, as for the other ends
     values = evals[order]
     residuals = np.abs(beta[n_used - 1] * evecs[n_used - 1, order])
     vectors = None
     if return_vectors:
         vecs = Q[:n_used].T @ evecs[:, order]
         vectors = [unravel(jnp.asarray((vecs[:, i] / np.linalg.norm(vecs[:, i])).astype(dtype))) for i in range(k)]
-    return Eigs(values=values, vectors=vectors, residuals=residuals, num_matvecs=nmv)
+    return Eigs(values=values, vectors=vectors, residuals=residuals, num_matvecs=n_used)
 
 
 def power_iteration(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array, k: int = 1,
