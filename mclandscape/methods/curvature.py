@@ -277,9 +277,7 @@ def _flat_matvec(matvec, like):
     """``(mv, unravel, d, dtype)``: ``mv`` maps a flat float64 vector to a new float64 array."""
     flat, unravel = tree_ravel(like)
     dtype = np.dtype(flat.dtype)
-    if isinstance(matvec, HVP):
-        if matvec.dim != flat.size:
-            raise ValueError(f"the HVP acts on {matvec.dim} parameters but like has {flat.size}")
+    if isinstance(matvec, HVP):  # its flat form checks the size of every vector
         return matvec.flat, unravel, int(flat.size), dtype
 
     def mv(x: np.ndarray) -> np.ndarray:
