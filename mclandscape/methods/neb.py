@@ -73,6 +73,7 @@ from mclandscape.methods.neb_forces import (
     _band_dtype,
     _check_ends,
     _normalised_spacing,
+    _num_pivots,
     _rows,
     band_connector,
     neb_forces,
@@ -294,13 +295,6 @@ class BandObjective:
         return _band_loss(self, pivots, batch, key)
 
 
-def _num_pivots(pivots: PyTree) -> int:
-    leaves = jax.tree_util.tree_leaves(pivots)
-    if not leaves or np.ndim(leaves[0]) < 1:
-        raise ValueError("pivots must be stacked trees with a leading pivot axis")
-    return int(np.shape(leaves[0])[0])
-
-
 def make_neb_step(objective: Callable, config: NEBConfig, pivots: PyTree, spacing=None, *,
                   mesh: jax.sharding.Mesh | None = None) -> Step:
     """The NEB update of a band shaped like ``pivots``, as an engine step.
@@ -333,8 +327,6 @@ def make_neb_step(objective: Callable, config: NEBConfig, pivots: PyTree, spacin
         ([0.0, 0.5, 1.0], 0.8)
     """
     n = _num_pivots(pivots)
-    if n < 3:
-        raise ValueError(f"a band needs N >= 3 pivots, got N={n}")
     # the engine's resolver ("auto": the inner pivots differentiated together)
     strategy = mapping.resolve(config.strategy, n - 2, has_conv=cpu.has_conv(pivots, stacked=1), grad=True)[0]
     if not callable(objective) or any(callable(x) for x in jax.tree_util.tree_leaves(objective)):
