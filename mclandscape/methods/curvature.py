@@ -232,10 +232,8 @@ class HVP:
         if x.shape != (self.dim,):
             raise ValueError(f"expected a flat vector of shape ({self.dim},), got {x.shape}")
         x = jnp.asarray(x.astype(self.dtype))
-        out = np.zeros(self.dim, np.float64)
-        for wb, b in zip(self._weights, self._batches, strict=True):
-            out += wb * np.asarray(_flat_hvp_jit(self._fn, self.params, x, b, self.key), np.float64)
-        return out
+        return sum(wb * np.asarray(_flat_hvp_jit(self._fn, self.params, x, b, self.key), np.float64)
+                   for wb, b in zip(self._weights, self._batches, strict=True))
 
     def __call__(self, v: PyTree) -> PyTree:
         """``H v`` of a tree ``v`` shaped like the parameters, as a tree in their dtype."""
@@ -490,9 +488,8 @@ def dense_hessian(objective: Callable, params: PyTree, data: Any = None, *, key:
         raise ValueError(f"dense_hessian: {d} parameters exceed max_dim={max_dim} (a {d}x{d} matrix); "
                          "raise max_dim or use lanczos/power_iteration")
     fn = _as_argument(objective)
-    H = np.zeros((d, d))
-    for wb, b in zip(*_batches(data)[::-1], strict=True):
-        H += wb * np.asarray(_hessian_jit(fn, params, b, key), np.float64)
+    H = sum(wb * np.asarray(_hessian_jit(fn, params, b, key), np.float64)
+            for wb, b in zip(*_batches(data)[::-1], strict=True))
     return 0.5 * (H + H.T)
 
 
