@@ -32,8 +32,8 @@ from mclandscape.core.connectors import Connector
 from mclandscape.core.tree import PyTree, tree_combine, tree_stack
 from mclandscape.engine.points import connector_points, map_points
 from mclandscape.methods.curves import PathEvaluation, evaluate_curve
-from mclandscape.methods.neb import NEBConfig, NEBResult, _Band, _num_pivots, _point_loss, _relax
-from mclandscape.methods.neb_forces import _band_dtype, _check_ends, band_connector, dense_ts
+from mclandscape.methods.neb import NEBConfig, NEBResult, _Band, _point_loss, _relax
+from mclandscape.methods.neb_forces import _band_dtype, _check_ends, _num_pivots, band_connector, dense_ts
 
 __all__ = ["AutoNEBResult", "insertion_alphas", "insert_pivots", "auto_neb", "evaluate_band"]
 

@@ -232,10 +232,8 @@ class HVP:
         if x.shape != (self.dim,):
             raise ValueError(f"expected a flat vector of shape ({self.dim},), got {x.shape}")
         x = jnp.asarray(x.astype(self.dtype))
-        out = np.zeros(self.dim, np.float64)
-        for wb, b in zip(self._weights, self._batches, strict=True):
-            out += wb * np.asarray(_flat_hvp_jit(self._fn, self.params, x, b, self.key), np.float64)
-        return out
+        return sum(wb * np.asarray(_flat_hvp_jit(self._fn, self.params, x, b, self.key), np.float64)
+                   for wb, b in zip(self._weights, self._batches, strict=True))
 
     def __call__(self, v: PyTree) -> PyTree:
         """``H v`` of a tree ``v`` shaped like the parameters, as a tree in their dtype."""
@@ -277,9 +275,7 @@ def _flat_matvec(matvec, like):
     """``(mv, unravel, d, dtype)``: ``mv`` maps a flat float64 vector to a new float64 array."""
     flat, unravel = tree_ravel(like)
     dtype = np.dtype(flat.dtype)
-    if isinstance(matvec, HVP):
-        if matvec.dim != flat.size:
-            raise ValueError(f"the HVP acts on {matvec.dim} parameters but like has {flat.size}")
+    if isinstance(matvec, HVP):  # its flat form checks the size of every vector
         return matvec.flat, unravel, int(flat.size), dtype
 
     def mv(x: np.ndarray) -> np.ndarray:
@@ -336,11 +332,9 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array,
     Q = np.zeros((m, d))
     alpha, beta = np.zeros(m), np.zeros(m)
     Q[0] = q
-    n_used = m
-    nmv = 0
+    n_used = m  # also the number of products: one per step taken
     for j in range(m):
         w = mv(Q[j])
-        nmv += 1
         alpha[j] = Q[j] @ w
         w = w - alpha[j] * Q[j] - (beta[j - 1] * Q[j - 1] if j > 0 else 0.0)
         # full re-orthogonalisation, twice for stability
@@ -358,19 +352,15 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array,
     evals, evecs = np.linalg.eigh(T)
     if k > n_used:
         raise ValueError(f"Lanczos found an invariant subspace of dimension {n_used} < k={k}; use another key")
-    if which == "largest":
-        order = np.argsort(-evals)[:k]
-    elif which == "smallest":
-        order = np.argsort(evals)[:k][::-1]
-    else:
-        order = np.argsort(-np.abs(evals))[:k]
+    order = np.argsort({"largest": -evals, "smallest": evals, "magnitude": -np.abs(evals)}[which])[:k]
+    order = order[::-1] if which == "smallest" else order  # decreasing, as for the other ends
     values = evals[order]
     residuals = np.abs(beta[n_used - 1] * evecs[n_used - 1, order])
     vectors = None
     if return_vectors:
         vecs = Q[:n_used].T @ evecs[:, order]
         vectors = [unravel(jnp.asarray((vecs[:, i] / np.linalg.norm(vecs[:, i])).astype(dtype))) for i in range(k)]
-    return Eigs(values=values, vectors=vectors, residuals=residuals, num_matvecs=nmv)
+    return Eigs(values=values, vectors=vectors, residuals=residuals, num_matvecs=n_used)
 
 
 def power_iteration(matvec: Callable[[PyTree], PyTree], like: PyTree, *, key: jax.Array, k: int = 1,
@@ -498,9 +488,8 @@ def dense_hessian(objective: Callable, params: PyTree, data: Any = None, *, key:
         raise ValueError(f"dense_hessian: {d} parameters exceed max_dim={max_dim} (a {d}x{d} matrix); "
                          "raise max_dim or use lanczos/power_iteration")
     fn = _as_argument(objective)
-    H = np.zeros((d, d))
-    for wb, b in zip(*_batches(data)[::-1], strict=True):
-        H += wb * np.asarray(_hessian_jit(fn, params, b, key), np.float64)
+    H = sum(wb * np.asarray(_hessian_jit(fn, params, b, key), np.float64)
+            for wb, b in zip(*_batches(data)[::-1], strict=True))
     return 0.5 * (H + H.T)
 
 

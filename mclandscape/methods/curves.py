@@ -70,11 +70,6 @@ __all__ = [
 CURVE_KINDS = ("bezier", "polychain")
 
 
-def _check_distinct(curve: Connector) -> None:
-    if float(tree_distance(tree_index(curve.control, 0), tree_index(curve.control, -1))) == 0.0:
-        raise ValueError("start and end are identical points: there is no curve to train between them")
-
-
 def line_connector(start: PyTree, end: PyTree) -> Connector:
     """The straight segment ``(1 - t) start + t end`` as a degree-1 Bézier curve.
 
@@ -166,7 +161,8 @@ def _fit(objective, curve: Connector, data, cfg: CurveConfig, steps_per_epoch: i
     """Train a curve on the connector trainer with Garipov's defaults (:func:`train_curve`, :func:`fit_curve`)."""
     if not isinstance(cfg, CurveConfig):
         raise TypeError(f"config must be a CurveConfig, got {type(cfg).__name__}")
-    _check_distinct(curve)
+    if float(tree_distance(tree_index(curve.control, 0), tree_index(curve.control, -1))) == 0.0:
+        raise ValueError("start and end are identical points: there is no curve to train between them")
     if not curve.trainable.any() or curve.num_control < 3:
         raise ValueError("a curve with no trainable inner control point (degree 1 / 0 bends) has nothing to train")
     opt = cfg.optimizer or transform(_garipov_sgd, float(cfg.lr), max(cfg.epochs, 1), steps_per_epoch,

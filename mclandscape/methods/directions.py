@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.core import _checks
 from mclandscape.core.tree import (
     PyTree,
     check_same_structure,
@@ -133,14 +134,11 @@ def normalize_direction(direction: PyTree, params: PyTree, *, norm: str = "filte
         >>> out["kernel"].tolist(), out["bias"].tolist()
         ([[5.0, 0.0], [0.0, 1.0]], [0.0, 0.0])
     """
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
-    if bias_bn not in BIAS_BN:
-        raise ValueError(f"unknown bias_bn option {bias_bn!r}; expected one of {BIAS_BN}")
+    _checks.choice(norm, "norm", NORMS)
+    _checks.choice(bias_bn, "bias_bn", BIAS_BN)
     check_same_structure(direction, params, names=("direction", "params"), check_dtype=False)
-    if norm in ("filter", "layer", "weight"):
-        return jax.tree_util.tree_map(lambda d, w: _normalize_leaf(d, w, norm, bias_bn, eps), direction, params)
-    out = jax.tree_util.tree_map(lambda d, w: _normalize_leaf(d, w, "none", bias_bn, eps), direction, params)
+    # "unit" and "none" leave the (non bias/BN) leaves as drawn; "unit" then scales the whole direction
+    out = jax.tree_util.tree_map(lambda d, w: _normalize_leaf(d, w, norm, bias_bn, eps), direction, params)
     if norm == "unit":
         n = tree_norm(out)
         if float(n) == 0.0:
@@ -195,9 +193,8 @@ def random_directions(key: jax.Array, params: PyTree, num: int = 2, *, norm: str
         >>> bool(jnp.any(d1["kernel"] != d2["kernel"]))
         True
     """
-    if num < 1:
-        raise ValueError(f"num must be >= 1, got {num}")
-    return [random_direction(k, params, norm=norm, bias_bn=bias_bn) for k in jax.random.split(key, num)]
+    return [random_direction(k, params, norm=norm, bias_bn=bias_bn)
+            for k in jax.random.split(key, _checks.integer(num, "num", low=1))]
 
 
 def _as_dtype_of(direction: PyTree, params: PyTree) -> PyTree:

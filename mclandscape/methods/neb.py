@@ -73,6 +73,7 @@ from mclandscape.methods.neb_forces import (
     _band_dtype,
     _check_ends,
     _normalised_spacing,
+    _num_pivots,
     _rows,
     band_connector,
     neb_forces,
@@ -294,13 +295,6 @@ class BandObjective:
         return _band_loss(self, pivots, batch, key)
 
 
-def _num_pivots(pivots: PyTree) -> int:
-    leaves = jax.tree_util.tree_leaves(pivots)
-    if not leaves or np.ndim(leaves[0]) < 1:
-        raise ValueError("pivots must be stacked trees with a leading pivot axis")
-    return int(np.shape(leaves[0])[0])
-
-
 def make_neb_step(objective: Callable, config: NEBConfig, pivots: PyTree, spacing=None, *,
                   mesh: jax.sharding.Mesh | None = None) -> Step:
     """The NEB update of a band shaped like ``pivots``, as an engine step.
@@ -333,8 +327,6 @@ def make_neb_step(objective: Callable, config: NEBConfig, pivots: PyTree, spacin
         ([0.0, 0.5, 1.0], 0.8)
     """
     n = _num_pivots(pivots)
-    if n < 3:
-        raise ValueError(f"a band needs N >= 3 pivots, got N={n}")
     # the engine's resolver ("auto": the inner pivots differentiated together)
     strategy = mapping.resolve(config.strategy, n - 2, has_conv=cpu.has_conv(pivots, stacked=1), grad=True)[0]
     if not callable(objective) or any(callable(x) for x in jax.tree_util.tree_leaves(objective)):
@@ -349,12 +341,10 @@ def make_neb_step(objective: Callable, config: NEBConfig, pivots: PyTree, spacin
         if mesh.shape["points"] > 1:
             strategy = "vmap"  # the inner pivots are split over devices along the vmapped axis
     dtype = _band_dtype(pivots)
-    spacing_arr = _normalised_spacing(spacing, n - 1, dtype)
-    k = jnp.asarray(float(config.spring_constant), dtype)
+    band = BandObjective(point=objective, spacing=_normalised_spacing(spacing, n - 1, dtype),
+                         spring_constant=jnp.asarray(float(config.spring_constant), dtype), strategy=strategy, mesh=mesh)
     mask = jnp.asarray([False] + [True] * (n - 2) + [False])
-    trainable = jax.tree_util.tree_map(lambda _: mask, pivots)
-    band = BandObjective(point=objective, spacing=spacing_arr, spring_constant=k, strategy=strategy, mesh=mesh)
-    return make_step(band, config.make_optimizer(), trainable=trainable, mesh=mesh)
+    return make_step(band, config.make_optimizer(), trainable=jax.tree_util.tree_map(lambda _: mask, pivots), mesh=mesh)
 
 
 # ---- the NEB run --------------------------------------------------------------------------------------
@@ -363,7 +353,7 @@ def _batch_at(data, step: int):
     return data(step) if callable(data) else data
 
 
-def _band_mesh(config: NEBConfig, pivots: PyTree, data, step_offset: int, devices: int | None):
+def _band_mesh(pivots: PyTree, data, step_offset: int, devices: int | None):
     """The ``("points", "data")`` mesh of a band's step (``None``: one device), from its first batch's size."""
     if devices == 1 or (devices is None and len(jax.devices()) == 1):
         return None  # (reads no batch: a batch callable sees the steps in order on one device)
@@ -377,9 +367,7 @@ def _relax(point, pivots: PyTree, spacing, config: NEBConfig, data, *, step_offs
     """One NEB run on the engine loop: epochs of ``check_every`` steps, the last one shorter when ``steps``
     is not a multiple of it (see the module docstring)."""
     n = _num_pivots(pivots)
-    spacing_arr = _normalised_spacing(spacing, n - 1, _band_dtype(pivots))
-    step = make_neb_step(point, config, pivots, spacing,
-                         mesh=_band_mesh(config, pivots, data, step_offset, devices))
+    step = make_neb_step(point, config, pivots, spacing, mesh=_band_mesh(pivots, data, step_offset, devices))
     climbing, after, tol, ce = bool(config.climbing), int(config.climb_after), float(config.tol), int(config.check_every)
     steps = int(config.steps)
     on, off = jnp.asarray(True), jnp.asarray(False)
@@ -414,7 +402,7 @@ def _relax(point, pivots: PyTree, spacing, config: NEBConfig, data, *, step_offs
     last = res.history[-1] if res.history else {"perp_force": float("nan"), "par_force": float("nan")}
     return NEBResult(band=band_connector(res.state.params), losses=np.asarray(losses, np.float64), steps=done,
                      converged=res.stopped is not None, perp_force=last["perp_force"], par_force=last["par_force"],
-                     spacing=np.asarray(spacing_arr, np.float64), history=res.history)
+                     spacing=np.asarray(step.objective.spacing, np.float64), history=res.history)
 
 
 def neb(objective: Callable, start: PyTree, end: PyTree, *, num_pivots: int = 10, config: NEBConfig | None = None, data=None,

@@ -205,6 +205,17 @@ def neb_forces(pivots: PyTree, energies, grads: PyTree, spring_constant: float, 
                      par_norm=jnp.abs(par))
 
 
+def _num_pivots(pivots: PyTree) -> int:
+    """N, the length of the pivots' leading axis, checked to be at least 3."""
+    leaves = jax.tree_util.tree_leaves(pivots)
+    if not leaves or np.ndim(leaves[0]) < 1:
+        raise ValueError("pivots must be stacked trees with a leading pivot axis")
+    n = int(np.shape(leaves[0])[0])
+    if n < 3:
+        raise ValueError(f"a band needs N >= 3 pivots (two fixed ends and at least one free pivot), got N={n}")
+    return n
+
+
 def band_connector(pivots: PyTree) -> Connector:
     """The polygonal chain through stacked pivots.
 
@@ -219,12 +230,7 @@ def band_connector(pivots: PyTree) -> Connector:
         >>> band_connector(jnp.array([0.0, 1.0, 4.0])).points([0.25, 0.75]).tolist()
         [0.5, 2.5]
     """
-    leaves = jax.tree_util.tree_leaves(pivots)
-    if not leaves:
-        raise ValueError("pivots hold no arrays")
-    n = int(np.shape(leaves[0])[0])
-    if n < 3:
-        raise ValueError(f"a band needs N >= 3 pivots (two fixed ends and at least one free pivot), got N={n}")
+    n = _num_pivots(pivots)
     return from_control(pivots, "polychain", (n,), [True] + [False] * (n - 2) + [True])
 
 

@@ -72,10 +72,6 @@ def _grid_shape(shape: Sequence[int]) -> tuple[int, int]:
     return shape
 
 
-def _check_phase(phase) -> int:
-    return int(_checks.choice(phase, "phase", PHASES))
-
-
 def phase_trainable(shape: Sequence[int], phase: int) -> np.ndarray:
     """Boolean mask ``[(n+1)(m+1)]`` of the control points phase ``phase`` trains (see the module docstring).
 
@@ -97,7 +93,7 @@ def phase_trainable(shape: Sequence[int], phase: int) -> np.ndarray:
         [[0, 0, 0], [1, 1, 1], [0, 0, 0]]
     """
     n1, m1 = _grid_shape(shape)
-    phase = _check_phase(phase)
+    phase = _checks.choice(phase, "phase", PHASES)
     n, m = n1 - 1, m1 - 1
     t = np.zeros((n1, m1), dtype=bool)
     if phase == 1:
@@ -105,7 +101,7 @@ def phase_trainable(shape: Sequence[int], phase: int) -> np.ndarray:
     elif phase == 2:
         t[1:n, :] = True
     else:
-        t[:, :] = True
+        t[:] = True
         t[0, 0] = t[0, m] = t[n, 0] = t[n, m] = False
     return t.reshape(-1)
 
@@ -117,22 +113,15 @@ class PhaseSampler:
     shape: tuple[int, int] = struct.field(pytree_node=False)
     phase: int = struct.field(pytree_node=False)
 
-    @staticmethod
-    def _stratified(key, k, count):
-        ko, kv = jax.random.split(key)
-        off = jax.random.randint(ko, (), 0, count)
-        idx = (off + jnp.arange(k)) % count
-        v = jax.random.uniform(kv, (k,))  # the default float: float64 under jax_enable_x64
-        return idx.astype(v.dtype), v
-
     def __call__(self, key, k):
-        if self.phase == 1:
-            u, v = self._stratified(key, k, 2)
-            return jnp.stack([u, v], axis=1)
-        if self.phase == 2:
-            j, u = self._stratified(key, k, self.shape[1])
-            return jnp.stack([u, j], axis=1)
-        return jax.random.uniform(key, (k, 2))
+        if self.phase == 3:
+            return jax.random.uniform(key, (k, 2))
+        # stratified: phase 1's u over the two edges {0, 1}, phase 2's curve index j over 0..m, from a random start
+        count = 2 if self.phase == 1 else self.shape[1]
+        ko, kv = jax.random.split(key)
+        idx = (jax.random.randint(ko, (), 0, count) + jnp.arange(k)) % count
+        x = jax.random.uniform(kv, (k,))  # the default float: float64 under jax_enable_x64
+        return jnp.stack([idx.astype(x.dtype), x] if self.phase == 1 else [x, idx.astype(x.dtype)], axis=1)
 
 
 def phase_sampler(shape: Sequence[int], phase: int) -> PhaseSampler:
@@ -155,7 +144,7 @@ def phase_sampler(shape: Sequence[int], phase: int) -> PhaseSampler:
         >>> pts.shape, sorted(set(pts[:, 0].tolist()))
         ((4, 2), [0.0, 1.0])
     """
-    return PhaseSampler(_grid_shape(shape), _check_phase(phase))
+    return PhaseSampler(_grid_shape(shape), int(_checks.choice(phase, "phase", PHASES)))
 
 
 @struct.dataclass

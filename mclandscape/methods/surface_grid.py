@@ -178,12 +178,10 @@ def subset_approximation(model: Model, connector: Connector, train, test, *, ful
     rng = np.random.default_rng(seed)
     itr = rng.permutation(len(ytr))[:ntr]
     ite = rng.permutation(len(yte))[:nte]
-    if full is None:
-        full = surface_grid(model, connector, train, test, steps=steps, bn_data=bn_data, bn_batches=bn_batches,
-                            bn_batch_size=bn_batch_size, strategy=strategy)
-    sub = surface_grid(model, connector, train, (xte[ite], yte[ite]), steps=full.steps, bn_data=bn_data,
-                       bn_batches=bn_batches, bn_batch_size=bn_batch_size, strategy=strategy,
-                       train_eval=(xtr[itr], ytr[itr]))
+    kw = dict(bn_data=bn_data, bn_batches=bn_batches, bn_batch_size=bn_batch_size, strategy=strategy)
+    full = full or surface_grid(model, connector, train, test, steps=steps, **kw)
+    sub = surface_grid(model, connector, train, (xte[ite], yte[ite]), steps=full.steps, train_eval=(xtr[itr], ytr[itr]),
+                       **kw)
 
     def compare(a, b):
         fa, fb = extrema(a), extrema(b)

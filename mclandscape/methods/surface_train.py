@@ -153,10 +153,14 @@ class SurfaceConfig(ConnectorConfig):
                               ("area_estimator", AREA_ESTIMATORS), ("area_gradient", AREA_GRADIENTS)):
             _checks.choice(getattr(self, name), name, choices)
         if self.layers is not None:
-            try:
-                re.compile(self.layers)
-            except (re.error, TypeError) as err:
-                raise ValueError(f"layers must be a regular expression, got {self.layers!r}: {err}") from None
+            _regex(self.layers)
+
+
+def _regex(pattern) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as err:
+        raise ValueError(f"layers must be a regular expression, got {pattern!r}: {err}") from None
 
 
 def layer_mask(params: PyTree, pattern: str) -> PyTree:
@@ -180,10 +184,7 @@ def layer_mask(params: PyTree, pattern: str) -> PyTree:
         >>> layer_mask({"body": {"kernel": jnp.zeros(2)}, "head": {"kernel": jnp.zeros(2)}}, "head")
         {'body': {'kernel': False}, 'head': {'kernel': True}}
     """
-    try:
-        rx = re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"invalid layer pattern {pattern!r}: {e}") from e
+    rx = _regex(pattern)
     treedef = jax.tree_util.tree_structure(params)
     paths = tree_path_names(params)
     flags = [bool(rx.search(p)) for p in paths]
