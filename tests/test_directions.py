@@ -5,9 +5,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from mclandscape.core.tree import TreeMismatchError, tree_add, tree_norm, tree_stack
+from mclandscape.core.tree import TreeMismatchError, tree_norm, tree_stack
 from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models import get_model
 from mclandscape.engine.points import stacked_points
@@ -99,7 +100,7 @@ def test_loss_curve_and_plane_through_the_evaluator(cnn, tmp_path, monkeypatch):
     curve = loss_curve(model, params, d1, alphas, data, batch_size=16)
     centre = evaluate(model, stacked_points(tree_stack([params])), data, batch_size=16)
     np.testing.assert_allclose(curve.loss[2], centre.loss[0], rtol=1e-5)
-    edge = evaluate(model, stacked_points(tree_stack([tree_add(params, d1)])), data, batch_size=16)
+    edge = evaluate(model, stacked_points(tree_stack([optax.tree.add(params, d1)])), data, batch_size=16)
     np.testing.assert_allclose(curve.loss[-1], edge.loss[0], rtol=1e-5)
     betas = np.linspace(-0.5, 0.5, 3)
     plane = loss_plane(model, params, d1, d2, alphas, betas, data, batch_size=16)

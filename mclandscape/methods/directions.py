@@ -38,15 +38,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mclandscape.core import _checks
-from mclandscape.core.tree import (
-    PyTree,
-    check_same_structure,
-    tree_norm,
-    tree_random_normal,
-    tree_scale,
-)
+from mclandscape.core.tree import PyTree, check_same_structure, tree_norm, tree_random_normal
 from mclandscape.engine.evaluate import evaluate
 from mclandscape.engine.models.base import Model
 from mclandscape.engine.points import plane_points
@@ -143,7 +138,7 @@ def normalize_direction(direction: PyTree, params: PyTree, *, norm: str = "filte
         n = tree_norm(out)
         if float(n) == 0.0:
             raise ValueError("normalize_direction(norm='unit'): the direction is zero")
-        out = tree_scale(out, 1.0 / n)
+        out = optax.tree.scale(1.0 / n, out)
     return out
 
 
