@@ -13,6 +13,7 @@ naming both. Rotation is orbax's: the latest ``keep`` checkpoints and the ``mile
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -74,14 +75,9 @@ def fingerprint_diff(old: Any, new: Any, where: str = "") -> list[str]:
 
 
 def jsonify(obj):
-    """Tuples become lists (what a JSON round trip does), so fingerprints compare as stored."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonify(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonify(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
+    """``obj`` after a JSON round trip (tuples become lists, NumPy values Python ones), so that fingerprints
+    compare as stored."""
+    return json.loads(json.dumps(obj, default=lambda a: np.asarray(a).tolist()))
 
 
 def _state_tree(state: TrainState) -> dict:
