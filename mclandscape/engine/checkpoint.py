@@ -288,12 +288,9 @@ def load_model(directory: str | os.PathLike, step: int | None = None, *, model=N
                               "seed axis (axis 0) of its leaves; load_model reads one model's checkpoint")
     spec = metadata.get("model")
     if model is None:
-        if not isinstance(spec, dict) or "arch" not in spec:
-            raise CheckpointError(f"checkpoint {directory} records no model spec (metadata['model']); pass model= "
-                                  "or use restore_checkpoint and build the model yourself")
-        if "kwargs" not in spec:  # from_flax / from_nnx / hand-written: a name alone could match a zoo model
-            raise CheckpointError(f"checkpoint {directory} holds a user model ({spec!r} is not a zoo spec: it has no "
-                                  "'kwargs'); pass the model you trained as model=")
+        if not isinstance(spec, dict) or "kwargs" not in spec:  # from_flax / from_nnx: a name alone could match
+            raise CheckpointError(f"checkpoint {directory} records no zoo model spec (metadata['model'] is {spec!r}: "
+                                  "a user model's, or none); pass the model you trained as model=")
         try:
             model = get_model(spec)
         except ValueError as e:
