@@ -60,17 +60,17 @@ def _crc(x) -> int:
     return zlib.crc32(np.ascontiguousarray(np.asarray(x)).tobytes()) & 0xFFFFFFFF
 
 
-def _jsonable(obj, where: str = "metadata"):
-    """A JSON-ready copy of ``obj`` (NumPy/JAX scalars and small arrays become Python values; NaN and inf
-    are kept, written as ``NaN`` / ``Infinity`` as Python's json does). Anything else that JSON cannot hold
-    raises ``ValueError`` naming where it is."""
+def jsonable(obj, where: str = "metadata"):
+    """A JSON-ready copy of ``obj`` (tuples become lists, NumPy/JAX scalars and small arrays Python values; NaN
+    and inf are kept, written as ``NaN`` / ``Infinity`` as Python's json does), as it reads back from a
+    checkpoint. Anything else that JSON cannot hold raises ``ValueError`` naming where it is."""
     if isinstance(obj, Mapping):
         bad = [k for k in obj if not isinstance(k, str)]
         if bad:
             raise ValueError(f"{where}: key {bad[0]!r} is not a string")
-        return {k: _jsonable(v, f"{where}.{k}") for k, v in obj.items()}
+        return {k: jsonable(v, f"{where}.{k}") for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, np.generic | np.ndarray | jax.Array) and np.size(obj) <= 10000:
         return np.asarray(obj).tolist()
     if obj is None or isinstance(obj, bool | int | float | str):
@@ -128,7 +128,7 @@ class CheckpointStore:
     def save(self, step: int, state, metadata: Mapping | None = None, *, overwrite: bool = False) -> Path:
         """Save ``state`` (a pytree of arrays / scalars) and ``metadata`` (JSON) as ``step``."""
         step = _checks.integer(step, "checkpoint step", low=0)
-        meta, flat = _jsonable(dict(metadata or {})), _flat(state)
+        meta, flat = jsonable(dict(metadata or {})), _flat(state)
         for path, x in flat.items():
             if not isinstance(x, np.ndarray | np.generic | jax.Array | int | float | bool):
                 raise ValueError(f"state leaf {path} is a {type(x).__name__}; checkpoints hold arrays only")
@@ -296,7 +296,7 @@ def load_model(directory: str | os.PathLike, step: int | None = None, *, model=N
         except ValueError as e:
             raise CheckpointError(f"checkpoint {directory} holds a model the zoo cannot rebuild ({e}); pass the "
                                   "model you trained as model=") from e
-    elif spec is not None and _jsonable(spec) != _jsonable(getattr(model, "spec", None), "model spec"):
+    elif spec is not None and jsonable(spec) != jsonable(getattr(model, "spec", None), "model spec"):
         raise CheckpointError(f"checkpoint {directory} was written by a model with spec {spec!r} but model= "
                               f"{getattr(model, 'name', model)!r} has spec {getattr(model, 'spec', None)!r}")
     if isinstance(state, dict) and "params" in state and "nonfinite" in state:  # the training loop's state

@@ -13,7 +13,6 @@ naming both. Rotation is orbax's: the latest ``keep`` checkpoints and the ``mile
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -22,10 +21,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from mclandscape.engine.checkpoint import CheckpointError, CheckpointStore
+from mclandscape.engine.checkpoint import jsonable as jsonify  # noqa: F401 - loop, DSP-TT: fingerprints as stored
 from mclandscape.engine.step import TrainState
 
 __all__ = ["ResumeMismatchError", "fingerprint_diff", "restore_state", "open_store", "resume", "save"]
@@ -72,12 +71,6 @@ def fingerprint_diff(old: Any, new: Any, where: str = "") -> list[str]:
         return out
     same = old == new or (isinstance(old, float) and isinstance(new, float) and math.isnan(old) and math.isnan(new))
     return [] if same else [f"{where or '<root>'}: checkpoint {old!r} vs now {new!r}"]
-
-
-def jsonify(obj):
-    """``obj`` after a JSON round trip (tuples become lists, NumPy values Python ones), so that fingerprints
-    compare as stored."""
-    return json.loads(json.dumps(obj, default=lambda a: np.asarray(a).tolist()))
 
 
 def _state_tree(state: TrainState) -> dict:
