@@ -220,12 +220,10 @@ def _synthetic(split: str, seed: int, *, n_train: int = 256, n_test: int = 256, 
     if classify:
         f = f - f.mean(axis=0)  # centre the teacher's logits so that no class is (nearly) empty
         y = np.argmax(f + noise * rng.gumbel(size=f.shape), axis=1).astype(np.int32)
-        k = int(num_classes)
     else:
         y = (f + noise * rng.standard_normal(f.shape)).astype(np.float32)
-        k = 0
     sl = slice(0, n_train) if split == "train" else slice(n_train, n)
-    return Dataset(x[sl], y[sl], k, "synthetic")
+    return Dataset(x[sl], y[sl], int(out) if classify else 0, "synthetic")
 
 
 # ----------------------------------------------------------------------------------------------------------

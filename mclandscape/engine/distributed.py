@@ -19,8 +19,8 @@ died" error instead of hanging; restarting every process resumes from the last c
 
 Example (one process: nothing to start, every helper is the identity or a plain device put):
     >>> import numpy as np
-    >>> process_count(), is_main_process()
-    (1, True)
+    >>> is_main_process()
+    True
     >>> to_host(replicate(np.arange(3.0))).tolist()
     [0.0, 1.0, 2.0]
 """
@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from mclandscape.core import _checks
 from mclandscape.core.tree import PyTree
 
-__all__ = ["initialize", "process_count", "is_main_process", "mesh", "training_mesh", "put", "replicate", "shard",
+__all__ = ["initialize", "is_main_process", "mesh", "training_mesh", "put", "replicate", "shard",
            "num_devices", "to_host", "local", "sync"]
 
 
@@ -86,19 +86,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, heartbeat_timeout_seconds=int(heartbeat_timeout_seconds),
                                initialization_timeout=int(initialization_timeout))
-
-
-def process_count() -> int:
-    """Number of processes in the job (1 without :func:`initialize`).
-
-    Returns:
-      An ``int``.
-
-    Example:
-        >>> process_count()
-        1
-    """
-    return jax.process_count()
 
 
 def is_main_process() -> bool:
