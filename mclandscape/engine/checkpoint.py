@@ -19,6 +19,7 @@ metadata ``{"model": model.spec, "dataset": ..., "seed": ..., "epoch": ..., "met
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from collections.abc import Mapping
@@ -83,7 +84,7 @@ def _as_path(directory) -> Path:
     return Path(os.fspath(directory)).expanduser().absolute()
 
 
-class CheckpointStore:
+class CheckpointStore(contextlib.AbstractContextManager):  # (__enter__ returns self)
     """An open checkpoint directory (one orbax ``CheckpointManager``); reuse it to save many steps.
 
     Synchronous saves (a save has finished, atomically, when :meth:`save` returns); orbax writes each step
@@ -98,10 +99,6 @@ class CheckpointStore:
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=create,
                                                cleanup_tmp_directories=create, preservation_policy=preservation_policy)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
-
-    # -- context manager
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc):
         self.close()

@@ -257,10 +257,9 @@ class TinyImagenet(_NoCodePath, tfds.core.GeneratorBasedBuilder):
                 "validation": self._generate_examples(root, val, "val/images/{0}", wnids)}
 
     def _generate_examples(self, root, files: list, where: str, wnids: list[str]) -> Iterator:
-        label = {w: i for i, w in enumerate(wnids)}
         for fname, wnid in files:
             raw = (root / where.format(fname, wnid)).read_bytes()
-            yield fname, {"image": _rgb_image_bytes(raw), "label": label[wnid], "id": fname}
+            yield fname, {"image": _rgb_image_bytes(raw), "label": wnids.index(wnid), "id": fname}
 
 
 def prepare_tiny_imagenet(manual_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
