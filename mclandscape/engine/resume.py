@@ -60,15 +60,11 @@ def fingerprint_diff(old: Any, new: Any, where: str = "") -> list[str]:
         ['hyper.lr: checkpoint 0.1 vs now 0.5']
     """
     if isinstance(old, Mapping) and isinstance(new, Mapping):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += fingerprint_diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{where}.{k}" if where else str(k))
-        return out
+        return [line for k in sorted(set(old) | set(new), key=str) for line in fingerprint_diff(
+            old.get(k, "<absent>"), new.get(k, "<absent>"), f"{where}.{k}" if where else str(k))]
     if isinstance(old, list | tuple) and isinstance(new, list | tuple) and len(old) == len(new):
-        out = []
-        for i, (a, b) in enumerate(zip(old, new, strict=True)):
-            out += fingerprint_diff(a, b, f"{where}[{i}]")
-        return out
+        return [line for i, (a, b) in enumerate(zip(old, new, strict=True))
+                for line in fingerprint_diff(a, b, f"{where}[{i}]")]
     same = old == new or (isinstance(old, float) and isinstance(new, float) and math.isnan(old) and math.isnan(new))
     return [] if same else [f"{where or '<root>'}: checkpoint {old!r} vs now {new!r}"]
 
