@@ -168,6 +168,7 @@ class BatchStream:
         if self.steps_per_epoch < 1:
             raise ValueError(f"dataset {ds.name!r} is empty" if len(ds) == 0 else
                              f"batch_size {batch_size} exceeds the dataset size {len(ds)}")
+        self._epoch: tuple[int, np.ndarray] | None = None
 
     @property
     def digest(self) -> str:
@@ -176,9 +177,10 @@ class BatchStream:
 
     def __call__(self, t: int):
         epoch, j = divmod(_checks.integer(t, "batch index", low=0), self.steps_per_epoch)
-        order = _epoch_order(len(self.data), self.seed, epoch, True)  # (a permutation costs little beside a step)
-        x, y = _take_batch(self.data, order, j, self.batch_size, seed=self.seed, epoch=epoch, augment=self.augment,
-                           pad=4)
+        if self._epoch is None or self._epoch[0] != epoch:  # the permutation of the current epoch only
+            self._epoch = (epoch, _epoch_order(len(self.data), self.seed, epoch, True))
+        x, y = _take_batch(self.data, self._epoch[1], j, self.batch_size, seed=self.seed, epoch=epoch,
+                           augment=self.augment, pad=4)
         if not self.pad:
             return jnp.asarray(x), jnp.asarray(y)
         w = (np.arange(self.batch_size) < len(x)).astype(np.float32)
