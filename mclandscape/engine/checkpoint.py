@@ -19,6 +19,7 @@ metadata ``{"model": model.spec, "dataset": ..., "seed": ..., "epoch": ..., "met
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from collections.abc import Mapping
@@ -60,17 +61,17 @@ def _crc(x) -> int:
     return zlib.crc32(np.ascontiguousarray(np.asarray(x)).tobytes()) & 0xFFFFFFFF
 
 
-def _jsonable(obj, where: str = "metadata"):
-    """A JSON-ready copy of ``obj`` (NumPy/JAX scalars and small arrays become Python values; NaN and inf
-    are kept, written as ``NaN`` / ``Infinity`` as Python's json does). Anything else that JSON cannot hold
-    raises ``ValueError`` naming where it is."""
+def jsonable(obj, where: str = "metadata"):
+    """A JSON-ready copy of ``obj`` (tuples become lists, NumPy/JAX scalars and small arrays Python values; NaN
+    and inf are kept, written as ``NaN`` / ``Infinity`` as Python's json does), as it reads back from a
+    checkpoint. Anything else that JSON cannot hold raises ``ValueError`` naming where it is."""
     if isinstance(obj, Mapping):
         bad = [k for k in obj if not isinstance(k, str)]
         if bad:
             raise ValueError(f"{where}: key {bad[0]!r} is not a string")
-        return {k: _jsonable(v, f"{where}.{k}") for k, v in obj.items()}
+        return {k: jsonable(v, f"{where}.{k}") for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, np.generic | np.ndarray | jax.Array) and np.size(obj) <= 10000:
         return np.asarray(obj).tolist()
     if obj is None or isinstance(obj, bool | int | float | str):
@@ -83,7 +84,7 @@ def _as_path(directory) -> Path:
     return Path(os.fspath(directory)).expanduser().absolute()
 
 
-class CheckpointStore:
+class CheckpointStore(contextlib.AbstractContextManager):  # (__enter__ returns self)
     """An open checkpoint directory (one orbax ``CheckpointManager``); reuse it to save many steps.
 
     Synchronous saves (a save has finished, atomically, when :meth:`save` returns); orbax writes each step
@@ -98,10 +99,6 @@ class CheckpointStore:
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=create,
                                                cleanup_tmp_directories=create, preservation_policy=preservation_policy)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
-
-    # -- context manager
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc):
         self.close()
@@ -128,7 +125,7 @@ class CheckpointStore:
     def save(self, step: int, state, metadata: Mapping | None = None, *, overwrite: bool = False) -> Path:
         """Save ``state`` (a pytree of arrays / scalars) and ``metadata`` (JSON) as ``step``."""
         step = _checks.integer(step, "checkpoint step", low=0)
-        meta, flat = _jsonable(dict(metadata or {})), _flat(state)
+        meta, flat = jsonable(dict(metadata or {})), _flat(state)
         for path, x in flat.items():
             if not isinstance(x, np.ndarray | np.generic | jax.Array | int | float | bool):
                 raise ValueError(f"state leaf {path} is a {type(x).__name__}; checkpoints hold arrays only")
@@ -143,14 +140,12 @@ class CheckpointStore:
         integrity = {"format": FORMAT, "leaves": {p: {"shape": list(np.shape(x)), "dtype": str(np.asarray(x).dtype),
                                                       "crc32": _crc(x)} for p, x in flat.items()}}
         # force=True: orbax would otherwise silently skip any step not above the latest one.
-        saved = self._mngr.save(step, force=True, args=ocp.args.Composite(
+        self._mngr.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             metadata=ocp.args.JsonSave(meta),
             integrity=ocp.args.JsonSave(integrity),
         ))
         self._mngr.wait_until_finished()
-        if not saved or step not in self.all_steps():
-            raise CheckpointError(f"orbax did not write step {step} to {self.directory}")
         return self.directory / str(step)
 
     def delete(self, step: int) -> None:
@@ -290,18 +285,15 @@ def load_model(directory: str | os.PathLike, step: int | None = None, *, model=N
                               "seed axis (axis 0) of its leaves; load_model reads one model's checkpoint")
     spec = metadata.get("model")
     if model is None:
-        if not isinstance(spec, dict) or "arch" not in spec:
-            raise CheckpointError(f"checkpoint {directory} records no model spec (metadata['model']); pass model= "
-                                  "or use restore_checkpoint and build the model yourself")
-        if "kwargs" not in spec:  # from_flax / from_nnx / hand-written: a name alone could match a zoo model
-            raise CheckpointError(f"checkpoint {directory} holds a user model ({spec!r} is not a zoo spec: it has no "
-                                  "'kwargs'); pass the model you trained as model=")
+        if not isinstance(spec, dict) or "kwargs" not in spec:  # from_flax / from_nnx: a name alone could match
+            raise CheckpointError(f"checkpoint {directory} records no zoo model spec (metadata['model'] is {spec!r}: "
+                                  "a user model's, or none); pass the model you trained as model=")
         try:
             model = get_model(spec)
         except ValueError as e:
             raise CheckpointError(f"checkpoint {directory} holds a model the zoo cannot rebuild ({e}); pass the "
                                   "model you trained as model=") from e
-    elif spec is not None and _jsonable(spec) != _jsonable(getattr(model, "spec", None), "model spec"):
+    elif spec is not None and jsonable(spec) != jsonable(getattr(model, "spec", None), "model spec"):
         raise CheckpointError(f"checkpoint {directory} was written by a model with spec {spec!r} but model= "
                               f"{getattr(model, 'name', model)!r} has spec {getattr(model, 'spec', None)!r}")
     if isinstance(state, dict) and "params" in state and "nonfinite" in state:  # the training loop's state

@@ -54,18 +54,13 @@ class FirstConv:
       use_bias: whether it has a bias.
 
     Example:
-        >>> FirstConv(path=("Conv_0",), kernel_shape=(5, 5, 3, 32), use_bias=True).macs_per_output
-        75
+        >>> FirstConv(path=("Conv_0",), kernel_shape=(5, 5, 3, 32), use_bias=True).params({"Conv_0": {"bias": 0}})
+        {'bias': 0}
     """
 
     path: tuple[str, ...]
     kernel_shape: tuple[int, ...]
     use_bias: bool
-
-    @property
-    def macs_per_output(self) -> int:
-        """Multiply-adds per output element (kernel height × width × input channels)."""
-        return int(np.prod(self.kernel_shape[:-1]))
 
     def params(self, tree):
         """The subtree of ``tree`` (e.g. stacked control points) holding this convolution's parameters.
@@ -198,7 +193,8 @@ def use_factorisation(conv: FirstConv | None, num_points: int, num_control: int,
     """
     if conv is None or (backend or mapping.backend()) != "cpu":
         return False
-    return num_points > num_control and conv.macs_per_output >= 16 * num_control
+    # the convolution's multiply-adds per output element: kernel height × width × input channels
+    return num_points > num_control and int(np.prod(conv.kernel_shape[:-1])) >= 16 * num_control
 
 
 def stacked_first_conv(module: nn.Conv, kernel: jax.Array, bias: jax.Array | None, x: jax.Array) -> jax.Array:
@@ -225,10 +221,8 @@ def stacked_first_conv(module: nn.Conv, kernel: jax.Array, bias: jax.Array | Non
     num_k, cout = kernel.shape[0], kernel.shape[-1]
     stacked = jnp.moveaxis(kernel, 0, -2).reshape(kernel.shape[1:-1] + (num_k * cout,))
     wide = module.clone(parent=None, features=num_k * cout)
-    variables = {"kernel": stacked}
-    if bias is not None:
-        variables["bias"] = bias.reshape(num_k * cout)
-    h = wide.apply({"params": variables}, x)
+    biases = {} if bias is None else {"bias": bias.reshape(num_k * cout)}
+    h = wide.apply({"params": {"kernel": stacked, **biases}}, x)
     return h.reshape(h.shape[:-1] + (num_k, cout))
 
 

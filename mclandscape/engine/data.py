@@ -105,20 +105,15 @@ class Dataset:
 # ----------------------------------------------------------------------------------------------------------
 # registry
 
-_SKLEARN = {"digits", "iris", "wine", "breast_cancer"}
-_OFFLINE = _SKLEARN | {"mnist1d"}
-_TFDS_IMAGE = {"cifar10", "cifar100", "tiny_imagenet"}
-
-# Per-channel (mean, std) of the training images in [0, 1].
+# Per-channel (mean, std) of the training images in [0, 1] (the TFDS image sets; the others are generated offline).
 IMAGE_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
 }
+# every dataset but ``synthetic``
 _NUM_CLASSES = {"digits": 10, "iris": 3, "wine": 3, "breast_cancer": 2, "mnist1d": 10,
                 "cifar10": 10, "cifar100": 100, "tiny_imagenet": 200}
-# mclandscape split -> TFDS split
-_TFDS_SPLITS = {"tiny_imagenet": {"test": "validation"}}
 
 
 def list_datasets() -> list[str]:
@@ -131,7 +126,7 @@ def list_datasets() -> list[str]:
         >>> "digits" in list_datasets() and "cifar10" in list_datasets()
         True
     """
-    return sorted(_OFFLINE | _TFDS_IMAGE | {"synthetic"})
+    return sorted([*_NUM_CLASSES, "synthetic"])
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -220,12 +215,10 @@ def _synthetic(split: str, seed: int, *, n_train: int = 256, n_test: int = 256, 
     if classify:
         f = f - f.mean(axis=0)  # centre the teacher's logits so that no class is (nearly) empty
         y = np.argmax(f + noise * rng.gumbel(size=f.shape), axis=1).astype(np.int32)
-        k = int(num_classes)
     else:
         y = (f + noise * rng.standard_normal(f.shape)).astype(np.float32)
-        k = 0
     sl = slice(0, n_train) if split == "train" else slice(n_train, n)
-    return Dataset(x[sl], y[sl], k, "synthetic")
+    return Dataset(x[sl], y[sl], int(out) if classify else 0, "synthetic")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,7 +251,7 @@ def _tfds_raw(name: str, split: str, root: Path):
 
     from mclandscape.engine import tfds_local  # (registers the Tiny-ImageNet builder)
 
-    split = _TFDS_SPLITS.get(name, {}).get(split, split)
+    split = "validation" if (name, split) == ("tiny_imagenet", "test") else split  # its test images have no labels
     _check_prepared(name, split, root)
 
     def read():
@@ -312,7 +305,7 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
         limit = _checks.integer(limit, "limit", low=1, what="a number of examples")
     if key == "synthetic":
         ds = _synthetic(split, seed, **options)
-    elif key in _OFFLINE:
+    elif key not in IMAGE_STATS:  # scikit-learn's sets and MNIST-1D, generated offline
         xtr, ytr, xte, yte = _offline_raw(key)  # the training split's statistics normalise both
         x, y = (xtr, ytr) if split == "train" else (xte, yte)
         x = np.array(x, dtype=np.float32, copy=True)

@@ -2,10 +2,11 @@
 
 One program runs as N processes (one per host, or several on one machine for testing); each sees every
 device of the job (``jax.devices()``) and drives its own (``jax.local_devices()``). :func:`initialize` is a
-thin wrapper over ``jax.distributed.initialize`` that on CPU selects the gloo collectives, so the same
-program runs as N processes on one machine and on a GPU cluster. The engine's meshes span all devices of
-all processes (:func:`mesh`); inputs become global arrays (:func:`replicate`, :func:`shard`), and what a
-method returns to its caller is a host value, equal on every process (:func:`to_host`).
+thin wrapper over ``jax.distributed.initialize`` that checks its arguments before anything starts (JAX's
+CPU collectives, gloo, let the same program run as N processes on one machine and on a GPU cluster). The
+engine's meshes span all devices of all processes (:func:`mesh`); inputs become global arrays
+(:func:`replicate`, :func:`shard`), and what a method returns to its caller is a host value, equal on every
+process (:func:`to_host`).
 
 Launching (every process runs the same command):
 
@@ -19,8 +20,8 @@ died" error instead of hanging; restarting every process resumes from the last c
 
 Example (one process: nothing to start, every helper is the identity or a plain device put):
     >>> import numpy as np
-    >>> process_count(), is_main_process()
-    (1, True)
+    >>> is_main_process()
+    True
     >>> to_host(replicate(np.arange(3.0))).tolist()
     [0.0, 1.0, 2.0]
 """
@@ -38,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from mclandscape.core import _checks
 from mclandscape.core.tree import PyTree
 
-__all__ = ["initialize", "process_count", "is_main_process", "mesh", "training_mesh", "put", "replicate", "shard",
+__all__ = ["initialize", "is_main_process", "mesh", "training_mesh", "put", "replicate", "shard",
            "num_devices", "to_host", "local", "sync"]
 
 
@@ -47,8 +48,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                heartbeat_timeout_seconds: int = 100, initialization_timeout: int = 300) -> None:
     """Join (or start) a multi-process JAX job; call it before any other JAX work.
 
-    On CPU the collectives are gloo's (``jax_cpu_collectives_implementation``); other backends use their own
-    (NCCL on GPU).
+    On CPU the collectives are JAX's default, gloo (``jax_cpu_collectives_implementation``, since JAX 0.10);
+    other backends use their own (NCCL on GPU).
 
     Args:
       coordinator_address: ``"host:port"`` of process 0's coordinator; ``None`` lets JAX detect the cluster
@@ -79,26 +80,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError(f"process_id must lie in [0, {num_processes}), got {process_id}")
     if local_devices is not None:
         jax.config.update("jax_num_cpu_devices", int(local_devices))
-    # on CPU, collectives between processes need an implementation (JAX's default is gloo in recent versions;
-    # an explicit choice such as "mpi" is kept); harmless where the CPU is not the backend
-    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, heartbeat_timeout_seconds=int(heartbeat_timeout_seconds),
                                initialization_timeout=int(initialization_timeout))
-
-
-def process_count() -> int:
-    """Number of processes in the job (1 without :func:`initialize`).
-
-    Returns:
-      An ``int``.
-
-    Example:
-        >>> process_count()
-        1
-    """
-    return jax.process_count()
 
 
 def is_main_process() -> bool:

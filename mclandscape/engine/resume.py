@@ -21,10 +21,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from mclandscape.engine.checkpoint import CheckpointError, CheckpointStore
+from mclandscape.engine.checkpoint import jsonable as jsonify  # noqa: F401 - loop, DSP-TT: fingerprints as stored
 from mclandscape.engine.step import TrainState
 
 __all__ = ["ResumeMismatchError", "fingerprint_diff", "restore_state", "open_store", "resume", "save"]
@@ -60,28 +60,13 @@ def fingerprint_diff(old: Any, new: Any, where: str = "") -> list[str]:
         ['hyper.lr: checkpoint 0.1 vs now 0.5']
     """
     if isinstance(old, Mapping) and isinstance(new, Mapping):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += fingerprint_diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{where}.{k}" if where else str(k))
-        return out
+        return [line for k in sorted(set(old) | set(new), key=str) for line in fingerprint_diff(
+            old.get(k, "<absent>"), new.get(k, "<absent>"), f"{where}.{k}" if where else str(k))]
     if isinstance(old, list | tuple) and isinstance(new, list | tuple) and len(old) == len(new):
-        out = []
-        for i, (a, b) in enumerate(zip(old, new, strict=True)):
-            out += fingerprint_diff(a, b, f"{where}[{i}]")
-        return out
+        return [line for i, (a, b) in enumerate(zip(old, new, strict=True))
+                for line in fingerprint_diff(a, b, f"{where}[{i}]")]
     same = old == new or (isinstance(old, float) and isinstance(new, float) and math.isnan(old) and math.isnan(new))
     return [] if same else [f"{where or '<root>'}: checkpoint {old!r} vs now {new!r}"]
-
-
-def jsonify(obj):
-    """Tuples become lists (what a JSON round trip does), so fingerprints compare as stored."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonify(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonify(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def _state_tree(state: TrainState) -> dict:

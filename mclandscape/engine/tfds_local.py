@@ -257,10 +257,9 @@ class TinyImagenet(_NoCodePath, tfds.core.GeneratorBasedBuilder):
                 "validation": self._generate_examples(root, val, "val/images/{0}", wnids)}
 
     def _generate_examples(self, root, files: list, where: str, wnids: list[str]) -> Iterator:
-        label = {w: i for i, w in enumerate(wnids)}
         for fname, wnid in files:
             raw = (root / where.format(fname, wnid)).read_bytes()
-            yield fname, {"image": _rgb_image_bytes(raw), "label": label[wnid], "id": fname}
+            yield fname, {"image": _rgb_image_bytes(raw), "label": wnids.index(wnid), "id": fname}
 
 
 def prepare_tiny_imagenet(manual_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
@@ -296,21 +295,16 @@ def main(argv=None) -> int:
     p.add_argument("name", choices=sorted(TFDS_VERSIONS))
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR or "
                                                      "~/tensorflow_datasets)")
-    p.add_argument("--archive", default=None, help="CIFAR binary archive (.tar.gz) or extracted folder")
-    p.add_argument("--manual-dir", default=None, help="folder holding tiny-imagenet-200.zip or its folder")
+    # one source argument under both names: CIFAR's binary archive, Tiny-ImageNet's manual folder
+    p.add_argument("--archive", "--manual-dir", dest="source", required=True,
+                   help="CIFAR binary archive (.tar.gz) or its extracted folder; for tiny_imagenet the folder "
+                        f"holding tiny-imagenet-200.zip or tiny-imagenet-200/ ({TINY_IMAGENET_URL})")
     args = parser.parse_args(argv)
     from mclandscape.engine.data import resolve_data_dir
 
     data_dir = resolve_data_dir(args.data_dir)
-    if args.name in CIFAR_URLS:
-        if not args.archive:
-            parser.error(f"{args.name} needs --archive ({CIFAR_URLS[args.name]})")
-        out = prepare_cifar(args.name, args.archive, data_dir)
-    else:
-        if not args.manual_dir:
-            parser.error(f"tiny_imagenet needs --manual-dir (a folder holding tiny-imagenet-200.zip; "
-                         f"{TINY_IMAGENET_URL})")
-        out = prepare_tiny_imagenet(args.manual_dir, data_dir)
+    out = (prepare_cifar(args.name, args.source, data_dir) if args.name in CIFAR_URLS
+           else prepare_tiny_imagenet(args.source, data_dir))
     print(f"prepared {args.name} in {out}")
     return 0
 
