@@ -108,9 +108,9 @@ from tqdm.auto import tqdm
 from mclandscape.core._checks import integer
 from mclandscape.core.tree import PyTree, check_finite, tree_cosine, tree_distance, tree_index, tree_stack
 from mclandscape.engine import distributed
-from mclandscape.engine.checkpoint import CheckpointStore
+from mclandscape.engine.checkpoint import CheckpointStore, jsonable
 from mclandscape.engine.loop import progress_enabled
-from mclandscape.engine.resume import ResumeMismatchError, fingerprint_diff, jsonify
+from mclandscape.engine.resume import ResumeMismatchError, fingerprint_diff
 from mclandscape.engine.step import make_step, split_static
 from mclandscape.methods.dsp_detector import BatchFn, DSPConfig, ExitRecord, LocalSolver, Objective, TierResult, _kind
 from mclandscape.methods.dsp_step import (
@@ -283,7 +283,7 @@ class _Driver:
 
     def restore(self, directory) -> None:
         meta = self.store.metadata()
-        diff = fingerprint_diff(meta.get("fingerprint"), jsonify(self.fingerprint))
+        diff = fingerprint_diff(meta.get("fingerprint"), jsonable(self.fingerprint))
         if diff:
             raise ResumeMismatchError(f"checkpoint in {directory!r} belongs to a different search ("
                                       + "; ".join(diff) + "); use a fresh directory")
