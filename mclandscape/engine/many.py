@@ -1,7 +1,8 @@
 """Several seeds of one training run: :func:`train_many`, one after another or stacked in one compiled step.
 
-The stacked way trains S independent members at once through :class:`MembersObjective` (the sum of their
-objectives, whose gradient is every member's own) and a transform applied per member::
+The stacked way trains S independent members at once through
+:class:`~mclandscape.engine.step.MembersObjective` (the sum of their objectives, whose gradient is every
+member's own) and a transform applied per member::
 
     corners = train_many(model, train, test, cfg, seeds=(0, 1, 2, 3))   # four independent corners
 """
@@ -17,10 +18,9 @@ from mclandscape.engine import cpu, mapping
 from mclandscape.engine.batches import num_batches
 from mclandscape.engine.data import Dataset
 from mclandscape.engine.models.base import Model
-from mclandscape.engine.step import MembersObjective
 from mclandscape.engine.train import TrainConfig, TrainResult, _to_key, _train, train_model
 
-__all__ = ["train_many", "MembersObjective", "MANY_STRATEGIES"]
+__all__ = ["train_many", "MANY_STRATEGIES"]
 
 MANY_STRATEGIES = ("auto", "sequential", "vmap", "unroll")
 
@@ -63,8 +63,8 @@ def train_many(model: Model, train: Dataset, test: Dataset | None, config: Train
 
     - ``"sequential"``: one :func:`train_model` after another (each data-parallel over the devices), sharing
       one compiled step; checkpoints in ``checkpoint_dir/seed_<seed>``, each a run :func:`load_model` reads.
-    - ``"vmap"``: every seed in one compiled step (:class:`MembersObjective`): parameters, optimizer states
-      (the Optax transform applied per seed, so clipping by the global norm and schedules act per seed) and
+    - ``"vmap"``: every seed in one compiled step (:class:`~mclandscape.engine.step.MembersObjective`):
+      parameters, optimizer states (the Optax transform applied per seed, so clipping by the global norm and schedules act per seed) and
       BatchNorm statistics stacked over a leading seed axis; one :func:`~mclandscape.engine.loop.run` (one
       dispatch per step for all seeds). With several devices the seeds are split over the ``"points"`` axis
       of :func:`~mclandscape.engine.distributed.training_mesh` (``gcd(devices, len(seeds))`` devices, a
