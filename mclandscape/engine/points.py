@@ -234,16 +234,12 @@ def map_points(fn: Callable, points: Points, *args, strategy: str = "map", chunk
     Example:
         >>> import jax.numpy as jnp
         >>> pts = stacked_points({"w": jnp.arange(6.0).reshape(3, 2)})
-        >>> map_points(_sum_w, pts).tolist()
+        >>> map_points(lambda p: jnp.sum(p["w"]), pts).tolist()
         [1.0, 5.0, 9.0]
     """
     strategy, chunk = mapping.resolve("map" if strategy == "auto" else strategy, points.num_points,
                                       has_conv=False, chunk_size=chunk_size)
     return run_mapped(_map_points_jit, points, {"fn": fn}, tuple(args), strategy, chunk, devices)
-
-
-def _sum_w(params):  # used by the doctest of map_points
-    return jnp.sum(params["w"])
 
 
 # ---- data staging ---------------------------------------------------------------------------------------
