@@ -48,7 +48,7 @@ from mclandscape.core.tree import PyTree, check_finite, tree_index
 from mclandscape.engine import cpu, mapping
 from mclandscape.engine.batchnorm import bn_batches, bn_momentum, bn_rngs, zeros_stats
 from mclandscape.engine.models.base import Model
-from mclandscape.engine.points import Points, data_xy, group_size, regroup, run_mapped, shard, stage_batches, varying
+from mclandscape.engine.points import Points, data_xy, run_mapped, shard, stage_batches, varying
 from mclandscape.engine.step import memory_stats
 
 __all__ = ["PointMetrics", "evaluate", "evaluation_memory", "STRATEGIES", "STEM_MODES"]
@@ -173,8 +173,7 @@ def _dataset_metrics(c: _Ctx, rows, stats, data, with_probs: bool):
     (lsum, csum), probs = _scan_points(c, rows, stats, data, (zero, zero), body)
     n = jnp.sum(data[2])
     if with_probs:  # [ng, P, gb, B, C] -> [P, ng * gb * B, C]
-        probs = jnp.moveaxis(probs, 1, 0)
-        probs = probs.reshape((rows.shape[0], -1) + probs.shape[4:])
+        probs = jnp.moveaxis(probs, 1, 0).reshape((rows.shape[0], -1) + probs.shape[4:])
     return lsum / n, csum / n, probs
 
 
@@ -260,15 +259,21 @@ def _choose_factor(model: Model, points: Points, fixed: dict, zeros, stem: str, 
 
 
 def _grouped(staged, bn_x, metric: _Metric, points: Points, fixed: dict, zeros, stem_bytes: int):
-    """The staged batches in groups whose first-layer outputs fit in ``stem_bytes`` (one group unfactorised)."""
-    size = lambda n: n  # noqa: E731 - one group
+    """The staged batches ``[n, ...]`` as ``[n // g, g, ...]``, ``g`` the largest divisor of ``n`` whose staged
+    first-layer outputs fit in ``stem_bytes`` (all in one group unfactorised)."""
+    _checks.integer(stem_bytes, "stem_bytes", low=1)
+    batch_bytes = 0
     if metric.factor is not None:
-        _checks.integer(stem_bytes, "stem_bytes", low=1)
         rest = _with_zero_stats(metric.model, fixed, zeros)
         out = jax.eval_shape(lambda xb: _first_layer(metric, rest, points.stack, xb), staged[0][0][0])
         batch_bytes = int(np.prod(out.shape)) * jnp.dtype(out.dtype).itemsize
-        size = lambda n: group_size(n, batch_bytes, stem_bytes)  # noqa: E731
-    return tuple(tuple(regroup(a, size(s[0].shape[0])) for a in s) for s in staged), regroup(bn_x, size(bn_x.shape[0]))
+
+    def regroup(a):
+        n = a.shape[0]
+        g = max((g for g in range(1, n + 1) if n % g == 0 and g * batch_bytes <= stem_bytes), default=1)
+        return a.reshape((n // g, g) + a.shape[1:])
+
+    return tuple(tuple(regroup(a) for a in s) for s in staged), regroup(bn_x)
 
 
 def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None, bn_batches: int | None = None,

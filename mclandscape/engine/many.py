@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import jax
 
+from mclandscape.core import _checks
 from mclandscape.engine import cpu, mapping
 from mclandscape.engine.batches import num_batches
 from mclandscape.engine.data import Dataset
@@ -25,12 +26,6 @@ __all__ = ["train_many", "MANY_STRATEGIES"]
 MANY_STRATEGIES = ("auto", "sequential", "vmap", "unroll")
 
 
-def _has_conv(model: Model, train: Dataset) -> bool:
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *train.input_shape),
-                                                                                 train.x.dtype))
-    return cpu.has_conv(shapes.get("params", shapes))
-
-
 # ``"auto"`` stacks the seeds when the dispatches it saves, (seeds - 1) per step, are at least this many: the
 # stacked step takes longer to compile, which the saved dispatches must pay back (benchmarks/train_many.py
 # measures both; see train_many's docstring)
@@ -40,13 +35,12 @@ AUTO_STACK_MIN_SAVED_STEPS = 5000
 def _many_strategy(strategy: str, model: Model, train: Dataset, config: TrainConfig, seeds: list[int],
                    checkpoint_dir) -> str:
     """The way :func:`train_many` trains, ``"auto"`` resolved by the rule in its docstring."""
-    if strategy not in MANY_STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {MANY_STRATEGIES}")
-    if strategy != "auto":
+    if _checks.choice(strategy, "strategy", MANY_STRATEGIES) != "auto":
         return strategy
     if len(seeds) == 1 or checkpoint_dir is not None:
         return "sequential"  # one directory per seed, each a run load_model reads
-    if mapping.resolve("auto", len(seeds), has_conv=_has_conv(model, train), grad=True)[0] == "unroll":
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *train.input_shape), train.x.dtype))
+    if mapping.resolve("auto", len(seeds), has_conv=cpu.has_conv(shapes.get("params", shapes)), grad=True)[0] == "unroll":
         return "sequential"  # where stacked convolutions would be unrolled, one run per seed is as fast
     saved = (len(seeds) - 1) * config.epochs * num_batches(len(train), config.batch_size, config.drop_last)
     return "vmap" if saved >= AUTO_STACK_MIN_SAVED_STEPS else "sequential"

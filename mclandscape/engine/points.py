@@ -305,12 +305,3 @@ def stage_batches(x: np.ndarray, y: np.ndarray | None, batch_size: int, *, drop_
 
     mask = (np.arange(nb * bs) < keep).astype(np.float32)
     return prep(x), (prep(y) if y is not None else None), jnp.asarray(mask.reshape(nb, bs))
-
-
-def group_size(num_batches: int, batch_bytes: int, budget: int) -> int:
-    """The largest divisor of ``num_batches`` whose staged first-layer outputs fit in ``budget`` bytes."""
-    return max((g for g in range(1, num_batches + 1) if num_batches % g == 0 and g * batch_bytes <= budget), default=1)
-
-
-def regroup(a, g: int):
-    return a.reshape((a.shape[0] // g, g) + a.shape[1:])
