@@ -128,7 +128,7 @@ def test_config_round_trips_through_dict():
     cfg = TrainConfig(epochs=3, milestones=[1, 2], schedule="step")
     assert cfg.milestones == (1, 2)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="epochz"):
         TrainConfig.from_dict({"epochz": 3})
 
 

@@ -82,12 +82,11 @@ def _first_layer(metric: _Metric, rest: dict, stack: PyTree, x):
     """The first convolution of every stacked tree on ``x`` (``[B, ..., K, Cout]``), one convolution with the
     kernels stacked along the output channels. The model runs once (on the first tree) to find the layer
     and its input as the model prepares it; the rest of that pass is dead code, removed by XLA."""
-    dtype = metric.dtype
-    x = x if dtype is None else x.astype(dtype)
     enter, cap = cpu.capture_first_conv()
     with enter:
-        metric.model.apply({**rest, "params": optax.tree.cast(tree_index(stack, 0), dtype)}, x, train=False)
-    conv = metric.factor.params(optax.tree.cast(stack, dtype))
+        metric.model.apply({**rest, "params": optax.tree.cast(tree_index(stack, 0), metric.dtype)},
+                           optax.tree.cast(x, metric.dtype), train=False)
+    conv = metric.factor.params(optax.tree.cast(stack, metric.dtype))
     return cpu.stacked_first_conv(cap.module, conv["kernel"], conv.get("bias"), cap.input)
 
 

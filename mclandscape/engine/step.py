@@ -265,15 +265,15 @@ class Step:
         return jax.tree_util.tree_map(
             lambda a: distributed.put(a, split if n > 1 and jnp.ndim(a) and jnp.shape(a)[0] % n == 0 else rep), batch)
 
-    def _arguments(self, state, batch, key) -> dict:
+    def _arguments(self, state, batch, key, **extra) -> dict:
         static, arrays = split_static(self.objective)
         trainable = self.trainable
-        if self.mesh is not None:
-            state, arrays, trainable, key = distributed.put((state, arrays, trainable, key),
-                                                            NamedSharding(self.mesh, P()))
+        if self.mesh is not None:  # everything but the batch replicated
+            state, arrays, trainable, key, extra = distributed.put((state, arrays, trainable, key, extra),
+                                                                   NamedSharding(self.mesh, P()))
             batch = self.place(batch)
         return dict(objective_static=static, tx=self.tx, mesh=self.mesh, objective_arrays=arrays,
-                    trainable=trainable, state=state, batch=batch, key=key)
+                    trainable=trainable, state=state, batch=batch, key=key, **extra)
 
     def __call__(self, state: TrainState, batch, key) -> tuple[TrainState, dict]:
         return _step_jit(**self._arguments(state, batch, key))
@@ -302,10 +302,7 @@ class Step:
         Returns:
           ``(new_state, new_sums)``, in one compiled call.
         """
-        args = self._arguments(state, batch, key)
-        if self.mesh is not None:
-            sums = distributed.put(sums, NamedSharding(self.mesh, P()))
-        return _loop_step_jit(**args, t=np.int32(t), sums=sums)
+        return _loop_step_jit(**self._arguments(state, batch, key, sums=sums), t=np.int32(t))
 
     def memory(self, state: TrainState, batch, key) -> dict:
         """The compiled step's memory per device from XLA's analysis (compiles, does not run).

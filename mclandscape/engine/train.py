@@ -111,9 +111,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
+        """The config of ``d`` (e.g. a checkpoint's ``"config"``; an unknown field is a ``TypeError`` naming it)."""
         return cls(**d)
 
     def replace(self, **changes) -> TrainConfig:
@@ -260,6 +258,8 @@ def _initial_variables(model: Model, train: Dataset, test: Dataset | None, confi
                        init_variables: PyTree | None = None) -> dict:
     """The checked starting variables of a run: ``init_variables`` (checked against ``model``) or a fresh
     ``model.init(init_key, x)``; finite, with labels that fit the model's outputs."""
+    if len(train) == 0:
+        raise ValueError("the training set is empty")
     x0 = jnp.asarray(train.x[:1])
     if init_variables is not None:
         check_variables(model, init_variables, x0, name="init_variables", check_dtype=True)
@@ -294,10 +294,10 @@ def _train(model: Model, train: Dataset, test: Dataset | None, config: TrainConf
     """One run per seed: :func:`train_model`'s (``how=None``, one seed) or every seed stacked in one compiled step
     (``how``: ``"vmap"`` or ``"unroll"``; :func:`mclandscape.engine.many.train_many`)."""
     splits = [jax.random.split(k) for k in keys]  # (init, dropout) per seed
-    streams = [batch_stream(train, config.batch_size, seed=s, augment=config.augment, drop_last=config.drop_last,
-                            pad=not model.has_batch_stats) for s in seeds]  # refuses an empty training set
     members = [_initial_variables(model, train, test if i == 0 else None, config, k[0], init_variables)
                for i, k in enumerate(splits)]
+    streams = [batch_stream(train, config.batch_size, seed=s, augment=config.augment, drop_last=config.drop_last,
+                            pad=not model.has_batch_stats) for s in seeds]
     spe = streams[0].steps_per_epoch
     schedule = None if tx is not None else make_schedule(config, spe)
     inner = make_objective(model, config.loss, train=True, label_smoothing=config.label_smoothing)
