@@ -51,9 +51,8 @@ from mclandscape.engine.models.base import Model
 from mclandscape.engine.points import Points, data_xy, run_mapped, shard, stage_batches, varying
 from mclandscape.engine.step import memory_stats
 
-__all__ = ["PointMetrics", "evaluate", "evaluation_memory", "STRATEGIES", "STEM_MODES"]
+__all__ = ["PointMetrics", "evaluate", "evaluation_memory", "STEM_MODES"]
 
-STRATEGIES = ("auto",) + mapping.HOW
 STEM_MODES = ("auto", "off", "factor")
 
 
