@@ -97,8 +97,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "milestones", tuple(_checks.integer(m, "milestones", low=0)
-                                                     for m in self.milestones))
+        object.__setattr__(self, "milestones", tuple(_checks.integer(m, "milestones", low=0) for m in self.milestones))
         for name, low in (("epochs", 0), ("batch_size", 1), ("eval_batch_size", 1), ("warmup_epochs", 0)):
             _checks.integer(getattr(self, name), name, low=low)
         _checks.choice(self.optimizer, "optimizer", ("sgd", "adam", "adamw"))
@@ -156,8 +155,7 @@ def _build_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.Gradien
     lr = make_schedule(config, steps_per_epoch)
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
     if config.optimizer == "adamw":
-        parts.append(optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
-                                 weight_decay=config.weight_decay))
+        parts.append(optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay))
     else:
         if config.weight_decay:
             parts.append(optax.add_decayed_weights(config.weight_decay))
