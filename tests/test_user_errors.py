@@ -13,9 +13,9 @@ from mclandscape.core.objective import make_objective
 from mclandscape.core.tree import TreeMismatchError
 from mclandscape.engine.checkpoint import load_model, save_checkpoint
 from mclandscape.engine.data import Dataset
-from mclandscape.engine.many import MembersObjective
 from mclandscape.engine.models import get_model
 from mclandscape.engine.models.base import check_variables
+from mclandscape.engine.step import MembersObjective
 from mclandscape.engine.train import TrainConfig, train_model
 
 X = jnp.ones((4, 5))

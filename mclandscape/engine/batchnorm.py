@@ -113,8 +113,7 @@ def bn_momentum(model: Model, params: PyTree, x) -> PyTree:
 def _recalibrate_impl(model: Model, params, bn_x, zeros, mom):
     def body(acc, xb):
         _, s0 = model.apply_with_stats({"params": params, "batch_stats": zeros}, xb, rngs=bn_rngs())
-        b = jax.tree_util.tree_map(lambda s, m: s.astype(jnp.promote_types(s.dtype, jnp.float32)) / (1.0 - m),
-                                   s0, mom)
+        b = jax.tree_util.tree_map(lambda s, m: s.astype(jnp.promote_types(s.dtype, jnp.float32)) / (1.0 - m), s0, mom)
         return jax.tree_util.tree_map(jnp.add, acc, b), None
 
     init = jax.tree_util.tree_map(lambda z: jnp.zeros(z.shape, jnp.promote_types(z.dtype, jnp.float32)), zeros)

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mclandscape.core import _checks
 from mclandscape.core.losses import cross_entropy
@@ -47,12 +48,11 @@ from mclandscape.core.tree import PyTree, check_finite, tree_index
 from mclandscape.engine import cpu, mapping
 from mclandscape.engine.batchnorm import bn_batches, bn_momentum, bn_rngs, zeros_stats
 from mclandscape.engine.models.base import Model
-from mclandscape.engine.points import Points, data_xy, group_size, regroup, run_mapped, shard, stage_batches, varying
+from mclandscape.engine.points import Points, data_xy, run_mapped, shard, stage_batches, varying
 from mclandscape.engine.step import memory_stats
 
-__all__ = ["PointMetrics", "evaluate", "evaluation_memory", "STRATEGIES", "STEM_MODES"]
+__all__ = ["PointMetrics", "evaluate", "evaluation_memory", "STEM_MODES"]
 
-STRATEGIES = ("auto",) + mapping.HOW
 STEM_MODES = ("auto", "off", "factor")
 
 
@@ -65,7 +65,7 @@ class _Metric:
     loss_fn: Callable
     with_probs: tuple[bool, ...]  # one per dataset
     recompute_bn: bool
-    dtype: str | None
+    dtype: np.dtype | None  # compute dtype (hashes by value)
     factor: cpu.FirstConv | None
 
     @property
@@ -73,25 +73,19 @@ class _Metric:
         return "factor" if self.factor is not None else "off"
 
 
-def _cast(tree, dtype):
-    if dtype is None:
-        return tree
-    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
 def _with_zero_stats(model: Model, fixed: dict, zeros) -> dict:
     return {**fixed, "batch_stats": zeros} if model.has_batch_stats and "batch_stats" not in fixed else dict(fixed)
 
 
-def _first_layer(model: Model, factor: cpu.FirstConv, rest: dict, stack: PyTree, x, dtype):
+def _first_layer(metric: _Metric, rest: dict, stack: PyTree, x):
     """The first convolution of every stacked tree on ``x`` (``[B, ..., K, Cout]``), one convolution with the
     kernels stacked along the output channels. The model runs once (on the first tree) to find the layer
     and its input as the model prepares it; the rest of that pass is dead code, removed by XLA."""
-    x = x if dtype is None else x.astype(dtype)
     enter, cap = cpu.capture_first_conv()
     with enter:
-        model.apply({**rest, "params": _cast(tree_index(stack, 0), dtype)}, x, train=False)
-    conv = factor.params(_cast(stack, dtype))
+        metric.model.apply({**rest, "params": optax.tree.cast(tree_index(stack, 0), metric.dtype)},
+                           optax.tree.cast(x, metric.dtype), train=False)
+    conv = metric.factor.params(optax.tree.cast(stack, metric.dtype))
     return cpu.stacked_first_conv(cap.module, conv["kernel"], conv.get("bias"), cap.input)
 
 
@@ -108,7 +102,6 @@ class _Ctx(NamedTuple):
     how: str
     chunk: int
     mesh: object
-    dtype: object
     acc_dtype: object
 
 
@@ -116,16 +109,15 @@ def _features(c: _Ctx, xg):
     """``[gb, B, ..., K, Cout]``: the first convolution of every stacked tree on a group of batches."""
     if c.metric.factor is None:
         return None
-    model = c.metric.model
-    h = _first_layer(model, c.metric.factor, _with_zero_stats(model, c.fixed, c.zeros), c.pts.stack,
-                     xg.reshape((-1,) + xg.shape[2:]), c.dtype)
+    h = _first_layer(c.metric, _with_zero_stats(c.metric.model, c.fixed, c.zeros), c.pts.stack,
+                     xg.reshape((-1,) + xg.shape[2:]))
     return h.reshape(xg.shape[:2] + h.shape[1:])
 
 
 def _forward(c: _Ctx, params, rest: dict, xb, row, feats_b, with_stats: bool):
     """One point's forward pass on a batch (its first layer combined from ``feats_b`` when factorised)."""
     model, variables = c.metric.model, {**rest, "params": params}
-    xb = xb if c.dtype is None else xb.astype(c.dtype)
+    xb = xb if c.metric.dtype is None else xb.astype(c.metric.dtype)
     first = lambda _m, _x: cpu.combine_features(row, feats_b)  # noqa: E731
     with contextlib.nullcontext() if feats_b is None else cpu.replace_first_conv(first):
         if with_stats:
@@ -143,7 +135,7 @@ def _scan_points(c: _Ctx, rows, per_point, groups, init, body):
 
         def one(args):
             row, extra = args
-            params = _cast(c.pts.form(row), c.dtype)
+            params = optax.tree.cast(c.pts.form(row), c.metric.dtype)
             step = lambda a, i: body(a, params, row, extra, g, i, None if feats is None else feats[i])  # noqa: E731
             return jax.lax.scan(step, varying(init, c.mesh), jnp.arange(g[0].shape[0]))
 
@@ -179,19 +171,17 @@ def _dataset_metrics(c: _Ctx, rows, stats, data, with_probs: bool):
     (lsum, csum), probs = _scan_points(c, rows, stats, data, (zero, zero), body)
     n = jnp.sum(data[2])
     if with_probs:  # [ng, P, gb, B, C] -> [P, ng * gb * B, C]
-        probs = jnp.moveaxis(probs, 1, 0)
-        probs = probs.reshape((rows.shape[0], -1) + probs.shape[4:])
+        probs = jnp.moveaxis(probs, 1, 0).reshape((rows.shape[0], -1) + probs.shape[4:])
     return lsum / n, csum / n, probs
 
 
 def _evaluate_impl(metric: _Metric, strategy: str, chunk: int, mesh, points: Points, args):
     """Every point's BatchNorm statistics (once), then its metrics on every staged dataset."""
     datasets, bn_x, zeros, mom, fixed = args
-    dtype = None if metric.dtype is None else jnp.dtype(metric.dtype)
     acc_dtype = jnp.promote_types(jnp.float32, jnp.result_type(*jax.tree_util.tree_leaves(points.stack)))
 
     def run(rows, stack, datasets, bn_x, zeros, mom, fixed):
-        c = _Ctx(metric, Points(rows=rows, stack=stack), fixed, zeros, mom, strategy, chunk, mesh, dtype, acc_dtype)
+        c = _Ctx(metric, Points(rows=rows, stack=stack), fixed, zeros, mom, strategy, chunk, mesh, acc_dtype)
         stats = _bn_statistics(c, rows, bn_x) if metric.recompute_bn else None
         return tuple(_dataset_metrics(c, rows, stats, d, w) for d, w in zip(datasets, metric.with_probs, strict=True))
 
@@ -267,16 +257,21 @@ def _choose_factor(model: Model, points: Points, fixed: dict, zeros, stem: str, 
 
 
 def _grouped(staged, bn_x, metric: _Metric, points: Points, fixed: dict, zeros, stem_bytes: int):
-    """The staged batches in groups whose first-layer outputs fit in ``stem_bytes`` (one group unfactorised)."""
-    size = lambda n: n  # noqa: E731 - one group
+    """The staged batches ``[n, ...]`` as ``[n // g, g, ...]``, ``g`` the largest divisor of ``n`` whose staged
+    first-layer outputs fit in ``stem_bytes`` (all in one group unfactorised)."""
+    _checks.integer(stem_bytes, "stem_bytes", low=1)
+    batch_bytes = 0
     if metric.factor is not None:
-        _checks.integer(stem_bytes, "stem_bytes", low=1)
-        model, dtype = metric.model, None if metric.dtype is None else jnp.dtype(metric.dtype)
-        out = jax.eval_shape(lambda xb: _first_layer(model, metric.factor, _with_zero_stats(model, fixed, zeros),
-                                                     points.stack, xb, dtype), staged[0][0][0])
+        rest = _with_zero_stats(metric.model, fixed, zeros)
+        out = jax.eval_shape(lambda xb: _first_layer(metric, rest, points.stack, xb), staged[0][0][0])
         batch_bytes = int(np.prod(out.shape)) * jnp.dtype(out.dtype).itemsize
-        size = lambda n: group_size(n, batch_bytes, stem_bytes)  # noqa: E731
-    return tuple(tuple(regroup(a, size(s[0].shape[0])) for a in s) for s in staged), regroup(bn_x, size(bn_x.shape[0]))
+
+    def regroup(a):
+        n = a.shape[0]
+        g = max((g for g in range(1, n + 1) if n % g == 0 and g * batch_bytes <= stem_bytes), default=1)
+        return a.reshape((n // g, g) + a.shape[1:])
+
+    return tuple(tuple(regroup(a) for a in s) for s in staged), regroup(bn_x)
 
 
 def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=None, bn_batches: int | None = None,
@@ -305,7 +300,7 @@ def _plan(model: Model, points: Points, data, *, batch_size: int = 500, bn_data=
     how, chunk = mapping.resolve(strategy, points.num_points, has_conv=cpu.has_conv(example), chunk_size=chunk_size,
                                  param_bytes=sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(example)))
     metric = _Metric(model=model, loss_fn=loss_fn, with_probs=_with_probs(return_probs, names),
-                     recompute_bn=recompute, dtype=None if dtype is None else dtype.name,
+                     recompute_bn=recompute, dtype=dtype,
                      factor=_choose_factor(model, points, fixed, zeros, stem, sets[0][0][:1]))
     staged = [stage_batches(x, y, batch_size) for x, y in sets]
     groups, bn_g = _grouped(staged, bn_x, metric, points, fixed, zeros, stem_bytes)

@@ -171,22 +171,6 @@ def _check_length(epochs, steps_per_epoch, max_steps) -> tuple[int, int, int]:
     return epochs, spe, int(max_steps)
 
 
-def _run_epoch(step, state: TrainState, batches, key, steps: range, step_callbacks, zeros):
-    """The steps of one epoch: ``(state, sums of the step metrics, zero sums for the next epoch)``."""
-    sums = None
-    for t in steps:
-        batch = batches(t)
-        if hasattr(step, "step_and_sum"):
-            zeros = step.zero_sums(state, batch, key) if zeros is None else zeros
-            state, sums = step.step_and_sum(state, batch, key, t, zeros if sums is None else sums)
-        else:  # any other step(state, batch, key) callable
-            state, metrics = step(state, batch, jax.random.fold_in(key, t))
-            sums = accumulate_jit(zero_sums_like(metrics) if sums is None else sums, metrics)
-        for cb in step_callbacks:
-            cb(t + 1, state)
-    return state, sums, zeros
-
-
 def _record(epoch: int, state: TrainState, sums: dict, seconds: float, on_epoch) -> dict:
     """The epoch's history record: example means of the step metrics (``max_*``: maxima), ``seconds``."""
     host = {k: float(v) for k, v in jax.device_get(sums).items()}
@@ -317,8 +301,17 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
             zeros = None
             for epoch in range(start, epochs):
                 t0, e1 = time.perf_counter(), epoch + 1
-                steps = range(epoch * spe, min(e1 * spe, last_step))
-                state, sums, zeros = _run_epoch(step, state, batches, key, steps, step_callbacks, zeros)
+                sums = None
+                for t in range(epoch * spe, min(e1 * spe, last_step)):
+                    batch = batches(t)
+                    if hasattr(step, "step_and_sum"):  # a Step: the key, the step and the sums in one call
+                        zeros = step.zero_sums(state, batch, key) if zeros is None else zeros
+                        state, sums = step.step_and_sum(state, batch, key, t, zeros if sums is None else sums)
+                    else:  # any other step(state, batch, key) callable
+                        state, metrics = step(state, batch, jax.random.fold_in(key, t))
+                        sums = accumulate_jit(zero_sums_like(metrics) if sums is None else sums, metrics)
+                    for cb in step_callbacks:
+                        cb(t + 1, state)
                 _check_finite_state(state, names, spe)
                 history.append(_record(e1, state, sums, time.perf_counter() - t0, on_epoch))
                 if store is not None and (e1 % config.checkpoint_every == 0 or e1 in (epochs, *config.milestones)):

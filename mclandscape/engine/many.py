@@ -1,7 +1,8 @@
 """Several seeds of one training run: :func:`train_many`, one after another or stacked in one compiled step.
 
-The stacked way trains S independent members at once through :class:`MembersObjective` (the sum of their
-objectives, whose gradient is every member's own) and a transform applied per member::
+The stacked way trains S independent members at once through
+:class:`~mclandscape.engine.step.MembersObjective` (the sum of their objectives, whose gradient is every
+member's own) and a transform applied per member::
 
     corners = train_many(model, train, test, cfg, seeds=(0, 1, 2, 3))   # four independent corners
 """
@@ -13,22 +14,16 @@ from collections.abc import Sequence
 
 import jax
 
+from mclandscape.core import _checks
 from mclandscape.engine import cpu, mapping
 from mclandscape.engine.batches import num_batches
 from mclandscape.engine.data import Dataset
 from mclandscape.engine.models.base import Model
-from mclandscape.engine.step import MembersObjective
 from mclandscape.engine.train import TrainConfig, TrainResult, _to_key, _train, train_model
 
-__all__ = ["train_many", "MembersObjective", "MANY_STRATEGIES"]
+__all__ = ["train_many", "MANY_STRATEGIES"]
 
 MANY_STRATEGIES = ("auto", "sequential", "vmap", "unroll")
-
-
-def _has_conv(model: Model, train: Dataset) -> bool:
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *train.input_shape),
-                                                                                 train.x.dtype))
-    return cpu.has_conv(shapes.get("params", shapes))
 
 
 # ``"auto"`` stacks the seeds when the dispatches it saves, (seeds - 1) per step, are at least this many: the
@@ -40,13 +35,12 @@ AUTO_STACK_MIN_SAVED_STEPS = 5000
 def _many_strategy(strategy: str, model: Model, train: Dataset, config: TrainConfig, seeds: list[int],
                    checkpoint_dir) -> str:
     """The way :func:`train_many` trains, ``"auto"`` resolved by the rule in its docstring."""
-    if strategy not in MANY_STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {MANY_STRATEGIES}")
-    if strategy != "auto":
+    if _checks.choice(strategy, "strategy", MANY_STRATEGIES) != "auto":
         return strategy
     if len(seeds) == 1 or checkpoint_dir is not None:
         return "sequential"  # one directory per seed, each a run load_model reads
-    if mapping.resolve("auto", len(seeds), has_conv=_has_conv(model, train), grad=True)[0] == "unroll":
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *train.input_shape), train.x.dtype))
+    if mapping.resolve("auto", len(seeds), has_conv=cpu.has_conv(shapes.get("params", shapes)), grad=True)[0] == "unroll":
         return "sequential"  # where stacked convolutions would be unrolled, one run per seed is as fast
     saved = (len(seeds) - 1) * config.epochs * num_batches(len(train), config.batch_size, config.drop_last)
     return "vmap" if saved >= AUTO_STACK_MIN_SAVED_STEPS else "sequential"
@@ -63,8 +57,8 @@ def train_many(model: Model, train: Dataset, test: Dataset | None, config: Train
 
     - ``"sequential"``: one :func:`train_model` after another (each data-parallel over the devices), sharing
       one compiled step; checkpoints in ``checkpoint_dir/seed_<seed>``, each a run :func:`load_model` reads.
-    - ``"vmap"``: every seed in one compiled step (:class:`MembersObjective`): parameters, optimizer states
-      (the Optax transform applied per seed, so clipping by the global norm and schedules act per seed) and
+    - ``"vmap"``: every seed in one compiled step (:class:`~mclandscape.engine.step.MembersObjective`):
+      parameters, optimizer states (the Optax transform applied per seed, so clipping by the global norm and schedules act per seed) and
       BatchNorm statistics stacked over a leading seed axis; one :func:`~mclandscape.engine.loop.run` (one
       dispatch per step for all seeds). With several devices the seeds are split over the ``"points"`` axis
       of :func:`~mclandscape.engine.distributed.training_mesh` (``gcd(devices, len(seeds))`` devices, a

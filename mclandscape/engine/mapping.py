@@ -42,8 +42,6 @@ def map_over(fn: Callable, xs, how: str, chunk: int = 1):
 
     Example:
         >>> import jax.numpy as jnp
-
-from mclandscape.core import _checks
         >>> [map_over(lambda v: v * 2, jnp.arange(3.0), how).tolist() for how in HOW]
         [[0.0, 2.0, 4.0], [0.0, 2.0, 4.0], [0.0, 2.0, 4.0]]
     """

@@ -234,16 +234,12 @@ def map_points(fn: Callable, points: Points, *args, strategy: str = "map", chunk
     Example:
         >>> import jax.numpy as jnp
         >>> pts = stacked_points({"w": jnp.arange(6.0).reshape(3, 2)})
-        >>> map_points(_sum_w, pts).tolist()
+        >>> map_points(lambda p: jnp.sum(p["w"]), pts).tolist()
         [1.0, 5.0, 9.0]
     """
     strategy, chunk = mapping.resolve("map" if strategy == "auto" else strategy, points.num_points,
                                       has_conv=False, chunk_size=chunk_size)
     return run_mapped(_map_points_jit, points, {"fn": fn}, tuple(args), strategy, chunk, devices)
-
-
-def _sum_w(params):  # used by the doctest of map_points
-    return jnp.sum(params["w"])
 
 
 # ---- data staging ---------------------------------------------------------------------------------------
@@ -309,12 +305,3 @@ def stage_batches(x: np.ndarray, y: np.ndarray | None, batch_size: int, *, drop_
 
     mask = (np.arange(nb * bs) < keep).astype(np.float32)
     return prep(x), (prep(y) if y is not None else None), jnp.asarray(mask.reshape(nb, bs))
-
-
-def group_size(num_batches: int, batch_bytes: int, budget: int) -> int:
-    """The largest divisor of ``num_batches`` whose staged first-layer outputs fit in ``budget`` bytes."""
-    return max((g for g in range(1, num_batches + 1) if num_batches % g == 0 and g * batch_bytes <= budget), default=1)
-
-
-def regroup(a, g: int):
-    return a.reshape((a.shape[0] // g, g) + a.shape[1:])

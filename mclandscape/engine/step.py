@@ -134,23 +134,15 @@ def merge_static(static, arrays):
     return jax.tree_util.tree_unflatten(treedef, [next(it) if a else o for a, o in zip(is_arr, others, strict=True)])
 
 
-def _mask_like(trainable, params):
-    """Boolean masks shaped to broadcast against every leaf of ``params`` (``None``: all trainable)."""
-    if trainable is None:
-        return None
-    return jax.tree_util.tree_map(lambda m, p: jnp.broadcast_to(jnp.asarray(m, bool).reshape(
-        jnp.shape(m) + (1,) * (jnp.ndim(p) - jnp.ndim(m))), jnp.shape(p)) if jnp.ndim(m) else jnp.asarray(m, bool),
-        trainable, params)
-
-
 def _step_impl(objective_static, tx, mesh, objective_arrays, trainable, state: TrainState, batch, key):
     objective = merge_static(objective_static, objective_arrays)
     if state.model_state is not None and hasattr(objective, "with_state"):
         objective = objective.with_state(state.model_state)
     (value, aux), grads = jax.value_and_grad(lambda p, b, k: call_objective(objective, p, b, k),
                                              has_aux=True)(state.params, batch, key)
-    mask = _mask_like(trainable, state.params)
-    if mask is not None:
+    if trainable is not None:  # boolean masks broadcast from the left, e.g. [K] over control points [K, ...]
+        mask = jax.tree_util.tree_map(lambda m, p: jnp.reshape(jnp.asarray(m, bool), jnp.shape(m) + (1,) * (
+            jnp.ndim(p) - jnp.ndim(m))), trainable, state.params)
         grads = jax.tree_util.tree_map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads, mask)
     leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)] or [jnp.array(True)])
     loss_ok = jnp.isfinite(value)
@@ -158,7 +150,7 @@ def _step_impl(objective_static, tx, mesh, objective_arrays, trainable, state: T
     extra = {"loss": value} if isinstance(optim.unwrap(tx), optax.GradientTransformationExtraArgs) else {}
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
-    if mask is not None:
+    if trainable is not None:
         params = jax.tree_util.tree_map(lambda new, old, m: jnp.where(m, new, old), params, state.params, mask)
     model_state = state.model_state
     if isinstance(aux, Mapping) and "batch_stats" in aux and model_state is not None:
@@ -273,15 +265,15 @@ class Step:
         return jax.tree_util.tree_map(
             lambda a: distributed.put(a, split if n > 1 and jnp.ndim(a) and jnp.shape(a)[0] % n == 0 else rep), batch)
 
-    def _arguments(self, state, batch, key) -> dict:
+    def _arguments(self, state, batch, key, **extra) -> dict:
         static, arrays = split_static(self.objective)
         trainable = self.trainable
-        if self.mesh is not None:
-            state, arrays, trainable, key = distributed.put((state, arrays, trainable, key),
-                                                            NamedSharding(self.mesh, P()))
+        if self.mesh is not None:  # everything but the batch replicated
+            state, arrays, trainable, key, extra = distributed.put((state, arrays, trainable, key, extra),
+                                                                   NamedSharding(self.mesh, P()))
             batch = self.place(batch)
         return dict(objective_static=static, tx=self.tx, mesh=self.mesh, objective_arrays=arrays,
-                    trainable=trainable, state=state, batch=batch, key=key)
+                    trainable=trainable, state=state, batch=batch, key=key, **extra)
 
     def __call__(self, state: TrainState, batch, key) -> tuple[TrainState, dict]:
         return _step_jit(**self._arguments(state, batch, key))
@@ -310,10 +302,7 @@ class Step:
         Returns:
           ``(new_state, new_sums)``, in one compiled call.
         """
-        args = self._arguments(state, batch, key)
-        if self.mesh is not None:
-            sums = distributed.put(sums, NamedSharding(self.mesh, P()))
-        return _loop_step_jit(**args, t=np.int32(t), sums=sums)
+        return _loop_step_jit(**self._arguments(state, batch, key, sums=sums), t=np.int32(t))
 
     def memory(self, state: TrainState, batch, key) -> dict:
         """The compiled step's memory per device from XLA's analysis (compiles, does not run).

@@ -97,8 +97,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "milestones", tuple(_checks.integer(m, "milestones", low=0)
-                                                     for m in self.milestones))
+        object.__setattr__(self, "milestones", tuple(_checks.integer(m, "milestones", low=0) for m in self.milestones))
         for name, low in (("epochs", 0), ("batch_size", 1), ("eval_batch_size", 1), ("warmup_epochs", 0)):
             _checks.integer(getattr(self, name), name, low=low)
         _checks.choice(self.optimizer, "optimizer", ("sgd", "adam", "adamw"))
@@ -111,9 +110,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
+        """The config of ``d`` (e.g. a checkpoint's ``"config"``; an unknown field is a ``TypeError`` naming it)."""
         return cls(**d)
 
     def replace(self, **changes) -> TrainConfig:
@@ -156,12 +153,9 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
 
 def _build_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     lr = make_schedule(config, steps_per_epoch)
-    parts = []
-    if config.grad_clip:
-        parts.append(optax.clip_by_global_norm(config.grad_clip))
+    parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
     if config.optimizer == "adamw":
-        parts.append(optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
-                                 weight_decay=config.weight_decay))
+        parts.append(optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay))
     else:
         if config.weight_decay:
             parts.append(optax.add_decayed_weights(config.weight_decay))
@@ -229,41 +223,29 @@ def _check_labels(model: Model, variables: PyTree, ds: Dataset, loss: str, name:
     y = np.asarray(ds.y)
     if loss == "mse" or not np.issubdtype(y.dtype, np.integer) or y.size == 0:
         return
-    out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, jax.ShapeDtypeStruct((1, *ds.input_shape),
-                                                                                          ds.x.dtype))
-    k = int(out.shape[-1])
+    k = int(jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((1, *ds.input_shape), ds.x.dtype)).shape[-1])
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= k:
         raise ValueError(f"{name} set {ds.name!r} has labels in [{lo}, {hi}] but model {model.name} has {k} outputs "
                          f"(labels must lie in [0, {k - 1}])")
 
 
-def _fingerprint(model: Model, train: Dataset, config: TrainConfig, seed: int, key, tx_given: bool,
-                 init_variables) -> dict:
-    cfg = config.to_dict()
-    cfg.pop("eval_batch_size", None)
-    if config.schedule != "cosine":  # the trajectory's prefix does not depend on the length: runs extend
-        cfg.pop("epochs", None)
-    return {"trainer": "train_model", "model": model.spec, "seed": int(seed),
-            "key_data": np.asarray(jax.random.key_data(key)).astype(np.int64).ravel().tolist(),
-            "dataset": {"name": train.name, "num_train": len(train), "input_shape": list(train.input_shape)},
-            "config": cfg, "tx": "custom" if tx_given else "config",
-            "inputs": {"data": data_digest(train),
-                       "init": None if init_variables is None else tree_digest(init_variables)}}
-
-
-def _metadata(model: Model, train: Dataset, config: TrainConfig, seed: int) -> dict:
-    return {"model": model.spec, "dataset": {"name": train.name, "num_train": len(train),
-                                             "num_classes": train.num_classes},
-            "input_shape": list(train.input_shape), "seed": int(seed), "config": config.to_dict()}
-
-
 def _describe(model: Model, train: Dataset, config: TrainConfig, seeds: list[int], keys: list, how: str | None,
               tx_given: bool, init_variables) -> tuple[dict, dict]:
     """``(fingerprint, metadata)`` of one run (``how=None``) or of the seeds stacked in one run."""
-    prints = [_fingerprint(model, train, config, s, k, tx_given, init_variables)
+    cfg = config.to_dict()
+    cfg.pop("eval_batch_size")
+    if config.schedule != "cosine":  # the trajectory's prefix does not depend on the length: runs extend
+        cfg.pop("epochs")
+    inputs = {"data": data_digest(train), "init": None if init_variables is None else tree_digest(init_variables)}
+    prints = [{"trainer": "train_model", "model": model.spec, "seed": s,
+               "key_data": np.asarray(jax.random.key_data(k)).astype(np.int64).ravel().tolist(),
+               "dataset": {"name": train.name, "num_train": len(train), "input_shape": list(train.input_shape)},
+               "config": cfg, "tx": "custom" if tx_given else "config", "inputs": inputs}
               for s, k in zip(seeds, keys, strict=True)]
-    metadata = _metadata(model, train, config, seeds[0])
+    metadata = {"model": model.spec, "dataset": {"name": train.name, "num_train": len(train),
+                                                 "num_classes": train.num_classes},
+                "input_shape": list(train.input_shape), "seed": seeds[0], "config": config.to_dict()}
     if how is None:
         return prints[0], metadata
     return ({"trainer": "train_many", "strategy": how, "members": prints},
@@ -279,9 +261,7 @@ def _initial_variables(model: Model, train: Dataset, test: Dataset | None, confi
     x0 = jnp.asarray(train.x[:1])
     if init_variables is not None:
         check_variables(model, init_variables, x0, name="init_variables", check_dtype=True)
-        variables = dict(init_variables)
-    else:
-        variables = dict(model.init(init_key, x0))
+    variables = dict(model.init(init_key, x0) if init_variables is None else init_variables)
     check_finite(variables, "initial variables")
     _check_labels(model, variables, train, config.loss, "training")
     if test is not None:
@@ -417,7 +397,7 @@ def train_model(model: Model, train: Dataset, test: Dataset | None, config: Trai
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-    seed = config.seed if seed is None else int(seed)
+    seed = int(config.seed if seed is None else seed)
     return _train(model, train, test, config, [seed], [_to_key(key, seed)], tx=tx, init_variables=init_variables,
                   checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), save_epochs=save_epochs,
                   checkpoint_every=checkpoint_every, keep=keep, progress=progress, overwrite=overwrite,
