@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from mclandscape.core import _checks
 from mclandscape.core.tree import PyTree, tree_path_names
 from mclandscape.engine import distributed, resume
+from mclandscape.engine.checkpoint import jsonable
 from mclandscape.engine.step import Step, TrainState, accumulate_jit, zero_sums_like
 
 __all__ = ["LoopConfig", "RunResult", "run", "NonFiniteError", "StopRun", "progress_enabled"]
@@ -280,7 +281,7 @@ def run(step: Step, state: TrainState, batches: Callable[[int], Any], *, epochs:
         ([1, 2, 3, 4], 4, 2)
     """
     epochs, spe, last_step = _check_length(epochs, steps_per_epoch, max_steps)
-    fingerprint = None if fingerprint is None else resume.jsonify(dict(fingerprint))
+    fingerprint = None if fingerprint is None else jsonable(dict(fingerprint))
     names = tree_path_names(state.params)
     history, start, resumed_from, stopped = [], 0, None, None
     store = resume.open_store(config.checkpoint_dir, keep=config.keep, milestones=config.milestones,

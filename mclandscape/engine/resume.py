@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from mclandscape.engine.checkpoint import CheckpointError, CheckpointStore
-from mclandscape.engine.checkpoint import jsonable as jsonify  # noqa: F401 - loop, DSP-TT: fingerprints as stored
 from mclandscape.engine.step import TrainState
 
 __all__ = ["ResumeMismatchError", "fingerprint_diff", "restore_state", "open_store", "resume", "save"]
