@@ -245,7 +245,7 @@ def _zoo_module(spec):
         arch = canonical_name(spec["arch"])
     except ValueError:
         return None
-    return get_model(arch, **dict(spec["kwargs"])).apply.module
+    return get_model(arch, **dict(spec["kwargs"])).apply.owner.module  # the linen module behind the zoo model (models.base._Linen)
 
 
 def permutation_spec(model, variables: PyTree | None = None) -> PermutationSpec:
