@@ -48,6 +48,11 @@ def _wide(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _leaf_sum(fn, *trees):
+    """The sum over leaves of ``fn(leaf, ...)`` of same-structured trees, accumulated from a float32 zero."""
+    return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(fn, *trees)), jnp.zeros((), jnp.float32))
+
+
 def _path_str(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
@@ -232,8 +237,7 @@ def tree_dot(a: PyTree, b: PyTree):
         ...                {"w": jnp.array([4.0, 5.0]), "b": jnp.array(1.0)}))
         17.0
     """
-    parts = jax.tree_util.tree_map(lambda x, y: jnp.vdot(_wide(x), _wide(y)), a, b)
-    return sum(jax.tree_util.tree_leaves(parts), jnp.zeros((), jnp.float32))
+    return _leaf_sum(lambda x, y: jnp.vdot(_wide(x), _wide(y)), a, b)
 
 
 def tree_norm(a: PyTree):
@@ -415,8 +419,7 @@ def tree_gram(stacked: PyTree):
         x2 = _wide(x.reshape(x.shape[0], -1))
         return jnp.matmul(x2, x2.T, precision=jax.lax.Precision.HIGHEST)
 
-    parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(gram, stacked))
-    return sum(parts[1:], parts[0])
+    return _leaf_sum(gram, stacked)
 
 
 def tree_row_dot(a: PyTree, b: PyTree):
@@ -436,9 +439,7 @@ def tree_row_dot(a: PyTree, b: PyTree):
         >>> tree_row_dot({"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, {"w": jnp.ones((2, 2))}).tolist()
         [3.0, 7.0]
     """
-    parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-        lambda x, y: jnp.sum((_wide(x) * _wide(y)).reshape(x.shape[0], -1), axis=1), a, b))
-    return sum(parts[1:], parts[0])
+    return _leaf_sum(lambda x, y: jnp.sum((_wide(x) * _wide(y)).reshape(x.shape[0], -1), axis=1), a, b)
 
 
 def tree_row_scale(a: PyTree, s) -> PyTree:
