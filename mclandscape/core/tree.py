@@ -80,7 +80,6 @@ def check_same_structure(
     *,
     names: tuple[str, str] = ("a", "b"),
     check_dtype: bool = True,
-    leading_a: int = 0,
     leading_b: int = 0,
 ) -> None:
     """Raise :class:`TreeMismatchError` naming the first leaf where ``a`` and ``b`` differ.
@@ -89,15 +88,15 @@ def check_same_structure(
       a, b: the two pytrees.
       names: how ``a`` and ``b`` are called in the message.
       check_dtype: also compare the leaves' dtypes.
-      leading_a, leading_b: skip that many leading (stacking) axes of each tree's leaves before comparing
-        shapes, so a stacked control-point tree can be checked against a single model.
+      leading_b: skip that many leading (stacking) axes of ``b``'s leaves before comparing shapes, so a stacked
+        control-point tree can be checked against a single model.
 
     Returns:
       ``None``; raises :class:`TreeMismatchError` on a difference of paths, container types, shapes or dtypes.
 
     Example:
         >>> import numpy as np
-        >>> check_same_structure({"w": np.zeros((3, 2))}, {"w": np.zeros(2)}, leading_a=1)  # passes
+        >>> check_same_structure({"w": np.zeros(2)}, {"w": np.zeros((3, 2))}, leading_b=1)  # passes
         >>> check_same_structure({"w": np.zeros(2)}, {"w": np.zeros(3)}, names=("start", "end"))
         Traceback (most recent call last):
         ...
@@ -117,7 +116,7 @@ def check_same_structure(
     if ta != tb:
         raise TreeMismatchError(f"{na} and {nb} have different container types: {ta} vs {tb}")
     for (path, xa), (_, xb) in zip(fa, fb, strict=True):
-        sa = tuple(np.shape(xa))[leading_a:]
+        sa = tuple(np.shape(xa))
         sb = tuple(np.shape(xb))[leading_b:]
         if sa != sb:
             raise TreeMismatchError(f"leaf {_path_str(path)}: shape {sa} in {na} but {sb} in {nb}")
@@ -479,13 +478,12 @@ def tree_ravel(tree: PyTree):
     return ravel_pytree(tree)
 
 
-def tree_random_normal(key: jax.Array, like: PyTree, dtype=None) -> PyTree:
+def tree_random_normal(key: jax.Array, like: PyTree) -> PyTree:
     """A standard-normal pytree shaped like ``like`` (one independent key per leaf).
 
     Args:
       key: a PRNG key.
-      like: the pytree whose structure, shapes and (default) dtypes the sample takes.
-      dtype: override the leaves' dtype.
+      like: the pytree whose structure, shapes and dtypes the sample takes (``optax.tree.random_like``).
 
     Returns:
       A pytree like ``like`` of independent N(0, 1) samples.
@@ -496,10 +494,7 @@ def tree_random_normal(key: jax.Array, like: PyTree, dtype=None) -> PyTree:
         >>> d["w"].shape, bool(jnp.all(d["w"] != 0))
         ((2, 3), True)
     """
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    out = [jax.random.normal(k, jnp.shape(x), dtype or jnp.result_type(x)) for k, x in zip(keys, leaves, strict=False)]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return optax.tree.random_like(key, like, jax.random.normal)
 
 
 def tree_digest(tree: PyTree) -> str:
