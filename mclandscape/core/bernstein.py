@@ -72,10 +72,10 @@ def bernstein_derivative(t, n: int):
         [-1.0, 0.0, 1.0]
     """
     t, n = _args(t, n)
-    if n == 0:
-        return jnp.zeros(t.shape + (1,), t.dtype)
-    b = bernstein(t, n - 1)
     zero = jnp.zeros(t.shape + (1,), t.dtype)
+    if n == 0:
+        return zero
+    b = bernstein(t, n - 1)
     return n * (jnp.concatenate([zero, b], -1) - jnp.concatenate([b, zero], -1))
 
 
