@@ -13,6 +13,8 @@ from math import comb
 import jax.numpy as jnp
 import numpy as np
 
+from mclandscape.core import _checks
+
 __all__ = ["bernstein", "bernstein_derivative", "check_unit_interval"]
 
 
@@ -26,10 +28,9 @@ def _int_powers(x, n: int):
 
 def _args(t, n):
     """``t`` as a floating array (integers promoted to float32) and the degree ``n`` checked as an ``int``."""
-    if int(n) != n or n < 0:
-        raise ValueError(f"Bernstein degree must be a non-negative integer, got {n!r}")
     t = jnp.asarray(t)
-    return (t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.float32)), int(n)
+    return (t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.float32)), _checks.integer(
+        n, "Bernstein degree", low=0)
 
 
 def bernstein(t, n: int):
@@ -71,19 +72,20 @@ def bernstein_derivative(t, n: int):
         [-1.0, 0.0, 1.0]
     """
     t, n = _args(t, n)
-    if n == 0:
-        return jnp.zeros(t.shape + (1,), t.dtype)
-    b = bernstein(t, n - 1)
     zero = jnp.zeros(t.shape + (1,), t.dtype)
+    if n == 0:
+        return zero
+    b = bernstein(t, n - 1)
     return n * (jnp.concatenate([zero, b], -1) - jnp.concatenate([b, zero], -1))
 
 
-def check_unit_interval(x, name: str = "t") -> np.ndarray:
+def check_unit_interval(x, name: str = "t", *, bounded: bool = True) -> np.ndarray:
     """Host-side validation that every value of ``x`` lies in [0, 1]; nothing is clipped.
 
     Args:
       x: the values (any shape, non-empty).
       name: the parameter's name in the error message.
+      bounded: check the bounds; ``False`` checks only that ``x`` is non-empty and finite (extrapolation).
 
     Returns:
       ``x`` as a float64 NumPy array. Raises a ``ValueError`` that names the parameter and the first offending
@@ -103,7 +105,7 @@ def check_unit_interval(x, name: str = "t") -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: contains NaN or inf")
     bad = (arr < 0.0) | (arr > 1.0)
-    if np.any(bad):
+    if bounded and np.any(bad):
         first = float(arr[bad].flat[0])
         raise ValueError(f"{name} must lie in [0, 1]; got {first!r} ({int(bad.sum())} value(s) outside)")
     return arr

@@ -272,14 +272,9 @@ class Connector:
             (2, 2)
         """
         arr = self._shaped(np.asarray(points, dtype=np.float64))
-        if arr.size == 0:
-            raise ValueError("empty set of points: give at least one point")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError("points contain NaN or inf")
-        if not extrapolate:
-            named = zip("uv", arr.T, strict=True) if self.kind == "surface" else [("t" if arr.ndim == 1 else "alpha", arr)]
-            for name, values in named:
-                check_unit_interval(values, name)
+        named = zip("uv", arr.T, strict=True) if self.kind == "surface" else [("t" if arr.ndim == 1 else "alpha", arr)]
+        for name, values in named:
+            check_unit_interval(values, name, bounded=not extrapolate)
         sums = arr.sum(axis=-1)
         if self.kind == "simplex" and np.any(np.abs(sums - 1.0) > atol):
             raise ValueError(f"barycentric weights must sum to 1; got a sum of {sums[np.argmax(np.abs(sums - 1))]!r}")

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from mclandscape.core import _checks
+
 __all__ = ["cross_entropy", "accuracy", "mse", "mse_onehot", "get_loss", "LOSSES"]
 
 
@@ -149,12 +151,9 @@ def get_loss(loss: str | Callable, *, label_smoothing: float = 0.0) -> Callable:
     """
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
-    if isinstance(loss, str) and loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} or pass a callable")
-    if not isinstance(loss, str) and not callable(loss):
-        raise ValueError(f"loss must be a name or a callable, got {loss!r}")
-    if label_smoothing and not (isinstance(loss, str) and loss == "cross_entropy"):
+    if callable(loss) and not label_smoothing:
+        return loss
+    if label_smoothing and loss != "cross_entropy":
         raise ValueError(f"label_smoothing applies to cross_entropy, not {loss!r}")
-    if label_smoothing:
-        return _SmoothedCrossEntropy(float(label_smoothing))
-    return LOSSES[loss] if isinstance(loss, str) else loss
+    _checks.choice(loss, "loss (a name, or a callable)", LOSSES)
+    return _SmoothedCrossEntropy(float(label_smoothing)) if label_smoothing else LOSSES[loss]

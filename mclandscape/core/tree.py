@@ -48,6 +48,11 @@ def _wide(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _leaf_sum(fn, *trees):
+    """The sum over leaves of ``fn(leaf, ...)`` of same-structured trees, accumulated from a float32 zero."""
+    return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(fn, *trees)), jnp.zeros((), jnp.float32))
+
+
 def _path_str(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
@@ -75,7 +80,6 @@ def check_same_structure(
     *,
     names: tuple[str, str] = ("a", "b"),
     check_dtype: bool = True,
-    leading_a: int = 0,
     leading_b: int = 0,
 ) -> None:
     """Raise :class:`TreeMismatchError` naming the first leaf where ``a`` and ``b`` differ.
@@ -84,15 +88,15 @@ def check_same_structure(
       a, b: the two pytrees.
       names: how ``a`` and ``b`` are called in the message.
       check_dtype: also compare the leaves' dtypes.
-      leading_a, leading_b: skip that many leading (stacking) axes of each tree's leaves before comparing
-        shapes, so a stacked control-point tree can be checked against a single model.
+      leading_b: skip that many leading (stacking) axes of ``b``'s leaves before comparing shapes, so a stacked
+        control-point tree can be checked against a single model.
 
     Returns:
       ``None``; raises :class:`TreeMismatchError` on a difference of paths, container types, shapes or dtypes.
 
     Example:
         >>> import numpy as np
-        >>> check_same_structure({"w": np.zeros((3, 2))}, {"w": np.zeros(2)}, leading_a=1)  # passes
+        >>> check_same_structure({"w": np.zeros(2)}, {"w": np.zeros((3, 2))}, leading_b=1)  # passes
         >>> check_same_structure({"w": np.zeros(2)}, {"w": np.zeros(3)}, names=("start", "end"))
         Traceback (most recent call last):
         ...
@@ -112,7 +116,7 @@ def check_same_structure(
     if ta != tb:
         raise TreeMismatchError(f"{na} and {nb} have different container types: {ta} vs {tb}")
     for (path, xa), (_, xb) in zip(fa, fb, strict=True):
-        sa = tuple(np.shape(xa))[leading_a:]
+        sa = tuple(np.shape(xa))
         sb = tuple(np.shape(xb))[leading_b:]
         if sa != sb:
             raise TreeMismatchError(f"leaf {_path_str(path)}: shape {sa} in {na} but {sb} in {nb}")
@@ -232,8 +236,7 @@ def tree_dot(a: PyTree, b: PyTree):
         ...                {"w": jnp.array([4.0, 5.0]), "b": jnp.array(1.0)}))
         17.0
     """
-    parts = jax.tree_util.tree_map(lambda x, y: jnp.vdot(_wide(x), _wide(y)), a, b)
-    return sum(jax.tree_util.tree_leaves(parts), jnp.zeros((), jnp.float32))
+    return _leaf_sum(lambda x, y: jnp.vdot(_wide(x), _wide(y)), a, b)
 
 
 def tree_norm(a: PyTree):
@@ -415,8 +418,7 @@ def tree_gram(stacked: PyTree):
         x2 = _wide(x.reshape(x.shape[0], -1))
         return jnp.matmul(x2, x2.T, precision=jax.lax.Precision.HIGHEST)
 
-    parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(gram, stacked))
-    return sum(parts[1:], parts[0])
+    return _leaf_sum(gram, stacked)
 
 
 def tree_row_dot(a: PyTree, b: PyTree):
@@ -436,9 +438,7 @@ def tree_row_dot(a: PyTree, b: PyTree):
         >>> tree_row_dot({"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, {"w": jnp.ones((2, 2))}).tolist()
         [3.0, 7.0]
     """
-    parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-        lambda x, y: jnp.sum((_wide(x) * _wide(y)).reshape(x.shape[0], -1), axis=1), a, b))
-    return sum(parts[1:], parts[0])
+    return _leaf_sum(lambda x, y: jnp.sum((_wide(x) * _wide(y)).reshape(x.shape[0], -1), axis=1), a, b)
 
 
 def tree_row_scale(a: PyTree, s) -> PyTree:
@@ -478,13 +478,12 @@ def tree_ravel(tree: PyTree):
     return ravel_pytree(tree)
 
 
-def tree_random_normal(key: jax.Array, like: PyTree, dtype=None) -> PyTree:
+def tree_random_normal(key: jax.Array, like: PyTree) -> PyTree:
     """A standard-normal pytree shaped like ``like`` (one independent key per leaf).
 
     Args:
       key: a PRNG key.
-      like: the pytree whose structure, shapes and (default) dtypes the sample takes.
-      dtype: override the leaves' dtype.
+      like: the pytree whose structure, shapes and dtypes the sample takes (``optax.tree.random_like``).
 
     Returns:
       A pytree like ``like`` of independent N(0, 1) samples.
@@ -495,10 +494,7 @@ def tree_random_normal(key: jax.Array, like: PyTree, dtype=None) -> PyTree:
         >>> d["w"].shape, bool(jnp.all(d["w"] != 0))
         ((2, 3), True)
     """
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    out = [jax.random.normal(k, jnp.shape(x), dtype or jnp.result_type(x)) for k, x in zip(keys, leaves, strict=False)]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return optax.tree.random_like(key, like, jax.random.normal)
 
 
 def tree_digest(tree: PyTree) -> str:

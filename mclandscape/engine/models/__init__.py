@@ -46,7 +46,7 @@ from mclandscape.core import _checks
 from mclandscape.engine.models._common import ACTIVATIONS
 from mclandscape.engine.models.base import Model, from_flax
 from mclandscape.engine.models.cnn import ConvFC, SimpleCNN
-from mclandscape.engine.models.densenet import DenseNet, check_densenet_args
+from mclandscape.engine.models.densenet import DenseNet
 from mclandscape.engine.models.mlp import MLP
 from mclandscape.engine.models.nnx import from_nnx
 from mclandscape.engine.models.resnet import ResNet, preresnet_bottleneck_blocks
@@ -91,11 +91,6 @@ def _preresnet164(num_classes, depth):
     return ResNet(num_classes=num_classes, stage_sizes=(n, n, n), widths=(16, 32, 64), preact=True, bottleneck=True)
 
 
-def _densenet(num_classes, depth, growth_rate, compression):
-    check_densenet_args(depth, growth_rate, compression)
-    return DenseNet(num_classes=num_classes, depth=depth, growth_rate=growth_rate, compression=compression)
-
-
 # name -> (builder, default kwargs, has_batch_stats)
 _REGISTRY = {
     "mlp": (_mlp, {"widths": [128], "num_classes": 10, "activation": "relu", "use_bias": True,
@@ -113,7 +108,7 @@ _REGISTRY = {
     "preresnet20": (lambda num_classes: ResNet(num_classes, (3, 3, 3), (16, 32, 64), preact=True),
                     {"num_classes": 10}, True),
     "preresnet164": (_preresnet164, {"num_classes": 10, "depth": 164}, True),
-    "densenet100": (_densenet, {"num_classes": 10, "depth": 100, "growth_rate": 12, "compression": 0.5}, True),
+    "densenet100": (DenseNet, {"num_classes": 10, "depth": 100, "growth_rate": 12, "compression": 0.5}, True),
     "vit_small": (ViT, {"num_classes": 10, "patch_size": 4, "dim": 192, "depth": 6, "heads": 3,
                         "mlp_dim": 384, "dropout": 0.0}, False),
 }

@@ -25,22 +25,20 @@ def conv(features: int, kernel: int, stride: int = 1, *, name: str, bias: bool =
                    conv_general_dilated=cpu.small_map_conv, name=name)
 
 
-def max_pool(x: jax.Array, window: int, stride: int, padding: str = "VALID") -> jax.Array:
+def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     """Max-pool over H, W; skipped when the feature map is already smaller than the window.
 
     Shapes are static under ``jit``, so this decision is made once at trace time. It is what lets every zoo
     model run on 8×8 digits as well as 32×32 CIFAR or 64×64 Tiny-ImageNet.
 
-    On CPU, ``"VALID"`` pooling of NHWC maps uses :func:`mclandscape.engine.cpu.max_pool_strided` (same
-    values; the same gradient, routed to the first maximum of each window); elsewhere ``flax.linen.max_pool``.
+    ``"VALID"`` pooling of NHWC maps; on CPU through :func:`mclandscape.engine.cpu.max_pool_strided` (same values;
+    the same gradient, routed to the first maximum of each window); elsewhere ``flax.linen.max_pool``.
     """
     if x.shape[-3] < window or x.shape[-2] < window:
         return x
-    if padding == "VALID" and x.ndim == 4:
-        return jax.lax.platform_dependent(
-            x, cpu=lambda v: cpu.max_pool_strided(v, window, stride),
-            default=lambda v: nn.max_pool(v, (window, window), strides=(stride, stride), padding=padding))
-    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+    return jax.lax.platform_dependent(
+        x, cpu=lambda v: cpu.max_pool_strided(v, window, stride),
+        default=lambda v: nn.max_pool(v, (window, window), strides=(stride, stride), padding="VALID"))
 
 
 def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:

@@ -230,8 +230,6 @@ def check_variables(model: Model, variables: PyTree, x, *, name: str = "the vari
     if not hasattr(variables, "keys") or "params" not in variables:
         raise ValueError(f"{name} must be a dict of collections with 'params' (e.g. model.init(key, x)), got "
                          f"{type(variables).__name__}")
-    if isinstance(model.detect_batch_stats, _Detected):
-        model.detect_batch_stats.see(variables)
     shape = tuple(np.shape(x))
     abstract = jax.ShapeDtypeStruct((1, *shape[1:]), getattr(x, "dtype", None) or jnp.result_type(x))
     expected = jax.eval_shape(model.init, jax.random.key(0), abstract)

@@ -44,13 +44,6 @@ def transition_channels(channels: int, compression: float) -> int:
     return int(math.floor(compression * channels))
 
 
-def check_densenet_args(depth: int, growth_rate: int, compression: float) -> None:
-    """ValueError naming the bad argument of a DenseNet-BC."""
-    densenet_layers(depth)
-    _checks.integer(growth_rate, "growth_rate", low=1, what="DenseNet")
-    _checks.real(compression, "compression", low=0.0, high=1.0, low_open=True, what="DenseNet")
-
-
 def avg_pool(x: jax.Array, window: int = 2) -> jax.Array:
     """Non-overlapping ``window``×``window`` average pooling (stride ``window``, ``"VALID"``) of NHWC ``x``;
     skipped when the map is smaller than the window, like :func:`mclandscape.engine.models._common.max_pool`.
@@ -96,9 +89,15 @@ class DenseNet(nn.Module):
     growth_rate: int = 12
     compression: float = 0.5
 
+    def __post_init__(self):
+        # checked when the module is built (get_model's call), not first when it is traced
+        densenet_layers(self.depth)
+        _checks.integer(self.growth_rate, "growth_rate", low=1, what="DenseNet")
+        _checks.real(self.compression, "compression", low=0.0, high=1.0, low_open=True, what="DenseNet")
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        check_densenet_args(self.depth, self.growth_rate, self.compression)
         layers = densenet_layers(self.depth)
         x = conv(2 * self.growth_rate, 3, name="stem")(as_image(x))
         for blk in range(3):

@@ -131,21 +131,18 @@ def _factory_value(factory):
     return factory
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class _Nnx:
-    """An NNX module's three functions: equal and hashed by the factory's value (its class, or a
+    """An NNX module's three functions: equal and hashed by the factory's value (``value``: its class, or a
     ``functools.partial``'s function and arguments) and the name; the layout follows from them."""
 
-    factory: Callable[[nnx.Rngs], nnx.Module]
+    factory: Callable[[nnx.Rngs], nnx.Module] = dataclasses.field(compare=False)
     name: str
-    layout: _Layout = dataclasses.field(repr=False)
-
-    def __eq__(self, other) -> bool:
-        return (type(other) is type(self) and self.name == other.name
-                and _factory_value(self.factory) == _factory_value(other.factory))
+    layout: _Layout = dataclasses.field(repr=False, compare=False)
+    value: Any = None
 
     def __hash__(self) -> int:
-        return hash((type(self), self.name, value_hash(_factory_value(self.factory))))
+        return hash((type(self), self.name, value_hash(self.value)))
 
     def init(self, key, x=None):
         module = _build(self.factory, key)
@@ -222,7 +219,7 @@ def from_nnx(factory: Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
         raise TypeError(f"factory must be callable as factory(rngs) -> nnx.Module, got {type(factory).__name__}")
     abstract = nnx.eval_shape(lambda: _build(factory, jax.random.key(0)))
     name = name or type(abstract).__name__
-    owner = _Nnx(factory, name, _Layout(abstract, name))
+    owner = _Nnx(factory, name, _Layout(abstract, name), _factory_value(factory))
     with_stats = _Method(owner, "apply_with_stats") if len(owner.layout.collections) > 1 else None
     return Model(name=name, init=_Method(owner, "init"), apply=_Method(owner, "apply"), apply_with_stats=with_stats,
                  spec=dict(spec or {"arch": name}))
