@@ -1,4 +1,4 @@
-"""Pytree linear algebra: the one place where parameter pytrees are added, scaled, combined and measured.
+"""Pytree linear algebra beyond `optax.tree` (which the package uses for add, sub, scale and add_scale directly).
 
 Every method in mclandscape treats a model's parameters as a vector in R^d stored as a pytree. The helpers
 here are pure functions, jit-friendly, and work on any pytree of arrays (Flax ``params`` dicts, optax
@@ -25,9 +25,8 @@ from jax.flatten_util import ravel_pytree
 
 PyTree = Any
 
-__all__ = ["PyTree", "TreeMismatchError", "check_same_structure", "check_finite", "tree_add", "tree_sub", "tree_scale",
-           "tree_axpy", "tree_dot", "tree_norm", "tree_distance", "tree_cosine", "tree_size", "tree_stack",
-           "tree_unstack", "tree_index", "tree_combine", "tree_gram", "tree_row_dot", "tree_row_scale", "tree_ravel",
+__all__ = ["PyTree", "TreeMismatchError", "check_same_structure", "check_finite", "tree_dot", "tree_norm",
+           "tree_distance", "tree_cosine", "tree_size", "tree_stack", "tree_unstack", "tree_index", "tree_combine", "tree_gram", "tree_row_dot", "tree_row_scale", "tree_ravel",
            "tree_random_normal", "tree_path_names", "tree_digest"]
 
 
@@ -151,76 +150,6 @@ def check_finite(tree: PyTree, name: str = "parameters") -> None:
             raise ValueError(f"{name}: leaf {_path_str(path)} holds {bad} non-finite value(s) (NaN or inf)")
 
 
-def tree_add(a: PyTree, b: PyTree) -> PyTree:
-    """Leaf-wise sum ``a + b`` of two same-structured pytrees.
-
-    Args:
-      a, b: pytrees of arrays with the same structure.
-
-    Returns:
-      A pytree like ``a``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> tree_add({"w": jnp.ones(2)}, {"w": jnp.ones(2)})["w"].tolist()
-        [2.0, 2.0]
-    """
-    return optax.tree.add(a, b)
-
-
-def tree_sub(a: PyTree, b: PyTree) -> PyTree:
-    """Leaf-wise difference ``a - b`` of two same-structured pytrees.
-
-    Args:
-      a, b: pytrees of arrays with the same structure.
-
-    Returns:
-      A pytree like ``a``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> tree_sub({"w": jnp.ones(2)}, {"w": jnp.array([0.5, 2.0])})["w"].tolist()
-        [0.5, -1.0]
-    """
-    return optax.tree.sub(a, b)
-
-
-def tree_scale(a: PyTree, s) -> PyTree:
-    """Every leaf multiplied by the scalar (or broadcastable array) ``s``.
-
-    Args:
-      a: a pytree of arrays.
-      s: the factor.
-
-    Returns:
-      A pytree like ``a``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> tree_scale({"w": jnp.array([1.0, -2.0])}, 3.0)["w"].tolist()
-        [3.0, -6.0]
-    """
-    return optax.tree.scale(s, a)
-
-
-def tree_axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
-    """``alpha * x + y`` leaf by leaf (BLAS's axpy).
-
-    Args:
-      alpha: a scalar.
-      x, y: same-structured pytrees.
-
-    Returns:
-      A pytree like ``x``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> tree_axpy(2.0, {"w": jnp.ones(2)}, {"w": jnp.array([0.0, 1.0])})["w"].tolist()
-        [2.0, 3.0]
-    """
-    return optax.tree.add_scale(y, alpha, x)
-
-
 def tree_dot(a: PyTree, b: PyTree):
     """Euclidean inner product of two pytrees seen as vectors (accumulated in float32 or wider).
 
@@ -270,7 +199,7 @@ def tree_distance(a: PyTree, b: PyTree):
         >>> float(tree_distance({"w": jnp.array([1.0, 1.0])}, {"w": jnp.array([4.0, 5.0])}))
         5.0
     """
-    return tree_norm(tree_sub(a, b))
+    return tree_norm(optax.tree.sub(a, b))
 
 
 def tree_cosine(a: PyTree, b: PyTree, eps: float = 1e-30):
