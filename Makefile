@@ -15,8 +15,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m experiments.demo --out results/demo
 
+# one pytest worker per core (pytest-xdist), whole files per worker so module fixtures are built once
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
