@@ -85,10 +85,10 @@ def test_first_conv_is_found_in_every_zoo_conv_model(name, kwargs, path):
 
 def test_first_conv_is_not_found_where_it_does_not_apply():
     mlp = get_model("mlp", widths=[4])
-    v = mlp.init(jax.random.key(0), X[:2])
+    v = {"params": _params(mlp, 0)}
     assert cpu.first_conv(lambda p, x: mlp.apply(p, x), v, jnp.asarray(X[:2])) is None
     scaled = from_flax(ScaledInput(), "scaled")
-    v = scaled.init(jax.random.key(0), X[:2])
+    v = {"params": _params(scaled, 0)}
     assert cpu.first_conv(lambda p, x: scaled.apply(p, x), v, jnp.asarray(X[:2])) is None
     curve = _curve(scaled, 1)
     with pytest.raises(ValueError, match="first convolution"):
@@ -189,7 +189,7 @@ def test_strategy_and_factorisation_choice():
     # the automatic choice for the convolutional networks is asserted in test_evaluation_paths_agree
     curve = _curve(CNN)
     mlp = get_model("mlp", widths=[4])
-    mc = C.bezier_curve(*[mlp.init(jax.random.key(i), X[:2])["params"] for i in range(2)])
+    mc = C.bezier_curve(*[_params(mlp, i) for i in range(2)])
     r = evaluate(mlp, connector_points(mc, np.linspace(0, 1, 20)), (X, Y), batch_size=40)
     if jax.default_backend() == "cpu":
         assert (r.strategy, r.chunk_size, r.stem) == ("map", 16, "off")
