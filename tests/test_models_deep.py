@@ -85,10 +85,11 @@ def cheap_variables(model, shape, seed=0):
     running variances 1."""
     rng = np.random.default_rng(seed)
     abstract = abstract_variables(model, shape)
-    out = {"params": jax.tree_util.tree_map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
-                                            abstract["params"])}
+    # host arrays moved to the device: no per-shape compilation of an initialiser or a broadcast
+    out = {"params": jax.tree_util.tree_map(
+        lambda s: jnp.asarray((0.1 * rng.standard_normal(s.shape)).astype(s.dtype)), abstract["params"])}
     out["batch_stats"] = jax.tree_util.tree_map_with_path(
-        lambda path, s: jnp.ones(s.shape, s.dtype) if path[-1].key == "var" else jnp.zeros(s.shape, s.dtype),
+        lambda path, s: jnp.asarray(np.full(s.shape, path[-1].key == "var", s.dtype)),
         abstract["batch_stats"])
     return out
 
