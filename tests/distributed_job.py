@@ -41,7 +41,7 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
 
     jobs = set(jobs)
     out: dict[str, np.ndarray] = {"devices": np.asarray(len(jax.devices()))}
-    train = mcl.load_dataset("digits", "train").take(512)
+    train = mcl.load_dataset("digits", "train").take(256)
     test = mcl.load_dataset("digits", "test")
     model = mcl.get_model("mlp", widths=[16], num_classes=10)
     cfg = mcl.TrainConfig(epochs=train_epochs, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9)
@@ -100,7 +100,7 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
 
         res = N.neb(mcl.make_objective(model, train=True), corners[0], corners[1], num_pivots=6,
                     data=mcl.batch_stream(train, 64),
-                    config=N.NEBConfig(steps=12, check_every=4, learning_rate=0.05, tol=0.0), progress=False)
+                    config=N.NEBConfig(steps=8, check_every=4, learning_rate=0.05, tol=0.0), progress=False)
         leaves("neb", res.pivots)
         out["neb_losses"] = np.asarray(res.losses)
         out["neb_history"] = np.asarray([[h["epoch"], h["mean_loss"], h["perp_force"]] for h in res.history])
