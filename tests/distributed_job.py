@@ -28,7 +28,7 @@ class TinyBN(nn.Module):
         return nn.Dense(10, name="head")(nn.relu(x))
 
 
-TT_STEPS = 60  # search steps of the "tt" job (the exit detector's decisions are discrete: none is asked for)
+TT_STEPS = 20  # search steps of the "tt" job (the exit detector's decisions are discrete: none is asked for)
 
 
 def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: int = 3) -> dict:
@@ -41,7 +41,7 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
 
     jobs = set(jobs)
     out: dict[str, np.ndarray] = {"devices": np.asarray(len(jax.devices()))}
-    train = mcl.load_dataset("digits", "train").take(512)
+    train = mcl.load_dataset("digits", "train").take(256)
     test = mcl.load_dataset("digits", "test")
     model = mcl.get_model("mlp", widths=[16], num_classes=10)
     cfg = mcl.TrainConfig(epochs=train_epochs, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9)
@@ -61,7 +61,7 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         out["train_history"] = np.asarray([[h["train_loss"], h["test_acc"]] for h in res.history])
         out["train_resumed_from"] = np.asarray(-1 if res.resumed_from is None else res.resumed_from)
     if "many" in jobs:  # four seeds in one vmapped step, the seeds split over the devices' "points" axis
-        runs = mcl.train_many(model, train, test, cfg.replace(epochs=2), seeds=(0, 1, 2, 3), strategy="vmap",
+        runs = mcl.train_many(model, train, test, cfg.replace(epochs=1), seeds=(0, 1, 2, 3), strategy="vmap",
                               progress=False)
         for r in runs:
             leaves(f"many{r.seed}", r.params)
@@ -78,15 +78,15 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         leaves("surface", res.connector.control)
         trained_surface = res.connector
     if "grid" in jobs:
-        m = mcl.evaluate(model, mcl.connector_points(mcl.bilinear_surface(*corners), mcl.uv_grid(11)), test)
+        m = mcl.evaluate(model, mcl.connector_points(mcl.bilinear_surface(*corners), mcl.uv_grid(5)), test)
         out["grid_loss"], out["grid_acc"] = m.loss, m.accuracy
         if "surface" in jobs:  # parameters fresh from training live on this process's devices
             m = mcl.evaluate(model, mcl.connector_points(trained_surface, mcl.uv_grid(3)), test)
             out["trained_grid_loss"] = m.loss
-    if "eval" in jobs:  # map chunks and vmap over 25 points (padded to the devices), BatchNorm per point
+    if "eval" in jobs:  # map chunks and vmap over 9 points (padded to the devices), BatchNorm per point
         surface = mcl.bezier_surface(*corners, n=2, m=2)
         for strategy in ("map", "vmap"):
-            m = mcl.evaluate(model, mcl.connector_points(surface, mcl.uv_grid(5)), test, strategy=strategy,
+            m = mcl.evaluate(model, mcl.connector_points(surface, mcl.uv_grid(3)), test, strategy=strategy,
                              chunk_size=2)
             out[f"eval_{strategy}_loss"], out[f"eval_{strategy}_acc"] = m.loss, m.accuracy
         bn = mcl.from_flax(TinyBN(), "tiny_bn", has_batch_stats=True)
@@ -100,7 +100,7 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
 
         res = N.neb(mcl.make_objective(model, train=True), corners[0], corners[1], num_pivots=6,
                     data=mcl.batch_stream(train, 64),
-                    config=N.NEBConfig(steps=12, check_every=4, learning_rate=0.05, tol=0.0), progress=False)
+                    config=N.NEBConfig(steps=8, check_every=4, learning_rate=0.05, tol=0.0), progress=False)
         leaves("neb", res.pivots)
         out["neb_losses"] = np.asarray(res.losses)
         out["neb_history"] = np.asarray([[h["epoch"], h["mean_loss"], h["perp_force"]] for h in res.history])
@@ -118,18 +118,18 @@ def run_jobs(jobs, *, checkpoint_dir=None, die_after_epoch=None, train_epochs: i
         objective = make_objective(model, variables=variables)
         batches = batch_stream(small, 64, seed=0)
         omega0, _ = dstep.local_solve(objective, variables["params"], dd.LocalSolver(optax.sgd(0.1, momentum=0.9),
-                                                                                   100), batches, jax.random.key(0),
+                                                                                   40), batches, jax.random.key(0),
                                    progress=False)
         cfg = dd.DSPConfig(num_directions=1, rho=dd.RhoSchedule(1e-3, 0.1, 0.01),
                            detector=dd.ExitDetector(min_rise=0.2, min_drop=0.1), init_norm=1.0, max_steps=TT_STEPS,
                            record_path=1)
         res = tt.dsp_search(objective, omega0, jax.random.key(1), config=cfg, batch_fn=batches,
-                            solver=dd.LocalSolver(optax.sgd(0.05, momentum=0.9), steps=50), progress=False)
+                            solver=dd.LocalSolver(optax.sgd(0.05, momentum=0.9), steps=20), progress=False)
         leaves("tt_origin", omega0)
         out["tt_trace"] = np.asarray(res.traces[0]["loss"])
         # the local solve from the search's last point, as an exit point's would run
         last = jax.tree_util.tree_map(lambda a, d: a + d, omega0, res.paths[0][-1][1])
-        sol, info = dstep.local_solve(objective, last, dd.LocalSolver(optax.sgd(0.05, momentum=0.9), 50), batches,
+        sol, info = dstep.local_solve(objective, last, dd.LocalSolver(optax.sgd(0.05, momentum=0.9), 20), batches,
                                    jax.random.key(2), progress=False)
         leaves("tt_solution", sol)
         out["tt_solution_loss"] = np.asarray(info["loss"])

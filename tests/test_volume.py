@@ -754,7 +754,7 @@ def test_a_second_traversal_or_sweep_compiles_nothing(iris_setup, count_compiles
     assert seen == [] and b.H == a.H
 
 
-def test_sharded_evaluation_matches_single_device(tmp_path: Path):
+def test_sharded_evaluation_matches_single_device(tmp_path: Path, subprocess_env):
     code = textwrap.dedent("""
         import json, numpy as np, jax, jax.numpy as jnp
         from mclandscape.methods import flats as VF
@@ -776,7 +776,9 @@ def test_sharded_evaluation_matches_single_device(tmp_path: Path):
         assert VL.LatticeLoss(flat, 0.05, loss, chunk=3).num_devices == 2  # default: all devices
         print(json.dumps(res))
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    # the suite's compiler flags (no LLVM optimisation) and its persistent compilation cache, two host devices
+    env = dict(subprocess_env, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=str(Path(__file__).resolve().parents[1]))
     assert out.returncode == 0, out.stderr[-2000:]
