@@ -260,9 +260,9 @@ def test_experiment_smoke_writes_the_contract_keys(tmp_path):
 
     from experiments.curves_neb import parse_args, run
 
-    run(parse_args(["--out", str(tmp_path), "--models", "mlp", "--endpoint-epochs", "2", "--curve-epochs", "1",
-                    "--neb-steps", "3", "--neb-cycles", "2", "--num-points", "5", "--sub-pivots", "2",
-                    "--train-eval-size", "300", "--no-muller-brown"]))
+    run(parse_args(["--out", str(tmp_path), "--models", "mlp", "--endpoint-epochs", "1", "--curve-epochs", "1",
+                    "--neb-steps", "1", "--neb-cycles", "2", "--num-points", "3", "--sub-pivots", "1",
+                    "--train-eval-size", "100", "--no-muller-brown"]))
     res = json.loads((tmp_path / "results.json").read_text())
     for key in ("line_barrier", "bezier_barrier", "polychain_barrier", "neb_barrier", "endpoint_acc",
                 "bezier_min_acc", "neb_min_acc"):
